@@ -1,0 +1,89 @@
+"""The one on-disk model format, shared by every stage.
+
+    MODEL_DIR/weights.safetensors   tensors only: loading never unpickles objects
+    MODEL_DIR/model.json            architecture, input size, preprocessing, threshold,
+                                    class names, config and data fingerprints
+
+The training state inside Ray Train checkpoints (`state.pt`) is separate: it is
+loaded with `torch.load(weights_only=True)` and verified against a SHA-256 written
+after it, so a half-written checkpoint is never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from deepfake_ray import storage
+from deepfake_ray.errors import UsageError
+
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+META = "model.json"
+
+
+def save_model(uri: str, state_dict: dict, meta: dict) -> None:
+    """Weights first, metadata last: a model dir without model.json is incomplete."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    blob = st_save(tensors)
+    meta = {**meta, "format_version": FORMAT_VERSION,
+            "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    storage.write_bytes(storage.join(uri, WEIGHTS), blob)
+    storage.write_json(storage.join(uri, META), meta)
+
+
+def load_meta(uri: str) -> dict:
+    try:
+        return storage.read_json(storage.join(uri, META))
+    except FileNotFoundError:
+        raise UsageError(f"no model at {uri} ({META} missing): pass the folder that "
+                         "train-detector or tune exported, e.g. WORKDIR/detector/model")
+
+
+def load_model(uri: str) -> tuple[dict, dict]:
+    """(state_dict, meta), checking the weights against the hash in the metadata."""
+    meta = load_meta(uri)
+    blob = storage.read_bytes(storage.join(uri, WEIGHTS))
+    if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
+        raise UsageError(f"model weights at {uri} do not match {META} (partial copy?): "
+                         "export or copy the model folder again")
+    return st_load(blob), meta
+
+
+def model_id(meta: dict) -> str:
+    return f"{meta.get('arch', 'model')}@{meta.get('weights_sha256', '')[:12]}"
+
+
+# --- training state inside Ray Train checkpoints ---------------------------------
+
+STATE = "state.pt"
+STATE_OK = "state.json"
+
+
+def write_state(directory: str, state: dict) -> None:
+    """state.pt, then state.json with its hash and epoch, written last."""
+    path = os.path.join(directory, STATE)
+    torch.save(state, path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(directory, STATE_OK), "w") as f:
+        json.dump({"sha256": digest, "epoch": int(state.get("epoch", -1))}, f)
+
+
+def read_state(directory: str) -> dict | None:
+    """The state in `directory`, or None when it is missing, partial or corrupt."""
+    try:
+        with open(os.path.join(directory, STATE_OK)) as f:
+            expected = json.load(f)["sha256"]
+        with open(os.path.join(directory, STATE), "rb") as f:
+            blob = f.read()
+    except (OSError, ValueError, KeyError):
+        return None
+    if hashlib.sha256(blob).hexdigest() != expected:
+        return None
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

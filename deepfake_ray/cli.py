@@ -1,0 +1,121 @@
+"""`deepfake-ray` console script: parse, build the config, call one stage's run().
+
+Exit codes: 0 done, 2 bad usage or bad input (one line saying what and how to fix
+it), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from deepfake_ray.errors import UsageError
+
+# command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
+COMMANDS = {
+    "pipeline": ("deepfake_ray.pipeline", "run every stage; completed stages are skipped", {}),
+    "prepare": ("deepfake_ray.data.prepare", "ingest a face dataset into WORKDIR/data",
+                {"--source": "data.source"}),
+    "train-gan": ("deepfake_ray.gan.train", "train the DCGAN with Ray Train", {}),
+    "generate": ("deepfake_ray.gan.generate", "generate fakes with the trained DCGAN",
+                 {"--num": "gan.num_fakes"}),
+    "train-detector": ("deepfake_ray.detector.train", "fine-tune the detector with Ray Train", {}),
+    "tune": ("deepfake_ray.detector.tune", "sweep the detector learning rate with Ray Tune",
+             {"--samples": "tune.samples"}),
+    "evaluate": ("deepfake_ray.detector.evaluate", "held-out metrics and robustness", {}),
+    "score": ("deepfake_ray.serving.score", "score a folder, bucket or manifest into a table",
+              {"--model": None, "--input": None, "--out": None}),
+    "serve": ("deepfake_ray.serving.app", "serve the detector over HTTP with Ray Serve",
+              {"--model": None, "--host": "serve.host", "--port": "serve.port"}),
+    "report": ("deepfake_ray.report", "write WORKDIR/report.html and report.md", {}),
+}
+REQUIRED = {"score": ("--model", "--input", "--out"), "serve": ("--model",)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfake-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text, flags) in COMMANDS.items():
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.add_argument("--preset", default="demo", help="config preset (default: demo)")
+        c.add_argument("--config", help="YAML file layered over the preset")
+        c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
+        c.add_argument("--workdir", help="local folder or s3://bucket/prefix (default: runs/<preset>)")
+        c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or in-process Ray)")
+        c.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+        for flag in flags:
+            c.add_argument(flag, required=flag in REQUIRED.get(name, ()))
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    from deepfake_ray import config, storage
+
+    overrides = list(args.overrides)
+    for flag, key in COMMANDS[args.command][2].items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if key and value is not None:
+            overrides.append(f"{key}={value}")
+    workdir = args.workdir
+    cfg = config.build(args.preset, args.config, overrides)
+    if workdir is None and cfg.workdir == config.Config.workdir:
+        workdir = f"runs/{args.preset}"
+    return config.build(args.preset, args.config, overrides,
+                        workdir=storage.normalize(workdir or cfg.workdir))
+
+
+def options(args: argparse.Namespace) -> dict:
+    opts = {"force": args.force}
+    for flag, key in COMMANDS[args.command][2].items():
+        if key is None:
+            opts[flag.lstrip("-")] = getattr(args, flag.lstrip("-"))
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    started = time.time()
+    try:
+        cfg = build_config(args)
+        module = importlib.import_module(COMMANDS[args.command][0])
+        from deepfake_ray import runtime
+
+        runtime.init(args.address)
+        module.run(cfg, **options(args))
+    except UsageError as e:
+        print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepfake-ray {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line must say what failed
+        import traceback
+
+        traceback.print_exc()
+        usage = find_usage_error(e)
+        if usage:
+            print(f"deepfake-ray {args.command}: error: {usage}", file=sys.stderr)
+            return 2
+        print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def find_usage_error(e: BaseException) -> UsageError | None:
+    """A UsageError raised inside a Ray task arrives wrapped; unwrap it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UsageError):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Ray Data views of the prepared images, shared by the GAN and the detector.
+
+`prepare` (reals) and `generate` (fakes) write the same layout:
+
+    STAGE/manifest.parquet      one row per image: path, width, height, format, sha1, split, ...
+    STAGE/images/*.parquet      sha1, split, image (square JPEG at data.resolution,
+                                data.jpeg_quality): reals and fakes are encoded identically
+    STAGE/_COMPLETE.json        written last
+"""
+from __future__ import annotations
+
+import numpy as np
+import ray.data
+from ray.data.expressions import col
+
+from deepfake_ray import storage
+from deepfake_ray.data.decode import decode_jpeg
+from deepfake_ray.errors import UsageError
+
+SPLITS = ("train", "val", "test")
+
+
+def data_dir(workdir: str) -> str:
+    return storage.join(workdir, "data")
+
+
+def fakes_dir(workdir: str) -> str:
+    return storage.join(workdir, "fakes")
+
+
+def manifest_uri(stage_uri: str) -> str:
+    return storage.join(stage_uri, "manifest.parquet")
+
+
+def images_uri(stage_uri: str) -> str:
+    return storage.join(stage_uri, "images")
+
+
+def require_manifest(stage_uri: str, made_by: str) -> "pyarrow.Table":
+    """The manifest of a complete stage, or UsageError saying which command makes it."""
+    uri = manifest_uri(stage_uri)
+    if not storage.completed(stage_uri) or not storage.exists(uri):
+        raise UsageError(f"{uri} is missing or incomplete: run `deepfake-ray {made_by}` "
+                         "with this --workdir first")
+    table = storage.read_parquet(uri)
+    if table.num_rows == 0:
+        raise UsageError(f"{uri} lists no images: `deepfake-ray {made_by}` found nothing usable; "
+                         "check its source and rejected.parquet")
+    return table
+
+
+def read_split(stage_uri: str, split: str) -> ray.data.Dataset:
+    """Columns sha1, split, image (JPEG bytes) of one split."""
+    fs, path = storage.resolve(images_uri(stage_uri))
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["sha1", "split", "image"])
+    return ds.filter(expr=col("split") == split)
+
+
+def decode_batch(batch: dict) -> dict:
+    """JPEG bytes -> uint8 NHWC `pixels`; other columns pass through."""
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["pixels"] = np.stack([decode_jpeg(b) for b in batch["image"]])
+    return out
+
+
+def to_unit_range(pixels) -> "torch.Tensor":
+    """uint8 NHWC (numpy or torch) -> float NCHW in [-1, 1], the scale both models train on."""
+    import torch
+
+    x = torch.as_tensor(pixels)
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

@@ -1,0 +1,29 @@
+"""Connecting to Ray: a running cluster when an address is given, else in-process."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def init(address: str | None = None) -> None:
+    """`--address` > `RAY_ADDRESS` > an in-process Ray sized for this machine.
+
+    In-process Ray gets at least 4 logical CPUs: Train workers take fractional CPUs
+    and Ray Data tasks need free slots beside them, even on a 2-core machine.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") != "0"
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,173 @@
+"""URIs -> pyarrow filesystems, and atomic writes.
+
+Every stage names files by URI: a local path or `s3://bucket/key`. S3 credentials,
+region and endpoint come from the standard AWS environment and config files
+(`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for S3-compatible stores such as MinIO).
+
+Writes are atomic: a reader sees the whole file or none of it. Locally we write a
+temporary sibling and rename it; on S3 an object only appears when its upload
+completes, so we upload from memory in one go and never stream half a file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from functools import lru_cache
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+COMPLETE = "_COMPLETE.json"  # the marker a stage writes last
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def normalize(uri: str) -> str:
+    """Absolute local paths (Ray workers change directory), URIs unchanged."""
+    uri = str(uri)
+    if is_s3(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    return posixpath.join(str(uri), *parts) if is_s3(uri) else os.path.join(str(uri), *parts)
+
+
+@lru_cache(maxsize=None)
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """URI -> (filesystem, path inside it)."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), normalize(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:  # one PUT/multipart of a complete buffer
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def write_json(uri: str, obj) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder to `uri` (used for exported models and figures)."""
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as f:
+                write_bytes(join(uri, rel), f.read())
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    fs, path = resolve(uri)
+    pafs.copy_files(path, local_dir, source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
+def local_copy(uri: str) -> str:
+    """A local path for `uri`: itself when local, else a fresh download."""
+    if not is_s3(uri):
+        return normalize(uri)
+    dest = os.path.join(tempfile.gettempdir(), "deepfake-ray", uuid.uuid4().hex)
+    return download_dir(uri, dest)
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under a prefix, recursively, as URIs, sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File]
+    return sorted(f"s3://{p}" if is_s3(uri) else p for p in files)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def mark_complete(stage_uri: str, summary: dict) -> None:
+    """Written last: a stage whose folder holds this marker is complete and is skipped."""
+    write_json(join(stage_uri, COMPLETE), summary)
+
+
+def completed(stage_uri: str) -> dict | None:
+    try:
+        return read_json(join(stage_uri, COMPLETE))
+    except FileNotFoundError:
+        return None

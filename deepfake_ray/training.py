@@ -1,0 +1,124 @@
+"""What the DCGAN and the detector share about Ray Train: building the trainer,
+checkpointing every epoch, resuming, and test-only fault injection.
+
+Resume contract: the same `RunConfig(storage_path, name)` makes Ray Train hand the
+latest registered checkpoint to `ray.train.get_checkpoint()`. We still verify it
+(`checkpoint.read_state`) and fall back to an older checkpoint of the same run if
+the newest is damaged, so a half-written checkpoint is never resumed from.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.config import Config
+
+EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+
+
+def scaling(cfg: Config) -> ScalingConfig:
+    return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
+                         resources_per_worker={"CPU": cfg.resources.cpus_per_worker})
+
+
+def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storage_uri: str,
+        name: str, *, datasets: dict | None = None, keep: int = 2, max_failures: int = 2,
+        callbacks: list | None = None):
+    """Run (or resume) the Ray Train run `name` stored under `storage_uri`."""
+    fs, path = storage.resolve(storage_uri)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=scaling(cfg),
+        datasets=datasets or {},
+        run_config=RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+    return trainer.fit()
+
+
+# --- inside a training worker ----------------------------------------------------
+
+def rank() -> int:
+    return ray.train.get_context().get_world_rank()
+
+
+def device() -> torch.device:
+    return ray.train.torch.get_device()
+
+
+def restore_state() -> dict | None:
+    """The newest intact training state of this run, or None for a fresh start."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None
+    for ckpt in [latest, *older_checkpoints(latest)]:
+        with ckpt.as_directory() as d:
+            state = checkpoint.read_state(d)
+        if state is not None:
+            return state
+        print(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
+    return None
+
+
+def older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
+    fs: pafs.FileSystem = latest.filesystem
+    parent, name = os.path.split(latest.path.rstrip("/"))
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    epochs = sorted(((int(m.group(1)), i.path) for i in infos
+                     if i.type == pafs.FileType.Directory
+                     and (m := EPOCH_DIR.match(os.path.basename(i.path)))
+                     and os.path.basename(i.path) != name), reverse=True)
+    return [Checkpoint(path=p, filesystem=fs) for _, p in epochs]
+
+
+def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> None:
+    """Every worker calls this once per epoch (it is a barrier); rank 0 saves `state`."""
+    if state is None or rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.write_state(d, state)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def inject_failure(stage_uri: str, epoch: int, fail_at_epoch: int) -> None:
+    """TEST ONLY: the last worker exits hard once, mid-run, at `fail_at_epoch`."""
+    ctx = ray.train.get_context()
+    if epoch != fail_at_epoch or ctx.get_world_rank() != ctx.get_world_size() - 1:
+        return
+    marker = storage.join(stage_uri, f"_fault_injected_epoch_{epoch}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "a worker was killed here on purpose (fail_at_epoch)\n")
+    print(f"[deepfake-ray] fault injection: worker {ctx.get_world_rank()} exits at epoch {epoch}")
+    os._exit(1)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

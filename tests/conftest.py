@@ -1,0 +1,75 @@
+"""Shared fixtures: one Ray per test session, a real S3 endpoint on loopback, tiny configs.
+
+The S3 endpoint's address goes into the environment before Ray starts, so Ray's
+workers (which inherit the driver's environment) reach the same moto server.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    DEEPFAKE_RAY_PROGRESS="0",
+    RAY_TRAIN_V2_ENABLED="1",
+    OMP_NUM_THREADS="1",
+)
+SHARED_UTKFACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                              "utkface_crop_part1_5k")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray, started once for the whole test session (in-process, 4 logical CPUs)."""
+    import ray
+
+    from deepfake_ray import runtime
+
+    runtime.init()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server mode) on loopback; yields a factory for fresh buckets."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    client = boto3.client("s3")
+    created = []
+
+    def bucket(name: str) -> str:
+        if name not in created:
+            client.create_bucket(Bucket=name)
+            created.append(name)
+        return f"s3://{name}"
+
+    yield bucket
+    server.stop()
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The `tiny` preset with its work directory in the test's own temporary folder."""
+    from deepfake_ray import config
+
+    def make(*overrides: str, workdir: str | None = None):
+        return config.build("tiny", None, list(overrides), workdir=workdir or str(tmp_path / "work"))
+
+    return make
