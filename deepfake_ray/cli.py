@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from deepfake_ray import runtime
 
         runtime.init(args.address)
+        if args.command not in ("score", "serve"):
+            from deepfake_ray import config, storage
+
+            storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
         module.run(cfg, **options(args))
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)

@@ -49,6 +49,7 @@ class GanConfig:
     num_fakes: int = 0  # 0: as many as the real train+val+test splits hold
     generate_batch_size: int = 256
     fail_at_epoch: int = -1  # TEST ONLY: rank 1 (or 0) exits once at this epoch
+    mixed_precision: bool = True  # bfloat16 autocast + channels_last, on GPU only
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: int = 16
-    gpus_per_replica: float = 0.0  # set to 1 on a GPU cluster
+    gpus_per_replica: float = 0.0  # 0: one GPU per replica when the cluster has GPUs
     score_batch_size: int = 32
+    max_ongoing_requests: int = 0  # per replica; 0: 2 x max_batch_size (never below it)
+    cpus_per_replica: float = 1.0
+    score_actors: int = 0  # batch-scoring actor pool size; 0: one per GPU, else CPUs // 4
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,11 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         return tuple(coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint in (int, float) and isinstance(value, str):  # YAML reads 3e-4 as a string
+        try:
+            return hint(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -21,8 +21,14 @@ def init(address: str | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") != "0"
+    quiet_data_progress(os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") == "0")
+
+
+def quiet_data_progress(quiet: bool) -> None:
+    """Ray Data shows progress bars in a terminal and INFO lines in logs; tests want neither."""
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def cluster_gpus() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -27,8 +28,6 @@ os.environ.update(
     RAY_TRAIN_V2_ENABLED="1",
     OMP_NUM_THREADS="1",
 )
-SHARED_UTKFACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                              "utkface_crop_part1_5k")
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +50,12 @@ def s3_server():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
+    for _ in range(100):  # the server thread binds asynchronously
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
     client = boto3.client("s3")
     created = []
 

@@ -34,7 +34,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise DecodeError("empty file")
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
-        raise DecodeError("html, not an image", "the file is a web page (a failed download?)")
+        raise DecodeError("html page", "the file is a web page (a failed download?)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -115,11 +115,11 @@ def sha1(data: bytes) -> str:
 def inspect(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """One ingest row: metadata plus the normalized JPEG, or the reason it is unusable."""
     row = {"sha1": sha1(data), "bytes": len(data), "width": 0, "height": 0, "format": "",
-           "image": None, "reason": ""}
+           "image": None, "reason": "", "detail": ""}
     try:
         img = open_image(data, max_pixels)
         row.update(width=img.size[0], height=img.size[1], format=img.format)
         row["image"] = encode_jpeg(square(load_rgb(img, size), size), quality)
     except DecodeError as e:
-        row["reason"] = str(e)
+        row["reason"], row["detail"] = e.reason, str(e)
     return row

@@ -1,0 +1,116 @@
+"""Where face images come from: a local folder, s3://, Kaggle, or the built-in sample.
+
+`resolve_source` turns a source string into either a list of file URIs (folders,
+buckets, Kaggle downloads) or a sample count; ingest then treats all of them alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+
+from PIL import features
+
+from deepfake_ray import storage
+from deepfake_ray.config import DataConfig
+from deepfake_ray.data import sample
+from deepfake_ray.errors import UsageError
+
+
+def image_suffixes() -> tuple[str, ...]:
+    suffixes = (".jpg", ".jpeg", ".png")
+    return suffixes + ((".webp",) if features.check("webp") else ())
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # as the user wrote it
+    files: tuple[str, ...] = ()  # URIs of candidate image files
+    sample_count: int = 0  # > 0 for the built-in generator
+
+
+def resolve_source(text: str, data: DataConfig) -> Source:
+    text = text.strip()
+    if text == "sample" or text.startswith("sample:"):
+        return Source(text, sample_count=sample.parse(text, data.sample_size))
+    if text == "kaggle" or text.startswith("kaggle:"):
+        folder = kaggle_download(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
+        return Source(text, files=find_images(folder))
+    if "://" in text and not storage.is_s3(text):
+        raise UsageError(f"source '{text}' is not supported: use a folder, s3://bucket/prefix, "
+                         "kaggle:OWNER/DATASET or sample[:N]")
+    if not storage.exists(text):
+        raise UsageError(f"source '{text}' does not exist: pass a folder of images, "
+                         "s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]")
+    files = find_images(text)
+    if not files:
+        raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
+                         "(folders are searched recursively)")
+    return Source(text, files=tuple(files))
+
+
+def find_images(uri: str) -> tuple[str, ...]:
+    """Image files under `uri` by extension, any letter case, recursively."""
+    if not storage.is_dir(uri):
+        return (storage.normalize(uri),) if uri.lower().endswith(image_suffixes()) else ()
+    suffixes = image_suffixes()
+    return tuple(f for f in storage.list_files(uri) if f.lower().endswith(suffixes)
+                 and not os.path.basename(f).startswith("."))
+
+
+# --- Kaggle -----------------------------------------------------------------------
+
+def kaggle_credentials_present() -> bool:
+    if os.environ.get("KAGGLE_API_TOKEN") or (
+            os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
+        return True
+    config_dirs = [os.environ.get("KAGGLE_CONFIG_DIR"), os.path.expanduser("~/.kaggle"),
+                   os.path.expanduser("~/.config/kaggle")]
+    return any(d and (os.path.isfile(os.path.join(d, "kaggle.json"))
+                      or os.path.isfile(os.path.join(d, "access_token"))) for d in config_dirs)
+
+
+def kaggle_download(dataset: str, cache_dir: str) -> str:
+    """Download OWNER/DATASET once into the cache (unzipped) and return the folder."""
+    if dataset.count("/") != 1 or not all(dataset.split("/")):
+        raise UsageError(f"kaggle dataset '{dataset}' must look like OWNER/DATASET, "
+                         "e.g. kaggle:greg115/celebrities-100k")
+    folder = os.path.join(os.path.expanduser(cache_dir), "kaggle", *dataset.split("/"))
+    done = os.path.join(folder, ".complete")
+    if os.path.exists(done):
+        print(f"using cached Kaggle dataset {dataset} in {folder}")
+        return folder
+    if not kaggle_credentials_present():
+        raise UsageError("no Kaggle credentials: save your API token as ~/.kaggle/kaggle.json "
+                         "(chmod 600) or ~/.kaggle/access_token, or set KAGGLE_USERNAME and "
+                         "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
+    os.makedirs(folder, exist_ok=True)
+    api = kaggle_api()
+    print(f"downloading Kaggle dataset {dataset} into {folder} ...")
+    try:
+        api.dataset_download_files(dataset, path=folder, quiet=False, unzip=False)
+    except Exception as e:  # noqa: BLE001 - the client raises many kinds; name the fix
+        raise UsageError(f"Kaggle download of {dataset} failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}): check the dataset "
+                         "name, that you accepted its rules on kaggle.com, and your network")
+    for name in os.listdir(folder):
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(os.path.join(folder, name)) as z:
+                z.extractall(folder)
+            os.remove(os.path.join(folder, name))
+    with open(done, "w") as f:
+        f.write(dataset + "\n")
+    return folder
+
+
+def kaggle_api():
+    """Imported lazily: `import kaggle` authenticates at import time. Its output is
+    swallowed so nothing it prints (which may echo configuration) reaches logs."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        api.authenticate()
+    return api

@@ -1,0 +1,71 @@
+"""Real image files of every awkward kind a face dataset holds, made on the fly."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from deepfake_ray.data.sample import face
+
+# Real face photos shipped beside the repository (never copied into it); tests skip without them.
+SHARED_UTKFACE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                              "data", "utkface_crop_part1_5k"))
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb(i: int = 0, size: int = 64) -> Image.Image:
+    return Image.fromarray(face(7, i, size))
+
+
+def good_files() -> dict[str, bytes]:
+    """name -> bytes of images the decoder must accept."""
+    base = rgb(1, 96)
+    exif = base.crop((0, 0, 96, 60)).getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW on display
+    sixteen = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    return {
+        "plain.jpg": encode(rgb(2), "JPEG", quality=90),
+        "upper.JPG": encode(rgb(3), "JPEG", quality=90),
+        "gray.png": encode(base.convert("L"), "PNG"),
+        "rgba.png": encode(base.convert("RGBA"), "PNG"),
+        "palette.png": encode(base.convert("P"), "PNG"),
+        "cmyk.jpg": encode(base.convert("CMYK"), "JPEG"),
+        "sixteen.png": encode(sixteen, "PNG"),
+        "exif_rotated.jpeg": encode(base.crop((0, 0, 96, 60)), "JPEG", exif=exif),
+        "wide.png": encode(base.resize((160, 90)), "PNG"),
+        "large.jpg": encode(base.resize((1024, 1024)), "JPEG"),
+        "photo.webp": encode(rgb(4), "WEBP"),
+    }
+
+
+def bomb_png(side: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims side x side pixels (900 MP by default)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    row = b"\x00" + b"\x00" * side
+    idat = zlib.compress(row * 16, 9)  # far fewer rows than claimed: never decoded anyway
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bad_files() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, expected reason) of files the decoder must reject."""
+    jpeg = encode(rgb(5, 96), "JPEG", quality=95)
+    return {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "notes.png": (b"these are not the pixels you are looking for\n" * 20, "not an image"),
+        "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
+        "bomb.png": (bomb_png(), "decompression bomb"),
+    }

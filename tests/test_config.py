@@ -1,0 +1,53 @@
+import pytest
+import yaml
+
+from deepfake_ray import cli, config
+from deepfake_ray.errors import UsageError
+
+
+@pytest.mark.parametrize("name", config.preset_names())
+def test_every_preset_loads_and_validates(name):
+    cfg = config.build(name)
+    assert config.from_dict(config.to_dict(cfg)) == cfg  # round-trips through YAML-able dicts
+
+
+def test_celeb100k_carries_the_studys_settings():
+    cfg = config.build("celeb100k")
+    assert (cfg.data.resolution, cfg.gan.batch_size, cfg.gan.epochs) == (128, 64, 60)
+    assert (cfg.detector.epochs, cfg.detector.input_size, cfg.detector.max_train_per_class) == (20, 128, 29500)
+    assert cfg.detector.pretrained == "hub" and "greg115/celebrities-100k" in cfg.data.source
+
+
+def test_layers_file_then_overrides(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("gan: {epochs: 7, lr: 0.001}\n")
+    cfg = config.build("demo", str(f), ["gan.lr=3e-4", "data.splits=[0.7, 0.2, 0.1]"])
+    assert (cfg.gan.epochs, cfg.gan.lr, cfg.data.splits) == (7, 3e-4, (0.7, 0.2, 0.1))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("gan.epochz=3", "unknown config key 'gan.epochz': valid keys are gan.epochs"),
+    ("ganz.epochs=3", "unknown config key 'ganz'"),
+    ("gan.epochs=three", "config key 'gan.epochs' expects int"),
+    ("resources.use_gpu=maybe", "expects bool"),
+    ("data.splits=[1, 2]", "expects a list of 3 values"),
+    ("gan=5", "'gan' is a section"),
+    ("novalue", "must look like section.key=value"),
+])
+def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
+    code = cli.main(["prepare", "--workdir", str(tmp_path), "--set", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(UsageError, match="choose one of .*celeb100k.*demo"):
+        config.build("nope")
+
+
+def test_resolved_config_written_to_workdir(ray_session, tmp_path):
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path),
+                     "--set", "data.source=sample:8", "--set", "gan.epochs=9"]) == 0
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["gan"]["epochs"] == 9 and written["workdir"] == str(tmp_path)

@@ -1,0 +1,44 @@
+import time
+
+import numpy as np
+import pytest
+
+from deepfake_ray.data import decode
+from tests.images import bad_files, good_files
+
+
+@pytest.mark.parametrize("name", sorted(good_files()))
+def test_accepts_awkward_but_real_images(name):
+    pixels = decode.decode(good_files()[name], 32)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    assert pixels.std() > 5  # a real picture, not a blank frame
+
+
+@pytest.mark.parametrize("name", sorted(bad_files()))
+def test_rejects_unusable_files_with_a_reason(name):
+    data, reason = bad_files()[name]
+    started = time.time()
+    with pytest.raises(decode.DecodeError) as e:
+        decode.decode(data, 32)
+    assert e.value.reason == reason
+    assert time.time() - started < 2  # a bomb is refused from its header, not decoded
+
+
+def test_exif_orientation_is_applied():
+    img = decode.open_image(good_files()["exif_rotated.jpeg"])
+    assert img.size == (96, 60)  # stored landscape...
+    assert decode.load_rgb(img).size == (60, 96)  # ...displayed portrait
+
+
+def test_sixteen_bit_keeps_its_range():
+    pixels = decode.decode(good_files()["sixteen.png"], 32)
+    assert pixels.max() > 128  # scaled down from 16 bits, not clipped to white or black
+    assert pixels.min() < 128
+
+
+def test_inspect_row_reports_metadata_and_normalized_jpeg():
+    row = decode.inspect(good_files()["wide.png"], 32, 90)
+    assert (row["width"], row["height"], row["format"], row["reason"]) == (160, 90, "PNG", "")
+    assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
+    bad = decode.inspect(b"", 32, 90)
+    assert bad["image"] is None and bad["reason"] == "empty file"

@@ -1,0 +1,130 @@
+import os
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from deepfake_ray import cli, storage
+from deepfake_ray.data import datasets, prepare
+from tests.images import SHARED_UTKFACE, bad_files, good_files
+
+
+def write_folder(root) -> int:
+    """A dataset folder with good, bad, duplicate and non-image files; returns files found."""
+    os.makedirs(root / "nested")
+    for name, data in good_files().items():
+        (root / name).write_bytes(data)
+    for name, (data, _) in bad_files().items():
+        (root / "nested" / name).write_bytes(data)
+    (root / "zz_copy.jpg").write_bytes(good_files()["plain.jpg"])  # sorts after the original
+    (root / "README.txt").write_text("not a candidate: wrong extension")
+    return len(good_files()) + len(bad_files()) + 1
+
+
+def read_outputs(workdir):
+    data = datasets.data_dir(workdir)
+    return (storage.read_parquet(datasets.manifest_uri(data)).to_pandas(),
+            storage.read_parquet(storage.join(data, "rejected.parquet")).to_pandas(),
+            storage.completed(data))
+
+
+def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, capsys):
+    found = write_folder(tmp_path / "faces")
+    cfg = tiny_cfg(f"data.source={tmp_path / 'faces'}")
+    prepare.run(cfg)
+    manifest, rejected, summary = read_outputs(cfg.workdir)
+    assert len(manifest) + len(rejected) == found
+    assert set(manifest["path"]).isdisjoint(rejected["path"])
+    assert len(manifest) == len(good_files())
+    assert dict(zip(rejected["path"].map(os.path.basename), rejected["reason"])) == {
+        **{n: r for n, (_, r) in bad_files().items()}, "zz_copy.jpg": "duplicate"}
+    assert summary["rejected"] == len(bad_files()) + 1
+    assert manifest.groupby("sha1")["split"].nunique().max() == 1
+    images = pq.read_table(datasets.images_uri(datasets.data_dir(cfg.workdir))).to_pandas()
+    assert sorted(images["sha1"]) == sorted(manifest["sha1"])
+    assert f"prepared {len(good_files())} images ({len(bad_files()) + 1} rejected" in capsys.readouterr().out
+
+
+def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys):
+    cfg = tiny_cfg("data.source=sample:40")
+    first = prepare.run(cfg)
+    manifest, _, _ = read_outputs(cfg.workdir)
+    assert prepare.run(cfg) == first
+    assert "already complete" in capsys.readouterr().out
+    prepare.run(cfg, force=True)
+    again, _, _ = read_outputs(cfg.workdir)
+    assert list(again["sha1"]) == list(manifest["sha1"])  # seeded: same images, same splits
+    assert list(again["split"]) == list(manifest["split"])
+
+
+def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
+    bucket = s3_server("faces-in")
+    write_folder(tmp_path / "faces")
+    storage.upload_dir(str(tmp_path / "faces"), f"{bucket}/celebs")
+    cfg = tiny_cfg(f"data.source={bucket}/celebs", workdir=f"{s3_server('runs-out')}/r1")
+    prepare.run(cfg)
+    manifest, rejected, summary = read_outputs(cfg.workdir)
+    assert len(manifest) == len(good_files()) and summary["rejected"] == len(bad_files()) + 1
+    assert all(p.startswith(f"{bucket}/celebs/") for p in manifest["path"])
+    assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (manifest["split"] == "train").sum()
+
+
+@pytest.fixture
+def fake_kaggle(monkeypatch, tmp_path):
+    """The Kaggle client replaced at its network boundary: the download writes a real zip."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    calls = []
+
+    def download(self, dataset, path=None, **_):
+        calls.append(dataset)
+        with zipfile.ZipFile(os.path.join(path, dataset.split("/")[1] + ".zip"), "w") as z:
+            for name, data in list(good_files().items())[:5]:
+                z.writestr(f"celeb/{name}", data)
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", download)
+    monkeypatch.setattr(KaggleApi, "authenticate", lambda self: None)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret-key-never-printed")
+    return calls
+
+
+def test_kaggle_downloads_once_into_cache(ray_session, fake_kaggle, tiny_cfg, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    for run in ("a", "b"):
+        cfg = tiny_cfg("data.source=kaggle:owner/faces", f"data.cache_dir={cache}",
+                       workdir=str(tmp_path / run))
+        prepare.run(cfg)
+        assert read_outputs(cfg.workdir)[2]["images"] == 5
+    assert fake_kaggle == ["owner/faces"]
+    assert (cache / "kaggle" / "owner" / "faces" / "celeb" / "plain.jpg").exists()
+    assert "secret-key-never-printed" not in capsys.readouterr().out
+
+
+def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, capsys):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nowhere"))
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
+                     "--source", "kaggle:owner/faces", "--set", f"data.cache_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "kaggle.json" in err[0] and "KAGGLE_KEY" in err[0]
+
+
+@pytest.mark.parametrize("source,needle", [("/no/such/folder", "does not exist"),
+                                           ("ftp://host/x", "not supported"),
+                                           ("sample:zero", "positive count")])
+def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_UTKFACE), reason="../shared/data/utkface_crop_part1_5k absent")
+def test_real_utkface_photos_all_accepted(ray_session, tiny_cfg):
+    cfg = tiny_cfg(f"data.source={os.path.abspath(SHARED_UTKFACE)}", "data.resolution=64")
+    summary = prepare.run(cfg)
+    assert summary["images"] + summary["reasons"].get("duplicate", 0) == 5000
+    assert set(summary["reasons"]) <= {"duplicate"}
