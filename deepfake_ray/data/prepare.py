@@ -48,13 +48,16 @@ def read_source(src: Source, cfg: Config) -> ray.data.Dataset:
     """A dataset of raw files: columns path, bytes."""
     if src.sample_count:
         seed = cfg.seed
-        return ray.data.range(src.sample_count).map_batches(
+        blocks = int(np.clip(src.sample_count // 256, 1, 4 * ray.cluster_resources().get("CPU", 1)))
+        return ray.data.range(src.sample_count, override_num_blocks=blocks).map_batches(
             lambda b: {"path": np.array([f"sample:{seed}:{i:07d}" for i in b["id"]]),
                        "bytes": np.array([sample.face_jpeg(seed, int(i)) for i in b["id"]], dtype=object)},
             batch_size=cfg.data.decode_batch_size)
     fs, _ = storage.resolve(src.files[0])
     paths = [storage.resolve(f)[1] for f in src.files]
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+    # A few hundred files per read task: one task per file drowns small images in overhead.
+    blocks = int(np.clip(len(paths) // 256, 1, 4 * ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, override_num_blocks=blocks)
     if storage.is_s3(src.files[0]):
         ds = ds.map_batches(lambda b: {**b, "path": np.array([f"s3://{p}" for p in b["path"]])})
     return ds

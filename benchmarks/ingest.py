@@ -1,0 +1,92 @@
+"""Ingest throughput: `prepare` on Ray Data vs a torch DataLoader doing the same decode.
+
+Baseline (same run, same files): torch.utils.data.DataLoader with 2 worker processes
+running the very same per-file work (`decode.inspect`: sha1, header checks, decode,
+centre crop, resize, JPEG re-encode). Ray is started before timing.
+
+    python benchmarks/ingest.py [--images 3000] [--source DIR]
+
+Defaults to the UTKFace photos in ../shared/data when present (200x200 JPEGs), else
+writes sample faces (128x128 JPEGs) to a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from deepfake_ray import config, runtime
+from deepfake_ray.data import decode, prepare, sample
+from deepfake_ray.data.sources import find_images
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "utkface_crop_part1_5k")
+
+
+class Files(torch.utils.data.Dataset):
+    def __init__(self, paths, size, quality):
+        self.paths, self.size, self.quality = paths, size, quality
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            row = decode.inspect(f.read(), self.size, self.quality)
+        return row["sha1"], row["reason"]
+
+
+def dataloader_rate(paths, size, quality) -> float:
+    loader = torch.utils.data.DataLoader(Files(paths, size, quality), batch_size=64, num_workers=2,
+                                         collate_fn=lambda rows: rows)
+    started = time.perf_counter()
+    n = sum(len(batch) for batch in loader)
+    return n / (time.perf_counter() - started)
+
+
+def ray_rate(folder, n, size, workdir) -> float:
+    cfg = config.build("demo", None, [f"data.source={folder}", f"data.resolution={size}"], workdir=workdir)
+    started = time.perf_counter()
+    summary = prepare.run(cfg, force=True)
+    assert summary["images"] + summary["rejected"] == n
+    return n / (time.perf_counter() - started)
+
+
+def source_folder(n: int, tmp: str) -> str:
+    if os.path.isdir(SHARED):
+        return os.path.abspath(SHARED)
+    for i in range(n):
+        with open(os.path.join(tmp, f"face_{i:05d}.jpg"), "wb") as f:
+            f.write(sample.face_jpeg(1, i))
+    return tmp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--source", help="folder of images (default: shared UTKFace or sample faces)")
+    args = ap.parse_args()
+    os.environ.setdefault("DEEPFAKE_RAY_PROGRESS", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.source or source_folder(args.images, tmp)
+        paths = list(find_images(folder))[: args.images]
+        if len(paths) < len(find_images(folder)):  # use exactly --images files
+            folder = os.path.join(tmp, "subset")
+            os.makedirs(folder)
+            for p in paths:
+                os.symlink(p, os.path.join(folder, os.path.basename(p)))
+        runtime.init()
+        ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"))  # worker start-up
+        rate_ray = ray_rate(folder, len(paths), args.size, os.path.join(tmp, "work"))
+        rate_torch = dataloader_rate(paths, args.size, 95)
+    print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
+    print(f"baseline torch DataLoader (2 workers): {rate_torch:8.1f} images/s")
+    print(f"deepfake-ray prepare (Ray Data):       {rate_ray:8.1f} images/s")
+    print(f"ratio Ray / DataLoader: {rate_ray / rate_torch:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
