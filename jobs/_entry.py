@@ -1,0 +1,82 @@
+"""Shared by the `jobs/*.py` entrypoints: the `deepfake-ray COMMAND` parser plus --run-name.
+
+Each entrypoint is `deepfake-ray COMMAND` with one more flag, so behaviour, config
+handling and exit codes (0 done, 2 bad usage or input, 1 anything else) are identical.
+
+--run-name NAME: the run's work directory is WORKDIR/NAME. Every stage keeps its
+checkpoints (Ray Train `RunConfig(storage_path, name)`) and completion markers under the
+work directory, so resubmitting the same command with the same --workdir and --run-name
+skips completed stages and resumes an interrupted training from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+# `python jobs/x.py` puts jobs/ first on sys.path; put the tree this file lives in before
+# any installed copy, so a `ray job submit --working-dir .` job runs the code it shipped.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from deepfake_ray import cli  # noqa: E402
+from deepfake_ray.errors import UsageError  # noqa: E402
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def parser(command: str, script: str) -> argparse.ArgumentParser:
+    """The CLI's own parser for `command`, renamed to the script and given --run-name."""
+    top = cli.parser()
+    subparsers = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    p = subparsers.choices[command]
+    p.prog = f"python jobs/{script}"
+    p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
+                   "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it")
+    return p
+
+
+def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
+             workdir: str | None) -> list[str]:
+    """Rebuild `deepfake-ray COMMAND ...` arguments from the parsed namespace."""
+    argv = [command]
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help", "run_name"):
+            continue
+        flag = action.option_strings[-1]
+        value = workdir if action.dest == "workdir" else getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_workdir(command: str, args: argparse.Namespace) -> str | None:
+    """WORKDIR/RUN_NAME, where WORKDIR is what `deepfake-ray` would use without a run name."""
+    if args.run_name is None:
+        return args.workdir
+    if not RUN_NAME.match(args.run_name):
+        raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
+                         "(no '/'), e.g. --run-name r1")
+    from deepfake_ray import storage
+
+    args.command = command
+    base = cli.build_config(args).workdir  # the preset/config default when --workdir is absent
+    return storage.join(base, args.run_name)
+
+
+def main(command: str, script: str, argv: list[str] | None = None) -> int:
+    p = parser(command, script)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)  # bad flags exit 2 here
+    try:
+        workdir = run_workdir(command, args)
+    except UsageError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return cli.main(cli_argv(p, command, args, workdir))

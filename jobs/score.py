@@ -1,0 +1,12 @@
+"""`ray job submit` entrypoint: score a folder, bucket or manifest with an exported detector into a Parquet table.
+
+Same flags as `deepfake-ray score`, plus --run-name (outputs in WORKDIR/RUN_NAME). E.g.
+  ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
+    -- python jobs/score.py --preset celeb100k --workdir s3://BUCKET/runs --run-name r1
+"""
+import sys
+
+import _entry
+
+if __name__ == "__main__":
+    sys.exit(_entry.main("score", "score.py"))
