@@ -1,0 +1,240 @@
+"""`deepfake-ray report`: WORKDIR/report.html (self-contained) and WORKDIR/report.md.
+
+The report is built from whatever the work directory holds, so it can be written after
+any stage; a section whose outputs are missing names the command that produces them.
+Figures are embedded in the HTML as data: URIs, so the one file opens anywhere (no
+network, no sibling files); report.md links them by relative path instead.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shlex
+import time
+
+from deepfake_ray import storage
+from deepfake_ray.config import Config
+from deepfake_ray.report_render import Figure, Missing, Table, Text, render_html, render_md
+
+MAX_SAMPLE_GRIDS = 8  # GAN sample grids shown, spread over the epochs (each can be ~1 MB)
+MAX_COLUMNS = 12
+MAX_ROWS = 100
+
+
+# --- reading the work directory ----------------------------------------------------
+
+def read_json(workdir: str, rel: str):
+    try:
+        return json.loads(storage.read_bytes(storage.join(workdir, rel)))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        return Text(f"{rel} is not valid JSON ({e}); rerun the stage that writes it with --force")
+
+
+def figure(workdir: str, rel: str, caption: str) -> list[Figure]:
+    try:
+        return [Figure(caption, rel, storage.read_bytes(storage.join(workdir, rel)))]
+    except FileNotFoundError:
+        return []
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 8:  # e.g. per-batch losses: summarize
+        numbers = [v for v in value if isinstance(v, (int, float))]
+        if len(numbers) == len(value):
+            return f"{len(value)} values, first {numbers[0]:.4g}, last {numbers[-1]:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else str(value)
+
+
+def flatten(obj: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so nested metrics fit in one table."""
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+FIRST_COLUMNS = ("condition", "epoch", "trial_id")  # JSON keys arrive sorted: put these first
+
+
+def records_table(records: list[dict], source: str) -> Table:
+    headers = list(dict.fromkeys(k for r in records for k in r))
+    headers.sort(key=lambda h: h not in FIRST_COLUMNS)  # stable: the rest keep their order
+    note = []
+    if len(headers) > MAX_COLUMNS:
+        note.append(f"{len(headers) - MAX_COLUMNS} more columns")
+        headers = headers[:MAX_COLUMNS]
+    if len(records) > MAX_ROWS:
+        note.append(f"{len(records) - MAX_ROWS} more rows")
+    rows = [[fmt(r.get(h)) for h in headers] for r in records[:MAX_ROWS]]
+    return Table(headers, rows, f"{' and '.join(note)} in {source}" if note else "")
+
+
+def as_records(obj) -> list[dict] | None:
+    """Per-epoch histories come as [{...}], {"epochs": [{...}]} or {"1": {...}}."""
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        return [flatten(r) for r in obj]
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if len(lists) == 1:
+            return as_records(lists[0])
+        if obj and all(isinstance(v, dict) for v in obj.values()):
+            return [{"epoch": k, **flatten(v)} for k, v in obj.items()]
+    return None
+
+
+def json_blocks(obj, source: str) -> list:
+    if obj is None or isinstance(obj, Text):
+        return [obj] if obj else []
+    records = as_records(obj)
+    if records:
+        return [records_table(records, source)]
+    if isinstance(obj, dict):
+        return [Table(["", ""], [[k, fmt(v)] for k, v in flatten(obj).items()])]
+    return [Text(f"{source}: {fmt(obj)}")]
+
+
+# --- the sections --------------------------------------------------------------------
+
+def timings(w: str) -> list:
+    stages = (read_json(w, "pipeline.json") or {})
+    stages = stages.get("stages") if isinstance(stages, dict) else None
+    if not stages:
+        return []
+    rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds"))] for s in stages]
+    total = sum(float(s.get("seconds") or 0) for s in stages)
+    return [Table(["stage", "status", "seconds"], rows + [["total", "", f"{total:.4g}"]])]
+
+
+def data(w: str) -> list:
+    s = read_json(w, "data/_COMPLETE.json")
+    if not isinstance(s, dict):
+        return [s] if s else []
+    blocks = [Table(["", ""], [["source", fmt(s.get("source"))], ["usable images", fmt(s.get("images"))],
+                               ["rejected files", fmt(s.get("rejected"))]])]
+    if s.get("splits"):
+        order = ["train", "val", "test"]
+        splits = sorted(s["splits"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 3)
+        blocks.append(Table(["split", "images"], [[k, fmt(v)] for k, v in splits]))
+    if s.get("reasons"):
+        reasons = sorted(s["reasons"].items(), key=lambda kv: -kv[1])
+        blocks.append(Table(["rejected because", "files"], [[k, fmt(v)] for k, v in reasons]))
+    fakes = read_json(w, "fakes/_COMPLETE.json")
+    if isinstance(fakes, dict):
+        scalars = {k: v for k, v in fakes.items() if not isinstance(v, (dict, list))}
+        blocks += [Text("Generated fakes (WORKDIR/fakes):"),
+                   Table(["", ""], [[k, fmt(v)] for k, v in scalars.items()])]
+    return blocks
+
+
+def epoch_of(uri: str) -> int:
+    match = re.search(r"epoch_(\d+)", uri.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else -1
+
+
+def gan(w: str) -> list:
+    blocks = figure(w, "gan/losses.png", "DCGAN generator and discriminator losses")
+    grids = sorted((u for u in storage.list_files(storage.join(w, "gan", "samples"))
+                    if u.endswith(".png")), key=epoch_of)
+    if len(grids) > MAX_SAMPLE_GRIDS:  # evenly spread, always the first and the last epoch
+        step = (len(grids) - 1) / (MAX_SAMPLE_GRIDS - 1)
+        shown = [grids[round(i * step)] for i in range(MAX_SAMPLE_GRIDS)]
+        blocks.append(Text(f"Sample grids of {len(shown)} of {len(grids)} epochs (fixed noise):"))
+        grids = shown
+    for uri in grids:
+        rel = "gan/samples/" + uri.rsplit("/", 1)[-1]
+        blocks += [Figure(f.caption, rel, f.data, small=True)
+                   for f in figure(w, rel, f"samples after epoch {epoch_of(uri)}")]
+    return blocks + json_blocks(read_json(w, "gan/history.json"), "gan/history.json")
+
+
+MODEL_KEYS = ("arch", "input_size", "resolution", "threshold", "epoch")
+
+
+def detector(w: str) -> list:
+    blocks = figure(w, "eval/curves.png", "detector training and validation curves")
+    blocks += json_blocks(read_json(w, "detector/history.json"), "detector/history.json")
+    meta = read_json(w, "detector/model/model.json")
+    if isinstance(meta, dict):
+        rows = [[k, fmt(meta[k])] for k in MODEL_KEYS if k in meta]
+        blocks += [Text("Exported model (WORKDIR/detector/model):"), Table(["", ""], rows)]
+    return blocks
+
+
+def tune(w: str) -> list:
+    blocks = []
+    try:
+        text = storage.read_text(storage.join(w, "tune", "results.csv"))
+        blocks.append(records_table(list(csv.DictReader(io.StringIO(text))), "tune/results.csv"))
+    except FileNotFoundError:
+        pass
+    best = read_json(w, "tune/_COMPLETE.json")
+    if isinstance(best, dict):
+        blocks.append(Table(["tune/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in flatten(best).items()]))
+    return blocks + figure(w, "tune/lr.png", "validation metric against learning rate")
+
+
+def metrics(w: str) -> list:
+    blocks = json_blocks(read_json(w, "eval/metrics.json"), "eval/metrics.json")
+    return (blocks + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
+            + figure(w, "eval/roc.png", "ROC curve (held-out test split)"))
+
+
+def robustness(w: str) -> list:
+    obj = read_json(w, "eval/robustness.json")
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        return [records_table([{"condition": k, **flatten(v)} for k, v in obj.items()],
+                              "eval/robustness.json")]
+    return json_blocks(obj, "eval/robustness.json")
+
+
+def config_text(w: str) -> list:
+    try:
+        return [Text(storage.read_text(storage.join(w, "config.yaml")), pre=True)]
+    except FileNotFoundError:
+        return []
+
+
+# (anchor, title, builder, the command that produces the section's files)
+SECTIONS = [
+    ("timings", "Stage timings", timings, "pipeline"),
+    ("data", "Data", data, "prepare"),
+    ("gan", "GAN training", gan, "train-gan"),
+    ("detector", "Detector training", detector, "train-detector"),
+    ("tune", "Learning-rate sweep (Ray Tune)", tune, "tune"),
+    ("metrics", "Held-out test metrics", metrics, "evaluate"),
+    ("robustness", "Robustness", robustness, "evaluate"),
+    ("config", "Resolved configuration", config_text, "pipeline"),
+]
+
+
+def collect(workdir: str) -> list[tuple[str, str, list]]:
+    quoted = shlex.quote(workdir)
+    out = []
+    for anchor, title, build, command in SECTIONS:
+        blocks = build(workdir) or [Missing(f"deepfake-ray {command} --workdir {quoted}")]
+        out.append((anchor, title, blocks))
+    return out
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    """Write WORKDIR/report.html and WORKDIR/report.md (always rebuilt: it is cheap)."""
+    workdir = cfg.workdir
+    sections = collect(workdir)
+    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    html_uri, md_uri = storage.join(workdir, "report.html"), storage.join(workdir, "report.md")
+    storage.write_text(html_uri, render_html(workdir, sections, generated))
+    storage.write_text(md_uri, render_md(workdir, sections, generated))
+    missing = [title for _, title, blocks in sections if isinstance(blocks[0], Missing)]
+    print(f"report: {html_uri}" + (f" (not produced yet: {', '.join(missing)})" if missing else ""))
+    return {"html": html_uri, "md": md_uri, "missing": missing}

@@ -1,0 +1,101 @@
+"""The report's building blocks (tables, figures, text) and their HTML and Markdown forms.
+
+HTML is self-contained: figures become data: URIs, every text is escaped, no scripts and
+no external resources. Markdown links figures by their path relative to the work directory.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclass
+class Figure:
+    caption: str
+    path: str  # relative to the work directory
+    data: bytes
+    small: bool = False  # one of many (sample grids): shown as a gallery
+
+
+@dataclass
+class Text:
+    text: str
+    pre: bool = False  # preformatted (the config)
+
+
+@dataclass
+class Missing:
+    command: str
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+img{max-width:100%;border:1px solid #ddd}figure.small{width:240px}figcaption{font-size:.9em;color:#555}
+pre{background:#f6f6f6;padding:1em;overflow-x:auto}.missing{color:#a60}.note{color:#666;font-size:.9em}"""
+
+
+def mime(data: bytes) -> str:
+    return "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
+
+
+def html_block(b) -> str:
+    e = html.escape
+    if isinstance(b, Table):
+        head = "".join(f"<th>{e(h)}</th>" for h in b.headers)
+        head = f"<thead><tr>{head}</tr></thead>" if any(b.headers) else ""  # key/value tables
+        rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+        note = f'<p class="note">{e(b.note)}</p>' if b.note else ""
+        return f"<table>{head}<tbody>{rows}</tbody></table>{note}"
+    if isinstance(b, Figure):
+        src = f"data:{mime(b.data)};base64,{base64.b64encode(b.data).decode()}"
+        cls = ' class="small"' if b.small else ""
+        return (f'<figure{cls}><img src="{src}" alt="{e(b.caption)}" data-path="{e(b.path)}">'
+                f"<figcaption>{e(b.caption)} ({e(b.path)})</figcaption></figure>")
+    if isinstance(b, Missing):
+        return f'<p class="missing">Not produced yet: run <code>{e(b.command)}</code></p>'
+    return f"<pre>{e(b.text)}</pre>" if b.pre else f"<p>{e(b.text)}</p>"
+
+
+def render_html(workdir: str, sections: list, generated: str) -> str:
+    e = html.escape
+    toc = "".join(f'<li><a href="#{a}">{e(t)}</a></li>' for a, t, _ in sections)
+    body = "".join(f'<section id="{a}"><h2>{e(t)}</h2>{"".join(html_block(b) for b in blocks)}</section>'
+                   for a, t, blocks in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>deepfake-ray report: {e(workdir)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>deepfake-ray run report</h1><p>Work directory <code>{e(workdir)}</code>, "
+            f"generated {e(generated)}.</p><nav><ul>{toc}</ul></nav>{body}</body></html>\n")
+
+
+def md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_block(b) -> str:
+    if isinstance(b, Table):
+        lines = ["| " + " | ".join(md_cell(h) for h in b.headers) + " |",
+                 "|" + "---|" * len(b.headers)]
+        lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b.rows]
+        return "\n".join(lines) + (f"\n\n_{b.note}_" if b.note else "")
+    if isinstance(b, Figure):
+        return f"![{b.caption}]({b.path})"
+    if isinstance(b, Missing):
+        return f"_Not produced yet: run `{b.command}`_"
+    return f"```yaml\n{b.text.rstrip()}\n```" if b.pre else b.text
+
+
+def render_md(workdir: str, sections: list, generated: str) -> str:
+    parts = [f"# deepfake-ray run report\n\nWork directory `{workdir}`, generated {generated}. "
+             "The same report with the figures embedded: report.html."]
+    for _, title, blocks in sections:
+        parts.append(f"## {title}\n\n" + "\n\n".join(md_block(b) for b in blocks))
+    return "\n\n".join(parts) + "\n"

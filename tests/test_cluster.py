@@ -1,0 +1,181 @@
+"""Cluster configs and job entrypoints: the AWS launcher config passes Ray's own schema and
+config preparation; the KubeRay manifests carry what the operator needs; the Serve
+configs pass Ray Serve's schema; `jobs/*.py` behave like `deepfake-ray COMMAND`."""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import ray
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "jobs"))
+import _entry  # noqa: E402  (jobs/_entry.py)
+
+KUBERAY = os.path.join(ROOT, "cluster", "kuberay")
+JOBS = {"pipeline.py": "pipeline", "train_gan.py": "train-gan", "train_detector.py": "train-detector",
+        "tune_lr.py": "tune", "score.py": "score"}
+IMAGE = re.compile(rf"^rayproject/ray:{re.escape(ray.__version__)}-py311-(gpu|cu\d+)$")
+
+
+def load(path: str):
+    with open(os.path.join(ROOT, path)) as f:
+        return yaml.safe_load(f)
+
+
+# --- cluster/aws.yaml -----------------------------------------------------------------
+
+def test_aws_config_passes_rays_schema_and_preparation():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load("cluster/aws.yaml")
+    with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as f:
+        jsonschema.validate(cfg, json.load(f))
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # what `ray up` runs before AWS calls
+
+
+def test_aws_config_autoscales_gpu_workers_from_zero():
+    cfg = load("cluster/aws.yaml")
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0  # a CPU head
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    gpus = sorted(t["resources"].get("GPU", 0) for t in workers.values())
+    assert 1 in gpus and max(gpus) > 1  # a single-GPU type and a multi-GPU training type
+    for name, t in workers.items():
+        assert t["min_workers"] == 0, name
+        assert 1 <= t["max_workers"] <= cfg["max_workers"], name
+        assert "IamInstanceProfile" in t["node_config"], f"{name}: no S3 access"
+    assert IMAGE.match(cfg["docker"]["image"]), cfg["docker"]["image"]
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert f"ray[data,train,tune,serve]=={ray.__version__}" in f.read()  # image == pinned Ray
+    (remote, local), = cfg["file_mounts"].items()
+    assert local == "." and any(remote in c and "pip install" in c for c in cfg["setup_commands"])
+
+
+# --- cluster/kuberay --------------------------------------------------------------------
+
+def manifests() -> dict:
+    docs = {}
+    for name in sorted(os.listdir(KUBERAY)):
+        with open(os.path.join(KUBERAY, name)) as f:
+            for doc in yaml.safe_load_all(f):
+                docs[doc["kind"]] = doc
+    return docs
+
+
+def cluster_specs(docs: dict) -> dict:
+    return {"RayCluster": docs["RayCluster"]["spec"], "RayJob": docs["RayJob"]["spec"]["rayClusterSpec"],
+            "RayService": docs["RayService"]["spec"]["rayClusterConfig"]}
+
+
+def test_kuberay_manifests_have_autoscaled_gpu_groups():
+    docs = manifests()
+    assert {"RayCluster", "RayJob", "RayService", "ServiceAccount"} <= set(docs)
+    account = docs["ServiceAccount"]["metadata"]["name"]
+    for kind, spec in cluster_specs(docs).items():
+        assert docs[kind]["apiVersion"] == "ray.io/v1"
+        assert spec["enableInTreeAutoscaling"] is True and spec["rayVersion"] == ray.__version__, kind
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert head["containers"][0]["image"] and head["serviceAccountName"] == account, kind
+        assert spec["workerGroupSpecs"], kind
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            limits = pod["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) >= 1, (kind, group["groupName"])
+            assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1, (kind, group["groupName"])
+            assert pod["serviceAccountName"] == account
+
+
+def test_rayjob_runs_the_pipeline_entrypoint():
+    job = manifests()["RayJob"]["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["python", "jobs/pipeline.py"] and os.path.exists(os.path.join(ROOT, argv[1]))
+    args = _entry.parser("pipeline", "pipeline.py").parse_args(argv[2:])  # flags the script takes
+    assert args.workdir.startswith("s3://") and args.run_name and args.preset == "celeb100k"
+    env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert env["working_dir"] and env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
+
+
+def serve_apps(config: dict) -> list:
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(config).applications  # Ray Serve's own schema
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
+def test_rayservice_serves_the_detector_app():
+    service = manifests()["RayService"]["spec"]
+    apps = serve_apps(yaml.safe_load(service["serveConfigV2"]))
+    app = apps[0]
+    assert app.import_path == "deepfake_ray.serving.app:build_app"
+    module, attr = app.import_path.split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert app.args["model"].startswith("s3://") and app.args["model"].endswith("/detector/model")
+    serve_yaml = os.path.join(ROOT, "jobs", "serve.yaml")
+    if os.path.exists(serve_yaml):  # the same application as `serve deploy jobs/serve.yaml`
+        local = {a.name: a for a in serve_apps(load("jobs/serve.yaml"))}
+        assert app.name in local and local[app.name].import_path == app.import_path
+        assert set(local[app.name].args) == set(app.args)
+        assert ([d.name for d in local[app.name].deployments] == [d.name for d in app.deployments])
+
+
+# --- jobs/ ------------------------------------------------------------------------------
+
+def run_job(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join("jobs", script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("script", sorted(JOBS))
+def test_job_help_and_bad_flag(script):
+    ok = run_job(script, "--help")
+    assert ok.returncode == 0 and "--workdir" in ok.stdout and "--run-name" in ok.stdout
+    required = ["--model", "m", "--input", "i", "--out", "o"] if script == "score.py" else []
+    bad = run_job(script, *required, "--no-such-flag")
+    assert bad.returncode == 2 and "--no-such-flag" in bad.stderr
+
+
+def test_job_usage_errors_exit_2_with_the_fix():
+    bad_preset = run_job("train_gan.py", "--preset", "nope", "--run-name", "r1")
+    assert bad_preset.returncode == 2 and "choose one of" in bad_preset.stderr
+    bad_name = run_job("pipeline.py", "--workdir", "/tmp/x", "--run-name", "../up")
+    assert bad_name.returncode == 2 and "--run-name r1" in bad_name.stderr
+
+
+@pytest.mark.parametrize("workdir, expected", [
+    ("s3://bucket/runs", "s3://bucket/runs/r1"),
+    ("/data/runs", "/data/runs/r1"),
+    (None, os.path.abspath("runs/tiny/r1")),  # the preset's default work directory
+])
+def test_run_name_is_a_subfolder_of_the_workdir(workdir, expected):
+    from deepfake_ray import cli
+
+    p = _entry.parser("train-detector", "train_detector.py")
+    given = ["--preset", "tiny", "--set", "detector.lr=1e-3", "--set", "detector.epochs=3",
+             "--force", "--run-name", "r1"] + (["--workdir", workdir] if workdir else [])
+    args = p.parse_args(given)
+    argv = _entry.cli_argv(p, "train-detector", args, _entry.run_workdir("train-detector", args))
+    again = cli.parser().parse_args(argv)  # what `deepfake-ray` itself receives
+    assert again.command == "train-detector" and again.workdir == expected
+    assert again.overrides == ["detector.lr=1e-3", "detector.epochs=3"] and again.force
+    assert again.preset == "tiny" and again.address is None
+
+
+def test_runtime_env_is_valid_and_ships_the_working_dir():
+    from ray.runtime_env import RuntimeEnv
+
+    env = load("jobs/runtime_env.yaml")
+    assert "working_dir" not in env  # given on the command line: --working-dir .
+    RuntimeEnv(**env, working_dir=ROOT)  # Ray's own validation
+    assert env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
+    assert all(isinstance(v, str) for v in env["env_vars"].values())

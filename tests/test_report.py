@@ -1,0 +1,207 @@
+"""The run report: one self-contained report.html (figures embedded) and report.md, built
+from a work directory of real files (matplotlib PNGs, JSON, CSV) laid out as the stages
+write them; local and on S3; rendered by headless Chromium when it is installed."""
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from deepfake_ray import config, report, storage
+
+EPOCHS = 12  # more than report.MAX_SAMPLE_GRIDS, so the report has to pick
+
+
+def plot(title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 1.5), dpi=40)
+    fig.add_subplot().plot([0, 1, 2], [1, 0.5, 0.2])
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+@functools.cache
+def plots() -> dict[str, bytes]:
+    return {rel: plot(rel) for rel in ["gan/losses.png", "eval/curves.png", "tune/lr.png",
+                                        "eval/confusion.png", "eval/roc.png"]}
+
+
+def grid(epoch: int) -> bytes:
+    """A sample grid as the GAN stage writes it (PIL), one colour per epoch."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (34, 34), (20 * epoch % 256, 90, 160)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
+    """A finished run's work directory; returns the figures it holds (path -> bytes)."""
+    figures = dict(plots())
+    figures.update({f"gan/samples/epoch_{e:03d}.png": grid(e) for e in range(1, epochs + 1)})
+    for rel, data in figures.items():
+        storage.write_bytes(storage.join(w, rel), data)
+    storage.write_json(storage.join(w, "data/_COMPLETE.json"), {
+        "images": 96, "rejected": 4, "source": "sample:96 <script>alert(1)</script>",
+        "reasons": {"truncated": 3, "decompression-bomb": 1},
+        "splits": {"train": 77, "val": 9, "test": 10}})
+    storage.write_json(storage.join(w, "fakes/_COMPLETE.json"), {"images": 96, "seconds": 1.5})
+    storage.write_json(storage.join(w, "gan/history.json"),
+                       [{"epoch": e, "g_loss": 2.0 / e, "d_loss": 0.5 + e / 100} for e in range(1, epochs + 1)])
+    storage.write_json(storage.join(w, "detector/history.json"),
+                       [{"epoch": 1, "train_loss": 0.61, "val_accuracy": 0.74},
+                        {"epoch": 2, "train_loss": 0.32, "val_accuracy": 0.91}])
+    storage.write_json(storage.join(w, "detector/model/model.json"),
+                       {"arch": "inception_resnet_v2", "input_size": 75, "threshold": 0.4321, "epoch": 2})
+    storage.write_text(storage.join(w, "tune/results.csv"),
+                       "trial_id,lr,val_auc\nt0,1.2e-05,0.81\nt1,0.00031,0.97\n")
+    storage.write_json(storage.join(w, "eval/metrics.json"),
+                       {"accuracy": 0.9375, "roc_auc": 0.981, "f1": 0.94, "threshold": 0.47,
+                        "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}})
+    storage.write_json(storage.join(w, "eval/robustness.json"),
+                       {"clean": {"accuracy": 0.9375, "roc_auc": 0.981},
+                        "jpeg_q50": {"accuracy": 0.81, "roc_auc": 0.9},
+                        "resize_0.5": {"accuracy": 0.7, "roc_auc": 0.77}})
+    storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
+        {"name": "prepare", "status": "done", "seconds": 3.2},
+        {"name": "train-gan", "status": "skipped", "seconds": 0.1},
+        {"name": "evaluate", "status": "done", "seconds": 7.9}]})
+    storage.write_text(storage.join(w, "config.yaml"), "workdir: W\ndetector:\n  lr: 0.0003\n")
+    return figures
+
+
+class Structure(HTMLParser):
+    """Well-formedness (every non-void tag closed in order) and what the page references."""
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.images, self.sections, self.urls = [], [], {}, [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images[a.get("data-path")] = a.get("src", "")
+        if tag == "section":
+            self.sections.append(a.get("id"))
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v and not v.startswith(("data:", "#"))]
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unexpected </{tag}>")
+
+
+def parse(path: str) -> Structure:
+    s = Structure()
+    with open(path, encoding="utf-8") as f:
+        s.feed(f.read())
+    s.close()
+    assert not s.errors and not s.stack, (s.errors, s.stack)
+    return s
+
+
+def expected_figures(figures: dict) -> set[str]:
+    grids = sorted(k for k in figures if k.startswith("gan/samples/"))
+    shown = {k for k in figures if not k.startswith("gan/samples/")}
+    if len(grids) <= report.MAX_SAMPLE_GRIDS:
+        return shown | set(grids)
+    step = (len(grids) - 1) / (report.MAX_SAMPLE_GRIDS - 1)
+    return shown | {grids[round(i * step)] for i in range(report.MAX_SAMPLE_GRIDS)}
+
+
+def test_report_embeds_every_figure_and_section(tmp_path):
+    w = str(tmp_path / "work")
+    figures = write_workdir(w)
+    result = report.run(config.build("tiny", workdir=w))
+    assert result["missing"] == []
+    html_path = os.path.join(w, "report.html")
+    page = parse(html_path)
+    assert page.urls == []  # self-contained: nothing fetched from anywhere
+    assert set(page.sections) == {anchor for anchor, *_ in report.SECTIONS}
+    want = expected_figures(figures)
+    assert set(page.images) == want
+    assert {"gan/samples/epoch_001.png", f"gan/samples/epoch_{EPOCHS:03d}.png"} <= want
+    for rel, src in page.images.items():
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix) and base64.b64decode(src[len(prefix):]) == figures[rel]
+    text = open(html_path, encoding="utf-8").read()
+    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # escaped
+    assert "Not produced yet" not in text
+    for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
+                   "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321"]:
+        assert needle in text, needle
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
+    assert "](gan/losses.png)" in md and "](eval/roc.png)" in md
+
+
+def test_missing_sections_name_the_command(tmp_path):
+    w = str(tmp_path / "empty run")
+    storage.write_json(storage.join(w, "data/_COMPLETE.json"),
+                       {"images": 5, "rejected": 0, "reasons": {}, "splits": {"train": 5}, "source": "x"})
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Data" not in result["missing"] and "GAN training" in result["missing"]
+    text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    parse(os.path.join(w, "report.html"))
+    assert f"deepfake-ray train-gan --workdir &#x27;{w}&#x27;" in text
+    assert f"deepfake-ray evaluate --workdir '{w}'" in open(os.path.join(w, "report.md")).read()
+
+
+def test_report_reads_and_writes_s3(tmp_path, s3_server):
+    local = str(tmp_path / "local")
+    figures = write_workdir(local, epochs=3)
+    w = s3_server("report-bucket") + "/runs/r1"
+    storage.upload_dir(local, w)
+    result = report.run(config.build("tiny", workdir=w))
+    assert result["html"] == w + "/report.html" and result["missing"] == []
+    out = tmp_path / "report.html"
+    out.write_bytes(storage.read_bytes(result["html"]))
+    assert set(parse(str(out)).images) == expected_figures(figures)
+    assert storage.exists(w + "/report.md")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    w = str(tmp_path / "work")
+    figures = write_workdir(w)
+    report.run(config.build("tiny", workdir=w))
+    page = os.path.join(w, "report.html")
+    base = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{page}"],
+                   check=True, capture_output=True, timeout=60)
+    with Image.open(shot) as img:
+        darkest, brightest = img.convert("L").getextrema()
+    assert shot.stat().st_size > 0 and brightest - darkest > 100  # not a blank page
+    # The browser decoded every embedded figure: a probe copy of the page counts them.
+    probe = tmp_path / "probe.html"
+    probe.write_text(open(page, encoding="utf-8").read().replace("</body>", (
+        "<script>addEventListener('load', () => { const i = [...document.images];"
+        " document.body.dataset.ok = i.filter(x => x.naturalWidth > 0).length + '/' + i.length; });"
+        "</script></body>")), encoding="utf-8")
+    dom = subprocess.run([*base, "--virtual-time-budget=5000", "--dump-dom", f"file://{probe}"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    n = len(expected_figures(figures))
+    assert f'data-ok="{n}/{n}"' in dom
