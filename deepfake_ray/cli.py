@@ -30,6 +30,8 @@ COMMANDS = {
               {"--model": None, "--host": "serve.host", "--port": "serve.port"}),
     "report": ("deepfake_ray.report", "write WORKDIR/report.html and report.md", {}),
 }
+NO_RAY = ("report",)  # reads files only
+KEEP_CONFIG = ("score", "serve", "report")  # must not overwrite the run's resolved config
 REQUIRED = {"score": ("--model", "--input", "--out"), "serve": ("--model",)}
 
 
@@ -80,12 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
-        from deepfake_ray import runtime
+        from deepfake_ray import config, runtime, storage
 
-        runtime.init(args.address)
-        if args.command not in ("score", "serve"):
-            from deepfake_ray import config, storage
-
+        if args.command not in NO_RAY:
+            runtime.init(args.address)
+        if args.command not in KEEP_CONFIG:
             storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
         module.run(cfg, **options(args))
     except UsageError as e:
