@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
+import uuid
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
@@ -22,7 +24,10 @@ from ray.train.torch import TorchTrainer
 from deepfake_ray import checkpoint, storage
 from deepfake_ray.config import Config
 
-EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+# epoch_NNNN, or epoch_NNNN_<tag> when an epoch is trained again after a damaged
+# checkpoint of that epoch was skipped (Ray must never register one folder twice).
+EPOCH_DIR = re.compile(r"^epoch_(\d+)(?:_[0-9a-f]+)?$")
+_skipped_names: set[str] = set()  # damaged checkpoints this worker passed over
 
 
 def scaling(cfg: Config) -> ScalingConfig:
@@ -72,18 +77,30 @@ def restore_state() -> dict | None:
             state = checkpoint.read_state(d)
         if state is not None:
             return state
-        print(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
+        _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
+        say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
     return None
 
 
+def epoch_of(path: str) -> int | None:
+    m = EPOCH_DIR.match(os.path.basename(path.rstrip("/")))
+    return int(m.group(1)) if m else None
+
+
 def older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
+    """Checkpoint folders of this run from epochs before `latest`'s, newest first.
+
+    Only older ones: a folder newer than the latest registered one was never
+    registered (the driver died during its upload) and is not trusted.
+    """
     fs: pafs.FileSystem = latest.filesystem
-    parent, name = os.path.split(latest.path.rstrip("/"))
+    parent = os.path.dirname(latest.path.rstrip("/"))
+    newest = epoch_of(latest.path)
     infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    epochs = sorted(((int(m.group(1)), i.path) for i in infos
+    epochs = sorted(((e, i.path) for i in infos
                      if i.type == pafs.FileType.Directory
-                     and (m := EPOCH_DIR.match(os.path.basename(i.path)))
-                     and os.path.basename(i.path) != name), reverse=True)
+                     and (e := epoch_of(i.path)) is not None
+                     and (newest is None or e < newest)), reverse=True)
     return [Checkpoint(path=p, filesystem=fs) for _, p in epochs]
 
 
@@ -92,10 +109,13 @@ def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> Non
     if state is None or rank() != 0:
         ray.train.report(metrics)
         return
+    name = f"epoch_{epoch:04d}"
+    if name in _skipped_names:  # that folder is registered already (and damaged)
+        name = f"{name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as d:
         checkpoint.write_state(d, state)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+                         checkpoint_dir_name=name)
 
 
 def inject_failure(stage_uri: str, epoch: int, fail_at_epoch: int) -> None:
@@ -107,8 +127,15 @@ def inject_failure(stage_uri: str, epoch: int, fail_at_epoch: int) -> None:
     if storage.exists(marker):
         return
     storage.write_text(marker, "a worker was killed here on purpose (fail_at_epoch)\n")
-    print(f"[deepfake-ray] fault injection: worker {ctx.get_world_rank()} exits at epoch {epoch}")
+    say(f"[deepfake-ray] fault injection: worker {ctx.get_world_rank()} exits at epoch {epoch}")
     os._exit(1)
+
+
+def say(line: str) -> None:
+    """One line to the driver's console. Ray Train patches print() in workers to log
+    AND echo, which shows every line twice; writing to stdout shows it once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def rng_state() -> dict:

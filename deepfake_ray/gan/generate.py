@@ -1,0 +1,199 @@
+"""`deepfake-ray generate`: fakes from the trained generator, with Ray Data.
+
+Fake number i of seed s comes from the latent vector N(0, 1) drawn by
+numpy's generator seeded with [s, i], through the generator in eval mode, encoded
+as JPEG at data.jpeg_quality and data.resolution exactly like the reals, so the
+detector cannot tell the classes apart by file format. The output is the same
+layout as WORKDIR/data (see data/datasets.py): fakes/manifest.parquet (path
+"fake:<seed>:<index>"), fakes/images/*.parquet, fakes/preview.png, _COMPLETE.json.
+
+Splits follow the reals' content-hash rule (`prepare.assign_split` on the sha1 of
+the encoded bytes). Each split gets as many fakes as the reals hold in it (or
+gan.num_fakes shared in the reals' proportions): candidates are made in rounds and
+the first ones of each split, in index order, are kept, so the result depends only
+on the seed and the generator.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+from ray.data.expressions import col
+import torch
+
+from deepfake_ray import checkpoint, runtime, storage
+from deepfake_ray.config import Config
+from deepfake_ray.data import datasets, decode
+from deepfake_ray.data.prepare import MANIFEST_COLUMNS, assign_split
+from deepfake_ray.errors import UsageError
+from deepfake_ray.gan import figures
+from deepfake_ray.gan.train import gan_dir, model_uri
+from deepfake_ray.models import dcgan
+
+PREVIEW = 64
+MAX_ROUNDS = 8
+
+
+class FakeMaker:
+    """Ray Data actor: latent indices -> encoded fake images."""
+
+    def __init__(self, model: str, seed: int, quality: int, use_gpu: bool):
+        state, meta = checkpoint.load_model(model)
+        self.G = dcgan.generator_from_meta(meta)
+        self.G.load_state_dict(state)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.G.to(self.device).eval()
+        self.seed, self.quality, self.latent = seed, quality, int(meta["latent_dim"])
+
+    def __call__(self, batch: dict, start: int) -> dict:
+        index = batch["id"].astype(np.int64) + start
+        z = np.stack([latent(self.seed, int(i), self.latent) for i in index])
+        with torch.no_grad():
+            pixels = dcgan.to_uint8(self.G(torch.from_numpy(z).to(self.device))).numpy()
+        images = [decode.encode_jpeg(p, self.quality) for p in pixels]
+        return {"index": index, "sha1": np.array([decode.sha1(b) for b in images]),
+                "bytes": np.array([len(b) for b in images], dtype=np.int64),
+                "image": np.array(images, dtype=object)}
+
+
+def latent(seed: int, index: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, index]).standard_normal(size).astype(np.float32)
+
+
+def quotas(reals: pa.Table, num: int) -> dict[str, int]:
+    """Fakes per split: the reals' counts, or `num` shared in the reals' proportions."""
+    splits = reals.column("split").to_pylist()
+    counts = {s: splits.count(s) for s in datasets.SPLITS}
+    if num <= 0:
+        return counts
+    exact = {s: num * c / len(splits) for s, c in counts.items()}
+    out = {s: int(v) for s, v in exact.items()}
+    for s in sorted(exact, key=lambda s: exact[s] - out[s], reverse=True)[:num - sum(out.values())]:
+        out[s] += 1  # largest remainders
+    return out
+
+
+def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.data.Dataset:
+    """Candidates start..start+count-1, made by a pool of generator actors."""
+    return ray.data.range(count).map_batches(
+        FakeMaker, fn_kwargs={"start": start}, batch_size=cfg.gan.generate_batch_size,
+        fn_constructor_kwargs={"model": model_uri(cfg.workdir), "seed": cfg.seed,
+                               "quality": cfg.data.jpeg_quality, "use_gpu": use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if use_gpu else 0,
+        num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
+
+
+def select(rounds: list, want: dict[str, int], splits) -> dict[int, str]:
+    """index -> split of the first candidates of each split, in index order."""
+    meta = [ds.select_columns(["index", "sha1"]).to_pandas() for ds in rounds]
+    chosen, seen, have = {}, set(), dict.fromkeys(want, 0)
+    for index, sha1 in sorted(zip(np.concatenate([m["index"] for m in meta]).tolist(),
+                                  np.concatenate([m["sha1"] for m in meta]).tolist())):
+        split = assign_split(sha1, splits)
+        if sha1 in seen or have[split] >= want[split]:
+            continue
+        seen.add(sha1)
+        chosen[index] = split
+        have[split] += 1
+    return chosen
+
+
+def pick(batch: dict, chosen: dict[int, str]) -> pa.Table:
+    """The chosen candidates with their split, typed like the reals' tables."""
+    keep = np.array([int(i) in chosen for i in batch["index"]], dtype=bool)
+    index = batch["index"][keep]
+    return pa.table({"index": pa.array(index, pa.int64()),
+                     "sha1": pa.array(batch["sha1"][keep].tolist(), pa.large_string()),
+                     "bytes": pa.array(batch["bytes"][keep], pa.int64()),
+                     "image": pa.array(batch["image"][keep].tolist(), pa.binary()),
+                     "split": pa.array([chosen[int(i)] for i in index], pa.large_string())})
+
+
+def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str]]:
+    use_gpu = cfg.resources.use_gpu and runtime.cluster_gpus() > 0
+    pool = max(1, runtime.cluster_gpus() if use_gpu else cfg.resources.workers)
+    total, rounds, start, chosen = sum(want.values()), [], 0, {}
+    for _ in range(MAX_ROUNDS):
+        missing = total - len(chosen)
+        count = int(missing * 1.25) + 16 if rounds else int(total * 1.1) + 16
+        print(f"generate: making {count:,} candidates from index {start:,}", flush=True)
+        rounds.append(make(cfg, start, count, pool, use_gpu))
+        start += count
+        chosen = select(rounds, want, cfg.data.splits)
+        if len(chosen) == total:
+            break
+    else:
+        raise RuntimeError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
+                           f"fill the splits {want}: check data.splits against the reals' splits")
+    picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
+    return picked.map_batches(pick, fn_kwargs={"chosen": chosen}, batch_format="numpy"), chosen
+
+
+def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
+    """images/*.parquet and manifest.parquet in the reals' layout; returns the manifest."""
+    images = datasets.images_uri(out)
+    storage.delete_dir(images)
+    fs, path = storage.resolve(images)
+    ds.select_columns(["sha1", "split", "image"]).write_parquet(path, filesystem=fs)
+    meta = ds.select_columns(["index", "sha1", "bytes", "split"]).to_pandas()
+    meta = meta.sort_values("index", kind="stable")
+    r = cfg.data.resolution
+    text = lambda values: pa.array(list(values), pa.large_string())  # noqa: E731 - as the reals
+    manifest = pa.table({"path": text(f"fake:{cfg.seed}:{int(i):07d}" for i in meta["index"]),
+                         "width": pa.array([r] * len(meta), pa.int64()),
+                         "height": pa.array([r] * len(meta), pa.int64()),
+                         "format": text(["JPEG"] * len(meta)), "sha1": text(meta["sha1"]),
+                         "bytes": pa.array(meta["bytes"].tolist(), pa.int64()),
+                         "split": text(meta["split"])}).select(MANIFEST_COLUMNS)
+    storage.write_parquet(datasets.manifest_uri(out), manifest)
+    return manifest
+
+
+def preview(out: str, ds: ray.data.Dataset, chosen: dict[int, str]) -> None:
+    first = sorted(chosen)[:PREVIEW]
+    rows = ds.filter(expr=col("index").is_in(first)).take_all()
+    rows.sort(key=lambda row: int(row["index"]))
+    pixels = np.stack([decode.decode_jpeg(row["image"]) for row in rows])
+    storage.write_bytes(storage.join(out, "preview.png"), figures.grid_png(pixels))
+
+
+def check(cfg: Config) -> tuple[pa.Table, dict]:
+    if not storage.completed(gan_dir(cfg.workdir)):
+        raise UsageError(f"no trained generator in {gan_dir(cfg.workdir)}: run "
+                         "`deepfake-ray train-gan` with this --workdir first")
+    reals = datasets.require_manifest(datasets.data_dir(cfg.workdir), "prepare")
+    meta = checkpoint.load_meta(model_uri(cfg.workdir))
+    if int(meta["resolution"]) != cfg.data.resolution:
+        raise UsageError(f"the generator makes {meta['resolution']} px images but data.resolution "
+                         f"is {cfg.data.resolution}: set data.resolution={meta['resolution']}")
+    if cfg.gan.num_fakes < 0:
+        raise UsageError(f"gan.num_fakes={cfg.gan.num_fakes}: give a count, or 0 for as many as the reals")
+    return reals, meta
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    out = datasets.fakes_dir(cfg.workdir)
+    done = storage.completed(out)
+    if done and not force:
+        print(f"generate: {out} is already complete ({done['images']:,} fakes); --force redoes it")
+        return done
+    reals, meta = check(cfg)
+    if done:
+        storage.delete_dir(out)
+    want = quotas(reals, cfg.gan.num_fakes)
+    started = time.time()
+    ds, chosen = generate(cfg, want)
+    ds = ds.materialize()
+    manifest = write(cfg, out, ds)
+    preview(out, ds, chosen)
+    splits = manifest.column("split").to_pylist()
+    summary = {"images": manifest.num_rows, "splits": {s: splits.count(s) for s in datasets.SPLITS},
+               "seed": cfg.seed, "resolution": cfg.data.resolution,
+               "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
+               "seconds": round(time.time() - started, 1), "output": out}
+    storage.mark_complete(out, summary)
+    print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
+          f"in {summary['seconds']:.0f}s -> {out}")
+    return summary

@@ -1,0 +1,129 @@
+"""`deepfake-ray train-gan`: the DCGAN on Ray Train, resumable and fault tolerant.
+
+The Ray Train run lives in WORKDIR/gan (RunConfig(storage_path=WORKDIR, name="gan")):
+checkpoints epoch_NNNN/ every gan.checkpoint_every epochs (the newest
+gan.keep_checkpoints kept), samples/epoch_NNN.png, losses.png and history.json as it
+goes, model/ (the final generator) at the end, then _COMPLETE.json. Running the same
+command again resumes from the newest intact checkpoint; a complete run is skipped.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+
+from deepfake_ray import config, storage, training
+from deepfake_ray.config import Config
+from deepfake_ray.data import datasets
+from deepfake_ray.data.decode import decode_jpeg
+from deepfake_ray.errors import UsageError
+from deepfake_ray.gan import loop
+from deepfake_ray.models import dcgan
+
+RUN_NAME = "gan"
+# Settings that fix the shapes in a checkpoint: a resumed run must keep them.
+SHAPE_KEYS = (("data", "resolution"), ("gan", "latent_dim"), ("gan", "g_width"), ("gan", "d_width"))
+
+
+def gan_dir(workdir: str) -> str:
+    return storage.join(workdir, RUN_NAME)
+
+
+def model_uri(workdir: str) -> str:
+    return storage.join(gan_dir(workdir), "model")
+
+
+def check_settings(cfg: Config) -> None:
+    g, r = cfg.gan, cfg.resources
+    try:
+        dcgan.check_resolution(cfg.data.resolution)
+    except ValueError as e:
+        raise UsageError(str(e))
+    for name, value in (("gan.epochs", g.epochs), ("gan.batch_size", g.batch_size),
+                        ("resources.workers", r.workers)):
+        if value < 1:
+            raise UsageError(f"{name}={value} must be at least 1")
+    if g.batch_size < 2:
+        raise UsageError("gan.batch_size must be at least 2 (batch norm needs a batch)")
+
+
+def check_data(cfg: Config) -> int:
+    """The prepared reals suit this run: returns the number of training images."""
+    data = datasets.data_dir(cfg.workdir)
+    manifest = datasets.require_manifest(data, "prepare")
+    train = sum(1 for s in manifest.column("split").to_pylist() if s == "train")
+    per_worker = train // cfg.resources.workers
+    if per_worker < cfg.gan.batch_size:
+        raise UsageError(
+            f"{train} training images give {per_worker} per worker, fewer than gan.batch_size="
+            f"{cfg.gan.batch_size}: lower gan.batch_size or resources.workers, or prepare more images")
+    size = prepared_resolution(data)
+    if size != cfg.data.resolution:
+        raise UsageError(f"{data} holds {size} px images but data.resolution is "
+                         f"{cfg.data.resolution}: set data.resolution={size}, or run "
+                         "`deepfake-ray prepare --force` at the new resolution")
+    return train
+
+
+def prepared_resolution(data: str) -> int:
+    files = [f for f in storage.list_files(datasets.images_uri(data)) if f.endswith(".parquet")]
+    if not files:
+        raise UsageError(f"{datasets.images_uri(data)} holds no images: run "
+                         "`deepfake-ray prepare --force` with this --workdir")
+    fs, path = storage.resolve(files[0])
+    with fs.open_input_file(path) as f:
+        first = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")[0]
+    return int(decode_jpeg(first.as_py()).shape[0])
+
+
+def check_resume(cfg: Config, stage: str) -> None:
+    """A run in WORKDIR/gan made with other model shapes cannot be resumed."""
+    saved_uri = storage.join(stage, "run_config.json")
+    current = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in SHAPE_KEYS}
+    try:
+        saved = storage.read_json(saved_uri)
+    except FileNotFoundError:
+        storage.write_json(saved_uri, current)
+        return
+    changed = [f"{k}={saved[k]} (now {current[k]})" for k in current if saved.get(k) != current[k]]
+    if changed:
+        raise UsageError(f"{stage} holds an unfinished run with {', '.join(changed)}: use the same "
+                         "settings to resume it, or pass --force to start over")
+
+
+def train_dataset(cfg: Config):
+    """The real training split, decoded by Ray Data tasks beside the train workers."""
+    return (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
+            .select_columns(["image"])
+            .map_batches(datasets.decode_batch, batch_size=cfg.data.decode_batch_size,
+                         num_cpus=cfg.resources.data_cpus))
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    stage = gan_dir(cfg.workdir)
+    done = storage.completed(stage)
+    if done and not force:
+        print(f"train-gan: {stage} is already complete ({done['epochs']} epochs); --force redoes it")
+        return done
+    check_settings(cfg)
+    train_images = check_data(cfg)
+    if force:
+        storage.delete_dir(stage)
+    check_resume(cfg, stage)
+    g, r = cfg.gan, cfg.resources
+    print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
+          f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size}"
+          f"{' on GPU' if r.use_gpu else ''} -> {stage}", flush=True)
+    started = time.time()
+    training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": stage}, cfg,
+                 cfg.workdir, RUN_NAME, datasets={"train": train_dataset(cfg)},
+                 keep=g.keep_checkpoints, max_failures=g.max_failures)
+    history = storage.read_json(storage.join(stage, "history.json"))
+    meta = storage.read_json(storage.join(model_uri(cfg.workdir), "model.json"))
+    summary = {"epochs": len(history), "final": history[-1], "model": model_uri(cfg.workdir),
+               "model_sha256": meta["weights_sha256"], "train_images": train_images,
+               "restored": any(h["restored"] for h in history),
+               "seconds": round(time.time() - started, 1)}
+    storage.mark_complete(stage, summary)
+    print(f"train-gan: done in {summary['seconds']:.0f}s; generator -> {summary['model']}")
+    return summary

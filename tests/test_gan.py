@@ -1,0 +1,284 @@
+"""The DCGAN stage: models, the training step, train-gan on Ray Train (files, resume after
+a lost worker, a killed driver and a damaged checkpoint), bad input, and generate."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepfake_ray import checkpoint, cli, config, storage
+from deepfake_ray.data import datasets, decode, prepare
+from deepfake_ray.gan import generate, train
+from deepfake_ray.models import dcgan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(workdir, *overrides: str):
+    return config.build("tiny", None, list(overrides), workdir=str(workdir))
+
+
+def epochs_of(workdir) -> list[int]:
+    return [h["epoch"] for h in storage.read_json(os.path.join(workdir, "gan", "history.json"))]
+
+
+def with_data(src_workdir, dest) -> str:
+    """A fresh work directory holding a copy of prepared reals."""
+    shutil.copytree(os.path.join(src_workdir, "data"), os.path.join(dest, "data"))
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("gan-data")
+    prepare.run(tiny(workdir))
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """A finished tiny train-gan run (2 epochs, 1 worker)."""
+    workdir = with_data(prepared, tmp_path_factory.mktemp("gan-trained"))
+    summary = train.run(tiny(workdir))
+    return workdir, summary
+
+
+# --- models and the step, plain torch ---------------------------------------------------
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+def test_model_shapes(resolution):
+    G, D = dcgan.build(resolution, latent_dim=16, g_width=8, d_width=8)
+    images = G(torch.randn(3, 16))
+    assert images.shape == (3, 3, resolution, resolution)
+    assert images.min() >= -1 and images.max() <= 1  # tanh
+    assert D(images).shape == (3,)  # one logit per image
+    blocks = int(np.log2(resolution)) - 2  # stride-2 blocks between 4x4 and the output size
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) and m.stride == (2, 2)
+               for m in G.modules()) == blocks
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in D.modules()) == blocks
+
+
+def test_init_statistics_and_activations():
+    G, D = dcgan.build(64)  # the study's sizes: latent 100, widths 64
+    convs = torch.cat([m.weight.flatten() for m in [*G.modules(), *D.modules()]
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))])
+    scales = torch.cat([m.weight for m in [*G.modules(), *D.modules()]
+                        if isinstance(m, torch.nn.BatchNorm2d)])
+    assert abs(convs.mean()) < 1e-3 and abs(convs.std() - 0.02) < 1e-3
+    assert abs(scales.mean() - 1) < 0.01 and abs(scales.std() - 0.02) < 0.005
+    assert G.latent_dim == 100 and G.width == 64 and D.width == 64
+    relus = [m for m in D.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert relus and all(m.negative_slope == 0.2 for m in relus)
+    assert isinstance(list(G.modules())[-1], torch.nn.Tanh)
+
+
+def test_unsupported_resolution_is_refused():
+    with pytest.raises(ValueError, match="resolution 48 not supported: use 32, 64 or 128"):
+        dcgan.Generator(48)
+
+
+def test_gan_step_updates_both_networks():
+    torch.manual_seed(0)
+    G, D = dcgan.build(32, latent_dim=16, g_width=8, d_width=8)
+    opt_g, opt_d = dcgan.optimizers(G, D, lr=2e-4, beta1=0.5)
+    assert opt_g.defaults["betas"] == (0.5, 0.999)
+    g0, d0 = [p.clone() for p in G.parameters()], [p.clone() for p in D.parameters()]
+    real = torch.rand(8, 3, 32, 32) * 2 - 1
+    out = dcgan.gan_step(G, D, opt_g, opt_d, real, torch.randn(8, 16))
+    assert set(out) == {"g_loss", "d_loss", "d_real", "d_fake"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in out.values())
+    assert 0 < out["d_real"] < 1 and 0 < out["d_fake"] < 1
+    assert all(not torch.equal(a, b) for a, b in zip(g0, G.parameters()) if a.dim() > 1)
+    assert all(not torch.equal(a, b) for a, b in zip(d0, D.parameters()) if a.dim() > 1)
+
+
+# --- train-gan --------------------------------------------------------------------------
+
+def test_train_writes_every_promised_file(trained):
+    workdir, summary = trained
+    gan = os.path.join(workdir, "gan")
+    history = storage.read_json(os.path.join(gan, "history.json"))
+    assert [h["epoch"] for h in history] == [0, 1]
+    for h in history:
+        assert {"g_loss", "d_loss", "d_real", "d_fake", "images_per_s", "restored"} <= set(h)
+        assert h["images_per_s"] > 0 and 0 <= h["d_real"] <= 1 and 0 <= h["d_fake"] <= 1
+        assert h["restored"] is False
+    for name in ("samples/epoch_000.png", "samples/epoch_001.png", "losses.png"):
+        assert Image.open(os.path.join(gan, name)).format == "PNG"
+    grid = Image.open(os.path.join(gan, "samples/epoch_001.png"))
+    assert grid.width >= 4 * 32  # 16 fixed-noise samples of 32 px, 4 x 4
+    for epoch in (0, 1):  # keep=2: both checkpoints, each intact
+        assert checkpoint.read_state(os.path.join(gan, f"epoch_{epoch:04d}"))["epoch"] == epoch
+    weights, meta = checkpoint.load_model(os.path.join(gan, "model"))
+    assert meta["arch"] == "dcgan_generator" and meta["resolution"] == 32
+    assert meta["latent_dim"] == 16 and meta["g_width"] == 8
+    assert meta["config"]["gan"]["epochs"] == 2
+    G = dcgan.generator_from_meta(meta)
+    G.load_state_dict(weights)
+    assert storage.completed(gan)["epochs"] == 2 == summary["epochs"]
+
+
+def test_complete_run_is_not_retrained(trained, capsys):
+    workdir, summary = trained
+    model = os.path.join(workdir, "gan", "model", "weights.safetensors")
+    before = os.stat(model).st_mtime_ns
+    assert train.run(tiny(workdir)) == storage.completed(os.path.join(workdir, "gan"))
+    assert "already complete" in capsys.readouterr().out
+    assert os.stat(model).st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_lost_worker_is_replaced_and_every_epoch_trained_once(prepared, tmp_path):
+    workdir = with_data(prepared, tmp_path / "w")
+    train.run(tiny(workdir, "resources.workers=2", "gan.epochs=3", "gan.fail_at_epoch=1",
+                   "gan.max_failures=1"))
+    assert os.path.exists(os.path.join(workdir, "gan", "_fault_injected_epoch_1"))
+    history = storage.read_json(os.path.join(workdir, "gan", "history.json"))
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["restored"] for h in history] == [False, True, False]
+    assert history[1]["resumed_from"] == 0 and history[0]["workers"] == 2
+    assert storage.completed(os.path.join(workdir, "gan"))["restored"] is True
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_never_resumed_from(trained, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained[0], workdir)
+    gan = os.path.join(workdir, "gan")
+    os.remove(os.path.join(gan, "_COMPLETE.json"))  # as if the run had stopped after epoch 1
+    with open(os.path.join(gan, "epoch_0001", "state.pt"), "r+b") as f:
+        f.write(b"half-written")
+    train.run(tiny(workdir, "gan.epochs=3"))
+    history = storage.read_json(os.path.join(gan, "history.json"))
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[1]["restored"] is True and history[1]["resumed_from"] == 0
+    assert checkpoint.read_state(os.path.join(gan, "epoch_0002"))["epoch"] == 2
+
+
+def cli_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # in-process Ray of its own
+    env["PYTHONPATH"] = REPO
+    return env
+
+
+def registered(gan: str, name: str) -> bool:
+    try:
+        return name in storage.read_text(os.path.join(gan, "checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_at_the_next_epoch(prepared, tmp_path):
+    workdir = with_data(prepared, tmp_path / "w")
+    gan = os.path.join(workdir, "gan")
+    command = [sys.executable, "-m", "deepfake_ray.cli", "train-gan", "--preset", "tiny",
+               "--workdir", workdir, "--set", "gan.epochs=6"]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not registered(gan, "epoch_0000") and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert registered(gan, "epoch_0000"), (tmp_path / "first.log").read_text()[-3000:]
+    assert storage.completed(gan) is None, "the run finished before it could be killed"
+    saved = max(int(m.group(1)) for n in os.listdir(gan) if (m := re.match(r"epoch_(\d+)$", n))
+                and registered(gan, n) and checkpoint.read_state(os.path.join(gan, n)))
+    second = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    history = storage.read_json(os.path.join(gan, "history.json"))
+    assert [h["epoch"] for h in history] == list(range(6))
+    resumed = [h for h in history if h["restored"]]
+    assert [(h["epoch"], h["resumed_from"]) for h in resumed] == [(saved + 1, saved)]
+    assert f"resumed after epoch {saved}" in second.stdout + second.stderr
+
+
+# --- bad input: exit 2 with one line ----------------------------------------------------
+
+def run_cli(capsys, *args) -> tuple[int, list[str]]:
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_input_exits_2_with_one_line(ray_session, prepared, tmp_path, capsys):
+    empty = str(tmp_path / "nothing")
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", empty)
+    assert code == 2 and len(err) == 1 and "deepfake-ray prepare" in err[0]
+
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", prepared,
+                        "--set", "data.resolution=48")
+    assert code == 2 and len(err) == 1
+    assert "resolution 48 not supported: use 32, 64 or 128 (data.resolution)" in err[0]
+
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", prepared,
+                        "--set", "data.resolution=64")
+    assert code == 2 and len(err) == 1 and "data.resolution=32" in err[0]  # data is 32 px
+
+    nothing_to_train = str(tmp_path / "empty")
+    data = datasets.data_dir(nothing_to_train)
+    storage.write_parquet(datasets.manifest_uri(data), storage.read_parquet(
+        datasets.manifest_uri(datasets.data_dir(prepared))).slice(0, 0))
+    storage.mark_complete(data, {"images": 0})
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", nothing_to_train)
+    assert code == 2 and len(err) == 1 and "lists no images" in err[0]
+
+    code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", prepared)
+    assert code == 2 and len(err) == 1 and "deepfake-ray train-gan" in err[0]
+
+
+# --- generate ---------------------------------------------------------------------------
+
+def quantization(jpeg: bytes) -> dict:
+    return Image.open(io.BytesIO(jpeg)).quantization
+
+
+def test_generate_matches_the_reals_layout_and_encoding(trained):
+    workdir, _ = trained
+    cfg = tiny(workdir)
+    summary = generate.run(cfg)
+    reals = storage.read_parquet(datasets.manifest_uri(datasets.data_dir(workdir)))
+    fakes = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(workdir)))
+    assert fakes.schema == reals.schema.remove_metadata()
+    assert sorted(fakes.column("split").to_pylist()) == sorted(reals.column("split").to_pylist())
+    assert summary["images"] == reals.num_rows
+    rows = fakes.to_pylist()
+    assert all(re.fullmatch(r"fake:0:\d{7}", r["path"]) and r["format"] == "JPEG"
+               and r["width"] == r["height"] == 32 for r in rows)
+    real_images = storage.read_parquet(datasets.images_uri(datasets.data_dir(workdir)))
+    fake_images = storage.read_parquet(datasets.images_uri(datasets.fakes_dir(workdir)))
+    assert fake_images.schema == real_images.schema.remove_metadata()
+    by_sha1 = {r["sha1"]: r for r in rows}
+    real_jpeg = real_images.column("image")[0].as_py()
+    for row in fake_images.to_pylist():
+        meta = by_sha1[row["sha1"]]
+        assert decode.sha1(row["image"]) == row["sha1"] and len(row["image"]) == meta["bytes"]
+        assert row["split"] == meta["split"] == prepare.assign_split(row["sha1"], cfg.data.splits)
+        assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
+        assert quantization(row["image"]) == quantization(real_jpeg)  # same JPEG quality
+    assert Image.open(os.path.join(workdir, "fakes", "preview.png")).format == "PNG"
+
+
+def test_generate_is_deterministic_for_a_seed(trained, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("fakes"))
+
+    def sha1s(*overrides):
+        generate.run(tiny(workdir, "gan.num_fakes=12", *overrides), force=True)
+        table = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(workdir)))
+        return list(zip(table.column("path").to_pylist(), table.column("sha1").to_pylist()))
+
+    first = sha1s()
+    assert len(first) == 12 and first == sha1s()
+    assert {s for _, s in first}.isdisjoint(s for _, s in sha1s("seed=1"))
