@@ -1,0 +1,210 @@
+"""The detector as a Ray Serve HTTP service with dynamic batching.
+
+    deepfake-ray serve --model WORKDIR/detector/model [--host 127.0.0.1] [--port 8000]
+    serve run jobs/serve.yaml          # Ray's own CLI, through build_app(args)
+
+Routes: POST /v1/detect (raw body or a multipart file), POST /v1/detect/batch
+(multipart files, one result per file in order), GET /healthz, GET /v1/model,
+GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
+`@serve.batch` method, so concurrent requests share a forward pass.
+"""
+# no `from __future__ import annotations`: FastAPI must see the real `Request` type
+# on the ingress methods that Serve rewraps
+import asyncio
+import signal
+import socket
+import threading
+import time
+
+from fastapi import FastAPI, Request
+from ray import serve
+
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.config import Config
+from deepfake_ray.data.decode import DecodeError
+from deepfake_ray.errors import UsageError
+from deepfake_ray.serving import http
+from deepfake_ray.serving.predictor import Predictor, error_status, error_text
+
+APP_NAME = "deepfake-ray"
+api = FastAPI(title="deepfake-ray detector",
+              description="Is this face image GAN-generated? p_fake is the model's probability.")
+http.install_error_handlers(api)
+
+
+@serve.deployment(name="Detector")
+@serve.ingress(api)
+class Detector:
+    def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 max_body_bytes: int, max_pixels: int, threads: int = 1):
+        self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads)
+        self.max_body_bytes = max_body_bytes
+        # the decorator's values are placeholders; the config's apply per replica
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batching = {"max_batch_size": max_batch_size,
+                         "batch_wait_timeout_s": batch_wait_timeout_s}
+        self.stats = {"batches": 0, "images": 0, "largest_batch": 0}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, blobs: list[bytes]) -> list:
+        self.stats["batches"] += 1
+        self.stats["images"] += len(blobs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(blobs))
+        # off the event loop, so the next batch fills while this one computes
+        return await asyncio.to_thread(self.predictor.predict_bytes, blobs)
+
+    async def image_from(self, request: Request) -> bytes:
+        body = await http.read_body(request, self.max_body_bytes)
+        if http.is_multipart(request):
+            files = http.multipart_files(request.headers["content-type"], body)
+            if not files:
+                raise http.ApiError(400, "no file in the multipart body: send the image as "
+                                         "field 'file'")
+            named = [data for field, _, data in files if field == "file"]
+            body = named[0] if named else files[0][2]
+        if not body:
+            raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
+                                     "multipart file")
+        return body
+
+    @api.post("/v1/detect")
+    async def detect(self, request: Request) -> dict:
+        """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
+        result = await self.predict_batch(await self.image_from(request))
+        if isinstance(result, DecodeError):
+            raise http.ApiError(error_status(result), error_text(result))
+        return result
+
+    @api.post("/v1/detect/batch")
+    async def detect_batch(self, request: Request) -> dict:
+        """Several multipart files -> one result (or per-file error) per file, in order."""
+        if not http.is_multipart(request):
+            raise http.ApiError(415, "send the images as multipart/form-data files")
+        body = await http.read_body(request, self.max_body_bytes)
+        files = http.multipart_files(request.headers["content-type"], body)
+        if not files:
+            raise http.ApiError(400, "no files in the multipart body")
+        outcomes = await asyncio.gather(*(self.predict_batch(data) for _, _, data in files))
+        results = []
+        for (_, name, _), outcome in zip(files, outcomes):
+            if isinstance(outcome, DecodeError):
+                results.append({"file": name, "error": error_text(outcome),
+                                "status": error_status(outcome)})
+            else:
+                results.append({"file": name, **outcome})
+        errors = sum("error" in r for r in results)
+        return {"model": self.predictor.model_id, "count": len(results), "errors": errors,
+                "results": results}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.predictor.model_id}
+
+    @api.get("/v1/model")
+    async def model_info(self) -> dict:
+        return {**self.predictor.info(), "batching": self.batching, "stats": dict(self.stats),
+                "max_body_bytes": self.max_body_bytes}
+
+    @api.get("/v1/stats")
+    async def batch_stats(self) -> dict:
+        """Batching observed by the replica that answers: batches, images, largest batch."""
+        return {**self.stats, "mean_batch": self.stats["images"] / max(1, self.stats["batches"])}
+
+
+def gpus_per_replica(cfg: Config) -> float:
+    """serve.gpus_per_replica, or one GPU per replica when the cluster has GPUs."""
+    if cfg.serve.gpus_per_replica > 0:
+        return cfg.serve.gpus_per_replica
+    import ray
+
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def deployment_options(cfg: Config) -> dict:
+    s = cfg.serve
+    # below max_batch_size the replica never holds enough requests to fill a batch
+    ongoing = max(s.max_ongoing_requests or 2 * s.max_batch_size, s.max_batch_size)
+    return {
+        "max_ongoing_requests": ongoing,
+        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                               "initial_replicas": s.min_replicas,
+                               "target_ongoing_requests": s.target_ongoing_requests},
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus_per_replica(cfg)},
+    }
+
+
+def build(cfg: Config, model: str):
+    """The bound Serve application for `model` (a local folder or s3:// URI)."""
+    model = storage.normalize(model)
+    checkpoint.load_meta(model)  # a missing model fails here, with the fix, not in a replica
+    s = cfg.serve
+    return Detector.options(**deployment_options(cfg)).bind(
+        model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
+        max_body_bytes=s.max_body_bytes, max_pixels=cfg.data.max_pixels,
+        threads=max(1, int(s.cpus_per_replica)))
+
+
+def build_app(args: dict):
+    """Application builder for `serve run` / `serve deploy` (jobs/serve.yaml).
+
+    args: model (absolute path or s3:// URI, required), preset (default demo),
+    config (a YAML file), set (list of "section.key=value" overrides).
+    """
+    from deepfake_ray import config
+
+    args = dict(args or {})
+    if not args.get("model"):
+        raise UsageError("build_app needs args.model: the exported model folder "
+                         "(absolute path or s3:// URI), e.g. WORKDIR/detector/model")
+    overrides = args.get("set") or []
+    cfg = config.build(args.get("preset", "demo"), args.get("config"),
+                       [overrides] if isinstance(overrides, str) else list(overrides))
+    return build(cfg, str(args["model"]))
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it "
+                             "or pass another --port")
+
+
+def interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict:
+    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM."""
+    if not model:
+        raise UsageError("serve needs --model: the exported model folder, e.g. WORKDIR/detector/model")
+    app = build(cfg, model)
+    model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
+    host, port = cfg.serve.host, cfg.serve.port
+    check_port_free(host, port)
+    url = f"http://{host}:{port}"
+    main = threading.current_thread() is threading.main_thread()
+    # SIGTERM (docker stop, kill) stops like Ctrl-C, even while the service is starting
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+    started = time.time()
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"serving {model_id} at {url}  (POST {url}/v1/detect, docs {url}/docs; "
+              f"ready in {time.time() - started:.0f}s; Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping the service...", flush=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()
+    return {"url": url, "model": model_id}

@@ -1,0 +1,92 @@
+"""HTTP plumbing of the detector service: size-limited bodies, multipart, JSON errors.
+
+Serve has no request-size limit of its own, so the body is read here as a stream and
+refused as soon as it passes the limit (and before reading, when Content-Length
+already says so). Multipart bodies are parsed with the standard library's email
+parser, once the size is known to be acceptable. Every error answer is JSON
+`{"error": reason}`; nothing a client sends turns into a 500.
+"""
+from __future__ import annotations
+
+import logging
+from email import policy
+from email.parser import BytesParser
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ray.serve")
+
+
+class ApiError(Exception):
+    """A client error: answered as `status` with JSON {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def too_large(size_text: str, limit: int) -> ApiError:
+    return ApiError(413, f"request body is {size_text} bytes; the limit is {limit:,} "
+                         "(serve.max_body_bytes): send a smaller image")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"invalid Content-Length header {declared!r}")
+        if declared_size > limit:
+            raise too_large(f"{declared_size:,}", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked uploads carry no Content-Length
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit:,}", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def multipart_files(content_type: str, body: bytes) -> list[tuple[str, str, bytes]]:
+    """(field name, file name, bytes) of every file part, in order."""
+    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart() or message.defects:
+        raise ApiError(400, "malformed multipart body: send files as multipart/form-data")
+    files = []
+    for part in message.iter_parts():
+        filename = part.get_filename()
+        if filename is None:
+            continue  # a plain form field, not a file
+        field = part.get_param("name", header="content-disposition") or ""
+        files.append((field, filename, part.get_payload(decode=True) or b""))
+    return files
+
+
+async def error_json(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    if isinstance(exc, StarletteHTTPException):
+        reason = {404: f"no route {request.url.path}: see /docs",
+                  405: f"{request.method} is not allowed on {request.url.path}: see /docs"}
+        return JSONResponse({"error": reason.get(exc.status_code, str(exc.detail))},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"error": f"invalid request: {exc.errors()}"}, status_code=422)
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for kind in (ApiError, StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(kind, error_json)

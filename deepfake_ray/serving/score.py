@@ -1,0 +1,158 @@
+"""Batch scoring with Ray Data: a folder, an s3:// prefix or a manifest into one table.
+
+    deepfake-ray score --model WORKDIR/detector/model --input SRC --out FILE.parquet|FILE.csv
+
+Files are read and decoded in parallel Ray Data tasks (with the same decoder and
+settings as the HTTP service) and scored by the Predictor in an actor pool, one GPU
+per actor when the cluster has GPUs. Every input file gets one row (path, p_fake,
+label, error): an unreadable or non-image file is a row with its reason, not a crash.
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.config import Config
+from deepfake_ray.data.decode import DecodeError
+from deepfake_ray.errors import UsageError
+from deepfake_ray.serving.predictor import Predictor, decode_image, error_text
+
+FORMATS = (".parquet", ".csv")
+
+
+def check_args(model: str | None, src: str | None, out: str | None) -> tuple[str, str, str]:
+    for flag, value in (("--model", model), ("--input", src), ("--out", out)):
+        if not value:
+            raise UsageError(f"score needs {flag}: deepfake-ray score --model WORKDIR/detector/model "
+                             "--input DIR|s3://PREFIX|MANIFEST.parquet --out FILE.parquet")
+    if not str(out).lower().endswith(FORMATS):
+        raise UsageError(f"--out {out} must end in .parquet or .csv (the table's format)")
+    return storage.normalize(model), storage.normalize(src), storage.normalize(out)
+
+
+def list_inputs(src: str) -> list[str]:
+    """Paths/URIs to score: every file under a folder or prefix, or a manifest's `path`s."""
+    if src.lower().endswith(".parquet") and storage.exists(src) and not storage.is_dir(src):
+        table = storage.read_parquet(src)
+        if "path" not in table.column_names:
+            raise UsageError(f"manifest {src} has no 'path' column (columns: "
+                             f"{', '.join(table.column_names)}): give a Parquet file listing paths")
+        paths = [p for p in table.column("path").to_pylist() if p]
+    elif storage.is_s3(src) or storage.is_dir(src):
+        paths = storage.list_files(src)
+    else:
+        raise UsageError(f"--input {src} is not a folder, s3:// prefix or manifest .parquet: "
+                         "check the path")
+    if not paths:
+        raise UsageError(f"--input {src} holds no files to score: check the path")
+    return paths
+
+
+def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
+    """Ray Data task: paths -> pixels at the model's resolution, or an error reason."""
+    pixels = np.zeros((len(batch["path"]), resolution, resolution, 3), dtype=np.uint8)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            pixels[i] = decode_image(storage.read_bytes(str(path)), resolution, max_pixels)
+            errors.append("")
+        except DecodeError as e:
+            errors.append(error_text(e))
+        except OSError as e:  # missing, unreadable, permission denied
+            errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
+    return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
+            "error": np.array(errors, dtype=object)}
+
+
+class ScoreActor:
+    """Ray Data actor: holds one Predictor; decoded pixels -> p_fake and label."""
+
+    def __init__(self, model_uri: str, max_pixels: int):
+        self.predictor = Predictor(model_uri, max_pixels=max_pixels)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        p_fake = np.full(len(ok), np.nan)
+        labels = np.array([""] * len(ok), dtype=object)
+        if ok.any():
+            p_fake[ok] = self.predictor.predict_pixels(batch["pixels"][ok])
+            labels[ok] = [self.predictor.describe(p)["label"] for p in p_fake[ok]]
+        return {"index": batch["index"], "path": batch["path"], "p_fake": p_fake,
+                "label": labels, "error": batch["error"]}
+
+
+def pool(cfg: Config) -> tuple[int, float]:
+    """(actors, GPUs per actor): one actor per GPU on a GPU cluster."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = cfg.serve.score_actors or (gpus if gpus else max(1, cpus // 4))
+    return size, (1.0 if gpus else 0.0)
+
+
+def score_table(cfg: Config, model: str, paths: list[str]) -> pa.Table:
+    """path, p_fake (null when unreadable), label, error: one row per path, in input order."""
+    import ray
+
+    meta = checkpoint.load_meta(model)
+    size, gpus = pool(cfg)
+    batch = cfg.serve.score_batch_size
+    items = [{"index": i, "path": p} for i, p in enumerate(paths)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
+    ds = ds.map_batches(read_and_decode, batch_size=batch, batch_format="numpy",
+                        fn_kwargs={"resolution": int(meta["resolution"]),
+                                   "max_pixels": cfg.data.max_pixels})
+    ds = ds.map_batches(ScoreActor, batch_size=batch, batch_format="numpy", num_gpus=gpus,
+                        compute=ray.data.ActorPoolStrategy(size=size),
+                        fn_constructor_kwargs={"model_uri": model,
+                                               "max_pixels": cfg.data.max_pixels})
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    table = table.sort_by("index").drop_columns(["index"])
+    p_fake = table.column("p_fake")
+    table = table.set_column(table.schema.get_field_index("p_fake"), "p_fake",
+                             pc.if_else(pc.is_nan(p_fake), pa.scalar(None, pa.float64()), p_fake))
+    return table.select(["path", "p_fake", "label", "error"])
+
+
+def write_table(table: pa.Table, out: str) -> None:
+    if out.lower().endswith(".csv"):
+        buf = io.BytesIO()
+        pa_csv.write_csv(table, buf)
+        storage.write_bytes(out, buf.getvalue())
+    else:
+        storage.write_parquet(out, table)
+
+
+def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
+    errors = sum(1 for e in table.column("error").to_pylist() if e)
+    scored = table.num_rows - errors
+    fakes = sum(1 for label in table.column("label").to_pylist()
+                if label == meta.get("class_names", ["real", "fake"])[1])
+    return {"files": table.num_rows, "scored": scored, "errors": errors, "fakes": fakes,
+            "fake_share": fakes / scored if scored else 0.0, "seconds": round(seconds, 2),
+            "out": out, "model": checkpoint.model_id(meta)}
+
+
+def run(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
+        out: str | None = None, **_) -> dict:
+    model, src, out = check_args(model, input, out)
+    meta = checkpoint.load_meta(model)
+    if storage.exists(out) and not force:
+        print(f"score: {out} already exists; pass --force to score again", flush=True)
+        return {"out": out, "skipped": True}
+    paths = list_inputs(src)
+    started = time.time()
+    table = score_table(cfg, model, paths)
+    write_table(table, out)
+    s = summarize(table, meta, out, time.time() - started)
+    print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
+          f"{s['errors']} unreadable; fake share {s['fake_share']:.1%} "
+          f"({s['fakes']}/{s['scored']}) by {s['model']} -> {out}", flush=True)
+    return s

@@ -1,0 +1,328 @@
+"""Serving and batch scoring: real Ray Serve over loopback HTTP, real Ray Data, one model."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from deepfake_ray import checkpoint, config, storage
+from deepfake_ray.errors import UsageError
+from tests.images import bomb_png, encode, rgb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_test_model(uri: str) -> None:
+    """A randomly initialised detector in the project's model format (no training)."""
+    import torch
+
+    from deepfake_ray.models import detector
+
+    torch.manual_seed(0)
+    net = detector.create("inception_resnet_v2", num_classes=2, pretrained="none")
+    with torch.no_grad():  # larger logits, so p_fake differs visibly from image to image
+        net.get_classifier().weight.mul_(200.0)
+    cfg = config.build("tiny")
+    meta = {"arch": "inception_resnet_v2", "num_classes": 2, "class_names": ["real", "fake"],
+            "resolution": 32, "input_size": 75,
+            "preprocessing": detector.preprocessing(net),
+            "threshold": 0.5, "epoch": 0, "metrics": {}, "config": config.to_dict(cfg),
+            "fingerprints": {"real_manifest_sha1": "test", "fake_manifest_sha1": "test"}}
+    checkpoint.save_model(uri, net.state_dict(), meta)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("model"))
+    export_test_model(path)
+    return path
+
+
+GOOD = {f"face{i}.jpg": encode(rgb(i, 64), "JPEG", quality=90) for i in range(6)}
+GOOD["face_png.png"] = encode(rgb(9, 48), "PNG")
+JPEG = GOOD["face0.jpg"]
+BAD = {"corrupt.jpg": JPEG[: len(JPEG) // 2], "notes.jpg": b"not an image at all\n" * 40}
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("images")
+    for name, data in {**GOOD, **BAD}.items():
+        (folder / name).write_bytes(data)
+    return str(folder)
+
+
+def serve_cfg(tmp_path, *overrides: str):
+    return config.build("tiny", None, [f"serve.max_body_bytes={MAX_BODY}",
+                                       "serve.batch_wait_timeout_s=0.05", *overrides],
+                        workdir=str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, model_dir, tmp_path_factory):
+    """The app on a free loopback port via serve.run; yields its base URL."""
+    from ray import serve
+
+    from deepfake_ray.serving import app
+
+    port = free_port()
+    cfg = serve_cfg(tmp_path_factory.mktemp("serve"))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app.build(cfg, model_dir), name=app.APP_NAME, route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session, model_dir, images_dir, tmp_path_factory):
+    """Batch scoring of the image folder into Parquet: (summary, rows by file name)."""
+    from deepfake_ray.serving import score
+
+    out = str(tmp_path_factory.mktemp("scores") / "scores.parquet")
+    summary = score.run(serve_cfg(os.path.dirname(out)), model=model_dir, input=images_dir, out=out)
+    rows = storage.read_parquet(out).to_pylist()
+    return summary, {os.path.basename(r["path"]): r for r in rows}
+
+
+FIELD_ONLY = b'--xyz\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--xyz--\r\n'
+FIELD_TYPE = {"content-type": "multipart/form-data; boundary=xyz"}
+
+
+def detect(base: str, data: bytes, **kw) -> httpx.Response:
+    return httpx.post(f"{base}/v1/detect", content=data, timeout=60, **kw)
+
+
+def test_http_batch_scoring_and_direct_predictor_agree(service, scored, model_dir):
+    from deepfake_ray.serving.predictor import Predictor
+
+    direct = Predictor(model_dir).predict_bytes(list(GOOD.values()))
+    p_values = set()
+    for (name, data), expected in zip(GOOD.items(), direct):
+        raw = detect(service, data)
+        multipart = httpx.post(f"{service}/v1/detect", files={"file": (name, data)}, timeout=60)
+        assert raw.status_code == 200 and multipart.status_code == 200, raw.text
+        body = raw.json()
+        assert set(body) >= {"p_fake", "label", "threshold", "model"}
+        assert body["model"] == checkpoint.model_id(checkpoint.load_meta(model_dir))
+        assert body["label"] == ("fake" if body["p_fake"] >= body["threshold"] else "real")
+        for p in (multipart.json()["p_fake"], scored[1][name]["p_fake"], expected["p_fake"]):
+            assert abs(body["p_fake"] - p) < 1e-4, name
+        p_values.add(round(body["p_fake"], 4))
+    assert len(p_values) > 1  # the comparison would notice images being mixed up
+
+
+def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
+    def chunks():  # no Content-Length: only the streamed size can catch it
+        for _ in range(MAX_BODY // 10_000 + 2):
+            yield b"\xff" * 10_000
+
+    cases = [
+        ("empty body", lambda: detect(service, b""), 400),
+        ("not an image", lambda: detect(service, BAD["notes.jpg"]), 415),
+        ("html page", lambda: detect(service, b"<!DOCTYPE html><html>403</html>"), 415),
+        ("corrupt image", lambda: detect(service, BAD["corrupt.jpg"]), 422),
+        ("decompression bomb", lambda: detect(service, bomb_png()), 413),
+        ("too large", lambda: detect(service, b"\xff" * (MAX_BODY + 1)), 413),
+        ("too large, streamed", lambda: detect(service, chunks()), 413),
+        ("multipart without a file", lambda: detect(service, FIELD_ONLY, headers=FIELD_TYPE), 400),
+        ("malformed multipart", lambda: detect(service, JPEG, headers=FIELD_TYPE), 400),
+        ("batch without multipart", lambda: httpx.post(f"{service}/v1/detect/batch",
+                                                       content=JPEG, timeout=30), 415),
+        ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405),
+        ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404),
+    ]
+    for what, send, status in cases:
+        response = send()
+        assert response.status_code == status, (what, response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/json"), what
+        assert response.json()["error"], what
+        assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what
+    assert detect(service, JPEG).json()["p_fake"] >= 0.0
+
+
+def test_batch_route_answers_every_file_in_order(service):
+    files = [("files", ("a.jpg", GOOD["face1.jpg"])), ("files", ("bad.jpg", BAD["corrupt.jpg"])),
+             ("files", ("b.png", GOOD["face_png.png"])), ("files", ("text.jpg", BAD["notes.jpg"]))]
+    response = httpx.post(f"{service}/v1/detect/batch", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["file"] for r in body["results"]] == ["a.jpg", "bad.jpg", "b.png", "text.jpg"]
+    assert (body["count"], body["errors"]) == (4, 2)
+    good, corrupt, png, text = body["results"]
+    assert "p_fake" in good and "p_fake" in png
+    assert corrupt["status"] == 422 and "truncated" in corrupt["error"]
+    assert text["status"] == 415 and "not an image" in text["error"]
+    single = detect(service, GOOD["face1.jpg"]).json()
+    assert abs(single["p_fake"] - good["p_fake"]) < 1e-4
+
+
+def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            images = list(GOOD.values())
+            return await asyncio.gather(*(client.post(f"{service}/v1/detect",
+                                                      content=images[i % len(images)])
+                                          for i in range(64)))
+
+    before = httpx.get(f"{service}/v1/stats", timeout=30).json()
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 64
+    stats = httpx.get(f"{service}/v1/stats", timeout=30).json()
+    assert stats["images"] - before["images"] >= 64
+    assert stats["largest_batch"] > 1
+    assert stats["batches"] - before["batches"] < 64  # requests really shared forward passes
+    info = httpx.get(f"{service}/v1/model", timeout=30).json()
+    assert info["batching"]["max_batch_size"] == 8 and info["stats"]["largest_batch"] <= 8
+    assert httpx.get(f"{service}/docs", timeout=30).status_code == 200
+
+
+def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
+    summary, rows = scored
+    assert set(rows) == set(GOOD) | set(BAD)
+    for name in GOOD:
+        assert rows[name]["error"] == "" and 0.0 <= rows[name]["p_fake"] <= 1.0
+        assert rows[name]["label"] in ("real", "fake")
+    assert "truncated" in rows["corrupt.jpg"]["error"]
+    assert "not an image" in rows["notes.jpg"]["error"]
+    for name in BAD:
+        assert rows[name]["p_fake"] is None and rows[name]["label"] == ""
+    assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 2, len(GOOD), 2)
+    assert summary["fakes"] == sum(r["label"] == "fake" for r in rows.values())
+
+
+def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, s3_server,
+                                            tmp_path, capsys):
+    import pyarrow as pa
+
+    from deepfake_ray.serving import score
+
+    bucket = s3_server("serving-test")
+    for name in sorted(os.listdir(images_dir)):
+        with open(os.path.join(images_dir, name), "rb") as f:
+            storage.write_bytes(f"{bucket}/in/{name}", f.read())
+    uploaded = [f"{bucket}/in/{name}" for name in sorted(os.listdir(images_dir))]
+    assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
+    paths = uploaded[::-1] + [f"{bucket}/in/vanished.jpg"]
+    storage.write_parquet(f"{bucket}/manifest.parquet", pa.table({"path": paths}))
+    cfg = serve_cfg(tmp_path)
+    out = f"{bucket}/out/scores.csv"
+    summary = score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)
+    assert "fake share" in capsys.readouterr().out
+    lines = storage.read_text(out).splitlines()
+    assert lines[0] == '"path","p_fake","label","error"'
+    assert [line.split(",")[0].strip('"') for line in lines[1:]] == paths  # input order kept
+    assert '"unreadable' in lines[-1] and ',"",' in lines[-1]  # no p_fake, no label
+    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 1)
+    assert score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)["skipped"]
+
+
+def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
+    from deepfake_ray import cli
+    from deepfake_ray.serving import score
+
+    cfg = serve_cfg(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = [dict(model=str(tmp_path / "no-model"), input=images_dir, out=str(tmp_path / "a.parquet")),
+           dict(model=model_dir, input=str(empty), out=str(tmp_path / "a.parquet")),
+           dict(model=model_dir, input=str(tmp_path / "missing"), out=str(tmp_path / "a.parquet")),
+           dict(model=model_dir, input=images_dir, out=str(tmp_path / "a.json"))]
+    for kwargs in bad:
+        with pytest.raises(UsageError):
+            score.run(cfg, **kwargs)
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", images_dir,
+            "--out", str(tmp_path / "scores.txt")]
+    assert cli.main(argv) == 2
+
+
+def subprocess_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS="local", PYTHONUNBUFFERED="1",  # its own Ray, never ours
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    return env
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"exited early with {proc.returncode}"
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=2)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url}/healthz did not answer within {seconds}s")
+
+
+def stop(proc: subprocess.Popen, sig: int) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.mark.slow
+def test_serve_run_with_the_repository_serve_yaml(model_dir, tmp_path):
+    """Ray's own `serve run` starts jobs/serve.yaml (model and port pointed at test ones)."""
+    with open(os.path.join(ROOT, "jobs", "serve.yaml")) as f:
+        spec = yaml.safe_load(f)
+    port = free_port()
+    spec["http_options"]["port"] = port
+    spec["applications"][0]["args"]["model"] = model_dir
+    spec["applications"][0]["args"]["preset"] = "tiny"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([serve_cli, "run", str(path)], cwd=str(tmp_path), env=subprocess_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        health = wait_healthy(f"http://127.0.0.1:{port}", proc, 300)
+        assert health["model"].startswith("inception_resnet_v2@")
+        assert detect(f"http://127.0.0.1:{port}", JPEG).status_code == 200
+    finally:
+        stop(proc, signal.SIGINT)
+        log.close()
+
+
+@pytest.mark.slow
+def test_deepfake_ray_serve_prints_url_and_exits_0_on_sigterm(model_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
+           model_dir, "--port", str(port), "--workdir", str(tmp_path)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while f"at {url}" not in log_path.read_text():  # the URL is printed once ready
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(1)
+            assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+            assert detect(url, JPEG).status_code == 200
+        finally:
+            code = stop(proc, signal.SIGTERM)
+    assert code == 0, log_path.read_text()[-3000:]
