@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import time
+
+import pyarrow.compute as pc
 from dataclasses import dataclass
 
 from deepfake_ray import storage
@@ -74,33 +76,21 @@ def run_stage(stage: Stage, cfg: Config, force: bool) -> None:
 
 
 def score_test_split(cfg: Config, force: bool) -> None:
-    """Batch-score the held-out reals and fakes through the same path users run."""
+    """Batch-score the held-out reals and fakes through the same path users run: the
+    test images are written out as files (score/test_images/{real,fake}/) and scored."""
+    from deepfake_ray.data import datasets
     from deepfake_ray.serving import score
 
     folder = storage.join(cfg.workdir, "score")
-    source = storage.join(folder, "test_images.parquet")
-    storage.write_parquet(source, test_split_table(cfg))
+    images = storage.join(folder, "test_images")
+    for label, stage in (("real", datasets.data_dir(cfg.workdir)), ("fake", datasets.fakes_dir(cfg.workdir))):
+        table = storage.read_parquet(datasets.images_uri(stage), columns=["sha1", "split", "image"])
+        for row in table.filter(pc.equal(table["split"], "test")).to_pylist():
+            storage.write_bytes(storage.join(images, label, f"{row['sha1']}.jpg"), row["image"])
     out = storage.join(folder, "test_scores.parquet")
     score.run(cfg, force=force, model=storage.join(cfg.workdir, "detector", "model"),
-              input=source, out=out)
+              input=images, out=out)
     storage.mark_complete(folder, {"scores": out})
-
-
-def test_split_table(cfg: Config):
-    """path, label, image (the normalized JPEG) of every test image, real and fake."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from deepfake_ray.data import datasets
-
-    tables = []
-    for label, folder in (("real", datasets.data_dir(cfg.workdir)), ("fake", datasets.fakes_dir(cfg.workdir))):
-        t = storage.read_parquet(datasets.images_uri(folder), columns=["sha1", "split", "image"])
-        t = t.filter(pc.equal(t["split"], "test"))
-        paths = pc.binary_join_element_wise(pa.scalar(f"{label}:"), t["sha1"], pa.scalar(""))
-        tables.append(pa.table({"path": paths, "label": pa.array([label] * t.num_rows),
-                                "image": t["image"]}))
-    return pa.concat_tables(tables)
 
 
 def closing_lines(cfg: Config) -> None:
