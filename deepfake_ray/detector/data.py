@@ -1,0 +1,211 @@
+"""The detector's labelled data: reals (WORKDIR/data, label 0) and fakes (WORKDIR/fakes, label 1).
+
+The driver picks, per split, a balanced set of content hashes from the two manifests
+(`select`), after the leakage guards: no image in two splits, no image both real and
+fake, reals and fakes encoded the same way (size, JPEG tables, chroma subsampling).
+Ray Data then reads, labels, augments (train only) and decodes them (`dataset`).
+
+The image transforms used for training augmentation and for the robustness
+evaluation live here too, so both apply exactly the same operations.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.data
+from PIL import Image, ImageFilter
+
+from deepfake_ray import storage
+from deepfake_ray.config import Config
+from deepfake_ray.data import datasets
+from deepfake_ray.data.decode import decode_jpeg
+from deepfake_ray.errors import UsageError
+
+REAL, FAKE = 0, 1
+
+
+@dataclass
+class Selection:
+    """Content hashes chosen per split and class, and fingerprints of the manifests."""
+    hashes: dict[str, dict[int, list[str]]]
+    fingerprints: dict[str, str]
+    resolution: int
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.counts = {s: {"real": len(c[REAL]), "fake": len(c[FAKE])} for s, c in self.hashes.items()}
+
+
+def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
+    """Balanced hashes for `splits`, or UsageError (missing stages, leakage, too few images)."""
+    real_dir, fake_dir = datasets.data_dir(cfg.workdir), datasets.fakes_dir(cfg.workdir)
+    reals = datasets.require_manifest(real_dir, "prepare").to_pandas()
+    fakes = datasets.require_manifest(fake_dir, "generate").to_pandas()
+    check_leakage(reals, fakes)
+    resolution = check_encoding(real_dir, fake_dir, cfg.data.resolution)
+    hashes = {}
+    for split in splits:
+        real = sorted(reals.loc[reals["split"] == split, "sha1"])
+        fake = sorted(fakes.loc[fakes["split"] == split, "sha1"])
+        n = min(len(real), len(fake))
+        if split == "train" and cfg.detector.max_train_per_class > 0:
+            n = min(n, cfg.detector.max_train_per_class)
+        if n == 0:
+            raise UsageError(f"the {split} split holds {len(real)} real and {len(fake)} fake images; "
+                             "both are needed: prepare more reals or generate more fakes "
+                             "(deepfake-ray generate --num N)")
+        rng = np.random.default_rng(cfg.seed)  # a seeded, class-independent subsample
+        hashes[split] = {REAL: sorted(rng.permutation(real)[:n].tolist()),
+                         FAKE: sorted(rng.permutation(fake)[:n].tolist())}
+    fingerprints = {"real_manifest_sha1": file_sha1(datasets.manifest_uri(real_dir)),
+                    "fake_manifest_sha1": file_sha1(datasets.manifest_uri(fake_dir))}
+    return Selection(hashes, fingerprints, resolution)
+
+
+def file_sha1(uri: str) -> str:
+    return hashlib.sha1(storage.read_bytes(uri)).hexdigest()
+
+
+def check_leakage(reals, fakes) -> None:
+    """UsageError when one image is in two splits, or is labelled both real and fake."""
+    for name, frame in (("real", reals), ("fake", fakes)):
+        per_hash = frame.groupby("sha1")["split"].nunique()
+        leaked = per_hash[per_hash > 1]
+        if len(leaked):
+            raise UsageError(f"{len(leaked)} {name} image(s) sit in two splits (e.g. sha1 "
+                             f"{leaked.index[0]}): the test split would leak into training; "
+                             f"rerun `deepfake-ray {'prepare' if name == 'real' else 'generate'} --force`")
+    both = set(reals["sha1"]) & set(fakes["sha1"])
+    if both:
+        raise UsageError(f"{len(both)} image(s) are in both the real and the fake manifest (e.g. sha1 "
+                         f"{sorted(both)[0]}): regenerate the fakes with `deepfake-ray generate --force`")
+
+
+def jpeg_signature(jpeg: bytes) -> dict:
+    """What a detector could learn instead of the content: size, format, tables, subsampling."""
+    from PIL import JpegImagePlugin
+
+    img = Image.open(io.BytesIO(jpeg))
+    tables = getattr(img, "quantization", None) or {}
+    return {"format": img.format, "size": list(img.size),
+            "subsampling": JpegImagePlugin.get_sampling(img) if img.format == "JPEG" else None,
+            "tables": hashlib.sha1(repr(sorted((k, list(v)) for k, v in tables.items())).encode()
+                                   ).hexdigest()[:12]}
+
+
+def first_image(stage_uri: str) -> bytes:
+    files = [f for f in storage.list_files(datasets.images_uri(stage_uri)) if f.endswith(".parquet")]
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs, columns=["image"])
+        if table.num_rows:
+            return table.column("image")[0].as_py()
+    raise UsageError(f"{datasets.images_uri(stage_uri)} holds no images: rerun the stage that makes "
+                     f"{stage_uri} with --force")
+
+
+def check_encoding(real_dir: str, fake_dir: str, resolution: int) -> int:
+    """Reals and fakes must be encoded identically; returns their common resolution."""
+    real, fake = jpeg_signature(first_image(real_dir)), jpeg_signature(first_image(fake_dir))
+    if real != fake:
+        raise UsageError(f"reals ({real}) and fakes ({fake}) are encoded differently, so a detector "
+                         "could learn the encoding instead of the faces: rerun `deepfake-ray generate "
+                         "--force` with the same data.resolution and data.jpeg_quality as prepare")
+    if real["size"] != [resolution, resolution]:
+        raise UsageError(f"the prepared images are {real['size'][0]} px but data.resolution="
+                         f"{resolution}: use --set data.resolution={real['size'][0]} or rerun "
+                         "prepare and generate with --force")
+    return resolution
+
+
+# --- Ray Data ------------------------------------------------------------------------
+
+def dataset(cfg: Config, selection: Selection, split: str, augment: bool = False,
+            shuffle: bool = False) -> ray.data.Dataset:
+    """Columns sha1, label (0 real, 1 fake), pixels (uint8 NHWC) of one split.
+
+    Both stages are read by one read_parquet, and selecting, labelling, augmenting and
+    decoding are one map fused into the read tasks: few tasks, even for tiny sets.
+    """
+    fs, real = storage.resolve(datasets.images_uri(datasets.data_dir(cfg.workdir)))
+    _, fake = storage.resolve(datasets.images_uri(datasets.fakes_dir(cfg.workdir)))
+    wanted = {h: label for label, hashes in selection.hashes[split].items() for h in hashes}
+    ds = ray.data.read_parquet([real, fake], filesystem=fs, columns=["sha1", "split", "image"])
+    if shuffle:  # blocks in a new order every epoch; the trainer's local buffer mixes rows
+        ds = ds.randomize_block_order()
+    d = cfg.detector
+    aug = dict(hflip=d.hflip, jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
+               blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma) if augment else None
+    return ds.map_batches(decode_labelled, fn_kwargs={"split": split, "wanted": wanted, "augment": aug,
+                                                         "size": selection.resolution},
+                          batch_format="numpy", batch_size=cfg.data.decode_batch_size,
+                          num_cpus=cfg.resources.data_cpus)
+
+
+def decode_labelled(batch: dict, split: str, wanted: dict[str, int], augment: dict | None,
+                    size: int) -> dict:
+    keep = [i for i, (h, s) in enumerate(zip(batch["sha1"], batch["split"]))
+            if s == split and h in wanted]
+    sha1 = np.asarray([batch["sha1"][i] for i in keep], dtype=object)
+    if not keep:
+        return {"sha1": sha1, "label": np.zeros(0, np.int64), "pixels": np.zeros((0, size, size, 3), np.uint8)}
+    pixels = np.stack([decode_jpeg(batch["image"][i]) for i in keep])
+    if augment:
+        pixels = augment_batch(pixels, np.random.default_rng(), **augment)
+    return {"sha1": sha1, "label": np.asarray([wanted[h] for h in sha1], dtype=np.int64),
+            "pixels": pixels}
+
+
+def augment_batch(pixels: np.ndarray, rng: np.random.Generator, hflip: bool, jpeg_prob: float,
+                  jpeg_quality, blur_prob: float, blur_sigma) -> np.ndarray:
+    """Wang et al. 2020: random blur, then random JPEG re-compression; plus horizontal flips."""
+    out = []
+    for img in pixels:
+        if hflip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        if blur_prob > 0 and rng.random() < blur_prob:
+            img = blur(img, rng.uniform(*blur_sigma))
+        if jpeg_prob > 0 and rng.random() < jpeg_prob:
+            img = jpeg(img, int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
+        out.append(np.ascontiguousarray(img))
+    return np.stack(out)
+
+
+# --- image transforms (augmentation and robustness) ----------------------------------
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+    return decode_jpeg(buf.getvalue())
+
+
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return img
+    return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(float(sigma))))
+
+
+def rescale(img: np.ndarray, factor: float) -> np.ndarray:
+    """Down by `factor` and back to the original size (a social network's resize)."""
+    h, w = img.shape[:2]
+    small = Image.fromarray(img).resize((max(1, round(w * factor)), max(1, round(h * factor))),
+                                        Image.Resampling.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
+
+
+def transform(img: np.ndarray, name: str) -> np.ndarray:
+    """A robustness condition by name: clean, jpeg_q95, jpeg_q75, jpeg_q50, downscale_0.5, blur_1.0."""
+    kind, _, arg = name.partition("_")
+    if kind == "clean":
+        return img
+    if kind == "jpeg":
+        return jpeg(img, int(arg.lstrip("q")))
+    if kind == "downscale":
+        return rescale(img, float(arg))
+    if kind == "blur":
+        return blur(img, float(arg))
+    raise ValueError(f"unknown robustness condition {name!r}")

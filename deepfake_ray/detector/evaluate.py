@@ -1,0 +1,139 @@
+"""`deepfake-ray evaluate`: the exported detector on the held-out test split, and only there.
+
+    WORKDIR/eval/metrics.json      accuracy, precision, recall, F1, ROC-AUC, AP, confusion matrix
+    WORKDIR/eval/robustness.json   the same after JPEG q95/75/50, downscale by half, Gaussian blur
+    WORKDIR/eval/confusion.png, roc.png, curves.png (train/val accuracy and loss per epoch)
+    WORKDIR/eval/_COMPLETE.json    written last
+
+The decision threshold is the one chosen on validation (model.json); nothing here
+feeds back into the model. Inference runs on Ray Data with an actor pool, each actor
+loading the model once and scoring every condition of a batch.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray.data
+
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.config import Config
+from deepfake_ray.detector import data, figures, metrics
+from deepfake_ray.detector.train import model_dir, stage_dir
+from deepfake_ray.errors import UsageError
+
+CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
+REPORTED = ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision"]
+
+
+def eval_dir(workdir: str) -> str:
+    return storage.join(workdir, "eval")
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    out = eval_dir(cfg.workdir)
+    done = storage.completed(out)
+    if done and not force:
+        print(f"evaluate: {out} is already complete (test ROC-AUC {done.get('roc_auc', float('nan')):.4f}); "
+              "--force redoes it")
+        return done
+    if not storage.completed(stage_dir(cfg.workdir)):
+        raise UsageError(f"no finished detector in {stage_dir(cfg.workdir)}: run `deepfake-ray "
+                         "train-detector` (or `deepfake-ray tune`) with this --workdir first")
+    model_uri = model_dir(cfg.workdir)
+    meta = checkpoint.load_meta(model_uri)
+    selection = data.select(cfg, splits=("test",))
+    check_same_data(meta, selection)
+    started = time.time()
+    frame = score(cfg, selection, model_uri)
+    labels = frame["label"].to_numpy().astype(int)
+    scores = {c: frame[f"p_{c}"].to_numpy() for c in CONDITIONS}
+    robustness = {c: metrics.classification(labels, scores[c], meta["threshold"]) for c in CONDITIONS}
+    result = {**robustness["clean"], "split": "test", "model": checkpoint.model_id(meta),
+              "model_uri": model_uri, "class_names": meta["class_names"],
+              "confusion_matrix_layout": "rows: actual [real, fake]; columns: predicted [real, fake]",
+              "validation": meta.get("metrics", {}), "seconds": round(time.time() - started, 1)}
+    write_outputs(cfg, out, result, robustness, labels, scores)
+    print(table(robustness))
+    summary = {k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")}
+    storage.mark_complete(out, summary)
+    print(f"evaluate: held-out test ROC-AUC {result['roc_auc']:.4f}, accuracy {result['accuracy']:.4f} "
+          f"on {result['n']:,} images (threshold {meta['threshold']:.3f} from validation) -> {out}")
+    return summary
+
+
+def check_same_data(meta: dict, selection: data.Selection) -> None:
+    """The test split is only held out if the manifests are the ones the model was trained on."""
+    trained_on = meta.get("fingerprints", {})
+    if trained_on and trained_on != selection.fingerprints:
+        raise UsageError("the real or fake manifest changed since the detector was trained, so the "
+                         "test split may overlap its training images: rerun `deepfake-ray "
+                         "train-detector --force` (or `tune --force`) before evaluating")
+
+
+def score(cfg: Config, selection: data.Selection, model_uri: str):
+    """A pandas frame: sha1, label, p_<condition> for every test image."""
+    r = cfg.resources
+    ds = data.dataset(cfg, selection, "test")
+    scored = ds.map_batches(
+        Scorer, fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
+        compute=ray.data.ActorPoolStrategy(size=max(1, r.workers)), batch_size=cfg.serve.score_batch_size,
+        num_cpus=r.cpus_per_worker, num_gpus=1 if r.use_gpu else 0, batch_format="numpy")
+    frame = scored.to_pandas()
+    if frame.empty:
+        raise UsageError("the test split selected no images: check data.splits and the fakes manifest")
+    return frame
+
+
+class Scorer:
+    """Ray Data actor: loads the exported model once, scores each condition of a batch."""
+
+    def __init__(self, model_uri: str, conditions: list[str]):
+        import torch
+
+        from deepfake_ray.models import detector
+
+        state, self.meta = checkpoint.load_model(model_uri)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = detector.from_meta(self.meta)
+        self.model.load_state_dict(state)
+        self.model.eval().to(self.device)
+        self.conditions = conditions
+        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from deepfake_ray.models import detector
+
+        out = {"sha1": batch["sha1"], "label": batch["label"]}
+        for name in self.conditions:
+            pixels = np.stack([data.transform(img, name) for img in batch["pixels"]])
+            x = detector.meta_input(torch.as_tensor(pixels).to(self.device), self.meta)
+            out[f"p_{name}"] = detector.p_fake(detector.predict(self.model, x, self.amp))
+        return out
+
+
+def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels, scores) -> None:
+    storage.write_json(storage.join(out, "metrics.json"), result)
+    storage.write_json(storage.join(out, "robustness.json"),
+                       {c: {k: m[k] for k in (*REPORTED, "n", "threshold", "confusion_matrix")}
+                        for c, m in robustness.items()})
+    storage.write_bytes(storage.join(out, "confusion.png"),
+                        figures.confusion(result["confusion_matrix"], result["class_names"]))
+    storage.write_bytes(storage.join(out, "roc.png"),
+                        figures.roc(labels, scores, {c: m["roc_auc"] for c, m in robustness.items()}))
+    history_uri = storage.join(stage_dir(cfg.workdir), "history.json")
+    if storage.exists(history_uri):
+        storage.write_bytes(storage.join(out, "curves.png"), figures.curves(storage.read_json(history_uri)))
+
+
+def table(robustness: dict) -> str:
+    """The robustness table printed at the end of `evaluate`."""
+    short = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1",
+             "roc_auc": "ROC-AUC", "average_precision": "AP"}
+    head = f"{'condition':<15}" + "".join(f"{short[k]:>10}" for k in REPORTED)
+    lines = ["held-out test split (threshold from validation):", head, "-" * len(head)]
+    for name, m in robustness.items():
+        lines.append(f"{name:<15}" + "".join(f"{m[k]:>10.4f}" for k in REPORTED))
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The detector's figures (matplotlib, Agg), returned as PNG bytes for storage.write_bytes."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def confusion(matrix, class_names=("real", "fake"), title: str = "test split") -> bytes:
+    """Rows: actual class; columns: predicted class; counts and row percentages."""
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(m, cmap="Blues")
+    totals = m.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            dark = m[i, j] > m.max() / 2
+            ax.text(j, i, f"{m[i, j]:,}\n{100 * m[i, j] / totals[i, 0]:.1f}%", ha="center",
+                    va="center", color="white" if dark else "black", fontsize=11)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"confusion matrix ({title})")
+    return png(fig)
+
+
+def roc(labels, scores: dict[str, np.ndarray], aucs: dict[str, float]) -> bytes:
+    """ROC curves, one per condition (clean first)."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for name, p in scores.items():
+        fpr, tpr, _ = roc_curve(labels, p)
+        ax.plot(fpr, tpr, lw=2.2 if name == "clean" else 1.0,
+                label=f"{name} (AUC {aucs[name]:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("false positive rate (reals called fake)")
+    ax.set_ylabel("true positive rate (fakes caught)")
+    ax.set_title("ROC, test split")
+    ax.legend(fontsize=7, loc="lower right")
+    return png(fig)
+
+
+def curves(history: list[dict]) -> bytes:
+    """Training and validation accuracy and loss per epoch (the study's Fig. 9)."""
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in ((acc, "acc", "accuracy"), (loss, "loss", "loss")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"training {title}")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label=f"validation {title}")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.set_xticks(epochs)
+        ax.legend(fontsize=8)
+    return png(fig)
+
+
+def lr_sweep(lrs, aucs, best_lr: float | None = None) -> bytes:
+    """Learning rate vs best validation ROC-AUC of each Tune trial."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.scatter(lrs, aucs, s=36)
+    if best_lr is not None:
+        ax.axvline(best_lr, color="tab:red", ls="--", lw=1, label=f"best lr {best_lr:.2e}")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation ROC-AUC")
+    ax.set_title("Ray Tune learning-rate sweep")
+    return png(fig)

@@ -1,0 +1,164 @@
+"""The detector's Ray Train worker loop: one call per worker, shared by train-detector and tune.
+
+Per epoch: train on this worker's shard, validate on the val shard (predictions
+gathered from every worker so ROC-AUC is over the whole split), rank 0 exports the
+epoch's model to OUT/best/ when it beats the best so far (by val ROC-AUC, then val
+loss) and rewrites OUT/history.json; then every worker reports (checkpoint: model,
+optimizer, RNG and history), so a restarted or resubmitted run resumes there.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from deepfake_ray import checkpoint, config, storage, training
+from deepfake_ray.detector import metrics
+from deepfake_ray.models import detector
+
+
+def train_loop(loop: dict) -> None:
+    cfg = config.from_dict(loop["cfg"])
+    d = cfg.detector
+    device = training.device()
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    state = training.restore_state()
+    model = detector.create(d.arch, 2, "none" if state else loop["pretrained"], d.hub_name)
+    if state:
+        model.load_state_dict(state["model"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    optimizer = make_optimizer(model, d.optimizer, loop["lr"], d.weight_decay)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        training.set_rng_state(state["rng"])
+        print(f"[deepfake-ray] detector: resuming after epoch {state['epoch']}")
+    history = list(state["history"]) if state else []
+    start = state["epoch"] + 1 if state else 0
+    best = best_so_far(loop["out_dir"])
+    pre = detector.preprocessing(model)
+    wrapped, frozen_now = None, None
+    for epoch in range(start, d.epochs):
+        training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
+        frozen = epoch < d.freeze_backbone_epochs
+        if frozen != frozen_now:  # DDP must be rebuilt when the set of trained parameters changes
+            detector.set_backbone_frozen(model, frozen)
+            wrapped, frozen_now = ray.train.torch.prepare_model(model), frozen
+        started = time.time()
+        entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
+                 "resumed": bool(state) and epoch == start}
+        entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen))
+        labels, p, loss_sum = validate(wrapped, d, pre, device, amp)
+        entry.update(metrics.epoch_validation(labels, p, loss_sum))
+        entry["seconds"] = round(time.time() - started, 2)
+        history.append(entry)
+        if training.rank() == 0:
+            if better(entry, best):
+                export(loop["out_dir"], model, entry, cfg, loop, pre)
+                best = entry
+            storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
+        print(f"[deepfake-ray] detector epoch {epoch + 1}/{d.epochs}: " + ", ".join(
+            f"{k} {entry[k]:.4f}" for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc")))
+        new_state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "rng": training.rng_state(), "history": history}
+        training.report_epoch(epoch, entry, new_state)
+
+
+def make_optimizer(model, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def batches(split: str, batch_size: int):
+    shard = ray.train.get_dataset_shard(split)
+    # train: blocks arrive in a random order (one class per block is common); the buffer mixes them
+    buffer = 16 * batch_size if split == "train" else None
+    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer)
+
+
+def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool) -> dict:
+    detector.train_mode(model, frozen)
+    loss_sum, correct, n, started = 0.0, 0, 0, time.time()
+    for batch in batches("train", d.batch_size):
+        y = batch["label"].to(device)
+        if len(y) < 2:  # batch norm over a 1x1 feature map cannot train on one image
+            continue
+        x = inputs(batch["pixels"], d.input_size, pre, device)
+        batch_loss, batch_correct = detector.train_step(model, optimizer, x, y, amp)
+        loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
+    seconds = time.time() - started
+    loss_sum, correct, n = (float(v) for v in all_sum([loss_sum, correct, n]))
+    return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
+            "train_n": int(n), "train_images_per_s": round(n / max(seconds, 1e-9), 2)}
+
+
+def validate(model, d, pre: dict, device, amp) -> tuple[np.ndarray, np.ndarray, float]:
+    model.eval()
+    labels, probs, loss_sum = [], [], 0.0
+    for batch in batches("val", d.batch_size):
+        y = batch["label"].to(device)
+        logits = detector.predict(model, inputs(batch["pixels"], d.input_size, pre, device), amp)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        labels.append(y.cpu().numpy())
+        probs.append(detector.p_fake(logits))
+    labels, probs, losses = gather([np.concatenate(labels or [np.zeros(0, int)]),
+                                    np.concatenate(probs or [np.zeros(0)]), np.array([loss_sum])])
+    return labels.astype(int), probs, float(losses.sum())
+
+
+def inputs(pixels: torch.Tensor, input_size: int, pre: dict, device) -> torch.Tensor:
+    x = detector.to_input(pixels.to(device, non_blocking=True), input_size, pre["mean"], pre["std"],
+                          pre["interpolation"])
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def gather(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Concatenate each array over all workers (in rank order)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return arrays
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(arrays))]
+
+
+def all_sum(values: list[float]) -> list[float]:
+    return [float(v.sum()) for v in gather([np.array([v], dtype=np.float64) for v in values])]
+
+
+# --- the best epoch ----------------------------------------------------------------
+
+def score(entry: dict) -> tuple[float, float]:
+    auc = entry.get("val_auc", float("nan"))
+    return (-1.0 if auc is None or math.isnan(auc) else auc, -entry.get("val_loss", math.inf))
+
+
+def better(entry: dict, best: dict | None) -> bool:
+    return best is None or score(entry) > score(best)
+
+
+def best_so_far(out_dir: str) -> dict | None:
+    """The exported best epoch's metrics; the file on disk is the truth across restarts."""
+    try:
+        return checkpoint.load_meta(storage.join(out_dir, "best"))["metrics"]
+    except Exception:  # noqa: BLE001 - nothing exported yet (or an unreadable partial export)
+        return None
+
+
+def export(out_dir: str, model, entry: dict, cfg, loop: dict, pre: dict) -> None:
+    """OUT/best/: weights + model.json in the project's model format."""
+    d = cfg.detector
+    meta = {"arch": d.arch, "num_classes": 2, "class_names": detector.CLASS_NAMES,
+            "resolution": loop["resolution"], "input_size": d.input_size, "preprocessing": pre,
+            "threshold": entry["val_threshold"], "epoch": entry["epoch"],
+            "metrics": {k: v for k, v in entry.items() if k.startswith("val_") or k == "epoch"},
+            "config": config.to_dict(cfg), "lr": loop["lr"], "fingerprints": loop["fingerprints"],
+            "data": loop["counts"], "parameters": detector.count_parameters(model)}
+    checkpoint.save_model(storage.join(out_dir, "best"), model.state_dict(), meta)

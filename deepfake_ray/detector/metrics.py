@@ -1,0 +1,61 @@
+"""Classification metrics (scikit-learn) and the decision threshold chosen on validation."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def roc_auc(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """ROC-AUC, or NaN when only one class is present (it is undefined then)."""
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(skm.roc_auc_score(labels, p_fake))
+
+
+def choose_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """The p_fake cut maximizing Youden's J (balanced accuracy) on validation images.
+
+    Placed halfway between the two neighbouring scores it separates, so it does not
+    sit exactly on a validation score; 0.5 when only one class is present.
+    """
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = skm.roc_curve(labels, p_fake, drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    upper = min(float(thresholds[best]), 1.0)
+    lower = float(thresholds[best + 1]) if best + 1 < len(thresholds) else 0.0
+    return float(np.clip((upper + lower) / 2, 0.0, 1.0))
+
+
+def classification(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
+    """Every held-out metric the evaluation reports; 1 = fake is the positive class."""
+    labels = np.asarray(labels).astype(int)
+    p_fake = np.asarray(p_fake, dtype=np.float64)
+    pred = (p_fake >= threshold).astype(int)
+    matrix = skm.confusion_matrix(labels, pred, labels=[0, 1])
+    return {
+        "n": int(len(labels)), "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
+        "threshold": float(threshold),
+        "accuracy": float(skm.accuracy_score(labels, pred)),
+        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
+        "recall": float(skm.recall_score(labels, pred, zero_division=0)),
+        "f1": float(skm.f1_score(labels, pred, zero_division=0)),
+        "roc_auc": roc_auc(labels, p_fake),
+        "average_precision": (float(skm.average_precision_score(labels, p_fake))
+                              if len(np.unique(labels)) > 1 else float("nan")),
+        # rows: actual real, actual fake; columns: predicted real, predicted fake
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def epoch_validation(labels: np.ndarray, p_fake: np.ndarray, loss_sum: float) -> dict:
+    """Per-epoch validation figures: loss, accuracy at 0.5 (argmax), ROC-AUC, tuned threshold."""
+    n = max(len(labels), 1)
+    threshold = choose_threshold(labels, p_fake)
+    return {"val_loss": loss_sum / n,
+            "val_acc": float(((p_fake >= 0.5).astype(int) == labels).mean()) if len(labels) else 0.0,
+            "val_auc": roc_auc(labels, p_fake),
+            "val_threshold": threshold,
+            "val_acc_at_threshold": float(((p_fake >= threshold).astype(int) == labels).mean())
+            if len(labels) else 0.0,
+            "val_n": int(len(labels))}

@@ -1,0 +1,146 @@
+"""`deepfake-ray train-detector`: fine-tune Inception-ResNet-v2 on reals vs fakes with Ray Train.
+
+    WORKDIR/detector/run/epoch_NNNN/   Ray Train checkpoints (resume on resubmission)
+    WORKDIR/detector/best/             the best epoch so far (val ROC-AUC), model format
+    WORKDIR/detector/history.json      per-epoch train/val loss, accuracy, ROC-AUC
+    WORKDIR/detector/model/            the exported model (copied from best/ at the end)
+    WORKDIR/detector/_COMPLETE.json    written last
+
+Only the train and val splits are read here: the threshold and the best epoch are
+chosen on validation; the test split is left for `deepfake-ray evaluate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pyarrow.fs as pafs
+from safetensors.torch import save as st_save
+
+from deepfake_ray import checkpoint, config, storage, training
+from deepfake_ray.config import Config
+from deepfake_ray.detector import data, loop
+from deepfake_ray.errors import UsageError
+
+MIN_INPUT = 75  # Inception-ResNet-v2's stem and reductions need at least 75 px
+
+
+def stage_dir(workdir: str) -> str:
+    return storage.join(workdir, "detector")
+
+
+def model_dir(workdir: str) -> str:
+    return storage.join(stage_dir(workdir), "model")
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    stage = stage_dir(cfg.workdir)
+    done = storage.completed(stage)
+    if done and not force:
+        print(f"train-detector: {stage} is already complete (model {done.get('model_id')}); "
+              "--force redoes it")
+        return done
+    validate(cfg)
+    selection = data.select(cfg, splits=("train", "val"))
+    pretrained = resolve_pretrained(cfg)
+    if force:
+        clear(stage, keep=("pretrained",))
+    started = time.time()
+    print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
+          f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
+    fine_tune(cfg, selection, pretrained, stage, "run", stage)
+    summary = publish(cfg, stage, time.time() - started)
+    return summary
+
+
+def validate(cfg: Config) -> None:
+    d = cfg.detector
+    if d.input_size < MIN_INPUT:
+        raise UsageError(f"detector.input_size={d.input_size} is too small for {d.arch}: "
+                         f"use {MIN_INPUT} or more (128 as the study)")
+    if d.optimizer not in ("adam", "adamw"):
+        raise UsageError(f"detector.optimizer={d.optimizer!r}: choose adam or adamw")
+    if d.epochs < 1 or d.batch_size < 2 or d.lr <= 0:
+        raise UsageError(f"detector.epochs ({d.epochs}) must be >= 1, detector.batch_size "
+                         f"({d.batch_size}) >= 2 and detector.lr ({d.lr}) > 0")
+
+
+def describe(selection: data.Selection) -> str:
+    return "; ".join(f"{s}: {c['real']:,} real + {c['fake']:,} fake" for s, c in selection.counts.items())
+
+
+def resolve_pretrained(cfg: Config) -> str:
+    """What workers load: `none`, or a weights file every node can read.
+
+    `hub` is fetched here, in the driver, once (failing fast with the fix when the hub
+    is unreachable), and kept as WORKDIR/detector/pretrained/HUB_NAME.safetensors.
+    """
+    from deepfake_ray.models import detector
+
+    spec = cfg.detector.pretrained
+    if spec in ("none", ""):
+        return "none"
+    if spec != "hub":
+        if not storage.exists(spec):
+            raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
+                             "existing local or s3:// weights file (safetensors or state dict)")
+        return spec
+    uri = storage.join(stage_dir(cfg.workdir), "pretrained", f"{cfg.detector.hub_name}.safetensors")
+    if not storage.exists(uri):
+        print(f"train-detector: fetching {cfg.detector.hub_name} from the model hub")
+        state = detector.hub_state_dict(cfg.detector.hub_name)
+        storage.write_bytes(uri, st_save({k: v.contiguous() for k, v in state.items()}))
+    return uri
+
+
+def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_uri: str,
+              name: str, out_dir: str, lr: float | None = None, callbacks: list | None = None):
+    """One Ray Train fine-tune (resumed when `storage_uri`/`name` holds an unfinished run)."""
+    d = cfg.detector
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
+    train_ds = data.dataset(cfg, selection, "train", augment=True, shuffle=True)
+    val_ds = data.dataset(cfg, selection, "val")
+    loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
+                   "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
+                   "resolution": selection.resolution, "fingerprints": selection.fingerprints,
+                   "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
+    return training.fit(loop.train_loop, loop_config, cfg, storage_uri, name,
+                        datasets={"train": train_ds.select_columns(["pixels", "label"]),
+                                  "val": val_ds.select_columns(["pixels", "label"])},
+                        keep=d.keep_checkpoints, max_failures=d.max_failures, callbacks=callbacks)
+
+
+def publish(cfg: Config, source_dir: str, seconds: float, extra: dict | None = None) -> dict:
+    """Copy SOURCE/best -> WORKDIR/detector/model (+ history.json), then mark the stage done."""
+    stage = stage_dir(cfg.workdir)
+    best = storage.join(source_dir, "best")
+    _, meta = checkpoint.load_model(best)  # verifies the weights against their hash
+    target = model_dir(cfg.workdir)
+    for name in (checkpoint.WEIGHTS, checkpoint.META):  # model.json last
+        storage.write_bytes(storage.join(target, name), storage.read_bytes(storage.join(best, name)))
+    history_uri = storage.join(source_dir, "history.json")
+    if storage.normalize(source_dir) != storage.normalize(stage):
+        storage.write_bytes(storage.join(stage, "history.json"), storage.read_bytes(history_uri))
+    m = meta["metrics"]
+    summary = {"model": target, "model_id": checkpoint.model_id(meta), "epoch": meta["epoch"],
+               "val_auc": m["val_auc"], "val_loss": m["val_loss"], "val_acc": m["val_acc"],
+               "threshold": meta["threshold"], "lr": meta.get("lr"), "epochs": cfg.detector.epochs,
+               "seconds": round(seconds, 1), **(extra or {})}
+    storage.mark_complete(stage, summary)
+    print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
+          f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target}")
+    return summary
+
+
+def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
+    """--force: remove a stage's previous outputs (and run state) except `keep`."""
+    fs, path = storage.resolve(stage_uri)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if name in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)

@@ -1,0 +1,170 @@
+"""`deepfake-ray tune`: a Ray Tune learning-rate sweep over the detector fine-tune.
+
+Each trial is a Tune function that runs the same Ray Train fine-tune as
+train-detector (Train V2: it builds the TorchTrainer with TuneReportCallback), with a
+log-uniform learning rate; ASHA stops weak trials at its rungs. An interrupted sweep
+resumes with Tuner.restore, and each unfinished trial's Train run from its checkpoint.
+
+    WORKDIR/tune/                      the Tune experiment (restorable)
+    WORKDIR/tune/trials/ID/            each trial's Train run, best/ and history.json
+    WORKDIR/tune/results.csv, lr.png   learning rate vs validation ROC-AUC
+    WORKDIR/detector/model/            the best trial's best epoch, as train-detector exports
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from deepfake_ray import checkpoint, config, storage
+from deepfake_ray.config import Config
+from deepfake_ray.detector import data, figures, train
+from deepfake_ray.errors import UsageError
+
+TRIAL_CPU = 0.1  # a trial only drives its Train run; the workers hold the real resources
+METRIC, MODE = "val_auc", "max"
+
+
+def tune_dir(workdir: str) -> str:
+    return storage.join(workdir, "tune")
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    out = tune_dir(cfg.workdir)
+    done = storage.completed(out)
+    if done and not force:
+        print(f"tune: {out} is already complete (best lr {done.get('lr', float('nan')):.2e}); "
+              "--force redoes it")
+        return done
+    validate(cfg)
+    selection = data.select(cfg, splits=("train", "val"))
+    pretrained = train.resolve_pretrained(cfg)
+    if force:
+        train.clear(out)
+        train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
+    started = time.time()
+    tuner = make_tuner(cfg, selection, pretrained)
+    print(f"tune: {cfg.tune.samples} trials x {cfg.tune.epochs} epochs, lr log-uniform in "
+          f"[{cfg.tune.lr_min:g}, {cfg.tune.lr_max:g}], {concurrency(cfg)} at a time; "
+          f"{train.describe(selection)}")
+    grid = tuner.fit()
+    rows = collect(cfg, grid)
+    best = rows.iloc[0]
+    summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
+                            extra={"tuned": True, "trials": int(len(rows))})
+    result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),
+              "trials": int(len(rows)), "model": summary["model"]}
+    storage.mark_complete(out, result)
+    print(rows.to_string(index=False))
+    print(f"tune: best lr {best['lr']:.2e} (trial {best['trial_id']}, val ROC-AUC "
+          f"{best['val_auc']:.4f}) -> {summary['model']}")
+    return result
+
+
+def validate(cfg: Config) -> None:
+    train.validate(cfg)
+    t = cfg.tune
+    if not 0 < t.lr_min < t.lr_max:
+        raise UsageError(f"tune.lr_min ({t.lr_min:g}) and tune.lr_max ({t.lr_max:g}) must satisfy "
+                         "0 < lr_min < lr_max, e.g. --set tune.lr_min=1e-5 --set tune.lr_max=1e-3")
+    if t.samples < 1 or t.epochs < 1 or not 1 <= t.grace_period <= t.epochs:
+        raise UsageError(f"tune.samples ({t.samples}) and tune.epochs ({t.epochs}) must be >= 1, "
+                         f"and 1 <= tune.grace_period ({t.grace_period}) <= tune.epochs")
+
+
+def trial_dir(workdir: str, trial_id: str) -> str:
+    return storage.join(tune_dir(workdir), "trials", trial_id)
+
+
+def concurrency(cfg: Config) -> int:
+    """Trials at once: tune.max_concurrent_trials, else as many Train runs as the cluster fits."""
+    t, r = cfg.tune, cfg.resources
+    if t.max_concurrent_trials > 0:
+        return min(t.max_concurrent_trials, t.samples)
+    available = ray.cluster_resources()
+    if r.use_gpu:
+        fits = available.get("GPU", 0) // max(r.workers, 1)
+    else:  # each trial: its workers, a Ray Data task beside them, and the trial driver
+        fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus + TRIAL_CPU)
+    return int(max(1, min(t.samples, fits)))
+
+
+def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: str) -> None:
+    """One Tune trial: the train-detector fine-tune at params["lr"], reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = config.from_dict(cfg_dict)
+    out = trial_dir(cfg.workdir, tune.get_context().get_trial_id())
+    train.fine_tune(cfg, selection, pretrained, out, "run", out, lr=params["lr"],
+                    callbacks=[TuneReportCallback()])
+
+
+def make_tuner(cfg: Config, selection: data.Selection, pretrained: str) -> tune.Tuner:
+    """A new sweep, or the interrupted one under WORKDIR/tune restored."""
+    fs, root = storage.resolve(cfg.workdir)
+    trial_cfg = config.from_dict({**config.to_dict(cfg),
+                                  "detector": {**config.to_dict(cfg)["detector"], "epochs": cfg.tune.epochs}})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, cfg_dict=config.to_dict(trial_cfg), selection=selection,
+                             pretrained=pretrained),
+        {"CPU": TRIAL_CPU})
+    path = f"{root}/tune"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"tune: resuming the interrupted sweep in {tune_dir(cfg.workdir)}")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    t = cfg.tune
+    return tune.Tuner(
+        trainable,
+        param_space={"lr": tune.loguniform(t.lr_min, t.lr_max)},
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, num_samples=t.samples, max_concurrent_trials=concurrency(cfg),
+            scheduler=ASHAScheduler(max_t=t.epochs, grace_period=t.grace_period),
+            trial_dirname_creator=lambda tr: tr.trial_id),
+        run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+
+
+COLUMNS = ["trial_id", "lr", "status", "epochs_run", "stopped_early", "best_epoch", "val_auc",
+           "val_loss", "val_acc", "threshold", "error"]
+
+
+def collect(cfg: Config, grid) -> pd.DataFrame:
+    """One row per trial from its exported best epoch, best first; results.csv and lr.png."""
+    rows = [trial_row(cfg, result) for result in grid]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    ok = frame[frame["val_auc"].notna()]
+    if ok.empty:
+        raise RuntimeError(f"every tune trial failed; first error: {frame['error'].iloc[0]}")
+    frame = frame.sort_values(["val_auc", "val_loss"], ascending=[False, True], na_position="last")
+    frame = frame.reset_index(drop=True)
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    storage.write_text(storage.join(tune_dir(cfg.workdir), "results.csv"), buf.getvalue())
+    storage.write_bytes(storage.join(tune_dir(cfg.workdir), "lr.png"),
+                        figures.lr_sweep(ok["lr"], ok["val_auc"], float(frame.iloc[0]["lr"])))
+    return frame
+
+
+def trial_row(cfg: Config, result) -> dict:
+    trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
+    error = str(result.error).splitlines()[0][:200] if result.error else ""
+    out = trial_dir(cfg.workdir, trial_id)
+    try:
+        meta = checkpoint.load_meta(storage.join(out, "best"))
+    except UsageError:  # the trial failed before its first epoch ended
+        return {"trial_id": trial_id, "lr": result.config.get("lr"), "status": "error",
+                "val_auc": math.nan, "error": error or "no epoch finished"}
+    history = storage.read_json(storage.join(out, "history.json"))
+    m = meta["metrics"]
+    auc = m["val_auc"] if m["val_auc"] == m["val_auc"] else -1.0  # NaN ranks last
+    return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "ok",
+            "epochs_run": len(history), "stopped_early": len(history) < cfg.tune.epochs,
+            "best_epoch": meta["epoch"], "val_auc": auc, "val_loss": m["val_loss"],
+            "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}

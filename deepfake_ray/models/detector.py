@@ -1,0 +1,171 @@
+"""The real/fake detector: Inception-ResNet-v2 from timm with a 2-way head. Plain torch/timm.
+
+Everything that touches the model without Ray lives here, so training, evaluation,
+serving and scoring share it: building the network (`create`, `from_meta`), loading
+pretrained weights (`load_pretrained`), THE preprocessing (`to_input`), and the plain
+torch steps (`train_step`, `predict`).
+
+Classes: 0 = real, 1 = fake; p_fake = softmax(logits)[:, 1]. A 2-way softmax with
+cross-entropy is exactly binary cross-entropy on the logit difference.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepfake_ray.errors import UsageError
+
+ARCH = "inception_resnet_v2"
+HUB_NAME = "inception_resnet_v2.tf_in1k"
+CLASS_NAMES = ["real", "fake"]
+INTERPOLATION = "bilinear"  # what to_input does (with antialias) for every consumer
+
+
+def create(arch: str = ARCH, num_classes: int = 2, pretrained: str = "none",
+           hub_name: str = HUB_NAME) -> nn.Module:
+    """A fresh model; `pretrained` is `none`, `hub` or a weights file (local or s3://)."""
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    return load_pretrained(model, pretrained, hub_name)
+
+
+def from_meta(meta: dict) -> nn.Module:
+    """The architecture an exported model.json describes, without weights."""
+    return create(meta.get("arch", ARCH), int(meta.get("num_classes", 2)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def preprocessing(model: nn.Module) -> dict:
+    """Normalization derived from the model's pretrained config (timm), not hard-coded."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+            "interpolation": INTERPOLATION}
+
+
+def to_input(pixels, input_size: int, mean, std, interpolation: str = INTERPOLATION) -> torch.Tensor:
+    """uint8 NHWC (numpy or torch, any device) -> normalized float NCHW at input_size."""
+    x = torch.as_tensor(pixels)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != input_size or x.shape[-2] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode=interpolation,
+                          align_corners=False, antialias=True)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def meta_input(pixels, meta: dict) -> torch.Tensor:
+    """to_input with the preprocessing recorded in an exported model.json."""
+    pre = meta["preprocessing"]
+    return to_input(pixels, int(meta["input_size"]), pre["mean"], pre["std"],
+                    pre.get("interpolation", INTERPOLATION))
+
+
+# --- pretrained weights ----------------------------------------------------------
+
+def head_prefix(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("classifier", "classif") + "."
+
+
+def load_pretrained(model: nn.Module, spec: str, hub_name: str = HUB_NAME) -> nn.Module:
+    """Backbone weights into `model`; the source's classifier head is always dropped."""
+    if spec in ("", "none"):
+        return model
+    state = hub_state_dict(hub_name) if spec == "hub" else read_weights(spec)
+    prefix = head_prefix(model)
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(prefix)]
+    if missing or result.unexpected_keys:
+        where = "the model hub" if spec == "hub" else spec
+        raise UsageError(
+            f"weights from {where} do not fit {model.pretrained_cfg.get('architecture', ARCH)}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(result.unexpected_keys)} "
+            f"unexpected (e.g. {result.unexpected_keys[:2]}): pass a state dict of that architecture")
+    return model
+
+
+def hub_state_dict(hub_name: str = HUB_NAME) -> dict:
+    """ImageNet weights from the model hub, or a UsageError saying how to pass a file."""
+    try:
+        hub_model = timm.create_model(hub_name, pretrained=True)
+    except OSError as e:  # offline, DNS, HTTP errors, missing cache: all OSError subclasses
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        raise UsageError(f"cannot download {hub_name} from the model hub ({reason}): pass a local "
+                         "or s3:// weights file with --set detector.pretrained=PATH")
+    return hub_model.state_dict()
+
+
+def read_weights(uri: str) -> dict:
+    """A safetensors file or a torch state dict (.pth/.bin), never unpickling objects."""
+    from deepfake_ray import storage  # pyarrow only; no Ray
+
+    try:
+        blob = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise UsageError(f"detector.pretrained={uri}: no such file; pass hub, none, or an "
+                         "existing local or s3:// weights file")
+    if uri.endswith(".safetensors") or blob[8:9] == b"{":  # safetensors: u64 size, JSON header
+        from safetensors.torch import load as st_load
+
+        return st_load(blob)
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise UsageError(f"detector.pretrained={uri} is not a safetensors file or a torch state "
+                         f"dict ({type(e).__name__}): save one with torch.save(model.state_dict())")
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UsageError(f"detector.pretrained={uri} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+# --- plain torch steps -------------------------------------------------------------
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Frozen: only the head learns, and batch-norm statistics stay as they are."""
+    prefix = head_prefix(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not frozen or name.startswith(prefix))
+
+
+def train_mode(model: nn.Module, frozen: bool) -> None:
+    model.train()
+    if frozen:  # keep the (pretrained) batch-norm running statistics fixed
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """One optimizer step; returns (summed loss, correct predictions) for the batch."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    optimizer.step()
+    correct = int((logits.argmax(1) == y).sum())
+    return float(loss.detach()) * len(y), correct
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None = None
+            ) -> torch.Tensor:
+    """Logits (float32) for a batch of prepared inputs."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return model(x).float()
+
+
+def p_fake(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()

@@ -1,0 +1,218 @@
+"""The Inception-ResNet-v2 detector: the real model, weights loading, leakage guards, the
+Ray Train fine-tune (with a killed worker), export, reload, held-out evaluation, the
+Ray Tune sweep, and the hub-unreachable error through the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.data import datasets, sample
+from deepfake_ray.detector import data, evaluate, train, tune
+from deepfake_ray.errors import UsageError
+from deepfake_ray.models import detector
+from tests.detector_stages import build, checkerboard_face, write_stage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ("detector.max_train_per_class=8", "detector.keep_checkpoints=1")
+
+
+# --- the model -----------------------------------------------------------------------
+
+def test_inception_resnet_v2_at_128px_trains_and_has_the_study_head():
+    model = detector.create()
+    assert detector.count_parameters(model) == 54_309_538  # Keras: 54,339,810 (+30,272 BN)
+    pre = detector.preprocessing(model)
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5]  # from timm's config
+    pixels = np.stack([sample.face(0, i, 64) for i in range(2)])
+    x = detector.to_input(pixels, 128, pre["mean"], pre["std"])
+    assert x.shape == (2, 3, 128, 128) and -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = model.classif.weight.detach().clone()
+    loss_sum, _ = detector.train_step(model, opt, x, torch.tensor([0, 1]))
+    assert np.isfinite(loss_sum) and not torch.equal(before, model.classif.weight)
+    assert model.conv2d_1a.conv.weight.grad is not None  # the backbone learns too
+    model.eval()
+    assert detector.predict(model, x).shape == (2, 2)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_with_an_imagenet_head_load_into_the_two_class_model(tmp_path, suffix):
+    imagenet = detector.create(num_classes=1000)  # randomly initialised, 1000-way head
+    path = str(tmp_path / f"imagenet{suffix}")
+    if suffix == ".pth":
+        torch.save({"state_dict": imagenet.state_dict()}, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(imagenet.state_dict(), path)
+    model = detector.create(num_classes=2, pretrained=path)
+    assert model.classif.weight.shape == (2, 1536)
+    assert torch.equal(model.conv2d_1a.conv.weight, imagenet.conv2d_1a.conv.weight)
+    assert torch.equal(model.block8.conv2d.weight, imagenet.block8.conv2d.weight)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    import timm
+
+    path = str(tmp_path / "resnet.pth")
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), path)
+    with pytest.raises(UsageError, match="do not fit inception_resnet_v2"):
+        detector.create(pretrained=path)
+    with pytest.raises(UsageError, match="no such file"):
+        detector.create(pretrained=str(tmp_path / "missing.pth"))
+
+
+# --- leakage guards (manifests only, no Ray) --------------------------------------------
+
+def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
+    cfg = tiny_cfg("detector.max_train_per_class=12")
+    build(cfg.workdir, 60, 32)
+    sel = data.select(cfg)
+    assert sel.counts == {"train": {"real": 12, "fake": 12}, "val": {"real": 6, "fake": 6},
+                          "test": {"real": 6, "fake": 6}}
+    test = set(sel.hashes["test"][0] + sel.hashes["test"][1])
+    seen = set(sum((sel.hashes[s][c] for s in ("train", "val") for c in (0, 1)), []))
+    assert test and not test & seen
+    assert set(sel.fingerprints) == {"real_manifest_sha1", "fake_manifest_sha1"}
+
+
+def test_an_image_in_two_splits_is_an_error(tiny_cfg):
+    cfg = tiny_cfg()
+    build(cfg.workdir, 20, 32, reals=False)
+    face = sample.face(0, 0, 32)
+    write_stage(datasets.data_dir(cfg.workdir), [(face, "train"), (face, "test"),
+                                                 (sample.face(0, 1, 32), "val")])
+    with pytest.raises(UsageError, match="two splits"):
+        data.select(cfg)
+
+
+def test_an_image_both_real_and_fake_is_an_error(tiny_cfg):
+    cfg = tiny_cfg()
+    build(cfg.workdir, 20, 32, fakes=False)
+    face = sample.face(0, 0, 32)  # the reals' first image
+    write_stage(datasets.fakes_dir(cfg.workdir), [(face, "train"), (checkerboard_face(1, 1, 32), "val")])
+    with pytest.raises(UsageError, match="both the real and the fake"):
+        data.select(cfg)
+
+
+def test_fakes_encoded_differently_from_reals_are_an_error(tiny_cfg):
+    cfg = tiny_cfg()
+    build(cfg.workdir, 20, 32, fake_quality=75)
+    with pytest.raises(UsageError, match="encoded differently"):
+        data.select(cfg)
+    cfg = tiny_cfg("data.resolution=64")
+    build(cfg.workdir, 20, 32)
+    with pytest.raises(UsageError, match="data.resolution=32"):
+        data.select(cfg)
+
+
+def test_missing_fakes_say_which_command_makes_them(tiny_cfg):
+    cfg = tiny_cfg()
+    build(cfg.workdir, 20, 32, fakes=False)
+    with pytest.raises(UsageError, match="deepfake-ray generate"):
+        data.select(cfg)
+
+
+# --- the CLI without the model hub ----------------------------------------------------
+
+def test_pretrained_hub_without_network_exits_2_with_the_fix(tmp_path):
+    workdir = str(tmp_path / "work")
+    build(workdir, 20, 32)
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "deepfake_ray.cli", "train-detector", "--preset", "tiny",
+         "--workdir", workdir, "--set", "detector.pretrained=hub"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("deepfake-ray train-detector: error: cannot download "
+                           "inception_resnet_v2.tf_in1k from the model hub (")
+    assert last.endswith("pass a local or s3:// weights file with --set detector.pretrained=PATH")
+    assert not storage.exists(os.path.join(workdir, "detector", "_COMPLETE.json"))
+
+
+# --- Ray Train, export, reload, evaluate ----------------------------------------------------
+
+def real_stages(cfg) -> None:
+    """Reals from `prepare`, fakes from the DCGAN's `generate` (a tiny GAN)."""
+    from deepfake_ray.data import prepare
+    from deepfake_ray.gan import generate
+    from deepfake_ray.gan import train as gan_train
+
+    prepare.run(cfg)
+    gan_train.run(cfg)
+    generate.run(cfg)
+
+
+@pytest.mark.slow
+def test_fine_tune_survives_a_killed_worker_then_exports_reloads_and_evaluates(ray_session, tiny_cfg):
+    cfg = tiny_cfg(*FAST, "detector.epochs=2", "detector.fail_at_epoch=1")
+    real_stages(cfg)
+    summary = train.run(cfg)
+    stage = train.stage_dir(cfg.workdir)
+    assert storage.exists(os.path.join(stage, "_fault_injected_epoch_1"))  # a worker did die
+    history = storage.read_json(os.path.join(stage, "history.json"))
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["resumed"] for h in history] == [False, True]  # epoch 0 was not trained again
+    for h in history:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_auc"} <= set(h)
+
+    state, meta = checkpoint.load_model(train.model_dir(cfg.workdir))
+    assert meta["arch"] == "inception_resnet_v2" and meta["class_names"] == ["real", "fake"]
+    assert (meta["resolution"], meta["input_size"]) == (32, 75)
+    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    assert 0.0 <= meta["threshold"] <= 1.0 and meta["epoch"] == summary["epoch"]
+    best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
+    assert meta["metrics"]["val_auc"] == best["val_auc"]
+    assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
+    assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
+
+    model = detector.from_meta(meta)
+    model.load_state_dict(state)
+    model.eval()
+    pixels = np.stack([sample.face(3, i, 32) for i in range(4)])
+    p = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
+    assert p.shape == (4,) and np.all((p >= 0) & (p <= 1))
+
+    result = evaluate.run(cfg)
+    out = evaluate.eval_dir(cfg.workdir)
+    metrics = storage.read_json(os.path.join(out, "metrics.json"))
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
+                "confusion_matrix", "threshold", "n", "n_real", "n_fake"):
+        assert key in metrics, key
+    test = data.select(cfg, ("test",)).counts["test"]
+    assert metrics["n"] == test["real"] + test["fake"] == result["n"]
+    assert metrics["split"] == "test" and metrics["threshold"] == meta["threshold"]
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
+    robustness = storage.read_json(os.path.join(out, "robustness.json"))
+    assert list(robustness) == evaluate.CONDITIONS
+    for name in ("confusion.png", "roc.png", "curves.png"):
+        assert storage.read_bytes(os.path.join(out, name))[:4] == b"\x89PNG"
+    assert train.run(cfg) == storage.completed(stage)  # a complete stage is skipped
+
+
+@pytest.mark.slow
+def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg):
+    cfg = tiny_cfg(*FAST, "tune.samples=2", "tune.epochs=1", "tune.lr_min=1e-5", "tune.lr_max=1e-3")
+    build(cfg.workdir, 60, 32)
+    result = tune.run(cfg)
+    out = tune.tune_dir(cfg.workdir)
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    lrs = [float(r["lr"]) for r in rows]
+    assert len(set(lrs)) == 2 and all(1e-5 <= lr <= 1e-3 for lr in lrs)
+    assert storage.read_bytes(os.path.join(out, "lr.png"))[:4] == b"\x89PNG"
+    meta = checkpoint.load_meta(train.model_dir(cfg.workdir))
+    assert meta["lr"] == pytest.approx(float(rows[0]["lr"])) == pytest.approx(result["lr"])
+    assert meta["config"]["detector"]["lr"] == pytest.approx(result["lr"])
+    assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
+    assert json.loads(storage.read_text(os.path.join(out, "_COMPLETE.json")))["trials"] == 2
