@@ -1,0 +1,136 @@
+"""Detector throughput at 128 px: plain torch training and inference images/s, and what Ray
+Train costs: a one-worker Ray Train loop versus plain torch on the same batches, in one run.
+
+Both training sides run the same Inception-ResNet-v2 (same seed) through the same
+`detector.train_step` on the same uint8 batches with the same number of torch
+threads; the Ray side streams them from a Ray Data shard and reports once per epoch,
+as deepfake_ray.detector.loop does. Throughput excludes the first (warm-up) epoch; the
+plain side runs before and after the Ray side and is averaged (a shared machine's
+load drifts). Goal: ratio >= 0.9.
+
+    python benchmarks/detector.py [--size 128] [--batch 8] [--batches 2] [--epochs 2] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("DEEPFAKE_RAY_PROGRESS", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from deepfake_ray.data.sample import face  # noqa: E402
+from deepfake_ray.models import detector  # noqa: E402
+
+
+def batches(n: int, size: int, resolution: int) -> list[dict]:
+    faces = np.stack([face(0, i, resolution) for i in range(n * size)])
+    labels = np.arange(n * size) % 2
+    return [{"pixels": faces[i * size:(i + 1) * size], "label": labels[i * size:(i + 1) * size]}
+            for i in range(n)]
+
+
+def model_and_optimizer(threads: int):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = detector.create()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def step(model, opt, pixels, labels, size: int) -> None:
+    x = detector.to_input(torch.as_tensor(pixels), size, [0.5] * 3, [0.5] * 3)
+    detector.train_step(model, opt, x, torch.as_tensor(labels, dtype=torch.int64))
+
+
+def plain(data: list[dict], args) -> float:
+    model, opt = model_and_optimizer(args.threads)
+    model.train()
+    images, seconds = 0, 0.0
+    for epoch in range(args.epochs):
+        started = time.perf_counter()
+        for b in data:
+            step(model, opt, b["pixels"], b["label"], args.size)
+        if epoch:
+            images, seconds = images + sum(len(b["label"]) for b in data), seconds + time.perf_counter() - started
+    return images / seconds
+
+
+def inference(data: list[dict], args) -> float:
+    model, _ = model_and_optimizer(args.threads)
+    model.eval()
+    pixels = np.concatenate([b["pixels"] for b in data])
+    x = detector.to_input(torch.as_tensor(pixels[:args.batch]), args.size, [0.5] * 3, [0.5] * 3)
+    detector.predict(model, x)  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(pixels), args.batch):
+        x = detector.to_input(torch.as_tensor(pixels[i:i + args.batch]), args.size, [0.5] * 3, [0.5] * 3)
+        detector.predict(model, x)
+    return len(pixels) / (time.perf_counter() - started)
+
+
+def ray_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    args = argparse.Namespace(**config)
+    model, opt = model_and_optimizer(args.threads)
+    model = ray.train.torch.prepare_model(model)
+    model.train()
+    shard = ray.train.get_dataset_shard("train")
+    images, seconds = 0, 0.0
+    for epoch in range(args.epochs):
+        started, n = time.perf_counter(), 0
+        for b in shard.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True):
+            step(model, opt, b["pixels"], b["label"], args.size)
+            n += len(b["label"])
+        if epoch:
+            images, seconds = images + n, seconds + time.perf_counter() - started
+        ray.train.report({"epoch": epoch, "images": images, "seconds": seconds})
+
+
+def with_ray(data: list[dict], args) -> tuple[float, float]:
+    """(images/s inside the Ray Train loop, wall seconds of the whole fit)."""
+    import ray.data
+
+    from deepfake_ray import config, runtime, training
+
+    runtime.init()
+    ds = ray.data.from_items([{"pixels": p, "label": int(y)} for b in data
+                              for p, y in zip(b["pixels"], b["label"])]).materialize()
+    cfg = config.build("demo", None, ["resources.workers=1", f"resources.cpus_per_worker={args.threads}"])
+    started = time.time()
+    with tempfile.TemporaryDirectory() as storage:
+        result = training.fit(ray_loop, vars(args), cfg, storage, "bench", datasets={"train": ds})
+    m = result.metrics
+    return m["images"] / m["seconds"], time.time() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=128, help="detector input px")
+    p.add_argument("--resolution", type=int, default=64, help="image px before resizing")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=2, help="batches per epoch")
+    p.add_argument("--epochs", type=int, default=2, help="the first one is warm-up")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    args = p.parse_args()
+    data = batches(args.batches, args.batch, args.resolution)
+    print(f"Inception-ResNet-v2 at {args.size} px, batch {args.batch}, {args.batches} batches x "
+          f"{args.epochs} epochs, {args.threads} torch thread(s)")
+    infer = inference(data, args)
+    before = plain(data, args)
+    ray_ips, wall = with_ray(data, args)
+    after = plain(data, args)
+    base = (before + after) / 2
+    print(f"plain torch inference:       {infer:8.2f} images/s")
+    print(f"plain torch train_step:      {base:8.2f} images/s  (before {before:.2f}, after {after:.2f})")
+    print(f"Ray Train loop, 1 worker:    {ray_ips:8.2f} images/s  (fit wall time {wall:.0f}s incl. start-up)")
+    print(f"ratio Ray / plain:           {ray_ips / base:8.3f}  (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
