@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any, Callable
 
@@ -126,9 +127,34 @@ def inject_failure(stage_uri: str, epoch: int, fail_at_epoch: int) -> None:
     marker = storage.join(stage_uri, f"_fault_injected_epoch_{epoch}")
     if storage.exists(marker):
         return
+    wait_until_registered(epoch - 1)
     storage.write_text(marker, "a worker was killed here on purpose (fail_at_epoch)\n")
     say(f"[deepfake-ray] fault injection: worker {ctx.get_world_rank()} exits at epoch {epoch}")
     os._exit(1)
+
+
+def wait_until_registered(epoch: int, timeout_s: float = 120.0) -> None:
+    """Until the controller lists epoch `epoch`'s checkpoint in its run snapshot.
+
+    A report reaches the controller asynchronously; a worker dying right after it can
+    beat the registration, and the retry then starts from the checkpoint before. The
+    test wants a restore from the last reported epoch, so the fault waits for it.
+    (Reads Ray's snapshot file: test-only code, may need updating with Ray.)
+    """
+    if epoch < 0:
+        return
+    store = ray.train.get_context().get_storage()
+    fs, path = store.storage_filesystem, store.checkpoint_manager_snapshot_path
+    wanted = f'"epoch_{epoch:04d}'
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with fs.open_input_stream(path) as f:
+                if wanted in f.read().decode():
+                    return
+        except (FileNotFoundError, OSError):
+            pass
+        time.sleep(0.2)
 
 
 def say(line: str) -> None:

@@ -96,7 +96,8 @@ def train_epoch(run: Run, shard, epoch: int) -> tuple[torch.Tensor, torch.Tensor
                                  prefetch_batches=2, local_shuffle_buffer_size=4 * g.batch_size,
                                  local_shuffle_seed=run.cfg.seed + epoch)
     for i, batch in enumerate(batches):
-        real = to_unit_range(batch["pixels"]).to(run.device, non_blocking=True)
+        # uint8 to the device first: a quarter of the bytes of float pixels
+        real = to_unit_range(torch.from_numpy(batch["pixels"]).to(run.device, non_blocking=True))
         if run.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(real.shape[0], g.latent_dim, generator=gen, device=run.device)
@@ -109,14 +110,16 @@ def train_epoch(run: Run, shard, epoch: int) -> tuple[torch.Tensor, torch.Tensor
     return per_batch.sum(0), per_batch[:, :2], images, time.perf_counter() - started
 
 
-def reduce(sums: torch.Tensor, per_batch: torch.Tensor, images: int, seconds: float):
+def reduce(run: Run, sums: torch.Tensor, per_batch: torch.Tensor, images: int, seconds: float):
     """Averages over every worker's batches; per-batch losses averaged over workers."""
     world = ray.train.get_context().get_world_size()
     totals = torch.cat([sums, torch.tensor([float(len(per_batch)), float(images), seconds])])
     if world > 1 and dist.is_initialized():
+        # on the device: NCCL (GPU workers) reduces only device tensors
+        totals, per_batch = totals.to(run.device), per_batch.contiguous().to(run.device)
         dist.all_reduce(totals)
         dist.all_reduce(per_batch)  # equal shards + drop_last: same batch count everywhere
-        per_batch = per_batch / world
+        totals, per_batch = totals.cpu(), per_batch.cpu() / world
     batches = max(totals[len(METRICS)].item(), 1.0)
     means = {k: round(totals[i].item() / batches, 5) for i, k in enumerate(METRICS)}
     images, seconds = int(totals[-2].item()), totals[-1].item() / world
@@ -164,7 +167,7 @@ def train_loop(config: dict) -> None:
     first = resumed_from + 1 if resumed_from is not None else 0
     for epoch in range(first, cfg.gan.epochs):
         sums, per_batch, images, seconds = train_epoch(run, shard, epoch)
-        means, per_batch, images, seconds = reduce(sums, per_batch, images, seconds)
+        means, per_batch, images, seconds = reduce(run, sums, per_batch, images, seconds)
         run.epoch_starts.append(len(run.batch_losses))
         run.batch_losses = torch.cat([run.batch_losses, per_batch])
         run.global_step += len(per_batch)
