@@ -44,15 +44,18 @@ class Detector:
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batching = {"max_batch_size": max_batch_size,
                          "batch_wait_timeout_s": batch_wait_timeout_s}
-        self.stats = {"batches": 0, "images": 0, "largest_batch": 0}
+        self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, blobs: list[bytes]) -> list:
         self.stats["batches"] += 1
         self.stats["images"] += len(blobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(blobs))
+        started = time.perf_counter()
         # off the event loop, so the next batch fills while this one computes
-        return await asyncio.to_thread(self.predictor.predict_bytes, blobs)
+        results = await asyncio.to_thread(self.predictor.predict_bytes, blobs)
+        self.stats["predict_seconds"] += time.perf_counter() - started
+        return results
 
     async def image_from(self, request: Request) -> bytes:
         body = await http.read_body(request, self.max_body_bytes)
@@ -135,6 +138,7 @@ def deployment_options(cfg: Config) -> dict:
                                "initial_replicas": s.min_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests},
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus_per_replica(cfg)},
+        "logging_config": {"enable_access_log": s.access_log},
     }
 
 

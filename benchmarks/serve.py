@@ -1,0 +1,154 @@
+"""Serving throughput: dynamic batching vs max_batch_size=1 vs the Predictor in-process.
+
+    python benchmarks/serve.py [--model DIR] [--requests 128] [--port 8123]
+
+Real HTTP on loopback against Ray Serve. For each service (batched, unbatched) and
+concurrency (1, 16, 64) it sends a bounded number of requests and reports requests/s
+and p50/p99 latency; then it calls the Predictor directly on the same images in this
+process (same thread count as a replica) as the ceiling. Prints the two ratios the
+project tracks: batched / unbatched at concurrency 16 (goal >= 2x), and HTTP batched at
+concurrency 64 / direct in-process (goal >= 0.7). Without --model it exports a randomly
+initialised detector (the tiny preset's 32 px images, 75 px input): speed does not
+depend on the weights.
+"""
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DEEPFAKE_RAY_PROGRESS", "0")
+
+from deepfake_ray import config, runtime  # noqa: E402
+from deepfake_ray.data.sample import face  # noqa: E402
+from deepfake_ray.data.decode import encode_jpeg  # noqa: E402
+
+CONCURRENCY = (1, 16, 64)
+
+
+def export_random_model(path: str, resolution: int, input_size: int) -> str:
+    import torch
+
+    from deepfake_ray import checkpoint
+    from deepfake_ray.models import detector
+
+    torch.manual_seed(0)
+    net = detector.create("inception_resnet_v2", num_classes=2, pretrained="none")
+    meta = {"arch": "inception_resnet_v2", "num_classes": 2, "class_names": ["real", "fake"],
+            "resolution": resolution, "input_size": input_size,
+            "preprocessing": detector.preprocessing(net),
+            "threshold": 0.5, "epoch": 0, "metrics": {}, "config": {}, "fingerprints": {}}
+    checkpoint.save_model(path, net.state_dict(), meta)
+    return path
+
+
+async def load(url: str, images: list[bytes], requests: int, concurrency: int) -> dict:
+    """`requests` POSTs from `concurrency` concurrent clients; latency of each."""
+    import httpx
+
+    latencies, failures, next_index = [], 0, iter(range(requests))
+
+    async def client_loop(client):
+        nonlocal failures
+        for i in next_index:
+            start = time.perf_counter()
+            response = await client.post(url, content=images[i % len(images)])
+            latencies.append(time.perf_counter() - start)
+            failures += response.status_code != 200
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {"requests": requests, "rps": requests / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)), "failures": failures}
+
+
+def bench_service(cfg, model: str, images: list[bytes], requests: int, port: int,
+                  levels: tuple[int, ...] = CONCURRENCY) -> dict:
+    import httpx
+    from ray import serve
+
+    from deepfake_ray.serving import app
+
+    serve.run(app.build(cfg, model), name=app.APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}/v1/detect"
+    asyncio.run(load(url, images, 2 * cfg.serve.max_batch_size, cfg.serve.max_batch_size))  # warm
+    results = {}
+    for c in levels:
+        before = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json()
+        results[c] = asyncio.run(load(url, images, max(requests // 2, 2 * c) if c == 1
+                                      else max(requests, 2 * c), c))
+        after = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json()
+        batches = max(1, after["batches"] - before["batches"])
+        results[c]["mean_batch"] = (after["images"] - before["images"]) / batches
+        # share of the wall time the replica spent in Predictor.predict_bytes
+        wall = results[c]["requests"] / results[c]["rps"]
+        results[c]["busy"] = (after["predict_seconds"] - before["predict_seconds"]) / wall
+    serve.delete(app.APP_NAME)
+    return results
+
+
+def bench_direct(model: str, images: list[bytes], requests: int, batch: int, threads: int) -> dict:
+    from deepfake_ray.serving.predictor import Predictor
+
+    predictor = Predictor(model, threads=threads)
+    predictor.predict_bytes(images[:batch])  # warm-up
+    blobs = [images[i % len(images)] for i in range(requests)]
+    started = time.perf_counter()
+    for i in range(0, requests, batch):
+        predictor.predict_bytes(blobs[i:i + batch])
+    return {"rps": requests / (time.perf_counter() - started)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="exported model folder (default: a random tiny detector)")
+    p.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
+    p.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched service")
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both services, e.g. serve.access_log=false")
+    args = p.parse_args()
+    model = args.model or export_random_model(os.path.join(tempfile.mkdtemp(), "model"), 32, 75)
+    from deepfake_ray import checkpoint
+
+    resolution = checkpoint.load_meta(model)["resolution"]
+    images = [encode_jpeg(face(1, i, resolution), 95) for i in range(32)]
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure
+    runtime.init()
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    base = ["serve.batch_wait_timeout_s=0.01", "serve.cpus_per_replica=1", *args.overrides]
+    cfg_batched = config.build("tiny", None, base + [f"serve.max_batch_size={args.batch}"])
+    cfg_single = config.build("tiny", None, base + ["serve.max_batch_size=1",
+                                                    "serve.max_ongoing_requests=64"])
+    batched = bench_service(cfg_batched, model, images, args.requests, args.port)
+    single = bench_service(cfg_single, model, images, args.requests, args.port)
+    serve.shutdown()
+    direct = bench_direct(model, images, args.requests, args.batch, threads=1)
+    print(f"\nmodel {model}; {args.requests} requests per level; replica and direct: 1 torch "
+          f"thread; {os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")
+    for name, results in ((f"batched (max {args.batch})", batched), ("unbatched (max 1)", single)):
+        for c, r in results.items():
+            print(f"{name:<22}{c:>5}{r['rps']:>9.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}"
+                  f"{r['mean_batch']:>7.1f}{r['busy']:>6.0%}"
+                  + (f"  {r['failures']} FAILED" if r["failures"] else ""))
+    print(f"{'direct in-process':<22}{'-':>5}{direct['rps']:>9.1f}   (Predictor.predict_bytes, "
+          f"batches of {args.batch})")
+    speedup = batched[16]["rps"] / single[16]["rps"]
+    share = batched[64]["rps"] / direct["rps"]
+    print(f"\nbatching speed-up at concurrency 16: {speedup:.2f}x (goal >= 2x)")
+    print(f"HTTP batched at concurrency 64 / direct in-process: {share:.2f} (goal >= 0.70)")
+
+
+if __name__ == "__main__":
+    main()
