@@ -109,6 +109,7 @@ class ServeConfig:
     max_ongoing_requests: int = 0  # per replica; 0: 2 x max_batch_size (never below it)
     cpus_per_replica: float = 1.0
     score_actors: int = 0  # batch-scoring actor pool size; 0: one per GPU, else CPUs // 4
+    access_log: bool = True  # one log line per request from each replica
 
 
 @dataclass(frozen=True)
