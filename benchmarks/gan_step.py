@@ -1,12 +1,13 @@
 """What Ray Train costs the DCGAN: training images/s of a one-worker Ray Train loop versus
 the same plain-torch `gan_step` calls on the same in-memory batches, in one run.
 
-Both sides train the same models (same seed) on the same uint8 batches for the same
-number of epochs with the same number of torch threads; the Ray side streams them
-from a Ray Data dataset shard and reports once per epoch, as deepfake_ray.gan.loop does.
-Throughput is measured inside each loop and excludes the first (warm-up) epoch; the
-Ray side's start-up time is printed separately. The plain side runs before and
-after the Ray side and is averaged, since a shared machine's load drifts. Goal: ratio >= 0.9.
+Both sides train the same models (same seed) on the same uint8 batches with the same
+number of torch threads; the Ray side streams them from a Ray Data dataset shard,
+wraps the models with `prepare_model` and reports once per epoch, as
+deepfake_ray.gan.loop does. The two sides take turns, one epoch each (the other
+waits idle), so a shared machine's drifting load hits both alike. Throughput is
+measured inside each loop, excludes the first (warm-up) epoch, and includes the Ray
+side's per-epoch report; Ray's start-up time is printed separately. Goal: ratio >= 0.9.
 
     python benchmarks/gan_step.py [--resolution 64] [--width 32] [--batch 64] [--batches 8]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -39,23 +41,18 @@ def models(args):
     return (G, D, *dcgan.optimizers(G, D))
 
 
-def plain(data: list[np.ndarray], args) -> float:
-    """Images/s of bare torch over the in-memory batches (epochs after the first)."""
-    torch.set_num_threads(args.threads)
-    G, D, opt_g, opt_d = models(args)
-    gen = torch.Generator().manual_seed(0)
-    images, seconds = 0, 0.0
-    for epoch in range(args.epochs):
-        started = time.perf_counter()
-        for pixels in data:
-            z = torch.randn(len(pixels), 100, generator=gen)
-            dcgan.gan_step(G, D, opt_g, opt_d, to_unit_range(pixels), z)
-        if epoch:
-            images, seconds = images + sum(map(len, data)), seconds + time.perf_counter() - started
-    return images / seconds
+def plain_epoch(state, data: list[np.ndarray]) -> tuple[int, float]:
+    """One epoch of bare torch over the in-memory batches: (images, seconds)."""
+    G, D, opt_g, opt_d, gen = state
+    started = time.perf_counter()
+    for pixels in data:
+        z = torch.randn(len(pixels), 100, generator=gen)
+        dcgan.gan_step(G, D, opt_g, opt_d, to_unit_range(pixels), z)
+    return sum(map(len, data)), time.perf_counter() - started
 
 
 def ray_loop(config: dict) -> None:
+    """The Ray Train side; waits for its turn before each epoch, hands the turn back after."""
     import ray.train
     import ray.train.torch
 
@@ -65,35 +62,59 @@ def ray_loop(config: dict) -> None:
     G, D = ray.train.torch.prepare_model(G), ray.train.torch.prepare_model(D)
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator().manual_seed(0)
-    images, seconds = 0, 0.0
     for epoch in range(args.epochs):
+        args.to_ray.get()
         started, n = time.perf_counter(), 0
         for batch in shard.iter_batches(batch_size=args.batch, batch_format="numpy",
                                         drop_last=True, prefetch_batches=2):
             z = torch.randn(len(batch["data"]), 100, generator=gen)
             dcgan.gan_step(G, D, opt_g, opt_d, to_unit_range(batch["data"]), z)
             n += len(batch["data"])
-        if epoch:
-            images, seconds = images + n, seconds + time.perf_counter() - started
-        ray.train.report({"epoch": epoch, "images": images, "seconds": seconds})
+        ray.train.report({"epoch": epoch, "images": n})
+        args.to_driver.put((n, time.perf_counter() - started))
 
 
-def with_ray(data: list[np.ndarray], args) -> tuple[float, float]:
-    """(images/s inside the Ray Train loop, wall seconds of the whole fit)."""
-    import ray
+def compare(data: list[np.ndarray], args) -> tuple[float, float, float]:
+    """(plain images/s, Ray images/s, Ray fit wall seconds), epochs taken in turns."""
     import ray.data
+    from ray.util.queue import Queue
 
     from deepfake_ray import config, runtime, training
 
     runtime.init()
+    torch.set_num_threads(args.threads)
     ds = ray.data.from_numpy(np.concatenate(data)).materialize()
     cfg = config.build("demo", None, ["resources.workers=1",
                                       f"resources.cpus_per_worker={args.threads}"])
-    started = time.time()
-    with tempfile.TemporaryDirectory() as storage:
-        result = training.fit(ray_loop, vars(args), cfg, storage, "bench", datasets={"train": ds})
-    m = result.metrics
-    return m["images"] / m["seconds"], time.time() - started
+    to_ray, to_driver = Queue(), Queue()
+    loop_config = {**vars(args), "to_ray": to_ray, "to_driver": to_driver}
+    storage = tempfile.mkdtemp(prefix="gan-step-bench-")
+    errors, started = [], time.time()
+
+    def fit():
+        try:
+            training.fit(ray_loop, loop_config, cfg, storage, "bench", datasets={"train": ds})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            to_driver.put(None)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    plain_state = (*models(args), torch.Generator().manual_seed(0))
+    totals = {"plain": [0, 0.0], "ray": [0, 0.0]}
+    for epoch in range(args.epochs):
+        to_ray.put(epoch)
+        ray_epoch = to_driver.get(timeout=1800)
+        if ray_epoch is None:
+            raise RuntimeError(f"the Ray Train side failed: {errors[0]}")
+        plain = plain_epoch(plain_state, data)
+        if epoch:  # the first epoch of each side is warm-up
+            for side, (n, s) in (("ray", ray_epoch), ("plain", plain)):
+                totals[side][0] += n
+                totals[side][1] += s
+    thread.join()
+    wall = time.time() - started
+    return (totals["plain"][0] / totals["plain"][1], totals["ray"][0] / totals["ray"][1], wall)
 
 
 def main() -> None:
@@ -102,17 +123,14 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32, help="g_width = d_width")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=8, help="batches per epoch")
-    p.add_argument("--epochs", type=int, default=3, help="the first one is warm-up")
+    p.add_argument("--epochs", type=int, default=4, help="the first one is warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     args = p.parse_args()
     data = batches(args.batches, args.batch, args.resolution)
     print(f"DCGAN {args.resolution} px, widths {args.width}, batch {args.batch}, "
-          f"{args.batches} batches x {args.epochs} epochs, {args.threads} torch thread(s)")
-    before = plain(data, args)
-    ray_ips, wall = with_ray(data, args)
-    after = plain(data, args)  # before and after: a shared machine's load drifts
-    base = (before + after) / 2
-    print(f"plain torch gan_step:        {base:8.1f} images/s  (before {before:.1f}, after {after:.1f})")
+          f"{args.batches} batches x {args.epochs} epochs per side, {args.threads} torch thread(s)")
+    base, ray_ips, wall = compare(data, args)
+    print(f"plain torch gan_step:        {base:8.1f} images/s")
     print(f"Ray Train loop, 1 worker:    {ray_ips:8.1f} images/s  (fit wall time {wall:.0f}s "
           "incl. start-up)")
     print(f"ratio Ray / plain:           {ray_ips / base:8.3f}  (goal >= 0.9)")

@@ -75,6 +75,15 @@ def quotas(reals: pa.Table, num: int) -> dict[str, int]:
     return out
 
 
+def candidates_needed(missing: dict[str, int], splits) -> int:
+    """Enough candidates that every split very likely fills in one round: a split of
+    probability p needs about n/p of them, plus three standard deviations."""
+    total = sum(splits)
+    need = [(n + 3 * n ** 0.5) / (p / total)
+            for n, p in zip((missing[s] for s in datasets.SPLITS), splits) if n > 0 and p > 0]
+    return int(max(need, default=0)) + 16
+
+
 def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.data.Dataset:
     """Candidates start..start+count-1, made by a pool of generator actors."""
     return ray.data.range(count).map_batches(
@@ -116,8 +125,8 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
     pool = max(1, runtime.cluster_gpus() if use_gpu else cfg.resources.workers)
     total, rounds, start, chosen = sum(want.values()), [], 0, {}
     for _ in range(MAX_ROUNDS):
-        missing = total - len(chosen)
-        count = int(missing * 1.25) + 16 if rounds else int(total * 1.1) + 16
+        have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
+        count = candidates_needed({s: want[s] - have[s] for s in want}, cfg.data.splits)
         print(f"generate: making {count:,} candidates from index {start:,}", flush=True)
         rounds.append(make(cfg, start, count, pool, use_gpu))
         start += count
