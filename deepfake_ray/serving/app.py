@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
@@ -47,15 +48,27 @@ class Detector:
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, blobs: list[bytes]) -> list:
+    async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
+        """Decoded images of concurrent requests -> one forward pass."""
         self.stats["batches"] += 1
-        self.stats["images"] += len(blobs)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(blobs))
+        self.stats["images"] += len(images)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         started = time.perf_counter()
         # off the event loop, so the next batch fills while this one computes
-        results = await asyncio.to_thread(self.predictor.predict_bytes, blobs)
+        p_fake = await asyncio.to_thread(self.predictor.predict_pixels, np.stack(images))
         self.stats["predict_seconds"] += time.perf_counter() - started
-        return results
+        return [self.predictor.describe(p) for p in p_fake]
+
+    async def predict(self, blob: bytes) -> dict | DecodeError:
+        """Predictor.predict_bytes for one image, its forward pass shared with others.
+
+        Decoding happens per request (in a thread, in parallel), so a bad file is
+        answered at once and the batch holds only images ready for the model."""
+        try:
+            pixels = await asyncio.to_thread(self.predictor.decode, blob)
+        except DecodeError as e:
+            return e
+        return await self.predict_batch(pixels)
 
     async def image_from(self, request: Request) -> bytes:
         body = await http.read_body(request, self.max_body_bytes)
@@ -74,7 +87,7 @@ class Detector:
     @api.post("/v1/detect")
     async def detect(self, request: Request) -> dict:
         """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
-        result = await self.predict_batch(await self.image_from(request))
+        result = await self.predict(await self.image_from(request))
         if isinstance(result, DecodeError):
             raise http.ApiError(error_status(result), error_text(result))
         return result
@@ -88,7 +101,7 @@ class Detector:
         files = http.multipart_files(request.headers["content-type"], body)
         if not files:
             raise http.ApiError(400, "no files in the multipart body")
-        outcomes = await asyncio.gather(*(self.predict_batch(data) for _, _, data in files))
+        outcomes = await asyncio.gather(*(self.predict(data) for _, _, data in files))
         results = []
         for (_, name, _), outcome in zip(files, outcomes):
             if isinstance(outcome, DecodeError):

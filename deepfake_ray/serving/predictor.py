@@ -2,10 +2,11 @@
 
 bytes --decode_image--> uint8 pixels --predict_pixels--> p_fake --describe--> result
 
-Serving calls `predict_bytes` (all three steps in the replica). Batch scoring runs
-`decode_image` in parallel Ray Data tasks and `predict_pixels` + `describe` in an actor
-pool. Both use these same functions with the model's own metadata, so an image gets the
-same score from either.
+`predict_bytes` is the three steps in one call. The HTTP service decodes each request
+as it arrives and runs `predict_pixels` + `describe` once per dynamic batch; batch
+scoring runs `decode_image` in parallel Ray Data tasks and `predict_pixels` + `describe`
+in an actor pool. All use these same functions with the model's own metadata, so an
+image gets the same score from each.
 """
 from __future__ import annotations
 
