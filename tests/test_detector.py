@@ -122,11 +122,12 @@ def test_missing_fakes_say_which_command_makes_them(tiny_cfg):
 
 # --- the CLI without the model hub ----------------------------------------------------
 
-def test_pretrained_hub_without_network_exits_2_with_the_fix(tmp_path):
+def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_path):
     workdir = str(tmp_path / "work")
     build(workdir, 20, 32)
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    env.pop("RAY_ADDRESS", None)
+    # the hub boundary: offline, with an empty cache; the CLI joins this session's Ray
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     done = subprocess.run(
         [sys.executable, "-m", "deepfake_ray.cli", "train-detector", "--preset", "tiny",
          "--workdir", workdir, "--set", "detector.pretrained=hub"],

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.expressions import col
 from PIL import Image, ImageFilter
 
 from deepfake_ray import storage
@@ -124,55 +125,66 @@ def check_encoding(real_dir: str, fake_dir: str, resolution: int) -> int:
 
 # --- Ray Data ------------------------------------------------------------------------
 
-def dataset(cfg: Config, selection: Selection, split: str, augment: bool = False,
-            shuffle: bool = False) -> ray.data.Dataset:
-    """Columns sha1, label (0 real, 1 fake), pixels (uint8 NHWC) of one split.
+def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) -> ray.data.Dataset:
+    """Columns sha1, split, label (0 real, 1 fake), pixels (uint8 NHWC) of the selected images.
 
-    Both stages are read by one read_parquet, and selecting, labelling, augmenting and
-    decoding are one map fused into the read tasks: few tasks, even for tiny sets.
+    Both stages are read by one read_parquet, and selecting, labelling and decoding are
+    one map fused into the read tasks: few tasks, even for tiny sets.
     """
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
     fs, real = storage.resolve(datasets.images_uri(datasets.data_dir(cfg.workdir)))
     _, fake = storage.resolve(datasets.images_uri(datasets.fakes_dir(cfg.workdir)))
-    wanted = {h: label for label, hashes in selection.hashes[split].items() for h in hashes}
-    ds = ray.data.read_parquet([real, fake], filesystem=fs, columns=["sha1", "split", "image"])
-    if shuffle:  # blocks in a new order every epoch; the trainer's local buffer mixes rows
-        ds = ds.randomize_block_order()
-    d = cfg.detector
-    aug = dict(hflip=d.hflip, jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
-               blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma) if augment else None
-    return ds.map_batches(decode_labelled, fn_kwargs={"split": split, "wanted": wanted, "augment": aug,
-                                                         "size": selection.resolution},
+    wanted = {h: label for split in splits for label, hashes in selection.hashes[split].items()
+              for h in hashes}
+    ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "split", "image"])
+    return ds.map_batches(decode_labelled, fn_kwargs={"splits": splits, "wanted": wanted,
+                                                      "size": selection.resolution},
                           batch_format="numpy", batch_size=cfg.data.decode_batch_size,
                           num_cpus=cfg.resources.data_cpus)
 
 
-def decode_labelled(batch: dict, split: str, wanted: dict[str, int], augment: dict | None,
-                    size: int) -> dict:
+def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Dataset]:
+    """train and val for Ray Train, decoded once (materialized), columns pixels and label.
+
+    One read for both splits (a Parquet read has a fixed start-up cost), then each split
+    is cut from the decoded blocks in memory. Each epoch only reorders train's blocks
+    (the trainer's local shuffle buffer mixes rows; horizontal flips happen on the
+    worker's tensors) and, when configured, re-draws JPEG/blur augmentations in Ray Data.
+    """
+    both = dataset(cfg, selection, ("train", "val")).materialize()
+    views = {split: both.filter(expr=col("split") == split).select_columns(["pixels", "label"])
+             .materialize() for split in ("train", "val")}
+    train = views["train"].randomize_block_order()
+    d = cfg.detector
+    if d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0:
+        train = train.map_batches(
+            augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
+                                          blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma),
+            batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
+    return {"train": train, "val": views["val"]}
+
+
+def decode_labelled(batch: dict, splits: tuple[str, ...], wanted: dict[str, int], size: int) -> dict:
     keep = [i for i, (h, s) in enumerate(zip(batch["sha1"], batch["split"]))
-            if s == split and h in wanted]
+            if s in splits and h in wanted]
+    pixels = (np.stack([decode_jpeg(batch["image"][i]) for i in keep]) if keep
+              else np.zeros((0, size, size, 3), np.uint8))
     sha1 = np.asarray([batch["sha1"][i] for i in keep], dtype=object)
-    if not keep:
-        return {"sha1": sha1, "label": np.zeros(0, np.int64), "pixels": np.zeros((0, size, size, 3), np.uint8)}
-    pixels = np.stack([decode_jpeg(batch["image"][i]) for i in keep])
-    if augment:
-        pixels = augment_batch(pixels, np.random.default_rng(), **augment)
-    return {"sha1": sha1, "label": np.asarray([wanted[h] for h in sha1], dtype=np.int64),
-            "pixels": pixels}
+    return {"sha1": sha1, "split": np.asarray([batch["split"][i] for i in keep], dtype=object),
+            "label": np.asarray([wanted[h] for h in sha1], dtype=np.int64), "pixels": pixels}
 
 
-def augment_batch(pixels: np.ndarray, rng: np.random.Generator, hflip: bool, jpeg_prob: float,
-                  jpeg_quality, blur_prob: float, blur_sigma) -> np.ndarray:
-    """Wang et al. 2020: random blur, then random JPEG re-compression; plus horizontal flips."""
+def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma) -> dict:
+    """Wang et al. 2020: random Gaussian blur, then random JPEG re-compression, per image."""
+    rng = np.random.default_rng()
     out = []
-    for img in pixels:
-        if hflip and rng.random() < 0.5:
-            img = img[:, ::-1]
+    for img in batch["pixels"]:
         if blur_prob > 0 and rng.random() < blur_prob:
             img = blur(img, rng.uniform(*blur_sigma))
         if jpeg_prob > 0 and rng.random() < jpeg_prob:
             img = jpeg(img, int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
-        out.append(np.ascontiguousarray(img))
-    return np.stack(out)
+        out.append(img)
+    return {**batch, "pixels": np.stack(out) if out else batch["pixels"]}
 
 
 # --- image transforms (augmentation and robustness) ----------------------------------

@@ -96,6 +96,8 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, after
         if len(y) < 2:  # batch norm over a 1x1 feature map cannot train on one image
             continue
         x = inputs(batch["pixels"], d.input_size, pre, device)
+        if d.hflip:
+            x = detector.random_hflip(x)
         batch_loss, batch_correct = detector.train_step(model, optimizer, x, y, amp)
         loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
         if n == len(y):

@@ -94,20 +94,18 @@ def resolve_pretrained(cfg: Config) -> str:
 
 
 def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_uri: str,
-              name: str, out_dir: str, lr: float | None = None, callbacks: list | None = None):
+              name: str, out_dir: str, lr: float | None = None, callbacks: list | None = None,
+              views: dict | None = None):
     """One Ray Train fine-tune (resumed when `storage_uri`/`name` holds an unfinished run)."""
     d = cfg.detector
     if lr is not None:
         cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
-    train_ds = data.dataset(cfg, selection, "train", augment=True, shuffle=True)
-    val_ds = data.dataset(cfg, selection, "val")
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
                    "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
                    "resolution": selection.resolution, "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
     return training.fit(loop.train_loop, loop_config, cfg, storage_uri, name,
-                        datasets={"train": train_ds.select_columns(["pixels", "label"]),
-                                  "val": val_ds.select_columns(["pixels", "label"])},
+                        datasets=views or data.training_views(cfg, selection),
                         keep=d.keep_checkpoints, max_failures=d.max_failures, callbacks=callbacks)
 
 

@@ -48,7 +48,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         train.clear(out)
         train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
     started = time.time()
-    tuner = make_tuner(cfg, selection, pretrained)
+    views = data.training_views(cfg, selection)  # decoded once, shared by every trial
+    tuner = make_tuner(cfg, selection, pretrained, views)
     print(f"tune: {cfg.tune.samples} trials x {cfg.tune.epochs} epochs, lr log-uniform in "
           f"[{cfg.tune.lr_min:g}, {cfg.tune.lr_max:g}], {concurrency(cfg)} at a time; "
           f"{train.describe(selection)}")
@@ -94,24 +95,25 @@ def concurrency(cfg: Config) -> int:
     return int(max(1, min(t.samples, fits)))
 
 
-def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: str) -> None:
+def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: str,
+          views: dict) -> None:
     """One Tune trial: the train-detector fine-tune at params["lr"], reporting to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = config.from_dict(cfg_dict)
     out = trial_dir(cfg.workdir, tune.get_context().get_trial_id())
     train.fine_tune(cfg, selection, pretrained, out, "run", out, lr=params["lr"],
-                    callbacks=[TuneReportCallback()])
+                    callbacks=[TuneReportCallback()], views=views)
 
 
-def make_tuner(cfg: Config, selection: data.Selection, pretrained: str) -> tune.Tuner:
+def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: dict) -> tune.Tuner:
     """A new sweep, or the interrupted one under WORKDIR/tune restored."""
     fs, root = storage.resolve(cfg.workdir)
     trial_cfg = config.from_dict({**config.to_dict(cfg),
                                   "detector": {**config.to_dict(cfg)["detector"], "epochs": cfg.tune.epochs}})
     trainable = tune.with_resources(
         tune.with_parameters(trial, cfg_dict=config.to_dict(trial_cfg), selection=selection,
-                             pretrained=pretrained),
+                             pretrained=pretrained, views=views),
         {"CPU": TRIAL_CPU})
     path = f"{root}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):

@@ -146,6 +146,12 @@ def train_mode(model: nn.Module, frozen: bool) -> None:
                 module.eval()
 
 
+def random_hflip(x: torch.Tensor) -> torch.Tensor:
+    """Each image of an NCHW batch mirrored left-right with probability 1/2 (torch RNG)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
     """One optimizer step; returns (summed loss, correct predictions) for the batch."""
