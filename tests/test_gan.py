@@ -3,7 +3,6 @@ a lost worker, a killed driver and a damaged checkpoint), bad input, and generat
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
