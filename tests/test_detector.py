@@ -4,6 +4,7 @@ Ray Tune sweep, and the hub-unreachable error through the CLI."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -56,6 +57,36 @@ def test_weights_with_an_imagenet_head_load_into_the_two_class_model(tmp_path, s
     assert model.classif.weight.shape == (2, 1536)
     assert torch.equal(model.conv2d_1a.conv.weight, imagenet.conv2d_1a.conv.weight)
     assert torch.equal(model.block8.conv2d.weight, imagenet.block8.conv2d.weight)
+
+
+def test_weights_from_s3_load_without_unpickling(s3_server):
+    bucket = s3_server("detector-weights")
+    head = {"classif.weight": torch.ones(1000, 1536), "conv2d_1a.conv.weight": torch.zeros(32, 3, 3, 3)}
+    buf = io.BytesIO()
+    torch.save({"model": head, "note": "a wrapper key"}, buf)
+    storage.write_bytes(f"{bucket}/irv2.pth", buf.getvalue())
+    state = detector.read_weights(f"{bucket}/irv2.pth")
+    assert set(state) == set(head) and torch.equal(state["classif.weight"], head["classif.weight"])
+    buf = io.BytesIO()
+    torch.save({"weights": head, "hook": print}, buf)  # a pickled function: refused
+    storage.write_bytes(f"{bucket}/evil.pth", buf.getvalue())
+    with pytest.raises(UsageError, match="not a safetensors file or a torch state dict"):
+        detector.read_weights(f"{bucket}/evil.pth")
+
+
+def test_frozen_backbone_trains_only_the_head():
+    model = detector.create()
+    detector.set_backbone_frozen(model, True)
+    detector.train_mode(model, frozen=True)
+    stem, head = model.conv2d_1a.conv.weight.detach().clone(), model.classif.weight.detach().clone()
+    running = model.conv2d_1a.bn.running_mean.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = detector.to_input(np.stack([sample.face(0, i, 32) for i in range(2)]), 75, [0.5] * 3, [0.5] * 3)
+    detector.train_step(model, opt, x, torch.tensor([0, 1]))
+    assert torch.equal(stem, model.conv2d_1a.conv.weight) and not torch.equal(head, model.classif.weight)
+    assert torch.equal(running, model.conv2d_1a.bn.running_mean)  # batch-norm statistics kept
+    detector.set_backbone_frozen(model, False)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
