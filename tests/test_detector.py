@@ -37,8 +37,8 @@ def test_inception_resnet_v2_at_128px_trains_and_has_the_study_head():
     assert x.shape == (2, 3, 128, 128) and -1.0 <= float(x.min()) and float(x.max()) <= 1.0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = model.classif.weight.detach().clone()
-    loss_sum, _ = detector.train_step(model, opt, x, torch.tensor([0, 1]))
-    assert np.isfinite(loss_sum) and not torch.equal(before, model.classif.weight)
+    loss_sum, correct = detector.train_step(model, opt, x, torch.tensor([0, 1]))
+    assert np.isfinite(float(loss_sum)) and 0 <= int(correct) <= 2 and not torch.equal(before, model.classif.weight)
     assert model.conv2d_1a.conv.weight.grad is not None  # the backbone learns too
     model.eval()
     assert detector.predict(model, x).shape == (2, 2)

@@ -28,18 +28,7 @@ def train_loop(loop: dict) -> None:
     d = cfg.detector
     device = training.device()
     amp = torch.bfloat16 if device.type == "cuda" else None
-    state = training.restore_state()
-    model = detector.create(d.arch, 2, "none" if state else loop["pretrained"], d.hub_name)
-    if state:
-        model.load_state_dict(state["model"])
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model.to(device)
-    optimizer = make_optimizer(model, d.optimizer, loop["lr"], d.weight_decay)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        training.set_rng_state(state["rng"])
-        training.say(f"[deepfake-ray] detector: resuming after epoch {state['epoch'] + 1}")
+    model, optimizer, state = setup(loop, cfg, device)
     history = list(state["history"]) if state else []
     start = state["epoch"] + 1 if state else 0
     best = best_so_far(loop["out_dir"])
@@ -57,8 +46,7 @@ def train_loop(loop: dict) -> None:
         # reported checkpoint has reached the controller before the worker dies
         fault = lambda: training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)  # noqa: E731
         entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen, fault))
-        labels, p, loss_sum = validate(wrapped, d, pre, device, amp)
-        entry.update(metrics.epoch_validation(labels, p, loss_sum))
+        entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))
         entry["seconds"] = round(time.time() - started, 2)
         history.append(entry)
         if training.rank() == 0:
@@ -66,13 +54,36 @@ def train_loop(loop: dict) -> None:
                 export(loop["out_dir"], model, entry, cfg, loop, pre)
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
-        if training.rank() == 0:
-            training.say(f"train-detector: epoch {epoch + 1}/{d.epochs}  " + "  ".join(
-                f"{k} {entry[k]:.4f}" for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc"))
-                + f"  {entry['train_images_per_s']:.1f} images/s")
-        new_state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "rng": training.rng_state(), "history": history}
-        training.report_epoch(epoch, entry, new_state)
+            training.say(progress_line(entry, d.epochs))
+        training.report_epoch(epoch, entry, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": training.rng_state(), "history": history})
+
+
+def setup(loop: dict, cfg, device: torch.device):
+    """(model on device, optimizer, restored state or None): resumed state wins over weights."""
+    d = cfg.detector
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
+    state = training.restore_state()
+    model = detector.create(d.arch, 2, "none" if state else loop["pretrained"], d.hub_name)
+    if state:
+        model.load_state_dict(state["model"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    optimizer = make_optimizer(model, d.optimizer, loop["lr"], d.weight_decay)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        training.set_rng_state(state["rng"])
+        training.say(f"[deepfake-ray] detector: resuming after epoch {state['epoch'] + 1}")
+    return model, optimizer, state
+
+
+def progress_line(entry: dict, epochs: int) -> str:
+    return (f"train-detector: epoch {entry['epoch'] + 1}/{epochs}  " + "  ".join(
+        f"{k} {entry[k]:.4f}" for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc"))
+        + f"  {entry['train_images_per_s']:.1f} images/s")
 
 
 def make_optimizer(model, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -90,7 +101,8 @@ def batches(split: str, batch_size: int):
 
 def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, after_first_batch) -> dict:
     detector.train_mode(model, frozen)
-    loss_sum, correct, n, started = 0.0, 0, 0, time.time()
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    n, started = 0, time.time()
     for batch in batches("train", d.batch_size):
         y = batch["label"].to(device)
         if len(y) < 2:  # batch norm over a 1x1 feature map cannot train on one image
@@ -102,8 +114,9 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, after
         loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
         if n == len(y):
             after_first_batch()
+    loss_sum, correct = float(loss_sum), float(correct)  # one device sync per epoch
     seconds = time.time() - started
-    loss_sum, correct, n = (float(v) for v in all_sum([loss_sum, correct, n]))
+    loss_sum, correct, n = all_sum([loss_sum, correct, n])
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
             "train_n": int(n), "train_images_per_s": round(n / max(seconds, 1e-9), 2)}
 

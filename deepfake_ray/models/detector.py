@@ -153,16 +153,17 @@ def random_hflip(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
-    """One optimizer step; returns (summed loss, correct predictions) for the batch."""
+               y: torch.Tensor, autocast_dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (summed loss, correct predictions) as detached tensors,
+    left on the device so a GPU loop does not wait for each step."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     optimizer.step()
-    correct = int((logits.argmax(1) == y).sum())
-    return float(loss.detach()) * len(y), correct
+    return loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()
 
 
 @torch.no_grad()
