@@ -66,14 +66,19 @@ def curves(history: list[dict]) -> bytes:
     return png(fig)
 
 
-def lr_sweep(lrs, aucs, best_lr: float | None = None) -> bytes:
-    """Learning rate vs best validation ROC-AUC of each Tune trial."""
+def lr_sweep(lrs, aucs, best_lr: float | None = None, lr_range: tuple | None = None) -> bytes:
+    """Learning rate vs best validation ROC-AUC of each Tune trial (x: the swept range)."""
+    from matplotlib.ticker import NullFormatter
+
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     ax.scatter(lrs, aucs, s=36)
     if best_lr is not None:
         ax.axvline(best_lr, color="tab:red", ls="--", lw=1, label=f"best lr {best_lr:.2e}")
         ax.legend(fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only; minor ones collide
+    if lr_range:
+        ax.set_xlim(lr_range[0] / 1.5, lr_range[1] * 1.5)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("validation ROC-AUC")
     ax.set_title("Ray Tune learning-rate sweep")

@@ -150,7 +150,8 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
     frame.to_csv(buf, index=False)
     storage.write_text(storage.join(tune_dir(cfg.workdir), "results.csv"), buf.getvalue())
     storage.write_bytes(storage.join(tune_dir(cfg.workdir), "lr.png"),
-                        figures.lr_sweep(ok["lr"], ok["val_auc"], float(frame.iloc[0]["lr"])))
+                        figures.lr_sweep(ok["lr"], ok["val_auc"], float(frame.iloc[0]["lr"]),
+                                         (cfg.tune.lr_min, cfg.tune.lr_max)))
     return frame
 
 
