@@ -178,6 +178,18 @@ def registered(gan: str, name: str) -> bool:
         return False
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group and wait until it is gone."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"process group {pgid} survived SIGKILL for 60s")
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_at_the_next_epoch(prepared, tmp_path):
     workdir = with_data(prepared, tmp_path / "w")
@@ -185,12 +197,14 @@ def test_killed_driver_resumes_at_the_next_epoch(prepared, tmp_path):
     command = [sys.executable, "-m", "deepfake_ray.cli", "train-gan", "--preset", "tiny",
                "--workdir", workdir, "--set", "gan.epochs=4"]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     deadline = time.time() + 600
     while not registered(gan, "epoch_0000") and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    kill_group(first.pid)  # its in-process Ray too, so nothing registers after this point
     assert registered(gan, "epoch_0000"), (tmp_path / "first.log").read_text()[-3000:]
     assert storage.completed(gan) is None, "the run finished before it could be killed"
     saved = max(int(m.group(1)) for n in os.listdir(gan) if (m := re.match(r"epoch_(\d+)$", n))
@@ -200,7 +214,8 @@ def test_killed_driver_resumes_at_the_next_epoch(prepared, tmp_path):
     history = storage.read_json(os.path.join(gan, "history.json"))
     assert [h["epoch"] for h in history] == list(range(4))
     resumed = [h for h in history if h["restored"]]
-    assert [(h["epoch"], h["resumed_from"]) for h in resumed] == [(saved + 1, saved)]
+    assert [(h["epoch"], h["resumed_from"]) for h in resumed] == [(saved + 1, saved)], (
+        saved, history, second.stdout[-3000:], second.stderr[-3000:])
     assert f"resumed after epoch {saved}" in second.stdout + second.stderr
 
 
