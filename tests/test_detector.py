@@ -193,7 +193,7 @@ def test_fine_tune_survives_a_killed_worker_then_exports_reloads_and_evaluates(r
     assert storage.exists(os.path.join(stage, "_fault_injected_epoch_1"))  # a worker did die
     history = storage.read_json(os.path.join(stage, "history.json"))
     assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["resumed"] for h in history] == [False, True]  # epoch 0 was not trained again
+    assert [h["restored"] for h in history] == [False, True]  # epoch 0 was not trained again
     for h in history:
         assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_auc"} <= set(h)
 

@@ -41,7 +41,7 @@ def train_loop(loop: dict) -> None:
             wrapped, frozen_now = ray.train.torch.prepare_model(model), frozen
         started = time.time()
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
-                 "resumed": bool(state) and epoch == start}
+                 "restored": bool(state) and epoch == start}
         # TEST ONLY fault: after the first batch, as in the DCGAN, so the last epoch's
         # reported checkpoint has reached the controller before the worker dies
         fault = lambda: training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)  # noqa: E731
