@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +36,12 @@ def clean_env() -> dict:
     return env
 
 
+# Ray 2.60 turns token authentication on for `ray start` whenever ~/.ray/auth_token exists
+# (the first in-process `ray.init()` writes one), and the job CLI then needs the token.
+# The test cluster runs as a secured one would: token mode, its own token, given to the CLI.
+CLUSTER_ENV = {**clean_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 @pytest.fixture
 def head_node(tmp_path):
     """A real single-node cluster, own ports and 4 CPUs, stopped by killing what it started."""
@@ -44,12 +51,12 @@ def head_node(tmp_path):
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0",
          "--object-store-memory=1000000000", "--disable-usage-stats",
          f"--ray-client-server-port={free_port()}"],
-        env=clean_env(), stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+        env=CLUSTER_ENV, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        ok = subprocess.run(["ray", "job", "list", "--address", address], env=clean_env(),
+        ok = subprocess.run(["ray", "job", "list", "--address", address], env=CLUSTER_ENV,
                             capture_output=True).returncode == 0
         if ok:
             break
@@ -84,9 +91,9 @@ def test_job_submit_to_real_cluster_with_s3_workdir(head_node, s3_server):
         ["ray", "job", "submit", "--address", head_node, "--submission-id", submission,
          "--working-dir", REPO, "--runtime-env", os.path.join(REPO, "jobs", "runtime_env.yaml"),
          "--", "python", "jobs/pipeline.py", *TINY, "--workdir", workdir, "--run-name", "r1"],
-        env=clean_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+        env=CLUSTER_ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
     status = subprocess.run(["ray", "job", "status", "--address", head_node, submission],
-                            env=clean_env(), capture_output=True, text=True)
+                            env=CLUSTER_ENV, capture_output=True, text=True)
     assert "SUCCEEDED" in status.stdout, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "held-out test: roc_auc" in submit.stdout
     assert_complete_run(f"{workdir}/r1")
