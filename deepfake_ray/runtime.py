@@ -12,6 +12,8 @@ def init(address: str | None = None) -> None:
 
     In-process Ray gets at least 4 logical CPUs: Train workers take fractional CPUs
     and Ray Data tasks need free slots beside them, even on a 2-core machine.
+    `address="local"`: a bare `ray.init()` would join whatever `ray start` cluster
+    this machine last ran (even a dead one), which is never what the embedded default means.
     """
     if ray.is_initialized():
         return
@@ -20,7 +22,8 @@ def init(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 **kwargs)
     quiet_data_progress(os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") == "0")
 
 
