@@ -1,6 +1,7 @@
 """The Inception-ResNet-v2 detector: the real model, weights loading, leakage guards, the
-Ray Train fine-tune (with a killed worker), export, reload, held-out evaluation, the
-Ray Tune sweep, and the hub-unreachable error through the CLI."""
+Ray Tune sweep, and the hub-unreachable error through the CLI. The Ray Train fine-tune,
+its resume after a killed driver, export, reload and held-out evaluation run inside the
+whole pipeline in tests/test_pipeline.py (one tiny pipeline instead of two)."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,7 @@ import torch
 
 from deepfake_ray import checkpoint, storage
 from deepfake_ray.data import datasets, sample
-from deepfake_ray.detector import data, evaluate, train, tune
+from deepfake_ray.detector import data, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
 from tests.detector_stages import build, checkerboard_face, write_stage
@@ -171,65 +172,7 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
     assert not storage.exists(os.path.join(workdir, "detector", "_COMPLETE.json"))
 
 
-# --- Ray Train, export, reload, evaluate ----------------------------------------------------
-
-def real_stages(cfg) -> None:
-    """Reals from `prepare`, fakes from the DCGAN's `generate` (a tiny GAN)."""
-    from deepfake_ray.data import prepare
-    from deepfake_ray.gan import generate
-    from deepfake_ray.gan import train as gan_train
-
-    prepare.run(cfg)
-    gan_train.run(cfg)
-    generate.run(cfg)
-
-
-@pytest.mark.slow
-def test_fine_tune_survives_a_killed_worker_then_exports_reloads_and_evaluates(ray_session, tiny_cfg):
-    cfg = tiny_cfg(*FAST, "detector.epochs=2", "detector.fail_at_epoch=1")
-    real_stages(cfg)
-    summary = train.run(cfg)
-    stage = train.stage_dir(cfg.workdir)
-    assert storage.exists(os.path.join(stage, "_fault_injected_epoch_1"))  # a worker did die
-    history = storage.read_json(os.path.join(stage, "history.json"))
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["restored"] for h in history] == [False, True]  # epoch 0 was not trained again
-    for h in history:
-        assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_auc"} <= set(h)
-
-    state, meta = checkpoint.load_model(train.model_dir(cfg.workdir))
-    assert meta["arch"] == "inception_resnet_v2" and meta["class_names"] == ["real", "fake"]
-    assert (meta["resolution"], meta["input_size"]) == (32, 75)
-    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    assert 0.0 <= meta["threshold"] <= 1.0 and meta["epoch"] == summary["epoch"]
-    best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
-    assert meta["metrics"]["val_auc"] == best["val_auc"]
-    assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
-    assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
-
-    model = detector.from_meta(meta)
-    model.load_state_dict(state)
-    model.eval()
-    pixels = np.stack([sample.face(3, i, 32) for i in range(4)])
-    p = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
-    assert p.shape == (4,) and np.all((p >= 0) & (p <= 1))
-
-    result = evaluate.run(cfg)
-    out = evaluate.eval_dir(cfg.workdir)
-    metrics = storage.read_json(os.path.join(out, "metrics.json"))
-    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
-                "confusion_matrix", "threshold", "n", "n_real", "n_fake"):
-        assert key in metrics, key
-    test = data.select(cfg, ("test",)).counts["test"]
-    assert metrics["n"] == test["real"] + test["fake"] == result["n"]
-    assert metrics["split"] == "test" and metrics["threshold"] == meta["threshold"]
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
-    robustness = storage.read_json(os.path.join(out, "robustness.json"))
-    assert sorted(robustness) == sorted(evaluate.CONDITIONS)
-    for name in ("confusion.png", "roc.png", "curves.png"):
-        assert storage.read_bytes(os.path.join(out, name))[:4] == b"\x89PNG"
-    assert train.run(cfg) == storage.completed(stage)  # a complete stage is skipped
-
+# --- Ray Tune (the Ray Train fine-tune, resume, export and evaluate: tests/test_pipeline.py)
 
 @pytest.mark.slow
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg):

@@ -282,47 +282,50 @@ def stop(proc: subprocess.Popen, sig: int) -> int:
         raise
 
 
-@pytest.mark.slow
-def test_serve_run_with_the_repository_serve_yaml(model_dir, tmp_path):
-    """Ray's own `serve run` starts jobs/serve.yaml (model and port pointed at test ones)."""
+def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
+    """jobs/serve.yaml as shipped, pointed at the test model and a free port."""
     with open(os.path.join(ROOT, "jobs", "serve.yaml")) as f:
         spec = yaml.safe_load(f)
-    port = free_port()
     spec["http_options"]["port"] = port
     spec["applications"][0]["args"]["model"] = model_dir
     spec["applications"][0]["args"]["preset"] = "tiny"
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(spec))
-    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([serve_cli, "run", str(path)], cwd=str(tmp_path), env=subprocess_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        health = wait_healthy(f"http://127.0.0.1:{port}", proc, 300)
-        assert health["model"].startswith("inception_resnet_v2@")
-        assert detect(f"http://127.0.0.1:{port}", JPEG).status_code == 200
-    finally:
-        stop(proc, signal.SIGINT)
-        log.close()
+    return str(path)
+
+
+def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while text not in log_path.read_text():
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(1)
 
 
 @pytest.mark.slow
-def test_deepfake_ray_serve_prints_url_and_exits_0_on_sigterm(model_dir, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
-           model_dir, "--port", str(port), "--workdir", str(tmp_path)]
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=log,
+def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tmp_path):
+    """Both ways a user starts the service, booted side by side (each with its own Ray):
+    Ray's `serve run jobs/serve.yaml`, and `deepfake-ray serve`, which prints its URL once
+    it is ready and exits 0 on SIGTERM."""
+    ray_port, our_port = free_port(), free_port()
+    ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    ray_cmd = [serve_cli, "run", serve_yaml_for_test(model_dir, ray_port, tmp_path)]
+    our_cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
+               model_dir, "--port", str(our_port), "--workdir", str(tmp_path / "work")]
+    with open(ray_log, "w") as rl, open(our_log, "w") as ol:
+        ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=rl,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.time() + 300
-            while f"at {url}" not in log_path.read_text():  # the URL is printed once ready
-                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-                time.sleep(1)
+            health = wait_healthy(f"http://127.0.0.1:{ray_port}", ray_proc, 300)
+            assert health["model"].startswith("inception_resnet_v2@")
+            assert detect(f"http://127.0.0.1:{ray_port}", JPEG).status_code == 200
+            url = f"http://127.0.0.1:{our_port}"
+            wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
             assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
             assert detect(url, JPEG).status_code == 200
         finally:
-            code = stop(proc, signal.SIGTERM)
-    assert code == 0, log_path.read_text()[-3000:]
+            stop(ray_proc, signal.SIGINT)
+            code = stop(ours, signal.SIGTERM)
+    assert code == 0, our_log.read_text()[-3000:]
