@@ -151,21 +151,6 @@ def test_lost_worker_is_replaced_and_every_epoch_trained_once(trained):
     assert storage.completed(os.path.join(workdir, "gan"))["restored"] is True
 
 
-@pytest.mark.slow
-def test_damaged_newest_checkpoint_is_never_resumed_from(trained, tmp_path):
-    workdir = str(tmp_path / "w")
-    shutil.copytree(trained[0], workdir)
-    gan = os.path.join(workdir, "gan")
-    os.remove(os.path.join(gan, "_COMPLETE.json"))  # as if the run had stopped after epoch 2
-    with open(os.path.join(gan, "epoch_0002", "state.pt"), "r+b") as f:
-        f.write(b"half-written")
-    train.run(tiny(workdir, "gan.epochs=4"))  # one worker is enough to resume
-    history = storage.read_json(os.path.join(gan, "history.json"))
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
-    assert history[2]["restored"] is True and history[2]["resumed_from"] == 1
-    assert checkpoint.read_state(os.path.join(gan, "epoch_0003"))["epoch"] == 3
-
-
 def cli_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # in-process Ray of its own
     env["PYTHONPATH"] = REPO
@@ -191,8 +176,23 @@ def kill_group(pgid: int) -> None:
     pytest.fail(f"process group {pgid} survived SIGKILL for 60s")
 
 
+def wait_until_settled(path: str, quiet_s: float = 5.0, limit_s: float = 60.0) -> None:
+    """Until `path` has not changed for `quiet_s`: the killed run's last processes may
+    still write (a worker exits only once it notices its raylet is gone)."""
+    deadline, last, since = time.time() + limit_s, None, time.time()
+    while time.time() < deadline:
+        stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+        if stamp != last:
+            last, since = stamp, time.time()
+        elif time.time() - since >= quiet_s:
+            return
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_killed_driver_resumes_at_the_next_epoch(prepared, tmp_path):
+def test_killed_driver_resumes_past_a_damaged_checkpoint_at_the_next_epoch(prepared, tmp_path):
+    """SIGKILL `deepfake-ray train-gan` after two checkpoints, half-overwrite the newest,
+    run the same command again: it resumes after the older intact one, not at 0."""
     workdir = with_data(prepared, tmp_path / "w")
     gan = os.path.join(workdir, "gan")
     command = [sys.executable, "-m", "deepfake_ray.cli", "train-gan", "--preset", "tiny",
@@ -201,23 +201,26 @@ def test_killed_driver_resumes_at_the_next_epoch(prepared, tmp_path):
     first = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.time() + 600
-    while not registered(gan, "epoch_0000") and time.time() < deadline and first.poll() is None:
+    while not registered(gan, "epoch_0001") and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    kill_group(first.pid)  # its in-process Ray too, so nothing registers after this point
-    assert registered(gan, "epoch_0000"), (tmp_path / "first.log").read_text()[-3000:]
+    kill_group(first.pid)  # its in-process Ray too
+    wait_until_settled(os.path.join(gan, "checkpoint_manager_snapshot.json"))
+    assert registered(gan, "epoch_0001"), (tmp_path / "first.log").read_text()[-3000:]
     assert storage.completed(gan) is None, "the run finished before it could be killed"
-    saved = max(int(m.group(1)) for n in os.listdir(gan) if (m := re.match(r"epoch_(\d+)$", n))
-                and registered(gan, n) and checkpoint.read_state(os.path.join(gan, n)))
-    # the same command again, here in-process on the session's Ray (a second own Ray
-    # would only add its start-up time)
+    intact = sorted(int(m.group(1)) for n in os.listdir(gan) if (m := re.match(r"epoch_(\d+)$", n))
+                    and registered(gan, n) and checkpoint.read_state(os.path.join(gan, n)))
+    newest, older = intact[-1], intact[-2]
+    with open(os.path.join(gan, f"epoch_{newest:04d}", "state.pt"), "r+b") as f:
+        f.write(b"half-written")  # as if the upload had stopped half way
+    # the same command again, in-process on the session's Ray (its own would only add start-up)
     assert cli.main(command[3:]) == 0
     history = storage.read_json(os.path.join(gan, "history.json"))
     assert [h["epoch"] for h in history] == list(range(4))
     resumed = [h for h in history if h["restored"]]
-    assert [(h["epoch"], h["resumed_from"]) for h in resumed] == [(saved + 1, saved)], (
-        saved, history)
+    assert [(h["epoch"], h["resumed_from"]) for h in resumed] == [(older + 1, older)], (intact, history)
+    assert checkpoint.read_state(os.path.join(gan, "epoch_0003"))["epoch"] == 3
 
 
 # --- bad input: exit 2 with one line ----------------------------------------------------

@@ -52,7 +52,11 @@ def head_node(tmp_path):
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0",
          "--object-store-memory=1000000000", "--disable-usage-stats",
-         f"--ray-client-server-port={free_port()}"],
+         f"--ray-client-server-port={free_port()}",
+         # the session's in-process Ray holds the default agent ports: without its own,
+         # this head's job agent never starts ("No available agent to submit job")
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=CLUSTER_ENV, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
