@@ -60,6 +60,11 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
 
 # --- inside a training worker ----------------------------------------------------
 
+def use_worker_cpus(cfg: Config) -> None:
+    """torch threads = the CPUs this worker reserved (resources.cpus_per_worker)."""
+    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+
+
 def rank() -> int:
     return ray.train.get_context().get_world_rank()
 

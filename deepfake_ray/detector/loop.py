@@ -25,6 +25,7 @@ from deepfake_ray.models import detector
 
 def train_loop(loop: dict) -> None:
     cfg = config.from_dict(loop["cfg"])
+    training.use_worker_cpus(cfg)
     d = cfg.detector
     device = training.device()
     amp = torch.bfloat16 if device.type == "cuda" else None

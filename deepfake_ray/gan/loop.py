@@ -161,7 +161,7 @@ def progress_line(m: dict, epochs: int) -> str:
 def train_loop(config: dict) -> None:
     """Ray Train entry point: `config` = {"cfg": to_dict(cfg), "stage": WORKDIR/gan}."""
     cfg, stage = from_dict(config["cfg"]), config["stage"]
-    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    training.use_worker_cpus(cfg)
     run, resumed_from = setup(cfg, stage)
     shard = ray.train.get_dataset_shard("train")
     first = resumed_from + 1 if resumed_from is not None else 0
