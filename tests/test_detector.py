@@ -1,7 +1,7 @@
 """The Inception-ResNet-v2 detector: the real model, weights loading, leakage guards, the
-Ray Tune sweep, and the hub-unreachable error through the CLI. The Ray Train fine-tune,
-its resume after a killed driver, export, reload and held-out evaluation run inside the
-whole pipeline in tests/test_pipeline.py (one tiny pipeline instead of two)."""
+Ray Train fine-tune (with a killed worker), export, reload, held-out evaluation, the
+Ray Tune sweep, and the hub-unreachable error through the CLI. Resume after a killed
+driver runs inside the whole-pipeline scenario in tests/test_pipeline.py."""
 from __future__ import annotations
 
 import csv
@@ -17,9 +17,10 @@ import torch
 
 from deepfake_ray import checkpoint, storage
 from deepfake_ray.data import datasets, sample
-from deepfake_ray.detector import data, train, tune
+from deepfake_ray.detector import data, evaluate, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
+from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
 from tests.detector_stages import build, checkerboard_face, write_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,27 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
     assert not storage.exists(os.path.join(workdir, "detector", "_COMPLETE.json"))
 
 
-# --- Ray Tune (the Ray Train fine-tune, resume, export and evaluate: tests/test_pipeline.py)
+# --- Ray Train, export, reload, evaluate; Ray Tune ---------------------------------------
+
+@pytest.mark.slow
+def test_fine_tune_survives_a_killed_worker_then_exports_reloads_and_evaluates(ray_session, tiny_cfg):
+    cfg = tiny_cfg(*FAST, "detector.epochs=2", "detector.fail_at_epoch=1")
+    build(cfg.workdir, 40, 32)  # sample reals; stand-in fakes (the DCGAN's are in test_pipeline)
+    summary = train.run(cfg)
+    stage = train.stage_dir(cfg.workdir)
+    assert storage.exists(os.path.join(stage, "_fault_injected_epoch_1"))  # a worker did die
+    history = storage.read_json(os.path.join(stage, "history.json"))
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["restored"] for h in history] == [False, True]  # epoch 0 was not trained again
+    for h in history:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_auc"} <= set(h)
+
+    meta = assert_exported_model(cfg, history)
+    assert meta["epoch"] == summary["epoch"]
+    result = evaluate.run(cfg)
+    assert assert_held_out_evaluation(cfg)["n"] == result["n"]
+    assert train.run(cfg) == storage.completed(stage)  # a complete stage is skipped
+
 
 @pytest.mark.slow
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg):

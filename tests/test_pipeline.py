@@ -16,13 +16,10 @@ import socket
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
-from deepfake_ray import checkpoint, config, storage
-from deepfake_ray.data import sample
-from deepfake_ray.detector import data, evaluate, train
-from deepfake_ray.models import detector
+from deepfake_ray import config, storage
+from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 e2e = pytest.mark.skipif(os.environ.get("DEEPFAKE_RAY_E2E") != "1",
@@ -170,37 +167,3 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert storage.read_parquet(f"{workdir}/score/test_scores.parquet").num_rows > 0
     html = storage.read_text(f"{workdir}/report.html")
     assert html.count("data:image/png;base64,") >= 4
-
-
-def assert_exported_model(cfg, history: list[dict]) -> None:
-    """WORKDIR/detector/model: the best validation epoch, reloadable, chosen without the test split."""
-    state, meta = checkpoint.load_model(train.model_dir(cfg.workdir))
-    assert meta["arch"] == "inception_resnet_v2" and meta["class_names"] == ["real", "fake"]
-    assert (meta["resolution"], meta["input_size"]) == (32, 75)
-    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    assert 0.0 <= meta["threshold"] <= 1.0
-    best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
-    assert meta["metrics"]["val_auc"] == best["val_auc"] and meta["epoch"] == best["epoch"]
-    assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
-    assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
-    model = detector.from_meta(meta)
-    model.load_state_dict(state)
-    model.eval()
-    pixels = np.stack([sample.face(3, i, 32) for i in range(4)])
-    p = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
-    assert p.shape == (4,) and np.all((p >= 0) & (p <= 1))
-
-
-def assert_held_out_evaluation(cfg) -> None:
-    out = evaluate.eval_dir(cfg.workdir)
-    metrics = storage.read_json(f"{out}/metrics.json")
-    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
-                "confusion_matrix", "threshold", "n", "n_real", "n_fake"):
-        assert key in metrics, key
-    test = data.select(cfg, ("test",)).counts["test"]
-    assert metrics["split"] == "test" and metrics["n"] == test["real"] + test["fake"]
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
-    assert metrics["threshold"] == checkpoint.load_meta(train.model_dir(cfg.workdir))["threshold"]
-    assert sorted(storage.read_json(f"{out}/robustness.json")) == sorted(evaluate.CONDITIONS)
-    for name in ("confusion.png", "roc.png", "curves.png"):
-        assert storage.read_bytes(f"{out}/{name}")[:4] == b"\x89PNG"

@@ -1,0 +1,48 @@
+"""What every finished detector run must show: the exported model and the held-out
+evaluation. Shared by the detector test and the whole-pipeline scenario."""
+from __future__ import annotations
+
+import numpy as np
+
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.data import sample
+from deepfake_ray.detector import data, evaluate, train
+from deepfake_ray.models import detector
+
+
+def assert_exported_model(cfg, history: list[dict]) -> dict:
+    """WORKDIR/detector/model: the best validation epoch, reloadable, chosen without the
+    test split. Returns its metadata."""
+    state, meta = checkpoint.load_model(train.model_dir(cfg.workdir))
+    assert meta["arch"] == "inception_resnet_v2" and meta["class_names"] == ["real", "fake"]
+    assert (meta["resolution"], meta["input_size"]) == (32, 75)
+    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    assert 0.0 <= meta["threshold"] <= 1.0
+    best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
+    assert meta["metrics"]["val_auc"] == best["val_auc"] and meta["epoch"] == best["epoch"]
+    assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
+    assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
+    model = detector.from_meta(meta)
+    model.load_state_dict(state)
+    model.eval()
+    pixels = np.stack([sample.face(3, i, 32) for i in range(4)])
+    p = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
+    assert p.shape == (4,) and np.all((p >= 0) & (p <= 1))
+    return meta
+
+
+def assert_held_out_evaluation(cfg) -> dict:
+    """WORKDIR/eval: every metric on the test split alone, robustness and figures."""
+    out = evaluate.eval_dir(cfg.workdir)
+    metrics = storage.read_json(storage.join(out, "metrics.json"))
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
+                "confusion_matrix", "threshold", "n", "n_real", "n_fake"):
+        assert key in metrics, key
+    test = data.select(cfg, ("test",)).counts["test"]
+    assert metrics["split"] == "test" and metrics["n"] == test["real"] + test["fake"]
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
+    assert metrics["threshold"] == checkpoint.load_meta(train.model_dir(cfg.workdir))["threshold"]
+    assert sorted(storage.read_json(storage.join(out, "robustness.json"))) == sorted(evaluate.CONDITIONS)
+    for name in ("confusion.png", "roc.png", "curves.png"):
+        assert storage.read_bytes(storage.join(out, name))[:4] == b"\x89PNG"
+    return metrics
