@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -93,50 +92,26 @@ def compare(data: list[dict], args) -> tuple[float, float, float]:
     """(plain images/s, Ray images/s, Ray fit wall seconds); the sides take epochs in turns
     so a shared machine's drifting load hits both alike; each side's first epoch is warm-up."""
     import ray.data
-    from ray.util.queue import Queue
 
     from deepfake_ray import config, runtime, training
+    from turns import Turns
 
     runtime.init()
     ds = ray.data.from_items([{"pixels": p, "label": int(y)} for b in data
                               for p, y in zip(b["pixels"], b["label"])]).materialize()
     cfg = config.build("demo", None, ["resources.workers=1", f"resources.cpus_per_worker={args.threads}"])
-    to_ray, to_driver = Queue(), Queue()
-    loop_config = {**vars(args), "to_ray": to_ray, "to_driver": to_driver}
-    errors, started = [], time.time()
-
-    def fit():
-        try:
-            with tempfile.TemporaryDirectory() as storage:
-                training.fit(ray_loop, loop_config, cfg, storage, "bench", datasets={"train": ds})
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            to_driver.put(None)
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    worker_nice = to_driver.get(timeout=1800)
-    if worker_nice is None:
-        raise RuntimeError(f"the Ray Train side failed: {errors[0]}")
+    turns, storage = Turns(), tempfile.mkdtemp(prefix="detector-bench-")
+    started = time.time()
+    turns.start(lambda: training.fit(ray_loop, turns.loop_config(args), cfg, storage, "bench",
+                                     datasets={"train": ds}))
+    worker_nice = turns.receive()  # the Ray loop's first message
     # the same niceness on both sides: on a shared machine a niced process gets less CPU
     os.nice(max(0, worker_nice - os.nice(0)))
     print(f"both sides at niceness {os.nice(0)} (Ray's worker niceness)")
     model, opt = model_and_optimizer(args.threads)
     model.train()
-    totals = {"plain": [0, 0.0], "ray": [0, 0.0]}
-    for epoch in range(args.epochs):
-        to_ray.put(epoch)
-        ray_epoch = to_driver.get(timeout=1800)
-        if ray_epoch is None:
-            raise RuntimeError(f"the Ray Train side failed: {errors[0]}")
-        plain = plain_epoch(model, opt, data, args)
-        if epoch:
-            for side, (n, s) in (("ray", ray_epoch), ("plain", plain)):
-                totals[side][0] += n
-                totals[side][1] += s
-    thread.join()
-    return (totals["plain"][0] / totals["plain"][1], totals["ray"][0] / totals["ray"][1],
-            time.time() - started)
+    base, ray_ips = turns.compare(args.epochs, lambda: plain_epoch(model, opt, data, args))
+    return base, ray_ips, time.time() - started
 
 
 def main() -> None:

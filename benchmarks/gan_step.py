@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -77,44 +76,22 @@ def ray_loop(config: dict) -> None:
 def compare(data: list[np.ndarray], args) -> tuple[float, float, float]:
     """(plain images/s, Ray images/s, Ray fit wall seconds), epochs taken in turns."""
     import ray.data
-    from ray.util.queue import Queue
 
     from deepfake_ray import config, runtime, training
+    from turns import Turns
 
     runtime.init()
     torch.set_num_threads(args.threads)
     ds = ray.data.from_numpy(np.concatenate(data)).materialize()
     cfg = config.build("demo", None, ["resources.workers=1",
                                       f"resources.cpus_per_worker={args.threads}"])
-    to_ray, to_driver = Queue(), Queue()
-    loop_config = {**vars(args), "to_ray": to_ray, "to_driver": to_driver}
-    storage = tempfile.mkdtemp(prefix="gan-step-bench-")
-    errors, started = [], time.time()
-
-    def fit():
-        try:
-            training.fit(ray_loop, loop_config, cfg, storage, "bench", datasets={"train": ds})
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            to_driver.put(None)
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
+    turns, storage = Turns(), tempfile.mkdtemp(prefix="gan-step-bench-")
+    started = time.time()
+    turns.start(lambda: training.fit(ray_loop, turns.loop_config(args), cfg, storage, "bench",
+                                     datasets={"train": ds}))
     plain_state = (*models(args), torch.Generator().manual_seed(0))
-    totals = {"plain": [0, 0.0], "ray": [0, 0.0]}
-    for epoch in range(args.epochs):
-        to_ray.put(epoch)
-        ray_epoch = to_driver.get(timeout=1800)
-        if ray_epoch is None:
-            raise RuntimeError(f"the Ray Train side failed: {errors[0]}")
-        plain = plain_epoch(plain_state, data)
-        if epoch:  # the first epoch of each side is warm-up
-            for side, (n, s) in (("ray", ray_epoch), ("plain", plain)):
-                totals[side][0] += n
-                totals[side][1] += s
-    thread.join()
-    wall = time.time() - started
-    return (totals["plain"][0] / totals["plain"][1], totals["ray"][0] / totals["ray"][1], wall)
+    base, ray_ips = turns.compare(args.epochs, lambda: plain_epoch(plain_state, data))
+    return base, ray_ips, time.time() - started
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from deepfake_ray import checkpoint, cli, config, storage
 from deepfake_ray.data import datasets, decode, prepare
 from deepfake_ray.gan import generate, train
 from deepfake_ray.models import dcgan
+from tests.checkpoints import registered
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,13 +156,6 @@ def cli_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # in-process Ray of its own
     env["PYTHONPATH"] = REPO
     return env
-
-
-def registered(gan: str, name: str) -> bool:
-    try:
-        return name in storage.read_text(os.path.join(gan, "checkpoint_manager_snapshot.json"))
-    except FileNotFoundError:
-        return False
 
 
 def kill_group(pgid: int) -> None:

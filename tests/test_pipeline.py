@@ -19,6 +19,7 @@ import time
 import pytest
 
 from deepfake_ray import config, storage
+from tests.checkpoints import registered
 from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,14 +99,6 @@ def submit(address: str, submission: str, args: list[str], *, wait: bool = True)
 def job_status(address: str, submission: str) -> str:
     return subprocess.run(["ray", "job", "status", "--address", address, submission],
                           env=CLUSTER_ENV, capture_output=True, text=True).stdout.lower()
-
-
-def registered(run_uri: str, name: str) -> bool:
-    """Ray Train lists a checkpoint in its run snapshot once the controller has it."""
-    try:
-        return name in storage.read_text(storage.join(run_uri, "checkpoint_manager_snapshot.json"))
-    except FileNotFoundError:
-        return False
 
 
 def driver_pids(marker: str) -> list[int]:
