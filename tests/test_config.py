@@ -3,6 +3,7 @@ import yaml
 
 from deepfake_ray import cli, config
 from deepfake_ray.errors import UsageError
+from tests.cli_output import error_lines
 
 
 @pytest.mark.parametrize("name", config.preset_names())
@@ -36,7 +37,7 @@ def test_layers_file_then_overrides(tmp_path):
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--workdir", str(tmp_path), "--set", override])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert code == 2
     assert len(err) == 1 and needle in err[0]
 

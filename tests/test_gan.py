@@ -21,6 +21,7 @@ from deepfake_ray.data import datasets, decode, prepare
 from deepfake_ray.gan import generate, train
 from deepfake_ray.models import dcgan
 from tests.checkpoints import registered
+from tests.cli_output import error_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +222,7 @@ def test_killed_driver_resumes_past_a_damaged_checkpoint_at_the_next_epoch(prepa
 
 def run_cli(capsys, *args) -> tuple[int, list[str]]:
     code = cli.main(list(args))
-    return code, capsys.readouterr().err.strip().splitlines()
+    return code, error_lines(capsys)
 
 
 def test_bad_input_exits_2_with_one_line(ray_session, prepared, tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 
 from deepfake_ray import cli, storage
 from deepfake_ray.data import datasets, prepare
+from tests.cli_output import error_lines
 from tests.images import SHARED_UTKFACE, bad_files, good_files
 
 
@@ -108,7 +109,7 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nowhere"))
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
                      "--source", "kaggle:owner/faces", "--set", f"data.cache_dir={tmp_path}"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and "kaggle.json" in err[0] and "KAGGLE_KEY" in err[0]
 
 
@@ -117,7 +118,7 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
                                            ("sample:zero", "positive count")])
 def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and needle in err[0]
 
 
@@ -128,3 +129,7 @@ def test_real_utkface_photos_all_accepted(ray_session, tiny_cfg):
     summary = prepare.run(cfg)
     assert summary["images"] + summary["reasons"].get("duplicate", 0) == 5000
     assert set(summary["reasons"]) <= {"duplicate"}
+    # Copies spread over several ingest tasks still leave each image once in data/images.
+    hashes = pq.read_table(datasets.images_uri(datasets.data_dir(cfg.workdir)), columns=["sha1"])
+    assert summary["reasons"]["duplicate"] > 0 and hashes.num_rows == summary["images"]
+    assert len(set(hashes.column("sha1").to_pylist())) == summary["images"]

@@ -52,7 +52,7 @@ def require_manifest(stage_uri: str, made_by: str) -> "pyarrow.Table":
 def read_split(stage_uri: str, split: str) -> ray.data.Dataset:
     """Columns sha1, split, image (JPEG bytes) of one split."""
     fs, path = storage.resolve(images_uri(stage_uri))
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["sha1", "split", "image"])
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["sha1", "split", "image"])
     return ds.filter(expr=col("split") == split)
 
 

@@ -1,19 +1,23 @@
 """`deepfake-ray prepare`: ingest a face dataset into WORKDIR/data with Ray Data.
 
-Bytes are read in parallel over the cluster and decoded by our robust decoder.
-Every file found lands in exactly one of manifest.parquet (usable, deduplicated,
-with its split) or rejected.parquet (with the reason). Usable images are also
-normalized once (square, data.resolution, JPEG at data.jpeg_quality) into
-data/images/, which every later stage reads, so reals and fakes are encoded alike.
+One pass over the data: each Ray Data task reads a block of files (in parallel
+over the cluster), checks and decodes them with our robust decoder, and writes the
+usable ones, normalized once (square, data.resolution, JPEG at data.jpeg_quality),
+to data/images/PART.parquet, which every later stage reads, so reals and fakes are
+encoded alike. Only metadata returns to the driver, which deduplicates and writes
+manifest.parquet (usable images with their split) and rejected.parquet (with the
+reason): every file found lands in exactly one of the two.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import ray.data
 
 from deepfake_ray import storage
@@ -44,44 +48,86 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"data.jpeg_quality={d.jpeg_quality} must be within 1..100")
 
 
-def read_source(src: Source, cfg: Config) -> ray.data.Dataset:
-    """A dataset of raw files: columns path, bytes."""
+def candidates(src: Source, seed: int) -> list[str]:
+    """Every file to ingest; `sample:SEED:I` names the I-th generated face."""
     if src.sample_count:
-        seed = cfg.seed
-        blocks = int(np.clip(src.sample_count // 256, 1, 4 * ray.cluster_resources().get("CPU", 1)))
-        return ray.data.range(src.sample_count, override_num_blocks=blocks).map_batches(
-            lambda b: {"path": np.array([f"sample:{seed}:{i:07d}" for i in b["id"]]),
-                       "bytes": np.array([sample.face_jpeg(seed, int(i)) for i in b["id"]], dtype=object)},
-            batch_size=cfg.data.decode_batch_size)
-    fs, _ = storage.resolve(src.files[0])
-    paths = [storage.resolve(f)[1] for f in src.files]
-    # A few hundred files per read task: one task per file drowns small images in overhead.
-    blocks = int(np.clip(len(paths) // 256, 1, 4 * ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, override_num_blocks=blocks)
-    if storage.is_s3(src.files[0]):
-        ds = ds.map_batches(lambda b: {**b, "path": np.array([f"s3://{p}" for p in b["path"]])})
-    return ds
+        return [f"sample:{seed}:{i:07d}" for i in range(src.sample_count)]
+    return list(src.files)
 
 
-def inspect_batch(batch: dict, size: int, quality: int, max_pixels: int) -> dict:
-    rows = [decode.inspect(bytes(b), size, quality, max_pixels) for b in batch["bytes"]]
-    out = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    out["path"] = np.asarray(batch["path"])
-    return out
+def fetch(uri: str) -> bytes:
+    if uri.startswith("sample:"):
+        _, seed, index = uri.split(":")
+        return sample.face_jpeg(int(seed), int(index))
+    return storage.read_bytes(uri)
 
 
-def keep_batch(batch: dict, kept: dict) -> pd.DataFrame:
-    """Rows of usable, first-seen images with their split, ready for data/images/."""
-    frame = pd.DataFrame({"path": batch["path"], "sha1": batch["sha1"], "image": batch["image"]})
-    frame = frame[frame["path"].isin(kept)]
-    frame["split"] = frame["path"].map(kept)
-    return frame[["sha1", "split", "image"]]
+def fetch_all(paths: list[str]) -> list[bytes | OSError]:
+    """Bytes per path, or the error for a file that vanished or cannot be read."""
+    def one(uri: str):
+        try:
+            return fetch(uri)
+        except OSError as e:  # FileNotFoundError, PermissionError, S3 errors
+            return e
+    if paths and storage.is_s3(paths[0]):
+        with ThreadPoolExecutor(16) as pool:  # S3 GETs are latency-bound: overlap them
+            return list(pool.map(one, paths))
+    return [one(p) for p in paths]
 
 
-def sort_rows(meta: pd.DataFrame, splits) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(manifest, rejected): decode failures and duplicates rejected, the rest split."""
+def part_name(paths) -> str:
+    """Named by its files, so a retried task overwrites its own part instead of adding one."""
+    return "part-" + decode.sha1("\n".join(paths).encode())[:16] + ".parquet"
+
+
+def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: int,
+                 splits: tuple[float, ...]) -> dict:
+    """Read, check, decode and normalize one block of files in one task.
+
+    Usable images go straight to images/PART.parquet (one write, no second pass over
+    the data); only the metadata returns to the driver.
+    """
+    paths = [str(p) for p in batch["path"]]
+    part = part_name(paths)
+    rows = []
+    for path, data in zip(paths, fetch_all(paths)):
+        row = (decode.inspect(data, size, quality, max_pixels) if isinstance(data, bytes) else
+               {**decode.inspect(b"", size, quality), "reason": "unreadable",
+                "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"})
+        usable = not row["reason"]
+        rows.append({**row, "path": path, "part": part if usable else "",
+                     "split": assign_split(row["sha1"], splits) if usable else ""})
+    usable = list({r["sha1"]: r for r in reversed(rows) if not r["reason"]}.values())[::-1]
+    if usable:  # each distinct image once per part, the first (by path) of its copies
+        storage.write_parquet(storage.join(images, part), pa.table({
+            "sha1": [r["sha1"] for r in usable], "split": [r["split"] for r in usable],
+            "image": pa.array([r["image"] for r in usable], pa.binary())}))
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0] if k != "image"}
+
+
+def drop_duplicates_from_parts(images: str, manifest: pd.DataFrame, duplicates: pd.DataFrame) -> None:
+    """Copies in other parts than the kept file's: rewrite only the parts that hold them."""
+    kept_part = dict(zip(manifest["sha1"], manifest["part"]))
+    elsewhere = duplicates[duplicates["part"] != duplicates["sha1"].map(kept_part)]
+    for part, hashes in elsewhere.groupby("part")["sha1"]:
+        uri = storage.join(images, part)
+        table = storage.read_parquet(uri)
+        keep = pa.compute.invert(pa.compute.is_in(table["sha1"], pa.array(list(hashes))))
+        storage.write_parquet(uri, table.filter(keep))
+
+
+def block_count(files: int) -> int:
+    """A few hundred files per task (one task per file drowns small images in overhead),
+    but at least two tasks per CPU so no core idles at the end."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return int(np.clip(files // 512, 2 * cpus, max(2 * cpus, files // 128)))
+
+
+def sort_rows(meta: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(manifest, rejected, duplicates): decode failures and duplicates rejected, the rest
+    (with their split and part) kept."""
     meta = meta.astype({"width": "int64", "height": "int64", "bytes": "int64", "path": str,
-                        "sha1": str, "format": str, "reason": str, "detail": str})
+                        "sha1": str, "format": str, "reason": str, "detail": str, "split": str})
     meta = meta.sort_values("path", kind="stable").reset_index(drop=True)
     bad = meta["reason"] != ""
     good = meta[~bad]
@@ -90,10 +136,9 @@ def sort_rows(meta: pd.DataFrame, splits) -> tuple[pd.DataFrame, pd.DataFrame]:
     original = dict(zip(first["sha1"], first["path"]))
     dups["reason"] = "duplicate"
     dups["detail"] = [f"duplicate: same bytes as {original[s]}" for s in dups["sha1"]]
-    manifest = first.copy()
-    manifest["split"] = [assign_split(s, splits) for s in manifest["sha1"]]
+    manifest = first.copy()  # each task assigned the split from the content hash
     rejected = pd.concat([meta[bad], dups])
-    return manifest[MANIFEST_COLUMNS], rejected[REJECTED_COLUMNS].sort_values("path")
+    return manifest, rejected[REJECTED_COLUMNS].sort_values("path"), dups
 
 
 def summarize(src: Source, manifest: pd.DataFrame, rejected: pd.DataFrame, out: str,
@@ -123,21 +168,25 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     src = resolve_source(cfg.data.source, cfg.data)
     print(f"prepare: reading {src.sample_count or len(src.files):,} images from {src.name}")
     d = cfg.data
-    rows = read_source(src, cfg).map_batches(
-        inspect_batch, batch_size=d.decode_batch_size, num_cpus=cfg.resources.data_cpus,
-        fn_kwargs=dict(size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels),
-    ).materialize()
-    meta = rows.drop_columns(["image"]).to_pandas()
-    manifest, rejected = sort_rows(meta, d.splits)
+    images = datasets.images_uri(out)
+    storage.delete_dir(images)  # parts of an interrupted earlier run
+    paths = candidates(src, cfg.seed)
+    files = ray.data.from_items([{"path": p} for p in paths],
+                                override_num_blocks=min(len(paths), block_count(len(paths))))
+    # One operator, nothing to starve: without this, Ray Data reserves part of the
+    # CPUs for other operators and runs one task at a time for the first second.
+    files.context.op_resource_reservation_enabled = False
+    meta = files.map_batches(
+        ingest_block, batch_size=None, num_cpus=cfg.resources.data_cpus,
+        fn_kwargs=dict(images=images, size=d.resolution, quality=d.jpeg_quality,
+                       max_pixels=d.max_pixels, splits=tuple(d.splits)),
+    ).to_pandas()
+    manifest, rejected, duplicates = sort_rows(meta)
     if manifest.empty:
         raise UsageError(f"none of the {len(meta):,} files from {src.name} is a usable image "
                          f"({dict(Counter(rejected['reason']))}): check the source")
-    images = datasets.images_uri(out)
-    storage.delete_dir(images)
-    fs, path = storage.resolve(images)
-    kept = dict(zip(manifest["path"], manifest["split"]))
-    rows.map_batches(keep_batch, fn_kwargs={"kept": kept}, batch_format="numpy").write_parquet(
-        path, filesystem=fs)
+    drop_duplicates_from_parts(images, manifest, duplicates)
+    manifest = manifest[MANIFEST_COLUMNS]
     storage.write_parquet(datasets.manifest_uri(out), pa.Table.from_pandas(manifest, preserve_index=False))
     storage.write_parquet(storage.join(out, "rejected.parquet"),
                           pa.Table.from_pandas(rejected, preserve_index=False))
