@@ -100,7 +100,9 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     usable = list({r["sha1"]: r for r in reversed(rows) if not r["reason"]}.values())[::-1]
     if usable:  # each distinct image once per part, the first (by path) of its copies
         storage.write_parquet(storage.join(images, part), pa.table({
-            "sha1": [r["sha1"] for r in usable], "split": [r["split"] for r in usable],
+            # the types Ray Data writes for the fakes: both stages read as one dataset
+            "sha1": pa.array([r["sha1"] for r in usable], pa.large_string()),
+            "split": pa.array([r["split"] for r in usable], pa.large_string()),
             "image": pa.array([r["image"] for r in usable], pa.binary())}))
     return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0] if k != "image"}
 
