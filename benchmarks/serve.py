@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--model", help="exported model folder (default: a random tiny detector)")
     p.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     p.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched service")
+    p.add_argument("--wait", type=float, default=0.1,
+                   help="batch_wait_timeout_s of the batched service (the demo preset's CPU value)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for both services, e.g. serve.access_log=false")
@@ -126,7 +128,7 @@ def main() -> None:
     from ray import serve
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    base = ["serve.batch_wait_timeout_s=0.01", "serve.cpus_per_replica=1", *args.overrides]
+    base = [f"serve.batch_wait_timeout_s={args.wait}", "serve.cpus_per_replica=1", *args.overrides]
     cfg_batched = config.build("tiny", None, base + [f"serve.max_batch_size={args.batch}"])
     cfg_single = config.build("tiny", None, base + ["serve.max_batch_size=1",
                                                     "serve.max_ongoing_requests=64"])
@@ -134,7 +136,7 @@ def main() -> None:
     single = bench_service(cfg_single, model, images, args.requests, args.port)
     serve.shutdown()
     direct = bench_direct(model, images, args.requests, args.batch, threads=1)
-    print(f"\nmodel {model}; {args.requests} requests per level; replica and direct: 1 torch "
+    print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; replica and direct: 1 torch "
           f"thread; {os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")
     for name, results in ((f"batched (max {args.batch})", batched), ("unbatched (max 1)", single)):

@@ -119,10 +119,12 @@ def drop_duplicates_from_parts(images: str, manifest: pd.DataFrame, duplicates: 
 
 
 def block_count(files: int) -> int:
-    """A few hundred files per task (one task per file drowns small images in overhead),
-    but at least two tasks per CPU so no core idles at the end."""
+    """Two tasks per CPU, so no core idles at the end, of 64 to 512 files each: fewer
+    files per task drown small images in overhead, and a small set is not worth
+    starting a worker process per CPU for."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return int(np.clip(files // 512, 2 * cpus, max(2 * cpus, files // 128)))
+    per_task = int(np.clip(files / (2 * cpus), 64, 512))
+    return max(1, -(-files // per_task))
 
 
 def sort_rows(meta: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -174,7 +176,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     storage.delete_dir(images)  # parts of an interrupted earlier run
     paths = candidates(src, cfg.seed)
     files = ray.data.from_items([{"path": p} for p in paths],
-                                override_num_blocks=min(len(paths), block_count(len(paths))))
+                                override_num_blocks=block_count(len(paths)))
     # One operator, nothing to starve: without this, Ray Data reserves part of the
     # CPUs for other operators and runs one task at a time for the first second.
     files.context.op_resource_reservation_enabled = False

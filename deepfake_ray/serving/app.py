@@ -143,8 +143,9 @@ def gpus_per_replica(cfg: Config) -> float:
 
 def deployment_options(cfg: Config) -> dict:
     s = cfg.serve
-    # below max_batch_size the replica never holds enough requests to fill a batch
-    ongoing = max(s.max_ongoing_requests or 2 * s.max_batch_size, s.max_batch_size)
+    # below max_batch_size the replica never holds enough requests to fill a batch;
+    # queueing at the replica is cheap, the router's back-off when it is full is not
+    ongoing = max(s.max_ongoing_requests or 8 * s.max_batch_size, s.max_batch_size)
     return {
         "max_ongoing_requests": ongoing,
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
