@@ -157,3 +157,13 @@ def completed(stage_uri: str) -> dict | None:
         return read_json(join(stage_uri, COMPLETE))
     except FileNotFoundError:
         return None
+
+
+def skip_if_complete(stage_uri: str, force: bool, command: str, describe) -> dict | None:
+    """A complete stage's summary, after saying it is skipped; None when the stage must run.
+    `describe(summary)` names what is there, e.g. "1,600 images"."""
+    done = completed(stage_uri)
+    if done and not force:
+        print(f"{command}: {stage_uri} is already complete ({describe(done)}); --force redoes it")
+        return done
+    return None

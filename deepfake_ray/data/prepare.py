@@ -163,9 +163,7 @@ def summary_line(s: dict) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = datasets.data_dir(cfg.workdir)
-    done = storage.completed(out)
-    if done and not force:
-        print(f"prepare: {out} is already complete ({done['images']:,} images); --force redoes it")
+    if done := storage.skip_if_complete(out, force, "prepare", lambda d: f"{d['images']:,} images"):
         return done
     validate(cfg)
     started = time.time()

@@ -32,10 +32,8 @@ def eval_dir(workdir: str) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = eval_dir(cfg.workdir)
-    done = storage.completed(out)
-    if done and not force:
-        print(f"evaluate: {out} is already complete (test ROC-AUC {done.get('roc_auc', float('nan')):.4f}); "
-              "--force redoes it")
+    if done := storage.skip_if_complete(
+            out, force, "evaluate", lambda d: f"test ROC-AUC {d.get('roc_auc', float('nan')):.4f}"):
         return done
     if not storage.completed(stage_dir(cfg.workdir)):
         raise UsageError(f"no finished detector in {stage_dir(cfg.workdir)}: run `deepfake-ray "

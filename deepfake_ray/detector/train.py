@@ -35,10 +35,8 @@ def model_dir(workdir: str) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = stage_dir(cfg.workdir)
-    done = storage.completed(stage)
-    if done and not force:
-        print(f"train-detector: {stage} is already complete (model {done.get('model_id')}); "
-              "--force redoes it")
+    if done := storage.skip_if_complete(stage, force, "train-detector",
+                                        lambda d: f"model {d.get('model_id')}"):
         return done
     validate(cfg)
     selection = data.select(cfg, splits=("train", "val"))

@@ -36,10 +36,8 @@ def tune_dir(workdir: str) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = tune_dir(cfg.workdir)
-    done = storage.completed(out)
-    if done and not force:
-        print(f"tune: {out} is already complete (best lr {done.get('lr', float('nan')):.2e}); "
-              "--force redoes it")
+    if done := storage.skip_if_complete(out, force, "tune",
+                                        lambda d: f"best lr {d.get('lr', float('nan')):.2e}"):
         return done
     validate(cfg)
     selection = data.select(cfg, splits=("train", "val"))

@@ -184,13 +184,10 @@ def check(cfg: Config) -> tuple[pa.Table, dict]:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = datasets.fakes_dir(cfg.workdir)
-    done = storage.completed(out)
-    if done and not force:
-        print(f"generate: {out} is already complete ({done['images']:,} fakes); --force redoes it")
+    if done := storage.skip_if_complete(out, force, "generate", lambda d: f"{d['images']:,} fakes"):
         return done
     reals, meta = check(cfg)
-    if done:
-        storage.delete_dir(out)
+    storage.delete_dir(out)  # a forced or interrupted earlier run
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
     ds, chosen = generate(cfg, want)

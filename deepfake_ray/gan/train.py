@@ -111,9 +111,7 @@ def train_dataset(cfg: Config, train_images: int):
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = gan_dir(cfg.workdir)
-    done = storage.completed(stage)
-    if done and not force:
-        print(f"train-gan: {stage} is already complete ({done['epochs']} epochs); --force redoes it")
+    if done := storage.skip_if_complete(stage, force, "train-gan", lambda d: f"{d['epochs']} epochs"):
         return done
     check_settings(cfg)
     train_images = check_data(cfg)
