@@ -100,7 +100,8 @@ def bench_service(cfg, model: str, images: list[bytes], requests: int, port: int
     return results
 
 
-def bench_direct(model: str, images: list[bytes], requests: int, batch: int, threads: int) -> dict:
+def bench_direct(model: str, images: list[bytes], requests: int, batch: int, threads: int) -> float:
+    """Requests/s of Predictor.predict_bytes in this process, in batches of `batch`."""
     from deepfake_ray.serving.predictor import Predictor
 
     predictor = Predictor(model, threads=threads)
@@ -109,7 +110,7 @@ def bench_direct(model: str, images: list[bytes], requests: int, batch: int, thr
     started = time.perf_counter()
     for i in range(0, requests, batch):
         predictor.predict_bytes(blobs[i:i + batch])
-    return {"rps": requests / (time.perf_counter() - started)}
+    return requests / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -139,12 +140,12 @@ def main() -> None:
                                                     "serve.max_ongoing_requests=64"])
     # the in-process ceiling, before and after the services: the faster of the two, so a
     # noisy moment on the machine cannot flatter the HTTP/in-process ratio
-    direct_rates = [bench_direct(model, images, 2 * args.requests, args.batch, threads=1)["rps"]]
+    direct_rates = [bench_direct(model, images, 2 * args.requests, args.batch, threads=1)]
     batched = bench_service(cfg_batched, model, images, args.requests, args.port)
     single = bench_service(cfg_single, model, images, args.requests, args.port)
     serve.shutdown()
-    direct_rates.append(bench_direct(model, images, 2 * args.requests, args.batch, threads=1)["rps"])
-    direct = {"rps": max(direct_rates)}
+    direct_rates.append(bench_direct(model, images, 2 * args.requests, args.batch, threads=1))
+    direct = max(direct_rates)
     print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; replica and direct: 1 torch "
           f"thread; {os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")
@@ -153,10 +154,10 @@ def main() -> None:
             print(f"{name:<22}{c:>5}{r['rps']:>9.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}"
                   f"{r['mean_batch']:>7.1f}{r['busy']:>6.0%}"
                   + (f"  {r['failures']} FAILED" if r["failures"] else ""))
-    print(f"{'direct in-process':<22}{'-':>5}{direct['rps']:>9.1f}   (Predictor.predict_bytes, "
+    print(f"{'direct in-process':<22}{'-':>5}{direct:>9.1f}   (Predictor.predict_bytes, "
           f"batches of {args.batch}; best of {', '.join(f'{r:.1f}' for r in direct_rates)})")
     speedup = batched[16]["rps"] / single[16]["rps"]
-    share = batched[64]["rps"] / direct["rps"]
+    share = batched[64]["rps"] / direct
     print(f"\nbatching speed-up at concurrency 16: {speedup:.2f}x (goal >= 2x)")
     print(f"HTTP batched at concurrency 64 / direct in-process: {share:.2f} (goal >= 0.70)")
 

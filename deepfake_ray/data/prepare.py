@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute as pc
 import ray.data
 
 from deepfake_ray import storage
@@ -80,6 +80,14 @@ def part_name(paths) -> str:
     return "part-" + decode.sha1("\n".join(paths).encode())[:16] + ".parquet"
 
 
+def inspect_fetched(data: bytes | OSError, size: int, quality: int, max_pixels: int) -> dict:
+    """decode.inspect's row for fetched bytes; an unreadable file is a rejected row too."""
+    if isinstance(data, bytes):
+        return decode.inspect(data, size, quality, max_pixels)
+    return {**decode.inspect(b"", size, quality), "reason": "unreadable",
+            "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"}
+
+
 def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: int,
                  splits: tuple[float, ...]) -> dict:
     """Read, check, decode and normalize one block of files in one task.
@@ -89,16 +97,16 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     """
     paths = [str(p) for p in batch["path"]]
     part = part_name(paths)
-    rows = []
+    rows, usable, seen = [], [], set()
     for path, data in zip(paths, fetch_all(paths)):
-        row = (decode.inspect(data, size, quality, max_pixels) if isinstance(data, bytes) else
-               {**decode.inspect(b"", size, quality), "reason": "unreadable",
-                "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"})
-        usable = not row["reason"]
-        rows.append({**row, "path": path, "part": part if usable else "",
-                     "split": assign_split(row["sha1"], splits) if usable else ""})
-    usable = list({r["sha1"]: r for r in reversed(rows) if not r["reason"]}.values())[::-1]
-    if usable:  # each distinct image once per part, the first (by path) of its copies
+        row = {**inspect_fetched(data, size, quality, max_pixels), "path": path, "part": "", "split": ""}
+        if not row["reason"]:
+            row.update(part=part, split=assign_split(row["sha1"], splits))
+            if row["sha1"] not in seen:  # each distinct image once per part: its first copy
+                seen.add(row["sha1"])
+                usable.append(row)
+        rows.append(row)
+    if usable:
         storage.write_parquet(storage.join(images, part), pa.table({
             # the types Ray Data writes for the fakes: both stages read as one dataset
             "sha1": pa.array([r["sha1"] for r in usable], pa.large_string()),
@@ -114,7 +122,7 @@ def drop_duplicates_from_parts(images: str, manifest: pd.DataFrame, duplicates: 
     for part, hashes in elsewhere.groupby("part")["sha1"]:
         uri = storage.join(images, part)
         table = storage.read_parquet(uri)
-        keep = pa.compute.invert(pa.compute.is_in(table["sha1"], pa.array(list(hashes))))
+        keep = pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))
         storage.write_parquet(uri, table.filter(keep))
 
 
