@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -14,6 +15,9 @@ def init(address: str | None = None) -> None:
     and Ray Data tasks need free slots beside them, even on a 2-core machine.
     `address="local"`: a bare `ray.init()` would join whatever `ray start` cluster
     this machine last ran (even a dead one), which is never what the embedded default means.
+    Ray's own state API has the same habit inside workers: Ray Train asks it whether a run's
+    controller lives, and pointed at a stale cluster every run stalled 12 s at its end. So
+    the dashboard (which serves that API) runs on a port chosen here and workers are told it.
     """
     if ray.is_initialized():
         return
@@ -22,9 +26,21 @@ def init(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 **kwargs)
+        port = free_port()
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_port=port, runtime_env={"env_vars": {
+                     "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                     # one machine: nothing to preempt, so no watcher process per training run
+                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}, **kwargs)
+        print(f"ray: in-process, {int(ray.cluster_resources().get('CPU', 0))} CPUs; "
+              f"dashboard at http://127.0.0.1:{port}")
     quiet_data_progress(os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") == "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def quiet_data_progress(quiet: bool) -> None:
