@@ -14,15 +14,15 @@ def assert_exported_model(cfg, history: list[dict]) -> dict:
     """WORKDIR/detector/model: the best validation epoch, reloadable, chosen without the
     test split. Returns its metadata."""
     state, meta = checkpoint.load_model(train.model_dir(cfg.workdir))
-    assert meta["arch"] == "inception_resnet_v2" and meta["class_names"] == ["real", "fake"]
+    assert meta["arch"] == cfg.detector.arch and meta["class_names"] == ["real", "fake"]
     assert (meta["resolution"], meta["input_size"]) == (32, 75)
-    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
     assert 0.0 <= meta["threshold"] <= 1.0
     best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
     assert meta["metrics"]["val_auc"] == best["val_auc"] and meta["epoch"] == best["epoch"]
     assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
     assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
     model = detector.from_meta(meta)
+    assert meta["preprocessing"] == detector.preprocessing(model)  # the network's own
     model.load_state_dict(state)
     model.eval()
     pixels = np.stack([sample.face(3, i, 32) for i in range(4)])

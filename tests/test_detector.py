@@ -153,6 +153,12 @@ def test_missing_fakes_say_which_command_makes_them(tiny_cfg):
         data.select(cfg)
 
 
+def test_unknown_architecture_is_refused_before_training(tiny_cfg):
+    with pytest.raises(UsageError, match=r"detector.arch='inceptoin_resnet_v2' is not a timm model"):
+        train.validate(tiny_cfg("detector.arch=inceptoin_resnet_v2"))
+    train.validate(tiny_cfg("detector.arch=resnet10t"))  # any timm network is accepted
+
+
 # --- the CLI without the model hub ----------------------------------------------------
 
 def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_path):
@@ -176,19 +182,22 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
 # --- Ray Train, export, reload, evaluate; Ray Tune ---------------------------------------
 
 @pytest.mark.slow
-def test_fine_tune_survives_a_killed_worker_then_exports_reloads_and_evaluates(ray_session, tiny_cfg):
-    cfg = tiny_cfg(*FAST, "detector.epochs=2", "detector.fail_at_epoch=1")
+def test_fine_tune_exports_reloads_and_evaluates(ray_session, tiny_cfg):
+    """Inception-ResNet-v2 through Ray Train. Its resume after a lost worker and after a
+    killed driver is tested on a real cluster in test_pipeline.py."""
+    cfg = tiny_cfg(*FAST, "detector.epochs=2")
     build(cfg.workdir, 40, 32)  # sample reals; stand-in fakes (the DCGAN's are in test_pipeline)
     summary = train.run(cfg)
     stage = train.stage_dir(cfg.workdir)
-    assert storage.exists(os.path.join(stage, "_fault_injected_epoch_1"))  # a worker did die
     history = storage.read_json(os.path.join(stage, "history.json"))
     assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["restored"] for h in history] == [False, True]  # epoch 0 was not trained again
+    assert [h["restored"] for h in history] == [False, False]
     for h in history:
         assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_auc"} <= set(h)
 
     meta = assert_exported_model(cfg, history)
+    assert meta["arch"] == "inception_resnet_v2"  # the study's network, timm's normalization
+    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
     assert meta["epoch"] == summary["epoch"]
     result = evaluate.run(cfg)
     assert assert_held_out_evaluation(cfg)["n"] == result["n"]

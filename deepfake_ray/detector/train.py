@@ -52,7 +52,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
 
 
 def validate(cfg: Config) -> None:
+    import timm  # loaded already (the worker loop's model module), so free here
+
     d = cfg.detector
+    if not timm.is_model(d.arch):
+        raise UsageError(f"detector.arch={d.arch!r} is not a timm model: use inception_resnet_v2 "
+                         f"(the study) or another name from timm.list_models()")
     if d.input_size < MIN_INPUT:
         raise UsageError(f"detector.input_size={d.input_size} is too small for {d.arch}: "
                          f"use {MIN_INPUT} or more (128 as the study)")
