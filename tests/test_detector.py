@@ -182,16 +182,15 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
 # --- Ray Train, export, reload, evaluate; Ray Tune ---------------------------------------
 
 @pytest.mark.slow
-def test_fine_tune_exports_reloads_and_evaluates(ray_session, tiny_cfg):
-    """Inception-ResNet-v2 through Ray Train. Its resume after a lost worker and after a
-    killed driver is tested on a real cluster in test_pipeline.py."""
-    cfg = tiny_cfg(*FAST, "detector.epochs=2")
+def test_fine_tune_survives_a_killed_worker_then_exports_reloads_and_evaluates(ray_session, tiny_cfg):
+    cfg = tiny_cfg(*FAST, "detector.epochs=2", "detector.fail_at_epoch=1")
     build(cfg.workdir, 40, 32)  # sample reals; stand-in fakes (the DCGAN's are in test_pipeline)
     summary = train.run(cfg)
     stage = train.stage_dir(cfg.workdir)
+    assert storage.exists(os.path.join(stage, "_fault_injected_epoch_1"))  # a worker did die
     history = storage.read_json(os.path.join(stage, "history.json"))
     assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["restored"] for h in history] == [False, False]
+    assert [h["restored"] for h in history] == [False, True]  # epoch 0 was not trained again
     for h in history:
         assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_auc"} <= set(h)
 
