@@ -146,8 +146,9 @@ def main() -> None:
     serve.shutdown()
     direct_rates.append(bench_direct(model, images, 2 * args.requests, args.batch, threads=1))
     direct = max(direct_rates)
-    print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; replica and direct: 1 torch "
-          f"thread; {os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; "
+          f"replica and direct: 1 torch thread; {os.cpu_count()} CPUs, "
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")
     for name, results in ((f"batched (max {args.batch})", batched), ("unbatched (max 1)", single)):
         for c, r in results.items():

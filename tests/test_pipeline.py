@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from deepfake_ray import config, storage
+from deepfake_ray.runtime import free_port
 from tests.checkpoints import registered
 from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
 
@@ -32,12 +32,6 @@ TINY = ["--preset", "tiny"]
 EPOCHS = 4  # several, so the driver is surely killed mid-stage however fast an epoch is
 # TEST ONLY fail_at_epoch: a training worker also dies once, at epoch 1 of the first job
 DETECTOR = [f"detector.epochs={EPOCHS}", "detector.arch=resnet10t", "detector.fail_at_epoch=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env() -> dict:
@@ -130,7 +124,7 @@ def kill_driver_when_registered(address: str, submission: str, run_uri: str, che
     while not registered(run_uri, checkpoint):
         status = job_status(address, submission)
         assert "failed" not in status and "succeeded" not in status, status
-        assert time.time() < deadline, "the detector never checkpointed its first epoch"
+        assert time.time() < deadline, f"the detector never registered {checkpoint}"
         time.sleep(1)
     pids = driver_pids(marker)
     assert pids, "the job's driver process was not found"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,12 @@ import pytest
 import yaml
 
 from deepfake_ray import checkpoint, config, storage
+from deepfake_ray.runtime import free_port
 from deepfake_ray.errors import UsageError
 from tests.images import bomb_png, encode, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_test_model(uri: str) -> None:
