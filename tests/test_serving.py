@@ -120,6 +120,28 @@ def test_http_batch_scoring_and_direct_predictor_agree(service, scored, model_di
     assert len(p_values) > 1  # the comparison would notice images being mixed up
 
 
+def test_served_graph_scores_as_the_trained_model_at_any_batch_size(model_dir):
+    """The Predictor serves a traced, frozen copy of the network: same scores as the
+    exported eager model, whatever the batch size (the trace saw batches of one)."""
+    import numpy as np
+    import torch
+
+    from deepfake_ray.models import detector
+    from deepfake_ray.serving.predictor import Predictor
+
+    predictor = Predictor(model_dir)
+    assert isinstance(predictor.model, torch.jit.ScriptModule)
+    state, meta = checkpoint.load_model(model_dir)
+    eager = detector.from_meta(meta)
+    eager.load_state_dict(state)
+    eager.eval()
+    pixels = np.stack([predictor.decode(data) for data in GOOD.values()])
+    for n in (1, 3, len(pixels)):
+        with torch.inference_mode():
+            expected = detector.p_fake(detector.predict(eager, detector.meta_input(pixels[:n], meta)))
+        np.testing.assert_allclose(predictor.predict_pixels(pixels[:n]), expected, atol=1e-5)
+
+
 def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
     def chunks():  # no Content-Length: only the streamed size can catch it
         for _ in range(MAX_BODY // 10_000 + 2):

@@ -62,7 +62,10 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = detector.from_meta(meta)
         model.load_state_dict(state)
-        self.model = model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        if self.device.type == "cpu":  # the GPU path keeps eager mode until measured there
+            model = detector.inference_graph(model, int(meta["input_size"]))
+        self.model = model
         self.resolution = int(meta["resolution"])
         self.threshold = float(meta.get("threshold", 0.5))
         self.class_names = list(meta.get("class_names", ["real", "fake"]))
