@@ -21,10 +21,8 @@ def assert_exported_model(cfg, history: list[dict]) -> dict:
     assert meta["metrics"]["val_auc"] == best["val_auc"] and meta["epoch"] == best["epoch"]
     assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
     assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
-    model = detector.from_meta(meta)
+    model = detector.from_meta(meta, state)
     assert meta["preprocessing"] == detector.preprocessing(model)  # the network's own
-    model.load_state_dict(state)
-    model.eval()
     pixels = np.stack([sample.face(3, i, 32) for i in range(4)])
     p = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
     assert p.shape == (4,) and np.all((p >= 0) & (p <= 1))

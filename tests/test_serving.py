@@ -132,9 +132,7 @@ def test_served_graph_scores_as_the_trained_model_at_any_batch_size(model_dir):
     predictor = Predictor(model_dir)
     assert isinstance(predictor.model, torch.jit.ScriptModule)
     state, meta = checkpoint.load_model(model_dir)
-    eager = detector.from_meta(meta)
-    eager.load_state_dict(state)
-    eager.eval()
+    eager = detector.from_meta(meta, state)
     pixels = np.stack([predictor.decode(data) for data in GOOD.values()])
     for n in (1, 3, len(pixels)):
         with torch.inference_mode():

@@ -93,9 +93,7 @@ class Scorer:
 
         state, self.meta = checkpoint.load_model(model_uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = detector.from_meta(self.meta)
-        self.model.load_state_dict(state)
-        self.model.eval().to(self.device)
+        self.model = detector.from_meta(self.meta, state).to(self.device)
         self.conditions = conditions
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None
 

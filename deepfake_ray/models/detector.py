@@ -33,9 +33,14 @@ def create(arch: str = ARCH, num_classes: int = 2, pretrained: str = "none",
     return load_pretrained(model, pretrained, hub_name)
 
 
-def from_meta(meta: dict) -> nn.Module:
-    """The architecture an exported model.json describes, without weights."""
-    return create(meta.get("arch", ARCH), int(meta.get("num_classes", 2)))
+def from_meta(meta: dict, state: dict | None = None) -> nn.Module:
+    """The architecture an exported model.json describes; with `state` (its weights),
+    the trained model in eval mode."""
+    model = create(meta.get("arch", ARCH), int(meta.get("num_classes", 2)))
+    if state is not None:
+        model.load_state_dict(state)
+        model.eval()
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -60,9 +60,7 @@ class Predictor:
         self.model_uri = model_uri
         self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = detector.from_meta(meta)
-        model.load_state_dict(state)
-        model = model.to(self.device).eval()
+        model = detector.from_meta(meta, state).to(self.device)
         if self.device.type == "cpu":  # the GPU path keeps eager mode until measured there
             model = detector.inference_graph(model, int(meta["input_size"]))
         self.model = model
