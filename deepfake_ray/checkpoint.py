@@ -7,6 +7,10 @@
 The training state inside Ray Train checkpoints (`state.pt`) is separate: it is
 loaded with `torch.load(weights_only=True)` and verified against a SHA-256 written
 after it, so a half-written checkpoint is never trusted.
+
+torch is imported where tensors are read or written, not at the top: Ray Data tasks
+that only need metadata (scoring's decode tasks) would otherwise import it in every
+fresh worker process, seconds each on a small machine.
 """
 from __future__ import annotations
 
@@ -14,10 +18,6 @@ import hashlib
 import io
 import json
 import os
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from deepfake_ray import storage
 from deepfake_ray.errors import UsageError
@@ -29,6 +29,8 @@ META = "model.json"
 
 def save_model(uri: str, state_dict: dict, meta: dict) -> None:
     """Weights first, metadata last: a model dir without model.json is incomplete."""
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     blob = st_save(tensors)
     meta = {**meta, "format_version": FORMAT_VERSION,
@@ -52,6 +54,8 @@ def load_model(uri: str) -> tuple[dict, dict]:
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise UsageError(f"model weights at {uri} do not match {META} (partial copy?): "
                          "export or copy the model folder again")
+    from safetensors.torch import load as st_load
+
     return st_load(blob), meta
 
 
@@ -67,6 +71,8 @@ STATE_OK = "state.json"
 
 def write_state(directory: str, state: dict) -> None:
     """state.pt, then state.json with its hash and epoch, written last."""
+    import torch
+
     path = os.path.join(directory, STATE)
     torch.save(state, path)
     with open(path, "rb") as f:
@@ -86,4 +92,6 @@ def read_state(directory: str) -> dict | None:
         return None
     if hashlib.sha256(blob).hexdigest() != expected:
         return None
+    import torch
+
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

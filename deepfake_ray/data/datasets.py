@@ -63,6 +63,20 @@ def decode_batch(batch: dict) -> dict:
     return out
 
 
+def keep_chosen(batch: dict, chosen: dict[int, str]) -> "pyarrow.Table":
+    """Ray Data task of `generate`: the chosen candidates with their split, typed like the
+    reals' tables. Here, not in generate.py, so its workers never import torch."""
+    import pyarrow as pa
+
+    keep = np.array([int(i) in chosen for i in batch["index"]], dtype=bool)
+    index = batch["index"][keep]
+    return pa.table({"index": pa.array(index, pa.int64()),
+                     "sha1": pa.array(batch["sha1"][keep].tolist(), pa.large_string()),
+                     "bytes": pa.array(batch["bytes"][keep], pa.int64()),
+                     "image": pa.array(batch["image"][keep].tolist(), pa.binary()),
+                     "split": pa.array([chosen[int(i)] for i in index], pa.large_string())})
+
+
 def to_unit_range(pixels) -> "torch.Tensor":
     """uint8 NHWC (numpy or torch) -> float NCHW in [-1, 1], the scale both models train on."""
     import torch

@@ -20,7 +20,7 @@ import ray.data
 from ray.data.expressions import col
 from PIL import Image, ImageFilter
 
-from deepfake_ray import storage
+from deepfake_ray import checkpoint, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
@@ -221,3 +221,32 @@ def transform(img: np.ndarray, name: str) -> np.ndarray:
     if kind == "blur":
         return blur(img, float(arg))
     raise ValueError(f"unknown robustness condition {name!r}")
+
+
+class Scorer:
+    """`evaluate`'s Ray Data actor: loads the exported model once, scores each condition
+    (`transform`) of a batch. Here rather than in evaluate.py, whose figures and Ray Train
+    imports would cost every actor process seconds of start-up for nothing."""
+
+    def __init__(self, model_uri: str, conditions: list[str]):
+        import torch
+
+        from deepfake_ray.models import detector
+
+        state, self.meta = checkpoint.load_model(model_uri)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = detector.from_meta(self.meta, state).to(self.device)
+        self.conditions = conditions
+        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from deepfake_ray.models import detector
+
+        out = {"sha1": batch["sha1"], "label": batch["label"]}
+        for name in self.conditions:
+            pixels = np.stack([transform(img, name) for img in batch["pixels"]])
+            x = detector.meta_input(torch.as_tensor(pixels).to(self.device), self.meta)
+            out[f"p_{name}"] = detector.p_fake(detector.predict(self.model, x, self.amp))
+        return out

@@ -74,40 +74,13 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
     r = cfg.resources
     ds = data.dataset(cfg, selection, "test")
     scored = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
+        data.Scorer, fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
         compute=ray.data.ActorPoolStrategy(size=max(1, r.workers)), batch_size=cfg.serve.score_batch_size,
         num_cpus=r.cpus_per_worker, num_gpus=1 if r.use_gpu else 0, batch_format="numpy")
     frame = scored.to_pandas()
     if frame.empty:
         raise UsageError("the test split selected no images: check data.splits and the fakes manifest")
     return frame
-
-
-class Scorer:
-    """Ray Data actor: loads the exported model once, scores each condition of a batch."""
-
-    def __init__(self, model_uri: str, conditions: list[str]):
-        import torch
-
-        from deepfake_ray.models import detector
-
-        state, self.meta = checkpoint.load_model(model_uri)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = detector.from_meta(self.meta, state).to(self.device)
-        self.conditions = conditions
-        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from deepfake_ray.models import detector
-
-        out = {"sha1": batch["sha1"], "label": batch["label"]}
-        for name in self.conditions:
-            pixels = np.stack([data.transform(img, name) for img in batch["pixels"]])
-            x = detector.meta_input(torch.as_tensor(pixels).to(self.device), self.meta)
-            out[f"p_{name}"] = detector.p_fake(detector.predict(self.model, x, self.amp))
-        return out
 
 
 def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels, scores) -> None:

@@ -86,7 +86,10 @@ def candidates_needed(missing: dict[str, int], splits) -> int:
 
 def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.data.Dataset:
     """Candidates start..start+count-1, made by a pool of generator actors."""
-    return ray.data.range(count).map_batches(
+    # one block per batch: range()'s default of ~200 blocks made every later pass over
+    # the candidates (selection, writing) run hundreds of tiny tasks
+    blocks = -(-count // cfg.gan.generate_batch_size)
+    return ray.data.range(count, override_num_blocks=blocks).map_batches(
         FakeMaker, fn_kwargs={"start": start}, batch_size=cfg.gan.generate_batch_size,
         fn_constructor_kwargs={"model": model_uri(cfg.workdir), "seed": cfg.seed,
                                "quality": cfg.data.jpeg_quality, "use_gpu": use_gpu},
@@ -109,17 +112,6 @@ def select(rounds: list, want: dict[str, int], splits) -> dict[int, str]:
     return chosen
 
 
-def pick(batch: dict, chosen: dict[int, str]) -> pa.Table:
-    """The chosen candidates with their split, typed like the reals' tables."""
-    keep = np.array([int(i) in chosen for i in batch["index"]], dtype=bool)
-    index = batch["index"][keep]
-    return pa.table({"index": pa.array(index, pa.int64()),
-                     "sha1": pa.array(batch["sha1"][keep].tolist(), pa.large_string()),
-                     "bytes": pa.array(batch["bytes"][keep], pa.int64()),
-                     "image": pa.array(batch["image"][keep].tolist(), pa.binary()),
-                     "split": pa.array([chosen[int(i)] for i in index], pa.large_string())})
-
-
 def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str]]:
     use_gpu = cfg.resources.use_gpu and runtime.cluster_gpus() > 0
     pool = max(1, runtime.cluster_gpus() if use_gpu else cfg.resources.workers)
@@ -137,7 +129,7 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
         raise RuntimeError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
                            f"fill the splits {want}: check data.splits against the reals' splits")
     picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
-    return picked.map_batches(pick, fn_kwargs={"chosen": chosen}, batch_format="numpy"), chosen
+    return picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), chosen
 
 
 def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
