@@ -5,7 +5,7 @@
 Real HTTP on loopback against Ray Serve. For each service (batched, unbatched) and
 concurrency (1, 16, 64) it sends a bounded number of requests and reports requests/s
 and p50/p99 latency. The ceiling is the Predictor called directly on the same images in
-this process (one torch thread, as a replica), measured in rounds paired with HTTP at
+this process (as many torch threads as a replica: serve.cpus_per_replica), measured in rounds paired with HTTP at
 concurrency 64. Prints the two ratios the project tracks: batched / unbatched at
 concurrency 16 (goal >= 2x), and the median over the rounds of HTTP batched at
 concurrency 64 / direct in-process (goal >= 0.7). Without --model it exports a randomly
@@ -155,7 +155,8 @@ def main() -> None:
     cfg_batched = config.build("tiny", None, base + [f"serve.max_batch_size={args.batch}"])
     cfg_single = config.build("tiny", None, base + ["serve.max_batch_size=1",
                                                     "serve.max_ongoing_requests=64"])
-    predictor = Predictor(model, threads=1)  # as a replica: one torch thread
+    threads = max(1, int(cfg_batched.serve.cpus_per_replica))  # torch threads, as a replica
+    predictor = Predictor(model, threads=threads)
     for _ in range(3):  # warm-up: TorchScript optimizes the graph over its first runs
         predictor.predict_bytes(images[:args.batch])
     deploy(cfg_batched, model, images, args.port)
@@ -166,7 +167,7 @@ def main() -> None:
     single = bench_levels(args.port, images, args.requests)
     serve.shutdown()
     print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; "
-          f"replica and direct: 1 torch thread; {os.cpu_count()} CPUs, "
+          f"replica and direct: {threads} torch thread(s); {os.cpu_count()} CPUs, "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")
     for name, results in ((f"batched (max {args.batch})", batched), ("unbatched (max 1)", single)):
