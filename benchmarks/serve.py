@@ -5,12 +5,12 @@
 Real HTTP on loopback against Ray Serve. For each service (batched, unbatched) and
 concurrency (1, 16, 64) it sends a bounded number of requests and reports requests/s
 and p50/p99 latency. The ceiling is the Predictor called directly on the same images in
-this process (as many torch threads as a replica: serve.cpus_per_replica), measured in rounds paired with HTTP at
-concurrency 64. Prints the two ratios the project tracks: batched / unbatched at
-concurrency 16 (goal >= 2x), and the median over the rounds of HTTP batched at
-concurrency 64 / direct in-process (goal >= 0.7). Without --model it exports a randomly
-initialised detector (the tiny preset's 32 px images, 75 px input): speed does not
-depend on the weights.
+this process (as many torch threads as a replica: serve.cpus_per_replica), measured in
+rounds paired with HTTP at concurrency 64. Prints the two ratios the project tracks:
+batched / unbatched at concurrency 16 (goal >= 2x), and the median over the rounds of
+HTTP batched at concurrency 64 / direct in-process (goal >= 0.7). Without --model it
+exports a randomly initialised detector (the tiny preset's 32 px images, 75 px input):
+speed does not depend on the weights.
 """
 import argparse
 import asyncio
