@@ -132,13 +132,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched service")
     p.add_argument("--wait", type=float, default=0.1,
                    help="batch_wait_timeout_s of the batched service (the demo preset's CPU value)")
+    p.add_argument("--input-size", type=int, default=75,
+                   help="network input of the random detector (75 tiny, 80 demo, 128 the study)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--rounds", type=int, default=5,
                    help="paired rounds of HTTP at concurrency 64 and direct in-process")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for both services, e.g. serve.access_log=false")
     args = p.parse_args()
-    model = args.model or export_random_model(os.path.join(tempfile.mkdtemp(), "model"), 32, 75)
+    model = args.model or export_random_model(os.path.join(tempfile.mkdtemp(), "model"), 32,
+                                                args.input_size)
     from deepfake_ray import checkpoint
 
     resolution = checkpoint.load_meta(model)["resolution"]

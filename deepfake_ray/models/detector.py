@@ -179,26 +179,43 @@ def predict(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | Non
         return model(x).float()
 
 
-def inference_graph(model: nn.Module, input_size: int) -> nn.Module:
-    """A frozen TorchScript copy of an eval-mode model, for serving on the CPU.
+class FromPixels(nn.Module):
+    """uint8 NHWC pixels at the model's resolution -> float32 logits: THE preprocessing
+    (`meta_input`) and the network as one module, so serving traces them together."""
+
+    def __init__(self, model: nn.Module, meta: dict):
+        super().__init__()
+        self.model, self.meta = model, meta
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(meta_input(pixels, self.meta)).float()
+
+
+def inference_graph(model: nn.Module, meta: dict) -> nn.Module:
+    """A frozen TorchScript `FromPixels` of an eval-mode model, for serving on the CPU.
 
     Eager PyTorch takes the GIL back between every operator, so a forward pass on a
     worker thread crawls whenever the thread serving HTTP runs Python: measured 15x slower
-    beside a busy thread, while the frozen graph runs whole in C++ (unaffected). Tracing
+    beside a busy thread, while the frozen graph runs whole in C++ (unaffected). The
+    preprocessing is in the graph too: its eight eager operators alone took 5 -> 107 ms
+    per batch beside a busy thread (each waits out the GIL's switch interval). Tracing
     costs ~3 s once per process. torch.jit is deprecated for torch.compile, but that
     compiles for minutes on a CPU; torch is pinned, so it stays until a replacement is
-    measured. Returns the model itself if it cannot be traced.
+    measured. Returns the eager `FromPixels` if it cannot be traced.
     """
     import warnings
 
-    example = torch.zeros(1, 3, input_size, input_size)
+    wrapped = FromPixels(model, meta).eval()
+    size = int(meta["resolution"])
+    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore", FutureWarning)  # the deprecation notice
-            return torch.jit.freeze(torch.jit.trace(model.eval(), example, check_trace=False))
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # mean/std as constants
+            return torch.jit.freeze(torch.jit.trace(wrapped, example, check_trace=False))
     except Exception as e:  # noqa: BLE001 - any timm network may be exported
         print(f"[deepfake-ray] {type(model).__name__} could not be traced ({e}); serving it eagerly")
-        return model
+        return wrapped
 
 
 def p_fake(logits: torch.Tensor) -> np.ndarray:

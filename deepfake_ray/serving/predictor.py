@@ -61,9 +61,10 @@ class Predictor:
         self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = detector.from_meta(meta, state).to(self.device)
-        if self.device.type == "cpu":  # the GPU path keeps eager mode until measured there
-            model = detector.inference_graph(model, int(meta["input_size"]))
-        self.model = model
+        # uint8 pixels -> logits; on the CPU one frozen graph, the GPU path stays eager
+        # until measured there
+        self.model = (detector.inference_graph(model, meta) if self.device.type == "cpu"
+                      else detector.FromPixels(model, meta).eval())
         self.resolution = int(meta["resolution"])
         self.threshold = float(meta.get("threshold", 0.5))
         self.class_names = list(meta.get("class_names", ["real", "fake"]))
@@ -90,8 +91,7 @@ class Predictor:
         # uint8 to the device first: a quarter of the bytes of float input
         x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.device)
         with torch.inference_mode():
-            logits = detector.predict(self.model, detector.meta_input(x, self.meta))
-        return detector.p_fake(logits).astype(np.float64)
+            return detector.p_fake(self.model(x)).astype(np.float64)
 
     def describe(self, p_fake: float) -> dict:
         fake = p_fake >= self.threshold
