@@ -33,8 +33,12 @@ REJECTED_COLUMNS = ["path", "reason", "detail", "sha1", "bytes"]
 def assign_split(sha1: str, splits: tuple[float, ...]) -> str:
     """Split from the content hash: stable across reruns, one split per distinct image."""
     u = int(sha1[:12], 16) / float(16 ** 12)
-    edges = np.cumsum(splits) / sum(splits)
-    return datasets.SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(splits) - 1)]
+    total, edge = sum(splits), 0.0
+    for name, fraction in zip(datasets.SPLITS, splits):  # plain floats: once per image
+        edge += fraction
+        if u < edge / total:
+            return name
+    return datasets.SPLITS[len(splits) - 1]
 
 
 def validate(cfg: Config) -> None:
@@ -92,10 +96,11 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
                  splits: tuple[float, ...]) -> dict:
     """Read, check, decode and normalize one block of files in one task.
 
-    Usable images go straight to images/PART.parquet (one write, no second pass over
-    the data); only the metadata returns to the driver.
+    `batch["paths"]` holds the block's file lists (one, from `path_blocks`). Usable images
+    go straight to images/PART.parquet (one write, no second pass over the data); only
+    the metadata returns to the driver.
     """
-    paths = [str(p) for p in batch["path"]]
+    paths = [str(p) for chunk in batch["paths"] for p in chunk]
     part = part_name(paths)
     rows, usable, seen = [], [], set()
     for path, data in zip(paths, fetch_all(paths)):
@@ -124,6 +129,15 @@ def drop_duplicates_from_parts(images: str, manifest: pd.DataFrame, duplicates: 
         table = storage.read_parquet(uri)
         keep = pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))
         storage.write_parquet(uri, table.filter(keep))
+
+
+def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
+    """One row per block, holding its block's paths: ray.data.from_items builds blocks
+    row by row (0.17 s of driver CPU for 3,000 paths, a tenth of a small prepare)."""
+    step = max(1, -(-len(paths) // blocks))
+    chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
+    return ray.data.from_items([{"paths": chunk} for chunk in chunks],
+                               override_num_blocks=len(chunks))
 
 
 def block_count(files: int) -> int:
@@ -181,8 +195,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     images = datasets.images_uri(out)
     storage.delete_dir(images)  # parts of an interrupted earlier run
     paths = candidates(src, cfg.seed)
-    files = ray.data.from_items([{"path": p} for p in paths],
-                                override_num_blocks=block_count(len(paths)))
+    files = path_blocks(paths, block_count(len(paths)))
     # One operator, nothing to starve: without this, Ray Data reserves part of the
     # CPUs for other operators and runs one task at a time for the first second.
     files.context.op_resource_reservation_enabled = False
@@ -190,7 +203,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         ingest_block, batch_size=None, num_cpus=cfg.resources.data_cpus,
         fn_kwargs=dict(images=images, size=d.resolution, quality=d.jpeg_quality,
                        max_pixels=d.max_pixels, splits=tuple(d.splits)),
-    ).to_pandas()
+    ).to_arrow_refs()  # the blocks as they are: to_pandas re-batches them through threads
+    meta = pa.concat_tables(ray.get(meta), promote_options="permissive").to_pandas()
     manifest, rejected, duplicates = sort_rows(meta)
     if manifest.empty:
         raise UsageError(f"none of the {len(meta):,} files from {src.name} is a usable image "
