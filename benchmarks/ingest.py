@@ -18,6 +18,7 @@ import argparse
 import os
 import tempfile
 import time
+from statistics import median_low
 
 import torch
 
@@ -93,12 +94,11 @@ def main() -> None:
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
           + "; ".join(f"{r:.0f} vs {t:.0f}" for r, t in rounds))
-    ray_median = sorted(r for r, _ in rounds)[len(rounds) // 2]
-    torch_median = sorted(t for _, t in rounds)[len(rounds) // 2]
     ratios = sorted(r / t for r, t in rounds)
-    print(f"baseline torch DataLoader (2 workers): {torch_median:8.1f} images/s (median)")
-    print(f"deepfake-ray prepare (Ray Data):       {ray_median:8.1f} images/s (median)")
-    print(f"ratio Ray / DataLoader: {ratios[len(ratios) // 2]:.2f}x (median of {len(ratios)} "
+    median_torch, median_ray = median_low(t for _, t in rounds), median_low(r for r, _ in rounds)
+    print(f"baseline torch DataLoader (2 workers): {median_torch:8.1f} images/s (median)")
+    print(f"deepfake-ray prepare (Ray Data):       {median_ray:8.1f} images/s (median)")
+    print(f"ratio Ray / DataLoader: {median_low(ratios):.2f}x (median of {len(ratios)} "
           f"paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")
 
 
