@@ -21,11 +21,22 @@ def jitter(rng, color, amount=18):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
 
+def backdrop(rng) -> tuple[int, int, int]:
+    """A photo-like backdrop colour: a grey level with a faint tint.
+
+    Saturated random backdrops gave the DCGAN's discriminator a cue it won on from the
+    first epoch: in the demo's 320 steps the generator never got past grey noise, while
+    with these it draws heads, hair and skin tones (as it does on real photos)."""
+    rgb = rng.integers(30, 226, 3)
+    grey = rgb.mean()
+    return tuple(int(grey + 0.3 * (c - grey)) for c in rgb)
+
+
 def face(seed: int, index: int, size: int = SIZE) -> np.ndarray:
     """One face-like image, HxWx3 uint8."""
     rng = np.random.default_rng([seed, index])
     s = SIZE
-    top, bottom = jitter(rng, tuple(rng.integers(30, 226, 3)), 0), jitter(rng, tuple(rng.integers(30, 226, 3)), 0)
+    top, bottom = backdrop(rng), backdrop(rng)
     ramp = np.linspace(0, 1, s)[:, None, None]
     bg = (np.array(top) * (1 - ramp) + np.array(bottom) * ramp) * np.ones((s, s, 3))
     img = Image.fromarray(bg.astype(np.uint8))
