@@ -65,6 +65,9 @@ class DetectorConfig:
     hub_name: str = "inception_resnet_v2.tf_in1k"
     freeze_backbone_epochs: int = 0
     hflip: bool = True
+    # after each epoch, batch-norm statistics are recomputed from this many of the
+    # epoch's last training inputs (0: off); see models.detector.recalibrate_batchnorm
+    bn_recalibration_images: int = 256
     jpeg_aug_prob: float = 0.0  # Wang et al. 2020: random JPEG re-compression ...
     jpeg_aug_quality: tuple[int, int] = (30, 100)
     blur_aug_prob: float = 0.0  # ... and Gaussian blur

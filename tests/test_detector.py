@@ -92,6 +92,33 @@ def test_frozen_backbone_trains_only_the_head():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_recalibrated_batchnorm_makes_eval_mode_agree_with_training():
+    """Running statistics that lag the weights (as after a few steps from scratch) make
+    eval-mode scores meaningless; recomputing them from training inputs puts eval mode
+    back in line with training, and a frozen backbone's statistics are left alone."""
+    torch.manual_seed(0)
+    model = detector.create("resnet10t", 2, "none")
+    x = detector.to_input(np.stack([sample.face(0, i, 32) for i in range(16)]), 64, [0.5] * 3, [0.5] * 3)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        in_training = model.train()(x)
+        for m in layers:  # statistics of weights long gone
+            m.running_mean.fill_(2.0)
+            m.running_var.fill_(0.05)
+        stale = model.eval()(x)
+        model.train()
+        detector.recalibrate_batchnorm(model, [x[:8], x[8:]])
+        recalibrated = model.eval()(x)
+    assert stale.std(0).max() < 0.01 < in_training.std(0).min()  # every image scored alike
+    assert (recalibrated - in_training).abs().max() < 0.1  # up to per-batch vs whole-set variance
+    assert all(m.momentum == 0.1 for m in layers)  # training goes on as before
+
+    detector.train_mode(model, frozen=True)
+    kept = [m.running_mean.clone() for m in layers]
+    detector.recalibrate_batchnorm(model, [x])
+    assert all(torch.equal(k, m.running_mean) for k, m in zip(kept, layers))
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path):
     import timm
 

@@ -172,6 +172,32 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor],
+                          autocast_dtype: torch.dtype | None = None) -> None:
+    """Batch-norm running statistics recomputed from `batches` with the current weights.
+
+    Running averages lag weights that move fast (from scratch, few steps): the demo's
+    detector had 0.97 training accuracy but 0.5 in eval mode, every image at p_fake
+    0.9999. Statistics recomputed from the epoch's last inputs ("precise BN") make eval
+    mode agree with training. Only layers in training mode are touched: a frozen
+    backbone keeps its pretrained statistics.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not layers or not batches:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    for x in batches:
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            model(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+
+
+@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None = None
             ) -> torch.Tensor:
     """Logits (float32) for a batch of prepared inputs."""
