@@ -115,15 +115,16 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, after
             x = detector.random_hflip(x)
         batch_loss, batch_correct = detector.train_step(model, optimizer, x, y, amp)
         loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
-        recent.append(x.detach())
-        recent_n += len(x)
-        while recent and recent_n - len(recent[0]) >= d.bn_recalibration_images:
-            recent_n -= len(recent.popleft())
+        if d.bn_recalibration_images > 0:
+            recent.append(x.detach())
+            recent_n += len(x)
+            while recent_n - len(recent[0]) >= d.bn_recalibration_images:
+                recent_n -= len(recent.popleft())
         if n == len(y):
             after_first_batch()
     loss_sum, correct = float(loss_sum), float(correct)  # one device sync per epoch
     seconds = time.time() - started
-    if d.bn_recalibration_images > 0:  # on each worker's own inputs: no collective calls
+    if recent:  # on each worker's own inputs: no collective calls
         detector.recalibrate_batchnorm(getattr(model, "module", model), list(recent), amp)
     loss_sum, correct, n = all_sum([loss_sum, correct, n])
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
