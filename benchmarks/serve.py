@@ -10,7 +10,9 @@ rounds paired with HTTP at concurrency 64. Prints the two ratios the project tra
 batched / unbatched at concurrency 16 (goal >= 2x), and the median over the rounds of
 HTTP batched at concurrency 64 / direct in-process (goal >= 0.7). Without --model it
 exports a randomly initialised detector (the tiny preset's 32 px images, 75 px input):
-speed does not depend on the weights.
+speed does not depend on the weights. Serve's HTTP ingress is HAProxy, as the embedded Ray
+starts it; `RAY_SERVE_ENABLE_HA_PROXY=0 python benchmarks/serve.py` measures Serve's
+Python proxy instead.
 """
 import argparse
 import asyncio
@@ -170,6 +172,7 @@ def main() -> None:
     single = bench_levels(args.port, images, args.requests)
     serve.shutdown()
     print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; "
+          f"ingress: {runtime.serve_ingress()}; "
           f"replica and direct: {threads} torch thread(s); {os.cpu_count()} CPUs, "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")

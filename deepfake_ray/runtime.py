@@ -23,7 +23,7 @@ def init(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(logging_level=logging.WARNING, configure_logging=True)
-    if address:
+    if address and address != "local":  # "local": in-process, as with no address
         ray.init(address=address, **kwargs)
     else:
         port = free_port()
@@ -31,10 +31,38 @@ def init(address: str | None = None) -> None:
                  dashboard_port=port, runtime_env={"env_vars": {
                      "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                      # one machine: nothing to preempt, so no watcher process per training run
-                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}, **kwargs)
+                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **haproxy_env()}}, **kwargs)
         print(f"ray: in-process, {int(ray.cluster_resources().get('CPU', 0))} CPUs; "
               f"dashboard at http://127.0.0.1:{port}")
     configure_data(quiet=os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") == "0")
+
+
+def haproxy_env() -> dict[str, str]:
+    """Serve's HAProxy ingress for the in-process Ray, unless RAY_SERVE_ENABLE_HA_PROXY=0.
+
+    HAProxy (a C load balancer shipped with ray[serve] 2.60) hands each request straight
+    to the replica's own HTTP server; Serve's Python proxy spent ~6 ms of CPU per request
+    (benchmarks/serve.py, 2 cores: HTTP at 0.74 -> 0.93 of in-process throughput).
+    Clusters set the variable on their nodes (cluster/).
+    """
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1":
+        return {}
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            # one machine: HAProxy learns at once that a replica stops, so a stop or
+            # Ctrl-C need not wait out the 30 s drain meant for load balancers elsewhere
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+                os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"),
+            # fixed ports by default (8500, 9101, 8404): two services on one machine clash
+            **{name: str(free_port()) for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+                                                   "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                                   "RAY_SERVE_HAPROXY_STATS_PORT")}}
+
+
+def serve_ingress() -> str:
+    """What answers HTTP for Serve apps this driver starts, for the service's banner."""
+    env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    enabled = env.get("RAY_SERVE_ENABLE_HA_PROXY", os.environ.get("RAY_SERVE_ENABLE_HA_PROXY"))
+    return "HAProxy" if enabled == "1" else "Serve's proxy"
 
 
 def free_port() -> int:

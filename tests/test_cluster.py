@@ -96,6 +96,18 @@ def test_kuberay_manifests_have_autoscaled_gpu_groups():
             assert pod["serviceAccountName"] == account
 
 
+def test_clusters_that_serve_turn_haproxy_ingress_on_at_every_node():
+    """Serve reads the flag in its controller and in each replica: a node without it would
+    host replicas that HAProxy cannot reach."""
+    assert "--env RAY_SERVE_ENABLE_HA_PROXY=1" in load("cluster/aws.yaml")["docker"]["run_options"]
+    specs = cluster_specs(manifests())
+    for kind in ("RayCluster", "RayService"):
+        groups = [specs[kind]["headGroupSpec"], *specs[kind]["workerGroupSpecs"]]
+        for group in groups:
+            env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", (kind, group.get("groupName", "head"))
+
+
 def test_rayjob_runs_the_pipeline_entrypoint():
     job = manifests()["RayJob"]["spec"]
     argv = shlex.split(job["entrypoint"])

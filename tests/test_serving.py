@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from deepfake_ray import checkpoint, config, storage
-from deepfake_ray.runtime import free_port
+from deepfake_ray.runtime import free_port, haproxy_env
 from deepfake_ray.errors import UsageError
 from tests.images import bomb_png, encode, rgb
 
@@ -317,9 +317,10 @@ def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -
 
 @pytest.mark.slow
 def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tmp_path):
-    """Both ways a user starts the service, booted side by side (each with its own Ray):
-    Ray's `serve run jobs/serve.yaml`, and `deepfake-ray serve`, which prints its URL once
-    it is ready and exits 0 on SIGTERM."""
+    """Both ways a user starts the service, booted side by side (each with its own Ray),
+    both behind Serve's HAProxy ingress: Ray's `serve run jobs/serve.yaml` with the
+    environment cluster/ gives its nodes, and `deepfake-ray serve`, which turns HAProxy on
+    by itself, prints its URL once it is ready and exits 0 on SIGTERM."""
     ray_port, our_port = free_port(), free_port()
     ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
@@ -327,7 +328,9 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     our_cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
                model_dir, "--port", str(our_port), "--workdir", str(tmp_path / "work")]
     with open(ray_log, "w") as rl, open(our_log, "w") as ol:
-        ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=rl,
+        # HAProxy on, as cluster/ sets it, on ports of its own beside this session's Serve
+        cluster_env = {**subprocess_env(), **haproxy_env()}
+        ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -337,6 +340,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
             assert detect(f"http://127.0.0.1:{ray_port}", JPEG).status_code == 200
             url = f"http://127.0.0.1:{our_port}"
             wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
+            assert "HAProxy ingress" in our_log.read_text()
             assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
             assert detect(url, JPEG).status_code == 200
         finally:

@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
-from deepfake_ray import checkpoint, storage
+from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
@@ -223,7 +223,8 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         print(f"serving {model_id} at {url}  (POST {url}/v1/detect, docs {url}/docs; "
-              f"ready in {time.time() - started:.0f}s; Ctrl-C stops)", flush=True)
+              f"{runtime.serve_ingress()} ingress; ready in {time.time() - started:.0f}s; "
+              "Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
