@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from deepfake_ray import storage
@@ -185,6 +186,20 @@ def test_unknown_architecture_is_refused_before_training(tiny_cfg):
     with pytest.raises(UsageError, match=r"detector.arch='inceptoin_resnet_v2' is not a timm model"):
         train.validate(tiny_cfg("detector.arch=inceptoin_resnet_v2"))
     train.validate(tiny_cfg("detector.arch=resnet10t"))  # any timm network is accepted
+
+
+# --- the decoded views -------------------------------------------------------------------
+
+def test_a_split_decodes_to_exactly_its_images_as_tensors(ray_session, tiny_cfg):
+    cfg = tiny_cfg("data.decode_batch_size=4")  # small batches: many hold no test image
+    build(cfg.workdir, 60, 32)
+    sel = data.select(cfg)
+    blocks = ray.get(data.dataset(cfg, sel, "test").to_arrow_refs())
+    rows = [row for b in blocks for row in b.select(["sha1", "label"]).to_pylist()]
+    assert sorted((r["sha1"], r["label"]) for r in rows) == sorted(
+        (h, label) for label in (0, 1) for h in sel.hashes["test"][label])
+    types = {str(b.schema.field("pixels").type) for b in blocks}
+    assert types == {"ArrowTensorTypeV2(shape=(32, 32, 3), dtype=uint8)"}, types
 
 
 # --- the CLI without the model hub ----------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,8 +138,7 @@ def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) ->
     wanted = {h: label for split in splits for label, hashes in selection.hashes[split].items()
               for h in hashes}
     ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "split", "image"])
-    return ds.map_batches(decode_labelled, fn_kwargs={"splits": splits, "wanted": wanted,
-                                                      "size": selection.resolution},
+    return ds.map_batches(decode_labelled, fn_kwargs={"splits": splits, "wanted": wanted},
                           batch_format="numpy", batch_size=cfg.data.decode_batch_size,
                           num_cpus=cfg.resources.data_cpus)
 
@@ -164,14 +164,17 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     return {"train": train, "val": views["val"]}
 
 
-def decode_labelled(batch: dict, splits: tuple[str, ...], wanted: dict[str, int], size: int) -> dict:
+def decode_labelled(batch: dict, splits: tuple[str, ...], wanted: dict[str, int]) -> Iterator[dict]:
+    """The batch's selected rows, decoded; nothing for a batch with none, because Ray Data
+    cannot type an empty image column and falls back to pickling it, with a warning."""
     keep = [i for i, (h, s) in enumerate(zip(batch["sha1"], batch["split"]))
             if s in splits and h in wanted]
-    pixels = (np.stack([decode_jpeg(batch["image"][i]) for i in keep]) if keep
-              else np.zeros((0, size, size, 3), np.uint8))
+    if not keep:
+        return
     sha1 = np.asarray([batch["sha1"][i] for i in keep], dtype=object)
-    return {"sha1": sha1, "split": np.asarray([batch["split"][i] for i in keep], dtype=object),
-            "label": np.asarray([wanted[h] for h in sha1], dtype=np.int64), "pixels": pixels}
+    yield {"sha1": sha1, "split": np.asarray([batch["split"][i] for i in keep], dtype=object),
+           "label": np.asarray([wanted[h] for h in sha1], dtype=np.int64),
+           "pixels": np.stack([decode_jpeg(batch["image"][i]) for i in keep])}
 
 
 def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma) -> dict:
