@@ -77,7 +77,8 @@ def test_copies_in_other_tasks_parts_are_removed_on_s3(ray_session, s3_server, t
         (folder / f"face_{i:03d}.jpg").write_bytes(sample.face_jpeg(3, i))
     for i in range(0, 150, 10):  # sort last: most land in another task than their original
         (folder / f"zz_copy_{i:03d}.jpg").write_bytes(sample.face_jpeg(3, i))
-    cfg = tiny_cfg(f"data.source={folder}", workdir=f"{s3_server('runs-dedupe')}/r1")
+    cfg = tiny_cfg(f"data.source={folder}", "resources.data_cpus=0.5",  # 2+ tasks on any machine
+                   workdir=f"{s3_server('runs-dedupe')}/r1")
     summary = prepare.run(cfg)
     manifest, rejected, _ = read_outputs(cfg.workdir)
     assert summary["images"] == 150 and summary["reasons"] == {"duplicate": 15}
