@@ -150,8 +150,8 @@ def write_outputs(out: str, images: str, manifest: pd.DataFrame, rejected: pd.Da
 def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
     """One row per block, holding its block's paths: ray.data.from_items builds blocks
     row by row (0.17 s of driver CPU for 3,000 paths, a tenth of a small prepare)."""
-    step = max(1, -(-len(paths) // blocks))
-    chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
+    blocks = max(1, min(blocks, len(paths)))  # exactly this many, sizes differing by at most one
+    chunks = [paths[i * len(paths) // blocks:(i + 1) * len(paths) // blocks] for i in range(blocks)]
     return ray.data.from_items([{"paths": chunk} for chunk in chunks],
                                override_num_blocks=len(chunks))
 
