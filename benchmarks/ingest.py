@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from statistics import median_low
@@ -68,6 +69,13 @@ def source_folder(n: int, tmp: str) -> str:
     return tmp
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, dst)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=3000)
@@ -84,8 +92,8 @@ def main() -> None:
         if len(paths) < len(find_images(folder)):  # use exactly --images files
             folder = os.path.join(tmp, "subset")
             os.makedirs(folder)
-            for p in paths:
-                os.symlink(p, os.path.join(folder, os.path.basename(p)))
+            for p in paths:  # real files, as a user's folder holds: symlinks cost a stat each
+                link_or_copy(p, os.path.join(folder, os.path.basename(p)))
         runtime.init()
         ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides)
         rounds = [(ray_rate(folder, len(paths), args.size, os.path.join(tmp, f"work{i}"),
