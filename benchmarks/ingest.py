@@ -6,8 +6,8 @@ centre crop, resize, JPEG re-encode). Ray is started before timing.
 
     python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 5]
 
-The machine's speed drifts within a run, so each round times both back to back and the
-figure is the median of the rounds' ratios.
+The machine's speed drifts within a run, so each round times both back to back (each
+going first in every other round) and the figure is the median of the rounds' ratios.
 
 Defaults to the UTKFace photos in ../shared/data when present (200x200 JPEGs), else
 writes sample faces (128x128 JPEGs) to a temporary folder.
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--source", help="folder of images (default: shared UTKFace or sample faces)")
-    ap.add_argument("--rounds", type=int, default=5, help="paired rounds (median ratio)")
+    ap.add_argument("--rounds", type=int, default=7, help="paired rounds (median ratio)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for prepare, e.g. resources.data_cpus=2")
     args = ap.parse_args()
@@ -96,9 +96,12 @@ def main() -> None:
                 link_or_copy(p, os.path.join(folder, os.path.basename(p)))
         runtime.init()
         ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides)
-        rounds = [(ray_rate(folder, len(paths), args.size, os.path.join(tmp, f"work{i}"),
-                            args.overrides),
-                   dataloader_rate(paths, args.size, 95)) for i in range(args.rounds)]
+        rounds = []
+        for i in range(args.rounds):  # who goes first alternates: drift favours neither
+            ray_first = i % 2 == 0
+            torch_rate = None if ray_first else dataloader_rate(paths, args.size, 95)
+            rate = ray_rate(folder, len(paths), args.size, os.path.join(tmp, f"work{i}"), args.overrides)
+            rounds.append((rate, torch_rate or dataloader_rate(paths, args.size, 95)))
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
           + "; ".join(f"{r:.0f} vs {t:.0f}" for r, t in rounds))

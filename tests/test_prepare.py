@@ -89,6 +89,35 @@ def test_copies_in_other_tasks_parts_are_removed_on_s3(ray_session, s3_server, t
     assert sorted(hashes) == sorted(manifest["sha1"])  # every image once, none lost
 
 
+def names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i:03d}" for i in range(n)]
+
+
+def flat(chunks) -> list[str]:
+    return [p for chunk in chunks for p in chunk]
+
+
+def test_a_finished_task_takes_over_chunks_of_running_blocks_only(tmp_path):
+    blocks = [names("a", 100), names("b", 100), names("c", 100)]
+    slow = prepare.shared_chunks(0, blocks, str(tmp_path))
+    first = next(slow)  # block 0's task has started and holds one chunk
+    fast = flat(prepare.shared_chunks(1, blocks, str(tmp_path)))  # block 1's ends first
+    rest = flat(slow)
+    assert set(blocks[1]) < set(fast) and set(fast) - set(blocks[1]) <= set(blocks[0])
+    assert sorted(first + rest + fast) == blocks[0] + blocks[1]  # each file once
+    assert flat(prepare.shared_chunks(2, blocks, str(tmp_path))) == blocks[2]  # not started: left to its task
+
+
+def test_a_retried_task_redoes_the_chunks_its_lost_attempt_claimed(tmp_path):
+    blocks = [names("a", 100), names("b", 100)]
+    lost = prepare.shared_chunks(0, blocks, str(tmp_path))
+    claimed = next(lost) + next(lost)  # then its worker died
+    other = flat(prepare.shared_chunks(1, blocks, str(tmp_path)))  # takes over the rest of block 0
+    retried = flat(prepare.shared_chunks(0, blocks, str(tmp_path)))
+    assert retried == claimed == blocks[0][:2 * prepare.CHUNK_FILES]
+    assert sorted(retried + other) == blocks[0] + blocks[1]
+
+
 @pytest.fixture
 def fake_kaggle(monkeypatch, tmp_path):
     """The Kaggle client replaced at its network boundary: the download writes a real zip."""
