@@ -136,6 +136,14 @@ def shared_chunks(block: int, blocks: list[list[str]], claims: str) -> Iterator[
                     yield chunks[i]
 
 
+def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None,
+                  claims: str | None) -> Iterator[tuple[str, bytes | OSError]]:
+    """(path, bytes or read error) of every file this task ingests, a chunk at a time."""
+    for block, paths in own:
+        for chunk in shared_chunks(block, blocks, claims) if claims else [paths]:
+            yield from zip(chunk, fetch_all(chunk))
+
+
 def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: int,
                  splits: tuple[float, ...], blocks: list[list[str]] | None = None,
                  claims: str | None = None) -> pa.Table:
@@ -149,17 +157,14 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     own = [(int(b), [str(p) for p in paths]) for b, paths in zip(batch["block"], batch["paths"])]
     part = part_name([p for _, paths in own for p in paths])
     rows, usable, seen = [], [], set()
-    for block, paths in own:
-        for chunk in shared_chunks(block, blocks, claims) if claims else [paths]:
-            for path, data in zip(chunk, fetch_all(chunk)):
-                row = {**inspect_fetched(data, size, quality, max_pixels), "path": path,
-                       "part": "", "split": ""}
-                if not row["reason"]:
-                    row.update(part=part, split=assign_split(row["sha1"], splits))
-                    if row["sha1"] not in seen:  # each distinct image once per part: its first copy
-                        seen.add(row["sha1"])
-                        usable.append(row)
-                rows.append(row)
+    for path, data in fetched_files(own, blocks, claims):
+        row = {**inspect_fetched(data, size, quality, max_pixels), "path": path, "part": "", "split": ""}
+        if not row["reason"]:
+            row.update(part=part, split=assign_split(row["sha1"], splits))
+            if row["sha1"] not in seen:  # each distinct image once per part: its first copy
+                seen.add(row["sha1"])
+                usable.append(row)
+        rows.append(row)
     if usable:
         storage.write_parquet(storage.join(images, part), pa.table({
             "sha1": pa.array([r["sha1"] for r in usable], TEXT),
