@@ -21,6 +21,8 @@ import tempfile
 import time
 from statistics import median_low
 
+import ray
+import ray.data
 import torch
 
 from deepfake_ray import config, runtime
@@ -58,6 +60,23 @@ def ray_rate(folder, n, size, workdir, overrides=()) -> float:
     summary = prepare.run(cfg, force=True)
     assert summary["images"] + summary["rejected"] == n
     return n / (time.perf_counter() - started)
+
+
+def noop(batch: dict) -> dict:
+    return batch
+
+
+def ray_data_floor(tasks: int = 2, runs: int = 5) -> float:
+    """Seconds Ray Data itself takes to run a map that does nothing over `tasks` blocks
+    (planning, the executor's start, dispatch, handing back the result): the fixed cost
+    every `prepare` pays on top of its decoding."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        ds = ray.data.from_items([{"x": i} for i in range(tasks)], override_num_blocks=tasks)
+        ray.get(ds.map_batches(noop, batch_size=None).to_arrow_refs())
+        times.append(time.perf_counter() - started)
+    return median_low(times)
 
 
 def source_folder(n: int, tmp: str) -> str:
@@ -102,6 +121,7 @@ def main() -> None:
             torch_rate = None if ray_first else dataloader_rate(paths, args.size, 95)
             rate = ray_rate(folder, len(paths), args.size, os.path.join(tmp, f"work{i}"), args.overrides)
             rounds.append((rate, torch_rate or dataloader_rate(paths, args.size, 95)))
+        floor = ray_data_floor()
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
           + "; ".join(f"{r:.0f} vs {t:.0f}" for r, t in rounds))
@@ -109,6 +129,8 @@ def main() -> None:
     median_torch, median_ray = median_low(t for _, t in rounds), median_low(r for r, _ in rounds)
     print(f"baseline torch DataLoader (2 workers): {median_torch:8.1f} images/s (median)")
     print(f"deepfake-ray prepare (Ray Data):       {median_ray:8.1f} images/s (median)")
+    print(f"Ray Data's own cost per run (a map that does nothing, 2 blocks): {floor * 1000:.0f} ms, "
+          f"{floor * median_ray / len(paths):.0%} of a prepare here")
     print(f"ratio Ray / DataLoader: {median_low(ratios):.2f}x (median of {len(ratios)} "
           f"paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")
 
