@@ -7,6 +7,10 @@ to data/images/PART.parquet, which every later stage reads, so reals and fakes a
 encoded alike. Only metadata returns to the driver, which deduplicates and writes
 manifest.parquet (usable images with their split) and rejected.parquet (with the
 reason): every file found lands in exactly one of the two.
+
+On one machine (the in-process Ray) one task runs per core, and a task that ends early
+takes over the tails of the blocks still running (`shared_chunks`); on a cluster the
+blocks are static, two rounds per CPU.
 """
 from __future__ import annotations
 
