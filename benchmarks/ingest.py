@@ -117,10 +117,12 @@ def main() -> None:
         ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides)
         rounds = []
         for i in range(args.rounds):  # who goes first alternates: drift favours neither
-            ray_first = i % 2 == 0
-            torch_rate = None if ray_first else dataloader_rate(paths, args.size, 95)
-            rate = ray_rate(folder, len(paths), args.size, os.path.join(tmp, f"work{i}"), args.overrides)
-            rounds.append((rate, torch_rate or dataloader_rate(paths, args.size, 95)))
+            timers = {"ray": lambda: ray_rate(folder, len(paths), args.size,
+                                              os.path.join(tmp, f"work{i}"), args.overrides),
+                      "torch": lambda: dataloader_rate(paths, args.size, 95)}
+            order = ["ray", "torch"] if i % 2 == 0 else ["torch", "ray"]
+            rates = {name: timers[name]() for name in order}
+            rounds.append((rates["ray"], rates["torch"]))
         floor = ray_data_floor()
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
