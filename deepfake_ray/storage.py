@@ -10,7 +10,6 @@ completes, so we upload from memory in one go and never stream half a file.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -115,10 +114,13 @@ def read_json(uri: str):
     return json.loads(read_bytes(uri))
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    write_bytes(uri, buf.getvalue())
+def write_parquet(uri: str, table: pa.Table, **options) -> None:
+    """`options`: pyarrow.parquet.write_table's. Serialized into Arrow's own buffer: into a
+    Python BytesIO the writer makes many small Python calls, and getvalue copies it all
+    (a 4 MB images part: 10 ms against 4.5 ms)."""
+    out = pa.BufferOutputStream()
+    pq.write_table(table, out, **options)
+    write_bytes(uri, out.getvalue())
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -18,6 +18,10 @@ from deepfake_ray.data.decode import decode_jpeg
 from deepfake_ray.errors import UsageError
 
 SPLITS = ("train", "val", "test")
+# How images parts are written (pyarrow.parquet.write_table's options). Dictionaries and
+# min/max statistics of unique hashes and JPEG blobs cost every write and help no read
+# (a part of 1,500 images: 4.5 -> 2.9 ms); snappy stays, as each JPEG repeats its headers (-12%).
+IMAGES_PARQUET = dict(use_dictionary=["split"], write_statistics=["split"])
 
 
 def data_dir(workdir: str) -> str:
