@@ -14,8 +14,6 @@ blocks are static, two rounds per CPU.
 """
 from __future__ import annotations
 
-import functools
-import gc
 import os
 import shutil
 import tempfile
@@ -150,15 +148,6 @@ def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | No
             yield from zip(chunk, fetch_all(chunk))
 
 
-@functools.cache  # once per worker process
-def freeze_imported_objects() -> None:
-    """Exempt what this worker process holds at its first ingest (mostly the ~140k objects
-    of Ray's and pyarrow's modules) from garbage collection: a full collection over them
-    took ~130 ms, and the rows tasks keep trigger one every ~20 tasks, stalling that task by
-    a tenth. Objects made later are collected as usual."""
-    gc.freeze()
-
-
 def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: int,
                  splits: tuple[float, ...], blocks: list[list[str]] | None = None,
                  claims: str | None = None) -> pa.Table:
@@ -169,7 +158,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     (`shared_chunks`). Usable images go straight to images/PART.parquet (one write, no
     second pass over the data); only the metadata returns to the driver.
     """
-    freeze_imported_objects()
+    runtime.freeze_startup_objects()  # of this worker process, at its first task
     own = [(int(b), [str(p) for p in paths]) for b, paths in zip(batch["block"], batch["paths"])]
     part = part_name([p for _, paths in own for p in paths])
     rows, usable, seen = [], [], set()
