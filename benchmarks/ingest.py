@@ -2,12 +2,15 @@
 
 Baseline (same run, same files): torch.utils.data.DataLoader with 2 worker processes
 running the very same per-file work (`decode.inspect`: sha1, header checks, decode,
-centre crop, resize, JPEG re-encode). Ray is started before timing.
+centre crop, resize, JPEG re-encode). Both are timed from the folder's name, so both
+list it; only `prepare` also dedupes and writes Parquet. Ray is started before timing.
 
-    python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 5]
+    python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 7]
 
 The machine's speed drifts within a run, so each round times both back to back (each
 going first in every other round) and the figure is the median of the rounds' ratios.
+Then it times `prepare` on 1, 2, 4, ... of this machine's cores (one decode task per
+core, via resources.data_cpus) and prints how its throughput scales with cores.
 
 Defaults to the UTKFace photos in ../shared/data when present (200x200 JPEGs), else
 writes sample faces (128x128 JPEGs) to a temporary folder.
@@ -45,11 +48,12 @@ class Files(torch.utils.data.Dataset):
         return row["sha1"], row["reason"]
 
 
-def dataloader_rate(paths, size, quality) -> float:
-    loader = torch.utils.data.DataLoader(Files(paths, size, quality), batch_size=64, num_workers=2,
-                                         collate_fn=lambda rows: rows)
+def dataloader_rate(folder, n, size, quality, workers: int = 2) -> float:
+    """Timed like `prepare`, from the folder's name: finding the files is part of the job."""
     started = time.perf_counter()
-    n = sum(len(batch) for batch in loader)
+    loader = torch.utils.data.DataLoader(Files(find_images(folder), size, quality), batch_size=64,
+                                         num_workers=workers, collate_fn=lambda rows: rows)
+    assert sum(len(batch) for batch in loader) == n
     return n / (time.perf_counter() - started)
 
 
@@ -60,6 +64,28 @@ def ray_rate(folder, n, size, workdir, overrides=()) -> float:
     summary = prepare.run(cfg, force=True)
     assert summary["images"] + summary["rejected"] == n
     return n / (time.perf_counter() - started)
+
+
+def core_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... up to and including all of this machine's cores."""
+    counts = [1]
+    while counts[-1] * 2 < cores:
+        counts.append(counts[-1] * 2)
+    return counts + [cores] if cores > 1 else counts
+
+
+def scaling(folder, n, size, workdir, runs: int = 3) -> dict[int, tuple[float, float]]:
+    """Median images/s on k cores, for each k: `prepare` with one decode task per core (a
+    task takes cores/k CPUs of the in-process Ray, which runs one task per core), and the
+    DataLoader with k workers."""
+    cores = os.cpu_count() or 1
+    rates = {}
+    for k in core_counts(cores):
+        pairs = [(ray_rate(folder, n, size, os.path.join(workdir, f"cores{k}-{i}"),
+                           [f"resources.data_cpus={cores / k}"]),
+                  dataloader_rate(folder, n, size, 95, workers=k)) for i in range(runs)]
+        rates[k] = (median_low(r for r, _ in pairs), median_low(t for _, t in pairs))
+    return rates
 
 
 def noop(batch: dict) -> dict:
@@ -119,11 +145,12 @@ def main() -> None:
         for i in range(args.rounds):  # who goes first alternates: drift favours neither
             timers = {"ray": lambda: ray_rate(folder, len(paths), args.size,
                                               os.path.join(tmp, f"work{i}"), args.overrides),
-                      "torch": lambda: dataloader_rate(paths, args.size, 95)}
+                      "torch": lambda: dataloader_rate(folder, len(paths), args.size, 95)}
             order = ["ray", "torch"] if i % 2 == 0 else ["torch", "ray"]
             rates = {name: timers[name]() for name in order}
             rounds.append((rates["ray"], rates["torch"]))
         floor = ray_data_floor()
+        by_cores = scaling(folder, len(paths), args.size, tmp)
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
           + "; ".join(f"{r:.0f} vs {t:.0f}" for r, t in rounds))
@@ -135,6 +162,11 @@ def main() -> None:
           f"{floor * median_ray / len(paths):.0%} of a prepare here")
     print(f"ratio Ray / DataLoader: {median_low(ratios):.2f}x (median of {len(ratios)} "
           f"paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")
+    print("by cores used, images/s (median of 3), prepare vs DataLoader with as many workers: "
+          + "; ".join(f"{k}: {r:.0f} vs {t:.0f}" for k, (r, t) in by_cores.items()))
+    (ray_1, torch_1), (ray_all, torch_all) = by_cores[1], by_cores[max(by_cores)]
+    print(f"scaling from 1 to {max(by_cores)} cores: prepare {ray_all / ray_1:.2f}x, "
+          f"DataLoader {torch_all / torch_1:.2f}x")
 
 
 if __name__ == "__main__":
