@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from deepfake_ray import checkpoint, config, storage, training
+from deepfake_ray import checkpoint, config, runtime, storage, training
 from deepfake_ray.detector import metrics
 from deepfake_ray.models import detector
 
@@ -31,6 +31,7 @@ def train_loop(loop: dict) -> None:
     device = training.device()
     amp = torch.bfloat16 if device.type == "cuda" else None
     model, optimizer, state = setup(loop, cfg, device)
+    runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     history = list(state["history"]) if state else []
     start = state["epoch"] + 1 if state else 0
     best = best_so_far(loop["out_dir"])

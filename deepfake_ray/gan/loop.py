@@ -15,7 +15,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from deepfake_ray import checkpoint, storage, training
+from deepfake_ray import checkpoint, runtime, storage, training
 from deepfake_ray.config import Config, from_dict, to_dict
 from deepfake_ray.data.datasets import to_unit_range
 from deepfake_ray.gan import figures
@@ -163,6 +163,7 @@ def train_loop(config: dict) -> None:
     cfg, stage = from_dict(config["cfg"]), config["stage"]
     training.use_worker_cpus(cfg)
     run, resumed_from = setup(cfg, stage)
+    runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     shard = ray.train.get_dataset_shard("train")
     first = resumed_from + 1 if resumed_from is not None else 0
     for epoch in range(first, cfg.gan.epochs):
