@@ -9,8 +9,9 @@ list it; only `prepare` also dedupes and writes Parquet. Ray is started before t
 
 The machine's speed drifts within a run, so each round times both back to back (each
 going first in every other round) and the figure is the median of the rounds' ratios.
-Then it times `prepare` on 1, 2, 4, ... of this machine's cores (one decode task per
-core, via resources.data_cpus) and prints how its throughput scales with cores.
+Then it times both on 1, 2, 4, ... of this machine's cores (`prepare` with one decode
+task per core, via resources.data_cpus; the DataLoader with as many workers) and prints
+how each scales with cores.
 
 Defaults to the UTKFace photos in ../shared/data when present (200x200 JPEGs), else
 writes sample faces (128x128 JPEGs) to a temporary folder.
