@@ -21,7 +21,7 @@ import ray.data
 from ray.data.expressions import col
 from PIL import Image, ImageFilter
 
-from deepfake_ray import checkpoint, storage
+from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
@@ -241,6 +241,7 @@ class Scorer:
         self.model = detector.from_meta(self.meta, state).to(self.device)
         self.conditions = conditions
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None
+        runtime.freeze_startup_objects()  # as the scoring actor's (serving/score.py)
 
     def __call__(self, batch: dict) -> dict:
         import torch

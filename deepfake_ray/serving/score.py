@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from deepfake_ray import checkpoint, storage
+from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
@@ -75,6 +75,7 @@ class ScoreActor:
 
     def __init__(self, model_uri: str, max_pixels: int):
         self.predictor = Predictor(model_uri, max_pixels=max_pixels)
+        runtime.freeze_startup_objects()  # a full collection of ~500k objects took 470 ms
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
