@@ -81,9 +81,10 @@ def freeze_startup_objects() -> None:
     comes whenever surviving new objects add up to a quarter of them: measured, ~130 ms
     in an ingest worker (every ~20 tasks), ~240 ms in a driver with torch loaded (the end
     of one in seven benchmark runs of `prepare`), 280-340 ms twice in 4 epochs of a DCGAN
-    training worker, 0.4-0.55 s in a Serve replica while requests waited. Called once a
-    process has started up (driver, ingest task, training loop, replica); later objects
-    are collected as usual (CPython's gc.freeze)."""
+    training worker, 0.4-0.55 s in a Serve replica while requests waited, 470 ms in a
+    batch-scoring actor. Called once a process has started up (driver, ingest task,
+    training loop, replica, scoring actor); later objects are collected as usual
+    (CPython's gc.freeze)."""
     gc.freeze()
 
 
