@@ -24,6 +24,11 @@ SPLITS = ("train", "val", "test")
 IMAGES_PARQUET = dict(use_dictionary=["split"], write_statistics=["split"])
 
 
+def write_images_part(uri: str, table: "pyarrow.Table") -> None:
+    """One images part (sha1, split, image), written as every images part is."""
+    storage.write_parquet(uri, table, **IMAGES_PARQUET)
+
+
 def data_dir(workdir: str) -> str:
     return storage.join(workdir, "data")
 

@@ -171,10 +171,10 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
                 usable.append(row)
         rows.append(row)
     if usable:
-        storage.write_parquet(storage.join(images, part), pa.table({
+        datasets.write_images_part(storage.join(images, part), pa.table({
             "sha1": pa.array([r["sha1"] for r in usable], TEXT),
             "split": pa.array([r["split"] for r in usable], TEXT),
-            "image": pa.array([r["image"] for r in usable], pa.binary())}), **datasets.IMAGES_PARQUET)
+            "image": pa.array([r["image"] for r in usable], pa.binary())}))
     # typed here: Ray Data has nothing to infer, and the driver nothing to convert
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
@@ -182,8 +182,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
 def drop_copies(uri: str, hashes) -> None:
     """Rewrite one images part without the given images."""
     table = storage.read_parquet(uri)
-    storage.write_parquet(uri, table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))),
-                          **datasets.IMAGES_PARQUET)
+    datasets.write_images_part(uri, table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))))
 
 
 def write_outputs(out: str, images: str, manifest: list[dict], rejected: list[dict],
