@@ -118,6 +118,69 @@ def test_a_retried_task_redoes_the_chunks_its_lost_attempt_claimed(tmp_path):
     assert sorted(retried + other) == blocks[0] + blocks[1]
 
 
+def faces_folder(root, names_to_faces: dict[str, int]) -> dict[str, str]:
+    """Real JPEG files (sample faces by index), as block paths by name."""
+    root.mkdir(exist_ok=True)
+    for name, face in names_to_faces.items():
+        (root / name).write_bytes(sample.face_jpeg(5, face))
+    return {name: str(root / name) for name in names_to_faces}
+
+
+def run_task(block: int, blocks, claims, images) -> list[dict]:
+    """One task of `prepare` (ingest_block) run here, as a Ray worker runs it."""
+    os.makedirs(claims, exist_ok=True)
+    rows = prepare.ingest_block({"block": [block], "paths": [blocks[block]]}, images=str(images),
+                                size=32, quality=90, max_pixels=10 ** 7, splits=(0.8, 0.1, 0.1),
+                                blocks=blocks, claims=str(claims))
+    return rows.to_pylist()
+
+
+def part_hashes(images) -> dict[str, list[str]]:
+    return {name: pq.read_table(os.path.join(images, name), columns=["sha1"])["sha1"].to_pylist()
+            for name in sorted(os.listdir(images))}
+
+
+def test_a_task_ending_later_leaves_images_another_part_holds_to_it(tmp_path):
+    paths = faces_folder(tmp_path / "faces", {"a0.jpg": 0, "a1.jpg": 1, "b0.jpg": 2, "b_copy.jpg": 0})
+    blocks = [[paths["a0.jpg"], paths["a1.jpg"]], [paths["b0.jpg"], paths["b_copy.jpg"]]]
+    first = run_task(0, blocks, tmp_path / "claims", tmp_path / "images")
+    later = run_task(1, blocks, tmp_path / "claims", tmp_path / "images")
+    held = part_hashes(tmp_path / "images")
+    assert sorted(sum(held.values(), [])) == sorted({r["sha1"] for r in first + later})  # each once
+    copy = next(r for r in later if r["path"] == paths["b_copy.jpg"])
+    assert copy["part"] == first[0]["part"] and copy["sha1"] in held[copy["part"]]
+    rows = sorted(first + later, key=lambda r: r["path"])
+    assert prepare.sort_rows(rows)[2] == {}  # nothing left for the driver to rewrite
+
+
+def test_a_retried_task_keeps_the_images_its_lost_attempt_published(tmp_path):
+    """Its lost attempt published face 0, a task ending next pointed its copy there, and
+    a third task, ending at the same time, kept face 0 too: the retry must still write it."""
+    paths = faces_folder(tmp_path / "faces", {"a0.jpg": 0, "b_copy.jpg": 0, "c_copy.jpg": 0, "c1.jpg": 1})
+    blocks = [[paths["a0.jpg"]], [paths["b_copy.jpg"]], [paths["c_copy.jpg"], paths["c1.jpg"]]]
+    claims, images = tmp_path / "claims", tmp_path / "images"
+    lost = run_task(0, blocks, claims, images)
+    os.remove(images / lost[0]["part"])  # its worker died after publishing, before writing
+    b_rows = run_task(1, blocks, claims, images)
+    run_task(2, blocks, tmp_path / "claims-of-c", images)  # saw nothing: ended at the same time
+    c_held = next((tmp_path / "claims-of-c").glob("held-*"))
+    os.replace(c_held, claims / c_held.name)  # then published, as if at the same time
+    retried = run_task(0, blocks, claims, images)
+    held = part_hashes(images)
+    assert all(row["sha1"] in held.get(row["part"], []) for row in b_rows + retried)  # none points at nothing
+
+
+def test_copies_two_tasks_kept_at_once_are_removed_by_the_driver(tmp_path):
+    paths = faces_folder(tmp_path / "faces", {"a0.jpg": 0, "a1.jpg": 1, "b_copy.jpg": 0})
+    blocks = [[paths["a0.jpg"], paths["a1.jpg"]], [paths["b_copy.jpg"]]]
+    images, out = tmp_path / "images", str(tmp_path)
+    rows = run_task(0, blocks, tmp_path / "claims-a", images) + run_task(1, blocks, tmp_path / "claims-b", images)
+    assert sorted(sum(part_hashes(images).values(), [])).count(rows[0]["sha1"]) == 2
+    manifest, rejected, copies = prepare.sort_rows(rows)
+    prepare.write_outputs(out, str(images), manifest, rejected, copies)
+    assert sorted(sum(part_hashes(images).values(), [])) == sorted(r["sha1"] for r in manifest)
+
+
 @pytest.fixture
 def fake_kaggle(monkeypatch, tmp_path):
     """The Kaggle client replaced at its network boundary: the download writes a real zip."""
