@@ -179,9 +179,8 @@ def leave_out_held(rows: list[dict], usable: list[dict], part: str,
     may both keep a copy: the driver still removes those.
 
     What a lost attempt of this task published, it keeps: others count on it."""
-    mine = set(held.pop(part, ()))
-    elsewhere = {sha1: other for other, hashes in held.items() for sha1 in hashes
-                 if sha1 not in mine}
+    ours = {row["sha1"] for row in usable} - set(held.pop(part, ()))
+    elsewhere = {sha1: other for other, hashes in held.items() for sha1 in hashes if sha1 in ours}
     for row in rows:
         if row["part"] and row["sha1"] in elsewhere:
             row["part"] = elsewhere[row["sha1"]]
