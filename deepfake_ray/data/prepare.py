@@ -349,6 +349,15 @@ def drain(bundles: Iterator) -> None:
         collections.deque(bundles, maxlen=0)
 
 
+def claims_dir() -> str:
+    """A fresh folder for the claims of this run's tasks, in memory where the OS offers
+    it: a symlink there takes ~11 us against ~260 us on this machine's ext4 /tmp, and
+    a task makes ~50 of them (~12 ms of its time)."""
+    shm = "/dev/shm"
+    in_memory = os.path.isdir(shm) and os.access(shm, os.W_OK)
+    return tempfile.mkdtemp(prefix="deepfake-ray-claims-", dir=shm if in_memory else None)
+
+
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = datasets.data_dir(cfg.workdir)
     if done := storage.skip_if_complete(out, force, "prepare", lambda d: f"{d['images']:,} images"):
@@ -367,7 +376,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # two rounds on a cluster, so one slow node's last task is not the whole tail
     blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
     # tasks on one machine share their work through claim files (`shared_chunks`)
-    claims = tempfile.mkdtemp(prefix="deepfake-ray-claims-") if slots and len(blocks) > 1 else None
+    claims = claims_dir() if slots and len(blocks) > 1 else None
     try:
         rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
             images=images, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
