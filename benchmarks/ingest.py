@@ -1,17 +1,19 @@
 """Ingest throughput: `prepare` on Ray Data vs a torch DataLoader doing the same decode.
 
-Baseline (same run, same files): torch.utils.data.DataLoader with 2 worker processes
-running the very same per-file work (`decode.inspect`: sha1, header checks, decode,
-centre crop, resize, JPEG re-encode). Both are timed from the folder's name, so both
-list it; only `prepare` also dedupes and writes Parquet. Ray is started before timing.
+Baselines (same run, same files): torch.utils.data.DataLoader with 2 worker processes
+running (a) the very same per-file work as `prepare` (`decode.inspect`: sha1, header
+checks, decode, centre crop, resize, JPEG re-encode), the headline, and (b) the issue's
+baseline as written, the same PIL decode and resize only (`decode.decode`). All are
+timed from the folder's name, so all list it; only `prepare` also dedupes and writes
+Parquet. Ray is started before timing.
 
     python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 7]
 
-The machine's speed drifts within a run, so each round times both back to back (each
-going first in every other round) and the figure is the median of the rounds' ratios.
-Then it times both on 1, 2, 4, ... of this machine's cores (`prepare` with one decode
-task per core, via resources.data_cpus; the DataLoader with as many workers) and prints
-how each scales with cores.
+The machine's speed drifts within a run, so each round times all three back to back
+(who goes first rotates) and each figure is the median of the rounds' ratios.
+Then it times `prepare` and (a) on 1, 2, 4, ... of this machine's cores (`prepare` with
+one decode task per core, via resources.data_cpus; the DataLoader with as many workers)
+and prints how each scales with cores.
 
 Defaults to the UTKFace photos in ../shared/data when present (200x200 JPEGs), else
 writes sample faces (128x128 JPEGs) to a temporary folder.
@@ -19,6 +21,7 @@ writes sample faces (128x128 JPEGs) to a temporary folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -35,23 +38,39 @@ from deepfake_ray.data.sources import find_images
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "utkface_crop_part1_5k")
 
 
+def all_of_prepares_work(data: bytes, size: int, quality: int):
+    """What `prepare` does per file: sha1, header checks, decode, crop, resize, JPEG."""
+    row = decode.inspect(data, size, quality)
+    return row["sha1"], row["reason"]
+
+
+def decode_and_resize(data: bytes, size: int, quality: int):
+    """The issue's baseline as written: the same PIL decode and resize, nothing else."""
+    try:
+        return decode.decode(data, size).shape
+    except decode.DecodeError:
+        return None
+
+
+BASELINES = {"torch": all_of_prepares_work, "torch-decode": decode_and_resize}
+
+
 class Files(torch.utils.data.Dataset):
-    def __init__(self, paths, size, quality):
-        self.paths, self.size, self.quality = paths, size, quality
+    def __init__(self, paths, size, quality, work):
+        self.paths, self.size, self.quality, self.work = paths, size, quality, work
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         with open(self.paths[i], "rb") as f:
-            row = decode.inspect(f.read(), self.size, self.quality)
-        return row["sha1"], row["reason"]
+            return self.work(f.read(), self.size, self.quality)
 
 
-def dataloader_rate(folder, n, size, quality, workers: int = 2) -> float:
+def dataloader_rate(folder, n, size, quality, workers: int = 2, work=all_of_prepares_work) -> float:
     """Timed like `prepare`, from the folder's name: finding the files is part of the job."""
     started = time.perf_counter()
-    loader = torch.utils.data.DataLoader(Files(find_images(folder), size, quality), batch_size=64,
+    loader = torch.utils.data.DataLoader(Files(find_images(folder), size, quality, work), batch_size=64,
                                          num_workers=workers, collate_fn=lambda rows: rows)
     assert sum(len(batch) for batch in loader) == n
     return n / (time.perf_counter() - started)
@@ -142,26 +161,28 @@ def main() -> None:
         runtime.init()
         ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides)
         rounds = []
-        for i in range(args.rounds):  # who goes first alternates: drift favours neither
+        for i in range(args.rounds):  # who goes first rotates: drift favours none
             timers = {"ray": lambda: ray_rate(folder, len(paths), args.size,
                                               os.path.join(tmp, f"work{i}"), args.overrides),
-                      "torch": lambda: dataloader_rate(folder, len(paths), args.size, 95)}
-            order = ["ray", "torch"] if i % 2 == 0 else ["torch", "ray"]
-            rates = {name: timers[name]() for name in order}
-            rounds.append((rates["ray"], rates["torch"]))
+                      **{name: functools.partial(dataloader_rate, folder, len(paths), args.size, 95,
+                                                 work=work) for name, work in BASELINES.items()}}
+            order = list(timers)[i % 3:] + list(timers)[:i % 3]
+            rounds.append({name: timers[name]() for name in order})
         floor = ray_data_floor()
         by_cores = scaling(folder, len(paths), args.size, tmp)
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
-          + "; ".join(f"{r:.0f} vs {t:.0f}" for r, t in rounds))
-    ratios = sorted(r / t for r, t in rounds)
-    median_torch, median_ray = median_low(t for _, t in rounds), median_low(r for r, _ in rounds)
-    print(f"baseline torch DataLoader (2 workers): {median_torch:8.1f} images/s (median)")
-    print(f"deepfake-ray prepare (Ray Data):       {median_ray:8.1f} images/s (median)")
+          + "; ".join(f"{r['ray']:.0f} vs {r['torch']:.0f}" for r in rounds))
+    median_of = {name: median_low(r[name] for r in rounds) for name in rounds[0]}
+    print(f"baseline torch DataLoader (2 workers): {median_of['torch']:8.1f} images/s (median)")
+    print(f"deepfake-ray prepare (Ray Data):       {median_of['ray']:8.1f} images/s (median)")
     print(f"Ray Data's own cost per run (a map that does nothing, 2 blocks): {floor * 1000:.0f} ms, "
-          f"{floor * median_ray / len(paths):.0%} of a prepare here")
-    print(f"ratio Ray / DataLoader: {median_low(ratios):.2f}x (median of {len(ratios)} "
-          f"paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")
+          f"{floor * median_of['ray'] / len(paths):.0%} of a prepare here")
+    for name, what in (("torch", "doing all of prepare's per-file work"),
+                       ("torch-decode", "doing the same decode and resize only (the issue's baseline)")):
+        ratios = sorted(r["ray"] / r[name] for r in rounds)
+        print(f"ratio Ray / DataLoader {what}: {median_low(ratios):.2f}x (median of {len(ratios)} "
+              f"rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")
     print("by cores used, images/s (median of 3), prepare vs DataLoader with as many workers: "
           + "; ".join(f"{k}: {r:.0f} vs {t:.0f}" for k, (r, t) in by_cores.items()))
     (ray_1, torch_1), (ray_all, torch_all) = by_cores[1], by_cores[max(by_cores)]
