@@ -81,15 +81,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def square_image(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop to a square (face crops mostly are one: no copy then), resized to `size`."""
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size[0] != size:
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img
+
+
 def square(img: Image.Image, size: int) -> np.ndarray:
     """Centre crop to a square, resize to `size`, as HxWx3 uint8."""
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    if side != size:
-        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(square_image(img, size), dtype=np.uint8)
 
 
 def decode(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -97,10 +103,15 @@ def decode(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     return square(load_rgb(open_image(data, max_pixels), size), size)
 
 
-def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    """The one JPEG encoding of every stored image, real or fake, so both look alike."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality, subsampling=0)
+    img.save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    return jpeg_bytes(Image.fromarray(pixels), quality)
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -119,7 +130,8 @@ def inspect(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_
     try:
         img = open_image(data, max_pixels)
         row.update(width=img.size[0], height=img.size[1], format=img.format)
-        row["image"] = encode_jpeg(square(load_rgb(img, size), size), quality)
+        # PIL image to JPEG directly: a numpy round trip cost ~40 us of ~800 per photo
+        row["image"] = jpeg_bytes(square_image(load_rgb(img, size), size), quality)
     except DecodeError as e:
         row["reason"], row["detail"] = e.reason, str(e)
     return row
