@@ -340,6 +340,8 @@ def collect_rows(ds: ray.data.Dataset, expected: int) -> list[dict]:
         if len(rows) >= expected:
             break
     threading.Thread(target=drain, args=(bundles,), daemon=True).start()
+    if len(rows) != expected:  # each file yields one row: the count is what ends the wait
+        raise RuntimeError(f"ingest returned {len(rows):,} rows for {expected:,} files")
     return rows
 
 
