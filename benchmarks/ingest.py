@@ -166,7 +166,7 @@ def main() -> None:
                                               os.path.join(tmp, f"work{i}"), args.overrides),
                       **{name: functools.partial(dataloader_rate, folder, len(paths), args.size, 95,
                                                  work=work) for name, work in BASELINES.items()}}
-            order = list(timers)[i % 3:] + list(timers)[:i % 3]
+            order = list(timers)[i % len(timers):] + list(timers)[:i % len(timers)]
             rounds.append({name: timers[name]() for name in order})
         floor = ray_data_floor()
         by_cores = scaling(folder, len(paths), args.size, tmp)

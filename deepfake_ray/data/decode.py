@@ -93,14 +93,9 @@ def square_image(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
-def square(img: Image.Image, size: int) -> np.ndarray:
-    """Centre crop to a square, resize to `size`, as HxWx3 uint8."""
-    return np.asarray(square_image(img, size), dtype=np.uint8)
-
-
 def decode(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> size x size x 3 uint8, or DecodeError."""
-    return square(load_rgb(open_image(data, max_pixels), size), size)
+    return np.asarray(square_image(load_rgb(open_image(data, max_pixels), size), size), dtype=np.uint8)
 
 
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:

@@ -377,7 +377,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     tasks_at_once = slots or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
     # two rounds on a cluster, so one slow node's last task is not the whole tail
     blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
-    # tasks on one machine share their work through claim files (`shared_chunks`)
+    # tasks on one machine share their work (`shared_chunks`) and which images their parts
+    # hold (`leave_out_held`) through one folder
     claims = claims_dir() if slots and len(blocks) > 1 else None
     try:
         rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
