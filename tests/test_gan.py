@@ -95,7 +95,7 @@ def test_gan_step_updates_both_networks():
 # --- train-gan --------------------------------------------------------------------------
 
 def cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # in-process Ray of its own
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # only what --address says
     env["PYTHONPATH"] = REPO
     return env
 
@@ -136,13 +136,16 @@ TRAINED = ("resources.workers=2", f"gan.epochs={EPOCHS}", f"gan.fail_at_epoch={E
 
 
 @pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
+def trained(ray_session, prepared, tmp_path_factory):
     """(workdir, completion summary, the epoch the rerun resumed after)."""
     tmp = tmp_path_factory.mktemp("gan-trained")
     workdir = with_data(prepared, tmp / "w")
     gan = os.path.join(workdir, "gan")
+    # the driver joins the session's Ray, as on a cluster: killing it ends the run's actors
+    # there, and the session's warm Ray spares a second one's start-up on 2 cores
+    address = ray_session.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "deepfake_ray.cli", "train-gan", "--preset", "tiny",
-               "--workdir", workdir] + [a for kv in TRAINED for a in ("--set", kv)]
+               "--workdir", workdir, "--address", address] + [a for kv in TRAINED for a in ("--set", kv)]
     log = open(tmp / "first.log", "w")
     first = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -151,7 +154,7 @@ def trained(prepared, tmp_path_factory):
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    kill_group(first.pid)  # its in-process Ray too
+    kill_group(first.pid)  # anything it started itself
     wait_until_settled(os.path.join(gan, "checkpoint_manager_snapshot.json"))
     assert registered(gan, "epoch_0001"), (tmp / "first.log").read_text()[-3000:]
     assert storage.completed(gan) is None, "the run finished before it could be killed"
@@ -161,7 +164,7 @@ def trained(prepared, tmp_path_factory):
     newest, older = intact[-1], intact[-2]
     with open(os.path.join(gan, f"epoch_{newest:04d}", "state.pt"), "r+b") as f:
         f.write(b"half-written")
-    # the same command again, in-process on the session's Ray (its own would only add start-up)
+    # the same command again, in-process on the session's Ray
     assert cli.main(command[3:]) == 0
     return workdir, storage.completed(gan), older
 
