@@ -64,7 +64,14 @@ def init(address: str | None = None) -> None:
         port = free_port()
         _worker_env.update({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                             # one machine: nothing to preempt, so no watcher process per training run
-                            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **haproxy_env()})
+                            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                            # Train's controller waits this long between steps of a run (start,
+                            # each poll, the end): 2 s by default, ~3 s of a 31 s tiny run here.
+                            # Local workers answer a poll in milliseconds; a missed one is not
+                            # a failure (that takes 10 minutes of them).
+                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
+                                os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+                            **haproxy_env()})
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,
                      dashboard_port=port, **kwargs)
