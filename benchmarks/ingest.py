@@ -52,7 +52,8 @@ def decode_and_resize(data: bytes, size: int, quality: int):
         return None
 
 
-BASELINES = {"torch": all_of_prepares_work, "torch-decode": decode_and_resize}
+BASELINES = {"torch": (all_of_prepares_work, "doing all of prepare's per-file work"),
+             "torch-decode": (decode_and_resize, "doing the same decode and resize only (the issue's baseline)")}
 
 
 class Files(torch.utils.data.Dataset):
@@ -165,7 +166,7 @@ def main() -> None:
             timers = {"ray": lambda: ray_rate(folder, len(paths), args.size,
                                               os.path.join(tmp, f"work{i}"), args.overrides),
                       **{name: functools.partial(dataloader_rate, folder, len(paths), args.size, 95,
-                                                 work=work) for name, work in BASELINES.items()}}
+                                                 work=work) for name, (work, _) in BASELINES.items()}}
             order = list(timers)[i % len(timers):] + list(timers)[:i % len(timers)]
             rounds.append({name: timers[name]() for name in order})
         floor = ray_data_floor()
@@ -178,8 +179,7 @@ def main() -> None:
     print(f"deepfake-ray prepare (Ray Data):       {median_of['ray']:8.1f} images/s (median)")
     print(f"Ray Data's own cost per run (a map that does nothing, 2 blocks): {floor * 1000:.0f} ms, "
           f"{floor * median_of['ray'] / len(paths):.0%} of a prepare here")
-    for name, what in (("torch", "doing all of prepare's per-file work"),
-                       ("torch-decode", "doing the same decode and resize only (the issue's baseline)")):
+    for name, (_, what) in BASELINES.items():
         ratios = sorted(r["ray"] / r[name] for r in rounds)
         print(f"ratio Ray / DataLoader {what}: {median_low(ratios):.2f}x (median of {len(ratios)} "
               f"rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")

@@ -34,8 +34,7 @@ def pytest_collection_modifyitems(items):
     """Slow tests that start Ray processes of their own (a `ray start` cluster, `serve run`)
     go first, before this session's in-process Ray exists: its idle daemons and workers
     keep ~0.15 of a core busy, which these minutes-long tests would otherwise share."""
-    first = [i for i in items if i.get_closest_marker("slow") and "ray_session" not in i.fixturenames]
-    items[:] = first + [i for i in items if i not in first]
+    items.sort(key=lambda i: not (i.get_closest_marker("slow") and "ray_session" not in i.fixturenames))
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ def settings_in_a_task(ray):
 def test_in_process_ray_passes_its_settings_to_its_processes_only(ray_session):
     """Workers learn where the dashboard's state API is (pointed at a stale cluster, Ray
     Train stalled 12 s per run), that nothing can be preempted and that Train's controller
-    may poll its local workers often; this process, and
-    whatever it starts later (a `ray start` cluster, a job), keeps its own environment."""
+    may poll its local workers often; this process, and whatever it starts later (a
+    `ray start` cluster, a job), keeps its own environment."""
     seen = settings_in_a_task(ray_session)
     assert (seen["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:"), seen
     assert seen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
