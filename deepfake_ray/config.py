@@ -151,6 +151,8 @@ def load_file(path: str) -> dict:
         data = yaml.safe_load(storage.read_bytes(path))
     except FileNotFoundError:
         raise UsageError(f"config file {path} not found: pass an existing YAML file to --config")
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a folder: pass a YAML file to --config")
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(data, dict):
@@ -158,16 +160,26 @@ def load_file(path: str) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class Typed:
+    """A value as typed after `--set a.b=`: a text field takes it verbatim (a folder named
+    `faces #1` or `0123` stays that, where YAML would read a comment or an octal number);
+    any other field takes it parsed as YAML (3e-4, true, [1, 2])."""
+    text: str
+
+    def parsed(self) -> Any:
+        try:
+            return yaml.safe_load(self.text) if self.text.strip() else ""
+        except yaml.YAMLError:
+            return self.text
+
+
 def parse_override(text: str) -> dict:
-    """`a.b=value` -> {"a": {"b": value}}; the value is parsed as YAML (3e-4, true, [1, 2])."""
+    """`a.b=value` -> {"a": {"b": Typed(value)}}."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UsageError(f"--set '{text}' must look like section.key=value, e.g. detector.lr=3e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    nested: Any = value
+    nested: Any = Typed(raw)
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
     return nested
@@ -207,6 +219,8 @@ def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
 
 def coerce(name: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's annotation; allow int->float and list->tuple."""
+    if isinstance(value, Typed):
+        value = value.text if hint is str else value.parsed()
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):

@@ -26,6 +26,12 @@ def test_layers_file_then_overrides(tmp_path):
     assert (cfg.gan.epochs, cfg.gan.lr, cfg.data.splits) == (7, 3e-4, (0.7, 0.2, 0.1))
 
 
+@pytest.mark.parametrize("folder", ["faces #1", "0123", "12:30", "yes", "[faces]", "a: b"])
+def test_text_values_are_taken_as_typed(folder):
+    # YAML would read a comment, an octal number, a time, a bool, a list, a mapping
+    assert config.build("demo", None, [f"data.source={folder}"]).data.source == folder
+
+
 @pytest.mark.parametrize("override,needle", [
     ("gan.epochz=3", "unknown config key 'gan.epochz': valid keys are gan.epochs"),
     ("ganz.epochs=3", "unknown config key 'ganz'"),
@@ -40,6 +46,11 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     err = error_lines(capsys)
     assert code == 2
     assert len(err) == 1 and needle in err[0]
+
+
+def test_config_file_that_is_a_folder_exits_2(capsys, tmp_path):
+    assert cli.main(["prepare", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path)]) == 2
+    assert "is a folder: pass a YAML file to --config" in error_lines(capsys)[0]
 
 
 def test_unknown_preset_names_the_choices():
