@@ -30,6 +30,16 @@ def test_exif_orientation_is_applied():
     assert decode.load_rgb(img).size == (60, 96)  # ...displayed portrait
 
 
+def test_manifest_size_is_the_displayed_one():
+    row = decode.inspect(good_files()["exif_rotated.jpeg"], 32, 90)
+    assert (row["width"], row["height"]) == (60, 96)
+
+
+def test_not_an_image_detail_names_no_python_object():
+    row = decode.inspect(b"just some text, saved as .jpg", 32, 90)
+    assert row["reason"] == "not an image" and "<_io" not in row["detail"]
+
+
 def test_sixteen_bit_keeps_its_range():
     pixels = decode.decode(good_files()["sixteen.png"], 32)
     assert pixels.max() > 128  # scaled down from 16 bits, not clipped to white or black

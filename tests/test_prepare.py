@@ -46,6 +46,26 @@ def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, 
     assert f"prepared {len(good_files())} images ({len(bad_files()) + 1} rejected" in capsys.readouterr().out
 
 
+def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path):
+    root, good = tmp_path / "odd", good_files()
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(good["plain.jpg"])
+    (root / "sub" / "b.png").write_bytes(good["gray.png"])
+    os.symlink("..", root / "sub" / "up")  # a link back up the tree: each file still once
+    os.mkfifo(root / "pipe.jpg")  # a reader that opens it waits for a writer, forever
+    (root / ".git").mkdir()
+    (root / ".git" / "c.png").write_bytes(good["rgba.png"])  # hidden folder: left out
+    (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: left out
+    with open(os.fsencode(root) + b"/latin1_\xe9.jpg", "wb") as f:  # not valid UTF-8
+        f.write(good["upper.JPG"])
+    cfg = tiny_cfg(f"data.source={root}")
+    prepare.run(cfg)
+    manifest, rejected, summary = read_outputs(cfg.workdir)
+    assert sorted(manifest["path"].map(os.path.basename)) == ["a.jpg", "b.png", "latin1_\\xe9.jpg"]
+    assert list(rejected["path"].map(os.path.basename)) == ["pipe.jpg"]
+    assert rejected["reason"][0] == "unreadable" and "not a regular file" in rejected["detail"][0]
+
+
 def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys):
     cfg = tiny_cfg("data.source=sample:40")
     first = prepare.run(cfg)
@@ -226,6 +246,8 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
 
 @pytest.mark.parametrize("source,needle", [("/no/such/folder", "does not exist"),
                                            ("ftp://host/x", "not supported"),
+                                           ("", "no source given"),
+                                           (__file__, "is a file: pass the folder"),
                                            ("sample:zero", "positive count")])
 def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])

@@ -31,19 +31,24 @@ class Source:
     sample_count: int = 0  # > 0 for the built-in generator
 
 
+FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
+
+
 def resolve_source(text: str, data: DataConfig) -> Source:
     text = text.strip()
+    if not text:
+        raise UsageError(f"no source given: pass --source (or data.source) as {FORMS}")
     if text == "sample" or text.startswith("sample:"):
         return Source(text, sample_count=sample.parse(text, data.sample_size))
     if text == "kaggle" or text.startswith("kaggle:"):
         folder = kaggle_download(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
         return Source(text, files=find_images(folder))
     if "://" in text and not storage.is_s3(text):
-        raise UsageError(f"source '{text}' is not supported: use a folder, s3://bucket/prefix, "
-                         "kaggle:OWNER/DATASET or sample[:N]")
+        raise UsageError(f"source '{text}' is not supported: use {FORMS}")
     if not storage.exists(text):
-        raise UsageError(f"source '{text}' does not exist: pass a folder of images, "
-                         "s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]")
+        raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
+    if not storage.is_dir(text):
+        raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
     files = find_images(text)
     if not files:
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
@@ -51,13 +56,13 @@ def resolve_source(text: str, data: DataConfig) -> Source:
     return Source(text, files=tuple(files))
 
 
-def find_images(uri: str) -> tuple[str, ...]:
-    """Image files under `uri` by extension, any letter case, recursively."""
-    if not storage.is_dir(uri):
-        return (storage.normalize(uri),) if uri.lower().endswith(image_suffixes()) else ()
-    suffixes = image_suffixes()
-    return tuple(f for f in storage.list_files(uri) if f.lower().endswith(suffixes)
-                 and not os.path.basename(f).startswith("."))
+def find_images(folder: str) -> tuple[str, ...]:
+    """Image files under `folder` by extension, any letter case, recursively. Hidden files
+    and folders are left out: `.git`, `.ipynb_checkpoints`, macOS's `._NAME.jpg` (not
+    images) hold nothing a user means to train on."""
+    suffixes, root = image_suffixes(), len(storage.normalize(folder))
+    return tuple(f for f in storage.list_files(folder) if f.lower().endswith(suffixes)
+                 and not any(part.startswith(".") for part in f[root:].split("/")))
 
 
 # --- Kaggle -----------------------------------------------------------------------
