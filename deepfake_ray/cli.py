@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         from deepfake_ray import config, runtime, storage
 
+        # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
+        if hasattr(module, "preflight") and module.preflight(cfg, force=args.force):
+            return 0
         if args.command not in NO_RAY:
             runtime.init(args.address)
         if args.command not in KEEP_CONFIG:

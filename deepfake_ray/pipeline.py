@@ -43,7 +43,10 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     timings_uri = storage.join(cfg.workdir, "pipeline.json")
     record = {"workdir": cfg.workdir, "stages": []}
     for stage in stages(cfg):
-        skipped = bool(storage.completed(storage.join(cfg.workdir, stage.folder))) and not force
+        done = storage.completed(storage.join(cfg.workdir, stage.folder))
+        skipped = bool(done) and not force
+        if skipped and (check := getattr(importlib.import_module(stage.module), "check_complete", None)):
+            check(cfg, done)  # made with the settings asked for, or UsageError
         print(f"\n=== {stage.command} ===" + (" (complete, skipped)" if skipped else ""))
         started = time.time()
         entry = {"name": stage.command, "status": "skipped" if skipped else "done"}

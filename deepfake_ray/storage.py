@@ -183,6 +183,12 @@ def printable(path: str) -> str:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
@@ -208,4 +214,6 @@ def skip_if_complete(stage_uri: str, force: bool, command: str, describe) -> dic
     if done and not force:
         print(f"{command}: {stage_uri} is already complete ({describe(done)}); --force redoes it")
         return done
+    if done:  # redone: until it completes again, the stage is not complete
+        delete_file(join(stage_uri, COMPLETE))
     return None

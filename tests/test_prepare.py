@@ -78,6 +78,25 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys):
     assert list(again["split"]) == list(manifest["split"])
 
 
+def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_is_not_complete(
+        ray_session, tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg("data.source=sample:40")
+    prepare.run(cfg)
+    prepare_again = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir]
+    assert cli.main(prepare_again + ["--source", "sample:41", "--set", "data.resolution=48"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "prepared with data.source=sample:40 (asked: sample:41), " \
+                             "data.resolution=32 (asked: 48)" in err[0] and "--force" in err[0]
+    assert not os.path.exists(os.path.join(cfg.workdir, "config.yaml"))  # nothing was run
+    unusable = tmp_path / "unusable"
+    unusable.mkdir()
+    for name, (data, _) in bad_files().items():
+        (unusable / name).write_bytes(data)
+    assert cli.main(prepare_again + ["--source", str(unusable), "--force"]) == 2
+    assert "none of the" in error_lines(capsys)[0]
+    assert storage.completed(datasets.data_dir(cfg.workdir)) is None  # not the old data's marker
+
+
 def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     bucket = s3_server("faces-in")
     write_folder(tmp_path / "faces")

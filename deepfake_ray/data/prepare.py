@@ -34,8 +34,8 @@ import ray.data
 
 from deepfake_ray import runtime, storage
 from deepfake_ray.config import Config
-from deepfake_ray.data import datasets, decode, sample
-from deepfake_ray.data.sources import Source, resolve_source
+from deepfake_ray.data import datasets, decode, sample, sources
+from deepfake_ray.data.sources import Source, check_source, resolve_source
 from deepfake_ray.errors import UsageError
 
 MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 64, 2048
@@ -362,11 +362,46 @@ def claims_dir() -> str:
     return tempfile.mkdtemp(prefix="deepfake-ray-claims-", dir=shm if in_memory else None)
 
 
-def run(cfg: Config, force: bool = False, **_) -> dict:
+def settings(cfg: Config) -> dict:
+    """What decides prepare's output: a complete data/ made with others is not this run's."""
+    d = cfg.data
+    made = {"data.source": sources.canonical(d.source), "data.resolution": d.resolution,
+            "data.jpeg_quality": d.jpeg_quality, "data.splits": list(d.splits),
+            "data.max_pixels": d.max_pixels}
+    if sources.kind(made["data.source"]) == "sample":  # the generator's faces depend on the seed
+        made["seed"] = cfg.seed
+    if made["data.source"] == "sample":  # and a bare `sample` on data.sample_size
+        made["data.sample_size"] = d.sample_size
+    return made
+
+
+def check_complete(cfg: Config, done: dict) -> None:
+    """UsageError if the complete data/ was prepared with other settings than `cfg`'s."""
+    made = done.get("settings", {})
+    differ = [f"{k}={made[k]} (asked: {v})" for k, v in settings(cfg).items() if k in made and made[k] != v]
+    if differ:
+        raise UsageError(f"{datasets.data_dir(cfg.workdir)} was prepared with {', '.join(differ)}: "
+                         "use another --workdir for other data, or --force to redo prepare there")
+
+
+def preflight(cfg: Config, force: bool = False) -> dict | None:
+    """Everything that needs no Ray, so that a mistake fails in a second: the summary
+    if prepare is already complete with these settings, else None once the config and
+    the source have checked out."""
     out = datasets.data_dir(cfg.workdir)
+    validate(cfg)
+    if not force and (done := storage.completed(out)):
+        check_complete(cfg, done)
     if done := storage.skip_if_complete(out, force, "prepare", lambda d: f"{d['images']:,} images"):
         return done
-    validate(cfg)
+    check_source(cfg.data.source, cfg.data)
+    return None
+
+
+def run(cfg: Config, force: bool = False, **_) -> dict:
+    if done := preflight(cfg, force):
+        return done
+    out = datasets.data_dir(cfg.workdir)
     started = time.time()
     src = resolve_source(cfg.data.source, cfg.data)
     print(f"prepare: reading {src.sample_count or len(src.files):,} images from {src.name}")
@@ -394,7 +429,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
                          f"({dict(Counter(row['reason'] for row in rejected))}): check the source")
     write_outputs(out, images, manifest, rejected, copies)
-    summary = summarize(src, manifest, rejected, out, time.time() - started)
+    summary = {**summarize(src, manifest, rejected, out, time.time() - started),
+               "settings": settings(cfg)}
     storage.mark_complete(out, summary)
     print(summary_line(summary))
     return summary

@@ -34,25 +34,57 @@ class Source:
 FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
 
 
-def resolve_source(text: str, data: DataConfig) -> Source:
+def kind(text: str) -> str:
+    """"sample", "kaggle" or "path" (a folder or s3:// prefix)."""
+    for name in ("sample", "kaggle"):
+        if text == name or text.startswith(name + ":"):
+            return name
+    return "path"
+
+
+def canonical(text: str) -> str:
+    """The source as it names the same data on every run: local folders absolute."""
+    text = text.strip()
+    return storage.normalize(text) if text and kind(text) == "path" else text
+
+
+def check_source(text: str, data: DataConfig) -> None:
+    """What can be checked before any Ray process starts or any file is listed: a bad
+    source fails in a second, not after Ray's start-up."""
     text = text.strip()
     if not text:
         raise UsageError(f"no source given: pass --source (or data.source) as {FORMS}")
-    if text == "sample" or text.startswith("sample:"):
-        return Source(text, sample_count=sample.parse(text, data.sample_size))
-    if text == "kaggle" or text.startswith("kaggle:"):
-        folder = kaggle_download(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
-        return Source(text, files=find_images(folder))
+    if kind(text) == "sample":
+        sample.parse(text, data.sample_size)
+        return
+    if kind(text) == "kaggle":
+        folder = kaggle_folder(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
+        if not os.path.exists(os.path.join(folder, ".complete")) and not kaggle_credentials_present():
+            raise UsageError("no Kaggle credentials: save your API token as ~/.kaggle/kaggle.json "
+                             "(chmod 600) or ~/.kaggle/access_token, or set KAGGLE_USERNAME and "
+                             "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
+        return
     if "://" in text and not storage.is_s3(text):
         raise UsageError(f"source '{text}' is not supported: use {FORMS}")
     if not storage.exists(text):
         raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
     if not storage.is_dir(text):
         raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
+
+
+def resolve_source(text: str, data: DataConfig) -> Source:
+    """The source's files (listed, Kaggle's downloaded once) or sample count."""
+    check_source(text, data)
+    text = text.strip()
+    if kind(text) == "sample":
+        return Source(text, sample_count=sample.parse(text, data.sample_size))
+    if kind(text) == "kaggle":
+        folder = kaggle_download(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
+        return Source(text, files=find_images(folder))
     files = find_images(text)
     if not files:
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
-                         "(folders are searched recursively)")
+                         "(folders are searched recursively; hidden ones are left out)")
     return Source(text, files=tuple(files))
 
 
@@ -77,20 +109,22 @@ def kaggle_credentials_present() -> bool:
                       or os.path.isfile(os.path.join(d, "access_token"))) for d in config_dirs)
 
 
-def kaggle_download(dataset: str, cache_dir: str) -> str:
-    """Download OWNER/DATASET once into the cache (unzipped) and return the folder."""
+def kaggle_folder(dataset: str, cache_dir: str) -> str:
+    """Where OWNER/DATASET is (or will be) cached, unzipped."""
     if dataset.count("/") != 1 or not all(dataset.split("/")):
         raise UsageError(f"kaggle dataset '{dataset}' must look like OWNER/DATASET, "
                          "e.g. kaggle:greg115/celebrities-100k")
-    folder = os.path.join(os.path.expanduser(cache_dir), "kaggle", *dataset.split("/"))
+    return os.path.join(os.path.expanduser(cache_dir), "kaggle", *dataset.split("/"))
+
+
+def kaggle_download(dataset: str, cache_dir: str) -> str:
+    """Download OWNER/DATASET once into the cache (unzipped) and return the folder;
+    check_source has checked the name and the credentials."""
+    folder = kaggle_folder(dataset, cache_dir)
     done = os.path.join(folder, ".complete")
     if os.path.exists(done):
         print(f"using cached Kaggle dataset {dataset} in {folder}")
         return folder
-    if not kaggle_credentials_present():
-        raise UsageError("no Kaggle credentials: save your API token as ~/.kaggle/kaggle.json "
-                         "(chmod 600) or ~/.kaggle/access_token, or set KAGGLE_USERNAME and "
-                         "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
     os.makedirs(folder, exist_ok=True)
     api = kaggle_api()
     print(f"downloading Kaggle dataset {dataset} into {folder} ...")
