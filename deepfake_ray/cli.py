@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "preflight") and module.preflight(cfg, force=args.force):
             return 0
+        if args.command not in KEEP_CONFIG:  # first: an unwritable workdir fails before Ray starts
+            storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
         if args.command not in NO_RAY:
             runtime.init(args.address)
-        if args.command not in KEEP_CONFIG:
-            storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
         module.run(cfg, **options(args))
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
@@ -102,24 +102,29 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback
 
-        traceback.print_exc()
         usage = find_usage_error(e)
-        if usage:
+        if usage:  # bad input or settings, raised where it was found (maybe in a Ray task)
             print(f"deepfake-ray {args.command}: error: {usage}", file=sys.stderr)
             return 2
+        traceback.print_exc()
         print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1
     return 0
 
 
-def find_usage_error(e: BaseException) -> UsageError | None:
-    """A UsageError raised inside a Ray task arrives wrapped; unwrap it."""
+def find_usage_error(e: BaseException) -> UsageError | str | None:
+    """A UsageError, or an S3 failure the user can fix, behind `e`: raised inside a Ray
+    task, it arrives wrapped."""
+    from deepfake_ray import storage
+
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, UsageError):
             return e
+        if explained := storage.explain(e):
+            return explained
         cause = getattr(e, "cause", None)
         e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return None

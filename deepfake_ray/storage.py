@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import stat
 import tempfile
 from functools import lru_cache
@@ -48,6 +49,34 @@ def s3_filesystem() -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+# The AWS SDK's error names, as pyarrow's messages carry them -> what the user should check.
+S3_PROBLEMS = {
+    "NETWORK_CONNECTION": "cannot reach the S3 endpoint{endpoint}: check AWS_ENDPOINT_URL and the network",
+    "NO_SUCH_BUCKET": "the bucket does not exist: check the s3:// path",
+    "ACCESS_DENIED": "access denied: check the AWS credentials (AWS_ACCESS_KEY_ID and "
+                     "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and the bucket's policy",
+    "INVALID_ACCESS_KEY_ID": "the access key is not known to this store: check AWS_ACCESS_KEY_ID or AWS_PROFILE",
+    "SIGNATURE_DOES_NOT_MATCH": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+}
+
+
+def explain(e: BaseException) -> str | None:
+    """One line for an S3 failure the user can fix (network, bucket, credentials), else None."""
+    text = str(e)
+    if not isinstance(e, OSError) or "AWS Error" not in text:
+        return None
+    code = next((c for c in S3_PROBLEMS if f"AWS Error {c}" in text), None)
+    if code is None and "response code: 403" in text:
+        code = "ACCESS_DENIED"
+    if code is None:
+        return None
+    where = re.search(r"bucket '([^']*)'", text)
+    key = re.search(r"key '([^']*)'", text)
+    uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f"{uri}: " + S3_PROBLEMS[code].format(endpoint=f" {endpoint}" if endpoint else "")
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -109,6 +109,22 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (manifest["split"] == "train").sum()
 
 
+def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, monkeypatch):
+    prepare_on = ["prepare", "--preset", "tiny", "--source", "sample:8", "--workdir"]
+    assert cli.main(prepare_on + ["s3://no-such-bucket/run"]) == 2
+    err = error_lines(capsys)
+    assert err == ["deepfake-ray prepare: error: s3://no-such-bucket/run/config.yaml: "
+                   "the bucket does not exist: check the s3:// path"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    storage.s3_filesystem.cache_clear()
+    try:
+        assert cli.main(prepare_on + [s3_server("faces-unreached") + "/run"]) == 2
+    finally:
+        storage.s3_filesystem.cache_clear()
+    err = error_lines(capsys)
+    assert len(err) == 1 and "cannot reach the S3 endpoint http://127.0.0.1:9" in err[0]
+
+
 def test_copies_in_other_tasks_parts_are_removed_on_s3(ray_session, s3_server, tiny_cfg, tmp_path):
     folder = tmp_path / "faces"
     folder.mkdir()

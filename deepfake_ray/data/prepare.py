@@ -91,7 +91,9 @@ def fetch_all(paths: list[str]) -> list[bytes | OSError]:
     def one(uri: str):
         try:
             return fetch(uri)
-        except OSError as e:  # FileNotFoundError, PermissionError, S3 errors
+        except OSError as e:  # that file's own: gone, no permission, not a regular file
+            if storage.is_s3(uri) and not isinstance(e, FileNotFoundError):
+                raise  # the store's (network, credentials): not one file's, so fail the task
             return e
     if paths and storage.is_s3(paths[0]):
         with ThreadPoolExecutor(16) as pool:  # S3 GETs are latency-bound: overlap them
