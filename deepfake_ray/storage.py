@@ -2,7 +2,8 @@
 
 Every stage names files by URI: a local path or `s3://bucket/key`. S3 credentials,
 region and endpoint come from the standard AWS environment and config files
-(`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for S3-compatible stores such as MinIO).
+(`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` or the profile's `endpoint_url` for
+S3-compatible stores such as MinIO).
 
 Writes are atomic: a reader sees the whole file or none of it. Locally we write a
 temporary sibling and rename it; on S3 an object only appears when its upload
@@ -50,9 +51,26 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(str(uri), *parts) if is_s3(uri) else os.path.join(str(uri), *parts)
 
 
+def s3_endpoint() -> str | None:
+    """AWS_ENDPOINT_URL_S3 > AWS_ENDPOINT_URL > the profile's `s3 = endpoint_url = ...` or
+    `endpoint_url` in ~/.aws/config (pyarrow's AWS SDK reads neither from the file)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        return endpoint
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        profile = botocore.session.Session().get_scoped_config()
+    except botocore.exceptions.ProfileNotFound:
+        return None  # the AWS SDK names that problem itself at the first request
+    s3 = profile.get("s3")
+    return (s3.get("endpoint_url") if isinstance(s3, dict) else None) or profile.get("endpoint_url")
+
+
 @lru_cache(maxsize=None)
 def s3_filesystem() -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
@@ -84,7 +102,7 @@ def explain(e: BaseException) -> str | None:
     where = re.search(r"bucket '([^']*)'", text)
     key = re.search(r"key '([^']*)'", text)
     uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     return f"{uri}: " + S3_PROBLEMS[code].format(endpoint=f" {endpoint}" if endpoint else "")
 
 

@@ -34,3 +34,29 @@ def test_s3_failures_are_explained_and_others_are_not():
     assert "check the AWS credentials" in storage.explain(denied)
     assert storage.explain(OSError("disk full")) is None
     assert storage.explain(ValueError("AWS Error NO_SUCH_BUCKET")) is None
+
+
+def test_s3_endpoint_from_the_profile_in_the_aws_config_file(tmp_path, monkeypatch):
+    (tmp_path / "config").write_text("[default]\nendpoint_url = http://127.0.0.1:5055\n"
+                                     "[profile minio]\ns3 =\n  endpoint_url = http://10.0.0.9:9000\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    assert storage.s3_endpoint() == "http://127.0.0.1:5055"
+    monkeypatch.setenv("AWS_PROFILE", "minio")
+    assert storage.s3_endpoint() == "http://10.0.0.9:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # the environment wins
+    assert storage.s3_endpoint() == "http://127.0.0.1:1"
+
+
+def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_path, monkeypatch):
+    bucket = s3_server("named-in-config")
+    (tmp_path / "config").write_text(f"[default]\nendpoint_url = {os.environ['AWS_ENDPOINT_URL']}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage.s3_filesystem.cache_clear()
+    try:
+        storage.write_text(f"{bucket}/hello.txt", "hi")
+        assert storage.read_text(f"{bucket}/hello.txt") == "hi"
+    finally:
+        storage.s3_filesystem.cache_clear()
