@@ -1,10 +1,11 @@
 import os
+import re
 import zipfile
 
 import pyarrow.parquet as pq
 import pytest
 
-from deepfake_ray import cli, storage
+from deepfake_ray import cli, progress, storage
 from deepfake_ray.data import datasets, prepare, sample
 from tests.cli_output import error_lines
 from tests.images import SHARED_UTKFACE, bad_files, good_files
@@ -66,9 +67,12 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     assert rejected["reason"][0] == "unreadable" and "not a regular file" in rejected["detail"][0]
 
 
-def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys):
+def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "EVERY_S", {True: 0.02, False: 0.02})
     cfg = tiny_cfg("data.source=sample:40")
     first = prepare.run(cfg)
+    shown = [int(n) for n in re.findall(r"^prepare: (\d+) / 40 files", capsys.readouterr().out, re.M)]
+    assert shown and shown == sorted(shown) and shown[-1] == 40  # counts up, ends complete
     manifest, _, _ = read_outputs(cfg.workdir)
     assert prepare.run(cfg) == first
     assert "already complete" in capsys.readouterr().out

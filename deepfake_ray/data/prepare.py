@@ -37,6 +37,7 @@ from deepfake_ray.config import Config
 from deepfake_ray.data import datasets, decode, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
 from deepfake_ray.errors import UsageError
+from deepfake_ray.progress import Progress
 
 MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 64, 2048
 CHUNK_FILES = 32  # what one task can take over from another: ~30 ms of decoding
@@ -328,16 +329,31 @@ def ingest(blocks: list[list[str]], cpus_per_task: float, slots: int | None,
         # no more than the blocks: Ray Data warns of a limit it cannot reach
         compute=ray.data.TaskPoolStrategy(size=min(slots, len(blocks))) if slots else None,
     )
-    return collect_rows(meta, expected=sum(map(len, blocks)))
+    rows, claims = [], fn_kwargs.get("claims")
+    # files in the blocks that are back, or, on one machine, in the chunks tasks have taken
+    count = lambda: max(len(rows), files_claimed(claims, blocks) if claims else 0)  # noqa: E731
+    with Progress("prepare", sum(map(len, blocks)), "files", count):
+        return collect_rows(meta, expected=sum(map(len, blocks)), rows=rows)
 
 
-def collect_rows(ds: ray.data.Dataset, expected: int) -> list[dict]:
+def files_claimed(claims: str, blocks: list[list[str]]) -> int:
+    """Files in the chunks ingest tasks have claimed so far (`claim`)."""
+    total = 0
+    for name in os.listdir(claims):
+        block, dot, chunk = name.partition(".")
+        if dot and block.isdigit():
+            total += min(CHUNK_FILES, len(blocks[int(block)]) - int(chunk) * CHUNK_FILES)
+    return total
+
+
+def collect_rows(ds: ray.data.Dataset, expected: int, rows: list | None = None) -> list[dict]:
     """The rows of `ds`, converted as each block arrives (the first overlaps the tasks
     still running), returned once `expected` rows are in: Ray Data's executor shutdown
     (~20 ms) then runs in the background. Streaming the blocks also skips what
     to_arrow_refs adds to every execution (~15 ms: the cluster's memory stats over gRPC,
-    a stats summary), none of which a prepare uses."""
-    bundles, rows = ds.iter_internal_ref_bundles(), []
+    a stats summary), none of which a prepare uses. `rows`: the list to fill (a progress
+    counter reads it meanwhile)."""
+    bundles, rows = ds.iter_internal_ref_bundles(), [] if rows is None else rows
     for bundle in bundles:  # a failed task raises here, before the count is reached
         for ref in bundle.block_refs:  # what to_arrow_refs hands back
             rows += ray.get(ref).to_pylist()

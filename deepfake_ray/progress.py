@@ -1,0 +1,42 @@
+"""A stage's progress as `COMMAND: N / TOTAL UNIT (P%)`: redrawn in place about once a
+second in a terminal, a line every 10 s in logs (a run shorter than that prints none)."""
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+
+EVERY_S = {True: 1.0, False: 10.0}  # by whether stdout is a terminal
+
+
+class Progress:
+    def __init__(self, command: str, total: int, unit: str, count: Callable[[], int]):
+        self.command, self.total, self.unit, self.count = command, total, unit, count
+        self.terminal = sys.stdout.isatty()
+        self.shown, self.stop = None, threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.shown is not None:  # the last figure, if any was shown
+            self.show(final=exc[0] is None)
+
+    def loop(self) -> None:
+        while not self.stop.wait(EVERY_S[self.terminal]):
+            self.show()
+
+    def show(self, final: bool = False) -> None:
+        n = min(self.total, self.total if final else self.count())
+        if n == self.shown and not final:
+            return
+        self.shown = n
+        line = f"{self.command}: {n:,} / {self.total:,} {self.unit} ({n / max(1, self.total):.0%})"
+        if self.terminal:
+            print("\r" + line, end="\n" if final else "", flush=True)
+        else:
+            print(line, flush=True)
