@@ -35,12 +35,31 @@ KEEP_CONFIG = ("score", "serve", "report")  # must not overwrite the run's resol
 REQUIRED = {"score": ("--model", "--input", "--out"), "serve": ("--model",)}
 
 
+FLAG_HELP = {
+    "--source": "DIR | s3://bucket/prefix | kaggle:OWNER/DATASET | sample[:N] "
+                "(default: the preset's data.source)",
+    "--num": "how many fakes (default: as many as the reals)",
+    "--samples": "how many learning rates to try (default: the preset's tune.samples)",
+    "--model": "an exported model folder, e.g. runs/demo/detector/model (local or s3://)",
+    "--input": "folder, s3://bucket/prefix or manifest .parquet of images to score",
+    "--out": "the table to write: .parquet or .csv (local or s3://)",
+    "--host": "address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    "--port": "port to listen on (default: 8000)",
+}
+DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
+               "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
+               "2 bad usage or input (one line says what and how to fix it), 1 anything else.")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepfake-ray", description=__doc__.splitlines()[0])
+    from deepfake_ray.config import preset_names
+
+    p = argparse.ArgumentParser(prog="deepfake-ray", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text, flags) in COMMANDS.items():
         c = sub.add_parser(name, help=help_text, description=help_text)
-        c.add_argument("--preset", default="demo", help="config preset (default: demo)")
+        c.add_argument("--preset", default="demo",
+                       help=f"config preset: {', '.join(preset_names())} (default: demo)")
         c.add_argument("--config", help="YAML file layered over the preset")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
@@ -48,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or in-process Ray)")
         c.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
         for flag in flags:
-            c.add_argument(flag, required=flag in REQUIRED.get(name, ()))
+            c.add_argument(flag, required=flag in REQUIRED.get(name, ()), help=FLAG_HELP[flag])
     return p
 
 

@@ -63,3 +63,11 @@ def test_resolved_config_written_to_workdir(ray_session, tmp_path):
                      "--set", "data.source=sample:8", "--set", "gan.epochs=9"]) == 0
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert written["gan"]["epochs"] == 9 and written["workdir"] == str(tmp_path)
+
+
+def test_help_names_the_sources_and_presets(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "kaggle:OWNER/DATASET" in out and "sample[:N]" in out and "celeb100k, demo" in out
