@@ -47,7 +47,7 @@ def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, 
     assert f"prepared {len(good_files())} images ({len(bad_files()) + 1} rejected" in capsys.readouterr().out
 
 
-def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path):
+def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path, capsys):
     root, good = tmp_path / "odd", good_files()
     (root / "sub").mkdir(parents=True)
     (root / "a.jpg").write_bytes(good["plain.jpg"])
@@ -59,8 +59,9 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: left out
     with open(os.fsencode(root) + b"/latin1_\xe9.jpg", "wb") as f:  # not valid UTF-8
         f.write(good["upper.JPG"])
-    cfg = tiny_cfg(f"data.source={root}")
+    cfg = tiny_cfg(f"data.source={root}", "data.splits=[0.001, 0.5, 0.5]")  # and no train split
     prepare.run(cfg)
+    assert "warning: the train split is empty (3 images in all)" in capsys.readouterr().out
     manifest, rejected, summary = read_outputs(cfg.workdir)
     assert sorted(manifest["path"].map(os.path.basename)) == ["a.jpg", "b.png", "latin1_\\xe9.jpg"]
     assert list(rejected["path"].map(os.path.basename)) == ["pipe.jpg"]

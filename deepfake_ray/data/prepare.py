@@ -451,4 +451,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "settings": settings(cfg)}
     storage.mark_complete(out, summary)
     print(summary_line(summary))
+    if not summary["splits"]["train"]:  # not an error here: more data may be on its way
+        print(f"prepare: warning: the train split is empty ({len(manifest):,} images in all): "
+              "training needs more images, or a larger data.splits train fraction")
     return summary
