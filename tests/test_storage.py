@@ -19,6 +19,7 @@ def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     os.symlink(tmp_path / "a" / "b", tmp_path / "linked")  # one more way in: a second path
     files = storage.list_files(str(tmp_path))
     assert [os.path.relpath(f, tmp_path) for f in files] == ["a/b/x.jpg", "linked/x.jpg"]
+    assert storage.list_files(str(tmp_path / "not-there")) == []  # as an empty S3 prefix
 
 
 def test_printable_keeps_valid_names_and_escapes_odd_bytes():
