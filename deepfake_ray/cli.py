@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
         usage = find_usage_error(e)
         if usage:  # bad input or settings, raised where it was found (maybe in a Ray task)
-            print(f"deepfake-ray {args.command}: error: {usage}", file=sys.stderr)
+            # one line: Ray Data appends its retry advice to an error raised in a task
+            line = str(getattr(usage, "cause", None) or usage).splitlines()[0]
+            print(f"deepfake-ray {args.command}: error: {line}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "

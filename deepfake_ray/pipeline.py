@@ -39,14 +39,22 @@ def stages(cfg: Config) -> list[Stage]:
     ]
 
 
+def preflight(cfg: Config, force: bool = False) -> None:
+    """Before Ray starts (and config.yaml is rewritten): prepare's settings are valid and,
+    if its data/ is complete, the ones that made it; the stages after it build on it."""
+    from deepfake_ray.data import datasets, prepare
+
+    prepare.validate(cfg)
+    if not force and (done := storage.completed(datasets.data_dir(cfg.workdir))):
+        prepare.check_complete(cfg, done)
+
+
 def run(cfg: Config, force: bool = False, **_) -> dict:
+    preflight(cfg, force)
     timings_uri = storage.join(cfg.workdir, "pipeline.json")
     record = {"workdir": cfg.workdir, "stages": []}
     for stage in stages(cfg):
-        done = storage.completed(storage.join(cfg.workdir, stage.folder))
-        skipped = bool(done) and not force
-        if skipped and (check := getattr(importlib.import_module(stage.module), "check_complete", None)):
-            check(cfg, done)  # made with the settings asked for, or UsageError
+        skipped = bool(storage.completed(storage.join(cfg.workdir, stage.folder))) and not force
         print(f"\n=== {stage.command} ===" + (" (complete, skipped)" if skipped else ""))
         started = time.time()
         entry = {"name": stage.command, "status": "skipped" if skipped else "done"}

@@ -23,8 +23,12 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        if self.shown is not None:  # the last figure, if any was shown
-            self.show(final=exc[0] is None)
+        if self.shown is None:  # a short run: its summary line says it all
+            return
+        if exc[0] is None and self.shown != self.total:
+            self.show(final=True)
+        if self.terminal:
+            print()  # ends the line redrawn in place
 
     def loop(self) -> None:
         while not self.stop.wait(EVERY_S[self.terminal]):
@@ -37,6 +41,6 @@ class Progress:
         self.shown = n
         line = f"{self.command}: {n:,} / {self.total:,} {self.unit} ({n / max(1, self.total):.0%})"
         if self.terminal:
-            print("\r" + line, end="\n" if final else "", flush=True)
+            print("\r" + line, end="", flush=True)
         else:
             print(line, flush=True)

@@ -151,6 +151,9 @@ def configure_data(quiet: bool) -> None:
     context = ray.data.DataContext.get_current()
     context.use_datasource_v2 = False
     context.enable_progress_bars = not quiet
+    # An error raised in a map task reaches the driver as itself, not as a UserCodeException
+    # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
+    context.raise_original_map_exception = True
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 

@@ -4,6 +4,7 @@ import zipfile
 
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 
 from deepfake_ray import cli, progress, storage
 from deepfake_ray.data import datasets, prepare, sample
@@ -92,6 +93,9 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_is_not_com
     err = error_lines(capsys)
     assert len(err) == 1 and "prepared with data.source=sample:40 (asked: sample:41), " \
                              "data.resolution=32 (asked: 48)" in err[0] and "--force" in err[0]
+    assert cli.main(["pipeline", "--preset", "tiny", "--workdir", cfg.workdir,
+                     "--set", "data.source=sample:41"]) == 2  # the stages after it build on it
+    assert "prepared with data.source=sample:40 (asked: sample:41)" in error_lines(capsys)[0]
     assert not os.path.exists(os.path.join(cfg.workdir, "config.yaml"))  # nothing was run
     unusable = tmp_path / "unusable"
     unusable.mkdir()
@@ -128,6 +132,17 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
         storage.s3_filesystem.cache_clear()
     err = error_lines(capsys)
     assert len(err) == 1 and "cannot reach the S3 endpoint http://127.0.0.1:9" in err[0]
+
+
+def test_an_s3_failure_inside_an_ingest_task_still_names_the_fix(ray_session):
+    def refused(batch):  # as a store that refuses the reads after the listing; local: sent by value
+        raise OSError("When reading information for key 'faces/a.jpg' in bucket 'photos': "
+                      "AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+
+    with pytest.raises(Exception) as failed:
+        ray.data.range(2).map_batches(refused).take_all()
+    assert str(cli.find_usage_error(failed.value)).startswith(
+        "s3://photos/faces/a.jpg: access denied: check the AWS credentials")
 
 
 def test_copies_in_other_tasks_parts_are_removed_on_s3(ray_session, s3_server, tiny_cfg, tmp_path):
