@@ -62,10 +62,13 @@ def bomb_png(side: int = 30_000) -> bytes:
 def bad_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, expected reason) of files the decoder must reject."""
     jpeg = encode(rgb(5, 96), "JPEG", quality=95)
+    webp = encode(rgb(6, 96), "WEBP")
     return {
         "empty.jpg": (b"", "empty file"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
         "notes.png": (b"these are not the pixels you are looking for\n" * 20, "not an image"),
+        "cut.png": (encode(rgb(6), "PNG")[:40], "corrupt"),  # an image's first bytes: damaged
+        "half.webp": (webp[: len(webp) // 2], "corrupt"),
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
     }

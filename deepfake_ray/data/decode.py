@@ -18,6 +18,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is rejected, never half-used
 DEFAULT_MAX_PIXELS = 40_000_000
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# how JPEG, PNG, GIF and TIFF files begin (WebP: "WEBP" at byte 8)
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
 class DecodeError(ValueError):
@@ -44,7 +46,11 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         if "decompression bomb" in str(e).lower():
             raise DecodeError("decompression bomb", str(e))
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DecodeError("not an image", message.split(" <_io.BytesIO")[0][:200])
+        message = message.split(" <_io.BytesIO")[0][:200]
+        if not data.startswith(SIGNATURES) and data[8:12] != b"WEBP":
+            raise DecodeError("not an image", message)
+        # an image's own first bytes: a damaged image, not some other kind of file
+        raise DecodeError("truncated" if "truncat" in message.lower() else "corrupt", message)
     width, height = img.size
     if width * height > max_pixels or width <= 0 or height <= 0:
         raise DecodeError("decompression bomb",
