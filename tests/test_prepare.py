@@ -1,3 +1,4 @@
+import io
 import os
 import re
 import zipfile
@@ -265,9 +266,14 @@ def fake_kaggle(monkeypatch, tmp_path):
 
     def download(self, dataset, path=None, **_):
         calls.append(dataset)
+        five = list(good_files().items())[:5]
+        inner = io.BytesIO()
+        with zipfile.ZipFile(inner, "w") as z:  # datasets ship zips in their zip, too
+            z.writestr(five[4][0], five[4][1])
         with zipfile.ZipFile(os.path.join(path, dataset.split("/")[1] + ".zip"), "w") as z:
-            for name, data in list(good_files().items())[:5]:
+            for name, data in five[:4]:
                 z.writestr(f"celeb/{name}", data)
+            z.writestr("celeb/more/part2.zip", inner.getvalue())
 
     monkeypatch.setattr(KaggleApi, "dataset_download_files", download)
     monkeypatch.setattr(KaggleApi, "authenticate", lambda self: None)
@@ -285,7 +291,24 @@ def test_kaggle_downloads_once_into_cache(ray_session, fake_kaggle, tiny_cfg, tm
         assert read_outputs(cfg.workdir)[2]["images"] == 5
     assert fake_kaggle == ["owner/faces"]
     assert (cache / "kaggle" / "owner" / "faces" / "celeb" / "plain.jpg").exists()
+    assert not list((cache / "kaggle").rglob("*.zip"))  # each extracted, then deleted
     assert "secret-key-never-printed" not in capsys.readouterr().out
+
+
+def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kaggle, monkeypatch,
+                                                        tmp_path, capsys):
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def cut_short(self, dataset, path=None, **_):
+        with open(os.path.join(path, "faces.zip"), "wb") as f:
+            f.write(b"PK\x03\x04" + os.urandom(500))
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", cut_short)
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
+                     "kaggle:owner/faces", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    err = error_lines(capsys)
+    assert code == 2 and len(err) == 1 and "holds a damaged zip (faces.zip" in err[0]
+    assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "faces") == []  # nothing to trust
 
 
 def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, capsys):
@@ -303,7 +326,8 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
                                            ("ftp://host/x", "not supported"),
                                            ("", "no source given"),
                                            (__file__, "is a file: pass the folder"),
-                                           ("sample:zero", "positive count")])
+                                           ("sample:zero", "positive count"),
+                                           ("sample:100000000", "more than 1,000,000")])
 def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
     err = error_lines(capsys)

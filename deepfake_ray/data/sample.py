@@ -83,13 +83,20 @@ def face_jpeg(seed: int, index: int, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+MAX_FACES = 1_000_000  # ~75 CPU-minutes of drawing; demos and tests need thousands
+
+
 def parse(source: str, default_n: int) -> int:
     """`sample` or `sample:N` -> N."""
+    from deepfake_ray.errors import UsageError
+
     _, _, n = source.partition(":")
     if not n:
-        return default_n
+        n = str(default_n)
     if not n.isdigit() or int(n) < 1:
-        from deepfake_ray.errors import UsageError
-
         raise UsageError(f"source '{source}' needs a positive count, e.g. sample:2000")
+    if int(n) > MAX_FACES:
+        raise UsageError(f"source '{source}' asks for {int(n):,} generated faces, more than "
+                         f"{MAX_FACES:,}: the generator is for demos and tests; for more, use "
+                         "a folder, s3:// prefix or Kaggle dataset of real photos")
     return int(n)

@@ -134,14 +134,28 @@ def kaggle_download(dataset: str, cache_dir: str) -> str:
         raise UsageError(f"Kaggle download of {dataset} failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}): check the dataset "
                          "name, that you accepted its rules on kaggle.com, and your network")
-    for name in os.listdir(folder):
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(os.path.join(folder, name)) as z:
-                z.extractall(folder)
-            os.remove(os.path.join(folder, name))
+    unzip_all(folder, dataset)
     with open(done, "w") as f:
         f.write(dataset + "\n")
     return folder
+
+
+def unzip_all(folder: str, dataset: str) -> None:
+    """Extract every zip under `folder`, zips inside zips too, and delete it. A damaged one
+    is deleted as well, so the next run downloads it anew instead of trusting it."""
+    for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
+        zips = [os.path.join(root, name) for root, _, names in os.walk(folder)
+                for name in names if name.lower().endswith(".zip")]
+        for path in zips:
+            try:
+                with zipfile.ZipFile(path) as z:
+                    z.extractall(os.path.dirname(path))  # member names cannot climb out
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise UsageError(f"the Kaggle download of {dataset} holds a damaged zip "
+                                 f"({os.path.basename(path)}: {e}); it was deleted: run again "
+                                 "to download it anew") from e
+            finally:
+                os.remove(path)
 
 
 def kaggle_api():
