@@ -11,6 +11,7 @@ completes, so we upload from memory in one go and never stream half a file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -241,6 +242,28 @@ def printable(path: str) -> str:
         return path
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@contextlib.contextmanager
+def exclusive(uri: str, command: str):
+    """Holds a lock on local folder `uri` (the OS frees it when the process ends, even
+    killed), or fails at once with UsageError while another process holds it. S3 has no
+    such lock: there, runs sharing a work directory are the user's to keep apart."""
+    if is_s3(uri):
+        yield
+        return
+    import fcntl
+
+    from deepfake_ray.errors import UsageError
+
+    os.makedirs(normalize(uri), exist_ok=True)
+    with open(os.path.join(normalize(uri), ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another {command} is writing {uri}: wait for it to end, "
+                             "or use another --workdir") from None
+        yield
 
 
 def delete_file(uri: str) -> None:

@@ -1,6 +1,7 @@
 import io
 import os
 import re
+import shutil
 import zipfile
 
 import pyarrow.parquet as pq
@@ -171,6 +172,24 @@ def names(prefix: str, n: int) -> list[str]:
 
 def flat(chunks) -> list[str]:
     return [p for chunk in chunks for p in chunk]
+
+
+def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # a process now ended
+    fresh = prepare.claims_dir()
+    parent = os.path.dirname(fresh)
+    left = os.path.join(parent, f"{prepare.CLAIMS_PREFIX}{gone}-killed")
+    os.makedirs(os.path.join(left, "0.0"))
+    mine = prepare.claims_dir()
+    try:
+        assert not os.path.exists(left) and os.path.isdir(fresh)  # a live run's are kept
+    finally:
+        for folder in (fresh, mine, left):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_finished_task_takes_over_chunks_of_running_blocks_only(tmp_path):

@@ -61,3 +61,27 @@ def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_pa
         assert storage.read_text(f"{bucket}/hello.txt") == "hi"
     finally:
         storage.s3_filesystem.cache_clear()
+
+
+def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from deepfake_ray.errors import UsageError
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from deepfake_ray import storage\n"
+        f"with storage.exclusive({str(tmp_path / 'data')!r}, 'prepare'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match="another prepare is writing .*data: wait for it"):
+            with storage.exclusive(str(tmp_path / "data"), "prepare"):
+                pass
+    finally:
+        holder.kill()  # killed, not ended cleanly: the OS frees its lock all the same
+        holder.wait()
+    with storage.exclusive(str(tmp_path / "data"), "prepare"):
+        pass

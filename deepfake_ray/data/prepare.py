@@ -371,13 +371,31 @@ def drain(bundles: Iterator) -> None:
         collections.deque(bundles, maxlen=0)
 
 
+CLAIMS_PREFIX = "deepfake-ray-claims-"
+
+
 def claims_dir() -> str:
     """A fresh folder for the claims of this run's tasks, in memory where the OS offers
     it: a symlink there takes ~11 us against ~260 us on this machine's ext4 /tmp, and
-    a task makes ~50 of them (~12 ms of its time)."""
+    a task makes ~50 of them (~12 ms of its time). Named by this process, so that the
+    next run removes what a killed one left (memory, in /dev/shm)."""
     shm = "/dev/shm"
-    in_memory = os.path.isdir(shm) and os.access(shm, os.W_OK)
-    return tempfile.mkdtemp(prefix="deepfake-ray-claims-", dir=shm if in_memory else None)
+    parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    for name in os.listdir(parent):
+        pid = name.removeprefix(CLAIMS_PREFIX).partition("-")[0]
+        if name.startswith(CLAIMS_PREFIX) and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{CLAIMS_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def settings(cfg: Config) -> dict:
@@ -417,8 +435,14 @@ def preflight(cfg: Config, force: bool = False) -> dict | None:
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
-    if done := preflight(cfg, force):
-        return done
+    # one prepare at a time per local work directory: two would mix their parts
+    with storage.exclusive(datasets.data_dir(cfg.workdir), "prepare"):
+        if done := preflight(cfg, force):  # again: a run just ended may have completed it
+            return done
+        return ingest_into_workdir(cfg)
+
+
+def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
     started = time.time()
     src = resolve_source(cfg.data.source, cfg.data)
