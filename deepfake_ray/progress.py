@@ -35,7 +35,7 @@ class Progress:
             self.show()
 
     def show(self, final: bool = False) -> None:
-        n = min(self.total, self.total if final else self.count())
+        n = self.total if final else min(self.total, self.count())
         if n == self.shown and not final:
             return
         self.shown = n

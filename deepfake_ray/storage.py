@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from deepfake_ray.errors import UsageError
+
 COMPLETE = "_COMPLETE.json"  # the marker a stage writes last
 
 
@@ -254,8 +256,6 @@ def exclusive(uri: str, command: str):
         return
     import fcntl
 
-    from deepfake_ray.errors import UsageError
-
     os.makedirs(normalize(uri), exist_ok=True)
     with open(os.path.join(normalize(uri), ".lock"), "w") as lock:
         try:
@@ -290,11 +290,15 @@ def completed(stage_uri: str) -> dict | None:
         return None
 
 
-def skip_if_complete(stage_uri: str, force: bool, command: str, describe) -> dict | None:
+def skip_if_complete(stage_uri: str, force: bool, command: str, describe,
+                     check=None) -> dict | None:
     """A complete stage's summary, after saying it is skipped; None when the stage must run.
-    `describe(summary)` names what is there, e.g. "1,600 images"."""
+    `describe(summary)` names what is there, e.g. "1,600 images"; `check(summary)` may
+    raise UsageError when it was made with other settings than this run asks for."""
     done = completed(stage_uri)
     if done and not force:
+        if check:
+            check(done)
         print(f"{command}: {stage_uri} is already complete ({describe(done)}); --force redoes it")
         return done
     if done:  # redone: until it completes again, the stage is not complete

@@ -420,26 +420,31 @@ def check_complete(cfg: Config, done: dict) -> None:
                          "use another --workdir for other data, or --force to redo prepare there")
 
 
+def finished(cfg: Config, force: bool) -> dict | None:
+    """The summary of a data/ complete with these settings (other ones: UsageError), or None."""
+    return storage.skip_if_complete(datasets.data_dir(cfg.workdir), force, "prepare",
+                                    lambda d: f"{d['images']:,} images",
+                                    check=lambda done: check_complete(cfg, done))
+
+
 def preflight(cfg: Config, force: bool = False) -> dict | None:
     """Everything that needs no Ray, so that a mistake fails in a second: the summary
     if prepare is already complete with these settings, else None once the config and
     the source have checked out."""
-    out = datasets.data_dir(cfg.workdir)
     validate(cfg)
-    if not force and (done := storage.completed(out)):
-        check_complete(cfg, done)
-    if done := storage.skip_if_complete(out, force, "prepare", lambda d: f"{d['images']:,} images"):
+    if done := finished(cfg, force):
         return done
     check_source(cfg.data.source, cfg.data)
     return None
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
+    validate(cfg)
     # one prepare at a time per local work directory: two would mix their parts
     with storage.exclusive(datasets.data_dir(cfg.workdir), "prepare"):
-        if done := preflight(cfg, force):  # again: a run just ended may have completed it
+        if done := finished(cfg, force):  # again: a run just ended may have completed it
             return done
-        return ingest_into_workdir(cfg)
+        return ingest_into_workdir(cfg)  # resolve_source checks the source
 
 
 def ingest_into_workdir(cfg: Config) -> dict:

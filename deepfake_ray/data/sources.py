@@ -66,9 +66,9 @@ def check_source(text: str, data: DataConfig) -> None:
         return
     if "://" in text and not storage.is_s3(text):
         raise UsageError(f"source '{text}' is not supported: use {FORMS}")
-    if not storage.exists(text):
-        raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
-    if not storage.is_dir(text):
+    if not storage.is_dir(text):  # one request where all is well
+        if not storage.exists(text):
+            raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
         raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
 
 
