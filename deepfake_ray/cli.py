@@ -101,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
-        from deepfake_ray import config, runtime, storage
+        from deepfake_ray import config, lineage, runtime, storage
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
-        if hasattr(module, "preflight") and module.preflight(cfg, force=args.force):
+        if hasattr(module, "preflight"):
+            if module.preflight(cfg, force=args.force):
+                return 0
+        elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
             return 0
         if args.command not in KEEP_CONFIG:  # first: an unwritable workdir fails before Ray starts
             storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))

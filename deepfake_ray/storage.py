@@ -288,19 +288,3 @@ def completed(stage_uri: str) -> dict | None:
         return read_json(join(stage_uri, COMPLETE))
     except FileNotFoundError:
         return None
-
-
-def skip_if_complete(stage_uri: str, force: bool, command: str, describe,
-                     check=None) -> dict | None:
-    """A complete stage's summary, after saying it is skipped; None when the stage must run.
-    `describe(summary)` names what is there, e.g. "1,600 images"; `check(summary)` may
-    raise UsageError when it was made with other settings than this run asks for."""
-    done = completed(stage_uri)
-    if done and not force:
-        if check:
-            check(done)
-        print(f"{command}: {stage_uri} is already complete ({describe(done)}); --force redoes it")
-        return done
-    if done:  # redone: until it completes again, the stage is not complete
-        delete_file(join(stage_uri, COMPLETE))
-    return None

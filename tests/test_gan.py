@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepfake_ray import checkpoint, cli, config, storage
+from deepfake_ray import checkpoint, cli, config, lineage, storage
 from deepfake_ray.data import datasets, decode, prepare
 from deepfake_ray.gan import generate, train
 from deepfake_ray.models import dcgan
@@ -308,3 +308,34 @@ def test_generate_is_deterministic_for_a_seed(generated, tmp_path):
     assert fakes() == first  # the same seed: the same fakes, byte for byte
     other = fakes("seed=1", "gan.num_fakes=12")
     assert len(other) == 12 and {s for _, s in other}.isdisjoint(s for _, s in first)
+
+
+def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
+    """A rerun with other settings is refused before Ray; operational values do not count;
+    a stage whose input was redone is made again; one whose input is stale is refused."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(generated[0], workdir)
+    train_gan = ["train-gan", "--preset", "tiny", "--workdir", workdir]
+    for kv in TRAINED:
+        train_gan += ["--set", kv]
+    assert cli.main(train_gan + ["--set", "gan.lr=0.001"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "gan was made with gan.lr=0.0002 (asked: 0.001)" in err[0] and "--force" in err[0]
+    assert cli.main(["pipeline", "--preset", "tiny", "--workdir", workdir, "--set", "seed=3"]) == 2
+    assert "seed=0 (asked: 3)" in error_lines(capsys)[0]
+    generate_again = ["generate", "--preset", "tiny", "--workdir", workdir]
+    assert cli.main(generate_again + ["--set", "resources.workers=3", "--set", "gan.generate_batch_size=7"]) == 0
+    assert "is already complete" in capsys.readouterr().out  # another cluster's resources: still current
+
+    fakes = datasets.fakes_dir(workdir)
+    before = storage.read_parquet(datasets.manifest_uri(fakes)).column("sha1").to_pylist()
+    gan_marker = storage.completed(train.gan_dir(workdir))
+    storage.mark_complete(train.gan_dir(workdir), {**gan_marker, "seconds": gan_marker["seconds"] + 1})
+    generate.run(tiny(workdir))  # as after `train-gan --force`: the fakes are made again
+    assert "gan/ changed since" in capsys.readouterr().out
+    assert storage.read_parquet(datasets.manifest_uri(fakes)).column("sha1").to_pylist() == before
+    assert storage.completed(fakes)["inputs"]["gan"] == lineage.identity(tiny(workdir), "gan")
+
+    prepare.run(tiny(workdir), force=True)  # the reals redone: the generator is out of date
+    assert cli.main(generate_again) == 2
+    assert "is out of date: data/ changed since it was made. Run `deepfake-ray train-gan`" in error_lines(capsys)[0]

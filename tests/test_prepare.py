@@ -93,11 +93,11 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_is_not_com
     prepare_again = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir]
     assert cli.main(prepare_again + ["--source", "sample:41", "--set", "data.resolution=48"]) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and "prepared with data.source=sample:40 (asked: sample:41), " \
+    assert len(err) == 1 and "made with data.source=sample:40 (asked: sample:41), " \
                              "data.resolution=32 (asked: 48)" in err[0] and "--force" in err[0]
     assert cli.main(["pipeline", "--preset", "tiny", "--workdir", cfg.workdir,
                      "--set", "data.source=sample:41"]) == 2  # the stages after it build on it
-    assert "prepared with data.source=sample:40 (asked: sample:41)" in error_lines(capsys)[0]
+    assert "made with data.source=sample:40 (asked: sample:41)" in error_lines(capsys)[0]
     assert not os.path.exists(os.path.join(cfg.workdir, "config.yaml"))  # nothing was run
     unusable = tmp_path / "unusable"
     unusable.mkdir()

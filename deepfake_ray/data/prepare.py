@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from deepfake_ray import runtime, storage
+from deepfake_ray import lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets, decode, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
@@ -411,20 +411,12 @@ def settings(cfg: Config) -> dict:
     return made
 
 
-def check_complete(cfg: Config, done: dict) -> None:
-    """UsageError if the complete data/ was prepared with other settings than `cfg`'s."""
-    made = done.get("settings", {})
-    differ = [f"{k}={made[k]} (asked: {v})" for k, v in settings(cfg).items() if k in made and made[k] != v]
-    if differ:
-        raise UsageError(f"{datasets.data_dir(cfg.workdir)} was prepared with {', '.join(differ)}: "
-                         "use another --workdir for other data, or --force to redo prepare there")
+STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: f"{d['images']:,} images")
 
 
 def finished(cfg: Config, force: bool) -> dict | None:
     """The summary of a data/ complete with these settings (other ones: UsageError), or None."""
-    return storage.skip_if_complete(datasets.data_dir(cfg.workdir), force, "prepare",
-                                    lambda d: f"{d['images']:,} images",
-                                    check=lambda done: check_complete(cfg, done))
+    return lineage.plan(cfg, STAGE, force).done
 
 
 def preflight(cfg: Config, force: bool = False) -> dict | None:
@@ -476,9 +468,8 @@ def ingest_into_workdir(cfg: Config) -> dict:
         raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
                          f"({dict(Counter(row['reason'] for row in rejected))}): check the source")
     write_outputs(out, images, manifest, rejected, copies)
-    summary = {**summarize(src, manifest, rejected, out, time.time() - started),
-               "settings": settings(cfg)}
-    storage.mark_complete(out, summary)
+    summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, time.time() - started),
+                               lineage.made(cfg, STAGE))
     print(summary_line(summary))
     if not summary["splits"]["train"]:  # not an error here: more data may be on its way
         print(f"prepare: warning: the train split is empty ({len(manifest):,} images in all): "

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import ray.data
 
-from deepfake_ray import checkpoint, storage
+from deepfake_ray import checkpoint, lineage, storage
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, figures, metrics
 from deepfake_ray.detector.train import model_dir, stage_dir
@@ -26,15 +25,20 @@ CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blu
 REPORTED = ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision"]
 
 
+# nothing in the config changes the evaluation; the model and the test split do
+STAGE = lineage.Stage("evaluate", "eval", ("data", "fakes", "detector"),
+                      describe=lambda d: f"test ROC-AUC {d.get('roc_auc', float('nan')):.4f}")
+
+
 def eval_dir(workdir: str) -> str:
     return storage.join(workdir, "eval")
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = eval_dir(cfg.workdir)
-    if done := storage.skip_if_complete(
-            out, force, "evaluate", lambda d: f"test ROC-AUC {d.get('roc_auc', float('nan')):.4f}"):
-        return done
+    plan = lineage.plan(cfg, STAGE, force)
+    if plan.done:
+        return plan.done
     if not storage.completed(stage_dir(cfg.workdir)):
         raise UsageError(f"no finished detector in {stage_dir(cfg.workdir)}: run `deepfake-ray "
                          "train-detector` (or `deepfake-ray tune`) with this --workdir first")
@@ -54,7 +58,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     write_outputs(cfg, out, result, robustness, labels, scores)
     print(table(robustness))
     summary = {k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")}
-    storage.mark_complete(out, summary)
+    summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"evaluate: held-out test ROC-AUC {result['roc_auc']:.4f}, accuracy {result['accuracy']:.4f} "
           f"on {result['n']:,} images (threshold {meta['threshold']:.3f} from validation) -> {out}")
     return summary

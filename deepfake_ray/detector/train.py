@@ -17,12 +17,26 @@ import time
 import pyarrow.fs as pafs
 from safetensors.torch import save as st_save
 
-from deepfake_ray import checkpoint, config, storage, training
+from deepfake_ray import checkpoint, config, lineage, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, loop
 from deepfake_ray.errors import UsageError
 
 MIN_INPUT = 75  # Inception-ResNet-v2's stem and reductions need at least 75 px
+
+
+# detector values that do not change the model: checkpoint retention, retries, the test hook
+OPERATIONAL = {"keep_checkpoints", "max_failures", "fail_at_epoch"}
+
+
+def settings(cfg: Config, leave_out: tuple[str, ...] = ()) -> dict:
+    values = config.to_dict(cfg)["detector"]
+    return {"seed": cfg.seed, **{f"detector.{k}": v for k, v in values.items()
+                                 if k not in OPERATIONAL and k not in leave_out}}
+
+
+STAGE = lineage.Stage("train-detector", "detector", ("data", "fakes"), settings,
+                      lambda d: f"model {d.get('model_id')}")
 
 
 def stage_dir(workdir: str) -> str:
@@ -35,19 +49,19 @@ def model_dir(workdir: str) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = stage_dir(cfg.workdir)
-    if done := storage.skip_if_complete(stage, force, "train-detector",
-                                        lambda d: f"model {d.get('model_id')}"):
-        return done
+    plan = lineage.plan(cfg, STAGE, force)
+    if plan.done:
+        return plan.done
     validate(cfg)
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = resolve_pretrained(cfg)
-    if force:
+    if plan.redo:
         clear(stage, keep=("pretrained",))
     started = time.time()
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
     fine_tune(cfg, selection, pretrained, stage, "run", stage)
-    summary = publish(cfg, stage, time.time() - started)
+    summary = publish(cfg, stage, time.time() - started, plan.made)
     return summary
 
 
@@ -112,8 +126,9 @@ def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_u
                         keep=d.keep_checkpoints, max_failures=d.max_failures, callbacks=callbacks)
 
 
-def publish(cfg: Config, source_dir: str, seconds: float, extra: dict | None = None) -> dict:
-    """Copy SOURCE/best -> WORKDIR/detector/model (+ history.json), then mark the stage done."""
+def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dict | None = None) -> dict:
+    """Copy SOURCE/best -> WORKDIR/detector/model (+ history.json), then mark the stage done
+    as `made` from what lineage.plan said (train-detector's or tune's)."""
     stage = stage_dir(cfg.workdir)
     best = storage.join(source_dir, "best")
     _, meta = checkpoint.load_model(best)  # verifies the weights against their hash
@@ -128,7 +143,7 @@ def publish(cfg: Config, source_dir: str, seconds: float, extra: dict | None = N
                "val_auc": m["val_auc"], "val_loss": m["val_loss"], "val_acc": m["val_acc"],
                "threshold": meta["threshold"], "lr": meta.get("lr"), "epochs": cfg.detector.epochs,
                "seconds": round(seconds, 1), **(extra or {})}
-    storage.mark_complete(stage, summary)
+    summary = lineage.complete(cfg, STAGE, summary, made)
     print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
           f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target}")
     return summary

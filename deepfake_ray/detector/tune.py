@@ -21,7 +21,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from deepfake_ray import checkpoint, config, storage
+from deepfake_ray import checkpoint, config, lineage, storage
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, figures, train
 from deepfake_ray.errors import UsageError
@@ -30,19 +30,30 @@ TRIAL_CPU = 0.1  # a trial only drives its Train run; the workers hold the real 
 METRIC, MODE = "val_auc", "max"
 
 
+def settings(cfg: Config) -> dict:
+    """The detector's, less the learning rate it sweeps, and the sweep's own."""
+    t = config.to_dict(cfg)["tune"]
+    return {**train.settings(cfg, leave_out=("lr",)),
+            **{f"tune.{k}": v for k, v in t.items() if k not in ("enabled", "max_concurrent_trials")}}
+
+
+STAGE = lineage.Stage("tune", "tune", ("data", "fakes"), settings,
+                      lambda d: f"best lr {d.get('lr', float('nan')):.2e}")
+
+
 def tune_dir(workdir: str) -> str:
     return storage.join(workdir, "tune")
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = tune_dir(cfg.workdir)
-    if done := storage.skip_if_complete(out, force, "tune",
-                                        lambda d: f"best lr {d.get('lr', float('nan')):.2e}"):
-        return done
+    plan = lineage.plan(cfg, STAGE, force)
+    if plan.done:
+        return plan.done
     validate(cfg)
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = train.resolve_pretrained(cfg)
-    if force:
+    if plan.redo:
         train.clear(out)
         train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
     started = time.time()
@@ -55,10 +66,10 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     rows = collect(cfg, grid)
     best = rows.iloc[0]
     summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
-                            extra={"tuned": True, "trials": int(len(rows))})
+                            plan.made, extra={"tuned": True, "trials": int(len(rows))})
     result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),
               "trials": int(len(rows)), "model": summary["model"]}
-    storage.mark_complete(out, result)
+    result = lineage.complete(cfg, STAGE, result, plan.made)
     print(rows.to_string(index=False))
     print(f"tune: best lr {best['lr']:.2e} (trial {best['trial_id']}, val ROC-AUC "
           f"{best['val_auc']:.4f}) -> {summary['model']}")

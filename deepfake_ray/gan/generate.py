@@ -23,7 +23,7 @@ import ray.data
 from ray.data.expressions import col
 import torch
 
-from deepfake_ray import checkpoint, runtime, storage
+from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets, decode
 from deepfake_ray.data.prepare import MANIFEST_COLUMNS, assign_split
@@ -34,6 +34,9 @@ from deepfake_ray.models import dcgan
 
 PREVIEW = 64
 MAX_ROUNDS = 8
+STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
+                      lambda cfg: {"seed": cfg.seed, "gan.num_fakes": cfg.gan.num_fakes},
+                      lambda d: f"{d['images']:,} fakes")
 
 
 class FakeMaker:
@@ -177,8 +180,9 @@ def check(cfg: Config) -> tuple[pa.Table, dict]:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = datasets.fakes_dir(cfg.workdir)
-    if done := storage.skip_if_complete(out, force, "generate", lambda d: f"{d['images']:,} fakes"):
-        return done
+    plan = lineage.plan(cfg, STAGE, force)
+    if plan.done:
+        return plan.done
     reals, meta = check(cfg)
     storage.delete_dir(out)  # a forced or interrupted earlier run
     want = quotas(reals, cfg.gan.num_fakes)
@@ -192,7 +196,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "seed": cfg.seed, "resolution": cfg.data.resolution,
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
                "seconds": round(time.time() - started, 1), "output": out}
-    storage.mark_complete(out, summary)
+    summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
           f"in {summary['seconds']:.0f}s -> {out}")
     return summary

@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import ray
 
-from deepfake_ray import config, storage, training
+from deepfake_ray import config, lineage, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
@@ -24,6 +24,16 @@ from deepfake_ray.models import dcgan
 RUN_NAME = "gan"
 # Settings that fix the shapes in a checkpoint: a resumed run must keep them.
 SHAPE_KEYS = (("data", "resolution"), ("gan", "latent_dim"), ("gan", "g_width"), ("gan", "d_width"))
+
+
+def settings(cfg: Config) -> dict:
+    """What decides the generator (resources and retries do not: a resubmission may differ)."""
+    g = cfg.gan
+    return {"seed": cfg.seed, **{f"gan.{k}": getattr(g, k) for k in
+                                 ("epochs", "batch_size", "lr", "beta1", "latent_dim", "g_width", "d_width")}}
+
+
+STAGE = lineage.Stage("train-gan", RUN_NAME, ("data",), settings, lambda d: f"{d['epochs']} epochs")
 
 
 def gan_dir(workdir: str) -> str:
@@ -111,11 +121,12 @@ def train_dataset(cfg: Config, train_images: int):
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = gan_dir(cfg.workdir)
-    if done := storage.skip_if_complete(stage, force, "train-gan", lambda d: f"{d['epochs']} epochs"):
-        return done
+    plan = lineage.plan(cfg, STAGE, force)
+    if plan.done:
+        return plan.done
     check_settings(cfg)
     train_images = check_data(cfg)
-    if force:
+    if plan.redo:
         storage.delete_dir(stage)
     check_resume(cfg, stage)
     g, r = cfg.gan, cfg.resources
@@ -132,6 +143,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "model_sha256": meta["weights_sha256"], "train_images": train_images,
                "restored": any(h["restored"] for h in history),
                "seconds": round(time.time() - started, 1)}
-    storage.mark_complete(stage, summary)
+    summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"train-gan: done in {summary['seconds']:.0f}s; generator -> {summary['model']}")
     return summary

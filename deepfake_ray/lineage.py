@@ -1,0 +1,146 @@
+"""What each complete stage was made from, so that a rerun reuses it only while that holds.
+
+A stage's `_COMPLETE.json` records `settings` (the config values its output depends on)
+and `inputs` (an identity of each upstream stage's own marker). A rerun then:
+
+- reuses it when both still match (or when the marker predates these records);
+- refuses, exit 2, when this run asks for other settings: a redo may cost hours of
+  training, so it is never started on a guess (`--force` redoes it; another
+  `--workdir` keeps both);
+- redoes it when an input was redone since: its output was made from data that is gone.
+
+Operational values (resources, checkpoint retention, retries, batch sizes of inference)
+are not settings: a resubmission to another cluster must still find its stages complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from deepfake_ray import storage
+from deepfake_ray.config import Config
+from deepfake_ray.errors import UsageError
+
+
+MADE_BY = {"data": "prepare", "gan": "train-gan", "fakes": "generate",
+           "detector": "train-detector` (or `tune"}
+
+
+def no_settings(cfg: Config) -> dict:
+    return {}
+
+
+def no_description(done: dict) -> str:
+    return "see its _COMPLETE.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    command: str  # the CLI command that runs it
+    folder: str  # WORKDIR/<folder>/_COMPLETE.json marks it complete
+    inputs: tuple[str, ...] = ()  # the folders of the stages it reads
+    settings: Callable[[Config], dict] = field(default=no_settings, compare=False)
+    describe: Callable[[dict], str] = field(default=no_description, compare=False)  # "1,600 images"
+
+
+@dataclass(frozen=True)
+class Plan:
+    done: dict | None  # the complete stage's summary, to reuse as it is
+    redo: bool  # start from nothing: --force, or an input changed since it was made
+    made: dict  # what this run is made from, recorded in its marker
+
+
+def uri(cfg: Config, stage: Stage) -> str:
+    return storage.join(cfg.workdir, stage.folder)
+
+
+def identity(cfg: Config, folder: str) -> str | None:
+    """Changes whenever the stage in `folder` completes again (its summary has its timing)."""
+    done = storage.completed(storage.join(cfg.workdir, folder))
+    if done is None:
+        return None
+    return hashlib.sha1(json.dumps(done, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def made(cfg: Config, stage: Stage) -> dict:
+    return {"settings": stage.settings(cfg),
+            "inputs": {folder: identity(cfg, folder) for folder in stage.inputs}}
+
+
+def differences(recorded: dict, asked: dict) -> list[str]:
+    return [f"{k}={recorded[k]} (asked: {v})" for k, v in asked.items() if k in recorded and recorded[k] != v]
+
+
+def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
+    """UsageError when the complete stage was made with other settings than this run's."""
+    if differ := differences(done.get("settings", {}), asked["settings"]):
+        raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
+                         f"--workdir to keep both, or --force to redo {stage.command} there")
+
+
+def changed_inputs(done: dict, asked: dict) -> list[str]:
+    recorded = done.get("inputs", {})
+    return [f for f, now in asked["inputs"].items() if f in recorded and recorded[f] != now]
+
+
+def check_inputs_current(cfg: Config, stage: Stage) -> None:
+    """A stage must not be made from one that is itself out of date."""
+    for folder in stage.inputs:
+        done = storage.completed(storage.join(cfg.workdir, folder)) or {}
+        if stale := [f for f, was in done.get("inputs", {}).items() if identity(cfg, f) != was]:
+            raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
+                             f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
+                             f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "
+                             "`deepfake-ray pipeline`) with this --workdir first")
+
+
+def say_complete(cfg: Config, stage: Stage, done: dict) -> None:
+    print(f"{stage.command}: {uri(cfg, stage)} is already complete ({stage.describe(done)}); "
+          "--force redoes it", flush=True)
+
+
+def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
+    """Whether a stage runs, says so when it does not, and what its run is made from."""
+    asked = made(cfg, stage)
+    done = storage.completed(uri(cfg, stage))
+    if done and not force:
+        check_settings(cfg, stage, done, asked)
+        if changed := changed_inputs(done, asked):
+            print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since "
+                  f"{uri(cfg, stage)} was made: making it again", flush=True)
+            force = True
+        else:
+            say_complete(cfg, stage, done)
+            return Plan(done, False, asked)
+    check_inputs_current(cfg, stage)
+    if done:  # redone: until it completes again, the stage is not complete
+        storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
+    return Plan(None, force, asked)
+
+
+def current(cfg: Config, stage: Stage) -> dict | None:
+    """The summary of the stage if complete, with these settings, from the inputs there
+    now; None when it must run; UsageError when it was made with other settings."""
+    done = storage.completed(uri(cfg, stage))
+    if not done:
+        return None
+    asked = made(cfg, stage)
+    check_settings(cfg, stage, done, asked)
+    return None if changed_inputs(done, asked) else done
+
+
+def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
+    """Before Ray starts: a current stage's summary (and says so), else None."""
+    if not force and (done := current(cfg, stage)):
+        say_complete(cfg, stage, done)
+        return done
+    return None
+
+
+def complete(cfg: Config, stage: Stage, summary: dict, made_from: dict) -> dict:
+    """Marks the stage complete; returns what a later rerun that reuses it returns."""
+    summary = {**summary, **made_from}
+    storage.mark_complete(uri(cfg, stage), summary)
+    return summary
