@@ -1,13 +1,18 @@
 """What each complete stage was made from, so that a rerun reuses it only while that holds.
 
 A stage's `_COMPLETE.json` records `settings` (the config values its output depends on)
-and `inputs` (an identity of each upstream stage's own marker). A rerun then:
+and `inputs` (an identity of each upstream stage's own marker, which changes each time
+that stage completes). A rerun then:
 
 - reuses it when both still match (or when the marker predates these records);
 - refuses, exit 2, when this run asks for other settings: a redo may cost hours of
   training, so it is never started on a guess (`--force` redoes it; another
   `--workdir` keeps both);
 - redoes it when an input was redone since: its output was made from data that is gone.
+
+A training that resumes also records them when it begins (`_STARTED.json`): resubmitted
+after an input was redone, it starts over rather than resume from checkpoints that
+learned from the old one.
 
 Operational values (resources, checkpoint retention, retries, batch sizes of inference)
 are not settings: a resubmission to another cluster must still find its stages complete.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable
 
 from deepfake_ray import storage
@@ -24,6 +30,7 @@ from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError
 
 
+STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
 MADE_BY = {"data": "prepare", "gan": "train-gan", "fakes": "generate",
            "detector": "train-detector` (or `tune"}
 
@@ -57,7 +64,7 @@ def uri(cfg: Config, stage: Stage) -> str:
 
 
 def identity(cfg: Config, folder: str) -> str | None:
-    """Changes whenever the stage in `folder` completes again (its summary has its timing)."""
+    """Changes whenever the stage in `folder` completes again (its marker has the time)."""
     done = storage.completed(storage.join(cfg.workdir, folder))
     if done is None:
         return None
@@ -114,6 +121,10 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
         else:
             say_complete(cfg, stage, done)
             return Plan(done, False, asked)
+    elif not force and (begun := unfinished(cfg, stage)) and (changed := changed_inputs(begun, asked)):
+        print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "
+              f"run in {uri(cfg, stage)} began: starting it over", flush=True)
+        force = True  # its checkpoints learned from data that is gone
     check_inputs_current(cfg, stage)
     if done:  # redone: until it completes again, the stage is not complete
         storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
@@ -139,8 +150,22 @@ def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
     return None
 
 
+def unfinished(cfg: Config, stage: Stage) -> dict | None:
+    try:
+        return storage.read_json(storage.join(uri(cfg, stage), STARTED))
+    except FileNotFoundError:
+        return None
+
+
+def start(cfg: Config, stage: Stage, plan: Plan) -> None:
+    """For a stage that resumes (a training): what the run under way is made from, so that
+    a resubmission after its inputs were redone starts over instead of resuming."""
+    storage.write_json(storage.join(uri(cfg, stage), STARTED), plan.made)
+
+
 def complete(cfg: Config, stage: Stage, summary: dict, made_from: dict) -> dict:
     """Marks the stage complete; returns what a later rerun that reuses it returns."""
-    summary = {**summary, **made_from}
+    finished_at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    summary = {**summary, **made_from, "completed": finished_at}
     storage.mark_complete(uri(cfg, stage), summary)
     return summary

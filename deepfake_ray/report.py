@@ -180,6 +180,7 @@ def tune(w: str) -> list:
         pass
     best = read_json(w, "tune/_COMPLETE.json")
     if isinstance(best, dict):
+        best = {k: v for k, v in best.items() if k not in ("settings", "inputs")}  # lineage records
         blocks.append(Table(["tune/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in flatten(best).items()]))
     return blocks + figure(w, "tune/lr.png", "validation metric against learning rate")
 

@@ -339,3 +339,13 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     prepare.run(tiny(workdir), force=True)  # the reals redone: the generator is out of date
     assert cli.main(generate_again) == 2
     assert "is out of date: data/ changed since it was made. Run `deepfake-ray train-gan`" in error_lines(capsys)[0]
+
+
+def test_an_unfinished_run_whose_input_was_redone_starts_over(prepared, tmp_path, capsys):
+    """Checkpoints that learned from reals since re-prepared are not resumed from."""
+    cfg = tiny(with_data(prepared, tmp_path / "w"))
+    lineage.start(cfg, train.STAGE, lineage.plan(cfg, train.STAGE, force=False))  # as train-gan begins
+    assert not lineage.plan(cfg, train.STAGE, force=False).redo  # a resubmission resumes
+    prepare.run(cfg, force=True)
+    assert lineage.plan(cfg, train.STAGE, force=False).redo  # train-gan deletes its run first
+    assert "data/ changed since the unfinished run in" in capsys.readouterr().out

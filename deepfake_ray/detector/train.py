@@ -57,6 +57,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     pretrained = resolve_pretrained(cfg)
     if plan.redo:
         clear(stage, keep=("pretrained",))
+    lineage.start(cfg, STAGE, plan)
     started = time.time()
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")

@@ -56,6 +56,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if plan.redo:
         train.clear(out)
         train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
+    lineage.start(cfg, STAGE, plan)
     started = time.time()
     views = data.training_views(cfg, selection)  # decoded once, shared by every trial
     tuner = make_tuner(cfg, selection, pretrained, views)

@@ -129,6 +129,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if plan.redo:
         storage.delete_dir(stage)
     check_resume(cfg, stage)
+    lineage.start(cfg, STAGE, plan)
     g, r = cfg.gan, cfg.resources
     print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
           f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size}"
