@@ -8,7 +8,9 @@ that stage completes). A rerun then:
 - refuses, exit 2, when this run asks for other settings: a redo may cost hours of
   training, so it is never started on a guess (`--force` redoes it; another
   `--workdir` keeps both);
-- redoes it when an input was redone since: its output was made from data that is gone.
+- redoes it when an input was redone since: its output was made from data that is gone;
+- continues a finished training from its last checkpoint when only its epoch count
+  rose (the study trained 60 epochs in six sittings; here `--set gan.epochs=60` after 50).
 
 A training that resumes also records them when it begins (`_STARTED.json`): resubmitted
 after an input was redone, it starts over rather than resume from checkpoints that
@@ -50,6 +52,7 @@ class Stage:
     inputs: tuple[str, ...] = ()  # the folders of the stages it reads
     settings: Callable[[Config], dict] = field(default=no_settings, compare=False)
     describe: Callable[[dict], str] = field(default=no_description, compare=False)  # "1,600 images"
+    grows: tuple[str, ...] = ()  # settings that may rise on a complete stage: it goes on
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,24 @@ def made(cfg: Config, stage: Stage) -> dict:
             "inputs": {folder: identity(cfg, folder) for folder in stage.inputs}}
 
 
-def differences(recorded: dict, asked: dict) -> list[str]:
-    return [f"{k}={recorded[k]} (asked: {v})" for k, v in asked.items() if k in recorded and recorded[k] != v]
+def differences(done: dict, asked: dict) -> dict[str, str]:
+    """Setting -> "key=recorded (asked: value)", for each this run asks to change."""
+    recorded = done.get("settings", {})
+    return {k: f"{k}={recorded[k]} (asked: {v})" for k, v in asked["settings"].items()
+            if k in recorded and recorded[k] != v}
+
+
+def grown(stage: Stage, done: dict, asked: dict) -> list[str]:
+    """The epoch counts this run raises: a finished training goes on from its last checkpoint."""
+    recorded = done.get("settings", {})
+    return [k for k in stage.grows if k in recorded and asked["settings"][k] > recorded[k]]
 
 
 def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
-    """UsageError when the complete stage was made with other settings than this run's."""
-    if differ := differences(done.get("settings", {}), asked["settings"]):
+    """UsageError when the complete stage was made with other settings than this run's
+    (more epochs are not other settings: they continue it)."""
+    more = grown(stage, done, asked)
+    if differ := [text for k, text in differences(done, asked).items() if k not in more]:
         raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
                          f"--workdir to keep both, or --force to redo {stage.command} there")
 
@@ -118,6 +132,10 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
             print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since "
                   f"{uri(cfg, stage)} was made: making it again", flush=True)
             force = True
+        elif more := grown(stage, done, asked):
+            rises = ", ".join(f"{k} {done['settings'][k]} -> {asked['settings'][k]}" for k in more)
+            print(f"{stage.command}: continuing {uri(cfg, stage)} from its last checkpoint ({rises})",
+                  flush=True)
         else:
             say_complete(cfg, stage, done)
             return Plan(done, False, asked)
@@ -139,7 +157,7 @@ def current(cfg: Config, stage: Stage) -> dict | None:
         return None
     asked = made(cfg, stage)
     check_settings(cfg, stage, done, asked)
-    return None if changed_inputs(done, asked) else done
+    return None if changed_inputs(done, asked) or grown(stage, done, asked) else done
 
 
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:

@@ -312,7 +312,8 @@ def test_generate_is_deterministic_for_a_seed(generated, tmp_path):
 
 def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     """A rerun with other settings is refused before Ray; operational values do not count;
-    a stage whose input was redone is made again; one whose input is stale is refused."""
+    more epochs continue a finished training; a stage whose input was redone is made
+    again; one whose input is out of date is refused."""
     workdir = str(tmp_path / "w")
     shutil.copytree(generated[0], workdir)
     train_gan = ["train-gan", "--preset", "tiny", "--workdir", workdir]
@@ -327,13 +328,20 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     assert cli.main(generate_again + ["--set", "resources.workers=3", "--set", "gan.generate_batch_size=7"]) == 0
     assert "is already complete" in capsys.readouterr().out  # another cluster's resources: still current
 
+    # one epoch more, on one worker: the finished run goes on from its last checkpoint
+    assert cli.main(train_gan + ["--set", f"gan.epochs={EPOCHS + 1}", "--set", "resources.workers=1"]) == 0
+    assert f"continuing {workdir}/gan from its last checkpoint (gan.epochs {EPOCHS} -> {EPOCHS + 1})" \
+        in capsys.readouterr().out
+    history = storage.read_json(os.path.join(workdir, "gan", "history.json"))
+    assert [h["epoch"] for h in history] == list(range(EPOCHS + 1))
+    assert (history[-1]["restored"], history[-1]["resumed_from"]) == (True, EPOCHS - 1)
+
     fakes = datasets.fakes_dir(workdir)
     before = storage.read_parquet(datasets.manifest_uri(fakes)).column("sha1").to_pylist()
-    gan_marker = storage.completed(train.gan_dir(workdir))
-    storage.mark_complete(train.gan_dir(workdir), {**gan_marker, "seconds": gan_marker["seconds"] + 1})
-    generate.run(tiny(workdir))  # as after `train-gan --force`: the fakes are made again
+    generate.run(tiny(workdir))  # the generator changed: the fakes are made again
     assert "gan/ changed since" in capsys.readouterr().out
-    assert storage.read_parquet(datasets.manifest_uri(fakes)).column("sha1").to_pylist() == before
+    after = storage.read_parquet(datasets.manifest_uri(fakes)).column("sha1").to_pylist()
+    assert len(after) == len(before) and set(after).isdisjoint(before)
     assert storage.completed(fakes)["inputs"]["gan"] == lineage.identity(tiny(workdir), "gan")
 
     prepare.run(tiny(workdir), force=True)  # the reals redone: the generator is out of date

@@ -36,7 +36,7 @@ def settings(cfg: Config, leave_out: tuple[str, ...] = ()) -> dict:
 
 
 STAGE = lineage.Stage("train-detector", "detector", ("data", "fakes"), settings,
-                      lambda d: f"model {d.get('model_id')}")
+                      lambda d: f"model {d.get('model_id')}", grows=("detector.epochs",))
 
 
 def stage_dir(workdir: str) -> str:

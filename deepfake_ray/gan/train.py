@@ -33,7 +33,8 @@ def settings(cfg: Config) -> dict:
                                  ("epochs", "batch_size", "lr", "beta1", "latent_dim", "g_width", "d_width")}}
 
 
-STAGE = lineage.Stage("train-gan", RUN_NAME, ("data",), settings, lambda d: f"{d['epochs']} epochs")
+STAGE = lineage.Stage("train-gan", RUN_NAME, ("data",), settings, lambda d: f"{d['epochs']} epochs",
+                      grows=("gan.epochs",))
 
 
 def gan_dir(workdir: str) -> str:
