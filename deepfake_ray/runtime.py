@@ -6,6 +6,7 @@ import functools
 import gc
 import logging
 import os
+import random
 import shutil
 import socket
 
@@ -133,8 +134,28 @@ def serve_ingress() -> str:
     return "HAProxy" if enabled == "1" else "Serve's proxy"
 
 
+# Below the kernel's ephemeral range (32768+ by default) and above Ray's worker ports
+# (10002-19999): a port the OS picked for us there could be handed to another process
+# (a Ray worker's gRPC server, say) before HAProxy binds it, which once failed a start.
+FIXED_PORTS = (20000, 32767)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now that no process is given by the OS when it asks for any port."""
+    low, high = FIXED_PORTS
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.sample(range(low, high + 1), min(50, max(0, high + 1 - low))):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # as HAProxy binds its stats port
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:  # no such range on this machine: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

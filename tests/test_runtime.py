@@ -1,4 +1,7 @@
 import os
+import socket
+
+from deepfake_ray import runtime
 
 SETTINGS = ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
@@ -21,3 +24,14 @@ def test_in_process_ray_passes_its_settings_to_its_processes_only(ray_session):
     assert seen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert seen["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
     assert not any(name in os.environ for name in SETTINGS)
+
+
+def test_free_ports_are_ones_the_os_never_hands_out_by_itself():
+    """Two services on one machine pick their HAProxy ports; a port from the kernel's
+    ephemeral range could be given to a Ray worker before HAProxy binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = {runtime.free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(10000 < p < ephemeral_low for p in ports)
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", ports.pop()))  # free indeed
