@@ -10,7 +10,7 @@ import importlib
 import sys
 import time
 
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, find_usage_error
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -135,23 +135,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1
     return 0
-
-
-def find_usage_error(e: BaseException) -> UsageError | str | None:
-    """A UsageError, or an S3 failure the user can fix, behind `e`: raised inside a Ray
-    task, it arrives wrapped."""
-    from deepfake_ray import storage
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UsageError):
-            return e
-        if explained := storage.explain(e):
-            return explained
-        cause = getattr(e, "cause", None)
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
-    return None
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ import os
 import random
 import shutil
 import socket
+import sys
 
 import ray
+
+from deepfake_ray.errors import find_usage_error
 
 # This machine's cores, set when this process starts the in-process Ray (which declares
 # more CPUs than that); None on a cluster.
@@ -175,8 +178,21 @@ def configure_data(quiet: bool) -> None:
     # An error raised in a map task reaches the driver as itself, not as a UserCodeException
     # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
     context.raise_original_map_exception = True
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(drop_explained_tracebacks)  # the console; the log file keeps all
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def drop_explained_tracebacks(record: logging.LogRecord) -> bool:
+    """Ray Data logs an error from a task with its traceback, twice, before it reaches the
+    CLI; when the CLI will print it as one line that says what to fix (a UsageError, an S3
+    failure), those ~100 lines on the console only hide that line."""
+    if record.levelno < logging.ERROR:
+        return True
+    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while handled
+    return error is None or find_usage_error(error) is None
 
 
 def cpu_bound_slots(cpus_per_task: float) -> int | None:

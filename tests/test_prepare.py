@@ -1,4 +1,5 @@
 import io
+import logging
 import os
 import re
 import shutil
@@ -136,15 +137,27 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
     assert len(err) == 1 and "cannot reach the S3 endpoint http://127.0.0.1:9" in err[0]
 
 
-def test_an_s3_failure_inside_an_ingest_task_still_names_the_fix(ray_session):
+def test_an_s3_failure_inside_an_ingest_task_still_names_the_fix(ray_session, monkeypatch):
+    """...and Ray Data's tracebacks of it stay off the console (a real bug's do not)."""
     def refused(batch):  # as a store that refuses the reads after the listing; local: sent by value
         raise OSError("When reading information for key 'faces/a.jpg' in bucket 'photos': "
                       "AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
 
+    def broken(batch):
+        raise RuntimeError("a bug of ours")
+
+    console = io.StringIO()  # in place of the stderr Ray Data's console handler writes to
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            monkeypatch.setattr(handler, "stream", console)
     with pytest.raises(Exception) as failed:
         ray.data.range(2).map_batches(refused).take_all()
     assert str(cli.find_usage_error(failed.value)).startswith(
         "s3://photos/faces/a.jpg: access denied: check the AWS credentials")
+    assert "ACCESS_DENIED" not in console.getvalue()
+    with pytest.raises(Exception):
+        ray.data.range(2).map_batches(broken).take_all()
+    assert "RuntimeError: a bug of ours" in console.getvalue()
 
 
 def test_copies_in_other_tasks_parts_are_removed_on_s3(ray_session, s3_server, tiny_cfg, tmp_path):
