@@ -248,11 +248,14 @@ def printable(path: str) -> str:
 
 @contextlib.contextmanager
 def exclusive(uri: str, command: str):
-    """Holds a lock on local folder `uri` (the OS frees it when the process ends, even
-    killed), or fails at once with UsageError while another process holds it. S3 has no
-    such lock: there, runs sharing a work directory are the user's to keep apart."""
+    """Holds a lock on folder `uri` (locally the OS frees it when the process ends, even
+    killed; on S3 it lapses, see lease.py), or fails at once with UsageError while
+    another process holds it."""
     if is_s3(uri):
-        yield
+        from deepfake_ray import lease
+
+        with lease.held(uri, command):
+            yield
         return
     import fcntl
 

@@ -85,3 +85,34 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
         holder.wait()
     with storage.exclusive(str(tmp_path / "data"), "prepare"):
         pass
+
+
+def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_lapses(
+        s3_server, monkeypatch):
+    import json
+    import time
+
+    import boto3
+    import pytest
+
+    from deepfake_ray import lease
+    from deepfake_ray.errors import UsageError
+
+    data = f"{s3_server('runs-leased')}/r1/data"
+    lock = {"Bucket": "runs-leased", "Key": "r1/data/.lock"}
+    client = boto3.client("s3")
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    with storage.exclusive(data, "prepare"):
+        first = json.loads(client.get_object(**lock)["Body"].read())
+        with pytest.raises(UsageError, match=rf"another prepare \(pid {os.getpid()} on .*\) is "
+                                             rf"writing {data}: wait for it to end"):
+            with storage.exclusive(data, "prepare"):
+                pass
+        time.sleep(0.3)
+        assert json.loads(client.get_object(**lock)["Body"].read())["renewed"] > first["renewed"]
+    assert "Contents" not in client.list_objects_v2(Bucket="runs-leased", Prefix="r1/data/")  # freed
+
+    client.put_object(**lock, Body=json.dumps({"command": "prepare", "pid": 1, "host": "gone",
+                                               "renewed": time.time() - lease.LAPSE_S - 1}))
+    with storage.exclusive(data, "prepare"):  # a run that died long ago: taken over
+        assert json.loads(client.get_object(**lock)["Body"].read())["pid"] == os.getpid()

@@ -1,0 +1,104 @@
+"""A lock for an S3 work directory: S3 has no lock the OS frees when a process dies.
+
+The lock is an object, `<uri>/.lock`, created only if absent (a conditional write,
+`If-None-Match: *`) and renewed every RENEW_S seconds while its run lives (`If-Match`
+its own ETag, so a run that lost it notices). A lock not renewed for LAPSE_S seconds
+belongs to a run that died: the next run takes it over, again conditionally, so of two
+runs taking over at once only one succeeds. Stores without conditional writes get a
+warning and no lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+
+from deepfake_ray import storage
+from deepfake_ray.errors import UsageError
+
+LOCK = ".lock"
+RENEW_S = 60.0
+LAPSE_S = 300.0  # five missed renewals: the holder is gone
+
+
+def holder(command: str) -> bytes:
+    return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(),
+                       "renewed": time.time()}).encode()
+
+
+def error_code(e: Exception) -> str:
+    return getattr(e, "response", {}).get("Error", {}).get("Code", "")
+
+
+@contextlib.contextmanager
+def held(uri: str, command: str):
+    """Holds `<uri>/.lock` on S3, or fails at once with UsageError while a live run does."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=storage.s3_endpoint())
+    bucket, _, prefix = storage.normalize(uri).removeprefix("s3://").partition("/")
+    key = f"{prefix}/{LOCK}" if prefix else LOCK
+    etag = take(client, bucket, key, uri, command)
+    if etag is None:  # a store without conditional writes
+        yield
+        return
+    stop, lost = threading.Event(), threading.Event()
+    renewer = threading.Thread(target=renew, args=(client, bucket, key, etag, command, stop, lost),
+                               daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        if not lost.is_set():  # never another run's
+            client.delete_object(Bucket=bucket, Key=key)
+
+
+def take(client, bucket: str, key: str, uri: str, command: str) -> str | None:
+    """The ETag of the lock this run now holds (None: the store cannot lock)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfNoneMatch="*")["ETag"]
+    except ClientError as e:
+        if error_code(e) == "NotImplemented":
+            print(f"{command}: warning: this S3 store has no conditional writes, so {uri} has no "
+                  "lock: keep runs that share it apart yourself", flush=True)
+            return None
+        if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise
+    current = client.get_object(Bucket=bucket, Key=key)
+    info = json.loads(current["Body"].read() or b"{}")
+    idle = time.time() - float(info.get("renewed", 0))
+    if idle < LAPSE_S:
+        raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
+                         f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
+                         f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
+    try:  # the holder died: take its lock over, unless another run just did
+        return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=current["ETag"])["ETag"]
+    except ClientError as e:
+        if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
+                             "or use another --workdir") from None
+        raise
+
+
+def renew(client, bucket: str, key: str, etag: str, command: str, stop: threading.Event,
+          lost: threading.Event) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    while not stop.wait(RENEW_S):
+        try:
+            etag = client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=etag)["ETag"]
+        except (BotoCoreError, ClientError) as e:  # the run goes on; say what may follow
+            if error_code(e) in ("PreconditionFailed", "NoSuchKey"):
+                lost.set()
+                print(f"{command}: warning: another run took over the lock s3://{bucket}/{key}: "
+                      "two runs may now be writing there", flush=True)
+                return
+            print(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({e}); another "
+                  f"run may take it over {LAPSE_S:.0f} s after the last renewal", flush=True)
