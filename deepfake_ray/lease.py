@@ -62,26 +62,43 @@ def take(client, bucket: str, key: str, uri: str, command: str) -> str | None:
     """The ETag of the lock this run now holds (None: the store cannot lock)."""
     from botocore.exceptions import ClientError
 
-    try:
-        return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfNoneMatch="*")["ETag"]
-    except ClientError as e:
-        if error_code(e) == "NotImplemented":
-            print(f"{command}: warning: this S3 store has no conditional writes, so {uri} has no "
-                  "lock: keep runs that share it apart yourself", flush=True)
-            return None
-        if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+    for _ in range(3):  # the holder may end between our two requests
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfNoneMatch="*")["ETag"]
+        except ClientError as e:
+            if error_code(e) == "NotImplemented":
+                print(f"{command}: warning: this S3 store has no conditional writes, so {uri} has "
+                      "no lock: keep runs that share it apart yourself", flush=True)
+                return None
+            if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+        try:
+            current = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if error_code(e) == "NoSuchKey":
+                continue
             raise
-    current = client.get_object(Bucket=bucket, Key=key)
-    info = json.loads(current["Body"].read() or b"{}")
-    idle = time.time() - float(info.get("renewed", 0))
+        return take_over(client, bucket, key, uri, command, current)
+    raise UsageError(f"other runs keep taking {uri}'s lock: wait for them to end, or use another --workdir")
+
+
+def take_over(client, bucket: str, key: str, uri: str, command: str, current: dict) -> str:
+    """A dead run's lock, unless its holder lives or another run takes it first."""
+    from botocore.exceptions import ClientError
+
+    try:
+        info = json.loads(current["Body"].read())
+        idle = time.time() - float(info["renewed"])
+    except (ValueError, KeyError, TypeError):  # not a lock we wrote: nobody renews it
+        info, idle = {}, float("inf")
     if idle < LAPSE_S:
         raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
                          f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
                          f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
-    try:  # the holder died: take its lock over, unless another run just did
+    try:
         return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=current["ETag"])["ETag"]
     except ClientError as e:
-        if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+        if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
             raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
                              "or use another --workdir") from None
         raise
