@@ -122,23 +122,29 @@ def say_complete(cfg: Config, stage: Stage, done: dict) -> None:
           "--force redoes it", flush=True)
 
 
+def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> str | None:
+    """None while the complete stage is current; else why it runs again (UsageError when
+    this run asks for other settings)."""
+    check_settings(cfg, stage, done, asked)
+    if changed := changed_inputs(done, asked):
+        folders = ", ".join(f + "/" for f in changed)
+        return f"{folders} changed since {uri(cfg, stage)} was made: making it again"
+    if more := grown(stage, done, asked):
+        rises = ", ".join(f"{k} {done['settings'][k]} -> {asked['settings'][k]}" for k in more)
+        return f"continuing {uri(cfg, stage)} from its last checkpoint ({rises})"
+    return None
+
+
 def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
     """Whether a stage runs, says so when it does not, and what its run is made from."""
     asked = made(cfg, stage)
     done = storage.completed(uri(cfg, stage))
     if done and not force:
-        check_settings(cfg, stage, done, asked)
-        if changed := changed_inputs(done, asked):
-            print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since "
-                  f"{uri(cfg, stage)} was made: making it again", flush=True)
-            force = True
-        elif more := grown(stage, done, asked):
-            rises = ", ".join(f"{k} {done['settings'][k]} -> {asked['settings'][k]}" for k in more)
-            print(f"{stage.command}: continuing {uri(cfg, stage)} from its last checkpoint ({rises})",
-                  flush=True)
-        else:
+        if (why := rerun_reason(cfg, stage, done, asked)) is None:
             say_complete(cfg, stage, done)
             return Plan(done, False, asked)
+        print(f"{stage.command}: {why}", flush=True)
+        force = bool(changed_inputs(done, asked))  # more epochs go on; other inputs start over
     elif not force and (begun := unfinished(cfg, stage)) and (changed := changed_inputs(begun, asked)):
         print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "
               f"run in {uri(cfg, stage)} began: starting it over", flush=True)
@@ -153,11 +159,7 @@ def current(cfg: Config, stage: Stage) -> dict | None:
     """The summary of the stage if complete, with these settings, from the inputs there
     now; None when it must run; UsageError when it was made with other settings."""
     done = storage.completed(uri(cfg, stage))
-    if not done:
-        return None
-    asked = made(cfg, stage)
-    check_settings(cfg, stage, done, asked)
-    return None if changed_inputs(done, asked) or grown(stage, done, asked) else done
+    return done if done and rerun_reason(cfg, stage, done, made(cfg, stage)) is None else None
 
 
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:

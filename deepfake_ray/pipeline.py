@@ -49,8 +49,7 @@ def preflight(cfg: Config, force: bool = False) -> None:
     prepare.validate(cfg)
     if not force:
         for step in steps(cfg):
-            if done := storage.completed(lineage.uri(cfg, step.stage)):
-                lineage.check_settings(cfg, step.stage, done, lineage.made(cfg, step.stage))
+            lineage.current(cfg, step.stage)  # raises on other settings
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
