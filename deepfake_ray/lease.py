@@ -2,10 +2,11 @@
 
 The lock is an object, `<uri>/.lock`, created only if absent (a conditional write,
 `If-None-Match: *`) and renewed every RENEW_S seconds while its run lives (`If-Match`
-its own ETag, so a run that lost it notices). A lock not renewed for LAPSE_S seconds
-belongs to a run that died: the next run takes it over, again conditionally, so of two
-runs taking over at once only one succeeds. Stores without conditional writes get a
-warning and no lock.
+its own ETag, so a run that lost it notices) and deleted at the end only if still its
+own (`If-Match` again: a run whose renewals failed must not free its successor's lock).
+A lock not renewed for LAPSE_S seconds belongs to a run that died: the next run takes it
+over, again conditionally, so of two runs taking over at once only one succeeds. Stores
+without conditional writes get a warning and no lock.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def held(uri: str, command: str):
     if etag is None:  # a store without conditional writes
         yield
         return
-    stop, lost = threading.Event(), threading.Event()
-    renewer = threading.Thread(target=renew, args=(client, bucket, key, etag, command, stop, lost),
+    held_etag, stop, lost = [etag], threading.Event(), threading.Event()
+    renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, stop, lost),
                                daemon=True)
     renewer.start()
     try:
@@ -54,8 +55,39 @@ def held(uri: str, command: str):
     finally:
         stop.set()
         renewer.join()
-        if not lost.is_set():  # never another run's
-            client.delete_object(Bucket=bucket, Key=key)
+        if not lost.is_set():
+            release(client, bucket, key, held_etag[0], command)
+
+
+def release(client, bucket: str, key: str, etag: str, command: str) -> None:
+    """Deletes the lock if it is still the one this run wrote, never another run's."""
+    if not delete_if_unchanged(client, bucket, key, etag):
+        print(f"{command}: warning: another run took over the lock s3://{bucket}/{key} "
+              "before this one ended: two runs may have written there", flush=True)
+
+
+def delete_if_unchanged(client, bucket: str, key: str, etag: str) -> bool:
+    """True once deleted; False when the object is gone or no longer `etag`."""
+    from botocore.exceptions import ClientError
+
+    gone = ("PreconditionFailed", "NoSuchKey", "404")
+    try:
+        client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        return True
+    except ClientError as e:
+        if error_code(e) in gone:
+            return False
+        if error_code(e) != "NotImplemented":
+            raise
+    try:  # a store without conditional deletes: compare, then delete (a narrow race)
+        unchanged = client.head_object(Bucket=bucket, Key=key)["ETag"] == etag
+    except ClientError as e:
+        if error_code(e) in gone:
+            return False
+        raise
+    if unchanged:
+        client.delete_object(Bucket=bucket, Key=key)
+    return unchanged
 
 
 def take(client, bucket: str, key: str, uri: str, command: str) -> str | None:
@@ -104,13 +136,14 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, current: di
         raise
 
 
-def renew(client, bucket: str, key: str, etag: str, command: str, stop: threading.Event,
+def renew(client, bucket: str, key: str, etag: list[str], command: str, stop: threading.Event,
           lost: threading.Event) -> None:
+    """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     while not stop.wait(RENEW_S):
         try:
-            etag = client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=etag)["ETag"]
+            etag[0] = client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=etag[0])["ETag"]
         except (BotoCoreError, ClientError) as e:  # the run goes on; say what may follow
             if error_code(e) in ("PreconditionFailed", "NoSuchKey"):
                 lost.set()

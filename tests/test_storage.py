@@ -116,3 +116,23 @@ def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_laps
                                                "renewed": time.time() - lease.LAPSE_S - 1}))
     with storage.exclusive(data, "prepare"):  # a run that died long ago: taken over
         assert json.loads(client.get_object(**lock)["Body"].read())["pid"] == os.getpid()
+
+
+def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_server, monkeypatch, capsys):
+    """A run whose renewals stalled past LAPSE_S was taken over: ending, it must not free
+    the lock of the run that now writes there."""
+    import json
+
+    import boto3
+
+    from deepfake_ray import lease
+
+    data = f"{s3_server('runs-taken-over')}/r1/data"
+    lock = {"Bucket": "runs-taken-over", "Key": "r1/data/.lock"}
+    client = boto3.client("s3")
+    monkeypatch.setattr(lease, "RENEW_S", 3600.0)  # stalled: never renews in this test
+    successor = json.dumps({"command": "train-gan", "pid": 2, "host": "elsewhere", "renewed": 0})
+    with storage.exclusive(data, "prepare"):
+        client.put_object(**lock, Body=successor)  # the successor's takeover
+    assert client.get_object(**lock)["Body"].read().decode() == successor
+    assert "another run took over the lock s3://runs-taken-over/r1/data/.lock" in capsys.readouterr().out
