@@ -124,7 +124,20 @@ def exists(uri: str) -> bool:
 
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File and is_s3(uri):  # an object named like a prefix may hold keys too
+        return has_keys_under(uri)
+    return kind == pafs.FileType.Directory
+
+
+def has_keys_under(uri: str) -> bool:
+    """Whether any key starts with `uri`/ (one request for at most one key)."""
+    import boto3
+
+    bucket, _, prefix = normalize(uri).removeprefix("s3://").partition("/")
+    listed = boto3.client("s3", endpoint_url=s3_endpoint()).list_objects_v2(
+        Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+    return listed.get("KeyCount", 0) > 0
 
 
 def nonblocking(path: str, flags: int) -> int:

@@ -10,7 +10,8 @@ import pytest
 import ray.data
 
 from deepfake_ray import cli, progress, storage
-from deepfake_ray.data import datasets, prepare, sample
+from deepfake_ray.data import datasets, prepare, sample, sources
+from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
 from tests.images import SHARED_UTKFACE, bad_files, good_files
 
@@ -113,6 +114,9 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     bucket = s3_server("faces-in")
     write_folder(tmp_path / "faces")
     storage.upload_dir(str(tmp_path / "faces"), f"{bucket}/celebs")
+    storage.write_bytes(f"{bucket}/celebs", b"")  # a folder placeholder some S3 tools write
+    with pytest.raises(UsageError, match="is a file: pass the folder"):
+        sources.check_source(f"{bucket}/celebs/plain.jpg", tiny_cfg().data)
     cfg = tiny_cfg(f"data.source={bucket}/celebs", workdir=f"{s3_server('runs-out')}/r1")
     prepare.run(cfg)
     manifest, rejected, summary = read_outputs(cfg.workdir)
