@@ -94,10 +94,13 @@ def grown(stage: Stage, done: dict, asked: dict) -> list[str]:
 
 def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     """UsageError when the complete stage was made with other settings than this run's
-    (more epochs are not other settings: they continue it)."""
-    more = grown(stage, done, asked)
+    (more epochs are not other settings: they continue it, unless a sweep chose the
+    model: its run lies with the sweep's trials)."""
+    more = [] if done.get("tuned") else grown(stage, done, asked)
     if differ := [text for k, text in differences(done, asked).items() if k not in more]:
-        raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
+        by = (" (the best trial of `deepfake-ray tune`, which cannot be trained further here)"
+              if done.get("tuned") else "")
+        raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}{by}: use another "
                          f"--workdir to keep both, or --force to redo {stage.command} there")
 
 

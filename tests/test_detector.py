@@ -17,11 +17,12 @@ import pytest
 import ray
 import torch
 
-from deepfake_ray import storage
+from deepfake_ray import cli, storage
 from deepfake_ray.data import datasets, sample
 from deepfake_ray.detector import data, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
+from tests.cli_output import error_lines
 from tests.detector_checks import assert_exported_model
 from tests.detector_stages import build, checkerboard_face, write_stage
 
@@ -225,8 +226,9 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
 # --- Ray Train, export, reload, evaluate; Ray Tune ---------------------------------------
 
 @pytest.mark.slow
-def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg):
-    cfg = tiny_cfg(*FAST, "tune.samples=2", "tune.epochs=1", "tune.lr_min=1e-5", "tune.lr_max=1e-3")
+def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg, capsys):
+    overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "tune.lr_min=1e-5", "tune.lr_max=1e-3"]
+    cfg = tiny_cfg(*overrides)
     build(cfg.workdir, 60, 32)
     result = tune.run(cfg)
     out = tune.tune_dir(cfg.workdir)
@@ -244,3 +246,9 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert meta["config"]["detector"]["lr"] == pytest.approx(result["lr"])
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
     assert json.loads(storage.read_text(os.path.join(out, "_COMPLETE.json")))["trials"] == 2
+
+    # more epochs cannot continue the sweep's model: its run lies with the trials
+    longer = ["train-detector", "--preset", "tiny", "--workdir", cfg.workdir, "--set", "detector.epochs=2"]
+    assert cli.main(longer + [a for kv in overrides for a in ("--set", kv)]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "detector.epochs=1 (asked: 2) (the best trial of `deepfake-ray tune`" in err[0]
