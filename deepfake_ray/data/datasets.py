@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import ray.data
 from ray.data.expressions import col
@@ -17,6 +19,10 @@ from deepfake_ray import storage
 from deepfake_ray.data.decode import decode_jpeg
 from deepfake_ray.errors import UsageError
 
+if TYPE_CHECKING:  # annotations only: Ray Data's workers import this module without torch
+    import pyarrow
+    import torch
+
 SPLITS = ("train", "val", "test")
 # How images parts are written (pyarrow.parquet.write_table's options). Dictionaries and
 # min/max statistics of unique hashes and JPEG blobs cost every write and help no read
@@ -24,7 +30,7 @@ SPLITS = ("train", "val", "test")
 IMAGES_PARQUET = dict(use_dictionary=["split"], write_statistics=["split"])
 
 
-def write_images_part(uri: str, table: "pyarrow.Table") -> None:
+def write_images_part(uri: str, table: pyarrow.Table) -> None:
     """One images part (sha1, split, image), written as every images part is."""
     storage.write_parquet(uri, table, **IMAGES_PARQUET)
 
@@ -45,7 +51,7 @@ def images_uri(stage_uri: str) -> str:
     return storage.join(stage_uri, "images")
 
 
-def require_manifest(stage_uri: str, made_by: str) -> "pyarrow.Table":
+def require_manifest(stage_uri: str, made_by: str) -> pyarrow.Table:
     """The manifest of a complete stage, or UsageError saying which command makes it."""
     uri = manifest_uri(stage_uri)
     if not storage.completed(stage_uri) or not storage.exists(uri):
@@ -72,7 +78,7 @@ def decode_batch(batch: dict) -> dict:
     return out
 
 
-def keep_chosen(batch: dict, chosen: dict[int, str]) -> "pyarrow.Table":
+def keep_chosen(batch: dict, chosen: dict[int, str]) -> pyarrow.Table:
     """Ray Data task of `generate`: the chosen candidates with their split, typed like the
     reals' tables. Here, not in generate.py, so its workers never import torch."""
     import pyarrow as pa
@@ -86,7 +92,7 @@ def keep_chosen(batch: dict, chosen: dict[int, str]) -> "pyarrow.Table":
                      "split": pa.array([chosen[int(i)] for i in index], pa.large_string())})
 
 
-def to_unit_range(pixels) -> "torch.Tensor":
+def to_unit_range(pixels) -> torch.Tensor:
     """uint8 NHWC (numpy or torch) -> float NCHW in [-1, 1], the scale both models train on."""
     import torch
 

@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from deepfake_ray import checkpoint, config, lineage, storage
 from deepfake_ray.config import Config
-from deepfake_ray.detector import data, figures, train
+from deepfake_ray.detector import data, train
 from deepfake_ray.errors import UsageError
 
 TRIAL_CPU = 0.1  # a trial only drives its Train run; the workers hold the real resources
@@ -149,6 +149,8 @@ COLUMNS = ["trial_id", "lr", "status", "epochs_run", "stopped_early", "best_epoc
 
 def collect(cfg: Config, grid) -> pd.DataFrame:
     """One row per trial from its exported best epoch, best first; results.csv and lr.png."""
+    from deepfake_ray.detector import figures  # matplotlib: the driver's, not every trial's
+
     rows = [trial_row(cfg, result) for result in grid]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     ok = frame[frame["val_auc"].notna()]
