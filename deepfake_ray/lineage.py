@@ -97,10 +97,14 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     (more epochs are not other settings: they continue it, unless a sweep chose the
     model: its run lies with the sweep's trials)."""
     more = [] if done.get("tuned") else grown(stage, done, asked)
-    if differ := [text for k, text in differences(done, asked).items() if k not in more]:
-        by = (" (the best trial of `deepfake-ray tune`, which cannot be trained further here)"
-              if done.get("tuned") else "")
-        raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}{by}: use another "
+    differ = [text for k, text in differences(done, asked).items() if k not in more]
+    if differ and done.get("tuned"):
+        lr = f"{done.get('lr', 0):.2e}"
+        raise UsageError(f"{uri(cfg, stage)} is the best trial of `deepfake-ray tune` (lr {lr}), which "
+                         f"cannot be trained further or remade with {', '.join(differ)}: use another "
+                         f"--workdir, or --force --set detector.lr={lr} to train one anew there")
+    if differ:
+        raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
                          f"--workdir to keep both, or --force to redo {stage.command} there")
 
 

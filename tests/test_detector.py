@@ -251,4 +251,6 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     longer = ["train-detector", "--preset", "tiny", "--workdir", cfg.workdir, "--set", "detector.epochs=2"]
     assert cli.main(longer + [a for kv in overrides for a in ("--set", kv)]) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and "detector.epochs=1 (asked: 2) (the best trial of `deepfake-ray tune`" in err[0]
+    lr = f"{result['lr']:.2e}"
+    assert len(err) == 1 and f"is the best trial of `deepfake-ray tune` (lr {lr}), which cannot be trained " \
+        f"further or remade with detector.epochs=1 (asked: 2)" in err[0] and f"--set detector.lr={lr}" in err[0]
