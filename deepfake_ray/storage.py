@@ -131,12 +131,17 @@ def is_dir(uri: str) -> bool:
 
 
 def has_keys_under(uri: str) -> bool:
-    """Whether any key starts with `uri`/ (one request for at most one key)."""
+    """Whether any key starts with `uri`/ (one request for at most one key). Without leave
+    to list the bucket, the object is taken for what S3 said it is: a file."""
     import boto3
+    from botocore.exceptions import ClientError
 
     bucket, _, prefix = normalize(uri).removeprefix("s3://").partition("/")
-    listed = boto3.client("s3", endpoint_url=s3_endpoint()).list_objects_v2(
-        Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+    try:
+        listed = boto3.client("s3", endpoint_url=s3_endpoint()).list_objects_v2(
+            Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+    except ClientError:
+        return False
     return listed.get("KeyCount", 0) > 0
 
 
