@@ -309,11 +309,15 @@ def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
             "seconds": round(seconds, 1), "output": out}
 
 
+def count_images(n: int) -> str:
+    return f"{n:,} image" + ("" if n == 1 else "s")
+
+
 def summary_line(s: dict) -> str:
     reasons = ", ".join(f"{n:,} {r}" for r, n in sorted(s["reasons"].items(), key=lambda x: -x[1]))
     rejected = f"{s['rejected']:,} rejected" + (f": {reasons}" if reasons else "")
     splits = " / ".join(f"{s['splits'][k]:,} {k}" for k in datasets.SPLITS)
-    return (f"prepared {s['images']:,} images ({rejected}; {splits}) in {s['seconds']:.0f}s "
+    return (f"prepared {count_images(s['images'])} ({rejected}; {splits}) in {s['seconds']:.0f}s "
             f"-> {s['output']}")
 
 
@@ -411,7 +415,7 @@ def settings(cfg: Config) -> dict:
     return made
 
 
-STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: f"{d['images']:,} images")
+STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]))
 
 
 def finished(cfg: Config, force: bool) -> dict | None:
@@ -443,7 +447,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
     started = time.time()
     src = resolve_source(cfg.data.source, cfg.data)
-    print(f"prepare: reading {src.sample_count or len(src.files):,} images from {src.name}")
+    print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
     images = datasets.images_uri(out)
     storage.delete_dir(images)  # parts of an interrupted earlier run
