@@ -247,9 +247,14 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
     assert json.loads(storage.read_text(os.path.join(out, "_COMPLETE.json")))["trials"] == 2
 
-    # more epochs cannot continue the sweep's model: its run lies with the trials
-    longer = ["train-detector", "--preset", "tiny", "--workdir", cfg.workdir, "--set", "detector.epochs=2"]
-    assert cli.main(longer + [a for kv in overrides for a in ("--set", kv)]) == 2
+    # the detector is recorded as made: train-detector at another rate is refused, and at
+    # the swept one more epochs cannot continue it (its run lies with the trials)
+    train_detector = ["train-detector", "--preset", "tiny", "--workdir", cfg.workdir]
+    train_detector += [a for kv in overrides for a in ("--set", kv)]
+    assert cli.main(train_detector) == 2
+    assert f"detector.lr={result['lr']} (asked: {cfg.detector.lr})" in error_lines(capsys)[0]
+    longer = train_detector + ["--set", f"detector.lr={result['lr']!r}", "--set", "detector.epochs=2"]
+    assert cli.main(longer) == 2
     err = error_lines(capsys)
     lr = f"{result['lr']:.2e}"
     assert len(err) == 1 and f"is the best trial of `deepfake-ray tune` (lr {lr}), which cannot be trained " \

@@ -31,9 +31,10 @@ METRIC, MODE = "val_auc", "max"
 
 
 def settings(cfg: Config) -> dict:
-    """The detector's, less the learning rate it sweeps, and the sweep's own."""
+    """The detector's, less the learning rate it sweeps and the epochs its trials do not
+    train (tune.epochs instead), and the sweep's own."""
     t = config.to_dict(cfg)["tune"]
-    return {**train.settings(cfg, leave_out=("lr",)),
+    return {**train.settings(cfg, leave_out=("lr", "epochs")),
             **{f"tune.{k}": v for k, v in t.items() if k not in ("enabled", "max_concurrent_trials")}}
 
 
@@ -66,8 +67,11 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     grid = tuner.fit()
     rows = collect(cfg, grid)
     best = rows.iloc[0]
+    # the detector is recorded as what its model was made with: the best rate, the trials' epochs
+    made = {**plan.made, "settings": {**plan.made["settings"], "detector.lr": float(best["lr"]),
+                                      "detector.epochs": cfg.tune.epochs}}
     summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
-                            plan.made, extra={"tuned": True, "trials": int(len(rows))})
+                            made, extra={"tuned": True, "trials": int(len(rows)), "epochs": cfg.tune.epochs})
     result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),
               "trials": int(len(rows)), "model": summary["model"]}
     result = lineage.complete(cfg, STAGE, result, plan.made)
