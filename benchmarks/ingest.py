@@ -13,7 +13,8 @@ The machine's speed drifts within a run, so each round times all three back to b
 (who goes first rotates) and each figure is the median of the rounds' ratios.
 Then it times `prepare` and (a) on 1, 2, 4, ... of this machine's cores (`prepare` with
 one decode task per core, via resources.data_cpus; the DataLoader with as many workers)
-and prints how each scales with cores.
+and prints how each scales with cores. It also times (a)'s and (b)'s work per photo on
+one core in-process, to show how much less work (b) does.
 
 Defaults to the UTKFace photos in ../shared/data when present (200x200 JPEGs), else
 writes sample faces (128x128 JPEGs) to a temporary folder.
@@ -108,6 +109,21 @@ def scaling(folder, n, size, workdir, runs: int = 3) -> dict[int, tuple[float, f
     return rates
 
 
+def per_photo_us(paths: list[str], size: int, work, photos: int = 300, runs: int = 3) -> float:
+    """Microseconds of one core per photo for `work`, in this process (best of `runs`)."""
+    datas = []
+    for p in paths[:photos]:
+        with open(p, "rb") as f:
+            datas.append(f.read())
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        for data in datas:
+            work(data, size, 95)
+        best = min(best, (time.perf_counter() - started) / len(datas))
+    return best * 1e6
+
+
 def noop(batch: dict) -> dict:
     return batch
 
@@ -170,6 +186,7 @@ def main() -> None:
             order = list(timers)[i % len(timers):] + list(timers)[:i % len(timers)]
             rounds.append({name: timers[name]() for name in order})
         floor = ray_data_floor()
+        work_us = {name: per_photo_us(paths, args.size, work) for name, (work, _) in BASELINES.items()}
         by_cores = scaling(folder, len(paths), args.size, tmp)
     print(f"images: {len(paths)} from {folder} -> {args.size}px, {os.cpu_count()} cores")
     print("rounds, Ray Data prepare vs torch DataLoader (2 workers), images/s: "
@@ -183,6 +200,9 @@ def main() -> None:
         ratios = sorted(r["ray"] / r[name] for r in rounds)
         print(f"ratio Ray / DataLoader {what}: {median_low(ratios):.2f}x (median of {len(ratios)} "
               f"rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; goal >= 1.0)")
+    full, decode_only = work_us["torch"], work_us["torch-decode"]
+    print(f"per photo on one core, in this process: prepare's per-file work {full:.0f} us, decode and "
+          f"resize only {decode_only:.0f} us ({decode_only / full:.2f} of it): what (b) leaves out")
     print("by cores used, images/s (median of 3), prepare vs DataLoader with as many workers: "
           + "; ".join(f"{k}: {r:.0f} vs {t:.0f}" for k, (r, t) in by_cores.items()))
     (ray_1, torch_1), (ray_all, torch_all) = by_cores[1], by_cores[max(by_cores)]
