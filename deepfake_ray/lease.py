@@ -37,10 +37,7 @@ def error_code(e: Exception) -> str:
 @contextlib.contextmanager
 def held(uri: str, command: str):
     """Holds `<uri>/.lock` on S3, or fails at once with UsageError while a live run does."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=storage.s3_endpoint())
-    bucket, _, prefix = storage.normalize(uri).removeprefix("s3://").partition("/")
+    client, bucket, prefix = storage.s3_client(uri)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
     etag = take(client, bucket, key, uri, command)
     if etag is None:  # a store without conditional writes

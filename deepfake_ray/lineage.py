@@ -45,6 +45,10 @@ def no_description(done: dict) -> str:
     return "see its _COMPLETE.json"
 
 
+def made_here(done: dict) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Stage:
     command: str  # the CLI command that runs it
@@ -53,6 +57,9 @@ class Stage:
     settings: Callable[[Config], dict] = field(default=no_settings, compare=False)
     describe: Callable[[dict], str] = field(default=no_description, compare=False)  # "1,600 images"
     grows: tuple[str, ...] = ()  # settings that may rise on a complete stage: it goes on
+    # (what made it, the flags that remake it here) when another command made this stage's
+    # output from a run of its own: it cannot be continued, only remade
+    made_elsewhere: Callable[[dict], tuple[str, str] | None] = field(default=made_here, compare=False)
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,27 @@ def uri(cfg: Config, stage: Stage) -> str:
     return storage.join(cfg.workdir, stage.folder)
 
 
-def identity(cfg: Config, folder: str) -> str | None:
+def marker(cfg: Config, folder: str, read: dict | None = None) -> dict | None:
+    """The `_COMPLETE.json` of WORKDIR/`folder`, read once per `read` (one decision asks
+    for the same markers several times: small reads that add up on S3)."""
+    if read is None:
+        return storage.completed(storage.join(cfg.workdir, folder))
+    if folder not in read:
+        read[folder] = storage.completed(storage.join(cfg.workdir, folder))
+    return read[folder]
+
+
+def identity(cfg: Config, folder: str, read: dict | None = None) -> str | None:
     """Changes whenever the stage in `folder` completes again (its marker has the time)."""
-    done = storage.completed(storage.join(cfg.workdir, folder))
+    done = marker(cfg, folder, read)
     if done is None:
         return None
     return hashlib.sha1(json.dumps(done, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def made(cfg: Config, stage: Stage) -> dict:
+def made(cfg: Config, stage: Stage, read: dict | None = None) -> dict:
     return {"settings": stage.settings(cfg),
-            "inputs": {folder: identity(cfg, folder) for folder in stage.inputs}}
+            "inputs": {folder: identity(cfg, folder, read) for folder in stage.inputs}}
 
 
 def differences(done: dict, asked: dict) -> dict[str, str]:
@@ -94,15 +111,15 @@ def grown(stage: Stage, done: dict, asked: dict) -> list[str]:
 
 def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     """UsageError when the complete stage was made with other settings than this run's
-    (more epochs are not other settings: they continue it, unless a sweep chose the
-    model: its run lies with the sweep's trials)."""
-    more = [] if done.get("tuned") else grown(stage, done, asked)
+    (more epochs are not other settings: they continue it, unless another command made
+    it from a run of its own)."""
+    elsewhere = stage.made_elsewhere(done)
+    more = [] if elsewhere else grown(stage, done, asked)
     differ = [text for k, text in differences(done, asked).items() if k not in more]
-    if differ and done.get("tuned"):
-        lr = f"{done.get('lr', 0):.2e}"
-        raise UsageError(f"{uri(cfg, stage)} is the best trial of `deepfake-ray tune` (lr {lr}), which "
-                         f"cannot be trained further or remade with {', '.join(differ)}: use another "
-                         f"--workdir, or --force --set detector.lr={lr} to train one anew there")
+    if differ and elsewhere:
+        made_by, remake = elsewhere
+        raise UsageError(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
+                         f"with {', '.join(differ)}: use another --workdir, or {remake} to train one anew there")
     if differ:
         raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
                          f"--workdir to keep both, or --force to redo {stage.command} there")
@@ -113,11 +130,11 @@ def changed_inputs(done: dict, asked: dict) -> list[str]:
     return [f for f, now in asked["inputs"].items() if f in recorded and recorded[f] != now]
 
 
-def check_inputs_current(cfg: Config, stage: Stage) -> None:
+def check_inputs_current(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     """A stage must not be made from one that is itself out of date."""
     for folder in stage.inputs:
-        done = storage.completed(storage.join(cfg.workdir, folder)) or {}
-        if stale := [f for f, was in done.get("inputs", {}).items() if identity(cfg, f) != was]:
+        done = marker(cfg, folder, read) or {}
+        if stale := [f for f, was in done.get("inputs", {}).items() if identity(cfg, f, read) != was]:
             raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "
@@ -144,8 +161,9 @@ def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> str | No
 
 def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
     """Whether a stage runs, says so when it does not, and what its run is made from."""
-    asked = made(cfg, stage)
-    done = storage.completed(uri(cfg, stage))
+    read: dict = {}
+    asked = made(cfg, stage, read)
+    done = marker(cfg, stage.folder, read)
     if done and not force:
         if (why := rerun_reason(cfg, stage, done, asked)) is None:
             say_complete(cfg, stage, done)
@@ -156,7 +174,7 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
         print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "
               f"run in {uri(cfg, stage)} began: starting it over", flush=True)
         force = True  # its checkpoints learned from data that is gone
-    check_inputs_current(cfg, stage)
+    check_inputs_current(cfg, stage, read)
     if done:  # redone: until it completes again, the stage is not complete
         storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
     return Plan(None, force, asked)
@@ -165,8 +183,9 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
 def current(cfg: Config, stage: Stage) -> dict | None:
     """The summary of the stage if complete, with these settings, from the inputs there
     now; None when it must run; UsageError when it was made with other settings."""
-    done = storage.completed(uri(cfg, stage))
-    return done if done and rerun_reason(cfg, stage, done, made(cfg, stage)) is None else None
+    read: dict = {}
+    done = marker(cfg, stage.folder, read)
+    return done if done and rerun_reason(cfg, stage, done, made(cfg, stage, read)) is None else None
 
 
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:

@@ -178,11 +178,16 @@ def configure_data(quiet: bool) -> None:
     # An error raised in a map task reaches the driver as itself, not as a UserCodeException
     # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
     context.raise_original_map_exception = True
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.addFilter(drop_explained_tracebacks)  # the console; the log file keeps all
+    for handler in console_handlers("ray.data"):  # the log file keeps all
+        handler.addFilter(drop_explained_tracebacks)
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def console_handlers(logger: str) -> list[logging.StreamHandler]:
+    """The handlers of `logger` that write to a terminal stream, not to a file."""
+    return [h for h in logging.getLogger(logger).handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
 def drop_explained_tracebacks(record: logging.LogRecord) -> bool:

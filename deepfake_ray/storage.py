@@ -133,16 +133,23 @@ def is_dir(uri: str) -> bool:
 def has_keys_under(uri: str) -> bool:
     """Whether any key starts with `uri`/ (one request for at most one key). Without leave
     to list the bucket, the object is taken for what S3 said it is: a file."""
-    import boto3
     from botocore.exceptions import ClientError
 
-    bucket, _, prefix = normalize(uri).removeprefix("s3://").partition("/")
+    client, bucket, prefix = s3_client(uri)
     try:
-        listed = boto3.client("s3", endpoint_url=s3_endpoint()).list_objects_v2(
-            Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
     except ClientError:
         return False
     return listed.get("KeyCount", 0) > 0
+
+
+def s3_client(uri: str):
+    """(boto3 S3 client at the configured endpoint, bucket, key) for an s3:// URI: for
+    what pyarrow's filesystem cannot ask (conditional writes, a one-key listing)."""
+    import boto3
+
+    bucket, _, key = normalize(uri).removeprefix("s3://").partition("/")
+    return boto3.client("s3", endpoint_url=s3_endpoint()), bucket, key
 
 
 def nonblocking(path: str, flags: int) -> int:

@@ -1,5 +1,4 @@
 import io
-import logging
 import os
 import re
 import shutil
@@ -9,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from deepfake_ray import cli, progress, storage
+from deepfake_ray import cli, progress, runtime, storage
 from deepfake_ray.data import datasets, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
@@ -151,9 +150,8 @@ def test_an_s3_failure_inside_an_ingest_task_still_names_the_fix(ray_session, mo
         raise RuntimeError("a bug of ours")
 
     console = io.StringIO()  # in place of the stderr Ray Data's console handler writes to
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            monkeypatch.setattr(handler, "stream", console)
+    for handler in runtime.console_handlers("ray.data"):
+        monkeypatch.setattr(handler, "stream", console)
     with pytest.raises(Exception) as failed:
         ray.data.range(2).map_batches(refused).take_all()
     assert str(cli.find_usage_error(failed.value)).startswith(

@@ -35,8 +35,17 @@ def settings(cfg: Config, leave_out: tuple[str, ...] = ()) -> dict:
                                  if k not in OPERATIONAL and k not in leave_out}}
 
 
+def made_by_tune(done: dict) -> tuple[str, str] | None:
+    """A detector `tune` chose: its run lies with the sweep's trials."""
+    if not done.get("tuned"):
+        return None
+    lr = f"{done.get('lr', 0):.2e}"
+    return f"the best trial of `deepfake-ray tune` (lr {lr})", f"--force --set detector.lr={lr}"
+
+
 STAGE = lineage.Stage("train-detector", "detector", ("data", "fakes"), settings,
-                      lambda d: f"model {d.get('model_id')}", grows=("detector.epochs",))
+                      lambda d: f"model {d.get('model_id')}", grows=("detector.epochs",),
+                      made_elsewhere=made_by_tune)
 
 
 def stage_dir(workdir: str) -> str:
