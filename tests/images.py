@@ -45,6 +45,17 @@ def good_files() -> dict[str, bytes]:
     }
 
 
+def premultiplied_alpha_tiff(img: Image.Image) -> bytes:
+    """A grayscale TIFF with associated (premultiplied) alpha, which Pillow opens as mode
+    "La" but cannot write: a gray+alpha TIFF with its ExtraSamples tag set to 1."""
+    import struct
+
+    unassociated, associated = (struct.pack("<HHIHH", 338, 3, 1, value, 0) for value in (2, 1))
+    data = encode(img.convert("LA"), "TIFF")
+    assert data.count(unassociated) == 1
+    return data.replace(unassociated, associated)
+
+
 def bomb_png(side: int = 30_000) -> bytes:
     """A tiny PNG whose header claims side x side pixels (900 MP by default)."""
     import struct

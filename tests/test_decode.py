@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deepfake_ray.data import decode
-from tests.images import bad_files, good_files
+from tests.images import bad_files, bomb_png, good_files, premultiplied_alpha_tiff, rgb
 
 
 @pytest.mark.parametrize("name", sorted(good_files()))
@@ -22,6 +22,21 @@ def test_rejects_unusable_files_with_a_reason(name):
         decode.decode(data, 32)
     assert e.value.reason == reason
     assert time.time() - started < 2  # a bomb is refused from its header, not decoded
+
+
+def test_premultiplied_alpha_tiff_is_accepted():
+    # mode "La": Pillow opens it, but converting it straight to RGB raises, which used to
+    # escape the decoder and fail a whole prepare
+    pixels = decode.decode(premultiplied_alpha_tiff(rgb(1, 96)), 32)
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 5
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured():
+    claims = bomb_png(10_000)  # 100 MP: over Pillow's fixed 89 MP, under the limit asked for
+    with pytest.raises(decode.DecodeError) as refused:
+        decode.open_image(claims)  # the default limit, 40 MP
+    assert refused.value.reason == "decompression bomb"
+    assert decode.open_image(claims, max_pixels=200_000_000).size == (10_000, 10_000)
 
 
 def test_exif_orientation_is_applied():
