@@ -196,7 +196,18 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
     layers.append({k: v for k, v in top.items() if v is not None})
     for layer in layers:
         cfg = merge(cfg, layer)
+    check_resources(cfg.resources)
     return cfg
+
+
+def check_resources(r: ResourcesConfig) -> None:
+    """Values no command can run with: caught here, before any Ray process starts."""
+    if r.workers < 1:
+        raise UsageError(f"resources.workers={r.workers} must be at least 1")
+    for name in ("cpus_per_worker", "data_cpus"):
+        if getattr(r, name) <= 0:
+            raise UsageError(f"resources.{name}={getattr(r, name)} must be above 0 (fractions "
+                             "such as 0.5 are fine)")
 
 
 def merge(obj: Any, updates: dict, prefix: str = "") -> Any:

@@ -40,6 +40,8 @@ def test_text_values_are_taken_as_typed(folder):
     ("data.splits=[1, 2]", "expects a list of 3 values"),
     ("gan=5", "'gan' is a section"),
     ("novalue", "must look like section.key=value"),
+    ("resources.data_cpus=0", "resources.data_cpus=0.0 must be above 0"),
+    ("resources.workers=0", "resources.workers=0 must be at least 1"),
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--workdir", str(tmp_path), "--set", override])

@@ -100,6 +100,11 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_is_not_com
                      "--set", "data.source=sample:41"]) == 2  # the stages after it build on it
     assert "made with data.source=sample:40 (asked: sample:41)" in error_lines(capsys)[0]
     assert not os.path.exists(os.path.join(cfg.workdir, "config.yaml"))  # nothing was run
+    for command in ("prepare", "pipeline"):  # a typo is caught before the complete data/ is unmarked
+        assert cli.main([command, "--preset", "tiny", "--workdir", cfg.workdir, "--force",
+                         "--set", f"data.source={tmp_path / 'typo'}"]) == 2
+        assert "does not exist" in error_lines(capsys)[0]
+        assert storage.completed(datasets.data_dir(cfg.workdir)) is not None
     unusable = tmp_path / "unusable"
     unusable.mkdir()
     for name, (data, _) in bad_files().items():

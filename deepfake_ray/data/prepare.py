@@ -418,17 +418,13 @@ def settings(cfg: Config) -> dict:
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]))
 
 
-def finished(cfg: Config, force: bool) -> dict | None:
-    """The summary of a data/ complete with these settings (other ones: UsageError), or None."""
-    return lineage.plan(cfg, STAGE, force).done
-
-
 def preflight(cfg: Config, force: bool = False) -> dict | None:
     """Everything that needs no Ray, so that a mistake fails in a second: the summary
     if prepare is already complete with these settings, else None once the config and
-    the source have checked out."""
+    the source have checked out. Changes nothing: a --force run with a mistyped source
+    leaves the complete data/ as it was."""
     validate(cfg)
-    if done := finished(cfg, force):
+    if done := lineage.preflight(cfg, STAGE, force):
         return done
     check_source(cfg.data.source, cfg.data)
     return None
@@ -438,7 +434,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     validate(cfg)
     # one prepare at a time per local work directory: two would mix their parts
     with storage.exclusive(datasets.data_dir(cfg.workdir), "prepare"):
-        if done := finished(cfg, force):  # again: a run just ended may have completed it
+        # planned under the lock: a run just ended may have completed it, and --force
+        # unmarks the complete data/ only once this run holds the work directory
+        if done := lineage.plan(cfg, STAGE, force).done:
             return done
         return ingest_into_workdir(cfg)  # resolve_source checks the source
 

@@ -46,13 +46,12 @@ def model_uri(workdir: str) -> str:
 
 
 def check_settings(cfg: Config) -> None:
-    g, r = cfg.gan, cfg.resources
+    g = cfg.gan
     try:
         dcgan.check_resolution(cfg.data.resolution)
     except ValueError as e:
         raise UsageError(str(e))
-    for name, value in (("gan.epochs", g.epochs), ("gan.batch_size", g.batch_size),
-                        ("resources.workers", r.workers)):
+    for name, value in (("gan.epochs", g.epochs), ("gan.batch_size", g.batch_size)):
         if value < 1:
             raise UsageError(f"{name}={value} must be at least 1")
     if g.batch_size < 2:
