@@ -95,6 +95,18 @@ def options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def write_config(cfg) -> None:
+    from deepfake_ray import config, storage
+
+    try:
+        storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
+    except OSError as e:
+        if storage.is_s3(cfg.workdir):
+            raise  # explained with the fix where S3 failures are
+        raise UsageError(f"cannot write to --workdir {cfg.workdir} ({e.strerror or type(e).__name__}): "
+                         "pass a folder you can write to") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = time.time()
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
             return 0
         if args.command not in KEEP_CONFIG:  # first: an unwritable workdir fails before Ray starts
-            storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
+            write_config(cfg)
         if args.command not in NO_RAY:
             runtime.init(args.address)
         module.run(cfg, **options(args))

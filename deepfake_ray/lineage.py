@@ -199,7 +199,7 @@ def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
 def unfinished(cfg: Config, stage: Stage) -> dict | None:
     try:
         return storage.read_json(storage.join(uri(cfg, stage), STARTED))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 

@@ -17,6 +17,7 @@ import os
 import posixpath
 import re
 import stat
+import sys
 import tempfile
 from functools import lru_cache
 
@@ -244,20 +245,29 @@ def list_files(uri: str) -> list[str]:
 def walk_local(root: str) -> list[str]:
     """Files under `root`, following linked folders, except a link back to a folder it is
     inside of (a loop). The listing gives entry types, so only folders are stat'ed
-    (pyarrow stats every file: 5,000 photos ~35 ms against ~12)."""
+    (pyarrow stats every file: 5,000 photos ~35 ms against ~12). A folder that cannot be
+    read (a root-only `lost+found` on a mounted drive) is left out, with a warning."""
     files, folders = [], [(root, frozenset())] if os.path.isdir(root) else []  # none: no files
+    unreadable = []
     while folders:
         folder, outer = folders.pop()
-        info = os.stat(folder)
-        here = outer | {(info.st_dev, info.st_ino)}
-        if len(here) == len(outer):
-            continue
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    folders.append((entry.path, here))
-                else:
-                    files.append(entry.path)
+        try:
+            info = os.stat(folder)
+            here = outer | {(info.st_dev, info.st_ino)}
+            if len(here) == len(outer):
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        folders.append((entry.path, here))
+                    else:
+                        files.append(entry.path)
+        except OSError as e:  # no permission, or a link to nowhere
+            unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
+    if unreadable:
+        print(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
+              f"are left out: {', '.join(sorted(unreadable)[:3])}{', ...' if len(unreadable) > 3 else ''}",
+              file=sys.stderr, flush=True)
     return files
 
 
@@ -314,5 +324,5 @@ def mark_complete(stage_uri: str, summary: dict) -> None:
 def completed(stage_uri: str) -> dict | None:
     try:
         return read_json(join(stage_uri, COMPLETE))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file where a folder would be
         return None

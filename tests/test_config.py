@@ -67,6 +67,15 @@ def test_resolved_config_written_to_workdir(ray_session, tmp_path):
     assert written["gan"]["epochs"] == 9 and written["workdir"] == str(tmp_path)
 
 
+@pytest.mark.parametrize("command", ["prepare", "pipeline"])
+def test_a_workdir_that_cannot_be_written_exits_2_with_one_line(command, capsys, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    workdir = str(tmp_path / "a-file" / "run")
+    assert cli.main([command, "--preset", "tiny", "--workdir", workdir]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and f"cannot write to --workdir {workdir} (Not a directory)" in err[0]
+
+
 def test_help_names_the_sources_and_presets(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["prepare", "--help"])

@@ -1,3 +1,4 @@
+import errno
 import io
 import os
 import re
@@ -348,6 +349,44 @@ def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kagg
     err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and "holds a damaged zip (faces.zip" in err[0]
     assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "faces") == []  # nothing to trust
+
+
+def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake_kaggle, monkeypatch,
+                                                                           tmp_path, tiny_cfg):
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    data = tiny_cfg("data.source=kaggle:owner/faces", f"data.cache_dir={tmp_path / 'cache'}").data
+    folder = tmp_path / "cache" / "kaggle" / "owner" / "faces"
+
+    def corrupt_inside(self, dataset, path=None, **_):  # intact headers, damaged compressed data
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("a.jpg", os.urandom(100) + b"x" * 5000)
+        damaged = bytearray(buf.getvalue())
+        damaged[60:90] = bytes(b ^ 0xFF for b in damaged[60:90])
+        (tmp_path / "cache" / "kaggle" / "owner" / "faces" / "faces.zip").write_bytes(damaged)
+
+    with monkeypatch.context() as m:
+        m.setattr(KaggleApi, "dataset_download_files", corrupt_inside)
+        with pytest.raises(UsageError, match="holds a damaged zip .faces.zip: Error -3"):
+            sources.resolve_source("kaggle:owner/faces", data)
+    assert os.listdir(folder) == []  # deleted: the next run downloads it anew
+
+    def disk_full(self, path):  # the real one, once the disk has room again
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "extractall", disk_full)
+        with pytest.raises(UsageError, match="No space left on device.*free disk space.*the download is kept"):
+            sources.resolve_source("kaggle:owner/faces", data)
+    assert fake_kaggle == ["owner/faces"] and os.listdir(folder) == ["faces.zip"]
+    assert len(sources.resolve_source("kaggle:owner/faces", data).files) == 5
+    assert fake_kaggle == ["owner/faces"]  # extracted from the kept download: not downloaded again
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", lambda self, dataset, path=None, **_:
+                        (tmp_path / "cache" / "kaggle" / "owner" / "empty" / "notes.csv").write_text("x"))
+    with pytest.raises(UsageError, match="the Kaggle dataset owner/empty holds no .jpg"):
+        sources.resolve_source("kaggle:owner/empty", data)
 
 
 def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, capsys):

@@ -22,6 +22,24 @@ def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     assert storage.list_files(str(tmp_path / "not-there")) == []  # as an empty S3 prefix
 
 
+def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "lost+found").mkdir()
+    scandir = os.scandir
+
+    def denied_for_lost_and_found(path):  # as for a user on a drive's root-only lost+found
+        if os.path.basename(path) == "lost+found":  # (tests run as root, whom no mode stops)
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied_for_lost_and_found)
+    files = storage.list_files(str(tmp_path))
+    assert [os.path.relpath(f, tmp_path) for f in files] == ["faces/x.jpg"]
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "1 folder(s)" in warning[0] and "lost+found (Permission denied)" in warning[0]
+
+
 def test_printable_keeps_valid_names_and_escapes_odd_bytes():
     assert storage.printable("/faces/José.jpg") == "/faces/José.jpg"
     assert storage.printable(os.fsdecode(b"/faces/Jos\xe9.jpg")) == "/faces/Jos\\xe9.jpg"

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 from PIL import features
@@ -79,8 +81,12 @@ def resolve_source(text: str, data: DataConfig) -> Source:
     if kind(text) == "sample":
         return Source(text, sample_count=sample.parse(text, data.sample_size))
     if kind(text) == "kaggle":
-        folder = kaggle_download(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
-        return Source(text, files=find_images(folder))
+        dataset = text.partition(":")[2] or data.kaggle_dataset
+        folder = kaggle_download(dataset, data.cache_dir)
+        if not (files := find_images(folder)):
+            raise UsageError(f"the Kaggle dataset {dataset} holds no .jpg/.jpeg/.png/.webp files "
+                             f"(downloaded into {folder}): check the dataset name")
+        return Source(text, files=files)
     files = find_images(text)
     if not files:
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
@@ -126,6 +132,17 @@ def kaggle_download(dataset: str, cache_dir: str) -> str:
         print(f"using cached Kaggle dataset {dataset} in {folder}")
         return folder
     os.makedirs(folder, exist_ok=True)
+    if any(name.lower().endswith(".zip") for name in os.listdir(folder)):
+        print(f"extracting the Kaggle dataset {dataset} downloaded earlier into {folder}")
+    else:
+        download(dataset, folder)
+    unzip_all(folder, dataset)
+    with open(done, "w") as f:
+        f.write(dataset + "\n")
+    return folder
+
+
+def download(dataset: str, folder: str) -> None:
     api = kaggle_api()
     print(f"downloading Kaggle dataset {dataset} into {folder} ...")
     try:
@@ -134,15 +151,13 @@ def kaggle_download(dataset: str, cache_dir: str) -> str:
         raise UsageError(f"Kaggle download of {dataset} failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}): check the dataset "
                          "name, that you accepted its rules on kaggle.com, and your network")
-    unzip_all(folder, dataset)
-    with open(done, "w") as f:
-        f.write(dataset + "\n")
-    return folder
 
 
 def unzip_all(folder: str, dataset: str) -> None:
     """Extract every zip under `folder`, zips inside zips too, and delete it. A damaged one
-    is deleted as well, so the next run downloads it anew instead of trusting it."""
+    empties the folder (with what was extracted of it), so the next run downloads it anew
+    instead of trusting any of it; one that
+    could not be extracted for want of disk space is kept, and the next run extracts it."""
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
         zips = [os.path.join(root, name) for root, _, names in os.walk(folder)
                 for name in names if name.lower().endswith(".zip")]
@@ -150,12 +165,17 @@ def unzip_all(folder: str, dataset: str) -> None:
             try:
                 with zipfile.ZipFile(path) as z:
                     z.extractall(os.path.dirname(path))  # member names cannot climb out
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                shutil.rmtree(folder)
+                os.makedirs(folder)
                 raise UsageError(f"the Kaggle download of {dataset} holds a damaged zip "
                                  f"({os.path.basename(path)}: {e}); it was deleted: run again "
                                  "to download it anew") from e
-            finally:
-                os.remove(path)
+            except OSError as e:  # this machine's: a full disk, no permission
+                raise UsageError(f"could not extract {path} ({e.strerror or e}): free disk space "
+                                 "or set data.cache_dir to a larger disk, then run again: the "
+                                 "download is kept") from e
+            os.remove(path)
 
 
 def kaggle_api():
