@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
-        from deepfake_ray import config, lineage, runtime, storage
+        from deepfake_ray import lineage, runtime
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "preflight"):
