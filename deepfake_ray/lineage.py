@@ -14,7 +14,8 @@ that stage completes). A rerun then:
 
 A training that resumes also records them when it begins (`_STARTED.json`): resubmitted
 after an input was redone, it starts over rather than resume from checkpoints that
-learned from the old one.
+learned from the old one; resubmitted with other settings (but more epochs), it is
+refused, as its checkpoints would carry on with the old ones.
 
 Operational values (resources, checkpoint retention, retries, batch sizes of inference)
 are not settings: a resubmission to another cluster must still find its stages complete.
@@ -170,22 +171,41 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
             return Plan(done, False, asked)
         print(f"{stage.command}: {why}", flush=True)
         force = bool(changed_inputs(done, asked))  # more epochs go on; other inputs start over
-    elif not force and (begun := unfinished(cfg, stage)) and (changed := changed_inputs(begun, asked)):
-        print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "
-              f"run in {uri(cfg, stage)} began: starting it over", flush=True)
-        force = True  # its checkpoints learned from data that is gone
+    elif not force and (begun := unfinished(cfg, stage)):
+        if changed := changed_inputs(begun, asked):
+            print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "
+                  f"run in {uri(cfg, stage)} began: starting it over", flush=True)
+            force = True  # its checkpoints learned from data that is gone
+        else:
+            check_resumable(cfg, stage, begun, asked)
     check_inputs_current(cfg, stage, read)
     if done:  # redone: until it completes again, the stage is not complete
         storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
     return Plan(None, force, asked)
 
 
+def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None:
+    """UsageError when an unfinished run would resume with other settings than it began
+    with: its checkpoints (and their optimizer state) hold the old ones, which would quietly
+    win, and its marker would record the new. Only more epochs are fine: it goes on longer."""
+    more = grown(stage, begun, asked)
+    if differ := [text for k, text in differences(begun, asked).items() if k not in more]:
+        raise UsageError(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
+                         "run with its settings to resume it, --force to start it over there, or "
+                         "another --workdir to keep it")
+
+
 def current(cfg: Config, stage: Stage) -> dict | None:
     """The summary of the stage if complete, with these settings, from the inputs there
-    now; None when it must run; UsageError when it was made with other settings."""
+    now; None when it must run; UsageError when it was made (or its unfinished run begun)
+    with other settings."""
     read: dict = {}
-    done = marker(cfg, stage.folder, read)
-    return done if done and rerun_reason(cfg, stage, done, made(cfg, stage, read)) is None else None
+    done, asked = marker(cfg, stage.folder, read), made(cfg, stage, read)
+    if done is None:
+        if (begun := unfinished(cfg, stage)) and not changed_inputs(begun, asked):
+            check_resumable(cfg, stage, begun, asked)
+        return None
+    return done if rerun_reason(cfg, stage, done, asked) is None else None
 
 
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:

@@ -357,3 +357,22 @@ def test_an_unfinished_run_whose_input_was_redone_starts_over(prepared, tmp_path
     prepare.run(cfg, force=True)
     assert lineage.plan(cfg, train.STAGE, force=False).redo  # train-gan deletes its run first
     assert "data/ changed since the unfinished run in" in capsys.readouterr().out
+
+
+def test_an_unfinished_run_resumes_only_with_the_settings_it_began_with(prepared, tmp_path, capsys):
+    """Its checkpoints hold the old settings (the optimizer's rates too), which would quietly
+    win over the new ones while its records showed the new: refused before Ray starts."""
+    workdir = with_data(prepared, tmp_path / "w")
+    cfg = tiny(workdir)
+    lineage.start(cfg, train.STAGE, lineage.plan(cfg, train.STAGE, force=False))  # as train-gan begins
+    train_gan = ["train-gan", "--preset", "tiny", "--workdir", workdir]
+    for changed, text in (("gan.lr=0.002", "gan.lr=0.0002 (asked: 0.002)"),
+                          (f"gan.epochs={cfg.gan.epochs - 1}", f"gan.epochs={cfg.gan.epochs} (asked:")):
+        for command in (train_gan, ["pipeline", "--preset", "tiny", "--workdir", workdir]):
+            assert cli.main(command + ["--set", changed]) == 2
+            err = error_lines(capsys)
+            assert len(err) == 1 and f"{workdir}/gan holds an unfinished run begun with {text}" in err[0]
+            assert "--force to start it over" in err[0]
+    more = tiny(workdir, f"gan.epochs={cfg.gan.epochs + 5}")  # a longer run: it goes on
+    assert not lineage.plan(more, train.STAGE, force=False).redo
+    assert lineage.plan(tiny(workdir, "gan.lr=0.002"), train.STAGE, force=True).redo
