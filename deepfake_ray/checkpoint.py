@@ -47,6 +47,16 @@ def load_meta(uri: str) -> dict:
                          "train-detector or tune exported, e.g. WORKDIR/detector/model")
 
 
+def load_detector_meta(uri: str) -> dict:
+    """load_meta of a model that must be a detector: another model (the DCGAN's generator,
+    also in a folder named model/) would fail deep inside a replica or scoring actor."""
+    meta = load_meta(uri)
+    if not {"arch", "threshold", "class_names"} <= meta.keys():
+        raise UsageError(f"{uri} holds a {meta.get('arch', 'model')} model, not a detector: pass the "
+                         "folder train-detector or tune exported, e.g. WORKDIR/detector/model")
+    return meta
+
+
 def load_model(uri: str) -> tuple[dict, dict]:
     """(state_dict, meta), checking the weights against the hash in the metadata."""
     meta = load_meta(uri)

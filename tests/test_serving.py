@@ -259,6 +259,16 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     for kwargs in bad:
         with pytest.raises(UsageError):
             score.run(cfg, **kwargs)
+    from deepfake_ray import checkpoint
+    from deepfake_ray.models import dcgan
+    from deepfake_ray.serving import app
+
+    generator = str(tmp_path / "gan" / "model")  # the other folder named model/ in a workdir
+    checkpoint.save_model(generator, dcgan.Generator(32, 8, 8).state_dict(), dcgan.generator_meta(32, 8, 8))
+    for start in (lambda: score.run(cfg, model=generator, input=images_dir, out=str(tmp_path / "g.parquet")),
+                  lambda: app.build(cfg, generator)):
+        with pytest.raises(UsageError, match="holds a dcgan.* model, not a detector: pass .* WORKDIR/detector/model"):
+            start()
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", images_dir,
             "--out", str(tmp_path / "scores.txt")]
     assert cli.main(argv) == 2

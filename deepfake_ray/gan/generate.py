@@ -129,7 +129,7 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
         if len(chosen) == total:
             break
     else:
-        raise RuntimeError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
+        raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
                            f"fill the splits {want}: check data.splits against the reals' splits")
     picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
     return picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), chosen

@@ -169,7 +169,7 @@ def deployment_options(cfg: Config) -> dict:
 def build(cfg: Config, model: str):
     """The bound Serve application for `model` (a local folder or s3:// URI)."""
     model = storage.normalize(model)
-    checkpoint.load_meta(model)  # a missing model fails here, with the fix, not in a replica
+    checkpoint.load_detector_meta(model)  # a missing or wrong model fails here, not in a replica
     s = cfg.serve
     return Detector.options(**deployment_options(cfg)).bind(
         model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,

@@ -144,7 +144,7 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
 def run(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
         out: str | None = None, **_) -> dict:
     model, src, out = check_args(model, input, out)
-    meta = checkpoint.load_meta(model)
+    meta = checkpoint.load_detector_meta(model)
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
