@@ -2,7 +2,8 @@
 
 Same flags as `deepfake-ray score`, plus --run-name (outputs in WORKDIR/RUN_NAME). E.g.
   ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
-    -- python jobs/score.py --preset celeb100k --workdir s3://BUCKET/runs --run-name r1
+    -- python jobs/score.py --preset celeb100k --model s3://BUCKET/runs/r1/detector/model \
+       --input s3://BUCKET/incoming/ --out s3://BUCKET/scores/incoming.parquet
 """
 import sys
 
