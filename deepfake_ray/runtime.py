@@ -200,12 +200,18 @@ def drop_explained_tracebacks(record: logging.LogRecord) -> bool:
     return error is None or find_usage_error(error) is None
 
 
+def in_process() -> bool:
+    """Whether this process runs the embedded, in-process Ray (one machine, which its
+    tasks share), not a cluster whose tasks may run on other machines."""
+    return _embedded_cores is not None
+
+
 def cpu_bound_slots(cpus_per_task: float) -> int | None:
     """How many CPU-bound tasks (decoding images) to run at once on the in-process Ray:
     one per core of this machine, as its declared CPUs outnumber its cores (four decode
     processes on 2 cores were ~10% slower per image than two). None on a cluster, whose
     CPUs are its cores and whose autoscaler may add nodes while the tasks run."""
-    if _embedded_cores is None:
+    if not in_process():
         return None
     return max(1, int(_embedded_cores // cpus_per_task))
 

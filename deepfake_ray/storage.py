@@ -232,6 +232,13 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 write_bytes(join(uri, rel), f.read())
 
 
+def file_sizes(uri: str) -> dict[str, int]:
+    """Path relative to `uri` -> size in bytes, of every file under it (none: {})."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {posixpath.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
+
+
 def list_files(uri: str) -> list[str]:
     """Every file under a prefix, recursively, as URIs, sorted."""
     if not is_s3(uri):

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from deepfake_ray import config, storage
+from deepfake_ray.data import sample
 from deepfake_ray.runtime import free_port
 from tests.checkpoints import registered
 from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
@@ -153,10 +154,16 @@ def kill_driver_when_registered(address: str, submission: str, run_uri: str, che
 
 
 @pytest.mark.slow
-def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_node, s3_server):
+def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_node, s3_server, tmp_path):
     runs = f"{s3_server('pipeline-runs')}/runs"
     workdir = f"{runs}/r1"
-    args = [*TINY, "--workdir", runs, "--run-name", "r1"]
+    # the reals in a folder on the driver's disk, which a cluster's other nodes cannot read:
+    # prepare copies them into the S3 work directory first
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(96):
+        (faces / f"face_{i:03d}.jpg").write_bytes(sample.face_jpeg(0, i))
+    args = [*TINY, "--workdir", runs, "--run-name", "r1", "--set", f"data.source={faces}"]
     for override in DETECTOR:
         args += ["--set", override]
 
@@ -172,6 +179,9 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert status == "succeeded", log[-4000:]
     for stage in ("prepare", "train-gan", "generate"):
         assert f"=== {stage} === (complete, skipped)" in log
+    copy = f"{workdir}/sources/faces-"
+    manifest = storage.read_parquet(f"{workdir}/data/manifest.parquet").column("path").to_pylist()
+    assert len(manifest) == 96 and all(p.startswith(copy) for p in manifest)  # read from the copy
     assert "held-out test: roc_auc" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     history = storage.read_json(f"{workdir}/detector/history.json")

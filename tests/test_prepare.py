@@ -297,6 +297,23 @@ def test_copies_two_tasks_kept_at_once_are_removed_by_the_driver(tmp_path):
     assert sorted(sum(part_hashes(images).values(), [])) == sorted(r["sha1"] for r in manifest)
 
 
+def test_files_on_the_drivers_disk_are_copied_to_s3_for_a_cluster_once(s3_server, tmp_path, tiny_cfg, capsys):
+    """What `prepare` does on a cluster before its tasks, which run on other machines, read
+    a local folder or the Kaggle download (run there in the pipeline scenario's job)."""
+    found = write_folder(tmp_path / "faces")
+    src = sources.resolve_source(str(tmp_path / "faces"), tiny_cfg().data)
+    dest = f"{s3_server('copies')}/runs/r1/sources/{sources.copy_name(src.name, tiny_cfg().data)}"
+    copied = sources.copy_to(src, dest, "prepare")
+    assert [storage.read_bytes(f) for f in copied.files] == [open(f, "rb").read() for f in src.files]
+    assert copied.files[0].startswith(f"{dest}/") and "nested/" in "".join(copied.files)
+    assert f"copying {found} of {found} files" in capsys.readouterr().out
+    (tmp_path / "faces" / "plain.jpg").write_bytes(good_files()["large.jpg"])  # changed since
+    again = sources.copy_to(src, dest, "prepare")  # as a resubmitted job: the rest is there
+    assert f"copying 1 of {found} files" in capsys.readouterr().out
+    assert storage.read_bytes(again.files[src.files.index(str(tmp_path / "faces" / "plain.jpg"))]) \
+        == good_files()["large.jpg"]
+
+
 @pytest.fixture
 def fake_kaggle(monkeypatch, tmp_path):
     """The Kaggle client replaced at its network boundary: the download writes a real zip."""

@@ -441,10 +441,32 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return ingest_into_workdir(cfg)  # resolve_source checks the source
 
 
+def readable_source(cfg: Config) -> Source:
+    """The source, its files where every ingest task can read them. On a cluster the tasks
+    run on other machines than this driver (the head has no CPUs for them), so files on
+    its disk, a local folder or the Kaggle download, are first copied into the S3 work
+    directory, WORKDIR/sources/. A resubmitted job, maybe on a new head, finds a Kaggle
+    dataset's copy there and downloads nothing. (A local --workdir on a cluster must be a
+    folder every node shares, and so must a local source then.)"""
+    d = cfg.data
+    if runtime.in_process() or not storage.is_s3(cfg.workdir) or sources.kind(d.source) == "sample" \
+            or storage.is_s3(d.source):
+        return resolve_source(d.source, d)
+    dest = storage.join(cfg.workdir, "sources", sources.copy_name(d.source, d))
+    kaggle = sources.kind(d.source) == "kaggle"
+    if kaggle and (done := storage.completed(dest)):
+        print(f"prepare: using the copy of {d.source} in {dest} ({done['files']:,} files)", flush=True)
+        return Source(d.source, files=sources.find_images(dest), root=dest)
+    src = sources.copy_to(resolve_source(d.source, d), dest, "prepare")
+    if kaggle:  # a dataset's files do not change: the copy stands for the download from now on
+        storage.mark_complete(dest, {"source": d.source, "files": len(src.files)})
+    return src
+
+
 def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
     started = time.time()
-    src = resolve_source(cfg.data.source, cfg.data)
+    src = readable_source(cfg)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
     images = datasets.images_uri(out)
@@ -467,8 +489,12 @@ def ingest_into_workdir(cfg: Config) -> dict:
             shutil.rmtree(claims, ignore_errors=True)
     manifest, rejected, copies = sort_rows(rows)
     if not manifest:
-        raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
-                         f"({dict(Counter(row['reason'] for row in rejected))}): check the source")
+        reasons = Counter(row["reason"] for row in rejected)
+        where = not runtime.in_process() and set(reasons) == {"unreadable"} and not storage.is_s3(src.root)
+        raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image ({dict(reasons)}): "
+                         + ("they are on this machine's disk, which the cluster's other nodes cannot "
+                            "read: use an s3:// source, or an s3:// --workdir to copy them there"
+                            if where else "check the source"))
     write_outputs(out, images, manifest, rejected, copies)
     summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, time.time() - started),
                                lineage.made(cfg, STAGE))

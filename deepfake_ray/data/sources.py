@@ -6,6 +6,7 @@ buckets, Kaggle downloads) or a sample count; ingest then treats all of them ali
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -31,6 +32,7 @@ class Source:
     name: str  # as the user wrote it
     files: tuple[str, ...] = ()  # URIs of candidate image files
     sample_count: int = 0  # > 0 for the built-in generator
+    root: str = ""  # the folder or prefix that `files` lie under
 
 
 FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
@@ -86,12 +88,12 @@ def resolve_source(text: str, data: DataConfig) -> Source:
         if not (files := find_images(folder)):
             raise UsageError(f"the Kaggle dataset {dataset} holds no .jpg/.jpeg/.png/.webp files "
                              f"(downloaded into {folder}): check the dataset name")
-        return Source(text, files=files)
+        return Source(text, files=files, root=folder)
     files = find_images(text)
     if not files:
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
                          "(folders are searched recursively; hidden ones are left out)")
-    return Source(text, files=tuple(files))
+    return Source(text, files=tuple(files), root=storage.normalize(text))
 
 
 def find_images(folder: str) -> tuple[str, ...]:
@@ -101,6 +103,51 @@ def find_images(folder: str) -> tuple[str, ...]:
     suffixes, root = image_suffixes(), len(storage.normalize(folder))
     return tuple(f for f in storage.list_files(folder) if f.lower().endswith(suffixes)
                  and not any(part.startswith(".") for part in f[root:].split("/")))
+
+
+# --- a copy every node of a cluster can read -----------------------------------------
+
+def copy_name(text: str, data: DataConfig) -> str:
+    """The source's folder under WORKDIR/sources/: kaggle/OWNER/DATASET, or a local
+    folder's name and a hash of its full path (two folders named `faces` stay apart)."""
+    if kind(text) == "kaggle":
+        return "kaggle/" + (text.partition(":")[2] or data.kaggle_dataset)
+    path = canonical(text)
+    return f"{os.path.basename(path.rstrip('/')) or 'root'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def copy_to(src: Source, dest: str, command: str) -> Source:
+    """`src`, its files copied from this machine's disk to `dest` (s3://), where the tasks
+    on every node can read them. A file already there with its size is not sent again, so
+    a resubmitted job only sends what the killed one had not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepfake_ray.progress import Progress
+
+    relative = {f: os.path.relpath(f, src.root).replace(os.sep, "/") for f in src.files}
+    there = storage.file_sizes(dest)
+    todo = [f for f, rel in relative.items() if there.get(rel) != size_or_none(f)]
+    print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
+          "where every node of the cluster can read them", flush=True)
+    done = []
+
+    def send(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # gone since listed: ingest says "unreadable"
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(dest, relative[path]), f.read())
+        done.append(path)
+
+    with Progress(command, len(todo), "files copied", lambda: len(done)):
+        with ThreadPoolExecutor(32) as pool:  # PUTs are latency-bound: overlap them
+            list(pool.map(send, todo))
+    return Source(src.name, files=tuple(storage.join(dest, relative[f]) for f in src.files), root=dest)
+
+
+def size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 # --- Kaggle -----------------------------------------------------------------------
