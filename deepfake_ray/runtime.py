@@ -217,4 +217,12 @@ def cpu_bound_slots(cpus_per_task: float) -> int | None:
 
 
 def cluster_gpus() -> int:
+    """GPUs up now: on an autoscaled cluster often 0 until work asks for them."""
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def use_gpus(wanted: bool) -> bool:
+    """Whether work that wants GPUs (resources.use_gpu) should ask for them: on a cluster
+    always, as its autoscaler adds GPU nodes for work that waits (none may be up now); on
+    the in-process Ray only when this machine has one, as nothing can add it."""
+    return wanted and (not in_process() or cluster_gpus() > 0)

@@ -21,7 +21,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from deepfake_ray import checkpoint, config, lineage, storage
+from deepfake_ray import checkpoint, config, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, train
 from deepfake_ray.errors import UsageError
@@ -97,11 +97,14 @@ def trial_dir(workdir: str, trial_id: str) -> str:
 
 
 def concurrency(cfg: Config) -> int:
-    """Trials at once: tune.max_concurrent_trials, else as many Train runs as the cluster fits."""
+    """Trials at once: tune.max_concurrent_trials, else all on a cluster (pending ones make its
+    autoscaler add nodes), or as many Train runs as fit on the in-process Ray."""
     t, r = cfg.tune, cfg.resources
     if t.max_concurrent_trials > 0:
         return min(t.max_concurrent_trials, t.samples)
     available = ray.cluster_resources()
+    if not runtime.in_process():  # trials wait for resources and the autoscaler adds them
+        return t.samples
     if r.use_gpu:
         fits = available.get("GPU", 0) // max(r.workers, 1)
     else:  # each trial: its workers, a Ray Data task beside them, and the trial driver

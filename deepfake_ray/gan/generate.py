@@ -116,8 +116,9 @@ def select(rounds: list, want: dict[str, int], splits) -> dict[int, str]:
 
 
 def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str]]:
-    use_gpu = cfg.resources.use_gpu and runtime.cluster_gpus() > 0
-    pool = max(1, runtime.cluster_gpus() if use_gpu else cfg.resources.workers)
+    use_gpu = runtime.use_gpus(cfg.resources.use_gpu)
+    # one actor per GPU up, or as many as the training used: the autoscaler adds their nodes
+    pool = max(1, runtime.cluster_gpus(), cfg.resources.workers) if use_gpu else max(1, cfg.resources.workers)
     total, rounds, start, chosen = sum(want.values()), [], 0, {}
     for _ in range(MAX_ROUNDS):
         have = {s: sum(1 for v in chosen.values() if v == s) for s in want}

@@ -145,7 +145,9 @@ def gpus_per_replica(cfg: Config) -> float:
     import ray
 
     if ray.is_initialized():
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        from deepfake_ray import runtime
+
+        return 1.0 if runtime.cluster_gpus() > 0 or runtime.use_gpus(cfg.resources.use_gpu) else 0.0
     import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0

@@ -89,13 +89,14 @@ class ScoreActor:
 
 
 def pool(cfg: Config) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU on a GPU cluster."""
+    """(actors, GPUs per actor): one actor per GPU on a GPU cluster, counting those its
+    autoscaler adds when resources.use_gpu (at least resources.workers of them)."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = cfg.serve.score_actors or (gpus if gpus else max(1, cpus // 4))
-    return size, (1.0 if gpus else 0.0)
+    gpus = runtime.cluster_gpus()
+    if gpus or runtime.use_gpus(cfg.resources.use_gpu):
+        return cfg.serve.score_actors or max(gpus, cfg.resources.workers), 1.0
+    return cfg.serve.score_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 4), 0.0
 
 
 def score_table(cfg: Config, model: str, paths: list[str]) -> pa.Table:
