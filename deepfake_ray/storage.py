@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import re
+import socket
 import stat
 import sys
 import tempfile
@@ -302,12 +303,17 @@ def exclusive(uri: str, command: str):
     import fcntl
 
     os.makedirs(normalize(uri), exist_ok=True)
-    with open(os.path.join(normalize(uri), ".lock"), "w") as lock:
+    with open(os.path.join(normalize(uri), ".lock"), "a+") as lock:  # "a+": a loser truncates nothing
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another {command} is writing {uri}: wait for it to end, "
+            lock.seek(0)
+            holder = lock.read().strip() or command
+            raise UsageError(f"another {holder} is writing {uri}: wait for it to end, "
                              "or use another --workdir") from None
+        lock.truncate(0)  # who holds it, for the message of a run refused meanwhile
+        lock.write(f"{command} (pid {os.getpid()} on {socket.gethostname()})")
+        lock.flush()
         yield
 
 

@@ -95,7 +95,7 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
         "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UsageError, match="another prepare is writing .*data: wait for it"):
+        with pytest.raises(UsageError, match=rf"another prepare \(pid {holder.pid} on .+\) is writing .*data: wait for it"):
             with storage.exclusive(str(tmp_path / "data"), "prepare"):
                 pass
     finally:
