@@ -5,14 +5,19 @@ The lock is an object, `<uri>/.lock`, created only if absent (a conditional writ
 its own ETag, so a run that lost it notices) and deleted at the end only if still its
 own (`If-Match` again: a run whose renewals failed must not free its successor's lock).
 A lock not renewed for LAPSE_S seconds belongs to a run that died: the next run takes it
-over, again conditionally, so of two runs taking over at once only one succeeds. Stores
-without conditional writes get a warning and no lock.
+over, again conditionally, so of two runs taking over at once only one succeeds. Its age
+is measured on the store's clock, not the writers' (machines' clocks may disagree). Each
+run's lock carries a token of its own, so a write whose reply was lost and then retried
+(and refused, as the object changed) is recognized as its own. Stores without
+conditional writes get a warning and no lock.
 """
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -25,9 +30,31 @@ RENEW_S = 60.0
 LAPSE_S = 300.0  # five missed renewals: the holder is gone
 
 
-def holder(command: str) -> bytes:
+def holder(command: str, token: str) -> bytes:
     return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(),
-                       "renewed": time.time()}).encode()
+                       "renewed": time.time(), "token": token}).encode()
+
+
+def lock_info(current: dict) -> dict:
+    """What a lock object says about its holder ({} for one this code did not write)."""
+    try:
+        info = json.loads(current["Body"].read())
+        return info if isinstance(info, dict) else {}
+    except ValueError:
+        return {}
+
+
+def idle_s(current: dict, info: dict) -> float:
+    """Seconds since the lock was last written, on the store's clock: the reply's Date
+    less the object's LastModified."""
+    try:
+        now = email.utils.parsedate_to_datetime(current["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return (now - current["LastModified"]).total_seconds()
+    except (KeyError, TypeError, ValueError):  # a store that sends no Date: the writer's clock
+        try:
+            return time.time() - float(info["renewed"])
+        except (KeyError, TypeError, ValueError):
+            return float("inf")  # not a lock we wrote: nobody renews it
 
 
 def error_code(e: Exception) -> str:
@@ -39,13 +66,14 @@ def held(uri: str, command: str):
     """Holds `<uri>/.lock` on S3, or fails at once with UsageError while a live run does."""
     client, bucket, prefix = storage.s3_client(uri)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
-    etag = take(client, bucket, key, uri, command)
+    token = secrets.token_hex(8)
+    etag = take(client, bucket, key, uri, command, token)
     if etag is None:  # a store without conditional writes
         yield
         return
     held_etag, stop, lost = [etag], threading.Event(), threading.Event()
-    renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, stop, lost),
-                               daemon=True)
+    renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, token,
+                                                   stop, lost), daemon=True)
     renewer.start()
     try:
         yield
@@ -87,13 +115,14 @@ def delete_if_unchanged(client, bucket: str, key: str, etag: str) -> bool:
     return unchanged
 
 
-def take(client, bucket: str, key: str, uri: str, command: str) -> str | None:
+def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> str | None:
     """The ETag of the lock this run now holds (None: the store cannot lock)."""
     from botocore.exceptions import ClientError
 
     for _ in range(3):  # the holder may end between our two requests
         try:
-            return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfNoneMatch="*")["ETag"]
+            return client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
+                                     IfNoneMatch="*")["ETag"]
         except ClientError as e:
             if error_code(e) == "NotImplemented":
                 print(f"{command}: warning: this S3 store has no conditional writes, so {uri} has "
@@ -107,25 +136,25 @@ def take(client, bucket: str, key: str, uri: str, command: str) -> str | None:
             if error_code(e) == "NoSuchKey":
                 continue
             raise
-        return take_over(client, bucket, key, uri, command, current)
+        return take_over(client, bucket, key, uri, command, token, current)
     raise UsageError(f"other runs keep taking {uri}'s lock: wait for them to end, or use another --workdir")
 
 
-def take_over(client, bucket: str, key: str, uri: str, command: str, current: dict) -> str:
-    """A dead run's lock, unless its holder lives or another run takes it first."""
+def take_over(client, bucket: str, key: str, uri: str, command: str, token: str, current: dict) -> str:
+    """A dead run's lock, unless its holder lives or another run takes it first (or it is
+    this run's own: its write went through, the reply was lost, the retry was refused)."""
     from botocore.exceptions import ClientError
 
-    try:
-        info = json.loads(current["Body"].read())
-        idle = time.time() - float(info["renewed"])
-    except (ValueError, KeyError, TypeError):  # not a lock we wrote: nobody renews it
-        info, idle = {}, float("inf")
-    if idle < LAPSE_S:
+    info = lock_info(current)
+    if info.get("token") == token:
+        return current["ETag"]
+    if idle_s(current, info) < LAPSE_S:
         raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
                          f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
                          f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
     try:
-        return client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=current["ETag"])["ETag"]
+        return client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
+                                 IfMatch=current["ETag"])["ETag"]
     except ClientError as e:
         if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
             raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
@@ -133,19 +162,34 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, current: di
         raise
 
 
-def renew(client, bucket: str, key: str, etag: list[str], command: str, stop: threading.Event,
-          lost: threading.Event) -> None:
+def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,
+          stop: threading.Event, lost: threading.Event) -> None:
     """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     while not stop.wait(RENEW_S):
         try:
-            etag[0] = client.put_object(Bucket=bucket, Key=key, Body=holder(command), IfMatch=etag[0])["ETag"]
+            etag[0] = client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
+                                        IfMatch=etag[0])["ETag"]
         except (BotoCoreError, ClientError) as e:  # the run goes on; say what may follow
             if error_code(e) in ("PreconditionFailed", "NoSuchKey"):
+                if (own := own_etag(client, bucket, key, token)) is not None:
+                    etag[0] = own  # this renewal's write went through; its reply was lost
+                    continue
                 lost.set()
                 print(f"{command}: warning: another run took over the lock s3://{bucket}/{key}: "
                       "two runs may now be writing there", flush=True)
                 return
             print(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({e}); another "
                   f"run may take it over {LAPSE_S:.0f} s after the last renewal", flush=True)
+
+
+def own_etag(client, bucket: str, key: str, token: str) -> str | None:
+    """The lock's ETag if it is still this run's (by its token), else None."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        current = client.get_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError):
+        return None
+    return current["ETag"] if lock_info(current).get("token") == token else None

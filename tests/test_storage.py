@@ -130,10 +130,35 @@ def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_laps
         assert json.loads(client.get_object(**lock)["Body"].read())["renewed"] > first["renewed"]
     assert "Contents" not in client.list_objects_v2(Bucket="runs-leased", Prefix="r1/data/")  # freed
 
-    client.put_object(**lock, Body=json.dumps({"command": "prepare", "pid": 1, "host": "gone",
-                                               "renewed": time.time() - lease.LAPSE_S - 1}))
-    with storage.exclusive(data, "prepare"):  # a run that died long ago: taken over
+    # a live run on a machine whose clock is hours behind: its lock's age is the store's
+    client.put_object(**lock, Body=json.dumps({"command": "train-gan", "pid": 1, "host": "slow-clock",
+                                               "renewed": time.time() - 10 * lease.LAPSE_S}))
+    with pytest.raises(UsageError, match=r"another train-gan \(pid 1 on slow-clock\) is writing"):
+        with storage.exclusive(data, "prepare"):
+            pass
+    monkeypatch.setattr(lease, "LAPSE_S", 1.0)
+    time.sleep(2.5)  # it stopped renewing: dead (S3's clocks count whole seconds)
+    with storage.exclusive(data, "prepare"):  # taken over
         assert json.loads(client.get_object(**lock)["Body"].read())["pid"] == os.getpid()
+
+
+def test_a_lock_write_whose_reply_was_lost_is_still_the_runs_own(s3_server):
+    """The write went through, its reply was lost, the SDK's retry was refused (the object
+    now exists): the run recognizes its own lock by its token rather than call itself a
+    second writer."""
+    import boto3
+    import pytest
+
+    from deepfake_ray import lease
+    from deepfake_ray.errors import UsageError
+
+    client = boto3.client("s3")
+    s3_server("runs-retried")
+    client.put_object(Bucket="runs-retried", Key="r1/data/.lock", Body=lease.holder("prepare", "t0ken"))
+    etag = lease.take(client, "runs-retried", "r1/data/.lock", "s3://runs-retried/r1/data", "prepare", "t0ken")
+    assert etag == client.head_object(Bucket="runs-retried", Key="r1/data/.lock")["ETag"]
+    with pytest.raises(UsageError, match="another prepare .* is writing"):  # anyone else's token
+        lease.take(client, "runs-retried", "r1/data/.lock", "s3://runs-retried/r1/data", "prepare", "other")
 
 
 def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_server, monkeypatch, capsys):
