@@ -233,6 +233,13 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 write_bytes(join(uri, rel), f.read())
 
 
+def size(uri: str) -> int | None:
+    """The file's size in bytes; None when there is no file there."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def file_sizes(uri: str) -> dict[str, int]:
     """Path relative to `uri` -> size in bytes, of every file under it (none: {})."""
     fs, path = resolve(uri)

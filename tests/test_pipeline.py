@@ -20,6 +20,8 @@ import time
 
 import httpx
 import pytest
+import timm
+from safetensors.torch import save_file
 
 from deepfake_ray import config, storage
 from deepfake_ray.data import sample
@@ -163,7 +165,11 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     faces.mkdir()
     for i in range(96):
         (faces / f"face_{i:03d}.jpg").write_bytes(sample.face_jpeg(0, i))
-    args = [*TINY, "--workdir", runs, "--run-name", "r1", "--set", f"data.source={faces}"]
+    # and the detector's starting weights in a file there too, which train-detector copies
+    weights = str(tmp_path / "resnet10t.safetensors")
+    save_file(timm.create_model("resnet10t", num_classes=1000).state_dict(), weights)
+    args = [*TINY, "--workdir", runs, "--run-name", "r1", "--set", f"data.source={faces}",
+            "--set", f"detector.pretrained={weights}"]
     for override in DETECTOR:
         args += ["--set", override]
 
@@ -182,6 +188,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     copy = f"{workdir}/sources/faces-"
     manifest = storage.read_parquet(f"{workdir}/data/manifest.parquet").column("path").to_pylist()
     assert len(manifest) == 96 and all(p.startswith(copy) for p in manifest)  # read from the copy
+    assert storage.read_bytes(f"{workdir}/detector/pretrained/resnet10t.safetensors") == open(weights, "rb").read()
     assert "held-out test: roc_auc" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     history = storage.read_json(f"{workdir}/detector/history.json")

@@ -12,12 +12,13 @@ chosen on validation; the test split is left for `deepfake-ray evaluate`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import pyarrow.fs as pafs
 from safetensors.torch import save as st_save
 
-from deepfake_ray import checkpoint, config, lineage, storage, training
+from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data
 from deepfake_ray.errors import UsageError
@@ -100,7 +101,9 @@ def resolve_pretrained(cfg: Config) -> str:
     """What workers load: `none`, or a weights file every node can read.
 
     `hub` is fetched here, in the driver, once (failing fast with the fix when the hub
-    is unreachable), and kept as WORKDIR/detector/pretrained/HUB_NAME.safetensors.
+    is unreachable), and kept as WORKDIR/detector/pretrained/HUB_NAME.safetensors. On a
+    cluster with an s3:// work directory, a file on the driver's disk, which the workers
+    on other machines cannot read, is copied there first.
     """
     from deepfake_ray.models import detector
 
@@ -111,7 +114,14 @@ def resolve_pretrained(cfg: Config) -> str:
         if not storage.exists(spec):
             raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
                              "existing local or s3:// weights file (safetensors or state dict)")
-        return spec
+        if storage.is_s3(spec) or runtime.in_process() or not storage.is_s3(cfg.workdir):
+            return spec
+        uri = storage.join(stage_dir(cfg.workdir), "pretrained", os.path.basename(spec))
+        if storage.size(uri) != storage.size(spec):
+            print(f"train-detector: copying {spec} to {uri}, where the workers on every node can read it")
+            with open(spec, "rb") as f:
+                storage.write_bytes(uri, f.read())
+        return uri
     uri = storage.join(stage_dir(cfg.workdir), "pretrained", f"{cfg.detector.hub_name}.safetensors")
     if not storage.exists(uri):
         print(f"train-detector: fetching {cfg.detector.hub_name} from the model hub")
