@@ -148,10 +148,7 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
     info = lock_info(current)
     if info.get("token") == token:
         return current["ETag"]
-    if idle_s(current, info) < LAPSE_S:
-        raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
-                         f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
-                         f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
+    refuse_if_live(current, info, uri, command)
     try:
         return client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                  IfMatch=current["ETag"])["ETag"]
@@ -160,6 +157,27 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
             raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
                              "or use another --workdir") from None
         raise
+
+
+def refuse_if_live(current: dict, info: dict, uri: str, command: str) -> None:
+    if idle_s(current, info) < LAPSE_S:
+        raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
+                         f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
+                         f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
+
+
+def check_free(uri: str, command: str) -> None:
+    """UsageError while a live run holds `<uri>/.lock`; takes nothing."""
+    from botocore.exceptions import ClientError
+
+    client, bucket, prefix = storage.s3_client(uri)
+    try:
+        current = client.get_object(Bucket=bucket, Key=f"{prefix}/{LOCK}" if prefix else LOCK)
+    except ClientError as e:
+        if error_code(e) in ("NoSuchKey", "404"):
+            return
+        raise
+    refuse_if_live(current, lock_info(current), uri, command)
 
 
 def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,

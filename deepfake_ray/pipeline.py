@@ -45,12 +45,13 @@ def preflight(cfg: Config, force: bool = False) -> None:
     """Before Ray starts (and config.yaml is rewritten): prepare's settings are valid, its
     source is there when it has to run, and every complete stage was made with the
     settings this run asks for."""
-    from deepfake_ray.data import prepare
+    from deepfake_ray.data import datasets, prepare
     from deepfake_ray.data.sources import check_source
 
     prepare.validate(cfg)
     if force or lineage.current(cfg, prepare.STAGE) is None:
         check_source(cfg.data.source, cfg.data)
+        storage.check_free(datasets.data_dir(cfg.workdir), "prepare")
     if not force:
         for step in steps(cfg):
             lineage.current(cfg, step.stage)  # raises on other settings

@@ -324,6 +324,18 @@ def exclusive(uri: str, command: str):
         yield
 
 
+def check_free(uri: str, command: str) -> None:
+    """The UsageError `exclusive` would raise now, if any: so that a command refused for
+    another's lock fails before it changes anything (WORKDIR/config.yaml)."""
+    if is_s3(uri):
+        from deepfake_ray import lease
+
+        lease.check_free(uri, command)
+    elif os.path.exists(os.path.join(normalize(uri), ".lock")):
+        with exclusive(uri, command):
+            pass
+
+
 def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:

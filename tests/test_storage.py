@@ -81,7 +81,21 @@ def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_pa
         storage.s3_filesystem.cache_clear()
 
 
-def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_path):
+def refused_before_it_changes_anything(workdir: str, capsys) -> None:
+    """prepare and pipeline, while another prepare holds WORKDIR/data: exit 2 naming it,
+    the running one's config.yaml left as it is."""
+    from deepfake_ray import cli
+    from tests.cli_output import error_lines
+
+    storage.write_text(storage.join(workdir, "config.yaml"), "the running prepare's\n")
+    for command in ("prepare", "pipeline"):
+        assert cli.main([command, "--preset", "tiny", "--workdir", workdir]) == 2
+        err = error_lines(capsys)
+        assert len(err) == 1 and "another prepare (pid " in err[0] and "is writing" in err[0]
+    assert storage.read_text(storage.join(workdir, "config.yaml")) == "the running prepare's\n"
+
+
+def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_path, capsys):
     import subprocess
     import sys
 
@@ -98,6 +112,7 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
         with pytest.raises(UsageError, match=rf"another prepare \(pid {holder.pid} on .+\) is writing .*data: wait for it"):
             with storage.exclusive(str(tmp_path / "data"), "prepare"):
                 pass
+        refused_before_it_changes_anything(str(tmp_path), capsys)
     finally:
         holder.kill()  # killed, not ended cleanly: the OS frees its lock all the same
         holder.wait()
@@ -106,7 +121,7 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
 
 
 def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_lapses(
-        s3_server, monkeypatch):
+        s3_server, monkeypatch, capsys):
     import json
     import time
 
@@ -126,6 +141,7 @@ def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_laps
                                              rf"writing {data}: wait for it to end"):
             with storage.exclusive(data, "prepare"):
                 pass
+        refused_before_it_changes_anything(data.removesuffix("/data"), capsys)
         time.sleep(0.3)
         assert json.loads(client.get_object(**lock)["Body"].read())["renewed"] > first["renewed"]
     assert "Contents" not in client.list_objects_v2(Bucket="runs-leased", Prefix="r1/data/")  # freed

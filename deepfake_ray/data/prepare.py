@@ -421,12 +421,14 @@ STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: c
 def preflight(cfg: Config, force: bool = False) -> dict | None:
     """Everything that needs no Ray, so that a mistake fails in a second: the summary
     if prepare is already complete with these settings, else None once the config and
-    the source have checked out. Changes nothing: a --force run with a mistyped source
-    leaves the complete data/ as it was."""
+    the source have checked out, and no other prepare writes there. Changes nothing: a
+    --force run with a mistyped source leaves the complete data/ as it was, and a refused
+    one the running one's config.yaml."""
     validate(cfg)
     if done := lineage.preflight(cfg, STAGE, force):
         return done
     check_source(cfg.data.source, cfg.data)
+    storage.check_free(datasets.data_dir(cfg.workdir), "prepare")  # another prepare writes there
     return None
 
 
