@@ -167,16 +167,16 @@ def refuse_if_live(current: dict, info: dict, uri: str, command: str) -> None:
 
 
 def check_free(uri: str, command: str) -> None:
-    """UsageError while a live run holds `<uri>/.lock`; takes nothing."""
-    from botocore.exceptions import ClientError
+    """UsageError while a live run holds `<uri>/.lock`; takes nothing. A store that cannot
+    answer (no such bucket, refused credentials) passes: the write that follows says
+    what is wrong in the words every S3 failure gets, and `held` takes the lock itself."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
     client, bucket, prefix = storage.s3_client(uri)
     try:
         current = client.get_object(Bucket=bucket, Key=f"{prefix}/{LOCK}" if prefix else LOCK)
-    except ClientError as e:
-        if error_code(e) in ("NoSuchKey", "404"):
-            return
-        raise
+    except (BotoCoreError, ClientError):
+        return
     refuse_if_live(current, lock_info(current), uri, command)
 
 
