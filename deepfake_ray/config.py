@@ -86,7 +86,8 @@ class TuneConfig:
     lr_max: float = 1e-3
     epochs: int = 2  # per trial (ASHA max_t)
     grace_period: int = 1
-    max_concurrent_trials: int = 0  # 0: all at once on a cluster (its autoscaler adds nodes for them), as many as fit in-process
+    # 0: all at once on a cluster (its autoscaler adds nodes for them), as many as fit in-process
+    max_concurrent_trials: int = 0
 
 
 @dataclass(frozen=True)

@@ -203,8 +203,8 @@ def download(dataset: str, folder: str) -> None:
 def unzip_all(folder: str, dataset: str) -> None:
     """Extract every zip under `folder`, zips inside zips too, and delete it. A damaged one
     empties the folder (with what was extracted of it), so the next run downloads it anew
-    instead of trusting any of it; one that
-    could not be extracted for want of disk space is kept, and the next run extracts it."""
+    instead of trusting any of it; one that could not be extracted for want of disk space
+    is kept, and the next run extracts it."""
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
         zips = [os.path.join(root, name) for root, _, names in os.walk(folder)
                 for name in names if name.lower().endswith(".zip")]

@@ -117,8 +117,9 @@ def select(rounds: list, want: dict[str, int], splits) -> dict[int, str]:
 
 def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str]]:
     use_gpu = runtime.use_gpus(cfg.resources.use_gpu)
-    # one actor per GPU up, or as many as the training used: the autoscaler adds their nodes
-    pool = max(1, runtime.cluster_gpus(), cfg.resources.workers) if use_gpu else max(1, cfg.resources.workers)
+    pool = max(1, cfg.resources.workers)
+    if use_gpu:  # one actor per GPU up, or as many as the training used: the autoscaler adds them
+        pool = max(pool, runtime.cluster_gpus())
     total, rounds, start, chosen = sum(want.values()), [], 0, {}
     for _ in range(MAX_ROUNDS):
         have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
@@ -131,7 +132,7 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
             break
     else:
         raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
-                           f"fill the splits {want}: check data.splits against the reals' splits")
+                         f"fill the splits {want}: check data.splits against the reals' splits")
     picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
     return picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), chosen
 
