@@ -206,6 +206,16 @@ def in_process() -> bool:
     return _embedded_cores is not None
 
 
+def driver_files_need_copying(workdir: str) -> bool:
+    """Whether files on this driver's disk (a local data source, pretrained weights) must
+    be copied into the work directory for tasks and workers to read them: on a cluster,
+    which runs them on other machines, with an s3:// work directory, which every node
+    reads. (A local work directory on a cluster must be shared, and so must such files.)"""
+    from deepfake_ray import storage
+
+    return not in_process() and storage.is_s3(workdir)
+
+
 def cpu_bound_slots(cpus_per_task: float) -> int | None:
     """How many CPU-bound tasks (decoding images) to run at once on the in-process Ray:
     one per core of this machine, as its declared CPUs outnumber its cores (four decode

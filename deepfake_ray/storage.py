@@ -223,14 +223,18 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def upload_file(path: str, uri: str) -> None:
+    """Copy a file on this machine's disk to `uri`."""
+    with open(path, "rb") as f:
+        write_bytes(uri, f.read())
+
+
 def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local folder to `uri` (used for exported models and figures)."""
+    """Copy a local folder to `uri`."""
     for root, _, files in os.walk(local_dir):
         for name in files:
             src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            with open(src, "rb") as f:
-                write_bytes(join(uri, rel), f.read())
+            upload_file(src, join(uri, os.path.relpath(src, local_dir).replace(os.sep, "/")))
 
 
 def size(uri: str) -> int | None:

@@ -448,11 +448,10 @@ def readable_source(cfg: Config) -> Source:
     run on other machines than this driver (the head has no CPUs for them), so files on
     its disk, a local folder or the Kaggle download, are first copied into the S3 work
     directory, WORKDIR/sources/. A resubmitted job, maybe on a new head, finds a Kaggle
-    dataset's copy there and downloads nothing. (A local --workdir on a cluster must be a
-    folder every node shares, and so must a local source then.)"""
+    dataset's copy there and downloads nothing."""
     d = cfg.data
-    if runtime.in_process() or not storage.is_s3(cfg.workdir) or sources.kind(d.source) == "sample" \
-            or storage.is_s3(d.source):
+    if sources.kind(d.source) == "sample" or storage.is_s3(d.source) \
+            or not runtime.driver_files_need_copying(cfg.workdir):
         return resolve_source(d.source, d)
     dest = storage.join(cfg.workdir, "sources", sources.copy_name(d.source, d))
     kaggle = sources.kind(d.source) == "kaggle"

@@ -126,28 +126,20 @@ def copy_to(src: Source, dest: str, command: str) -> Source:
 
     relative = {f: os.path.relpath(f, src.root).replace(os.sep, "/") for f in src.files}
     there = storage.file_sizes(dest)
-    todo = [f for f, rel in relative.items() if there.get(rel) != size_or_none(f)]
+    todo = [f for f, rel in relative.items() if there.get(rel) != storage.size(f)]
     print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
           "where every node of the cluster can read them", flush=True)
     done = []
 
     def send(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):  # gone since listed: ingest says "unreadable"
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(dest, relative[path]), f.read())
+            storage.upload_file(path, storage.join(dest, relative[path]))
         done.append(path)
 
     with Progress(command, len(todo), "files copied", lambda: len(done)):
         with ThreadPoolExecutor(32) as pool:  # PUTs are latency-bound: overlap them
             list(pool.map(send, todo))
     return Source(src.name, files=tuple(storage.join(dest, relative[f]) for f in src.files), root=dest)
-
-
-def size_or_none(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None
 
 
 # --- Kaggle -----------------------------------------------------------------------

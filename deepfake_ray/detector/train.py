@@ -114,13 +114,12 @@ def resolve_pretrained(cfg: Config) -> str:
         if not storage.exists(spec):
             raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
                              "existing local or s3:// weights file (safetensors or state dict)")
-        if storage.is_s3(spec) or runtime.in_process() or not storage.is_s3(cfg.workdir):
+        if storage.is_s3(spec) or not runtime.driver_files_need_copying(cfg.workdir):
             return spec
         uri = storage.join(stage_dir(cfg.workdir), "pretrained", os.path.basename(spec))
         if storage.size(uri) != storage.size(spec):
             print(f"train-detector: copying {spec} to {uri}, where the workers on every node can read it")
-            with open(spec, "rb") as f:
-                storage.write_bytes(uri, f.read())
+            storage.upload_file(spec, uri)
         return uri
     uri = storage.join(stage_dir(cfg.workdir), "pretrained", f"{cfg.detector.hub_name}.safetensors")
     if not storage.exists(uri):
