@@ -9,10 +9,13 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from deepfake_ray import checkpoint, config, storage
+from deepfake_ray.data.decode import decode
 from deepfake_ray.runtime import free_port, haproxy_env
 from deepfake_ray.errors import UsageError
 from tests.images import bomb_png, encode, rgb
@@ -203,6 +206,31 @@ def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     info = httpx.get(f"{service}/v1/model", timeout=30).json()
     assert info["batching"]["max_batch_size"] == 8 and info["stats"]["largest_batch"] <= 8
     assert httpx.get(f"{service}/docs", timeout=30).status_code == 200
+
+
+def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
+    """A small file can hold a large image: a flat 6000x6000 PNG is ~120 KB, within every
+    limit, and takes the better part of a second to decode. The replica answers other
+    requests meanwhile, not after it."""
+    big = encode(Image.new("RGB", (6000, 6000), (90, 120, 150)), "PNG", compress_level=9)
+    assert len(big) < MAX_BODY
+    started = time.perf_counter()
+    decode(big, 32)
+    decoding = time.perf_counter() - started  # on this machine, now
+
+    async def health_checks_while_detecting():
+        async with httpx.AsyncClient(timeout=120) as client:
+            detecting = asyncio.create_task(client.post(f"{service}/v1/detect", content=big))
+            answered = []
+            while not detecting.done():
+                assert (await client.get(f"{service}/healthz")).status_code == 200
+                answered.append(time.perf_counter())
+            return await detecting, answered
+
+    response, answered = asyncio.run(health_checks_while_detecting())
+    assert response.status_code == 200, response.text
+    # decoded on the event loop, the health checks would wait for it: one gap of ~decoding
+    assert len(answered) > 3 and max(np.diff(answered)) < decoding / 3, (decoding, np.diff(answered))
 
 
 def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):

@@ -104,7 +104,12 @@ def square_image(img: Image.Image, size: int) -> Image.Image:
 
 def decode(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> size x size x 3 uint8, or DecodeError."""
-    return np.asarray(square_image(load_rgb(open_image(data, max_pixels), size), size), dtype=np.uint8)
+    return pixels(open_image(data, max_pixels), size)
+
+
+def pixels(img: Image.Image, size: int) -> np.ndarray:
+    """An image from open_image (its header read, its pixels not yet) -> size x size x 3 uint8."""
+    return np.asarray(square_image(load_rgb(img, size), size), dtype=np.uint8)
 
 
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:

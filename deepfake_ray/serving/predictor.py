@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from deepfake_ray import checkpoint
-from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
+from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image, pixels
 
 # DecodeError.reason -> HTTP status of a request whose image fails that way
 STATUS_BY_REASON = {
@@ -79,6 +79,14 @@ class Predictor:
 
     def decode(self, data: bytes) -> np.ndarray:
         return decode_image(data, self.resolution, self.max_pixels)
+
+    def open(self, data: bytes):
+        """The image's header only (cheap): DecodeError for what is plainly unusable,
+        a decompression bomb included; `decode_opened` decodes the rest."""
+        return open_image(data, self.max_pixels)
+
+    def decode_opened(self, img) -> np.ndarray:
+        return pixels(img, self.resolution)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NHWC at the model's resolution -> p_fake per image (float64)."""
