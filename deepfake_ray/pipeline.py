@@ -106,10 +106,12 @@ def score_test_split(cfg: Config, force: bool = False) -> dict:
     folder = lineage.uri(cfg, SCORE)
     images = storage.join(folder, "test_images")
     storage.delete_dir(images)  # another test split's images, when the data were redone
+    files = {}
     for label, stage in (("real", datasets.data_dir(cfg.workdir)), ("fake", datasets.fakes_dir(cfg.workdir))):
         table = storage.read_parquet(datasets.images_uri(stage), columns=["sha1", "split", "image"])
         for row in table.filter(pc.equal(table["split"], "test")).to_pylist():
-            storage.write_bytes(storage.join(images, label, f"{row['sha1']}.jpg"), row["image"])
+            files[storage.join(images, label, f"{row['sha1']}.jpg")] = row["image"]
+    storage.write_many(files)  # the study's test split: 20,000 files, on S3 each a request
     out = storage.join(folder, "test_scores.parquet")
     score.run(cfg, force=True, model=storage.join(cfg.workdir, "detector", "model"),
               input=images, out=out)

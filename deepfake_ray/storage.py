@@ -80,7 +80,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    # delayed open: a file under 5 MB is sent as one PutObject when closed, not as a
+    # multipart upload opened at once (three round trips: 31 against 15 ms a file on
+    # moto); a missing bucket is then reported by the write instead of the open
+    return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
 
 
 # The AWS SDK's error names, as pyarrow's messages carry them -> what the user should check.
@@ -195,6 +198,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_many(files: dict[str, bytes]) -> None:
+    """uri -> bytes, written 32 at a time: on S3 each is a round trip, which overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(32) as pool:
+        for _ in pool.map(write_bytes, files, files.values()):
+            pass  # raises the first failure
 
 
 def write_text(uri: str, text: str) -> None:

@@ -81,6 +81,21 @@ def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_pa
         storage.s3_filesystem.cache_clear()
 
 
+def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tmp_path):
+    import pytest
+
+    for root in (s3_server("many-files"), str(tmp_path)):
+        files = {storage.join(root, "test_images", label, f"{i:02d}.jpg"): f"{label} {i}".encode()
+                 for label in ("real", "fake") for i in range(40)}
+        storage.write_many(files)
+        assert {uri: storage.read_bytes(uri) for uri in files} == files
+        assert len(storage.list_files(storage.join(root, "test_images"))) == 80
+    # S3 writes are sent when the file is closed: a missing bucket is still one clear line
+    with pytest.raises(OSError) as failed:
+        storage.write_many({"s3://no-such-bucket/runs/x.jpg": b"x"})
+    assert storage.explain(failed.value) == "s3://no-such-bucket/runs/x.jpg: the bucket does not exist: check the s3:// path"
+
+
 def refused_before_it_changes_anything(workdir: str, capsys) -> None:
     """prepare and pipeline, while another prepare holds WORKDIR/data: exit 2 naming it,
     the running one's config.yaml left as it is."""
