@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "preflight"):
-            if module.preflight(cfg, force=args.force):
+            if module.preflight(cfg, **options(args)):
                 return 0
         elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
             return 0

@@ -41,7 +41,7 @@ def steps(cfg: Config) -> list[Step]:
             Step(lineage.Stage("report", "report"), write_report, always=True)]
 
 
-def preflight(cfg: Config, force: bool = False) -> None:
+def preflight(cfg: Config, force: bool = False, **_) -> None:
     """Before Ray starts (and config.yaml is rewritten): prepare's settings are valid, its
     source is there when it has to run, and every complete stage was made with the
     settings this run asks for."""

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -300,6 +302,29 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", images_dir,
             "--out", str(tmp_path / "scores.txt")]
     assert cli.main(argv) == 2
+
+
+def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, images_dir, tmp_path):
+    """A mistake costs a second, not Ray's start-up: one line each, exit 2, Ray never started."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = [(["score", "--model", model_dir, "--input", images_dir, "--out", "x.txt"], "must end in .parquet or .csv"),
+             (["score", "--model", "no-model", "--input", images_dir, "--out", "x.parquet"], "no-model"),
+             (["score", "--model", model_dir, "--input", "no-input", "--out", "x.parquet"], "no-input is not a folder"),
+             (["serve", "--model", "no-model"], "no-model"),
+             (["serve", "--model", model_dir, "--port", str(busy.getsockname()[1])], "stop what uses it or pass another --port")]
+    script = ("import json, sys, ray\nfrom deepfake_ray import cli\n"
+              "codes = [cli.main(argv + ['--preset', 'tiny']) for argv in json.loads(sys.argv[1])]\n"
+              "print(json.dumps({'codes': codes, 'ray_started': ray.is_initialized()}))")
+    with busy:
+        done = subprocess.run([sys.executable, "-c", script, json.dumps([argv for argv, _ in cases])],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
+    assert json.loads(done.stdout.splitlines()[-1]) == {"codes": [2] * len(cases), "ray_started": False}, done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == len(cases), errors
+    for line, (argv, text) in zip(errors, cases):
+        assert line.startswith(f"deepfake-ray {argv[0]}: error: ") and text in line, line
 
 
 def subprocess_env() -> dict:

@@ -418,7 +418,7 @@ def settings(cfg: Config) -> dict:
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]))
 
 
-def preflight(cfg: Config, force: bool = False) -> dict | None:
+def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
     """Everything that needs no Ray, so that a mistake fails in a second: the summary
     if prepare is already complete with these settings, else None once the config and
     the source have checked out, and no other prepare writes there. Changes nothing: a

@@ -217,14 +217,20 @@ def interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict:
-    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM."""
+def preflight(cfg: Config, model: str | None = None, **_) -> None:
+    """Before Ray starts: a model to serve, and a port to serve it on."""
     if not model:
         raise UsageError("serve needs --model: the exported model folder, e.g. WORKDIR/detector/model")
+    checkpoint.load_detector_meta(storage.normalize(model))
+    check_port_free(cfg.serve.host, cfg.serve.port)
+
+
+def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict:
+    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM."""
+    preflight(cfg, model)
     app = build(cfg, model)
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
     host, port = cfg.serve.host, cfg.serve.port
-    check_port_free(host, port)
     url = f"http://{host}:{port}"
     main = threading.current_thread() is threading.main_thread()
     # SIGTERM (docker stop, kill) stops like Ctrl-C, even while the service is starting

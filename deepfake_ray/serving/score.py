@@ -36,19 +36,28 @@ def check_args(model: str | None, src: str | None, out: str | None) -> tuple[str
     return storage.normalize(model), storage.normalize(src), storage.normalize(out)
 
 
+def is_manifest(src: str) -> bool:
+    return src.lower().endswith(".parquet") and storage.exists(src) and not storage.is_dir(src)
+
+
+def check_input(src: str) -> None:
+    """That --input is something list_inputs can list, without listing it all."""
+    if not (storage.is_s3(src) or is_manifest(src) or storage.is_dir(src)):
+        raise UsageError(f"--input {src} is not a folder, s3:// prefix or manifest .parquet: "
+                         "check the path")
+
+
 def list_inputs(src: str) -> list[str]:
     """Paths/URIs to score: every file under a folder or prefix, or a manifest's `path`s."""
-    if src.lower().endswith(".parquet") and storage.exists(src) and not storage.is_dir(src):
+    if is_manifest(src):
         table = storage.read_parquet(src)
         if "path" not in table.column_names:
             raise UsageError(f"manifest {src} has no 'path' column (columns: "
                              f"{', '.join(table.column_names)}): give a Parquet file listing paths")
         paths = [p for p in table.column("path").to_pylist() if p]
-    elif storage.is_s3(src) or storage.is_dir(src):
-        paths = storage.list_files(src)
     else:
-        raise UsageError(f"--input {src} is not a folder, s3:// prefix or manifest .parquet: "
-                         "check the path")
+        check_input(src)
+        paths = storage.list_files(src)
     if not paths:
         raise UsageError(f"--input {src} holds no files to score: check the path")
     return paths
@@ -142,13 +151,25 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
             "out": out, "model": checkpoint.model_id(meta)}
 
 
-def run(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
-        out: str | None = None, **_) -> dict:
+def preflight(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
+              out: str | None = None, **_) -> dict | None:
+    """What needs no Ray, so that a mistake fails in a second: the flags, the model and
+    the input. A summary when there is nothing to do (the table exists)."""
     model, src, out = check_args(model, input, out)
-    meta = checkpoint.load_detector_meta(model)
+    checkpoint.load_detector_meta(model)
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
+    check_input(src)
+    return None
+
+
+def run(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
+        out: str | None = None, **_) -> dict:
+    if done := preflight(cfg, force, model, input, out):
+        return done
+    model, src, out = check_args(model, input, out)
+    meta = checkpoint.load_detector_meta(model)
     paths = list_inputs(src)
     started = time.time()
     table = score_table(cfg, model, paths)
