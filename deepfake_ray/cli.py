@@ -1,7 +1,7 @@
 """`deepfake-ray` console script: parse, build the config, call one stage's run().
 
 Exit codes: 0 done, 2 bad usage or bad input (one line saying what and how to fix
-it), 1 anything else.
+it), 1 anything else, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ FLAG_HELP = {
 }
 DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
                "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
-               "2 bad usage or input (one line says what and how to fix it), 1 anything else.")
+               "2 bad usage or input (one line says what and how to fix it), 1 anything else, 130 interrupted.")
 
 
 def parser() -> argparse.ArgumentParser:

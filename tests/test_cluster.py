@@ -116,6 +116,9 @@ def test_rayjob_runs_the_pipeline_entrypoint():
     assert args.workdir.startswith("s3://") and args.run_name and args.preset == "celeb100k"
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert env["working_dir"] and env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
+    # the driver runs on the head: the preset's kaggle: source needs the credentials there
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "KAGGLE_API_TOKEN" in {e["name"] for e in head["env"]}
 
 
 def serve_apps(config: dict) -> list:

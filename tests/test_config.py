@@ -17,6 +17,8 @@ def test_celeb100k_carries_the_studys_settings():
     assert (cfg.data.resolution, cfg.gan.batch_size, cfg.gan.epochs) == (128, 64, 60)
     assert (cfg.detector.epochs, cfg.detector.input_size, cfg.detector.max_train_per_class) == (20, 128, 29500)
     assert cfg.detector.pretrained == "hub" and "greg115/celebrities-100k" in cfg.data.source
+    # the pipeline's detector is the sweep's best trial: it too trains the study's epochs
+    assert cfg.tune.enabled and cfg.tune.epochs == cfg.detector.epochs
 
 
 def test_layers_file_then_overrides(tmp_path):

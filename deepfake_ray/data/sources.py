@@ -65,8 +65,9 @@ def check_source(text: str, data: DataConfig) -> None:
         folder = kaggle_folder(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
         if not os.path.exists(os.path.join(folder, ".complete")) and not kaggle_credentials_present():
             raise UsageError("no Kaggle credentials: save your API token as ~/.kaggle/kaggle.json "
-                             "(chmod 600) or ~/.kaggle/access_token, or set KAGGLE_USERNAME and "
-                             "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
+                             "(chmod 600) or ~/.kaggle/access_token, or set KAGGLE_API_TOKEN, "
+                             "or KAGGLE_USERNAME and KAGGLE_KEY (kaggle.com > Settings > API > "
+                             "Create New Token)")
         return
     if "://" in text and not storage.is_s3(text):
         raise UsageError(f"source '{text}' is not supported: use {FORMS}")
