@@ -249,18 +249,11 @@ def upload_dir(local_dir: str, uri: str) -> None:
             upload_file(src, join(uri, os.path.relpath(src, local_dir).replace(os.sep, "/")))
 
 
-def size(uri: str) -> int | None:
-    """The file's size in bytes; None when there is no file there."""
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    return info.size if info.type == pafs.FileType.File else None
-
-
-def file_sizes(uri: str) -> dict[str, int]:
-    """Path relative to `uri` -> size in bytes, of every file under it (none: {})."""
+def files_under(uri: str) -> dict[str, pafs.FileInfo]:
+    """Path relative to `uri` -> FileInfo (size, mtime), of every file under it (none: {})."""
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {posixpath.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
+    return {posixpath.relpath(i.path, path): i for i in infos if i.type == pafs.FileType.File}
 
 
 def list_files(uri: str) -> list[str]:

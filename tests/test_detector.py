@@ -205,6 +205,26 @@ def test_a_split_decodes_to_exactly_its_images_as_tensors(ray_session, tiny_cfg)
 
 # --- the CLI without the model hub ----------------------------------------------------
 
+def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_path, monkeypatch):
+    """On a cluster the workers cannot read the driver's disk, so a local weights file is
+    copied into the S3 work directory. Rewritten, or replaced by another file of that name
+    (weights of one architecture are all one size), it is copied anew, not taken for the
+    old copy."""
+    from deepfake_ray import config, runtime
+
+    monkeypatch.setattr(runtime, "in_process", lambda: False)  # a cluster's driver
+    workdir = f"{s3_server('pretrained-copies')}/runs/r1"
+    weights = tmp_path / "weights.safetensors"
+    loaded = []
+    for content in (b"A" * 1000, b"B" * 1000, b"A" * 1000):
+        weights.write_bytes(content)
+        cfg = config.build("tiny", None, [f"detector.pretrained={weights}"], workdir=workdir)
+        uri = train.resolve_pretrained(cfg)
+        assert uri.startswith(f"{workdir}/detector/pretrained/weights-") and uri.endswith(".safetensors")
+        loaded.append(storage.read_bytes(uri))
+    assert loaded == [b"A" * 1000, b"B" * 1000, b"A" * 1000]
+
+
 def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_path):
     workdir = str(tmp_path / "work")
     build(workdir, 20, 32)

@@ -3,6 +3,7 @@ import io
 import os
 import re
 import shutil
+import time
 import zipfile
 
 import pyarrow.parquet as pq
@@ -312,6 +313,15 @@ def test_files_on_the_drivers_disk_are_copied_to_s3_for_a_cluster_once(s3_server
     assert f"copying 1 of {found} files" in capsys.readouterr().out
     assert storage.read_bytes(again.files[src.files.index(str(tmp_path / "faces" / "plain.jpg"))]) \
         == good_files()["large.jpg"]
+    # rewritten in place later, to other bytes of the same size: sent again too
+    gray = tmp_path / "faces" / "gray.png"
+    data = gray.read_bytes()
+    gray.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    later = time.time() + 5
+    os.utime(gray, (later, later))
+    third = sources.copy_to(src, dest, "prepare")
+    assert f"copying 1 of {found} files" in capsys.readouterr().out
+    assert storage.read_bytes(third.files[src.files.index(str(gray))]) == gray.read_bytes()
 
 
 @pytest.fixture
