@@ -14,7 +14,7 @@ from deepfake_ray import cli, progress, runtime, storage
 from deepfake_ray.data import datasets, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
-from tests.images import SHARED_UTKFACE, bad_files, good_files
+from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, rgb
 
 
 def write_folder(root) -> int:
@@ -51,6 +51,31 @@ def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, 
     images = pq.read_table(datasets.images_uri(datasets.data_dir(cfg.workdir))).to_pandas()
     assert sorted(images["sha1"]) == sorted(manifest["sha1"])
     assert f"prepared {len(good_files())} images ({len(bad_files()) + 1} rejected" in capsys.readouterr().out
+
+
+def test_one_picture_saved_twice_with_other_metadata_is_in_one_split_and_stored_alike(
+        ray_session, tiny_cfg, tmp_path):
+    """A re-save that only adds a comment is other bytes, so both files are kept, but it is
+    the same picture: it must not train the detector while its copy tests it. The stored
+    images are one encoding of the pixels, with nothing of the source's metadata, as the
+    fakes are."""
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i}.jpg").write_bytes(encode(rgb(i, 48), "JPEG", quality=90))
+        (folder / f"{i}-commented.jpg").write_bytes(encode(rgb(i, 48), "JPEG", quality=90,
+                                                           comment=b"from a camera"))
+    cfg = tiny_cfg(f"data.source={folder}", "data.splits=[0.34, 0.33, 0.33]")
+    prepare.run(cfg)
+    manifest, rejected, _ = read_outputs(cfg.workdir)
+    assert len(manifest) == 24 and rejected.empty and manifest["sha1"].nunique() == 24
+    picture = manifest["path"].map(lambda p: os.path.basename(p).split("-")[0].split(".")[0])
+    assert manifest.groupby(picture)["split"].nunique().max() == 1
+    images = pq.read_table(datasets.images_uri(datasets.data_dir(cfg.workdir))).to_pandas()
+    stored = dict(zip(images["sha1"], images["image"]))
+    by_picture = manifest.assign(image=manifest["sha1"].map(stored)).groupby(picture)["image"]
+    assert by_picture.nunique().max() == 1
+    assert not any(b"from a camera" in image for image in images["image"])
 
 
 def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path, capsys):

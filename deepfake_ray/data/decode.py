@@ -115,7 +115,8 @@ def pixels(img: Image.Image, size: int) -> np.ndarray:
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     """The one JPEG encoding of every stored image, real or fake, so both look alike."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality, subsampling=0)
+    # comment: Pillow would carry a source's JPEG comment over, which no fake has
+    img.save(buf, format="JPEG", quality=quality, subsampling=0, comment=b"")
     return buf.getvalue()
 
 

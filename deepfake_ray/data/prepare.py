@@ -52,7 +52,7 @@ ROW_SCHEMA = pa.schema([*MANIFEST_SCHEMA, ("reason", TEXT), ("detail", TEXT), ("
 
 
 def assign_split(sha1: str, splits: tuple[float, ...]) -> str:
-    """Split from the content hash: stable across reruns, one split per distinct image."""
+    """Split from the stored image's hash: stable across reruns, one split per picture."""
     u = int(sha1[:12], 16) / float(16 ** 12)
     total, edge = sum(splits), 0.0
     for name, fraction in zip(datasets.SPLITS, splits):  # plain floats: once per image
@@ -208,7 +208,9 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
         row = {**inspect_fetched(data, size, quality, max_pixels), "path": storage.printable(path),
                "part": "", "split": ""}
         if not row["reason"]:
-            row.update(part=part, split=assign_split(row["sha1"], splits))
+            # by the stored image, as for the fakes: a picture re-saved with other metadata
+            # is other bytes (kept as well) but must not sit in train while it sits in test
+            row.update(part=part, split=assign_split(decode.sha1(row["image"]), splits))
             if row["sha1"] not in seen:  # each distinct image once per part: its first copy
                 seen.add(row["sha1"])
                 usable.append(row)
