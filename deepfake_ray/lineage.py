@@ -131,11 +131,16 @@ def changed_inputs(done: dict, asked: dict) -> list[str]:
     return [f for f, now in asked["inputs"].items() if f in recorded and recorded[f] != now]
 
 
+def redone_since(cfg: Config, done: dict, read: dict | None = None) -> list[str]:
+    """The input folders of a complete stage (`done`, its marker) completed again since."""
+    return [f for f, was in done.get("inputs", {}).items() if identity(cfg, f, read) != was]
+
+
 def check_inputs_current(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     """A stage must not be made from one that is itself out of date."""
     for folder in stage.inputs:
         done = marker(cfg, folder, read) or {}
-        if stale := [f for f, was in done.get("inputs", {}).items() if identity(cfg, f, read) != was]:
+        if stale := redone_since(cfg, done, read):
             raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "

@@ -1,7 +1,9 @@
 """`deepfake-ray report`: WORKDIR/report.html (self-contained) and WORKDIR/report.md.
 
 The report is built from whatever the work directory holds, so it can be written after
-any stage; a section whose outputs are missing names the command that produces them.
+any stage; a section whose outputs are missing names the command that produces them,
+and one whose stage is not complete, or was made before a stage it reads was redone,
+says it is out of date (the old held-out metrics after `train-detector --force`).
 Figures are embedded in the HTML as data: URIs, so the one file opens anywhere (no
 network, no sibling files); report.md links them by relative path instead.
 """
@@ -14,9 +16,9 @@ import re
 import shlex
 import time
 
-from deepfake_ray import storage
+from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
-from deepfake_ray.report_render import Figure, Missing, Table, Text, render_html, render_md
+from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
 
 MAX_SAMPLE_GRIDS = 8  # GAN sample grids shown, spread over the epochs (each can be ~1 MB)
 MAX_COLUMNS = 12
@@ -206,24 +208,39 @@ def config_text(w: str) -> list:
         return []
 
 
-# (anchor, title, builder, the command that produces the section's files)
+# (anchor, title, builder, the command that produces the section's files, their stage folder)
 SECTIONS = [
-    ("timings", "Stage timings", timings, "pipeline"),
-    ("data", "Data", data, "prepare"),
-    ("gan", "GAN training", gan, "train-gan"),
-    ("detector", "Detector training", detector, "train-detector"),
-    ("tune", "Learning-rate sweep (Ray Tune)", tune, "tune"),
-    ("metrics", "Held-out test metrics", metrics, "evaluate"),
-    ("robustness", "Robustness", robustness, "evaluate"),
-    ("config", "Resolved configuration", config_text, "pipeline"),
+    ("timings", "Stage timings", timings, "pipeline", None),
+    ("data", "Data", data, "prepare", "data"),
+    ("gan", "GAN training", gan, "train-gan", "gan"),
+    ("detector", "Detector training", detector, "train-detector", "detector"),
+    ("tune", "Learning-rate sweep (Ray Tune)", tune, "tune", "tune"),
+    ("metrics", "Held-out test metrics", metrics, "evaluate", "eval"),
+    ("robustness", "Robustness", robustness, "evaluate", "eval"),
+    ("config", "Resolved configuration", config_text, "pipeline", None),
 ]
 
 
-def collect(workdir: str) -> list[tuple[str, str, list]]:
-    quoted = shlex.quote(workdir)
+def out_of_date(cfg: Config, folder: str) -> str | None:
+    """Why the files in WORKDIR/`folder` may not describe the run as it is now, or None."""
+    done = storage.completed(storage.join(cfg.workdir, folder))
+    if done is None:  # left by an earlier run while the stage is redone, or not finished
+        return f"{folder}/ is not complete (being redone, or interrupted)"
+    if redone := lineage.redone_since(cfg, done):
+        return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made"
+    return None
+
+
+def collect(cfg: Config) -> list[tuple[str, str, list]]:
+    quoted = shlex.quote(cfg.workdir)
     out = []
-    for anchor, title, build, command in SECTIONS:
-        blocks = build(workdir) or [Missing(f"deepfake-ray {command} --workdir {quoted}")]
+    for anchor, title, build, command, folder in SECTIONS:
+        redo = f"deepfake-ray {command} --workdir {quoted}"
+        blocks = build(cfg.workdir)
+        if not blocks:
+            blocks = [Missing(redo)]
+        elif folder and (why := out_of_date(cfg, folder)):
+            blocks = [Stale(redo, why), *blocks]
         out.append((anchor, title, blocks))
     return out
 
@@ -231,11 +248,14 @@ def collect(workdir: str) -> list[tuple[str, str, list]]:
 def run(cfg: Config, force: bool = False, **_) -> dict:
     """Write WORKDIR/report.html and WORKDIR/report.md (always rebuilt: it is cheap)."""
     workdir = cfg.workdir
-    sections = collect(workdir)
+    sections = collect(cfg)
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     html_uri, md_uri = storage.join(workdir, "report.html"), storage.join(workdir, "report.md")
     storage.write_text(html_uri, render_html(workdir, sections, generated))
     storage.write_text(md_uri, render_md(workdir, sections, generated))
     missing = [title for _, title, blocks in sections if isinstance(blocks[0], Missing)]
-    print(f"report: {html_uri}" + (f" (not produced yet: {', '.join(missing)})" if missing else ""))
-    return {"html": html_uri, "md": md_uri, "missing": missing}
+    stale = [title for _, title, blocks in sections if isinstance(blocks[0], Stale)]
+    notes = [f"{what}: {', '.join(titles)}" for what, titles in
+             (("not produced yet", missing), ("out of date", stale)) if titles]
+    print(f"report: {html_uri}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return {"html": html_uri, "md": md_uri, "missing": missing, "stale": stale}

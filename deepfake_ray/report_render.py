@@ -36,6 +36,12 @@ class Missing:
     command: str
 
 
+@dataclass
+class Stale:
+    command: str
+    reason: str
+
+
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
@@ -62,6 +68,9 @@ def html_block(b) -> str:
                 f"<figcaption>{e(b.caption)} ({e(b.path)})</figcaption></figure>")
     if isinstance(b, Missing):
         return f'<p class="missing">Not produced yet: run <code>{e(b.command)}</code></p>'
+    if isinstance(b, Stale):
+        return (f'<p class="missing">Out of date: {e(b.reason)}. What follows may not describe the '
+                f'current model; run <code>{e(b.command)}</code>.</p>')
     return f"<pre>{e(b.text)}</pre>" if b.pre else f"<p>{e(b.text)}</p>"
 
 
@@ -90,6 +99,8 @@ def md_block(b) -> str:
         return f"![{b.caption}]({b.path})"
     if isinstance(b, Missing):
         return f"_Not produced yet: run `{b.command}`_"
+    if isinstance(b, Stale):
+        return f"_Out of date: {b.reason}. What follows may not describe the current model; run `{b.command}`._"
     return f"```yaml\n{b.text.rstrip()}\n```" if b.pre else b.text
 
 

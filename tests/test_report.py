@@ -79,7 +79,22 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
         {"name": "train-gan", "status": "skipped", "seconds": 0.1},
         {"name": "evaluate", "status": "done", "seconds": 7.9}]})
     storage.write_text(storage.join(w, "config.yaml"), "workdir: W\ndetector:\n  lr: 0.0003\n")
+    for folder, inputs in STAGE_INPUTS.items():  # complete, each made from the ones there now
+        mark_complete(w, folder, inputs)
     return figures
+
+
+STAGE_INPUTS = {"gan": ["data"], "detector": ["data", "fakes"], "tune": ["data", "fakes"],
+                "eval": ["data", "fakes", "detector"]}
+
+
+def mark_complete(w: str, folder: str, inputs: list[str], when: str = "2026-12-02T10:00:00") -> None:
+    """A stage's marker as lineage writes it: what it was made from, and when."""
+    from deepfake_ray import lineage
+
+    cfg = config.build("tiny", workdir=w)
+    storage.write_json(storage.join(w, folder, "_COMPLETE.json"), {
+        "inputs": {f: lineage.identity(cfg, f) for f in inputs}, "settings": {}, "completed": when})
 
 
 class Structure(HTMLParser):
@@ -127,7 +142,7 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     w = str(tmp_path / "work")
     figures = write_workdir(w)
     result = report.run(config.build("tiny", workdir=w))
-    assert result["missing"] == []
+    assert result["missing"] == [] and result["stale"] == []
     html_path = os.path.join(w, "report.html")
     page = parse(html_path)
     assert page.urls == []  # self-contained: nothing fetched from anywhere
@@ -147,6 +162,25 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
     assert "](gan/losses.png)" in md and "](eval/roc.png)" in md
+
+
+def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path):
+    """After `train-detector --force` the old held-out metrics are still on disk; a report
+    written before `evaluate` reruns must not pass them off as the new model's."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    mark_complete(w, "detector", ["data", "fakes"], when="2026-12-02T11:00:00")  # retrained
+    storage.delete_file(storage.join(w, "gan", "_COMPLETE.json"))  # being redone
+    result = report.run(config.build("tiny", workdir=w))
+    assert result["stale"] == ["GAN training", "Held-out test metrics", "Robustness"]
+    text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    parse(os.path.join(w, "report.html"))
+    assert "Out of date: detector/ changed since eval/ was made" in text
+    assert "Out of date: gan/ is not complete" in text
+    assert f"<code>deepfake-ray evaluate --workdir {w}</code>" in text
+    assert "0.981" in text  # still shown, labelled
+    md = open(os.path.join(w, "report.md")).read()
+    assert f"_Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --workdir {w}`._" in md
 
 
 def test_missing_sections_name_the_command(tmp_path):
