@@ -35,6 +35,9 @@ def save_model(uri: str, state_dict: dict, meta: dict) -> None:
     blob = st_save(tensors)
     meta = {**meta, "format_version": FORMAT_VERSION,
             "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    # an earlier export's model.json goes first: a crash before the new one is written
+    # must not leave new weights under old metrics (the best epoch so far would lie)
+    storage.delete_file(storage.join(uri, META))
     storage.write_bytes(storage.join(uri, WEIGHTS), blob)
     storage.write_json(storage.join(uri, META), meta)
 

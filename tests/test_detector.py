@@ -205,6 +205,27 @@ def test_a_split_decodes_to_exactly_its_images_as_tensors(ray_session, tiny_cfg)
 
 # --- the CLI without the model hub ----------------------------------------------------
 
+def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path, monkeypatch):
+    """best/ is rewritten whenever an epoch beats it. Killed after the new weights but
+    before their model.json, it must not show the old epoch's metrics over the new
+    weights: the resumed run would trust them and publish a model that fails its hash."""
+    from deepfake_ray import checkpoint
+    from deepfake_ray.detector import loop
+
+    best = str(tmp_path / "best")
+    checkpoint.save_model(best, {"w": torch.zeros(3)}, {"metrics": {"val_auc": 0.9}})
+    assert loop.best_so_far(str(tmp_path)) == {"val_auc": 0.9}
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "write_json", killed)  # the process dies before model.json
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_model(best, {"w": torch.ones(3)}, {"metrics": {"val_auc": 0.8}})
+    monkeypatch.undo()
+    assert loop.best_so_far(str(tmp_path)) is None  # nothing vouched for: the next epoch exports
+
+
 def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_path, monkeypatch):
     """On a cluster the workers cannot read the driver's disk, so a local weights file is
     copied into the S3 work directory. Rewritten, or replaced by another file of that name
