@@ -107,6 +107,8 @@ class ServeConfig:
     # on CPU cores (Inception-ResNet-v2 ~0.1 s per image) the demo preset uses 0.1 s
     batch_wait_timeout_s: float = 0.01
     max_body_bytes: int = 10 * 1024 * 1024
+    # files in one multipart request: each is parsed, decoded and scored by the replica
+    max_files_per_request: int = 64
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: int = 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ GOOD = {f"face{i}.jpg": encode(rgb(i, 64), "JPEG", quality=90) for i in range(6)
 GOOD["face_png.png"] = encode(rgb(9, 48), "PNG")
 JPEG = GOOD["face0.jpg"]
 BAD = {"corrupt.jpg": JPEG[: len(JPEG) // 2], "notes.jpg": b"not an image at all\n" * 40}
+LATIN1_NAME = b"caf\xe9.jpg"  # not UTF-8: written to the table as caf\xe9.jpg
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +95,26 @@ def scored(ray_session, model_dir, images_dir, tmp_path_factory):
     from deepfake_ray.serving import score
 
     out = str(tmp_path_factory.mktemp("scores") / "scores.parquet")
-    summary = score.run(serve_cfg(os.path.dirname(out)), model=model_dir, input=images_dir, out=out)
+    folder = str(tmp_path_factory.mktemp("to-score"))
+    shutil.copytree(images_dir, folder, dirs_exist_ok=True)
+    with open(os.path.join(os.fsencode(folder), LATIN1_NAME), "wb") as f:  # an old archive's name
+        f.write(JPEG)
+    summary = score.run(serve_cfg(os.path.dirname(out)), model=model_dir, input=folder, out=out)
     rows = storage.read_parquet(out).to_pylist()
     return summary, {os.path.basename(r["path"]): r for r in rows}
 
 
 FIELD_ONLY = b'--xyz\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--xyz--\r\n'
 FIELD_TYPE = {"content-type": "multipart/form-data; boundary=xyz"}
+
+
+def multipart(*parts: tuple[str, str | None, bytes]) -> bytes:
+    """A body of (field, file name or None, bytes) parts, boundary xyz (FIELD_TYPE)."""
+    out = b""
+    for field, filename, data in parts:
+        name = f'; filename="{filename}"' if filename else ""
+        out += f'--xyz\r\nContent-Disposition: form-data; name="{field}"{name}\r\n\r\n'.encode() + data + b"\r\n"
+    return out + b"--xyz--\r\n"
 
 
 def detect(base: str, data: bytes, **kw) -> httpx.Response:
@@ -162,6 +177,9 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("malformed multipart", lambda: detect(service, JPEG, headers=FIELD_TYPE), 400),
         ("batch without multipart", lambda: httpx.post(f"{service}/v1/detect/batch",
                                                        content=JPEG, timeout=30), 415),
+        ("more files than serve.max_files_per_request", lambda: httpx.post(
+            f"{service}/v1/detect/batch", content=multipart(*[("files", "a.gif", b"GIF89a")] * 65),
+            headers=FIELD_TYPE, timeout=30), 413),
         ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405),
         ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404),
     ]
@@ -188,6 +206,10 @@ def test_batch_route_answers_every_file_in_order(service):
     assert text["status"] == 415 and "not an image" in text["error"]
     single = detect(service, GOOD["face1.jpg"]).json()
     assert abs(single["p_fake"] - good["p_fake"]) < 1e-4
+    # a file sent as a field's value, without a file name (curl -F 'file=<face1.jpg')
+    unnamed = detect(service, multipart(("note", None, b"hi"), ("file", None, GOOD["face1.jpg"])),
+                     headers=FIELD_TYPE)
+    assert unnamed.status_code == 200 and abs(unnamed.json()["p_fake"] - good["p_fake"]) < 1e-4
 
 
 def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
@@ -237,7 +259,8 @@ def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
 
 def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
     summary, rows = scored
-    assert set(rows) == set(GOOD) | set(BAD)
+    assert set(rows) == set(GOOD) | set(BAD) | {"caf\\xe9.jpg"}
+    assert rows["caf\\xe9.jpg"]["error"] == "" and rows["caf\\xe9.jpg"]["label"] in ("real", "fake")
     for name in GOOD:
         assert rows[name]["error"] == "" and 0.0 <= rows[name]["p_fake"] <= 1.0
         assert rows[name]["label"] in ("real", "fake")
@@ -245,7 +268,7 @@ def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
     assert "not an image" in rows["notes.jpg"]["error"]
     for name in BAD:
         assert rows[name]["p_fake"] is None and rows[name]["label"] == ""
-    assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 2, len(GOOD), 2)
+    assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 3, len(GOOD) + 1, 2)
     assert summary["fakes"] == sum(r["label"] == "fake" for r in rows.values())
 
 
@@ -261,8 +284,10 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
             storage.write_bytes(f"{bucket}/in/{name}", f.read())
     uploaded = [f"{bucket}/in/{name}" for name in sorted(os.listdir(images_dir))]
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
-    paths = uploaded[::-1] + [f"{bucket}/in/vanished.jpg"]
-    storage.write_parquet(f"{bucket}/manifest.parquet", pa.table({"path": paths}))
+    paths = uploaded[::-1] + [f"{bucket}/in/vanished.jpg", ""]
+    # a folder of parts, as Spark and Ray Data write a table; an empty row is a row too
+    for i, part in enumerate((paths[:4], paths[4:])):
+        storage.write_parquet(f"{bucket}/manifest.parquet/part-{i}.parquet", pa.table({"path": part}))
     cfg = serve_cfg(tmp_path)
     out = f"{bucket}/out/scores.csv"
     summary = score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)
@@ -270,8 +295,9 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     lines = storage.read_text(out).splitlines()
     assert lines[0] == '"path","p_fake","label","error"'
     assert [line.split(",")[0].strip('"') for line in lines[1:]] == paths  # input order kept
-    assert '"unreadable' in lines[-1] and ',"",' in lines[-1]  # no p_fake, no label
-    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 1)
+    assert '"unreadable' in lines[-2] and ',"",' in lines[-2]  # no p_fake, no label
+    assert '"no path' in lines[-1]
+    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 2)
     assert score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)["skipped"]
 
 

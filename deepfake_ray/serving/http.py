@@ -9,6 +9,7 @@ parser, once the size is known to be acceptable. Every error answer is JSON
 from __future__ import annotations
 
 import logging
+import re
 from email import policy
 from email.parser import BytesParser
 
@@ -57,8 +58,21 @@ def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
+FILE_FIELDS = ("file", "files")  # parts under these names are files, named or not
+
+
+def check_part_count(content_type: str, body: bytes, limit: int) -> None:
+    """413 before parsing a body of more than `limit` parts: the parser takes ~0.6 ms a
+    part, and 70,000 tiny parts fit in 10 MB."""
+    found = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+    if found and body.count(b"--" + found.group(1).encode("latin-1")) - 1 > limit:
+        raise ApiError(413, f"more than {limit} files in one request (serve.max_files_per_request): "
+                            "send them in several requests")
+
+
 def multipart_files(content_type: str, body: bytes) -> list[tuple[str, str, bytes]]:
-    """(field name, file name, bytes) of every file part, in order."""
+    """(field name, file name, bytes) of every file part, in order. A part is a file when
+    it has a file name (`curl -F file=@face.jpg`) or sits under a file field (`-F file=<face.jpg`)."""
     head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
     message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
     if not message.is_multipart() or message.defects:
@@ -66,10 +80,10 @@ def multipart_files(content_type: str, body: bytes) -> list[tuple[str, str, byte
     files = []
     for part in message.iter_parts():
         filename = part.get_filename()
-        if filename is None:
-            continue  # a plain form field, not a file
         field = part.get_param("name", header="content-disposition") or ""
-        files.append((field, filename, part.get_payload(decode=True) or b""))
+        if filename is None and field not in FILE_FIELDS:
+            continue  # a plain form field, not a file
+        files.append((field, filename or field, part.get_payload(decode=True) or b""))
     return files
 
 

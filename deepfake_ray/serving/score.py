@@ -10,6 +10,7 @@ label, error): an unreadable or non-image file is a row with its reason, not a c
 from __future__ import annotations
 
 import io
+import os
 import time
 
 import numpy as np
@@ -37,7 +38,8 @@ def check_args(model: str | None, src: str | None, out: str | None) -> tuple[str
 
 
 def is_manifest(src: str) -> bool:
-    return src.lower().endswith(".parquet") and storage.exists(src) and not storage.is_dir(src)
+    """A Parquet file, or a folder of parts as Spark and Ray Data write one."""
+    return src.lower().endswith(".parquet") and storage.exists(src)
 
 
 def check_input(src: str) -> None:
@@ -54,7 +56,7 @@ def list_inputs(src: str) -> list[str]:
         if "path" not in table.column_names:
             raise UsageError(f"manifest {src} has no 'path' column (columns: "
                              f"{', '.join(table.column_names)}): give a Parquet file listing paths")
-        paths = [p for p in table.column("path").to_pylist() if p]
+        paths = [p or "" for p in table.column("path").to_pylist()]  # an empty one: an error row
     else:
         check_input(src)
         paths = storage.list_files(src)
@@ -65,11 +67,14 @@ def list_inputs(src: str) -> list[str]:
 
 def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason."""
-    pixels = np.zeros((len(batch["path"]), resolution, resolution, 3), dtype=np.uint8)
+    pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
     errors = []
-    for i, path in enumerate(batch["path"]):
+    for i, raw in enumerate(batch["raw_path"]):
+        if not raw:
+            errors.append("no path: the manifest's row is empty")
+            continue
         try:
-            pixels[i] = decode_image(storage.read_bytes(str(path)), resolution, max_pixels)
+            pixels[i] = decode_image(storage.read_bytes(os.fsdecode(bytes(raw))), resolution, max_pixels)
             errors.append("")
         except DecodeError as e:
             errors.append(error_text(e))
@@ -115,7 +120,10 @@ def score_table(cfg: Config, model: str, paths: list[str]) -> pa.Table:
     meta = checkpoint.load_meta(model)
     size, gpus = pool(cfg)
     batch = cfg.serve.score_batch_size
-    items = [{"index": i, "path": p} for i, p in enumerate(paths)]
+    # a file name that is not UTF-8 travels as bytes (Arrow strings must be UTF-8) and is
+    # written with \xNN escapes, as prepare's manifest does
+    items = [{"index": i, "path": storage.printable(p), "raw_path": os.fsencode(p)}
+             for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
     ds = ds.map_batches(read_and_decode, batch_size=batch, batch_format="numpy",
                         fn_kwargs={"resolution": int(meta["resolution"]),
