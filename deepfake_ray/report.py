@@ -164,8 +164,7 @@ MODEL_KEYS = ("arch", "input_size", "resolution", "threshold", "epoch")
 
 
 def detector(w: str) -> list:
-    blocks = figure(w, "eval/curves.png", "detector training and validation curves")
-    blocks += json_blocks(read_json(w, "detector/history.json"), "detector/history.json")
+    blocks = json_blocks(read_json(w, "detector/history.json"), "detector/history.json")
     meta = read_json(w, "detector/model/model.json")
     if isinstance(meta, dict):
         rows = [[k, fmt(meta[k])] for k in MODEL_KEYS if k in meta]
@@ -188,9 +187,12 @@ def tune(w: str) -> list:
 
 
 def metrics(w: str) -> list:
+    """eval/'s files, the training curves too: evaluate draws them, so they are out of date
+    with the rest of eval/ (after a retrained detector) and are labelled with it."""
     blocks = json_blocks(read_json(w, "eval/metrics.json"), "eval/metrics.json")
     return (blocks + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
-            + figure(w, "eval/roc.png", "ROC curve (held-out test split)"))
+            + figure(w, "eval/roc.png", "ROC curve (held-out test split)")
+            + figure(w, "eval/curves.png", "the detector's training and validation curves"))
 
 
 def robustness(w: str) -> list:

@@ -12,6 +12,7 @@ completes, so we upload from memory in one go and never stream half a file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -249,11 +250,22 @@ def upload_dir(local_dir: str, uri: str) -> None:
             upload_file(src, join(uri, os.path.relpath(src, local_dir).replace(os.sep, "/")))
 
 
-def files_under(uri: str) -> dict[str, pafs.FileInfo]:
-    """Path relative to `uri` -> FileInfo (size, mtime), of every file under it (none: {})."""
-    fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {posixpath.relpath(i.path, path): i for i in infos if i.type == pafs.FileType.File}
+def s3_objects(uri: str) -> dict[str, dict]:
+    """Key relative to `uri` -> S3's listing entry (Size, ETag, LastModified) of every
+    object under it: pyarrow's listing has no ETag."""
+    client, bucket, prefix = s3_client(uri)
+    prefix = prefix.rstrip("/") + "/"
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):]: o for page in pages for o in page.get("Contents", [])}
+
+
+def file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of a file on this machine's disk, read a MB at a time."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_files(uri: str) -> list[str]:

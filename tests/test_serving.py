@@ -257,6 +257,25 @@ def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
     assert len(answered) > 3 and max(np.diff(answered)) < decoding / 3, (decoding, np.diff(answered))
 
 
+@pytest.mark.parametrize("params", ["boundary=XyZ", "boundary=XyZ ; charset=utf-8", "boundary = XyZ",
+                                    "xboundary=Q; boundary=XyZ", 'boundary="Xy;Z"'])
+def test_the_file_limit_reads_the_boundary_as_the_parser_does(params):
+    from deepfake_ray.serving import http
+
+    content_type = f"multipart/form-data; {params}"
+    boundary = "Xy;Z" if '"' in params else "XyZ"
+
+    def body(parts: int) -> bytes:
+        part = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.gif"\r\n\r\nGIF89a\r\n'
+        return (part * parts + f"--{boundary}--\r\n").encode()
+
+    http.check_part_count(content_type, body(64), limit=64)
+    assert len(http.multipart_files(content_type, body(64))) == 64
+    with pytest.raises(http.ApiError) as refused:
+        http.check_part_count(content_type, body(65), limit=64)
+    assert refused.value.status == 413
+
+
 def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
     summary, rows = scored
     assert set(rows) == set(GOOD) | set(BAD) | {"caf\\xe9.jpg"}
@@ -315,6 +334,12 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     for kwargs in bad:
         with pytest.raises(UsageError):
             score.run(cfg, **kwargs)
+    named_like_a_table = tmp_path / "faces.parquet"  # a folder of images, not of parts
+    shutil.copytree(images_dir, named_like_a_table)
+    assert len(score.list_inputs(str(named_like_a_table))) == len(GOOD) + len(BAD)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UsageError, match="broken.parquet is not a readable Parquet table"):
+        score.list_inputs(str(tmp_path / "broken.parquet"))
     from deepfake_ray import checkpoint
     from deepfake_ray.models import dcgan
     from deepfake_ray.serving import app

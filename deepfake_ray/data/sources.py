@@ -117,27 +117,33 @@ def copy_name(text: str, data: DataConfig) -> str:
     return f"{os.path.basename(path.rstrip('/')) or 'root'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def is_copy_of(copy, path: str) -> bool:
-    """`copy` (a FileInfo or None) was made from `path` as it is now."""
+def is_copy_of(copy: dict | None, path: str) -> bool:
+    """`copy` (S3's listing entry, or None) holds `path`'s bytes as they are now: by MD5
+    where its ETag is one (a single PUT: files under 5 MB), else by size and a last change
+    of the file before the copy's upload (a multipart upload's ETag is no file's hash)."""
     try:
         local = os.stat(path)
     except FileNotFoundError:
         return True  # gone since listed: nothing to send (ingest says "unreadable")
-    changed = local.st_mtime_ns // 10**9 * 10**9  # S3's LastModified is in whole seconds
-    return copy is not None and copy.size == local.st_size and copy.mtime_ns >= changed
+    if copy is None or copy["Size"] != local.st_size:
+        return False
+    etag = copy["ETag"].strip('"')
+    if "-" not in etag:  # (an encrypted store's ETag is no MD5 either: sent again, safely)
+        return storage.file_digest(path, "md5") == etag
+    return copy["LastModified"].timestamp() >= int(local.st_mtime)
 
 
 def copy_to(src: Source, dest: str, command: str) -> Source:
     """`src`, its files copied from this machine's disk to `dest` (s3://), where the tasks
-    on every node can read them. As rsync does, a file already there with its size and
-    uploaded after it last changed is not sent again, so a resubmitted job only sends
-    what the killed one had not, and a file changed since is sent again."""
+    on every node can read them. A file already there with the same bytes is not sent
+    again, so a resubmitted job only sends what the killed one had not, and a file
+    changed since is sent again."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deepfake_ray.progress import Progress
 
     relative = {f: os.path.relpath(f, src.root).replace(os.sep, "/") for f in src.files}
-    there = storage.files_under(dest)
+    there = storage.s3_objects(dest)
     todo = [f for f, rel in relative.items() if not is_copy_of(there.get(rel), f)]
     print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
           "where every node of the cluster can read them", flush=True)

@@ -12,7 +12,6 @@ chosen on validation; the test split is left for `deepfake-ray evaluate`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 
@@ -120,8 +119,7 @@ def resolve_pretrained(cfg: Config) -> str:
         # named by content: weights of one architecture are all one size, so a copy found
         # by name and size could be another file's or an older version's
         stem, ext = os.path.splitext(os.path.basename(spec))
-        with open(spec, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        digest = storage.file_digest(spec, "sha256")[:16]
         uri = storage.join(stage_dir(cfg.workdir), "pretrained", f"{stem}-{digest}{ext}")
         if not storage.exists(uri):
             print(f"train-detector: copying {spec} to {uri}, where the workers on every node can read it")

@@ -82,12 +82,14 @@ class Detector:
         holds only images ready for the model. How long a decode takes follows the pixel
         count in the header, not the file's size: only large images go to a thread."""
         try:
-            img = self.predictor.open(blob)
-            if img.width * img.height <= INLINE_DECODE_PIXELS and len(blob) <= INLINE_BYTES:
+            # a large body can be slow to open too (a PNG of 400,000 tiny chunks: 2.4 s)
+            img = self.predictor.open(blob) if len(blob) <= INLINE_BYTES else None
+            if img is not None and img.width * img.height <= INLINE_DECODE_PIXELS:
                 pixels = self.predictor.decode_opened(img)
             else:
                 async with self.decode_slots:
-                    pixels = await asyncio.to_thread(self.predictor.decode_opened, img)
+                    pixels = await asyncio.to_thread(self.predictor.decode, blob) if img is None \
+                        else await asyncio.to_thread(self.predictor.decode_opened, img)
         except DecodeError as e:
             return e
         return await self.predict_batch(pixels)

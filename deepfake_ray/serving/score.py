@@ -38,8 +38,11 @@ def check_args(model: str | None, src: str | None, out: str | None) -> tuple[str
 
 
 def is_manifest(src: str) -> bool:
-    """A Parquet file, or a folder of parts as Spark and Ray Data write one."""
-    return src.lower().endswith(".parquet") and storage.exists(src)
+    """A Parquet file, or a folder of Parquet parts as Spark and Ray Data write a table
+    (not a folder of images that happens to be named *.parquet)."""
+    if not src.lower().endswith(".parquet") or not storage.exists(src):
+        return False
+    return not storage.is_dir(src) or any(f.endswith(".parquet") for f in storage.list_files(src))
 
 
 def check_input(src: str) -> None:
@@ -52,7 +55,11 @@ def check_input(src: str) -> None:
 def list_inputs(src: str) -> list[str]:
     """Paths/URIs to score: every file under a folder or prefix, or a manifest's `path`s."""
     if is_manifest(src):
-        table = storage.read_parquet(src)
+        try:
+            table = storage.read_parquet(src)
+        except pa.ArrowInvalid as e:
+            raise UsageError(f"manifest {src} is not a readable Parquet table ({str(e)[:200]}): "
+                             "give a Parquet file listing paths, or a folder of images") from None
         if "path" not in table.column_names:
             raise UsageError(f"manifest {src} has no 'path' column (columns: "
                              f"{', '.join(table.column_names)}): give a Parquet file listing paths")
