@@ -11,6 +11,7 @@ GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type
 # on the ingress methods that Serve rewraps
 import asyncio
+import functools
 import signal
 import socket
 import threading
@@ -79,17 +80,18 @@ class Detector:
         """Predictor.predict_bytes for one image, its forward pass shared with others.
 
         Decoding happens per request, so a bad file is answered at once and the batch
-        holds only images ready for the model. How long a decode takes follows the pixel
-        count in the header, not the file's size: only large images go to a thread."""
+        holds only images ready for the model. Only a small body holding a small image
+        is decoded on the event loop; the rest go to a thread, a few at a time."""
         try:
-            # a large body can be slow to open too (a PNG of 400,000 tiny chunks: 2.4 s)
-            img = self.predictor.open(blob) if len(blob) <= INLINE_BYTES else None
-            if img is not None and img.width * img.height <= INLINE_DECODE_PIXELS:
-                pixels = self.predictor.decode_opened(img)
-            else:
-                async with self.decode_slots:
-                    pixels = await asyncio.to_thread(self.predictor.decode, blob) if img is None \
-                        else await asyncio.to_thread(self.predictor.decode_opened, img)
+            if len(blob) <= INLINE_BYTES:
+                img = self.predictor.open(blob)  # the header: cheap here, and refuses bombs
+                if img.width * img.height <= INLINE_DECODE_PIXELS:
+                    return await self.predict_batch(self.predictor.decode_opened(img))
+                decode = functools.partial(self.predictor.decode_opened, img)
+            else:  # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s)
+                decode = functools.partial(self.predictor.decode, blob)
+            async with self.decode_slots:
+                pixels = await asyncio.to_thread(decode)
         except DecodeError as e:
             return e
         return await self.predict_batch(pixels)
