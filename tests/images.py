@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -43,6 +44,19 @@ def good_files() -> dict[str, bytes]:
         "large.jpg": encode(base.resize((1024, 1024)), "JPEG"),
         "photo.webp": encode(rgb(4), "WEBP"),
     }
+
+
+def rotated_with_a_malformed_gps_tag(img: Image.Image) -> bytes:
+    """A portrait photo (EXIF orientation 6) whose GPS latitude is stored as text instead
+    of numbers, as some cameras write it: one byte off a valid file. Pillow's
+    ImageOps.exif_transpose raises TypeError on it."""
+    exif = img.getexif()
+    exif[0x0112] = 6
+    exif.get_ifd(0x8825)[2] = (51.0, 30.0, 0.0)  # GPSLatitude: three RATIONALs
+    data = bytearray(encode(img, "JPEG", exif=exif))
+    entry = data.find(struct.pack(">HHI", 2, 5, 3))  # tag 2, type 5 (RATIONAL), count 3
+    data[entry + 2:entry + 4] = struct.pack(">H", 2)  # type 2: ASCII
+    return bytes(data)
 
 
 def premultiplied_alpha_tiff(img: Image.Image) -> bytes:

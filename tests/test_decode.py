@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from deepfake_ray.data import decode
-from tests.images import bad_files, bomb_png, good_files, premultiplied_alpha_tiff, rgb
+from tests.images import (bad_files, bomb_png, good_files, premultiplied_alpha_tiff, rgb,
+                          rotated_with_a_malformed_gps_tag)
 
 
 @pytest.mark.parametrize("name", sorted(good_files()))
@@ -43,6 +44,11 @@ def test_exif_orientation_is_applied():
     img = decode.open_image(good_files()["exif_rotated.jpeg"])
     assert img.size == (96, 60)  # stored landscape...
     assert decode.load_rgb(img).size == (60, 96)  # ...displayed portrait
+
+
+def test_a_malformed_exif_tag_does_not_stop_the_rotation_or_the_ingest():
+    row = decode.inspect(rotated_with_a_malformed_gps_tag(rgb(5, 96).crop((0, 0, 96, 60))), 32, 90)
+    assert row["reason"] == "" and (row["width"], row["height"]) == (60, 96)
 
 
 def test_manifest_size_is_the_displayed_one():

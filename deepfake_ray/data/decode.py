@@ -12,7 +12,7 @@ import hashlib
 import io
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is rejected, never half-used
 # open_image's own header check (data.max_pixels) is the limit: Pillow's fixed one would
@@ -62,15 +62,36 @@ def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
         img.draft("RGB", (target, target))  # DCT-domain downscale: decodes big JPEGs fast
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as e:
+    # Pillow's plugins raise more than OSError on damaged data (struct.error, TypeError,
+    # IndexError): each is one bad file, never a failed stage
+    except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DecodeError("truncated" if "truncat" in msg.lower() or "broken" in msg.lower()
                           else "corrupt", msg)
+    img = upright(img)
     try:
         return to_rgb(img)
     except (ValueError, OSError) as e:  # a pixel layout Pillow reads but cannot convert
         raise DecodeError("unsupported format", f"{img.mode} pixels: {str(e)[:160]}")
+
+
+# EXIF orientation -> the transpose that shows the image as its camera meant
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied. Not ImageOps.exif_transpose: it also rewrites the EXIF
+    block, which raises on a malformed tag that has nothing to do with orientation (a GPS
+    value of the wrong type, as some cameras write), and we keep no metadata anyway."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels are still good
+        return img
+    method = ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
