@@ -294,7 +294,7 @@ def walk_local(root: str) -> list[str]:
                 continue
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.is_dir():
+                    if is_folder(entry):
                         folders.append((entry.path, here))
                     else:
                         files.append(entry.path)
@@ -305,6 +305,15 @@ def walk_local(root: str) -> list[str]:
               f"are left out: {', '.join(sorted(unreadable)[:3])}{', ...' if len(unreadable) > 3 else ''}",
               file=sys.stderr, flush=True)
     return files
+
+
+def is_folder(entry: os.DirEntry) -> bool:
+    """A link that cannot be followed (a loop, no permission) is not a folder: listed as
+    a file, it is then rejected as unreadable, and the rest of its folder still listed."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def printable(path: str) -> str:

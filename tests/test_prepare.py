@@ -85,6 +85,7 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     (root / "sub" / "b.png").write_bytes(good["gray.png"])
     os.symlink("..", root / "sub" / "up")  # a link back up the tree: each file still once
     os.mkfifo(root / "pipe.jpg")  # a reader that opens it waits for a writer, forever
+    os.symlink("loop.jpg", root / "loop.jpg")  # a link to itself: following it fails (ELOOP)
     (root / ".git").mkdir()
     (root / ".git" / "c.png").write_bytes(good["rgba.png"])  # hidden folder: left out
     (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: left out
@@ -95,8 +96,9 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     assert "warning: the train split is empty (3 images in all)" in capsys.readouterr().out
     manifest, rejected, summary = read_outputs(cfg.workdir)
     assert sorted(manifest["path"].map(os.path.basename)) == ["a.jpg", "b.png", "latin1_\\xe9.jpg"]
-    assert list(rejected["path"].map(os.path.basename)) == ["pipe.jpg"]
-    assert rejected["reason"][0] == "unreadable" and "not a regular file" in rejected["detail"][0]
+    reasons = dict(zip(rejected["path"].map(os.path.basename), rejected["detail"]))
+    assert sorted(reasons) == ["loop.jpg", "pipe.jpg"] and set(rejected["reason"]) == {"unreadable"}
+    assert "not a regular file" in reasons["pipe.jpg"] and "symbolic links" in reasons["loop.jpg"]
 
 
 def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch):

@@ -17,8 +17,12 @@ def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     (tmp_path / "a" / "b" / "x.jpg").write_bytes(b"x")
     os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "back")  # a loop through a link
     os.symlink(tmp_path / "a" / "b", tmp_path / "linked")  # one more way in: a second path
-    files = storage.list_files(str(tmp_path))
-    assert [os.path.relpath(f, tmp_path) for f in files] == ["a/b/x.jpg", "linked/x.jpg"]
+    os.symlink("self.jpg", tmp_path / "a" / "b" / "self.jpg")  # a link to itself: can't be followed
+    (tmp_path / "a" / "b" / "y.jpg").write_bytes(b"y")
+    files = [os.path.relpath(f, tmp_path) for f in storage.list_files(str(tmp_path))]
+    # the unfollowable link is listed (to be rejected as unreadable), its folder's other files too
+    assert files == ["a/b/self.jpg", "a/b/x.jpg", "a/b/y.jpg", "linked/self.jpg", "linked/x.jpg",
+                     "linked/y.jpg"]
     assert storage.list_files(str(tmp_path / "not-there")) == []  # as an empty S3 prefix
 
 
