@@ -83,8 +83,9 @@ def build_config(args: argparse.Namespace):
     cfg = config.build(args.preset, args.config, overrides)
     if workdir is None and cfg.workdir == config.Config.workdir:
         workdir = f"runs/{args.preset}"
-    return config.build(args.preset, args.config, overrides,
-                        workdir=storage.normalize(workdir or cfg.workdir))
+    workdir = storage.normalize(workdir or cfg.workdir)
+    storage.check_s3_path(workdir)  # named as given, not as the first file written there
+    return config.build(args.preset, args.config, overrides, workdir=workdir)
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -148,12 +148,15 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     write_folder(tmp_path / "faces")
     storage.upload_dir(str(tmp_path / "faces"), f"{bucket}/celebs")
     storage.write_bytes(f"{bucket}/celebs", b"")  # a folder placeholder some S3 tools write
+    client, name, _ = storage.s3_client(bucket)  # a key with an empty part, which S3 allows
+    client.put_object(Bucket=name, Key="celebs//doubled/slash.jpg", Body=sample.face_jpeg(3, 1))
     with pytest.raises(UsageError, match="is a file: pass the folder"):
         sources.check_source(f"{bucket}/celebs/plain.jpg", tiny_cfg().data)
     cfg = tiny_cfg(f"data.source={bucket}/celebs", workdir=f"{s3_server('runs-out')}/r1")
     prepare.run(cfg)
     manifest, rejected, summary = read_outputs(cfg.workdir)
-    assert len(manifest) == len(good_files()) and summary["rejected"] == len(bad_files()) + 1
+    assert len(manifest) == len(good_files()) + 1 and summary["rejected"] == len(bad_files()) + 1
+    assert f"{bucket}/celebs//doubled/slash.jpg" in set(manifest["path"])
     assert all(p.startswith(f"{bucket}/celebs/") for p in manifest["path"])
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (manifest["split"] == "train").sum()
 
@@ -164,6 +167,10 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
     err = error_lines(capsys)
     assert err == ["deepfake-ray prepare: error: s3://no-such-bucket/run/config.yaml: "
                    "the bucket does not exist: check the s3:// path"]
+    assert cli.main(prepare_on + [s3_server("faces-doubled") + "//run"]) == 2
+    assert error_lines(capsys) == [f"deepfake-ray prepare: error: {s3_server('faces-doubled')}//run: an "
+                                   f"S3 path with an empty part ('//'): write it as "
+                                   f"{s3_server('faces-doubled')}/run"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     storage.s3_filesystem.cache_clear()
     try:
