@@ -372,10 +372,13 @@ def fake_kaggle(monkeypatch, tmp_path):
         inner = io.BytesIO()
         with zipfile.ZipFile(inner, "w") as z:  # datasets ship zips in their zip, too
             z.writestr(five[4][0], five[4][1])
-        with zipfile.ZipFile(os.path.join(path, dataset.split("/")[1] + ".zip"), "w") as z:
+        zip_path = os.path.join(path, dataset.split("/")[1] + ".zip")
+        with zipfile.ZipFile(zip_path, "w") as z:  # replaces a partial one, as a resume ends
             for name, data in five[:4]:
                 z.writestr(f"celeb/{name}", data)
             z.writestr("celeb/more/part2.zip", inner.getvalue())
+        if os.path.exists(zip_path + ".kaggle-partial"):  # done: the client drops its marker
+            os.remove(zip_path + ".kaggle-partial")
 
     monkeypatch.setattr(KaggleApi, "dataset_download_files", download)
     monkeypatch.setattr(KaggleApi, "authenticate", lambda self: None)
@@ -411,6 +414,19 @@ def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kagg
     err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and "holds a damaged zip (faces.zip" in err[0]
     assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "faces") == []  # nothing to trust
+
+
+def test_an_interrupted_kaggle_download_is_resumed_not_deleted(fake_kaggle, tmp_path, tiny_cfg):
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    for slug, marker in (("resumable", True), ("cut", False)):  # the client writes its marker
+        folder = tmp_path / "cache" / "kaggle" / "owner" / slug    # when the server can resume
+        folder.mkdir(parents=True)
+        (folder / f"{slug}.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 500)  # the zip so far
+        if marker:
+            (folder / f"{slug}.zip.kaggle-partial").write_text('{"validator": "etag", "size": 9000}')
+        assert len(sources.resolve_source(f"kaggle:owner/{slug}", data).files) == 5
+        assert fake_kaggle[-1] == f"owner/{slug}"  # downloaded (resumed), not deleted
+    assert len(fake_kaggle) == 2
 
 
 def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake_kaggle, monkeypatch,

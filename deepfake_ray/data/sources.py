@@ -189,14 +189,24 @@ def kaggle_download(dataset: str, cache_dir: str) -> str:
         print(f"using cached Kaggle dataset {dataset} in {folder}")
         return folder
     os.makedirs(folder, exist_ok=True)
-    if any(name.lower().endswith(".zip") for name in os.listdir(folder)):
+    if downloaded_earlier(folder):
         print(f"extracting the Kaggle dataset {dataset} downloaded earlier into {folder}")
     else:
-        download(dataset, folder)
+        download(dataset, folder)  # the client resumes a zip an interrupted run left
     unzip_all(folder, dataset)
     with open(done, "w") as f:
         f.write(dataset + "\n")
     return folder
+
+
+def downloaded_earlier(folder: str) -> bool:
+    """Whether `folder` holds a whole download that an earlier run could not extract. A zip
+    the client is still writing (its `.kaggle-partial` marker beside it, or no zip's end
+    yet) is not one: taken for damaged, it would be deleted instead of resumed."""
+    names = os.listdir(folder)
+    zips = [os.path.join(folder, n) for n in names if n.lower().endswith(".zip")]
+    return (bool(zips) and not any(n.endswith(".kaggle-partial") for n in names)
+            and all(zipfile.is_zipfile(z) for z in zips))
 
 
 def download(dataset: str, folder: str) -> None:
