@@ -7,6 +7,7 @@ Unknown keys and wrong types raise UsageError naming the key and the valid choic
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         return float(value)
     if hint in (int, float) and isinstance(value, str):  # YAML reads 3e-4 as a string
         try:
-            return hint(value)
+            value = hint(value)
         except ValueError:
             pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -263,6 +264,8 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UsageError(f"config key '{name}' expects {hint.__name__}, got {value!r} "
                          f"({type(value).__name__})")
+    if hint is float and not math.isfinite(value):  # every check against nan passes
+        raise UsageError(f"config key '{name}' expects a finite number, got {value!r}")
     return value
 
 

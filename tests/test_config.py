@@ -44,6 +44,8 @@ def test_text_values_are_taken_as_typed(folder):
     ("novalue", "must look like section.key=value"),
     ("resources.data_cpus=0", "resources.data_cpus=0.0 must be above 0"),
     ("resources.workers=0", "resources.workers=0 must be at least 1"),
+    ("data.splits=[0.8, 0.1, nan]", "config key 'data.splits[2]' expects a finite number, got nan"),
+    ("gan.lr=inf", "config key 'gan.lr' expects a finite number, got inf"),
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--workdir", str(tmp_path), "--set", override])
