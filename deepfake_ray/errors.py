@@ -14,13 +14,20 @@ def find_usage_error(e: BaseException) -> UsageError | str | None:
     task, it arrives wrapped."""
     from deepfake_ray import storage
 
-    seen = set()
-    while e is not None and id(e) not in seen:
+    seen, pending = set(), [e]
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, UsageError):
             return e
         if explained := storage.explain(e):
             return explained
         cause = getattr(e, "cause", None)
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+        pending.append(cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__))
+        # Ray Train's errors hold the workers' (by rank) or its controller's, not as a cause
+        pending += [f for f in (getattr(e, "worker_failures", None) or {}).values()
+                    if isinstance(f, BaseException)]
+        pending.append(getattr(e, "controller_failure", None))
     return None

@@ -235,15 +235,40 @@ def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_p
 
     monkeypatch.setattr(runtime, "in_process", lambda: False)  # a cluster's driver
     workdir = f"{s3_server('pretrained-copies')}/runs/r1"
+    import timm
+    from safetensors.torch import save
+
     weights = tmp_path / "weights.safetensors"
+    versions = []
+    for seed in (0, 1):  # two trainings of one small architecture: same size, other bytes
+        torch.manual_seed(seed)
+        versions.append(save(timm.create_model("test_resnet", num_classes=10).state_dict()))
     loaded = []
-    for content in (b"A" * 1000, b"B" * 1000, b"A" * 1000):
+    for content in (versions[0], versions[1], versions[0]):
         weights.write_bytes(content)
-        cfg = config.build("tiny", None, [f"detector.pretrained={weights}"], workdir=workdir)
+        cfg = config.build("tiny", None, [f"detector.pretrained={weights}", "detector.arch=test_resnet"],
+                           workdir=workdir)
         uri = train.resolve_pretrained(cfg)
         assert uri.startswith(f"{workdir}/detector/pretrained/weights-") and uri.endswith(".safetensors")
         loaded.append(storage.read_bytes(uri))
-    assert loaded == [b"A" * 1000, b"B" * 1000, b"A" * 1000]
+    assert loaded == [versions[0], versions[1], versions[0]]
+
+
+def test_weights_that_do_not_fit_exit_2_from_the_driver_without_retries(ray_session, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    workdir = str(tmp_path / "work")
+    build(workdir, 20, 32)
+    weights = str(tmp_path / "resnet.safetensors")
+    save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), weights)
+    code = cli.main(["train-detector", "--preset", "tiny", "--workdir", workdir,
+                     "--set", f"detector.pretrained={weights}"])
+    err = error_lines(capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"deepfake-ray train-detector: error: weights from {weights} do not fit "
+                             "inception_resnet_v2:") and "pass a state dict of that architecture" in err[0]
+    assert not storage.exists(os.path.join(workdir, "detector", "run"))  # no Train run was started
 
 
 def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_path):

@@ -114,6 +114,7 @@ def resolve_pretrained(cfg: Config) -> str:
         if not storage.exists(spec):
             raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
                              "existing local or s3:// weights file (safetensors or state dict)")
+        detector.check_weights(spec, cfg.detector.arch)
         if storage.is_s3(spec) or not runtime.driver_files_need_copying(cfg.workdir):
             return spec
         # named by content: weights of one architecture are all one size, so a copy found

@@ -86,15 +86,33 @@ def load_pretrained(model: nn.Module, spec: str, hub_name: str = HUB_NAME) -> nn
     state = hub_state_dict(hub_name) if spec == "hub" else read_weights(spec)
     prefix = head_prefix(model)
     state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    result = model.load_state_dict(state, strict=False)
+    where = "the model hub" if spec == "hub" else spec
+    architecture = model.pretrained_cfg.get("architecture", ARCH)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # the right names, other shapes (a variant of the architecture)
+        raise UsageError(f"weights from {where} do not fit {architecture}: "
+                         f"{str(e).split(chr(10))[1].strip()[:200]}: pass a state dict of that "
+                         "architecture") from None
     missing = [k for k in result.missing_keys if not k.startswith(prefix)]
     if missing or result.unexpected_keys:
-        where = "the model hub" if spec == "hub" else spec
         raise UsageError(
-            f"weights from {where} do not fit {model.pretrained_cfg.get('architecture', ARCH)}: "
+            f"weights from {where} do not fit {architecture}: "
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(result.unexpected_keys)} "
             f"unexpected (e.g. {result.unexpected_keys[:2]}): pass a state dict of that architecture")
     return model
+
+
+def check_weights(spec: str, arch: str = ARCH) -> None:
+    """load_pretrained's checks on a model that holds no memory (meta tensors): weights
+    that do not fit fail once, in the driver, not in every Train worker after retries."""
+    import warnings
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=2)
+    with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": meant
+        warnings.simplefilter("ignore", UserWarning)
+        load_pretrained(model, spec)
 
 
 def hub_state_dict(hub_name: str = HUB_NAME) -> dict:
