@@ -231,8 +231,18 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+_told_no_gpu = False
+
+
 def use_gpus(wanted: bool) -> bool:
     """Whether work that wants GPUs (resources.use_gpu) should ask for them: on a cluster
     always, as its autoscaler adds GPU nodes for work that waits (none may be up now); on
-    the in-process Ray only when this machine has one, as nothing can add it."""
-    return wanted and (not in_process() or cluster_gpus() > 0)
+    the in-process Ray only when this machine has one, as nothing can add it (Ray Train
+    would wait for one forever, retrying)."""
+    global _told_no_gpu
+    granted = wanted and (not in_process() or cluster_gpus() > 0)
+    if wanted and not granted and not _told_no_gpu:
+        _told_no_gpu = True
+        print("note: resources.use_gpu is true but this machine has no GPU: running on CPU",
+              flush=True)
+    return granted

@@ -22,7 +22,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from deepfake_ray import checkpoint, storage
+from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 
 # epoch_NNNN, or epoch_NNNN_<tag> when an epoch is trained again after a damaged
@@ -32,7 +32,7 @@ _skipped_names: set[str] = set()  # damaged checkpoints this worker passed over
 
 
 def scaling(cfg: Config) -> ScalingConfig:
-    return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
+    return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=runtime.use_gpus(cfg.resources.use_gpu),
                          resources_per_worker={"CPU": cfg.resources.cpus_per_worker})
 
 

@@ -237,7 +237,8 @@ class Scorer:
         from deepfake_ray.models import detector
 
         state, self.meta = checkpoint.load_model(model_uri)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # only a GPU Ray gave this actor: one asked for none still sees every GPU of its node
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.model = detector.from_meta(self.meta, state).to(self.device)
         self.conditions = conditions
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None

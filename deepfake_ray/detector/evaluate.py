@@ -15,7 +15,7 @@ import time
 
 import ray.data
 
-from deepfake_ray import checkpoint, lineage, storage
+from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, figures, metrics
 from deepfake_ray.detector.train import model_dir, stage_dir
@@ -80,7 +80,7 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
     scored = ds.map_batches(
         data.Scorer, fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
         compute=ray.data.ActorPoolStrategy(size=max(1, r.workers)), batch_size=cfg.serve.score_batch_size,
-        num_cpus=r.cpus_per_worker, num_gpus=1 if r.use_gpu else 0, batch_format="numpy")
+        num_cpus=r.cpus_per_worker, num_gpus=1 if runtime.use_gpus(r.use_gpu) else 0, batch_format="numpy")
     frame = scored.to_pandas()
     if frame.empty:
         raise UsageError("the test split selected no images: check data.splits and the fakes manifest")

@@ -105,7 +105,7 @@ def concurrency(cfg: Config) -> int:
     available = ray.cluster_resources()
     if not runtime.in_process():  # trials wait for resources and the autoscaler adds them
         return t.samples
-    if r.use_gpu:
+    if runtime.use_gpus(r.use_gpu):
         fits = available.get("GPU", 0) // max(r.workers, 1)
     else:  # each trial: its workers, a Ray Data task beside them, and the trial driver
         fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus + TRIAL_CPU)
@@ -126,8 +126,11 @@ def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: s
 def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: dict) -> tune.Tuner:
     """A new sweep, or the interrupted one under WORKDIR/tune restored."""
     fs, root = storage.resolve(cfg.workdir)
-    trial_cfg = config.from_dict({**config.to_dict(cfg),
-                                  "detector": {**config.to_dict(cfg)["detector"], "epochs": cfg.tune.epochs}})
+    as_dict = config.to_dict(cfg)
+    # GPUs as granted here: a trial's process cannot tell it runs on the in-process Ray
+    trial_cfg = config.from_dict({**as_dict, "detector": {**as_dict["detector"], "epochs": cfg.tune.epochs},
+                                  "resources": {**as_dict["resources"],
+                                                "use_gpu": runtime.use_gpus(cfg.resources.use_gpu)}})
     trainable = tune.with_resources(
         tune.with_parameters(trial, cfg_dict=config.to_dict(trial_cfg), selection=selection,
                              pretrained=pretrained, views=views),

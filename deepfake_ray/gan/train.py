@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import ray
 
-from deepfake_ray import config, lineage, storage, training
+from deepfake_ray import config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
@@ -133,7 +133,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     g, r = cfg.gan, cfg.resources
     print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
           f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size}"
-          f"{' on GPU' if r.use_gpu else ''} -> {stage}", flush=True)
+          f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''} -> {stage}", flush=True)
     started = time.time()
     training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": stage}, cfg,
                  cfg.workdir, RUN_NAME, datasets={"train": train_dataset(cfg, train_images)},
