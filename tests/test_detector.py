@@ -225,6 +225,12 @@ def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path
     monkeypatch.undo()
     assert loop.best_so_far(str(tmp_path)) is None  # nothing vouched for: the next epoch exports
 
+    checkpoint.save_model(best, {"w": torch.ones(3)}, {"metrics": {"val_auc": 0.8}})
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: (_ for _ in ()).throw(
+        OSError("AWS Error SLOW_DOWN: Please reduce your request rate")))  # S3, throttling
+    with pytest.raises(OSError, match="SLOW_DOWN"):  # the worker fails and is retried: no
+        loop.best_so_far(str(tmp_path))            # epoch overwrites a best it could not read
+
 
 def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_path, monkeypatch):
     """On a cluster the workers cannot read the driver's disk, so a local weights file is

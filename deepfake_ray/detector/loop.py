@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from deepfake_ray import checkpoint, config, runtime, storage, training
 from deepfake_ray.detector import metrics
+from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
 
 
@@ -180,8 +181,10 @@ def best_so_far(out_dir: str) -> dict | None:
     """The exported best epoch's metrics; the file on disk is the truth across restarts."""
     try:
         return checkpoint.load_meta(storage.join(out_dir, "best"))["metrics"]
-    except Exception:  # noqa: BLE001 - nothing exported yet (or an unreadable partial export)
+    except (UsageError, ValueError, KeyError):  # nothing exported yet, or a partial export
         return None
+    # an OSError (S3 throttled, a network hiccup) fails the worker, which Ray Train retries:
+    # taken for "no best yet", the next epoch would overwrite a better model with a worse one
 
 
 def export(out_dir: str, model, entry: dict, cfg, loop: dict, pre: dict) -> None:
