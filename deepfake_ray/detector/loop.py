@@ -34,7 +34,8 @@ def train_loop(loop: dict) -> None:
     model, optimizer, state = setup(loop, cfg, device)
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     history = list(state["history"]) if state else []
-    start = state["epoch"] + 1 if state else 0
+    start, restored = (state["epoch"] + 1, True) if state else (0, False)
+    del state  # the restored weights and Adam moments: ~0.65 GB of host memory, all run long
     best = best_so_far(loop["out_dir"])
     pre = detector.preprocessing(model)
     wrapped, frozen_now = None, None
@@ -45,7 +46,7 @@ def train_loop(loop: dict) -> None:
             wrapped, frozen_now = ray.train.torch.prepare_model(model), frozen
         started = time.time()
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
-                 "restored": bool(state) and epoch == start}
+                 "restored": restored and epoch == start}
         # TEST ONLY fault: after the first batch, as in the DCGAN, so the last epoch's
         # reported checkpoint has reached the controller before the worker dies
         fault = lambda: training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)  # noqa: E731
