@@ -257,6 +257,21 @@ def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
     assert len(answered) > 3 and max(np.diff(answered)) < decoding / 3, (decoding, np.diff(answered))
 
 
+def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_threads(service):
+    """A decode thread cannot be stopped. Each request whose client hangs up mid-decode
+    must keep its slot until its thread ends, or a client that sends large images and
+    hangs up at once would have them all decoding together (each can take ~0.6 GB)."""
+    big = encode(Image.new("RGB", (6000, 6000), (20, 40, 60)), "PNG", compress_level=9)
+
+    for _ in range(2):
+        with pytest.raises(httpx.TimeoutException):  # hangs up while its image decodes
+            httpx.post(f"{service}/v1/detect", content=big, timeout=0.3)
+    response = httpx.post(f"{service}/v1/detect", content=big, timeout=60)  # and one that waits
+    assert response.status_code == 200, response.text
+    stats = httpx.get(f"{service}/v1/stats", timeout=30).json()
+    assert stats["decoding_now"] == 0 and stats["most_decoding_at_once"] == 1, stats  # threads: 1
+
+
 @pytest.mark.parametrize("params", ["boundary=XyZ", "boundary=XyZ ; charset=utf-8", "boundary = XyZ",
                                     "xboundary=Q; boundary=XyZ", 'boundary="Xy;Z"'])
 def test_the_file_limit_reads_the_boundary_as_the_parser_does(params):

@@ -56,7 +56,8 @@ class Detector:
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batching = {"max_batch_size": max_batch_size,
                          "batch_wait_timeout_s": batch_wait_timeout_s}
-        self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0}
+        self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0,
+                      "decoding_now": 0, "most_decoding_at_once": 0}
         # forward passes get their own thread, never queued behind decodes in the default pool
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         # torch, timm and Serve loaded: ~500k objects that a full collection would walk
@@ -90,11 +91,29 @@ class Detector:
                 decode = functools.partial(self.predictor.decode_opened, img)
             else:  # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s)
                 decode = functools.partial(self.predictor.decode, blob)
-            async with self.decode_slots:
-                pixels = await asyncio.to_thread(decode)
+            pixels = await self.in_decode_slot(decode)
         except DecodeError as e:
             return e
         return await self.predict_batch(pixels)
+
+    async def in_decode_slot(self, decode):
+        """`decode` in a thread, at most `threads` at once. The slot stays taken until the
+        thread ends, even when the request is cancelled (its client hung up): a thread
+        cannot be stopped, so clients that hang up must not start more decodes than that."""
+        await self.decode_slots.acquire()
+        self.stats["decoding_now"] += 1
+        self.stats["most_decoding_at_once"] = max(self.stats["most_decoding_at_once"],
+                                                  self.stats["decoding_now"])
+
+        def finished(task: asyncio.Task) -> None:
+            self.stats["decoding_now"] -= 1
+            self.decode_slots.release()
+            if not task.cancelled():
+                task.exception()  # retrieved: a request that left is not an unhandled error
+
+        decoding = asyncio.ensure_future(asyncio.to_thread(decode))
+        decoding.add_done_callback(finished)
+        return await asyncio.shield(decoding)
 
     async def files_in(self, request: Request, body: bytes) -> list[tuple[str, str, bytes]]:
         """The multipart body's files, at most serve.max_files_per_request of them."""
@@ -158,7 +177,8 @@ class Detector:
 
     @api.get("/v1/stats")
     async def batch_stats(self) -> dict:
-        """Batching observed by the replica that answers: batches, images, largest batch."""
+        """Batching observed by the replica that answers (batches, images, largest batch),
+        and its large-image decodes in threads (now, and the most at once)."""
         return {**self.stats, "mean_batch": self.stats["images"] / max(1, self.stats["batches"])}
 
 
