@@ -172,30 +172,50 @@ def nonblocking(path: str, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
-def read_bytes(uri: str) -> bytes:
+class FileTooLarge(ValueError):
+    """A file over the size a caller reads: refused before its bytes are read."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"{size:,} bytes, over {limit:,}")
+        self.size, self.limit = size, limit
+
+
+def check_size(size: int | None, max_bytes: int | None) -> None:
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise FileTooLarge(size, max_bytes)
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; over `max_bytes`, FileTooLarge without reading them."""
     if not is_s3(uri):  # the OS directly: ingest reads many small files
         with open(normalize(uri), "rb", opener=nonblocking) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
                 raise OSError(f"{uri} is not a regular file (a pipe, socket or device)")
+            check_size(info.st_size, max_bytes)
             return f.read()
     if "//" in uri[len("s3://"):]:  # S3 allows keys pyarrow cannot name ('faces//a.jpg')
-        return s3_get(uri)
+        return s3_get(uri, max_bytes)
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(uri)
+    check_size(info.size, max_bytes)
     # A random-access file reads in one sized request; a stream's small reads are
     # each a ranged GET (minutes for a 200 MB checkpoint on some S3-compatible stores).
     with fs.open_input_file(path) as f:
         return f.read()
 
 
-def s3_get(uri: str) -> bytes:
+def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
     from botocore.exceptions import ClientError
 
     client, bucket, key = s3_client(uri)
     try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = client.get_object(Bucket=bucket, Key=key)
+        with response["Body"] as body:
+            check_size(response.get("ContentLength"), max_bytes)
+            return body.read()
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             raise FileNotFoundError(uri) from e

@@ -11,7 +11,7 @@ import pytest
 import ray.data
 
 from deepfake_ray import cli, progress, runtime, storage
-from deepfake_ray.data import datasets, prepare, sample, sources
+from deepfake_ray.data import datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
 from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, rgb
@@ -86,6 +86,8 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     os.symlink("..", root / "sub" / "up")  # a link back up the tree: each file still once
     os.mkfifo(root / "pipe.jpg")  # a reader that opens it waits for a writer, forever
     os.symlink("loop.jpg", root / "loop.jpg")  # a link to itself: following it fails (ELOOP)
+    with open(root / "huge.jpg", "wb") as f:  # larger than any image can be (a video?): sparse,
+        f.truncate(decode.max_file_bytes() + 1)  # so it costs no disk; refused unread
     (root / ".git").mkdir()
     (root / ".git" / "c.png").write_bytes(good["rgba.png"])  # hidden folder: left out
     (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: left out
@@ -97,7 +99,11 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     manifest, rejected, summary = read_outputs(cfg.workdir)
     assert sorted(manifest["path"].map(os.path.basename)) == ["a.jpg", "b.png", "latin1_\\xe9.jpg"]
     reasons = dict(zip(rejected["path"].map(os.path.basename), rejected["detail"]))
-    assert sorted(reasons) == ["loop.jpg", "pipe.jpg"] and set(rejected["reason"]) == {"unreadable"}
+    assert sorted(reasons) == ["huge.jpg", "loop.jpg", "pipe.jpg"]
+    assert sorted(rejected["reason"]) == ["too large", "unreadable", "unreadable"]
+    assert reasons["huge.jpg"] == (f"too large: {decode.max_file_bytes() + 1:,} bytes, over "
+                                   f"{decode.max_file_bytes():,}: more than any image within "
+                                   "data.max_pixels can be")
     assert "not a regular file" in reasons["pipe.jpg"] and "symbolic links" in reasons["loop.jpg"]
 
 

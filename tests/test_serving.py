@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from deepfake_ray import checkpoint, config, storage
-from deepfake_ray.data.decode import decode
+from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, haproxy_env
 from deepfake_ray.errors import UsageError
 from tests.images import bomb_png, encode, rgb
@@ -99,6 +99,8 @@ def scored(ray_session, model_dir, images_dir, tmp_path_factory):
     shutil.copytree(images_dir, folder, dirs_exist_ok=True)
     with open(os.path.join(os.fsencode(folder), LATIN1_NAME), "wb") as f:  # an old archive's name
         f.write(JPEG)
+    with open(os.path.join(folder, "huge.png"), "wb") as f:  # over any image's size: sparse, unread
+        f.truncate(max_file_bytes() + 1)
     summary = score.run(serve_cfg(os.path.dirname(out)), model=model_dir, input=folder, out=out)
     rows = storage.read_parquet(out).to_pylist()
     return summary, {os.path.basename(r["path"]): r for r in rows}
@@ -293,16 +295,17 @@ def test_the_file_limit_reads_the_boundary_as_the_parser_does(params):
 
 def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
     summary, rows = scored
-    assert set(rows) == set(GOOD) | set(BAD) | {"caf\\xe9.jpg"}
+    assert set(rows) == set(GOOD) | set(BAD) | {"caf\\xe9.jpg", "huge.png"}
     assert rows["caf\\xe9.jpg"]["error"] == "" and rows["caf\\xe9.jpg"]["label"] in ("real", "fake")
     for name in GOOD:
         assert rows[name]["error"] == "" and 0.0 <= rows[name]["p_fake"] <= 1.0
         assert rows[name]["label"] in ("real", "fake")
     assert "truncated" in rows["corrupt.jpg"]["error"]
     assert "not an image" in rows["notes.jpg"]["error"]
+    assert rows["huge.png"]["error"].startswith("too large: ") and rows["huge.png"]["p_fake"] is None
     for name in BAD:
         assert rows[name]["p_fake"] is None and rows[name]["label"] == ""
-    assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 3, len(GOOD) + 1, 2)
+    assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 4, len(GOOD) + 1, 3)
     assert summary["fakes"] == sum(r["label"] == "fake" for r in rows.values())
 
 

@@ -19,6 +19,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is rejected, never h
 # refuse anything above 89 MP whatever data.max_pixels says
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 40_000_000
+# the most metadata (ICC profile, EXIF, XMP, thumbnails) a real photo carries, with room
+METADATA_BYTES = 16 * 2**20
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 # how JPEG, PNG, GIF and TIFF files begin (WebP: "WEBP" at byte 8)
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
@@ -30,6 +32,17 @@ class DecodeError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def max_file_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The largest file an image within `max_pixels` can be (uncompressed 16-bit RGBA: 8
+    bytes a pixel, plus metadata). A larger file (a video or an archive named .jpg) is
+    refused before it is read, not read whole into memory to be rejected then."""
+    return max_pixels * 8 + METADATA_BYTES
+
+
+def too_large(e: ValueError) -> DecodeError:
+    return DecodeError("too large", f"{e}: more than any image within data.max_pixels can be")
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -80,18 +80,24 @@ def candidates(src: Source, seed: int) -> list[str]:
     return list(src.files)
 
 
-def fetch(uri: str) -> bytes:
+def fetch(uri: str, max_bytes: int) -> bytes:
     if uri.startswith("sample:"):
         _, seed, index = uri.split(":")
         return sample.face_jpeg(int(seed), int(index))
-    return storage.read_bytes(uri)
+    return storage.read_bytes(uri, max_bytes)
 
 
-def fetch_all(paths: list[str]) -> list[bytes | OSError]:
-    """Bytes per path, or the error for a file that vanished or cannot be read."""
+Fetched = bytes | OSError | storage.FileTooLarge
+
+
+def fetch_all(paths: list[str], max_bytes: int) -> list[Fetched]:
+    """Bytes per path, or the error for a file that vanished, cannot be read, or is larger
+    than any image can be."""
     def one(uri: str):
         try:
-            return fetch(uri)
+            return fetch(uri, max_bytes)
+        except storage.FileTooLarge as e:
+            return e
         except OSError as e:  # that file's own: gone, no permission, not a regular file
             if storage.is_s3(uri) and not isinstance(e, FileNotFoundError):
                 raise  # the store's (network, credentials): not one file's, so fail the task
@@ -107,10 +113,14 @@ def part_name(paths) -> str:
     return "part-" + decode.sha1(os.fsencode("\n".join(paths)))[:16] + ".parquet"
 
 
-def inspect_fetched(data: bytes | OSError, size: int, quality: int, max_pixels: int) -> dict:
-    """decode.inspect's row for fetched bytes; an unreadable file is a rejected row too."""
+def inspect_fetched(data: Fetched, size: int, quality: int, max_pixels: int) -> dict:
+    """decode.inspect's row for fetched bytes; a file not read is a rejected row too."""
     if isinstance(data, bytes):
         return decode.inspect(data, size, quality, max_pixels)
+    if isinstance(data, storage.FileTooLarge):
+        refused = decode.too_large(data)
+        return {**decode.inspect(b"", size, quality), "bytes": data.size, "reason": refused.reason,
+                "detail": str(refused)}
     return {**decode.inspect(b"", size, quality), "reason": "unreadable",
             "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"}
 
@@ -149,11 +159,11 @@ def shared_chunks(block: int, blocks: list[list[str]], claims: str) -> Iterator[
 
 
 def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None,
-                  claims: str | None) -> Iterator[tuple[str, bytes | OSError]]:
+                  claims: str | None, max_bytes: int) -> Iterator[tuple[str, Fetched]]:
     """(path, bytes or read error) of every file this task ingests, a chunk at a time."""
     for block, paths in own:
         for chunk in shared_chunks(block, blocks, claims) if claims else [paths]:
-            yield from zip(chunk, fetch_all(chunk))
+            yield from zip(chunk, fetch_all(chunk, max_bytes))
 
 
 def publish_held(claims: str, part: str, hashes: list[str]) -> None:
@@ -204,7 +214,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     own = [(int(b), [os.fsdecode(p) for p in paths]) for b, paths in zip(batch["block"], batch["paths"])]
     part = part_name([p for _, paths in own for p in paths])
     rows, usable, seen = [], [], set()
-    for path, data in fetched_files(own, blocks, claims):
+    for path, data in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
         row = {**inspect_fetched(data, size, quality, max_pixels), "path": storage.printable(path),
                "part": "", "split": ""}
         if not row["reason"]:

@@ -20,6 +20,7 @@ import pyarrow.csv as pa_csv
 
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
+from deepfake_ray.data import decode
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
 from deepfake_ray.serving.predictor import Predictor, decode_image, error_text
@@ -81,10 +82,13 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
             errors.append("no path: the manifest's row is empty")
             continue
         try:
-            pixels[i] = decode_image(storage.read_bytes(os.fsdecode(bytes(raw))), resolution, max_pixels)
+            data = storage.read_bytes(os.fsdecode(bytes(raw)), decode.max_file_bytes(max_pixels))
+            pixels[i] = decode_image(data, resolution, max_pixels)
             errors.append("")
         except DecodeError as e:
             errors.append(error_text(e))
+        except storage.FileTooLarge as e:
+            errors.append(error_text(decode.too_large(e)))
         except OSError as e:  # missing, unreadable, permission denied
             errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
