@@ -1,7 +1,8 @@
 """The detector's Ray Train worker loop: one call per worker, shared by train-detector and tune.
 
 Per epoch: train on this worker's shard, validate on the val shard (predictions
-gathered from every worker so ROC-AUC is over the whole split), rank 0 exports the
+gathered from every worker, so ROC-AUC is over the split; Ray Train's equal split
+leaves out its remainder, at most workers - 1 images an epoch), rank 0 exports the
 epoch's model to OUT/best/ when it beats the best so far (by val ROC-AUC, then val
 loss) and rewrites OUT/history.json; then every worker reports (checkpoint: model,
 optimizer, RNG and history), so a restarted or resubmitted run resumes there.
