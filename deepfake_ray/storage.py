@@ -21,6 +21,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 from functools import lru_cache
 
 import pyarrow as pa
@@ -161,10 +162,21 @@ def has_keys_under(uri: str) -> bool:
 def s3_client(uri: str):
     """(boto3 S3 client at the configured endpoint, bucket, key) for an s3:// URI: for
     what pyarrow's filesystem cannot ask (conditional writes, a one-key listing)."""
+    bucket, _, key = normalize(uri).removeprefix("s3://").partition("/")
+    return boto3_client(s3_endpoint()), bucket, key
+
+
+_client_lock = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def boto3_client(endpoint: str | None):
+    """One client per endpoint and process: making one costs ~12 ms of CPU, and boto3's
+    default session is not safe to make clients from in many threads at once."""
     import boto3
 
-    bucket, _, key = normalize(uri).removeprefix("s3://").partition("/")
-    return boto3.client("s3", endpoint_url=s3_endpoint()), bucket, key
+    with _client_lock:
+        return boto3.session.Session().client("s3", endpoint_url=endpoint)
 
 
 def nonblocking(path: str, flags: int) -> int:
@@ -208,7 +220,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 
 def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     client, bucket, key = s3_client(uri)
     try:
@@ -219,6 +231,8 @@ def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             raise FileNotFoundError(uri) from e
+        raise OSError(f"{uri}: {e}") from e
+    except BotoCoreError as e:  # no connection, a timeout: the store's, as pyarrow's OSErrors
         raise OSError(f"{uri}: {e}") from e
 
 

@@ -264,10 +264,12 @@ def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_thr
     must keep its slot until its thread ends, or a client that sends large images and
     hangs up at once would have them all decoding together (each can take ~0.6 GB)."""
     big = encode(Image.new("RGB", (6000, 6000), (20, 40, 60)), "PNG", compress_level=9)
-
+    started = time.perf_counter()
+    decode(big, 32)
+    hang_up = (time.perf_counter() - started) / 3  # well before its decode ends, on any machine
     for _ in range(2):
         with pytest.raises(httpx.TimeoutException):  # hangs up while its image decodes
-            httpx.post(f"{service}/v1/detect", content=big, timeout=0.3)
+            httpx.post(f"{service}/v1/detect", content=big, timeout=hang_up)
     response = httpx.post(f"{service}/v1/detect", content=big, timeout=60)  # and one that waits
     assert response.status_code == 200, response.text
     stats = httpx.get(f"{service}/v1/stats", timeout=30).json()

@@ -75,6 +75,8 @@ def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
         img.draft("RGB", (target, target))  # DCT-domain downscale: decodes big JPEGs fast
     try:
         img.load()
+    except MemoryError:  # this machine's, not the file's: never a "corrupt" row
+        raise
     # Pillow's plugins raise more than OSError on damaged data (struct.error, TypeError,
     # IndexError): each is one bad file, never a failed stage
     except Exception as e:  # noqa: BLE001
