@@ -231,6 +231,13 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def assigned_device() -> str:
+    """"cuda" where Ray gave this actor a GPU, else "cpu": one that asked for none still
+    sees every GPU of its node (Ray 2.60 no longer hides them), and would take cuda:0
+    from whatever holds it."""
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+
+
 _told_no_gpu = False
 
 

@@ -237,8 +237,7 @@ class Scorer:
         from deepfake_ray.models import detector
 
         state, self.meta = checkpoint.load_model(model_uri)
-        # only a GPU Ray gave this actor: one asked for none still sees every GPU of its node
-        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        self.device = torch.device(runtime.assigned_device())
         self.model = detector.from_meta(self.meta, state).to(self.device)
         self.conditions = conditions
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None

@@ -46,7 +46,8 @@ http.install_error_handlers(api)
 class Detector:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64):
-        self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads)
+        self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
+                                   device=runtime.assigned_device())
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
         # large decodes at once: each can take ~0.6 GB (40 MP as RGBA and RGB), and a batch
         # request can carry dozens

@@ -99,7 +99,7 @@ class ScoreActor:
     """Ray Data actor: holds one Predictor; decoded pixels -> p_fake and label."""
 
     def __init__(self, model_uri: str, max_pixels: int):
-        self.predictor = Predictor(model_uri, max_pixels=max_pixels)
+        self.predictor = Predictor(model_uri, max_pixels=max_pixels, device=runtime.assigned_device())
         runtime.freeze_startup_objects()  # a full collection of ~500k objects took 470 ms
 
     def __call__(self, batch: dict) -> dict:
