@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         from deepfake_ray import lineage, runtime
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
+        if hasattr(module, "check_settings"):
+            module.check_settings(cfg)
         if hasattr(module, "preflight"):
             if module.preflight(cfg, **options(args)):
                 return 0

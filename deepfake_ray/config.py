@@ -200,18 +200,54 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
     layers.append({k: v for k, v in top.items() if v is not None})
     for layer in layers:
         cfg = merge(cfg, layer)
-    check_resources(cfg.resources)
+    check_limits(cfg)
     return cfg
 
 
-def check_resources(r: ResourcesConfig) -> None:
-    """Values no command can run with: caught here, before any Ray process starts."""
-    if r.workers < 1:
-        raise UsageError(f"resources.workers={r.workers} must be at least 1")
-    for name in ("cpus_per_worker", "data_cpus"):
-        if getattr(r, name) <= 0:
-            raise UsageError(f"resources.{name}={getattr(r, name)} must be above 0 (fractions "
-                             "such as 0.5 are fine)")
+# Values no command can run with: refused when the config is built, before any Ray process
+# starts or any stage's output is touched. key -> (lowest, highest or None, why: optional).
+LIMITS = {
+    "data.resolution": (16, 1024, "64 or 128 for the DCGAN"), "data.sample_size": (1, None),
+    "data.jpeg_quality": (1, 100), "data.max_pixels": (1, None), "data.decode_batch_size": (1, None),
+    "gan.epochs": (1, None), "gan.batch_size": (2, None, "batch norm needs a batch"),
+    "gan.beta1": (0.0, 0.999), "gan.latent_dim": (1, None), "gan.g_width": (1, None),
+    "gan.d_width": (1, None), "gan.checkpoint_every": (1, None), "gan.keep_checkpoints": (1, None),
+    "gan.max_failures": (-1, None, "-1 retries without end"), "gan.sample_grid": (1, None),
+    "gan.num_fakes": (0, None, "0 makes as many as the reals"), "gan.generate_batch_size": (1, None),
+    "detector.epochs": (1, None), "detector.batch_size": (2, None, "batch norm needs a batch"),
+    "detector.weight_decay": (0.0, None), "detector.freeze_backbone_epochs": (0, None),
+    "detector.bn_recalibration_images": (0, None), "detector.jpeg_aug_prob": (0.0, 1.0),
+    "detector.blur_aug_prob": (0.0, 1.0), "detector.max_train_per_class": (0, None, "0 takes all"),
+    "detector.keep_checkpoints": (1, None), "detector.max_failures": (-1, None, "-1 retries without end"),
+    "tune.samples": (1, None), "tune.epochs": (1, None), "tune.grace_period": (1, None),
+    "tune.max_concurrent_trials": (0, None, "0 runs as many as fit"), "resources.workers": (1, None),
+    "serve.port": (1, 65535), "serve.max_batch_size": (1, None), "serve.batch_wait_timeout_s": (0.0, None),
+    "serve.max_body_bytes": (1, None), "serve.max_files_per_request": (1, None),
+    "serve.min_replicas": (0, None), "serve.max_replicas": (1, None),
+    "serve.target_ongoing_requests": (1, None), "serve.gpus_per_replica": (0.0, None),
+    "serve.score_batch_size": (1, None), "serve.max_ongoing_requests": (0, None, "0: 8 x max_batch_size"),
+    "serve.cpus_per_replica": (0.0, None), "serve.score_actors": (0, None, "0 sizes the pool itself"),
+}
+# rates and CPU shares: any value above 0 (fractions such as 0.5 CPUs are fine)
+ABOVE_ZERO = ("gan.lr", "detector.lr", "tune.lr_min", "tune.lr_max", "resources.cpus_per_worker",
+              "resources.data_cpus")
+
+
+def value_of(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_limits(cfg: Config) -> None:
+    for key, (low, high, *why) in LIMITS.items():
+        value = value_of(cfg, key)
+        if value < low or (high is not None and value > high):
+            allowed = f"{low}..{high}" if high is not None else f"{low} or more"
+            raise UsageError(f"{key}={value} is out of range: use {allowed}"
+                             + (f" ({why[0]})" if why else ""))
+    for key in ABOVE_ZERO:
+        if (value := value_of(cfg, key)) <= 0:
+            raise UsageError(f"{key}={value} is out of range: use a value above 0")
 
 
 def merge(obj: Any, updates: dict, prefix: str = "") -> Any:

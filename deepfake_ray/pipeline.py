@@ -23,11 +23,16 @@ from deepfake_ray.config import Config
 SCORE = lineage.Stage("score", "score", ("data", "fakes", "detector"), describe=lambda d: d["scores"])
 
 
+def no_check(cfg: Config) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Step:
     stage: lineage.Stage
     run: Callable[..., object]  # run(cfg, force=...)
     always: bool = False  # redone on every pipeline run
+    check: Callable[[Config], None] = no_check  # its settings, checked before Ray starts
 
 
 def steps(cfg: Config) -> list[Step]:
@@ -36,19 +41,22 @@ def steps(cfg: Config) -> list[Step]:
     from deepfake_ray.gan import generate, train as gan_train
 
     detector = tune if cfg.tune.enabled else detector_train
-    return [*(Step(m.STAGE, m.run) for m in (prepare, gan_train, generate, detector, evaluate)),
+    return [*(Step(m.STAGE, m.run, check=getattr(m, "check_settings", no_check))
+              for m in (prepare, gan_train, generate, detector, evaluate)),
             Step(SCORE, score_test_split),
             Step(lineage.Stage("report", "report"), write_report, always=True)]
 
 
 def preflight(cfg: Config, force: bool = False, **_) -> None:
-    """Before Ray starts (and config.yaml is rewritten): prepare's settings are valid, its
-    source is there when it has to run, and every complete stage was made with the
-    settings this run asks for."""
+    """Before Ray starts (and config.yaml is rewritten): every stage's settings are valid
+    (a mistake in the detector's must not wait for hours of GAN training), prepare's source
+    is there when it has to run, and every complete stage was made with the settings this
+    run asks for."""
     from deepfake_ray.data import datasets, prepare
     from deepfake_ray.data.sources import check_source
 
-    prepare.validate(cfg)
+    for step in steps(cfg):
+        step.check(cfg)
     if force or lineage.current(cfg, prepare.STAGE) is None:
         check_source(cfg.data.source, cfg.data)
         storage.check_free(datasets.data_dir(cfg.workdir), "prepare")

@@ -42,8 +42,11 @@ def test_text_values_are_taken_as_typed(folder):
     ("data.splits=[1, 2]", "expects a list of 3 values"),
     ("gan=5", "'gan' is a section"),
     ("novalue", "must look like section.key=value"),
-    ("resources.data_cpus=0", "resources.data_cpus=0.0 must be above 0"),
-    ("resources.workers=0", "resources.workers=0 must be at least 1"),
+    ("resources.data_cpus=0", "resources.data_cpus=0.0 is out of range: use a value above 0"),
+    ("resources.workers=0", "resources.workers=0 is out of range: use 1 or more"),
+    ("gan.keep_checkpoints=0", "gan.keep_checkpoints=0 is out of range: use 1 or more"),
+    ("serve.port=70000", "serve.port=70000 is out of range: use 1..65535"),
+    ("detector.jpeg_aug_prob=1.5", "detector.jpeg_aug_prob=1.5 is out of range: use 0.0..1.0"),
     ("data.splits=[0.8, 0.1, nan]", "config key 'data.splits[2]' expects a finite number, got nan"),
     ("gan.lr=inf", "config key 'gan.lr' expects a finite number, got inf"),
 ])
@@ -52,6 +55,31 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     err = error_lines(capsys)
     assert code == 2
     assert len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["detector.arch=inceptoin_resnet_v2"], "detector.arch='inceptoin_resnet_v2' is not a timm model"),
+    (["data.resolution=96"], "resolution 96 not supported"),  # prepare takes it; the DCGAN not
+    (["tune.enabled=true", "tune.epochs=2", "tune.grace_period=3"], "tune.grace_period (3) must not exceed"),
+])
+def test_pipeline_checks_every_stages_settings_before_anything_runs(overrides, needle, capsys, tmp_path):
+    workdir = tmp_path / "w"
+    args = ["pipeline", "--preset", "tiny", "--workdir", str(workdir)]
+    assert cli.main(args + [a for o in overrides for a in ("--set", o)]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and needle in err[0]
+    assert not workdir.exists()  # no data prepared, no config.yaml written, no Ray started
+
+
+def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_path):
+    from deepfake_ray import storage
+
+    marker = tmp_path / "detector" / storage.COMPLETE
+    storage.mark_complete(str(tmp_path / "detector"), {"model": "kept"})
+    assert cli.main(["train-detector", "--preset", "tiny", "--workdir", str(tmp_path), "--force",
+                     "--set", "detector.optimizer=sgd"]) == 2
+    assert "detector.optimizer='sgd': choose adam or adamw" in error_lines(capsys)[0]
+    assert marker.exists()
 
 
 def test_config_file_that_is_a_folder_exits_2(capsys, tmp_path):

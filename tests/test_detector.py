@@ -185,8 +185,8 @@ def test_missing_fakes_say_which_command_makes_them(tiny_cfg):
 
 def test_unknown_architecture_is_refused_before_training(tiny_cfg):
     with pytest.raises(UsageError, match=r"detector.arch='inceptoin_resnet_v2' is not a timm model"):
-        train.validate(tiny_cfg("detector.arch=inceptoin_resnet_v2"))
-    train.validate(tiny_cfg("detector.arch=resnet10t"))  # any timm network is accepted
+        train.check_settings(tiny_cfg("detector.arch=inceptoin_resnet_v2"))
+    train.check_settings(tiny_cfg("detector.arch=resnet10t"))  # any timm network is accepted
 
 
 # --- the decoded views -------------------------------------------------------------------

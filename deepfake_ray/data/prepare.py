@@ -62,15 +62,12 @@ def assign_split(sha1: str, splits: tuple[float, ...]) -> str:
     return datasets.SPLITS[len(splits) - 1]
 
 
-def validate(cfg: Config) -> None:
+def check_settings(cfg: Config) -> None:
+    """What config.check_limits cannot check alone (run before Ray starts)."""
     d = cfg.data
-    if not 16 <= d.resolution <= 1024:
-        raise UsageError(f"data.resolution={d.resolution} is out of range: use 16..1024 (64 or 128 for the DCGAN)")
     if len(d.splits) != 3 or min(d.splits) < 0 or sum(d.splits) <= 0 or d.splits[0] <= 0:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
-    if not 1 <= d.jpeg_quality <= 100:
-        raise UsageError(f"data.jpeg_quality={d.jpeg_quality} must be within 1..100")
 
 
 def candidates(src: Source, seed: int) -> list[str]:
@@ -436,7 +433,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
     the source have checked out, and no other prepare writes there. Changes nothing: a
     --force run with a mistyped source leaves the complete data/ as it was, and a refused
     one the running one's config.yaml."""
-    validate(cfg)
+    check_settings(cfg)
     if done := lineage.preflight(cfg, STAGE, force):
         return done
     check_source(cfg.data.source, cfg.data)
@@ -445,7 +442,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
-    validate(cfg)
+    check_settings(cfg)
     # one prepare at a time per local work directory: two would mix their parts
     with storage.exclusive(datasets.data_dir(cfg.workdir), "prepare"):
         # planned under the lock: a run just ended may have completed it, and --force

@@ -59,10 +59,10 @@ def model_dir(workdir: str) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = stage_dir(cfg.workdir)
+    check_settings(cfg)  # before plan: with --force, a typo must not unmark a complete stage
     plan = lineage.plan(cfg, STAGE, force)
     if plan.done:
         return plan.done
-    validate(cfg)
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = resolve_pretrained(cfg)
     if plan.redo:
@@ -76,7 +76,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     return summary
 
 
-def validate(cfg: Config) -> None:
+def check_settings(cfg: Config) -> None:
+    """What config.check_limits cannot check alone (run before Ray starts)."""
     import timm
 
     d = cfg.detector
@@ -88,9 +89,14 @@ def validate(cfg: Config) -> None:
                          f"use {MIN_INPUT} or more (128 as the study)")
     if d.optimizer not in ("adam", "adamw"):
         raise UsageError(f"detector.optimizer={d.optimizer!r}: choose adam or adamw")
-    if d.epochs < 1 or d.batch_size < 2 or d.lr <= 0:
-        raise UsageError(f"detector.epochs ({d.epochs}) must be >= 1, detector.batch_size "
-                         f"({d.batch_size}) >= 2 and detector.lr ({d.lr}) > 0")
+    low, high = d.jpeg_aug_quality
+    if not 1 <= low <= high <= 100:
+        raise UsageError(f"detector.jpeg_aug_quality={list(d.jpeg_aug_quality)} must be two "
+                         "qualities within 1..100, lowest first, e.g. [30, 100]")
+    low, high = d.blur_aug_sigma
+    if not 0 <= low <= high:
+        raise UsageError(f"detector.blur_aug_sigma={list(d.blur_aug_sigma)} must be two sigmas "
+                         ">= 0, lowest first, e.g. [0.0, 3.0]")
 
 
 def describe(selection: data.Selection) -> str:

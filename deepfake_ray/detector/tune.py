@@ -48,10 +48,10 @@ def tune_dir(workdir: str) -> str:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = tune_dir(cfg.workdir)
+    check_settings(cfg)  # before plan: with --force, a typo must not unmark a complete stage
     plan = lineage.plan(cfg, STAGE, force)
     if plan.done:
         return plan.done
-    validate(cfg)
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = train.resolve_pretrained(cfg)
     if plan.redo:
@@ -81,15 +81,16 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     return result
 
 
-def validate(cfg: Config) -> None:
-    train.validate(cfg)
+def check_settings(cfg: Config) -> None:
+    """What config.check_limits cannot check alone (run before Ray starts)."""
+    train.check_settings(cfg)
     t = cfg.tune
     if not 0 < t.lr_min < t.lr_max:
         raise UsageError(f"tune.lr_min ({t.lr_min:g}) and tune.lr_max ({t.lr_max:g}) must satisfy "
                          "0 < lr_min < lr_max, e.g. --set tune.lr_min=1e-5 --set tune.lr_max=1e-3")
-    if t.samples < 1 or t.epochs < 1 or not 1 <= t.grace_period <= t.epochs:
-        raise UsageError(f"tune.samples ({t.samples}) and tune.epochs ({t.epochs}) must be >= 1, "
-                         f"and 1 <= tune.grace_period ({t.grace_period}) <= tune.epochs")
+    if t.grace_period > t.epochs:
+        raise UsageError(f"tune.grace_period ({t.grace_period}) must not exceed tune.epochs "
+                         f"({t.epochs}): a trial is stopped early only after grace_period epochs")
 
 
 def trial_dir(workdir: str, trial_id: str) -> str:

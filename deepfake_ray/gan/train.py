@@ -46,16 +46,11 @@ def model_uri(workdir: str) -> str:
 
 
 def check_settings(cfg: Config) -> None:
-    g = cfg.gan
+    """What config.check_limits cannot check alone (run before Ray starts)."""
     try:
         dcgan.check_resolution(cfg.data.resolution)
     except ValueError as e:
         raise UsageError(str(e))
-    for name, value in (("gan.epochs", g.epochs), ("gan.batch_size", g.batch_size)):
-        if value < 1:
-            raise UsageError(f"{name}={value} must be at least 1")
-    if g.batch_size < 2:
-        raise UsageError("gan.batch_size must be at least 2 (batch norm needs a batch)")
 
 
 def check_data(cfg: Config) -> int:
@@ -121,10 +116,10 @@ def train_dataset(cfg: Config, train_images: int):
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = gan_dir(cfg.workdir)
+    check_settings(cfg)  # before plan: with --force, a typo must not unmark a complete stage
     plan = lineage.plan(cfg, STAGE, force)
     if plan.done:
         return plan.done
-    check_settings(cfg)
     train_images = check_data(cfg)
     if plan.redo:
         storage.delete_dir(stage)
