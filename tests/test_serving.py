@@ -288,10 +288,33 @@ def test_the_file_limit_reads_the_boundary_as_the_parser_does(params):
         part = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.gif"\r\n\r\nGIF89a\r\n'
         return (part * parts + f"--{boundary}--\r\n").encode()
 
-    http.check_part_count(content_type, body(64), limit=64)
-    assert len(http.multipart_files(content_type, body(64))) == 64
+    assert len(http.multipart_files(content_type, body(64), limit=64)) == 64
     with pytest.raises(http.ApiError) as refused:
-        http.check_part_count(content_type, body(65), limit=64)
+        http.multipart_files(content_type, body(65), limit=64)
+    assert refused.value.status == 413
+    with pytest.raises(http.ApiError) as refused:  # far too many: refused before parsing
+        http.check_part_count(content_type, body(1000), limit=64)
+    assert refused.value.status == 413
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n", b"\r"])
+def test_the_file_limit_counts_files_whatever_ends_the_lines(newline):
+    from deepfake_ray.serving import http
+
+    def body(files: int, fields: int = 0) -> bytes:
+        field = b'--b' + newline + b'Content-Disposition: form-data; name="note"' + newline * 2 + b"hi" + newline
+        file = (b'--b' + newline + b'Content-Disposition: form-data; name="files"; filename="a.gif"'
+                + newline * 2 + b"GIF89a" + newline)
+        return field * fields + file * files + b"--b--" + newline
+
+    content_type = "multipart/form-data; boundary=b"
+    # the limit is on files: a form field beside 64 of them is fine
+    assert len(http.multipart_files(content_type, body(64, fields=1), limit=64)) == 64
+    with pytest.raises(http.ApiError) as refused:
+        http.multipart_files(content_type, body(65), limit=64)
+    assert refused.value.status == 413
+    with pytest.raises(http.ApiError) as refused:  # lines ended by CR alone hid these parts
+        http.check_part_count(content_type, body(1000), limit=64)
     assert refused.value.status == 413
 
 
