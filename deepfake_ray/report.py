@@ -110,6 +110,8 @@ def json_blocks(obj, source: str) -> list:
 
 def timings(w: str) -> list:
     stages = (read_json(w, "pipeline.json") or {})
+    if isinstance(stages, Text):  # not valid JSON: say so
+        return [stages]
     stages = stages.get("stages") if isinstance(stages, dict) else None
     if not stages:
         return []

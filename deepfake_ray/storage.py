@@ -441,7 +441,12 @@ def mark_complete(stage_uri: str, summary: dict) -> None:
 
 
 def completed(stage_uri: str) -> dict | None:
+    """The stage's marker, or None while it is not complete. A damaged marker (it is written
+    atomically, so only something else can damage it) vouches for nothing: not complete."""
     try:
-        return read_json(join(stage_uri, COMPLETE))
+        done = read_json(join(stage_uri, COMPLETE))
     except (FileNotFoundError, NotADirectoryError):  # the latter: a file where a folder would be
         return None
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return done if isinstance(done, dict) else None

@@ -183,6 +183,19 @@ def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path
     assert f"_Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --workdir {w}`._" in md
 
 
+def test_damaged_files_are_reported_not_fatal(tmp_path):
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    for rel in ("data/_COMPLETE.json", "pipeline.json"):
+        with open(os.path.join(w, rel), "w") as f:
+            f.write('{"images": 12')  # cut short
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Data" in result["stale"]
+    text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    assert "Out of date: data/ is not complete" in text
+    assert "pipeline.json is not valid JSON" in text
+
+
 def test_missing_sections_name_the_command(tmp_path):
     w = str(tmp_path / "empty run")
     storage.write_json(storage.join(w, "data/_COMPLETE.json"),
