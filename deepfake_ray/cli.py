@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
             return 0
+        if args.command not in NO_RAY:
+            runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
         if args.command not in KEEP_CONFIG:  # first: an unwritable workdir fails before Ray starts
             write_config(cfg)
         if args.command not in NO_RAY:

@@ -13,7 +13,7 @@ import sys
 
 import ray
 
-from deepfake_ray.errors import find_usage_error
+from deepfake_ray.errors import UsageError, find_usage_error
 
 # This machine's cores, set when this process starts the in-process Ray (which declares
 # more CPUs than that); None on a cluster.
@@ -36,6 +36,16 @@ def environment(extra: dict[str, str]):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def check_address(address: str | None) -> None:
+    """UsageError for the address people copy from `ray job submit`: the dashboard's URL,
+    which the job client takes but a driver cannot join."""
+    if address and address.lower().startswith(("http://", "https://")):
+        raise UsageError(f"Ray address {address} is a dashboard URL, which `ray job submit` takes; "
+                         "to run on that cluster, submit this command as a job (ray job submit "
+                         f"--address {address} -- deepfake-ray ...), or on one of its nodes pass "
+                         "--address auto (or HEAD:6379)")
 
 
 def init(address: str | None = None) -> None:
@@ -62,7 +72,12 @@ def init(address: str | None = None) -> None:
     _embedded_cores = None
     _worker_env.clear()
     if address and address != "local":  # "local": in-process, as with no address
-        ray.init(address=address, **kwargs)
+        check_address(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise UsageError(f"cannot reach the Ray cluster at {address} ({str(e).splitlines()[0][:200]}): "
+                             "check --address or RAY_ADDRESS, and that the cluster is up") from None
     else:
         _embedded_cores = os.cpu_count() or 1
         port = free_port()

@@ -35,3 +35,16 @@ def test_free_ports_are_ones_the_os_never_hands_out_by_itself():
     assert len(ports) > 1 and all(10000 < p < ephemeral_low for p in ports)
     with socket.socket() as s:
         s.bind(("0.0.0.0", ports.pop()))  # free indeed
+
+
+def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeypatch, tmp_path, capsys):
+    from deepfake_ray import cli
+    from tests.cli_output import error_lines
+
+    # as Ray's job docs have users export it for `ray job submit`
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "http://head:8265 is a dashboard URL" in err[0]
+    assert "ray job submit --address http://head:8265 -- deepfake-ray" in err[0]
+    assert not (tmp_path / "w").exists()  # no config.yaml written
