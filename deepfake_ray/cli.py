@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"deepfake-ray {args.command}: interrupted; run the same command again: finished "
-              "stages are skipped and a training resumes from its last checkpoint", file=sys.stderr)
+        again = "the same command again" if not args.force else "it again without --force (which starts over)"
+        print(f"deepfake-ray {args.command}: interrupted; run {again}: finished stages are "
+              "skipped and a training resumes from its last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback

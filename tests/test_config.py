@@ -114,3 +114,17 @@ def test_help_names_the_sources_and_presets(capsys):
     out = capsys.readouterr().out
     assert done.value.code == 0
     assert "kaggle:OWNER/DATASET" in out and "sample[:N]" in out and "celeb100k, demo" in out
+
+
+@pytest.mark.parametrize("force,advice", [([], "run the same command again"),
+                                          (["--force"], "run it again without --force")])
+def test_ctrl_c_exits_130_saying_how_to_resume(force, advice, monkeypatch, tmp_path, capsys):
+    from deepfake_ray import report
+
+    def pressed_ctrl_c(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run", pressed_ctrl_c)
+    assert cli.main(["report", "--workdir", str(tmp_path), *force]) == 130
+    err = error_lines(capsys)
+    assert len(err) == 1 and advice in err[0] and "resumes from its last checkpoint" in err[0]
