@@ -44,6 +44,7 @@ def test_text_values_are_taken_as_typed(folder):
     ("novalue", "must look like section.key=value"),
     ("resources.data_cpus=0", "resources.data_cpus=0.0 is out of range: use a value above 0"),
     ("resources.workers=0", "resources.workers=0 is out of range: use 1 or more"),
+    ("data.sample_size=200", "data.source=sample:96 names its own count; pass --set data.source=sample:200"),
     ("gan.keep_checkpoints=0", "gan.keep_checkpoints=0 is out of range: use 1 or more"),
     ("serve.port=70000", "serve.port=70000 is out of range: use 1..65535"),
     ("detector.jpeg_aug_prob=1.5", "detector.jpeg_aug_prob=1.5 is out of range: use 0.0..1.0"),
@@ -51,7 +52,7 @@ def test_text_values_are_taken_as_typed(folder):
     ("gan.lr=inf", "config key 'gan.lr' expects a finite number, got inf"),
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
-    code = cli.main(["prepare", "--workdir", str(tmp_path), "--set", override])
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
     err = error_lines(capsys)
     assert code == 2
     assert len(err) == 1 and needle in err[0]

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from deepfake_ray import lineage, runtime, storage
-from deepfake_ray.config import Config
+from deepfake_ray.config import Config, DataConfig
 from deepfake_ray.data import datasets, decode, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
 from deepfake_ray.errors import UsageError
@@ -68,6 +68,11 @@ def check_settings(cfg: Config) -> None:
     if len(d.splits) != 3 or min(d.splits) < 0 or sum(d.splits) <= 0 or d.splits[0] <= 0:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
+    source = d.source.strip()
+    if (sources.kind(source) == "sample" and ":" in source
+            and d.sample_size != DataConfig.sample_size and str(d.sample_size) != source.partition(":")[2]):
+        raise UsageError(f"data.sample_size={d.sample_size} is not used: data.source={source} names its "
+                         f"own count; pass --set data.source=sample:{d.sample_size} instead")
 
 
 def candidates(src: Source, seed: int) -> list[str]:
