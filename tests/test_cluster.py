@@ -55,6 +55,8 @@ def test_aws_config_autoscales_gpu_workers_from_zero():
         assert t["min_workers"] == 0, name
         assert 1 <= t["max_workers"] <= cfg["max_workers"], name
         assert "IamInstanceProfile" in t["node_config"], f"{name}: no S3 access"
+    for name, t in types.items():  # Ray's default AMI has a CUDA 11.2 driver: too old
+        assert t["node_config"].get("ImageId") == "AMI_ID", f"{name}: no AMI named"
     assert IMAGE.match(cfg["docker"]["image"]), cfg["docker"]["image"]
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
         assert f"ray[data,train,tune,serve]=={ray.__version__}" in f.read()  # image == pinned Ray
