@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -145,6 +146,13 @@ def check_inputs_current(cfg: Config, stage: Stage, read: dict | None = None) ->
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "
                              "`deepfake-ray pipeline`) with this --workdir first")
+
+
+def command_line(workdir: str, command: str, settings_saved: bool = True) -> str:
+    """`command` on this work directory with the settings it was run with: its config.yaml
+    holds them all (without them, the hint would run the demo preset's)."""
+    config = f" --config {shlex.quote(storage.join(workdir, 'config.yaml'))}" if settings_saved else ""
+    return f"deepfake-ray {command}{config} --workdir {shlex.quote(workdir)}"
 
 
 def say_complete(cfg: Config, stage: Stage, done: dict) -> None:

@@ -84,9 +84,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             entry.update(status="failed", seconds=round(time.time() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)
-            print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then rerun "
-                  f"`deepfake-ray pipeline --workdir {cfg.workdir}` (finished stages are skipped) "
-                  f"or run `deepfake-ray {command} --workdir {cfg.workdir}` alone.")
+            print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then run the "
+                  "same command again (finished stages are skipped), or this stage alone with "
+                  f"the settings of this run: `{lineage.command_line(cfg.workdir, command)}`")
             raise
         entry["seconds"] = round(time.time() - started, 1)
         record["stages"].append(entry)

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import re
-import shlex
 import time
 
 from deepfake_ray import lineage, storage
@@ -236,10 +235,10 @@ def out_of_date(cfg: Config, folder: str) -> str | None:
 
 
 def collect(cfg: Config) -> list[tuple[str, str, list]]:
-    quoted = shlex.quote(cfg.workdir)
+    saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
     out = []
     for anchor, title, build, command, folder in SECTIONS:
-        redo = f"deepfake-ray {command} --workdir {quoted}"
+        redo = lineage.command_line(cfg.workdir, command, saved)
         blocks = build(cfg.workdir)
         if not blocks:
             blocks = [Missing(redo)]

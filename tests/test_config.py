@@ -129,3 +129,17 @@ def test_ctrl_c_exits_130_saying_how_to_resume(force, advice, monkeypatch, tmp_p
     assert cli.main(["report", "--workdir", str(tmp_path), *force]) == 130
     err = error_lines(capsys)
     assert len(err) == 1 and advice in err[0] and "resumes from its last checkpoint" in err[0]
+
+
+def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
+    """Hints (a failed pipeline's, the report's) name a command to run again: with the
+    defaults' preset it would run other settings than this run's."""
+    import shlex
+
+    from deepfake_ray import lineage
+
+    workdir = str(tmp_path / "my run")
+    cfg = config.build("tiny", None, ["gan.epochs=5", "detector.lr=1e-4"], workdir=workdir)
+    cli.write_config(cfg)
+    hint = lineage.command_line(workdir, "evaluate")
+    assert cli.build_config(cli.parser().parse_args(shlex.split(hint)[1:])) == cfg

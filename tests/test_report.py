@@ -177,10 +177,11 @@ def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path
     parse(os.path.join(w, "report.html"))
     assert "Out of date: detector/ changed since eval/ was made" in text
     assert "Out of date: gan/ is not complete" in text
-    assert f"<code>deepfake-ray evaluate --workdir {w}</code>" in text
+    # with the run's settings: a bare command would run the demo preset's
+    assert f"<code>deepfake-ray evaluate --config {w}/config.yaml --workdir {w}</code>" in text
     assert "0.981" in text  # still shown, labelled
     md = open(os.path.join(w, "report.md")).read()
-    assert f"_Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --workdir {w}`._" in md
+    assert f"_Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --config {w}/config.yaml --workdir {w}`._" in md
 
 
 def test_damaged_files_are_reported_not_fatal(tmp_path):
