@@ -346,7 +346,8 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
             storage.write_bytes(f"{bucket}/in/{name}", f.read())
     uploaded = [f"{bucket}/in/{name}" for name in sorted(os.listdir(images_dir))]
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
-    paths = uploaded[::-1] + [f"{bucket}/in/vanished.jpg", ""]
+    # "in/face0.jpg": relative to the folder holding the manifest, and kept as written
+    paths = uploaded[::-1] + ["in/face0.jpg", f"{bucket}/in/vanished.jpg", ""]
     # a folder of parts, as Spark and Ray Data write a table; an empty row is a row too
     for i, part in enumerate((paths[:4], paths[4:])):
         storage.write_parquet(f"{bucket}/manifest.parquet/part-{i}.parquet", pa.table({"path": part}))
@@ -364,6 +365,8 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
 
 
 def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
+    import pyarrow as pa
+
     from deepfake_ray import cli
     from deepfake_ray.serving import score
 
@@ -383,6 +386,9 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UsageError, match="broken.parquet is not a readable Parquet table"):
         score.list_inputs(str(tmp_path / "broken.parquet"))
+    storage.write_parquet(str(tmp_path / "numbers.parquet"), pa.table({"path": [1, 2]}))
+    with pytest.raises(UsageError, match="'path' column holds int64, not text"):
+        score.list_inputs(str(tmp_path / "numbers.parquet"))
     from deepfake_ray import checkpoint
     from deepfake_ray.models import dcgan
     from deepfake_ray.serving import app

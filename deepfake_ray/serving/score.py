@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import time
 
 import numpy as np
@@ -54,7 +55,8 @@ def check_input(src: str) -> None:
 
 
 def list_inputs(src: str) -> list[str]:
-    """Paths/URIs to score: every file under a folder or prefix, or a manifest's `path`s."""
+    """Paths/URIs to score: every file under a folder or prefix, or a manifest's `path`s
+    (as written: the table's rows keep them, to join on; see `located`)."""
     if is_manifest(src):
         try:
             table = storage.read_parquet(src)
@@ -64,6 +66,10 @@ def list_inputs(src: str) -> list[str]:
         if "path" not in table.column_names:
             raise UsageError(f"manifest {src} has no 'path' column (columns: "
                              f"{', '.join(table.column_names)}): give a Parquet file listing paths")
+        if not (pa.types.is_string(table.schema.field("path").type)
+                or pa.types.is_large_string(table.schema.field("path").type)):
+            raise UsageError(f"manifest {src}'s 'path' column holds {table.schema.field('path').type}, "
+                             "not text: give the paths as strings")
         paths = [p or "" for p in table.column("path").to_pylist()]  # an empty one: an error row
     else:
         check_input(src)
@@ -71,6 +77,17 @@ def list_inputs(src: str) -> list[str]:
     if not paths:
         raise UsageError(f"--input {src} holds no files to score: check the path")
     return paths
+
+
+def located(path: str, manifest: str | None) -> str:
+    """Where a path from --input is read: a manifest's relative paths are relative to the
+    folder holding the manifest, wherever score runs (Ray's workers run in folders of their own)."""
+    if not path or storage.is_s3(path) or os.path.isabs(os.path.expanduser(path)):
+        return storage.normalize(path) if path else path
+    if manifest is None:
+        return storage.normalize(path)
+    folder = (posixpath if storage.is_s3(manifest) else os.path).dirname(storage.normalize(manifest))
+    return storage.normalize(storage.join(folder, path))
 
 
 def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
@@ -124,8 +141,9 @@ def pool(cfg: Config) -> tuple[int, float]:
     return cfg.serve.score_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 4), 0.0
 
 
-def score_table(cfg: Config, model: str, paths: list[str]) -> pa.Table:
-    """path, p_fake (null when unreadable), label, error: one row per path, in input order."""
+def score_table(cfg: Config, model: str, paths: list[str], manifest: str | None = None) -> pa.Table:
+    """path, p_fake (null when unreadable), label, error: one row per path, in input order;
+    `path` as given, for joining back (a `manifest`'s relative ones are read from beside it)."""
     import ray
 
     meta = checkpoint.load_meta(model)
@@ -133,7 +151,7 @@ def score_table(cfg: Config, model: str, paths: list[str]) -> pa.Table:
     batch = cfg.serve.score_batch_size
     # a file name that is not UTF-8 travels as bytes (Arrow strings must be UTF-8) and is
     # written with \xNN escapes, as prepare's manifest does
-    items = [{"index": i, "path": storage.printable(p), "raw_path": os.fsencode(p)}
+    items = [{"index": i, "path": storage.printable(p), "raw_path": os.fsencode(located(p, manifest))}
              for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
     ds = ds.map_batches(read_and_decode, batch_size=batch, batch_format="numpy",
@@ -191,7 +209,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     meta = checkpoint.load_detector_meta(model)
     paths = list_inputs(src)
     started = time.time()
-    table = score_table(cfg, model, paths)
+    table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
     write_table(table, out)
     s = summarize(table, meta, out, time.time() - started)
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
