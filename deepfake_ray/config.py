@@ -49,7 +49,7 @@ class GanConfig:
     sample_grid: int = 64  # images in the fixed-noise grid saved each epoch
     num_fakes: int = 0  # 0: as many as the real train+val+test splits hold
     generate_batch_size: int = 256
-    fail_at_epoch: int = -1  # TEST ONLY: rank 1 (or 0) exits once at this epoch
+    fail_at_epoch: int = -1  # TEST ONLY: the last rank exits once at this epoch
     mixed_precision: bool = True  # bfloat16 autocast + channels_last, on GPU only
 
 

@@ -211,7 +211,11 @@ def test_killed_driver_resumes_past_a_damaged_checkpoint_at_the_next_epoch(train
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     resumed = [(h["epoch"], h["resumed_from"]) for h in history[:-1] if h["restored"]]
     assert resumed == [(older + 1, older)], history
-    assert checkpoint.read_state(os.path.join(workdir, "gan", f"epoch_{EPOCHS - 1:04d}"))["epoch"] == EPOCHS - 1
+    state = checkpoint.read_state(os.path.join(workdir, "gan", f"epoch_{EPOCHS - 1:04d}"))
+    assert state["epoch"] == EPOCHS - 1
+    for optimizer in ("opt_g", "opt_d"):  # Adam's moments went on too: it counted every step
+        steps = {int(s["step"]) for s in state[optimizer]["state"].values()}
+        assert steps == {state["global_step"]}, (optimizer, steps, state["global_step"])
 
 
 def test_lost_worker_is_replaced_and_every_epoch_trained_once(trained):
@@ -225,6 +229,21 @@ def test_lost_worker_is_replaced_and_every_epoch_trained_once(trained):
 
 
 # --- bad input: exit 2 with one line ----------------------------------------------------
+
+def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prepared):
+    stored = datasets.read_split(datasets.data_dir(prepared), "train").take_all()
+    position = {decode.decode_jpeg(row["image"]).tobytes(): i for i, row in enumerate(stored)}
+    cfg = tiny(prepared)
+
+    def order():
+        return [position[row["pixels"].tobytes()] for row in train.train_dataset(cfg, len(stored)).take_all()]
+
+    first = order()
+    assert sorted(first) == list(range(len(stored)))  # every training image, once
+    batch = first[:16]  # stored in path order, a batch would be 16 neighbours
+    assert min(batch) < len(stored) // 3 and max(batch) > 2 * len(stored) // 3
+    assert order() == first  # seeded: a resumed run trains on the same order
+
 
 def run_cli(capsys, *args) -> tuple[int, list[str]]:
     code = cli.main(list(args))
@@ -292,6 +311,15 @@ def test_generate_matches_the_reals_layout_and_encoding(generated):
         assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
         assert quantization(row["image"]) == quantization(real_jpeg)  # same JPEG quality
     assert Image.open(os.path.join(workdir, "fakes", "preview.png")).format == "PNG"
+
+
+def test_fakes_encoded_unlike_the_reals_are_refused_and_the_complete_ones_kept(generated, capsys):
+    workdir, _ = generated
+    code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--force",
+                        "--set", "data.jpeg_quality=80")
+    assert code == 2 and len(err) == 1
+    assert "the reals were stored at data.jpeg_quality=95" in err[0]
+    assert storage.completed(datasets.fakes_dir(workdir))
 
 
 def test_generate_is_deterministic_for_a_seed(generated, tmp_path):

@@ -11,7 +11,7 @@ Splits follow the reals' content-hash rule (`prepare.assign_split` on the sha1 o
 the encoded bytes). Each split gets as many fakes as the reals hold in it (or
 gan.num_fakes shared in the reals' proportions): candidates are made in rounds and
 the first ones of each split, in index order, are kept, so the result depends only
-on the seed and the generator.
+on the seed and the generator (on a GPU, on the kind of GPU too: their arithmetic differs).
 """
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ class FakeMaker:
         self.G.load_state_dict(state)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.G.to(self.device).eval()
+        if self.device.type == "cuda":  # a fake's bytes, hence its split, must not vary by run:
+            # no TF32 rounding, and cuDNN's fixed algorithms instead of the fastest it times
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.seed, self.quality, self.latent = seed, quality, int(meta["latent_dim"])
 
     def __call__(self, batch: dict, start: int) -> dict:
@@ -171,6 +175,10 @@ def check(cfg: Config) -> tuple[pa.Table, dict]:
         raise UsageError(f"no trained generator in {gan_dir(cfg.workdir)}: run "
                          "`deepfake-ray train-gan` with this --workdir first")
     reals = datasets.require_manifest(datasets.data_dir(cfg.workdir), "prepare")
+    stored = (storage.completed(datasets.data_dir(cfg.workdir)) or {}).get("settings", {}).get("data.jpeg_quality")
+    if stored is not None and stored != cfg.data.jpeg_quality:  # the detector would learn the encoding
+        raise UsageError(f"the reals were stored at data.jpeg_quality={stored}, and fakes must be "
+                         f"encoded as they are: set data.jpeg_quality={stored}")
     meta = checkpoint.load_meta(model_uri(cfg.workdir))
     if int(meta["resolution"]) != cfg.data.resolution:
         raise UsageError(f"the generator makes {meta['resolution']} px images but data.resolution "
@@ -182,10 +190,10 @@ def check(cfg: Config) -> tuple[pa.Table, dict]:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = datasets.fakes_dir(cfg.workdir)
+    reals, meta = check(cfg)  # before plan: with --force, a mistake must not unmark complete fakes
     plan = lineage.plan(cfg, STAGE, force)
     if plan.done:
         return plan.done
-    reals, meta = check(cfg)
     storage.delete_dir(out)  # a forced or interrupted earlier run
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
