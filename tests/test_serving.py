@@ -316,6 +316,12 @@ def test_the_file_limit_counts_files_whatever_ends_the_lines(newline):
     with pytest.raises(http.ApiError) as refused:  # lines ended by CR alone hid these parts
         http.check_part_count(content_type, body(1000), limit=64)
     assert refused.value.status == 413
+    inner = b"".join(b"--c" + newline + newline + b"x" + newline for _ in range(1000)) + b"--c--" + newline
+    nested = (b"--b" + newline + b'Content-Disposition: form-data; name="files"' + newline
+              + b"Content-Type: multipart/mixed; boundary=c" + newline * 2 + inner + b"--b--" + newline)
+    with pytest.raises(http.ApiError) as refused:  # parts within a part: none of them counted
+        http.multipart_files(content_type, nested, limit=64)
+    assert refused.value.status == 400
 
 
 def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
@@ -347,7 +353,7 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     uploaded = [f"{bucket}/in/{name}" for name in sorted(os.listdir(images_dir))]
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
     # "in/face0.jpg": relative to the folder holding the manifest, and kept as written
-    paths = uploaded[::-1] + ["in/face0.jpg", f"{bucket}/in/vanished.jpg", ""]
+    paths = uploaded[::-1] + ["in/face0.jpg", "./in/../in/face1.jpg", f"{bucket}/in/vanished.jpg", ""]
     # a folder of parts, as Spark and Ray Data write a table; an empty row is a row too
     for i, part in enumerate((paths[:4], paths[4:])):
         storage.write_parquet(f"{bucket}/manifest.parquet/part-{i}.parquet", pa.table({"path": part}))
@@ -389,6 +395,9 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     storage.write_parquet(str(tmp_path / "numbers.parquet"), pa.table({"path": [1, 2]}))
     with pytest.raises(UsageError, match="'path' column holds int64, not text"):
         score.list_inputs(str(tmp_path / "numbers.parquet"))
+    categories = pa.table({"path": pa.array(["a.jpg", "b.jpg", "a.jpg"]).dictionary_encode()})
+    storage.write_parquet(str(tmp_path / "categories.parquet"), categories)  # as pandas writes them
+    assert score.list_inputs(str(tmp_path / "categories.parquet")) == ["a.jpg", "b.jpg", "a.jpg"]
     from deepfake_ray import checkpoint
     from deepfake_ray.models import dcgan
     from deepfake_ray.serving import app

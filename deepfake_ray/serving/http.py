@@ -72,20 +72,35 @@ def too_many_files(limit: int) -> ApiError:
                          "send them in several requests")
 
 
+# a part that is itself multipart (or a message): the parser would parse its parts too,
+# which no count of the outer ones bounds. Searched in the lowered body for its literal
+# start (~30 ms for 10 MB; a case-insensitive search for a line start took 0.8 s).
+NESTED = re.compile(rb"content-type:[ \t]*(?:multipart|message)/")
+
+
+def has_nested_part(body: bytes) -> bool:
+    lowered = body.lower()
+    return any(m.start() == 0 or lowered[m.start() - 1] in b"\r\n" for m in NESTED.finditer(lowered))
+
+
 def check_part_count(content_type: str, body: bytes, limit: int) -> None:
     """413 before parsing a body of many more parts than `limit` files: the parser takes
     ~0.6 ms a part, and 70,000 tiny parts fit in 10 MB. The boundary and the line breaks
     are read as the parser reads them (it ends a line at CR, LF or CRLF); a part begins at
-    each delimiter line but the closing one."""
+    each delimiter line but the closing one. Nested multipart parts are refused (400)."""
     header = Message()
     header["content-type"] = content_type
     boundary = header.get_boundary()
     if not boundary:
         return  # the parser refuses the body as malformed
     delimiter = b"--" + boundary.encode("latin-1")
-    parts = len(re.findall(rb"(?:\r\n|\r|\n)" + re.escape(delimiter), body)) + body.startswith(delimiter) - 1
+    # CRLF holds one LF, and a bare CR is not followed by one: each delimiter counted once
+    parts = body.count(b"\n" + delimiter) + body.count(b"\r" + delimiter) + body.startswith(delimiter) - 1
     if parts > limit + FORM_FIELDS:
         raise too_many_files(limit)
+    if has_nested_part(body):
+        raise ApiError(400, "a multipart part holds parts of its own: send each file as a "
+                            "part of the form itself")
 
 
 def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[str, str, bytes]]:

@@ -66,8 +66,10 @@ def list_inputs(src: str) -> list[str]:
         if "path" not in table.column_names:
             raise UsageError(f"manifest {src} has no 'path' column (columns: "
                              f"{', '.join(table.column_names)}): give a Parquet file listing paths")
-        if not (pa.types.is_string(table.schema.field("path").type)
-                or pa.types.is_large_string(table.schema.field("path").type)):
+        kind = table.schema.field("path").type
+        if pa.types.is_dictionary(kind):  # pandas categoricals
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UsageError(f"manifest {src}'s 'path' column holds {table.schema.field('path').type}, "
                              "not text: give the paths as strings")
         paths = [p or "" for p in table.column("path").to_pylist()]  # an empty one: an error row
@@ -86,8 +88,10 @@ def located(path: str, manifest: str | None) -> str:
         return storage.normalize(path) if path else path
     if manifest is None:
         return storage.normalize(path)
-    folder = (posixpath if storage.is_s3(manifest) else os.path).dirname(storage.normalize(manifest))
-    return storage.normalize(storage.join(folder, path))
+    if storage.is_s3(manifest):  # ../ and ./ resolved here: S3 would take them as part of the key
+        bucket, _, key = storage.normalize(manifest).removeprefix("s3://").partition("/")
+        return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(key), path)).lstrip("/")
+    return storage.normalize(os.path.join(os.path.dirname(storage.normalize(manifest)), path))
 
 
 def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
