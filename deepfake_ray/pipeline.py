@@ -84,9 +84,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             entry.update(status="failed", seconds=round(time.time() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)
-            print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then run the "
-                  "same command again (finished stages are skipped), or this stage alone with "
-                  f"the settings of this run: `{lineage.command_line(cfg.workdir, command)}`")
+            again = "it again without --force" if force else "the same command again"
+            alone = ("" if command in ("score", "report") else  # these take other arguments
+                     f", or this stage alone with the settings of this run: "
+                     f"`{lineage.command_line(cfg.workdir, command)}`")
+            print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then run {again} "
+                  f"(finished stages are skipped){alone}")
             raise
         entry["seconds"] = round(time.time() - started, 1)
         record["stages"].append(entry)

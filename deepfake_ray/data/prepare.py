@@ -71,8 +71,9 @@ def check_settings(cfg: Config) -> None:
     source = d.source.strip()
     if (sources.kind(source) == "sample" and ":" in source
             and d.sample_size != DataConfig.sample_size and str(d.sample_size) != source.partition(":")[2]):
-        raise UsageError(f"data.sample_size={d.sample_size} is not used: data.source={source} names its "
-                         f"own count; pass --set data.source=sample:{d.sample_size} instead")
+        raise UsageError(f"data.sample_size={d.sample_size} (from the preset, --config or --set) is not "
+                         f"used: data.source={source} names its own count; pass --set "
+                         f"data.source=sample:{d.sample_size} instead, or data.source=sample")
 
 
 def candidates(src: Source, seed: int) -> list[str]:
