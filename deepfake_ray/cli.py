@@ -6,6 +6,7 @@ it), 1 anything else, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -33,6 +34,9 @@ COMMANDS = {
 }
 NO_RAY = ("report",)  # reads files only
 KEEP_CONFIG = ("score", "serve", "report")  # must not overwrite the run's resolved config
+# one at a time per work directory: two trainings would share one run's checkpoints, and
+# one's --force would delete what the other writes
+WRITERS = ("pipeline", "prepare", "train-gan", "generate", "train-detector", "tune", "evaluate")
 REQUIRED = {"score": ("--model", "--input", "--out"), "serve": ("--model",)}
 
 
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
-        from deepfake_ray import lineage, runtime
+        from deepfake_ray import lineage, runtime, storage
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):
@@ -127,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
+        if args.command in WRITERS:  # refused before this run changes anything there
+            storage.check_free(cfg.workdir, args.command)
         if args.command not in KEEP_CONFIG:  # first: an unwritable workdir fails before Ray starts
             write_config(cfg)
         if args.command not in NO_RAY:
             runtime.init(args.address)
-        module.run(cfg, **options(args))
+        # taken once Ray is up: on a cluster, a dead driver's S3 lock is then freed at once
+        with storage.exclusive(cfg.workdir, args.command) if args.command in WRITERS else contextlib.nullcontext():
+            module.run(cfg, **options(args))
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,10 @@ The lock is an object, `<uri>/.lock`, created only if absent (a conditional writ
 its own ETag, so a run that lost it notices) and deleted at the end only if still its
 own (`If-Match` again: a run whose renewals failed must not free its successor's lock).
 A lock not renewed for LAPSE_S seconds belongs to a run that died: the next run takes it
-over, again conditionally, so of two runs taking over at once only one succeeds. Its age
+over, again conditionally, so of two runs taking over at once only one succeeds. A run on
+a Ray cluster also records its Ray job: a run on the same cluster takes over at once from
+a driver that Ray reports dead (a job killed outright renews nothing, and its resubmission
+would otherwise wait LAPSE_S). Its age
 is measured on the store's clock, not the writers' (machines' clocks may disagree). Each
 run's lock carries a token of its own, so a write whose reply was lost and then retried
 (and refused, as the object changed) is recognized as its own. Stores without
@@ -32,7 +35,38 @@ LAPSE_S = 300.0  # five missed renewals: the holder is gone
 
 def holder(command: str, token: str) -> bytes:
     return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(),
-                       "renewed": time.time(), "token": token}).encode()
+                       "renewed": time.time(), "token": token, **ray_job()}).encode()
+
+
+def ray_job() -> dict:
+    """This driver's Ray job and cluster, when it is connected to a cluster (an in-process
+    Ray ends with its driver: no later run can ask it about this one)."""
+    import ray
+
+    from deepfake_ray import runtime
+
+    if not ray.is_initialized() or runtime.in_process():
+        return {}
+    context = ray.get_runtime_context()
+    return {"ray_job": context.get_job_id(), "ray_cluster": context.gcs_address}
+
+
+def holder_ended(info: dict) -> bool | None:
+    """Whether the lock's holder, a driver on the Ray cluster this process is connected to,
+    has ended (True) or lives (False); None when this process cannot tell."""
+    import ray
+
+    if not info.get("ray_job") or not ray.is_initialized():
+        return None
+    if info.get("ray_cluster") != ray.get_runtime_context().gcs_address:
+        return None
+    try:  # GCS's job table: Ray 2.60 (pinned) has no public call for a driver's liveness
+        from ray._private.state import jobs
+
+        dead = [bool(job["IsDead"]) for job in jobs() if job.get("JobID") == info["ray_job"]]
+    except Exception:  # noqa: BLE001 - cannot tell: the lapse decides, as without Ray
+        return None
+    return dead[0] if dead else None
 
 
 def lock_info(current: dict) -> dict:
@@ -148,7 +182,7 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
     info = lock_info(current)
     if info.get("token") == token:
         return current["ETag"]
-    refuse_if_live(current, info, uri, command)
+    refuse_if_live(current, info, uri, command, deciding=True)
     try:
         return client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                  IfMatch=current["ETag"])["ETag"]
@@ -159,11 +193,18 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
         raise
 
 
-def refuse_if_live(current: dict, info: dict, uri: str, command: str) -> None:
-    if idle_s(current, info) < LAPSE_S:
-        raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
-                         f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
-                         f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
+def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: bool) -> None:
+    """UsageError while the lock's holder lives. Before this process joins Ray (`deciding`
+    False: a check, not the taking) a holder that ran on a Ray cluster gets the benefit of
+    the doubt: the run decides when it takes the lock, knowing whether Ray saw it die."""
+    if idle_s(current, info) >= LAPSE_S:
+        return
+    ended = holder_ended(info)
+    if ended or (ended is None and not deciding and info.get("ray_job")):
+        return
+    raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
+                     f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
+                     f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
 
 
 def check_free(uri: str, command: str) -> None:
@@ -177,7 +218,7 @@ def check_free(uri: str, command: str) -> None:
         current = client.get_object(Bucket=bucket, Key=f"{prefix}/{LOCK}" if prefix else LOCK)
     except (BotoCoreError, ClientError):
         return
-    refuse_if_live(current, lock_info(current), uri, command)
+    refuse_if_live(current, lock_info(current), uri, command, deciding=False)
 
 
 def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,

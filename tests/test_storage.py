@@ -3,6 +3,8 @@ import stat
 
 from deepfake_ray import storage
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_local_writes_get_the_modes_any_new_file_gets(tmp_path):
     storage.write_text(str(tmp_path / "run" / "config.yaml"), "seed: 0\n")
@@ -214,3 +216,54 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
         client.put_object(**lock, Body=successor)  # the successor's takeover
     assert client.get_object(**lock)["Body"].read().decode() == successor
     assert "another run took over the lock s3://runs-taken-over/r1/data/.lock" in capsys.readouterr().out
+
+
+def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
+    """A training beside a running pipeline would share its run's checkpoints: refused,
+    exit 2 naming it, before it changes anything (config.yaml included)."""
+    from deepfake_ray import cli
+    from tests.cli_output import error_lines
+
+    workdir = str(tmp_path / "w")
+    storage.write_text(storage.join(workdir, "config.yaml"), "the running pipeline's\n")
+    with storage.exclusive(workdir, "pipeline"):
+        for command in ("train-gan", "train-detector", "evaluate", "pipeline"):
+            assert cli.main([command, "--preset", "tiny", "--workdir", workdir]) == 2, command
+            err = error_lines(capsys)
+            assert len(err) == 1 and f"another pipeline (pid {os.getpid()} on " in err[0], err
+    assert storage.read_text(storage.join(workdir, "config.yaml")) == "the running pipeline's\n"
+
+
+def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(ray_session, s3_server):
+    """A job killed outright renews nothing; resubmitted to the same cluster, it must not
+    wait out the lease while Ray already knows its driver is dead."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from deepfake_ray.errors import UsageError
+    from ray._private.state import jobs
+
+    workdir = f"{s3_server('runs-killed')}/r1"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, ray; from deepfake_ray import storage\n"
+        f"ray.init(address={ray_session.get_runtime_context().gcs_address!r})\n"
+        f"with storage.exclusive({workdir!r}, 'pipeline'):\n"
+        "    print(ray.get_runtime_context().get_job_id(), flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        job = holder.stdout.readline().strip()
+        assert job, "the holder did not start"
+        with pytest.raises(UsageError, match=rf"another pipeline \(pid {holder.pid} on .+\) is writing"):
+            with storage.exclusive(workdir, "pipeline"):  # it lives: refused
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 30
+    while not any(j["JobID"] == job and j["IsDead"] for j in jobs()) and time.time() < deadline:
+        time.sleep(0.2)
+    with storage.exclusive(workdir, "pipeline"):  # dead to Ray: taken over, well within LAPSE_S
+        pass
