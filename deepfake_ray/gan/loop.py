@@ -76,7 +76,9 @@ def setup(cfg: Config, stage: str) -> tuple[Run, int | None]:
         opt_d.load_state_dict(state["opt_d"])
         training.set_rng_state(state["rng"])
         resumed_from = int(state["epoch"])
-        run.fixed_noise, run.global_step = state["fixed_noise"], int(state["global_step"])
+        # fixed_noise is not restored: drawn from the seed, it is the same vectors, and a
+        # continued run asked for a bigger gan.sample_grid gets its bigger grid
+        run.global_step = int(state["global_step"])
         run.history = [h for h in state["history"] if h["epoch"] <= resumed_from]
         run.batch_losses, run.epoch_starts = state["batch_losses"], list(state["epoch_starts"])
     # D is called three times per step; buffers need no broadcast (BN stats stay local).
@@ -146,7 +148,7 @@ def state_of(run: Run, epoch: int) -> dict:
     return {"epoch": epoch, "global_step": run.global_step,
             "G": unwrap(run.G).state_dict(), "D": unwrap(run.D).state_dict(),
             "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
-            "fixed_noise": run.fixed_noise, "rng": training.rng_state(),
+            "rng": training.rng_state(),
             "history": run.history, "batch_losses": run.batch_losses,
             "epoch_starts": run.epoch_starts, "config": json.dumps(to_dict(run.cfg))}
 
