@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -134,6 +135,17 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 
 # --- leakage guards (manifests only, no Ray) --------------------------------------------
 
+def test_a_diverged_epoch_ranks_last_instead_of_failing_the_run():
+    from deepfake_ray.detector import loop, metrics
+
+    labels = np.array([0, 0, 1, 1])
+    good = metrics.epoch_validation(labels, np.array([0.1, 0.2, 0.8, 0.9]), 1.0)
+    assert good["val_auc"] == 1.0 and 0.2 < good["val_threshold"] < 0.8
+    diverged = metrics.epoch_validation(labels, np.array([np.nan, 0.2, np.nan, 0.9]), float("nan"))
+    assert math.isnan(diverged["val_auc"]) and diverged["val_threshold"] == 0.5
+    assert loop.better(good, diverged) and not loop.better(diverged, good)
+
+
 def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
     cfg = tiny_cfg("detector.max_train_per_class=12")
     build(cfg.workdir, 60, 32)
@@ -144,6 +156,9 @@ def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
     seen = set(sum((sel.hashes[s][c] for s in ("train", "val") for c in (0, 1)), []))
     assert test and not test & seen
     assert set(sel.fingerprints) == {"real_manifest_sha1", "fake_manifest_sha1"}
+    # 12 val images shared by 16 workers: four would validate nothing (Ray Train splits equally)
+    with pytest.raises(UsageError, match="val split selects 12 images, fewer than resources.workers=16"):
+        data.select(tiny_cfg("resources.workers=16", workdir=cfg.workdir))
 
 
 def test_an_image_in_two_splits_is_an_error(tiny_cfg):

@@ -60,6 +60,10 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
             raise UsageError(f"the {split} split holds {len(real)} real and {len(fake)} fake images; "
                              "both are needed: prepare more reals or generate more fakes "
                              "(deepfake-ray generate --num N)")
+        if split != "test" and 2 * n < cfg.resources.workers:  # Ray Train splits it equally
+            raise UsageError(f"the {split} split selects {2 * n} images, fewer than resources.workers="
+                             f"{cfg.resources.workers}, so some workers would get none: use fewer "
+                             "workers or prepare more images")
         rng = np.random.default_rng(cfg.seed)  # a seeded, class-independent subsample
         hashes[split] = {REAL: sorted(rng.permutation(real)[:n].tolist()),
                          FAKE: sorted(rng.permutation(fake)[:n].tolist())}

@@ -49,8 +49,13 @@ def classification(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> 
 
 
 def epoch_validation(labels: np.ndarray, p_fake: np.ndarray, loss_sum: float) -> dict:
-    """Per-epoch validation figures: loss, accuracy at 0.5 (argmax), ROC-AUC, tuned threshold."""
+    """Per-epoch validation figures: loss, accuracy at 0.5 (argmax), ROC-AUC, tuned threshold.
+    A diverged model (scores not finite: a learning rate too high) gets NaN figures, which
+    rank it last, instead of the metrics' ValueError failing the run and its retries."""
     n = max(len(labels), 1)
+    if not np.isfinite(p_fake).all():
+        return {"val_loss": float("nan"), "val_acc": 0.0, "val_auc": float("nan"), "val_threshold": 0.5,
+                "val_acc_at_threshold": 0.0, "val_n": int(len(labels))}
     threshold = choose_threshold(labels, p_fake)
     return {"val_loss": loss_sum / n,
             "val_acc": float(((p_fake >= 0.5).astype(int) == labels).mean()) if len(labels) else 0.0,
