@@ -147,7 +147,9 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
         param_space={"lr": tune.loguniform(t.lr_min, t.lr_max)},
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, num_samples=t.samples, max_concurrent_trials=concurrency(cfg),
-            scheduler=ASHAScheduler(max_t=t.epochs, grace_period=t.grace_period),
+            # rungs by epochs trained: Tune's own count of results starts over when it
+            # retries a trial, which resumes at a later epoch
+            scheduler=ASHAScheduler(time_attr="epochs_done", max_t=t.epochs, grace_period=t.grace_period),
             trial_dirname_creator=lambda tr: tr.trial_id),
         run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=1)),
@@ -167,8 +169,11 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
     ok = frame[frame["val_auc"].notna()]
     if ok.empty:
         raise RuntimeError(f"every tune trial failed; first error: {frame['error'].iloc[0]}")
-    frame = frame.sort_values(["val_auc", "val_loss"], ascending=[False, True], na_position="last")
-    frame = frame.reset_index(drop=True)
+    # a trial that ended in an error wins only when none finished: its model stopped short
+    frame["failed"] = frame["status"] != "ok"
+    frame = frame.sort_values(["failed", "val_auc", "val_loss"], ascending=[True, False, True],
+                              na_position="last")
+    frame = frame.drop(columns="failed").reset_index(drop=True)
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     storage.write_text(storage.join(tune_dir(cfg.workdir), "results.csv"), buf.getvalue())
@@ -191,6 +196,6 @@ def trial_row(cfg: Config, result) -> dict:
     m = meta["metrics"]
     auc = m["val_auc"] if m["val_auc"] == m["val_auc"] else -1.0  # NaN ranks last
     return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "ok",
-            "epochs_run": len(history), "stopped_early": len(history) < cfg.tune.epochs,
+            "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs,
             "best_epoch": meta["epoch"], "val_auc": auc, "val_loss": m["val_loss"],
             "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}
