@@ -8,7 +8,8 @@ A lock not renewed for LAPSE_S seconds belongs to a run that died: the next run 
 over, again conditionally, so of two runs taking over at once only one succeeds. A run on
 a Ray cluster also records its Ray job: a run on the same cluster takes over at once from
 a driver that Ray reports dead (a job killed outright renews nothing, and its resubmission
-would otherwise wait LAPSE_S). Its age
+would otherwise wait LAPSE_S), and a run on a cluster waits out (rather than refuses) a
+lock held from another cluster, which may be gone with its driver (a RayJob's retry). Its age
 is measured on the store's clock, not the writers' (machines' clocks may disagree). Each
 run's lock carries a token of its own, so a write whose reply was lost and then retried
 (and refused, as the object changed) is recognized as its own. Stores without
@@ -70,12 +71,15 @@ def holder_ended(info: dict) -> bool | None:
 
 
 def lock_info(current: dict) -> dict:
-    """What a lock object says about its holder ({} for one this code did not write)."""
-    try:
-        info = json.loads(current["Body"].read())
-        return info if isinstance(info, dict) else {}
-    except ValueError:
-        return {}
+    """What a lock object says about its holder ({} for one this code did not write); read
+    once per reply, as its body is a stream."""
+    if "info" not in current:
+        try:
+            info = json.loads(current["Body"].read())
+        except ValueError:
+            info = {}
+        current["info"] = info if isinstance(info, dict) else {}
+    return current["info"]
 
 
 def idle_s(current: dict, info: dict) -> float:
@@ -170,8 +174,52 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
             if error_code(e) == "NoSuchKey":
                 continue
             raise
+        if holder_elsewhere(lock_info(current)):
+            current = wait_for_lapse(client, bucket, key, uri, command, current)
+            if current is None:  # its holder ended and deleted it: take it anew
+                continue
         return take_over(client, bucket, key, uri, command, token, current)
     raise UsageError(f"other runs keep taking {uri}'s lock: wait for them to end, or use another --workdir")
+
+
+def holder_elsewhere(info: dict) -> bool:
+    """Whether this run is on a Ray cluster and the lock's holder ran on another: a KubeRay
+    RayJob retries on a new cluster, and the old one, its driver with it, may be gone."""
+    import ray
+
+    from deepfake_ray import runtime
+
+    return (ray.is_initialized() and not runtime.in_process() and bool(info.get("ray_cluster"))
+            and info["ray_cluster"] != ray.get_runtime_context().gcs_address)
+
+
+WAIT_POLL_S = 10.0
+
+
+def wait_for_lapse(client, bucket: str, key: str, uri: str, command: str, current: dict) -> dict | None:
+    """The lock once it has lapsed, or as soon as its holder renews it (then it lives, and
+    take_over refuses); None when its holder deletes it. A retried job waits out its own
+    dead attempt's lock instead of failing the retry at once."""
+    from botocore.exceptions import ClientError
+
+    info = lock_info(current)
+    left = LAPSE_S - idle_s(current, info)
+    if left > 0:
+        print(f"{command}: {uri} is locked by {info.get('command', 'a run')} on another Ray cluster "
+              f"({info.get('host')}), last renewed {idle_s(current, info):.0f} s ago: waiting up to "
+              f"{left:.0f} s for it to lapse, as a run that died stops renewing it", flush=True)
+    while idle_s(current, info) < LAPSE_S:
+        time.sleep(min(WAIT_POLL_S, max(0.1, LAPSE_S - idle_s(current, info))))
+        try:
+            latest = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if error_code(e) == "NoSuchKey":
+                return None
+            raise
+        if latest["ETag"] != current["ETag"]:
+            return latest  # renewed: it lives
+        current = latest
+    return current
 
 
 def take_over(client, bucket: str, key: str, uri: str, command: str, token: str, current: dict) -> str:

@@ -267,3 +267,54 @@ def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(
         time.sleep(0.2)
     with storage.exclusive(workdir, "pipeline"):  # dead to Ray: taken over, well within LAPSE_S
         pass
+
+
+def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_session, s3_server):
+    """KubeRay retries a RayJob on a new cluster: the dead attempt's driver, on the old one,
+    renews its lock no more, and the retry waits for it to lapse rather than fail at once.
+    A holder on another cluster that still renews is refused, as any live one."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import boto3
+
+    workdir = f"{s3_server('runs-retried-job')}/r1"
+    client = boto3.client("s3")
+
+    def write_lock():  # as a driver on another cluster writes it
+        client.put_object(Bucket="runs-retried-job", Key="r1/.lock", Body=json.dumps(
+            {"command": "pipeline", "pid": 7, "host": "old-head", "renewed": time.time(), "token": "t",
+             "ray_job": "01000000", "ray_cluster": "10.255.255.1:6379"}))
+
+    script = ("import ray; from deepfake_ray import lease, storage\n"
+              "from deepfake_ray.errors import UsageError\n"
+              f"ray.init(address={ray_session.get_runtime_context().gcs_address!r})\n"
+              "lease.LAPSE_S, lease.WAIT_POLL_S = 4.0, 0.5\n"
+              "try:\n"
+              f"    with storage.exclusive({workdir!r}, 'pipeline'):\n"
+              "        print('taken', flush=True)\n"
+              "except UsageError as e:\n"
+              "    print('refused:', e, flush=True)\n")
+
+    def retry() -> str:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+        return done.stdout + done.stderr
+
+    write_lock()  # and never again: that attempt died with its cluster
+    out = retry()
+    assert "on another Ray cluster (old-head)" in out and "waiting up to" in out and "taken" in out, out
+
+    write_lock()
+    stop = threading.Event()
+    renewer = threading.Thread(target=lambda: [write_lock() for _ in iter(lambda: stop.wait(1.0), True)])
+    renewer.start()
+    try:
+        out = retry()
+    finally:
+        stop.set()
+        renewer.join()
+    assert "refused: another pipeline (pid 7 on old-head) is writing" in out, out
