@@ -113,6 +113,13 @@ def write_config(cfg) -> None:
                          "pass a folder you can write to") from None
 
 
+def usage_line(error: BaseException) -> str | None:
+    """The one line saying what to fix, when `error` is (or wraps) bad input or settings;
+    None for anything else. One line: Ray Data appends its retry advice to a task's error."""
+    usage = find_usage_error(error)
+    return str(getattr(usage, "cause", None) or usage).splitlines()[0] if usage else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = time.time()
@@ -151,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback
 
-        usage = find_usage_error(e)
-        if usage:  # bad input or settings, raised where it was found (maybe in a Ray task)
-            # one line: Ray Data appends its retry advice to an error raised in a task
-            line = str(getattr(usage, "cause", None) or usage).splitlines()[0]
+        if line := usage_line(e):  # bad input or settings, raised where it was found (maybe in a Ray task)
             print(f"deepfake-ray {args.command}: error: {line}", file=sys.stderr)
             return 2
         traceback.print_exc()

@@ -76,7 +76,9 @@ def main(command: str, script: str, argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)  # bad flags exit 2 here
     try:
         workdir = run_workdir(command, args)
-    except UsageError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - bad input is one line, as deepfake-ray says it
+        if (line := cli.usage_line(e)) is None:
+            raise
+        print(f"{p.prog}: error: {line}", file=sys.stderr)
         return 2
     return cli.main(cli_argv(p, command, args, workdir))

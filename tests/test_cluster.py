@@ -151,9 +151,9 @@ def test_rayservice_serves_the_detector_app():
 
 # --- jobs/ ------------------------------------------------------------------------------
 
-def run_job(script: str, *args: str) -> subprocess.CompletedProcess:
+def run_job(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join("jobs", script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.mark.parametrize("script", sorted(JOBS))
@@ -170,6 +170,15 @@ def test_job_usage_errors_exit_2_with_the_fix():
     assert bad_preset.returncode == 2 and "choose one of" in bad_preset.stderr
     bad_name = run_job("pipeline.py", "--workdir", "/tmp/x", "--run-name", "../up")
     assert bad_name.returncode == 2 and "--run-name r1" in bad_name.stderr
+    # a --config the job cannot read while it resolves --run-name: one line, as deepfake-ray's
+    unreachable = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                   "AWS_SECRET_ACCESS_KEY": "y"}
+    bad_config = run_job("train_gan.py", "--config", "s3://bucket/mine.yaml", "--run-name", "r1",
+                         env=unreachable)
+    assert bad_config.returncode == 2, bad_config.stderr[-2000:]
+    assert bad_config.stderr.strip().splitlines() == [
+        "python jobs/train_gan.py: error: s3://bucket/mine.yaml: cannot reach the S3 endpoint "
+        "http://127.0.0.1:9: check AWS_ENDPOINT_URL and the network"]
 
 
 @pytest.mark.parametrize("workdir, expected", [
