@@ -235,14 +235,10 @@ def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prep
     position = {decode.decode_jpeg(row["image"]).tobytes(): i for i, row in enumerate(stored)}
     cfg = tiny(prepared)
 
-    def order():
-        return [position[row["pixels"].tobytes()] for row in train.train_dataset(cfg, len(stored)).take_all()]
-
-    first = order()
+    first = [position[row["pixels"].tobytes()] for row in train.train_dataset(cfg, len(stored)).take_all()]
     assert sorted(first) == list(range(len(stored)))  # every training image, once
-    batch = first[:16]  # stored in path order, a batch would be 16 neighbours
-    assert min(batch) < len(stored) // 3 and max(batch) > 2 * len(stored) // 3
-    assert order() == first  # seeded: a resumed run trains on the same order
+    batch = first[:16]  # stored in path order, a batch would be 16 neighbours (a span of 15);
+    assert max(batch) - min(batch) > 2 * len(batch)  # a random 16 of 77 spans less than 33 ~1e-5 of the time
 
 
 def run_cli(capsys, *args) -> tuple[int, list[str]]:

@@ -100,7 +100,8 @@ def check_resume(cfg: Config, stage: str) -> None:
 def train_dataset(cfg: Config, train_images: int):
     """The real training split, decoded by Ray Data tasks beside the train workers.
 
-    Shuffled across the whole split first, seeded (a resumed run sees the same order):
+    Shuffled across the whole split first (once per run: Ray Data's blocks may arrive in
+    another order, so a resumed run may see another order, which training does not mind):
     `prepare` stores images in the order of their paths, and the workers' local shuffle
     buffers mix only a few batches, so a folder sorted by age or person (UTKFace's names
     begin with the age) gave batches of near-identical faces, the same each epoch. The
