@@ -39,27 +39,33 @@ def holder(command: str, token: str) -> bytes:
                        "renewed": time.time(), "token": token, **ray_job()}).encode()
 
 
-def ray_job() -> dict:
-    """This driver's Ray job and cluster, when it is connected to a cluster (an in-process
-    Ray ends with its driver: no later run can ask it about this one)."""
+def connected_cluster() -> str | None:
+    """The GCS address of the Ray this process is connected to, if any."""
     import ray
 
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+
+
+def our_cluster() -> str | None:
+    """The cluster this driver joined; None for the in-process Ray, which ends with this
+    process: no later run could ask it about this one."""
     from deepfake_ray import runtime
 
-    if not ray.is_initialized() or runtime.in_process():
-        return {}
-    context = ray.get_runtime_context()
-    return {"ray_job": context.get_job_id(), "ray_cluster": context.gcs_address}
+    return None if runtime.in_process() else connected_cluster()
+
+
+def ray_job() -> dict:
+    """This driver's Ray job and cluster, when it is connected to a cluster."""
+    import ray
+
+    cluster = our_cluster()
+    return {"ray_job": ray.get_runtime_context().get_job_id(), "ray_cluster": cluster} if cluster else {}
 
 
 def holder_ended(info: dict) -> bool | None:
     """Whether the lock's holder, a driver on the Ray cluster this process is connected to,
     has ended (True) or lives (False); None when this process cannot tell."""
-    import ray
-
-    if not info.get("ray_job") or not ray.is_initialized():
-        return None
-    if info.get("ray_cluster") != ray.get_runtime_context().gcs_address:
+    if not info.get("ray_job") or info.get("ray_cluster") != connected_cluster():
         return None
     try:  # GCS's job table: Ray 2.60 (pinned) has no public call for a driver's liveness
         from ray._private.state import jobs
@@ -185,12 +191,8 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
 def holder_elsewhere(info: dict) -> bool:
     """Whether this run is on a Ray cluster and the lock's holder ran on another: a KubeRay
     RayJob retries on a new cluster, and the old one, its driver with it, may be gone."""
-    import ray
-
-    from deepfake_ray import runtime
-
-    return (ray.is_initialized() and not runtime.in_process() and bool(info.get("ray_cluster"))
-            and info["ray_cluster"] != ray.get_runtime_context().gcs_address)
+    ours = our_cluster()
+    return ours is not None and bool(info.get("ray_cluster")) and info["ray_cluster"] != ours
 
 
 WAIT_POLL_S = 10.0

@@ -445,8 +445,7 @@ def completed(stage_uri: str) -> dict | None:
     atomically, so only something else can damage it) vouches for nothing: not complete."""
     try:
         done = read_json(join(stage_uri, COMPLETE))
-    except (FileNotFoundError, NotADirectoryError):  # the latter: a file where a folder would be
-        return None
-    except ValueError:  # not JSON, or not UTF-8
+    # NotADirectoryError: a file where a folder would be; ValueError: not JSON, or not UTF-8
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return done if isinstance(done, dict) else None

@@ -84,9 +84,9 @@ def list_inputs(src: str) -> list[str]:
 def located(path: str, manifest: str | None) -> str:
     """Where a path from --input is read: a manifest's relative paths are relative to the
     folder holding the manifest, wherever score runs (Ray's workers run in folders of their own)."""
-    if not path or storage.is_s3(path) or os.path.isabs(os.path.expanduser(path)):
-        return storage.normalize(path) if path else path
-    if manifest is None:
+    if not path:
+        return path
+    if manifest is None or storage.is_s3(path) or os.path.isabs(os.path.expanduser(path)):
         return storage.normalize(path)
     if storage.is_s3(manifest):  # ../ and ./ resolved here: S3 would take them as part of the key
         bucket, _, key = storage.normalize(manifest).removeprefix("s3://").partition("/")
