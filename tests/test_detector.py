@@ -2,7 +2,12 @@
 Ray Tune sweep (each trial a Ray Train fine-tune) with export and reload, and the
 hub-unreachable error through the CLI. The fine-tune's lost-worker recovery, driver-kill
 resume and held-out evaluation run in the whole-pipeline scenario (tests/test_pipeline.py),
-on a real cluster with the DCGAN's own fakes."""
+on a real cluster with the DCGAN's own fakes.
+
+The sweep's trials fine-tune a small timm network (resnet10t): the sweep, export and reload
+do not depend on the architecture, and two Inception-ResNet-v2 trials cost ~40 s more on 2
+cores. The study's network itself trains a step, loads ImageNet-headed weights (below) and is
+served traced (tests/test_serving.py)."""
 from __future__ import annotations
 
 import csv
@@ -315,6 +320,7 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
 @pytest.mark.slow
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg, capsys):
     overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "tune.lr_min=1e-5", "tune.lr_max=1e-3",
+                 "detector.arch=resnet10t",
                  "resources.use_gpu=true"]  # as the celeb100k preset: where there is none, on CPU
     cfg = tiny_cfg(*overrides)
     build(cfg.workdir, 60, 32)
@@ -330,8 +336,8 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert storage.read_bytes(os.path.join(out, "lr.png"))[:4] == b"\x89PNG"
     best = storage.read_json(os.path.join(tune.trial_dir(cfg.workdir, rows[0]["trial_id"]), "history.json"))
     meta = assert_exported_model(cfg, best)  # the best trial's best epoch, reloadable
-    assert meta["arch"] == "inception_resnet_v2"  # the study's network, timm's normalization
-    assert meta["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    assert meta["arch"] == "resnet10t"  # and timm's normalization for it, not the study net's
+    assert meta["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert meta["lr"] == pytest.approx(float(rows[0]["lr"])) == pytest.approx(result["lr"])
     assert meta["config"]["detector"]["lr"] == pytest.approx(result["lr"])
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True

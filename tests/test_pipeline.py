@@ -8,8 +8,7 @@ One scenario on purpose: each whole-pipeline job costs minutes on 2 cores (about
 here), so this is also where the detector fine-tune's lost-worker recovery, driver-kill
 resume, export and held-out evaluation are tested. The detector here is a small timm
 network (resnet10t): Inception-ResNet-v2's 650 MB Adam checkpoints through S3 would double
-the scenario's time; that network's fine-tune, export and sweep are tested in
-test_detector.py."""
+the scenario's time; that network's own tests are in test_detector.py."""
 from __future__ import annotations
 
 import os

@@ -27,18 +27,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
 
 
-def export_test_model(uri: str) -> None:
+# The HTTP, batching and scoring tests serve a small network: a traced Inception-ResNet-v2
+# costs ~6 s of a core per Predictor, and nothing there depends on the architecture. The
+# study's network itself is served (traced, at any batch size) in one test below.
+ARCH = "resnet10t"
+
+
+def export_test_model(uri: str, arch: str = ARCH) -> None:
     """A randomly initialised detector in the project's model format (no training)."""
     import torch
 
     from deepfake_ray.models import detector
 
     torch.manual_seed(0)
-    net = detector.create("inception_resnet_v2", num_classes=2, pretrained="none")
+    net = detector.create(arch, num_classes=2, pretrained="none")
     with torch.no_grad():  # larger logits, so p_fake differs visibly from image to image
         net.get_classifier().weight.mul_(200.0)
     cfg = config.build("tiny")
-    meta = {"arch": "inception_resnet_v2", "num_classes": 2, "class_names": ["real", "fake"],
+    meta = {"arch": arch, "num_classes": 2, "class_names": ["real", "fake"],
             "resolution": 32, "input_size": 75,
             "preprocessing": detector.preprocessing(net),
             "threshold": 0.5, "epoch": 0, "metrics": {}, "config": config.to_dict(cfg),
@@ -142,8 +148,8 @@ def test_http_batch_scoring_and_direct_predictor_agree(service, scored, model_di
     assert len(p_values) > 1  # the comparison would notice images being mixed up
 
 
-def test_served_graph_scores_as_the_trained_model_at_any_batch_size(model_dir):
-    """The Predictor serves a traced, frozen copy of the network: same scores as the
+def test_served_graph_scores_as_the_trained_model_at_any_batch_size(tmp_path):
+    """The Predictor serves a traced, frozen copy of the study's network: same scores as the
     exported eager model, whatever the batch size (the trace saw batches of one)."""
     import numpy as np
     import torch
@@ -151,6 +157,8 @@ def test_served_graph_scores_as_the_trained_model_at_any_batch_size(model_dir):
     from deepfake_ray.models import detector
     from deepfake_ray.serving.predictor import Predictor
 
+    model_dir = str(tmp_path / "model")
+    export_test_model(model_dir, "inception_resnet_v2")
     predictor = Predictor(model_dir)
     assert isinstance(predictor.model, torch.jit.ScriptModule)
     state, meta = checkpoint.load_model(model_dir)
@@ -508,7 +516,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             health = wait_healthy(f"http://127.0.0.1:{ray_port}", ray_proc, 300)
-            assert health["model"].startswith("inception_resnet_v2@")
+            assert health["model"].startswith(f"{ARCH}@")
             assert detect(f"http://127.0.0.1:{ray_port}", JPEG).status_code == 200
             url = f"http://127.0.0.1:{our_port}"
             wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
