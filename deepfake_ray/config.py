@@ -207,6 +207,7 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
 # Values no command can run with: refused when the config is built, before any Ray process
 # starts or any stage's output is touched. key -> (lowest, highest or None, why: optional).
 LIMITS = {
+    "seed": (0, None, "numpy's generators take no negative seed"),
     "data.resolution": (16, 1024, "64 or 128 for the DCGAN"), "data.sample_size": (1, None),
     "data.jpeg_quality": (1, 100), "data.max_pixels": (1, None), "data.decode_batch_size": (1, None),
     "gan.epochs": (1, None), "gan.batch_size": (2, None, "batch norm needs a batch"),
@@ -234,8 +235,10 @@ ABOVE_ZERO = ("gan.lr", "detector.lr", "tune.lr_min", "tune.lr_max", "resources.
 
 
 def value_of(cfg: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    """`section.name`, or a top-level `name` (seed)."""
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def check_limits(cfg: Config) -> None:

@@ -387,7 +387,10 @@ def fake_kaggle(monkeypatch, tmp_path):
             os.remove(zip_path + ".kaggle-partial")
 
     monkeypatch.setattr(KaggleApi, "dataset_download_files", download)
-    monkeypatch.setattr(KaggleApi, "authenticate", lambda self: None)
+    # the client's own sign-in, which reads these without a request
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "secret-key-never-printed")
     return calls
@@ -403,7 +406,41 @@ def test_kaggle_downloads_once_into_cache(ray_session, fake_kaggle, tiny_cfg, tm
     assert fake_kaggle == ["owner/faces"]
     assert (cache / "kaggle" / "owner" / "faces" / "celeb" / "plain.jpg").exists()
     assert not list((cache / "kaggle").rglob("*.zip"))  # each extracted, then deleted
-    assert "secret-key-never-printed" not in capsys.readouterr().out
+    assert "secret-key-never-printed" not in str(capsys.readouterr())
+
+
+def test_unusable_kaggle_credentials_are_one_line_and_never_shown(ray_session, fake_kaggle, monkeypatch,
+                                                                  tmp_path, capsys):
+    """A kaggle.json without its key: the client exits the process (status 1, its message
+    swallowed); here exit 2 with the fix."""
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle"))
+    os.makedirs(tmp_path / "kaggle")
+    (tmp_path / "kaggle" / "kaggle.json").write_text('{"username": "secret-user-never-printed"}')
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
+                     "kaggle:owner/faces", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    out = str(capsys.readouterr())
+    assert code == 2 and "secret-user-never-printed" not in out and not fake_kaggle
+    assert "error: the Kaggle credentials found are not usable" in out and "KAGGLE_KEY" in out
+
+
+def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fake_kaggle, tmp_path, capsys):
+    """A bare `kaggle` source reads data.kaggle_dataset: data/ prepared from one dataset is
+    not taken for another's. `kaggle:NAME` names its own, and another setting is refused."""
+    workdir = str(tmp_path / "w")
+    prepare_kaggle = ["prepare", "--preset", "tiny", "--workdir", workdir, "--source", "kaggle",
+                      "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert cli.main(prepare_kaggle + ["--set", "data.kaggle_dataset=owner/faces"]) == 0
+    assert cli.main(prepare_kaggle + ["--set", "data.kaggle_dataset=owner/others"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "data.kaggle_dataset=owner/faces (asked: owner/others)" in err[0]
+    named = prepare_kaggle[:-3] + ["kaggle:owner/faces", "--set", "data.kaggle_dataset=owner/others"]
+    assert cli.main(named) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "data.source=kaggle:owner/faces names its own dataset; pass --set " \
+        "data.source=kaggle:owner/others instead" in err[0]
+    assert fake_kaggle == ["owner/faces"]
 
 
 def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kaggle, monkeypatch,

@@ -69,11 +69,18 @@ def check_settings(cfg: Config) -> None:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
     source = d.source.strip()
-    if (sources.kind(source) == "sample" and ":" in source
-            and d.sample_size != DataConfig.sample_size and str(d.sample_size) != source.partition(":")[2]):
-        raise UsageError(f"data.sample_size={d.sample_size} (from the preset, --config or --set) is not "
-                         f"used: data.source={source} names its own count; pass --set "
-                         f"data.source=sample:{d.sample_size} instead, or data.source=sample")
+    kind = sources.kind(source)
+    if kind in OWN_SETTING and ":" in source:  # a setting the source's own name overrides
+        key, what = OWN_SETTING[kind]
+        value, default = getattr(d, key), getattr(DataConfig, key)
+        if value != default and str(value) != source.partition(":")[2]:
+            raise UsageError(f"data.{key}={value} (from the preset, --config or --set) is not "
+                             f"used: data.source={source} names its own {what}; pass --set "
+                             f"data.source={kind}:{value} instead, or data.source={kind}")
+
+
+# source kind -> (the data setting a bare `KIND` source reads, what `KIND:NAME` names instead)
+OWN_SETTING = {"sample": ("sample_size", "count"), "kaggle": ("kaggle_dataset", "dataset")}
 
 
 def candidates(src: Source, seed: int) -> list[str]:
@@ -425,8 +432,9 @@ def settings(cfg: Config) -> dict:
             "data.max_pixels": d.max_pixels}
     if sources.kind(made["data.source"]) == "sample":  # the generator's faces depend on the seed
         made["seed"] = cfg.seed
-    if made["data.source"] == "sample":  # and a bare `sample` on data.sample_size
-        made["data.sample_size"] = d.sample_size
+    if made["data.source"] in OWN_SETTING:  # a bare `sample` or `kaggle` reads its setting
+        key = OWN_SETTING[made["data.source"]][0]
+        made[f"data.{key}"] = getattr(d, key)
     return made
 
 

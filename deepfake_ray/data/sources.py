@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import zipfile
 import zlib
@@ -64,10 +65,7 @@ def check_source(text: str, data: DataConfig) -> None:
     if kind(text) == "kaggle":
         folder = kaggle_folder(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
         if not os.path.exists(os.path.join(folder, ".complete")) and not kaggle_credentials_present():
-            raise UsageError("no Kaggle credentials: save your API token as ~/.kaggle/kaggle.json "
-                             "(chmod 600) or ~/.kaggle/access_token, or set KAGGLE_API_TOKEN, "
-                             "or KAGGLE_USERNAME and KAGGLE_KEY (kaggle.com > Settings > API > "
-                             "Create New Token)")
+            raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
         return
     if "://" in text and not storage.is_s3(text):
         raise UsageError(f"source '{text}' is not supported: use {FORMS}")
@@ -162,6 +160,10 @@ def copy_to(src: Source, dest: str, command: str) -> Source:
 
 # --- Kaggle -----------------------------------------------------------------------
 
+CREDENTIALS_FIX = ("save your API token as ~/.kaggle/kaggle.json (chmod 600) or "
+                   "~/.kaggle/access_token, or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and "
+                   "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
+
 def kaggle_credentials_present() -> bool:
     if os.environ.get("KAGGLE_API_TOKEN") or (
             os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
@@ -174,7 +176,7 @@ def kaggle_credentials_present() -> bool:
 
 def kaggle_folder(dataset: str, cache_dir: str) -> str:
     """Where OWNER/DATASET is (or will be) cached, unzipped."""
-    if dataset.count("/") != 1 or not all(dataset.split("/")):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) or {".", ".."} & set(dataset.split("/")):
         raise UsageError(f"kaggle dataset '{dataset}' must look like OWNER/DATASET, "
                          "e.g. kaggle:greg115/celebrities-100k")
     return os.path.join(os.path.expanduser(cache_dir), "kaggle", *dataset.split("/"))
@@ -247,10 +249,19 @@ def unzip_all(folder: str, dataset: str) -> None:
 
 def kaggle_api():
     """Imported lazily: `import kaggle` authenticates at import time. Its output is
-    swallowed so nothing it prints (which may echo configuration) reaches logs."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
+    swallowed so nothing it prints (which may echo configuration) reaches logs. The client
+    calls exit(1) when no credentials it finds are usable (a kaggle.json without its key, an
+    expired token): one line with the fix instead, never their values."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
 
-        api = KaggleApi()
-        api.authenticate()
+            api = KaggleApi()
+            api.authenticate()
+    except SystemExit:
+        raise UsageError("the Kaggle credentials found are not usable (a kaggle.json without its "
+                         f"\"key\", an expired token?): {CREDENTIALS_FIX}") from None
+    except Exception as e:  # noqa: BLE001 - its message may quote the configuration: not shown
+        raise UsageError(f"the Kaggle client could not sign in ({type(e).__name__}): check the "
+                         f"network, then the credentials: {CREDENTIALS_FIX}") from None
     return api
