@@ -243,6 +243,8 @@ def read_text(uri: str) -> str:
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     if is_s3(uri):
+        # the whole buffer in one call, so nothing can interrupt the writer between parts
+        # and leave the stream's close to complete a partial upload (apache/arrow#40502)
         with fs.open_output_stream(path) as f:  # one PUT/multipart of a complete buffer
             f.write(data)
         return
@@ -252,6 +254,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it: mkstemp's 0600 hides it from the team
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it has the name: a power cut leaves old or new
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -85,9 +85,24 @@ def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_pa
     assert marker.exists()
 
 
-def test_config_file_that_is_a_folder_exits_2(capsys, tmp_path):
-    assert cli.main(["prepare", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path)]) == 2
-    assert "is a folder: pass a YAML file to --config" in error_lines(capsys)[0]
+@pytest.mark.parametrize("text,needle", [
+    (None, "is a folder: pass a YAML file to --config"),
+    ("gan: {epochz: 3}\n", "unknown config key 'gan.epochz': valid keys are gan.epochs"),
+    ("gan: {epochs: three}\n", "config key 'gan.epochs' expects int"),
+    ("gan: {epochs: 0}\n", "gan.epochs=0 is out of range: use 1 or more"),
+    ("- gan\n", "must hold a mapping of sections"),
+    ("gan: [1,\n", "is not valid YAML"),
+])
+def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    assert cli.main(["prepare", "--workdir", str(tmp_path / "w"), "--config", str(path)]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "w").exists()
 
 
 def test_unknown_preset_names_the_choices():

@@ -116,7 +116,10 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch
     manifest, _, _ = read_outputs(cfg.workdir)
     assert prepare.run(cfg) == first
     assert "already complete" in capsys.readouterr().out
+    marker = os.path.join(datasets.data_dir(cfg.workdir), storage.COMPLETE)
+    made = os.stat(marker).st_mtime_ns
     prepare.run(cfg, force=True)
+    assert "prepared 40 images" in capsys.readouterr().out and os.stat(marker).st_mtime_ns != made
     again, _, _ = read_outputs(cfg.workdir)
     assert list(again["sha1"]) == list(manifest["sha1"])  # seeded: same images, same splits
     assert list(again["split"]) == list(manifest["split"])
