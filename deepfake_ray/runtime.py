@@ -256,7 +256,7 @@ def assigned_device() -> str:
 _told_no_gpu = False
 
 
-def use_gpus(wanted: bool) -> bool:
+def use_gpus(wanted: bool, setting: str = "resources.use_gpu is true") -> bool:
     """Whether work that wants GPUs (resources.use_gpu) should ask for them: on a cluster
     always, as its autoscaler adds GPU nodes for work that waits (none may be up now); on
     the in-process Ray only when this machine has one, as nothing can add it (Ray Train
@@ -265,6 +265,5 @@ def use_gpus(wanted: bool) -> bool:
     granted = wanted and (not in_process() or cluster_gpus() > 0)
     if wanted and not granted and not _told_no_gpu:
         _told_no_gpu = True
-        print("note: resources.use_gpu is true but this machine has no GPU: running on CPU",
-              flush=True)
+        print(f"note: {setting} but this machine has no GPU: running on CPU", flush=True)
     return granted

@@ -488,6 +488,12 @@ def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
     return str(path)
 
 
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -> None:
     deadline = time.time() + seconds
     while text not in log_path.read_text():
@@ -505,8 +511,10 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
     ray_cmd = [serve_cli, "run", serve_yaml_for_test(model_dir, ray_port, tmp_path)]
+    # asking for a GPU per replica, as the celeb100k preset does: where there is none, on CPU
     our_cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
-               model_dir, "--port", str(our_port), "--workdir", str(tmp_path / "work")]
+               model_dir, "--port", str(our_port), "--workdir", str(tmp_path / "work"),
+               "--set", "serve.gpus_per_replica=1"]
     with open(ray_log, "w") as rl, open(our_log, "w") as ol:
         # HAProxy on, as cluster/ sets it, on ports of its own beside this session's Serve
         cluster_env = {**subprocess_env(), **haproxy_env()}
@@ -521,6 +529,9 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
             url = f"http://127.0.0.1:{our_port}"
             wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
             assert "HAProxy ingress" in our_log.read_text()
+            if not torch_has_cuda():
+                assert "serve.gpus_per_replica=1 but this machine has no GPU: running on CPU" \
+                    in our_log.read_text()
             assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
             assert detect(url, JPEG).status_code == 200
         finally:

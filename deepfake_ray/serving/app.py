@@ -186,14 +186,18 @@ class Detector:
 
 
 def gpus_per_replica(cfg: Config) -> float:
-    """serve.gpus_per_replica, or one GPU per replica when the cluster has GPUs."""
-    if cfg.serve.gpus_per_replica > 0:
-        return cfg.serve.gpus_per_replica
+    """serve.gpus_per_replica (but none on the in-process Ray of a machine without a GPU,
+    where a replica asking for one would never start), or one GPU per replica when the
+    cluster has GPUs."""
     import ray
 
-    if ray.is_initialized():
-        from deepfake_ray import runtime
+    from deepfake_ray import runtime
 
+    if cfg.serve.gpus_per_replica > 0:
+        wanted = f"serve.gpus_per_replica={cfg.serve.gpus_per_replica:g}"
+        granted = not ray.is_initialized() or runtime.use_gpus(True, wanted)
+        return cfg.serve.gpus_per_replica if granted else 0.0
+    if ray.is_initialized():
         return 1.0 if runtime.cluster_gpus() > 0 or runtime.use_gpus(cfg.resources.use_gpu) else 0.0
     import torch
 
