@@ -53,12 +53,11 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
     is there when it has to run, and every complete stage was made with the settings this
     run asks for."""
     from deepfake_ray.data import datasets, prepare
-    from deepfake_ray.data.sources import check_source
 
     for step in steps(cfg):
         step.check(cfg)
     if force or lineage.current(cfg, prepare.STAGE) is None:
-        check_source(cfg.data.source, cfg.data)
+        prepare.check_data_source(cfg)
         storage.check_free(datasets.data_dir(cfg.workdir), "prepare")
     if not force:
         for step in steps(cfg):

@@ -412,6 +412,26 @@ def test_kaggle_downloads_once_into_cache(ray_session, fake_kaggle, tiny_cfg, tm
     assert "secret-key-never-printed" not in str(capsys.readouterr())
 
 
+def test_a_kaggle_copy_in_an_s3_workdir_stands_for_the_download(ray_session, s3_server, fake_kaggle,
+                                                                 monkeypatch, tmp_path, capsys):
+    """A resubmitted job on a new head node: the first job's driver copied the download into
+    WORKDIR/sources/ (as on a cluster, whose tasks cannot read its disk); the new head has no
+    cache and, here, no credentials either. It downloads nothing and asks for none."""
+    workdir = f"{s3_server('kaggle-copies')}/w"
+    args = ["prepare", "--preset", "tiny", "--workdir", workdir, "--source", "kaggle:owner/faces"]
+    with monkeypatch.context() as cluster:
+        cluster.setattr(runtime, "driver_files_need_copying", lambda workdir: True)
+        assert cli.main(args + ["--set", f"data.cache_dir={tmp_path / 'first-head'}"]) == 0
+    assert fake_kaggle == ["owner/faces"]
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    capsys.readouterr()
+    assert cli.main(args + ["--force", "--set", f"data.cache_dir={tmp_path / 'new-head'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"using the copy of kaggle:owner/faces in {workdir}/sources/kaggle/owner/faces (5 files)" in out
+    assert "prepared 5 images" in out and fake_kaggle == ["owner/faces"]
+
+
 def test_unusable_kaggle_credentials_are_one_line_and_never_shown(ray_session, fake_kaggle, monkeypatch,
                                                                   tmp_path, capsys):
     """A kaggle.json without its key: the client exits the process (status 1, its message

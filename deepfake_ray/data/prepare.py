@@ -450,7 +450,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
     check_settings(cfg)
     if done := lineage.preflight(cfg, STAGE, force):
         return done
-    check_source(cfg.data.source, cfg.data)
+    check_data_source(cfg)
     storage.check_free(datasets.data_dir(cfg.workdir), "prepare")  # another prepare writes there
     return None
 
@@ -466,6 +466,20 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return ingest_into_workdir(cfg)  # resolve_source checks the source
 
 
+def kaggle_copy(cfg: Config) -> str | None:
+    """Where a Kaggle dataset's copy lies in an S3 work directory (WORKDIR/sources/...)."""
+    if sources.kind(cfg.data.source) != "kaggle" or not storage.is_s3(cfg.workdir):
+        return None
+    return storage.join(cfg.workdir, "sources", sources.copy_name(cfg.data.source, cfg.data))
+
+
+def check_data_source(cfg: Config) -> None:
+    """check_source; a complete copy of a Kaggle dataset in the work directory stands for
+    its download, so a resubmitted job on a new head needs no Kaggle credentials."""
+    copy = kaggle_copy(cfg)
+    check_source(cfg.data.source, cfg.data, copied=bool(copy and storage.completed(copy)))
+
+
 def readable_source(cfg: Config) -> Source:
     """The source, its files where every ingest task can read them. On a cluster the tasks
     run on other machines than this driver (the head has no CPUs for them), so files on
@@ -473,16 +487,16 @@ def readable_source(cfg: Config) -> Source:
     directory, WORKDIR/sources/. A resubmitted job, maybe on a new head, finds a Kaggle
     dataset's copy there and downloads nothing."""
     d = cfg.data
+    copy = kaggle_copy(cfg)
+    if copy and (done := storage.completed(copy)):  # a dataset's files do not change
+        print(f"prepare: using the copy of {d.source} in {copy} ({done['files']:,} files)", flush=True)
+        return Source(d.source, files=sources.find_images(copy), root=copy)
     if sources.kind(d.source) == "sample" or storage.is_s3(d.source) \
             or not runtime.driver_files_need_copying(cfg.workdir):
         return resolve_source(d.source, d)
     dest = storage.join(cfg.workdir, "sources", sources.copy_name(d.source, d))
-    kaggle = sources.kind(d.source) == "kaggle"
-    if kaggle and (done := storage.completed(dest)):
-        print(f"prepare: using the copy of {d.source} in {dest} ({done['files']:,} files)", flush=True)
-        return Source(d.source, files=sources.find_images(dest), root=dest)
     src = sources.copy_to(resolve_source(d.source, d), dest, "prepare")
-    if kaggle:  # a dataset's files do not change: the copy stands for the download from now on
+    if copy:  # the copy stands for the download from now on
         storage.mark_complete(dest, {"source": d.source, "files": len(src.files)})
     return src
 

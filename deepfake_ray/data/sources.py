@@ -53,9 +53,10 @@ def canonical(text: str) -> str:
     return storage.normalize(text) if text and kind(text) == "path" else text
 
 
-def check_source(text: str, data: DataConfig) -> None:
+def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
     """What can be checked before any Ray process starts or any file is listed: a bad
-    source fails in a second, not after Ray's start-up."""
+    source fails in a second, not after Ray's start-up. `copied`: a Kaggle dataset's
+    complete copy is in the work directory, so no download (nor credentials) is needed."""
     text = text.strip()
     if not text:
         raise UsageError(f"no source given: pass --source (or data.source) as {FORMS}")
@@ -64,7 +65,7 @@ def check_source(text: str, data: DataConfig) -> None:
         return
     if kind(text) == "kaggle":
         folder = kaggle_folder(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
-        if not os.path.exists(os.path.join(folder, ".complete")) and not kaggle_credentials_present():
+        if not (copied or os.path.exists(os.path.join(folder, ".complete")) or kaggle_credentials_present()):
             raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
         return
     if "://" in text and not storage.is_s3(text):
