@@ -36,6 +36,21 @@ def read_outputs(workdir):
             storage.completed(data))
 
 
+def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny_cfg, tmp_path, capsys):
+    """`--source .` beside runs/: the run's own sample grids and figures are no faces."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(6):
+        (faces / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
+    workdir = faces / "runs" / "demo"
+    (workdir / "gan" / "samples").mkdir(parents=True)
+    (workdir / "gan" / "samples" / "epoch_000.png").write_bytes(encode(rgb(1, 64), "PNG"))
+    (workdir / "gan" / "losses.png").write_bytes(encode(rgb(2, 64), "PNG"))
+    summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)))
+    assert (summary["images"], summary["rejected"]) == (6, 0)
+    assert f"leaving out 2 files inside the work directory {workdir}" in capsys.readouterr().out
+
+
 def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, capsys):
     found = write_folder(tmp_path / "faces")
     cfg = tiny_cfg(f"data.source={tmp_path / 'faces'}")

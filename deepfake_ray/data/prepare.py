@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -501,10 +502,22 @@ def readable_source(cfg: Config) -> Source:
     return src
 
 
+def outside_workdir(src: Source, workdir: str) -> Source:
+    """A source folder that holds the work directory (`--source .` beside runs/) would take
+    the run's own sample grids and figures for faces: what lies in it is left out."""
+    inside = storage.normalize(workdir) + "/"
+    kept = tuple(f for f in src.files if not storage.normalize(f).startswith(inside))
+    if len(kept) == len(src.files):
+        return src
+    left = len(src.files) - len(kept)
+    print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work directory {workdir}")
+    return dataclasses.replace(src, files=kept)
+
+
 def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
     started = time.time()
-    src = readable_source(cfg)
+    src = outside_workdir(readable_source(cfg), cfg.workdir)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
     images = datasets.images_uri(out)
