@@ -506,7 +506,7 @@ def outside_workdir(src: Source, workdir: str) -> Source:
     """A source folder that holds the work directory (`--source .` beside runs/) would take
     the run's own sample grids and figures for faces: what lies in it is left out."""
     inside = storage.normalize(workdir) + "/"
-    kept = tuple(f for f in src.files if not storage.normalize(f).startswith(inside))
+    kept = tuple(f for f in src.files if not f.startswith(inside))  # listed as absolute paths
     if len(kept) == len(src.files):
         return src
     left = len(src.files) - len(kept)
