@@ -210,7 +210,7 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
 # Values no command can run with: refused when the config is built, before any Ray process
 # starts or any stage's output is touched. key -> (lowest, highest or None, why: optional).
 LIMITS = {
-    "seed": (0, None, "numpy's generators take no negative seed"),
+    "seed": (0, 2**31 - 1, "numpy's and Ray Data's generators take 32-bit seeds"),
     "data.resolution": (16, 1024, "64 or 128 for the DCGAN"), "data.sample_size": (1, None),
     "data.jpeg_quality": (1, 100), "data.max_pixels": (1, None), "data.decode_batch_size": (1, None),
     "gan.epochs": (1, None), "gan.batch_size": (2, None, "batch norm needs a batch"),

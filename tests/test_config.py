@@ -50,7 +50,7 @@ def test_text_values_are_taken_as_typed(folder):
     ("detector.jpeg_aug_prob=1.5", "detector.jpeg_aug_prob=1.5 is out of range: use 0.0..1.0"),
     ("data.splits=[0.8, 0.1, nan]", "config key 'data.splits[2]' expects a finite number, got nan"),
     ("gan.lr=inf", "config key 'gan.lr' expects a finite number, got inf"),
-    ("seed=-1", "seed=-1 is out of range: use 0 or more"),  # was a traceback in every prepare task
+    ("seed=-1", "seed=-1 is out of range: use 0..2147483647"),  # was a traceback in every prepare task
     ("data.source=kaggle:../..", "kaggle dataset '../..' must look like OWNER/DATASET"),  # outside the cache
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):

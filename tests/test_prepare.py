@@ -383,6 +383,15 @@ def test_files_on_the_drivers_disk_are_copied_to_s3_for_a_cluster_once(s3_server
     assert storage.read_bytes(third.files[src.files.index(str(gray))]) == gray.read_bytes()
 
 
+def kaggle_config(monkeypatch, folder) -> None:
+    """The Kaggle client's configuration folder (it reads kaggle.json and its tokens there)."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(folder))
+    monkeypatch.setattr(KaggleApi, "config_dir", str(folder))
+    monkeypatch.setattr(KaggleApi, "config", os.path.join(folder, "kaggle.json"))
+
+
 @pytest.fixture
 def fake_kaggle(monkeypatch, tmp_path):
     """The Kaggle client replaced at its network boundary: the download writes a real zip."""
@@ -405,10 +414,11 @@ def fake_kaggle(monkeypatch, tmp_path):
             os.remove(zip_path + ".kaggle-partial")
 
     monkeypatch.setattr(KaggleApi, "dataset_download_files", download)
-    # the client's own sign-in, which reads these without a request
+    # the client's own sign-in, which reads these without a request; never this machine's
+    # own Kaggle files (the client picks its folder when it is imported)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    kaggle_config(monkeypatch, tmp_path / "home" / ".kaggle")
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
-    monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "secret-key-never-printed")
     return calls
@@ -453,7 +463,7 @@ def test_unusable_kaggle_credentials_are_one_line_and_never_shown(ray_session, f
     swallowed); here exit 2 with the fix."""
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle"))
+    kaggle_config(monkeypatch, tmp_path / "kaggle")
     os.makedirs(tmp_path / "kaggle")
     (tmp_path / "kaggle" / "kaggle.json").write_text('{"username": "secret-user-never-printed"}')
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
@@ -479,6 +489,11 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     assert len(err) == 1 and "data.source=kaggle:owner/faces names its own dataset; pass --set " \
         "data.source=kaggle:owner/others instead" in err[0]
     assert fake_kaggle == ["owner/faces"]
+    bare = prepare_kaggle[:-3] + ["kaggle:", "--set", "data.kaggle_dataset=owner/others"]
+    assert cli.main(bare) == 2  # `kaggle:` with no name is a bare `kaggle`
+    err = error_lines(capsys)
+    assert err[0].endswith("was made with data.kaggle_dataset=owner/faces (asked: owner/others): use "
+                           "another --workdir to keep both, or --force to redo prepare there")
 
 
 def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kaggle, monkeypatch,

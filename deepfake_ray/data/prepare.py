@@ -71,7 +71,7 @@ def check_settings(cfg: Config) -> None:
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
     source = d.source.strip()
     kind = sources.kind(source)
-    if kind in OWN_SETTING and ":" in source:  # a setting the source's own name overrides
+    if kind in OWN_SETTING and source.partition(":")[2]:  # a setting the source's name overrides
         key, what = OWN_SETTING[kind]
         value, default = getattr(d, key), getattr(DataConfig, key)
         if value != default and str(value) != source.partition(":")[2]:
@@ -433,8 +433,9 @@ def settings(cfg: Config) -> dict:
             "data.max_pixels": d.max_pixels}
     if sources.kind(made["data.source"]) == "sample":  # the generator's faces depend on the seed
         made["seed"] = cfg.seed
-    if made["data.source"] in OWN_SETTING:  # a bare `sample` or `kaggle` reads its setting
-        key = OWN_SETTING[made["data.source"]][0]
+    kind, _, name = made["data.source"].partition(":")
+    if kind in OWN_SETTING and not name:  # a bare `sample` or `kaggle` reads its setting
+        key = OWN_SETTING[kind][0]
         made[f"data.{key}"] = getattr(d, key)
     return made
 
@@ -467,11 +468,16 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return ingest_into_workdir(cfg)  # resolve_source checks the source
 
 
+def copy_dir(cfg: Config) -> str:
+    """Where the source's copy lies in the work directory (WORKDIR/sources/NAME)."""
+    return storage.join(cfg.workdir, "sources", sources.copy_name(cfg.data.source, cfg.data))
+
+
 def kaggle_copy(cfg: Config) -> str | None:
-    """Where a Kaggle dataset's copy lies in an S3 work directory (WORKDIR/sources/...)."""
+    """copy_dir of a Kaggle source in an S3 work directory, else None."""
     if sources.kind(cfg.data.source) != "kaggle" or not storage.is_s3(cfg.workdir):
         return None
-    return storage.join(cfg.workdir, "sources", sources.copy_name(cfg.data.source, cfg.data))
+    return copy_dir(cfg)
 
 
 def check_data_source(cfg: Config) -> None:
@@ -488,27 +494,40 @@ def readable_source(cfg: Config) -> Source:
     directory, WORKDIR/sources/. A resubmitted job, maybe on a new head, finds a Kaggle
     dataset's copy there and downloads nothing."""
     d = cfg.data
+    copying = sources.kind(d.source) != "sample" and not storage.is_s3(d.source) \
+        and runtime.driver_files_need_copying(cfg.workdir)
     copy = kaggle_copy(cfg)
-    if copy and (done := storage.completed(copy)):  # a dataset's files do not change
+    # a dataset's files do not change: its copy stands for the download (in-process, a
+    # complete download in this machine's cache is read instead, from its disk)
+    if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
         print(f"prepare: using the copy of {d.source} in {copy} ({done['files']:,} files)", flush=True)
         return Source(d.source, files=sources.find_images(copy), root=copy)
-    if sources.kind(d.source) == "sample" or storage.is_s3(d.source) \
-            or not runtime.driver_files_need_copying(cfg.workdir):
-        return resolve_source(d.source, d)
-    dest = storage.join(cfg.workdir, "sources", sources.copy_name(d.source, d))
-    src = sources.copy_to(resolve_source(d.source, d), dest, "prepare")
-    if copy:  # the copy stands for the download from now on
-        storage.mark_complete(dest, {"source": d.source, "files": len(src.files)})
+    src = outside_workdir(resolve_source(d.source, d), cfg.workdir)
+    if not copying:
+        return src
+    src = sources.copy_to(src, copy_dir(cfg), "prepare")
+    if copy:
+        storage.mark_complete(copy, {"source": d.source, "files": len(src.files)})
     return src
 
 
 def outside_workdir(src: Source, workdir: str) -> Source:
     """A source folder that holds the work directory (`--source .` beside runs/) would take
     the run's own sample grids and figures for faces: what lies in it is left out."""
-    inside = storage.normalize(workdir) + "/"
-    kept = tuple(f for f in src.files if not f.startswith(inside))  # listed as absolute paths
+    if not src.files or storage.is_s3(src.root) != storage.is_s3(workdir):
+        return src
+    workdir = storage.normalize(workdir)
+    if not storage.is_s3(workdir):  # as the listing names it, links and all
+        where = os.path.relpath(os.path.realpath(workdir), os.path.realpath(src.root))
+        if where == "." or where.split(os.sep)[0] == "..":
+            return src
+        workdir = os.path.join(src.root, where)
+    kept = tuple(f for f in src.files if not f.startswith(workdir + "/"))
     if len(kept) == len(src.files):
         return src
+    if not kept:
+        raise UsageError(f"every image under {src.name} lies inside the work directory {workdir}: "
+                         "pass the folder of face images as --source, or a --workdir outside it")
     left = len(src.files) - len(kept)
     print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work directory {workdir}")
     return dataclasses.replace(src, files=kept)
@@ -517,7 +536,7 @@ def outside_workdir(src: Source, workdir: str) -> Source:
 def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
     started = time.time()
-    src = outside_workdir(readable_source(cfg), cfg.workdir)
+    src = readable_source(cfg)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
     images = datasets.images_uri(out)

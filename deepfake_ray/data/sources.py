@@ -48,9 +48,10 @@ def kind(text: str) -> str:
 
 
 def canonical(text: str) -> str:
-    """The source as it names the same data on every run: local folders absolute."""
+    """The source as it names the same data on every run: local folders absolute, and
+    `sample:` or `kaggle:` with no name as the bare word."""
     text = text.strip()
-    return storage.normalize(text) if text and kind(text) == "path" else text
+    return storage.normalize(text) if text and kind(text) == "path" else text.removesuffix(":")
 
 
 def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
@@ -64,8 +65,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
         sample.parse(text, data.sample_size)
         return
     if kind(text) == "kaggle":
-        folder = kaggle_folder(text.partition(":")[2] or data.kaggle_dataset, data.cache_dir)
-        if not (copied or os.path.exists(os.path.join(folder, ".complete")) or kaggle_credentials_present()):
+        if not (copied or kaggle_cached(text, data) or kaggle_credentials_present()):
             raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
         return
     if "://" in text and not storage.is_s3(text):
@@ -83,7 +83,7 @@ def resolve_source(text: str, data: DataConfig) -> Source:
     if kind(text) == "sample":
         return Source(text, sample_count=sample.parse(text, data.sample_size))
     if kind(text) == "kaggle":
-        dataset = text.partition(":")[2] or data.kaggle_dataset
+        dataset = kaggle_dataset(text, data)
         folder = kaggle_download(dataset, data.cache_dir)
         if not (files := find_images(folder)):
             raise UsageError(f"the Kaggle dataset {dataset} holds no .jpg/.jpeg/.png/.webp files "
@@ -111,7 +111,7 @@ def copy_name(text: str, data: DataConfig) -> str:
     """The source's folder under WORKDIR/sources/: kaggle/OWNER/DATASET, or a local
     folder's name and a hash of its full path (two folders named `faces` stay apart)."""
     if kind(text) == "kaggle":
-        return "kaggle/" + (text.partition(":")[2] or data.kaggle_dataset)
+        return "kaggle/" + kaggle_dataset(text, data)
     path = canonical(text)
     return f"{os.path.basename(path.rstrip('/')) or 'root'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
@@ -175,12 +175,25 @@ def kaggle_credentials_present() -> bool:
                       or os.path.isfile(os.path.join(d, "access_token"))) for d in config_dirs)
 
 
-def kaggle_folder(dataset: str, cache_dir: str) -> str:
-    """Where OWNER/DATASET is (or will be) cached, unzipped."""
+def kaggle_dataset(text: str, data: DataConfig) -> str:
+    """OWNER/DATASET named by a `kaggle[:NAME]` source (data.kaggle_dataset when bare):
+    checked, as it names folders in the cache and the work directory."""
+    dataset = text.strip().partition(":")[2] or data.kaggle_dataset
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) or {".", ".."} & set(dataset.split("/")):
         raise UsageError(f"kaggle dataset '{dataset}' must look like OWNER/DATASET, "
                          "e.g. kaggle:greg115/celebrities-100k")
+    return dataset
+
+
+def kaggle_folder(dataset: str, cache_dir: str) -> str:
+    """Where OWNER/DATASET (checked) is, or will be, cached, unzipped."""
     return os.path.join(os.path.expanduser(cache_dir), "kaggle", *dataset.split("/"))
+
+
+def kaggle_cached(text: str, data: DataConfig) -> bool:
+    """Whether this machine's cache holds the whole download of a `kaggle[:NAME]` source."""
+    folder = kaggle_folder(kaggle_dataset(text, data), data.cache_dir)
+    return os.path.exists(os.path.join(folder, ".complete"))
 
 
 def kaggle_download(dataset: str, cache_dir: str) -> str:
@@ -262,6 +275,8 @@ def kaggle_api():
     except SystemExit:
         raise UsageError("the Kaggle credentials found are not usable (a kaggle.json without its "
                          f"\"key\", an expired token?): {CREDENTIALS_FIX}") from None
+    except ImportError:
+        raise
     except Exception as e:  # noqa: BLE001 - its message may quote the configuration: not shown
         raise UsageError(f"the Kaggle client could not sign in ({type(e).__name__}): check the "
                          f"network, then the credentials: {CREDENTIALS_FIX}") from None
