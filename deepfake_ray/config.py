@@ -159,9 +159,9 @@ def load_file(path: str) -> dict:
         raise UsageError(f"config file {path} is a folder: pass a YAML file to --config")
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
-    except OSError as e:  # no permission, an unreadable S3 object
-        raise UsageError(f"config file {path} cannot be read ({e.strerror or e}): check it, or "
-                         "pass another YAML file to --config")
+    except OSError as e:  # an S3 problem the user can fix (network, bucket, keys), no permission
+        raise UsageError(storage.explain(e) or f"config file {path} cannot be read ({e.strerror or e}): "
+                         "check it, or pass another YAML file to --config")
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of sections, e.g. 'gan: {{epochs: 5}}'")
     return data
