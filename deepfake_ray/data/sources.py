@@ -165,6 +165,7 @@ CREDENTIALS_FIX = ("save your API token as ~/.kaggle/kaggle.json (chmod 600) or 
                    "~/.kaggle/access_token, or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and "
                    "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
 
+
 def kaggle_credentials_present() -> bool:
     if os.environ.get("KAGGLE_API_TOKEN") or (
             os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
