@@ -488,12 +488,6 @@ def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
     return str(path)
 
 
-def torch_has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -> None:
     deadline = time.time() + seconds
     while text not in log_path.read_text():
@@ -507,6 +501,8 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     both behind Serve's HAProxy ingress: Ray's `serve run jobs/serve.yaml` with the
     environment cluster/ gives its nodes, and `deepfake-ray serve`, which turns HAProxy on
     by itself, prints its URL once it is ready and exits 0 on SIGTERM."""
+    import torch
+
     ray_port, our_port = free_port(), free_port()
     ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
@@ -529,7 +525,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
             url = f"http://127.0.0.1:{our_port}"
             wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
             assert "HAProxy ingress" in our_log.read_text()
-            if not torch_has_cuda():
+            if not torch.cuda.is_available():
                 assert "serve.gpus_per_replica=1 but this machine has no GPU: running on CPU" \
                     in our_log.read_text()
             assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200

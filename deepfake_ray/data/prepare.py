@@ -63,6 +63,10 @@ def assign_split(sha1: str, splits: tuple[float, ...]) -> str:
     return datasets.SPLITS[len(splits) - 1]
 
 
+# source kind -> (the data setting a bare `KIND` source reads, what `KIND:NAME` names instead)
+OWN_SETTING = {"sample": ("sample_size", "count"), "kaggle": ("kaggle_dataset", "dataset")}
+
+
 def check_settings(cfg: Config) -> None:
     """What config.check_limits cannot check alone (run before Ray starts)."""
     d = cfg.data
@@ -78,10 +82,6 @@ def check_settings(cfg: Config) -> None:
             raise UsageError(f"data.{key}={value} (from the preset, --config or --set) is not "
                              f"used: data.source={source} names its own {what}; pass --set "
                              f"data.source={kind}:{value} instead, or data.source={kind}")
-
-
-# source kind -> (the data setting a bare `KIND` source reads, what `KIND:NAME` names instead)
-OWN_SETTING = {"sample": ("sample_size", "count"), "kaggle": ("kaggle_dataset", "dataset")}
 
 
 def candidates(src: Source, seed: int) -> list[str]:
