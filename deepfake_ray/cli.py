@@ -138,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
-        if args.command in WRITERS:  # refused before this run changes anything there
-            storage.check_free(cfg.workdir, args.command)
-        if args.command not in KEEP_CONFIG:  # first: an unwritable workdir fails before Ray starts
+        # refused before this run changes anything there; when only the cluster can tell
+        # whether the lock's holder lives, config.yaml waits until the lock is this run's
+        free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS else True
+        writes_config = args.command not in KEEP_CONFIG
+        if writes_config and free:  # first: an unwritable workdir fails before Ray starts
             write_config(cfg)
         if args.command not in NO_RAY:
             runtime.init(args.address)
         # taken once Ray is up: on a cluster, a dead driver's S3 lock is then freed at once
         with storage.exclusive(cfg.workdir, args.command) if args.command in WRITERS else contextlib.nullcontext():
+            if writes_config and not free:
+                write_config(cfg)
             module.run(cfg, **options(args))
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)

@@ -243,32 +243,36 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
         raise
 
 
-def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: bool) -> None:
-    """UsageError while the lock's holder lives. Before this process joins Ray (`deciding`
-    False: a check, not the taking) a holder that ran on a Ray cluster gets the benefit of
-    the doubt: the run decides when it takes the lock, knowing whether Ray saw it die."""
+def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: bool) -> bool:
+    """UsageError while the lock's holder lives; True when it is gone. Before this process
+    joins Ray (`deciding` False: a check, not the taking) a holder that ran on a Ray cluster
+    gets the benefit of the doubt (False): the run decides when it takes the lock, knowing
+    whether Ray saw it die."""
     if idle_s(current, info) >= LAPSE_S:
-        return
+        return True
     ended = holder_ended(info)
-    if ended or (ended is None and not deciding and info.get("ray_job")):
-        return
+    if ended:
+        return True
+    if ended is None and not deciding and info.get("ray_job"):
+        return False
     raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
                      f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
                      f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
 
 
-def check_free(uri: str, command: str) -> None:
-    """UsageError while a live run holds `<uri>/.lock`; takes nothing. A store that cannot
-    answer (no such bucket, refused credentials) passes: the write that follows says
-    what is wrong in the words every S3 failure gets, and `held` takes the lock itself."""
+def check_free(uri: str, command: str) -> bool:
+    """UsageError while a live run holds `<uri>/.lock`; takes nothing. False when only a
+    run on the holder's Ray cluster can tell whether it lives. A store that cannot answer
+    (no such bucket, refused credentials) passes: the write that follows says what is
+    wrong in the words every S3 failure gets, and `held` takes the lock itself."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     client, bucket, prefix = storage.s3_client(uri)
     try:
         current = client.get_object(Bucket=bucket, Key=f"{prefix}/{LOCK}" if prefix else LOCK)
     except (BotoCoreError, ClientError):
-        return
-    refuse_if_live(current, lock_info(current), uri, command, deciding=False)
+        return True
+    return refuse_if_live(current, lock_info(current), uri, command, deciding=False)
 
 
 def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,

@@ -415,16 +415,19 @@ def exclusive(uri: str, command: str):
         yield
 
 
-def check_free(uri: str, command: str) -> None:
+def check_free(uri: str, command: str) -> bool:
     """The UsageError `exclusive` would raise now, if any: so that a command refused for
-    another's lock fails before it changes anything (WORKDIR/config.yaml)."""
+    another's lock fails before it changes anything (WORKDIR/config.yaml). False when
+    this cannot tell yet: an S3 lock held by a driver on a Ray cluster, which only a run
+    on that cluster can see is dead or alive."""
     if is_s3(uri):
         from deepfake_ray import lease
 
-        lease.check_free(uri, command)
-    elif os.path.exists(os.path.join(normalize(uri), ".lock")):
+        return lease.check_free(uri, command)
+    if os.path.exists(os.path.join(normalize(uri), ".lock")):
         with exclusive(uri, command):
             pass
+    return True
 
 
 def delete_file(uri: str) -> None:

@@ -259,6 +259,16 @@ def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(
         with pytest.raises(UsageError, match=rf"another pipeline \(pid {holder.pid} on .+\) is writing"):
             with storage.exclusive(workdir, "pipeline"):  # it lives: refused
                 pass
+        # a command not yet on the cluster cannot tell that it lives: it finds out once it
+        # joins, and is refused there without having touched the running one's config.yaml
+        storage.write_text(f"{workdir}/config.yaml", "the running pipeline's\n")
+        refused = subprocess.run(
+            [sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny", "--workdir", workdir,
+             "--address", ray_session.get_runtime_context().gcs_address],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+        assert refused.returncode == 2, refused.stderr
+        assert f"another pipeline (pid {holder.pid} on " in refused.stderr.splitlines()[-1]
+        assert storage.read_text(f"{workdir}/config.yaml") == "the running pipeline's\n"
     finally:
         holder.kill()
         holder.wait()
