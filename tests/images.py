@@ -97,3 +97,20 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
     }
+
+
+def many_scans_jpeg(size_bytes: int = 250_000) -> bytes:
+    """A 512x512 progressive JPEG of `size_bytes`, its smallest scan repeated: within every
+    size and pixel limit, and slow to decode, as each scan is another pass over the image."""
+    data = encode(Image.new("L", (512, 512), 120), "JPEG", progressive=True, quality=90)
+    scans, i = [], 2
+    while data[i + 1] != 0xD9:  # marker by marker, up to the end of the image
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] == 0xDA:  # a scan: its coded data runs on to the next marker
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+            scans.append((i, end))
+        i = end
+    start, end = min(scans, key=lambda scan: scan[1] - scan[0])
+    last = scans[-1][1]
+    return data[:last] + data[start:end] * ((size_bytes - len(data)) // (end - start)) + data[last:]

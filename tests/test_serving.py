@@ -21,7 +21,7 @@ from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, haproxy_env
 from deepfake_ray.errors import UsageError
-from tests.images import bomb_png, encode, rgb
+from tests.images import bomb_png, encode, many_scans_jpeg, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
@@ -185,6 +185,11 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("too large, streamed", lambda: detect(service, chunks()), 413),
         ("multipart without a file", lambda: detect(service, FIELD_ONLY, headers=FIELD_TYPE), 400),
         ("malformed multipart", lambda: detect(service, JPEG, headers=FIELD_TYPE), 400),
+        ("a file name that does not decode (RFC 2231)", lambda: detect(
+            service, FIELD_ONLY.replace(b'name="note"', b"name=file; filename*=utf-16''%00"),
+            headers=FIELD_TYPE), 400),
+        ("a boundary that is not ASCII", lambda: detect(service, FIELD_ONLY, headers={
+            "content-type": "multipart/form-data; boundary*=utf-8''%E2%82%AC"}), 400),
         ("batch without multipart", lambda: httpx.post(f"{service}/v1/detect/batch",
                                                        content=JPEG, timeout=30), 415),
         ("more files than serve.max_files_per_request", lambda: httpx.post(
@@ -242,11 +247,19 @@ def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     assert httpx.get(f"{service}/docs", timeout=30).status_code == 200
 
 
-def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
-    """A small file can hold a large image: a flat 6000x6000 PNG is ~120 KB, within every
-    limit, and takes the better part of a second to decode. The replica answers other
-    requests meanwhile, not after it."""
-    big = encode(Image.new("RGB", (6000, 6000), (90, 120, 150)), "PNG", compress_level=9)
+SLOW_SMALL_FILES = {  # each within every limit, and slow to decode
+    "a flat 6000x6000 PNG of ~120 KB": lambda: encode(Image.new("RGB", (6000, 6000), (90, 120, 150)),
+                                                      "PNG", compress_level=9),
+    "a 512x512 progressive JPEG of many scans": many_scans_jpeg,
+}
+
+
+@pytest.mark.parametrize("what", SLOW_SMALL_FILES)
+def test_a_slow_small_file_does_not_hold_up_other_requests(service, what):
+    """A small file can take the better part of a second to decode: a large image in few
+    bytes, or a small one in many passes. The replica answers other requests meanwhile,
+    not after it."""
+    big = SLOW_SMALL_FILES[what]()
     assert len(big) < MAX_BODY
     started = time.perf_counter()
     decode(big, 32)
@@ -285,7 +298,8 @@ def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_thr
 
 
 @pytest.mark.parametrize("params", ["boundary=XyZ", "boundary=XyZ ; charset=utf-8", "boundary = XyZ",
-                                    "xboundary=Q; boundary=XyZ", 'boundary="Xy;Z"'])
+                                    "xboundary=Q; boundary=XyZ", 'boundary="Xy;Z"',
+                                    "boundary=XyZ (a comment)", "boundary=(a comment)XyZ"])
 def test_the_file_limit_reads_the_boundary_as_the_parser_does(params):
     from deepfake_ray.serving import http
 
@@ -361,7 +375,9 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     uploaded = [f"{bucket}/in/{name}" for name in sorted(os.listdir(images_dir))]
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
     # "in/face0.jpg": relative to the folder holding the manifest, and kept as written
-    paths = uploaded[::-1] + ["in/face0.jpg", "./in/../in/face1.jpg", f"{bucket}/in/vanished.jpg", ""]
+    # a name no file system allows (a NUL in it) is a row with its reason, as a missing file is
+    paths = uploaded[::-1] + ["in/face0.jpg", "./in/../in/face1.jpg", "/no/such\x00file.jpg",
+                              f"{bucket}/in/vanished.jpg", ""]
     # a folder of parts, as Spark and Ray Data write a table; an empty row is a row too
     for i, part in enumerate((paths[:4], paths[4:])):
         storage.write_parquet(f"{bucket}/manifest.parquet/part-{i}.parquet", pa.table({"path": part}))
@@ -373,8 +389,9 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     assert lines[0] == '"path","p_fake","label","error"'
     assert [line.split(",")[0].strip('"') for line in lines[1:]] == paths  # input order kept
     assert '"unreadable' in lines[-2] and ',"",' in lines[-2]  # no p_fake, no label
+    assert '"unreadable: ValueError: embedded null byte' in lines[-3]
     assert '"no path' in lines[-1]
-    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 2)
+    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 3)
     assert score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)["skipped"]
 
 
@@ -430,7 +447,9 @@ def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, image
              (["score", "--model", "no-model", "--input", images_dir, "--out", "x.parquet"], "no-model"),
              (["score", "--model", model_dir, "--input", "no-input", "--out", "x.parquet"], "no-input is not a folder"),
              (["serve", "--model", "no-model"], "no-model"),
-             (["serve", "--model", model_dir, "--port", str(busy.getsockname()[1])], "stop what uses it or pass another --port")]
+             (["serve", "--model", model_dir, "--port", str(busy.getsockname()[1])], "stop what uses it or pass another --port"),
+             (["serve", "--model", model_dir, "--set", "serve.min_replicas=2"], "is more than serve.max_replicas=1"),
+             (["serve", "--model", model_dir, "--host", "no-such-host.invalid"], "pass a host name or address")]
     script = ("import json, sys, ray\nfrom deepfake_ray import cli\n"
               "codes = [cli.main(argv + ['--preset', 'tiny']) for argv in json.loads(sys.argv[1])]\n"
               "print(json.dumps({'codes': codes, 'ray_started': ray.is_initialized()}))")

@@ -110,7 +110,7 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
             errors.append(error_text(e))
         except storage.FileTooLarge as e:
             errors.append(error_text(decode.too_large(e)))
-        except OSError as e:  # missing, unreadable, permission denied
+        except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
             errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
             "error": np.array(errors, dtype=object)}
