@@ -43,6 +43,7 @@ def good_files() -> dict[str, bytes]:
         "wide.png": encode(base.resize((160, 90)), "PNG"),
         "large.jpg": encode(base.resize((1024, 1024)), "JPEG"),
         "photo.webp": encode(rgb(4), "WEBP"),
+        "progressive.jpg": encode(base.resize((256, 256)), "JPEG", quality=90, progressive=True),
     }
 
 
@@ -96,6 +97,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "half.webp": (webp[: len(webp) // 2], "corrupt"),
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
+        "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~2,000 scans: seconds to decode
     }
 
 

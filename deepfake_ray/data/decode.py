@@ -22,6 +22,11 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # the most metadata (ICC profile, EXIF, XMP, thumbnails) a real photo carries, with room
 METADATA_BYTES = 16 * 2**20
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# A progressive JPEG is decoded one scan at a time, each a pass over the whole image, and
+# nothing in the format bounds their number: one scan repeated makes a small file that
+# takes minutes (16 MP, 2,000 scans in 125 KB: 18 s). Encoders write about 10 (colour),
+# those that tune them a few dozen.
+MAX_JPEG_SCANS = 100
 # how JPEG, PNG, GIF and TIFF files begin (WebP: "WEBP" at byte 8)
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
@@ -67,6 +72,11 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                           f"header claims {width}x{height} pixels (limit {max_pixels:,})")
     if img.format not in FORMATS:
         raise DecodeError("unsupported format", str(img.format))
+    # start-of-scan markers: the coded data never holds those bytes (an 0xFF there is
+    # followed by 0x00 or a restart marker), so metadata aside each is a scan
+    if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise DecodeError("decompression bomb", f"a JPEG of {scans:,} scans (limit {MAX_JPEG_SCANS}), "
+                                                "each another pass over the whole image")
     return img
 
 
