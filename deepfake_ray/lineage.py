@@ -192,8 +192,6 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
         else:
             check_resumable(cfg, stage, begun, asked)
     check_inputs_current(cfg, stage, read)
-    if done:  # redone: until it completes again, the stage is not complete
-        storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
     return Plan(None, force, asked)
 
 
@@ -236,9 +234,18 @@ def unfinished(cfg: Config, stage: Stage) -> dict | None:
         return None
 
 
+def unmark(cfg: Config, stage: Stage) -> None:
+    """Called by a run to be redone once its own checks have passed, before it changes
+    anything: until it completes again, the stage is not complete. Not in `plan`: a run
+    that a check refuses (a typo beside --force) leaves the complete stage as it was."""
+    storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
+
+
 def start(cfg: Config, stage: Stage, plan: Plan) -> None:
-    """For a stage that resumes (a training): what the run under way is made from, so that
-    a resubmission after its inputs were redone starts over instead of resuming."""
+    """For a stage that resumes (a training), once its checks have passed: unmarked, and
+    what the run under way is made from, so that a resubmission after its inputs were
+    redone starts over instead of resuming."""
+    unmark(cfg, stage)
     storage.write_json(storage.join(uri(cfg, stage), STARTED), plan.made)
 
 

@@ -35,12 +35,19 @@ class Step:
     check: Callable[[Config], None] = no_check  # its settings, checked before Ray starts
 
 
+def detector_module(cfg: Config):
+    """The stage that makes the detector: a sweep, or one fine-tune."""
+    from deepfake_ray.detector import train, tune
+
+    return tune if cfg.tune.enabled else train
+
+
 def steps(cfg: Config) -> list[Step]:
     from deepfake_ray.data import prepare
-    from deepfake_ray.detector import evaluate, train as detector_train, tune
+    from deepfake_ray.detector import evaluate
     from deepfake_ray.gan import generate, train as gan_train
 
-    detector = tune if cfg.tune.enabled else detector_train
+    detector = detector_module(cfg)
     return [*(Step(m.STAGE, m.run, check=getattr(m, "check_settings", no_check))
               for m in (prepare, gan_train, generate, detector, evaluate)),
             Step(SCORE, score_test_split),
@@ -53,6 +60,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
     is there when it has to run, and every complete stage was made with the settings this
     run asks for."""
     from deepfake_ray.data import datasets, prepare
+    from deepfake_ray.detector import train as detector_train
 
     for step in steps(cfg):
         step.check(cfg)
@@ -62,6 +70,8 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
     if not force:
         for step in steps(cfg):
             lineage.current(cfg, step.stage)  # raises on other settings
+    if force or lineage.current(cfg, detector_module(cfg).STAGE) is None:  # a mistyped file, before the GAN trains
+        detector_train.check_pretrained_file(cfg)
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
@@ -113,6 +123,7 @@ def score_test_split(cfg: Config, force: bool = False) -> dict:
     plan = lineage.plan(cfg, SCORE, force)
     if plan.done:
         return plan.done
+    lineage.unmark(cfg, SCORE)
     folder = lineage.uri(cfg, SCORE)
     images = storage.join(folder, "test_images")
     storage.delete_dir(images)  # another test split's images, when the data were redone

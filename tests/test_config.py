@@ -64,6 +64,7 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     (["detector.arch=inceptoin_resnet_v2"], "detector.arch='inceptoin_resnet_v2' is not a timm model"),
     (["data.resolution=96"], "resolution 96 not supported"),  # prepare takes it; the DCGAN not
     (["tune.enabled=true", "tune.epochs=2", "tune.grace_period=3"], "tune.grace_period (3) must not exceed"),
+    (["detector.pretrained=weights.safetensor"], "detector.pretrained=weights.safetensor: no such file"),
 ])
 def test_pipeline_checks_every_stages_settings_before_anything_runs(overrides, needle, capsys, tmp_path):
     workdir = tmp_path / "w"

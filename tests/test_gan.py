@@ -194,12 +194,19 @@ def test_train_writes_every_promised_file(trained):
     assert summary["epochs"] == EPOCHS
 
 
-def test_complete_run_is_not_retrained(trained, capsys):
+def test_complete_run_is_not_retrained_nor_unmarked_by_a_refused_one(trained, capsys):
+    from deepfake_ray.errors import UsageError
+
     workdir, summary, _ = trained
     model = os.path.join(workdir, "gan", "model", "weights.safetensors")
     before = os.stat(model).st_mtime_ns
     assert train.run(tiny(workdir, *TRAINED)) == summary
     assert "already complete" in capsys.readouterr().out
+    # --force with a mistake found once the run is planned (the data are 32 px): refused,
+    # and the complete stage stays complete, or every stage after it would be redone
+    with pytest.raises(UsageError, match="data.resolution=32"):
+        train.run(tiny(workdir, *TRAINED, "data.resolution=64"), force=True)
+    assert storage.completed(os.path.join(workdir, "gan")) == summary
     assert os.stat(model).st_mtime_ns == before
 
 

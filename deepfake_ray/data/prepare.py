@@ -540,6 +540,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
     images = datasets.images_uri(out)
+    lineage.unmark(cfg, STAGE)  # the source checked out: from here on data/ changes
     storage.delete_dir(images)  # parts of an interrupted earlier run
     paths = candidates(src, cfg.seed)
     cpus_per_task = cfg.resources.data_cpus

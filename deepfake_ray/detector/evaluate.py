@@ -46,6 +46,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     meta = checkpoint.load_meta(model_uri)
     selection = data.select(cfg, splits=("test",))
     check_same_data(meta, selection)
+    lineage.unmark(cfg, STAGE)
     started = time.time()
     frame = score(cfg, selection, model_uri)
     labels = frame["label"].to_numpy().astype(int)

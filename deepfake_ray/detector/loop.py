@@ -61,7 +61,7 @@ def train_loop(loop: dict) -> None:
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
             training.say(progress_line(entry, d.epochs))
-        training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1}, {
+        training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)[0]}, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": training.rng_state(), "history": history})
 

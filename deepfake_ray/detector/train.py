@@ -103,6 +103,13 @@ def describe(selection: data.Selection) -> str:
     return "; ".join(f"{s}: {c['real']:,} real + {c['fake']:,} fake" for s, c in selection.counts.items())
 
 
+def check_pretrained_file(cfg: Config) -> None:
+    spec = cfg.detector.pretrained
+    if spec not in ("none", "", "hub") and not storage.exists(spec):
+        raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
+                         "existing local or s3:// weights file (safetensors or state dict)")
+
+
 def resolve_pretrained(cfg: Config) -> str:
     """What workers load: `none`, or a weights file every node can read.
 
@@ -117,9 +124,7 @@ def resolve_pretrained(cfg: Config) -> str:
     if spec in ("none", ""):
         return "none"
     if spec != "hub":
-        if not storage.exists(spec):
-            raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
-                             "existing local or s3:// weights file (safetensors or state dict)")
+        check_pretrained_file(cfg)
         detector.check_weights(spec, cfg.detector.arch)
         if storage.is_s3(spec) or not runtime.driver_files_need_copying(cfg.workdir):
             return spec

@@ -27,7 +27,9 @@ from deepfake_ray.detector import data, train
 from deepfake_ray.errors import UsageError
 
 TRIAL_CPU = 0.1  # a trial only drives its Train run; the workers hold the real resources
-METRIC, MODE = "val_auc", "max"
+# val ROC-AUC, but -1 for a diverged epoch: its NaN never falls below ASHA's cutoff, so a
+# trial at a rate too high would train every epoch
+METRIC, MODE = "val_score", "max"
 
 
 def settings(cfg: Config) -> dict:
@@ -197,5 +199,5 @@ def trial_row(cfg: Config, result) -> dict:
     auc = m["val_auc"] if m["val_auc"] == m["val_auc"] else -1.0  # NaN ranks last
     return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "ok",
             "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs,
-            "best_epoch": meta["epoch"], "val_auc": auc, "val_loss": m["val_loss"],
+            "best_epoch": meta["epoch"] + 1, "val_auc": auc,  # 1-based, as train-detector prints it "val_loss": m["val_loss"],
             "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}

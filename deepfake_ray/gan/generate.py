@@ -194,7 +194,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     plan = lineage.plan(cfg, STAGE, force)
     if plan.done:
         return plan.done
-    storage.delete_dir(out)  # a forced or interrupted earlier run
+    storage.delete_dir(out)  # a forced or interrupted earlier run, its marker with it
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
     ds, chosen = generate(cfg, want)

@@ -154,7 +154,7 @@ def state_of(run: Run, epoch: int) -> dict:
 
 
 def progress_line(m: dict, epochs: int) -> str:
-    restored = f"  (resumed after epoch {m['resumed_from']})" if m["restored"] else ""
+    restored = f"  (resumed after epoch {m['resumed_from'] + 1})" if m["restored"] else ""  # 1-based, as printed
     return (f"train-gan: epoch {m['epoch'] + 1}/{epochs}  G loss {m['g_loss']:.3f}  "
             f"D loss {m['d_loss']:.3f}  D(x) {m['d_real']:.3f}  D(G(z)) {m['d_fake']:.3f}  "
             f"{m['images_per_s']:.1f} images/s{restored}")
