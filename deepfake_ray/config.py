@@ -152,7 +152,7 @@ def load_file(path: str) -> dict:
     from deepfake_ray import storage
 
     try:
-        data = yaml.safe_load(storage.read_bytes(path))
+        data = yaml.load(storage.read_bytes(path), NumbersAsTyped)
     except FileNotFoundError:
         raise UsageError(f"config file {path} not found: pass an existing YAML file to --config")
     except IsADirectoryError:
@@ -177,8 +177,17 @@ class Typed:
     def parsed(self) -> Any:
         try:
             return yaml.safe_load(self.text) if self.text.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an int of more digits than Python reads
             return self.text
+
+
+class NumbersAsTyped(yaml.SafeLoader):
+    """A --config file read with its numbers kept as typed, as a --set value is: a text
+    field takes `source: 0123` as that folder, not as the octal number 83."""
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    NumbersAsTyped.add_constructor(_tag, lambda loader, node: Typed(node.value))
 
 
 def parse_override(text: str) -> dict:
@@ -274,6 +283,12 @@ def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def shown(value: Any) -> str:
+    """A value as an error line quotes it: a 5,000-digit one would be the whole screen."""
+    text = repr(value.text if isinstance(value, Typed) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def coerce(name: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's annotation; allow int->float and list->tuple."""
     if isinstance(value, Typed):
@@ -287,15 +302,18 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
                 return coerce(name, value, option)
             except UsageError:
                 continue
-        raise UsageError(f"config key '{name}' expects {hint}, got {value!r}")
+        raise UsageError(f"config key '{name}' expects {hint}, got {shown(value)}")
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UsageError(f"config key '{name}' expects a list of {len(args)} values, e.g. "
-                             f"{name}=[{', '.join(a.__name__ for a in args)}]; got {value!r}")
+                             f"{name}=[{', '.join(a.__name__ for a in args)}]; got {shown(value)}")
         return tuple(coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # more digits than any float holds
+            raise UsageError(f"config key '{name}' expects a finite number, got a number of {len(str(value))} digits") from None
     if hint in (int, float) and isinstance(value, str):  # YAML reads 3e-4 as a string
         try:
             value = hint(value)
@@ -304,10 +322,10 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise UsageError(f"config key '{name}' expects {hint.__name__}, got {value!r} "
+        raise UsageError(f"config key '{name}' expects {hint.__name__}, got {shown(value)} "
                          f"({type(value).__name__})")
     if hint is float and not math.isfinite(value):  # every check against nan passes
-        raise UsageError(f"config key '{name}' expects a finite number, got {value!r}")
+        raise UsageError(f"config key '{name}' expects a finite number, got {shown(value)}")
     return value
 
 

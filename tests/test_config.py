@@ -52,6 +52,11 @@ def test_text_values_are_taken_as_typed(folder):
     ("gan.lr=inf", "config key 'gan.lr' expects a finite number, got inf"),
     ("seed=-1", "seed=-1 is out of range: use 0..2147483647"),  # was a traceback in every prepare task
     ("data.source=kaggle:../..", "kaggle dataset '../..' must look like OWNER/DATASET"),  # outside the cache
+    pytest.param("gan.lr=1" + "0" * 400, "config key 'gan.lr' expects a finite number, got a number of 401 digits",
+                 id="gan.lr=1e400"),
+    pytest.param("gan.epochs=1" + "0" * 5000, "config key 'gan.epochs' expects int, got '1000",
+                 id="gan.epochs=1e5000"),  # more digits than int() reads
+    ("data.splits=[1e308, 1e308, 1e308]", "must be three non-negative fractions"),  # their sum is inf
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
@@ -104,6 +109,16 @@ def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path)
     err = error_lines(capsys)
     assert len(err) == 1 and needle in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_config_file_gives_text_settings_its_numbers_as_written(tmp_path):
+    """YAML reads 0123 as the octal number 83: a folder named 0123 must stay that."""
+    path = tmp_path / "run.yaml"
+    path.write_text("workdir: 0755\ndata: {source: 0123, splits: [0.8, 0.1, 0.1]}\n"
+                    "gan: {lr: 2.0e-4, epochs: 0x0A}\nseed: 7\n")
+    cfg = config.build("tiny", str(path))
+    assert (cfg.workdir, cfg.data.source) == ("0755", "0123")
+    assert (cfg.data.splits, cfg.gan.lr, cfg.gan.epochs, cfg.seed) == ((0.8, 0.1, 0.1), 2e-4, 10, 7)
 
 
 def test_unknown_preset_names_the_choices():

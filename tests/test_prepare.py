@@ -579,6 +579,7 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
                                            ("", "no source given"),
                                            (__file__, "is a file: pass the folder"),
                                            ("sample:zero", "positive count"),
+                                           ("sample:\u00b2", "positive count"),  # a digit to str.isdigit
                                            ("sample:100000000", "more than 1,000,000")])
 def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])

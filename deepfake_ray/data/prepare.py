@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -70,7 +71,7 @@ OWN_SETTING = {"sample": ("sample_size", "count"), "kaggle": ("kaggle_dataset", 
 def check_settings(cfg: Config) -> None:
     """What config.check_limits cannot check alone (run before Ray starts)."""
     d = cfg.data
-    if len(d.splits) != 3 or min(d.splits) < 0 or sum(d.splits) <= 0 or d.splits[0] <= 0:
+    if len(d.splits) != 3 or min(d.splits) < 0 or not 0 < sum(d.splits) < math.inf or d.splits[0] <= 0:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
     source = d.source.strip()
