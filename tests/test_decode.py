@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deepfake_ray.data import decode
-from tests.images import (bad_files, bomb_png, good_files, premultiplied_alpha_tiff, rgb,
+from tests.images import (bad_files, bomb_png, encode, good_files, premultiplied_alpha_tiff, rgb,
                           rotated_with_a_malformed_gps_tag)
 
 
@@ -54,6 +54,12 @@ def test_a_malformed_exif_tag_does_not_stop_the_rotation_or_the_ingest():
 def test_manifest_size_is_the_displayed_one():
     row = decode.inspect(good_files()["exif_rotated.jpeg"], 32, 90)
     assert (row["width"], row["height"]) == (60, 96)
+    # nearly square: its draft-decoded copy can come out square, which told no turn apart
+    stored = rgb(1, 96).resize((1002, 1001))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    row = decode.inspect(encode(stored, "JPEG", exif=exif), 32, 90)
+    assert (row["width"], row["height"]) == (1001, 1002)
 
 
 def test_not_an_image_detail_names_no_python_object():

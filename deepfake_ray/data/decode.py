@@ -107,15 +107,24 @@ ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 8: Image.Transpose.ROTATE_90}
 
 
+QUARTER_TURNS = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
+                 Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
+
+
+def camera_turn(img: Image.Image) -> Image.Transpose | None:
+    """The transpose EXIF asks for, if any."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels are still good
+        return None
+    return ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+
+
 def upright(img: Image.Image) -> Image.Image:
     """EXIF orientation applied. Not ImageOps.exif_transpose: it also rewrites the EXIF
     block, which raises on a malformed tag that has nothing to do with orientation (a GPS
     value of the wrong type, as some cameras write), and we keep no metadata anyway."""
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels are still good
-        return img
-    method = ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    method = camera_turn(img)
     return img.transpose(method) if method is not None else img
 
 
@@ -187,7 +196,7 @@ def inspect(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_
         img = open_image(data, max_pixels)
         (width, height), fmt = img.size, img.format
         upright = load_rgb(img, size)
-        if (upright.width - upright.height) * (width - height) < 0:  # EXIF turned it a quarter
+        if camera_turn(img) in QUARTER_TURNS:  # the size as displayed, as the pixels are
             width, height = height, width
         row.update(width=width, height=height, format=fmt)
         # PIL image to JPEG directly: a numpy round trip cost ~40 us of ~800 per photo
