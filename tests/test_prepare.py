@@ -359,12 +359,15 @@ def test_copies_two_tasks_kept_at_once_are_removed_by_the_driver(tmp_path):
 def test_files_on_the_drivers_disk_are_copied_to_s3_for_a_cluster_once(s3_server, tmp_path, tiny_cfg, capsys):
     """What `prepare` does on a cluster before its tasks, which run on other machines, read
     a local folder or the Kaggle download (run there in the pipeline scenario's job)."""
-    found = write_folder(tmp_path / "faces")
+    found = write_folder(tmp_path / "faces") + 1
+    with open(os.path.join(os.fsencode(tmp_path / "faces"), b"caf\xe9.jpg"), "wb") as f:  # not UTF-8
+        f.write(encode(rgb(7), "JPEG"))
     src = sources.resolve_source(str(tmp_path / "faces"), tiny_cfg().data)
     dest = f"{s3_server('copies')}/runs/r1/sources/{sources.copy_name(src.name, tiny_cfg().data)}"
     copied = sources.copy_to(src, dest, "prepare")
     assert [storage.read_bytes(f) for f in copied.files] == [open(f, "rb").read() for f in src.files]
     assert copied.files[0].startswith(f"{dest}/") and "nested/" in "".join(copied.files)
+    assert f"{dest}/caf\\xe9.jpg" in copied.files  # under the name the manifest shows
     assert f"copying {found} of {found} files" in capsys.readouterr().out
     (tmp_path / "faces" / "plain.jpg").write_bytes(good_files()["large.jpg"])  # changed since
     again = sources.copy_to(src, dest, "prepare")  # as a resubmitted job: the rest is there

@@ -141,7 +141,9 @@ def copy_to(src: Source, dest: str, command: str) -> Source:
 
     from deepfake_ray.progress import Progress
 
-    relative = {f: os.path.relpath(f, src.root).replace(os.sep, "/") for f in src.files}
+    # an S3 key is UTF-8: a name that is not (an old Latin-1 archive's) is copied under
+    # the \xNN form the manifest shows it in
+    relative = {f: storage.printable(os.path.relpath(f, src.root).replace(os.sep, "/")) for f in src.files}
     there = storage.s3_objects(dest)
     todo = [f for f, rel in relative.items() if not is_copy_of(there.get(rel), f)]
     print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
