@@ -70,7 +70,11 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
     if not force:
         for step in steps(cfg):
             lineage.current(cfg, step.stage)  # raises on other settings
-    if force or lineage.current(cfg, detector_module(cfg).STAGE) is None:  # a mistyped file, before the GAN trains
+    # a mistyped weights file, before the GAN trains, whenever the detector will be made
+    # anew: when it or any stage before it is
+    stages = [step.stage for step in steps(cfg)]
+    up_to_detector = stages[:stages.index(detector_module(cfg).STAGE) + 1]
+    if force or any(lineage.current(cfg, stage) is None for stage in up_to_detector):
         detector_train.check_pretrained_file(cfg)
 
 

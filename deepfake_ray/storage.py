@@ -439,6 +439,7 @@ def delete_file(uri: str) -> None:
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
+        delete_file(join(uri, COMPLETE))  # first: a deletion cut short leaves no marker vouching for the rest
         fs.delete_dir(path)
 
 

@@ -97,7 +97,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "half.webp": (webp[: len(webp) // 2], "corrupt"),
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
-        "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~2,000 scans: seconds to decode
+        "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~20,000 scans: seconds to decode
     }
 
 

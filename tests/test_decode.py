@@ -25,6 +25,16 @@ def test_rejects_unusable_files_with_a_reason(name):
     assert time.time() - started < 2  # a bomb is refused from its header, not decoded
 
 
+def test_a_progressive_photo_with_a_video_after_it_is_no_bomb():
+    """A Motion Photo carries its video after the JPEG's end: megabytes in which the bytes
+    of a start-of-scan marker turn up by chance (once per 64 KiB), as in large metadata.
+    Only the image's own scans count against the limit."""
+    video = np.random.default_rng(0).bytes(8_000_000)
+    photo = encode(rgb(2, 256), "JPEG", progressive=True, icc_profile=video[:60_000]) + video
+    assert photo.count(b"\xff\xda") > decode.MAX_JPEG_SCANS
+    assert decode.decode(photo, 32).shape == (32, 32, 3)
+
+
 def test_premultiplied_alpha_tiff_is_accepted():
     # mode "La": Pillow opens it, but converting it straight to RGB raises, which used to
     # escape the decoder and fail a whole prepare

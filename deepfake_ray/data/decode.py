@@ -72,12 +72,27 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                           f"header claims {width}x{height} pixels (limit {max_pixels:,})")
     if img.format not in FORMATS:
         raise DecodeError("unsupported format", str(img.format))
-    # start-of-scan markers: the coded data never holds those bytes (an 0xFF there is
-    # followed by 0x00 or a restart marker), so metadata aside each is a scan
-    if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    if img.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise DecodeError("decompression bomb", f"a JPEG of {scans:,} scans (limit {MAX_JPEG_SCANS}), "
                                                 "each another pass over the whole image")
     return img
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The main image's scans: its start-of-scan markers from its first to its end. Its
+    coded data never holds those bytes (an 0xFF there is followed by 0x00 or a restart
+    marker); the segments before its first scan (EXIF with a thumbnail, ICC, maker notes)
+    are skipped by their lengths, and what follows its end (a Motion Photo's video) is not read."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        if data[i + 1] == 0xDA:
+            end = data.find(b"\xff\xd9", i)
+            return data.count(b"\xff\xda", i, end if end >= 0 else len(data))
+        if data[i + 1] == 0xFF:  # a fill byte before a marker
+            i += 1
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return 0  # no scan where the header says: Pillow's decode tells what is wrong
 
 
 def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:

@@ -193,7 +193,9 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
 
 
 def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
-    """--force: remove a stage's previous outputs (and run state) except `keep`."""
+    """--force: remove a stage's previous outputs (and run state) except `keep`, its
+    marker first, so a clearing cut short leaves no marker vouching for the rest."""
+    storage.delete_file(storage.join(stage_uri, storage.COMPLETE))
     fs, path = storage.resolve(stage_uri)
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         name = info.path.rstrip("/").rsplit("/", 1)[-1]

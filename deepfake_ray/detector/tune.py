@@ -199,5 +199,6 @@ def trial_row(cfg: Config, result) -> dict:
     auc = m["val_auc"] if m["val_auc"] == m["val_auc"] else -1.0  # NaN ranks last
     return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "ok",
             "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs,
-            "best_epoch": meta["epoch"] + 1, "val_auc": auc,  # 1-based, as train-detector prints it "val_loss": m["val_loss"],
+            "best_epoch": meta["epoch"] + 1,  # 1-based, as train-detector prints it
+            "val_auc": auc, "val_loss": m["val_loss"],
             "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}

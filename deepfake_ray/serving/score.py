@@ -104,14 +104,17 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
             continue
         try:
             data = storage.read_bytes(os.fsdecode(bytes(raw)), decode.max_file_bytes(max_pixels))
+        except storage.FileTooLarge as e:
+            errors.append(error_text(decode.too_large(e)))
+            continue
+        except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
+            errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
+            continue
+        try:
             pixels[i] = decode_image(data, resolution, max_pixels)
             errors.append("")
         except DecodeError as e:
             errors.append(error_text(e))
-        except storage.FileTooLarge as e:
-            errors.append(error_text(decode.too_large(e)))
-        except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
-            errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
             "error": np.array(errors, dtype=object)}
 
