@@ -332,6 +332,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
     assert [r["best_epoch"] for r in rows] == ["1", "1"]  # of one: counted from 1, as printed
+    assert all(float(r["val_loss"]) > 0 for r in rows)
     lrs = [float(r["lr"]) for r in rows]
     assert len(set(lrs)) == 2 and all(1e-5 <= lr <= 1e-3 for lr in lrs)
     assert storage.read_bytes(os.path.join(out, "lr.png"))[:4] == b"\x89PNG"
