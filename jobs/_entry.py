@@ -59,16 +59,29 @@ def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
 
 def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     """WORKDIR/RUN_NAME, where WORKDIR is what `deepfake-ray` would use without a run name."""
-    if args.run_name is None:
-        return args.workdir
-    if not RUN_NAME.match(args.run_name):
+    if args.run_name is not None and not RUN_NAME.match(args.run_name):
         raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
                          "(no '/'), e.g. --run-name r1")
+    if args.run_name is None and command not in cli.WRITERS:
+        return args.workdir  # score: writes to --out, not to a work directory
     from deepfake_ray import storage
 
     args.command = command
     base = cli.build_config(args).workdir  # the preset/config default when --workdir is absent
-    return storage.join(base, args.run_name)
+    workdir = storage.join(base, args.run_name) if args.run_name else base
+    check_outside_job_code(workdir)
+    return workdir
+
+
+def check_outside_job_code(workdir: str) -> None:
+    """A job submitted with --working-dir runs in its own unpacked copy of the code, on one
+    node (Ray names it _ray_pkg_HASH): a relative work directory would land there, out of
+    the other nodes' reach, and the next submission, with a new copy, could not resume it."""
+    parts = os.path.abspath(workdir).split(os.sep) if "://" not in workdir else []
+    if any(part.startswith("_ray_pkg_") for part in parts):
+        raise UsageError(f"the work directory {workdir} is inside this job's unpacked code, which "
+                         "other nodes cannot read and the next submission replaces: pass "
+                         "--workdir s3://BUCKET/runs (or a folder every node shares)")
 
 
 def main(command: str, script: str, argv: list[str] | None = None) -> int:
