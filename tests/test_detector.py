@@ -23,7 +23,7 @@ import pytest
 import ray
 import torch
 
-from deepfake_ray import cli, storage
+from deepfake_ray import checkpoint, cli, storage
 from deepfake_ray.data import datasets, sample
 from deepfake_ray.detector import data, train, tune
 from deepfake_ray.errors import UsageError
@@ -318,6 +318,23 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
 # --- Ray Train, export, reload, evaluate; Ray Tune ---------------------------------------
 
 @pytest.mark.slow
+def test_a_sweep_whose_every_trial_diverged_says_to_lower_the_rates(tiny_cfg):
+    """Scores that are not finite at every rate: no trial is published as the detector."""
+    from types import SimpleNamespace
+
+    cfg = tiny_cfg()
+    results = []
+    for trial_id, lr in (("t0", 0.5), ("t1", 0.9)):
+        out = tune.trial_dir(cfg.workdir, trial_id)
+        nan = float("nan")
+        checkpoint.save_model(storage.join(out, "best"), {}, {
+            "lr": lr, "epoch": 0, "threshold": 0.5, "metrics": {"val_auc": nan, "val_loss": nan, "val_acc": 0.0}})
+        storage.write_json(storage.join(out, "history.json"), [{"epoch": 0}])
+        results.append(SimpleNamespace(metrics={"trial_id": trial_id}, error=None, path=out, config={"lr": lr}))
+    with pytest.raises(UsageError, match=r"rates 5.00e-01..9.00e-01: they diverged; lower tune.lr_max"):
+        tune.collect(cfg, results)
+
+
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg, capsys):
     overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "tune.lr_min=1e-5", "tune.lr_max=1e-3",
                  "detector.arch=resnet10t",

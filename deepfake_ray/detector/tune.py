@@ -169,6 +169,9 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
     rows = [trial_row(cfg, result) for result in grid]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     ok = frame[frame["val_auc"].notna()]
+    if ok.empty and (frame["status"] == "diverged").any():
+        raise UsageError(f"no tune trial gave finite scores at learning rates {frame['lr'].min():.2e}.."
+                         f"{frame['lr'].max():.2e}: they diverged; lower tune.lr_max (now {cfg.tune.lr_max:g})")
     if ok.empty:
         raise RuntimeError(f"every tune trial failed; first error: {frame['error'].iloc[0]}")
     # a trial that ended in an error wins only when none finished: its model stopped short
@@ -196,9 +199,9 @@ def trial_row(cfg: Config, result) -> dict:
                 "val_auc": math.nan, "error": error or "no epoch finished"}
     history = storage.read_json(storage.join(out, "history.json"))
     m = meta["metrics"]
-    auc = m["val_auc"] if m["val_auc"] == m["val_auc"] else -1.0  # NaN ranks last
-    return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "ok",
+    diverged = m["val_auc"] != m["val_auc"]  # NaN: even its best epoch's scores were not finite
+    return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "diverged" if diverged else "ok",
             "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs,
             "best_epoch": meta["epoch"] + 1,  # 1-based, as train-detector prints it
-            "val_auc": auc, "val_loss": m["val_loss"],
+            "val_auc": m["val_auc"], "val_loss": m["val_loss"],
             "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}
