@@ -43,8 +43,8 @@ def figure(workdir: str, rel: str, caption: str) -> list[Figure]:
 
 
 def fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if isinstance(value, float):  # 86,400 s, not 8.64e+04
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
     if isinstance(value, list) and len(value) > 8:  # e.g. per-batch losses: summarize
         numbers = [v for v in value if isinstance(v, (int, float))]
         if len(numbers) == len(value):
@@ -116,7 +116,8 @@ def timings(w: str) -> list:
         return []
     rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds"))] for s in stages]
     total = sum(float(s.get("seconds") or 0) for s in stages)
-    return [Table(["stage", "status", "seconds"], rows + [["total", "", f"{total:.4g}"]])]
+    # pipeline.json is the last submission's: a stage an earlier one made shows as skipped
+    return [Table(["stage", "status", "seconds (last run)"], rows + [["total", "", fmt(total)]])]
 
 
 def data(w: str) -> list:
@@ -157,11 +158,11 @@ def gan(w: str) -> list:
     for uri in grids:
         rel = "gan/samples/" + uri.rsplit("/", 1)[-1]
         blocks += [Figure(f.caption, rel, f.data, small=True)
-                   for f in figure(w, rel, f"samples after epoch {epoch_of(uri)}")]
+                   for f in figure(w, rel, f"samples after epoch {epoch_of(uri) + 1}")]
     return blocks + json_blocks(read_json(w, "gan/history.json"), "gan/history.json")
 
 
-MODEL_KEYS = ("arch", "input_size", "resolution", "threshold", "epoch")
+MODEL_KEYS = ("arch", "input_size", "resolution", "threshold")
 
 
 def detector(w: str) -> list:
@@ -169,6 +170,8 @@ def detector(w: str) -> list:
     meta = read_json(w, "detector/model/model.json")
     if isinstance(meta, dict):
         rows = [[k, fmt(meta[k])] for k in MODEL_KEYS if k in meta]
+        if isinstance(meta.get("epoch"), int):  # counted from 1, as train-detector prints it
+            rows.append(["best epoch", str(meta["epoch"] + 1)])
         blocks += [Text("Exported model (WORKDIR/detector/model):"), Table(["", ""], rows)]
     return blocks
 

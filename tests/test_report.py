@@ -77,7 +77,7 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
         {"name": "prepare", "status": "done", "seconds": 3.2},
         {"name": "train-gan", "status": "skipped", "seconds": 0.1},
-        {"name": "evaluate", "status": "done", "seconds": 7.9}]})
+        {"name": "evaluate", "status": "done", "seconds": 12345.6}]})
     storage.write_text(storage.join(w, "config.yaml"), "workdir: W\ndetector:\n  lr: 0.0003\n")
     for folder, inputs in STAGE_INPUTS.items():  # complete, each made from the ones there now
         mark_complete(w, folder, inputs)
@@ -157,7 +157,9 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # escaped
     assert "Not produced yet" not in text
     for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
-                   "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321"]:
+                   "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
+                   "12,346", "12,349",  # seconds, and their total, not 1.235e+04
+                   "<td>best epoch</td><td>3</td>"]:  # model.json's epoch 2, counted from 1
         assert needle in text, needle
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
