@@ -91,6 +91,11 @@ def test_kuberay_manifests_have_autoscaled_gpu_groups():
         assert head["containers"][0]["image"] and head["serviceAccountName"] == account, kind
         assert spec["workerGroupSpecs"], kind
         gpus = []
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:  # Ray's object store in memory
+            pod = group["template"]["spec"]
+            shm = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
+            assert {"name": "shm", "mountPath": "/dev/shm"} in pod["containers"][0].get("volumeMounts", []) \
+                and "shm" in shm, (kind, group.get("groupName", "head"))
         for group in spec["workerGroupSpecs"]:
             pod = group["template"]["spec"]
             gpus.append(int(pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)))
