@@ -68,6 +68,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if plan.redo:
         clear(stage, keep=("pretrained",))
     lineage.start(cfg, STAGE, plan)
+    from deepfake_ray.detector import tune  # (it imports this module)
+
+    lineage.unmark(cfg, tune.STAGE)  # its product, the model in detector/, is being replaced
     started = time.time()
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")

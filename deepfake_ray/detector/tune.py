@@ -72,6 +72,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # the detector is recorded as what its model was made with: the best rate, the trials' epochs
     made = {**plan.made, "settings": {**plan.made["settings"], "detector.lr": float(best["lr"]),
                                       "detector.epochs": cfg.tune.epochs}}
+    lineage.unmark(cfg, train.STAGE)  # a resumed sweep publishes over what another run left there
     summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
                             made, extra={"tuned": True, "trials": int(len(rows)), "epochs": cfg.tune.epochs})
     result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),
