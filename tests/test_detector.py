@@ -383,3 +383,6 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     monkeypatch.setattr(train, "fine_tune", interrupted)
     assert cli.main(train_detector + ["--force", "--set", f"detector.lr={result['lr']!r}"]) == 130
     assert storage.completed(train.stage_dir(cfg.workdir)) is None and storage.completed(out) is None
+    monkeypatch.undo()  # rerun, the sweep is restored, not retrained, and its best published again
+    assert tune.run(cfg)["lr"] == result["lr"]
+    assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
