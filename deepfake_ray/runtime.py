@@ -48,6 +48,18 @@ def check_address(address: str | None) -> None:
                          "--address auto (or HEAD:6379)")
 
 
+def machine_cores() -> int:
+    """The cores this process may use, as Ray counts them: a container's CPU limit
+    (docker --cpus, a pod's limit), not the host's cores that os.cpu_count() reports (64
+    decode processes on a 2-CPU container)."""
+    try:
+        from ray._private.utils import get_num_cpus  # what Ray's own default num_cpus reads
+
+        return max(1, int(get_num_cpus(override_docker_cpu_warning=True)))
+    except Exception:  # noqa: BLE001 - a Ray without it: the host's count
+        return os.cpu_count() or 1
+
+
 def init(address: str | None = None) -> None:
     """`--address` > `RAY_ADDRESS` > an in-process Ray sized for this machine.
 
@@ -79,7 +91,7 @@ def init(address: str | None = None) -> None:
             raise UsageError(f"cannot reach the Ray cluster at {address} ({str(e).splitlines()[0][:200]}): "
                              "check --address or RAY_ADDRESS, and that the cluster is up") from None
     else:
-        _embedded_cores = os.cpu_count() or 1
+        _embedded_cores = machine_cores()
         port = free_port()
         _worker_env.update({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                             # one machine: nothing to preempt, so no watcher process per training run

@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
+from deepfake_ray.errors import UsageError
 
 # epoch_NNNN, or epoch_NNNN_<tag> when an epoch is trained again after a damaged
 # checkpoint of that epoch was skipped (Ray must never register one folder twice).
@@ -34,6 +35,25 @@ _skipped_names: set[str] = set()  # damaged checkpoints this worker passed over
 def scaling(cfg: Config) -> ScalingConfig:
     return ScalingConfig(num_workers=cfg.resources.workers, use_gpu=runtime.use_gpus(cfg.resources.use_gpu),
                          resources_per_worker={"CPU": cfg.resources.cpus_per_worker})
+
+
+def check_fits(cfg: Config) -> None:
+    """UsageError where the in-process Ray cannot hold a run's workers: nothing can add a
+    node there, and Ray Train would retry their start every minute without end; workers
+    holding every CPU would also leave none for the Ray Data task that feeds them."""
+    if not runtime.in_process():
+        return
+    r, have = cfg.resources, ray.cluster_resources()
+    gpus, cpus = int(have.get("GPU", 0)), have.get("CPU", 0)
+    if runtime.use_gpus(r.use_gpu) and r.workers > gpus:
+        raise UsageError(f"resources.workers={r.workers} asks for {r.workers} GPUs and this machine has "
+                         f"{gpus}: pass --set resources.workers={gpus}")
+    if (wanted := r.workers * r.cpus_per_worker + r.data_cpus) > cpus:
+        fit_cpus = (cpus - r.data_cpus) / r.workers
+        raise UsageError(f"resources.workers={r.workers} x resources.cpus_per_worker={r.cpus_per_worker:g} "
+                         f"+ resources.data_cpus={r.data_cpus:g} (a Ray Data task beside them) is {wanted:g} "
+                         f"CPUs and the in-process Ray has {cpus:g}: lower them"
+                         + (f", e.g. --set resources.cpus_per_worker={fit_cpus:g}" if fit_cpus > 0 else ""))
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storage_uri: str,
@@ -171,12 +191,12 @@ def say(line: str) -> None:
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device().type == "cuda":  # not merely visible: a CPU worker must not open a CUDA context
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and device().type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])

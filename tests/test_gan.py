@@ -267,6 +267,13 @@ def test_bad_input_exits_2_with_one_line(ray_session, prepared, tmp_path, capsys
                         "--set", "data.resolution=64")
     assert code == 2 and len(err) == 1 and "data.resolution=32" in err[0]  # data is 32 px
 
+    # more than the in-process Ray holds: Ray Train would retry its start without end
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", prepared,
+                        "--set", "resources.workers=2", "--set", "resources.cpus_per_worker=8")
+    assert code == 2 and len(err) == 1, err
+    assert "x resources.cpus_per_worker=8 + resources.data_cpus=1 (a Ray Data task beside them) is 17 CPUs " \
+        "and the in-process Ray has" in err[0] and "lower them" in err[0]
+
     nothing_to_train = str(tmp_path / "empty")
     data = datasets.data_dir(nothing_to_train)
     storage.write_parquet(datasets.manifest_uri(data), storage.read_parquet(

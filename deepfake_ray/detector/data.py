@@ -238,13 +238,13 @@ class Scorer:
     def __init__(self, model_uri: str, conditions: list[str]):
         import torch
 
-        from deepfake_ray.models import detector
+        from deepfake_ray.models import autocast_dtype, detector
 
         state, self.meta = checkpoint.load_model(model_uri)
         self.device = torch.device(runtime.assigned_device())
         self.model = detector.from_meta(self.meta, state).to(self.device)
         self.conditions = conditions
-        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
+        self.amp = autocast_dtype(self.device)
         runtime.freeze_startup_objects()  # as the scoring actor's (serving/score.py)
 
     def __call__(self, batch: dict) -> dict:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from deepfake_ray import checkpoint, config, runtime, storage, training
 from deepfake_ray.detector import metrics
 from deepfake_ray.errors import UsageError
-from deepfake_ray.models import detector
+from deepfake_ray.models import autocast_dtype, detector
 
 
 def train_loop(loop: dict) -> None:
@@ -31,7 +31,7 @@ def train_loop(loop: dict) -> None:
     training.use_worker_cpus(cfg)
     d = cfg.detector
     device = training.device()
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = autocast_dtype(device)
     model, optimizer, state = setup(loop, cfg, device)
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     history = list(state["history"]) if state else []

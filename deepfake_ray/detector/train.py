@@ -65,6 +65,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return plan.done
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = resolve_pretrained(cfg)
+    training.check_fits(cfg)
     if plan.redo:
         clear(stage, keep=("pretrained",))
     lineage.start(cfg, STAGE, plan)

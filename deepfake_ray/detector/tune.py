@@ -21,7 +21,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from deepfake_ray import checkpoint, config, lineage, runtime, storage
+from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, train
 from deepfake_ray.errors import UsageError
@@ -56,6 +56,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return plan.done
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = train.resolve_pretrained(cfg)
+    training.check_fits(cfg)  # each trial's workers at least
     if plan.redo:
         train.clear(out)
         train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))

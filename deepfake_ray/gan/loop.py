@@ -19,7 +19,7 @@ from deepfake_ray import checkpoint, runtime, storage, training
 from deepfake_ray.config import Config, from_dict, to_dict
 from deepfake_ray.data.datasets import to_unit_range
 from deepfake_ray.gan import figures
-from deepfake_ray.models import dcgan
+from deepfake_ray.models import autocast_dtype, dcgan
 
 METRICS = ("g_loss", "d_loss", "d_real", "d_fake")
 
@@ -65,7 +65,7 @@ def setup(cfg: Config, stage: str) -> tuple[Run, int | None]:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G, D = G.to(device), D.to(device)
     opt_g, opt_d = dcgan.optimizers(G, D, g.lr, g.beta1)
-    run = Run(cfg, stage, G, D, opt_g, opt_d, device, torch.bfloat16 if on_gpu else None, on_gpu,
+    run = Run(cfg, stage, G, D, opt_g, opt_d, device, autocast_dtype(device) if on_gpu else None, on_gpu,
               fixed_noise(cfg), [], torch.zeros(0, 2), [])
     state = training.restore_state()
     resumed_from = None

@@ -129,6 +129,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if plan.done:
         return plan.done
     train_images = check_data(cfg)
+    training.check_fits(cfg)
     if plan.redo:
         storage.delete_dir(stage)
     check_resume(cfg, stage)

@@ -1,0 +1,15 @@
+"""Plain torch/timm models: nothing here imports Ray."""
+from __future__ import annotations
+
+import torch
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bfloat16 on a GPU that computes in it (compute capability 8.0 and up: A10G, L4,
+    A100, H100), else None, full precision: on older ones (T4, V100) cuDNN has no bfloat16
+    convolutions, which torch would emulate slowly if at all. Training, validation (which
+    sets the threshold), evaluation and serving all ask this, so a model is scored as it
+    was validated on the same kind of GPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None

@@ -51,7 +51,7 @@ class Predictor:
                  device: str | None = None, threads: int | None = None):
         import torch
 
-        from deepfake_ray.models import detector
+        from deepfake_ray.models import autocast_dtype, detector
 
         if threads:
             torch.set_num_threads(threads)
@@ -65,9 +65,9 @@ class Predictor:
         # until measured there
         self.model = (detector.inference_graph(model, meta) if self.device.type == "cpu"
                       else detector.FromPixels(model, meta).eval())
-        # on a GPU, bfloat16 as validation (which chose the threshold) and evaluate ran it:
-        # served scores are the evaluated ones
-        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
+        # on a GPU, the precision validation (which chose the threshold) and evaluate ran
+        # in: served scores are the evaluated ones
+        self.amp = autocast_dtype(self.device)
         self.resolution = int(meta["resolution"])
         self.threshold = float(meta.get("threshold", 0.5))
         self.class_names = list(meta.get("class_names", ["real", "fake"]))
