@@ -50,7 +50,7 @@ class GanConfig:
     num_fakes: int = 0  # 0: as many as the real train+val+test splits hold
     generate_batch_size: int = 256
     fail_at_epoch: int = -1  # TEST ONLY: the last rank exits once at this epoch
-    mixed_precision: bool = True  # bfloat16 autocast + channels_last, on GPU only
+    mixed_precision: bool = True  # channels_last on GPU, and bfloat16 autocast where it computes in it
 
 
 @dataclass(frozen=True)
