@@ -137,15 +137,20 @@ def redone_since(cfg: Config, done: dict, read: dict | None = None) -> list[str]
     return [f for f, was in done.get("inputs", {}).items() if identity(cfg, f, read) != was]
 
 
+def stale_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> dict[str, list[str]]:
+    """Input folder of `stage` -> the folders it was made from that changed since."""
+    return {folder: stale for folder in stage.inputs
+            if (stale := redone_since(cfg, marker(cfg, folder, read) or {}, read))}
+
+
 def check_inputs_current(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     """A stage must not be made from one that is itself out of date."""
-    for folder in stage.inputs:
-        done = marker(cfg, folder, read) or {}
-        if stale := redone_since(cfg, done, read):
-            raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
-                             f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
-                             f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "
-                             "`deepfake-ray pipeline`) with this --workdir first")
+    if out_of_date := stale_inputs(cfg, stage, read):
+        folder, stale = next(iter(out_of_date.items()))
+        raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
+                         f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
+                         f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "
+                         "`deepfake-ray pipeline`) with this --workdir first")
 
 
 def command_line(workdir: str, command: str, settings_saved: bool = True) -> str:
@@ -155,9 +160,15 @@ def command_line(workdir: str, command: str, settings_saved: bool = True) -> str
     return f"deepfake-ray {command}{config} --workdir {shlex.quote(workdir)}"
 
 
-def say_complete(cfg: Config, stage: Stage, done: dict) -> None:
+def say_complete(cfg: Config, stage: Stage, done: dict, read: dict | None = None) -> None:
+    """Says so, and whether a stage it was made from is itself out of date since: complete
+    from its inputs, it no longer follows from the run as it is now."""
     print(f"{stage.command}: {uri(cfg, stage)} is already complete ({stage.describe(done)}); "
           "--force redoes it", flush=True)
+    for folder, stale in stale_inputs(cfg, stage, read).items():
+        print(f"{stage.command}: note: {storage.join(cfg.workdir, folder)}, which it was made from, is "
+              f"out of date ({', '.join(f + '/' for f in stale)} changed since): `deepfake-ray "
+              f"pipeline` with this --workdir remakes both", flush=True)
 
 
 def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> str | None:
@@ -180,7 +191,7 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
     done = marker(cfg, stage.folder, read)
     if done and not force:
         if (why := rerun_reason(cfg, stage, done, asked)) is None:
-            say_complete(cfg, stage, done)
+            say_complete(cfg, stage, done, read)
             return Plan(done, False, asked)
         print(f"{stage.command}: {why}", flush=True)
         force = bool(changed_inputs(done, asked))  # more epochs go on; other inputs start over

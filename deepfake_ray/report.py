@@ -234,6 +234,9 @@ def out_of_date(cfg: Config, folder: str) -> str | None:
         return f"{folder}/ is not complete (being redone, or interrupted)"
     if redone := lineage.redone_since(cfg, done):
         return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made"
+    for source in done.get("inputs", {}):  # made from a stage that no longer follows from its own
+        if why := out_of_date(cfg, source):
+            return f"{source}/, which {folder}/ was made from, is out of date: {why}"
     return None
 
 

@@ -186,6 +186,32 @@ def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path
     assert f"_Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --config {w}/config.yaml --workdir {w}`._" in md
 
 
+def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsys):
+    """The GAN trained further after the fakes were made: they, and the detector and the
+    metrics made from them, no longer follow from it, though each is complete from its
+    own inputs. The report says so, and so does a stage run alone that finds itself complete."""
+    from deepfake_ray import lineage
+    from deepfake_ray.detector import train as detector_train
+
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    mark_complete(w, "fakes", ["gan"])  # from the GAN there then
+    for folder in ("detector", "eval"):
+        mark_complete(w, folder, STAGE_INPUTS[folder])
+    mark_complete(w, "gan", STAGE_INPUTS["gan"], when="2026-12-02T12:00:00")  # trained further
+    cfg = config.build("tiny", workdir=w)
+    result = report.run(cfg)
+    assert {"Detector training", "Held-out test metrics", "Robustness"} <= set(result["stale"])
+    text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    assert "Out of date: fakes/, which detector/ was made from, is out of date: gan/ changed since fakes/ was made" in text
+    capsys.readouterr()
+    assert lineage.preflight(cfg, detector_train.STAGE, force=False)  # complete from its inputs
+    out = capsys.readouterr().out
+    assert "is already complete" in out
+    assert f"train-detector: note: {w}/fakes, which it was made from, is out of date (gan/ changed " \
+        "since): `deepfake-ray pipeline` with this --workdir remakes both" in out
+
+
 def test_damaged_files_are_reported_not_fatal(tmp_path):
     w = str(tmp_path / "work")
     write_workdir(w)
