@@ -173,11 +173,12 @@ def say_complete(cfg: Config, stage: Stage, done: dict, read: dict | None = None
 
 def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> str | None:
     """None while the complete stage is current; else why it runs again (UsageError when
-    this run asks for other settings)."""
-    check_settings(cfg, stage, done, asked)
+    this run asks for other settings of a stage it would keep or continue: one whose inputs
+    changed is made anew anyway, with whatever settings this run has)."""
     if changed := changed_inputs(done, asked):
         folders = ", ".join(f + "/" for f in changed)
         return f"{folders} changed since {uri(cfg, stage)} was made: making it again"
+    check_settings(cfg, stage, done, asked)
     if more := grown(stage, done, asked):
         rises = ", ".join(f"{k} {done['settings'][k]} -> {asked['settings'][k]}" for k in more)
         return f"continuing {uri(cfg, stage)} from its last checkpoint ({rises})"
@@ -213,8 +214,8 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
     more = grown(stage, begun, asked)
     if differ := [text for k, text in differences(begun, asked).items() if k not in more]:
         raise UsageError(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
-                         "run with its settings to resume it, --force to start it over there, or "
-                         "another --workdir to keep it")
+                         f"run with its settings to resume it, `deepfake-ray {stage.command} --force` "
+                         "to start it over there, or another --workdir to keep it")
 
 
 def current(cfg: Config, stage: Stage) -> dict | None:

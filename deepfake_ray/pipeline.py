@@ -67,14 +67,13 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
     if force or lineage.current(cfg, prepare.STAGE) is None:
         prepare.check_data_source(cfg)
         storage.check_free(datasets.data_dir(cfg.workdir), "prepare")
-    if not force:
-        for step in steps(cfg):
-            lineage.current(cfg, step.stage)  # raises on other settings
-    # a mistyped weights file, before the GAN trains, whenever the detector will be made
-    # anew: when it or any stage before it is
-    stages = [step.stage for step in steps(cfg)]
-    up_to_detector = stages[:stages.index(detector_module(cfg).STAGE) + 1]
-    if force or any(lineage.current(cfg, stage) is None for stage in up_to_detector):
+    remade: set[str] = set()  # the stage folders this run makes (again)
+    for step in steps(cfg):
+        if force or remade & set(step.stage.inputs):  # made anew from a redone stage: any settings
+            remade.add(step.stage.folder)
+        elif lineage.current(cfg, step.stage) is None:  # raises on other settings
+            remade.add(step.stage.folder)
+    if detector_module(cfg).STAGE.folder in remade:  # a mistyped weights file, before the GAN trains
         detector_train.check_pretrained_file(cfg)
 
 
