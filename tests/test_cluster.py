@@ -156,8 +156,8 @@ def test_rayservice_serves_the_detector_app():
 
 # --- jobs/ ------------------------------------------------------------------------------
 
-def run_job(script: str, *args: str, env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", script), *args], cwd=cwd,
+def run_job(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join("jobs", script), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -186,15 +186,16 @@ def test_job_usage_errors_exit_2_with_the_fix():
         "http://127.0.0.1:9: check AWS_ENDPOINT_URL and the network"]
 
 
-def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path):
+def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path, monkeypatch, capsys):
     """`ray job submit --working-dir .` runs the job in its copy of the code: the preset's
     runs/NAME would land there, on one node, lost to the next submission."""
     unpacked = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
     unpacked.mkdir(parents=True)
+    monkeypatch.chdir(unpacked)
     for args in (["--run-name", "r1"], []):
-        job = run_job("train_gan.py", "--preset", "tiny", *args, cwd=str(unpacked))
-        assert job.returncode == 2, job.stderr[-2000:]
-        assert "is inside this job's unpacked code" in job.stderr and "--workdir s3://" in job.stderr
+        assert _entry.main("train-gan", "train_gan.py", ["--preset", "tiny", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside this job's unpacked code" in err[0] and "--workdir s3://" in err[0]
     assert not (unpacked / "runs").exists()
 
 

@@ -410,7 +410,7 @@ def test_an_unfinished_run_resumes_only_with_the_settings_it_began_with(prepared
             assert cli.main(command + ["--set", changed]) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and f"{workdir}/gan holds an unfinished run begun with {text}" in err[0]
-            assert "--force to start it over" in err[0]
+            assert "`deepfake-ray train-gan --force` to start it over" in err[0]  # even from pipeline
     more = tiny(workdir, f"gan.epochs={cfg.gan.epochs + 5}")  # a longer run: it goes on
     assert not lineage.plan(more, train.STAGE, force=False).redo
     assert lineage.plan(tiny(workdir, "gan.lr=0.002"), train.STAGE, force=True).redo
