@@ -313,7 +313,8 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         try:
             return float(value)
         except OverflowError:  # more digits than any float holds
-            raise UsageError(f"config key '{name}' expects a finite number, got a number of {len(str(value))} digits") from None
+            raise UsageError(f"config key '{name}' expects a finite number, got a number of "
+                             f"{len(str(value))} digits") from None
     if hint in (int, float) and isinstance(value, str):  # YAML reads 3e-4 as a string
         try:
             value = hint(value)

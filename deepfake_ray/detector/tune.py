@@ -202,7 +202,8 @@ def trial_row(cfg: Config, result) -> dict:
     history = storage.read_json(storage.join(out, "history.json"))
     m = meta["metrics"]
     diverged = m["val_auc"] != m["val_auc"]  # NaN: even its best epoch's scores were not finite
-    return {"trial_id": trial_id, "lr": meta["lr"], "status": "error" if error else "diverged" if diverged else "ok",
+    status = "error" if error else "diverged" if diverged else "ok"
+    return {"trial_id": trial_id, "lr": meta["lr"], "status": status,
             "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs,
             "best_epoch": meta["epoch"] + 1,  # 1-based, as train-detector prints it
             "val_auc": m["val_auc"], "val_loss": m["val_loss"],

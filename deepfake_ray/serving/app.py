@@ -34,8 +34,9 @@ APP_NAME = "deepfake-ray"
 # is decoded on the event loop. Larger images go to a thread: by pixels (a flat 36 MP
 # PNG of 120 KB takes the better part of a second) or by bytes (a 64x64 progressive
 # JPEG of 9 MB, one scan repeated, took 0.8 s; the decoder refuses one of over 100 scans,
-# and 100 at 512x512 take ~8 ms). Multipart bodies are parsed there too unless small and of few lines: the parser goes
-# a line at a time (256 KB of line breaks: 0.15 s, against 12 ms for a photo's bytes).
+# and 100 at 512x512 take ~8 ms). Multipart bodies are parsed there too unless small and
+# of few lines: the parser goes a line at a time (256 KB of line breaks: 0.15 s, against
+# 12 ms for a photo's bytes).
 INLINE_DECODE_PIXELS = 512 * 512
 INLINE_BYTES = 256 * 1024
 INLINE_PARSE_LINES = 4096
