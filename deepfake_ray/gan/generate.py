@@ -170,15 +170,32 @@ def preview(out: str, ds: ray.data.Dataset, chosen: dict[int, str]) -> None:
     storage.write_bytes(storage.join(out, "preview.png"), figures.grid_png(pixels))
 
 
+def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
+    """`deepfake-ray generate` before Ray starts: its encoding checked before complete fakes
+    are reported complete (they are not what a run at another quality should get), then
+    the summary of a current stage, else None. (Not a check of `pipeline`'s, which may be
+    about to store the reals anew at that quality.)"""
+    check_encoding(cfg)
+    return lineage.preflight(cfg, STAGE, force)
+
+
+def check_encoding(cfg: Config) -> None:
+    """Fakes are encoded as the reals were stored: at another JPEG quality the detector
+    would learn the encoding instead of the faces."""
+    reals = storage.completed(datasets.data_dir(cfg.workdir)) or {}
+    stored, asked = reals.get("settings", {}).get("data.jpeg_quality"), cfg.data.jpeg_quality
+    if stored is not None and stored != asked:
+        raise UsageError(f"the reals were stored at data.jpeg_quality={stored}, and fakes must be "
+                         f"encoded as they are: set data.jpeg_quality={stored}, or store the reals "
+                         f"anew with `deepfake-ray prepare --force --set data.jpeg_quality={asked}`")
+
+
 def check(cfg: Config) -> tuple[pa.Table, dict]:
     if not storage.completed(gan_dir(cfg.workdir)):
         raise UsageError(f"no trained generator in {gan_dir(cfg.workdir)}: run "
                          "`deepfake-ray train-gan` with this --workdir first")
     reals = datasets.require_manifest(datasets.data_dir(cfg.workdir), "prepare")
-    stored = (storage.completed(datasets.data_dir(cfg.workdir)) or {}).get("settings", {}).get("data.jpeg_quality")
-    if stored is not None and stored != cfg.data.jpeg_quality:  # the detector would learn the encoding
-        raise UsageError(f"the reals were stored at data.jpeg_quality={stored}, and fakes must be "
-                         f"encoded as they are: set data.jpeg_quality={stored}")
+    check_encoding(cfg)
     meta = checkpoint.load_meta(model_uri(cfg.workdir))
     if int(meta["resolution"]) != cfg.data.resolution:
         raise UsageError(f"the generator makes {meta['resolution']} px images but data.resolution "
