@@ -227,28 +227,29 @@ SECTIONS = [
 ]
 
 
-def out_of_date(cfg: Config, folder: str) -> str | None:
-    """Why the files in WORKDIR/`folder` may not describe the run as it is now, or None."""
-    done = storage.completed(storage.join(cfg.workdir, folder))
+def out_of_date(cfg: Config, folder: str, read: dict) -> str | None:
+    """Why the files in WORKDIR/`folder` may not describe the run as it is now, or None.
+    `read`: the markers read so far (the sections share inputs; on S3 each is a request)."""
+    done = lineage.marker(cfg, folder, read)
     if done is None:  # left by an earlier run while the stage is redone, or not finished
         return f"{folder}/ is not complete (being redone, or interrupted)"
-    if redone := lineage.redone_since(cfg, done):
+    if redone := lineage.redone_since(cfg, done, read):
         return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made"
     for source in done.get("inputs", {}):  # made from a stage that no longer follows from its own
-        if why := out_of_date(cfg, source):
+        if why := out_of_date(cfg, source, read):
             return f"{source}/, which {folder}/ was made from, is out of date: {why}"
     return None
 
 
 def collect(cfg: Config) -> list[tuple[str, str, list]]:
     saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
-    out = []
+    out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
         redo = lineage.command_line(cfg.workdir, command, saved)
         blocks = build(cfg.workdir)
         if not blocks:
             blocks = [Missing(redo)]
-        elif folder and (why := out_of_date(cfg, folder)):
+        elif folder and (why := out_of_date(cfg, folder, read)):
             blocks = [Stale(redo, why), *blocks]
         out.append((anchor, title, blocks))
     return out

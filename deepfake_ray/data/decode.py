@@ -72,7 +72,9 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                           f"header claims {width}x{height} pixels (limit {max_pixels:,})")
     if img.format not in FORMATS:
         raise DecodeError("unsupported format", str(img.format))
-    if img.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+    # progressive only: a sequential JPEG's repeated scans fail libjpeg at once ("broken data
+    # stream"), and counting costs ~15 us a photo, 3% of a face crop's whole decode
+    if img.info.get("progressive") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise DecodeError("decompression bomb", f"a JPEG of {scans:,} scans (limit {MAX_JPEG_SCANS}), "
                                                 "each another pass over the whole image")
     return img
