@@ -1,7 +1,9 @@
+import io
 import time
 
 import numpy as np
 import pytest
+from PIL import Image, JpegImagePlugin
 
 from deepfake_ray.data import decode
 from tests.images import (bad_files, bomb_png, encode, good_files, premultiplied_alpha_tiff, rgb,
@@ -89,3 +91,33 @@ def test_inspect_row_reports_metadata_and_normalized_jpeg():
     assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
     bad = decode.inspect(b"", 32, 90)
     assert bad["image"] is None and bad["reason"] == "empty file"
+
+
+@pytest.mark.parametrize("quality", [75, 95])
+def test_stored_jpeg_is_pillows_own_baseline_444_encoding_without_metadata(quality):
+    exif = Image.Exif()
+    exif[0x010F] = "SomeCamera"
+    source = encode(rgb(7, 80), "JPEG", quality=90, comment=b"from a camera",
+                    exif=exif.tobytes())
+    row = decode.inspect(source, 48, quality)
+    expected = io.BytesIO()  # what Pillow's own save() writes for the same pixels
+    Image.fromarray(decode.decode(source, 48)).save(expected, "JPEG", quality=quality, subsampling=0)
+    assert row["image"] == expected.getvalue()
+    stored = Image.open(io.BytesIO(row["image"]))
+    assert "comment" not in stored.info and "exif" not in stored.info
+    assert JpegImagePlugin.get_sampling(stored) == 0 and not stored.info.get("progressive")
+
+
+def test_another_pillows_encoder_arguments_fall_back_to_its_save(monkeypatch):
+    """The direct encoder call uses Pillow's private argument order; where it differs (here:
+    progressive where save writes baseline), the stored bytes are still save()'s."""
+    real_args = decode.jpeg_encoder_args
+    monkeypatch.setattr(decode, "jpeg_encoder_args", lambda q: (*real_args(q)[:2], True, *real_args(q)[3:]))
+    decode.encoder_writes_as_save.cache_clear()
+    try:
+        pixels = np.asarray(rgb(3, 40))
+        expected = io.BytesIO()
+        Image.fromarray(pixels).save(expected, "JPEG", quality=90, subsampling=0)
+        assert decode.encode_jpeg(pixels, 90) == expected.getvalue()
+    finally:
+        decode.encoder_writes_as_save.cache_clear()

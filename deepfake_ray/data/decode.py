@@ -8,6 +8,7 @@ header, before any pixel is decoded).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 
@@ -186,10 +187,35 @@ def pixels(img: Image.Image, size: int) -> np.ndarray:
 
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     """The one JPEG encoding of every stored image, real or fake, so both look alike."""
+    if img.mode == "RGB" and encoder_writes_as_save(quality):
+        return img.tobytes("jpeg", jpeg_encoder_args(quality))
+    return saved_jpeg(img, quality)
+
+
+def saved_jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     # comment: Pillow would carry a source's JPEG comment over, which no fake has
     img.save(buf, format="JPEG", quality=quality, subsampling=0, comment=b"")
     return buf.getvalue()
+
+
+def jpeg_encoder_args(quality: int) -> tuple:
+    """What Pillow's save() hands its JPEG encoder for saved_jpeg's settings: RGB, quality,
+    not progressive, no smoothing or optimizing, 4:4:4, no restart markers, tables, comment,
+    markers or EXIF."""
+    return ("RGB", quality, False, 0, False, False, 0, (0, 0), 0, 0, 0, None, b"", b"", b"")
+
+
+@functools.cache
+def encoder_writes_as_save(quality: int) -> bool:
+    """Whether the encoder called directly writes save()'s very bytes. It skips ~35 us of
+    save()'s own Python (of ~85 us for a 64 px face, 7% of ingest's work per photo), but its
+    arguments are Pillow's private order: another Pillow falls back to save()."""
+    probe = Image.linear_gradient("L").resize((24, 24)).convert("RGB")
+    try:
+        return probe.tobytes("jpeg", jpeg_encoder_args(quality)) == saved_jpeg(probe, quality)
+    except Exception:  # noqa: BLE001 - any failure means: not this Pillow's order
+        return False
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
