@@ -231,6 +231,9 @@ def out_of_date(cfg: Config, folder: str, read: dict) -> str | None:
     """Why the files in WORKDIR/`folder` may not describe the run as it is now, or None.
     `read`: the markers read so far (the sections share inputs; on S3 each is a request)."""
     done = lineage.marker(cfg, folder, read)
+    if done is None and folder == "tune" and retrained_by_hand(cfg, read):
+        return ("train-detector has trained detector/model again since this sweep, whose best "
+                "trial it no longer is (a new sweep replaces that model with its own best)")
     if done is None:  # left by an earlier run while the stage is redone, or not finished
         return f"{folder}/ is not complete (being redone, or interrupted)"
     if redone := lineage.redone_since(cfg, done, read):
@@ -239,6 +242,13 @@ def out_of_date(cfg: Config, folder: str, read: dict) -> str | None:
         if why := out_of_date(cfg, source, read):
             return f"{source}/, which {folder}/ was made from, is out of date: {why}"
     return None
+
+
+def retrained_by_hand(cfg: Config, read: dict) -> bool:
+    """A sweep publishes its best trial as detector/model; train-detector since (which
+    unmarks the sweep) leaves a complete detector that no sweep made."""
+    model = lineage.marker(cfg, "detector", read)
+    return model is not None and not model.get("tuned")
 
 
 def collect(cfg: Config) -> list[tuple[str, str, list]]:

@@ -384,5 +384,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert cli.main(train_detector + ["--force", "--set", f"detector.lr={result['lr']!r}"]) == 130
     assert storage.completed(train.stage_dir(cfg.workdir)) is None and storage.completed(out) is None
     monkeypatch.undo()  # rerun, the sweep is restored, not retrained, and its best published again
+    capsys.readouterr()
     assert tune.run(cfg)["lr"] == result["lr"]
+    assert "has finished: publishing its best trial as detector/model (--force sweeps anew)" in capsys.readouterr().out
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True

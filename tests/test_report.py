@@ -212,6 +212,25 @@ def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsy
         "since): `deepfake-ray pipeline` with this --workdir remakes both" in out
 
 
+def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_path):
+    """tune published its best trial; train-detector then trained detector/model again
+    (and unmarked the sweep). The sweep's section must not call itself interrupted, whose
+    fix, rerunning tune, would replace the hand-trained model without a word."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    storage.delete_file(storage.join(w, "tune", "_COMPLETE.json"))
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Learning-rate sweep (Ray Tune)" in result["stale"]
+    text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    assert ("Out of date: train-detector has trained detector/model again since this sweep, whose "
+            "best trial it no longer is (a new sweep replaces that model with its own best)") in text
+    assert "tune/ is not complete" not in text
+    storage.write_json(storage.join(w, "detector", "_COMPLETE.json"),  # the sweep's own model
+                       {**storage.read_json(storage.join(w, "detector", "_COMPLETE.json")), "tuned": True})
+    report.run(config.build("tiny", workdir=w))
+    assert "Out of date: tune/ is not complete" in open(os.path.join(w, "report.html"), encoding="utf-8").read()
+
+
 def test_damaged_files_are_reported_not_fatal(tmp_path):
     w = str(tmp_path / "work")
     write_workdir(w)

@@ -142,7 +142,11 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
         {"CPU": TRIAL_CPU})
     path = f"{root}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        print(f"tune: resuming the interrupted sweep in {tune_dir(cfg.workdir)}")
+        if storage.exists(storage.join(tune_dir(cfg.workdir), "results.csv")):  # written once it ended
+            print(f"tune: the sweep in {tune_dir(cfg.workdir)} has finished: publishing its best trial "
+                  "as detector/model (--force sweeps anew)")
+        else:
+            print(f"tune: resuming the interrupted sweep in {tune_dir(cfg.workdir)}")
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     t = cfg.tune
