@@ -196,7 +196,18 @@ def rng_state() -> dict:
     return state
 
 
+def seed_worker(seed: int) -> None:
+    """torch's generators (CPU and every GPU) seeded from the run's seed and this worker's
+    rank: a rerun draws the same numbers, and ranks draw different ones (the detector's
+    flips), which they would not from the one default seed every GPU starts from."""
+    torch.manual_seed(seed * 1_000_003 + rank())
+
+
 def set_rng_state(state: dict) -> None:
+    """Rank 0 goes on with the streams it saved; the others, restored from the same
+    state, each reseed from it with their rank, so they differ again, as before the stop."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device().type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
+    if rank() > 0:
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank())

@@ -388,3 +388,28 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert tune.run(cfg)["lr"] == result["lr"]
     assert "has finished: publishing its best trial as detector/model (--force sweeps anew)" in capsys.readouterr().out
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
+
+
+def test_workers_flip_different_images_and_still_do_after_a_resume(monkeypatch):
+    """Each GPU's generator starts from one default seed: unseeded, every worker would
+    mirror the same positions of its batch. Seeded by rank they differ, reproducibly, and
+    a resume (every rank restores rank 0's saved state) keeps them apart."""
+    from deepfake_ray import training
+
+    saved = torch.get_rng_state()
+    batch = torch.arange(64 * 2, dtype=torch.float32).reshape(64, 1, 1, 2)
+
+    def flips(rank: int, state: dict | None = None) -> torch.Tensor:
+        monkeypatch.setattr(training, "rank", lambda: rank)
+        training.set_rng_state(state) if state else training.seed_worker(5)
+        return detector.random_hflip(batch)
+
+    try:
+        assert torch.equal(flips(0), flips(0)) and not torch.equal(flips(0), flips(1))
+        training.seed_worker(5)
+        checkpointed = {"torch": torch.get_rng_state()}  # rank 0's, as report_epoch saves it
+        assert torch.equal(flips(0, checkpointed), flips(0, checkpointed))
+        assert torch.equal(flips(1, checkpointed), flips(1, checkpointed))
+        assert not torch.equal(flips(0, checkpointed), flips(1, checkpointed))
+    finally:
+        torch.set_rng_state(saved)

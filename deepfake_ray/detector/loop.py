@@ -71,6 +71,7 @@ def setup(loop: dict, cfg, device: torch.device):
     d = cfg.detector
     if device.type == "cuda":
         torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
+    training.seed_worker(cfg.seed)  # DDP hands rank 0's initial weights to the others
     state = training.restore_state()
     model = detector.create(d.arch, 2, "none" if state else loop["pretrained"], d.hub_name)
     if state:

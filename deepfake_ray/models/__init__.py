@@ -6,8 +6,9 @@ import torch
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bfloat16 on a GPU that computes in it (compute capability 8.0 and up: A10G, L4,
-    A100, H100), else None, full precision: on older ones (T4, V100) cuDNN has no bfloat16
-    convolutions, which torch would emulate slowly if at all. Training, validation (which
+    A100, H100), else None, full precision: on the T4 (7.5, the oldest the pinned torch's
+    CUDA 13 build runs on: not the V100) cuDNN has no bfloat16 convolutions, which torch
+    would emulate slowly if at all. Training, validation (which
     sets the threshold), evaluation and serving all ask this, so a model is scored as it
     was validated on the same kind of GPU."""
     if device.type != "cuda":
