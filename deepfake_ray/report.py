@@ -233,7 +233,8 @@ def out_of_date(cfg: Config, folder: str, read: dict) -> str | None:
     done = lineage.marker(cfg, folder, read)
     if done is None and folder == "tune" and retrained_by_hand(cfg, read):
         return ("train-detector has trained detector/model again since this sweep, whose best "
-                "trial it no longer is (a new sweep replaces that model with its own best)")
+                "trial it no longer is (rerunning tune publishes that trial again over it; "
+                "tune --force sweeps anew)")
     if done is None:  # left by an earlier run while the stage is redone, or not finished
         return f"{folder}/ is not complete (being redone, or interrupted)"
     if redone := lineage.redone_since(cfg, done, read):

@@ -103,6 +103,7 @@ def test_stored_jpeg_is_pillows_own_baseline_444_encoding_without_metadata(quali
     expected = io.BytesIO()  # what Pillow's own save() writes for the same pixels
     Image.fromarray(decode.decode(source, 48)).save(expected, "JPEG", quality=quality, subsampling=0)
     assert row["image"] == expected.getvalue()
+    assert decode.encoder_writes_as_save(quality)  # the pinned Pillow takes the faster path
     stored = Image.open(io.BytesIO(row["image"]))
     assert "comment" not in stored.info and "exif" not in stored.info
     assert JpegImagePlugin.get_sampling(stored) == 0 and not stored.info.get("progressive")

@@ -223,7 +223,8 @@ def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_p
     assert "Learning-rate sweep (Ray Tune)" in result["stale"]
     text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
     assert ("Out of date: train-detector has trained detector/model again since this sweep, whose "
-            "best trial it no longer is (a new sweep replaces that model with its own best)") in text
+            "best trial it no longer is (rerunning tune publishes that trial again over it; "
+            "tune --force sweeps anew)") in text
     assert "tune/ is not complete" not in text
     storage.write_json(storage.join(w, "detector", "_COMPLETE.json"),  # the sweep's own model
                        {**storage.read_json(storage.join(w, "detector", "_COMPLETE.json")), "tuned": True})
