@@ -21,7 +21,8 @@ import torch
 
 from deepfake_ray.config import DetectorConfig
 from deepfake_ray.detector.loop import make_optimizer
-from deepfake_ray.models import autocast_dtype, detector
+from deepfake_ray.models import detector
+from gpu_gan import has_bf16  # this script's folder is on sys.path when it is run
 
 EPOCH_IMAGES = 59_000
 T4_IMAGES_PER_S = EPOCH_IMAGES / (2.45 * 60)
@@ -60,16 +61,6 @@ def report(batch: int, name: str, ips: float) -> None:
     print(f"batch {batch:4d}  {name:34s} {ips:8.0f} images/s  epoch of {EPOCH_IMAGES:,}: "
           f"{epoch:6.1f}s  ({ips / T4_IMAGES_PER_S:4.1f}x the study's T4)"
           f"{'  goal met' if epoch < GOAL_SECONDS else ''}")
-
-
-def has_bf16() -> bool:
-    """Whether training here runs in bf16 (models.autocast_dtype): a GPU before compute
-    capability 8.0 (the study's T4) has no bf16 convolutions, so it trains in fp32."""
-    if autocast_dtype(torch.device("cuda")) is None:
-        print(f"{torch.cuda.get_device_name()} has no bf16 convolutions: deepfake-ray trains in "
-              "fp32 here, so only fp32 is timed")
-        return False
-    return True
 
 
 def main() -> int:

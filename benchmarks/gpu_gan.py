@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from deepfake_ray.models import dcgan
-from gpu_detector import has_bf16  # this script's folder is on sys.path when it is run
+from deepfake_ray.models import autocast_dtype, dcgan
 
 T4_IMAGES_PER_S = 100_000 / (47 * 60)  # the study: 47 minutes per 100k-image epoch
 EPOCH_IMAGES = 100_000
@@ -43,6 +42,16 @@ def measure(batch: int, steps: int, amp: bool, resolution: int) -> float:
         dcgan.gan_step(G, D, opt_g, opt_d, real, torch.randn(batch, 100, device=device), dtype)
     torch.cuda.synchronize()
     return batch * steps / (time.perf_counter() - started)
+
+
+def has_bf16() -> bool:
+    """Whether training here runs in bf16 (models.autocast_dtype): a GPU before compute
+    capability 8.0 (the study's T4) has no bf16 convolutions, so it trains in fp32."""
+    if autocast_dtype(torch.device("cuda")) is None:
+        print(f"{torch.cuda.get_device_name()} has no bf16 convolutions: deepfake-ray trains in "
+              "fp32 here, so only fp32 is timed")
+        return False
+    return True
 
 
 def main() -> int:
