@@ -339,6 +339,13 @@ def list_files(uri: str) -> list[str]:
     return sorted(f"s3://{p}" for p in files)
 
 
+def list_visible(uri: str) -> list[str]:
+    """list_files without hidden files and folders (`.git`, `.ipynb_checkpoints`, macOS's
+    `.DS_Store` and `._NAME.jpg`, this module's `.tmp-*`): none holds a user's data."""
+    root = len(normalize(uri))
+    return [f for f in list_files(uri) if not any(part.startswith(".") for part in f[root:].split("/"))]
+
+
 def walk_local(root: str) -> list[str]:
     """Files under `root`, following linked folders, except a link back to a folder it is
     inside of (a loop). The listing gives entry types, so only folders are stat'ed

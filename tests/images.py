@@ -98,7 +98,16 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
         "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~20,000 scans: seconds to decode
+        "texture.jpg": (dds_texture(), "not an image"),
     }
+
+
+def dds_texture() -> bytes:
+    """A DirectDraw texture header in a pixel format Pillow's DDS parser refuses with
+    NotImplementedError, not the errors a damaged image raises."""
+    import struct
+
+    return b"DDS " + struct.pack("<I", 124) + bytes(68) + struct.pack("<II", 32, 0x2000) + bytes(48)
 
 
 def many_scans_jpeg(size_bytes: int = 250_000) -> bytes:

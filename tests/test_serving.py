@@ -20,8 +20,8 @@ from PIL import Image
 from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, haproxy_env
-from deepfake_ray.errors import UsageError
-from tests.images import bomb_png, encode, many_scans_jpeg, rgb
+from deepfake_ray.errors import UsageError, find_usage_error
+from tests.images import bomb_png, dds_texture, encode, many_scans_jpeg, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
@@ -107,6 +107,10 @@ def scored(ray_session, model_dir, images_dir, tmp_path_factory):
         f.write(JPEG)
     with open(os.path.join(folder, "huge.png"), "wb") as f:  # over any image's size: sparse, unread
         f.truncate(max_file_bytes() + 1)
+    os.makedirs(os.path.join(folder, ".git"))
+    for hidden in (".DS_Store", "._face0.jpg", ".git/HEAD"):  # no user's pictures: left out
+        with open(os.path.join(folder, hidden), "wb") as f:
+            f.write(b"\x00\x05\x16\x07 not an image")
     summary = score.run(serve_cfg(os.path.dirname(out)), model=model_dir, input=folder, out=out)
     rows = storage.read_parquet(out).to_pylist()
     return summary, {os.path.basename(r["path"]): r for r in rows}
@@ -178,6 +182,7 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
     cases = [
         ("empty body", lambda: detect(service, b""), 400),
         ("not an image", lambda: detect(service, BAD["notes.jpg"]), 415),
+        ("a texture whose parser raises NotImplementedError", lambda: detect(service, dds_texture()), 415),
         ("html page", lambda: detect(service, b"<!DOCTYPE html><html>403</html>"), 415),
         ("corrupt image", lambda: detect(service, BAD["corrupt.jpg"]), 422),
         ("decompression bomb", lambda: detect(service, bomb_png()), 413),
@@ -206,6 +211,7 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         assert response.json()["error"], what
         assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what
     assert detect(service, JPEG).json()["p_fake"] >= 0.0
+    assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
 
 
 def test_batch_route_answers_every_file_in_order(service):
@@ -331,12 +337,21 @@ def test_the_file_limit_counts_files_whatever_ends_the_lines(newline):
     with pytest.raises(http.ApiError) as refused:  # lines ended by CR alone hid these parts
         http.check_part_count(content_type, body(1000), limit=64)
     assert refused.value.status == 413
-    inner = b"".join(b"--c" + newline + newline + b"x" + newline for _ in range(1000)) + b"--c--" + newline
-    nested = (b"--b" + newline + b'Content-Disposition: form-data; name="files"' + newline
-              + b"Content-Type: multipart/mixed; boundary=c" + newline * 2 + inner + b"--b--" + newline)
-    with pytest.raises(http.ApiError) as refused:  # parts within a part: none of them counted
-        http.multipart_files(content_type, nested, limit=64)
-    assert refused.value.status == 400
+
+    def nested(inner_parts: int, folded: bool) -> bytes:
+        inner = b"".join(b"--c" + newline + newline + b"x" + newline for _ in range(inner_parts))
+        kind = b"Content-Type:" + (newline if folded else b"") + b" multipart/mixed; boundary=c"
+        return (b"--b" + newline + b'Content-Disposition: form-data; name="files"' + newline
+                + kind + newline * 2 + inner + b"--c--" + newline + b"--b--" + newline)
+
+    for folded in (False, True):  # a folded header reads as the same type
+        for inner_parts in (3, 1000):  # parts within a part, few or many: refused
+            with pytest.raises(http.ApiError) as refused:
+                http.multipart_files(content_type, nested(inner_parts, folded), limit=64)
+            assert refused.value.status == 400, (folded, inner_parts)
+        with pytest.raises(http.ApiError) as refused:  # many: before the parser reads them
+            http.check_part_count(content_type, nested(1000, folded), limit=64)
+        assert refused.value.status == 400
 
 
 def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
@@ -386,6 +401,34 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     assert '"no path' in lines[-1]
     assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 3)
     assert score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)["skipped"]
+    # scored again into the folder it scores: its own table is not one of the inputs
+    inside = f"{bucket}/in/scores.parquet"
+    for _ in range(2):
+        score.run(cfg, model=model_dir, input=f"{bucket}/in", out=inside, force=True)
+        assert storage.read_parquet(inside).column("path").to_pylist() == uploaded
+    # a table that cannot be written is found before the scoring, not after it
+    with pytest.raises(UsageError, match="s3://no-such-bucket-out.*the bucket does not exist"):
+        score.run(cfg, model=model_dir, input=f"{bucket}/in", out="s3://no-such-bucket-out/s.csv")
+
+
+def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypatch):
+    """Not one "unreadable" row per file, as if the files were damaged: the store's failure
+    (network, credentials) is raised from the scoring task, and explained as one line."""
+    from deepfake_ray.serving import score
+
+    uri = f"{s3_server('serving-test')}/in/face0.jpg"
+    batch = {"index": np.arange(1), "path": np.array([uri]), "raw_path": np.array([uri.encode()], dtype=object)}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    storage.s3_filesystem.cache_clear()
+    try:
+        with pytest.raises(OSError) as failed:
+            score.read_and_decode(batch, resolution=32, max_pixels=10**6)
+        assert "cannot reach the S3 endpoint http://127.0.0.1:9:" in find_usage_error(failed.value)
+    finally:
+        monkeypatch.undo()
+        storage.s3_filesystem.cache_clear()
+    gone = {**batch, "raw_path": np.array([f"{s3_server('serving-test')}/in/gone.jpg".encode()], dtype=object)}
+    assert score.read_and_decode(gone, resolution=32, max_pixels=10**6)["error"][0].startswith("unreadable")
 
 
 def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
@@ -404,6 +447,9 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     for kwargs in bad:
         with pytest.raises(UsageError):
             score.run(cfg, **kwargs)
+    (tmp_path / "a-file").write_bytes(b"")  # found before any file is scored, not after them all
+    with pytest.raises(UsageError, match=r"cannot write --out .*a-file/s.parquet \(.*\): pass a location you can write to"):
+        score.run(cfg, model=model_dir, input=images_dir, out=str(tmp_path / "a-file" / "s.parquet"))
     named_like_a_table = tmp_path / "faces.parquet"  # a folder of images, not of parts
     shutil.copytree(images_dir, named_like_a_table)
     assert len(score.list_inputs(str(named_like_a_table))) == len(GOOD) + len(BAD)

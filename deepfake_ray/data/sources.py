@@ -100,9 +100,8 @@ def find_images(folder: str) -> tuple[str, ...]:
     """Image files under `folder` by extension, any letter case, recursively. Hidden files
     and folders are left out: `.git`, `.ipynb_checkpoints`, macOS's `._NAME.jpg` (not
     images) hold nothing a user means to train on."""
-    suffixes, root = image_suffixes(), len(storage.normalize(folder))
-    return tuple(f for f in storage.list_files(folder) if f.lower().endswith(suffixes)
-                 and not any(part.startswith(".") for part in f[root:].split("/")))
+    suffixes = image_suffixes()
+    return tuple(f for f in storage.list_visible(folder) if f.lower().endswith(suffixes))
 
 
 # --- a copy every node of a cluster can read -----------------------------------------

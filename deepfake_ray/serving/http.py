@@ -9,7 +9,6 @@ parser, once the size is known to be acceptable. Every error answer is JSON
 from __future__ import annotations
 
 import logging
-import re
 from email import policy
 from email.parser import BytesParser
 
@@ -71,17 +70,6 @@ def too_many_files(limit: int) -> ApiError:
                          "send them in several requests")
 
 
-# a part that is itself multipart (or a message): the parser would parse its parts too,
-# which no count of the outer ones bounds. Searched in the lowered body for its literal
-# start (~30 ms for 10 MB; a case-insensitive search for a line start took 0.8 s).
-NESTED = re.compile(rb"content-type:[ \t]*(?:multipart|message)/")
-
-
-def has_nested_part(body: bytes) -> bool:
-    lowered = body.lower()
-    return any(m.start() == 0 or lowered[m.start() - 1] in b"\r\n" for m in NESTED.finditer(lowered))
-
-
 def header_block(content_type: str) -> bytes:
     """The Content-Type header as the start of a message for the email parser (Starlette
     decodes headers as Latin-1, so this gives back the bytes the client sent)."""
@@ -93,8 +81,14 @@ def check_part_count(content_type: str, body: bytes, limit: int) -> None:
     ~0.6 ms a part, and 70,000 tiny parts fit in 10 MB. The boundary and the line breaks
     are read as the parser reads them (its own header policy: another one reads
     `boundary=AA (c)` as a different boundary, and the count as none; it ends a line at
-    CR, LF or CRLF); a part begins at each delimiter line but the closing one. Nested
-    multipart parts are refused (400)."""
+    CR, LF or CRLF); a part begins at each delimiter line but the closing one.
+
+    A part can be multipart itself, under a boundary of its own, which the parser would
+    parse too, at a cost no count of the outer parts bounds (300,000 tiny inner parts in
+    3 MB: 50 s). However its header is written (folded, an encoded word), an inner part
+    begins at a line starting with "--": lines of that kind beyond the outer delimiters
+    are bounded before parsing, and a nested part, as few as its parts may be, is refused
+    (400) after."""
     boundary = BytesParser(policy=policy.HTTP).parsebytes(header_block(content_type)).get_boundary()
     if not boundary:
         return  # the parser refuses the body as malformed
@@ -105,9 +99,14 @@ def check_part_count(content_type: str, body: bytes, limit: int) -> None:
     parts = body.count(b"\n" + delimiter) + body.count(b"\r" + delimiter) + body.startswith(delimiter) - 1
     if parts > limit + FORM_FIELDS:
         raise too_many_files(limit)
-    if has_nested_part(body):
-        raise ApiError(400, "a multipart part holds parts of its own: send each file as a "
-                            "part of the form itself")
+    dash_lines = body.count(b"\n--") + body.count(b"\r--") + body.startswith(b"--")
+    if dash_lines > parts + 1 + limit + FORM_FIELDS:  # room for "--" lines in a form field's text
+        raise nested_parts()
+
+
+def nested_parts() -> ApiError:
+    return ApiError(400, "a multipart part holds parts of its own: send each file as a part "
+                         "of the form itself")
 
 
 def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[str, str, bytes]]:
@@ -120,6 +119,8 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
         raise ApiError(400, "malformed multipart body: send files as multipart/form-data")
     files = []
     for part in message.iter_parts():
+        if part.is_multipart():
+            raise nested_parts()
         try:
             filename = part.get_filename()
             field = part.get_param("name", header="content-disposition") or ""

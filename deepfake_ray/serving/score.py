@@ -13,6 +13,7 @@ import io
 import os
 import posixpath
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -54,9 +55,10 @@ def check_input(src: str) -> None:
                          "check the path")
 
 
-def list_inputs(src: str) -> list[str]:
-    """Paths/URIs to score: every file under a folder or prefix, or a manifest's `path`s
-    (as written: the table's rows keep them, to join on; see `located`)."""
+def list_inputs(src: str, out: str | None = None) -> list[str]:
+    """Paths/URIs to score: every file under a folder or prefix but hidden ones (`.DS_Store`,
+    `._face.jpg`, `.git/`) and the `out` table itself (scored again into the same folder),
+    or a manifest's `path`s (as written: the table's rows keep them, to join on; see `located`)."""
     if is_manifest(src):
         try:
             table = storage.read_parquet(src)
@@ -75,7 +77,7 @@ def list_inputs(src: str) -> list[str]:
         paths = [p or "" for p in table.column("path").to_pylist()]  # an empty one: an error row
     else:
         check_input(src)
-        paths = storage.list_files(src)
+        paths = [p for p in storage.list_visible(src) if p != out]
     if not paths:
         raise UsageError(f"--input {src} holds no files to score: check the path")
     return paths
@@ -102,12 +104,15 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
         if not raw:
             errors.append("no path: the manifest's row is empty")
             continue
+        path = os.fsdecode(bytes(raw))
         try:
-            data = storage.read_bytes(os.fsdecode(bytes(raw)), decode.max_file_bytes(max_pixels))
+            data = storage.read_bytes(path, decode.max_file_bytes(max_pixels))
         except storage.FileTooLarge as e:
             errors.append(error_text(decode.too_large(e)))
             continue
         except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
+            if storage.is_s3(path) and storage.explain(e):
+                raise  # the store's (network, credentials), not this file's: stop with the fix
             errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
             continue
         try:
@@ -197,15 +202,30 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
 
 def preflight(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
               out: str | None = None, **_) -> dict | None:
-    """What needs no Ray, so that a mistake fails in a second: the flags, the model and
-    the input. A summary when there is nothing to do (the table exists)."""
+    """What needs no Ray, so that a mistake fails in a second: the flags, the model, the
+    input and where the table goes. A summary when there is nothing to do (it exists)."""
     model, src, out = check_args(model, input, out)
     checkpoint.load_detector_meta(model)
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
     check_input(src)
+    check_writable(out)
     return None
+
+
+def check_writable(out: str) -> None:
+    """A table that cannot be written is found now, not after every file is scored: a
+    probe object written beside it and removed (S3: the bucket, the keys' rights), hidden
+    so that a folder scored again never lists one a killed run left."""
+    folder, name = out.rsplit("/", 1)
+    probe = f"{folder}/.{name}.write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete_file(probe)
+    except OSError as e:
+        raise UsageError(storage.explain(e) or f"cannot write --out {out} "
+                         f"({e.strerror or type(e).__name__}): pass a location you can write to") from None
 
 
 def run(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
@@ -214,7 +234,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
         return done
     model, src, out = check_args(model, input, out)
     meta = checkpoint.load_detector_meta(model)
-    paths = list_inputs(src)
+    paths = list_inputs(src, out)
     started = time.time()
     table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
     write_table(table, out)
