@@ -79,18 +79,22 @@ def parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace):
     from deepfake_ray import config, storage
 
-    overrides = list(args.overrides)
+    overrides, paths = list(args.overrides), [args.workdir]
     for flag, key in COMMANDS[args.command][2].items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if key and value is not None:
             overrides.append(f"{key}={value}")
-    workdir = args.workdir
+        paths.append(value)
     cfg = config.build(args.preset, args.config, overrides)
-    if workdir is None and cfg.workdir == config.Config.workdir:
-        workdir = f"runs/{args.preset}"
-    workdir = storage.normalize(workdir or cfg.workdir)
-    storage.check_s3_path(workdir)  # named as given, not as the first file written there
-    return config.build(args.preset, args.config, overrides, workdir=workdir)
+    workdir = cfg.workdir if args.workdir is None else args.workdir
+    if not workdir.strip():
+        raise UsageError("the work directory is empty: pass --workdir DIR or s3://bucket/prefix")
+    # named as given, before a missing bucket reads as a local folder `s3:`, and before
+    # the first file written there
+    for path in (*paths, cfg.workdir, cfg.data.source):
+        if isinstance(path, str):
+            storage.check_s3_path(path)
+    return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -158,13 +158,22 @@ def load_file(path: str) -> dict:
     except IsADirectoryError:
         raise UsageError(f"config file {path} is a folder: pass a YAML file to --config")
     except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        raise UsageError(f"config file {path} is not valid YAML: {yaml_problem(e)}")
     except OSError as e:  # an S3 problem the user can fix (network, bucket, keys), no permission
         raise UsageError(storage.explain(e) or f"config file {path} cannot be read ({e.strerror or e}): "
                          "check it, or pass another YAML file to --config")
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of sections, e.g. 'gan: {{epochs: 5}}'")
     return data
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where (`expected <block end>, but found '<block mapping start>'
+    (line 3, column 2)`): the message's first line is only what the parser was doing."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return str(e).splitlines()[0]
+    return f"{problem}" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
 
 
 @dataclass(frozen=True)
@@ -182,11 +191,13 @@ class Typed:
 
 
 class NumbersAsTyped(yaml.SafeLoader):
-    """A --config file read with its numbers kept as typed, as a --set value is: a text
-    field takes `source: 0123` as that folder, not as the octal number 83."""
+    """A --config file read with its numbers, dates and yes/no words kept as typed, as a
+    --set value is: a text field takes `source: 0123` as that folder, not as the octal
+    number 83, and `workdir: 2024-06-01` as that folder, not as a date."""
 
 
-for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+             "tag:yaml.org,2002:timestamp"):
     NumbersAsTyped.add_constructor(_tag, lambda loader, node: Typed(node.value))
 
 
@@ -272,6 +283,7 @@ def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(type(obj))
     changes = {}
     for key, value in updates.items():
+        key = key.text if isinstance(key, Typed) else key  # `1:` in a --config file
         name = f"{prefix}{key}"
         if key not in fields:
             raise UsageError(f"unknown config key '{name}': valid keys are {', '.join(prefix + k for k in fields)}")

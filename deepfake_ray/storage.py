@@ -126,8 +126,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def check_s3_path(uri: str) -> None:
-    """pyarrow refuses a path with an empty part with a traceback, far from the cause."""
+    """pyarrow refuses a path with an empty part with a traceback, far from the cause; one
+    with no bucket (`s3://$BUCKET/runs` with BUCKET unset) would even read as a local folder
+    once normalized (`s3:`)."""
     path = str(uri)[len("s3://"):].rstrip("/")
+    if is_s3(uri) and not path.split("/", 1)[0]:
+        raise UsageError(f"{uri}: an S3 path that names no bucket: write s3://BUCKET/prefix")
     if is_s3(uri) and "//" in path:
         raise UsageError(f"{uri}: an S3 path with an empty part ('//'): write it as "
                          f"s3://{re.sub('/+', '/', path)}")

@@ -57,6 +57,7 @@ def test_text_values_are_taken_as_typed(folder):
     pytest.param("gan.epochs=1" + "0" * 5000, "config key 'gan.epochs' expects int, got '1000",
                  id="gan.epochs=1e5000"),  # more digits than int() reads
     ("data.splits=[1e308, 1e308, 1e308]", "must be three non-negative fractions"),  # their sum is inf
+    ("data.source=s3://", "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),  # before Ray starts
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
@@ -98,6 +99,8 @@ def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_pa
     ("gan: {epochs: 0}\n", "gan.epochs=0 is out of range: use 1 or more"),
     ("- gan\n", "must hold a mapping of sections"),
     ("gan: [1,\n", "is not valid YAML"),
+    ("gan:\n  epochs: 3\n lr: 2\n", "expected <block end>, but found '<block mapping start>' (line 3, column 2)"),
+    ("gan: {1: x}\n", "unknown config key 'gan.1': valid keys are gan.epochs"),
 ])
 def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
     path = tmp_path / "run.yaml"
@@ -119,6 +122,31 @@ def test_a_config_file_gives_text_settings_its_numbers_as_written(tmp_path):
     cfg = config.build("tiny", str(path))
     assert (cfg.workdir, cfg.data.source) == ("0755", "0123")
     assert (cfg.data.splits, cfg.gan.lr, cfg.gan.epochs, cfg.seed) == ((0.8, 0.1, 0.1), 2e-4, 10, 7)
+    path.write_text("workdir: 2024-06-01\ndata: {source: off}\ngan: {mixed_precision: off}\n")
+    cfg = config.build("tiny", str(path))  # YAML alone reads a date and a bool
+    assert (cfg.workdir, cfg.data.source, cfg.gan.mixed_precision) == ("2024-06-01", "off", False)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--workdir", "s3://"], "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),
+    (["--workdir", "s3:///runs"], "s3:///runs: an S3 path that names no bucket"),
+    (["--workdir", ""], "the work directory is empty: pass --workdir DIR or s3://bucket/prefix"),
+    (["--set", "workdir="], "the work directory is empty"),
+])
+def test_a_workdir_of_no_bucket_or_no_name_exits_2(argv, needle, capsys, tmp_path, monkeypatch):
+    """`--workdir s3://$BUCKET` with BUCKET unset: not a local folder named `s3:`."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", "--preset", "tiny", *argv]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and needle in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_a_workdir_is_kept_as_given_whatever_the_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    named = cli.build_config(cli.parser().parse_args(["report", "--preset", "tiny", "--set", "workdir=runs/demo"]))
+    assert named.workdir == str(tmp_path / "runs" / "demo")
+    assert cli.build_config(cli.parser().parse_args(["report", "--preset", "tiny"])).workdir == str(tmp_path / "runs" / "tiny")
 
 
 def test_unknown_preset_names_the_choices():
