@@ -49,6 +49,18 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)))
     assert (summary["images"], summary["rejected"]) == (6, 0)
     assert f"leaving out 2 files inside the work directory {workdir}" in capsys.readouterr().out
+    # another run's work directory there holds its fakes: never to be taken for real faces
+    other = faces / "runs" / "tiny"
+    (other / "score" / "test_images" / "fake").mkdir(parents=True)
+    (other / "score" / "test_images" / "fake" / "0abc.jpg").write_bytes(sample.face_jpeg(1, 0))
+    (other / "fakes" / "images").mkdir(parents=True)
+    (other / "fakes" / "images" / "fake_0.jpg").write_bytes(sample.face_jpeg(1, 1))
+    (other / "config.yaml").write_text("workdir: runs/tiny\n")
+    (other / ".lock").write_text("")
+    (faces / "config.yaml").write_text("a user's own file\n")  # no .lock: not a work directory
+    summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)), force=True)
+    assert (summary["images"], summary["rejected"]) == (6, 0)
+    assert f"leaving out 4 files inside the work directories {workdir}, {other}" in capsys.readouterr().out
 
 
 def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, capsys):

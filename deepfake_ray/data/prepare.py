@@ -503,7 +503,7 @@ def readable_source(cfg: Config) -> Source:
     if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
         print(f"prepare: using the copy of {d.source} in {copy} ({done['files']:,} files)", flush=True)
         return Source(d.source, files=sources.find_images(copy), root=copy)
-    src = outside_workdir(resolve_source(d.source, d), cfg.workdir)
+    src = outside_workdirs(resolve_source(d.source, d), cfg.workdir)
     if not copying:
         return src
     src = sources.copy_to(src, copy_dir(cfg), "prepare")
@@ -512,26 +512,53 @@ def readable_source(cfg: Config) -> Source:
     return src
 
 
-def outside_workdir(src: Source, workdir: str) -> Source:
-    """A source folder that holds the work directory (`--source .` beside runs/) would take
-    the run's own sample grids and figures for faces: what lies in it is left out."""
-    if not src.files or storage.is_s3(src.root) != storage.is_s3(workdir):
+def outside_workdirs(src: Source, workdir: str) -> Source:
+    """A source folder that holds work directories (`--source .` beside runs/) would take
+    their sample grids, figures and another run's fakes for real faces: what lies in this
+    run's work directory, or in any local folder that is one (it holds the `config.yaml`
+    and `.lock` every stage writes), is left out."""
+    if not src.files:
         return src
-    workdir = storage.normalize(workdir)
-    if not storage.is_s3(workdir):  # as the listing names it, links and all
-        where = os.path.relpath(os.path.realpath(workdir), os.path.realpath(src.root))
-        if where == "." or where.split(os.sep)[0] == "..":
-            return src
-        workdir = os.path.join(src.root, where)
-    kept = tuple(f for f in src.files if not f.startswith(workdir + "/"))
+    inside = sorted(({own} if (own := own_workdir_in(src, workdir)) else set()) | other_workdirs_in(src))
+    kept = tuple(f for f in src.files if not any(f.startswith(w + "/") for w in inside))
     if len(kept) == len(src.files):
         return src
+    named = ", ".join(inside)
     if not kept:
-        raise UsageError(f"every image under {src.name} lies inside the work directory {workdir}: "
+        raise UsageError(f"every image under {src.name} lies inside a work directory ({named}): "
                          "pass the folder of face images as --source, or a --workdir outside it")
     left = len(src.files) - len(kept)
-    print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work directory {workdir}")
+    print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work "
+          f"director{'ies' if len(inside) > 1 else 'y'} {named}")
     return dataclasses.replace(src, files=kept)
+
+
+def own_workdir_in(src: Source, workdir: str) -> str | None:
+    """This run's work directory as the source's listing names it (links and all), when
+    it lies inside the source folder."""
+    if storage.is_s3(src.root) != storage.is_s3(workdir):
+        return None
+    workdir = storage.normalize(workdir)
+    if storage.is_s3(workdir):
+        return workdir
+    where = os.path.relpath(os.path.realpath(workdir), os.path.realpath(src.root))
+    if where == "." or where.split(os.sep)[0] == "..":
+        return None
+    return os.path.join(src.root, where)
+
+
+def other_workdirs_in(src: Source) -> set[str]:
+    """Local folders at or under the source's root, holding its images, that are work
+    directories of other runs."""
+    if storage.is_s3(src.root) or not src.root:
+        return set()
+    root, folders = src.root.rstrip("/"), set()
+    for folder in {os.path.dirname(f) for f in src.files}:
+        while len(folder) >= len(root) and folder not in folders:
+            folders.add(folder)
+            folder = os.path.dirname(folder)
+    return {f for f in folders if os.path.isfile(os.path.join(f, "config.yaml"))
+            and os.path.exists(os.path.join(f, ".lock"))}
 
 
 def ingest_into_workdir(cfg: Config) -> dict:
