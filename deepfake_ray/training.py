@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -75,7 +77,17 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
             callbacks=callbacks or [],
         ),
     )
-    return trainer.fit()
+    on_main_thread = threading.current_thread() is threading.main_thread()  # not in a Tune trial
+    before = signal.getsignal(signal.SIGINT) if on_main_thread else None
+    try:
+        return trainer.fit()
+    except SystemExit:
+        # Ray Train's own Ctrl-C handler aborts the run (its workers stopped, its checkpoints
+        # kept) and then calls sys.exit(0): the command would end "successfully" in silence
+        raise KeyboardInterrupt from None
+    finally:
+        if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
+            signal.signal(signal.SIGINT, before)
 
 
 # --- inside a training worker ----------------------------------------------------

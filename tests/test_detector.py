@@ -390,6 +390,34 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
 
 
+def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
+    """Tune's own Ctrl-C handler ends the sweep, its state saved, and returns as if it had
+    finished: its half-trained trials were published and the sweep marked complete (exit
+    0). It is an interrupt: exit 130, nothing published, the sweep left to resume."""
+    import signal
+    import time
+
+    from ray.tune import Tuner
+
+    overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "detector.arch=resnet10t"]
+    cfg = tiny_cfg(*overrides)
+    build(cfg.workdir, 60, 32)
+    driver = os.getpid()
+
+    def press_ctrl_c(params, **_):  # in the trial: the user's key press, sent to the driver
+        os.kill(driver, signal.SIGINT)
+        time.sleep(120)
+
+    monkeypatch.setattr(tune, "trial", press_ctrl_c)
+    args = ["tune", "--preset", "tiny", "--workdir", cfg.workdir]
+    assert cli.main(args + [a for kv in overrides for a in ("--set", kv)]) == 130
+    assert "interrupted; run the same command again" in capsys.readouterr().err
+    out = tune.tune_dir(cfg.workdir)
+    assert not os.path.exists(os.path.join(out, "results.csv"))
+    assert storage.completed(out) is None and storage.completed(train.stage_dir(cfg.workdir)) is None
+    assert Tuner.can_restore(os.path.join(cfg.workdir, "tune"))  # rerun: resumed
+
+
 def test_workers_flip_different_images_and_still_do_after_a_resume(monkeypatch):
     """Each GPU's generator starts from one default seed: unseeded, every worker would
     mirror the same positions of its batch. Seeded by rank they differ, reproducibly, and

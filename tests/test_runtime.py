@@ -48,3 +48,29 @@ def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeyp
     assert len(err) == 1 and "http://head:8265 is a dashboard URL" in err[0]
     assert "ray job submit --address http://head:8265 -- deepfake-ray" in err[0]
     assert not (tmp_path / "w").exists()  # no config.yaml written
+
+
+def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_session, tmp_path):
+    """Ray Train's own Ctrl-C handler aborts the run and calls sys.exit(0), so a command
+    ended in silence with exit 0 (a `train-gan && generate` went on). It arrives as a
+    KeyboardInterrupt (the CLI: exit 130, how to resume), and a Ctrl-C after the run (in
+    the pipeline's next stage) is one too, not an abort of the finished run."""
+    import signal
+    import time
+
+    import pytest
+
+    from deepfake_ray import config, training
+
+    driver = os.getpid()
+
+    def press_ctrl_c(_):  # in the training worker: the user's key press, sent to the driver
+        os.kill(driver, signal.SIGINT)
+        time.sleep(120)  # the abort ends this worker long before
+
+    cfg = config.build("tiny", None, [], workdir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(press_ctrl_c, {}, cfg, str(tmp_path / "runs"), "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(driver, signal.SIGINT)
+        time.sleep(5)

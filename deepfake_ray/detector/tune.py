@@ -68,6 +68,10 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
           f"[{cfg.tune.lr_min:g}, {cfg.tune.lr_max:g}], {concurrency(cfg)} at a time; "
           f"{train.describe(selection)}")
     grid = tuner.fit()
+    if len(grid) > grid.num_terminated + grid.num_errors:
+        # Tune's own Ctrl-C handler ends the sweep early, its state saved, and returns as if
+        # it had finished: publishing its trials half-trained would mark the sweep complete
+        raise KeyboardInterrupt
     rows = collect(cfg, grid)
     best = rows.iloc[0]
     # the detector is recorded as what its model was made with: the best rate, the trials' epochs
@@ -142,13 +146,16 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
         {"CPU": TRIAL_CPU})
     path = f"{root}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        if storage.exists(storage.join(tune_dir(cfg.workdir), "results.csv")):  # written once it ended
+        # results.csv is written once the sweep ended: its failed trials stay failed (they
+        # had their retries), not trained again for hours under "publishing"
+        finished = storage.exists(storage.join(tune_dir(cfg.workdir), "results.csv"))
+        if finished:
             print(f"tune: the sweep in {tune_dir(cfg.workdir)} has finished: publishing its best trial "
                   "as detector/model (--force sweeps anew)")
         else:
             print(f"tune: resuming the interrupted sweep in {tune_dir(cfg.workdir)}")
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=not finished,
+                                  resume_errored=not finished, storage_filesystem=fs)
     t = cfg.tune
     return tune.Tuner(
         trainable,
