@@ -540,6 +540,30 @@ def test_an_interrupted_kaggle_download_is_resumed_not_deleted(fake_kaggle, tmp_
     assert len(fake_kaggle) == 2
 
 
+def test_a_kaggle_dataset_another_prepare_is_downloading_is_waited_for(fake_kaggle, tmp_path, tiny_cfg, capsys):
+    """Two work directories reading one dataset: the second waits for the first's
+    download, instead of writing the same zip at once."""
+    import fcntl
+    import threading
+
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    folder = sources.kaggle_folder("owner/faces", data.cache_dir)
+    os.makedirs(folder)
+    found = []
+    with open(folder + ".lock", "a") as held:  # the other prepare, downloading
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: found.append(sources.resolve_source("kaggle:owner/faces", data)))
+        second.start()
+        deadline, out = time.time() + 30, ""
+        while "waiting for another prepare downloading the Kaggle dataset owner/faces" not in out:
+            assert time.time() < deadline, out
+            time.sleep(0.1)
+            out += capsys.readouterr().out
+        assert fake_kaggle == [] and second.is_alive()
+    second.join(30)
+    assert fake_kaggle == ["owner/faces"] and len(found[0].files) == 5
+
+
 def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake_kaggle, monkeypatch,
                                                                            tmp_path, tiny_cfg):
     from kaggle.api.kaggle_api_extended import KaggleApi
@@ -571,6 +595,35 @@ def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake
     assert fake_kaggle == ["owner/faces"] and os.listdir(folder) == ["faces.zip"]
     assert len(sources.resolve_source("kaggle:owner/faces", data).files) == 5
     assert fake_kaggle == ["owner/faces"]  # extracted from the kept download: not downloaded again
+
+    real_extractall = zipfile.ZipFile.extractall
+
+    def inner_disk_full(self, path=None, *args, **kwargs):  # once the outer zip is out and gone
+        if self.filename.endswith("part2.zip"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_extractall(self, path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "extractall", inner_disk_full)
+        with pytest.raises(UsageError, match="part2.zip .No space left on device.*the download is kept"):
+            sources.resolve_source("kaggle:owner/nested", data)
+    assert len(sources.resolve_source("kaggle:owner/nested", data).files) == 5
+    assert fake_kaggle.count("owner/nested") == 1  # the kept inner zip extracted, not downloaded again
+
+    def interrupted(self, path=None, *args, **kwargs):  # Ctrl-C midway: a member cut short
+        os.makedirs(os.path.join(path, "celeb", "more"), exist_ok=True)
+        with open(os.path.join(path, "celeb", "more", "part2.zip"), "wb") as f:
+            f.write(b"PK\x03\x04")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "extractall", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sources.resolve_source("kaggle:owner/stopped", data)
+    stopped = tmp_path / "cache" / "kaggle" / "owner" / "stopped"
+    assert [n for n in os.listdir(stopped) if not n.startswith(".")] == ["stopped.zip"]  # nothing cut short
+    assert len(sources.resolve_source("kaggle:owner/stopped", data).files) == 5
+    assert fake_kaggle.count("owner/stopped") == 1
 
     monkeypatch.setattr(KaggleApi, "dataset_download_files", lambda self, dataset, path=None, **_:
                         (tmp_path / "cache" / "kaggle" / "owner" / "empty" / "notes.csv").write_text("x"))

@@ -203,28 +203,56 @@ def kaggle_download(dataset: str, cache_dir: str) -> str:
     check_source has checked the name and the credentials."""
     folder = kaggle_folder(dataset, cache_dir)
     done = os.path.join(folder, ".complete")
-    if os.path.exists(done):
-        print(f"using cached Kaggle dataset {dataset} in {folder}")
-        return folder
     os.makedirs(folder, exist_ok=True)
-    if downloaded_earlier(folder):
-        print(f"extracting the Kaggle dataset {dataset} downloaded earlier into {folder}")
-    else:
-        download(dataset, folder)  # the client resumes a zip an interrupted run left
-    unzip_all(folder, dataset)
-    with open(done, "w") as f:
-        f.write(dataset + "\n")
+    with cache_lock(folder, dataset):
+        if os.path.exists(done):
+            print(f"using cached Kaggle dataset {dataset} in {folder}")
+            return folder
+        if downloaded_earlier(folder):
+            print(f"extracting the Kaggle dataset {dataset} downloaded earlier into {folder}")
+        else:
+            download(dataset, folder)  # the client resumes a zip an interrupted run left
+        unzip_all(folder, dataset)
+        with open(done, "w") as f:
+            f.write(dataset + "\n")
     return folder
 
 
+@contextlib.contextmanager
+def cache_lock(folder: str, dataset: str):
+    """One prepare at a time downloads and extracts a dataset into the cache (two work
+    directories can read one dataset): another waits, then finds it cached. The OS frees
+    the lock when its holder ends, even killed."""
+    import fcntl
+
+    with open(folder.rstrip("/") + ".lock", "a") as lock:  # beside the folder: not in its listing
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another prepare downloading the Kaggle dataset {dataset} into {folder}",
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def downloaded_earlier(folder: str) -> bool:
-    """Whether `folder` holds a whole download that an earlier run could not extract. A zip
-    the client is still writing (its `.kaggle-partial` marker beside it, or no zip's end
-    yet) is not one: taken for damaged, it would be deleted instead of resumed."""
-    names = os.listdir(folder)
-    zips = [os.path.join(folder, n) for n in names if n.lower().endswith(".zip")]
-    return (bool(zips) and not any(n.endswith(".kaggle-partial") for n in names)
-            and all(zipfile.is_zipfile(z) for z in zips))
+    """Whether `folder` holds a whole download, or what was extracted of one, that an
+    earlier run could not finish extracting (its zips, at any depth, all whole). A zip the
+    client is still writing (its `.kaggle-partial` marker beside it, or no zip's end yet) is
+    not one: taken for damaged, it would be deleted instead of resumed."""
+    if any(n.endswith(".kaggle-partial") for n in os.listdir(folder)):
+        return False
+    zips = zips_under(folder)
+    return bool(zips) and all(zipfile.is_zipfile(z) for z in zips)
+
+
+def zips_under(folder: str) -> list[str]:
+    """Zips under `folder`, outside hidden folders (an extraction in progress)."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(".zip")]
+    return found
 
 
 def download(dataset: str, folder: str) -> None:
@@ -244,23 +272,37 @@ def unzip_all(folder: str, dataset: str) -> None:
     instead of trusting any of it; one that could not be extracted for want of disk space
     is kept, and the next run extracts it."""
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
-        zips = [os.path.join(root, name) for root, _, names in os.walk(folder)
-                for name in names if name.lower().endswith(".zip")]
-        for path in zips:
-            try:
-                with zipfile.ZipFile(path) as z:
-                    z.extractall(os.path.dirname(path))  # member names cannot climb out
-            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                shutil.rmtree(folder)
-                os.makedirs(folder)
-                raise UsageError(f"the Kaggle download of {dataset} holds a damaged zip "
-                                 f"({os.path.basename(path)}: {e}); it was deleted: run again "
-                                 "to download it anew") from e
-            except OSError as e:  # this machine's: a full disk, no permission
-                raise UsageError(f"could not extract {path} ({e.strerror or e}): free disk space "
-                                 "or set data.cache_dir to a larger disk, then run again: the "
-                                 "download is kept") from e
+        for path in zips_under(folder):
+            extract(path, folder, dataset)
             os.remove(path)
+
+
+def extract(path: str, folder: str, dataset: str) -> None:
+    """`path`'s members beside it, put in place only once all are out: extracted into a
+    hidden folder first, so an interrupted extraction leaves no cut-off member (a zip in
+    the zip) for the next run to take for a damaged download."""
+    staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.extracting")
+    shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.extractall(staging)  # member names cannot climb out
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        shutil.rmtree(folder)
+        os.makedirs(folder)
+        raise UsageError(f"the Kaggle download of {dataset} holds a damaged zip "
+                         f"({os.path.basename(path)}: {e}); it was deleted: run again "
+                         "to download it anew") from e
+    except OSError as e:  # this machine's: a full disk, no permission
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UsageError(f"could not extract {path} ({e.strerror or e}): free disk space "
+                         "or set data.cache_dir to a larger disk, then run again: the "
+                         "download is kept") from e
+    for root, _, names in os.walk(staging):  # renames within one disk: no space needed
+        place = os.path.join(os.path.dirname(path), os.path.relpath(root, staging))
+        os.makedirs(place, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(root, name), os.path.join(place, name))
+    shutil.rmtree(staging)
 
 
 def kaggle_api():
