@@ -396,6 +396,11 @@ def test_files_on_the_drivers_disk_are_copied_to_s3_for_a_cluster_once(s3_server
     third = sources.copy_to(src, dest, "prepare")
     assert f"copying 1 of {found} files" in capsys.readouterr().out
     assert storage.read_bytes(third.files[src.files.index(str(gray))]) == gray.read_bytes()
+    # deleted since it was listed: its copy of an earlier run is not read in its place
+    os.remove(gray)
+    fourth = sources.copy_to(src, dest, "prepare")
+    with pytest.raises(FileNotFoundError):  # ingest: "unreadable", as a local read would be
+        storage.read_bytes(fourth.files[src.files.index(str(gray))])
 
 
 def kaggle_config(monkeypatch, folder) -> None:

@@ -122,7 +122,7 @@ def is_copy_of(copy: dict | None, path: str) -> bool:
     try:
         local = os.stat(path)
     except FileNotFoundError:
-        return True  # gone since listed: nothing to send (ingest says "unreadable")
+        return False  # gone since listed: copy_to removes an older copy
     if copy is None or copy["Size"] != local.st_size:
         return False
     etag = copy["ETag"].strip('"')
@@ -147,16 +147,21 @@ def copy_to(src: Source, dest: str, command: str) -> Source:
     todo = [f for f, rel in relative.items() if not is_copy_of(there.get(rel), f)]
     print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
           "where every node of the cluster can read them", flush=True)
-    done = []
+    done, gone = [], []
 
     def send(path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):  # gone since listed: ingest says "unreadable"
+        try:
             storage.upload_file(path, storage.join(dest, relative[path]))
+        except FileNotFoundError:
+            gone.append(path)
         done.append(path)
 
     with Progress(command, len(todo), "files copied", lambda: len(done)):
         with ThreadPoolExecutor(32) as pool:  # PUTs are latency-bound: overlap them
             list(pool.map(send, todo))
+    for path in gone:  # deleted since listed: not an earlier run's copy of it, but "unreadable"
+        if relative[path] in there:
+            storage.delete_file(storage.join(dest, relative[path]))
     return Source(src.name, files=tuple(storage.join(dest, relative[f]) for f in src.files), root=dest)
 
 
