@@ -15,8 +15,10 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -341,7 +343,9 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
                  "resources.use_gpu=true"]  # as the celeb100k preset: where there is none, on CPU
     cfg = tiny_cfg(*overrides)
     build(cfg.workdir, 60, 32)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     result = tune.run(cfg)
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
     if not torch.cuda.is_available():  # not left waiting, with Ray Train, for a GPU none can add
         assert "resources.use_gpu is true but this machine has no GPU: running on CPU" in capsys.readouterr().out
     out = tune.tune_dir(cfg.workdir)
@@ -391,12 +395,9 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
 
 
 def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
-    """Tune's own Ctrl-C handler ends the sweep, its state saved, and returns as if it had
-    finished: its half-trained trials were published and the sweep marked complete (exit
-    0). It is an interrupt: exit 130, nothing published, the sweep left to resume."""
-    import signal
-    import time
-
+    """Tune's own Ctrl-C handler ended the sweep and returned as if it had finished: its
+    half-trained trials were published and the sweep marked complete (exit 0). It is an
+    interrupt: exit 130, nothing published, the sweep left to resume."""
     from ray.tune import Tuner
 
     overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "detector.arch=resnet10t"]
@@ -406,11 +407,16 @@ def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
 
     def press_ctrl_c(params, **_):  # in the trial: the user's key press, sent to the driver
         os.kill(driver, signal.SIGINT)
-        time.sleep(120)
+        time.sleep(30)
 
     monkeypatch.setattr(tune, "trial", press_ctrl_c)
     args = ["tune", "--preset", "tiny", "--workdir", cfg.workdir]
-    assert cli.main(args + [a for kv in overrides for a in ("--set", kv)]) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever ran before
+    try:
+        assert cli.main(args + [a for kv in overrides for a in ("--set", kv)]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next stage's Ctrl-C
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "interrupted; run the same command again" in capsys.readouterr().err
     out = tune.tune_dir(cfg.workdir)
     assert not os.path.exists(os.path.join(out, "results.csv"))

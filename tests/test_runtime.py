@@ -69,8 +69,12 @@ def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_se
         time.sleep(120)  # the abort ends this worker long before
 
     cfg = config.build("tiny", None, [], workdir=str(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
-        training.fit(press_ctrl_c, {}, cfg, str(tmp_path / "runs"), "interrupted")
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(driver, signal.SIGINT)
-        time.sleep(5)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            training.fit(press_ctrl_c, {}, cfg, str(tmp_path / "runs"), "interrupted")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(driver, signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
 
 import pandas as pd
@@ -67,11 +68,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     print(f"tune: {cfg.tune.samples} trials x {cfg.tune.epochs} epochs, lr log-uniform in "
           f"[{cfg.tune.lr_min:g}, {cfg.tune.lr_max:g}], {concurrency(cfg)} at a time; "
           f"{train.describe(selection)}")
+    # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
+    # half-trained trials were published, the sweep marked complete), and it stays installed
+    # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
+    # interrupt (exit 130); a rerun resumes from the sweep's state, saved as it goes.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     grid = tuner.fit()
-    if len(grid) > grid.num_terminated + grid.num_errors:
-        # Tune's own Ctrl-C handler ends the sweep early, its state saved, and returns as if
-        # it had finished: publishing its trials half-trained would mark the sweep complete
-        raise KeyboardInterrupt
     rows = collect(cfg, grid)
     best = rows.iloc[0]
     # the detector is recorded as what its model was made with: the best rate, the trials' epochs
