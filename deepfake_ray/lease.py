@@ -40,10 +40,16 @@ def holder(command: str, token: str) -> bytes:
 
 
 def connected_cluster() -> str | None:
-    """The GCS address of the Ray this process is connected to, if any."""
+    """The Ray cluster this process is connected to, if any: its GCS address and the
+    session of this start of it. The address alone can repeat (a cluster restarted at one
+    head address numbers its jobs from 1 again; two container heads both 172.17.0.2:6379),
+    and its job table would then speak for another cluster's driver."""
     import ray
 
-    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    return f"{context.gcs_address} {context.get_session_name()}"
 
 
 def our_cluster() -> str | None:

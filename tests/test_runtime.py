@@ -1,5 +1,9 @@
 import os
+import signal
 import socket
+import time
+
+import pytest
 
 from deepfake_ray import runtime
 
@@ -55,11 +59,6 @@ def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_se
     ended in silence with exit 0 (a `train-gan && generate` went on). It arrives as a
     KeyboardInterrupt (the CLI: exit 130, how to resume), and a Ctrl-C after the run (in
     the pipeline's next stage) is one too, not an abort of the finished run."""
-    import signal
-    import time
-
-    import pytest
-
     from deepfake_ray import config, training
 
     driver = os.getpid()

@@ -328,3 +328,13 @@ def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_
         stop.set()
         renewer.join()
     assert "refused: another pipeline (pid 7 on old-head) is writing" in out, out
+
+    # a cluster started anew at the same head address numbers its jobs from 1 again: a
+    # lock naming that address but not this start of it is an earlier cluster's, waited out,
+    # not taken for this cluster's live job 01000000 (this test's driver) and refused
+    address = ray_session.get_runtime_context().gcs_address
+    client.put_object(Bucket="runs-retried-job", Key="r1/.lock", Body=json.dumps(
+        {"command": "pipeline", "pid": 7, "host": "old-head", "renewed": time.time(), "token": "t",
+         "ray_job": ray_session.get_runtime_context().get_job_id(), "ray_cluster": address}))
+    out = retry()
+    assert "waiting up to" in out and "taken" in out, out
