@@ -111,10 +111,25 @@ def write_config(cfg) -> None:
     try:
         storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
     except OSError as e:
-        if storage.is_s3(cfg.workdir):
-            raise  # explained with the fix where S3 failures are
-        raise UsageError(f"cannot write to --workdir {cfg.workdir} ({e.strerror or type(e).__name__}): "
-                         "pass a folder you can write to") from None
+        raise unwritable(cfg, e) from None
+
+
+def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
+    from deepfake_ray import storage
+
+    try:
+        held.enter_context(storage.exclusive(cfg.workdir, command))
+    except OSError as e:
+        raise unwritable(cfg, e) from None
+
+
+def unwritable(cfg, e: OSError) -> Exception:
+    from deepfake_ray import storage
+
+    if storage.is_s3(cfg.workdir):
+        return e  # explained with the fix where S3 failures are
+    return UsageError(f"cannot write to --workdir {cfg.workdir} ({e.strerror or type(e).__name__}): "
+                      "pass a folder you can write to")
 
 
 def usage_line(error: BaseException) -> str | None:
@@ -142,16 +157,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
-        # refused before this run changes anything there; when only the cluster can tell
-        # whether the lock's holder lives, config.yaml waits until the lock is this run's
-        free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS else True
         writes_config = args.command not in KEEP_CONFIG
-        if writes_config and free:  # first: an unwritable workdir fails before Ray starts
-            write_config(cfg)
-        if args.command not in NO_RAY:
-            runtime.init(args.address)
-        # taken once Ray is up: on a cluster, a dead driver's S3 lock is then freed at once
-        with storage.exclusive(cfg.workdir, args.command) if args.command in WRITERS else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            # refused before this run changes anything there (config.yaml included). A local
+            # lock is taken now (the OS knows whether its holder lives): another run starting
+            # meanwhile is refused, not let write its config.yaml. On S3, when only the
+            # cluster can tell whether the holder lives, the lock and config.yaml wait for Ray.
+            lock_now = args.command in WRITERS and not storage.is_s3(cfg.workdir)
+            if lock_now:
+                take_lock(held, cfg, args.command)
+            free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
+            if writes_config and free:  # first: an unwritable workdir fails before Ray starts
+                write_config(cfg)
+            if args.command not in NO_RAY:
+                runtime.init(args.address)
+            if args.command in WRITERS and not lock_now:
+                take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
             if writes_config and not free:
                 write_config(cfg)
             module.run(cfg, **options(args))

@@ -1,7 +1,7 @@
 import os
 import stat
 
-from deepfake_ray import storage
+from deepfake_ray import cli, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +105,6 @@ def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tm
 def refused_before_it_changes_anything(workdir: str, capsys) -> None:
     """prepare and pipeline, while another prepare holds WORKDIR/data: exit 2 naming it,
     the running one's config.yaml left as it is."""
-    from deepfake_ray import cli
     from tests.cli_output import error_lines
 
     storage.write_text(storage.join(workdir, "config.yaml"), "the running prepare's\n")
@@ -139,6 +138,29 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
         holder.wait()
     with storage.exclusive(str(tmp_path / "data"), "prepare"):
         pass
+
+
+def test_a_local_work_directory_is_locked_before_ray_starts(tmp_path, monkeypatch):
+    """Another run starting while this one starts Ray (seconds) is refused then, rather
+    than let write its config.yaml over this run's and only be refused after."""
+    import fcntl
+
+    from deepfake_ray import runtime
+
+    tried = []
+
+    def starting_ray(address=None):
+        with open(tmp_path / "w" / ".lock", "a+") as lock:  # the other run's attempt, meanwhile
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tried.append("taken")
+            except BlockingIOError:
+                tried.append("refused")
+        raise KeyboardInterrupt  # enough: this run stops here
+
+    monkeypatch.setattr(runtime, "init", starting_ray)
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]) == 130
+    assert tried == ["refused"]
 
 
 def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_lapses(
@@ -221,7 +243,6 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
 def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
     """A training beside a running pipeline would share its run's checkpoints: refused,
     exit 2 naming it, before it changes anything (config.yaml included)."""
-    from deepfake_ray import cli
     from tests.cli_output import error_lines
 
     workdir = str(tmp_path / "w")
