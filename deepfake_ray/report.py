@@ -256,6 +256,8 @@ def collect(cfg: Config) -> list[tuple[str, str, list]]:
     saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
     out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
+        if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
+            command = "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
         redo = lineage.command_line(cfg.workdir, command, saved)
         blocks = build(cfg.workdir)
         if not blocks:

@@ -210,6 +210,14 @@ def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsy
     assert "is already complete" in out
     assert f"train-detector: note: {w}/fakes, which it was made from, is out of date (gan/ changed " \
         "since): `deepfake-ray pipeline` with this --workdir remakes both" in out
+    md = open(os.path.join(w, "report.md")).read()
+    assert f"run `deepfake-ray train-detector --config {w}/config.yaml --workdir {w}`" in md
+    detector_marker = storage.join(w, "detector", "_COMPLETE.json")  # the sweep's best trial instead:
+    storage.write_json(detector_marker, {**storage.read_json(detector_marker), "tuned": True})
+    report.run(cfg)  # remade by sweeping again, not by training at the config's detector.lr
+    md = open(os.path.join(w, "report.md")).read()
+    assert f"run `deepfake-ray tune --config {w}/config.yaml --workdir {w}`" in md
+    assert "deepfake-ray train-detector --config" not in md
 
 
 def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_path):
