@@ -400,12 +400,16 @@ def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
     interrupt: exit 130, nothing published, the sweep left to resume."""
     from ray.tune import Tuner
 
-    overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "detector.arch=resnet10t"]
+    overrides = [*FAST, "tune.samples=1", "tune.epochs=1", "detector.arch=resnet10t"]
     cfg = tiny_cfg(*overrides)
     build(cfg.workdir, 60, 32)
-    driver = os.getpid()
+    driver, pressed = os.getpid(), os.path.join(cfg.workdir, "pressed")
 
     def press_ctrl_c(params, **_):  # in the trial: the user's key press, sent to the driver
+        try:  # once only: a retried trial pressing it again would interrupt later tests
+            os.close(os.open(pressed, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
         os.kill(driver, signal.SIGINT)
         time.sleep(30)
 
