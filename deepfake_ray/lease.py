@@ -17,11 +17,13 @@ conditional writes get a warning and no lock.
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import email.utils
 import json
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -32,6 +34,8 @@ from deepfake_ray.errors import UsageError
 LOCK = ".lock"
 RENEW_S = 60.0
 LAPSE_S = 300.0  # five missed renewals: the holder is gone
+# never sent: _thread.interrupt_main runs its Python handler in the main thread
+TAKEN_OVER = signal.SIGUSR2
 
 
 def holder(command: str, token: str) -> bytes:
@@ -122,16 +126,38 @@ def held(uri: str, command: str):
         yield
         return
     held_etag, stop, lost = [etag], threading.Event(), threading.Event()
-    renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, token,
-                                                   stop, lost), daemon=True)
-    renewer.start()
+    with stops_when_taken_over(uri) as stop_run:
+        renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, token,
+                                                       stop, lost, stop_run), daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            if not lost.is_set():
+                release(client, bucket, key, held_etag[0], command)
+
+
+@contextlib.contextmanager
+def stops_when_taken_over(uri: str):
+    """Yields what the renewing thread calls once another run took the lock over: the run
+    then stops (UsageError in its main thread), as two writers would mix their files. Off
+    the main thread (no handler can be set there) it yields None, and the run only warns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+
+    def taken_over(signum, frame):
+        raise UsageError(f"another run took over the lock of {uri} (this run had not renewed it "
+                         f"for {LAPSE_S:.0f} s): this run stops, so that only one writes there; "
+                         "run it again once that one has ended")
+
+    previous = signal.signal(TAKEN_OVER, taken_over)
     try:
-        yield
+        yield lambda: _thread.interrupt_main(TAKEN_OVER)
     finally:
-        stop.set()
-        renewer.join()
-        if not lost.is_set():
-            release(client, bucket, key, held_etag[0], command)
+        signal.signal(TAKEN_OVER, previous)
 
 
 def release(client, bucket: str, key: str, etag: str, command: str) -> None:
@@ -282,8 +308,9 @@ def check_free(uri: str, command: str) -> bool:
 
 
 def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,
-          stop: threading.Event, lost: threading.Event) -> None:
-    """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds."""
+          stop: threading.Event, lost: threading.Event, stop_run=None) -> None:
+    """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds.
+    Taken over by another run, it calls `stop_run` (if any)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     while not stop.wait(RENEW_S):
@@ -297,7 +324,9 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                     continue
                 lost.set()
                 print(f"{command}: warning: another run took over the lock s3://{bucket}/{key}: "
-                      "two runs may now be writing there", flush=True)
+                      + ("this run stops" if stop_run else "two runs may now be writing there"), flush=True)
+                if stop_run:
+                    stop_run()
                 return
             print(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({e}); another "
                   f"run may take it over {LAPSE_S:.0f} s after the last renewal", flush=True)

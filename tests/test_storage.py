@@ -1,7 +1,11 @@
 import os
 import stat
+import time
+
+import pytest
 
 from deepfake_ray import cli, storage
+from deepfake_ray.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,8 +92,6 @@ def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_pa
 
 
 def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tmp_path):
-    import pytest
-
     for root in (s3_server("many-files"), str(tmp_path)):
         files = {storage.join(root, "test_images", label, f"{i:02d}.jpg"): f"{label} {i}".encode()
                  for label in ("real", "fake") for i in range(40)}
@@ -118,10 +120,6 @@ def refused_before_it_changes_anything(workdir: str, capsys) -> None:
 def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_path, capsys):
     import subprocess
     import sys
-
-    import pytest
-
-    from deepfake_ray.errors import UsageError
 
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from deepfake_ray import storage\n"
@@ -166,13 +164,10 @@ def test_a_local_work_directory_is_locked_before_ray_starts(tmp_path, monkeypatc
 def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_lapses(
         s3_server, monkeypatch, capsys):
     import json
-    import time
 
     import boto3
-    import pytest
 
     from deepfake_ray import lease
-    from deepfake_ray.errors import UsageError
 
     data = f"{s3_server('runs-leased')}/r1/data"
     lock = {"Bucket": "runs-leased", "Key": "r1/data/.lock"}
@@ -206,10 +201,8 @@ def test_a_lock_write_whose_reply_was_lost_is_still_the_runs_own(s3_server):
     now exists): the run recognizes its own lock by its token rather than call itself a
     second writer."""
     import boto3
-    import pytest
 
     from deepfake_ray import lease
-    from deepfake_ray.errors import UsageError
 
     client = boto3.client("s3")
     s3_server("runs-retried")
@@ -239,6 +232,16 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
     assert client.get_object(**lock)["Body"].read().decode() == successor
     assert "another run took over the lock s3://runs-taken-over/r1/data/.lock" in capsys.readouterr().out
 
+    # renewing again, it finds the lock taken over: it stops, not goes on as a second writer
+    client.delete_object(**lock)
+    monkeypatch.setattr(lease, "RENEW_S", 0.2)
+    with pytest.raises(UsageError, match=r"another run took over the lock of .*r1/data \(this run had "
+                                         r"not renewed it for 300 s\): this run stops"):
+        with storage.exclusive(data, "prepare"):
+            client.put_object(**lock, Body=successor)
+            time.sleep(30)  # the next renewal stops it long before
+    assert client.get_object(**lock)["Body"].read().decode() == successor
+
 
 def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
     """A training beside a running pipeline would share its run's checkpoints: refused,
@@ -260,11 +263,7 @@ def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(
     wait out the lease while Ray already knows its driver is dead."""
     import subprocess
     import sys
-    import time
 
-    import pytest
-
-    from deepfake_ray.errors import UsageError
     from ray._private.state import jobs
 
     workdir = f"{s3_server('runs-killed')}/r1"
@@ -308,7 +307,6 @@ def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_
     import subprocess
     import sys
     import threading
-    import time
 
     import boto3
 
