@@ -17,7 +17,6 @@ conditional writes get a warning and no lock.
 """
 from __future__ import annotations
 
-import _thread
 import contextlib
 import email.utils
 import json
@@ -34,7 +33,7 @@ from deepfake_ray.errors import UsageError
 LOCK = ".lock"
 RENEW_S = 60.0
 LAPSE_S = 300.0  # five missed renewals: the holder is gone
-# never sent: _thread.interrupt_main runs its Python handler in the main thread
+# sent by this process to its own main thread only (unused by Ray's driver)
 TAKEN_OVER = signal.SIGUSR2
 
 
@@ -154,8 +153,9 @@ def stops_when_taken_over(uri: str):
                          "run it again once that one has ended")
 
     previous = signal.signal(TAKEN_OVER, taken_over)
-    try:
-        yield lambda: _thread.interrupt_main(TAKEN_OVER)
+    main = threading.main_thread().ident
+    try:  # a real signal, to the main thread only: it also wakes a wait (a sleep, a socket)
+        yield lambda: signal.pthread_kill(main, TAKEN_OVER)
     finally:
         signal.signal(TAKEN_OVER, previous)
 
