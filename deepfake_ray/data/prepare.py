@@ -519,7 +519,10 @@ def outside_workdirs(src: Source, workdir: str) -> Source:
     and `.lock` every stage writes), is left out."""
     if not src.files:
         return src
-    inside = sorted(({own} if (own := own_workdir_in(src, workdir)) else set()) | other_workdirs_in(src))
+    inside = other_workdirs_in(src)
+    if own := own_workdir_in(src, workdir):
+        inside.add(own)
+    inside = sorted(inside)
     kept = tuple(f for f in src.files if not any(f.startswith(w + "/") for w in inside))
     if len(kept) == len(src.files):
         return src
