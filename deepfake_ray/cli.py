@@ -51,6 +51,13 @@ FLAG_HELP = {
     "--host": "address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
     "--port": "port to listen on (default: 8000)",
 }
+FORCE_HELP = {
+    None: "redo the stage even if it is complete (later stages then redo what depends on it)",
+    "pipeline": "redo EVERY stage, from prepare on (to redo one, run its own command with --force)",
+    "score": "score again even if --out exists (without it, an existing --out is kept)",
+    "serve": argparse.SUPPRESS,  # accepted, and nothing to redo
+    "report": argparse.SUPPRESS,  # accepted; the report is always rebuilt
+}
 DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
                "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
                "2 bad usage or input (one line says what and how to fix it), 1 anything else, 130 interrupted.")
@@ -70,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
         c.add_argument("--workdir", help="local folder or s3://bucket/prefix (default: runs/<preset>)")
         c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or in-process Ray)")
-        c.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+        c.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_HELP[None]))
         for flag in flags:
             c.add_argument(flag, required=flag in REQUIRED.get(name, ()), help=FLAG_HELP[flag])
     return p
@@ -105,13 +112,28 @@ def options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def write_config(cfg) -> None:
+@contextlib.contextmanager
+def settings_recorded(cfg):
+    """WORKDIR/config.yaml holds this run's settings while it runs. A run refused for its
+    settings or input (exit 2) changed nothing else there, so the config.yaml it replaced
+    comes back: reports and rerun hints go on naming the settings the outputs came from."""
     from deepfake_ray import config, storage
 
+    uri = storage.join(cfg.workdir, "config.yaml")
     try:
-        storage.write_text(storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg))
+        previous = storage.read_text(uri) if storage.exists(uri) else None
+        storage.write_text(uri, config.to_yaml(cfg))
     except OSError as e:
         raise unwritable(cfg, e) from None
+    try:
+        yield
+    except BaseException as e:
+        if find_usage_error(e):
+            if previous is None:
+                storage.delete_file(uri)
+            else:
+                storage.write_text(uri, previous)
+        raise
 
 
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
@@ -168,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                 take_lock(held, cfg, args.command)
             free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
             if writes_config and free:  # first: an unwritable workdir fails before Ray starts
-                write_config(cfg)
+                held.enter_context(settings_recorded(cfg))
             if args.command not in NO_RAY:
                 runtime.init(args.address)
             if args.command in WRITERS and not lock_now:
                 take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
             if writes_config and not free:
-                write_config(cfg)
+                held.enter_context(settings_recorded(cfg))
             module.run(cfg, **options(args))
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)

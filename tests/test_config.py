@@ -161,6 +161,18 @@ def test_resolved_config_written_to_workdir(ray_session, tmp_path):
     assert written["gan"]["epochs"] == 9 and written["workdir"] == str(tmp_path)
 
 
+@pytest.mark.parametrize("before", ["the run's own settings\n", None])
+def test_a_run_refused_once_ray_is_up_leaves_config_yaml_as_it_was(before, ray_session, tmp_path, capsys):
+    """Refused inside the stage (no detector to evaluate yet), after config.yaml was written:
+    the settings a report and rerun hints name stay those the outputs were made with."""
+    saved = tmp_path / "config.yaml"
+    if before:
+        saved.write_text(before)
+    assert cli.main(["evaluate", "--preset", "tiny", "--workdir", str(tmp_path)]) == 2
+    assert "no finished detector" in error_lines(capsys)[0]
+    assert (saved.read_text() if saved.exists() else None) == before
+
+
 @pytest.mark.parametrize("command", ["prepare", "pipeline"])
 def test_a_workdir_that_cannot_be_written_exits_2_with_one_line(command, capsys, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
@@ -201,6 +213,7 @@ def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
 
     workdir = str(tmp_path / "my run")
     cfg = config.build("tiny", None, ["gan.epochs=5", "detector.lr=1e-4"], workdir=workdir)
-    cli.write_config(cfg)
+    with cli.settings_recorded(cfg):
+        pass
     hint = lineage.command_line(workdir, "evaluate")
     assert cli.build_config(cli.parser().parse_args(shlex.split(hint)[1:])) == cfg
