@@ -123,8 +123,18 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
         raise UsageError(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
                          f"with {', '.join(differ)}: use another --workdir, or {remake} to train one anew there")
     if differ:
+        recorded = done.get("settings", {})
+        own = " ".join(f"--set {shlex.quote(f'{k}={as_override(recorded[k])}')}"
+                       for k in differences(done, asked) if k not in more)
         raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
-                         f"--workdir to keep both, or --force to redo {stage.command} there")
+                         f"--workdir to keep both, --force to redo {stage.command} there, or "
+                         f"its own settings ({own})")
+
+
+def as_override(value) -> str:
+    """A recorded setting as `--set` takes it back: text as is, the rest as JSON (which
+    YAML reads: true, null, [0.8, 0.1, 0.1])."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def changed_inputs(done: dict, asked: dict) -> list[str]:

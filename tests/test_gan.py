@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -364,6 +365,9 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     assert cli.main(train_gan + ["--set", "gan.lr=0.001"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "gan was made with gan.lr=0.0002 (asked: 0.001)" in err[0] and "--force" in err[0]
+    own = err[0].rsplit("its own settings (", 1)[1].rstrip(")")  # the advice, followed as given
+    assert cli.main(train_gan + ["--set", "gan.lr=0.001", *shlex.split(own)]) == 0
+    assert "is already complete" in capsys.readouterr().out
     assert cli.main(["pipeline", "--preset", "tiny", "--workdir", workdir, "--set", "seed=3"]) == 2
     assert "seed=0 (asked: 3)" in error_lines(capsys)[0]
     generate_again = ["generate", "--preset", "tiny", "--workdir", workdir]

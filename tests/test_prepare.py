@@ -513,7 +513,8 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     assert cli.main(bare) == 2  # `kaggle:` with no name is a bare `kaggle`
     err = error_lines(capsys)
     assert err[0].endswith("was made with data.kaggle_dataset=owner/faces (asked: owner/others): use "
-                           "another --workdir to keep both, or --force to redo prepare there")
+                           "another --workdir to keep both, --force to redo prepare there, or its "
+                           "own settings (--set data.kaggle_dataset=owner/faces)")
 
 
 def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kaggle, monkeypatch,
