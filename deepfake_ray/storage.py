@@ -454,6 +454,21 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def replace_dir(uri: str, new: str) -> None:
+    """`uri` holds what `new` held (then gone): so a stage can make its outputs beside the
+    previous ones and drop those only once the new are good. Locally one rename; on S3 a
+    copy within the store per object (a stage's few Parquet parts)."""
+    delete_dir(uri)
+    fs, source = resolve(new)
+    _, target = resolve(uri)
+    if not is_s3(uri):
+        if fs.get_file_info(source).type == pafs.FileType.Directory:
+            os.replace(source, target)
+        return
+    for file in list_files(new):
+        fs.move(resolve(file)[1], target + resolve(file)[1][len(source):])
+
+
 def mark_complete(stage_uri: str, summary: dict) -> None:
     """Written last: a stage whose folder holds this marker is complete and is skipped."""
     write_json(join(stage_uri, COMPLETE), summary)

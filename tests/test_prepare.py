@@ -152,10 +152,11 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch
     assert list(again["split"]) == list(manifest["split"])
 
 
-def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_is_not_complete(
+def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
         ray_session, tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("data.source=sample:40")
     prepare.run(cfg)
+    before = read_outputs(cfg.workdir)[0]
     prepare_again = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir]
     assert cli.main(prepare_again + ["--source", "sample:41", "--set", "data.resolution=48"]) == 2
     err = error_lines(capsys)
@@ -176,7 +177,12 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_is_not_com
         (unusable / name).write_bytes(data)
     assert cli.main(prepare_again + ["--source", str(unusable), "--force"]) == 2
     assert "none of the" in error_lines(capsys)[0]
-    assert storage.completed(datasets.data_dir(cfg.workdir)) is None  # not the old data's marker
+    # found only once every file was read: the data it would have replaced are kept, whole
+    assert storage.completed(datasets.data_dir(cfg.workdir))["images"] == 40
+    assert read_outputs(cfg.workdir)[0].equals(before)
+    assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (before["split"] == "train").sum()
+    assert sorted(os.listdir(datasets.data_dir(cfg.workdir))) == [
+        ".lock", storage.COMPLETE, "images", "manifest.parquet", "rejected.parquet"]  # nothing else
 
 
 def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):

@@ -570,9 +570,10 @@ def ingest_into_workdir(cfg: Config) -> dict:
     src = readable_source(cfg)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
-    images = datasets.images_uri(out)
-    lineage.unmark(cfg, STAGE)  # the source checked out: from here on data/ changes
-    storage.delete_dir(images)  # parts of an interrupted earlier run
+    # parts go beside the previous run's images, which stay complete until these are good:
+    # a --force whose source turns out to hold nothing usable loses nothing
+    images, staged = datasets.images_uri(out), storage.join(out, ".images-new")
+    storage.delete_dir(staged)  # parts of an interrupted earlier run
     paths = candidates(src, cfg.seed)
     cpus_per_task = cfg.resources.data_cpus
     slots = runtime.cpu_bound_slots(cpus_per_task)  # None on a cluster: its CPUs decide
@@ -584,19 +585,22 @@ def ingest_into_workdir(cfg: Config) -> dict:
     claims = claims_dir() if slots and len(blocks) > 1 else None
     try:
         rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
-            images=images, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
+            images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
             splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims))
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)
     manifest, rejected, copies = sort_rows(rows)
     if not manifest:
+        storage.delete_dir(staged)
         reasons = Counter(row["reason"] for row in rejected)
         where = not runtime.in_process() and set(reasons) == {"unreadable"} and not storage.is_s3(src.root)
         raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image ({dict(reasons)}): "
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
                             "read: use an s3:// source, or an s3:// --workdir to copy them there"
                             if where else "check the source"))
+    lineage.unmark(cfg, STAGE)  # from here on data/ changes
+    storage.replace_dir(images, staged)
     write_outputs(out, images, manifest, rejected, copies)
     summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, time.time() - started),
                                lineage.made(cfg, STAGE))
