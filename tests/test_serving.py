@@ -152,6 +152,38 @@ def test_http_batch_scoring_and_direct_predictor_agree(service, scored, model_di
     assert len(p_values) > 1  # the comparison would notice images being mixed up
 
 
+def test_a_photo_scores_as_its_stored_image_was_evaluated(ray_session, service, model_dir, images_dir, tmp_path):
+    """The detector learnt and was evaluated on prepare's stored images (square, resized,
+    JPEG at data.jpeg_quality). Served or batch scored, the original photo is shown to it
+    as that very image: the same p_fake, whatever the photo's own size or format."""
+    from deepfake_ray.data import datasets, decode, prepare
+    from deepfake_ray.serving import score
+    from deepfake_ray.serving.predictor import Predictor
+
+    cfg = config.build("tiny", None, [f"data.source={images_dir}", "data.splits=[1.0, 0.0, 0.0]"],
+                       workdir=str(tmp_path / "w"))
+    prepare.run(cfg)
+    data = datasets.data_dir(cfg.workdir)
+    source = {r["sha1"]: r["path"] for r in storage.read_parquet(datasets.manifest_uri(data)).to_pylist()}
+    stored = storage.read_parquet(datasets.images_uri(data), columns=["sha1", "image"]).to_pylist()
+    predictor, evaluated = Predictor(model_dir), {}
+    for r in stored:
+        with open(source[r["sha1"]], "rb") as f:
+            photo = f.read()
+        assert (predictor.decode(photo) == decode.decode_jpeg(r["image"])).all()  # the very pixels
+        evaluated[source[r["sha1"]]] = predictor.predict_pixels(np.array([decode.decode_jpeg(r["image"])]))[0]
+    assert len(evaluated) == len(GOOD) and any(Image.open(p).size != (32, 32) for p in evaluated)
+    out = str(tmp_path / "scores.parquet")
+    score.run(serve_cfg(tmp_path), model=model_dir, input=images_dir, out=out)
+    batch = {r["path"]: r["p_fake"] for r in storage.read_parquet(out).to_pylist()}
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731 - p_fake of this model is near 0 or 1
+    for path, p in evaluated.items():
+        with open(path, "rb") as f:
+            served = detect(service, f.read()).json()["p_fake"]
+        assert abs(logit(served) - logit(p)) < 1e-3 and abs(logit(batch[path]) - logit(p)) < 1e-3, path
+    assert len({round(p, 4) for p in evaluated.values()}) > 1  # would notice images mixed up
+
+
 def test_served_graph_scores_as_the_trained_model_at_any_batch_size(tmp_path):
     """The Predictor serves a traced, frozen copy of the study's network: same scores as the
     exported eager model, whatever the batch size (the trace saw batches of one)."""

@@ -191,6 +191,15 @@ def pixels(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(square_image(load_rgb(img, size), size), dtype=np.uint8)
 
 
+def as_stored(img: Image.Image, size: int, quality: int | None) -> np.ndarray:
+    """An image from open_image -> the pixels prepare would store for it: square, `size`,
+    then through the one JPEG encoding at `quality` (None: not re-encoded). A detector
+    learnt on stored images, so it is shown any other image as one."""
+    if quality is None:
+        return pixels(img, size)
+    return decode_jpeg(jpeg_bytes(square_image(load_rgb(img, size), size), quality))
+
+
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     """The one JPEG encoding of every stored image, real or fake, so both look alike."""
     if img.mode == "RGB" and encoder_writes_as_save(quality):

@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from deepfake_ray import checkpoint
-from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image, pixels
+from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, as_stored, open_image
 
 # DecodeError.reason -> HTTP status of a request whose image fails that way
 STATUS_BY_REASON = {
@@ -39,9 +39,18 @@ def error_text(error: DecodeError) -> str:
     return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", str(error))
 
 
-def decode_image(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Raw file bytes -> resolution x resolution x 3 uint8, as the model's data was made."""
-    return decode(data, resolution, max_pixels)
+def decode_image(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 quality: int | None = None) -> np.ndarray:
+    """Raw file bytes -> resolution x resolution x 3 uint8, as the model's data was made
+    (re-encoded at the stored images' JPEG `quality`, when the model names one)."""
+    return as_stored(open_image(data, max_pixels), resolution, quality)
+
+
+def stored_quality(meta: dict) -> int | None:
+    """The JPEG quality the model's training images were stored at (models exported
+    before it was recorded: from their config)."""
+    quality = meta.get("jpeg_quality", meta.get("config", {}).get("data", {}).get("jpeg_quality"))
+    return None if quality is None else int(quality)
 
 
 class Predictor:
@@ -69,19 +78,20 @@ class Predictor:
         # in: served scores are the evaluated ones
         self.amp = autocast_dtype(self.device)
         self.resolution = int(meta["resolution"])
+        self.quality = stored_quality(meta)
         self.threshold = float(meta.get("threshold", 0.5))
         self.class_names = list(meta.get("class_names", ["real", "fake"]))
         self.model_id = checkpoint.model_id(meta)
 
     def info(self) -> dict:
         """What /v1/model shows: identity and how inputs are treated."""
-        keys = ("arch", "num_classes", "class_names", "resolution", "input_size",
+        keys = ("arch", "num_classes", "class_names", "resolution", "jpeg_quality", "input_size",
                 "preprocessing", "threshold", "epoch", "metrics", "format_version")
         return {"model": self.model_id, "uri": self.model_uri, "device": str(self.device),
                 **{k: self.meta[k] for k in keys if k in self.meta}}
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.resolution, self.max_pixels)
+        return decode_image(data, self.resolution, self.max_pixels, self.quality)
 
     def open(self, data: bytes):
         """The image's header only (cheap): DecodeError for what is plainly unusable,
@@ -89,7 +99,7 @@ class Predictor:
         return open_image(data, self.max_pixels)
 
     def decode_opened(self, img) -> np.ndarray:
-        return pixels(img, self.resolution)
+        return as_stored(img, self.resolution, self.quality)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NHWC at the model's resolution -> p_fake per image (float64)."""

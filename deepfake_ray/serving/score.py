@@ -25,7 +25,7 @@ from deepfake_ray.config import Config
 from deepfake_ray.data import decode
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
-from deepfake_ray.serving.predictor import Predictor, decode_image, error_text
+from deepfake_ray.serving.predictor import Predictor, decode_image, error_text, stored_quality
 
 FORMATS = (".parquet", ".csv")
 
@@ -96,7 +96,7 @@ def located(path: str, manifest: str | None) -> str:
     return storage.normalize(os.path.join(os.path.dirname(storage.normalize(manifest)), path))
 
 
-def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
+def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int | None) -> dict:
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason."""
     pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
     errors = []
@@ -116,7 +116,7 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int) -> dict:
             errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
             continue
         try:
-            pixels[i] = decode_image(data, resolution, max_pixels)
+            pixels[i] = decode_image(data, resolution, max_pixels, quality)
             errors.append("")
         except DecodeError as e:
             errors.append(error_text(e))
@@ -167,7 +167,7 @@ def score_table(cfg: Config, model: str, paths: list[str], manifest: str | None 
              for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
     ds = ds.map_batches(read_and_decode, batch_size=batch, batch_format="numpy",
-                        fn_kwargs={"resolution": int(meta["resolution"]),
+                        fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
                                    "max_pixels": cfg.data.max_pixels})
     ds = ds.map_batches(ScoreActor, batch_size=batch, batch_format="numpy", num_gpus=gpus,
                         compute=ray.data.ActorPoolStrategy(size=size),
