@@ -337,6 +337,19 @@ def test_a_sweep_whose_every_trial_diverged_says_to_lower_the_rates(tiny_cfg):
         tune.collect(cfg, results)
 
 
+def test_a_training_that_diverged_publishes_no_detector(tiny_cfg):
+    """Its NaN scores would be reported as "real" by score and serve."""
+    cfg = tiny_cfg()
+    run = storage.join(cfg.workdir, "detector")
+    nan = float("nan")
+    checkpoint.save_model(storage.join(run, "best"), {}, {
+        "lr": 0.5, "epoch": 1, "threshold": 0.5, "metrics": {"val_auc": nan, "val_loss": nan, "val_acc": 0.5}})
+    storage.write_json(storage.join(run, "history.json"), [{"epoch": 0}, {"epoch": 1}])
+    with pytest.raises(UsageError, match=r"training diverged at detector.lr=0.5: .* --force --set detector.lr=0.05"):
+        train.publish(cfg, run, 1.0, {})
+    assert not storage.exists(storage.join(run, "model")) and storage.completed(run) is None
+
+
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg, capsys, monkeypatch):
     overrides = [*FAST, "tune.samples=2", "tune.epochs=1", "tune.lr_min=1e-5", "tune.lr_max=1e-3",
                  "detector.arch=resnet10t",

@@ -12,6 +12,7 @@ chosen on validation; the test split is left for `deepfake-ray evaluate`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -179,7 +180,9 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
     stage = stage_dir(cfg.workdir)
     best = storage.join(source_dir, "best")
     _, meta = checkpoint.load_model(best)  # verifies the weights against their hash
+    check_converged(meta, storage.join(source_dir, "history.json"))
     target = model_dir(cfg.workdir)
+    storage.delete_file(storage.join(target, checkpoint.META))  # first: never beside other weights
     for name in (checkpoint.WEIGHTS, checkpoint.META):  # model.json last
         storage.write_bytes(storage.join(target, name), storage.read_bytes(storage.join(best, name)))
     history_uri = storage.join(source_dir, "history.json")
@@ -194,6 +197,17 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
     print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
           f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target}")
     return summary
+
+
+def check_converged(meta: dict, history_uri: str) -> None:
+    """UsageError when even the best epoch's validation loss was not finite: such a model
+    gives NaN scores, which score and serve would otherwise report as "real"."""
+    loss = meta["metrics"].get("val_loss", float("nan"))
+    if not math.isfinite(loss):
+        lr = float(meta.get("lr") or 0)
+        raise UsageError(f"training diverged at detector.lr={lr:g}: no epoch had a finite validation "
+                         f"loss ({history_uri}); train anew with a lower rate: --force --set "
+                         f"detector.lr={lr / 10:g}")
 
 
 def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
