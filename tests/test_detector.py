@@ -410,12 +410,16 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
 def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
     """Tune's own Ctrl-C handler ended the sweep and returned as if it had finished: its
     half-trained trials were published and the sweep marked complete (exit 0). It is an
-    interrupt: exit 130, nothing published, the sweep left to resume."""
+    interrupt: exit 130, nothing published, the sweep left to resume, and the detector
+    in use before this `tune --force` still in place."""
     from ray.tune import Tuner
 
     overrides = [*FAST, "tune.samples=1", "tune.epochs=1", "detector.arch=resnet10t"]
     cfg = tiny_cfg(*overrides)
     build(cfg.workdir, 60, 32)
+    in_use = train.model_dir(cfg.workdir)
+    checkpoint.save_model(in_use, {}, {"lr": 1e-4, "epoch": 0, "threshold": 0.5, "metrics": {}})
+    storage.mark_complete(train.stage_dir(cfg.workdir), {"model": in_use})
     driver, pressed = os.getpid(), os.path.join(cfg.workdir, "pressed")
 
     def press_ctrl_c(params, **_):  # in the trial: the user's key press, sent to the driver
@@ -427,17 +431,19 @@ def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
         time.sleep(30)
 
     monkeypatch.setattr(tune, "trial", press_ctrl_c)
-    args = ["tune", "--preset", "tiny", "--workdir", cfg.workdir]
+    args = ["tune", "--preset", "tiny", "--workdir", cfg.workdir, "--force"]
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever ran before
     try:
         assert cli.main(args + [a for kv in overrides for a in ("--set", kv)]) == 130
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next stage's Ctrl-C
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert "interrupted; run the same command again" in capsys.readouterr().err
+    assert "interrupted; run it again without --force" in capsys.readouterr().err
     out = tune.tune_dir(cfg.workdir)
     assert not os.path.exists(os.path.join(out, "results.csv"))
-    assert storage.completed(out) is None and storage.completed(train.stage_dir(cfg.workdir)) is None
+    assert storage.completed(out) is None
+    assert storage.completed(train.stage_dir(cfg.workdir)) == {"model": in_use}
+    assert checkpoint.load_meta(in_use)["lr"] == 1e-4
     assert Tuner.can_restore(os.path.join(cfg.workdir, "tune"))  # rerun: resumed
 
 

@@ -60,7 +60,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     training.check_fits(cfg)  # each trial's workers at least
     if plan.redo:
         train.clear(out)
-        train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
     lineage.start(cfg, STAGE, plan)
     started = time.time()
     views = data.training_views(cfg, selection)  # decoded once, shared by every trial
@@ -79,7 +78,10 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # the detector is recorded as what its model was made with: the best rate, the trials' epochs
     made = {**plan.made, "settings": {**plan.made["settings"], "detector.lr": float(best["lr"]),
                                       "detector.epochs": cfg.tune.epochs}}
-    lineage.unmark(cfg, train.STAGE)  # a resumed sweep publishes over what another run left there
+    # the detector in use stays until its successor is chosen: a sweep cut short (hours in)
+    # leaves it in place, and what another run left in detector/ goes only now
+    lineage.unmark(cfg, train.STAGE)
+    train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
     summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
                             made, extra={"tuned": True, "trials": int(len(rows)), "epochs": cfg.tune.epochs})
     result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),
