@@ -1,7 +1,8 @@
 """Shared by the `jobs/*.py` entrypoints: the `deepfake-ray COMMAND` parser plus --run-name.
 
 Each entrypoint is `deepfake-ray COMMAND` with one more flag, so behaviour, config
-handling and exit codes (0 done, 2 bad usage or input, 1 anything else) are identical.
+handling and exit codes (0 done, 2 bad usage or input, 1 anything else, 130
+interrupted) are identical.
 
 --run-name NAME: the run's work directory is WORKDIR/NAME. Every stage keeps its
 checkpoints (Ray Train `RunConfig(storage_path, name)`) and completion markers under the

@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint: score a folder, bucket or manifest with an exported detector into a Parquet table.
+"""`ray job submit` entrypoint: score a folder, bucket or manifest with an exported detector into a Parquet or CSV table.
 
 Same flags as `deepfake-ray score`, plus --run-name (outputs in WORKDIR/RUN_NAME). E.g.
   ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
