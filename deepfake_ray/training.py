@@ -8,6 +8,7 @@ the newest is damaged, so a half-written checkpoint is never resumed from.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -92,9 +93,22 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
 
 # --- inside a training worker ----------------------------------------------------
 
-def use_worker_cpus(cfg: Config) -> None:
-    """torch threads = the CPUs this worker reserved (resources.cpus_per_worker)."""
+def setup_worker(cfg: Config) -> None:
+    """torch threads = the CPUs this worker reserved (resources.cpus_per_worker), and Ray
+    Train's line per report left to its log file."""
     torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    quiet_report_lines()
+
+
+def quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every worker's every report at INFO, the whole metrics dict on
+    one line, under a logger named by its file's path: outside `ray.train`, so its
+    LoggingConfig misses it. The rank-0 progress line already says what it would."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: its own lines, whatever they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def rank() -> int:

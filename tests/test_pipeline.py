@@ -192,6 +192,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert storage.read_bytes(copies[0]) == open(weights, "rb").read()
     assert "held-out test: roc_auc" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
+    assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps
     history = storage.read_json(f"{workdir}/detector/history.json")
     assert [h["epoch"] for h in history] == list(range(EPOCHS))  # each epoch once
     # epoch 1 restored from epoch 0 after the lost worker; then the resubmitted job went on

@@ -28,7 +28,7 @@ from deepfake_ray.models import autocast_dtype, detector
 
 def train_loop(loop: dict) -> None:
     cfg = config.from_dict(loop["cfg"])
-    training.use_worker_cpus(cfg)
+    training.setup_worker(cfg)
     d = cfg.detector
     device = training.device()
     amp = autocast_dtype(device)

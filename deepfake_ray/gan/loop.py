@@ -163,7 +163,7 @@ def progress_line(m: dict, epochs: int) -> str:
 def train_loop(config: dict) -> None:
     """Ray Train entry point: `config` = {"cfg": to_dict(cfg), "stage": WORKDIR/gan}."""
     cfg, stage = from_dict(config["cfg"]), config["stage"]
-    training.use_worker_cpus(cfg)
+    training.setup_worker(cfg)
     run, resumed_from = setup(cfg, stage)
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     shard = ray.train.get_dataset_shard("train")
