@@ -86,12 +86,15 @@ def parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace):
     from deepfake_ray import config, storage
 
-    overrides, paths = list(args.overrides), [args.workdir]
+    flagged, paths = [], [args.workdir]
     for flag, key in COMMANDS[args.command][2].items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if key and value is not None:
-            overrides.append(f"{key}={value}")
+            flagged.append(f"{key}={value}")
         paths.append(value)
+    # --set last: it wins over a flag for the same key (`--samples 8 --set tune.samples=4`
+    # is 4), so a `--set` appended to any command line asks for that value
+    overrides = [*flagged, *args.overrides]
     cfg = config.build(args.preset, args.config, overrides)
     workdir = cfg.workdir if args.workdir is None else args.workdir
     if not workdir.strip():
@@ -115,25 +118,37 @@ def options(args: argparse.Namespace) -> dict:
 @contextlib.contextmanager
 def settings_recorded(cfg):
     """WORKDIR/config.yaml holds this run's settings while it runs. A run refused for its
-    settings or input (exit 2) changed nothing else there, so the config.yaml it replaced
-    comes back: reports and rerun hints go on naming the settings the outputs came from."""
+    settings or input (exit 2) before any stage began to change (unmarked or completed)
+    puts back the config.yaml it replaced: reports and rerun hints go on naming the
+    settings the outputs came from."""
     from deepfake_ray import config, storage
 
-    uri = storage.join(cfg.workdir, "config.yaml")
+    uri, ours = storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg)
     try:
         previous = storage.read_text(uri) if storage.exists(uri) else None
-        storage.write_text(uri, config.to_yaml(cfg))
+        storage.write_text(uri, ours)
     except OSError as e:
         raise unwritable(cfg, e) from None
+    changes = storage.marker_changes
     try:
         yield
     except BaseException as e:
-        if find_usage_error(e):
-            if previous is None:
-                storage.delete_file(uri)
-            else:
-                storage.write_text(uri, previous)
+        if find_usage_error(e) and storage.marker_changes == changes:
+            put_back(uri, ours, previous)
         raise
+
+
+def put_back(uri: str, ours: str, previous: str | None) -> None:
+    """config.yaml as it was, unless another run has written it since (on S3 a run is
+    refused for another's lock only once Ray is up, after writing its own)."""
+    from deepfake_ray import storage
+
+    if not storage.exists(uri) or storage.read_text(uri) != ours:
+        return
+    if previous is None:
+        storage.delete_file(uri)
+    else:
+        storage.write_text(uri, previous)
 
 
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:

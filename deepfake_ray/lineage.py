@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from deepfake_ray import storage
-from deepfake_ray.config import Config
+from deepfake_ray.config import Config, value_of
 from deepfake_ray.errors import UsageError
 
 
@@ -123,12 +123,29 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
         raise UsageError(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
                          f"with {', '.join(differ)}: use another --workdir, or {remake} to train one anew there")
     if differ:
-        recorded = done.get("settings", {})
-        own = " ".join(f"--set {shlex.quote(f'{k}={as_override(recorded[k])}')}"
-                       for k in differences(done, asked) if k not in more)
+        own = " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in own_settings(
+            cfg, done, asked, more).items())
         raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
                          f"--workdir to keep both, --force to redo {stage.command} there, or "
                          f"its own settings ({own})")
+
+
+def own_settings(cfg: Config, done: dict, asked: dict, more: list[str]) -> dict:
+    """The recorded values a rerun must ask for to be this stage's settings: those that
+    differ, and those this run does not ask about (a bare `sample` source records
+    data.sample_size, which `sample:40` does not read)."""
+    recorded = done.get("settings", {})
+    keys = [k for k in differences(done, asked) if k not in more]
+    keys += [k for k in recorded if k not in asked["settings"] and known(cfg, k)]
+    return {k: recorded[k] for k in keys}
+
+
+def known(cfg: Config, key: str) -> bool:
+    try:
+        value_of(cfg, key)
+        return True
+    except AttributeError:  # a setting an older version recorded
+        return False
 
 
 def as_override(value) -> str:
@@ -260,7 +277,7 @@ def unmark(cfg: Config, stage: Stage) -> None:
     """Called by a run to be redone once its own checks have passed, before it changes
     anything: until it completes again, the stage is not complete. Not in `plan`: a run
     that a check refuses (a typo beside --force) leaves the complete stage as it was."""
-    storage.delete_file(storage.join(uri(cfg, stage), storage.COMPLETE))
+    storage.unmark(uri(cfg, stage))
 
 
 def start(cfg: Config, stage: Stage, plan: Plan) -> None:

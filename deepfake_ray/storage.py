@@ -450,8 +450,20 @@ def delete_file(uri: str) -> None:
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        delete_file(join(uri, COMPLETE))  # first: a deletion cut short leaves no marker vouching for the rest
+        unmark(uri)  # first: a deletion cut short leaves no marker vouching for the rest
         fs.delete_dir(path)
+
+
+# Stages this process has unmarked or marked complete: once one has, a run refused later
+# has changed the work directory (cli puts config.yaml back only when none has).
+marker_changes = 0
+
+
+def unmark(stage_uri: str) -> None:
+    """The stage is no longer complete: its outputs are about to change."""
+    global marker_changes
+    marker_changes += 1
+    delete_file(join(stage_uri, COMPLETE))
 
 
 def replace_dir(uri: str, new: str) -> None:
@@ -471,6 +483,8 @@ def replace_dir(uri: str, new: str) -> None:
 
 def mark_complete(stage_uri: str, summary: dict) -> None:
     """Written last: a stage whose folder holds this marker is complete and is skipped."""
+    global marker_changes
+    marker_changes += 1
     write_json(join(stage_uri, COMPLETE), summary)
 
 

@@ -173,6 +173,18 @@ def test_a_run_refused_once_ray_is_up_leaves_config_yaml_as_it_was(before, ray_s
     assert (saved.read_text() if saved.exists() else None) == before
 
 
+def test_a_pipeline_refused_after_a_stage_completed_keeps_its_own_config_yaml(ray_session, tmp_path, capsys):
+    """prepare completed, then train-gan refused: data/ was made with this run's settings,
+    which config.yaml and the failure's rerun hint must go on naming."""
+    (tmp_path / "config.yaml").write_text("an earlier run's settings\n")
+    args = ["pipeline", "--preset", "tiny", "--workdir", str(tmp_path), "--set", "data.source=sample:8",
+            "--set", "gan.batch_size=64"]
+    assert cli.main(args) == 2
+    assert "fewer than gan.batch_size=64" in error_lines(capsys)[-1]
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["data"]["source"] == "sample:8" and written["gan"]["batch_size"] == 64
+
+
 @pytest.mark.parametrize("command", ["prepare", "pipeline"])
 def test_a_workdir_that_cannot_be_written_exits_2_with_one_line(command, capsys, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")

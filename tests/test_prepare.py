@@ -2,6 +2,7 @@ import errno
 import io
 import os
 import re
+import shlex
 import shutil
 import time
 import zipfile
@@ -162,6 +163,9 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     err = error_lines(capsys)
     assert len(err) == 1 and "made with data.source=sample:40 (asked: sample:41), " \
                              "data.resolution=32 (asked: 48)" in err[0] and "--force" in err[0]
+    own = err[0].rsplit("its own settings (", 1)[1].rstrip(")")  # appended, it wins over --source
+    assert cli.main(prepare_again + ["--source", "sample:41", "--set", "data.resolution=48", *shlex.split(own)]) == 0
+    assert "already complete" in capsys.readouterr().out
     assert cli.main(["pipeline", "--preset", "tiny", "--workdir", cfg.workdir,
                      "--set", "data.source=sample:41"]) == 2  # the stages after it build on it
     assert "made with data.source=sample:40 (asked: sample:41)" in error_lines(capsys)[0]

@@ -213,7 +213,7 @@ def check_converged(meta: dict, history_uri: str) -> None:
 def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
     """--force: remove a stage's previous outputs (and run state) except `keep`, its
     marker first, so a clearing cut short leaves no marker vouching for the rest."""
-    storage.delete_file(storage.join(stage_uri, storage.COMPLETE))
+    storage.unmark(stage_uri)
     fs, path = storage.resolve(stage_uri)
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         name = info.path.rstrip("/").rsplit("/", 1)[-1]
