@@ -36,17 +36,17 @@ def write_stage(stage_uri: str, images: list[tuple[np.ndarray, str]], quality: i
     images_table = pa.Table.from_pylist([{k: r[k] for k in ("sha1", "split", "image")} for r in rows])
     storage.write_parquet(storage.join(datasets.images_uri(stage_uri), "part-0.parquet"), images_table)
     storage.write_parquet(datasets.manifest_uri(stage_uri), manifest)
-    storage.mark_complete(stage_uri, {"images": len(rows)})
+    storage.mark_complete(stage_uri, {"images": len(rows), "settings": {"data.jpeg_quality": quality}})
     return [r["sha1"] for r in rows]
 
 
 def build(workdir: str, n: int, size: int, reals: bool = True, fakes: bool = True,
-          fake_quality: int = 95) -> None:
-    """`n` reals and `n` fakes, split 8:1:1 by index."""
+          fake_quality: int | None = None, quality: int = 95) -> None:
+    """`n` reals and `n` fakes, split 8:1:1 by index, stored at JPEG `quality`."""
     if reals:
         write_stage(datasets.data_dir(workdir),
-                    [(sample.face(0, i, size), SPLIT_OF[i % 10]) for i in range(n)])
+                    [(sample.face(0, i, size), SPLIT_OF[i % 10]) for i in range(n)], quality=quality)
     if fakes:
         write_stage(datasets.fakes_dir(workdir),
                     [(checkerboard_face(1, i, size), SPLIT_OF[i % 10]) for i in range(n)],
-                    quality=fake_quality)
+                    quality=fake_quality or quality)

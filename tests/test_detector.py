@@ -355,7 +355,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
                  "detector.arch=resnet10t",
                  "resources.use_gpu=true"]  # as the celeb100k preset: where there is none, on CPU
     cfg = tiny_cfg(*overrides)
-    build(cfg.workdir, 60, 32)
+    build(cfg.workdir, 60, 32, quality=90)  # the run's own data.jpeg_quality is 95
     ctrl_c = signal.getsignal(signal.SIGINT)
     result = tune.run(cfg)
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
@@ -373,6 +373,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     best = storage.read_json(os.path.join(tune.trial_dir(cfg.workdir, rows[0]["trial_id"]), "history.json"))
     meta = assert_exported_model(cfg, best)  # the best trial's best epoch, reloadable
     assert meta["arch"] == "resnet10t"  # and timm's normalization for it, not the study net's
+    assert meta["jpeg_quality"] == 90  # as its images were stored: served images are encoded so
     assert meta["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert meta["lr"] == pytest.approx(float(rows[0]["lr"])) == pytest.approx(result["lr"])
     assert meta["config"]["detector"]["lr"] == pytest.approx(result["lr"])

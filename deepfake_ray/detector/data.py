@@ -36,6 +36,7 @@ class Selection:
     hashes: dict[str, dict[int, list[str]]]
     fingerprints: dict[str, str]
     resolution: int
+    jpeg_quality: int  # the reals were stored at (and the fakes encoded as they were)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,7 +70,8 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
                          FAKE: sorted(rng.permutation(fake)[:n].tolist())}
     fingerprints = {"real_manifest_sha1": file_sha1(datasets.manifest_uri(real_dir)),
                     "fake_manifest_sha1": file_sha1(datasets.manifest_uri(fake_dir))}
-    return Selection(hashes, fingerprints, resolution)
+    stored = (storage.completed(real_dir) or {}).get("settings", {}).get("data.jpeg_quality")
+    return Selection(hashes, fingerprints, resolution, int(stored or cfg.data.jpeg_quality))
 
 
 def file_sha1(uri: str) -> str:

@@ -194,7 +194,7 @@ def export(out_dir: str, model, entry: dict, cfg, loop: dict, pre: dict) -> None
     """OUT/best/: weights + model.json in the project's model format."""
     d = cfg.detector
     meta = {"arch": d.arch, "num_classes": 2, "class_names": detector.CLASS_NAMES,
-            "resolution": loop["resolution"], "jpeg_quality": cfg.data.jpeg_quality,
+            "resolution": loop["resolution"], "jpeg_quality": loop.get("jpeg_quality", cfg.data.jpeg_quality),
             "input_size": d.input_size, "preprocessing": pre,
             "threshold": entry["val_threshold"], "epoch": entry["epoch"],
             "metrics": {k: v for k, v in entry.items() if k.startswith("val_") or k == "epoch"},

@@ -159,7 +159,8 @@ def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_u
         cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
                    "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
-                   "resolution": selection.resolution, "fingerprints": selection.fingerprints,
+                   "resolution": selection.resolution, "jpeg_quality": selection.jpeg_quality,
+                   "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
     return training.fit(worker_loop, loop_config, cfg, storage_uri, name,
                         datasets=views or data.training_views(cfg, selection),
