@@ -155,7 +155,8 @@ def test_http_batch_scoring_and_direct_predictor_agree(service, scored, model_di
 def test_a_photo_scores_as_its_stored_image_was_evaluated(ray_session, service, model_dir, images_dir, tmp_path):
     """The detector learnt and was evaluated on prepare's stored images (square, resized,
     JPEG at data.jpeg_quality). Served or batch scored, the original photo is shown to it
-    as that very image: the same p_fake, whatever the photo's own size or format."""
+    as that very image, as is that image itself: the same p_fake, whatever the photo's own
+    size or format."""
     from deepfake_ray.data import datasets, decode, prepare
     from deepfake_ray.serving import score
     from deepfake_ray.serving.predictor import Predictor
@@ -171,6 +172,8 @@ def test_a_photo_scores_as_its_stored_image_was_evaluated(ray_session, service, 
         with open(source[r["sha1"]], "rb") as f:
             photo = f.read()
         assert (predictor.decode(photo) == decode.decode_jpeg(r["image"])).all()  # the very pixels
+        # and the stored image itself, saved as a file (the pipeline scores its test split so)
+        assert (predictor.decode(r["image"]) == decode.decode_jpeg(r["image"])).all()
         evaluated[source[r["sha1"]]] = predictor.predict_pixels(np.array([decode.decode_jpeg(r["image"])]))[0]
     assert len(evaluated) == len(GOOD) and any(Image.open(p).size != (32, 32) for p in evaluated)
     out = str(tmp_path / "scores.parquet")
