@@ -286,6 +286,7 @@ def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     assert stats["batches"] - before["batches"] < 64  # requests really shared forward passes
     info = httpx.get(f"{service}/v1/model", timeout=30).json()
     assert info["batching"]["max_batch_size"] == 8 and info["stats"]["largest_batch"] <= 8
+    assert info["jpeg_quality"] == 95  # how inputs are encoded first (this model's config names it)
     assert httpx.get(f"{service}/docs", timeout=30).status_code == 200
 
 
