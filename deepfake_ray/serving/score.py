@@ -96,7 +96,7 @@ def located(path: str, manifest: str | None) -> str:
     return storage.normalize(os.path.join(os.path.dirname(storage.normalize(manifest)), path))
 
 
-def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int | None) -> dict:
+def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int | None = None) -> dict:
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason."""
     pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
     errors = []
