@@ -450,7 +450,8 @@ def delete_file(uri: str) -> None:
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        unmark(uri)  # first: a deletion cut short leaves no marker vouching for the rest
+        if exists(join(uri, COMPLETE)):  # a complete stage's, not a scratch folder
+            unmark(uri)  # first: a deletion cut short leaves no marker vouching for the rest
         fs.delete_dir(path)
 
 

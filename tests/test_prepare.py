@@ -179,8 +179,12 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     unusable.mkdir()
     for name, (data, _) in bad_files().items():
         (unusable / name).write_bytes(data)
+    leftover = os.path.join(datasets.data_dir(cfg.workdir), ".images-new")  # an interrupted run's
+    os.makedirs(leftover)
+    open(os.path.join(leftover, "part.parquet"), "wb").close()
     assert cli.main(prepare_again + ["--source", str(unusable), "--force"]) == 2
     assert "none of the" in error_lines(capsys)[0]
+    assert not os.path.exists(os.path.join(cfg.workdir, "config.yaml"))  # no stage was changed
     # found only once every file was read: the data it would have replaced are kept, whole
     assert storage.completed(datasets.data_dir(cfg.workdir))["images"] == 40
     assert read_outputs(cfg.workdir)[0].equals(before)
