@@ -33,12 +33,15 @@ def save_model(uri: str, state_dict: dict, meta: dict) -> None:
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     blob = st_save(tensors)
-    meta = {**meta, "format_version": FORMAT_VERSION,
-            "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    # an earlier export's model.json goes first: a crash before the new one is written
-    # must not leave new weights under old metrics (the best epoch so far would lie)
+    write_model(uri, blob, {**meta, "format_version": FORMAT_VERSION,
+                            "weights_sha256": hashlib.sha256(blob).hexdigest()})
+
+
+def write_model(uri: str, weights: bytes, meta: dict) -> None:
+    """An earlier model's model.json goes first: a crash before the new one is written
+    must not leave new weights under old metrics (the best epoch so far would lie)."""
     storage.delete_file(storage.join(uri, META))
-    storage.write_bytes(storage.join(uri, WEIGHTS), blob)
+    storage.write_bytes(storage.join(uri, WEIGHTS), weights)
     storage.write_json(storage.join(uri, META), meta)
 
 
@@ -62,14 +65,20 @@ def load_detector_meta(uri: str) -> dict:
 
 def load_model(uri: str) -> tuple[dict, dict]:
     """(state_dict, meta), checking the weights against the hash in the metadata."""
+    blob, meta = read_model(uri)
+    from safetensors.torch import load as st_load
+
+    return st_load(blob), meta
+
+
+def read_model(uri: str) -> tuple[bytes, dict]:
+    """(weights as stored, meta), checked against the hash in the metadata."""
     meta = load_meta(uri)
     blob = storage.read_bytes(storage.join(uri, WEIGHTS))
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise UsageError(f"model weights at {uri} do not match {META} (partial copy?): "
                          "export or copy the model folder again")
-    from safetensors.torch import load as st_load
-
-    return st_load(blob), meta
+    return blob, meta
 
 
 def model_id(meta: dict) -> str:

@@ -441,17 +441,21 @@ def check_free(uri: str, command: str) -> bool:
     return True
 
 
-def delete_file(uri: str) -> None:
+def delete_file(uri: str) -> bool:
+    """Whether there was a file to delete."""
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        fs.delete_file(path)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    fs.delete_file(path)
+    return True
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        if exists(join(uri, COMPLETE)):  # a complete stage's, not a scratch folder
-            unmark(uri)  # first: a deletion cut short leaves no marker vouching for the rest
+        # the marker first: a deletion cut short leaves none vouching for the rest
+        if delete_file(join(uri, COMPLETE)):  # a complete stage's, not a scratch folder
+            stage_changed()
         fs.delete_dir(path)
 
 
@@ -460,10 +464,14 @@ def delete_dir(uri: str) -> None:
 marker_changes = 0
 
 
-def unmark(stage_uri: str) -> None:
-    """The stage is no longer complete: its outputs are about to change."""
+def stage_changed() -> None:
     global marker_changes
     marker_changes += 1
+
+
+def unmark(stage_uri: str) -> None:
+    """The stage is no longer complete: its outputs are about to change."""
+    stage_changed()
     delete_file(join(stage_uri, COMPLETE))
 
 
@@ -479,13 +487,13 @@ def replace_dir(uri: str, new: str) -> None:
             os.replace(source, target)
         return
     for file in list_files(new):
-        fs.move(resolve(file)[1], target + resolve(file)[1][len(source):])
+        path = resolve(file)[1]
+        fs.move(path, target + path[len(source):])
 
 
 def mark_complete(stage_uri: str, summary: dict) -> None:
     """Written last: a stage whose folder holds this marker is complete and is skipped."""
-    global marker_changes
-    marker_changes += 1
+    stage_changed()
     write_json(join(stage_uri, COMPLETE), summary)
 
 

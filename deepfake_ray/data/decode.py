@@ -13,7 +13,7 @@ import hashlib
 import io
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is rejected, never half-used
 # open_image's own header check (data.max_pixels) is the limit: Pillow's fixed one would
@@ -203,8 +203,6 @@ def as_stored(img: Image.Image, size: int, quality: int | None) -> np.ndarray:
 def stored_already(img: Image.Image, size: int, quality: int) -> bool:
     """An image in the stored encoding itself (a stored image saved as a file, e.g. the
     pipeline's held-out test images): encoding it again would not give back its pixels."""
-    from PIL import JpegImagePlugin
-
     return (img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size)
             and camera_turn(img) is None and JpegImagePlugin.get_sampling(img) == 0
             and getattr(img, "quantization", None) == stored_tables(quality))

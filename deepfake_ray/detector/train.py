@@ -180,12 +180,10 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
     as `made` from what lineage.plan said (train-detector's or tune's)."""
     stage = stage_dir(cfg.workdir)
     best = storage.join(source_dir, "best")
-    _, meta = checkpoint.load_model(best)  # verifies the weights against their hash
+    weights, meta = checkpoint.read_model(best)  # verified against their hash, read once
     check_converged(meta, storage.join(source_dir, "history.json"))
     target = model_dir(cfg.workdir)
-    storage.delete_file(storage.join(target, checkpoint.META))  # first: never beside other weights
-    for name in (checkpoint.WEIGHTS, checkpoint.META):  # model.json last
-        storage.write_bytes(storage.join(target, name), storage.read_bytes(storage.join(best, name)))
+    checkpoint.write_model(target, weights, meta)
     history_uri = storage.join(source_dir, "history.json")
     if storage.normalize(source_dir) != storage.normalize(stage):
         storage.write_bytes(storage.join(stage, "history.json"), storage.read_bytes(history_uri))
