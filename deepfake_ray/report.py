@@ -193,9 +193,13 @@ def tune(w: str) -> list:
 def metrics(w: str) -> list:
     """eval/'s files, the training curves too: evaluate draws them, so they are out of date
     with the rest of eval/ (after a retrained detector) and are labelled with it."""
-    blocks = json_blocks(read_json(w, "eval/metrics.json"), "eval/metrics.json")
+    found = read_json(w, "eval/metrics.json")
+    if isinstance(found, dict):  # its reliability bins are drawn below, not listed
+        found = {k: v for k, v in found.items() if k != "reliability"}
+    blocks = json_blocks(found, "eval/metrics.json")
     return (blocks + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
             + figure(w, "eval/roc.png", "ROC curve (held-out test split)")
+            + figure(w, "eval/reliability.png", "reliability of p_fake (held-out test split)")
             + figure(w, "eval/curves.png", "the detector's training and validation curves"))
 
 

@@ -34,13 +34,15 @@ def assert_held_out_evaluation(cfg) -> dict:
     out = evaluate.eval_dir(cfg.workdir)
     metrics = storage.read_json(storage.join(out, "metrics.json"))
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
-                "confusion_matrix", "threshold", "n", "n_real", "n_fake"):
+                "confusion_matrix", "threshold", "n", "n_real", "n_fake", "brier", "ece"):
         assert key in metrics, key
+    assert 0 <= metrics["brier"] <= 1 and 0 <= metrics["ece"] <= 1
+    assert sum(b["n"] for b in metrics["reliability"]) == metrics["n"]
     test = data.select(cfg, ("test",)).counts["test"]
     assert metrics["split"] == "test" and metrics["n"] == test["real"] + test["fake"]
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
     assert metrics["threshold"] == checkpoint.load_meta(train.model_dir(cfg.workdir))["threshold"]
     assert sorted(storage.read_json(storage.join(out, "robustness.json"))) == sorted(evaluate.CONDITIONS)
-    for name in ("confusion.png", "roc.png", "curves.png"):
+    for name in ("confusion.png", "roc.png", "reliability.png", "curves.png"):
         assert storage.read_bytes(storage.join(out, name))[:4] == b"\x89PNG"
     return metrics

@@ -153,6 +153,25 @@ def test_a_diverged_epoch_ranks_last_instead_of_failing_the_run():
     assert loop.better(good, diverged) and not loop.better(diverged, good)
 
 
+def test_calibration_tells_probabilities_from_overconfident_scores():
+    """Two detectors rank the same images alike (same ROC-AUC); only one's p_fake can be
+    read as a probability."""
+    from sklearn.metrics import brier_score_loss
+
+    from deepfake_ray.detector import metrics
+
+    labels = np.array([1] * 7 + [0] * 3 + [1] * 2 + [0] * 8)  # 7 of 10 fake at 0.7, 2 of 10 at 0.2
+    calibrated = np.array([0.7] * 10 + [0.2] * 10)
+    overconfident = np.array([0.99] * 10 + [0.01] * 10)
+    good = metrics.classification(labels, calibrated, 0.5)
+    bad = metrics.classification(labels, overconfident, 0.5)
+    assert good["roc_auc"] == bad["roc_auc"] and good["accuracy"] == bad["accuracy"] == 0.75
+    assert good["ece"] == pytest.approx(0.0) and bad["ece"] == pytest.approx((0.29 + 0.19) / 2)
+    assert good["brier"] == pytest.approx(brier_score_loss(labels, calibrated)) and good["brier"] < bad["brier"]
+    bins = metrics.reliability(labels, calibrated)
+    assert [(b["bin"], b["n"], b["fraction_fake"]) for b in bins] == [(2, 10, 0.2), (7, 10, 0.7)]
+
+
 def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
     cfg = tiny_cfg("detector.max_train_per_class=12")
     build(cfg.workdir, 60, 32)

@@ -35,7 +35,7 @@ def plot(title: str) -> bytes:
 @functools.cache
 def plots() -> dict[str, bytes]:
     return {rel: plot(rel) for rel in ["gan/losses.png", "eval/curves.png", "tune/lr.png",
-                                        "eval/confusion.png", "eval/roc.png"]}
+                                        "eval/confusion.png", "eval/roc.png", "eval/reliability.png"]}
 
 
 def grid(epoch: int) -> bytes:
@@ -69,7 +69,8 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
                        "trial_id,lr,val_auc\nt0,1.2e-05,0.81\nt1,0.00031,0.97\n")
     storage.write_json(storage.join(w, "eval/metrics.json"),
                        {"accuracy": 0.9375, "roc_auc": 0.981, "f1": 0.94, "threshold": 0.47,
-                        "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}})
+                        "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}, "ece": 0.0123,
+                        "reliability": [{"bin": 0, "mean_p_fake": 0.0417, "fraction_fake": 0.0, "n": 9}]})
     storage.write_json(storage.join(w, "eval/robustness.json"),
                        {"clean": {"accuracy": 0.9375, "roc_auc": 0.981},
                         "jpeg_q50": {"accuracy": 0.81, "roc_auc": 0.9},
@@ -159,8 +160,9 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
                    "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
-                   "<td>best epoch</td><td>3</td>"]:  # model.json's epoch 2, counted from 1
+                   "<td>best epoch</td><td>3</td>", "0.0123"]:  # model.json's epoch 2, counted from 1
         assert needle in text, needle
+    assert "0.0417" not in text  # the reliability bins are a figure, not a table cell
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
     assert "](gan/losses.png)" in md and "](eval/roc.png)" in md

@@ -1,8 +1,10 @@
 """`deepfake-ray evaluate`: the exported detector on the held-out test split, and only there.
 
-    WORKDIR/eval/metrics.json      accuracy, precision, recall, F1, ROC-AUC, AP, confusion matrix
+    WORKDIR/eval/metrics.json      accuracy, precision, recall, F1, ROC-AUC, AP, confusion matrix,
+                                   calibration (Brier score, ECE and the reliability bins)
     WORKDIR/eval/robustness.json   the same after JPEG q95/75/50, downscale by half, Gaussian blur
-    WORKDIR/eval/confusion.png, roc.png, curves.png (train/val accuracy and loss per epoch)
+    WORKDIR/eval/confusion.png, roc.png, reliability.png, curves.png (train/val accuracy and
+                                   loss per epoch)
     WORKDIR/eval/_COMPLETE.json    written last
 
 The decision threshold is the one chosen on validation (model.json); nothing here
@@ -22,7 +24,7 @@ from deepfake_ray.detector.train import model_dir, stage_dir
 from deepfake_ray.errors import UsageError
 
 CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
-REPORTED = ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision"]
+REPORTED = ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "brier", "ece"]
 
 
 # nothing in the config changes the evaluation; the model and the test split do
@@ -55,6 +57,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     result = {**robustness["clean"], "split": "test", "model": checkpoint.model_id(meta),
               "model_uri": model_uri, "class_names": meta["class_names"],
               "confusion_matrix_layout": "rows: actual [real, fake]; columns: predicted [real, fake]",
+              "reliability": metrics.reliability(labels, scores["clean"]),
               "validation": meta.get("metrics", {}), "seconds": round(time.time() - started, 1)}
     write_outputs(cfg, out, result, robustness, labels, scores)
     print(table(robustness))
@@ -97,6 +100,8 @@ def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels,
                         figures.confusion(result["confusion_matrix"], result["class_names"]))
     storage.write_bytes(storage.join(out, "roc.png"),
                         figures.roc(labels, scores, {c: m["roc_auc"] for c, m in robustness.items()}))
+    storage.write_bytes(storage.join(out, "reliability.png"),
+                        figures.reliability(result["reliability"], result["ece"]))
     history_uri = storage.join(stage_dir(cfg.workdir), "history.json")
     if storage.exists(history_uri):
         storage.write_bytes(storage.join(out, "curves.png"), figures.curves(storage.read_json(history_uri)))
@@ -105,7 +110,7 @@ def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels,
 def table(robustness: dict) -> str:
     """The robustness table printed at the end of `evaluate`."""
     short = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1",
-             "roc_auc": "ROC-AUC", "average_precision": "AP"}
+             "roc_auc": "ROC-AUC", "average_precision": "AP", "brier": "Brier", "ece": "ECE"}
     head = f"{'condition':<15}" + "".join(f"{short[k]:>10}" for k in REPORTED)
     lines = ["held-out test split (threshold from validation):", head, "-" * len(head)]
     for name, m in robustness.items():

@@ -52,6 +52,25 @@ def roc(labels, scores: dict[str, np.ndarray], aucs: dict[str, float]) -> bytes:
     return png(fig)
 
 
+def reliability(bins: list[dict], ece: float) -> bytes:
+    """Mean p_fake against the fraction of fakes per bin (metrics.reliability): on the
+    diagonal, p_fake reads as a probability; below it, p_fake overstates how likely a fake is."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="calibrated")
+    ax.plot([b["mean_p_fake"] for b in bins], [b["fraction_fake"] for b in bins], "o-",
+            label=f"detector (ECE {ece:.3f})")
+    for b in bins:
+        ax.annotate(f"{b['n']:,}", (b["mean_p_fake"], b["fraction_fake"]), fontsize=6,
+                    textcoords="offset points", xytext=(3, -9))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("mean p_fake in the bin (images per bin beside each point)")
+    ax.set_ylabel("fraction of the bin's images that are fake")
+    ax.set_title("reliability, test split (clean)")
+    ax.legend(fontsize=8, loc="upper left")
+    return png(fig)
+
+
 def curves(history: list[dict]) -> bytes:
     """Training and validation accuracy and loss per epoch (the study's Fig. 9)."""
     epochs = [h["epoch"] + 1 for h in history]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+CALIBRATION_BINS = 10  # equal-width p_fake bins of the expected calibration error (ECE)
+
 
 def roc_auc(labels: np.ndarray, p_fake: np.ndarray) -> float:
     """ROC-AUC, or NaN when only one class is present (it is undefined then)."""
@@ -45,7 +47,30 @@ def classification(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> 
                               if len(np.unique(labels)) > 1 else float("nan")),
         # rows: actual real, actual fake; columns: predicted real, predicted fake
         "confusion_matrix": matrix.tolist(),
+        **calibration(labels, p_fake),
     }
+
+
+def reliability(labels: np.ndarray, p_fake: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Per equal-width p_fake bin holding images: its mean p_fake, the fraction of its
+    images that are fake, and its image count (a reliability diagram's points)."""
+    labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
+    index = np.clip((p_fake * bins).astype(int), 0, bins - 1)
+    return [{"bin": b, "mean_p_fake": float(p_fake[index == b].mean()),
+             "fraction_fake": float(labels[index == b].mean()), "n": int((index == b).sum())}
+            for b in range(bins) if (index == b).any()]
+
+
+def calibration(labels: np.ndarray, p_fake: np.ndarray) -> dict:
+    """How far p_fake is from a probability that an image is fake. Brier score: the mean
+    squared gap to the 0/1 label (0 is perfect). ECE: the image-weighted mean gap between a
+    bin's mean p_fake and its fraction of fakes. ROC-AUC ignores both; a
+    trust-and-safety rule that reads p_fake as a probability ("act above 0.9") needs them."""
+    labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
+    if not len(labels) or not np.isfinite(p_fake).all():
+        return {"brier": float("nan"), "ece": float("nan")}
+    gaps = sum(r["n"] * abs(r["mean_p_fake"] - r["fraction_fake"]) for r in reliability(labels, p_fake))
+    return {"brier": float(np.mean((p_fake - labels) ** 2)), "ece": float(gaps / len(labels))}
 
 
 def epoch_validation(labels: np.ndarray, p_fake: np.ndarray, loss_sum: float) -> dict:
