@@ -74,9 +74,9 @@ class DetectorConfig:
     blur_aug_prob: float = 0.0  # ... and Gaussian blur
     blur_aug_sigma: tuple[float, float] = (0.0, 3.0)
     max_train_per_class: int = 0  # 0: all; celeb100k uses 29,500 as the study
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the best ones by val_score, and the newest
     max_failures: int = 2
-    fail_at_epoch: int = -1  # TEST ONLY, as gan.fail_at_epoch
+    fail_at_epoch: int = -1  # TEST ONLY: the last rank exits once at the end of this epoch, before its checkpoint
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,10 @@ def check_fits(cfg: Config) -> None:
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storage_uri: str,
         name: str, *, datasets: dict | None = None, keep: int = 2, max_failures: int = 2,
-        callbacks: list | None = None):
-    """Run (or resume) the Ray Train run `name` stored under `storage_uri`."""
+        callbacks: list | None = None, keep_best_by: str | None = None):
+    """Run (or resume) the Ray Train run `name` stored under `storage_uri`. It keeps the
+    `keep` newest checkpoints, or with `keep_best_by` (a reported metric, higher is better)
+    the `keep` best by it and the newest."""
     fs, path = storage.resolve(storage_uri)
     trainer = TorchTrainer(
         train_fn,
@@ -73,7 +75,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
             name=name,
             storage_path=path,
             storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=keep_best_by,
+                                               checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks or [],
         ),
@@ -131,6 +134,17 @@ def restore_state() -> dict | None:
             return state
         _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
         say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
+    return None
+
+
+def state_at_epoch(epoch: int) -> dict | None:
+    """The intact training state this run checkpointed at `epoch`, or None."""
+    latest = ray.train.get_checkpoint()
+    for ckpt in [latest, *older_checkpoints(latest)] if latest else []:
+        if epoch_of(ckpt.path) == epoch:
+            with ckpt.as_directory() as d:
+                if (state := checkpoint.read_state(d)) is not None:
+                    return state
     return None
 
 

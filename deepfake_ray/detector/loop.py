@@ -6,10 +6,15 @@ leaves out its remainder, at most workers - 1 images an epoch), rank 0 exports t
 epoch's model to OUT/best/ when it beats the best so far (by val ROC-AUC, then val
 loss) and rewrites OUT/history.json; then every worker reports (checkpoint: model,
 optimizer, RNG and history), so a restarted or resubmitted run resumes there.
+
+best/ is always the best epoch of history.json: an export whose epoch's checkpoint never
+got registered (the driver or a worker lost in between) is replaced on resume from the
+checkpoint of the best epoch the run did keep (Ray Train keeps checkpoints by val_score).
 """
 from __future__ import annotations
 
 import collections
+import json
 import math
 import time
 
@@ -37,8 +42,9 @@ def train_loop(loop: dict) -> None:
     history = list(state["history"]) if state else []
     start, restored = (state["epoch"] + 1, True) if state else (0, False)
     del state  # the restored weights and Adam moments: ~0.65 GB of host memory, all run long
-    best = best_so_far(loop["out_dir"])
     pre = detector.preprocessing(model)
+    loop = {**loop, "parameters": detector.count_parameters(model)}  # for model.json
+    best = restore_best(loop, cfg, model, history, pre) if training.rank() == 0 else None
     wrapped, frozen_now = None, None
     for epoch in range(start, d.epochs):
         frozen = epoch < d.freeze_backbone_epochs
@@ -48,20 +54,19 @@ def train_loop(loop: dict) -> None:
         started = time.time()
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
                  "restored": restored and epoch == start}
-        # TEST ONLY fault: after the first batch, as in the DCGAN, so the last epoch's
-        # reported checkpoint has reached the controller before the worker dies
-        fault = lambda: training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)  # noqa: E731
-        entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen, fault))
+        entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen))
         entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))
         entry["seconds"] = round(time.time() - started, 2)
         history.append(entry)
         if training.rank() == 0:
             if better(entry, best):
-                export(loop["out_dir"], model, entry, cfg, loop, pre)
+                export(loop["out_dir"], model.state_dict(), entry, cfg, loop, pre)
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
             training.say(progress_line(entry, d.epochs))
-        training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)[0]}, {
+        # TEST ONLY fault, at the end of the epoch: best/ may hold this epoch, no checkpoint does
+        training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
+        training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)}, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": training.rng_state(), "history": history})
 
@@ -106,7 +111,7 @@ def batches(split: str, batch_size: int):
     return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer)
 
 
-def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, after_first_batch) -> dict:
+def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool) -> dict:
     detector.train_mode(model, frozen)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     n, started = 0, time.time()
@@ -125,8 +130,6 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, after
             recent_n += len(x)
             while recent_n - len(recent[0]) >= d.bn_recalibration_images:
                 recent_n -= len(recent.popleft())
-        if n == len(y):
-            after_first_batch()
     loss_sum, correct = float(loss_sum), float(correct)  # one device sync per epoch
     seconds = time.time() - started
     if recent:  # on each worker's own inputs: no collective calls
@@ -171,17 +174,28 @@ def all_sum(values: list[float]) -> list[float]:
 
 # --- the best epoch ----------------------------------------------------------------
 
-def score(entry: dict) -> tuple[float, float]:
-    auc = entry.get("val_auc", float("nan"))
-    return (-1.0 if auc is None or math.isnan(auc) else auc, -entry.get("val_loss", math.inf))
+def score(entry: dict) -> float:
+    """Higher is better: val ROC-AUC (-1 for a diverged epoch), ties broken by the lower val
+    loss. One number: Ray Train keeps checkpoints, and Tune ranks trials, by it (val_score)."""
+    auc, loss = entry.get("val_auc", math.nan), entry.get("val_loss", math.inf)
+    auc = -1.0 if auc is None or math.isnan(auc) else auc
+    tie = loss / (1.0 + loss) if loss is not None and math.isfinite(loss) and loss >= 0 else 1.0
+    return auc - 1e-9 * tie  # AUCs of real splits differ by far more than 1e-9 when they differ
 
 
 def better(entry: dict, best: dict | None) -> bool:
     return best is None or score(entry) > score(best)
 
 
+def vouched(entry: dict | None) -> str | None:
+    """An epoch's validation figures as model.json records them (as text: NaN equals NaN)."""
+    if entry is None:
+        return None
+    return json.dumps({k: v for k, v in entry.items() if k.startswith("val_") or k == "epoch"}, sort_keys=True)
+
+
 def best_so_far(out_dir: str) -> dict | None:
-    """The exported best epoch's metrics; the file on disk is the truth across restarts."""
+    """The exported best epoch's metrics, or None when nothing (or a partial export) is there."""
     try:
         return checkpoint.load_meta(storage.join(out_dir, "best"))["metrics"]
     except (UsageError, ValueError, KeyError):  # nothing exported yet, or a partial export
@@ -190,14 +204,40 @@ def best_so_far(out_dir: str) -> dict | None:
     # taken for "no best yet", the next epoch would overwrite a better model with a worse one
 
 
-def export(out_dir: str, model, entry: dict, cfg, loop: dict, pre: dict) -> None:
+def restore_best(loop: dict, cfg, model, history: list[dict], pre: dict) -> dict | None:
+    """The best epoch of the restored `history`, exported to OUT/best/ again unless it is
+    there. What else best/ holds was exported by an epoch no checkpoint vouches for (it is
+    trained again now), or was cut short; a fresh start (no history) overwrites it anyway."""
+    if not history:
+        return None
+    want = max(history, key=score)
+    found = best_so_far(loop["out_dir"])
+    if vouched(found) == vouched(want):
+        return want
+    if want is history[-1]:
+        weights = model.state_dict()  # the epoch just restored
+    else:
+        state = training.state_at_epoch(want["epoch"])
+        if state is None:  # Ray Train keeps it (ranked by val_score) unless it was damaged
+            training.say(f"[deepfake-ray] detector: no intact checkpoint of best epoch {want['epoch'] + 1}; "
+                         "best/ keeps what it holds")
+            return found
+        weights = state["model"]
+    held = f"epoch {found['epoch'] + 1}, which no checkpoint vouches for" if found else "no complete model"
+    training.say(f"[deepfake-ray] detector: best/ held {held}; exported the best checkpointed "
+                 f"epoch, {want['epoch'] + 1}, again")
+    export(loop["out_dir"], weights, want, cfg, loop, pre)
+    return want
+
+
+def export(out_dir: str, weights: dict, entry: dict, cfg, loop: dict, pre: dict) -> None:
     """OUT/best/: weights + model.json in the project's model format."""
     d = cfg.detector
     meta = {"arch": d.arch, "num_classes": 2, "class_names": detector.CLASS_NAMES,
             "resolution": loop["resolution"], "jpeg_quality": loop.get("jpeg_quality", cfg.data.jpeg_quality),
             "input_size": d.input_size, "preprocessing": pre,
             "threshold": entry["val_threshold"], "epoch": entry["epoch"],
-            "metrics": {k: v for k, v in entry.items() if k.startswith("val_") or k == "epoch"},
+            "metrics": json.loads(vouched(entry)),
             "config": config.to_dict(cfg), "lr": loop["lr"], "fingerprints": loop["fingerprints"],
-            "data": loop["counts"], "parameters": detector.count_parameters(model)}
-    checkpoint.save_model(storage.join(out_dir, "best"), model.state_dict(), meta)
+            "data": loop["counts"], "parameters": loop["parameters"]}
+    checkpoint.save_model(storage.join(out_dir, "best"), weights, meta)
