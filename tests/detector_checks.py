@@ -11,14 +11,15 @@ from deepfake_ray.models import detector
 
 
 def assert_exported_model(cfg, history: list[dict]) -> dict:
-    """WORKDIR/detector/model: the best validation epoch, reloadable, chosen without the
-    test split. Returns its metadata."""
+    """WORKDIR/detector/model: the best validation epoch of `history`, reloadable, chosen
+    without the test split. Returns its metadata."""
     state, meta = checkpoint.load_model(train.model_dir(cfg.workdir))
     assert meta["arch"] == cfg.detector.arch and meta["class_names"] == ["real", "fake"]
     assert (meta["resolution"], meta["input_size"]) == (32, 75)
     assert 0.0 <= meta["threshold"] <= 1.0
     best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
-    assert meta["metrics"]["val_auc"] == best["val_auc"] and meta["epoch"] == best["epoch"]
+    # every validation figure: an export from an epoch later trained again would differ
+    assert meta["metrics"] == {k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"}
     assert set(meta["data"]) == {"train", "val"}  # the test split chose nothing
     assert meta["fingerprints"] == data.select(cfg, ("val",)).fingerprints
     model = detector.from_meta(meta, state)

@@ -31,8 +31,11 @@ from tests.detector_checks import assert_exported_model, assert_held_out_evaluat
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny"]
 EPOCHS = 4  # several, so the driver is surely killed mid-stage however fast an epoch is
-# TEST ONLY fail_at_epoch: a training worker also dies once, at epoch 1 of the first job
-DETECTOR = [f"detector.epochs={EPOCHS}", "detector.arch=resnet10t", "detector.fail_at_epoch=1"]
+# TEST ONLY fail_at_epoch: a training worker also dies once, at the end of epoch 2 of the
+# first job (counted from 1), after its export to best/ and before its checkpoint. At this
+# rate epoch 2 beats epoch 1 by far (val loss ~0.1 against ~0.35), so best/ holds it then.
+DETECTOR = [f"detector.epochs={EPOCHS}", "detector.arch=resnet10t", "detector.fail_at_epoch=1",
+            "detector.lr=0.001"]
 
 
 def clean_env() -> dict:
@@ -177,6 +180,11 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     # killed once epoch 1 is checkpointed: after the lost worker was replaced
     kill_driver_when_registered(head_node, "first", f"{workdir}/detector/run", "epoch_0001", runs)
     assert not storage.completed(f"{workdir}/detector")
+    _, first_log = wait_until_ended(head_node, "first")
+    # the retry trained epoch 2 again from epoch 1's checkpoint, and best/ went back to the
+    # best epoch a checkpoint vouches for (assert_exported_model below checks the end result)
+    assert ("best/ held epoch 2, which no checkpoint vouches for; exported the best checkpointed "
+            "epoch, 1, again") in first_log
 
     second = submit(head_node, "second", args)
     assert second.returncode == 0, second.stderr[-2000:]
