@@ -172,6 +172,16 @@ def test_calibration_tells_probabilities_from_overconfident_scores():
     assert [(b["bin"], b["n"], b["fraction_fake"]) for b in bins] == [(2, 10, 0.2), (7, 10, 0.7)]
 
 
+def test_evaluating_a_model_whose_output_is_nan_says_it_is_broken():
+    """Not scikit-learn's "Input contains NaN" from deep inside the metrics."""
+    from deepfake_ray.detector import evaluate
+
+    scores = {"clean": np.array([0.2, 0.9, 0.4]), "jpeg_q95": np.array([0.2, np.nan, np.nan])}
+    with pytest.raises(UsageError, match=r"not a number for 2 of 3 test images \(jpeg_q95\): it is broken "
+                                         r".* train-detector --force --set detector.lr=3e-05"):
+        evaluate.check_finite(scores, {"lr": 3e-4})
+
+
 def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
     cfg = tiny_cfg("detector.max_train_per_class=12")
     build(cfg.workdir, 60, 32)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import os
 import shutil
@@ -33,8 +34,9 @@ MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
 ARCH = "resnet10t"
 
 
-def export_test_model(uri: str, arch: str = ARCH) -> None:
-    """A randomly initialised detector in the project's model format (no training)."""
+def export_test_model(uri: str, arch: str = ARCH, broken: bool = False) -> None:
+    """A randomly initialised detector in the project's model format (no training);
+    `broken`: its output is NaN, as a diverged training's would be."""
     import torch
 
     from deepfake_ray.models import detector
@@ -43,6 +45,8 @@ def export_test_model(uri: str, arch: str = ARCH) -> None:
     net = detector.create(arch, num_classes=2, pretrained="none")
     with torch.no_grad():  # larger logits, so p_fake differs visibly from image to image
         net.get_classifier().weight.mul_(200.0)
+        if broken:
+            net.get_classifier().bias.fill_(float("nan"))
     cfg = config.build("tiny")
     meta = {"arch": arch, "num_classes": 2, "class_names": ["real", "fake"],
             "resolution": 32, "input_size": 75,
@@ -131,6 +135,38 @@ def multipart(*parts: tuple[str, str | None, bytes]) -> bytes:
 
 def detect(base: str, data: bytes, **kw) -> httpx.Response:
     return httpx.post(f"{base}/v1/detect", content=data, timeout=60, **kw)
+
+
+def test_a_model_whose_output_is_nan_answers_errors_not_labels(service, images_dir, tmp_path, capsys):
+    """Its NaN would read as "real" (NaN >= threshold is False). Over HTTP each image gets a
+    500 JSON error and the service serves on; batch scoring gives each image an error row."""
+    from ray import serve
+
+    from deepfake_ray.serving import app, score
+
+    broken = str(tmp_path / "broken-model")
+    export_test_model(broken, broken=True)
+    serve.run(app.build(serve_cfg(tmp_path), broken), name="broken", route_prefix="/broken", blocking=False)
+    try:
+        one = detect(f"{service}/broken", JPEG)
+        assert one.status_code == 500 and one.json()["error"].startswith(
+            "no finite score: the model's output for this image is not a number; the model is broken")
+        files = [("file", ("face0.jpg", JPEG)), ("file", ("notes.jpg", BAD["notes.jpg"]))]
+        batch = httpx.post(f"{service}/broken/v1/detect/batch", files=files, timeout=60).json()
+        assert [(r["status"], "p_fake" in r) for r in batch["results"]] == [(500, False), (415, False)]
+        assert detect(f"{service}/broken", JPEG).status_code == 500  # still answering
+        assert detect(service, JPEG).status_code == 200  # and the other application with it
+    finally:
+        serve.delete("broken")
+    out = str(tmp_path / "scores.csv")
+    summary = score.run(serve_cfg(tmp_path), model=broken, input=images_dir, out=out)
+    assert (summary["scored"], summary["unscored"], summary["unreadable"]) == (0, len(GOOD), len(BAD))
+    assert f"{len(GOOD)} the model gave no finite score for (it is broken)" in capsys.readouterr().out
+    with open(out, newline="") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    for name in GOOD:
+        assert rows[name]["label"] == "" and rows[name]["p_fake"] == ""
+        assert rows[name]["error"].startswith("no finite score:")
 
 
 def test_http_batch_scoring_and_direct_predictor_agree(service, scored, model_dir):

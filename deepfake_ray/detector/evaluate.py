@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import ray.data
 
 from deepfake_ray import checkpoint, lineage, runtime, storage
@@ -53,6 +54,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     frame = score(cfg, selection, model_uri)
     labels = frame["label"].to_numpy().astype(int)
     scores = {c: frame[f"p_{c}"].to_numpy() for c in CONDITIONS}
+    check_finite(scores, meta)
     robustness = {c: metrics.classification(labels, scores[c], meta["threshold"]) for c in CONDITIONS}
     result = {**robustness["clean"], "split": "test", "model": checkpoint.model_id(meta),
               "model_uri": model_uri, "class_names": meta["class_names"],
@@ -75,6 +77,17 @@ def check_same_data(meta: dict, selection: data.Selection) -> None:
         raise UsageError("the real or fake manifest changed since the detector was trained, so the "
                          "test split may overlap its training images: rerun `deepfake-ray "
                          "train-detector --force` (or `tune --force`) before evaluating")
+
+
+def check_finite(scores: dict, meta: dict) -> None:
+    """A model giving NaN on test images is broken: say so, rather than fail in the metrics."""
+    for condition, p in scores.items():
+        if (bad := int((~np.isfinite(p)).sum())):
+            lr = float(meta.get("lr") or 0)
+            raise UsageError(f"the detector's output is not a number for {bad} of {len(p)} test images "
+                             f"({condition}): it is broken (did its training diverge?); train it anew "
+                             f"with a lower rate: deepfake-ray train-detector --force --set "
+                             f"detector.lr={lr / 10:g}")
 
 
 def score(cfg: Config, selection: data.Selection, model_uri: str):

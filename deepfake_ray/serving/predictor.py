@@ -10,6 +10,7 @@ image gets the same score from each.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -28,6 +29,19 @@ STATUS_BY_REASON = {
     "truncated": 422,
     "corrupt": 422,
 }
+
+
+class NotScored(DecodeError):
+    """A decoded image the model gave NaN (or an infinite logit) for: an error, never a
+    label, since NaN >= threshold is False and would read as "real"."""
+    REASON = "no finite score"
+
+    def __init__(self):
+        super().__init__(self.REASON, "the model's output for this image is not a number; the model "
+                         "is broken (did its training diverge?): retrain it with a lower detector.lr")
+
+
+STATUS_BY_REASON[NotScored.REASON] = 500  # the model's fault, not the file's
 
 
 def error_status(error: DecodeError) -> int:
@@ -114,7 +128,9 @@ class Predictor:
         with torch.inference_mode():
             return detector.p_fake(detector.predict(self.model, x, self.amp)).astype(np.float64)
 
-    def describe(self, p_fake: float) -> dict:
+    def describe(self, p_fake: float) -> dict | NotScored:
+        if not math.isfinite(p_fake):
+            return NotScored()
         fake = p_fake >= self.threshold
         return {"p_fake": float(p_fake), "label": self.class_names[1 if fake else 0],
                 "threshold": self.threshold, "model": self.model_id}

@@ -25,7 +25,7 @@ from deepfake_ray.config import Config
 from deepfake_ray.data import decode
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
-from deepfake_ray.serving.predictor import Predictor, decode_image, error_text, stored_quality
+from deepfake_ray.serving.predictor import NotScored, Predictor, decode_image, error_text, stored_quality
 
 FORMATS = (".parquet", ".csv")
 
@@ -132,14 +132,20 @@ class ScoreActor:
         runtime.freeze_startup_objects()  # a full collection of ~500k objects took 470 ms
 
     def __call__(self, batch: dict) -> dict:
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        errors = np.array(batch["error"], dtype=object)
+        ok = errors == ""
         p_fake = np.full(len(ok), np.nan)
         labels = np.array([""] * len(ok), dtype=object)
         if ok.any():
             p_fake[ok] = self.predictor.predict_pixels(batch["pixels"][ok])
-            labels[ok] = [self.predictor.describe(p)["label"] for p in p_fake[ok]]
+            for i in np.flatnonzero(ok):
+                answer = self.predictor.describe(p_fake[i])
+                if isinstance(answer, DecodeError):
+                    errors[i] = error_text(answer)
+                else:
+                    labels[i] = answer["label"]
         return {"index": batch["index"], "path": batch["path"], "p_fake": p_fake,
-                "label": labels, "error": batch["error"]}
+                "label": labels, "error": errors}
 
 
 def pool(cfg: Config) -> tuple[int, float]:
@@ -191,11 +197,13 @@ def write_table(table: pa.Table, out: str) -> None:
 
 
 def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
-    errors = sum(1 for e in table.column("error").to_pylist() if e)
-    scored = table.num_rows - errors
+    errors = [e for e in table.column("error").to_pylist() if e]
+    scored = table.num_rows - len(errors)
     fakes = sum(1 for label in table.column("label").to_pylist()
                 if label == meta.get("class_names", ["real", "fake"])[1])
-    return {"files": table.num_rows, "scored": scored, "errors": errors, "fakes": fakes,
+    unscored = sum(1 for e in errors if e.startswith(NotScored.REASON))
+    return {"files": table.num_rows, "scored": scored, "errors": len(errors), "unscored": unscored,
+            "unreadable": len(errors) - unscored, "fakes": fakes,
             "fake_share": fakes / scored if scored else 0.0, "seconds": round(seconds, 2),
             "out": out, "model": checkpoint.model_id(meta)}
 
@@ -239,7 +247,8 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
     write_table(table, out)
     s = summarize(table, meta, out, time.time() - started)
+    broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
-          f"{s['errors']} unreadable; fake share {s['fake_share']:.1%} "
+          f"{s['unreadable']} unreadable{broken}; fake share {s['fake_share']:.1%} "
           f"({s['fakes']}/{s['scored']}) by {s['model']} -> {out}", flush=True)
     return s
