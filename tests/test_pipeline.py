@@ -33,7 +33,8 @@ TINY = ["--preset", "tiny"]
 EPOCHS = 4  # several, so the driver is surely killed mid-stage however fast an epoch is
 # TEST ONLY fail_at_epoch: a training worker also dies once, at the end of epoch 2 of the
 # first job (counted from 1), after its export to best/ and before its checkpoint. At this
-# rate epoch 2 beats epoch 1 by far (val loss ~0.1 against ~0.35), so best/ holds it then.
+# rate epoch 2 beats epoch 1 by far (tiny detector runs: val loss ~0.1 against ~0.35), so
+# best/ holds epoch 2 when the worker dies.
 DETECTOR = [f"detector.epochs={EPOCHS}", "detector.arch=resnet10t", "detector.fail_at_epoch=1",
             "detector.lr=0.001"]
 
