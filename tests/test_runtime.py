@@ -81,3 +81,27 @@ def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_se
             time.sleep(5)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray_session, tmp_path):
+    """Checkpoints ranked by a reported score, as the detector's val_score: with keep=1 the
+    run keeps its best one and its newest, and a resumed run reads the best one's state by
+    its epoch (how the detector puts best/ back after an export no checkpoint backs)."""
+    from deepfake_ray import config, storage, training
+
+    runs, found = str(tmp_path / "runs"), str(tmp_path / "found.json")
+
+    def three_epochs(_):
+        for epoch, score in enumerate([0.9, 0.5, 0.7]):
+            training.report_epoch(epoch, {"val_score": score}, {"epoch": epoch, "score": score})
+
+    def read_back(_):
+        states = {epoch: training.state_at_epoch(epoch) for epoch in range(3)}
+        storage.write_json(found, {e: s and s["score"] for e, s in states.items()})
+
+    cfg = config.build("tiny", None, [], workdir=str(tmp_path))
+    training.fit(three_epochs, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
+    kept = {name for name in os.listdir(os.path.join(runs, "scored")) if name.startswith("epoch_")}
+    assert kept == {"epoch_0000", "epoch_0002"}  # epoch 1 is neither the best nor the newest
+    training.fit(read_back, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
+    assert storage.read_json(found) == {"0": 0.9, "1": None, "2": 0.7}
