@@ -283,6 +283,39 @@ def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path
         loop.best_so_far(str(tmp_path))            # epoch overwrites a best it could not read
 
 
+def test_a_resumed_run_puts_back_the_best_from_its_checkpoint_or_says_it_cannot(tiny_cfg, monkeypatch):
+    """best/ and history.json hold a lost epoch 3 (exported, then no checkpoint). On resume
+    the best restored epoch (1 of 2) is exported again from its kept checkpoint, and
+    history.json lists the restored epochs; without an intact checkpoint best/ is kept, said so.
+    (The case where the best is the epoch just restored runs in tests/test_pipeline.py.)"""
+    from deepfake_ray import checkpoint, training
+    from deepfake_ray.detector import loop
+
+    cfg = tiny_cfg()
+    out = storage.join(cfg.workdir, "detector")
+    run = {"out_dir": out, "resolution": 32, "jpeg_quality": 95, "lr": 1e-4, "fingerprints": {},
+           "counts": {}, "parameters": 1}
+
+    def epoch(n: int, auc: float) -> dict:
+        return {"epoch": n, "train_loss": 0.5, "val_loss": 1 - auc, "val_auc": auc, "val_threshold": 0.5}
+
+    history, lost = [epoch(0, 0.9), epoch(1, 0.8)], epoch(2, 0.95)
+    said = []
+    monkeypatch.setattr(training, "say", said.append)
+    for kept, weights in ((False, 2.0), (True, 0.0)):
+        loop.export(out, {"w": torch.full((1,), 2.0)}, lost, cfg, run, {})
+        storage.write_json(storage.join(out, "history.json"), [*history, lost])
+        monkeypatch.setattr(training, "state_at_epoch", lambda e: (
+            {"model": {"w": torch.full((1,), float(e))}} if kept else None))
+        best = loop.restore_best(run, cfg, None, history, {})
+        state, meta = checkpoint.load_model(storage.join(out, "best"))
+        assert float(state["w"]) == weights and meta["epoch"] == best["epoch"] == (0 if kept else 2)
+        assert storage.read_json(storage.join(out, "history.json")) == history
+    assert said == ["[deepfake-ray] detector: no intact checkpoint of best epoch 1; best/ keeps what it holds",
+                    "[deepfake-ray] detector: best/ held epoch 3, which no checkpoint vouches for; "
+                    "exported the best checkpointed epoch, 1, again"]
+
+
 def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_path, monkeypatch):
     """On a cluster the workers cannot read the driver's disk, so a local weights file is
     copied into the S3 work directory. Rewritten, or replaced by another file of that name

@@ -9,7 +9,8 @@ optimizer, RNG and history), so a restarted or resubmitted run resumes there.
 
 best/ is always the best epoch of history.json: an export whose epoch's checkpoint never
 got registered (the driver or a worker lost in between) is replaced on resume from the
-checkpoint of the best epoch the run did keep (Ray Train keeps checkpoints by val_score).
+checkpoint of the best epoch the run did keep (Ray Train keeps checkpoints by val_score),
+and history.json goes back to the restored epochs.
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def train_loop(loop: dict) -> None:
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
             training.say(progress_line(entry, d.epochs))
-        # TEST ONLY fault, at the end of the epoch: best/ may hold this epoch, no checkpoint does
-        training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
+        if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
+            barrier()                 # may hold this epoch, and no checkpoint does
+            training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
         training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)}, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": training.rng_state(), "history": history})
@@ -168,6 +170,11 @@ def gather(arrays: list[np.ndarray]) -> list[np.ndarray]:
     return [np.concatenate([p[i] for p in parts]) for i in range(len(arrays))]
 
 
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def all_sum(values: list[float]) -> list[float]:
     return [float(v.sum()) for v in gather([np.array([v], dtype=np.float64) for v in values])]
 
@@ -176,15 +183,21 @@ def all_sum(values: list[float]) -> list[float]:
 
 def score(entry: dict) -> float:
     """Higher is better: val ROC-AUC (-1 for a diverged epoch), ties broken by the lower val
-    loss. One number: Ray Train keeps checkpoints, and Tune ranks trials, by it (val_score)."""
+    loss. One number: Ray Train keeps checkpoints, and Tune ranks trials, by it (val_score).
+    (AUCs closer than 1e-9, possible beyond ~30k images a class, may then go by loss.)"""
     auc, loss = entry.get("val_auc", math.nan), entry.get("val_loss", math.inf)
     auc = -1.0 if auc is None or math.isnan(auc) else auc
     tie = loss / (1.0 + loss) if loss is not None and math.isfinite(loss) and loss >= 0 else 1.0
-    return auc - 1e-9 * tie  # AUCs of real splits differ by far more than 1e-9 when they differ
+    return auc - 1e-9 * tie
 
 
 def better(entry: dict, best: dict | None) -> bool:
-    return best is None or score(entry) > score(best)
+    """A later epoch wins a tie, as in Ray Train's ranking: the checkpoint kept is its."""
+    return best is None or score(entry) >= score(best)
+
+
+def best_of(history: list[dict]) -> dict:
+    return max(reversed(history), key=score)  # the latest of equals, as better() picks
 
 
 def vouched(entry: dict | None) -> str | None:
@@ -210,7 +223,9 @@ def restore_best(loop: dict, cfg, model, history: list[dict], pre: dict) -> dict
     trained again now), or was cut short; a fresh start (no history) overwrites it anyway."""
     if not history:
         return None
-    want = max(history, key=score)
+    # history.json too may list the epoch being trained again, until that epoch ends
+    storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
+    want = best_of(history)
     found = best_so_far(loop["out_dir"])
     if vouched(found) == vouched(want):
         return want
