@@ -122,12 +122,15 @@ def device() -> torch.device:
     return ray.train.torch.get_device()
 
 
+def run_checkpoints() -> list[Checkpoint]:
+    """This run's checkpoints, newest (the one Ray Train restores) first."""
+    latest = ray.train.get_checkpoint()
+    return [latest, *older_checkpoints(latest)] if latest else []
+
+
 def restore_state() -> dict | None:
     """The newest intact training state of this run, or None for a fresh start."""
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return None
-    for ckpt in [latest, *older_checkpoints(latest)]:
+    for ckpt in run_checkpoints():
         with ckpt.as_directory() as d:
             state = checkpoint.read_state(d)
         if state is not None:
@@ -139,8 +142,7 @@ def restore_state() -> dict | None:
 
 def state_at_epoch(epoch: int) -> dict | None:
     """The intact training state this run checkpointed at `epoch`, or None."""
-    latest = ray.train.get_checkpoint()
-    for ckpt in [latest, *older_checkpoints(latest)] if latest else []:
+    for ckpt in run_checkpoints():
         if epoch_of(ckpt.path) == epoch:
             with ckpt.as_directory() as d:
                 if (state := checkpoint.read_state(d)) is not None:

@@ -21,7 +21,7 @@ import ray.data
 from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, figures, metrics
-from deepfake_ray.detector.train import model_dir, stage_dir
+from deepfake_ray.detector.train import lower_rate, model_dir, stage_dir
 from deepfake_ray.errors import UsageError
 
 CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
@@ -83,11 +83,8 @@ def check_finite(scores: dict, meta: dict) -> None:
     """A model giving NaN on test images is broken: say so, rather than fail in the metrics."""
     for condition, p in scores.items():
         if (bad := int((~np.isfinite(p)).sum())):
-            lr = float(meta.get("lr") or 0)
             raise UsageError(f"the detector's output is not a number for {bad} of {len(p)} test images "
-                             f"({condition}): it is broken (did its training diverge?); train it anew "
-                             f"with a lower rate: deepfake-ray train-detector --force --set "
-                             f"detector.lr={lr / 10:g}")
+                             f"({condition}): it is broken (did its training diverge?); {lower_rate(meta)}")
 
 
 def score(cfg: Config, selection: data.Selection, model_uri: str):

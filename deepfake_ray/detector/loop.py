@@ -200,11 +200,9 @@ def best_of(history: list[dict]) -> dict:
     return max(reversed(history), key=score)  # the latest of equals, as better() picks
 
 
-def vouched(entry: dict | None) -> str | None:
-    """An epoch's validation figures as model.json records them (as text: NaN equals NaN)."""
-    if entry is None:
-        return None
-    return json.dumps({k: v for k, v in entry.items() if k.startswith("val_") or k == "epoch"}, sort_keys=True)
+def vouched(entry: dict) -> dict:
+    """An epoch's validation figures, as model.json records them."""
+    return {k: v for k, v in entry.items() if k.startswith("val_") or k == "epoch"}
 
 
 def best_so_far(out_dir: str) -> dict | None:
@@ -227,7 +225,7 @@ def restore_best(loop: dict, cfg, model, history: list[dict], pre: dict) -> dict
     storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
     want = best_of(history)
     found = best_so_far(loop["out_dir"])
-    if vouched(found) == vouched(want):
+    if json.dumps(found, sort_keys=True) == json.dumps(vouched(want), sort_keys=True):  # NaN == NaN
         return want
     if want is history[-1]:
         weights = model.state_dict()  # the epoch just restored
@@ -252,7 +250,7 @@ def export(out_dir: str, weights: dict, entry: dict, cfg, loop: dict, pre: dict)
             "resolution": loop["resolution"], "jpeg_quality": loop.get("jpeg_quality", cfg.data.jpeg_quality),
             "input_size": d.input_size, "preprocessing": pre,
             "threshold": entry["val_threshold"], "epoch": entry["epoch"],
-            "metrics": json.loads(vouched(entry)),
+            "metrics": vouched(entry),
             "config": config.to_dict(cfg), "lr": loop["lr"], "fingerprints": loop["fingerprints"],
             "data": loop["counts"], "parameters": loop["parameters"]}
     checkpoint.save_model(storage.join(out_dir, "best"), weights, meta)

@@ -204,10 +204,14 @@ def check_converged(meta: dict, history_uri: str) -> None:
     gives NaN scores, which score and serve would otherwise report as "real"."""
     loss = meta["metrics"].get("val_loss", float("nan"))
     if not math.isfinite(loss):
-        lr = float(meta.get("lr") or 0)
-        raise UsageError(f"training diverged at detector.lr={lr:g}: no epoch had a finite validation "
-                         f"loss ({history_uri}); train anew with a lower rate: --force --set "
-                         f"detector.lr={lr / 10:g}")
+        raise UsageError(f"training diverged at detector.lr={float(meta.get('lr') or 0):g}: no epoch had "
+                         f"a finite validation loss ({history_uri}); {lower_rate(meta)}")
+
+
+def lower_rate(meta: dict) -> str:
+    """The advice for a model that diverged: its rate / 10."""
+    lr = float(meta.get("lr") or 0)
+    return f"train anew with a lower rate: deepfake-ray train-detector --force --set detector.lr={lr / 10:g}"
 
 
 def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
