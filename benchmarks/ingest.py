@@ -2,10 +2,10 @@
 
 Baselines (same run, same files): torch.utils.data.DataLoader with 2 worker processes
 running (a) the very same per-file work as `prepare` (`decode.inspect`: sha1, header
-checks, decode, centre crop, resize, JPEG re-encode), the headline, and (b) the issue's
-baseline as written, the same PIL decode and resize only (`decode.decode`). All are
-timed from the folder's name, so all list it; only `prepare` also dedupes and writes
-Parquet. Ray is started before timing.
+checks, decode, centre crop, resize, JPEG re-encode, thumbnail), the headline, and (b)
+the issue's baseline as written, the same PIL decode and resize only (`decode.decode`).
+All are timed from the folder's name, so all list it; only `prepare` also dedupes, finds
+near copies and writes Parquet. Ray is started before timing.
 
     python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 7]
 

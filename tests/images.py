@@ -6,7 +6,7 @@ import os
 import struct
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 from deepfake_ray.data.sample import face
 
@@ -23,6 +23,16 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def rgb(i: int = 0, size: int = 64) -> Image.Image:
     return Image.fromarray(face(7, i, size))
+
+
+def near_copies(picture: Image.Image) -> dict[str, bytes]:
+    """file name -> the same picture saved again, as datasets hold it: recompressed,
+    downscaled, blurred, brightened."""
+    side = picture.size[0]
+    return {"q30.jpg": encode(picture, "JPEG", quality=30),
+            "small.jpg": encode(picture.resize((side * 2 // 5,) * 2, Image.Resampling.BILINEAR), "JPEG", quality=90),
+            "blurred.jpg": encode(picture.filter(ImageFilter.GaussianBlur(1)), "JPEG", quality=90),
+            "brighter.png": encode(ImageEnhance.Brightness(picture).enhance(1.1), "PNG")}
 
 
 def good_files() -> dict[str, bytes]:

@@ -15,7 +15,7 @@ from deepfake_ray import cli, progress, runtime, storage
 from deepfake_ray.data import datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
-from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, rgb
+from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, near_copies, rgb
 
 
 def write_folder(root) -> int:
@@ -104,6 +104,37 @@ def test_one_picture_saved_twice_with_other_metadata_is_in_one_split_and_stored_
     by_picture = manifest.assign(image=manifest["sha1"].map(stored)).groupby(picture)["image"]
     assert by_picture.nunique().max() == 1
     assert not any(b"from a camera" in image for image in images["image"])
+
+
+def test_near_copies_of_a_picture_share_its_split_in_manifest_and_images(ray_session, tiny_cfg, tmp_path,
+                                                                        capsys):
+    """A photo filed again recompressed, resized or retouched is other pixels, so kept, but
+    the same picture: the detector must not train on one copy and be tested on another."""
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(40):  # 200 files: several ingest tasks, so copies land in other parts
+        picture = rgb(i, 96)
+        (folder / f"{i}.png").write_bytes(encode(picture, "PNG"))
+        for name, data in near_copies(picture).items():
+            (folder / f"{i}-{name}").write_bytes(data)
+    cfg = tiny_cfg(f"data.source={folder}", "data.splits=[0.34, 0.33, 0.33]", "resources.data_cpus=0.5")
+    summary = prepare.run(cfg)
+    manifest, rejected, _ = read_outputs(cfg.workdir)
+    assert len(manifest) == 200 and rejected.empty
+    picture = manifest["path"].map(lambda p: os.path.basename(p).split("-")[0].split(".")[0])
+    assert manifest.groupby(picture)["split"].nunique().max() == 1
+    assert set(manifest["split"]) == set(datasets.SPLITS)
+    # one file of each picture is the one the others name
+    named = manifest.groupby(picture)["near_copy_of"].agg(lambda s: set(s) - {""})
+    assert all(len(n) == 1 and picture[manifest["path"] == next(iter(n))].item() == p for p, n in named.items())
+    assert summary["near_copies"] == 160
+    assert "160 near copies in their picture's split" in capsys.readouterr().out
+    # the images parts, which training reads, were mended to the manifest's splits
+    data = datasets.data_dir(cfg.workdir)
+    assert len(storage.list_files(datasets.images_uri(data))) > 1
+    for split in datasets.SPLITS:
+        stored = datasets.read_split(data, split).select_columns(["sha1"]).to_pandas()["sha1"]
+        assert sorted(stored) == sorted(manifest.loc[manifest["split"] == split, "sha1"])
 
 
 def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path, capsys):
@@ -686,3 +717,9 @@ def test_real_utkface_photos_all_accepted(ray_session, tiny_cfg):
     hashes = pq.read_table(datasets.images_uri(datasets.data_dir(cfg.workdir)), columns=["sha1"])
     assert summary["reasons"]["duplicate"] > 0 and hashes.num_rows == summary["images"]
     assert len(set(hashes.column("sha1").to_pylist())) == summary["images"]
+    # The same photo filed under two ages, other bytes: one picture, so one split.
+    manifest = read_outputs(cfg.workdir)[0]
+    twins = manifest[manifest["path"].map(os.path.basename).isin(
+        ["10_0_0_20170110225442428.jpg.chip.jpg", "9_0_0_20170110220406314.jpg.chip.jpg"])]
+    assert len(twins) == 2 and twins["split"].nunique() == 1 and (twins["near_copy_of"] != "").sum() == 1
+    assert summary["near_copies"] >= 40

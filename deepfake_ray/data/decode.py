@@ -15,6 +15,8 @@ import io
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin
 
+from deepfake_ray.data import near_copies
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is rejected, never half-used
 # open_image's own header check (data.max_pixels) is the limit: Pillow's fixed one would
 # refuse anything above 89 MP whatever data.max_pixels says
@@ -263,7 +265,7 @@ def sha1(data: bytes) -> str:
 def inspect(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """One ingest row: metadata plus the normalized JPEG, or the reason it is unusable."""
     row = {"sha1": sha1(data), "bytes": len(data), "width": 0, "height": 0, "format": "",
-           "image": None, "reason": "", "detail": ""}
+           "image": None, "thumb": None, "reason": "", "detail": ""}
     try:
         img = open_image(data, max_pixels)
         (width, height), fmt = img.size, img.format
@@ -271,8 +273,9 @@ def inspect(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_
         if camera_turn(img) in QUARTER_TURNS:  # the size as displayed, as the pixels are
             width, height = height, width
         row.update(width=width, height=height, format=fmt)
+        square = square_image(upright, size)
         # PIL image to JPEG directly: a numpy round trip cost ~40 us of ~800 per photo
-        row["image"] = jpeg_bytes(square_image(upright, size), quality)
+        row["image"], row["thumb"] = jpeg_bytes(square, quality), near_copies.thumbnail(square)
     except DecodeError as e:
         row["reason"], row["detail"] = e.reason, str(e)
     return row

@@ -36,7 +36,7 @@ import ray.data
 
 from deepfake_ray import lineage, runtime, storage
 from deepfake_ray.config import Config, DataConfig
-from deepfake_ray.data import datasets, decode, sample, sources
+from deepfake_ray.data import datasets, decode, near_copies, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
 from deepfake_ray.errors import UsageError
 from deepfake_ray.progress import Progress
@@ -44,13 +44,16 @@ from deepfake_ray.progress import Progress
 MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 64, 2048
 CHUNK_FILES = 32  # what one task can take over from another: ~30 ms of decoding
 TEXT, COUNT = pa.large_string(), pa.int64()  # the types Ray Data writes for the fakes
+# near_copy_of: the path of the picture whose split a near copy takes (`near_copies`), else ""
 MANIFEST_SCHEMA = pa.schema([("path", TEXT), ("width", COUNT), ("height", COUNT), ("format", TEXT),
-                             ("sha1", TEXT), ("bytes", COUNT), ("split", TEXT)])
+                             ("sha1", TEXT), ("bytes", COUNT), ("split", TEXT), ("near_copy_of", TEXT)])
 MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
 REJECTED_SCHEMA = pa.schema([("path", TEXT), ("reason", TEXT), ("detail", TEXT), ("sha1", TEXT),
                              ("bytes", COUNT)])
-# what each task returns to the driver: every file's row, and the part holding its image
-ROW_SCHEMA = pa.schema([*MANIFEST_SCHEMA, ("reason", TEXT), ("detail", TEXT), ("part", TEXT)])
+# what each task returns to the driver: every file's row, the part holding its image and
+# the image's thumbnail, which finds its near copies
+ROW_SCHEMA = pa.schema([*MANIFEST_SCHEMA, ("reason", TEXT), ("detail", TEXT), ("part", TEXT),
+                        ("thumb", pa.binary())])
 
 
 def assign_split(sha1: str, splits: tuple[float, ...]) -> str:
@@ -228,7 +231,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     rows, usable, seen = [], [], set()
     for path, data in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
         row = {**inspect_fetched(data, size, quality, max_pixels), "path": storage.printable(path),
-               "part": "", "split": ""}
+               "part": "", "split": "", "near_copy_of": ""}
         if not row["reason"]:
             # by the stored image, as for the fakes: a picture re-saved with other metadata
             # is other bytes (kept as well) but must not sit in train while it sits in test
@@ -249,24 +252,35 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-def drop_copies(uri: str, hashes) -> None:
-    """Rewrite one images part without the given images."""
+@dataclasses.dataclass
+class Mend:
+    """What the driver changes in one images part its task wrote."""
+    drop: set[str] = dataclasses.field(default_factory=set)  # copies kept in another part
+    splits: dict[str, str] = dataclasses.field(default_factory=dict)  # near copies moved: sha1 -> split
+
+
+def mend_part(uri: str, mend: Mend) -> None:
+    """Rewrite one images part without the dropped images, moved ones in their new split."""
     table = storage.read_parquet(uri)
-    datasets.write_images_part(uri, table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(hashes))))))
+    if mend.drop:
+        table = table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(mend.drop)))))
+    if mend.splits:
+        split = [mend.splits.get(h, s) for h, s in zip(table["sha1"].to_pylist(), table["split"].to_pylist())]
+        table = table.set_column(table.schema.get_field_index("split"), "split",
+                                 pa.array(split, table.schema.field("split").type))
+    datasets.write_images_part(uri, table)
 
 
 def write_outputs(out: str, images: str, manifest: list[dict], rejected: list[dict],
-                  copies: dict[str, set[str]]) -> None:
-    """manifest.parquet, rejected.parquet, and every part in `copies` rewritten without
-    the copies of images kept in another part. The files are independent, so they are
-    written at once: on S3 each rewrite is a GET and a PUT, round trips that one after
-    another add up (3,000 photos, 7 parts rewritten: 1.28x faster against moto on
-    loopback, where the server's own CPU, not latency, is the limit)."""
+                  mends: dict[str, Mend]) -> None:
+    """manifest.parquet, rejected.parquet, and every part in `mends` rewritten. The files
+    are independent, so they are written at once: on S3 each rewrite is a GET and a PUT,
+    round trips that one after another add up (3,000 photos, 7 parts rewritten: 1.28x
+    faster against moto on loopback, where the server's own CPU, not latency, is the limit)."""
     tables = {datasets.manifest_uri(out): pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA),
               storage.join(out, "rejected.parquet"): pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA)}
     with ThreadPoolExecutor(8) as pool:
-        jobs = [pool.submit(drop_copies, storage.join(images, part), hashes)
-                for part, hashes in copies.items()]
+        jobs = [pool.submit(mend_part, storage.join(images, part), mend) for part, mend in mends.items()]
         jobs += [pool.submit(storage.write_parquet, uri, table) for uri, table in tables.items()]
         for job in jobs:
             job.result()  # the first failure, if any, raised here
@@ -305,14 +319,14 @@ def block_count(files: int, slots: int, waves: int) -> int:
     return max(1, min(slots * rounds, -(-files // MIN_FILES_PER_TASK)))
 
 
-def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, set[str]]]:
-    """(manifest, rejected, copies), in path order: the first file of each distinct image
-    is kept; decode failures and later copies are rejected. `copies` maps each images
-    part to the images it holds a copy of but that are kept in another part.
+def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, Mend]]:
+    """(manifest, rejected, mends), in path order: the first file of each distinct image
+    is kept; decode failures and later copies are rejected. `mends` names, per images
+    part, the images it holds a copy of but that are kept in another part.
 
     Plain Python over rows: a few ms for thousands of files (pandas took ~50 ms, a
     tenth of what the driver adds to a small prepare)."""
-    kept, rejected, copies = {}, [], defaultdict(set)
+    kept, rejected, mends = {}, [], defaultdict(Mend)
     for row in sorted(rows, key=itemgetter("path")):
         if row["reason"]:
             rejected.append(row)
@@ -320,8 +334,26 @@ def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, set[s
             rejected.append({**row, "reason": "duplicate",
                              "detail": f"duplicate: same bytes as {first['path']}"})
             if row["part"] != first["part"]:
-                copies[row["part"]].add(row["sha1"])
-    return list(kept.values()), rejected, dict(copies)
+                mends[row["part"]].drop.add(row["sha1"])
+    return list(kept.values()), rejected, mends
+
+
+def share_splits(manifest: list[dict], mends: dict[str, Mend]) -> int:
+    """Put each group of near copies (`near_copies`) in one split: that of its member
+    with the lowest sha1, so a rerun agrees. Returns how many images took another's
+    split; their parts are to be mended."""
+    moved = 0
+    for group in near_copies.groups([row["thumb"] for row in manifest]):
+        rows = [manifest[i] for i in group]
+        first = min(rows, key=itemgetter("sha1"))
+        for row in rows:
+            if row is first:
+                continue
+            row["near_copy_of"] = first["path"]
+            moved += 1
+            if row["split"] != first["split"]:
+                row["split"] = mends[row["part"]].splits[row["sha1"]] = first["split"]
+    return moved
 
 
 def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
@@ -330,6 +362,7 @@ def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
     return {"source": src.name, "images": len(manifest), "rejected": len(rejected),
             "reasons": dict(Counter(row["reason"] for row in rejected)),
             "splits": {s: splits[s] for s in datasets.SPLITS},
+            "near_copies": sum(bool(row["near_copy_of"]) for row in manifest),
             "seconds": round(seconds, 1), "output": out}
 
 
@@ -341,6 +374,8 @@ def summary_line(s: dict) -> str:
     reasons = ", ".join(f"{n:,} {r}" for r, n in sorted(s["reasons"].items(), key=lambda x: -x[1]))
     rejected = f"{s['rejected']:,} rejected" + (f": {reasons}" if reasons else "")
     splits = " / ".join(f"{s['splits'][k]:,} {k}" for k in datasets.SPLITS)
+    if near := s.get("near_copies"):  # absent from a data/ made before they were found
+        splits += f"; {near:,} near cop{'ies' if near != 1 else 'y'} in their picture's split"
     return (f"prepared {count_images(s['images'])} ({rejected}; {splits}) in {s['seconds']:.0f}s "
             f"-> {s['output']}")
 
@@ -590,7 +625,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)
-    manifest, rejected, copies = sort_rows(rows)
+    manifest, rejected, mends = sort_rows(rows)
     if not manifest:
         storage.delete_dir(staged)
         reasons = Counter(row["reason"] for row in rejected)
@@ -599,9 +634,10 @@ def ingest_into_workdir(cfg: Config) -> dict:
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
                             "read: use an s3:// source, or an s3:// --workdir to copy them there"
                             if where else "check the source"))
+    share_splits(manifest, mends)
     lineage.unmark(cfg, STAGE)  # from here on data/ changes
     storage.replace_dir(images, staged)
-    write_outputs(out, images, manifest, rejected, copies)
+    write_outputs(out, images, manifest, rejected, mends)
     summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, time.time() - started),
                                lineage.made(cfg, STAGE))
     print(summary_line(summary))

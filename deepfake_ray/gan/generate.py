@@ -157,7 +157,8 @@ def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
                          "height": pa.array([r] * len(meta), pa.int64()),
                          "format": text(["JPEG"] * len(meta)), "sha1": text(meta["sha1"]),
                          "bytes": pa.array(meta["bytes"].tolist(), pa.int64()),
-                         "split": text(meta["split"])}).select(MANIFEST_COLUMNS)
+                         "split": text(meta["split"]),
+                         "near_copy_of": text([""] * len(meta))}).select(MANIFEST_COLUMNS)
     storage.write_parquet(datasets.manifest_uri(out), manifest)
     return manifest
 

@@ -1,0 +1,35 @@
+import io
+
+import numpy as np
+from PIL import Image
+
+from deepfake_ray.data import decode, near_copies
+from tests.images import near_copies as saved_again, rgb
+
+
+def thumbnails(images: list[Image.Image], size: int = 64) -> list[bytes]:
+    return [near_copies.thumbnail(decode.square_image(im.convert("RGB"), size)) for im in images]
+
+
+def test_each_picture_groups_with_its_copies_and_nothing_else():
+    pictures = [rgb(i, 96) for i in range(150)]
+    copies = [Image.open(io.BytesIO(data)) for p in pictures[:50] for data in saved_again(p).values()]
+    blank = [Image.new("RGB", (64, 64), (g, g, g)) for g in (40, 200)]  # like nothing, not like each other
+    groups = near_copies.groups(thumbnails(pictures + copies + blank))
+    # picture i (index i) with its four copies (150 + 4i ...): one group each, no other group
+    assert sorted(groups) == [[i, *range(150 + 4 * i, 154 + 4 * i)] for i in range(50)]
+
+
+def test_the_hash_bands_find_every_pair_a_full_comparison_finds():
+    """Candidates come from hashing, so a pair the bands missed would leave a picture split:
+    checked against comparing every pair, at every likeness from copies to other faces."""
+    pictures = [rgb(i, 64) for i in range(200)]
+    blends = [Image.blend(pictures[i], pictures[i + 1], alpha) for i in range(0, 100, 2)
+              for alpha in (0.05, 0.1, 0.15, 0.2)]  # from near copies to other pictures
+    thumbs = thumbnails(pictures + blends)
+    units = near_copies.unit_vectors(thumbs)
+    a, b = np.triu_indices(len(thumbs), 1)
+    close = (units[a] * units[b]).sum(axis=1) >= near_copies.SIMILAR
+    everything = set(zip(a[close].tolist(), b[close].tolist()))
+    assert len(everything) >= 100  # the blends span the threshold
+    assert set(map(tuple, near_copies.similar_pairs(thumbs).tolist())) == everything
