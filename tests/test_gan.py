@@ -14,15 +14,18 @@ import time
 
 import numpy as np
 import pytest
+import ray.data
 import torch
 from PIL import Image
 
 from deepfake_ray import checkpoint, cli, config, lineage, storage
-from deepfake_ray.data import datasets, decode, prepare
+from deepfake_ray.data import datasets, decode, near_copies, prepare
 from deepfake_ray.gan import generate, train
+from deepfake_ray.gan.train import model_uri
 from deepfake_ray.models import dcgan
 from tests.checkpoints import registered
 from tests.cli_output import error_lines
+from tests.images import encode, rgb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -351,6 +354,33 @@ def test_generate_is_deterministic_for_a_seed(generated, tmp_path):
     assert fakes() == first  # the same seed: the same fakes, byte for byte
     other = fakes("seed=1", "gan.num_fakes=12")
     assert len(other) == 12 and {s for _, s in other}.isdisjoint(s for _, s in first)
+
+
+def test_each_fake_face_is_chosen_once_its_near_copies_left_out(ray_session):
+    """A generator repeating itself (mode collapse) would put one face in train and test
+    alike. Candidates 0-11 are distinct faces, 12-23 the same faces again with other
+    pixels (as JPEG at quality 30), 24-25 the first two again, byte for byte."""
+    faces = [rgb(i, 32) for i in range(12)]
+    again = [Image.open(io.BytesIO(encode(face, "JPEG", quality=30))).convert("RGB") for face in faces]
+    candidates = []
+    for index, picture in enumerate(faces + again + faces[:2]):
+        jpeg = decode.jpeg_bytes(picture, 95)
+        candidates.append({"index": index, "sha1": decode.sha1(jpeg), "thumb": near_copies.thumbnail(picture)})
+    plenty = dict.fromkeys(datasets.SPLITS, 100)
+    chosen, left_out = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1))
+    assert sorted(chosen) == list(range(12)) and left_out == 14
+
+
+def test_a_generator_that_only_repeats_itself_exits_2_naming_the_fix(generated, tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(generated[0], workdir)
+    state, meta = checkpoint.load_model(model_uri(workdir))
+    first = next(name for name, w in state.items() if w.ndim == 4)  # latent -> 4x4 projection
+    state[first].zero_()  # the input no longer counts: every fake the same face
+    checkpoint.save_model(model_uri(workdir), state, meta)
+    code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--force")
+    assert code == 2 and len(err) == 1
+    assert "the generator has collapsed to a few faces" in err[0] and "train-gan --force" in err[0]
 
 
 def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):

@@ -12,12 +12,15 @@ the encoded bytes). Each split gets as many fakes as the reals hold in it (or
 gan.num_fakes shared in the reals' proportions): candidates are made in rounds and
 the first ones of each split, in index order, are kept, so the result depends only
 on the seed and the generator (on a GPU, on the kind of GPU too: their arithmetic differs).
+A candidate that is a near copy of a chosen one is left out: a generator that repeats
+itself would otherwise put one face in train and test alike.
 """
 from __future__ import annotations
 
 import time
 
 import numpy as np
+from PIL import Image
 import pyarrow as pa
 import ray.data
 from ray.data.expressions import col
@@ -25,7 +28,7 @@ import torch
 
 from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
-from deepfake_ray.data import datasets, decode
+from deepfake_ray.data import datasets, decode, near_copies
 from deepfake_ray.data.prepare import MANIFEST_COLUMNS, assign_split
 from deepfake_ray.errors import UsageError
 from deepfake_ray.gan import figures
@@ -59,10 +62,12 @@ class FakeMaker:
         z = np.stack([latent(self.seed, int(i), self.latent) for i in index])
         with torch.no_grad():
             pixels = dcgan.to_uint8(self.G(torch.from_numpy(z).to(self.device))).numpy()
-        images = [decode.encode_jpeg(p, self.quality) for p in pixels]
+        pictures = [Image.fromarray(p) for p in pixels]
+        images = [decode.jpeg_bytes(picture, self.quality) for picture in pictures]
         return {"index": index, "sha1": np.array([decode.sha1(b) for b in images]),
                 "bytes": np.array([len(b) for b in images], dtype=np.int64),
-                "image": np.array(images, dtype=object)}
+                "image": np.array(images, dtype=object),
+                "thumb": np.array([near_copies.thumbnail(p) for p in pictures], dtype=object)}
 
 
 def latent(seed: int, index: int, size: int) -> np.ndarray:
@@ -91,6 +96,13 @@ def candidates_needed(missing: dict[str, int], splits) -> int:
     return int(max(need, default=0)) + 16
 
 
+def collapsed(candidates: int, distinct: int, total: int, near: int) -> UsageError:
+    return UsageError(f"after {candidates:,} candidates only {distinct:,} of {total:,} fakes are distinct "
+                      f"({near:,} more were copies or near copies of those): the generator has "
+                      "collapsed to a few faces; train it anew (`deepfake-ray train-gan --force`), "
+                      "with more epochs or another gan.lr")
+
+
 def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.data.Dataset:
     """Candidates start..start+count-1, made by a pool of generator actors."""
     # one block per batch: range()'s default of ~200 blocks made every later pass over
@@ -104,22 +116,32 @@ def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.d
         num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
 
 
-def select(rounds: list, want: dict[str, int], splits) -> dict[int, str]:
-    """index -> split of the first candidates of each split, in index order."""
-    meta = [ds.select_columns(["index", "sha1"]).to_pandas() for ds in rounds]
-    chosen, seen, have = {}, set(), dict.fromkeys(want, 0)
-    for index, sha1 in sorted(zip(np.concatenate([m["index"] for m in meta]).tolist(),
-                                  np.concatenate([m["sha1"] for m in meta]).tolist())):
+def select(rounds: list, want: dict[str, int], splits) -> tuple[dict[int, str], int]:
+    """(index -> split of the first candidates of each split, in index order; how many
+    candidates were left out as copies or near copies of a chosen one). A generator that repeats
+    itself (mode collapse) makes near copies (`near_copies`): in two splits, the test
+    split would score fakes the detector trained on, so each picture is chosen once."""
+    meta = [ds.select_columns(["index", "sha1", "thumb"]).to_pandas() for ds in rounds]
+    candidates = sorted(zip(*(np.concatenate([m[c] for m in meta]).tolist() for c in ("index", "sha1", "thumb"))))
+    group = {i: g for g, members in enumerate(near_copies.groups([c[2] for c in candidates])) for i in members}
+    chosen, seen, pictures, have, near = {}, set(), set(), dict.fromkeys(want, 0), 0
+    for i, (index, sha1, _) in enumerate(candidates):
         split = assign_split(sha1, splits)
-        if sha1 in seen or have[split] >= want[split]:
+        if sha1 in seen or group.get(i) in pictures:  # the same bytes, or a near copy
+            near += 1
+            continue
+        if have[split] >= want[split]:
             continue
         seen.add(sha1)
+        if i in group:
+            pictures.add(group[i])
         chosen[index] = split
         have[split] += 1
-    return chosen
+    return chosen, near
 
 
-def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str]]:
+def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str], int]:
+    """(the chosen fakes, index -> split of each, near copies left out: see `select`)"""
     use_gpu = runtime.use_gpus(cfg.resources.use_gpu)
     pool = max(1, cfg.resources.workers)
     if use_gpu:  # one actor per GPU up, or as many as the training used: the autoscaler adds them
@@ -131,14 +153,21 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
         print(f"generate: making {count:,} candidates from index {start:,}", flush=True)
         rounds.append(make(cfg, start, count, pool, use_gpu))
         start += count
-        chosen = select(rounds, want, cfg.data.splits)
+        before = len(chosen)
+        chosen, near = select(rounds, want, cfg.data.splits)
         if len(chosen) == total:
             break
+        if near > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS):
+            raise collapsed(start, len(chosen), total, near)  # more rounds draw the same faces
     else:
         raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
                          f"fill the splits {want}: check data.splits against the reals' splits")
+    if near:
+        print(f"generate: left out {near:,} copies or near copies of chosen fakes (of {start:,} "
+              "candidates): the generator repeats itself that often", flush=True)
     picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
-    return picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), chosen
+    return (picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"),
+            chosen, near)
 
 
 def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
@@ -215,7 +244,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     storage.delete_dir(out)  # a forced or interrupted earlier run, its marker with it
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
-    ds, chosen = generate(cfg, want)
+    ds, chosen, near = generate(cfg, want)
     ds = ds.materialize()
     manifest = write(cfg, out, ds)
     preview(out, ds, chosen)
@@ -223,6 +252,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     summary = {"images": manifest.num_rows, "splits": {s: splits.count(s) for s in datasets.SPLITS},
                "seed": cfg.seed, "resolution": cfg.data.resolution,
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
+               "near_copies_left_out": near,
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
