@@ -596,14 +596,23 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
 
 
 def stop(proc: subprocess.Popen, sig: int) -> int:
+    """Signal a process started in a session of its own; if it has not ended within a
+    minute, kill its whole session, so that a Ray it started is not left running."""
     if proc.poll() is None:
         proc.send_signal(sig)
-    try:  # `serve run` took over 60 s to shut Ray down once, in a loaded suite
-        return proc.wait(timeout=120)
+    try:
+        return proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+
+
+def with_ctrl_c() -> None:
+    """SIGINT as a terminal delivers it: a suite started in the background by a script
+    (`pytest &`) ignores SIGINT, its children inherit that, and Python then never
+    raises KeyboardInterrupt in them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
@@ -645,7 +654,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
         # HAProxy on, as cluster/ sets it, on ports of its own beside this session's Serve
         cluster_env = {**subprocess_env(), **haproxy_env()}
         ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=with_ctrl_c)
         ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
