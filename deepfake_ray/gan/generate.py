@@ -157,8 +157,10 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
         chosen, near = select(rounds, want, cfg.data.splits)
         if len(chosen) == total:
             break
-        if near > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS):
-            raise collapsed(start, len(chosen), total, near)  # more rounds draw the same faces
+        # nine in ten repeats, or a round of nothing new: more rounds (on a cluster, GPU
+        # hours) would draw the same faces again
+        if near >= 9 * len(chosen) or (near > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)):
+            raise collapsed(start, len(chosen), total, near)
     else:
         raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
                          f"fill the splits {want}: check data.splits against the reals' splits")
