@@ -338,22 +338,18 @@ def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, Mend]
     return list(kept.values()), rejected, mends
 
 
-def share_splits(manifest: list[dict], mends: dict[str, Mend]) -> int:
+def share_splits(manifest: list[dict], mends: dict[str, Mend]) -> None:
     """Put each group of near copies (`near_copies`) in one split: that of its member
-    with the lowest sha1, so a rerun agrees. Returns how many images took another's
-    split; their parts are to be mended."""
-    moved = 0
+    with the lowest sha1, so a rerun agrees, which the others name in `near_copy_of`.
+    The parts holding the images moved to another split are added to `mends`."""
     for group in near_copies.groups([row["thumb"] for row in manifest]):
         rows = [manifest[i] for i in group]
         first = min(rows, key=itemgetter("sha1"))
         for row in rows:
-            if row is first:
-                continue
-            row["near_copy_of"] = first["path"]
-            moved += 1
-            if row["split"] != first["split"]:
-                row["split"] = mends[row["part"]].splits[row["sha1"]] = first["split"]
-    return moved
+            if row is not first:
+                row["near_copy_of"] = first["path"]
+                if row["split"] != first["split"]:
+                    row["split"] = mends[row["part"]].splits[row["sha1"]] = first["split"]
 
 
 def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
@@ -375,7 +371,7 @@ def summary_line(s: dict) -> str:
     rejected = f"{s['rejected']:,} rejected" + (f": {reasons}" if reasons else "")
     splits = " / ".join(f"{s['splits'][k]:,} {k}" for k in datasets.SPLITS)
     if near := s.get("near_copies"):  # absent from a data/ made before they were found
-        splits += f"; {near:,} near cop{'ies' if near != 1 else 'y'} in their picture's split"
+        splits += f"; {near:,} near " + ("copy in its" if near == 1 else "copies in their") + " picture's split"
     return (f"prepared {count_images(s['images'])} ({rejected}; {splits}) in {s['seconds']:.0f}s "
             f"-> {s['output']}")
 

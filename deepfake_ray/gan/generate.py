@@ -96,9 +96,9 @@ def candidates_needed(missing: dict[str, int], splits) -> int:
     return int(max(need, default=0)) + 16
 
 
-def collapsed(candidates: int, distinct: int, total: int, near: int) -> UsageError:
+def collapsed(candidates: int, distinct: int, total: int, repeats: int) -> UsageError:
     return UsageError(f"after {candidates:,} candidates only {distinct:,} of {total:,} fakes are distinct "
-                      f"({near:,} more were copies or near copies of those): the generator has "
+                      f"({repeats:,} more were copies or near copies of those): the generator has "
                       "collapsed to a few faces; train it anew (`deepfake-ray train-gan --force`), "
                       "with more epochs or another gan.lr")
 
@@ -124,11 +124,11 @@ def select(rounds: list, want: dict[str, int], splits) -> tuple[dict[int, str], 
     meta = [ds.select_columns(["index", "sha1", "thumb"]).to_pandas() for ds in rounds]
     candidates = sorted(zip(*(np.concatenate([m[c] for m in meta]).tolist() for c in ("index", "sha1", "thumb"))))
     group = {i: g for g, members in enumerate(near_copies.groups([c[2] for c in candidates])) for i in members}
-    chosen, seen, pictures, have, near = {}, set(), set(), dict.fromkeys(want, 0), 0
+    chosen, seen, pictures, have, repeats = {}, set(), set(), dict.fromkeys(want, 0), 0
     for i, (index, sha1, _) in enumerate(candidates):
         split = assign_split(sha1, splits)
         if sha1 in seen or group.get(i) in pictures:  # the same bytes, or a near copy
-            near += 1
+            repeats += 1
             continue
         if have[split] >= want[split]:
             continue
@@ -137,11 +137,11 @@ def select(rounds: list, want: dict[str, int], splits) -> tuple[dict[int, str], 
             pictures.add(group[i])
         chosen[index] = split
         have[split] += 1
-    return chosen, near
+    return chosen, repeats
 
 
 def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str], int]:
-    """(the chosen fakes, index -> split of each, near copies left out: see `select`)"""
+    """(the chosen fakes, index -> split of each, repeats left out: see `select`)"""
     use_gpu = runtime.use_gpus(cfg.resources.use_gpu)
     pool = max(1, cfg.resources.workers)
     if use_gpu:  # one actor per GPU up, or as many as the training used: the autoscaler adds them
@@ -154,22 +154,22 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
         rounds.append(make(cfg, start, count, pool, use_gpu))
         start += count
         before = len(chosen)
-        chosen, near = select(rounds, want, cfg.data.splits)
+        chosen, repeats = select(rounds, want, cfg.data.splits)
         if len(chosen) == total:
             break
         # nine in ten repeats, or a round of nothing new: more rounds (on a cluster, GPU
         # hours) would draw the same faces again
-        if near >= 9 * len(chosen) or (near > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)):
-            raise collapsed(start, len(chosen), total, near)
+        if repeats >= 9 * len(chosen) or (repeats > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)):
+            raise collapsed(start, len(chosen), total, repeats)
     else:
         raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
                          f"fill the splits {want}: check data.splits against the reals' splits")
-    if near:
-        print(f"generate: left out {near:,} copies or near copies of chosen fakes (of {start:,} "
+    if repeats:
+        print(f"generate: left out {repeats:,} copies or near copies of chosen fakes (of {start:,} "
               "candidates): the generator repeats itself that often", flush=True)
     picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
     return (picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"),
-            chosen, near)
+            chosen, repeats)
 
 
 def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
@@ -246,7 +246,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     storage.delete_dir(out)  # a forced or interrupted earlier run, its marker with it
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
-    ds, chosen, near = generate(cfg, want)
+    ds, chosen, repeats = generate(cfg, want)
     ds = ds.materialize()
     manifest = write(cfg, out, ds)
     preview(out, ds, chosen)
@@ -254,7 +254,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     summary = {"images": manifest.num_rows, "splits": {s: splits.count(s) for s in datasets.SPLITS},
                "seed": cfg.seed, "resolution": cfg.data.resolution,
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
-               "near_copies_left_out": near,
+               "repeats_left_out": repeats,
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
