@@ -120,7 +120,9 @@ def select(rounds: list, want: dict[str, int], splits) -> tuple[dict[int, str], 
     """(index -> split of the first candidates of each split, in index order; how many
     candidates were left out as copies or near copies of a chosen one). A generator that repeats
     itself (mode collapse) makes near copies (`near_copies`): in two splits, the test
-    split would score fakes the detector trained on, so each picture is chosen once."""
+    split would score fakes the detector trained on, so each picture is chosen once. A
+    group links near copies through any chain of them: a long chain of faces each like
+    the next counts once, which only a generator that barely varies makes."""
     meta = [ds.select_columns(["index", "sha1", "thumb"]).to_pandas() for ds in rounds]
     candidates = sorted(zip(*(np.concatenate([m[c] for m in meta]).tolist() for c in ("index", "sha1", "thumb"))))
     group = {i: g for g, members in enumerate(near_copies.groups([c[2] for c in candidates])) for i in members}
@@ -159,7 +161,9 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
             break
         # nine in ten repeats, or a round of nothing new: more rounds (on a cluster, GPU
         # hours) would draw the same faces again
-        if repeats >= 9 * len(chosen) or (repeats > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)):
+        mostly_repeats = repeats > 0 and repeats >= 9 * len(chosen)
+        stuck = repeats > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)
+        if mostly_repeats or stuck:
             raise collapsed(start, len(chosen), total, repeats)
     else:
         raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
