@@ -25,7 +25,7 @@ from deepfake_ray.gan.train import model_uri
 from deepfake_ray.models import dcgan
 from tests.checkpoints import registered
 from tests.cli_output import error_lines
-from tests.images import encode, rgb
+from tests.images import near_copies as saved_again, rgb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -361,7 +361,7 @@ def test_each_fake_face_is_chosen_once_its_near_copies_left_out(ray_session):
     alike. Candidates 0-11 are distinct faces, 12-23 the same faces again with other
     pixels (as JPEG at quality 30), 24-25 the first two again, byte for byte."""
     faces = [rgb(i, 32) for i in range(12)]
-    again = [Image.open(io.BytesIO(encode(face, "JPEG", quality=30))).convert("RGB") for face in faces]
+    again = [Image.open(io.BytesIO(saved_again(face)["q30.jpg"])).convert("RGB") for face in faces]
     candidates = []
     for index, picture in enumerate(faces + again + faces[:2]):
         jpeg = decode.jpeg_bytes(picture, 95)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 THUMB = 16  # thumbnail side
 SIMILAR = 0.97
@@ -92,6 +90,11 @@ def alike(units: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 def joined(label: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """`label` (each image's group, named by its lowest index) with `pairs` linked too."""
+    # here, not at the top: every process reading images imports this module (through
+    # decode) for thumbnail(), and scipy.sparse would add ~0.3 s to its start
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = len(label)
     edges = coo_matrix((np.ones(n + len(pairs), np.int8),
                         (np.concatenate([np.arange(n), pairs[:, 0]]), np.concatenate([label, pairs[:, 1]]))),
