@@ -15,6 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from deepfake_ray import checkpoint, config, storage
@@ -580,6 +581,20 @@ def subprocess_env() -> dict:
     return env
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"exited early with {proc.returncode}"
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=2)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url}/healthz did not answer within {seconds}s")
+
+
 def stop(proc: subprocess.Popen, sig: int) -> int:
     """Signal a process started in a session of its own; if it has not ended within a
     minute, kill its whole session, so that a Ray it started is not left running."""
@@ -593,6 +608,25 @@ def stop(proc: subprocess.Popen, sig: int) -> int:
         raise
 
 
+def with_ctrl_c() -> None:
+    """SIGINT as a terminal delivers it: a suite started in the background by a script
+    (`pytest &`) ignores SIGINT, its children inherit that, and Python then never
+    raises KeyboardInterrupt in them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
+    """jobs/serve.yaml as shipped, pointed at the test model and a free port."""
+    with open(os.path.join(ROOT, "jobs", "serve.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["http_options"]["port"] = port
+    spec["applications"][0]["args"]["model"] = model_dir
+    spec["applications"][0]["args"]["preset"] = "tiny"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
 def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -> None:
     deadline = time.time() + seconds
     while text not in log_path.read_text():
@@ -601,34 +635,44 @@ def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -
 
 
 @pytest.mark.slow
-def test_deepfake_ray_serve_starts_its_own_ray_behind_haproxy(model_dir, tmp_path):
-    """`deepfake-ray serve` as a user on one machine starts it: its own Ray, Serve's HAProxy
-    ingress turned on by itself, the URL printed once it is ready, exit 0 on SIGTERM.
-    (`serve deploy jobs/serve.yaml` to a cluster is tested in test_pipeline.py.)"""
+def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tmp_path):
+    """Both ways a user starts the service, booted side by side (each with its own Ray),
+    both behind Serve's HAProxy ingress: Ray's `serve run jobs/serve.yaml` with the
+    environment cluster/ gives its nodes, and `deepfake-ray serve`, which turns HAProxy on
+    by itself, prints its URL once it is ready and exits 0 on SIGTERM."""
     import torch
 
-    port = free_port()
-    log_path = tmp_path / "deepfake-ray-serve.log"
+    ray_port, our_port = free_port(), free_port()
+    ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    ray_cmd = [serve_cli, "run", serve_yaml_for_test(model_dir, ray_port, tmp_path)]
     # asking for a GPU per replica, as the celeb100k preset does: where there is none, on CPU
-    command = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
-               model_dir, "--port", str(port), "--workdir", str(tmp_path / "work"),
+    our_cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
+               model_dir, "--port", str(our_port), "--workdir", str(tmp_path / "work"),
                "--set", "serve.gpus_per_replica=1"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=str(tmp_path), env=subprocess_env(), stdout=log,
+    with open(ray_log, "w") as rl, open(our_log, "w") as ol:
+        # HAProxy on, as cluster/ sets it, on ports of its own beside this session's Serve
+        cluster_env = {**subprocess_env(), **haproxy_env()}
+        ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=with_ctrl_c)
+        ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            url = f"http://127.0.0.1:{port}"
-            wait_for_line(log_path, f"at {url}", proc, 300)  # the URL is printed once ready
-            assert "HAProxy ingress" in log_path.read_text()
+            health = wait_healthy(f"http://127.0.0.1:{ray_port}", ray_proc, 300)
+            assert health["model"].startswith(f"{ARCH}@")
+            assert detect(f"http://127.0.0.1:{ray_port}", JPEG).status_code == 200
+            url = f"http://127.0.0.1:{our_port}"
+            wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
+            assert "HAProxy ingress" in our_log.read_text()
             if not torch.cuda.is_available():
                 assert "serve.gpus_per_replica=1 but this machine has no GPU: running on CPU" \
-                    in log_path.read_text()
-            health = httpx.get(f"{url}/healthz", timeout=30)
-            assert health.status_code == 200 and health.json()["model"].startswith(f"{ARCH}@")
+                    in our_log.read_text()
+            assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
             assert detect(url, JPEG).status_code == 200
         finally:
-            code = stop(proc, signal.SIGTERM)
-    assert code == 0, log_path.read_text()[-3000:]
+            stop(ray_proc, signal.SIGINT)
+            code = stop(ours, signal.SIGTERM)
+    assert code == 0, our_log.read_text()[-3000:]
 
 
 def test_without_an_haproxy_binary_the_embedded_ray_keeps_serves_own_proxy(monkeypatch):
