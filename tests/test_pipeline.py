@@ -80,12 +80,8 @@ def head_node(tmp_path):
         assert time.time() < deadline, "the head node's job server never answered"
         time.sleep(1)
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:  # a throwaway cluster: no need to wait for a clean stop
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL)  # a throwaway cluster: no need to wait for a clean stop
+    proc.wait()
 
 
 def answers(url: str) -> bool:
