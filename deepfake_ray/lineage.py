@@ -51,6 +51,10 @@ def made_here(done: dict) -> None:
     return None
 
 
+def nothing_missing(done: dict) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Stage:
     command: str  # the CLI command that runs it
@@ -62,6 +66,9 @@ class Stage:
     # (what made it, the flags that remake it here) when another command made this stage's
     # output from a run of its own: it cannot be continued, only remade
     made_elsewhere: Callable[[dict], tuple[str, str] | None] = field(default=made_here, compare=False)
+    # what a complete stage made by an older version lacks (None: nothing); said, not refused:
+    # refusing would stop every old work directory over a setting its user never set
+    missing: Callable[[dict], str | None] = field(default=nothing_missing, compare=False)
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ def say_complete(cfg: Config, stage: Stage, done: dict, read: dict | None = None
     from its inputs, it no longer follows from the run as it is now."""
     print(f"{stage.command}: {uri(cfg, stage)} is already complete ({stage.describe(done)}); "
           "--force redoes it", flush=True)
+    say_missing(cfg, stage, done)
     for folder, stale in stale_inputs(cfg, stage, read).items():
         print(f"{stage.command}: note: {storage.join(cfg.workdir, folder)}, which it was made from, is "
               f"out of date ({', '.join(f + '/' for f in stale)} changed since): `deepfake-ray "
@@ -256,6 +264,11 @@ def current(cfg: Config, stage: Stage) -> dict | None:
             check_resumable(cfg, stage, begun, asked)
         return None
     return done if rerun_reason(cfg, stage, done, asked) is None else None
+
+
+def say_missing(cfg: Config, stage: Stage, done: dict) -> None:
+    if lacks := stage.missing(done):
+        print(f"{stage.command}: note: {uri(cfg, stage)} was made {lacks}", flush=True)
 
 
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:

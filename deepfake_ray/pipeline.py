@@ -85,8 +85,11 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         command = step.stage.command
         # current: complete, with these settings, from the inputs there now (which the
         # stages before may just have redone)
-        skipped = not (force or step.always) and lineage.current(cfg, step.stage) is not None
+        done = None if force or step.always else lineage.current(cfg, step.stage)
+        skipped = done is not None
         print(f"\n=== {command} ===" + (" (complete, skipped)" if skipped else ""))
+        if skipped:
+            lineage.say_missing(cfg, step.stage, done)
         started = time.time()
         entry = {"name": command, "status": "skipped" if skipped else "done"}
         try:

@@ -402,7 +402,15 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     assert "seed=0 (asked: 3)" in error_lines(capsys)[0]
     generate_again = ["generate", "--preset", "tiny", "--workdir", workdir]
     assert cli.main(generate_again + ["--set", "resources.workers=3", "--set", "gan.generate_batch_size=7"]) == 0
-    assert "is already complete" in capsys.readouterr().out  # another cluster's resources: still current
+    out = capsys.readouterr().out
+    assert "is already complete" in out and "note:" not in out  # another cluster's resources: still current
+    marker = os.path.join(datasets.fakes_dir(workdir), storage.COMPLETE)
+    older = storage.read_json(marker)  # fakes of the version before repeats were left out
+    del older["repeats_left_out"]
+    storage.write_json(marker, older)
+    assert cli.main(generate_again) == 0
+    assert f"generate: note: {datasets.fakes_dir(workdir)} was made before repeated faces were left out" \
+        in capsys.readouterr().out
 
     # one epoch more, on one worker: the finished run goes on from its last checkpoint
     assert cli.main(train_gan + ["--set", f"gan.epochs={EPOCHS + 1}", "--set", "resources.workers=1"]) == 0

@@ -189,6 +189,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert status == "succeeded", log[-4000:]
     for stage in ("prepare", "train-gan", "generate"):
         assert f"=== {stage} === (complete, skipped)" in log
+    assert "was made before" not in log  # made by this version: nothing missing
     copy = f"{workdir}/sources/faces-"
     manifest = storage.read_parquet(f"{workdir}/data/manifest.parquet").column("path").to_pylist()
     assert len(manifest) == 96 and all(p.startswith(copy) for p in manifest)  # read from the copy

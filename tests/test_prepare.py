@@ -174,8 +174,17 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch
     assert shown and shown == sorted(shown) and shown[-1] == 40  # counts up, ends complete
     manifest, _, _ = read_outputs(cfg.workdir)
     assert prepare.run(cfg) == first
-    assert "already complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already complete" in out and "note:" not in out
     marker = os.path.join(datasets.data_dir(cfg.workdir), storage.COMPLETE)
+    # a data/ of the version before near copies were grouped: kept, and said so
+    older = storage.read_json(marker)
+    del older["near_copies"]
+    storage.write_json(marker, older)
+    assert prepare.run(cfg) == older
+    out = capsys.readouterr().out
+    assert f"prepare: note: {datasets.data_dir(cfg.workdir)} was made before near copies were grouped" in out
+    assert "--force prepares it again" in out
     made = os.stat(marker).st_mtime_ns
     prepare.run(cfg, force=True)
     assert "prepared 40 images" in capsys.readouterr().out and os.stat(marker).st_mtime_ns != made

@@ -472,7 +472,15 @@ def settings(cfg: Config) -> dict:
     return made
 
 
-STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]))
+def missing(done: dict) -> str | None:
+    if "near_copies" in done:
+        return None
+    return ("before near copies were grouped: one photo stored twice (recompressed, resized) may "
+            "be in two splits; --force prepares it again with each picture's copies in one split")
+
+
+STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
+                      missing=missing)
 
 
 def preflight(cfg: Config, force: bool = False, **_) -> dict | None:

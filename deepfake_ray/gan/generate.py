@@ -37,9 +37,18 @@ from deepfake_ray.models import dcgan
 
 PREVIEW = 64
 MAX_ROUNDS = 8
+
+
+def missing(done: dict) -> str | None:
+    if "repeats_left_out" in done:
+        return None
+    return ("before repeated faces were left out: a face the generator drew twice may be in two "
+            "splits; --force makes the fakes again, each face once")
+
+
 STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
                       lambda cfg: {"seed": cfg.seed, "gan.num_fakes": cfg.gan.num_fakes},
-                      lambda d: f"{d['images']:,} fakes")
+                      lambda d: f"{d['images']:,} fakes", missing=missing)
 
 
 class FakeMaker:
