@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -608,11 +609,18 @@ def stop(proc: subprocess.Popen, sig: int) -> int:
         raise
 
 
-def with_ctrl_c() -> None:
-    """SIGINT as a terminal delivers it: a suite started in the background by a script
-    (`pytest &`) ignores SIGINT, its children inherit that, and Python then never
-    raises KeyboardInterrupt in them."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def ctrl_c_for_children():
+    """SIGINT as a terminal delivers it, to the processes started inside: a suite started
+    in the background by a script (`pytest &`) ignores SIGINT, a child inherits that (an
+    ignored signal stays ignored across exec; a handled one becomes the default), and
+    Python then never raises KeyboardInterrupt in it. Not preexec_fn: that runs Python in
+    the forked child, which is unsafe beside this process's threads (moto's server)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
@@ -653,8 +661,9 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     with open(ray_log, "w") as rl, open(our_log, "w") as ol:
         # HAProxy on, as cluster/ sets it, on ports of its own beside this session's Serve
         cluster_env = {**subprocess_env(), **haproxy_env()}
-        ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=with_ctrl_c)
+        with ctrl_c_for_children():
+            ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
