@@ -96,12 +96,12 @@ def quotas(reals: pa.Table, num: int) -> dict[str, int]:
     return out
 
 
-def candidates_needed(missing: dict[str, int], splits) -> int:
+def candidates_needed(still_wanted: dict[str, int], splits) -> int:
     """Enough candidates that every split very likely fills in one round: a split of
     probability p needs about n/p of them, plus three standard deviations."""
     total = sum(splits)
     need = [(n + 3 * n ** 0.5) / (p / total)
-            for n, p in zip((missing[s] for s in datasets.SPLITS), splits) if n > 0 and p > 0]
+            for n, p in zip((still_wanted[s] for s in datasets.SPLITS), splits) if n > 0 and p > 0]
     return int(max(need, default=0)) + 16
 
 
