@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray.data
 import torch
@@ -367,8 +368,71 @@ def test_each_fake_face_is_chosen_once_its_near_copies_left_out(ray_session):
         jpeg = decode.jpeg_bytes(picture, 95)
         candidates.append({"index": index, "sha1": decode.sha1(jpeg), "thumb": near_copies.thumbnail(picture)})
     plenty = dict.fromkeys(datasets.SPLITS, 100)
-    chosen, left_out = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1))
-    assert sorted(chosen) == list(range(12)) and left_out == 14
+    picked = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1))
+    assert sorted(picked.chosen) == list(range(12)) and (picked.repeats, picked.copies_of_reals) == (14, 0)
+
+
+def test_fakes_that_copy_a_real_photo_are_left_out(ray_session):
+    """A generator reproducing its training photos: its copies of them, labelled fake,
+    would teach the detector that those real photos are fake. Candidates 0-11 are
+    distinct faces; the reals hold 0-2 recompressed, 3 blurred, and ten other faces."""
+    faces = [rgb(i, 32) for i in range(12)]
+    reals = [saved_again(face)["q30.jpg"] for face in faces[:3]] + [saved_again(faces[3])["blurred.jpg"]]
+    reals = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in reals] + [rgb(i, 32) for i in range(100, 110)]
+    candidates = [{"index": i, "sha1": decode.sha1(decode.jpeg_bytes(face, 95)), "thumb": near_copies.thumbnail(face)}
+                  for i, face in enumerate(faces)]
+    plenty = dict.fromkeys(datasets.SPLITS, 100)
+    picked = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1),
+                             [near_copies.thumbnail(real) for real in reals])
+    assert sorted(picked.chosen) == list(range(4, 12)) and (picked.repeats, picked.copies_of_reals) == (0, 4)
+
+
+def test_reals_stored_without_thumbnails_get_them_from_their_images(prepared, tmp_path):
+    """A data/ prepared before thumbnails were stored beside the images: `generate` makes
+    them from the stored images, alike to what `prepare` now stores."""
+    stored = datasets.thumbnails(datasets.data_dir(prepared))
+    old = os.path.join(tmp_path, "data")
+    os.makedirs(datasets.images_uri(old))
+    for name in os.listdir(datasets.images_uri(datasets.data_dir(prepared))):
+        part = storage.read_parquet(os.path.join(datasets.images_uri(datasets.data_dir(prepared)), name))
+        datasets.write_images_part(os.path.join(datasets.images_uri(old), name), part.drop_columns(["thumb"]))
+    made = datasets.thumbnails(old)
+    assert len(made) == len(stored) == storage.read_parquet(datasets.manifest_uri(datasets.data_dir(prepared))).num_rows
+    alike = near_copies.unit_vectors(made) @ near_copies.unit_vectors(stored).T
+    assert (alike.max(axis=1) >= 0.99).all() and (alike.max(axis=0) >= 0.99).all()
+
+
+def add_reals(workdir: str, images: list[dict]) -> None:
+    """Stored images (sha1, split, image) put among the reals of `workdir`, as if prepared
+    from its source, leaving data/'s marker (so its identity) as it was."""
+    part = storage.join(datasets.images_uri(datasets.data_dir(workdir)), "added.parquet")
+    reals = storage.read_parquet(datasets.images_uri(datasets.data_dir(workdir)))
+    datasets.write_images_part(part, pa.Table.from_pylist(images, schema=reals.schema))
+
+
+def with_contrast(workdir: str, state: dict, meta: dict) -> None:
+    """Save the generator with its output layer's weights 300 times larger. The session's
+    generator, barely trained, draws faces of one grey (pixels within a level or two),
+    which have no near copies to find: this one draws faces as varied as a trained one."""
+    last = [name for name, w in state.items() if w.ndim == 4][-1]
+    checkpoint.save_model(model_uri(workdir), {**state, last: state[last] * 300}, meta)
+
+
+def test_generate_leaves_out_the_fakes_that_copy_a_real_photo(generated, tmp_path, capsys):
+    """The reals here hold the first five faces this generator draws (as one that memorised
+    them would): the fakes leave those out, make others in their place, and say so."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(generated[0], workdir)
+    with_contrast(workdir, *checkpoint.load_model(model_uri(workdir)))
+    first = generate.FakeMaker(model_uri(workdir), 0, 95, False)({"id": np.arange(5)}, 0)
+    add_reals(workdir, [{"sha1": sha1, "split": "train", "image": image, "thumb": thumb}
+                        for sha1, image, thumb in zip(first["sha1"], first["image"], first["thumb"])])
+    summary = generate.run(tiny(workdir), force=True)
+    assert summary["copies_of_reals_left_out"] >= 5 and "near copies of real photos" in capsys.readouterr().out
+    fakes = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(workdir))).to_pylist()
+    reals = storage.read_parquet(datasets.manifest_uri(datasets.data_dir(workdir)))
+    assert len(fakes) == summary["images"] == reals.num_rows  # others made in their place
+    assert not {f"fake:0:{i:07d}" for i in range(5)} & {row["path"] for row in fakes}
 
 
 def test_a_generator_that_only_repeats_itself_exits_2_naming_the_fix(generated, tmp_path, capsys):
@@ -377,10 +441,17 @@ def test_a_generator_that_only_repeats_itself_exits_2_naming_the_fix(generated, 
     state, meta = checkpoint.load_model(model_uri(workdir))
     first = next(name for name, w in state.items() if w.ndim == 4)  # latent -> 4x4 projection
     state[first].zero_()  # the input no longer counts: every fake the same face
-    checkpoint.save_model(model_uri(workdir), state, meta)
+    with_contrast(workdir, state, meta)
     code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--force")
     assert code == 2 and len(err) == 1
     assert "the generator has collapsed to a few faces" in err[0] and "train-gan --force" in err[0]
+    # and when that one face is a real photo, the generator reproduces what it trained on
+    face = generate.FakeMaker(model_uri(workdir), 0, 95, False)({"id": np.arange(1)}, 0)
+    add_reals(workdir, [{"sha1": face["sha1"][0], "split": "train", "image": face["image"][0],
+                         "thumb": face["thumb"][0]}])
+    code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--force")
+    assert code == 2 and len(err) == 1
+    assert "near copies of real photos" in err[0] and "reproduces the photos it trained on" in err[0]
 
 
 def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
@@ -410,6 +481,12 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     storage.write_json(marker, older)
     assert cli.main(generate_again) == 0
     assert f"generate: note: {datasets.fakes_dir(workdir)} was made before repeated faces were left out" \
+        in capsys.readouterr().out
+    older["repeats_left_out"] = 0
+    del older["copies_of_reals_left_out"]
+    storage.write_json(marker, older)
+    assert cli.main(generate_again) == 0
+    assert f"generate: note: {datasets.fakes_dir(workdir)} was made before fakes copying a real photo were left out" \
         in capsys.readouterr().out
 
     # one epoch more, on one worker: the finished run goes on from its last checkpoint

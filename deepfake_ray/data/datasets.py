@@ -4,7 +4,8 @@
 
     STAGE/manifest.parquet      one row per image: path, width, height, format, sha1, split, ...
     STAGE/images/*.parquet      sha1, split, image (square JPEG at data.resolution,
-                                data.jpeg_quality): reals and fakes are encoded identically
+                                data.jpeg_quality): reals and fakes are encoded identically;
+                                thumb (`near_copies.thumbnail`, absent before 2026-12-03)
     STAGE/_COMPLETE.json        written last
 """
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 import ray.data
 from ray.data.expressions import col
 
 from deepfake_ray import storage
+from deepfake_ray.data import near_copies
 from deepfake_ray.data.decode import decode_jpeg
 from deepfake_ray.errors import UsageError
 
@@ -71,6 +74,24 @@ def read_split(stage_uri: str, split: str) -> ray.data.Dataset:
     return ds.filter(expr=col("split") == split)
 
 
+def thumbnails(stage_uri: str) -> list[bytes]:
+    """Every stored image's `near_copies.thumbnail`, in no particular order: read (256
+    bytes an image), or for images stored before thumbnails were, made from them."""
+    import pyarrow.dataset
+
+    fs, path = storage.resolve(images_uri(stage_uri))
+    stored = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
+    if "thumb" in stored.schema.names:
+        return stored.to_table(columns=["thumb"]).column("thumb").to_pylist()
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["image"])
+    return ds.map_batches(thumbnail_batch, batch_format="numpy").to_pandas()["thumb"].tolist()
+
+
+def thumbnail_batch(batch: dict) -> dict:
+    return {"thumb": np.array([near_copies.thumbnail(Image.fromarray(decode_jpeg(b))) for b in batch["image"]],
+                              dtype=object)}
+
+
 def decode_batch(batch: dict) -> dict:
     """JPEG bytes -> uint8 NHWC `pixels`; other columns pass through."""
     out = {k: v for k, v in batch.items() if k != "image"}
@@ -89,6 +110,7 @@ def keep_chosen(batch: dict, chosen: dict[int, str]) -> pyarrow.Table:
                      "sha1": pa.array(batch["sha1"][keep].tolist(), pa.large_string()),
                      "bytes": pa.array(batch["bytes"][keep], pa.int64()),
                      "image": pa.array(batch["image"][keep].tolist(), pa.binary()),
+                     "thumb": pa.array(batch["thumb"][keep].tolist(), pa.binary()),
                      "split": pa.array([chosen[int(i)] for i in index], pa.large_string())})
 
 

@@ -247,7 +247,8 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
         datasets.write_images_part(storage.join(images, part), pa.table({
             "sha1": pa.array([r["sha1"] for r in usable], TEXT),
             "split": pa.array([r["split"] for r in usable], TEXT),
-            "image": pa.array([r["image"] for r in usable], pa.binary())}))
+            "image": pa.array([r["image"] for r in usable], pa.binary()),
+            "thumb": pa.array([r["thumb"] for r in usable], pa.binary())}))
     # typed here: Ray Data has nothing to infer, and the driver nothing to convert
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 

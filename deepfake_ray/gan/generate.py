@@ -13,11 +13,14 @@ gan.num_fakes shared in the reals' proportions): candidates are made in rounds a
 the first ones of each split, in index order, are kept, so the result depends only
 on the seed and the generator (on a GPU, on the kind of GPU too: their arithmetic differs).
 A candidate that is a near copy of a chosen one is left out: a generator that repeats
-itself would otherwise put one face in train and test alike.
+itself would otherwise put one face in train and test alike. So is one that is a near
+copy of a real photo (a generator reproducing its training images): labelled fake, it
+would teach the detector that a real photo is fake.
 """
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -40,10 +43,13 @@ MAX_ROUNDS = 8
 
 
 def missing(done: dict) -> str | None:
-    if "repeats_left_out" in done:
-        return None
-    return ("before repeated faces were left out: a face the generator drew twice may be in two "
-            "splits; --force makes the fakes again, each face once")
+    if "repeats_left_out" not in done:
+        return ("before repeated faces were left out: a face the generator drew twice may be in two "
+                "splits; --force makes the fakes again, each face once")
+    if "copies_of_reals_left_out" not in done:
+        return ("before fakes copying a real photo were left out: a real photo may be among the "
+                "fakes too; --force makes the fakes again without such copies")
+    return None
 
 
 STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
@@ -105,7 +111,12 @@ def candidates_needed(still_wanted: dict[str, int], splits) -> int:
     return int(max(need, default=0)) + 16
 
 
-def collapsed(candidates: int, distinct: int, total: int, repeats: int) -> UsageError:
+def too_few_new_faces(candidates: int, distinct: int, total: int, repeats: int, copies: int) -> UsageError:
+    if copies > repeats:
+        return UsageError(f"after {candidates:,} candidates only {distinct:,} of {total:,} fakes are new "
+                          f"faces ({copies:,} more were near copies of real photos): the generator "
+                          "reproduces the photos it trained on; train it anew (`deepfake-ray train-gan "
+                          "--force`) on more photos or for fewer epochs")
     return UsageError(f"after {candidates:,} candidates only {distinct:,} of {total:,} fakes are distinct "
                       f"({repeats:,} more were copies or near copies of those): the generator has "
                       "collapsed to a few faces; train it anew (`deepfake-ray train-gan --force`), "
@@ -125,19 +136,36 @@ def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.d
         num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
 
 
-def select(rounds: list, want: dict[str, int], splits) -> tuple[dict[int, str], int]:
-    """(index -> split of the first candidates of each split, in index order; how many
-    candidates were left out as copies or near copies of a chosen one). A generator that repeats
-    itself (mode collapse) makes near copies (`near_copies`): in two splits, the test
-    split would score fakes the detector trained on, so each picture is chosen once. A
-    group links near copies through any chain of them: a long chain of faces each like
-    the next counts once, which only a generator that barely varies makes."""
+class Selection(NamedTuple):
+    chosen: dict[int, str]  # index -> split of the chosen candidates
+    repeats: int  # left out: copies or near copies of a chosen candidate
+    copies_of_reals: int  # left out: near copies of a real photo
+
+
+def select(rounds: list, want: dict[str, int], splits, reals: list[bytes] = ()) -> Selection:
+    """The first candidates of each split, in index order, but for two kinds of near copy
+    (`near_copies`), given the reals' thumbnails. A generator that repeats itself (mode
+    collapse) makes near copies of its fakes: in two splits, the test split would score
+    fakes the detector trained on, so each picture is chosen once. One that reproduces its
+    training photos makes near copies of reals: none is chosen. A group links near copies
+    through any chain of them: a long chain of faces each like the next counts once, which
+    only a generator that barely varies makes."""
     meta = [ds.select_columns(["index", "sha1", "thumb"]).to_pandas() for ds in rounds]
     candidates = sorted(zip(*(np.concatenate([m[c] for m in meta]).tolist() for c in ("index", "sha1", "thumb"))))
-    group = {i: g for g, members in enumerate(near_copies.groups([c[2] for c in candidates])) for i in members}
-    chosen, seen, pictures, have, repeats = {}, set(), set(), dict.fromkeys(want, 0), 0
+    group, real_groups = {}, set()
+    for g, members in enumerate(near_copies.groups(list(reals) + [c[2] for c in candidates])):
+        for i in members:  # reals first: i < len(reals) is a real photo
+            if i < len(reals):
+                real_groups.add(g)
+            else:
+                group[i - len(reals)] = g
+    chosen, seen, pictures, have = {}, set(), set(), dict.fromkeys(want, 0)
+    repeats = copies = 0
     for i, (index, sha1, _) in enumerate(candidates):
         split = assign_split(sha1, splits)
+        if group.get(i) in real_groups:
+            copies += 1
+            continue
         if sha1 in seen or group.get(i) in pictures:  # the same bytes, or a near copy
             repeats += 1
             continue
@@ -148,15 +176,16 @@ def select(rounds: list, want: dict[str, int], splits) -> tuple[dict[int, str], 
             pictures.add(group[i])
         chosen[index] = split
         have[split] += 1
-    return chosen, repeats
+    return Selection(chosen, repeats, copies)
 
 
-def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[int, str], int]:
-    """(the chosen fakes, index -> split of each, repeats left out: see `select`)"""
+def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selection]:
+    """The chosen fakes, and the `Selection` that chose them."""
     use_gpu = runtime.use_gpus(cfg.resources.use_gpu)
     pool = max(1, cfg.resources.workers)
     if use_gpu:  # one actor per GPU up, or as many as the training used: the autoscaler adds them
         pool = max(pool, runtime.cluster_gpus())
+    reals = datasets.thumbnails(datasets.data_dir(cfg.workdir))
     total, rounds, start, chosen = sum(want.values()), [], 0, {}
     for _ in range(MAX_ROUNDS):
         have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
@@ -165,24 +194,27 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, dict[
         rounds.append(make(cfg, start, count, pool, use_gpu))
         start += count
         before = len(chosen)
-        chosen, repeats = select(rounds, want, cfg.data.splits)
+        picked = select(rounds, want, cfg.data.splits, reals)
+        chosen, left_out = picked.chosen, picked.repeats + picked.copies_of_reals
         if len(chosen) == total:
             break
-        # nine in ten repeats, or a round of nothing new: more rounds (on a cluster, GPU
+        # nine in ten left out, or a round of nothing new: more rounds (on a cluster, GPU
         # hours) would draw the same faces again
-        mostly_repeats = repeats > 0 and repeats >= 9 * len(chosen)
-        stuck = repeats > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)
-        if mostly_repeats or stuck:
-            raise collapsed(start, len(chosen), total, repeats)
+        mostly_left_out = left_out > 0 and left_out >= 9 * len(chosen)
+        stuck = left_out > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)
+        if mostly_left_out or stuck:
+            raise too_few_new_faces(start, len(chosen), total, picked.repeats, picked.copies_of_reals)
     else:
         raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
                          f"fill the splits {want}: check data.splits against the reals' splits")
-    if repeats:
-        print(f"generate: left out {repeats:,} copies or near copies of chosen fakes (of {start:,} "
+    if picked.repeats:
+        print(f"generate: left out {picked.repeats:,} copies or near copies of chosen fakes (of {start:,} "
               "candidates): the generator repeats itself that often", flush=True)
-    picked = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
-    return (picked.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"),
-            chosen, repeats)
+    if picked.copies_of_reals:
+        print(f"generate: left out {picked.copies_of_reals:,} near copies of real photos (of {start:,} "
+              "candidates): the generator reproduces real photos that often", flush=True)
+    ds = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
+    return ds.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), picked
 
 
 def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
@@ -190,7 +222,7 @@ def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
     images = datasets.images_uri(out)
     storage.delete_dir(images)
     fs, path = storage.resolve(images)
-    ds.select_columns(["sha1", "split", "image"]).write_parquet(path, filesystem=fs,
+    ds.select_columns(["sha1", "split", "image", "thumb"]).write_parquet(path, filesystem=fs,
                                                                **datasets.IMAGES_PARQUET)
     meta = ds.select_columns(["index", "sha1", "bytes", "split"]).to_pandas()
     meta = meta.sort_values("index", kind="stable")
@@ -259,15 +291,15 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     storage.delete_dir(out)  # a forced or interrupted earlier run, its marker with it
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
-    ds, chosen, repeats = generate(cfg, want)
+    ds, picked = generate(cfg, want)
     ds = ds.materialize()
     manifest = write(cfg, out, ds)
-    preview(out, ds, chosen)
+    preview(out, ds, picked.chosen)
     splits = manifest.column("split").to_pylist()
     summary = {"images": manifest.num_rows, "splits": {s: splits.count(s) for s in datasets.SPLITS},
                "seed": cfg.seed, "resolution": cfg.data.resolution,
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
-               "repeats_left_out": repeats,
+               "repeats_left_out": picked.repeats, "copies_of_reals_left_out": picked.copies_of_reals,
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
