@@ -1,4 +1,6 @@
-"""Builds WORKDIR/data and WORKDIR/fakes in the shared images layout for detector tests.
+"""Builds WORKDIR/data and WORKDIR/fakes in the shared images layout for detector tests,
+as it was before thumbnails were stored beside the images (no `thumb` column): the
+detector must still read such a work directory.
 
 Fakes here are the built-in sample faces with a strong upsampling (checkerboard)
 artifact, the fingerprint transposed convolutions leave: a stand-in generator that is

@@ -34,7 +34,7 @@ IMAGES_PARQUET = dict(use_dictionary=["split"], write_statistics=["split"])
 
 
 def write_images_part(uri: str, table: pyarrow.Table) -> None:
-    """One images part (sha1, split, image), written as every images part is."""
+    """One images part (sha1, split, image, thumb), written as every images part is."""
     storage.write_parquet(uri, table, **IMAGES_PARQUET)
 
 
@@ -74,22 +74,25 @@ def read_split(stage_uri: str, split: str) -> ray.data.Dataset:
     return ds.filter(expr=col("split") == split)
 
 
-def thumbnails(stage_uri: str) -> list[bytes]:
-    """Every stored image's `near_copies.thumbnail`, in no particular order: read (256
-    bytes an image), or for images stored before thumbnails were, made from them."""
+def thumbnails(stage_uri: str) -> dict[str, bytes]:
+    """sha1 -> `near_copies.thumbnail` of every stored image: read (256 bytes an image),
+    or, where images were stored before their thumbnails were, made from them."""
     import pyarrow.dataset
 
     fs, path = storage.resolve(images_uri(stage_uri))
     stored = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet")
-    if "thumb" in stored.schema.names:
-        return stored.to_table(columns=["thumb"]).column("thumb").to_pylist()
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["image"])
-    return ds.map_batches(thumbnail_batch, batch_format="numpy").to_pandas()["thumb"].tolist()
+    if "thumb" in stored.schema.names:  # the first part's schema: absent from another, it reads as nulls
+        table = stored.to_table(columns=["sha1", "thumb"])
+        if table.column("thumb").null_count == 0:
+            return dict(zip(table.column("sha1").to_pylist(), table.column("thumb").to_pylist()))
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["sha1", "image"])
+    made = ds.map_batches(thumbnail_batch, batch_format="numpy").to_pandas()
+    return dict(zip(made["sha1"], made["thumb"]))
 
 
 def thumbnail_batch(batch: dict) -> dict:
-    return {"thumb": np.array([near_copies.thumbnail(Image.fromarray(decode_jpeg(b))) for b in batch["image"]],
-                              dtype=object)}
+    return {"sha1": batch["sha1"], "thumb": np.array(
+        [near_copies.thumbnail(Image.fromarray(decode_jpeg(b))) for b in batch["image"]], dtype=object)}
 
 
 def decode_batch(batch: dict) -> dict:

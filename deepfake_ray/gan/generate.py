@@ -20,7 +20,7 @@ would teach the detector that a real photo is fake.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -142,14 +142,15 @@ class Selection(NamedTuple):
     copies_of_reals: int  # left out: near copies of a real photo
 
 
-def select(rounds: list, want: dict[str, int], splits, reals: list[bytes] = ()) -> Selection:
+def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = ()) -> Selection:
     """The first candidates of each split, in index order, but for two kinds of near copy
     (`near_copies`), given the reals' thumbnails. A generator that repeats itself (mode
     collapse) makes near copies of its fakes: in two splits, the test split would score
     fakes the detector trained on, so each picture is chosen once. One that reproduces its
     training photos makes near copies of reals: none is chosen. A group links near copies
     through any chain of them: a long chain of faces each like the next counts once, which
-    only a generator that barely varies makes."""
+    only a generator that barely varies makes; a candidate linked to a real through other
+    candidates counts as a copy of it."""
     meta = [ds.select_columns(["index", "sha1", "thumb"]).to_pandas() for ds in rounds]
     candidates = sorted(zip(*(np.concatenate([m[c] for m in meta]).tolist() for c in ("index", "sha1", "thumb"))))
     group, real_groups = {}, set()
@@ -185,7 +186,7 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selec
     pool = max(1, cfg.resources.workers)
     if use_gpu:  # one actor per GPU up, or as many as the training used: the autoscaler adds them
         pool = max(pool, runtime.cluster_gpus())
-    reals = datasets.thumbnails(datasets.data_dir(cfg.workdir))
+    reals = list(datasets.thumbnails(datasets.data_dir(cfg.workdir)).values())
     total, rounds, start, chosen = sum(want.values()), [], 0, {}
     for _ in range(MAX_ROUNDS):
         have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
