@@ -69,9 +69,12 @@ class DetectorConfig:
     # after each epoch, batch-norm statistics are recomputed from this many of the
     # epoch's last training inputs (0: off); see models.detector.recalibrate_batchnorm
     bn_recalibration_images: int = 256
-    jpeg_aug_prob: float = 0.0  # Wang et al. 2020: random JPEG re-compression ...
+    # Wang et al. 2020: random JPEG re-compression and Gaussian blur of training images.
+    # Without them a detector of UTKFace photos caught 9% of fakes once blurred (sigma 1)
+    # and 19% once downscaled by half; with them 99.8% of both, clean as before (README)
+    jpeg_aug_prob: float = 0.5
     jpeg_aug_quality: tuple[int, int] = (30, 100)
-    blur_aug_prob: float = 0.0  # ... and Gaussian blur
+    blur_aug_prob: float = 0.5
     blur_aug_sigma: tuple[float, float] = (0.0, 3.0)
     max_train_per_class: int = 0  # 0: all; celeb100k uses 29,500 as the study
     keep_checkpoints: int = 2  # the best ones by val_score, and the newest
