@@ -254,6 +254,23 @@ def test_a_split_decodes_to_exactly_its_images_as_tensors(ray_session, tiny_cfg)
     assert types == {"ArrowTensorTypeV2(shape=(32, 32, 3), dtype=uint8)"}, types
 
 
+def test_training_images_are_recompressed_and_blurred_and_validation_left_clean(ray_session, tiny_cfg):
+    """The augmentation every preset but `tiny` trains with: each training image
+    re-encoded and blurred (here always), validation, which picks the threshold, as stored."""
+    build(tiny_cfg().workdir, 60, 32)
+    sel = data.select(tiny_cfg())
+
+    def pixels(view) -> list[bytes]:
+        return sorted(row["pixels"].tobytes() for row in view.take_all())
+
+    clean = data.training_views(tiny_cfg(), sel)
+    augmented = data.training_views(tiny_cfg("detector.jpeg_aug_prob=1.0", "detector.blur_aug_prob=1.0"), sel)
+    before, after = pixels(clean["train"]), pixels(augmented["train"])
+    assert len(after) == len(before) > 0 and {len(b) for b in after} == {32 * 32 * 3}
+    assert len(set(after) & set(before)) <= len(before) // 10  # each image changed, but for a rare mild draw
+    assert pixels(augmented["val"]) == pixels(clean["val"])
+
+
 # --- the CLI without the model hub ----------------------------------------------------
 
 def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path, monkeypatch):
