@@ -326,6 +326,8 @@ def test_generate_matches_the_reals_layout_and_encoding(generated):
         assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
         assert quantization(row["image"]) == quantization(real_jpeg)  # same JPEG quality
     assert Image.open(os.path.join(workdir, "fakes", "preview.png")).format == "PNG"
+    # the session's barely trained generator draws greys: the summary counts what is stored
+    assert summary["blank_fakes"] == sum(near_copies.blank(t) for t in fake_images.column("thumb").to_pylist())
 
 
 def test_fakes_encoded_unlike_the_reals_are_refused_and_the_complete_ones_kept(generated, capsys):
@@ -369,15 +371,18 @@ def test_each_fake_face_is_chosen_once_its_near_copies_left_out(ray_session):
         candidates.append({"index": index, "sha1": decode.sha1(jpeg), "thumb": near_copies.thumbnail(picture)})
     plenty = dict.fromkeys(datasets.SPLITS, 100)
     picked = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1))
-    assert sorted(picked.chosen) == list(range(12)) and (picked.repeats, picked.copies_of_reals) == (14, 0)
+    assert sorted(picked.chosen) == list(range(12))
+    assert (picked.repeats, picked.copies_of_reals, picked.blank) == (14, 0, 0)
 
 
 def test_fakes_that_copy_a_real_photo_are_left_out(ray_session):
     """A generator reproducing its training photos: its copies of them, labelled fake,
     would teach the detector that those real photos are fake. Candidates 0-11 are
-    distinct faces; the reals hold 0-2 recompressed, 3 blurred, and ten other faces, one
-    of them twice (a group of reals alone, which leaves the candidates be)."""
-    faces = [rgb(i, 32) for i in range(12)]
+    distinct faces, 12 a grey with noise (an untrained generator's: chosen, and counted
+    blank); the reals hold 0-2 recompressed, 3 blurred, and ten other faces, one of them
+    twice (a group of reals alone, which leaves the candidates be)."""
+    grey = np.random.default_rng(0).integers(127, 130, (32, 32, 3)).astype(np.uint8)
+    faces = [rgb(i, 32) for i in range(12)] + [Image.fromarray(grey)]
     reals = [saved_again(face)["q30.jpg"] for face in faces[:3]] + [saved_again(faces[3])["blurred.jpg"]]
     reals += [saved_again(rgb(100, 32))["q30.jpg"]]
     reals = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in reals] + [rgb(i, 32) for i in range(100, 110)]
@@ -386,7 +391,8 @@ def test_fakes_that_copy_a_real_photo_are_left_out(ray_session):
     plenty = dict.fromkeys(datasets.SPLITS, 100)
     picked = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1),
                              [near_copies.thumbnail(real) for real in reals])
-    assert sorted(picked.chosen) == list(range(4, 12)) and (picked.repeats, picked.copies_of_reals) == (0, 4)
+    assert sorted(picked.chosen) == list(range(4, 13))
+    assert (picked.repeats, picked.copies_of_reals, picked.blank) == (0, 4, 1)
 
 
 def test_reals_stored_without_thumbnails_get_them_from_their_images(prepared, tmp_path):
@@ -432,7 +438,9 @@ def test_generate_leaves_out_the_fakes_that_copy_a_real_photo(generated, tmp_pat
     add_reals(workdir, [{"sha1": sha1, "split": "train", "image": image, "thumb": thumb}
                         for sha1, image, thumb in zip(first["sha1"], first["image"], first["thumb"])])
     summary = generate.run(tiny(workdir), force=True)
-    assert summary["copies_of_reals_left_out"] >= 5 and "near copies of real photos" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert summary["copies_of_reals_left_out"] >= 5 and "near copies of real photos" in out
+    assert summary["blank_fakes"] == 0 and "nearly one grey" not in out  # faces with contrast
     fakes = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(workdir))).to_pylist()
     reals = storage.read_parquet(datasets.manifest_uri(datasets.data_dir(workdir)))
     assert len(fakes) == summary["images"] == reals.num_rows  # others made in their place

@@ -37,6 +37,9 @@ FLAT = 1e-3  # a thumbnail this close to one grey (a blank image) is like no oth
 CHECK_PAIRS = 1 << 16  # candidate pairs checked at once: bounds the memory
 KEY_ROWS = 8192  # thumbnails hashed at once: likewise
 MAX_GAP = 32  # see band_pairs
+# a thumbnail whose grey levels vary less than this (standard deviation) shows no face:
+# an untrained generator's grey. Faces measure >= 3 (the demo's fakes), >= 6 (its reals)
+BLANK = 1.0
 
 
 def thumbnail(img: Image.Image) -> bytes:
@@ -45,6 +48,10 @@ def thumbnail(img: Image.Image) -> bytes:
     side = img.size[0]
     small = img.reduce(side // THUMB) if side % THUMB == 0 else img.resize((THUMB, THUMB), Image.Resampling.BOX)
     return small.convert("L").tobytes()
+
+
+def blank(thumb: bytes) -> bool:
+    return float(np.frombuffer(thumb, np.uint8).std()) < BLANK
 
 
 def unit_vectors(thumbs: list[bytes]) -> np.ndarray:

@@ -140,6 +140,7 @@ class Selection(NamedTuple):
     chosen: dict[int, str]  # index -> split of the chosen candidates
     repeats: int  # left out: copies or near copies of a chosen candidate
     copies_of_reals: int  # left out: near copies of a real photo
+    blank: int  # chosen, but nearly one grey (`near_copies.blank`): no face drawn yet
 
 
 def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = ()) -> Selection:
@@ -161,8 +162,8 @@ def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = 
             else:
                 group[i - len(reals)] = g
     chosen, seen, pictures, have = {}, set(), set(), dict.fromkeys(want, 0)
-    repeats = copies = 0
-    for i, (index, sha1, _) in enumerate(candidates):
+    repeats = copies = blanks = 0
+    for i, (index, sha1, thumb) in enumerate(candidates):
         split = assign_split(sha1, splits)
         if group.get(i) in real_groups:
             copies += 1
@@ -177,7 +178,8 @@ def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = 
             pictures.add(group[i])
         chosen[index] = split
         have[split] += 1
-    return Selection(chosen, repeats, copies)
+        blanks += near_copies.blank(thumb)
+    return Selection(chosen, repeats, copies, blanks)
 
 
 def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selection]:
@@ -214,6 +216,11 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selec
     if picked.copies_of_reals:
         print(f"generate: left out {picked.copies_of_reals:,} near copies of real photos (of {start:,} "
               "candidates): the generator reproduces real photos that often", flush=True)
+    if picked.blank:
+        print(f"generate: warning: {picked.blank:,} of {total:,} fakes are nearly one grey, no face: the "
+              "generator has not learned to draw yet, and a detector would tell them by that alone; "
+              "train it longer (`deepfake-ray train-gan --set gan.epochs=N`, N above its epochs, goes on "
+              "from its last checkpoint)", flush=True)
     ds = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
     return ds.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), picked
 
@@ -301,6 +308,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "seed": cfg.seed, "resolution": cfg.data.resolution,
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
                "repeats_left_out": picked.repeats, "copies_of_reals_left_out": picked.copies_of_reals,
+               "blank_fakes": picked.blank,
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
