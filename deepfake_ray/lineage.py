@@ -51,10 +51,6 @@ def made_here(done: dict) -> None:
     return None
 
 
-def nothing_missing(done: dict) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class Stage:
     command: str  # the CLI command that runs it
@@ -66,9 +62,10 @@ class Stage:
     # (what made it, the flags that remake it here) when another command made this stage's
     # output from a run of its own: it cannot be continued, only remade
     made_elsewhere: Callable[[dict], tuple[str, str] | None] = field(default=made_here, compare=False)
-    # what a complete stage made by an older version lacks (None: nothing); said, not refused:
-    # refusing would stop every old work directory over a setting its user never set
-    missing: Callable[[dict], str | None] = field(default=nothing_missing, compare=False)
+    # checks added since, oldest first: (the summary key each records, "before ..." what a
+    # complete stage lacking that key was made without). Said, not refused: refusing would
+    # stop every old work directory over a setting its user never set
+    added: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -267,7 +264,8 @@ def current(cfg: Config, stage: Stage) -> dict | None:
 
 
 def say_missing(cfg: Config, stage: Stage, done: dict) -> None:
-    if lacks := stage.missing(done):
+    """One note for the oldest check a complete stage was made without, if any."""
+    if lacks := next((before for key, before in stage.added if key not in done), None):
         print(f"{stage.command}: note: {uri(cfg, stage)} was made {lacks}", flush=True)
 
 

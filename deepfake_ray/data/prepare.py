@@ -473,15 +473,10 @@ def settings(cfg: Config) -> dict:
     return made
 
 
-def missing(done: dict) -> str | None:
-    if "near_copies" in done:
-        return None
-    return ("before near copies were grouped: one photo stored twice (recompressed, resized) may "
-            "be in two splits; --force prepares it again with each picture's copies in one split")
-
-
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
-                      missing=missing)
+                      added=(("near_copies", "before near copies were grouped: one photo stored twice "
+                              "(recompressed, resized) may be in two splits; --force prepares it again "
+                              "with each picture's copies in one split"),))
 
 
 def preflight(cfg: Config, force: bool = False, **_) -> dict | None:

@@ -42,19 +42,15 @@ PREVIEW = 64
 MAX_ROUNDS = 8
 
 
-def missing(done: dict) -> str | None:
-    if "repeats_left_out" not in done:
-        return ("before repeated faces were left out: a face the generator drew twice may be in two "
-                "splits; --force makes the fakes again, each face once")
-    if "copies_of_reals_left_out" not in done:
-        return ("before fakes copying a real photo were left out: a real photo may be among the "
-                "fakes too; --force makes the fakes again without such copies")
-    return None
-
-
 STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
                       lambda cfg: {"seed": cfg.seed, "gan.num_fakes": cfg.gan.num_fakes},
-                      lambda d: f"{d['images']:,} fakes", missing=missing)
+                      lambda d: f"{d['images']:,} fakes",
+                      added=(("repeats_left_out", "before repeated faces were left out: a face the "
+                              "generator drew twice may be in two splits; --force makes the fakes "
+                              "again, each face once"),
+                             ("copies_of_reals_left_out", "before fakes copying a real photo were left "
+                              "out: a real photo may be among the fakes too; --force makes the fakes "
+                              "again without such copies")))
 
 
 class FakeMaker:
