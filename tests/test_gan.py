@@ -359,18 +359,22 @@ def test_generate_is_deterministic_for_a_seed(generated, tmp_path):
     assert len(other) == 12 and {s for _, s in other}.isdisjoint(s for _, s in first)
 
 
+def select_among(pictures: list, reals: list = ()) -> generate.Selection:
+    """`generate.select` over candidates 0, 1, ... drawing `pictures` (encoded as the
+    generator's are), room for all of them, given these real photos."""
+    candidates = [{"index": i, "sha1": decode.sha1(decode.jpeg_bytes(p, 95)), "thumb": near_copies.thumbnail(p)}
+                  for i, p in enumerate(pictures)]
+    return generate.select([ray.data.from_items(candidates)], dict.fromkeys(datasets.SPLITS, 100),
+                           (0.8, 0.1, 0.1), [near_copies.thumbnail(real) for real in reals])
+
+
 def test_each_fake_face_is_chosen_once_its_near_copies_left_out(ray_session):
     """A generator repeating itself (mode collapse) would put one face in train and test
     alike. Candidates 0-11 are distinct faces, 12-23 the same faces again with other
     pixels (as JPEG at quality 30), 24-25 the first two again, byte for byte."""
     faces = [rgb(i, 32) for i in range(12)]
     again = [Image.open(io.BytesIO(saved_again(face)["q30.jpg"])).convert("RGB") for face in faces]
-    candidates = []
-    for index, picture in enumerate(faces + again + faces[:2]):
-        jpeg = decode.jpeg_bytes(picture, 95)
-        candidates.append({"index": index, "sha1": decode.sha1(jpeg), "thumb": near_copies.thumbnail(picture)})
-    plenty = dict.fromkeys(datasets.SPLITS, 100)
-    picked = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1))
+    picked = select_among(faces + again + faces[:2])
     assert sorted(picked.chosen) == list(range(12))
     assert (picked.repeats, picked.copies_of_reals, picked.blank) == (14, 0, 0)
 
@@ -386,11 +390,7 @@ def test_fakes_that_copy_a_real_photo_are_left_out(ray_session):
     reals = [saved_again(face)["q30.jpg"] for face in faces[:3]] + [saved_again(faces[3])["blurred.jpg"]]
     reals += [saved_again(rgb(100, 32))["q30.jpg"]]
     reals = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in reals] + [rgb(i, 32) for i in range(100, 110)]
-    candidates = [{"index": i, "sha1": decode.sha1(decode.jpeg_bytes(face, 95)), "thumb": near_copies.thumbnail(face)}
-                  for i, face in enumerate(faces)]
-    plenty = dict.fromkeys(datasets.SPLITS, 100)
-    picked = generate.select([ray.data.from_items(candidates)], plenty, (0.8, 0.1, 0.1),
-                             [near_copies.thumbnail(real) for real in reals])
+    picked = select_among(faces, reals)
     assert sorted(picked.chosen) == list(range(4, 13))
     assert (picked.repeats, picked.copies_of_reals, picked.blank) == (0, 4, 1)
 
