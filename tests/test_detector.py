@@ -525,6 +525,9 @@ def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
     assert storage.completed(train.stage_dir(cfg.workdir)) == {"model": in_use}
     assert checkpoint.load_meta(in_use)["lr"] == 1e-4
     assert Tuner.can_restore(os.path.join(cfg.workdir, "tune"))  # rerun: resumed
+    tune.make_tuner(tiny_cfg(*overrides, "tune.max_concurrent_trials=2"), None, "", {})  # as a rerun would
+    assert ("resuming the interrupted sweep in" in (said := capsys.readouterr().out)
+            and "as many trials at once as when it began" in said)
 
 
 def test_workers_flip_different_images_and_still_do_after_a_resume(monkeypatch):

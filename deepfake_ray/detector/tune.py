@@ -157,7 +157,9 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
             print(f"tune: the sweep in {tune_dir(cfg.workdir)} has finished: publishing its best trial "
                   "as detector/model (--force sweeps anew)")
         else:
-            print(f"tune: resuming the interrupted sweep in {tune_dir(cfg.workdir)}")
+            # Tune restores the sweep's search state, its trial limit with it
+            print(f"tune: resuming the interrupted sweep in {tune_dir(cfg.workdir)}, as many trials "
+                  "at once as when it began (tune.max_concurrent_trials counts for a new sweep: --force)")
         return tune.Tuner.restore(path, trainable, resume_unfinished=not finished,
                                   resume_errored=not finished, storage_filesystem=fs)
     t = cfg.tune
