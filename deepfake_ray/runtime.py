@@ -142,9 +142,7 @@ def haproxy_env() -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
                 os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"),
             # fixed ports by default (8500, 9101, 8404): two services on one machine clash
-            **{name: str(free_port()) for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-                                                   "RAY_SERVE_HAPROXY_METRICS_PORT",
-                                                   "RAY_SERVE_HAPROXY_STATS_PORT")}}
+            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS)))}}
 
 
 def haproxy_found() -> bool:
@@ -168,26 +166,40 @@ def serve_ingress() -> str:
 # (10002-19999): a port the OS picked for us there could be handed to another process
 # (a Ray worker's gRPC server, say) before HAProxy binds it, which once failed a start.
 FIXED_PORTS = (20000, 32767)
+HAPROXY_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                 "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
 def free_port() -> int:
     """A port free now that no process is given by the OS when it asks for any port."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct such ports: one service's several listeners (one port picked twice
+    fails its start: drawn one at a time, two of seven ports once came out the same)."""
     low, high = FIXED_PORTS
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             high = min(high, int(f.read().split()[0]) - 1)
     except (OSError, ValueError, IndexError):
         pass
-    for port in random.sample(range(low, high + 1), min(50, max(0, high + 1 - low))):
+    found: list[int] = []
+    for port in random.sample(range(low, high + 1), min(50 + count, max(0, high + 1 - low))):
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))  # as HAProxy binds its stats port
-                return port
+                found.append(port)
             except OSError:
                 continue
-    with socket.socket() as s:  # no such range on this machine: any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if len(found) == count:
+            return found
+    while len(found) < count:  # no such range on this machine: any free ports
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if (port := s.getsockname()[1]) not in found:
+                found.append(port)
+    return found
 
 
 def configure_data(quiet: bool) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from deepfake_ray import config, storage
 from deepfake_ray.data import sample
-from deepfake_ray.runtime import free_port
+from deepfake_ray.runtime import free_ports
 from tests.checkpoints import registered
 from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
 
@@ -61,16 +61,16 @@ AUTH = {"Authorization": f"Bearer {CLUSTER_ENV['RAY_AUTH_TOKEN']}"}
 @pytest.fixture
 def head_node(tmp_path):
     """A real single-node cluster, own ports and 4 CPUs, stopped by killing what it started."""
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, client, agent, agent_grpc, runtime_env_agent, metrics = free_ports(7)
     proc = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0",
          "--object-store-memory=1000000000", "--disable-usage-stats",
-         f"--ray-client-server-port={free_port()}",
+         f"--ray-client-server-port={client}",
          # the session's in-process Ray holds the default agent ports: without its own,
          # this head's job agent never starts ("No available agent to submit job")
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}"],
         env=CLUSTER_ENV, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"

@@ -41,6 +41,16 @@ def test_free_ports_are_ones_the_os_never_hands_out_by_itself():
         s.bind(("0.0.0.0", ports.pop()))  # free indeed
 
 
+def test_one_services_ports_are_never_the_same_port_twice(monkeypatch):
+    """A head node's seven listeners drawn one at a time once got one port twice, and
+    `ray start` refused to start. Asked for together, they are distinct even when the
+    draw, as here, offers each call the same ports in the same order."""
+    monkeypatch.setattr(runtime.random, "sample", lambda population, k: list(population)[:k])
+    assert runtime.free_port() == runtime.free_port()  # what drawing them one at a time risks
+    ports = runtime.free_ports(7)
+    assert len(set(ports)) == 7
+
+
 def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeypatch, tmp_path, capsys):
     from deepfake_ray import cli
     from tests.cli_output import error_lines

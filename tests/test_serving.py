@@ -21,7 +21,7 @@ from PIL import Image
 
 from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
-from deepfake_ray.runtime import free_port, haproxy_env
+from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
 from tests.images import bomb_png, dds_texture, encode, many_scans_jpeg, rgb
 
@@ -650,7 +650,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     by itself, prints its URL once it is ready and exits 0 on SIGTERM."""
     import torch
 
-    ray_port, our_port = free_port(), free_port()
+    ray_port, our_port = free_ports(2)
     ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
     ray_cmd = [serve_cli, "run", serve_yaml_for_test(model_dir, ray_port, tmp_path)]
