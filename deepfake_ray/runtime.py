@@ -108,7 +108,7 @@ def init(address: str | None = None) -> None:
                      dashboard_port=port, **kwargs)
         print(f"ray: in-process, {int(ray.cluster_resources().get('CPU', 0))} CPUs; "
               f"dashboard at http://127.0.0.1:{port}")
-    configure_data(quiet=os.environ.get("DEEPFAKE_RAY_PROGRESS", "1") == "0")
+    configure_data()
     freeze_startup_objects()
 
 
@@ -202,10 +202,16 @@ def free_ports(count: int) -> list[int]:
     return found
 
 
-def configure_data(quiet: bool) -> None:
+def configure_data() -> None:
     """Ray Data settings for the datasets this driver builds.
 
-    Progress bars in a terminal and INFO lines in logs, unless `quiet` (tests want neither).
+    Progress bars in a terminal. In a log, a line every 10 s from each process that runs
+    a dataset instead, Ray Data's own way for a log: its workers take it only without
+    Ray's tqdm, whose bars (those of the processes feeding Ray Train) a log got redrawn
+    as lines, ~300 of a demo pipeline's ~700 around the stages' own ~20.
+    DEEPFAKE_RAY_PROGRESS=1 keeps the bars; 0 turns progress and INFO lines off (jobs
+    and tests set it).
+
     Ray Data 2.60's default Parquet reader (datasource V2) starts a pool of
     footer-reading actors, new processes, for every read_parquet. Our stages read a few
     large Parquet parts, where that start-up cost 5-8 s per read on 2 cores; the V1 reader
@@ -213,7 +219,10 @@ def configure_data(quiet: bool) -> None:
     """
     context = ray.data.DataContext.get_current()
     context.use_datasource_v2 = False
+    setting = os.environ.get("DEEPFAKE_RAY_PROGRESS")
+    quiet = setting == "0"
     context.enable_progress_bars = not quiet
+    context.use_ray_tqdm = setting == "1" or (setting != "0" and sys.stdout.isatty())
     # An error raised in a map task reaches the driver as itself, not as a UserCodeException
     # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
     context.raise_original_map_exception = True

@@ -51,6 +51,31 @@ def test_one_services_ports_are_never_the_same_port_twice(monkeypatch):
     assert len(set(ports)) == 7
 
 
+@pytest.mark.parametrize("setting, terminal, bars", [(None, True, True), (None, False, False),
+                                                     ("1", False, True), ("0", True, False)])
+def test_progress_bars_in_a_terminal_and_a_line_every_10_s_in_a_log(monkeypatch, setting, terminal, bars):
+    """In a log, Ray's tqdm bars of the processes feeding Ray Train were redrawn as
+    hundreds of lines; without it Ray Data's workers log their progress as its driver does."""
+    import io
+
+    import ray.data
+
+    class Stdout(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    monkeypatch.setattr("sys.stdout", Stdout())
+    monkeypatch.delenv("DEEPFAKE_RAY_PROGRESS", raising=False)
+    if setting is not None:
+        monkeypatch.setenv("DEEPFAKE_RAY_PROGRESS", setting)
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "use_ray_tqdm", context.use_ray_tqdm)  # put back afterwards
+    monkeypatch.setattr(context, "enable_progress_bars", context.enable_progress_bars)
+    runtime.configure_data()
+    assert context.use_ray_tqdm is bars
+    assert context.enable_progress_bars is (setting != "0")
+
+
 def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeypatch, tmp_path, capsys):
     from deepfake_ray import cli
     from tests.cli_output import error_lines
