@@ -2,7 +2,8 @@
 
     MODEL_DIR/weights.safetensors   tensors only: loading never unpickles objects
     MODEL_DIR/model.json            architecture, input size, preprocessing, threshold,
-                                    class names, config and data fingerprints
+                                    class names, config, data fingerprints and the
+                                    versions of the software that made it
 
 The training state inside Ray Train checkpoints (`state.pt`) is separate: it is
 loaded with `torch.load(weights_only=True)` and verified against a SHA-256 written
@@ -19,6 +20,7 @@ import io
 import json
 import os
 
+import deepfake_ray
 from deepfake_ray import storage
 from deepfake_ray.errors import UsageError
 
@@ -34,7 +36,8 @@ def save_model(uri: str, state_dict: dict, meta: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     blob = st_save(tensors)
     write_model(uri, blob, {**meta, "format_version": FORMAT_VERSION,
-                            "weights_sha256": hashlib.sha256(blob).hexdigest()})
+                            "weights_sha256": hashlib.sha256(blob).hexdigest(),
+                            "software": deepfake_ray.versions()})
 
 
 def write_model(uri: str, weights: bytes, meta: dict) -> None:

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+import deepfake_ray
 from deepfake_ray.errors import UsageError, find_usage_error
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
@@ -63,10 +64,24 @@ DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is 
                "2 bad usage or input (one line says what and how to fix it), 1 anything else, 130 interrupted.")
 
 
+class PrintVersion(argparse.Action):
+    """argparse's own version action wraps the line at the terminal's width and reads
+    the packages' metadata for every command; this does so only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(deepfake_ray.version_line())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     from deepfake_ray.config import preset_names
 
     p = argparse.ArgumentParser(prog="deepfake-ray", description=DESCRIPTION)
+    p.add_argument("--version", action=PrintVersion,
+                   help="print the version, and those of Ray, torch, timm and Python; exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text, flags) in COMMANDS.items():
         c = sub.add_parser(name, help=help_text, description=help_text)

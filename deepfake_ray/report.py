@@ -172,6 +172,8 @@ def detector(w: str) -> list:
         rows = [[k, fmt(meta[k])] for k in MODEL_KEYS if k in meta]
         if isinstance(meta.get("epoch"), int):  # counted from 1, as train-detector prints it
             rows.append(["best epoch", str(meta["epoch"] + 1)])
+        if isinstance(meta.get("software"), dict):  # what made it
+            rows.append(["made with", ", ".join(f"{k} {v}" for k, v in meta["software"].items())])
         blocks += [Text("Exported model (WORKDIR/detector/model):"), Table(["", ""], rows)]
     return blocks
 

@@ -236,3 +236,20 @@ def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
         pass
     hint = lineage.command_line(workdir, "evaluate")
     assert cli.build_config(cli.parser().parse_args(shlex.split(hint)[1:])) == cfg
+
+
+def test_version_names_the_package_and_what_it_runs_on(capsys):
+    """What a bug report needs: our version, Ray's, torch's, timm's and Python's."""
+    import platform
+    from importlib.metadata import version
+
+    import ray
+
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["--version"])
+    assert ended.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"deepfake-ray {version('deepfake-ray')} (")
+    for part in (f"ray {ray.__version__}", f"torch {version('torch')}", f"timm {version('timm')}",
+                 f"python {platform.python_version()}"):
+        assert part in line

@@ -64,7 +64,8 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
                        [{"epoch": 1, "train_loss": 0.61, "val_accuracy": 0.74},
                         {"epoch": 2, "train_loss": 0.32, "val_accuracy": 0.91}])
     storage.write_json(storage.join(w, "detector/model/model.json"),
-                       {"arch": "inception_resnet_v2", "input_size": 75, "threshold": 0.4321, "epoch": 2})
+                       {"arch": "inception_resnet_v2", "input_size": 75, "threshold": 0.4321, "epoch": 2,
+                        "software": {"deepfake-ray": "0.1.0", "torch": "2.14.1"}})
     storage.write_text(storage.join(w, "tune/results.csv"),
                        "trial_id,lr,val_auc\nt0,1.2e-05,0.81\nt1,0.00031,0.97\n")
     storage.write_json(storage.join(w, "eval/metrics.json"),
@@ -160,7 +161,8 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
                    "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
-                   "<td>best epoch</td><td>3</td>", "0.0123"]:  # model.json's epoch 2, counted from 1
+                   "<td>best epoch</td><td>3</td>", "0.0123",  # model.json's epoch 2, counted from 1
+                   "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>"]:
         assert needle in text, needle
     assert "0.0417" not in text  # the reliability bins are a figure, not a table cell
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()

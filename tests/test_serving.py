@@ -16,6 +16,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import ray
 import yaml
 from PIL import Image
 
@@ -324,6 +325,7 @@ def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     info = httpx.get(f"{service}/v1/model", timeout=30).json()
     assert info["batching"]["max_batch_size"] == 8 and info["stats"]["largest_batch"] <= 8
     assert info["jpeg_quality"] == 95  # how inputs are encoded first (this model's config names it)
+    assert info["software"]["ray"] == ray.__version__  # what made the model
     assert httpx.get(f"{service}/docs", timeout=30).status_code == 200
 
 

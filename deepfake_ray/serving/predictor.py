@@ -100,7 +100,7 @@ class Predictor:
     def info(self) -> dict:
         """What /v1/model shows: identity and how inputs are treated."""
         keys = ("arch", "num_classes", "class_names", "resolution", "input_size",
-                "preprocessing", "threshold", "epoch", "metrics", "format_version")
+                "preprocessing", "threshold", "epoch", "metrics", "format_version", "software")
         return {"model": self.model_id, "uri": self.model_uri, "device": str(self.device),
                 **{k: self.meta[k] for k in keys if k in self.meta}, "jpeg_quality": self.quality}
 
