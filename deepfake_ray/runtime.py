@@ -102,7 +102,7 @@ def init(address: str | None = None) -> None:
                             # a failure (that takes 10 minutes of them).
                             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
                                 os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-                            **haproxy_env()})
+                            **haproxy_env(taken=(port,))})
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,
                      dashboard_port=port, **kwargs)
@@ -126,8 +126,9 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def haproxy_env() -> dict[str, str]:
-    """Serve's HAProxy ingress for the in-process Ray, unless RAY_SERVE_ENABLE_HA_PROXY=0.
+def haproxy_env(taken: tuple[int, ...] = ()) -> dict[str, str]:
+    """Serve's HAProxy ingress for the in-process Ray, unless RAY_SERVE_ENABLE_HA_PROXY=0;
+    its ports are none of `taken` (ports picked for other listeners not yet bound).
 
     HAProxy (a C load balancer shipped with ray[serve] 2.60) hands each request straight
     to the replica's own HTTP server; Serve's Python proxy spent ~6 ms of CPU per request
@@ -142,7 +143,7 @@ def haproxy_env() -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
                 os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"),
             # fixed ports by default (8500, 9101, 8404): two services on one machine clash
-            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS)))}}
+            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS), taken))}}
 
 
 def haproxy_found() -> bool:
@@ -175,9 +176,10 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct such ports: one service's several listeners (one port picked twice
-    fails its start: drawn one at a time, two of seven ports once came out the same)."""
+def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct such ports, none of them `taken`: one service's several listeners
+    (one port picked twice fails its start: drawn one at a time, two of seven ports once
+    came out the same)."""
     low, high = FIXED_PORTS
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -185,7 +187,9 @@ def free_ports(count: int) -> list[int]:
     except (OSError, ValueError, IndexError):
         pass
     found: list[int] = []
-    for port in random.sample(range(low, high + 1), min(50 + count, max(0, high + 1 - low))):
+    for port in random.sample(range(low, high + 1), min(50 + count + len(taken), max(0, high + 1 - low))):
+        if port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))  # as HAProxy binds its stats port
@@ -197,7 +201,7 @@ def free_ports(count: int) -> list[int]:
     while len(found) < count:  # no such range on this machine: any free ports
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            if (port := s.getsockname()[1]) not in found:
+            if (port := s.getsockname()[1]) not in found and port not in taken:
                 found.append(port)
     return found
 
@@ -222,7 +226,9 @@ def configure_data() -> None:
     setting = os.environ.get("DEEPFAKE_RAY_PROGRESS")
     quiet = setting == "0"
     context.enable_progress_bars = not quiet
-    context.use_ray_tqdm = setting == "1" or (setting != "0" and sys.stdout.isatty())
+    # RAY_TQDM=0, a user's own choice of Ray's, still wins
+    context.use_ray_tqdm = ray.data.context.DEFAULT_USE_RAY_TQDM and (
+        setting == "1" or (setting != "0" and sys.stdout.isatty()))
     # An error raised in a map task reaches the driver as itself, not as a UserCodeException
     # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
     context.raise_original_map_exception = True

@@ -49,6 +49,7 @@ def test_one_services_ports_are_never_the_same_port_twice(monkeypatch):
     assert runtime.free_port() == runtime.free_port()  # what drawing them one at a time risks
     ports = runtime.free_ports(7)
     assert len(set(ports)) == 7
+    assert not set(runtime.free_ports(3, taken=tuple(ports))) & set(ports)  # picked, not yet bound
 
 
 @pytest.mark.parametrize("setting, terminal, bars", [(None, True, True), (None, False, False),
