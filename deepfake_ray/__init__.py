@@ -4,14 +4,18 @@ from __future__ import annotations
 from importlib import metadata
 import platform
 
+# pyproject.toml reads it from here: a job whose code travels as Ray's working_dir
+# (not installed on the node) still knows its version
+__version__ = "0.1.0"
 # what a model was made with and what a bug report needs: read from the installed
 # packages' metadata, so no process imports torch to learn its version
-SOFTWARE = ("deepfake-ray", "ray", "torch", "torchvision", "timm", "pillow", "pyarrow")
+SOFTWARE = ("ray", "torch", "torchvision", "timm", "pillow", "pyarrow")
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of the software that makes and runs models, and Python's."""
-    found = {}
+    """This package's version, the installed ones of the software that makes and runs
+    models, and Python's."""
+    found = {"deepfake-ray": __version__}
     for name in SOFTWARE:
         try:
             found[name] = metadata.version(name)
