@@ -1,8 +1,9 @@
 """deepfake-ray: detect GAN-generated faces, each pipeline stage a Ray job."""
 from __future__ import annotations
 
-from importlib import metadata
+import functools
 import platform
+from importlib import metadata
 
 # pyproject.toml reads it from here: a job whose code travels as Ray's working_dir
 # (not installed on the node) still knows its version
@@ -12,9 +13,10 @@ __version__ = "0.1.0"
 SOFTWARE = ("ray", "torch", "torchvision", "timm", "pillow", "pyarrow")
 
 
+@functools.cache  # every model save asks: one read of the packages' metadata a process
 def versions() -> dict[str, str]:
     """This package's version, the installed ones of the software that makes and runs
-    models, and Python's."""
+    models, and Python's. Shared: copy it to change it."""
     found = {"deepfake-ray": __version__}
     for name in SOFTWARE:
         try:
@@ -24,7 +26,12 @@ def versions() -> dict[str, str]:
     return {**found, "python": platform.python_version()}
 
 
+def versions_text(found: dict[str, str]) -> str:
+    """`name version, name version, ...`, as --version and the report show them."""
+    return ", ".join(f"{name} {version}" for name, version in found.items())
+
+
 def version_line() -> str:
     """`deepfake-ray --version`: the package, then what it runs on."""
-    found = versions()
-    return f"deepfake-ray {found.pop('deepfake-ray')} (" + ", ".join(f"{k} {v}" for k, v in found.items()) + ")"
+    found = dict(versions())
+    return f"deepfake-ray {found.pop('deepfake-ray')} ({versions_text(found)})"

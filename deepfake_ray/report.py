@@ -15,6 +15,7 @@ import json
 import re
 import time
 
+import deepfake_ray
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
@@ -173,7 +174,7 @@ def detector(w: str) -> list:
         if isinstance(meta.get("epoch"), int):  # counted from 1, as train-detector prints it
             rows.append(["best epoch", str(meta["epoch"] + 1)])
         if isinstance(meta.get("software"), dict):  # what made it
-            rows.append(["made with", ", ".join(f"{k} {v}" for k, v in meta["software"].items())])
+            rows.append(["made with", deepfake_ray.versions_text(meta["software"])])
         blocks += [Text("Exported model (WORKDIR/detector/model):"), Table(["", ""], rows)]
     return blocks
 
