@@ -102,7 +102,7 @@ def init(address: str | None = None) -> None:
                             # a failure (that takes 10 minutes of them).
                             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
                                 os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-                            **haproxy_env(taken=(port,))})
+                            **haproxy_env()})
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,
                      dashboard_port=port, **kwargs)
@@ -126,9 +126,8 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def haproxy_env(taken: tuple[int, ...] = ()) -> dict[str, str]:
-    """Serve's HAProxy ingress for the in-process Ray, unless RAY_SERVE_ENABLE_HA_PROXY=0;
-    its ports are none of `taken` (ports picked for other listeners not yet bound).
+def haproxy_env() -> dict[str, str]:
+    """Serve's HAProxy ingress for the in-process Ray, unless RAY_SERVE_ENABLE_HA_PROXY=0.
 
     HAProxy (a C load balancer shipped with ray[serve] 2.60) hands each request straight
     to the replica's own HTTP server; Serve's Python proxy spent ~6 ms of CPU per request
@@ -143,7 +142,7 @@ def haproxy_env(taken: tuple[int, ...] = ()) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
                 os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"),
             # fixed ports by default (8500, 9101, 8404): two services on one machine clash
-            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS), taken))}}
+            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS)))}}
 
 
 def haproxy_found() -> bool:
@@ -171,15 +170,19 @@ HAPROXY_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRIC
                  "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
+# Every port free_ports has handed out in this process: one picked again before its first
+# taker binds it fails a start (a head node's seven listeners, drawn one at a time, once got
+# one port twice; the in-process Ray's dashboard port is bound only after HAProxy's are drawn).
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A port free now that no process is given by the OS when it asks for any port."""
     return free_ports(1)[0]
 
 
-def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
-    """`count` distinct such ports, none of them `taken`: one service's several listeners
-    (one port picked twice fails its start: drawn one at a time, two of seven ports once
-    came out the same)."""
+def free_ports(count: int) -> list[int]:
+    """`count` such ports, none handed out before by this process."""
     low, high = FIXED_PORTS
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -187,23 +190,28 @@ def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
     except (OSError, ValueError, IndexError):
         pass
     found: list[int] = []
-    for port in random.sample(range(low, high + 1), min(50 + count + len(taken), max(0, high + 1 - low))):
-        if port in taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))  # as HAProxy binds its stats port
-                found.append(port)
-            except OSError:
-                continue
+    for port in random.sample(range(low, high + 1), min(50 + count + len(_handed_out), max(0, high + 1 - low))):
+        if port not in _handed_out and bindable(port):
+            found.append(port)
+            _handed_out.add(port)
         if len(found) == count:
             return found
     while len(found) < count:  # no such range on this machine: any free ports
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            if (port := s.getsockname()[1]) not in found and port not in taken:
+            if (port := s.getsockname()[1]) not in _handed_out:
                 found.append(port)
+                _handed_out.add(port)
     return found
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))  # as HAProxy binds its stats port
+            return True
+        except OSError:
+            return False
 
 
 def configure_data() -> None:

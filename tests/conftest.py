@@ -11,16 +11,7 @@ import time
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_PORT = _free_port()
-os.environ.update(
-    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+os.environ.update(  # before Ray and torch are imported
     AWS_ACCESS_KEY_ID="testing",
     AWS_SECRET_ACCESS_KEY="testing",
     AWS_DEFAULT_REGION="us-east-1",
@@ -28,6 +19,13 @@ os.environ.update(
     RAY_TRAIN_V2_ENABLED="1",
     OMP_NUM_THREADS="1",
 )
+
+from deepfake_ray.runtime import free_port  # noqa: E402
+
+# Picked now, bound only when a test first needs S3: below the kernel's ephemeral range,
+# so no outgoing connection of Ray's can be given it meanwhile
+S3_PORT = free_port()
+os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 
 
 def pytest_collection_modifyitems(items):

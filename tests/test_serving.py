@@ -662,7 +662,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
                "--set", "serve.gpus_per_replica=1"]
     with open(ray_log, "w") as rl, open(our_log, "w") as ol:
         # HAProxy on, as cluster/ sets it, on ports of its own beside this session's Serve
-        cluster_env = {**subprocess_env(), **haproxy_env(taken=(ray_port, our_port))}
+        cluster_env = {**subprocess_env(), **haproxy_env()}
         with ctrl_c_for_children():
             ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
                                         stderr=subprocess.STDOUT, start_new_session=True)
