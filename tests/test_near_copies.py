@@ -48,3 +48,22 @@ def test_a_generator_drawing_one_face_over_and_over_makes_one_group_quickly():
     noise = np.random.default_rng(0).integers(-2, 3, (20000, face.size))
     thumbs = [row.tobytes() for row in np.clip(face + noise, 0, 255).astype(np.uint8)]
     assert near_copies.groups(thumbs + [thumbs[0]] * 5000) == [list(range(25000))]
+
+
+def test_near_copies_beside_thousands_of_one_face_still_group():
+    """A generator drawing one face thousands of times fills the runs of equal hash keys
+    that another face's copies fall into; each image is paired with its next 32 there
+    only, so in the order the images came, those copies were never compared."""
+    rng = np.random.default_rng(106)  # copies that share a band (the hash's odds decide that)
+    face = np.frombuffer(thumbnails([rgb(0, 64)])[0], np.uint8).astype(np.float64)
+    face = face.mean() + (face - face.mean()) * 29 / face.std()
+    other = face + rng.normal(0, 10, face.size)  # another face, correlating ~0.94 with it
+
+    def copies(of, sd, n):
+        return [np.clip(of + rng.normal(0, sd, of.size), 0, 255).astype(np.uint8).tobytes() for _ in range(n)]
+
+    first, second = copies(other, 3.4, 2)
+    thumbs = [first, *copies(face, 2, 3000), second]
+    units = near_copies.unit_vectors(thumbs)
+    assert units[0] @ units[-1] >= 0.985 and units[0] @ units[1] < 0.95  # a near copy; another face
+    assert sorted(near_copies.groups(thumbs)) == [[0, 3001], list(range(1, 3001))]

@@ -85,13 +85,15 @@ def band_keys(units: np.ndarray) -> np.ndarray:
     return keys
 
 
-def band_pairs(band: np.ndarray, index: np.ndarray) -> np.ndarray:
+def band_pairs(band: np.ndarray, index: np.ndarray, along: np.ndarray) -> np.ndarray:
     """(pairs, 2) of the images in `index` sharing their key in this band, each with at
     most the MAX_GAP next ones of its run of equal keys. Runs are short (at most 17 of
     3,000 faces), but a generator drawing one face thousands of times makes one run of
     them in every band: all its pairs would be k^2 (10,000 copies: 25 GB), while links to
-    the next few already chain the run into one group."""
-    order = np.argsort(band[index], kind="stable")
+    the next few already chain the run into one group. Within a run, images are in the
+    order of `along` (each image's coordinate along the principal direction), so that
+    another face's copies in that run sit side by side, not thousands of images apart."""
+    order = np.lexsort((along[index], band[index]))
     ranked, who = band[index][order], index[order]
     found = [np.empty((0, 2), np.int64)]
     for gap in range(1, min(MAX_GAP, len(ranked) - 1) + 1):
@@ -152,7 +154,7 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     if len(index) >= 2:
         found, near = [], principal(units)
         for band in band_keys(units).T:  # a band at a time, pairs already linked not checked again
-            pairs = band_pairs(band, index)
+            pairs = band_pairs(band, index, near[:, -1])
             found.append(alike(units, near, pairs[label[pairs[:, 0]] != label[pairs[:, 1]]]))
             if sum(map(len, found)) > len(thumbs):  # many links (one face drawn again and again):
                 label, found = joined(label, np.concatenate(found)), []  # join them before the next band
