@@ -4,9 +4,11 @@ held-out test images cost, against moto's S3 server on loopback (started here).
 Baseline: pyarrow's S3 output stream as opened by default, which starts a multipart
 upload for every file (create, part, complete: three requests). Measured against it,
 in the same run, each round timed back to back with the baseline (the median ratio):
-  - `storage.write_bytes`, one file at a time (the filesystem opened with
-    allow_delayed_open: a file under 5 MB is one PutObject when it is closed);
+  - `storage.write_bytes`, one file at a time (one boto3 PutObject a file under 64 MB);
   - `storage.write_many`, 32 at a time (how the score stage writes the test images).
+
+moto runs in this process, so its Python and boto3's share one GIL on loopback: 32
+writers at once gain less here than against a real store, where they wait on the network.
 
     python benchmarks/s3_writes.py [--files 300] [--bytes 4000] [--rounds 5]
 

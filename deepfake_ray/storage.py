@@ -6,8 +6,9 @@ region and endpoint come from the standard AWS environment and config files
 S3-compatible stores such as MinIO).
 
 Writes are atomic: a reader sees the whole file or none of it. Locally we write a
-temporary sibling and rename it; on S3 an object only appears when its upload
-completes, so we upload from memory in one go and never stream half a file.
+temporary sibling and rename it; on S3 an object only changes when its upload
+completes, so we upload from memory with boto3 (one PutObject, or a multipart upload
+that is aborted if any part fails), never through a stream that a failure would close.
 """
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
         kwargs["region"] = region
-    # delayed open: a file under 5 MB is sent as one PutObject when closed, not as a
-    # multipart upload opened at once (three round trips: 31 against 15 ms a file on
-    # moto); a missing bucket is then reported by the write instead of the open
+    # delayed open, for what Ray Train and Tune write through it (our own writes go
+    # through boto3, see s3_put): a file under 5 MB is sent as one PutObject when closed,
+    # not as a multipart upload opened at once (three round trips: 31 against 15 ms a
+    # file on moto)
     return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
 
 
@@ -99,8 +101,43 @@ S3_PROBLEMS = {
 }
 
 
+# The same problems as botocore names them (boto3 writes, reads and locks).
+BOTO_PROBLEMS = {"NoSuchBucket": "NO_SUCH_BUCKET", "AccessDenied": "ACCESS_DENIED", "403": "ACCESS_DENIED",
+                 "InvalidAccessKeyId": "INVALID_ACCESS_KEY_ID",
+                 "SignatureDoesNotMatch": "SIGNATURE_DOES_NOT_MATCH"}
+
+
+class StoreError(OSError):
+    """A boto3 request on `uri` failed: the store's problem (network, bucket, credentials),
+    not the file's. `problem`: its S3_PROBLEMS key, when the user can fix it."""
+
+    def __init__(self, uri: str, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.uri, self.problem = uri, problem
+
+    def __reduce__(self):  # raised in a Ray task, it is pickled to the driver
+        return StoreError, (self.uri, str(self), self.problem)
+
+
+def store_error(uri: str, cause: BaseException) -> StoreError:
+    return StoreError(uri, f"{uri}: {cause}", boto_problem(cause))
+
+
+def boto_problem(e: BaseException) -> str | None:
+    """The S3_PROBLEMS key of a botocore or boto3 failure, if the user can fix it."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
+
+    while e is not None and not isinstance(e, (ClientError, EndpointConnectionError, ConnectTimeoutError)):
+        e = e.__cause__ or e.__context__  # boto3's S3UploadFailedError wraps the ClientError
+    if isinstance(e, ClientError):
+        return BOTO_PROBLEMS.get(e.response.get("Error", {}).get("Code"))
+    return "NETWORK_CONNECTION" if e is not None else None
+
+
 def explain(e: BaseException) -> str | None:
     """One line for an S3 failure the user can fix (network, bucket, credentials), else None."""
+    if isinstance(e, StoreError):
+        return f"{e.uri}: " + S3_PROBLEMS[e.problem].format(endpoint=endpoint_text()) if e.problem else None
     text = str(e)
     if not isinstance(e, OSError) or "AWS Error" not in text:
         return None
@@ -112,8 +149,12 @@ def explain(e: BaseException) -> str | None:
     where = re.search(r"bucket '([^']*)'", text)
     key = re.search(r"key '([^']*)'", text)
     uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
+    return f"{uri}: " + S3_PROBLEMS[code].format(endpoint=endpoint_text())
+
+
+def endpoint_text() -> str:
     endpoint = s3_endpoint()
-    return f"{uri}: " + S3_PROBLEMS[code].format(endpoint=f" {endpoint}" if endpoint else "")
+    return f" {endpoint}" if endpoint else ""
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -176,11 +217,14 @@ _client_lock = threading.Lock()
 @lru_cache(maxsize=4)
 def boto3_client(endpoint: str | None):
     """One client per endpoint and process: making one costs ~12 ms of CPU, and boto3's
-    default session is not safe to make clients from in many threads at once."""
+    default session is not safe to make clients from in many threads at once. As many
+    connections as write_many's threads: 10 by default, so 22 of them waited."""
     import boto3
+    from botocore.config import Config
 
     with _client_lock:
-        return boto3.session.Session().client("s3", endpoint_url=endpoint)
+        return boto3.session.Session().client("s3", endpoint_url=endpoint,
+                                              config=Config(max_pool_connections=WRITERS))
 
 
 def nonblocking(path: str, flags: int) -> int:
@@ -235,22 +279,24 @@ def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             raise FileNotFoundError(uri) from e
-        raise OSError(f"{uri}: {e}") from e
+        raise store_error(uri, e) from e
     except BotoCoreError as e:  # no connection, a timeout: the store's, as pyarrow's OSErrors
-        raise OSError(f"{uri}: {e}") from e
+        raise store_error(uri, e) from e
 
 
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode()
 
 
+# Larger S3 writes go in parts, several at once; a failed part aborts the upload.
+MULTIPART_BYTES, PART_BYTES = 64 << 20, 16 << 20
+WRITERS = 32  # write_many's files at once
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     if is_s3(uri):
-        # the whole buffer in one call, so nothing can interrupt the writer between parts
-        # and leave the stream's close to complete a partial upload (apache/arrow#40502)
-        with fs.open_output_stream(path) as f:  # one PUT/multipart of a complete buffer
-            f.write(data)
+        s3_put(uri, data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -266,11 +312,33 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def s3_put(uri: str, data: bytes) -> None:
+    """Not through pyarrow's output stream: its close, which also runs after an error,
+    sends what it holds, so a failed multipart start or an interrupt before the write
+    replaced the object with an empty one."""
+    import io
+
+    from boto3.exceptions import Boto3Error
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, key = s3_client(uri)
+    data = data if isinstance(data, bytes) else bytes(data)  # a pyarrow Buffer (a parquet file)
+    try:
+        if len(data) < MULTIPART_BYTES:
+            client.put_object(Bucket=bucket, Key=key, Body=data)
+        else:
+            client.upload_fileobj(io.BytesIO(data), bucket, key, Config=TransferConfig(
+                multipart_threshold=MULTIPART_BYTES, multipart_chunksize=PART_BYTES))
+    except (BotoCoreError, ClientError, Boto3Error) as e:
+        raise store_error(uri, e) from e
+
+
 def write_many(files: dict[str, bytes]) -> None:
     """uri -> bytes, written 32 at a time: on S3 each is a round trip, which overlap."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(32) as pool:
+    with ThreadPoolExecutor(WRITERS) as pool:
         for _ in pool.map(write_bytes, files, files.values()):
             pass  # raises the first failure
 

@@ -104,6 +104,35 @@ def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tm
     assert storage.explain(failed.value) == "s3://no-such-bucket/runs/x.jpg: the bucket does not exist: check the s3:// path"
 
 
+@pytest.mark.parametrize("size, failing", [(1000, "PutObject"), (12 << 20, "UploadPart")])
+def test_an_s3_write_that_fails_leaves_the_object_as_it_was(s3_server, monkeypatch, size, failing):
+    """pyarrow's output stream sends what it holds when closed, also after an error: a
+    failed multipart upload once replaced the file with an empty object, which the next
+    run trusted. A failed write now leaves the old object, and no upload half done."""
+    import boto3
+    from botocore.exceptions import EndpointConnectionError
+
+    uri = f"{s3_server('failed-writes')}/runs/model.safetensors"
+    storage.write_bytes(uri, b"the old weights")
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 << 20)  # S3's smallest part: 12 MB in 3 parts
+    monkeypatch.setattr(storage, "PART_BYTES", 5 << 20)
+    def network_drops(request, **_):  # every try of the object, or of its second part
+        if failing == "PutObject" or "partNumber=2" in request.url:
+            raise EndpointConnectionError(endpoint_url=request.url)
+
+    client = storage.s3_client(uri)[0]
+    client.meta.events.register(f"before-send.s3.{failing}", network_drops)
+    try:
+        with pytest.raises(OSError) as failed:
+            storage.write_bytes(uri, os.urandom(size))
+    finally:
+        client.meta.events.unregister(f"before-send.s3.{failing}", network_drops)
+    assert storage.read_bytes(uri) == b"the old weights"
+    assert not boto3.client("s3").list_multipart_uploads(Bucket="failed-writes").get("Uploads")
+    assert storage.explain(failed.value) == (f"{uri}: cannot reach the S3 endpoint "
+                                             f"{storage.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
+
+
 def refused_before_it_changes_anything(workdir: str, capsys) -> None:
     """prepare and pipeline, while another prepare holds WORKDIR/data: exit 2 naming it,
     the running one's config.yaml left as it is."""
