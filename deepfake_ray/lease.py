@@ -161,10 +161,28 @@ def stops_when_taken_over(uri: str):
 
 
 def release(client, bucket: str, key: str, etag: str, command: str) -> None:
-    """Deletes the lock if it is still the one this run wrote, never another run's."""
-    if not delete_if_unchanged(client, bucket, key, etag):
+    """Deletes the lock if it is still the one this run wrote, never another run's. A store
+    that fails to answer does not fail a run that is over: the lock lapses instead."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        deleted = delete_if_unchanged(client, bucket, key, etag)
+    except (BotoCoreError, ClientError) as e:
+        print(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({e}): the next "
+              f"run may wait up to {LAPSE_S:.0f} s for it", flush=True)
+        return
+    if not deleted and held_by_another(client, bucket, key, etag):  # gone: our delete's reply was lost
         print(f"{command}: warning: another run took over the lock s3://{bucket}/{key} "
               "before this one ended: two runs may have written there", flush=True)
+
+
+def held_by_another(client, bucket: str, key: str, etag: str) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return client.head_object(Bucket=bucket, Key=key)["ETag"] != etag
+    except (BotoCoreError, ClientError):
+        return False
 
 
 def delete_if_unchanged(client, bucket: str, key: str, etag: str) -> bool:
@@ -269,10 +287,12 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
         return client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                  IfMatch=current["ETag"])["ETag"]
     except ClientError as e:
-        if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
-            raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
-                             "or use another --workdir") from None
-        raise
+        if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+            raise
+        if (own := own_etag(client, bucket, key, token)) is not None:
+            return own  # this write went through; its reply was lost, and the retry refused
+        raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
+                         "or use another --workdir") from None
 
 
 def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: bool) -> bool:

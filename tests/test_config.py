@@ -138,10 +138,15 @@ def test_a_config_file_gives_text_settings_its_numbers_as_written(tmp_path):
     (["--workdir", "s3://"], "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),
     (["--workdir", "s3:///runs"], "s3:///runs: an S3 path that names no bucket"),
     (["--workdir", ""], "the work directory is empty: pass --workdir DIR or s3://bucket/prefix"),
+    (["--workdir", "S3://bkt/runs"], "S3://bkt/runs: not a location this tool can use (S3:/): write s3://bkt/runs"),
+    (["--workdir", "s3:/bkt/runs"], "write s3://bkt/runs"),
+    (["--workdir", "gs://bkt/runs"], "gs://bkt/runs: not a location this tool can use (gs:/): use s3://BUCKET/prefix or a local path"),
+    (["--set", "data.source=S3://bkt/faces"], "write s3://bkt/faces"),
     (["--set", "workdir="], "the work directory is empty"),
 ])
 def test_a_workdir_of_no_bucket_or_no_name_exits_2(argv, needle, capsys, tmp_path, monkeypatch):
-    """`--workdir s3://$BUCKET` with BUCKET unset: not a local folder named `s3:`."""
+    """`--workdir s3://$BUCKET` with BUCKET unset, or a misspelt scheme: not a local folder
+    named `s3:`."""
     monkeypatch.chdir(tmp_path)
     assert cli.main(["report", "--preset", "tiny", *argv]) == 2
     err = error_lines(capsys)

@@ -242,6 +242,35 @@ def test_a_lock_write_whose_reply_was_lost_is_still_the_runs_own(s3_server):
         lease.take(client, "runs-retried", "r1/data/.lock", "s3://runs-retried/r1/data", "prepare", "other")
 
 
+def test_a_takeover_or_release_whose_reply_was_lost_is_not_taken_for_another_run(
+        s3_server, monkeypatch, capsys):
+    """Taking over a dead run's lock: the write went through, its reply was lost and the
+    SDK's retry was refused (412). Releasing: the delete went through, the retry found
+    nothing. Neither is another run; and a store that cannot answer the release does not
+    fail a run that is over."""
+    import boto3
+    from botocore.config import Config
+
+    from deepfake_ray import lease
+
+    bucket, key, uri = "runs-lost-replies", "r1/data/.lock", f"{s3_server('runs-lost-replies')}/r1/data"
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key=key, Body=lease.holder("prepare", "dead-run"))
+    dead = client.get_object(Bucket=bucket, Key=key)
+    client.put_object(Bucket=bucket, Key=key, Body=lease.holder("prepare", "t0ken"))  # our takeover's write
+    monkeypatch.setattr(lease, "LAPSE_S", 0.0)  # the dead run's lock has lapsed
+    etag = lease.take_over(client, bucket, key, uri, "prepare", "t0ken", dead)
+    assert etag == client.head_object(Bucket=bucket, Key=key)["ETag"]
+
+    client.delete_object(Bucket=bucket, Key=key)  # our release's delete, its reply lost
+    lease.release(client, bucket, key, etag, "prepare")
+    assert "took over" not in capsys.readouterr().out
+
+    offline = boto3.client("s3", endpoint_url="http://127.0.0.1:9", config=Config(retries={"max_attempts": 1}))
+    lease.release(offline, bucket, key, etag, "prepare")  # no exception: the run is over
+    assert f"could not delete the lock s3://{bucket}/{key}" in capsys.readouterr().out
+
+
 def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_server, monkeypatch, capsys):
     """A run whose renewals stalled past LAPSE_S was taken over: ending, it must not free
     the lock of the run that now writes there."""
