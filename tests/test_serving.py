@@ -38,7 +38,8 @@ ARCH = "resnet10t"
 
 def export_test_model(uri: str, arch: str = ARCH, broken: bool = False) -> None:
     """A randomly initialised detector in the project's model format (no training);
-    `broken`: its output is NaN, as a diverged training's would be."""
+    `broken`: its output is NaN, as a diverged training's would be, and it has no ROC-AUC
+    (NaN, as a validation split of one class gives)."""
     import torch
 
     from deepfake_ray.models import detector
@@ -53,7 +54,8 @@ def export_test_model(uri: str, arch: str = ARCH, broken: bool = False) -> None:
     meta = {"arch": arch, "num_classes": 2, "class_names": ["real", "fake"],
             "resolution": 32, "input_size": 75,
             "preprocessing": detector.preprocessing(net),
-            "threshold": 0.5, "epoch": 0, "metrics": {}, "config": config.to_dict(cfg),
+            "threshold": 0.5, "epoch": 0, "metrics": {"val_auc": float("nan")} if broken else {},
+            "config": config.to_dict(cfg),
             "fingerprints": {"real_manifest_sha1": "test", "fake_manifest_sha1": "test"}}
     checkpoint.save_model(uri, net.state_dict(), meta)
 
@@ -157,6 +159,8 @@ def test_a_model_whose_output_is_nan_answers_errors_not_labels(service, images_d
         batch = httpx.post(f"{service}/broken/v1/detect/batch", files=files, timeout=60).json()
         assert [(r["status"], "p_fake" in r) for r in batch["results"]] == [(500, False), (415, False)]
         assert detect(f"{service}/broken", JPEG).status_code == 500  # still answering
+        info = httpx.get(f"{service}/broken/v1/model", timeout=30)  # JSON has no NaN: null
+        assert info.status_code == 200 and info.json()["metrics"] == {"val_auc": None}, info.text
         assert detect(service, JPEG).status_code == 200  # and the other application with it
     finally:
         serve.delete("broken")
@@ -267,6 +271,17 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("a file name that does not decode (RFC 2231)", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b"name=file; filename*=utf-16''%00"),
             headers=FIELD_TYPE), 400),
+        # the parser's parameter parsing is quadratic: 40 KB took it seconds
+        ("a part header of 40,000 semicolons", lambda: detect(
+            service, FIELD_ONLY.replace(b'name="note"', b'name="file"; filename="' + b";" * 40_000),
+            headers=FIELD_TYPE), 400),
+        ("a Content-Type of 6,000 semicolons", lambda: detect(service, FIELD_ONLY, headers={
+            "content-type": 'multipart/form-data; boundary=xyz; x="' + ";" * 6_000}), 400),
+        ("comments nested 500 deep (the parser's recursion)", lambda: detect(service, FIELD_ONLY, headers={
+            "content-type": "multipart/form-data; boundary=xyz " + "(" * 500}), 400),
+        ("a part header's comments nested 500 deep", lambda: detect(
+            service, FIELD_ONLY.replace(b'name="note"', b'name="file"; filename="a" ' + b"(" * 500),
+            headers=FIELD_TYPE), 400),
         ("a boundary that is not ASCII", lambda: detect(service, FIELD_ONLY, headers={
             "content-type": "multipart/form-data; boundary*=utf-8''%E2%82%AC"}), 400),
         ("batch without multipart", lambda: httpx.post(f"{service}/v1/detect/batch",
@@ -277,9 +292,11 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405),
         ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404),
     ]
+    says = {"a Content-Type of 6,000 semicolons": "a Content-Type header longer than 1024 bytes"}
     for what, send, status in cases:
         response = send()
         assert response.status_code == status, (what, response.status_code, response.text)
+        assert says.get(what, "") in response.text, (what, response.text)
         assert response.headers["content-type"].startswith("application/json"), what
         assert response.json()["error"], what
         assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what

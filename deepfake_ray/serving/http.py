@@ -63,6 +63,10 @@ def is_multipart(request: Request) -> bool:
 
 FILE_FIELDS = ("file", "files")  # parts under these names are files, named or not
 FORM_FIELDS = 16  # plain form fields a request may hold beside its files
+# Longest Content-Type, or header of a part, read: the parser's parameter parsing is
+# quadratic in a header's length (a 40 KB Content-Disposition of semicolons took 2.6 s,
+# CPython gh-136063), and any file name (255 bytes, percent-encoded 3x) fits in 1 KB.
+MAX_HEADER = 1024
 
 
 def too_many_files(limit: int) -> ApiError:
@@ -89,7 +93,10 @@ def check_part_count(content_type: str, body: bytes, limit: int) -> None:
     begins at a line starting with "--": lines of that kind beyond the outer delimiters
     are bounded before parsing, and a nested part, as few as its parts may be, is refused
     (400) after."""
-    boundary = BytesParser(policy=policy.HTTP).parsebytes(header_block(content_type)).get_boundary()
+    if len(content_type) > MAX_HEADER:
+        raise ApiError(400, f"a Content-Type header longer than {MAX_HEADER} bytes: send "
+                            "multipart/form-data with a short boundary")
+    boundary = parsed(header_block(content_type)).get_boundary()
     if not boundary:
         return  # the parser refuses the body as malformed
     if not boundary.isascii():  # RFC 2046: a few ASCII characters (`boundary*=utf-8''%E2%82%AC`)
@@ -104,6 +111,15 @@ def check_part_count(content_type: str, body: bytes, limit: int) -> None:
         raise nested_parts()
 
 
+def parsed(message: bytes):
+    """The email parser's message; comments nested hundreds deep in a header exhaust its
+    recursion: a malformed request (400), not the server's error."""
+    try:
+        return BytesParser(policy=policy.HTTP).parsebytes(message)
+    except RecursionError:
+        raise ApiError(400, "malformed multipart header: send plain multipart/form-data") from None
+
+
 def nested_parts() -> ApiError:
     return ApiError(400, "a multipart part holds parts of its own: send each file as a part "
                          "of the form itself")
@@ -114,17 +130,21 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
     `limit` files. A part is a file when it has a file name (`curl -F file=@face.jpg`) or
     sits under a file field (`-F file=<face.jpg`)."""
     check_part_count(content_type, body, limit)
-    message = BytesParser(policy=policy.HTTP).parsebytes(header_block(content_type) + body)
+    message = parsed(header_block(content_type) + body)
     if not message.is_multipart() or message.defects:
         raise ApiError(400, "malformed multipart body: send files as multipart/form-data")
     files = []
     for part in message.iter_parts():
         if part.is_multipart():
             raise nested_parts()
+        if any(len(value) > MAX_HEADER for _, value in part.raw_items()):
+            raise ApiError(400, f"a multipart part's header is longer than {MAX_HEADER} bytes: "
+                                "send a shorter file name")
         try:
             filename = part.get_filename()
             field = part.get_param("name", header="content-disposition") or ""
-        except (ValueError, LookupError) as e:  # an encoded name (RFC 2231) that does not decode
+        except (ValueError, LookupError, RecursionError) as e:  # an encoded name (RFC 2231)
+            # that does not decode; comments nested hundreds deep
             raise ApiError(400, f"malformed multipart part header ({type(e).__name__}): "
                                 "send plain name= and filename= parameters") from None
         if filename is None and field not in FILE_FIELDS:

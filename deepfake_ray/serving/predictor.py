@@ -67,6 +67,18 @@ def stored_quality(meta: dict) -> int | None:
     return None if quality is None else int(quality)
 
 
+def json_safe(value):
+    """NaN and infinities as null (a validation split of one class has no ROC-AUC): JSON
+    has no such numbers, and the response would have been a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class Predictor:
     """A loaded detector: `model_uri` is an exported model folder, local or s3://."""
 
@@ -102,7 +114,7 @@ class Predictor:
         keys = ("arch", "num_classes", "class_names", "resolution", "input_size",
                 "preprocessing", "threshold", "epoch", "metrics", "format_version", "software")
         return {"model": self.model_id, "uri": self.model_uri, "device": str(self.device),
-                **{k: self.meta[k] for k in keys if k in self.meta}, "jpeg_quality": self.quality}
+                **{k: json_safe(self.meta[k]) for k in keys if k in self.meta}, "jpeg_quality": self.quality}
 
     def decode(self, data: bytes) -> np.ndarray:
         return decode_image(data, self.resolution, self.max_pixels, self.quality)
