@@ -100,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace):
     from deepfake_ray import config, storage
+    from deepfake_ray.data import sources
 
     flagged, paths = [], [args.workdir]
     for flag, key in COMMANDS[args.command][2].items():
@@ -116,9 +117,10 @@ def build_config(args: argparse.Namespace):
         raise UsageError("the work directory is empty: pass --workdir DIR or s3://bucket/prefix")
     # named as given, before a missing bucket reads as a local folder `s3:`, and before
     # the first file written there
-    for path in (*paths, cfg.workdir, cfg.data.source):
-        if isinstance(path, str):
+    for path in (*paths, cfg.workdir):
+        if isinstance(path, str) and path != cfg.data.source:
             storage.check_s3_path(path)
+    storage.check_s3_path(cfg.data.source, forms=sources.FORMS)
     return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
 
 

@@ -166,14 +166,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), normalize(uri)
 
 
-def check_s3_path(uri: str) -> None:
+def check_s3_path(uri: str, forms: str = "s3://BUCKET/prefix or a local path") -> None:
     """pyarrow refuses a path with an empty part with a traceback, far from the cause; one
     with no bucket (`s3://$BUCKET/runs` with BUCKET unset) would even read as a local folder
     once normalized (`s3:`)."""
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/", str(uri))
     if scheme and not is_s3(uri):  # S3://, s3:/bucket, gs://: would be a local folder `S3:`
         rest = str(uri)[scheme.end():].lstrip("/")
-        fix = f"write s3://{rest}" if scheme.group(1).lower() == "s3" else "use s3://BUCKET/prefix or a local path"
+        fix = f"write s3://{rest}" if scheme.group(1).lower() == "s3" else f"use {forms}"
         raise UsageError(f"{uri}: not a location this tool can use ({scheme.group(1)}:/): {fix}")
     path = str(uri)[len("s3://"):].rstrip("/")
     if is_s3(uri) and not path.split("/", 1)[0]:

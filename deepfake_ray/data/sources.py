@@ -68,8 +68,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
         if not (copied or kaggle_cached(text, data) or kaggle_credentials_present()):
             raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
         return
-    if "://" in text and not storage.is_s3(text):
-        raise UsageError(f"source '{text}' is not supported: use {FORMS}")
+    storage.check_s3_path(text, forms=FORMS)
     if not storage.is_dir(text):  # one request where all is well
         if not storage.exists(text):
             raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
