@@ -203,10 +203,15 @@ def has_keys_under(uri: str) -> bool:
 
     client, bucket, prefix = s3_client(uri)
     try:
-        listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=key_prefix(prefix), MaxKeys=1)
     except ClientError:
         return False
     return listed.get("KeyCount", 0) > 0
+
+
+def key_prefix(key: str) -> str:
+    """What keys under `key` start with: `key/`, or anything at a bucket's root."""
+    return f"{key.rstrip('/')}/" if key.strip("/") else ""
 
 
 def s3_client(uri: str):
@@ -392,7 +397,7 @@ def s3_objects(uri: str) -> dict[str, dict]:
     """Key relative to `uri` -> S3's listing entry (Size, ETag, LastModified) of every
     object under it: pyarrow's listing has no ETag."""
     client, bucket, prefix = s3_client(uri)
-    prefix = prefix.rstrip("/") + "/"
+    prefix = key_prefix(prefix)
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"][len(prefix):]: o for page in pages for o in page.get("Contents", [])}
 

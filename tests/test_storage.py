@@ -104,6 +104,14 @@ def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tm
     assert storage.explain(failed.value) == "s3://no-such-bucket/runs/x.jpg: the bucket does not exist: check the s3:// path"
 
 
+def test_a_buckets_root_lists_its_keys(s3_server):
+    root = s3_server("listed-at-root")
+    storage.write_bytes(f"{root}/top.jpg", b"x")
+    storage.write_bytes(f"{root}/faces/a.jpg", b"yy")
+    assert {k: o["Size"] for k, o in storage.s3_objects(root).items()} == {"top.jpg": 1, "faces/a.jpg": 2}
+    assert list(storage.s3_objects(f"{root}/faces")) == ["a.jpg"]
+
+
 @pytest.mark.parametrize("size, failing", [(1000, "PutObject"), (12 << 20, "UploadPart")])
 def test_an_s3_write_that_fails_leaves_the_object_as_it_was(s3_server, monkeypatch, size, failing):
     """pyarrow's output stream sends what it holds when closed, also after an error: a
