@@ -98,6 +98,8 @@ S3_PROBLEMS = {
                      "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and the bucket's policy",
     "INVALID_ACCESS_KEY_ID": "the access key is not known to this store: check AWS_ACCESS_KEY_ID or AWS_PROFILE",
     "SIGNATURE_DOES_NOT_MATCH": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    "NO_CREDENTIALS": "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                      "AWS_PROFILE, or ~/.aws/credentials",
 }
 
 
@@ -125,12 +127,17 @@ def store_error(uri: str, cause: BaseException) -> StoreError:
 
 def boto_problem(e: BaseException) -> str | None:
     """The S3_PROBLEMS key of a botocore or boto3 failure, if the user can fix it."""
-    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
+    from botocore.exceptions import (ClientError, ConnectionError, HTTPClientError, NoCredentialsError,
+                                     PartialCredentialsError)
 
-    while e is not None and not isinstance(e, (ClientError, EndpointConnectionError, ConnectTimeoutError)):
+    # no connection, a timeout or a reset (ConnectionError, HTTPClientError), no credentials
+    known = (ClientError, ConnectionError, HTTPClientError, NoCredentialsError, PartialCredentialsError)
+    while e is not None and not isinstance(e, known):
         e = e.__cause__ or e.__context__  # boto3's S3UploadFailedError wraps the ClientError
     if isinstance(e, ClientError):
         return BOTO_PROBLEMS.get(e.response.get("Error", {}).get("Code"))
+    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return "NO_CREDENTIALS"
     return "NETWORK_CONNECTION" if e is not None else None
 
 
@@ -170,11 +177,12 @@ def check_s3_path(uri: str, forms: str = "s3://BUCKET/prefix or a local path") -
     """pyarrow refuses a path with an empty part with a traceback, far from the cause; one
     with no bucket (`s3://$BUCKET/runs` with BUCKET unset) would even read as a local folder
     once normalized (`s3:`)."""
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/", str(uri))
-    if scheme and not is_s3(uri):  # S3://, s3:/bucket, gs://: would be a local folder `S3:`
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/(/)?", str(uri))
+    if scheme and not is_s3(uri) and (scheme.group(2) or scheme.group(1).lower() == "s3"):
+        # S3://, s3:/bucket, gs://: each would be a local folder (`S3:`); C:/data may be one
         rest = str(uri)[scheme.end():].lstrip("/")
         fix = f"write s3://{rest}" if scheme.group(1).lower() == "s3" else f"use {forms}"
-        raise UsageError(f"{uri}: not a location this tool can use ({scheme.group(1)}:/): {fix}")
+        raise UsageError(f"{uri}: not a location this tool can use ({scheme.group(0)}): {fix}")
     path = str(uri)[len("s3://"):].rstrip("/")
     if is_s3(uri) and not path.split("/", 1)[0]:
         raise UsageError(f"{uri}: an S3 path that names no bucket: write s3://BUCKET/prefix")
@@ -232,9 +240,10 @@ def boto3_client(endpoint: str | None):
     import boto3
     from botocore.config import Config
 
-    with _client_lock:
-        return boto3.session.Session().client("s3", endpoint_url=endpoint,
-                                              config=Config(max_pool_connections=WRITERS))
+    with _client_lock:  # the region as s3_filesystem takes it (botocore reads no AWS_REGION)
+        return boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, config=Config(max_pool_connections=WRITERS),
+            region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
 
 
 def nonblocking(path: str, flags: int) -> int:

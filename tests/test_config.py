@@ -138,9 +138,9 @@ def test_a_config_file_gives_text_settings_its_numbers_as_written(tmp_path):
     (["--workdir", "s3://"], "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),
     (["--workdir", "s3:///runs"], "s3:///runs: an S3 path that names no bucket"),
     (["--workdir", ""], "the work directory is empty: pass --workdir DIR or s3://bucket/prefix"),
-    (["--workdir", "S3://bkt/runs"], "S3://bkt/runs: not a location this tool can use (S3:/): write s3://bkt/runs"),
+    (["--workdir", "S3://bkt/runs"], "S3://bkt/runs: not a location this tool can use (S3://): write s3://bkt/runs"),
     (["--workdir", "s3:/bkt/runs"], "write s3://bkt/runs"),
-    (["--workdir", "gs://bkt/runs"], "gs://bkt/runs: not a location this tool can use (gs:/): use s3://BUCKET/prefix or a local path"),
+    (["--workdir", "gs://bkt/runs"], "gs://bkt/runs: not a location this tool can use (gs://): use s3://BUCKET/prefix or a local path"),
     (["--set", "data.source=S3://bkt/faces"], "write s3://bkt/faces"),
     (["--set", "workdir="], "the work directory is empty"),
 ])

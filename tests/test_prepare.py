@@ -704,7 +704,7 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
 
 @pytest.mark.parametrize("source,needle", [("/no/such/folder", "does not exist"),
                                            ("ftp://host/x", "ftp://host/x: not a location this tool can use "
-                                                             "(ftp:/): use a folder of images, s3://"),
+                                                             "(ftp://): use a folder of images, s3://"),
                                            ("", "no source given"),
                                            (__file__, "is a file: pass the folder"),
                                            ("sample:zero", "positive count"),

@@ -275,6 +275,9 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("a part header of 40,000 semicolons", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"; filename="' + b";" * 40_000),
             headers=FIELD_TYPE), 400),
+        ("a part's Content-Type of 8,000 semicolons (parsed as the body is split)", lambda: detect(
+            service, FIELD_ONLY.replace(b'name="note"', b'name="file"\r\nContent-Type: image/png ' + b";" * 8_000),
+            headers=FIELD_TYPE), 400),
         ("a Content-Type of 6,000 semicolons", lambda: detect(service, FIELD_ONLY, headers={
             "content-type": 'multipart/form-data; boundary=xyz; x="' + ";" * 6_000}), 400),
         ("comments nested 500 deep (the parser's recursion)", lambda: detect(service, FIELD_ONLY, headers={
@@ -292,7 +295,10 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405),
         ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404),
     ]
-    says = {"a Content-Type of 6,000 semicolons": "a Content-Type header longer than 1024 bytes"}
+    says = {"a Content-Type of 6,000 semicolons": "a Content-Type header longer than 1024 bytes",
+            "a part header of 40,000 semicolons": "a multipart part's headers are too long",
+            "a part's Content-Type of 8,000 semicolons (parsed as the body is split)":
+                "a multipart part's headers are too long"}
     for what, send, status in cases:
         response = send()
         assert response.status_code == status, (what, response.status_code, response.text)

@@ -141,6 +141,23 @@ def test_an_s3_write_that_fails_leaves_the_object_as_it_was(s3_server, monkeypat
                                              f"{storage.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
 
 
+def test_an_s3_write_without_credentials_says_where_to_put_them(s3_server, monkeypatch, tmp_path):
+    uri = f"{s3_server('no-credentials')}/runs/config.yaml"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance to ask here
+    storage.boto3_client.cache_clear()
+    try:
+        with pytest.raises(OSError) as failed:
+            storage.write_text(uri, "seed: 0\n")
+    finally:
+        storage.boto3_client.cache_clear()
+    assert storage.explain(failed.value) == (f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID "
+                                             "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or ~/.aws/credentials")
+
+
 def refused_before_it_changes_anything(workdir: str, capsys) -> None:
     """prepare and pipeline, while another prepare holds WORKDIR/data: exit 2 naming it,
     the running one's config.yaml left as it is."""
