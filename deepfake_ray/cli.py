@@ -107,7 +107,8 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if key and value is not None:
             flagged.append(f"{key}={value}")
-        paths.append(value)
+        if key != "data.source":  # checked below, as the source it is
+            paths.append(value)
     # --set last: it wins over a flag for the same key (`--samples 8 --set tune.samples=4`
     # is 4), so a `--set` appended to any command line asks for that value
     overrides = [*flagged, *args.overrides]
@@ -118,7 +119,7 @@ def build_config(args: argparse.Namespace):
     # named as given, before a missing bucket reads as a local folder `s3:`, and before
     # the first file written there
     for path in (*paths, cfg.workdir):
-        if isinstance(path, str) and path != cfg.data.source:
+        if isinstance(path, str):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS)
     return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))

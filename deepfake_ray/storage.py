@@ -313,10 +313,10 @@ WRITERS = 32  # write_many's files at once
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = resolve(uri)
     if is_s3(uri):
         s3_put(uri, data)
         return
+    path = normalize(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
@@ -341,6 +341,7 @@ def s3_put(uri: str, data: bytes) -> None:
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
+    check_s3_path(uri)
     client, bucket, key = s3_client(uri)
     data = data if isinstance(data, bytes) else bytes(data)  # a pyarrow Buffer (a parquet file)
     try:

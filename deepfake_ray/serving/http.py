@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from email import policy
 from email.parser import BytesParser
 
@@ -124,8 +125,7 @@ def check_part_headers(body: bytes, delimiter: bytes) -> None:
     spends seconds on them (MAX_PART_HEADER). Read as the parser reads them: a part's
     headers start on the line after its delimiter and end at the first empty line; a line
     that starts with a space or a tab continues the header before it."""
-    starts = re.finditer(rb"(?:\A|\r\n|\r|\n)" + re.escape(delimiter), body)
-    for start in (m.end() for m in starts):  # as many as check_part_count allowed
+    for start in delimiter_ends(body, delimiter):  # as many as check_part_count allowed
         if body.startswith(b"--", start):
             continue  # the closing delimiter: what follows is no part
         lines = LINE_BREAK.split(body[start:start + MAX_PART_HEADERS + 1])[1:]  # after its line
@@ -145,6 +145,16 @@ def check_part_headers(body: bytes, delimiter: bytes) -> None:
                 raise part_headers_too_long(f"a header of {len(header):,} bytes")
             if header[:13].lower() == b"content-type:" and len(header) > MAX_PART_TYPE:
                 raise part_headers_too_long(f"a Content-Type of {len(header):,} bytes")
+
+
+def delimiter_ends(body: bytes, delimiter: bytes) -> Iterator[int]:
+    """Where each delimiter ends that starts the body or a line (bytes.find: a regex
+    over a 10 MB body took 160 ms)."""
+    at = body.find(delimiter)
+    while at != -1:
+        if at == 0 or body[at - 1] in b"\r\n":
+            yield at + len(delimiter)
+        at = body.find(delimiter, at + 1)
 
 
 def part_headers_too_long(what: str) -> ApiError:
