@@ -109,7 +109,20 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "bomb.png": (bomb_png(), "decompression bomb"),
         "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~20,000 scans: seconds to decode
         "texture.jpg": (dds_texture(), "not an image"),
+        "no_components.jpg": (componentless_jpeg(), "corrupt"),
     }
+
+
+def componentless_jpeg(size: int = 32) -> bytes:
+    """A JPEG whose frame header counts 3 colour components but describes none: Pillow
+    opens it, and asking its sampling raised IndexError (a 500 from the service)."""
+    import struct
+
+    data = encode(rgb(7, size), "JPEG", quality=95, subsampling=0)
+    at = data.find(b"\xff\xc0")
+    length = struct.unpack(">H", data[at + 2:at + 4])[0]
+    frame = b"\xff\xc0" + struct.pack(">H", 8) + data[at + 4:at + 10]
+    return data[:at] + frame + data[at + 2 + length:]
 
 
 def dds_texture() -> bytes:

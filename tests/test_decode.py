@@ -122,3 +122,14 @@ def test_another_pillows_encoder_arguments_fall_back_to_its_save(monkeypatch):
         assert decode.encode_jpeg(pixels, 90) == expected.getvalue()
     finally:
         decode.encoder_writes_as_save.cache_clear()
+
+
+def test_a_header_that_describes_no_components_is_corrupt_as_the_service_decodes_it():
+    """At the model's own size and quality the service first asks whether a file is in
+    the stored encoding already: that question must not crash on a damaged header."""
+    from tests.images import componentless_jpeg
+
+    for size, quality in [(32, 95), (32, None), (64, 95)]:
+        with pytest.raises(decode.DecodeError) as e:
+            decode.as_stored(decode.open_image(componentless_jpeg(32)), size, quality)
+        assert e.value.reason == "corrupt" and "colour components" in str(e.value)

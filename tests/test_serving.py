@@ -24,7 +24,7 @@ from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
-from tests.images import bomb_png, dds_texture, encode, many_scans_jpeg, rgb
+from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
@@ -262,6 +262,9 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("a texture whose parser raises NotImplementedError", lambda: detect(service, dds_texture()), 415),
         ("html page", lambda: detect(service, b"<!DOCTYPE html><html>403</html>"), 415),
         ("corrupt image", lambda: detect(service, BAD["corrupt.jpg"]), 422),
+        # at the model's size and JPEG settings: a 500 while its sampling was asked
+        ("a JPEG header that describes none of its components",
+         lambda: detect(service, componentless_jpeg(32)), 422),
         ("decompression bomb", lambda: detect(service, bomb_png()), 413),
         ("a JPEG of thousands of scans", lambda: detect(service, many_scans_jpeg()), 413),
         ("too large", lambda: detect(service, b"\xff" * (MAX_BODY + 1)), 413),

@@ -81,6 +81,11 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                           f"header claims {width}x{height} pixels (limit {max_pixels:,})")
     if img.format not in FORMATS:
         raise DecodeError("unsupported format", str(img.format))
+    if img.format in ("JPEG", "MPO") and len(img.layer) != img.layers:
+        # Pillow opens such a header, and its own accessors (the sampling) then fail with
+        # an IndexError that no caller expects
+        raise DecodeError("corrupt", f"a JPEG frame header that counts {img.layers} colour "
+                                     f"components but describes {len(img.layer)}")
     # progressive only: a sequential JPEG's repeated scans fail libjpeg at once ("broken data
     # stream"), and counting costs ~15 us a photo, 3% of a face crop's whole decode
     if img.info.get("progressive") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
