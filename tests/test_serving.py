@@ -412,6 +412,52 @@ def test_the_files_of_a_large_batch_are_each_opened_in_a_thread(service):
     assert httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"] - before == 3
 
 
+def test_a_batch_of_small_images_decodes_on_the_event_loop_no_more_than_one_image_may(service):
+    """Each flat 512x512 PNG is a few KB and within the event loop's pixel limit, but 64
+    of them in one request held the loop 0.33 s, one after another. The limit is the
+    request's: the first fills it, the others go to threads."""
+    flat = [encode(Image.new("RGB", (512, 512), (20 * i, 90, 120)), "PNG") for i in range(6)]
+    before = httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"]
+    files = [("files", (f"flat{i}.png", data)) for i, data in enumerate(flat)]
+    response = httpx.post(f"{service}/v1/detect/batch", files=files, timeout=60)
+    assert response.status_code == 200 and response.json()["errors"] == 0, response.text
+    assert httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"] - before == 5
+
+
+def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_start(
+        service, model_dir, tmp_path):
+    """Serve rebuilds an application only when its config changes: a model retrained in
+    place would reach the replicas started later (a scale-up, a restart) while the first
+    kept the old one. Such a replica refuses to start, and says how to roll the new one out."""
+    from ray import serve
+
+    from deepfake_ray.serving import app
+
+    model = str(tmp_path / "model")
+    shutil.copytree(model_dir, model)
+    deployed = checkpoint.model_id(checkpoint.load_meta(model))
+    state, meta = checkpoint.load_model(model)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    checkpoint.save_model(model, {**state, first: state[first] + 0.01}, meta)  # retrained in place
+    retrained = checkpoint.model_id(checkpoint.load_meta(model))
+    cfg = serve_cfg(tmp_path)
+    with pytest.raises(UsageError, match=f"set args.model_id: {retrained}"):
+        app.build_app({"model": model, "preset": "tiny", "model_id": deployed})
+    bound = app.Detector.options(max_constructor_retry_count=1).bind(  # as build() bound it before
+        model=model, max_batch_size=4, batch_wait_timeout_s=0.01, max_body_bytes=MAX_BODY,
+        max_pixels=cfg.data.max_pixels, model_id=deployed)
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application pinned failed"):
+            serve.run(bound, name="pinned", route_prefix="/pinned", blocking=False)
+        # what `serve status` shows for the deployment
+        said = serve.status().applications["pinned"].deployments["Detector"].message
+        assert f"set args.model_id: {retrained}" in said, said
+    finally:
+        serve.delete("pinned")
+    assert app.build_app({"model": model, "preset": "tiny", "model_id": retrained})  # rolled out
+    assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize("params", ["boundary=XyZ", "boundary=XyZ ; charset=utf-8", "boundary = XyZ",
                                     "xboundary=Q; boundary=XyZ", 'boundary="Xy;Z"',
                                     "boundary=XyZ (a comment)", "boundary=(a comment)XyZ"])

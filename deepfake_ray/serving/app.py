@@ -44,6 +44,36 @@ INLINE_PARSE_LINES = 4096
 
 def parses_fast(body: bytes) -> bool:
     return len(body) <= INLINE_BYTES and body.count(b"\n") + body.count(b"\r") <= INLINE_PARSE_LINES
+
+
+class InlineBudget:
+    """The pixels one request may still decode on the event loop: a batch of many small
+    images is bounded as one large image is (64 flat 512x512 PNGs in a 127 KB body,
+    each under the limit, held the loop 0.33 s one after another)."""
+
+    def __init__(self, pixels: int = INLINE_DECODE_PIXELS):
+        self.pixels = pixels
+
+    def take(self, pixels: int) -> bool:
+        if pixels > self.pixels:
+            return False
+        self.pixels -= pixels
+        return True
+
+
+# above the class: Serve serializes it as it is decorated, with the globals it names then
+def check_same_model(predictor: Predictor, deployed: str | None) -> None:
+    """A replica serves the model its application was built with, or does not start.
+    Serve rebuilds an application only when its config changes, so a model retrained in
+    place would reach the replicas started after it (a scale-up, a restart) while the
+    others kept the old one: one service answering with two models."""
+    if deployed and predictor.model_id != deployed:
+        raise RuntimeError(
+            f"the model at {predictor.model_uri} is now {predictor.model_id}, but this application "
+            f"was deployed with {deployed}: deploy it again to serve the new model (with "
+            f"`serve deploy`, set args.model_id: {predictor.model_id})")
+
+
 api = FastAPI(title="deepfake-ray detector",
               description="Is this face image GAN-generated? p_fake is the model's probability.")
 http.install_error_handlers(api)
@@ -53,9 +83,11 @@ http.install_error_handlers(api)
 @serve.ingress(api)
 class Detector:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64):
+                 max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64,
+                 model_id: str | None = None):
         self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
                                    device=runtime.assigned_device())
+        check_same_model(self.predictor, model_id)
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
         # large decodes at once: each can take ~0.6 GB (40 MP as RGBA and RGB), and a batch
         # request can carry dozens
@@ -86,17 +118,18 @@ class Detector:
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
 
-    async def predict(self, blob: bytes, inline: bool = True) -> dict | DecodeError:
+    async def predict(self, blob: bytes, inline: InlineBudget | None) -> dict | DecodeError:
         """Predictor.predict_bytes for one image, its forward pass shared with others.
 
         Decoding happens per request, so a bad file is answered at once and the batch
-        holds only images ready for the model. Only a small body holding a small image
-        is decoded on the event loop (`inline`: the request's other files are few bytes
-        too); the rest go to a thread, a few at a time."""
+        holds only images ready for the model. Only small images in a small body are
+        decoded on the event loop, within the request's `inline` budget (None: the body
+        is large, so its other files may be slow even to open); the rest go to a thread,
+        a few at a time."""
         try:
-            if inline and len(blob) <= INLINE_BYTES:
+            if inline is not None and len(blob) <= INLINE_BYTES:
                 img = self.predictor.open(blob)  # the header: cheap here, and refuses bombs
-                if img.width * img.height <= INLINE_DECODE_PIXELS:
+                if inline.take(img.width * img.height):
                     return await self.predict_batch(self.predictor.decode_opened(img))
                 decode = functools.partial(self.predictor.decode_opened, img)
             else:  # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s)
@@ -153,7 +186,7 @@ class Detector:
     @api.post("/v1/detect")
     async def detect(self, request: Request) -> dict:
         """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
-        result = await self.predict(await self.image_from(request))
+        result = await self.predict(await self.image_from(request), InlineBudget())
         if isinstance(result, DecodeError):
             raise http.ApiError(error_status(result), error_text(result))
         return result
@@ -169,7 +202,7 @@ class Detector:
             raise http.ApiError(400, "no files in the multipart body")
         # each file of a large body in a thread: opened one after another on the event loop,
         # 40 small files of 256 KB (a PNG of 20,000 empty chunks: 75 ms to open) held it 3 s
-        inline = len(body) <= INLINE_BYTES
+        inline = InlineBudget() if len(body) <= INLINE_BYTES else None
         outcomes = await asyncio.gather(*(self.predict(data, inline) for _, _, data in files))
         results = []
         for (_, name, _), outcome in zip(files, outcomes):
@@ -232,23 +265,29 @@ def deployment_options(cfg: Config) -> dict:
     }
 
 
-def build(cfg: Config, model: str):
-    """The bound Serve application for `model` (a local folder or s3:// URI)."""
+def build(cfg: Config, model: str, model_id: str | None = None):
+    """The bound Serve application for `model` (a local folder or s3:// URI), its replicas
+    held to the model found there now (`check_same_model`); `model_id`: the one expected."""
     check_settings(cfg)
     model = storage.normalize(model)
-    checkpoint.load_detector_meta(model)  # a missing or wrong model fails here, not in a replica
+    found = checkpoint.model_id(checkpoint.load_detector_meta(model))  # fails here, not in a replica
+    if model_id and model_id != found:
+        raise UsageError(f"args.model_id is {model_id}, but the model at {model} is {found}: "
+                         f"set args.model_id: {found} to serve it, or leave args.model_id out")
     s = cfg.serve
     return Detector.options(**deployment_options(cfg)).bind(
         model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         max_body_bytes=s.max_body_bytes, max_pixels=cfg.data.max_pixels,
-        threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request)
+        threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found)
 
 
 def build_app(args: dict):
     """Application builder for `serve run` / `serve deploy` (jobs/serve.yaml).
 
     args: model (absolute path or s3:// URI, required), preset (default demo),
-    config (a YAML file), set (list of "section.key=value" overrides).
+    config (a YAML file), set (list of "section.key=value" overrides), model_id (the
+    model expected there, as /v1/model and train-detector name it: optional, and the way
+    to roll out a model retrained in place, since Serve rebuilds only on a changed config).
     """
     from deepfake_ray import config
 
@@ -259,7 +298,7 @@ def build_app(args: dict):
     overrides = args.get("set") or []
     cfg = config.build(args.get("preset", "demo"), args.get("config"),
                        [overrides] if isinstance(overrides, str) else list(overrides))
-    return build(cfg, str(args["model"]))
+    return build(cfg, str(args["model"]), args.get("model_id"))
 
 
 def check_settings(cfg: Config) -> None:
