@@ -280,6 +280,8 @@ def check_limits(cfg: Config) -> None:
 
 
 def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
+    if updates is None and prefix:  # a section of a --config file with only comments under it
+        return obj
     if not isinstance(updates, dict):
         raise UsageError(f"'{prefix.rstrip('.')}' is a section: give it keys, e.g. {prefix}KEY=VALUE")
     fields = {f.name: f for f in dataclasses.fields(obj)}

@@ -121,6 +121,15 @@ def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path)
     assert not (tmp_path / "w").exists()
 
 
+def test_a_section_left_empty_in_a_config_file_keeps_the_presets(tmp_path):
+    """A copy of a preset with a section's keys commented out is read as that section
+    unchanged, not refused as a section without keys."""
+    path = tmp_path / "run.yaml"
+    path.write_text("gan:\n  # epochs: 60\n  # lr: 2.0e-4\ndetector: {epochs: 3}\n")
+    cfg = config.build("tiny", str(path))
+    assert (cfg.gan, cfg.detector.epochs) == (config.build("tiny").gan, 3)
+
+
 def test_a_config_file_gives_text_settings_its_numbers_as_written(tmp_path):
     """YAML reads 0123 as the octal number 83: a folder named 0123 must stay that."""
     path = tmp_path / "run.yaml"
