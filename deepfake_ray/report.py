@@ -18,6 +18,7 @@ import time
 import deepfake_ray
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
+from deepfake_ray.errors import UsageError
 from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
 
 MAX_SAMPLE_GRIDS = 8  # GAN sample grids shown, spread over the epochs (each can be ~1 MB)
@@ -267,7 +268,12 @@ def collect(cfg: Config) -> list[tuple[str, str, list]]:
             command = "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
         redo = lineage.command_line(cfg.workdir, command, saved)
         blocks = build(cfg.workdir)
-        if not blocks:
+        if not blocks and folder == "tune" and not cfg.tune.enabled:
+            # not missing: a sweep run by hand would replace the detector this run serves
+            blocks = [Text("Not part of this run: with tune.enabled false the detector trains at "
+                           "one learning rate, detector.lr. To sweep it, run the pipeline with "
+                           "--set tune.enabled=true.")]
+        elif not blocks:
             blocks = [Missing(redo)]
         elif folder and (why := out_of_date(cfg, folder, read)):
             blocks = [Stale(redo, why), *blocks]
@@ -275,9 +281,22 @@ def collect(cfg: Config) -> list[tuple[str, str, list]]:
     return out
 
 
+def check_is_a_run(cfg: Config) -> None:
+    """A report of a folder no stage has written to (a mistyped --workdir) would be all
+    "not produced yet", and create the folder."""
+    if storage.is_dir(cfg.workdir) and storage.exists(storage.join(cfg.workdir, "config.yaml")):
+        return
+    read = {}
+    if not storage.is_dir(cfg.workdir) or not any(
+            folder and lineage.marker(cfg, folder, read) for _, _, _, _, folder in SECTIONS):
+        raise UsageError(f"--workdir {cfg.workdir} holds no run (no config.yaml, no finished "
+                         "stage): pass the work directory of a run, e.g. runs/demo")
+
+
 def run(cfg: Config, force: bool = False, **_) -> dict:
     """Write WORKDIR/report.html and WORKDIR/report.md (always rebuilt: it is cheap)."""
     workdir = cfg.workdir
+    check_is_a_run(cfg)
     sections = collect(cfg)
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     html_uri, md_uri = storage.join(workdir, "report.html"), storage.join(workdir, "report.md")

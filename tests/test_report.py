@@ -269,6 +269,34 @@ def test_missing_sections_name_the_command(tmp_path):
     assert f"deepfake-ray evaluate --workdir '{w}'" in open(os.path.join(w, "report.md")).read()
 
 
+def test_a_sweep_is_missing_only_from_a_run_that_sweeps(tmp_path):
+    """Without tune.enabled, a sweep run by hand would replace the detector this run serves
+    (and the next pipeline would refuse it): the report does not ask for one."""
+    w = str(tmp_path / "run")
+    storage.write_json(storage.join(w, "data/_COMPLETE.json"),
+                       {"images": 5, "rejected": 0, "reasons": {}, "splits": {"train": 5}, "source": "x"})
+    result = report.run(config.build("tiny", None, ["tune.enabled=false"], workdir=w))
+    assert "Learning-rate sweep (Ray Tune)" not in result["missing"]
+    text = open(os.path.join(w, "report.md")).read()
+    assert "Not part of this run" in text and "deepfake-ray tune" not in text
+    result = report.run(config.build("tiny", None, ["tune.enabled=true"], workdir=w))
+    assert "Learning-rate sweep (Ray Tune)" in result["missing"]
+    assert f"deepfake-ray tune --workdir {w}" in open(os.path.join(w, "report.md")).read()
+
+
+def test_a_report_of_a_folder_that_holds_no_run_exits_2_and_creates_nothing(tmp_path, capsys):
+    from deepfake_ray import cli
+
+    mistyped, a_file = tmp_path / "runs" / "dmeo", tmp_path / "notes.txt"
+    a_file.write_text("not a run")
+    for workdir in (mistyped, a_file):
+        assert cli.main(["report", "--preset", "tiny", "--workdir", str(workdir)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"deepfake-ray report: error: --workdir {workdir} holds no run (no config.yaml, "
+                       "no finished stage): pass the work directory of a run, e.g. runs/demo"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_report_reads_and_writes_s3(tmp_path, s3_server):
     local = str(tmp_path / "local")
     figures = write_workdir(local, epochs=3)
