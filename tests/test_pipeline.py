@@ -22,7 +22,7 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
-from deepfake_ray import config, storage
+from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data import sample
 from deepfake_ray.runtime import free_ports
 from tests.checkpoints import registered
@@ -210,6 +210,9 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert [s["status"] for s in timings["stages"]] == ["skipped"] * 3 + ["done"] * 4
     cfg = config.build("tiny", None, DETECTOR, workdir=workdir)
     assert_exported_model(cfg, history)
+    # the id that serve's args.model_id names, printed as the model is exported
+    exported = checkpoint.model_id(checkpoint.load_meta(f"{workdir}/detector/model"))
+    assert f"/detector/model (model {exported})" in log
     assert_held_out_evaluation(cfg)
     assert storage.read_parquet(f"{workdir}/score/test_scores.parquet").num_rows > 0
     html = storage.read_text(f"{workdir}/report.html")

@@ -195,7 +195,8 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
                "seconds": round(seconds, 1), **(extra or {})}
     summary = lineage.complete(cfg, STAGE, summary, made)
     print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
-          f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target}")
+          f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target} "
+          f"(model {summary['model_id']})")
     return summary
 
 
