@@ -378,6 +378,22 @@ def test_weights_that_do_not_fit_exit_2_from_the_driver_without_retries(ray_sess
     assert not storage.exists(os.path.join(workdir, "detector", "run"))  # no Train run was started
 
 
+def test_a_folder_or_a_damaged_safetensors_file_as_pretrained_exits_2_with_one_line(ray_session, tmp_path, capsys):
+    workdir = str(tmp_path / "work")
+    build(workdir, 20, 32)
+    folder, damaged = tmp_path / "model", tmp_path / "cut.safetensors"
+    folder.mkdir()
+    damaged.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\": \"F32\"")  # cut short
+    for spec, says in [(folder, f"is a folder: pass a weights file (safetensors or state dict); of a "
+                                f"model folder, {folder}/weights.safetensors"),
+                       (damaged, "is not a readable safetensors file (")]:
+        code = cli.main(["train-detector", "--preset", "tiny", "--workdir", workdir,
+                         "--set", f"detector.pretrained={spec}"])
+        err = error_lines(capsys)
+        assert code == 2 and len(err) == 1 and f"detector.pretrained={spec} {says}" in err[0], err
+    assert not storage.exists(os.path.join(workdir, "detector", "run"))  # no Train run was started
+
+
 def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_path):
     workdir = str(tmp_path / "work")
     build(workdir, 20, 32)

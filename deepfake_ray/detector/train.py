@@ -110,9 +110,14 @@ def describe(selection: data.Selection) -> str:
 
 def check_pretrained_file(cfg: Config) -> None:
     spec = cfg.detector.pretrained
-    if spec not in ("none", "", "hub") and not storage.exists(spec):
+    if spec in ("none", "", "hub"):
+        return
+    if not storage.exists(spec):
         raise UsageError(f"detector.pretrained={spec}: no such file; pass hub, none, or an "
                          "existing local or s3:// weights file (safetensors or state dict)")
+    if storage.is_dir(spec):
+        raise UsageError(f"detector.pretrained={spec} is a folder: pass a weights file (safetensors "
+                         f"or state dict); of a model folder, {storage.join(spec, checkpoint.WEIGHTS)}")
 
 
 def resolve_pretrained(cfg: Config) -> str:

@@ -138,7 +138,12 @@ def read_weights(uri: str) -> dict:
     if uri.endswith(".safetensors") or blob[8:9] == b"{":  # safetensors: u64 size, JSON header
         from safetensors.torch import load as st_load
 
-        return st_load(blob)
+        try:
+            return st_load(blob)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: one damaged file
+            raise UsageError(f"detector.pretrained={uri} is not a readable safetensors file "
+                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}): "
+                             "download or export it again")
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
