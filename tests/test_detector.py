@@ -271,6 +271,21 @@ def test_training_images_are_recompressed_and_blurred_and_validation_left_clean(
     assert pixels(augmented["val"]) == pixels(clean["val"])
 
 
+def test_training_batches_mix_the_classes_though_each_part_holds_one(ray_session, tiny_cfg):
+    """Each stage's images part holds one class. Drawn as the trainer draws them (a local
+    shuffle buffer of 16 batches over the blocks in random order), batches must not come
+    out of one class: batch norm would learn from the batch's make-up."""
+    cfg = tiny_cfg("detector.max_train_per_class=0", "detector.jpeg_aug_prob=0", "detector.blur_aug_prob=0")
+    build(cfg.workdir, 800, 32)  # 640 train images of each class, one part each
+    train = data.training_views(cfg, data.select(cfg))["train"]
+    size = cfg.detector.batch_size
+    shares = [batch["label"].mean() for batch in train.iter_batches(
+        batch_size=size, local_shuffle_buffer_size=16 * size, batch_format="numpy") if len(batch["label"]) == size]
+    assert len(shares) == 1280 // size
+    lopsided = sum(share > 0.8 or share < 0.2 for share in shares)
+    assert lopsided <= len(shares) // 20, shares
+
+
 # --- the CLI without the model hub ----------------------------------------------------
 
 def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path, monkeypatch):
