@@ -1,4 +1,5 @@
-"""Shared by the `jobs/*.py` entrypoints: the `deepfake-ray COMMAND` parser plus --run-name.
+"""Shared by the `jobs/*.py` entrypoints: the `deepfake-ray COMMAND` parser plus --run-name
+(but for score, which writes --out, not a work directory).
 
 Each entrypoint is `deepfake-ray COMMAND` with one more flag, so behaviour, config
 handling and exit codes (0 done, 2 bad usage or input, 1 anything else, 130
@@ -34,8 +35,9 @@ def parser(command: str, script: str) -> argparse.ArgumentParser:
     subparsers = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     p = subparsers.choices[command]
     p.prog = f"python jobs/{script}"
-    p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
-                   "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it")
+    if command in cli.WRITERS:  # score writes --out, not a work directory
+        p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
+                       "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it")
     return p
 
 
@@ -60,29 +62,34 @@ def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
 
 def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     """WORKDIR/RUN_NAME, where WORKDIR is what `deepfake-ray` would use without a run name."""
+    if command not in cli.WRITERS:  # score: writes to --out, not to a work directory
+        for flag in ("--model", "--input", "--out"):
+            check_outside_job_code(getattr(args, flag[2:]), flag)
+        return args.workdir
     if args.run_name is not None and not RUN_NAME.match(args.run_name):
         raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
                          "(no '/'), e.g. --run-name r1")
-    if args.run_name is None and command not in cli.WRITERS:
-        return args.workdir  # score: writes to --out, not to a work directory
     from deepfake_ray import storage
 
     args.command = command
-    base = cli.build_config(args).workdir  # the preset/config default when --workdir is absent
-    workdir = storage.join(base, args.run_name) if args.run_name else base
-    check_outside_job_code(workdir)
+    cfg = cli.build_config(args)  # the preset/config default when --workdir is absent
+    workdir = storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
+    check_outside_job_code(workdir, "--workdir")
+    check_outside_job_code(cfg.data.source, "data.source")
     return workdir
 
 
-def check_outside_job_code(workdir: str) -> None:
+def check_outside_job_code(path: str | None, flag: str) -> None:
     """A job submitted with --working-dir runs in its own unpacked copy of the code, on one
-    node (Ray names it _ray_pkg_HASH): a relative work directory would land there, out of
-    the other nodes' reach, and the next submission, with a new copy, could not resume it."""
-    parts = os.path.abspath(workdir).split(os.sep) if "://" not in workdir else []
+    node (Ray names it _ray_pkg_HASH): a relative path would land there, out of the other
+    nodes' reach, and the next submission, with a new copy, could not resume from it (a
+    source is recorded by its path, so the next would be refused as another source)."""
+    parts = os.path.abspath(path).split(os.sep) if path and ":" not in path.split("/")[0] else []
     if any(part.startswith("_ray_pkg_") for part in parts):
-        raise UsageError(f"the work directory {workdir} is inside this job's unpacked code, which "
-                         "other nodes cannot read and the next submission replaces: pass "
-                         "--workdir s3://BUCKET/runs (or a folder every node shares)")
+        fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
+        raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "
+                         f"cannot read and the next submission replaces: {fix} (or a folder "
+                         "every node shares)")
 
 
 def main(command: str, script: str, argv: list[str] | None = None) -> int:

@@ -164,7 +164,8 @@ def run_job(script: str, *args: str, env: dict | None = None) -> subprocess.Comp
 @pytest.mark.parametrize("script", sorted(JOBS))
 def test_job_help_and_bad_flag(script):
     ok = run_job(script, "--help")
-    assert ok.returncode == 0 and "--workdir" in ok.stdout and "--run-name" in ok.stdout
+    assert ok.returncode == 0 and "--workdir" in ok.stdout
+    assert ("--run-name" in ok.stdout) == (script != "score.py")  # score writes --out, no work directory
     required = ["--model", "m", "--input", "i", "--out", "o"] if script == "score.py" else []
     bad = run_job(script, *required, "--no-such-flag")
     assert bad.returncode == 2 and "--no-such-flag" in bad.stderr
@@ -197,6 +198,14 @@ def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path, monke
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is inside this job's unpacked code" in err[0] and "--workdir s3://" in err[0]
     assert not (unpacked / "runs").exists()
+    # a source shipped with the code: its path changes with each submission's copy
+    assert _entry.main("pipeline", "pipeline.py", ["--preset", "tiny", "--workdir", "s3://bucket/runs",
+                                                   "--set", "data.source=faces"]) == 2
+    assert "data.source faces is inside this job's unpacked code" in capsys.readouterr().err
+    for flag in ("--out", "--input", "--model"):  # score: each of its paths
+        paths = {"--model": "s3://b/m", "--input": "s3://b/in", "--out": "s3://b/o.parquet", flag: "x"}
+        assert _entry.main("score", "score.py", [a for kv in paths.items() for a in kv]) == 2
+        assert f"{flag} x is inside this job's unpacked code" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workdir, expected", [
