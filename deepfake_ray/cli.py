@@ -122,7 +122,25 @@ def build_config(args: argparse.Namespace):
         if isinstance(path, str):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS)
+    check_swept_settings(args.command, cfg, args.overrides)
     return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
+
+
+# what a sweep's trials take instead of the detector's own setting
+SWEPT = {"detector.lr": "the rate from tune.lr_min..tune.lr_max",
+         "detector.epochs": "tune.epochs epochs"}
+
+
+def check_swept_settings(command: str, cfg, overrides: list[str]) -> None:
+    """A --set the sweep would ignore: where it trains the detector (tune, or the pipeline
+    with tune.enabled), each trial draws its own rate and trains tune.epochs."""
+    if command != "tune" and not (command == "pipeline" and cfg.tune.enabled):
+        return
+    for key in dict.fromkeys(o.partition("=")[0].strip() for o in overrides):
+        if key in SWEPT:
+            where = "tune" if command == "tune" else "the pipeline with tune.enabled"
+            raise UsageError(f"--set {key} is not used by {where}: its trials take {SWEPT[key]}; "
+                             f"set those instead, or tune.enabled=false to train at {key}")
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -119,6 +121,22 @@ def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path)
     err = error_lines(capsys)
     assert len(err) == 1 and needle in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_rate_the_sweep_would_not_use_exits_2_naming_what_to_set(tmp_path, capsys):
+    """Where the sweep trains the detector, detector.lr and detector.epochs are not used:
+    accepted, they would be silently ignored."""
+    w = str(tmp_path / "w")
+    for command, extra in (("tune", []), ("pipeline", ["--set", "tune.enabled=true"])):
+        for key, says in (("detector.lr=1e-4", "the rate from tune.lr_min..tune.lr_max"),
+                          ("detector.epochs=9", "tune.epochs epochs")):
+            assert cli.main([command, "--preset", "tiny", "--workdir", w, *extra, "--set", key]) == 2
+            err = error_lines(capsys)
+            assert len(err) == 1 and f"--set {key.split('=')[0]} is not used by " in err[0], err
+            assert f"its trials take {says}; set those instead, or tune.enabled=false" in err[0]
+    assert not os.path.exists(w)
+    args = cli.parser().parse_args(["train-detector", "--preset", "tiny", "--set", "detector.lr=1e-4"])
+    assert cli.build_config(args).detector.lr == 1e-4  # training at one rate: used
 
 
 def test_a_section_left_empty_in_a_config_file_keeps_the_presets(tmp_path):
