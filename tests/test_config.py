@@ -16,7 +16,10 @@ def test_every_preset_loads_and_validates(name):
 
 def test_celeb100k_carries_the_studys_settings():
     cfg = config.build("celeb100k")
-    assert (cfg.data.resolution, cfg.gan.batch_size, cfg.gan.epochs) == (128, 64, 60)
+    # batch sizes are per worker: the study's 64 a step, across the preset's workers
+    step = cfg.resources.workers * cfg.gan.batch_size
+    assert (cfg.data.resolution, step, cfg.gan.epochs) == (128, 64, 60)
+    assert cfg.resources.workers * cfg.detector.batch_size == 64
     assert (cfg.detector.epochs, cfg.detector.input_size, cfg.detector.max_train_per_class) == (20, 128, 29500)
     assert cfg.detector.pretrained == "hub" and "greg115/celebrities-100k" in cfg.data.source
     # the pipeline's detector is the sweep's best trial: it too trains the study's epochs

@@ -74,7 +74,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
 
     lineage.unmark(cfg, tune.STAGE)  # its product, the model in detector/, is being replaced
     started = time.time()
+    workers, batch = cfg.resources.workers, cfg.detector.batch_size
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
+          f"{workers} worker(s) x batch {batch} ({workers * batch} a step), "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
     fine_tune(cfg, selection, pretrained, stage, "run", stage)
     summary = publish(cfg, stage, time.time() - started, plan.made)

@@ -136,7 +136,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     lineage.start(cfg, STAGE, plan)
     g, r = cfg.gan, cfg.resources
     print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
-          f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size}"
+          f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size} ({r.workers * g.batch_size} a step)"
           f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''} -> {stage}", flush=True)
     started = time.time()
     training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": stage}, cfg,
