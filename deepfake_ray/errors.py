@@ -14,16 +14,19 @@ def find_usage_error(e: BaseException) -> UsageError | str | None:
     task, it arrives wrapped."""
     from deepfake_ray import storage
 
+    return find_error(e, lambda f: f if isinstance(f, UsageError) else storage.explain(f))
+
+
+def find_error(e: BaseException, match):
+    """The first truthy `match(f)` over `e` and the errors behind it, as Ray wraps them."""
     seen, pending = set(), [e]
     while pending:
         e = pending.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UsageError):
-            return e
-        if explained := storage.explain(e):
-            return explained
+        if found := match(e):
+            return found
         cause = getattr(e, "cause", None)
         pending.append(cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__))
         # Ray Train's errors hold the workers' (by rank) or its controller's, not as a cause

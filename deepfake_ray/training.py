@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, find_error
 
 # epoch_NNNN, or epoch_NNNN_<tag> when an epoch is trained again after a damaged
 # checkpoint of that epoch was skipped (Ray must never register one folder twice).
@@ -89,9 +89,30 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
         # Ray Train's own Ctrl-C handler aborts the run (its workers stopped, its checkpoints
         # kept) and then calls sys.exit(0): the command would end "successfully" in silence
         raise KeyboardInterrupt from None
+    except Exception as e:
+        if why := unreadable_run_record(e):
+            raise UsageError(f"Ray cannot resume the run in {storage.join(storage_uri, name)} from its "
+                             f"record ({why}): --force starts the stage over") from None
+        raise
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
             signal.signal(signal.SIGINT, before)
+
+
+UNREADABLE_RECORD = "CheckpointManagerInitializationError: "
+
+
+def unreadable_run_record(e: BaseException) -> str | None:
+    """Why Ray Train could not read its record of a run, from the error `fit` got: one
+    that names checkpoints deleted since (by hand, by a bucket's expiry rule), or another
+    Ray's. Its controller fails as it starts, with advice the CLI cannot follow (a new
+    RunConfig name), and an actor's failed start keeps only the text of its error."""
+    def match(f: BaseException) -> str | None:
+        text = f"{type(f).__name__}: {f}"
+        if UNREADABLE_RECORD not in text:
+            return None
+        return text.split(UNREADABLE_RECORD, 1)[1].split(" You are running")[0].splitlines()[0][:300]
+    return find_error(e, match)
 
 
 # --- inside a training worker ----------------------------------------------------
@@ -129,14 +150,22 @@ def run_checkpoints() -> list[Checkpoint]:
 
 
 def restore_state() -> dict | None:
-    """The newest intact training state of this run, or None for a fresh start."""
-    for ckpt in run_checkpoints():
+    """The newest intact training state of this run, or None for a fresh start: a run
+    with checkpoints, none of them intact, is refused, not started over from its first
+    epoch over what it made."""
+    checkpoints = run_checkpoints()
+    for ckpt in checkpoints:
         with ckpt.as_directory() as d:
             state = checkpoint.read_state(d)
         if state is not None:
             return state
         _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
         say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
+    if checkpoints:
+        where = os.path.dirname(checkpoints[0].path.rstrip("/"))
+        raise UsageError(f"none of the {len(checkpoints)} checkpoints of the run in {where} is intact: "
+                         "going on would start it over from its first epoch over what it made; "
+                         "--force starts the stage over")
     return None
 
 

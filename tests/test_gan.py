@@ -240,6 +240,36 @@ def test_lost_worker_is_replaced_and_every_epoch_trained_once(trained):
     assert summary["restored"] is True
 
 
+def test_a_run_whose_checkpoints_are_damaged_or_gone_is_refused_not_started_over(trained, tmp_path, capsys):
+    """Continued for more epochs, a run must resume from a checkpoint. With none intact
+    (an interrupted sync damaged them), or with the ones Ray lists deleted by hand, it
+    exits 2 saying so, and what it made stays: it is not trained again from epoch 1."""
+    workdir, _, _ = trained
+    more = [a for kv in (*TRAINED[:2], "gan.max_failures=0", f"gan.epochs={EPOCHS + 1}") for a in ("--set", kv)]
+    for damage in ("damaged", "gone"):
+        copy = str(tmp_path / damage)
+        shutil.copytree(workdir, copy)
+        gan = os.path.join(copy, "gan")
+        history = storage.read_json(os.path.join(gan, "history.json"))
+        kept = [n for n in os.listdir(gan) if re.match(r"epoch_\d+", n)]
+        assert len(kept) == 2
+        for name in kept:
+            if damage == "damaged":
+                with open(os.path.join(gan, name, "state.pt"), "r+b") as f:
+                    f.write(b"cut short")
+            else:
+                shutil.rmtree(os.path.join(gan, name))
+        assert cli.main(["train-gan", "--preset", "tiny", "--workdir", copy, *more]) == 2
+        said = error_lines(capsys)[-1]
+        assert said.startswith("deepfake-ray train-gan: error: ") and said.endswith(
+            "--force starts the stage over"), said
+        assert ("none of the 2 checkpoints of the run in" if damage == "damaged"
+                else "Ray cannot resume the run in") in said
+        if damage == "gone":
+            assert "a reference to a checkpoint that does not exist anymore" in said
+        assert storage.read_json(os.path.join(gan, "history.json")) == history
+
+
 # --- bad input: exit 2 with one line ----------------------------------------------------
 
 def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prepared):
