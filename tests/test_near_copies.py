@@ -1,7 +1,7 @@
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from deepfake_ray.data import decode, near_copies
 from tests.images import near_copies as saved_again, rgb
@@ -21,10 +21,12 @@ def test_each_picture_groups_with_its_copies_and_nothing_else():
 
 
 def full_comparison(thumbs: list[bytes]) -> list[list[int]]:
-    """The groups that comparing every pair gives."""
+    """The groups that comparing every pair, as it is and one of them flipped, gives."""
     units = near_copies.unit_vectors(thumbs)
+    flipped = near_copies.unit_vectors([near_copies.mirrored(t) for t in thumbs])
     a, b = np.triu_indices(len(thumbs), 1)
-    close = (units[a] * units[b]).sum(axis=1) >= near_copies.SIMILAR
+    close = np.maximum((units[a] * units[b]).sum(axis=1),
+                       (units[a] * flipped[b]).sum(axis=1)) >= near_copies.SIMILAR
     label = near_copies.joined(np.arange(len(thumbs)), np.stack([a[close], b[close]], axis=1))
     return sorted(g for g in (np.flatnonzero(label == i).tolist() for i in np.unique(label)) if len(g) > 1)
 
@@ -35,7 +37,8 @@ def test_the_hash_bands_group_as_a_full_comparison_does():
     pictures = [rgb(i, 64) for i in range(200)]
     blends = [Image.blend(pictures[i], pictures[i + 1], alpha) for i in range(0, 100, 2)
               for alpha in (0.05, 0.1, 0.15, 0.2)]  # from near copies to other pictures
-    thumbs = thumbnails(pictures + blends)
+    flipped = [b.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for b in blends[1::2]]  # likewise, flipped
+    thumbs = thumbnails(pictures + blends + flipped)
     expected = full_comparison(thumbs)
     assert len(expected) >= 40  # the blends span the threshold
     assert sorted(near_copies.groups(thumbs)) == expected
@@ -67,3 +70,15 @@ def test_near_copies_beside_thousands_of_one_face_still_group():
     units = near_copies.unit_vectors(thumbs)
     assert units[0] @ units[-1] >= 0.985 and units[0] @ units[1] < 0.95  # a near copy; another face
     assert sorted(near_copies.groups(thumbs)) == [[0, 3001], list(range(1, 3001))]
+
+
+def test_a_picture_and_its_mirror_image_are_near_copies():
+    """Training flips images at random: a flipped copy in the test split is a picture the
+    model trained on. UTKFace's first 5,000 crops hold two, each flipped and recoloured."""
+    pictures = [rgb(i, 64) for i in range(120)]
+    flipped = [ImageEnhance.Color(p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).enhance(1.3)
+               for p in pictures[:40]]
+    thumbs = thumbnails(pictures + flipped)
+    units = near_copies.unit_vectors(thumbs)
+    assert all(units[i] @ units[120 + i] < near_copies.SIMILAR for i in range(40))  # not alike unflipped
+    assert sorted(near_copies.groups(thumbs)) == [[i, 120 + i] for i in range(40)]
