@@ -75,7 +75,10 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     cfg = cli.build_config(args)  # the preset/config default when --workdir is absent
     workdir = storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
     check_outside_job_code(workdir, "--workdir")
-    check_outside_job_code(cfg.data.source, "data.source")
+    from deepfake_ray.data import sources
+
+    if sources.kind(cfg.data.source.strip()) == "path":  # not sample[:N] or kaggle[:NAME]
+        check_outside_job_code(cfg.data.source, "data.source")
     return workdir
 
 
@@ -84,7 +87,10 @@ def check_outside_job_code(path: str | None, flag: str) -> None:
     node (Ray names it _ray_pkg_HASH): a relative path would land there, out of the other
     nodes' reach, and the next submission, with a new copy, could not resume from it (a
     source is recorded by its path, so the next would be refused as another source)."""
-    parts = os.path.abspath(path).split(os.sep) if path and ":" not in path.split("/")[0] else []
+    from deepfake_ray import storage
+
+    path = (path or "").strip()
+    parts = storage.normalize(path).split(os.sep) if path and ":" not in path.split("/")[0] else []
     if any(part.startswith("_ray_pkg_") for part in parts):
         fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
         raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "

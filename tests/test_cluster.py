@@ -202,6 +202,10 @@ def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path, monke
     assert _entry.main("pipeline", "pipeline.py", ["--preset", "tiny", "--workdir", "s3://bucket/runs",
                                                    "--set", "data.source=faces"]) == 2
     assert "data.source faces is inside this job's unpacked code" in capsys.readouterr().err
+    p = _entry.parser("pipeline", "pipeline.py")
+    for source in ("sample", " sample", "sample:40", "kaggle", "kaggle:owner/faces", "s3://bucket/faces", "/data/faces"):
+        args = p.parse_args(["--preset", "tiny", "--workdir", "s3://bucket/runs", "--set", f"data.source={source}"])
+        assert _entry.run_workdir("pipeline", args) == "s3://bucket/runs"  # no path in the code's copy
     for flag in ("--out", "--input", "--model"):  # score: each of its paths
         paths = {"--model": "s3://b/m", "--input": "s3://b/in", "--out": "s3://b/o.parquet", flag: "x"}
         assert _entry.main("score", "score.py", [a for kv in paths.items() for a in kv]) == 2

@@ -530,6 +530,12 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
     assert cli.main(generate_again) == 0
     assert f"generate: note: {datasets.fakes_dir(workdir)} was made before fakes copying a real photo were left out" \
         in capsys.readouterr().out
+    older["copies_of_reals_left_out"] = 0
+    del older["flipped_copies_left_out"]
+    storage.write_json(marker, older)
+    assert cli.main(generate_again) == 0
+    assert f"generate: note: {datasets.fakes_dir(workdir)} was made before flipped copies counted" \
+        in capsys.readouterr().out
 
     # one epoch more, on one worker: the finished run goes on from its last checkpoint
     assert cli.main(train_gan + ["--set", f"gan.epochs={EPOCHS + 1}", "--set", "resources.workers=1"]) == 0

@@ -82,3 +82,4 @@ def test_a_picture_and_its_mirror_image_are_near_copies():
     units = near_copies.unit_vectors(thumbs)
     assert all(units[i] @ units[120 + i] < near_copies.SIMILAR for i in range(40))  # not alike unflipped
     assert sorted(near_copies.groups(thumbs)) == [[i, 120 + i] for i in range(40)]
+    assert near_copies.groups(thumbs[:1]) == near_copies.groups([]) == []

@@ -185,6 +185,12 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch
     out = capsys.readouterr().out
     assert f"prepare: note: {datasets.data_dir(cfg.workdir)} was made before near copies were grouped" in out
     assert "--force prepares it again" in out
+    older["near_copies"] = 0  # and one made before flipped copies counted
+    del older["flipped_copies_grouped"]
+    storage.write_json(marker, older)
+    prepare.run(cfg)
+    assert f"{datasets.data_dir(cfg.workdir)} was made before flipped copies counted as near copies" \
+        in capsys.readouterr().out
     made = os.stat(marker).st_mtime_ns
     prepare.run(cfg, force=True)
     assert "prepared 40 images" in capsys.readouterr().out and os.stat(marker).st_mtime_ns != made

@@ -360,6 +360,7 @@ def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
             "reasons": dict(Counter(row["reason"] for row in rejected)),
             "splits": {s: splits[s] for s in datasets.SPLITS},
             "near_copies": sum(bool(row["near_copy_of"]) for row in manifest),
+            "flipped_copies_grouped": True,  # see STAGE.added
             "seconds": round(seconds, 1), "output": out}
 
 
@@ -476,7 +477,10 @@ def settings(cfg: Config) -> dict:
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
                       added=(("near_copies", "before near copies were grouped: one photo stored twice "
                               "(recompressed, resized) may be in two splits; --force prepares it again "
-                              "with each picture's copies in one split"),))
+                              "with each picture's copies in one split"),
+                             ("flipped_copies_grouped", "before flipped copies counted as near copies: a "
+                              "photo and its mirror image may be in two splits, which training's flips "
+                              "make one picture; --force prepares it again with them in one split")))
 
 
 def preflight(cfg: Config, force: bool = False, **_) -> dict | None:

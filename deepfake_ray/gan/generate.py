@@ -50,7 +50,10 @@ STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
                               "again, each face once"),
                              ("copies_of_reals_left_out", "before fakes copying a real photo were left "
                               "out: a real photo may be among the fakes too; --force makes the fakes "
-                              "again without such copies")))
+                              "again without such copies"),
+                             ("flipped_copies_left_out", "before flipped copies counted: a fake may be "
+                              "another's mirror image, or a real photo's; --force makes the fakes again "
+                              "without them")))
 
 
 class FakeMaker:
@@ -304,7 +307,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "seed": cfg.seed, "resolution": cfg.data.resolution,
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
                "repeats_left_out": picked.repeats, "copies_of_reals_left_out": picked.copies_of_reals,
-               "blank_fakes": picked.blank,
+               "blank_fakes": picked.blank, "flipped_copies_left_out": True,  # see STAGE.added
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
