@@ -260,6 +260,18 @@ def retrained_by_hand(cfg: Config, read: dict) -> bool:
     return model is not None and not model.get("tuned")
 
 
+def sweeps(cfg: Config) -> bool:
+    """Whether the run sweeps the learning rate, as its own config.yaml says: `report`'s
+    settings come from its command line, whose preset need not be the run's."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(storage.read_text(storage.join(cfg.workdir, "config.yaml")))
+        return bool(saved["tune"]["enabled"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError):  # none saved, or not as we write it
+        return cfg.tune.enabled
+
+
 def collect(cfg: Config) -> list[tuple[str, str, list]]:
     saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
     out, read = [], {}
@@ -268,7 +280,7 @@ def collect(cfg: Config) -> list[tuple[str, str, list]]:
             command = "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
         redo = lineage.command_line(cfg.workdir, command, saved)
         blocks = build(cfg.workdir)
-        if not blocks and folder == "tune" and not cfg.tune.enabled:
+        if not blocks and folder == "tune" and not sweeps(cfg):
             # not missing: a sweep run by hand would replace the detector this run serves
             blocks = [Text("Not part of this run: with tune.enabled false the detector trains at "
                            "one learning rate, detector.lr. To sweep it, run the pipeline with "

@@ -282,6 +282,10 @@ def test_a_sweep_is_missing_only_from_a_run_that_sweeps(tmp_path):
     result = report.run(config.build("tiny", None, ["tune.enabled=true"], workdir=w))
     assert "Learning-rate sweep (Ray Tune)" in result["missing"]
     assert f"deepfake-ray tune --workdir {w}" in open(os.path.join(w, "report.md")).read()
+    # `report --workdir W` takes the demo preset's settings: the run's own config.yaml says
+    storage.write_text(storage.join(w, "config.yaml"),
+                       config.to_yaml(config.build("tiny", None, ["tune.enabled=true"], workdir=w)))
+    assert "Learning-rate sweep (Ray Tune)" in report.run(config.build("demo", workdir=w))["missing"]
 
 
 def test_a_report_of_a_folder_that_holds_no_run_exits_2_and_creates_nothing(tmp_path, capsys):
