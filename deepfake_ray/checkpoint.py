@@ -106,6 +106,16 @@ def write_state(directory: str, state: dict) -> None:
         json.dump({"sha256": digest, "epoch": int(state.get("epoch", -1))}, f)
 
 
+def state_intact(uri: str) -> bool:
+    """Whether the state in folder `uri` (local or s3://) matches its hash, read as a
+    stream: what read_state would find, without holding it in memory."""
+    try:
+        expected = storage.read_json(storage.join(uri, STATE_OK))["sha256"]
+        return storage.file_digest(storage.join(uri, STATE), "sha256") == expected
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def read_state(directory: str) -> dict | None:
     """The state in `directory`, or None when it is missing, partial or corrupt."""
     try:

@@ -412,10 +412,11 @@ def s3_objects(uri: str) -> dict[str, dict]:
     return {o["Key"][len(prefix):]: o for page in pages for o in page.get("Contents", [])}
 
 
-def file_digest(path: str, algorithm: str) -> str:
-    """Hex digest of a file on this machine's disk, read a MB at a time."""
+def file_digest(uri: str, algorithm: str) -> str:
+    """Hex digest of a file, local or s3://, read a MB at a time."""
     digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

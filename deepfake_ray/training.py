@@ -81,6 +81,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
             callbacks=callbacks or [],
         ),
     )
+    check_resumable(storage.join(storage_uri, name))
     on_main_thread = threading.current_thread() is threading.main_thread()  # not in a Tune trial
     before = signal.getsignal(signal.SIGINT) if on_main_thread else None
     try:
@@ -97,6 +98,24 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
             signal.signal(signal.SIGINT, before)
+
+
+def check_resumable(run: str) -> None:
+    """Before the workers start: a run with checkpoint folders, none of them intact, is
+    refused here. Raised in the workers (restore_state, which still checks what Ray
+    hands them), Ray Train would retry it max_failures times, or without end."""
+    fs, path = storage.resolve(run)
+    folders = sorted(((e, i.path) for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                      if i.type == pafs.FileType.Directory and (e := epoch_of(i.path)) is not None),
+                     reverse=True)
+    if folders and not any(checkpoint.state_intact(storage.join(run, os.path.basename(p)))
+                           for _, p in folders):
+        raise UsageError(no_intact_checkpoint(len(folders), run))
+
+
+def no_intact_checkpoint(count: int, run: str) -> str:
+    return (f"none of the {count} checkpoints of the run in {run} is intact: going on would "
+            "start it over from its first epoch over what it made; --force starts the stage over")
 
 
 UNREADABLE_RECORD = "CheckpointManagerInitializationError: "
@@ -161,11 +180,8 @@ def restore_state() -> dict | None:
             return state
         _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
         say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
-    if checkpoints:
-        where = os.path.dirname(checkpoints[0].path.rstrip("/"))
-        raise UsageError(f"none of the {len(checkpoints)} checkpoints of the run in {where} is intact: "
-                         "going on would start it over from its first epoch over what it made; "
-                         "--force starts the stage over")
+    if checkpoints:  # none intact among what Ray lists, though check_resumable found one
+        raise UsageError(no_intact_checkpoint(len(checkpoints), os.path.dirname(checkpoints[0].path.rstrip("/"))))
     return None
 
 
