@@ -415,8 +415,8 @@ def s3_objects(uri: str) -> dict[str, dict]:
 def file_digest(uri: str, algorithm: str) -> str:
     """Hex digest of a file, local or s3://, read a MB at a time."""
     digest = hashlib.new(algorithm)
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    # a local file by the OS, which takes any name: pyarrow refuses one not valid UTF-8
+    with s3_filesystem().open_input_stream(resolve(uri)[1]) if is_s3(uri) else open(normalize(uri), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
