@@ -283,7 +283,7 @@ def test_training_batches_mix_the_classes_though_each_part_holds_one(ray_session
         batch_size=size, local_shuffle_buffer_size=16 * size, batch_format="numpy") if len(batch["label"]) == size]
     assert len(shares) == 1280 // size
     lopsided = sum(share > 0.8 or share < 0.2 for share in shares)
-    assert lopsided <= len(shares) // 20, shares
+    assert lopsided <= len(shares) // 10, shares  # by chance ~2% (1.7 of 80); one part a class: 26
 
 
 # --- the CLI without the model hub ----------------------------------------------------
