@@ -260,27 +260,33 @@ def retrained_by_hand(cfg: Config, read: dict) -> bool:
     return model is not None and not model.get("tuned")
 
 
-def sweeps(cfg: Config) -> bool:
+def saved_config(workdir: str) -> str | None:
+    """The run's config.yaml, read once for every section that asks; None without one."""
+    try:
+        return storage.read_text(storage.join(workdir, "config.yaml"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def sweeps(cfg: Config, saved: str | None) -> bool:
     """Whether the run sweeps the learning rate, as its own config.yaml says: `report`'s
     settings come from its command line, whose preset need not be the run's."""
     import yaml
 
     try:
-        saved = yaml.safe_load(storage.read_text(storage.join(cfg.workdir, "config.yaml")))
-        return bool(saved["tune"]["enabled"])
-    except (OSError, yaml.YAMLError, TypeError, KeyError):  # none saved, or not as we write it
+        return bool(yaml.safe_load(saved or "")["tune"]["enabled"])
+    except (yaml.YAMLError, TypeError, KeyError):  # none saved, or not as we write it
         return cfg.tune.enabled
 
 
-def collect(cfg: Config) -> list[tuple[str, str, list]]:
-    saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
+def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
     out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
         if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
             command = "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
-        redo = lineage.command_line(cfg.workdir, command, saved)
+        redo = lineage.command_line(cfg.workdir, command, saved is not None)
         blocks = build(cfg.workdir)
-        if not blocks and folder == "tune" and not sweeps(cfg):
+        if not blocks and folder == "tune" and not sweeps(cfg, saved):
             # not missing: a sweep run by hand would replace the detector this run serves
             blocks = [Text("Not part of this run: with tune.enabled false the detector trains at "
                            "one learning rate, detector.lr. To sweep it, run the pipeline with "
@@ -293,10 +299,10 @@ def collect(cfg: Config) -> list[tuple[str, str, list]]:
     return out
 
 
-def check_is_a_run(cfg: Config) -> None:
+def check_is_a_run(cfg: Config, saved: str | None) -> None:
     """A report of a folder no stage has written to (a mistyped --workdir) would be all
     "not produced yet", and create the folder."""
-    if storage.is_dir(cfg.workdir) and storage.exists(storage.join(cfg.workdir, "config.yaml")):
+    if saved is not None:
         return
     read = {}
     if not storage.is_dir(cfg.workdir) or not any(
@@ -308,8 +314,9 @@ def check_is_a_run(cfg: Config) -> None:
 def run(cfg: Config, force: bool = False, **_) -> dict:
     """Write WORKDIR/report.html and WORKDIR/report.md (always rebuilt: it is cheap)."""
     workdir = cfg.workdir
-    check_is_a_run(cfg)
-    sections = collect(cfg)
+    saved = saved_config(workdir)
+    check_is_a_run(cfg, saved)
+    sections = collect(cfg, saved)
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     html_uri, md_uri = storage.join(workdir, "report.html"), storage.join(workdir, "report.md")
     storage.write_text(html_uri, render_html(workdir, sections, generated))

@@ -415,8 +415,11 @@ def s3_objects(uri: str) -> dict[str, dict]:
 def file_digest(uri: str, algorithm: str) -> str:
     """Hex digest of a file, local or s3://, read a MB at a time."""
     digest = hashlib.new(algorithm)
-    # a local file by the OS, which takes any name: pyarrow refuses one not valid UTF-8
-    with s3_filesystem().open_input_stream(resolve(uri)[1]) if is_s3(uri) else open(normalize(uri), "rb") as f:
+    if is_s3(uri):
+        stream = s3_filesystem().open_input_stream(resolve(uri)[1])
+    else:  # by the OS, which takes any name: pyarrow refuses one that is not valid UTF-8
+        stream = open(normalize(uri), "rb")
+    with stream as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -105,9 +105,7 @@ def check_resumable(run: str) -> None:
     refused here. Raised in the workers (restore_state, which still checks what Ray
     hands them), Ray Train would retry it max_failures times, or without end."""
     fs, path = storage.resolve(run)
-    folders = sorted(((e, i.path) for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                      if i.type == pafs.FileType.Directory and (e := epoch_of(i.path)) is not None),
-                     reverse=True)
+    folders = epoch_folders(fs, path)
     if folders and not any(checkpoint.state_intact(storage.join(run, os.path.basename(p)))
                            for _, p in folders):
         raise UsageError(no_intact_checkpoint(len(folders), run))
@@ -181,7 +179,8 @@ def restore_state() -> dict | None:
         _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
         say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
     if checkpoints:  # none intact among what Ray lists, though check_resumable found one
-        raise UsageError(no_intact_checkpoint(len(checkpoints), os.path.dirname(checkpoints[0].path.rstrip("/"))))
+        run = os.path.dirname(checkpoints[0].path.rstrip("/"))
+        raise UsageError(no_intact_checkpoint(len(checkpoints), run))
     return None
 
 
@@ -207,14 +206,17 @@ def older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
     registered (the driver died during its upload) and is not trusted.
     """
     fs: pafs.FileSystem = latest.filesystem
-    parent = os.path.dirname(latest.path.rstrip("/"))
     newest = epoch_of(latest.path)
+    return [Checkpoint(path=p, filesystem=fs) for e, p in
+            epoch_folders(fs, os.path.dirname(latest.path.rstrip("/"))) if newest is None or e < newest]
+
+
+def epoch_folders(fs: pafs.FileSystem, parent: str) -> list[tuple[int, str]]:
+    """(epoch, path) of the checkpoint folders in `parent`, newest first."""
     infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    epochs = sorted(((e, i.path) for i in infos
-                     if i.type == pafs.FileType.Directory
-                     and (e := epoch_of(i.path)) is not None
-                     and (newest is None or e < newest)), reverse=True)
-    return [Checkpoint(path=p, filesystem=fs) for _, p in epochs]
+    return sorted(((e, i.path) for i in infos
+                   if i.type == pafs.FileType.Directory and (e := epoch_of(i.path)) is not None),
+                  reverse=True)
 
 
 def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> None:

@@ -70,13 +70,12 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
         raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
                          "(no '/'), e.g. --run-name r1")
     from deepfake_ray import storage
+    from deepfake_ray.data import sources
 
     args.command = command
     cfg = cli.build_config(args)  # the preset/config default when --workdir is absent
     workdir = storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
     check_outside_job_code(workdir, "--workdir")
-    from deepfake_ray.data import sources
-
     if sources.kind(cfg.data.source.strip()) == "path":  # not sample[:N] or kaggle[:NAME]
         check_outside_job_code(cfg.data.source, "data.source")
     return workdir
@@ -90,8 +89,9 @@ def check_outside_job_code(path: str | None, flag: str) -> None:
     from deepfake_ray import storage
 
     path = (path or "").strip()
-    parts = storage.normalize(path).split(os.sep) if path and ":" not in path.split("/")[0] else []
-    if any(part.startswith("_ray_pkg_") for part in parts):
+    if not path or ":" in path.split("/")[0]:  # a URI (a misspelt one is the CLI's to name)
+        return
+    if any(part.startswith("_ray_pkg_") for part in storage.normalize(path).split(os.sep)):
         fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
         raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "
                          f"cannot read and the next submission replaces: {fix} (or a folder "

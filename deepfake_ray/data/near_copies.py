@@ -146,9 +146,15 @@ def joined(label: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return lowest[component]
 
 
+def flipped(rows: np.ndarray) -> np.ndarray:
+    """Thumbnails as rows of THUMB * THUMB values (grey levels, unit vectors), each
+    flipped left to right."""
+    return rows.reshape(-1, THUMB, THUMB)[:, :, ::-1].reshape(len(rows), -1)
+
+
 def mirrored(thumb: bytes) -> bytes:
     """The thumbnail of the image flipped left to right."""
-    return np.frombuffer(thumb, np.uint8).reshape(THUMB, THUMB)[:, ::-1].tobytes()
+    return flipped(np.frombuffer(thumb, np.uint8)[None]).tobytes()
 
 
 def one_way(pairs: np.ndarray, n: int) -> np.ndarray:
@@ -170,8 +176,8 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     every = [*thumbs, *map(mirrored, thumbs)]  # image i flipped is image n + i
     first = {}  # identical thumbnails (one picture stored twice, one face drawn again) group at once
     label = np.array([first.setdefault(t, i) for i, t in enumerate(every)], np.int64)
-    units = unit_vectors(thumbs)  # and flipped: the same numbers in another order
-    units = np.concatenate([units, units.reshape(n, THUMB, THUMB)[:, :, ::-1].reshape(n, -1)])
+    units = unit_vectors(thumbs)
+    units = np.concatenate([units, flipped(units)])  # flipped: the same numbers in another order
     index = np.flatnonzero(units.any(axis=1) & (label == np.arange(len(every))))
     label = joined(label, np.stack([np.arange(n), np.arange(n, 2 * n)], axis=1))  # each is its flip
     if len(index) >= 2:
