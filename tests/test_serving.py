@@ -573,6 +573,31 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
         score.run(cfg, model=model_dir, input=f"{bucket}/in", out="s3://no-such-bucket-out/s.csv")
 
 
+def test_a_manifest_none_of_whose_files_is_found_exits_2_with_the_table_written(ray_session, model_dir,
+                                                                               tmp_path, capsys):
+    """A manifest whose relative paths point nowhere from its folder: the cause and exit
+    2, not exit 0 with a table of errors; the table is written all the same. Once one of
+    its files is found, the same manifest is an ordinary run."""
+    import pyarrow as pa
+
+    from deepfake_ray import cli
+
+    manifest, out = tmp_path / "lists" / "manifest.parquet", tmp_path / "scores.csv"
+    manifest.parent.mkdir()
+    storage.write_parquet(str(manifest), pa.table({"path": ["faces/face0.jpg", "faces/face1.jpg"]}))
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(manifest), "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 2 files from --input" in err[0], err
+    assert "check the manifest's paths (relative ones are read from the folder holding it)" in err[0]
+    rows = storage.read_text(str(out)).splitlines()[1:]
+    assert len(rows) == 2 and all('"unreadable: FileNotFoundError' in row for row in rows), rows
+    (manifest.parent / "faces").mkdir()
+    (manifest.parent / "faces" / "face0.jpg").write_bytes(JPEG)
+    assert cli.main([*argv, "--force"]) == 0
+    assert "1 scored, 1 unreadable" in capsys.readouterr().out
+
+
 def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypatch):
     """Not one "unreadable" row per file, as if the files were damaged: the store's failure
     (network, credentials) is raised from the scoring task, and explained as one line."""

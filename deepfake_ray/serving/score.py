@@ -208,6 +208,28 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
             "out": out, "model": checkpoint.model_id(meta)}
 
 
+MISSING = "unreadable: FileNotFoundError"
+
+
+def check_some_found(table: pa.Table, src: str, out: str) -> None:
+    """Not one file found where the input listed them is no batch of damaged files but a
+    setup to fix (a manifest's relative paths read from the wrong folder; on a cluster, a
+    folder on the driver's disk, which the scoring tasks on other nodes cannot see): exit 2
+    with the cause, the table of errors written, rather than 0 and a table of errors."""
+    errors = table.column("error").to_pylist()
+    if not errors or not all(e.startswith(MISSING) for e in errors):
+        return
+    if not runtime.in_process() and not storage.is_s3(src):
+        cause = ("it lies on this machine's disk, which the cluster's other nodes cannot read: "
+                 "use an s3:// --input, or a folder every node mounts")
+    elif is_manifest(src):
+        cause = "check the manifest's paths (relative ones are read from the folder holding it)"
+    else:
+        cause = "were they moved or deleted while score ran? check the input"
+    raise UsageError(f"none of the {len(errors):,} files from --input {src} was found where "
+                     f"listed ({out} holds a row for each): {cause}")
+
+
 def preflight(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
               out: str | None = None, **_) -> dict | None:
     """What needs no Ray, so that a mistake fails in a second: the flags, the model, the
@@ -246,6 +268,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     started = time.time()
     table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
     write_table(table, out)
+    check_some_found(table, src, out)
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
