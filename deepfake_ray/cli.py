@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="deepfake-ray", description=DESCRIPTION)
     p.add_argument("--version", action=PrintVersion,
-                   help="print the version, and those of Ray, torch, timm and Python; exit")
+                   help="print the version, and those of the libraries it runs on and Python; exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text, flags) in COMMANDS.items():
         c = sub.add_parser(name, help=help_text, description=help_text)
