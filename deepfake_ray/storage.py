@@ -100,13 +100,19 @@ S3_PROBLEMS = {
     "SIGNATURE_DOES_NOT_MATCH": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
     "NO_CREDENTIALS": "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                       "AWS_PROFILE, or ~/.aws/credentials",
+    "INVALID_OBJECT_STATE": "the object is archived (a Glacier storage class): restore it, or copy it "
+                            "to a standard class, to read it",
 }
 
 
 # The same problems as botocore names them (boto3 writes, reads and locks).
 BOTO_PROBLEMS = {"NoSuchBucket": "NO_SUCH_BUCKET", "AccessDenied": "ACCESS_DENIED", "403": "ACCESS_DENIED",
                  "InvalidAccessKeyId": "INVALID_ACCESS_KEY_ID",
-                 "SignatureDoesNotMatch": "SIGNATURE_DOES_NOT_MATCH"}
+                 "SignatureDoesNotMatch": "SIGNATURE_DOES_NOT_MATCH",
+                 "InvalidObjectState": "INVALID_OBJECT_STATE"}
+# What S3 answers a read of one object it keeps from us while it lists the others: archived,
+# uploaded by another account, encrypted with a key we may not use (all 403s)
+OBJECT_REFUSALS = ("AccessDenied", "403", "InvalidObjectState")
 
 
 class StoreError(OSError):
@@ -119,6 +125,16 @@ class StoreError(OSError):
 
     def __reduce__(self):  # raised in a Ray task, it is pickled to the driver
         return StoreError, (self.uri, str(self), self.problem)
+
+
+class ObjectRefused(StoreError):
+    """S3 refused to read this one object (OBJECT_REFUSALS). Where many files are read
+    (ingest, scoring) it is that file's row; elsewhere it is explained like any StoreError.
+    Credentials that may read nothing make every file such a row, which those stages
+    refuse as a whole."""
+
+    def __reduce__(self):
+        return ObjectRefused, (self.uri, str(self), self.problem)
 
 
 def store_error(uri: str, cause: BaseException) -> StoreError:
@@ -276,14 +292,21 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     if "//" in uri[len("s3://"):]:  # S3 allows keys pyarrow cannot name ('faces//a.jpg')
         return s3_get(uri, max_bytes)
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(uri)
-    check_size(info.size, max_bytes)
-    # A random-access file reads in one sized request; a stream's small reads are
-    # each a ranged GET (minutes for a 200 MB checkpoint on some S3-compatible stores).
-    with fs.open_input_file(path) as f:
-        return f.read()
+    try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(uri)
+        check_size(info.size, max_bytes)
+        # A random-access file reads in one sized request; a stream's small reads are
+        # each a ranged GET (minutes for a 200 MB checkpoint on some S3-compatible stores).
+        with fs.open_input_file(path) as f:
+            return f.read()
+    except (FileNotFoundError, FileTooLarge):
+        raise
+    except OSError:
+        # asked again through boto3, which names what pyarrow's message may not (an
+        # archived object reads as "INTERNAL_FAILURE ... Failed to flush response stream")
+        return s3_get(uri, max_bytes)
 
 
 def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
@@ -296,8 +319,11 @@ def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
             check_size(response.get("ContentLength"), max_bytes)
             return body.read()
     except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        code = e.response.get("Error", {}).get("Code")
+        if code in ("NoSuchKey", "404"):
             raise FileNotFoundError(uri) from e
+        if code in OBJECT_REFUSALS:
+            raise ObjectRefused(uri, f"{uri}: {e}", boto_problem(e)) from e
         raise store_error(uri, e) from e
     except BotoCoreError as e:  # no connection, a timeout: the store's, as pyarrow's OSErrors
         raise store_error(uri, e) from e

@@ -246,15 +246,33 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     storage.write_bytes(f"{bucket}/celebs", b"")  # a folder placeholder some S3 tools write
     client, name, _ = storage.s3_client(bucket)  # a key with an empty part, which S3 allows
     client.put_object(Bucket=name, Key="celebs//doubled/slash.jpg", Body=sample.face_jpeg(3, 1))
+    # archived by a lifecycle rule: S3 lists it but will not read it, one file's problem
+    client.put_object(Bucket=name, Key="celebs/archived.jpg", Body=sample.face_jpeg(3, 2),
+                      StorageClass="GLACIER")
     with pytest.raises(UsageError, match="is a file: pass the folder"):
         sources.check_source(f"{bucket}/celebs/plain.jpg", tiny_cfg().data)
     cfg = tiny_cfg(f"data.source={bucket}/celebs", workdir=f"{s3_server('runs-out')}/r1")
     prepare.run(cfg)
     manifest, rejected, summary = read_outputs(cfg.workdir)
-    assert len(manifest) == len(good_files()) + 1 and summary["rejected"] == len(bad_files()) + 1
+    assert len(manifest) == len(good_files()) + 1 and summary["rejected"] == len(bad_files()) + 2
+    archived = rejected[rejected["path"] == f"{bucket}/celebs/archived.jpg"].iloc[0]
+    assert archived["reason"] == "unreadable" and "InvalidObjectState" in archived["detail"]
     assert f"{bucket}/celebs//doubled/slash.jpg" in set(manifest["path"])
     assert all(p.startswith(f"{bucket}/celebs/") for p in manifest["path"])
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (manifest["split"] == "train").sum()
+
+
+def test_an_s3_source_of_which_no_object_can_be_read_is_one_line(ray_session, s3_server, tiny_cfg):
+    bucket = s3_server("faces-archived")
+    client, name, _ = storage.s3_client(bucket)
+    for i in range(3):
+        client.put_object(Bucket=name, Key=f"cold/face{i}.jpg", Body=sample.face_jpeg(3, i),
+                          StorageClass="DEEP_ARCHIVE")
+    cfg = tiny_cfg(f"data.source={bucket}/cold")
+    with pytest.raises(UsageError, match=r"none of the 3 files .* is a usable image \({'unreadable': 3}; "
+                                         r"the first: unreadable: ObjectRefused: .*InvalidObjectState.*\): "
+                                         r"check the source"):
+        prepare.run(cfg)
 
 
 def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, monkeypatch):

@@ -542,7 +542,9 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     for name in sorted(os.listdir(images_dir)):
         with open(os.path.join(images_dir, name), "rb") as f:
             storage.write_bytes(f"{bucket}/in/{name}", f.read())
-    uploaded = [f"{bucket}/in/{name}" for name in sorted(os.listdir(images_dir))]
+    client, bucket_name, _ = storage.s3_client(bucket)  # archived: S3 lists it but will not read it
+    client.put_object(Bucket=bucket_name, Key="in/zz_archived.jpg", Body=JPEG, StorageClass="GLACIER")
+    uploaded = [f"{bucket}/in/{name}" for name in [*sorted(os.listdir(images_dir)), "zz_archived.jpg"]]
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
     # "in/face0.jpg": relative to the folder holding the manifest, and kept as written
     # a name no file system allows (a NUL in it) is a row with its reason, as a missing file is
@@ -561,7 +563,8 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     assert '"unreadable' in lines[-2] and ',"",' in lines[-2]  # no p_fake, no label
     assert '"unreadable: ValueError: embedded null byte' in lines[-3]
     assert '"no path' in lines[-1]
-    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 3)
+    assert "InvalidObjectState" in lines[1]  # one file's row; the others are scored
+    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 4)
     assert score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)["skipped"]
     # scored again into the folder it scores: its own table is not one of the inputs
     inside = f"{bucket}/in/scores.parquet"
@@ -588,7 +591,7 @@ def test_a_manifest_none_of_whose_files_is_found_exits_2_with_the_table_written(
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(manifest), "--out", str(out)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "none of the 2 files from --input" in err[0], err
+    assert len(err) == 1 and "none of the 2 files from --input" in err[0] and "could be read" in err[0], err
     assert "check the manifest's paths (relative ones are read from the folder holding it)" in err[0]
     rows = storage.read_text(str(out)).splitlines()[1:]
     assert len(rows) == 2 and all('"unreadable: FileNotFoundError' in row for row in rows), rows

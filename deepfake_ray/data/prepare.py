@@ -114,7 +114,7 @@ def fetch_all(paths: list[str], max_bytes: int) -> list[Fetched]:
         except storage.FileTooLarge as e:
             return e
         except OSError as e:  # that file's own: gone, no permission, not a regular file
-            if storage.is_s3(uri) and not isinstance(e, FileNotFoundError):
+            if storage.is_s3(uri) and not isinstance(e, (FileNotFoundError, storage.ObjectRefused)):
                 raise  # the store's (network, credentials): not one file's, so fail the task
             return e
     if paths and storage.is_s3(paths[0]):
@@ -633,8 +633,11 @@ def ingest_into_workdir(cfg: Config) -> dict:
     if not manifest:
         storage.delete_dir(staged)
         reasons = Counter(row["reason"] for row in rejected)
-        where = not runtime.in_process() and set(reasons) == {"unreadable"} and not storage.is_s3(src.root)
-        raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image ({dict(reasons)}): "
+        unread = set(reasons) == {"unreadable"}
+        where = not runtime.in_process() and unread and not storage.is_s3(src.root)
+        first = f"; the first: {rejected[0]['detail'][:300]}" if unread else ""  # e.g. S3's refusal
+        raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
+                         f"({dict(reasons)}{first}): "
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
                             "read: use an s3:// source, or an s3:// --workdir to copy them there"
                             if where else "check the source"))

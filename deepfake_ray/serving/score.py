@@ -111,7 +111,7 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int 
             errors.append(error_text(decode.too_large(e)))
             continue
         except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
-            if storage.is_s3(path) and storage.explain(e):
+            if storage.is_s3(path) and storage.explain(e) and not isinstance(e, storage.ObjectRefused):
                 raise  # the store's (network, credentials), not this file's: stop with the fix
             errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
             continue
@@ -208,26 +208,29 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
             "out": out, "model": checkpoint.model_id(meta)}
 
 
-MISSING = "unreadable: FileNotFoundError"
+UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
 
 
-def check_some_found(table: pa.Table, src: str, out: str) -> None:
-    """Not one file found where the input listed them is no batch of damaged files but a
-    setup to fix (a manifest's relative paths read from the wrong folder; on a cluster, a
-    folder on the driver's disk, which the scoring tasks on other nodes cannot see): exit 2
-    with the cause, the table of errors written, rather than 0 and a table of errors."""
+def check_some_read(table: pa.Table, src: str, out: str) -> None:
+    """Not one file read is no batch of damaged files but a setup to fix (a manifest's
+    relative paths read from the wrong folder; on a cluster, a folder on the driver's disk,
+    which the scoring tasks on other nodes cannot see; credentials that may list a bucket
+    but read none of it): exit 2 with the cause, the table of errors written, rather than
+    0 and a table of errors."""
     errors = table.column("error").to_pylist()
-    if not errors or not all(e.startswith(MISSING) for e in errors):
+    if not errors or not all(e.startswith(UNREAD) for e in errors):
         return
-    if not runtime.in_process() and not storage.is_s3(src):
+    if not all(e.startswith(MISSING) for e in errors):
+        cause = f"the first: {errors[0].removeprefix(UNREAD)[:300]}"
+    elif not runtime.in_process() and not storage.is_s3(src):
         cause = ("it lies on this machine's disk, which the cluster's other nodes cannot read: "
                  "use an s3:// --input, or a folder every node mounts")
     elif is_manifest(src):
         cause = "check the manifest's paths (relative ones are read from the folder holding it)"
     else:
-        cause = "were they moved or deleted while score ran? check the input"
-    raise UsageError(f"none of the {len(errors):,} files from --input {src} was found where "
-                     f"listed ({out} holds a row for each): {cause}")
+        cause = "none was found where listed: were they moved or deleted while score ran?"
+    raise UsageError(f"none of the {len(errors):,} files from --input {src} could be read "
+                     f"({out} holds a row for each): {cause}")
 
 
 def preflight(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
@@ -268,7 +271,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     started = time.time()
     table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
     write_table(table, out)
-    check_some_found(table, src, out)
+    check_some_read(table, src, out)
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
