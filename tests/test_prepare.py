@@ -137,7 +137,9 @@ def test_near_copies_of_a_picture_share_its_split_in_manifest_and_images(ray_ses
         assert sorted(stored) == sorted(manifest.loc[manifest["split"] == split, "sha1"])
 
 
-def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["in-process", "copied to S3 first, as on a cluster"])
+def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path, capsys,
+                                                            where, s3_server, monkeypatch):
     root, good = tmp_path / "odd", good_files()
     (root / "sub").mkdir(parents=True)
     (root / "a.jpg").write_bytes(good["plain.jpg"])
@@ -152,7 +154,11 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: left out
     with open(os.fsencode(root) + b"/latin1_\xe9.jpg", "wb") as f:  # not valid UTF-8
         f.write(good["upper.JPG"])
-    cfg = tiny_cfg(f"data.source={root}", "data.splits=[0.001, 0.5, 0.5]")  # and no train split
+    workdir = {}
+    if where != "in-process":  # the driver reads them, and sends what it can read to S3
+        monkeypatch.setattr(runtime, "driver_files_need_copying", lambda workdir: True)
+        workdir = dict(workdir=f"{s3_server('odd-entries')}/r1")
+    cfg = tiny_cfg(f"data.source={root}", "data.splits=[0.001, 0.5, 0.5]", **workdir)  # and no train split
     prepare.run(cfg)
     assert "warning: the train split is empty (3 images in all)" in capsys.readouterr().out
     manifest, rejected, summary = read_outputs(cfg.workdir)
@@ -164,6 +170,7 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
                                    f"{decode.max_file_bytes():,}: more than any image within "
                                    "data.max_pixels can be")
     assert "not a regular file" in reasons["pipe.jpg"] and "symbolic links" in reasons["loop.jpg"]
+    assert list(rejected["sha1"]) == ["", "", ""]  # none was read: no hash of nothing
 
 
 def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch):

@@ -132,12 +132,17 @@ def inspect_fetched(data: Fetched, size: int, quality: int, max_pixels: int) -> 
     """decode.inspect's row for fetched bytes; a file not read is a rejected row too."""
     if isinstance(data, bytes):
         return decode.inspect(data, size, quality, max_pixels)
+    unread = {**decode.inspect(b"", size, quality), "sha1": ""}  # no bytes read: none to hash
     if isinstance(data, storage.FileTooLarge):
         refused = decode.too_large(data)
-        return {**decode.inspect(b"", size, quality), "bytes": data.size, "reason": refused.reason,
-                "detail": str(refused)}
-    return {**decode.inspect(b"", size, quality), "reason": "unreadable",
-            "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"}
+        return {**unread, "bytes": data.size, "reason": refused.reason, "detail": str(refused)}
+    return {**unread, "reason": "unreadable", "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"}
+
+
+def file_row(path: str, data: Fetched, size: int, quality: int, max_pixels: int) -> dict:
+    """One file's row, before its image has a part and a split."""
+    return {**inspect_fetched(data, size, quality, max_pixels), "path": storage.printable(path),
+            "part": "", "split": "", "near_copy_of": ""}
 
 
 def chunks_of(paths: list[str]) -> list[list[str]]:
@@ -230,8 +235,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     part = part_name([p for _, paths in own for p in paths])
     rows, usable, seen = [], [], set()
     for path, data in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
-        row = {**inspect_fetched(data, size, quality, max_pixels), "path": storage.printable(path),
-               "part": "", "split": "", "near_copy_of": ""}
+        row = file_row(path, data, size, quality, max_pixels)
         if not row["reason"]:
             # by the stored image, as for the fakes: a picture re-saved with other metadata
             # is other bytes (kept as well) but must not sit in train while it sits in test
@@ -545,7 +549,7 @@ def readable_source(cfg: Config) -> Source:
     src = outside_workdirs(resolve_source(d.source, d), cfg.workdir)
     if not copying:
         return src
-    src = sources.copy_to(src, copy_dir(cfg), "prepare")
+    src = sources.copy_to(src, copy_dir(cfg), "prepare", decode.max_file_bytes(d.max_pixels))
     if copy:
         storage.mark_complete(copy, {"source": d.source, "files": len(src.files)})
     return src
@@ -613,7 +617,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     # a --force whose source turns out to hold nothing usable loses nothing
     images, staged = datasets.images_uri(out), storage.join(out, ".images-new")
     storage.delete_dir(staged)  # parts of an interrupted earlier run
-    paths = candidates(src, cfg.seed)
+    paths = [p for p in candidates(src, cfg.seed) if p not in src.unread]
     cpus_per_task = cfg.resources.data_cpus
     slots = runtime.cpu_bound_slots(cpus_per_task)  # None on a cluster: its CPUs decide
     tasks_at_once = slots or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
@@ -625,10 +629,12 @@ def ingest_into_workdir(cfg: Config) -> dict:
     try:
         rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
             images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
-            splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims))
+            splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims)) if paths else []
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)
+    rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)  # not copied: not read
+             for uri, error in src.unread.items()]
     manifest, rejected, mends = sort_rows(rows)
     if not manifest:
         storage.delete_dir(staged)

@@ -13,7 +13,7 @@ import re
 import shutil
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import features
 
@@ -34,6 +34,8 @@ class Source:
     files: tuple[str, ...] = ()  # URIs of candidate image files
     sample_count: int = 0  # > 0 for the built-in generator
     root: str = ""  # the folder or prefix that `files` lie under
+    # files of `files` not read where they were listed (copy_to): URI -> the read's error
+    unread: dict = field(default_factory=dict, compare=False)
 
 
 FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
@@ -120,8 +122,8 @@ def is_copy_of(copy: dict | None, path: str) -> bool:
     of the file before the copy's upload (a multipart upload's ETag is no file's hash)."""
     try:
         local = os.stat(path)
-    except FileNotFoundError:
-        return False  # gone since listed: copy_to removes an older copy
+    except OSError:
+        return False  # gone since listed, a link to itself: copy_to finds out which
     if copy is None or copy["Size"] != local.st_size:
         return False
     etag = copy["ETag"].strip('"')
@@ -130,11 +132,13 @@ def is_copy_of(copy: dict | None, path: str) -> bool:
     return copy["LastModified"].timestamp() >= int(local.st_mtime)
 
 
-def copy_to(src: Source, dest: str, command: str) -> Source:
+def copy_to(src: Source, dest: str, command: str, max_bytes: int | None = None) -> Source:
     """`src`, its files copied from this machine's disk to `dest` (s3://), where the tasks
     on every node can read them. A file already there with the same bytes is not sent
     again, so a resubmitted job only sends what the killed one had not, and a file
-    changed since is sent again."""
+    changed since is sent again. A file that cannot be read here (gone, a pipe, a link to
+    itself, no permission, over `max_bytes`) is not sent, but named in `unread` with its
+    error, as ingest would have read it."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deepfake_ray.progress import Progress
@@ -146,22 +150,25 @@ def copy_to(src: Source, dest: str, command: str) -> Source:
     todo = [f for f, rel in relative.items() if not is_copy_of(there.get(rel), f)]
     print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
           "where every node of the cluster can read them", flush=True)
-    done, gone = [], []
+    done, unread = [], {}
 
     def send(path: str) -> None:
-        try:
-            storage.upload_file(path, storage.join(dest, relative[path]))
-        except FileNotFoundError:
-            gone.append(path)
+        try:  # as ingest reads: a pipe is not waited on, a huge file not read
+            data = storage.read_bytes(path, max_bytes)
+        except (OSError, storage.FileTooLarge) as e:
+            unread[path] = e
+        else:
+            storage.write_bytes(storage.join(dest, relative[path]), data)
         done.append(path)
 
     with Progress(command, len(todo), "files copied", lambda: len(done)):
         with ThreadPoolExecutor(32) as pool:  # PUTs are latency-bound: overlap them
             list(pool.map(send, todo))
-    for path in gone:  # deleted since listed: not an earlier run's copy of it, but "unreadable"
+    for path in unread:  # an earlier run's copy is not this file as it is now
         if relative[path] in there:
             storage.delete_file(storage.join(dest, relative[path]))
-    return Source(src.name, files=tuple(storage.join(dest, relative[f]) for f in src.files), root=dest)
+    return Source(src.name, files=tuple(storage.join(dest, relative[f]) for f in src.files), root=dest,
+                  unread={storage.join(dest, relative[f]): e for f, e in unread.items()})
 
 
 # --- Kaggle -----------------------------------------------------------------------
