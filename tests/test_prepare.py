@@ -618,6 +618,59 @@ def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kagg
     assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "faces") == []  # nothing to trust
 
 
+def encrypted(zip_bytes: bytes) -> bytes:
+    """The zip with its members marked encrypted (Python's zipfile cannot write one)."""
+    data = bytearray(zip_bytes)
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:  # each central directory entry's flags
+        data[at + 8] |= 1
+        at = data.find(b"PK\x01\x02", at + 4)
+    return bytes(data)
+
+
+def test_zips_a_kaggle_dataset_ships_that_cannot_be_extracted_are_left_out_with_a_note(
+        fake_kaggle, monkeypatch, tmp_path, tiny_cfg, capsys):
+    """Not deleted with the whole download for the next run to fetch again: the dataset
+    holds them, so every download would."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def shipped_broken(self, dataset, path=None, **_):
+        inner = io.BytesIO()
+        with zipfile.ZipFile(inner, "w") as z:
+            z.writestr("secret.jpg", good_files()["plain.jpg"])
+        with zipfile.ZipFile(os.path.join(path, dataset.split("/")[1] + ".zip"), "w") as z:
+            for name, data in list(good_files().items())[:3]:
+                z.writestr(f"celeb/{name}", data)
+            z.writestr("celeb/damaged.zip", b"PK\x03\x04" + os.urandom(300))
+            z.writestr("celeb/locked.zip", encrypted(inner.getvalue()))
+        fake_kaggle.append(dataset)
+
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", shipped_broken)
+    assert len(sources.resolve_source("kaggle:owner/shipped", data).files) == 3
+    out = capsys.readouterr().out
+    assert "left out celeb/damaged.zip of the Kaggle dataset owner/shipped: a zip that cannot be " \
+           "extracted (BadZipFile" in out
+    assert "left out celeb/locked.zip of the Kaggle dataset owner/shipped: a zip that cannot be " \
+           "extracted (RuntimeError: File 'secret.jpg' is encrypted" in out
+    assert len(sources.resolve_source("kaggle:owner/shipped", data).files) == 3
+    assert fake_kaggle == ["owner/shipped"]  # cached: not downloaded again
+
+    def locked_download(self, dataset, path=None, **_):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("a.jpg", good_files()["plain.jpg"])
+        with open(os.path.join(path, "locked.zip"), "wb") as f:
+            f.write(encrypted(buf.getvalue()))
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", locked_download)
+    with pytest.raises(UsageError, match=r"the Kaggle download of owner/locked is a zip Python cannot "
+                                         r"extract \(locked.zip: RuntimeError: .*\): extract it with "
+                                         r"another tool into .*owner/locked, then create .*/.complete"):
+        sources.resolve_source("kaggle:owner/locked", data)
+    assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "locked") == ["locked.zip"]  # kept
+
+
 def test_an_interrupted_kaggle_download_is_resumed_not_deleted(fake_kaggle, tmp_path, tiny_cfg):
     data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
     for slug, marker in (("resumable", True), ("cut", False)):  # the client writes its marker

@@ -277,37 +277,65 @@ def download(dataset: str, folder: str) -> None:
                          "name, that you accepted its rules on kaggle.com, and your network")
 
 
+# A zip Python's zipfile cannot extract: damaged (a bad header, bad compressed data, cut
+# short), or encrypted or compressed in a way it does not read (Deflate64, as Windows writes)
+DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError)
+UNEXTRACTABLE = (*DAMAGED, RuntimeError, NotImplementedError)
+
+
 def unzip_all(folder: str, dataset: str) -> None:
-    """Extract every zip under `folder`, zips inside zips too, and delete it. A damaged one
-    empties the folder (with what was extracted of it), so the next run downloads it anew
-    instead of trusting any of it; one that could not be extracted for want of disk space
-    is kept, and the next run extracts it."""
+    """Extract every zip under `folder`, zips inside zips too, and delete it. A damaged
+    download empties the folder (with what was extracted of it), so the next run downloads
+    it anew instead of trusting any of it; a zip that could not be extracted for want of
+    disk space is kept, and the next run extracts it. A zip the dataset itself holds that
+    cannot be extracted is left out with a note: downloading again would bring it back."""
+    download = os.path.join(folder, dataset.split("/")[1] + ".zip")  # as the Kaggle client names it
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
         for path in zips_under(folder):
-            extract(path, folder, dataset)
+            try:
+                extract(path)
+            except UNEXTRACTABLE as e:
+                if path == download:
+                    refuse_download(folder, dataset, path, e)
+                print(f"prepare: left out {os.path.relpath(path, folder)} of the Kaggle dataset {dataset}: "
+                      f"a zip that cannot be extracted ({zip_error(e)}); its files are not read")
             os.remove(path)
 
 
-def extract(path: str, folder: str, dataset: str) -> None:
+def zip_error(e: Exception) -> str:
+    """zipfile's error, a member named by its name (not its whole ZipInfo)."""
+    return f"{type(e).__name__}: " + re.sub(r"<ZipInfo filename=('[^']*')[^>]*>", r"\1", str(e))
+
+
+def refuse_download(folder: str, dataset: str, path: str, e: Exception) -> None:
+    name = os.path.basename(path)
+    if not isinstance(e, DAMAGED):  # downloading again brings the same zip
+        raise UsageError(f"the Kaggle download of {dataset} is a zip Python cannot extract ({name}: "
+                         f"{zip_error(e)}): extract it with another tool into {folder}, then "
+                         f"create {os.path.join(folder, '.complete')}") from e
+    shutil.rmtree(folder)
+    os.makedirs(folder)
+    raise UsageError(f"the Kaggle download of {dataset} holds a damaged zip ({name}: {e}); it was "
+                     "deleted: run again to download it anew") from e
+
+
+def extract(path: str) -> None:
     """`path`'s members beside it, put in place only once all are out: extracted into a
     hidden folder first, so an interrupted extraction leaves no cut-off member (a zip in
-    the zip) for the next run to take for a damaged download."""
+    the zip) for the next run to take for a damaged download. Raises UNEXTRACTABLE's."""
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.extracting")
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
     try:
         with zipfile.ZipFile(path) as z:
             z.extractall(staging)  # member names cannot climb out
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        shutil.rmtree(folder)
-        os.makedirs(folder)
-        raise UsageError(f"the Kaggle download of {dataset} holds a damaged zip "
-                         f"({os.path.basename(path)}: {e}); it was deleted: run again "
-                         "to download it anew") from e
     except OSError as e:  # this machine's: a full disk, no permission
         shutil.rmtree(staging, ignore_errors=True)
         raise UsageError(f"could not extract {path} ({e.strerror or e}): free disk space "
                          "or set data.cache_dir to a larger disk, then run again: the "
                          "download is kept") from e
+    except UNEXTRACTABLE:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for root, _, names in os.walk(staging):  # renames within one disk: no space needed
         place = os.path.join(os.path.dirname(path), os.path.relpath(root, staging))
         os.makedirs(place, exist_ok=True)
