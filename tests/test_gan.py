@@ -303,6 +303,15 @@ def test_bad_input_exits_2_with_one_line(ray_session, prepared, tmp_path, capsys
     code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", prepared,
                         "--set", "data.resolution=64")
     assert code == 2 and len(err) == 1 and "data.resolution=32" in err[0]  # data is 32 px
+    # a part left empty (as one whose every image was a copy kept in another was) read first
+    emptied = with_data(prepared, tmp_path / "emptied")
+    images = datasets.images_uri(datasets.data_dir(emptied))
+    part = sorted(storage.list_files(images))[0]
+    datasets.write_images_part(storage.join(images, "part-0000000000000000.parquet"),
+                               storage.read_parquet(part).slice(0, 0))
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", emptied,
+                        "--set", "data.resolution=64")
+    assert code == 2 and len(err) == 1 and "data.resolution=32" in err[0], err
 
     # more than the in-process Ray holds: Ray Train would retry its start without end
     code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", prepared,

@@ -451,6 +451,7 @@ def test_copies_two_tasks_kept_at_once_are_removed_by_the_driver(tmp_path):
     manifest, rejected, copies = prepare.sort_rows(rows)
     prepare.write_outputs(out, str(images), manifest, rejected, copies)
     assert sorted(sum(part_hashes(images).values(), [])) == sorted(r["sha1"] for r in manifest)
+    assert len(part_hashes(images)) == 1  # the part left with nothing is gone, not an empty file
 
 
 def test_files_on_the_drivers_disk_are_copied_to_s3_for_a_cluster_once(s3_server, tmp_path, tiny_cfg, capsys):

@@ -38,6 +38,22 @@ def write_images_part(uri: str, table: pyarrow.Table) -> None:
     storage.write_parquet(uri, table, **IMAGES_PARQUET)
 
 
+def first_image(stage_uri: str) -> bytes:
+    """The first stored image of a stage's images parts (a part can be empty: `prepare`
+    rewrites one without the copies kept in another), read a row group at a time."""
+    import pyarrow.parquet as pq
+
+    for uri in (f for f in storage.list_files(images_uri(stage_uri)) if f.endswith(".parquet")):
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            part = pq.ParquetFile(f)
+            for group in range(part.num_row_groups):
+                if part.metadata.row_group(group).num_rows:
+                    return part.read_row_group(group, columns=["image"]).column("image")[0].as_py()
+    raise UsageError(f"{images_uri(stage_uri)} holds no images: rerun the stage that makes "
+                     f"{stage_uri} with --force")
+
+
 def data_dir(workdir: str) -> str:
     return storage.join(workdir, "data")
 

@@ -273,7 +273,10 @@ def mend_part(uri: str, mend: Mend) -> None:
         split = [mend.splits.get(h, s) for h, s in zip(table["sha1"].to_pylist(), table["split"].to_pylist())]
         table = table.set_column(table.schema.get_field_index("split"), "split",
                                  pa.array(split, table.schema.field("split").type))
-    datasets.write_images_part(uri, table)
+    if table.num_rows:
+        datasets.write_images_part(uri, table)
+    else:  # every image it held is kept in another part
+        storage.delete_file(uri)
 
 
 def write_outputs(out: str, images: str, manifest: list[dict], rejected: list[dict],

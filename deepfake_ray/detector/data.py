@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.data
 from ray.data.expressions import col
 from PIL import Image, ImageFilter
@@ -105,20 +104,9 @@ def jpeg_signature(jpeg: bytes) -> dict:
                                    ).hexdigest()[:12]}
 
 
-def first_image(stage_uri: str) -> bytes:
-    files = [f for f in storage.list_files(datasets.images_uri(stage_uri)) if f.endswith(".parquet")]
-    for uri in files:
-        fs, path = storage.resolve(uri)
-        table = pq.read_table(path, filesystem=fs, columns=["image"])
-        if table.num_rows:
-            return table.column("image")[0].as_py()
-    raise UsageError(f"{datasets.images_uri(stage_uri)} holds no images: rerun the stage that makes "
-                     f"{stage_uri} with --force")
-
-
 def check_encoding(real_dir: str, fake_dir: str, resolution: int) -> int:
     """Reals and fakes must be encoded identically; returns their common resolution."""
-    real, fake = jpeg_signature(first_image(real_dir)), jpeg_signature(first_image(fake_dir))
+    real, fake = jpeg_signature(datasets.first_image(real_dir)), jpeg_signature(datasets.first_image(fake_dir))
     if real != fake:
         raise UsageError(f"reals ({real}) and fakes ({fake}) are encoded differently, so a detector "
                          "could learn the encoding instead of the faces: rerun `deepfake-ray generate "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import pyarrow.parquet as pq
 import ray
 
 from deepfake_ray import config, lineage, runtime, storage, training
@@ -63,23 +62,12 @@ def check_data(cfg: Config) -> int:
         raise UsageError(
             f"{train} training images give {per_worker} per worker, fewer than gan.batch_size="
             f"{cfg.gan.batch_size}: lower gan.batch_size or resources.workers, or prepare more images")
-    size = prepared_resolution(data)
+    size = int(decode_jpeg(datasets.first_image(data)).shape[0])
     if size != cfg.data.resolution:
         raise UsageError(f"{data} holds {size} px images but data.resolution is "
                          f"{cfg.data.resolution}: set data.resolution={size}, or run "
                          "`deepfake-ray prepare --force` at the new resolution")
     return train
-
-
-def prepared_resolution(data: str) -> int:
-    files = [f for f in storage.list_files(datasets.images_uri(data)) if f.endswith(".parquet")]
-    if not files:
-        raise UsageError(f"{datasets.images_uri(data)} holds no images: run "
-                         "`deepfake-ray prepare --force` with this --workdir")
-    fs, path = storage.resolve(files[0])
-    with fs.open_input_file(path) as f:
-        first = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")[0]
-    return int(decode_jpeg(first.as_py()).shape[0])
 
 
 def check_resume(cfg: Config, stage: str) -> None:
