@@ -170,7 +170,7 @@ def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_u
                    "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
     return training.fit(worker_loop, loop_config, cfg, storage_uri, name,
-                        datasets=views or data.training_views(cfg, selection),
+                        datasets=lambda: views or data.training_views(cfg, selection),
                         keep=d.keep_checkpoints, max_failures=d.max_failures, callbacks=callbacks,
                         keep_best_by="val_score")  # best/ is re-exported from the best one on resume
 

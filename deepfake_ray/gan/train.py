@@ -128,7 +128,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
           f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''} -> {stage}", flush=True)
     started = time.time()
     training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": stage}, cfg,
-                 cfg.workdir, RUN_NAME, datasets={"train": train_dataset(cfg, train_images)},
+                 cfg.workdir, RUN_NAME, datasets=lambda: {"train": train_dataset(cfg, train_images)},
                  keep=g.keep_checkpoints, max_failures=g.max_failures)
     history = storage.read_json(storage.join(stage, "history.json"))
     meta = storage.read_json(storage.join(model_uri(cfg.workdir), "model.json"))
