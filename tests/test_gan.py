@@ -285,10 +285,14 @@ def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prep
     position = {decode.decode_jpeg(row["image"]).tobytes(): i for i, row in enumerate(stored)}
     cfg = tiny(prepared)
 
-    first = [position[row["pixels"].tobytes()] for row in train.train_dataset(cfg, len(stored)).take_all()]
+    ds = train.train_dataset(cfg, len(stored))
+    first = [position[row["pixels"].tobytes()] for row in ds.take_all()]
     assert sorted(first) == list(range(len(stored)))  # every training image, once
     batch = first[:16]  # stored in path order, a batch would be 16 neighbours (a span of 15);
     assert max(batch) - min(batch) > 2 * len(batch)  # a random 16 of 77 spans less than 33 ~1e-5 of the time
+    # nor the same images in the same batch each epoch (each epoch iterates the dataset again)
+    orders = {tuple(position[row["pixels"].tobytes()] for row in ds.take_all()) for _ in range(3)}
+    assert len(orders) > 1
 
 
 def run_cli(capsys, *args) -> tuple[int, list[str]]:

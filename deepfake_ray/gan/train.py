@@ -93,21 +93,26 @@ def train_dataset(cfg: Config, train_images: int):
     `prepare` stores images in the order of their paths, and the workers' local shuffle
     buffers mix only a few batches, so a folder sorted by age or person (UTKFace's names
     begin with the age) gave batches of near-identical faces, the same each epoch. The
-    JPEG bytes are shuffled, a fifth of the decoded pixels' size.
+    JPEG bytes are shuffled, a fifth of the decoded pixels' size. Each epoch, its blocks come
+    in another order.
 
     When the decoded split fits in a quarter of the object store it is decoded once and
     kept there; each epoch then only re-splits it (a re-read costs seconds per epoch on
     a busy small machine). Larger splits stream from Parquet every epoch.
     """
-    ds = (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
-          .select_columns(["image"])
-          .random_shuffle(seed=cfg.seed)
-          .map_batches(datasets.decode_batch, batch_size=cfg.data.decode_batch_size,
-                       num_cpus=cfg.resources.data_cpus))
-    decoded_bytes = train_images * cfg.data.resolution ** 2 * 3
-    if decoded_bytes <= 0.25 * ray.cluster_resources().get("object_store_memory", 0):
-        ds = ds.materialize()
-    return ds
+    shuffled = (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
+                .select_columns(["image"])
+                .random_shuffle(seed=cfg.seed))
+
+    def decoded(ds):
+        return ds.map_batches(datasets.decode_batch, batch_size=cfg.data.decode_batch_size,
+                              num_cpus=cfg.resources.data_cpus)
+
+    # Each epoch draws the blocks in another order: the shuffle above is the same every
+    # epoch, so the same images would meet in each epoch's k-th batch.
+    if train_images * cfg.data.resolution ** 2 * 3 <= 0.25 * ray.cluster_resources().get("object_store_memory", 0):
+        return decoded(shuffled).materialize().randomize_block_order()
+    return decoded(shuffled.randomize_block_order())  # its JPEGs: the decoded split would wait whole
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
