@@ -212,7 +212,28 @@ def usage_line(error: BaseException) -> str | None:
     return str(getattr(usage, "cause", None) or usage).splitlines()[0] if usage else None
 
 
+def escape_odd_bytes(e: UnicodeError) -> tuple[str, int]:
+    """A file name's bytes that are not UTF-8 (Python holds them as lone surrogates) as
+    \\xNN, as the tables show them (storage.printable); other unwritable characters as
+    backslashreplace writes them."""
+    text = e.object[e.start:e.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode() for c in text), e.end
+
+
+def print_any_file_name() -> None:
+    """A message naming a folder whose name is not UTF-8 (an old Latin-1 archive's) is
+    printed, escaped, instead of failing the command: stdout's default is to raise."""
+    import codecs
+
+    codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="deepfake_ray.escape")
+
+
 def main(argv: list[str] | None = None) -> int:
+    print_any_file_name()
     args = parser().parse_args(argv)
     started = time.time()
     try:

@@ -208,11 +208,15 @@ def check_s3_path(uri: str, forms: str = "s3://BUCKET/prefix or a local path") -
 
 
 def exists(uri: str) -> bool:
+    if not is_s3(uri):  # the OS: pyarrow refuses a name that is not UTF-8 (an old Latin-1 folder's)
+        return os.path.exists(normalize(uri))
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
+    if not is_s3(uri):
+        return os.path.isdir(normalize(uri))
     fs, path = resolve(uri)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.File and is_s3(uri):  # an object named like a prefix may hold keys too

@@ -140,7 +140,7 @@ def test_near_copies_of_a_picture_share_its_split_in_manifest_and_images(ray_ses
 @pytest.mark.parametrize("where", ["in-process", "copied to S3 first, as on a cluster"])
 def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cfg, tmp_path, capsys,
                                                             where, s3_server, monkeypatch):
-    root, good = tmp_path / "odd", good_files()
+    root, good = tmp_path / os.fsdecode(b"odd_\xe9"), good_files()  # itself named in Latin-1
     (root / "sub").mkdir(parents=True)
     (root / "a.jpg").write_bytes(good["plain.jpg"])
     (root / "sub" / "b.png").write_bytes(good["gray.png"])
@@ -154,13 +154,16 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
     (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: left out
     with open(os.fsencode(root) + b"/latin1_\xe9.jpg", "wb") as f:  # not valid UTF-8
         f.write(good["upper.JPG"])
-    workdir = {}
+    workdir = str(tmp_path / "work")
     if where != "in-process":  # the driver reads them, and sends what it can read to S3
         monkeypatch.setattr(runtime, "driver_files_need_copying", lambda workdir: True)
-        workdir = dict(workdir=f"{s3_server('odd-entries')}/r1")
-    cfg = tiny_cfg(f"data.source={root}", "data.splits=[0.001, 0.5, 0.5]", **workdir)  # and no train split
-    prepare.run(cfg)
-    assert "warning: the train split is empty (3 images in all)" in capsys.readouterr().out
+        workdir = f"{s3_server('odd-entries')}/r1"
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", workdir, "--source", str(root),
+                     "--set", "data.splits=[0.001, 0.5, 0.5]"]) == 0  # and no train split
+    out = capsys.readouterr().out
+    assert "warning: the train split is empty (3 images in all)" in out
+    assert "odd_\\xe9" in out  # the folder's name, as the manifest would show it
+    cfg = tiny_cfg(workdir=workdir)
     manifest, rejected, summary = read_outputs(cfg.workdir)
     assert sorted(manifest["path"].map(os.path.basename)) == ["a.jpg", "b.png", "latin1_\\xe9.jpg"]
     reasons = dict(zip(rejected["path"].map(os.path.basename), rejected["detail"]))

@@ -136,7 +136,8 @@ def inspect_fetched(data: Fetched, size: int, quality: int, max_pixels: int) -> 
     if isinstance(data, storage.FileTooLarge):
         refused = decode.too_large(data)
         return {**unread, "bytes": data.size, "reason": refused.reason, "detail": str(refused)}
-    return {**unread, "reason": "unreadable", "detail": f"unreadable: {type(data).__name__}: {str(data)[:200]}"}
+    detail = storage.printable(f"unreadable: {type(data).__name__}: {str(data)[:200]}")  # it may name the file
+    return {**unread, "reason": "unreadable", "detail": detail}
 
 
 def file_row(path: str, data: Fetched, size: int, quality: int, max_pixels: int) -> dict:

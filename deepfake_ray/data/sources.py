@@ -113,7 +113,8 @@ def copy_name(text: str, data: DataConfig) -> str:
     if kind(text) == "kaggle":
         return "kaggle/" + kaggle_dataset(text, data)
     path = canonical(text)
-    return f"{os.path.basename(path.rstrip('/')) or 'root'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    name = storage.printable(os.path.basename(path.rstrip("/")))  # an S3 key is UTF-8
+    return f"{name or 'root'}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}"
 
 
 def is_copy_of(copy: dict | None, path: str) -> bool:
