@@ -64,6 +64,22 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     assert f"leaving out 4 files inside the work directories {workdir}, {other}" in capsys.readouterr().out
 
 
+def test_another_runs_work_directory_inside_an_s3_source_is_left_out(ray_session, s3_server, tiny_cfg, capsys):
+    """Its held-out test fakes, saved as image files, must never be taken for real faces.
+    On S3 its lock is gone once it ends: config.yaml and a stage's folder mark it."""
+    faces = f"{s3_server('faces-with-runs')}/faces"
+    for i in range(6):
+        storage.write_bytes(f"{faces}/face_{i}.jpg", sample.face_jpeg(0, i))
+    other = f"{faces}/runs/tiny"
+    storage.write_bytes(f"{other}/score/test_images/fake/0abc.jpg", sample.face_jpeg(1, 0))
+    storage.write_bytes(f"{other}/gan/samples/epoch_001.png", encode(rgb(1, 64), "PNG"))
+    storage.write_bytes(f"{other}/config.yaml", b"workdir: runs/tiny\n")
+    storage.write_bytes(f"{faces}/config.yaml", b"a user's own file\n")  # with no stage folder beside it
+    summary = prepare.run(tiny_cfg(f"data.source={faces}"))
+    assert (summary["images"], summary["rejected"]) == (6, 0)
+    assert f"leaving out 2 files inside the work directory {other}" in capsys.readouterr().out
+
+
 def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, capsys):
     found = write_folder(tmp_path / "faces")
     cfg = tiny_cfg(f"data.source={tmp_path / 'faces'}")

@@ -598,10 +598,10 @@ def own_workdir_in(src: Source, workdir: str) -> str | None:
 
 
 def other_workdirs_in(src: Source) -> set[str]:
-    """Local folders at or under the source's root, holding its images, that are work
-    directories of other runs."""
+    """Folders at or under the source's root, holding its images, that are work
+    directories of other runs (on S3, found as the source was listed)."""
     if storage.is_s3(src.root) or not src.root:
-        return set()
+        return set(src.workdirs)
     root, folders = src.root.rstrip("/"), set()
     for folder in {os.path.dirname(f) for f in src.files}:
         while len(folder) >= len(root) and folder not in folders:

@@ -36,6 +36,8 @@ class Source:
     root: str = ""  # the folder or prefix that `files` lie under
     # files of `files` not read where they were listed (copy_to): URI -> the read's error
     unread: dict = field(default_factory=dict, compare=False)
+    # prefixes at or under an s3:// root that are work directories (see s3_workdirs)
+    workdirs: tuple[str, ...] = ()
 
 
 FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
@@ -90,19 +92,36 @@ def resolve_source(text: str, data: DataConfig) -> Source:
             raise UsageError(f"the Kaggle dataset {dataset} holds no .jpg/.jpeg/.png/.webp files "
                              f"(downloaded into {folder}): check the dataset name")
         return Source(text, files=files, root=folder)
-    files = find_images(text)
-    if not files:
+    listing = storage.list_visible(text)
+    if not (files := images_in(listing)):
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
                          "(folders are searched recursively; hidden ones are left out)")
-    return Source(text, files=tuple(files), root=storage.normalize(text))
+    root = storage.normalize(text)
+    return Source(text, files=files, root=root, workdirs=s3_workdirs(root, listing) if storage.is_s3(root) else ())
 
 
 def find_images(folder: str) -> tuple[str, ...]:
     """Image files under `folder` by extension, any letter case, recursively. Hidden files
     and folders are left out: `.git`, `.ipynb_checkpoints`, macOS's `._NAME.jpg` (not
     images) hold nothing a user means to train on."""
+    return images_in(storage.list_visible(folder))
+
+
+def images_in(listing: list[str]) -> tuple[str, ...]:
     suffixes = image_suffixes()
-    return tuple(f for f in storage.list_visible(folder) if f.lower().endswith(suffixes))
+    return tuple(f for f in listing if f.lower().endswith(suffixes))
+
+
+STAGE_FOLDERS = ("data/", "gan/", "fakes/", "detector/", "tune/", "eval/", "score/")
+
+
+def s3_workdirs(root: str, listing: list[str]) -> tuple[str, ...]:
+    """Prefixes at or under `root` that are work directories: each holds the config.yaml
+    every stage writes and a stage's folder. Their lock, which marks a local one, is gone
+    once their run ends on S3. From the listing the source was found by: no request."""
+    configs = {f.removesuffix("/config.yaml") for f in listing if f.endswith("/config.yaml")}
+    return tuple(sorted(prefix for prefix in configs  # mostly none: no pass over the listing
+                        if any(f.startswith(tuple(f"{prefix}/{s}" for s in STAGE_FOLDERS)) for f in listing)))
 
 
 # --- a copy every node of a cluster can read -----------------------------------------
