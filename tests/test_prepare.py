@@ -380,11 +380,17 @@ def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
     parent = os.path.dirname(fresh)
     left = os.path.join(parent, f"{prepare.CLAIMS_PREFIX}{gone}-killed")
     os.makedirs(os.path.join(left, "0.0"))
+    # of a process this one cannot see (another container sharing /dev/shm), still changing
+    elsewhere = os.path.join(parent, f"{prepare.CLAIMS_PREFIX}{gone}-in-another-container")
+    os.makedirs(os.path.join(elsewhere, "0.0"))
+    earlier = time.time() - prepare.CLAIMS_STALE_S - 60
+    os.utime(left, (earlier, earlier))
     mine = prepare.claims_dir()
     try:
         assert not os.path.exists(left) and os.path.isdir(fresh)  # a live run's are kept
+        assert os.path.isdir(elsewhere)
     finally:
-        for folder in (fresh, mine, left):
+        for folder in (fresh, mine, left, elsewhere):
             shutil.rmtree(folder, ignore_errors=True)
 
 

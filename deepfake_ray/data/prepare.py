@@ -441,19 +441,24 @@ def drain(bundles: Iterator) -> None:
 
 
 CLAIMS_PREFIX = "deepfake-ray-claims-"
+CLAIMS_STALE_S = 600  # a running ingest claims a chunk every ~30 ms: its folder changes as often
 
 
 def claims_dir() -> str:
     """A fresh folder for the claims of this run's tasks, in memory where the OS offers
     it: a symlink there takes ~11 us against ~260 us on this machine's ext4 /tmp, and
     a task makes ~50 of them (~12 ms of its time). Named by this process, so that the
-    next run removes what a killed one left (memory, in /dev/shm)."""
+    next run removes what a killed one left (memory, in /dev/shm): that of a process not
+    alive, and not changed for CLAIMS_STALE_S (a container sharing /dev/shm but not the
+    process table sees no process of another's, running or not)."""
     shm = "/dev/shm"
     parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
     for name in os.listdir(parent):
         pid = name.removeprefix(CLAIMS_PREFIX).partition("-")[0]
         if name.startswith(CLAIMS_PREFIX) and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            with contextlib.suppress(OSError):  # another run's removal, at once
+                if time.time() - os.stat(os.path.join(parent, name)).st_mtime > CLAIMS_STALE_S:
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{CLAIMS_PREFIX}{os.getpid()}-", dir=parent)
 
 
