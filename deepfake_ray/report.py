@@ -46,7 +46,7 @@ def figure(workdir: str, rel: str, caption: str) -> list[Figure]:
 
 def fmt(value) -> str:
     if isinstance(value, float):  # 86,400 s, not 8.64e+04
-        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else short(value)
     if isinstance(value, list) and len(value) > 8:  # e.g. per-batch losses: summarize
         numbers = [v for v in value if isinstance(v, (int, float))]
         if len(numbers) == len(value):
@@ -54,6 +54,27 @@ def fmt(value) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
     return "" if value is None else str(value)
+
+
+def short(value: float) -> str:
+    """4 significant digits, more where those would round a score to a perfect one (a
+    recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1")."""
+    for digits in range(4, 17):
+        text = f"{value:.{digits}g}"
+        if float(text) == value or float(text) not in (0.0, 1.0):
+            return text
+    return text
+
+
+def history_blocks(w: str, rel: str) -> list:
+    """A per-epoch history, its epochs counted from 1 as every command prints them and
+    the model's "best epoch" row shows them (the file counts from 0)."""
+    history = read_json(w, rel)
+    if not (isinstance(history, list) and history and all(
+            isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history)):
+        return json_blocks(history, rel)
+    return [Text(f"{rel}, per epoch (counted from 1):"),
+            *json_blocks([{**h, "epoch": h["epoch"] + 1} for h in history], rel)]
 
 
 def flatten(obj: dict, prefix: str = "") -> dict:
@@ -161,14 +182,14 @@ def gan(w: str) -> list:
         rel = "gan/samples/" + uri.rsplit("/", 1)[-1]
         blocks += [Figure(f.caption, rel, f.data, small=True)
                    for f in figure(w, rel, f"samples after epoch {epoch_of(uri) + 1}")]
-    return blocks + json_blocks(read_json(w, "gan/history.json"), "gan/history.json")
+    return blocks + history_blocks(w, "gan/history.json")
 
 
 MODEL_KEYS = ("arch", "input_size", "resolution", "threshold")
 
 
 def detector(w: str) -> list:
-    blocks = json_blocks(read_json(w, "detector/history.json"), "detector/history.json")
+    blocks = history_blocks(w, "detector/history.json")
     meta = read_json(w, "detector/model/model.json")
     if isinstance(meta, dict):
         rows = [[k, fmt(meta[k])] for k in MODEL_KEYS if k in meta]

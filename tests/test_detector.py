@@ -172,6 +172,36 @@ def test_calibration_tells_probabilities_from_overconfident_scores():
     assert [(b["bin"], b["n"], b["fraction_fake"]) for b in bins] == [(2, 10, 0.2), (7, 10, 0.7)]
 
 
+def test_a_confident_detectors_scores_keep_their_order_and_its_threshold_its_figures():
+    """In float32 every logit gap of 17 or more was p_fake 1.0 exactly: confident fakes
+    and a confidently wrong real tied, costing ROC-AUC and the threshold its margin."""
+    import torch
+
+    from deepfake_ray.detector import metrics
+    from deepfake_ray.models import detector
+
+    gaps = torch.tensor([-3.0, 20.0, 24.0, 28.0, 32.0])  # one real (its gap 20), then fakes
+    p = detector.p_fake(torch.stack([torch.zeros(5), gaps], dim=1))
+    labels = np.array([0, 0, 1, 1, 1])
+    assert p.dtype == np.float64 and len(set(p.tolist())) == 5 and p[-1] < 1.0
+    assert metrics.roc_auc(labels, p) == 1.0
+    scores = np.float32([0.2, 0.9999999, 0.99999994, 0.99999994])  # as float32 scores come
+    checked = metrics.epoch_validation(np.array([0, 0, 1, 1]), scores, 1.0)
+    # the accuracy at its threshold is the one classification() (evaluate, serve) gives
+    at = metrics.classification(np.array([0, 0, 1, 1]), scores, checked["val_threshold"])
+    assert checked["val_acc_at_threshold"] == at["accuracy"] == 1.0
+
+
+def test_with_nothing_flagged_precision_is_undefined_not_zero():
+    """Under a harsh robustness condition the model may flag no test image: a precision of
+    0 would read as every flag wrong."""
+    from deepfake_ray.detector import metrics
+
+    none_flagged = metrics.classification(np.array([0, 1, 1]), np.array([0.1, 0.2, 0.3]), 0.5)
+    assert math.isnan(none_flagged["precision"]) and none_flagged["recall"] == 0.0
+    assert metrics.classification(np.array([0, 1, 1]), np.array([0.6, 0.2, 0.3]), 0.5)["precision"] == 0.0
+
+
 def test_evaluating_a_model_whose_output_is_nan_says_it_is_broken():
     """Not scikit-learn's "Input contains NaN" from deep inside the metrics."""
     from deepfake_ray.detector import evaluate

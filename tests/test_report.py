@@ -58,11 +58,13 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
         "reasons": {"truncated": 3, "decompression-bomb": 1},
         "splits": {"train": 77, "val": 9, "test": 10}})
     storage.write_json(storage.join(w, "fakes/_COMPLETE.json"), {"images": 96, "seconds": 1.5})
+    # the stages count epochs from 0 in their files
     storage.write_json(storage.join(w, "gan/history.json"),
-                       [{"epoch": e, "g_loss": 2.0 / e, "d_loss": 0.5 + e / 100} for e in range(1, epochs + 1)])
+                       [{"epoch": e - 1, "g_loss": 2.0 / e, "d_loss": 0.5 + e / 100} for e in range(1, epochs + 1)])
     storage.write_json(storage.join(w, "detector/history.json"),
-                       [{"epoch": 1, "train_loss": 0.61, "val_accuracy": 0.74},
-                        {"epoch": 2, "train_loss": 0.32, "val_accuracy": 0.91}])
+                       [{"epoch": 0, "train_loss": 0.61, "val_accuracy": 0.74},
+                        {"epoch": 1, "train_loss": 0.32, "val_accuracy": 0.99996},
+                        {"epoch": 2, "train_loss": 0.21, "val_accuracy": 0.97}])
     storage.write_json(storage.join(w, "detector/model/model.json"),
                        {"arch": "inception_resnet_v2", "input_size": 75, "threshold": 0.4321, "epoch": 2,
                         "software": {"deepfake-ray": "0.1.0", "torch": "2.14.1"}})
@@ -162,6 +164,9 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
                    "<td>best epoch</td><td>3</td>", "0.0123",  # model.json's epoch 2, counted from 1
+                   "<td>3</td><td>0.21</td><td>0.97</td>",  # its row in the history, counted alike
+                   "detector/history.json, per epoch (counted from 1)",
+                   "<td>0.99996</td>",  # not rounded to a perfect 1
                    "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>"]:
         assert needle in text, needle
     assert "0.0417" not in text  # the reliability bins are a figure, not a table cell

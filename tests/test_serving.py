@@ -229,6 +229,25 @@ def test_a_photo_scores_as_its_stored_image_was_evaluated(ray_session, service, 
     assert len({round(p, 4) for p in evaluated.values()}) > 1  # would notice images mixed up
 
 
+def test_a_degraded_image_scores_in_evaluate_as_the_service_answers_for_it(model_dir):
+    """eval/robustness.json says what the deployed detector would answer for a blurred,
+    downscaled or recompressed image: the service re-encodes such a file in the stored
+    encoding, and evaluate's scoring of that condition does the same."""
+    from deepfake_ray.data import decode
+    from deepfake_ray.detector import data, evaluate
+    from deepfake_ray.serving.predictor import Predictor, stored_quality
+
+    scorer, predictor = data.Scorer(model_dir, evaluate.CONDITIONS), Predictor(model_dir)
+    jpeg = decode.encode_jpeg(np.asarray(rgb(3, 32)), stored_quality(scorer.meta))  # a test image, stored
+    stored = decode.decode_jpeg(jpeg)
+    evaluated = scorer({"sha1": np.array(["a"]), "label": np.array([1]), "pixels": stored[None]})
+    for condition in evaluate.CONDITIONS:
+        sent = jpeg if condition == "clean" else encode(Image.fromarray(data.transform(stored, condition)), "PNG")
+        served = predictor.predict_bytes([sent])[0]["p_fake"]
+        # (the service runs the traced graph: its float rounding differs in the 7th digit)
+        assert served == pytest.approx(evaluated[f"p_{condition}"][0], rel=1e-5), condition
+
+
 def test_served_graph_scores_as_the_trained_model_at_any_batch_size(tmp_path):
     """The Predictor serves a traced, frozen copy of the study's network: same scores as the
     exported eager model, whatever the batch size (the trace saw batches of one)."""

@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
-from deepfake_ray.data.decode import decode_jpeg
+from deepfake_ray.data.decode import decode_jpeg, encode_jpeg
 from deepfake_ray.errors import UsageError
 
 REAL, FAKE = 0, 1
@@ -238,10 +238,12 @@ class Scorer:
 
         from deepfake_ray.models import autocast_dtype, detector
 
+        from deepfake_ray.serving.predictor import stored_quality
+
         state, self.meta = checkpoint.load_model(model_uri)
         self.device = torch.device(runtime.assigned_device())
         self.model = detector.from_meta(self.meta, state).to(self.device)
-        self.conditions = conditions
+        self.conditions, self.quality = conditions, stored_quality(self.meta)
         self.amp = autocast_dtype(self.device)
         runtime.freeze_startup_objects()  # as the scoring actor's (serving/score.py)
 
@@ -252,7 +254,15 @@ class Scorer:
 
         out = {"sha1": batch["sha1"], "label": batch["label"]}
         for name in self.conditions:
-            pixels = np.stack([transform(img, name) for img in batch["pixels"]])
+            pixels = np.stack([self.as_served(transform(img, name), name) for img in batch["pixels"]])
             x = detector.meta_input(torch.as_tensor(pixels).to(self.device), self.meta)
             out[f"p_{name}"] = detector.p_fake(detector.predict(self.model, x, self.amp))
         return out
+
+    def as_served(self, pixels: np.ndarray, condition: str) -> np.ndarray:
+        """A degraded image as the service and `score` would score it: re-encoded in the
+        stored encoding first, as every image not already stored so is (a clean test image
+        is). The figures then say what the deployed detector would answer."""
+        if condition == "clean" or self.quality is None:
+            return pixels
+        return decode_jpeg(encode_jpeg(pixels, self.quality))

@@ -2,7 +2,8 @@
 
     WORKDIR/eval/metrics.json      accuracy, precision, recall, F1, ROC-AUC, AP, confusion matrix,
                                    calibration (Brier score, ECE and the reliability bins)
-    WORKDIR/eval/robustness.json   the same after JPEG q95/75/50, downscale by half, Gaussian blur
+    WORKDIR/eval/robustness.json   the same after JPEG q95/75/50, downscale by half, Gaussian blur,
+                                   each then scored as the service would: in the stored encoding
     WORKDIR/eval/confusion.png, roc.png, reliability.png, curves.png (train/val accuracy and
                                    loss per epoch)
     WORKDIR/eval/_COMPLETE.json    written last

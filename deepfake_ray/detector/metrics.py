@@ -39,7 +39,8 @@ def classification(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> 
         "n": int(len(labels)), "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
         "threshold": float(threshold),
         "accuracy": float(skm.accuracy_score(labels, pred)),
-        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
+        # none flagged (a harsh robustness condition): no precision, not a precision of 0
+        "precision": float(skm.precision_score(labels, pred, zero_division=np.nan)),
         "recall": float(skm.recall_score(labels, pred, zero_division=0)),
         "f1": float(skm.f1_score(labels, pred, zero_division=0)),
         "roc_auc": roc_auc(labels, p_fake),
@@ -77,7 +78,7 @@ def epoch_validation(labels: np.ndarray, p_fake: np.ndarray, loss_sum: float) ->
     """Per-epoch validation figures: loss, accuracy at 0.5 (argmax), ROC-AUC, tuned threshold.
     A diverged model (scores not finite: a learning rate too high) gets NaN figures, which
     rank it last, instead of the metrics' ValueError failing the run and its retries."""
-    n = max(len(labels), 1)
+    n, p_fake = max(len(labels), 1), np.asarray(p_fake, dtype=np.float64)  # as classification() compares
     if not np.isfinite(p_fake).all():
         return {"val_loss": float("nan"), "val_acc": 0.0, "val_auc": float("nan"), "val_threshold": 0.5,
                 "val_acc_at_threshold": 0.0, "val_n": int(len(labels))}

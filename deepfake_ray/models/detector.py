@@ -268,4 +268,8 @@ def inference_graph(model: nn.Module, meta: dict) -> nn.Module:
 
 
 def p_fake(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+    """P(fake) of two-class logits, in float64: the two-class softmax is the sigmoid of
+    the logit gap, and in float32 every gap of 17 or more rounds to exactly 1.0, so a
+    confident model's fakes would all tie, blurring its ROC-AUC and the threshold."""
+    gap = logits[:, 1].double() - logits[:, 0].double()
+    return torch.sigmoid(gap).cpu().numpy()

@@ -138,7 +138,7 @@ class Predictor:
         # uint8 to the device first: a quarter of the bytes of float input
         x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.device)
         with torch.inference_mode():
-            return detector.p_fake(detector.predict(self.model, x, self.amp)).astype(np.float64)
+            return detector.p_fake(detector.predict(self.model, x, self.amp))
 
     def describe(self, p_fake: float) -> dict | NotScored:
         if not math.isfinite(p_fake):
