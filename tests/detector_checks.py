@@ -2,9 +2,11 @@
 evaluation. Shared by the detector test and the whole-pipeline scenario."""
 from __future__ import annotations
 
+import math
 from importlib.metadata import version
 
 import numpy as np
+import pytest
 
 from deepfake_ray import checkpoint, storage
 from deepfake_ray.data import sample
@@ -33,8 +35,9 @@ def assert_exported_model(cfg, history: list[dict]) -> dict:
     return meta
 
 
-def assert_held_out_evaluation(cfg) -> dict:
-    """WORKDIR/eval: every metric on the test split alone, robustness and figures."""
+def assert_held_out_evaluation(cfg, min_roc_auc: float = 0.0) -> dict:
+    """WORKDIR/eval: every metric on the test split alone, robustness and figures, and a
+    detector that tells the test split's fakes from its reals at least `min_roc_auc` well."""
     out = evaluate.eval_dir(cfg.workdir)
     metrics = storage.read_json(storage.join(out, "metrics.json"))
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
@@ -44,9 +47,16 @@ def assert_held_out_evaluation(cfg) -> dict:
     assert sum(b["n"] for b in metrics["reliability"]) == metrics["n"]
     test = data.select(cfg, ("test",)).counts["test"]
     assert metrics["split"] == "test" and metrics["n"] == test["real"] + test["fake"]
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]  # rows actual real, fake; columns predicted
+    assert (tn + fp, fn + tp) == (metrics["n_real"], metrics["n_fake"]) and tn + fp + fn + tp == metrics["n"]
+    assert metrics["accuracy"] == pytest.approx((tp + tn) / metrics["n"])
+    assert metrics["recall"] == pytest.approx(tp / (tp + fn))
+    assert metrics["precision"] == pytest.approx(tp / (tp + fp)) if tp + fp else math.isnan(metrics["precision"])
     assert metrics["threshold"] == checkpoint.load_meta(train.model_dir(cfg.workdir))["threshold"]
-    assert sorted(storage.read_json(storage.join(out, "robustness.json"))) == sorted(evaluate.CONDITIONS)
+    robustness = storage.read_json(storage.join(out, "robustness.json"))
+    assert sorted(robustness) == sorted(evaluate.CONDITIONS)
+    assert robustness["clean"]["roc_auc"] == pytest.approx(metrics["roc_auc"], nan_ok=True)
+    assert metrics["roc_auc"] >= min_roc_auc, metrics
     for name in ("confusion.png", "roc.png", "reliability.png", "curves.png"):
         assert storage.read_bytes(storage.join(out, name))[:4] == b"\x89PNG"
     return metrics

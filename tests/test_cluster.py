@@ -146,12 +146,10 @@ def test_rayservice_serves_the_detector_app():
     module, attr = app.import_path.split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     assert app.args["model"].startswith("s3://") and app.args["model"].endswith("/detector/model")
-    serve_yaml = os.path.join(ROOT, "jobs", "serve.yaml")
-    if os.path.exists(serve_yaml):  # the same application as `serve deploy jobs/serve.yaml`
-        local = {a.name: a for a in serve_apps(load("jobs/serve.yaml"))}
-        assert app.name in local and local[app.name].import_path == app.import_path
-        assert set(local[app.name].args) == set(app.args)
-        assert ([d.name for d in local[app.name].deployments] == [d.name for d in app.deployments])
+    local = {a.name: a for a in serve_apps(load("jobs/serve.yaml"))}  # as `serve deploy jobs/serve.yaml`
+    assert app.name in local and local[app.name].import_path == app.import_path
+    assert set(local[app.name].args) == set(app.args)
+    assert ([d.name for d in local[app.name].deployments] == [d.name for d in app.deployments])
 
 
 # --- jobs/ ------------------------------------------------------------------------------

@@ -377,8 +377,9 @@ def test_generate_matches_the_reals_layout_and_encoding(generated):
         assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
         assert quantization(row["image"]) == quantization(real_jpeg)  # same JPEG quality
     assert Image.open(os.path.join(workdir, "fakes", "preview.png")).format == "PNG"
+    assert fake_images.num_rows == fakes.num_rows == len(rows)  # the checks above saw every fake
     # the session's barely trained generator draws greys: the summary counts what is stored
-    assert summary["blank_fakes"] == sum(near_copies.blank(t) for t in fake_images.column("thumb").to_pylist())
+    assert 0 < summary["blank_fakes"] == sum(near_copies.blank(t) for t in fake_images.column("thumb").to_pylist())
 
 
 def test_fakes_encoded_unlike_the_reals_are_refused_and_the_complete_ones_kept(generated, capsys):

@@ -44,9 +44,10 @@ def test_the_hash_bands_group_as_a_full_comparison_does():
     assert sorted(near_copies.groups(thumbs)) == expected
 
 
-def test_a_generator_drawing_one_face_over_and_over_makes_one_group_quickly():
+def test_a_generator_drawing_one_face_over_and_over_makes_one_group():
     """Its near copies fill one hash bucket in every band: all their pairs would be 200
-    million here; and its mean face is that face, which leaves only noise to hash."""
+    million here (~25 GB: this test would not end); and its mean face is that face, which
+    leaves only noise to hash. Its time: benchmarks/near_copies.py."""
     face = np.frombuffer(thumbnails([rgb(0, 64)])[0], np.uint8).astype(np.int16)
     noise = np.random.default_rng(0).integers(-2, 3, (20000, face.size))
     thumbs = [row.tobytes() for row in np.clip(face + noise, 0, 255).astype(np.uint8)]

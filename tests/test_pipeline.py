@@ -213,7 +213,9 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     # the id that serve's args.model_id names, printed as the model is exported
     exported = checkpoint.model_id(checkpoint.load_meta(f"{workdir}/detector/model"))
     assert f"/detector/model (model {exported})" in log
-    assert_held_out_evaluation(cfg)
+    # it learnt: the tiny run's fakes (a briefly trained generator's) against its reals
+    # (measured: ROC-AUC 1.0 on 11 + 11 test images)
+    assert_held_out_evaluation(cfg, min_roc_auc=0.8)
     assert storage.read_parquet(f"{workdir}/score/test_scores.parquet").num_rows > 0
     html = storage.read_text(f"{workdir}/report.html")
     assert html.count("data:image/png;base64,") >= 4

@@ -54,9 +54,10 @@ def test_no_port_is_handed_out_twice_in_a_process(monkeypatch):
 
 @pytest.mark.parametrize("setting, terminal, bars", [(None, True, True), (None, False, False),
                                                      ("1", False, True), ("0", True, False)])
-def test_progress_bars_in_a_terminal_and_a_line_every_10_s_in_a_log(monkeypatch, setting, terminal, bars):
+def test_ray_data_draws_progress_bars_only_in_a_terminal_unless_told(monkeypatch, setting, terminal, bars):
     """In a log, Ray's tqdm bars of the processes feeding Ray Train were redrawn as
-    hundreds of lines; without it Ray Data's workers log their progress as its driver does."""
+    hundreds of lines; without it Ray Data's workers log their progress as its driver does.
+    (Our own progress lines, every 10 s in a log: tests/test_prepare.py.)"""
     import io
 
     import ray.data

@@ -473,7 +473,14 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
         assert f"set args.model_id: {retrained}" in said, said
     finally:
         serve.delete("pinned")
-    assert app.build_app({"model": model, "preset": "tiny", "model_id": retrained})  # rolled out
+    # rolled out: its replica starts and answers with the retrained model
+    serve.run(app.build_app({"model": model, "preset": "tiny", "model_id": retrained}), name="rolled",
+              route_prefix="/rolled", blocking=False)
+    try:
+        answered = httpx.get(f"{service}/rolled/v1/model", timeout=30).json()  # serve.run waited for it
+        assert answered["model"] == retrained != deployed, answered
+    finally:
+        serve.delete("rolled")
     assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200
 
 
@@ -649,12 +656,14 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     cfg = serve_cfg(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    bad = [dict(model=str(tmp_path / "no-model"), input=images_dir, out=str(tmp_path / "a.parquet")),
-           dict(model=model_dir, input=str(empty), out=str(tmp_path / "a.parquet")),
-           dict(model=model_dir, input=str(tmp_path / "missing"), out=str(tmp_path / "a.parquet")),
-           dict(model=model_dir, input=images_dir, out=str(tmp_path / "a.json"))]
-    for kwargs in bad:
-        with pytest.raises(UsageError):
+    bad = {"no model at .*no-model .model.json missing.": dict(model=str(tmp_path / "no-model"), input=images_dir,
+                                                              out=str(tmp_path / "a.parquet")),
+           "empty holds no files to score": dict(model=model_dir, input=str(empty), out=str(tmp_path / "a.parquet")),
+           "missing is not a folder, s3:// prefix or manifest": dict(model=model_dir, input=str(tmp_path / "missing"),
+                                                                    out=str(tmp_path / "a.parquet")),
+           "a.json must end in .parquet or .csv": dict(model=model_dir, input=images_dir, out=str(tmp_path / "a.json"))}
+    for message, kwargs in bad.items():
+        with pytest.raises(UsageError, match=message):
             score.run(cfg, **kwargs)
     (tmp_path / "a-file").write_bytes(b"")  # found before any file is scored, not after them all
     with pytest.raises(UsageError, match=r"cannot write --out .*a-file/s.parquet \(.*\): pass a location you can write to"):

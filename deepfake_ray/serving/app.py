@@ -99,6 +99,7 @@ class Detector:
                          "batch_wait_timeout_s": batch_wait_timeout_s}
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0,
                       "decoding_now": 0, "most_decoding_at_once": 0, "done_in_threads": 0}
+        self.stats_lock = threading.Lock()  # decode threads count themselves
         # forward passes get their own thread, never queued behind decodes in the default pool
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         # torch, timm and Serve loaded: ~500k objects that a full collection would walk
@@ -144,20 +145,28 @@ class Detector:
         thread ends, even when the request is cancelled (its client hung up): a thread
         cannot be stopped, so clients that hang up must not start more decodes than that."""
         await self.decode_slots.acquire()
-        self.stats["decoding_now"] += 1
-        self.stats["most_decoding_at_once"] = max(self.stats["most_decoding_at_once"],
-                                                  self.stats["decoding_now"])
 
         def finished(task: asyncio.Task) -> None:
-            self.stats["decoding_now"] -= 1
             self.stats["done_in_threads"] += 1
             self.decode_slots.release()
             if not task.cancelled():
                 task.exception()  # retrieved: a request that left is not an unhandled error
 
-        decoding = asyncio.ensure_future(asyncio.to_thread(decode))
+        decoding = asyncio.ensure_future(asyncio.to_thread(self.counted, decode))
         decoding.add_done_callback(finished)
         return await asyncio.shield(decoding)
+
+    def counted(self, decode):
+        """`decode`, counted in `decoding_now` while its thread runs: what the slots bound."""
+        with self.stats_lock:
+            self.stats["decoding_now"] += 1
+            self.stats["most_decoding_at_once"] = max(self.stats["most_decoding_at_once"],
+                                                      self.stats["decoding_now"])
+        try:
+            return decode()
+        finally:
+            with self.stats_lock:
+                self.stats["decoding_now"] -= 1
 
     async def files_in(self, request: Request, body: bytes) -> list[tuple[str, str, bytes]]:
         """The multipart body's files, at most serve.max_files_per_request of them. A large
