@@ -110,7 +110,9 @@ def state_intact(uri: str) -> bool:
     try:
         expected = storage.read_json(storage.join(uri, STATE_OK))["sha256"]
         return storage.file_digest(storage.join(uri, STATE), "sha256") == expected
-    except (OSError, ValueError, KeyError, TypeError):
+    # missing or damaged; not a read that failed (a throttled or cut-off S3 read, a
+    # permission): that is raised, never reported as damage that --force would "mend"
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, KeyError, TypeError):
         return False
 
 

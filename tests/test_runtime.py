@@ -142,3 +142,28 @@ def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray
     assert kept == {"epoch_0000", "epoch_0002"}  # epoch 1 is neither the best nor the newest
     training.fit(read_back, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
     assert storage.read_json(found) == {"0": 0.9, "1": None, "2": 0.7}
+
+
+def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, monkeypatch):
+    """A throttled or cut-off S3 read while checking a run's checkpoints must surface as
+    what it is: called "none intact: --force starts over", it would have a user delete
+    the run's training. Only a missing or mismatched state is damage."""
+    from deepfake_ray import checkpoint, storage, training
+    from deepfake_ray.errors import UsageError
+
+    run = str(tmp_path / "run")
+    os.makedirs(os.path.join(run, "epoch_0001"))
+    checkpoint.write_state(os.path.join(run, "epoch_0001"), {"epoch": 1})
+    training.check_resumable(run)  # intact: no complaint
+
+    def throttled(uri, algorithm):
+        raise storage.StoreError(uri, f"{uri}: SlowDown: please reduce your request rate")
+
+    with monkeypatch.context() as store:
+        store.setattr(storage, "file_digest", throttled)
+        with pytest.raises(storage.StoreError, match="SlowDown"):
+            training.check_resumable(run)
+    with open(os.path.join(run, "epoch_0001", "state.pt"), "r+b") as f:
+        f.write(b"cut short")  # damaged: refused, with the way to start over
+    with pytest.raises(UsageError, match="none of the 1 checkpoints .* is intact"):
+        training.check_resumable(run)
