@@ -277,7 +277,7 @@ def wait_for_lapse(client, bucket: str, key: str, uri: str, command: str, curren
 def take_over(client, bucket: str, key: str, uri: str, command: str, token: str, current: dict) -> str:
     """A dead run's lock, unless its holder lives or another run takes it first (or it is
     this run's own: its write went through, the reply was lost, the retry was refused)."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     info = lock_info(current)
     if info.get("token") == token:
@@ -289,7 +289,11 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
     except ClientError as e:
         if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
             raise
-        if (own := own_etag(client, bucket, key, token)) is not None:
+        try:
+            own = own_etag(client, bucket, key, token)
+        except (BotoCoreError, ClientError) as unread:  # not knowing is not losing: the store's
+            raise storage.store_error(uri, unread) from unread
+        if own is not None:
             return own  # this write went through; its reply was lost, and the retry refused
         raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
                          "or use another --workdir") from None
@@ -339,7 +343,13 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                                         IfMatch=etag[0])["ETag"]
         except (BotoCoreError, ClientError) as e:  # the run goes on; say what may follow
             if error_code(e) in ("PreconditionFailed", "NoSuchKey"):
-                if (own := own_etag(client, bucket, key, token)) is not None:
+                try:
+                    own = own_etag(client, bucket, key, token)
+                except (BotoCoreError, ClientError) as unread:  # not knowing is not losing
+                    print(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({unread}); "
+                          "trying again", flush=True)
+                    continue
+                if own is not None:
                     etag[0] = own  # this renewal's write went through; its reply was lost
                     continue
                 lost.set()
@@ -353,11 +363,15 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
 
 
 def own_etag(client, bucket: str, key: str, token: str) -> str | None:
-    """The lock's ETag if it is still this run's (by its token), else None."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    """The lock's ETag if it is still this run's (by its token); None when it is another's
+    or gone. A read that fails raises: a blip after a renewal whose reply was lost must
+    not read as a takeover (the run would stop, its lock left behind)."""
+    from botocore.exceptions import ClientError
 
     try:
         current = client.get_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError):
-        return None
+    except ClientError as e:
+        if error_code(e) == "NoSuchKey":
+            return None
+        raise
     return current["ETag"] if lock_info(current).get("token") == token else None

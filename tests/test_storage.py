@@ -442,3 +442,47 @@ def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_
          "ray_job": ray_session.get_runtime_context().get_job_id(), "ray_cluster": address}))
     out = retry()
     assert "waiting up to" in out and "taken" in out, out
+
+
+def test_a_lease_renewal_whose_reply_was_lost_survives_a_blip_reading_the_lock(s3_server, monkeypatch):
+    """The renewal went through but its reply was lost, so the retry is refused (412): the
+    lock is read to see whose it is. That read failing once (the same network blip) is not
+    a takeover: the run goes on holding its lock, instead of stopping and leaving it."""
+    import threading
+
+    import boto3
+    from botocore.exceptions import EndpointConnectionError
+
+    from deepfake_ray import lease
+
+    bucket, key, token = "runs-blip", "r1/data/.lock", "mine"
+    s3_server(bucket)
+    client = boto3.client("s3")
+    sent = client.put_object(Bucket=bucket, Key=key, Body=lease.holder("prepare", token))["ETag"]
+    went_through = client.put_object(Bucket=bucket, Key=key, Body=lease.holder("prepare", token),
+                                     IfMatch=sent)["ETag"]  # whose reply never came back
+
+    class Blip:  # the real client, but its first read of the lock fails
+        reads = 0
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def get_object(self, **kw):
+            Blip.reads += 1
+            if Blip.reads == 1:
+                raise EndpointConnectionError(endpoint_url="http://s3")
+            return client.get_object(**kw)
+
+    monkeypatch.setattr(lease, "RENEW_S", 0.02)
+    etag, stop, lost, stopped = [sent], threading.Event(), threading.Event(), []
+    renewer = threading.Thread(target=lease.renew, args=(Blip(), bucket, key, etag, "prepare", token,
+                                                         stop, lost, lambda: stopped.append(1)))
+    renewer.start()
+    deadline = time.time() + 30
+    while etag[0] in (sent, went_through) and time.time() < deadline:  # until renewed past both
+        time.sleep(0.02)
+    stop.set()
+    renewer.join()
+    assert not lost.is_set() and stopped == [] and Blip.reads >= 2
+    assert etag[0] == client.head_object(Bucket=bucket, Key=key)["ETag"]  # still this run's lock
