@@ -83,6 +83,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
         kwargs["region"] = region
+    if ca := os.environ.get("AWS_CA_BUNDLE"):  # a store with a private CA: boto3 reads it, pyarrow not
+        kwargs["tls_ca_file_path"] = ca
     # delayed open, for what Ray Train and Tune write through it (our own writes go
     # through boto3, see s3_put): a file under 5 MB is sent as one PutObject when closed,
     # not as a multipart upload opened at once (three round trips: 31 against 15 ms a
@@ -100,6 +102,8 @@ S3_PROBLEMS = {
     "SIGNATURE_DOES_NOT_MATCH": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
     "NO_CREDENTIALS": "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                       "AWS_PROFILE, or ~/.aws/credentials",
+    "TLS": "the S3 endpoint{endpoint}'s TLS certificate was refused: for a store whose certificate a "
+           "private CA signed, set AWS_CA_BUNDLE to that CA's file",
     "INVALID_OBJECT_STATE": "the object is archived (a Glacier storage class): restore it, or copy it "
                             "to a standard class, to read it",
 }
@@ -160,7 +164,8 @@ def boto_problem(e: BaseException) -> str | None:
 def explain(e: BaseException) -> str | None:
     """One line for an S3 failure the user can fix (network, bucket, credentials), else None."""
     if isinstance(e, StoreError):
-        return f"{e.uri}: " + S3_PROBLEMS[e.problem].format(endpoint=endpoint_text()) if e.problem else None
+        return f"{e.uri}: " + S3_PROBLEMS[tls_or(e.problem, str(e))].format(endpoint=endpoint_text()) \
+            if e.problem else None
     text = str(e)
     if not isinstance(e, OSError) or "AWS Error" not in text:
         return None
@@ -172,7 +177,14 @@ def explain(e: BaseException) -> str | None:
     where = re.search(r"bucket '([^']*)'", text)
     key = re.search(r"key '([^']*)'", text)
     uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
-    return f"{uri}: " + S3_PROBLEMS[code].format(endpoint=endpoint_text())
+    return f"{uri}: " + S3_PROBLEMS[tls_or(code, text)].format(endpoint=endpoint_text())
+
+
+def tls_or(problem: str, text: str) -> str:
+    """A connection that failed on the endpoint's certificate is no unreachable network."""
+    if problem == "NETWORK_CONNECTION" and re.search(r"SSL|certificate|curlCode: (35|51|58|60)\b", text):
+        return "TLS"
+    return problem
 
 
 def endpoint_text() -> str:
@@ -260,9 +272,13 @@ def boto3_client(endpoint: str | None):
     import boto3
     from botocore.config import Config
 
+    # S3-compatible stores: checksums only where S3 requires them. botocore's default sends
+    # every PUT as aws-chunked with a trailing checksum, which some such stores refuse.
+    checksums = dict(request_checksum_calculation="when_required",
+                     response_checksum_validation="when_required") if endpoint else {}
     with _client_lock:  # the region as s3_filesystem takes it (botocore reads no AWS_REGION)
         return boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, config=Config(max_pool_connections=WRITERS),
+            "s3", endpoint_url=endpoint, config=Config(max_pool_connections=WRITERS, **checksums),
             region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
 
 

@@ -486,3 +486,78 @@ def test_a_lease_renewal_whose_reply_was_lost_survives_a_blip_reading_the_lock(s
     renewer.join()
     assert not lost.is_set() and stopped == [] and Blip.reads >= 2
     assert etag[0] == client.head_object(Bucket=bucket, Key=key)["ETag"]  # still this run's lock
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """(certificate, key) files for 127.0.0.1, signed by nothing anyone trusts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    paths = (str(folder / "ca.pem"), str(folder / "key.pem"))
+    with open(paths[0], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths
+
+
+def test_a_store_behind_a_private_ca_is_explained_then_read_with_aws_ca_bundle(tmp_path, monkeypatch):
+    """pyarrow, which reads the work directory, does not read AWS_CA_BUNDLE itself: its
+    refusal of the certificate said 'cannot reach the S3 endpoint: check the network'."""
+    import http.server
+    import ssl
+    import threading
+
+    class NoSuchKey(http.server.BaseHTTPRequestHandler):  # a store holding nothing
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):  # a listing: empty
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/'
+                    b'doc/2006-03-01/"><KeyCount>0</KeyCount><IsTruncated>false</IsTruncated></ListBucketResult>')
+            self.send_response(200)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    ca, key = self_signed(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchKey)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(ca, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"https://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    storage.s3_filesystem.cache_clear()
+    try:
+        with pytest.raises(OSError) as refused:
+            storage.exists("s3://private-ca/runs/config.yaml")
+        assert "TLS certificate was refused: for a store whose certificate a private CA signed, set " \
+               "AWS_CA_BUNDLE" in storage.explain(refused.value), refused.value
+        monkeypatch.setenv("AWS_CA_BUNDLE", ca)
+        storage.s3_filesystem.cache_clear()
+        assert storage.exists("s3://private-ca/runs/config.yaml") is False  # trusted: an answer
+    finally:
+        server.shutdown()
+        storage.s3_filesystem.cache_clear()
