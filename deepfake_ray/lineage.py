@@ -47,6 +47,10 @@ def no_description(done: dict) -> str:
     return "see its _COMPLETE.json"
 
 
+def source_unchanged(cfg: Config, done: dict) -> None:
+    return None
+
+
 def made_here(done: dict) -> None:
     return None
 
@@ -66,6 +70,9 @@ class Stage:
     # complete stage lacking that key was made without). Said, not refused: refusing would
     # stop every old work directory over a setting its user never set
     added: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # how what the stage reads from outside the work directory (a source folder) differs
+    # from what its complete summary recorded, if it does: then it is made again
+    source_changed: Callable[[Config, dict], str | None] = field(default=source_unchanged, compare=False)
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,8 @@ def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> str | No
         folders = ", ".join(f + "/" for f in changed)
         return f"{folders} changed since {uri(cfg, stage)} was made: making it again"
     check_settings(cfg, stage, done, asked)
+    if changed := stage.source_changed(cfg, done):
+        return f"{changed} since {uri(cfg, stage)} was made: making it again"
     if more := grown(stage, done, asked):
         rises = ", ".join(f"{k} {done['settings'][k]} -> {asked['settings'][k]}" for k in more)
         return f"continuing {uri(cfg, stage)} from its last checkpoint ({rises})"
@@ -227,7 +236,8 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
             say_complete(cfg, stage, done, read)
             return Plan(done, False, asked)
         print(f"{stage.command}: {why}", flush=True)
-        force = bool(changed_inputs(done, asked))  # more epochs go on; other inputs start over
+        # more epochs go on; other inputs start over
+        force = bool(changed_inputs(done, asked) or stage.source_changed(cfg, done))
     elif not force and (begun := unfinished(cfg, stage)):
         if changed := changed_inputs(begun, asked):
             print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "

@@ -225,6 +225,30 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch
     assert list(again["split"]) == list(manifest["split"])
 
 
+def test_a_source_folder_whose_files_changed_is_prepared_again(ray_session, tiny_cfg, tmp_path, capsys):
+    """Not "complete, skipped" over the images the folder held before: the pipeline would
+    train on the old set. The same files again: skipped."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(6):
+        (faces / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
+    cfg = tiny_cfg(f"data.source={faces}")
+    assert prepare.run(cfg)["images"] == 6
+    capsys.readouterr()
+    assert prepare.preflight(cfg) is not None and "already complete" in capsys.readouterr().out
+    (faces / "face_6.jpg").write_bytes(sample.face_jpeg(0, 6))  # one more photo
+    assert prepare.preflight(cfg) is None  # to be made again, before Ray starts
+    summary = prepare.run(cfg)
+    out = capsys.readouterr().out
+    assert f"prepare: the files in {faces} changed (6 images then, 7 now) since" in out
+    assert summary["images"] == 7 and "making it again" in out
+    os.rename(faces / "face_0.jpg", faces / "renamed.jpg")  # as many, other names
+    assert prepare.run(cfg)["images"] == 7
+    assert "changed (7 images then, 7 now, other names)" in capsys.readouterr().out
+    assert prepare.preflight(cfg) is not None  # unchanged since: complete
+    assert "already complete" in capsys.readouterr().out
+
+
 def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
         ray_session, tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("data.source=sample:40")

@@ -361,10 +361,36 @@ def share_splits(manifest: list[dict], mends: dict[str, Mend]) -> None:
                     row["split"] = mends[row["part"]].splits[row["sha1"]] = first["split"]
 
 
+def source_files(src: Source) -> dict | None:
+    """What a folder or prefix source held: its image files' count and a hash of their
+    names (relative to it, as its copy for a cluster keeps them). None for the sample and
+    Kaggle sources, whose files a name fixes."""
+    if sources.kind(src.name) != "path":
+        return None
+    names = sorted(storage.printable(f[len(src.root):].lstrip("/")) for f in src.files)
+    return {"count": len(names), "sha1": decode.sha1("\n".join(names).encode())}
+
+
+def source_changed(cfg: Config, done: dict) -> str | None:
+    """Files added to, removed from or renamed in the source folder since `done` was made."""
+    if not (then := done.get("source_files")):  # a sample or Kaggle source, or data/ made before
+        return None
+    try:
+        now = source_files(outside_workdirs(resolve_source(cfg.data.source, cfg.data), cfg.workdir, quiet=True))
+    except UsageError as e:  # the folder is gone or empty: the complete data/ is still good
+        print(f"prepare: note: {e}", flush=True)
+        return None
+    if now == then:
+        return None
+    return (f"the files in {cfg.data.source} changed ({then['count']:,} images then, {now['count']:,} now"
+            + (", other names)" if now["count"] == then["count"] else ")"))
+
+
 def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
               seconds: float) -> dict:
     splits = Counter(row["split"] for row in manifest)
     return {"source": src.name, "images": len(manifest), "rejected": len(rejected),
+            **({"source_files": listed} if (listed := source_files(src)) else {}),
             "reasons": dict(Counter(row["reason"] for row in rejected)),
             "splits": {s: splits[s] for s in datasets.SPLITS},
             "near_copies": sum(bool(row["near_copy_of"]) for row in manifest),
@@ -488,6 +514,7 @@ def settings(cfg: Config) -> dict:
 
 
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
+                      source_changed=source_changed,
                       added=(("near_copies", "before near copies were grouped: one photo stored twice "
                               "(recompressed, resized) may be in two splits; --force prepares it again "
                               "with each picture's copies in one split"),
@@ -564,7 +591,7 @@ def readable_source(cfg: Config) -> Source:
     return src
 
 
-def outside_workdirs(src: Source, workdir: str) -> Source:
+def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
     """A source folder that holds work directories (`--source .` beside runs/) would take
     their sample grids, figures and another run's fakes for real faces: what lies in this
     run's work directory, or in any local folder that is one (it holds the `config.yaml`
@@ -583,8 +610,9 @@ def outside_workdirs(src: Source, workdir: str) -> Source:
         raise UsageError(f"every image under {src.name} lies inside a work directory ({named}): "
                          "pass the folder of face images as --source, or a --workdir outside it")
     left = len(src.files) - len(kept)
-    print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work "
-          f"director{'ies' if len(inside) > 1 else 'y'} {named}")
+    if not quiet:
+        print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work "
+              f"director{'ies' if len(inside) > 1 else 'y'} {named}")
     return dataclasses.replace(src, files=kept)
 
 
