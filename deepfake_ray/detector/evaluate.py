@@ -38,6 +38,14 @@ def eval_dir(workdir: str) -> str:
     return storage.join(workdir, "eval")
 
 
+def check_settings(cfg: Config) -> None:
+    """Before Ray starts (and, in the pipeline, before hours of training): a test split."""
+    if len(cfg.data.splits) == 3 and not cfg.data.splits[2] > 0:
+        raise UsageError(f"data.splits={list(cfg.data.splits)} leaves the test split empty: evaluate "
+                         "measures the detector there, on images it never saw; give it a share, "
+                         "e.g. data.splits=[0.8,0.1,0.1]")
+
+
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = eval_dir(cfg.workdir)
     plan = lineage.plan(cfg, STAGE, force)
