@@ -6,6 +6,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import random
 import shutil
 import socket
@@ -46,6 +47,11 @@ def check_address(address: str | None) -> None:
                          "to run on that cluster, submit this command as a job (ray job submit "
                          f"--address {address} -- deepfake-ray ...), or on one of its nodes pass "
                          "--address auto (or HEAD:6379)")
+    # Ray's own check of a bare host raises a ValueError, a traceback here
+    if address and address not in ("auto", "local") and "://" not in address \
+            and not re.search(r":\d+$", address):
+        raise UsageError(f"Ray address {address} names no port: pass HEAD:6379 (the head node's "
+                         "GCS port), or --address auto on one of the cluster's nodes")
 
 
 def machine_cores() -> int:

@@ -89,6 +89,12 @@ def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeyp
     assert len(err) == 1 and "http://head:8265 is a dashboard URL" in err[0]
     assert "ray job submit --address http://head:8265 -- deepfake-ray" in err[0]
     assert not (tmp_path / "w").exists()  # no config.yaml written
+    # a head's name without its port: Ray's own check raised a ValueError (exit 1, a traceback)
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
+                     "--address", "headnode"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "Ray address headnode names no port: pass HEAD:6379" in err[0]
+    assert not (tmp_path / "w").exists()
 
 
 def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_session, tmp_path):
