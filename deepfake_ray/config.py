@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,8 +188,13 @@ class Typed:
     text: str
 
     def parsed(self) -> Any:
+        text = self.text.strip()
+        if re.fullmatch(r"[+-]?\d+(:[0-5]?\d)+(\.\d*)?", text):  # YAML 1.1 reads 1:30 as base 60, 90
+            return self.text
         try:
-            return yaml.safe_load(self.text) if self.text.strip() else ""
+            if re.fullmatch(r"[+-]?\d+", text):  # and 060 as octal, 48
+                return int(text, 10)
+            return yaml.safe_load(self.text) if text else ""
         except (yaml.YAMLError, ValueError):  # ValueError: an int of more digits than Python reads
             return self.text
 

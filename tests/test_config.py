@@ -46,6 +46,13 @@ def test_text_values_are_taken_as_typed(folder):
     assert config.build("demo", None, [f"data.source={folder}"]).data.source == folder
 
 
+def test_numbers_with_leading_zeros_are_decimal(tmp_path):
+    """YAML 1.1 reads 060 as the octal 48, whether given with --set or in a --config file."""
+    (tmp_path / "run.yaml").write_text("seed: 0042\n")
+    cfg = config.build("tiny", str(tmp_path / "run.yaml"), ["gan.epochs=060"], workdir=str(tmp_path))
+    assert (cfg.gan.epochs, cfg.seed) == (60, 42)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("gan.epochz=3", "unknown config key 'gan.epochz': valid keys are gan.epochs"),
     ("ganz.epochs=3", "unknown config key 'ganz'"),
@@ -70,6 +77,7 @@ def test_text_values_are_taken_as_typed(folder):
                  id="gan.epochs=1e5000"),  # more digits than int() reads
     ("data.splits=[1e308, 1e308, 1e308]", "must be three non-negative fractions"),  # their sum is inf
     ("data.source=s3://", "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),  # before Ray starts
+    ("gan.epochs=1:30", "config key 'gan.epochs' expects int, got '1:30'"),  # not YAML 1.1's base 60: 90
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
