@@ -132,15 +132,24 @@ SWEPT = {"detector.lr": "the rate from tune.lr_min..tune.lr_max",
 
 
 def check_swept_settings(command: str, cfg, overrides: list[str]) -> None:
-    """A --set the sweep would ignore: where it trains the detector (tune, or the pipeline
-    with tune.enabled), each trial draws its own rate and trains tune.epochs."""
-    if command != "tune" and not (command == "pipeline" and cfg.tune.enabled):
+    """A --set that would be ignored: where the sweep trains the detector (tune, or the
+    pipeline with tune.enabled), each trial draws its own rate and trains tune.epochs;
+    where the pipeline trains it once (tune.enabled false), no tune.* setting is read."""
+    keys = dict.fromkeys(o.partition("=")[0].strip() for o in overrides)
+    if command == "pipeline" and not cfg.tune.enabled:
+        if unread := [k for k in keys if k.startswith("tune.") and k != "tune.enabled"]:
+            raise UsageError(f"--set {unread[0]} is not used: this pipeline trains the detector once, "
+                             "at detector.lr (tune.enabled is false); add --set tune.enabled=true to "
+                             "sweep the learning rate")
         return
-    for key in dict.fromkeys(o.partition("=")[0].strip() for o in overrides):
+    if command != "tune" and command != "pipeline":
+        return
+    for key in keys:
         if key in SWEPT:
-            where = "tune" if command == "tune" else "the pipeline with tune.enabled"
+            where, instead = (("tune", "or `deepfake-ray train-detector` to train once") if command == "tune"
+                              else ("the pipeline with tune.enabled", "or tune.enabled=false"))
             raise UsageError(f"--set {key} is not used by {where}: its trials take {SWEPT[key]}; "
-                             f"set those instead, or tune.enabled=false to train at {key}")
+                             f"set those instead, {instead} to train at {key}")
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -147,7 +147,14 @@ def test_a_rate_the_sweep_would_not_use_exits_2_naming_what_to_set(tmp_path, cap
             assert cli.main([command, "--preset", "tiny", "--workdir", w, *extra, "--set", key]) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and f"--set {key.split('=')[0]} is not used by " in err[0], err
-            assert f"its trials take {says}; set those instead, or tune.enabled=false" in err[0]
+            assert f"its trials take {says}; set those instead, " + (
+                "or `deepfake-ray train-detector` to train once" if command == "tune"
+                else "or tune.enabled=false") in err[0], err
+    # and the other way round: a pipeline that trains once reads no sweep setting
+    assert cli.main(["pipeline", "--preset", "tiny", "--workdir", w, "--set", "tune.samples=16"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "--set tune.samples is not used: this pipeline trains the detector once" in err[0]
+    assert "add --set tune.enabled=true" in err[0]
     assert not os.path.exists(w)
     args = cli.parser().parse_args(["train-detector", "--preset", "tiny", "--set", "detector.lr=1e-4"])
     assert cli.build_config(args).detector.lr == 1e-4  # training at one rate: used
