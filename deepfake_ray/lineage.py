@@ -132,13 +132,15 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     if differ and elsewhere:
         made_by, remake = elsewhere
         raise UsageError(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
-                         f"with {', '.join(differ)}: use another --workdir, or {remake} to train one anew there")
+                         f"with {', '.join(differ)}: use another --workdir, or `deepfake-ray {stage.command} "
+                         f"{remake}` to train one anew there")
     if differ:
         own = " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in own_settings(
             cfg, done, asked, more).items())
+        # the stage's own command: --force on the pipeline would redo every stage
         raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
-                         f"--workdir to keep both, --force to redo {stage.command} there, or "
-                         f"its own settings ({own})")
+                         f"--workdir to keep both, `deepfake-ray {stage.command} --force` to redo it "
+                         f"alone there, or its own settings ({own})")
 
 
 def own_settings(cfg: Config, done: dict, asked: dict, more: list[str]) -> dict:

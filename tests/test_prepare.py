@@ -648,7 +648,7 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     assert cli.main(bare) == 2  # `kaggle:` with no name is a bare `kaggle`
     err = error_lines(capsys)
     assert err[0].endswith("was made with data.kaggle_dataset=owner/faces (asked: owner/others): use "
-                           "another --workdir to keep both, --force to redo prepare there, or its "
+                           "another --workdir to keep both, `deepfake-ray prepare --force` to redo it alone there, or its "
                            "own settings (--set data.kaggle_dataset=owner/faces)")
 
 

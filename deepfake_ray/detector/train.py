@@ -42,7 +42,8 @@ def made_by_tune(done: dict) -> tuple[str, str] | None:
     if not done.get("tuned"):
         return None
     lr = f"{done.get('lr', 0):.2e}"
-    return f"the best trial of `deepfake-ray tune` (lr {lr})", f"--force --set detector.lr={lr}"
+    return (f"the best trial of `deepfake-ray tune` (lr {lr}; the pipeline keeps it with --set "
+            f"tune.enabled=true)", f"--force --set detector.lr={lr}")
 
 
 STAGE = lineage.Stage("train-detector", "detector", ("data", "fakes"), settings,
