@@ -103,7 +103,7 @@ def compare(data: list[dict], args) -> tuple[float, float, float]:
     turns, storage = Turns(), tempfile.mkdtemp(prefix="detector-bench-")
     started = time.time()
     turns.start(lambda: training.fit(ray_loop, turns.loop_config(args), cfg, storage, "bench",
-                                     datasets={"train": ds}))
+                                     datasets=lambda: {"train": ds}))
     worker_nice = turns.receive()  # the Ray loop's first message
     # the same niceness on both sides: on a shared machine a niced process gets less CPU
     os.nice(max(0, worker_nice - os.nice(0)))

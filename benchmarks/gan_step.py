@@ -88,7 +88,7 @@ def compare(data: list[np.ndarray], args) -> tuple[float, float, float]:
     turns, storage = Turns(), tempfile.mkdtemp(prefix="gan-step-bench-")
     started = time.time()
     turns.start(lambda: training.fit(ray_loop, turns.loop_config(args), cfg, storage, "bench",
-                                     datasets={"train": ds}))
+                                     datasets=lambda: {"train": ds}))
     plain_state = (*models(args), torch.Generator().manual_seed(0))
     base, ray_ips = turns.compare(args.epochs, lambda: plain_epoch(plain_state, data))
     return base, ray_ips, time.time() - started

@@ -212,19 +212,20 @@ def say_complete(cfg: Config, stage: Stage, done: dict, read: dict | None = None
               f"pipeline` with this --workdir remakes both", flush=True)
 
 
-def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> str | None:
-    """None while the complete stage is current; else why it runs again (UsageError when
-    this run asks for other settings of a stage it would keep or continue: one whose inputs
-    changed is made anew anyway, with whatever settings this run has)."""
+def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> tuple[str, bool] | None:
+    """None while the complete stage is current; else why it runs again, and whether it
+    starts over (not when it continues for more epochs). UsageError when this run asks for
+    other settings of a stage it would keep or continue: one whose inputs changed is made
+    anew anyway, with whatever settings this run has."""
     if changed := changed_inputs(done, asked):
         folders = ", ".join(f + "/" for f in changed)
-        return f"{folders} changed since {uri(cfg, stage)} was made: making it again"
+        return f"{folders} changed since {uri(cfg, stage)} was made: making it again", True
     check_settings(cfg, stage, done, asked)
     if changed := stage.source_changed(cfg, done):
-        return f"{changed} since {uri(cfg, stage)} was made: making it again"
+        return f"{changed} since {uri(cfg, stage)} was made: making it again", True
     if more := grown(stage, done, asked):
         rises = ", ".join(f"{k} {done['settings'][k]} -> {asked['settings'][k]}" for k in more)
-        return f"continuing {uri(cfg, stage)} from its last checkpoint ({rises})"
+        return f"continuing {uri(cfg, stage)} from its last checkpoint ({rises})", False
     return None
 
 
@@ -234,12 +235,11 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
     asked = made(cfg, stage, read)
     done = marker(cfg, stage.folder, read)
     if done and not force:
-        if (why := rerun_reason(cfg, stage, done, asked)) is None:
+        if (rerun := rerun_reason(cfg, stage, done, asked)) is None:
             say_complete(cfg, stage, done, read)
             return Plan(done, False, asked)
+        why, force = rerun  # more epochs go on; other inputs start over
         print(f"{stage.command}: {why}", flush=True)
-        # more epochs go on; other inputs start over
-        force = bool(changed_inputs(done, asked) or stage.source_changed(cfg, done))
     elif not force and (begun := unfinished(cfg, stage)):
         if changed := changed_inputs(begun, asked):
             print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "

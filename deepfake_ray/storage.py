@@ -231,7 +231,7 @@ def is_dir(uri: str) -> bool:
         return os.path.isdir(normalize(uri))
     fs, path = resolve(uri)
     kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.File and is_s3(uri):  # an object named like a prefix may hold keys too
+    if kind == pafs.FileType.File:  # an object named like a prefix may hold keys too
         return has_keys_under(uri)
     return kind == pafs.FileType.Directory
 
@@ -323,9 +323,12 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
             return f.read()
     except (FileNotFoundError, FileTooLarge):
         raise
-    except OSError:
-        # asked again through boto3, which names what pyarrow's message may not (an
-        # archived object reads as "INTERNAL_FAILURE ... Failed to flush response stream")
+    except OSError as e:
+        # a failure pyarrow does not name, or a refusal, asked again through boto3, which
+        # names it (an archived object reads as "INTERNAL_FAILURE ... Failed to flush
+        # response stream"); the store's own (network, bucket, credentials) stays as it is
+        if (why := explain(e)) and not why.endswith(S3_PROBLEMS["ACCESS_DENIED"]):
+            raise
         return s3_get(uri, max_bytes)
 
 

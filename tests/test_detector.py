@@ -184,6 +184,8 @@ def test_a_confident_detectors_scores_keep_their_order_and_its_threshold_its_fig
     p = detector.p_fake(torch.stack([torch.zeros(5), gaps], dim=1))
     labels = np.array([0, 0, 1, 1, 1])
     assert p.dtype == np.float64 and len(set(p.tolist())) == 5 and p[-1] < 1.0
+    broken = detector.p_fake(torch.tensor([[0.0, float("inf")], [float("nan"), 1.0], [0.0, 1.0]]))
+    assert np.isnan(broken[:2]).all() and np.isfinite(broken[2])  # a broken model's, as the softmax's
     assert metrics.roc_auc(labels, p) == 1.0
     scores = np.float32([0.2, 0.9999999, 0.99999994, 0.99999994])  # as float32 scores come
     checked = metrics.epoch_validation(np.array([0, 0, 1, 1]), scores, 1.0)

@@ -377,9 +377,8 @@ def source_changed(cfg: Config, done: dict) -> str | None:
         return None
     try:
         now = source_files(outside_workdirs(resolve_source(cfg.data.source, cfg.data), cfg.workdir, quiet=True))
-    except UsageError as e:  # the folder is gone or empty: the complete data/ is still good
-        print(f"prepare: note: {e}", flush=True)
-        return None
+    except (UsageError, OSError):  # gone, empty, or the store cannot list it now:
+        return None  # the complete data/ is still good, and needs none of it
     if now == then:
         return None
     return (f"the files in {cfg.data.source} changed ({then['count']:,} images then, {now['count']:,} now"

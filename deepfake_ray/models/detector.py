@@ -272,4 +272,6 @@ def p_fake(logits: torch.Tensor) -> np.ndarray:
     the logit gap, and in float32 every gap of 17 or more rounds to exactly 1.0, so a
     confident model's fakes would all tie, blurring its ROC-AUC and the threshold."""
     gap = logits[:, 1].double() - logits[:, 0].double()
-    return torch.sigmoid(gap).cpu().numpy()
+    p = torch.sigmoid(gap)
+    # a logit that is not finite is a broken model, NaN as the softmax made it (not 1.0)
+    return torch.where(torch.isfinite(logits).all(dim=1), p, torch.nan).cpu().numpy()

@@ -211,12 +211,12 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
 UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
 
 
-def check_some_read(table: pa.Table, src: str, out: str) -> None:
+def check_some_read(table: pa.Table, src: str) -> None:
     """Not one file read is no batch of damaged files but a setup to fix (a manifest's
     relative paths read from the wrong folder; on a cluster, a folder on the driver's disk,
     which the scoring tasks on other nodes cannot see; credentials that may list a bucket
-    but read none of it): exit 2 with the cause, the table of errors written, rather than
-    0 and a table of errors."""
+    but read none of it): exit 2 with the cause and the first error, rather than 0 and a
+    table of errors. No table is written, so the same command runs again once it is fixed."""
     errors = table.column("error").to_pylist()
     if not errors or not all(e.startswith(UNREAD) for e in errors):
         return
@@ -226,11 +226,11 @@ def check_some_read(table: pa.Table, src: str, out: str) -> None:
         cause = ("it lies on this machine's disk, which the cluster's other nodes cannot read: "
                  "use an s3:// --input, or a folder every node mounts")
     elif is_manifest(src):
-        cause = "check the manifest's paths (relative ones are read from the folder holding it)"
+        cause = (f"check the manifest's paths (relative ones are read from the folder holding it; "
+                 f"the first: {errors[0].removeprefix(MISSING + ': ')[:200]})")
     else:
         cause = "none was found where listed: were they moved or deleted while score ran?"
-    raise UsageError(f"none of the {len(errors):,} files from --input {src} could be read "
-                     f"({out} holds a row for each): {cause}")
+    raise UsageError(f"none of the {len(errors):,} files from --input {src} could be read: {cause}")
 
 
 def preflight(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
@@ -270,8 +270,8 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     paths = list_inputs(src, out)
     started = time.time()
     table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
+    check_some_read(table, src)  # before the table: a rerun once fixed must not find it "done"
     write_table(table, out)
-    check_some_read(table, src, out)
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
