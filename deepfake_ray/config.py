@@ -188,15 +188,31 @@ class Typed:
     text: str
 
     def parsed(self) -> Any:
-        text = self.text.strip()
-        if re.fullmatch(r"[+-]?\d+(:[0-5]?\d)+(\.\d*)?", text):  # YAML 1.1 reads 1:30 as base 60, 90
-            return self.text
         try:
-            if re.fullmatch(r"[+-]?\d+", text):  # and 060 as octal, 48
-                return int(text, 10)
-            return yaml.safe_load(self.text) if text else ""
+            return yaml.load(self.text, DecimalNumbers) if self.text.strip() else ""
         except (yaml.YAMLError, ValueError):  # ValueError: an int of more digits than Python reads
             return self.text
+
+
+class DecimalNumbers(yaml.SafeLoader):
+    """YAML with whole numbers read in base 10, in lists too: YAML 1.1 reads 060 as the
+    octal 48 and 1:30 as the base-60 90 (kept as text here, which a number field refuses)."""
+
+    BASE_60 = re.compile(r"[+-]?\d+(:[0-5]?\d)+(\.\d*)?")
+
+    def decimal_int(self, node):
+        text = self.construct_scalar(node)
+        if re.fullmatch(r"[+-]?\d+", digits := text.replace("_", "")):
+            return int(digits, 10)
+        return text if self.BASE_60.fullmatch(text) else self.construct_yaml_int(node)  # 0x1f
+
+    def plain_float(self, node):
+        text = self.construct_scalar(node)
+        return text if self.BASE_60.fullmatch(text) else self.construct_yaml_float(node)
+
+
+DecimalNumbers.add_constructor("tag:yaml.org,2002:int", DecimalNumbers.decimal_int)
+DecimalNumbers.add_constructor("tag:yaml.org,2002:float", DecimalNumbers.plain_float)
 
 
 class NumbersAsTyped(yaml.SafeLoader):

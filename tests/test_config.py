@@ -51,6 +51,8 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     (tmp_path / "run.yaml").write_text("seed: 0042\n")
     cfg = config.build("tiny", str(tmp_path / "run.yaml"), ["gan.epochs=060"], workdir=str(tmp_path))
     assert (cfg.gan.epochs, cfg.seed) == (60, 42)
+    cfg = config.build("tiny", None, ["detector.jpeg_aug_quality=[030, 100]"], workdir=str(tmp_path))
+    assert cfg.detector.jpeg_aug_quality == (30, 100)  # in a list too
 
 
 @pytest.mark.parametrize("override,needle", [
