@@ -167,17 +167,21 @@ def explain(e: BaseException) -> str | None:
         return f"{e.uri}: " + S3_PROBLEMS[tls_or(e.problem, str(e))].format(endpoint=endpoint_text()) \
             if e.problem else None
     text = str(e)
-    if not isinstance(e, OSError) or "AWS Error" not in text:
-        return None
-    code = next((c for c in S3_PROBLEMS if f"AWS Error {c}" in text), None)
-    if code is None and "response code: 403" in text:
-        code = "ACCESS_DENIED"
-    if code is None:
+    if (code := pyarrow_problem(e)) is None:
         return None
     where = re.search(r"bucket '([^']*)'", text)
     key = re.search(r"key '([^']*)'", text)
     uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
     return f"{uri}: " + S3_PROBLEMS[tls_or(code, text)].format(endpoint=endpoint_text())
+
+
+def pyarrow_problem(e: BaseException) -> str | None:
+    """The S3_PROBLEMS key of a pyarrow S3 failure, from the AWS SDK's error name in it."""
+    text = str(e)
+    if not isinstance(e, OSError) or "AWS Error" not in text:
+        return None
+    code = next((c for c in S3_PROBLEMS if f"AWS Error {c}" in text), None)
+    return "ACCESS_DENIED" if code is None and "response code: 403" in text else code
 
 
 def tls_or(problem: str, text: str) -> str:
@@ -327,7 +331,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         # a failure pyarrow does not name, or a refusal, asked again through boto3, which
         # names it (an archived object reads as "INTERNAL_FAILURE ... Failed to flush
         # response stream"); the store's own (network, bucket, credentials) stays as it is
-        if (why := explain(e)) and not why.endswith(S3_PROBLEMS["ACCESS_DENIED"]):
+        if pyarrow_problem(e) not in (None, "ACCESS_DENIED"):
             raise
         return s3_get(uri, max_bytes)
 

@@ -38,6 +38,15 @@ def write_images_part(uri: str, table: pyarrow.Table) -> None:
     storage.write_parquet(uri, table, **IMAGES_PARQUET)
 
 
+def require_share(splits: tuple[float, ...], split: str, why: str) -> None:
+    """UsageError when data.splits gives `split` ("val", "test") nothing; prepare takes
+    that, so the stages that need the split check it before anything runs."""
+    if len(splits) == 3 and not splits[SPLITS.index(split)] > 0:  # else prepare's check says what
+        name = "validation" if split == "val" else split
+        raise UsageError(f"data.splits={list(splits)} leaves the {name} split empty: {why}; give it "
+                         "a share, e.g. data.splits=[0.8,0.1,0.1]")
+
+
 def first_image(stage_uri: str) -> bytes:
     """The first stored image of a stage's images parts (a part can be empty: `prepare`
     rewrites one without the copies kept in another), read a row group at a time."""

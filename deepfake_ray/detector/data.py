@@ -237,7 +237,6 @@ class Scorer:
         import torch
 
         from deepfake_ray.models import autocast_dtype, detector
-
         from deepfake_ray.serving.predictor import stored_quality
 
         state, self.meta = checkpoint.load_model(model_uri)

@@ -21,6 +21,7 @@ import ray.data
 
 from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
+from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, figures, metrics
 from deepfake_ray.detector.train import lower_rate, model_dir, stage_dir
 from deepfake_ray.errors import UsageError
@@ -40,10 +41,7 @@ def eval_dir(workdir: str) -> str:
 
 def check_settings(cfg: Config) -> None:
     """Before Ray starts (and, in the pipeline, before hours of training): a test split."""
-    if len(cfg.data.splits) == 3 and not cfg.data.splits[2] > 0:
-        raise UsageError(f"data.splits={list(cfg.data.splits)} leaves the test split empty: evaluate "
-                         "measures the detector there, on images it never saw; give it a share, "
-                         "e.g. data.splits=[0.8,0.1,0.1]")
+    datasets.require_share(cfg.data.splits, "test", "evaluate measures the detector there, on images it never saw")
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:

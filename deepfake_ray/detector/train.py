@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
+from deepfake_ray.data import datasets
 from deepfake_ray.detector import data
 from deepfake_ray.errors import UsageError
 
@@ -89,10 +90,7 @@ def check_settings(cfg: Config) -> None:
     import timm
 
     d = cfg.detector
-    if len(cfg.data.splits) == 3 and not cfg.data.splits[1] > 0:  # else prepare's check says what
-        raise UsageError(f"data.splits={list(cfg.data.splits)} leaves the validation split empty: the "
-                         "detector's best epoch and threshold are chosen there; give it a share, "
-                         "e.g. data.splits=[0.8,0.1,0.1]")
+    datasets.require_share(cfg.data.splits, "val", "the detector's best epoch and threshold are chosen there")
     if not timm.is_model(d.arch):
         raise UsageError(f"detector.arch={d.arch!r} is not a timm model: use inception_resnet_v2 "
                          f"(the study) or another name from timm.list_models()")

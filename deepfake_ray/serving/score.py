@@ -211,7 +211,7 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
 UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
 
 
-def check_some_read(table: pa.Table, src: str) -> None:
+def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
     """Not one file read is no batch of damaged files but a setup to fix (a manifest's
     relative paths read from the wrong folder; on a cluster, a folder on the driver's disk,
     which the scoring tasks on other nodes cannot see; credentials that may list a bucket
@@ -225,7 +225,7 @@ def check_some_read(table: pa.Table, src: str) -> None:
     elif not runtime.in_process() and not storage.is_s3(src):
         cause = ("it lies on this machine's disk, which the cluster's other nodes cannot read: "
                  "use an s3:// --input, or a folder every node mounts")
-    elif is_manifest(src):
+    elif manifest:
         cause = (f"check the manifest's paths (relative ones are read from the folder holding it; "
                  f"the first: {errors[0].removeprefix(MISSING + ': ')[:200]})")
     else:
@@ -269,8 +269,9 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     meta = checkpoint.load_detector_meta(model)
     paths = list_inputs(src, out)
     started = time.time()
-    table = score_table(cfg, model, paths, manifest=src if is_manifest(src) else None)
-    check_some_read(table, src)  # before the table: a rerun once fixed must not find it "done"
+    manifest = is_manifest(src)
+    table = score_table(cfg, model, paths, manifest=src if manifest else None)
+    check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
     write_table(table, out)
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
