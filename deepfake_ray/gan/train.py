@@ -100,12 +100,17 @@ def train_dataset(cfg: Config, train_images: int):
     kept there; each epoch then only re-splits it (a re-read costs seconds per epoch on
     a busy small machine). Larger splits stream from Parquet every epoch.
     """
+    # Blocks of at most a training batch: a small split is one Parquet block, and one block
+    # has no order to change (CI once drew the same order three epochs running). A decode
+    # task's output is one block, so the decode batch sets the decoded blocks' size too.
+    block_rows = min(cfg.data.decode_batch_size, cfg.gan.batch_size)
     shuffled = (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
                 .select_columns(["image"])
-                .random_shuffle(seed=cfg.seed))
+                .random_shuffle(seed=cfg.seed)
+                .repartition(target_num_rows_per_block=block_rows))
 
     def decoded(ds):
-        return ds.map_batches(datasets.decode_batch, batch_size=cfg.data.decode_batch_size,
+        return ds.map_batches(datasets.decode_batch, batch_size=block_rows,
                               num_cpus=cfg.resources.data_cpus)
 
     # Each epoch draws the blocks in another order: the shuffle above is the same every
