@@ -380,23 +380,21 @@ def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
     requests meanwhile, not after it."""
     big = encode(Image.new("RGB", (6000, 6000), (90, 120, 150)), "PNG", compress_level=9)
     assert len(big) < MAX_BODY
-    started = time.perf_counter()
-    decode(big, 32)
-    decoding = time.perf_counter() - started  # on this machine, now
 
-    async def health_checks_while_detecting():
+    async def stats_while_detecting():
         async with httpx.AsyncClient(timeout=120) as client:
             detecting = asyncio.create_task(client.post(f"{service}/v1/detect", content=big))
             answered = []
             while not detecting.done():
-                assert (await client.get(f"{service}/healthz")).status_code == 200
-                answered.append(time.perf_counter())
+                answered.append((await client.get(f"{service}/v1/stats")).json())
             return await detecting, answered
 
-    response, answered = asyncio.run(health_checks_while_detecting())
+    response, answered = asyncio.run(stats_while_detecting())
     assert response.status_code == 200, response.text
-    # decoded on the event loop, the health checks would wait for it: one gap of ~decoding
-    assert len(answered) > 3 and max(np.diff(answered)) < decoding / 3, (decoding, np.diff(answered))
+    # The replica's event loop answers the stats: decoded on it, no answer could come while
+    # the decode runs. Counted, not timed, as timing gaps on a busy 2-core machine is flaky.
+    during = [stats for stats in answered if stats["decoding_now"] > 0]
+    assert len(during) > 3, answered
 
 
 def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_threads(service):
