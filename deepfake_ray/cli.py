@@ -241,11 +241,11 @@ def print_any_file_name() -> None:
             stream.reconfigure(errors="deepfake_ray.escape")
 
 
-def main(argv: list[str] | None = None) -> int:
-    print_any_file_name()
-    args = parser().parse_args(argv)
-    started = time.time()
-    try:
+def execute(args: argparse.Namespace) -> int:
+    """The command, with its source folder listed once however often it is asked about."""
+    from deepfake_ray.data import sources
+
+    with sources.listed_once(), contextlib.ExitStack() as held:
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
         from deepfake_ray import lineage, runtime, storage
@@ -261,24 +261,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
         writes_config = args.command not in KEEP_CONFIG
-        with contextlib.ExitStack() as held:
-            # refused before this run changes anything there (config.yaml included). A local
-            # lock is taken now (the OS knows whether its holder lives): another run starting
-            # meanwhile is refused, not let write its config.yaml. On S3, when only the
-            # cluster can tell whether the holder lives, the lock and config.yaml wait for Ray.
-            lock_now = args.command in WRITERS and not storage.is_s3(cfg.workdir)
-            if lock_now:
-                take_lock(held, cfg, args.command)
-            free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
-            if writes_config and free:  # first: an unwritable workdir fails before Ray starts
-                held.enter_context(settings_recorded(cfg))
-            if args.command not in NO_RAY:
-                runtime.init(args.address)
-            if args.command in WRITERS and not lock_now:
-                take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
-            if writes_config and not free:
-                held.enter_context(settings_recorded(cfg))
-            module.run(cfg, **options(args))
+        # refused before this run changes anything there (config.yaml included). A local
+        # lock is taken now (the OS knows whether its holder lives): another run starting
+        # meanwhile is refused, not let write its config.yaml. On S3, when only the
+        # cluster can tell whether the holder lives, the lock and config.yaml wait for Ray.
+        lock_now = args.command in WRITERS and not storage.is_s3(cfg.workdir)
+        if lock_now:
+            take_lock(held, cfg, args.command)
+        free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
+        if writes_config and free:  # first: an unwritable workdir fails before Ray starts
+            held.enter_context(settings_recorded(cfg))
+        if args.command not in NO_RAY:
+            runtime.init(args.address)
+        if args.command in WRITERS and not lock_now:
+            take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
+        if writes_config and not free:
+            held.enter_context(settings_recorded(cfg))
+        module.run(cfg, **options(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    print_any_file_name()
+    args = parser().parse_args(argv)
+    started = time.time()
+    try:
+        return execute(args)
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -249,6 +249,28 @@ def test_a_source_folder_whose_files_changed_is_prepared_again(ray_session, tiny
     assert "already complete" in capsys.readouterr().out
 
 
+def test_one_command_lists_its_source_folder_once(ray_session, tiny_cfg, tmp_path, capsys, monkeypatch):
+    """Asking whether data/ is current lists the source, and a pipeline asks up to five
+    times before its prepare reads it: an S3 prefix of 100k images lists in 100 requests."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(6):
+        (faces / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
+    cfg = tiny_cfg(f"data.source={faces}")
+    prepare.run(cfg)
+    (faces / "face_6.jpg").write_bytes(sample.face_jpeg(0, 6))  # changed: listed, then read
+    listed = []
+    list_visible = storage.list_visible
+    monkeypatch.setattr(storage, "list_visible", lambda uri: listed.append(uri) or list_visible(uri))
+    command = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir, "--source", str(faces)]
+    assert cli.main(command) == 0  # checked before Ray starts, and as it runs; then read
+    assert listed == [str(faces)], listed
+    assert storage.completed(datasets.data_dir(cfg.workdir))["images"] == 7
+    listed.clear()
+    assert cli.main(command) == 0 and "already complete" in capsys.readouterr().out
+    assert listed == [str(faces)], listed
+
+
 def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
         ray_session, tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("data.source=sample:40")

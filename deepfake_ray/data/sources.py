@@ -93,12 +93,37 @@ def resolve_source(text: str, data: DataConfig) -> Source:
             raise UsageError(f"the Kaggle dataset {dataset} holds no .jpg/.jpeg/.png/.webp files "
                              f"(downloaded into {folder}): check the dataset name")
         return Source(text, files=files, root=folder)
-    listing = storage.list_visible(text)
+    listing = source_listing(text)
     if not (files := images_in(listing)):
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
                          "(folders are searched recursively; hidden ones are left out)")
     root = storage.normalize(text)
     return Source(text, files=files, root=root, workdirs=s3_workdirs(root, listing) if storage.is_s3(root) else ())
+
+
+# The listings of source folders, while `listed_once` holds: a pipeline asks whether data/
+# is current up to five times before its prepare reads the source, and an S3 prefix of
+# 100k images lists in 100 requests. Within one command the files are taken as listed once.
+_listings: dict[str, list[str]] | None = None
+
+
+@contextlib.contextmanager
+def listed_once():
+    global _listings
+    outer, _listings = _listings, {}
+    try:
+        yield
+    finally:
+        _listings = outer
+
+
+def source_listing(text: str) -> list[str]:
+    if _listings is None:
+        return storage.list_visible(text)
+    key = storage.normalize(text)
+    if key not in _listings:
+        _listings[key] = storage.list_visible(text)
+    return _listings[key]
 
 
 def find_images(folder: str) -> tuple[str, ...]:
