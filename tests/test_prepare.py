@@ -618,20 +618,29 @@ def test_a_kaggle_copy_in_an_s3_workdir_stands_for_the_download(ray_session, s3_
                                                                  monkeypatch, tmp_path, capsys):
     """A resubmitted job on a new head node: the first job's driver copied the download into
     WORKDIR/sources/ (as on a cluster, whose tasks cannot read its disk); the new head has no
-    cache and, here, no credentials either. It downloads nothing and asks for none."""
+    cache and, here, no credentials either. It downloads nothing and asks for none, and
+    rejects the file the first could not read (so not copy) as the first did."""
     workdir = f"{s3_server('kaggle-copies')}/w"
     args = ["prepare", "--preset", "tiny", "--workdir", workdir, "--source", "kaggle:owner/faces"]
+    downloaded = sources.kaggle_download("owner/faces", str(tmp_path / "first-head"))
+    os.remove(os.path.join(downloaded, "celeb", "plain.jpg"))
+    os.mkfifo(os.path.join(downloaded, "celeb", "plain.jpg"))  # not a file the first head can read
     with monkeypatch.context() as cluster:
         cluster.setattr(runtime, "driver_files_need_copying", lambda workdir: True)
         assert cli.main(args + ["--set", f"data.cache_dir={tmp_path / 'first-head'}"]) == 0
     assert fake_kaggle == ["owner/faces"]
+    _, rejected_first, _ = read_outputs(workdir)
+    assert list(rejected_first["reason"]) == ["unreadable"], rejected_first
+    assert "not a regular file" in rejected_first["detail"][0]
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     capsys.readouterr()
     assert cli.main(args + ["--force", "--set", f"data.cache_dir={tmp_path / 'new-head'}"]) == 0
     out = capsys.readouterr().out
     assert f"using the copy of kaggle:owner/faces in {workdir}/sources/kaggle/owner/faces (5 files)" in out
-    assert "prepared 5 images" in out and fake_kaggle == ["owner/faces"]
+    assert "prepared 4 images (1 rejected: 1 unreadable;" in out and fake_kaggle == ["owner/faces"]
+    _, rejected, _ = read_outputs(workdir)
+    assert rejected[["path", "reason", "detail"]].equals(rejected_first[["path", "reason", "detail"]])
 
 
 def test_unusable_kaggle_credentials_are_one_line_and_never_shown(ray_session, fake_kaggle, monkeypatch,

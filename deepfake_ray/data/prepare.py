@@ -136,7 +136,8 @@ def inspect_fetched(data: Fetched, size: int, quality: int, max_pixels: int) -> 
     if isinstance(data, storage.FileTooLarge):
         refused = decode.too_large(data)
         return {**unread, "bytes": data.size, "reason": refused.reason, "detail": str(refused)}
-    detail = storage.printable(f"unreadable: {type(data).__name__}: {str(data)[:200]}")  # it may name the file
+    said = str(data) if isinstance(data, sources.UnreadBefore) else f"{type(data).__name__}: {data}"
+    detail = storage.printable(f"unreadable: {said[:200]}")  # it may name the file
     return {**unread, "reason": "unreadable", "detail": detail}
 
 
@@ -580,13 +581,15 @@ def readable_source(cfg: Config) -> Source:
     # complete download in this machine's cache is read instead, from its disk)
     if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
         print(f"prepare: using the copy of {d.source} in {copy} ({done['files']:,} files)", flush=True)
-        return Source(d.source, files=sources.find_images(copy), root=copy)
+        return Source(d.source, files=sources.find_images(copy), root=copy,
+                      unread=sources.unread_from(done.get("unread", {})))
     src = outside_workdirs(resolve_source(d.source, d), cfg.workdir)
     if not copying:
         return src
     src = sources.copy_to(src, copy_dir(cfg), "prepare", decode.max_file_bytes(d.max_pixels))
     if copy:
-        storage.mark_complete(copy, {"source": d.source, "files": len(src.files)})
+        storage.mark_complete(copy, {"source": d.source, "files": len(src.files),
+                                     "unread": sources.recorded_unread(src.unread)})
     return src
 
 

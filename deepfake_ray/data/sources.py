@@ -222,6 +222,23 @@ def copy_to(src: Source, dest: str, command: str, max_bytes: int | None = None) 
                   unread={storage.join(dest, relative[f]): e for f, e in unread.items()})
 
 
+class UnreadBefore(OSError):
+    """A file a reused copy lacks: the run that made the copy could not read it, and said
+    why (its error's name and text) in the copy's marker."""
+
+
+def recorded_unread(unread: dict) -> dict:
+    """copy_to's `unread`, as a copy's marker keeps it: a later run that reuses the copy
+    (which lacks these files) still rejects each, with the same reason."""
+    return {uri: {"size": e.size, "limit": e.limit} if isinstance(e, storage.FileTooLarge)
+            else {"error": f"{type(e).__name__}: {e}"} for uri, e in unread.items()}
+
+
+def unread_from(record: dict) -> dict:
+    return {uri: storage.FileTooLarge(r["size"], r["limit"]) if "size" in r else UnreadBefore(r["error"])
+            for uri, r in record.items()}
+
+
 # --- Kaggle -----------------------------------------------------------------------
 
 CREDENTIALS_FIX = ("save your API token as ~/.kaggle/kaggle.json (chmod 600) or "
