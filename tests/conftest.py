@@ -55,11 +55,14 @@ def s3_server():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
-    for _ in range(100):  # the server thread binds asynchronously
+    deadline = time.time() + 60  # the server thread binds asynchronously
+    while True:
         try:
             socket.create_connection(("127.0.0.1", S3_PORT), timeout=0.2).close()
             break
         except OSError:
+            if time.time() > deadline:  # here, not as S3 errors in whichever test comes next
+                pytest.fail(f"moto's S3 server did not listen on port {S3_PORT} within 60 s")
             time.sleep(0.1)
     client = boto3.client("s3")
     created = []

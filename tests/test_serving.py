@@ -141,6 +141,15 @@ def detect(base: str, data: bytes, **kw) -> httpx.Response:
     return httpx.post(f"{base}/v1/detect", content=data, timeout=60, **kw)
 
 
+def routed(prefix_url: str) -> str:
+    """`prefix_url` once the proxy routes it: serve.run waits for the app and the proxies,
+    but HAProxy may take the new route a moment later (until then: the root app's 404)."""
+    deadline = time.time() + 30
+    while httpx.get(f"{prefix_url}/v1/model", timeout=30).status_code == 404 and time.time() < deadline:
+        time.sleep(0.2)
+    return prefix_url
+
+
 def test_a_model_whose_output_is_nan_answers_errors_not_labels(service, images_dir, tmp_path, capsys):
     """Its NaN would read as "real" (NaN >= threshold is False). Over HTTP each image gets a
     500 JSON error and the service serves on; batch scoring gives each image an error row."""
@@ -152,7 +161,7 @@ def test_a_model_whose_output_is_nan_answers_errors_not_labels(service, images_d
     export_test_model(broken, broken=True)
     serve.run(app.build(serve_cfg(tmp_path), broken), name="broken", route_prefix="/broken", blocking=False)
     try:
-        one = detect(f"{service}/broken", JPEG)
+        one = detect(routed(f"{service}/broken"), JPEG)
         assert one.status_code == 500 and one.json()["error"].startswith(
             "no finite score: the model's output for this image is not a number; the model is broken")
         files = [("file", ("face0.jpg", JPEG)), ("file", ("notes.jpg", BAD["notes.jpg"]))]
@@ -393,8 +402,13 @@ def test_an_image_of_many_pixels_does_not_hold_up_other_requests(service):
     assert response.status_code == 200, response.text
     # The replica's event loop answers the stats: decoded on it, no answer could come while
     # the decode runs. Counted, not timed, as timing gaps on a busy 2-core machine is flaky.
-    during = [stats for stats in answered if stats["decoding_now"] > 0]
-    assert len(during) > 3, answered
+    assert any(stats["decoding_now"] > 0 for stats in answered), answered
+
+
+def timed(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
 
 
 def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_threads(service):
@@ -402,9 +416,7 @@ def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_thr
     must keep its slot until its thread ends, or a client that sends large images and
     hangs up at once would have them all decoding together (each can take ~0.6 GB)."""
     big = encode(Image.new("RGB", (6000, 6000), (20, 40, 60)), "PNG", compress_level=9)
-    started = time.perf_counter()
-    decode(big, 32)
-    hang_up = (time.perf_counter() - started) / 3  # well before its decode ends, on any machine
+    hang_up = min(timed(decode, big, 32) for _ in range(2)) / 3  # well before its decode ends
     for _ in range(2):
         with pytest.raises(httpx.TimeoutException):  # hangs up while its image decodes
             httpx.post(f"{service}/v1/detect", content=big, timeout=hang_up)
@@ -475,7 +487,7 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
     serve.run(app.build_app({"model": model, "preset": "tiny", "model_id": retrained}), name="rolled",
               route_prefix="/rolled", blocking=False)
     try:
-        answered = httpx.get(f"{service}/rolled/v1/model", timeout=30).json()  # serve.run waited for it
+        answered = httpx.get(f"{routed(f'{service}/rolled')}/v1/model", timeout=30).json()
         assert answered["model"] == retrained != deployed, answered
     finally:
         serve.delete("rolled")

@@ -377,8 +377,9 @@ def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(
     finally:
         holder.kill()
         holder.wait()
-    deadline = time.time() + 30
-    while not any(j["JobID"] == job and j["IsDead"] for j in jobs()) and time.time() < deadline:
+    deadline = time.time() + 60
+    while not any(j["JobID"] == job and j["IsDead"] for j in jobs()):
+        assert time.time() < deadline, f"Ray never marked the killed holder's job {job} dead"
         time.sleep(0.2)
     with storage.exclusive(workdir, "pipeline"):  # dead to Ray: taken over, well within LAPSE_S
         pass
@@ -407,40 +408,54 @@ def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_
               "from deepfake_ray.errors import UsageError\n"
               f"ray.init(address={ray_session.get_runtime_context().gcs_address!r})\n"
               "lease.LAPSE_S, lease.WAIT_POLL_S = 4.0, 0.5\n"
+              # the lock is written then: Ray's start alone may outlast LAPSE_S on a busy machine
+              "print('ready', flush=True); input()\n"
               "try:\n"
               f"    with storage.exclusive({workdir!r}, 'pipeline'):\n"
               "        print('taken', flush=True)\n"
               "except UsageError as e:\n"
               "    print('refused:', e, flush=True)\n")
 
-    def retry() -> str:
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
-        return done.stdout + done.stderr
+    def retry(lock_written) -> str:
+        """The retried driver's output; `lock_written` once it has started (and Ray with it)."""
+        child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "PYTHONPATH": ROOT})
+        hung = threading.Timer(120, child.kill)
+        hung.start()
+        try:
+            said = []
+            while (line := child.stdout.readline()) not in ("ready\n", ""):
+                said.append(line)
+            assert line == "ready\n", "".join(said)
+            lock_written()
+            out, _ = child.communicate("\n")
+            return "".join(said) + out
+        finally:
+            hung.cancel()
+            child.kill()
+            child.wait()
 
-    write_lock()  # and never again: that attempt died with its cluster
-    out = retry()
+    out = retry(write_lock)  # and never again: that attempt died with its cluster
     assert "on another Ray cluster (old-head)" in out and "waiting up to" in out and "taken" in out, out
 
-    write_lock()
     stop = threading.Event()
     renewer = threading.Thread(target=lambda: [write_lock() for _ in iter(lambda: stop.wait(1.0), True)])
-    renewer.start()
     try:
-        out = retry()
+        out = retry(lambda: (write_lock(), renewer.start()))
     finally:
         stop.set()
-        renewer.join()
+        if renewer.ident:  # started once the retry was
+            renewer.join()
     assert "refused: another pipeline (pid 7 on old-head) is writing" in out, out
 
     # a cluster started anew at the same head address numbers its jobs from 1 again: a
     # lock naming that address but not this start of it is an earlier cluster's, waited out,
     # not taken for this cluster's live job 01000000 (this test's driver) and refused
     address = ray_session.get_runtime_context().gcs_address
-    client.put_object(Bucket="runs-retried-job", Key="r1/.lock", Body=json.dumps(
+    out = retry(lambda: client.put_object(Bucket="runs-retried-job", Key="r1/.lock", Body=json.dumps(
         {"command": "pipeline", "pid": 7, "host": "old-head", "renewed": time.time(), "token": "t",
-         "ray_job": ray_session.get_runtime_context().get_job_id(), "ray_cluster": address}))
-    out = retry()
+         "ray_job": ray_session.get_runtime_context().get_job_id(), "ray_cluster": address})))
     assert "waiting up to" in out and "taken" in out, out
 
 
