@@ -193,8 +193,10 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     # if the first try of epoch 2 was exported there: as good as epoch 1, as it almost always is
     rolled_back = ("best/ held epoch 2, which no checkpoint vouches for; exported the best "
                    "checkpointed epoch, 1, again") in first_log
-    first_tries = first_reports(first_log)
-    assert rolled_back == (loop.score(first_tries[2]) >= loop.score(first_tries[1])), first_tries
+    one, two = (first_reports(first_log).get(epoch) for epoch in (1, 2))
+    assert one and two, first_log[-4000:]
+    if any(abs(two[k] - one[k]) >= 1e-4 for k in one):  # printed to 4 decimals: a tie, unknown
+        assert rolled_back == (loop.score(two) >= loop.score(one)), (one, two)
 
     second = submit(head_node, "second", args)
     assert second.returncode == 0, second.stderr[-2000:]

@@ -408,7 +408,9 @@ def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_
               "from deepfake_ray.errors import UsageError\n"
               f"ray.init(address={ray_session.get_runtime_context().gcs_address!r})\n"
               "lease.LAPSE_S, lease.WAIT_POLL_S = 4.0, 0.5\n"
-              # the lock is written then: Ray's start alone may outlast LAPSE_S on a busy machine
+              # the lock is written then: Ray's start alone may outlast LAPSE_S on a busy
+              # machine, and so may the S3 client's first start and request
+              f"storage.exists({workdir + '/.lock'!r})\n"
               "print('ready', flush=True); input()\n"
               "try:\n"
               f"    with storage.exclusive({workdir!r}, 'pipeline'):\n"

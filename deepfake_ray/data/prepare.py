@@ -582,14 +582,14 @@ def readable_source(cfg: Config) -> Source:
     if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
         print(f"prepare: using the copy of {d.source} in {copy} ({done['files']:,} files)", flush=True)
         return Source(d.source, files=sources.find_images(copy), root=copy,
-                      unread=sources.unread_from(done.get("unread", {})))
+                      unread=sources.unread_from(done.get("unread", {}), copy))
     src = outside_workdirs(resolve_source(d.source, d), cfg.workdir)
     if not copying:
         return src
     src = sources.copy_to(src, copy_dir(cfg), "prepare", decode.max_file_bytes(d.max_pixels))
     if copy:
         storage.mark_complete(copy, {"source": d.source, "files": len(src.files),
-                                     "unread": sources.recorded_unread(src.unread)})
+                                     "unread": sources.recorded_unread(src.unread, copy)})
     return src
 
 

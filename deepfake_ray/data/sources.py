@@ -227,16 +227,17 @@ class UnreadBefore(OSError):
     why (its error's name and text) in the copy's marker."""
 
 
-def recorded_unread(unread: dict) -> dict:
-    """copy_to's `unread`, as a copy's marker keeps it: a later run that reuses the copy
-    (which lacks these files) still rejects each, with the same reason."""
-    return {uri: {"size": e.size, "limit": e.limit} if isinstance(e, storage.FileTooLarge)
+def recorded_unread(unread: dict, copy: str) -> dict:
+    """copy_to's `unread`, as the marker of the copy in `copy` keeps it (names relative to
+    it, so a moved work directory names its own): a later run that reuses the copy, which
+    lacks these files, still rejects each, with the same reason."""
+    return {uri[len(copy):].lstrip("/"): {"size": e.size, "limit": e.limit} if isinstance(e, storage.FileTooLarge)
             else {"error": f"{type(e).__name__}: {e}"} for uri, e in unread.items()}
 
 
-def unread_from(record: dict) -> dict:
-    return {uri: storage.FileTooLarge(r["size"], r["limit"]) if "size" in r else UnreadBefore(r["error"])
-            for uri, r in record.items()}
+def unread_from(record: dict, copy: str) -> dict:
+    return {storage.join(copy, name): storage.FileTooLarge(r["size"], r["limit"]) if "size" in r
+            else UnreadBefore(r["error"]) for name, r in record.items()}
 
 
 # --- Kaggle -----------------------------------------------------------------------

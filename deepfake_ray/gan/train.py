@@ -8,6 +8,7 @@ command again resumes from the newest intact checkpoint; a complete run is skipp
 """
 from __future__ import annotations
 
+import math
 import time
 
 import ray
@@ -100,10 +101,11 @@ def train_dataset(cfg: Config, train_images: int):
     kept there; each epoch then only re-splits it (a re-read costs seconds per epoch on
     a busy small machine). Larger splits stream from Parquet every epoch.
     """
-    # Blocks of at most a training batch: a small split is one Parquet block, and one block
-    # has no order to change (CI once drew the same order three epochs running). A decode
-    # task's output is one block, so the decode batch sets the decoded blocks' size too.
-    block_rows = min(cfg.data.decode_batch_size, cfg.gan.batch_size)
+    # Many blocks, whose order can change: a small split is one or two Parquet blocks (CI
+    # once drew the same order three epochs running). A split of 64+ batches gets 64+ blocks
+    # of up to a decode batch; a smaller one, blocks of a training batch (roughly: a decode
+    # task's output is one block, its batches merged).
+    block_rows = min(cfg.data.decode_batch_size, max(cfg.gan.batch_size, math.ceil(train_images / 64)))
     shuffled = (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
                 .select_columns(["image"])
                 .random_shuffle(seed=cfg.seed)
