@@ -305,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
