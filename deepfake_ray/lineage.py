@@ -183,8 +183,19 @@ def stale_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> dict[st
             if (stale := redone_since(cfg, marker(cfg, folder, read) or {}, read))}
 
 
-def check_inputs_current(cfg: Config, stage: Stage, read: dict | None = None) -> None:
-    """A stage must not be made from one that is itself out of date."""
+# what each stage folder holds, as a missing input is named
+HOLDS = {"data": "prepared images", "gan": "trained generator", "fakes": "generated fakes",
+         "detector": "finished detector"}
+
+
+def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
+    """A stage must not be made from one that is missing (said before Ray starts, not once
+    it is up) or itself out of date."""
+    for folder in stage.inputs:
+        if marker(cfg, folder, read) is None:
+            raise UsageError(f"no {HOLDS.get(folder, 'complete output')} in {storage.join(cfg.workdir, folder)}: "
+                             f"run `deepfake-ray {MADE_BY.get(folder, 'pipeline')}` with this --workdir "
+                             "first, or the whole `deepfake-ray pipeline`")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
         raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
@@ -247,7 +258,7 @@ def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
             force = True  # its checkpoints learned from data that is gone
         else:
             check_resumable(cfg, stage, begun, asked)
-    check_inputs_current(cfg, stage, read)
+    check_inputs(cfg, stage, read)
     return Plan(None, force, asked)
 
 
@@ -282,10 +293,12 @@ def say_missing(cfg: Config, stage: Stage, done: dict) -> None:
 
 
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
-    """Before Ray starts: a current stage's summary (and says so), else None."""
+    """Before Ray starts: a current stage's summary (and says so), else None once the
+    stages it reads are there and current (UsageError if not)."""
     if not force and (done := current(cfg, stage)):
         say_complete(cfg, stage, done)
         return done
+    check_inputs(cfg, stage)
     return None
 
 

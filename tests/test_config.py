@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from deepfake_ray import cli, config
+from deepfake_ray.data import prepare
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
 
@@ -225,13 +226,17 @@ def test_resolved_config_written_to_workdir(ray_session, tmp_path):
 
 @pytest.mark.parametrize("before", ["the run's own settings\n", None])
 def test_a_run_refused_once_ray_is_up_leaves_config_yaml_as_it_was(before, ray_session, tmp_path, capsys):
-    """Refused inside the stage (no detector to evaluate yet), after config.yaml was written:
-    the settings a report and rerun hints name stay those the outputs were made with."""
+    """Refused inside the stage (too few training images for a batch, known once the data
+    is read), after config.yaml was written: the settings a report and rerun hints name
+    stay those the outputs were made with."""
+    settings = ["data.source=sample:8", "gan.batch_size=64"]
+    prepare.run(config.build("tiny", None, settings, workdir=str(tmp_path)))
     saved = tmp_path / "config.yaml"
     if before:
         saved.write_text(before)
-    assert cli.main(["evaluate", "--preset", "tiny", "--workdir", str(tmp_path)]) == 2
-    assert "no finished detector" in error_lines(capsys)[0]
+    args = ["train-gan", "--preset", "tiny", "--workdir", str(tmp_path)]
+    assert cli.main(args + [a for kv in settings for a in ("--set", kv)]) == 2
+    assert "fewer than gan.batch_size=64" in error_lines(capsys)[-1]
     assert (saved.read_text() if saved.exists() else None) == before
 
 

@@ -41,3 +41,41 @@ def test_a_pipeline_that_continues_the_gan_takes_new_settings_for_the_stages_aft
     alone = config.build("tiny", None, ["detector.jpeg_aug_prob=0.5"], workdir=made.workdir)
     with pytest.raises(UsageError, match=r"detector.jpeg_aug_prob=0.0 \(asked: 0.5\)"):
         pipeline.preflight(alone)  # nothing before it changes: the detector would be kept
+
+
+def test_a_stage_run_before_the_stages_it_reads_names_the_command_that_makes_them(tmp_path, monkeypatch, capsys):
+    """Refused in a second, before Ray starts and before anything is written there: a
+    newcomer running the commands out of order learns which one comes first."""
+    from deepfake_ray import cli, runtime, storage
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init", no_ray)
+    workdir = tmp_path / "w"
+    cfg = config.build("tiny", workdir=str(workdir))
+
+    def refusals(*commands: str) -> list[str]:
+        lines = []
+        for command in commands:
+            assert cli.main([command, "--preset", "tiny", "--workdir", str(workdir)]) == 2, command
+            lines += capsys.readouterr().err.strip().splitlines()
+        return lines
+
+    missing = "no {} in " + str(workdir) + "/{}: run `deepfake-ray {}` with this --workdir first, " \
+              "or the whole `deepfake-ray pipeline`"
+    first = missing.format("prepared images", "data", "prepare")
+    assert refusals("train-gan", "generate", "train-detector", "tune", "evaluate") == [
+        f"deepfake-ray {c}: error: {first}" for c in ("train-gan", "generate", "train-detector", "tune", "evaluate")]
+    assert not workdir.exists()  # no lock, no config.yaml
+
+    lineage.complete(cfg, prepare.STAGE, {}, lineage.made(cfg, prepare.STAGE))
+    assert refusals("generate", "train-detector") == [
+        f"deepfake-ray generate: error: {missing.format('trained generator', 'gan', 'train-gan')}",
+        f"deepfake-ray train-detector: error: {missing.format('generated fakes', 'fakes', 'generate')}"]
+    for stage in (gan_train.STAGE, generate.STAGE):
+        lineage.complete(cfg, stage, {}, lineage.made(cfg, stage))
+    detector = missing.format("finished detector", "detector", "train-detector` (or `tune")
+    assert refusals("evaluate") == [f"deepfake-ray evaluate: error: {detector}"]
+    assert sorted(storage.list_files(str(workdir))) == sorted(
+        storage.join(str(workdir), f, "_COMPLETE.json") for f in ("data", "gan", "fakes"))

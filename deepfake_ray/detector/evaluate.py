@@ -49,9 +49,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     plan = lineage.plan(cfg, STAGE, force)
     if plan.done:
         return plan.done
-    if not storage.completed(stage_dir(cfg.workdir)):
-        raise UsageError(f"no finished detector in {stage_dir(cfg.workdir)}: run `deepfake-ray "
-                         "train-detector` (or `deepfake-ray tune`) with this --workdir first")
     model_uri = model_dir(cfg.workdir)
     meta = checkpoint.load_meta(model_uri)
     selection = data.select(cfg, splits=("test",))

@@ -35,7 +35,7 @@ from deepfake_ray.data import datasets, decode, near_copies
 from deepfake_ray.data.prepare import MANIFEST_COLUMNS, assign_split
 from deepfake_ray.errors import UsageError
 from deepfake_ray.gan import figures
-from deepfake_ray.gan.train import gan_dir, model_uri
+from deepfake_ray.gan.train import model_uri
 from deepfake_ray.models import dcgan
 
 PREVIEW = 64
@@ -275,9 +275,7 @@ def check_encoding(cfg: Config) -> None:
 
 
 def check(cfg: Config) -> tuple[pa.Table, dict]:
-    if not storage.completed(gan_dir(cfg.workdir)):
-        raise UsageError(f"no trained generator in {gan_dir(cfg.workdir)}: run "
-                         "`deepfake-ray train-gan` with this --workdir first")
+    lineage.check_inputs(cfg, STAGE)
     reals = datasets.require_manifest(datasets.data_dir(cfg.workdir), "prepare")
     check_encoding(cfg)
     meta = checkpoint.load_meta(model_uri(cfg.workdir))
