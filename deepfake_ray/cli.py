@@ -17,7 +17,8 @@ from deepfake_ray.errors import UsageError, find_usage_error
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
-    "pipeline": ("deepfake_ray.pipeline", "run every stage; completed stages are skipped", {}),
+    "pipeline": ("deepfake_ray.pipeline", "run every stage; completed stages are skipped",
+                 {"--source": "data.source"}),
     "prepare": ("deepfake_ray.data.prepare", "ingest a face dataset into WORKDIR/data",
                 {"--source": "data.source"}),
     "train-gan": ("deepfake_ray.gan.train", "train the DCGAN with Ray Train", {}),
@@ -41,17 +42,24 @@ WRITERS = ("pipeline", "prepare", "train-gan", "generate", "train-detector", "tu
 REQUIRED = {"score": ("--model", "--input", "--out"), "serve": ("--model",)}
 
 
+NO_WORKDIR = ("score", "serve")  # read --model and --input, write --out: no work directory
+
+
+# a flag that sets a config key says which (an error about its value names the key)
 FLAG_HELP = {
-    "--source": "DIR | s3://bucket/prefix | kaggle:OWNER/DATASET | sample[:N] "
-                "(default: the preset's data.source)",
-    "--num": "how many fakes (default: as many as the reals)",
-    "--samples": "how many learning rates to try (default: the preset's tune.samples)",
+    "--source": "DIR | s3://bucket/prefix | kaggle:OWNER/DATASET | sample[:N]; sets data.source "
+                "(default: the preset's)",
+    "--num": "how many fakes, 0 for as many as the reals; sets gan.num_fakes (default: the preset's)",
+    "--samples": "how many learning rates to try; sets tune.samples (default: the preset's)",
     "--model": "an exported model folder, e.g. runs/demo/detector/model (local or s3://)",
     "--input": "folder, s3://bucket/prefix or manifest .parquet of images to score",
     "--out": "the table to write: .parquet or .csv (local or s3://)",
-    "--host": "address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
-    "--port": "port to listen on (default: 8000)",
+    "--host": "address to listen on, 0.0.0.0 for every interface; sets serve.host (default: the "
+              "preset's, 127.0.0.1)",
+    "--port": "port to listen on; sets serve.port (default: the preset's, 8000)",
 }
+ADDRESS_HELP = ("a running Ray cluster's GCS address, HEAD:6379 (not the dashboard's URL), or auto on "
+                "one of its nodes (default: RAY_ADDRESS, else an in-process Ray)")
 FORCE_HELP = {
     None: "redo the stage even if it is complete (later stages then redo what depends on it)",
     "pipeline": "redo EVERY stage, from prepare on (to redo one, run its own command with --force)",
@@ -90,8 +98,14 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--config", help="YAML file layered over the preset")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
-        c.add_argument("--workdir", help="local folder or s3://bucket/prefix (default: runs/<preset>)")
-        c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or in-process Ray)")
+        if name in NO_WORKDIR:
+            c.set_defaults(workdir=None)
+        else:
+            c.add_argument("--workdir", help="local folder or s3://bucket/prefix (default: runs/<preset>)")
+        if name in NO_RAY:
+            c.set_defaults(address=None)
+        else:
+            c.add_argument("--address", help=ADDRESS_HELP)
         c.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_HELP[None]))
         for flag in flags:
             c.add_argument(flag, required=flag in REQUIRED.get(name, ()), help=FLAG_HELP[flag])
@@ -146,10 +160,10 @@ def check_swept_settings(command: str, cfg, overrides: list[str]) -> None:
         return
     for key in keys:
         if key in SWEPT:
-            where, instead = (("tune", "or `deepfake-ray train-detector` to train once") if command == "tune"
-                              else ("the pipeline with tune.enabled", "or tune.enabled=false"))
+            where, instead = (("tune", "or run `deepfake-ray train-detector`") if command == "tune"
+                              else ("the pipeline with tune.enabled", "or set tune.enabled=false"))
             raise UsageError(f"--set {key} is not used by {where}: its trials take {SWEPT[key]}; "
-                             f"set those instead, {instead} to train at {key}")
+                             f"set those instead, {instead} to train once with {key}")
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -7,6 +7,7 @@ Unknown keys and wrong types raise UsageError naming the key and the valid choic
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -313,13 +314,22 @@ def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
         key = key.text if isinstance(key, Typed) else key  # `1:` in a --config file
         name = f"{prefix}{key}"
         if key not in fields:
-            raise UsageError(f"unknown config key '{name}': valid keys are {', '.join(prefix + k for k in fields)}")
+            raise unknown_key(name, [prefix + k for k in fields if k not in TEST_ONLY])
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             changes[key] = merge(current, value, f"{name}.")
         else:
-            changes[key] = coerce(name, value, hints[key])
+            changes[key] = coerce(name, value, hints[key], example=current)
     return dataclasses.replace(obj, **changes)
+
+
+TEST_ONLY = ("fail_at_epoch",)  # accepted, not offered
+
+
+def unknown_key(name: str, valid: list[str]) -> UsageError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.75)
+    guess = f" (did you mean {close[0]}?)" if close else ""
+    return UsageError(f"unknown config key '{name}'{guess}: valid keys are {', '.join(valid)}")
 
 
 def shown(value: Any) -> str:
@@ -328,8 +338,9 @@ def shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a field's annotation; allow int->float and list->tuple."""
+def coerce(name: str, value: Any, hint: Any, example: Any = None) -> Any:
+    """Check `value` against a field's annotation; allow int->float and list->tuple.
+    `example`, the key's value now, shows the form a wrong one should take."""
     if isinstance(value, Typed):
         value = value.text if hint is str else value.parsed()
     origin = typing.get_origin(hint)
@@ -345,8 +356,9 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            form = example if isinstance(example, tuple) and len(example) == len(args) else [a.__name__ for a in args]
             raise UsageError(f"config key '{name}' expects a list of {len(args)} values, e.g. "
-                             f"{name}=[{', '.join(a.__name__ for a in args)}]; got {shown(value)}")
+                             f"{name}=[{','.join(map(str, form))}]; got {shown(value)}")
         return tuple(coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         try:

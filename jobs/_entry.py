@@ -61,11 +61,12 @@ def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
 
 
 def run_workdir(command: str, args: argparse.Namespace) -> str | None:
-    """WORKDIR/RUN_NAME, where WORKDIR is what `deepfake-ray` would use without a run name."""
+    """WORKDIR/RUN_NAME, where WORKDIR is what `deepfake-ray` would use without a run name
+    (None for score, which has no work directory)."""
     if command not in cli.WRITERS:  # score: writes to --out, not to a work directory
         for flag in ("--model", "--input", "--out"):
             check_outside_job_code(getattr(args, flag[2:]), flag)
-        return args.workdir
+        return None
     if args.run_name is not None and not RUN_NAME.match(args.run_name):
         raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
                          "(no '/'), e.g. --run-name r1")

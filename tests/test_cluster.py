@@ -162,8 +162,9 @@ def run_job(script: str, *args: str, env: dict | None = None) -> subprocess.Comp
 @pytest.mark.parametrize("script", sorted(JOBS))
 def test_job_help_and_bad_flag(script):
     ok = run_job(script, "--help")
-    assert ok.returncode == 0 and "--workdir" in ok.stdout
-    assert ("--run-name" in ok.stdout) == (script != "score.py")  # score writes --out, no work directory
+    assert ok.returncode == 0
+    # score writes --out, no work directory
+    assert ("--run-name" in ok.stdout) == ("--workdir" in ok.stdout) == (script != "score.py")
     required = ["--model", "m", "--input", "i", "--out", "o"] if script == "score.py" else []
     bad = run_job(script, *required, "--no-such-flag")
     assert bad.returncode == 2 and "--no-such-flag" in bad.stderr

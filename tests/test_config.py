@@ -57,11 +57,14 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("gan.epochz=3", "unknown config key 'gan.epochz': valid keys are gan.epochs"),
-    ("ganz.epochs=3", "unknown config key 'ganz'"),
+    ("gan.epochz=3", "unknown config key 'gan.epochz' (did you mean gan.epochs?): valid keys are gan.epochs"),
+    ("ganz.epochs=3", "unknown config key 'ganz' (did you mean gan?)"),
+    ("detector.lrr=3", "unknown config key 'detector.lrr' (did you mean detector.lr?): valid keys are detector.arch"),
+    ("gan.fail=3", "unknown config key 'gan.fail': valid keys are gan.epochs"),  # the test-only key: not offered
     ("gan.epochs=three", "config key 'gan.epochs' expects int"),
     ("resources.use_gpu=maybe", "expects bool"),
-    ("data.splits=[1, 2]", "expects a list of 3 values"),
+    ("data.splits=[1, 2]", "expects a list of 3 values, e.g. data.splits=[0.8,0.1,0.1]; got [1, 2]"),
+    ("detector.jpeg_aug_quality=5", "expects a list of 2 values, e.g. detector.jpeg_aug_quality=[30,100]"),
     ("gan=5", "'gan' is a section"),
     ("novalue", "must look like section.key=value"),
     ("resources.data_cpus=0", "resources.data_cpus=0.0 is out of range: use a value above 0"),
@@ -87,6 +90,7 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     err = error_lines(capsys)
     assert code == 2
     assert len(err) == 1 and needle in err[0]
+    assert "fail_at_epoch" not in err[0]
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -120,7 +124,7 @@ def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_pa
 
 @pytest.mark.parametrize("text,needle", [
     (None, "is a folder: pass a YAML file to --config"),
-    ("gan: {epochz: 3}\n", "unknown config key 'gan.epochz': valid keys are gan.epochs"),
+    ("gan: {epochz: 3}\n", "unknown config key 'gan.epochz' (did you mean gan.epochs?): valid keys are gan.epochs"),
     ("gan: {epochs: three}\n", "config key 'gan.epochs' expects int"),
     ("gan: {epochs: 0}\n", "gan.epochs=0 is out of range: use 1 or more"),
     ("- gan\n", "must hold a mapping of sections"),
@@ -151,8 +155,8 @@ def test_a_rate_the_sweep_would_not_use_exits_2_naming_what_to_set(tmp_path, cap
             err = error_lines(capsys)
             assert len(err) == 1 and f"--set {key.split('=')[0]} is not used by " in err[0], err
             assert f"its trials take {says}; set those instead, " + (
-                "or `deepfake-ray train-detector` to train once" if command == "tune"
-                else "or tune.enabled=false") in err[0], err
+                "or run `deepfake-ray train-detector`" if command == "tune"
+                else "or set tune.enabled=false") + f" to train once with {key.split('=')[0]}" in err[0], err
     # and the other way round: a pipeline that trains once reads no sweep setting
     assert cli.main(["pipeline", "--preset", "tiny", "--workdir", w, "--set", "tune.samples=16"]) == 2
     err = error_lines(capsys)
@@ -267,6 +271,29 @@ def test_help_names_the_sources_and_presets(capsys):
     out = capsys.readouterr().out
     assert done.value.code == 0
     assert "kaggle:OWNER/DATASET" in out and "sample[:N]" in out and "celeb100k, demo" in out
+
+
+def test_the_pipeline_takes_its_source_as_prepare_does(capsys, tmp_path):
+    """`pipeline --source DIR`, as `prepare --source DIR`: a source that is not there is
+    refused in one line, before anything runs."""
+    args = ["pipeline", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source"]
+    assert cli.build_config(cli.parser().parse_args(args + ["sample:8"])).data.source == "sample:8"
+    assert cli.main(args + [str(tmp_path / "no-faces")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("deepfake-ray pipeline: error: ") and "no-faces" in err[0], err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("command,offered,not_offered", [
+    ("score", "--address", "--workdir"),  # it reads --model and --input, writes --out
+    ("serve", "sets serve.port", "--workdir"),  # a flag's help names the key its errors name
+    ("report", "--workdir", "--address"),  # it reads files only: no Ray
+    ("train-gan", "HEAD:6379", "--source")])
+def test_each_command_offers_the_flags_it_reads(command, offered, not_offered, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert offered in out and not_offered not in out
 
 
 @pytest.mark.parametrize("force,advice", [([], "run the same command again"),
