@@ -98,14 +98,10 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--config", help="YAML file layered over the preset")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
-        if name in NO_WORKDIR:
-            c.set_defaults(workdir=None)
-        else:
-            c.add_argument("--workdir", help="local folder or s3://bucket/prefix (default: runs/<preset>)")
-        if name in NO_RAY:
-            c.set_defaults(address=None)
-        else:
-            c.add_argument("--address", help=ADDRESS_HELP)
+        # accepted everywhere, as scripts pass them; offered only where they are read
+        c.add_argument("--workdir", help=argparse.SUPPRESS if name in NO_WORKDIR else
+                       "local folder or s3://bucket/prefix (default: runs/<preset>)")
+        c.add_argument("--address", help=argparse.SUPPRESS if name in NO_RAY else ADDRESS_HELP)
         c.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_HELP[None]))
         for flag in flags:
             c.add_argument(flag, required=flag in REQUIRED.get(name, ()), help=FLAG_HELP[flag])
@@ -267,11 +263,16 @@ def execute(args: argparse.Namespace) -> int:
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):
             module.check_settings(cfg)
-        if hasattr(module, "preflight"):
-            if module.preflight(cfg, **options(args)):
+        try:
+            if hasattr(module, "preflight"):
+                if module.preflight(cfg, **options(args)):
+                    return 0
+            elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
                 return 0
-        elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
-            return 0
+        except UsageError:
+            if args.command in WRITERS:  # a run writing there says more: it may be making what is missing
+                storage.check_free(cfg.workdir, args.command)
+            raise
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
         writes_config = args.command not in KEEP_CONFIG
