@@ -56,7 +56,8 @@ def test_aws_config_autoscales_gpu_workers_from_zero():
         assert 1 <= t["max_workers"] <= cfg["max_workers"], name
         assert "IamInstanceProfile" in t["node_config"], f"{name}: no S3 access"
     for name, t in types.items():  # Ray's default AMI has a CUDA 11.2 driver: too old
-        assert t["node_config"].get("ImageId") == "AMI_ID", f"{name}: no AMI named"
+        # the placeholder, or the id README's setup writes in its place
+        assert re.fullmatch(r"AMI_ID|ami-[0-9a-f]{8,17}", t["node_config"].get("ImageId", "")), f"{name}: no AMI named"
     assert IMAGE.match(cfg["docker"]["image"]), cfg["docker"]["image"]
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
         assert f"ray[data,train,tune,serve]=={ray.__version__}" in f.read()  # image == pinned Ray
@@ -78,6 +79,17 @@ def manifests() -> dict:
 def cluster_specs(docs: dict) -> dict:
     return {"RayCluster": docs["RayCluster"]["spec"], "RayJob": docs["RayJob"]["spec"]["rayClusterSpec"],
             "RayService": docs["RayService"]["spec"]["rayClusterConfig"]}
+
+
+def test_the_service_account_outlives_any_cluster():
+    """Defined in a file of its own: deleting raycluster.yaml's cluster must not take it
+    from a RayService or RayJob whose new pods still need it."""
+    kinds = {}
+    for name in sorted(os.listdir(KUBERAY)):
+        with open(os.path.join(KUBERAY, name)) as f:
+            kinds[name] = [doc["kind"] for doc in yaml.safe_load_all(f)]
+    assert kinds.pop("serviceaccount.yaml") == ["ServiceAccount"]
+    assert all("ServiceAccount" not in k for k in kinds.values()), kinds
 
 
 def test_kuberay_manifests_have_autoscaled_gpu_groups():
@@ -150,6 +162,12 @@ def test_rayservice_serves_the_detector_app():
     assert app.name in local and local[app.name].import_path == app.import_path
     assert set(local[app.name].args) == set(app.args)
     assert ([d.name for d in local[app.name].deployments] == [d.name for d in app.deployments])
+    from deepfake_ray import config
+    from deepfake_ray.serving.app import Detector, check_settings
+
+    for served in (app, local[app.name]):  # their settings are valid, and name our deployment
+        check_settings(config.build(served.args["preset"], None, served.args["set"]))
+        assert [d.name for d in served.deployments] == [Detector.name]
 
 
 # --- jobs/ ------------------------------------------------------------------------------
