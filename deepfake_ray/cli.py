@@ -269,9 +269,10 @@ def execute(args: argparse.Namespace) -> int:
                     return 0
             elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
                 return 0
-        except UsageError:
-            if args.command in WRITERS:  # a run writing there says more: it may be making what is missing
-                storage.check_free(cfg.workdir, args.command)
+        except lineage.InputsNotReady:
+            if args.command in WRITERS:  # a run writing there says more: it may be making them
+                with contextlib.suppress(OSError):  # a work directory this user cannot write
+                    storage.check_free(cfg.workdir, args.command)
             raise
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))

@@ -327,7 +327,7 @@ TEST_ONLY = ("fail_at_epoch",)  # accepted, not offered
 
 
 def unknown_key(name: str, valid: list[str]) -> UsageError:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.75)
+    close = [k for k in valid if k.startswith(name)] or difflib.get_close_matches(name, valid, n=1, cutoff=0.75)
     guess = f" (did you mean {close[0]}?)" if close else ""
     return UsageError(f"unknown config key '{name}'{guess}: valid keys are {', '.join(valid)}")
 

@@ -35,8 +35,16 @@ from deepfake_ray.errors import UsageError
 
 
 STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
-MADE_BY = {"data": "prepare", "gan": "train-gan", "fakes": "generate",
-           "detector": "train-detector` (or `tune"}
+# the command that makes each stage folder, as a refusal names it
+MADE_BY = {"data": "`deepfake-ray prepare`", "gan": "`deepfake-ray train-gan`",
+           "fakes": "`deepfake-ray generate`",
+           "detector": "`deepfake-ray train-detector` (or `deepfake-ray tune`)"}
+WHOLE = "`deepfake-ray pipeline`"
+
+
+class InputsNotReady(UsageError):
+    """A stage's input is missing or out of date: a run holding the work directory may be
+    making it."""
 
 
 def no_settings(cfg: Config) -> dict:
@@ -191,17 +199,16 @@ HOLDS = {"data": "prepared images", "gan": "trained generator", "fakes": "genera
 def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     """A stage must not be made from one that is missing (said before Ray starts, not once
     it is up) or itself out of date."""
+    read = {} if read is None else read
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
-            raise UsageError(f"no {HOLDS.get(folder, 'complete output')} in {storage.join(cfg.workdir, folder)}: "
-                             f"run `deepfake-ray {MADE_BY.get(folder, 'pipeline')}` with this --workdir "
-                             "first, or the whole `deepfake-ray pipeline`")
+            raise InputsNotReady(f"no {HOLDS.get(folder, 'complete output')} in {storage.join(cfg.workdir, folder)}: "
+                                 f"run {MADE_BY.get(folder, WHOLE)} with this --workdir first, or the whole {WHOLE}")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
-        raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
-                         f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
-                         f"`deepfake-ray {MADE_BY.get(folder, 'pipeline')}` (or the whole "
-                         "`deepfake-ray pipeline`) with this --workdir first")
+        raise InputsNotReady(f"{storage.join(cfg.workdir, folder)} is out of date: "
+                             f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
+                             f"{MADE_BY.get(folder, WHOLE)} (or the whole {WHOLE}) with this --workdir first")
 
 
 def command_line(workdir: str, command: str, settings_saved: bool = True) -> str:
@@ -273,11 +280,11 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
                          "to start it over there, or another --workdir to keep it")
 
 
-def current(cfg: Config, stage: Stage) -> dict | None:
+def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
     """The summary of the stage if complete, with these settings, from the inputs there
     now; None when it must run; UsageError when it was made (or its unfinished run begun)
     with other settings."""
-    read: dict = {}
+    read = {} if read is None else read
     done, asked = marker(cfg, stage.folder, read), made(cfg, stage, read)
     if done is None:
         if (begun := unfinished(cfg, stage)) and not changed_inputs(begun, asked):
@@ -295,10 +302,11 @@ def say_missing(cfg: Config, stage: Stage, done: dict) -> None:
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
     """Before Ray starts: a current stage's summary (and says so), else None once the
     stages it reads are there and current (UsageError if not)."""
-    if not force and (done := current(cfg, stage)):
-        say_complete(cfg, stage, done)
+    read: dict = {}
+    if not force and (done := current(cfg, stage, read)):
+        say_complete(cfg, stage, done, read)
         return done
-    check_inputs(cfg, stage)
+    check_inputs(cfg, stage, read)
     return None
 
 

@@ -60,6 +60,7 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("gan.epochz=3", "unknown config key 'gan.epochz' (did you mean gan.epochs?): valid keys are gan.epochs"),
     ("ganz.epochs=3", "unknown config key 'ganz' (did you mean gan?)"),
     ("detector.lrr=3", "unknown config key 'detector.lrr' (did you mean detector.lr?): valid keys are detector.arch"),
+    ("detector.batch=3", "unknown config key 'detector.batch' (did you mean detector.batch_size?)"),
     ("gan.fail=3", "unknown config key 'gan.fail': valid keys are gan.epochs"),  # the test-only key: not offered
     ("gan.epochs=three", "config key 'gan.epochs' expects int"),
     ("resources.use_gpu=maybe", "expects bool"),

@@ -55,27 +55,30 @@ def test_a_stage_run_before_the_stages_it_reads_names_the_command_that_makes_the
     workdir = tmp_path / "w"
     cfg = config.build("tiny", workdir=str(workdir))
 
-    def refusals(*commands: str) -> list[str]:
+    def refusals(*commands: str, force: tuple[str, ...] = ()) -> list[str]:
         lines = []
         for command in commands:
-            assert cli.main([command, "--preset", "tiny", "--workdir", str(workdir)]) == 2, command
+            assert cli.main([command, "--preset", "tiny", "--workdir", str(workdir), *force]) == 2, command
             lines += capsys.readouterr().err.strip().splitlines()
         return lines
 
-    missing = "no {} in " + str(workdir) + "/{}: run `deepfake-ray {}` with this --workdir first, " \
-              "or the whole `deepfake-ray pipeline`"
-    first = missing.format("prepared images", "data", "prepare")
-    assert refusals("train-gan", "generate", "train-detector", "tune", "evaluate") == [
-        f"deepfake-ray {c}: error: {first}" for c in ("train-gan", "generate", "train-detector", "tune", "evaluate")]
+    def missing(what: str, folder: str, made_by: str) -> str:
+        return (f"no {what} in {workdir}/{folder}: run {made_by} with this --workdir first, "
+                "or the whole `deepfake-ray pipeline`")
+
+    first = missing("prepared images", "data", "`deepfake-ray prepare`")
+    stages = ("train-gan", "generate", "train-detector", "tune", "evaluate")
+    assert refusals(*stages) == [f"deepfake-ray {c}: error: {first}" for c in stages]
+    assert refusals("train-gan", force=("--force",)) == [f"deepfake-ray train-gan: error: {first}"]
     assert not workdir.exists()  # no lock, no config.yaml
 
     lineage.complete(cfg, prepare.STAGE, {}, lineage.made(cfg, prepare.STAGE))
     assert refusals("generate", "train-detector") == [
-        f"deepfake-ray generate: error: {missing.format('trained generator', 'gan', 'train-gan')}",
-        f"deepfake-ray train-detector: error: {missing.format('generated fakes', 'fakes', 'generate')}"]
+        f"deepfake-ray generate: error: {missing('trained generator', 'gan', '`deepfake-ray train-gan`')}",
+        f"deepfake-ray train-detector: error: {missing('generated fakes', 'fakes', '`deepfake-ray generate`')}"]
     for stage in (gan_train.STAGE, generate.STAGE):
         lineage.complete(cfg, stage, {}, lineage.made(cfg, stage))
-    detector = missing.format("finished detector", "detector", "train-detector` (or `tune")
+    detector = missing("finished detector", "detector", "`deepfake-ray train-detector` (or `deepfake-ray tune`)")
     assert refusals("evaluate") == [f"deepfake-ray evaluate: error: {detector}"]
     assert sorted(storage.list_files(str(workdir))) == sorted(
         storage.join(str(workdir), f, "_COMPLETE.json") for f in ("data", "gan", "fakes"))

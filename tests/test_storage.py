@@ -340,6 +340,10 @@ def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
             assert cli.main([command, "--preset", "tiny", "--workdir", workdir]) == 2, command
             err = error_lines(capsys)
             assert len(err) == 1 and f"another pipeline (pid {os.getpid()} on " in err[0], err
+        # a mistake of this command's own is named as it is, not left for after that run
+        assert cli.main(["prepare", "--preset", "tiny", "--workdir", workdir, "--source", workdir + "/none"]) == 2
+        err = error_lines(capsys)
+        assert len(err) == 1 and f"{workdir}/none" in err[0] and "another pipeline" not in err[0], err
     assert storage.read_text(storage.join(workdir, "config.yaml")) == "the running pipeline's\n"
 
 
