@@ -177,7 +177,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     # and the detector's starting weights in a file there too, which train-detector copies
     weights = str(tmp_path / "resnet10t.safetensors")
     save_file(timm.create_model("resnet10t", num_classes=1000).state_dict(), weights)
-    args = [*TINY, "--workdir", runs, "--run-name", "r1", "--set", f"data.source={faces}",
+    args = [*TINY, "--workdir", runs, "--run-name", "r1", "--source", str(faces),
             "--set", f"detector.pretrained={weights}"]
     for override in DETECTOR:
         args += ["--set", override]
