@@ -637,6 +637,32 @@ def test_a_manifest_none_of_whose_files_is_found_exits_2_and_runs_once_fixed(ray
     assert "1 scored, 1 unreadable" in capsys.readouterr().out and out.exists()
 
 
+def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, model_dir, tmp_path, capsys):
+    """A work directory's images/ (Parquet parts) given as --input: exit 2 naming what to
+    pass instead, not exit 0 with a table of "not an image" rows."""
+    import pyarrow as pa
+
+    from deepfake_ray import cli
+
+    parts, out = tmp_path / "images", tmp_path / "scores.csv"
+    for i in range(2):
+        storage.write_parquet(str(parts / f"part-{i}.parquet"), pa.table({"image": [JPEG]}))
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(parts), "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deepfake-ray score: error: none of the 2 files from --input {parts} is an image: they "
+                   "are Parquet files, a table: pass --input a folder of images, or a manifest .parquet "
+                   "whose 'path' column lists them"], err
+    assert not out.exists()
+    (parts / "notes.txt").write_text("not a face")  # a folder of other files: the first reason
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 3 files" in err[0] and "is an image: the first: not an image: not a JPEG" in err[0], err
+    (parts / "face.jpg").write_bytes(JPEG)  # one image among them: an ordinary run
+    assert cli.main(argv) == 0
+    assert "1 scored, 3 unreadable" in capsys.readouterr().out and out.exists()
+
+
 def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypatch):
     """Not one "unreadable" row per file, as if the files were damaged: the store's failure
     (network, credentials) is raised from the scoring task, and explained as one line."""

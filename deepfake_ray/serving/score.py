@@ -208,17 +208,25 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
             "out": out, "model": checkpoint.model_id(meta)}
 
 
-UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
+UNREAD, MISSING, NOT_IMAGE = "unreadable: ", "unreadable: FileNotFoundError", "not an image: "
 
 
 def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
-    """Not one file read is no batch of damaged files but a setup to fix (a manifest's
-    relative paths read from the wrong folder; on a cluster, a folder on the driver's disk,
-    which the scoring tasks on other nodes cannot see; credentials that may list a bucket
-    but read none of it): exit 2 with the cause and the first error, rather than 0 and a
+    """Not one file read, or not one an image, is no batch of damaged files but a setup to
+    fix (a manifest's relative paths read from the wrong folder; on a cluster, a folder on
+    the driver's disk, which the scoring tasks on other nodes cannot see; credentials that
+    may list a bucket but read none of it; a folder of Parquet parts, such as a work
+    directory's images/): exit 2 with the cause and the first error, rather than 0 and a
     table of errors. No table is written, so the same command runs again once it is fixed."""
     errors = table.column("error").to_pylist()
-    if not errors or not all(e.startswith(UNREAD) for e in errors):
+    if not errors or not all(errors):  # some file scored
+        return
+    if all(e.startswith(NOT_IMAGE) for e in errors):
+        parquet = all(p.lower().endswith(".parquet") for p in table.column("path").to_pylist())
+        cause = ("they are Parquet files, a table: pass --input a folder of images, or a manifest "
+                 ".parquet whose 'path' column lists them" if parquet else f"the first: {errors[0][:300]}")
+        raise UsageError(f"none of the {len(errors):,} files from --input {src} is an image: {cause}")
+    if not all(e.startswith(UNREAD) for e in errors):
         return
     if not all(e.startswith(MISSING) for e in errors):
         cause = f"the first: {errors[0].removeprefix(UNREAD)[:300]}"
