@@ -35,10 +35,12 @@ from deepfake_ray.errors import UsageError
 
 
 STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
-# the command that makes each stage folder, as a refusal names it
-MADE_BY = {"data": "`deepfake-ray prepare`", "gan": "`deepfake-ray train-gan`",
-           "fakes": "`deepfake-ray generate`",
-           "detector": "`deepfake-ray train-detector` (or `deepfake-ray tune`)"}
+# what each stage folder that others read holds, and the command that makes it, as a
+# refusal names them
+INPUTS = {"data": ("prepared images", "`deepfake-ray prepare`"),
+          "gan": ("trained generator", "`deepfake-ray train-gan`"),
+          "fakes": ("generated fakes", "`deepfake-ray generate`"),
+          "detector": ("finished detector", "`deepfake-ray train-detector` (or `deepfake-ray tune`)")}
 WHOLE = "`deepfake-ray pipeline`"
 
 
@@ -191,24 +193,20 @@ def stale_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> dict[st
             if (stale := redone_since(cfg, marker(cfg, folder, read) or {}, read))}
 
 
-# what each stage folder holds, as a missing input is named
-HOLDS = {"data": "prepared images", "gan": "trained generator", "fakes": "generated fakes",
-         "detector": "finished detector"}
-
-
 def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     """A stage must not be made from one that is missing (said before Ray starts, not once
     it is up) or itself out of date."""
     read = {} if read is None else read
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
-            raise InputsNotReady(f"no {HOLDS.get(folder, 'complete output')} in {storage.join(cfg.workdir, folder)}: "
-                                 f"run {MADE_BY.get(folder, WHOLE)} with this --workdir first, or the whole {WHOLE}")
+            holds, made_by = INPUTS.get(folder, ("complete output", WHOLE))
+            raise InputsNotReady(f"no {holds} in {storage.join(cfg.workdir, folder)}: "
+                                 f"run {made_by} with this --workdir first, or the whole {WHOLE}")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
         raise InputsNotReady(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
-                             f"{MADE_BY.get(folder, WHOLE)} (or the whole {WHOLE}) with this --workdir first")
+                             f"{INPUTS.get(folder, ('', WHOLE))[1]} (or the whole {WHOLE}) with this --workdir first")
 
 
 def command_line(workdir: str, command: str, settings_saved: bool = True) -> str:
