@@ -22,6 +22,7 @@ writes sample faces (128x128 JPEGs) to a temporary folder.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import os
 import shutil
@@ -141,12 +142,18 @@ def ray_data_floor(tasks: int = 2, runs: int = 5) -> float:
     return median_low(times)
 
 
+def write_faces(folder: str, indices: range) -> None:
+    for i in indices:
+        with open(os.path.join(folder, f"face_{i:05d}.jpg"), "wb") as f:
+            f.write(sample.face_jpeg(1, i))
+
+
 def source_folder(n: int, tmp: str) -> str:
     if os.path.isdir(SHARED):
         return os.path.abspath(SHARED)
-    for i in range(n):
-        with open(os.path.join(tmp, f"face_{i:05d}.jpg"), "wb") as f:
-            f.write(sample.face_jpeg(1, i))
+    cores = os.cpu_count() or 1  # ~3 ms a face: 16,000 on one core would take a minute
+    with concurrent.futures.ProcessPoolExecutor(cores) as pool:
+        list(pool.map(functools.partial(write_faces, tmp), [range(k, n, cores) for k in range(cores)]))
     return tmp
 
 
