@@ -4,6 +4,7 @@
 # the tiny pipeline with resources.use_gpu=true, its GPU's users sampled each second.
 #
 #   bash benchmarks/gpu_machine.sh run      # each step's log to $OUT (default /tmp/gpu-machine)
+#   STEPS="ingest pipeline" IMAGES=12000 bash benchmarks/gpu_machine.sh run   # some steps only
 #   bash benchmarks/gpu_machine.sh wheels   # on a machine with internet, for one without:
 #
 # `wheels` fills .whl/ with Ray 2.60 for Python 3.12 (its Java jars, RLlib and Ray LLM left
@@ -41,6 +42,7 @@ wheels() {
 
 step() {  # NAME SECONDS COMMAND...: the command's output to $out/NAME.log, its end here
   local name=$1 limit=$2; shift 2
+  case " ${STEPS:-machine ingest gpu_gan gpu_detector pipeline serve} " in *" $name "*) ;; *) return ;; esac
   echo "== $name (at most ${limit}s): $*"
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   echo "== $name: exit $? (${SECONDS}s since the start)"
@@ -64,13 +66,13 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
       \"timm\", timm.__version__, \"pillow\", PIL.__version__)"'
   step ingest "${INGEST_S:-200}" python3 benchmarks/ingest.py --images "${IMAGES:-12000}" --rounds "${ROUNDS:-5}"
   step gpu_gan 50 python3 benchmarks/gpu_gan.py
-  step gpu_detector "${DETECTOR_S:-120}" python3 benchmarks/gpu_detector.py --batch 256
+  step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 256 --no-compile
   nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -l 1 \
     > "$out/gpu_users.log" 2>&1 & local watch=$!
-  step pipeline "${PIPELINE_S:-110}" python3 -m deepfake_ray.cli pipeline --preset tiny \
+  step pipeline "${PIPELINE_S:-150}" python3 -m deepfake_ray.cli pipeline --preset tiny \
     --workdir /tmp/gpu-machine-run --set resources.use_gpu=true
   export -f serve_one_face
-  step serve "${SERVE_S:-60}" bash -c 'serve_one_face "$@"' _ /tmp/gpu-machine-run/detector/model
+  step serve "${SERVE_S:-90}" bash -c 'serve_one_face "$@"' _ /tmp/gpu-machine-run/detector/model
   kill "$watch" 2>/dev/null
   echo "== processes seen on the GPU during the pipeline and serve:"; sort -u "$out/gpu_users.log" | head -20
 }
@@ -78,11 +80,11 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
 serve_one_face() {  # MODEL: serve it, ask /v1/model (its device) and /v1/detect once, stop
   python3 -c "from deepfake_ray.data import sample; open('/tmp/face.jpg', 'wb').write(sample.face_jpeg(7, 0))"
   python3 -m deepfake_ray.cli serve --model "$1" > /tmp/serve.log 2>&1 & local pid=$!
-  for _ in $(seq 80); do grep -q "^serving " /tmp/serve.log && break; sleep 1; done
-  cat /tmp/serve.log
+  tail -f /tmp/serve.log & local follow=$!  # into the step's log as it comes, should the step run out
+  for _ in $(seq 120); do grep -q "^serving " /tmp/serve.log && break; sleep 1; done
   curl -s http://127.0.0.1:8000/v1/model; echo
   curl -s -F file=@/tmp/face.jpg http://127.0.0.1:8000/v1/detect; echo
-  kill -TERM "$pid"; wait "$pid"
+  kill -TERM "$pid"; wait "$pid"; kill "$follow"
 }
 
 case "${1:-}" in

@@ -79,13 +79,25 @@ def dataloader_rate(folder, n, size, quality, workers: int = 2, work=all_of_prep
     return n / (time.perf_counter() - started)
 
 
-def ray_rate(folder, n, size, workdir, overrides=()) -> float:
+PHASES: dict[str, list[dict]] = {}  # each run's summary["phases"], by what was timed
+
+
+def ray_rate(folder, n, size, workdir, overrides=(), label="all cores") -> float:
     cfg = config.build("demo", None, [f"data.source={folder}", f"data.resolution={size}",
                                       *overrides], workdir=workdir)
     started = time.perf_counter()
     summary = prepare.run(cfg, force=True)
     assert summary["images"] + summary["rejected"] == n
+    PHASES.setdefault(label, []).append(summary["phases"])
     return n / (time.perf_counter() - started)
+
+
+def phases_line(label: str) -> str:
+    """Median seconds of each phase of `prepare` (ingest on every core, then the driver)."""
+    runs = PHASES[label]
+    slowest = max(runs, key=lambda r: sum(r.values()))
+    return (", ".join(f"{name} {median_low(r[name] for r in runs):.2f}" for name in runs[0])
+            + " (slowest run: " + ", ".join(f"{v:.2f}" for v in slowest.values()) + ")")
 
 
 def core_counts(cores: int) -> list[int]:
@@ -104,7 +116,7 @@ def scaling(folder, n, size, workdir, runs: int = 3) -> dict[int, tuple[float, f
     rates = {}
     for k in core_counts(cores):
         pairs = [(ray_rate(folder, n, size, os.path.join(workdir, f"cores{k}-{i}"),
-                           [f"resources.data_cpus={cores / k}"]),
+                           [f"resources.data_cpus={cores / k}"], label=f"{k} cores"),
                   dataloader_rate(folder, n, size, 95, workers=k)) for i in range(runs)]
         rates[k] = (median_low(r for r, _ in pairs), median_low(t for _, t in pairs))
     return rates
@@ -183,7 +195,7 @@ def main() -> None:
             for p in paths:  # real files, as a user's folder holds: symlinks cost a stat each
                 link_or_copy(p, os.path.join(folder, os.path.basename(p)))
         runtime.init()
-        ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides)
+        ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides, label="warm-up")
         rounds = []
         for i in range(args.rounds):  # who goes first rotates: drift favours none
             timers = {"ray": lambda: ray_rate(folder, len(paths), args.size,
@@ -212,6 +224,8 @@ def main() -> None:
           f"resize only {decode_only:.0f} us ({decode_only / full:.2f} of it): what (b) leaves out")
     print("by cores used, images/s (median of 3), prepare vs DataLoader with as many workers: "
           + "; ".join(f"{k}: {r:.0f} vs {t:.0f}" for k, (r, t) in by_cores.items()))
+    print("phases of prepare, median seconds: ingest (parallel), then the driver's near_copies and rest: "
+          + "; ".join(f"{label}: {phases_line(label)}" for label in PHASES if label != "warm-up"))
     (ray_1, torch_1), (ray_all, torch_all) = by_cores[1], by_cores[max(by_cores)]
     print(f"scaling from 1 to {max(by_cores)} cores: prepare {ray_all / ray_1:.2f}x, "
           f"DataLoader {torch_all / torch_1:.2f}x")

@@ -23,7 +23,7 @@ def test_each_picture_groups_with_its_copies_and_nothing_else():
 def full_comparison(thumbs: list[bytes]) -> list[list[int]]:
     """The groups that comparing every pair, as it is and one of them flipped, gives."""
     units = near_copies.unit_vectors(thumbs)
-    flipped = near_copies.unit_vectors([near_copies.mirrored(t) for t in thumbs])
+    flipped = near_copies.unit_vectors(near_copies.mirrored(thumbs))
     a, b = np.triu_indices(len(thumbs), 1)
     close = np.maximum((units[a] * units[b]).sum(axis=1),
                        (units[a] * flipped[b]).sum(axis=1)) >= near_copies.SIMILAR

@@ -91,6 +91,9 @@ def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, 
     assert dict(zip(rejected["path"].map(os.path.basename), rejected["reason"])) == {
         **{n: r for n, (_, r) in bad_files().items()}, "zz_copy.jpg": "duplicate"}
     assert summary["rejected"] == len(bad_files()) + 1
+    # where the time went, for a user sizing a cluster: the parallel ingest, then the driver
+    assert set(summary["phases"]) == {"ingest", "near_copies", "rest"}
+    assert sum(summary["phases"].values()) == pytest.approx(summary["seconds"], abs=0.1)
     assert manifest.groupby("sha1")["split"].nunique().max() == 1
     images = pq.read_table(datasets.images_uri(datasets.data_dir(cfg.workdir))).to_pandas()
     assert sorted(images["sha1"]) == sorted(manifest["sha1"])

@@ -18,19 +18,25 @@ Comparing every pair is quadratic (~50 s for 100,000 images on 2 cores, extrapol
 BANDS bands of BAND_BITS bits over the thumbnails less the dataset's mean face (aligned
 faces all look alike to the raw hash), and RAW_BANDS over the thumbnails as they are (for
 a dataset that is mostly one face); images sharing a band's key are candidates, each
-checked exactly, a band at a time, so pairs already linked are not checked again. By the
-hash's odds, a pair right at the threshold shares no band with a chance of a few
-percent, copies alike at >= 0.99 well under 0.1%. Measured: the groups equal those of a
-full comparison among UTKFace's 5,000 crops and among 450 blends of faces spanning the
-threshold; ~75 ms for 3,000 images (half of it the hashing's matrix product); 20,000
+checked exactly, a few bands at a time (one a core, see band_links), so pairs already
+linked are not checked again. By the hash's odds, a pair right at the threshold shares
+no band with a chance of a few percent, copies alike at >= 0.99 well under 0.1%.
+Measured: the groups equal those of a full comparison among UTKFace's 5,000 crops and
+among 450 blends of faces spanning the threshold; ~75 ms for 3,000 images (half of it the hashing's matrix product); 20,000
 noisy copies of one face make one group in ~1.5 s. At Celeb 100k's scale, the candidates
 are many (19 million among 100,000 face-like thumbnails), so each is first compared along
 the thumbnails' principal directions (see alike): 100,000 took ~4-5 s, ~4.3x faster than
 checking every candidate in full (benchmarks/near_copies.py); compared flipped too, they
 take ~10 s (2.9x faster than in full), as twice the thumbnails make more candidates. The
 process peaks at ~0.6 GB (1.5 GB before the hashing and the checks went a slice at a time).
+Bands checked two at a time on 2 cores: 1.33x faster for 12,000 sample faces, 1.35-1.4x
+for 40,000 (+30 MB); this grouping is the serial part that limits how `prepare` scales
+with cores (docs/performance.md, "On 16 cores").
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -43,6 +49,7 @@ CHECK_PAIRS = 1 << 16  # candidate pairs checked at once: bounds the memory
 PRINCIPAL = 16  # directions in which candidates are compared first, see alike
 KEY_ROWS = 8192  # thumbnails hashed at once: likewise
 MAX_GAP = 32  # see band_pairs
+MAX_THREADS = 8  # bands checked at once (band_links): each adds ~25 MB a 40,000 images
 # a thumbnail whose grey levels vary less than this (standard deviation) shows no face:
 # an untrained generator's grey. Faces measure >= 3 (the demo's fakes), >= 6 (its reals)
 BLANK = 1.0
@@ -129,6 +136,15 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.concatenate(found)
 
 
+def band_links(units: np.ndarray, near: np.ndarray, index: np.ndarray, n: int, band: np.ndarray,
+               linked: np.ndarray) -> np.ndarray:
+    """The near copies among one band's candidates, less pairs already `linked`. Bands
+    are checked a wave at a time, one per core: numpy's sorts, gathers and sums release
+    the GIL, and on the driver the cluster's ingest is over and the cores idle."""
+    pairs = one_way(band_pairs(band, index, near[:, -1]), n)
+    return alike(units, near, pairs[linked[pairs[:, 0]] != linked[pairs[:, 1]]])
+
+
 def joined(label: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """`label` (each image's group, named by its lowest index) with `pairs` linked too."""
     # here, not at the top: every process reading images imports this module (through
@@ -152,9 +168,11 @@ def flipped(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(-1, THUMB, THUMB)[:, :, ::-1].reshape(len(rows), -1)
 
 
-def mirrored(thumb: bytes) -> bytes:
-    """The thumbnail of the image flipped left to right."""
-    return flipped(np.frombuffer(thumb, np.uint8)[None]).tobytes()
+def mirrored(thumbs: list[bytes]) -> list[bytes]:
+    """The thumbnails of the images flipped left to right (at once: one call a thumbnail
+    took ~4 us, 0.15 s of 40,000 on the driver)."""
+    rows = np.frombuffer(b"".join(thumbs), np.uint8).reshape(len(thumbs), THUMB * THUMB)
+    return [row.tobytes() for row in flipped(rows)]
 
 
 def one_way(pairs: np.ndarray, n: int) -> np.ndarray:
@@ -173,7 +191,7 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     n = len(thumbs)
     if n < 2:
         return []
-    every = [*thumbs, *map(mirrored, thumbs)]  # image i flipped is image n + i
+    every = [*thumbs, *mirrored(thumbs)]  # image i flipped is image n + i
     first = {}  # identical thumbnails (one picture stored twice, one face drawn again) group at once
     label = np.array([first.setdefault(t, i) for i, t in enumerate(every)], np.int64)
     units = unit_vectors(thumbs)
@@ -181,12 +199,15 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     index = np.flatnonzero(units.any(axis=1) & (label == np.arange(len(every))))
     label = joined(label, np.stack([np.arange(n), np.arange(n, 2 * n)], axis=1))  # each is its flip
     if len(index) >= 2:
-        found, near = [], principal(units)
-        for band in band_keys(units).T:  # a band at a time, pairs already linked not checked again
-            pairs = one_way(band_pairs(band, index, near[:, -1]), n)
-            found.append(alike(units, near, pairs[label[pairs[:, 0]] != label[pairs[:, 1]]]))
-            if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
-                label, found = joined(label, np.concatenate(found)), []  # join them before the next band
+        found, near, bands = [], principal(units), band_keys(units).T
+        at_once = min(len(bands), len(os.sched_getaffinity(0)), MAX_THREADS)
+        with ThreadPoolExecutor(at_once) as pool:
+            for start in range(0, len(bands), at_once):  # pairs linked by earlier waves not checked again
+                linked = label
+                found += pool.map(lambda band: band_links(units, near, index, n, band, linked),
+                                  bands[start:start + at_once])
+                if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
+                    label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
         pairs = np.concatenate([np.empty((0, 2), np.int64), *found])
         if len(pairs):
             label = joined(label, pairs)

@@ -387,7 +387,9 @@ def source_changed(cfg: Config, done: dict) -> str | None:
 
 
 def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
-              seconds: float) -> dict:
+              seconds: float, phases: dict[str, float]) -> dict:
+    """`phases`: seconds of the parallel ingest (listing, reading, decoding) and of the
+    driver's serial work after it, which bounds how far more cores speed a prepare up."""
     splits = Counter(row["split"] for row in manifest)
     return {"source": src.name, "images": len(manifest), "rejected": len(rejected),
             **({"source_files": listed} if (listed := source_files(src)) else {}),
@@ -395,7 +397,8 @@ def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
             "splits": {s: splits[s] for s in datasets.SPLITS},
             "near_copies": sum(bool(row["near_copy_of"]) for row in manifest),
             "flipped_copies_grouped": True,  # see STAGE.added
-            "seconds": round(seconds, 1), "output": out}
+            "seconds": round(seconds, 1), "phases": {k: round(v, 2) for k, v in phases.items()},
+            "output": out}
 
 
 def count_images(n: int) -> str:
@@ -672,6 +675,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)
+    phases = {"ingest": time.time() - started}
     rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)  # not copied: not read
              for uri, error in src.unread.items()]
     manifest, rejected, mends = sort_rows(rows)
@@ -686,11 +690,15 @@ def ingest_into_workdir(cfg: Config) -> dict:
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
                             "read: use an s3:// source, or an s3:// --workdir to copy them there"
                             if where else "check the source"))
+    grouping = time.time()
     share_splits(manifest, mends)
+    phases["near_copies"] = time.time() - grouping
     lineage.unmark(cfg, STAGE)  # from here on data/ changes
     storage.replace_dir(images, staged)
     write_outputs(out, images, manifest, rejected, mends)
-    summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, time.time() - started),
+    seconds = time.time() - started
+    phases["rest"] = seconds - phases["ingest"] - phases["near_copies"]
+    summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, seconds, phases),
                                lineage.made(cfg, STAGE))
     print(summary_line(summary))
     if not summary["splits"]["train"]:  # not an error here: more data may be on its way
