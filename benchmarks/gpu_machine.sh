@@ -11,7 +11,7 @@
 # out, 48 MB in all, to travel to a machine that has PyTorch but no Ray and no internet)
 # and the packages such a machine lacked (the list below). `run` installs .whl/ into
 # /tmp/site when it is there, else uses what `pip install -e .` installed.
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 wheels() {
@@ -69,6 +69,7 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
   step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 256 --no-compile
   nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -l 1 \
     > "$out/gpu_users.log" 2>&1 & local watch=$!
+  trap 'kill $watch 2>/dev/null' EXIT
   step pipeline "${PIPELINE_S:-150}" python3 -m deepfake_ray.cli pipeline --preset tiny \
     --workdir /tmp/gpu-machine-run --set resources.use_gpu=true
   export -f serve_one_face
@@ -80,11 +81,11 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
 serve_one_face() {  # MODEL: serve it, ask /v1/model (its device) and /v1/detect once, stop
   python3 -c "from deepfake_ray.data import sample; open('/tmp/face.jpg', 'wb').write(sample.face_jpeg(7, 0))"
   python3 -m deepfake_ray.cli serve --model "$1" > /tmp/serve.log 2>&1 & local pid=$!
-  tail -f /tmp/serve.log & local follow=$!  # into the step's log as it comes, should the step run out
-  for _ in $(seq 120); do grep -q "^serving " /tmp/serve.log && break; sleep 1; done
+  tail --pid="$pid" -f /tmp/serve.log &  # into the step's log as it comes, should the step run out
+  for _ in $(seq 80); do grep -q "^serving " /tmp/serve.log || ! kill -0 "$pid" 2>/dev/null && break; sleep 1; done
   curl -s http://127.0.0.1:8000/v1/model; echo
   curl -s -F file=@/tmp/face.jpg http://127.0.0.1:8000/v1/detect; echo
-  kill -TERM "$pid"; wait "$pid"; kill "$follow"
+  kill -TERM "$pid"; wait "$pid"
 }
 
 case "${1:-}" in

@@ -93,10 +93,11 @@ def ray_rate(folder, n, size, workdir, overrides=(), label="all cores") -> float
 
 
 def phases_line(label: str) -> str:
-    """Median seconds of each phase of `prepare` (ingest on every core, then the driver)."""
-    runs = PHASES[label]
-    slowest = max(runs, key=lambda r: sum(r.values()))
-    return (", ".join(f"{name} {median_low(r[name] for r in runs):.2f}" for name in runs[0])
+    """Seconds of each phase of `prepare` (ingest on every core, then the driver) in the
+    median run, and in the slowest: medians taken phase by phase could mix runs."""
+    runs = sorted(PHASES[label], key=lambda r: sum(r.values()))
+    median, slowest = runs[(len(runs) - 1) // 2], runs[-1]
+    return (", ".join(f"{name} {v:.2f}" for name, v in median.items())
             + " (slowest run: " + ", ".join(f"{v:.2f}" for v in slowest.values()) + ")")
 
 
@@ -224,7 +225,7 @@ def main() -> None:
           f"resize only {decode_only:.0f} us ({decode_only / full:.2f} of it): what (b) leaves out")
     print("by cores used, images/s (median of 3), prepare vs DataLoader with as many workers: "
           + "; ".join(f"{k}: {r:.0f} vs {t:.0f}" for k, (r, t) in by_cores.items()))
-    print("phases of prepare, median seconds: ingest (parallel), then the driver's near_copies and rest: "
+    print("phases of prepare, seconds in the median run: ingest (parallel), then the driver's near_copies and rest: "
           + "; ".join(f"{label}: {phases_line(label)}" for label in PHASES if label != "warm-up"))
     (ray_1, torch_1), (ray_all, torch_all) = by_cores[1], by_cores[max(by_cores)]
     print(f"scaling from 1 to {max(by_cores)} cores: prepare {ray_all / ray_1:.2f}x, "

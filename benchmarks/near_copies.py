@@ -30,11 +30,12 @@ def face_thumbnail(index: int) -> bytes:
     return near_copies.thumbnail(Image.fromarray(sample.face(2026, index)))
 
 
-def full_check(units: np.ndarray, near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def full_check(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
+               check_pairs: int = near_copies.CHECK_PAIRS) -> np.ndarray:
     """The baseline: every candidate pair's full correlation."""
     return np.concatenate([np.empty((0, 2), np.int64)] + [
         chunk[(units[chunk[:, 0]] * units[chunk[:, 1]]).sum(axis=1) >= near_copies.SIMILAR]
-        for chunk in np.split(pairs, range(near_copies.CHECK_PAIRS, len(pairs), near_copies.CHECK_PAIRS))])
+        for chunk in np.split(pairs, range(check_pairs, len(pairs), check_pairs))])
 
 
 def timed_groups(thumbs: list[bytes], check) -> tuple[float, list[list[int]]]:

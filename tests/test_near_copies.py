@@ -44,6 +44,26 @@ def test_the_hash_bands_group_as_a_full_comparison_does():
     assert sorted(near_copies.groups(thumbs)) == expected
 
 
+def test_the_groups_are_the_same_whatever_the_number_of_threads(monkeypatch):
+    """Bands are checked a wave at a time, one per core, skipping pairs linked by earlier
+    waves: the groups must not depend on how many share a wave, on a 2-core laptop or on
+    a 16-core node, with one face drawn again and again beside pictures and their blends."""
+    pictures = [rgb(i, 64) for i in range(120)]
+    blends = [Image.blend(pictures[i], pictures[i + 1], alpha) for i in range(0, 60, 2)
+              for alpha in (0.05, 0.15)]
+    face = np.frombuffer(thumbnails([rgb(999, 64)])[0], np.uint8).astype(np.int16)
+    noise = np.random.default_rng(1).integers(-2, 3, (3000, face.size))
+    drawn = [row.tobytes() for row in np.clip(face + noise, 0, 255).astype(np.uint8)]
+    thumbs = thumbnails(pictures + blends) + drawn
+    found = {}
+    for threads in (1, 3, 8):
+        monkeypatch.setattr(near_copies, "threads", lambda threads=threads: threads)
+        found[threads] = sorted(near_copies.groups(thumbs))
+    assert found[1] == found[3] == found[8]
+    assert list(range(180, 3180)) in found[8]  # the drawn face: one group
+    assert len(found[8]) >= 20  # and the blends' groups beside it
+
+
 def test_a_generator_drawing_one_face_over_and_over_makes_one_group():
     """Its near copies fill one hash bucket in every band: all their pairs would be 200
     million here (~25 GB: this test would not end); and its mean face is that face, which

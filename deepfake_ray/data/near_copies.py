@@ -29,14 +29,15 @@ the thumbnails' principal directions (see alike): 100,000 took ~4-5 s, ~4.3x fas
 checking every candidate in full (benchmarks/near_copies.py); compared flipped too, they
 take ~10 s (2.9x faster than in full), as twice the thumbnails make more candidates. The
 process peaks at ~0.6 GB (1.5 GB before the hashing and the checks went a slice at a time).
-Bands checked two at a time on 2 cores: 1.33x faster for 12,000 sample faces, 1.35-1.4x
-for 40,000 (+30 MB); this grouping is the serial part that limits how `prepare` scales
-with cores (docs/performance.md, "On 16 cores").
+Bands checked two at a time on 2 cores, against the serial form before: 1.2x faster for
+12,000 sample faces, 1.4x for 40,000, 1.5x for 25,000 draws of one face (for 40,000, the
+same peak memory with 2 threads as with 1, +120 MB with 8). This grouping is the serial
+part that limits how `prepare` scales with cores (docs/performance.md, "On 16 cores").
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -45,11 +46,11 @@ THUMB = 16  # thumbnail side
 SIMILAR = 0.97
 BANDS, RAW_BANDS, BAND_BITS = 32, 4, 24
 FLAT = 1e-3  # a thumbnail this close to one grey (a blank image) is like no other
-CHECK_PAIRS = 1 << 16  # candidate pairs checked at once: bounds the memory
+CHECK_PAIRS = 1 << 16  # candidate pairs checked at once, by all threads: bounds the memory
 PRINCIPAL = 16  # directions in which candidates are compared first, see alike
 KEY_ROWS = 8192  # thumbnails hashed at once: likewise
 MAX_GAP = 32  # see band_pairs
-MAX_THREADS = 8  # bands checked at once (band_links): each adds ~25 MB a 40,000 images
+MAX_THREADS = 8  # bands checked at once (band_links), sharing CHECK_PAIRS' memory bound
 # a thumbnail whose grey levels vary less than this (standard deviation) shows no face:
 # an untrained generator's grey. Faces measure >= 3 (the demo's fakes), >= 6 (its reals)
 BLANK = 1.0
@@ -120,8 +121,8 @@ def principal(units: np.ndarray) -> np.ndarray:
     return units @ np.linalg.eigh(spread)[1][:, -PRINCIPAL:]
 
 
-def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """The pairs whose thumbnails correlate at >= SIMILAR, checked CHECK_PAIRS at a time.
+def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
+    """The pairs whose thumbnails correlate at >= SIMILAR, checked `check_pairs` at a time.
     First in `near` (principal()), 16 numbers an image in place of 256: a projection never
     lengthens a distance, and unit vectors correlating at >= SIMILAR lie within
     sqrt(2 - 2 * SIMILAR) of each other, so a pair farther apart there is no near copy.
@@ -129,7 +130,7 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     face-like images, a seventh of the full check's time); the rest are checked in full."""
     reach = 2 - 2 * SIMILAR + 1e-4  # float32 rounding must not drop a pair at the threshold
     found = [np.empty((0, 2), np.int64)]
-    for chunk in np.split(pairs, range(CHECK_PAIRS, len(pairs), CHECK_PAIRS)):
+    for chunk in np.split(pairs, range(check_pairs, len(pairs), check_pairs)):
         gap = near[chunk[:, 0]] - near[chunk[:, 1]]
         chunk = chunk[np.einsum("ij,ij->i", gap, gap) <= reach]
         found.append(chunk[np.einsum("ij,ij->i", units[chunk[:, 0]], units[chunk[:, 1]]) >= SIMILAR])
@@ -137,12 +138,19 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def band_links(units: np.ndarray, near: np.ndarray, index: np.ndarray, n: int, band: np.ndarray,
-               linked: np.ndarray) -> np.ndarray:
+               linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
     """The near copies among one band's candidates, less pairs already `linked`. Bands
     are checked a wave at a time, one per core: numpy's sorts, gathers and sums release
     the GIL, and on the driver the cluster's ingest is over and the cores idle."""
     pairs = one_way(band_pairs(band, index, near[:, -1]), n)
-    return alike(units, near, pairs[linked[pairs[:, 0]] != linked[pairs[:, 1]]])
+    return alike(units, near, pairs[linked[pairs[:, 0]] != linked[pairs[:, 1]]], check_pairs)
+
+
+def threads() -> int:
+    """Bands checked at once: this machine's cores (a container's share), at most MAX_THREADS."""
+    from deepfake_ray import runtime  # here: worker processes import this module for thumbnail()
+
+    return max(1, min(runtime.machine_cores(), MAX_THREADS))
 
 
 def joined(label: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -200,12 +208,14 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     label = joined(label, np.stack([np.arange(n), np.arange(n, 2 * n)], axis=1))  # each is its flip
     if len(index) >= 2:
         found, near, bands = [], principal(units), band_keys(units).T
-        at_once = min(len(bands), len(os.sched_getaffinity(0)), MAX_THREADS)
+        at_once = min(len(bands), threads())
+        check = partial(band_links, units, near, index, n, check_pairs=max(CHECK_PAIRS // at_once, 4096))
+        # the first band alone: where one face is drawn again and again, it links most of
+        # them, and the waves after it check little
+        waves = [bands[:1], *(bands[i:i + at_once] for i in range(1, len(bands), at_once))]
         with ThreadPoolExecutor(at_once) as pool:
-            for start in range(0, len(bands), at_once):  # pairs linked by earlier waves not checked again
-                linked = label
-                found += pool.map(lambda band: band_links(units, near, index, n, band, linked),
-                                  bands[start:start + at_once])
+            for wave in waves:  # pairs linked by earlier waves not checked again
+                found += pool.map(partial(check, linked=label), wave)
                 if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
                     label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
         pairs = np.concatenate([np.empty((0, 2), np.int64), *found])

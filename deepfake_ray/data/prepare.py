@@ -651,7 +651,7 @@ def other_workdirs_in(src: Source) -> set[str]:
 
 def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
-    started = time.time()
+    started = time.monotonic()
     src = readable_source(cfg)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
     d = cfg.data
@@ -675,7 +675,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)
-    phases = {"ingest": time.time() - started}
+    phases = {"ingest": time.monotonic() - started}
     rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)  # not copied: not read
              for uri, error in src.unread.items()]
     manifest, rejected, mends = sort_rows(rows)
@@ -690,13 +690,13 @@ def ingest_into_workdir(cfg: Config) -> dict:
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
                             "read: use an s3:// source, or an s3:// --workdir to copy them there"
                             if where else "check the source"))
-    grouping = time.time()
+    grouping = time.monotonic()
     share_splits(manifest, mends)
-    phases["near_copies"] = time.time() - grouping
+    phases["near_copies"] = time.monotonic() - grouping
     lineage.unmark(cfg, STAGE)  # from here on data/ changes
     storage.replace_dir(images, staged)
     write_outputs(out, images, manifest, rejected, mends)
-    seconds = time.time() - started
+    seconds = time.monotonic() - started
     phases["rest"] = seconds - phases["ingest"] - phases["near_copies"]
     summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, seconds, phases),
                                lineage.made(cfg, STAGE))
