@@ -23,7 +23,7 @@ wheels() {
   mkdir -p .whl
   $dl -d "$tmp" ray==2.60.0 || return
   (cd "$tmp" && unzip -q ray-*.whl -x 'ray/jars/*' 'ray/rllib/*' 'ray/llm/*' '*.js.map' &&
-   tar cf - ray ray-2.60.0.dist-info) | xz -T0 -6 > .whl/ray-pruned.tar.xz
+   tar cf - ray ray-2.60.0.dist-info) | xz -T0 -6 > .whl/ray-pruned.tar.xz || return
   rm -rf "$tmp"
   # ray[default,data,train,tune,serve] and timm, less what the GPU machine's image has
   $dl -d .whl aiohttp-cors==0.8.1 annotated-types==0.7.0 cffi==2.0.0 colorful==0.5.8 \
@@ -68,8 +68,8 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
   step gpu_gan 50 python3 benchmarks/gpu_gan.py
   step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 256 --no-compile
   nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -l 1 \
-    > "$out/gpu_users.log" 2>&1 & local watch=$!
-  trap 'kill $watch 2>/dev/null' EXIT
+    > "$out/gpu_users.log" 2>&1 & watch=$!
+  trap 'kill "$watch" 2>/dev/null' EXIT
   step pipeline "${PIPELINE_S:-150}" python3 -m deepfake_ray.cli pipeline --preset tiny \
     --workdir /tmp/gpu-machine-run --set resources.use_gpu=true
   export -f serve_one_face

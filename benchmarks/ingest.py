@@ -225,7 +225,7 @@ def main() -> None:
           f"resize only {decode_only:.0f} us ({decode_only / full:.2f} of it): what (b) leaves out")
     print("by cores used, images/s (median of 3), prepare vs DataLoader with as many workers: "
           + "; ".join(f"{k}: {r:.0f} vs {t:.0f}" for k, (r, t) in by_cores.items()))
-    print("phases of prepare, seconds in the median run: ingest (parallel), then the driver's near_copies and rest: "
+    print("phases of prepare, seconds in the median run: ingest (listing, then every core), then the driver's near_copies and rest: "
           + "; ".join(f"{label}: {phases_line(label)}" for label in PHASES if label != "warm-up"))
     (ray_1, torch_1), (ray_all, torch_all) = by_cores[1], by_cores[max(by_cores)]
     print(f"scaling from 1 to {max(by_cores)} cores: prepare {ray_all / ray_1:.2f}x, "

@@ -27,17 +27,19 @@ noisy copies of one face make one group in ~1.5 s. At Celeb 100k's scale, the ca
 are many (19 million among 100,000 face-like thumbnails), so each is first compared along
 the thumbnails' principal directions (see alike): 100,000 took ~4-5 s, ~4.3x faster than
 checking every candidate in full (benchmarks/near_copies.py); compared flipped too, they
-take ~10 s (2.9x faster than in full), as twice the thumbnails make more candidates. The
+take ~10 s (2.9x faster than in full; both one band at a time, before the threads below),
+as twice the thumbnails make more candidates. The
 process peaks at ~0.6 GB (1.5 GB before the hashing and the checks went a slice at a time).
-Bands checked two at a time on 2 cores, against the serial form before: 1.2x faster for
-12,000 sample faces, 1.4x for 40,000, 1.5x for 25,000 draws of one face (for 40,000, the
+Bands checked two at a time on 2 cores, against the serial form before: 1.13x faster for
+12,000 sample faces, 1.5x for 40,000, 1.7x for 25,000 draws of one face (for 40,000, the
 same peak memory with 2 threads as with 1, +120 MB with 8). This grouping is the serial
 part that limits how `prepare` scales with cores (docs/performance.md, "On 16 cores").
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 from PIL import Image
@@ -95,14 +97,17 @@ def band_keys(units: np.ndarray) -> np.ndarray:
     return keys
 
 
-def band_pairs(band: np.ndarray, index: np.ndarray, along: np.ndarray) -> np.ndarray:
+def band_pairs(band: np.ndarray, index: np.ndarray, along: np.ndarray,
+               linked: np.ndarray | None = None) -> np.ndarray:
     """(pairs, 2) of the images in `index` sharing their key in this band, each with at
     most the MAX_GAP next ones of its run of equal keys. Runs are short (at most 17 of
     3,000 faces), but a generator drawing one face thousands of times makes one run of
     them in every band: all its pairs would be k^2 (10,000 copies: 25 GB), while links to
     the next few already chain the run into one group. Within a run, images are in the
     order of `along` (each image's coordinate along the principal direction), so that
-    another face's copies in that run sit side by side, not thousands of images apart."""
+    another face's copies in that run sit side by side, not thousands of images apart.
+    Pairs already in one group of `linked` are left out as they are found: one face drawn
+    20,000 times makes ~630,000 pairs in every band, each thread's to hold."""
     order = np.lexsort((along[index], band[index]))
     ranked, who = band[index][order], index[order]
     found = [np.empty((0, 2), np.int64)]
@@ -110,7 +115,11 @@ def band_pairs(band: np.ndarray, index: np.ndarray, along: np.ndarray) -> np.nda
         same = ranked[:-gap] == ranked[gap:]
         if not same.any():
             break
-        found.append(np.stack([who[:-gap][same], who[gap:][same]], axis=1))
+        a, b = who[:-gap][same], who[gap:][same]
+        if linked is not None:
+            keep = linked[a] != linked[b]
+            a, b = a[keep], b[keep]
+        found.append(np.stack([a, b], axis=1))
     return np.concatenate(found)
 
 
@@ -142,15 +151,19 @@ def band_links(units: np.ndarray, near: np.ndarray, index: np.ndarray, n: int, b
     """The near copies among one band's candidates, less pairs already `linked`. Bands
     are checked a wave at a time, one per core: numpy's sorts, gathers and sums release
     the GIL, and on the driver the cluster's ingest is over and the cores idle."""
-    pairs = one_way(band_pairs(band, index, near[:, -1]), n)
-    return alike(units, near, pairs[linked[pairs[:, 0]] != linked[pairs[:, 1]]], check_pairs)
+    return alike(units, near, one_way(band_pairs(band, index, near[:, -1], linked), n), check_pairs)
 
 
+@cache
 def threads() -> int:
-    """Bands checked at once: this machine's cores (a container's share), at most MAX_THREADS."""
+    """Bands checked at once: the cores this process may use (a container's share, its
+    CPU affinity where the OS has one), at most MAX_THREADS."""
     from deepfake_ray import runtime  # here: worker processes import this module for thumbnail()
 
-    return max(1, min(runtime.machine_cores(), MAX_THREADS))
+    cores = runtime.machine_cores()
+    if hasattr(os, "sched_getaffinity"):  # not on macOS
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, min(cores, MAX_THREADS))
 
 
 def joined(label: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -209,13 +222,13 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     if len(index) >= 2:
         found, near, bands = [], principal(units), band_keys(units).T
         at_once = min(len(bands), threads())
-        check = partial(band_links, units, near, index, n, check_pairs=max(CHECK_PAIRS // at_once, 4096))
+        check = partial(band_links, units, near, index, n)
         # the first band alone: where one face is drawn again and again, it links most of
         # them, and the waves after it check little
         waves = [bands[:1], *(bands[i:i + at_once] for i in range(1, len(bands), at_once))]
         with ThreadPoolExecutor(at_once) as pool:
             for wave in waves:  # pairs linked by earlier waves not checked again
-                found += pool.map(partial(check, linked=label), wave)
+                found += pool.map(partial(check, linked=label, check_pairs=CHECK_PAIRS // len(wave)), wave)
                 if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
                     label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
         pairs = np.concatenate([np.empty((0, 2), np.int64), *found])
