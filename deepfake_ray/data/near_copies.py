@@ -22,14 +22,15 @@ checked exactly, a few bands at a time (one a core, see band_links), so pairs al
 linked are not checked again. By the hash's odds, a pair right at the threshold shares
 no band with a chance of a few percent, copies alike at >= 0.99 well under 0.1%.
 Measured: the groups equal those of a full comparison among UTKFace's 5,000 crops and
-among 450 blends of faces spanning the threshold; ~75 ms for 3,000 images (half of it the hashing's matrix product); 20,000
-noisy copies of one face make one group in ~1.5 s. At Celeb 100k's scale, the candidates
-are many (19 million among 100,000 face-like thumbnails), so each is first compared along
-the thumbnails' principal directions (see alike): 100,000 took ~4-5 s, ~4.3x faster than
-checking every candidate in full (benchmarks/near_copies.py); compared flipped too, they
-take ~10 s (2.9x faster than in full; both one band at a time, before the threads below),
-as twice the thumbnails make more candidates. The
-process peaks at ~0.6 GB (1.5 GB before the hashing and the checks went a slice at a time).
+among 450 blends of faces spanning the threshold; ~75 ms for 3,000 images (half of it
+the hashing's matrix product); 20,000 noisy copies of one face make one group in ~1.5 s.
+At Celeb 100k's scale, the candidates are many (19 million among 100,000 face-like
+thumbnails), so each is first compared along the thumbnails' principal directions (see
+alike): 100,000 took ~4-5 s, ~4.3x faster than checking every candidate in full
+(benchmarks/near_copies.py); compared flipped too, they take ~10 s (2.9x faster than in
+full; both one band at a time, before the threads below), as twice the thumbnails make
+more candidates. The process peaks at ~0.6 GB (1.5 GB before the hashing and the checks
+went a slice at a time).
 Bands checked two at a time on 2 cores, against the serial form before: 1.13x faster for
 12,000 sample faces, 1.5x for 40,000, 1.7x for 25,000 draws of one face (for 40,000, the
 same peak memory with 2 threads as with 1, +120 MB with 8). This grouping is the serial
@@ -130,7 +131,8 @@ def principal(units: np.ndarray) -> np.ndarray:
     return units @ np.linalg.eigh(spread)[1][:, -PRINCIPAL:]
 
 
-def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
+def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
+          check_pairs: int = CHECK_PAIRS) -> np.ndarray:
     """The pairs whose thumbnails correlate at >= SIMILAR, checked `check_pairs` at a time.
     First in `near` (principal()), 16 numbers an image in place of 256: a projection never
     lengthens a distance, and unit vectors correlating at >= SIMILAR lie within
@@ -228,7 +230,8 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
         waves = [bands[:1], *(bands[i:i + at_once] for i in range(1, len(bands), at_once))]
         with ThreadPoolExecutor(at_once) as pool:
             for wave in waves:  # pairs linked by earlier waves not checked again
-                found += pool.map(partial(check, linked=label, check_pairs=CHECK_PAIRS // len(wave)), wave)
+                each = CHECK_PAIRS // len(wave)  # the wave's bands share the memory bound
+                found += pool.map(partial(check, linked=label, check_pairs=each), wave)
                 if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
                     label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
         pairs = np.concatenate([np.empty((0, 2), np.int64), *found])
