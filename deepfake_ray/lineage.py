@@ -245,9 +245,10 @@ def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> tuple[st
     return None
 
 
-def plan(cfg: Config, stage: Stage, force: bool) -> Plan:
-    """Whether a stage runs, says so when it does not, and what its run is made from."""
-    read: dict = {}
+def plan(cfg: Config, stage: Stage, force: bool, read: dict | None = None) -> Plan:
+    """Whether a stage runs, says so when it does not, and what its run is made from.
+    `read`: the markers this run has read already (check_inputs), not read again."""
+    read = {} if read is None else read
     asked = made(cfg, stage, read)
     done = marker(cfg, stage.folder, read)
     if done and not force:

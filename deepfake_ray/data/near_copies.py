@@ -224,14 +224,14 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     if len(index) >= 2:
         found, near, bands = [], principal(units), band_keys(units).T
         at_once = min(len(bands), threads())
-        check = partial(band_links, units, near, index, n)
         # the first band alone: where one face is drawn again and again, it links most of
         # them, and the waves after it check little
         waves = [bands[:1], *(bands[i:i + at_once] for i in range(1, len(bands), at_once))]
         with ThreadPoolExecutor(at_once) as pool:
             for wave in waves:  # pairs linked by earlier waves not checked again
                 each = CHECK_PAIRS // len(wave)  # the wave's bands share the memory bound
-                found += pool.map(partial(check, linked=label, check_pairs=each), wave)
+                found += pool.map(partial(band_links, units, near, index, n, linked=label,
+                                          check_pairs=each), wave)
                 if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
                     label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
         pairs = np.concatenate([np.empty((0, 2), np.int64), *found])

@@ -274,8 +274,8 @@ def check_encoding(cfg: Config) -> None:
                          f"anew with `deepfake-ray prepare --force --set data.jpeg_quality={asked}`")
 
 
-def check(cfg: Config) -> tuple[pa.Table, dict]:
-    lineage.check_inputs(cfg, STAGE)
+def check(cfg: Config, read: dict) -> tuple[pa.Table, dict]:
+    lineage.check_inputs(cfg, STAGE, read)
     reals = datasets.require_manifest(datasets.data_dir(cfg.workdir), "prepare")
     check_encoding(cfg)
     meta = checkpoint.load_meta(model_uri(cfg.workdir))
@@ -289,8 +289,9 @@ def check(cfg: Config) -> tuple[pa.Table, dict]:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     out = datasets.fakes_dir(cfg.workdir)
-    reals, meta = check(cfg)  # before plan: with --force, a mistake must not unmark complete fakes
-    plan = lineage.plan(cfg, STAGE, force)
+    read: dict = {}  # the input markers, read once for both checks
+    reals, meta = check(cfg, read)  # before plan: with --force, a mistake must not unmark complete fakes
+    plan = lineage.plan(cfg, STAGE, force, read)
     if plan.done:
         return plan.done
     storage.delete_dir(out)  # a forced or interrupted earlier run, its marker with it
