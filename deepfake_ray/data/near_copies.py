@@ -22,8 +22,9 @@ checked exactly, a few bands at a time (one a core, see band_links), so pairs al
 linked are not checked again. By the hash's odds, a pair right at the threshold shares
 no band with a chance of a few percent, copies alike at >= 0.99 well under 0.1%.
 Measured: the groups equal those of a full comparison among UTKFace's 5,000 crops and
-among 450 blends of faces spanning the threshold; ~75 ms for 3,000 images (half of it
-the hashing's matrix product); 20,000 noisy copies of one face make one group in ~1.5 s.
+among 450 blends of faces spanning the threshold; ~50 ms for 3,000 photos (on 2 cores,
+the hashing's matrix product and the bands ~20 ms each); 20,000 noisy copies of one face
+make one group in ~1.2 s.
 At Celeb 100k's scale, the candidates are many (19 million among 100,000 face-like
 thumbnails), so each is first compared along the thumbnails' principal directions (see
 alike): 100,000 took ~4-5 s, ~4.3x faster than checking every candidate in full
@@ -33,8 +34,12 @@ more candidates. The process peaks at ~0.6 GB (1.5 GB before the hashing and the
 went a slice at a time).
 Bands checked two at a time on 2 cores, against the serial form before: 1.13x faster for
 12,000 sample faces, 1.5x for 40,000, 1.7x for 25,000 draws of one face (for 40,000, the
-same peak memory with 2 threads as with 1, +120 MB with 8). This grouping is the serial
-part that limits how `prepare` scales with cores (docs/performance.md, "On 16 cores").
+same peak memory with 2 threads as with 1, +120 MB with 8). Since, each band's pairs are
+made in a few large numpy calls and the hash's offset taken once (band_pairs, band_keys):
+100,000 faces in 3.7 s instead of ~10, 40,000 in 1.4 s instead of 1.85, the same groups
+and peak memory. This grouping is the serial part that limits how `prepare` scales with
+cores: on 16 cores, 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s
+with 1 (docs/performance.md, "On 16 cores").
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ CHECK_PAIRS = 1 << 16  # candidate pairs checked at once, by all threads: bounds
 PRINCIPAL = 16  # directions in which candidates are compared first, see alike
 KEY_ROWS = 8192  # thumbnails hashed at once: likewise
 MAX_GAP = 32  # see band_pairs
+PAIRS_AT_ONCE = 1 << 18  # a band's candidate pairs made at once (band_pairs): bounds the memory
 MAX_THREADS = 8  # bands checked at once (band_links), sharing CHECK_PAIRS' memory bound
 # a thumbnail whose grey levels vary less than this (standard deviation) shows no face:
 # an untrained generator's grey. Faces measure >= 3 (the demo's fakes), >= 6 (its reals)
@@ -87,41 +93,61 @@ def band_keys(units: np.ndarray) -> np.ndarray:
     all at once, the projections of 160,000 thumbnails took 1.2 GB."""
     mean = units[units.any(axis=1)].mean(axis=0)  # the mean face, as said above
     planes = np.random.default_rng(0).standard_normal((units.shape[1], (BANDS + RAW_BANDS) * BAND_BITS), np.float32)
-    weights = 256 ** np.arange(BAND_BITS // 8, dtype=np.int64)
-    keys = np.empty((len(units), BANDS + RAW_BANDS), np.int64)
+    # (x - mean) @ planes > 0 as x @ planes > mean @ planes: no copy of the thumbnails less
+    # their mean, no second product to join (at 12,000 faces 3x faster the first time,
+    # when its arrays are fresh memory, as in every `prepare`)
+    offset = np.concatenate([mean @ planes[:, :BANDS * BAND_BITS], np.zeros(RAW_BANDS * BAND_BITS, np.float32)])
+    keys = np.zeros((len(units), BANDS + RAW_BANDS, 8), np.uint8)  # a band's bytes, read as one int64
     for start in range(0, len(units), KEY_ROWS):
         chunk = units[start:start + KEY_ROWS]
-        bits = np.concatenate([(chunk - mean) @ planes[:, :BANDS * BAND_BITS],
-                               chunk @ planes[:, BANDS * BAND_BITS:]], axis=1)
-        packed = np.packbits(bits > 0, axis=1).reshape(len(chunk), BANDS + RAW_BANDS, BAND_BITS // 8)
-        keys[start:start + KEY_ROWS] = packed.astype(np.int64) @ weights
-    return keys
+        packed = np.packbits(chunk @ planes > offset, axis=1)
+        keys[start:start + KEY_ROWS, :, :BAND_BITS // 8] = packed.reshape(len(chunk), BANDS + RAW_BANDS, -1)
+    return keys.view(np.int64)[:, :, 0]
 
 
-def band_pairs(band: np.ndarray, index: np.ndarray, along: np.ndarray,
+def band_pairs(band: np.ndarray, index: np.ndarray, rank: np.ndarray,
                linked: np.ndarray | None = None) -> np.ndarray:
     """(pairs, 2) of the images in `index` sharing their key in this band, each with at
     most the MAX_GAP next ones of its run of equal keys. Runs are short (at most 17 of
     3,000 faces), but a generator drawing one face thousands of times makes one run of
     them in every band: all its pairs would be k^2 (10,000 copies: 25 GB), while links to
     the next few already chain the run into one group. Within a run, images are in the
-    order of `along` (each image's coordinate along the principal direction), so that
-    another face's copies in that run sit side by side, not thousands of images apart.
+    order of `rank` (each image's rank along the principal direction), so that another
+    face's copies in that run sit side by side, not thousands of images apart.
     Pairs already in one group of `linked` are left out as they are found: one face drawn
-    20,000 times makes ~630,000 pairs in every band, each thread's to hold."""
-    order = np.lexsort((along[index], band[index]))
+    20,000 times makes ~630,000 pairs in every band, each thread's to hold.
+
+    One sort of key and rank packed into one number (keys have BAND_BITS bits), not a
+    sort by two: 2.9x faster. Then every image's partners at once, PAIRS_AT_ONCE pairs at
+    a time, in ~15 numpy calls: a loop over the gaps made ~300 small ones a band, each
+    holding the GIL a while, which the other threads checking bands waited for."""
+    order = np.argsort((band[index] << 32) | rank[index])
     ranked, who = band[index][order], index[order]
+    run_start = np.flatnonzero(np.concatenate([[True], ranked[1:] != ranked[:-1]]))
+    run_length = np.diff(np.append(run_start, len(ranked)))
+    left_in_run = np.repeat(run_start + run_length, run_length) - np.arange(len(ranked)) - 1
+    partners = np.minimum(left_in_run, MAX_GAP)
+    ends = np.cumsum(partners)  # image i's pairs end there, in all of the band's
+    cuts = np.searchsorted(ends, np.arange(PAIRS_AT_ONCE, ends[-1] if len(ends) else 0, PAIRS_AT_ONCE),
+                           side="right")
     found = [np.empty((0, 2), np.int64)]
-    for gap in range(1, min(MAX_GAP, len(ranked) - 1) + 1):
-        same = ranked[:-gap] == ranked[gap:]
-        if not same.any():
-            break
-        a, b = who[:-gap][same], who[gap:][same]
+    for lo, hi in zip([0, *cuts], [*cuts, len(ranked)]):
+        count = partners[lo:hi]
+        a = np.repeat(np.arange(lo, hi), count)
+        b = a + 1 + np.arange(len(a)) - np.repeat(np.cumsum(count) - count, count)
+        a, b = who[a], who[b]
         if linked is not None:
             keep = linked[a] != linked[b]
             a, b = a[keep], b[keep]
         found.append(np.stack([a, b], axis=1))
     return np.concatenate(found)
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among them (0 for the smallest)."""
+    rank = np.empty(len(values), np.int64)
+    rank[np.argsort(values, kind="stable")] = np.arange(len(values))
+    return rank
 
 
 def principal(units: np.ndarray) -> np.ndarray:
@@ -148,12 +174,12 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
     return np.concatenate(found)
 
 
-def band_links(units: np.ndarray, near: np.ndarray, index: np.ndarray, n: int, band: np.ndarray,
-               linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
+def band_links(units: np.ndarray, near: np.ndarray, rank: np.ndarray, index: np.ndarray, n: int,
+               band: np.ndarray, linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
     """The near copies among one band's candidates, less pairs already `linked`. Bands
     are checked a wave at a time, one per core: numpy's sorts, gathers and sums release
     the GIL, and on the driver the cluster's ingest is over and the cores idle."""
-    return alike(units, near, one_way(band_pairs(band, index, near[:, -1], linked), n), check_pairs)
+    return alike(units, near, one_way(band_pairs(band, index, rank, linked), n), check_pairs)
 
 
 @cache
@@ -222,7 +248,8 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     index = np.flatnonzero(units.any(axis=1) & (label == np.arange(len(every))))
     label = joined(label, np.stack([np.arange(n), np.arange(n, 2 * n)], axis=1))  # each is its flip
     if len(index) >= 2:
-        found, near, bands = [], principal(units), band_keys(units).T
+        found, near, bands = [], principal(units), np.ascontiguousarray(band_keys(units).T)  # a band a row
+        rank = ranks(near[:, -1])
         at_once = min(len(bands), threads())
         # the first band alone: where one face is drawn again and again, it links most of
         # them, and the waves after it check little
@@ -230,7 +257,7 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
         with ThreadPoolExecutor(at_once) as pool:
             for wave in waves:  # pairs linked by earlier waves not checked again
                 each = CHECK_PAIRS // len(wave)  # the wave's bands share the memory bound
-                found += pool.map(partial(band_links, units, near, index, n, linked=label,
+                found += pool.map(partial(band_links, units, near, rank, index, n, linked=label,
                                           check_pairs=each), wave)
                 if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
                     label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
