@@ -5,7 +5,10 @@ running (a) the very same per-file work as `prepare` (`decode.inspect`: sha1, he
 checks, decode, centre crop, resize, JPEG re-encode, thumbnail), the headline, and (b)
 the issue's baseline as written, the same PIL decode and resize only (`decode.decode`).
 All are timed from the folder's name, so all list it; only `prepare` also dedupes, finds
-near copies and writes Parquet. Ray is started before timing.
+near copies and writes Parquet. Ray is started before timing. The DataLoaders run in a
+process of their own, as a user's would: forked from the process that times `prepare`,
+their workers left its memory copy-on-write, and the next `prepare`'s grouping on the
+driver paid a page fault for each page it wrote (0.95 s instead of 0.3 after 16 workers).
 
     python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 7]
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -70,11 +74,19 @@ class Files(torch.utils.data.Dataset):
             return self.work(f.read(), self.size, self.quality)
 
 
+BASELINE_PROCESS: concurrent.futures.Executor | None = None  # where the DataLoaders run, see above
+
+
+def in_baseline_process(fn, *args, **kwargs):
+    return BASELINE_PROCESS.submit(fn, *args, **kwargs).result()
+
+
 def dataloader_rate(folder, n, size, quality, workers: int = 2, work=all_of_prepares_work) -> float:
     """Timed like `prepare`, from the folder's name: finding the files is part of the job."""
     started = time.perf_counter()
     loader = torch.utils.data.DataLoader(Files(find_images(folder), size, quality, work), batch_size=64,
-                                         num_workers=workers, collate_fn=lambda rows: rows)
+                                         num_workers=workers, collate_fn=lambda rows: rows,
+                                         multiprocessing_context="fork")  # Linux's default: this process was spawned
     assert sum(len(batch) for batch in loader) == n
     return n / (time.perf_counter() - started)
 
@@ -118,7 +130,7 @@ def scaling(folder, n, size, workdir, runs: int = 3) -> dict[int, tuple[float, f
     for k in core_counts(cores):
         pairs = [(ray_rate(folder, n, size, os.path.join(workdir, f"cores{k}-{i}"),
                            [f"resources.data_cpus={cores / k}"], label=f"{k} cores"),
-                  dataloader_rate(folder, n, size, 95, workers=k)) for i in range(runs)]
+                  in_baseline_process(dataloader_rate, folder, n, size, 95, workers=k)) for i in range(runs)]
         rates[k] = (median_low(r for r, _ in pairs), median_low(t for _, t in pairs))
     return rates
 
@@ -187,7 +199,10 @@ def main() -> None:
                     help="config override for prepare, e.g. resources.data_cpus=2")
     args = ap.parse_args()
     os.environ.setdefault("DEEPFAKE_RAY_PROGRESS", "0")
-    with tempfile.TemporaryDirectory() as tmp:
+    global BASELINE_PROCESS
+    spawn = multiprocessing.get_context("spawn")  # not a fork of this process: its memory stays its own
+    with tempfile.TemporaryDirectory() as tmp, \
+            concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as BASELINE_PROCESS:
         folder = args.source or source_folder(args.images, tmp)
         paths = list(find_images(folder))[: args.images]
         if len(paths) < len(find_images(folder)):  # use exactly --images files
@@ -197,12 +212,13 @@ def main() -> None:
                 link_or_copy(p, os.path.join(folder, os.path.basename(p)))
         runtime.init()
         ray_rate(folder, len(paths), args.size, os.path.join(tmp, "warmup"), args.overrides, label="warm-up")
+        in_baseline_process(dataloader_rate, folder, len(paths), args.size, 95)  # its imports, its warm-up
         rounds = []
         for i in range(args.rounds):  # who goes first rotates: drift favours none
             timers = {"ray": lambda: ray_rate(folder, len(paths), args.size,
                                               os.path.join(tmp, f"work{i}"), args.overrides),
-                      **{name: functools.partial(dataloader_rate, folder, len(paths), args.size, 95,
-                                                 work=work) for name, (work, _) in BASELINES.items()}}
+                      **{name: functools.partial(in_baseline_process, dataloader_rate, folder, len(paths),
+                                                 args.size, 95, work=work) for name, (work, _) in BASELINES.items()}}
             order = list(timers)[i % len(timers):] + list(timers)[:i % len(timers)]
             rounds.append({name: timers[name]() for name in order})
         floor = ray_data_floor()
