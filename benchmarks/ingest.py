@@ -7,8 +7,9 @@ the issue's baseline as written, the same PIL decode and resize only (`decode.de
 All are timed from the folder's name, so all list it; only `prepare` also dedupes, finds
 near copies and writes Parquet. Ray is started before timing. The DataLoaders run in a
 process of their own, as a user's would: forked from the process that times `prepare`,
-their workers left its memory copy-on-write, and the next `prepare`'s grouping on the
-driver paid a page fault for each page it wrote (0.95 s instead of 0.3 after 16 workers).
+their workers leave its memory copy-on-write, and the next `prepare`'s grouping on the
+driver pays a page fault for each page it writes (the likely cause of a 16-core grouping
+of 0.95 s instead of 0.3 right after DataLoaders of 8 and 16 workers).
 
     python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 7]
 
