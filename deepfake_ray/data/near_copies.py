@@ -36,8 +36,8 @@ Bands checked two at a time on 2 cores, against the serial form before: 1.13x fa
 12,000 sample faces, 1.5x for 40,000, 1.7x for 25,000 draws of one face (for 40,000, the
 same peak memory with 2 threads as with 1, +120 MB with 8). Since, each band's pairs are
 made in a few large numpy calls and the hash's offset taken once (band_pairs, band_keys):
-100,000 faces in 3.7 s instead of ~10, 40,000 in 1.4 s instead of 1.85, the same groups
-and peak memory. This grouping is the serial part that limits how `prepare` scales with
+100,000 faces in 3.8-4.7 s instead of 5.1-6.0, 40,000 in 1.4 s instead of 1.85 (2 cores),
+the same groups, peak memory within 4%. This grouping is the serial part that limits how `prepare` scales with
 cores: on 16 cores, 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s
 with 1 (docs/performance.md, "On 16 cores").
 """
