@@ -877,7 +877,9 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
                                            (__file__, "is a file: pass the folder"),
                                            ("sample:zero", "positive count"),
                                            ("sample:\u00b2", "positive count"),  # a digit to str.isdigit
-                                           ("sample:100000000", "more than 1,000,000")])
+                                           ("sample:100000000", "more than 1,000,000"),
+                                           ("Sample:10", "does not exist: did you mean 'sample:10'?"),
+                                           ("KAGGLE:o/d", "did you mean 'kaggle:o/d'?")])
 def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
     err = error_lines(capsys)

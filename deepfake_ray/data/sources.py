@@ -59,6 +59,14 @@ def canonical(text: str) -> str:
     return storage.normalize(text) if text and kind(text) == "path" else text.removesuffix(":")
 
 
+def respelled(text: str) -> str | None:
+    """`Sample:100` or `KAGGLE` as the source it was meant to name, else None."""
+    scheme, colon, rest = text.partition(":")
+    if scheme.lower() in ("sample", "kaggle") and kind(scheme) == "path":
+        return scheme.lower() + colon + rest
+    return None
+
+
 def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
     """What can be checked before any Ray process starts or any file is listed: a bad
     source fails in a second, not after Ray's start-up. `copied`: a Kaggle dataset's
@@ -76,6 +84,9 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
     storage.check_s3_path(text, forms=FORMS)
     if not storage.is_dir(text):  # one request where all is well
         if not storage.exists(text):
+            if meant := respelled(text):
+                raise UsageError(f"source '{text}' does not exist: did you mean '{meant}'? "
+                                 "(sample and kaggle sources are spelled in lower case)")
             raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
         raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
 
