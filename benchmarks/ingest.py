@@ -9,7 +9,7 @@ near copies and writes Parquet. Ray is started before timing. The DataLoaders ru
 process of their own, as a user's would: forked from the process that times `prepare`,
 their workers leave its memory copy-on-write, and the next `prepare`'s grouping on the
 driver pays a page fault for each page it writes (the likely cause of a 16-core grouping
-of 0.95 s instead of 0.3 right after DataLoaders of 8 and 16 workers).
+of 0.95 s instead of 0.3-0.4 in the scaling step, right after the DataLoaders of many workers).
 
     python benchmarks/ingest.py [--images 3000] [--source DIR] [--rounds 7]
 
@@ -87,7 +87,7 @@ def dataloader_rate(folder, n, size, quality, workers: int = 2, work=all_of_prep
     started = time.perf_counter()
     loader = torch.utils.data.DataLoader(Files(find_images(folder), size, quality, work), batch_size=64,
                                          num_workers=workers, collate_fn=lambda rows: rows,
-                                         multiprocessing_context="fork")  # Linux's default: this process was spawned
+                                         multiprocessing_context="fork")  # as on Linux by default, said outright
     assert sum(len(batch) for batch in loader) == n
     return n / (time.perf_counter() - started)
 

@@ -22,9 +22,9 @@ checked exactly, a few bands at a time (one a core, see band_links), so pairs al
 linked are not checked again. By the hash's odds, a pair right at the threshold shares
 no band with a chance of a few percent, copies alike at >= 0.99 well under 0.1%.
 Measured: the groups equal those of a full comparison among UTKFace's 5,000 crops and
-among 450 blends of faces spanning the threshold; ~50 ms for 3,000 photos (on 2 cores,
+among 450 blends of faces spanning the threshold; 50-60 ms for 3,000 photos (on 2 cores,
 the hashing's matrix product and the bands ~20 ms each); 20,000 noisy copies of one face
-make one group in ~1.2 s.
+(and 5,000 exact ones) make one group in 1.1-1.2 s.
 At Celeb 100k's scale, the candidates are many (19 million among 100,000 face-like
 thumbnails), so each is first compared along the thumbnails' principal directions (see
 alike): 100,000 took ~4-5 s, ~4.3x faster than checking every candidate in full
@@ -36,8 +36,8 @@ Bands checked two at a time on 2 cores, against the serial form before: 1.13x fa
 12,000 sample faces, 1.5x for 40,000, 1.7x for 25,000 draws of one face (for 40,000, the
 same peak memory with 2 threads as with 1, +120 MB with 8). Since, each band's pairs are
 made in a few large numpy calls and the hash's offset taken once (band_pairs, band_keys):
-100,000 faces in 3.8-4.7 s instead of 5.1-6.0, 40,000 in 1.4 s instead of 1.85 (2 cores),
-the same groups, peak memory within 4%. This grouping is the serial part that limits how `prepare` scales with
+100,000 faces in 3.8-4.7 s instead of 5.1-6.0, 40,000 in 1.3-1.5 s instead of 1.8-1.9 (2
+cores), the same groups, peak memory +7% at most (25,000 draws of one face). This grouping is the serial part that limits how `prepare` scales with
 cores: on 16 cores, 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s
 with 1 (docs/performance.md, "On 16 cores").
 """
@@ -95,14 +95,16 @@ def band_keys(units: np.ndarray) -> np.ndarray:
     planes = np.random.default_rng(0).standard_normal((units.shape[1], (BANDS + RAW_BANDS) * BAND_BITS), np.float32)
     # (x - mean) @ planes > 0 as x @ planes > mean @ planes: no copy of the thumbnails less
     # their mean, no second product to join (at 12,000 faces 3x faster the first time,
-    # when its arrays are fresh memory, as in every `prepare`)
+    # when its arrays are fresh memory, as in every `prepare`). Equal in exact arithmetic,
+    # not bit for bit: a projection within rounding of the offset may flip its bit (2 keys
+    # of 720,000 in a test), an equally valid hash; the groups measured the same.
     offset = np.concatenate([mean @ planes[:, :BANDS * BAND_BITS], np.zeros(RAW_BANDS * BAND_BITS, np.float32)])
     keys = np.zeros((len(units), BANDS + RAW_BANDS, 8), np.uint8)  # a band's bytes, read as one int64
     for start in range(0, len(units), KEY_ROWS):
         chunk = units[start:start + KEY_ROWS]
         packed = np.packbits(chunk @ planes > offset, axis=1)
         keys[start:start + KEY_ROWS, :, :BAND_BITS // 8] = packed.reshape(len(chunk), BANDS + RAW_BANDS, -1)
-    return keys.view(np.int64)[:, :, 0]
+    return keys.view("<i8")[:, :, 0]  # b0 + 256 b1 + 65536 b2 on any machine: below 2**24
 
 
 def band_pairs(band: np.ndarray, index: np.ndarray, rank: np.ndarray,
