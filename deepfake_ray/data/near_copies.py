@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache, partial
 
 import numpy as np
@@ -176,12 +177,11 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
     return np.concatenate(found)
 
 
-def band_links(units: np.ndarray, near: np.ndarray, rank: np.ndarray, index: np.ndarray, n: int,
-               band: np.ndarray, linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
+def band_links(h: Hashed, band: np.ndarray, linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
     """The near copies among one band's candidates, less pairs already `linked`. Bands
     are checked a wave at a time, one per core: numpy's sorts, gathers and sums release
     the GIL, and on the driver the cluster's ingest is over and the cores idle."""
-    return alike(units, near, one_way(band_pairs(band, index, rank, linked), n), check_pairs)
+    return alike(h.units, h.near, one_way(band_pairs(band, h.index, h.rank, linked), h.n), check_pairs)
 
 
 @cache
@@ -235,38 +235,62 @@ def one_way(pairs: np.ndarray, n: int) -> np.ndarray:
     return pairs[(low < n) & ((high < n) | (low < high - n))]
 
 
-def groups(thumbs: list[bytes]) -> list[list[int]]:
-    """Indices of the images in each group of two or more near copies (linked through
-    any chain of pairs), each group in ascending order. Each image takes part as it is
-    and flipped (its mirror image, linked to it from the start), which doubles the work."""
+@dataclass(frozen=True)
+class Hashed:
+    """The images as every band's check reads them: image i is row i, and row n + i is
+    image i flipped."""
+    n: int
+    units: np.ndarray  # unit_vectors, then the same flipped
+    label: np.ndarray  # each row's group so far: identical thumbnails, each image with its flip
+    index: np.ndarray  # the rows to hash: not blank, the first of identical thumbnails
+    near: np.ndarray  # the rows along their principal directions (principal)
+    rank: np.ndarray  # each row's rank along the last of them (band_pairs)
+    bands: np.ndarray  # band_keys, a band a row
+
+
+def hashed(thumbs: list[bytes]) -> Hashed:
     n = len(thumbs)
-    if n < 2:
-        return []
-    every = [*thumbs, *mirrored(thumbs)]  # image i flipped is image n + i
+    every = [*thumbs, *mirrored(thumbs)]
     first = {}  # identical thumbnails (one picture stored twice, one face drawn again) group at once
     label = np.array([first.setdefault(t, i) for i, t in enumerate(every)], np.int64)
     units = unit_vectors(thumbs)
     units = np.concatenate([units, flipped(units)])  # flipped: the same numbers in another order
     index = np.flatnonzero(units.any(axis=1) & (label == np.arange(len(every))))
     label = joined(label, np.stack([np.arange(n), np.arange(n, 2 * n)], axis=1))  # each is its flip
-    if len(index) >= 2:
-        found, near, bands = [], principal(units), np.ascontiguousarray(band_keys(units).T)  # a band a row
-        rank = ranks(near[:, -1])
-        at_once = min(len(bands), threads())
-        # the first band alone: where one face is drawn again and again, it links most of
-        # them, and the waves after it check little
-        waves = [bands[:1], *(bands[i:i + at_once] for i in range(1, len(bands), at_once))]
-        with ThreadPoolExecutor(at_once) as pool:
-            for wave in waves:  # pairs linked by earlier waves not checked again
-                each = CHECK_PAIRS // len(wave)  # the wave's bands share the memory bound
-                found += pool.map(partial(band_links, units, near, rank, index, n, linked=label,
-                                          check_pairs=each), wave)
-                if sum(map(len, found)) > len(every):  # many links (one face drawn again and again):
-                    label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
-        pairs = np.concatenate([np.empty((0, 2), np.int64), *found])
-        if len(pairs):
-            label = joined(label, pairs)
-    members: dict[int, list[int]] = {}
+    near = principal(units)
+    return Hashed(n, units, label, index, near, ranks(near[:, -1]),
+                  np.ascontiguousarray(band_keys(units).T) if len(index) >= 2 else np.empty((0, 2 * n), np.int64))
+
+
+def in_waves(h: Hashed, at_once: int) -> np.ndarray:
+    """Each row's group once every band is checked, `at_once` bands at a time on threads.
+    The first band goes alone: where one face is drawn again and again, it links most of
+    them, and the waves after it check little."""
+    found, label = [], h.label
+    waves = [h.bands[:1], *(h.bands[i:i + at_once] for i in range(1, len(h.bands), at_once))]
+    with ThreadPoolExecutor(at_once) as pool:
+        for wave in waves:  # pairs linked by earlier waves not checked again
+            each = CHECK_PAIRS // len(wave)  # the wave's bands share the memory bound
+            found += pool.map(partial(band_links, h, linked=label, check_pairs=each), wave)
+            if sum(map(len, found)) > len(label):  # many links (one face drawn again and again):
+                label, found = joined(label, np.concatenate(found)), []  # join them before the next wave
+    pairs = np.concatenate([np.empty((0, 2), np.int64), *found])
+    return joined(label, pairs) if len(pairs) else label
+
+
+def groups(thumbs: list[bytes]) -> list[list[int]]:
+    """Indices of the images in each group of two or more near copies (linked through
+    any chain of pairs), each group in ascending order. Each image takes part as it is
+    and flipped (its mirror image, linked to it from the start), which doubles the work."""
+    if len(thumbs) < 2:
+        return []
+    h = hashed(thumbs)
+    return members(in_waves(h, min(len(h.bands), threads())) if len(h.bands) else h.label, h.n)
+
+
+def members(label: np.ndarray, n: int) -> list[list[int]]:
+    """The groups of two or more among images 0..n-1, by their `label`."""
+    found: dict[int, list[int]] = {}
     for i, group in enumerate(label[:n].tolist()):
-        members.setdefault(group, []).append(i)
-    return [m for m in members.values() if len(m) > 1]
+        found.setdefault(group, []).append(i)
+    return [m for m in found.values() if len(m) > 1]
