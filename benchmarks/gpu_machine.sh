@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a bigger machine than a 2-core laptop, as one run: how the driver's
-# near-copy grouping scales with threads (near_copies.py), ingest scaling on all its cores
+# near-copy grouping scales with threads, or as Ray tasks (near_copies.py), and whether
+# glibc's handing memory back is what holds the threads, ingest scaling on all its cores
 # (ingest.py), the GPU throughput benchmarks (gpu_gan.py, gpu_detector.py) and the tiny
 # pipeline with resources.use_gpu=true, its GPU's users sampled each second.
 #
@@ -44,7 +45,7 @@ wheels() {
 
 step() {  # NAME SECONDS COMMAND...: the command's output to $out/NAME.log, its end here
   local name=$1 limit=$2; shift 2
-  case " ${STEPS:-machine grouping ingest gpu_gan gpu_detector pipeline serve} " in *" $name "*) ;; *) return ;; esac
+  case " ${STEPS:-machine grouping grouping_malloc ingest gpu_gan gpu_detector pipeline serve} " in *" $name "*) ;; *) return ;; esac
   echo "== $name (at most ${limit}s): $*"
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   echo "== $name: exit $? (${SECONDS}s since the start)"
@@ -66,8 +67,13 @@ import sys, torch, ray, pyarrow, pandas, timm, PIL
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(),
       \"ray\", ray.__version__, \"pyarrow\", pyarrow.__version__, \"pandas\", pandas.__version__,
       \"timm\", timm.__version__, \"pillow\", PIL.__version__)"'
-  step grouping "${GROUPING_S:-90}" python3 benchmarks/near_copies.py --images "${IMAGES:-12000}" \
+  step grouping "${GROUPING_S:-120}" python3 benchmarks/near_copies.py --images "${IMAGES:-12000}" \
     --threads 1,2,4,8,16 --rounds 3
+  # the same with freed memory kept by glibc: is handing it back (madvise, each core's TLB
+  # flushed) what keeps 16 threads from going faster than 2?
+  step grouping_malloc "${GROUPING_S:-120}" env MALLOC_MMAP_THRESHOLD_=1073741824 \
+    MALLOC_TRIM_THRESHOLD_=4294967296 python3 benchmarks/near_copies.py --images "${IMAGES:-12000}" \
+    --threads 1,4,16 --rounds 3
   step ingest "${INGEST_S:-200}" python3 benchmarks/ingest.py --images "${IMAGES:-12000}" --rounds "${ROUNDS:-5}"
   step gpu_gan 50 python3 benchmarks/gpu_gan.py
   step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 256 --no-compile

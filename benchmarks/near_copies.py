@@ -12,7 +12,8 @@ must give the same groups, and the median ratio is printed.
 
 `--threads` times `groups` alone with each number of bands checked at once instead (the
 baseline there is one thread), to see how the driver's grouping scales with cores, and
-where one run's time went.
+where one run's time went; then the same bands checked by as many Ray tasks (processes)
+on the in-process Ray, which must find the same groups.
 
 The thumbnails are the built-in `sample` faces' (made here, on all cores: ~2 min for
 100,000 on 2), which are more alike than photos, so they make more candidates.
@@ -20,6 +21,7 @@ The thumbnails are the built-in `sample` faces' (made here, on all cores: ~2 min
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import time
@@ -27,8 +29,10 @@ from multiprocessing import Pool
 from statistics import median
 
 import numpy as np
+import ray
 from PIL import Image
 
+from deepfake_ray import runtime
 from deepfake_ray.data import near_copies, sample
 
 
@@ -82,6 +86,29 @@ def breakdown(thumbs: list[bytes]) -> str:
             + f", the rest (mostly the bands) {total - sum(seconds.values()):.3f} of {total:.3f} s")
 
 
+@ray.remote
+def check_share(h: near_copies.Hashed, share: np.ndarray) -> np.ndarray:
+    """One task's bands, in turn (a wave's memory bound each, as on one of the threads)."""
+    return np.concatenate([np.empty((0, 2), np.int64)] + [
+        near_copies.band_links(h, band, h.label, near_copies.CHECK_PAIRS // 8) for band in share])
+
+
+def on_ray(thumbs: list[bytes], tasks: int) -> tuple[float, list[list[int]]]:
+    """`groups` with the bands after the first checked by `tasks` Ray tasks, a share of the
+    bands each, where threads check them in `groups`: processes share no GIL nor address
+    space, and on a cluster they could run on every node. The inputs go to the object
+    store once; tasks on this node read them in place."""
+    started = time.perf_counter()
+    h = near_copies.hashed(thumbs)
+    first = near_copies.in_waves(dataclasses.replace(h, bands=h.bands[:1]), 1)
+    ref = ray.put(dataclasses.replace(h, label=first))
+    per_core = ray.cluster_resources()["CPU"] / runtime.machine_cores()  # a task a core
+    found = ray.get([check_share.options(num_cpus=per_core).remote(ref, share)
+                     for share in np.array_split(h.bands[1:], tasks) if len(share)])
+    label = near_copies.joined(first, np.concatenate(found))
+    return time.perf_counter() - started, sorted(near_copies.members(label, h.n))
+
+
 def by_threads(thumbs: list[bytes], counts: list[int], rounds: int) -> None:
     """Each count of threads twice: BLAS (the hashing's product) on every core as in
     `prepare`, then on one, in case its idle threads' spinning slows the bands' threads."""
@@ -89,17 +116,22 @@ def by_threads(thumbs: list[bytes], counts: list[int], rounds: int) -> None:
 
     from threadpoolctl import threadpool_limits
 
+    runtime.init()
+    on_ray(thumbs, 1)  # untimed: the workers' imports
     kept = near_copies.threads
     try:
-        near_copies.groups(thumbs)  # untimed: the first run's fresh memory and imports
+        expected = sorted(near_copies.groups(thumbs))  # untimed: the first run's fresh memory and imports
         seconds = {}
         for k in counts:
             near_copies.threads = lambda k=k: k
             for blas in ("all", "1"):
                 with threadpool_limits(1, "blas") if blas == "1" else nullcontext():
                     seconds[k, blas] = median(timed_groups(thumbs, near_copies.alike)[0] for _ in range(rounds))
+            tasks = [on_ray(thumbs, k) for _ in range(rounds)]
+            assert all(found == expected for _, found in tasks), "the tasks changed the groups"
             print(f"  {k:2d} threads: {seconds[k, 'all']:.3f} s, {seconds[counts[0], 'all'] / seconds[k, 'all']:.2f}x "
-                  f"of {counts[0]}; BLAS on one thread {seconds[k, '1']:.3f} s; {breakdown(thumbs)}", flush=True)
+                  f"of {counts[0]}; BLAS on one thread {seconds[k, '1']:.3f} s; as {k} Ray tasks "
+                  f"{median(t for t, _ in tasks):.3f} s; {breakdown(thumbs)}", flush=True)
     finally:
         near_copies.threads = kept
 
