@@ -6,6 +6,7 @@
 # pipeline with resources.use_gpu=true, its GPU's users sampled each second.
 #
 #   bash benchmarks/gpu_machine.sh run      # each step's log to $OUT (default /tmp/gpu-machine)
+#   (all steps' limits add up to more than a device call's 600 s: pick a few STEPS per call)
 #   STEPS="ingest pipeline" IMAGES=12000 bash benchmarks/gpu_machine.sh run   # some steps only
 #   bash benchmarks/gpu_machine.sh wheels   # on a machine with internet, for one without:
 #

@@ -87,10 +87,10 @@ def breakdown(thumbs: list[bytes]) -> str:
 
 
 @ray.remote
-def check_share(h: near_copies.Hashed, share: np.ndarray) -> np.ndarray:
-    """One task's bands, in turn (a wave's memory bound each, as on one of the threads)."""
+def check_share(h: near_copies.Hashed, share: np.ndarray, check_pairs: int) -> np.ndarray:
+    """One task's bands, in turn, each checked `check_pairs` at a time as on a thread."""
     return np.concatenate([np.empty((0, 2), np.int64)] + [
-        near_copies.band_links(h, band, h.label, near_copies.CHECK_PAIRS // 8) for band in share])
+        near_copies.band_links(h, band, h.label, check_pairs) for band in share])
 
 
 def on_ray(thumbs: list[bytes], tasks: int) -> tuple[float, list[list[int]]]:
@@ -102,8 +102,9 @@ def on_ray(thumbs: list[bytes], tasks: int) -> tuple[float, list[list[int]]]:
     h = near_copies.hashed(thumbs)
     first = near_copies.in_waves(dataclasses.replace(h, bands=h.bands[:1]), 1)
     ref = ray.put(dataclasses.replace(h, label=first))
-    per_core = ray.cluster_resources()["CPU"] / runtime.machine_cores()  # a task a core
-    found = ray.get([check_share.options(num_cpus=per_core).remote(ref, share)
+    # a task a core of the in-process Ray, which declares more CPUs than the machine's cores
+    per_core = ray.cluster_resources()["CPU"] / runtime.machine_cores() if runtime.in_process() else 1
+    found = ray.get([check_share.options(num_cpus=per_core).remote(ref, share, near_copies.CHECK_PAIRS // tasks)
                      for share in np.array_split(h.bands[1:], tasks) if len(share)])
     label = near_copies.joined(first, np.concatenate(found))
     return time.perf_counter() - started, sorted(near_copies.members(label, h.n))
@@ -111,29 +112,31 @@ def on_ray(thumbs: list[bytes], tasks: int) -> tuple[float, list[list[int]]]:
 
 def by_threads(thumbs: list[bytes], counts: list[int], rounds: int) -> None:
     """Each count of threads twice: BLAS (the hashing's product) on every core as in
-    `prepare`, then on one, in case its idle threads' spinning slows the bands' threads."""
+    `prepare`, then on one, in case its idle threads' spinning slows the bands' threads;
+    then, once Ray is up (timed after the threads, which ran without it), as Ray tasks."""
     from contextlib import nullcontext
 
     from threadpoolctl import threadpool_limits
 
-    runtime.init()
-    on_ray(thumbs, 1)  # untimed: the workers' imports
     kept = near_copies.threads
     try:
-        expected = sorted(near_copies.groups(thumbs))  # untimed: the first run's fresh memory and imports
+        expected = sorted(near_copies.groups(thumbs))  # untimed: the first run's fresh memory
         seconds = {}
         for k in counts:
             near_copies.threads = lambda k=k: k
             for blas in ("all", "1"):
                 with threadpool_limits(1, "blas") if blas == "1" else nullcontext():
                     seconds[k, blas] = median(timed_groups(thumbs, near_copies.alike)[0] for _ in range(rounds))
-            tasks = [on_ray(thumbs, k) for _ in range(rounds)]
-            assert all(found == expected for _, found in tasks), "the tasks changed the groups"
             print(f"  {k:2d} threads: {seconds[k, 'all']:.3f} s, {seconds[counts[0], 'all'] / seconds[k, 'all']:.2f}x "
-                  f"of {counts[0]}; BLAS on one thread {seconds[k, '1']:.3f} s; as {k} Ray tasks "
-                  f"{median(t for t, _ in tasks):.3f} s; {breakdown(thumbs)}", flush=True)
+                  f"of {counts[0]}; BLAS on one thread {seconds[k, '1']:.3f} s; {breakdown(thumbs)}", flush=True)
     finally:
         near_copies.threads = kept
+    runtime.init()
+    on_ray(thumbs, max(counts))  # untimed: every worker's imports
+    for k in counts:
+        tasks = [on_ray(thumbs, k) for _ in range(rounds)]
+        assert all(found == expected for _, found in tasks), "the tasks changed the groups"
+        print(f"  {k:2d} Ray tasks: {median(t for t, _ in tasks):.3f} s", flush=True)
 
 
 def main() -> None:

@@ -235,7 +235,7 @@ def one_way(pairs: np.ndarray, n: int) -> np.ndarray:
     return pairs[(low < n) & ((high < n) | (low < high - n))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: no == nor hash
 class Hashed:
     """The images as every band's check reads them: image i is row i, and row n + i is
     image i flipped."""
@@ -266,6 +266,8 @@ def in_waves(h: Hashed, at_once: int) -> np.ndarray:
     """Each row's group once every band is checked, `at_once` bands at a time on threads.
     The first band goes alone: where one face is drawn again and again, it links most of
     them, and the waves after it check little."""
+    if not len(h.bands):  # fewer than two images to hash
+        return h.label
     found, label = [], h.label
     waves = [h.bands[:1], *(h.bands[i:i + at_once] for i in range(1, len(h.bands), at_once))]
     with ThreadPoolExecutor(at_once) as pool:
@@ -285,7 +287,7 @@ def groups(thumbs: list[bytes]) -> list[list[int]]:
     if len(thumbs) < 2:
         return []
     h = hashed(thumbs)
-    return members(in_waves(h, min(len(h.bands), threads())) if len(h.bands) else h.label, h.n)
+    return members(in_waves(h, max(1, min(len(h.bands), threads()))), h.n)
 
 
 def members(label: np.ndarray, n: int) -> list[list[int]]:
