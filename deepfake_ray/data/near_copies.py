@@ -37,9 +37,10 @@ Bands checked two at a time on 2 cores, against the serial form before: 1.13x fa
 same peak memory with 2 threads as with 1, +120 MB with 8). Since, each band's pairs are
 made in a few large numpy calls and the hash's offset taken once (band_pairs, band_keys):
 100,000 faces in 3.8-4.7 s instead of 5.1-6.0, 40,000 in 1.3-1.5 s instead of 1.8-1.9 (2
-cores), the same groups, peak memory +7% at most (25,000 draws of one face). This grouping is the serial part that limits how `prepare` scales with
-cores: on 16 cores, 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s
-with 1 (docs/performance.md, "On 16 cores").
+cores), the same groups, peak memory +7% at most (25,000 draws of one face). This
+grouping is the serial part that limits how `prepare` scales with cores: on 16 cores,
+12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s with 1
+(docs/performance.md, "On 16 cores").
 """
 from __future__ import annotations
 
@@ -249,6 +250,7 @@ class Hashed:
 
 
 def hashed(thumbs: list[bytes]) -> Hashed:
+    """The grouping's first step, on the driver: flips, unit vectors, hash keys."""
     n = len(thumbs)
     every = [*thumbs, *mirrored(thumbs)]
     first = {}  # identical thumbnails (one picture stored twice, one face drawn again) group at once
