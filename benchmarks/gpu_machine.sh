@@ -86,7 +86,8 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
   export -f serve_one_face
   step serve "${SERVE_S:-90}" bash -c 'serve_one_face "$@"' _ /tmp/gpu-machine-run/detector/model
   kill "$watch" 2>/dev/null
-  echo "== processes seen on the GPU during the pipeline and serve:"; sort -u "$out/gpu_users.log" | head -20
+  [ -s "$out/gpu_users.log" ] && { echo "== processes seen on the GPU during the pipeline and serve:"
+    sort -u "$out/gpu_users.log" | head -20; }
 }
 
 serve_one_face() {  # MODEL: serve it, ask /v1/model (its device) and /v1/detect once, stop

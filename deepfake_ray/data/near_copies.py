@@ -61,7 +61,7 @@ PRINCIPAL = 16  # directions in which candidates are compared first, see alike
 KEY_ROWS = 8192  # thumbnails hashed at once: likewise
 MAX_GAP = 32  # see band_pairs
 PAIRS_AT_ONCE = 1 << 18  # a band's candidate pairs made at once (band_pairs): bounds the memory
-MAX_THREADS = 8  # bands checked at once (band_links), sharing CHECK_PAIRS' memory bound
+MAX_THREADS = 8  # bands checked at once (in_waves), sharing CHECK_PAIRS' memory bound
 # a thumbnail whose grey levels vary less than this (standard deviation) shows no face:
 # an untrained generator's grey. Faces measure >= 3 (the demo's fakes), >= 6 (its reals)
 BLANK = 1.0
@@ -125,8 +125,9 @@ def band_pairs(band: np.ndarray, index: np.ndarray, rank: np.ndarray,
     sort by two: 2.9x faster. Then every image's partners at once, PAIRS_AT_ONCE pairs at
     a time, in ~15 numpy calls: a loop over the gaps made ~300 small ones a band, each
     holding the GIL a while, which the other threads checking bands waited for."""
-    order = np.argsort((band[index] << 32) | rank[index])
-    ranked, who = band[index][order], index[order]
+    keys = band[index]
+    order = np.argsort((keys << 32) | rank[index])
+    ranked, who = keys[order], index[order]
     run_start = np.flatnonzero(np.concatenate([[True], ranked[1:] != ranked[:-1]]))
     run_length = np.diff(np.append(run_start, len(ranked)))
     left_in_run = np.repeat(run_start + run_length, run_length) - np.arange(len(ranked)) - 1
@@ -179,9 +180,7 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
 
 
 def band_links(h: Hashed, band: np.ndarray, linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
-    """The near copies among one band's candidates, less pairs already `linked`. Bands
-    are checked a wave at a time, one per core: numpy's sorts, gathers and sums release
-    the GIL, and on the driver the cluster's ingest is over and the cores idle."""
+    """The near copies among one band's candidates, less pairs already `linked`."""
     return alike(h.units, h.near, one_way(band_pairs(band, h.index, h.rank, linked), h.n), check_pairs)
 
 
@@ -265,8 +264,9 @@ def hashed(thumbs: list[bytes]) -> Hashed:
 
 
 def in_waves(h: Hashed, at_once: int) -> np.ndarray:
-    """Each row's group once every band is checked, `at_once` bands at a time on threads.
-    The first band goes alone: where one face is drawn again and again, it links most of
+    """Each row's group once every band is checked, `at_once` bands at a time on threads
+    (numpy's sorts, gathers and sums release the GIL, and on the driver the cluster's
+    ingest is over and the cores idle). The first band goes alone: where one face is drawn again and again, it links most of
     them, and the waves after it check little."""
     if not len(h.bands):  # fewer than two images to hash
         return h.label
