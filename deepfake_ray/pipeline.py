@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import pyarrow.compute as pc
-
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 
@@ -135,8 +133,8 @@ def score_test_split(cfg: Config, force: bool = False) -> dict:
     storage.delete_dir(images)  # another test split's images, when the data were redone
     files = {}
     for label, stage in (("real", datasets.data_dir(cfg.workdir)), ("fake", datasets.fakes_dir(cfg.workdir))):
-        table = storage.read_parquet(datasets.images_uri(stage), columns=["sha1", "split", "image"])
-        for row in table.filter(pc.equal(table["split"], "test")).to_pylist():
+        table = storage.read_parquet(datasets.images_uri(stage), columns=["sha1", "image"])
+        for row in datasets.rows_among(table, datasets.split_hashes(stage, "test")).to_pylist():
             files[storage.join(images, label, f"{row['sha1']}.jpg")] = row["image"]
     storage.write_many(files)  # the study's test split: 20,000 files, on S3 each a request
     out = storage.join(folder, "test_scores.parquet")

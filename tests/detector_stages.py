@@ -35,7 +35,7 @@ def write_stage(stage_uri: str, images: list[tuple[np.ndarray, str]], quality: i
                      "format": "JPEG", "sha1": decode.sha1(jpeg), "bytes": len(jpeg), "split": split,
                      "image": jpeg})
     manifest = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "image"} for r in rows])
-    images_table = pa.Table.from_pylist([{k: r[k] for k in ("sha1", "split", "image")} for r in rows])
+    images_table = pa.Table.from_pylist([{k: r[k] for k in ("sha1", "image")} for r in rows])
     storage.write_parquet(storage.join(datasets.images_uri(stage_uri), "part-0.parquet"), images_table)
     storage.write_parquet(datasets.manifest_uri(stage_uri), manifest)
     storage.mark_complete(stage_uri, {"images": len(rows), "settings": {"data.jpeg_quality": quality}})

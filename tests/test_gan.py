@@ -370,12 +370,13 @@ def test_generate_matches_the_reals_layout_and_encoding(generated):
     real_images = storage.read_parquet(datasets.images_uri(datasets.data_dir(workdir)))
     fake_images = storage.read_parquet(datasets.images_uri(datasets.fakes_dir(workdir)))
     assert fake_images.schema.remove_metadata() == real_images.schema.remove_metadata()
+    assert fake_images.column_names == datasets.IMAGES_COLUMNS  # the split is the manifest's alone
     by_sha1 = {r["sha1"]: r for r in rows}
     real_jpeg = real_images.column("image")[0].as_py()
     for row in fake_images.to_pylist():
         meta = by_sha1[row["sha1"]]
         assert decode.sha1(row["image"]) == row["sha1"] and len(row["image"]) == meta["bytes"]
-        assert row["split"] == meta["split"] == prepare.assign_split(row["sha1"], cfg.data.splits)
+        assert meta["split"] == prepare.assign_split(row["sha1"], cfg.data.splits)
         assert decode.decode_jpeg(row["image"]).shape == (32, 32, 3)
         assert quantization(row["image"]) == quantization(real_jpeg)  # same JPEG quality
     assert Image.open(os.path.join(workdir, "fakes", "preview.png")).format == "PNG"
@@ -467,7 +468,7 @@ def test_reals_stored_without_thumbnails_get_them_from_their_images(prepared, tm
 
 
 def add_reals(workdir: str, images: list[dict]) -> None:
-    """Stored images (sha1, split, image, thumb) put among the reals of `workdir`, as if prepared
+    """Stored images (sha1, image, thumb) put among the reals of `workdir`, as if prepared
     from its source, leaving data/'s marker (so its identity) as it was."""
     part = storage.join(datasets.images_uri(datasets.data_dir(workdir)), "added.parquet")
     reals = storage.read_parquet(datasets.images_uri(datasets.data_dir(workdir)))
@@ -489,7 +490,7 @@ def test_generate_leaves_out_the_fakes_that_copy_a_real_photo(generated, tmp_pat
     shutil.copytree(generated[0], workdir)
     with_contrast(workdir, *checkpoint.load_model(model_uri(workdir)))
     first = generate.FakeMaker(model_uri(workdir), 0, 95, False)({"id": np.arange(5)}, 0)
-    add_reals(workdir, [{"sha1": sha1, "split": "train", "image": image, "thumb": thumb}
+    add_reals(workdir, [{"sha1": sha1, "image": image, "thumb": thumb}
                         for sha1, image, thumb in zip(first["sha1"], first["image"], first["thumb"])])
     summary = generate.run(tiny(workdir), force=True)
     out = capsys.readouterr().out
@@ -513,7 +514,7 @@ def test_a_generator_that_only_repeats_itself_exits_2_naming_the_fix(generated, 
     assert "the generator has collapsed to a few faces" in err[0] and "train-gan --force" in err[0]
     # and when that one face is a real photo, the generator reproduces what it trained on
     face = generate.FakeMaker(model_uri(workdir), 0, 95, False)({"id": np.arange(1)}, 0)
-    add_reals(workdir, [{"sha1": face["sha1"][0], "split": "train", "image": face["image"][0],
+    add_reals(workdir, [{"sha1": face["sha1"][0], "image": face["image"][0],
                          "thumb": face["thumb"][0]}])
     code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--force")
     assert code == 2 and len(err) == 1

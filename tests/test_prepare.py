@@ -148,9 +148,10 @@ def test_near_copies_of_a_picture_share_its_split_in_manifest_and_images(ray_ses
     assert all(len(n) == 1 and picture[manifest["path"] == next(iter(n))].item() == p for p, n in named.items())
     assert summary["near_copies"] == 160
     assert "160 near copies in their picture's split" in capsys.readouterr().out
-    # the images parts, which training reads, were mended to the manifest's splits
+    # training reads each split as the manifest draws it, from parts that hold no split
     data = datasets.data_dir(cfg.workdir)
     assert len(storage.list_files(datasets.images_uri(data))) > 1
+    assert pq.read_table(datasets.images_uri(data)).column_names == datasets.IMAGES_COLUMNS
     for split in datasets.SPLITS:
         stored = datasets.read_split(data, split).select_columns(["sha1"]).to_pandas()["sha1"]
         assert sorted(stored) == sorted(manifest.loc[manifest["split"] == split, "sha1"])

@@ -3,10 +3,15 @@
 `prepare` (reals) and `generate` (fakes) write the same layout:
 
     STAGE/manifest.parquet      one row per image: path, width, height, format, sha1, split, ...
-    STAGE/images/*.parquet      sha1, split, image (square JPEG at data.resolution,
-                                data.jpeg_quality): reals and fakes are encoded identically;
-                                thumb (`near_copies.thumbnail`, absent before 2026-12-03)
+    STAGE/images/*.parquet      sha1, image (square JPEG at data.resolution, data.jpeg_quality):
+                                reals and fakes are encoded identically; thumb
+                                (`near_copies.thumbnail`, absent before 2026-12-03)
     STAGE/_COMPLETE.json        written last
+
+The manifest alone says each image's split. `prepare` writes the parts while the ingest
+runs and decides the splits after it (a near copy takes its picture's), so a split kept in
+the parts as well meant rewriting most of them (parts made before 2026-12-04 hold one:
+readers ignore it).
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 import ray.data
-from ray.data.expressions import col
 
 from deepfake_ray import storage
 from deepfake_ray.data import near_copies
@@ -30,11 +34,12 @@ SPLITS = ("train", "val", "test")
 # How images parts are written (pyarrow.parquet.write_table's options). Dictionaries and
 # min/max statistics of unique hashes and JPEG blobs cost every write and help no read
 # (a part of 1,500 images: 4.5 -> 2.9 ms); snappy stays, as each JPEG repeats its headers (-12%).
-IMAGES_PARQUET = dict(use_dictionary=["split"], write_statistics=["split"])
+IMAGES_PARQUET = dict(use_dictionary=False, write_statistics=False)
+IMAGES_COLUMNS = ["sha1", "image", "thumb"]
 
 
 def write_images_part(uri: str, table: pyarrow.Table) -> None:
-    """One images part (sha1, split, image, thumb), written as every images part is."""
+    """One images part (IMAGES_COLUMNS), written as every images part is."""
     storage.write_parquet(uri, table, **IMAGES_PARQUET)
 
 
@@ -92,11 +97,28 @@ def require_manifest(stage_uri: str, made_by: str) -> pyarrow.Table:
     return table
 
 
+def split_hashes(stage_uri: str, split: str) -> pyarrow.Array:
+    """The sha1 of every image the stage's manifest puts in `split`."""
+    import pyarrow.compute as pc
+
+    manifest = storage.read_parquet(manifest_uri(stage_uri), columns=["sha1", "split"])
+    return manifest.filter(pc.equal(manifest["split"], split))["sha1"].combine_chunks()
+
+
 def read_split(stage_uri: str, split: str) -> ray.data.Dataset:
-    """Columns sha1, split, image (JPEG bytes) of one split."""
+    """Columns sha1, image (JPEG bytes) of one split, as the manifest draws it."""
     fs, path = storage.resolve(images_uri(stage_uri))
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["sha1", "split", "image"])
-    return ds.filter(expr=col("split") == split)
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["sha1", "image"])
+    # the hashes ride in the map's arguments, which Ray Data puts in the object store once
+    return ds.map_batches(rows_among, fn_kwargs={"hashes": split_hashes(stage_uri, split)},
+                          batch_format="pyarrow", batch_size=None)
+
+
+def rows_among(batch: pyarrow.Table, hashes: pyarrow.Array) -> pyarrow.Table:
+    """The rows of `batch` whose sha1 is one of `hashes`."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch["sha1"], value_set=hashes.cast(batch.schema.field("sha1").type)))
 
 
 def thumbnails(stage_uri: str) -> dict[str, bytes]:

@@ -249,32 +249,19 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     if claims:  # an image a task on this machine has already taken is left to it
         usable = leave_out_held(rows, usable, part, published(claims))
         publish_held(claims, part, [r["sha1"] for r in usable])
-    if usable:
+    if usable:  # no split: the driver decides some after the last task (share_splits)
         datasets.write_images_part(storage.join(images, part), pa.table({
             "sha1": pa.array([r["sha1"] for r in usable], TEXT),
-            "split": pa.array([r["split"] for r in usable], TEXT),
             "image": pa.array([r["image"] for r in usable], pa.binary()),
             "thumb": pa.array([r["thumb"] for r in usable], pa.binary())}))
     # typed here: Ray Data has nothing to infer, and the driver nothing to convert
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-@dataclasses.dataclass
-class Mend:
-    """What the driver changes in one images part its task wrote."""
-    drop: set[str] = dataclasses.field(default_factory=set)  # copies kept in another part
-    splits: dict[str, str] = dataclasses.field(default_factory=dict)  # near copies moved: sha1 -> split
-
-
-def mend_part(uri: str, mend: Mend) -> None:
-    """Rewrite one images part without the dropped images, moved ones in their new split."""
+def drop_copies(uri: str, drop: set[str]) -> None:
+    """Rewrite one images part without the images `drop` names: copies kept in another part."""
     table = storage.read_parquet(uri)
-    if mend.drop:
-        table = table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(mend.drop)))))
-    if mend.splits:
-        split = [mend.splits.get(h, s) for h, s in zip(table["sha1"].to_pylist(), table["split"].to_pylist())]
-        table = table.set_column(table.schema.get_field_index("split"), "split",
-                                 pa.array(split, table.schema.field("split").type))
+    table = table.filter(pc.invert(pc.is_in(table["sha1"], pa.array(list(drop)))))
     if table.num_rows:
         datasets.write_images_part(uri, table)
     else:  # every image it held is kept in another part
@@ -282,15 +269,15 @@ def mend_part(uri: str, mend: Mend) -> None:
 
 
 def write_outputs(out: str, images: str, manifest: list[dict], rejected: list[dict],
-                  mends: dict[str, Mend]) -> None:
-    """manifest.parquet, rejected.parquet, and every part in `mends` rewritten. The files
+                  drops: dict[str, set[str]]) -> None:
+    """manifest.parquet, rejected.parquet, and every part in `drops` rewritten. The files
     are independent, so they are written at once: on S3 each rewrite is a GET and a PUT,
     round trips that one after another add up (3,000 photos, 7 parts rewritten: 1.28x
     faster against moto on loopback, where the server's own CPU, not latency, is the limit)."""
     tables = {datasets.manifest_uri(out): pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA),
               storage.join(out, "rejected.parquet"): pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA)}
     with ThreadPoolExecutor(8) as pool:
-        jobs = [pool.submit(mend_part, storage.join(images, part), mend) for part, mend in mends.items()]
+        jobs = [pool.submit(drop_copies, storage.join(images, part), drop) for part, drop in drops.items()]
         jobs += [pool.submit(storage.write_parquet, uri, table) for uri, table in tables.items()]
         for job in jobs:
             job.result()  # the first failure, if any, raised here
@@ -329,14 +316,14 @@ def block_count(files: int, slots: int, waves: int) -> int:
     return max(1, min(slots * rounds, -(-files // MIN_FILES_PER_TASK)))
 
 
-def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, Mend]]:
-    """(manifest, rejected, mends), in path order: the first file of each distinct image
-    is kept; decode failures and later copies are rejected. `mends` names, per images
+def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, set[str]]]:
+    """(manifest, rejected, drops), in path order: the first file of each distinct image
+    is kept; decode failures and later copies are rejected. `drops` names, per images
     part, the images it holds a copy of but that are kept in another part.
 
     Plain Python over rows: a few ms for thousands of files (pandas took ~50 ms, a
     tenth of what the driver adds to a small prepare)."""
-    kept, rejected, mends = {}, [], defaultdict(Mend)
+    kept, rejected, drops = {}, [], defaultdict(set)
     for row in sorted(rows, key=itemgetter("path")):
         if row["reason"]:
             rejected.append(row)
@@ -344,22 +331,21 @@ def sort_rows(rows: list[dict]) -> tuple[list[dict], list[dict], dict[str, Mend]
             rejected.append({**row, "reason": "duplicate",
                              "detail": f"duplicate: same bytes as {first['path']}"})
             if row["part"] != first["part"]:
-                mends[row["part"]].drop.add(row["sha1"])
-    return list(kept.values()), rejected, mends
+                drops[row["part"]].add(row["sha1"])
+    return list(kept.values()), rejected, drops
 
 
-def share_splits(manifest: list[dict], mends: dict[str, Mend]) -> None:
+def share_splits(manifest: list[dict]) -> None:
     """Put each group of near copies (`near_copies`) in one split: that of its member
     with the lowest sha1, so a rerun agrees, which the others name in `near_copy_of`.
-    The parts holding the images moved to another split are added to `mends`."""
+    Only the manifest holds the splits, so no part changes."""
     for group in near_copies.groups([row["thumb"] for row in manifest]):
         rows = [manifest[i] for i in group]
         first = min(rows, key=itemgetter("sha1"))
         for row in rows:
             if row is not first:
                 row["near_copy_of"] = first["path"]
-                if row["split"] != first["split"]:
-                    row["split"] = mends[row["part"]].splits[row["sha1"]] = first["split"]
+                row["split"] = first["split"]
 
 
 def source_files(src: Source) -> dict | None:
@@ -678,7 +664,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     phases = {"ingest": time.monotonic() - started}
     rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)  # not copied: not read
              for uri, error in src.unread.items()]
-    manifest, rejected, mends = sort_rows(rows)
+    manifest, rejected, drops = sort_rows(rows)
     if not manifest:
         storage.delete_dir(staged)
         reasons = Counter(row["reason"] for row in rejected)
@@ -691,11 +677,11 @@ def ingest_into_workdir(cfg: Config) -> dict:
                             "read: use an s3:// source, or an s3:// --workdir to copy them there"
                             if where else "check the source"))
     grouping = time.monotonic()
-    share_splits(manifest, mends)
+    share_splits(manifest)
     phases["near_copies"] = time.monotonic() - grouping
     lineage.unmark(cfg, STAGE)  # from here on data/ changes
     storage.replace_dir(images, staged)
-    write_outputs(out, images, manifest, rejected, mends)
+    write_outputs(out, images, manifest, rejected, drops)
     seconds = time.monotonic() - started
     phases["rest"] = seconds - phases["ingest"] - phases["near_copies"]
     summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, seconds, phases),

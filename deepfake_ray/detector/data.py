@@ -129,10 +129,11 @@ def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) ->
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     fs, real = storage.resolve(datasets.images_uri(datasets.data_dir(cfg.workdir)))
     _, fake = storage.resolve(datasets.images_uri(datasets.fakes_dir(cfg.workdir)))
-    wanted = {h: label for split in splits for label, hashes in selection.hashes[split].items()
+    # the manifests' splits (the selection's), which the parts do not hold
+    wanted = {h: (split, label) for split in splits for label, hashes in selection.hashes[split].items()
               for h in hashes}
-    ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "split", "image"])
-    return ds.map_batches(decode_labelled, fn_kwargs={"splits": splits, "wanted": wanted},
+    ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "image"])
+    return ds.map_batches(decode_labelled, fn_kwargs={"wanted": wanted},
                           batch_format="numpy", batch_size=cfg.data.decode_batch_size,
                           num_cpus=cfg.resources.data_cpus)
 
@@ -166,16 +167,16 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     return {"train": train, "val": views["val"]}
 
 
-def decode_labelled(batch: dict, splits: tuple[str, ...], wanted: dict[str, int]) -> Iterator[dict]:
-    """The batch's selected rows, decoded; nothing for a batch with none, because Ray Data
-    cannot type an empty image column and falls back to pickling it, with a warning."""
-    keep = [i for i, (h, s) in enumerate(zip(batch["sha1"], batch["split"]))
-            if s in splits and h in wanted]
+def decode_labelled(batch: dict, wanted: dict[str, tuple[str, int]]) -> Iterator[dict]:
+    """The batch's selected rows (`wanted`: sha1 -> split, label), decoded; nothing for a
+    batch with none, because Ray Data cannot type an empty image column and falls back to
+    pickling it, with a warning."""
+    keep = [i for i, h in enumerate(batch["sha1"]) if h in wanted]
     if not keep:
         return
     sha1 = np.asarray([batch["sha1"][i] for i in keep], dtype=object)
-    yield {"sha1": sha1, "split": np.asarray([batch["split"][i] for i in keep], dtype=object),
-           "label": np.asarray([wanted[h] for h in sha1], dtype=np.int64),
+    yield {"sha1": sha1, "split": np.asarray([wanted[h][0] for h in sha1], dtype=object),
+           "label": np.asarray([wanted[h][1] for h in sha1], dtype=np.int64),
            "pixels": np.stack([decode_jpeg(batch["image"][i]) for i in keep])}
 
 

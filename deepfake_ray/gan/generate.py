@@ -229,8 +229,7 @@ def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
     images = datasets.images_uri(out)
     storage.delete_dir(images)
     fs, path = storage.resolve(images)
-    ds.select_columns(["sha1", "split", "image", "thumb"]).write_parquet(path, filesystem=fs,
-                                                               **datasets.IMAGES_PARQUET)
+    ds.select_columns(datasets.IMAGES_COLUMNS).write_parquet(path, filesystem=fs, **datasets.IMAGES_PARQUET)
     meta = ds.select_columns(["index", "sha1", "bytes", "split"]).to_pandas()
     meta = meta.sort_values("index", kind="stable")
     r = cfg.data.resolution
