@@ -7,6 +7,7 @@ import shutil
 import time
 import zipfile
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.data
@@ -155,6 +156,12 @@ def test_near_copies_of_a_picture_share_its_split_in_manifest_and_images(ray_ses
     for split in datasets.SPLITS:
         stored = datasets.read_split(data, split).select_columns(["sha1"]).to_pandas()["sha1"]
         assert sorted(stored) == sorted(manifest.loc[manifest["split"] == split, "sha1"])
+    # parts made before kept a split of their own: a stale one does not count
+    for uri in storage.list_files(datasets.images_uri(data)):
+        part = storage.read_parquet(uri)
+        datasets.write_images_part(uri, part.append_column("split", pa.array(["train"] * part.num_rows)))
+    stored = datasets.read_split(data, "test").select_columns(["sha1"]).to_pandas()["sha1"]
+    assert sorted(stored) == sorted(manifest.loc[manifest["split"] == "test", "sha1"]) != []
 
 
 @pytest.mark.parametrize("where", ["in-process", "copied to S3 first, as on a cluster"])
