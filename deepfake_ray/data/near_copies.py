@@ -37,7 +37,8 @@ Bands checked two at a time on 2 cores, against the serial form before: 1.13x fa
 same peak memory with 2 threads as with 1, +120 MB with 8). Since, each band's pairs are
 made in a few large numpy calls and the hash's offset taken once (band_pairs, band_keys):
 100,000 faces in 3.8-4.7 s instead of 5.1-6.0, 40,000 in 1.3-1.5 s instead of 1.8-1.9 (2
-cores), the same groups, peak memory +7% at most (25,000 draws of one face). This
+cores), the same groups, peak memory +7% at most (25,000 draws of one face); with rows
+gathered by np.take and np.compress (see rows), 100,000 in 2.7-3.1 s. This
 grouping is the serial part that limits how `prepare` scales with cores: on 16 cores,
 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s with 1
 (docs/performance.md, "On 16 cores").
