@@ -126,8 +126,8 @@ def test_one_picture_saved_twice_with_other_metadata_is_in_one_split_and_stored_
     assert not any(b"from a camera" in image for image in images["image"])
 
 
-def test_near_copies_of_a_picture_share_its_split_in_manifest_and_images(ray_session, tiny_cfg, tmp_path,
-                                                                        capsys):
+def test_near_copies_of_a_picture_share_its_split_in_the_manifest_and_every_reader(
+        ray_session, tiny_cfg, tmp_path, capsys):
     """A photo filed again recompressed, resized or retouched is other pixels, so kept, but
     the same picture: the detector must not train on one copy and be tested on another."""
     folder = tmp_path / "faces"

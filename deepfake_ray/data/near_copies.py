@@ -38,7 +38,7 @@ same peak memory with 2 threads as with 1, +120 MB with 8). Since, each band's p
 made in a few large numpy calls and the hash's offset taken once (band_pairs, band_keys):
 100,000 faces in 3.8-4.7 s instead of 5.1-6.0, 40,000 in 1.3-1.5 s instead of 1.8-1.9 (2
 cores), the same groups, peak memory +7% at most (25,000 draws of one face); with rows
-gathered by np.take and np.compress (see rows), 100,000 in 2.7-3.1 s. This
+gathered by np.take and np.compress (see take_rows), 100,000 in 2.7-3.1 s. This
 grouping is the serial part that limits how `prepare` scales with cores: on 16 cores,
 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s with 1
 (docs/performance.md, "On 16 cores").
@@ -114,7 +114,7 @@ def band_keys(units: np.ndarray) -> np.ndarray:
 @cache
 def hyperplanes(dims: int) -> np.ndarray:
     """The hash's random hyperplanes, one a bit: the same in every run (drawing them took
-    ~2 ms, a twentieth of grouping 3,000 photos)."""
+    ~2 ms, ~4% of grouping 3,000 photos)."""
     planes = np.random.default_rng(0).standard_normal((dims, (BANDS + RAW_BANDS) * BAND_BITS), np.float32)
     planes.flags.writeable = False  # shared by every later call
     return planes
@@ -153,7 +153,7 @@ def band_pairs(band: np.ndarray, index: np.ndarray, rank: np.ndarray,
         a = np.repeat(np.arange(lo, hi), count)
         b = a + 1 + np.arange(len(a)) - np.repeat(np.cumsum(count) - count, count)
         a, b = who.take(a), who.take(b)
-        if wanted is not None:  # take and compress: see rows
+        if wanted is not None:  # take and compress: see take_rows
             keep = wanted(a, b)
             a, b = a.compress(keep), b.compress(keep)
         found.append(np.stack([a, b], axis=1))
@@ -174,6 +174,11 @@ def principal(units: np.ndarray) -> np.ndarray:
     return units @ np.linalg.eigh(spread)[1][:, -PRINCIPAL:]
 
 
+# Rows picked by np.take and np.compress, not by indexing (x[i], x[mask]): on numpy 2.4,
+# 65,536 rows of 16 floats gathered in 0.37 ms against 1.57, kept by a mask 6-10x faster.
+take_rows = partial(np.take, axis=0)
+
+
 def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
           check_pairs: int = CHECK_PAIRS) -> np.ndarray:
     """The pairs whose thumbnails correlate at >= SIMILAR, checked `check_pairs` at a time.
@@ -185,22 +190,18 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
     reach = 2 - 2 * SIMILAR + 1e-4  # float32 rounding must not drop a pair at the threshold
     found = [np.empty((0, 2), np.int64)]
     for chunk in np.split(pairs, range(check_pairs, len(pairs), check_pairs)):
-        gap = rows(near, chunk[:, 0])
-        gap -= rows(near, chunk[:, 1])
+        gap = take_rows(near, chunk[:, 0])
+        gap -= take_rows(near, chunk[:, 1])
         chunk = np.compress(np.einsum("ij,ij->i", gap, gap) <= reach, chunk, axis=0)
-        correlated = np.einsum("ij,ij->i", rows(units, chunk[:, 0]), rows(units, chunk[:, 1])) >= SIMILAR
+        correlated = np.einsum("ij,ij->i", take_rows(units, chunk[:, 0]), take_rows(units, chunk[:, 1])) >= SIMILAR
         found.append(np.compress(correlated, chunk, axis=0))
     return np.concatenate(found)
 
 
-# Rows picked by np.take and np.compress, not by indexing (x[i], x[mask]): on numpy 2.4,
-# 65,536 rows of 16 floats gathered in 0.37 ms against 1.57, kept by a mask 10x faster.
-rows = partial(np.take, axis=0)
-
 
 def band_links(h: Hashed, band: np.ndarray, linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
-    """The near copies among one band's candidates that say something new (`new_ways`)
-    and are not yet `linked`, each a label."""
+    """(pairs, 2) of rows: the near copies among one band's candidates that say something
+    new (`new_ways`) and are not yet in one group of `linked`."""
     def wanted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return new_ways(a, b, h.n) & (linked.take(a) != linked.take(b))
 
@@ -252,7 +253,7 @@ def mirrored(thumbs: list[bytes]) -> list[bytes]:
 def new_ways(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """Which pairs (a, b) say something new, among images 0..n-1 and their flips n..2n-1:
     two flips correlate as the two images do, and image a with b flipped as b with a
-    flipped, so of these only (a, b) and (a, flipped b) for a < b are (candidates come in
+    flipped, so of these only (a, b) and (a, flipped b) for a < b are new (candidates come in
     every way: four times the pairs of the images alone, 3.5x the time at 100,000)."""
     low, high = np.minimum(a, b), np.maximum(a, b)
     return (low < n) & ((high < n) | (low < high - n))
