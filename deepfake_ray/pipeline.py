@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow.compute as pc
+
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 
@@ -133,8 +135,10 @@ def score_test_split(cfg: Config, force: bool = False) -> dict:
     storage.delete_dir(images)  # another test split's images, when the data were redone
     files = {}
     for label, stage in (("real", datasets.data_dir(cfg.workdir)), ("fake", datasets.fakes_dir(cfg.workdir))):
-        table = storage.read_parquet(datasets.images_uri(stage), columns=["sha1", "image"])
-        for row in datasets.rows_among(table, datasets.split_hashes(stage, "test")).to_pylist():
+        # the test split's rows only: the whole stage would be every image in memory (Celeb
+        # 100k's reals alone: the process at 1.4 GB against 0.7)
+        test = pc.field("sha1").isin(datasets.split_hashes(stage, "test"))
+        for row in storage.read_parquet(datasets.images_uri(stage), ["sha1", "image"], test).to_pylist():
             files[storage.join(images, label, f"{row['sha1']}.jpg")] = row["image"]
     storage.write_many(files)  # the study's test split: 20,000 files, on S3 each a request
     out = storage.join(folder, "test_scores.parquet")

@@ -26,6 +26,7 @@ import threading
 from functools import lru_cache
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -437,9 +438,10 @@ def write_parquet(uri: str, table: pa.Table, **options) -> None:
     write_bytes(uri, out.getvalue())
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(uri: str, columns: list[str] | None = None, where: pc.Expression | None = None) -> pa.Table:
+    """`where`: the rows to keep, tested as each batch is read, so only they are held."""
     fs, path = resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=where)
 
 
 def upload_file(path: str, uri: str) -> None:

@@ -231,6 +231,12 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     # it learnt: the tiny run's fakes (a briefly trained generator's) against its reals
     # (measured: ROC-AUC 1.0 on 11 + 11 test images)
     assert_held_out_evaluation(cfg, min_roc_auc=0.8)
-    assert storage.read_parquet(f"{workdir}/score/test_scores.parquet").num_rows > 0
+    # the score stage scored each stage's test split, as its manifest draws it, and only that
+    scored = storage.read_parquet(f"{workdir}/score/test_scores.parquet").column("path").to_pylist()
+    for label, stage in (("real", "data"), ("fake", "fakes")):
+        manifest = storage.read_parquet(f"{workdir}/{stage}/manifest.parquet").to_pylist()
+        test = {row["sha1"] for row in manifest if row["split"] == "test"}
+        named = {os.path.basename(p).removesuffix(".jpg") for p in scored if f"/test_images/{label}/" in p}
+        assert test and named == test
     html = storage.read_text(f"{workdir}/report.html")
     assert html.count("data:image/png;base64,") >= 4
