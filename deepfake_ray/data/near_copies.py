@@ -198,7 +198,6 @@ def alike(units: np.ndarray, near: np.ndarray, pairs: np.ndarray,
     return np.concatenate(found)
 
 
-
 def band_links(h: Hashed, band: np.ndarray, linked: np.ndarray, check_pairs: int = CHECK_PAIRS) -> np.ndarray:
     """(pairs, 2) of rows: the near copies among one band's candidates that say something
     new (`new_ways`) and are not yet in one group of `linked`."""
