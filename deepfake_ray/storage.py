@@ -13,6 +13,7 @@ that is aborted if any part fails), never through a stream that a failure would 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -287,9 +288,21 @@ def boto3_client(endpoint: str | None):
             region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
 
 
-def nonblocking(path: str, flags: int) -> int:
-    # opening a named pipe for reading otherwise waits for a writer, forever
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+# non-blocking: opening a named pipe for reading otherwise waits for a writer, forever
+OPEN_TO_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def read_to_end(fd: int, size: int) -> bytes:
+    """The rest of a file opened at its start, `size` bytes by its last stat: one read
+    where the OS gives it all (a local file does), more where it gives less (some network
+    filesystems) or the file has grown since."""
+    data = os.read(fd, size + 1)  # the byte over its size: the end of a file that did not grow, in one call
+    if len(data) == size:
+        return data
+    chunks = [data]
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class FileTooLarge(ValueError):
@@ -307,13 +320,18 @@ def check_size(size: int | None, max_bytes: int | None) -> None:
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The file's bytes; over `max_bytes`, FileTooLarge without reading them."""
-    if not is_s3(uri):  # the OS directly: ingest reads many small files
-        with open(normalize(uri), "rb", opener=nonblocking) as f:
-            info = os.fstat(f.fileno())
+    if not is_s3(uri):  # the OS directly, no file object: ingest reads many small files
+        fd = os.open(normalize(uri), OPEN_TO_READ)  # ~6 us a face crop against ~13 through open()
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), uri)
             if not stat.S_ISREG(info.st_mode):
                 raise OSError(f"{uri} is not a regular file (a pipe, socket or device)")
             check_size(info.st_size, max_bytes)
-            return f.read()
+            return read_to_end(fd, info.st_size)
+        finally:
+            os.close(fd)
     if "//" in uri[len("s3://"):]:  # S3 allows keys pyarrow cannot name ('faces//a.jpg')
         return s3_get(uri, max_bytes)
     fs, path = resolve(uri)
