@@ -50,6 +50,24 @@ def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monke
     assert len(warning) == 1 and "1 folder(s)" in warning[0] and "lost+found (Permission denied)" in warning[0]
 
 
+def test_a_local_read_gets_the_whole_file_whatever_its_last_stat_said(tmp_path):
+    """read_bytes reads a file's size in one call; a file that grew or shrank since its
+    stat (or a filesystem that answers in pieces) is still read to its end."""
+    path = tmp_path / "face.jpg"
+    path.write_bytes(bytes(range(256)) * 40)
+    assert storage.read_bytes(str(path)) == path.read_bytes()
+    for said in (0, 100, 10_240, 20_000):  # grown, grown, as it is, shrunk
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert storage.read_to_end(fd, said) == path.read_bytes()
+        finally:
+            os.close(fd)
+    with pytest.raises(IsADirectoryError):
+        storage.read_bytes(str(tmp_path))
+    with pytest.raises(storage.FileTooLarge):
+        storage.read_bytes(str(path), max_bytes=100)
+
+
 def test_printable_keeps_valid_names_and_escapes_odd_bytes():
     assert storage.printable("/faces/José.jpg") == "/faces/José.jpg"
     assert storage.printable(os.fsdecode(b"/faces/Jos\xe9.jpg")) == "/faces/Jos\\xe9.jpg"
