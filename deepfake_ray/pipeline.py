@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import pyarrow.compute as pc
-
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 
@@ -123,6 +121,8 @@ def write_report(cfg: Config, force: bool = False) -> None:
 def score_test_split(cfg: Config, force: bool = False) -> dict:
     """Batch-score the held-out reals and fakes through the same path users run: the
     test images are written out as files (score/test_images/{real,fake}/) and scored."""
+    import pyarrow.compute as pc
+
     from deepfake_ray.data import datasets
     from deepfake_ray.serving import score
 

@@ -42,7 +42,8 @@ gathered by np.take and np.compress (see take_rows), 100,000 in 2.7-3.1 s. This
 grouping is the serial part that limits how `prepare` scales with cores: on 16 cores,
 12,000 faces still took ~0.3 s with 2 to 16 threads, against 0.43 s with 1
 (docs/performance.md, "On 16 cores"), likely as the bands' row indexing ran on one thread
-at a time (see take_rows: on 2 cores the bands now gain 1.69x from a second thread, not 1.41x).
+at a time (see take_rows; measured on 2 cores only, where the bands of 50,000 faces now
+gain 1.69x from a second thread, not 1.41x).
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def principal(units: np.ndarray) -> np.ndarray:
 
 # Rows picked by np.take and np.compress, not by indexing (x[i], x[mask]): on numpy 2.4,
 # 65,536 rows of 16 floats gathered in 0.37 ms against 1.57, kept by a mask 6-10x faster,
-# and x[i] on rows does not run on two threads at once (0.99x on two; np.take 1.74x).
+# and x[i] on rows gained nothing from a second thread (0.99x on 2 cores; np.take 1.74x).
 take_rows = partial(np.take, axis=0)
 
 
