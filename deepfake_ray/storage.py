@@ -303,11 +303,12 @@ def read_to_end(fd: int, size: int, max_bytes: int | None = None) -> bytes:
     if len(data) == size:
         return data
     chunks, total = [data], len(data)
-    while chunk := os.read(fd, 1 << 20):
+    while True:
+        check_size(total, max_bytes)  # grown past the limit since its stat: read no further
+        if not (chunk := os.read(fd, 1 << 20)):
+            return b"".join(chunks)
         chunks.append(chunk)
         total += len(chunk)
-        check_size(total, max_bytes)
-    return b"".join(chunks)
 
 
 class FileTooLarge(ValueError):
