@@ -524,10 +524,12 @@ def list_visible(uri: str) -> list[str]:
 
 def walk_local(root: str) -> list[str]:
     """Files under `root`, following linked folders, except a link back to a folder it is
-    inside of (a loop). The listing gives entry types, so only folders are stat'ed
-    (pyarrow stats every file: 5,000 photos ~35 ms against ~12). A folder that cannot be
-    read (a root-only `lost+found` on a mounted drive) is left out, with a warning."""
-    files, folders = [], [(root, frozenset())] if os.path.isdir(root) else []  # none: no files
+    inside of (a loop), `root` and the folders above it included: a link to `..` or `/`
+    would list what is beside the source, or the whole disk. The listing gives entry
+    types, so only folders are stat'ed (pyarrow stats every file: 5,000 photos ~35 ms
+    against ~12). A folder that cannot be read (a root-only `lost+found` on a mounted
+    drive) is left out, with a warning."""
+    files, folders = [], [(root, folders_above(root))] if os.path.isdir(root) else []  # none: no files
     unreadable = []
     while folders:
         folder, outer = folders.pop()
@@ -549,6 +551,18 @@ def walk_local(root: str) -> list[str]:
               f"are left out: {', '.join(sorted(unreadable)[:3])}{', ...' if len(unreadable) > 3 else ''}",
               file=sys.stderr, flush=True)
     return files
+
+
+def folders_above(root: str) -> frozenset[tuple[int, int]]:
+    """(device, inode) of each folder above `root`, by its path as given and as resolved."""
+    found = set()
+    for path in {os.path.abspath(root), os.path.realpath(root)}:
+        while (parent := os.path.dirname(path)) != path:
+            path = parent
+            with contextlib.suppress(OSError):  # one this user cannot stat: not known, as before
+                info = os.stat(path)
+                found.add((info.st_dev, info.st_ino))
+    return frozenset(found)
 
 
 def is_folder(entry: os.DirEntry) -> bool:

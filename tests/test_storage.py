@@ -32,6 +32,21 @@ def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     assert storage.list_files(str(tmp_path / "not-there")) == []  # as an empty S3 prefix
 
 
+def test_a_link_up_to_a_folder_above_the_source_lists_nothing_outside_it(tmp_path):
+    """`..` would list the source's neighbours as its own photos (and a link to `/` the
+    whole disk, a folder above every source as well)."""
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "other.jpg").write_bytes(b"o")
+    (tmp_path / "faces" / "sub").mkdir(parents=True)
+    (tmp_path / "faces" / "x.jpg").write_bytes(b"x")
+    os.symlink("..", tmp_path / "faces" / "up")
+    os.symlink("../..", tmp_path / "faces" / "sub" / "up2")
+    os.symlink(tmp_path / "faces", tmp_path / "via-link")  # the source named through a link
+    for source in ("faces", "via-link"):
+        files = [os.path.relpath(f, tmp_path / source) for f in storage.list_files(str(tmp_path / source))]
+        assert files == ["x.jpg"]
+
+
 def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):
     (tmp_path / "faces").mkdir()
     (tmp_path / "faces" / "x.jpg").write_bytes(b"x")
