@@ -52,6 +52,26 @@ def check_address(address: str | None) -> None:
             and not re.search(r":\d+$", address):
         raise UsageError(f"Ray address {address} names no port: pass HEAD:6379 (the head node's "
                          "GCS port), or --address auto on one of the cluster's nodes")
+    if address and address not in ("auto", "local"):
+        check_reachable(address)
+
+
+REACH_S = 5.0  # a head node answers a connection in milliseconds
+
+
+def check_reachable(address: str) -> None:
+    """UsageError for a HOST:PORT that nothing answers on: Ray itself retries it for
+    minutes, printing warnings, and never raises."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")  # ray://HOST:PORT too
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_S).close()
+    except (OSError, ValueError) as e:
+        raise unreachable(address, e.strerror if isinstance(e, OSError) and e.strerror else str(e)) from None
+
+
+def unreachable(address: str, why: str) -> UsageError:
+    return UsageError(f"cannot reach the Ray cluster at {address} ({why.splitlines()[0][:200]}): "
+                      "check --address or RAY_ADDRESS, and that the cluster is up")
 
 
 def machine_cores() -> int:
@@ -94,8 +114,7 @@ def init(address: str | None = None) -> None:
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:
-            raise UsageError(f"cannot reach the Ray cluster at {address} ({str(e).splitlines()[0][:200]}): "
-                             "check --address or RAY_ADDRESS, and that the cluster is up") from None
+            raise unreachable(address, str(e)) from None
     else:
         _embedded_cores = machine_cores()
         port = free_port()

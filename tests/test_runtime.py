@@ -78,7 +78,7 @@ def test_ray_data_draws_progress_bars_only_in_a_terminal_unless_told(monkeypatch
     assert context.enable_progress_bars is (setting != "0")
 
 
-def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeypatch, tmp_path, capsys):
+def test_a_ray_address_that_cannot_work_exits_2_before_anything_runs(monkeypatch, tmp_path, capsys):
     from deepfake_ray import cli
     from tests.cli_output import error_lines
 
@@ -94,6 +94,12 @@ def test_a_dashboard_url_as_the_ray_address_exits_2_before_anything_runs(monkeyp
                      "--address", "headnode"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "Ray address headnode names no port: pass HEAD:6379" in err[0]
+    assert not (tmp_path / "w").exists()
+    # nothing listens there: Ray itself retried it for minutes, printing warnings
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
+                     "--address", "127.0.0.1:1"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused)" in err[0]
     assert not (tmp_path / "w").exists()
 
 
