@@ -276,6 +276,7 @@ def execute(args: argparse.Namespace) -> int:
             raise
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
+            check_utf8(args)
         writes_config = args.command not in KEEP_CONFIG
         # refused before this run changes anything there (config.yaml included). A local
         # lock is taken now (the OS knows whether its holder lives): another run starting
@@ -295,6 +296,23 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         module.run(cfg, **options(args))
     return 0
+
+
+def check_utf8(args: argparse.Namespace) -> None:
+    """UsageError for an argument or a current folder that is not valid UTF-8 (an old
+    Latin-1 folder name): Ray hands the command line and the folder to its core as UTF-8,
+    and fails with a traceback. Such files inside a source are fine."""
+    from deepfake_ray import storage
+
+    given = [v for value in vars(args).values() for v in (value if isinstance(value, list) else [value])]
+    fix = "rename it, or pass a link to it (ln -s) whose name is"
+    for what, text, fix in [*(("the argument", v, fix) for v in given if isinstance(v, str)),
+                            ("the current folder", os.getcwd(), "run from a folder whose path is")]:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise UsageError(f"{what} {storage.printable(text)[:200]} is not valid UTF-8, which Ray "
+                             f"cannot take: {fix} valid UTF-8") from None
 
 
 def main(argv: list[str] | None = None) -> int:

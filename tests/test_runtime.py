@@ -103,6 +103,27 @@ def test_a_ray_address_that_cannot_work_exits_2_before_anything_runs(monkeypatch
     assert not (tmp_path / "w").exists()
 
 
+def test_a_path_that_is_not_utf8_exits_2_with_the_fix_before_anything_runs(monkeypatch, tmp_path, capsys):
+    """Ray hands the command line and the current folder to its core as UTF-8: an old
+    Latin-1 folder name failed there with a traceback, after config.yaml was written."""
+    from deepfake_ray import cli
+    from tests.cli_output import error_lines
+    from tests.images import encode, rgb
+
+    latin1 = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    os.mkdir(latin1)
+    with open(os.path.join(latin1, "face.jpg"), "wb") as f:
+        f.write(encode(rgb(), "JPEG"))
+    assert cli.main(["prepare", "--preset", "tiny", "--source", latin1, "--workdir", str(tmp_path / "w")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "caf\\xe9 is not valid UTF-8, which Ray cannot take: rename it, or pass a link" in err[0]
+    monkeypatch.chdir(latin1)
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "the current folder" in err[0] and "run from a folder whose path is valid UTF-8" in err[0]
+    assert not (tmp_path / "w").exists()  # no config.yaml, no lock
+
+
 def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_session, tmp_path):
     """Ray Train's own Ctrl-C handler aborts the run and calls sys.exit(0), so a command
     ended in silence with exit 0 (a `train-gan && generate` went on). It arrives as a
