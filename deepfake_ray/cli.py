@@ -133,6 +133,10 @@ def build_config(args: argparse.Namespace):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS)
     check_swept_settings(args.command, cfg, args.overrides)
+    # config.yaml holds the source as every run names it (a local folder absolute), as it
+    # does the workdir: rerun with --config W/config.yaml from another folder, the same data
+    if (source := sources.canonical(cfg.data.source)) != cfg.data.source.strip() and source:
+        overrides.append(f"data.source={source}")
     return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
 
 
