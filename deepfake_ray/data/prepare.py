@@ -77,6 +77,9 @@ def check_settings(cfg: Config) -> None:
     if len(d.splits) != 3 or min(d.splits) < 0 or not 0 < sum(d.splits) < math.inf or d.splits[0] <= 0:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
+    if abs(sum(d.splits) - 1) > 1e-6:  # [0.8,0.1,0.2] is a typo: as weights it shrinks train
+        raise UsageError(f"data.splits={list(d.splits)} sums to {sum(d.splits):.6g}, not 1: give each "
+                         "split's fraction of the images, e.g. data.splits=[0.8,0.1,0.1]")
     source = d.source.strip()
     kind = sources.kind(source)
     if kind in OWN_SETTING and source.partition(":")[2]:  # a setting the source's name overrides
