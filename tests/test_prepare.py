@@ -353,7 +353,8 @@ def test_an_s3_source_of_which_no_object_can_be_read_is_one_line(ray_session, s3
                           StorageClass="DEEP_ARCHIVE")
     cfg = tiny_cfg(f"data.source={bucket}/cold")
     with pytest.raises(UsageError, match=r"none of the 3 files .* is a usable image \({'unreadable': 3}; "
-                                         r"the first: unreadable: ObjectRefused: .*InvalidObjectState.*\): "
+                                         r"the first: .*/cold/face0.jpg \(unreadable: ObjectRefused: "
+                                         r".*InvalidObjectState.*\)\): "
                                          r"check the source"):
         prepare.run(cfg)
 

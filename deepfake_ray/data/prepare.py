@@ -673,7 +673,9 @@ def ingest_into_workdir(cfg: Config) -> dict:
         reasons = Counter(row["reason"] for row in rejected)
         unread = set(reasons) == {"unreadable"}
         where = not runtime.in_process() and unread and not storage.is_s3(src.root)
-        first = f"; the first: {rejected[0]['detail'][:300]}" if unread else ""  # e.g. S3's refusal
+        # which file and why (S3's refusal, a format): no rejected.parquet is written, so that
+        # a --force run loses nothing of the complete data/ before it
+        first = f"; the first: {rejected[0]['path'][:300]} ({rejected[0]['detail'][:300]})"
         raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
                          f"({dict(reasons)}{first}): "
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
