@@ -341,6 +341,9 @@ def shown(value: Any) -> str:
 def coerce(name: str, value: Any, hint: Any, example: Any = None) -> Any:
     """Check `value` against a field's annotation; allow int->float and list->tuple.
     `example`, the key's value now, shows the form a wrong one should take."""
+    if isinstance(value, dict):  # no field holds a mapping: `--set data.resolution.x=1`
+        below = f": '{name}.{next(iter(value))}' names nothing" if value else ""
+        raise UsageError(f"config key '{name}' is a value, not a section{below}; set {name}=VALUE")
     if isinstance(value, Typed):
         value = value.text if hint is str else value.parsed()
     origin = typing.get_origin(hint)

@@ -83,6 +83,7 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     pytest.param("gan.epochs=1" + "0" * 5000, "config key 'gan.epochs' expects int, got '1000",
                  id="gan.epochs=1e5000"),  # more digits than int() reads
     ("data.splits=[1e308, 1e308, 1e308]", "must be three non-negative fractions"),  # their sum is inf
+    ("data.resolution.x=1", "config key 'data.resolution' is a value, not a section: 'data.resolution.x' names nothing"),
     ("data.splits=[0.9,0.9,0.9]", "data.splits=[0.9, 0.9, 0.9] sums to 2.7, not 1: give each split's fraction"),
     ("data.source=s3://", "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),  # before Ray starts
     ("gan.epochs=1:30", "config key 'gan.epochs' expects int, got '1:30'"),  # not YAML 1.1's base 60: 90
