@@ -123,7 +123,8 @@ def build_config(args: argparse.Namespace):
     # is 4), so a `--set` appended to any command line asks for that value
     overrides = [*flagged, *args.overrides]
     cfg = config.build(args.preset, args.config, overrides)
-    workdir = cfg.workdir if args.workdir is None else args.workdir
+    set_last = any(o.partition("=")[0].strip() == "workdir" for o in args.overrides)  # wins, as for any key
+    workdir = cfg.workdir if args.workdir is None or set_last else args.workdir
     if not workdir.strip():
         raise UsageError("the work directory is empty: pass --workdir DIR or s3://bucket/prefix")
     # named as given, before a missing bucket reads as a local folder `s3:`, and before

@@ -217,6 +217,8 @@ def test_a_workdir_is_kept_as_given_whatever_the_preset(tmp_path, monkeypatch):
     named = cli.build_config(cli.parser().parse_args(["report", "--preset", "tiny", "--set", "workdir=runs/demo"]))
     assert named.workdir == str(tmp_path / "runs" / "demo")
     assert cli.build_config(cli.parser().parse_args(["report", "--preset", "tiny"])).workdir == str(tmp_path / "runs" / "tiny")
+    both = ["report", "--workdir", "flagged", "--set", "workdir=set"]  # a --set wins over the flag, as for any key
+    assert cli.build_config(cli.parser().parse_args(both)).workdir == str(tmp_path / "set")
 
 
 def test_a_relative_source_is_recorded_absolute_as_the_workdir_is(tmp_path, monkeypatch):
