@@ -134,10 +134,6 @@ def build_config(args: argparse.Namespace):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS)
     check_swept_settings(args.command, cfg, args.overrides)
-    # config.yaml holds the source as every run names it (a local folder absolute), as it
-    # does the workdir: rerun with --config W/config.yaml from another folder, the same data
-    if (source := sources.canonical(cfg.data.source)) != cfg.data.source.strip() and source:
-        overrides.append(f"data.source={source}")
     return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
 
 
@@ -183,7 +179,7 @@ def settings_recorded(cfg):
     settings the outputs came from."""
     from deepfake_ray import config, storage
 
-    uri, ours = storage.join(cfg.workdir, "config.yaml"), config.to_yaml(cfg)
+    uri, ours = storage.join(cfg.workdir, "config.yaml"), config.to_yaml(as_recorded(cfg))
     try:
         previous = storage.read_text(uri) if storage.exists(uri) else None
         storage.write_text(uri, ours)
@@ -196,6 +192,17 @@ def settings_recorded(cfg):
         if find_usage_error(e) and storage.marker_changes == changes:
             put_back(uri, ours, previous)
         raise
+
+
+def as_recorded(cfg):
+    """`cfg` as config.yaml keeps it: a local source absolute, as the workdir is, so that a
+    rerun with --config W/config.yaml from another folder reads the same data. (Errors
+    name the source as typed.)"""
+    import dataclasses
+
+    from deepfake_ray.data import sources
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=sources.canonical(cfg.data.source)))
 
 
 def put_back(uri: str, ours: str, previous: str | None) -> None:

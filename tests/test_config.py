@@ -224,11 +224,13 @@ def test_a_workdir_is_kept_as_given_whatever_the_preset(tmp_path, monkeypatch):
 def test_a_relative_source_is_recorded_absolute_as_the_workdir_is(tmp_path, monkeypatch):
     """config.yaml must name the same data when a later run reads it from another folder."""
     monkeypatch.chdir(tmp_path)
-    for argv in (["--source", "./faces/"], ["--set", "data.source=faces"]):
-        cfg = cli.build_config(cli.parser().parse_args(["prepare", "--preset", "tiny", *argv]))
-        assert cfg.data.source == str(tmp_path / "faces")
-    for source in ("sample:8", "s3://bucket/faces", "kaggle:owner/faces"):  # named the same from anywhere
-        assert cli.build_config(cli.parser().parse_args(["prepare", "--source", source])).data.source == source
+    for source, recorded in (("./faces/", str(tmp_path / "faces")), ("faces", str(tmp_path / "faces")),
+                             ("sample:8", "sample:8"), ("s3://bucket/faces", "s3://bucket/faces"),
+                             ("kaggle:owner/faces", "kaggle:owner/faces")):  # named the same from anywhere
+        cfg = cli.build_config(cli.parser().parse_args(["prepare", "--preset", "tiny", "--source", source]))
+        with cli.settings_recorded(cfg):
+            pass
+        assert yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())["data"]["source"] == recorded
 
 
 def test_unknown_preset_names_the_choices():
