@@ -13,7 +13,7 @@ import sys
 import time
 
 import deepfake_ray
-from deepfake_ray.errors import UsageError, find_usage_error
+from deepfake_ray.errors import Terminated, UsageError, find_usage_error
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -218,6 +218,19 @@ def put_back(uri: str, ours: str, previous: str | None) -> None:
         storage.write_text(uri, previous)
 
 
+def stop_on_sigterm(held: contextlib.ExitStack) -> None:
+    """SIGTERM stops the command as Ctrl-C does: one line on how to resume, exit 143. Set
+    once Ray is up, whose crash handler took it (a C++ stack dump, exit 1); until the
+    command ends (tests call main() in their own process)."""
+    import signal
+    import threading
+
+    from deepfake_ray.errors import raise_terminated
+
+    if threading.current_thread() is threading.main_thread():
+        held.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, raise_terminated))
+
+
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
     from deepfake_ray import storage
 
@@ -302,6 +315,7 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:
             runtime.init(args.address)
+            stop_on_sigterm(held)
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
@@ -336,11 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         again = "the same command again" if not args.force else "it again without --force (which starts over)"
-        print(f"deepfake-ray {args.command}: interrupted; run {again}: finished stages are "
+        stopped = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"deepfake-ray {args.command}: {stopped}; run {again}: finished stages are "
               "skipped and a training resumes from its last checkpoint", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback
 

@@ -9,6 +9,14 @@ class UsageError(Exception):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, `timeout`, a container's stop), stopping a command as Ctrl-C does."""
+
+
+def raise_terminated(*_) -> None:
+    raise Terminated
+
+
 def find_usage_error(e: BaseException) -> UsageError | str | None:
     """A UsageError, or an S3 failure the user can fix, behind `e`: raised inside a Ray
     task, it arrives wrapped."""

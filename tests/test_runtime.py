@@ -124,6 +124,26 @@ def test_a_path_that_is_not_utf8_exits_2_with_the_fix_before_anything_runs(monke
     assert not (tmp_path / "w").exists()  # no config.yaml, no lock
 
 
+def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_path):
+    """`ray job stop`, `timeout` and a container's stop send SIGTERM: Ray's own handler
+    printed a stack dump, or a SystemExit traceback, and no line of ours."""
+    import subprocess
+    import sys
+
+    from tests.processes import stop, subprocess_env, wait_for_line
+
+    log = tmp_path / "prepare.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                                 "--source", "sample:20000", "--workdir", str(tmp_path / "w")],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+        wait_for_line(log, "prepare: reading 20,000 images", proc, 120)
+        assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
+    said = [line for line in log.read_text().splitlines() if line.startswith("deepfake-ray prepare: ")]
+    assert said == ["deepfake-ray prepare: stopped (SIGTERM); run the same command again: finished stages "
+                    "are skipped and a training resumes from its last checkpoint"]
+
+
 def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_session, tmp_path):
     """Ray Train's own Ctrl-C handler aborts the run and calls sys.exit(0), so a command
     ended in silence with exit 0 (a `train-gan && generate` went on). It arrives as a

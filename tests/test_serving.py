@@ -25,6 +25,7 @@ from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
 from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
+from tests.processes import stop, subprocess_env, wait_for_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
@@ -756,13 +757,6 @@ def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, image
         assert line.startswith(f"deepfake-ray {argv[0]}: error: ") and text in line, line
 
 
-def subprocess_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ADDRESS="local", PYTHONUNBUFFERED="1",  # its own Ray, never ours
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    return env
-
-
 def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -775,19 +769,6 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
             pass
         time.sleep(1)
     raise AssertionError(f"{url}/healthz did not answer within {seconds}s")
-
-
-def stop(proc: subprocess.Popen, sig: int) -> int:
-    """Signal a process started in a session of its own; if it has not ended within a
-    minute, kill its whole session, so that a Ray it started is not left running."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
 
 
 @contextlib.contextmanager
@@ -814,13 +795,6 @@ def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
-
-
-def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while text not in log_path.read_text():
-        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(1)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
 # on the ingress methods that Serve rewraps
 import asyncio
 import functools
-import signal
 import socket
 import threading
 import time
@@ -332,10 +331,6 @@ def check_port_free(host: str, port: int) -> None:
                              "or pass another --port")
 
 
-def interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def preflight(cfg: Config, model: str | None = None, **_) -> None:
     """Before Ray starts: a model to serve, and a port to serve it on."""
     if not model:
@@ -351,9 +346,6 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
     host, port = cfg.serve.host, cfg.serve.port
     url = f"http://{host}:{port}"
-    main = threading.current_thread() is threading.main_thread()
-    # SIGTERM (docker stop, kill) stops like Ctrl-C, even while the service is starting
-    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     started = time.time()
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -363,10 +355,8 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
               "Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
         print("stopping the service...", flush=True)
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
     return {"url": url, "model": model_id}
