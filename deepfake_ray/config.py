@@ -227,6 +227,21 @@ for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2
     NumbersAsTyped.add_constructor(_tag, lambda loader, node: Typed(node.value))
 
 
+def keys_once(loader: yaml.SafeLoader, node: yaml.MappingNode):
+    """A mapping, refused where a key appears twice: YAML keeps the last silently, and a
+    second `data:` section would drop every setting of the first."""
+    seen = set()
+    for key, _ in node.value:
+        if key.value in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"'{key.value}' appears twice in one mapping",
+                                                    key.start_mark)
+        seen.add(key.value)
+    return (yield from loader.construct_yaml_map(node))
+
+
+NumbersAsTyped.add_constructor("tag:yaml.org,2002:map", keys_once)
+
+
 def parse_override(text: str) -> dict:
     """`a.b=value` -> {"a": {"b": Typed(value)}}."""
     key, sep, raw = text.partition("=")

@@ -134,6 +134,8 @@ def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_pa
     ("gan: [1,\n", "is not valid YAML"),
     ("gan:\n  epochs: 3\n lr: 2\n", "expected <block end>, but found '<block mapping start>' (line 3, column 2)"),
     ("gan: {1: x}\n", "unknown config key 'gan.1': valid keys are gan.epochs"),
+    ("data: {resolution: 32}\ngan: {epochs: 3}\ndata: {source: x}\n",
+     "is not valid YAML: 'data' appears twice in one mapping (line 3, column 1)"),  # the first section lost
 ])
 def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
     path = tmp_path / "run.yaml"
