@@ -1,7 +1,7 @@
 """`deepfake-ray` console script: parse, build the config, call one stage's run().
 
 Exit codes: 0 done, 2 bad usage or bad input (one line saying what and how to fix
-it), 1 anything else, 130 interrupted.
+it), 1 anything else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ FORCE_HELP = {
 }
 DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
                "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
-               "2 bad usage or input (one line says what and how to fix it), 1 anything else, 130 interrupted.")
+               "2 bad usage or input (one line says what and how to fix it), 1 anything else, "
+               "130 interrupted (Ctrl-C), 143 stopped (SIGTERM).")
 
 
 class PrintVersion(argparse.Action):
@@ -108,6 +109,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def set_key(override: str) -> str:
+    """The key a `--set key=value` sets."""
+    return override.partition("=")[0].strip()
+
+
 def build_config(args: argparse.Namespace):
     from deepfake_ray import config, storage
     from deepfake_ray.data import sources
@@ -123,7 +129,7 @@ def build_config(args: argparse.Namespace):
     # is 4), so a `--set` appended to any command line asks for that value
     overrides = [*flagged, *args.overrides]
     cfg = config.build(args.preset, args.config, overrides)
-    set_last = any(o.partition("=")[0].strip() == "workdir" for o in args.overrides)  # wins, as for any key
+    set_last = any(set_key(o) == "workdir" for o in args.overrides)  # wins, as for any key
     workdir = cfg.workdir if args.workdir is None or set_last else args.workdir
     if not workdir.strip():
         raise UsageError("the work directory is empty: pass --workdir DIR or s3://bucket/prefix")
@@ -218,17 +224,19 @@ def put_back(uri: str, ours: str, previous: str | None) -> None:
         storage.write_text(uri, previous)
 
 
-def stop_on_sigterm(held: contextlib.ExitStack) -> None:
-    """SIGTERM stops the command as Ctrl-C does: one line on how to resume, exit 143. Set
-    once Ray is up, whose crash handler took it (a C++ stack dump, exit 1); until the
-    command ends (tests call main() in their own process)."""
+def stop_on_sigterm(held: contextlib.ExitStack | None = None) -> None:
+    """SIGTERM stops the command as Ctrl-C does: one line on how to resume, exit 143 (Ray's
+    own handler exits 15 with a traceback, or dumps a stack). With `held`, the handler
+    before goes back when the command ends (tests call main() in their own process)."""
     import signal
     import threading
 
     from deepfake_ray.errors import raise_terminated
 
     if threading.current_thread() is threading.main_thread():
-        held.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, raise_terminated))
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+        if held is not None:
+            held.callback(signal.signal, signal.SIGTERM, previous)
 
 
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
@@ -281,6 +289,7 @@ def execute(args: argparse.Namespace) -> int:
     from deepfake_ray.data import sources
 
     with sources.listed_once(), contextlib.ExitStack() as held:
+        stop_on_sigterm(held)  # first, so that it goes back last: after the lock and config.yaml
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
         from deepfake_ray import lineage, runtime, storage
@@ -315,7 +324,7 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:
             runtime.init(args.address)
-            stop_on_sigterm(held)
+            stop_on_sigterm()  # again: Ray's start puts in its own
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
@@ -325,15 +334,17 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def check_utf8(args: argparse.Namespace) -> None:
-    """UsageError for an argument or a current folder that is not valid UTF-8 (an old
-    Latin-1 folder name): Ray hands the command line and the folder to its core as UTF-8,
-    and fails with a traceback. Such files inside a source are fine."""
+    """UsageError for an argument, the current folder or Python's path that is not valid
+    UTF-8 (an old Latin-1 folder name): Ray hands the command line (`args` when main() is
+    called with them) and the folder to its core as UTF-8, and fails with a traceback.
+    Such files inside a source are fine."""
     from deepfake_ray import storage
 
     given = [v for value in vars(args).values() for v in (value if isinstance(value, list) else [value])]
-    fix = "rename it, or pass a link to it (ln -s) whose name is"
-    for what, text, fix in [*(("the argument", v, fix) for v in given if isinstance(v, str)),
-                            ("the current folder", os.getcwd(), "run from a folder whose path is")]:
+    path = "if it names a file or folder, rename it, or pass a link to it (ln -s) whose name is"
+    for what, text, fix in [*(("the argument", v, path) for v in [*given, *sys.argv] if isinstance(v, str)),
+                            ("the current folder", os.getcwd(), "run from a folder whose path is"),
+                            ("Python's own path", sys.executable, "run a Python installed under a path")]:
         try:
             text.encode()
         except UnicodeEncodeError:

@@ -333,6 +333,9 @@ def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             changes[key] = merge(current, value, f"{name}.")
+        elif isinstance(value, dict):  # no field holds a mapping: `--set data.resolution.x=1`
+            below = f": '{name}.{next(iter(value))}' names nothing" if value else ""
+            raise UsageError(f"config key '{name}' is a value, not a section{below}; set {name}=VALUE")
         else:
             changes[key] = coerce(name, value, hints[key], example=current)
     return dataclasses.replace(obj, **changes)
@@ -356,9 +359,6 @@ def shown(value: Any) -> str:
 def coerce(name: str, value: Any, hint: Any, example: Any = None) -> Any:
     """Check `value` against a field's annotation; allow int->float and list->tuple.
     `example`, the key's value now, shows the form a wrong one should take."""
-    if isinstance(value, dict):  # no field holds a mapping: `--set data.resolution.x=1`
-        below = f": '{name}.{next(iter(value))}' names nothing" if value else ""
-        raise UsageError(f"config key '{name}' is a value, not a section{below}; set {name}=VALUE")
     if isinstance(value, Typed):
         value = value.text if hint is str else value.parsed()
     origin = typing.get_origin(hint)

@@ -57,16 +57,20 @@ def check_address(address: str | None) -> None:
 
 
 REACH_S = 5.0  # a head node answers a connection in milliseconds
+# HOST:PORT, ray://HOST:PORT; a host name, IPv4, [IPv6] or bare IPv6
+HOST_PORT = re.compile(r"(?:ray://)?(\[[^\]]+\]|[^:/\[\]]+|[0-9a-fA-F:]+):(\d+)")
 
 
 def check_reachable(address: str) -> None:
     """UsageError for a HOST:PORT that nothing answers on: Ray itself retries it for
-    minutes, printing warnings, and never raises."""
-    host, _, port = address.split("://", 1)[-1].rpartition(":")  # ray://HOST:PORT too
+    minutes, printing warnings, and never raises. Other forms (another scheme, a ray://
+    address whose port Ray fills in) are Ray's to check."""
+    if not (form := HOST_PORT.fullmatch(address)):
+        return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_S).close()
-    except (OSError, ValueError) as e:
-        raise unreachable(address, e.strerror if isinstance(e, OSError) and e.strerror else str(e)) from None
+        socket.create_connection((form[1].strip("[]"), int(form[2])), timeout=REACH_S).close()
+    except OSError as e:
+        raise unreachable(address, e.strerror or str(e) or type(e).__name__) from None
 
 
 def unreachable(address: str, why: str) -> UsageError:

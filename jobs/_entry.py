@@ -3,7 +3,7 @@
 
 Each entrypoint is `deepfake-ray COMMAND` with one more flag, so behaviour, config
 handling and exit codes (0 done, 2 bad usage or input, 1 anything else, 130
-interrupted) are identical.
+interrupted, 143 stopped by SIGTERM) are identical.
 
 --run-name NAME: the run's work directory is WORKDIR/NAME. Every stage keeps its
 checkpoints (Ray Train `RunConfig(storage_path, name)`) and completion markers under the
@@ -50,6 +50,8 @@ def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
             continue
         flag = action.option_strings[-1]
         value = workdir if action.dest == "workdir" else getattr(args, action.dest)
+        if action.dest == "overrides":  # the run's workdir, passed as --workdir, is the one
+            value = [o for o in value if cli.set_key(o) != "workdir"]
         if isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
         elif isinstance(value, list):

@@ -230,20 +230,21 @@ def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path, monke
 
 
 @pytest.mark.parametrize("workdir, expected", [
-    ("s3://bucket/runs", "s3://bucket/runs/r1"),
-    ("/data/runs", "/data/runs/r1"),
-    (None, os.path.abspath("runs/tiny/r1")),  # the preset's default work directory
+    (["--workdir", "s3://bucket/runs"], "s3://bucket/runs/r1"),
+    (["--workdir", "/data/runs"], "/data/runs/r1"),
+    (["--set", "workdir=/data/runs"], "/data/runs/r1"),  # a --set wins over a flag: not over the run name
+    ([], os.path.abspath("runs/tiny/r1")),  # the preset's default work directory
 ])
 def test_run_name_is_a_subfolder_of_the_workdir(workdir, expected):
     from deepfake_ray import cli
 
     p = _entry.parser("train-detector", "train_detector.py")
     given = ["--preset", "tiny", "--set", "detector.lr=1e-3", "--set", "detector.epochs=3",
-             "--force", "--run-name", "r1"] + (["--workdir", workdir] if workdir else [])
+             "--force", "--run-name", "r1", *workdir]
     args = p.parse_args(given)
     argv = _entry.cli_argv(p, "train-detector", args, _entry.run_workdir("train-detector", args))
     again = cli.parser().parse_args(argv)  # what `deepfake-ray` itself receives
-    assert again.command == "train-detector" and again.workdir == expected
+    assert again.command == "train-detector" and cli.build_config(again).workdir == expected
     assert again.overrides == ["detector.lr=1e-3", "detector.epochs=3"] and again.force
     assert again.preset == "tiny" and again.address is None
 

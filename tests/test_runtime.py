@@ -116,7 +116,7 @@ def test_a_path_that_is_not_utf8_exits_2_with_the_fix_before_anything_runs(monke
         f.write(encode(rgb(), "JPEG"))
     assert cli.main(["prepare", "--preset", "tiny", "--source", latin1, "--workdir", str(tmp_path / "w")]) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and "caf\\xe9 is not valid UTF-8, which Ray cannot take: rename it, or pass a link" in err[0]
+    assert len(err) == 1 and "caf\\xe9 is not valid UTF-8, which Ray cannot take: if it names a file or folder, rename it" in err[0]
     monkeypatch.chdir(latin1)
     assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]) == 2
     err = error_lines(capsys)
@@ -135,10 +135,11 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_p
     log = tmp_path / "prepare.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
-                                 "--source", "sample:20000", "--workdir", str(tmp_path / "w")],
+                                 "--source", "sample:200000", "--workdir", str(tmp_path / "w")],
                                 stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
-        wait_for_line(log, "prepare: reading 20,000 images", proc, 120)
+        wait_for_line(log, "prepare: reading 200,000 images", proc, 120)  # minutes of work: stopped early
         assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
     said = [line for line in log.read_text().splitlines() if line.startswith("deepfake-ray prepare: ")]
     assert said == ["deepfake-ray prepare: stopped (SIGTERM); run the same command again: finished stages "
                     "are skipped and a training resumes from its last checkpoint"]

@@ -77,7 +77,7 @@ def check_settings(cfg: Config) -> None:
     if len(d.splits) != 3 or min(d.splits) < 0 or not 0 < sum(d.splits) < math.inf or d.splits[0] <= 0:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
                          "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
-    if abs(sum(d.splits) - 1) > 1e-6:  # [0.8,0.1,0.2] is a typo: as weights it shrinks train
+    if abs(sum(d.splits) - 1) > 1e-3:  # [0.8,0.1,0.2] is a typo: as weights it shrinks train
         raise UsageError(f"data.splits={list(d.splits)} sums to {sum(d.splits):.6g}, not 1: give each "
                          "split's fraction of the images, e.g. data.splits=[0.8,0.1,0.1]")
     source = d.source.strip()
@@ -675,7 +675,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
         where = not runtime.in_process() and unread and not storage.is_s3(src.root)
         # which file and why (S3's refusal, a format): no rejected.parquet is written, so that
         # a --force run loses nothing of the complete data/ before it
-        first = f"; the first: {rejected[0]['path'][:300]} ({rejected[0]['detail'][:300]})"
+        first = f"; the first: {rejected[0]['path'][:300]} ({rejected[0]['detail'][:300]})" if rejected else ""
         raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
                          f"({dict(reasons)}{first}): "
                          + ("they are on this machine's disk, which the cluster's other nodes cannot "
