@@ -40,6 +40,14 @@ def environment(extra: dict[str, str]):
 
 
 def check_address(address: str | None) -> None:
+    """check_address_form, then whether anything answers there: what the CLI asks before
+    it writes anything (init asks only the form, so a command connects there once)."""
+    check_address_form(address)
+    if address and address not in ("auto", "local"):
+        check_reachable(address)
+
+
+def check_address_form(address: str | None) -> None:
     """UsageError for the address people copy from `ray job submit`: the dashboard's URL,
     which the job client takes but a driver cannot join."""
     if address and address.lower().startswith(("http://", "https://")):
@@ -52,8 +60,6 @@ def check_address(address: str | None) -> None:
             and not re.search(r":\d+$", address):
         raise UsageError(f"Ray address {address} names no port: pass HEAD:6379 (the head node's "
                          "GCS port), or --address auto on one of the cluster's nodes")
-    if address and address not in ("auto", "local"):
-        check_reachable(address)
 
 
 REACH_S = 5.0  # a head node answers a connection in milliseconds
@@ -114,7 +120,7 @@ def init(address: str | None = None) -> None:
     _embedded_cores = None
     _worker_env.clear()
     if address and address != "local":  # "local": in-process, as with no address
-        check_address(address)
+        check_address_form(address)
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:

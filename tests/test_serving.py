@@ -25,9 +25,8 @@ from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
 from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
-from tests.processes import stop, subprocess_env, wait_for_line
+from tests.processes import ROOT, stop, subprocess_env, wait_for_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
 
 
