@@ -64,6 +64,14 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(str(uri), *parts) if is_s3(uri) else os.path.join(str(uri), *parts)
 
 
+def parent(uri: str) -> str:
+    """The folder or prefix holding `uri` (normalized); a bucket or `/` is its own."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        return os.path.dirname(uri)
+    return uri.rsplit("/", 1)[0] if "/" in uri.removeprefix("s3://") else uri
+
+
 def s3_endpoint() -> str | None:
     """AWS_ENDPOINT_URL_S3 > AWS_ENDPOINT_URL > the profile's `s3 = endpoint_url = ...` or
     `endpoint_url` in ~/.aws/config (pyarrow's AWS SDK reads neither from the file)."""
@@ -233,6 +241,13 @@ def exists(uri: str) -> bool:
         return os.path.exists(normalize(uri))
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str) -> bool:
+    if not is_s3(uri):
+        return os.path.isfile(normalize(uri))
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def is_dir(uri: str) -> bool:

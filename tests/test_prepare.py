@@ -58,11 +58,19 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     (other / "fakes" / "images").mkdir(parents=True)
     (other / "fakes" / "images" / "fake_0.jpg").write_bytes(sample.face_jpeg(1, 1))
     (other / "config.yaml").write_text("workdir: runs/tiny\n")
-    (other / ".lock").write_text("")
-    (faces / "config.yaml").write_text("a user's own file\n")  # no .lock: not a work directory
+    (other / "data").mkdir()
+    (other / "data" / storage.COMPLETE).write_text("{}")  # copied by `cp -r W/*`: no hidden .lock
+    # a user's own project: config.yaml beside a data/ folder of photos is no work directory
+    (faces / "config.yaml").write_text("a user's own file\n")
+    (faces / "data").mkdir()
+    (faces / "data" / "face_6.jpg").write_bytes(sample.face_jpeg(0, 6))
     summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)), force=True)
-    assert (summary["images"], summary["rejected"]) == (6, 0)
+    assert (summary["images"], summary["rejected"]) == (7, 0)
     assert f"leaving out 4 files inside the work directories {workdir}, {other}" in capsys.readouterr().out
+    # a folder inside another run's work directory is that run's outputs, its fakes here
+    with pytest.raises(UsageError, match=re.escape(f"{other / 'score'} lies inside the work directory "
+                                                   f"{other}, whose images are a run's outputs")):
+        prepare.run(tiny_cfg(f"data.source={other / 'score'}", workdir=str(tmp_path / "w2")))
 
 
 def test_another_runs_work_directory_inside_an_s3_source_is_left_out(ray_session, s3_server, tiny_cfg, capsys):
@@ -75,10 +83,15 @@ def test_another_runs_work_directory_inside_an_s3_source_is_left_out(ray_session
     storage.write_bytes(f"{other}/score/test_images/fake/0abc.jpg", sample.face_jpeg(1, 0))
     storage.write_bytes(f"{other}/gan/samples/epoch_001.png", encode(rgb(1, 64), "PNG"))
     storage.write_bytes(f"{other}/config.yaml", b"workdir: runs/tiny\n")
-    storage.write_bytes(f"{faces}/config.yaml", b"a user's own file\n")  # with no stage folder beside it
+    storage.write_bytes(f"{other}/gan/{storage.COMPLETE}", b"{}")
+    # a user's own config.yaml beside a data/ of photos: no stage ever completed there
+    storage.write_bytes(f"{faces}/config.yaml", b"a user's own file\n")
+    storage.write_bytes(f"{faces}/data/face_6.jpg", sample.face_jpeg(0, 6))
     summary = prepare.run(tiny_cfg(f"data.source={faces}"))
-    assert (summary["images"], summary["rejected"]) == (6, 0)
+    assert (summary["images"], summary["rejected"]) == (7, 0)
     assert f"leaving out 2 files inside the work directory {other}" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="lies inside the work directory " + re.escape(other)):
+        prepare.run(tiny_cfg(f"data.source={other}/score/test_images"), force=True)
 
 
 def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, capsys):

@@ -588,11 +588,15 @@ def readable_source(cfg: Config) -> Source:
 def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
     """A source folder that holds work directories (`--source .` beside runs/) would take
     their sample grids, figures and another run's fakes for real faces: what lies in this
-    run's work directory, or in any local folder that is one (it holds the `config.yaml`
-    and `.lock` every stage writes), is left out."""
+    run's work directory, or in any other (sources.workdirs_in), is left out. A source
+    inside another run's work directory is refused."""
     if not src.files:
         return src
-    inside = other_workdirs_in(src)
+    if above := sources.workdir_above(src.root, workdir):
+        raise UsageError(f"{src.name} lies inside the work directory {above}, whose images are a "
+                         "run's outputs (fakes, sample grids, figures), not real faces: pass a "
+                         "folder of face images as --source")
+    inside = set(src.workdirs)
     if own := own_workdir_in(src, workdir):
         inside.add(own)
     inside = sorted(inside)
@@ -622,20 +626,6 @@ def own_workdir_in(src: Source, workdir: str) -> str | None:
     if where == "." or where.split(os.sep)[0] == "..":
         return None
     return os.path.join(src.root, where)
-
-
-def other_workdirs_in(src: Source) -> set[str]:
-    """Folders at or under the source's root, holding its images, that are work
-    directories of other runs (on S3, found as the source was listed)."""
-    if storage.is_s3(src.root) or not src.root:
-        return set(src.workdirs)
-    root, folders = src.root.rstrip("/"), set()
-    for folder in {os.path.dirname(f) for f in src.files}:
-        while len(folder) >= len(root) and folder not in folders:
-            folders.add(folder)
-            folder = os.path.dirname(folder)
-    return {f for f in folders if os.path.isfile(os.path.join(f, "config.yaml"))
-            and os.path.exists(os.path.join(f, ".lock"))}
 
 
 def ingest_into_workdir(cfg: Config) -> dict:

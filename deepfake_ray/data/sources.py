@@ -37,7 +37,7 @@ class Source:
     root: str = ""  # the folder or prefix that `files` lie under
     # files of `files` not read where they were listed (copy_to): URI -> the read's error
     unread: dict = field(default_factory=dict, compare=False)
-    # prefixes at or under an s3:// root that are work directories (see s3_workdirs)
+    # folders or prefixes at or under `root` that are work directories (see workdirs_in)
     workdirs: tuple[str, ...] = ()
 
 
@@ -109,7 +109,7 @@ def resolve_source(text: str, data: DataConfig) -> Source:
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
                          "(folders are searched recursively; hidden ones are left out)")
     root = storage.normalize(text)
-    return Source(text, files=files, root=root, workdirs=s3_workdirs(root, listing) if storage.is_s3(root) else ())
+    return Source(text, files=files, root=root, workdirs=workdirs_in(listing))
 
 
 # The listings of source folders, while `listed_once` holds: a pipeline asks whether data/
@@ -149,16 +149,43 @@ def images_in(listing: list[str]) -> tuple[str, ...]:
     return tuple(f for f in listing if f.lower().endswith(suffixes))
 
 
-STAGE_FOLDERS = ("data/", "gan/", "fakes/", "detector/", "tune/", "eval/", "score/")
+STAGE_FOLDERS = ("data", "gan", "fakes", "detector", "tune", "eval", "score")
 
 
-def s3_workdirs(root: str, listing: list[str]) -> tuple[str, ...]:
-    """Prefixes at or under `root` that are work directories: each holds the config.yaml
-    every stage writes and a stage's folder. Their lock, which marks a local one, is gone
-    once their run ends on S3. From the listing the source was found by: no request."""
+def workdirs_in(listing: list[str]) -> tuple[str, ...]:
+    """Folders or prefixes in the listing that are work directories: each holds the
+    config.yaml every run writes and a stage's completion marker, which no user's own
+    folder has (a project's config.yaml beside its data/ of photos is not one). A work
+    directory holds images only once a stage has completed (data/ first, and a rerun
+    unmarks one stage at a time), and its markers survive what its hidden `.lock` does
+    not: `cp -r W/*`, an archive of `*`, `aws s3 sync`, and on S3 the run's end."""
     configs = {f.removesuffix("/config.yaml") for f in listing if f.endswith("/config.yaml")}
-    return tuple(sorted(prefix for prefix in configs  # mostly none: no pass over the listing
-                        if any(f.startswith(tuple(f"{prefix}/{s}" for s in STAGE_FOLDERS)) for f in listing)))
+    if not configs:  # mostly: no pass over the listing
+        return ()
+    listed = set(listing)
+    return tuple(sorted(p for p in configs if is_workdir(p, listed.__contains__)))
+
+
+def is_workdir(folder: str, has_file) -> bool:
+    """Whether `folder` holds config.yaml and a completion marker in a stage's folder,
+    asking `has_file(uri)`."""
+    return has_file(storage.join(folder, "config.yaml")) and any(
+        has_file(storage.join(folder, stage, storage.COMPLETE)) for stage in STAGE_FOLDERS)
+
+
+def workdir_above(root: str, own: str) -> str | None:
+    """The work directory (other than `own`, this run's) that the folder or prefix `root`
+    lies inside, if any: `--source runs/demo/score` names a run's outputs, fakes too."""
+    def place(uri: str) -> str:  # a local folder by where it is, reached through links or not
+        return uri if storage.is_s3(uri) else os.path.realpath(uri)
+
+    own = place(storage.normalize(own))
+    for folder in dict.fromkeys([storage.normalize(root), place(storage.normalize(root))]):  # a link too
+        while (parent := storage.parent(folder)) != folder:
+            folder = parent
+            if is_workdir(folder, storage.is_file) and place(folder) != own:
+                return folder
+    return None
 
 
 # --- a copy every node of a cluster can read -----------------------------------------
