@@ -239,6 +239,37 @@ def stop_on_sigterm(held: contextlib.ExitStack | None = None) -> None:
             held.callback(signal.signal, signal.SIGTERM, previous)
 
 
+def start_ray(address: str | None) -> None:
+    """runtime.init, with SIGTERM ours again after it. Ray's start puts in its own handler
+    first thing, whose sys.exit(15) ended a command stopped meanwhile (~2-10 s here) with
+    exit 15 and no line: that is a Terminated too, with what Ray had started shut down."""
+    import signal
+
+    import ray
+
+    from deepfake_ray import runtime
+
+    try:
+        runtime.init(address)
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise Terminated from None
+    stop_on_sigterm()
+
+
+def quit_at_once_if_signalled(code: int) -> None:
+    """After the first Ctrl-C or SIGTERM, another ends the process at once: Ray's shutdown
+    at exit (a second or two) otherwise ends in a KeyboardInterrupt traceback. Only where
+    the process exits next (the console script), not in a caller of main()."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os._exit(code))
+
+
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
     from deepfake_ray import storage
 
@@ -323,8 +354,7 @@ def execute(args: argparse.Namespace) -> int:
         if writes_config and free:  # first: an unwritable workdir fails before Ray starts
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:
-            runtime.init(args.address)
-            stop_on_sigterm()  # again: Ray's start puts in its own
+            start_ray(args.address)
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
@@ -362,11 +392,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        again = "the same command again" if not args.force else "it again without --force (which starts over)"
+        from deepfake_ray import storage
+
         stopped = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"deepfake-ray {args.command}: {stopped}; run {again}: finished stages are "
-              "skipped and a training resumes from its last checkpoint", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        if args.force and not storage.marker_changes:  # the complete stages are still the old ones
+            said = f"{stopped} before anything was replaced; run the same command again"
+        else:
+            again = "the same command again" if not args.force else "it again without --force (which starts over)"
+            said = (f"{stopped}; run {again}: finished stages are skipped and a training resumes "
+                    "from its last checkpoint")
+        print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
+        code = 143 if isinstance(e, Terminated) else 130
+        if argv is None:
+            quit_at_once_if_signalled(code)
+        return code
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback
 

@@ -97,7 +97,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             entry.update(status="failed", seconds=round(time.time() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)
-            again = "it again without --force" if force else "the same command again"
+            # a --force run that has replaced nothing yet is still needed
+            again = "it again without --force" if force and storage.marker_changes else "the same command again"
             alone = ("" if command in ("score", "report") else  # these take other arguments
                      f", or this stage alone with the settings of this run: "
                      f"`{lineage.command_line(cfg.workdir, command)}`")

@@ -1,6 +1,7 @@
 """Commands run as a user runs them: in a process of their own, with a Ray of their own."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,3 +35,28 @@ def wait_for_line(log_path, text: str, proc: subprocess.Popen, seconds: float) -
     while text not in log_path.read_text():
         assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(1)
+
+
+@contextlib.contextmanager
+def ctrl_c_for_children():
+    """SIGINT as a terminal delivers it, to the processes started inside: a suite started
+    in the background by a script (`pytest &`) ignores SIGINT, a child inherits that (an
+    ignored signal stays ignored across exec; a handled one becomes the default), and
+    Python then never raises KeyboardInterrupt in it. Not preexec_fn: that runs Python in
+    the forked child, which is unsafe beside this process's threads (moto's server)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def has_child(pid: int, name: str) -> bool:
+    """Whether process `pid` has a child process called `name` (Linux's /proc)."""
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                command, rest = f.read().rsplit(")", 1)  # the name may hold spaces
+            if int(rest.split()[1]) == pid and command.split("(", 1)[1] == name:
+                return True
+    return False

@@ -145,6 +145,61 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_p
                     "are skipped and a training resumes from its last checkpoint"]
 
 
+def test_sigterm_while_ray_starts_is_a_stop_too(tmp_path):
+    """Ray's start puts in its own SIGTERM handler first thing: a command stopped then
+    (seconds, here) exited 15 with no line."""
+    import subprocess
+    import sys
+
+    from tests.processes import has_child, stop, subprocess_env
+
+    log = tmp_path / "prepare.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                                 "--source", "sample:2000", "--workdir", str(tmp_path / "w")],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+        deadline = time.time() + 120
+        while not has_child(proc.pid, "gcs_server"):  # Ray's first process: its start is under way
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "ray: in-process" not in text  # stopped while Ray started, as meant
+    assert "Traceback" not in text
+    assert [line for line in text.splitlines() if line.startswith("deepfake-ray prepare: ")] == [
+        "deepfake-ray prepare: stopped (SIGTERM); run the same command again: finished stages "
+        "are skipped and a training resumes from its last checkpoint"]
+
+
+def test_a_force_run_stopped_before_it_replaced_anything_says_to_keep_force(ray_session, tmp_path):
+    """Its advice was to run it again without --force, which kept the old data/ as it was.
+    A second Ctrl-C, while Ray shuts down, ends it at once (it was a traceback from Ray's
+    shutdown, or a segfault)."""
+    import subprocess
+    import sys
+
+    from deepfake_ray import config, storage
+    from deepfake_ray.data import datasets, prepare
+    from tests.processes import ctrl_c_for_children, stop, subprocess_env, wait_for_line
+
+    workdir = tmp_path / "w"
+    prepare.run(config.build("tiny", None, ["data.source=sample:20"], workdir=str(workdir)))
+    log = tmp_path / "prepare.log"
+    with open(log, "w") as out, ctrl_c_for_children():
+        proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny", "--force",
+                                 "--source", "sample:200000", "--workdir", str(workdir)],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+        wait_for_line(log, "prepare: reading 200,000 images", proc, 120)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert stop(proc, signal.SIGINT) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    assert [line for line in text.splitlines() if line.startswith("deepfake-ray prepare: ")] == [
+        "deepfake-ray prepare: interrupted before anything was replaced; run the same command again"]
+    assert storage.completed(datasets.data_dir(str(workdir)))["source"] == "sample:20"  # as it said
+
+
 def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_session, tmp_path):
     """Ray Train's own Ctrl-C handler aborts the run and calls sys.exit(0), so a command
     ended in silence with exit 0 (a `train-gan && generate` went on). It arrives as a

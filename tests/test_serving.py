@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import json
 import os
@@ -25,7 +24,7 @@ from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
 from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
-from tests.processes import ROOT, stop, subprocess_env, wait_for_line
+from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
 
@@ -768,20 +767,6 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
             pass
         time.sleep(1)
     raise AssertionError(f"{url}/healthz did not answer within {seconds}s")
-
-
-@contextlib.contextmanager
-def ctrl_c_for_children():
-    """SIGINT as a terminal delivers it, to the processes started inside: a suite started
-    in the background by a script (`pytest &`) ignores SIGINT, a child inherits that (an
-    ignored signal stays ignored across exec; a handled one becomes the default), and
-    Python then never raises KeyboardInterrupt in it. Not preexec_fn: that runs Python in
-    the forked child, which is unsafe beside this process's threads (moto's server)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def serve_yaml_for_test(model_dir: str, port: int, tmp_path) -> str:
