@@ -248,6 +248,7 @@ def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> tuple[st
 def plan(cfg: Config, stage: Stage, force: bool, read: dict | None = None) -> Plan:
     """Whether a stage runs, says so when it does not, and what its run is made from.
     `read`: the markers this run has read already (check_inputs), not read again."""
+    storage.check_folder(uri(cfg, stage), stage.command)
     read = {} if read is None else read
     asked = made(cfg, stage, read)
     done = marker(cfg, stage.folder, read)
@@ -301,6 +302,7 @@ def say_missing(cfg: Config, stage: Stage, done: dict) -> None:
 def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
     """Before Ray starts: a current stage's summary (and says so), else None once the
     stages it reads are there and current (UsageError if not)."""
+    storage.check_folder(uri(cfg, stage), stage.command)
     read: dict = {}
     if not force and (done := current(cfg, stage, read)):
         say_complete(cfg, stage, done, read)

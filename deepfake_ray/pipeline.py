@@ -62,6 +62,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
 
     for step in steps(cfg):
         step.check(cfg)
+        storage.check_folder(lineage.uri(cfg, step.stage), step.stage.command)
     if force or lineage.current(cfg, prepare.STAGE) is None:
         prepare.check_data_source(cfg)
         storage.check_free(datasets.data_dir(cfg.workdir), "prepare")

@@ -612,6 +612,7 @@ def exclusive(uri: str, command: str):
         return
     import fcntl
 
+    check_folder(uri, command)
     os.makedirs(normalize(uri), exist_ok=True)
     with open(os.path.join(normalize(uri), ".lock"), "a+") as lock:  # "a+": a loser truncates nothing
         try:
@@ -640,6 +641,16 @@ def check_free(uri: str, command: str) -> bool:
         with exclusive(uri, command):
             pass
     return True
+
+
+def check_folder(uri: str, command: str) -> None:
+    """UsageError when a file (or a link to nothing) has the name of a folder `command`
+    writes in: the OS refused it with a traceback, some only after a whole ingest. S3
+    holds a key and keys under it side by side."""
+    path = normalize(uri)
+    if not is_s3(uri) and os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{uri} is a file, not a folder, and {command} writes its outputs "
+                         "there: move it away, or pass another --workdir")
 
 
 def delete_file(uri: str) -> bool:
@@ -684,6 +695,7 @@ def replace_dir(uri: str, new: str) -> None:
     fs, source = resolve(new)
     _, target = resolve(uri)
     if not is_s3(uri):
+        delete_file(uri)  # a file of that name: a stage's own folder holds nothing of the user's
         if fs.get_file_info(source).type == pafs.FileType.Directory:
             os.replace(source, target)
         return

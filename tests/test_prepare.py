@@ -894,6 +894,32 @@ def test_kaggle_without_credentials_exits_2(ray_session, monkeypatch, tmp_path, 
     assert code == 2 and len(err) == 1 and "kaggle.json" in err[0] and "KAGGLE_KEY" in err[0]
 
 
+@pytest.mark.parametrize("command", ["prepare", "pipeline"])
+def test_a_file_where_a_stage_writes_its_folder_exits_2_before_anything_runs(ray_session, tmp_path, capsys,
+                                                                             command):
+    """The OS refused it with a traceback, after Ray's start (and config.yaml's write)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / ("data" if command == "prepare" else "gan")).write_text("a user's notes")
+    code = cli.main([command, "--preset", "tiny", "--workdir", str(workdir), "--source", "sample:20"])
+    err = error_lines(capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"{workdir / ('data' if command == 'prepare' else 'gan')} is a file, not a folder" in err[0]
+    assert not (workdir / "config.yaml").exists()
+
+
+def test_a_file_in_the_way_of_the_images_folder_is_replaced(ray_session, tiny_cfg, tmp_path):
+    """data/ is prepare's own: the images replace a stray file named images there (the
+    rename failed after the whole ingest)."""
+    cfg = tiny_cfg("data.source=sample:20")
+    os.makedirs(datasets.data_dir(cfg.workdir))
+    with open(datasets.images_uri(datasets.data_dir(cfg.workdir)), "w") as f:
+        f.write("stray")
+    summary = prepare.run(cfg)
+    assert summary["images"] == 20
+    assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == summary["splits"]["train"]
+
+
 @pytest.mark.parametrize("source,needle", [("/no/such/folder", "does not exist"),
                                            ("ftp://host/x", "ftp://host/x: not a location this tool can use "
                                                              "(ftp://): use a folder of images, s3://"),
