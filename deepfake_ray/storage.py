@@ -682,9 +682,27 @@ def stage_changed() -> None:
 
 
 def unmark(stage_uri: str) -> None:
-    """The stage is no longer complete: its outputs are about to change."""
+    """The stage is no longer complete: its outputs are about to change. Temporary files
+    that a killed run left in its folder go too (write_bytes removes its own otherwise)."""
     stage_changed()
     delete_file(join(stage_uri, COMPLETE))
+    delete_temporaries(stage_uri)
+
+
+TEMPORARY = re.compile(r"\.tmp-[a-z0-9_]{8}")  # write_bytes' names (tempfile.mkstemp's)
+
+
+def delete_temporaries(folder: str) -> None:
+    """Locally: write_bytes' files under `folder`, which a process killed while writing
+    left (on S3 an unfinished upload is no object). Called under the work directory's
+    lock: no live run is writing them."""
+    if is_s3(folder):
+        return
+    for root, _, names in os.walk(normalize(folder)):
+        for name in names:
+            if TEMPORARY.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
 
 
 def replace_dir(uri: str, new: str) -> None:

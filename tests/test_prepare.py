@@ -920,6 +920,20 @@ def test_a_file_in_the_way_of_the_images_folder_is_replaced(ray_session, tiny_cf
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == summary["splits"]["train"]
 
 
+def test_temporary_files_a_killed_run_left_go_when_the_stage_is_redone(ray_session, tiny_cfg):
+    """A run killed while writing a file leaves its temporary name (hidden) forever."""
+    cfg = tiny_cfg("data.source=sample:20")
+    prepare.run(cfg)
+    data = datasets.data_dir(cfg.workdir)
+    left = [os.path.join(data, ".tmp-k1ll3d_0"), os.path.join(data, "images", ".tmp-abcdefgh")]
+    for path in left:
+        with open(path, "wb") as f:
+            f.write(b"PAR1")
+    prepare.run(cfg, force=True)
+    assert not any(os.path.exists(p) for p in left)
+    assert sorted(os.listdir(data)) == [".lock", storage.COMPLETE, "images", "manifest.parquet", "rejected.parquet"]
+
+
 @pytest.mark.parametrize("source,needle", [("/no/such/folder", "does not exist"),
                                            ("ftp://host/x", "ftp://host/x: not a location this tool can use "
                                                              "(ftp://): use a folder of images, s3://"),
