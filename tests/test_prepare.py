@@ -273,6 +273,23 @@ def test_a_source_folder_whose_files_changed_is_prepared_again(ray_session, tiny
     assert "changed (7 images then, 7 now, other names)" in capsys.readouterr().out
     assert prepare.preflight(cfg) is not None  # unchanged since: complete
     assert "already complete" in capsys.readouterr().out
+    # a photo read while it was still being copied, then whole: same names, other sizes
+    whole = (faces / "face_1.jpg").read_bytes()
+    (faces / "face_1.jpg").write_bytes(whole[:400])
+    summary = prepare.run(cfg)
+    assert (summary["images"], summary["reasons"]) == (6, {"truncated": 1})
+    (faces / "face_1.jpg").write_bytes(whole)
+    summary = prepare.run(cfg)
+    assert (summary["images"], summary["rejected"]) == (7, 0)
+    assert "(7 images then, 7 now, other sizes: a file rewritten, or still being copied then)" in \
+        capsys.readouterr().out
+    # data/ made before sizes were recorded: its names still match, so it is complete
+    data = datasets.data_dir(cfg.workdir)
+    done = storage.completed(data)
+    del done["source_files"]["sizes"]
+    storage.mark_complete(data, done)
+    (faces / "face_2.jpg").write_bytes((faces / "face_2.jpg").read_bytes() + b"\0")
+    assert prepare.preflight(cfg) is not None and "already complete" in capsys.readouterr().out
 
 
 def test_one_command_lists_its_source_folder_once(ray_session, tiny_cfg, tmp_path, capsys, monkeypatch):

@@ -353,35 +353,50 @@ def share_splits(manifest: list[dict]) -> None:
 
 def source_files(src: Source) -> dict | None:
     """What a folder or prefix source held: its image files' count and a hash of their
-    names (relative to it, as its copy for a cluster keeps them). None for the sample and
-    Kaggle sources, whose files a name fixes."""
+    names (relative to it, as its copy for a cluster keeps them); for files on this
+    machine's disk, a hash of their sizes too, which catches a file rewritten in place,
+    or still being copied when it was read (~2 us a file). An S3 object is never seen
+    half-written. None for the sample and Kaggle sources, whose files a name fixes."""
     if sources.kind(src.name) != "path":
         return None
-    names = sorted(storage.printable(f[len(src.root):].lstrip("/")) for f in src.files)
-    return {"count": len(names), "sha1": decode.sha1("\n".join(names).encode())}
+    names = sorted((storage.printable(f[len(src.root):].lstrip("/")), f) for f in src.files)
+    listed = {"count": len(names), "sha1": decode.sha1("\n".join(n for n, _ in names).encode())}
+    if not storage.is_s3(src.root):
+        listed["sizes"] = decode.sha1("\n".join(str(file_size(f)) for _, f in names).encode())
+    return listed
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone, or a link to nothing: its row says so
+        return -1
 
 
 def source_changed(cfg: Config, done: dict) -> str | None:
-    """Files added to, removed from or renamed in the source folder since `done` was made."""
+    """Files added to, removed from, renamed or resized in the source folder since `done`
+    was made."""
     if not (then := done.get("source_files")):  # a sample or Kaggle source, or data/ made before
         return None
     try:
         now = source_files(outside_workdirs(resolve_source(cfg.data.source, cfg.data), cfg.workdir, quiet=True))
     except (UsageError, OSError):  # gone, empty, or the store cannot list it now:
         return None  # the complete data/ is still good, and needs none of it
-    if now == then:
+    if {key: now.get(key) for key in then} == then:  # what was recorded (sizes since 2026-12-05)
         return None
-    return (f"the files in {cfg.data.source} changed ({then['count']:,} images then, {now['count']:,} now"
-            + (", other names)" if now["count"] == then["count"] else ")"))
+    how = ("" if now["count"] != then["count"] else ", other names" if now["sha1"] != then["sha1"]
+           else ", other sizes: a file rewritten, or still being copied then")
+    return f"the files in {cfg.data.source} changed ({then['count']:,} images then, {now['count']:,} now{how})"
 
 
-def summarize(src: Source, manifest: list[dict], rejected: list[dict], out: str,
+def summarize(src: Source, listed: dict | None, manifest: list[dict], rejected: list[dict], out: str,
               seconds: float, phases: dict[str, float]) -> dict:
-    """`phases`: seconds of the parallel ingest (listing, reading, decoding) and of the
-    driver's serial work after it, which bounds how far more cores speed a prepare up."""
+    """`listed`: source_files. `phases`: seconds of the parallel ingest (listing, reading,
+    decoding) and of the driver's serial work after it, which bounds how far more cores
+    speed a prepare up."""
     splits = Counter(row["split"] for row in manifest)
     return {"source": src.name, "images": len(manifest), "rejected": len(rejected),
-            **({"source_files": listed} if (listed := source_files(src)) else {}),
+            **({"source_files": listed} if listed else {}),
             "reasons": dict(Counter(row["reason"] for row in rejected)),
             "splits": {s: splits[s] for s in datasets.SPLITS},
             "near_copies": sum(bool(row["near_copy_of"]) for row in manifest),
@@ -633,6 +648,10 @@ def ingest_into_workdir(cfg: Config) -> dict:
     started = time.monotonic()
     src = readable_source(cfg)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
+    # as listed, before the files are read; on a thread, while Ray Data starts on one core
+    listing = ThreadPoolExecutor(1)
+    listed = listing.submit(source_files, src)
+    listing.shutdown(wait=False)
     d = cfg.data
     # parts go beside the previous run's images, which stay complete until these are good:
     # a --force whose source turns out to hold nothing usable loses nothing
@@ -679,8 +698,8 @@ def ingest_into_workdir(cfg: Config) -> dict:
     write_outputs(out, images, manifest, rejected, drops)
     seconds = time.monotonic() - started
     phases["rest"] = seconds - phases["ingest"] - phases["near_copies"]
-    summary = lineage.complete(cfg, STAGE, summarize(src, manifest, rejected, out, seconds, phases),
-                               lineage.made(cfg, STAGE))
+    summary = summarize(src, listed.result(), manifest, rejected, out, seconds, phases)
+    summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
     if not summary["splits"]["train"]:  # not an error here: more data may be on its way
         print(f"prepare: warning: the train split is empty ({len(manifest):,} images in all): "
