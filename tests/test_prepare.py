@@ -71,6 +71,12 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     with pytest.raises(UsageError, match=re.escape(f"{other / 'score'} lies inside the work directory "
                                                    f"{other}, whose images are a run's outputs")):
         prepare.run(tiny_cfg(f"data.source={other / 'score'}", workdir=str(tmp_path / "w2")))
+    # one that is another run's work directory: refused before Ray starts or anything is written
+    capsys.readouterr()
+    assert cli.main(["prepare", "--preset", "tiny", "--source", str(other), "--workdir", str(tmp_path / "w3")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and f"{other} is the work directory {other}, whose images are" in err[0]
+    assert not (tmp_path / "w3").exists()
 
 
 def test_another_runs_work_directory_inside_an_s3_source_is_left_out(ray_session, s3_server, tiny_cfg, capsys):

@@ -572,6 +572,8 @@ def check_data_source(cfg: Config) -> None:
     its download, so a resubmitted job on a new head needs no Kaggle credentials."""
     copy = kaggle_copy(cfg)
     check_source(cfg.data.source, cfg.data, copied=bool(copy and storage.completed(copy)))
+    if sources.kind(source := cfg.data.source.strip()) == "path" and not storage.is_s3(source):
+        sources.check_outside_workdirs(source, source, cfg.workdir)  # on S3: once listed, after Ray's start
 
 
 def readable_source(cfg: Config) -> Source:
@@ -607,10 +609,7 @@ def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
     inside another run's work directory is refused."""
     if not src.files:
         return src
-    if above := sources.workdir_above(src.root, workdir):
-        raise UsageError(f"{src.name} lies inside the work directory {above}, whose images are a "
-                         "run's outputs (fakes, sample grids, figures), not real faces: pass a "
-                         "folder of face images as --source")
+    sources.check_outside_workdirs(src.name, src.root, workdir)
     inside = set(src.workdirs)
     if own := own_workdir_in(src, workdir):
         inside.add(own)

@@ -173,19 +173,30 @@ def is_workdir(folder: str, has_file) -> bool:
         has_file(storage.join(folder, stage, storage.COMPLETE)) for stage in STAGE_FOLDERS)
 
 
-def workdir_above(root: str, own: str) -> str | None:
+def workdir_around(root: str, own: str) -> str | None:
     """The work directory (other than `own`, this run's) that the folder or prefix `root`
-    lies inside, if any: `--source runs/demo/score` names a run's outputs, fakes too."""
+    is or lies inside, if any: `--source runs/demo/score` names a run's outputs, fakes too."""
     def place(uri: str) -> str:  # a local folder by where it is, reached through links or not
         return uri if storage.is_s3(uri) else os.path.realpath(uri)
 
     own = place(storage.normalize(own))
     for folder in dict.fromkeys([storage.normalize(root), place(storage.normalize(root))]):  # a link too
-        while (parent := storage.parent(folder)) != folder:
-            folder = parent
+        while True:
             if is_workdir(folder, storage.is_file) and place(folder) != own:
                 return folder
+            if (parent := storage.parent(folder)) == folder:
+                return None
+            folder = parent
     return None
+
+
+def check_outside_workdirs(text: str, root: str, own: str) -> None:
+    """UsageError for a source that is, or lies inside, another run's work directory."""
+    if found := workdir_around(root, own):
+        where = "is" if storage.normalize(found) == storage.normalize(root) else "lies inside"
+        raise UsageError(f"{text} {where} the work directory {found}, whose images are a run's "
+                         "outputs (fakes, sample grids, figures), not real faces: pass a folder of "
+                         "face images as --source")
 
 
 # --- a copy every node of a cluster can read -----------------------------------------
