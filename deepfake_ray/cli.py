@@ -270,6 +270,21 @@ def quit_at_once_if_signalled(code: int) -> None:
         signal.signal(sig, lambda *_: os._exit(code))
 
 
+def writers_check_free(cfg, command: str) -> bool:
+    """storage.check_free for a command that writes in the work directory (True for
+    others, and where a local one cannot be opened: said when it is written)."""
+    from deepfake_ray import storage
+
+    if command not in WRITERS:
+        return True
+    try:
+        return storage.check_free(cfg.workdir, command)
+    except OSError:
+        if storage.is_s3(cfg.workdir):
+            raise
+        return True
+
+
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
     from deepfake_ray import storage
 
@@ -328,17 +343,14 @@ def execute(args: argparse.Namespace) -> int:
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):
             module.check_settings(cfg)
-        try:
-            if hasattr(module, "preflight"):
-                if module.preflight(cfg, **options(args)):
-                    return 0
-            elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
+        # another run writing there is named first: it may be making the stages this one
+        # reads, or replacing the one it would call complete
+        free = writers_check_free(cfg, args.command)
+        if hasattr(module, "preflight"):
+            if module.preflight(cfg, **options(args)):
                 return 0
-        except lineage.InputsNotReady:
-            if args.command in WRITERS:  # a run writing there says more: it may be making them
-                with contextlib.suppress(OSError):  # a work directory this user cannot write
-                    storage.check_free(cfg.workdir, args.command)
-            raise
+        elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
+            return 0
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
             check_utf8(args)
@@ -350,7 +362,6 @@ def execute(args: argparse.Namespace) -> int:
         lock_now = args.command in WRITERS and not storage.is_s3(cfg.workdir)
         if lock_now:
             take_lock(held, cfg, args.command)
-        free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
         if writes_config and free:  # first: an unwritable workdir fails before Ray starts
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:

@@ -37,11 +37,9 @@ from deepfake_ray.errors import UsageError
 STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
 # what each stage folder that others read holds, and the command that makes it, as a
 # refusal names them
-INPUTS = {"data": ("prepared images", "`deepfake-ray prepare`"),
-          "gan": ("trained generator", "`deepfake-ray train-gan`"),
-          "fakes": ("generated fakes", "`deepfake-ray generate`"),
-          "detector": ("finished detector", "`deepfake-ray train-detector` (or `deepfake-ray tune`)")}
-WHOLE = "`deepfake-ray pipeline`"
+# a stage's folder -> what it holds, and the commands that make it
+INPUTS = {"data": ("prepared images", ("prepare",)), "gan": ("trained generator", ("train-gan",)),
+          "fakes": ("generated fakes", ("generate",)), "detector": ("finished detector", ("train-detector", "tune"))}
 
 
 class InputsNotReady(UsageError):
@@ -199,14 +197,30 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     read = {} if read is None else read
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
-            holds, made_by = INPUTS.get(folder, ("complete output", WHOLE))
-            raise InputsNotReady(f"no {holds} in {storage.join(cfg.workdir, folder)}: "
-                                 f"run {made_by} with this --workdir first, or the whole {WHOLE}")
+            holds = INPUTS.get(folder, ("complete output", ()))[0]
+            raise InputsNotReady(f"no {holds} in {storage.join(cfg.workdir, folder)}: run {makers(cfg, folder)}")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
         raise InputsNotReady(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
-                             f"{INPUTS.get(folder, ('', WHOLE))[1]} (or the whole {WHOLE}) with this --workdir first")
+                             f"{makers(cfg, folder)}")
+
+
+def makers(cfg: Config, folder: str) -> str:
+    """The commands that make `folder`, then the whole pipeline, as a hint names them:
+    with the run's own settings where its config.yaml holds them, as command_line does
+    (following a bare `deepfake-ray train-gan` ran the demo preset's, and was refused)."""
+    commands = INPUTS.get(folder, ("", ()))[1]
+    saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
+
+    def name(command: str) -> str:
+        return f"`{command_line(cfg.workdir, command)}`" if saved else f"`deepfake-ray {command}`"
+
+    first = " first" if saved else " with this --workdir first"
+    whole = f"the whole {name('pipeline')}"
+    if not commands:
+        return whole + first
+    return " (or ".join(map(name, commands)) + ")" * (len(commands) - 1) + f"{first}, or {whole}"
 
 
 def command_line(workdir: str, command: str, settings_saved: bool = True) -> str:

@@ -82,3 +82,11 @@ def test_a_stage_run_before_the_stages_it_reads_names_the_command_that_makes_the
     assert refusals("evaluate") == [f"deepfake-ray evaluate: error: {detector}"]
     assert sorted(storage.list_files(str(workdir))) == sorted(
         storage.join(str(workdir), f, "_COMPLETE.json") for f in ("data", "gan", "fakes"))
+    # a run's work directory (its config.yaml there): the hint runs its own settings, not the
+    # demo preset's, which a bare `deepfake-ray train-detector` would, to be refused
+    storage.write_text(str(workdir / "config.yaml"), config.to_yaml(cfg))
+    saved = f"--config {workdir}/config.yaml --workdir {workdir}"
+    assert refusals("evaluate") == [
+        f"deepfake-ray evaluate: error: no finished detector in {workdir}/detector: run `deepfake-ray "
+        f"train-detector {saved}` (or `deepfake-ray tune {saved}`) first, or the whole `deepfake-ray "
+        f"pipeline {saved}`"]

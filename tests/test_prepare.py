@@ -943,6 +943,20 @@ def test_a_file_in_the_way_of_the_images_folder_is_replaced(ray_session, tiny_cf
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == summary["splits"]["train"]
 
 
+def test_a_complete_stage_that_another_run_is_replacing_is_not_called_complete(ray_session, tmp_path, capsys):
+    """While a `prepare --force` holds the work directory, a plain `prepare` said its data/
+    was complete (exit 0), as it was being replaced."""
+    workdir = str(tmp_path / "w")
+    args = ["prepare", "--preset", "tiny", "--source", "sample:20", "--workdir", workdir]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    with storage.exclusive(workdir, "prepare"):  # as the --force run holds it
+        assert cli.main(args) == 2
+        err = error_lines(capsys)
+    assert len(err) == 1 and f"another prepare (pid {os.getpid()} on " in err[0] and "is writing" in err[0]
+    assert cli.main(args) == 0 and "already complete" in capsys.readouterr().out
+
+
 def test_temporary_files_a_killed_run_left_go_when_the_stage_is_redone(ray_session, tiny_cfg):
     """A run killed while writing a file leaves its temporary name (hidden) forever."""
     cfg = tiny_cfg("data.source=sample:20")
