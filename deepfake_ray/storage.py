@@ -273,6 +273,21 @@ def has_keys_under(uri: str) -> bool:
     return listed.get("KeyCount", 0) > 0
 
 
+def bucket_missing(uri: str) -> bool:
+    """Whether S3 says the bucket of `uri` does not exist (one request). Any other answer
+    (no leave to ask, the network) is said where the bucket is used."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, _ = s3_client(uri)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        return e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket")
+    except BotoCoreError:
+        return False
+    return False
+
+
 def key_prefix(key: str) -> str:
     """What keys under `key` start with: `key/`, or anything at a bucket's root."""
     return f"{key.rstrip('/')}/" if key.strip("/") else ""

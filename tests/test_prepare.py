@@ -403,6 +403,12 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
     err = error_lines(capsys)
     assert err == ["deepfake-ray prepare: error: s3://no-such-bucket/run/config.yaml: "
                    "the bucket does not exist: check the s3:// path"]
+    s3_server("faces-here")  # the store answers: only that bucket is missing
+    assert cli.main(["prepare", "--preset", "tiny", "--source", "s3://no-such-bucket/faces", "--workdir",
+                     str(tmp_path / "w")]) == 2
+    assert error_lines(capsys) == ["deepfake-ray prepare: error: source 's3://no-such-bucket/faces': the bucket "
+                                   "no-such-bucket does not exist: check the s3:// path (and AWS_ENDPOINT_URL, "
+                                   "for another store)"]
     assert cli.main(prepare_on + [s3_server("faces-doubled") + "//run"]) == 2
     assert error_lines(capsys) == [f"deepfake-ray prepare: error: {s3_server('faces-doubled')}//run: an "
                                    f"S3 path with an empty part ('//'): write it as "

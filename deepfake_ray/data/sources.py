@@ -84,6 +84,9 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
     storage.check_s3_path(text, forms=FORMS)
     if not storage.is_dir(text):  # one request where all is well
         if not storage.exists(text):
+            if storage.is_s3(text) and storage.bucket_missing(text):
+                raise UsageError(f"source '{text}': the bucket {text[5:].split('/')[0]} does not exist: "
+                                 "check the s3:// path (and AWS_ENDPOINT_URL, for another store)")
             if meant := respelled(text):
                 raise UsageError(f"source '{text}' does not exist: did you mean '{meant}'? "
                                  "(sample and kaggle sources are spelled in lower case)")
