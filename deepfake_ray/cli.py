@@ -266,23 +266,14 @@ def quit_at_once_if_signalled(code: int) -> None:
     the process exits next (the console script), not in a caller of main()."""
     import signal
 
+    def quit_now(*_):
+        for stream in (sys.stdout, sys.stderr):  # os._exit leaves buffers unwritten
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: os._exit(code))
-
-
-def writers_check_free(cfg, command: str) -> bool:
-    """storage.check_free for a command that writes in the work directory (True for
-    others, and where a local one cannot be opened: said when it is written)."""
-    from deepfake_ray import storage
-
-    if command not in WRITERS:
-        return True
-    try:
-        return storage.check_free(cfg.workdir, command)
-    except OSError:
-        if storage.is_s3(cfg.workdir):
-            raise
-        return True
+        signal.signal(sig, quit_now)
 
 
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
@@ -343,14 +334,16 @@ def execute(args: argparse.Namespace) -> int:
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):
             module.check_settings(cfg)
-        # another run writing there is named first: it may be making the stages this one
-        # reads, or replacing the one it would call complete
-        free = writers_check_free(cfg, args.command)
-        if hasattr(module, "preflight"):
-            if module.preflight(cfg, **options(args)):
+        try:
+            if hasattr(module, "preflight"):
+                if module.preflight(cfg, **options(args)):
+                    return 0
+            elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
                 return 0
-        elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
-            return 0
+        except lineage.InputsNotReady:
+            if args.command in WRITERS:  # a run writing there says more: it may be making them
+                storage.check_not_held(cfg.workdir, args.command)
+            raise
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
             check_utf8(args)
@@ -362,6 +355,7 @@ def execute(args: argparse.Namespace) -> int:
         lock_now = args.command in WRITERS and not storage.is_s3(cfg.workdir)
         if lock_now:
             take_lock(held, cfg, args.command)
+        free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
         if writes_config and free:  # first: an unwritable workdir fails before Ray starts
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:
@@ -394,19 +388,19 @@ def check_utf8(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepfake_ray import storage
+
     print_any_file_name()
     args = parser().parse_args(argv)
-    started = time.time()
+    started, changes = time.time(), storage.marker_changes
     try:
         return execute(args)
     except UsageError as e:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from deepfake_ray import storage
-
         stopped = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        if args.force and not storage.marker_changes:  # the complete stages are still the old ones
+        if args.force and storage.marker_changes == changes:  # the complete stages are still the old ones
             said = f"{stopped} before anything was replaced; run the same command again"
         else:
             again = "the same command again" if not args.force else "it again without --force (which starts over)"

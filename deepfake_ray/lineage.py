@@ -319,6 +319,7 @@ def preflight(cfg: Config, stage: Stage, force: bool) -> dict | None:
     storage.check_folder(uri(cfg, stage), stage.command)
     read: dict = {}
     if not force and (done := current(cfg, stage, read)):
+        storage.check_not_held(cfg.workdir, stage.command)  # not complete while another run replaces it
         say_complete(cfg, stage, done, read)
         return done
     check_inputs(cfg, stage, read)

@@ -658,6 +658,16 @@ def check_free(uri: str, command: str) -> bool:
     return True
 
 
+def check_not_held(uri: str, command: str) -> None:
+    """check_free, where a local work directory this user cannot open counts as free (its
+    write says so, where it matters)."""
+    try:
+        check_free(uri, command)
+    except OSError:
+        if is_s3(uri):
+            raise
+
+
 def check_folder(uri: str, command: str) -> None:
     """UsageError when a file (or a link to nothing) has the name of a folder `command`
     writes in: the OS refused it with a traceback, some only after a whole ingest. S3
@@ -737,9 +747,11 @@ def replace_dir(uri: str, new: str) -> None:
         fs.move(path, target + path[len(source):])
 
 
-def mark_complete(stage_uri: str, summary: dict) -> None:
-    """Written last: a stage whose folder holds this marker is complete and is skipped."""
-    stage_changed()
+def mark_complete(stage_uri: str, summary: dict, stage: bool = True) -> None:
+    """Written last: a stage whose folder holds this marker is complete and is skipped.
+    `stage=False`: a folder no stage reads as its output (a source's copy)."""
+    if stage:
+        stage_changed()
     write_json(join(stage_uri, COMPLETE), summary)
 
 

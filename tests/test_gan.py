@@ -571,7 +571,8 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
 
     prepare.run(tiny(workdir), force=True)  # the reals redone: the generator is out of date
     assert cli.main(generate_again) == 2
-    assert "is out of date: data/ changed since it was made. Run `deepfake-ray train-gan`" in error_lines(capsys)[0]
+    assert ("is out of date: data/ changed since it was made. Run `deepfake-ray train-gan --config "
+            f"{workdir}/config.yaml --workdir {workdir}` first") in error_lines(capsys)[0]
 
 
 def test_an_unfinished_run_whose_input_was_redone_starts_over(prepared, tmp_path, capsys):

@@ -67,10 +67,18 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)), force=True)
     assert (summary["images"], summary["rejected"]) == (7, 0)
     assert f"leaving out 4 files inside the work directories {workdir}, {other}" in capsys.readouterr().out
-    # a folder inside another run's work directory is that run's outputs, its fakes here
-    with pytest.raises(UsageError, match=re.escape(f"{other / 'score'} lies inside the work directory "
-                                                   f"{other}, whose images are a run's outputs")):
+    # a folder inside a work directory's stage folder is that run's outputs, its fakes here
+    with pytest.raises(UsageError, match=re.escape(f"{other / 'score'} is the stage folder "
+                                                   f"{other / 'score'}, whose images are a run's outputs")):
         prepare.run(tiny_cfg(f"data.source={other / 'score'}", workdir=str(tmp_path / "w2")))
+    (workdir / "config.yaml").write_text("workdir: runs/demo\n")  # this run's own outputs too
+    with pytest.raises(UsageError, match=re.escape(f"lies inside the stage folder {workdir / 'gan'},")):
+        prepare.run(tiny_cfg(f"data.source={workdir / 'gan' / 'samples'}", workdir=str(workdir)), force=True)
+    # a user's photos beside a run's stage folders (a folder once used as --workdir) are photos
+    (other / "photos").mkdir()
+    for i in range(3):
+        (other / "photos" / f"face_{i}.jpg").write_bytes(sample.face_jpeg(2, i))
+    assert prepare.run(tiny_cfg(f"data.source={other / 'photos'}", workdir=str(tmp_path / "w4")))["images"] == 3
     # one that is another run's work directory: refused before Ray starts or anything is written
     capsys.readouterr()
     assert cli.main(["prepare", "--preset", "tiny", "--source", str(other), "--workdir", str(tmp_path / "w3")]) == 2
@@ -96,7 +104,7 @@ def test_another_runs_work_directory_inside_an_s3_source_is_left_out(ray_session
     summary = prepare.run(tiny_cfg(f"data.source={faces}"))
     assert (summary["images"], summary["rejected"]) == (7, 0)
     assert f"leaving out 2 files inside the work directory {other}" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="lies inside the work directory " + re.escape(other)):
+    with pytest.raises(UsageError, match="lies inside the stage folder " + re.escape(f"{other}/score,")):
         prepare.run(tiny_cfg(f"data.source={other}/score/test_images"), force=True)
 
 

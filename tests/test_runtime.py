@@ -191,7 +191,10 @@ def test_a_force_run_stopped_before_it_replaced_anything_says_to_keep_force(ray_
                                 stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
         wait_for_line(log, "prepare: reading 200,000 images", proc, 120)
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        deadline = time.time() + 60
+        while "before anything was replaced" not in log.read_text():  # said: Ray shuts down next
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
         assert stop(proc, signal.SIGINT) == 130, log.read_text()[-3000:]
     text = log.read_text()
     assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]

@@ -351,18 +351,22 @@ def share_splits(manifest: list[dict]) -> None:
                 row["split"] = first["split"]
 
 
-def source_files(src: Source) -> dict | None:
+def source_files(src: Source, read: dict[str, int] | None = None) -> dict | None:
     """What a folder or prefix source held: its image files' count and a hash of their
     names (relative to it, as its copy for a cluster keeps them); for files on this
     machine's disk, a hash of their sizes too, which catches a file rewritten in place,
-    or still being copied when it was read (~2 us a file). An S3 object is never seen
+    or still being copied when it was read. `read`: the bytes each file (by its printable
+    path) had as the ingest read it, else its size now. An S3 object is never seen
     half-written. None for the sample and Kaggle sources, whose files a name fixes."""
     if sources.kind(src.name) != "path":
         return None
     names = sorted((storage.printable(f[len(src.root):].lstrip("/")), f) for f in src.files)
     listed = {"count": len(names), "sha1": decode.sha1("\n".join(n for n, _ in names).encode())}
     if not storage.is_s3(src.root):
-        listed["sizes"] = decode.sha1("\n".join(str(file_size(f)) for _, f in names).encode())
+        read = read or {}
+        sizes = (read.get(storage.printable(f)) for _, f in names)
+        listed["sizes"] = decode.sha1("\n".join(str(file_size(f) if size is None else size)
+                                                for size, (_, f) in zip(sizes, names)).encode())
     return listed
 
 
@@ -598,7 +602,7 @@ def readable_source(cfg: Config) -> Source:
     src = sources.copy_to(src, copy_dir(cfg), "prepare", decode.max_file_bytes(d.max_pixels))
     if copy:
         storage.mark_complete(copy, {"source": d.source, "files": len(src.files),
-                                     "unread": sources.recorded_unread(src.unread, copy)})
+                                     "unread": sources.recorded_unread(src.unread, copy)}, stage=False)
     return src
 
 
@@ -647,10 +651,6 @@ def ingest_into_workdir(cfg: Config) -> dict:
     started = time.monotonic()
     src = readable_source(cfg)
     print(f"prepare: reading {count_images(src.sample_count or len(src.files))} from {src.name}")
-    # as listed, before the files are read; on a thread, while Ray Data starts on one core
-    listing = ThreadPoolExecutor(1)
-    listed = listing.submit(source_files, src)
-    listing.shutdown(wait=False)
     d = cfg.data
     # parts go beside the previous run's images, which stay complete until these are good:
     # a --force whose source turns out to hold nothing usable loses nothing
@@ -697,7 +697,8 @@ def ingest_into_workdir(cfg: Config) -> dict:
     write_outputs(out, images, manifest, rejected, drops)
     seconds = time.monotonic() - started
     phases["rest"] = seconds - phases["ingest"] - phases["near_copies"]
-    summary = summarize(src, listed.result(), manifest, rejected, out, seconds, phases)
+    read = {row["path"]: row["bytes"] for row in rows if row["reason"] != "unreadable"}  # not read: its size now
+    summary = summarize(src, source_files(src, read), manifest, rejected, out, seconds, phases)
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
     if not summary["splits"]["train"]:  # not an error here: more data may be on its way

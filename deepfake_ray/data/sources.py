@@ -176,30 +176,38 @@ def is_workdir(folder: str, has_file) -> bool:
         has_file(storage.join(folder, stage, storage.COMPLETE)) for stage in STAGE_FOLDERS)
 
 
-def workdir_around(root: str, own: str) -> str | None:
-    """The work directory (other than `own`, this run's) that the folder or prefix `root`
-    is or lies inside, if any: `--source runs/demo/score` names a run's outputs, fakes too."""
+def workdir_around(root: str, own: str) -> tuple[str, str] | None:
+    """(where, what) for the work directory `root` is (other than `own`, this run's), or
+    the stage folder of any work directory, this run's too, that `root` is or lies inside:
+    `--source runs/demo/score` names a run's outputs, fakes too. A user's own folder beside a run's stage folders
+    (`~/proj/faces` in a `~/proj` once used as --workdir) is neither."""
     def place(uri: str) -> str:  # a local folder by where it is, reached through links or not
         return uri if storage.is_s3(uri) else os.path.realpath(uri)
 
-    own = place(storage.normalize(own))
-    for folder in dict.fromkeys([storage.normalize(root), place(storage.normalize(root))]):  # a link too
-        while True:
-            if is_workdir(folder, storage.is_file) and place(folder) != own:
-                return folder
-            if (parent := storage.parent(folder)) == folder:
-                return None
-            folder = parent
+    def workdir(folder: str) -> bool:
+        try:
+            return is_workdir(folder, storage.is_file)
+        except OSError:  # S3 refuses to say (credentials for a prefix only): none there
+            return False
+
+    root = storage.normalize(root)
+    if workdir(root) and place(root) != place(storage.normalize(own)):
+        return root, "is the work directory"
+    for folder in dict.fromkeys([root, place(root)]):  # a link too
+        while (parent := storage.parent(folder)) != folder:
+            inside, folder = folder, parent
+            if inside.rsplit("/", 1)[-1] in STAGE_FOLDERS and workdir(folder):
+                return inside, "is the stage folder" if inside == root else "lies inside the stage folder"
     return None
 
 
 def check_outside_workdirs(text: str, root: str, own: str) -> None:
-    """UsageError for a source that is, or lies inside, another run's work directory."""
+    """UsageError for a source that is another run's work directory, or lies inside a
+    work directory's stage folder."""
     if found := workdir_around(root, own):
-        where = "is" if storage.normalize(found) == storage.normalize(root) else "lies inside"
-        raise UsageError(f"{text} {where} the work directory {found}, whose images are a run's "
-                         "outputs (fakes, sample grids, figures), not real faces: pass a folder of "
-                         "face images as --source")
+        where, what = found
+        raise UsageError(f"{text} {what} {where}, whose images are a run's outputs (fakes, sample "
+                         "grids, figures), not real faces: pass a folder of face images as --source")
 
 
 # --- a copy every node of a cluster can read -----------------------------------------
