@@ -387,12 +387,16 @@ def check_utf8(args: argparse.Namespace) -> None:
                              f"cannot take: {fix} valid UTF-8") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from deepfake_ray import storage
+def stage_changes() -> int:
+    """storage.marker_changes, without importing storage (and pyarrow) for `--help`."""
+    storage = sys.modules.get("deepfake_ray.storage")
+    return storage.marker_changes if storage else 0
 
+
+def main(argv: list[str] | None = None) -> int:
     print_any_file_name()
     args = parser().parse_args(argv)
-    started, changes = time.time(), storage.marker_changes
+    started, changes = time.time(), stage_changes()
     try:
         return execute(args)
     except UsageError as e:
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         stopped = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        if args.force and storage.marker_changes == changes:  # the complete stages are still the old ones
+        if args.force and stage_changes() == changes:  # the complete stages are still the old ones
             said = f"{stopped} before anything was replaced; run the same command again"
         else:
             again = "the same command again" if not args.force else "it again without --force (which starts over)"

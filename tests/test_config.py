@@ -315,18 +315,24 @@ def test_each_command_offers_the_flags_it_reads(command, offered, not_offered, c
     assert offered in out and not_offered not in out
 
 
-@pytest.mark.parametrize("force,advice", [([], "run the same command again"),
-                                          (["--force"], "run it again without --force")])
-def test_ctrl_c_exits_130_saying_how_to_resume(force, advice, monkeypatch, tmp_path, capsys):
-    from deepfake_ray import report
+@pytest.mark.parametrize("force,replaced,advice", [
+    ([], True, "interrupted; run the same command again: finished stages are skipped and a training resumes"),
+    (["--force"], True, "interrupted; run it again without --force (which starts over): finished stages"),
+    # the stages there are still the old ones: without --force they would be kept
+    (["--force"], False, "interrupted before anything was replaced; run the same command again")])
+def test_ctrl_c_exits_130_saying_how_to_resume(force, replaced, advice, monkeypatch, tmp_path, capsys):
+    from deepfake_ray import report, storage
 
     def pressed_ctrl_c(*_, **__):
+        if replaced:
+            storage.stage_changed()  # as a stage unmarked to be redone
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "run", pressed_ctrl_c)
     assert cli.main(["report", "--workdir", str(tmp_path), *force]) == 130
     err = error_lines(capsys)
-    assert len(err) == 1 and advice in err[0] and "resumes from its last checkpoint" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"deepfake-ray report: {advice}")
+    assert replaced or err[0] == f"deepfake-ray report: {advice}"
 
 
 def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
