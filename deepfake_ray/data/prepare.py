@@ -363,14 +363,14 @@ def source_files(src: Source, read: dict[str, int] | None = None) -> dict | None
     names = sorted((storage.printable(f[len(src.root):].lstrip("/")), f) for f in src.files)
     listed = {"count": len(names), "sha1": decode.sha1("\n".join(n for n, _ in names).encode())}
     if not storage.is_s3(src.root):
-        read = read or {}
-        sizes = (read.get(storage.printable(f)) for _, f in names)
-        listed["sizes"] = decode.sha1("\n".join(str(file_size(f) if size is None else size)
-                                                for size, (_, f) in zip(sizes, names)).encode())
+        listed["sizes"] = decode.sha1("\n".join(str(file_size(f, read or {})) for _, f in names).encode())
     return listed
 
 
-def file_size(path: str) -> int:
+def file_size(path: str, read: dict[str, int]) -> int:
+    """Its bytes as read (source_files), else its size now; -1 when it is gone."""
+    if (size := read.get(storage.printable(path))) is not None:
+        return size
     try:
         return os.stat(path).st_size
     except OSError:  # gone, or a link to nothing: its row says so
