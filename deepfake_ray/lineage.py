@@ -39,7 +39,8 @@ STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made 
 # refusal names them
 # a stage's folder -> what it holds, and the commands that make it
 INPUTS = {"data": ("prepared images", ("prepare",)), "gan": ("trained generator", ("train-gan",)),
-          "fakes": ("generated fakes", ("generate",)), "detector": ("finished detector", ("train-detector", "tune"))}
+          "fakes": ("generated fakes", ("generate",)),
+          "detector": ("finished detector", ("train-detector", "tune"))}
 
 
 class InputsNotReady(UsageError):

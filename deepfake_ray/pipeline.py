@@ -79,7 +79,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
 def run(cfg: Config, force: bool = False, **_) -> dict:
     preflight(cfg, force)
     timings_uri = storage.join(cfg.workdir, "pipeline.json")
-    record = {"workdir": cfg.workdir, "stages": []}
+    record, changes = {"workdir": cfg.workdir, "stages": []}, storage.marker_changes
     for step in steps(cfg):
         command = step.stage.command
         # current: complete, with these settings, from the inputs there now (which the
@@ -99,7 +99,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)
             # a --force run that has replaced nothing yet is still needed
-            again = "it again without --force" if force and storage.marker_changes else "the same command again"
+            replaced = storage.marker_changes != changes
+            again = "it again without --force" if force and replaced else "the same command again"
             alone = ("" if command in ("score", "report") else  # these take other arguments
                      f", or this stage alone with the settings of this run: "
                      f"`{lineage.command_line(cfg.workdir, command)}`")

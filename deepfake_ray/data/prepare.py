@@ -363,7 +363,8 @@ def source_files(src: Source, read: dict[str, int] | None = None) -> dict | None
     names = sorted((storage.printable(f[len(src.root):].lstrip("/")), f) for f in src.files)
     listed = {"count": len(names), "sha1": decode.sha1("\n".join(n for n, _ in names).encode())}
     if not storage.is_s3(src.root):
-        listed["sizes"] = decode.sha1("\n".join(str(file_size(f, read or {})) for _, f in names).encode())
+        read = read or {}
+        listed["sizes"] = decode.sha1("\n".join(str(file_size(f, read)) for _, f in names).encode())
     return listed
 
 
@@ -613,7 +614,8 @@ def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
     inside another run's work directory is refused."""
     if not src.files:
         return src
-    sources.check_outside_workdirs(src.name, src.root, workdir)
+    # the listing tells whether the root is one: no request to S3 for it, each time asked
+    sources.check_outside_workdirs(src.name, src.root, workdir, root_is_one=src.root in src.workdirs)
     inside = set(src.workdirs)
     if own := own_workdir_in(src, workdir):
         inside.add(own)

@@ -176,11 +176,12 @@ def is_workdir(folder: str, has_file) -> bool:
         has_file(storage.join(folder, stage, storage.COMPLETE)) for stage in STAGE_FOLDERS)
 
 
-def workdir_around(root: str, own: str) -> tuple[str, str] | None:
+def workdir_around(root: str, own: str, root_is_one: bool | None = None) -> tuple[str, str] | None:
     """(where, what) for the work directory `root` is (other than `own`, this run's), or
     the stage folder of any work directory, this run's too, that `root` is or lies inside:
-    `--source runs/demo/score` names a run's outputs, fakes too. A user's own folder beside a run's stage folders
-    (`~/proj/faces` in a `~/proj` once used as --workdir) is neither."""
+    `--source runs/demo/score` names a run's outputs, fakes too. A user's own folder
+    beside a run's stage folders (`~/proj/faces` in a `~/proj` once used as --workdir) is
+    neither. `root_is_one`: whether `root` is a work directory, where its listing told."""
     def place(uri: str) -> str:  # a local folder by where it is, reached through links or not
         return uri if storage.is_s3(uri) else os.path.realpath(uri)
 
@@ -191,7 +192,7 @@ def workdir_around(root: str, own: str) -> tuple[str, str] | None:
             return False
 
     root = storage.normalize(root)
-    if workdir(root) and place(root) != place(storage.normalize(own)):
+    if (workdir(root) if root_is_one is None else root_is_one) and place(root) != place(storage.normalize(own)):
         return root, "is the work directory"
     for folder in dict.fromkeys([root, place(root)]):  # a link too
         while (parent := storage.parent(folder)) != folder:
@@ -201,10 +202,10 @@ def workdir_around(root: str, own: str) -> tuple[str, str] | None:
     return None
 
 
-def check_outside_workdirs(text: str, root: str, own: str) -> None:
+def check_outside_workdirs(text: str, root: str, own: str, root_is_one: bool | None = None) -> None:
     """UsageError for a source that is another run's work directory, or lies inside a
-    work directory's stage folder."""
-    if found := workdir_around(root, own):
+    work directory's stage folder (see workdir_around)."""
+    if found := workdir_around(root, own, root_is_one):
         where, what = found
         raise UsageError(f"{text} {what} {where}, whose images are a run's outputs (fakes, sample "
                          "grids, figures), not real faces: pass a folder of face images as --source")
