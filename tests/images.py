@@ -108,6 +108,11 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
         "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~20,000 scans: seconds to decode
+        "hidden_scans.jpg": (hidden_scans_jpeg(), "decompression bomb"),
+        "exif_segments.jpg": (many_exif_segments_jpeg(), "decompression bomb"),
+        # as a folder holds them: prepare reads files by name, whatever format their bytes are
+        "strips_tiff.png": (many_strips_tiff(), "decompression bomb"),
+        "rle_bmp.png": (wide_rle_bmp(), "decompression bomb"),
         "texture.jpg": (dds_texture(), "not an image"),
         "no_components.jpg": (componentless_jpeg(), "corrupt"),
     }
@@ -148,3 +153,51 @@ def many_scans_jpeg(size_bytes: int = 250_000) -> bytes:
     start, end = min(scans, key=lambda scan: scan[1] - scan[0])
     last = scans[-1][1]
     return data[:last] + data[start:end] * ((size_bytes - len(data)) // (end - start)) + data[last:]
+
+
+def hidden_scans_jpeg() -> bytes:
+    """many_scans_jpeg with a comment after its first scan that holds an end-of-image
+    marker's bytes: libjpeg skips the comment by its length and decodes every scan."""
+    data = many_scans_jpeg(60_000)
+    second_scan = data.find(b"\xff\xda", data.find(b"\xff\xda") + 2)
+    return data[:second_scan] + b"\xff\xfe\x00\x04\xff\xd9" + data[second_scan:]
+
+
+def many_exif_segments_jpeg(segments: int = 20_000) -> bytes:
+    """A small JPEG (~320 KB) of `segments` tiny Exif segments, which Pillow's parser joins
+    by copying all before each: 245,000 of them took 20 s."""
+    import struct
+
+    exif = b"\xff\xe1" + struct.pack(">H", 2 + 10) + b"Exif\x00\x00II*\x00"
+    data = encode(rgb(8, 32), "JPEG")
+    return data[:2] + exif * segments + data[2:]
+
+
+def many_strips_tiff(strips: int = 160_000) -> bytes:
+    """An 8 x `strips` grayscale TIFF (1.3 MP) of one-row strips, all of them the same 8
+    bytes: Pillow makes an object of each (4.8 million took 26 s and 1.5 GB)."""
+    import struct
+
+    ifd_at = 16  # after the header and the one row of pixels
+    offsets_at = ifd_at + 2 + 9 * 12 + 4
+    counts_at = offsets_at + strips
+    short, long_, byte_array = (lambda v: (3, struct.pack("<HH", v, 0))), (lambda v: (4, struct.pack("<I", v))), \
+        (lambda at: (1, struct.pack("<I", at)))  # more than 4 BYTEs lie elsewhere: the entry holds their offset
+    tags = {256: short(8), 257: long_(strips), 258: short(8), 259: short(1), 262: short(1),
+            273: byte_array(offsets_at), 277: short(1), 278: short(1), 279: byte_array(counts_at)}
+    ifd = b"".join(struct.pack("<HHI", tag, kind, strips if kind == 1 else 1) + value
+                   for tag, (kind, value) in tags.items())
+    return (b"II*\x00" + struct.pack("<I", ifd_at) + bytes(range(0, 256, 32)) + struct.pack("<H", len(tags))
+            + ifd + bytes(4) + bytes([8]) * strips + bytes([8]) * strips)
+
+
+def wide_rle_bmp(width: int = 4_001, height: int = 1_000) -> bytes:
+    """An 8-bit RLE BMP of one pixel a row, then an end of line: a few KB that Pillow's
+    decoder, written in Python, fills out a byte at a time (40,000 x 1,000 took 4 s)."""
+    import struct
+
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    pixels = b"\x01\x80\x00\x00" * height + b"\x00\x01"  # a run of 1 of grey 128, end of line; end
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels

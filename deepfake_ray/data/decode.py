@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import re
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin
@@ -32,6 +34,23 @@ FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 # takes minutes (16 MP, 2,000 scans in 125 KB: 18 s). Encoders write about 10 (colour),
 # those that tune them a few dozen.
 MAX_JPEG_SCANS = 100
+# Pillow's JPEG parser joins Exif segments by copying all before each (time grows with their
+# count squared: 245,000 tiny ones in 4.9 MB took 20 s). Exif fits one segment by the
+# standard; METADATA_BYTES in 64 KB segments is 256. A file under EXIF_CHECK_BYTES holds too
+# few to cost much (~0.1 s at worst), and is not walked (a face crop's ~10 segments: ~4 us).
+MAX_EXIF_SEGMENTS = 256
+EXIF_CHECK_BYTES = 256 * 1024
+# a marker in a scan's coded data: an 0xFF not followed by 0x00 (a coded 0xFF), a restart
+# marker (RST0-7) or another 0xFF (fill)
+CODED_DATA_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Pillow makes a Python object per strip or tile of a TIFF, and reads each on its own (a
+# 4.8 MB file of 4.8 million one-row strips took 26 s and 1.5 GB). TIFF's smallest tile
+# is 16x16: a strip or tile per 256 pixels is the most any real image needs.
+PIXELS_PER_TIFF_BLOCK = 256
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
+# Pillow decodes some formats in Python (an RLE-compressed BMP), ~0.1 us a pixel: a 5 KB
+# file of 40 MP took 4 s. Face photos in them are far smaller.
+MAX_PYTHON_DECODED_PIXELS = 4_000_000
 # how JPEG, PNG, GIF and TIFF files begin (WebP: "WEBP" at byte 8)
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
@@ -62,6 +81,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
         raise DecodeError("html page", "the file is a web page (a failed download?)")
+    check_header_cost(data, max_pixels)
     try:
         # only our formats' parsers see the bytes: Pillow's others are more code exposed to
         # what a client sends, and some raise what no caller expects (DDS: NotImplementedError)
@@ -91,24 +111,82 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if img.info.get("progressive") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise DecodeError("decompression bomb", f"a JPEG of {scans:,} scans (limit {MAX_JPEG_SCANS}), "
                                                 "each another pass over the whole image")
+    if img.tile and img.tile[0][0] in Image.DECODERS and width * height > MAX_PYTHON_DECODED_PIXELS:
+        raise DecodeError("decompression bomb", f"{width}x{height} pixels in a {img.format} encoding "
+                                                f"that is decoded in Python (limit {MAX_PYTHON_DECODED_PIXELS:,})")
     return img
 
 
-def jpeg_scans(data: bytes) -> int:
-    """The main image's scans: its start-of-scan markers from its first to its end. Its
-    coded data never holds those bytes (an 0xFF there is followed by 0x00 or a restart
-    marker); the segments before its first scan (EXIF with a thumbnail, ICC, maker notes)
-    are skipped by their lengths, and what follows its end (a Motion Photo's video) is not read."""
+def check_header_cost(data: bytes, max_pixels: int) -> None:
+    """Refuses, before Pillow parses it, a header crafted to take that parse seconds."""
+    if len(data) > EXIF_CHECK_BYTES and data.startswith(b"\xff\xd8") \
+            and exif_segments(data) > MAX_EXIF_SEGMENTS:
+        raise DecodeError("decompression bomb", f"a JPEG of more than {MAX_EXIF_SEGMENTS} Exif segments, "
+                                                "whose parse takes time growing with their number squared")
+    if data.startswith(TIFF_SIGNATURES) and (blocks := tiff_blocks(data)) > max_pixels // PIXELS_PER_TIFF_BLOCK:
+        raise DecodeError("decompression bomb", f"a TIFF of {blocks:,} strips or tiles (limit "
+                                                f"{max_pixels // PIXELS_PER_TIFF_BLOCK:,}), each read on its own")
+
+
+def tiff_blocks(data: bytes) -> int:
+    """The strips or tiles of a TIFF's first image, as its header counts them (0 where the
+    header cannot be read: Pillow tells what is wrong)."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = data[2] == 43  # BigTIFF: 8-byte counts and offsets, as Pillow reads it
+
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(data[at:at + size], order)
+
+    ifd = number(8, 8) if big else number(4, 4)
+    entry, width = (20, 8) if big else (12, 4)
+    first = ifd + (8 if big else 2)  # past the entries' count
+    for at in range(first, min(first + number(ifd, 8 if big else 2) * entry, len(data) - entry + 1), entry):
+        if number(at, 2) in (273, 324):  # StripOffsets, TileOffsets
+            return number(at + 4, width)
+    return 0
+
+
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, where its content starts) of each of a JPEG's segments up to its end, as
+    libjpeg reads them: the segments are skipped by their lengths (an end marker's bytes
+    inside a comment end nothing), a scan's coded data up to the next marker, stray bytes
+    up to the next 0xFF, and what follows the image's end (a Motion Photo's video) is not read."""
     i = 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
-        if data[i + 1] == 0xDA:
-            end = data.find(b"\xff\xd9", i)
-            return data.count(b"\xff\xda", i, end if end >= 0 else len(data))
-        if data[i + 1] == 0xFF:  # a fill byte before a marker
+    while (i := data.find(b"\xff", i)) >= 0 and i + 1 < len(data):
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill bytes before a marker
             i += 1
+        elif 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):  # markers with no length
+            i += 2
+        elif marker == 0xD9:  # the image's end
+            return
         else:
+            yield marker, i + 4
             i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return 0  # no scan where the header says: Pillow's decode tells what is wrong
+            if marker == 0xDA:  # a scan: its coded data runs to the next marker
+                coded = CODED_DATA_END.search(data, i)
+                i = coded.start() if coded else len(data)
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The main image's scans, counted up to one past the limit."""
+    scans = 0
+    for marker, _ in jpeg_segments(data):
+        scans += marker == 0xDA
+        if scans > MAX_JPEG_SCANS:
+            break
+    return scans
+
+
+def exif_segments(data: bytes) -> int:
+    """The Exif segments before a JPEG's first scan, which Pillow's parser reads, counted up
+    to one past the limit."""
+    count = 0
+    for marker, start in jpeg_segments(data):
+        if marker == 0xDA or count > MAX_EXIF_SEGMENTS:
+            break
+        count += marker == 0xE1 and data.startswith(b"Exif\x00\x00", start)
+    return count
 
 
 def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
