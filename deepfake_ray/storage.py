@@ -72,21 +72,43 @@ def parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri.removeprefix("s3://") else uri
 
 
+# what s3_endpoint's answer depends on, beside the config files' content
+ENDPOINT_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                     "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+
+
 def s3_endpoint() -> str | None:
-    """AWS_ENDPOINT_URL_S3 > AWS_ENDPOINT_URL > the profile's `s3 = endpoint_url = ...` or
-    `endpoint_url` in ~/.aws/config (pyarrow's AWS SDK reads neither from the file)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        return endpoint
+    """The S3 endpoint boto3 would use, by botocore's own rules: AWS_ENDPOINT_URL_S3 >
+    AWS_ENDPOINT_URL > the profile's services section (`s3 = endpoint_url = ...`) > its
+    `endpoint_url`; then the AWS CLI's `s3 = endpoint_url = ...` in the profile itself.
+    pyarrow's AWS SDK reads none of them from ~/.aws/config, so both libraries are handed
+    this one."""
+    return configured_endpoint(tuple(os.environ.get(name) for name in ENDPOINT_SETTINGS))
+
+
+@lru_cache(maxsize=8)
+def configured_endpoint(settings: tuple) -> str | None:
+    """Cached by the settings: reading the config files takes ~7 ms, and every S3 write asks."""
     import botocore.exceptions
     import botocore.session
+    from botocore.configprovider import ConfiguredEndpointProvider
 
+    session = botocore.session.Session()
     try:
-        profile = botocore.session.Session().get_scoped_config()
-    except botocore.exceptions.ProfileNotFound:
-        return None  # the AWS SDK names that problem itself at the first request
+        profile = session.get_scoped_config()
+        if session.get_config_variable("ignore_configured_endpoint_urls"):
+            return None
+        endpoint = ConfiguredEndpointProvider(session.full_config, profile, "s3").provide()
+    except botocore.exceptions.ProfileNotFound as e:  # pyarrow would try AWS itself, then say "cannot reach"
+        raise UsageError(f"{e}: check AWS_PROFILE and {aws_config_file()}") from None
+    except botocore.exceptions.InvalidConfigError as e:
+        raise UsageError(f"{aws_config_file()}: {e}") from None
     s3 = profile.get("s3")
-    return (s3.get("endpoint_url") if isinstance(s3, dict) else None) or profile.get("endpoint_url")
+    return endpoint or (s3.get("endpoint_url") if isinstance(s3, dict) else None)
+
+
+def aws_config_file() -> str:
+    return os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"
 
 
 @lru_cache(maxsize=None)
@@ -369,7 +391,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
             return read_to_end(fd, info.st_size, max_bytes)
         finally:
             os.close(fd)
-    if "//" in uri[len("s3://"):]:  # S3 allows keys pyarrow cannot name ('faces//a.jpg')
+    if pyarrow_cannot_name(uri):
         return s3_get(uri, max_bytes)
     fs, path = resolve(uri)
     try:
@@ -390,6 +412,13 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         if pyarrow_problem(e) not in (None, "ACCESS_DENIED"):
             raise
         return s3_get(uri, max_bytes)
+
+
+def pyarrow_cannot_name(uri: str) -> bool:
+    """Keys S3 allows and pyarrow reads as another path, or refuses: an empty part
+    ('faces//a.jpg'), a '.' or '..' part ('faces/./a.jpg' is a key of its own)."""
+    parts = uri[len("s3://"):].split("/")
+    return any(part in ("", ".", "..") for part in parts[1:])
 
 
 def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
@@ -539,17 +568,30 @@ def list_files(uri: str) -> list[str]:
     """Every file under a prefix, recursively, as URIs, sorted."""
     if not is_s3(uri):
         return sorted(walk_local(normalize(uri)))
+    return list(s3_sizes(uri))
+
+
+def s3_sizes(uri: str) -> dict[str, int]:
+    """Every object under a prefix, recursively, as URIs, sorted -> its size, as listed."""
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    files = [i.path for i in infos if i.type == pafs.FileType.File]
-    return sorted(f"s3://{p}" for p in files)
+    return {f"s3://{i.path}": i.size for i in sorted(infos, key=lambda i: i.path) if i.type == pafs.FileType.File}
 
 
 def list_visible(uri: str) -> list[str]:
     """list_files without hidden files and folders (`.git`, `.ipynb_checkpoints`, macOS's
-    `.DS_Store` and `._NAME.jpg`, this module's `.tmp-*`): none holds a user's data."""
+    `.DS_Store` and `._NAME.jpg`, this module's `.tmp-*`): none holds a user's data. An S3
+    key's '.' or '..' part is no hidden name ('faces/./a.jpg' is a key like any other)."""
+    return list(listing(uri))
+
+
+def listing(uri: str) -> dict[str, int | None]:
+    """list_visible's files -> each one's size where the listing gave it (S3), else None
+    (a local folder's files are not stat'ed to be listed)."""
+    sizes = s3_sizes(uri) if is_s3(uri) else dict.fromkeys(list_files(uri))
     root = len(normalize(uri))
-    return [f for f in list_files(uri) if not any(part.startswith(".") for part in f[root:].split("/"))]
+    return {f: size for f, size in sizes.items()
+            if not any(part.startswith(".") and part not in (".", "..") for part in f[root:].split("/"))}
 
 
 def walk_local(root: str) -> list[str]:
@@ -683,7 +725,10 @@ def delete_file(uri: str) -> bool:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return False
-    fs.delete_file(path)
+    if is_s3(uri):
+        s3_delete(uri, [s3_client(uri)[2]])
+    else:
+        fs.delete_file(path)
     return True
 
 
@@ -693,7 +738,51 @@ def delete_dir(uri: str) -> None:
         # the marker first: a deletion cut short leaves none vouching for the rest
         if delete_file(join(uri, COMPLETE)):  # a complete stage's, not a scratch folder
             stage_changed()
-        fs.delete_dir(path)
+        if is_s3(uri):
+            s3_delete(uri, s3_keys_under(uri))
+        else:
+            fs.delete_dir(path)
+
+
+# S3 through boto3, not pyarrow: pyarrow's delete and move leave an empty "folder" object
+# (`data/`, `data/.images-new/`) in place of the last one they remove from a prefix.
+def s3_keys_under(uri: str) -> list[str]:
+    """Every key under the prefix `uri`, folder objects (`x/`) included."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, key = s3_client(uri)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix(key))
+        return [o["Key"] for page in pages for o in page.get("Contents", ())]
+    except (BotoCoreError, ClientError) as e:
+        raise store_error(uri, e) from e
+
+
+def s3_delete(uri: str, keys: list[str]) -> None:
+    """`keys` of the bucket of `uri`, deleted 1,000 (S3's most) a request."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, _ = s3_client(uri)
+    try:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            failed = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors")
+            if failed:  # per key, in a successful answer: raised as S3 raises a refused request
+                raise ClientError({"Error": failed[0]}, "DeleteObjects")
+    except (BotoCoreError, ClientError) as e:
+        raise store_error(uri, e) from e
+
+
+def s3_move(uri: str, new_uri: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, key = s3_client(uri)
+    _, new_bucket, new_key = s3_client(new_uri)
+    try:
+        client.copy_object(Bucket=new_bucket, Key=new_key, CopySource={"Bucket": bucket, "Key": key})
+        client.delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as e:
+        raise store_error(uri, e) from e
 
 
 # Stages this process has unmarked or marked complete: once one has, a run refused later
@@ -743,8 +832,8 @@ def replace_dir(uri: str, new: str) -> None:
             os.replace(source, target)
         return
     for file in list_files(new):
-        path = resolve(file)[1]
-        fs.move(path, target + path[len(source):])
+        s3_move(file, "s3://" + target + resolve(file)[1][len(source):])
+    s3_delete(new, s3_keys_under(new))  # folder objects another tool left
 
 
 def mark_complete(stage_uri: str, summary: dict, stage: bool = True) -> None:

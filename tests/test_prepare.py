@@ -317,8 +317,8 @@ def test_one_command_lists_its_source_folder_once(ray_session, tiny_cfg, tmp_pat
     prepare.run(cfg)
     (faces / "face_6.jpg").write_bytes(sample.face_jpeg(0, 6))  # changed: listed, then read
     listed = []
-    list_visible = storage.list_visible
-    monkeypatch.setattr(storage, "list_visible", lambda uri: listed.append(uri) or list_visible(uri))
+    listing = storage.listing
+    monkeypatch.setattr(storage, "listing", lambda uri: listed.append(uri) or listing(uri))
     command = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir, "--source", str(faces)]
     assert cli.main(command) == 0  # checked before Ray starts, and as it runs; then read
     assert listed == [str(faces)], listed
@@ -368,13 +368,15 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
         ".lock", storage.COMPLETE, "images", "manifest.parquet", "rejected.parquet"]  # nothing else
 
 
-def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
+def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path, capsys):
     bucket = s3_server("faces-in")
     write_folder(tmp_path / "faces")
     storage.upload_dir(str(tmp_path / "faces"), f"{bucket}/celebs")
     storage.write_bytes(f"{bucket}/celebs", b"")  # a folder placeholder some S3 tools write
     client, name, _ = storage.s3_client(bucket)  # a key with an empty part, which S3 allows
     client.put_object(Bucket=name, Key="celebs//doubled/slash.jpg", Body=sample.face_jpeg(3, 1))
+    for i, key in enumerate(("celebs/./dot.jpg", "celebs/x/../dots.jpg")):  # keys too, not hidden names
+        client.put_object(Bucket=name, Key=key, Body=sample.face_jpeg(3, 3 + i))
     # archived by a lifecycle rule: S3 lists it but will not read it, one file's problem
     client.put_object(Bucket=name, Key="celebs/archived.jpg", Body=sample.face_jpeg(3, 2),
                       StorageClass="GLACIER")
@@ -383,12 +385,22 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"data.source={bucket}/celebs", workdir=f"{s3_server('runs-out')}/r1")
     prepare.run(cfg)
     manifest, rejected, summary = read_outputs(cfg.workdir)
-    assert len(manifest) == len(good_files()) + 1 and summary["rejected"] == len(bad_files()) + 2
+    assert len(manifest) == len(good_files()) + 3 and summary["rejected"] == len(bad_files()) + 2
     archived = rejected[rejected["path"] == f"{bucket}/celebs/archived.jpg"].iloc[0]
     assert archived["reason"] == "unreadable" and "InvalidObjectState" in archived["detail"]
-    assert f"{bucket}/celebs//doubled/slash.jpg" in set(manifest["path"])
+    assert {f"{bucket}/celebs//doubled/slash.jpg", f"{bucket}/celebs/./dot.jpg",
+            f"{bucket}/celebs/x/../dots.jpg"} <= set(manifest["path"])
     assert all(p.startswith(f"{bucket}/celebs/") for p in manifest["path"])
     assert datasets.read_split(datasets.data_dir(cfg.workdir), "train").count() == (manifest["split"] == "train").sum()
+    # an object overwritten with another picture of another size: data/ is made again
+    client.put_object(Bucket=name, Key="celebs/./dot.jpg", Body=sample.face_jpeg(3, 9) + b"\0" * 10)
+    assert prepare.preflight(cfg) is None
+    summary = prepare.run(cfg)
+    assert summary["images"] == len(good_files()) + 3 and "other sizes" in capsys.readouterr().out
+    # what a redo leaves: no empty "folder" object or temporary prefix, as pyarrow's moves left
+    out, prefix = storage.s3_client(cfg.workdir)[1:]
+    keys = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=out, Prefix=prefix)["Contents"]}
+    assert all(size > 0 and ".images-new" not in key for key, size in keys.items()), keys
 
 
 def test_an_s3_source_of_which_no_object_can_be_read_is_one_line(ray_session, s3_server, tiny_cfg):

@@ -1,4 +1,5 @@
 import os
+import re
 import stat
 import time
 
@@ -115,6 +116,26 @@ def test_s3_endpoint_from_the_profile_in_the_aws_config_file(tmp_path, monkeypat
     assert storage.s3_endpoint() == "http://10.0.0.9:9000"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # the environment wins
     assert storage.s3_endpoint() == "http://127.0.0.1:1"
+
+
+def test_s3_endpoint_from_a_services_section_and_a_missing_profile_named(tmp_path, monkeypatch):
+    """boto3 reads a profile's `services` section; pyarrow must be handed the same store,
+    not AWS's own. A profile that is nowhere is named, not taken for a network problem."""
+    (tmp_path / "config").write_text("[profile svc]\nservices = local\n"
+                                     "[services local]\ns3 =\n  endpoint_url = http://127.0.0.1:5066\n")
+    (tmp_path / "credentials").write_text("[keys-only]\naws_access_key_id = x\naws_secret_access_key = y\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_PROFILE", "svc")
+    assert storage.s3_endpoint() == "http://127.0.0.1:5066"
+    monkeypatch.setenv("AWS_PROFILE", "keys-only")  # a profile in the credentials file alone
+    assert storage.s3_endpoint() is None
+    monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
+    with pytest.raises(UsageError, match=r"\(nosuchprofile\) could not be found: check AWS_PROFILE and "
+                                         + re.escape(str(tmp_path / "config"))):
+        storage.s3_endpoint()
 
 
 def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_path, monkeypatch):

@@ -353,25 +353,28 @@ def share_splits(manifest: list[dict]) -> None:
 
 def source_files(src: Source, read: dict[str, int] | None = None) -> dict | None:
     """What a folder or prefix source held: its image files' count and a hash of their
-    names (relative to it, as its copy for a cluster keeps them); for files on this
-    machine's disk, a hash of their sizes too, which catches a file rewritten in place,
-    or still being copied when it was read. `read`: the bytes each file (by its printable
-    path) had as the ingest read it, else its size now. An S3 object is never seen
-    half-written. None for the sample and Kaggle sources, whose files a name fixes."""
+    names (relative to it, as its copy for a cluster keeps them), and of their sizes,
+    which catch a file rewritten in place (or locally, still being copied when it was
+    read). `read`: the bytes each file (by its printable path) had as the ingest read it,
+    else its size as listed (S3) or now (a local file). None for the sample and Kaggle
+    sources, whose files a name fixes. A local source's copy on S3 for a cluster records
+    no sizes: its listing is not the source's, which a rerun lists."""
     if sources.kind(src.name) != "path":
         return None
     names = sorted((storage.printable(f[len(src.root):].lstrip("/")), f) for f in src.files)
     listed = {"count": len(names), "sha1": decode.sha1("\n".join(n for n, _ in names).encode())}
-    if not storage.is_s3(src.root):
+    if not storage.is_s3(src.root) or src.sizes:
         read = read or {}
-        listed["sizes"] = decode.sha1("\n".join(str(file_size(f, read)) for _, f in names).encode())
+        listed["sizes"] = decode.sha1("\n".join(str(file_size(f, read, src.sizes)) for _, f in names).encode())
     return listed
 
 
-def file_size(path: str, read: dict[str, int]) -> int:
-    """Its bytes as read (source_files), else its size now; -1 when it is gone."""
+def file_size(path: str, read: dict[str, int], listed: dict[str, int]) -> int:
+    """Its bytes as read (source_files), else its size as listed or now; -1 when it is gone."""
     if (size := read.get(storage.printable(path))) is not None:
         return size
+    if storage.is_s3(path):
+        return listed.get(path, -1)
     try:
         return os.stat(path).st_size
     except OSError:  # gone, or a link to nothing: its row says so

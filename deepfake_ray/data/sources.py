@@ -14,6 +14,7 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from PIL import features
@@ -39,6 +40,8 @@ class Source:
     unread: dict = field(default_factory=dict, compare=False)
     # folders or prefixes at or under `root` that are work directories (see workdirs_in)
     workdirs: tuple[str, ...] = ()
+    # an S3 prefix's files -> their sizes, as listed (a local folder's are not listed)
+    sizes: dict = field(default_factory=dict, compare=False)
 
 
 FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
@@ -112,13 +115,14 @@ def resolve_source(text: str, data: DataConfig) -> Source:
         raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
                          "(folders are searched recursively; hidden ones are left out)")
     root = storage.normalize(text)
-    return Source(text, files=files, root=root, workdirs=workdirs_in(listing))
+    sizes = {f: listing[f] for f in files} if storage.is_s3(root) else {}
+    return Source(text, files=files, root=root, workdirs=workdirs_in(listing), sizes=sizes)
 
 
 # The listings of source folders, while `listed_once` holds: a pipeline asks whether data/
 # is current up to five times before its prepare reads the source, and an S3 prefix of
 # 100k images lists in 100 requests. Within one command the files are taken as listed once.
-_listings: dict[str, list[str]] | None = None
+_listings: dict[str, dict[str, int | None]] | None = None
 
 
 @contextlib.contextmanager
@@ -131,12 +135,13 @@ def listed_once():
         _listings = outer
 
 
-def source_listing(text: str) -> list[str]:
+def source_listing(text: str) -> dict[str, int | None]:
+    """storage.listing: the visible files -> their sizes on S3."""
     if _listings is None:
-        return storage.list_visible(text)
+        return storage.listing(text)
     key = storage.normalize(text)
     if key not in _listings:
-        _listings[key] = storage.list_visible(text)
+        _listings[key] = storage.listing(text)
     return _listings[key]
 
 
@@ -147,7 +152,7 @@ def find_images(folder: str) -> tuple[str, ...]:
     return images_in(storage.list_visible(folder))
 
 
-def images_in(listing: list[str]) -> tuple[str, ...]:
+def images_in(listing: Iterable[str]) -> tuple[str, ...]:
     suffixes = image_suffixes()
     return tuple(f for f in listing if f.lower().endswith(suffixes))
 
@@ -155,7 +160,7 @@ def images_in(listing: list[str]) -> tuple[str, ...]:
 STAGE_FOLDERS = ("data", "gan", "fakes", "detector", "tune", "eval", "score")
 
 
-def workdirs_in(listing: list[str]) -> tuple[str, ...]:
+def workdirs_in(listing: Iterable[str]) -> tuple[str, ...]:
     """Folders or prefixes in the listing that are work directories: each holds the
     config.yaml every run writes and a stage's completion marker, which no user's own
     folder has (a project's config.yaml beside its data/ of photos is not one). A work
