@@ -34,15 +34,18 @@ FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 # takes minutes (16 MP, 2,000 scans in 125 KB: 18 s). Encoders write about 10 (colour),
 # those that tune them a few dozen.
 MAX_JPEG_SCANS = 100
-# Pillow's JPEG parser joins Exif segments by copying all before each (time grows with their
-# count squared: 245,000 tiny ones in 4.9 MB took 20 s). Exif fits one segment by the
-# standard; METADATA_BYTES in 64 KB segments is 256. A file under EXIF_CHECK_BYTES holds too
-# few to cost much (~0.1 s at worst), and is not walked (a face crop's ~10 segments: ~4 us).
-MAX_EXIF_SEGMENTS = 256
-EXIF_CHECK_BYTES = 256 * 1024
+# Pillow parses a JPEG's header a segment, and a stray or fill byte, at a time in Python, and
+# joins Exif segments by copying all before each (time growing with their number squared:
+# 245,000 tiny ones in 4.9 MB took 20 s; 5 MB of fill bytes 2 s). Real headers hold a few
+# dozen segments (an ICC profile or extended XMP at most 255 more each), one of Exif by the
+# standard, and no padding to speak of. A file under HEADER_CHECK_BYTES cannot hold enough
+# to cost much (~0.1 s at worst), and is not walked (a face crop's ~10 segments: ~4 us).
+MAX_HEADER_SEGMENTS, MAX_EXIF_SEGMENTS, MAX_HEADER_PADDING = 2_000, 256, 64 * 1024
+HEADER_CHECK_BYTES = 256 * 1024
 # a marker in a scan's coded data: an 0xFF not followed by 0x00 (a coded 0xFF), a restart
 # marker (RST0-7) or another 0xFF (fill)
 CODED_DATA_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+NEXT_MARKER = re.compile(rb"\xff+([^\xff])")  # fill bytes (0xFF) before a marker: skipped at once
 # Pillow makes a Python object per strip or tile of a TIFF, and reads each on its own (a
 # 4.8 MB file of 4.8 million one-row strips took 26 s and 1.5 GB). TIFF's smallest tile
 # is 16x16: a strip or tile per 256 pixels is the most any real image needs.
@@ -119,13 +122,32 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 def check_header_cost(data: bytes, max_pixels: int) -> None:
     """Refuses, before Pillow parses it, a header crafted to take that parse seconds."""
-    if len(data) > EXIF_CHECK_BYTES and data.startswith(b"\xff\xd8") \
-            and exif_segments(data) > MAX_EXIF_SEGMENTS:
-        raise DecodeError("decompression bomb", f"a JPEG of more than {MAX_EXIF_SEGMENTS} Exif segments, "
-                                                "whose parse takes time growing with their number squared")
+    if len(data) > HEADER_CHECK_BYTES and data.startswith(b"\xff\xd8") and (why := jpeg_header_cost(data)):
+        raise DecodeError("decompression bomb", f"a JPEG header of {why}, which Pillow parses a "
+                                                "piece at a time")
     if data.startswith(TIFF_SIGNATURES) and (blocks := tiff_blocks(data)) > max_pixels // PIXELS_PER_TIFF_BLOCK:
         raise DecodeError("decompression bomb", f"a TIFF of {blocks:,} strips or tiles (limit "
                                                 f"{max_pixels // PIXELS_PER_TIFF_BLOCK:,}), each read on its own")
+
+
+def jpeg_header_cost(data: bytes) -> str | None:
+    """What makes the header before a JPEG's first scan (which Pillow parses) too costly."""
+    segments = exif = padding = 0
+    end = 2  # of the segment before
+    for marker, start in jpeg_segments(data):
+        if marker == 0xDA:
+            break
+        padding += start - 4 - end  # stray and fill bytes since
+        end = start + int.from_bytes(data[start - 2:start], "big") - 2
+        segments += 1
+        exif += marker == 0xE1 and data.startswith(b"Exif\x00\x00", start)
+        if segments > MAX_HEADER_SEGMENTS:
+            return f"more than {MAX_HEADER_SEGMENTS:,} segments"
+        if exif > MAX_EXIF_SEGMENTS:
+            return f"more than {MAX_EXIF_SEGMENTS} Exif segments (the standard allows one)"
+        if padding > MAX_HEADER_PADDING:
+            return f"more than {MAX_HEADER_PADDING:,} bytes of padding between its segments"
+    return None
 
 
 def tiff_blocks(data: bytes) -> int:
@@ -149,23 +171,21 @@ def tiff_blocks(data: bytes) -> int:
 def jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
     """(marker, where its content starts) of each of a JPEG's segments up to its end, as
     libjpeg reads them: the segments are skipped by their lengths (an end marker's bytes
-    inside a comment end nothing), a scan's coded data up to the next marker, stray bytes
-    up to the next 0xFF, and what follows the image's end (a Motion Photo's video) is not read."""
+    inside a comment end nothing), a scan's coded data up to the next marker, stray and
+    fill bytes up to the next marker, and what follows the image's end (a Motion Photo's
+    video) is not read."""
     i = 2
-    while (i := data.find(b"\xff", i)) >= 0 and i + 1 < len(data):
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill bytes before a marker
-            i += 1
-        elif 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):  # markers with no length
-            i += 2
-        elif marker == 0xD9:  # the image's end
+    while found := NEXT_MARKER.search(data, i):
+        marker, i = found.group(1)[0], found.end()
+        if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):  # markers with no length
+            continue
+        if marker == 0xD9:  # the image's end
             return
-        else:
-            yield marker, i + 4
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-            if marker == 0xDA:  # a scan: its coded data runs to the next marker
-                coded = CODED_DATA_END.search(data, i)
-                i = coded.start() if coded else len(data)
+        yield marker, i + 2
+        i += int.from_bytes(data[i:i + 2], "big")
+        if marker == 0xDA:  # a scan: its coded data runs to the next marker
+            coded = CODED_DATA_END.search(data, i)
+            i = coded.start() if coded else len(data)
 
 
 def jpeg_scans(data: bytes) -> int:
@@ -176,17 +196,6 @@ def jpeg_scans(data: bytes) -> int:
         if scans > MAX_JPEG_SCANS:
             break
     return scans
-
-
-def exif_segments(data: bytes) -> int:
-    """The Exif segments before a JPEG's first scan, which Pillow's parser reads, counted up
-    to one past the limit."""
-    count = 0
-    for marker, start in jpeg_segments(data):
-        if marker == 0xDA or count > MAX_EXIF_SEGMENTS:
-            break
-        count += marker == 0xE1 and data.startswith(b"Exif\x00\x00", start)
-    return count
 
 
 def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
