@@ -72,8 +72,8 @@ def parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri.removeprefix("s3://") else uri
 
 
-# what s3_endpoint's answer depends on, beside the config files' content
-ENDPOINT_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+# what s3_endpoint's answer depends on, beside the config files' content (read once a process)
+ENDPOINT_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "HOME",
                      "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
 
 
@@ -88,7 +88,8 @@ def s3_endpoint() -> str | None:
 
 @lru_cache(maxsize=8)
 def configured_endpoint(settings: tuple) -> str | None:
-    """Cached by the settings: reading the config files takes ~7 ms, and every S3 write asks."""
+    """Cached by the settings: reading the config files takes ~7 ms, and every S3 write asks.
+    ConfiguredEndpointProvider is botocore's own chain (pinned through boto3's version)."""
     import botocore.exceptions
     import botocore.session
     from botocore.configprovider import ConfiguredEndpointProvider
@@ -759,16 +760,18 @@ def s3_keys_under(uri: str) -> list[str]:
 
 
 def s3_delete(uri: str, keys: list[str]) -> None:
-    """`keys` of the bucket of `uri`, deleted 1,000 (S3's most) a request."""
+    """`keys` of the bucket of `uri`, one DeleteObject each, WRITERS at once: DeleteObjects
+    needs a Content-MD5 on some S3-compatible stores (older MinIO, some Ceph), which
+    botocore no longer sends (a CRC32 instead), and a stage's folder holds few objects."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from botocore.exceptions import BotoCoreError, ClientError
 
     client, bucket, _ = s3_client(uri)
     try:
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
-            failed = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors")
-            if failed:  # per key, in a successful answer: raised as S3 raises a refused request
-                raise ClientError({"Error": failed[0]}, "DeleteObjects")
+        with ThreadPoolExecutor(min(WRITERS, len(keys)) or 1) as pool:
+            for _ in pool.map(lambda key: client.delete_object(Bucket=bucket, Key=key), keys):
+                pass  # raises the first failure
     except (BotoCoreError, ClientError) as e:
         raise store_error(uri, e) from e
 

@@ -114,6 +114,10 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "fill_bytes.jpg": (padded_jpeg(b"\xff" * 300_000), "decompression bomb"),
         # as a folder holds them: prepare reads files by name, whatever format their bytes are
         "strips_tiff.png": (many_strips_tiff(), "decompression bomb"),
+        "decoy_strips_tiff.png": (many_strips_tiff(decoy=True), "decompression bomb"),
+        "hidden_scans_after_tables.jpg": (b"\xff\xd8\xff\xd9" + many_scans_jpeg(60_000), "decompression bomb"),
+        "exif_after_tables.jpg": (padded_jpeg(b"\xff\xd9" + many_exif_segments_jpeg()[2:-2]), "decompression bomb"),
+        "escaped_exif.jpg": (padded_jpeg(b"\xff\x00" + many_exif_segments_jpeg()[2:-2]), "decompression bomb"),
         "rle_bmp.png": (wide_rle_bmp(), "decompression bomb"),
         "texture.jpg": (dds_texture(), "not an image"),
         "no_components.jpg": (componentless_jpeg(), "corrupt"),
@@ -180,21 +184,23 @@ def padded_jpeg(header: bytes) -> bytes:
     return data[:2] + header + data[2:]
 
 
-def many_strips_tiff(strips: int = 160_000) -> bytes:
+def many_strips_tiff(strips: int = 160_000, decoy: bool = False) -> bytes:
     """An 8 x `strips` grayscale TIFF (1.3 MP) of one-row strips, all of them the same 8
-    bytes: Pillow makes an object of each (4.8 million took 26 s and 1.5 GB)."""
+    bytes: Pillow makes an object of each (4.8 million took 26 s and 1.5 GB). `decoy`: its
+    offsets given twice, first with a count of 0, which Pillow skips."""
     import struct
 
+    entries = 10 if decoy else 9
     ifd_at = 16  # after the header and the one row of pixels
-    offsets_at = ifd_at + 2 + 9 * 12 + 4
+    offsets_at = ifd_at + 2 + entries * 12 + 4
     counts_at = offsets_at + strips
-    short, long_, byte_array = (lambda v: (3, struct.pack("<HH", v, 0))), (lambda v: (4, struct.pack("<I", v))), \
-        (lambda at: (1, struct.pack("<I", at)))  # more than 4 BYTEs lie elsewhere: the entry holds their offset
-    tags = {256: short(8), 257: long_(strips), 258: short(8), 259: short(1), 262: short(1),
-            273: byte_array(offsets_at), 277: short(1), 278: short(1), 279: byte_array(counts_at)}
-    ifd = b"".join(struct.pack("<HHI", tag, kind, strips if kind == 1 else 1) + value
-                   for tag, (kind, value) in tags.items())
-    return (b"II*\x00" + struct.pack("<I", ifd_at) + bytes(range(0, 256, 32)) + struct.pack("<H", len(tags))
+    # (tag, type (1 BYTE, 3 SHORT, 4 LONG), count, value or, for more than 4 BYTEs, their offset)
+    tags = [(256, 3, 1, 8), (257, 4, 1, strips), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            *([(273, 1, 0, 0)] if decoy else []), (273, 1, strips, offsets_at), (277, 3, 1, 1),
+            (278, 3, 1, 1), (279, 1, strips, counts_at)]
+    ifd = b"".join(struct.pack("<HHI", tag, kind, count) + struct.pack("<HH" if kind == 3 else "<I", value, *[0] * (kind == 3))
+                   for tag, kind, count, value in tags)
+    return (b"II*\x00" + struct.pack("<I", ifd_at) + bytes(range(0, 256, 32)) + struct.pack("<H", entries)
             + ifd + bytes(4) + bytes([8]) * strips + bytes([8]) * strips)
 
 

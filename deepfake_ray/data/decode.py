@@ -12,7 +12,6 @@ import functools
 import hashlib
 import io
 import re
-from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin
@@ -45,17 +44,19 @@ HEADER_CHECK_BYTES = 256 * 1024
 # a marker in a scan's coded data: an 0xFF not followed by 0x00 (a coded 0xFF), a restart
 # marker (RST0-7) or another 0xFF (fill)
 CODED_DATA_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-NEXT_MARKER = re.compile(rb"\xff+([^\xff])")  # fill bytes (0xFF) before a marker: skipped at once
+# the next marker: fill bytes (0xFF) before it skipped at once, and counted
+NEXT_MARKER = re.compile(rb"(\xff+)([^\xff])")
 # Pillow makes a Python object per strip or tile of a TIFF, and reads each on its own (a
 # 4.8 MB file of 4.8 million one-row strips took 26 s and 1.5 GB). TIFF's smallest tile
 # is 16x16: a strip or tile per 256 pixels is the most any real image needs.
 PIXELS_PER_TIFF_BLOCK = 256
+# as Pillow accepts them: odd byte orders, and BigTIFF
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
 # Pillow decodes some formats in Python (an RLE-compressed BMP), ~0.1 us a pixel: a 5 KB
 # file of 40 MP took 4 s. Face photos in them are far smaller.
 MAX_PYTHON_DECODED_PIXELS = 4_000_000
 # how JPEG, PNG, GIF and TIFF files begin (WebP: "WEBP" at byte 8)
-SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", *TIFF_SIGNATURES)
 
 
 class DecodeError(ValueError):
@@ -111,8 +112,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                                      f"components but describes {len(img.layer)}")
     # progressive only: a sequential JPEG's repeated scans fail libjpeg at once ("broken data
     # stream"), and counting costs ~15 us a photo, 3% of a face crop's whole decode
-    if img.info.get("progressive") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
-        raise DecodeError("decompression bomb", f"a JPEG of {scans:,} scans (limit {MAX_JPEG_SCANS}), "
+    if img.info.get("progressive") and jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise DecodeError("decompression bomb", f"a JPEG of more than {MAX_JPEG_SCANS} scans, "
                                                 "each another pass over the whole image")
     if img.tile and img.tile[0][0] in Image.DECODERS and width * height > MAX_PYTHON_DECODED_PIXELS:
         raise DecodeError("decompression bomb", f"{width}x{height} pixels in a {img.format} encoding "
@@ -131,16 +132,27 @@ def check_header_cost(data: bytes, max_pixels: int) -> None:
 
 
 def jpeg_header_cost(data: bytes) -> str | None:
-    """What makes the header before a JPEG's first scan (which Pillow parses) too costly."""
+    """What makes the header before a JPEG's first scan too costly for Pillow's parser,
+    walked as it walks it (JpegImageFile._open): each marker its MARKER table lists with a
+    handler has a length, the others none (an end of image does not end its walk), a stray
+    or fill byte or an escaped 0xFF is one step, an unknown marker ends it (Pillow refuses
+    the file)."""
     segments = exif = padding = 0
-    end = 2  # of the segment before
-    for marker, start in jpeg_segments(data):
+    i = 2
+    while found := NEXT_MARKER.search(data, i):
+        padding += found.start() - i + len(found.group(1)) - 1
+        marker, i = found.group(2)[0], found.end()
+        if marker == 0:  # an escaped 0xFF: skipped
+            padding += 2
+            continue
+        if 0xFF00 | marker not in JpegImagePlugin.MARKER:
+            break
+        if JpegImagePlugin.MARKER[0xFF00 | marker][2] is not None:  # a segment of its length
+            segments += 1
+            exif += marker == 0xE1 and data.startswith(b"Exif\x00\x00", i + 2)
+            i += int.from_bytes(data[i:i + 2], "big")
         if marker == 0xDA:
             break
-        padding += start - 4 - end  # stray and fill bytes since
-        end = start + int.from_bytes(data[start - 2:start], "big") - 2
-        segments += 1
-        exif += marker == 0xE1 and data.startswith(b"Exif\x00\x00", start)
         if segments > MAX_HEADER_SEGMENTS:
             return f"more than {MAX_HEADER_SEGMENTS:,} segments"
         if exif > MAX_EXIF_SEGMENTS:
@@ -162,39 +174,31 @@ def tiff_blocks(data: bytes) -> int:
     ifd = number(8, 8) if big else number(4, 4)
     entry, width = (20, 8) if big else (12, 4)
     first = ifd + (8 if big else 2)  # past the entries' count
-    for at in range(first, min(first + number(ifd, 8 if big else 2) * entry, len(data) - entry + 1), entry):
-        if number(at, 2) in (273, 324):  # StripOffsets, TileOffsets
-            return number(at + 4, width)
-    return 0
-
-
-def jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
-    """(marker, where its content starts) of each of a JPEG's segments up to its end, as
-    libjpeg reads them: the segments are skipped by their lengths (an end marker's bytes
-    inside a comment end nothing), a scan's coded data up to the next marker, stray and
-    fill bytes up to the next marker, and what follows the image's end (a Motion Photo's
-    video) is not read."""
-    i = 2
-    while found := NEXT_MARKER.search(data, i):
-        marker, i = found.group(1)[0], found.end()
-        if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):  # markers with no length
-            continue
-        if marker == 0xD9:  # the image's end
-            return
-        yield marker, i + 2
-        i += int.from_bytes(data[i:i + 2], "big")
-        if marker == 0xDA:  # a scan: its coded data runs to the next marker
-            coded = CODED_DATA_END.search(data, i)
-            i = coded.start() if coded else len(data)
+    # StripOffsets, TileOffsets: the largest count, as Pillow may read any of them (it skips
+    # an entry it cannot load, and a tag given twice)
+    return max((number(at + 4, width) for at in range(first, min(first + number(ifd, 8 if big else 2) * entry,
+                                                                len(data) - entry + 1), entry)
+                if number(at, 2) in (273, 324)), default=0)
 
 
 def jpeg_scans(data: bytes) -> int:
-    """The main image's scans, counted up to one past the limit."""
-    scans = 0
-    for marker, _ in jpeg_segments(data):
-        scans += marker == 0xDA
-        if scans > MAX_JPEG_SCANS:
+    """The main image's scans as libjpeg reads them, counted up to one past the limit: each
+    segment is skipped by its length (an end marker's bytes inside a comment end nothing),
+    a scan's coded data up to the next marker, stray and fill bytes up to the next marker.
+    An end of image before any scan ends a stream of tables only, and libjpeg reads on;
+    after a scan it is the image's end: what follows (a Motion Photo's video) is not read."""
+    scans, i = 0, 2
+    while scans <= MAX_JPEG_SCANS and (found := NEXT_MARKER.search(data, i)):
+        marker, i = found.group(2)[0], found.end()
+        if marker == 0xD9 and scans:
             break
+        if 0xD0 <= marker <= 0xD9 or marker in (0x00, 0x01):  # markers with no length
+            continue
+        i += int.from_bytes(data[i:i + 2], "big")
+        if marker == 0xDA:  # a scan: its coded data runs to the next marker
+            scans += 1
+            coded = CODED_DATA_END.search(data, i)
+            i = coded.start() if coded else len(data)
     return scans
 
 

@@ -369,12 +369,13 @@ def source_files(src: Source, read: dict[str, int] | None = None) -> dict | None
     return listed
 
 
-def file_size(path: str, read: dict[str, int], listed: dict[str, int]) -> int:
-    """Its bytes as read (source_files), else its size as listed or now; -1 when it is gone."""
+def file_size(path: str, read: dict[str, int], sizes: dict[str, int]) -> int:
+    """Its bytes as read (source_files), else its size as listed (Source.sizes) or now; -1
+    when it is gone."""
     if (size := read.get(storage.printable(path))) is not None:
         return size
     if storage.is_s3(path):
-        return listed.get(path, -1)
+        return sizes.get(path, -1)
     try:
         return os.stat(path).st_size
     except OSError:  # gone, or a link to nothing: its row says so
