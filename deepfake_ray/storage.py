@@ -836,7 +836,7 @@ def replace_dir(uri: str, new: str) -> None:
         return
     for file in list_files(new):
         s3_move(file, "s3://" + target + resolve(file)[1][len(source):])
-    s3_delete(new, s3_keys_under(new))  # folder objects another tool left
+    s3_delete(new, s3_keys_under(new))  # folder objects, which runs before 2026-12-05 left
 
 
 def mark_complete(stage_uri: str, summary: dict, stage: bool = True) -> None:
