@@ -181,6 +181,18 @@ def store_error(uri: str, cause: BaseException) -> StoreError:
     return StoreError(uri, f"{uri}: {cause}", boto_problem(cause))
 
 
+@contextlib.contextmanager
+def store_errors(uri: str):
+    """boto3's and botocore's failures within, as the StoreError of `uri` (said as pyarrow's are)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, Boto3Error) as e:
+        raise store_error(uri, e) from e
+
+
 def boto_problem(e: BaseException) -> str | None:
     """The S3_PROBLEMS key of a botocore or boto3 failure, if the user can fix it."""
     from botocore.exceptions import (ClientError, ConnectionError, HTTPClientError, NoCredentialsError,
@@ -476,21 +488,17 @@ def s3_put(uri: str, data: bytes) -> None:
     replaced the object with an empty one."""
     import io
 
-    from boto3.exceptions import Boto3Error
     from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import BotoCoreError, ClientError
 
     check_s3_path(uri)
     client, bucket, key = s3_client(uri)
     data = data if isinstance(data, bytes) else bytes(data)  # a pyarrow Buffer (a parquet file)
-    try:
+    with store_errors(uri):
         if len(data) < MULTIPART_BYTES:
             client.put_object(Bucket=bucket, Key=key, Body=data)
         else:
             client.upload_fileobj(io.BytesIO(data), bucket, key, Config=TransferConfig(
                 multipart_threshold=MULTIPART_BYTES, multipart_chunksize=PART_BYTES))
-    except (BotoCoreError, ClientError, Boto3Error) as e:
-        raise store_error(uri, e) from e
 
 
 def write_many(files: dict[str, bytes]) -> None:
@@ -749,14 +757,10 @@ def delete_dir(uri: str) -> None:
 # (`data/`, `data/.images-new/`) in place of the last one they remove from a prefix.
 def s3_keys_under(uri: str) -> list[str]:
     """Every key under the prefix `uri`, folder objects (`x/`) included."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     client, bucket, key = s3_client(uri)
-    try:
+    with store_errors(uri):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix(key))
         return [o["Key"] for page in pages for o in page.get("Contents", ())]
-    except (BotoCoreError, ClientError) as e:
-        raise store_error(uri, e) from e
 
 
 def s3_delete(uri: str, keys: list[str]) -> None:
@@ -765,27 +769,18 @@ def s3_delete(uri: str, keys: list[str]) -> None:
     botocore no longer sends (a CRC32 instead), and a stage's folder holds few objects."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from botocore.exceptions import BotoCoreError, ClientError
-
     client, bucket, _ = s3_client(uri)
-    try:
-        with ThreadPoolExecutor(min(WRITERS, len(keys)) or 1) as pool:
-            for _ in pool.map(lambda key: client.delete_object(Bucket=bucket, Key=key), keys):
-                pass  # raises the first failure
-    except (BotoCoreError, ClientError) as e:
-        raise store_error(uri, e) from e
+    with store_errors(uri), ThreadPoolExecutor(min(WRITERS, len(keys)) or 1) as pool:
+        for _ in pool.map(lambda key: client.delete_object(Bucket=bucket, Key=key), keys):
+            pass  # raises the first failure
 
 
 def s3_move(uri: str, new_uri: str) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
     client, bucket, key = s3_client(uri)
     _, new_bucket, new_key = s3_client(new_uri)
-    try:
+    with store_errors(uri):
         client.copy_object(Bucket=new_bucket, Key=new_key, CopySource={"Bucket": bucket, "Key": key})
         client.delete_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError) as e:
-        raise store_error(uri, e) from e
 
 
 # Stages this process has unmarked or marked complete: once one has, a run refused later
