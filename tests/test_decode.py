@@ -91,6 +91,23 @@ def test_sixteen_bit_keeps_its_range():
     assert pixels.min() < 128
 
 
+def test_a_large_sixteen_bit_photo_is_scaled_without_copies_of_eight_bytes_a_pixel():
+    """A 40 MP 16-bit scan peaked at ~0.7 GB when its levels were scaled in float64."""
+    import tracemalloc
+
+    ramp = np.repeat(np.linspace(0, 65535, 2000, dtype=np.uint16)[:, None], 3000, axis=1)  # dark to light
+    png = encode(Image.fromarray(ramp), "PNG")
+    decode.decode(png, 32)  # its tables made once, untracked
+    tracemalloc.start()  # numpy reports its arrays to it; Pillow's own buffers are not counted
+    try:
+        pixels = decode.decode(png, 32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * ramp.size, f"{peak / ramp.size:.1f} bytes a pixel"
+    assert pixels.min() < 64 and pixels.max() > 192  # the whole range, scaled down
+
+
 def test_inspect_row_reports_metadata_and_normalized_jpeg():
     row = decode.inspect(good_files()["wide.png"], 32, 90)
     assert (row["width"], row["height"], row["format"], row["reason"]) == (160, 90, "PNG", "")

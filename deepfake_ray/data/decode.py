@@ -252,9 +252,10 @@ def upright(img: Image.Image) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+        arr = np.asarray(img)
+        peak = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
+        # by a table of levels, not in float64: a 40 MP image peaked at ~0.7 GB that way
+        img = Image.fromarray(grey_levels(peak)[arr if arr.dtype.kind == "u" else np.clip(arr, 0, peak)], "L")
     elif img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
@@ -265,6 +266,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # flatten on white
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert("RGB")
+
+
+@functools.cache
+def grey_levels(peak: int) -> np.ndarray:
+    """The 8-bit grey of each value 0..peak: value / peak * 255, rounded down."""
+    return (np.arange(peak + 1) / peak * 255.0).astype(np.uint8)
 
 
 def square_image(img: Image.Image, size: int) -> Image.Image:
