@@ -828,6 +828,69 @@ def test_zips_a_kaggle_dataset_ships_that_cannot_be_extracted_are_left_out_with_
     assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "locked") == ["locked.zip"]  # kept
 
 
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_zips_in_a_kaggle_zip_never_overwrite_each_other(fake_kaggle, monkeypatch, tmp_path, tiny_cfg):
+    """Two zips in the zip of one layout (part1.zip and part2.zip, each images/0.jpg ...),
+    and a zip holding one named like itself: each file extracted is found, none replaced."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    faces = [encode(rgb(i, 48), "JPEG") for i in range(6)]
+    layouts = {"parts": {"part1.zip": zip_of({f"images/{i}.jpg": faces[i] for i in range(3)}),
+                         "part2.zip": zip_of({f"images/{i}.jpg": faces[3 + i] for i in range(3)})},
+               "selfnamed": {"selfnamed.zip": zip_of({f"{i}.jpg": faces[i] for i in range(5)}),
+                             "loose.jpg": faces[5]}}
+
+    def download(self, dataset, path=None, **_):
+        slug = dataset.split("/")[1]
+        with open(os.path.join(path, f"{slug}.zip"), "wb") as f:
+            f.write(zip_of(layouts[slug]))
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", download)
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    for slug, count in (("parts", 6), ("selfnamed", 6)):
+        files = sources.resolve_source(f"kaggle:owner/{slug}", data).files
+        assert sorted(storage.read_bytes(f) for f in files) == sorted(faces[:count]), slug
+    assert not list((tmp_path / "cache").rglob("*.zip"))
+
+
+def test_files_a_kaggle_zip_names_as_this_disk_cannot_are_left_out_with_a_note(
+        fake_kaggle, monkeypatch, tmp_path, tiny_cfg, capsys):
+    """A name longer than the disk allows, or a file where the zip also holds a folder of
+    that name, is the dataset's, not a full disk: the rest is read, and the run goes on."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    faces = [encode(rgb(i, 48), "JPEG") for i in range(4)]
+    members = {"celeb/a.jpg": faces[0], "celeb/" + "n" * 300 + ".jpg": faces[1],
+               "celeb/x.jpg": faces[2], "celeb/x.jpg/y.jpg": faces[3]}
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", lambda self, dataset, path=None, **_:
+                        open(os.path.join(path, "odd.zip"), "wb").write(zip_of(members)))
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    files = sources.resolve_source("kaggle:owner/odd", data).files
+    assert sorted(storage.read_bytes(f) for f in files) == sorted(faces[0:3:2])
+    out = capsys.readouterr().out
+    assert "left out 2 of the files in odd.zip of the Kaggle dataset owner/odd, which cannot be written " \
+           "on this disk (first 'celeb/nnn" in out and "File name too long" in out
+
+
+@pytest.mark.parametrize("cache", ["a file", "", "a file/cache"])
+def test_a_kaggle_cache_dir_that_cannot_hold_the_download_exits_2_before_downloading(
+        cache, fake_kaggle, tmp_path, capsys):
+    (tmp_path / "a file").write_text("x")
+    cache_dir = str(tmp_path / cache) if cache else ""
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
+                     "kaggle:owner/faces", "--set", f"data.cache_dir={cache_dir}"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "data.cache_dir" in err[0] and "set" in err[0], err
+    assert fake_kaggle == []
+
+
 def test_an_interrupted_kaggle_download_is_resumed_not_deleted(fake_kaggle, tmp_path, tiny_cfg):
     data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
     for slug, marker in (("resumable", True), ("cut", False)):  # the client writes its marker

@@ -6,6 +6,7 @@ buckets, Kaggle downloads) or a sample count; ingest then treats all of them ali
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -81,8 +82,10 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
         sample.parse(text, data.sample_size)
         return
     if kind(text) == "kaggle":
-        if not (copied or kaggle_cached(text, data) or kaggle_credentials_present()):
-            raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
+        if not (copied or kaggle_cached(text, data)):
+            if not kaggle_credentials_present():
+                raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
+            cache_folder(kaggle_dataset(text, data), data.cache_dir)  # where it will download
         return
     storage.check_s3_path(text, forms=FORMS)
     if not storage.is_dir(text):  # one request where all is well
@@ -344,12 +347,25 @@ def kaggle_cached(text: str, data: DataConfig) -> bool:
     return os.path.exists(os.path.join(folder, ".complete"))
 
 
+def cache_folder(dataset: str, cache_dir: str) -> str:
+    """kaggle_folder, created: one line where data.cache_dir cannot hold it."""
+    if not cache_dir.strip():
+        raise UsageError("data.cache_dir is empty: set it to the folder that keeps downloads, "
+                         "e.g. ~/.cache/deepfake-ray")
+    folder = kaggle_folder(dataset, cache_dir)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission, a read-only disk
+        raise UsageError(f"data.cache_dir {cache_dir} cannot hold the Kaggle download ({e.strerror or e}): "
+                         "set data.cache_dir to a folder you can write to") from None
+    return folder
+
+
 def kaggle_download(dataset: str, cache_dir: str) -> str:
     """Download OWNER/DATASET once into the cache (unzipped) and return the folder;
     check_source has checked the name and the credentials."""
-    folder = kaggle_folder(dataset, cache_dir)
+    folder = cache_folder(dataset, cache_dir)
     done = os.path.join(folder, ".complete")
-    os.makedirs(folder, exist_ok=True)
     with cache_lock(folder, dataset):
         if os.path.exists(done):
             print(f"using cached Kaggle dataset {dataset} in {folder}")
@@ -428,12 +444,18 @@ def unzip_all(folder: str, dataset: str) -> None:
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
         for path in zips_under(folder):
             try:
-                extract(path)
+                left_out = extract(path)
             except UNEXTRACTABLE as e:
                 if path == download:
                     refuse_download(folder, dataset, path, e)
                 print(f"prepare: left out {os.path.relpath(path, folder)} of the Kaggle dataset {dataset}: "
                       f"a zip that cannot be extracted ({zip_error(e)}); its files are not read")
+            else:
+                if left_out:
+                    name, why = left_out[0]
+                    print(f"prepare: left out {len(left_out):,} of the files in {os.path.relpath(path, folder)} "
+                          f"of the Kaggle dataset {dataset}, which cannot be written on this disk (first "
+                          f"{storage.printable(name)[:120]!r}: {why}); the others are read")
             os.remove(path)
 
 
@@ -454,29 +476,84 @@ def refuse_download(folder: str, dataset: str, path: str, e: Exception) -> None:
                      "deleted: run again to download it anew") from e
 
 
-def extract(path: str) -> None:
+# Errors of this machine's disk, not of one member: the whole zip is kept for the next run
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+               errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def extract(path: str) -> list[tuple[str, str]]:
     """`path`'s members beside it, put in place only once all are out: extracted into a
     hidden folder first, so an interrupted extraction leaves no cut-off member (a zip in
-    the zip) for the next run to take for a damaged download. Raises UNEXTRACTABLE's."""
+    the zip) for the next run to take for a damaged download. Nothing already there is
+    overwritten: where a member would land on a file (two zips in the zip with one layout,
+    a zip holding one named like itself), all of them go into a new folder named after
+    the zip. Returns the members left out, and why: those this disk cannot hold as named (a
+    name too long, a file where the zip also holds a folder of that name). Raises
+    UNEXTRACTABLE's."""
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.extracting")
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
     try:
         with zipfile.ZipFile(path) as z:
-            z.extractall(staging)  # member names cannot climb out
+            left_out = extract_members(z, staging)
     except OSError as e:  # this machine's: a full disk, no permission
         shutil.rmtree(staging, ignore_errors=True)
-        raise UsageError(f"could not extract {path} ({e.strerror or e}): free disk space "
-                         "or set data.cache_dir to a larger disk, then run again: the "
+        fix = ("free disk space or set data.cache_dir to a larger disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "check that data.cache_dir is a folder you can write to, or set another")
+        raise UsageError(f"could not extract {path} ({e.strerror or e}): {fix}, then run again: the "
                          "download is kept") from e
     except UNEXTRACTABLE:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    place = os.path.dirname(path)
+    if would_overwrite(staging, place):
+        place = free_name(path[:-len(".zip")])
     for root, _, names in os.walk(staging):  # renames within one disk: no space needed
-        place = os.path.join(os.path.dirname(path), os.path.relpath(root, staging))
-        os.makedirs(place, exist_ok=True)
+        folder = os.path.join(place, os.path.relpath(root, staging))
+        os.makedirs(folder, exist_ok=True)
         for name in names:
-            os.replace(os.path.join(root, name), os.path.join(place, name))
+            os.replace(os.path.join(root, name), os.path.join(folder, name))
     shutil.rmtree(staging)
+    return left_out
+
+
+def extract_members(z: zipfile.ZipFile, into: str) -> list[tuple[str, str]]:
+    """All of `z` into `into`; where the disk refuses one member by its name, each member
+    in turn, leaving out (and returning, with the reason) those it refuses."""
+    try:
+        z.extractall(into)  # member names cannot climb out
+        return []
+    except OSError as e:
+        if e.errno in DISK_ERRORS:
+            raise
+    left_out = []
+    for member in z.infolist():
+        try:
+            z.extract(member, into)
+        except OSError as e:
+            if e.errno in DISK_ERRORS:
+                raise
+            left_out.append((member.filename, e.strerror or type(e).__name__))
+    return left_out
+
+
+def would_overwrite(staging: str, place: str) -> bool:
+    """Whether moving what `staging` holds into `place` would replace a file there, or
+    need a folder where a file is."""
+    for root, dirs, names in os.walk(staging):
+        there = os.path.join(place, os.path.relpath(root, staging))
+        if any(os.path.lexists(os.path.join(there, n)) for n in names) or any(
+                os.path.lexists(d := os.path.join(there, n)) and not os.path.isdir(d) for n in dirs):
+            return True
+    return False
+
+
+def free_name(base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ...: the first name nothing has."""
+    name, n = base, 1
+    while os.path.lexists(name):
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def kaggle_api():
