@@ -201,14 +201,18 @@ def settings_recorded(cfg):
 
 
 def as_recorded(cfg):
-    """`cfg` as config.yaml keeps it: a local source absolute, as the workdir is, so that a
-    rerun with --config W/config.yaml from another folder reads the same data. (Errors
-    name the source as typed.)"""
+    """`cfg` as config.yaml keeps it: a local source and the download cache absolute, as the
+    workdir is, so that a rerun with --config W/config.yaml from another folder reads the
+    same data, and finds the download it made. (Errors name them as typed.)"""
     import dataclasses
 
     from deepfake_ray.data import sources
 
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=sources.canonical(cfg.data.source)))
+    cache = cfg.data.cache_dir  # `~/...` kept as it is: the same folder for any user on any machine
+    if cache.strip() and not cache.startswith("~"):
+        cache = os.path.abspath(cache)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=sources.canonical(cfg.data.source),
+                                                             cache_dir=cache))
 
 
 def put_back(uri: str, ours: str, previous: str | None) -> None:

@@ -148,7 +148,7 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict:
     path = resources.files("deepfake_ray").joinpath("configs", f"{name}.yaml")
-    if not path.is_file():
+    if name not in preset_names() or not path.is_file():  # a name, not a path: that is --config's
         raise UsageError(f"unknown preset '{name}': choose one of {', '.join(preset_names())}")
     return yaml.safe_load(path.read_text()) or {}
 
@@ -232,6 +232,9 @@ def keys_once(loader: yaml.SafeLoader, node: yaml.MappingNode):
     second `data:` section would drop every setting of the first."""
     seen = set()
     for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode):  # `[a]: 1`: no setting is named by a list
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a name, not a list or mapping",
+                                                    key.start_mark)
         if key.value in seen:
             raise yaml.constructor.ConstructorError(None, None, f"'{key.value}' appears twice in one mapping",
                                                     key.start_mark)

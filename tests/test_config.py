@@ -136,6 +136,8 @@ def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_pa
     ("gan: {1: x}\n", "unknown config key 'gan.1': valid keys are gan.epochs"),
     ("data: {resolution: 32}\ngan: {epochs: 3}\ndata: {source: x}\n",
      "is not valid YAML: 'data' appears twice in one mapping (line 3, column 1)"),  # the first section lost
+    ("data:\n  [a]: 1\n", "a key must be a name, not a list or mapping (line 2, column 3)"),
+    ("? {gan: 1}\n: 2\n", "a key must be a name, not a list or mapping (line 1, column 3)"),
 ])
 def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
     path = tmp_path / "run.yaml"
@@ -224,8 +226,15 @@ def test_a_workdir_is_kept_as_given_whatever_the_preset(tmp_path, monkeypatch):
 
 
 def test_a_relative_source_is_recorded_absolute_as_the_workdir_is(tmp_path, monkeypatch):
-    """config.yaml must name the same data when a later run reads it from another folder."""
+    """config.yaml must name the same data when a later run reads it from another folder,
+    and the same download cache, so a Kaggle dataset is not downloaded again."""
     monkeypatch.chdir(tmp_path)
+    for cache, recorded in (("cache", str(tmp_path / "cache")), ("~/.cache/x", "~/.cache/x")):
+        cfg = cli.build_config(cli.parser().parse_args(["prepare", "--preset", "tiny", "--set",
+                                                        f"data.cache_dir={cache}"]))
+        with cli.settings_recorded(cfg):
+            pass
+        assert yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())["data"]["cache_dir"] == recorded
     for source, recorded in (("./faces/", str(tmp_path / "faces")), ("faces", str(tmp_path / "faces")),
                              ("sample:8", "sample:8"), ("s3://bucket/faces", "s3://bucket/faces"),
                              ("kaggle:owner/faces", "kaggle:owner/faces")):  # named the same from anywhere
@@ -235,9 +244,11 @@ def test_a_relative_source_is_recorded_absolute_as_the_workdir_is(tmp_path, monk
         assert yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())["data"]["source"] == recorded
 
 
-def test_unknown_preset_names_the_choices():
-    with pytest.raises(UsageError, match="choose one of .*celeb100k.*demo"):
-        config.build("nope")
+@pytest.mark.parametrize("name", ["nope", "../configs/tiny", "configs/demo"])
+def test_unknown_preset_names_the_choices(name):
+    """A preset is one of the package's names; a file of settings goes to --config."""
+    with pytest.raises(UsageError, match="unknown preset .*choose one of .*celeb100k.*demo"):
+        config.build(name)
 
 
 def test_resolved_config_written_to_workdir(ray_session, tmp_path):
