@@ -65,7 +65,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
         storage.check_folder(lineage.uri(cfg, step.stage), step.stage.command)
     if force or lineage.current(cfg, prepare.STAGE) is None:
         prepare.check_data_source(cfg)
-        storage.check_free(datasets.data_dir(cfg.workdir), "prepare")
+        storage.check_not_held(datasets.data_dir(cfg.workdir), "prepare")
     remade: set[str] = set()  # the stage folders this run makes (again)
     for step in steps(cfg):
         if force or remade & set(step.stage.inputs):  # made anew from a redone stage: any settings

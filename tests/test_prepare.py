@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import time
 import zipfile
 
@@ -106,6 +107,35 @@ def test_another_runs_work_directory_inside_an_s3_source_is_left_out(ray_session
     assert f"leaving out 2 files inside the work directory {other}" in capsys.readouterr().out
     with pytest.raises(UsageError, match="lies inside the stage folder " + re.escape(f"{other}/score,")):
         prepare.run(tiny_cfg(f"data.source={other}/score/test_images"), force=True)
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """(a folder, the same folder mounted read-only), where this machine lets a test mount
+    one (as root); skipped elsewhere. A read-only disk or a teammate's folder, for real."""
+    writable, read_only = tmp_path / "rw", tmp_path / "ro"
+    writable.mkdir(), read_only.mkdir()
+    mounted = subprocess.run(["mount", "-o", "bind,ro", str(writable), str(read_only)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {mounted.stderr.decode().strip()[:100]}")
+    try:
+        yield writable, read_only
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+
+
+@pytest.mark.parametrize("command", ["prepare", "pipeline"])
+def test_a_complete_workdir_that_cannot_be_written_any_more_exits_2_with_one_line(
+        command, ray_session, read_only_view, capsys):
+    """--force on a finished work directory now read-only: the same line as a new one
+    gets, not a traceback from the lock of its data/."""
+    writable, read_only = read_only_view
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(writable / "w"), "--source", "sample:8"]) == 0
+    capsys.readouterr()
+    workdir = str(read_only / "w")
+    assert cli.main([command, "--preset", "tiny", "--workdir", workdir, "--source", "sample:8", "--force"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and f"cannot write to --workdir {workdir} (Read-only file system)" in err[0], err
 
 
 def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, capsys):

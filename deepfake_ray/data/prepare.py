@@ -549,7 +549,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
     if done := lineage.preflight(cfg, STAGE, force):
         return done
     check_data_source(cfg)
-    storage.check_free(datasets.data_dir(cfg.workdir), "prepare")  # another prepare writes there
+    storage.check_not_held(datasets.data_dir(cfg.workdir), "prepare")  # another prepare writes there
     return None
 
 
