@@ -39,6 +39,24 @@ def read_outputs(workdir):
             storage.completed(data))
 
 
+@pytest.mark.parametrize("named", ["as itself", "through a link"])
+def test_a_source_that_is_also_the_workdir_is_refused_from_the_first_run(named, tmp_path, capsys):
+    """Taken once, such a folder's photos were read, then left out from the second run on
+    as the work directory's own files: a changed source went unnoticed, --force found none."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(3):
+        (faces / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
+    source = str(faces)
+    if named == "through a link":
+        os.symlink(faces, tmp_path / "link")
+        source = str(tmp_path / "link")
+    assert cli.main(["prepare", "--preset", "tiny", "--source", source, "--workdir", str(faces)]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and f"--source {source} is also the --workdir" in err[0], err
+    assert sorted(os.listdir(faces)) == ["face_0.jpg", "face_1.jpg", "face_2.jpg"]  # nothing written
+
+
 def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny_cfg, tmp_path, capsys):
     """`--source .` beside runs/: the run's own sample grids and figures are no faces."""
     faces = tmp_path / "faces"

@@ -190,9 +190,6 @@ def workdir_around(root: str, own: str, root_is_one: bool | None = None) -> tupl
     `--source runs/demo/score` names a run's outputs, fakes too. A user's own folder
     beside a run's stage folders (`~/proj/faces` in a `~/proj` once used as --workdir) is
     neither. `root_is_one`: whether `root` is a work directory, where its listing told."""
-    def place(uri: str) -> str:  # a local folder by where it is, reached through links or not
-        return uri if storage.is_s3(uri) else os.path.realpath(uri)
-
     def workdir(folder: str) -> bool:
         try:
             return is_workdir(folder, storage.is_file)
@@ -200,9 +197,9 @@ def workdir_around(root: str, own: str, root_is_one: bool | None = None) -> tupl
             return False
 
     root = storage.normalize(root)
-    if (workdir(root) if root_is_one is None else root_is_one) and place(root) != place(storage.normalize(own)):
+    if (workdir(root) if root_is_one is None else root_is_one) and location(root) != location(storage.normalize(own)):
         return root, "is the work directory"
-    for folder in dict.fromkeys([root, place(root)]):  # a link too
+    for folder in dict.fromkeys([root, location(root)]):  # a link too
         while (parent := storage.parent(folder)) != folder:
             inside, folder = folder, parent
             if inside.rsplit("/", 1)[-1] in STAGE_FOLDERS and workdir(folder):
@@ -210,9 +207,19 @@ def workdir_around(root: str, own: str, root_is_one: bool | None = None) -> tupl
     return None
 
 
+def location(uri: str) -> str:
+    """A local folder by where it is, reached through links or not; an S3 prefix as named."""
+    return uri if storage.is_s3(uri) else os.path.realpath(uri)
+
+
 def check_outside_workdirs(text: str, root: str, own: str, root_is_one: bool | None = None) -> None:
-    """UsageError for a source that is another run's work directory, or lies inside a
-    work directory's stage folder (see workdir_around)."""
+    """UsageError for a source that is this run's work directory, another run's, or lies
+    inside a work directory's stage folder (see workdir_around)."""
+    if location(storage.normalize(root)) == location(storage.normalize(own)):
+        # the photos would share a folder with the outputs: read once, then left out as
+        # a work directory's own files from the second run on
+        raise UsageError(f"--source {text} is also the --workdir, where the run writes its outputs: "
+                         "keep the face images in a folder of their own, or pass another --workdir")
     if found := workdir_around(root, own, root_is_one):
         where, what = found
         raise UsageError(f"{text} {what} {where}, whose images are a run's outputs (fakes, sample "
