@@ -894,7 +894,8 @@ def test_zips_in_a_kaggle_zip_never_overwrite_each_other(fake_kaggle, monkeypatc
 
     faces = [encode(rgb(i, 48), "JPEG") for i in range(6)]
     layouts = {"parts": {"part1.zip": zip_of({f"images/{i}.jpg": faces[i] for i in range(3)}),
-                         "part2.zip": zip_of({f"images/{i}.jpg": faces[3 + i] for i in range(3)})},
+                         "part2.zip": zip_of({f"images/{i}.jpg": faces[3 + i] for i in range(3)}),
+                         "empty.zip": zip_of({})},  # extracts to nothing, and no error
                "selfnamed": {"selfnamed.zip": zip_of({f"{i}.jpg": faces[i] for i in range(5)}),
                              "loose.jpg": faces[5]}}
 
@@ -909,6 +910,56 @@ def test_zips_in_a_kaggle_zip_never_overwrite_each_other(fake_kaggle, monkeypatc
         files = sources.resolve_source(f"kaggle:owner/{slug}", data).files
         assert sorted(storage.read_bytes(f) for f in files) == sorted(faces[:count]), slug
     assert not list((tmp_path / "cache").rglob("*.zip"))
+
+
+@pytest.mark.parametrize("slug", ["faces", "selfnamed"])
+def test_a_kaggle_extraction_stopped_while_moving_its_files_resumes_without_copies(
+        slug, fake_kaggle, monkeypatch, tmp_path, tiny_cfg):
+    """Ctrl-C after some files were moved into place (the zip not yet deleted): the rerun
+    extracts the zip again and finds those files there with the same bytes, which is no
+    collision (a collision would put a second copy of everything beside them). The same
+    where the zip's files go into a folder named after it (a zip holding one named like
+    itself)."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    faces = [encode(rgb(i, 48), "JPEG") for i in range(6)]
+    members = ({f"celeb/{i}.jpg": faces[i] for i in range(6)} if slug == "faces" else
+               {"selfnamed.zip": zip_of({f"{i}.jpg": faces[i] for i in range(5)}), "loose.jpg": faces[5]})
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", lambda self, dataset, path=None, **_:
+                        open(os.path.join(path, f"{slug}.zip"), "wb").write(zip_of(members)))
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    real_replace, moves = os.replace, []
+
+    def stopped_at_the_second_move(src, dst):
+        moves.append(dst)
+        if len(moves) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(sources.os, "replace", stopped_at_the_second_move)
+        with pytest.raises(KeyboardInterrupt):
+            sources.resolve_source(f"kaggle:owner/{slug}", data)
+    files = sources.resolve_source(f"kaggle:owner/{slug}", data).files
+    assert sorted(storage.read_bytes(f) for f in files) == sorted(faces)  # each once
+
+
+def test_a_disk_error_while_extracting_keeps_the_download_for_the_next_run(
+        fake_kaggle, monkeypatch, tmp_path, tiny_cfg):
+    """Not only a full disk: a network share gone stale is the disk's, not the files'. No
+    file is left out for it, and the rerun extracts all of them."""
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+
+    def stale(self, path=None, *args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "extractall", stale)
+        with pytest.raises(UsageError, match=r"Stale file handle\): check that data.cache_dir is a folder "
+                                             r"you can write to.*the download is kept"):
+            sources.resolve_source("kaggle:owner/faces", data)
+    assert len(sources.resolve_source("kaggle:owner/faces", data).files) == 5
+    assert fake_kaggle == ["owner/faces"]  # extracted from the kept download
 
 
 def test_files_a_kaggle_zip_names_as_this_disk_cannot_are_left_out_with_a_note(

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import hashlib
 import io
+import itertools
 import os
 import re
 import shutil
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from PIL import features
@@ -483,9 +485,10 @@ def refuse_download(folder: str, dataset: str, path: str, e: Exception) -> None:
                      "deleted: run again to download it anew") from e
 
 
-# Errors of this machine's disk, not of one member: the whole zip is kept for the next run
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
-               errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+# What the disk says of one member's name, before writing any of it (too long, a file where
+# the zip also holds a folder of that name, characters it does not take). Any other error is
+# the disk's own (full, read-only, a network share gone stale): the zip is kept for a rerun.
+MEMBER_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EINVAL, errno.EILSEQ}
 
 
 def extract(path: str) -> list[tuple[str, str]]:
@@ -500,6 +503,7 @@ def extract(path: str) -> list[tuple[str, str]]:
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.extracting")
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
     try:
+        os.makedirs(staging)  # an empty zip makes none
         with zipfile.ZipFile(path) as z:
             left_out = extract_members(z, staging)
     except OSError as e:  # this machine's: a full disk, no permission
@@ -513,7 +517,7 @@ def extract(path: str) -> list[tuple[str, str]]:
         raise
     place = os.path.dirname(path)
     if would_overwrite(staging, place):
-        place = free_name(path[:-len(".zip")])
+        place = next(p for p in names_like(path[:-len(".zip")]) if not would_overwrite(staging, p))
     for root, _, names in os.walk(staging):  # renames within one disk: no space needed
         folder = os.path.join(place, os.path.relpath(root, staging))
         os.makedirs(folder, exist_ok=True)
@@ -530,37 +534,42 @@ def extract_members(z: zipfile.ZipFile, into: str) -> list[tuple[str, str]]:
         z.extractall(into)  # member names cannot climb out
         return []
     except OSError as e:
-        if e.errno in DISK_ERRORS:
+        if e.errno not in MEMBER_ERRORS:
             raise
     left_out = []
     for member in z.infolist():
         try:
             z.extract(member, into)
         except OSError as e:
-            if e.errno in DISK_ERRORS:
+            if e.errno not in MEMBER_ERRORS:
                 raise
             left_out.append((member.filename, e.strerror or type(e).__name__))
     return left_out
 
 
 def would_overwrite(staging: str, place: str) -> bool:
-    """Whether moving what `staging` holds into `place` would replace a file there, or
-    need a folder where a file is."""
+    """Whether moving what `staging` holds into `place` would replace a file there with
+    other bytes, or need a folder where a file is. The same bytes are no loss: an
+    extraction interrupted while it moved its files, extracted again."""
+    if os.path.lexists(place) and not os.path.isdir(place):
+        return True
     for root, dirs, names in os.walk(staging):
         there = os.path.join(place, os.path.relpath(root, staging))
-        if any(os.path.lexists(os.path.join(there, n)) for n in names) or any(
-                os.path.lexists(d := os.path.join(there, n)) and not os.path.isdir(d) for n in dirs):
+        if any(os.path.lexists(d := os.path.join(there, n)) and not os.path.isdir(d) for n in dirs) or any(
+                os.path.lexists(f := os.path.join(there, n)) and not same_bytes(os.path.join(root, n), f)
+                for n in names):
             return True
     return False
 
 
-def free_name(base: str) -> str:
-    """`base`, or `base-2`, `base-3`, ...: the first name nothing has."""
-    name, n = base, 1
-    while os.path.lexists(name):
-        n += 1
-        name = f"{base}-{n}"
-    return name
+def same_bytes(a: str, b: str) -> bool:
+    return os.path.isfile(b) and not os.path.islink(b) and filecmp.cmp(a, b, shallow=False)
+
+
+def names_like(base: str) -> Iterator[str]:
+    """`base`, `base-2`, `base-3`, ..."""
+    yield base
+    yield from (f"{base}-{n}" for n in itertools.count(2))
 
 
 def kaggle_api():
