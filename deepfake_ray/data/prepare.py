@@ -708,6 +708,6 @@ def ingest_into_workdir(cfg: Config) -> dict:
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
     if not summary["splits"]["train"]:  # not an error here: more data may be on its way
-        print(f"prepare: warning: the train split is empty ({len(manifest):,} images in all): "
+        print(f"prepare: warning: the train split is empty ({count_images(len(manifest))} in all): "
               "training needs more images, or a larger data.splits train fraction")
     return summary

@@ -495,11 +495,11 @@ def extract(path: str) -> list[tuple[str, str]]:
     """`path`'s members beside it, put in place only once all are out: extracted into a
     hidden folder first, so an interrupted extraction leaves no cut-off member (a zip in
     the zip) for the next run to take for a damaged download. Nothing already there is
-    overwritten: where a member would land on a file (two zips in the zip with one layout,
-    a zip holding one named like itself), all of them go into a new folder named after
-    the zip. Returns the members left out, and why: those this disk cannot hold as named (a
-    name too long, a file where the zip also holds a folder of that name). Raises
-    UNEXTRACTABLE's."""
+    replaced by other bytes: where a member would land on such a file (two zips in the
+    zip with one layout, a zip holding one named like itself), all of them go into a
+    folder named after the zip. Returns the members left out, and why: those this disk
+    cannot hold as named (a name too long, a file where the zip also holds a folder of
+    that name). Raises UNEXTRACTABLE's."""
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.extracting")
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
     try:
