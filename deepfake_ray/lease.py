@@ -148,16 +148,27 @@ def stops_when_taken_over(uri: str):
         return
 
     def taken_over(signum, frame):
-        raise UsageError(f"another run took over the lock of {uri} (this run had not renewed it "
-                         f"for {LAPSE_S:.0f} s): this run stops, so that only one writes there; "
-                         "run it again once that one has ended")
+        # the lock named by the renewer that signalled: a run holding two (prepare: the work
+        # directory's, then data/'s) has the inner one's handler in place for both
+        which = LOCKS_TAKEN_OVER.pop() if LOCKS_TAKEN_OVER else uri
+        raise UsageError(f"another run took over the lock of {which} (a run may take a lock not "
+                         f"renewed for {LAPSE_S:.0f} s, as when this one was stalled or cut off from "
+                         "the store): this run stops, so that only one writes there; run it again "
+                         "once that one has ended")
+
+    def stop_run():
+        LOCKS_TAKEN_OVER.append(uri)
+        signal.pthread_kill(main, TAKEN_OVER)
 
     previous = signal.signal(TAKEN_OVER, taken_over)
     main = threading.main_thread().ident
     try:  # a real signal, to the main thread only: it also wakes a wait (a sleep, a socket)
-        yield lambda: signal.pthread_kill(main, TAKEN_OVER)
+        yield stop_run
     finally:
         signal.signal(TAKEN_OVER, previous)
+
+
+LOCKS_TAKEN_OVER: list[str] = []  # set by a renewer before it signals, read by the handler
 
 
 def release(client, bucket: str, key: str, etag: str, command: str) -> None:

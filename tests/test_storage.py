@@ -380,12 +380,20 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
     # renewing again, it finds the lock taken over: it stops, not goes on as a second writer
     client.delete_object(**lock)
     monkeypatch.setattr(lease, "RENEW_S", 0.2)
-    with pytest.raises(UsageError, match=r"another run took over the lock of .*r1/data \(this run had "
-                                         r"not renewed it for 300 s\): this run stops"):
+    with pytest.raises(UsageError, match=r"another run took over the lock of .*r1/data \(a run may take a "
+                                         r"lock not renewed for 300 s.*\): this run stops"):
         with storage.exclusive(data, "prepare"):
             client.put_object(**lock, Body=successor)
             time.sleep(30)  # the next renewal stops it long before
     assert client.get_object(**lock)["Body"].read().decode() == successor
+
+    # prepare holds two: the work directory's, then data/'s. The one taken over is named
+    client.delete_object(**lock)
+    workdir_lock = {"Bucket": "runs-taken-over", "Key": "r1/.lock"}
+    with pytest.raises(UsageError, match=r"another run took over the lock of s3://runs-taken-over/r1 \("):
+        with storage.exclusive(data[:-len("/data")], "prepare"), storage.exclusive(data, "prepare"):
+            client.put_object(**workdir_lock, Body=successor)
+            time.sleep(30)
 
 
 def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
