@@ -264,6 +264,20 @@ def start_ray(address: str | None) -> None:
     stop_on_sigterm()
 
 
+def quiet_cleanup_errors() -> None:
+    """Once a command is stopped, what the stop cut off half-built (a Ray Data dataset
+    stopped in its __init__) fails in its __del__ when freed, and Python prints that as
+    "Exception ignored in ..." with a traceback after our one line: nothing anyone can act
+    on, as the process exits next. Only where it does (the console script)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if getattr(unraisable.object, "__name__", "") != "__del__":
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def quit_at_once_if_signalled(code: int) -> None:
     """After the first Ctrl-C or SIGTERM, another ends the process at once: Ray's shutdown
     at exit (a second or two) otherwise ends in a KeyboardInterrupt traceback. Only where
@@ -418,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 143 if isinstance(e, Terminated) else 130
         if argv is None:
             quit_at_once_if_signalled(code)
+            quiet_cleanup_errors()
         return code
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback

@@ -145,6 +145,43 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_p
                     "are skipped and a training resumes from its last checkpoint"]
 
 
+def test_what_a_stop_cut_off_half_built_prints_no_traceback_as_it_is_freed(tmp_path):
+    """A SIGTERM inside a Ray Data dataset's __init__ left it without the attribute its
+    __del__ reads: "Exception ignored in ... Traceback" after the stop's one line. Here an
+    object of that kind, held by the stop's traceback as the dataset was, in the console
+    script's process."""
+    import subprocess
+    import sys
+
+    from tests.processes import subprocess_env
+
+    script = """
+import sys
+from deepfake_ray import cli
+from deepfake_ray.errors import Terminated
+
+class HalfBuilt:
+    def __init__(self):
+        raise Terminated  # stopped before its fields were set
+
+    def __del__(self):
+        self.executor.shutdown()
+
+def execute(args):
+    HalfBuilt()
+
+cli.execute = execute
+sys.argv = ["deepfake-ray", "prepare", "--preset", "tiny", "--workdir", sys.argv[1]]
+sys.exit(cli.main())
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.splitlines() == ["deepfake-ray prepare: stopped (SIGTERM); run the same command "
+                                        "again: finished stages are skipped and a training resumes "
+                                        "from its last checkpoint"], done.stderr
+
+
 def test_sigterm_while_ray_starts_is_a_stop_too(tmp_path):
     """Ray's start puts in its own SIGTERM handler first thing: a command stopped then
     (seconds, here) exited 15 with no line."""
