@@ -35,6 +35,7 @@ RENEW_S = 60.0
 LAPSE_S = 300.0  # five missed renewals: the holder is gone
 # sent by this process to its own main thread only (unused by Ray's driver)
 TAKEN_OVER = signal.SIGUSR2
+LOCKS_TAKEN_OVER: list[str] = []  # set by a renewer before it signals, read by the handler
 
 
 def holder(command: str, token: str) -> bytes:
@@ -166,9 +167,6 @@ def stops_when_taken_over(uri: str):
         yield stop_run
     finally:
         signal.signal(TAKEN_OVER, previous)
-
-
-LOCKS_TAKEN_OVER: list[str] = []  # set by a renewer before it signals, read by the handler
 
 
 def release(client, bucket: str, key: str, etag: str, command: str) -> None:

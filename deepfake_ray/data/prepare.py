@@ -646,8 +646,9 @@ def own_workdir_in(src: Source, workdir: str) -> str | None:
     workdir = storage.normalize(workdir)
     if storage.is_s3(workdir):
         return workdir
-    where = os.path.relpath(os.path.realpath(workdir), os.path.realpath(src.root))
-    if where == "." or where.split(os.sep)[0] == "..":
+    # the source that is the workdir itself is refused before (check_outside_workdirs)
+    where = os.path.relpath(sources.location(workdir), sources.location(src.root))
+    if where.split(os.sep)[0] == "..":
         return None
     return os.path.join(src.root, where)
 

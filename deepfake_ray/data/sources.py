@@ -186,8 +186,8 @@ def is_workdir(folder: str, has_file) -> bool:
         has_file(storage.join(folder, stage, storage.COMPLETE)) for stage in STAGE_FOLDERS)
 
 
-def workdir_around(root: str, own: str, root_is_one: bool | None = None) -> tuple[str, str] | None:
-    """(where, what) for the work directory `root` is (other than `own`, this run's), or
+def workdir_around(root: str, root_is_one: bool | None = None) -> tuple[str, str] | None:
+    """(where, what) for the work directory `root` is (this run's is refused before), or
     the stage folder of any work directory, this run's too, that `root` is or lies inside:
     `--source runs/demo/score` names a run's outputs, fakes too. A user's own folder
     beside a run's stage folders (`~/proj/faces` in a `~/proj` once used as --workdir) is
@@ -199,7 +199,7 @@ def workdir_around(root: str, own: str, root_is_one: bool | None = None) -> tupl
             return False
 
     root = storage.normalize(root)
-    if (workdir(root) if root_is_one is None else root_is_one) and location(root) != location(storage.normalize(own)):
+    if workdir(root) if root_is_one is None else root_is_one:
         return root, "is the work directory"
     for folder in dict.fromkeys([root, location(root)]):  # a link too
         while (parent := storage.parent(folder)) != folder:
@@ -222,7 +222,7 @@ def check_outside_workdirs(text: str, root: str, own: str, root_is_one: bool | N
         # a work directory's own files from the second run on
         raise UsageError(f"--source {text} is also the --workdir, where the run writes its outputs: "
                          "keep the face images in a folder of their own, or pass another --workdir")
-    if found := workdir_around(root, own, root_is_one):
+    if found := workdir_around(root, root_is_one):
         where, what = found
         raise UsageError(f"{text} {what} {where}, whose images are a run's outputs (fakes, sample "
                          "grids, figures), not real faces: pass a folder of face images as --source")
@@ -555,10 +555,12 @@ def would_overwrite(staging: str, place: str) -> bool:
         return True
     for root, dirs, names in os.walk(staging):
         there = os.path.join(place, os.path.relpath(root, staging))
-        if any(os.path.lexists(d := os.path.join(there, n)) and not os.path.isdir(d) for n in dirs) or any(
-                os.path.lexists(f := os.path.join(there, n)) and not same_bytes(os.path.join(root, n), f)
-                for n in names):
-            return True
+        for name in dirs:
+            if os.path.lexists(folder := os.path.join(there, name)) and not os.path.isdir(folder):
+                return True
+        for name in names:
+            if os.path.lexists(file := os.path.join(there, name)) and not same_bytes(os.path.join(root, name), file):
+                return True
     return False
 
 
