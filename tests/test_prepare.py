@@ -385,6 +385,8 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     prepare.run(cfg)
     before = read_outputs(cfg.workdir)[0]
     prepare_again = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir]
+    assert cli.main(prepare_again + ["--source", " sample:040"]) == 0  # the same 40 faces, spelled otherwise
+    assert "already complete" in capsys.readouterr().out
     assert cli.main(prepare_again + ["--source", "sample:41", "--set", "data.resolution=48"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "made with data.source=sample:40 (asked: sample:41), " \

@@ -59,10 +59,15 @@ def kind(text: str) -> str:
 
 
 def canonical(text: str) -> str:
-    """The source as it names the same data on every run: local folders absolute, and
-    `sample:` or `kaggle:` with no name as the bare word."""
+    """The source as it names the same data on every run: local folders absolute,
+    `sample:` or `kaggle:` with no name as the bare word, and `sample:050` as `sample:50`."""
     text = text.strip()
-    return storage.normalize(text) if text and kind(text) == "path" else text.removesuffix(":")
+    if text and kind(text) == "path":
+        return storage.normalize(text)
+    count = text.partition(":")[2]
+    if kind(text) == "sample" and count.isascii() and count.isdigit():
+        return f"sample:{int(count)}"
+    return text.removesuffix(":")
 
 
 def respelled(text: str) -> str | None:
