@@ -83,7 +83,11 @@ def s3_endpoint() -> str | None:
     `endpoint_url`; then the AWS CLI's `s3 = endpoint_url = ...` in the profile itself.
     pyarrow's AWS SDK reads none of them from ~/.aws/config, so both libraries are handed
     this one."""
-    return configured_endpoint(tuple(os.environ.get(name) for name in ENDPOINT_SETTINGS))
+    endpoint = configured_endpoint(tuple(os.environ.get(name) for name in ENDPOINT_SETTINGS))
+    if endpoint and "://" not in endpoint:  # pyarrow would try TLS, boto3 refuse it: neither says why
+        raise UsageError(f"the S3 endpoint '{endpoint}' (AWS_ENDPOINT_URL or {aws_config_file()}) has no "
+                         f"scheme: write http://{endpoint}, or https://{endpoint} for a store that speaks TLS")
+    return endpoint
 
 
 @lru_cache(maxsize=8)
@@ -140,6 +144,8 @@ S3_PROBLEMS = {
                       "AWS_PROFILE, or ~/.aws/credentials",
     "TLS": "the S3 endpoint{endpoint}'s TLS certificate was refused: for a store whose certificate a "
            "private CA signed, set AWS_CA_BUNDLE to that CA's file",
+    "PLAIN_HTTP": "the S3 endpoint{endpoint} answered in plain HTTP, not TLS: write its address with "
+                  "http://, not https:// (AWS_ENDPOINT_URL)",
     "INVALID_OBJECT_STATE": "the object is archived (a Glacier storage class): restore it, or copy it "
                             "to a standard class, to read it",
 }
@@ -233,10 +239,13 @@ def pyarrow_problem(e: BaseException) -> str | None:
 
 
 def tls_or(problem: str, text: str) -> str:
-    """A connection that failed on the endpoint's certificate is no unreachable network."""
-    if problem == "NETWORK_CONNECTION" and re.search(r"SSL|certificate|curlCode: (35|51|58|60)\b", text):
-        return "TLS"
-    return problem
+    """A connection that failed on TLS is no unreachable network: the endpoint's certificate
+    was refused, or (OpenSSL's "wrong version number") its answer was not TLS at all."""
+    if problem != "NETWORK_CONNECTION":
+        return problem
+    if re.search(r"wrong.version.number", text, re.IGNORECASE):
+        return "PLAIN_HTTP"
+    return "TLS" if re.search(r"SSL|certificate|curlCode: (35|51|58|60)\b", text) else problem
 
 
 def endpoint_text() -> str:

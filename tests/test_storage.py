@@ -650,3 +650,30 @@ def test_a_store_behind_a_private_ca_is_explained_then_read_with_aws_ca_bundle(t
     finally:
         server.shutdown()
         storage.s3_filesystem.cache_clear()
+
+
+def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_says_how_to_write_it(
+        s3_server, monkeypatch, tmp_path, capsys):
+    """Both were told to set AWS_CA_BUNDLE, which fixes neither: pyarrow takes an address
+    with no scheme as https://, and a store that answers in plain HTTP fails its handshake."""
+    faces = s3_server("plain-http") + "/faces"
+    address = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")  # moto speaks plain HTTP
+    prepare = ["prepare", "--preset", "tiny", "--source", faces, "--workdir", str(tmp_path / "w")]
+    try:
+        for endpoint in (f"https://{address}", address):
+            monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+            storage.s3_filesystem.cache_clear()
+            assert cli.main(prepare) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "CA_BUNDLE" not in err[0], err
+            if endpoint.startswith("https://"):
+                assert err[0] == (f"deepfake-ray prepare: error: {faces}: the S3 endpoint {endpoint} answered "
+                                  "in plain HTTP, not TLS: write its address with http://, not https:// "
+                                  "(AWS_ENDPOINT_URL)")
+            else:
+                assert err[0] == (f"deepfake-ray prepare: error: the S3 endpoint '{address}' (AWS_ENDPOINT_URL "
+                                  f"or ~/.aws/config) has no scheme: write http://{address}, or "
+                                  f"https://{address} for a store that speaks TLS")
+        assert not os.path.exists(tmp_path / "w" / "config.yaml")  # refused before anything was written
+    finally:
+        storage.s3_filesystem.cache_clear()
