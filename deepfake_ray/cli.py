@@ -138,7 +138,7 @@ def build_config(args: argparse.Namespace):
     for path in (*paths, cfg.workdir):
         if isinstance(path, str):
             storage.check_s3_path(path)
-    storage.check_s3_path(cfg.data.source, forms=sources.FORMS)
+    storage.check_s3_path(cfg.data.source, forms=sources.FORMS, source=True)
     check_swept_settings(args.command, cfg, args.overrides)
     return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
 

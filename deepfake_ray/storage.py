@@ -262,10 +262,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), normalize(uri)
 
 
-def check_s3_path(uri: str, forms: str = "s3://BUCKET/prefix or a local path") -> None:
+def check_s3_path(uri: str, forms: str = "s3://BUCKET/prefix or a local path", source: bool = False) -> None:
     """pyarrow refuses a path with an empty part with a traceback, far from the cause; one
     with no bucket (`s3://$BUCKET/runs` with BUCKET unset) would even read as a local folder
-    once normalized (`s3:`)."""
+    once normalized (`s3:`). `source`: a prefix to read, whose keys may hold such a part."""
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/(/)?", str(uri))
     if scheme and not is_s3(uri) and (scheme.group(2) or scheme.group(1).lower() == "s3"):
         # S3://, s3:/bucket, gs://: each would be a local folder (`S3:`); C:/data may be one
@@ -276,8 +276,11 @@ def check_s3_path(uri: str, forms: str = "s3://BUCKET/prefix or a local path") -
     if is_s3(uri) and not path.split("/", 1)[0]:
         raise UsageError(f"{uri}: an S3 path that names no bucket: write s3://BUCKET/prefix")
     if is_s3(uri) and "//" in path:
+        # keys may hold one ('faces//a.jpg'): listed from the prefix above, they are read as they are
+        above = f", or, for keys that hold '//' themselves, the prefix above it (s3://{path.split('//')[0]})" \
+            if source else ""
         raise UsageError(f"{uri}: an S3 path with an empty part ('//'): write it as "
-                         f"s3://{re.sub('/+', '/', path)}")
+                         f"s3://{re.sub('/+', '/', path)}{above}")
 
 
 def exists(uri: str) -> bool:

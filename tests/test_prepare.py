@@ -435,6 +435,11 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path, ca
                       StorageClass="GLACIER")
     with pytest.raises(UsageError, match="is a file: pass the folder"):
         sources.check_source(f"{bucket}/celebs/plain.jpg", tiny_cfg().data)
+    assert cli.main(["prepare", "--preset", "tiny", "--source", f"{bucket}/celebs//doubled",
+                     "--workdir", str(tmp_path / "w")]) == 2  # pyarrow cannot list it, but can its parent:
+    assert error_lines(capsys) == [f"deepfake-ray prepare: error: {bucket}/celebs//doubled: an S3 path with an "
+                                   f"empty part ('//'): write it as {bucket}/celebs/doubled, or, for keys that "
+                                   f"hold '//' themselves, the prefix above it ({bucket}/celebs)"]
     cfg = tiny_cfg(f"data.source={bucket}/celebs", workdir=f"{s3_server('runs-out')}/r1")
     prepare.run(cfg)
     manifest, rejected, summary = read_outputs(cfg.workdir)

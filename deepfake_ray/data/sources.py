@@ -94,7 +94,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
                 raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
             cache_folder(kaggle_dataset(text, data), data.cache_dir)  # where it will download
         return
-    storage.check_s3_path(text, forms=FORMS)
+    storage.check_s3_path(text, forms=FORMS, source=True)
     if not storage.is_dir(text):  # one request where all is well
         if not storage.exists(text):
             if storage.is_s3(text) and storage.bucket_missing(text):
