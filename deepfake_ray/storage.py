@@ -85,9 +85,16 @@ def s3_endpoint() -> str | None:
     this one."""
     endpoint = configured_endpoint(tuple(os.environ.get(name) for name in ENDPOINT_SETTINGS))
     if endpoint and "://" not in endpoint:  # pyarrow would try TLS, boto3 refuse it: neither says why
-        raise UsageError(f"the S3 endpoint '{endpoint}' (AWS_ENDPOINT_URL or {aws_config_file()}) has no "
-                         f"scheme: write http://{endpoint}, or https://{endpoint} for a store that speaks TLS")
+        shown = without_password(endpoint)
+        raise UsageError(f"the S3 endpoint '{shown}' (AWS_ENDPOINT_URL or {aws_config_file()}) has no "
+                         f"scheme: write http://{shown}, or https://{shown} for a store that speaks TLS")
     return endpoint
+
+
+def without_password(endpoint: str) -> str:
+    """The endpoint as errors show it: a user and password in it (http://USER:PASS@host,
+    which some proxies take) are a credential, never printed."""
+    return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/]*@", r"\1***@", endpoint)
 
 
 @lru_cache(maxsize=8)
@@ -250,7 +257,7 @@ def tls_or(problem: str, text: str) -> str:
 
 def endpoint_text() -> str:
     endpoint = s3_endpoint()
-    return f" {endpoint}" if endpoint else ""
+    return f" {without_password(endpoint)}" if endpoint else ""
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

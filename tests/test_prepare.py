@@ -491,14 +491,16 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
     assert error_lines(capsys) == [f"deepfake-ray prepare: error: {s3_server('faces-doubled')}//run: an "
                                    f"S3 path with an empty part ('//'): write it as "
                                    f"{s3_server('faces-doubled')}/run"]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    # nothing listens there; the user and password a proxy may take are never printed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://bob:Pr0xy-Secret@127.0.0.1:9")
     storage.s3_filesystem.cache_clear()
     try:
         assert cli.main(prepare_on + [s3_server("faces-unreached") + "/run"]) == 2
     finally:
         storage.s3_filesystem.cache_clear()
     err = error_lines(capsys)
-    assert len(err) == 1 and "cannot reach the S3 endpoint http://127.0.0.1:9" in err[0]
+    assert len(err) == 1 and "cannot reach the S3 endpoint http://***@127.0.0.1:9" in err[0], err
+    assert "Pr0xy-Secret" not in err[0] and "bob" not in err[0]
 
 
 def test_an_s3_failure_inside_an_ingest_task_still_names_the_fix(ray_session, monkeypatch):
