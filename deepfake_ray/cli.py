@@ -349,6 +349,8 @@ def execute(args: argparse.Namespace) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         from deepfake_ray import lineage, runtime, storage
 
+        storage.check_workdir(cfg.workdir)
+
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):
             module.check_settings(cfg)

@@ -744,8 +744,24 @@ def check_folder(uri: str, command: str) -> None:
     holds a key and keys under it side by side."""
     path = normalize(uri)
     if not is_s3(uri) and os.path.lexists(path) and not os.path.isdir(path):
-        raise UsageError(f"{uri} is a file, not a folder, and {command} writes its outputs "
+        what = f"a link to {os.readlink(path)}, which does not exist," if os.path.islink(path) else "a file"
+        raise UsageError(f"{uri} is {what} not a folder, and {command} writes its outputs "
                          "there: move it away, or pass another --workdir")
+
+
+def check_workdir(uri: str) -> None:
+    """UsageError for a local work directory the OS cannot look up (a name too long, a loop
+    of links, a folder on the way that may not be searched): its first read failed with a
+    traceback. One that does not exist yet is made by the first write."""
+    if is_s3(uri):
+        return
+    try:
+        os.stat(normalize(uri))
+    except (FileNotFoundError, NotADirectoryError):  # made later; under a file: check_folder says so
+        return
+    except OSError as e:
+        raise UsageError(f"--workdir {uri} cannot be used ({e.strerror or type(e).__name__}): "
+                         "pass another folder") from None
 
 
 def delete_file(uri: str) -> bool:
@@ -869,4 +885,11 @@ def completed(stage_uri: str) -> dict | None:
     # NotADirectoryError: a file where a folder would be; ValueError: not JSON, or not UTF-8
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
+    except OSError as e:  # the store's own is explained where S3 failures are
+        if is_s3(stage_uri):
+            raise
+        fix = {errno.EACCES: "give it read permission", errno.EPERM: "give it read permission",
+               errno.EISDIR: "a folder has the name of the stage's marker: move it away"}.get(e.errno, "check it")
+        raise UsageError(f"cannot read {join(stage_uri, COMPLETE)} ({e.strerror or type(e).__name__}): "
+                         f"{fix}, or pass another --workdir") from None
     return done if isinstance(done, dict) else None

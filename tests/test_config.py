@@ -295,6 +295,28 @@ def test_a_workdir_that_cannot_be_written_exits_2_with_one_line(command, capsys,
     assert len(err) == 1 and f"cannot write to --workdir {workdir} (Not a directory)" in err[0]
 
 
+@pytest.mark.parametrize("command", ["prepare", "pipeline", "report"])
+def test_a_workdir_the_os_cannot_look_up_exits_2_with_one_line(command, capsys, tmp_path):
+    """Each failed at its first read, with a traceback."""
+    (tmp_path / "x").symlink_to("y")
+    (tmp_path / "y").symlink_to("x")
+    (tmp_path / "gone").symlink_to(tmp_path / "nothing")
+    (tmp_path / "marked" / "data" / "_COMPLETE.json").mkdir(parents=True)
+    cases = {tmp_path / ("a" * 300): "--workdir {} cannot be used (File name too long): pass another folder",
+             tmp_path / "x" / "run": "--workdir {} cannot be used (Too many levels of symbolic links): "
+                                     "pass another folder"}
+    if command != "report":  # it writes nothing, and reads no marker
+        cases[tmp_path / "gone"] = (f"{{}} is a link to {tmp_path / 'nothing'}, which does not exist, not a "
+                                    f"folder, and {command} writes its outputs there")
+        cases[tmp_path / "marked"] = ("cannot read {}/data/_COMPLETE.json (Is a directory): a folder has the "
+                                      "name of the stage's marker: move it away, or pass another --workdir")
+    for workdir, said in cases.items():
+        source = [] if command == "report" else ["--source", "sample:20"]
+        assert cli.main([command, "--preset", "tiny", "--workdir", str(workdir), *source]) == 2
+        err = error_lines(capsys)
+        assert len(err) == 1 and said.format(workdir) in err[0], err
+
+
 def test_help_names_the_sources_and_presets(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["prepare", "--help"])
