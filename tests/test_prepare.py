@@ -1176,8 +1176,9 @@ def test_temporary_files_a_killed_run_left_go_when_the_stage_is_redone(ray_sessi
                                                              "(ftp://): use a folder of images, s3://"),
                                            ("", "no source given"),
                                            (__file__, "is a file: pass the folder"),
-                                           ("sample:zero", "positive count"),
-                                           ("sample:\u00b2", "positive count"),  # a digit to str.isdigit
+                                           ("sample:zero", "positive whole number"),
+                                           ("sample:1e3", "positive whole number"),
+                                           ("sample:\u00b2", "positive whole number"),  # a digit to str.isdigit
                                            ("sample:100000000", "more than 1,000,000"),
                                            ("Sample:10", "does not exist: did you mean 'sample:10'?"),
                                            ("KAGGLE:o/d", "did you mean 'kaggle:o/d'?")])
@@ -1185,6 +1186,28 @@ def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source,
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
     err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and needle in err[0]
+
+
+def test_a_source_folder_the_os_will_not_list_exits_2_with_one_line_before_ray(tmp_path, capsys, monkeypatch):
+    """No permission read as 'no image files under it: check the path' after Ray's start (with
+    a warning besides), a loop of links or a name too long as 'does not exist'."""
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "locked").mkdir()
+    scandir = os.scandir
+
+    def locked_to_us(path):  # tests run as root, whom no folder's mode stops
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked_to_us)
+    monkeypatch.setattr(runtime, "init", lambda *a, **k: pytest.fail("Ray started for a source it cannot read"))
+    for name, said in (("locked", "cannot be read (Permission denied): give your user read access to it"),
+                       ("loop", "cannot be read (Too many levels of symbolic links): check the path"),
+                       ("c" * 300, "cannot be read (File name too long): check the path")):
+        source = str(tmp_path / name)
+        assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source", source]) == 2
+        assert error_lines(capsys) == [f"deepfake-ray prepare: error: source '{source}' {said}"]
 
 
 @pytest.mark.slow

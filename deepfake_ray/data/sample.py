@@ -94,7 +94,7 @@ def parse(source: str, default_n: int) -> int:
     if not n:
         n = str(default_n)
     if not (n.isascii() and n.isdigit()) or int(n) < 1:  # isdigit alone takes "²", which int() refuses
-        raise UsageError(f"source '{source}' needs a positive count, e.g. sample:2000")
+        raise UsageError(f"source '{source}' needs a positive whole number of faces, e.g. sample:2000")
     if int(n) > MAX_FACES:
         raise UsageError(f"source '{source}' asks for {int(n):,} generated faces, more than "
                          f"{MAX_FACES:,}: the generator is for demos and tests; for more, use "
