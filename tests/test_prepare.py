@@ -387,6 +387,10 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     prepare_again = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir]
     assert cli.main(prepare_again + ["--source", " sample:040"]) == 0  # the same 40 faces, spelled otherwise
     assert "already complete" in capsys.readouterr().out
+    for empty in (["--source", " "], ["--set", "data.source="]):  # not "made with data.source=sample:40"
+        assert cli.main(prepare_again + empty) == 2
+        assert error_lines(capsys) == ["deepfake-ray prepare: error: no source given: pass --source (or "
+                                       f"data.source) as {sources.FORMS}"]
     assert cli.main(prepare_again + ["--source", "sample:41", "--set", "data.resolution=48"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "made with data.source=sample:40 (asked: sample:41), " \

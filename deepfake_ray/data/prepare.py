@@ -81,6 +81,8 @@ def check_settings(cfg: Config) -> None:
         raise UsageError(f"data.splits={list(d.splits)} sums to {sum(d.splits):.6g}, not 1: give each "
                          "split's fraction of the images, e.g. data.splits=[0.8,0.1,0.1]")
     source = d.source.strip()
+    if not source:  # said before a complete data/ compares it with the source it was made from
+        raise UsageError(f"no source given: pass --source (or data.source) as {sources.FORMS}")
     kind = sources.kind(source)
     if kind in OWN_SETTING and source.partition(":")[2]:  # a setting the source's name overrides
         key, what = OWN_SETTING[kind]
