@@ -167,6 +167,8 @@ def load_file(path: str) -> dict:
     except OSError as e:  # an S3 problem the user can fix (network, bucket, keys), no permission
         raise UsageError(storage.explain(e) or f"config file {path} cannot be read ({e.strerror or e}): "
                          "check it, or pass another YAML file to --config")
+    if data is None:  # empty, or comments only: a file that changes nothing yet
+        return {}
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of sections, e.g. 'gan: {{epochs: 5}}'")
     return data
@@ -248,7 +250,7 @@ NumbersAsTyped.add_constructor("tag:yaml.org,2002:map", keys_once)
 def parse_override(text: str) -> dict:
     """`a.b=value` -> {"a": {"b": Typed(value)}}."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    if not sep or not all(part.strip() for part in key.split(".")):  # `.lr=1`, `detector..lr=1` too
         raise UsageError(f"--set '{text}' must look like section.key=value, e.g. detector.lr=3e-4")
     nested: Any = Typed(raw)
     for part in reversed(key.strip().split(".")):
@@ -261,7 +263,9 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
     """Layers: dataclass defaults < preset < config file < --set < explicit keyword values."""
     cfg = Config()
     layers = [load_preset(preset)]
-    if config_file:
+    if config_file is not None:  # `--config ""` (an unset variable) is no file, not none given
+        if not config_file.strip():
+            raise UsageError("--config names no file: pass a YAML file, or leave --config out")
         layers.append(load_file(config_file))
     layers += [parse_override(o) for o in overrides]
     layers.append({k: v for k, v in top.items() if v is not None})

@@ -68,6 +68,8 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("detector.jpeg_aug_quality=5", "expects a list of 2 values, e.g. detector.jpeg_aug_quality=[30,100]"),
     ("gan=5", "'gan' is a section"),
     ("novalue", "must look like section.key=value"),
+    (".resolution=1", "must look like section.key=value"),  # was: unknown config key ''
+    ("data..resolution=1", "must look like section.key=value"),
     ("resources.data_cpus=0", "resources.data_cpus=0.0 is out of range: use a value above 0"),
     ("resources.workers=0", "resources.workers=0 is out of range: use 1 or more"),
     ("data.sample_size=200", "data.source=sample:96 names its own count; pass --set data.source=sample:200"),
@@ -123,6 +125,14 @@ def test_a_forced_redo_with_bad_settings_keeps_the_complete_stage(capsys, tmp_pa
                      "--set", "detector.optimizer=sgd"]) == 2
     assert "detector.optimizer='sgd': choose adam or adamw" in error_lines(capsys)[0]
     assert marker.exists()
+
+
+def test_an_empty_config_file_changes_nothing_and_an_empty_config_name_is_refused(capsys, tmp_path):
+    (tmp_path / "empty.yaml").write_text("# settings to come\n")
+    assert config.build("tiny", str(tmp_path / "empty.yaml")) == config.build("tiny")
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--config", ""]) == 2
+    assert error_lines(capsys) == ["deepfake-ray prepare: error: --config names no file: pass a YAML file, "
+                                   "or leave --config out"]  # was: no file read, silently
 
 
 @pytest.mark.parametrize("text,needle", [
