@@ -783,20 +783,34 @@ def test_a_kaggle_copy_in_an_s3_workdir_stands_for_the_download(ray_session, s3_
     assert rejected[["path", "reason", "detail"]].equals(rejected_first[["path", "reason", "detail"]])
 
 
-def test_unusable_kaggle_credentials_are_one_line_and_never_shown(ray_session, fake_kaggle, monkeypatch,
-                                                                  tmp_path, capsys):
-    """A kaggle.json without its key: the client exits the process (status 1, its message
-    swallowed); here exit 2 with the fix."""
+def test_unusable_kaggle_credentials_are_one_line_before_ray_and_never_shown(fake_kaggle, monkeypatch,
+                                                                             tmp_path, capsys):
+    """A kaggle.json without its key or not JSON, or KAGGLE_USERNAME without KAGGLE_KEY: the
+    client exits the process (status 1, its message swallowed), after Ray's start. Here exit
+    2 with what is wrong, before it."""
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     kaggle_config(monkeypatch, tmp_path / "kaggle")
     os.makedirs(tmp_path / "kaggle")
-    (tmp_path / "kaggle" / "kaggle.json").write_text('{"username": "secret-user-never-printed"}')
-    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
-                     "kaggle:owner/faces", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
-    out = str(capsys.readouterr())
-    assert code == 2 and "secret-user-never-printed" not in out and not fake_kaggle
-    assert "error: the Kaggle credentials found are not usable" in out and "KAGGLE_KEY" in out
+    token = tmp_path / "kaggle" / "kaggle.json"
+    monkeypatch.setattr(runtime, "init", lambda *a, **k: pytest.fail("Ray started with unusable credentials"))
+    prepare_kaggle = ["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
+                      "kaggle:owner/faces", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    for text, said in (('{"username": "secret-user-never-printed"}', f'{token} has no "key": save your API token'),
+                       ('{"username": "secret-user-never-printed", "key": ', f"{token} cannot be used (not valid "
+                                                                               "JSON): save your API token")):
+        token.write_text(text)
+        assert cli.main(prepare_kaggle) == 2
+        out = str(capsys.readouterr())
+        assert said in out and "secret-user-never-printed" not in out and not fake_kaggle, out
+    monkeypatch.setenv("KAGGLE_KEY", "s3cret-key-never-printed")
+    token.write_text('{"username": "someone"}')
+    assert sources.kaggle_credentials_problem() is None  # the environment gives what the file lacks
+    token.unlink()
+    assert cli.main(prepare_kaggle) == 2
+    err = error_lines(capsys)
+    assert err == ["deepfake-ray prepare: error: KAGGLE_USERNAME is not set, though KAGGLE_KEY is: set both, "
+                   "from your API token (kaggle.com > Settings > API > Create New Token)"]
 
 
 def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fake_kaggle, tmp_path, capsys):

@@ -11,6 +11,7 @@ import filecmp
 import hashlib
 import io
 import itertools
+import json
 import os
 import re
 import shutil
@@ -90,8 +91,8 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
         return
     if kind(text) == "kaggle":
         if not (copied or kaggle_cached(text, data)):
-            if not kaggle_credentials_present():
-                raise UsageError(f"no Kaggle credentials: {CREDENTIALS_FIX}")
+            if problem := kaggle_credentials_problem():
+                raise UsageError(problem)
             cache_folder(kaggle_dataset(text, data), data.cache_dir)  # where it will download
         return
     storage.check_s3_path(text, forms=FORMS, source=True)
@@ -346,14 +347,40 @@ CREDENTIALS_FIX = ("save your API token as ~/.kaggle/kaggle.json (chmod 600) or 
                    "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
 
 
-def kaggle_credentials_present() -> bool:
-    if os.environ.get("KAGGLE_API_TOKEN") or (
-            os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
-        return True
-    config_dirs = [os.environ.get("KAGGLE_CONFIG_DIR"), os.path.expanduser("~/.kaggle"),
-                   os.path.expanduser("~/.config/kaggle")]
-    return any(d and (os.path.isfile(os.path.join(d, "kaggle.json"))
-                      or os.path.isfile(os.path.join(d, "access_token"))) for d in config_dirs)
+def kaggle_credentials_problem() -> str | None:
+    """What is wrong with the Kaggle credentials, as far as can be told before Ray starts
+    and without the network (the client's own sign-in tells the rest), or None. Never
+    their values."""
+    env = {name: bool(os.environ.get(name)) for name in ("KAGGLE_USERNAME", "KAGGLE_KEY")}
+    if os.environ.get("KAGGLE_API_TOKEN") or all(env.values()):
+        return None
+    config_dirs = [d for d in (os.environ.get("KAGGLE_CONFIG_DIR"), os.path.expanduser("~/.kaggle"),
+                               os.path.expanduser("~/.config/kaggle")) if d]
+    if any(os.path.isfile(os.path.join(d, "access_token")) for d in config_dirs):
+        return None
+    token = next((path for d in config_dirs if os.path.isfile(path := os.path.join(d, "kaggle.json"))), None)
+    if token:
+        return kaggle_json_problem(token, env)
+    if any(env.values()):
+        missing, given = sorted(env, key=env.get)
+        return (f"{missing} is not set, though {given} is: set both, from your API token (kaggle.com > "
+                "Settings > API > Create New Token)")
+    return f"no Kaggle credentials: {CREDENTIALS_FIX}"
+
+
+def kaggle_json_problem(path: str, env: dict[str, bool]) -> str | None:
+    """A kaggle.json the client cannot sign in with: not JSON, or without a username or
+    key that the environment does not give either."""
+    try:
+        with open(path, "rb") as f:
+            token = json.loads(f.read(1 << 20))
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not valid JSON"
+        return f"{path} cannot be used ({why}): {CREDENTIALS_FIX}"
+    fields = {"username": "KAGGLE_USERNAME", "key": "KAGGLE_KEY"}
+    lacking = [f'"{name}"' for name, var in fields.items()
+               if not (isinstance(token, dict) and isinstance(token.get(name), str) and token[name]) and not env[var]]
+    return f"{path} has no {' or '.join(lacking)}: {CREDENTIALS_FIX}" if lacking else None
 
 
 def kaggle_dataset(text: str, data: DataConfig) -> str:
