@@ -85,15 +85,28 @@ class PrintVersion(argparse.Action):
         parser.exit()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line, as every other bad input is: argparse
+    printed its usage block (the top level's, for a subcommand's unknown flag) above it."""
+
+    def error(self, message):
+        if message.startswith("argument COMMAND: invalid choice") and self.options_first:
+            message += "; options go after the command, e.g. deepfake-ray prepare --workdir W"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    options_first = False  # set by main: the command line put an option before the command
+
+
 def parser() -> argparse.ArgumentParser:
     from deepfake_ray.config import preset_names
 
-    p = argparse.ArgumentParser(prog="deepfake-ray", description=DESCRIPTION)
+    p = OneLineParser(prog="deepfake-ray", description=DESCRIPTION)
     p.add_argument("--version", action=PrintVersion,
                    help="print the version, and those of the libraries it runs on and Python; exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = {}
     for name, (_, help_text, flags) in COMMANDS.items():
-        c = sub.add_parser(name, help=help_text, description=help_text)
+        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         c.add_argument("--preset", default="demo",
                        help=f"config preset: {', '.join(preset_names())} (default: demo)")
         c.add_argument("--config", help="YAML file layered over the preset")
@@ -101,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
         # accepted everywhere, as scripts pass them; offered only where they are read
         c.add_argument("--workdir", help=argparse.SUPPRESS if name in NO_WORKDIR else
-                       "local folder or s3://bucket/prefix (default: runs/<preset>)")
+                       "local folder or s3://bucket/prefix; sets workdir (default: runs/<preset>)")
         c.add_argument("--address", help=argparse.SUPPRESS if name in NO_RAY else ADDRESS_HELP)
         c.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_HELP[None]))
         for flag in flags:
@@ -413,9 +426,20 @@ def stage_changes() -> int:
     return storage.marker_changes if storage else 0
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, or exit 2 with one line naming the command whose flags are wrong."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    p.options_first = bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     print_any_file_name()
-    args = parser().parse_args(argv)
+    args = parse(argv)
     started, changes = time.time(), stage_changes()
     try:
         return execute(args)

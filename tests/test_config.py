@@ -335,6 +335,20 @@ def test_help_names_the_sources_and_presets(capsys):
     assert "kaggle:OWNER/DATASET" in out and "sample[:N]" in out and "celeb100k, demo" in out
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["prepare", "--bogus"], "deepfake-ray prepare: error: unrecognized arguments: --bogus (see deepfake-ray "
+                             "prepare --help)"),  # was the top level's usage, and its name
+    (["prepare", "--source"], "deepfake-ray prepare: error: argument --source: expected one argument (see "
+                              "deepfake-ray prepare --help)"),
+    (["--workdir", "w", "prepare"], "; options go after the command, e.g. deepfake-ray prepare --workdir W "
+                                    "(see deepfake-ray --help)")])
+def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, capsys):
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert ended.value.code == 2 and len(err) == 1 and err[0].endswith(line), err
+
+
 def test_the_pipeline_takes_its_source_as_prepare_does(capsys, tmp_path):
     """`pipeline --source DIR`, as `prepare --source DIR`: a source that is not there is
     refused in one line, before anything runs."""
