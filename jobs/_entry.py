@@ -31,9 +31,7 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def parser(command: str, script: str) -> argparse.ArgumentParser:
     """The CLI's own parser for `command`, renamed to the script and given --run-name."""
-    top = cli.parser()
-    subparsers = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-    p = subparsers.choices[command]
+    p = cli.parser().commands[command]
     p.prog = f"python jobs/{script}"
     if command in cli.WRITERS:  # score writes --out, not a work directory
         p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
