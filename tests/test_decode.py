@@ -43,6 +43,28 @@ def test_a_progressive_photo_with_a_video_after_it_is_no_bomb():
     assert decode.decode(photo, 32).shape == (32, 32, 3)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_flattened_on_white_as_alpha_compositing_does(mode):
+    """Every pair of value and alpha: a see-through pixel is white, an opaque one itself,
+    and those between are what Image.alpha_composite over white gives (the stored bytes,
+    and so the splits, of images with transparency must not change with how it is done)."""
+    value, alpha = (a.astype(np.uint8) for a in np.meshgrid(np.arange(256), np.arange(256)))
+    if mode == "RGBA":
+        img = Image.fromarray(np.stack([value, 255 - value, value // 3, alpha], -1), "RGBA")
+    elif mode == "LA":
+        img = Image.fromarray(np.stack([value, alpha], -1), "LA")
+    else:  # a palette whose entry i is grey i at alpha 255 - i
+        img = Image.fromarray(value, "P")
+        img.putpalette([level for i in range(256) for level in (i, i, i)])
+        img.info["transparency"] = bytes(255 - i for i in range(256))
+        alpha = 255 - value
+    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    expected = np.asarray(Image.alpha_composite(white, img.convert("RGBA")).convert("RGB"))
+    flat = np.asarray(decode.decode(encode(img, "PNG"), 256))
+    assert flat.shape == (256, 256, 3) and np.array_equal(flat, expected)
+    assert (flat[alpha == 0] == 255).all() and (flat[alpha == 255] != 255).any()
+
+
 def test_premultiplied_alpha_tiff_is_accepted():
     # mode "La": Pillow opens it, but converting it straight to RGB raises, which used to
     # escape the decoder and fail a whole prepare

@@ -263,9 +263,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("La", "RGBa"):  # premultiplied alpha (some TIFFs): Pillow converts it one way
         img = img.convert({"La": "LA", "RGBa": "RGBA"}[img.mode])
     if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # flatten on white
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("RGB")
+        # flattened on white by a paste through the alpha: alpha_composite's very pixels (all
+        # 65,536 pairs of value and alpha), without its full-size RGBA copies (16 bytes a pixel
+        # above the decoded image, against 5: ~0.65 GB for a 40 MP RGBA PNG of 156 KB)
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        img = Image.new("RGB", img.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 @functools.cache
