@@ -744,8 +744,9 @@ def check_folder(uri: str, command: str) -> None:
     holds a key and keys under it side by side."""
     path = normalize(uri)
     if not is_s3(uri) and os.path.lexists(path) and not os.path.isdir(path):
-        what = f"a link to {os.readlink(path)}, which does not exist," if os.path.islink(path) else "a file"
-        raise UsageError(f"{uri} is {what} not a folder, and {command} writes its outputs "
+        what = f"a link to {os.readlink(path)}, which does not exist" if not os.path.exists(path) else \
+            "a link to a file" if os.path.islink(path) else "a file"
+        raise UsageError(f"{uri} is {what}, not a folder, and {command} writes its outputs "
                          "there: move it away, or pass another --workdir")
 
 

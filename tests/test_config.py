@@ -318,6 +318,9 @@ def test_a_workdir_the_os_cannot_look_up_exits_2_with_one_line(command, capsys, 
     if command != "report":  # it writes nothing, and reads no marker
         cases[tmp_path / "gone"] = (f"{{}} is a link to {tmp_path / 'nothing'}, which does not exist, not a "
                                     f"folder, and {command} writes its outputs there")
+        (tmp_path / "notes").write_text("a user's notes")
+        (tmp_path / "to-notes").symlink_to(tmp_path / "notes")
+        cases[tmp_path / "to-notes"] = f"{{}} is a link to a file, not a folder, and {command} writes its outputs"
         cases[tmp_path / "marked"] = ("cannot read {}/data/_COMPLETE.json (Is a directory): a folder has the "
                                       "name of the stage's marker: move it away, or pass another --workdir")
     for workdir, said in cases.items():
