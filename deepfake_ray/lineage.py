@@ -64,6 +64,10 @@ def made_here(done: dict) -> None:
     return None
 
 
+def as_recorded(settings: dict) -> dict:
+    return settings
+
+
 @dataclass(frozen=True)
 class Stage:
     command: str  # the CLI command that runs it
@@ -82,6 +86,9 @@ class Stage:
     # how what the stage reads from outside the work directory (a source folder) differs
     # from what its complete summary recorded, if it does: then it is made again
     source_changed: Callable[[Config, dict], str | None] = field(default=source_unchanged, compare=False)
+    # recorded settings as this version records them: a value it now spells otherwise
+    # (`sample:040` as `sample:40`) must not refuse the work directory it made
+    settings_now: Callable[[dict], dict] = field(default=as_recorded, compare=False)
 
 
 @dataclass(frozen=True)
@@ -118,9 +125,9 @@ def made(cfg: Config, stage: Stage, read: dict | None = None) -> dict:
             "inputs": {folder: identity(cfg, folder, read) for folder in stage.inputs}}
 
 
-def differences(done: dict, asked: dict) -> dict[str, str]:
+def differences(stage: Stage, done: dict, asked: dict) -> dict[str, str]:
     """Setting -> "key=recorded (asked: value)", for each this run asks to change."""
-    recorded = done.get("settings", {})
+    recorded = stage.settings_now(done.get("settings", {}))
     return {k: f"{k}={recorded[k]} (asked: {v})" for k, v in asked["settings"].items()
             if k in recorded and recorded[k] != v}
 
@@ -137,7 +144,7 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     it from a run of its own)."""
     elsewhere = stage.made_elsewhere(done)
     more = [] if elsewhere else grown(stage, done, asked)
-    differ = [text for k, text in differences(done, asked).items() if k not in more]
+    differ = [text for k, text in differences(stage, done, asked).items() if k not in more]
     if differ and elsewhere:
         made_by, remake = elsewhere
         raise UsageError(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
@@ -145,19 +152,19 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
                          f"{remake}` to train one anew there")
     if differ:
         own = " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in own_settings(
-            cfg, done, asked, more).items())
+            cfg, stage, done, asked, more).items())
         # the stage's own command: --force on the pipeline would redo every stage
         raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
                          f"--workdir to keep both, `deepfake-ray {stage.command} --force` to redo it "
                          f"alone there, or its own settings ({own})")
 
 
-def own_settings(cfg: Config, done: dict, asked: dict, more: list[str]) -> dict:
+def own_settings(cfg: Config, stage: Stage, done: dict, asked: dict, more: list[str]) -> dict:
     """The recorded values a rerun must ask for to be this stage's settings: those that
     differ, and those this run does not ask about (a bare `sample` source records
     data.sample_size, which `sample:40` does not read)."""
-    recorded = done.get("settings", {})
-    keys = [k for k in differences(done, asked) if k not in more]
+    recorded = stage.settings_now(done.get("settings", {}))
+    keys = [k for k in differences(stage, done, asked) if k not in more]
     keys += [k for k in recorded if k not in asked["settings"] and known(cfg, k)]
     return {k: recorded[k] for k in keys}
 
@@ -289,7 +296,7 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
     with: its checkpoints (and their optimizer state) hold the old ones, which would quietly
     win, and its marker would record the new. Only more epochs are fine: it goes on longer."""
     more = grown(stage, begun, asked)
-    if differ := [text for k, text in differences(begun, asked).items() if k not in more]:
+    if differ := [text for k, text in differences(stage, begun, asked).items() if k not in more]:
         raise UsageError(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
                          f"run with its settings to resume it, `deepfake-ray {stage.command} --force` "
                          "to start it over there, or another --workdir to keep it")

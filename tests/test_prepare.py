@@ -1,5 +1,6 @@
 import errno
 import io
+import json
 import os
 import re
 import shlex
@@ -387,6 +388,13 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     prepare_again = ["prepare", "--preset", "tiny", "--workdir", cfg.workdir]
     assert cli.main(prepare_again + ["--source", " sample:040"]) == 0  # the same 40 faces, spelled otherwise
     assert "already complete" in capsys.readouterr().out
+    marker = os.path.join(datasets.data_dir(cfg.workdir), storage.COMPLETE)
+    done = storage.read_json(marker)
+    done["settings"]["data.source"] = "sample:040"  # as versions before recorded it: as typed
+    storage.write_bytes(marker, json.dumps(done).encode())
+    for spelled in ("sample:040", "sample:40"):
+        assert cli.main(prepare_again + ["--source", spelled]) == 0
+        assert "already complete" in capsys.readouterr().out
     for empty in (["--source", " "], ["--set", "data.source="]):  # not "made with data.source=sample:40"
         assert cli.main(prepare_again + empty) == 2
         assert error_lines(capsys) == ["deepfake-ray prepare: error: no source given: pass --source (or "

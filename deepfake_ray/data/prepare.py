@@ -531,8 +531,15 @@ def settings(cfg: Config) -> dict:
     return made
 
 
+def settings_now(recorded: dict) -> dict:
+    """A source as this version records it (`sample:040` was recorded as typed)."""
+    if isinstance(source := recorded.get("data.source"), str):
+        return {**recorded, "data.source": sources.canonical(source)}
+    return recorded
+
+
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
-                      source_changed=source_changed,
+                      source_changed=source_changed, settings_now=settings_now,
                       added=(("near_copies", "before near copies were grouped: one photo stored twice "
                               "(recompressed, resized) may be in two splits; --force prepares it again "
                               "with each picture's copies in one split"),
