@@ -432,8 +432,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = parser()
     p.options_first = bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
     args, unknown = p.parse_known_args(argv)
-    if unknown:
-        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # `deepfake-ray --force prepare`: its --help lists --force, so say where it goes
+        where = "; options go after the command" if p.options_first else ""
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{where}")
     return args
 
 

@@ -86,8 +86,9 @@ def s3_endpoint() -> str | None:
     endpoint = configured_endpoint(tuple(os.environ.get(name) for name in ENDPOINT_SETTINGS))
     if endpoint and "://" not in endpoint:  # pyarrow would try TLS, boto3 refuse it: neither says why
         shown = without_password(endpoint)
+        host = re.sub(r"^https?:/*", "", shown, flags=re.IGNORECASE)  # `http:/host`: a slash short
         raise UsageError(f"the S3 endpoint '{shown}' (AWS_ENDPOINT_URL or {aws_config_file()}) has no "
-                         f"scheme: write http://{shown}, or https://{shown} for a store that speaks TLS")
+                         f"scheme: write http://{host}, or https://{host} for a store that speaks TLS")
     return endpoint
 
 

@@ -344,7 +344,9 @@ def test_help_names_the_sources_and_presets(capsys):
     (["prepare", "--source"], "deepfake-ray prepare: error: argument --source: expected one argument (see "
                               "deepfake-ray prepare --help)"),
     (["--workdir", "w", "prepare"], "; options go after the command, e.g. deepfake-ray prepare --workdir W "
-                                    "(see deepfake-ray --help)")])
+                                    "(see deepfake-ray --help)"),
+    (["--force", "prepare"], "deepfake-ray prepare: error: unrecognized arguments: --force; options go after "
+                             "the command (see deepfake-ray prepare --help)")])
 def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, capsys):
     with pytest.raises(SystemExit) as ended:
         cli.main(argv)
