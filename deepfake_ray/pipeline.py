@@ -79,6 +79,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
 def run(cfg: Config, force: bool = False, **_) -> dict:
     preflight(cfg, force)
     timings_uri = storage.join(cfg.workdir, "pipeline.json")
+    made_in = times_to_make(timings_uri)
     record, changes = {"workdir": cfg.workdir, "stages": []}, storage.marker_changes
     for step in steps(cfg):
         command = step.stage.command
@@ -91,6 +92,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             lineage.say_missing(cfg, step.stage, done)
         started = time.time()
         entry = {"name": command, "status": "skipped" if skipped else "done"}
+        if skipped and (seconds := made_in.get((command, done.get("completed")))) is not None:
+            entry["made_in"] = seconds  # what an earlier run spent making what this one reuses
         try:
             if not skipped:
                 step.run(cfg, force=force)
@@ -108,10 +111,30 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                   f"(finished stages are skipped){alone}")
             raise
         entry["seconds"] = round(time.time() - started, 1)
+        made = done or storage.completed(lineage.uri(cfg, step.stage)) or {}
+        if made.get("completed"):  # which output the times are of: a later run may remake it
+            entry["completed"] = made["completed"]
         record["stages"].append(entry)
         storage.write_json(timings_uri, record)
     closing_lines(cfg)
     return record
+
+
+def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:
+    """(stage, its output's completion time) -> the seconds the run that made it took, from
+    the last run's pipeline.json: a rerun that skips every stage still reports them."""
+    try:
+        earlier = storage.read_json(timings_uri)
+    except (OSError, ValueError):  # none yet, or damaged: only the report's times are lost
+        return {}
+    made = {}
+    for entry in earlier.get("stages", []) if isinstance(earlier, dict) else []:
+        if not isinstance(entry, dict) or not entry.get("completed"):
+            continue
+        seconds = entry.get("seconds") if entry.get("status") == "done" else entry.get("made_in")
+        if isinstance(seconds, (int, float)):
+            made[(entry.get("name"), entry["completed"])] = seconds
+    return made
 
 
 def write_report(cfg: Config, force: bool = False) -> None:

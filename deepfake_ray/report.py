@@ -137,10 +137,15 @@ def timings(w: str) -> list:
     stages = stages.get("stages") if isinstance(stages, dict) else None
     if not stages:
         return []
-    rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds"))] for s in stages]
+    # pipeline.json is the last run's: a stage an earlier run made is skipped in it, with
+    # the seconds that run spent making it where it knows them
+    made = [s.get("seconds") if s.get("status") != "skipped" else s.get("made_in") for s in stages]
+    rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
+            for s, m in zip(stages, made)]
     total = sum(float(s.get("seconds") or 0) for s in stages)
-    # pipeline.json is the last submission's: a stage an earlier one made shows as skipped
-    return [Table(["stage", "status", "seconds (last run)"], rows + [["total", "", fmt(total)]])]
+    to_make = fmt(sum(float(m) for m in made)) if None not in made else "?"
+    return [Table(["stage", "status", "seconds (last run)", "seconds to make"],
+                  rows + [["total", "", fmt(total), to_make]])]
 
 
 def data(w: str) -> list:
@@ -221,6 +226,8 @@ def metrics(w: str) -> list:
     found = read_json(w, "eval/metrics.json")
     if isinstance(found, dict):  # its reliability bins are drawn below, not listed
         found = {k: v for k, v in found.items() if k != "reliability"}
+        if isinstance(val := found.get("validation"), dict) and isinstance(val.get("epoch"), int):
+            found["validation"] = {**val, "epoch": val["epoch"] + 1}  # counted from 1, as "best epoch" is
     blocks = json_blocks(found, "eval/metrics.json")
     return (blocks + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
             + figure(w, "eval/roc.png", "ROC curve (held-out test split)")

@@ -223,6 +223,8 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert len(restored) == 2 and restored[0] == 1 and 2 <= restored[1] < EPOCHS, history
     timings = storage.read_json(f"{workdir}/pipeline.json")
     assert [s["status"] for s in timings["stages"]] == ["skipped"] * 3 + ["done"] * 4
+    # the stages it skipped keep the time the first job spent making them, for the report
+    assert all(s["made_in"] > 0 for s in timings["stages"][:3]), timings
     cfg = config.build("tiny", None, DETECTOR, workdir=workdir)
     assert_exported_model(cfg, history)
     # the id that serve's args.model_id names, printed as the model is exported

@@ -73,6 +73,7 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     storage.write_json(storage.join(w, "eval/metrics.json"),
                        {"accuracy": 0.9375, "roc_auc": 0.981, "f1": 0.94, "threshold": 0.47,
                         "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}, "ece": 0.0123,
+                        "validation": {"epoch": 2, "roc_auc": 0.97},  # model.json's best epoch
                         "reliability": [{"bin": 0, "mean_p_fake": 0.0417, "fraction_fake": 0.0, "n": 9}]})
     storage.write_json(storage.join(w, "eval/robustness.json"),
                        {"clean": {"accuracy": 0.9375, "roc_auc": 0.981},
@@ -80,7 +81,7 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
                         "resize_0.5": {"accuracy": 0.7, "roc_auc": 0.77}})
     storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
         {"name": "prepare", "status": "done", "seconds": 3.2},
-        {"name": "train-gan", "status": "skipped", "seconds": 0.1},
+        {"name": "train-gan", "status": "skipped", "seconds": 0.1, "made_in": 61.5},  # an earlier run's
         {"name": "evaluate", "status": "done", "seconds": 12345.6}]})
     storage.write_text(storage.join(w, "config.yaml"), "workdir: W\ndetector:\n  lr: 0.0003\n")
     for folder, inputs in STAGE_INPUTS.items():  # complete, each made from the ones there now
@@ -163,6 +164,9 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
                    "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
+                   "<td>train-gan</td><td>skipped</td><td>0.1</td><td>61.5</td>",  # made by a run before
+                   "<td>total</td><td></td><td>12,349</td><td>12,410</td>",
+                   "<td>validation.epoch</td><td>3</td>",  # counted from 1, as best epoch is
                    "<td>best epoch</td><td>3</td>", "0.0123",  # model.json's epoch 2, counted from 1
                    "<td>3</td><td>0.21</td><td>0.97</td>",  # its row in the history, counted alike
                    "detector/history.json, per epoch (counted from 1)",
