@@ -362,7 +362,8 @@ def execute(args: argparse.Namespace) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         from deepfake_ray import lineage, runtime, storage
 
-        storage.check_workdir(cfg.workdir)
+        if args.command not in NO_WORKDIR:  # score and serve have none: runs/demo is not theirs
+            storage.check_workdir(cfg.workdir)
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):

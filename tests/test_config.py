@@ -306,7 +306,7 @@ def test_a_workdir_that_cannot_be_written_exits_2_with_one_line(command, capsys,
 
 
 @pytest.mark.parametrize("command", ["prepare", "pipeline", "report"])
-def test_a_workdir_the_os_cannot_look_up_exits_2_with_one_line(command, capsys, tmp_path):
+def test_a_workdir_the_os_cannot_look_up_exits_2_with_one_line(command, capsys, tmp_path, monkeypatch):
     """Each failed at its first read, with a traceback."""
     (tmp_path / "x").symlink_to("y")
     (tmp_path / "y").symlink_to("x")
@@ -323,6 +323,12 @@ def test_a_workdir_the_os_cannot_look_up_exits_2_with_one_line(command, capsys, 
         cases[tmp_path / "to-notes"] = f"{{}} is a link to a file, not a folder, and {command} writes its outputs"
         cases[tmp_path / "marked"] = ("cannot read {}/data/_COMPLETE.json (Is a directory): a folder has the "
                                       "name of the stage's marker: move it away, or pass another --workdir")
+    if command == "report":  # score and serve take no work directory: the default's state is not theirs
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "demo").symlink_to("demo")
+        monkeypatch.chdir(tmp_path)
+        assert cli.main(["score", "--model", str(tmp_path / "none"), "--input", ".", "--out", "o.csv"]) == 2
+        assert "no model at" in error_lines(capsys)[0]
     for workdir, said in cases.items():
         source = [] if command == "report" else ["--source", "sample:20"]
         assert cli.main([command, "--preset", "tiny", "--workdir", str(workdir), *source]) == 2
