@@ -60,6 +60,9 @@ def check_address_form(address: str | None) -> None:
             and not re.search(r":\d+$", address):
         raise UsageError(f"Ray address {address} names no port: pass HEAD:6379 (the head node's "
                          "GCS port), or --address auto on one of the cluster's nodes")
+    if address and (port := re.search(r":(\d+)$", address)) and not 0 < int(port[1]) < 65536:
+        raise UsageError(f"Ray address {address}: port {port[1]} is out of range (1-65535): pass "
+                         "HEAD:6379, the head node's GCS port")
 
 
 REACH_S = 5.0  # a head node answers a connection in milliseconds
