@@ -399,8 +399,10 @@ def coerce(name: str, value: Any, hint: Any, example: Any = None) -> Any:
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise UsageError(f"config key '{name}' expects {hint.__name__}, got {shown(value)} "
-                         f"({type(value).__name__})")
+        # text is quoted as it is shown; `1e3` typed for an int reads as text, not a number
+        kind = "" if isinstance(value, str) else f" ({type(value).__name__})"
+        wanted = "a whole number (int)" if hint is int else hint.__name__
+        raise UsageError(f"config key '{name}' expects {wanted}, got {shown(value)}{kind}")
     if hint is float and not math.isfinite(value):  # every check against nan passes
         raise UsageError(f"config key '{name}' expects a finite number, got {shown(value)}")
     return value

@@ -62,7 +62,9 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("detector.lrr=3", "unknown config key 'detector.lrr' (did you mean detector.lr?): valid keys are detector.arch"),
     ("detector.batch=3", "unknown config key 'detector.batch' (did you mean detector.batch_size?)"),
     ("gan.fail=3", "unknown config key 'gan.fail': valid keys are gan.epochs"),  # the test-only key: not offered
-    ("gan.epochs=three", "config key 'gan.epochs' expects int"),
+    ("gan.epochs=three", "config key 'gan.epochs' expects a whole number (int), got 'three'"),
+    ("data.resolution=1e3", "config key 'data.resolution' expects a whole number (int), got '1e3'"),  # no "(str)"
+    ("gan.epochs=2.5", "config key 'gan.epochs' expects a whole number (int), got 2.5 (float)"),
     ("resources.use_gpu=maybe", "expects bool"),
     ("data.splits=[1, 2]", "expects a list of 3 values, e.g. data.splits=[0.8,0.1,0.1]; got [1, 2]"),
     ("detector.jpeg_aug_quality=5", "expects a list of 2 values, e.g. detector.jpeg_aug_quality=[30,100]"),
@@ -82,13 +84,13 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("data.source=kaggle:../..", "kaggle dataset '../..' must look like OWNER/DATASET"),  # outside the cache
     pytest.param("gan.lr=1" + "0" * 400, "config key 'gan.lr' expects a finite number, got a number of 401 digits",
                  id="gan.lr=1e400"),
-    pytest.param("gan.epochs=1" + "0" * 5000, "config key 'gan.epochs' expects int, got '1000",
+    pytest.param("gan.epochs=1" + "0" * 5000, "config key 'gan.epochs' expects a whole number (int), got '1000",
                  id="gan.epochs=1e5000"),  # more digits than int() reads
     ("data.splits=[1e308, 1e308, 1e308]", "must be three non-negative fractions"),  # their sum is inf
     ("data.resolution.x=1", "config key 'data.resolution' is a value, not a section: 'data.resolution.x' names nothing"),
     ("data.splits=[0.9,0.9,0.9]", "data.splits=[0.9, 0.9, 0.9] sums to 2.7, not 1: give each split's fraction"),
     ("data.source=s3://", "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),  # before Ray starts
-    ("gan.epochs=1:30", "config key 'gan.epochs' expects int, got '1:30'"),  # not YAML 1.1's base 60: 90
+    ("gan.epochs=1:30", "config key 'gan.epochs' expects a whole number (int), got '1:30'"),  # not YAML 1.1's base 60: 90
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
@@ -138,7 +140,7 @@ def test_an_empty_config_file_changes_nothing_and_an_empty_config_name_is_refuse
 @pytest.mark.parametrize("text,needle", [
     (None, "is a folder: pass a YAML file to --config"),
     ("gan: {epochz: 3}\n", "unknown config key 'gan.epochz' (did you mean gan.epochs?): valid keys are gan.epochs"),
-    ("gan: {epochs: three}\n", "config key 'gan.epochs' expects int"),
+    ("gan: {epochs: three}\n", "config key 'gan.epochs' expects a whole number (int)"),
     ("gan: {epochs: 0}\n", "gan.epochs=0 is out of range: use 1 or more"),
     ("- gan\n", "must hold a mapping of sections"),
     ("gan: [1,\n", "is not valid YAML"),
