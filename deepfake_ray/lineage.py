@@ -89,6 +89,8 @@ class Stage:
     # recorded settings as this version records them: a value it now spells otherwise
     # (`sample:040` as `sample:40`) must not refuse the work directory it made
     settings_now: Callable[[dict], dict] = field(default=as_recorded, compare=False)
+    # the settings a rerun hint asks for, completed so that they pass the stage's own checks
+    hint: Callable[[dict], dict] = field(default=as_recorded, compare=False)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def made(cfg: Config, stage: Stage, read: dict | None = None) -> dict:
 def differences(stage: Stage, done: dict, asked: dict) -> dict[str, str]:
     """Setting -> "key=recorded (asked: value)", for each this run asks to change."""
     recorded = stage.settings_now(done.get("settings", {}))
-    return {k: f"{k}={recorded[k]} (asked: {v})" for k, v in asked["settings"].items()
+    return {k: f"{k}={recorded[k]} (asked: {v})" for k, v in stage.settings_now(asked["settings"]).items()
             if k in recorded and recorded[k] != v}
 
 
@@ -161,12 +163,11 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
 
 def own_settings(cfg: Config, stage: Stage, done: dict, asked: dict, more: list[str]) -> dict:
     """The recorded values a rerun must ask for to be this stage's settings: those that
-    differ, and those this run does not ask about (a bare `sample` source records
-    data.sample_size, which `sample:40` does not read)."""
+    differ, and those this run does not ask about."""
     recorded = stage.settings_now(done.get("settings", {}))
     keys = [k for k in differences(stage, done, asked) if k not in more]
-    keys += [k for k in recorded if k not in asked["settings"] and known(cfg, k)]
-    return {k: recorded[k] for k in keys}
+    keys += [k for k in recorded if k not in stage.settings_now(asked["settings"]) and known(cfg, k)]
+    return stage.hint({k: recorded[k] for k in keys})
 
 
 def known(cfg: Config, key: str) -> bool:

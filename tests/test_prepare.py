@@ -395,6 +395,10 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     for spelled in ("sample:040", "sample:40"):
         assert cli.main(prepare_again + ["--source", spelled]) == 0
         assert "already complete" in capsys.readouterr().out
+    for bare in (["--source", "sample", "--set", "data.sample_size=40"],
+                 ["--set", "data.source=sample:", "--set", "data.sample_size=40"]):
+        assert cli.main(prepare_again + bare) == 0  # its count from the setting: the same faces
+        assert "already complete" in capsys.readouterr().out
     for empty in (["--source", " "], ["--set", "data.source="]):  # not "made with data.source=sample:40"
         assert cli.main(prepare_again + empty) == 2
         assert error_lines(capsys) == ["deepfake-ray prepare: error: no source given: pass --source (or "
@@ -830,7 +834,9 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     assert cli.main(prepare_kaggle + ["--set", "data.kaggle_dataset=owner/faces"]) == 0
     assert cli.main(prepare_kaggle + ["--set", "data.kaggle_dataset=owner/others"]) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and "data.kaggle_dataset=owner/faces (asked: owner/others)" in err[0]
+    assert len(err) == 1 and "data.source=kaggle:owner/faces (asked: kaggle:owner/others)" in err[0]
+    assert cli.main(prepare_kaggle[:-3] + ["kaggle:owner/faces"]) == 0  # the same dataset, named
+    assert "already complete" in capsys.readouterr().out
     named = prepare_kaggle[:-3] + ["kaggle:owner/faces", "--set", "data.kaggle_dataset=owner/others"]
     assert cli.main(named) == 2
     err = error_lines(capsys)
@@ -840,9 +846,12 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     bare = prepare_kaggle[:-3] + ["kaggle:", "--set", "data.kaggle_dataset=owner/others"]
     assert cli.main(bare) == 2  # `kaggle:` with no name is a bare `kaggle`
     err = error_lines(capsys)
-    assert err[0].endswith("was made with data.kaggle_dataset=owner/faces (asked: owner/others): use "
+    assert err[0].endswith("was made with data.source=kaggle:owner/faces (asked: kaggle:owner/others): use "
                            "another --workdir to keep both, `deepfake-ray prepare --force` to redo it alone there, or its "
-                           "own settings (--set data.kaggle_dataset=owner/faces)")
+                           "own settings (--set data.source=kaggle:owner/faces --set data.kaggle_dataset=owner/faces)")
+    own = err[0].rsplit("its own settings (", 1)[1].rstrip(")")
+    assert cli.main(bare + shlex.split(own)) == 0  # as the line says, after the run's own --set
+    assert "already complete" in capsys.readouterr().out
 
 
 def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kaggle, monkeypatch,

@@ -532,14 +532,33 @@ def settings(cfg: Config) -> dict:
 
 
 def settings_now(recorded: dict) -> dict:
-    """A source as this version records it (`sample:040` was recorded as typed)."""
-    if isinstance(source := recorded.get("data.source"), str):
-        return {**recorded, "data.source": sources.canonical(source)}
-    return recorded
+    """Settings as they name the data, to be compared: a bare `sample` or `kaggle` (recorded
+    beside its own setting) as the named source it stands for (`sample` with
+    data.sample_size=40 is `sample:40`, the same faces), and a source as this version
+    spells it (earlier ones recorded `sample:040` as typed)."""
+    if not isinstance(source := recorded.get("data.source"), str):
+        return recorded
+    settings = dict(recorded)
+    source = sources.canonical(source)
+    own = {kind: settings.pop(f"data.{key}", None) for kind, (key, _) in OWN_SETTING.items()}
+    if (kind := sources.kind(source)) in OWN_SETTING and ":" not in source and own[kind] is not None:
+        source = sources.canonical(f"{kind}:{own[kind]}")
+    return {**settings, "data.source": source}
+
+
+def hint(settings: dict) -> dict:
+    """A named source with its own setting beside it: a rerun hint's `--set data.source=sample:40`
+    appended to a command that sets data.sample_size=41 would be refused (check_settings)."""
+    source = settings.get("data.source")
+    if isinstance(source, str) and (kind := sources.kind(source)) in OWN_SETTING and ":" in source:
+        key = OWN_SETTING[kind][0]
+        name = source.partition(":")[2]
+        return {**settings, f"data.{key}": int(name) if kind == "sample" else name}
+    return settings
 
 
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
-                      source_changed=source_changed, settings_now=settings_now,
+                      source_changed=source_changed, settings_now=settings_now, hint=hint,
                       added=(("near_copies", "before near copies were grouped: one photo stored twice "
                               "(recompressed, resized) may be in two splits; --force prepares it again "
                               "with each picture's copies in one split"),
