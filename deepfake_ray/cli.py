@@ -433,9 +433,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = parser()
     p.options_first = bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
     args, unknown = p.parse_known_args(argv)
-    if unknown:  # `deepfake-ray --force prepare`: its --help lists --force, so say where it goes
-        where = "; options go after the command" if p.options_first else ""
-        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{where}")
+    if unknown:
+        command = p.commands[args.command]
+        # `deepfake-ray --force prepare`: its --help lists --force, so say where it goes
+        flags = {flag for action in command._actions for flag in action.option_strings}
+        misplaced = p.options_first and all(u.partition("=")[0] in flags for u in unknown if u.startswith("-"))
+        where = "; options go after the command" if misplaced else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{where}")
     return args
 
 

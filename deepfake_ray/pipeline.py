@@ -111,13 +111,23 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                   f"(finished stages are skipped){alone}")
             raise
         entry["seconds"] = round(time.time() - started, 1)
-        made = done or storage.completed(lineage.uri(cfg, step.stage)) or {}
-        if made.get("completed"):  # which output the times are of: a later run may remake it
-            entry["completed"] = made["completed"]
+        if completed := completion_time(cfg, step.stage, done):  # which output the times are of
+            entry["completed"] = completed
         record["stages"].append(entry)
         storage.write_json(timings_uri, record)
     closing_lines(cfg)
     return record
+
+
+def completion_time(cfg: Config, stage: lineage.Stage, done: dict | None) -> str | None:
+    """When the output this run made or reused was completed; None where unknown: a later
+    run may remake it, and its times are then of another output. Only the timings need it,
+    so a marker that cannot be read costs them alone."""
+    try:
+        made = done or storage.completed(lineage.uri(cfg, stage)) or {}
+    except Exception:  # noqa: BLE001 - the stage itself is done; the next step meets any real problem
+        return None
+    return made.get("completed") if isinstance(made.get("completed"), str) else None
 
 
 def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:
@@ -127,13 +137,15 @@ def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:
         earlier = storage.read_json(timings_uri)
     except (OSError, ValueError):  # none yet, or damaged: only the report's times are lost
         return {}
+    entries = earlier.get("stages") if isinstance(earlier, dict) else None
     made = {}
-    for entry in earlier.get("stages", []) if isinstance(earlier, dict) else []:
-        if not isinstance(entry, dict) or not entry.get("completed"):
-            continue
+    for entry in entries if isinstance(entries, list) else []:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("completed"), str)):
+            continue  # hand-edited, or from before the times were kept
         seconds = entry.get("seconds") if entry.get("status") == "done" else entry.get("made_in")
-        if isinstance(seconds, (int, float)):
-            made[(entry.get("name"), entry["completed"])] = seconds
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            made[(entry["name"], entry["completed"])] = seconds
     return made
 
 

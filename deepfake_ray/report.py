@@ -138,14 +138,22 @@ def timings(w: str) -> list:
     if not stages:
         return []
     # pipeline.json is the last run's: a stage an earlier run made is skipped in it, with
-    # the seconds that run spent making it where it knows them
-    made = [s.get("seconds") if s.get("status") != "skipped" else s.get("made_in") for s in stages]
+    # the seconds of the run that completed it where it knows them (a resumed training's
+    # are that run's only); a failed stage's output is not made
+    stages = [s for s in stages if isinstance(s, dict)]
+    made = [number(s.get("seconds") if s.get("status") == "done" else s.get("made_in")
+                   if s.get("status") == "skipped" else None) for s in stages]
     rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
             for s, m in zip(stages, made)]
-    total = sum(float(s.get("seconds") or 0) for s in stages)
-    to_make = fmt(sum(float(m) for m in made)) if None not in made else "?"
-    return [Table(["stage", "status", "seconds (last run)", "seconds to make"],
+    total = sum(number(s.get("seconds")) or 0 for s in stages)
+    to_make = fmt(sum(made)) if None not in made else "?"
+    return [Table(["stage", "status", "seconds (last run)", "seconds of the run that completed it"],
                   rows + [["total", "", fmt(total), to_make]])]
+
+
+def number(value) -> float | None:
+    """A recorded figure, or None for anything else (a hand-edited pipeline.json)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def data(w: str) -> list:

@@ -95,7 +95,7 @@ def s3_endpoint() -> str | None:
 def without_password(endpoint: str) -> str:
     """The endpoint as errors show it: a user and password in it (http://USER:PASS@host,
     which some proxies take) are a credential, never printed."""
-    return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/]*@", r"\1***@", endpoint)
+    return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:/+)?)[^/]*@", r"\1***@", endpoint)  # http:/ too
 
 
 @lru_cache(maxsize=8)

@@ -354,7 +354,9 @@ def test_help_names_the_sources_and_presets(capsys):
     (["--workdir", "w", "prepare"], "; options go after the command, e.g. deepfake-ray prepare --workdir W "
                                     "(see deepfake-ray --help)"),
     (["--force", "prepare"], "deepfake-ray prepare: error: unrecognized arguments: --force; options go after "
-                             "the command (see deepfake-ray prepare --help)")])
+                             "the command (see deepfake-ray prepare --help)"),
+    (["--bogus", "prepare"], "deepfake-ray prepare: error: unrecognized arguments: --bogus (see deepfake-ray "
+                             "prepare --help)")])  # not its own option: moving it would not help
 def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, capsys):
     with pytest.raises(SystemExit) as ended:
         cli.main(argv)

@@ -242,3 +242,18 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
         assert test and named == test
     html = storage.read_text(f"{workdir}/report.html")
     assert html.count("data:image/png;base64,") >= 4
+
+
+@pytest.mark.parametrize("text", ['{"stages": null}', '{"stages": 5}', '[1, 2]', '{"stages": [{"name": ["x"], '
+                                  '"completed": {}, "status": "done", "seconds": 1}, "a stage", {"name": "prepare", '
+                                  '"status": "done", "seconds": true, "completed": "t"}]}', '{"stages": [', ''])
+def test_a_damaged_pipeline_json_costs_only_the_earlier_times(tmp_path, text):
+    """A rerun reads the last run's times to keep them for stages it skips: a file edited
+    by hand, or cut short, must not stop the pipeline before its first stage."""
+    from deepfake_ray import pipeline
+
+    (tmp_path / "pipeline.json").write_text(text)
+    assert pipeline.times_to_make(str(tmp_path / "pipeline.json")) == {}
+    (tmp_path / "pipeline.json").write_text('{"stages": [{"name": "prepare", "status": "done", "seconds": 4.5, '
+                                            '"completed": "2026-12-05T10:00:00"}]}')
+    assert pipeline.times_to_make(str(tmp_path / "pipeline.json")) == {("prepare", "2026-12-05T10:00:00"): 4.5}

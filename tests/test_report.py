@@ -270,12 +270,14 @@ def test_a_stage_no_run_on_record_made_shows_its_time_to_make_as_unknown(tmp_pat
     """Skipped by the last run, made by a command of its own (or before the times were kept)."""
     w = str(tmp_path / "work")
     write_workdir(w)
-    storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
-        {"name": "prepare", "status": "done", "seconds": 3.2},
-        {"name": "train-gan", "status": "skipped", "seconds": 0.1}]})
-    report.run(config.build("tiny", workdir=w))
-    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
-    assert "| train-gan | skipped | 0.1 | ? |" in md and "| total |  | 3.3 | ? |" in md, md
+    for failed in ({"name": "train-gan", "status": "skipped", "seconds": 0.1},
+                   {"name": "train-gan", "status": "failed", "seconds": 0.1},  # made nothing
+                   {"name": "train-gan", "status": "skipped", "seconds": 0.1, "made_in": "n/a"}):  # edited
+        storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
+            {"name": "prepare", "status": "done", "seconds": 3.2}, failed, "not a stage"]})
+        report.run(config.build("tiny", workdir=w))
+        md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+        assert f"| train-gan | {failed['status']} | 0.1 | ? |" in md and "| total |  | 3.3 | ? |" in md, md
 
 
 def test_missing_sections_name_the_command(tmp_path):

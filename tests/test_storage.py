@@ -660,18 +660,20 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
     address = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")  # moto speaks plain HTTP
     prepare = ["prepare", "--preset", "tiny", "--source", faces, "--workdir", str(tmp_path / "w")]
     try:
-        for endpoint in (f"https://{address}", address, f"bob:Pr0xy-Secret@{address}", f"http:/{address}"):
+        for endpoint in (f"https://{address}", address, f"bob:Pr0xy-Secret@{address}", f"http:/{address}",
+                         f"http:/bob:Pr0xy-Secret@{address}"):
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
             storage.s3_filesystem.cache_clear()
             assert cli.main(prepare) == 2
             err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) == 1 and "CA_BUNDLE" not in err[0], err
+            assert len(err) == 1 and "CA_BUNDLE" not in err[0] and "Pr0xy-Secret" not in err[0], err
             if endpoint.startswith("https://"):
                 assert err[0] == (f"deepfake-ray prepare: error: {faces}: the S3 endpoint {endpoint} answered "
                                   "in plain HTTP, not TLS: write its address with http://, not https:// "
                                   "(AWS_ENDPOINT_URL)")
             else:  # a password in it (some proxies take one) is never printed
                 shown = endpoint.replace("bob:Pr0xy-Secret", "***")
+                shown = shown.replace("http:/bob", "http:/***")  # the user too
                 host = shown.removeprefix("http:/")  # a slash short: the address is what follows
                 assert err[0] == (f"deepfake-ray prepare: error: the S3 endpoint '{shown}' (AWS_ENDPOINT_URL "
                                   f"or ~/.aws/config) has no scheme: write http://{host}, or "
