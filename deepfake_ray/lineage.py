@@ -86,8 +86,8 @@ class Stage:
     # how what the stage reads from outside the work directory (a source folder) differs
     # from what its complete summary recorded, if it does: then it is made again
     source_changed: Callable[[Config, dict], str | None] = field(default=source_unchanged, compare=False)
-    # recorded settings as this version records them: a value it now spells otherwise
-    # (`sample:040` as `sample:40`) must not refuse the work directory it made
+    # settings, recorded or asked, as they are compared: two spellings of one value
+    # (`sample:040`, `sample:40`, a bare `sample` of 40) must not refuse a work directory
     settings_now: Callable[[dict], dict] = field(default=as_recorded, compare=False)
     # the settings a rerun hint asks for, completed so that they pass the stage's own checks
     hint: Callable[[dict], dict] = field(default=as_recorded, compare=False)

@@ -550,11 +550,12 @@ def hint(settings: dict) -> dict:
     """A named source with its own setting beside it: a rerun hint's `--set data.source=sample:40`
     appended to a command that sets data.sample_size=41 would be refused (check_settings)."""
     source = settings.get("data.source")
-    if isinstance(source, str) and (kind := sources.kind(source)) in OWN_SETTING and ":" in source:
-        key = OWN_SETTING[kind][0]
-        name = source.partition(":")[2]
-        return {**settings, f"data.{key}": int(name) if kind == "sample" else name}
-    return settings
+    if not (isinstance(source, str) and (kind := sources.kind(source)) in OWN_SETTING and ":" in source):
+        return settings
+    name = source.partition(":")[2]
+    if kind == "sample" and not name.isdigit():  # not a count this version would record
+        return settings
+    return {**settings, f"data.{OWN_SETTING[kind][0]}": int(name) if kind == "sample" else name}
 
 
 STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: count_images(d["images"]),
