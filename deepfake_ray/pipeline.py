@@ -95,8 +95,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         if skipped and (seconds := made_in.get((command, done.get("completed")))) is not None:
             entry["made_in"] = seconds  # what an earlier run spent making what this one reuses
         try:
-            if not skipped:
-                step.run(cfg, force=force)
+            made = done if skipped else step.run(cfg, force=force)  # a stage's run returns its marker's summary
         except BaseException:
             entry.update(status="failed", seconds=round(time.time() - started, 1))
             record["stages"].append(entry)
@@ -111,23 +110,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                   f"(finished stages are skipped){alone}")
             raise
         entry["seconds"] = round(time.time() - started, 1)
-        if completed := completion_time(cfg, step.stage, done):  # which output the times are of
-            entry["completed"] = completed
+        if isinstance(made, dict) and isinstance(made.get("completed"), str):  # which output the times are of
+            entry["completed"] = made["completed"]
         record["stages"].append(entry)
         storage.write_json(timings_uri, record)
     closing_lines(cfg)
     return record
-
-
-def completion_time(cfg: Config, stage: lineage.Stage, done: dict | None) -> str | None:
-    """When the output this run made or reused was completed; None where unknown: a later
-    run may remake it, and its times are then of another output. Only the timings need it,
-    so a marker that cannot be read costs them alone."""
-    try:
-        made = done or storage.completed(lineage.uri(cfg, stage)) or {}
-    except Exception:  # noqa: BLE001 - the stage itself is done; the next step meets any real problem
-        return None
-    return made.get("completed") if isinstance(made.get("completed"), str) else None
 
 
 def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:
@@ -143,10 +131,22 @@ def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
                 and isinstance(entry.get("completed"), str)):
             continue  # hand-edited, or from before the times were kept
-        seconds = entry.get("seconds") if entry.get("status") == "done" else entry.get("made_in")
-        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+        if (seconds := seconds_to_make(entry)) is not None:
             made[(entry["name"], entry["completed"])] = seconds
     return made
+
+
+def seconds_to_make(entry: dict) -> float | None:
+    """What making a pipeline.json entry's output took: a done stage's own seconds, a
+    skipped one's as the run that made it recorded them; None for a failed stage (it made
+    nothing) or where unknown."""
+    seconds = {"done": entry.get("seconds"), "skipped": entry.get("made_in")}.get(entry.get("status"))
+    return recorded_seconds(seconds)
+
+
+def recorded_seconds(value) -> float | None:
+    """A recorded number of seconds, or None for anything else (a hand-edited file)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def write_report(cfg: Config, force: bool = False) -> None:

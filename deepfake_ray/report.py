@@ -19,6 +19,7 @@ import deepfake_ray
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError
+from deepfake_ray.pipeline import recorded_seconds, seconds_to_make
 from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
 
 MAX_SAMPLE_GRIDS = 8  # GAN sample grids shown, spread over the epochs (each can be ~1 MB)
@@ -141,19 +142,13 @@ def timings(w: str) -> list:
     # the seconds of the run that completed it where it knows them (a resumed training's
     # are that run's only); a failed stage's output is not made
     stages = [s for s in stages if isinstance(s, dict)]
-    made = [number(s.get("seconds") if s.get("status") == "done" else s.get("made_in")
-                   if s.get("status") == "skipped" else None) for s in stages]
+    made = [seconds_to_make(s) for s in stages]
     rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
             for s, m in zip(stages, made)]
-    total = sum(number(s.get("seconds")) or 0 for s in stages)
+    total = sum(recorded_seconds(s.get("seconds")) or 0 for s in stages)
     to_make = fmt(sum(made)) if None not in made else "?"
     return [Table(["stage", "status", "seconds (last run)", "seconds of the run that completed it"],
                   rows + [["total", "", fmt(total), to_make]])]
-
-
-def number(value) -> float | None:
-    """A recorded figure, or None for anything else (a hand-edited pipeline.json)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def data(w: str) -> list:

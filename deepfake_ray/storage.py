@@ -755,15 +755,27 @@ def check_workdir(uri: str) -> None:
     """UsageError for a local work directory the OS cannot look up (a name too long, a loop
     of links, a folder on the way that may not be searched): its first read failed with a
     traceback. One that does not exist yet is made by the first write."""
-    if is_s3(uri):
-        return
+    if not is_s3(uri) and (refused := os_refusal(normalize(uri), os.stat)):
+        raise UsageError(f"--workdir {uri} cannot be used ({refused.strerror or type(refused).__name__}): "
+                         "pass another folder")
+
+
+def os_refusal(path: str, look) -> OSError | None:
+    """Why the OS refuses `look(path)` (os.stat, or listing: no permission, a loop of links,
+    a name too long), else None; also None where the path does not exist or lies under a
+    file, which the callers' own checks say in their words."""
     try:
-        os.stat(normalize(uri))
-    except (FileNotFoundError, NotADirectoryError):  # made later; under a file: check_folder says so
-        return
+        look(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as e:
-        raise UsageError(f"--workdir {uri} cannot be used ({e.strerror or type(e).__name__}): "
-                         "pass another folder") from None
+        return e
+    return None
+
+
+def list_folder(path: str) -> None:
+    """os_refusal's `look` for a folder that must be listed."""
+    os.scandir(path).close()
 
 
 def delete_file(uri: str) -> bool:

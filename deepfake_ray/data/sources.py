@@ -96,7 +96,9 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
             cache_folder(kaggle_dataset(text, data), data.cache_dir)  # where it will download
         return
     storage.check_s3_path(text, forms=FORMS, source=True)
-    if not storage.is_s3(text) and (refused := unlistable(storage.normalize(text))):
+    # one it may not list would miss every file after Ray's start; a loop of links or a name
+    # too long would read as missing
+    if not storage.is_s3(text) and (refused := storage.os_refusal(storage.normalize(text), storage.list_folder)):
         fix = "give your user read access to it" if isinstance(refused, PermissionError) else "check the path"
         raise UsageError(f"source '{text}' cannot be read ({refused.strerror or type(refused).__name__}): {fix}")
     if not storage.is_dir(text):  # one request where all is well
@@ -109,19 +111,6 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
                                  "(sample and kaggle sources are spelled in lower case)")
             raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
         raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
-
-
-def unlistable(folder: str) -> OSError | None:
-    """Why the OS will not list a local source, if it will not: no permission (every file
-    would be missed, after Ray's start), a loop of links or a name too long (which read as
-    missing). None where it lists, or does not exist, or is a file: said otherwise."""
-    try:
-        with os.scandir(folder):
-            return None
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        return e
 
 
 def resolve_source(text: str, data: DataConfig) -> Source:
