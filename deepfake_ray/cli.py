@@ -13,7 +13,7 @@ import sys
 import time
 
 import deepfake_ray
-from deepfake_ray.errors import Terminated, UsageError, find_usage_error
+from deepfake_ray.errors import Terminated, UsageError, by_sigterm, find_usage_error, sigterm_repeated
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -248,11 +248,12 @@ def stop_on_sigterm(held: contextlib.ExitStack | None = None) -> None:
     import signal
     import threading
 
-    from deepfake_ray.errors import raise_terminated
+    from deepfake_ray.errors import SIGTERMS, raise_terminated
 
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, raise_terminated)
-        if held is not None:
+        if held is not None:  # the command's start
+            SIGTERMS.clear()
             held.callback(signal.signal, signal.SIGTERM, previous)
 
 
@@ -271,6 +272,8 @@ def start_ray(address: str | None) -> None:
     except SystemExit as e:
         if e.code != signal.SIGTERM:
             raise
+        sigterm_repeated()  # this one: ours then lets a second go while Ray shuts down
+        stop_on_sigterm()
         with contextlib.suppress(Exception):
             ray.shutdown()
         raise Terminated from None
@@ -453,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        stopped = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
         if args.force and stage_changes() == changes:  # the complete stages are still the old ones
             said = f"{stopped} before anything was replaced; run the same command again"
         else:
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             said = (f"{stopped}; run {again}: finished stages are skipped and a training resumes "
                     "from its last checkpoint")
         print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
-        code = 143 if isinstance(e, Terminated) else 130
+        code = 143 if by_sigterm(e) else 130
         if argv is None:
             quit_at_once_if_signalled(code)
             quiet_cleanup_errors()

@@ -1,5 +1,7 @@
 """The one exception type that means "the user asked for something we cannot do", and
-how to find one (or an S3 failure the user can fix) behind the errors Ray wraps it in."""
+how to find one (or an S3 failure the user can fix) behind the errors Ray wraps it in;
+and how a SIGTERM stops a command."""
+import time
 
 
 class UsageError(Exception):
@@ -13,8 +15,30 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`ray job stop`, `timeout`, a container's stop), stopping a command as Ctrl-C does."""
 
 
+SIGTERMS: list[float] = []  # when each SIGTERM of the running command arrived
+
+
 def raise_terminated(*_) -> None:
-    raise Terminated
+    """SIGTERM's handler. One within a second of the one before is the same stop: `timeout`
+    signals the command, then its whole process group, and that second signal cut the
+    first one's cleanup short (during Ray's start: exit 15 and no line)."""
+    if not sigterm_repeated():
+        raise Terminated
+
+
+def sigterm_repeated() -> bool:
+    """Records a SIGTERM; whether it came within a second of the one before."""
+    now = time.monotonic()
+    repeated = bool(SIGTERMS) and now - SIGTERMS[-1] < 1.0
+    SIGTERMS.append(now)
+    return repeated
+
+
+def by_sigterm(stop: KeyboardInterrupt) -> bool:
+    """Whether a stop came from SIGTERM. Ray's wait on a task or a training run answers
+    the Terminated raised inside it with a KeyboardInterrupt of its own (such a stop
+    was told "interrupted", exit 130)."""
+    return isinstance(stop, Terminated) or bool(SIGTERMS)
 
 
 def find_usage_error(e: BaseException) -> UsageError | str | None:

@@ -551,6 +551,31 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
 
 
+def test_sigterm_during_training_is_a_stop_with_exit_143(ray_session, tiny_cfg, capsys, monkeypatch):
+    """`ray job stop`, `timeout` or a container's stop while a training runs: Ray's wait
+    on the run answers the exception our SIGTERM handler raises with a KeyboardInterrupt
+    of its own, so the command said "interrupted" and exited 130, as for a Ctrl-C."""
+    cfg = tiny_cfg(*FAST)
+    build(cfg.workdir, 60, 32)
+    driver, sent = os.getpid(), os.path.join(cfg.workdir, "sent")
+
+    def send_sigterm(_):  # in the training worker: the stop, sent to the driver
+        try:  # once only: a retried worker sending it again would stop later tests
+            os.close(os.open(sent, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os.kill(driver, signal.SIGTERM)
+        time.sleep(30)
+
+    monkeypatch.setattr(train, "worker_loop", send_sigterm)
+    sets = [a for kv in FAST for a in ("--set", kv)]
+    assert cli.main(["train-detector", "--preset", "tiny", "--workdir", cfg.workdir, *sets]) == 143
+    assert error_lines(capsys) == ["deepfake-ray train-detector: stopped (SIGTERM); run the same command "
+                                   "again: finished stages are skipped and a training resumes from its "
+                                   "last checkpoint"]
+    assert storage.completed(train.stage_dir(cfg.workdir)) is None
+
+
 def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
     """Tune's own Ctrl-C handler ended the sweep and returned as if it had finished: its
     half-trained trials were published and the sweep marked complete (exit 0). It is an
