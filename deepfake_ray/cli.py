@@ -461,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
             said = f"{stopped} before anything was replaced; run the same command again"
         else:
             again = "the same command again" if not args.force else "it again without --force (which starts over)"
-            said = (f"{stopped}; run {again}: finished stages are skipped and a training resumes "
-                    "from its last checkpoint")
+            said = f"{stopped}; run {again}"
+            if args.command in WRITERS:  # score, serve and report have no stages to skip
+                said += ": finished stages are skipped and a training resumes from its last checkpoint"
         print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
         code = 143 if by_sigterm(e) else 130
         if argv is None:

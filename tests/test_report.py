@@ -324,6 +324,23 @@ def test_a_report_of_a_folder_that_holds_no_run_exits_2_and_creates_nothing(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_stopped_report_says_to_run_it_again_without_stages_or_trainings(tmp_path, capsys, monkeypatch):
+    """score and report, stopped, were told that "finished stages are skipped and a
+    training resumes from its last checkpoint": they have neither."""
+    from deepfake_ray import cli
+
+    w = str(tmp_path / "w")
+    write_workdir(w, epochs=1)
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "collect", stopped)
+    assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 130
+    assert [line for line in capsys.readouterr().err.splitlines() if line.strip()] == [
+        "deepfake-ray report: interrupted; run the same command again"]
+
+
 def test_report_reads_and_writes_s3(tmp_path, s3_server):
     local = str(tmp_path / "local")
     figures = write_workdir(local, epochs=3)
