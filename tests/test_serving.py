@@ -755,6 +755,42 @@ def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, image
         assert line.startswith(f"deepfake-ray {argv[0]}: error: ") and text in line, line
 
 
+def before_ray(argv: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
+    """cli.main(argv) where Ray's start fails the test: (exit code, its stderr's lines)."""
+    from deepfake_ray import cli
+
+    monkeypatch.setattr(cli, "start_ray", lambda address: pytest.fail(f"Ray started for {argv}"))
+    code = cli.main([*argv, "--preset", "tiny"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, images_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """score and serve check the weights against model.json's hash before Ray starts: a
+    truncated copy ended in a scoring actor's or a replica's traceback, exit 1; a model.json
+    that is not a JSON object, or --model naming the weights file, in a Python error."""
+    damaged = {}
+    for name, weights, meta in (("truncated", 1000, None), ("not-json", None, b'{"arch": "resn'),
+                                ("a-list", None, b"[]")):
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        if weights:
+            (folder / checkpoint.WEIGHTS).write_bytes((folder / checkpoint.WEIGHTS).read_bytes()[:weights])
+        if meta:
+            (folder / checkpoint.META).write_bytes(meta)
+        damaged[str(folder)] = (f"model weights at {folder} do not match model.json" if weights else
+                                f"{folder / checkpoint.META} is damaged (not a JSON object")
+    weights_file = os.path.join(model_dir, checkpoint.WEIGHTS)
+    damaged[weights_file] = f"--model {weights_file} is a file, not a model folder: pass the folder holding it, {model_dir}"
+    out = tmp_path / "scores.csv"
+    for model, message in damaged.items():
+        for argv in (["score", "--model", model, "--input", images_dir, "--out", str(out)],
+                     ["serve", "--model", model, "--port", str(free_port())]):
+            code, err = before_ray(argv, monkeypatch, capsys)
+            assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not out.exists()
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
     deadline = time.time() + seconds
     while time.time() < deadline:

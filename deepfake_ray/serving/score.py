@@ -246,7 +246,7 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
     """What needs no Ray, so that a mistake fails in a second: the flags, the model, the
     input and where the table goes. A summary when there is nothing to do (it exists)."""
     model, src, out = check_args(model, input, out)
-    checkpoint.load_detector_meta(model)
+    checkpoint.check_detector(model)  # its weights too: not a scoring actor's traceback
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
