@@ -662,6 +662,33 @@ def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, 
     assert "1 scored, 3 unreadable" in capsys.readouterr().out and out.exists()
 
 
+def test_a_folder_of_web_pages_text_and_empty_files_exits_2_but_damaged_images_get_a_table(
+        ray_session, model_dir, tmp_path, capsys):
+    """Not one image (a failed download's HTML page, an empty file, text, each named .jpg)
+    is a setup to fix: exit 2, no table, as a folder of Parquet parts is. Damaged images
+    (truncated) are images: a table of their errors, exit 0."""
+    from deepfake_ray import cli
+
+    folder, out = tmp_path / "downloads", tmp_path / "scores.csv"
+    folder.mkdir()
+    for name, data in {"empty.jpg": b"", "notes.jpg": b"not a face\n",
+                       "page.jpg": b"<!DOCTYPE html><html><body>403 Forbidden</body></html>"}.items():
+        (folder / name).write_bytes(data)
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(folder), "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deepfake-ray score: error: none of the 3 files from --input {folder} is an image: "
+                   "the first: empty file"], err
+    assert not out.exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "cut.jpg").write_bytes(JPEG[: len(JPEG) // 2])
+    argv[argv.index(str(folder))] = str(damaged)
+    assert cli.main(argv) == 0
+    assert "0 scored, 1 unreadable" in capsys.readouterr().out
+    assert "truncated" in out.read_text()
+
+
 def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypatch):
     """Not one "unreadable" row per file, as if the files were damaged: the store's failure
     (network, credentials) is raised from the scoring task, and explained as one line."""

@@ -208,7 +208,10 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
             "out": out, "model": checkpoint.model_id(meta)}
 
 
-UNREAD, MISSING, NOT_IMAGE = "unreadable: ", "unreadable: FileNotFoundError", "not an image: "
+UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
+# no image's bytes at all (text, a web page saved as .jpg, an empty file); a truncated or
+# corrupt file, or one of a pixel layout not decoded, is an image: its row says what is wrong
+NOT_IMAGE = ("not an image: ", "html page", "empty file")
 
 
 def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
