@@ -818,6 +818,22 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
     assert not out.exists()
 
 
+def test_score_refuses_an_out_that_is_a_folder_before_ray_starts(model_dir, images_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A folder named like a table (Spark's, Ray Data's parts) is no table to keep: it was
+    "already exists" (exit 0), and with --force every file was scored before
+    IsADirectoryError (exit 1)."""
+    folder = tmp_path / "scores.parquet"
+    folder.mkdir()
+    (folder / "part-0.parquet").write_bytes(b"PAR1")
+    for force in ([], ["--force"]):
+        code, err = before_ray(["score", "--model", model_dir, "--input", images_dir, "--out", str(folder),
+                                *force], monkeypatch, capsys)
+        assert code == 2 and err == [f"deepfake-ray score: error: --out {folder} is a folder, and score "
+                                     "writes one table file there: pass another name, or remove the folder"], err
+    assert os.listdir(folder) == ["part-0.parquet"]
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
     deadline = time.time() + seconds
     while time.time() < deadline:

@@ -250,12 +250,22 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
     input and where the table goes. A summary when there is nothing to do (it exists)."""
     model, src, out = check_args(model, input, out)
     checkpoint.check_detector(model)  # its weights too: not a scoring actor's traceback
+    check_out(out)
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
     check_input(src)
     check_writable(out)
     return None
+
+
+def check_out(out: str) -> None:
+    """--out names the one file score writes. A folder there (a table Spark or Ray Data
+    wrote as parts) read as a table "already exists", and with --force failed with
+    IsADirectoryError once every file was scored."""
+    if storage.is_dir(out):
+        raise UsageError(f"--out {out} is a folder, and score writes one table file there: "
+                         "pass another name, or remove the folder")
 
 
 def check_writable(out: str) -> None:
