@@ -728,7 +728,7 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
         with pytest.raises(UsageError, match=message):
             score.run(cfg, **kwargs)
     (tmp_path / "a-file").write_bytes(b"")  # found before any file is scored, not after them all
-    with pytest.raises(UsageError, match=r"cannot write --out .*a-file/s.parquet \(.*\): pass a location you can write to"):
+    with pytest.raises(UsageError, match=r"cannot write --out .*a-file/s.parquet: .*a-file is a file, not a folder"):
         score.run(cfg, model=model_dir, input=images_dir, out=str(tmp_path / "a-file" / "s.parquet"))
     named_like_a_table = tmp_path / "faces.parquet"  # a folder of images, not of parts
     shutil.copytree(images_dir, named_like_a_table)
@@ -832,6 +832,29 @@ def test_score_refuses_an_out_that_is_a_folder_before_ray_starts(model_dir, imag
         assert code == 2 and err == [f"deepfake-ray score: error: --out {folder} is a folder, and score "
                                      "writes one table file there: pass another name, or remove the folder"], err
     assert os.listdir(folder) == ["part-0.parquet"]
+
+
+def test_score_tells_the_inputs_mistakes_first_and_before_ray_starts(model_dir, tmp_path, monkeypatch, capsys):
+    """A missing --input beside an existing --out was "already exists" (exit 0); an empty
+    folder, or one of hidden files only, was told once Ray had started (~10 s); an --out
+    under a file was "(File exists)"."""
+    empty, hidden, photo, kept = (tmp_path / "empty", tmp_path / "hidden", tmp_path / "face.jpg",
+                                  tmp_path / "scores.csv")
+    empty.mkdir()
+    (hidden / ".git").mkdir(parents=True)
+    for name in (".DS_Store", "._face.jpg", ".git/HEAD"):
+        (hidden / name).write_bytes(JPEG)
+    photo.write_bytes(JPEG)
+    kept.write_text("the last run's table")
+    cases = {(str(tmp_path / "nope"), str(kept)): f"--input {tmp_path / 'nope'} is not a folder, s3:// prefix",
+             (str(empty), str(kept)): f"--input {empty} holds no files to score",
+             (str(hidden), str(tmp_path / "new.csv")): f"--input {hidden} holds no files to score",
+             (str(photo.parent), str(photo / "o.parquet")):
+                 f"cannot write --out {photo / 'o.parquet'}: {photo} is a file, not a folder: pass a path in a folder"}
+    for (src, out), message in cases.items():
+        code, err = before_ray(["score", "--model", model_dir, "--input", src, "--out", out], monkeypatch, capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (src, out, err)
+    assert kept.read_text() == "the last run's table"
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:
