@@ -48,11 +48,29 @@ def write_model(uri: str, weights: bytes, meta: dict) -> None:
 
 
 def load_meta(uri: str) -> dict:
+    path = storage.join(uri, META)
     try:
-        return storage.read_json(storage.join(uri, META))
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         raise UsageError(f"no model at {uri} ({META} missing): pass the folder that "
-                         "train-detector or tune exported, e.g. WORKDIR/detector/model")
+                         "train-detector or tune exported, e.g. WORKDIR/detector/model") from None
+    except NotADirectoryError:  # --model .../model/weights.safetensors
+        raise UsageError(f"--model {uri} is a file, not a model folder: pass the folder holding "
+                         f"it, {storage.parent(uri)}") from None
+    return parse_meta(path, data)
+
+
+def parse_meta(path: str, data: bytes) -> dict:
+    """model.json's description; a damaged one (a partial copy, another file of that name)
+    is the user's to mend, not a JSONDecodeError or AttributeError in whichever code reads it."""
+    try:
+        meta = json.loads(data)
+    except ValueError:  # not JSON, or not UTF-8
+        meta = None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object: a partial copy?): "
+                         "export or copy the model folder again")
+    return meta
 
 
 def load_detector_meta(uri: str) -> dict:
@@ -63,6 +81,39 @@ def load_detector_meta(uri: str) -> dict:
         raise UsageError(f"{uri} holds a {meta.get('arch', 'model')} model, not a detector: pass the "
                          "folder train-detector or tune exported, e.g. WORKDIR/detector/model")
     return meta
+
+
+def check_detector(uri: str) -> dict:
+    """load_detector_meta, with the weights checked against their hash: what `score` and
+    `serve` check before Ray starts. Damaged weights (a truncated copy) were found only
+    inside a scoring actor or a replica, as a traceback of Ray's."""
+    meta = load_detector_meta(uri)
+    check_weights(uri, meta)
+    return meta
+
+
+VERIFIED: set[tuple[str, str]] = set()  # (model, weights_sha256) whose weights matched in this process
+
+
+def check_weights(uri: str, meta: dict) -> None:
+    """The weights' hash, read as a stream. Once a process: a command's checks run before
+    Ray starts and again in its run (220 MB: ~0.3-0.6 s each). Weights damaged after
+    that are still refused where they are loaded (read_model)."""
+    expected = meta.get("weights_sha256")
+    if (uri, expected) in VERIFIED:
+        return
+    try:
+        found = storage.file_digest(storage.join(uri, WEIGHTS), "sha256")
+    except (FileNotFoundError, IsADirectoryError):
+        found = None
+    if found != expected:
+        raise weights_mismatch(uri)
+    VERIFIED.add((uri, expected))
+
+
+def weights_mismatch(uri: str) -> UsageError:
+    return UsageError(f"model weights at {uri} do not match {META} (missing, or a partial copy?): "
+                      "export or copy the model folder again")
 
 
 def load_model(uri: str) -> tuple[dict, dict]:
@@ -78,8 +129,7 @@ def read_model(uri: str) -> tuple[bytes, dict]:
     meta = load_meta(uri)
     blob = storage.read_bytes(storage.join(uri, WEIGHTS))
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
-        raise UsageError(f"model weights at {uri} do not match {META} (partial copy?): "
-                         "export or copy the model folder again")
+        raise weights_mismatch(uri)
     return blob, meta
 
 

@@ -662,6 +662,33 @@ def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, 
     assert "1 scored, 3 unreadable" in capsys.readouterr().out and out.exists()
 
 
+def test_a_folder_of_web_pages_text_and_empty_files_exits_2_but_damaged_images_get_a_table(
+        ray_session, model_dir, tmp_path, capsys):
+    """Not one image (a failed download's HTML page, an empty file, text, each named .jpg)
+    is a setup to fix: exit 2, no table, as a folder of Parquet parts is. Damaged images
+    (truncated) are images: a table of their errors, exit 0."""
+    from deepfake_ray import cli
+
+    folder, out = tmp_path / "downloads", tmp_path / "scores.csv"
+    folder.mkdir()
+    for name, data in {"empty.jpg": b"", "notes.jpg": b"not a face\n",
+                       "page.jpg": b"<!DOCTYPE html><html><body>403 Forbidden</body></html>"}.items():
+        (folder / name).write_bytes(data)
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(folder), "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deepfake-ray score: error: none of the 3 files from --input {folder} is an image: "
+                   "the first: empty file"], err
+    assert not out.exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "cut.jpg").write_bytes(JPEG[: len(JPEG) // 2])
+    argv[argv.index(str(folder))] = str(damaged)
+    assert cli.main(argv) == 0
+    assert "0 scored, 1 unreadable" in capsys.readouterr().out
+    assert "truncated" in out.read_text()
+
+
 def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypatch):
     """Not one "unreadable" row per file, as if the files were damaged: the store's failure
     (network, credentials) is raised from the scoring task, and explained as one line."""
@@ -701,7 +728,7 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
         with pytest.raises(UsageError, match=message):
             score.run(cfg, **kwargs)
     (tmp_path / "a-file").write_bytes(b"")  # found before any file is scored, not after them all
-    with pytest.raises(UsageError, match=r"cannot write --out .*a-file/s.parquet \(.*\): pass a location you can write to"):
+    with pytest.raises(UsageError, match=r"cannot write --out .*a-file/s.parquet: .*a-file is a file, not a folder"):
         score.run(cfg, model=model_dir, input=images_dir, out=str(tmp_path / "a-file" / "s.parquet"))
     named_like_a_table = tmp_path / "faces.parquet"  # a folder of images, not of parts
     shutil.copytree(images_dir, named_like_a_table)
@@ -753,6 +780,81 @@ def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, image
     assert len(errors) == len(cases), errors
     for line, (argv, text) in zip(errors, cases):
         assert line.startswith(f"deepfake-ray {argv[0]}: error: ") and text in line, line
+
+
+def before_ray(argv: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
+    """cli.main(argv) where Ray's start fails the test: (exit code, its stderr's lines)."""
+    from deepfake_ray import cli
+
+    monkeypatch.setattr(cli, "start_ray", lambda address: pytest.fail(f"Ray started for {argv}"))
+    code = cli.main([*argv, "--preset", "tiny"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, images_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """score and serve check the weights against model.json's hash before Ray starts: a
+    truncated copy ended in a scoring actor's or a replica's traceback, exit 1; a model.json
+    that is not a JSON object, or --model naming the weights file, in a Python error."""
+    damaged = {}
+    for name, weights, meta in (("truncated", 1000, None), ("not-json", None, b'{"arch": "resn'),
+                                ("a-list", None, b"[]")):
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        if weights:
+            (folder / checkpoint.WEIGHTS).write_bytes((folder / checkpoint.WEIGHTS).read_bytes()[:weights])
+        if meta:
+            (folder / checkpoint.META).write_bytes(meta)
+        damaged[str(folder)] = (f"model weights at {folder} do not match model.json" if weights else
+                                f"{folder / checkpoint.META} is damaged (not a JSON object")
+    weights_file = os.path.join(model_dir, checkpoint.WEIGHTS)
+    damaged[weights_file] = f"--model {weights_file} is a file, not a model folder: pass the folder holding it, {model_dir}"
+    out = tmp_path / "scores.csv"
+    for model, message in damaged.items():
+        for argv in (["score", "--model", model, "--input", images_dir, "--out", str(out)],
+                     ["serve", "--model", model, "--port", str(free_port())]):
+            code, err = before_ray(argv, monkeypatch, capsys)
+            assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not out.exists()
+
+
+def test_score_refuses_an_out_that_is_a_folder_before_ray_starts(model_dir, images_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A folder named like a table (Spark's, Ray Data's parts) is no table to keep: it was
+    "already exists" (exit 0), and with --force every file was scored before
+    IsADirectoryError (exit 1)."""
+    folder = tmp_path / "scores.parquet"
+    folder.mkdir()
+    (folder / "part-0.parquet").write_bytes(b"PAR1")
+    for force in ([], ["--force"]):
+        code, err = before_ray(["score", "--model", model_dir, "--input", images_dir, "--out", str(folder),
+                                *force], monkeypatch, capsys)
+        assert code == 2 and err == [f"deepfake-ray score: error: --out {folder} is a folder, and score "
+                                     "writes one table file there: pass another name, or remove the folder"], err
+    assert os.listdir(folder) == ["part-0.parquet"]
+
+
+def test_score_tells_the_inputs_mistakes_first_and_before_ray_starts(model_dir, tmp_path, monkeypatch, capsys):
+    """A missing --input beside an existing --out was "already exists" (exit 0); an empty
+    folder, or one of hidden files only, was told once Ray had started (~10 s); an --out
+    under a file was "(File exists)"."""
+    empty, hidden, photo, kept = (tmp_path / "empty", tmp_path / "hidden", tmp_path / "face.jpg",
+                                  tmp_path / "scores.csv")
+    empty.mkdir()
+    (hidden / ".git").mkdir(parents=True)
+    for name in (".DS_Store", "._face.jpg", ".git/HEAD"):
+        (hidden / name).write_bytes(JPEG)
+    photo.write_bytes(JPEG)
+    kept.write_text("the last run's table")
+    cases = {(str(tmp_path / "nope"), str(kept)): f"--input {tmp_path / 'nope'} is not a folder, s3:// prefix",
+             (str(empty), str(kept)): f"--input {empty} holds no files to score",
+             (str(hidden), str(tmp_path / "new.csv")): f"--input {hidden} holds no files to score",
+             (str(photo.parent), str(photo / "o.parquet")):
+                 f"cannot write --out {photo / 'o.parquet'}: {photo} is a file, not a folder: pass a path in a folder"}
+    for (src, out), message in cases.items():
+        code, err = before_ray(["score", "--model", model_dir, "--input", src, "--out", out], monkeypatch, capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (src, out, err)
+    assert kept.read_text() == "the last run's table"
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> dict:

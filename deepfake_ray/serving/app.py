@@ -335,7 +335,7 @@ def preflight(cfg: Config, model: str | None = None, **_) -> None:
     """Before Ray starts: a model to serve, and a port to serve it on."""
     if not model:
         raise UsageError("serve needs --model: the exported model folder, e.g. WORKDIR/detector/model")
-    checkpoint.load_detector_meta(storage.normalize(model))
+    checkpoint.check_detector(storage.normalize(model))  # its weights too: not a replica's traceback
     check_port_free(cfg.serve.host, cfg.serve.port)
 
 

@@ -22,7 +22,7 @@ import pyarrow.csv as pa_csv
 
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
-from deepfake_ray.data import decode
+from deepfake_ray.data import decode, sources
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
 from deepfake_ray.serving.predictor import NotScored, Predictor, decode_image, error_text, stored_quality
@@ -77,7 +77,8 @@ def list_inputs(src: str, out: str | None = None) -> list[str]:
         paths = [p or "" for p in table.column("path").to_pylist()]  # an empty one: an error row
     else:
         check_input(src)
-        paths = [p for p in storage.list_visible(src) if p != out]
+        # listed once a command: its checks before Ray starts list a local folder too
+        paths = [p for p in sources.source_listing(src) if p != out]
     if not paths:
         raise UsageError(f"--input {src} holds no files to score: check the path")
     return paths
@@ -208,7 +209,10 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
             "out": out, "model": checkpoint.model_id(meta)}
 
 
-UNREAD, MISSING, NOT_IMAGE = "unreadable: ", "unreadable: FileNotFoundError", "not an image: "
+UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
+# no image's bytes at all (text, a web page saved as .jpg, an empty file); a truncated or
+# corrupt file, or one of a pixel layout not decoded, is an image: its row says what is wrong
+NOT_IMAGE = ("not an image: ", "html page", "empty file")
 
 
 def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
@@ -246,13 +250,38 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
     """What needs no Ray, so that a mistake fails in a second: the flags, the model, the
     input and where the table goes. A summary when there is nothing to do (it exists)."""
     model, src, out = check_args(model, input, out)
-    checkpoint.load_detector_meta(model)
+    checkpoint.check_detector(model)  # its weights too: not a scoring actor's traceback
+    # the input before the table: a missing one is no run that "already" made it
+    if storage.is_s3(src):
+        check_input(src)  # a prefix is listed once Ray is up: 100k keys take 100 requests
+    else:
+        list_inputs(src, out)  # milliseconds: an empty folder is told now, not after Ray's start
+    check_out(out)
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
-    check_input(src)
     check_writable(out)
     return None
+
+
+def check_out(out: str) -> None:
+    """--out names the one file score writes. A folder there (a table Spark or Ray Data
+    wrote as parts) read as a table "already exists", and with --force failed with
+    IsADirectoryError once every file was scored."""
+    if storage.is_dir(out):
+        raise UsageError(f"--out {out} is a folder, and score writes one table file there: "
+                         "pass another name, or remove the folder")
+    if not storage.is_s3(out) and (file := file_above(out)):  # the OS would say "File exists"
+        raise UsageError(f"cannot write --out {out}: {file} is a file, not a folder: "
+                         "pass a path in a folder")
+
+
+def file_above(path: str) -> str | None:
+    """The nearest path above the local `path` that exists, when it is no folder."""
+    above = os.path.dirname(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    return None if os.path.isdir(above) else above
 
 
 def check_writable(out: str) -> None:
