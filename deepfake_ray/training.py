@@ -94,8 +94,9 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
         raise KeyboardInterrupt from None
     except Exception as e:
         if why := unreadable_run_record(e):
-            raise UsageError(f"Ray cannot resume the run in {storage.join(storage_uri, name)} from its "
-                             f"record ({why}): --force starts the stage over") from None
+            run = storage.join(storage_uri, name)
+            raise UsageError(f"Ray cannot resume the run in {run} from its record ({why}): "
+                             f"{record_fix(run)}") from None
         raise
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
@@ -111,6 +112,19 @@ def check_resumable(run: str) -> None:
     if folders and not any(checkpoint.state_intact(storage.join(run, os.path.basename(p)))
                            for _, p in folders):
         raise UsageError(no_intact_checkpoint(len(folders), run))
+
+
+RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def record_fix(run: str) -> str:
+    """What to do about a record Ray cannot read: without it, the workers resume from the
+    run's newest intact checkpoint folder (restore_state), when it has one."""
+    fs, path = storage.resolve(run)
+    if any(checkpoint.state_intact(storage.join(run, os.path.basename(p))) for _, p in epoch_folders(fs, path)):
+        return (f"delete {storage.join(run, RECORD)} to resume from the run's newest intact checkpoint, "
+                "or --force to start the stage over")
+    return "--force starts the stage over"
 
 
 def no_intact_checkpoint(count: int, run: str) -> str:
@@ -171,8 +185,11 @@ def run_checkpoints() -> list[Checkpoint]:
 def restore_state() -> dict | None:
     """The newest intact training state of this run, or None for a fresh start: a run
     with checkpoints, none of them intact, is refused, not started over from its first
-    epoch over what it made."""
-    checkpoints = run_checkpoints()
+    epoch over what it made. Ray's newest first, then the run's folders Ray does not list
+    (each folder's state is checked against its hash, so an upload cut short is never
+    taken)."""
+    listed = run_checkpoints()
+    checkpoints = listed + unlisted_checkpoints(listed)
     for ckpt in checkpoints:
         with ckpt.as_directory() as d:
             state = checkpoint.read_state(d)
@@ -184,6 +201,19 @@ def restore_state() -> dict | None:
         run = os.path.dirname(checkpoints[0].path.rstrip("/"))
         raise UsageError(no_intact_checkpoint(len(checkpoints), run))
     return None
+
+
+def unlisted_checkpoints(listed: list[Checkpoint]) -> list[Checkpoint]:
+    """The run's checkpoint folders Ray does not list, newest first: every one when its
+    record of the run was removed (Ray then started the run over from epoch 1, over
+    what it made), and those newer than its newest (a stop between a folder's upload and
+    its registration; with the listed ones damaged, the workers were retried until the
+    run failed, though intact ones were there)."""
+    store = ray.train.get_context().get_storage()
+    fs, run = store.storage_filesystem, store.experiment_fs_path
+    known = {os.path.basename(c.path.rstrip("/")) for c in listed}
+    return [Checkpoint(path=p, filesystem=fs) for _, p in epoch_folders(fs, run)
+            if os.path.basename(p.rstrip("/")) not in known]
 
 
 def state_at_epoch(epoch: int) -> dict | None:

@@ -273,6 +273,41 @@ def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_se
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list(ray_session, tmp_path):
+    """Ray's record of a run deleted (after its error that it cannot read it): the run
+    started over from epoch 1, over what it made. The folders Ray lists damaged beside a
+    newer intact one (a stop between an upload and its registration): the workers were
+    retried until the run failed. Both resume from the newest intact folder."""
+    import shutil
+
+    from deepfake_ray import config, storage, training
+
+    runs, found = str(tmp_path / "runs"), str(tmp_path / "found.json")
+
+    def three_epochs(_):
+        for epoch in range(3):
+            training.report_epoch(epoch, {"score": epoch}, {"epoch": epoch})
+
+    def restored(_):
+        state = training.restore_state()
+        storage.write_json(found, state and state["epoch"])
+
+    cfg = config.build("tiny", None, [], workdir=str(tmp_path))
+    training.fit(three_epochs, {}, cfg, runs, "unrecorded", keep=3)
+    os.remove(os.path.join(runs, "unrecorded", "checkpoint_manager_snapshot.json"))  # Ray's record
+    training.fit(restored, {}, cfg, runs, "unrecorded")
+    assert storage.read_json(found) == 2
+
+    training.fit(three_epochs, {}, cfg, runs, "damaged", keep=3)
+    run = os.path.join(runs, "damaged")
+    shutil.copytree(os.path.join(run, "epoch_0001"), os.path.join(run, "epoch_0005"))  # never registered
+    for epoch in range(3):
+        with open(os.path.join(run, f"epoch_{epoch:04d}", "state.pt"), "r+b") as f:
+            f.write(b"cut short")
+    training.fit(restored, {}, cfg, runs, "damaged", max_failures=0)
+    assert storage.read_json(found) == 1  # the copy's state: epoch 1's
+
+
 def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray_session, tmp_path):
     """Checkpoints ranked by a reported score, as the detector's val_score: with keep=1 the
     run keeps its best one and its newest, and a resumed run reads the best one's state by
