@@ -96,10 +96,13 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             entry["made_in"] = seconds  # what an earlier run spent making what this one reuses
         try:
             made = done if skipped else step.run(cfg, force=force)  # a stage's run returns its marker's summary
-        except BaseException:
-            entry.update(status="failed", seconds=round(time.time() - started, 1))
+        except BaseException as e:
+            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or SIGTERM: no cause to fix
+            entry.update(status="interrupted" if stopped else "failed", seconds=round(time.time() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)
+            if stopped:  # the command's own line says how to resume
+                raise
             # a --force run that has replaced nothing yet is still needed
             replaced = storage.marker_changes != changes
             again = "it again without --force" if force and replaced else "the same command again"

@@ -257,3 +257,27 @@ def test_a_damaged_pipeline_json_costs_only_the_earlier_times(tmp_path, text):
     (tmp_path / "pipeline.json").write_text('{"stages": [{"name": "prepare", "status": "done", "seconds": 4.5, '
                                             '"completed": "2026-12-05T10:00:00"}]}')
     assert pipeline.times_to_make(str(tmp_path / "pipeline.json")) == {("prepare", "2026-12-05T10:00:00"): 4.5}
+
+
+def test_a_pipeline_stopped_in_a_stage_says_so_once_and_records_it_as_interrupted(tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A Ctrl-C or SIGTERM in a stage was recorded in pipeline.json as a failure, and the
+    pipeline told the user to "fix the cause above" beside the command's line on how to
+    resume: there is no cause to fix."""
+    from deepfake_ray import cli, storage
+    from deepfake_ray.data import prepare
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "run", stopped)
+    monkeypatch.setattr(cli, "start_ray", lambda address: None)  # the stage is stopped before it needs Ray
+    workdir = str(tmp_path / "w")
+    assert cli.main(["pipeline", "--preset", "tiny", "--workdir", workdir]) == 130
+    out, err = capsys.readouterr()
+    assert "Fix the cause above" not in out + err
+    assert [line for line in err.splitlines() if line.startswith("deepfake-ray")] == [
+        "deepfake-ray pipeline: interrupted; run the same command again: finished stages are skipped "
+        "and a training resumes from its last checkpoint"]
+    assert storage.read_json(f"{workdir}/pipeline.json")["stages"] == [
+        {"name": "prepare", "status": "interrupted", "seconds": 0.0}]
