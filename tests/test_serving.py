@@ -27,6 +27,7 @@ from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many
 from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
+BODY_IDLE_S = 1.5  # the service's serve.body_idle_timeout_s: short, so a stalled upload is quick to see
 
 
 # The HTTP, batching and scoring tests serve a small network: a traced Inception-ResNet-v2
@@ -95,7 +96,7 @@ def service(ray_session, model_dir, tmp_path_factory):
     from deepfake_ray.serving import app
 
     port = free_port()
-    cfg = serve_cfg(tmp_path_factory.mktemp("serve"))
+    cfg = serve_cfg(tmp_path_factory.mktemp("serve"), f"serve.body_idle_timeout_s={BODY_IDLE_S}")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app.build(cfg, model_dir), name=app.APP_NAME, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
@@ -338,6 +339,60 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what
     assert detect(service, JPEG).json()["p_fake"] >= 0.0
     assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
+
+
+def raw_post(base: str, path: str, head_extra: str, pieces: list[bytes], pause: float,
+             wait: float) -> tuple[bytes, float]:
+    """POST over a bare socket, its body in `pieces` sent `pause` s apart (a client on a slow
+    or stalled link); (what came back within `wait` s, seconds from the last piece to it)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head_extra}\r\n".encode())
+        for i, piece in enumerate(pieces):
+            time.sleep(pause if i else 0)
+            conn.sendall(piece)
+        sent = time.monotonic()
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                if not (data := conn.recv(65536)):
+                    break
+                answer += data
+        except TimeoutError:
+            pass
+        return answer, time.monotonic() - sent
+
+
+def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
+    """A client that sends its headers and part of the body, then nothing, held a slot of
+    the replica's max_ongoing_requests until it hung up (~130 of them took every slot, and
+    /healthz timed out too). Its request ends with a JSON 408 once no byte has come for
+    serve.body_idle_timeout_s; an upload that is slow but moving is not cut off."""
+    answer, waited = raw_post(service, "/v1/detect", "Content-Length: 100000\r\n",
+                              [b"\xff" * 1000], 0, wait=BODY_IDLE_S + 20)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert BODY_IDLE_S - 0.5 < waited < BODY_IDLE_S + 10, waited
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"application/json" in head.lower() and b"serve.body_idle_timeout_s" in body, answer
+    # slow but moving: three pieces, each within the deadline, together past it
+    third = len(JPEG) // 3
+    pieces = [JPEG[:third], JPEG[third:2 * third], JPEG[2 * third:]]
+    answer, _ = raw_post(service, "/v1/detect", f"Content-Length: {len(JPEG)}\r\n", pieces,
+                         BODY_IDLE_S * 0.6, wait=60)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    # more stalled uploads than the replica has slots (tiny preset: 64), left open: their
+    # slots come free, so /healthz is answered (before: it waited until they hung up)
+    host, port = service.removeprefix("http://").split(":")
+    stalled = [socket.create_connection((host, int(port)), timeout=30) for _ in range(70)]
+    try:
+        for conn in stalled:
+            conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\n"
+                         "Content-Length: 100000\r\n\r\n".encode() + b"\xff" * 1000)
+        time.sleep(0.5)  # all of them in the replica first
+        assert httpx.get(f"{service}/healthz", timeout=BODY_IDLE_S + 20).status_code == 200
+    finally:
+        for conn in stalled:
+            conn.close()
 
 
 def test_batch_route_answers_every_file_in_order(service):

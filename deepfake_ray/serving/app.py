@@ -83,11 +83,12 @@ http.install_error_handlers(api)
 class Detector:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64,
-                 model_id: str | None = None):
+                 model_id: str | None = None, body_idle_timeout_s: float = 30.0):
         self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
                                    device=runtime.assigned_device())
         check_same_model(self.predictor, model_id)
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
+        self.body_idle_timeout_s = body_idle_timeout_s
         # large decodes at once: each can take ~0.6 GB (40 MP as RGBA and RGB), and a batch
         # request can carry dozens
         self.decode_slots = asyncio.Semaphore(max(1, threads))
@@ -177,8 +178,11 @@ class Detector:
             return parse()
         return await self.in_decode_slot(parse)
 
+    async def body(self, request: Request) -> bytes:
+        return await http.read_body(request, self.max_body_bytes, self.body_idle_timeout_s)
+
     async def image_from(self, request: Request) -> bytes:
-        body = await http.read_body(request, self.max_body_bytes)
+        body = await self.body(request)
         if http.is_multipart(request):
             files = await self.files_in(request, body)
             if not files:
@@ -204,7 +208,7 @@ class Detector:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):
             raise http.ApiError(415, "send the images as multipart/form-data files")
-        body = await http.read_body(request, self.max_body_bytes)
+        body = await self.body(request)
         files = await self.files_in(request, body)
         if not files:
             raise http.ApiError(400, "no files in the multipart body")
@@ -286,7 +290,8 @@ def build(cfg: Config, model: str, model_id: str | None = None):
     return Detector.options(**deployment_options(cfg)).bind(
         model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         max_body_bytes=s.max_body_bytes, max_pixels=cfg.data.max_pixels,
-        threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found)
+        threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found,
+        body_idle_timeout_s=s.body_idle_timeout_s)
 
 
 def build_app(args: dict):

@@ -8,6 +8,7 @@ parser, once the size is known to be acceptable. Every error answer is JSON
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterator
@@ -37,8 +38,12 @@ def too_large(size_text: str, limit: int) -> ApiError:
                          "(serve.max_body_bytes): send a smaller image")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `limit` bytes, or 408 when
+    no byte of it arrives for `idle_timeout` seconds. The deadline is on progress, not on
+    the whole upload, so a large image on a slow link still arrives; without it a client
+    that stops mid-body held a replica's slot (of max_ongoing_requests) until it hung up:
+    HAProxy and Serve's proxy both stream the body to the replica as it comes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -48,8 +53,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         if declared_size > limit:
             raise too_large(f"{declared_size:,}", limit)
     chunks, size = [], 0
+    stream = request.stream()  # chunked uploads carry no Content-Length
     try:
-        async for chunk in request.stream():  # chunked uploads carry no Content-Length
+        while (chunk := await next_chunk(stream, idle_timeout)) is not None:
             size += len(chunk)
             if size > limit:
                 raise too_large(f"more than {limit:,}", limit)
@@ -57,6 +63,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:  # the client's doing, not an internal error to log
         raise ApiError(400, "the client disconnected before the whole body arrived") from None
     return b"".join(chunks)
+
+
+async def next_chunk(stream, idle_timeout: float) -> bytes | None:
+    """The body's next chunk (None at its end), or 408 after `idle_timeout` s without one."""
+    try:
+        return await asyncio.wait_for(anext(stream), idle_timeout)
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"no part of the request body arrived for {idle_timeout:g} s "
+                            "(serve.body_idle_timeout_s): send the whole body") from None
 
 
 def is_multipart(request: Request) -> bool:
