@@ -415,6 +415,22 @@ def test_batch_route_answers_every_file_in_order(service):
     assert unnamed.status_code == 200 and abs(unnamed.json()["p_fake"] - good["p_fake"]) < 1e-4
 
 
+def test_detect_refuses_several_files_and_calls_an_empty_file_one(service):
+    """/v1/detect scores one image: a body of several files scored the first and dropped
+    the rest silently; now a 400 names /v1/detect/batch. An empty file part was answered
+    "empty body" although the body was not empty: it is an "empty file", as /batch says."""
+    two = detect(service, multipart(("file", "a.jpg", JPEG), ("file", "b.jpg", JPEG)), headers=FIELD_TYPE)
+    assert two.status_code == 400 and "/v1/detect/batch" in two.json()["error"], two.text
+    assert "2 files" in two.json()["error"]
+    for parts in ([("file", "empty.jpg", b"")], [("file", "empty.jpg", b""), ("file", "a.jpg", JPEG)]):
+        response = detect(service, multipart(*parts), headers=FIELD_TYPE)
+        assert response.status_code == 400, response.text
+        if len(parts) == 1:
+            assert response.json()["error"] == "empty file", response.text
+    batch = httpx.post(f"{service}/v1/detect/batch", files=[("files", ("empty.jpg", b""))], timeout=60)
+    assert batch.json()["results"][0]["error"] == "empty file"
+
+
 def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:

@@ -182,18 +182,22 @@ class Detector:
         return await http.read_body(request, self.max_body_bytes, self.body_idle_timeout_s)
 
     async def image_from(self, request: Request) -> bytes:
+        """The one image of a /v1/detect request: its body, or its multipart body's one file.
+        An empty file is left to the decoder, which says "empty file" as /batch and score do."""
         body = await self.body(request)
-        if http.is_multipart(request):
-            files = await self.files_in(request, body)
-            if not files:
-                raise http.ApiError(400, "no file in the multipart body: send the image as "
-                                         "field 'file'")
-            named = [data for field, _, data in files if field == "file"]
-            body = named[0] if named else files[0][2]
-        if not body:
-            raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
-                                     "multipart file")
-        return body
+        if not http.is_multipart(request):
+            if not body:
+                raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
+                                         "multipart file")
+            return body
+        files = await self.files_in(request, body)
+        if not files:
+            raise http.ApiError(400, "no file in the multipart body: send the image as "
+                                     "field 'file'")
+        if len(files) > 1:  # scoring the first alone would drop the others without a word
+            raise http.ApiError(400, f"{len(files)} files in the multipart body: /v1/detect "
+                                     "scores one; send one file, or use /v1/detect/batch")
+        return files[0][2]
 
     @api.post("/v1/detect")
     async def detect(self, request: Request) -> dict:
