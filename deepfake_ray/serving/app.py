@@ -11,6 +11,7 @@ GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type
 # on the ingress methods that Serve rewraps
 import asyncio
+import errno
 import functools
 import socket
 import threading
@@ -336,6 +337,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # the address is not this machine's: no port helps
+                raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): pass a host "
+                                 "name or address of this machine with --host") from None
             raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it "
                              "or pass another --port")
 
