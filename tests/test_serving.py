@@ -890,10 +890,54 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
                     in our_log.read_text()
             assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
             assert detect(url, JPEG).status_code == 200
+            answers = answered_across_a_stop(url, ours)
+            code = ours.wait(timeout=60)
         finally:
             stop(ray_proc, signal.SIGINT)
             code = stop(ours, signal.SIGTERM)
-    assert code == 0, our_log.read_text()[-3000:]
+    log = our_log.read_text()
+    assert code == 0, log[-3000:]
+    # uploads in flight at the SIGTERM are answered (were: connections reset at once)
+    assert answers == [200] * len(answers), (answers, log[-3000:])
+    assert "answering the requests in flight" in log
+
+
+def answered_across_a_stop(url: str, proc: subprocess.Popen, uploads: int = 6) -> list:
+    """Start `uploads` requests, SIGTERM `proc` while their bodies are half sent, then send
+    the rest: the status each got (or the error that ended it)."""
+    import threading
+
+    host, port = url.removeprefix("http://").split(":")
+    half = len(JPEG) // 2
+    go_on, answers = threading.Event(), [None] * uploads
+    conns = [socket.create_connection((host, int(port)), timeout=60) for _ in range(uploads)]
+
+    def finish(i: int) -> None:
+        try:
+            go_on.wait(30)
+            conns[i].sendall(JPEG[half:])
+            answer = b""
+            while b"\r\n" not in answer and (data := conns[i].recv(4096)):
+                answer += data
+            answers[i] = int(answer.split()[1]) if answer else "closed"
+        except OSError as e:
+            answers[i] = repr(e)
+
+    for conn in conns:
+        conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Length: {len(JPEG)}\r\n\r\n".encode() + JPEG[:half])
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(uploads)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)  # the requests reach the replica
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)  # the stop under way
+    go_on.set()
+    for thread in threads:
+        thread.join(60)
+    for conn in conns:
+        conn.close()
+    return answers
 
 
 def test_without_an_haproxy_binary_the_embedded_ray_keeps_serves_own_proxy(monkeypatch):

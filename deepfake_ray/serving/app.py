@@ -30,6 +30,11 @@ from deepfake_ray.serving import http
 from deepfake_ray.serving.predictor import Predictor, error_status, error_text
 
 APP_NAME = "deepfake-ray"
+# How long a stop waits for the requests in flight (Ray's default, named here as the
+# README states it); and how often a stopping replica counts them (Ray's 2 s would add up
+# to 2 s to every stop, the last request long answered).
+DRAIN_TIMEOUT_S = 20.0
+DRAIN_CHECK_S = 0.2
 # A face crop decodes in well under a millisecond, less than a thread hop costs, so it
 # is decoded on the event loop. Larger images go to a thread: by pixels (a flat 36 MP
 # PNG of 120 KB takes the better part of a second) or by bytes (a 64x64 progressive
@@ -279,6 +284,8 @@ def deployment_options(cfg: Config) -> dict:
                                "target_ongoing_requests": s.target_ongoing_requests},
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus_per_replica(cfg)},
         "logging_config": {"enable_access_log": s.access_log},
+        "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
+        "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
     }
 
 
@@ -353,7 +360,8 @@ def preflight(cfg: Config, model: str | None = None, **_) -> None:
 
 
 def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict:
-    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM."""
+    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM,
+    then finish the requests in flight (`drain`) before stopping."""
     preflight(cfg, model)
     app = build(cfg, model)
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
@@ -369,7 +377,19 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         while True:
             time.sleep(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
-        print("stopping the service...", flush=True)
+        print(f"stopping the service: answering the requests in flight (at most "
+              f"{DRAIN_TIMEOUT_S:.0f} s; Ctrl-C again stops at once)...", flush=True)
+        drain()
     finally:
         serve.shutdown()
     return {"url": url, "model": model_id}
+
+
+def drain() -> None:
+    """Stop taking requests and answer those in flight, before serve.shutdown: that kills
+    HAProxy (SIGKILL) at once, beside the replicas' own graceful stop, so every connection
+    still open was reset (28 of 60 uploads in flight). Deleting the application first
+    takes its route away and lets each replica finish its requests (within
+    graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them."""
+    serve.delete(APP_NAME)
+
