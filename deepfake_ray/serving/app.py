@@ -13,6 +13,7 @@ GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
 import asyncio
 import errno
 import functools
+import os
 import socket
 import threading
 import time
@@ -382,6 +383,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         drain()
     finally:
         serve.shutdown()
+        remove_haproxy_folder()
     return {"url": url, "model": model_id}
 
 
@@ -393,3 +395,21 @@ def drain() -> None:
     graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them."""
     serve.delete(APP_NAME)
 
+
+def remove_haproxy_folder() -> None:
+    """Serve's HAProxy ingress keeps its config, sockets and logs in
+    /tmp/haproxy-serve/<node id>/ and leaves them behind. The node is this run's own
+    embedded Ray (a fresh id each start), so the folder is ours alone; on a cluster it is not."""
+    import shutil
+
+    import ray
+    from ray.serve._private import constants  # where HAProxyManager puts them (Ray 2.60)
+
+    if not runtime.in_process() or not ray.is_initialized():
+        return
+    node = ray.get_runtime_context().get_node_id()
+    bases = {os.path.dirname(path) for path in (
+        constants.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC, constants.RAY_SERVE_HAPROXY_SOCKET_PATH,
+        constants.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH)}
+    for base in bases | {constants.RAY_SERVE_HAPROXY_SERVER_STATE_BASE}:
+        shutil.rmtree(os.path.join(base, node), ignore_errors=True)
