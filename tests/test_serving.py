@@ -431,6 +431,26 @@ def test_detect_refuses_several_files_and_calls_an_empty_file_one(service):
     assert batch.json()["results"][0]["error"] == "empty file"
 
 
+def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
+    """The handlers read the raw Request, so FastAPI described no request body: /docs'
+    "Try it out" could not upload a file, and generated clients had no file parameter."""
+    paths = httpx.get(f"{service}/openapi.json", timeout=30).json()["paths"]
+    detect_op, batch_op = paths["/v1/detect"]["post"], paths["/v1/detect/batch"]["post"]
+    one = detect_op["requestBody"]["content"]
+    assert one["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
+    assert one["application/octet-stream"]["schema"]["format"] == "binary"
+    files = batch_op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+    assert files["items"]["format"] == "binary"
+    for op, statuses in ((detect_op, {"400", "408", "413", "415", "422"}), (batch_op, {"400", "413", "415"})):
+        assert statuses <= set(op["responses"]), op["responses"]
+        schema = op["responses"]["413"]["content"]["application/json"]["schema"]
+        assert schema["properties"] == {"error": {"type": "string"}}
+    # what the schema says is what the route takes: its multipart field, or the raw body
+    response = httpx.post(f"{service}/v1/detect", files={"file": ("face.jpg", JPEG)}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert detect(service, JPEG, headers={"content-type": "application/octet-stream"}).status_code == 200
+
+
 def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:

@@ -206,7 +206,8 @@ class Detector:
                                      "scores one; send one file, or use /v1/detect/batch")
         return files[0][2]
 
-    @api.post("/v1/detect")
+    @api.post("/v1/detect", openapi_extra=http.DETECT_BODY,
+              responses=http.error_responses(400, 408, 413, 415, 422, 500))
     async def detect(self, request: Request) -> dict:
         """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
         result = await self.predict(await self.image_from(request), InlineBudget())
@@ -214,7 +215,8 @@ class Detector:
             raise http.ApiError(error_status(result), error_text(result))
         return result
 
-    @api.post("/v1/detect/batch")
+    @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY,
+              responses=http.error_responses(400, 408, 413, 415))
     async def detect_batch(self, request: Request) -> dict:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):

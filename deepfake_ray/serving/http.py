@@ -220,6 +220,32 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
     return files
 
 
+# The request bodies and error answers of the image routes, for /openapi.json (and so
+# /docs' "Try it out" and generated clients): the handlers read the raw Request, so
+# FastAPI cannot infer either.
+BINARY = {"type": "string", "format": "binary"}
+ERROR_BODY = {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}
+DETECT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": BINARY},
+                                       "required": ["file"]}},
+    "application/octet-stream": {"schema": BINARY},
+    "image/*": {"schema": BINARY}}}}
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": BINARY}}, "required": ["files"]}}}}}
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI `responses` for these statuses, each a JSON {"error": reason}."""
+    what = {400: "bad request (empty, malformed or several files)",
+            408: "the body stopped arriving (serve.body_idle_timeout_s)",
+            413: "too large: the body (serve.max_body_bytes), the image or the file count",
+            415: "not an image, or not multipart", 422: "a damaged image",
+            500: "the model gave no finite score"}
+    return {status: {"description": what[status], "content": ERROR_BODY} for status in statuses}
+
+
 async def error_json(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
