@@ -113,6 +113,9 @@ class ServeConfig:
     # on CPU cores (Inception-ResNet-v2 ~0.1 s per image) the demo preset uses 0.1 s
     batch_wait_timeout_s: float = 0.01
     max_body_bytes: int = 10 * 1024 * 1024
+    # a request whose body sends nothing for this long gets a 408: a stalled upload would
+    # otherwise hold one of the replica's max_ongoing_requests slots until it hangs up
+    body_idle_timeout_s: float = 30.0
     # files in one multipart request: each is parsed, decoded and scored by the replica
     max_files_per_request: int = 64
     min_replicas: int = 1
@@ -302,7 +305,7 @@ LIMITS = {
 }
 # rates and CPU shares: any value above 0 (fractions such as 0.5 CPUs are fine)
 ABOVE_ZERO = ("gan.lr", "detector.lr", "tune.lr_min", "tune.lr_max", "resources.cpus_per_worker",
-              "resources.data_cpus")
+              "resources.data_cpus", "serve.body_idle_timeout_s")
 
 
 def value_of(cfg: Config, key: str) -> Any:

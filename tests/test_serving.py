@@ -27,6 +27,7 @@ from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many
 from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
+BODY_IDLE_S = 1.5  # the service's serve.body_idle_timeout_s: short, so a stalled upload is quick to see
 
 
 # The HTTP, batching and scoring tests serve a small network: a traced Inception-ResNet-v2
@@ -95,7 +96,7 @@ def service(ray_session, model_dir, tmp_path_factory):
     from deepfake_ray.serving import app
 
     port = free_port()
-    cfg = serve_cfg(tmp_path_factory.mktemp("serve"))
+    cfg = serve_cfg(tmp_path_factory.mktemp("serve"), f"serve.body_idle_timeout_s={BODY_IDLE_S}")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app.build(cfg, model_dir), name=app.APP_NAME, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
@@ -340,6 +341,60 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
     assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
 
 
+def raw_post(base: str, path: str, head_extra: str, pieces: list[bytes], pause: float,
+             wait: float) -> tuple[bytes, float]:
+    """POST over a bare socket, its body in `pieces` sent `pause` s apart (a client on a slow
+    or stalled link); (what came back within `wait` s, seconds from the last piece to it)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head_extra}\r\n".encode())
+        for i, piece in enumerate(pieces):
+            time.sleep(pause if i else 0)
+            conn.sendall(piece)
+        sent = time.monotonic()
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                if not (data := conn.recv(65536)):
+                    break
+                answer += data
+        except TimeoutError:
+            pass
+        return answer, time.monotonic() - sent
+
+
+def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
+    """A client that sends its headers and part of the body, then nothing, held a slot of
+    the replica's max_ongoing_requests until it hung up (~130 of them took every slot, and
+    /healthz timed out too). Its request ends with a JSON 408 once no byte has come for
+    serve.body_idle_timeout_s; an upload that is slow but moving is not cut off."""
+    answer, waited = raw_post(service, "/v1/detect", "Content-Length: 100000\r\n",
+                              [b"\xff" * 1000], 0, wait=BODY_IDLE_S + 20)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert BODY_IDLE_S - 0.5 < waited < BODY_IDLE_S + 10, waited
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"application/json" in head.lower() and b"serve.body_idle_timeout_s" in body, answer
+    # slow but moving: three pieces, each within the deadline, together past it
+    third = len(JPEG) // 3
+    pieces = [JPEG[:third], JPEG[third:2 * third], JPEG[2 * third:]]
+    answer, _ = raw_post(service, "/v1/detect", f"Content-Length: {len(JPEG)}\r\n", pieces,
+                         BODY_IDLE_S * 0.6, wait=60)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    # more stalled uploads than the replica has slots (tiny preset: 64), left open: their
+    # slots come free, so /healthz is answered (before: it waited until they hung up)
+    host, port = service.removeprefix("http://").split(":")
+    stalled = [socket.create_connection((host, int(port)), timeout=30) for _ in range(70)]
+    try:
+        for conn in stalled:
+            conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\n"
+                         "Content-Length: 100000\r\n\r\n".encode() + b"\xff" * 1000)
+        time.sleep(0.5)  # all of them in the replica first
+        assert httpx.get(f"{service}/healthz", timeout=BODY_IDLE_S + 20).status_code == 200
+    finally:
+        for conn in stalled:
+            conn.close()
+
+
 def test_batch_route_answers_every_file_in_order(service):
     files = [("files", ("a.jpg", GOOD["face1.jpg"])), ("files", ("bad.jpg", BAD["corrupt.jpg"])),
              ("files", ("b.png", GOOD["face_png.png"])), ("files", ("text.jpg", BAD["notes.jpg"]))]
@@ -358,6 +413,42 @@ def test_batch_route_answers_every_file_in_order(service):
     unnamed = detect(service, multipart(("note", None, b"hi"), ("file", None, GOOD["face1.jpg"])),
                      headers=FIELD_TYPE)
     assert unnamed.status_code == 200 and abs(unnamed.json()["p_fake"] - good["p_fake"]) < 1e-4
+
+
+def test_detect_refuses_several_files_and_calls_an_empty_file_one(service):
+    """/v1/detect scores one image: a body of several files scored the first and dropped
+    the rest silently; now a 400 names /v1/detect/batch. An empty file part was answered
+    "empty body" although the body was not empty: it is an "empty file", as /batch says."""
+    two = detect(service, multipart(("file", "a.jpg", JPEG), ("file", "b.jpg", JPEG)), headers=FIELD_TYPE)
+    assert two.status_code == 400 and "/v1/detect/batch" in two.json()["error"], two.text
+    assert "2 files" in two.json()["error"]
+    for parts in ([("file", "empty.jpg", b"")], [("file", "empty.jpg", b""), ("file", "a.jpg", JPEG)]):
+        response = detect(service, multipart(*parts), headers=FIELD_TYPE)
+        assert response.status_code == 400, response.text
+        if len(parts) == 1:
+            assert response.json()["error"] == "empty file", response.text
+    batch = httpx.post(f"{service}/v1/detect/batch", files=[("files", ("empty.jpg", b""))], timeout=60)
+    assert batch.json()["results"][0]["error"] == "empty file"
+
+
+def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
+    """The handlers read the raw Request, so FastAPI described no request body: /docs'
+    "Try it out" could not upload a file, and generated clients had no file parameter."""
+    paths = httpx.get(f"{service}/openapi.json", timeout=30).json()["paths"]
+    detect_op, batch_op = paths["/v1/detect"]["post"], paths["/v1/detect/batch"]["post"]
+    one = detect_op["requestBody"]["content"]
+    assert one["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
+    assert one["application/octet-stream"]["schema"]["format"] == "binary"
+    files = batch_op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+    assert files["items"]["format"] == "binary"
+    for op, statuses in ((detect_op, {"400", "408", "413", "415", "422"}), (batch_op, {"400", "413", "415"})):
+        assert statuses <= set(op["responses"]), op["responses"]
+        schema = op["responses"]["413"]["content"]["application/json"]["schema"]
+        assert schema["properties"] == {"error": {"type": "string"}}
+    # what the schema says is what the route takes: its multipart field, or the raw body
+    response = httpx.post(f"{service}/v1/detect", files={"file": ("face.jpg", JPEG)}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert detect(service, JPEG, headers={"content-type": "application/octet-stream"}).status_code == 200
 
 
 def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
@@ -768,7 +859,9 @@ def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, image
              (["serve", "--model", "no-model"], "no-model"),
              (["serve", "--model", model_dir, "--port", str(busy.getsockname()[1])], "stop what uses it or pass another --port"),
              (["serve", "--model", model_dir, "--set", "serve.min_replicas=2"], "is more than serve.max_replicas=1"),
-             (["serve", "--model", model_dir, "--host", "no-such-host.invalid"], "pass a host name or address")]
+             (["serve", "--model", model_dir, "--host", "no-such-host.invalid"], "pass a host name or address"),
+             # an address of another machine (TEST-NET-1): about --host, not --port
+             (["serve", "--model", model_dir, "--host", "192.0.2.1"], "address of this machine with --host")]
     script = ("import json, sys, ray\nfrom deepfake_ray import cli\n"
               "codes = [cli.main(argv + ['--preset', 'tiny']) for argv in json.loads(sys.argv[1])]\n"
               "print(json.dumps({'codes': codes, 'ray_started': ray.is_initialized()}))")
@@ -919,10 +1012,74 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
                     in our_log.read_text()
             assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
             assert detect(url, JPEG).status_code == 200
+            haproxy_folders = haproxy_folders_of(ours.pid)
+            assert haproxy_folders, "no HAProxy of its own found"
+            answers = answered_across_a_stop(url, ours)
+            code = ours.wait(timeout=60)
         finally:
             stop(ray_proc, signal.SIGINT)
             code = stop(ours, signal.SIGTERM)
-    assert code == 0, our_log.read_text()[-3000:]
+    log = our_log.read_text()
+    assert code == 0, log[-3000:]
+    # uploads in flight at the SIGTERM are answered (were: connections reset at once)
+    assert answers == [200] * len(answers), (answers, log[-3000:])
+    assert "answering the requests in flight" in log
+    # HAProxy's config, sockets and logs of this run's own node: removed (were left behind)
+    assert not any(os.path.exists(folder) for folder in haproxy_folders), haproxy_folders
+
+
+def haproxy_folders_of(session: int) -> set[str]:
+    """The folders of the HAProxy config files of the HAProxy processes in `session`."""
+    folders = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if int(fields[3]) == session and "haproxy" in os.path.basename(argv[0]) and "-f" in argv:
+            folders.add(os.path.dirname(argv[argv.index("-f") + 1]))
+    return folders
+
+
+def answered_across_a_stop(url: str, proc: subprocess.Popen, uploads: int = 6) -> list:
+    """Start `uploads` requests, SIGTERM `proc` while their bodies are half sent, then send
+    the rest: the status each got (or the error that ended it)."""
+    import threading
+
+    host, port = url.removeprefix("http://").split(":")
+    half = len(JPEG) // 2
+    go_on, answers = threading.Event(), [None] * uploads
+    conns = [socket.create_connection((host, int(port)), timeout=60) for _ in range(uploads)]
+
+    def finish(i: int) -> None:
+        try:
+            go_on.wait(30)
+            conns[i].sendall(JPEG[half:])
+            answer = b""
+            while b"\r\n" not in answer and (data := conns[i].recv(4096)):
+                answer += data
+            answers[i] = int(answer.split()[1]) if answer else "closed"
+        except OSError as e:
+            answers[i] = repr(e)
+
+    for conn in conns:
+        conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Length: {len(JPEG)}\r\n\r\n".encode() + JPEG[:half])
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(uploads)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)  # the requests reach the replica
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)  # the stop under way
+    go_on.set()
+    for thread in threads:
+        thread.join(60)
+    for conn in conns:
+        conn.close()
+    return answers
 
 
 def test_without_an_haproxy_binary_the_embedded_ray_keeps_serves_own_proxy(monkeypatch):

@@ -11,7 +11,9 @@ GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type
 # on the ingress methods that Serve rewraps
 import asyncio
+import errno
 import functools
+import os
 import socket
 import threading
 import time
@@ -29,6 +31,11 @@ from deepfake_ray.serving import http
 from deepfake_ray.serving.predictor import Predictor, error_status, error_text
 
 APP_NAME = "deepfake-ray"
+# How long a stop waits for the requests in flight (Ray's default, named here as the
+# README states it); and how often a stopping replica counts them (Ray's 2 s would add up
+# to 2 s to every stop, the last request long answered).
+DRAIN_TIMEOUT_S = 20.0
+DRAIN_CHECK_S = 0.2
 # A face crop decodes in well under a millisecond, less than a thread hop costs, so it
 # is decoded on the event loop. Larger images go to a thread: by pixels (a flat 36 MP
 # PNG of 120 KB takes the better part of a second) or by bytes (a 64x64 progressive
@@ -83,11 +90,12 @@ http.install_error_handlers(api)
 class Detector:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64,
-                 model_id: str | None = None):
+                 model_id: str | None = None, body_idle_timeout_s: float = 30.0):
         self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
                                    device=runtime.assigned_device())
         check_same_model(self.predictor, model_id)
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
+        self.body_idle_timeout_s = body_idle_timeout_s
         # large decodes at once: each can take ~0.6 GB (40 MP as RGBA and RGB), and a batch
         # request can carry dozens
         self.decode_slots = asyncio.Semaphore(max(1, threads))
@@ -177,21 +185,29 @@ class Detector:
             return parse()
         return await self.in_decode_slot(parse)
 
-    async def image_from(self, request: Request) -> bytes:
-        body = await http.read_body(request, self.max_body_bytes)
-        if http.is_multipart(request):
-            files = await self.files_in(request, body)
-            if not files:
-                raise http.ApiError(400, "no file in the multipart body: send the image as "
-                                         "field 'file'")
-            named = [data for field, _, data in files if field == "file"]
-            body = named[0] if named else files[0][2]
-        if not body:
-            raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
-                                     "multipart file")
-        return body
+    async def body(self, request: Request) -> bytes:
+        return await http.read_body(request, self.max_body_bytes, self.body_idle_timeout_s)
 
-    @api.post("/v1/detect")
+    async def image_from(self, request: Request) -> bytes:
+        """The one image of a /v1/detect request: its body, or its multipart body's one file.
+        An empty file is left to the decoder, which says "empty file" as /batch and score do."""
+        body = await self.body(request)
+        if not http.is_multipart(request):
+            if not body:
+                raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
+                                         "multipart file")
+            return body
+        files = await self.files_in(request, body)
+        if not files:
+            raise http.ApiError(400, "no file in the multipart body: send the image as "
+                                     "field 'file'")
+        if len(files) > 1:  # scoring the first alone would drop the others without a word
+            raise http.ApiError(400, f"{len(files)} files in the multipart body: /v1/detect "
+                                     "scores one; send one file, or use /v1/detect/batch")
+        return files[0][2]
+
+    @api.post("/v1/detect", openapi_extra=http.DETECT_BODY,
+              responses=http.error_responses(400, 408, 413, 415, 422, 500))
     async def detect(self, request: Request) -> dict:
         """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
         result = await self.predict(await self.image_from(request), InlineBudget())
@@ -199,12 +215,13 @@ class Detector:
             raise http.ApiError(error_status(result), error_text(result))
         return result
 
-    @api.post("/v1/detect/batch")
+    @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY,
+              responses=http.error_responses(400, 408, 413, 415))
     async def detect_batch(self, request: Request) -> dict:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):
             raise http.ApiError(415, "send the images as multipart/form-data files")
-        body = await http.read_body(request, self.max_body_bytes)
+        body = await self.body(request)
         files = await self.files_in(request, body)
         if not files:
             raise http.ApiError(400, "no files in the multipart body")
@@ -270,6 +287,8 @@ def deployment_options(cfg: Config) -> dict:
                                "target_ongoing_requests": s.target_ongoing_requests},
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus_per_replica(cfg)},
         "logging_config": {"enable_access_log": s.access_log},
+        "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
+        "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
     }
 
 
@@ -286,7 +305,8 @@ def build(cfg: Config, model: str, model_id: str | None = None):
     return Detector.options(**deployment_options(cfg)).bind(
         model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         max_body_bytes=s.max_body_bytes, max_pixels=cfg.data.max_pixels,
-        threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found)
+        threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found,
+        body_idle_timeout_s=s.body_idle_timeout_s)
 
 
 def build_app(args: dict):
@@ -327,6 +347,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # the address is not this machine's: no port helps
+                raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): pass a host "
+                                 "name or address of this machine with --host") from None
             raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it "
                              "or pass another --port")
 
@@ -340,7 +363,8 @@ def preflight(cfg: Config, model: str | None = None, **_) -> None:
 
 
 def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict:
-    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM."""
+    """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM,
+    then finish the requests in flight (`drain`) before stopping."""
     preflight(cfg, model)
     app = build(cfg, model)
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
@@ -356,7 +380,38 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         while True:
             time.sleep(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
-        print("stopping the service...", flush=True)
+        print(f"stopping the service: answering the requests in flight (at most "
+              f"{DRAIN_TIMEOUT_S:.0f} s; Ctrl-C again stops at once)...", flush=True)
+        drain()
     finally:
         serve.shutdown()
+        remove_haproxy_folder()
     return {"url": url, "model": model_id}
+
+
+def drain() -> None:
+    """Stop taking requests and answer those in flight, before serve.shutdown: that kills
+    HAProxy (SIGKILL) at once, beside the replicas' own graceful stop, so every connection
+    still open was reset (28 of 60 uploads in flight). Deleting the application first
+    takes its route away and lets each replica finish its requests (within
+    graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them."""
+    serve.delete(APP_NAME)
+
+
+def remove_haproxy_folder() -> None:
+    """Serve's HAProxy ingress keeps its config, sockets and logs in
+    /tmp/haproxy-serve/<node id>/ and leaves them behind. The node is this run's own
+    embedded Ray (a fresh id each start), so the folder is ours alone; on a cluster it is not."""
+    import shutil
+
+    import ray
+    from ray.serve._private import constants  # where HAProxyManager puts them (Ray 2.60)
+
+    if not runtime.in_process() or not ray.is_initialized():
+        return
+    node = ray.get_runtime_context().get_node_id()
+    bases = {os.path.dirname(path) for path in (
+        constants.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC, constants.RAY_SERVE_HAPROXY_SOCKET_PATH,
+        constants.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH)}
+    for base in bases | {constants.RAY_SERVE_HAPROXY_SERVER_STATE_BASE}:
+        shutil.rmtree(os.path.join(base, node), ignore_errors=True)

@@ -8,6 +8,7 @@ parser, once the size is known to be acceptable. Every error answer is JSON
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterator
@@ -37,8 +38,12 @@ def too_large(size_text: str, limit: int) -> ApiError:
                          "(serve.max_body_bytes): send a smaller image")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `limit` bytes, or 408 when
+    no byte of it arrives for `idle_timeout` seconds. The deadline is on progress, not on
+    the whole upload, so a large image on a slow link still arrives; without it a client
+    that stops mid-body held a replica's slot (of max_ongoing_requests) until it hung up:
+    HAProxy and Serve's proxy both stream the body to the replica as it comes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -48,8 +53,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         if declared_size > limit:
             raise too_large(f"{declared_size:,}", limit)
     chunks, size = [], 0
+    stream = request.stream()  # chunked uploads carry no Content-Length
     try:
-        async for chunk in request.stream():  # chunked uploads carry no Content-Length
+        while (chunk := await next_chunk(stream, idle_timeout)) is not None:
             size += len(chunk)
             if size > limit:
                 raise too_large(f"more than {limit:,}", limit)
@@ -57,6 +63,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:  # the client's doing, not an internal error to log
         raise ApiError(400, "the client disconnected before the whole body arrived") from None
     return b"".join(chunks)
+
+
+async def next_chunk(stream, idle_timeout: float) -> bytes | None:
+    """The body's next chunk (None at its end), or 408 after `idle_timeout` s without one."""
+    try:
+        return await asyncio.wait_for(anext(stream), idle_timeout)
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"no part of the request body arrived for {idle_timeout:g} s "
+                            "(serve.body_idle_timeout_s): send the whole body") from None
 
 
 def is_multipart(request: Request) -> bool:
@@ -201,6 +218,32 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
     if len(files) > limit:
         raise too_many_files(limit)
     return files
+
+
+# The request bodies and error answers of the image routes, for /openapi.json (and so
+# /docs' "Try it out" and generated clients): the handlers read the raw Request, so
+# FastAPI cannot infer either.
+BINARY = {"type": "string", "format": "binary"}
+ERROR_BODY = {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}
+DETECT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": BINARY},
+                                       "required": ["file"]}},
+    "application/octet-stream": {"schema": BINARY},
+    "image/*": {"schema": BINARY}}}}
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": BINARY}}, "required": ["files"]}}}}}
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI `responses` for these statuses, each a JSON {"error": reason}."""
+    what = {400: "bad request (empty, malformed or several files)",
+            408: "the body stopped arriving (serve.body_idle_timeout_s)",
+            413: "too large: the body (serve.max_body_bytes), the image or the file count",
+            415: "not an image, or not multipart", 422: "a damaged image",
+            500: "the model gave no finite score"}
+    return {status: {"description": what[status], "content": ERROR_BODY} for status in statuses}
 
 
 async def error_json(request: Request, exc: Exception) -> JSONResponse:
