@@ -40,7 +40,34 @@ LOCKS_TAKEN_OVER: list[str] = []  # set by a renewer before it signals, read by 
 
 def holder(command: str, token: str) -> bytes:
     return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(),
-                       "renewed": time.time(), "token": token, **ray_job()}).encode()
+                       "renewed": time.time(), "token": token, **ray_job(), **processes()}).encode()
+
+
+def processes() -> dict:
+    """Which processes a pid names here: this boot of this machine's kernel (a host name
+    can repeat across machines) and this pid namespace (containers on one machine share
+    its boot, not their pids). Empty where the OS does not say (not Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return {"processes": f"{f.read().strip()} {os.readlink('/proc/self/ns/pid')}"}
+    except OSError:
+        return {}
+
+
+def dead_here(info: dict) -> bool:
+    """Whether the lock's holder ran among this process's processes and is gone: a run
+    killed outright (kill -9, a closed laptop) that did not run on a Ray cluster, whose
+    lock otherwise waited out the lease. A pid alive (or reused since) proves nothing."""
+    pid, here = info.get("pid"), processes().get("processes")
+    if not here or info.get("processes") != here or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's: it exists
+        return False
+    return False
 
 
 def connected_cluster() -> str | None:
@@ -239,7 +266,7 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
             if error_code(e) == "NoSuchKey":
                 continue
             raise
-        if holder_elsewhere(lock_info(current)):
+        if holder_elsewhere(lock_info(current)) and not dead_here(lock_info(current)):
             current = wait_for_lapse(client, bucket, key, uri, command, current)
             if current is None:  # its holder ended and deleted it: take it anew
                 continue
@@ -313,7 +340,7 @@ def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: 
     joins Ray (`deciding` False: a check, not the taking) a holder that ran on a Ray cluster
     gets the benefit of the doubt (False): the run decides when it takes the lock, knowing
     whether Ray saw it die."""
-    if idle_s(current, info) >= LAPSE_S:
+    if idle_s(current, info) >= LAPSE_S or dead_here(info):
         return True
     ended = holder_ended(info)
     if ended:
@@ -322,7 +349,7 @@ def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: 
         return False
     raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
                      f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
-                     f"--workdir (a run that died frees it {LAPSE_S:.0f} s after its last sign of life)")
+                     f"--workdir (a run that died elsewhere frees it {LAPSE_S:.0f} s after its last sign of life)")
 
 
 def check_free(uri: str, command: str) -> bool:

@@ -252,6 +252,32 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
         pass
 
 
+def test_an_s3_lock_of_a_run_killed_on_this_machine_is_taken_over_at_once(s3_server):
+    """A run killed outright (kill -9) renews nothing: a rerun on the same machine was
+    refused for the 300 s of the lease, though the OS could tell its pid was gone."""
+    import subprocess
+    import sys
+
+    workdir = f"{s3_server('runs-killed-here')}/r1"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from deepfake_ray import storage\n"
+        f"with storage.exclusive({workdir!r}, 'train-gan'):\n"
+        "    print('held', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=rf"another train-gan \(pid {holder.pid} on .+\) is writing"):
+            with storage.exclusive(workdir, "train-gan"):  # it lives: refused
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    started = time.time()
+    with storage.exclusive(workdir, "train-gan"):  # gone: taken over well within the lease
+        pass
+    assert time.time() - started < 30
+
+
 def test_a_local_work_directory_is_locked_before_ray_starts(tmp_path, monkeypatch):
     """Another run starting while this one starts Ray (seconds) is refused then, rather
     than let write its config.yaml over this run's and only be refused after."""
