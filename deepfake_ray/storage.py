@@ -896,9 +896,10 @@ def completed(stage_uri: str) -> dict | None:
     atomically, so only something else can damage it) vouches for nothing: not complete."""
     try:
         done = read_json(join(stage_uri, COMPLETE))
-    # NotADirectoryError: a file where a folder would be; ValueError: not JSON, or not UTF-8
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file where a folder would be
         return None
+    except ValueError:  # not JSON, or not UTF-8
+        done = None
     except OSError as e:  # the store's own is explained where S3 failures are
         if is_s3(stage_uri):
             raise
@@ -906,4 +907,19 @@ def completed(stage_uri: str) -> dict | None:
                errno.EISDIR: "a folder has the name of the stage's marker: move it away"}.get(e.errno, "check it")
         raise UsageError(f"cannot read {join(stage_uri, COMPLETE)} ({e.strerror or type(e).__name__}): "
                          f"{fix}, or pass another --workdir") from None
-    return done if isinstance(done, dict) else None
+    if not isinstance(done, dict):
+        say_damaged_once(join(stage_uri, COMPLETE))
+        return None
+    return done
+
+
+DAMAGED_SAID: set[str] = set()
+
+
+def say_damaged_once(marker: str) -> None:
+    """A damaged marker, said once a process (a command asks about a stage many times):
+    the stage is made again, and so every stage after it, which would otherwise puzzle."""
+    if marker not in DAMAGED_SAID:
+        DAMAGED_SAID.add(marker)
+        print(f"warning: {marker} is damaged (not a JSON object): its stage counts as not "
+              "complete: a run makes it again", file=sys.stderr, flush=True)

@@ -341,6 +341,21 @@ def test_a_stopped_report_says_to_run_it_again_without_stages_or_trainings(tmp_p
         "deepfake-ray report: interrupted; run the same command again"]
 
 
+def test_a_damaged_marker_is_said_once_not_taken_silently_for_an_unfinished_stage(tmp_path, capsys):
+    """A cut-short _COMPLETE.json counted as "not complete" without a word: the stage, and
+    every stage after it, was made again, and nothing said why."""
+    from deepfake_ray import cli
+
+    w = str(tmp_path / "w")
+    write_workdir(w, epochs=1)
+    with open(os.path.join(w, "fakes", "_COMPLETE.json"), "r+b") as f:
+        f.truncate(10)
+    assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert warned == [f"warning: {w}/fakes/_COMPLETE.json is damaged (not a JSON object): its stage "
+                      "counts as not complete: a run makes it again"]
+
+
 def test_report_reads_and_writes_s3(tmp_path, s3_server):
     local = str(tmp_path / "local")
     figures = write_workdir(local, epochs=3)
