@@ -234,8 +234,9 @@ def epoch_of(path: str) -> int | None:
 def older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
     """Checkpoint folders of this run from epochs before `latest`'s, newest first.
 
-    Only older ones: a folder newer than the latest registered one was never
-    registered (the driver died during its upload) and is not trusted.
+    Only older ones: a folder newer than the latest registered one was never registered
+    (a stop between its upload and its registration). restore_state tries those only
+    after every folder Ray lists, and, as every folder, against its hash.
     """
     fs: pafs.FileSystem = latest.filesystem
     newest = epoch_of(latest.path)
