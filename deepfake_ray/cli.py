@@ -13,7 +13,7 @@ import sys
 import time
 
 import deepfake_ray
-from deepfake_ray.errors import Terminated, UsageError, by_sigterm, find_usage_error, sigterm_repeated
+from deepfake_ray.errors import Terminated, UsageError, by_sigterm, find_usage_error, note_sigterm
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -272,7 +272,7 @@ def start_ray(address: str | None) -> None:
     except SystemExit as e:
         if e.code != signal.SIGTERM:
             raise
-        sigterm_repeated()  # this one: ours then lets a second go while Ray shuts down
+        note_sigterm()  # this one, so that ours ignores a second (`timeout`'s) while Ray shuts down
         stop_on_sigterm()
         with contextlib.suppress(Exception):
             ray.shutdown()

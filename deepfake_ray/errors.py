@@ -22,12 +22,13 @@ def raise_terminated(*_) -> None:
     """SIGTERM's handler. One within a second of the one before is the same stop: `timeout`
     signals the command, then its whole process group, and that second signal cut the
     first one's cleanup short (during Ray's start: exit 15 and no line)."""
-    if not sigterm_repeated():
+    if not note_sigterm():
         raise Terminated
 
 
-def sigterm_repeated() -> bool:
-    """Records a SIGTERM; whether it came within a second of the one before."""
+def note_sigterm() -> bool:
+    """Records a SIGTERM; whether it came within a second of the one before (so a steady
+    stream of them, each within a second of the last, is one stop)."""
     now = time.monotonic()
     repeated = bool(SIGTERMS) and now - SIGTERMS[-1] < 1.0
     SIGTERMS.append(now)

@@ -55,17 +55,20 @@ def processes() -> dict:
 
 
 def dead_here(info: dict) -> bool:
-    """Whether the lock's holder ran among this process's processes and is gone: a run
-    killed outright (kill -9, a closed laptop) that did not run on a Ray cluster, whose
-    lock otherwise waited out the lease. A pid alive (or reused since) proves nothing."""
+    """Whether the lock's holder, a driver that ran on no Ray cluster, ran among this
+    process's processes and is gone (kill -9): its lock otherwise waited out the lease. A
+    cluster's driver is Ray's to declare dead (holder_ended): its workers may still be
+    writing. A pid alive (or reused since) proves nothing; the host name must match too
+    (machines restored from one snapshot share a boot id)."""
     pid, here = info.get("pid"), processes().get("processes")
-    if not here or info.get("processes") != here or not isinstance(pid, int):
+    if (info.get("ray_job") or not here or info.get("processes") != here
+            or info.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0):
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # another user's: it exists
+    except (OSError, OverflowError):  # another user's (it exists), or no pid this OS has
         return False
     return False
 

@@ -109,9 +109,13 @@ def check_resumable(run: str) -> None:
     hands them), Ray Train would retry it max_failures times, or without end."""
     fs, path = storage.resolve(run)
     folders = epoch_folders(fs, path)
-    if folders and not any(checkpoint.state_intact(storage.join(run, os.path.basename(p)))
-                           for _, p in folders):
+    if folders and not any_intact(run, folders):
         raise UsageError(no_intact_checkpoint(len(folders), run))
+
+
+def any_intact(run: str, folders: list[tuple[int, str]]) -> bool:
+    """Whether one of the run's checkpoint folders holds a state that matches its hash."""
+    return any(checkpoint.state_intact(storage.join(run, os.path.basename(p))) for _, p in folders)
 
 
 RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
@@ -121,7 +125,7 @@ def record_fix(run: str) -> str:
     """What to do about a record Ray cannot read: without it, the workers resume from the
     run's newest intact checkpoint folder (restore_state), when it has one."""
     fs, path = storage.resolve(run)
-    if any(checkpoint.state_intact(storage.join(run, os.path.basename(p))) for _, p in epoch_folders(fs, path)):
+    if any_intact(run, epoch_folders(fs, path)):
         return (f"delete {storage.join(run, RECORD)} to resume from the run's newest intact checkpoint, "
                 "or --force to start the stage over")
     return "--force starts the stage over"
@@ -212,8 +216,11 @@ def unlisted_checkpoints(listed: list[Checkpoint]) -> list[Checkpoint]:
     store = ray.train.get_context().get_storage()
     fs, run = store.storage_filesystem, store.experiment_fs_path
     known = {os.path.basename(c.path.rstrip("/")) for c in listed}
-    return [Checkpoint(path=p, filesystem=fs) for _, p in epoch_folders(fs, run)
-            if os.path.basename(p.rstrip("/")) not in known]
+    unlisted = [p for _, p in epoch_folders(fs, run) if os.path.basename(p.rstrip("/")) not in known]
+    # a later epoch of this run is written beside them, never over one in place (Ray's
+    # upload is no atomic swap: a stop halfway would damage an intact copy)
+    _skipped_names.update(os.path.basename(p.rstrip("/")) for p in unlisted)
+    return [Checkpoint(path=p, filesystem=fs) for p in unlisted]
 
 
 def state_at_epoch(epoch: int) -> dict | None:
@@ -258,7 +265,7 @@ def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> Non
         ray.train.report(metrics)
         return
     name = f"epoch_{epoch:04d}"
-    if name in _skipped_names:  # that folder is registered already (and damaged)
+    if name in _skipped_names:  # that folder is there already: registered and damaged, or unregistered
         name = f"{name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as d:
         checkpoint.write_state(d, state)

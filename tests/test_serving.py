@@ -27,7 +27,7 @@ from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many
 from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
-BODY_IDLE_S = 1.5  # the service's serve.body_idle_timeout_s: short, so a stalled upload is quick to see
+BODY_IDLE_S = 4.0  # the service's serve.body_idle_timeout_s: short, so a stalled upload is quick to see
 
 
 # The HTTP, batching and scoring tests serve a small network: a traced Inception-ResNet-v2
@@ -374,11 +374,11 @@ def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
     assert BODY_IDLE_S - 0.5 < waited < BODY_IDLE_S + 10, waited
     head, body = answer.split(b"\r\n\r\n", 1)
     assert b"application/json" in head.lower() and b"serve.body_idle_timeout_s" in body, answer
-    # slow but moving: three pieces, each within the deadline, together past it
-    third = len(JPEG) // 3
-    pieces = [JPEG[:third], JPEG[third:2 * third], JPEG[2 * third:]]
+    # slow but moving: four pieces, each well within the deadline, together past it
+    quarter = len(JPEG) // 4
+    pieces = [JPEG[:quarter], JPEG[quarter:2 * quarter], JPEG[2 * quarter:3 * quarter], JPEG[3 * quarter:]]
     answer, _ = raw_post(service, "/v1/detect", f"Content-Length: {len(JPEG)}\r\n", pieces,
-                         BODY_IDLE_S * 0.6, wait=60)
+                         BODY_IDLE_S * 0.4, wait=60)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     # more stalled uploads than the replica has slots (tiny preset: 64), left open: their
     # slots come free, so /healthz is answered (before: it waited until they hung up)
@@ -1071,7 +1071,7 @@ def answered_across_a_stop(url: str, proc: subprocess.Popen, uploads: int = 6) -
     threads = [threading.Thread(target=finish, args=(i,)) for i in range(uploads)]
     for thread in threads:
         thread.start()
-    time.sleep(1)  # the requests reach the replica
+    time.sleep(2)  # the requests reach the replica (their headers routed them)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1)  # the stop under way
     go_on.set()

@@ -272,6 +272,21 @@ def test_an_s3_lock_of_a_run_killed_on_this_machine_is_taken_over_at_once(s3_ser
     finally:
         holder.kill()
         holder.wait()
+    # the same, had it been a Ray cluster's driver: the cluster's workers may still be
+    # writing, and only Ray can say its job has ended
+    import json
+
+    import boto3
+
+    lock = {"Bucket": "runs-killed-here", "Key": "r1/.lock"}
+    client = boto3.client("s3")
+    as_written = json.loads(client.get_object(**lock)["Body"].read())
+    client.put_object(**lock, Body=json.dumps({**as_written, "ray_job": "01000000",
+                                               "ray_cluster": "10.0.0.1:6379 session_x"}))
+    with pytest.raises(UsageError, match=rf"another train-gan \(pid {holder.pid} on .+\) is writing"):
+        with storage.exclusive(workdir, "train-gan"):
+            pass
+    client.put_object(**lock, Body=json.dumps(as_written))
     started = time.time()
     with storage.exclusive(workdir, "train-gan"):  # gone: taken over well within the lease
         pass

@@ -11,6 +11,7 @@ GET /v1/stats, and FastAPI's /docs. Every request's image goes through one
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type
 # on the ingress methods that Serve rewraps
 import asyncio
+import contextlib
 import errno
 import functools
 import os
@@ -381,7 +382,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
             time.sleep(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
         print(f"stopping the service: answering the requests in flight (at most "
-              f"{DRAIN_TIMEOUT_S:.0f} s; Ctrl-C again stops at once)...", flush=True)
+              f"{DRAIN_TIMEOUT_S:.0f} s)...", flush=True)
         drain()
     finally:
         serve.shutdown()
@@ -395,7 +396,10 @@ def drain() -> None:
     still open was reset (28 of 60 uploads in flight). Deleting the application first
     takes its route away and lets each replica finish its requests (within
     graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them."""
-    serve.delete(APP_NAME)
+    from ray.serve.exceptions import RayServeException
+
+    with contextlib.suppress(RayServeException):  # stopped before Serve had started: nothing to drain
+        serve.delete(APP_NAME)
 
 
 def remove_haproxy_folder() -> None:
