@@ -216,11 +216,11 @@ def unlisted_checkpoints(listed: list[Checkpoint]) -> list[Checkpoint]:
     store = ray.train.get_context().get_storage()
     fs, run = store.storage_filesystem, store.experiment_fs_path
     known = {os.path.basename(c.path.rstrip("/")) for c in listed}
-    unlisted = [p for _, p in epoch_folders(fs, run) if os.path.basename(p.rstrip("/")) not in known]
-    # a later epoch of this run is written beside them, never over one in place (Ray's
-    # upload is no atomic swap: a stop halfway would damage an intact copy)
-    _skipped_names.update(os.path.basename(p.rstrip("/")) for p in unlisted)
-    return [Checkpoint(path=p, filesystem=fs) for p in unlisted]
+    # the epoch trained again is written over such a folder, as Ray names it: beside it, the
+    # unregistered folder would stay for good (Ray prunes only what it registered), and a
+    # stop halfway through the write leaves the registered one before it to resume from
+    return [Checkpoint(path=p, filesystem=fs) for _, p in epoch_folders(fs, run)
+            if os.path.basename(p.rstrip("/")) not in known]
 
 
 def state_at_epoch(epoch: int) -> dict | None:
@@ -265,7 +265,7 @@ def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> Non
         ray.train.report(metrics)
         return
     name = f"epoch_{epoch:04d}"
-    if name in _skipped_names:  # that folder is there already: registered and damaged, or unregistered
+    if name in _skipped_names:  # that folder is registered already (and damaged)
         name = f"{name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as d:
         checkpoint.write_state(d, state)
