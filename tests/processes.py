@@ -60,3 +60,20 @@ def has_child(pid: int, name: str) -> bool:
             if int(rest.split()[1]) == pid and command.split("(", 1)[1] == name:
                 return True
     return False
+
+
+def signal_driver_once(sig: int, marker: str):
+    """For a training worker or a Tune trial: the user's Ctrl-C or a stop, sent to this
+    (the driver's) process, then a wait the stop ends. Once only, by creating `marker`: a
+    retried worker sending it again would stop later tests."""
+    driver = os.getpid()
+
+    def send(*_, **__):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os.kill(driver, sig)
+        time.sleep(120)  # the stop ends this worker long before
+
+    return send

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from deepfake_ray.detector import data, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
 from tests.cli_output import error_lines
+from tests.processes import signal_driver_once
 from tests.detector_checks import assert_exported_model
 from tests.detector_stages import build, checkerboard_face, write_stage
 
@@ -557,17 +557,7 @@ def test_sigterm_during_training_is_a_stop_with_exit_143(ray_session, tiny_cfg, 
     of its own, so the command said "interrupted" and exited 130, as for a Ctrl-C."""
     cfg = tiny_cfg(*FAST)
     build(cfg.workdir, 60, 32)
-    driver, sent = os.getpid(), os.path.join(cfg.workdir, "sent")
-
-    def send_sigterm(_):  # in the training worker: the stop, sent to the driver
-        try:  # once only: a retried worker sending it again would stop later tests
-            os.close(os.open(sent, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-        os.kill(driver, signal.SIGTERM)
-        time.sleep(30)
-
-    monkeypatch.setattr(train, "worker_loop", send_sigterm)
+    monkeypatch.setattr(train, "worker_loop", signal_driver_once(signal.SIGTERM, os.path.join(cfg.workdir, "sent")))
     sets = [a for kv in FAST for a in ("--set", kv)]
     assert cli.main(["train-detector", "--preset", "tiny", "--workdir", cfg.workdir, *sets]) == 143
     assert error_lines(capsys) == ["deepfake-ray train-detector: stopped (SIGTERM); run the same command "
@@ -589,17 +579,7 @@ def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
     in_use = train.model_dir(cfg.workdir)
     checkpoint.save_model(in_use, {}, {"lr": 1e-4, "epoch": 0, "threshold": 0.5, "metrics": {}})
     storage.mark_complete(train.stage_dir(cfg.workdir), {"model": in_use})
-    driver, pressed = os.getpid(), os.path.join(cfg.workdir, "pressed")
-
-    def press_ctrl_c(params, **_):  # in the trial: the user's key press, sent to the driver
-        try:  # once only: a retried trial pressing it again would interrupt later tests
-            os.close(os.open(pressed, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-        os.kill(driver, signal.SIGINT)
-        time.sleep(30)
-
-    monkeypatch.setattr(tune, "trial", press_ctrl_c)
+    monkeypatch.setattr(tune, "trial", signal_driver_once(signal.SIGINT, os.path.join(cfg.workdir, "pressed")))
     args = ["tune", "--preset", "tiny", "--workdir", cfg.workdir, "--force"]
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever ran before
     try:

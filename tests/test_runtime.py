@@ -251,15 +251,9 @@ def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_se
     the pipeline's next stage) is one too, not an abort of the finished run."""
     from deepfake_ray import config, training
 
-    driver, pressed = os.getpid(), str(tmp_path / "pressed")
+    from tests.processes import signal_driver_once
 
-    def press_ctrl_c(_):  # in the training worker: the user's key press, sent to the driver
-        try:  # once only: a restarted worker pressing it again would interrupt later tests
-            os.close(os.open(pressed, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-        os.kill(driver, signal.SIGINT)
-        time.sleep(120)  # the abort ends this worker long before
+    driver, press_ctrl_c = os.getpid(), signal_driver_once(signal.SIGINT, str(tmp_path / "pressed"))
 
     cfg = config.build("tiny", None, [], workdir=str(tmp_path))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever ran before
