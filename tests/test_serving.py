@@ -101,6 +101,7 @@ def service(ray_session, model_dir, tmp_path_factory):
     serve.run(app.build(cfg, model_dir), name=app.APP_NAME, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+    app.remove_haproxy_folder()  # as `deepfake-ray serve` does: each run's would stay in /tmp
 
 
 @pytest.fixture(scope="module")
