@@ -252,10 +252,12 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
     model, src, out = check_args(model, input, out)
     checkpoint.check_detector(model)  # its weights too: not a scoring actor's traceback
     # the input before the table: a missing one is no run that "already" made it
-    if storage.is_s3(src):
-        check_input(src)  # a prefix is listed once Ray is up: 100k keys take 100 requests
-    else:
-        list_inputs(src, out)  # milliseconds: an empty folder is told now, not after Ray's start
+    check_input(src)
+    if not (storage.is_s3(src) or is_manifest(src)):
+        # a local folder's listing (milliseconds, kept for the run): an empty one is told
+        # now, not after Ray's start. A prefix waits for Ray (100k keys take 100 requests),
+        # a manifest is read once, by the run
+        list_inputs(src, out)
     check_out(out)
     if storage.exists(out) and not force:
         print(f"score: {out} already exists; pass --force to score again", flush=True)
@@ -271,9 +273,6 @@ def check_out(out: str) -> None:
     if storage.is_dir(out):
         raise UsageError(f"--out {out} is a folder, and score writes one table file there: "
                          "pass another name, or remove the folder")
-    if not storage.is_s3(out) and (file := file_above(out)):  # the OS would say "File exists"
-        raise UsageError(f"cannot write --out {out}: {file} is a file, not a folder: "
-                         "pass a path in a folder")
 
 
 def file_above(path: str) -> str | None:
@@ -294,6 +293,9 @@ def check_writable(out: str) -> None:
         storage.write_bytes(probe, b"")
         storage.delete_file(probe)
     except OSError as e:
+        if not storage.is_s3(out) and (file := file_above(out)):  # the OS says only "File exists"
+            raise UsageError(f"cannot write --out {out}: {file} is a file, not a folder: "
+                             "pass a path in a folder") from None
         raise UsageError(storage.explain(e) or f"cannot write --out {out} "
                          f"({e.strerror or type(e).__name__}): pass a location you can write to") from None
 
