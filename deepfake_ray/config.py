@@ -331,7 +331,9 @@ def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
     if updates is None and prefix:  # a section of a --config file with only comments under it
         return obj
     if not isinstance(updates, dict):
-        raise UsageError(f"'{prefix.rstrip('.')}' is a section: give it keys, e.g. {prefix}KEY=VALUE")
+        section = prefix.rstrip(".")
+        raise UsageError(f"'{section}' is a section, not a value: give it keys, e.g. --set {prefix}KEY=VALUE, "
+                         f"or in a --config file '{section}: {{KEY: VALUE}}'")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
     changes = {}
@@ -362,8 +364,18 @@ def unknown_key(name: str, valid: list[str]) -> UsageError:
 
 def shown(value: Any) -> str:
     """A value as an error line quotes it: a 5,000-digit one would be the whole screen."""
-    text = repr(value.text if isinstance(value, Typed) else value)
+    text = repr(value.text if isinstance(value, Typed) else as_read(value))
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def as_read(value: Any) -> Any:
+    """A --config file's list or mapping with its numbers as YAML reads them: [0.8, 0.1],
+    not the Typed wrappers they are kept in until a field takes them."""
+    if isinstance(value, Typed):
+        return value.parsed()
+    if isinstance(value, list):
+        return [as_read(v) for v in value]
+    return {as_read(k): as_read(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def coerce(name: str, value: Any, hint: Any, example: Any = None) -> Any:

@@ -150,6 +150,10 @@ def test_an_empty_config_file_changes_nothing_and_an_empty_config_name_is_refuse
      "is not valid YAML: 'data' appears twice in one mapping (line 3, column 1)"),  # the first section lost
     ("data:\n  [a]: 1\n", "a key must be a name, not a list or mapping (line 2, column 3)"),
     ("? {gan: 1}\n: 2\n", "a key must be a name, not a list or mapping (line 1, column 3)"),
+    ("data: {splits: [0.8, 0.1]}\n", "expects a list of 3 values, e.g. data.splits=[0.8,0.1,0.1]; got [0.8, 0.1]"),
+    ("data: {resolution: [64]}\n", "config key 'data.resolution' expects a whole number (int), got [64] (list)"),
+    ("gan: 5\n", "'gan' is a section, not a value: give it keys, e.g. --set gan.KEY=VALUE, "
+                  "or in a --config file 'gan: {KEY: VALUE}'"),
 ])
 def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
     path = tmp_path / "run.yaml"
