@@ -105,6 +105,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "notes.png": (b"these are not the pixels you are looking for\n" * 20, "not an image"),
         "cut.png": (encode(rgb(6), "PNG")[:40], "corrupt"),  # an image's first bytes: damaged
         "half.webp": (webp[: len(webp) // 2], "corrupt"),
+        "damaged.png": (damaged_png(), "corrupt"),  # all its bytes there: not "truncated"
         "download.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "html page"),
         "bomb.png": (bomb_png(), "decompression bomb"),
         "scans.jpg": (many_scans_jpeg(), "decompression bomb"),  # ~20,000 scans: seconds to decode
@@ -122,6 +123,13 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "texture.jpg": (dds_texture(), "not an image"),
         "no_components.jpg": (componentless_jpeg(), "corrupt"),
     }
+
+
+def damaged_png() -> bytes:
+    """A PNG of full length with one byte of its compressed pixels flipped."""
+    png = bytearray(encode(rgb(6, 96), "PNG"))
+    png[png.find(b"IDAT") + 10] ^= 0xFF
+    return bytes(png)
 
 
 def componentless_jpeg(size: int = 32) -> bytes:

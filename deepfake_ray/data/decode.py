@@ -213,8 +213,9 @@ def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
     # IndexError): each is one bad file, never a failed stage
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise DecodeError("truncated" if "truncat" in msg.lower() or "broken" in msg.lower()
-                          else "corrupt", msg)
+        # Pillow says "truncated" where the data ends early; its "broken data stream" is
+        # damaged data in a file of full length
+        raise DecodeError("truncated" if "truncat" in msg.lower() else "corrupt", msg)
     img = upright(img)
     try:
         return to_rgb(img)
