@@ -1245,6 +1245,23 @@ def test_a_source_folder_the_os_will_not_list_exits_2_with_one_line_before_ray(t
         assert error_lines(capsys) == [f"deepfake-ray prepare: error: source '{source}' {said}"]
 
 
+def test_a_folder_of_no_images_exits_2_before_ray_and_leaves_no_workdir(tmp_path, capsys, monkeypatch):
+    """It was refused only once Ray had started (~10 s), leaving the workdir's locks behind."""
+    source = tmp_path / "notes"
+    (source / "inner").mkdir(parents=True)
+    (source / "inner" / "readme.txt").write_text("no faces here")
+    (source / "animation.gif").write_bytes(encode(rgb(1), "GIF"))  # an image, of no extension prepare reads
+    (source / ".hidden").mkdir()
+    (source / ".hidden" / "face.jpg").write_bytes(encode(rgb(2), "JPEG"))
+    monkeypatch.setattr(runtime, "init", lambda *a, **k: pytest.fail("Ray started for a folder of no images"))
+    workdir = tmp_path / "w"
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(workdir), "--source", str(source)]) == 2
+    assert error_lines(capsys) == [f"deepfake-ray prepare: error: no .jpg/.jpeg/.png/.webp files under "
+                                   f"'{source}': check the path (folders are searched recursively; hidden "
+                                   "ones are left out)"]
+    assert not workdir.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(SHARED_UTKFACE), reason="../shared/data/utkface_crop_part1_5k absent")
 def test_real_utkface_photos_all_accepted(ray_session, tiny_cfg):

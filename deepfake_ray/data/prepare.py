@@ -612,6 +612,7 @@ def check_data_source(cfg: Config) -> None:
     check_source(cfg.data.source, cfg.data, copied=bool(copy and storage.completed(copy)))
     if sources.kind(source := cfg.data.source.strip()) == "path" and not storage.is_s3(source):
         sources.check_outside_workdirs(source, source, cfg.workdir)  # on S3: once listed, after Ray's start
+        sources.check_has_images(source)
 
 
 def readable_source(cfg: Config) -> Source:

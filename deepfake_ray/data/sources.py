@@ -128,11 +128,22 @@ def resolve_source(text: str, data: DataConfig) -> Source:
         return Source(text, files=files, root=folder)
     listing = source_listing(text)
     if not (files := images_in(listing)):
-        raise UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
-                         "(folders are searched recursively; hidden ones are left out)")
+        raise no_images(text)
     root = storage.normalize(text)
     sizes = {f: listing[f] for f in files} if storage.is_s3(root) else {}
     return Source(text, files=files, root=root, workdirs=workdirs_in(listing), sizes=sizes)
+
+
+def check_has_images(text: str) -> None:
+    """A folder that holds no image file, refused before Ray starts: listed once a command
+    (`listed_once`), so the run that follows reads the same listing."""
+    if not images_in(source_listing(text)):
+        raise no_images(text)
+
+
+def no_images(text: str) -> UsageError:
+    return UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
+                      "(folders are searched recursively; hidden ones are left out)")
 
 
 # The listings of source folders, while `listed_once` holds: a pipeline asks whether data/
