@@ -381,6 +381,8 @@ def execute(args: argparse.Namespace) -> int:
             if args.command in WRITERS:  # a run writing there says more: it may be making them
                 storage.check_not_held(cfg.workdir, args.command)
             raise
+        if (stage := getattr(module, "STAGE", None)) and stage.inputs:
+            cfg = lineage.as_made_upstream(cfg, stage)
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
             check_utf8(args)

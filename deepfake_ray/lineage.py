@@ -23,13 +23,14 @@ are not settings: a resubmission to another cluster must still find its stages c
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from deepfake_ray import storage
+from deepfake_ray import config, storage
 from deepfake_ray.config import Config, value_of
 from deepfake_ray.errors import UsageError
 
@@ -41,6 +42,12 @@ STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made 
 INPUTS = {"data": ("prepared images", ("prepare",)), "gan": ("trained generator", ("train-gan",)),
           "fakes": ("generated fakes", ("generate",)),
           "detector": ("finished detector", ("train-detector", "tune"))}
+
+
+# a stage folder -> the module whose STAGE makes it (the detector also by `tune`, which
+# records train-detector's settings in it)
+MAKERS = {"data": "deepfake_ray.data.prepare", "gan": "deepfake_ray.gan.train",
+          "fakes": "deepfake_ray.gan.generate", "detector": "deepfake_ray.detector.train"}
 
 
 class InputsNotReady(UsageError):
@@ -314,6 +321,52 @@ def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
             check_resumable(cfg, stage, begun, asked)
         return None
     return done if rerun_reason(cfg, stage, done, asked) is None else None
+
+
+def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[str, tuple]:
+    """Setting -> (value recorded, "key=recorded (asked: value)") where a complete stage that
+    `stage` reads, itself or through another, was made with another value than `cfg` asks.
+    `stage`'s own settings are left to its own checks."""
+    read = {} if read is None else read
+    own, found, seen = stage.settings(cfg), {}, set()
+    todo = list(stage.inputs)
+    while todo:
+        folder = todo.pop(0)
+        if folder in seen or folder not in MAKERS or (done := marker(cfg, folder, read)) is None:
+            continue
+        seen.add(folder)
+        todo += list(done.get("inputs", {}))
+        maker = importlib.import_module(MAKERS[folder]).STAGE
+        recorded = maker.settings_now(done.get("settings", {}))
+        for key, text in differences(maker, done, {"settings": maker.settings(cfg)}).items():
+            if key not in own and key not in found and known(cfg, key):
+                found[key] = (recorded[key], text)
+    return found
+
+
+def as_made_upstream(cfg: Config, stage: Stage) -> Config:
+    """`cfg` with the settings the stages `stage` reads were made with, where it asks for
+    others, and says so. A stage run alone reads those stages as they are: this run's
+    config.yaml then names what made the work directory, so that `--config W/config.yaml`
+    (what every hint passes) finds them complete instead of refusing or redoing them."""
+    found = upstream_made(cfg, stage)
+    if not found:
+        return cfg
+    nested: dict = {}
+    for key, (value, _) in found.items():
+        *sections, name = key.split(".")
+        place = nested
+        for section in sections:
+            place = place.setdefault(section, {})
+        place[name] = value
+    try:
+        made_with = config.merge(cfg, nested)
+    except UsageError:  # a value an older version recorded in another form: left as asked
+        return cfg
+    print(f"{stage.command}: note: the stages it reads were made with "
+          f"{', '.join(text for _, text in found.values())}; this run takes those, and config.yaml "
+          "records them", flush=True)
+    return made_with
 
 
 def say_missing(cfg: Config, stage: Stage, done: dict) -> None:

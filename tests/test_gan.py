@@ -502,6 +502,20 @@ def test_generate_leaves_out_the_fakes_that_copy_a_real_photo(generated, tmp_pat
     assert not {f"fake:0:{i:07d}" for i in range(5)} & {row["path"] for row in fakes}
 
 
+def test_generate_run_alone_records_the_settings_the_gan_was_made_with(trained, tmp_path, capsys):
+    """Run with the preset's 2 epochs on a GAN of 6, it recorded 2 in config.yaml: the hints'
+    `--config W/config.yaml` then refused the GAN (or trained it on, with more epochs)."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained[0], workdir)
+    shutil.rmtree(datasets.fakes_dir(workdir), ignore_errors=True)  # made by `generated`, if it ran
+    assert cli.main(["generate", "--preset", "tiny", "--workdir", workdir]) == 0
+    assert f"gan.epochs={EPOCHS} (asked: 2)" in capsys.readouterr().out
+    settings = os.path.join(workdir, "config.yaml")
+    assert config.build("demo", settings).gan.epochs == EPOCHS
+    assert cli.main(["train-gan", "--config", settings, "--workdir", workdir]) == 0
+    assert "is already complete" in capsys.readouterr().out
+
+
 def test_a_generator_that_only_repeats_itself_exits_2_naming_the_fix(generated, tmp_path, capsys):
     workdir = str(tmp_path / "w")
     shutil.copytree(generated[0], workdir)

@@ -90,3 +90,21 @@ def test_a_stage_run_before_the_stages_it_reads_names_the_command_that_makes_the
         f"deepfake-ray evaluate: error: no finished detector in {workdir}/detector: run `deepfake-ray "
         f"train-detector {saved}` (or `deepfake-ray tune {saved}`) first, or the whole `deepfake-ray "
         f"pipeline {saved}`"]
+
+
+def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with(tmp_path, capsys):
+    """`train-detector` after a GAN of 8 epochs, run with the preset's 2: it was accepted and
+    config.yaml recorded 2, so `pipeline --config W/config.yaml`, as every hint says, was refused."""
+    made = config.build("tiny", None, ["gan.epochs=8", "data.jpeg_quality=90", "detector.lr=0.01"],
+                        workdir=str(tmp_path))
+    for stage in STAGES[:3]:  # data, gan, fakes
+        lineage.complete(made, stage, {}, lineage.made(made, stage))
+    asked = config.build("tiny", None, ["detector.lr=0.002"], workdir=made.workdir)
+    taken = lineage.as_made_upstream(asked, detector_train.STAGE)
+    assert (taken.gan.epochs, taken.data.jpeg_quality, taken.detector.lr) == (8, 90, 0.002)  # its own: as asked
+    note = capsys.readouterr().out
+    assert "train-detector: note: the stages it reads were made with" in note
+    assert "data.jpeg_quality=90 (asked: 95)" in note and f"gan.epochs=8 (asked: {asked.gan.epochs})" in note
+    for stage in STAGES[:3]:
+        assert lineage.current(taken, stage) is not None  # what a rerun with its config.yaml finds
+    assert lineage.as_made_upstream(taken, detector_train.STAGE) == taken and not capsys.readouterr().out
