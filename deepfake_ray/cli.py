@@ -294,6 +294,41 @@ def quiet_cleanup_errors() -> None:
     sys.unraisablehook = hook
 
 
+def quiet_ray_output() -> None:
+    """Once a command is stopped, Ray's processes stop too, and say so: a sweep's trial
+    controllers printed ~100 lines of tracebacks of each other's death after our one line
+    (a Ctrl-C reaches them all). Ray's log files keep them. Only where the process exits
+    next (the console script): in a caller of main(), its Ray goes on."""
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):  # Ray's private names: a Ray without them prints on
+        from ray._private import worker
+
+        worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")  # workers' output
+        worker.global_worker.threads_stopped.set()  # its threads printing that and the raylet's errors
+        for held in (worker.stdout_deduplicator, worker.stderr_deduplicator):
+            held.flush()  # repeated lines held back, which Ray's shutdown would print
+
+
+def exit_within(code: int, seconds: float = 15.0) -> None:
+    """The command ends at the latest `seconds` after its stop line, with its own code. A
+    SIGTERM to the whole process group (`timeout`, a container's stop) also stops the
+    in-process Ray's own processes, and the clean-up at exit (Tune's, then Ray's shutdown)
+    then waited 60 s for a GCS that was going down, ending with exit 1 and Ray's error.
+    Ray ties the lives of the processes it started to this one."""
+    import threading
+
+    def end():
+        time.sleep(seconds)
+        for stream in (sys.stdout, sys.stderr):  # os._exit leaves buffers unwritten
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    threading.Thread(target=end, name="deepfake-ray-exit", daemon=True).start()
+
+
 def quit_at_once_if_signalled(code: int) -> None:
     """After the first Ctrl-C or SIGTERM, another ends the process at once: Ray's shutdown
     at exit (a second or two) otherwise ends in a KeyboardInterrupt traceback. Only where
@@ -466,9 +501,12 @@ def main(argv: list[str] | None = None) -> int:
             said = f"{stopped}; run {again}"
             if args.command in WRITERS:  # score, serve and report have no stages to skip
                 said += ": finished stages are skipped and a training resumes from its last checkpoint"
+        if argv is None:
+            quiet_ray_output()
         print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
         code = 143 if by_sigterm(e) else 130
         if argv is None:
+            exit_within(code)
             quit_at_once_if_signalled(code)
             quiet_cleanup_errors()
         return code
