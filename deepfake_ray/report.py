@@ -142,13 +142,28 @@ def timings(w: str) -> list:
     # the seconds of the run that completed it where it knows them (a resumed training's
     # are that run's only); a failed stage's output is not made
     stages = [s for s in stages if isinstance(s, dict)]
-    made = [seconds_to_make(s) for s in stages]
+    on_record = [seconds_to_make(s) for s in stages]
+    made = [m if m is not None else marker_seconds(w, s) for s, m in zip(stages, on_record)]
     rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
             for s, m in zip(stages, made)]
     total = sum(recorded_seconds(s.get("seconds")) or 0 for s in stages)
     to_make = fmt(sum(made)) if None not in made else "?"
+    note = ("a stage no pipeline run made: the seconds its own command recorded in its _COMPLETE.json"
+            if made != on_record else "")
     return [Table(["stage", "status", "seconds (last run)", "seconds of the run that completed it"],
-                  rows + [["total", "", fmt(total), to_make]])]
+                  rows + [["total", "", fmt(total), to_make]], note)]
+
+
+def marker_seconds(w: str, stage: dict) -> float | None:
+    """A skipped stage's seconds as its marker records them, where it is the output the
+    pipeline skipped: made by the stage's own command (`train-gan`), pipeline.json has none."""
+    folder = {command: folder for *_, command, folder in SECTIONS if folder}.get(stage.get("name"))
+    if stage.get("status") != "skipped" or folder is None or stage.get("completed") is None:
+        return None
+    done = read_json(w, f"{folder}/_COMPLETE.json")
+    if isinstance(done, dict) and done.get("completed") == stage["completed"]:
+        return recorded_seconds(done.get("seconds"))
+    return None
 
 
 def data(w: str) -> list:

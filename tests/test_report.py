@@ -280,6 +280,31 @@ def test_a_stage_no_run_on_record_made_shows_its_time_to_make_as_unknown(tmp_pat
         assert f"| train-gan | {failed['status']} | 0.1 | ? |" in md and "| total |  | 3.3 | ? |" in md, md
 
 
+def test_a_stage_made_by_its_own_command_shows_the_seconds_its_marker_recorded(tmp_path):
+    """`prepare` and `train-gan` run alone, then a pipeline that skips them: pipeline.json
+    has no run that made them, their markers have the seconds (the report showed `?`)."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    for folder, seconds in (("data", 4.0), ("gan", 18.8)):
+        marker = storage.join(w, folder, "_COMPLETE.json")
+        storage.write_json(marker, {**storage.read_json(marker), "seconds": seconds, "completed": f"{folder} at 10:00"})
+    storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
+        {"name": "prepare", "status": "skipped", "seconds": 0.0, "completed": "data at 10:00"},
+        {"name": "train-gan", "status": "skipped", "seconds": 0.0, "completed": "gan at 09:00"},  # not this one
+        {"name": "evaluate", "status": "done", "seconds": 12.0}]})
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| prepare | skipped | 0 | 4 |" in md and "| train-gan | skipped | 0 | ? |" in md, md
+    assert "the seconds its own command recorded in its _COMPLETE.json" in md
+    storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
+        {"name": "prepare", "status": "skipped", "seconds": 0.0, "completed": "data at 10:00"},
+        {"name": "train-gan", "status": "skipped", "seconds": 0.0, "completed": "gan at 10:00"},
+        {"name": "evaluate", "status": "done", "seconds": 12.0}]})
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| train-gan | skipped | 0 | 18.8 |" in md and "| total |  | 12 | 34.8 |" in md, md
+
+
 def test_missing_sections_name_the_command(tmp_path):
     w = str(tmp_path / "empty run")
     storage.write_json(storage.join(w, "data/_COMPLETE.json"),
