@@ -179,12 +179,17 @@ def data(w: str) -> list:
     if s.get("reasons"):
         reasons = sorted(s["reasons"].items(), key=lambda kv: -kv[1])
         blocks.append(Table(["rejected because", "files"], [[k, fmt(v)] for k, v in reasons]))
-    fakes = read_json(w, "fakes/_COMPLETE.json")
-    if isinstance(fakes, dict):
-        scalars = {k: v for k, v in fakes.items() if not isinstance(v, (dict, list))}
-        blocks += [Text("Generated fakes (WORKDIR/fakes):"),
-                   Table(["", ""], [[k, fmt(v)] for k, v in scalars.items()])]
     return blocks
+
+
+def fakes(w: str) -> list:
+    """A section of their own, not part of data's: missing or out of date (a GAN trained
+    further since), it says so and names the command, as the other stages' do."""
+    s = read_json(w, "fakes/_COMPLETE.json")
+    if not isinstance(s, dict):
+        return [s] if s else []
+    scalars = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
+    return [Table(["fakes/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in scalars.items()])]
 
 
 def epoch_of(uri: str) -> int:
@@ -273,6 +278,7 @@ SECTIONS = [
     ("timings", "Stage timings", timings, "pipeline", None),
     ("data", "Data", data, "prepare", "data"),
     ("gan", "GAN training", gan, "train-gan", "gan"),
+    ("fakes", "Generated fakes", fakes, "generate", "fakes"),
     ("detector", "Detector training", detector, "train-detector", "detector"),
     ("tune", "Learning-rate sweep (Ray Tune)", tune, "tune", "tune"),
     ("metrics", "Held-out test metrics", metrics, "evaluate", "eval"),

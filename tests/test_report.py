@@ -233,6 +233,28 @@ def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsy
     assert "deepfake-ray train-detector --config" not in md
 
 
+def test_generated_fakes_say_when_they_are_out_of_date_or_missing(tmp_path, capsys):
+    """`train-gan --set gan.epochs=9` after the fakes were made from the 8-epoch GAN: the
+    fakes no longer follow from it (train-detector refuses them), and without fakes/ (the
+    GAN interrupted) the report named no `generate`."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    mark_complete(w, "fakes", ["data", "gan"])
+    mark_complete(w, "gan", STAGE_INPUTS["gan"], when="2026-12-02T12:00:00")  # trained further
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Generated fakes" in result["stale"]
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert ("## Generated fakes\n\n_Out of date: gan/ changed since fakes/ was made. What follows may not "
+            f"describe the current model; run `deepfake-ray generate --config {w}/config.yaml --workdir {w}`._") in md
+    storage.delete_dir(storage.join(w, "fakes"))
+    capsys.readouterr()
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Generated fakes" in result["missing"]
+    assert "not produced yet: Generated fakes" in capsys.readouterr().out
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert f"## Generated fakes\n\n_Not produced yet: run `deepfake-ray generate --config {w}/config.yaml" in md
+
+
 def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_path):
     """tune published its best trial; train-detector then trained detector/model again
     (and unmarked the sweep). The sweep's section must not call itself interrupted, whose
