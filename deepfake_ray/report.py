@@ -287,22 +287,31 @@ SECTIONS = [
 ]
 
 
-def out_of_date(cfg: Config, folder: str, read: dict) -> str | None:
-    """Why the files in WORKDIR/`folder` may not describe the run as it is now, or None.
+def out_of_date(cfg: Config, folder: str, read: dict) -> tuple[str, str] | None:
+    """Why the files in WORKDIR/`folder` may not describe the run as it is now, and the
+    folder whose stage must run first (one it was made from, when that is out of date:
+    this stage's own command would be refused), or None.
     `read`: the markers read so far (the sections share inputs; on S3 each is a request)."""
     done = lineage.marker(cfg, folder, read)
     if done is None and folder == "tune" and retrained_by_hand(cfg, read):
         return ("train-detector has trained detector/model again since this sweep, whose best "
                 "trial it no longer is (rerunning tune publishes that trial again over it; "
-                "tune --force sweeps anew)")
+                "tune --force sweeps anew)", folder)
     if done is None:  # left by an earlier run while the stage is redone, or not finished
-        return f"{folder}/ is not complete (being redone, or interrupted)"
-    if redone := lineage.redone_since(cfg, done, read):
-        return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made"
+        return f"{folder}/ is not complete (being redone, or interrupted)", folder
     for source in done.get("inputs", {}):  # made from a stage that no longer follows from its own
-        if why := out_of_date(cfg, source, read):
-            return f"{source}/, which {folder}/ was made from, is out of date: {why}"
+        if stale := out_of_date(cfg, source, read):
+            return f"{source}/, which {folder}/ was made from, is out of date: {stale[0]}", stale[1]
+    if redone := lineage.redone_since(cfg, done, read):
+        return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made", folder
     return None
+
+
+def maker(cfg: Config, folder: str, read: dict) -> str:
+    """The command that makes WORKDIR/`folder`."""
+    if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
+        return "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
+    return next(command for *_, command, f in SECTIONS if f == folder)
 
 
 def retrained_by_hand(cfg: Config, read: dict) -> bool:
@@ -334,9 +343,8 @@ def sweeps(cfg: Config, saved: str | None) -> bool:
 def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
     out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
-        if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
-            command = "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
-        redo = lineage.command_line(cfg.workdir, command, saved is not None)
+        redo = lineage.command_line(cfg.workdir, maker(cfg, folder, read) if folder else command,
+                                    saved is not None)
         blocks = build(cfg.workdir)
         if not blocks and folder == "tune" and not sweeps(cfg, saved):
             # not missing: a sweep run by hand would replace the detector this run serves
@@ -345,8 +353,10 @@ def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
                            "--set tune.enabled=true.")]
         elif not blocks:
             blocks = [Missing(redo)]
-        elif folder and (why := out_of_date(cfg, folder, read)):
-            blocks = [Stale(redo, why), *blocks]
+        elif folder and (stale := out_of_date(cfg, folder, read)):
+            why, first = stale  # first: a stage it was made from, when that is out of date too
+            redo = lineage.command_line(cfg.workdir, maker(cfg, first, read), saved is not None)
+            blocks = [Stale(redo, why, then=first != folder), *blocks]
         out.append((anchor, title, blocks))
     return out
 

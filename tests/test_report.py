@@ -223,8 +223,12 @@ def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsy
     assert "is already complete" in out
     assert f"train-detector: note: {w}/fakes, which it was made from, is out of date (gan/ changed " \
         "since): `deepfake-ray pipeline` with this --workdir remakes both" in out
+    md = open(os.path.join(w, "report.md")).read()  # train-detector, run now, would refuse the fakes
+    assert f"run `deepfake-ray generate --config {w}/config.yaml --workdir {w}`, then the stages after it" in md
+    mark_complete(w, "fakes", ["gan"], when="2026-12-02T13:00:00")  # generated again
+    report.run(cfg)
     md = open(os.path.join(w, "report.md")).read()
-    assert f"run `deepfake-ray train-detector --config {w}/config.yaml --workdir {w}`" in md
+    assert f"run `deepfake-ray train-detector --config {w}/config.yaml --workdir {w}`." in md
     detector_marker = storage.join(w, "detector", "_COMPLETE.json")  # the sweep's best trial instead:
     storage.write_json(detector_marker, {**storage.read_json(detector_marker), "tuned": True})
     report.run(cfg)  # remade by sweeping again, not by training at the config's detector.lr
@@ -253,6 +257,21 @@ def test_generated_fakes_say_when_they_are_out_of_date_or_missing(tmp_path, caps
     assert "not produced yet: Generated fakes" in capsys.readouterr().out
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert f"## Generated fakes\n\n_Not produced yet: run `deepfake-ray generate --config {w}/config.yaml" in md
+
+
+def test_stale_metrics_name_the_first_stage_to_rerun_not_one_that_would_refuse(tmp_path):
+    """The fakes made again after the detector: the report said to run `evaluate`, which
+    refuses the out-of-date detector and points to `train-detector`."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    mark_complete(w, "fakes", [], when="2026-12-02T11:00:00")  # generated again
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    held_out = md.split("## Held-out test metrics\n\n")[1]
+    assert held_out.startswith(
+        "_Out of date: detector/, which eval/ was made from, is out of date: fakes/ changed since detector/ "
+        "was made. What follows may not describe the current model; run `deepfake-ray train-detector "
+        f"--config {w}/config.yaml --workdir {w}`, then the stages after it._"), held_out
 
 
 def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_path):
