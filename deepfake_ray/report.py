@@ -67,6 +67,11 @@ def short(value: float) -> str:
     return text
 
 
+# what train-gan and train-detector print per epoch: first, before the columns left out
+# past MAX_COLUMNS (the files' keys come sorted: val_loss fell behind frozen_backbone)
+PRINTED = ("g_loss", "d_loss", "d_real", "d_fake", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc")
+
+
 def history_blocks(w: str, rel: str) -> list:
     """A per-epoch history, its epochs counted from 1 as every command prints them and
     the model's "best epoch" row shows them (the file counts from 0)."""
@@ -74,8 +79,14 @@ def history_blocks(w: str, rel: str) -> list:
     if not (isinstance(history, list) and history and all(
             isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history)):
         return json_blocks(history, rel)
-    return [Text(f"{rel}, per epoch (counted from 1):"),
-            *json_blocks([{**h, "epoch": h["epoch"] + 1} for h in history], rel)]
+    return [Text(f"{rel}, per epoch (counted from 1):"), *json_blocks([as_printed(h) for h in history], rel)]
+
+
+def as_printed(entry: dict) -> dict:
+    """An epoch's entry with its printed metrics first and its epochs counted from 1 (a
+    resumed GAN's `resumed_from` too: "resumed after epoch 4" is the file's 3)."""
+    counted = {k: entry[k] + 1 for k in ("epoch", "resumed_from") if type(entry.get(k)) is int}
+    return {**{k: entry[k] for k in PRINTED if k in entry}, **entry, **counted}
 
 
 def flatten(obj: dict, prefix: str = "") -> dict:

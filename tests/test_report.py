@@ -294,6 +294,28 @@ def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_p
     assert "Out of date: tune/ is not complete" in open(os.path.join(w, "report.html"), encoding="utf-8").read()
 
 
+def test_histories_count_from_1_throughout_and_show_the_printed_metrics_first(tmp_path):
+    """A GAN resumed after epoch 4 (the file's 3) showed `resumed_from` 3 in a table
+    counted from 1, and the detector's 15 columns left out val_loss, not frozen_backbone."""
+    w = str(tmp_path / "work")
+    write_workdir(w, epochs=1)
+    gan = {"d_fake": 0.3, "d_loss": 1.2, "d_real": 0.7, "g_loss": 0.9, "images": 77, "images_per_s": 50.0,
+           "seconds": 1.5, "workers": 1}
+    storage.write_json(storage.join(w, "gan/history.json"), [
+        {**gan, "epoch": 3, "restored": False, "resumed_from": None},
+        {**gan, "epoch": 4, "restored": True, "resumed_from": 3}])
+    storage.write_json(storage.join(w, "detector/history.json"), [{  # as train-detector writes it
+        "epoch": 0, "frozen_backbone": True, "lr": 0.0003, "restored": False, "seconds": 9.5,
+        "train_acc": 0.8, "train_images_per_s": 12.5, "train_loss": 0.45, "train_n": 77, "val_acc": 0.75,
+        "val_acc_at_threshold": 0.8, "val_auc": 0.875, "val_loss": 0.5125, "val_n": 9, "val_threshold": 0.5}])
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| 5 | 0.9 | 1.2 | 0.7 | 0.3 | 77 | 50 | True | 4 | 1.5 | 1 |" in md, md
+    assert ("| epoch | train_loss | train_acc | val_loss | val_acc | val_auc | frozen_backbone | lr | restored |"
+            " seconds | train_images_per_s | train_n |") in md, md
+    assert "| 1 | 0.45 | 0.8 | 0.5125 | 0.75 | 0.875 | True | 0.0003 | False | 9.5 | 12.5 | 77 |" in md
+
+
 def test_damaged_files_are_reported_not_fatal(tmp_path):
     w = str(tmp_path / "work")
     write_workdir(w)
