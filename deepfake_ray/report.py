@@ -155,7 +155,7 @@ def timings(w: str) -> list:
     stages = [s for s in stages if isinstance(s, dict)]
     on_record = [seconds_to_make(s) for s in stages]
     made = [m if m is not None else marker_seconds(w, s) for s, m in zip(stages, on_record)]
-    rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
+    rows = [[fmt(s.get("name")), fmt(s.get("status")), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
             for s, m in zip(stages, made)]
     total = sum(recorded_seconds(s.get("seconds")) or 0 for s in stages)
     to_make = fmt(sum(made)) if None not in made else "?"
@@ -168,11 +168,13 @@ def timings(w: str) -> list:
 def marker_seconds(w: str, stage: dict) -> float | None:
     """A skipped stage's seconds as its marker records them, where it is the output the
     pipeline skipped: made by the stage's own command (`train-gan`), pipeline.json has none."""
-    folder = {command: folder for *_, command, folder in SECTIONS if folder}.get(stage.get("name"))
-    if stage.get("status") != "skipped" or folder is None or stage.get("completed") is None:
+    folders = {command: folder for *_, command, folder in SECTIONS if folder}
+    name, completed = stage.get("name"), stage.get("completed")
+    folder = folders.get(name) if isinstance(name, str) else None  # else hand-edited
+    if stage.get("status") != "skipped" or folder is None or not isinstance(completed, str):
         return None
     done = read_json(w, f"{folder}/_COMPLETE.json")
-    if isinstance(done, dict) and done.get("completed") == stage["completed"]:
+    if isinstance(done, dict) and done.get("completed") == completed:
         return recorded_seconds(done.get("seconds"))
     return None
 

@@ -354,6 +354,7 @@ def test_a_stage_made_by_its_own_command_shows_the_seconds_its_marker_recorded(t
     storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
         {"name": "prepare", "status": "skipped", "seconds": 0.0, "completed": "data at 10:00"},
         {"name": "train-gan", "status": "skipped", "seconds": 0.0, "completed": "gan at 09:00"},  # not this one
+        {"name": ["prepare"], "status": "skipped", "completed": {}},  # hand-edited
         {"name": "evaluate", "status": "done", "seconds": 12.0}]})
     report.run(config.build("tiny", workdir=w))
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
