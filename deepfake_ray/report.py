@@ -3,7 +3,8 @@
 The report is built from whatever the work directory holds, so it can be written after
 any stage; a section whose outputs are missing names the command that produces them,
 and one whose stage is not complete, or was made before a stage it reads was redone,
-says it is out of date (the old held-out metrics after `train-detector --force`).
+says it is out of date (the old held-out metrics after `train-detector --force`) and
+names the first stage to run again (the detector's, when that is out of date too).
 Figures are embedded in the HTML as data: URIs, so the one file opens anywhere (no
 network, no sibling files); report.md links them by relative path instead.
 """
