@@ -104,7 +104,8 @@ def md_block(b) -> str:
     if isinstance(b, Missing):
         return f"_Not produced yet: run `{b.command}`_"
     if isinstance(b, Stale):
-        return f"_Out of date: {b.reason}. What follows may not describe the current model; run `{b.command}`{b.hint()}._"
+        return (f"_Out of date: {b.reason}. What follows may not describe the current model; "
+                f"run `{b.command}`{b.hint()}._")
     return f"```yaml\n{b.text.rstrip()}\n```" if b.pre else b.text
 
 
