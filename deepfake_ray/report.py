@@ -3,7 +3,8 @@
 The report is built from whatever the work directory holds, so it can be written after
 any stage; a section whose outputs are missing names the command that produces them,
 and one whose stage is not complete, or was made before a stage it reads was redone,
-says it is out of date (the old held-out metrics after `train-detector --force`).
+says it is out of date (the old held-out metrics after `train-detector --force`) and
+names the first stage to run again (the detector's, when that is out of date too).
 Figures are embedded in the HTML as data: URIs, so the one file opens anywhere (no
 network, no sibling files); report.md links them by relative path instead.
 """
@@ -67,6 +68,11 @@ def short(value: float) -> str:
     return text
 
 
+# what train-gan and train-detector print per epoch: first, before the columns left out
+# past MAX_COLUMNS (the files' keys come sorted: val_loss fell behind frozen_backbone)
+PRINTED = ("g_loss", "d_loss", "d_real", "d_fake", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc")
+
+
 def history_blocks(w: str, rel: str) -> list:
     """A per-epoch history, its epochs counted from 1 as every command prints them and
     the model's "best epoch" row shows them (the file counts from 0)."""
@@ -74,8 +80,14 @@ def history_blocks(w: str, rel: str) -> list:
     if not (isinstance(history, list) and history and all(
             isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history)):
         return json_blocks(history, rel)
-    return [Text(f"{rel}, per epoch (counted from 1):"),
-            *json_blocks([{**h, "epoch": h["epoch"] + 1} for h in history], rel)]
+    return [Text(f"{rel}, per epoch (counted from 1):"), *json_blocks([as_printed(h) for h in history], rel)]
+
+
+def as_printed(entry: dict) -> dict:
+    """An epoch's entry with its printed metrics first and its epochs counted from 1 (a
+    resumed GAN's `resumed_from` too: "resumed after epoch 4" is the file's 3)."""
+    counted = {k: entry[k] + 1 for k in ("epoch", "resumed_from") if type(entry.get(k)) is int}
+    return {**{k: entry[k] for k in PRINTED if k in entry}, **entry, **counted}
 
 
 def flatten(obj: dict, prefix: str = "") -> dict:
@@ -142,13 +154,30 @@ def timings(w: str) -> list:
     # the seconds of the run that completed it where it knows them (a resumed training's
     # are that run's only); a failed stage's output is not made
     stages = [s for s in stages if isinstance(s, dict)]
-    made = [seconds_to_make(s) for s in stages]
-    rows = [[s.get("name", ""), s.get("status", ""), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
+    on_record = [seconds_to_make(s) for s in stages]
+    made = [m if m is not None else marker_seconds(w, s) for s, m in zip(stages, on_record)]
+    rows = [[fmt(s.get("name")), fmt(s.get("status")), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
             for s, m in zip(stages, made)]
     total = sum(recorded_seconds(s.get("seconds")) or 0 for s in stages)
     to_make = fmt(sum(made)) if None not in made else "?"
+    note = ("a stage no pipeline run made: the seconds its own command recorded in its _COMPLETE.json"
+            if made != on_record else "")
     return [Table(["stage", "status", "seconds (last run)", "seconds of the run that completed it"],
-                  rows + [["total", "", fmt(total), to_make]])]
+                  rows + [["total", "", fmt(total), to_make]], note)]
+
+
+def marker_seconds(w: str, stage: dict) -> float | None:
+    """A skipped stage's seconds as its marker records them, where it is the output the
+    pipeline skipped: made by the stage's own command (`train-gan`), pipeline.json has none."""
+    folders = {command: folder for *_, command, folder in SECTIONS if folder}
+    name, completed = stage.get("name"), stage.get("completed")
+    folder = folders.get(name) if isinstance(name, str) else None  # else hand-edited
+    if stage.get("status") != "skipped" or folder is None or not isinstance(completed, str):
+        return None
+    done = read_json(w, f"{folder}/_COMPLETE.json")
+    if isinstance(done, dict) and done.get("completed") == completed:
+        return recorded_seconds(done.get("seconds"))
+    return None
 
 
 def data(w: str) -> list:
@@ -164,12 +193,17 @@ def data(w: str) -> list:
     if s.get("reasons"):
         reasons = sorted(s["reasons"].items(), key=lambda kv: -kv[1])
         blocks.append(Table(["rejected because", "files"], [[k, fmt(v)] for k, v in reasons]))
-    fakes = read_json(w, "fakes/_COMPLETE.json")
-    if isinstance(fakes, dict):
-        scalars = {k: v for k, v in fakes.items() if not isinstance(v, (dict, list))}
-        blocks += [Text("Generated fakes (WORKDIR/fakes):"),
-                   Table(["", ""], [[k, fmt(v)] for k, v in scalars.items()])]
     return blocks
+
+
+def fakes(w: str) -> list:
+    """A section of their own, not part of data's: missing or out of date (a GAN trained
+    further since), it says so and names the command, as the other stages' do."""
+    s = read_json(w, "fakes/_COMPLETE.json")
+    if not isinstance(s, dict):
+        return [s] if s else []
+    scalars = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
+    return [Table(["fakes/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in scalars.items()])]
 
 
 def epoch_of(uri: str) -> int:
@@ -258,6 +292,7 @@ SECTIONS = [
     ("timings", "Stage timings", timings, "pipeline", None),
     ("data", "Data", data, "prepare", "data"),
     ("gan", "GAN training", gan, "train-gan", "gan"),
+    ("fakes", "Generated fakes", fakes, "generate", "fakes"),
     ("detector", "Detector training", detector, "train-detector", "detector"),
     ("tune", "Learning-rate sweep (Ray Tune)", tune, "tune", "tune"),
     ("metrics", "Held-out test metrics", metrics, "evaluate", "eval"),
@@ -266,22 +301,31 @@ SECTIONS = [
 ]
 
 
-def out_of_date(cfg: Config, folder: str, read: dict) -> str | None:
-    """Why the files in WORKDIR/`folder` may not describe the run as it is now, or None.
+def out_of_date(cfg: Config, folder: str, read: dict) -> tuple[str, str] | None:
+    """Why the files in WORKDIR/`folder` may not describe the run as it is now, and the
+    folder whose stage must run first (one it was made from, when that is out of date:
+    this stage's own command would be refused), or None.
     `read`: the markers read so far (the sections share inputs; on S3 each is a request)."""
     done = lineage.marker(cfg, folder, read)
     if done is None and folder == "tune" and retrained_by_hand(cfg, read):
         return ("train-detector has trained detector/model again since this sweep, whose best "
                 "trial it no longer is (rerunning tune publishes that trial again over it; "
-                "tune --force sweeps anew)")
+                "tune --force sweeps anew)", folder)
     if done is None:  # left by an earlier run while the stage is redone, or not finished
-        return f"{folder}/ is not complete (being redone, or interrupted)"
-    if redone := lineage.redone_since(cfg, done, read):
-        return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made"
+        return f"{folder}/ is not complete (being redone, or interrupted)", folder
     for source in done.get("inputs", {}):  # made from a stage that no longer follows from its own
-        if why := out_of_date(cfg, source, read):
-            return f"{source}/, which {folder}/ was made from, is out of date: {why}"
+        if stale := out_of_date(cfg, source, read):
+            return f"{source}/, which {folder}/ was made from, is out of date: {stale[0]}", stale[1]
+    if redone := lineage.redone_since(cfg, done, read):
+        return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made", folder
     return None
+
+
+def maker(cfg: Config, folder: str, read: dict) -> str:
+    """The command that makes WORKDIR/`folder`."""
+    if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
+        return "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
+    return next(command for *_, command, f in SECTIONS if f == folder)
 
 
 def retrained_by_hand(cfg: Config, read: dict) -> bool:
@@ -313,9 +357,8 @@ def sweeps(cfg: Config, saved: str | None) -> bool:
 def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
     out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
-        if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
-            command = "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
-        redo = lineage.command_line(cfg.workdir, command, saved is not None)
+        redo = lineage.command_line(cfg.workdir, maker(cfg, folder, read) if folder else command,
+                                    saved is not None)
         blocks = build(cfg.workdir)
         if not blocks and folder == "tune" and not sweeps(cfg, saved):
             # not missing: a sweep run by hand would replace the detector this run serves
@@ -324,8 +367,10 @@ def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
                            "--set tune.enabled=true.")]
         elif not blocks:
             blocks = [Missing(redo)]
-        elif folder and (why := out_of_date(cfg, folder, read)):
-            blocks = [Stale(redo, why), *blocks]
+        elif folder and (stale := out_of_date(cfg, folder, read)):
+            why, first = stale  # first: a stage it was made from, when that is out of date too
+            redo = lineage.command_line(cfg.workdir, maker(cfg, first, read), saved is not None)
+            blocks = [Stale(redo, why, then=first != folder), *blocks]
         out.append((anchor, title, blocks))
     return out
 

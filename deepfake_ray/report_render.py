@@ -40,6 +40,10 @@ class Missing:
 class Stale:
     command: str
     reason: str
+    then: bool = False  # the command remakes a stage this one was made from: the rest follow it
+
+    def hint(self) -> str:
+        return ", then the stages after it" if self.then else ""
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -70,7 +74,7 @@ def html_block(b) -> str:
         return f'<p class="missing">Not produced yet: run <code>{e(b.command)}</code></p>'
     if isinstance(b, Stale):
         return (f'<p class="missing">Out of date: {e(b.reason)}. What follows may not describe the '
-                f'current model; run <code>{e(b.command)}</code>.</p>')
+                f'current model; run <code>{e(b.command)}</code>{b.hint()}.</p>')
     return f"<pre>{e(b.text)}</pre>" if b.pre else f"<p>{e(b.text)}</p>"
 
 
@@ -100,7 +104,8 @@ def md_block(b) -> str:
     if isinstance(b, Missing):
         return f"_Not produced yet: run `{b.command}`_"
     if isinstance(b, Stale):
-        return f"_Out of date: {b.reason}. What follows may not describe the current model; run `{b.command}`._"
+        return (f"_Out of date: {b.reason}. What follows may not describe the current model; "
+                f"run `{b.command}`{b.hint()}._")
     return f"```yaml\n{b.text.rstrip()}\n```" if b.pre else b.text
 
 

@@ -223,14 +223,55 @@ def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsy
     assert "is already complete" in out
     assert f"train-detector: note: {w}/fakes, which it was made from, is out of date (gan/ changed " \
         "since): `deepfake-ray pipeline` with this --workdir remakes both" in out
+    md = open(os.path.join(w, "report.md")).read()  # train-detector, run now, would refuse the fakes
+    assert f"run `deepfake-ray generate --config {w}/config.yaml --workdir {w}`, then the stages after it" in md
+    mark_complete(w, "fakes", ["gan"], when="2026-12-02T13:00:00")  # generated again
+    report.run(cfg)
     md = open(os.path.join(w, "report.md")).read()
-    assert f"run `deepfake-ray train-detector --config {w}/config.yaml --workdir {w}`" in md
+    assert f"run `deepfake-ray train-detector --config {w}/config.yaml --workdir {w}`." in md
     detector_marker = storage.join(w, "detector", "_COMPLETE.json")  # the sweep's best trial instead:
     storage.write_json(detector_marker, {**storage.read_json(detector_marker), "tuned": True})
     report.run(cfg)  # remade by sweeping again, not by training at the config's detector.lr
     md = open(os.path.join(w, "report.md")).read()
     assert f"run `deepfake-ray tune --config {w}/config.yaml --workdir {w}`" in md
     assert "deepfake-ray train-detector --config" not in md
+
+
+def test_generated_fakes_say_when_they_are_out_of_date_or_missing(tmp_path, capsys):
+    """`train-gan --set gan.epochs=9` after the fakes were made from the 8-epoch GAN: the
+    fakes no longer follow from it (train-detector refuses them), and without fakes/ (the
+    GAN interrupted) the report named no `generate`."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    mark_complete(w, "fakes", ["data", "gan"])
+    mark_complete(w, "gan", STAGE_INPUTS["gan"], when="2026-12-02T12:00:00")  # trained further
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Generated fakes" in result["stale"]
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert ("## Generated fakes\n\n_Out of date: gan/ changed since fakes/ was made. What follows may not "
+            f"describe the current model; run `deepfake-ray generate --config {w}/config.yaml --workdir {w}`._") in md
+    storage.delete_dir(storage.join(w, "fakes"))
+    capsys.readouterr()
+    result = report.run(config.build("tiny", workdir=w))
+    assert "Generated fakes" in result["missing"]
+    assert "not produced yet: Generated fakes" in capsys.readouterr().out
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert f"## Generated fakes\n\n_Not produced yet: run `deepfake-ray generate --config {w}/config.yaml" in md
+
+
+def test_stale_metrics_name_the_first_stage_to_rerun_not_one_that_would_refuse(tmp_path):
+    """The fakes made again after the detector: the report said to run `evaluate`, which
+    refuses the out-of-date detector and points to `train-detector`."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    mark_complete(w, "fakes", [], when="2026-12-02T11:00:00")  # generated again
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    held_out = md.split("## Held-out test metrics\n\n")[1]
+    assert held_out.startswith(
+        "_Out of date: detector/, which eval/ was made from, is out of date: fakes/ changed since detector/ "
+        "was made. What follows may not describe the current model; run `deepfake-ray train-detector "
+        f"--config {w}/config.yaml --workdir {w}`, then the stages after it._"), held_out
 
 
 def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_path):
@@ -251,6 +292,28 @@ def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_p
                        {**storage.read_json(storage.join(w, "detector", "_COMPLETE.json")), "tuned": True})
     report.run(config.build("tiny", workdir=w))
     assert "Out of date: tune/ is not complete" in open(os.path.join(w, "report.html"), encoding="utf-8").read()
+
+
+def test_histories_count_from_1_throughout_and_show_the_printed_metrics_first(tmp_path):
+    """A GAN resumed after epoch 4 (the file's 3) showed `resumed_from` 3 in a table
+    counted from 1, and the detector's 15 columns left out val_loss, not frozen_backbone."""
+    w = str(tmp_path / "work")
+    write_workdir(w, epochs=1)
+    gan = {"d_fake": 0.3, "d_loss": 1.2, "d_real": 0.7, "g_loss": 0.9, "images": 77, "images_per_s": 50.0,
+           "seconds": 1.5, "workers": 1}
+    storage.write_json(storage.join(w, "gan/history.json"), [
+        {**gan, "epoch": 3, "restored": False, "resumed_from": None},
+        {**gan, "epoch": 4, "restored": True, "resumed_from": 3}])
+    storage.write_json(storage.join(w, "detector/history.json"), [{  # as train-detector writes it
+        "epoch": 0, "frozen_backbone": True, "lr": 0.0003, "restored": False, "seconds": 9.5,
+        "train_acc": 0.8, "train_images_per_s": 12.5, "train_loss": 0.45, "train_n": 77, "val_acc": 0.75,
+        "val_acc_at_threshold": 0.8, "val_auc": 0.875, "val_loss": 0.5125, "val_n": 9, "val_threshold": 0.5}])
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| 5 | 0.9 | 1.2 | 0.7 | 0.3 | 77 | 50 | True | 4 | 1.5 | 1 |" in md, md
+    assert ("| epoch | train_loss | train_acc | val_loss | val_acc | val_auc | frozen_backbone | lr | restored |"
+            " seconds | train_images_per_s | train_n |") in md, md
+    assert "| 1 | 0.45 | 0.8 | 0.5125 | 0.75 | 0.875 | True | 0.0003 | False | 9.5 | 12.5 | 77 |" in md
 
 
 def test_damaged_files_are_reported_not_fatal(tmp_path):
@@ -278,6 +341,32 @@ def test_a_stage_no_run_on_record_made_shows_its_time_to_make_as_unknown(tmp_pat
         report.run(config.build("tiny", workdir=w))
         md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
         assert f"| train-gan | {failed['status']} | 0.1 | ? |" in md and "| total |  | 3.3 | ? |" in md, md
+
+
+def test_a_stage_made_by_its_own_command_shows_the_seconds_its_marker_recorded(tmp_path):
+    """`prepare` and `train-gan` run alone, then a pipeline that skips them: pipeline.json
+    has no run that made them, their markers have the seconds (the report showed `?`)."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    for folder, seconds in (("data", 4.0), ("gan", 18.8)):
+        marker = storage.join(w, folder, "_COMPLETE.json")
+        storage.write_json(marker, {**storage.read_json(marker), "seconds": seconds, "completed": f"{folder} at 10:00"})
+    storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
+        {"name": "prepare", "status": "skipped", "seconds": 0.0, "completed": "data at 10:00"},
+        {"name": "train-gan", "status": "skipped", "seconds": 0.0, "completed": "gan at 09:00"},  # not this one
+        {"name": ["prepare"], "status": "skipped", "completed": {}},  # hand-edited
+        {"name": "evaluate", "status": "done", "seconds": 12.0}]})
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| prepare | skipped | 0 | 4 |" in md and "| train-gan | skipped | 0 | ? |" in md, md
+    assert "the seconds its own command recorded in its _COMPLETE.json" in md
+    storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
+        {"name": "prepare", "status": "skipped", "seconds": 0.0, "completed": "data at 10:00"},
+        {"name": "train-gan", "status": "skipped", "seconds": 0.0, "completed": "gan at 10:00"},
+        {"name": "evaluate", "status": "done", "seconds": 12.0}]})
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| train-gan | skipped | 0 | 18.8 |" in md and "| total |  | 12 | 34.8 |" in md, md
 
 
 def test_missing_sections_name_the_command(tmp_path):
