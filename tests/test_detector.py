@@ -266,6 +266,16 @@ def test_missing_fakes_say_which_command_makes_them(tiny_cfg):
         data.select(cfg)
 
 
+def test_a_split_with_no_fakes_names_the_command_that_makes_more(tiny_cfg):
+    """`generate --num N` alone is refused on complete fakes: the hint must say --force."""
+    cfg = tiny_cfg()
+    build(cfg.workdir, 20, 32, fakes=False)
+    write_stage(datasets.fakes_dir(cfg.workdir), [(checkerboard_face(1, i, 32), "train") for i in range(3)])
+    with pytest.raises(UsageError, match=r"the val split holds 2 real and 0 fake images; both are needed: "
+                                         r"more fakes: `deepfake-ray generate --force --num N` with N above the 3"):
+        data.select(cfg)
+
+
 def test_unknown_architecture_is_refused_before_training(tiny_cfg):
     with pytest.raises(UsageError, match=r"detector.arch='inceptoin_resnet_v2' is not a timm model"):
         train.check_settings(tiny_cfg("detector.arch=inceptoin_resnet_v2"))

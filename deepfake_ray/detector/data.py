@@ -57,9 +57,11 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
         if split == "train" and cfg.detector.max_train_per_class > 0:
             n = min(n, cfg.detector.max_train_per_class)
         if n == 0:
+            more = ("more reals: prepare a larger source" if not real else
+                    f"more fakes: `deepfake-ray generate --force --num N` with N above the {len(fakes):,} "
+                    "made (they are split as the reals are)")
             raise UsageError(f"the {split} split holds {len(real)} real and {len(fake)} fake images; "
-                             "both are needed: prepare more reals or generate more fakes "
-                             "(deepfake-ray generate --num N)")
+                             f"both are needed: {more}")
         if split != "test" and 2 * n < cfg.resources.workers:  # Ray Train splits it equally
             raise UsageError(f"the {split} split selects {2 * n} images, fewer than resources.workers="
                              f"{cfg.resources.workers}, so some workers would get none: use fewer "
