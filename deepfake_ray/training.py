@@ -88,7 +88,10 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     on_main_thread = threading.current_thread() is threading.main_thread()  # not in a Tune trial
     before = signal.getsignal(signal.SIGINT) if on_main_thread else None
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        if keep_best_by is None:
+            prune_unlisted(storage.join(storage_uri, name), result.best_checkpoints or [])
+        return result
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run (its workers stopped, its checkpoints
         # kept) and then calls sys.exit(0): the command would end "successfully" in silence
@@ -102,6 +105,23 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
             signal.signal(signal.SIGINT, before)
+
+
+def prune_unlisted(run: str, kept: list) -> None:
+    """After a finished run kept by recency, its checkpoint folders Ray never registered
+    (a stop between their upload and their registration, resumed from since) older than
+    the newest it keeps (`kept`, its (checkpoint, metrics) pairs): Ray prunes only what it
+    registered, so each stop left one or two for good. Ray's own are left to it (one
+    deleted here would fail its next resume). Not for a run kept by a score: Ray never
+    ranked such a folder, which may be the best epoch's (the detector puts best/ back
+    from it)."""
+    names = {os.path.basename(c.path.rstrip("/")) for c, _ in kept}
+    fs, path = storage.resolve(run)
+    folders = epoch_folders(fs, path)
+    newest = max((e for e, p in folders if os.path.basename(p) in names), default=-1)
+    for e, p in folders:
+        if e < newest and os.path.basename(p) not in names:
+            fs.delete_dir(p)
 
 
 def check_resumable(run: str) -> None:

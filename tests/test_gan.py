@@ -249,7 +249,7 @@ def test_a_stop_whose_newest_checkpoint_ray_never_registered_resumes_after_it(tr
     """Stopped, the workers went on: epoch 7's checkpoint written whole and epoch 8's half,
     neither registered by Ray, which lists epoch 6's. Continued, the run resumed from
     epoch 6's and trained 7 again over what history.json held. It resumes after epoch 7
-    (1-based), keeps its history, and trains only epoch 8."""
+    (1-based), keeps its history, trains only epoch 8, and leaves Ray's folders only."""
     workdir, _, _ = trained
     copy = str(tmp_path / "stopped")
     shutil.copytree(workdir, copy)
@@ -278,6 +278,9 @@ def test_a_stop_whose_newest_checkpoint_ray_never_registered_resumes_after_it(tr
     assert final["global_step"] == unregistered["global_step"] + steps_per_epoch
     meta = checkpoint.load_meta(model_uri(copy))
     assert meta["epochs"] == EPOCHS + 2 and meta["final_metrics"] == history[-1]
+    kept = sorted(n for n in os.listdir(gan) if n.startswith("epoch_"))
+    assert kept == [f"epoch_{EPOCHS - 1:04d}", f"epoch_{EPOCHS + 1:04d}"], kept
+    assert all(registered(gan, n) for n in kept)
 
 
 def test_a_run_whose_checkpoints_are_damaged_or_gone_is_refused_not_started_over(trained, tmp_path, capsys,

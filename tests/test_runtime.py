@@ -305,7 +305,8 @@ def test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list(ray_sess
 def test_a_run_resumes_from_its_newest_intact_folder_though_ray_lists_an_older_one(ray_session, tmp_path):
     """After a stop, the workers went on and wrote epoch 3's checkpoint whole, and epoch 4's
     half, neither registered: the run resumed from Ray's newest (2) and trained 3 again. It
-    resumes after 3, and writes epoch 4's over the half-written folder."""
+    resumes after 3, writes epoch 4's over the half-written folder, and once finished
+    deletes 3, which Ray (keeping the newest 2) would have pruned had it registered it."""
     from deepfake_ray import checkpoint, config, storage, training
 
     runs, found = str(tmp_path / "runs"), str(tmp_path / "found.json")
@@ -330,6 +331,7 @@ def test_a_run_resumes_from_its_newest_intact_folder_though_ray_lists_an_older_o
         f.write(b"cut short")
     training.fit(epochs_up_to(5), {}, cfg, runs, "stopped", keep=2)
     assert storage.read_json(found) == {"resumed": 3, "best": {"epoch": 3}}
+    assert sorted(n for n in os.listdir(run) if n.startswith("epoch_")) == ["epoch_0004", "epoch_0005"]
     assert checkpoint.read_state(os.path.join(run, "epoch_0004")) == {"epoch": 4}
 
 
