@@ -2,9 +2,10 @@
 checkpointing every epoch, resuming, and test-only fault injection.
 
 Resume contract: the same `RunConfig(storage_path, name)` makes Ray Train hand the
-latest registered checkpoint to `ray.train.get_checkpoint()`. We still verify it
-(`checkpoint.read_state`) and fall back to an older checkpoint of the same run if
-the newest is damaged, so a half-written checkpoint is never resumed from.
+latest registered checkpoint to `ray.train.get_checkpoint()`. We resume from the run's
+newest intact checkpoint folder, that one or a newer one Ray never registered (the
+workers go on for an epoch or two after a stop), verified (`checkpoint.read_state`),
+so a half-written checkpoint is never resumed from.
 """
 from __future__ import annotations
 
@@ -87,7 +88,10 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     on_main_thread = threading.current_thread() is threading.main_thread()  # not in a Tune trial
     before = signal.getsignal(signal.SIGINT) if on_main_thread else None
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        if keep_best_by is None:
+            prune_unlisted(storage.join(storage_uri, name), result.best_checkpoints or [])
+        return result
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run (its workers stopped, its checkpoints
         # kept) and then calls sys.exit(0): the command would end "successfully" in silence
@@ -101,6 +105,23 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
             signal.signal(signal.SIGINT, before)
+
+
+def prune_unlisted(run: str, kept: list) -> None:
+    """After a finished run kept by recency, its checkpoint folders Ray never registered
+    (a stop between their upload and their registration, resumed from since) older than
+    the newest it keeps (`kept`, its (checkpoint, metrics) pairs): Ray prunes only what it
+    registered, so each stop left one or two for good. Ray's own are left to it (one
+    deleted here would fail its next resume). Not for a run kept by a score: Ray never
+    ranked such a folder, which may be the best epoch's (the detector puts best/ back
+    from it)."""
+    names = {os.path.basename(c.path.rstrip("/")) for c, _ in kept}
+    fs, path = storage.resolve(run)
+    folders = epoch_folders(fs, path)
+    newest = max((e for e, p in folders if os.path.basename(p) in names), default=-1)
+    for e, p in folders:
+        if e < newest and os.path.basename(p) not in names:
+            fs.delete_dir(p)
 
 
 def check_resumable(run: str) -> None:
@@ -186,20 +207,31 @@ def run_checkpoints() -> list[Checkpoint]:
     return [latest, *older_checkpoints(latest)] if latest else []
 
 
+def all_checkpoints() -> list[Checkpoint]:
+    """The run's checkpoints, those Ray lists and its folders Ray does not, newest first
+    (of one epoch, Ray's first). A folder newer than Ray's newest was written whole by a
+    worker that went on after a stop, before its registration: resumed from, its epochs
+    are not trained again."""
+    listed = run_checkpoints()
+    return sorted(listed + unlisted_checkpoints(listed), key=lambda c: epoch_rank(c.path), reverse=True)
+
+
 def restore_state() -> dict | None:
     """The newest intact training state of this run, or None for a fresh start: a run
     with checkpoints, none of them intact, is refused, not started over from its first
-    epoch over what it made. Ray's newest first, then the run's folders Ray does not list
-    (each folder's state is checked against its hash, so an upload cut short is never
-    taken)."""
-    listed = run_checkpoints()
-    checkpoints = listed + unlisted_checkpoints(listed)
+    epoch over what it made. Each folder's state is checked against its hash, so an
+    upload cut short is never taken."""
+    checkpoints = all_checkpoints()
+    latest = ray.train.get_checkpoint()
+    registered_up_to = epoch_of(latest.path) if latest else None
     for ckpt in checkpoints:
         with ckpt.as_directory() as d:
             state = checkpoint.read_state(d)
         if state is not None:
             return state
-        _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
+        if registered_up_to is not None and epoch_rank(ckpt.path) <= registered_up_to:
+            # may be registered; a newer one is not, and its epoch's new checkpoint goes over it
+            _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
         say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
     if checkpoints:  # none intact among what Ray lists, though check_resumable found one
         run = os.path.dirname(checkpoints[0].path.rstrip("/"))
@@ -211,8 +243,7 @@ def unlisted_checkpoints(listed: list[Checkpoint]) -> list[Checkpoint]:
     """The run's checkpoint folders Ray does not list, newest first: every one when its
     record of the run was removed (Ray then started the run over from epoch 1, over
     what it made), and those newer than its newest (a stop between a folder's upload and
-    its registration; with the listed ones damaged, the workers were retried until the
-    run failed, though intact ones were there)."""
+    its registration: resumed from Ray's newest, finished epochs were trained again)."""
     store = ray.train.get_context().get_storage()
     fs, run = store.storage_filesystem, store.experiment_fs_path
     known = {os.path.basename(c.path.rstrip("/")) for c in listed}
@@ -225,7 +256,7 @@ def unlisted_checkpoints(listed: list[Checkpoint]) -> list[Checkpoint]:
 
 def state_at_epoch(epoch: int) -> dict | None:
     """The intact training state this run checkpointed at `epoch`, or None."""
-    for ckpt in run_checkpoints():
+    for ckpt in all_checkpoints():
         if epoch_of(ckpt.path) == epoch:
             with ckpt.as_directory() as d:
                 if (state := checkpoint.read_state(d)) is not None:
@@ -238,12 +269,17 @@ def epoch_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def epoch_rank(path: str) -> int:
+    """epoch_of, -1 for a folder named otherwise (oldest)."""
+    epoch = epoch_of(path)
+    return -1 if epoch is None else epoch
+
+
 def older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
     """Checkpoint folders of this run from epochs before `latest`'s, newest first.
 
     Only older ones: a folder newer than the latest registered one was never registered
-    (a stop between its upload and its registration). restore_state tries those only
-    after every folder Ray lists, and, as every folder, against its hash.
+    (a stop between its upload and its registration); unlisted_checkpoints finds those.
     """
     fs: pafs.FileSystem = latest.filesystem
     newest = epoch_of(latest.path)

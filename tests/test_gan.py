@@ -133,8 +133,9 @@ def wait_until_settled(path: str, quiet_s: float = 5.0, limit_s: float = 60.0) -
 # One tiny run serves every train-gan test below (each Ray Train run costs tens of seconds
 # on 2 cores), and it meets each failure the issue names: `deepfake-ray train-gan` on 2
 # workers is SIGKILLed after two checkpoints, the newest is half-overwritten (as if its
-# upload stopped), the same command runs again and resumes after the older intact one, and
-# then one worker dies once at the last epoch and is replaced.
+# upload stopped; so is any newer one its workers wrote on, unregistered), the same command
+# runs again and resumes after the older intact one, and then one worker dies once at the
+# last epoch and is replaced.
 EPOCHS = 6  # the fault waits at the last epoch: far past where the first run is killed
 TRAINED = ("resources.workers=2", f"gan.epochs={EPOCHS}", f"gan.fail_at_epoch={EPOCHS - 1}",
            "gan.max_failures=1")
@@ -161,14 +162,18 @@ def trained(ray_session, prepared, tmp_path_factory):
     first.wait()
     kill_group(first.pid)  # anything it started itself
     wait_until_settled(os.path.join(gan, "checkpoint_manager_snapshot.json"))
+    wait_until_settled(gan)  # nor a checkpoint folder the workers, going on, start
     assert registered(gan, "epoch_0001"), (tmp / "first.log").read_text()[-3000:]
     assert storage.completed(gan) is None, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(gan, f"_fault_injected_epoch_{EPOCHS - 1}"))
     intact = sorted(int(m.group(1)) for n in os.listdir(gan) if (m := re.match(r"epoch_(\d+)$", n))
-                    and registered(gan, n) and checkpoint.read_state(os.path.join(gan, n)))
-    newest, older = intact[-1], intact[-2]
-    with open(os.path.join(gan, f"epoch_{newest:04d}", "state.pt"), "r+b") as f:
-        f.write(b"half-written")
+                    and checkpoint.read_state(os.path.join(gan, n)))
+    newest = max(e for e in intact if registered(gan, f"epoch_{e:04d}"))
+    older = max(e for e in intact if e < newest)
+    # Ray's newest, and any the workers wrote after the kill that it never registered
+    for epoch in (e for e in intact if e >= newest):
+        with open(os.path.join(gan, f"epoch_{epoch:04d}", "state.pt"), "r+b") as f:
+            f.write(b"half-written")
     # the same command again, in-process on the session's Ray
     assert cli.main(command[3:]) == 0
     return workdir, storage.completed(gan), older
@@ -238,6 +243,44 @@ def test_lost_worker_is_replaced_and_every_epoch_trained_once(trained):
     assert (history[last]["restored"], history[last]["resumed_from"]) == (True, last - 1)
     assert all(h["workers"] == 2 for h in history)
     assert summary["restored"] is True
+
+
+def test_a_stop_whose_newest_checkpoint_ray_never_registered_resumes_after_it(trained, tmp_path):
+    """Stopped, the workers went on: epoch 7's checkpoint written whole and epoch 8's half,
+    neither registered by Ray, which lists epoch 6's. Continued, the run resumed from
+    epoch 6's and trained 7 again over what history.json held. It resumes after epoch 7
+    (1-based), keeps its history, trains only epoch 8, and leaves Ray's folders only."""
+    workdir, _, _ = trained
+    copy = str(tmp_path / "stopped")
+    shutil.copytree(workdir, copy)
+    gan = os.path.join(copy, "gan")
+    state = checkpoint.read_state(os.path.join(gan, f"epoch_{EPOCHS - 1:04d}"))
+    steps_per_epoch = state["global_step"] // EPOCHS
+    entry = {**state["history"][-1], "epoch": EPOCHS, "restored": False, "resumed_from": None, "g_loss": 123.0}
+    # a global step no retrained epoch reaches: the final state must go on from this one
+    unregistered = {**state, "epoch": EPOCHS, "global_step": state["global_step"] + 1000,
+                    "history": [*state["history"], entry]}
+    for epoch in (EPOCHS, EPOCHS + 1):
+        os.makedirs(os.path.join(gan, f"epoch_{epoch:04d}"))
+        checkpoint.write_state(os.path.join(gan, f"epoch_{epoch:04d}"), {**unregistered, "epoch": epoch})
+    with open(os.path.join(gan, f"epoch_{EPOCHS + 1:04d}", "state.pt"), "r+b") as f:
+        f.write(b"half-written")
+    storage.write_json(os.path.join(gan, "history.json"), unregistered["history"])
+    assert not registered(gan, f"epoch_{EPOCHS:04d}")
+
+    more = [a for kv in (*TRAINED[:2], f"gan.epochs={EPOCHS + 2}") for a in ("--set", kv)]
+    assert cli.main(["train-gan", "--preset", "tiny", "--workdir", copy, *more]) == 0
+    history = storage.read_json(os.path.join(gan, "history.json"))
+    assert [h["epoch"] for h in history] == list(range(EPOCHS + 2))
+    assert history[EPOCHS] == entry  # not trained again
+    assert [(h["epoch"], h["resumed_from"]) for h in history[EPOCHS:] if h["restored"]] == [(EPOCHS + 1, EPOCHS)]
+    final = checkpoint.read_state(os.path.join(gan, f"epoch_{EPOCHS + 1:04d}"))
+    assert final["global_step"] == unregistered["global_step"] + steps_per_epoch
+    meta = checkpoint.load_meta(model_uri(copy))
+    assert meta["epochs"] == EPOCHS + 2 and meta["final_metrics"] == history[-1]
+    kept = sorted(n for n in os.listdir(gan) if n.startswith("epoch_"))
+    assert kept == [f"epoch_{EPOCHS - 1:04d}", f"epoch_{EPOCHS + 1:04d}"], kept
+    assert all(registered(gan, n) for n in kept)
 
 
 def test_a_run_whose_checkpoints_are_damaged_or_gone_is_refused_not_started_over(trained, tmp_path, capsys,

@@ -302,6 +302,39 @@ def test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list(ray_sess
     assert storage.read_json(found) == 1  # the copy's state: epoch 1's
 
 
+def test_a_run_resumes_from_its_newest_intact_folder_though_ray_lists_an_older_one(ray_session, tmp_path):
+    """After a stop, the workers went on and wrote epoch 3's checkpoint whole, and epoch 4's
+    half, neither registered: the run resumed from Ray's newest (2) and trained 3 again. It
+    resumes after 3, writes epoch 4's over the half-written folder, and once finished
+    deletes 3, which Ray (keeping the newest 2) would have pruned had it registered it."""
+    from deepfake_ray import checkpoint, config, storage, training
+
+    runs, found = str(tmp_path / "runs"), str(tmp_path / "found.json")
+    run = os.path.join(runs, "stopped")
+
+    def epochs_up_to(last):
+        def train(_):
+            state = training.restore_state()
+            first = state["epoch"] + 1 if state else 0
+            if training.rank() == 0 and state:
+                storage.write_json(found, {"resumed": state["epoch"], "best": training.state_at_epoch(3)})
+            for epoch in range(first, last + 1):
+                training.report_epoch(epoch, {"score": epoch}, {"epoch": epoch})
+        return train
+
+    cfg = config.build("tiny", None, [], workdir=str(tmp_path))
+    training.fit(epochs_up_to(2), {}, cfg, runs, "stopped", keep=2)
+    for epoch in (3, 4):  # never registered
+        os.makedirs(os.path.join(run, f"epoch_{epoch:04d}"))
+        checkpoint.write_state(os.path.join(run, f"epoch_{epoch:04d}"), {"epoch": epoch})
+    with open(os.path.join(run, "epoch_0004", "state.pt"), "r+b") as f:
+        f.write(b"cut short")
+    training.fit(epochs_up_to(5), {}, cfg, runs, "stopped", keep=2)
+    assert storage.read_json(found) == {"resumed": 3, "best": {"epoch": 3}}
+    assert sorted(n for n in os.listdir(run) if n.startswith("epoch_")) == ["epoch_0004", "epoch_0005"]
+    assert checkpoint.read_state(os.path.join(run, "epoch_0004")) == {"epoch": 4}
+
+
 def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray_session, tmp_path):
     """Checkpoints ranked by a reported score, as the detector's val_score: with keep=1 the
     run keeps its best one and its newest, and a resumed run reads the best one's state by

@@ -8,9 +8,10 @@ loss) and rewrites OUT/history.json; then every worker reports (checkpoint: mode
 optimizer, RNG and history), so a restarted or resubmitted run resumes there.
 
 best/ is always the best epoch of history.json: an export whose epoch's checkpoint never
-got registered (the driver or a worker lost in between) is replaced on resume from the
-checkpoint of the best epoch the run did keep (Ray Train keeps checkpoints by val_score),
-and history.json goes back to the restored epochs.
+got written whole (the driver or a worker lost in between) is replaced on resume from the
+checkpoint of the best epoch the run did keep (Ray Train keeps checkpoints by val_score;
+one written whole but never registered counts too), and history.json goes back to the
+restored epochs.
 """
 from __future__ import annotations
 
