@@ -9,6 +9,7 @@ so a half-written checkpoint is never resumed from.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -90,7 +91,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     try:
         result = trainer.fit()
         if keep_best_by is None:
-            prune_unlisted(storage.join(storage_uri, name), result.best_checkpoints or [])
+            with contextlib.suppress(OSError):  # tidying: the training it follows is done
+                prune_unlisted(storage.join(storage_uri, name), result.best_checkpoints or [])
         return result
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run (its workers stopped, its checkpoints
