@@ -302,6 +302,9 @@ LIMITS = {
     "serve.target_ongoing_requests": (1, None), "serve.gpus_per_replica": (0.0, None),
     "serve.score_batch_size": (1, None), "serve.max_ongoing_requests": (0, None, "0: 8 x max_batch_size"),
     "serve.cpus_per_replica": (0.0, None), "serve.score_actors": (0, None, "0 sizes the pool itself"),
+    # above 1 every weight diverges at once
+    **{key: (0.0, 1.0, "Adam's learning rate: 1e-5 to 1e-2 train these models")
+       for key in ("gan.lr", "detector.lr", "tune.lr_min", "tune.lr_max")},
 }
 # rates and CPU shares: any value above 0 (fractions such as 0.5 CPUs are fine)
 ABOVE_ZERO = ("gan.lr", "detector.lr", "tune.lr_min", "tune.lr_max", "resources.cpus_per_worker",

@@ -69,6 +69,7 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("data.splits=[1, 2]", "expects a list of 3 values, e.g. data.splits=[0.8,0.1,0.1]; got [1, 2]"),
     ("detector.jpeg_aug_quality=5", "expects a list of 2 values, e.g. detector.jpeg_aug_quality=[30,100]"),
     ("gan=5", "'gan' is a section"),
+    ("tune.lr_max=1000", "tune.lr_max=1000.0 is out of range: use 0.0..1.0 (Adam's learning rate"),
     ("novalue", "must look like section.key=value"),
     (".resolution=1", "must look like section.key=value"),  # was: unknown config key ''
     ("data..resolution=1", "must look like section.key=value"),

@@ -26,7 +26,7 @@ import torch
 
 from deepfake_ray import checkpoint, cli, storage
 from deepfake_ray.data import datasets, sample
-from deepfake_ray.detector import data, train, tune
+from deepfake_ray.detector import data, metrics, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
 from tests.cli_output import error_lines
@@ -274,6 +274,17 @@ def test_a_split_with_no_fakes_names_the_command_that_makes_more(tiny_cfg):
     with pytest.raises(UsageError, match=r"the val split holds 2 real and 0 fake images; both are needed: "
                                          r"more fakes: `deepfake-ray generate --force --num N` with N above the 3"):
         data.select(cfg)
+
+
+@pytest.mark.parametrize("auc,said", [(0.5, "0.5000, near chance (0.5)"), (0.2, "0.2000, below chance (0.5): its scores "
+                                                                       "are inverted"),
+                                      (float("nan"), "not a number")])
+def test_a_detector_at_chance_is_warned_of_and_a_working_one_is_not(auc, said):
+    """A sweep published a constant-output detector (0.50) as `ok`, with nothing said."""
+    line = metrics.near_chance("train-detector", "the best epoch's validation", auc)
+    assert line.startswith(f"train-detector: warning: the best epoch's validation ROC-AUC {said}; the detector "
+                           "does not tell fakes from reals: train longer, with another detector.lr")
+    assert metrics.near_chance("train-detector", "the best epoch's validation", 0.9) is None
 
 
 def test_unknown_architecture_is_refused_before_training(tiny_cfg):

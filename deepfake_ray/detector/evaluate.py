@@ -71,6 +71,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"evaluate: held-out test ROC-AUC {result['roc_auc']:.4f}, accuracy {result['accuracy']:.4f} "
           f"on {result['n']:,} images (threshold {meta['threshold']:.3f} from validation) -> {out}")
+    if warning := metrics.near_chance("evaluate", "the held-out", result["roc_auc"]):
+        print(warning, flush=True)
     return summary
 
 

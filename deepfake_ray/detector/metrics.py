@@ -14,6 +14,21 @@ def roc_auc(labels: np.ndarray, p_fake: np.ndarray) -> float:
     return float(skm.roc_auc_score(labels, p_fake))
 
 
+NEAR_CHANCE_AUC = 0.55  # a ROC-AUC this low: the scores barely tell fakes from reals
+
+
+def near_chance(command: str, what: str, auc: float) -> str | None:
+    """A warning line for a detector whose ROC-AUC is at or near chance (0.5), below it
+    (its scores inverted), or not a number, else None: a sweep published one of 0.50, a
+    constant output, with status ok and nothing said."""
+    if auc > NEAR_CHANCE_AUC:
+        return None
+    how = "not a number" if auc != auc else f"{auc:.4f}, " + ("below chance (0.5): its scores are "
+                                                             "inverted" if auc < 0.45 else "near chance (0.5)")
+    return (f"{command}: warning: {what} ROC-AUC {how}; the detector does not tell fakes from reals: "
+            "train longer, with another detector.lr (or tune.lr_min..lr_max), or on more images")
+
+
 def choose_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
     """The p_fake cut maximizing Youden's J (balanced accuracy) on validation images.
 

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
-from deepfake_ray.detector import data
+from deepfake_ray.detector import data, metrics
 from deepfake_ray.errors import UsageError
 
 MIN_INPUT = 75  # Inception-ResNet-v2's stem and reductions need at least 75 px
@@ -207,6 +207,8 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
     print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
           f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target} "
           f"(model {summary['model_id']})")
+    if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
+        print(warning, flush=True)
     return summary
 
 
