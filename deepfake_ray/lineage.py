@@ -213,6 +213,8 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     read = {} if read is None else read
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
+            if len(chain := missing_chain(cfg, folder, read)) > 1:
+                raise InputsNotReady(missing_line(cfg, chain))
             holds = INPUTS.get(folder, ("complete output", ()))[0]
             raise InputsNotReady(f"no {holds} in {storage.join(cfg.workdir, folder)}: run {makers(cfg, folder)}")
     if out_of_date := stale_inputs(cfg, stage, read):
@@ -220,6 +222,28 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
         raise InputsNotReady(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"{makers(cfg, folder)}")
+
+
+def missing_chain(cfg: Config, folder: str, read: dict) -> list[str]:
+    """`folder` (missing) and the missing folders its stage reads in turn: no fakes and no
+    GAN are ["fakes", "gan"]. Each hint named one stage back, one refused run at a time."""
+    chain = [folder]
+    while chain[-1] in MAKERS and (up := next((f for f in importlib.import_module(MAKERS[chain[-1]]).STAGE.inputs
+                                               if marker(cfg, f, read) is None), None)):
+        chain.append(up)
+    return chain
+
+
+def missing_line(cfg: Config, chain: list[str]) -> str:
+    """What is missing along `chain`, and the commands that make it, the first first."""
+    saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
+
+    def name(command: str) -> str:
+        return f"`{command_line(cfg.workdir, command)}`" if saved else f"`deepfake-ray {command}`"
+
+    what = ", nor ".join(f"{INPUTS[f][0]} in {storage.join(cfg.workdir, f)}" for f in chain)
+    steps = ", then ".join(name(INPUTS[f][1][0]) for f in reversed(chain))
+    return f"no {what}: run {steps}{'' if saved else ' with this --workdir'}, or the whole {name('pipeline')}"
 
 
 def makers(cfg: Config, folder: str) -> str:

@@ -75,7 +75,10 @@ def test_a_stage_run_before_the_stages_it_reads_names_the_command_that_makes_the
     lineage.complete(cfg, prepare.STAGE, {}, lineage.made(cfg, prepare.STAGE))
     assert refusals("generate", "train-detector") == [
         f"deepfake-ray generate: error: {missing('trained generator', 'gan', '`deepfake-ray train-gan`')}",
-        f"deepfake-ray train-detector: error: {missing('generated fakes', 'fakes', '`deepfake-ray generate`')}"]
+        # the first stage to run, not the one before the refused one: generate would be refused next
+        f"deepfake-ray train-detector: error: no generated fakes in {workdir}/fakes, nor trained generator in "
+        f"{workdir}/gan: run `deepfake-ray train-gan`, then `deepfake-ray generate` with this --workdir, "
+        "or the whole `deepfake-ray pipeline`"]
     for stage in (gan_train.STAGE, generate.STAGE):
         lineage.complete(cfg, stage, {}, lineage.made(cfg, stage))
     detector = missing("finished detector", "detector", "`deepfake-ray train-detector` (or `deepfake-ray tune`)")
