@@ -56,7 +56,8 @@ def train_loop(loop: dict) -> None:
         started = time.time()
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
                  "restored": restored and epoch == start}
-        entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen))
+        entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen,
+                                 f"train-detector: epoch {epoch + 1}/{d.epochs}"))
         entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))
         entry["seconds"] = round(time.time() - started, 2)
         history.append(entry)
@@ -114,10 +115,17 @@ def batches(split: str, batch_size: int):
     return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer)
 
 
-def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool) -> dict:
+# an epoch of the demo takes minutes on 2 cores: a silent one read as a hang
+PROGRESS_EVERY_S = 30.0
+
+
+def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label: str) -> dict:
+    """One epoch's training; rank 0 says how far it has come every PROGRESS_EVERY_S."""
     detector.train_mode(model, frozen)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     n, started = 0, time.time()
+    said, each = (started, " on each worker" if ray.train.get_context().get_world_size() > 1 else "") \
+        if training.rank() == 0 else (None, "")
     recent, recent_n = collections.deque(), 0  # the epoch's last inputs, for batch norm
     for batch in batches("train", d.batch_size):
         y = batch["label"].to(device)
@@ -128,6 +136,9 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool) -> di
             x = detector.random_hflip(x)
         batch_loss, batch_correct = detector.train_step(model, optimizer, x, y, amp)
         loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
+        if said is not None and time.time() - said >= PROGRESS_EVERY_S:
+            said = time.time()
+            training.say(f"{label}: {n:,} images so far{each}, {n / (said - started):.1f} images/s")
         if d.bn_recalibration_images > 0:
             recent.append(x.detach())
             recent_n += len(x)
