@@ -60,7 +60,11 @@ def fmt(value) -> str:
 
 def short(value: float) -> str:
     """4 significant digits, more where those would round a score to a perfect one (a
-    recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1")."""
+    recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1"). Within 1e-12
+    of a whole number it is that number: a sum's rounding (scikit-learn's average precision
+    of a perfect ranking is 0.9999999999999999), not a score."""
+    if value == value and abs(value - round(value)) < 1e-12:
+        value = float(round(value))
     for digits in range(4, 17):
         text = f"{value:.{digits}g}"
         if float(text) == value or float(text) not in (0.0, 1.0):

@@ -72,6 +72,7 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
                        "trial_id,lr,val_auc\nt0,1.2e-05,0.81\nt1,0.00031,0.97\n")
     storage.write_json(storage.join(w, "eval/metrics.json"),
                        {"accuracy": 0.9375, "roc_auc": 0.981, "f1": 0.94, "threshold": 0.47,
+                        "average_precision": 0.9999999999999999,  # scikit-learn's, of a perfect ranking
                         "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}, "ece": 0.0123,
                         "validation": {"epoch": 2, "roc_auc": 0.97},  # model.json's best epoch
                         "reliability": [{"bin": 0, "mean_p_fake": 0.0417, "fraction_fake": 0.0, "n": 9}]})
@@ -171,6 +172,7 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    "<td>3</td><td>0.21</td><td>0.97</td>",  # its row in the history, counted alike
                    "detector/history.json, per epoch (counted from 1)",
                    "<td>0.99996</td>",  # not rounded to a perfect 1
+                   "<td>average_precision</td><td>1</td>",  # but a sum's rounding error is
                    "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>"]:
         assert needle in text, needle
     assert "0.0417" not in text  # the reliability bins are a figure, not a table cell
