@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import os
+import re
 import sys
 import time
 
@@ -92,6 +94,9 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         if message.startswith("argument COMMAND: invalid choice") and self.options_first:
             message += "; options go after the command, e.g. deepfake-ray prepare --workdir W"
+        elif (typed := re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)) and (
+                close := difflib.get_close_matches(typed[1], COMMANDS, n=1, cutoff=0.6)):
+            message = message.replace(" (choose from", f" (did you mean {close[0]}?) (choose from", 1)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     options_first = False  # set by main: the command line put an option before the command

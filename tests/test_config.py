@@ -369,6 +369,16 @@ def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, caps
     assert ended.value.code == 2 and len(err) == 1 and err[0].endswith(line), err
 
 
+@pytest.mark.parametrize("typed,guess", [("pipline", " (did you mean pipeline?)"), ("sreve", " (did you mean serve?)"),
+                                         ("xyz", "")])
+def test_a_mistyped_command_names_the_nearest(typed, guess, capsys):
+    with pytest.raises(SystemExit) as ended:
+        cli.main([typed])
+    err = capsys.readouterr().err.splitlines()
+    assert ended.value.code == 2 and err == [f"deepfake-ray: error: argument COMMAND: invalid choice: '{typed}'{guess} "
+                                             f"(choose from {', '.join(map(repr, cli.COMMANDS))}) (see deepfake-ray --help)"]
+
+
 def test_the_pipeline_takes_its_source_as_prepare_does(capsys, tmp_path):
     """`pipeline --source DIR`, as `prepare --source DIR`: a source that is not there is
     refused in one line, before anything runs."""
