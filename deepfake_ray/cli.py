@@ -132,6 +132,21 @@ def set_key(override: str) -> str:
     return override.partition("=")[0].strip()
 
 
+def asked_keys(args: argparse.Namespace) -> set[str]:
+    """The config keys this command line sets itself (--set, a flag, --config), as
+    against those its preset gives."""
+    from deepfake_ray import config
+
+    def dotted(section: dict, prefix: str = "") -> list[str]:
+        return [k for key, value in section.items() for k in (
+            dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+    keys = {key for flag, key in COMMANDS[args.command][2].items()
+            if key and getattr(args, flag.lstrip("-").replace("-", "_")) is not None}
+    keys |= {set_key(o) for o in args.overrides}
+    return keys | set(dotted(config.load_file(args.config))) if args.config else keys
+
+
 def build_config(args: argparse.Namespace):
     from deepfake_ray import config, storage
     from deepfake_ray.data import sources
@@ -422,7 +437,7 @@ def execute(args: argparse.Namespace) -> int:
                 storage.check_not_held(cfg.workdir, args.command)
             raise
         if (stage := getattr(module, "STAGE", None)) and stage.inputs:
-            cfg = lineage.as_made_upstream(cfg, stage)
+            cfg = lineage.as_made_upstream(cfg, stage, asked_keys(args))
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
             check_utf8(args)

@@ -348,9 +348,9 @@ def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
 
 
 def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[str, tuple]:
-    """Setting -> (value recorded, "key=recorded (asked: value)") where a complete stage that
-    `stage` reads, itself or through another, was made with another value than `cfg` asks.
-    `stage`'s own settings are left to its own checks."""
+    """Setting -> (value recorded, "key=recorded (asked: value)", folder, its command) where
+    a complete stage that `stage` reads, itself or through another, was made with another
+    value than `cfg` asks. `stage`'s own settings are left to its own checks."""
     read = {} if read is None else read
     own, found, seen = stage.settings(cfg), {}, set()
     todo = list(stage.inputs)
@@ -364,20 +364,29 @@ def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[s
         recorded = maker.settings_now(done.get("settings", {}))
         for key, text in differences(maker, done, {"settings": maker.settings(cfg)}).items():
             if key not in own and key not in found and known(cfg, key):
-                found[key] = (recorded[key], text)
+                found[key] = (recorded[key], text, folder, maker.command)
     return found
 
 
-def as_made_upstream(cfg: Config, stage: Stage) -> Config:
-    """`cfg` with the settings the stages `stage` reads were made with, where it asks for
-    others, and says so. A stage run alone reads those stages as they are: this run's
-    config.yaml then names what made the work directory, so that `--config W/config.yaml`
-    (what every hint passes) finds them complete instead of refusing or redoing them."""
+def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset()) -> Config:
+    """`cfg` with the settings the stages `stage` reads were made with, where it differs
+    from them on a setting the run left to its preset, and says so: a stage run alone reads
+    those stages as they are, and this run's config.yaml then names what made the work
+    directory, so that `--config W/config.yaml` (what every hint passes) finds them complete
+    instead of refusing or redoing them. A setting the run asks for (`asked`: given by
+    --set, a flag or --config) that they were not made with is refused: this command would
+    not make them so."""
     found = upstream_made(cfg, stage)
+    if conflicts := {k: v for k, v in found.items() if k in asked}:
+        _, text, folder, command = next(iter(conflicts.values()))
+        keys = ", ".join(conflicts)
+        raise UsageError(f"{storage.join(cfg.workdir, folder)} was made with {text}, and {stage.command} "
+                         f"reads it as it is: leave out {keys} to take the settings it was made with, or "
+                         f"run `deepfake-ray {command}` with yours first (then the stages after it)")
     if not found:
         return cfg
     nested: dict = {}
-    for key, (value, _) in found.items():
+    for key, (value, *_) in found.items():
         *sections, name = key.split(".")
         place = nested
         for section in sections:
@@ -388,7 +397,7 @@ def as_made_upstream(cfg: Config, stage: Stage) -> Config:
     except UsageError:  # a value an older version recorded in another form: left as asked
         return cfg
     print(f"{stage.command}: note: the stages it reads were made with "
-          f"{', '.join(text for _, text in found.values())}; this run takes those, and config.yaml "
+          f"{', '.join(text for _, text, *_ in found.values())}; this run takes those, and config.yaml "
           "records them", flush=True)
     return made_with
 

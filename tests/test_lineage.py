@@ -111,3 +111,8 @@ def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with
     for stage in STAGES[:3]:
         assert lineage.current(taken, stage) is not None  # what a rerun with its config.yaml finds
     assert lineage.as_made_upstream(taken, detector_train.STAGE) == taken and not capsys.readouterr().out
+    # asked for on the command line, not left to the preset: refused, as it was not made so
+    with pytest.raises(UsageError, match=rf"{tmp_path}/gan was made with gan.epochs=8 \(asked: 2\), and "
+                                         r"train-detector reads it as it is: leave out gan.epochs to take the "
+                                         r"settings it was made with, or run `deepfake-ray train-gan` with yours"):
+        lineage.as_made_upstream(asked, detector_train.STAGE, {"gan.epochs", "detector.lr"})
