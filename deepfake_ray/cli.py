@@ -341,12 +341,16 @@ def exit_within(code: int, seconds: float = 15.0) -> None:
 
     def end():
         time.sleep(seconds)
-        for stream in (sys.stdout, sys.stderr):  # os._exit leaves buffers unwritten
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        exit_now(code)
 
     threading.Thread(target=end, name="deepfake-ray-exit", daemon=True).start()
+
+
+def exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):  # os._exit leaves buffers unwritten
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def quit_at_once_if_signalled(code: int) -> None:
@@ -355,14 +359,8 @@ def quit_at_once_if_signalled(code: int) -> None:
     the process exits next (the console script), not in a caller of main()."""
     import signal
 
-    def quit_now(*_):
-        for stream in (sys.stdout, sys.stderr):  # os._exit leaves buffers unwritten
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, quit_now)
+        signal.signal(sig, lambda *_: exit_now(code))
 
 
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
