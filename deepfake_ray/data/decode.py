@@ -95,10 +95,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except Exception as e:  # noqa: BLE001 - a header plugins choke on is one bad file
         if not data.startswith(SIGNATURES) and data[8:12] != b"WEBP":
             raise DecodeError("not an image", f"not a {FORMAT_NAMES} file")
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        message = message.split(" <_io.BytesIO")[0][:200]
         # an image's own first bytes: a damaged image, not some other kind of file
-        raise DecodeError("truncated" if "truncat" in message.lower() else "corrupt", message)
+        raise damaged(e)
     width, height = img.size
     if width * height > max_pixels or width <= 0 or height <= 0:
         raise DecodeError("decompression bomb",
@@ -119,6 +117,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise DecodeError("decompression bomb", f"{width}x{height} pixels in a {img.format} encoding "
                                                 f"that is decoded in Python (limit {MAX_PYTHON_DECODED_PIXELS:,})")
     return img
+
+
+def damaged(e: Exception) -> DecodeError:
+    """Pillow's error for an image's damaged data as a reason: "truncated" where it says the
+    data ends early; else "corrupt" (its "broken data stream" is damage in a file of full
+    length)."""
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    message = message.split(" <_io.BytesIO")[0][:200]
+    return DecodeError("truncated" if "truncat" in message.lower() else "corrupt", message)
 
 
 def check_header_cost(data: bytes, max_pixels: int) -> None:
@@ -212,10 +219,7 @@ def load_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
     # Pillow's plugins raise more than OSError on damaged data (struct.error, TypeError,
     # IndexError): each is one bad file, never a failed stage
     except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        # Pillow says "truncated" where the data ends early; its "broken data stream" is
-        # damaged data in a file of full length
-        raise DecodeError("truncated" if "truncat" in msg.lower() else "corrupt", msg)
+        raise damaged(e)
     img = upright(img)
     try:
         return to_rgb(img)
