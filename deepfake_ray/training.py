@@ -203,19 +203,20 @@ def device() -> torch.device:
     return ray.train.torch.get_device()
 
 
-def run_checkpoints() -> list[Checkpoint]:
-    """This run's checkpoints, newest (the one Ray Train restores) first."""
-    latest = ray.train.get_checkpoint()
-    return [latest, *older_checkpoints(latest)] if latest else []
-
-
 def all_checkpoints() -> list[Checkpoint]:
-    """The run's checkpoints, those Ray lists and its folders Ray does not, newest first
-    (of one epoch, Ray's first). A folder newer than Ray's newest was written whole by a
-    worker that went on after a stop, before its registration: resumed from, its epochs
-    are not trained again."""
-    listed = run_checkpoints()
-    return sorted(listed + unlisted_checkpoints(listed), key=lambda c: epoch_rank(c.path), reverse=True)
+    """The run's checkpoints, newest first: the one Ray Train restores, and every other
+    epoch_NNNN folder of the run, whether Ray lists it or not (of one epoch, Ray's first).
+    A folder newer than Ray's newest was written whole by a worker that went on after a
+    stop, before its registration: resumed from, its epochs are not trained again; every
+    one counts when Ray's record of the run was removed (Ray then started it over from
+    epoch 1, over what it made)."""
+    latest = ray.train.get_checkpoint()
+    store = ray.train.get_context().get_storage()
+    fs, run = store.storage_filesystem, store.experiment_fs_path
+    name = os.path.basename(latest.path.rstrip("/")) if latest else None
+    folders = [Checkpoint(path=p, filesystem=fs) for _, p in epoch_folders(fs, run)
+               if os.path.basename(p.rstrip("/")) != name]
+    return sorted(([latest] if latest else []) + folders, key=lambda c: epoch_rank(c.path), reverse=True)
 
 
 def restore_state() -> dict | None:
@@ -235,25 +236,10 @@ def restore_state() -> dict | None:
             # may be registered; a newer one is not, and its epoch's new checkpoint goes over it
             _skipped_names.add(os.path.basename(ckpt.path.rstrip("/")))
         say(f"[deepfake-ray] checkpoint {ckpt.path} is incomplete or corrupt; trying an older one")
-    if checkpoints:  # none intact among what Ray lists, though check_resumable found one
+    if checkpoints:  # none intact, though check_resumable found one
         run = os.path.dirname(checkpoints[0].path.rstrip("/"))
         raise UsageError(no_intact_checkpoint(len(checkpoints), run))
     return None
-
-
-def unlisted_checkpoints(listed: list[Checkpoint]) -> list[Checkpoint]:
-    """The run's checkpoint folders Ray does not list, newest first: every one when its
-    record of the run was removed (Ray then started the run over from epoch 1, over
-    what it made), and those newer than its newest (a stop between a folder's upload and
-    its registration: resumed from Ray's newest, finished epochs were trained again)."""
-    store = ray.train.get_context().get_storage()
-    fs, run = store.storage_filesystem, store.experiment_fs_path
-    known = {os.path.basename(c.path.rstrip("/")) for c in listed}
-    # the epoch trained again is written over such a folder, as Ray names it: beside it, the
-    # unregistered folder would stay for good (Ray prunes only what it registered), and a
-    # stop halfway through the write leaves the registered one before it to resume from
-    return [Checkpoint(path=p, filesystem=fs) for _, p in epoch_folders(fs, run)
-            if os.path.basename(p.rstrip("/")) not in known]
 
 
 def state_at_epoch(epoch: int) -> dict | None:
@@ -275,18 +261,6 @@ def epoch_rank(path: str) -> int:
     """epoch_of, -1 for a folder named otherwise (oldest)."""
     epoch = epoch_of(path)
     return -1 if epoch is None else epoch
-
-
-def older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
-    """Checkpoint folders of this run from epochs before `latest`'s, newest first.
-
-    Only older ones: a folder newer than the latest registered one was never registered
-    (a stop between its upload and its registration); unlisted_checkpoints finds those.
-    """
-    fs: pafs.FileSystem = latest.filesystem
-    newest = epoch_of(latest.path)
-    return [Checkpoint(path=p, filesystem=fs) for e, p in
-            epoch_folders(fs, os.path.dirname(latest.path.rstrip("/"))) if newest is None or e < newest]
 
 
 def epoch_folders(fs: pafs.FileSystem, parent: str) -> list[tuple[int, str]]:
