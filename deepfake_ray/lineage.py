@@ -236,14 +236,21 @@ def missing_chain(cfg: Config, folder: str, read: dict) -> list[str]:
 
 def missing_line(cfg: Config, chain: list[str]) -> str:
     """What is missing along `chain`, and the commands that make it, the first first."""
+    saved, name = hint_names(cfg)
+    what = ", nor ".join(f"{INPUTS[f][0]} in {storage.join(cfg.workdir, f)}" for f in chain)
+    steps = ", then ".join(name(INPUTS[f][1][0]) for f in reversed(chain))
+    return f"no {what}: run {steps}{'' if saved else ' with this --workdir'}, or the whole {name('pipeline')}"
+
+
+def hint_names(cfg: Config) -> tuple[bool, Callable[[str], str]]:
+    """Whether the work directory holds its run's config.yaml, and how a hint names a
+    command then: with that run's settings, or bare (the hint adds "with this --workdir")."""
     saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
 
     def name(command: str) -> str:
         return f"`{command_line(cfg.workdir, command)}`" if saved else f"`deepfake-ray {command}`"
 
-    what = ", nor ".join(f"{INPUTS[f][0]} in {storage.join(cfg.workdir, f)}" for f in chain)
-    steps = ", then ".join(name(INPUTS[f][1][0]) for f in reversed(chain))
-    return f"no {what}: run {steps}{'' if saved else ' with this --workdir'}, or the whole {name('pipeline')}"
+    return saved, name
 
 
 def makers(cfg: Config, folder: str) -> str:
@@ -251,11 +258,7 @@ def makers(cfg: Config, folder: str) -> str:
     with the run's own settings where its config.yaml holds them, as command_line does
     (following a bare `deepfake-ray train-gan` ran the demo preset's, and was refused)."""
     commands = INPUTS.get(folder, ("", ()))[1]
-    saved = storage.exists(storage.join(cfg.workdir, "config.yaml"))
-
-    def name(command: str) -> str:
-        return f"`{command_line(cfg.workdir, command)}`" if saved else f"`deepfake-ray {command}`"
-
+    saved, name = hint_names(cfg)
     first = " first" if saved else " with this --workdir first"
     whole = f"the whole {name('pipeline')}"
     if not commands:
