@@ -178,3 +178,71 @@ def test_a_header_that_describes_no_components_is_corrupt_as_the_service_decodes
         with pytest.raises(decode.DecodeError) as e:
             decode.as_stored(decode.open_image(componentless_jpeg(32)), size, quality)
         assert e.value.reason == "corrupt" and "colour components" in str(e.value)
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_each_exif_orientation_shows_the_picture_as_the_camera_meant(orientation):
+    """Each EXIF orientation turns or mirrors the stored pixels as the standard says (as
+    Pillow's own ImageOps.exif_transpose does): a face stored on its side, or mirrored,
+    would be stored and scored the wrong way round."""
+    from PIL import ImageOps
+
+    picture = rgb(5, 96).crop((0, 0, 96, 60))  # asymmetric: any wrong turn or flip shows
+    exif = picture.getexif()
+    exif[0x0112] = orientation
+    photo = encode(picture, "PNG", exif=exif)  # lossless: the pixels compare exactly
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(photo))).convert("RGB"))
+    assert np.array_equal(np.asarray(decode.load_rgb(decode.open_image(photo))), expected)
+
+
+def test_a_phone_portrait_is_stored_upright():
+    """Orientation 6, as phones save a portrait: the stored landscape's top is the
+    picture's right side once shown (turned a quarter clockwise)."""
+    stored = np.zeros((60, 96, 3), np.uint8)
+    stored[:30] = (255, 0, 0)  # top half red, bottom half blue
+    stored[30:] = (0, 0, 255)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    photo = encode(img, "PNG", exif=exif)
+    for pixels in (decode.decode(photo, 32), decode.decode_jpeg(decode.inspect(photo, 32, 95)["image"])):
+        left, right = pixels[:, :12].mean(axis=(0, 1)), pixels[:, -12:].mean(axis=(0, 1))
+        assert left[2] > 200 > left[0] and right[0] > 200 > right[2]  # blue left, red right
+
+
+@pytest.mark.parametrize("size", [(160, 90), (90, 160)])
+def test_a_non_square_image_keeps_its_centre(size):
+    """Face crops put the face in the middle: a wide or tall image is cut to the square at
+    its centre, never at a corner."""
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[...] = (0, 255, 0)  # the centre 90 x 90 (and a little more) green
+    ends = (slice(None), slice(0, 30)) if w > h else (slice(0, 30), slice(None))
+    pixels[ends] = (255, 0, 0)  # the first 30 columns (or rows) red, the last 30 blue
+    pixels[(slice(None), slice(w - 30, w)) if w > h else (slice(h - 30, h), slice(None))] = (0, 0, 255)
+    photo = encode(Image.fromarray(pixels), "PNG")
+    for square in (decode.decode(photo, 32), decode.decode_jpeg(decode.inspect(photo, 32, 95)["image"])):
+        assert square[..., 1].min() > 200 and square[..., [0, 2]].max() < 50  # all green
+
+
+def test_only_an_image_in_the_stored_encoding_is_shown_as_it_is():
+    """The service shows the detector an image as prepare would have stored it: one at
+    another JPEG quality is encoded again, one already in the stored encoding is not."""
+    picture = rgb(4, 32)
+    for quality in (50, 75):  # other JPEGs of the same size, mode and sampling
+        other = encode(picture, "JPEG", quality=quality, subsampling=0)
+        shown = decode.as_stored(decode.open_image(other), 32, 95)
+        assert np.array_equal(shown, decode.decode_jpeg(decode.inspect(other, 32, 95)["image"]))
+        assert not np.array_equal(shown, decode.decode_jpeg(other))
+    stored = decode.inspect(encode(picture, "PNG"), 32, 95)["image"]
+    assert np.array_equal(decode.as_stored(decode.open_image(stored), 32, 95), decode.decode_jpeg(stored))
+
+
+def test_a_web_page_is_named_as_one_whatever_its_spacing_and_case():
+    """A failed download saves the server's error page: often after a blank line, its
+    tags in capitals."""
+    for page in (b"\r\n\n  <!DOCTYPE HTML PUBLIC \"-//W3C//DTD HTML 4.01//EN\">\n<HTML><BODY>503</BODY></HTML>",
+                 b"\n<html><head><title>404 Not Found</title></head></html>"):
+        with pytest.raises(decode.DecodeError) as e:
+            decode.decode(page, 32)
+        assert e.value.reason == "html page"
