@@ -92,6 +92,10 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("data.splits=[0.9,0.9,0.9]", "data.splits=[0.9, 0.9, 0.9] sums to 2.7, not 1: give each split's fraction"),
     ("data.source=s3://", "s3://: an S3 path that names no bucket: write s3://BUCKET/prefix"),  # before Ray starts
     ("gan.epochs=1:30", "config key 'gan.epochs' expects a whole number (int), got '1:30'"),  # not YAML 1.1's base 60: 90
+    ("gan.epochs=true", "config key 'gan.epochs' expects a whole number (int), got True (bool)"),  # not 1
+    ("data.splits=[0, 0.5, 0.5]", "must be three non-negative fractions (train > 0)"),  # nothing to train on
+    ("data.jpeg_quality=101", "data.jpeg_quality=101 is out of range: use 1..100"),
+    ("data.resolution=8", "data.resolution=8 is out of range: use 16..1024 (64 or 128 for the DCGAN)"),
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
