@@ -19,6 +19,23 @@ def test_local_writes_get_the_modes_any_new_file_gets(tmp_path):
     assert [p for p in os.listdir(tmp_path / "run")] == ["config.yaml"]  # no temporary left
 
 
+def test_a_local_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp_path, monkeypatch):
+    """A full disk or a failing drive (here: its fsync) mid-write: readers still find the
+    old file whole, and the folder holds nothing else (a `.tmp-` file would stay beside a
+    marker or a manifest until the stage is redone)."""
+    uri = str(tmp_path / "data" / "manifest.parquet")
+    storage.write_bytes(uri, b"the old manifest")
+
+    def disk_fails(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", disk_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        storage.write_bytes(uri, b"a new manifest, never complete")
+    assert (tmp_path / "data" / "manifest.parquet").read_bytes() == b"the old manifest"
+    assert os.listdir(tmp_path / "data") == ["manifest.parquet"]
+
+
 def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.jpg").write_bytes(b"x")
