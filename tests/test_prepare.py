@@ -68,8 +68,10 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     (workdir / "gan" / "samples").mkdir(parents=True)
     (workdir / "gan" / "samples" / "epoch_000.png").write_bytes(encode(rgb(1, 64), "PNG"))
     (workdir / "gan" / "losses.png").write_bytes(encode(rgb(2, 64), "PNG"))
+    (faces / "runs" / "demo-old").mkdir()  # beside it, its name longer: photos like any others
+    (faces / "runs" / "demo-old" / "face_old.jpg").write_bytes(sample.face_jpeg(0, 99))
     summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)))
-    assert (summary["images"], summary["rejected"]) == (6, 0)
+    assert (summary["images"], summary["rejected"]) == (7, 0)
     assert f"leaving out 2 files inside the work directory {workdir}" in capsys.readouterr().out
     # another run's work directory there holds its fakes: never to be taken for real faces
     other = faces / "runs" / "tiny"
@@ -85,7 +87,7 @@ def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny
     (faces / "data").mkdir()
     (faces / "data" / "face_6.jpg").write_bytes(sample.face_jpeg(0, 6))
     summary = prepare.run(tiny_cfg(f"data.source={faces}", workdir=str(workdir)), force=True)
-    assert (summary["images"], summary["rejected"]) == (7, 0)
+    assert (summary["images"], summary["rejected"]) == (8, 0)
     assert f"leaving out 4 files inside the work directories {workdir}, {other}" in capsys.readouterr().out
     # a folder inside a work directory's stage folder is that run's outputs, its fakes here
     with pytest.raises(UsageError, match=re.escape(f"{other / 'score'} is the stage folder "
@@ -1221,6 +1223,48 @@ def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source,
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
     err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and needle in err[0]
+
+
+def test_a_folder_named_like_a_source_kind_is_a_folder(ray_session, tmp_path, capsys, monkeypatch):
+    """Only `sample`, `sample:N`, `kaggle` and `kaggle:NAME` name those sources: a folder
+    called `samples` or `kaggle-faces` beside the command is a folder of photos."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("samples", "kaggle-faces"):
+        os.mkdir(folder)
+        for i in range(3):
+            (tmp_path / folder / f"face_{i}.jpg").write_bytes(sample.face_jpeg(4, i))
+        workdir = str(tmp_path / f"w-{folder}")
+        assert cli.main(["prepare", "--preset", "tiny", "--source", folder, "--workdir", workdir]) == 0
+        assert "prepared 3 images" in capsys.readouterr().out
+        manifest = read_outputs(workdir)[0]
+        assert all(p.startswith(str(tmp_path / folder) + "/") for p in manifest["path"])
+
+
+def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is_its_row(monkeypatch):
+    """An object deleted since it was listed, or one S3 will not read (archived), is that
+    file's rejected row. A failure of the store itself (the network, its credentials) is
+    no file's: taken as rows, it would leave rejected.parquet listing good photos as
+    unreadable, a complete data/ missing them, and a rerun skipping it."""
+    bucket = "s3://faces/celebs"
+
+    def read(uri, max_bytes=None):
+        name = uri.rsplit("/", 1)[1]
+        if name == "gone.jpg":
+            raise FileNotFoundError(uri)
+        if name == "archived.jpg":
+            raise storage.ObjectRefused(uri, f"{uri}: InvalidObjectState", "INVALID_OBJECT_STATE")
+        if name == "blip.jpg":
+            raise storage.StoreError(uri, f"{uri}: Connection reset by peer", "NETWORK_CONNECTION")
+        return sample.face_jpeg(0, 0)
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+    got = prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/gone.jpg", f"{bucket}/archived.jpg"], 1 << 20)
+    assert got[0] == sample.face_jpeg(0, 0)
+    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], storage.ObjectRefused)
+    rows = [prepare.file_row(p, d, 32, 95, 10**6) for p, d in zip(["a", "gone", "archived"], got)]
+    assert [r["reason"] for r in rows] == ["", "unreadable", "unreadable"]
+    with pytest.raises(storage.StoreError, match="Connection reset"):
+        prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/blip.jpg"], 1 << 20)
 
 
 def test_a_source_folder_the_os_will_not_list_exits_2_with_one_line_before_ray(tmp_path, capsys, monkeypatch):
