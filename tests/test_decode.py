@@ -242,7 +242,8 @@ def test_a_web_page_is_named_as_one_whatever_its_spacing_and_case():
     """A failed download saves the server's error page: often after a blank line, its
     tags in capitals."""
     for page in (b"\r\n\n  <!DOCTYPE HTML PUBLIC \"-//W3C//DTD HTML 4.01//EN\">\n<HTML><BODY>503</BODY></HTML>",
-                 b"\n<html><head><title>404 Not Found</title></head></html>"):
+                 b"\n<html><head><title>404 Not Found</title></head></html>",
+                 b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code></Error>'):  # S3's
         with pytest.raises(decode.DecodeError) as e:
             decode.decode(page, 32)
         assert e.value.reason == "html page"
