@@ -94,6 +94,7 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("gan.epochs=1:30", "config key 'gan.epochs' expects a whole number (int), got '1:30'"),  # not YAML 1.1's base 60: 90
     ("gan.epochs=true", "config key 'gan.epochs' expects a whole number (int), got True (bool)"),  # not 1
     ("data.splits=[0, 0.5, 0.5]", "must be three non-negative fractions (train > 0)"),  # nothing to train on
+    ("data.splits=[1.2, -0.1, -0.1]", "must be three non-negative fractions"),  # sums to 1: all train
     ("data.jpeg_quality=101", "data.jpeg_quality=101 is out of range: use 1..100"),
     ("data.resolution=8", "data.resolution=8 is out of range: use 16..1024 (64 or 128 for the DCGAN)"),
 ])
