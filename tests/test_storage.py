@@ -181,6 +181,18 @@ def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tm
     assert storage.explain(failed.value) == "s3://no-such-bucket/runs/x.jpg: the bucket does not exist: check the s3:// path"
 
 
+def test_an_s3_object_over_the_size_asked_is_refused_unread(s3_server):
+    """As a local file is: a video or an archive named .jpg in a bucket is "too large",
+    not read whole into a task's memory first (by either way of reading a key)."""
+    bucket = s3_server("too-large")
+    client, name, _ = storage.s3_client(bucket)
+    for key in ("faces/big.jpg", "faces//big.jpg"):  # pyarrow reads one, boto3 the other
+        client.put_object(Bucket=name, Key=key, Body=b"\0" * 5_000)
+        with pytest.raises(storage.FileTooLarge, match="5,000 bytes, over 1,000"):
+            storage.read_bytes(f"{bucket}/{key}", max_bytes=1_000)
+        assert len(storage.read_bytes(f"{bucket}/{key}", max_bytes=5_000)) == 5_000
+
+
 def test_a_buckets_root_lists_its_keys(s3_server):
     root = s3_server("listed-at-root")
     storage.write_bytes(f"{root}/top.jpg", b"x")
