@@ -2,6 +2,8 @@
 (written by the same calls the stages make when they complete; no stage runs here)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from deepfake_ray import config, lineage, pipeline
@@ -116,3 +118,61 @@ def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with
                                          r"train-detector reads it as it is: leave out gan.epochs to take the "
                                          r"settings it was made with, or run `deepfake-ray train-gan` with yours"):
         lineage.as_made_upstream(asked, detector_train.STAGE, {"gan.epochs", "detector.lr"})
+
+
+def other_value(value):
+    """Another value of a setting's type: never a higher epoch count, which would continue."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value - 1
+    if isinstance(value, str):
+        return value + "0"
+    if isinstance(value, (list, tuple)):
+        return [*value, 0]
+    return 1
+
+
+def test_a_rerun_asking_another_value_of_any_setting_a_stage_records_is_refused(tmp_path):
+    """Every setting a stage records decides its output: one left out of the comparison
+    would have a rerun asking another value of it reuse the old output as if made with it."""
+    from deepfake_ray.detector import tune
+
+    made = completed_run(str(tmp_path))
+    lineage.complete(made, tune.STAGE, {}, lineage.made(made, tune.STAGE))
+    compared = 0
+    for stage in (*STAGES, tune.STAGE):
+        done = lineage.marker(made, stage.folder)
+        for key, value in lineage.made(made, stage)["settings"].items():
+            asked = lineage.made(made, stage)
+            asked["settings"][key] = other_value(value)
+            with pytest.raises(UsageError, match=rf"was made with {re.escape(key)}="):
+                lineage.check_settings(made, stage, done, asked)
+            compared += 1
+    assert compared > 40  # every stage's, not none
+
+
+def test_a_stage_run_alone_refuses_an_upstream_setting_its_command_line_or_config_file_asks(
+        tmp_path, monkeypatch, capsys):
+    """`train-detector` reads the GAN's fakes as they are: a GAN setting asked with --set or
+    in a --config file that they were not made with is refused before Ray starts (taking
+    the recorded one instead would record settings the user did not ask for)."""
+    from deepfake_ray import cli, runtime
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init", no_ray)
+    made = config.build("tiny", None, ["gan.epochs=8"], workdir=str(tmp_path / "w"))
+    for stage in STAGES[:3]:  # data, gan, fakes
+        lineage.complete(made, stage, {}, lineage.made(made, stage))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("gan:\n  epochs: 3\n")
+    command = ["train-detector", "--preset", "tiny", "--workdir", made.workdir]
+    for asked in (["--set", "gan.epochs=3"], ["--config", str(mine)]):
+        assert cli.main(command + asked) == 2, asked
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"deepfake-ray train-detector: error: {made.workdir}/gan was made with gan.epochs=8 "
+                       "(asked: 3), and train-detector reads it as it is: leave out gan.epochs to take the "
+                       "settings it was made with, or run `deepfake-ray train-gan` with yours first (then "
+                       "the stages after it)"], asked
