@@ -153,6 +153,41 @@ def test_a_diverged_epoch_ranks_last_instead_of_failing_the_run():
     assert loop.better(good, diverged) and not loop.better(diverged, good)
 
 
+def test_of_epochs_alike_by_roc_auc_the_lower_validation_loss_is_the_best_and_a_later_one_wins_a_tie():
+    """A small validation split often gives several epochs a ROC-AUC of 1.0: the best epoch
+    (exported, its threshold served) is then the one of the lower validation loss, and of
+    equal ones the later, whose checkpoint Ray Train keeps."""
+    from deepfake_ray.detector import loop
+
+    worse = {"epoch": 0, "val_auc": 1.0, "val_loss": 0.5}
+    lower = {"epoch": 1, "val_auc": 1.0, "val_loss": 0.2}
+    again = {"epoch": 2, "val_auc": 1.0, "val_loss": 0.2}
+    assert loop.better(lower, worse) and not loop.better(worse, lower)
+    assert loop.best_of([worse, lower]) is lower and loop.best_of([lower, worse]) is lower
+    assert loop.better(again, lower) and loop.best_of([worse, lower, again]) is again
+
+
+def test_held_out_metrics_take_fakes_as_positive_and_the_threshold_balances_both_classes():
+    """evaluate's figures on a split worked by hand: 1 = fake is the positive class, a
+    score at the threshold is a fake (as the service labels it), and the threshold chosen
+    on validation is the cut of the best balanced accuracy, not the one that flags most."""
+    from deepfake_ray.detector import metrics
+
+    labels = np.array([0, 0, 0, 1, 1])
+    p_fake = np.array([0.1, 0.4, 0.7, 0.6, 0.9])
+    m = metrics.classification(labels, p_fake, 0.6)  # the fake at 0.6 exactly: flagged
+    # rows: actual real, actual fake; columns: predicted real, predicted fake
+    assert m["confusion_matrix"] == [[2, 1], [0, 2]]
+    assert (m["accuracy"], m["recall"]) == (0.8, 1.0) and m["precision"] == pytest.approx(2 / 3)
+    assert m["roc_auc"] == pytest.approx(5 / 6)
+    assert m["average_precision"] == pytest.approx(1 / 2 + 2 / 3 / 2)  # fakes at ranks 1 and 3
+    # reals at 0.1 and 0.5, fakes at 0.3, 0.8 and 0.9: above 0.65 two of three fakes and no
+    # real (J = 2/3); above 0.2 every fake, but half the reals too (J = 1/2)
+    val = metrics.epoch_validation(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.5, 0.3, 0.8, 0.9]), 1.0)
+    assert val["val_threshold"] == pytest.approx(0.65)
+    assert (val["val_acc"], val["val_acc_at_threshold"]) == (pytest.approx(0.6), pytest.approx(0.8))
+
+
 def test_calibration_tells_probabilities_from_overconfident_scores():
     """Two detectors rank the same images alike (same ROC-AUC); only one's p_fake can be
     read as a probability."""
