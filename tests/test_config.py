@@ -426,6 +426,27 @@ def test_ctrl_c_exits_130_saying_how_to_resume(force, replaced, advice, monkeypa
     assert err == [f"deepfake-ray report: {advice}"]
 
 
+def test_bad_input_found_inside_a_ray_task_exits_2_with_its_first_line(monkeypatch, tmp_path, capsys):
+    """Raised in a Ray task, a UsageError reaches the command wrapped in Ray's error, with
+    Ray Data's retry advice after it: still bad input (exit 2, one line), not a failure (1)."""
+    from deepfake_ray import report
+
+    class TaskError(Exception):  # as Ray's error of a task, which holds the task's as its cause
+        pass
+
+    def failed_in_a_task(*_, **__):
+        try:
+            raise UsageError("s3://photos/a.jpg: access denied: check the AWS credentials\n"
+                             "(Ray Data retries a task 3 times)")
+        except UsageError as e:
+            raise TaskError("ray.exceptions.RayTaskError(UsageError): ...") from e
+
+    monkeypatch.setattr(report, "run", failed_in_a_task)
+    assert cli.main(["report", "--workdir", str(tmp_path)]) == 2
+    assert error_lines(capsys) == ["deepfake-ray report: error: s3://photos/a.jpg: access denied: check "
+                                   "the AWS credentials"]
+
+
 def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
     """Hints (a failed pipeline's, the report's) name a command to run again: with the
     defaults' preset it would run other settings than this run's."""
