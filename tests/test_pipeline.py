@@ -281,3 +281,62 @@ def test_a_pipeline_stopped_in_a_stage_says_so_once_and_records_it_as_interrupte
         "and a training resumes from its last checkpoint"]
     assert storage.read_json(f"{workdir}/pipeline.json")["stages"] == [
         {"name": "prepare", "status": "interrupted", "seconds": 0.0}]
+
+
+def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(tmp_path, monkeypatch, capsys):
+    """Which stages a pipeline run makes, each stage's work stood in for by its marker
+    (the real ones run in the scenario above): all of them the first time; on a rerun
+    none but the report (always rebuilt), with the times of the run that made them; after
+    the fakes were made again, the detector and every stage after it; under --force a
+    stage that fails says to keep --force until a stage has been replaced."""
+    from deepfake_ray import lineage, pipeline
+    from deepfake_ray.data import prepare
+    from deepfake_ray.detector import evaluate, train as detector_train
+    from deepfake_ray.gan import generate, train as gan_train
+
+    cfg = config.build("tiny", workdir=str(tmp_path / "w"))
+    ran, fail = [], set()
+
+    def stand_in(stage: lineage.Stage):
+        def run(cfg, force=False, **_):
+            ran.append(stage.command)
+            if stage.command in fail:
+                raise RuntimeError(f"{stage.command} failed")
+            return lineage.complete(cfg, stage, {"seconds": 1.0}, lineage.made(cfg, stage))
+        return run
+
+    for module in (prepare, gan_train, generate, detector_train, evaluate):
+        monkeypatch.setattr(module, "run", stand_in(module.STAGE))
+    monkeypatch.setattr(pipeline, "score_test_split", stand_in(pipeline.SCORE))
+
+    def report(cfg, force=False):
+        ran.append("report")
+        storage.mark_complete(f"{cfg.workdir}/report", {"report": "report.html"})  # as the real one
+
+    monkeypatch.setattr(pipeline, "write_report", report)
+    every = ["prepare", "train-gan", "generate", "train-detector", "evaluate", "score", "report"]
+
+    def statuses() -> list[str]:
+        return [s["status"] for s in storage.read_json(f"{cfg.workdir}/pipeline.json")["stages"]]
+
+    pipeline.run(cfg)
+    assert ran == every and statuses() == ["done"] * 7
+    ran.clear()
+    pipeline.run(cfg)
+    assert ran == ["report"] and statuses() == ["skipped"] * 6 + ["done"]
+    assert all("made_in" in s for s in storage.read_json(f"{cfg.workdir}/pipeline.json")["stages"][:6])
+    assert "=== train-detector === (complete, skipped)" in capsys.readouterr().out
+    lineage.complete(cfg, generate.STAGE, {}, lineage.made(cfg, generate.STAGE))  # the fakes made again
+    ran.clear()
+    pipeline.run(cfg)
+    assert ran == ["train-detector", "evaluate", "score", "report"]
+    assert statuses() == ["skipped"] * 3 + ["done"] * 4
+
+    capsys.readouterr()
+    for failing, again in (("prepare", "the same command again"), ("train-gan", "it again without --force")):
+        fail.add(failing)
+        with pytest.raises(RuntimeError):
+            pipeline.run(cfg, force=True)
+        fail.clear()
+        assert f"pipeline stopped at stage '{failing}'. Fix the cause above, then run {again} " \
+               "(finished stages are skipped)" in capsys.readouterr().out
