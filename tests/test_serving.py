@@ -342,6 +342,16 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
     assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
 
 
+def test_a_request_at_the_limits_is_answered_not_refused(service):
+    """The limits are what a request may hold: serve.max_files_per_request files (64) and
+    serve.max_body_bytes bytes are answered, only more is a 413."""
+    at_limit = multipart(*[("files", f"{i}.gif", b"GIF89a") for i in range(64)])
+    batch = httpx.post(f"{service}/v1/detect/batch", content=at_limit, headers=FIELD_TYPE, timeout=60)
+    assert batch.status_code == 200 and batch.json()["count"] == 64, batch.text
+    exactly = detect(service, b"\xff" * MAX_BODY)  # read whole, and found to be no image
+    assert exactly.status_code == 415, exactly.text
+
+
 def raw_post(base: str, path: str, head_extra: str, pieces: list[bytes], pause: float,
              wait: float) -> tuple[bytes, float]:
     """POST over a bare socket, its body in `pieces` sent `pause` s apart (a client on a slow
@@ -910,6 +920,35 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
             code, err = before_ray(argv, monkeypatch, capsys)
             assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not out.exists()
+
+
+def test_weights_replaced_after_the_check_are_refused_where_they_are_loaded(model_dir, tmp_path):
+    """A process checks a model's weights once (before Ray starts); another model's weights
+    copied over them since must not reach a scoring actor or a replica started later, which
+    would serve them under this model.json's threshold and id."""
+    from deepfake_ray.serving.predictor import Predictor
+
+    folder, other = tmp_path / "model", tmp_path / "other"
+    shutil.copytree(model_dir, folder)
+    checkpoint.check_detector(str(folder))
+    export_test_model(str(other), broken=True)  # the same architecture: the weights load
+    (folder / checkpoint.WEIGHTS).write_bytes((other / checkpoint.WEIGHTS).read_bytes())
+    with pytest.raises(UsageError, match=f"model weights at {folder} do not match model.json"):
+        Predictor(str(folder))
+
+
+def test_the_fake_share_is_of_the_images_labelled_fake_among_those_scored():
+    """score's summary line, "fake share 66.7% (2/3)": unreadable files count in neither."""
+    import pyarrow as pa
+
+    from deepfake_ray.serving import score
+
+    table = pa.table({"path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "p_fake": [0.9, 0.8, 0.1, None],
+                      "label": ["fake", "fake", "real", ""], "error": ["", "", "", "unreadable: gone"]})
+    summary = score.summarize(table, {"class_names": ["real", "fake"], "arch": "a", "weights_sha256": "0" * 64},
+                              "scores.csv", 1.0)
+    assert (summary["files"], summary["scored"], summary["unreadable"], summary["fakes"]) == (4, 3, 1, 2)
+    assert summary["fake_share"] == pytest.approx(2 / 3)
 
 
 def test_score_refuses_an_out_that_is_a_folder_before_ray_starts(model_dir, images_dir, tmp_path,
