@@ -535,6 +535,27 @@ def test_a_sweep_whose_every_trial_diverged_says_to_lower_the_rates(tiny_cfg):
         tune.collect(cfg, results)
 
 
+def test_a_sweep_publishes_its_trial_of_the_highest_roc_auc_one_that_failed_only_if_none_finished(tiny_cfg):
+    """The best trial (results.csv's first row, the model published as detector/) is the one
+    of the highest validation ROC-AUC among the trials that finished: one that ended in an
+    error stopped short, whatever its score so far."""
+    from types import SimpleNamespace
+
+    cfg = tiny_cfg()
+    results = []
+    for trial_id, lr, auc, error in (("t0", 1e-4, 0.7, None), ("t1", 3e-4, 0.9, None),
+                                     ("t2", 5e-4, 0.95, "RayTaskError: a worker died")):
+        out = tune.trial_dir(cfg.workdir, trial_id)
+        checkpoint.save_model(storage.join(out, "best"), {}, {
+            "lr": lr, "epoch": 0, "threshold": 0.5, "metrics": {"val_auc": auc, "val_loss": 0.3, "val_acc": 0.8}})
+        storage.write_json(storage.join(out, "history.json"), [{"epoch": 0}])
+        results.append(SimpleNamespace(metrics={"trial_id": trial_id}, error=error, path=out, config={"lr": lr}))
+    rows = tune.collect(cfg, results)
+    assert list(rows["trial_id"]) == ["t1", "t0", "t2"] and list(rows["status"]) == ["ok", "ok", "error"]
+    with open(os.path.join(tune.tune_dir(cfg.workdir), "results.csv")) as f:
+        assert [r["trial_id"] for r in csv.DictReader(f)] == ["t1", "t0", "t2"]
+
+
 def test_a_training_that_diverged_publishes_no_detector(tiny_cfg):
     """Its NaN scores would be reported as "real" by score and serve."""
     cfg = tiny_cfg()
