@@ -447,6 +447,21 @@ def test_bad_input_found_inside_a_ray_task_exits_2_with_its_first_line(monkeypat
                                    "the AWS credentials"]
 
 
+def test_a_failure_that_is_no_bad_input_exits_1_with_its_traceback_and_a_last_line(monkeypatch, tmp_path, capsys):
+    """Exit 1 is a bug or a failure of what it runs on, not a mistake to fix in the command
+    (2): the traceback is for its report, the last line says what failed."""
+    from deepfake_ray import report
+
+    def bug(*_, **__):
+        raise KeyError("epoch")
+
+    monkeypatch.setattr(report, "run", bug)
+    assert cli.main(["report", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err[-2] == "KeyError: 'epoch'"
+    assert err[-1].startswith("deepfake-ray report: failed after ") and err[-1].endswith("s: KeyError: 'epoch'")
+
+
 def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
     """Hints (a failed pipeline's, the report's) name a command to run again: with the
     defaults' preset it would run other settings than this run's."""
