@@ -86,7 +86,7 @@ def test_gan_step_updates_both_networks():
     torch.manual_seed(0)
     G, D = dcgan.build(32, latent_dim=16, g_width=8, d_width=8)
     opt_g, opt_d = dcgan.optimizers(G, D, lr=2e-4, beta1=0.5)
-    assert opt_g.defaults["betas"] == (0.5, 0.999)
+    assert opt_g.defaults["betas"] == (0.5, 0.999) and opt_d.defaults["betas"] == (0.5, 0.999)
     g0, d0 = [p.clone() for p in G.parameters()], [p.clone() for p in D.parameters()]
     real = torch.rand(8, 3, 32, 32) * 2 - 1
     out = dcgan.gan_step(G, D, opt_g, opt_d, real, torch.randn(8, 16))
@@ -95,6 +95,24 @@ def test_gan_step_updates_both_networks():
     assert 0 < out["d_real"] < 1 and 0 < out["d_fake"] < 1
     assert all(not torch.equal(a, b) for a, b in zip(g0, G.parameters()) if a.dim() > 1)
     assert all(not torch.equal(a, b) for a, b in zip(d0, D.parameters()) if a.dim() > 1)
+
+
+def test_the_discriminator_learns_to_tell_reals_from_fakes():
+    """A few steps on one batch of reals: D scores them as real and G's output as fake (a D
+    trained on the wrong targets scored both alike, and G had nothing to learn from)."""
+    torch.manual_seed(0)
+    G, D = dcgan.build(32, latent_dim=16, g_width=8, d_width=8)
+    opt_g, opt_d = dcgan.optimizers(G, D)
+    real = torch.rand(8, 3, 32, 32) * 0.5 + 0.5  # bright, unlike G's first output
+    for _ in range(20):
+        out = dcgan.gan_step(G, D, opt_g, opt_d, real, torch.randn(8, 16))
+    assert out["d_real"] > 0.7 and out["d_real"] - out["d_fake"] > 0.3, out
+
+
+def test_fake_pixels_span_the_whole_range_of_the_reals():
+    """G's tanh output in [-1, 1] becomes the fakes' pixels: -1 black, 1 white, 0 mid-grey."""
+    pixels = dcgan.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 1.5]).view(1, 4, 1, 1))
+    assert pixels.dtype == torch.uint8 and pixels.flatten().tolist() == [0, 128, 255, 255]
 
 
 # --- train-gan --------------------------------------------------------------------------
