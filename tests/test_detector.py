@@ -72,6 +72,23 @@ def test_weights_with_an_imagenet_head_load_into_the_two_class_model(tmp_path, s
     assert torch.equal(model.block8.conv2d.weight, imagenet.block8.conv2d.weight)
 
 
+def test_weights_saved_from_ddp_load_and_a_part_missing_is_refused(tmp_path):
+    """A checkpoint of a DistributedDataParallel model names every weight `module.*`: the
+    same weights. One that lacks part of the backbone would leave those layers random."""
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model("resnet10t", num_classes=1000).state_dict()
+    ddp = str(tmp_path / "ddp.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, ddp)
+    model = detector.create("resnet10t", 2, ddp)
+    assert torch.equal(model.layer4[0].conv1.weight, state["layer4.0.conv1.weight"])
+    partial = str(tmp_path / "partial.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("layer4.")}, partial)
+    with pytest.raises(UsageError, match=r"do not fit resnet10t: \d+ missing keys \(e.g. \['layer4"):
+        detector.create("resnet10t", 2, partial)
+
+
 def test_weights_from_s3_load_without_unpickling(s3_server):
     bucket = s3_server("detector-weights")
     head = {"classif.weight": torch.ones(1000, 1536), "conv2d_1a.conv.weight": torch.zeros(32, 3, 3, 3)}
@@ -508,6 +525,7 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
          "--workdir", workdir, "--set", "detector.pretrained=hub"],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
+    assert "ray: in-process" not in done.stdout  # RAY_ADDRESS's cluster joined, as --address's
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("deepfake-ray train-detector: error: cannot download "
                            "inception_resnet_v2.tf_in1k from the model hub (")
