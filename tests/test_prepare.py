@@ -288,7 +288,7 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
 
 def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch):
     monkeypatch.setattr(progress, "EVERY_S", {True: 0.02, False: 0.02})
-    cfg = tiny_cfg("data.source=sample:40")
+    cfg = tiny_cfg("data.source=sample", "data.sample_size=40")  # a bare `sample`: its count from the setting
     first = prepare.run(cfg)
     shown = [int(n) for n in re.findall(r"^prepare: (\d+) / 40 files", capsys.readouterr().out, re.M)]
     assert shown and shown == sorted(shown) and shown[-1] == 40  # counts up, ends complete
@@ -317,6 +317,31 @@ def test_rerun_skips_and_force_redoes(ray_session, tiny_cfg, capsys, monkeypatch
     again, _, _ = read_outputs(cfg.workdir)
     assert list(again["sha1"]) == list(manifest["sha1"])  # seeded: same images, same splits
     assert list(again["split"]) == list(manifest["split"])
+
+
+def test_progress_in_a_log_is_quiet_for_a_short_run_and_never_claims_more_than_was_done(monkeypatch, capsys):
+    """In a log, a line every 10 s: a run shorter than that prints none (its summary line
+    says it all). A run stopped part way ends on what it did, not on its total."""
+    done = [0]
+    with progress.Progress("prepare", 10, "files", lambda: done[0]):
+        done[0] = 10
+        time.sleep(1.5)  # past a terminal's interval, within a log's
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(progress, "EVERY_S", {True: 0.02, False: 0.02})
+    with pytest.raises(KeyboardInterrupt):
+        with progress.Progress("prepare", 10, "files", lambda: done[0]):
+            done[0] = 3
+            time.sleep(0.2)
+            raise KeyboardInterrupt
+    assert capsys.readouterr().out.splitlines()[-1] == "prepare: 3 / 10 files (30%)"
+
+
+def test_sample_faces_are_the_same_for_a_seed_and_differ_between_seeds_and_faces():
+    """`sample` makes each face from (seed, index) alone: a rerun makes the same bytes, and
+    another seed (the config's `seed`) other faces, not the same set again."""
+    first = sample.face_jpeg(0, 1)
+    assert sample.face_jpeg(0, 1) == first
+    assert sample.face_jpeg(1, 1) != first and sample.face_jpeg(0, 2) != first
 
 
 def test_a_source_folder_whose_files_changed_is_prepared_again(ray_session, tiny_cfg, tmp_path, capsys):
@@ -1214,6 +1239,7 @@ def test_temporary_files_a_killed_run_left_go_when_the_stage_is_redone(ray_sessi
                                            ("", "no source given"),
                                            (__file__, "is a file: pass the folder"),
                                            ("sample:zero", "positive whole number"),
+                                           ("sample:0", "positive whole number"),
                                            ("sample:1e3", "positive whole number"),
                                            ("sample:\u00b2", "positive whole number"),  # a digit to str.isdigit
                                            ("sample:100000000", "more than 1,000,000"),
