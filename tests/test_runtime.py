@@ -144,6 +144,8 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_p
         wait_for_line(log, "prepare: reading 200,000 images", proc, 120)  # minutes of work: stopped early
         assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
+    cpus = max(4, runtime.machine_cores())  # Train's workers and Ray Data's tasks side by side
+    assert f"ray: in-process, {cpus} CPUs; dashboard at http://127.0.0.1:" in log.read_text()
     said = [line for line in log.read_text().splitlines() if line.startswith("deepfake-ray prepare: ")]
     assert said == ["deepfake-ray prepare: stopped (SIGTERM); run the same command again: finished stages "
                     "are skipped and a training resumes from its last checkpoint"]
@@ -357,6 +359,22 @@ def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray
     assert kept == {"epoch_0000", "epoch_0002"}  # epoch 1 is neither the best nor the newest
     training.fit(read_back, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
     assert storage.read_json(found) == {"0": 0.9, "1": None, "2": 0.7}
+
+
+def test_bad_input_ray_train_holds_is_the_one_line_the_cli_prints():
+    """Ray Train holds its workers' errors by rank, and its controller's, not as a cause: a
+    UsageError raised there must still be the CLI's one line (exit 2), not a traceback
+    (exit 1). Ray Train's own error types, as `fit` raises them (a run: ~8 s more)."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from deepfake_ray import cli
+    from deepfake_ray.errors import UsageError
+
+    fix = "data.resolution=48 is not supported: use 32, 64 or 128"
+    in_worker = WorkerGroupError("Training failed due to worker errors", {1: UsageError(fix)})
+    assert cli.usage_line(in_worker) == fix
+    assert cli.usage_line(ControllerError(UsageError(fix))) == fix
+    assert cli.usage_line(WorkerGroupError("Training failed", {0: RuntimeError("a bug")})) is None
 
 
 def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, monkeypatch):
