@@ -250,6 +250,15 @@ def test_run_name_is_a_subfolder_of_the_workdir(workdir, expected):
     assert again.preset == "tiny" and again.address is None
 
 
+def test_a_job_exits_as_the_command_it_runs(tmp_path, capsys):
+    """`ray job status` reads the entrypoint's exit code: a command that failed must not
+    be a job that SUCCEEDED. Here train-gan finds no prepared data in WORKDIR/RUN_NAME."""
+    assert _entry.main("train-gan", "train_gan.py", ["--preset", "tiny", "--workdir", str(tmp_path),
+                                                     "--run-name", "r1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no prepared images in {tmp_path}/r1/data" in err[0], err
+
+
 def test_runtime_env_is_valid_and_ships_the_working_dir():
     from ray.runtime_env import RuntimeEnv
 
