@@ -54,7 +54,7 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     for rel, data in figures.items():
         storage.write_bytes(storage.join(w, rel), data)
     storage.write_json(storage.join(w, "data/_COMPLETE.json"), {
-        "images": 96, "rejected": 4, "source": "sample:96 <script>alert(1)</script>",
+        "images": 96, "rejected": 4, "source": "/photos/a|b <script>alert(1)</script>",  # a folder may be named so
         "reasons": {"truncated": 3, "decompression-bomb": 1},
         "splits": {"train": 77, "val": 9, "test": 10}})
     storage.write_json(storage.join(w, "fakes/_COMPLETE.json"), {"images": 96, "seconds": 1.5})
@@ -162,6 +162,8 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     text = open(html_path, encoding="utf-8").read()
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # escaped
     assert "Not produced yet" not in text
+    for anchor, title, *_ in report.SECTIONS:  # the table of contents links every section
+        assert f'<li><a href="#{anchor}">{title}</a></li>' in text, anchor
     for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
                    "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
@@ -179,6 +181,7 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
     assert "](gan/losses.png)" in md and "](eval/roc.png)" in md
+    assert "| source | /photos/a\\|b <script>alert(1)</script> |" in md  # one cell, not two
 
 
 def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path):
@@ -274,6 +277,8 @@ def test_stale_metrics_name_the_first_stage_to_rerun_not_one_that_would_refuse(t
         "_Out of date: detector/, which eval/ was made from, is out of date: fakes/ changed since detector/ "
         "was made. What follows may not describe the current model; run `deepfake-ray train-detector "
         f"--config {w}/config.yaml --workdir {w}`, then the stages after it._"), held_out
+    html = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    assert f"--config {w}/config.yaml --workdir {w}</code>, then the stages after it.</p>" in html
 
 
 def test_a_sweep_whose_model_was_retrained_by_hand_says_so_not_interrupted(tmp_path):
@@ -362,6 +367,8 @@ def test_a_stage_made_by_its_own_command_shows_the_seconds_its_marker_recorded(t
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "| prepare | skipped | 0 | 4 |" in md and "| train-gan | skipped | 0 | ? |" in md, md
     assert "the seconds its own command recorded in its _COMPLETE.json" in md
+    html = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    assert "the seconds its own command recorded in its _COMPLETE.json" in html
     storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
         {"name": "prepare", "status": "skipped", "seconds": 0.0, "completed": "data at 10:00"},
         {"name": "train-gan", "status": "skipped", "seconds": 0.0, "completed": "gan at 10:00"},
