@@ -276,6 +276,10 @@ def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
     seen = set(sum((sel.hashes[s][c] for s in ("train", "val") for c in (0, 1)), []))
     assert test and not test & seen
     assert set(sel.fingerprints) == {"real_manifest_sha1", "fake_manifest_sha1"}
+    assert data.select(cfg).hashes == sel.hashes  # the seed's subsample, the same every run
+    # the cap is of training images: validation and the held-out test keep every image
+    capped = data.select(tiny_cfg("detector.max_train_per_class=4", workdir=cfg.workdir)).counts
+    assert capped == {"train": {"real": 4, "fake": 4}, "val": {"real": 6, "fake": 6}, "test": {"real": 6, "fake": 6}}
     # 12 val images shared by 16 workers: four would validate nothing (Ray Train splits equally)
     with pytest.raises(UsageError, match="val split selects 12 images, fewer than resources.workers=16"):
         data.select(tiny_cfg("resources.workers=16", workdir=cfg.workdir))
@@ -374,6 +378,8 @@ def test_training_images_are_recompressed_and_blurred_and_validation_left_clean(
     assert len(after) == len(before) > 0 and {len(b) for b in after} == {32 * 32 * 3}
     assert len(set(after) & set(before)) <= len(before) // 10  # each image changed, but for a rare mild draw
     assert pixels(augmented["val"]) == pixels(clean["val"])
+    # validation (which picks the threshold and the best epoch) is its own split, not training's
+    assert len(pixels(clean["val"])) == sum(sel.counts["val"].values()) and not set(pixels(clean["val"])) & set(before)
 
 
 def test_training_batches_mix_the_classes_though_each_part_holds_one(ray_session, tiny_cfg):
@@ -389,6 +395,21 @@ def test_training_batches_mix_the_classes_though_each_part_holds_one(ray_session
     assert len(shares) == 1280 // size
     lopsided = sum(share > 0.8 or share < 0.2 for share in shares)
     assert lopsided <= len(shares) // 10, shares  # by chance ~2% (1.7 of 80); one part a class: 26
+
+
+def test_augmentation_applies_each_kind_at_its_own_probability():
+    """Training's augmentation: blur alone, JPEG alone, each at its probability (1: every
+    image, 0: none), the JPEG quality drawn from its range."""
+    pixels = np.stack([sample.face(0, i, 32) for i in range(4)])
+    batch = {"label": np.array([0, 1, 0, 1]), "pixels": pixels}
+
+    def augmented(jpeg_prob, blur_prob):
+        return data.augment_batch(batch, jpeg_prob=jpeg_prob, jpeg_quality=(40, 40), blur_prob=blur_prob,
+                                  blur_sigma=(1.5, 1.5))["pixels"]
+
+    assert (augmented(0.0, 0.0) == pixels).all()
+    assert all((out == data.jpeg(img, 40)).all() for out, img in zip(augmented(1.0, 0.0), pixels))
+    assert all((out == data.blur(img, 1.5)).all() for out, img in zip(augmented(0.0, 1.0), pixels))
 
 
 # --- the CLI without the model hub ----------------------------------------------------
