@@ -412,6 +412,56 @@ def test_augmentation_applies_each_kind_at_its_own_probability():
     assert all((out == data.blur(img, 1.5)).all() for out, img in zip(augmented(0.0, 1.0), pixels))
 
 
+# --- evaluate, without training --------------------------------------------------------
+
+def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_session, tiny_cfg):
+    """A randomly initialised detector stands in for a trained one (the trained one is
+    evaluated in tests/test_pipeline.py, a slow test). The test split is smaller than
+    validation, so the counts tell which split was scored; each degraded condition is
+    scored on its own degraded images; a model whose manifests changed is refused."""
+    from deepfake_ray.detector import evaluate
+    from tests.detector_checks import assert_held_out_evaluation
+
+    cfg = tiny_cfg()
+    splits = ["train"] * 8 + ["val"] * 6 + ["test"] * 4
+    write_stage(datasets.data_dir(cfg.workdir), [(sample.face(0, i, 32), s) for i, s in enumerate(splits)])
+    write_stage(datasets.fakes_dir(cfg.workdir), [(checkerboard_face(1, i, 32), s) for i, s in enumerate(splits)])
+    torch.manual_seed(0)
+    net = detector.create("resnet10t", num_classes=2, pretrained="none")
+    meta = {"arch": "resnet10t", "num_classes": 2, "class_names": ["real", "fake"], "resolution": 32,
+            "input_size": 75, "preprocessing": detector.preprocessing(net), "threshold": 0.37,
+            "jpeg_quality": 95, "metrics": {"epoch": 0, "val_auc": 0.9},
+            "fingerprints": {"real_manifest_sha1": "before", "fake_manifest_sha1": "before"}}
+    model = train.model_dir(cfg.workdir)
+    checkpoint.save_model(model, net.state_dict(), meta)
+    storage.mark_complete(train.stage_dir(cfg.workdir), {"epochs": 1})
+    history = [{"epoch": e, "train_acc": 0.5, "val_acc": 0.5, "train_loss": 0.7, "val_loss": 0.7} for e in (0, 1)]
+    storage.write_json(storage.join(train.stage_dir(cfg.workdir), "history.json"), history)
+    with pytest.raises(UsageError, match="manifest changed since the detector was trained"):
+        evaluate.run(cfg)
+    checkpoint.save_model(model, net.state_dict(), {**meta, "fingerprints": data.select(cfg, ("test",)).fingerprints})
+
+    summary = evaluate.run(cfg)
+    metrics = assert_held_out_evaluation(cfg)
+    assert metrics["n"] == summary["n"] == 8 and (metrics["n_real"], metrics["n_fake"]) == (4, 4)
+    assert metrics["threshold"] == 0.37 and metrics["validation"] == meta["metrics"]
+    robustness = storage.read_json(storage.join(evaluate.eval_dir(cfg.workdir), "robustness.json"))
+    for condition in ("jpeg_q50", "downscale_0.5", "blur_1.0"):  # other images, other scores
+        assert robustness[condition]["brier"] != robustness["clean"]["brier"], condition
+
+
+def test_each_robustness_condition_degrades_the_image_as_named():
+    """eval/robustness.json's rows are named by what was done to the images: JPEG at that
+    quality (the lower, the further from the original), half size and back, Gaussian blur."""
+    img = sample.face(0, 0, 32)
+    error = {name: np.abs(data.transform(img, name).astype(int) - img).mean()
+             for name in ("clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0", "blur_2.0")}
+    assert error["clean"] == 0
+    assert 0 < error["jpeg_q95"] < error["jpeg_q75"] < error["jpeg_q50"], error
+    assert error["downscale_0.5"] > 0 and 0 < error["blur_1.0"] < error["blur_2.0"], error
+    assert (data.transform(img, "jpeg_q50") == data.jpeg(img, 50)).all()
+
+
 # --- the CLI without the model hub ----------------------------------------------------
 
 def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path, monkeypatch):
