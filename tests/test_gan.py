@@ -155,8 +155,9 @@ def wait_until_settled(path: str, quiet_s: float = 5.0, limit_s: float = 60.0) -
 # runs again and resumes after the older intact one, and then one worker dies once at the
 # last epoch and is replaced.
 EPOCHS = 6  # the fault waits at the last epoch: far past where the first run is killed
+ADAM = ("gan.lr=2.5e-4", "gan.beta1=0.45")  # not the defaults: the run's own must reach Adam
 TRAINED = ("resources.workers=2", f"gan.epochs={EPOCHS}", f"gan.fail_at_epoch={EPOCHS - 1}",
-           "gan.max_failures=1")
+           "gan.max_failures=1", *ADAM)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +213,10 @@ def test_train_writes_every_promised_file(trained):
     assert grid.width >= 4 * 32  # 16 fixed-noise samples of 32 px, 4 x 4
     for epoch in (last - 1, last):  # keep=2: the newest two checkpoints, each intact
         assert checkpoint.read_state(os.path.join(gan, f"epoch_{epoch:04d}"))["epoch"] == epoch
+    state = checkpoint.read_state(os.path.join(gan, f"epoch_{last:04d}"))
+    for optimizer in ("opt_g", "opt_d"):  # the run's gan.lr and gan.beta1, not dcgan's defaults
+        group = state[optimizer]["param_groups"][0]
+        assert (group["lr"], tuple(group["betas"])) == (2.5e-4, (0.45, 0.999)), optimizer
     assert not os.path.exists(os.path.join(gan, "epoch_0000"))
     weights, meta = checkpoint.load_model(os.path.join(gan, "model"))
     assert meta["arch"] == "dcgan_generator" and meta["resolution"] == 32
@@ -286,7 +291,7 @@ def test_a_stop_whose_newest_checkpoint_ray_never_registered_resumes_after_it(tr
     storage.write_json(os.path.join(gan, "history.json"), unregistered["history"])
     assert not registered(gan, f"epoch_{EPOCHS:04d}")
 
-    more = [a for kv in (*TRAINED[:2], f"gan.epochs={EPOCHS + 2}") for a in ("--set", kv)]
+    more = [a for kv in (*TRAINED[:2], *ADAM, f"gan.epochs={EPOCHS + 2}") for a in ("--set", kv)]
     assert cli.main(["train-gan", "--preset", "tiny", "--workdir", copy, *more]) == 0
     history = storage.read_json(os.path.join(gan, "history.json"))
     assert [h["epoch"] for h in history] == list(range(EPOCHS + 2))
@@ -309,7 +314,7 @@ def test_a_run_whose_checkpoints_are_damaged_or_gone_is_refused_not_started_over
     workdir, _, _ = trained
     # refused before any worker starts: raised in one, it would be retried max_failures
     # times (with gan.max_failures=-1, checked by hand, without end)
-    more = [a for kv in (*TRAINED[:2], f"gan.epochs={EPOCHS + 1}") for a in ("--set", kv)]
+    more = [a for kv in (*TRAINED[:2], *ADAM, f"gan.epochs={EPOCHS + 1}") for a in ("--set", kv)]
     decoded = []  # and before the training split is decoded (minutes at Celeb 100k's size)
     monkeypatch.setattr(train, "train_dataset", lambda *a, real=train.train_dataset:
                         decoded.append(1) or real(*a))
@@ -607,7 +612,7 @@ def test_stages_record_what_they_were_made_from(generated, tmp_path, capsys):
         train_gan += ["--set", kv]
     assert cli.main(train_gan + ["--set", "gan.lr=0.001"]) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and "gan was made with gan.lr=0.0002 (asked: 0.001)" in err[0] and "--force" in err[0]
+    assert len(err) == 1 and "gan was made with gan.lr=0.00025 (asked: 0.001)" in err[0] and "--force" in err[0]
     own = err[0].rsplit("its own settings (", 1)[1].rstrip(")")  # the advice, followed as given
     assert cli.main(train_gan + ["--set", "gan.lr=0.001", *shlex.split(own)]) == 0
     assert "is already complete" in capsys.readouterr().out
