@@ -255,10 +255,14 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not all(part.strip() for part in key.split(".")):  # `.lr=1`, `detector..lr=1` too
         raise UsageError(f"--set '{text}' must look like section.key=value, e.g. detector.lr=3e-4")
-    nested: Any = Typed(raw)
-    for part in reversed(key.strip().split(".")):
-        nested = {part: nested}
-    return nested
+    return nested(key.strip(), Typed(raw))
+
+
+def nested(key: str, value: Any) -> dict:
+    """`a.b`, value -> {"a": {"b": value}}: a dotted key as merge takes it."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def build(preset: str = "demo", config_file: str | None = None, overrides: list[str] = (),

@@ -50,6 +50,11 @@ MAKERS = {"data": "deepfake_ray.data.prepare", "gan": "deepfake_ray.gan.train",
           "fakes": "deepfake_ray.gan.generate", "detector": "deepfake_ray.detector.train"}
 
 
+def maker_stage(folder: str) -> "Stage":
+    """The Stage that makes WORKDIR/`folder` (one of MAKERS)."""
+    return importlib.import_module(MAKERS[folder]).STAGE
+
+
 class InputsNotReady(UsageError):
     """A stage's input is missing or out of date: a run holding the work directory may be
     making it."""
@@ -228,8 +233,8 @@ def missing_chain(cfg: Config, folder: str, read: dict) -> list[str]:
     """`folder` (missing) and the missing folders its stage reads in turn: no fakes and no
     GAN are ["fakes", "gan"]. Each hint named one stage back, one refused run at a time."""
     chain = [folder]
-    while chain[-1] in MAKERS and (up := next((f for f in importlib.import_module(MAKERS[chain[-1]]).STAGE.inputs
-                                               if marker(cfg, f, read) is None), None)):
+    while chain[-1] in MAKERS and (up := next(
+            (f for f in maker_stage(chain[-1]).inputs if marker(cfg, f, read) is None), None)):
         chain.append(up)
     return chain
 
@@ -363,7 +368,7 @@ def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[s
             continue
         seen.add(folder)
         todo += list(done.get("inputs", {}))
-        maker = importlib.import_module(MAKERS[folder]).STAGE
+        maker = maker_stage(folder)
         recorded = maker.settings_now(done.get("settings", {}))
         for key, text in differences(maker, done, {"settings": maker.settings(cfg)}).items():
             if key not in own and key not in found and known(cfg, key):
@@ -388,15 +393,10 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset()) -
                          f"run `deepfake-ray {command}` with yours first (then the stages after it)")
     if not found:
         return cfg
-    nested: dict = {}
-    for key, (value, *_) in found.items():
-        *sections, name = key.split(".")
-        place = nested
-        for section in sections:
-            place = place.setdefault(section, {})
-        place[name] = value
+    made_with = cfg
     try:
-        made_with = config.merge(cfg, nested)
+        for key, (value, *_) in found.items():
+            made_with = config.merge(made_with, config.nested(key, value))
     except UsageError:  # a value an older version recorded in another form: left as asked
         return cfg
     print(f"{stage.command}: note: the stages it reads were made with "
