@@ -143,15 +143,26 @@ STATE = "state.pt"
 STATE_OK = "state.json"
 
 
-def write_state(directory: str, state: dict) -> None:
-    """state.pt, then state.json with its hash and epoch, written last."""
+def write_state(directory: str, state: dict, metrics: dict | None = None) -> None:
+    """state.pt, then state.json with its hash, epoch and the epoch's reported numbers
+    (what ranks a checkpoint Ray never registered), written last."""
     import torch
 
     path = os.path.join(directory, STATE)
     torch.save(state, path)
     digest = storage.file_digest(path, "sha256")  # as a stream: not the ~0.65 GB at once
+    numbers = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
     with open(os.path.join(directory, STATE_OK), "w") as f:
-        json.dump({"sha256": digest, "epoch": int(state.get("epoch", -1))}, f)
+        json.dump({"sha256": digest, "epoch": int(state.get("epoch", -1)), "metrics": numbers}, f)
+
+
+def state_metrics(uri: str) -> dict | None:
+    """The numbers reported with the state in folder `uri` ({} in a folder written before
+    they were kept), or None where state.json is missing or damaged: a folder cut short."""
+    try:
+        return dict(storage.read_json(storage.join(uri, STATE_OK)).get("metrics", {}))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, AttributeError, TypeError):
+        return None
 
 
 def state_intact(uri: str) -> bool:

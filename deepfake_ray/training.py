@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -90,9 +91,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     before = signal.getsignal(signal.SIGINT) if on_main_thread else None
     try:
         result = trainer.fit()
-        if keep_best_by is None:
-            with contextlib.suppress(OSError):  # tidying: the training it follows is done
-                prune_unlisted(storage.join(storage_uri, name), result.best_checkpoints or [])
+        with contextlib.suppress(OSError):  # tidying: the training it follows is done
+            prune_unlisted(storage.join(storage_uri, name), kept_checkpoints(result), keep, keep_best_by)
         return result
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run (its workers stopped, its checkpoints
@@ -109,21 +109,42 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
             signal.signal(signal.SIGINT, before)
 
 
-def prune_unlisted(run: str, kept: list) -> None:
-    """After a finished run kept by recency, its checkpoint folders Ray never registered
-    (a stop between their upload and their registration, resumed from since) older than
-    the newest it keeps (`kept`, its (checkpoint, metrics) pairs): Ray prunes only what it
-    registered, so each stop left one or two for good. Ray's own are left to it (one
-    deleted here would fail its next resume). Not for a run kept by a score: Ray never
-    ranked such a folder, which may be the best epoch's (the detector puts best/ back
-    from it)."""
+def prune_unlisted(run: str, kept: list, keep: int, keep_best_by: str | None = None) -> None:
+    """After a finished run, its checkpoint folders Ray never registered (a stop between
+    their upload and their registration, resumed from since) older than the newest it
+    keeps (`kept`, its (checkpoint, metrics) pairs): Ray prunes only what it registered,
+    so each stop left one or two for good (the detector's: ~0.62 GB each). Ray's own are
+    left to it (one deleted here would fail its next resume). In a run kept by a score,
+    those Ray would have kept had it registered them stay: one may be the best epoch's,
+    which the detector puts best/ back from."""
     names = {os.path.basename(c.path.rstrip("/")) for c, _ in kept}
     fs, path = storage.resolve(run)
     folders = epoch_folders(fs, path)
     newest = max((e for e, p in folders if os.path.basename(p) in names), default=-1)
-    for e, p in folders:
-        if e < newest and os.path.basename(p) not in names:
-            fs.delete_dir(p)
+    unlisted = [p for e, p in folders if e < newest and os.path.basename(p) not in names]
+    if keep_best_by:
+        unlisted = outranked(run, unlisted, kept, keep, keep_best_by)
+    for p in unlisted:
+        fs.delete_dir(p)
+
+
+def kept_checkpoints(result) -> list:
+    """(checkpoint, metrics) of those Ray keeps: its best (by score, or the newest) and,
+    beside them in a run kept by a score, its newest."""
+    kept = list(result.best_checkpoints or [])
+    if result.checkpoint and all(c.path != result.checkpoint.path for c, _ in kept):
+        kept.append((result.checkpoint, result.metrics or {}))
+    return kept
+
+
+def outranked(run: str, unlisted: list[str], kept: list, keep: int, by: str) -> list[str]:
+    """Of the `unlisted` folders, those cut short (no state.json) and those whose reported
+    `by` ranks below the `keep` best of the run's (Ray's rule); one written before its
+    score was kept in state.json cannot be ranked and stays."""
+    found = {p: checkpoint.state_metrics(storage.join(run, os.path.basename(p))) for p in unlisted}
+    scores = [m[by] for _, m in kept if by in m] + [m[by] for m in found.values() if m and by in m]
+    bar = sorted(scores, reverse=True)[keep - 1] if len(scores) >= keep else -math.inf
+    return [p for p, m in found.items() if m is None or (by in m and m[by] < bar)]
 
 
 def check_resumable(run: str) -> None:
@@ -280,7 +301,7 @@ def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> Non
     if name in _skipped_names:  # that folder is registered already (and damaged)
         name = f"{name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as d:
-        checkpoint.write_state(d, state)
+        checkpoint.write_state(d, state, metrics)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                          checkpoint_dir_name=name)
 

@@ -340,25 +340,36 @@ def test_a_run_resumes_from_its_newest_intact_folder_though_ray_lists_an_older_o
 def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray_session, tmp_path):
     """Checkpoints ranked by a reported score, as the detector's val_score: with keep=1 the
     run keeps its best one and its newest, and a resumed run reads the best one's state by
-    its epoch (how the detector puts best/ back after an export no checkpoint backs)."""
-    from deepfake_ray import config, storage, training
+    its epoch (how the detector puts best/ back after an export no checkpoint backs). Of
+    the folders a stop left unregistered, a finished run deletes what Ray would have
+    pruned (a lower score, one cut short) and keeps a better one: they stayed for good."""
+    from deepfake_ray import checkpoint, config, storage, training
 
     runs, found = str(tmp_path / "runs"), str(tmp_path / "found.json")
+    run = os.path.join(runs, "scored")
 
     def three_epochs(_):
         for epoch, score in enumerate([0.9, 0.5, 0.7]):
             training.report_epoch(epoch, {"val_score": score}, {"epoch": epoch, "score": score})
 
-    def read_back(_):
+    def read_back_then_one_more(_):
         states = {epoch: training.state_at_epoch(epoch) for epoch in range(3)}
         storage.write_json(found, {e: s and s["score"] for e, s in states.items()})
+        training.report_epoch(6, {"val_score": 0.2}, {"epoch": 6, "score": 0.2})
 
     cfg = config.build("tiny", None, [], workdir=str(tmp_path))
     training.fit(three_epochs, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
-    kept = {name for name in os.listdir(os.path.join(runs, "scored")) if name.startswith("epoch_")}
+    kept = {name for name in os.listdir(run) if name.startswith("epoch_")}
     assert kept == {"epoch_0000", "epoch_0002"}  # epoch 1 is neither the best nor the newest
-    training.fit(read_back, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
+    for epoch, score in ((3, 0.95), (4, 0.1)):  # written whole after a stop, never registered
+        os.makedirs(os.path.join(run, f"epoch_{epoch:04d}"))
+        checkpoint.write_state(os.path.join(run, f"epoch_{epoch:04d}"), {"epoch": epoch, "score": score},
+                               {"val_score": score})
+    os.makedirs(os.path.join(run, "epoch_0005"))  # cut short: no state.json
+    training.fit(read_back_then_one_more, {}, cfg, runs, "scored", keep=1, keep_best_by="val_score")
     assert storage.read_json(found) == {"0": 0.9, "1": None, "2": 0.7}
+    kept = {name for name in os.listdir(run) if name.startswith("epoch_")}
+    assert kept == {"epoch_0000", "epoch_0003", "epoch_0006"}  # Ray's best and newest; the better stray
 
 
 def test_bad_input_ray_train_holds_is_the_one_line_the_cli_prints():
