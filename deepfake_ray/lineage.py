@@ -36,23 +36,26 @@ from deepfake_ray.errors import UsageError
 
 
 STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
-# what each stage folder that others read holds, and the command that makes it, as a
-# refusal names them
-# a stage's folder -> what it holds, and the commands that make it
-INPUTS = {"data": ("prepared images", ("prepare",)), "gan": ("trained generator", ("train-gan",)),
-          "fakes": ("generated fakes", ("generate",)),
-          "detector": ("finished detector", ("train-detector", "tune"))}
-
-
-# a stage folder -> the module whose STAGE makes it (the detector also by `tune`, which
+# a stage folder that others read -> what it holds, the module whose STAGE makes it, and
+# the commands that make it, as a refusal names them (the detector also `tune`, which
 # records train-detector's settings in it)
-MAKERS = {"data": "deepfake_ray.data.prepare", "gan": "deepfake_ray.gan.train",
-          "fakes": "deepfake_ray.gan.generate", "detector": "deepfake_ray.detector.train"}
+MAKERS = {"data": ("prepared images", "deepfake_ray.data.prepare", ("prepare",)),
+          "gan": ("trained generator", "deepfake_ray.gan.train", ("train-gan",)),
+          "fakes": ("generated fakes", "deepfake_ray.gan.generate", ("generate",)),
+          "detector": ("finished detector", "deepfake_ray.detector.train", ("train-detector", "tune"))}
 
 
 def maker_stage(folder: str) -> "Stage":
     """The Stage that makes WORKDIR/`folder` (one of MAKERS)."""
-    return importlib.import_module(MAKERS[folder]).STAGE
+    return importlib.import_module(MAKERS[folder][1]).STAGE
+
+
+def contents(folder: str) -> str:
+    return MAKERS[folder][0] if folder in MAKERS else "complete output"
+
+
+def made_by(folder: str) -> tuple[str, ...]:
+    return MAKERS[folder][2] if folder in MAKERS else ()
 
 
 class InputsNotReady(UsageError):
@@ -220,8 +223,8 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
         if marker(cfg, folder, read) is None:
             if len(chain := missing_chain(cfg, folder, read)) > 1:
                 raise InputsNotReady(missing_line(cfg, chain))
-            holds = INPUTS.get(folder, ("complete output", ()))[0]
-            raise InputsNotReady(f"no {holds} in {storage.join(cfg.workdir, folder)}: run {makers(cfg, folder)}")
+            raise InputsNotReady(f"no {contents(folder)} in {storage.join(cfg.workdir, folder)}: "
+                                 f"run {makers(cfg, folder)}")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
         raise InputsNotReady(f"{storage.join(cfg.workdir, folder)} is out of date: "
@@ -242,8 +245,8 @@ def missing_chain(cfg: Config, folder: str, read: dict) -> list[str]:
 def missing_line(cfg: Config, chain: list[str]) -> str:
     """What is missing along `chain`, and the commands that make it, the first first."""
     saved, name = hint_names(cfg)
-    what = ", nor ".join(f"{INPUTS[f][0]} in {storage.join(cfg.workdir, f)}" for f in chain)
-    steps = ", then ".join(name(INPUTS[f][1][0]) for f in reversed(chain))
+    what = ", nor ".join(f"{contents(f)} in {storage.join(cfg.workdir, f)}" for f in chain)
+    steps = ", then ".join(name(made_by(f)[0]) for f in reversed(chain))
     return f"no {what}: run {steps}{'' if saved else ' with this --workdir'}, or the whole {name('pipeline')}"
 
 
@@ -262,7 +265,7 @@ def makers(cfg: Config, folder: str) -> str:
     """The commands that make `folder`, then the whole pipeline, as a hint names them:
     with the run's own settings where its config.yaml holds them, as command_line does
     (following a bare `deepfake-ray train-gan` ran the demo preset's, and was refused)."""
-    commands = INPUTS.get(folder, ("", ()))[1]
+    commands = made_by(folder)
     saved, name = hint_names(cfg)
     first = " first" if saved else " with this --workdir first"
     whole = f"the whole {name('pipeline')}"
