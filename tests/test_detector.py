@@ -666,9 +666,10 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     build(cfg.workdir, 60, 32, quality=90)  # the run's own data.jpeg_quality is 95
     ctrl_c = signal.getsignal(signal.SIGINT)
     result = tune.run(cfg)
+    printed = capsys.readouterr().out
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
     if not torch.cuda.is_available():  # not left waiting, with Ray Train, for a GPU none can add
-        assert "resources.use_gpu is true but this machine has no GPU: running on CPU" in capsys.readouterr().out
+        assert "resources.use_gpu is true but this machine has no GPU: running on CPU" in printed
     out = tune.tune_dir(cfg.workdir)
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -687,6 +688,13 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert meta["config"]["detector"]["lr"] == pytest.approx(result["lr"])
     assert storage.completed(train.stage_dir(cfg.workdir))["tuned"] is True
     assert json.loads(storage.read_text(os.path.join(out, "_COMPLETE.json")))["trials"] == 2
+    # the trials' checkpoints go once the model is published (nothing reads them again; the
+    # rerun below publishes without them); each trial's best/ and history stay
+    trials = [os.path.join(out, "trials", r["trial_id"]) for r in rows]
+    assert all(os.path.isdir(os.path.join(t, "run")) and not any(
+        n.startswith("epoch_") for n in os.listdir(os.path.join(t, "run"))) for t in trials)
+    assert all(os.path.exists(os.path.join(t, "best", "model.json")) for t in trials)
+    assert "tune: deleted the trials' 2 checkpoint folders" in printed
 
     # the detector is recorded as made: train-detector at another rate is refused, and at
     # the swept one more epochs cannot continue it (its run lies with the trials)
