@@ -28,7 +28,7 @@ import json
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from deepfake_ray import config, storage
 from deepfake_ray.config import Config, value_of
@@ -36,26 +36,32 @@ from deepfake_ray.errors import UsageError
 
 
 STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
-# a stage folder that others read -> what it holds, the module whose STAGE makes it, and
-# the commands that make it, as a refusal names them (the detector also `tune`, which
-# records train-detector's settings in it)
-MAKERS = {"data": ("prepared images", "deepfake_ray.data.prepare", ("prepare",)),
-          "gan": ("trained generator", "deepfake_ray.gan.train", ("train-gan",)),
-          "fakes": ("generated fakes", "deepfake_ray.gan.generate", ("generate",)),
-          "detector": ("finished detector", "deepfake_ray.detector.train", ("train-detector", "tune"))}
+class Maker(NamedTuple):
+    """What a stage folder that others read holds, the module whose STAGE makes it, and
+    the commands that make it, as a refusal names them."""
+    holds: str
+    module: str
+    commands: tuple[str, ...]
+
+
+# the detector also by `tune`, which records train-detector's settings in it
+MAKERS = {"data": Maker("prepared images", "deepfake_ray.data.prepare", ("prepare",)),
+          "gan": Maker("trained generator", "deepfake_ray.gan.train", ("train-gan",)),
+          "fakes": Maker("generated fakes", "deepfake_ray.gan.generate", ("generate",)),
+          "detector": Maker("finished detector", "deepfake_ray.detector.train", ("train-detector", "tune"))}
 
 
 def maker_stage(folder: str) -> "Stage":
     """The Stage that makes WORKDIR/`folder` (one of MAKERS)."""
-    return importlib.import_module(MAKERS[folder][1]).STAGE
+    return importlib.import_module(MAKERS[folder].module).STAGE
 
 
 def contents(folder: str) -> str:
-    return MAKERS[folder][0] if folder in MAKERS else "complete output"
+    return MAKERS[folder].holds if folder in MAKERS else "complete output"
 
 
 def made_by(folder: str) -> tuple[str, ...]:
-    return MAKERS[folder][2] if folder in MAKERS else ()
+    return MAKERS[folder].commands if folder in MAKERS else ()
 
 
 class InputsNotReady(UsageError):
