@@ -1,16 +1,27 @@
-"""What the CLI itself wrote to stderr, without lines Ray forwards from other processes.
+"""What the CLI itself wrote, without the lines Ray forwards from other processes.
 
 The suite shares one in-process Ray, so a worker or controller of an earlier test can
 print (e.g. "(TrainController pid=..) Failed to stop PlacementGroupCleaner") while a
-later test captures stderr. Those lines carry Ray's "(Name pid=N)" prefix.
+later test captures its output (CI failed once on a ServeController's "Released ... port
+from quarantine" line). Those lines carry Ray's "(Name pid=N)", "(pid=N)" or "(raylet)" prefix.
 """
 from __future__ import annotations
 
 import re
 
-_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\S+ pid=\d+")
+_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((\S+ )?pid=\d+|^(\x1b\[[0-9;]*m)?\(raylet\b")
 
 
 def error_lines(capsys) -> list[str]:
-    err = capsys.readouterr().err.strip().splitlines()
-    return [line for line in err if not _FORWARDED.match(line)]
+    """The captured stderr's non-blank lines, less Ray's forwarded ones; every test that
+    compares what the CLI wrote to stderr line by line reads it through this."""
+    return _own(capsys.readouterr().err)
+
+
+def output_lines(capsys) -> list[str]:
+    """The same for stdout, where Ray forwards what other processes print."""
+    return _own(capsys.readouterr().out)
+
+
+def _own(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not _FORWARDED.match(line)]

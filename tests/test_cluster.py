@@ -16,6 +16,8 @@ import pytest
 import ray
 import yaml
 
+from tests.cli_output import error_lines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "jobs"))
 import _entry  # noqa: E402  (jobs/_entry.py)
@@ -213,7 +215,7 @@ def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path, monke
     monkeypatch.chdir(unpacked)
     for args in (["--run-name", "r1"], []):
         assert _entry.main("train-gan", "train_gan.py", ["--preset", "tiny", *args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = error_lines(capsys)
         assert len(err) == 1 and "is inside this job's unpacked code" in err[0] and "--workdir s3://" in err[0]
     assert not (unpacked / "runs").exists()
     # a source shipped with the code: its path changes with each submission's copy
@@ -255,7 +257,7 @@ def test_a_job_exits_as_the_command_it_runs(tmp_path, capsys):
     be a job that SUCCEEDED. Here train-gan finds no prepared data in WORKDIR/RUN_NAME."""
     assert _entry.main("train-gan", "train_gan.py", ["--preset", "tiny", "--workdir", str(tmp_path),
                                                      "--run-name", "r1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert len(err) == 1 and f"no prepared images in {tmp_path}/r1/data" in err[0], err
 
 

@@ -370,7 +370,7 @@ def test_help_names_the_sources_and_presets(capsys):
 def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, capsys):
     with pytest.raises(SystemExit) as ended:
         cli.main(argv)
-    err = capsys.readouterr().err.splitlines()
+    err = error_lines(capsys)
     assert ended.value.code == 2 and len(err) == 1 and err[0].endswith(line), err
 
 
@@ -379,7 +379,7 @@ def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, caps
 def test_a_mistyped_command_names_the_nearest(typed, guess, capsys):
     with pytest.raises(SystemExit) as ended:
         cli.main([typed])
-    err = capsys.readouterr().err.splitlines()
+    err = error_lines(capsys)
     assert ended.value.code == 2 and err == [f"deepfake-ray: error: argument COMMAND: invalid choice: '{typed}'{guess} "
                                              f"(choose from {', '.join(map(repr, cli.COMMANDS))}) (see deepfake-ray --help)"]
 
@@ -457,7 +457,7 @@ def test_a_failure_that_is_no_bad_input_exits_1_with_its_traceback_and_a_last_li
 
     monkeypatch.setattr(report, "run", bug)
     assert cli.main(["report", "--workdir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert err[0] == "Traceback (most recent call last):" and err[-2] == "KeyError: 'epoch'"
     assert err[-1].startswith("deepfake-ray report: failed after ") and err[-1].endswith("s: KeyError: 'epoch'")
 

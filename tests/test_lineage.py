@@ -11,6 +11,7 @@ from deepfake_ray.data import prepare
 from deepfake_ray.detector import evaluate, train as detector_train
 from deepfake_ray.errors import UsageError
 from deepfake_ray.gan import generate, train as gan_train
+from tests.cli_output import error_lines, output_lines
 
 STAGES = (prepare.STAGE, gan_train.STAGE, generate.STAGE, detector_train.STAGE, evaluate.STAGE)
 
@@ -61,7 +62,7 @@ def test_a_stage_run_before_the_stages_it_reads_names_the_command_that_makes_the
         lines = []
         for command in commands:
             assert cli.main([command, "--preset", "tiny", "--workdir", str(workdir), *force]) == 2, command
-            lines += capsys.readouterr().err.strip().splitlines()
+            lines += error_lines(capsys)
         return lines
 
     def missing(what: str, folder: str, made_by: str) -> str:
@@ -112,7 +113,7 @@ def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with
     assert "data.jpeg_quality=90 (asked: 95)" in note and f"gan.epochs=8 (asked: {asked.gan.epochs})" in note
     for stage in STAGES[:3]:
         assert lineage.current(taken, stage) is not None  # what a rerun with its config.yaml finds
-    assert lineage.as_made_upstream(taken, detector_train.STAGE) == taken and not capsys.readouterr().out
+    assert lineage.as_made_upstream(taken, detector_train.STAGE) == taken and not output_lines(capsys)
     # asked for on the command line, not left to the preset: refused, as it was not made so
     with pytest.raises(UsageError, match=rf"{tmp_path}/gan was made with gan.epochs=8 \(asked: 2\), and "
                                          r"train-detector reads it as it is: leave out gan.epochs to take the "
@@ -171,7 +172,7 @@ def test_a_stage_run_alone_refuses_an_upstream_setting_its_command_line_or_confi
     command = ["train-detector", "--preset", "tiny", "--workdir", made.workdir]
     for asked in (["--set", "gan.epochs=3"], ["--config", str(mine)]):
         assert cli.main(command + asked) == 2, asked
-        err = capsys.readouterr().err.strip().splitlines()
+        err = error_lines(capsys)
         assert err == [f"deepfake-ray train-detector: error: {made.workdir}/gan was made with gan.epochs=8 "
                        "(asked: 3), and train-detector reads it as it is: leave out gan.epochs to take the "
                        "settings it was made with, or run `deepfake-ray train-gan` with yours first (then "

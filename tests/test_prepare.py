@@ -17,7 +17,7 @@ import ray.data
 from deepfake_ray import cli, progress, runtime, storage
 from deepfake_ray.data import datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
-from tests.cli_output import error_lines
+from tests.cli_output import error_lines, output_lines
 from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, near_copies, rgb
 
 
@@ -326,14 +326,14 @@ def test_progress_in_a_log_is_quiet_for_a_short_run_and_never_claims_more_than_w
     with progress.Progress("prepare", 10, "files", lambda: done[0]):
         done[0] = 10
         time.sleep(1.5)  # past a terminal's interval, within a log's
-    assert capsys.readouterr().out == ""
+    assert output_lines(capsys) == []
     monkeypatch.setattr(progress, "EVERY_S", {True: 0.02, False: 0.02})
     with pytest.raises(KeyboardInterrupt):
         with progress.Progress("prepare", 10, "files", lambda: done[0]):
             done[0] = 3
             time.sleep(0.2)
             raise KeyboardInterrupt
-    assert capsys.readouterr().out.splitlines()[-1] == "prepare: 3 / 10 files (30%)"
+    assert output_lines(capsys)[-1] == "prepare: 3 / 10 files (30%)"
 
 
 def test_sample_faces_are_the_same_for_a_seed_and_differ_between_seeds_and_faces():

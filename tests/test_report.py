@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 import pytest
 
 from deepfake_ray import config, report, storage
+from tests.cli_output import error_lines
 
 EPOCHS = 12  # more than report.MAX_SAMPLE_GRIDS, so the report has to pick
 
@@ -416,7 +417,7 @@ def test_a_report_of_a_folder_that_holds_no_run_exits_2_and_creates_nothing(tmp_
     a_file.write_text("not a run")
     for workdir in (mistyped, a_file):
         assert cli.main(["report", "--preset", "tiny", "--workdir", str(workdir)]) == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        err = error_lines(capsys)
         assert err == [f"deepfake-ray report: error: --workdir {workdir} holds no run (no config.yaml, "
                        "no finished stage): pass the work directory of a run, e.g. runs/demo"]
     assert not (tmp_path / "runs").exists()
@@ -435,7 +436,7 @@ def test_a_stopped_report_says_to_run_it_again_without_stages_or_trainings(tmp_p
 
     monkeypatch.setattr(report, "collect", stopped)
     assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 130
-    assert [line for line in capsys.readouterr().err.splitlines() if line.strip()] == [
+    assert error_lines(capsys) == [
         "deepfake-ray report: interrupted; run the same command again"]
 
 

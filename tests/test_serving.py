@@ -25,6 +25,7 @@ from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
 from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
 from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
+from tests.cli_output import error_lines
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
 BODY_IDLE_S = 4.0  # the service's serve.body_idle_timeout_s: short, so a stalled upload is quick to see
@@ -727,7 +728,7 @@ def test_a_manifest_none_of_whose_files_is_found_exits_2_and_runs_once_fixed(ray
     storage.write_parquet(str(manifest), pa.table({"path": ["faces/face0.jpg", "faces/face1.jpg"]}))
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(manifest), "--out", str(out)]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert len(err) == 1 and "none of the 2 files from --input" in err[0] and "could be read" in err[0], err
     assert "check the manifest's paths (relative ones are read from the folder holding it; the " \
            "first: " in err[0] and "faces/face0.jpg" in err[0]
@@ -750,14 +751,14 @@ def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, 
         storage.write_parquet(str(parts / f"part-{i}.parquet"), pa.table({"image": [JPEG]}))
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(parts), "--out", str(out)]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert err == [f"deepfake-ray score: error: none of the 2 files from --input {parts} is an image: they "
                    "are Parquet files, a table: pass --input a folder of images, or a manifest .parquet "
                    "whose 'path' column lists them"], err
     assert not out.exists()
     (parts / "notes.txt").write_text("not a face")  # a folder of other files: the first reason
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert len(err) == 1 and "none of the 3 files" in err[0] and "is an image: the first: not an image: not a JPEG" in err[0], err
     (parts / "face.jpg").write_bytes(JPEG)  # one image among them: an ordinary run
     assert cli.main(argv) == 0
@@ -778,7 +779,7 @@ def test_a_folder_of_web_pages_text_and_empty_files_exits_2_but_damaged_images_g
         (folder / name).write_bytes(data)
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(folder), "--out", str(out)]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys)
     assert err == [f"deepfake-ray score: error: none of the 3 files from --input {folder} is an image: "
                    "the first: empty file"], err
     assert not out.exists()
@@ -892,7 +893,7 @@ def before_ray(argv: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
 
     monkeypatch.setattr(cli, "start_ray", lambda address: pytest.fail(f"Ray started for {argv}"))
     code = cli.main([*argv, "--preset", "tiny"])
-    return code, capsys.readouterr().err.strip().splitlines()
+    return code, error_lines(capsys)
 
 
 def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, images_dir, tmp_path,

@@ -7,6 +7,7 @@ import pytest
 
 from deepfake_ray import cli, storage
 from deepfake_ray.errors import UsageError
+from tests.cli_output import error_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monke
     monkeypatch.setattr(os, "scandir", denied_for_lost_and_found)
     files = storage.list_files(str(tmp_path))
     assert [os.path.relpath(f, tmp_path) for f in files] == ["faces/x.jpg"]
-    warning = capsys.readouterr().err.strip().splitlines()
+    warning = error_lines(capsys)
     assert len(warning) == 1 and "1 folder(s)" in warning[0] and "lost+found (Permission denied)" in warning[0]
 
 
@@ -250,7 +251,6 @@ def test_an_s3_write_without_credentials_says_where_to_put_them(s3_server, monke
 def refused_before_it_changes_anything(workdir: str, capsys) -> None:
     """prepare and pipeline, while another prepare holds WORKDIR/data: exit 2 naming it,
     the running one's config.yaml left as it is."""
-    from tests.cli_output import error_lines
 
     storage.write_text(storage.join(workdir, "config.yaml"), "the running prepare's\n")
     for command in ("prepare", "pipeline"):
@@ -469,7 +469,6 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
 def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
     """A training beside a running pipeline would share its run's checkpoints: refused,
     exit 2 naming it, before it changes anything (config.yaml included)."""
-    from tests.cli_output import error_lines
 
     workdir = str(tmp_path / "w")
     storage.write_text(storage.join(workdir, "config.yaml"), "the running pipeline's\n")
@@ -735,7 +734,7 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
             storage.s3_filesystem.cache_clear()
             assert cli.main(prepare) == 2
-            err = capsys.readouterr().err.strip().splitlines()
+            err = error_lines(capsys)
             assert len(err) == 1 and "CA_BUNDLE" not in err[0] and "Pr0xy-Secret" not in err[0], err
             if endpoint.startswith("https://"):
                 assert err[0] == (f"deepfake-ray prepare: error: {faces}: the S3 endpoint {endpoint} answered "
