@@ -135,12 +135,12 @@ def kill_group(pgid: int) -> None:
     pytest.fail(f"process group {pgid} survived SIGKILL for 60s")
 
 
-def wait_until_settled(path: str, quiet_s: float = 5.0, limit_s: float = 60.0) -> None:
-    """Until `path` has not changed for `quiet_s`: the killed run's last processes may
+def wait_until_settled(*paths: str, quiet_s: float = 5.0, limit_s: float = 60.0) -> None:
+    """Until none of `paths` has changed for `quiet_s`: the killed run's last processes may
     still write (a worker exits only once it notices its raylet is gone)."""
     deadline, last, since = time.time() + limit_s, None, time.time()
     while time.time() < deadline:
-        stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+        stamp = [os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths]
         if stamp != last:
             last, since = stamp, time.time()
         elif time.time() - since >= quiet_s:
@@ -180,8 +180,8 @@ def trained(ray_session, prepared, tmp_path_factory):
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     kill_group(first.pid)  # anything it started itself
-    wait_until_settled(os.path.join(gan, "checkpoint_manager_snapshot.json"))
-    wait_until_settled(gan)  # nor a checkpoint folder the workers, going on, start
+    # neither Ray's record of the checkpoints nor a folder the workers, going on, start
+    wait_until_settled(os.path.join(gan, "checkpoint_manager_snapshot.json"), gan)
     assert registered(gan, "epoch_0001"), (tmp / "first.log").read_text()[-3000:]
     assert storage.completed(gan) is None, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(gan, f"_fault_injected_epoch_{EPOCHS - 1}"))
