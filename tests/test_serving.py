@@ -1041,8 +1041,10 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
                                         stderr=subprocess.STDOUT, start_new_session=True)
         ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        left_by_serve_run = set()  # Ray's `serve run` leaves its HAProxy's folder in /tmp
         try:
             health = wait_healthy(f"http://127.0.0.1:{ray_port}", ray_proc, 300)
+            left_by_serve_run = haproxy_folders_of(ray_proc.pid)
             assert health["model"].startswith(f"{ARCH}@")
             assert detect(f"http://127.0.0.1:{ray_port}", JPEG).status_code == 200
             url = f"http://127.0.0.1:{our_port}"
@@ -1060,6 +1062,8 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
         finally:
             stop(ray_proc, signal.SIGINT)
             code = stop(ours, signal.SIGTERM)
+            for folder in left_by_serve_run:
+                shutil.rmtree(folder, ignore_errors=True)
     log = our_log.read_text()
     assert code == 0, log[-3000:]
     # uploads in flight at the SIGTERM are answered (were: connections reset at once)
