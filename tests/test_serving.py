@@ -23,9 +23,9 @@ from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
+from tests.cli_output import error_lines
 from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
 from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
-from tests.cli_output import error_lines
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
 BODY_IDLE_S = 4.0  # the service's serve.body_idle_timeout_s: short, so a stalled upload is quick to see
