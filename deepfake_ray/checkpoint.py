@@ -156,24 +156,35 @@ def write_state(directory: str, state: dict, metrics: dict | None = None) -> Non
         json.dump({"sha256": digest, "epoch": int(state.get("epoch", -1)), "metrics": numbers}, f)
 
 
+# missing or damaged; not a read that failed (a throttled or cut-off S3 read, a permission):
+# that is raised, never reported as damage that --force would "mend"
+_DAMAGED = (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, KeyError, TypeError)
+
+
+def _state_record(uri: str) -> dict | None:
+    """state.json in folder `uri`, or None where it is missing or damaged: a folder cut short."""
+    try:
+        record = storage.read_json(storage.join(uri, STATE_OK))
+    except _DAMAGED:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def state_metrics(uri: str) -> dict | None:
     """The numbers reported with the state in folder `uri` ({} in a folder written before
-    they were kept), or None where state.json is missing or damaged: a folder cut short."""
-    try:
-        return dict(storage.read_json(storage.join(uri, STATE_OK)).get("metrics", {}))
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, AttributeError, TypeError):
-        return None
+    they were kept), or None where state.json is missing or damaged."""
+    metrics = (record := _state_record(uri)) and record.get("metrics", {})
+    return metrics if isinstance(metrics, dict) else None
 
 
 def state_intact(uri: str) -> bool:
     """Whether the state in folder `uri` (local or s3://) matches its hash, read as a
     stream: what read_state would find, without holding it in memory."""
+    if (record := _state_record(uri)) is None:
+        return False
     try:
-        expected = storage.read_json(storage.join(uri, STATE_OK))["sha256"]
-        return storage.file_digest(storage.join(uri, STATE), "sha256") == expected
-    # missing or damaged; not a read that failed (a throttled or cut-off S3 read, a
-    # permission): that is raised, never reported as damage that --force would "mend"
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, KeyError, TypeError):
+        return storage.file_digest(storage.join(uri, STATE), "sha256") == record["sha256"]
+    except _DAMAGED:
         return False
 
 
