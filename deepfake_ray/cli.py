@@ -519,13 +519,15 @@ def main(argv: list[str] | None = None) -> int:
             said = f"{stopped}; run {again}"
             if args.command in WRITERS:  # score, serve and report have no stages to skip
                 said += ": finished stages are skipped and a training resumes from its last checkpoint"
-        if argv is None:
-            quiet_ray_output()
-        print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
         code = 143 if by_sigterm(e) else 130
         if argv is None:
-            exit_within(code)
+            quiet_ray_output()
+            # before the line: a second signal sent once it shows (as a test does at once)
+            # arrived while exit_within started its thread, and was a traceback and exit 1
             quit_at_once_if_signalled(code)
+        print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
+        if argv is None:
+            exit_within(code)
             quiet_cleanup_errors()
         return code
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
