@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -28,11 +29,36 @@ S3_PORT = free_port()
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 
 
+def own_ray(item) -> bool:
+    """A slow test that starts Ray processes of its own (a `ray start` cluster, `serve run`)."""
+    return bool(item.get_closest_marker("slow")) and "ray_session" not in item.fixturenames
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(items):
-    """Slow tests that start Ray processes of their own (a `ray start` cluster, `serve run`)
-    go first, before this session's in-process Ray exists: its idle daemons and workers
-    keep ~0.15 of a core busy, which these minutes-long tests would otherwise share."""
-    items.sort(key=lambda i: not (i.get_closest_marker("slow") and "ray_session" not in i.fixturenames))
+    """With pytest-xdist (the default, see pyproject.toml), the tests that use the session's
+    in-process Ray run in one worker process and all others in the other. Both spend much
+    of their time starting processes one after another (a job's driver, Ray Train's
+    controller, then its workers), each on one core, so either fills the core the other
+    leaves idle; one in-process Ray, not two side by side. In one process (`-n 0`), the
+    tests with a Ray of their own go first, before the session's in-process Ray exists: its
+    idle daemons keep ~0.15 of a core busy."""
+    items.sort(key=lambda i: not own_ray(i))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("session-ray" if "ray_session" in item.fixturenames else "no-session-ray"))
+
+
+@pytest.fixture(autouse=True)
+def no_stray_in_process_ray(request):
+    """A test that starts an in-process Ray without the ray_session fixture would put a
+    second one beside the session's, in the other worker process."""
+    ray = sys.modules.get("ray")
+    up_before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if "ray_session" not in request.fixturenames and not up_before and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test started an in-process Ray: give it the ray_session fixture", pytrace=False)
 
 
 @pytest.fixture(scope="session")
