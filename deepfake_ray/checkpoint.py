@@ -173,7 +173,8 @@ def _state_record(uri: str) -> dict | None:
 def state_metrics(uri: str) -> dict | None:
     """The numbers reported with the state in folder `uri` ({} in a folder written before
     they were kept), or None where state.json is missing or damaged."""
-    metrics = (record := _state_record(uri)) and record.get("metrics", {})
+    record = _state_record(uri)
+    metrics = None if record is None else record.get("metrics", {})
     return metrics if isinstance(metrics, dict) else None
 
 

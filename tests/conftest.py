@@ -29,9 +29,14 @@ S3_PORT = free_port()
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 
 
+def shares_session_ray(node) -> bool:
+    """Whether a test (its item, or its request in a fixture) uses the session's in-process Ray."""
+    return "ray_session" in node.fixturenames
+
+
 def own_ray(item) -> bool:
     """A slow test that starts Ray processes of its own (a `ray start` cluster, `serve run`)."""
-    return bool(item.get_closest_marker("slow")) and "ray_session" not in item.fixturenames
+    return bool(item.get_closest_marker("slow")) and not shares_session_ray(item)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
@@ -45,7 +50,7 @@ def pytest_collection_modifyitems(items):
     idle daemons keep ~0.15 of a core busy."""
     items.sort(key=lambda i: not own_ray(i))
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("session-ray" if "ray_session" in item.fixturenames else "no-session-ray"))
+        item.add_marker(pytest.mark.xdist_group("session-ray" if shares_session_ray(item) else "no-session-ray"))
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +61,7 @@ def no_stray_in_process_ray(request):
     up_before = ray is not None and ray.is_initialized()
     yield
     ray = sys.modules.get("ray")
-    if "ray_session" not in request.fixturenames and not up_before and ray is not None and ray.is_initialized():
+    if not shares_session_ray(request) and not up_before and ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail("this test started an in-process Ray: give it the ray_session fixture", pytrace=False)
 
