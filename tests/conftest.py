@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
+import threading
 
 import pytest
 
@@ -23,9 +23,26 @@ os.environ.update(  # before Ray and torch are imported
 
 from deepfake_ray.runtime import free_port  # noqa: E402
 
-# Picked now, bound only when a test first needs S3: below the kernel's ephemeral range,
-# so no outgoing connection of Ray's can be given it meanwhile
-S3_PORT = free_port()
+
+def listening_socket() -> socket.socket:
+    """A loopback socket listening on a port below the kernel's ephemeral range, held from
+    now on: the S3 server answers on it once a test needs S3, and meanwhile neither the
+    other xdist process's picks nor an outgoing connection of Ray's can be given the port.
+    (Were the port only picked, and taken before the server bound it, moto's server thread
+    would exit and its start wait forever: seen, on a port held on purpose.)"""
+    while True:
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", free_port()))
+        except OSError:  # taken between the pick and the bind
+            sock.close()
+            continue
+        sock.listen(128)
+        return sock
+
+
+S3_SOCKET = listening_socket()
+S3_PORT = S3_SOCKET.getsockname()[1]
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 
 
@@ -82,19 +99,13 @@ def ray_session():
 def s3_server():
     """A real S3 API (moto's server mode) on loopback; yields a factory for fresh buckets."""
     import boto3
-    from moto.server import ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
-    server.start()
-    deadline = time.time() + 60  # the server thread binds asynchronously
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", S3_PORT), timeout=0.2).close()
-            break
-        except OSError:
-            if time.time() > deadline:  # here, not as S3 errors in whichever test comes next
-                pytest.fail(f"moto's S3 server did not listen on port {S3_PORT} within 60 s")
-            time.sleep(0.1)
+    # moto's ThreadedMotoServer, on the socket held since import instead of binding its own
+    server = make_server("127.0.0.1", S3_PORT, DomainDispatcherApplication(create_backend_app),
+                         threaded=True, request_handler=MotoRequestHandler, fd=S3_SOCKET.fileno())
+    threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True).start()
     client = boto3.client("s3")
     created = []
 
@@ -105,7 +116,7 @@ def s3_server():
         return f"s3://{name}"
 
     yield bucket
-    server.stop()
+    server.shutdown()
 
 
 @pytest.fixture
