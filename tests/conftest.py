@@ -30,15 +30,10 @@ def listening_socket() -> socket.socket:
     other xdist process's picks nor an outgoing connection of Ray's can be given the port.
     (Were the port only picked, and taken before the server bound it, moto's server thread
     would exit and its start wait forever: seen, on a port held on purpose.)"""
-    while True:
-        sock = socket.socket()
-        try:
-            sock.bind(("127.0.0.1", free_port()))
-        except OSError:  # taken between the pick and the bind
-            sock.close()
-            continue
-        sock.listen(128)
-        return sock
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", free_port()))  # free_port saw it bindable microseconds ago
+    sock.listen(128)
+    return sock
 
 
 S3_SOCKET = listening_socket()
