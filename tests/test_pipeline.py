@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import httpx
@@ -62,10 +64,17 @@ AUTH = {"Authorization": f"Bearer {CLUSTER_ENV['RAY_AUTH_TOKEN']}"}
 
 @pytest.fixture
 def head_node(tmp_path):
-    """A real single-node cluster, own ports and 4 CPUs, stopped by killing what it started."""
+    """A real single-node cluster, own ports and 4 CPUs, stopped by killing what it started.
+    Its own temp dir: `ray start` records its address in the temp dir's
+    `ray_current_cluster`, which a bare `ray.init()` or `ray status` on this machine then
+    joins; in the default /tmp/ray the suite would leave that pointing at this killed
+    cluster (or over a developer's own running one)."""
     gcs, dashboard, client, agent, agent_grpc, runtime_env_agent, metrics = free_ports(7)
+    machines_cluster = default_cluster_address()
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-")  # short: Ray's socket paths live under it
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+        ["ray", "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={gcs}",
+         f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0",
          "--object-store-memory=1000000000", "--disable-usage-stats",
          f"--ray-client-server-port={client}",
@@ -81,9 +90,23 @@ def head_node(tmp_path):
         assert proc.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
         assert time.time() < deadline, "the head node's job server never answered"
         time.sleep(1)
-    yield address
-    os.killpg(proc.pid, signal.SIGKILL)  # a throwaway cluster: no need to wait for a clean stop
-    proc.wait()
+    try:
+        yield address
+        # (the head writes it some time after its job server answers)
+        assert default_cluster_address() == machines_cluster, "the test cluster took over ray_current_cluster"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a throwaway cluster: no need to wait for a clean stop
+        proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # its logs: a failure's job logs are in its message
+
+
+def default_cluster_address() -> str | None:
+    """What /tmp/ray/ray_current_cluster says (the cluster a bare `ray.init()` joins), if it exists."""
+    try:
+        with open(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def answers(url: str) -> bool:
