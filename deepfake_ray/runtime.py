@@ -11,6 +11,8 @@ import random
 import shutil
 import socket
 import sys
+import tempfile
+import time
 
 import ray
 
@@ -353,3 +355,29 @@ def use_gpus(wanted: bool, setting: str = "resources.use_gpu is true") -> bool:
         _told_no_gpu = True
         print(f"note: {setting} but this machine has no GPU: running on CPU", flush=True)
     return granted
+
+
+def own_temp_dir(prefix: str, parent: str | None = None, stale_s: float = 600.0) -> str:
+    """A fresh folder `prefix<pid>-...` in `parent` (the system's temp dir by default),
+    after removing those with the same prefix that a killed process left: of a process
+    not alive, and not changed for `stale_s` (a container sharing the folder but not the
+    process table sees no process of another's, running or not). The caller removes its
+    own; a SIGKILL leaves it for the next one to find."""
+    parent = parent or tempfile.gettempdir()
+    for name in os.listdir(parent):
+        pid = name.removeprefix(prefix).partition("-")[0]
+        if name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):  # another process's removal, at once
+                if time.time() - os.stat(os.path.join(parent, name)).st_mtime > stale_s:
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True

@@ -14,9 +14,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -292,6 +292,9 @@ def epoch_folders(fs: pafs.FileSystem, parent: str) -> list[tuple[int, str]]:
                   reverse=True)
 
 
+LOCAL_CHECKPOINT_PREFIX = "deepfake-ray-checkpoint-"
+
+
 def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> None:
     """Every worker calls this once per epoch (it is a barrier); rank 0 saves `state`."""
     if state is None or rank() != 0:
@@ -300,10 +303,15 @@ def report_epoch(epoch: int, metrics: dict[str, Any], state: dict | None) -> Non
     name = f"epoch_{epoch:04d}"
     if name in _skipped_names:  # that folder is registered already (and damaged)
         name = f"{name}_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as d:
+    # a worker killed during the report (a lost node, a killed driver) leaves its copy,
+    # a whole model with its optimizer, which the next run's report removes
+    d = runtime.own_temp_dir(LOCAL_CHECKPOINT_PREFIX)
+    try:
         checkpoint.write_state(d, state, metrics)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                          checkpoint_dir_name=name)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def inject_failure(stage_uri: str, epoch: int, fail_at_epoch: int) -> None:

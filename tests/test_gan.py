@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -19,7 +20,7 @@ import ray.data
 import torch
 from PIL import Image
 
-from deepfake_ray import checkpoint, cli, config, lineage, storage
+from deepfake_ray import checkpoint, cli, config, lineage, storage, training
 from deepfake_ray.data import datasets, decode, near_copies, prepare
 from deepfake_ray.gan import generate, train
 from deepfake_ray.gan.train import model_uri
@@ -162,7 +163,8 @@ TRAINED = ("resources.workers=2", f"gan.epochs={EPOCHS}", f"gan.fail_at_epoch={E
 
 @pytest.fixture(scope="module")
 def trained(ray_session, prepared, tmp_path_factory):
-    """(workdir, completion summary, the epoch the rerun resumed after)."""
+    """(workdir, completion summary, the epoch the rerun resumed after, the local copy of a
+    checkpoint that a worker killed before the rerun had left in the temp dir)."""
     tmp = tmp_path_factory.mktemp("gan-trained")
     workdir = with_data(prepared, tmp / "w")
     gan = os.path.join(workdir, "gan")
@@ -193,13 +195,28 @@ def trained(ray_session, prepared, tmp_path_factory):
     for epoch in (e for e in intact if e >= newest):
         with open(os.path.join(gan, f"epoch_{epoch:04d}", "state.pt"), "r+b") as f:
             f.write(b"half-written")
+    left = left_by_a_killed_worker()
     # the same command again, in-process on the session's Ray
     assert cli.main(command[3:]) == 0
-    return workdir, storage.completed(gan), older
+    return workdir, storage.completed(gan), older, left
+
+
+def left_by_a_killed_worker() -> str:
+    """A checkpoint's local copy as a worker killed during its report leaves it: named by
+    a process now ended, last changed an hour ago."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    left = os.path.join(tempfile.gettempdir(), f"{training.LOCAL_CHECKPOINT_PREFIX}{gone}-killed")
+    os.makedirs(left)
+    with open(os.path.join(left, "state.pt"), "wb") as f:
+        f.write(b"a model and its optimizer")
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    return left
 
 
 def test_train_writes_every_promised_file(trained):
-    workdir, summary, _ = trained
+    workdir, summary, *_ = trained
     gan = os.path.join(workdir, "gan")
     history = storage.read_json(os.path.join(gan, "history.json"))
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
@@ -230,7 +247,7 @@ def test_train_writes_every_promised_file(trained):
 def test_complete_run_is_not_retrained_nor_unmarked_by_a_refused_one(trained, capsys):
     from deepfake_ray.errors import UsageError
 
-    workdir, summary, _ = trained
+    workdir, summary, *_ = trained
     model = os.path.join(workdir, "gan", "model", "weights.safetensors")
     before = os.stat(model).st_mtime_ns
     assert train.run(tiny(workdir, *TRAINED)) == summary
@@ -245,8 +262,9 @@ def test_complete_run_is_not_retrained_nor_unmarked_by_a_refused_one(trained, ca
 
 def test_killed_driver_resumes_past_a_damaged_checkpoint_at_the_next_epoch(trained):
     """The rerun started after the older intact checkpoint, not at 0 and not from the
-    half-written newest one; every epoch ended up trained once."""
-    workdir, _, older = trained
+    half-written newest one; every epoch ended up trained once; and the local checkpoint
+    copy a killed worker leaves in the temp dir is gone."""
+    workdir, _, older, left = trained
     history = storage.read_json(os.path.join(workdir, "gan", "history.json"))
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     resumed = [(h["epoch"], h["resumed_from"]) for h in history[:-1] if h["restored"]]
@@ -256,10 +274,11 @@ def test_killed_driver_resumes_past_a_damaged_checkpoint_at_the_next_epoch(train
     for optimizer in ("opt_g", "opt_d"):  # Adam's moments went on too: it counted every step
         steps = {int(s["step"]) for s in state[optimizer]["state"].values()}
         assert steps == {state["global_step"]}, (optimizer, steps, state["global_step"])
+    assert not os.path.exists(left)  # the resumed run's first report removed the dead worker's copy
 
 
 def test_lost_worker_is_replaced_and_every_epoch_trained_once(trained):
-    workdir, summary, _ = trained
+    workdir, summary, *_ = trained
     last = EPOCHS - 1
     assert os.path.exists(os.path.join(workdir, "gan", f"_fault_injected_epoch_{last}"))
     history = storage.read_json(os.path.join(workdir, "gan", "history.json"))
@@ -273,7 +292,7 @@ def test_a_stop_whose_newest_checkpoint_ray_never_registered_resumes_after_it(tr
     neither registered by Ray, which lists epoch 6's. Continued, the run resumed from
     epoch 6's and trained 7 again over what history.json held. It resumes after epoch 7
     (1-based), keeps its history, trains only epoch 8, and leaves Ray's folders only."""
-    workdir, _, _ = trained
+    workdir, *_ = trained
     copy = str(tmp_path / "stopped")
     shutil.copytree(workdir, copy)
     gan = os.path.join(copy, "gan")
@@ -311,7 +330,7 @@ def test_a_run_whose_checkpoints_are_damaged_or_gone_is_refused_not_started_over
     """Continued for more epochs, a run must resume from a checkpoint. With none intact
     (an interrupted sync damaged them), or with the ones Ray lists deleted by hand, it
     exits 2 saying so, and what it made stays: it is not trained again from epoch 1."""
-    workdir, _, _ = trained
+    workdir, *_ = trained
     # refused before any worker starts: raised in one, it would be retried max_failures
     # times (with gan.max_failures=-1, checked by hand, without end)
     more = [a for kv in (*TRAINED[:2], *ADAM, f"gan.epochs={EPOCHS + 1}") for a in ("--set", kv)]
@@ -418,7 +437,7 @@ def quantization(jpeg: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def generated(trained):
-    workdir, _, _ = trained
+    workdir, *_ = trained
     return workdir, generate.run(tiny(workdir))
 
 
