@@ -5,6 +5,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,3 +78,9 @@ def signal_driver_once(sig: int, marker: str):
         time.sleep(120)  # the stop ends this worker long before
 
     return send
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended, as a killed one's files name it."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)

@@ -28,6 +28,7 @@ from deepfake_ray.models import dcgan
 from tests.checkpoints import registered
 from tests.cli_output import error_lines
 from tests.images import near_copies as saved_again, rgb
+from tests.processes import ended_pid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,10 +205,8 @@ def trained(ray_session, prepared, tmp_path_factory):
 def left_by_a_killed_worker() -> str:
     """A checkpoint's local copy as a worker killed during its report leaves it: named by
     a process now ended, last changed an hour ago."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    left = os.path.join(tempfile.gettempdir(), f"{training.LOCAL_CHECKPOINT_PREFIX}{gone}-killed")
-    os.makedirs(left)
+    left = os.path.join(tempfile.gettempdir(), f"{training.LOCAL_CHECKPOINT_PREFIX}{ended_pid()}-killed")
+    os.makedirs(left, exist_ok=True)
     with open(os.path.join(left, "state.pt"), "wb") as f:
         f.write(b"a model and its optimizer")
     an_hour_ago = time.time() - 3600

@@ -19,6 +19,7 @@ from deepfake_ray.data import datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines, output_lines
 from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, near_copies, rgb
+from tests.processes import ended_pid
 
 
 def write_folder(root) -> int:
@@ -600,11 +601,7 @@ def flat(chunks) -> list[str]:
 
 
 def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
-    import subprocess
-    import sys
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()  # a process now ended
+    gone = ended_pid()
     fresh = prepare.claims_dir()
     parent = os.path.dirname(fresh)
     left = os.path.join(parent, f"{prepare.CLAIMS_PREFIX}{gone}-killed")
