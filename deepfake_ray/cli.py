@@ -331,6 +331,14 @@ def quiet_ray_output() -> None:
             held.flush()  # repeated lines held back, which Ray's shutdown would print
 
 
+def quiet_ray_output_after_an_error(argv: list[str] | None) -> None:
+    """The error's line is the command's last: Ray's processes, failing with it (a training
+    run's retried workers), went on printing their tracebacks after it."""
+    ray = sys.modules.get("ray")
+    if argv is None and ray is not None and ray.is_initialized():
+        quiet_ray_output()
+
+
 def exit_within(code: int, seconds: float = 15.0) -> None:
     """The command ends at the latest `seconds` after its stop line, with its own code. A
     SIGTERM to the whole process group (`timeout`, a container's stop) also stops the
@@ -508,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return execute(args)
     except UsageError as e:
+        quiet_ray_output_after_an_error(argv)
         print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
@@ -534,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         if line := usage_line(e):  # bad input or settings, raised where it was found (maybe in a Ray task)
+            quiet_ray_output_after_an_error(argv)
             print(f"deepfake-ray {args.command}: error: {line}", file=sys.stderr)
             return 2
         traceback.print_exc()

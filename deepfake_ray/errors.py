@@ -1,6 +1,7 @@
 """The one exception type that means "the user asked for something we cannot do", and
 how to find one (or an S3 failure the user can fix) behind the errors Ray wraps it in;
 and how a SIGTERM stops a command."""
+import errno
 import time
 
 
@@ -47,7 +48,23 @@ def find_usage_error(e: BaseException) -> UsageError | str | None:
     task, it arrives wrapped."""
     from deepfake_ray import storage
 
-    return find_error(e, lambda f: f if isinstance(f, UsageError) else storage.explain(f))
+    return find_error(e, lambda f: f if isinstance(f, UsageError) else storage.explain(f) or disk_full(f))
+
+
+def disk_full(e: BaseException) -> str | None:
+    """One line for a local disk (or quota) that is full. Ray passes a worker's error on as
+    text inside its own, so the text is read too."""
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.EDQUOT or "Disk quota exceeded" in text:
+        what = "disk quota exceeded"
+    elif isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in text:
+        what = "no space left on device"
+    else:
+        return None
+    where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    return (f"{what}{where}: free space on the work directory's disk (and the temp dir's, where "
+            "Ray and each training checkpoint write first), then run the same command again: "
+            "finished stages are skipped and a training resumes from its last checkpoint")
 
 
 def find_error(e: BaseException, match):

@@ -155,6 +155,13 @@ def check_resumable(run: str) -> None:
     folders = epoch_folders(fs, path)
     if folders and not any_intact(run, folders):
         raise UsageError(no_intact_checkpoint(len(folders), run))
+    record = fs.get_file_info(f"{path}/{RECORD}")
+    if record.type == pafs.FileType.File and record.size == 0:
+        # Ray opens it, then writes it whole: empty, the write never landed (the disk was
+        # full, the process was killed), and it holds nothing the run's folders do not
+        storage.delete_file(storage.join(run, RECORD))
+        print(f"note: Ray's record of the run in {run} was empty (its last write was cut short): "
+              "resuming from the run's newest intact checkpoint", flush=True)
 
 
 def any_intact(run: str, folders: list[tuple[int, str]]) -> bool:

@@ -151,6 +151,47 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_p
                     "are skipped and a training resumes from its last checkpoint"]
 
 
+@pytest.mark.slow
+def test_a_full_disk_stops_a_training_with_one_line_and_once_freed_it_resumes(tmp_path):
+    """The work directory on a disk too small for the GAN's second checkpoint (a 700 KB
+    tmpfs): one line saying the disk is full and how to go on, exit 2; once the disk is
+    larger, the same command resumes from the checkpoint that fitted. (Mounting needs root:
+    skipped without it.)"""
+    import subprocess
+    import sys
+
+    from tests.processes import subprocess_env
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        def train_gan():
+            return subprocess.run([sys.executable, "-m", "deepfake_ray.cli", "train-gan", "--preset", "tiny",
+                                   "--workdir", str(disk / "w")], capture_output=True, text=True,
+                                  env=subprocess_env(), timeout=600)
+        prepared = subprocess.run([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                                   "--workdir", str(disk / "w")], capture_output=True, text=True,
+                                  env=subprocess_env(), timeout=600)
+        assert prepared.returncode == 0, prepared.stderr[-3000:]
+        full = train_gan()
+        said = [line for line in full.stderr.splitlines() if line.startswith("deepfake-ray train-gan: ")]
+        assert full.returncode == 2 and said == [
+            "deepfake-ray train-gan: error: no space left on device: free space on the work directory's "
+            "disk (and the temp dir's, where Ray and each training checkpoint write first), then run the "
+            "same command again: finished stages are skipped and a training resumes from its last "
+            "checkpoint"], full.stderr[-3000:]
+        assert full.stderr.rstrip().splitlines()[-1] == said[0]  # not followed by Ray's tracebacks
+        subprocess.run(["mount", "-o", "remount,size=50m", str(disk)], check=True)
+        resumed = train_gan()
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "(resumed after epoch 1)" in resumed.stdout + resumed.stderr
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)])  # its Ray's processes may still be ending
+
+
 def test_what_a_stop_cut_off_half_built_prints_no_traceback_as_it_is_freed(tmp_path):
     """A SIGTERM inside a Ray Data dataset's __init__ left it without the attribute its
     __del__ reads: "Exception ignored in ... Traceback" after the stop's one line. Here an
@@ -269,11 +310,12 @@ def test_ctrl_c_during_a_training_run_is_an_interrupt_and_a_later_one_too(ray_se
         signal.signal(signal.SIGINT, previous)
 
 
-def test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list(ray_session, tmp_path):
-    """Ray's record of a run deleted (after its error that it cannot read it): the run
-    started over from epoch 1, over what it made. The folders Ray lists damaged beside a
-    newer intact one (a stop between an upload and its registration): the workers were
-    retried until the run failed. Both resume from the newest intact folder."""
+def test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list(ray_session, tmp_path, capsys):
+    """Ray's record of a run empty (its write cut short by a full disk or a kill), which
+    Ray cannot read, or deleted after that error: the run started over from epoch 1, over
+    what it made. The folders Ray lists damaged beside a newer intact one (a stop between
+    an upload and its registration): the workers were retried until the run failed. Both
+    resume from the newest intact folder."""
     import shutil
 
     from deepfake_ray import config, storage, training
@@ -291,11 +333,12 @@ def test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list(ray_sess
     cfg = config.build("tiny", None, [], workdir=str(tmp_path))
     training.fit(three_epochs, {}, cfg, runs, "damaged", keep=3)
     run = os.path.join(runs, "damaged")
-    # its copy without Ray's record (one run fewer: each costs ~12 s of Ray's start-up here)
+    # its copy with Ray's record empty (one run fewer: each costs ~12 s of Ray's start-up here)
     shutil.copytree(run, os.path.join(runs, "unrecorded"))
-    os.remove(os.path.join(runs, "unrecorded", "checkpoint_manager_snapshot.json"))
+    open(os.path.join(runs, "unrecorded", "checkpoint_manager_snapshot.json"), "w").close()
     training.fit(restored, {}, cfg, runs, "unrecorded")
     assert storage.read_json(found) == 2
+    assert f"note: Ray's record of the run in {os.path.join(runs, 'unrecorded')} was empty" in capsys.readouterr().out
 
     shutil.copytree(os.path.join(run, "epoch_0001"), os.path.join(run, "epoch_0005"))  # never registered
     for epoch in range(3):
