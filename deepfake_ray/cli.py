@@ -229,7 +229,9 @@ def settings_recorded(cfg):
         yield
     except BaseException as e:
         if find_usage_error(e) and storage.marker_changes == changes:
-            put_back(uri, ours, previous)
+            # not on a full disk or an unreachable store, the error itself: that is the line
+            with contextlib.suppress(OSError):
+                put_back(uri, ours, previous)
         raise
 
 
