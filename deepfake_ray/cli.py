@@ -1,7 +1,8 @@
 """`deepfake-ray` console script: parse, build the config, call one stage's run().
 
-Exit codes: 0 done, 2 bad usage or bad input (one line saying what and how to fix
-it), 1 anything else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
+Exit codes: 0 done, 2 bad usage or bad input, or a problem around it the user can fix (a
+full disk, an unreachable store): one line saying what and how to fix it; 1 anything
+else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ FORCE_HELP = {
 }
 DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
                "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
-               "2 bad usage or input (one line says what and how to fix it), 1 anything else, "
-               "130 interrupted (Ctrl-C), 143 stopped (SIGTERM).")
+               "2 bad usage or input, or a full disk or unreachable store (one line says what and how to "
+               "fix it), 1 anything else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).")
 
 
 class PrintVersion(argparse.Action):
