@@ -62,7 +62,7 @@ def disk_full(e: BaseException) -> str | None:
     else:
         return None
     where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
-    return (f"{what}{where}: free space on the work directory's disk (and the temp dir's, where "
+    return (f"{what}{where}: free space on the disk it writes to (and on the temp dir's, where "
             "Ray and each training checkpoint write first), then run the same command again: "
             "finished stages are skipped and a training resumes from its last checkpoint")
 

@@ -179,8 +179,8 @@ def test_a_full_disk_stops_a_training_with_one_line_and_once_freed_it_resumes(tm
         full = train_gan()
         said = [line for line in full.stderr.splitlines() if line.startswith("deepfake-ray train-gan: ")]
         assert full.returncode == 2 and said == [
-            "deepfake-ray train-gan: error: no space left on device: free space on the work directory's "
-            "disk (and the temp dir's, where Ray and each training checkpoint write first), then run the "
+            "deepfake-ray train-gan: error: no space left on device: free space on the disk it writes "
+            "to (and on the temp dir's, where Ray and each training checkpoint write first), then run the "
             "same command again: finished stages are skipped and a training resumes from its last "
             "checkpoint"], full.stderr[-3000:]
         assert full.stderr.rstrip().splitlines()[-1] == said[0]  # not followed by Ray's tracebacks
@@ -430,6 +430,25 @@ def test_bad_input_ray_train_holds_is_the_one_line_the_cli_prints():
     assert cli.usage_line(in_worker) == fix
     assert cli.usage_line(ControllerError(UsageError(fix))) == fix
     assert cli.usage_line(WorkerGroupError("Training failed", {0: RuntimeError("a bug")})) is None
+
+
+def test_a_full_disk_or_quota_is_one_line_naming_the_file_where_it_is_known():
+    """As Python raises it (with the file), as a worker's error reaches the driver inside Ray
+    Train's (text only), and a quota: the CLI's one line. Other OS errors are not it."""
+    import errno
+
+    from ray.train import WorkerGroupError
+
+    from deepfake_ray import cli
+
+    fix = (": free space on the disk it writes to (and on the temp dir's, where Ray and each training "
+           "checkpoint write first), then run the same command again")
+    assert cli.usage_line(OSError(errno.ENOSPC, "No space left on device", "/runs/w/gan/history.json")) \
+        .startswith("no space left on device writing /runs/w/gan/history.json" + fix)
+    in_worker = WorkerGroupError("Training failed", {0: RuntimeError("OSError: [Errno 28] No space left on device")})
+    assert cli.usage_line(in_worker).startswith("no space left on device" + fix)
+    assert cli.usage_line(OSError(errno.EDQUOT, "Disk quota exceeded")).startswith("disk quota exceeded" + fix)
+    assert cli.usage_line(OSError(errno.EACCES, "Permission denied", "/runs/w")) is None
 
 
 def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, monkeypatch):
