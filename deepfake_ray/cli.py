@@ -399,6 +399,31 @@ def usage_line(error: BaseException) -> str | None:
     return str(getattr(usage, "cause", None) or usage).splitlines()[0] if usage else None
 
 
+# the batch a command's workers hold in memory at once: what to lower when they run out
+BATCH_SETTING = {"train-gan": "gan.batch_size", "generate": "gan.generate_batch_size",
+                 "train-detector": "detector.batch_size", "tune": "detector.batch_size",
+                 "evaluate": "serve.score_batch_size", "score": "serve.score_batch_size"}
+
+
+def out_of_memory_line(command: str, error: BaseException) -> str | None:
+    """The one line for workers that ran out of memory (a Ray Train run gives up after
+    retrying them), with the setting to lower; None for any other error."""
+    from deepfake_ray.errors import find_error, out_of_memory
+
+    if not (what := find_error(error, out_of_memory)):
+        return None
+    if setting := BATCH_SETTING.get(command):
+        fix = f"lower {setting} (--set {setting}=N), or run it on machines with more memory"
+    elif command == "pipeline":  # the stage that ran out printed its progress last
+        fix = (f"lower the batch size of the stage that ran out ({', '.join(dict.fromkeys(BATCH_SETTING.values()))}), "
+               "or run it on machines with more memory")
+    else:
+        fix = "run it on machines with more memory"
+    again = (": finished stages are skipped and a training resumes from its last checkpoint"
+             if command in WRITERS else "")
+    return f"{what}: {fix}; then run the same command again{again}"
+
+
 def escape_odd_bytes(e: UnicodeError) -> tuple[str, int]:
     """A file name's bytes that are not UTF-8 (Python holds them as lone surrogates) as
     \\xNN, as the tables show them (storage.printable); other unwritable characters as
@@ -545,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback
 
-        if line := usage_line(e):  # bad input or settings, raised where it was found (maybe in a Ray task)
+        if line := usage_line(e) or out_of_memory_line(args.command, e):  # settings the user can change
             quiet_ray_output_after_an_error(argv)
             print(f"deepfake-ray {args.command}: error: {line}", file=sys.stderr)
             return 2

@@ -67,6 +67,18 @@ def disk_full(e: BaseException) -> str | None:
             "finished stages are skipped and a training resumes from its last checkpoint")
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """What ran out, when `e` is a worker that ran out of memory: torch's error on a GPU, or
+    Ray's memory monitor stopping a worker on a node short of RAM. Ray passes a worker's
+    error on as text inside its own, so the text is read too."""
+    text = f"{type(e).__name__}: {e}"
+    if "CUDA out of memory" in text or "MPS backend out of memory" in text:
+        return "a worker ran out of GPU memory"
+    if "running low on memory" in text:  # Ray's memory monitor, as it kills a worker
+        return "Ray stopped a worker for want of memory on its node"
+    return None
+
+
 def find_error(e: BaseException, match):
     """The first truthy `match(f)` over `e` and the errors behind it, as Ray wraps them."""
     seen, pending = set(), [e]

@@ -451,6 +451,39 @@ def test_a_full_disk_or_quota_is_one_line_naming_the_file_where_it_is_known():
     assert cli.usage_line(OSError(errno.EACCES, "Permission denied", "/runs/w")) is None
 
 
+def test_workers_out_of_memory_are_one_line_naming_the_batch_setting_to_lower():
+    """torch's error on a GPU, and Ray's as its memory monitor kills a worker (its text as
+    Ray 2.60 gave it here, an actor killed under RAY_memory_usage_threshold=0.02), each held
+    by Ray Train's errors: the command's batch setting to lower, exit 2, not a traceback."""
+    import torch
+    from ray.exceptions import OutOfMemoryError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from deepfake_ray import cli
+
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                 "capacity of 22.05 GiB of which 1.31 GiB is free.")
+    node = OutOfMemoryError(
+        "1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
+        "192.0.2.2, ID: 82422b43) was 1.12GB used / 23.59GB limit (0.047392)\nOOM kill reason: Memory "
+        "usage 1200209920B exceeded threshold of 506499072B (2.0% of 25324953600B limit)")
+    assert cli.out_of_memory_line("train-detector", WorkerGroupError("Training failed", {1: gpu})) == (
+        "a worker ran out of GPU memory: lower detector.batch_size (--set detector.batch_size=N), or run "
+        "it on machines with more memory; then run the same command again: finished stages are skipped "
+        "and a training resumes from its last checkpoint")
+    assert cli.out_of_memory_line("train-gan", WorkerGroupError("Training failed", {0: node})).startswith(
+        "Ray stopped a worker for want of memory on its node: lower gan.batch_size (--set gan.batch_size=N)")
+    assert cli.out_of_memory_line("score", ControllerError(gpu)) == (
+        "a worker ran out of GPU memory: lower serve.score_batch_size (--set serve.score_batch_size=N), or "
+        "run it on machines with more memory; then run the same command again")
+    assert "(gan.batch_size, gan.generate_batch_size, detector.batch_size, serve.score_batch_size)" in \
+        cli.out_of_memory_line("pipeline", node)
+    # a worker that died for another reason, naming the kernel's OOM killer among possible causes
+    died = RuntimeError("The actor died unexpectedly. Some common causes include: (1) the process was "
+                        "killed by the OOM killer due to high memory usage, (2) ray stop --force was called")
+    assert cli.out_of_memory_line("train-gan", WorkerGroupError("Training failed", {0: died})) is None
+
+
 def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, monkeypatch):
     """A throttled or cut-off S3 read while checking a run's checkpoints must surface as
     what it is: called "none intact: --force starts over", it would have a user delete
