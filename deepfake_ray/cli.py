@@ -16,7 +16,8 @@ import sys
 import time
 
 import deepfake_ray
-from deepfake_ray.errors import Terminated, UsageError, by_sigterm, find_usage_error, note_sigterm
+from deepfake_ray.errors import (Terminated, UsageError, by_sigterm, find_error, find_usage_error, note_sigterm,
+                                 out_of_memory)
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -408,8 +409,6 @@ BATCH_SETTING = {"train-gan": "gan.batch_size", "generate": "gan.generate_batch_
 def out_of_memory_line(command: str, error: BaseException) -> str | None:
     """The one line for workers that ran out of memory (a Ray Train run gives up after
     retrying them), with the setting to lower; None for any other error."""
-    from deepfake_ray.errors import find_error, out_of_memory
-
     if not (what := find_error(error, out_of_memory)):
         return None
     if setting := BATCH_SETTING.get(command):

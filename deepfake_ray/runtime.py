@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from deepfake_ray.errors import UsageError, find_usage_error
+from deepfake_ray.errors import UsageError, find_error, find_usage_error, out_of_memory
 
 # This machine's cores, set when this process starts the in-process Ray (which declares
 # more CPUs than that); None on a cluster.
@@ -296,11 +296,12 @@ def console_handlers(logger: str) -> list[logging.StreamHandler]:
 def drop_explained_tracebacks(record: logging.LogRecord) -> bool:
     """Ray Data logs an error from a task with its traceback, twice, before it reaches the
     CLI; when the CLI will print it as one line that says what to fix (a UsageError, an S3
-    failure), those ~100 lines on the console only hide that line."""
+    failure, a full disk, workers out of memory), those ~100 lines on the console only hide
+    that line."""
     if record.levelno < logging.ERROR:
         return True
     error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while handled
-    return error is None or find_usage_error(error) is None
+    return error is None or (find_usage_error(error) is None and find_error(error, out_of_memory) is None)
 
 
 def in_process() -> bool:
