@@ -142,6 +142,10 @@ def init(address: str | None = None) -> None:
                             # a failure (that takes 10 minutes of them).
                             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
                                 os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+                            # Serve kills an HTTP proxy not ready after three checks of 5 s:
+                            # too few for a busy laptop, where starting its process took longer
+                            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S":
+                                os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20"),
                             **haproxy_env()})
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,

