@@ -79,6 +79,13 @@ def out_of_memory(e: BaseException) -> str | None:
     return None
 
 
+def explained(e: BaseException) -> bool:
+    """Whether the CLI prints `e` as one line that says what to fix (exit 2), so its
+    traceback is noise: bad input or settings, an S3 failure or full disk the user can fix,
+    workers out of memory."""
+    return find_usage_error(e) is not None or find_error(e, out_of_memory) is not None
+
+
 def find_error(e: BaseException, match):
     """The first truthy `match(f)` over `e` and the errors behind it, as Ray wraps them."""
     seen, pending = set(), [e]

@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from deepfake_ray.errors import UsageError, find_error, find_usage_error, out_of_memory
+from deepfake_ray.errors import UsageError, explained
 
 # This machine's cores, set when this process starts the in-process Ray (which declares
 # more CPUs than that); None on a cluster.
@@ -305,7 +305,7 @@ def drop_explained_tracebacks(record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
         return True
     error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while handled
-    return error is None or (find_usage_error(error) is None and find_error(error, out_of_memory) is None)
+    return error is None or not explained(error)
 
 
 def in_process() -> bool:
