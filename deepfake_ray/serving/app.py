@@ -410,8 +410,9 @@ def start_serve(host: str, port: int) -> None:
     while not proxies_healthy():
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve's HTTP proxy has not started in {PROXY_START_TIMEOUT_S:.0f} s "
-                               "of restarts: see why in logs/serve/ of Ray's session folder "
-                               "(controller_*.log, proxy_*.log; /tmp/ray/session_latest on the head node by default)")
+                               "of restarts: see why in logs/serve/ (controller_*.log, proxy_*.log) "
+                               "of Ray's session folder, /tmp/ray/session_latest on the head node "
+                               "by default")
         time.sleep(1)
 
 
