@@ -36,8 +36,8 @@ APP_NAME = "deepfake-ray"
 # README states it); and how often a stopping replica counts them (Ray's 2 s would add up
 # to 2 s to every stop, the last request long answered).
 DRAIN_TIMEOUT_S = 20.0
-PROXY_START_TIMEOUT_S = 300.0  # a proxy Serve restarts, on a machine busy enough to need it
 DRAIN_CHECK_S = 0.2
+PROXY_START_TIMEOUT_S = 300.0  # for a proxy Serve restarts, on a machine busy enough to need it
 # A face crop decodes in well under a millisecond, less than a thread hop costs, so it
 # is decoded on the event loop. Larger images go to a thread: by pixels (a flat 36 MP
 # PNG of 120 KB takes the better part of a second) or by bytes (a 64x64 progressive
