@@ -1,6 +1,6 @@
 """The one exception type that means "the user asked for something we cannot do", and
-how to find one (or an S3 failure the user can fix) behind the errors Ray wraps it in;
-and how a SIGTERM stops a command."""
+how to find one (or an S3 failure, a full disk or workers out of memory: what the user
+can fix) behind the errors Ray wraps it in; and how a SIGTERM stops a command."""
 import errno
 import time
 
