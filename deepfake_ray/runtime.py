@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 
 import ray
 
@@ -23,6 +24,11 @@ from deepfake_ray.errors import UsageError, explained
 _embedded_cores: int | None = None
 # The environment the in-process Ray's processes start with, on top of this process's.
 _worker_env: dict[str, str] = {}
+# How often a task or actor that Ray's memory monitor stopped (its node short of RAM) is
+# started again. Ray Data's default is without end: a stage that cannot fit then waited
+# forever, printing Ray's warnings, instead of stopping with the batch setting to lower.
+# A few tries ride out a moment's pressure (Ray waits longer before each).
+MEMORY_KILL_RETRIES = 3
 
 
 @contextlib.contextmanager
@@ -127,7 +133,8 @@ def init(address: str | None = None) -> None:
     if address and address != "local":  # "local": in-process, as with no address
         check_address_form(address)
         try:
-            ray.init(address=address, **kwargs)
+            with environment(memory_kill_retries()):
+                ray.init(address=address, **kwargs)
         except ConnectionError as e:
             raise unreachable(address, str(e)) from None
     else:
@@ -146,6 +153,7 @@ def init(address: str | None = None) -> None:
                             # too few for a busy laptop, where starting its process took longer
                             "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S":
                                 os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20"),
+                            **memory_kill_retries(),
                             **haproxy_env()})
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,
@@ -154,6 +162,26 @@ def init(address: str | None = None) -> None:
               f"dashboard at http://127.0.0.1:{port}")
     configure_data()
     freeze_startup_objects()
+
+
+def memory_kill_retries() -> dict[str, str]:
+    """Ray's setting for tasks, read by each task's owner as it connects: this driver, and
+    in-process a Train run's data coordinator too (on a cluster, jobs/runtime_env.yaml
+    sets it for those). A user's own value wins."""
+    return {"RAY_task_oom_retries": os.environ.get("RAY_task_oom_retries", str(MEMORY_KILL_RETRIES))}
+
+
+def map_on_actor_pool(ds, fn, size: int, **kwargs):
+    """`ds.map_batches(fn, **kwargs)` on a pool of `size` actors, each restarted at most
+    MEMORY_KILL_RETRIES times (for any cause: on a cluster, losing its node too)."""
+    import ray.data
+
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only among the remote args that it says are going
+        # (in 2.64, with named parameters instead): the users of a pinned Ray need not see it
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        return ds.map_batches(fn, compute=ray.data.ActorPoolStrategy(size=size),
+                              max_restarts=MEMORY_KILL_RETRIES, **kwargs)
 
 
 @functools.cache  # once per process, after start-up

@@ -18,6 +18,20 @@ def subprocess_env() -> dict:
     return env
 
 
+def run_cli(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`deepfake-ray ARGS` in a session of its own; past `timeout`, the whole session is
+    killed (its Ray too) and TimeoutExpired raised."""
+    proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def stop(proc: subprocess.Popen, sig: int) -> int:
     """Signal a process started in a session of its own; if it has not ended within a
     minute, kill its whole session, so that a Ray it started is not left running."""

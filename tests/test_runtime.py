@@ -8,7 +8,7 @@ import pytest
 from deepfake_ray import runtime
 
 SETTINGS = ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_task_oom_retries")
 
 
 def settings_in_a_task(ray):
@@ -27,6 +27,7 @@ def test_in_process_ray_passes_its_settings_to_its_processes_only(ray_session):
     assert (seen["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:"), seen
     assert seen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert seen["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert seen["RAY_task_oom_retries"] == str(runtime.MEMORY_KILL_RETRIES)  # a Train run's data tasks too
     assert not any(name in os.environ for name in SETTINGS)
 
 
@@ -187,6 +188,28 @@ def test_a_full_disk_stops_a_training_with_one_line_keeping_the_checkpoint_that_
         assert checkpoint.state_intact(str(disk / "w" / "gan" / "epoch_0000"))
     finally:
         subprocess.run(["umount", "--lazy", str(disk)])  # its Ray's processes may still be ending
+
+
+@pytest.mark.slow
+def test_tasks_ray_keeps_stopping_for_want_of_memory_end_the_command_with_one_line(tmp_path):
+    """Ray's memory monitor stops workers on a node short of RAM (here every one it sees:
+    a threshold of 1% of the machine's memory), and Ray Data started its tasks again
+    without end, so `prepare` waited forever. Now they are tried again a few times, then
+    the command stops with one line naming what to do, exit 2, and writes nothing (actor
+    pools: test_a_pool_whose_actor_keeps_dying_ends_its_stage)."""
+    from tests.processes import run_cli, subprocess_env
+
+    env = {**subprocess_env(), "RAY_memory_usage_threshold": "0.01",
+           "RAY_task_oom_retry_delay_base_ms": "100"}  # Ray waits longer before each try: from 1 s by default
+    workdir = tmp_path / "w"
+    prepared = run_cli(["prepare", "--preset", "tiny", "--source", "sample:8", "--workdir", str(workdir)],
+                       env, timeout=300)
+    said = [line for line in prepared.stderr.splitlines() if line.startswith("deepfake-ray prepare: ")]
+    assert prepared.returncode == 2 and said == [
+        "deepfake-ray prepare: error: Ray stopped a worker for want of memory on its node: run it on "
+        "machines with more memory; then run the same command again: finished stages are skipped "
+        "and a training resumes from its last checkpoint"], prepared.stderr[-3000:]
+    assert not (workdir / "data" / "manifest.parquet").exists()
 
 
 def test_what_a_stop_cut_off_half_built_prints_no_traceback_as_it_is_freed(tmp_path):
@@ -376,6 +399,39 @@ def test_a_run_resumes_from_its_newest_intact_folder_though_ray_lists_an_older_o
     assert storage.read_json(found) == {"resumed": 3, "best": {"epoch": 3}}
     assert sorted(n for n in os.listdir(run) if n.startswith("epoch_")) == ["epoch_0004", "epoch_0005"]
     assert checkpoint.read_state(os.path.join(run, "epoch_0004")) == {"epoch": 4}
+
+
+def test_a_pool_whose_actor_keeps_dying_ends_its_stage(ray_session, tmp_path):
+    """generate, evaluate and score run their models in pools of actors, which Ray Data
+    restarted without end: a scoring actor the memory monitor kept stopping left `score`
+    waiting forever (tasks: test_tasks_ray_keeps_stopping_for_want_of_memory_...)."""
+    import threading
+
+    import ray.data
+
+    class DiesOnEachBatch:  # defined here, so that Ray ships it by value to the pool's workers
+        """Stopped each time it takes a batch, as Ray's memory monitor stops an actor
+        holding too large a batch on a node short of RAM."""
+
+        def __call__(self, batch):
+            (tmp_path / f"try-{os.getpid()}").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    outcome = []
+
+    def run_stage():
+        try:
+            runtime.map_on_actor_pool(ray.data.range(4, override_num_blocks=1), DiesOnEachBatch, 1).materialize()
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - what a stage would raise
+            outcome.append(e)
+
+    stage = threading.Thread(target=run_stage, daemon=True)
+    stage.start()
+    stage.join(timeout=240)
+    assert outcome, "the stage still waits on its pool after 4 minutes"
+    assert isinstance(outcome[0], ray.exceptions.ActorDiedError), outcome[0]
+    assert len(list(tmp_path.glob("try-*"))) == 1 + runtime.MEMORY_KILL_RETRIES  # the first start, then each restart
 
 
 def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray_session, tmp_path):

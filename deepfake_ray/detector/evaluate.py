@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import ray.data
 
 from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
@@ -97,10 +96,10 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
     """A pandas frame: sha1, label, p_<condition> for every test image."""
     r = cfg.resources
     ds = data.dataset(cfg, selection, "test")
-    scored = ds.map_batches(
-        data.Scorer, fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
-        compute=ray.data.ActorPoolStrategy(size=max(1, r.workers)), batch_size=cfg.serve.score_batch_size,
-        num_cpus=r.cpus_per_worker, num_gpus=1 if runtime.use_gpus(r.use_gpu) else 0, batch_format="numpy")
+    scored = runtime.map_on_actor_pool(
+        ds, data.Scorer, max(1, r.workers), fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
+        batch_size=cfg.serve.score_batch_size, num_cpus=r.cpus_per_worker,
+        num_gpus=1 if runtime.use_gpus(r.use_gpu) else 0, batch_format="numpy")
     frame = scored.to_pandas()
     if frame.empty:
         raise UsageError("the test split selected no images: check data.splits and the fakes manifest")

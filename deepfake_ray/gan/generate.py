@@ -127,12 +127,12 @@ def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.d
     # one block per batch: range()'s default of ~200 blocks made every later pass over
     # the candidates (selection, writing) run hundreds of tiny tasks
     blocks = -(-count // cfg.gan.generate_batch_size)
-    return ray.data.range(count, override_num_blocks=blocks).map_batches(
-        FakeMaker, fn_kwargs={"start": start}, batch_size=cfg.gan.generate_batch_size,
+    return runtime.map_on_actor_pool(
+        ray.data.range(count, override_num_blocks=blocks), FakeMaker, pool,
+        fn_kwargs={"start": start}, batch_size=cfg.gan.generate_batch_size,
         fn_constructor_kwargs={"model": model_uri(cfg.workdir), "seed": cfg.seed,
                                "quality": cfg.data.jpeg_quality, "use_gpu": use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=1 if use_gpu else 0,
-        num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
+        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
 
 
 class Selection(NamedTuple):

@@ -176,10 +176,8 @@ def score_table(cfg: Config, model: str, paths: list[str], manifest: str | None 
     ds = ds.map_batches(read_and_decode, batch_size=batch, batch_format="numpy",
                         fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
                                    "max_pixels": cfg.data.max_pixels})
-    ds = ds.map_batches(ScoreActor, batch_size=batch, batch_format="numpy", num_gpus=gpus,
-                        compute=ray.data.ActorPoolStrategy(size=size),
-                        fn_constructor_kwargs={"model_uri": model,
-                                               "max_pixels": cfg.data.max_pixels})
+    ds = runtime.map_on_actor_pool(ds, ScoreActor, size, batch_size=batch, batch_format="numpy", num_gpus=gpus,
+                                   fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels})
     table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
     p_fake = table.column("p_fake")
