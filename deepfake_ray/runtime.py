@@ -24,11 +24,12 @@ from deepfake_ray.errors import UsageError, explained
 _embedded_cores: int | None = None
 # The environment the in-process Ray's processes start with, on top of this process's.
 _worker_env: dict[str, str] = {}
-# How often a task or actor that Ray's memory monitor stopped (its node short of RAM) is
-# started again. Ray Data's default is without end: a stage that cannot fit then waited
-# forever, printing Ray's warnings, instead of stopping with the batch setting to lower.
-# A few tries ride out a moment's pressure (Ray waits longer before each).
-MEMORY_KILL_RETRIES = 3
+# How often a task or actor is started again after its worker died: Ray's memory monitor
+# stopped it (its node short of RAM), the kernel killed it, an image library crashed in it,
+# or, on a cluster, its node was lost. Ray Data's default is without end: a stage that
+# could not fit waited forever, printing Ray's warnings, instead of stopping with the batch
+# setting to lower. A few tries ride out a moment's pressure (Ray waits longer before each).
+WORKER_RETRIES = 3
 
 
 @contextlib.contextmanager
@@ -165,23 +166,37 @@ def init(address: str | None = None) -> None:
 
 
 def memory_kill_retries() -> dict[str, str]:
-    """Ray's setting for tasks, read by each task's owner as it connects: this driver, and
-    in-process a Train run's data coordinator too (on a cluster, jobs/runtime_env.yaml
-    sets it for those). A user's own value wins."""
-    return {"RAY_task_oom_retries": os.environ.get("RAY_task_oom_retries", str(MEMORY_KILL_RETRIES))}
+    """Ray's setting for tasks its memory monitor stopped, read by each task's owner as it
+    connects: this driver, and in-process a Train run's data coordinator too (on a cluster,
+    jobs/runtime_env.yaml sets it for those). A user's own value wins."""
+    return {"RAY_task_oom_retries": os.environ.get("RAY_task_oom_retries", str(WORKER_RETRIES))}
+
+
+@contextlib.contextmanager
+def pinned_ray_remote_args():
+    """Ray 2.60 takes max_retries and max_restarts only among the remote args it says are
+    going (in 2.64, for named parameters it does not have yet): the users of this pinned
+    Ray need not see that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        yield
+
+
+def map_on_tasks(ds, fn, **kwargs):
+    """`ds.map_batches(fn, **kwargs)` in tasks, each started again at most WORKER_RETRIES
+    times after its worker died."""
+    with pinned_ray_remote_args():
+        return ds.map_batches(fn, max_retries=WORKER_RETRIES, **kwargs)
 
 
 def map_on_actor_pool(ds, fn, size: int, **kwargs):
-    """`ds.map_batches(fn, **kwargs)` on a pool of `size` actors, each restarted at most
-    MEMORY_KILL_RETRIES times (for any cause: on a cluster, losing its node too)."""
+    """`ds.map_batches(fn, **kwargs)` on a pool of `size` actors, each started again at
+    most WORKER_RETRIES times after its worker died."""
     import ray.data
 
-    with warnings.catch_warnings():
-        # Ray 2.60 takes max_restarts only among the remote args that it says are going
-        # (in 2.64, with named parameters instead): the users of a pinned Ray need not see it
-        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+    with pinned_ray_remote_args():
         return ds.map_batches(fn, compute=ray.data.ActorPoolStrategy(size=size),
-                              max_restarts=MEMORY_KILL_RETRIES, **kwargs)
+                              max_restarts=WORKER_RETRIES, **kwargs)
 
 
 @functools.cache  # once per process, after start-up

@@ -141,7 +141,7 @@ def test_rayjob_runs_the_pipeline_entrypoint():
     assert args.workdir.startswith("s3://") and args.run_name and args.preset == "celeb100k"
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert env["working_dir"] and env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
-    assert env["env_vars"]["RAY_task_oom_retries"] == str(runtime.MEMORY_KILL_RETRIES)
+    assert env["env_vars"]["RAY_task_oom_retries"] == str(runtime.WORKER_RETRIES)
     # the driver runs on the head: the preset's kaggle: source needs the credentials there
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "KAGGLE_API_TOKEN" in {e["name"] for e in head["env"]}
@@ -271,5 +271,5 @@ def test_runtime_env_is_valid_and_ships_the_working_dir():
     RuntimeEnv(**env, working_dir=ROOT)  # Ray's own validation
     assert env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
     # as the embedded Ray has it: a task Ray's memory monitor keeps stopping ends the stage
-    assert env["env_vars"]["RAY_task_oom_retries"] == str(runtime.MEMORY_KILL_RETRIES)
+    assert env["env_vars"]["RAY_task_oom_retries"] == str(runtime.WORKER_RETRIES)
     assert all(isinstance(v, str) for v in env["env_vars"].values())

@@ -27,7 +27,7 @@ def test_in_process_ray_passes_its_settings_to_its_processes_only(ray_session):
     assert (seen["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:"), seen
     assert seen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert seen["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
-    assert seen["RAY_task_oom_retries"] == str(runtime.MEMORY_KILL_RETRIES)  # a Train run's data tasks too
+    assert seen["RAY_task_oom_retries"] == str(runtime.WORKER_RETRIES)  # a Train run's data tasks too
     assert not any(name in os.environ for name in SETTINGS)
 
 
@@ -401,27 +401,34 @@ def test_a_run_resumes_from_its_newest_intact_folder_though_ray_lists_an_older_o
     assert checkpoint.read_state(os.path.join(run, "epoch_0004")) == {"epoch": 4}
 
 
-def test_a_pool_whose_actor_keeps_dying_ends_its_stage(ray_session, tmp_path):
-    """generate, evaluate and score run their models in pools of actors, which Ray Data
-    restarted without end: a scoring actor the memory monitor kept stopping left `score`
-    waiting forever (tasks: test_tasks_ray_keeps_stopping_for_want_of_memory_...)."""
+@pytest.mark.parametrize("workers", ["tasks", "actors"])
+def test_a_stage_whose_workers_keep_dying_ends(ray_session, tmp_path, workers):
+    """Ray Data starts a task or a pool's actor again without end after its worker died,
+    so `prepare` or `score` waited forever on an image whose decoding crashed the worker or
+    was killed for its memory, and so did `generate`, `evaluate` and `score` on a model
+    actor the memory monitor kept stopping (that monitor itself, with tasks:
+    test_tasks_ray_keeps_stopping_for_want_of_memory_...). Here each try dies at once."""
     import threading
 
     import ray.data
 
-    class DiesOnEachBatch:  # defined here, so that Ray ships it by value to the pool's workers
-        """Stopped each time it takes a batch, as Ray's memory monitor stops an actor
-        holding too large a batch on a node short of RAM."""
+    def die(batch):
+        (tmp_path / f"try-{os.getpid()}").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
+    class DiesOnEachBatch:  # defined here, so that Ray ships it by value to the pool's workers
         def __call__(self, batch):
-            (tmp_path / f"try-{os.getpid()}").touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+            die(batch)
 
     outcome = []
 
     def run_stage():
+        ds = ray.data.range(4, override_num_blocks=1)
         try:
-            runtime.map_on_actor_pool(ray.data.range(4, override_num_blocks=1), DiesOnEachBatch, 1).materialize()
+            if workers == "tasks":
+                runtime.map_on_tasks(ds, die).materialize()
+            else:
+                runtime.map_on_actor_pool(ds, DiesOnEachBatch, 1).materialize()
             outcome.append(None)
         except Exception as e:  # noqa: BLE001 - what a stage would raise
             outcome.append(e)
@@ -429,9 +436,10 @@ def test_a_pool_whose_actor_keeps_dying_ends_its_stage(ray_session, tmp_path):
     stage = threading.Thread(target=run_stage, daemon=True)
     stage.start()
     stage.join(timeout=240)
-    assert outcome, "the stage still waits on its pool after 4 minutes"
-    assert isinstance(outcome[0], ray.exceptions.ActorDiedError), outcome[0]
-    assert len(list(tmp_path.glob("try-*"))) == 1 + runtime.MEMORY_KILL_RETRIES  # the first start, then each restart
+    assert outcome, "the stage still waits on its workers after 4 minutes"
+    died = ray.exceptions.WorkerCrashedError if workers == "tasks" else ray.exceptions.ActorDiedError
+    assert isinstance(outcome[0], died), outcome[0]
+    assert len(list(tmp_path.glob("try-*"))) == 1 + runtime.WORKER_RETRIES  # the first start, then each retry
 
 
 def test_a_run_keeps_its_best_checkpoint_and_a_resumed_one_reads_it_by_epoch(ray_session, tmp_path):

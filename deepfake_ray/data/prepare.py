@@ -437,8 +437,8 @@ def ingest(blocks: list[list[str]], cpus_per_task: float, slots: int | None,
     # One operator, nothing to starve: without this, Ray Data reserves part of the
     # CPUs for other operators and runs one task at a time for the first second.
     files.context.op_resource_reservation_enabled = False
-    meta = files.map_batches(
-        ingest_block, batch_size=None, num_cpus=cpus_per_task, fn_kwargs=fn_kwargs,
+    meta = runtime.map_on_tasks(
+        files, ingest_block, batch_size=None, num_cpus=cpus_per_task, fn_kwargs=fn_kwargs,
         # no more than the blocks: Ray Data warns of a limit it cannot reach
         compute=ray.data.TaskPoolStrategy(size=min(slots, len(blocks))) if slots else None,
     )

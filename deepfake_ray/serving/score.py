@@ -173,9 +173,9 @@ def score_table(cfg: Config, model: str, paths: list[str], manifest: str | None 
     items = [{"index": i, "path": storage.printable(p), "raw_path": os.fsencode(located(p, manifest))}
              for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
-    ds = ds.map_batches(read_and_decode, batch_size=batch, batch_format="numpy",
-                        fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
-                                   "max_pixels": cfg.data.max_pixels})
+    ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
+                              fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
+                                         "max_pixels": cfg.data.max_pixels})
     ds = runtime.map_on_actor_pool(ds, ScoreActor, size, batch_size=batch, batch_format="numpy", num_gpus=gpus,
                                    fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels})
     table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
