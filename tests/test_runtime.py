@@ -160,10 +160,9 @@ def test_a_full_disk_stops_a_training_with_one_line_keeping_the_checkpoint_that_
     empty resumes too: test_a_run_resumes_from_intact_checkpoint_folders_ray_does_not_list).
     Mounting needs root: skipped without it."""
     import subprocess
-    import sys
 
     from deepfake_ray import checkpoint
-    from tests.processes import subprocess_env
+    from tests.processes import run_cli, subprocess_env
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -172,9 +171,7 @@ def test_a_full_disk_stops_a_training_with_one_line_keeping_the_checkpoint_that_
         pytest.skip("mounting a small tmpfs needs root")
     try:
         def command(*args):
-            return subprocess.run([sys.executable, "-m", "deepfake_ray.cli", *args, "--preset", "tiny",
-                                   "--workdir", str(disk / "w")], capture_output=True, text=True,
-                                  env=subprocess_env(), timeout=600)
+            return run_cli([*args, "--preset", "tiny", "--workdir", str(disk / "w")], subprocess_env(), timeout=600)
         prepared = command("prepare")
         assert prepared.returncode == 0, prepared.stderr[-3000:]
         full = command("train-gan", "--set", "gan.max_failures=0")  # each retry would fail the same way
@@ -195,8 +192,8 @@ def test_tasks_ray_keeps_stopping_for_want_of_memory_end_the_command_with_one_li
     """Ray's memory monitor stops workers on a node short of RAM (here every one it sees:
     a threshold of 1% of the machine's memory), and Ray Data started its tasks again
     without end, so `prepare` waited forever. Now they are tried again a few times, then
-    the command stops with one line naming what to do, exit 2, and writes nothing (actor
-    pools: test_a_pool_whose_actor_keeps_dying_ends_its_stage)."""
+    the command stops with one line naming what to do, exit 2, and writes nothing (a task or
+    pool actor that dies another way: test_a_stage_whose_workers_keep_dying_ends)."""
     from tests.processes import run_cli, subprocess_env
 
     env = {**subprocess_env(), "RAY_memory_usage_threshold": "0.01",
