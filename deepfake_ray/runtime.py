@@ -345,10 +345,31 @@ def drop_explained_tracebacks(record: logging.LogRecord) -> bool:
     CLI; when the CLI will print it as one line that says what to fix (a UsageError, an S3
     failure, a full disk, workers out of memory), those ~100 lines on the console only hide
     that line."""
-    if record.levelno < logging.ERROR:
-        return True
-    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while handled
+    error = logged_error(record)
     return error is None or not explained(error)
+
+
+def logged_error(record: logging.LogRecord) -> BaseException | None:
+    """The error a log record of level ERROR or above reports, if any."""
+    if record.levelno < logging.ERROR:
+        return None
+    return record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # logged while handled
+
+
+@contextlib.contextmanager
+def explaining(error_type: type[BaseException]):
+    """Within: Ray Data's logged traceback of an `error_type` kept off the console, for a
+    caller that turns that error into one line of its own (the log file keeps all)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not isinstance(logged_error(record), error_type)
+    handlers = console_handlers("ray.data")
+    for handler in handlers:
+        handler.addFilter(keep)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(keep)
 
 
 def in_process() -> bool:

@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 import zipfile
@@ -597,7 +598,7 @@ def names(prefix: str, n: int) -> list[str]:
 
 
 def flat(chunks) -> list[str]:
-    return [p for chunk in chunks for p in chunk]
+    return [p for chunk, _ in chunks for p in chunk]
 
 
 def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
@@ -623,7 +624,7 @@ def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
 def test_a_finished_task_takes_over_chunks_of_running_blocks_only(tmp_path):
     blocks = [names("a", 100), names("b", 100), names("c", 100)]
     slow = prepare.shared_chunks(0, blocks, str(tmp_path))
-    first = next(slow)  # block 0's task has started and holds one chunk
+    first, _ = next(slow)  # block 0's task has started and holds one chunk
     fast = flat(prepare.shared_chunks(1, blocks, str(tmp_path)))  # block 1's ends first
     rest = flat(slow)
     assert set(blocks[1]) < set(fast) and set(fast) - set(blocks[1]) <= set(blocks[0])
@@ -634,11 +635,72 @@ def test_a_finished_task_takes_over_chunks_of_running_blocks_only(tmp_path):
 def test_a_retried_task_redoes_the_chunks_its_lost_attempt_claimed(tmp_path):
     blocks = [names("a", 100), names("b", 100)]
     lost = prepare.shared_chunks(0, blocks, str(tmp_path))
-    claimed = next(lost) + next(lost)  # then its worker died
-    other = flat(prepare.shared_chunks(1, blocks, str(tmp_path)))  # takes over the rest of block 0
-    retried = flat(prepare.shared_chunks(0, blocks, str(tmp_path)))
-    assert retried == claimed == blocks[0][:2 * prepare.CHUNK_FILES]
-    assert sorted(retried + other) == blocks[0] + blocks[1]
+    claimed = flat([next(lost), next(lost)])  # then its worker died
+    other = list(prepare.shared_chunks(1, blocks, str(tmp_path)))  # takes over the rest of block 0
+    retried = list(prepare.shared_chunks(0, blocks, str(tmp_path)))
+    assert flat(retried) == claimed == blocks[0][:2 * prepare.CHUNK_FILES]
+    assert sorted(flat(retried + other)) == blocks[0] + blocks[1]
+    # what a lost attempt took is decoded a file at a time (`CrashWatch`); nothing else is
+    assert all(again for _, again in retried) and not any(again for _, again in other)
+
+
+CRASHING_LIBRARY = """
+import os, signal
+from PIL import ImageFile
+
+decode_pixels = ImageFile.ImageFile.load
+
+def load(image):  # what a bug in an image library does to the process decoding a crafted file
+    if image.info.get("comment") == b"crashes the decoder":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return decode_pixels(image)
+
+ImageFile.ImageFile.load = load
+"""
+
+
+def run_with_crashing_library(tmp_path, crashing: int) -> tuple[subprocess.CompletedProcess, str]:
+    """`prepare` of 70 faces and `crashing` files that crash the image library, in every
+    process of the run, as a bug in a decoder does on a crafted file (first by name: all
+    in the first task's first chunk)."""
+    from tests.processes import run_cli, subprocess_env
+
+    faces = tmp_path / "faces"
+    faces_folder(faces, {f"face{i:03d}.jpg": i for i in range(70)})  # two blocks: two tasks
+    for i in range(crashing):
+        (faces / f"crash{i}.jpg").write_bytes(encode(rgb(i), "JPEG", comment=b"crashes the decoder"))
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "sitecustomize.py").write_text(CRASHING_LIBRARY)
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "library"), env["PYTHONPATH"]])
+    workdir = tmp_path / "w"
+    return run_cli(["prepare", "--preset", "tiny", "--source", str(faces), "--workdir", str(workdir)],
+                   env, timeout=300), str(faces)
+
+
+@pytest.mark.slow
+def test_files_that_crash_the_image_library_are_set_aside_and_the_rest_prepared(tmp_path):
+    """A file whose decoding kills its worker failed every try of its task (then `prepare`).
+    Now Ray's retries of the task find the file, which is set aside and counted."""
+    prepared, _ = run_with_crashing_library(tmp_path, crashing=2)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    manifest, rejected, summary = read_outputs(tmp_path / "w")
+    assert sorted(manifest["path"].map(os.path.basename)) == [f"face{i:03d}.jpg" for i in range(70)]
+    assert dict(zip(rejected["path"].map(os.path.basename), rejected["reason"])) == {
+        "crash0.jpg": "killed its decoder", "crash1.jpg": "killed its decoder"}
+    assert "prepared 70 images (2 rejected: 2 killed its decoder;" in prepared.stdout
+
+
+@pytest.mark.slow
+def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp_path):
+    prepared, faces = run_with_crashing_library(tmp_path, crashing=3)
+    crashed = ", ".join(os.path.join(faces, f"crash{i}.jpg") for i in range(3))
+    said = [line for line in prepared.stderr.splitlines() if line.startswith("deepfake-ray prepare: ")]
+    assert prepared.returncode == 2 and said == [
+        "deepfake-ray prepare: error: the workers decoding the images died on every try of their task (a crash in the image "
+        f"library on a malformed file?); they died decoding {crashed}: move them out of {faces}, "
+        "then run the same command again"], prepared.stderr[-3000:]
+    assert not (tmp_path / "w" / "data" / "manifest.parquet").exists()
 
 
 def faces_folder(root, names_to_faces: dict[str, int]) -> dict[str, str]:
@@ -656,6 +718,39 @@ def run_task(block: int, blocks, claims, images) -> list[dict]:
                                 size=32, quality=90, max_pixels=10 ** 7, splits=(0.8, 0.1, 0.1),
                                 blocks=blocks, claims=str(claims))
     return rows.to_pylist()
+
+
+def run_task_dying_on(bad: bytes, block: int, blocks, claims, images) -> None:
+    """run_task in a child process that dies, as a crashing image library kills it, when it
+    decodes `bad` (or ends normally, having decoded all)."""
+    pid = os.fork()
+    if pid == 0:  # the child: only files and decoding, no Ray
+        try:
+            real = decode.inspect
+            decode.inspect = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data == bad \
+                else real(data, *a, **kw)
+            run_task(block, blocks, claims, images)
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL  # it died
+
+
+def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retry(tmp_path):
+    """Block 1's task has started; block 0's, done with its own, takes over block 1's last
+    chunk, whose file kills it. Its retry decodes that chunk a file at a time and dies on
+    the file, noted; the next try sets the file aside and keeps the rest."""
+    count = prepare.CHUNK_FILES
+    paths = faces_folder(tmp_path / "faces", {f"{i:03d}.jpg": i for i in range(3 * count)})
+    blocks = [list(paths.values())[:count], list(paths.values())[count:]]
+    bad = blocks[1][-1]
+    claims, images = tmp_path / "claims", tmp_path / "images"
+    claims.mkdir()
+    os.symlink("1", claims / "1.0")  # block 1's task holds its first chunk
+    for _ in range(2):
+        run_task_dying_on(open(bad, "rb").read(), 0, blocks, claims, images)
+    rows = run_task(0, blocks, claims, images)
+    assert sorted(r["path"] for r in rows) == sorted(blocks[0] + blocks[1][count:])
+    assert {r["path"]: r["reason"] for r in rows if r["reason"]} == {bad: "killed its decoder"}
 
 
 def part_hashes(images) -> dict[str, list[str]]:
