@@ -25,6 +25,14 @@ def rgb(i: int = 0, size: int = 64) -> Image.Image:
     return Image.fromarray(face(7, i, size))
 
 
+CRASHING = b"crashes the decoder"  # a comment on which tests.processes.crashing_image_library crashes
+
+
+def crashing_jpeg(i: int) -> bytes:
+    """A face image on which the image library that crashing_image_library makes crashes."""
+    return encode(rgb(i), "JPEG", comment=CRASHING)
+
+
 def near_copies(picture: Image.Image) -> dict[str, bytes]:
     """file name -> the same picture saved again, as datasets hold it: recompressed,
     downscaled, blurred, brightened."""

@@ -18,6 +18,34 @@ def subprocess_env() -> dict:
     return env
 
 
+CRASHING_LIBRARY = """
+import os, signal
+from PIL import ImageFile
+
+decode_pixels = ImageFile.ImageFile.load
+
+def load(image):  # what a bug in an image library does to the process decoding a crafted file
+    if image.info.get("comment") == %r:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return decode_pixels(image)
+
+ImageFile.ImageFile.load = load
+"""
+
+
+def crashing_image_library(folder) -> dict:
+    """subprocess_env() in which Pillow, in every Python process (Ray's workers too), crashes
+    as a buggy decoder does on a crafted file, here tests.images.crashing_jpeg's."""
+    from tests.images import CRASHING
+
+    os.makedirs(folder)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(CRASHING_LIBRARY % CRASHING)
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), env["PYTHONPATH"]])
+    return env
+
+
 def run_cli(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     """`deepfake-ray ARGS` in a session of its own; past `timeout`, the whole session is
     killed (its Ray too) and TimeoutExpired raised."""

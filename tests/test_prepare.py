@@ -19,7 +19,7 @@ from deepfake_ray import cli, progress, runtime, storage
 from deepfake_ray.data import datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines, output_lines
-from tests.images import SHARED_UTKFACE, bad_files, encode, good_files, near_copies, rgb
+from tests.images import SHARED_UTKFACE, bad_files, crashing_jpeg, encode, good_files, near_copies, rgb
 from tests.processes import ended_pid
 
 
@@ -598,7 +598,7 @@ def names(prefix: str, n: int) -> list[str]:
 
 
 def flat(chunks) -> list[str]:
-    return [p for chunk, _ in chunks for p in chunk]
+    return [p for chunk in chunks for p in chunk]
 
 
 def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
@@ -624,7 +624,7 @@ def test_claims_a_killed_run_left_are_removed_by_the_next(tmp_path):
 def test_a_finished_task_takes_over_chunks_of_running_blocks_only(tmp_path):
     blocks = [names("a", 100), names("b", 100), names("c", 100)]
     slow = prepare.shared_chunks(0, blocks, str(tmp_path))
-    first, _ = next(slow)  # block 0's task has started and holds one chunk
+    first = next(slow)  # block 0's task has started and holds one chunk
     fast = flat(prepare.shared_chunks(1, blocks, str(tmp_path)))  # block 1's ends first
     rest = flat(slow)
     assert set(blocks[1]) < set(fast) and set(fast) - set(blocks[1]) <= set(blocks[0])
@@ -635,47 +635,25 @@ def test_a_finished_task_takes_over_chunks_of_running_blocks_only(tmp_path):
 def test_a_retried_task_redoes_the_chunks_its_lost_attempt_claimed(tmp_path):
     blocks = [names("a", 100), names("b", 100)]
     lost = prepare.shared_chunks(0, blocks, str(tmp_path))
-    claimed = flat([next(lost), next(lost)])  # then its worker died
-    other = list(prepare.shared_chunks(1, blocks, str(tmp_path)))  # takes over the rest of block 0
-    retried = list(prepare.shared_chunks(0, blocks, str(tmp_path)))
-    assert flat(retried) == claimed == blocks[0][:2 * prepare.CHUNK_FILES]
-    assert sorted(flat(retried + other)) == blocks[0] + blocks[1]
-    # what a lost attempt took is decoded a file at a time (`CrashWatch`); nothing else is
-    assert all(again for _, again in retried) and not any(again for _, again in other)
-
-
-CRASHING_LIBRARY = """
-import os, signal
-from PIL import ImageFile
-
-decode_pixels = ImageFile.ImageFile.load
-
-def load(image):  # what a bug in an image library does to the process decoding a crafted file
-    if image.info.get("comment") == b"crashes the decoder":
-        os.kill(os.getpid(), signal.SIGSEGV)
-    return decode_pixels(image)
-
-ImageFile.ImageFile.load = load
-"""
+    claimed = next(lost) + next(lost)  # then its worker died
+    other = flat(prepare.shared_chunks(1, blocks, str(tmp_path)))  # takes over the rest of block 0
+    retried = flat(prepare.shared_chunks(0, blocks, str(tmp_path)))
+    assert retried == claimed == blocks[0][:2 * prepare.CHUNK_FILES]
+    assert sorted(retried + other) == blocks[0] + blocks[1]
 
 
 def run_with_crashing_library(tmp_path, crashing: int) -> tuple[subprocess.CompletedProcess, str]:
-    """`prepare` of 70 faces and `crashing` files that crash the image library, in every
-    process of the run, as a bug in a decoder does on a crafted file (first by name: all
-    in the first task's first chunk)."""
-    from tests.processes import run_cli, subprocess_env
+    """`prepare` of 70 faces and `crashing` files that crash the image library (first by
+    name: all in the first task's first chunk)."""
+    from tests.processes import crashing_image_library, run_cli
 
     faces = tmp_path / "faces"
     faces_folder(faces, {f"face{i:03d}.jpg": i for i in range(70)})  # two blocks: two tasks
     for i in range(crashing):
-        (faces / f"crash{i}.jpg").write_bytes(encode(rgb(i), "JPEG", comment=b"crashes the decoder"))
-    (tmp_path / "library").mkdir()
-    (tmp_path / "library" / "sitecustomize.py").write_text(CRASHING_LIBRARY)
-    env = subprocess_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "library"), env["PYTHONPATH"]])
+        (faces / f"crash{i}.jpg").write_bytes(crashing_jpeg(i))
     workdir = tmp_path / "w"
     return run_cli(["prepare", "--preset", "tiny", "--source", str(faces), "--workdir", str(workdir)],
-                   env, timeout=300), str(faces)
+                   crashing_image_library(tmp_path / "library"), timeout=300), str(faces)
 
 
 @pytest.mark.slow
@@ -698,7 +676,7 @@ def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp
     said = [line for line in prepared.stderr.splitlines() if line.startswith("deepfake-ray prepare: ")]
     assert prepared.returncode == 2 and said == [
         "deepfake-ray prepare: error: the workers decoding the images died on every try of their task (a crash in the image "
-        f"library on a malformed file?); they died decoding {crashed}: move them out of {faces}, "
+        f"library on a malformed file?); they died decoding {crashed}: take them out of {faces}, "
         "then run the same command again"], prepared.stderr[-3000:]
     assert not (tmp_path / "w" / "data" / "manifest.parquet").exists()
 

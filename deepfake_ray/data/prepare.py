@@ -13,7 +13,7 @@ takes over the tails of the blocks still running (`shared_chunks`); on a cluster
 blocks are static, two rounds per CPU. On one machine, too, a task leaves an image that
 a task ending before it holds to that one's part (`leave_out_held`), so the driver has
 no part to rewrite; on a cluster it removes copies across parts after the last task.
-And on one machine a file whose decoding kills the worker is set aside (`CrashWatch`).
+A file whose decoding kills its worker is set aside (`crashes`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,15 +38,13 @@ import ray.data
 
 from deepfake_ray import lineage, runtime, storage
 from deepfake_ray.config import Config, DataConfig
-from deepfake_ray.data import datasets, decode, near_copies, sample, sources
+from deepfake_ray.data import crashes, datasets, decode, near_copies, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
 from deepfake_ray.errors import UsageError
 from deepfake_ray.progress import Progress
 
 MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 64, 2048
 CHUNK_FILES = 32  # what one task can take over from another: ~30 ms of decoding
-NEW, AGAIN = "new", "again"  # a chunk's claim: by this try of a task, or by a lost one (`claim`)
-CRASHED = "killed its decoder"  # the reason of a file that killed its worker (`CrashWatch`)
 TEXT, COUNT = pa.large_string(), pa.int64()  # the types Ray Data writes for the fakes
 # near_copy_of: the path of the picture whose split a near copy takes (`near_copies`), else ""
 MANIFEST_SCHEMA = pa.schema([("path", TEXT), ("width", COUNT), ("height", COUNT), ("format", TEXT),
@@ -159,108 +158,57 @@ def chunks_of(paths: list[str]) -> list[list[str]]:
     return [paths[i:i + CHUNK_FILES] for i in range(0, len(paths), CHUNK_FILES)]
 
 
-def claim(claims: str, block: int, chunk: int, task: int) -> str:
-    """Whether the task of block `task` ingests this chunk: NEW where it is the first to
-    create the chunk's claim (a symlink: created atomically, and it names its task), AGAIN
-    where a lost attempt of the same task took it (its worker died in it or after it: the
-    retry redoes it), "" where another task has it."""
+def claim(claims: str, block: int, chunk: int, task: int) -> bool:
+    """Whether the task of block `task` ingests this chunk: the first task to create its
+    claim does (a symlink: created atomically, and it names its task). A retried task
+    redoes the chunks its lost attempt claimed."""
     link = os.path.join(claims, f"{block}.{chunk}")
     try:
         os.symlink(str(task), link)
-        return NEW
+        return True
     except FileExistsError:
-        return AGAIN if os.readlink(link) == str(task) else ""
+        return os.readlink(link) == str(task)
 
 
-def shared_chunks(block: int, blocks: list[list[str]], claims: str) -> Iterator[tuple[list[str], bool]]:
-    """(chunk, whether a lost attempt took it) for the chunks one task ingests where tasks
-    share one machine: its own block's from the front, then, from the back, those of
-    blocks whose tasks are running, so no core idles while another task still has files.
-    Split statically, two equal blocks ended up to 0.3 s apart on 2 cores, and a folder
-    sorted by name can put its big photos in one block. Blocks not started are left to
-    their own task, which keeps every part bounded."""
+def shared_chunks(block: int, blocks: list[list[str]], claims: str) -> Iterator[list[str]]:
+    """The chunks one task ingests where tasks share one machine: its own block's from the
+    front, then, from the back, those of blocks whose tasks are running, so no core idles
+    while another task still has files. Split statically, two equal blocks ended up to
+    0.3 s apart on 2 cores, and a folder sorted by name can put its big photos in one block.
+    Blocks not started are left to their own task, which keeps every part bounded."""
     for i, chunk in enumerate(chunks_of(blocks[block])):
-        if taken := claim(claims, block, i, block):
-            yield chunk, taken == AGAIN
+        if claim(claims, block, i, block):
+            yield chunk
     for other in [*range(block + 1, len(blocks)), *range(block)]:
         if os.path.lexists(os.path.join(claims, f"{other}.0")):  # its task has started
             chunks = chunks_of(blocks[other])
             for i in reversed(range(len(chunks))):
-                if taken := claim(claims, other, i, block):
-                    yield chunks[i], taken == AGAIN
+                if claim(claims, other, i, block):
+                    yield chunks[i]
 
 
 def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None,
-                  claims: str | None, max_bytes: int) -> Iterator[tuple[str, Fetched, bool]]:
-    """(path, bytes or read error, whether a lost attempt of this task took it) of every
-    file this task ingests, a chunk at a time."""
+                  claims: str | None, max_bytes: int) -> Iterator[tuple[str, Fetched]]:
+    """(path, bytes or read error) of every file this task ingests, a chunk at a time."""
     for block, paths in own:
-        for chunk, again in shared_chunks(block, blocks, claims) if claims else [(paths, False)]:
-            for path, data in zip(chunk, fetch_all(chunk, max_bytes)):
-                yield path, data, again
-
-
-class CrashWatch:
-    """Which file killed the worker decoding it. A crash in the image library (or the
-    memory one decode took) ends the worker, and Ray Data tries the task again
-    (runtime.WORKER_RETRIES): each try died on the same file, and the run failed. So a
-    retried task decodes what its lost attempts took a file at a time, noting each in
-    the claims folder as it starts (a write per file, on a retry only), and the try after
-    one that died on a noted file sets that file aside: 1 + 3 tries set aside up to two."""
-
-    NOTES = ("decoding", "crashed")  # what a try is decoding; the files set aside
-
-    def __init__(self, claims: str, task: int):
-        self.note, self.list = (os.path.join(claims, f"{what}-{task}") for what in self.NOTES)
-        if last := read_if_there(self.note):  # the lost attempt died decoding it
-            with open(self.list, "ab") as f:
-                f.write(last + b"\0")
-            open(self.note, "wb").close()  # moved to the list
-        self.crashed = {os.fsdecode(p) for p in read_if_there(self.list).split(b"\0") if p}
-
-    @contextlib.contextmanager
-    def decoding(self, path: str) -> Iterator[None]:
-        with open(self.note, "wb") as f:
-            f.write(os.fsencode(path))
-        try:
-            yield
-        finally:  # decoded, or failed as Python fails: not the file, should this try die later
-            open(self.note, "wb").close()
-
-    @classmethod
-    def files_noted(cls, claims: str) -> list[str]:
-        """Every file a worker died decoding, as the tasks on this machine noted them."""
-        noted = {p for name in os.listdir(claims) if name.startswith(tuple(f"{n}-" for n in cls.NOTES))
-                 for p in read_if_there(os.path.join(claims, name)).split(b"\0") if p}
-        return sorted(os.fsdecode(p) for p in noted)
-
-
-def read_if_there(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
+        for chunk in shared_chunks(block, blocks, claims) if claims else [paths]:
+            yield from zip(chunk, fetch_all(chunk, max_bytes))
 
 
 def file_rows(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None, claims: str | None,
-              size: int, quality: int, max_pixels: int) -> Iterator[dict]:
-    """The row of every file a task ingests; on one machine, under a `CrashWatch`."""
-    watch = CrashWatch(claims, own[0][0]) if claims else None
-    for path, data, again in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
-        if watch and path in watch.crashed and isinstance(data, bytes):
-            yield crashed_row(path, data, size, quality, max_pixels)
-            continue
-        with watch.decoding(path) if watch and again else contextlib.nullcontext():
-            row = file_row(path, data, size, quality, max_pixels)
-        yield row
-
-
-def crashed_row(path: str, data: bytes, size: int, quality: int, max_pixels: int) -> dict:
-    """The row of a file whose decoding killed its worker (`CrashWatch`)."""
-    return {**file_row(path, b"", size, quality, max_pixels), "sha1": decode.sha1(data), "bytes": len(data),
-            "reason": CRASHED, "detail": "a worker died decoding it (a crash in the image library, or out "
-                                         "of memory) after an earlier try of its task had died: set aside"}
+              run: str, size: int, quality: int, max_pixels: int) -> Iterator[dict]:
+    """The row of every file a task ingests, a file that killed its worker set aside
+    (`crashes`). Its notes go with the claims where tasks share a machine."""
+    with crashes.CrashWatch(claims, f"block{own[0][0]}") if claims else \
+            crashes.CrashWatch(crashes.notes_dir(), crashes.task_key(run)) as watch:
+        for path, data in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
+            if path in watch.crashed and isinstance(data, bytes):
+                yield {**file_row(path, b"", size, quality, max_pixels), "sha1": decode.sha1(data),
+                       "bytes": len(data), "reason": crashes.REASON, "detail": crashes.DETAIL}
+                continue
+            with watch.decoding(path):
+                row = file_row(path, data, size, quality, max_pixels)
+            yield row
 
 
 def publish_held(claims: str, part: str, hashes: list[str]) -> None:
@@ -299,7 +247,7 @@ def leave_out_held(rows: list[dict], usable: list[dict], part: str,
 
 def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: int,
                  splits: tuple[float, ...], blocks: list[list[str]] | None = None,
-                 claims: str | None = None) -> pa.Table:
+                 claims: str | None = None, run: str = "") -> pa.Table:
     """Read, check, decode and normalize one block of files in one task.
 
     `batch` holds the block's index and paths (one row, from `path_blocks`). With
@@ -311,7 +259,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     own = [(int(b), [os.fsdecode(p) for p in paths]) for b, paths in zip(batch["block"], batch["paths"])]
     part = part_name([p for _, paths in own for p in paths])
     rows, usable, seen = [], [], set()
-    for row in file_rows(own, blocks, claims, size, quality, max_pixels):
+    for row in file_rows(own, blocks, claims, run, size, quality, max_pixels):
         if not row["reason"]:
             # by the stored image, as for the fakes: a picture re-saved with other metadata
             # is other bytes (kept as well) but must not sit in train while it sits in test
@@ -734,19 +682,6 @@ def own_workdir_in(src: Source, workdir: str) -> str | None:
     return os.path.join(src.root, where)
 
 
-def workers_kept_dying(files: list[str], source: str) -> UsageError:
-    """A task whose workers died on every try: more files that crash the image library
-    than its tries can set aside, or a machine whose kernel kills them for want of memory."""
-    why = "the workers decoding the images died on every try of their task (a crash in the image library"
-    if not files:
-        return UsageError(f"{why}, or the kernel killing them for want of memory): the dead workers' "
-                          "logs (python-core-worker-*.log in Ray's session folder) name the file "
-                          f"being decoded; move it out of {source}, then run the same command again")
-    named = ", ".join(storage.printable(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    return UsageError(f"{why} on a malformed file?); they died decoding {named}: move "
-                      f"{'it' if len(files) == 1 else 'them'} out of {source}, then run the same command again")
-
-
 def ingest_into_workdir(cfg: Config) -> dict:
     out = datasets.data_dir(cfg.workdir)
     started = time.monotonic()
@@ -766,13 +701,12 @@ def ingest_into_workdir(cfg: Config) -> dict:
     # tasks on one machine share their work (`shared_chunks`) and which images their parts
     # hold (`leave_out_held`) through one folder
     claims = claims_dir() if slots else None
+    run = uuid.uuid4().hex  # names the notes of its tasks where there are no claims (`crashes`)
     try:
-        with runtime.explaining(ray.exceptions.WorkerCrashedError):
+        with crashes.named_if_fatal(claims, "", src.name):  # on a cluster its notes are on the nodes
             rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
                 images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
-                splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims)) if paths else []
-    except ray.exceptions.WorkerCrashedError as e:
-        raise workers_kept_dying(CrashWatch.files_noted(claims) if claims else [], src.name) from e
+                splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims, run=run)) if paths else []
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)

@@ -22,7 +22,7 @@ import pyarrow.csv as pa_csv
 
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
-from deepfake_ray.data import decode, sources
+from deepfake_ray.data import crashes, decode, sources
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
 from deepfake_ray.serving.predictor import NotScored, Predictor, decode_image, error_text, stored_quality
@@ -97,32 +97,40 @@ def located(path: str, manifest: str | None) -> str:
     return storage.normalize(os.path.join(os.path.dirname(storage.normalize(manifest)), path))
 
 
-def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int | None = None) -> dict:
-    """Ray Data task: paths -> pixels at the model's resolution, or an error reason."""
+def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int | None = None,
+                    run: str = "") -> dict:
+    """Ray Data task: paths -> pixels at the model's resolution, or an error reason; a file
+    whose decoding killed the worker set aside on a retry (`crashes`)."""
     pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
-    errors = []
-    for i, raw in enumerate(batch["raw_path"]):
-        if not raw:
-            errors.append("no path: the manifest's row is empty")
-            continue
-        path = os.fsdecode(bytes(raw))
-        try:
-            data = storage.read_bytes(path, decode.max_file_bytes(max_pixels))
-        except storage.FileTooLarge as e:
-            errors.append(error_text(decode.too_large(e)))
-            continue
-        except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
-            if storage.is_s3(path) and storage.explain(e) and not isinstance(e, storage.ObjectRefused):
-                raise  # the store's (network, credentials), not this file's: stop with the fix
-            errors.append(f"unreadable: {type(e).__name__}: {e}"[:300])
-            continue
-        try:
-            pixels[i] = decode_image(data, resolution, max_pixels, quality)
-            errors.append("")
-        except DecodeError as e:
-            errors.append(error_text(e))
+    with crashes.CrashWatch(crashes.notes_dir(), crashes.task_key(run)) as watch:
+        errors = [decode_into(pixels, i, raw, watch, resolution, max_pixels, quality)
+                  for i, raw in enumerate(batch["raw_path"])]
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
             "error": np.array(errors, dtype=object)}
+
+
+def decode_into(pixels: np.ndarray, i: int, raw: bytes, watch: crashes.CrashWatch, resolution: int,
+                max_pixels: int, quality: int | None) -> str:
+    """Decodes one file into pixels[i]; its error ("" for none)."""
+    if not raw:
+        return "no path: the manifest's row is empty"
+    path = os.fsdecode(bytes(raw))
+    try:
+        data = storage.read_bytes(path, decode.max_file_bytes(max_pixels))
+    except storage.FileTooLarge as e:
+        return error_text(decode.too_large(e))
+    except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
+        if storage.is_s3(path) and storage.explain(e) and not isinstance(e, storage.ObjectRefused):
+            raise  # the store's (network, credentials), not this file's: stop with the fix
+        return f"unreadable: {type(e).__name__}: {e}"[:300]
+    if path in watch.crashed:
+        return f"{crashes.REASON}: {crashes.DETAIL}"
+    try:
+        with watch.decoding(path):
+            pixels[i] = decode_image(data, resolution, max_pixels, quality)
+    except DecodeError as e:
+        return error_text(e)
+    return ""
 
 
 class ScoreActor:
@@ -160,10 +168,12 @@ def pool(cfg: Config) -> tuple[int, float]:
     return cfg.serve.score_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 4), 0.0
 
 
-def score_table(cfg: Config, model: str, paths: list[str], manifest: str | None = None) -> pa.Table:
+def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None) -> pa.Table:
     """path, p_fake (null when unreadable), label, error: one row per path, in input order;
     `path` as given, for joining back (a `manifest`'s relative ones are read from beside it)."""
     import ray
+
+    run = uuid.uuid4().hex  # names the notes of its tasks (`crashes`)
 
     meta = checkpoint.load_meta(model)
     size, gpus = pool(cfg)
@@ -175,10 +185,11 @@ def score_table(cfg: Config, model: str, paths: list[str], manifest: str | None 
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
                               fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
-                                         "max_pixels": cfg.data.max_pixels})
+                                         "max_pixels": cfg.data.max_pixels, "run": run})
     ds = runtime.map_on_actor_pool(ds, ScoreActor, size, batch_size=batch, batch_format="numpy", num_gpus=gpus,
                                    fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels})
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    with crashes.named_if_fatal(crashes.notes_dir() if runtime.in_process() else None, run, source):
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
     p_fake = table.column("p_fake")
     table = table.set_column(table.schema.get_field_index("p_fake"), "p_fake",
@@ -307,7 +318,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     paths = list_inputs(src, out)
     started = time.time()
     manifest = is_manifest(src)
-    table = score_table(cfg, model, paths, manifest=src if manifest else None)
+    table = score_table(cfg, model, paths, src, manifest=src if manifest else None)
     check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
     write_table(table, out)
     s = summarize(table, meta, out, time.time() - started)
