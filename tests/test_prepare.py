@@ -16,7 +16,7 @@ import pytest
 import ray.data
 
 from deepfake_ray import cli, progress, runtime, storage
-from deepfake_ray.data import datasets, decode, prepare, sample, sources
+from deepfake_ray.data import crashes, datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines, output_lines
 from tests.images import SHARED_UTKFACE, bad_files, crashing_jpeg, encode, good_files, near_copies, rgb
@@ -642,43 +642,24 @@ def test_a_retried_task_redoes_the_chunks_its_lost_attempt_claimed(tmp_path):
     assert sorted(retried + other) == blocks[0] + blocks[1]
 
 
-def run_with_crashing_library(tmp_path, crashing: int) -> tuple[subprocess.CompletedProcess, str]:
-    """`prepare` of 70 faces and `crashing` files that crash the image library (first by
-    name: all in the first task's first chunk)."""
-    from tests.processes import crashing_image_library, run_cli
-
-    faces = tmp_path / "faces"
-    faces_folder(faces, {f"face{i:03d}.jpg": i for i in range(70)})  # two blocks: two tasks
-    for i in range(crashing):
-        (faces / f"crash{i}.jpg").write_bytes(crashing_jpeg(i))
-    workdir = tmp_path / "w"
-    return run_cli(["prepare", "--preset", "tiny", "--source", str(faces), "--workdir", str(workdir)],
-                   crashing_image_library(tmp_path / "library"), timeout=300), str(faces)
-
-
 @pytest.mark.slow
 def test_files_that_crash_the_image_library_are_set_aside_and_the_rest_prepared(tmp_path):
     """A file whose decoding kills its worker failed every try of its task (then `prepare`).
     Now Ray's retries of the task find the file, which is set aside and counted."""
-    prepared, _ = run_with_crashing_library(tmp_path, crashing=2)
+    from tests.processes import crashing_image_library, run_cli
+
+    faces = tmp_path / "faces"
+    faces_folder(faces, {f"face{i:03d}.jpg": i for i in range(70)})  # two blocks: two tasks
+    for i in range(2):  # first by name: both in the first task's first chunk
+        (faces / f"crash{i}.jpg").write_bytes(crashing_jpeg(i))
+    prepared = run_cli(["prepare", "--preset", "tiny", "--source", str(faces), "--workdir", str(tmp_path / "w")],
+                       crashing_image_library(tmp_path / "library"), timeout=300)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     manifest, rejected, summary = read_outputs(tmp_path / "w")
     assert sorted(manifest["path"].map(os.path.basename)) == [f"face{i:03d}.jpg" for i in range(70)]
     assert dict(zip(rejected["path"].map(os.path.basename), rejected["reason"])) == {
         "crash0.jpg": "killed its decoder", "crash1.jpg": "killed its decoder"}
     assert "prepared 70 images (2 rejected: 2 killed its decoder;" in prepared.stdout
-
-
-@pytest.mark.slow
-def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp_path):
-    prepared, faces = run_with_crashing_library(tmp_path, crashing=3)
-    crashed = ", ".join(os.path.join(faces, f"crash{i}.jpg") for i in range(3))
-    said = [line for line in prepared.stderr.splitlines() if line.startswith("deepfake-ray prepare: ")]
-    assert prepared.returncode == 2 and said == [
-        "deepfake-ray prepare: error: the workers decoding the images died on every try of their task (a crash in the image "
-        f"library on a malformed file?); they died decoding {crashed}: take them out of {faces}, "
-        "then run the same command again"], prepared.stderr[-3000:]
-    assert not (tmp_path / "w" / "data" / "manifest.parquet").exists()
 
 
 def faces_folder(root, names_to_faces: dict[str, int]) -> dict[str, str]:
@@ -698,14 +679,15 @@ def run_task(block: int, blocks, claims, images) -> list[dict]:
     return rows.to_pylist()
 
 
-def run_task_dying_on(bad: bytes, block: int, blocks, claims, images) -> None:
+def run_task_dying_on(bad: list[str], block: int, blocks, claims, images) -> None:
     """run_task in a child process that dies, as a crashing image library kills it, when it
-    decodes `bad` (or ends normally, having decoded all)."""
+    decodes one of the files `bad` (or ends normally, having decoded all)."""
+    crashing = {open(path, "rb").read() for path in bad}
     pid = os.fork()
     if pid == 0:  # the child: only files and decoding, no Ray
         try:
             real = decode.inspect
-            decode.inspect = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data == bad \
+            decode.inspect = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data in crashing \
                 else real(data, *a, **kw)
             run_task(block, blocks, claims, images)
         finally:
@@ -725,10 +707,27 @@ def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retr
     claims.mkdir()
     os.symlink("1", claims / "1.0")  # block 1's task holds its first chunk
     for _ in range(2):
-        run_task_dying_on(open(bad, "rb").read(), 0, blocks, claims, images)
+        run_task_dying_on([bad], 0, blocks, claims, images)
     rows = run_task(0, blocks, claims, images)
     assert sorted(r["path"] for r in rows) == sorted(blocks[0] + blocks[1][count:])
     assert {r["path"]: r["reason"] for r in rows if r["reason"]} == {bad: "killed its decoder"}
+
+
+def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp_path):
+    """Three files that kill the decoder in one task: its 1 + 3 tries set two aside and die
+    on the third, and the stage then stops, on the error Ray raises once the tries are
+    spent, with one line naming the three (and their notes are gone)."""
+    paths = list(faces_folder(tmp_path / "faces", {f"{i:03d}.jpg": i for i in range(8)}).values())
+    claims, images = tmp_path / "claims", tmp_path / "images"
+    for _ in range(1 + runtime.WORKER_RETRIES):
+        run_task_dying_on(paths[2:5], 0, [paths], claims, images)
+    with pytest.raises(UsageError) as stopped, crashes.named_if_fatal(str(claims), "", "FOLDER"):
+        raise ray.exceptions.WorkerCrashedError()
+    assert str(stopped.value) == (
+        "the workers decoding the images died on every try of their task (a crash in the image "
+        f"library on a malformed file?); they died decoding {', '.join(paths[2:5])}: take them out "
+        "of FOLDER, then run the same command again")
+    assert os.listdir(claims) == ["0.0"]  # the one chunk's claim: no note is left
 
 
 def part_hashes(images) -> dict[str, list[str]]:
