@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import io
 import json
@@ -728,6 +729,22 @@ def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp
         f"library on a malformed file?); they died decoding {', '.join(paths[2:5])}: take them out "
         "of FOLDER, then run the same command again")
     assert os.listdir(claims) == ["0.0"]  # the one chunk's claim: no note is left
+
+
+def test_notes_that_tasks_which_died_on_every_try_left_on_a_node_are_removed_a_day_later():
+    folder = crashes.notes_dir()
+    old, fresh = (os.path.join(folder, f"test-{name}-{os.getpid()}.crashed") for name in ("old", "fresh"))
+    for note in (old, fresh):
+        open(note, "wb").close()
+    earlier = time.time() - crashes.STALE_S - 60
+    os.utime(old, (earlier, earlier))
+    try:
+        crashes.notes_dir()  # as the next task on the node asks for it
+        assert not os.path.exists(old) and os.path.exists(fresh)
+    finally:
+        for note in (old, fresh):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(note)
 
 
 def part_hashes(images) -> dict[str, list[str]]:

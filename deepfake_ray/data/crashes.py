@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 from deepfake_ray import storage
@@ -23,14 +24,21 @@ REASON = "killed its decoder"  # a file set aside, as prepare and score count it
 DETAIL = ("a worker died decoding it (a crash in the image library, or out of memory) after "
           "an earlier try of its task had died: set aside")
 NOTES = ("started", "decoding", "crashed")  # a try began; the file a retry decodes; those set aside
+STALE_S = 24 * 3600
 
 
 def notes_dir() -> str:
-    """This node's folder for the notes of tasks that are not given one."""
+    """This node's folder for the notes of tasks that are not given one; notes older than
+    a day, of tasks whose every try died here, are removed (the driver removes its run's
+    on its own machine, not on a cluster's other nodes)."""
     shm = "/dev/shm"
     parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
     folder = os.path.join(parent, "deepfake-ray-crash-notes")
     os.makedirs(folder, exist_ok=True)
+    for note in notes_of(folder):  # those of running tasks: a few
+        with contextlib.suppress(FileNotFoundError):  # removed by its task meanwhile
+            if time.time() - os.stat(note).st_mtime > STALE_S:
+                os.remove(note)
     return folder
 
 
@@ -59,7 +67,7 @@ class CrashWatch:
             with open(self.list, "ab") as f:
                 f.write(last + b"\0")
             open(self.note, "wb").close()  # moved to the list
-        self.crashed = {os.fsdecode(p) for p in read_if_there(self.list).split(b"\0") if p} if self.retried else set()
+        self.crashed = set(noted_in(self.list)) if self.retried else set()
 
     def __enter__(self) -> CrashWatch:
         return self
@@ -96,11 +104,13 @@ def notes_of(folder: str, run: str = "") -> list[str]:
             if name.startswith(f"{run}-" if run else "") and name.endswith(tuple(f".{n}" for n in NOTES))]
 
 
+def noted_in(note: str) -> list[str]:
+    return [os.fsdecode(p) for p in read_if_there(note).split(b"\0") if p]
+
+
 def files_noted(folder: str, run: str = "") -> list[str]:
     """Every file a worker of the run died decoding, as its tasks noted them on this node."""
-    noted = {p for note in notes_of(folder, run) if not note.endswith(".started")
-             for p in read_if_there(note).split(b"\0") if p}
-    return sorted(os.fsdecode(p) for p in noted)
+    return sorted({p for note in notes_of(folder, run) if not note.endswith(".started") for p in noted_in(note)})
 
 
 @contextlib.contextmanager
@@ -132,6 +142,7 @@ def kept_dying(files: list[str], source: str) -> UsageError:
         return UsageError(f"{why}, or the kernel killing them for want of memory): the dead workers' "
                           "logs (python-core-worker-*.log in Ray's session folder) name the file "
                           f"being decoded; take it out of {source}, then run the same command again")
-    named = ", ".join(storage.printable(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    return UsageError(f"{why} on a malformed file?); they died decoding {named}: take "
+    named = ", ".join(storage.printable(f) for f in files[:5])
+    more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+    return UsageError(f"{why} on a malformed file?); they died decoding {named}{more}: take "
                       f"{'it' if len(files) == 1 else 'them'} out of {source}, then run the same command again")
