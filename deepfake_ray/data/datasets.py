@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 import ray.data
 
-from deepfake_ray import storage
+from deepfake_ray import runtime, storage
 from deepfake_ray.data import near_copies
 from deepfake_ray.data.decode import decode_jpeg
 from deepfake_ray.errors import UsageError
@@ -110,8 +110,8 @@ def read_split(stage_uri: str, split: str) -> ray.data.Dataset:
     fs, path = storage.resolve(images_uri(stage_uri))
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["sha1", "image"])
     # the hashes ride in the map's arguments, which Ray Data puts in the object store once
-    return ds.map_batches(rows_among, fn_kwargs={"hashes": split_hashes(stage_uri, split)},
-                          batch_format="pyarrow", batch_size=None)
+    return runtime.map_on_tasks(ds, rows_among, fn_kwargs={"hashes": split_hashes(stage_uri, split)},
+                                batch_format="pyarrow", batch_size=None)
 
 
 def rows_among(batch: pyarrow.Table, hashes: pyarrow.Array) -> pyarrow.Table:
@@ -133,7 +133,7 @@ def thumbnails(stage_uri: str) -> dict[str, bytes]:
         if table.column("thumb").null_count == 0:
             return dict(zip(table.column("sha1").to_pylist(), table.column("thumb").to_pylist()))
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["sha1", "image"])
-    made = ds.map_batches(thumbnail_batch, batch_format="numpy").to_pandas()
+    made = runtime.map_on_tasks(ds, thumbnail_batch, batch_format="numpy").to_pandas()
     return dict(zip(made["sha1"], made["thumb"]))
 
 

@@ -135,9 +135,9 @@ def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) ->
     wanted = {h: (split, label) for split in splits for label, hashes in selection.hashes[split].items()
               for h in hashes}
     ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "image"])
-    return ds.map_batches(decode_labelled, fn_kwargs={"wanted": wanted},
-                          batch_format="numpy", batch_size=cfg.data.decode_batch_size,
-                          num_cpus=cfg.resources.data_cpus)
+    return runtime.map_on_tasks(ds, decode_labelled, fn_kwargs={"wanted": wanted},
+                                batch_format="numpy", batch_size=cfg.data.decode_batch_size,
+                                num_cpus=cfg.resources.data_cpus)
 
 
 def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Dataset]:
@@ -162,8 +162,8 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     views = {split: view.materialize() for split, view in views.items()}
     train = views["train"].randomize_block_order()
     if d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0:
-        train = train.map_batches(
-            augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
+        train = runtime.map_on_tasks(
+            train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
                                           blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma),
             batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
     return {"train": train, "val": views["val"]}

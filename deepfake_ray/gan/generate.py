@@ -221,7 +221,7 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selec
               "train it longer (`deepfake-ray train-gan --set gan.epochs=N`, N above its epochs, goes on "
               "from its last checkpoint)", flush=True)
     ds = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
-    return ds.map_batches(datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), picked
+    return runtime.map_on_tasks(ds, datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), picked
 
 
 def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:

@@ -112,8 +112,8 @@ def train_dataset(cfg: Config, train_images: int):
                 .repartition(target_num_rows_per_block=block_rows))
 
     def decoded(ds):
-        return ds.map_batches(datasets.decode_batch, batch_size=block_rows,
-                              num_cpus=cfg.resources.data_cpus)
+        return runtime.map_on_tasks(ds, datasets.decode_batch, batch_size=block_rows,
+                                    num_cpus=cfg.resources.data_cpus)
 
     # Each epoch draws the blocks in another order: the shuffle above is the same every
     # epoch, so the same images would meet in each epoch's k-th batch.
