@@ -114,11 +114,11 @@ def files_noted(folder: str, run: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def named_if_fatal(folder: str | None, run: str, source: str) -> Iterator[None]:
+def named_if_fatal(folder: str, run: str, source: str) -> Iterator[None]:
     """Around a stage's tasks: workers that died on every try end it with one line naming
-    the files they died on, as noted in `folder` (this machine's: None on a cluster, whose
-    tasks note on their own nodes), and not with Ray's traceback; the run's notes there
-    are removed."""
+    the files they died on, as noted in `folder` on this machine (a cluster's other nodes
+    keep their tasks' notes), and not with Ray's traceback; the run's notes there are
+    removed."""
     import ray
 
     from deepfake_ray import runtime
@@ -127,9 +127,9 @@ def named_if_fatal(folder: str | None, run: str, source: str) -> Iterator[None]:
         with runtime.explaining(ray.exceptions.WorkerCrashedError):
             yield
     except ray.exceptions.WorkerCrashedError as e:
-        raise kept_dying(files_noted(folder, run) if folder else [], source) from e
+        raise kept_dying(files_noted(folder, run), source) from e
     finally:
-        for note in notes_of(folder, run) if folder else ():
+        for note in notes_of(folder, run):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(note)
 

@@ -703,7 +703,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     claims = claims_dir() if slots else None
     run = uuid.uuid4().hex  # names the notes of its tasks where there are no claims (`crashes`)
     try:
-        with crashes.named_if_fatal(claims, "", src.name):  # on a cluster its notes are on the nodes
+        with crashes.named_if_fatal(claims or crashes.notes_dir(), "" if claims else run, src.name):
             rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
                 images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
                 splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims, run=run)) if paths else []

@@ -188,7 +188,7 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
                                          "max_pixels": cfg.data.max_pixels, "run": run})
     ds = runtime.map_on_actor_pool(ds, ScoreActor, size, batch_size=batch, batch_format="numpy", num_gpus=gpus,
                                    fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels})
-    with crashes.named_if_fatal(crashes.notes_dir() if runtime.in_process() else None, run, source):
+    with crashes.named_if_fatal(crashes.notes_dir(), run, source):
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
     p_fake = table.column("p_fake")
