@@ -2,6 +2,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -714,16 +715,25 @@ def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retr
     assert {r["path"]: r["reason"] for r in rows if r["reason"]} == {bad: "killed its decoder"}
 
 
-def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp_path):
+def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp_path, monkeypatch):
     """Three files that kill the decoder in one task: its 1 + 3 tries set two aside and die
     on the third, and the stage then stops, on the error Ray raises once the tries are
-    spent, with one line naming the three (and their notes are gone)."""
+    spent, with one line naming the three (and their notes are gone), Ray Data's traceback
+    of it kept off the console."""
     paths = list(faces_folder(tmp_path / "faces", {f"{i:03d}.jpg": i for i in range(8)}).values())
     claims, images = tmp_path / "claims", tmp_path / "images"
     for _ in range(1 + runtime.WORKER_RETRIES):
         run_task_dying_on(paths[2:5], 0, [paths], claims, images)
+    console = io.StringIO()  # in place of the stderr Ray Data's console handler writes to
+    for handler in runtime.console_handlers("ray.data"):
+        monkeypatch.setattr(handler, "stream", console)
+    logged = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
     with pytest.raises(UsageError) as stopped, crashes.named_if_fatal(str(claims), "", "FOLDER"):
+        logged.error("An exception was raised from a task", exc_info=ray.exceptions.WorkerCrashedError())
         raise ray.exceptions.WorkerCrashedError()
+    assert "WorkerCrashedError" not in console.getvalue()
+    logged.error("An exception was raised from a task", exc_info=ray.exceptions.WorkerCrashedError())
+    assert "WorkerCrashedError" in console.getvalue()  # elsewhere, where nothing explains it
     assert str(stopped.value) == (
         "the workers decoding the images died on every try of their task (a crash in the image "
         f"library on a malformed file?); they died decoding {', '.join(paths[2:5])}: take them out "
