@@ -7,7 +7,8 @@ it started; a retry decodes a file at a time, noting each as it starts (~20 us a
 on retries only), and the try after one that died on a noted file skips that file: 1 + 3
 tries set aside up to two per task. The notes are files on the node's own disk (in
 memory where it can: /dev/shm), so a retry that Ray runs on another node of a cluster
-finds none of them, and dies as before.
+finds none of them, and dies as before; the driver's one line then names what its own
+node noted, if anything.
 """
 from __future__ import annotations
 

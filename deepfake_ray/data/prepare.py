@@ -698,8 +698,8 @@ def ingest_into_workdir(cfg: Config) -> dict:
     tasks_at_once = slots or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
     # two rounds on a cluster, so one slow node's last task is not the whole tail
     blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
-    # tasks on one machine share their work (`shared_chunks`) and which images their parts
-    # hold (`leave_out_held`) through one folder
+    # tasks on one machine share their work (`shared_chunks`), which images their parts
+    # hold (`leave_out_held`) and their notes of crashes (`crashes`) through one folder
     claims = claims_dir() if slots else None
     run = uuid.uuid4().hex  # names the notes of its tasks where there are no claims (`crashes`)
     try:
