@@ -681,13 +681,14 @@ def run_task(block: int, blocks, claims, images) -> list[dict]:
     return rows.to_pylist()
 
 
-def run_task_dying_on(bad: list[str], block: int, blocks, claims, images) -> None:
-    """run_task in a child process that dies, as a crashing image library kills it, when it
-    decodes one of the files `bad` (or ends normally, having decoded all)."""
+def run_task_dying_on(bad: list[str], attempt: int, block: int, blocks, claims, images) -> None:
+    """run_task in a child process, as Ray's try `attempt` of the task (0: the first), that
+    dies, as a crashing image library kills it, when it decodes one of the files `bad`."""
     crashing = {open(path, "rb").read() for path in bad}
     pid = os.fork()
     if pid == 0:  # the child: only files and decoding, no Ray
         try:
+            crashes.task_attempt = lambda: attempt
             real = decode.inspect
             decode.inspect = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data in crashing \
                 else real(data, *a, **kw)
@@ -697,7 +698,7 @@ def run_task_dying_on(bad: list[str], block: int, blocks, claims, images) -> Non
     assert os.waitpid(pid, 0)[1] == signal.SIGKILL  # it died
 
 
-def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retry(tmp_path):
+def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retry(tmp_path, monkeypatch):
     """Block 1's task has started; block 0's, done with its own, takes over block 1's last
     chunk, whose file kills it. Its retry decodes that chunk a file at a time and dies on
     the file, noted; the next try sets the file aside and keeps the rest."""
@@ -708,8 +709,9 @@ def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retr
     claims, images = tmp_path / "claims", tmp_path / "images"
     claims.mkdir()
     os.symlink("1", claims / "1.0")  # block 1's task holds its first chunk
-    for _ in range(2):
-        run_task_dying_on([bad], 0, blocks, claims, images)
+    for attempt in range(2):
+        run_task_dying_on([bad], attempt, 0, blocks, claims, images)
+    monkeypatch.setattr(crashes, "task_attempt", lambda: 2)
     rows = run_task(0, blocks, claims, images)
     assert sorted(r["path"] for r in rows) == sorted(blocks[0] + blocks[1][count:])
     assert {r["path"]: r["reason"] for r in rows if r["reason"]} == {bad: "killed its decoder"}
@@ -722,8 +724,8 @@ def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp
     of it kept off the console."""
     paths = list(faces_folder(tmp_path / "faces", {f"{i:03d}.jpg": i for i in range(8)}).values())
     claims, images = tmp_path / "claims", tmp_path / "images"
-    for _ in range(1 + runtime.WORKER_RETRIES):
-        run_task_dying_on(paths[2:5], 0, [paths], claims, images)
+    for attempt in range(1 + runtime.WORKER_RETRIES):
+        run_task_dying_on(paths[2:5], attempt, 0, [paths], claims, images)
     console = io.StringIO()  # in place of the stderr Ray Data's console handler writes to
     for handler in runtime.console_handlers("ray.data"):
         monkeypatch.setattr(handler, "stream", console)
@@ -739,6 +741,26 @@ def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp
         f"library on a malformed file?); they died decoding {', '.join(paths[2:5])}: take them out "
         "of FOLDER, then run the same command again")
     assert os.listdir(claims) == ["0.0"]  # the one chunk's claim: no note is left
+
+
+def test_on_a_cluster_the_notes_in_an_s3_work_directory_reach_a_retry_on_any_node(s3_server):
+    """A try dies decoding a file (its note left, as no code of the dead runs after); the
+    next, wherever Ray runs it, reads the note from the store and sets the file aside; a
+    run that failed is told the files, and its notes are removed."""
+    notes = f"{s3_server('crash-notes')}/w/data/.crash-notes"
+    dying = crashes.CrashWatch(notes, "run1-task7", attempt=1).decoding("s3://photos/a.jpg")
+    dying.__enter__()  # then its worker died (held here: once freed, its `finally` would run)
+    retry = crashes.CrashWatch(notes, "run1-task7", attempt=2)
+    assert retry.crashed == {"s3://photos/a.jpg"}
+    with retry, retry.decoding("s3://photos/b.jpg"):
+        pass
+    assert crashes.files_noted(notes, "run1") == []  # it ended: its notes are gone
+    dying = crashes.CrashWatch(notes, "run1-task8", attempt=1).decoding("s3://photos/c.jpg")
+    dying.__enter__()
+    with pytest.raises(UsageError, match="they died decoding s3://photos/c.jpg: take it out of "), \
+            crashes.named_if_fatal(notes, "run1", "s3://photos"):
+        raise ray.exceptions.WorkerCrashedError()
+    assert crashes.notes_of(notes, "run1") == []
 
 
 def test_notes_that_tasks_which_died_on_every_try_left_on_a_node_are_removed_a_day_later():

@@ -102,7 +102,7 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int 
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason; a file
     whose decoding killed the worker set aside on a retry (`crashes`)."""
     pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
-    with crashes.CrashWatch(crashes.notes_dir(), crashes.task_key(run)) as watch:
+    with crashes.watch(crashes.notes_dir(), run) as watch:
         errors = [decode_into(pixels, i, raw, watch, resolution, max_pixels, quality)
                   for i, raw in enumerate(batch["raw_path"])]
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
