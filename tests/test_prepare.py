@@ -1,4 +1,3 @@
-import contextlib
 import errno
 import io
 import json
@@ -681,26 +680,37 @@ def run_task(block: int, blocks, claims, images) -> list[dict]:
     return rows.to_pylist()
 
 
-def run_task_dying_on(bad: list[str], attempt: int, block: int, blocks, claims, images) -> None:
-    """run_task in a child process, as Ray's try `attempt` of the task (0: the first), that
-    dies, as a crashing image library kills it, when it decodes one of the files `bad`."""
+def task_dying_on(bad: list[str], block: int, blocks, claims, images, run: str):
+    """run_task as a Ray task, with prepare's retries, whose worker dies, as a crashing
+    image library kills it, whenever it decodes one of the files `bad`; its result's ref."""
     crashing = {open(path, "rb").read() for path in bad}
-    pid = os.fork()
-    if pid == 0:  # the child: only files and decoding, no Ray
+    os.makedirs(claims, exist_ok=True)
+
+    @ray.remote(max_retries=runtime.WORKER_RETRIES)  # by value: Ray's workers cannot import a test
+    def task():
+        real = decode.inspect
+        decode.inspect = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data in crashing \
+            else real(data, *a, **kw)
         try:
-            crashes.task_attempt = lambda: attempt
-            real = decode.inspect
-            decode.inspect = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data in crashing \
-                else real(data, *a, **kw)
-            run_task(block, blocks, claims, images)
-        finally:
-            os._exit(0)
-    assert os.waitpid(pid, 0)[1] == signal.SIGKILL  # it died
+            return prepare.ingest_block({"block": [block], "paths": [blocks[block]]}, images=str(images),
+                                        size=32, quality=90, max_pixels=10 ** 7, splits=(0.8, 0.1, 0.1),
+                                        blocks=blocks, claims=str(claims), run=run).to_pylist()
+        finally:  # the worker that lived on serves other tests' tasks
+            decode.inspect = real
+
+    return task.remote()
 
 
-def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retry(tmp_path, monkeypatch):
+def notes_left(run: str) -> list[bytes]:
+    """The run's notes in Ray's key-value store, where its tasks keep them."""
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_list(f"{run}/", namespace=crashes.NAMESPACE)
+
+
+def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retry(ray_session, tmp_path):
     """Block 1's task has started; block 0's, done with its own, takes over block 1's last
-    chunk, whose file kills it. Its retry decodes that chunk a file at a time and dies on
+    chunk, whose file kills it. Ray's retry decodes that chunk a file at a time and dies on
     the file, noted; the next try sets the file aside and keeps the rest."""
     count = prepare.CHUNK_FILES
     paths = faces_folder(tmp_path / "faces", {f"{i:03d}.jpg": i for i in range(3 * count)})
@@ -709,30 +719,30 @@ def test_a_file_that_killed_the_task_which_took_it_over_is_set_aside_by_its_retr
     claims, images = tmp_path / "claims", tmp_path / "images"
     claims.mkdir()
     os.symlink("1", claims / "1.0")  # block 1's task holds its first chunk
-    for attempt in range(2):
-        run_task_dying_on([bad], attempt, 0, blocks, claims, images)
-    monkeypatch.setattr(crashes, "task_attempt", lambda: 2)
-    rows = run_task(0, blocks, claims, images)
+    with crashes.named_if_fatal("took-over", "FOLDER"):
+        rows = ray.get(task_dying_on([bad], 0, blocks, claims, images, "took-over"))
     assert sorted(r["path"] for r in rows) == sorted(blocks[0] + blocks[1][count:])
     assert {r["path"]: r["reason"] for r in rows if r["reason"]} == {bad: "killed its decoder"}
+    assert notes_left("took-over") == []
 
 
-def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp_path, monkeypatch):
+def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(ray_session, tmp_path, monkeypatch):
     """Three files that kill the decoder in one task: its 1 + 3 tries set two aside and die
     on the third, and the stage then stops, on the error Ray raises once the tries are
     spent, with one line naming the three (and their notes are gone), Ray Data's traceback
     of it kept off the console."""
     paths = list(faces_folder(tmp_path / "faces", {f"{i:03d}.jpg": i for i in range(8)}).values())
     claims, images = tmp_path / "claims", tmp_path / "images"
-    for attempt in range(1 + runtime.WORKER_RETRIES):
-        run_task_dying_on(paths[2:5], attempt, 0, [paths], claims, images)
     console = io.StringIO()  # in place of the stderr Ray Data's console handler writes to
     for handler in runtime.console_handlers("ray.data"):
         monkeypatch.setattr(handler, "stream", console)
     logged = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
-    with pytest.raises(UsageError) as stopped, crashes.named_if_fatal(str(claims), "", "FOLDER"):
-        logged.error("An exception was raised from a task", exc_info=ray.exceptions.WorkerCrashedError())
-        raise ray.exceptions.WorkerCrashedError()
+    with pytest.raises(UsageError) as stopped, crashes.named_if_fatal("too-many", "FOLDER"):
+        try:
+            ray.get(task_dying_on(paths[2:5], 0, [paths], claims, images, "too-many"))
+        except ray.exceptions.WorkerCrashedError as e:  # as Ray Data logs it, then raises it
+            logged.error("An exception was raised from a task", exc_info=e)
+            raise
     assert "WorkerCrashedError" not in console.getvalue()
     logged.error("An exception was raised from a task", exc_info=ray.exceptions.WorkerCrashedError())
     assert "WorkerCrashedError" in console.getvalue()  # elsewhere, where nothing explains it
@@ -740,43 +750,7 @@ def test_more_crashing_files_than_a_task_can_set_aside_are_named_in_one_line(tmp
         "the workers decoding the images died on every try of their task (a crash in the image "
         f"library on a malformed file?); they died decoding {', '.join(paths[2:5])}: take them out "
         "of FOLDER, then run the same command again")
-    assert os.listdir(claims) == ["0.0"]  # the one chunk's claim: no note is left
-
-
-def test_on_a_cluster_the_notes_in_an_s3_work_directory_reach_a_retry_on_any_node(s3_server):
-    """A try dies decoding a file (its note left, as no code of the dead runs after); the
-    next, wherever Ray runs it, reads the note from the store and sets the file aside; a
-    run that failed is told the files, and its notes are removed."""
-    notes = f"{s3_server('crash-notes')}/w/data/.crash-notes"
-    dying = crashes.CrashWatch(notes, "run1-task7", attempt=1).decoding("s3://photos/a.jpg")
-    dying.__enter__()  # then its worker died (held here: once freed, its `finally` would run)
-    retry = crashes.CrashWatch(notes, "run1-task7", attempt=2)
-    assert retry.crashed == {"s3://photos/a.jpg"}
-    with retry, retry.decoding("s3://photos/b.jpg"):
-        pass
-    assert crashes.files_noted(notes, "run1") == []  # it ended: its notes are gone
-    dying = crashes.CrashWatch(notes, "run1-task8", attempt=1).decoding("s3://photos/c.jpg")
-    dying.__enter__()
-    with pytest.raises(UsageError, match="they died decoding s3://photos/c.jpg: take it out of "), \
-            crashes.named_if_fatal(notes, "run1", "s3://photos"):
-        raise ray.exceptions.WorkerCrashedError()
-    assert crashes.notes_of(notes, "run1") == []
-
-
-def test_notes_that_tasks_which_died_on_every_try_left_on_a_node_are_removed_a_day_later():
-    folder = crashes.notes_dir()
-    old, fresh = (os.path.join(folder, f"test-{name}-{os.getpid()}.crashed") for name in ("old", "fresh"))
-    for note in (old, fresh):
-        open(note, "wb").close()
-    earlier = time.time() - crashes.STALE_S - 60
-    os.utime(old, (earlier, earlier))
-    try:
-        crashes.notes_dir()  # as the next task on the node asks for it
-        assert not os.path.exists(old) and os.path.exists(fresh)
-    finally:
-        for note in (old, fresh):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(note)
+    assert notes_left("too-many") == []
 
 
 def part_hashes(images) -> dict[str, list[str]]:

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -195,11 +196,10 @@ def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | No
 
 
 def file_rows(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None, claims: str | None,
-              notes: str, size: int, quality: int, max_pixels: int) -> Iterator[dict]:
+              run: str, size: int, quality: int, max_pixels: int) -> Iterator[dict]:
     """The row of every file a task ingests, a file that killed its worker set aside
-    (`crashes`). Its notes, named by its block, go with the claims where tasks share a
-    machine, else in `notes`."""
-    with crashes.CrashWatch(claims or notes, f"block{own[0][0]}", crashes.task_attempt()) as watch:
+    (`crashes`; the notes of the `run`'s task named by its block, the same on every try)."""
+    with crashes.CrashWatch(f"{run}/block{own[0][0]}", crashes.task_attempt()) as watch:
         for path, data in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
             if path in watch.crashed and isinstance(data, bytes):
                 yield {**file_row(path, b"", size, quality, max_pixels), "sha1": decode.sha1(data),
@@ -246,7 +246,7 @@ def leave_out_held(rows: list[dict], usable: list[dict], part: str,
 
 def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: int,
                  splits: tuple[float, ...], blocks: list[list[str]] | None = None,
-                 claims: str | None = None, notes: str = "") -> pa.Table:
+                 claims: str | None = None, run: str = "") -> pa.Table:
     """Read, check, decode and normalize one block of files in one task.
 
     `batch` holds the block's index and paths (one row, from `path_blocks`). With
@@ -258,7 +258,7 @@ def ingest_block(batch: dict, images: str, size: int, quality: int, max_pixels: 
     own = [(int(b), [os.fsdecode(p) for p in paths]) for b, paths in zip(batch["block"], batch["paths"])]
     part = part_name([p for _, paths in own for p in paths])
     rows, usable, seen = [], [], set()
-    for row in file_rows(own, blocks, claims, notes, size, quality, max_pixels):
+    for row in file_rows(own, blocks, claims, run, size, quality, max_pixels):
         if not row["reason"]:
             # by the stored image, as for the fakes: a picture re-saved with other metadata
             # is other bytes (kept as well) but must not sit in train while it sits in test
@@ -697,24 +697,19 @@ def ingest_into_workdir(cfg: Config) -> dict:
     tasks_at_once = slots or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
     # two rounds on a cluster, so one slow node's last task is not the whole tail
     blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
-    # tasks on one machine share their work (`shared_chunks`), which images their parts
-    # hold (`leave_out_held`) and their notes of crashes (`crashes`) through one folder
+    # tasks on one machine share their work (`shared_chunks`) and which images their parts
+    # hold (`leave_out_held`) through one folder
     claims = claims_dir() if slots else None
-    # on a cluster, where a retry may run on another node, the work directory holds the notes
-    notes = storage.join(out, ".crash-notes")  # one prepare at a time writes a workdir's
-    if not claims:
-        storage.delete_dir(notes)  # of an interrupted earlier run
+    run = uuid.uuid4().hex  # names its tasks' notes of crashes (`crashes`)
     try:
-        with crashes.named_if_fatal(claims or notes, "", src.name):
+        with crashes.named_if_fatal(run, src.name):
             rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
                 images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
                 splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims,
-                notes=notes)) if paths else []
+                run=run)) if paths else []
     finally:
         if claims:
             shutil.rmtree(claims, ignore_errors=True)
-        else:
-            storage.delete_dir(notes)
     phases = {"ingest": time.monotonic() - started}
     rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)  # not copied: not read
              for uri, error in src.unread.items()]

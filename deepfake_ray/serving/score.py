@@ -102,7 +102,7 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int 
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason; a file
     whose decoding killed the worker set aside on a retry (`crashes`)."""
     pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
-    with crashes.watch(crashes.notes_dir(), run) as watch:
+    with crashes.watch(run) as watch:
         errors = [decode_into(pixels, i, raw, watch, resolution, max_pixels, quality)
                   for i, raw in enumerate(batch["raw_path"])]
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
@@ -188,7 +188,7 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
                                          "max_pixels": cfg.data.max_pixels, "run": run})
     ds = runtime.map_on_actor_pool(ds, ScoreActor, size, batch_size=batch, batch_format="numpy", num_gpus=gpus,
                                    fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels})
-    with crashes.named_if_fatal(crashes.notes_dir(), run, source):
+    with crashes.named_if_fatal(run, source):
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
     p_fake = table.column("p_fake")
