@@ -121,16 +121,20 @@ def test_kuberay_manifests_have_autoscaled_gpu_groups():
             assert 0 in gpus, kind
 
 
-def test_clusters_that_serve_turn_haproxy_ingress_on_at_every_node():
-    """Serve reads the flag in its controller and in each replica: a node without it would
-    host replicas that HAProxy cannot reach."""
-    assert "--env RAY_SERVE_ENABLE_HA_PROXY=1" in load("cluster/aws.yaml")["docker"]["run_options"]
+def test_clusters_set_at_every_node_what_rays_processes_read_as_they_start():
+    """Serve reads the HAProxy flag in its controller and in each replica: a node without it
+    would host replicas that HAProxy cannot reach. Each task's owner reads the memory
+    monitor's retries as it starts, Train's Ray Data coordinator too, which a driver joining
+    with --address cannot hand its own environment."""
+    wanted = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_task_oom_retries": str(runtime.WORKER_RETRIES)}
+    options = load("cluster/aws.yaml")["docker"]["run_options"]
+    assert all(f"--env {name}={value}" in options for name, value in wanted.items()), options
     specs = cluster_specs(manifests())
     for kind in ("RayCluster", "RayService"):
         groups = [specs[kind]["headGroupSpec"], *specs[kind]["workerGroupSpecs"]]
         for group in groups:
             env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
-            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", (kind, group.get("groupName", "head"))
+            assert {name: env.get(name) for name in wanted} == wanted, (kind, group.get("groupName", "head"))
 
 
 def test_rayjob_runs_the_pipeline_entrypoint():
