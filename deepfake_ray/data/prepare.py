@@ -198,8 +198,8 @@ def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | No
 def file_rows(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None, claims: str | None,
               run: str, size: int, quality: int, max_pixels: int) -> Iterator[dict]:
     """The row of every file a task ingests, a file that killed its worker set aside
-    (`crashes`; the notes of the `run`'s task named by its block, the same on every try)."""
-    with crashes.CrashWatch(f"{run}/block{own[0][0]}", crashes.task_attempt()) as watch:
+    (`crashes`, the run's notes)."""
+    with crashes.watch(run) as watch:
         for path, data in fetched_files(own, blocks, claims, decode.max_file_bytes(max_pixels)):
             if path in watch.crashed and isinstance(data, bytes):
                 yield {**file_row(path, b"", size, quality, max_pixels), "sha1": decode.sha1(data),
