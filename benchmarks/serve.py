@@ -8,7 +8,9 @@ and p50/p99 latency. The ceiling is the Predictor called directly on the same im
 this process (as many torch threads as a replica: serve.cpus_per_replica), measured in
 rounds paired with HTTP at concurrency 64. Prints the two ratios the project tracks:
 batched / unbatched at concurrency 16 (goal >= 2x), and the median over the rounds of
-HTTP batched at concurrency 64 / direct in-process (goal >= 0.7). Without --model it
+HTTP batched at concurrency 64 / direct in-process (goal >= 0.7); then what decoding the
+uploads in helper processes (serve.isolate_decoding) costs the batched service: its
+requests/s and p50 latency against the same service decoding in the replica. Without --model it
 exports a randomly initialised detector (the tiny preset's 32 px images, 75 px input):
 speed does not depend on the weights. Serve's HTTP ingress is HAProxy, as the embedded Ray
 starts it; `RAY_SERVE_ENABLE_HA_PROXY=0 python benchmarks/serve.py` measures Serve's
@@ -170,13 +172,18 @@ def main() -> None:
     serve.delete(app.APP_NAME)
     deploy(cfg_single, model, images, args.port)
     single = bench_levels(args.port, images, args.requests)
+    serve.delete(app.APP_NAME)
+    deploy(config.build("tiny", None, base + [f"serve.max_batch_size={args.batch}",
+                                              "serve.isolate_decoding=true"]), model, images, args.port)
+    isolated = bench_levels(args.port, images, args.requests)
     serve.shutdown()
     print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; "
           f"ingress: {runtime.serve_ingress()}; "
           f"replica and direct: {threads} torch thread(s); {os.cpu_count()} CPUs, "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'service':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'busy':>6}")
-    for name, results in ((f"batched (max {args.batch})", batched), ("unbatched (max 1)", single)):
+    for name, results in ((f"batched (max {args.batch})", batched), ("unbatched (max 1)", single),
+                          ("batched, isolated", isolated)):
         for c, r in results.items():
             print(f"{name:<22}{c:>5}{r['rps']:>9.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}"
                   f"{r['mean_batch']:>7.1f}{r['busy']:>6.0%}"
@@ -189,6 +196,9 @@ def main() -> None:
     print(f"HTTP batched at concurrency 64 / direct in-process: {ratios[len(ratios) // 2]:.2f} "
           f"(median of {len(ratios)} paired rounds, range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
           "goal >= 0.70)")
+    print("decoding in helper processes (serve.isolate_decoding) / in the replica, batched: "
+          + "; ".join(f"concurrency {c}: {isolated[c]['rps'] / batched[c]['rps']:.2f}x req/s, "
+                      f"p50 {isolated[c]['p50'] - batched[c]['p50']:+.1f} ms" for c in CONCURRENCY))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -1096,6 +1097,138 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
     assert "answering the requests in flight" in log
     # HAProxy's config, sockets and logs of this run's own node: removed (were left behind)
     assert not any(os.path.exists(folder) for folder in haproxy_folders), haproxy_folders
+
+
+@pytest.mark.slow
+def test_with_isolated_decoding_a_file_that_crashes_the_image_library_gets_a_422_and_the_replica_serves_on(
+        model_dir, tmp_path):
+    """serve.isolate_decoding: uploads are decoded in helper processes, so one that crashes
+    the image library (Pillow made to, in every process) ends a helper, not the replica:
+    its request gets a 422 JSON error, the uploads queued beside it are answered, and the
+    same replica (its counts go on) answers the next. Its helpers end with their replica,
+    even one killed (the service then starts another), and with the service."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.images import crashing_jpeg
+    from tests.processes import crashing_image_library
+
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
+               "--port", str(port), "--workdir", str(tmp_path / "work"), "--set", "serve.isolate_decoding=true"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=str(tmp_path), env=crashing_image_library(tmp_path / "library"),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_line(log, f"at {url}", proc, 300)
+        helpers = replica_helpers()
+        assert helpers, "no helper process found"
+        assert detect(url, JPEG).status_code == 200
+        uploads = [crashing_jpeg(0), *GOOD.values()]  # the others queued behind it in one helper
+        with ThreadPoolExecutor(len(uploads)) as pool:
+            answers = list(pool.map(lambda data: detect(url, data), uploads))
+        crashed, *good = answers
+        assert crashed.status_code == 422 and crashed.json()["error"].startswith("killed its decoder: "), \
+            crashed.text
+        assert [a.status_code for a in good] == [200] * len(GOOD), [a.text for a in good]
+        assert detect(url, JPEG).status_code == 200
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        assert stats["killed_decoders"] == 1 and stats["images"] == len(GOOD) + 2, stats
+        first = replica_helpers()  # those started again after the crash
+        for replica in set(first.values()):
+            os.kill(replica, signal.SIGKILL)  # as the kernel's OOM killer ends a process
+        deadline = time.time() + 15
+        while replica_helpers().keys() & first.keys() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not replica_helpers().keys() & first.keys(), "helpers outlived their killed replica"
+        wait_healthy(url, proc, 120)  # Serve started another replica
+        assert detect(url, JPEG).status_code == 200
+        helpers = replica_helpers()
+    finally:
+        code = stop(proc, signal.SIGTERM)
+    assert code == 0, log.read_text()[-3000:]
+    assert not replica_helpers().keys() & helpers.keys(), "helper processes outlived the service"
+
+
+def test_a_helper_decodes_as_the_replica_does_and_refuses_alike():
+    from deepfake_ray.data.decode import DecodeError
+    from deepfake_ray.serving.isolation import decode_in_helper
+    from deepfake_ray.serving.predictor import decode_image
+
+    for data in [JPEG, b"", *BAD.values(), bomb_png()]:
+        try:
+            expected = decode_image(data, 32, 10 ** 6, 90)
+        except DecodeError as e:
+            expected = e
+        got = decode_in_helper(data, 32, 10 ** 6, 90)
+        if isinstance(expected, DecodeError):
+            again = DecodeError(*got)  # as the replica raises it
+            assert (again.reason, str(again)) == (expected.reason, str(expected))
+        else:
+            assert np.array_equal(got, expected)
+
+
+def test_decode_helpers_end_once_the_process_that_started_them_is_killed(tmp_path):
+    """Ray ends a worker's children when the worker exits of itself; a replica killed
+    (a crash, the kernel's OOM killer) must not leave its helpers waiting on their pool."""
+    script = tmp_path / "replica.py"
+    script.write_text(  # the guard: each helper imports the main module again
+        "import asyncio, sys, time\n"
+        "from deepfake_ray.serving.isolation import DecodeHelpers\n"
+        "async def main(jpeg):\n"
+        "    helpers = DecodeHelpers(2, 32, 10 ** 6, None)\n"
+        "    await asyncio.gather(helpers(jpeg), helpers(jpeg))\n"
+        "    print('decoded', flush=True)\n"
+        "    time.sleep(300)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main(open(sys.argv[1], 'rb').read()))\n")
+    (tmp_path / "face.jpg").write_bytes(JPEG)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "face.jpg")], env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline() == "decoded\n"
+        helpers = children_of(parent.pid, b"multiprocessing.spawn")
+        assert helpers, "no helper found"
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in helpers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in helpers), "helpers outlived their replica"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a helper left behind, if the test failed
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def children_of(parent: int, named: bytes) -> list[int]:
+    """The pids of `parent`'s child processes whose command line holds `named`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if ppid == parent and named in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass  # not a process, or ended meanwhile
+    return found
+
+
+def replica_helpers() -> dict[int, int]:
+    """The Serve replicas' decode helpers on this machine: pid -> the replica's pid."""
+    found = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True)
+    helpers = {}
+    for pid in map(int, found.stdout.split()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                if b"ServeReplica" in f.read():
+                    helpers[pid] = parent
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            pass  # ended meanwhile
+    return helpers
 
 
 def slow_first_haproxy(folder, seconds: float) -> str:

@@ -28,7 +28,7 @@ from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
-from deepfake_ray.serving import http
+from deepfake_ray.serving import http, isolation
 from deepfake_ray.serving.predictor import Predictor, error_status, error_text
 
 APP_NAME = "deepfake-ray"
@@ -92,10 +92,14 @@ http.install_error_handlers(api)
 class Detector:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64,
-                 model_id: str | None = None, body_idle_timeout_s: float = 30.0):
+                 model_id: str | None = None, body_idle_timeout_s: float = 30.0,
+                 isolate_decoding: bool = False):
         self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
                                    device=runtime.assigned_device())
         check_same_model(self.predictor, model_id)
+        p = self.predictor
+        self.helpers = isolation.DecodeHelpers(max(1, threads), p.resolution, p.max_pixels, p.quality) \
+            if isolate_decoding else None
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
         self.body_idle_timeout_s = body_idle_timeout_s
         # large decodes at once: each can take ~0.6 GB (40 MP as RGBA and RGB), and a batch
@@ -107,7 +111,8 @@ class Detector:
         self.batching = {"max_batch_size": max_batch_size,
                          "batch_wait_timeout_s": batch_wait_timeout_s}
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0,
-                      "decoding_now": 0, "most_decoding_at_once": 0, "done_in_threads": 0}
+                      "decoding_now": 0, "most_decoding_at_once": 0, "done_in_threads": 0,
+                      "killed_decoders": 0}
         self.stats_lock = threading.Lock()  # decode threads count themselves
         # forward passes get their own thread, never queued behind decodes in the default pool
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
@@ -130,24 +135,33 @@ class Detector:
 
     async def predict(self, blob: bytes, inline: InlineBudget | None) -> dict | DecodeError:
         """Predictor.predict_bytes for one image, its forward pass shared with others.
-
         Decoding happens per request, so a bad file is answered at once and the batch
-        holds only images ready for the model. Only small images in a small body are
-        decoded on the event loop, within the request's `inline` budget (None: the body
-        is large, so its other files may be slow even to open); the rest go to a thread,
-        a few at a time."""
+        holds only images ready for the model."""
         try:
-            if inline is not None and len(blob) <= INLINE_BYTES:
-                img = self.predictor.open(blob)  # the header: cheap here, and refuses bombs
-                if inline.take(img.width * img.height):
-                    return await self.predict_batch(self.predictor.decode_opened(img))
-                decode = functools.partial(self.predictor.decode_opened, img)
-            else:  # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s)
-                decode = functools.partial(self.predictor.decode, blob)
-            pixels = await self.in_decode_slot(decode)
+            pixels = await (self.decoded_apart(blob) if self.helpers else self.decoded(blob, inline))
         except DecodeError as e:
             return e
         return await self.predict_batch(pixels)
+
+    async def decoded(self, blob: bytes, inline: InlineBudget | None) -> np.ndarray:
+        """Only small images in a small body are decoded on the event loop, within the
+        request's `inline` budget (None: the body is large, so its other files may be slow
+        even to open); the rest go to a thread, a few at a time."""
+        if inline is not None and len(blob) <= INLINE_BYTES:
+            img = self.predictor.open(blob)  # the header: cheap here, and refuses bombs
+            if inline.take(img.width * img.height):
+                return self.predictor.decode_opened(img)
+            decode = functools.partial(self.predictor.decode_opened, img)
+        else:  # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s)
+            decode = functools.partial(self.predictor.decode, blob)
+        return await self.in_decode_slot(decode)
+
+    async def decoded_apart(self, blob: bytes) -> np.ndarray:
+        """In a helper process (serve.isolate_decoding), as many at once as it has."""
+        try:
+            return await self.helpers(blob)
+        finally:
+            self.stats["killed_decoders"] = self.helpers.crashed
 
     async def in_decode_slot(self, decode):
         """`decode` in a thread, at most `threads` at once. The slot stays taken until the
@@ -308,7 +322,7 @@ def build(cfg: Config, model: str, model_id: str | None = None):
         model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         max_body_bytes=s.max_body_bytes, max_pixels=cfg.data.max_pixels,
         threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found,
-        body_idle_timeout_s=s.body_idle_timeout_s)
+        body_idle_timeout_s=s.body_idle_timeout_s, isolate_decoding=s.isolate_decoding)
 
 
 def build_app(args: dict):
