@@ -177,6 +177,7 @@ def main() -> None:
                                               "serve.isolate_decoding=true"]), model, images, args.port)
     isolated = bench_levels(args.port, images, args.requests)
     serve.shutdown()
+    app.remove_haproxy_folder()  # as `deepfake-ray serve` does: each run's would stay in /tmp
     print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; "
           f"ingress: {runtime.serve_ingress()}; "
           f"replica and direct: {threads} torch thread(s); {os.cpu_count()} CPUs, "

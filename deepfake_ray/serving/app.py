@@ -157,7 +157,7 @@ class Detector:
         return await self.in_decode_slot(decode)
 
     async def decoded_apart(self, blob: bytes) -> np.ndarray:
-        """In a helper process (serve.isolate_decoding), as many at once as it has."""
+        """In a helper process (serve.isolate_decoding), one per serve.cpus_per_replica."""
         try:
             return await self.helpers(blob)
         finally:
