@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import glob
 import json
 import os
 import shutil
@@ -1106,7 +1107,8 @@ def test_with_isolated_decoding_a_file_that_crashes_the_image_library_gets_a_422
     the image library (Pillow made to, in every process) ends a helper, not the replica:
     its request gets a 422 JSON error, the uploads queued beside it are answered, and the
     same replica (its counts go on) answers the next. Its helpers end with their replica,
-    even one killed (the service then starts another), and with the service."""
+    even one killed (the service then starts another), and with the service, leaving none
+    of their pools' semaphores in /dev/shm."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.images import crashing_jpeg
@@ -1114,6 +1116,7 @@ def test_with_isolated_decoding_a_file_that_crashes_the_image_library_gets_a_422
 
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
+    semaphores = set(glob.glob("/dev/shm/sem.mp-*"))  # multiprocessing's, of other processes
     command = [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
                "--port", str(port), "--workdir", str(tmp_path / "work"), "--set", "serve.isolate_decoding=true"]
     with open(log, "w") as out:
@@ -1148,6 +1151,7 @@ def test_with_isolated_decoding_a_file_that_crashes_the_image_library_gets_a_422
         code = stop(proc, signal.SIGTERM)
     assert code == 0, log.read_text()[-3000:]
     assert not replica_helpers().keys() & helpers.keys(), "helper processes outlived the service"
+    assert set(glob.glob("/dev/shm/sem.mp-*")) <= semaphores, "the helpers' semaphores were left"
 
 
 def test_a_helper_decodes_as_the_replica_does_and_refuses_alike():

@@ -120,6 +120,11 @@ class Detector:
         # for 0.4-0.55 s mid-request
         runtime.freeze_startup_objects()
 
+    def __del__(self):
+        """Serve calls it as the replica stops."""
+        if getattr(self, "helpers", None):  # None, or a constructor that failed before it
+            self.helpers.close()
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
         """Decoded images of concurrent requests -> one forward pass."""

@@ -94,3 +94,8 @@ class DecodeHelpers:
                 return crashes.REASON, DIED
             finally:
                 one.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Helpers ended, and their pool's semaphores removed, as the replica stops (left
+        to Ray, which kills a stopping worker's children, each stop left five in /dev/shm)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
