@@ -94,13 +94,34 @@ def ctrl_c_for_children():
         signal.signal(signal.SIGINT, before)
 
 
-def has_child(pid: int, name: str) -> bool:
-    """Whether process `pid` has a child process called `name` (Linux's /proc)."""
+def process_stat(pid: int | str) -> tuple[str, int]:
+    """(name, parent pid) of a running process (Linux's /proc); OSError once it has ended."""
+    with open(f"/proc/{pid}/stat") as f:
+        command, rest = f.read().rsplit(")", 1)  # the name may hold spaces
+    return command.split("(", 1)[1], int(rest.split()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The pids of process `pid`'s children."""
+    found = []
     for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # not a process, or ended meanwhile
+            if process_stat(entry)[1] == pid:
+                found.append(int(entry))
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    """Process `pid`'s command line, NUL-separated; OSError once it has ended."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def has_child(pid: int, name: str) -> bool:
+    """Whether process `pid` has a child process called `name`."""
+    for child in children(pid):
         with contextlib.suppress(OSError, IndexError):
-            with open(f"/proc/{entry}/stat") as f:
-                command, rest = f.read().rsplit(")", 1)  # the name may hold spaces
-            if int(rest.split()[1]) == pid and command.split("(", 1)[1] == name:
+            if process_stat(child)[0] == name:
                 return True
     return False
 

@@ -27,6 +27,7 @@ from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
 from tests.cli_output import error_lines
 from tests.images import bomb_png, componentless_jpeg, dds_texture, encode, many_scans_jpeg, rgb
+from tests import processes
 from tests.processes import ROOT, ctrl_c_for_children, stop, subprocess_env, wait_for_line
 
 MAX_BODY = 300_000  # small, so an over-limit body is cheap to send
@@ -1156,17 +1157,24 @@ def test_with_isolated_decoding_a_file_that_crashes_the_image_library_gets_a_422
 
 def test_a_helper_decodes_as_the_replica_does_and_refuses_alike():
     from deepfake_ray.data.decode import DecodeError
-    from deepfake_ray.serving.isolation import decode_in_helper
+    from deepfake_ray.serving.isolation import DecodeHelpers
     from deepfake_ray.serving.predictor import decode_image
 
-    for data in [JPEG, b"", *BAD.values(), bomb_png()]:
+    async def in_helpers(files: list[bytes]) -> list:
+        helpers = DecodeHelpers(1, 32, 10 ** 6, 90)
+        try:
+            return await asyncio.gather(*(helpers(data) for data in files), return_exceptions=True)
+        finally:
+            helpers.close()
+
+    files = [JPEG, b"", *BAD.values(), bomb_png()]
+    for data, got in zip(files, asyncio.run(in_helpers(files))):
         try:
             expected = decode_image(data, 32, 10 ** 6, 90)
         except DecodeError as e:
             expected = e
-        got = decode_in_helper(data, 32, 10 ** 6, 90)
         if isinstance(expected, DecodeError):
-            again = DecodeError(*got)  # as the replica raises it
+            again = got  # as the replica raises it
             assert (again.reason, str(again)) == (expected.reason, str(expected))
         else:
             assert np.array_equal(got, expected)
@@ -1207,15 +1215,10 @@ def test_decode_helpers_end_once_the_process_that_started_them_is_killed(tmp_pat
 def children_of(parent: int, named: bytes) -> list[int]:
     """The pids of `parent`'s child processes whose command line holds `named`."""
     found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if ppid == parent and named in f.read():
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            pass  # not a process, or ended meanwhile
+    for child in processes.children(parent):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if named in processes.command_line(child):
+                found.append(child)
     return found
 
 
@@ -1224,14 +1227,10 @@ def replica_helpers() -> dict[int, int]:
     found = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True)
     helpers = {}
     for pid in map(int, found.stdout.split()):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{parent}/cmdline", "rb") as f:
-                if b"ServeReplica" in f.read():
-                    helpers[pid] = parent
-        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-            pass  # ended meanwhile
+        with contextlib.suppress(OSError, ValueError, IndexError):  # ended meanwhile
+            parent = processes.process_stat(pid)[1]
+            if b"ServeReplica" in processes.command_line(parent):
+                helpers[pid] = parent
     return helpers
 
 

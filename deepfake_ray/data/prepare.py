@@ -699,7 +699,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
     # tasks on one machine share their work (`shared_chunks`) and which images their parts
     # hold (`leave_out_held`) through one folder
-    claims = claims_dir() if slots else None
+    claims = claims_dir() if slots and len(blocks) > 1 else None
     run = uuid.uuid4().hex  # names its tasks' notes of crashes (`crashes`)
     try:
         with crashes.named_if_fatal(run, src.name):

@@ -164,7 +164,7 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     if d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0:
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
-                                          blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma),
+                                                 blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma),
             batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
     return {"train": train, "val": views["val"]}
 

@@ -26,6 +26,7 @@ from ray import serve
 
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
+from deepfake_ray.data import crashes
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import UsageError
 from deepfake_ray.serving import http, isolation
@@ -165,8 +166,10 @@ class Detector:
         """In a helper process (serve.isolate_decoding), one per serve.cpus_per_replica."""
         try:
             return await self.helpers(blob)
-        finally:
-            self.stats["killed_decoders"] = self.helpers.crashed
+        except DecodeError as e:
+            if e.reason == crashes.REASON:  # it ended two helpers
+                self.stats["killed_decoders"] += 1
+            raise
 
     async def in_decode_slot(self, decode):
         """`decode` in a thread, at most `threads` at once. The slot stays taken until the

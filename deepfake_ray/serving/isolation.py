@@ -21,7 +21,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from deepfake_ray.data import crashes, decode
+from deepfake_ray.data import crashes
+from deepfake_ray.data.decode import DecodeError
+from deepfake_ray.serving.predictor import decode_image
 
 DIED = ("the helper process decoding it died, and died again decoding it alone (a crash in the "
         "image library on a malformed file?): not scored")
@@ -41,48 +43,36 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def decode_in_helper(data: bytes, resolution: int, max_pixels: int, quality: int | None) -> np.ndarray | tuple:
-    """In a helper: the pixels, or a DecodeError's (reason, detail), which crosses the
-    process boundary as plain values."""
-    try:
-        return decode.as_stored(decode.open_image(data, max_pixels), resolution, quality)
-    except decode.DecodeError as e:
-        return e.reason, str(e)[len(e.reason) + 2:]  # "reason: detail", or the reason alone
-
-
 class DecodeHelpers:
-    """`await helpers(data)`: decode_in_helper's pixels, or its DecodeError raised."""
+    """`await helpers(data)`: predictor.decode_image's pixels, made in a helper; its
+    DecodeError (which crosses the process boundary as it is) raised here."""
 
     def __init__(self, workers: int, resolution: int, max_pixels: int, quality: int | None):
         self.workers = workers
-        self.decode = functools.partial(decode_in_helper, resolution=resolution, max_pixels=max_pixels,
+        self.decode = functools.partial(decode_image, resolution=resolution, max_pixels=max_pixels,
                                         quality=quality)
         self.pool = self.started(workers)
         self.alone = asyncio.Lock()
-        self.crashed = 0  # files set aside: each ended two helpers
 
     @staticmethod
     def started(workers: int) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=exit_with_parent, initargs=(os.getpid(),))
         for _ in range(workers):  # started, and the decoder imported, now: not on the first uploads
-            pool.submit(decode_in_helper, b"", 1, 1, None)
+            pool.submit(decode_image, b"", 1)
         return pool
 
     async def __call__(self, data: bytes) -> np.ndarray:
         pool = self.pool
         try:
-            out = await asyncio.get_running_loop().run_in_executor(pool, self.decode, data)
+            return await asyncio.get_running_loop().run_in_executor(pool, self.decode, data)
         except BrokenProcessPool:  # a helper died: every decode it held or queued fails
             if self.pool is pool:
                 self.pool = self.started(self.workers)
                 pool.shutdown(wait=False)
-            out = await self.decoded_alone(data)
-        if isinstance(out, tuple):
-            raise decode.DecodeError(*out)
-        return out
+            return await self.decoded_alone(data)
 
-    async def decoded_alone(self, data: bytes) -> np.ndarray | tuple:
+    async def decoded_alone(self, data: bytes) -> np.ndarray:
         """Again, in a helper of its own, one file at a time: of the decodes a dead helper
         took down, only the file that ends this one too is to blame."""
         async with self.alone:
@@ -90,8 +80,7 @@ class DecodeHelpers:
             try:
                 return await asyncio.get_running_loop().run_in_executor(one, self.decode, data)
             except BrokenProcessPool:
-                self.crashed += 1
-                return crashes.REASON, DIED
+                raise DecodeError(crashes.REASON, DIED) from None
             finally:
                 one.shutdown(wait=False)
 
