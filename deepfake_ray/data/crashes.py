@@ -72,7 +72,7 @@ class CrashWatch:
 
     def __exit__(self, *_) -> None:
         for note in (self.note, self.list) if self.retried else ():
-            kv()._internal_kv_del(note, namespace=NAMESPACE)
+            delete(note)
 
     @contextlib.contextmanager
     def decoding(self, path: str) -> Iterator[None]:
@@ -108,6 +108,10 @@ def get(key: str) -> bytes:
     return kv()._internal_kv_get(key, namespace=NAMESPACE) or b""
 
 
+def delete(key: str, by_prefix: bool = False) -> None:
+    kv()._internal_kv_del(key, del_by_prefix=by_prefix, namespace=NAMESPACE)
+
+
 def files_noted(run: str) -> list[str]:
     """Every file a worker of the run died decoding, as its tasks noted them."""
     keys = kv()._internal_kv_list(f"{run}/", namespace=NAMESPACE)
@@ -130,7 +134,7 @@ def named_if_fatal(run: str, source: str) -> Iterator[None]:
         raise kept_dying(files_noted(run), source) from e
     finally:
         if ray.is_initialized():
-            kv()._internal_kv_del(f"{run}/", del_by_prefix=True, namespace=NAMESPACE)
+            delete(f"{run}/", by_prefix=True)
 
 
 def kept_dying(files: list[str], source: str) -> UsageError:
