@@ -470,7 +470,7 @@ def execute(args: argparse.Namespace) -> int:
                 storage.check_not_held(cfg.workdir, args.command)
             raise
         if (stage := getattr(module, "STAGE", None)) and stage.inputs:
-            cfg = lineage.as_made_upstream(cfg, stage, asked_keys(args))
+            cfg = lineage.as_made_upstream(cfg, stage, asked_keys(args), getattr(module, "check_settings", None))
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
             check_utf8(args)

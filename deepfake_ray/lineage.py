@@ -385,14 +385,16 @@ def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[s
     return found
 
 
-def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset()) -> Config:
+def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
+                     check: Callable[[Config], None] | None = None) -> Config:
     """`cfg` with the settings the stages `stage` reads were made with, where it differs
     from them on a setting the run left to its preset, and says so: a stage run alone reads
     those stages as they are, and this run's config.yaml then names what made the work
     directory, so that `--config W/config.yaml` (what every hint passes) finds them complete
     instead of refusing or redoing them. A setting the run asks for (`asked`: given by
     --set, a flag or --config) that they were not made with is refused: this command would
-    not make them so."""
+    not make them so; so is one that `stage`'s own `check` refuses, naming where it came
+    from (data/ prepared at a resolution the DCGAN has no layers for)."""
     found = upstream_made(cfg, stage)
     if conflicts := {k: v for k, v in found.items() if k in asked}:
         _, text, folder, command = next(iter(conflicts.values()))
@@ -408,9 +410,18 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset()) -
             made_with = config.merge(made_with, config.nested(key, value))
     except UsageError:  # a value an older version recorded in another form: left as asked
         return cfg
-    print(f"{stage.command}: note: the stages it reads were made with "
-          f"{', '.join(text for _, text, *_ in found.values())}; this run takes those, and config.yaml "
-          "records them", flush=True)
+    made = ", ".join(text for _, text, *_ in found.values())
+    try:
+        if check:
+            check(made_with)
+    except UsageError as e:
+        folders = ", ".join(dict.fromkeys(storage.join(cfg.workdir, folder) for *_, folder, _ in found.values()))
+        earliest = list(found.values())[-1][3]  # found from `stage` back: the last is the furthest upstream
+        redo = command_line(cfg.workdir, earliest, settings_saved=False)
+        raise UsageError(f"{folders} was made with {made}, which {stage.command} cannot take: {e}; run "
+                         f"`{redo} --force` with settings it takes (then the stages after it)") from None
+    print(f"{stage.command}: note: the stages it reads were made with {made}; this run takes those, "
+          "and config.yaml records them", flush=True)
     return made_with
 
 

@@ -121,6 +121,26 @@ def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with
         lineage.as_made_upstream(asked, detector_train.STAGE, {"gan.epochs", "detector.lr"})
 
 
+def test_a_setting_taken_from_the_stages_it_reads_that_the_stage_cannot_use_is_refused_first(tmp_path, capsys):
+    """data/ prepared at 48 px (prepare takes any size; the DCGAN has layers for 32, 64 and
+    128 only): `train-gan` left to the preset's resolution took 48 from it, started Ray and
+    failed there on a line naming data.resolution alone, which the user had not set. Now,
+    before Ray starts or anything is written: where the 48 comes from and what to run."""
+    from deepfake_ray import cli
+
+    workdir = tmp_path / "w"
+    made = config.build("tiny", None, ["data.resolution=48"], workdir=str(workdir))
+    lineage.complete(made, prepare.STAGE, {}, lineage.made(made, prepare.STAGE))
+    assert cli.main(["train-gan", "--preset", "tiny", "--workdir", str(workdir)]) == 2
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"deepfake-ray train-gan: error: {workdir}/data was made with data.resolution=48 (asked: 32), which "
+        "train-gan cannot take: resolution 48 not supported: use 32, 64 or 128 (data.resolution); run "
+        f"`deepfake-ray prepare --workdir {workdir} --force` with settings it takes (then the stages after it)"]
+    assert "ray: " not in out and "note:" not in out  # no Ray started, no note of settings taken
+    assert sorted(p.name for p in workdir.iterdir()) == ["data"]  # no config.yaml, no gan/
+
+
 def other_value(value):
     """Another value of a setting's type: never a higher epoch count, which would continue."""
     if isinstance(value, bool):
