@@ -100,7 +100,7 @@ class TuneConfig:
 class ResourcesConfig:
     workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # and torch threads: each Train worker's, and CPU scoring actor's
     data_cpus: float = 1.0  # per Ray Data decode task
 
 

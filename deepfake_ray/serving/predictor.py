@@ -83,7 +83,7 @@ class Predictor:
     """A loaded detector: `model_uri` is an exported model folder, local or s3://."""
 
     def __init__(self, model_uri: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 device: str | None = None, threads: int | None = None):
+                 device: str | None = None, threads: int | None = None, frozen: bool = True):
         import torch
 
         from deepfake_ray.models import autocast_dtype, detector
@@ -96,9 +96,10 @@ class Predictor:
         self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = detector.from_meta(meta, state).to(self.device)
-        # uint8 pixels -> logits; on the CPU one frozen graph, the GPU path stays eager
-        # until measured there
-        self.model = (detector.inference_graph(model, meta) if self.device.type == "cpu"
+        # uint8 pixels -> logits; on the CPU one frozen graph (`frozen`: for a caller whose
+        # other threads run Python beside the forward pass, as a replica's), the GPU path
+        # stays eager until measured there
+        self.model = (detector.inference_graph(model, meta) if self.device.type == "cpu" and frozen
                       else detector.FromPixels(model, meta).eval())
         # on a GPU, the precision validation (which chose the threshold) and evaluate ran
         # in: served scores are the evaluated ones

@@ -14,6 +14,7 @@ import os
 import posixpath
 import time
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -136,8 +137,11 @@ def decode_into(pixels: np.ndarray, i: int, raw: bytes, watch: crashes.CrashWatc
 class ScoreActor:
     """Ray Data actor: holds one Predictor; decoded pixels -> p_fake and label."""
 
-    def __init__(self, model_uri: str, max_pixels: int):
-        self.predictor = Predictor(model_uri, max_pixels=max_pixels, device=runtime.assigned_device())
+    def __init__(self, model_uri: str, max_pixels: int, threads: int | None = None):
+        # eager: only this thread runs Python here, so the frozen graph a replica needs
+        # scores no faster (measured), and its tracing cost every run ~2.3 s before the first batch
+        self.predictor = Predictor(model_uri, max_pixels=max_pixels, device=runtime.assigned_device(),
+                                   threads=threads, frozen=False)
         runtime.freeze_startup_objects()  # a full collection of ~500k objects took 470 ms
 
     def __call__(self, batch: dict) -> dict:
@@ -157,15 +161,27 @@ class ScoreActor:
                 "label": labels, "error": errors}
 
 
-def pool(cfg: Config) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU on a GPU cluster, counting those its
-    autoscaler adds when resources.use_gpu (at least resources.workers of them)."""
+class Pool(NamedTuple):
+    actors: int
+    cpus: float  # each actor's, and its torch threads (rounded)
+    gpus: float
+
+
+def pool(cfg: Config) -> Pool:
+    """One actor per GPU on a GPU cluster, counting those its autoscaler adds when
+    resources.use_gpu (at least resources.workers of them). On CPUs, one actor per 4 CPUs,
+    each taking resources.cpus_per_worker of them, as evaluate's do, and as many torch
+    threads: with Ray Data's default of one CPU, the forward pass, nearly all of the work,
+    ran on one core of the demo's two. The actors hold at most three quarters of the
+    CPUs: the rest decode."""
     import ray
 
     gpus = runtime.cluster_gpus()
     if gpus or runtime.use_gpus(cfg.resources.use_gpu):
-        return cfg.serve.score_actors or max(gpus, cfg.resources.workers), 1.0
-    return cfg.serve.score_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 4), 0.0
+        return Pool(cfg.serve.score_actors or max(gpus, cfg.resources.workers), 1.0, 1.0)
+    total = ray.cluster_resources().get("CPU", 1)
+    actors = cfg.serve.score_actors or max(1, int(total // 4))
+    return Pool(actors, min(cfg.resources.cpus_per_worker, 0.75 * total / actors), 0.0)
 
 
 def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None) -> pa.Table:
@@ -176,18 +192,22 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
     run = uuid.uuid4().hex  # names the notes of its tasks (`crashes`)
 
     meta = checkpoint.load_meta(model)
-    size, gpus = pool(cfg)
+    actors = pool(cfg)
     batch = cfg.serve.score_batch_size
     # a file name that is not UTF-8 travels as bytes (Arrow strings must be UTF-8) and is
     # written with \xNN escapes, as prepare's manifest does
     items = [{"index": i, "path": storage.printable(p), "raw_path": os.fsencode(located(p, manifest))}
              for i, p in enumerate(paths)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // batch)))
+    # a block per batch, up to 200 blocks: 1,000 files in 31 blocks made batches of 32 and 1
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // batch))))
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
                               fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
                                          "max_pixels": cfg.data.max_pixels, "run": run})
-    ds = runtime.map_on_actor_pool(ds, ScoreActor, size, batch_size=batch, batch_format="numpy", num_gpus=gpus,
-                                   fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels})
+    threads = None if actors.gpus else max(1, round(actors.cpus))
+    ds = runtime.map_on_actor_pool(ds, ScoreActor, actors.actors, batch_size=batch, batch_format="numpy",
+                                   num_cpus=actors.cpus, num_gpus=actors.gpus,
+                                   fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels,
+                                                          "threads": threads})
     with crashes.named_if_fatal(run, source):
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
