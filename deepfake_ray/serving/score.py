@@ -203,11 +203,13 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
                               fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
                                          "max_pixels": cfg.data.max_pixels, "run": run})
+    # a GPU actor takes Ray Data's one CPU by default: named beside num_gpus, Ray Data warns
+    # that the pair is experimental
+    resources = {"num_gpus": actors.gpus} if actors.gpus else {"num_cpus": actors.cpus}
     threads = None if actors.gpus else max(1, round(actors.cpus))
     ds = runtime.map_on_actor_pool(ds, ScoreActor, actors.actors, batch_size=batch, batch_format="numpy",
-                                   num_cpus=actors.cpus, num_gpus=actors.gpus,
-                                   fn_constructor_kwargs={"model_uri": model, "max_pixels": cfg.data.max_pixels,
-                                                          "threads": threads})
+                                   **resources, fn_constructor_kwargs={
+                                       "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": threads})
     with crashes.named_if_fatal(run, source):
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
