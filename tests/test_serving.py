@@ -673,6 +673,26 @@ def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
     assert summary["fakes"] == sum(r["label"] == "fake" for r in rows.values())
 
 
+@pytest.mark.parametrize("cluster_cpus,cpus_per_worker,actors,actor_cpus", [
+    (4, 2, 1, 2),  # the in-process Ray of a 2-core laptop (4 CPUs), the demo: both cores' threads
+    (16, 4, 4, 3),  # celeb100k's 4 a worker, capped: a quarter of the CPUs left to decode
+    (4, 0.5, 1, 0.5),  # the tiny preset's half CPU (one torch thread)
+    (0, 2, 1, 1),  # a head started with num-cpus 0, no CPU node up yet: not an actor of no CPU
+])
+def test_scoring_actors_take_the_cpus_and_threads_of_a_worker_and_leave_some_to_decode(
+        monkeypatch, cluster_cpus, cpus_per_worker, actors, actor_cpus):
+    """`score` on CPUs: each actor asks for resources.cpus_per_worker CPUs, its torch threads
+    (Ray Data's default of one left the demo's forward pass on one of two cores), with at
+    most three quarters of the cluster's CPUs for actors, and a whole one where none is up:
+    an actor asking for none would run on a head that takes no work, instead of the
+    autoscaler adding a node."""
+    from deepfake_ray.serving import score
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cluster_cpus)})
+    cfg = config.build("demo", None, [f"resources.cpus_per_worker={cpus_per_worker}"])
+    assert score.pool(cfg) == (actors, actor_cpus, 0.0)
+
+
 def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, s3_server,
                                             tmp_path, capsys):
     import pyarrow as pa

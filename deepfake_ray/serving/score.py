@@ -173,7 +173,8 @@ def pool(cfg: Config) -> Pool:
     each taking resources.cpus_per_worker of them, as evaluate's do, and as many torch
     threads: with Ray Data's default of one CPU, the forward pass, nearly all of the work,
     ran on one core of the demo's two. The actors hold at most three quarters of the
-    CPUs: the rest decode."""
+    CPUs (the rest decode), and a whole one where none is up yet: on a cluster whose head
+    starts with num-cpus 0 (cluster/kuberay), an actor taking none would run there."""
     import ray
 
     gpus = runtime.cluster_gpus()
@@ -181,7 +182,7 @@ def pool(cfg: Config) -> Pool:
         return Pool(cfg.serve.score_actors or max(gpus, cfg.resources.workers), 1.0, 1.0)
     total = ray.cluster_resources().get("CPU", 1)
     actors = cfg.serve.score_actors or max(1, int(total // 4))
-    return Pool(actors, min(cfg.resources.cpus_per_worker, 0.75 * total / actors), 0.0)
+    return Pool(actors, min(cfg.resources.cpus_per_worker, max(1.0, 0.75 * total / actors)), 0.0)
 
 
 def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None) -> pa.Table:
