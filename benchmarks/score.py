@@ -110,7 +110,7 @@ def main() -> None:
         runtime.init()
         cfg = config.build("demo", None, [], workdir=os.path.join(tmp, "work"))
         actors = score.pool(cfg)
-        threads, batch = max(1, round(actors.cpus)), cfg.serve.score_batch_size
+        threads, batch = actors.threads, cfg.serve.score_batch_size
         out = os.path.join(tmp, "scores.parquet")
         timers = {
             "score": lambda k: score_seconds(cfg, model, folders[k], out, sizes[k]),

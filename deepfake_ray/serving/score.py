@@ -163,8 +163,13 @@ class ScoreActor:
 
 class Pool(NamedTuple):
     actors: int
-    cpus: float  # each actor's, and its torch threads (rounded)
+    cpus: float  # each actor's
     gpus: float
+
+    @property
+    def threads(self) -> int | None:
+        """A CPU actor's torch threads: its CPUs (a GPU actor's are left to torch)."""
+        return None if self.gpus else max(1, round(self.cpus))
 
 
 def pool(cfg: Config) -> Pool:
@@ -207,10 +212,9 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
     # a GPU actor takes Ray Data's one CPU by default: named beside num_gpus, Ray Data warns
     # that the pair is experimental
     resources = {"num_gpus": actors.gpus} if actors.gpus else {"num_cpus": actors.cpus}
-    threads = None if actors.gpus else max(1, round(actors.cpus))
     ds = runtime.map_on_actor_pool(ds, ScoreActor, actors.actors, batch_size=batch, batch_format="numpy",
                                    **resources, fn_constructor_kwargs={
-                                       "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": threads})
+                                       "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": actors.threads})
     with crashes.named_if_fatal(run, source):
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     table = table.sort_by("index").drop_columns(["index"])
