@@ -321,6 +321,15 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         ("a part header's comments nested 500 deep", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"; filename="a" ' + b"(" * 500),
             headers=FIELD_TYPE), 400),
+        # read only as the payload is decoded, after the file name
+        ("a part's transfer encoding of comments nested 300 deep", lambda: detect(
+            service, FIELD_ONLY.replace(b'name="note"', b'name="file"\r\nContent-Transfer-Encoding: '
+                                        + b"(" * 300 + b")" * 300), headers=FIELD_TYPE), 400),
+        ("a parameter name* without a value (the parser's IndexError)", lambda: detect(
+            service, FIELD_ONLY, headers={"content-type": "multipart/form-data; boundary=xyz; name*"}), 400),
+        ("a part's Content-Type parameter name* without a value", lambda: detect(
+            service, FIELD_ONLY.replace(b'name="note"', b'name="file"\r\nContent-Type: image/jpeg; name*'),
+            headers=FIELD_TYPE), 400),
         ("a boundary that is not ASCII", lambda: detect(service, FIELD_ONLY, headers={
             "content-type": "multipart/form-data; boundary*=utf-8''%E2%82%AC"}), 400),
         ("batch without multipart", lambda: httpx.post(f"{service}/v1/detect/batch",

@@ -9,10 +9,11 @@ parser, once the size is known to be acceptable. Every error answer is JSON
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Iterator
-from email import policy
+from email import errors, policy
 from email.parser import BytesParser
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ray.serve")
+EMAIL = BytesParser(policy=policy.HTTP)  # holds no state between parses
 
 
 class ApiError(Exception):
@@ -121,7 +123,8 @@ def check_part_count(content_type: str, body: bytes, limit: int) -> None:
     if len(content_type) > MAX_HEADER:
         raise ApiError(400, f"a Content-Type header longer than {MAX_HEADER} bytes: send "
                             "multipart/form-data with a short boundary")
-    boundary = parsed(header_block(content_type)).get_boundary()
+    with malformed_header("send multipart/form-data; boundary=... and nothing else"):
+        boundary = EMAIL.parsebytes(header_block(content_type)).get_boundary()
     if not boundary:
         return  # the parser refuses the body as malformed
     if not boundary.isascii():  # RFC 2046: a few ASCII characters (`boundary*=utf-8''%E2%82%AC`)
@@ -179,13 +182,18 @@ def part_headers_too_long(what: str) -> ApiError:
                          "name of at most 255 bytes and the file's own Content-Type")
 
 
-def parsed(message: bytes):
-    """The email parser's message; comments nested hundreds deep in a header exhaust its
-    recursion: a malformed request (400), not the server's error."""
+@contextlib.contextmanager
+def malformed_header(fix: str):
+    """Within: the email parser's errors on a header it cannot read as a 400 that says
+    `fix`, not the server's 500. It reads each header when first asked for it (the
+    boundary, a file name, the transfer encoding as the payload is decoded), and some
+    raise there: comments nested hundreds deep exhaust its recursion, a parameter `name*`
+    without a value is an IndexError, an encoded name (RFC 2231) that does not decode a
+    LookupError or ValueError."""
     try:
-        return BytesParser(policy=policy.HTTP).parsebytes(message)
-    except RecursionError:
-        raise ApiError(400, "malformed multipart header: send plain multipart/form-data") from None
+        yield
+    except (ValueError, LookupError, RecursionError, errors.MessageError) as e:
+        raise ApiError(400, f"malformed multipart header ({type(e).__name__}): {fix}") from None
 
 
 def nested_parts() -> ApiError:
@@ -198,23 +206,19 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
     `limit` files. A part is a file when it has a file name (`curl -F file=@face.jpg`) or
     sits under a file field (`-F file=<face.jpg`)."""
     check_part_count(content_type, body, limit)
-    message = parsed(header_block(content_type) + body)
-    if not message.is_multipart() or message.defects:
-        raise ApiError(400, "malformed multipart body: send files as multipart/form-data")
-    files = []
-    for part in message.iter_parts():
-        if part.is_multipart():
-            raise nested_parts()
-        try:
+    with malformed_header("send plain name= and filename= parameters and the file's own Content-Type"):
+        message = EMAIL.parsebytes(header_block(content_type) + body)
+        if not message.is_multipart() or message.defects:
+            raise ApiError(400, "malformed multipart body: send files as multipart/form-data")
+        files = []
+        for part in message.iter_parts():
+            if part.is_multipart():
+                raise nested_parts()
             filename = part.get_filename()
             field = part.get_param("name", header="content-disposition") or ""
-        except (ValueError, LookupError, RecursionError) as e:  # an encoded name (RFC 2231)
-            # that does not decode; comments nested hundreds deep
-            raise ApiError(400, f"malformed multipart part header ({type(e).__name__}): "
-                                "send plain name= and filename= parameters") from None
-        if filename is None and field not in FILE_FIELDS:
-            continue  # a plain form field, not a file
-        files.append((field, filename or field, part.get_payload(decode=True) or b""))
+            if filename is None and field not in FILE_FIELDS:
+                continue  # a plain form field, not a file
+            files.append((field, filename or field, part.get_payload(decode=True) or b""))
     if len(files) > limit:
         raise too_many_files(limit)
     return files
