@@ -231,6 +231,33 @@ def test_an_s3_write_that_fails_leaves_the_object_as_it_was(s3_server, monkeypat
                                              f"{storage.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
 
 
+def test_a_lost_connection_while_listing_an_earlier_copy_is_said_in_one_line(s3_server, tmp_path):
+    """A cluster run's local source is copied to its S3 work directory, after listing what
+    an earlier run copied there: a network failure in that listing is the store's one line,
+    as in any other S3 call, not botocore's traceback."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from deepfake_ray.data import sources
+
+    (tmp_path / "face.jpg").write_bytes(b"a face")
+    dest = f"{s3_server('copy-listing')}/runs/source"
+    src = sources.Source("folder", files=(str(tmp_path / "face.jpg"),), root=str(tmp_path))
+
+    def network_drops(request, **_):
+        raise EndpointConnectionError(endpoint_url=request.url)
+
+    client = storage.s3_client(dest)[0]
+    client.meta.events.register("before-send.s3.ListObjectsV2", network_drops)
+    try:
+        with pytest.raises(OSError) as failed:
+            sources.copy_to(src, dest, "prepare")
+    finally:
+        client.meta.events.unregister("before-send.s3.ListObjectsV2", network_drops)
+    assert storage.explain(failed.value) == (f"{dest}: cannot reach the S3 endpoint "
+                                             f"{storage.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
+    assert sources.copy_to(src, dest, "prepare").files == (f"{dest}/face.jpg",)  # and once it is back
+
+
 def test_an_s3_write_without_credentials_says_where_to_put_them(s3_server, monkeypatch, tmp_path):
     uri = f"{s3_server('no-credentials')}/runs/config.yaml"
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
