@@ -243,7 +243,31 @@ def test_a_web_page_is_named_as_one_whatever_its_spacing_and_case():
     tags in capitals."""
     for page in (b"\r\n\n  <!DOCTYPE HTML PUBLIC \"-//W3C//DTD HTML 4.01//EN\">\n<HTML><BODY>503</BODY></HTML>",
                  b"\n<html><head><title>404 Not Found</title></head></html>",
-                 b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code></Error>'):  # S3's
+                 b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code></Error>',  # S3's
+                 b"\xef\xbb\xbf<!DOCTYPE html><html><body>saved by an editor</body></html>"):  # UTF-8 mark
         with pytest.raises(decode.DecodeError) as e:
             decode.decode(page, 32)
         assert e.value.reason == "html page"
+
+
+def png_with_text(text: str, chunks: int = 1) -> bytes:
+    """A photo whose PNG carries `chunks` compressed text chunks (iTXt) of `text`."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(chunks):
+        info.add_itxt(f"XML:com.adobe.xmp.{i}", text, zip=True)
+    return encode(rgb(5, 64), "PNG", pnginfo=info)
+
+
+def test_a_png_with_megabytes_of_compressed_metadata_is_a_photo_and_more_is_a_bomb():
+    """Photoshop's XMP or ImageMagick's EXIF as hex text can unpack to more than Pillow's
+    1 MB a text chunk (once rejected as "corrupt"); tens of megabytes of text, unpacked
+    from a few kilobytes, are refused as what they are."""
+    photo = png_with_text(np.random.default_rng(0).bytes(1_500_000).hex())  # 3 MB of hex
+    assert decode.decode(photo, 32).std() > 5
+    for bomb in (png_with_text("x" * (decode.METADATA_BYTES + 1)), png_with_text("x" * 15_000_000, chunks=5)):
+        assert len(bomb) < 200_000
+        with pytest.raises(decode.DecodeError) as e:
+            decode.decode(bomb, 32)
+        assert e.value.reason == "decompression bomb", e.value

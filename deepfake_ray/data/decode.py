@@ -14,7 +14,7 @@ import io
 import re
 
 import numpy as np
-from PIL import Image, ImageFile, JpegImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from deepfake_ray.data import near_copies
 
@@ -25,6 +25,9 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 40_000_000
 # the most metadata (ICC profile, EXIF, XMP, thumbnails) a real photo carries, with room
 METADATA_BYTES = 16 * 2**20
+# a PNG's compressed text (XMP; ImageMagick's EXIF as a hex "Raw profile") can unpack to more
+# than Pillow's 1 MB a chunk in a real photo; its 64 MB for all of them bounds the cost
+PngImagePlugin.MAX_TEXT_CHUNK = METADATA_BYTES
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 PARSERS = FORMATS[:-1]  # Pillow's JPEG parser opens MPO (a JPEG with more pictures after it)
 FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
@@ -82,7 +85,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     """Header-checked, fully decoded RGB image with EXIF orientation applied."""
     if not data:
         raise DecodeError("empty file")
-    head = data[:512].lstrip().lower()
+    head = data[:512].removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # an editor's UTF-8 mark
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
         raise DecodeError("html page", "the file is a web page (a failed download?)")
     check_header_cost(data, max_pixels)
@@ -125,6 +128,8 @@ def damaged(e: Exception) -> DecodeError:
     length)."""
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     message = message.split(" <_io.BytesIO")[0][:200]
+    if "MAX_TEXT_" in message or "text chunks" in message:  # PngImagePlugin's limits
+        return DecodeError("decompression bomb", f"more PNG text metadata than a photo holds ({message})")
     return DecodeError("truncated" if "truncat" in message.lower() else "corrupt", message)
 
 
