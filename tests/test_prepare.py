@@ -788,6 +788,29 @@ def test_a_retried_task_keeps_the_images_its_lost_attempt_published(tmp_path):
     assert all(row["sha1"] in held.get(row["part"], []) for row in b_rows + retried)  # none points at nothing
 
 
+def test_a_task_holds_a_chunk_of_its_files_in_memory_not_its_whole_block(tmp_path):
+    """On a cluster (no claims folder) a task's block is up to 2,048 files: read all before
+    decoding any, a block of 4 MB photos was 8 GB in one worker. Every file still gets its row."""
+    import tracemalloc
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    paths = []
+    for i in range(8 * prepare.CHUNK_FILES):  # 256 files of 256 KB: 64 MB in all
+        paths.append(str(folder / f"{i:03d}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(encode(rgb(i % 7), "JPEG") + os.urandom(256 * 1024))  # a camera's trailing data
+    tracemalloc.start()
+    try:
+        rows = prepare.ingest_block({"block": [0], "paths": [paths]}, images=str(tmp_path / "images"),
+                                    size=32, quality=90, max_pixels=10 ** 7, splits=(0.8, 0.1, 0.1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows.num_rows == len(paths) and not any(rows.column("reason").to_pylist())
+    assert peak < 3 * prepare.CHUNK_FILES * 256 * 1024, f"{peak / 2**20:.0f} MB at the peak"
+
+
 def test_copies_two_tasks_kept_at_once_are_removed_by_the_driver(tmp_path):
     paths = faces_folder(tmp_path / "faces", {"a0.jpg": 0, "a1.jpg": 1, "b_copy.jpg": 0})
     blocks = [[paths["a0.jpg"], paths["a1.jpg"]], [paths["b_copy.jpg"]]]

@@ -189,9 +189,10 @@ def shared_chunks(block: int, blocks: list[list[str]], claims: str) -> Iterator[
 
 def fetched_files(own: list[tuple[int, list[str]]], blocks: list[list[str]] | None,
                   claims: str | None, max_bytes: int) -> Iterator[tuple[str, Fetched]]:
-    """(path, bytes or read error) of every file this task ingests, a chunk at a time."""
+    """(path, bytes or read error) of every file this task ingests, a chunk at a time: a
+    whole block's bytes (up to MAX_FILES_PER_TASK photos) could fill a worker's memory."""
     for block, paths in own:
-        for chunk in shared_chunks(block, blocks, claims) if claims else [paths]:
+        for chunk in shared_chunks(block, blocks, claims) if claims else chunks_of(paths):
             yield from zip(chunk, fetch_all(chunk, max_bytes))
 
 
