@@ -325,10 +325,12 @@ def out_of_date(cfg: Config, folder: str, read: dict) -> tuple[str, str] | None:
     return None
 
 
-def maker(cfg: Config, folder: str, read: dict) -> str:
+def maker(cfg: Config, folder: str, read: dict, saved: str | None) -> str:
     """The command that makes WORKDIR/`folder`."""
-    if folder == "detector" and (lineage.marker(cfg, folder, read) or {}).get("tuned"):
-        return "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
+    if folder == "detector":
+        done = lineage.marker(cfg, folder, read)
+        if (done or {}).get("tuned") or (done is None and sweeps(cfg, saved)):
+            return "tune"  # the sweep's best trial: train-detector would retrain it at detector.lr
     return next(command for *_, command, f in SECTIONS if f == folder)
 
 
@@ -361,7 +363,7 @@ def sweeps(cfg: Config, saved: str | None) -> bool:
 def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
     out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
-        redo = lineage.command_line(cfg.workdir, maker(cfg, folder, read) if folder else command,
+        redo = lineage.command_line(cfg.workdir, maker(cfg, folder, read, saved) if folder else command,
                                     saved is not None)
         blocks = build(cfg.workdir)
         if not blocks and folder == "tune" and not sweeps(cfg, saved):
@@ -373,7 +375,7 @@ def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
             blocks = [Missing(redo)]
         elif folder and (stale := out_of_date(cfg, folder, read)):
             why, first = stale  # first: a stage it was made from, when that is out of date too
-            redo = lineage.command_line(cfg.workdir, maker(cfg, first, read), saved is not None)
+            redo = lineage.command_line(cfg.workdir, maker(cfg, first, read, saved), saved is not None)
             blocks = [Stale(redo, why, then=first != folder), *blocks]
         out.append((anchor, title, blocks))
     return out

@@ -401,9 +401,12 @@ def test_a_sweep_is_missing_only_from_a_run_that_sweeps(tmp_path):
     assert "Learning-rate sweep (Ray Tune)" not in result["missing"]
     text = open(os.path.join(w, "report.md")).read()
     assert "Not part of this run" in text and "deepfake-ray tune" not in text
+    assert f"deepfake-ray train-detector --workdir {w}" in text
     result = report.run(config.build("tiny", None, ["tune.enabled=true"], workdir=w))
     assert "Learning-rate sweep (Ray Tune)" in result["missing"]
-    assert f"deepfake-ray tune --workdir {w}" in open(os.path.join(w, "report.md")).read()
+    text = open(os.path.join(w, "report.md")).read()
+    # the sweep makes the detector too: train-detector would train one at detector.lr
+    assert f"deepfake-ray tune --workdir {w}" in text and "deepfake-ray train-detector" not in text
     # `report --workdir W` takes the demo preset's settings: the run's own config.yaml says
     storage.write_text(storage.join(w, "config.yaml"),
                        config.to_yaml(config.build("tiny", None, ["tune.enabled=true"], workdir=w)))
