@@ -459,6 +459,11 @@ def execute(args: argparse.Namespace) -> int:
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):
             module.check_settings(cfg)
+        taken = ""  # before the stage's preflight, which checks what it is given against
+        # what it reads (generate: the reals' JPEG quality)
+        if (stage := getattr(module, "STAGE", None)) and stage.inputs:
+            cfg, taken = lineage.as_made_upstream(cfg, stage, asked_keys(args),
+                                                  getattr(module, "check_settings", None))
         try:
             if hasattr(module, "preflight"):
                 if module.preflight(cfg, **options(args)):
@@ -469,8 +474,8 @@ def execute(args: argparse.Namespace) -> int:
             if args.command in WRITERS:  # a run writing there says more: it may be making them
                 storage.check_not_held(cfg.workdir, args.command)
             raise
-        if (stage := getattr(module, "STAGE", None)) and stage.inputs:
-            cfg = lineage.as_made_upstream(cfg, stage, asked_keys(args), getattr(module, "check_settings", None))
+        if taken:  # said once the stage runs: a complete one takes nothing, records nothing
+            print(taken, flush=True)
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
             check_utf8(args)

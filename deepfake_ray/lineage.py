@@ -386,9 +386,10 @@ def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[s
 
 
 def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
-                     check: Callable[[Config], None] | None = None) -> Config:
+                     check: Callable[[Config], None] | None = None) -> tuple[Config, str]:
     """`cfg` with the settings the stages `stage` reads were made with, where it differs
-    from them on a setting the run left to its preset, and says so: a stage run alone reads
+    from them on a setting the run left to its preset, and the note that says so (to be
+    printed if the stage runs; "" where nothing was taken): a stage run alone reads
     those stages as they are, and this run's config.yaml then names what made the work
     directory, so that `--config W/config.yaml` (what every hint passes) finds them complete
     instead of refusing or redoing them. A setting the run asks for (`asked`: given by
@@ -403,13 +404,13 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
                          f"reads it as it is: leave out {keys} to take the settings it was made with, or "
                          f"run `deepfake-ray {command}` with yours first (then the stages after it)")
     if not found:
-        return cfg
+        return cfg, ""
     made_with = cfg
     try:
         for key, (value, *_) in found.items():
             made_with = config.merge(made_with, config.nested(key, value))
     except UsageError:  # a value an older version recorded in another form: left as asked
-        return cfg
+        return cfg, ""
     made = ", ".join(text for _, text, *_ in found.values())
     try:
         if check:
@@ -420,9 +421,8 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
         redo = command_line(cfg.workdir, earliest, settings_saved=False)
         raise UsageError(f"{folders} was made with {made}, which {stage.command} cannot take: {e}; run "
                          f"`{redo} --force` with settings it takes (then the stages after it)") from None
-    print(f"{stage.command}: note: the stages it reads were made with {made}; this run takes those, "
-          "and config.yaml records them", flush=True)
-    return made_with
+    return made_with, (f"{stage.command}: note: the stages it reads were made with {made}; this run "
+                       "takes those, and config.yaml records them")
 
 
 def say_missing(cfg: Config, stage: Stage, done: dict) -> None:

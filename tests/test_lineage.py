@@ -11,7 +11,7 @@ from deepfake_ray.data import prepare
 from deepfake_ray.detector import evaluate, train as detector_train
 from deepfake_ray.errors import UsageError
 from deepfake_ray.gan import generate, train as gan_train
-from tests.cli_output import error_lines, output_lines
+from tests.cli_output import error_lines
 
 STAGES = (prepare.STAGE, gan_train.STAGE, generate.STAGE, detector_train.STAGE, evaluate.STAGE)
 
@@ -106,14 +106,13 @@ def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with
     for stage in STAGES[:3]:  # data, gan, fakes
         lineage.complete(made, stage, {}, lineage.made(made, stage))
     asked = config.build("tiny", None, ["detector.lr=0.002"], workdir=made.workdir)
-    taken = lineage.as_made_upstream(asked, detector_train.STAGE)
+    taken, note = lineage.as_made_upstream(asked, detector_train.STAGE)
     assert (taken.gan.epochs, taken.data.jpeg_quality, taken.detector.lr) == (8, 90, 0.002)  # its own: as asked
-    note = capsys.readouterr().out
-    assert "train-detector: note: the stages it reads were made with" in note
+    assert note.startswith("train-detector: note: the stages it reads were made with")
     assert "data.jpeg_quality=90 (asked: 95)" in note and f"gan.epochs=8 (asked: {asked.gan.epochs})" in note
     for stage in STAGES[:3]:
         assert lineage.current(taken, stage) is not None  # what a rerun with its config.yaml finds
-    assert lineage.as_made_upstream(taken, detector_train.STAGE) == taken and not output_lines(capsys)
+    assert lineage.as_made_upstream(taken, detector_train.STAGE) == (taken, "")
     # asked for on the command line, not left to the preset: refused, as it was not made so
     with pytest.raises(UsageError, match=rf"{tmp_path}/gan was made with gan.epochs=8 \(asked: 2\), and "
                                          r"train-detector reads it as it is: leave out gan.epochs to take the "
@@ -139,6 +138,28 @@ def test_a_setting_taken_from_the_stages_it_reads_that_the_stage_cannot_use_is_r
         f"`deepfake-ray prepare --workdir {workdir} --force` with settings it takes (then the stages after it)"]
     assert "ray: " not in out and "note:" not in out  # no Ray started, no note of settings taken
     assert sorted(p.name for p in workdir.iterdir()) == ["data"]  # no config.yaml, no gan/
+
+
+def test_generate_run_alone_takes_the_jpeg_quality_the_reals_were_stored_at(tmp_path, monkeypatch, capsys):
+    """generate's own check of the fakes' encoding ran before the reals' settings were taken:
+    reals stored at data.jpeg_quality=90, then `generate --workdir W` (the preset's 95) was
+    refused, where train-gan and train-detector take the 90. Asked for on the command line,
+    another quality is still refused."""
+    from deepfake_ray import cli, runtime
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init", no_ray)
+    made = config.build("tiny", None, ["data.jpeg_quality=90"], workdir=str(tmp_path / "w"))
+    for stage in STAGES[:3]:  # data, gan, fakes
+        lineage.complete(made, stage, {"images": 10}, lineage.made(made, stage))
+    command = ["generate", "--preset", "tiny", "--workdir", made.workdir]
+    assert cli.main(command) == 0, error_lines(capsys)
+    out = capsys.readouterr().out
+    assert "is already complete" in out and "were made with" not in out  # took nothing: ran nothing
+    assert cli.main([*command, "--set", "data.jpeg_quality=95"]) == 2
+    assert "leave out data.jpeg_quality" in error_lines(capsys)[0]
 
 
 def other_value(value):
