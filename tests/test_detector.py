@@ -740,6 +740,25 @@ def test_sigterm_during_training_is_a_stop_with_exit_143(ray_session, tiny_cfg, 
     assert storage.completed(train.stage_dir(cfg.workdir)) is None
 
 
+def test_a_sweep_whose_trials_would_leave_their_data_tasks_no_cpu_is_refused(ray_session, tiny_cfg):
+    """A trial holds a tenth of a CPU beside its Train workers: where workers and a Ray Data
+    task just fit the in-process Ray, as train-detector's own advice makes them, a sweep's
+    per-epoch data tasks found no CPU free, and it waited forever. Refused, with a value that fits."""
+    from deepfake_ray import training
+
+    cpus = ray.cluster_resources()["CPU"]
+    cfg = tiny_cfg(*FAST, "tune.samples=1", "tune.epochs=1", "detector.arch=resnet10t",
+                   f"resources.cpus_per_worker={cpus - 1:g}", "resources.data_cpus=1")
+    build(cfg.workdir, 60, 32)
+    training.check_fits(cfg)  # train-detector: fits
+    with pytest.raises(UsageError, match=rf"\+ 0.1 \(the Tune trial that runs them\) is {cpus + 0.1:g} CPUs .*"
+                                         rf"e.g. --set resources.cpus_per_worker={cpus - 1.1:g}"):
+        tune.run(cfg)
+    fitting = tiny_cfg(*FAST, f"resources.cpus_per_worker={cpus - 1.1:g}", "resources.data_cpus=1")
+    training.check_fits(fitting, tune.TRIAL_CPU)
+    assert tune.concurrency(fitting) == 1
+
+
 def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
     """Tune's own Ctrl-C handler ended the sweep and returned as if it had finished: its
     half-trained trials were published and the sweep marked complete (exit 0). It is an

@@ -60,7 +60,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return plan.done
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = train.resolve_pretrained(cfg)
-    training.check_fits(cfg)  # each trial's workers at least
+    training.check_fits(cfg, TRIAL_CPU)  # one trial at least
     if plan.redo:
         train.clear(out)
     lineage.start(cfg, STAGE, plan)
@@ -125,11 +125,12 @@ def concurrency(cfg: Config) -> int:
     available = ray.cluster_resources()
     if not runtime.in_process():  # trials wait for resources and the autoscaler adds them
         return t.samples
+    # each trial: its workers, a Ray Data task beside them, and the trial driver; trials
+    # holding GPUs but too many CPUs would leave their data tasks none, and all wait
+    fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus + TRIAL_CPU)
     if runtime.use_gpus(r.use_gpu):
-        fits = available.get("GPU", 0) // max(r.workers, 1)
-    else:  # each trial: its workers, a Ray Data task beside them, and the trial driver
-        fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus + TRIAL_CPU)
-    return int(max(1, min(t.samples, fits)))
+        fits = min(fits, available.get("GPU", 0) // max(r.workers, 1))
+    return int(max(1, min(t.samples, fits)))  # check_fits: one fits
 
 
 def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: str,
