@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -537,6 +538,19 @@ def write_text(uri: str, text: str) -> None:
 
 def write_json(uri: str, obj) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def json_safe(value):
+    """NaN and infinities as null, for JSON that other tools read (an HTTP answer, eval/'s
+    files): JSON has no such numbers, and jq or a browser refuses a file that holds them.
+    (A ROC-AUC of one class's images is NaN.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def read_json(uri: str):

@@ -430,7 +430,7 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     net = detector.create("resnet10t", num_classes=2, pretrained="none")
     meta = {"arch": "resnet10t", "num_classes": 2, "class_names": ["real", "fake"], "resolution": 32,
             "input_size": 75, "preprocessing": detector.preprocessing(net), "threshold": 0.37,
-            "jpeg_quality": 95, "metrics": {"epoch": 0, "val_auc": 0.9},
+            "jpeg_quality": 95, "metrics": {"epoch": 0, "val_auc": float("nan")},  # a val split of one class
             "fingerprints": {"real_manifest_sha1": "before", "fake_manifest_sha1": "before"}}
     model = train.model_dir(cfg.workdir)
     checkpoint.save_model(model, net.state_dict(), meta)
@@ -444,7 +444,10 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     summary = evaluate.run(cfg)
     metrics = assert_held_out_evaluation(cfg)
     assert metrics["n"] == summary["n"] == 8 and (metrics["n_real"], metrics["n_fake"]) == (4, 4)
-    assert metrics["threshold"] == 0.37 and metrics["validation"] == meta["metrics"]
+    assert metrics["threshold"] == 0.37 and metrics["validation"] == {"epoch": 0, "val_auc": None}
+    for name in ("metrics.json", "robustness.json"):  # valid JSON, which has no NaN, for jq and browsers
+        json.loads(storage.read_text(storage.join(evaluate.eval_dir(cfg.workdir), name)),
+                   parse_constant=lambda constant: pytest.fail(f"{name} holds {constant}"))
     robustness = storage.read_json(storage.join(evaluate.eval_dir(cfg.workdir), "robustness.json"))
     for condition in ("jpeg_q50", "downscale_0.5", "blur_1.0"):  # other images, other scores
         assert robustness[condition]["brier"] != robustness["clean"]["brier"], condition

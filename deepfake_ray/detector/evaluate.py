@@ -107,10 +107,9 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
 
 
 def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels, scores) -> None:
-    storage.write_json(storage.join(out, "metrics.json"), result)
-    storage.write_json(storage.join(out, "robustness.json"),
-                       {c: {k: m[k] for k in (*REPORTED, "n", "threshold", "confusion_matrix")}
-                        for c, m in robustness.items()})
+    storage.write_json(storage.join(out, "metrics.json"), storage.json_safe(result))
+    storage.write_json(storage.join(out, "robustness.json"), storage.json_safe(
+        {c: {k: m[k] for k in (*REPORTED, "n", "threshold", "confusion_matrix")} for c, m in robustness.items()}))
     storage.write_bytes(storage.join(out, "confusion.png"),
                         figures.confusion(result["confusion_matrix"], result["class_names"]))
     storage.write_bytes(storage.join(out, "roc.png"),

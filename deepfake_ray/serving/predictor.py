@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from deepfake_ray import checkpoint
+from deepfake_ray.storage import json_safe
 from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, as_stored, open_image
 
 # DecodeError.reason -> HTTP status of a request whose image fails that way
@@ -65,18 +66,6 @@ def stored_quality(meta: dict) -> int | None:
     before it was recorded: from their config)."""
     quality = meta.get("jpeg_quality", meta.get("config", {}).get("data", {}).get("jpeg_quality"))
     return None if quality is None else int(quality)
-
-
-def json_safe(value):
-    """NaN and infinities as null (a validation split of one class has no ROC-AUC): JSON
-    has no such numbers, and the response would have been a 500."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class Predictor:
