@@ -473,13 +473,14 @@ def test_fakes_encoded_unlike_the_reals_are_refused_and_the_complete_ones_kept(g
     workdir, _ = generated
     code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--force",
                         "--set", "data.jpeg_quality=80")
-    assert code == 2 and len(err) == 1
-    assert "the reals were stored at data.jpeg_quality=95" in err[0]
-    assert "deepfake-ray prepare --force --set data.jpeg_quality=80" in err[0]
+    refused = (f"{workdir}/data was made with data.jpeg_quality=95 (asked: 80), and generate reads it as it "
+               "is: leave out data.jpeg_quality to take the settings it was made with, or run `deepfake-ray "
+               "prepare` with yours first")
+    assert code == 2 and len(err) == 1 and refused in err[0], err
     assert storage.completed(datasets.fakes_dir(workdir))
     # without --force too: complete fakes are not what that run should get either
     code, err = run_cli(capsys, "generate", "--preset", "tiny", "--workdir", workdir, "--set", "data.jpeg_quality=80")
-    assert code == 2 and len(err) == 1 and "the reals were stored at data.jpeg_quality=95" in err[0]
+    assert code == 2 and len(err) == 1 and refused in err[0], err
 
 
 def test_generate_is_deterministic_for_a_seed(generated, tmp_path):
