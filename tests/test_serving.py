@@ -1253,13 +1253,13 @@ def children_of(parent: int, named: bytes) -> list[int]:
 
 def replica_helpers() -> dict[int, int]:
     """The Serve replicas' decode helpers on this machine: pid -> the replica's pid."""
-    found = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True)
     helpers = {}
-    for pid in map(int, found.stdout.split()):
-        with contextlib.suppress(OSError, ValueError, IndexError):  # ended meanwhile
-            parent = processes.process_stat(pid)[1]
-            if b"ServeReplica" in processes.command_line(parent):
-                helpers[pid] = parent
+    for entry in os.listdir("/proc"):  # /proc, not pgrep: a minimal image has no procps
+        with contextlib.suppress(OSError, ValueError, IndexError):  # not a process, or ended meanwhile
+            if b"multiprocessing.spawn" in processes.command_line(int(entry)):
+                parent = processes.process_stat(entry)[1]
+                if b"ServeReplica" in processes.command_line(parent):
+                    helpers[int(entry)] = parent
     return helpers
 
 
