@@ -175,7 +175,22 @@ def build_config(args: argparse.Namespace):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS, source=True)
     check_swept_settings(args.command, cfg, args.overrides)
-    return config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
+    cfg = config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
+    return with_absolute_pretrained(cfg)
+
+
+def with_absolute_pretrained(cfg):
+    """`cfg` with a detector.pretrained file named relative to this folder made absolute:
+    Ray Train runs its workers in folders of their own, where it names nothing (and a
+    rerun from elsewhere reads config.yaml). `~/...` is kept as typed, as data.cache_dir."""
+    import dataclasses
+
+    from deepfake_ray import storage
+
+    spec = cfg.detector.pretrained
+    if spec in ("hub", "none", "") or storage.is_s3(spec) or spec.startswith("~") or os.path.isabs(spec):
+        return cfg
+    return dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, pretrained=os.path.abspath(spec)))
 
 
 # what a sweep's trials take instead of the detector's own setting

@@ -574,7 +574,7 @@ def read_parquet(uri: str, columns: list[str] | None = None, where: pc.Expressio
 
 def upload_file(path: str, uri: str) -> None:
     """Copy a file on this machine's disk to `uri`."""
-    with open(path, "rb") as f:
+    with open(normalize(path), "rb") as f:
         write_bytes(uri, f.read())
 
 

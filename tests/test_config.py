@@ -110,7 +110,8 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     (["detector.arch=inceptoin_resnet_v2"], "detector.arch='inceptoin_resnet_v2' is not a timm model"),
     (["data.resolution=96"], "resolution 96 not supported"),  # prepare takes it; the DCGAN not
     (["tune.enabled=true", "tune.epochs=2", "tune.grace_period=3"], "tune.grace_period (3) must not exceed"),
-    (["detector.pretrained=weights.safetensor"], "detector.pretrained=weights.safetensor: no such file"),
+    # named by the whole path it was looked for at
+    (["detector.pretrained=weights.safetensor"], f"detector.pretrained={os.getcwd()}/weights.safetensor: no such file"),
     # prepare takes them, the detector (its epoch and threshold) and evaluate cannot
     (["data.splits=[0.9,0,0.1]"], "leaves the validation split empty: the detector's best epoch"),
     (["data.splits=[0.9,0.1,0]"], "leaves the test split empty: evaluate measures the detector there"),

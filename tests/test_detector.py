@@ -555,6 +555,25 @@ def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_p
     assert loaded == [versions[0], versions[1], versions[0]]
 
 
+def test_a_pretrained_file_named_from_the_users_folder_reaches_the_workers_by_its_whole_path(tmp_path, monkeypatch):
+    """Ray Train runs its workers in folders of their own: weights named relative to the
+    user's folder (or by `~`) passed the driver's checks and were no file there. The run
+    records a relative name as the whole path (config.yaml, its marker: a rerun from
+    elsewhere reads them), and hands its workers whole paths."""
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), "weights.safetensors")
+    whole = str(tmp_path / "weights.safetensors")
+    for given, recorded in (("weights.safetensors", whole), ("~/weights.safetensors", "~/weights.safetensors")):
+        cfg = cli.build_config(cli.parse(["train-detector", "--preset", "tiny", "--workdir", "w", "--set",
+                                          f"detector.pretrained={given}", "--set", "detector.arch=test_resnet"]))
+        assert cfg.detector.pretrained == recorded
+        assert train.resolve_pretrained(cfg) == whole  # what the workers open
+
+
 def test_weights_that_do_not_fit_exit_2_from_the_driver_without_retries(ray_session, tmp_path, capsys):
     import timm
     from safetensors.torch import save_file

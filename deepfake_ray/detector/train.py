@@ -142,7 +142,7 @@ def resolve_pretrained(cfg: Config) -> str:
         check_pretrained_file(cfg)
         detector.check_weights(spec, cfg.detector.arch)
         if storage.is_s3(spec) or not runtime.driver_files_need_copying(cfg.workdir):
-            return spec
+            return storage.normalize(spec)  # `~` expanded: workers open it as it is
         # named by content: weights of one architecture are all one size, so a copy found
         # by name and size could be another file's or an older version's
         stem, ext = os.path.splitext(os.path.basename(spec))
