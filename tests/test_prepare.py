@@ -1016,6 +1016,19 @@ def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kagg
     assert os.listdir(tmp_path / "cache" / "kaggle" / "owner" / "faces") == []  # nothing to trust
 
 
+def test_a_kaggle_cache_on_s3_is_refused_not_made_a_local_folder_named_s3(fake_kaggle, monkeypatch, tmp_path,
+                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--source",
+                     "kaggle:owner/faces", "--set", "data.cache_dir=s3://bucket/cache"])
+    err = error_lines(capsys)
+    assert code == 2 and err == ["deepfake-ray prepare: error: data.cache_dir=s3://bucket/cache: the Kaggle "
+                                 "download is kept on this machine's disk: set a local folder, e.g. "
+                                 "~/.cache/deepfake-ray (with an s3:// work directory, a cluster's prepare "
+                                 "copies it to WORKDIR/sources/ itself)"], err
+    assert not os.path.exists(tmp_path / "s3:") and not os.path.exists(tmp_path / "w")
+
+
 def encrypted(zip_bytes: bytes) -> bytes:
     """The zip with its members marked encrypted (Python's zipfile cannot write one)."""
     data = bytearray(zip_bytes)

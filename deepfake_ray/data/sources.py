@@ -409,6 +409,10 @@ def cache_folder(dataset: str, cache_dir: str) -> str:
     if not cache_dir.strip():
         raise UsageError("data.cache_dir is empty: set it to the folder that keeps downloads, "
                          "e.g. ~/.cache/deepfake-ray")
+    if "://" in cache_dir:  # os.makedirs would make a local folder `s3:`
+        raise UsageError(f"data.cache_dir={cache_dir}: the Kaggle download is kept on this machine's "
+                         "disk: set a local folder, e.g. ~/.cache/deepfake-ray (with an s3:// work "
+                         "directory, a cluster's prepare copies it to WORKDIR/sources/ itself)")
     folder = kaggle_folder(dataset, cache_dir)
     try:
         os.makedirs(folder, exist_ok=True)

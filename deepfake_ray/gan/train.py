@@ -139,7 +139,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
           f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size} ({r.workers * g.batch_size} a step)"
           f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''} -> {stage}", flush=True)
     started = time.time()
-    training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": stage}, cfg,
+    # whole: Ray Train's workers run in folders of their own (the API takes a relative workdir)
+    training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": storage.normalize(stage)}, cfg,
                  cfg.workdir, RUN_NAME, datasets=lambda: {"train": train_dataset(cfg, train_images)},
                  keep=g.keep_checkpoints, max_failures=g.max_failures)
     history = storage.read_json(storage.join(stage, "history.json"))
