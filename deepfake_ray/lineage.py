@@ -458,6 +458,26 @@ def unmark(cfg: Config, stage: Stage) -> None:
     storage.unmark(uri(cfg, stage))
 
 
+def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
+    """A redo (--force, inputs made anew): a stage's outputs and run state gone, but `keep`.
+    Its marker first, so that a clearing cut short leaves no marker vouching for the rest;
+    its record of the run under way (STARTED) last, so that one cut short still tells the
+    next run what the checkpoints left are from, instead of their being resumed as its own."""
+    import pyarrow.fs as pafs
+
+    storage.unmark(stage_uri)
+    fs, path = storage.resolve(stage_uri)
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for info in sorted(entries, key=lambda i: i.base_name == STARTED):
+        if info.base_name in keep:
+            continue
+        entry = storage.join(stage_uri, info.base_name)
+        if info.type == pafs.FileType.Directory:
+            storage.delete_dir(entry)  # on S3 without the empty folder object pyarrow leaves
+        else:
+            storage.delete_file(entry)
+
+
 def start(cfg: Config, stage: Stage, plan: Plan) -> None:
     """For a stage that resumes (a training), once its checks have passed: unmarked, and
     what the run under way is made from, so that a resubmission after its inputs were

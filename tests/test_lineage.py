@@ -162,6 +162,33 @@ def test_generate_run_alone_takes_the_jpeg_quality_the_reals_were_stored_at(tmp_
     assert "leave out data.jpeg_quality" in error_lines(capsys)[0]
 
 
+def test_a_redo_cut_short_while_clearing_leaves_the_record_of_what_its_checkpoints_are_from(
+        tmp_path, monkeypatch):
+    """A redo clears a training's folder. Cut short after its record of the run under way
+    (_STARTED.json) but before the checkpoints, the next run found checkpoints and no record
+    of what they were made from, and resumed them as its own, though made from data since
+    redone. The record goes last: the next run sees the old run and starts over."""
+    from deepfake_ray import storage
+
+    made = completed_run(str(tmp_path))
+    gan = lineage.uri(made, gan_train.STAGE)
+    storage.write_json(storage.join(gan, lineage.STARTED), lineage.made(made, gan_train.STAGE))
+    storage.write_bytes(storage.join(gan, "run", "checkpoint_epoch_0001", "state.pt"), b"weights")
+    delete_dir = storage.delete_dir
+
+    def cut_short(uri):
+        if uri.endswith("run"):
+            raise KeyboardInterrupt
+        delete_dir(uri)
+
+    monkeypatch.setattr(storage, "delete_dir", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        lineage.clear(gan)
+    assert storage.completed(gan) is None  # no marker vouches for what is left
+    lineage.complete(made, prepare.STAGE, {}, lineage.made(made, prepare.STAGE))  # the data made anew
+    assert lineage.plan(made, gan_train.STAGE, force=False).redo  # so the checkpoints are not resumed
+
+
 def other_value(value):
     """Another value of a setting's type: never a higher epoch count, which would continue."""
     if isinstance(value, bool):

@@ -16,7 +16,6 @@ import math
 import os
 import time
 
-import pyarrow.fs as pafs
 from safetensors.torch import save as st_save
 
 from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
@@ -69,12 +68,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = resolve_pretrained(cfg)
     training.check_fits(cfg)
-    if plan.redo:
-        clear(stage, keep=("pretrained",))
-    lineage.start(cfg, STAGE, plan)
     from deepfake_ray.detector import tune  # (it imports this module)
 
     lineage.unmark(cfg, tune.STAGE)  # its product, the model in detector/, is being replaced
+    if plan.redo:
+        lineage.clear(stage, keep=("pretrained",))
+    lineage.start(cfg, STAGE, plan)
     started = time.time()
     workers, batch = cfg.resources.workers, cfg.detector.batch_size
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
@@ -227,16 +226,3 @@ def lower_rate(meta: dict) -> str:
     return f"train anew with a lower rate: deepfake-ray train-detector --force --set detector.lr={lr / 10:g}"
 
 
-def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
-    """--force: remove a stage's previous outputs (and run state) except `keep`, its
-    marker first, so a clearing cut short leaves no marker vouching for the rest."""
-    storage.unmark(stage_uri)
-    fs, path = storage.resolve(stage_uri)
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if name in keep:
-            continue
-        if info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
-        else:
-            fs.delete_file(info.path)

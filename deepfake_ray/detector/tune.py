@@ -62,7 +62,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     pretrained = train.resolve_pretrained(cfg)
     training.check_fits(cfg, TRIAL_CPU)  # one trial at least
     if plan.redo:
-        train.clear(out)
+        lineage.clear(out)
     lineage.start(cfg, STAGE, plan)
     started = time.time()
     views = data.training_views(cfg, selection)  # decoded once, shared by every trial
@@ -84,7 +84,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # the detector in use stays until its successor is chosen: a sweep cut short (hours in)
     # leaves it in place, and what another run left in detector/ goes only now
     lineage.unmark(cfg, train.STAGE)
-    train.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
+    lineage.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
     summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
                             made, extra={"tuned": True, "trials": int(len(rows)), "epochs": cfg.tune.epochs})
     result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),

@@ -131,7 +131,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     train_images = check_data(cfg)
     training.check_fits(cfg)
     if plan.redo:
-        storage.delete_dir(stage)
+        lineage.clear(stage)
     check_resume(cfg, stage)
     lineage.start(cfg, STAGE, plan)
     g, r = cfg.gan, cfg.resources
