@@ -16,6 +16,7 @@ from typing import Callable
 
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
+from deepfake_ray.errors import UsageError
 
 
 SCORE = lineage.Stage("score", "score", ("data", "fakes", "detector"), describe=lambda d: d["scores"])
@@ -117,8 +118,22 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             entry["completed"] = made["completed"]
         record["stages"].append(entry)
         storage.write_json(timings_uri, record)
+        if command == "prepare":
+            check_every_split_holds_images(cfg, made)
     closing_lines(cfg)
     return record
+
+
+def check_every_split_holds_images(cfg: Config, prepared: dict) -> None:
+    """UsageError before the GAN trains for a split data/ holds no image in: the detector
+    would stop there (val), or evaluate after both trainings (test)."""
+    from deepfake_ray.data import datasets
+
+    if empty := datasets.empty_splits(prepared):
+        split = empty[0]
+        raise UsageError(f"{datasets.data_dir(cfg.workdir)} holds no {split} image: "
+                         f"{datasets.SPLIT_USES[split]}; add images to the source, or give it a larger "
+                         "data.splits fraction, then run the pipeline again with --force")
 
 
 def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from deepfake_ray import checkpoint, config, storage
 from deepfake_ray.data import sample
 from deepfake_ray.detector import loop
+from deepfake_ray.errors import UsageError
 from deepfake_ray.runtime import free_ports
 from tests.checkpoints import registered
 from tests.detector_checks import assert_exported_model, assert_held_out_evaluation
@@ -304,6 +305,27 @@ def test_a_pipeline_stopped_in_a_stage_says_so_once_and_records_it_as_interrupte
         "and a training resumes from its last checkpoint"]
     assert storage.read_json(f"{workdir}/pipeline.json")["stages"] == [
         {"name": "prepare", "status": "interrupted", "seconds": 0.0}]
+
+
+def test_a_pipeline_whose_data_holds_no_test_image_stops_before_the_gan_trains(tmp_path, monkeypatch, capsys):
+    """A small folder's hashes can leave a split empty whatever its share: the pipeline
+    trained the GAN and the detector, then evaluate found no test image. It stops after
+    prepare, which warns, and a rerun stops there too (prepare is complete)."""
+    from deepfake_ray import lineage, pipeline
+    from deepfake_ray.data import prepare
+    from deepfake_ray.gan import train as gan_train
+
+    cfg = config.build("tiny", workdir=str(tmp_path / "w"))
+    monkeypatch.setattr(prepare, "run", lambda cfg, force=False, **_: lineage.complete(
+        cfg, prepare.STAGE, {"splits": {"train": 16, "val": 2, "test": 0}}, lineage.made(cfg, prepare.STAGE)))
+    monkeypatch.setattr(gan_train, "run", lambda *_, **__: pytest.fail("the GAN trained"))
+    for _ in range(2):
+        with pytest.raises(UsageError, match=rf"{cfg.workdir}/data holds no test image: evaluate measures the "
+                                             r"detector there, on images it never saw; add images to the "
+                                             r"source, or give it a larger data.splits fraction, then run "
+                                             r"the pipeline again with --force"):
+            pipeline.run(cfg)
+    assert "=== prepare === (complete, skipped)" in capsys.readouterr().out
 
 
 def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(tmp_path, monkeypatch, capsys):

@@ -43,13 +43,26 @@ def write_images_part(uri: str, table: pyarrow.Table) -> None:
     storage.write_parquet(uri, table, **IMAGES_PARQUET)
 
 
-def require_share(splits: tuple[float, ...], split: str, why: str) -> None:
+# what the stages after prepare do with each split
+SPLIT_USES = {"train": "the GAN and the detector train there",
+              "val": "the detector's best epoch and threshold are chosen there",
+              "test": "evaluate measures the detector there, on images it never saw"}
+
+
+def require_share(splits: tuple[float, ...], split: str) -> None:
     """UsageError when data.splits gives `split` ("val", "test") nothing; prepare takes
     that, so the stages that need the split check it before anything runs."""
     if len(splits) == 3 and not splits[SPLITS.index(split)] > 0:  # else prepare's check says what
         name = "validation" if split == "val" else split
-        raise UsageError(f"data.splits={list(splits)} leaves the {name} split empty: {why}; give it "
-                         "a share, e.g. data.splits=[0.8,0.1,0.1]")
+        raise UsageError(f"data.splits={list(splits)} leaves the {name} split empty: {SPLIT_USES[split]}; "
+                         "give it a share, e.g. data.splits=[0.8,0.1,0.1]")
+
+
+def empty_splits(prepared: dict) -> list[str]:
+    """The splits that a prepare's summary (its marker) counts no image in: a small folder's
+    hashes can leave one empty whatever its share (20 photos at 0.8/0.1/0.1: ~1 in 4)."""
+    counts = prepared.get("splits")
+    return [split for split in SPLITS if not counts.get(split)] if isinstance(counts, dict) else []
 
 
 def first_image(stage_uri: str) -> bytes:

@@ -740,7 +740,7 @@ def ingest_into_workdir(cfg: Config) -> dict:
     summary = summarize(src, source_files(src, read), manifest, rejected, out, seconds, phases)
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
-    if not summary["splits"]["train"]:  # not an error here: more data may be on its way
-        print(f"prepare: warning: the train split is empty ({count_images(len(manifest))} in all): "
-              "training needs more images, or a larger data.splits train fraction")
+    for split in datasets.empty_splits(summary):  # not an error here: more data may be on its way
+        print(f"prepare: warning: the {split} split is empty ({count_images(len(manifest))} in all): "
+              f"{datasets.SPLIT_USES[split]}; add images, or give it a larger data.splits fraction")
     return summary

@@ -40,7 +40,7 @@ def eval_dir(workdir: str) -> str:
 
 def check_settings(cfg: Config) -> None:
     """Before Ray starts (and, in the pipeline, before hours of training): a test split."""
-    datasets.require_share(cfg.data.splits, "test", "evaluate measures the detector there, on images it never saw")
+    datasets.require_share(cfg.data.splits, "test")
 
 
 def run(cfg: Config, force: bool = False, **_) -> dict:

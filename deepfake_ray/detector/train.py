@@ -89,7 +89,7 @@ def check_settings(cfg: Config) -> None:
     import timm
 
     d = cfg.detector
-    datasets.require_share(cfg.data.splits, "val", "the detector's best epoch and threshold are chosen there")
+    datasets.require_share(cfg.data.splits, "val")
     if not timm.is_model(d.arch):
         raise UsageError(f"detector.arch={d.arch!r} is not a timm model: use inception_resnet_v2 "
                          f"(the study) or another name from timm.list_models()")
