@@ -556,6 +556,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def shown(text: str) -> str:
+    """An error's text as the command's last line: a file name in it may hold escape
+    sequences or line breaks, which must not restyle or split the line."""
+    from deepfake_ray import storage
+
+    return storage.shown(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     print_any_file_name()
     args = parse(argv)
@@ -564,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         return execute(args)
     except UsageError as e:
         quiet_ray_output_after_an_error(argv)
-        print(f"deepfake-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"deepfake-ray {args.command}: error: {shown(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
@@ -591,11 +599,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if line := usage_line(e) or out_of_memory_line(args.command, e):  # settings the user can change
             quiet_ray_output_after_an_error(argv)
-            print(f"deepfake-ray {args.command}: error: {line}", file=sys.stderr)
+            print(f"deepfake-ray {args.command}: error: {shown(line)}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "
-              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+              f"{type(e).__name__}: {shown(str(e).splitlines()[0]) if str(e) else ''}", file=sys.stderr)
         return 1
 
 

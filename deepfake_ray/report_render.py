@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass
 
 
@@ -90,7 +91,10 @@ def render_html(workdir: str, sections: list, generated: str) -> str:
 
 
 def md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell of any text (a file name, a typed setting): markup shown as
+    text, not rendered; no line break or pipe that would end the cell or the row."""
+    text = html.escape(text).replace("\\", "&#92;").replace("|", "&#124;")
+    return re.sub(r"[\r\n]+", " ", text)
 
 
 def md_block(b) -> str:

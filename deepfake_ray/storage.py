@@ -665,7 +665,7 @@ def walk_local(root: str) -> list[str]:
             unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
     if unreadable:
         print(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
-              f"are left out: {', '.join(sorted(unreadable)[:3])}{', ...' if len(unreadable) > 3 else ''}",
+              f"are left out: {shown(', '.join(sorted(unreadable)[:3]))}{', ...' if len(unreadable) > 3 else ''}",
               file=sys.stderr, flush=True)
     return files
 
@@ -699,6 +699,15 @@ def printable(path: str) -> str:
         return path
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """`text` for a console line: control characters (a file name's escape sequences, its
+    newlines) as \\xNN, so that no name can restyle, rewrite or split the line it is in."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", printable(text))
 
 
 @contextlib.contextmanager

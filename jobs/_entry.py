@@ -107,6 +107,6 @@ def main(command: str, script: str, argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - bad input is one line, as deepfake-ray says it
         if (line := cli.usage_line(e)) is None:
             raise
-        print(f"{p.prog}: error: {line}", file=sys.stderr)
+        print(f"{p.prog}: error: {cli.shown(line)}", file=sys.stderr)
         return 2
     return cli.main(cli_argv(p, command, args, workdir))

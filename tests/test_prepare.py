@@ -453,11 +453,14 @@ def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
     unusable.mkdir()
     for name, (data, _) in bad_files().items():
         (unusable / name).write_bytes(data)
+    (unusable / "\x1b]0;owned\x07\x1b[2K\rall good.jpg").write_bytes(b"text")  # named to rewrite a terminal
     leftover = os.path.join(datasets.data_dir(cfg.workdir), ".images-new")  # an interrupted run's
     os.makedirs(leftover)
     open(os.path.join(leftover, "part.parquet"), "wb").close()
     assert cli.main(prepare_again + ["--source", str(unusable), "--force"]) == 2
-    assert "none of the" in error_lines(capsys)[0]
+    err = capsys.readouterr().err
+    assert "none of the" in err and "\\x1b]0;owned\\x07\\x1b[2K\\x0dall good.jpg" in err
+    assert not any(c in err.rsplit("error: ", 1)[1] for c in "\x1b\x07\r"), err  # the line as it is
     assert not os.path.exists(os.path.join(cfg.workdir, "config.yaml"))  # no stage was changed
     # found only once every file was read: the data it would have replaced are kept, whole
     assert storage.completed(datasets.data_dir(cfg.workdir))["images"] == 40
