@@ -21,7 +21,7 @@ import ray
 import yaml
 from PIL import Image
 
-from deepfake_ray import checkpoint, config, storage
+from deepfake_ray import checkpoint, cli, config, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
@@ -353,6 +353,39 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what
     assert detect(service, JPEG).json()["p_fake"] >= 0.0
     assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
+
+
+def test_serve_joining_a_cluster_that_serves_the_app_already_leaves_it_serving(service, ray_session, model_dir,
+                                                                             tmp_path):
+    """`deepfake-ray serve --address` on a cluster whose RayService (here: this session's
+    app) serves the detector replaced that application, and on Ctrl-C shut down every
+    application and proxy of the cluster. Refused before it changes anything."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
+         "--port", str(free_port()), "--workdir", str(tmp_path / "work"),
+         "--address", ray_session.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})  # its token
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.splitlines()[-1].startswith(
+        "deepfake-ray serve: error: this Ray cluster already serves an application named deepfake-ray: "
+        "`deepfake-ray serve` would replace it, and delete it when stopped"), refused.stderr[-2000:]
+    assert detect(service, JPEG).status_code == 200  # still served, by the same replica's app
+
+
+def test_replicas_the_in_process_ray_cannot_place_exit_2_instead_of_waiting_forever(ray_session, model_dir,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """Serve waits without end for replicas nothing can place (its warning every 30 s):
+    `serve --set serve.cpus_per_replica=8` on the embedded Ray never started, nor stopped."""
+    from ray import serve
+
+    monkeypatch.setattr(serve, "run", lambda *_, **__: pytest.fail("deployed: it would wait forever"))
+    cpus = ray_session.cluster_resources()["CPU"]
+    for setting in ([f"serve.cpus_per_replica={cpus + 1:g}"],
+                    ["serve.min_replicas=2", "serve.max_replicas=2", f"serve.cpus_per_replica={cpus / 2 + 0.5:g}"]):
+        code = cli.main(["serve", "--preset", "tiny", "--model", model_dir, "--port", str(free_port()),
+                         "--workdir", str(tmp_path / "work"), *[a for kv in setting for a in ("--set", kv)]])
+        err = error_lines(capsys)
+        assert code == 2 and len(err) == 1 and f"CPUs and the in-process Ray has {cpus:g}: lower them" in err[0], err
 
 
 def test_a_request_at_the_limits_is_answered_not_refused(service):

@@ -390,11 +390,14 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     """`deepfake-ray serve`: start the service, print its URL, block until Ctrl-C or SIGTERM,
     then finish the requests in flight (`drain`) before stopping."""
     preflight(cfg, model)
+    check_fits(cfg)
     app = build(cfg, model)
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
     host, port = cfg.serve.host, cfg.serve.port
     url = f"http://{host}:{port}"
     started = time.time()
+    if not runtime.in_process():  # before anything is replaced, or deleted on the way out
+        check_not_served_already()
     try:
         start_serve(host, port)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
@@ -408,9 +411,39 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
               f"{DRAIN_TIMEOUT_S:.0f} s)...", flush=True)
         drain()
     finally:
-        serve.shutdown()
+        if runtime.in_process():
+            serve.shutdown()
+        else:  # this application alone: a cluster's Serve, and what else it serves, stay
+            drain()
         remove_haproxy_folder()
     return {"url": url, "model": model_id}
+
+
+def check_fits(cfg: Config) -> None:
+    """UsageError where the in-process Ray, which nothing can add to, cannot place
+    serve.min_replicas replicas: the application would stay DEPLOYING, and serve.run wait,
+    without end. (A cluster's autoscaler adds nodes for them.)"""
+    import ray
+
+    if not runtime.in_process():
+        return
+    s, have = cfg.serve, ray.cluster_resources()
+    for kind, each, setting in (("CPU", s.cpus_per_replica, "serve.cpus_per_replica"),
+                                ("GPU", gpus_per_replica(cfg), "serve.gpus_per_replica")):
+        if (wanted := s.min_replicas * each) > have.get(kind, 0):
+            raise UsageError(f"serve.min_replicas={s.min_replicas} x {setting}={each:g} is {wanted:g} "
+                             f"{kind}s and the in-process Ray has {have.get(kind, 0):g}: lower them")
+
+
+def check_not_served_already() -> None:
+    """UsageError on a cluster that already serves an application of this name (a
+    RayService's, `serve deploy`'s, another `deepfake-ray serve`'s): serve.run would
+    replace it, and this command delete it when stopped."""
+    if APP_NAME in serve.status().applications:
+        raise UsageError(f"this Ray cluster already serves an application named {APP_NAME}: "
+                         "`deepfake-ray serve` would replace it, and delete it when stopped; see it "
+                         "with `serve status`, and change it with `serve deploy` (jobs/serve.yaml) "
+                         "or where it was deployed from")
 
 
 def start_serve(host: str, port: int) -> None:
