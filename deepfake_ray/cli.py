@@ -572,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         return execute(args)
     except UsageError as e:
         quiet_ray_output_after_an_error(argv)
-        print(f"deepfake-ray {args.command}: error: {shown(str(e))}", file=sys.stderr)
+        # a task's, through Ray, is a RayTaskError(UsageError): its text is Ray's traceback
+        print(f"deepfake-ray {args.command}: error: {shown(usage_line(e) or str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
