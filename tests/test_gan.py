@@ -357,6 +357,7 @@ def test_a_run_whose_checkpoints_are_damaged_or_gone_is_refused_not_started_over
                 else "Ray cannot resume the run in") in said
         if damage == "gone":  # Ray's own record: read as its trainer starts, after the decode
             assert "a reference to a checkpoint that does not exist anymore" in said
+            assert decoded == [1]  # (which the probe sees)
         else:
             assert decoded == []
         assert storage.read_json(os.path.join(gan, "history.json")) == history

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 import zipfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -1199,16 +1200,26 @@ def test_a_kaggle_cache_dir_that_cannot_hold_the_download_exits_2_before_downloa
     assert fake_kaggle == []
 
 
-def test_an_interrupted_kaggle_download_is_resumed_not_deleted(fake_kaggle, tmp_path, tiny_cfg):
+def test_an_interrupted_kaggle_download_is_resumed_not_deleted(fake_kaggle, tmp_path, tiny_cfg, monkeypatch):
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    download, handed = KaggleApi.dataset_download_files, {}
+
+    def resuming(self, dataset, path=None, **kw):  # what the client finds there to resume
+        handed[dataset] = (Path(path) / f"{dataset.split('/')[1]}.zip").read_bytes()
+        return download(self, dataset, path=path, **kw)
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", resuming)
     data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    so_far = b"PK\x03\x04" + b"\x00" * 500
     for slug, marker in (("resumable", True), ("cut", False)):  # the client writes its marker
         folder = tmp_path / "cache" / "kaggle" / "owner" / slug    # when the server can resume
         folder.mkdir(parents=True)
-        (folder / f"{slug}.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 500)  # the zip so far
+        (folder / f"{slug}.zip").write_bytes(so_far)  # the zip so far
         if marker:
             (folder / f"{slug}.zip.kaggle-partial").write_text('{"validator": "etag", "size": 9000}')
         assert len(sources.resolve_source(f"kaggle:owner/{slug}", data).files) == 5
-        assert fake_kaggle[-1] == f"owner/{slug}"  # downloaded (resumed), not deleted
+        assert handed[f"owner/{slug}"] == so_far  # the client was handed it to resume, not deleted
     assert len(fake_kaggle) == 2
 
 
@@ -1416,6 +1427,9 @@ def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is
             raise storage.ObjectRefused(uri, f"{uri}: InvalidObjectState", "INVALID_OBJECT_STATE")
         if name == "blip.jpg":
             raise storage.StoreError(uri, f"{uri}: Connection reset by peer", "NETWORK_CONNECTION")
+        if name == "outage.jpg":  # as pyarrow says it, unnamed by storage
+            raise OSError(f"When reading information for key '{name}' in bucket 'faces': AWS Error "
+                          "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect")
         return sample.face_jpeg(0, 0)
 
     monkeypatch.setattr(storage, "read_bytes", read)
@@ -1426,6 +1440,8 @@ def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is
     assert [r["reason"] for r in rows] == ["", "unreadable", "unreadable"]
     with pytest.raises(storage.StoreError, match="Connection reset"):
         prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/blip.jpg"], 1 << 20)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/outage.jpg"], 1 << 20)
 
 
 def test_a_source_folder_the_os_will_not_list_exits_2_with_one_line_before_ray(tmp_path, capsys, monkeypatch):
