@@ -412,7 +412,8 @@ def usage_line(error: BaseException) -> str | None:
     """The one line saying what to fix, when `error` is (or wraps) bad input or settings;
     None for anything else. One line: Ray Data appends its retry advice to a task's error."""
     usage = find_usage_error(error)
-    return str(getattr(usage, "cause", None) or usage).splitlines()[0] if usage else None
+    # at "\n" only: splitlines() also ends a line at a carriage return in a file name
+    return str(getattr(usage, "cause", None) or usage).split("\n", 1)[0] if usage else None
 
 
 # the batch a command's workers hold in memory at once: what to lower when they run out
@@ -603,8 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deepfake-ray {args.command}: error: {shown(line)}", file=sys.stderr)
             return 2
         traceback.print_exc()
+        first_line = str(e).split("\n", 1)[0]
         print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "
-              f"{type(e).__name__}: {shown(str(e).splitlines()[0]) if str(e) else ''}", file=sys.stderr)
+              f"{type(e).__name__}: {shown(first_line)}", file=sys.stderr)
         return 1
 
 
