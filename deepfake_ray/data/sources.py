@@ -509,7 +509,8 @@ def unzip_all(folder: str, dataset: str) -> None:
             except UNEXTRACTABLE as e:
                 if path == download:
                     refuse_download(folder, dataset, path, e)
-                print(f"prepare: left out {storage.shown(os.path.relpath(path, folder))} of the Kaggle dataset {dataset}: "
+                name = storage.shown(os.path.relpath(path, folder))
+                print(f"prepare: left out {name} of the Kaggle dataset {dataset}: "
                       f"a zip that cannot be extracted ({zip_error(e)}); its files are not read")
             else:
                 if left_out:
