@@ -253,18 +253,11 @@ def preview(out: str, ds: ray.data.Dataset, chosen: dict[int, str]) -> None:
     storage.write_bytes(storage.join(out, "preview.png"), figures.grid_png(pixels))
 
 
-def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
-    """`deepfake-ray generate` before Ray starts: its encoding checked before complete fakes
-    are reported complete (they are not what a run at another quality should get), then
-    the summary of a current stage, else None. (Not a check of `pipeline`'s, which may be
-    about to store the reals anew at that quality.)"""
-    check_encoding(cfg)
-    return lineage.preflight(cfg, STAGE, force)
-
-
 def check_encoding(cfg: Config) -> None:
     """Fakes are encoded as the reals were stored: at another JPEG quality the detector
-    would learn the encoding instead of the faces."""
+    would learn the encoding instead of the faces. (Run alone, generate takes the reals'
+    quality before it starts, `lineage.as_made_upstream`, or refuses another one asked for;
+    this is `pipeline`'s check, which may be about to store the reals anew.)"""
     reals = storage.completed(datasets.data_dir(cfg.workdir)) or {}
     stored, asked = reals.get("settings", {}).get("data.jpeg_quality"), cfg.data.jpeg_quality
     if stored is not None and stored != asked:
