@@ -877,6 +877,41 @@ def test_files_that_crash_the_image_library_get_a_row_and_the_rest_are_scored(mo
     assert f"{len(GOOD)} scored, 1 unreadable" in scored.stdout
 
 
+def test_a_retried_scoring_task_skips_the_crashing_file_in_its_later_batches_too(ray_session, tmp_path):
+    """Over 6,400 files a scoring task decodes many batches, a call of read_and_decode
+    each. A retry's first batch must not forget the file an earlier try died on in its
+    second: every try died there again, and the whole score with them."""
+    from deepfake_ray import runtime
+    from deepfake_ray.data import crashes
+    from deepfake_ray.serving import score
+    from tests.images import crashing_jpeg
+
+    files = {**{f"face{i}.jpg": GOOD[f"face{i}.jpg"] for i in range(3)}, "crash.jpg": crashing_jpeg(0)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [str(tmp_path / name) for name in files]
+    crashing = files["crash.jpg"]
+
+    @ray.remote(max_retries=runtime.WORKER_RETRIES)  # by value: Ray's workers cannot import a test
+    def task():
+        real = score.decode_image
+        score.decode_image = lambda data, *a, **kw: os.kill(os.getpid(), signal.SIGKILL) if data == crashing \
+            else real(data, *a, **kw)
+        try:  # as Ray Data calls it: a batch at a time, in one task
+            return [score.read_and_decode({"index": np.arange(start, start + 2), "path": np.array(paths[start:start + 2]),
+                                           "raw_path": np.array([os.fsencode(p) for p in paths[start:start + 2]],
+                                                                dtype=object)},
+                                          resolution=32, max_pixels=10 ** 7, run="many-batches")["error"].tolist()
+                    for start in (0, 2)]
+        finally:  # the worker that lived on serves other tests' tasks
+            score.decode_image = real
+
+    with crashes.named_if_fatal("many-batches", "FOLDER"):
+        errors = ray.get(task.remote())
+    assert errors[0] == ["", ""] and errors[1][0] == "", errors
+    assert errors[1][1].startswith(f"{crashes.REASON}: "), errors
+
+
 def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypatch):
     """Not one "unreadable" row per file, as if the files were damaged: the store's failure
     (network, credentials) is raised from the scoring task, and explained as one line."""

@@ -52,8 +52,10 @@ def task_attempt() -> int:
 
 class CrashWatch:
     """The notes of one task of a run, `key` ("RUN/TASK"), on its try `attempt`; used as
-    a context, whose end (the task's, done or failed as Python fails) removes them: only a
-    worker's death leaves them."""
+    a context around each batch the task decodes. The list of files set aside outlives the
+    context: Ray Data calls a task's function once per batch (score's blocks of over 6,400
+    files hold many), and a retry's later batch must still skip the file an earlier try
+    died on. The run's end removes the notes (`named_if_fatal`)."""
 
     def __init__(self, key: str | None, attempt: int):
         self.note, self.list = (f"{key}.{n}" for n in NOTES)
@@ -71,8 +73,8 @@ class CrashWatch:
         return self
 
     def __exit__(self, *_) -> None:
-        for note in (self.note, self.list) if self.retried else ():
-            delete(note)
+        if self.retried:  # the batch ended as Python ends: no file of it is being decoded
+            delete(self.note)
 
     @contextlib.contextmanager
     def decoding(self, path: str) -> Iterator[None]:
