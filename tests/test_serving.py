@@ -699,8 +699,11 @@ def test_the_file_limit_counts_files_whatever_ends_the_lines(newline):
         assert refused.value.status == 400
 
 
-def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
+def test_scoring_a_folder_gives_every_file_a_row(scored, model_dir, capsys):
     summary, rows = scored
+    # what made each label, as the HTTP service answers it
+    model = checkpoint.model_id(checkpoint.load_meta(model_dir))
+    assert {(r["threshold"], r["model"]) for r in rows.values()} == {(0.5, model)}
     assert set(rows) == set(GOOD) | set(BAD) | {"caf\\xe9.jpg", "huge.png"}
     assert rows["caf\\xe9.jpg"]["error"] == "" and rows["caf\\xe9.jpg"]["label"] in ("real", "fake")
     for name in GOOD:
@@ -713,6 +716,32 @@ def test_scoring_a_folder_gives_every_file_a_row(scored, capsys):
         assert rows[name]["p_fake"] is None and rows[name]["label"] == ""
     assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 4, len(GOOD) + 1, 3)
     assert summary["fakes"] == sum(r["label"] == "fake" for r in rows.values())
+
+
+def test_a_table_another_model_scored_is_not_taken_for_a_done_rerun(scored, model_dir, images_dir, tmp_path,
+                                                                    capsys):
+    """score without --force keeps an existing table: a scheduled job scoring with a
+    retrained model must not exit 0 on the old model's labels, nor keep a file that is
+    no table of scores."""
+    out = scored[0]["out"]
+    retrained = str(tmp_path / "retrained")
+    export_test_model(retrained, broken=True)  # other weights: another model id
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", images_dir, "--out", out]
+    assert cli.main(argv) == 0
+    assert f"score: {out} already exists; pass --force" in capsys.readouterr().out
+    argv[argv.index(model_dir)] = retrained
+    assert cli.main(argv) == 2
+    new = checkpoint.model_id(checkpoint.load_meta(retrained))
+    assert error_lines(capsys) == [
+        f"deepfake-ray score: error: --out {out} holds the scores of model "
+        f"{checkpoint.model_id(checkpoint.load_meta(model_dir))}, and --model is now {new}: "
+        "pass --force to score again with it, or another --out"]
+    not_scores = tmp_path / "notes.csv"
+    not_scores.write_bytes(b"\xff\xfe a spreadsheet saved as UTF-16\n")
+    argv[argv.index(out)] = str(not_scores)
+    assert cli.main(argv) == 2
+    assert error_lines(capsys) == [f"deepfake-ray score: error: --out {not_scores} exists and is not a "
+                                   "table score wrote: pass --force to replace it, or another --out"]
 
 
 @pytest.mark.parametrize("cluster_cpus,cpus_per_worker,actors,actor_cpus", [
@@ -761,7 +790,7 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     summary = score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)
     assert "fake share" in capsys.readouterr().out
     lines = storage.read_text(out).splitlines()
-    assert lines[0] == '"path","p_fake","label","error"'
+    assert lines[0] == '"path","p_fake","label","error","threshold","model"'
     assert [line.split(",")[0].strip('"') for line in lines[1:]] == paths  # input order kept
     assert '"unreadable' in lines[-2] and ',"",' in lines[-2]  # no p_fake, no label
     assert '"unreadable: ValueError: embedded null byte' in lines[-3]

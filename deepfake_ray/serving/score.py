@@ -5,7 +5,9 @@
 Files are read and decoded in parallel Ray Data tasks (with the same decoder and
 settings as the HTTP service) and scored by the Predictor in an actor pool, one GPU
 per actor when the cluster has GPUs. Every input file gets one row (path, p_fake,
-label, error): an unreadable or non-image file is a row with its reason, not a crash.
+label, error, threshold, model): an unreadable or non-image file is a row with its
+reason, not a crash; threshold and model say what made the label, so tables of several
+models' runs can be put together.
 """
 from __future__ import annotations
 
@@ -157,8 +159,10 @@ class ScoreActor:
                     errors[i] = error_text(answer)
                 else:
                     labels[i] = answer["label"]
+        # the actor's own: a model exported again to the same place mid-run shows in the rows
         return {"index": batch["index"], "path": batch["path"], "p_fake": p_fake,
-                "label": labels, "error": errors}
+                "label": labels, "error": errors, "threshold": np.full(len(ok), self.predictor.threshold),
+                "model": np.array([self.predictor.model_id] * len(ok), dtype=object)}
 
 
 class Pool(NamedTuple):
@@ -191,7 +195,8 @@ def pool(cfg: Config) -> Pool:
 
 
 def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None) -> pa.Table:
-    """path, p_fake (null when unreadable), label, error: one row per path, in input order;
+    """path, p_fake (null when unreadable), label, error, threshold, model: one row per
+    path, in input order;
     `path` as given, for joining back (a `manifest`'s relative ones are read from beside it)."""
     import ray
 
@@ -221,7 +226,7 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
     p_fake = table.column("p_fake")
     table = table.set_column(table.schema.get_field_index("p_fake"), "p_fake",
                              pc.if_else(pc.is_nan(p_fake), pa.scalar(None, pa.float64()), p_fake))
-    return table.select(["path", "p_fake", "label", "error"])
+    return table.select(["path", "p_fake", "label", "error", "threshold", "model"])
 
 
 def write_table(table: pa.Table, out: str) -> None:
@@ -242,7 +247,7 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
     return {"files": table.num_rows, "scored": scored, "errors": len(errors), "unscored": unscored,
             "unreadable": len(errors) - unscored, "fakes": fakes,
             "fake_share": fakes / scored if scored else 0.0, "seconds": round(seconds, 2),
-            "out": out, "model": checkpoint.model_id(meta)}
+            "out": out, "model": checkpoint.model_id(meta), "threshold": float(meta.get("threshold", 0.5))}
 
 
 UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
@@ -296,10 +301,29 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
         list_inputs(src, out)
     check_out(out)
     if storage.exists(out) and not force:
+        check_scored_by(out, checkpoint.model_id(checkpoint.load_meta(model)))
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
     check_writable(out)
     return None
+
+
+def check_scored_by(out: str, model_id: str) -> None:
+    """An existing table is the answer of a rerun only when the same model made it: a
+    scheduled job scoring with a retrained model would otherwise keep the old labels,
+    exit 0. Tables written before the model column was kept are taken as they are."""
+    import pyarrow.dataset as pa_ds
+
+    fs, path = storage.resolve(out)
+    try:
+        found = pa_ds.dataset(path, filesystem=fs, format="csv" if out.lower().endswith(".csv") else "parquet")
+        first = found.head(1, columns=["model"]).column("model").to_pylist() if "model" in found.schema.names else []
+    except ValueError:  # ArrowInvalid, UnicodeDecodeError: not a table score wrote: scoring would replace it with --force
+        raise UsageError(f"--out {out} exists and is not a table score wrote: pass --force to "
+                         "replace it, or another --out") from None
+    if first and first[0] != model_id:
+        raise UsageError(f"--out {out} holds the scores of model {first[0]}, and --model is now {model_id}: "
+                         "pass --force to score again with it, or another --out")
 
 
 def check_out(out: str) -> None:
@@ -352,5 +376,6 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
           f"{s['unreadable']} unreadable{broken}; fake share {s['fake_share']:.1%} "
-          f"({s['fakes']}/{s['scored']}) by {s['model']} -> {out}", flush=True)
+          f"({s['fakes']}/{s['scored']}) by {s['model']} at threshold {s['threshold']:.4g} -> {out}",
+          flush=True)
     return s
