@@ -68,6 +68,10 @@ class DetectorConfig:
     hub_name: str = "inception_resnet_v2.tf_in1k"
     freeze_backbone_epochs: int = 0
     hflip: bool = True
+    # bfloat16 autocast on GPUs that compute in it: on an H200 it trained Inception-ResNet-v2
+    # slower than fp32 (2,396 against 2,836 images/s; docs/performance.md), and a model is
+    # evaluated and served in the precision it was validated in
+    mixed_precision: bool = False
     # after each epoch, batch-norm statistics are recomputed from this many of the
     # epoch's last training inputs (0: off); see models.detector.recalibrate_batchnorm
     bn_recalibration_images: int = 256

@@ -838,3 +838,20 @@ def test_workers_flip_different_images_and_still_do_after_a_resume(monkeypatch):
         assert not torch.equal(flips(0, checkpointed), flips(1, checkpointed))
     finally:
         torch.set_rng_state(saved)
+
+
+def test_a_detector_is_scored_on_a_gpu_in_the_precision_it_was_validated_in(monkeypatch):
+    """detector.mixed_precision (off: fp32 trained faster on an H200) is the precision of
+    training and validation, which chooses the threshold; evaluate and serving take it
+    from the model, and models exported before the setting keep the bfloat16 they had."""
+    from deepfake_ray import config
+    from deepfake_ray.models import detector_autocast
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    for preset in ("demo", "celeb100k"):
+        assert detector_autocast({"config": config.to_dict(config.build(preset))}, gpu) is None
+    mixed = {"config": config.to_dict(config.build("celeb100k", None, ["detector.mixed_precision=true"]))}
+    assert detector_autocast(mixed, gpu) is torch.bfloat16
+    assert detector_autocast({"config": {"detector": {}}}, gpu) is torch.bfloat16  # exported before it
+    assert detector_autocast(mixed, cpu) is None

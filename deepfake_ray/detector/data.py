@@ -239,14 +239,14 @@ class Scorer:
     def __init__(self, model_uri: str, conditions: list[str]):
         import torch
 
-        from deepfake_ray.models import autocast_dtype, detector
+        from deepfake_ray.models import detector, detector_autocast
         from deepfake_ray.serving.predictor import stored_quality
 
         state, self.meta = checkpoint.load_model(model_uri)
         self.device = torch.device(runtime.assigned_device())
         self.model = detector.from_meta(self.meta, state).to(self.device)
         self.conditions, self.quality = conditions, stored_quality(self.meta)
-        self.amp = autocast_dtype(self.device)
+        self.amp = detector_autocast(self.meta, self.device)
         runtime.freeze_startup_objects()  # as the scoring actor's (serving/score.py)
 
     def __call__(self, batch: dict) -> dict:

@@ -38,7 +38,7 @@ def train_loop(loop: dict) -> None:
     training.setup_worker(cfg)
     d = cfg.detector
     device = training.device()
-    amp = autocast_dtype(device)
+    amp = autocast_dtype(device, d.mixed_precision)
     model, optimizer, state = setup(loop, cfg, device)
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     history = list(state["history"]) if state else []

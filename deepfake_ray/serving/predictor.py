@@ -75,7 +75,7 @@ class Predictor:
                  device: str | None = None, threads: int | None = None, frozen: bool = True):
         import torch
 
-        from deepfake_ray.models import autocast_dtype, detector
+        from deepfake_ray.models import detector, detector_autocast
 
         if threads:
             torch.set_num_threads(threads)
@@ -92,7 +92,7 @@ class Predictor:
                       else detector.FromPixels(model, meta).eval())
         # on a GPU, the precision validation (which chose the threshold) and evaluate ran
         # in: served scores are the evaluated ones
-        self.amp = autocast_dtype(self.device)
+        self.amp = detector_autocast(meta, self.device)
         self.resolution = int(meta["resolution"])
         self.quality = stored_quality(meta)
         self.threshold = float(meta.get("threshold", 0.5))
