@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             said = f"{stopped}; run {again}"
             if args.command in WRITERS:  # score, serve and report have no stages to skip
                 said += ": finished stages are skipped and a training resumes from its last checkpoint"
+            elif args.command == "score" and not args.force:
+                said += ": it resumes from the files scored so far"
         code = 143 if by_sigterm(e) else 130
         if argv is None:
             quiet_ray_output()

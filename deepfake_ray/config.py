@@ -127,6 +127,9 @@ class ServeConfig:
     target_ongoing_requests: int = 16
     gpus_per_replica: float = 0.0  # 0: one GPU per replica when the cluster has GPUs
     score_batch_size: int = 32
+    # `score` keeps each part of this many files as it is done, and a stopped run resumes
+    # from them: each part starts its own actors (seconds), so not too few files
+    score_part_files: int = 100_000
     # per replica; 0: 8 x max_batch_size. Never below max_batch_size (batches could not
     # fill); generous, because a full replica makes Serve's router back off and retry,
     # which starves the batch queue (measured: batch 7 instead of 16 at 64 clients)
@@ -311,7 +314,7 @@ LIMITS = {
     "serve.max_body_bytes": (1, None), "serve.max_files_per_request": (1, None),
     "serve.min_replicas": (0, None), "serve.max_replicas": (1, None),
     "serve.target_ongoing_requests": (1, None), "serve.gpus_per_replica": (0.0, None),
-    "serve.score_batch_size": (1, None), "serve.max_ongoing_requests": (0, None, "0: 8 x max_batch_size"),
+    "serve.score_batch_size": (1, None), "serve.score_part_files": (1, None), "serve.max_ongoing_requests": (0, None, "0: 8 x max_batch_size"),
     "serve.cpus_per_replica": (0.0, None), "serve.score_actors": (0, None, "0 sizes the pool itself"),
     # above 1 every weight diverges at once
     **{key: (0.0, 1.0, "Adam's learning rate: 1e-5 to 1e-2 train these models")

@@ -194,21 +194,73 @@ def pool(cfg: Config) -> Pool:
     return Pool(actors, min(cfg.resources.cpus_per_worker, max(1.0, 0.75 * total / actors)), 0.0)
 
 
-def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None) -> pa.Table:
+def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None,
+                parts: str | None = None) -> pa.Table:
     """path, p_fake (null when unreadable), label, error, threshold, model: one row per
-    path, in input order;
-    `path` as given, for joining back (a `manifest`'s relative ones are read from beside it)."""
+    path, in input order; `path` as given, for joining back (a `manifest`'s relative ones
+    are read from beside it). Scored serve.score_part_files files at a time, each such part
+    kept in the folder `parts` until the table is written, so that a stopped run resumes."""
+    model_id = checkpoint.model_id(checkpoint.load_meta(model))
+    shown = [storage.printable(p) for p in paths]
+    done = parts_done(parts, shown, model_id) if parts else None
+    tables = [done] if done is not None and done.num_rows else []
+    todo = np.setdiff1d(np.arange(len(paths)), done.column("index").to_numpy() if tables else [])
+    if tables:
+        print(f"score: resuming: {len(paths) - len(todo):,} of {len(paths):,} files scored already "
+              f"(kept in {parts})", flush=True)
+    size = cfg.serve.score_part_files
+    for start in range(0, len(todo), size):
+        part = score_part(cfg, model, todo[start:start + size], shown, paths, source, manifest)
+        if parts:
+            storage.write_parquet(storage.join(parts, f"part-{uuid.uuid4().hex}.parquet"), part)
+        tables.append(part)
+        if len(todo) > size:
+            print(f"score: {len(paths) - len(todo) + min(start + size, len(todo)):,} of {len(paths):,} "
+                  "files scored", flush=True)
+    table = pa.concat_tables(tables).sort_by("index").drop_columns(["index"])
+    p_fake = table.column("p_fake")
+    table = table.set_column(table.schema.get_field_index("p_fake"), "p_fake",
+                             pc.if_else(pc.is_nan(p_fake), pa.scalar(None, pa.float64()), p_fake))
+    return table.select(["path", "p_fake", "label", "error", "threshold", "model"])
+
+
+def parts_folder(out: str) -> str:
+    """Where a run keeps its finished parts: hidden beside --out, so that a folder scored
+    into itself never lists them as inputs."""
+    folder, name = out.rsplit("/", 1)
+    return f"{folder}/.{name}.parts"
+
+
+def parts_done(parts: str, shown: list[str], model_id: str) -> pa.Table | None:
+    """The rows a stopped run of this model kept for these inputs: a row counts where its
+    index still holds its path (an input list changed since is scored where it changed)."""
+    if not storage.is_dir(parts):
+        return None
+    kept = [storage.read_parquet(f) for f in storage.list_files(parts) if f.endswith(".parquet")]
+    if not kept:
+        return None
+    rows = pa.concat_tables(kept)
+    index = rows.column("index").to_numpy()
+    same = [bool(i < len(shown) and shown[i] == p) for i, p in zip(index, rows.column("path").to_pylist())]
+    rows = rows.filter(pa.array(same, pa.bool_()))
+    rows = rows.filter(pc.equal(rows.column("model"), model_id))
+    _, first = np.unique(rows.column("index").to_numpy(), return_index=True)  # a part written twice
+    return rows.take(pa.array(first, pa.int64()))
+
+
+def score_part(cfg: Config, model: str, indices: np.ndarray, shown: list[str], paths: list[str], source: str,
+               manifest: str | None) -> pa.Table:
+    """The rows of the inputs at `indices`, with their index."""
     import ray
 
     run = uuid.uuid4().hex  # names the notes of its tasks (`crashes`)
-
     meta = checkpoint.load_meta(model)
     actors = pool(cfg)
     batch = cfg.serve.score_batch_size
     # a file name that is not UTF-8 travels as bytes (Arrow strings must be UTF-8) and is
     # written with \xNN escapes, as prepare's manifest does
-    items = [{"index": i, "path": storage.printable(p), "raw_path": os.fsencode(located(p, manifest))}
-             for i, p in enumerate(paths)]
+    items = [{"index": int(i), "path": shown[i], "raw_path": os.fsencode(located(paths[i], manifest))}
+             for i in indices]
     # a block per batch, up to 200 blocks: 1,000 files in 31 blocks made batches of 32 and 1
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // batch))))
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
@@ -221,12 +273,7 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
                                    **resources, fn_constructor_kwargs={
                                        "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": actors.threads})
     with crashes.named_if_fatal(run, source):
-        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    table = table.sort_by("index").drop_columns(["index"])
-    p_fake = table.column("p_fake")
-    table = table.set_column(table.schema.get_field_index("p_fake"), "p_fake",
-                             pc.if_else(pc.is_nan(p_fake), pa.scalar(None, pa.float64()), p_fake))
-    return table.select(["path", "p_fake", "label", "error", "threshold", "model"])
+        return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
 def write_table(table: pa.Table, out: str) -> None:
@@ -300,7 +347,8 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
         # a manifest is read once, by the run
         list_inputs(src, out)
     check_out(out)
-    if storage.exists(out) and not force:
+    # a stopped run's parts: resumed, even over a table an earlier run wrote (a --force stopped)
+    if storage.exists(out) and not force and not storage.is_dir(parts_folder(out)):
         check_scored_by(out, checkpoint.model_id(checkpoint.load_meta(model)))
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
@@ -369,9 +417,17 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     paths = list_inputs(src, out)
     started = time.time()
     manifest = is_manifest(src)
-    table = score_table(cfg, model, paths, src, manifest=src if manifest else None)
-    check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
+    parts = parts_folder(out)
+    if force:  # starts over
+        storage.delete_dir(parts)
+    table = score_table(cfg, model, paths, src, manifest=src if manifest else None, parts=parts)
+    try:
+        check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
+    except UsageError:  # nor resume from rows of a setup that was wrong
+        storage.delete_dir(parts)
+        raise
     write_table(table, out)
+    storage.delete_dir(parts)
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
