@@ -623,8 +623,12 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
         model=model, max_batch_size=4, batch_wait_timeout_s=0.01, max_body_bytes=MAX_BODY,
         max_pixels=cfg.data.max_pixels, model_id=deployed)
     try:
-        with pytest.raises(RuntimeError, match="Deploying application pinned failed"):
-            serve.run(bound, name="pinned", route_prefix="/pinned", blocking=False)
+        with pytest.raises(RuntimeError) as failed:  # as `deepfake-ray serve` deploys
+            app.deploy(bound, "pinned", "/pinned")
+        # its last line: the replica's error, not Serve's "Failed to update the deployments"
+        told = str(failed.value).split("\n", 1)[0]
+        assert told.startswith("the service's replica did not start: RuntimeError: the model at ") \
+            and told.endswith(f"args.model_id: {retrained})"), told
         # what `serve status` shows for the deployment
         said = serve.status().applications["pinned"].deployments["Detector"].message
         assert f"set args.model_id: {retrained}" in said, said

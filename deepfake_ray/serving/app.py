@@ -400,7 +400,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         check_not_served_already()
     try:
         start_serve(host, port)
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        deploy(app)
         print(f"serving {model_id} at {url}  (POST {url}/v1/detect, docs {url}/docs; "
               f"{runtime.serve_ingress()} ingress; ready in {time.time() - started:.0f}s; "
               "Ctrl-C stops)", flush=True)
@@ -417,6 +417,29 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
             drain()
         remove_haproxy_folder()
     return {"url": url, "model": model_id}
+
+
+def deploy(app, name: str = APP_NAME, route_prefix: str = "/") -> None:
+    """serve.run, whose error when a replica cannot start names no cause ("Failed to update
+    the deployments ['Detector']"): the replica's own error is taken from Serve's status,
+    its last line first, and then its traceback."""
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    except RuntimeError as e:
+        if said := replica_start_failure(name):
+            cause = said.rstrip().rsplit("\n", 1)[-1].strip()
+            raise RuntimeError(f"the service's replica did not start: {cause}\n{said}") from e
+        raise
+
+
+def replica_start_failure(app_name: str) -> str | None:
+    """What Serve says kept the application's replicas from starting (it ends with the
+    replica's error), without terminal colours; None when it says nothing."""
+    import re
+
+    application = serve.status().applications.get(app_name)
+    said = [d.message for d in (application.deployments.values() if application else ()) if d.message]
+    return re.sub(r"\x1b\[[0-9;]*m", "", said[0]) if said else None
 
 
 def check_fits(cfg: Config) -> None:
