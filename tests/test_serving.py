@@ -1346,6 +1346,29 @@ def test_a_helper_decodes_as_the_replica_does_and_refuses_alike():
             assert np.array_equal(got, expected)
 
 
+def test_uploads_a_dead_helper_took_down_are_decoded_again_in_one_helper_not_one_each():
+    """A helper's death fails every upload it held or queued. Each is decoded again alone,
+    where only the crashing file ends its helper; that helper stays for the next one: a
+    fresh one for each (~0.4 s to start) held the last of many queued uploads for seconds."""
+    from deepfake_ray.data import crashes
+    from deepfake_ray.data.decode import DecodeError
+    from deepfake_ray.serving.isolation import DecodeHelpers
+    from tests.processes import helper_pid_or_death
+
+    async def in_helpers(files: list[bytes]) -> list:
+        helpers = DecodeHelpers(1, 32, 10 ** 6, 90)
+        helpers.decode = helper_pid_or_death
+        try:
+            return await asyncio.gather(*(helpers(data) for data in files), return_exceptions=True)
+        finally:
+            helpers.close()
+
+    first, crashed, *queued = asyncio.run(in_helpers([b"first", b"crash", *(b"queued %d" % i for i in range(4))]))
+    assert isinstance(crashed, DecodeError) and crashed.reason == crashes.REASON, crashed
+    assert all(isinstance(pid, int) for pid in [first, *queued]), queued
+    assert first not in queued and len(set(queued)) == 1, (first, queued)
+
+
 def test_decode_helpers_end_once_the_process_that_started_them_is_killed(tmp_path):
     """Ray ends a worker's children when the worker exits of itself; a replica killed
     (a crash, the kernel's OOM killer) must not leave its helpers waiting on their pool."""

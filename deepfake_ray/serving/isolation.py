@@ -53,6 +53,7 @@ class DecodeHelpers:
                                         quality=quality)
         self.pool = self.started(workers)
         self.alone = asyncio.Lock()
+        self.alone_pool: ProcessPoolExecutor | None = None  # started at the first death
 
     @staticmethod
     def started(workers: int) -> ProcessPoolExecutor:
@@ -74,17 +75,22 @@ class DecodeHelpers:
 
     async def decoded_alone(self, data: bytes) -> np.ndarray:
         """Again, in a helper of its own, one file at a time: of the decodes a dead helper
-        took down, only the file that ends this one too is to blame."""
+        took down, only the file that ends this one too is to blame. The helper lives on
+        until a file ends it: one started for each file (~0.4 s) held the last of many
+        uploads queued beside a crashing one for seconds."""
         async with self.alone:
-            one = self.started(1)
+            if self.alone_pool is None:
+                self.alone_pool = self.started(1)
             try:
-                return await asyncio.get_running_loop().run_in_executor(one, self.decode, data)
+                return await asyncio.get_running_loop().run_in_executor(self.alone_pool, self.decode, data)
             except BrokenProcessPool:
+                self.alone_pool.shutdown(wait=False)
+                self.alone_pool = None
                 raise DecodeError(crashes.REASON, DIED) from None
-            finally:
-                one.shutdown(wait=False)
 
     def close(self) -> None:
         """Helpers ended, and their pool's semaphores removed, as the replica stops (left
         to Ray, which kills a stopping worker's children, each stop left five in /dev/shm)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self.pool, self.alone_pool):
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
