@@ -578,15 +578,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
-        if args.force and stage_changes() == changes:  # the complete stages are still the old ones
+        if args.command == "score":  # its parts are kept, --force or not
+            said = f"{stopped}; run the same command again: it resumes from the files scored so far"
+        elif args.force and stage_changes() == changes:  # the complete stages are still the old ones
             said = f"{stopped} before anything was replaced; run the same command again"
         else:
             again = "the same command again" if not args.force else "it again without --force (which starts over)"
             said = f"{stopped}; run {again}"
-            if args.command in WRITERS:  # score, serve and report have no stages to skip
+            if args.command in WRITERS:  # serve and report have no stages to skip
                 said += ": finished stages are skipped and a training resumes from its last checkpoint"
-            elif args.command == "score" and not args.force:
-                said += ": it resumes from the files scored so far"
         code = 143 if by_sigterm(e) else 130
         if argv is None:
             quiet_ray_output()

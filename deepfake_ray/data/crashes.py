@@ -53,9 +53,9 @@ def task_attempt() -> int:
 class CrashWatch:
     """The notes of one task of a run, `key` ("RUN/TASK"), on its try `attempt`; used as
     a context around each batch the task decodes. The list of files set aside outlives the
-    context: Ray Data calls a task's function once per batch (score's blocks of over 6,400
-    files hold many), and a retry's later batch must still skip the file an earlier try
-    died on. The run's end removes the notes (`named_if_fatal`)."""
+    context: Ray Data calls a task's function once per batch (score's blocks hold many
+    once a part has over 6,400 files), and a retry's later batch must still skip the file
+    an earlier try died on. The run's end removes the notes (`named_if_fatal`)."""
 
     def __init__(self, key: str | None, attempt: int):
         self.note, self.list = (f"{key}.{n}" for n in NOTES)

@@ -11,6 +11,7 @@ models' runs can be put together.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
@@ -100,6 +101,9 @@ def located(path: str, manifest: str | None) -> str:
     return storage.normalize(os.path.join(os.path.dirname(storage.normalize(manifest)), path))
 
 
+NO_PATH = "no path: "
+
+
 def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int | None = None,
                     run: str = "") -> dict:
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason; a file
@@ -116,7 +120,7 @@ def decode_into(pixels: np.ndarray, i: int, raw: bytes, watch: crashes.CrashWatc
                 max_pixels: int, quality: int | None) -> str:
     """Decodes one file into pixels[i]; its error ("" for none)."""
     if not raw:
-        return "no path: the manifest's row is empty"
+        return NO_PATH + "the manifest's row is empty"
     path = os.fsdecode(bytes(raw))
     try:
         data = storage.read_bytes(path, decode.max_file_bytes(max_pixels))
@@ -224,26 +228,42 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
     return table.select(["path", "p_fake", "label", "error", "threshold", "model"])
 
 
-def parts_folder(out: str) -> str:
-    """Where a run keeps its finished parts: hidden beside --out, so that a folder scored
-    into itself never lists them as inputs."""
+def parts_root(out: str) -> str:
+    """Where runs into `out` keep their finished parts: hidden beside it, so that a folder
+    scored into itself never lists them as inputs."""
     folder, name = out.rsplit("/", 1)
     return f"{folder}/.{name}.parts"
 
 
+def parts_folder(out: str, src: str) -> str:
+    """A run's parts, by its --input: two manifests listing the same relative paths (of
+    files beside each) must not take each other's rows."""
+    return storage.join(parts_root(out), hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:16])
+
+
 def parts_done(parts: str, shown: list[str], model_id: str) -> pa.Table | None:
     """The rows a stopped run of this model kept for these inputs: a row counts where its
-    index still holds its path (an input list changed since is scored where it changed)."""
+    index still holds its path (an input list changed since is scored where it changed).
+    A file that could not be read is read again: its cause (a folder not yet copied, a
+    right not granted) may have been fixed since."""
     if not storage.is_dir(parts):
         return None
-    kept = [storage.read_parquet(f) for f in storage.list_files(parts) if f.endswith(".parquet")]
+    kept = []
+    for part in (f for f in storage.list_files(parts) if f.endswith(".parquet")):
+        try:
+            kept.append(storage.read_parquet(part))
+        except (OSError, pa.ArrowInvalid) as e:  # not one of ours (writes are atomic): its files scored again
+            print(f"score: note: left out {storage.shown(part)}, which cannot be read ({type(e).__name__})",
+                  flush=True)
     if not kept:
         return None
     rows = pa.concat_tables(kept)
     index = rows.column("index").to_numpy()
     same = [bool(i < len(shown) and shown[i] == p) for i, p in zip(index, rows.column("path").to_pylist())]
     rows = rows.filter(pa.array(same, pa.bool_()))
-    rows = rows.filter(pc.equal(rows.column("model"), model_id))
+    rows = rows.filter(pc.and_(pc.equal(rows.column("model"), model_id),
+                               pc.invert(pc.or_(pc.starts_with(rows.column("error"), UNREAD),
+                                                pc.starts_with(rows.column("error"), NO_PATH)))))
     _, first = np.unique(rows.column("index").to_numpy(), return_index=True)  # a part written twice
     return rows.take(pa.array(first, pa.int64()))
 
@@ -348,7 +368,7 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
         list_inputs(src, out)
     check_out(out)
     # a stopped run's parts: resumed, even over a table an earlier run wrote (a --force stopped)
-    if storage.exists(out) and not force and not storage.is_dir(parts_folder(out)):
+    if storage.exists(out) and not force and not storage.is_dir(parts_folder(out, src)):
         check_scored_by(out, checkpoint.model_id(checkpoint.load_meta(model)))
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
@@ -365,10 +385,13 @@ def check_scored_by(out: str, model_id: str) -> None:
     fs, path = storage.resolve(out)
     try:
         found = pa_ds.dataset(path, filesystem=fs, format="csv" if out.lower().endswith(".csv") else "parquet")
-        first = found.head(1, columns=["model"]).column("model").to_pylist() if "model" in found.schema.names else []
-    except ValueError:  # ArrowInvalid, UnicodeDecodeError: not a table score wrote: scoring would replace it with --force
+        names = found.schema.names
+    except ValueError:  # ArrowInvalid, UnicodeDecodeError
+        names = []
+    if not {"path", "p_fake", "label", "error"} <= set(names):  # a manifest, a spreadsheet, another file
         raise UsageError(f"--out {out} exists and is not a table score wrote: pass --force to "
-                         "replace it, or another --out") from None
+                         "replace it, or another --out")
+    first = found.head(1, columns=["model"]).column("model").to_pylist() if "model" in names else []
     if first and first[0] != model_id:
         raise UsageError(f"--out {out} holds the scores of model {first[0]}, and --model is now {model_id}: "
                          "pass --force to score again with it, or another --out")
@@ -417,9 +440,8 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     paths = list_inputs(src, out)
     started = time.time()
     manifest = is_manifest(src)
-    parts = parts_folder(out)
-    if force:  # starts over
-        storage.delete_dir(parts)
+    # kept by --force too: only this model's rows of these inputs are taken from them
+    parts = parts_folder(out, src)
     table = score_table(cfg, model, paths, src, manifest=src if manifest else None, parts=parts)
     try:
         check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
@@ -427,7 +449,11 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
         storage.delete_dir(parts)
         raise
     write_table(table, out)
-    storage.delete_dir(parts)
+    try:  # every input's: the table is written
+        storage.delete_dir(parts_root(out))
+    except OSError as e:
+        print(f"score: note: could not remove {storage.shown(parts_root(out))} ({type(e).__name__}): "
+              "remove it, or the next run into --out resumes from it", flush=True)
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
