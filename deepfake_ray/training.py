@@ -43,11 +43,10 @@ def scaling(cfg: Config) -> ScalingConfig:
                          resources_per_worker={"CPU": cfg.resources.cpus_per_worker})
 
 
-def check_fits(cfg: Config, trial_cpus: float = 0.0) -> None:
+def check_fits(cfg: Config) -> None:
     """UsageError where the in-process Ray cannot hold a run's workers: nothing can add a
     node there, and Ray Train would retry their start every minute without end; workers
-    holding every CPU would also leave none for the Ray Data task that feeds them (nor
-    would a Tune trial's `trial_cpus` beside them: its epochs then wait forever)."""
+    holding every CPU would also leave none for the Ray Data task that feeds them."""
     if not runtime.in_process():
         return
     r, have = cfg.resources, ray.cluster_resources()
@@ -55,11 +54,10 @@ def check_fits(cfg: Config, trial_cpus: float = 0.0) -> None:
     if runtime.use_gpus(r.use_gpu) and r.workers > gpus:
         raise UsageError(f"resources.workers={r.workers} asks for {r.workers} GPUs and this machine has "
                          f"{gpus}: pass --set resources.workers={gpus}")
-    if (wanted := r.workers * r.cpus_per_worker + r.data_cpus + trial_cpus) > cpus:
-        fit_cpus = (cpus - r.data_cpus - trial_cpus) / r.workers
-        trial = f" + {trial_cpus:g} (the Tune trial that runs them)" if trial_cpus else ""
+    if (wanted := r.workers * r.cpus_per_worker + r.data_cpus) > cpus:
+        fit_cpus = (cpus - r.data_cpus) / r.workers
         raise UsageError(f"resources.workers={r.workers} x resources.cpus_per_worker={r.cpus_per_worker:g} "
-                         f"+ resources.data_cpus={r.data_cpus:g} (a Ray Data task beside them){trial} is {wanted:g} "
+                         f"+ resources.data_cpus={r.data_cpus:g} (a Ray Data task beside them) is {wanted:g} "
                          f"CPUs and the in-process Ray has {cpus:g}: lower them"
                          + (f", e.g. --set resources.cpus_per_worker={fit_cpus:g}" if fit_cpus > 0 else ""))
 

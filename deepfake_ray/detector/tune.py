@@ -1,9 +1,10 @@
 """`deepfake-ray tune`: a Ray Tune learning-rate sweep over the detector fine-tune.
 
 Each trial is a Tune function that runs the same Ray Train fine-tune as
-train-detector (Train V2: it builds the TorchTrainer with TuneReportCallback), with a
-log-uniform learning rate; ASHA stops weak trials at its rungs. An interrupted sweep
-resumes with Tuner.restore, and each unfinished trial's Train run from its checkpoint.
+train-detector (Train V2: it builds the TorchTrainer with TuneReportCallback), at a
+learning rate drawn log-uniformly from the run's seed; ASHA stops weak trials at its
+rungs. An interrupted sweep resumes with Tuner.restore, and each unfinished trial's Train
+run from its checkpoint.
 
     WORKDIR/tune/                      the Tune experiment (restorable)
     WORKDIR/tune/trials/ID/            each trial's Train run (its checkpoints deleted once
@@ -19,6 +20,7 @@ import math
 import os
 import time
 
+import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import ray
@@ -30,7 +32,11 @@ from deepfake_ray.config import Config
 from deepfake_ray.detector import data, train
 from deepfake_ray.errors import UsageError
 
-TRIAL_CPU = 0.1  # a trial only drives its Train run; the workers hold the real resources
+# A trial only drives its Train run (the workers hold the real resources), from the head
+# node, as train-detector's driver does: on a CPU worker, a spot node's reclaim ended every
+# trial on it at once, each of Tune's retries spent so; and its tenth of a CPU there left
+# the in-process Ray's data tasks none where the workers and one task just fit
+TRIAL_RESOURCES = {"CPU": 0, "node:__internal_head__": 0.001}
 # val ROC-AUC, but -1 for a diverged epoch: its NaN never falls below ASHA's cutoff, so a
 # trial at a rate too high would train every epoch
 METRIC, MODE = "val_score", "max"
@@ -60,16 +66,18 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return plan.done
     selection = data.select(cfg, splits=("train", "val"))
     pretrained = train.resolve_pretrained(cfg)
-    training.check_fits(cfg, TRIAL_CPU)  # one trial at least
+    training.check_fits(cfg)  # one trial at least
     if plan.redo:
         lineage.clear(out)
     lineage.start(cfg, STAGE, plan)
     started = time.time()
-    views = data.training_views(cfg, selection)  # decoded once, shared by every trial
-    tuner = make_tuner(cfg, selection, pretrained, views)
-    print(f"tune: {cfg.tune.samples} trials x {cfg.tune.epochs} epochs, lr log-uniform in "
-          f"[{cfg.tune.lr_min:g}, {cfg.tune.lr_max:g}], {concurrency(cfg)} at a time; "
-          f"{train.describe(selection)}")
+    finished = storage.exists(storage.join(out, "results.csv"))  # only its best to publish
+    # decoded once, shared by every trial (minutes at Celeb 100k's size: not to publish)
+    views = {} if finished else data.training_views(cfg, selection)
+    tuner = make_tuner(cfg, selection, pretrained, views, finished)
+    if not finished:
+        print(f"tune: {cfg.tune.samples} trials x {cfg.tune.epochs} epochs, lr {rates_text(cfg)}, "
+              f"{concurrency(cfg)} at a time; {train.describe(selection)}")
     # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
     # half-trained trials were published, the sweep marked complete), and it stays installed
     # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
@@ -125,9 +133,9 @@ def concurrency(cfg: Config) -> int:
     available = ray.cluster_resources()
     if not runtime.in_process():  # trials wait for resources and the autoscaler adds them
         return t.samples
-    # each trial: its workers, a Ray Data task beside them, and the trial driver; trials
-    # holding GPUs but too many CPUs would leave their data tasks none, and all wait
-    fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus + TRIAL_CPU)
+    # each trial: its workers and a Ray Data task beside them; trials holding GPUs but too
+    # many CPUs would leave their data tasks none, and all wait
+    fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus)
     if runtime.use_gpus(r.use_gpu):
         fits = min(fits, available.get("GPU", 0) // max(r.workers, 1))
     return int(max(1, min(t.samples, fits)))  # check_fits: one fits
@@ -144,8 +152,23 @@ def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: s
                     callbacks=[TuneReportCallback()], views=views)
 
 
-def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: dict) -> tune.Tuner:
-    """A new sweep, or the interrupted one under WORKDIR/tune restored."""
+def rates(cfg: Config) -> list[float]:
+    """The sweep's learning rates: tune.samples drawn log-uniformly from [tune.lr_min,
+    tune.lr_max] with the run's seed, so that the same settings sweep the same rates, and
+    a trial Tune makes again on a resume (one it had not yet saved) gets its rate again,
+    not another that would then resume the first one's checkpoint."""
+    t = cfg.tune
+    drawn = np.random.default_rng(cfg.seed).uniform(math.log(t.lr_min), math.log(t.lr_max), t.samples)
+    return [math.exp(x) for x in drawn]
+
+
+def rates_text(cfg: Config) -> str:
+    return ", ".join(f"{lr:.3g}" for lr in rates(cfg))
+
+
+def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: dict,
+               finished: bool = False) -> tune.Tuner:
+    """A new sweep, or the interrupted (or `finished`) one under WORKDIR/tune restored."""
     fs, root = storage.resolve(cfg.workdir)
     as_dict = config.to_dict(cfg)
     # GPUs as granted here: a trial's process cannot tell it runs on the in-process Ray
@@ -155,12 +178,11 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
     trainable = tune.with_resources(
         tune.with_parameters(trial, cfg_dict=config.to_dict(trial_cfg), selection=selection,
                              pretrained=pretrained, views=views),
-        {"CPU": TRIAL_CPU})
+        TRIAL_RESOURCES)
     path = f"{root}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         # results.csv is written once the sweep ended: its failed trials stay failed (they
         # had their retries), not trained again for hours under "publishing"
-        finished = storage.exists(storage.join(tune_dir(cfg.workdir), "results.csv"))
         if finished:
             print(f"tune: the sweep in {tune_dir(cfg.workdir)} has finished: publishing its best trial "
                   "as detector/model (--force sweeps anew)")
@@ -173,9 +195,9 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
     t = cfg.tune
     return tune.Tuner(
         trainable,
-        param_space={"lr": tune.loguniform(t.lr_min, t.lr_max)},
+        param_space={"lr": tune.grid_search(rates(cfg))},
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, num_samples=t.samples, max_concurrent_trials=concurrency(cfg),
+            metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=concurrency(cfg),
             # rungs by epochs trained: Tune's own count of results starts over when it
             # retries a trial, which resumes at a later epoch
             scheduler=ASHAScheduler(time_attr="epochs_done", max_t=t.epochs, grace_period=t.grace_period),
@@ -213,7 +235,8 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
     ok = frame[frame["val_auc"].notna()]
     if ok.empty and (frame["status"] == "diverged").any():
         raise UsageError(f"no tune trial gave finite scores at learning rates {frame['lr'].min():.2e}.."
-                         f"{frame['lr'].max():.2e}: they diverged; lower tune.lr_max (now {cfg.tune.lr_max:g})")
+                         f"{frame['lr'].max():.2e}: they diverged; sweep lower ones, e.g. `deepfake-ray tune "
+                         f"--force --set tune.lr_max={cfg.tune.lr_max / 10:g}`")
     if ok.empty:
         raise RuntimeError(f"every tune trial failed; first error: {frame['error'].iloc[0]}")
     # a trial that ended in an error wins only when none finished: its model stopped short
