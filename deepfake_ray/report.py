@@ -55,7 +55,7 @@ def fmt(value) -> str:
             return f"{len(value)} values, first {numbers[0]:.4g}, last {numbers[-1]:.4g}"
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
-    return "" if value is None else str(value)
+    return "n/a" if value is None else str(value)  # JSON's null: a metric with no value there
 
 
 def short(value: float) -> str:
@@ -270,6 +270,13 @@ def metrics(w: str) -> list:
         if isinstance(val := found.get("validation"), dict) and isinstance(val.get("epoch"), int):
             found["validation"] = {**val, "epoch": val["epoch"] + 1}  # counted from 1, as "best epoch" is
     blocks = json_blocks(found, "eval/metrics.json")
+    if isinstance(found, dict) and isinstance(share := found.get("fake_share"), float):
+        blocks.insert(0, Text(
+            f"What these figures measure: the held-out test split, {share:.0%} of it fakes, and those "
+            "fakes made by the same GAN as the detector's training fakes. Precision, average precision "
+            "and calibration hold at that share of fakes only (where 1 image in 100 is fake, most "
+            "flagged ones can be real: the false-positive rate says how many), and no other generator "
+            "is measured. ci95: 95% intervals (Wilson; DeLong for ROC-AUC)."))
     return (blocks + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
             + figure(w, "eval/roc.png", "ROC curve (held-out test split)")
             + figure(w, "eval/reliability.png", "reliability of p_fake (held-out test split)")

@@ -53,6 +53,11 @@ def assert_held_out_evaluation(cfg, min_roc_auc: float = 0.0) -> dict:
     assert metrics["recall"] == pytest.approx(tp / (tp + fn))
     assert metrics["precision"] == pytest.approx(tp / (tp + fp)) if tp + fp else math.isnan(metrics["precision"])
     assert metrics["threshold"] == checkpoint.load_meta(train.model_dir(cfg.workdir))["threshold"]
+    assert metrics["false_positive_rate"] == pytest.approx(fp / (tn + fp))
+    assert metrics["fake_share"] == pytest.approx(metrics["n_fake"] / metrics["n"])
+    for key in ("accuracy", "recall", "false_positive_rate"):  # each point inside its interval
+        low, high = metrics["ci95"][key]
+        assert low <= metrics[key] <= high and high - low > 0, (key, metrics["ci95"])
     robustness = storage.read_json(storage.join(out, "robustness.json"))
     assert sorted(robustness) == sorted(evaluate.CONDITIONS)
     assert robustness["clean"]["roc_auc"] == pytest.approx(metrics["roc_auc"], nan_ok=True)

@@ -184,6 +184,35 @@ def test_of_epochs_alike_by_roc_auc_the_lower_validation_loss_is_the_best_and_a_
     assert loop.better(again, lower) and loop.best_of([worse, lower, again]) is again
 
 
+def test_held_out_metrics_carry_95_percent_intervals_as_defined():
+    """A recall of 1.0000 on a few hundred fakes is not a perfect detector: each rate comes
+    with its Wilson interval (scipy's own, as the oracle), and ROC-AUC with DeLong's, whose
+    variance is checked against its definition (every fake against every real, ties half)."""
+    from scipy.stats import binomtest
+
+    from deepfake_ray.detector import metrics
+
+    labels = np.repeat([0, 1], [300, 200])
+    p_fake = np.clip(np.random.default_rng(3).normal(0.35 + 0.3 * labels, 0.2), 0, 1).round(2)  # ties
+    m = metrics.classification(labels, p_fake, 0.5)
+    (tn, fp), (fn, tp) = m["confusion_matrix"]
+    assert m["false_positive_rate"] == fp / 300 and m["fake_share"] == 0.4
+    for key, k, n in (("accuracy", tn + tp, 500), ("precision", tp, tp + fp), ("recall", tp, 200),
+                      ("false_positive_rate", fp, 300)):
+        expected = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert m["ci95"][key] == pytest.approx([expected.low, expected.high], rel=1e-9), key
+    fakes, reals = p_fake[labels == 1], p_fake[labels == 0]
+    wins = (fakes[:, None] > reals[None, :]) + 0.5 * (fakes[:, None] == reals[None, :])
+    se = math.sqrt(wins.mean(1).var(ddof=1) / 200 + wins.mean(0).var(ddof=1) / 300)
+    assert wins.mean() == pytest.approx(m["roc_auc"])
+    assert m["ci95"]["roc_auc"] == pytest.approx([m["roc_auc"] - 1.959964 * se, m["roc_auc"] + 1.959964 * se])
+    perfect = metrics.classification(np.repeat([0, 1], 490), np.repeat([0.1, 0.9], 490), 0.5)
+    assert perfect["recall"] == 1.0 and perfect["ci95"]["recall"][0] == pytest.approx(0.99223, abs=1e-5)
+    assert perfect["ci95"]["false_positive_rate"][1] == pytest.approx(1 - 0.99223, abs=1e-5)
+    one_class = metrics.classification(np.zeros(5, int), np.full(5, 0.2), 0.5)
+    assert one_class["ci95"]["roc_auc"] is None and one_class["ci95"]["recall"] is None
+
+
 def test_held_out_metrics_take_fakes_as_positive_and_the_threshold_balances_both_classes():
     """evaluate's figures on a split worked by hand: 1 = fake is the positive class, a
     score at the threshold is a fake (as the service labels it), and the threshold chosen

@@ -74,7 +74,8 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     storage.write_json(storage.join(w, "eval/metrics.json"),
                        {"accuracy": 0.9375, "roc_auc": 0.981, "f1": 0.94, "threshold": 0.47,
                         "average_precision": 0.9999999999999999,  # scikit-learn's, of a perfect ranking
-                        "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}, "ece": 0.0123,
+                        "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}, "ece": 0.0123, "fake_share": 0.5,
+                        "ci95": {"accuracy": [0.72, 0.9889], "precision": None},  # none flagged: null
                         "validation": {"epoch": 2, "roc_auc": 0.97},  # model.json's best epoch
                         "reliability": [{"bin": 0, "mean_p_fake": 0.0417, "fraction_fake": 0.0, "n": 9}]})
     storage.write_json(storage.join(w, "eval/robustness.json"),
@@ -176,7 +177,10 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    "detector/history.json, per epoch (counted from 1)",
                    "<td>0.99996</td>",  # not rounded to a perfect 1
                    "<td>average_precision</td><td>1</td>",  # but a sum's rounding error is
-                   "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>"]:
+                   "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>",
+                   "<td>ci95.accuracy</td><td>[0.72,0.9889]</td>",
+                   "<td>ci95.precision</td><td>n/a</td>",  # JSON's null, not an empty cell
+                   "the held-out test split, 50% of it fakes, and those fakes made by the same GAN"]:
         assert needle in text, needle
     assert "0.0417" not in text  # the reliability bins are a figure, not a table cell
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()

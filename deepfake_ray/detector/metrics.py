@@ -1,10 +1,13 @@
 """Classification metrics (scikit-learn) and the decision threshold chosen on validation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn import metrics as skm
 
 CALIBRATION_BINS = 10  # equal-width p_fake bins of the expected calibration error (ECE)
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95% intervals
 
 
 def roc_auc(labels: np.ndarray, p_fake: np.ndarray) -> float:
@@ -45,26 +48,67 @@ def choose_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
 
 
 def classification(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
-    """Every held-out metric the evaluation reports; 1 = fake is the positive class."""
+    """Every held-out metric the evaluation reports; 1 = fake is the positive class.
+    `ci95`: 95% intervals, so that 1.0000 on a few hundred images is not read as perfect."""
     labels = np.asarray(labels).astype(int)
     p_fake = np.asarray(p_fake, dtype=np.float64)
     pred = (p_fake >= threshold).astype(int)
     matrix = skm.confusion_matrix(labels, pred, labels=[0, 1])
+    (tn, fp), (fn, tp) = matrix.tolist()
     return {
         "n": int(len(labels)), "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
+        # precision, average precision and calibration hold at this share of fakes only
+        "fake_share": float((labels == 1).mean()) if len(labels) else float("nan"),
         "threshold": float(threshold),
         "accuracy": float(skm.accuracy_score(labels, pred)),
         # none flagged (a harsh robustness condition): no precision, not a precision of 0
         "precision": float(skm.precision_score(labels, pred, zero_division=np.nan)),
         "recall": float(skm.recall_score(labels, pred, zero_division=0)),
+        # reals flagged fake: what a false-positive budget is set on
+        "false_positive_rate": fp / (tn + fp) if tn + fp else float("nan"),
         "f1": float(skm.f1_score(labels, pred, zero_division=0)),
         "roc_auc": roc_auc(labels, p_fake),
         "average_precision": (float(skm.average_precision_score(labels, p_fake))
                               if len(np.unique(labels)) > 1 else float("nan")),
+        "ci95": {"accuracy": wilson(tn + tp, tn + fp + fn + tp), "precision": wilson(tp, tp + fp),
+                 "recall": wilson(tp, tp + fn), "false_positive_rate": wilson(fp, tn + fp),
+                 "roc_auc": roc_auc_interval(labels, p_fake)},
         # rows: actual real, actual fake; columns: predicted real, predicted fake
         "confusion_matrix": matrix.tolist(),
         **calibration(labels, p_fake),
     }
+
+
+def wilson(successes: int, n: int) -> list[float] | None:
+    """The 95% Wilson score interval of a proportion (sound at 0 and at n successes, where
+    the normal approximation gives a width of 0); None for n = 0."""
+    if n == 0:
+        return None
+    p, z2 = successes / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def roc_auc_interval(labels: np.ndarray, p_fake: np.ndarray) -> list[float] | None:
+    """A 95% interval of ROC-AUC from DeLong's variance (the midrank form of Sun and Xu,
+    2014: no resampling); None with fewer than two images of a class, or scores that are
+    not finite. Scores that separate the classes perfectly have no spread to measure: the
+    interval is then [1, 1], and the recall and false-positive-rate intervals say more."""
+    from scipy.stats import rankdata
+
+    labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
+    fakes, reals = p_fake[labels == 1], p_fake[labels == 0]
+    m, n = len(fakes), len(reals)
+    if m < 2 or n < 2 or not np.isfinite(p_fake).all():
+        return None
+    ranks = rankdata(np.concatenate([fakes, reals]))
+    auc = (ranks[:m].sum() - m * (m + 1) / 2) / (m * n)
+    # per fake: the share of reals it outscores; per real: the share of fakes above it
+    of_fakes = (ranks[:m] - rankdata(fakes)) / n
+    of_reals = 1.0 - (ranks[m:] - rankdata(reals)) / m
+    se = math.sqrt(of_fakes.var(ddof=1) / m + of_reals.var(ddof=1) / n)
+    return [max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)]
 
 
 def reliability(labels: np.ndarray, p_fake: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict]:
@@ -81,7 +125,8 @@ def calibration(labels: np.ndarray, p_fake: np.ndarray) -> dict:
     """How far p_fake is from a probability that an image is fake. Brier score: the mean
     squared gap to the 0/1 label (0 is perfect). ECE: the image-weighted mean gap between a
     bin's mean p_fake and its fraction of fakes. ROC-AUC ignores both; a
-    trust-and-safety rule that reads p_fake as a probability ("act above 0.9") needs them."""
+    trust-and-safety rule that reads p_fake as a probability ("act above 0.9") needs them,
+    and holds at the measured split's share of fakes only (`fake_share`)."""
     labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
     if not len(labels) or not np.isfinite(p_fake).all():
         return {"brier": float("nan"), "ece": float("nan")}
