@@ -241,6 +241,24 @@ def test_train_writes_every_promised_file(trained):
     G = dcgan.generator_from_meta(meta)
     G.load_state_dict(weights)
     assert summary["epochs"] == EPOCHS
+    assert summary["discriminator_won"] is (train.discriminator_won(history[-1]) is not None)
+
+
+@pytest.mark.parametrize("last,won", [
+    ({"d_fake": 1e-7, "g_loss": 16.2}, True),  # gan.lr=0.002 by epoch 8: grey noise for faces
+    ({"d_fake": 0.18, "g_loss": 2.9}, False),  # a DCGAN learning faces
+    ({"d_fake": 0.004, "g_loss": 5.6}, False),  # a confident discriminator, a generator still taught
+    ({"d_fake": 0.02, "g_loss": 9.0}, False),
+])
+def test_a_discriminator_that_has_won_is_warned_about(last, won):
+    """train-gan ended with success on a generator that drew noise: its last epoch's
+    figures (a discriminator calling every fake fake, a vanished generator gradient) now
+    get a warning naming what to look at and what to change."""
+    said = train.discriminator_won(last)
+    assert (said is not None) is won
+    if won:
+        assert said.startswith("train-gan: warning: the discriminator has won (last epoch: D(G(z)) 0.0000, "
+                               "G loss 16.2)") and "lower gan.lr" in said
 
 
 def test_complete_run_is_not_retrained_nor_unmarked_by_a_refused_one(trained, capsys):

@@ -145,10 +145,29 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                  keep=g.keep_checkpoints, max_failures=g.max_failures)
     history = storage.read_json(storage.join(stage, "history.json"))
     meta = storage.read_json(storage.join(model_uri(cfg.workdir), "model.json"))
+    won = discriminator_won(history[-1])
     summary = {"epochs": len(history), "final": history[-1], "model": model_uri(cfg.workdir),
                "model_sha256": meta["weights_sha256"], "train_images": train_images,
-               "restored": any(h["restored"] for h in history),
+               "restored": any(h["restored"] for h in history), "discriminator_won": won is not None,
                "seconds": round(time.time() - started, 1)}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"train-gan: done in {summary['seconds']:.0f}s; generator -> {summary['model']}")
+    if won:
+        print(won, flush=True)
     return summary
+
+
+# A discriminator that has won: it calls every fake fake, and the generator's gradient has
+# vanished. Seen at gan.lr=0.002: G loss 15-17 by epoch 8, grey noise for faces. A healthy
+# DCGAN's last epochs sit near D(G(z)) 0.1-0.4 and G loss 1-5.
+WON_D_FAKE, WON_G_LOSS = 0.01, 8.0
+
+
+def discriminator_won(last: dict) -> str | None:
+    """A warning line when the last epoch's figures say the discriminator has won, else
+    None: the fakes made from such a generator teach the detector noise, not faces."""
+    if not (last["d_fake"] < WON_D_FAKE and last["g_loss"] > WON_G_LOSS):
+        return None
+    return (f"train-gan: warning: the discriminator has won (last epoch: D(G(z)) {last['d_fake']:.4f}, "
+            f"G loss {last['g_loss']:.1f}): the generator learns nothing more and may draw noise, not "
+            "faces; look at gan/samples/, and train again (--force) with a lower gan.lr or another seed")
