@@ -123,7 +123,8 @@ def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels,
     storage.write_bytes(storage.join(out, "confusion.png"),
                         figures.confusion(result["confusion_matrix"], result["class_names"]))
     storage.write_bytes(storage.join(out, "roc.png"),
-                        figures.roc(labels, scores, {c: m["roc_auc"] for c, m in robustness.items()}))
+                        figures.roc(labels, scores, {c: m["roc_auc"] for c, m in robustness.items()},
+                                    {c: (m["false_positive_rate"], m["recall"]) for c, m in robustness.items()}))
     storage.write_bytes(storage.join(out, "reliability.png"),
                         figures.reliability(result["reliability"], result["ece"]))
     history_uri = storage.join(stage_dir(cfg.workdir), "history.json")

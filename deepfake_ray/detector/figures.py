@@ -37,17 +37,21 @@ def confusion(matrix, class_names=("real", "fake"), title: str = "test split") -
     return png(fig)
 
 
-def roc(labels, scores: dict[str, np.ndarray], aucs: dict[str, float]) -> bytes:
-    """ROC curves, one per condition (clean first)."""
+def roc(labels, scores: dict[str, np.ndarray], aucs: dict[str, float],
+        at_threshold: dict[str, tuple[float, float]] | None = None) -> bytes:
+    """ROC curves, one per condition (clean first), each with a dot where the validation
+    threshold puts it (`at_threshold`: its false-positive rate and recall)."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     for name, p in scores.items():
         fpr, tpr, _ = roc_curve(labels, p)
-        ax.plot(fpr, tpr, lw=2.2 if name == "clean" else 1.0,
-                label=f"{name} (AUC {aucs[name]:.3f})")
+        line, = ax.plot(fpr, tpr, lw=2.2 if name == "clean" else 1.0,
+                        label=f"{name} (AUC {aucs[name]:.4f})")
+        if at_threshold and name in at_threshold:
+            ax.plot(*at_threshold[name], "o", color=line.get_color(), ms=5)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set_xlabel("false positive rate (reals called fake)")
     ax.set_ylabel("true positive rate (fakes caught)")
-    ax.set_title("ROC, test split")
+    ax.set_title("ROC, test split (dots: the threshold in use)" if at_threshold else "ROC, test split")
     ax.legend(fontsize=7, loc="lower right")
     return png(fig)
 
