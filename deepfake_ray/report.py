@@ -55,7 +55,7 @@ def fmt(value) -> str:
             return f"{len(value)} values, first {numbers[0]:.4g}, last {numbers[-1]:.4g}"
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
-    return "n/a" if value is None else str(value)  # JSON's null: a metric with no value there
+    return "" if value is None else str(value)
 
 
 def short(value: float) -> str:
@@ -266,7 +266,7 @@ def metrics(w: str) -> list:
     with the rest of eval/ (after a retrained detector) and are labelled with it."""
     found = read_json(w, "eval/metrics.json")
     if isinstance(found, dict):  # its reliability bins are drawn below, not listed
-        found = {k: v for k, v in found.items() if k != "reliability"}
+        found = as_metric_cells({k: v for k, v in found.items() if k != "reliability"})
         if isinstance(val := found.get("validation"), dict) and isinstance(val.get("epoch"), int):
             found["validation"] = {**val, "epoch": val["epoch"] + 1}  # counted from 1, as "best epoch" is
     blocks = json_blocks(found, "eval/metrics.json")
@@ -284,11 +284,38 @@ def metrics(w: str) -> list:
 
 
 def robustness(w: str) -> list:
+    """A row per condition, the metrics evaluate prints first; their intervals in a table
+    of their own (beside the rest they crowded the metrics out of the columns shown)."""
     obj = read_json(w, "eval/robustness.json")
-    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
-        return [records_table([{"condition": k, **flatten(v)} for k, v in obj.items()],
-                              "eval/robustness.json")]
-    return json_blocks(obj, "eval/robustness.json")
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values())):
+        return json_blocks(obj, "eval/robustness.json")
+    from deepfake_ray.detector.metrics import REPORTED
+
+    def first(metrics: dict, leave_out=()) -> dict:  # evaluate's order, then the rest
+        order = [*(m for m in REPORTED if m in metrics), *(m for m in metrics if m not in REPORTED)]
+        return as_metric_cells({m: metrics[m] for m in order if m not in leave_out})
+
+    # the share of fakes is the split's (said above the metrics), the matrix a figure
+    rows = [{"condition": k, **first(v, ("ci95", "confusion_matrix", "fake_share"))} for k, v in obj.items()]
+    blocks = [records_table(rows, "eval/robustness.json")]
+    intervals = [{"condition": k, **first(v["ci95"])} for k, v in obj.items() if isinstance(v.get("ci95"), dict)]
+    if intervals:
+        blocks += [Text("95% intervals (eval/robustness.json, ci95):"), records_table(intervals, "eval/robustness.json")]
+    return blocks
+
+
+def as_metric_cells(metrics: dict) -> dict:
+    """Metrics as their cells show them: an interval as 0.9922-1, a null (no value there:
+    precision where nothing was flagged) as n/a."""
+    def cell(value):
+        if value is None:
+            return "n/a"
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
+            return f"{short(value[0])}-{short(value[1])}"
+        if isinstance(value, dict):
+            return {k: cell(v) for k, v in value.items()}
+        return value
+    return {k: cell(v) for k, v in metrics.items()}
 
 
 def config_text(w: str) -> list:

@@ -672,7 +672,7 @@ def test_a_sweep_whose_every_trial_diverged_says_to_lower_the_rates(tiny_cfg):
         storage.write_json(storage.join(out, "history.json"), [{"epoch": 0}])
         results.append(SimpleNamespace(metrics={"trial_id": trial_id}, error=None, path=out, config={"lr": lr}))
     with pytest.raises(UsageError, match=r"rates 5.00e-01..9.00e-01: they diverged; sweep lower ones, e.g. "
-                                         r"`deepfake-ray tune --force --set tune.lr_max="):
+                                         r"`deepfake-ray tune --force --set tune.lr_max=0.0001`"):
         tune.collect(cfg, results)
 
 
@@ -794,10 +794,10 @@ def test_sigterm_during_training_is_a_stop_with_exit_143(ray_session, tiny_cfg, 
 
 
 def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ray_session, tiny_cfg):
-    """A trial drives its Train run from the head node and takes no CPU. Holding a tenth of
-    one beside its workers, where workers and a Ray Data task just fit the in-process Ray
-    (as train-detector's own advice makes them), its per-epoch data tasks found none free
-    and the sweep waited forever; it then was refused. It now sweeps, at the seed's rate."""
+    """On the in-process Ray a trial takes no CPU. Holding a tenth of one beside its
+    workers, where workers and a Ray Data task just fit (as train-detector's own advice
+    makes them), its per-epoch data tasks found none free and the sweep waited forever; it
+    then was refused. It now sweeps, at the seed's rate."""
     cpus = ray.cluster_resources()["CPU"]
     cfg = tiny_cfg(*FAST, "tune.samples=1", "tune.epochs=1", "detector.arch=resnet10t",
                    f"resources.cpus_per_worker={cpus - 1:g}", "resources.data_cpus=1")

@@ -178,7 +178,7 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    "<td>0.99996</td>",  # not rounded to a perfect 1
                    "<td>average_precision</td><td>1</td>",  # but a sum's rounding error is
                    "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>",
-                   "<td>ci95.accuracy</td><td>[0.72,0.9889]</td>",
+                   "<td>ci95.accuracy</td><td>0.72-0.9889</td>",
                    "<td>ci95.precision</td><td>n/a</td>",  # JSON's null, not an empty cell
                    "the held-out test split, 50% of it fakes, and those fakes made by the same GAN"]:
         assert needle in text, needle
@@ -188,6 +188,33 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     assert "](gan/losses.png)" in md and "](eval/roc.png)" in md
     # one cell, not two, its markup shown as text (a Markdown renderer passes raw HTML through)
     assert "| source | /photos/a&#124;b &lt;script&gt;alert(1)&lt;/script&gt; |" in md
+
+
+def test_robustness_shows_every_metric_evaluate_prints_and_their_intervals_apart(tmp_path):
+    """evaluate's robustness.json as it writes it: its intervals and the rest had crowded
+    ROC-AUC, precision and recall out of the columns the report shows (12 at most)."""
+    import numpy as np
+
+    from deepfake_ray.detector import metrics
+
+    w = str(tmp_path / "work")
+    labels = np.repeat([0, 1], 50)
+    p_fake = np.clip(np.random.default_rng(0).normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+    written = {name: {k: m[k] for k in (*metrics.REPORTED, "n", "fake_share", "threshold", "confusion_matrix",
+                                        "ci95")}
+               for name, m in {"clean": metrics.classification(labels, p_fake, 0.5),
+                               "blur_1.0": metrics.classification(labels, p_fake / 10, 0.5)}.items()}
+    storage.write_json(storage.join(w, "eval/robustness.json"), storage.json_safe(written))
+    storage.write_json(storage.join(w, "eval/metrics.json"), storage.json_safe(written["clean"]))
+    storage.write_text(storage.join(w, "config.yaml"), "workdir: work\n")  # a run's
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    head = "| condition | " + " | ".join(metrics.REPORTED) + " | n | threshold |"
+    assert head in md and "more columns" not in md, md
+    low, high = written["clean"]["ci95"]["roc_auc"]  # the intervals' own table, in the same order
+    assert "| condition | accuracy | precision | recall | false_positive_rate | roc_auc |" in md
+    assert f"{report.short(low)}-{report.short(high)} |" in md
+    assert "| blur_1.0 | 0.5 | n/a | 0 | 0 |" in md  # nothing flagged: no precision, not a blank
 
 
 def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path):

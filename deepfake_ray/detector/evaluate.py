@@ -26,8 +26,6 @@ from deepfake_ray.detector.train import lower_rate, model_dir, stage_dir
 from deepfake_ray.errors import UsageError
 
 CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
-REPORTED = ["accuracy", "precision", "recall", "false_positive_rate", "f1", "roc_auc", "average_precision",
-            "brier", "ece"]
 
 
 # nothing in the config changes the evaluation; the model and the test split do
@@ -118,7 +116,7 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
 def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels, scores) -> None:
     storage.write_json(storage.join(out, "metrics.json"), storage.json_safe(result))
     storage.write_json(storage.join(out, "robustness.json"), storage.json_safe(
-        {c: {k: m[k] for k in (*REPORTED, "n", "fake_share", "threshold", "confusion_matrix", "ci95")}
+        {c: {k: m[k] for k in (*metrics.REPORTED, "n", "fake_share", "threshold", "confusion_matrix", "ci95")}
          for c, m in robustness.items()}))
     storage.write_bytes(storage.join(out, "confusion.png"),
                         figures.confusion(result["confusion_matrix"], result["class_names"]))
@@ -136,8 +134,8 @@ def table(robustness: dict) -> str:
     """The robustness table printed at the end of `evaluate`."""
     short = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "false_positive_rate": "FPR",
              "f1": "F1", "roc_auc": "ROC-AUC", "average_precision": "AP", "brier": "Brier", "ece": "ECE"}
-    head = f"{'condition':<15}" + "".join(f"{short[k]:>10}" for k in REPORTED)
+    head = f"{'condition':<15}" + "".join(f"{short[k]:>10}" for k in metrics.REPORTED)
     lines = ["held-out test split (threshold from validation):", head, "-" * len(head)]
     for name, m in robustness.items():
-        lines.append(f"{name:<15}" + "".join(f"{m[k]:>10.4f}" for k in REPORTED))
+        lines.append(f"{name:<15}" + "".join(f"{m[k]:>10.4f}" for k in metrics.REPORTED))
     return "\n".join(lines)

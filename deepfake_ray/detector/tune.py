@@ -32,11 +32,16 @@ from deepfake_ray.config import Config
 from deepfake_ray.detector import data, train
 from deepfake_ray.errors import UsageError
 
-# A trial only drives its Train run (the workers hold the real resources), from the head
-# node, as train-detector's driver does: on a CPU worker, a spot node's reclaim ended every
-# trial on it at once, each of Tune's retries spent so; and its tenth of a CPU there left
-# the in-process Ray's data tasks none where the workers and one task just fit
-TRIAL_RESOURCES = {"CPU": 0, "node:__internal_head__": 0.001}
+# A trial only drives its Train run: the workers hold the real resources. On the in-process
+# Ray it takes no CPU (its tenth of one left the data tasks none where the workers and one
+# task just fit, and the sweep waited forever). On a cluster a tenth of a CPU keeps it off
+# the head, whose memory would not hold 8 trials' processes (each with its Train run's
+# controller and data coordinators beside it, ~0.9 GB a trial); on a spot CPU node a
+# reclaim ends the trials on it, so each may be tried again a few times (from its run's
+# checkpoints).
+IN_PROCESS_TRIAL = {"CPU": 0, "node:__internal_head__": 0.001}  # the only node: the head
+CLUSTER_TRIAL = {"CPU": 0.1}
+TRIAL_RETRIES = 3
 # val ROC-AUC, but -1 for a diverged epoch: its NaN never falls below ASHA's cutoff, so a
 # trial at a rate too high would train every epoch
 METRIC, MODE = "val_score", "max"
@@ -75,9 +80,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # decoded once, shared by every trial (minutes at Celeb 100k's size: not to publish)
     views = {} if finished else data.training_views(cfg, selection)
     tuner = make_tuner(cfg, selection, pretrained, views, finished)
-    if not finished:
-        print(f"tune: {cfg.tune.samples} trials x {cfg.tune.epochs} epochs, lr {rates_text(cfg)}, "
-              f"{concurrency(cfg)} at a time; {train.describe(selection)}")
     # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
     # half-trained trials were published, the sweep marked complete), and it stays installed
     # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
@@ -133,8 +135,8 @@ def concurrency(cfg: Config) -> int:
     available = ray.cluster_resources()
     if not runtime.in_process():  # trials wait for resources and the autoscaler adds them
         return t.samples
-    # each trial: its workers and a Ray Data task beside them; trials holding GPUs but too
-    # many CPUs would leave their data tasks none, and all wait
+    # each trial: its workers and a Ray Data task beside them (the trial takes no CPU
+    # here); trials holding GPUs but too many CPUs would leave their data tasks none
     fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus)
     if runtime.use_gpus(r.use_gpu):
         fits = min(fits, available.get("GPU", 0) // max(r.workers, 1))
@@ -178,7 +180,7 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
     trainable = tune.with_resources(
         tune.with_parameters(trial, cfg_dict=config.to_dict(trial_cfg), selection=selection,
                              pretrained=pretrained, views=views),
-        TRIAL_RESOURCES)
+        IN_PROCESS_TRIAL if runtime.in_process() else CLUSTER_TRIAL)
     path = f"{root}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         # results.csv is written once the sweep ended: its failed trials stay failed (they
@@ -193,6 +195,8 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
         return tune.Tuner.restore(path, trainable, resume_unfinished=not finished,
                                   resume_errored=not finished, storage_filesystem=fs)
     t = cfg.tune
+    print(f"tune: {t.samples} trials x {t.epochs} epochs, lr {rates_text(cfg)}, "
+          f"{concurrency(cfg)} at a time; {train.describe(selection)}")
     return tune.Tuner(
         trainable,
         param_space={"lr": tune.grid_search(rates(cfg))},
@@ -203,7 +207,7 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
             scheduler=ASHAScheduler(time_attr="epochs_done", max_t=t.epochs, grace_period=t.grace_period),
             trial_dirname_creator=lambda tr: tr.trial_id),
         run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
     )
 
 
@@ -236,7 +240,7 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
     if ok.empty and (frame["status"] == "diverged").any():
         raise UsageError(f"no tune trial gave finite scores at learning rates {frame['lr'].min():.2e}.."
                          f"{frame['lr'].max():.2e}: they diverged; sweep lower ones, e.g. `deepfake-ray tune "
-                         f"--force --set tune.lr_max={cfg.tune.lr_max / 10:g}`")
+                         f"--force{lower_rates(cfg)}`")
     if ok.empty:
         raise RuntimeError(f"every tune trial failed; first error: {frame['error'].iloc[0]}")
     # a trial that ended in an error wins only when none finished: its model stopped short
@@ -251,6 +255,13 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
                         figures.lr_sweep(ok["lr"], ok["val_auc"], float(frame.iloc[0]["lr"]),
                                          (cfg.tune.lr_min, cfg.tune.lr_max)))
     return frame
+
+
+def lower_rates(cfg: Config) -> str:
+    """--set flags for a sweep a tenth as high: lr_min too where the new lr_max would reach it."""
+    t = cfg.tune
+    low = f" --set tune.lr_min={t.lr_min / 10:g}" if t.lr_min >= t.lr_max / 10 else ""
+    return f"{low} --set tune.lr_max={t.lr_max / 10:g}"
 
 
 def trial_row(cfg: Config, result) -> dict:

@@ -438,7 +438,8 @@ def replica_start_failure(app_name: str) -> str | None:
     import re
 
     application = serve.status().applications.get(app_name)
-    said = [d.message for d in (application.deployments.values() if application else ()) if d.message]
+    said = [d.message for d in (application.deployments.values() if application else ())
+            if d.message and d.status in ("UNHEALTHY", "DEPLOY_FAILED")]  # not a slow start's note
     return re.sub(r"\x1b\[[0-9;]*m", "", said[0]) if said else None
 
 

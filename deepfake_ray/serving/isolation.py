@@ -79,14 +79,18 @@ class DecodeHelpers:
         until a file ends it: one started for each file (~0.4 s) held the last of many
         uploads queued beside a crashing one for seconds."""
         async with self.alone:
-            if self.alone_pool is None:
-                self.alone_pool = self.started(1)
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self.alone_pool, self.decode, data)
-            except BrokenProcessPool:
-                self.alone_pool.shutdown(wait=False)
-                self.alone_pool = None
-                raise DecodeError(crashes.REASON, DIED) from None
+            while True:
+                fresh = self.alone_pool is None
+                if fresh:
+                    self.alone_pool = self.started(1)
+                try:
+                    return await asyncio.get_running_loop().run_in_executor(self.alone_pool, self.decode, data)
+                except BrokenProcessPool:
+                    self.alone_pool.shutdown(wait=False)
+                    self.alone_pool = None
+                    if fresh:  # one started for this file ended: the file is to blame
+                        raise DecodeError(crashes.REASON, DIED) from None
+                    # else found dead (killed while idle: the OOM killer): tried in a fresh one
 
     def close(self) -> None:
         """Helpers ended, and their pool's semaphores removed, as the replica stops (left

@@ -216,7 +216,7 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
     for start in range(0, len(todo), size):
         part = score_part(cfg, model, todo[start:start + size], shown, paths, source, manifest)
         if parts:
-            storage.write_parquet(storage.join(parts, f"part-{uuid.uuid4().hex}.parquet"), part)
+            storage.write_parquet(storage.join(parts, f"{part_prefix(model_id)}{uuid.uuid4().hex}.parquet"), part)
         tables.append(part)
         if len(todo) > size:
             print(f"score: {len(paths) - len(todo) + min(start + size, len(todo)):,} of {len(paths):,} "
@@ -241,15 +241,27 @@ def parts_folder(out: str, src: str) -> str:
     return storage.join(parts_root(out), hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:16])
 
 
+def part_prefix(model_id: str) -> str:
+    """A part's name says the model that scored it (its weights' hash): a run finds its
+    own without reading the others."""
+    return f"part-{model_id.rsplit('@', 1)[-1]}-"
+
+
+def parts_of(parts: str, model_id: str) -> list[str]:
+    """The parts this model scored into `parts`."""
+    if not storage.is_dir(parts):
+        return []
+    prefix = part_prefix(model_id)
+    return [f for f in storage.list_files(parts) if f.rsplit("/", 1)[-1].startswith(prefix) and f.endswith(".parquet")]
+
+
 def parts_done(parts: str, shown: list[str], model_id: str) -> pa.Table | None:
     """The rows a stopped run of this model kept for these inputs: a row counts where its
     index still holds its path (an input list changed since is scored where it changed).
     A file that could not be read is read again: its cause (a folder not yet copied, a
     right not granted) may have been fixed since."""
-    if not storage.is_dir(parts):
-        return None
     kept = []
-    for part in (f for f in storage.list_files(parts) if f.endswith(".parquet")):
+    for part in parts_of(parts, model_id):
         try:
             kept.append(storage.read_parquet(part))
         except (OSError, pa.ArrowInvalid) as e:  # not one of ours (writes are atomic): its files scored again
@@ -368,8 +380,9 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
         list_inputs(src, out)
     check_out(out)
     # a stopped run's parts: resumed, even over a table an earlier run wrote (a --force stopped)
-    if storage.exists(out) and not force and not storage.is_dir(parts_folder(out, src)):
-        check_scored_by(out, checkpoint.model_id(checkpoint.load_meta(model)))
+    model_id = checkpoint.model_id(checkpoint.load_meta(model))
+    if storage.exists(out) and not force and not parts_of(parts_folder(out, src), model_id):
+        check_scored_by(out, model_id)
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
     check_writable(out)
