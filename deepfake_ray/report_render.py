@@ -97,6 +97,15 @@ def md_cell(text: str) -> str:
     return re.sub(r"[\r\n]+", " ", text)
 
 
+def md_code(text: str) -> str:
+    """`text` as a Markdown code span: fenced by more backticks than it holds in a row, so
+    that a work directory named with one cannot end the span and render the rest."""
+    text = re.sub(r"[\r\n]+", " ", text)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def md_block(b) -> str:
     if isinstance(b, Table):
         lines = ["| " + " | ".join(md_cell(h) for h in b.headers) + " |",
@@ -106,15 +115,18 @@ def md_block(b) -> str:
     if isinstance(b, Figure):
         return f"![{b.caption}]({b.path})"
     if isinstance(b, Missing):
-        return f"_Not produced yet: run `{b.command}`_"
+        return f"_Not produced yet: run {md_code(b.command)}_"
     if isinstance(b, Stale):
         return (f"_Out of date: {b.reason}. What follows may not describe the current model; "
-                f"run `{b.command}`{b.hint()}._")
-    return f"```yaml\n{b.text.rstrip()}\n```" if b.pre else b.text
+                f"run {md_code(b.command)}{b.hint()}._")
+    if b.pre:  # a fence longer than any in the text (a YAML value may hold one)
+        fence = "`" * max([3, *(len(run) + 1 for run in re.findall(r"`{3,}", b.text))])
+        return f"{fence}yaml\n{b.text.rstrip()}\n{fence}"
+    return b.text
 
 
 def render_md(workdir: str, sections: list, generated: str) -> str:
-    parts = [f"# deepfake-ray run report\n\nWork directory `{workdir}`, generated {generated}. "
+    parts = [f"# deepfake-ray run report\n\nWork directory {md_code(workdir)}, generated {generated}. "
              "The same report with the figures embedded: report.html."]
     for _, title, blocks in sections:
         parts.append(f"## {title}\n\n" + "\n\n".join(md_block(b) for b in blocks))

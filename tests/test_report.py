@@ -217,6 +217,17 @@ def test_robustness_shows_every_metric_evaluate_prints_and_their_intervals_apart
     assert "| blur_1.0 | 0.5 | n/a | 0 | 0 |" in md  # nothing flagged: no precision, not a blank
 
 
+def test_a_work_directory_named_with_a_backtick_cannot_end_its_code_span(tmp_path):
+    """report.md shows the work directory and commands as code: a backtick in the name
+    ended the span, and the rest of the line rendered as Markdown."""
+    w = str(tmp_path / "runs`*bold*")
+    storage.write_text(storage.join(w, "config.yaml"), "workdir: x\n")
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert f"Work directory ``{w}``, generated" in md, md.splitlines()[2]
+    assert "_Not produced yet: run ``deepfake-ray prepare --config " in md  # its commands name it too
+
+
 def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path):
     """After `train-detector --force` the old held-out metrics are still on disk; a report
     written before `evaluate` reruns must not pass them off as the new model's."""
