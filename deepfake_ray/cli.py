@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
         if args.command == "score":  # its parts are kept, --force or not
-            said = f"{stopped}; run the same command again: it resumes from the files scored so far"
+            said = f"{stopped}; run the same command again: it resumes from the parts it finished"
         elif args.force and stage_changes() == changes:  # the complete stages are still the old ones
             said = f"{stopped} before anything was replaced; run the same command again"
         else:

@@ -778,7 +778,7 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
     stopped = capsys.readouterr()
     assert f"score: 4 of {len(listed)} files scored" in stopped.out
     assert stopped.err.splitlines()[-1] == ("deepfake-ray score: interrupted; run the same command again: "
-                                            "it resumes from the files scored so far")
+                                            "it resumes from the parts it finished")
     assert not out.exists()
     monkeypatch.undo()
     (folder / "late.jpg").write_bytes(JPEG)
