@@ -314,7 +314,8 @@ LIMITS = {
     "serve.max_body_bytes": (1, None), "serve.max_files_per_request": (1, None),
     "serve.min_replicas": (0, None), "serve.max_replicas": (1, None),
     "serve.target_ongoing_requests": (1, None), "serve.gpus_per_replica": (0.0, None),
-    "serve.score_batch_size": (1, None), "serve.score_part_files": (1, None), "serve.max_ongoing_requests": (0, None, "0: 8 x max_batch_size"),
+    "serve.score_batch_size": (1, None), "serve.score_part_files": (1, None),
+    "serve.max_ongoing_requests": (0, None, "0: 8 x max_batch_size"),
     "serve.cpus_per_replica": (0.0, None), "serve.score_actors": (0, None, "0 sizes the pool itself"),
     # above 1 every weight diverges at once
     **{key: (0.0, 1.0, "Adam's learning rate: 1e-5 to 1e-2 train these models")

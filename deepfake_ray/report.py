@@ -300,7 +300,8 @@ def robustness(w: str) -> list:
     blocks = [records_table(rows, "eval/robustness.json")]
     intervals = [{"condition": k, **first(v["ci95"])} for k, v in obj.items() if isinstance(v.get("ci95"), dict)]
     if intervals:
-        blocks += [Text("95% intervals (eval/robustness.json, ci95):"), records_table(intervals, "eval/robustness.json")]
+        blocks += [Text("95% intervals (eval/robustness.json, ci95):"),
+                   records_table(intervals, "eval/robustness.json")]
     return blocks
 
 
