@@ -97,13 +97,17 @@ def md_cell(text: str) -> str:
     return re.sub(r"[\r\n]+", " ", text)
 
 
+def fence(text: str, least: int) -> str:
+    """Backticks, at least `least`, more than `text` holds in a row: a code span or block
+    they open is not ended inside `text` (a work directory named with one, a YAML value)."""
+    return "`" * max([least, *(len(run) + 1 for run in re.findall(r"`+", text))])
+
+
 def md_code(text: str) -> str:
-    """`text` as a Markdown code span: fenced by more backticks than it holds in a row, so
-    that a work directory named with one cannot end the span and render the rest."""
+    """`text` as a Markdown code span."""
     text = re.sub(r"[\r\n]+", " ", text)
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
+    return f"{fence(text, 1)}{pad}{text}{pad}{fence(text, 1)}"
 
 
 def md_block(b) -> str:
@@ -119,9 +123,8 @@ def md_block(b) -> str:
     if isinstance(b, Stale):
         return (f"_Out of date: {b.reason}. What follows may not describe the current model; "
                 f"run {md_code(b.command)}{b.hint()}._")
-    if b.pre:  # a fence longer than any in the text (a YAML value may hold one)
-        fence = "`" * max([3, *(len(run) + 1 for run in re.findall(r"`{3,}", b.text))])
-        return f"{fence}yaml\n{b.text.rstrip()}\n{fence}"
+    if b.pre:
+        return f"{fence(b.text, 3)}yaml\n{b.text.rstrip()}\n{fence(b.text, 3)}"
     return b.text
 
 

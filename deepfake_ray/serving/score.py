@@ -198,13 +198,14 @@ def pool(cfg: Config) -> Pool:
     return Pool(actors, min(cfg.resources.cpus_per_worker, max(1.0, 0.75 * total / actors)), 0.0)
 
 
-def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest: str | None = None,
-                parts: str | None = None) -> pa.Table:
+def score_table(cfg: Config, model: str, meta: dict, paths: list[str], source: str,
+                manifest: str | None = None, parts: str | None = None) -> pa.Table:
     """path, p_fake (null when unreadable), label, error, threshold, model: one row per
     path, in input order; `path` as given, for joining back (a `manifest`'s relative ones
     are read from beside it). Scored serve.score_part_files files at a time, each such part
-    kept in the folder `parts` until the table is written, so that a stopped run resumes."""
-    model_id = checkpoint.model_id(checkpoint.load_meta(model))
+    kept in the folder `parts` until the table is written, so that a stopped run resumes.
+    `meta`: the model's, read once (an s3:// model's a request each time)."""
+    model_id = checkpoint.model_id(meta)
     shown = [storage.printable(p) for p in paths]
     done = parts_done(parts, shown, model_id) if parts else None
     tables = [done] if done is not None and done.num_rows else []
@@ -214,7 +215,7 @@ def score_table(cfg: Config, model: str, paths: list[str], source: str, manifest
               f"(kept in {parts})", flush=True)
     size = cfg.serve.score_part_files
     for start in range(0, len(todo), size):
-        part = score_part(cfg, model, todo[start:start + size], shown, paths, source, manifest)
+        part = score_part(cfg, model, meta, todo[start:start + size], shown, paths, source, manifest)
         if parts:
             storage.write_parquet(storage.join(parts, f"{part_prefix(model_id)}{uuid.uuid4().hex}.parquet"), part)
         tables.append(part)
@@ -280,13 +281,12 @@ def parts_done(parts: str, shown: list[str], model_id: str) -> pa.Table | None:
     return rows.take(pa.array(first, pa.int64()))
 
 
-def score_part(cfg: Config, model: str, indices: np.ndarray, shown: list[str], paths: list[str], source: str,
-               manifest: str | None) -> pa.Table:
+def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: list[str], paths: list[str],
+               source: str, manifest: str | None) -> pa.Table:
     """The rows of the inputs at `indices`, with their index."""
     import ray
 
     run = uuid.uuid4().hex  # names the notes of its tasks (`crashes`)
-    meta = checkpoint.load_meta(model)
     actors = pool(cfg)
     batch = cfg.serve.score_batch_size
     # a file name that is not UTF-8 travels as bytes (Arrow strings must be UTF-8) and is
@@ -370,7 +370,7 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
     """What needs no Ray, so that a mistake fails in a second: the flags, the model, the
     input and where the table goes. A summary when there is nothing to do (it exists)."""
     model, src, out = check_args(model, input, out)
-    checkpoint.check_detector(model)  # its weights too: not a scoring actor's traceback
+    meta = checkpoint.check_detector(model)  # its weights too: not a scoring actor's traceback
     # the input before the table: a missing one is no run that "already" made it
     check_input(src)
     if not (storage.is_s3(src) or is_manifest(src)):
@@ -380,7 +380,7 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
         list_inputs(src, out)
     check_out(out)
     # a stopped run's parts: resumed, even over a table an earlier run wrote (a --force stopped)
-    model_id = checkpoint.model_id(checkpoint.load_meta(model))
+    model_id = checkpoint.model_id(meta)
     if storage.exists(out) and not force and not parts_of(parts_folder(out, src), model_id):
         check_scored_by(out, model_id)
         print(f"score: {out} already exists; pass --force to score again", flush=True)
@@ -455,7 +455,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     manifest = is_manifest(src)
     # kept by --force too: only this model's rows of these inputs are taken from them
     parts = parts_folder(out, src)
-    table = score_table(cfg, model, paths, src, manifest=src if manifest else None, parts=parts)
+    table = score_table(cfg, model, meta, paths, src, manifest=src if manifest else None, parts=parts)
     try:
         check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
     except UsageError:  # nor resume from rows of a setup that was wrong
