@@ -36,6 +36,7 @@ from deepfake_ray.errors import UsageError
 
 
 STARTED = "_STARTED.json"  # a resumable stage's run under way: what it is made from
+CLEARING = "clearing"  # STARTED's one key while a redo clears the stage: it starts over
 class Maker(NamedTuple):
     """What a stage folder that others read holds, the module whose STAGE makes it, and
     the commands that make it, as a refusal names them."""
@@ -330,7 +331,11 @@ def plan(cfg: Config, stage: Stage, force: bool, read: dict | None = None) -> Pl
         why, force = rerun  # more epochs go on; other inputs start over
         print(f"{stage.command}: {why}", flush=True)
     elif not force and (begun := unfinished(cfg, stage)):
-        if changed := changed_inputs(begun, asked):
+        if begun.get(CLEARING):
+            print(f"{stage.command}: {uri(cfg, stage)} was being cleared to start over when its run "
+                  "stopped: starting it over", flush=True)
+            force = True
+        elif changed := changed_inputs(begun, asked):
             print(f"{stage.command}: {', '.join(f + '/' for f in changed)} changed since the unfinished "
                   f"run in {uri(cfg, stage)} began: starting it over", flush=True)
             force = True  # its checkpoints learned from data that is gone
@@ -358,7 +363,7 @@ def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
     read = {} if read is None else read
     done, asked = marker(cfg, stage.folder, read), made(cfg, stage, read)
     if done is None:
-        if (begun := unfinished(cfg, stage)) and not changed_inputs(begun, asked):
+        if (begun := unfinished(cfg, stage)) and not begun.get(CLEARING) and not changed_inputs(begun, asked):
             check_resumable(cfg, stage, begun, asked)
         return None
     return done if rerun_reason(cfg, stage, done, asked) is None else None
@@ -461,21 +466,27 @@ def unmark(cfg: Config, stage: Stage) -> None:
 def clear(stage_uri: str, keep: tuple[str, ...] = ()) -> None:
     """A redo (--force, inputs made anew): a stage's outputs and run state gone, but `keep`.
     Its marker first, so that a clearing cut short leaves no marker vouching for the rest;
-    its record of the run under way (STARTED) last, so that one cut short still tells the
-    next run what the checkpoints left are from, instead of their being resumed as its own."""
+    then its record of the run under way (STARTED) says CLEARING until the rest is gone, so
+    that a rerun after one cut short starts over, as was asked, instead of resuming what is
+    left (a GAN's old epochs, a finished sweep's results.csv) as its own."""
     import pyarrow.fs as pafs
 
     storage.unmark(stage_uri)
     fs, path = storage.resolve(stage_uri)
     entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    for info in sorted(entries, key=lambda i: i.base_name == STARTED):
-        if info.base_name in keep:
+    if not entries:
+        return
+    started = storage.join(stage_uri, STARTED)
+    storage.write_json(started, {CLEARING: True})
+    for info in entries:
+        if info.base_name in keep or info.base_name == STARTED:
             continue
         entry = storage.join(stage_uri, info.base_name)
         if info.type == pafs.FileType.Directory:
             storage.delete_dir(entry)  # on S3 without the empty folder object pyarrow leaves
         else:
             storage.delete_file(entry)
+    storage.delete_file(started)
 
 
 def start(cfg: Config, stage: Stage, plan: Plan) -> None:

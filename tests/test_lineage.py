@@ -162,12 +162,12 @@ def test_generate_run_alone_takes_the_jpeg_quality_the_reals_were_stored_at(tmp_
     assert "leave out data.jpeg_quality" in error_lines(capsys)[0]
 
 
-def test_a_redo_cut_short_while_clearing_leaves_the_record_of_what_its_checkpoints_are_from(
-        tmp_path, monkeypatch):
-    """A redo clears a training's folder. Cut short after its record of the run under way
-    (_STARTED.json) but before the checkpoints, the next run found checkpoints and no record
-    of what they were made from, and resumed them as its own, though made from data since
-    redone. The record goes last: the next run sees the old run and starts over."""
+@pytest.mark.parametrize("data_redone", [True, False])
+def test_a_redo_cut_short_while_clearing_starts_over_when_run_again(data_redone, tmp_path, monkeypatch):
+    """A redo (--force, or data made anew) clears a training's folder. Cut short before the
+    checkpoints were gone, the next run resumed them as its own: with the data since redone,
+    checkpoints of data that is gone; after `--force` (whose stop line says to run it again
+    without), the very run the user asked to start over (a finished sweep was republished)."""
     from deepfake_ray import storage
 
     made = completed_run(str(tmp_path))
@@ -185,8 +185,13 @@ def test_a_redo_cut_short_while_clearing_leaves_the_record_of_what_its_checkpoin
     with pytest.raises(KeyboardInterrupt):
         lineage.clear(gan)
     assert storage.completed(gan) is None  # no marker vouches for what is left
-    lineage.complete(made, prepare.STAGE, {}, lineage.made(made, prepare.STAGE))  # the data made anew
+    if data_redone:
+        lineage.complete(made, prepare.STAGE, {}, lineage.made(made, prepare.STAGE))
     assert lineage.plan(made, gan_train.STAGE, force=False).redo  # so the checkpoints are not resumed
+    assert lineage.current(made, gan_train.STAGE) is None
+    monkeypatch.undo()
+    lineage.clear(gan)  # a clearing that finishes leaves nothing to start over
+    assert not storage.exists(storage.join(gan, lineage.STARTED)) and not storage.exists(storage.join(gan, "run"))
 
 
 def other_value(value):
