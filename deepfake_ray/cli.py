@@ -229,10 +229,10 @@ def options(args: argparse.Namespace) -> dict:
 
 @contextlib.contextmanager
 def settings_recorded(cfg):
-    """WORKDIR/config.yaml holds this run's settings while it runs. A run refused for its
-    settings or input (exit 2) before any stage began to change (unmarked or completed)
-    puts back the config.yaml it replaced: reports and rerun hints go on naming the
-    settings the outputs came from."""
+    """WORKDIR/config.yaml holds this run's settings while it runs. A run that ends before
+    any stage began to change (unmarked or completed), refused (exit 2), stopped (Ctrl-C,
+    `ray job stop`) or failed, puts back the config.yaml it replaced: reports and rerun
+    hints go on naming the settings the outputs came from."""
     from deepfake_ray import config, storage
 
     uri, ours = storage.join(cfg.workdir, "config.yaml"), config.to_yaml(as_recorded(cfg))
@@ -244,8 +244,8 @@ def settings_recorded(cfg):
     changes = storage.marker_changes
     try:
         yield
-    except BaseException as e:
-        if find_usage_error(e) and storage.marker_changes == changes:
+    except BaseException:
+        if storage.marker_changes == changes:
             # not on a full disk or an unreachable store, the error itself: that is the line
             with contextlib.suppress(OSError):
                 put_back(uri, ours, previous)

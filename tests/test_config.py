@@ -297,6 +297,24 @@ def test_a_run_refused_once_ray_is_up_leaves_config_yaml_as_it_was(before, ray_s
     assert (saved.read_text() if saved.exists() else None) == before
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_before_any_stage_changed_leaves_config_yaml_as_it_was(stop, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a failure) while Ray starts, after config.yaml was written: the line says
+    nothing was replaced, so config.yaml must still name what the outputs were made with,
+    or every `--config W/config.yaml` hint is refused for settings nothing was made with."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("the run's own settings\n")
+
+    def stopped(*_, **__):
+        raise stop("stopped while Ray started")
+
+    monkeypatch.setattr(cli, "start_ray", stopped)
+    code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", "data.source=sample:8"])
+    assert code == (130 if stop is KeyboardInterrupt else 1)
+    assert saved.read_text() == "the run's own settings\n"
+    capsys.readouterr()
+
+
 def test_a_pipeline_refused_after_a_stage_completed_keeps_its_own_config_yaml(ray_session, tmp_path, capsys):
     """prepare completed, then train-gan refused: data/ was made with this run's settings,
     which config.yaml and the failure's rerun hint must go on naming."""
