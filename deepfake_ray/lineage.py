@@ -101,6 +101,9 @@ class Stage:
     # (what made it, the flags that remake it here) when another command made this stage's
     # output from a run of its own: it cannot be continued, only remade
     made_elsewhere: Callable[[dict], tuple[str, str] | None] = field(default=made_here, compare=False)
+    # settings that command chose itself (a sweep's rate): a stage reading the output takes
+    # them as they are, whatever the run's config.yaml says
+    chosen_elsewhere: tuple[str, ...] = ()
     # checks added since, oldest first: (the summary key each records, "before ..." what a
     # complete stage lacking that key was made without). Said, not refused: refusing would
     # stop every old work directory over a setting its user never set
@@ -384,8 +387,9 @@ def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[s
         todo += list(done.get("inputs", {}))
         maker = maker_stage(folder)
         recorded = maker.settings_now(done.get("settings", {}))
+        chosen = maker.chosen_elsewhere if maker.made_elsewhere(done) else ()
         for key, text in differences(maker, done, {"settings": maker.settings(cfg)}).items():
-            if key not in own and key not in found and known(cfg, key):
+            if key not in own and key not in found and key not in chosen and known(cfg, key):
                 found[key] = (recorded[key], text, folder, maker.command)
     return found
 

@@ -140,6 +140,30 @@ def test_a_setting_taken_from_the_stages_it_reads_that_the_stage_cannot_use_is_r
     assert sorted(p.name for p in workdir.iterdir()) == ["data"]  # no config.yaml, no gan/
 
 
+def test_evaluate_with_the_runs_config_yaml_takes_the_rate_a_sweep_chose(tmp_path, monkeypatch, capsys):
+    """A detector `tune` chose records the best trial's rate, which the run's config.yaml
+    (the preset's detector.lr) does not hold: `evaluate --config W/config.yaml`, the command
+    every hint prints, was refused as asking for another rate, and told to retrain the
+    detector, throwing the sweep away."""
+    from deepfake_ray import cli, runtime
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init", no_ray)
+    made = completed_run(str(tmp_path / "w"))
+    swept = {**lineage.made(made, detector_train.STAGE)}
+    swept["settings"] = {**swept["settings"], "detector.lr": 3.7e-4, "detector.epochs": made.tune.epochs}
+    lineage.complete(made, detector_train.STAGE, {"tuned": True, "lr": 3.7e-4}, swept)
+    lineage.complete(made, evaluate.STAGE, {}, lineage.made(made, evaluate.STAGE))
+    saved = tmp_path / "w" / "config.yaml"
+    saved.write_text(config.to_yaml(made))
+    assert cli.main(["evaluate", "--config", str(saved), "--workdir", made.workdir]) == 0, error_lines(capsys)
+    assert "is already complete" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="best trial of `deepfake-ray tune`"):
+        lineage.current(made, detector_train.STAGE)  # train-detector itself still says whose it is
+
+
 def test_generate_run_alone_takes_the_jpeg_quality_the_reals_were_stored_at(tmp_path, monkeypatch, capsys):
     """generate's own check of the fakes' encoding ran before the reals' settings were taken:
     reals stored at data.jpeg_quality=90, then `generate --workdir W` (the preset's 95) was

@@ -48,7 +48,7 @@ def made_by_tune(done: dict) -> tuple[str, str] | None:
 
 STAGE = lineage.Stage("train-detector", "detector", ("data", "fakes"), settings,
                       lambda d: f"model {d.get('model_id')}", grows=("detector.epochs",),
-                      made_elsewhere=made_by_tune)
+                      made_elsewhere=made_by_tune, chosen_elsewhere=("detector.lr", "detector.epochs"))
 
 
 def stage_dir(workdir: str) -> str:
