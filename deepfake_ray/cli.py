@@ -486,8 +486,10 @@ def execute(args: argparse.Namespace) -> int:
                     return 0
             elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
                 return 0
-        except lineage.InputsNotReady:
-            if args.command in WRITERS:  # a run writing there says more: it may be making them
+        except UsageError:
+            # a run writing there says more: it may be making the inputs, or be the
+            # unfinished run whose settings differ
+            if args.command in WRITERS:
                 storage.check_not_held(cfg.workdir, args.command)
             raise
         if taken:  # said once the stage runs: a complete one takes nothing, records nothing

@@ -65,11 +65,6 @@ def made_by(folder: str) -> tuple[str, ...]:
     return MAKERS[folder].commands if folder in MAKERS else ()
 
 
-class InputsNotReady(UsageError):
-    """A stage's input is missing or out of date: a run holding the work directory may be
-    making it."""
-
-
 def no_settings(cfg: Config) -> dict:
     return {}
 
@@ -232,12 +227,12 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
             if len(chain := missing_chain(cfg, folder, read)) > 1:
-                raise InputsNotReady(missing_line(cfg, chain))
-            raise InputsNotReady(f"no {contents(folder)} in {storage.join(cfg.workdir, folder)}: "
+                raise UsageError(missing_line(cfg, chain))
+            raise UsageError(f"no {contents(folder)} in {storage.join(cfg.workdir, folder)}: "
                                  f"run {makers(cfg, folder)}")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
-        raise InputsNotReady(f"{storage.join(cfg.workdir, folder)} is out of date: "
+        raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"{makers(cfg, folder)}")
 

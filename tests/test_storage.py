@@ -308,6 +308,37 @@ def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_p
         pass
 
 
+def test_a_run_refused_for_the_settings_of_an_unfinished_one_that_is_running_names_it(tmp_path, capsys):
+    """gan/ holds a training begun with gan.epochs=10 and still running: a pipeline with the
+    preset's epochs was told the unfinished run has other settings and offered --force,
+    which would start over a training that is live. It is told which run holds the folder."""
+    import subprocess
+    import sys
+
+    from deepfake_ray import config, lineage
+    from deepfake_ray.data import prepare
+    from deepfake_ray.gan import train as gan_train
+
+    running = config.build("tiny", None, ["gan.epochs=10"], workdir=str(tmp_path))
+    lineage.complete(running, prepare.STAGE, {}, lineage.made(running, prepare.STAGE))
+    storage.write_json(storage.join(lineage.uri(running, gan_train.STAGE), lineage.STARTED),
+                       lineage.made(running, gan_train.STAGE))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from deepfake_ray import storage\n"
+        f"with storage.exclusive({str(tmp_path)!r}, 'train-gan'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(["pipeline", "--preset", "tiny", "--workdir", str(tmp_path)]) == 2
+        err = error_lines(capsys)
+        assert len(err) == 1 and f"another train-gan (pid {holder.pid} on " in err[0], err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(["pipeline", "--preset", "tiny", "--workdir", str(tmp_path)]) == 2  # alone: the settings
+    assert "holds an unfinished run begun with gan.epochs=10" in error_lines(capsys)[0]
+
+
 def test_an_s3_lock_of_a_run_killed_on_this_machine_is_taken_over_at_once(s3_server):
     """A run killed outright (kill -9) renews nothing: a rerun on the same machine was
     refused for the 300 s of the lease, though the OS could tell its pid was gone."""
