@@ -471,6 +471,8 @@ def execute(args: argparse.Namespace) -> int:
 
         if args.command not in NO_WORKDIR:  # score and serve have none: runs/demo is not theirs
             storage.check_workdir(cfg.workdir)
+        if args.command in WRITERS:
+            sources.check_no_foreign_stage_folders(cfg.workdir, args.command)
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
         if hasattr(module, "check_settings"):

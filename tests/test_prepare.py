@@ -62,6 +62,38 @@ def test_a_source_that_is_also_the_workdir_is_refused_from_the_first_run(named, 
     assert sorted(os.listdir(faces)) == ["face_0.jpg", "face_1.jpg", "face_2.jpg"]  # nothing written
 
 
+def test_a_workdir_whose_stage_folders_hold_a_users_own_files_is_refused_before_it_changes_them(
+        tmp_path, monkeypatch, capsys):
+    """`--workdir proj` in a project with its own proj/data/images of photos: prepare read
+    them, then replaced data/images with its stored copies, deleting the originals (and
+    generate deletes any fakes/). Refused before Ray starts or anything is written; a first
+    run's own leftovers (a prepare stopped while ingesting) are not a user's."""
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init", no_ray)
+    proj = tmp_path / "proj"
+    photos = proj / "data" / "images"
+    photos.mkdir(parents=True)
+    for i in range(3):
+        (photos / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
+    elsewhere = tmp_path / "faces"
+    shutil.copytree(photos, elsewhere)
+    for source, command in [(photos, "prepare"), (elsewhere, "pipeline")]:
+        assert cli.main([command, "--preset", "tiny", "--source", str(source), "--workdir", str(proj)]) == 2
+        err = error_lines(capsys)
+        assert len(err) == 1 and f"{proj}/data already holds files no deepfake-ray run made (images)" in err[0], err
+    assert sorted(os.listdir(proj)) == ["data"] and len(os.listdir(photos)) == 3  # nothing written
+    # a run of ours began there (config.yaml): the photos inside its own stage folder still refused
+    (proj / "config.yaml").write_text("seed: 0\n")
+    assert cli.main(["prepare", "--preset", "tiny", "--source", str(photos), "--workdir", str(proj)]) == 2
+    assert f"--source {photos} lies inside {proj}/data, where this run writes" in error_lines(capsys)[0]
+    # what a first prepare stopped mid-ingest leaves: its hidden staging folder only
+    shutil.rmtree(proj)
+    (proj / "data" / ".images-new").mkdir(parents=True)
+    sources.check_no_foreign_stage_folders(str(proj), "prepare")  # no UsageError
+
+
 def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny_cfg, tmp_path, capsys):
     """`--source .` beside runs/: the run's own sample grids and figures are no faces."""
     faces = tmp_path / "faces"

@@ -231,6 +231,44 @@ def workdir_around(root: str, root_is_one: bool | None = None) -> tuple[str, str
     return None
 
 
+def stage_folder_holding(root: str, workdir: str) -> str | None:
+    """The stage folder of `workdir` that `root` is or lies in, if any: one this run is
+    about to write, when it is no run's yet (`--workdir proj --source proj/data/images`
+    would lose the photos to prepare's own images once read)."""
+    where = location(storage.normalize(root))
+    for stage in STAGE_FOLDERS:
+        folder = storage.join(storage.normalize(workdir), stage)
+        if where == location(folder) or where.startswith(location(folder).rstrip("/") + "/"):
+            return folder
+    return None
+
+
+def check_no_foreign_stage_folders(workdir: str, command: str) -> None:
+    """UsageError for a work directory no run has written (no config.yaml) where a stage
+    folder already holds a user's own files: stages replace what their folders hold
+    (prepare's data/images, generate's fakes/, a redo's whole folder), so `--workdir .` in
+    a project with a data/images of its own would lose them. What a first run cut short
+    left there (hidden staging folders, markers) is its own."""
+    import pyarrow.fs as pafs
+
+    workdir = storage.normalize(workdir)
+    if storage.exists(storage.join(workdir, "config.yaml")):
+        return
+    for stage in STAGE_FOLDERS:
+        folder = storage.join(workdir, stage)
+        fs, path = storage.resolve(folder)
+        try:
+            names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+        except NotADirectoryError:  # a file of that name: check_folder says so
+            continue
+        if any(n in (storage.COMPLETE, "_STARTED.json") for n in names):
+            continue
+        if own := sorted(n for n in names if not n.startswith(".")):
+            raise UsageError(f"{folder} already holds files no deepfake-ray run made ({storage.shown(own[0])}"
+                             f"{', ...' if len(own) > 1 else ''}), and {command} writes its outputs there, "
+                             "replacing what it finds: move them away, or pass another --workdir")
+
+
 def location(uri: str) -> str:
     """A local folder by where it is, reached through links or not; an S3 prefix as named."""
     return uri if storage.is_s3(uri) else os.path.realpath(uri)
@@ -244,6 +282,10 @@ def check_outside_workdirs(text: str, root: str, own: str, root_is_one: bool | N
         # a work directory's own files from the second run on
         raise UsageError(f"--source {text} is also the --workdir, where the run writes its outputs: "
                          "keep the face images in a folder of their own, or pass another --workdir")
+    if stage := stage_folder_holding(root, own):
+        raise UsageError(f"--source {text} lies inside {stage}, where this run writes its outputs, "
+                         "replacing what it finds there: move the face images to a folder of their "
+                         "own, or pass another --workdir")
     if found := workdir_around(root, root_is_one):
         where, what = found
         raise UsageError(f"{text} {what} {where}, whose images are a run's outputs (fakes, sample "
