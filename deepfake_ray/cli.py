@@ -488,9 +488,10 @@ def execute(args: argparse.Namespace) -> int:
                     return 0
             elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
                 return 0
-        except UsageError:
+        except lineage.WorkdirState:
             # a run writing there says more: it may be making the inputs, or be the
-            # unfinished run whose settings differ
+            # unfinished run whose settings differ (a mistake of this command's own, a
+            # missing --source, is said as it is)
             if args.command in WRITERS:
                 storage.check_not_held(cfg.workdir, args.command)
             raise

@@ -65,6 +65,11 @@ def made_by(folder: str) -> tuple[str, ...]:
     return MAKERS[folder].commands if folder in MAKERS else ()
 
 
+class WorkdirState(UsageError):
+    """A refusal for what the work directory holds (an input missing or out of date, a
+    stage made or begun with other settings): a run holding it may be changing that."""
+
+
 def no_settings(cfg: Config) -> dict:
     return {}
 
@@ -169,14 +174,14 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     differ = [text for k, text in differences(stage, done, asked).items() if k not in more]
     if differ and elsewhere:
         made_by, remake = elsewhere
-        raise UsageError(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
+        raise WorkdirState(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
                          f"with {', '.join(differ)}: use another --workdir, or `deepfake-ray {stage.command} "
                          f"{remake}` to train one anew there")
     if differ:
         own = " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in own_settings(
             cfg, stage, done, asked, more).items())
         # the stage's own command: --force on the pipeline would redo every stage
-        raise UsageError(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
+        raise WorkdirState(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
                          f"--workdir to keep both, `deepfake-ray {stage.command} --force` to redo it "
                          f"alone there, or its own settings ({own})")
 
@@ -227,12 +232,12 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
             if len(chain := missing_chain(cfg, folder, read)) > 1:
-                raise UsageError(missing_line(cfg, chain))
-            raise UsageError(f"no {contents(folder)} in {storage.join(cfg.workdir, folder)}: "
+                raise WorkdirState(missing_line(cfg, chain))
+            raise WorkdirState(f"no {contents(folder)} in {storage.join(cfg.workdir, folder)}: "
                                  f"run {makers(cfg, folder)}")
     if out_of_date := stale_inputs(cfg, stage, read):
         folder, stale = next(iter(out_of_date.items()))
-        raise UsageError(f"{storage.join(cfg.workdir, folder)} is out of date: "
+        raise WorkdirState(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"{makers(cfg, folder)}")
 
@@ -349,7 +354,7 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
     win, and its marker would record the new. Only more epochs are fine: it goes on longer."""
     more = grown(stage, begun, asked)
     if differ := [text for k, text in differences(stage, begun, asked).items() if k not in more]:
-        raise UsageError(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
+        raise WorkdirState(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
                          f"run with its settings to resume it, `deepfake-ray {stage.command} --force` "
                          "to start it over there, or another --workdir to keep it")
 

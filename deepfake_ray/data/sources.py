@@ -282,14 +282,14 @@ def check_outside_workdirs(text: str, root: str, own: str, root_is_one: bool | N
         # a work directory's own files from the second run on
         raise UsageError(f"--source {text} is also the --workdir, where the run writes its outputs: "
                          "keep the face images in a folder of their own, or pass another --workdir")
-    if stage := stage_folder_holding(root, own):
-        raise UsageError(f"--source {text} lies inside {stage}, where this run writes its outputs, "
-                         "replacing what it finds there: move the face images to a folder of their "
-                         "own, or pass another --workdir")
     if found := workdir_around(root, root_is_one):
         where, what = found
         raise UsageError(f"{text} {what} {where}, whose images are a run's outputs (fakes, sample "
                          "grids, figures), not real faces: pass a folder of face images as --source")
+    if stage := stage_folder_holding(root, own):  # this run's, before it is a work directory
+        raise UsageError(f"--source {text} lies inside {stage}, where this run writes its outputs, "
+                         "replacing what it finds there: move the face images to a folder of their "
+                         "own, or pass another --workdir")
 
 
 # --- a copy every node of a cluster can read -----------------------------------------
