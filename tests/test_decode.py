@@ -271,3 +271,31 @@ def test_a_png_with_megabytes_of_compressed_metadata_is_a_photo_and_more_is_a_bo
         with pytest.raises(decode.DecodeError) as e:
             decode.decode(bomb, 32)
         assert e.value.reason == "decompression bomb", e.value
+
+
+@pytest.mark.parametrize("quality", [40, 75, 95])
+@pytest.mark.parametrize("subsampling", ["4:4:4", "4:2:2", "4:2:0"])
+def test_a_photo_stored_at_its_own_size_records_the_jpeg_encoding_its_pixels_carry(quality, subsampling):
+    """Celeb 100k's crops are JPEGs at the stored size: stored again, a real is encoded
+    twice and a fake once, unless the fake is given the real's first encoding. What
+    prepare records must be the encoding that reproduces the photo's pixels."""
+    source = encode(rgb(3, 32), "JPEG", quality=quality, subsampling=subsampling)
+    row = decode.inspect(source, 32, 95)
+    assert row["history"] == f"jpeg q{quality} {subsampling}"
+    given = decode.with_history(rgb(3, 32), row["history"])  # the same picture, given that history
+    assert np.array_equal(np.asarray(given), decode.decode(source, 32))
+
+
+@pytest.mark.parametrize("kind", ["png", "resized", "grey", "turned", "cmyk"])
+def test_a_photo_whose_stored_pixels_keep_no_jpeg_encoding_records_none(kind):
+    """Resized, turned or converted, little or nothing of a JPEG's blocks stays where the
+    stored image's are; a PNG never had any."""
+    picture = rgb(4, 32)
+    turned = picture.getexif()
+    turned[0x0112] = 6
+    data = {"png": encode(picture, "PNG"), "resized": encode(rgb(4, 64), "JPEG", quality=75),
+            "grey": encode(picture.convert("L"), "JPEG", quality=75),
+            "turned": encode(picture, "JPEG", quality=75, exif=turned),
+            "cmyk": encode(picture.convert("CMYK"), "JPEG", quality=75)}[kind]
+    row = decode.inspect(data, 32, 95)
+    assert row["reason"] == "" and row["history"] == ""

@@ -27,7 +27,7 @@ from deepfake_ray.gan.train import model_uri
 from deepfake_ray.models import dcgan
 from tests.checkpoints import registered
 from tests.cli_output import error_lines
-from tests.images import near_copies as saved_again, rgb
+from tests.images import encode, near_copies as saved_again, rgb
 from tests.processes import ended_pid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -516,6 +516,41 @@ def test_generate_is_deterministic_for_a_seed(generated, tmp_path):
     assert fakes() == first  # the same seed: the same fakes, byte for byte
     other = fakes("seed=1", "gan.num_fakes=12")
     assert len(other) == 12 and {s for _, s in other}.isdisjoint(s for _, s in first)
+
+
+def test_fakes_are_given_the_jpeg_encodings_the_reals_carry(generated, tmp_path):
+    """Reals whose source JPEG is stored at its own size carry its encoding under the
+    stored one; a fake stored straight from the generator carried only the stored one, a
+    cue the detector could learn instead of the faces. Here half the reals carry q90
+    4:2:0: about half the fakes are given it, drawn by their own seed (fake i is the
+    generator's picture of latent i, so encoded, then stored), the others are the very
+    fakes made before."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(generated[0], workdir)
+    uri = datasets.manifest_uri(datasets.data_dir(workdir))
+    reals, history = storage.read_parquet(uri), "jpeg q90 4:2:0"
+    carried = pa.array([history if i % 2 else "" for i in range(reals.num_rows)], pa.large_string())
+    storage.write_parquet(uri, reals.set_column(reals.column_names.index("history"), "history", carried))
+    summary = generate.run(tiny(workdir), force=True)
+    fakes = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(workdir))).to_pylist()
+    given = [row["history"] for row in fakes]
+    assert set(given) == {history, ""} and 0.25 < given.count(history) / len(given) < 0.75, summary
+    assert summary["histories"] == {history: given.count(history)}
+    before = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(generated[0]))).to_pylist()
+    before = {row["path"]: row["sha1"] for row in before}
+    both = [row for row in fakes if row["path"] in before]
+    assert {row["history"] for row in both} == {history, ""}
+    assert all((row["sha1"] == before[row["path"]]) == (row["history"] == "") for row in both)
+    state, meta = checkpoint.load_model(model_uri(workdir))
+    G = dcgan.generator_from_meta(meta)
+    G.load_state_dict(state)
+    for row in [next(r for r in fakes if r["history"] == h) for h in (history, "")]:
+        z = generate.latent(0, int(row["path"].rsplit(":", 1)[1]), int(meta["latent_dim"]))
+        with torch.no_grad():
+            drawn = Image.fromarray(dcgan.to_uint8(G.eval()(torch.from_numpy(z[None])))[0].numpy())
+        if row["history"]:  # as a JPEG at q90 4:2:0 leaves it
+            drawn = Image.open(io.BytesIO(encode(drawn, "JPEG", quality=90, subsampling="4:2:0"))).convert("RGB")
+        assert decode.sha1(decode.jpeg_bytes(drawn, 95)) == row["sha1"]
 
 
 def select_among(pictures: list, reals: list = ()) -> generate.Selection:

@@ -218,6 +218,22 @@ def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, 
     assert f"prepared {len(good_files())} images ({len(bad_files()) + 1} rejected" in capsys.readouterr().out
 
 
+def test_the_jpeg_encoding_a_stored_photo_still_carries_is_recorded(ray_session, tiny_cfg, tmp_path):
+    """What generate gives the fakes alike: a JPEG at the stored size keeps its own encoding
+    under the stored one; a PNG, or a JPEG resized to the stored size, keeps none."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "own_size.jpg").write_bytes(encode(rgb(1, 32), "JPEG", quality=75))
+    (faces / "lossless.png").write_bytes(encode(rgb(2, 32), "PNG"))
+    (faces / "larger.jpg").write_bytes(encode(rgb(3, 64), "JPEG", quality=75))
+    cfg = tiny_cfg(f"data.source={faces}")
+    prepare.run(cfg)
+    manifest, _, summary = read_outputs(cfg.workdir)
+    assert dict(zip(manifest["path"].map(os.path.basename), manifest["history"])) == {
+        "own_size.jpg": "jpeg q75 4:2:0", "lossless.png": "", "larger.jpg": ""}
+    assert summary["histories"] == {"jpeg q75 4:2:0": 1}
+
+
 def test_one_picture_saved_twice_with_other_metadata_is_in_one_split_and_stored_alike(
         ray_session, tiny_cfg, tmp_path):
     """A re-save that only adds a comment is other bytes, so both files are kept, but it is

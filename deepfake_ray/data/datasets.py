@@ -174,7 +174,8 @@ def keep_chosen(batch: dict, chosen: dict[int, str]) -> pyarrow.Table:
                      "bytes": pa.array(batch["bytes"][keep], pa.int64()),
                      "image": pa.array(batch["image"][keep].tolist(), pa.binary()),
                      "thumb": pa.array(batch["thumb"][keep].tolist(), pa.binary()),
-                     "split": pa.array([chosen[int(i)] for i in index], pa.large_string())})
+                     "split": pa.array([chosen[int(i)] for i in index], pa.large_string()),
+                     "history": pa.array(batch["history"][keep].tolist(), pa.large_string())})
 
 
 def to_unit_range(pixels) -> torch.Tensor:

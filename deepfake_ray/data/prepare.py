@@ -46,9 +46,12 @@ from deepfake_ray.progress import Progress
 MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 64, 2048
 CHUNK_FILES = 32  # what one task can take over from another: ~30 ms of decoding
 TEXT, COUNT = pa.large_string(), pa.int64()  # the types Ray Data writes for the fakes
-# near_copy_of: the path of the picture whose split a near copy takes (`near_copies`), else ""
+# near_copy_of: the path of the picture whose split a near copy takes (`near_copies`), else "";
+# history: the source's own JPEG encoding its stored pixels carry (decode.jpeg_history), a
+# fake's: the one it was given, else ""
 MANIFEST_SCHEMA = pa.schema([("path", TEXT), ("width", COUNT), ("height", COUNT), ("format", TEXT),
-                             ("sha1", TEXT), ("bytes", COUNT), ("split", TEXT), ("near_copy_of", TEXT)])
+                             ("sha1", TEXT), ("bytes", COUNT), ("split", TEXT), ("near_copy_of", TEXT),
+                             ("history", TEXT)])
 MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
 REJECTED_SCHEMA = pa.schema([("path", TEXT), ("reason", TEXT), ("detail", TEXT), ("sha1", TEXT),
                              ("bytes", COUNT)])
@@ -429,6 +432,7 @@ def summarize(src: Source, listed: dict | None, manifest: list[dict], rejected: 
             "splits": {s: splits[s] for s in datasets.SPLITS},
             "near_copies": sum(bool(row["near_copy_of"]) for row in manifest),
             "flipped_copies_grouped": True,  # see STAGE.added
+            "histories": dict(Counter(row["history"] for row in manifest if row["history"])),
             "seconds": round(seconds, 1), "phases": {k: round(v, 2) for k, v in phases.items()},
             "output": out}
 
@@ -564,7 +568,10 @@ STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: c
                               "with each picture's copies in one split"),
                              ("flipped_copies_grouped", "before flipped copies counted as near copies: a "
                               "photo and its mirror image may be in two splits, which training's flips "
-                              "make one picture; --force prepares it again with them in one split")))
+                              "make one picture; --force prepares it again with them in one split"),
+                             ("histories", "before the photos' own JPEG encodings were recorded: fakes "
+                              "are stored without them, a cue a detector may learn instead of the faces; "
+                              "--force prepares it again, and the pipeline then makes the fakes anew")))
 
 
 def preflight(cfg: Config, force: bool = False, **_) -> dict | None:

@@ -1,9 +1,11 @@
 """`deepfake-ray generate`: fakes from the trained generator, with Ray Data.
 
 Fake number i of seed s comes from the latent vector N(0, 1) drawn by
-numpy's generator seeded with [s, i], through the generator in eval mode, encoded
-as JPEG at data.jpeg_quality and data.resolution exactly like the reals, so the
-detector cannot tell the classes apart by file format. The output is the same
+numpy's generator seeded with [s, i], through the generator in eval mode, given the
+JPEG history of a real drawn by [s, i, 1] (the encoding a photo's source left in its
+pixels, `decode.jpeg_history`; none for most), then encoded as JPEG at
+data.jpeg_quality and data.resolution exactly like the reals, so the detector cannot
+tell the classes apart by file format or by how often they were compressed. The output is the same
 layout as WORKDIR/data (see data/datasets.py): fakes/manifest.parquet (path
 "fake:<seed>:<index>"), fakes/images/*.parquet, fakes/preview.png, _COMPLETE.json.
 
@@ -20,6 +22,7 @@ would teach the detector that a real photo is fake.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -53,13 +56,17 @@ STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
                               "again without such copies"),
                              ("flipped_copies_left_out", "before flipped copies counted: a fake may be "
                               "another's mirror image, or a real photo's; --force makes the fakes again "
-                              "without them")))
+                              "without them"),
+                             ("histories", "before fakes were given the photos' own JPEG encodings: a "
+                              "detector may tell them by their encoding; --force makes the fakes again "
+                              "with them (after `prepare --force`, where data/ lacks them too)")))
 
 
 class FakeMaker:
     """Ray Data actor: latent indices -> encoded fake images."""
 
-    def __init__(self, model: str, seed: int, quality: int, use_gpu: bool):
+    def __init__(self, model: str, seed: int, quality: int, use_gpu: bool,
+                 histories: tuple[tuple[str, float], ...] = ()):
         state, meta = checkpoint.load_model(model)
         self.G = dcgan.generator_from_meta(meta)
         self.G.load_state_dict(state)
@@ -70,22 +77,50 @@ class FakeMaker:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.seed, self.quality, self.latent = seed, quality, int(meta["latent_dim"])
+        self.histories = histories
 
     def __call__(self, batch: dict, start: int) -> dict:
         index = batch["id"].astype(np.int64) + start
         z = np.stack([latent(self.seed, int(i), self.latent) for i in index])
         with torch.no_grad():
             pixels = dcgan.to_uint8(self.G(torch.from_numpy(z).to(self.device))).numpy()
-        pictures = [Image.fromarray(p) for p in pixels]
-        images = [decode.jpeg_bytes(picture, self.quality) for picture in pictures]
-        return {"index": index, "sha1": np.array([decode.sha1(b) for b in images]),
+        histories = [drawn_history(self.seed, int(i), self.histories) for i in index]
+        drawn = [Image.fromarray(p) for p in pixels]
+        images = [decode.jpeg_bytes(decode.with_history(picture, h), self.quality)
+                  for picture, h in zip(drawn, histories)]
+        return {"index": index, "history": np.array(histories, dtype=object),
+                "sha1": np.array([decode.sha1(b) for b in images]),
                 "bytes": np.array([len(b) for b in images], dtype=np.int64),
                 "image": np.array(images, dtype=object),
-                "thumb": np.array([near_copies.thumbnail(p) for p in pictures], dtype=object)}
+                # of what the generator drew: which fakes are near copies does not hang on
+                # the history each was given
+                "thumb": np.array([near_copies.thumbnail(p) for p in drawn], dtype=object)}
 
 
 def latent(seed: int, index: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, index]).standard_normal(size).astype(np.float32)
+
+
+def histories_of(reals: pa.Table) -> tuple[tuple[str, float], ...]:
+    """The reals' JPEG histories (decode.jpeg_history) with the cumulative share of each,
+    which fakes draw theirs from: as many fakes as reals carry each. None from a data/
+    prepared before they were recorded."""
+    if "history" not in reals.column_names:
+        return ()
+    counts = Counter(reals.column("history").to_pylist())
+    if set(counts) <= {""}:
+        return ()
+    names = sorted(counts)
+    shares = np.cumsum([counts[n] for n in names]) / reals.num_rows
+    return tuple(zip(names, shares.tolist()))
+
+
+def drawn_history(seed: int, index: int, histories: tuple[tuple[str, float], ...]) -> str:
+    """Fake `index`'s history, drawn from `histories` by its own seed: the same every run."""
+    if not histories:
+        return ""
+    u = np.random.default_rng([seed, index, 1]).random()
+    return next((name for name, edge in histories if u < edge), histories[-1][0])
 
 
 def quotas(reals: pa.Table, num: int) -> dict[str, int]:
@@ -122,7 +157,8 @@ def too_few_new_faces(candidates: int, distinct: int, total: int, repeats: int, 
                       "with more epochs or another gan.lr")
 
 
-def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.data.Dataset:
+def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool,
+         histories: tuple[tuple[str, float], ...]) -> ray.data.Dataset:
     """Candidates start..start+count-1, made by a pool of generator actors."""
     # one block per batch: range()'s default of ~200 blocks made every later pass over
     # the candidates (selection, writing) run hundreds of tiny tasks
@@ -131,7 +167,8 @@ def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool) -> ray.d
         ray.data.range(count, override_num_blocks=blocks), FakeMaker, pool,
         fn_kwargs={"start": start}, batch_size=cfg.gan.generate_batch_size,
         fn_constructor_kwargs={"model": model_uri(cfg.workdir), "seed": cfg.seed,
-                               "quality": cfg.data.jpeg_quality, "use_gpu": use_gpu},
+                               "quality": cfg.data.jpeg_quality, "use_gpu": use_gpu,
+                               "histories": histories},
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
 
 
@@ -181,7 +218,8 @@ def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = 
     return Selection(chosen, repeats, copies, blanks)
 
 
-def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selection]:
+def generate(cfg: Config, want: dict[str, int], histories: tuple[tuple[str, float], ...] = ()
+             ) -> tuple[ray.data.Dataset, Selection]:
     """The chosen fakes, and the `Selection` that chose them."""
     use_gpu = runtime.use_gpus(cfg.resources.use_gpu)
     pool = max(1, cfg.resources.workers)
@@ -193,7 +231,7 @@ def generate(cfg: Config, want: dict[str, int]) -> tuple[ray.data.Dataset, Selec
         have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
         count = candidates_needed({s: want[s] - have[s] for s in want}, cfg.data.splits)
         print(f"generate: making {count:,} candidates from index {start:,}", flush=True)
-        rounds.append(make(cfg, start, count, pool, use_gpu))
+        rounds.append(make(cfg, start, count, pool, use_gpu, histories))
         start += count
         before = len(chosen)
         picked = select(rounds, want, cfg.data.splits, reals)
@@ -230,7 +268,7 @@ def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
     storage.delete_dir(images)
     fs, path = storage.resolve(images)
     ds.select_columns(datasets.IMAGES_COLUMNS).write_parquet(path, filesystem=fs, **datasets.IMAGES_PARQUET)
-    meta = ds.select_columns(["index", "sha1", "bytes", "split"]).to_pandas()
+    meta = ds.select_columns(["index", "sha1", "bytes", "split", "history"]).to_pandas()
     meta = meta.sort_values("index", kind="stable")
     r = cfg.data.resolution
     text = lambda values: pa.array(list(values), pa.large_string())  # noqa: E731 - as the reals
@@ -240,7 +278,8 @@ def write(cfg: Config, out: str, ds: ray.data.Dataset) -> pa.Table:
                          "format": text(["JPEG"] * len(meta)), "sha1": text(meta["sha1"]),
                          "bytes": pa.array(meta["bytes"].tolist(), pa.int64()),
                          "split": text(meta["split"]),
-                         "near_copy_of": text([""] * len(meta))}).select(MANIFEST_COLUMNS)
+                         "near_copy_of": text([""] * len(meta)),
+                         "history": text(meta["history"])}).select(MANIFEST_COLUMNS)
     storage.write_parquet(datasets.manifest_uri(out), manifest)
     return manifest
 
@@ -289,7 +328,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     storage.delete_dir(out)  # a forced or interrupted earlier run, its marker with it
     want = quotas(reals, cfg.gan.num_fakes)
     started = time.time()
-    ds, picked = generate(cfg, want)
+    histories = histories_of(reals)
+    ds, picked = generate(cfg, want, histories)
     ds = ds.materialize()
     manifest = write(cfg, out, ds)
     preview(out, ds, picked.chosen)
@@ -299,6 +339,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "jpeg_quality": cfg.data.jpeg_quality, "model": checkpoint.model_id(meta),
                "repeats_left_out": picked.repeats, "copies_of_reals_left_out": picked.copies_of_reals,
                "blank_fakes": picked.blank, "flipped_copies_left_out": True,  # see STAGE.added
+               "histories": dict(Counter(h for h in manifest.column("history").to_pylist() if h)),
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
