@@ -57,7 +57,14 @@ def load_meta(uri: str) -> dict:
     except NotADirectoryError:  # --model .../model/weights.safetensors
         raise UsageError(f"--model {uri} is a file, not a model folder: pass the folder holding "
                          f"it, {storage.parent(uri)}") from None
+    except PermissionError as e:  # a teammate's files
+        raise unreadable(path, e) from None
     return parse_meta(path, data)
+
+
+def unreadable(path: str, e: PermissionError) -> UsageError:
+    return UsageError(f"cannot read {path} ({e.strerror or 'permission denied'}): give yourself read "
+                      "permission on the model folder, or copy it somewhere you can read")
 
 
 def parse_meta(path: str, data: bytes) -> dict:
@@ -106,6 +113,8 @@ def check_weights(uri: str, meta: dict) -> None:
         found = storage.file_digest(storage.join(uri, WEIGHTS), "sha256")
     except (FileNotFoundError, IsADirectoryError):
         found = None
+    except PermissionError as e:
+        raise unreadable(storage.join(uri, WEIGHTS), e) from None
     if found != expected:
         raise weights_mismatch(uri)
     VERIFIED.add((uri, expected))

@@ -16,8 +16,8 @@ import sys
 import time
 
 import deepfake_ray
-from deepfake_ray.errors import (Terminated, UsageError, by_sigterm, find_error, find_usage_error, note_sigterm,
-                                 out_of_memory)
+from deepfake_ray.errors import (Terminated, UsageError, by_sigterm, disk_full, find_error, find_usage_error,
+                                 note_sigterm, out_of_memory)
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -402,8 +402,8 @@ def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
 def unwritable(cfg, e: OSError) -> Exception:
     from deepfake_ray import storage
 
-    if storage.is_s3(cfg.workdir):
-        return e  # explained with the fix where S3 failures are
+    if storage.is_s3(cfg.workdir) or disk_full(e):
+        return e  # explained with the fix where S3 failures and full disks are
     return UsageError(f"cannot write to --workdir {cfg.workdir} ({e.strerror or type(e).__name__}): "
                       "pass a folder you can write to")
 

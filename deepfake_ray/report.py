@@ -39,6 +39,14 @@ def read_json(workdir: str, rel: str):
         return Text(f"{rel} is not valid JSON ({e}); rerun the stage that writes it with --force")
 
 
+def not_an_object(value, rel: str) -> list:
+    """The blocks for a marker read_json did not find an object in: none where it is
+    missing, read_json's own note where it is not JSON, else this one."""
+    if value is None or isinstance(value, Text):
+        return [value] if value else []
+    return [Text(f"{rel} is not a JSON object (damaged?); rerun the stage that writes it with --force")]
+
+
 def figure(workdir: str, rel: str, caption: str) -> list[Figure]:
     try:
         return [Figure(caption, rel, storage.read_bytes(storage.join(workdir, rel)))]
@@ -187,7 +195,7 @@ def marker_seconds(w: str, stage: dict) -> float | None:
 def data(w: str) -> list:
     s = read_json(w, "data/_COMPLETE.json")
     if not isinstance(s, dict):
-        return [s] if s else []
+        return not_an_object(s, "data/_COMPLETE.json")
     blocks = [Table(["", ""], [["source", fmt(s.get("source"))], ["usable images", fmt(s.get("images"))],
                                ["rejected files", fmt(s.get("rejected"))]])]
     if s.get("splits"):
@@ -205,7 +213,7 @@ def fakes(w: str) -> list:
     further since), it says so and names the command, as the other stages' do."""
     s = read_json(w, "fakes/_COMPLETE.json")
     if not isinstance(s, dict):
-        return [s] if s else []
+        return not_an_object(s, "fakes/_COMPLETE.json")
     scalars = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
     return [Table(["fakes/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in scalars.items()])]
 
@@ -340,7 +348,7 @@ SECTIONS = [
 ]
 
 
-def out_of_date(cfg: Config, folder: str, read: dict) -> tuple[str, str] | None:
+def out_of_date(cfg: Config, folder: str, read: dict, seen: frozenset = frozenset()) -> tuple[str, str] | None:
     """Why the files in WORKDIR/`folder` may not describe the run as it is now, and the
     folder whose stage must run first (one it was made from, when that is out of date:
     this stage's own command would be refused), or None.
@@ -352,8 +360,11 @@ def out_of_date(cfg: Config, folder: str, read: dict) -> tuple[str, str] | None:
                 "tune --force sweeps anew)", folder)
     if done is None:  # left by an earlier run while the stage is redone, or not finished
         return f"{folder}/ is not complete (being redone, or interrupted)", folder
-    for source in done.get("inputs", {}):  # made from a stage that no longer follows from its own
-        if stale := out_of_date(cfg, source, read):
+    inputs = done.get("inputs")  # a hand-edited marker's may name itself, or be no mapping
+    for source in inputs if isinstance(inputs, dict) else ():  # made from a stage that no longer follows
+        if source in seen | {folder}:
+            continue
+        if stale := out_of_date(cfg, source, read, seen | {folder}):
             return f"{source}/, which {folder}/ was made from, is out of date: {stale[0]}", stale[1]
     if redone := lineage.redone_since(cfg, done, read):
         return f"{', '.join(f + '/' for f in redone)} changed since {folder}/ was made", folder
@@ -436,8 +447,13 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     sections = collect(cfg, saved)
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     html_uri, md_uri = storage.join(workdir, "report.html"), storage.join(workdir, "report.md")
-    storage.write_text(html_uri, render_html(workdir, sections, generated))
-    storage.write_text(md_uri, render_md(workdir, sections, generated))
+    try:
+        storage.write_text(html_uri, render_html(workdir, sections, generated))
+        storage.write_text(md_uri, render_md(workdir, sections, generated))
+    except PermissionError as e:  # a shared or read-only copy of a run (S3's refusals are explained)
+        why = e.strerror or "permission denied"
+        raise UsageError(f"cannot write the report into --workdir {workdir} ({why}): give yourself write "
+                         "permission there, or copy the run to a folder you can write") from None
     missing = [title for _, title, blocks in sections if isinstance(blocks[0], Missing)]
     stale = [title for _, title, blocks in sections if isinstance(blocks[0], Stale)]
     notes = [f"{what}: {', '.join(titles)}" for what, titles in

@@ -1295,6 +1295,21 @@ def test_a_kaggle_dataset_another_prepare_is_downloading_is_waited_for(fake_kagg
     assert fake_kaggle == ["owner/faces"] and len(found[0].files) == 5
 
 
+def test_a_kaggle_download_cut_short_by_a_full_disk_says_so(fake_kaggle, monkeypatch, tiny_cfg, tmp_path):
+    """It was told to check the dataset's name, its rules on kaggle.com and the network."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def full(self, dataset, path=None, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(path, "faces.zip"))
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", full)
+    data = tiny_cfg("data.source=kaggle:owner/faces", f"data.cache_dir={tmp_path / 'cache'}").data
+    with pytest.raises(OSError) as failed:
+        sources.resolve_source("kaggle:owner/faces", data)
+    line = cli.usage_line(failed.value)
+    assert line.startswith("no space left on device writing ") and "free space on the disk" in line, line
+
+
 def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake_kaggle, monkeypatch,
                                                                            tmp_path, tiny_cfg):
     from kaggle.api.kaggle_api_extended import KaggleApi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -469,6 +470,49 @@ def test_a_report_of_a_folder_that_holds_no_run_exits_2_and_creates_nothing(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_report_into_a_run_the_user_cannot_write_exits_2_naming_the_folder(tmp_path, monkeypatch, capsys):
+    """A shared or read-only copy of a run: a PermissionError traceback naming a temp file."""
+    import tempfile
+
+    from deepfake_ray import cli, lineage
+    from deepfake_ray.data import prepare
+
+    w = str(tmp_path / "w")
+    cfg = config.build("tiny", workdir=w)
+    storage.write_text(storage.join(w, "config.yaml"), config.to_yaml(cfg))
+    lineage.complete(cfg, prepare.STAGE, {"images": 3, "rejected": 0, "reasons": {}}, lineage.made(cfg, prepare.STAGE))
+    mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # tests run as root, whom no mode stops
+        if dir == w:
+            raise PermissionError(13, "Permission denied", dir)
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 2
+    assert error_lines(capsys) == [f"deepfake-ray report: error: cannot write the report into --workdir {w} "
+                                   "(Permission denied): give yourself write permission there, or copy the "
+                                   "run to a folder you can write"]
+
+
+def test_a_full_disk_at_a_stages_start_is_said_as_one(tmp_path, monkeypatch, capsys):
+    """Writing config.yaml on a full disk said "cannot write to --workdir ... pass a folder
+    you can write to": the folder is writable, the disk is full."""
+    import errno
+    import tempfile
+
+    from deepfake_ray import cli
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("deepfake-ray prepare: error: no space left on device: free space "
+                                               "on the disk it writes to"), err
+
+
 def test_a_stopped_report_says_to_run_it_again_without_stages_or_trainings(tmp_path, capsys, monkeypatch):
     """score and report, stopped, were told that "finished stages are skipped and a
     training resumes from its last checkpoint": they have neither."""
@@ -499,6 +543,25 @@ def test_a_damaged_marker_is_said_once_not_taken_silently_for_an_unfinished_stag
     warned = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
     assert warned == [f"warning: {w}/fakes/_COMPLETE.json is damaged (not a JSON object): its stage "
                       "counts as not complete: a run makes it again"]
+
+
+def test_markers_edited_into_other_shapes_are_reported_not_a_traceback(tmp_path, capsys):
+    """Valid JSON that is not an object (`[1]`), and a marker naming itself among its
+    inputs: an AttributeError, and a RecursionError, where the report says what it found."""
+    from deepfake_ray import cli
+
+    w = str(tmp_path / "w")
+    write_workdir(w, epochs=1)
+    with open(os.path.join(w, "data", "_COMPLETE.json"), "w") as f:
+        f.write("[1]")
+    detector = os.path.join(w, "detector", "_COMPLETE.json")
+    with open(detector) as f:
+        done = json.load(f)
+    with open(detector, "w") as f:
+        json.dump({**done, "inputs": {"detector": "itself", **done.get("inputs", {})}}, f)
+    assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 0, capsys.readouterr().err
+    md = open(os.path.join(w, "report.md")).read()
+    assert "data/_COMPLETE.json is not a JSON object (damaged?); rerun the stage that writes it with --force" in md
 
 
 def test_report_reads_and_writes_s3(tmp_path, s3_server):

@@ -527,6 +527,7 @@ def test_64_concurrent_requests_all_succeed_in_shared_batches(service):
     assert info["batching"]["max_batch_size"] == 8 and info["stats"]["largest_batch"] <= 8
     assert info["jpeg_quality"] == 95  # how inputs are encoded first (this model's config names it)
     assert info["software"]["ray"] == ray.__version__  # what made the model
+    assert "uri" not in info and not any(isinstance(v, str) and v.startswith("/") for v in info.values())
     assert httpx.get(f"{service}/docs", timeout=30).status_code == 200
 
 
@@ -1119,6 +1120,49 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
             code, err = before_ray(argv, monkeypatch, capsys)
             assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not out.exists()
+
+
+def denied(m, name: str) -> None:
+    """The OS refusing this user the file `name` (tests run as root, whom no mode stops)."""
+    import builtins
+
+    os_open, py_open = os.open, builtins.open
+
+    def check(path):
+        if os.path.basename(str(path)) == name:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    m.setattr(os, "open", lambda path, *a, **k: check(path) or os_open(path, *a, **k))
+    m.setattr(builtins, "open", lambda path, *a, **k: check(path) or py_open(path, *a, **k))
+
+
+def test_a_model_or_table_the_user_cannot_read_is_refused_in_one_line_before_ray_starts(
+        model_dir, images_dir, tmp_path, monkeypatch, capsys):
+    """A teammate's model folder, or an --out this user may not read: a PermissionError
+    traceback, exit 1."""
+    import pyarrow.dataset
+
+    model = tmp_path / "model"  # not checked yet in this process: its weights are read
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "scores.csv"
+    score = ["score", "--model", str(model), "--input", images_dir, "--out", str(out)]
+    for name in (checkpoint.META, checkpoint.WEIGHTS):
+        with monkeypatch.context() as m:
+            denied(m, name)
+            for argv in (score, ["serve", "--model", str(model), "--port", str(free_port())]):
+                code, err = before_ray(argv, m, capsys)
+                assert code == 2 and err == [
+                    f"deepfake-ray {argv[0]}: error: cannot read {model / name} (Permission denied): give "
+                    "yourself read permission on the model folder, or copy it somewhere you can read"], err
+    out.write_text("path,p_fake,label,error\n")
+    with monkeypatch.context() as m:
+        def locked(*_, **__):
+            raise PermissionError(13, "Permission denied")
+
+        m.setattr(pyarrow.dataset, "dataset", locked)
+        code, err = before_ray(score, m, capsys)
+    assert code == 2 and err == [f"deepfake-ray score: error: cannot read --out {out}, which exists (permission "
+                                 "denied): give yourself read and write permission on it, or pass another --out"]
 
 
 def test_weights_replaced_after_the_check_are_refused_where_they_are_loaded(model_dir, tmp_path):

@@ -26,7 +26,7 @@ from PIL import features
 from deepfake_ray import storage
 from deepfake_ray.config import DataConfig
 from deepfake_ray.data import sample
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, disk_full
 
 
 def image_suffixes() -> tuple[str, ...]:
@@ -526,6 +526,8 @@ def download(dataset: str, folder: str) -> None:
     try:
         api.dataset_download_files(dataset, path=folder, quiet=False, unzip=False)
     except Exception as e:  # noqa: BLE001 - the client raises many kinds; name the fix
+        if disk_full(e):
+            raise  # said as a full disk, with its fix: the client resumes the zip after
         raise UsageError(f"Kaggle download of {dataset} failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}): check the dataset "
                          "name, that you accepted its rules on kaggle.com, and your network")

@@ -100,10 +100,11 @@ class Predictor:
         self.model_id = checkpoint.model_id(meta)
 
     def info(self) -> dict:
-        """What /v1/model shows: identity and how inputs are treated."""
+        """What /v1/model shows: identity and how inputs are treated. Not where the model
+        is stored: a home folder's path or a bucket's name is no client's business."""
         keys = ("arch", "num_classes", "class_names", "resolution", "input_size",
                 "preprocessing", "threshold", "epoch", "metrics", "format_version", "software")
-        return {"model": self.model_id, "uri": self.model_uri, "device": str(self.device),
+        return {"model": self.model_id, "device": str(self.device),
                 **{k: json_safe(self.meta[k]) for k in keys if k in self.meta}, "jpeg_quality": self.quality}
 
     def decode(self, data: bytes) -> np.ndarray:

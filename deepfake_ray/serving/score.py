@@ -401,6 +401,9 @@ def check_scored_by(out: str, model_id: str) -> None:
         names = found.schema.names
     except ValueError:  # ArrowInvalid, UnicodeDecodeError
         names = []
+    except PermissionError:
+        raise UsageError(f"cannot read --out {out}, which exists (permission denied): give yourself "
+                         "read and write permission on it, or pass another --out") from None
     if not {"path", "p_fake", "label", "error"} <= set(names):  # a manifest, a spreadsheet, another file
         raise UsageError(f"--out {out} exists and is not a table score wrote: pass --force to "
                          "replace it, or another --out")
