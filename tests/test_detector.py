@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 
 from deepfake_ray import checkpoint, cli, storage
-from deepfake_ray.data import datasets, sample
+from deepfake_ray.data import datasets, decode, sample
 from deepfake_ray.detector import data, metrics, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
@@ -33,6 +34,7 @@ from tests.cli_output import error_lines
 from tests.processes import signal_driver_once
 from tests.detector_checks import assert_exported_model
 from tests.detector_stages import build, checkerboard_face, write_stage
+from tests.images import encode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ("detector.max_train_per_class=8", "detector.keep_checkpoints=1")
@@ -439,6 +441,18 @@ def test_augmentation_applies_each_kind_at_its_own_probability():
     assert (augmented(0.0, 0.0) == pixels).all()
     assert all((out == data.jpeg(img, 40)).all() for out, img in zip(augmented(1.0, 0.0), pixels))
     assert all((out == data.blur(img, 1.5)).all() for out, img in zip(augmented(0.0, 1.0), pixels))
+
+
+def test_an_augmented_training_image_is_the_one_the_service_scores_for_that_upload():
+    """The service encodes an upload not in the stored encoding as the stored images are
+    before scoring it; training fed its degraded images without that last encoding, so the
+    detector learnt on images unlike those it is shown."""
+    pixels = np.stack([sample.face(0, i, 32) for i in range(4)])
+    trained = data.augment_batch({"label": np.zeros(4), "pixels": pixels}, jpeg_prob=1.0, jpeg_quality=(40, 40),
+                                 blur_prob=0.0, blur_sigma=(1.0, 1.0), stored_quality=95)["pixels"]
+    for img, seen in zip(pixels, trained):
+        upload = decode.open_image(encode(Image.fromarray(img), "JPEG", quality=40))  # the same image, degraded
+        assert (seen == decode.as_stored(upload, 32, 95)).all()
 
 
 # --- evaluate, without training --------------------------------------------------------

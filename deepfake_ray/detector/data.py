@@ -164,7 +164,8 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     if d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0:
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
-                                                 blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma),
+                                                 blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma,
+                                                 stored_quality=cfg.data.jpeg_quality),
             batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
     return {"train": train, "val": views["val"]}
 
@@ -182,16 +183,22 @@ def decode_labelled(batch: dict, wanted: dict[str, tuple[str, int]]) -> Iterator
            "pixels": np.stack([decode_jpeg(batch["image"][i]) for i in keep])}
 
 
-def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma) -> dict:
-    """Wang et al. 2020: random Gaussian blur, then random JPEG re-compression, per image."""
+def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma,
+                  stored_quality: int | None = None) -> dict:
+    """Wang et al. 2020: random Gaussian blur, then random JPEG re-compression, per image.
+    An image so degraded is then encoded as the stored images are (`stored_quality`), as
+    the service and `score` encode any upload not stored so: trained on what it is shown."""
     rng = np.random.default_rng()
     out = []
     for img in batch["pixels"]:
+        degraded = img
         if blur_prob > 0 and rng.random() < blur_prob:
-            img = blur(img, rng.uniform(*blur_sigma))
+            degraded = blur(degraded, rng.uniform(*blur_sigma))
         if jpeg_prob > 0 and rng.random() < jpeg_prob:
-            img = jpeg(img, int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
-        out.append(img)
+            degraded = jpeg(degraded, int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
+        if degraded is not img and stored_quality is not None:
+            degraded = decode_jpeg(encode_jpeg(degraded, stored_quality))
+        out.append(degraded)
     return {**batch, "pixels": np.stack(out) if out else batch["pixels"]}
 
 
