@@ -59,6 +59,15 @@ def test_inception_resnet_v2_at_128px_trains_and_has_the_study_head():
     assert detector.predict(model, x).shape == (2, 2)
 
 
+def test_normalization_is_that_of_the_weights_named_not_of_the_architectures_default():
+    """vit_small_patch16_224's default weights take inputs at mean 0.5, its DINO weights
+    at ImageNet's: fine-tuning the DINO ones at 0.5 starts from features off their range."""
+    dino = detector.preprocessing(detector.create("vit_small_patch16_224", hub_name="vit_small_patch16_224.dino"))
+    assert dino["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    default = detector.preprocessing(detector.create("vit_small_patch16_224", hub_name=detector.HUB_NAME))
+    assert default["mean"] == pytest.approx([0.5, 0.5, 0.5])  # another arch's name: the arch's default
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_weights_with_an_imagenet_head_load_into_the_two_class_model(tmp_path, suffix):
     imagenet = detector.create(num_classes=1000)  # randomly initialised, 1000-way head

@@ -28,8 +28,12 @@ INTERPOLATION = "bilinear"  # what to_input does (with antialias) for every cons
 
 def create(arch: str = ARCH, num_classes: int = 2, pretrained: str = "none",
            hub_name: str = HUB_NAME) -> nn.Module:
-    """A fresh model; `pretrained` is `none`, `hub` or a weights file (local or s3://)."""
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    """A fresh model; `pretrained` is `none`, `hub` or a weights file (local or s3://). Its
+    pretrained config, where `preprocessing` reads the mean and std, is `hub_name`'s tag
+    when that names this architecture: the arch's default tag may have been trained with
+    another normalization (vit_base_patch16_224 0.5, its .mae weights ImageNet's)."""
+    name = hub_name if hub_name.partition(".")[0] == arch else arch
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     return load_pretrained(model, pretrained, hub_name)
 
 
