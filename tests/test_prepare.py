@@ -1310,6 +1310,22 @@ def test_a_kaggle_download_cut_short_by_a_full_disk_says_so(fake_kaggle, monkeyp
     assert line.startswith("no space left on device writing ") and "free space on the disk" in line, line
 
 
+def test_a_kaggle_zip_larger_than_the_free_disk_is_refused_before_extracting(fake_kaggle, monkeypatch, tiny_cfg,
+                                                                             tmp_path):
+    """A zip bomb, or a dataset too large for the cache's disk, filled the disk before
+    failing, and again on every rerun (the download is kept for one)."""
+    data = tiny_cfg("data.source=kaggle:owner/faces", f"data.cache_dir={tmp_path / 'cache'}").data
+    folder = tmp_path / "cache" / "kaggle" / "owner" / "faces"
+    disk_usage = shutil.disk_usage
+    with monkeypatch.context() as m:  # a disk with 1 KB free
+        m.setattr(shutil, "disk_usage", lambda p: disk_usage(p)._replace(free=1000))
+        with pytest.raises(UsageError, match=r"faces.zip unpacks to 0.0 GB, more than the 0.0 GB free on its "
+                                             r"disk: free disk space .* the download is kept"):
+            sources.resolve_source("kaggle:owner/faces", data)
+    assert os.listdir(folder) == ["faces.zip"]  # nothing extracted, the download kept
+    assert len(sources.resolve_source("kaggle:owner/faces", data).files) == 5  # room again: extracted
+
+
 def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake_kaggle, monkeypatch,
                                                                            tmp_path, tiny_cfg):
     from kaggle.api.kaggle_api_extended import KaggleApi

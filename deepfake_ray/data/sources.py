@@ -582,6 +582,19 @@ def refuse_download(folder: str, dataset: str, path: str, e: Exception) -> None:
                      "deleted: run again to download it anew") from e
 
 
+def check_room(path: str, z: zipfile.ZipFile, folder: str) -> None:
+    """UsageError, before writing anything, for a zip whose members add up to more than the
+    disk has free: a zip bomb (or a dataset too large for it) would fill the disk first,
+    on every rerun. A member's stated size bounds what zipfile writes of it."""
+    unpacked = sum(member.file_size for member in z.infolist())
+    free = shutil.disk_usage(folder).free
+    if unpacked > free:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise UsageError(f"{path} unpacks to {unpacked / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB free "
+                         "on its disk: free disk space or set data.cache_dir to a larger disk, then run "
+                         "again: the download is kept")
+
+
 # What the disk says of one member's name, before writing any of it (too long, a file where
 # the zip also holds a folder of that name, characters it does not take). Any other error is
 # the disk's own (full, read-only, a network share gone stale): the zip is kept for a rerun.
@@ -602,6 +615,7 @@ def extract(path: str) -> list[tuple[str, str]]:
     try:
         os.makedirs(staging)  # an empty zip makes none
         with zipfile.ZipFile(path) as z:
+            check_room(path, z, staging)
             left_out = extract_members(z, staging)
     except OSError as e:  # this machine's: a full disk, no permission
         shutil.rmtree(staging, ignore_errors=True)
