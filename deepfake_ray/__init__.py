@@ -10,7 +10,9 @@ from importlib import metadata
 __version__ = "0.1.0"
 # what a model was made with and what a bug report needs: read from the installed
 # packages' metadata, so no process imports torch to learn its version
-SOFTWARE = ("ray", "torch", "torchvision", "timm", "pillow", "pyarrow")
+# (numpy draws the sample faces, latents and splits' subsamples; Pillow's libjpeg-turbo makes
+# the stored bytes whose hash is an image's split)
+SOFTWARE = ("ray", "torch", "torchvision", "timm", "pillow", "pyarrow", "numpy")
 
 
 @functools.cache  # every model save asks: one read of the packages' metadata a process
@@ -23,7 +25,13 @@ def versions() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
-    return {**found, "python": platform.python_version()}
+    return {**found, "libjpeg-turbo": jpeg_library(), "python": platform.python_version()}
+
+
+def jpeg_library() -> str:
+    from PIL import features
+
+    return features.version("libjpeg_turbo") or "not in this Pillow"
 
 
 def versions_text(found: dict[str, str]) -> str:

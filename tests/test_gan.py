@@ -536,6 +536,8 @@ def test_fakes_are_given_the_jpeg_encodings_the_reals_carry(generated, tmp_path)
     given = [row["history"] for row in fakes]
     assert set(given) == {history, ""} and 0.25 < given.count(history) / len(given) < 0.75, summary
     assert summary["histories"] == {history: given.count(history)}
+    from importlib.metadata import version
+    assert summary["device"] == "cpu" and summary["software"]["torch"] == version("torch")  # fakes' bytes are theirs
     before = storage.read_parquet(datasets.manifest_uri(datasets.fakes_dir(generated[0]))).to_pylist()
     before = {row["path"]: row["sha1"] for row in before}
     both = [row for row in fakes if row["path"] in before]

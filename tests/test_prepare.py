@@ -232,6 +232,12 @@ def test_the_jpeg_encoding_a_stored_photo_still_carries_is_recorded(ray_session,
     assert dict(zip(manifest["path"].map(os.path.basename), manifest["history"])) == {
         "own_size.jpg": "jpeg q75 4:2:0", "lossless.png": "", "larger.jpg": ""}
     assert summary["histories"] == {"jpeg q75 4:2:0": 1}
+    # what made the stored bytes, whose hash is each image's split: another build may store others
+    from importlib.metadata import version
+
+    from PIL import features
+    assert summary["software"]["numpy"] == version("numpy")
+    assert summary["software"]["libjpeg-turbo"] == features.version("libjpeg_turbo")
 
 
 def test_one_picture_saved_twice_with_other_metadata_is_in_one_split_and_stored_alike(

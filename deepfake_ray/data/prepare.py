@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
+import deepfake_ray
 from deepfake_ray import lineage, runtime, storage
 from deepfake_ray.config import Config, DataConfig
 from deepfake_ray.data import crashes, datasets, decode, near_copies, sample, sources
@@ -434,7 +435,7 @@ def summarize(src: Source, listed: dict | None, manifest: list[dict], rejected: 
             "flipped_copies_grouped": True,  # see STAGE.added
             "histories": dict(Counter(row["history"] for row in manifest if row["history"])),
             "seconds": round(seconds, 1), "phases": {k: round(v, 2) for k, v in phases.items()},
-            "output": out}
+            "output": out, "software": deepfake_ray.versions()}  # the stored bytes, hence the splits, are theirs
 
 
 def count_images(n: int) -> str:

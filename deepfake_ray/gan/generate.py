@@ -32,6 +32,7 @@ import ray.data
 from ray.data.expressions import col
 import torch
 
+import deepfake_ray
 from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets, decode, near_copies
@@ -340,6 +341,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                "repeats_left_out": picked.repeats, "copies_of_reals_left_out": picked.copies_of_reals,
                "blank_fakes": picked.blank, "flipped_copies_left_out": True,  # see STAGE.added
                "histories": dict(Counter(h for h in manifest.column("history").to_pylist() if h)),
+               # a fake's bytes, hence its split, are those of this software on this kind of device
+               "software": deepfake_ray.versions(), "device": "gpu" if runtime.use_gpus(cfg.resources.use_gpu) else "cpu",
                "seconds": round(time.time() - started, 1), "output": out}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"generate: {summary['images']:,} fakes ({' / '.join(f'{n:,} {s}' for s, n in summary['splits'].items())}) "
