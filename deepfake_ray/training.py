@@ -366,6 +366,15 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def time_left(seconds: list[float], epochs_left: int) -> str:
+    """`epochs_left` epochs at the mean pace of `seconds` (this session's epochs: a resumed
+    run's earlier ones may have run on other machines), as h:mm:ss."""
+    if not seconds or epochs_left <= 0:
+        return "0:00:00"
+    left = round(sum(seconds) / len(seconds) * epochs_left)
+    return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if device().type == "cuda":  # not merely visible: a CPU worker must not open a CUDA context

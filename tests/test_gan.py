@@ -245,20 +245,31 @@ def test_train_writes_every_promised_file(trained):
 
 
 @pytest.mark.parametrize("last,won", [
-    ({"d_fake": 1e-7, "g_loss": 16.2}, True),  # gan.lr=0.002 by epoch 8: grey noise for faces
-    ({"d_fake": 0.18, "g_loss": 2.9}, False),  # a DCGAN learning faces
-    ({"d_fake": 0.004, "g_loss": 5.6}, False),  # a confident discriminator, a generator still taught
-    ({"d_fake": 0.02, "g_loss": 9.0}, False),
+    ({"epoch": 7, "d_fake": 1e-7, "g_loss": 16.2}, True),  # gan.lr=0.002 by epoch 8: grey noise for faces
+    ({"epoch": 7, "d_fake": 0.18, "g_loss": 2.9}, False),  # a DCGAN learning faces
+    ({"epoch": 7, "d_fake": 0.004, "g_loss": 5.6}, False),  # a confident discriminator, a generator still taught
+    ({"epoch": 7, "d_fake": 0.02, "g_loss": 9.0}, False),
 ])
 def test_a_discriminator_that_has_won_is_warned_about(last, won):
     """train-gan ended with success on a generator that drew noise: its last epoch's
     figures (a discriminator calling every fake fake, a vanished generator gradient) now
-    get a warning naming what to look at and what to change."""
-    said = train.discriminator_won(last)
-    assert (said is not None) is won
+    get a warning naming what to look at and what to change; said during the run, the
+    first epoch it shows, it says to stop the hours of epochs left."""
+    said, during = train.discriminator_won(last), train.discriminator_won(last, finished=False)
+    assert (said is not None) is won and (during is not None) is won
     if won:
-        assert said.startswith("train-gan: warning: the discriminator has won (last epoch: D(G(z)) 0.0000, "
+        assert said.startswith("train-gan: warning: the discriminator has won (epoch 8: D(G(z)) 0.0000, "
                                "G loss 16.2)") and "lower gan.lr" in said
+        assert "stop it (Ctrl-C, or `ray job stop`)" in during
+
+
+def test_each_epoch_line_says_how_long_it_took_and_how_long_is_left(trained):
+    """Hours of epochs said only their losses and images/s: nothing told when it ends."""
+    log = open(os.path.join(os.path.dirname(trained[0]), "first.log")).read()
+    lines = re.findall(r"train-gan: epoch (\d+)/6 .* (\d+) s, (\d+):(\d\d):(\d\d) left", log)
+    assert [int(n) for n, *_ in lines][:2] == [1, 2], log[-3000:]  # killed after its second checkpoint
+    assert all(int(h) * 3600 + int(m) * 60 + int(s) > 0 for _, _, h, m, s in lines)
+    assert training.time_left([10.0, 20.0], 4) == "0:01:00" and training.time_left([], 3) == "0:00:00"
 
 
 def test_complete_run_is_not_retrained_nor_unmarked_by_a_refused_one(trained, capsys):

@@ -66,7 +66,8 @@ def train_loop(loop: dict) -> None:
                 export(loop["out_dir"], model.state_dict(), entry, cfg, loop, pre)
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
-            training.say(progress_line(entry, d.epochs))
+            paces = [h["seconds"] for h in history[len(history) - (epoch - start + 1):]]  # this session's
+            training.say(progress_line(entry, d.epochs, training.time_left(paces, d.epochs - epoch - 1)))
         if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
             barrier()                 # may hold this epoch, and no checkpoint does
             training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
@@ -96,10 +97,11 @@ def setup(loop: dict, cfg, device: torch.device):
     return model, optimizer, state
 
 
-def progress_line(entry: dict, epochs: int) -> str:
+def progress_line(entry: dict, epochs: int, left: str) -> str:
+    """`left`: training.time_left of the epochs to go."""
     return (f"train-detector: epoch {entry['epoch'] + 1}/{epochs}  " + "  ".join(
         f"{k} {entry[k]:.4f}" for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc"))
-        + f"  {entry['train_images_per_s']:.1f} images/s")
+        + f"  {entry['train_images_per_s']:.1f} images/s  {entry['seconds']:.0f} s, {left} left")
 
 
 def make_optimizer(model, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

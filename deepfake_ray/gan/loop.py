@@ -153,11 +153,32 @@ def state_of(run: Run, epoch: int) -> dict:
             "epoch_starts": run.epoch_starts, "config": json.dumps(to_dict(run.cfg))}
 
 
-def progress_line(m: dict, epochs: int) -> str:
+def progress_line(m: dict, epochs: int, left: str) -> str:
+    """`left`: training.time_left of the epochs to go."""
     restored = f"  (resumed after epoch {m['resumed_from'] + 1})" if m["restored"] else ""  # 1-based, as printed
     return (f"train-gan: epoch {m['epoch'] + 1}/{epochs}  G loss {m['g_loss']:.3f}  "
             f"D loss {m['d_loss']:.3f}  D(x) {m['d_real']:.3f}  D(G(z)) {m['d_fake']:.3f}  "
-            f"{m['images_per_s']:.1f} images/s{restored}")
+            f"{m['images_per_s']:.1f} images/s  {m['seconds']:.0f} s, {left} left{restored}")
+
+
+# A discriminator that has won: it calls every fake fake, and the generator's gradient has
+# vanished. Seen at gan.lr=0.002: G loss 15-17 by epoch 8, grey noise for faces. A healthy
+# DCGAN's last epochs sit near D(G(z)) 0.1-0.4 and G loss 1-5.
+WON_D_FAKE, WON_G_LOSS = 0.01, 8.0
+
+
+def discriminator_won(m: dict, finished: bool = True) -> str | None:
+    """A warning line when an epoch's figures say the discriminator has won, else None: the
+    fakes made from such a generator teach the detector noise, not faces. Said the first
+    epoch it shows (a collapse shows by epoch 8 of 60: hours of GPUs to stop), and again
+    at the end."""
+    if not (m["d_fake"] < WON_D_FAKE and m["g_loss"] > WON_G_LOSS):
+        return None
+    fix = ("train again (--force)" if finished else
+           "stop it (Ctrl-C, or `ray job stop`) and train again (`train-gan --force`)")
+    return (f"train-gan: warning: the discriminator has won (epoch {m['epoch'] + 1}: D(G(z)) {m['d_fake']:.4f}, "
+            f"G loss {m['g_loss']:.1f}): the generator learns nothing more and may draw noise, not "
+            f"faces; look at gan/samples/, and {fix} with a lower gan.lr or another seed")
 
 
 def train_loop(config: dict) -> None:
@@ -168,6 +189,7 @@ def train_loop(config: dict) -> None:
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     shard = ray.train.get_dataset_shard("train")
     first = resumed_from + 1 if resumed_from is not None else 0
+    warned = False
     for epoch in range(first, cfg.gan.epochs):
         sums, per_batch, images, seconds = train_epoch(run, shard, epoch)
         means, per_batch, images, seconds = reduce(run, sums, per_batch, images, seconds)
@@ -184,7 +206,11 @@ def train_loop(config: dict) -> None:
         save = last or (epoch + 1) % max(1, cfg.gan.checkpoint_every) == 0
         if training.rank() == 0:
             write_figures(run, epoch)
-            training.say(progress_line(metrics, cfg.gan.epochs))
+            paces = [h["seconds"] for h in run.history[len(run.history) - (epoch - first + 1):]]
+            training.say(progress_line(metrics, cfg.gan.epochs, training.time_left(paces, cfg.gan.epochs - epoch - 1)))
+            if not last and not warned and (won := discriminator_won(metrics, finished=False)):
+                training.say(won)
+                warned = True
         training.report_epoch(epoch, metrics, state_of(run, epoch) if save else None)
     if training.rank() == 0:
         export(run)

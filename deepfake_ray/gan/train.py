@@ -19,6 +19,7 @@ from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
 from deepfake_ray.errors import UsageError
 from deepfake_ray.gan import loop
+from deepfake_ray.gan.loop import discriminator_won
 from deepfake_ray.models import dcgan
 
 RUN_NAME = "gan"
@@ -156,18 +157,3 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         print(won, flush=True)
     return summary
 
-
-# A discriminator that has won: it calls every fake fake, and the generator's gradient has
-# vanished. Seen at gan.lr=0.002: G loss 15-17 by epoch 8, grey noise for faces. A healthy
-# DCGAN's last epochs sit near D(G(z)) 0.1-0.4 and G loss 1-5.
-WON_D_FAKE, WON_G_LOSS = 0.01, 8.0
-
-
-def discriminator_won(last: dict) -> str | None:
-    """A warning line when the last epoch's figures say the discriminator has won, else
-    None: the fakes made from such a generator teach the detector noise, not faces."""
-    if not (last["d_fake"] < WON_D_FAKE and last["g_loss"] > WON_G_LOSS):
-        return None
-    return (f"train-gan: warning: the discriminator has won (last epoch: D(G(z)) {last['d_fake']:.4f}, "
-            f"G loss {last['g_loss']:.1f}): the generator learns nothing more and may draw noise, not "
-            "faces; look at gan/samples/, and train again (--force) with a lower gan.lr or another seed")
