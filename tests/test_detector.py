@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -742,6 +743,11 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     ctrl_c = signal.getsignal(signal.SIGINT)
     result = tune.run(cfg)
     printed = capsys.readouterr().out
+    # a line per trial epoch and per trial ended, with the metric judged on, not Tune's table
+    assert len(re.findall(r"tune: trial \S+ \(lr \d\.\d\de-\d\d\) epoch 1/1  val ROC-AUC \d\.\d{4}; best so far",
+                          printed)) == 2, printed
+    assert len(re.findall(r"tune: trial \S+ \(lr [^)]+\) finished; \d of 2 trials ended", printed)) == 2
+    assert "Trial status" not in printed
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
     if not torch.cuda.is_available():  # not left waiting, with Ray Train, for a GPU none can add
         assert "resources.use_gpu is true but this machine has no GPU: running on CPU" in printed

@@ -45,6 +45,7 @@ def train_loop(loop: dict) -> None:
     start, restored = (state["epoch"] + 1, True) if state else (0, False)
     del state  # the restored weights and Adam moments: ~0.65 GB of host memory, all run long
     pre = detector.preprocessing(model)
+    label = loop.get("label", "train-detector")  # a sweep's trial names itself and its rate
     loop = {**loop, "parameters": detector.count_parameters(model)}  # for model.json
     best = restore_best(loop, cfg, model, history, pre) if training.rank() == 0 else None
     wrapped, frozen_now = None, None
@@ -57,7 +58,7 @@ def train_loop(loop: dict) -> None:
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
                  "restored": restored and epoch == start}
         entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen,
-                                 f"train-detector: epoch {epoch + 1}/{d.epochs}"))
+                                 f"{label}: epoch {epoch + 1}/{d.epochs}"))
         entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))
         entry["seconds"] = round(time.time() - started, 2)
         history.append(entry)
@@ -67,7 +68,7 @@ def train_loop(loop: dict) -> None:
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
             paces = [h["seconds"] for h in history[len(history) - (epoch - start + 1):]]  # this session's
-            training.say(progress_line(entry, d.epochs, training.time_left(paces, d.epochs - epoch - 1)))
+            training.say(progress_line(entry, d.epochs, training.time_left(paces, d.epochs - epoch - 1), label))
         if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
             barrier()                 # may hold this epoch, and no checkpoint does
             training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
@@ -97,9 +98,9 @@ def setup(loop: dict, cfg, device: torch.device):
     return model, optimizer, state
 
 
-def progress_line(entry: dict, epochs: int, left: str) -> str:
+def progress_line(entry: dict, epochs: int, left: str, label: str = "train-detector") -> str:
     """`left`: training.time_left of the epochs to go."""
-    return (f"train-detector: epoch {entry['epoch'] + 1}/{epochs}  " + "  ".join(
+    return (f"{label}: epoch {entry['epoch'] + 1}/{epochs}  " + "  ".join(
         f"{k} {entry[k]:.4f}" for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc"))
         + f"  {entry['train_images_per_s']:.1f} images/s  {entry['seconds']:.0f} s, {left} left")
 

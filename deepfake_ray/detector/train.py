@@ -161,13 +161,15 @@ def resolve_pretrained(cfg: Config) -> str:
 
 def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_uri: str,
               name: str, out_dir: str, lr: float | None = None, callbacks: list | None = None,
-              views: dict | None = None):
-    """One Ray Train fine-tune (resumed when `storage_uri`/`name` holds an unfinished run)."""
+              views: dict | None = None, label: str = "train-detector"):
+    """One Ray Train fine-tune (resumed when `storage_uri`/`name` holds an unfinished run).
+    `label` begins its progress lines (a sweep's trials print side by side)."""
     d = cfg.detector
     if lr is not None:
         cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
                    "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
+                   "label": label,
                    "resolution": selection.resolution, "jpeg_quality": selection.jpeg_quality,
                    "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
