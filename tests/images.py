@@ -230,3 +230,25 @@ def wide_rle_bmp(width: int = 4_001, height: int = 1_000) -> bytes:
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
     offset = 14 + len(info) + len(palette)
     return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+
+def jpeg_numbering_its_chroma_table_2(img: Image.Image) -> bytes:
+    """A valid colour JPEG whose quantization tables are ids 0 and 2 (Pillow numbers them
+    by id: no table 1), as some encoders write it."""
+    data = bytearray(encode(img, "JPEG", quality=75))
+    at = 2
+    while data[at] == 0xFF and data[at + 1] != 0xDA:  # the segments before the scan
+        marker, length = data[at + 1], int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xDB:  # DQT: each table's precision and id, then its values
+            table = at + 4
+            while table < at + 2 + length:
+                if data[table] & 0x0F == 1:
+                    data[table] = data[table] & 0xF0 | 2
+                table += 1 + 64 * (2 if data[table] >> 4 else 1)
+        if marker == 0xC0:  # SOF0: each component's table
+            for component in range(data[at + 9]):
+                selector = at + 10 + 3 * component + 2
+                if data[selector] == 1:
+                    data[selector] = 2
+        at += 2 + length
+    return bytes(data)

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from deepfake_ray.data import decode
-from tests.images import (bad_files, bomb_png, encode, good_files, premultiplied_alpha_tiff, rgb,
-                          rotated_with_a_malformed_gps_tag)
+from tests.images import (bad_files, bomb_png, encode, good_files, jpeg_numbering_its_chroma_table_2,
+                          premultiplied_alpha_tiff, rgb, rotated_with_a_malformed_gps_tag)
 
 
 @pytest.mark.parametrize("name", sorted(good_files()))
@@ -286,16 +286,19 @@ def test_a_photo_stored_at_its_own_size_records_the_jpeg_encoding_its_pixels_car
     assert np.array_equal(np.asarray(given), decode.decode(source, 32))
 
 
-@pytest.mark.parametrize("kind", ["png", "resized", "grey", "turned", "cmyk"])
-def test_a_photo_whose_stored_pixels_keep_no_jpeg_encoding_records_none(kind):
-    """Resized, turned or converted, little or nothing of a JPEG's blocks stays where the
-    stored image's are; a PNG never had any."""
+@pytest.mark.parametrize("kind", ["png", "resized", "grey", "turned", "cmyk", "tables 0 and 2"])
+def test_a_photo_whose_jpeg_encoding_is_not_recorded_is_stored_all_the_same(kind):
+    """Resized or converted, little or nothing of a JPEG's blocks stays where the stored
+    image's are; a PNG never had any. A turned one keeps them, but is not recorded (its
+    subsampling turns with it), nor one whose tables are numbered otherwise: a KeyError
+    there failed the whole prepare."""
     picture = rgb(4, 32)
     turned = picture.getexif()
     turned[0x0112] = 6
     data = {"png": encode(picture, "PNG"), "resized": encode(rgb(4, 64), "JPEG", quality=75),
             "grey": encode(picture.convert("L"), "JPEG", quality=75),
             "turned": encode(picture, "JPEG", quality=75, exif=turned),
-            "cmyk": encode(picture.convert("CMYK"), "JPEG", quality=75)}[kind]
+            "cmyk": encode(picture.convert("CMYK"), "JPEG", quality=75),
+            "tables 0 and 2": jpeg_numbering_its_chroma_table_2(picture)}[kind]
     row = decode.inspect(data, 32, 95)
     assert row["reason"] == "" and row["history"] == ""

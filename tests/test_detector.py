@@ -67,6 +67,8 @@ def test_normalization_is_that_of_the_weights_named_not_of_the_architectures_def
     assert dino["mean"] == pytest.approx([0.485, 0.456, 0.406])
     default = detector.preprocessing(detector.create("vit_small_patch16_224", hub_name=detector.HUB_NAME))
     assert default["mean"] == pytest.approx([0.5, 0.5, 0.5])  # another arch's name: the arch's default
+    unknown = detector.create("vit_small_patch16_224", hub_name="vit_small_patch16_224.no_such_tag")
+    assert detector.preprocessing(unknown)["mean"] == pytest.approx([0.5, 0.5, 0.5])  # trains, from none or a file
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from deepfake_ray import cli, progress, runtime, storage
+from deepfake_ray import cli, config, progress, runtime, storage
 from deepfake_ray.data import crashes, datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines, output_lines
@@ -84,8 +84,11 @@ def test_a_workdir_whose_stage_folders_hold_a_users_own_files_is_refused_before_
         err = error_lines(capsys)
         assert len(err) == 1 and f"{proj}/data already holds files no deepfake-ray run made (images)" in err[0], err
     assert sorted(os.listdir(proj)) == ["data"] and len(os.listdir(photos)) == 3  # nothing written
-    # a run of ours began there (config.yaml): the photos inside its own stage folder still refused
-    (proj / "config.yaml").write_text("seed: 0\n")
+    (proj / "config.yaml").write_text("model: resnet50\nepochs: 3\n")  # the project's own, not a run's
+    assert cli.main(["prepare", "--preset", "tiny", "--source", str(elsewhere), "--workdir", str(proj)]) == 2
+    assert f"{proj}/data already holds files no deepfake-ray run made" in error_lines(capsys)[0]
+    # a run of ours began there (its config.yaml): the photos inside its own stage folder still refused
+    (proj / "config.yaml").write_text(config.to_yaml(config.build("tiny", workdir=str(proj))))
     assert cli.main(["prepare", "--preset", "tiny", "--source", str(photos), "--workdir", str(proj)]) == 2
     assert f"--source {photos} lies inside {proj}/data, where this run writes" in error_lines(capsys)[0]
     # what a first prepare stopped mid-ingest leaves: its hidden staging folder only

@@ -391,12 +391,13 @@ SUBSAMPLINGS = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
 def jpeg_history(img: Image.Image, size: int) -> str:
     """The encoding an image from open_image leaves in the pixels it is stored as, as
     with_history takes it; "" where none is left (or it is not a colour JPEG)."""
-    tables = getattr(img, "quantization", None)
+    tables = getattr(img, "quantization", None) or {}
+    luma, chroma = tables.get(0), tables.get(1)  # by table id: an encoder may number them otherwise
     if (img.format not in ("JPEG", "MPO") or img.mode != "RGB" or img.size != (size, size)
-            or camera_turn(img) is not None or not tables or len(tables) < 2):
+            or camera_turn(img) is not None or luma is None or chroma is None):
         return ""
     sampling = SUBSAMPLINGS.get(JpegImagePlugin.get_sampling(img))
-    return f"jpeg q{nearest_quality(tuple(tables[0]) + tuple(tables[1]))} {sampling}" if sampling else ""
+    return f"jpeg q{nearest_quality(tuple(luma) + tuple(chroma))} {sampling}" if sampling else ""
 
 
 @functools.lru_cache(maxsize=256)  # a dataset's photos share a few sets of tables

@@ -572,7 +572,8 @@ STAGE = lineage.Stage("prepare", "data", settings=settings, describe=lambda d: c
                               "make one picture; --force prepares it again with them in one split"),
                              ("histories", "before the photos' own JPEG encodings were recorded: fakes "
                               "are stored without them, a cue a detector may learn instead of the faces; "
-                              "--force prepares it again, and the pipeline then makes the fakes anew")))
+                              "--force prepares it again, and the pipeline then makes the GAN and every "
+                              "stage after it anew")))
 
 
 def preflight(cfg: Config, force: bool = False, **_) -> dict | None:

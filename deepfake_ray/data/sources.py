@@ -252,7 +252,7 @@ def check_no_foreign_stage_folders(workdir: str, command: str) -> None:
     import pyarrow.fs as pafs
 
     workdir = storage.normalize(workdir)
-    if storage.exists(storage.join(workdir, "config.yaml")):
+    if runs_config(storage.join(workdir, "config.yaml")):
         return
     for stage in STAGE_FOLDERS:
         folder = storage.join(workdir, stage)
@@ -267,6 +267,18 @@ def check_no_foreign_stage_folders(workdir: str, command: str) -> None:
             raise UsageError(f"{folder} already holds files no deepfake-ray run made ({storage.shown(own[0])}"
                              f"{', ...' if len(own) > 1 else ''}), and {command} writes its outputs there, "
                              "replacing what it finds: move them away, or pass another --workdir")
+
+
+def runs_config(uri: str) -> bool:
+    """Whether `uri` is the config.yaml a run writes (a mapping naming its workdir and
+    stages' sections), not a project's own file of that name."""
+    import yaml
+
+    try:
+        found = yaml.safe_load(storage.read_text(uri))
+    except (OSError, ValueError, yaml.YAMLError):  # none, unreadable, not YAML
+        return False
+    return isinstance(found, dict) and {"workdir", "data", "gan", "detector"} <= found.keys()
 
 
 def location(uri: str) -> str:

@@ -60,7 +60,8 @@ STAGE = lineage.Stage("generate", "fakes", ("data", "gan"),
                               "without them"),
                              ("histories", "before fakes were given the photos' own JPEG encodings: a "
                               "detector may tell them by their encoding; --force makes the fakes again "
-                              "with them (after `prepare --force`, where data/ lacks them too)")))
+                              "with them (where data/ lacks them too, `prepare --force` first, then the "
+                              "pipeline remakes the GAN and every stage after it)")))
 
 
 class FakeMaker:

@@ -32,8 +32,11 @@ def create(arch: str = ARCH, num_classes: int = 2, pretrained: str = "none",
     pretrained config, where `preprocessing` reads the mean and std, is `hub_name`'s tag
     when that names this architecture: the arch's default tag may have been trained with
     another normalization (vit_base_patch16_224 0.5, its .mae weights ImageNet's)."""
-    name = hub_name if hub_name.partition(".")[0] == arch else arch
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        model = timm.create_model(hub_name if hub_name.partition(".")[0] == arch else arch,
+                                  pretrained=False, num_classes=num_classes)
+    except RuntimeError:  # a tag this timm does not know: the hub says so if it is fetched
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     return load_pretrained(model, pretrained, hub_name)
 
 
