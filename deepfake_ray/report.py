@@ -215,7 +215,8 @@ def fakes(w: str) -> list:
     if not isinstance(s, dict):
         return not_an_object(s, "fakes/_COMPLETE.json")
     scalars = {k: v for k, v in s.items() if not isinstance(v, (dict, list))}
-    return [Table(["fakes/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in scalars.items()])]
+    return ([Table(["fakes/_COMPLETE.json", ""], [[k, fmt(v)] for k, v in scalars.items()])]
+            + figure(w, "fakes/preview.png", "the first fakes chosen, as the detector sees them"))
 
 
 def epoch_of(uri: str) -> int:

@@ -322,6 +322,9 @@ def configure_data() -> None:
     setting = os.environ.get("DEEPFAKE_RAY_PROGRESS")
     quiet = setting == "0"
     context.enable_progress_bars = not quiet
+    # each dataset's two INFO lines as it starts: the split coordinators feeding a training
+    # log them every epoch of every worker (the context travels with the dataset)
+    context.print_on_execution_start = not quiet
     # RAY_TQDM=0, a user's own choice of Ray's, still wins
     context.use_ray_tqdm = ray.data.context.DEFAULT_USE_RAY_TQDM and (
         setting == "1" or (setting != "0" and sys.stdout.isatty()))

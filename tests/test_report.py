@@ -37,7 +37,8 @@ def plot(title: str) -> bytes:
 @functools.cache
 def plots() -> dict[str, bytes]:
     return {rel: plot(rel) for rel in ["gan/losses.png", "eval/curves.png", "tune/lr.png",
-                                        "eval/confusion.png", "eval/roc.png", "eval/reliability.png"]}
+                                        "eval/confusion.png", "eval/roc.png", "eval/reliability.png",
+                                        "fakes/preview.png"]}
 
 
 def grid(epoch: int) -> bytes:

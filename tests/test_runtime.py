@@ -74,9 +74,10 @@ def test_ray_data_draws_progress_bars_only_in_a_terminal_unless_told(monkeypatch
     context = ray.data.DataContext.get_current()
     monkeypatch.setattr(context, "use_ray_tqdm", context.use_ray_tqdm)  # put back afterwards
     monkeypatch.setattr(context, "enable_progress_bars", context.enable_progress_bars)
+    monkeypatch.setattr(context, "print_on_execution_start", context.print_on_execution_start)
     runtime.configure_data()
     assert context.use_ray_tqdm is bars
-    assert context.enable_progress_bars is (setting != "0")
+    assert context.enable_progress_bars is context.print_on_execution_start is (setting != "0")
 
 
 def test_a_ray_address_that_cannot_work_exits_2_before_anything_runs(monkeypatch, tmp_path, capsys):
