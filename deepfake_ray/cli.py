@@ -611,10 +611,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deepfake-ray {args.command}: error: {shown(line)}", file=sys.stderr)
             return 2
         traceback.print_exc()
-        first_line = str(e).split("\n", 1)[0]
-        print(f"deepfake-ray {args.command}: failed after {time.time() - started:.0f}s: "
-              f"{type(e).__name__}: {shown(first_line)}", file=sys.stderr)
+        print(failure_line(args.command, e, time.time() - started), file=sys.stderr)
         return 1
+
+
+def failure_line(command: str, e: BaseException, seconds: float) -> str:
+    """The last line of a command that failed, naming the pipeline's stage it failed in:
+    a multi-hour run's log ends here, its traceback and the stage's own line above."""
+    stage = getattr(e, "pipeline_stage", None)
+    where = f" at stage '{stage}'" if stage else ""
+    return (f"deepfake-ray {command}: failed{where} after {seconds:.0f}s: "
+            f"{type(e).__name__}: {shown(str(e).split(chr(10), 1)[0])}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Per-stage timings go to WORKDIR/pipeline.json.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -112,6 +113,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                      f"`{lineage.command_line(cfg.workdir, command)}`")
             print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then run {again} "
                   f"(finished stages are skipped){alone}")
+            with contextlib.suppress(AttributeError):  # the command's last line names it too
+                e.pipeline_stage = command
             raise
         entry["seconds"] = round(time.time() - started, 1)
         if isinstance(made, dict) and isinstance(made.get("completed"), str):  # which output the times are of

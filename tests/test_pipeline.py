@@ -25,7 +25,7 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
-from deepfake_ray import checkpoint, config, storage
+from deepfake_ray import checkpoint, cli, config, storage
 from deepfake_ray.data import sample
 from deepfake_ray.detector import loop
 from deepfake_ray.errors import UsageError
@@ -380,8 +380,11 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
     capsys.readouterr()
     for failing, again in (("prepare", "the same command again"), ("train-gan", "it again without --force")):
         fail.add(failing)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError) as failed:
             pipeline.run(cfg, force=True)
         fail.clear()
+        # the command's last line, all a log tail shows, names the stage too
+        assert cli.failure_line("pipeline", failed.value, 61.4).startswith(
+            f"deepfake-ray pipeline: failed at stage '{failing}' after 61s: RuntimeError: ")
         assert f"pipeline stopped at stage '{failing}'. Fix the cause above, then run {again} " \
                "(finished stages are skipped)" in capsys.readouterr().out
