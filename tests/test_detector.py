@@ -469,7 +469,7 @@ def test_an_augmented_training_image_is_the_one_the_service_scores_for_that_uplo
 
 # --- evaluate, without training --------------------------------------------------------
 
-def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_session, tiny_cfg):
+def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_session, tiny_cfg, capsys):
     """A randomly initialised detector stands in for a trained one (the trained one is
     evaluated in tests/test_pipeline.py, a slow test). The test split is smaller than
     validation, so the counts tell which split was scored; each degraded condition is
@@ -496,7 +496,11 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
         evaluate.run(cfg)
     checkpoint.save_model(model, net.state_dict(), {**meta, "fingerprints": data.select(cfg, ("test",)).fingerprints})
 
+    capsys.readouterr()
     summary = evaluate.run(cfg)
+    # said before the scoring, which is silent for minutes at Celeb 100k's size in a job's log
+    assert re.match(r"evaluate: scoring 8 held-out test images, clean and under 5 degradations, with model "
+                    r"resnet10t@[0-9a-f]{12}\n", capsys.readouterr().out)
     metrics = assert_held_out_evaluation(cfg)
     assert metrics["n"] == summary["n"] == 8 and (metrics["n_real"], metrics["n_fake"]) == (4, 4)
     assert metrics["threshold"] == 0.37 and metrics["validation"] == {"epoch": 0, "val_auc": None}
@@ -750,6 +754,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
                           printed)) == 2, printed
     assert len(re.findall(r"tune: trial \S+ \(lr [^)]+\) finished; \d of 2 trials ended", printed)) == 2
     assert "Trial status" not in printed
+    assert "tune: decoding the images once for every trial (train: " in printed
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
     if not torch.cuda.is_available():  # not left waiting, with Ray Train, for a GPU none can add
         assert "resources.use_gpu is true but this machine has no GPU: running on CPU" in printed

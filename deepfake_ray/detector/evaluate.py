@@ -53,6 +53,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     check_same_data(meta, selection)
     lineage.unmark(cfg, STAGE)
     started = time.time()
+    images = sum(selection.counts["test"].values())
+    print(f"evaluate: scoring {images:,} held-out test images, clean and under {len(CONDITIONS) - 1} "
+          f"degradations, with model {checkpoint.model_id(meta)}", flush=True)
     frame = score(cfg, selection, model_uri)
     labels = frame["label"].to_numpy().astype(int)
     scores = {c: frame[f"p_{c}"].to_numpy() for c in CONDITIONS}

@@ -78,6 +78,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     started = time.time()
     finished = storage.exists(storage.join(out, "results.csv"))  # only its best to publish
     # decoded once, shared by every trial (minutes at Celeb 100k's size: not to publish)
+    if not finished:
+        print(f"tune: decoding the images once for every trial ({train.describe(selection)})", flush=True)
     views = {} if finished else data.training_views(cfg, selection)
     tuner = make_tuner(cfg, selection, pretrained, views, finished)
     # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
