@@ -217,4 +217,12 @@ def closing_lines(cfg: Config) -> None:
             f"{k} {metrics[k]:.4f}" for k in ("roc_auc", "average_precision", "accuracy", "f1")
             if isinstance(metrics.get(k), (int, float))))
     print(f"report: {storage.join(cfg.workdir, 'report.html')}")
-    print(f"serve it: deepfake-ray serve --model {storage.join(cfg.workdir, 'detector', 'model')}")
+    model = storage.join(cfg.workdir, "detector", "model")
+    made = storage.completed(storage.join(cfg.workdir, "detector")) or {}
+    if made.get("model_id"):  # what a cluster's serve config pins (jobs/serve.yaml's args.model_id)
+        auc, lr = made.get("val_auc"), made.get("lr")
+        print(f"model: {made['model_id']} (validation ROC-AUC "
+              f"{f'{auc:.4f}' if isinstance(auc, (int, float)) else 'n/a'}"
+              f"{f', swept lr {lr:.2e}' if made.get('tuned') and isinstance(lr, float) else ''})")
+    print(f"serve it: deepfake-ray serve --model {model}  (on a cluster: jobs/serve.yaml with "
+          f"args.model {model} and args.model_id {made.get('model_id', 'as printed above')})")

@@ -347,7 +347,9 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
             ran.append(stage.command)
             if stage.command in fail:
                 raise RuntimeError(f"{stage.command} failed")
-            return lineage.complete(cfg, stage, {"seconds": 1.0}, lineage.made(cfg, stage))
+            exported = {"model_id": "inception_resnet_v2@0123456789ab", "val_auc": 0.97} \
+                if stage.command == "train-detector" else {}
+            return lineage.complete(cfg, stage, {"seconds": 1.0, **exported}, lineage.made(cfg, stage))
         return run
 
     for module in (prepare, gan_train, generate, detector_train, evaluate):
@@ -366,6 +368,9 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
 
     pipeline.run(cfg)
     assert ran == every and statuses() == ["done"] * 7
+    closing = capsys.readouterr().out.split("=== done ===")[1]  # what to serve, and a cluster's pin of it
+    assert "model: inception_resnet_v2@0123456789ab (validation ROC-AUC 0.9700)" in closing
+    assert "args.model_id inception_resnet_v2@0123456789ab" in closing
     ran.clear()
     pipeline.run(cfg)
     assert ran == ["report"] and statuses() == ["skipped"] * 6 + ["done"]
