@@ -52,6 +52,8 @@ def load_meta(uri: str) -> dict:
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError:
+        if storage.is_s3(uri) and storage.bucket_missing(uri):
+            raise UsageError(f"--model {uri}: the bucket does not exist: check the s3:// path") from None
         raise UsageError(f"no model at {uri} ({META} missing): pass the folder that "
                          "train-detector or tune exported, e.g. WORKDIR/detector/model") from None
     except NotADirectoryError:  # --model .../model/weights.safetensors

@@ -231,6 +231,7 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
     read = {} if read is None else read
     for folder in stage.inputs:
         if marker(cfg, folder, read) is None:
+            check_bucket(cfg.workdir)
             if len(chain := missing_chain(cfg, folder, read)) > 1:
                 raise WorkdirState(missing_line(cfg, chain))
             raise WorkdirState(f"no {contents(folder)} in {storage.join(cfg.workdir, folder)}: "
@@ -240,6 +241,13 @@ def check_inputs(cfg: Config, stage: Stage, read: dict | None = None) -> None:
         raise WorkdirState(f"{storage.join(cfg.workdir, folder)} is out of date: "
                              f"{', '.join(f + '/' for f in stale)} changed since it was made. Run "
                              f"{makers(cfg, folder)}")
+
+
+def check_bucket(uri: str) -> None:
+    """UsageError for an s3:// path whose bucket does not exist: everything in it reads as
+    missing, and a stage was told to run the one before it, which failed on the bucket."""
+    if storage.is_s3(uri) and storage.bucket_missing(uri):
+        raise UsageError(f"{uri}: the bucket does not exist: check the s3:// path")
 
 
 def missing_chain(cfg: Config, folder: str, read: dict) -> list[str]:

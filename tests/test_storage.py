@@ -339,6 +339,21 @@ def test_a_run_refused_for_the_settings_of_an_unfinished_one_that_is_running_nam
     assert "holds an unfinished run begun with gan.epochs=10" in error_lines(capsys)[0]
 
 
+def test_a_missing_bucket_is_named_not_taken_for_missing_stages(s3_server, capsys, monkeypatch):
+    """Everything in a bucket that does not exist reads as missing: train-gan was told to
+    run prepare first (which then failed on the bucket), score that model.json was missing."""
+    s3_server("runs-here")  # the store answers; the bucket named below is not in it
+    monkeypatch.setattr(cli, "start_ray", lambda address: pytest.fail("Ray started"))
+    for command in ("train-gan", "evaluate"):
+        assert cli.main([command, "--preset", "tiny", "--workdir", "s3://runs-not-here/r1"]) == 2
+        assert error_lines(capsys) == [f"deepfake-ray {command}: error: s3://runs-not-here/r1: the bucket does "
+                                       "not exist: check the s3:// path"]
+    assert cli.main(["score", "--preset", "tiny", "--model", "s3://runs-not-here/m", "--input", ROOT,
+                     "--out", "s3://runs-here/scores.csv"]) == 2
+    assert error_lines(capsys) == ["deepfake-ray score: error: --model s3://runs-not-here/m: the bucket does not "
+                                   "exist: check the s3:// path"]
+
+
 def test_an_s3_lock_of_a_run_killed_on_this_machine_is_taken_over_at_once(s3_server):
     """A run killed outright (kill -9) renews nothing: a rerun on the same machine was
     refused for the 300 s of the lease, though the OS could tell its pid was gone."""
