@@ -1011,6 +1011,41 @@ def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypat
     assert score.read_and_decode(gone, resolution=32, max_pixels=10**6)["error"][0].startswith("unreadable")
 
 
+def test_a_batch_of_s3_files_is_read_with_its_requests_overlapped(s3_server, monkeypatch):
+    """score read a batch's files one at a time: on S3, each GET a round trip of tens of
+    ms, a million files took hours of waiting. They are fetched side by side, as prepare's
+    are, and each keeps its own answer (bytes, or its own error)."""
+    import threading
+
+    from deepfake_ray.serving import score
+
+    bucket = s3_server("serving-test")
+    uris = [f"{bucket}/overlap/face{i}.jpg" for i in range(8)]
+    for uri in uris:
+        storage.write_bytes(uri, JPEG)
+    uris.append(f"{bucket}/overlap/gone.jpg")
+    read_bytes, lock, now = storage.read_bytes, threading.Lock(), [0, 0]
+
+    def slow(uri, *args, **kwargs):  # as a distant store answers
+        with lock:
+            now[0] += 1
+            now[1] = max(now)
+        try:
+            time.sleep(0.2)
+            return read_bytes(uri, *args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(storage, "read_bytes", slow)
+    batch = {"index": np.arange(len(uris)), "path": np.array(uris),
+             "raw_path": np.array([u.encode() for u in uris], dtype=object)}
+    scored = score.read_and_decode(batch, resolution=32, max_pixels=10**6)
+    assert list(scored["error"][:8]) == [""] * 8 and scored["error"][8].startswith("unreadable")
+    assert (scored["pixels"][:8] == decode(JPEG, 32)).all()
+    assert now[1] > 1  # requests in flight at once
+
+
 def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     import pyarrow as pa
 

@@ -17,6 +17,7 @@ import os
 import posixpath
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -108,28 +109,46 @@ def read_and_decode(batch: dict, resolution: int, max_pixels: int, quality: int 
                     run: str = "") -> dict:
     """Ray Data task: paths -> pixels at the model's resolution, or an error reason; a file
     whose decoding killed the worker set aside on a retry (`crashes`)."""
-    pixels = np.zeros((len(batch["raw_path"]), resolution, resolution, 3), dtype=np.uint8)
+    raws = [bytes(raw) for raw in batch["raw_path"]]
+    pixels = np.zeros((len(raws), resolution, resolution, 3), dtype=np.uint8)
     with crashes.watch(run) as watch:
-        errors = [decode_into(pixels, i, raw, watch, resolution, max_pixels, quality)
-                  for i, raw in enumerate(batch["raw_path"])]
+        errors = [decode_into(pixels, i, raw, read, watch, resolution, max_pixels, quality)
+                  for i, (raw, read) in enumerate(zip(raws, read_all(raws, decode.max_file_bytes(max_pixels))))]
     return {"index": batch["index"], "path": batch["path"], "pixels": pixels,
             "error": np.array(errors, dtype=object)}
 
 
-def decode_into(pixels: np.ndarray, i: int, raw: bytes, watch: crashes.CrashWatch, resolution: int,
-                max_pixels: int, quality: int | None) -> str:
-    """Decodes one file into pixels[i]; its error ("" for none)."""
+def read_all(raws: list[bytes], max_bytes: int) -> list[bytes | Exception | None]:
+    """Each file's bytes, or the error reading it raised (None: no path). S3 GETs are
+    latency-bound: a batch's are overlapped, as prepare's are; local files are read as
+    they are decoded, one at a time."""
+    def read(raw: bytes):
+        if not raw:
+            return None
+        try:
+            return storage.read_bytes(os.fsdecode(raw), max_bytes)
+        except (OSError, ValueError) as e:  # FileTooLarge too; a NUL in the name
+            return e
+    if any(storage.is_s3(os.fsdecode(raw)) for raw in raws):
+        with ThreadPoolExecutor(16) as threads:
+            return list(threads.map(read, raws))
+    return map(read, raws)
+
+
+def decode_into(pixels: np.ndarray, i: int, raw: bytes, read: bytes | Exception | None,
+                watch: crashes.CrashWatch, resolution: int, max_pixels: int, quality: int | None) -> str:
+    """Decodes one file's bytes (`read`, or its read's error) into pixels[i]; its error
+    ("" for none)."""
     if not raw:
         return NO_PATH + "the manifest's row is empty"
-    path = os.fsdecode(bytes(raw))
-    try:
-        data = storage.read_bytes(path, decode.max_file_bytes(max_pixels))
-    except storage.FileTooLarge as e:
-        return error_text(decode.too_large(e))
-    except (OSError, ValueError) as e:  # missing, unreadable, permission denied; a NUL in the name
-        if storage.is_s3(path) and storage.explain(e) and not isinstance(e, storage.ObjectRefused):
-            raise  # the store's (network, credentials), not this file's: stop with the fix
-        return f"unreadable: {type(e).__name__}: {e}"[:300]
+    path = os.fsdecode(raw)
+    if isinstance(read, storage.FileTooLarge):
+        return error_text(decode.too_large(read))
+    if isinstance(read, Exception):  # missing, unreadable, permission denied; a NUL in the name
+        if storage.is_s3(path) and storage.explain(read) and not isinstance(read, storage.ObjectRefused):
+            raise read  # the store's (network, credentials), not this file's: stop with the fix
+        return f"unreadable: {type(read).__name__}: {read}"[:300]
+    data = read
     if path in watch.crashed:
         return f"{crashes.REASON}: {crashes.DETAIL}"
     try:
