@@ -11,6 +11,7 @@ network (resnet10t): Inception-ResNet-v2's 650 MB Adam checkpoints through S3 wo
 the scenario's time; that network's own tests are in test_detector.py."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -235,6 +236,8 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     copies = storage.list_files(f"{workdir}/detector/pretrained")  # named by their content
     assert len(copies) == 1 and copies[0].rsplit("/", 1)[1].startswith("resnet10t-")
     assert storage.read_bytes(copies[0]) == open(weights, "rb").read()
+    exported = storage.read_json(f"{workdir}/detector/model/model.json")  # what it began from, for an audit
+    assert exported["pretrained"] == {"weights": weights, "sha256": hashlib.sha256(open(weights, "rb").read()).hexdigest()}
     assert "held-out test: roc_auc" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps

@@ -267,5 +267,7 @@ def export(out_dir: str, weights: dict, entry: dict, cfg, loop: dict, pre: dict)
             "threshold": entry["val_threshold"], "epoch": entry["epoch"],
             "metrics": vouched(entry),
             "config": config.to_dict(cfg), "lr": loop["lr"], "fingerprints": loop["fingerprints"],
-            "data": loop["counts"], "parameters": loop["parameters"]}
+            "data": loop["counts"], "parameters": loop["parameters"],
+            "pretrained": {"weights": d.pretrained, **({"hub_name": d.hub_name} if d.pretrained == "hub" else {}),
+                           "sha256": loop.get("pretrained_sha256")}}
     checkpoint.save_model(storage.join(out_dir, "best"), weights, meta)

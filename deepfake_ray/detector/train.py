@@ -170,6 +170,8 @@ def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_u
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
                    "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
                    "label": label,
+                   # what the fine-tune began from, for model.json: the hub's weights change
+                   "pretrained_sha256": None if pretrained in ("none", "") else storage.file_digest(pretrained, "sha256"),
                    "resolution": selection.resolution, "jpeg_quality": selection.jpeg_quality,
                    "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
