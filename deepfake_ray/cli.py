@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         quiet_ray_output_after_an_error(argv)
         # a task's, through Ray, is a RayTaskError(UsageError): its text is Ray's traceback
-        print(f"deepfake-ray {args.command}: error: {shown(usage_line(e) or str(e))}", file=sys.stderr)
+        print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(usage_line(e) or str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
@@ -608,11 +608,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if line := usage_line(e) or out_of_memory_line(args.command, e):  # settings the user can change
             quiet_ray_output_after_an_error(argv)
-            print(f"deepfake-ray {args.command}: error: {shown(line)}", file=sys.stderr)
+            print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(line)}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(failure_line(args.command, e, time.time() - started), file=sys.stderr)
         return 1
+
+
+def in_stage(e: BaseException) -> str:
+    """`(in stage 'X') ` for an error a pipeline's stage raised, else "": the last line of a
+    long run's log is all some read."""
+    stage = getattr(e, "pipeline_stage", None)
+    return f"(in stage '{stage}') " if stage else ""
 
 
 def failure_line(command: str, e: BaseException, seconds: float) -> str:

@@ -366,12 +366,13 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def time_left(seconds: list[float], epochs_left: int) -> str:
-    """`epochs_left` epochs at the mean pace of `seconds` (this session's epochs: a resumed
-    run's earlier ones may have run on other machines), as h:mm:ss."""
-    if not seconds or epochs_left <= 0:
+def time_left(elapsed: float, epochs_done: int, epochs_left: int) -> str:
+    """`epochs_left` epochs at this session's pace (`epochs_done` in `elapsed` seconds of
+    wall time, checkpoints and exports included; a resumed run's earlier epochs may have
+    run on other machines), as h:mm:ss."""
+    if epochs_done <= 0 or epochs_left <= 0:
         return "0:00:00"
-    left = round(sum(seconds) / len(seconds) * epochs_left)
+    left = round(elapsed / epochs_done * epochs_left)
     return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
 

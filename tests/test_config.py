@@ -322,7 +322,8 @@ def test_a_pipeline_refused_after_a_stage_completed_keeps_its_own_config_yaml(ra
     args = ["pipeline", "--preset", "tiny", "--workdir", str(tmp_path), "--set", "data.source=sample:8",
             "--set", "gan.batch_size=64"]
     assert cli.main(args) == 2
-    assert "fewer than gan.batch_size=64" in error_lines(capsys)[-1]
+    assert "deepfake-ray pipeline: error: (in stage 'train-gan') " in (last := error_lines(capsys)[-1])
+    assert "fewer than gan.batch_size=64" in last
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert written["data"]["source"] == "sample:8" and written["gan"]["batch_size"] == 64
 

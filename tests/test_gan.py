@@ -263,13 +263,30 @@ def test_a_discriminator_that_has_won_is_warned_about(last, won):
         assert "stop it (Ctrl-C, or `ray job stop`)" in during
 
 
+def test_a_collapse_is_warned_once_as_it_shows_not_at_every_epoch_nor_the_last():
+    """A collapse shows by epoch 8 of 60; the warning came only after the 60th."""
+    from deepfake_ray.gan import loop
+
+    healthy = {"d_real": 0.7, "d_loss": 1.0, "images_per_s": 100.0, "seconds": 5.0, "restored": False,
+               "d_fake": 0.2, "g_loss": 2.0}
+    won = {**healthy, "d_fake": 1e-6, "g_loss": 15.0}
+    said, warned = [], False
+    for epoch, m in enumerate([healthy, won, won, won]):
+        lines, warned = loop.epoch_lines({**m, "epoch": epoch}, 6, "0:01:00", warned)
+        said.append(lines)
+    assert [len(lines) for lines in said] == [1, 2, 1, 1]  # the epoch's line; the warning once
+    assert said[1][0].endswith("5 s, 0:01:00 left") and "stop it (Ctrl-C" in said[1][1]
+    assert loop.epoch_lines({**won, "epoch": 5}, 6, "0:00:00", False)[0] == [
+        loop.progress_line({**won, "epoch": 5}, 6, "0:00:00")]  # the last: train-gan's own line says it
+
+
 def test_each_epoch_line_says_how_long_it_took_and_how_long_is_left(trained):
     """Hours of epochs said only their losses and images/s: nothing told when it ends."""
     log = open(os.path.join(os.path.dirname(trained[0]), "first.log")).read()
     lines = re.findall(r"train-gan: epoch (\d+)/6 .* (\d+) s, (\d+):(\d\d):(\d\d) left", log)
     assert [int(n) for n, *_ in lines][:2] == [1, 2], log[-3000:]  # killed after its second checkpoint
     assert all(int(h) * 3600 + int(m) * 60 + int(s) > 0 for _, _, h, m, s in lines)
-    assert training.time_left([10.0, 20.0], 4) == "0:01:00" and training.time_left([], 3) == "0:00:00"
+    assert training.time_left(30.0, 2, 4) == "0:01:00" and training.time_left(0.0, 0, 3) == "0:00:00"
 
 
 def test_complete_run_is_not_retrained_nor_unmarked_by_a_refused_one(trained, capsys):

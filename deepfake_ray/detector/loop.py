@@ -48,7 +48,7 @@ def train_loop(loop: dict) -> None:
     label = loop.get("label", "train-detector")  # a sweep's trial names itself and its rate
     loop = {**loop, "parameters": detector.count_parameters(model)}  # for model.json
     best = restore_best(loop, cfg, model, history, pre) if training.rank() == 0 else None
-    wrapped, frozen_now = None, None
+    wrapped, frozen_now, session_started = None, None, time.time()
     for epoch in range(start, d.epochs):
         frozen = epoch < d.freeze_backbone_epochs
         if frozen != frozen_now:  # DDP must be rebuilt when the set of trained parameters changes
@@ -67,8 +67,8 @@ def train_loop(loop: dict) -> None:
                 export(loop["out_dir"], model.state_dict(), entry, cfg, loop, pre)
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
-            paces = [h["seconds"] for h in history[len(history) - (epoch - start + 1):]]  # this session's
-            training.say(progress_line(entry, d.epochs, training.time_left(paces, d.epochs - epoch - 1), label))
+            left = training.time_left(time.time() - session_started, epoch - start + 1, d.epochs - epoch - 1)
+            training.say(progress_line(entry, d.epochs, left, label))
         if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
             barrier()                 # may hold this epoch, and no checkpoint does
             training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)

@@ -79,7 +79,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
           f"{workers} worker(s) x batch {batch} ({workers * batch} a step), "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
-    fine_tune(cfg, selection, pretrained, stage, "run", stage)
+    fine_tune(cfg, selection, pretrained, stage, "run", stage, pretrained_sha256=weights_sha256(pretrained))
     summary = publish(cfg, stage, time.time() - started, plan.made)
     return summary
 
@@ -159,19 +159,25 @@ def resolve_pretrained(cfg: Config) -> str:
     return uri
 
 
+def weights_sha256(pretrained: str) -> str | None:
+    """What a fine-tune begins from, for model.json (the hub's weights change): hashed once
+    in the driver, not in each of a sweep's trials (on S3, a download each)."""
+    return None if pretrained in ("none", "") else storage.file_digest(pretrained, "sha256")
+
+
 def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_uri: str,
               name: str, out_dir: str, lr: float | None = None, callbacks: list | None = None,
-              views: dict | None = None, label: str = "train-detector"):
+              views: dict | None = None, label: str = "train-detector", pretrained_sha256: str | None = None):
     """One Ray Train fine-tune (resumed when `storage_uri`/`name` holds an unfinished run).
-    `label` begins its progress lines (a sweep's trials print side by side)."""
+    `label` begins its progress lines (a sweep's trials print side by side);
+    `pretrained_sha256`: weights_sha256 of `pretrained`, for model.json."""
     d = cfg.detector
     if lr is not None:
         cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
                    "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
                    "label": label,
-                   # what the fine-tune began from, for model.json: the hub's weights change
-                   "pretrained_sha256": None if pretrained in ("none", "") else storage.file_digest(pretrained, "sha256"),
+                   "pretrained_sha256": pretrained_sha256,
                    "resolution": selection.resolution, "jpeg_quality": selection.jpeg_quality,
                    "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}

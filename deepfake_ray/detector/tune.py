@@ -81,7 +81,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if not finished:
         print(f"tune: decoding the images once for every trial ({train.describe(selection)})", flush=True)
     views = {} if finished else data.training_views(cfg, selection)
-    tuner = make_tuner(cfg, selection, pretrained, views, finished)
+    tuner = make_tuner(cfg, selection, pretrained, views, finished, train.weights_sha256(pretrained))
     # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
     # half-trained trials were published, the sweep marked complete), and it stays installed
     # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
@@ -146,7 +146,7 @@ def concurrency(cfg: Config) -> int:
 
 
 def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: str,
-          views: dict) -> None:
+          views: dict, pretrained_sha256: str | None = None) -> None:
     """One Tune trial: the train-detector fine-tune at params["lr"], reporting to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -155,7 +155,7 @@ def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: s
     out = trial_dir(cfg.workdir, trial_id)
     train.fine_tune(cfg, selection, pretrained, out, "run", out, lr=params["lr"],
                     callbacks=[TuneReportCallback()], views=views,
-                    label=f"tune trial {trial_id} (lr {params['lr']:.2e})")
+                    label=f"tune trial {trial_id} (lr {params['lr']:.2e})", pretrained_sha256=pretrained_sha256)
 
 
 class SweepProgress(tune.Callback):
@@ -163,8 +163,14 @@ class SweepProgress(tune.Callback):
     own table: every 30 s, ~15 lines, ~1,900 an hour of a sweep in `ray job logs`, and
     without the validation ROC-AUC the sweep is judged on."""
 
-    def __init__(self, epochs: int):
-        self.epochs, self.best = epochs, None
+    def __init__(self, epochs: int, folder: str):
+        self.epochs, self.folder, self.best = epochs, folder, None
+
+    def get_state(self) -> dict:  # saved with the sweep: a resumed one knows its best so far
+        return {"best": self.best}
+
+    def set_state(self, state: dict) -> None:
+        self.best = state.get("best")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         auc = result.get("val_auc", float("nan"))
@@ -177,13 +183,14 @@ class SweepProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("epochs_done", self.epochs)
         how = "finished" if done >= self.epochs else f"stopped early by ASHA after epoch {done}"
-        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        # Tune marks it TERMINATED only after its callbacks
+        ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
         print(f"tune: trial {trial.trial_id} (lr {trial.config['lr']:.2e}) {how}; {ended} of "
               f"{len(trials)} trials ended", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"tune: trial {trial.trial_id} (lr {trial.config['lr']:.2e}) failed after its retries "
-              f"(error in {trial.path or 'its trial folder'})", flush=True)
+              f"(its error in {storage.join(self.folder, trial.trial_id)})", flush=True)
 
 
 def rates(cfg: Config) -> list[float]:
@@ -201,7 +208,7 @@ def rates_text(cfg: Config) -> str:
 
 
 def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: dict,
-               finished: bool = False) -> tune.Tuner:
+               finished: bool = False, pretrained_sha256: str | None = None) -> tune.Tuner:
     """A new sweep, or the interrupted (or `finished`) one under WORKDIR/tune restored."""
     fs, root = storage.resolve(cfg.workdir)
     as_dict = config.to_dict(cfg)
@@ -211,7 +218,7 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
                                                 "use_gpu": runtime.use_gpus(cfg.resources.use_gpu)}})
     trainable = tune.with_resources(
         tune.with_parameters(trial, cfg_dict=config.to_dict(trial_cfg), selection=selection,
-                             pretrained=pretrained, views=views),
+                             pretrained=pretrained, views=views, pretrained_sha256=pretrained_sha256),
         IN_PROCESS_TRIAL if runtime.in_process() else CLUSTER_TRIAL)
     path = f"{root}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -240,7 +247,7 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
             trial_dirname_creator=lambda tr: tr.trial_id),
         run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
-                                  verbose=0, callbacks=[SweepProgress(t.epochs)]),
+                                  verbose=0, callbacks=[SweepProgress(t.epochs, tune_dir(cfg.workdir))]),
     )
 
 

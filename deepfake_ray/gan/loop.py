@@ -161,6 +161,16 @@ def progress_line(m: dict, epochs: int, left: str) -> str:
             f"{m['images_per_s']:.1f} images/s  {m['seconds']:.0f} s, {left} left{restored}")
 
 
+def epoch_lines(m: dict, epochs: int, left: str, warned: bool) -> tuple[list[str], bool]:
+    """An epoch's line, then the warning that the discriminator has won, the first epoch
+    it shows but the last (train-gan says it then): and whether it has been said."""
+    lines = [progress_line(m, epochs, left)]
+    if not warned and m["epoch"] < epochs - 1 and (won := discriminator_won(m, finished=False)):
+        lines.append(won)
+        warned = True
+    return lines, warned
+
+
 # A discriminator that has won: it calls every fake fake, and the generator's gradient has
 # vanished. Seen at gan.lr=0.002: G loss 15-17 by epoch 8, grey noise for faces. A healthy
 # DCGAN's last epochs sit near D(G(z)) 0.1-0.4 and G loss 1-5.
@@ -189,7 +199,7 @@ def train_loop(config: dict) -> None:
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     shard = ray.train.get_dataset_shard("train")
     first = resumed_from + 1 if resumed_from is not None else 0
-    warned = False
+    warned, session_started = False, time.time()
     for epoch in range(first, cfg.gan.epochs):
         sums, per_batch, images, seconds = train_epoch(run, shard, epoch)
         means, per_batch, images, seconds = reduce(run, sums, per_batch, images, seconds)
@@ -206,11 +216,10 @@ def train_loop(config: dict) -> None:
         save = last or (epoch + 1) % max(1, cfg.gan.checkpoint_every) == 0
         if training.rank() == 0:
             write_figures(run, epoch)
-            paces = [h["seconds"] for h in run.history[len(run.history) - (epoch - first + 1):]]
-            training.say(progress_line(metrics, cfg.gan.epochs, training.time_left(paces, cfg.gan.epochs - epoch - 1)))
-            if not last and not warned and (won := discriminator_won(metrics, finished=False)):
-                training.say(won)
-                warned = True
+            left = training.time_left(time.time() - session_started, epoch - first + 1, cfg.gan.epochs - epoch - 1)
+            lines, warned = epoch_lines(metrics, cfg.gan.epochs, left, warned)
+            for line in lines:
+                training.say(line)
         training.report_epoch(epoch, metrics, state_of(run, epoch) if save else None)
     if training.rank() == 0:
         export(run)
