@@ -287,16 +287,22 @@ def refused_before_it_changes_anything(workdir: str, capsys) -> None:
     assert storage.read_text(storage.join(workdir, "config.yaml")) == "the running prepare's\n"
 
 
-def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_path, capsys):
+def holding(folder: str, command: str, **popen):
+    """Another process holding `folder`'s lock as `command`, once it says it holds it."""
     import subprocess
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from deepfake_ray import storage\n"
-        f"with storage.exclusive({str(tmp_path / 'data')!r}, 'prepare'):\n"
-        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+        "import time; from deepfake_ray import storage\n"
+        f"with storage.exclusive({folder!r}, {command!r}):\n"
+        "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True, **popen)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_of_a_local_folder_is_refused_until_the_first_ends(tmp_path, capsys):
+    holder = holding(str(tmp_path / "data"), "prepare")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UsageError, match=rf"another prepare \(pid {holder.pid} on .+\) is writing .*data: wait for it"):
             with storage.exclusive(str(tmp_path / "data"), "prepare"):
                 pass
@@ -312,9 +318,6 @@ def test_a_run_refused_for_the_settings_of_an_unfinished_one_that_is_running_nam
     """gan/ holds a training begun with gan.epochs=10 and still running: a pipeline with the
     preset's epochs was told the unfinished run has other settings and offered --force,
     which would start over a training that is live. It is told which run holds the folder."""
-    import subprocess
-    import sys
-
     from deepfake_ray import config, lineage
     from deepfake_ray.data import prepare
     from deepfake_ray.gan import train as gan_train
@@ -323,12 +326,8 @@ def test_a_run_refused_for_the_settings_of_an_unfinished_one_that_is_running_nam
     lineage.complete(running, prepare.STAGE, {}, lineage.made(running, prepare.STAGE))
     storage.write_json(storage.join(lineage.uri(running, gan_train.STAGE), lineage.STARTED),
                        lineage.made(running, gan_train.STAGE))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from deepfake_ray import storage\n"
-        f"with storage.exclusive({str(tmp_path)!r}, 'train-gan'):\n"
-        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    holder = holding(str(tmp_path), "train-gan")
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert cli.main(["pipeline", "--preset", "tiny", "--workdir", str(tmp_path)]) == 2
         err = error_lines(capsys)
         assert len(err) == 1 and f"another train-gan (pid {holder.pid} on " in err[0], err
@@ -357,17 +356,9 @@ def test_a_missing_bucket_is_named_not_taken_for_missing_stages(s3_server, capsy
 def test_an_s3_lock_of_a_run_killed_on_this_machine_is_taken_over_at_once(s3_server):
     """A run killed outright (kill -9) renews nothing: a rerun on the same machine was
     refused for the 300 s of the lease, though the OS could tell its pid was gone."""
-    import subprocess
-    import sys
-
     workdir = f"{s3_server('runs-killed-here')}/r1"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from deepfake_ray import storage\n"
-        f"with storage.exclusive({workdir!r}, 'train-gan'):\n"
-        "    print('held', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    holder = holding(workdir, "train-gan", env={**os.environ, "PYTHONPATH": ROOT})
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UsageError, match=rf"another train-gan \(pid {holder.pid} on .+\) is writing"):
             with storage.exclusive(workdir, "train-gan"):  # it lives: refused
                 pass
