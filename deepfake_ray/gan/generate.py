@@ -5,9 +5,10 @@ numpy's generator seeded with [s, i], through the generator in eval mode, given 
 JPEG history of a real drawn by [s, i, 1] (the encoding a photo's source left in its
 pixels, `decode.jpeg_history`; none for most), then encoded as JPEG at
 data.jpeg_quality and data.resolution exactly like the reals, so the detector cannot
-tell the classes apart by file format or by how often they were compressed. The output is the same
-layout as WORKDIR/data (see data/datasets.py): fakes/manifest.parquet (path
-"fake:<seed>:<index>"), fakes/images/*.parquet, fakes/preview.png, _COMPLETE.json.
+tell the classes apart by file format or by how often they were compressed. The
+output is the same layout as WORKDIR/data (see data/datasets.py):
+fakes/manifest.parquet (path "fake:<seed>:<index>"), fakes/images/*.parquet,
+fakes/preview.png, _COMPLETE.json.
 
 Splits follow the reals' content-hash rule (`prepare.assign_split` on the sha1 of
 the encoded bytes). Each split gets as many fakes as the reals hold in it (or
