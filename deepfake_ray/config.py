@@ -120,6 +120,10 @@ class ServeConfig:
     # a request whose body sends nothing for this long gets a 408: a stalled upload would
     # otherwise hold one of the replica's max_ongoing_requests slots until it hangs up
     body_idle_timeout_s: float = 30.0
+    # request bodies a replica holds at once, in bytes (0: 16 x max_body_bytes): past it a
+    # request gets a 503 to retry, instead of the replica running out of memory (its
+    # max_ongoing_requests bodies of max_body_bytes: 1.3 GB by default)
+    max_buffered_bytes: int = 0
     # files in one multipart request: each is parsed, decoded and scored by the replica
     max_files_per_request: int = 64
     min_replicas: int = 1
@@ -312,6 +316,7 @@ LIMITS = {
     "tune.max_concurrent_trials": (0, None, "0 runs as many as fit"), "resources.workers": (1, None),
     "serve.port": (1, 65535), "serve.max_batch_size": (1, None), "serve.batch_wait_timeout_s": (0.0, None),
     "serve.max_body_bytes": (1, None), "serve.max_files_per_request": (1, None),
+    "serve.max_buffered_bytes": (0, None, "0: 16 x max_body_bytes"),
     "serve.min_replicas": (0, None), "serve.max_replicas": (1, None),
     "serve.target_ongoing_requests": (1, None), "serve.gpus_per_replica": (0.0, None),
     "serve.score_batch_size": (1, None), "serve.score_part_files": (1, None),

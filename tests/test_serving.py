@@ -452,6 +452,38 @@ def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
             conn.close()
 
 
+def test_uploads_past_the_replicas_budget_get_a_503_to_retry_and_their_bytes_come_back(service):
+    """Each request's body is held whole: 128 uploads of serve.max_body_bytes (1.3 GB by
+    default) could kill a replica for its memory. Past serve.max_buffered_bytes (here 16 x
+    300 KB) a request gets a 503 to retry; the bytes of uploads that end come back."""
+    host, port = service.removeprefix("http://").split(":")
+    almost = MAX_BODY - 10_000
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(20)]
+    try:
+        for conn in held:  # each stalls just short of its end, holding ~290 KB
+            conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\n"
+                         f"Content-Length: {MAX_BODY - 1}\r\n\r\n".encode() + b"\xff" * almost)
+        time.sleep(2)  # the replica has read what came, and answered those past the budget
+        answers = []
+        for conn in held:
+            conn.settimeout(0.05)
+            try:
+                answers.append(conn.recv(65536))
+            except TimeoutError:
+                answers.append(b"")  # still held
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert refused and len(refused) < len(held), [a[:40] for a in answers]
+        head, body = refused[0].split(b"\r\n\r\n", 1)
+        assert b"retry-after: 1" in head.lower() and b"serve.max_buffered_bytes" in body, refused[0]
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.time() + BODY_IDLE_S + 20  # the held ones end (408, or hung up): their bytes back
+    while (answer := detect(service, JPEG)).status_code == 503 and time.time() < deadline:
+        time.sleep(0.5)
+    assert answer.status_code == 200, answer.text
+
+
 def test_batch_route_answers_every_file_in_order(service):
     files = [("files", ("a.jpg", GOOD["face1.jpg"])), ("files", ("bad.jpg", BAD["corrupt.jpg"])),
              ("files", ("b.png", GOOD["face_png.png"])), ("files", ("text.jpg", BAD["notes.jpg"]))]
@@ -498,7 +530,8 @@ def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
     assert one["application/octet-stream"]["schema"]["format"] == "binary"
     files = batch_op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
     assert files["items"]["format"] == "binary"
-    for op, statuses in ((detect_op, {"400", "408", "413", "415", "422"}), (batch_op, {"400", "413", "415"})):
+    for op, statuses in ((detect_op, {"400", "408", "413", "415", "422", "503"}),
+                         (batch_op, {"400", "413", "415", "503"})):
         assert statuses <= set(op["responses"]), op["responses"]
         schema = op["responses"]["413"]["content"]["application/json"]["schema"]
         assert schema["properties"] == {"error": {"type": "string"}}
@@ -1009,6 +1042,33 @@ def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypat
         storage.s3_filesystem.cache_clear()
     gone = {**batch, "raw_path": np.array([f"{s3_server('serving-test')}/in/gone.jpg".encode()], dtype=object)}
     assert score.read_and_decode(gone, resolution=32, max_pixels=10**6)["error"][0].startswith("unreadable")
+
+
+def test_an_upload_budget_counts_the_bytes_held_and_takes_back_a_failed_ones():
+    """What the replica counts: each body's bytes as they arrive, given back when its
+    request ends, and at once for one refused (too large, stalled, disconnected)."""
+    from starlette.requests import Request
+
+    from deepfake_ray.serving import http
+
+    def request(body: bytes) -> Request:  # a real ASGI request, its body in two pieces
+        pieces = [body[:len(body) // 2], body[len(body) // 2:]]
+
+        async def receive():
+            return {"type": "http.request", "body": pieces.pop(0) if pieces else b"", "more_body": bool(pieces)}
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+
+    budget = http.UploadBudget(100)
+    first = asyncio.run(http.read_body(request(b"x" * 80), 1000, 5, budget))
+    with pytest.raises(http.ApiError) as busy:
+        asyncio.run(http.read_body(request(b"y" * 50), 1000, 5, budget))
+    assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"}
+    assert budget.held == 80  # the refused one's first half given back
+    with pytest.raises(http.ApiError) as large:
+        asyncio.run(http.read_body(request(b"z" * 30), 20, 5, budget))
+    assert large.value.status == 413 and budget.held == 80
+    budget.give(len(first))
+    assert asyncio.run(http.read_body(request(b"y" * 50), 1000, 5, budget)) == b"y" * 50 and budget.held == 50
 
 
 def test_a_batch_of_s3_files_is_read_with_its_requests_overlapped(s3_server, monkeypatch):

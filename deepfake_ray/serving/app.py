@@ -94,7 +94,7 @@ class Detector:
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_body_bytes: int, max_pixels: int, threads: int = 1, max_files: int = 64,
                  model_id: str | None = None, body_idle_timeout_s: float = 30.0,
-                 isolate_decoding: bool = False):
+                 isolate_decoding: bool = False, max_buffered_bytes: int = 0):
         self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
                                    device=runtime.assigned_device())
         check_same_model(self.predictor, model_id)
@@ -103,6 +103,7 @@ class Detector:
             if isolate_decoding else None
         self.max_body_bytes, self.max_files = max_body_bytes, max_files
         self.body_idle_timeout_s = body_idle_timeout_s
+        self.uploads = http.UploadBudget(max_buffered_bytes or 16 * max_body_bytes)
         # large decodes at once: each can take ~0.6 GB (40 MP as RGBA and RGB), and a batch
         # request can carry dozens
         self.decode_slots = asyncio.Semaphore(max(1, threads))
@@ -209,13 +210,19 @@ class Detector:
             return parse()
         return await self.in_decode_slot(parse)
 
-    async def body(self, request: Request) -> bytes:
-        return await http.read_body(request, self.max_body_bytes, self.body_idle_timeout_s)
+    @contextlib.asynccontextmanager
+    async def body(self, request: Request):
+        """The request's body, its bytes counted against serve.max_buffered_bytes while the
+        request is answered."""
+        body = await http.read_body(request, self.max_body_bytes, self.body_idle_timeout_s, self.uploads)
+        try:
+            yield body
+        finally:
+            self.uploads.give(len(body))
 
-    async def image_from(self, request: Request) -> bytes:
+    async def image_from(self, request: Request, body: bytes) -> bytes:
         """The one image of a /v1/detect request: its body, or its multipart body's one file.
         An empty file is left to the decoder, which says "empty file" as /batch and score do."""
-        body = await self.body(request)
         if not http.is_multipart(request):
             if not body:
                 raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
@@ -231,28 +238,29 @@ class Detector:
         return files[0][2]
 
     @api.post("/v1/detect", openapi_extra=http.DETECT_BODY,
-              responses=http.error_responses(400, 408, 413, 415, 422, 500))
+              responses=http.error_responses(400, 408, 413, 415, 422, 500, 503))
     async def detect(self, request: Request) -> dict:
         """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
-        result = await self.predict(await self.image_from(request), InlineBudget())
+        async with self.body(request) as body:
+            result = await self.predict(await self.image_from(request, body), InlineBudget())
         if isinstance(result, DecodeError):
             raise http.ApiError(error_status(result), error_text(result))
         return result
 
     @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY,
-              responses=http.error_responses(400, 408, 413, 415))
+              responses=http.error_responses(400, 408, 413, 415, 503))
     async def detect_batch(self, request: Request) -> dict:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):
             raise http.ApiError(415, "send the images as multipart/form-data files")
-        body = await self.body(request)
-        files = await self.files_in(request, body)
-        if not files:
-            raise http.ApiError(400, "no files in the multipart body")
-        # each file of a large body in a thread: opened one after another on the event loop,
-        # 40 small files of 256 KB (a PNG of 20,000 empty chunks: 75 ms to open) held it 3 s
-        inline = InlineBudget() if len(body) <= INLINE_BYTES else None
-        outcomes = await asyncio.gather(*(self.predict(data, inline) for _, _, data in files))
+        async with self.body(request) as body:
+            files = await self.files_in(request, body)
+            if not files:
+                raise http.ApiError(400, "no files in the multipart body")
+            # each file of a large body in a thread: opened one after another on the event
+            # loop, 40 small files of 256 KB (a PNG of 20,000 empty chunks: 75 ms to open) held it 3 s
+            inline = InlineBudget() if len(body) <= INLINE_BYTES else None
+            outcomes = await asyncio.gather(*(self.predict(data, inline) for _, _, data in files))
         results = []
         for (_, name, _), outcome in zip(files, outcomes):
             if isinstance(outcome, DecodeError):
@@ -330,7 +338,8 @@ def build(cfg: Config, model: str, model_id: str | None = None):
         model=model, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         max_body_bytes=s.max_body_bytes, max_pixels=cfg.data.max_pixels,
         threads=max(1, int(s.cpus_per_replica)), max_files=s.max_files_per_request, model_id=found,
-        body_idle_timeout_s=s.body_idle_timeout_s, isolate_decoding=s.isolate_decoding)
+        body_idle_timeout_s=s.body_idle_timeout_s, isolate_decoding=s.isolate_decoding,
+        max_buffered_bytes=s.max_buffered_bytes)
 
 
 def build_app(args: dict):

@@ -27,12 +27,32 @@ EMAIL = BytesParser(policy=policy.HTTP)  # holds no state between parses
 
 
 class ApiError(Exception):
-    """A client error: answered as `status` with JSON {"error": message}."""
+    """A client error: answered as `status` with JSON {"error": message} (and `headers`)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+
+
+class UploadBudget:
+    """The bytes of request bodies a replica holds at once (serve.max_buffered_bytes), as
+    they arrive: past it a request gets a 503 to retry in a moment, not a replica killed
+    for its memory. One event loop takes and gives: no lock."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise ApiError(503, f"the service holds {self.held:,} bytes of uploads, its limit "
+                                f"(serve.max_buffered_bytes {self.limit:,}): retry in a moment",
+                           headers={"Retry-After": "1"})
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
 
 
 def too_large(size_text: str, limit: int) -> ApiError:
@@ -40,12 +60,13 @@ def too_large(size_text: str, limit: int) -> ApiError:
                          "(serve.max_body_bytes): send a smaller image")
 
 
-async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
+async def read_body(request: Request, limit: int, idle_timeout: float, budget: UploadBudget | None = None) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed `limit` bytes, or 408 when
     no byte of it arrives for `idle_timeout` seconds. The deadline is on progress, not on
     the whole upload, so a large image on a slow link still arrives; without it a client
     that stops mid-body held a replica's slot (of max_ongoing_requests) until it hung up:
-    HAProxy and Serve's proxy both stream the body to the replica as it comes."""
+    HAProxy and Serve's proxy both stream the body to the replica as it comes. Its bytes
+    are taken from `budget` as they arrive (503 past it); the caller gives them back."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -58,12 +79,20 @@ async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
     stream = request.stream()  # chunked uploads carry no Content-Length
     try:
         while (chunk := await next_chunk(stream, idle_timeout)) is not None:
-            size += len(chunk)
-            if size > limit:
+            if size + len(chunk) > limit:
                 raise too_large(f"more than {limit:,}", limit)
+            if budget is not None:
+                budget.take(len(chunk))
+            size += len(chunk)
             chunks.append(chunk)
     except ClientDisconnect:  # the client's doing, not an internal error to log
+        if budget is not None:
+            budget.give(size)
         raise ApiError(400, "the client disconnected before the whole body arrived") from None
+    except BaseException:
+        if budget is not None:
+            budget.give(size)
+        raise
     return b"".join(chunks)
 
 
@@ -246,13 +275,14 @@ def error_responses(*statuses: int) -> dict:
             408: "the body stopped arriving (serve.body_idle_timeout_s)",
             413: "too large: the body (serve.max_body_bytes), the image or the file count",
             415: "not an image, or not multipart", 422: "a damaged image",
-            500: "the model gave no finite score"}
+            500: "the model gave no finite score",
+            503: "the replica holds its limit of uploads (serve.max_buffered_bytes): retry"}
     return {status: {"description": what[status], "content": ERROR_BODY} for status in statuses}
 
 
 async def error_json(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
     if isinstance(exc, StarletteHTTPException):
         reason = {404: f"no route {request.url.path}: see /docs",
                   405: f"{request.method} is not allowed on {request.url.path}: see /docs"}
