@@ -27,6 +27,7 @@ from deepfake_ray import storage
 from deepfake_ray.config import DataConfig
 from deepfake_ray.data import sample
 from deepfake_ray.errors import UsageError, disk_full
+from deepfake_ray.lineage import STARTED
 
 
 def image_suffixes() -> tuple[str, ...]:
@@ -261,7 +262,7 @@ def check_no_foreign_stage_folders(workdir: str, command: str) -> None:
             names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
         except NotADirectoryError:  # a file of that name: check_folder says so
             continue
-        if any(n in (storage.COMPLETE, "_STARTED.json") for n in names):
+        if any(n in (storage.COMPLETE, STARTED) for n in names):
             continue
         if own := sorted(n for n in names if not n.startswith(".")):
             raise UsageError(f"{folder} already holds files no deepfake-ray run made ({storage.shown(own[0])}"

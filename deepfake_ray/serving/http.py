@@ -85,13 +85,11 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
                 budget.take(len(chunk))
             size += len(chunk)
             chunks.append(chunk)
-    except ClientDisconnect:  # the client's doing, not an internal error to log
+    except BaseException as e:  # refused, stalled or gone: what it held comes back at once
         if budget is not None:
             budget.give(size)
-        raise ApiError(400, "the client disconnected before the whole body arrived") from None
-    except BaseException:
-        if budget is not None:
-            budget.give(size)
+        if isinstance(e, ClientDisconnect):  # the client's doing, not an internal error to log
+            raise ApiError(400, "the client disconnected before the whole body arrived") from None
         raise
     return b"".join(chunks)
 
