@@ -11,6 +11,7 @@ served traced (tests/test_serving.py)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -323,9 +324,15 @@ def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
     # the cap is of training images: validation and the held-out test keep every image
     capped = data.select(tiny_cfg("detector.max_train_per_class=4", workdir=cfg.workdir)).counts
     assert capped == {"train": {"real": 4, "fake": 4}, "val": {"real": 6, "fake": 6}, "test": {"real": 6, "fake": 6}}
-    # 12 val images shared by 16 workers: four would validate nothing (Ray Train splits equally)
-    with pytest.raises(UsageError, match="val split selects 12 images, fewer than resources.workers=16"):
-        data.select(tiny_cfg("resources.workers=16", workdir=cfg.workdir))
+    # Ray Train splits equally. 12 val images shared by 16 workers: four would validate nothing
+    with pytest.raises(UsageError, match="val split selects 12 images, fewer than 1 for each of resources.workers=16"):
+        data.select(tiny_cfg("resources.workers=16", "detector.max_train_per_class=0", workdir=cfg.workdir))
+    # 24 train images for 16 workers: one each, a batch of one, which is skipped: none would train
+    with pytest.raises(UsageError, match=r"train split selects 24 images, fewer than 2 for each of "
+                                         r"resources.workers=16, .* \(or raise detector.max_train_per_class\)"):
+        data.select(tiny_cfg("resources.workers=16", "detector.max_train_per_class=12", workdir=cfg.workdir))
+    twelve = tiny_cfg("resources.workers=12", "detector.max_train_per_class=12", workdir=cfg.workdir)
+    assert data.select(twelve).counts["train"] == {"real": 12, "fake": 12}
 
 
 def test_an_image_in_two_splits_is_an_error(tiny_cfg):
@@ -423,6 +430,17 @@ def test_training_images_are_recompressed_and_blurred_and_validation_left_clean(
     assert pixels(augmented["val"]) == pixels(clean["val"])
     # validation (which picks the threshold and the best epoch) is its own split, not training's
     assert len(pixels(clean["val"])) == sum(sel.counts["val"].values()) and not set(pixels(clean["val"])) & set(before)
+    # a degraded image is stored again at the quality prepare stored at (the one serve
+    # re-encodes uploads at), not at a data.jpeg_quality this command line set otherwise
+    stored_at_70 = dataclasses.replace(sel, jpeg_quality=70)
+    at_40 = data.training_views(tiny_cfg("detector.jpeg_aug_prob=1.0", "detector.jpeg_aug_quality=[40,40]",
+                                         "detector.blur_aug_prob=0", "data.jpeg_quality=95"), stored_at_70)
+    def as_trained(clean: bytes) -> bytes:  # at 40 then stored at 70
+        at_40 = data.jpeg(np.frombuffer(clean, np.uint8).reshape(32, 32, 3), 40)
+        return decode.decode_jpeg(decode.encode_jpeg(at_40, 70)).tobytes()
+
+    expected = sorted(map(as_trained, before))
+    assert pixels(at_40["train"]) == expected
 
 
 def test_training_batches_mix_the_classes_though_each_part_holds_one(ray_session, tiny_cfg):

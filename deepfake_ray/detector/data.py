@@ -62,10 +62,7 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
                     "made (they are split as the reals are)")
             raise UsageError(f"the {split} split holds {len(real)} real and {len(fake)} fake images; "
                              f"both are needed: {more}")
-        if split != "test" and 2 * n < cfg.resources.workers:  # Ray Train splits it equally
-            raise UsageError(f"the {split} split selects {2 * n} images, fewer than resources.workers="
-                             f"{cfg.resources.workers}, so some workers would get none: use fewer "
-                             "workers or prepare more images")
+        check_per_worker(split, 2 * n, cfg.resources.workers)
         rng = np.random.default_rng(cfg.seed)  # a seeded, class-independent subsample
         hashes[split] = {REAL: sorted(rng.permutation(real)[:n].tolist()),
                          FAKE: sorted(rng.permutation(fake)[:n].tolist())}
@@ -73,6 +70,19 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
                     "fake_manifest_sha1": file_sha1(datasets.manifest_uri(fake_dir))}
     stored = (storage.completed(real_dir) or {}).get("settings", {}).get("data.jpeg_quality")
     return Selection(hashes, fingerprints, resolution, int(stored or cfg.data.jpeg_quality))
+
+
+def check_per_worker(split: str, images: int, workers: int) -> None:
+    """Ray Train splits a split equally. A validation share may be one image; a training
+    share must be two, as a batch of one is skipped (batch norm cannot train on it), so
+    workers with one image each would train nothing and publish an untrained model."""
+    least = {"train": 2, "val": 1}.get(split, 0)
+    if images < least * workers:
+        more = " (or raise detector.max_train_per_class)" if split == "train" else ""
+        raise UsageError(f"the {split} split selects {images} images, fewer than {least} for each of "
+                         f"resources.workers={workers}, so some workers would get too few to "
+                         f"{'train' if split == 'train' else 'validate'}: use fewer workers or "
+                         f"prepare more images{more}")
 
 
 def file_sha1(uri: str) -> str:
@@ -165,7 +175,7 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
                                                  blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma,
-                                                 stored_quality=cfg.data.jpeg_quality),
+                                                 stored_quality=selection.jpeg_quality),
             batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
     return {"train": train, "val": views["val"]}
 

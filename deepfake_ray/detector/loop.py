@@ -152,6 +152,9 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label
     if recent:  # on each worker's own inputs: no collective calls
         detector.recalibrate_batchnorm(getattr(model, "module", model), list(recent), amp)
     loss_sum, correct, n = all_sum([loss_sum, correct, n])
+    if n == 0:  # data.select refuses such a split; an untrained model must not be published
+        raise UsageError(f"{label}: no training step ran (every batch held one image): use fewer "
+                         "workers or prepare more images")
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
             "train_n": int(n), "train_images_per_s": round(n / max(seconds, 1e-9), 2)}
 
