@@ -79,6 +79,11 @@ def parse_meta(path: str, data: bytes) -> dict:
     if not isinstance(meta, dict):
         raise UsageError(f"{path} is damaged (not a JSON object: a partial copy?): "
                          "export or copy the model folder again")
+    version = meta.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:  # its fields may mean other things
+        made_by = (meta.get("software") or {}).get("deepfake-ray", "a newer release")
+        raise UsageError(f"{path} is model format {version}, made by deepfake-ray {made_by}; this one "
+                         f"({deepfake_ray.__version__}) reads format {FORMAT_VERSION}: upgrade deepfake-ray")
     return meta
 
 
@@ -89,6 +94,12 @@ def load_detector_meta(uri: str) -> dict:
     if not {"arch", "threshold", "class_names"} <= meta.keys():
         raise UsageError(f"{uri} holds a {meta.get('arch', 'model')} model, not a detector: pass the "
                          "folder train-detector or tune exported, e.g. WORKDIR/detector/model")
+    pre = meta.get("preprocessing")
+    missing = [k for k in ("resolution", "input_size", "weights_sha256") if k not in meta] + \
+        [f"preprocessing.{k}" for k in ("mean", "std") if not isinstance(pre, dict) or k not in pre]
+    if missing:  # else a service that answers every upload with a 500
+        raise UsageError(f"{storage.join(uri, META)} lacks {', '.join(missing)} (written by hand, or "
+                         "by another tool?): pass the folder train-detector or tune exported")
     return meta
 
 
@@ -98,6 +109,11 @@ def check_detector(uri: str) -> dict:
     inside a scoring actor or a replica, as a traceback of Ray's."""
     meta = load_detector_meta(uri)
     check_weights(uri, meta)
+    import timm  # an architecture this timm lacks fails in every replica or actor, as Ray's traceback
+
+    if not timm.is_model(meta["arch"]):
+        raise UsageError(f"{uri} is a {meta['arch']} model, which timm {timm.__version__} does not "
+                         "know: install the timm its model.json names under software")
     return meta
 
 
@@ -113,7 +129,10 @@ def check_weights(uri: str, meta: dict) -> None:
         return
     try:
         found = storage.file_digest(storage.join(uri, WEIGHTS), "sha256")
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
+        raise UsageError(f"{storage.join(uri, WEIGHTS)} is missing: copy it with {META}, or "
+                         "export the model folder again") from None
+    except IsADirectoryError:
         found = None
     except PermissionError as e:
         raise unreadable(storage.join(uri, WEIGHTS), e) from None
@@ -144,8 +163,17 @@ def read_model(uri: str) -> tuple[bytes, dict]:
     return blob, meta
 
 
+# what decides a detector's answers besides its weights: one edited (a threshold set by
+# hand) makes another model, which a service's replicas and a resumed score must not mix
+DECIDING = ("threshold", "resolution", "input_size", "preprocessing", "jpeg_quality")
+
+
 def model_id(meta: dict) -> str:
-    return f"{meta.get('arch', 'model')}@{meta.get('weights_sha256', '')[:12]}"
+    digest = meta.get("weights_sha256", "")
+    if "threshold" in meta:
+        deciding = {k: meta[k] for k in DECIDING if k in meta}
+        digest = hashlib.sha256(json.dumps([digest, deciding], sort_keys=True).encode()).hexdigest()
+    return f"{meta.get('arch', 'model')}@{digest[:12]}"
 
 
 # --- training state inside Ray Train checkpoints ---------------------------------

@@ -144,7 +144,23 @@ def identity(cfg: Config, folder: str, read: dict | None = None) -> str | None:
     done = marker(cfg, folder, read)
     if done is None:
         return None
+    if folder == "detector" and (found := exported_model(cfg, read)) != done.get("model_id"):
+        done = {**done, "model_found": found}  # another model copied in: what it made is out of date
     return hashlib.sha1(json.dumps(done, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def exported_model(cfg: Config, read: dict | None = None) -> str | None:
+    """The id of the model in WORKDIR/detector/model now (None if there is none to read)."""
+    from deepfake_ray import checkpoint
+
+    read = {} if read is None else read
+    if "detector/model" not in read:
+        try:
+            read["detector/model"] = checkpoint.model_id(checkpoint.load_meta(
+                storage.join(cfg.workdir, "detector", "model")))
+        except (UsageError, OSError):
+            read["detector/model"] = None
+    return read["detector/model"]
 
 
 def made(cfg: Config, stage: Stage, read: dict | None = None) -> dict:

@@ -2,7 +2,6 @@
 evaluation. Shared by the detector test and the whole-pipeline scenario."""
 from __future__ import annotations
 
-import math
 from importlib.metadata import version
 
 import numpy as np
@@ -51,7 +50,8 @@ def assert_held_out_evaluation(cfg, min_roc_auc: float = 0.0) -> dict:
     assert (tn + fp, fn + tp) == (metrics["n_real"], metrics["n_fake"]) and tn + fp + fn + tp == metrics["n"]
     assert metrics["accuracy"] == pytest.approx((tp + tn) / metrics["n"])
     assert metrics["recall"] == pytest.approx(tp / (tp + fn))
-    assert metrics["precision"] == pytest.approx(tp / (tp + fp)) if tp + fp else math.isnan(metrics["precision"])
+    # nothing flagged: precision is undefined, null in JSON
+    assert metrics["precision"] == pytest.approx(tp / (tp + fp)) if tp + fp else metrics["precision"] is None
     assert metrics["threshold"] == checkpoint.load_meta(train.model_dir(cfg.workdir))["threshold"]
     assert metrics["false_positive_rate"] == pytest.approx(fp / (tn + fp))
     assert metrics["fake_share"] == pytest.approx(metrics["n_fake"] / metrics["n"])

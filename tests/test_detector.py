@@ -528,6 +528,13 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     robustness = storage.read_json(storage.join(evaluate.eval_dir(cfg.workdir), "robustness.json"))
     for condition in ("jpeg_q50", "downscale_0.5", "blur_1.0"):  # other images, other scores
         assert robustness[condition]["brier"] != robustness["clean"]["brier"], condition
+    assert evaluate.run(cfg) == summary  # complete: not scored again
+    # a threshold set by hand in model.json makes another model, whose metrics these are not
+    edited = {**storage.read_json(storage.join(model, "model.json")), "threshold": 0.6}
+    storage.write_json(storage.join(model, "model.json"), edited)
+    again = evaluate.run(cfg)
+    assert again["model"] == checkpoint.model_id(edited) != summary["model"]
+    assert assert_held_out_evaluation(cfg)["threshold"] == 0.6
 
 
 def test_each_robustness_condition_degrades_the_image_as_named():

@@ -1208,6 +1208,23 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
                                 f"{folder / checkpoint.META} is damaged (not a JSON object")
     weights_file = os.path.join(model_dir, checkpoint.WEIGHTS)
     damaged[weights_file] = f"--model {weights_file} is a file, not a model folder: pass the folder holding it, {model_dir}"
+    # a model.json by hand or from a newer release: a service that answered every upload
+    # 500, or one whose fields this release would misread; weights never copied
+    meta = checkpoint.load_meta(model_dir)
+    odd = {"no-preprocessing": ({k: v for k, v in meta.items() if k != "preprocessing"},
+                                "lacks preprocessing.mean, preprocessing.std (written by hand, or by another tool?)"),
+           "newer": ({**meta, "format_version": 99}, "is model format 99, made by deepfake-ray 0.1.0; this one "
+                                                     "(0.1.0) reads format 1: upgrade deepfake-ray"),
+           "unknown-arch": ({**meta, "arch": "resnet_from_the_future"},
+                            "is a resnet_from_the_future model, which timm"),
+           "no-weights": (meta, f"{checkpoint.WEIGHTS} is missing: copy it with model.json")}
+    for name, (contents, message) in odd.items():
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        (folder / checkpoint.META).write_text(json.dumps(contents))
+        if name == "no-weights":
+            (folder / checkpoint.WEIGHTS).unlink()
+        damaged[str(folder)] = message
     out = tmp_path / "scores.csv"
     for model, message in damaged.items():
         for argv in (["score", "--model", model, "--input", images_dir, "--out", str(out)],
@@ -1215,6 +1232,11 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
             code, err = before_ray(argv, monkeypatch, capsys)
             assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not out.exists()
+    from deepfake_ray.serving import app
+
+    # `serve run` / `serve deploy` build the application: refused there, not in each replica
+    with pytest.raises(UsageError, match="do not match model.json"):
+        app.build(config.build("tiny"), str(tmp_path / "truncated"))
 
 
 def denied(m, name: str) -> None:

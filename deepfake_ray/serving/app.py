@@ -329,7 +329,7 @@ def build(cfg: Config, model: str, model_id: str | None = None):
     held to the model found there now (`check_same_model`); `model_id`: the one expected."""
     check_settings(cfg)
     model = storage.normalize(model)
-    found = checkpoint.model_id(checkpoint.load_detector_meta(model))  # fails here, not in a replica
+    found = checkpoint.model_id(checkpoint.check_detector(model))  # fails here, not in a replica
     if model_id and model_id != found:
         raise UsageError(f"args.model_id is {model_id}, but the model at {model} is {found}: "
                          f"set args.model_id: {found} to serve it, or leave args.model_id out")
