@@ -11,6 +11,7 @@ Per-stage timings go to WORKDIR/pipeline.json.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -224,5 +225,5 @@ def closing_lines(cfg: Config) -> None:
         print(f"model: {made['model_id']} (validation ROC-AUC "
               f"{f'{auc:.4f}' if isinstance(auc, (int, float)) else 'n/a'}"
               f"{f', swept lr {lr:.2e}' if made.get('tuned') and isinstance(lr, float) else ''})")
-    print(f"serve it: deepfake-ray serve --model {model}  (on a cluster: jobs/serve.yaml with "
+    print(f"serve it: deepfake-ray serve --model {shlex.quote(model)}  (on a cluster: jobs/serve.yaml with "
           f"args.model {model} and args.model_id {made.get('model_id', 'as printed above')})")

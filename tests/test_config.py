@@ -83,6 +83,10 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("gan.lr=inf", "config key 'gan.lr' expects a finite number, got inf"),
     ("seed=-1", "seed=-1 is out of range: use 0..2147483647"),  # was a traceback in every prepare task
     ("data.source=kaggle:../..", "kaggle dataset '../..' must look like OWNER/DATASET"),  # outside the cache
+    # `kaggle:$DATASET` unset: not the default dataset's 100k-image download
+    ("data.source=kaggle:", "source 'kaggle:' names nothing after its colon (an unset variable?): "
+                            "write kaggle:OWNER/DATASET, or kaggle alone for the default"),
+    ("data.source=sample:", "write sample:N, or sample alone for the default"),
     pytest.param("gan.lr=1" + "0" * 400, "config key 'gan.lr' expects a finite number, got a number of 401 digits",
                  id="gan.lr=1e400"),
     pytest.param("gan.epochs=1" + "0" * 5000, "config key 'gan.epochs' expects a whole number (int), got '1000",
@@ -108,6 +112,15 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
 
 @pytest.mark.parametrize("overrides,needle", [
     (["detector.arch=inceptoin_resnet_v2"], "detector.arch='inceptoin_resnet_v2' is not a timm model"),
+    # a ViT's position table is of one size: it failed in each Train worker, after the GAN
+    (["detector.arch=vit_tiny_patch16_224", "detector.pretrained=none"],
+     "detector.arch=vit_tiny_patch16_224 takes 224 px inputs only, not detector.input_size=75: "
+     "set detector.input_size=224"),
+    # a mistyped weights tag, or the default tag (Inception's) for another architecture
+    (["detector.pretrained=hub", "detector.hub_name=inception_resnet_v2.tf_in1kk"],
+     "detector.hub_name='inception_resnet_v2.tf_in1kk' names no weights of detector.arch=inception_resnet_v2 "
+     "that timm knows: use one of inception_resnet_v2.tf_ens_adv_in1k, inception_resnet_v2.tf_in1k"),
+    (["detector.pretrained=hub", "detector.arch=resnet10t"], "use one of resnet10t.c3_in1k"),
     (["data.resolution=96"], "resolution 96 not supported"),  # prepare takes it; the DCGAN not
     (["tune.enabled=true", "tune.epochs=2", "tune.grace_period=3"], "tune.grace_period (3) must not exceed"),
     # named by the whole path it was looked for at

@@ -342,7 +342,7 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
     from deepfake_ray.detector import evaluate, train as detector_train
     from deepfake_ray.gan import generate, train as gan_train
 
-    cfg = config.build("tiny", workdir=str(tmp_path / "w"))
+    cfg = config.build("tiny", workdir=str(tmp_path / "my runs"))  # a folder name with a space
     ran, fail = [], set()
 
     def stand_in(stage: lineage.Stage):
@@ -374,6 +374,7 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
     closing = capsys.readouterr().out.split("=== done ===")[1]  # what to serve, and a cluster's pin of it
     assert "model: inception_resnet_v2@0123456789ab (validation ROC-AUC 0.9700)" in closing
     assert "args.model_id inception_resnet_v2@0123456789ab" in closing
+    assert f"serve it: deepfake-ray serve --model '{tmp_path}/my runs/detector/model'  (" in closing  # to copy
     ran.clear()
     pipeline.run(cfg)
     assert ran == ["report"] and statuses() == ["skipped"] * 6 + ["done"]

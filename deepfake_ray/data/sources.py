@@ -87,6 +87,10 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
     text = text.strip()
     if not text:
         raise UsageError(f"no source given: pass --source (or data.source) as {FORMS}")
+    if kind(text) != "path" and text.endswith(":"):  # `kaggle:$DATASET` of an unset variable
+        example = "kaggle:OWNER/DATASET" if kind(text) == "kaggle" else "sample:N"
+        raise UsageError(f"source '{text}' names nothing after its colon (an unset variable?): "
+                         f"write {example}, or {kind(text)} alone for the default")
     if kind(text) == "sample":
         sample.parse(text, data.sample_size)
         return

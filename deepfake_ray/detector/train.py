@@ -96,6 +96,11 @@ def check_settings(cfg: Config) -> None:
     if d.input_size < MIN_INPUT:
         raise UsageError(f"detector.input_size={d.input_size} is too small for {d.arch}: "
                          f"use {MIN_INPUT} or more (128 as the study)")
+    check_hub_name(d)
+    fixed = timm.models.get_pretrained_cfg(d.hub_name if d.hub_name.partition(".")[0] == d.arch else d.arch)
+    if fixed and fixed.fixed_input_size and fixed.input_size[-1] != d.input_size:  # a ViT's position table
+        raise UsageError(f"detector.arch={d.arch} takes {fixed.input_size[-1]} px inputs only, not "
+                         f"detector.input_size={d.input_size}: set detector.input_size={fixed.input_size[-1]}")
     if d.optimizer not in ("adam", "adamw"):
         raise UsageError(f"detector.optimizer={d.optimizer!r}: choose adam or adamw")
     low, high = d.jpeg_aug_quality
@@ -106,6 +111,20 @@ def check_settings(cfg: Config) -> None:
     if not 0 <= low <= high:
         raise UsageError(f"detector.blur_aug_sigma={list(d.blur_aug_sigma)} must be two sigmas "
                          ">= 0, lowest first, e.g. [0.0, 3.0]")
+
+
+def check_hub_name(d) -> None:
+    """With pretrained=hub, weights timm can name for this architecture: a mistyped tag
+    failed as the stage began, after the stages before it (hours with Celeb 100k)."""
+    import timm
+
+    if d.pretrained != "hub":
+        return
+    arch, _, tag = d.hub_name.partition(".")
+    tags = timm.list_pretrained(f"{d.arch}.*")
+    if arch != d.arch or (tag and d.hub_name not in tags):
+        raise UsageError(f"detector.hub_name={d.hub_name!r} names no weights of detector.arch={d.arch} "
+                         f"that timm knows: use one of {', '.join(tags) or 'none (pass a weights file)'}")
 
 
 def describe(selection: data.Selection) -> str:

@@ -126,6 +126,8 @@ def hub_state_dict(hub_name: str = HUB_NAME) -> dict:
     """ImageNet weights from the model hub, or a UsageError saying how to pass a file."""
     try:
         hub_model = timm.create_model(hub_name, pretrained=True)
+    except RuntimeError as e:  # a tag this timm does not know (train.check_hub_name says so first)
+        raise UsageError(f"detector.hub_name={hub_name}: {e}") from None
     except OSError as e:  # offline, DNS, HTTP errors, missing cache: all OSError subclasses
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
         raise UsageError(f"cannot download {hub_name} from the model hub ({reason}): pass a local "
