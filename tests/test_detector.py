@@ -226,6 +226,9 @@ def test_held_out_metrics_carry_95_percent_intervals_as_defined():
     assert perfect["ci95"]["false_positive_rate"][1] == pytest.approx(1 - 0.99223, abs=1e-5)
     one_class = metrics.classification(np.zeros(5, int), np.full(5, 0.2), 0.5)
     assert one_class["ci95"]["roc_auc"] is None and one_class["ci95"]["recall"] is None
+    # one score for every image: ROC-AUC 0.5 with no spread to measure, not "0.5000-0.5000"
+    collapsed = metrics.classification(np.repeat([0, 1], 4), np.full(8, 0.5), 0.5)
+    assert collapsed["roc_auc"] == 0.5 and collapsed["ci95"]["roc_auc"] is None
 
 
 def test_held_out_metrics_take_fakes_as_positive_and_the_threshold_balances_both_classes():

@@ -785,3 +785,21 @@ def test_an_unfinished_run_resumes_only_with_the_settings_it_began_with(prepared
     more = tiny(workdir, f"gan.epochs={cfg.gan.epochs + 5}")  # a longer run: it goes on
     assert not lineage.plan(more, train.STAGE, force=False).redo
     assert lineage.plan(tiny(workdir, "gan.lr=0.002"), train.STAGE, force=True).redo
+
+
+def test_too_few_training_images_for_the_gan_name_a_fix_that_works(tmp_path):
+    """One training image: no batch size helps (batch norm needs two), so the line says to
+    prepare more, not "lower gan.batch_size", which the config refuses below 2."""
+    from deepfake_ray.data import sample
+    from deepfake_ray.errors import UsageError
+    from tests.detector_stages import write_stage
+
+    faces = [(sample.face(0, i, 32), split) for i, split in enumerate(["train", "val", "test"] + ["train"] * 5)]
+    write_stage(datasets.data_dir(str(tmp_path)), faces[:3])
+    with pytest.raises(UsageError, match=r"the train split holds 1 image\(s\), 1 for each of resources.workers=1; "
+                                         r"the DCGAN needs 2 or more each: prepare more images$"):
+        train.check_data(tiny(str(tmp_path), "data.resolution=32"))
+    write_stage(datasets.data_dir(str(tmp_path)), faces)
+    with pytest.raises(UsageError, match="6 training images give 3 per worker, fewer than gan.batch_size=8: "
+                                         "set gan.batch_size=3 or lower or use fewer workers"):
+        train.check_data(tiny(str(tmp_path), "data.resolution=32", "gan.batch_size=8", "resources.workers=2"))

@@ -1309,6 +1309,15 @@ def test_the_fake_share_is_of_the_images_labelled_fake_among_those_scored():
                               "scores.csv", 1.0)
     assert (summary["files"], summary["scored"], summary["unreadable"], summary["fakes"]) == (4, 3, 1, 2)
     assert summary["fake_share"] == pytest.approx(2 / 3)
+    # none scored (a batch of damaged images, which gets its table): no share, not 0%
+    damaged = table.filter(pa.compute.equal(table.column("path"), "d.jpg"))
+    nothing = score.summarize(damaged, {"class_names": ["real", "fake"], "arch": "a"}, "scores.csv", 1.0)
+    assert nothing["fake_share"] is None and score.share(nothing["fake_share"]) == "n/a"
+    # a manifest whose rows name no file is a setup to fix (exit 2), not a table of errors
+    empty = pa.table({"path": ["", ""], "error": [score.NO_PATH + "the manifest's row is empty"] * 2})
+    with pytest.raises(UsageError, match=r"none of the 2 rows of --input m.parquet names a file \(its 'path' "
+                                         r"is empty\): fill in the manifest's path column"):
+        score.check_some_read(empty, "m.parquet", manifest=True)
 
 
 def test_score_refuses_an_out_that_is_a_folder_before_ray_starts(model_dir, images_dir, tmp_path,

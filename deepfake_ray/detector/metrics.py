@@ -95,8 +95,8 @@ def wilson(successes: int, n: int) -> list[float] | None:
 
 def roc_auc_interval(labels: np.ndarray, p_fake: np.ndarray) -> list[float] | None:
     """A 95% interval of ROC-AUC from DeLong's variance (the midrank form of Sun and Xu,
-    2014: no resampling); None with fewer than two images of a class, or scores that are
-    not finite. Scores that separate the classes perfectly have no spread to measure: the
+    2014: no resampling); None with fewer than two images of a class, scores that are
+    not finite, or one score for all. Scores that separate the classes perfectly have no spread to measure: the
     interval is then [1, 1], and the recall and false-positive-rate intervals say more."""
     from scipy.stats import rankdata
 
@@ -111,6 +111,8 @@ def roc_auc_interval(labels: np.ndarray, p_fake: np.ndarray) -> list[float] | No
     of_fakes = (ranks[:m] - rankdata(fakes)) / n
     of_reals = 1.0 - (ranks[m:] - rankdata(reals)) / m
     se = math.sqrt(of_fakes.var(ddof=1) / m + of_reals.var(ddof=1) / n)
+    if se == 0 and 0 < auc < 1:  # one score for every image (a collapsed model): no spread, no certainty
+        return None
     return [max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)]
 
 

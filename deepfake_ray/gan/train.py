@@ -59,11 +59,16 @@ def check_data(cfg: Config) -> int:
     data = datasets.data_dir(cfg.workdir)
     manifest = datasets.require_manifest(data, "prepare")
     train = sum(1 for s in manifest.column("split").to_pylist() if s == "train")
-    per_worker = train // cfg.resources.workers
+    workers = cfg.resources.workers
+    per_worker = train // workers
+    fewer = " or use fewer workers" if workers > 1 else ""
+    if per_worker < 2:  # batch norm needs a batch of two: no gan.batch_size would do
+        raise UsageError(f"the train split holds {train} image(s), {per_worker} for each of resources.workers="
+                         f"{workers}; the DCGAN needs 2 or more each: prepare more images{fewer}")
     if per_worker < cfg.gan.batch_size:
         raise UsageError(
             f"{train} training images give {per_worker} per worker, fewer than gan.batch_size="
-            f"{cfg.gan.batch_size}: lower gan.batch_size or resources.workers, or prepare more images")
+            f"{cfg.gan.batch_size}: set gan.batch_size={per_worker} or lower{fewer}, or prepare more images")
     size = int(decode_jpeg(datasets.first_image(data)).shape[0])
     if size != cfg.data.resolution:
         raise UsageError(f"{data} holds {size} px images but data.resolution is "

@@ -344,7 +344,7 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
     unscored = sum(1 for e in errors if e.startswith(NotScored.REASON))
     return {"files": table.num_rows, "scored": scored, "errors": len(errors), "unscored": unscored,
             "unreadable": len(errors) - unscored, "fakes": fakes,
-            "fake_share": fakes / scored if scored else 0.0, "seconds": round(seconds, 2),
+            "fake_share": fakes / scored if scored else None, "seconds": round(seconds, 2),
             "out": out, "model": checkpoint.model_id(meta), "threshold": float(meta.get("threshold", 0.5))}
 
 
@@ -352,6 +352,10 @@ UNREAD, MISSING = "unreadable: ", "unreadable: FileNotFoundError"
 # no image's bytes at all (text, a web page saved as .jpg, an empty file); a truncated or
 # corrupt file, or one of a pixel layout not decoded, is an image: its row says what is wrong
 NOT_IMAGE = ("not an image: ", "html page", "empty file")
+
+
+def share(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction:.1%}"
 
 
 def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
@@ -364,6 +368,9 @@ def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
     errors = table.column("error").to_pylist()
     if not errors or not all(errors):  # some file scored
         return
+    if all(e.startswith(NO_PATH) for e in errors):
+        raise UsageError(f"none of the {len(errors):,} rows of --input {src} names a file (its 'path' "
+                         "is empty): fill in the manifest's path column")
     if all(e.startswith(NOT_IMAGE) for e in errors):
         parquet = all(p.lower().endswith(".parquet") for p in table.column("path").to_pylist())
         cause = ("they are Parquet files, a table: pass --input a folder of images, or a manifest "
@@ -492,7 +499,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     s = summarize(table, meta, out, time.time() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
-          f"{s['unreadable']} unreadable{broken}; fake share {s['fake_share']:.1%} "
+          f"{s['unreadable']} unreadable{broken}; fake share {share(s['fake_share'])} "
           f"({s['fakes']}/{s['scored']}) by {s['model']} at threshold {s['threshold']:.4g} -> {out}",
           flush=True)
     return s
