@@ -571,6 +571,10 @@ def shown(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.platform == "win32":  # file locks (fcntl), fchmod and signals a command needs
+        print("deepfake-ray: error: native Windows is not supported: run it in WSL2, or on "
+              "Linux or macOS", file=sys.stderr)
+        return 2
     print_any_file_name()
     args = parse(argv)
     started, changes = time.time(), stage_changes()

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import yaml
@@ -504,6 +505,16 @@ def test_the_rerun_hints_command_runs_with_this_runs_settings(tmp_path):
         pass
     hint = lineage.command_line(workdir, "evaluate")
     assert cli.build_config(cli.parser().parse_args(shlex.split(hint)[1:])) == cfg
+
+
+def test_native_windows_is_refused_in_one_line_naming_wsl2(monkeypatch, capsys, tmp_path):
+    """Its locks (fcntl), fchmod and signals are POSIX: every command failed with a
+    traceback in whichever of them it reached first."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert cli.main(["prepare", "--workdir", str(tmp_path / "w")]) == 2
+    assert error_lines(capsys) == ["deepfake-ray: error: native Windows is not supported: run it in WSL2, "
+                                   "or on Linux or macOS"]
+    assert not (tmp_path / "w").exists()
 
 
 def test_version_names_the_package_and_what_it_runs_on(capsys):
