@@ -1190,6 +1190,17 @@ def before_ray(argv: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
     return code, error_lines(capsys)
 
 
+def test_serve_run_args_misspelt_or_mistyped_are_refused(model_dir):
+    """jobs/serve.yaml's args: `presets:` was ignored (the demo's settings served, on CPU
+    replicas), and `set:` as a mapping blamed a --set flag nobody typed."""
+    from deepfake_ray.serving import app
+
+    with pytest.raises(UsageError, match=r"^build_app takes no args.presets: did you mean args.preset\?$"):
+        app.build_app({"model": model_dir, "presets": "celeb100k"})
+    with pytest.raises(UsageError, match=r"args.set must be a list of \"section.key=value\" strings"):
+        app.build_app({"model": model_dir, "set": {"serve.max_batch_size": 32}})
+
+
 def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, images_dir, tmp_path,
                                                                   monkeypatch, capsys):
     """score and serve check the weights against model.json's hash before Ray starts: a

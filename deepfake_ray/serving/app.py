@@ -353,6 +353,7 @@ def build_app(args: dict):
     from deepfake_ray import config
 
     args = dict(args or {})
+    check_args(args)
     if not args.get("model"):
         raise UsageError("build_app needs args.model: the exported model folder "
                          "(absolute path or s3:// URI), e.g. WORKDIR/detector/model")
@@ -360,6 +361,23 @@ def build_app(args: dict):
     cfg = config.build(args.get("preset", "demo"), args.get("config"),
                        [overrides] if isinstance(overrides, str) else list(overrides))
     return build(cfg, str(args["model"]), args.get("model_id"))
+
+
+BUILD_ARGS = ("model", "preset", "config", "set", "model_id")
+
+
+def check_args(args: dict) -> None:
+    """A misspelt key (`presets:`) was ignored: the demo's settings served, CPU replicas."""
+    import difflib
+
+    for key in args:
+        if key not in BUILD_ARGS:
+            near = difflib.get_close_matches(str(key), BUILD_ARGS, n=1)
+            raise UsageError(f"build_app takes no args.{key}" + (f": did you mean args.{near[0]}?" if near else
+                             f": its args are {', '.join(BUILD_ARGS)}"))
+    if isinstance(args.get("set"), dict):
+        raise UsageError("args.set must be a list of \"section.key=value\" strings, e.g. "
+                         "set: [\"serve.max_batch_size=32\"], not a mapping")
 
 
 def check_settings(cfg: Config) -> None:
