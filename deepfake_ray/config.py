@@ -31,7 +31,7 @@ class DataConfig:
     max_pixels: int = 40_000_000  # header pixel count above which a file is a decompression bomb
     kaggle_dataset: str = "greg115/celebrities-100k"  # used by `kaggle:` with no name
     cache_dir: str = "~/.cache/deepfake-ray"  # downloads (Kaggle) are kept here and reused
-    decode_batch_size: int = 64
+    decode_batch_size: int = 64  # images per Ray Data decode batch
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ class GanConfig:
     # 2e-4 is the DCGAN paper's rate and what every preset uses. The study printed 0.002,
     # which with Adam(beta1=0.5) tends to collapse D early; set gan.lr=0.002 to reproduce it.
     lr: float = 2e-4
-    beta1: float = 0.5
-    latent_dim: int = 100
-    g_width: int = 64
-    d_width: int = 64
+    beta1: float = 0.5  # Adam's, the DCGAN paper's
+    latent_dim: int = 100  # length of the noise vector z
+    g_width: int = 64  # channels of the generator's last layer (x2 per layer towards z)
+    d_width: int = 64  # channels of the discriminator's first layer
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     max_failures: int = 2  # lost workers retried this many times per run
@@ -61,13 +61,13 @@ class DetectorConfig:
     epochs: int = 2
     batch_size: int = 32  # per worker
     lr: float = 3e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # AdamW's (Adam: L2)
     optimizer: str = "adamw"  # adam | adamw
-    input_size: int = 128
+    input_size: int = 128  # side the images are resized to for the network (75 or more)
     pretrained: str = "none"  # hub | none | PATH (local or s3:// safetensors / state dict)
-    hub_name: str = "inception_resnet_v2.tf_in1k"
-    freeze_backbone_epochs: int = 0
-    hflip: bool = True
+    hub_name: str = "inception_resnet_v2.tf_in1k"  # timm weights (and normalization) for pretrained=hub
+    freeze_backbone_epochs: int = 0  # epochs that train the classifier head alone first
+    hflip: bool = True  # random horizontal flips of training images
     # bfloat16 autocast on GPUs that compute in it: on an H200 it trained Inception-ResNet-v2
     # slower than fp32 (2,396 against 2,836 images/s; docs/performance.md), and a model is
     # evaluated and served in the precision it was validated in
@@ -91,11 +91,11 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     enabled: bool = False  # the pipeline runs `tune` instead of `train-detector`
-    samples: int = 4
+    samples: int = 4  # trials, each a learning rate drawn log-uniformly from lr_min..lr_max
     lr_min: float = 1e-5
     lr_max: float = 1e-3
     epochs: int = 2  # per trial (ASHA max_t)
-    grace_period: int = 1
+    grace_period: int = 1  # ASHA: epochs a trial runs before it can be stopped
     # 0: all at once on a cluster (its autoscaler adds nodes for them), as many as fit in-process
     max_concurrent_trials: int = 0
 
@@ -126,11 +126,11 @@ class ServeConfig:
     max_buffered_bytes: int = 0
     # files in one multipart request: each is parsed, decoded and scored by the replica
     max_files_per_request: int = 64
-    min_replicas: int = 1
+    min_replicas: int = 1  # Serve autoscaling: replicas kept at the least
     max_replicas: int = 1
-    target_ongoing_requests: int = 16
+    target_ongoing_requests: int = 16  # per replica, above which Serve adds replicas
     gpus_per_replica: float = 0.0  # 0: one GPU per replica when the cluster has GPUs
-    score_batch_size: int = 32
+    score_batch_size: int = 32  # images per forward pass in `score` and `evaluate`
     # `score` keeps each part of this many files as it is done, and a stopped run resumes
     # from them: each part starts its own actors (seconds), so not too few files
     score_part_files: int = 100_000
@@ -142,7 +142,8 @@ class ServeConfig:
     score_actors: int = 0  # batch-scoring actor pool size; 0: one per GPU, else CPUs // 4
     access_log: bool = True  # one log line per request from each replica
     # uploads decoded in helper processes: a file that crashes the image library ends a
-    # helper, not the replica (its request gets a 422); ~0.7 ms more per request
+    # helper, not the replica (its request gets a 422); ~0.7 ms more for a lone request,
+    # +0.3 ms at p50 under load (docs/performance.md)
     isolate_decoding: bool = False
 
 
