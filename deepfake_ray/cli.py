@@ -113,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.commands = {}
     for name, (_, help_text, flags) in COMMANDS.items():
-        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        # no abbreviations: `--se` for --set would become ambiguous with a flag added later
+        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         c.add_argument("--preset", default="demo",
                        help=f"config preset: {', '.join(preset_names())} (default: demo)")
         c.add_argument("--config", help="YAML file layered over the preset")
@@ -174,9 +175,25 @@ def build_config(args: argparse.Namespace):
         if isinstance(path, str):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS, source=True)
+    check_unexpanded(cfg)
     check_swept_settings(args.command, cfg, args.overrides)
     cfg = config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
     return with_absolute_pretrained(cfg)
+
+
+PATH_KEYS = ("workdir", "data.source", "data.cache_dir", "detector.pretrained")
+
+
+def check_unexpanded(cfg) -> None:
+    """`workdir: $HOME/runs` in a --config file: no shell expands it, and a folder named
+    `$HOME` was made in the current one."""
+    from deepfake_ray.config import value_of
+
+    for key in PATH_KEYS:
+        if variable := re.search(r"\$\{?[A-Za-z_]\w*\}?", value_of(cfg, key)):
+            raise UsageError(f"{key}={value_of(cfg, key)} holds {variable[0]}, which nothing expands in a "
+                             "config file: write the path out, or pass it on the command line, where "
+                             "the shell expands it")
 
 
 def with_absolute_pretrained(cfg):
@@ -558,6 +575,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         flags = {flag for action in command._actions for flag in action.option_strings}
         misplaced = p.options_first and all(u.partition("=")[0] in flags for u in unknown if u.startswith("-"))
         where = "; options go after the command" if misplaced else ""
+        typed = unknown[0].partition("=")[0]
+        if not where and typed.startswith("--") and (near := difflib.get_close_matches(typed, sorted(flags), n=1)):
+            where = f" (did you mean {near[0]}?)"
         command.error(f"unrecognized arguments: {' '.join(unknown)}{where}")
     return args
 

@@ -437,14 +437,27 @@ def coerce(name: str, value: Any, hint: Any, example: Any = None) -> Any:
             pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if hint is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"  # quoted in YAML, as "3" is taken for 3
+    if value is None:  # `lr:` with nothing after it
+        raise UsageError(f"config key '{name}' has no value: give it one{example_of(name, example)}, "
+                         "or leave the key out to take the preset's")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         # text is quoted as it is shown; `1e3` typed for an int reads as text, not a number
         kind = "" if isinstance(value, str) else f" ({type(value).__name__})"
         wanted = "a whole number (int)" if hint is int else hint.__name__
-        raise UsageError(f"config key '{name}' expects {wanted}, got {shown(value)}{kind}")
+        raise UsageError(f"config key '{name}' expects {wanted}, got {shown(value)}{kind}"
+                         f"{example_of(name, example)}")
     if hint is float and not math.isfinite(value):  # every check against nan passes
         raise UsageError(f"config key '{name}' expects a finite number, got {shown(value)}")
     return value
+
+
+def example_of(name: str, example: Any) -> str:
+    """", e.g. detector.lr=0.0003": the key's value now, in the form --set takes."""
+    if example is None or isinstance(example, tuple):
+        return ""
+    return f", e.g. {name}={str(example).lower() if isinstance(example, bool) else example}"
 
 
 def to_dict(cfg: Config) -> dict:

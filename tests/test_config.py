@@ -66,7 +66,7 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("gan.epochs=three", "config key 'gan.epochs' expects a whole number (int), got 'three'"),
     ("data.resolution=1e3", "config key 'data.resolution' expects a whole number (int), got '1e3'"),  # no "(str)"
     ("gan.epochs=2.5", "config key 'gan.epochs' expects a whole number (int), got 2.5 (float)"),
-    ("resources.use_gpu=maybe", "expects bool"),
+    ("resources.use_gpu=maybe", "config key 'resources.use_gpu' expects bool, got 'maybe', e.g. resources.use_gpu=false"),
     ("data.splits=[1, 2]", "expects a list of 3 values, e.g. data.splits=[0.8,0.1,0.1]; got [1, 2]"),
     ("detector.jpeg_aug_quality=5", "expects a list of 2 values, e.g. detector.jpeg_aug_quality=[30,100]"),
     ("gan=5", "'gan' is a section"),
@@ -161,7 +161,9 @@ def test_an_empty_config_file_changes_nothing_and_an_empty_config_name_is_refuse
 @pytest.mark.parametrize("text,needle", [
     (None, "is a folder: pass a YAML file to --config"),
     ("gan: {epochz: 3}\n", "unknown config key 'gan.epochz' (did you mean gan.epochs?): valid keys are gan.epochs"),
-    ("gan: {epochs: three}\n", "config key 'gan.epochs' expects a whole number (int)"),
+    ("gan: {epochs: three}\n", "config key 'gan.epochs' expects a whole number (int), got 'three', e.g. gan.epochs=8"),  # the preset's
+    ("detector: {lr: }\n", "config key 'detector.lr' has no value: give it one, e.g. detector.lr=0.0003, "
+                           "or leave the key out to take the preset's"),
     ("gan: {epochs: 0}\n", "gan.epochs=0 is out of range: use 1 or more"),
     ("- gan\n", "must hold a mapping of sections"),
     ("gan: [1,\n", "is not valid YAML"),
@@ -175,6 +177,10 @@ def test_an_empty_config_file_changes_nothing_and_an_empty_config_name_is_refuse
     ("data: {resolution: [64]}\n", "config key 'data.resolution' expects a whole number (int), got [64] (list)"),
     ("gan: 5\n", "'gan' is a section, not a value: give it keys, e.g. --set gan.KEY=VALUE, "
                   "or in a --config file 'gan: {KEY: VALUE}'"),
+    # a folder named `$HOME` was made in the current one
+    ("workdir: $HOME/runs\n", "workdir=$HOME/runs holds $HOME, which nothing expands in a config file: "
+                              "write the path out, or pass it on the command line"),
+    ("data: {cache_dir: '${XDG_CACHE_HOME}/x'}\n", "data.cache_dir=${XDG_CACHE_HOME}/x holds ${XDG_CACHE_HOME}"),
 ])
 def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
     path = tmp_path / "run.yaml"
@@ -231,6 +237,9 @@ def test_a_config_file_gives_text_settings_its_numbers_as_written(tmp_path):
     path.write_text("workdir: 2024-06-01\ndata: {source: off}\ngan: {mixed_precision: off}\n")
     cfg = config.build("tiny", str(path))  # YAML alone reads a date and a bool
     assert (cfg.workdir, cfg.data.source, cfg.gan.mixed_precision) == ("2024-06-01", "off", False)
+    path.write_text('detector: {hflip: "false", epochs: "3"}\n')  # quoted: taken as "3" is for 3
+    cfg = config.build("tiny", str(path))
+    assert (cfg.detector.hflip, cfg.detector.epochs) == (False, 3)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -400,7 +409,12 @@ def test_help_names_the_sources_and_presets(capsys):
     (["--force", "prepare"], "deepfake-ray prepare: error: unrecognized arguments: --force; options go after "
                              "the command (see deepfake-ray prepare --help)"),
     (["--bogus", "prepare"], "deepfake-ray prepare: error: unrecognized arguments: --bogus (see deepfake-ray "
-                             "prepare --help)")])  # not its own option: moving it would not help
+                             "prepare --help)"),  # not its own option: moving it would not help
+    # an abbreviation is no flag (argparse took `--wor` for --workdir), and a typo gets its fix
+    (["prepare", "--wor", "w"], "deepfake-ray prepare: error: unrecognized arguments: --wor w (did you mean "
+                                "--workdir?) (see deepfake-ray prepare --help)"),
+    (["prepare", "--sourse=x"], "unrecognized arguments: --sourse=x (did you mean --source?) (see deepfake-ray "
+                                "prepare --help)")])
 def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, capsys):
     with pytest.raises(SystemExit) as ended:
         cli.main(argv)

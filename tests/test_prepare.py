@@ -1478,7 +1478,9 @@ def test_temporary_files_a_killed_run_left_go_when_the_stage_is_redone(ray_sessi
                                            ("sample:\u00b2", "positive whole number"),  # a digit to str.isdigit
                                            ("sample:100000000", "more than 1,000,000"),
                                            ("Sample:10", "does not exist: did you mean 'sample:10'?"),
-                                           ("KAGGLE:o/d", "did you mean 'kaggle:o/d'?")])
+                                           ("KAGGLE:o/d", "did you mean 'kaggle:o/d'?"),
+                                           ("sampel:10", "did you mean 'sample:10'?"),  # a typo, not case
+                                           ("kagle:o/d", "did you mean 'kaggle:o/d'?")])
 def test_bad_source_exits_2_with_one_line(ray_session, tmp_path, capsys, source, needle):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--source", source])
     err = error_lines(capsys)

@@ -73,11 +73,14 @@ def canonical(text: str) -> str:
 
 
 def respelled(text: str) -> str | None:
-    """`Sample:100` or `KAGGLE` as the source it was meant to name, else None."""
+    """`Sample:100`, `KAGGLE` or `sampel:100` as the source it was meant to name, else None."""
+    import difflib
+
     scheme, colon, rest = text.partition(":")
-    if scheme.lower() in ("sample", "kaggle") and kind(scheme) == "path":
-        return scheme.lower() + colon + rest
-    return None
+    if "/" in scheme or "\\" in scheme:  # a path
+        return None
+    near = difflib.get_close_matches(scheme.lower(), ("sample", "kaggle"), n=1, cutoff=0.7)
+    return near[0] + colon + rest if near else None
 
 
 def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
@@ -113,7 +116,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
                                  "check the s3:// path (and AWS_ENDPOINT_URL, for another store)")
             if meant := respelled(text):
                 raise UsageError(f"source '{text}' does not exist: did you mean '{meant}'? "
-                                 "(sample and kaggle sources are spelled in lower case)")
+                                 "(sample and kaggle sources are spelled so, in lower case)")
             raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
         raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
 
