@@ -1689,3 +1689,19 @@ def test_without_an_haproxy_binary_the_embedded_ray_keeps_serves_own_proxy(monke
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     assert haproxy_env() == {}
+
+
+def test_a_local_model_missing_on_another_node_says_to_share_it(ray_session, tmp_path, monkeypatch):
+    """On a cluster the driver checks --model on its own disk; a replica or scoring actor on
+    another node that lacks the folder said only "no model at ... (model.json missing)"."""
+    import ray
+
+    from deepfake_ray.serving import predictor
+
+    missing = str(tmp_path / "model")
+    with pytest.raises(UsageError, match=r"model.json missing\): pass the folder"):  # one node: as before
+        predictor.load_here(missing)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "head"}, {"NodeID": "worker"}])
+    with pytest.raises(UsageError, match=r"model.json missing\).* \(on the Ray node [\d.]+: a local --model must "
+                                         r"lie on every node's disk, e.g. a shared mount; or upload it"):
+        predictor.load_here(missing)

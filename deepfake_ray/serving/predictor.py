@@ -15,7 +15,8 @@ import re
 
 import numpy as np
 
-from deepfake_ray import checkpoint
+from deepfake_ray import checkpoint, storage
+from deepfake_ray.errors import UsageError
 from deepfake_ray.storage import json_safe
 from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, as_stored, open_image
 
@@ -61,6 +62,22 @@ def decode_image(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIX
     return as_stored(open_image(data, max_pixels), resolution, quality)
 
 
+def load_here(model_uri: str) -> tuple[dict, dict]:
+    """checkpoint.load_model, where a local folder missing on this node says why: the
+    driver found it on its own disk, which a replica or actor on another node cannot read."""
+    try:
+        return checkpoint.load_model(model_uri)
+    except UsageError as e:
+        import ray
+
+        if storage.is_s3(model_uri) or not ray.is_initialized() or len(ray.nodes()) < 2 or \
+                storage.exists(model_uri):
+            raise
+        node = ray.util.get_node_ip_address()
+        raise UsageError(f"{e} (on the Ray node {node}: a local --model must lie on every node's disk, "
+                         "e.g. a shared mount; or upload it and pass s3://...)") from None
+
+
 def stored_quality(meta: dict) -> int | None:
     """The JPEG quality the model's training images were stored at (models exported
     before it was recorded: from their config)."""
@@ -79,7 +96,7 @@ class Predictor:
 
         if threads:
             torch.set_num_threads(threads)
-        state, meta = checkpoint.load_model(model_uri)
+        state, meta = load_here(model_uri)
         self.meta = meta
         self.model_uri = model_uri
         self.max_pixels = max_pixels
