@@ -65,6 +65,18 @@ def test_transparency_is_flattened_on_white_as_alpha_compositing_does(mode):
     assert (flat[alpha == 0] == 255).all() and (flat[alpha == 255] != 255).any()
 
 
+@pytest.mark.parametrize("mode,key", [("RGB", (0, 255, 0)), ("L", 7)])
+def test_a_colour_key_is_see_through_as_a_viewer_shows_it(mode, key):
+    """A PNG's tRNS colour key (a green screen) in an RGB or grey image: its pixels are
+    transparent, flattened on white as alpha is, not kept green."""
+    pixels = np.array(rgb(3, 64).convert(mode))
+    pixels[(pixels == key).all(-1) if mode == "RGB" else pixels == key] = 128  # a face has no keyed pixel
+    pixels[:32] = key  # the top half is the keyed colour
+    img = Image.fromarray(pixels, mode)
+    flat = decode.decode(encode(img, "PNG", transparency=key), 64)
+    assert (flat[:32] == 255).all() and (flat[32:] != 255).any()
+
+
 def test_premultiplied_alpha_tiff_is_accepted():
     # mode "La": Pillow opens it, but converting it straight to RGB raises, which used to
     # escape the decoder and fail a whole prepare

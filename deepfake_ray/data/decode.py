@@ -268,7 +268,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(grey_levels(peak)[arr if arr.dtype.kind == "u" else np.clip(arr, 0, peak)], "L")
     elif img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # a palette entry or colour key
         img = img.convert("RGBA")
     if img.mode in ("La", "RGBa"):  # premultiplied alpha (some TIFFs): Pillow converts it one way
         img = img.convert({"La": "LA", "RGBa": "RGBA"}[img.mode])
