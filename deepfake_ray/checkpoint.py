@@ -176,6 +176,13 @@ def model_id(meta: dict) -> str:
     return f"{meta.get('arch', 'model')}@{digest[:12]}"
 
 
+def model_ids(meta: dict) -> set[str]:
+    """model_id, and the id of the same weights from before ids covered the threshold
+    (deepfake-ray sessions before 62): a serve config or a score table that names a
+    model so still names it."""
+    return {model_id(meta), f"{meta.get('arch', 'model')}@{meta.get('weights_sha256', '')[:12]}"}
+
+
 # --- training state inside Ray Train checkpoints ---------------------------------
 
 STATE = "state.pt"

@@ -158,7 +158,7 @@ def exported_model(cfg: Config, read: dict | None = None) -> str | None:
         try:
             read["detector/model"] = checkpoint.model_id(checkpoint.load_meta(
                 storage.join(cfg.workdir, "detector", "model")))
-        except (UsageError, OSError):
+        except UsageError:  # none, or damaged; a store that fails now is said, not taken for none
             read["detector/model"] = None
     return read["detector/model"]
 

@@ -220,10 +220,13 @@ def closing_lines(cfg: Config) -> None:
     print(f"report: {storage.join(cfg.workdir, 'report.html')}")
     model = storage.join(cfg.workdir, "detector", "model")
     made = storage.completed(storage.join(cfg.workdir, "detector")) or {}
-    if made.get("model_id"):  # what a cluster's serve config pins (jobs/serve.yaml's args.model_id)
+    # what a cluster's serve config pins (jobs/serve.yaml's args.model_id): the model there
+    # now, as serve names it (its threshold edited by hand since, it is another)
+    model_id = lineage.exported_model(cfg) or made.get("model_id")
+    if model_id:
         auc, lr = made.get("val_auc"), made.get("lr")
-        print(f"model: {made['model_id']} (validation ROC-AUC "
+        print(f"model: {model_id} (validation ROC-AUC "
               f"{f'{auc:.4f}' if isinstance(auc, (int, float)) else 'n/a'}"
               f"{f', swept lr {lr:.2e}' if made.get('tuned') and isinstance(lr, float) else ''})")
     print(f"serve it: deepfake-ray serve --model {shlex.quote(model)}  (on a cluster: jobs/serve.yaml with "
-          f"args.model {model} and args.model_id {made.get('model_id', 'as printed above')})")
+          f"args.model {model} and args.model_id {model_id or 'as printed above'})")

@@ -400,6 +400,8 @@ def test_unknown_architecture_is_refused_before_training(tiny_cfg):
     with pytest.raises(UsageError, match=r"detector.arch='inceptoin_resnet_v2' is not a timm model"):
         train.check_settings(tiny_cfg("detector.arch=inceptoin_resnet_v2"))
     train.check_settings(tiny_cfg("detector.arch=resnet10t"))  # any timm network is accepted
+    # a weights tag timm lacks is refused with pretrained=hub only (train-detector's own check)
+    train.check_settings(tiny_cfg("detector.hub_name=inception_resnet_v2.tf_in1kk", "detector.pretrained=none"))
 
 
 # --- the decoded views -------------------------------------------------------------------

@@ -1050,8 +1050,8 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     assert len(err) == 1 and "data.source=kaggle:owner/faces names its own dataset; pass --set " \
         "data.source=kaggle:owner/others instead" in err[0]
     assert fake_kaggle == ["owner/faces"]
-    bare = prepare_kaggle[:-3] + ["kaggle:", "--set", "data.kaggle_dataset=owner/others"]
-    assert cli.main(bare) == 2  # `kaggle:` with no name is a bare `kaggle`
+    bare = prepare_kaggle[:-3] + ["kaggle", "--set", "data.kaggle_dataset=owner/others"]
+    assert cli.main(bare) == 2  # a bare `kaggle` names data.kaggle_dataset
     err = error_lines(capsys)
     assert err[0].endswith("was made with data.source=kaggle:owner/faces (asked: kaggle:owner/others): use "
                            "another --workdir to keep both, `deepfake-ray prepare --force` to redo it alone there, or its "

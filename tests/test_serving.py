@@ -653,6 +653,9 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
     cfg = serve_cfg(tmp_path)
     with pytest.raises(UsageError, match=f"set args.model_id: {retrained}"):
         app.build_app({"model": model, "preset": "tiny", "model_id": deployed})
+    # pinned by the id of its weights alone, as ids were before they covered the threshold
+    app.build_app({"model": model, "preset": "tiny",
+                   "model_id": f"{meta['arch']}@{checkpoint.load_meta(model)['weights_sha256'][:12]}"})
     bound = app.Detector.options(max_constructor_retry_count=1).bind(  # as build() bound it before
         model=model, max_batch_size=4, batch_wait_timeout_s=0.01, max_body_bytes=MAX_BODY,
         max_pixels=cfg.data.max_pixels, model_id=deployed)
@@ -774,9 +777,15 @@ def test_a_table_another_model_scored_is_not_taken_for_a_done_rerun(scored, mode
         f"deepfake-ray score: error: --out {out} holds the scores of model "
         f"{checkpoint.model_id(checkpoint.load_meta(model_dir))}, and --model is now {new}: "
         "pass --force to score again with it, or another --out"]
+    # a table of this model from before ids covered the threshold names it by its weights alone
+    meta = checkpoint.load_meta(model_dir)
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text(f"path,p_fake,label,error,model\na.jpg,0.9,fake,,{meta['arch']}@{meta['weights_sha256'][:12]}\n")
+    argv[argv.index(retrained)], argv[argv.index(out)] = model_dir, str(earlier)
+    assert cli.main(argv) == 0 and f"score: {earlier} already exists" in capsys.readouterr().out
     not_scores = tmp_path / "notes.csv"
     not_scores.write_bytes(b"\xff\xfe a spreadsheet saved as UTF-16\n")
-    argv[argv.index(out)] = str(not_scores)
+    argv[argv.index(str(earlier))] = str(not_scores)
     assert cli.main(argv) == 2
     assert error_lines(capsys) == [f"deepfake-ray score: error: --out {not_scores} exists and is not a "
                                    "table score wrote: pass --force to replace it, or another --out"]
@@ -1199,6 +1208,8 @@ def test_serve_run_args_misspelt_or_mistyped_are_refused(model_dir):
         app.build_app({"model": model_dir, "presets": "celeb100k"})
     with pytest.raises(UsageError, match=r"args.set must be a list of \"section.key=value\" strings"):
         app.build_app({"model": model_dir, "set": {"serve.max_batch_size": 32}})
+    with pytest.raises(UsageError, match=r"\(`=`, not `: `\)"):  # `- serve.max_batch_size: 32`: a list of mappings
+        app.build_app({"model": model_dir, "set": [{"serve.max_batch_size": 32}]})
 
 
 def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, images_dir, tmp_path,

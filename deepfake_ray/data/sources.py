@@ -61,8 +61,9 @@ def kind(text: str) -> str:
 
 
 def canonical(text: str) -> str:
-    """The source as it names the same data on every run: local folders absolute,
-    `sample:` or `kaggle:` with no name as the bare word, and `sample:050` as `sample:50`."""
+    """The source as it names the same data on every run: local folders absolute, and
+    `sample:050` as `sample:50` (`sample:` or `kaggle:` with no name, which check_source
+    refuses, as the bare word)."""
     text = text.strip()
     if text and kind(text) == "path":
         return storage.normalize(text)

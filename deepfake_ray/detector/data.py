@@ -62,7 +62,8 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
                     "made (they are split as the reals are)")
             raise UsageError(f"the {split} split holds {len(real)} real and {len(fake)} fake images; "
                              f"both are needed: {more}")
-        check_per_worker(split, 2 * n, cfg.resources.workers)
+        capped = split == "train" and 0 < cfg.detector.max_train_per_class < min(len(real), len(fake))
+        check_per_worker(split, 2 * n, cfg.resources.workers, capped)
         rng = np.random.default_rng(cfg.seed)  # a seeded, class-independent subsample
         hashes[split] = {REAL: sorted(rng.permutation(real)[:n].tolist()),
                          FAKE: sorted(rng.permutation(fake)[:n].tolist())}
@@ -72,13 +73,14 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
     return Selection(hashes, fingerprints, resolution, int(stored or cfg.data.jpeg_quality))
 
 
-def check_per_worker(split: str, images: int, workers: int) -> None:
+def check_per_worker(split: str, images: int, workers: int, capped: bool = False) -> None:
     """Ray Train splits a split equally. A validation share may be one image; a training
     share must be two, as a batch of one is skipped (batch norm cannot train on it), so
-    workers with one image each would train nothing and publish an untrained model."""
+    workers with one image each would train nothing and publish an untrained model.
+    `capped`: detector.max_train_per_class is what holds the split so small."""
     least = {"train": 2, "val": 1}.get(split, 0)
     if images < least * workers:
-        more = " (or raise detector.max_train_per_class)" if split == "train" else ""
+        more = " (or raise detector.max_train_per_class)" if capped else ""
         raise UsageError(f"the {split} split selects {images} images, fewer than {least} for each of "
                          f"resources.workers={workers}, so some workers would get too few to "
                          f"{'train' if split == 'train' else 'validate'}: use fewer workers or "

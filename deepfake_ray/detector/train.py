@@ -97,7 +97,10 @@ def check_settings(cfg: Config) -> None:
         raise UsageError(f"detector.input_size={d.input_size} is too small for {d.arch}: "
                          f"use {MIN_INPUT} or more (128 as the study)")
     check_hub_name(d)
-    fixed = timm.models.get_pretrained_cfg(d.hub_name if d.hub_name.partition(".")[0] == d.arch else d.arch)
+    try:  # the weights' own config (create takes it), else the architecture's default one
+        fixed = timm.models.get_pretrained_cfg(d.hub_name if d.hub_name.partition(".")[0] == d.arch else d.arch)
+    except RuntimeError:  # a tag timm does not know, unused without pretrained=hub
+        fixed = timm.models.get_pretrained_cfg(d.arch)
     if fixed and fixed.fixed_input_size and fixed.input_size[-1] != d.input_size:  # a ViT's position table
         raise UsageError(f"detector.arch={d.arch} takes {fixed.input_size[-1]} px inputs only, not "
                          f"detector.input_size={d.input_size}: set detector.input_size={fixed.input_size[-1]}")

@@ -329,8 +329,9 @@ def build(cfg: Config, model: str, model_id: str | None = None):
     held to the model found there now (`check_same_model`); `model_id`: the one expected."""
     check_settings(cfg)
     model = storage.normalize(model)
-    found = checkpoint.model_id(checkpoint.check_detector(model))  # fails here, not in a replica
-    if model_id and model_id != found:
+    meta = checkpoint.check_detector(model)  # fails here, not in a replica
+    found = checkpoint.model_id(meta)
+    if model_id and model_id not in checkpoint.model_ids(meta):
         raise UsageError(f"args.model_id is {model_id}, but the model at {model} is {found}: "
                          f"set args.model_id: {found} to serve it, or leave args.model_id out")
     s = cfg.serve
@@ -375,9 +376,10 @@ def check_args(args: dict) -> None:
             near = difflib.get_close_matches(str(key), BUILD_ARGS, n=1)
             raise UsageError(f"build_app takes no args.{key}" + (f": did you mean args.{near[0]}?" if near else
                              f": its args are {', '.join(BUILD_ARGS)}"))
-    if isinstance(args.get("set"), dict):
+    overrides = args.get("set") or []
+    if not isinstance(overrides, (str, list)) or not all(isinstance(o, str) for o in overrides):
         raise UsageError("args.set must be a list of \"section.key=value\" strings, e.g. "
-                         "set: [\"serve.max_batch_size=32\"], not a mapping")
+                         "set: [\"serve.max_batch_size=32\"] (`=`, not `: `)")
 
 
 def check_settings(cfg: Config) -> None:

@@ -408,14 +408,14 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
     # a stopped run's parts: resumed, even over a table an earlier run wrote (a --force stopped)
     model_id = checkpoint.model_id(meta)
     if storage.exists(out) and not force and not parts_of(parts_folder(out, src), model_id):
-        check_scored_by(out, model_id)
+        check_scored_by(out, meta)
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
     check_writable(out)
     return None
 
 
-def check_scored_by(out: str, model_id: str) -> None:
+def check_scored_by(out: str, meta: dict) -> None:
     """An existing table is the answer of a rerun only when the same model made it: a
     scheduled job scoring with a retrained model would otherwise keep the old labels,
     exit 0. Tables written before the model column was kept are taken as they are."""
@@ -434,9 +434,9 @@ def check_scored_by(out: str, model_id: str) -> None:
         raise UsageError(f"--out {out} exists and is not a table score wrote: pass --force to "
                          "replace it, or another --out")
     first = found.head(1, columns=["model"]).column("model").to_pylist() if "model" in names else []
-    if first and first[0] != model_id:
-        raise UsageError(f"--out {out} holds the scores of model {first[0]}, and --model is now {model_id}: "
-                         "pass --force to score again with it, or another --out")
+    if first and first[0] not in checkpoint.model_ids(meta):
+        raise UsageError(f"--out {out} holds the scores of model {first[0]}, and --model is now "
+                         f"{checkpoint.model_id(meta)}: pass --force to score again with it, or another --out")
 
 
 def check_out(out: str) -> None:
