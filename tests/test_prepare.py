@@ -1002,6 +1002,28 @@ def test_a_kaggle_copy_in_an_s3_workdir_stands_for_the_download(ray_session, s3_
     assert rejected[["path", "reason", "detail"]].equals(rejected_first[["path", "reason", "detail"]])
 
 
+def test_on_a_cluster_a_kaggle_download_is_copied_into_a_shared_local_workdir(ray_session, fake_kaggle,
+                                                                              monkeypatch, tmp_path, capsys):
+    """A job whose --workdir is a shared mount: the download lies in the head's own cache,
+    which ingest tasks on other nodes cannot read (they rejected its files as unreadable,
+    or none ran). It is copied into WORKDIR/sources/, as for an S3 work directory."""
+    workdir = tmp_path / "shared" / "w"
+    args = ["prepare", "--preset", "tiny", "--workdir", str(workdir), "--source", "kaggle:owner/faces",
+            "--set", f"data.cache_dir={tmp_path / 'head-cache'}"]
+    with monkeypatch.context() as cluster:
+        cluster.setattr(runtime, "in_process", lambda: False)
+        assert cli.main(args) == 0
+    copy = workdir / "sources" / "kaggle" / "owner" / "faces"
+    assert storage.completed(str(copy))["files"] == 5 and fake_kaggle == ["owner/faces"]
+    manifest, _, _ = read_outputs(str(workdir))
+    assert len(manifest) == 5 and all(str(copy) in p for p in manifest["path"]), list(manifest["path"])
+    capsys.readouterr()
+    with monkeypatch.context() as cluster:  # a resubmitted job: the copy stands for the download
+        cluster.setattr(runtime, "in_process", lambda: False)
+        assert cli.main(args + ["--force"]) == 0
+    assert f"using the copy of kaggle:owner/faces in {copy} (5 files)" in capsys.readouterr().out
+
+
 def test_unusable_kaggle_credentials_are_one_line_before_ray_and_never_shown(fake_kaggle, monkeypatch,
                                                                              tmp_path, capsys):
     """A kaggle.json without its key or not JSON, or KAGGLE_USERNAME without KAGGLE_KEY: the

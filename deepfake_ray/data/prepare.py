@@ -606,9 +606,10 @@ def copy_dir(cfg: Config) -> str:
     return storage.join(cfg.workdir, "sources", sources.copy_name(cfg.data.source, cfg.data))
 
 
-def kaggle_copy(cfg: Config) -> str | None:
-    """copy_dir of a Kaggle source in an S3 work directory, else None."""
-    if sources.kind(cfg.data.source) != "kaggle" or not storage.is_s3(cfg.workdir):
+def kaggle_copy(cfg: Config, cluster: bool = False) -> str | None:
+    """copy_dir of a Kaggle source in an S3 work directory, or in any on a cluster (a local
+    one is then a shared mount, and the download lies in the driver's own cache), else None."""
+    if sources.kind(cfg.data.source) != "kaggle" or not (cluster or storage.is_s3(cfg.workdir)):
         return None
     return copy_dir(cfg)
 
@@ -627,12 +628,13 @@ def readable_source(cfg: Config) -> Source:
     """The source, its files where every ingest task can read them. On a cluster the tasks
     run on other machines than this driver (the head has no CPUs for them), so files on
     its disk, a local folder or the Kaggle download, are first copied into the S3 work
-    directory, WORKDIR/sources/. A resubmitted job, maybe on a new head, finds a Kaggle
-    dataset's copy there and downloads nothing."""
+    directory, WORKDIR/sources/ (the Kaggle download into a local one too: a shared
+    mount). A resubmitted job, maybe on a new head, finds a Kaggle dataset's copy there
+    and downloads nothing."""
     d = cfg.data
+    copy = kaggle_copy(cfg, cluster=not runtime.in_process())
     copying = sources.kind(d.source) != "sample" and not storage.is_s3(d.source) \
-        and runtime.driver_files_need_copying(cfg.workdir)
-    copy = kaggle_copy(cfg)
+        and (runtime.driver_files_need_copying(cfg.workdir) or copy is not None)
     # a dataset's files do not change: its copy stands for the download (in-process, a
     # complete download in this machine's cache is read instead, from its disk)
     if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):

@@ -325,6 +325,21 @@ def copy_name(text: str, data: DataConfig) -> str:
     return f"{name or 'root'}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}"
 
 
+def local_copies(dest: str) -> dict[str, dict]:
+    """s3_objects of a local folder (a cluster's shared mount): each file's size and last
+    change, with no hash (as a multipart upload's entry), so compared by those."""
+    from datetime import datetime, timezone
+
+    root, found = storage.normalize(dest), {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            info = os.stat(path := os.path.join(folder, name))
+            found[os.path.relpath(path, root).replace(os.sep, "/")] = {
+                "Size": info.st_size, "ETag": "local-copy",
+                "LastModified": datetime.fromtimestamp(info.st_mtime, timezone.utc)}
+    return found
+
+
 def is_copy_of(copy: dict | None, path: str) -> bool:
     """`copy` (S3's listing entry, or None) holds `path`'s bytes as they are now: by MD5
     where its ETag is one (a single PUT: files under 5 MB), else by size and a last change
@@ -347,10 +362,10 @@ def is_copy_of(copy: dict | None, path: str) -> bool:
 
 
 def copy_to(src: Source, dest: str, command: str, max_bytes: int | None = None) -> Source:
-    """`src`, its files copied from this machine's disk to `dest` (s3://), where the tasks
-    on every node can read them. A file already there with the same bytes is not sent
-    again, so a resubmitted job only sends what the killed one had not, and a file
-    changed since is sent again. A file that cannot be read here (gone, a pipe, a link to
+    """`src`, its files copied from this machine's disk to `dest` (s3://, or a shared
+    mount), where the tasks on every node can read them. A file already there with the
+    same bytes is not sent again, so a resubmitted job only sends what the killed one had
+    not, and a file changed since is sent again. A file that cannot be read here (gone, a pipe, a link to
     itself, no permission, over `max_bytes`) is not sent, but named in `unread` with its
     error, as ingest would have read it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -360,7 +375,7 @@ def copy_to(src: Source, dest: str, command: str, max_bytes: int | None = None) 
     # an S3 key is UTF-8: a name that is not (an old Latin-1 archive's) is copied under
     # the \xNN form the manifest shows it in
     relative = {f: storage.printable(os.path.relpath(f, src.root).replace(os.sep, "/")) for f in src.files}
-    there = storage.s3_objects(dest)
+    there = storage.s3_objects(dest) if storage.is_s3(dest) else local_copies(dest)
     todo = [f for f, rel in relative.items() if not is_copy_of(there.get(rel), f)]
     print(f"{command}: copying {len(todo):,} of {len(relative):,} files from this machine to {dest}, "
           "where every node of the cluster can read them", flush=True)
