@@ -973,6 +973,28 @@ def test_kaggle_downloads_once_into_cache(ray_session, fake_kaggle, tiny_cfg, tm
     assert "secret-key-never-printed" not in str(capsys.readouterr())
 
 
+def test_a_cache_that_cannot_be_locked_is_read_when_complete_and_said_when_not(fake_kaggle, tmp_path,
+                                                                                monkeypatch):
+    """A team's read-only cache, another user's lock file, NFS mounted without locks: a
+    complete download is read without the lock; one still to make exits 2 naming the fix,
+    not an OSError traceback after Ray's start."""
+    import errno
+    import fcntl
+
+    cache = str(tmp_path / "cache")
+    sources.kaggle_download("owner/faces", cache)
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert sources.kaggle_download("owner/faces", cache).endswith("kaggle/owner/faces")
+    with pytest.raises(UsageError, match=r"cannot lock .*/kaggle/owner/others.lock for the download \(No locks "
+                                         r"available\): set data.cache_dir to a folder of yours on a local disk"):
+        sources.kaggle_download("owner/others", cache)
+    assert fake_kaggle == ["owner/faces"]
+
+
 def test_a_kaggle_copy_in_an_s3_workdir_stands_for_the_download(ray_session, s3_server, fake_kaggle,
                                                                  monkeypatch, tmp_path, capsys):
     """A resubmitted job on a new head node: the first job's driver copied the download into

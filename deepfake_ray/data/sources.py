@@ -505,6 +505,9 @@ def kaggle_download(dataset: str, cache_dir: str) -> str:
     check_source has checked the name and the credentials."""
     folder = cache_folder(dataset, cache_dir)
     done = os.path.join(folder, ".complete")
+    if os.path.exists(done):  # complete, so never changed again: read without the lock (a read-only cache)
+        print(f"using cached Kaggle dataset {dataset} in {folder}")
+        return folder
     with cache_lock(folder, dataset):
         if os.path.exists(done):
             print(f"using cached Kaggle dataset {dataset} in {folder}")
@@ -526,14 +529,23 @@ def cache_lock(folder: str, dataset: str):
     the lock when its holder ends, even killed."""
     import fcntl
 
-    with open(folder.rstrip("/") + ".lock", "a") as lock:  # beside the folder: not in its listing
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another prepare downloading the Kaggle dataset {dataset} into {folder}",
-                  flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    locked = False
+    path = folder.rstrip("/") + ".lock"  # beside the folder: not in its listing
+    try:  # refused: read-only, another user's lock file, NFS without locks (ENOLCK)
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another prepare downloading the Kaggle dataset {dataset} into {folder}",
+                      flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            locked = True
+            yield
+    except OSError as e:
+        if locked:  # the download's own error
+            raise
+        raise UsageError(f"cannot lock {path} for the download ({e.strerror or type(e).__name__}): "
+                         "set data.cache_dir to a folder of yours on a local disk") from None
 
 
 def downloaded_earlier(folder: str) -> bool:
