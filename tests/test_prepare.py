@@ -1076,6 +1076,26 @@ def test_unusable_kaggle_credentials_are_one_line_before_ray_and_never_shown(fak
                    "from your API token (kaggle.com > Settings > API > Create New Token)"]
 
 
+def test_kaggle_credentials_are_looked_for_where_the_client_reads_them(monkeypatch, tmp_path):
+    """`kaggle auth login` keeps ~/.kaggle/credentials.json, and a token may be saved as
+    access_token.txt: both were refused as no credentials. A kaggle.json in ~/.config/kaggle
+    beside an existing ~/.kaggle, which the client never reads, was taken for one."""
+    for name in ("KAGGLE_CONFIG_DIR", "KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = tmp_path / ".kaggle"
+    home.mkdir()
+    for name in ("credentials.json", "access_token.txt"):
+        (home / name).write_text("{}")
+        assert sources.kaggle_credentials_problem() is None, name
+        (home / name).unlink()
+    (tmp_path / ".config" / "kaggle").mkdir(parents=True)
+    (tmp_path / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    assert sources.kaggle_credentials_problem().startswith("no Kaggle credentials: save your API token")
+    home.rmdir()  # no ~/.kaggle: the client reads $XDG_CONFIG_HOME/kaggle, by default ~/.config/kaggle
+    assert sources.kaggle_credentials_problem() is None
+
+
 def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fake_kaggle, tmp_path, capsys):
     """A bare `kaggle` source reads data.kaggle_dataset: data/ prepared from one dataset is
     not taken for another's. `kaggle:NAME` names its own, and another setting is refused."""

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -420,9 +421,22 @@ def unread_from(record: dict, copy: str) -> dict:
 
 # --- Kaggle -----------------------------------------------------------------------
 
-CREDENTIALS_FIX = ("save your API token as ~/.kaggle/kaggle.json (chmod 600) or "
-                   "~/.kaggle/access_token, or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and "
-                   "KAGGLE_KEY (kaggle.com > Settings > API > Create New Token)")
+CREDENTIALS_FIX = ("save your API token as ~/.kaggle/access_token or ~/.kaggle/kaggle.json (chmod 600), "
+                   "or set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY (kaggle.com > Settings > "
+                   "API > Create New Token); or run `kaggle auth login`")
+# what the client (kaggle 2.x) signs in with, in ~/.kaggle whatever KAGGLE_CONFIG_DIR says:
+# API tokens, and `kaggle auth login`'s OAuth credentials
+KAGGLE_HOME_FILES = ("access_token", "access_token.txt", "credentials.json")
+
+
+def kaggle_config_dir() -> str:
+    """The one folder whose kaggle.json the client reads, chosen as it chooses it."""
+    if folder := os.environ.get("KAGGLE_CONFIG_DIR"):
+        return folder
+    home = os.path.expanduser("~/.kaggle")
+    if os.path.exists(home) or not sys.platform.startswith("linux"):
+        return home
+    return os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "kaggle")
 
 
 def kaggle_credentials_problem() -> str | None:
@@ -432,12 +446,9 @@ def kaggle_credentials_problem() -> str | None:
     env = {name: bool(os.environ.get(name)) for name in ("KAGGLE_USERNAME", "KAGGLE_KEY")}
     if os.environ.get("KAGGLE_API_TOKEN") or all(env.values()):
         return None
-    config_dirs = [d for d in (os.environ.get("KAGGLE_CONFIG_DIR"), os.path.expanduser("~/.kaggle"),
-                               os.path.expanduser("~/.config/kaggle")) if d]
-    if any(os.path.isfile(os.path.join(d, "access_token")) for d in config_dirs):
+    if any(os.path.isfile(os.path.expanduser(f"~/.kaggle/{name}")) for name in KAGGLE_HOME_FILES):
         return None
-    token = next((path for d in config_dirs if os.path.isfile(path := os.path.join(d, "kaggle.json"))), None)
-    if token:
+    if os.path.isfile(token := os.path.join(kaggle_config_dir(), "kaggle.json")):
         return kaggle_json_problem(token, env)
     if any(env.values()):
         missing, given = sorted(env, key=env.get)
