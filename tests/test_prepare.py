@@ -1076,6 +1076,26 @@ def test_unusable_kaggle_credentials_are_one_line_before_ray_and_never_shown(fak
                    "from your API token (kaggle.com > Settings > API > Create New Token)"]
 
 
+@pytest.mark.parametrize("status,fix", [
+    (401, "Kaggle refused the credentials or the access: check your API token (making a new one on kaggle.com "
+          "expires the old)"),  # a key signs in without a request: a revoked one is refused here first
+    (404, "no such dataset, or a private one: check the name (kaggle:OWNER/DATASET)"),
+    (429, "Kaggle is busy or failing: run the same command again later (the download resumes)")])
+def test_a_refused_kaggle_download_says_why_by_its_http_status(status, fix, fake_kaggle, monkeypatch, tmp_path):
+    import requests
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def refused(self, dataset, path=None, **_):
+        answer = requests.Response()
+        answer.status_code = status
+        raise requests.HTTPError(f"{status} Client Error", response=answer)
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", refused)
+    with pytest.raises(UsageError, match=rf"Kaggle download of owner/faces failed \(HTTPError: {status} Client "
+                                         rf"Error\): {re.escape(fix)}"):
+        sources.kaggle_download("owner/faces", str(tmp_path / "cache"))
+
+
 def test_kaggle_credentials_are_looked_for_where_the_client_reads_them(monkeypatch, tmp_path):
     """`kaggle auth login` keeps ~/.kaggle/credentials.json, and a token may be saved as
     access_token.txt: both were refused as no credentials. A kaggle.json in ~/.config/kaggle

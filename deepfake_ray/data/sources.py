@@ -588,8 +588,21 @@ def download(dataset: str, folder: str) -> None:
         if disk_full(e):
             raise  # said as a full disk, with its fix: the client resumes the zip after
         raise UsageError(f"Kaggle download of {dataset} failed ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160] if str(e) else ''}): check the dataset "
-                         "name, that you accepted its rules on kaggle.com, and your network")
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}): {download_fix(e)}")
+
+
+def download_fix(e: Exception) -> str:
+    """What to do about a failed download, by the HTTP status Kaggle answered, if any: a
+    key signs in without a request, so a revoked one is first refused here."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return ("Kaggle refused the credentials or the access: check your API token (making a "
+                "new one on kaggle.com expires the old) and that you accepted the dataset's rules")
+    if status == 404:
+        return "no such dataset, or a private one: check the name (kaggle:OWNER/DATASET)"
+    if status == 429 or (isinstance(status, int) and status >= 500):
+        return "Kaggle is busy or failing: run the same command again later (the download resumes)"
+    return "check the dataset name, that you accepted its rules on kaggle.com, and your network"
 
 
 # A zip Python's zipfile cannot extract: damaged (a bad header, bad compressed data, cut
