@@ -3,13 +3,13 @@ Train costs: a one-worker Ray Train loop versus plain torch on the same batches,
 
 Both training sides run the same Inception-ResNet-v2 (same seed) through the same
 `detector.train_step` on the same uint8 batches with the same number of torch
-threads; the Ray side streams them from a Ray Data shard and reports once per epoch,
-as deepfake_ray.detector.loop does. The two sides take epochs in turns (a shared
+threads; the Ray side streams them from a Ray Data shard as torch batches through the
+local shuffle buffer deepfake_ray.detector.loop uses, and reports once per epoch, as it does. The two sides take epochs in turns (a shared
 machine's load drifts), run at the same niceness (Ray nices its workers to 15, which
 on a busy machine alone costs them CPU) and each side's first epoch is warm-up.
 Inference is measured before, at normal niceness. Goal: ratio >= 0.9.
 
-    python benchmarks/detector.py [--size 128] [--batch 8] [--batches 2] [--epochs 3] [--threads 2]
+    python benchmarks/detector.py [--size 128] [--batch 8] [--batches 8] [--epochs 5] [--threads 2]
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def ray_loop(config: dict) -> None:
     for epoch in range(args.epochs):
         args.to_ray.get()
         started, n = time.perf_counter(), 0
-        for b in shard.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True):
+        # as detector.loop.batches("train", ...) draws them
+        for b in shard.iter_torch_batches(batch_size=args.batch, local_shuffle_buffer_size=16 * args.batch):
             step(model, opt, b["pixels"], b["label"], args.size)
             n += len(b["label"])
         ray.train.report({"epoch": epoch, "images": n})
@@ -100,27 +101,30 @@ def compare(data: list[dict], args) -> tuple[float, float, float]:
     ds = ray.data.from_items([{"pixels": p, "label": int(y)} for b in data
                               for p, y in zip(b["pixels"], b["label"])]).materialize()
     cfg = config.build("demo", None, ["resources.workers=1", f"resources.cpus_per_worker={args.threads}"])
-    turns, storage = Turns(), tempfile.mkdtemp(prefix="detector-bench-")
-    started = time.time()
-    turns.start(lambda: training.fit(ray_loop, turns.loop_config(args), cfg, storage, "bench",
-                                     datasets=lambda: {"train": ds}))
-    worker_nice = turns.receive()  # the Ray loop's first message
-    # the same niceness on both sides: on a shared machine a niced process gets less CPU
-    os.nice(max(0, worker_nice - os.nice(0)))
-    print(f"both sides at niceness {os.nice(0)} (Ray's worker niceness)")
-    model, opt = model_and_optimizer(args.threads)
-    model.train()
-    base, ray_ips = turns.compare(args.epochs, lambda: plain_epoch(model, opt, data, args))
+    turns, started = Turns(), time.time()
+    with tempfile.TemporaryDirectory(prefix="detector-bench-") as storage:
+        turns.start(lambda: training.fit(ray_loop, turns.loop_config(args), cfg, storage, "bench",
+                                         datasets=lambda: {"train": ds}))
+        worker_nice = turns.receive()  # the Ray loop's first message
+        # the same niceness on both sides: on a shared machine a niced process gets less CPU
+        os.nice(max(0, worker_nice - os.nice(0)))
+        print(f"both sides at niceness {os.nice(0)} (Ray's worker niceness)")
+        model, opt = model_and_optimizer(args.threads)
+        model.train()
+        base, ray_ips = turns.compare(args.epochs, lambda: plain_epoch(model, opt, data, args))
+    args.ratios = turns.ratios
     return base, ray_ips, time.time() - started
 
 
 def main() -> None:
+    from turns import ratio_line
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128, help="detector input px")
     p.add_argument("--resolution", type=int, default=64, help="image px before resizing")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--batches", type=int, default=2, help="batches per epoch")
-    p.add_argument("--epochs", type=int, default=3, help="the first one is warm-up")
+    p.add_argument("--batches", type=int, default=8, help="batches per epoch")
+    p.add_argument("--epochs", type=int, default=5, help="the first one is warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     args = p.parse_args()
     data = batches(args.batches, args.batch, args.resolution)
@@ -131,7 +135,7 @@ def main() -> None:
     print(f"plain torch inference:       {infer:8.2f} images/s")
     print(f"plain torch train_step:      {base:8.2f} images/s")
     print(f"Ray Train loop, 1 worker:    {ray_ips:8.2f} images/s  (fit wall time {wall:.0f}s incl. start-up)")
-    print(f"ratio Ray / plain:           {ray_ips / base:8.3f}  (goal >= 0.9)")
+    print(ratio_line(ray_ips / base, args.ratios))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ extrapolated to one epoch of 59,000 images (29,500 real + 29,500 fake). The stud
 Colab T4 took 2.45 minutes per epoch (about 400 images/s); the goal on one H200 is an
 epoch in under 15 seconds (about 3,900 images/s).
 
-Measures the same `detector.train_step` (and `detector.to_input` on uint8 pixels at
-64 px resized on the GPU, as the Ray Train loop does) on batches already on the GPU,
+Measures the same `detector.train_step` (and `detector.to_input` on uint8 pixels of
+--resolution px, resized on the GPU to --size where they differ, as the Ray Train loop
+does) on batches already on the GPU,
 so the figure is the model's ceiling; a Ray Train run adds data loading, which
 benchmarks/detector.py shows costs little.
 
-    python benchmarks/gpu_detector.py [--batch 128 256] [--steps 30] [--no-compile]
+    python benchmarks/gpu_detector.py [--batch 16 256] [--steps 30] [--no-compile]
+
+Batch 16 is the celeb100k preset's per worker (launch-bound on an H200); 256 the
+model's ceiling.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def report(batch: int, name: str, ips: float) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 256])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--size", type=int, default=128, help="detector input px (the study: 128)")
     p.add_argument("--resolution", type=int, default=128, help="stored image px before resizing")

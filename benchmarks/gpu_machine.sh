@@ -76,8 +76,9 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
     MALLOC_TRIM_THRESHOLD_=4294967296 python3 benchmarks/near_copies.py --images "${IMAGES:-12000}" \
     --threads 1,4,16 --rounds 3
   step ingest "${INGEST_S:-200}" python3 benchmarks/ingest.py --images "${IMAGES:-12000}" --rounds "${ROUNDS:-5}"
-  step gpu_gan 50 python3 benchmarks/gpu_gan.py
-  step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 256 --no-compile
+  # batch 16: the celeb100k preset's per worker; 256: the model's ceiling
+  step gpu_gan 50 python3 benchmarks/gpu_gan.py --batch 16 256
+  step gpu_detector "${DETECTOR_S:-60}" python3 benchmarks/gpu_detector.py --batch 16 256 --no-compile
   nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -l 1 \
     > "$out/gpu_users.log" 2>&1 & watch=$!
   trap 'kill "$watch" 2>/dev/null' EXIT

@@ -177,10 +177,12 @@ def write_faces(folder: str, indices: range) -> None:
 def source_folder(n: int, tmp: str) -> str:
     if os.path.isdir(SHARED):
         return os.path.abspath(SHARED)
+    faces = os.path.join(tmp, "faces")  # apart from the runs' work directories, also in tmp
+    os.makedirs(faces)
     cores = os.cpu_count() or 1  # ~3 ms a face: 16,000 on one core would take a minute
     with concurrent.futures.ProcessPoolExecutor(cores) as pool:
-        list(pool.map(functools.partial(write_faces, tmp), [range(k, n, cores) for k in range(cores)]))
-    return tmp
+        list(pool.map(functools.partial(write_faces, faces), [range(k, n, cores) for k in range(cores)]))
+    return faces
 
 
 def link_or_copy(src: str, dst: str) -> None:

@@ -1,10 +1,13 @@
 """Small-file writes to S3: what the work directory's markers, figures and the pipeline's
 held-out test images cost, against moto's S3 server on loopback (started here).
 
-Baseline: pyarrow's S3 output stream as opened by default, which starts a multipart
-upload for every file (create, part, complete: three requests). Measured against it,
-in the same run, each round timed back to back with the baseline (the median ratio):
-  - `storage.write_bytes`, one file at a time (one boto3 PutObject a file under 64 MB);
+Baselines, in the same run: a plain boto3 `put_object` loop (what a script would do;
+one request a file), and pyarrow's S3 output stream, as opened by default (a multipart
+upload a file: create, part, complete, three requests) and with `allow_delayed_open`
+(small files as one PutObject). Measured against the boto3 loop, each round timing
+every way back to back, in an order that rotates (the median ratio):
+  - `storage.write_bytes`, one file at a time (one boto3 PutObject a file under 64 MB,
+    with the checks and retries the work directory's writes need);
   - `storage.write_many`, 32 at a time (how the score stage writes the test images).
 
 moto runs in this process, so its Python and boto3's share one GIL on loopback: 32
@@ -60,11 +63,20 @@ def per_file_ms(write, files: dict[str, bytes]) -> float:
     return (time.perf_counter() - started) / len(files) * 1000
 
 
-def multipart_one_by_one(files: dict[str, bytes]) -> None:
-    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], region="us-east-1")
-    for uri, data in files.items():
-        with fs.open_output_stream(uri.removeprefix("s3://")) as f:
-            f.write(data)
+def pyarrow_one_by_one(fs: pafs.S3FileSystem):
+    def write(files: dict[str, bytes]) -> None:
+        for uri, data in files.items():
+            with fs.open_output_stream(uri.removeprefix("s3://")) as f:
+                f.write(data)
+    return write
+
+
+def boto3_one_by_one(client):
+    def write(files: dict[str, bytes]) -> None:
+        for uri, data in files.items():
+            bucket, _, key = uri.removeprefix("s3://").partition("/")
+            client.put_object(Bucket=bucket, Key=key, Body=data)
+    return write
 
 
 def main() -> None:
@@ -76,15 +88,24 @@ def main() -> None:
     server = start_moto()
     from deepfake_ray import storage  # after the endpoint is in the environment
 
+    import boto3
+
     blob = os.urandom(args.bytes)
-    ways = {"baseline: multipart upload per file, one at a time": multipart_one_by_one,
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    ways = {"baseline: boto3 put_object, one at a time": boto3_one_by_one(boto3.client("s3")),
+            "pyarrow stream (a multipart upload a file)":
+                pyarrow_one_by_one(pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1")),
+            "pyarrow stream, allow_delayed_open (PutObject)":
+                pyarrow_one_by_one(pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1",
+                                                     allow_delayed_open=True)),
             "storage.write_bytes, one at a time (PutObject)":
                 lambda files: [storage.write_bytes(u, d) for u, d in files.items()],
             "storage.write_many, 32 at a time": storage.write_many}
     times = {name: [] for name in ways}
     try:
         for r in range(args.rounds):
-            for i, (name, write) in enumerate(ways.items()):
+            order = list(ways.items())
+            for i, (name, write) in enumerate(order[r % len(order):] + order[:r % len(order)]):
                 files = {f"s3://bench/r{r}/w{i}/{n:05d}.jpg": blob for n in range(args.files)}
                 times[name].append(per_file_ms(write, files))
     finally:

@@ -16,6 +16,7 @@ class Turns:
         self.to_ray, self.to_driver = Queue(), Queue()
         self.errors: list[Exception] = []
         self.thread: threading.Thread | None = None
+        self.ratios: list[float] = []  # Ray / plain images/s of each timed epoch pair
 
     def loop_config(self, args) -> dict:
         return {**vars(args), "to_ray": self.to_ray, "to_driver": self.to_driver}
@@ -49,5 +50,15 @@ class Turns:
                 for side, (n, s) in (("ray", ray_epoch), ("plain", plain)):
                     totals[side][0] += n
                     totals[side][1] += s
+                self.ratios.append((ray_epoch[0] / ray_epoch[1]) / (plain[0] / plain[1]))
         self.thread.join()
         return totals["plain"][0] / totals["plain"][1], totals["ray"][0] / totals["ray"][1]
+
+
+def ratio_line(ratio: float, ratios: list[float]) -> str:
+    """The ratio, the range of its epochs, and a warning where identical work came out
+    much faster on one side: a measurement fault (too few images timed), not a speed-up."""
+    line = f"ratio Ray / plain:           {ratio:8.3f}  (goal >= 0.9; epochs {min(ratios):.2f}-{max(ratios):.2f})"
+    if ratio > 1.1:
+        line += "\n  suspect: the same work ran >10% faster under Ray; time more batches (--batches) or epochs"
+    return line
