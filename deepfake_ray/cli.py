@@ -634,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             quiet_ray_output_after_an_error(argv)
             print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(line)}", file=sys.stderr)
             return 2
-        traceback.print_exc()
+        from deepfake_ray.storage import redacted
+
+        print(redacted(traceback.format_exc()), end="", file=sys.stderr)  # botocore quotes the endpoint
         print(failure_line(args.command, e, time.time() - started), file=sys.stderr)
         return 1
 

@@ -151,7 +151,8 @@ def held(uri: str, command: str):
     client, bucket, prefix = storage.s3_client(uri)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
     token = secrets.token_hex(8)
-    etag = take(client, bucket, key, uri, command, token)
+    with storage.store_errors(storage.join(uri, LOCK)):  # an unreachable store: one line, no password
+        etag = take(client, bucket, key, uri, command, token)
     if etag is None:  # a store without conditional writes
         yield
         return
@@ -207,7 +208,7 @@ def release(client, bucket: str, key: str, etag: str, command: str) -> None:
     try:
         deleted = delete_if_unchanged(client, bucket, key, etag)
     except (BotoCoreError, ClientError) as e:
-        print(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({e}): the next "
+        print(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({storage.redacted(str(e))}): the next "
               f"run may wait up to {LAPSE_S:.0f} s for it", flush=True)
         return
     if not deleted and held_by_another(client, bucket, key, etag):  # gone: our delete's reply was lost
@@ -385,7 +386,7 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                 try:
                     own = own_etag(client, bucket, key, token)
                 except (BotoCoreError, ClientError) as unread:  # not knowing is not losing
-                    print(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({unread}); "
+                    print(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({storage.redacted(str(unread))}); "
                           "trying again", flush=True)
                     continue
                 if own is not None:
@@ -397,7 +398,7 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                 if stop_run:
                     stop_run()
                 return
-            print(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({e}); another "
+            print(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({storage.redacted(str(e))}); another "
                   f"run may take it over {LAPSE_S:.0f} s after the last renewal", flush=True)
 
 

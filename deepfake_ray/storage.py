@@ -99,6 +99,15 @@ def without_password(endpoint: str) -> str:
     return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:/+)?)[^/]*@", r"\1***@", endpoint)  # http:/ too
 
 
+USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']*@")
+
+
+def redacted(text: str) -> str:
+    """`text` with any URL's user and password in it as ***: botocore's errors quote the
+    endpoint whole ("Could not connect to the endpoint URL: http://USER:PASS@host/...")."""
+    return USERINFO.sub(r"\1***@", text)
+
+
 @lru_cache(maxsize=8)
 def configured_endpoint(settings: tuple) -> str | None:
     """Cached by the settings: reading the config files takes ~7 ms, and every S3 write asks.
@@ -193,7 +202,7 @@ class ObjectRefused(StoreError):
 
 
 def store_error(uri: str, cause: BaseException) -> StoreError:
-    return StoreError(uri, f"{uri}: {cause}", boto_problem(cause))
+    return StoreError(uri, redacted(f"{uri}: {cause}"), boto_problem(cause))
 
 
 @contextlib.contextmanager
@@ -470,7 +479,7 @@ def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
         if code in ("NoSuchKey", "404"):
             raise FileNotFoundError(uri) from e
         if code in OBJECT_REFUSALS:
-            raise ObjectRefused(uri, f"{uri}: {e}", boto_problem(e)) from e
+            raise ObjectRefused(uri, redacted(f"{uri}: {e}"), boto_problem(e)) from e
         raise store_error(uri, e) from e
     except BotoCoreError as e:  # no connection, a timeout: the store's, as pyarrow's OSErrors
         raise store_error(uri, e) from e
@@ -707,7 +716,7 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def shown(text: str) -> str:
     """`text` for a console line: control characters (a file name's escape sequences, its
     newlines) as \\xNN, so that no name can restyle, rewrite or split the line it is in."""
-    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", printable(text))
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", printable(redacted(text)))
 
 
 @contextlib.contextmanager

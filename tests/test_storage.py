@@ -814,3 +814,25 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
         assert not os.path.exists(tmp_path / "w" / "config.yaml")  # refused before anything was written
     finally:
         storage.s3_filesystem.cache_clear()
+
+
+def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkeypatch, capsys):
+    """botocore's connection errors quote the endpoint whole, password included: the lock's
+    (an uncaught traceback) and every StoreError's text (a Ray task's log, the dashboard)."""
+    import traceback
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://bob:Pr0xy-Secret@127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.s3_filesystem.cache_clear()
+    try:
+        for reach in (lambda: storage.write_bytes("s3://bucket/key", b"x"),
+                      lambda: storage.exclusive("s3://bucket/w", "prepare").__enter__()):
+            with pytest.raises(storage.StoreError) as failed:
+                reach()
+            told = "".join(traceback.format_exception(failed.value))
+            assert "***@127.0.0.1:9" in str(failed.value) and "Pr0xy-Secret" not in storage.redacted(told)
+            assert "Pr0xy-Secret" not in str(failed.value)
+    finally:
+        storage.s3_filesystem.cache_clear()
+    assert storage.redacted('URL: "https://user:pass@host/b" and s3://bucket/a@b') == \
+        'URL: "https://***@host/b" and s3://bucket/a@b'  # an @ in a key is no password
