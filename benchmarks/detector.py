@@ -7,7 +7,7 @@ threads; the Ray side streams them from a Ray Data shard as torch batches throug
 local shuffle buffer deepfake_ray.detector.loop uses, and reports once per epoch, as it does. The two sides take epochs in turns (a shared
 machine's load drifts), run at the same niceness (Ray nices its workers to 15, which
 on a busy machine alone costs them CPU) and each side's first epoch is warm-up.
-Inference is measured before, at normal niceness. Goal: ratio >= 0.9.
+Inference is measured after, at that niceness too. Goal: ratio >= 0.9.
 
     python benchmarks/detector.py [--size 128] [--batch 8] [--batches 8] [--epochs 5] [--threads 2]
 """
@@ -130,8 +130,10 @@ def main() -> None:
     data = batches(args.batches, args.batch, args.resolution)
     print(f"Inception-ResNet-v2 at {args.size} px, batch {args.batch}, {args.batches} batches x "
           f"{args.epochs} epochs, {args.threads} torch thread(s)")
-    infer = inference(data, args)
+    # inference after: torch's threads, made at its first use, keep the niceness they were
+    # made at (os.nice is the calling thread's), and compare gives both sides Ray's
     base, ray_ips, wall = compare(data, args)
+    infer = inference(data, args)
     print(f"plain torch inference:       {infer:8.2f} images/s")
     print(f"plain torch train_step:      {base:8.2f} images/s")
     print(f"Ray Train loop, 1 worker:    {ray_ips:8.2f} images/s  (fit wall time {wall:.0f}s incl. start-up)")

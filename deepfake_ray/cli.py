@@ -175,9 +175,9 @@ def build_config(args: argparse.Namespace):
         if isinstance(path, str):
             storage.check_s3_path(path)
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS, source=True)
-    check_unexpanded(cfg)
     check_swept_settings(args.command, cfg, args.overrides)
     cfg = config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
+    check_unexpanded(cfg)  # the work directory chosen: a --workdir wins over a file's
     return with_absolute_pretrained(cfg)
 
 

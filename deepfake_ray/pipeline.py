@@ -222,7 +222,10 @@ def closing_lines(cfg: Config) -> None:
     made = storage.completed(storage.join(cfg.workdir, "detector")) or {}
     # what a cluster's serve config pins (jobs/serve.yaml's args.model_id): the model there
     # now, as serve names it (its threshold edited by hand since, it is another)
-    model_id = lineage.exported_model(cfg) or made.get("model_id")
+    try:
+        model_id = lineage.exported_model(cfg) or made.get("model_id")
+    except OSError:  # a store failing now does not fail a finished pipeline
+        model_id = made.get("model_id")
     if model_id:
         auc, lr = made.get("val_auc"), made.get("lr")
         print(f"model: {model_id} (validation ROC-AUC "

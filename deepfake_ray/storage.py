@@ -99,7 +99,7 @@ def without_password(endpoint: str) -> str:
     return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:/+)?)[^/]*@", r"\1***@", endpoint)  # http:/ too
 
 
-USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']*@")
+USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"]*@")
 
 
 def redacted(text: str) -> str:
@@ -214,7 +214,9 @@ def store_errors(uri: str):
     try:
         yield
     except (BotoCoreError, ClientError, Boto3Error) as e:
-        raise store_error(uri, e) from e
+        # not chained: botocore's own text quotes the endpoint, password and all, and Ray
+        # writes a task's whole chain to its logs (store_error read what it needs of it)
+        raise store_error(uri, e) from None
 
 
 def boto_problem(e: BaseException) -> str | None:
@@ -479,10 +481,10 @@ def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
         if code in ("NoSuchKey", "404"):
             raise FileNotFoundError(uri) from e
         if code in OBJECT_REFUSALS:
-            raise ObjectRefused(uri, redacted(f"{uri}: {e}"), boto_problem(e)) from e
-        raise store_error(uri, e) from e
+            raise ObjectRefused(uri, redacted(f"{uri}: {e}"), boto_problem(e)) from None
+        raise store_error(uri, e) from None  # unchained, as in store_errors
     except BotoCoreError as e:  # no connection, a timeout: the store's, as pyarrow's OSErrors
-        raise store_error(uri, e) from e
+        raise store_error(uri, e) from None
 
 
 def read_text(uri: str) -> str:

@@ -177,9 +177,9 @@ def test_an_empty_config_file_changes_nothing_and_an_empty_config_name_is_refuse
     ("data: {resolution: [64]}\n", "config key 'data.resolution' expects a whole number (int), got [64] (list)"),
     ("gan: 5\n", "'gan' is a section, not a value: give it keys, e.g. --set gan.KEY=VALUE, "
                   "or in a --config file 'gan: {KEY: VALUE}'"),
-    # a folder named `$HOME` was made in the current one
-    ("workdir: $HOME/runs\n", "workdir=$HOME/runs holds $HOME, which nothing expands in a config file: "
-                              "write the path out, or pass it on the command line"),
+    # a folder named `$FACES` was looked for in the current one
+    ("data: {source: $FACES/photos}\n", "data.source=$FACES/photos holds $FACES, which nothing expands in a "
+                                        "config file: write the path out, or pass it on the command line"),
     ("data: {cache_dir: '${XDG_CACHE_HOME}/x'}\n", "data.cache_dir=${XDG_CACHE_HOME}/x holds ${XDG_CACHE_HOME}"),
 ])
 def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path):
@@ -192,6 +192,19 @@ def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path)
     err = error_lines(capsys)
     assert len(err) == 1 and needle in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_config_files_unexpanded_workdir_is_refused_unless_workdir_is_given(tmp_path):
+    """`workdir: $HOME/runs` made a folder named `$HOME` in the current one; a --workdir
+    on the command line (the fix the refusal names) takes its place."""
+    path = tmp_path / "team.yaml"
+    path.write_text("workdir: $HOME/runs\n")
+    args = cli.parser().parse_args(["prepare", "--preset", "tiny", "--config", str(path)])
+    with pytest.raises(UsageError, match=r"workdir=.*\$HOME/runs holds \$HOME, which nothing expands"):
+        cli.build_config(args)
+    given = cli.parser().parse_args(["prepare", "--preset", "tiny", "--config", str(path),
+                                     "--workdir", str(tmp_path / "w")])
+    assert cli.build_config(given).workdir == str(tmp_path / "w")
 
 
 def test_a_rate_the_sweep_would_not_use_exits_2_naming_what_to_set(tmp_path, capsys):

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -1103,6 +1104,7 @@ def test_kaggle_credentials_are_looked_for_where_the_client_reads_them(monkeypat
     for name in ("KAGGLE_CONFIG_DIR", "KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "XDG_CONFIG_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "platform", "linux")  # where the client falls back to ~/.config/kaggle
     home = tmp_path / ".kaggle"
     home.mkdir()
     for name in ("credentials.json", "access_token.txt"):

@@ -829,10 +829,9 @@ def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkey
                       lambda: storage.exclusive("s3://bucket/w", "prepare").__enter__()):
             with pytest.raises(storage.StoreError) as failed:
                 reach()
-            told = "".join(traceback.format_exception(failed.value))
-            assert "***@127.0.0.1:9" in str(failed.value) and "Pr0xy-Secret" not in storage.redacted(told)
-            assert "Pr0xy-Secret" not in str(failed.value)
+            told = "".join(traceback.format_exception(failed.value))  # as Ray logs a task's error
+            assert "***@127.0.0.1:9" in str(failed.value) and "Pr0xy-Secret" not in told
     finally:
         storage.s3_filesystem.cache_clear()
-    assert storage.redacted('URL: "https://user:pass@host/b" and s3://bucket/a@b') == \
+    assert storage.redacted('URL: "https://user:pa\'ss@host/b" and s3://bucket/a@b') == \
         'URL: "https://***@host/b" and s3://bucket/a@b'  # an @ in a key is no password

@@ -606,12 +606,11 @@ def copy_dir(cfg: Config) -> str:
     return storage.join(cfg.workdir, "sources", sources.copy_name(cfg.data.source, cfg.data))
 
 
-def kaggle_copy(cfg: Config, cluster: bool = False) -> str | None:
-    """copy_dir of a Kaggle source in an S3 work directory, or in any on a cluster (a local
-    one is then a shared mount, and the download lies in the driver's own cache), else None."""
-    if sources.kind(cfg.data.source) != "kaggle" or not (cluster or storage.is_s3(cfg.workdir)):
-        return None
-    return copy_dir(cfg)
+def kaggle_copy(cfg: Config) -> str | None:
+    """copy_dir of a Kaggle source, else None: where a run on a cluster copies the download
+    (in its driver's own cache) for the tasks on other nodes, into the S3 work directory
+    or a local one (a shared mount there)."""
+    return copy_dir(cfg) if sources.kind(cfg.data.source) == "kaggle" else None
 
 
 def check_data_source(cfg: Config) -> None:
@@ -632,9 +631,9 @@ def readable_source(cfg: Config) -> Source:
     mount). A resubmitted job, maybe on a new head, finds a Kaggle dataset's copy there
     and downloads nothing."""
     d = cfg.data
-    copy = kaggle_copy(cfg, cluster=not runtime.in_process())
-    copying = sources.kind(d.source) != "sample" and not storage.is_s3(d.source) \
-        and (runtime.driver_files_need_copying(cfg.workdir) or copy is not None)
+    copy = kaggle_copy(cfg)
+    copying = sources.kind(d.source) != "sample" and not storage.is_s3(d.source) and (
+        runtime.driver_files_need_copying(cfg.workdir) or (copy is not None and not runtime.in_process()))
     # a dataset's files do not change: its copy stands for the download (in-process, a
     # complete download in this machine's cache is read instead, from its disk)
     if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
