@@ -9,7 +9,7 @@ machine's load drifts), run at the same niceness (Ray nices its workers to 15, w
 on a busy machine alone costs them CPU) and each side's first epoch is warm-up.
 Inference is measured after, at that niceness too. Goal: ratio >= 0.9.
 
-    python benchmarks/detector.py [--size 128] [--batch 8] [--batches 8] [--epochs 5] [--threads 2]
+    python benchmarks/detector.py [--size 128] [--batch 8] [--batches 24] [--epochs 6] [--threads 2]
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128, help="detector input px")
     p.add_argument("--resolution", type=int, default=64, help="image px before resizing")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--batches", type=int, default=8, help="batches per epoch")
-    p.add_argument("--epochs", type=int, default=5, help="the first one is warm-up")
+    p.add_argument("--batches", type=int, default=24, help="batches per epoch")
+    p.add_argument("--epochs", type=int, default=6, help="the first one is warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     args = p.parse_args()
     data = batches(args.batches, args.batch, args.resolution)

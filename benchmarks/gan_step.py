@@ -10,7 +10,7 @@ waits idle), so a shared machine's drifting load hits both alike. Throughput is
 measured inside each loop, excludes the first (warm-up) epoch, and includes the Ray
 side's per-epoch report; Ray's start-up time is printed separately. Goal: ratio >= 0.9.
 
-    python benchmarks/gan_step.py [--resolution 64] [--width 32] [--batch 64] [--batches 8]
+    python benchmarks/gan_step.py [--resolution 64] [--width 32] [--batch 64] [--batches 32] [--epochs 5]
 """
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--width", type=int, default=32, help="g_width = d_width")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=8, help="batches per epoch")
-    p.add_argument("--epochs", type=int, default=4, help="the first one is warm-up")
+    p.add_argument("--batches", type=int, default=32, help="batches per epoch")
+    p.add_argument("--epochs", type=int, default=5, help="the first one is warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     args = p.parse_args()
     data = batches(args.batches, args.batch, args.resolution)
