@@ -144,23 +144,40 @@ def identity(cfg: Config, folder: str, read: dict | None = None) -> str | None:
     done = marker(cfg, folder, read)
     if done is None:
         return None
-    if folder == "detector" and (found := exported_model(cfg, read)) != done.get("model_id"):
-        done = {**done, "model_found": found}  # another model copied in: what it made is out of date
+    if folder == "detector" and done.get("model_id") not in exported_ids(cfg, read):
+        # another model copied in (or its threshold edited): what it made is out of date
+        done = {**done, "model_found": exported_model(cfg, read)}
     return hashlib.sha1(json.dumps(done, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def exported_model(cfg: Config, read: dict | None = None) -> str | None:
-    """The id of the model in WORKDIR/detector/model now (None if there is none to read)."""
+def exported_meta(cfg: Config, read: dict | None = None) -> dict | None:
+    """The model.json in WORKDIR/detector/model now (None if there is none to read)."""
     from deepfake_ray import checkpoint
 
     read = {} if read is None else read
     if "detector/model" not in read:
         try:
-            read["detector/model"] = checkpoint.model_id(checkpoint.load_meta(
-                storage.join(cfg.workdir, "detector", "model")))
+            read["detector/model"] = checkpoint.load_meta(storage.join(cfg.workdir, "detector", "model"))
         except UsageError:  # none, or damaged; a store that fails now is said, not taken for none
             read["detector/model"] = None
     return read["detector/model"]
+
+
+def exported_model(cfg: Config, read: dict | None = None) -> str | None:
+    """The id of the model in WORKDIR/detector/model now (None if there is none)."""
+    from deepfake_ray import checkpoint
+
+    meta = exported_meta(cfg, read)
+    return checkpoint.model_id(meta) if meta is not None else None
+
+
+def exported_ids(cfg: Config, read: dict | None = None) -> set:
+    """Every id that names that model (checkpoint.model_ids: a marker written before ids
+    covered the threshold names it by its weights alone); {None} if there is none."""
+    from deepfake_ray import checkpoint
+
+    meta = exported_meta(cfg, read)
+    return checkpoint.model_ids(meta) if meta is not None else {None}
 
 
 def made(cfg: Config, stage: Stage, read: dict | None = None) -> dict:

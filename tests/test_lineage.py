@@ -274,3 +274,35 @@ def test_a_stage_run_alone_refuses_an_upstream_setting_its_command_line_or_confi
                        "(asked: 3), and train-detector reads it as it is: leave out gan.epochs to take the "
                        "settings it was made with, or run `deepfake-ray train-gan` with yours first (then "
                        "the stages after it)"], asked
+
+
+def test_a_detector_marked_with_an_earlier_id_of_its_model_leaves_evaluate_current(tmp_path):
+    """A marker written before ids covered the threshold names the model by its weights
+    alone, and evaluate recorded that marker's identity as it was: an upgrade must not
+    redo evaluate and the scores of every work directory. Under a marker of today's id, a
+    threshold edited in model.json makes another model."""
+    import hashlib
+    import json
+
+    from deepfake_ray import checkpoint, storage
+
+    cfg = config.build("tiny", workdir=str(tmp_path))
+    model = storage.join(cfg.workdir, "detector", "model")
+    checkpoint.save_model(model, {}, {"arch": "resnet10t", "threshold": 0.4, "class_names": ["real", "fake"],
+                                      "resolution": 32, "input_size": 75,
+                                      "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    saved = checkpoint.load_meta(model)
+    for model_id, edited in ((f"resnet10t@{saved['weights_sha256'][:12]}", []),
+                             (checkpoint.model_id(saved), ["detector"])):
+        storage.write_json(storage.join(model, "model.json"), saved)
+        for stage in STAGES[:4]:
+            lineage.complete(cfg, stage, {"model_id": model_id} if stage is detector_train.STAGE else {},
+                             lineage.made(cfg, stage))
+        marker = storage.completed(storage.join(cfg.workdir, "detector"))
+        made = lineage.made(cfg, evaluate.STAGE)  # the detector's identity as e7510f9 took it: its marker's
+        as_recorded = json.dumps(marker, sort_keys=True, default=str).encode()
+        made["inputs"]["detector"] = hashlib.sha1(as_recorded).hexdigest()[:16]
+        evaluated = lineage.complete(cfg, evaluate.STAGE, {}, made)
+        assert lineage.redone_since(cfg, evaluated) == []
+        storage.write_json(storage.join(model, "model.json"), {**saved, "threshold": 0.6})
+        assert lineage.redone_since(cfg, evaluated) == edited  # an earlier id covers the weights alone

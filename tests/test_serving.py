@@ -824,6 +824,16 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
                                             "it resumes from the parts it finished")
     assert not out.exists()
     monkeypatch.undo()
+    # kept as a run stopped before ids covered the threshold kept it: named, and its rows
+    # marked, by the weights alone
+    from deepfake_ray.serving import score
+
+    meta = checkpoint.load_meta(model_dir)
+    earlier = f"{meta['arch']}@{meta['weights_sha256'][:12]}"
+    part = storage.read_parquet(kept[0])
+    part = part.set_column(part.schema.get_field_index("model"), "model", pa.array([earlier] * part.num_rows))
+    os.remove(kept[0])
+    storage.write_parquet(os.path.join(os.path.dirname(kept[0]), f"{score.part_prefix(earlier)}0.parquet"), part)
     (folder / "late.jpg").write_bytes(JPEG)
     assert cli.main([*argv, "--force"]) == 0
     assert f"score: resuming: 3 of {len(listed)} files scored already" in capsys.readouterr().out
@@ -1210,6 +1220,20 @@ def test_serve_run_args_misspelt_or_mistyped_are_refused(model_dir):
         app.build_app({"model": model_dir, "set": {"serve.max_batch_size": 32}})
     with pytest.raises(UsageError, match=r"\(`=`, not `: `\)"):  # `- serve.max_batch_size: 32`: a list of mappings
         app.build_app({"model": model_dir, "set": [{"serve.max_batch_size": 32}]})
+
+
+def test_a_replica_of_an_application_an_earlier_release_deployed_starts(model_dir):
+    """That application names its model by the weights alone (ids did not yet cover the
+    threshold): a replica the upgraded code starts for it (a scale-up) serves on."""
+    from types import SimpleNamespace
+
+    from deepfake_ray.serving import app
+
+    meta = checkpoint.load_meta(model_dir)
+    replica = SimpleNamespace(meta=meta, model_id=checkpoint.model_id(meta), model_uri=model_dir)
+    app.check_same_model(replica, f"{meta['arch']}@{meta['weights_sha256'][:12]}")
+    with pytest.raises(RuntimeError, match="deploy it again to serve the new model"):
+        app.check_same_model(replica, f"{meta['arch']}@000000000000")
 
 
 def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, images_dir, tmp_path,

@@ -76,7 +76,7 @@ def check_same_model(predictor: Predictor, deployed: str | None) -> None:
     Serve rebuilds an application only when its config changes, so a model retrained in
     place would reach the replicas started after it (a scale-up, a restart) while the
     others kept the old one: one service answering with two models."""
-    if deployed and predictor.model_id != deployed:
+    if deployed and deployed not in checkpoint.model_ids(predictor.meta):  # an earlier id of it too
         raise RuntimeError(
             f"the model at {predictor.model_uri} is now {predictor.model_id}, but this application "
             f"was deployed with {deployed}: deploy it again to serve the new model (with "

@@ -226,7 +226,7 @@ def score_table(cfg: Config, model: str, meta: dict, paths: list[str], source: s
     `meta`: the model's, read once (an s3:// model's a request each time)."""
     model_id = checkpoint.model_id(meta)
     shown = [storage.printable(p) for p in paths]
-    done = parts_done(parts, shown, model_id) if parts else None
+    done = parts_done(parts, shown, meta) if parts else None
     tables = [done] if done is not None and done.num_rows else []
     todo = np.setdiff1d(np.arange(len(paths)), done.column("index").to_numpy() if tables else [])
     if tables:
@@ -262,26 +262,28 @@ def parts_folder(out: str, src: str) -> str:
 
 
 def part_prefix(model_id: str) -> str:
-    """A part's name says the model that scored it (its weights' hash): a run finds its
-    own without reading the others."""
+    """A part's name says the model that scored it (its id's hash): a run finds its own
+    without reading the others."""
     return f"part-{model_id.rsplit('@', 1)[-1]}-"
 
 
-def parts_of(parts: str, model_id: str) -> list[str]:
-    """The parts this model scored into `parts`."""
+def parts_of(parts: str, meta: dict) -> list[str]:
+    """The parts this model scored into `parts`, under any of its ids (model_ids: a run
+    stopped before an upgrade named its parts by the weights alone)."""
     if not storage.is_dir(parts):
         return []
-    prefix = part_prefix(model_id)
-    return [f for f in storage.list_files(parts) if f.rsplit("/", 1)[-1].startswith(prefix) and f.endswith(".parquet")]
+    prefixes = tuple(part_prefix(i) for i in checkpoint.model_ids(meta))
+    return [f for f in storage.list_files(parts) if f.rsplit("/", 1)[-1].startswith(prefixes) and f.endswith(".parquet")]
 
 
-def parts_done(parts: str, shown: list[str], model_id: str) -> pa.Table | None:
+def parts_done(parts: str, shown: list[str], meta: dict) -> pa.Table | None:
     """The rows a stopped run of this model kept for these inputs: a row counts where its
-    index still holds its path (an input list changed since is scored where it changed).
-    A file that could not be read is read again: its cause (a folder not yet copied, a
-    right not granted) may have been fixed since."""
+    index still holds its path (an input list changed since is scored where it changed),
+    and its threshold is the model's (an earlier id covers the weights alone). A file that
+    could not be read is read again: its cause (a folder not yet copied, a right not
+    granted) may have been fixed since."""
     kept = []
-    for part in parts_of(parts, model_id):
+    for part in parts_of(parts, meta):
         try:
             kept.append(storage.read_parquet(part))
         except (OSError, pa.ArrowInvalid) as e:  # not one of ours (writes are atomic): its files scored again
@@ -293,11 +295,14 @@ def parts_done(parts: str, shown: list[str], model_id: str) -> pa.Table | None:
     index = rows.column("index").to_numpy()
     same = [bool(i < len(shown) and shown[i] == p) for i, p in zip(index, rows.column("path").to_pylist())]
     rows = rows.filter(pa.array(same, pa.bool_()))
-    rows = rows.filter(pc.and_(pc.equal(rows.column("model"), model_id),
-                               pc.invert(pc.or_(pc.starts_with(rows.column("error"), UNREAD),
-                                                pc.starts_with(rows.column("error"), NO_PATH)))))
+    ours = pc.and_(pc.is_in(rows.column("model"), pa.array(sorted(checkpoint.model_ids(meta)))),
+                   pc.equal(rows.column("threshold"), float(meta.get("threshold", 0.5))))
+    rows = rows.filter(pc.and_(ours, pc.invert(pc.or_(pc.starts_with(rows.column("error"), UNREAD),
+                                                      pc.starts_with(rows.column("error"), NO_PATH)))))
     _, first = np.unique(rows.column("index").to_numpy(), return_index=True)  # a part written twice
-    return rows.take(pa.array(first, pa.int64()))
+    rows = rows.take(pa.array(first, pa.int64()))
+    model = rows.schema.get_field_index("model")  # one model's table names it one way
+    return rows.set_column(model, "model", pa.array([checkpoint.model_id(meta)] * rows.num_rows, pa.string()))
 
 
 def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: list[str], paths: list[str],
@@ -406,8 +411,7 @@ def preflight(cfg: Config, force: bool = False, model: str | None = None, input:
         list_inputs(src, out)
     check_out(out)
     # a stopped run's parts: resumed, even over a table an earlier run wrote (a --force stopped)
-    model_id = checkpoint.model_id(meta)
-    if storage.exists(out) and not force and not parts_of(parts_folder(out, src), model_id):
+    if storage.exists(out) and not force and not parts_of(parts_folder(out, src), meta):
         check_scored_by(out, meta)
         print(f"score: {out} already exists; pass --force to score again", flush=True)
         return {"out": out, "skipped": True}
