@@ -3,13 +3,13 @@
 The suite shares one in-process Ray, so a worker or controller of an earlier test can
 print (e.g. "(TrainController pid=..) Failed to stop PlacementGroupCleaner") while a
 later test captures its output (CI failed once on a ServeController's "Released ... port
-from quarantine" line). Those lines carry Ray's "(Name pid=N)", "(pid=N)" or "(raylet)" prefix.
+from quarantine" line). Those lines carry Ray's "(Name pid=N)", "(pid=N)", "(raylet)" or "(autoscaler +Ns)" prefix.
 """
 from __future__ import annotations
 
 import re
 
-_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((\S+ )?pid=\d+|^(\x1b\[[0-9;]*m)?\(raylet\b")
+_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((\S+ )?pid=\d+|^(\x1b\[[0-9;]*m)?\((raylet|autoscaler)\b")
 
 
 def error_lines(capsys) -> list[str]:

@@ -19,6 +19,7 @@ os.environ.update(  # before Ray and torch are imported
     DEEPFAKE_RAY_PROGRESS="0",
     RAY_TRAIN_V2_ENABLED="1",
     OMP_NUM_THREADS="1",
+    RAY_SCHEDULER_EVENTS="0",  # no "(autoscaler +Ns)" lines among a command's own
 )
 
 from deepfake_ray.runtime import free_port  # noqa: E402

@@ -122,6 +122,7 @@ def test_fake_pixels_span_the_whole_range_of_the_reals():
 def cli_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # only what --address says
     env["PYTHONPATH"] = REPO
+    env["PYTHONUNBUFFERED"] = "1"  # its lines in the log before a SIGKILL, as on a terminal
     return env
 
 
@@ -179,6 +180,9 @@ def trained(ray_session, prepared, tmp_path_factory):
                              start_new_session=True)
     deadline = time.time() + 600
     while not registered(gan, "epoch_0001") and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    said = time.time() + 20  # epoch 2's line, printed as its checkpoint registers, can trail it
+    while "train-gan: epoch 2/" not in (tmp / "first.log").read_text() and time.time() < said:
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()

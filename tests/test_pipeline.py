@@ -173,12 +173,18 @@ def first_reports(log: str) -> dict[int, dict]:
 
 
 def kill_driver_when_registered(address: str, submission: str, run_uri: str, checkpoint: str,
-                                marker: str) -> None:
+                                marker: str, said: str = "") -> None:
+    """SIGKILL the job's driver once `checkpoint` is registered, and its line `said` is in
+    the job's log (it can trail the registration on a loaded machine)."""
     deadline = time.time() + 600
     while not registered(run_uri, checkpoint):
         status = job_status(address, submission)
         assert status in ("pending", "running"), status
         assert time.time() < deadline, f"the detector never registered {checkpoint}"
+        time.sleep(1)
+    logged = time.time() + 30
+    while said and time.time() < logged and said not in httpx.get(
+            f"{address}/api/jobs/{submission}/logs", headers=AUTH, timeout=30).json()["logs"]:
         time.sleep(1)
     pids = driver_pids(marker)
     assert pids, "the job's driver process was not found"
@@ -210,7 +216,8 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     first = submit(head_node, "first", args)
     assert first.returncode == 0, first.stderr[-2000:]
     # killed once epoch 1 is checkpointed: after the lost worker was replaced
-    kill_driver_when_registered(head_node, "first", f"{workdir}/detector/run", "epoch_0001", runs)
+    kill_driver_when_registered(head_node, "first", f"{workdir}/detector/run", "epoch_0001", runs,
+                                said="train-detector: epoch 2/")
     assert not storage.completed(f"{workdir}/detector")
     _, first_log = wait_until_ended(head_node, "first")
     # the retry trained epoch 2 again from epoch 1's checkpoint, and best/ went back to the

@@ -594,7 +594,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     base = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     shot = tmp_path / "shot.png"
     subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{page}"],
-                   check=True, capture_output=True, timeout=60)
+                   check=True, capture_output=True, timeout=180)
     with Image.open(shot) as img:
         darkest, brightest = img.convert("L").getextrema()
     assert shot.stat().st_size > 0 and brightest - darkest > 100  # not a blank page
@@ -605,6 +605,6 @@ def test_report_renders_in_headless_chromium(tmp_path):
         " document.body.dataset.ok = i.filter(x => x.naturalWidth > 0).length + '/' + i.length; });"
         "</script></body>")), encoding="utf-8")
     dom = subprocess.run([*base, "--virtual-time-budget=5000", "--dump-dom", f"file://{probe}"],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
+                         check=True, capture_output=True, text=True, timeout=180).stdout
     n = len(expected_figures(figures))
     assert f'data-ok="{n}/{n}"' in dom
