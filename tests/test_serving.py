@@ -1184,6 +1184,9 @@ def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, image
              (["serve", "--model", "no-model"], "no-model"),
              (["serve", "--model", model_dir, "--port", str(busy.getsockname()[1])], "stop what uses it or pass another --port"),
              (["serve", "--model", model_dir, "--set", "serve.min_replicas=2"], "is more than serve.max_replicas=1"),
+             # the largest uploads would be told to retry, for ever
+             (["serve", "--model", model_dir, "--set", "serve.max_buffered_bytes=1000"],
+              "serve.max_buffered_bytes=1000 is less than serve.max_body_bytes="),
              (["serve", "--model", model_dir, "--host", "no-such-host.invalid"], "pass a host name or address"),
              # an address of another machine (TEST-NET-1): about --host, not --port
              (["serve", "--model", model_dir, "--host", "192.0.2.1"], "address of this machine with --host")]

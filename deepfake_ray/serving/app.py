@@ -260,12 +260,20 @@ class Detector:
             # each file of a large body in a thread: opened one after another on the event
             # loop, 40 small files of 256 KB (a PNG of 20,000 empty chunks: 75 ms to open) held it 3 s
             inline = InlineBudget() if len(body) <= INLINE_BYTES else None
-            outcomes = await asyncio.gather(*(self.predict(data, inline) for _, _, data in files))
+            # every file's outcome, failed or not: one that raised left the others running
+            # after its 500, holding decode slots and forward passes no answer waited for
+            outcomes = await asyncio.gather(*(self.predict(data, inline) for _, _, data in files),
+                                            return_exceptions=True)
         results = []
         for (_, name, _), outcome in zip(files, outcomes):
             if isinstance(outcome, DecodeError):
                 results.append({"file": name, "error": error_text(outcome),
                                 "status": error_status(outcome)})
+            elif isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            elif isinstance(outcome, BaseException):  # that file's 500, as /v1/detect answers it
+                http.log.error("internal error on file %r of %s", name, request.url.path, exc_info=outcome)
+                results.append({"file": name, "error": f"internal error: {type(outcome).__name__}", "status": 500})
             else:
                 results.append({"file": name, **outcome})
         errors = sum("error" in r for r in results)
@@ -387,6 +395,10 @@ def check_settings(cfg: Config) -> None:
     if s.min_replicas > s.max_replicas:
         raise UsageError(f"serve.min_replicas={s.min_replicas} is more than serve.max_replicas="
                          f"{s.max_replicas}: raise serve.max_replicas or lower serve.min_replicas")
+    if 0 < s.max_buffered_bytes < s.max_body_bytes:  # a body that fits no budget: 503s forever
+        raise UsageError(f"serve.max_buffered_bytes={s.max_buffered_bytes} is less than serve.max_body_bytes="
+                         f"{s.max_body_bytes}, so the largest uploads would always be told to retry: "
+                         "raise it, or set 0 (16 x serve.max_body_bytes)")
 
 
 def check_port_free(host: str, port: int) -> None:
