@@ -1225,6 +1225,18 @@ def test_serve_run_args_misspelt_or_mistyped_are_refused(model_dir):
         app.build_app({"model": model_dir, "set": [{"serve.max_batch_size": 32}]})
 
 
+def test_a_replica_whose_forward_pass_hangs_fails_its_health_check():
+    """A GPU stuck mid-pass: the event loop answered Serve's probe, so the replica, holding
+    its only batch slot, was never replaced while requests piled up behind it."""
+    from deepfake_ray.serving import app
+
+    app.check_forward(None, 10_000.0)  # no pass running
+    app.check_forward(1_000.0, 1_000.0 + app.HUNG_FORWARD_S)  # a long one, not yet hung
+    with pytest.raises(RuntimeError, match=r"forward pass has run 301 s, over 300 s: it is hung"):
+        app.check_forward(1_000.0, 1_301.0)
+    assert callable(app.Detector.func_or_class.check_health)  # the method Serve probes
+
+
 def test_a_replica_of_an_application_an_earlier_release_deployed_starts(model_dir):
     """That application names its model by the weights alone (ids did not yet cover the
     threshold): a replica the upgraded code starts for it (a scale-up) serves on."""

@@ -70,6 +70,18 @@ class InlineBudget:
         return True
 
 
+# a forward pass running this long is hung: a CPU batch takes seconds, a GPU one less
+HUNG_FORWARD_S = 300.0
+
+
+def check_forward(started: float | None, now: float, limit: float = HUNG_FORWARD_S) -> None:
+    """RuntimeError when the forward pass that began at `started` (time.monotonic(); None:
+    none runs) has run over `limit` seconds."""
+    if started is not None and now - started > limit:
+        raise RuntimeError(f"the replica's forward pass has run {now - started:.0f} s, over "
+                           f"{limit:.0f} s: it is hung, and Serve replaces the replica")
+
+
 # above the class: Serve serializes it as it is decorated, with the globals it names then
 def check_same_model(predictor: Predictor, deployed: str | None) -> None:
     """A replica serves the model its application was built with, or does not start.
@@ -118,6 +130,7 @@ class Detector:
         self.stats_lock = threading.Lock()  # decode threads count themselves
         # forward passes get their own thread, never queued behind decodes in the default pool
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.forward_started: float | None = None  # time.monotonic() of the pass running now
         # torch, timm and Serve loaded: ~500k objects that a full collection would walk
         # for 0.4-0.55 s mid-request
         runtime.freeze_startup_objects()
@@ -134,9 +147,12 @@ class Detector:
         self.stats["images"] += len(images)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         started = time.perf_counter()
-        # off the event loop, so the next batch fills while this one computes
-        p_fake = await asyncio.get_running_loop().run_in_executor(
-            self.forward_thread, self.predictor.predict_pixels, np.stack(images))
+        self.forward_started = time.monotonic()
+        try:  # off the event loop, so the next batch fills while this one computes
+            p_fake = await asyncio.get_running_loop().run_in_executor(
+                self.forward_thread, self.predictor.predict_pixels, np.stack(images))
+        finally:
+            self.forward_started = None
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
 
@@ -280,8 +296,18 @@ class Detector:
         return {"model": self.predictor.model_id, "count": len(results), "errors": errors,
                 "results": results}
 
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose forward pass hangs (a GPU stuck) answers
+        nothing, while its event loop runs on and Serve took it for healthy: now it is
+        reported broken, and Serve replaces it."""
+        check_forward(self.forward_started, time.monotonic())
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
+        try:
+            check_forward(self.forward_started, time.monotonic())
+        except RuntimeError as e:
+            raise http.ApiError(503, str(e)) from None
         return {"status": "ok", "model": self.predictor.model_id}
 
     @api.get("/v1/model")
