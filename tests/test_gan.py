@@ -182,7 +182,8 @@ def trained(ray_session, prepared, tmp_path_factory):
     while not registered(gan, "epoch_0001") and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
     said = time.time() + 20  # epoch 2's line, printed as its checkpoint registers, can trail it
-    while "train-gan: epoch 2/" not in (tmp / "first.log").read_text() and time.time() < said:
+    while b"train-gan: epoch 2/" not in (tmp / "first.log").read_bytes() and time.time() < said \
+            and first.poll() is None:
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()

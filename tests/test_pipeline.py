@@ -140,6 +140,16 @@ def job_status(address: str, submission: str) -> str:
     return response.json()["status"].lower()
 
 
+def job_log(address: str, submission: str) -> str:
+    """The job's log so far ("" when the job server does not answer it now)."""
+    try:
+        response = httpx.get(f"{address}/api/jobs/{submission}/logs", headers=AUTH, timeout=30)
+        response.raise_for_status()
+        return response.json()["logs"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return ""
+
+
 def wait_until_ended(address: str, submission: str) -> tuple[str, str]:
     """(final status, the job's whole log) once the job has ended."""
     deadline = time.time() + 600
@@ -183,8 +193,8 @@ def kill_driver_when_registered(address: str, submission: str, run_uri: str, che
         assert time.time() < deadline, f"the detector never registered {checkpoint}"
         time.sleep(1)
     logged = time.time() + 30
-    while said and time.time() < logged and said not in httpx.get(
-            f"{address}/api/jobs/{submission}/logs", headers=AUTH, timeout=30).json()["logs"]:
+    while said and time.time() < logged and said not in job_log(address, submission) \
+            and job_status(address, submission) in ("pending", "running"):
         time.sleep(1)
     pids = driver_pids(marker)
     assert pids, "the job's driver process was not found"

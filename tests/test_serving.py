@@ -465,12 +465,15 @@ def test_uploads_past_the_replicas_budget_get_a_503_to_retry_and_their_bytes_com
                          f"Content-Length: {MAX_BODY - 1}\r\n\r\n".encode() + b"\xff" * almost)
         answers = [b""] * len(held)  # "" while held
         deadline = time.time() + 20  # the replica reads what came, and answers those past the budget
-        while not any(a.startswith(b"HTTP/1.1 503") for a in answers) and time.time() < deadline:
+        settled = None  # a second more once one is refused: the others' answers, and whole
+        while (settled is None or time.time() < settled) and time.time() < deadline:
             time.sleep(0.5)
             for i, conn in enumerate(held):
                 conn.settimeout(0.05)
                 with contextlib.suppress(TimeoutError):
-                    answers[i] = answers[i] or conn.recv(65536)
+                    answers[i] += conn.recv(65536)
+            if settled is None and any(a.startswith(b"HTTP/1.1 503") for a in answers):
+                settled = time.time() + 1
         refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
         assert refused and len(refused) < len(held), [a[:40] for a in answers]
         head, body = refused[0].split(b"\r\n\r\n", 1)
@@ -597,7 +600,8 @@ def test_clients_that_hang_up_cannot_start_more_decodes_than_the_replica_has_thr
     must keep its slot until its thread ends, or a client that sends large images and
     hangs up at once would have them all decoding together (each can take ~0.6 GB)."""
     big = encode(Image.new("RGB", (6000, 6000), (20, 40, 60)), "PNG", compress_level=9)
-    hang_up = min(timed(decode, big, 32) for _ in range(2)) / 10  # well before its decode ends, even under load
+    # well before its decode ends (even if the replica decodes faster), after it has begun
+    hang_up = max(0.3, min(timed(decode, big, 32) for _ in range(2)) / 5)
     for _ in range(2):
         with pytest.raises(httpx.TimeoutException):  # hangs up while its image decodes
             httpx.post(f"{service}/v1/detect", content=big, timeout=hang_up)
@@ -783,6 +787,10 @@ def test_a_table_another_model_scored_is_not_taken_for_a_done_rerun(scored, mode
     earlier.write_text(f"path,p_fake,label,error,model\na.jpg,0.9,fake,,{meta['arch']}@{meta['weights_sha256'][:12]}\n")
     argv[argv.index(retrained)], argv[argv.index(out)] = model_dir, str(earlier)
     assert cli.main(argv) == 0 and f"score: {earlier} already exists" in capsys.readouterr().out
+    # ... but not one at a threshold since edited: that earlier id covers the weights alone
+    earlier.write_text(f"path,p_fake,label,error,threshold,model\na.jpg,0.9,fake,,{meta['threshold'] + 0.1},"
+                       f"{meta['arch']}@{meta['weights_sha256'][:12]}\n")
+    assert cli.main(argv) == 2 and "(at another threshold), and --model is now" in error_lines(capsys)[0]
     not_scores = tmp_path / "notes.csv"
     not_scores.write_bytes(b"\xff\xfe a spreadsheet saved as UTF-16\n")
     argv[argv.index(str(earlier))] = str(not_scores)
@@ -1235,6 +1243,25 @@ def test_a_replica_whose_forward_pass_hangs_fails_its_health_check():
     with pytest.raises(RuntimeError, match=r"forward pass has run 301 s, over 300 s: it is hung"):
         app.check_forward(1_000.0, 1_301.0)
     assert callable(app.Detector.func_or_class.check_health)  # the method Serve probes
+
+
+def test_a_hung_replicas_healthz_answers_503_as_json():
+    """/healthz is what a load balancer probes: a replica stuck in a forward pass says so."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deepfake_ray.serving import app, http
+
+    replica = app.Detector.func_or_class.__new__(app.Detector.func_or_class)  # no model loaded
+    replica.predictor = SimpleNamespace(model_id="m@0")
+    replica.forward_started = None
+    assert asyncio.run(replica.healthz()) == {"status": "ok", "model": "m@0"}
+    replica.forward_started = time.monotonic() - app.HUNG_FORWARD_S - 1
+    with pytest.raises(http.ApiError) as hung:
+        asyncio.run(replica.healthz())
+    assert hung.value.status == 503 and "it is hung" in hung.value.message
+    with pytest.raises(RuntimeError, match="it is hung"):
+        replica.check_health()
 
 
 def test_a_replica_of_an_application_an_earlier_release_deployed_starts(model_dir):

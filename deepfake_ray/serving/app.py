@@ -285,11 +285,11 @@ class Detector:
             if isinstance(outcome, DecodeError):
                 results.append({"file": name, "error": error_text(outcome),
                                 "status": error_status(outcome)})
-            elif isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            elif isinstance(outcome, BaseException):  # that file's 500, as /v1/detect answers it
+            elif isinstance(outcome, Exception):  # that file's 500, as /v1/detect answers it
                 http.log.error("internal error on file %r of %s", name, request.url.path, exc_info=outcome)
                 results.append({"file": name, "error": f"internal error: {type(outcome).__name__}", "status": 500})
+            elif isinstance(outcome, BaseException):  # cancelled, or the process stopping
+                raise outcome
             else:
                 results.append({"file": name, **outcome})
         errors = sum("error" in r for r in results)

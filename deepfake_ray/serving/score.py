@@ -438,6 +438,9 @@ def check_scored_by(out: str, meta: dict) -> None:
         raise UsageError(f"--out {out} exists and is not a table score wrote: pass --force to "
                          "replace it, or another --out")
     first = found.head(1, columns=["model"]).column("model").to_pylist() if "model" in names else []
+    if first and first[0] != checkpoint.model_id(meta) and "threshold" in names:  # an earlier id: the weights alone
+        if found.head(1, columns=["threshold"]).column("threshold")[0].as_py() != float(meta.get("threshold", 0.5)):
+            first = [f"{first[0]} (at another threshold)"]
     if first and first[0] not in checkpoint.model_ids(meta):
         raise UsageError(f"--out {out} holds the scores of model {first[0]}, and --model is now "
                          f"{checkpoint.model_id(meta)}: pass --force to score again with it, or another --out")
