@@ -178,8 +178,8 @@ def model_id(meta: dict) -> str:
 
 def model_ids(meta: dict) -> set[str]:
     """model_id, and the id of the same weights from before ids covered the threshold
-    (deepfake-ray sessions before 62): a serve config or a score table that names a
-    model so still names it."""
+    (deepfake-ray before 2026-12-07): a serve config, a running application, a score
+    table or a work directory's marker that names a model so still names it."""
     return {model_id(meta), f"{meta.get('arch', 'model')}@{meta.get('weights_sha256', '')[:12]}"}
 
 

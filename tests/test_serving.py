@@ -1252,16 +1252,15 @@ def test_a_hung_replicas_healthz_answers_503_as_json():
 
     from deepfake_ray.serving import app, http
 
-    replica = app.Detector.func_or_class.__new__(app.Detector.func_or_class)  # no model loaded
-    replica.predictor = SimpleNamespace(model_id="m@0")
-    replica.forward_started = None
-    assert asyncio.run(replica.healthz()) == {"status": "ok", "model": "m@0"}
+    detector = app.Detector.func_or_class  # its methods, on a stand-in replica: no model loaded
+    replica = SimpleNamespace(predictor=SimpleNamespace(model_id="m@0"), forward_started=None)
+    assert asyncio.run(detector.healthz(replica)) == {"status": "ok", "model": "m@0"}
     replica.forward_started = time.monotonic() - app.HUNG_FORWARD_S - 1
     with pytest.raises(http.ApiError) as hung:
-        asyncio.run(replica.healthz())
+        asyncio.run(detector.healthz(replica))
     assert hung.value.status == 503 and "it is hung" in hung.value.message
     with pytest.raises(RuntimeError, match="it is hung"):
-        replica.check_health()
+        detector.check_health(replica)
 
 
 def test_a_replica_of_an_application_an_earlier_release_deployed_starts(model_dir):

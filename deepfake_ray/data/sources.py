@@ -118,7 +118,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
                                  "check the s3:// path (and AWS_ENDPOINT_URL, for another store)")
             if meant := respelled(text):
                 raise UsageError(f"source '{text}' does not exist: did you mean '{meant}'? "
-                                 "(sample and kaggle sources are spelled so, in lower case)")
+                                 "(the sample and kaggle sources, in lower case)")
             raise UsageError(f"source '{text}' does not exist: pass {FORMS}")
         raise UsageError(f"source '{text}' is a file: pass the folder that holds the images")
 
@@ -366,9 +366,9 @@ def copy_to(src: Source, dest: str, command: str, max_bytes: int | None = None) 
     """`src`, its files copied from this machine's disk to `dest` (s3://, or a shared
     mount), where the tasks on every node can read them. A file already there with the
     same bytes is not sent again, so a resubmitted job only sends what the killed one had
-    not, and a file changed since is sent again. A file that cannot be read here (gone, a pipe, a link to
-    itself, no permission, over `max_bytes`) is not sent, but named in `unread` with its
-    error, as ingest would have read it."""
+    not, and a file changed since is sent again. A file that cannot be read here (gone, a
+    pipe, a link to itself, no permission, over `max_bytes`) is not sent, but named in
+    `unread` with its error, as ingest would have read it."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deepfake_ray.progress import Progress

@@ -96,8 +96,9 @@ def wilson(successes: int, n: int) -> list[float] | None:
 def roc_auc_interval(labels: np.ndarray, p_fake: np.ndarray) -> list[float] | None:
     """A 95% interval of ROC-AUC from DeLong's variance (the midrank form of Sun and Xu,
     2014: no resampling); None with fewer than two images of a class, scores that are
-    not finite, or one score for all. Scores that separate the classes perfectly have no spread to measure: the
-    interval is then [1, 1], and the recall and false-positive-rate intervals say more."""
+    not finite, or one score for all. Scores that separate the classes perfectly have no
+    spread to measure: the interval is then [1, 1], and the recall and false-positive-rate
+    intervals say more."""
     from scipy.stats import rankdata
 
     labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
