@@ -109,12 +109,24 @@ def check_detector(uri: str) -> dict:
     inside a scoring actor or a replica, as a traceback of Ray's."""
     meta = load_detector_meta(uri)
     check_weights(uri, meta)
-    import timm  # an architecture this timm lacks fails in every replica or actor, as Ray's traceback
+    check_arch(uri, meta)
+    return meta
+
+
+def check_arch(uri: str, meta: dict) -> None:
+    """An architecture this timm lacks fails in every replica or actor, as Ray's traceback.
+    A model made with the installed timm names one it knows: only another's is looked up,
+    as importing timm (and torch) adds seconds to the start of `score` and `serve`."""
+    from importlib.metadata import version
+
+    installed = version("timm")
+    if (meta.get("software") or {}).get("timm") == installed:
+        return
+    import timm
 
     if not timm.is_model(meta["arch"]):
-        raise UsageError(f"{uri} is a {meta['arch']} model, which timm {timm.__version__} does not "
+        raise UsageError(f"{uri} is a {meta['arch']} model, which timm {installed} does not "
                          "know: install the timm its model.json names under software")
-    return meta
 
 
 VERIFIED: set[tuple[str, str]] = set()  # (model, weights_sha256) whose weights matched in this process

@@ -1302,7 +1302,8 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
                                 "lacks preprocessing.mean, preprocessing.std (written by hand, or by another tool?)"),
            "newer": ({**meta, "format_version": 99}, "is model format 99, made by deepfake-ray 0.1.0; this one "
                                                      "(0.1.0) reads format 1: upgrade deepfake-ray"),
-           "unknown-arch": ({**meta, "arch": "resnet_from_the_future"},
+           "unknown-arch": ({**meta, "arch": "resnet_from_the_future",  # made with another timm
+                             "software": {**meta["software"], "timm": "9.9.9"}},
                             "is a resnet_from_the_future model, which timm"),
            "no-weights": (meta, f"{checkpoint.WEIGHTS} is missing: copy it with model.json")}
     for name, (contents, message) in odd.items():

@@ -437,10 +437,11 @@ def check_scored_by(out: str, meta: dict) -> None:
     if not {"path", "p_fake", "label", "error"} <= set(names):  # a manifest, a spreadsheet, another file
         raise UsageError(f"--out {out} exists and is not a table score wrote: pass --force to "
                          "replace it, or another --out")
-    first = found.head(1, columns=["model"]).column("model").to_pylist() if "model" in names else []
-    if first and first[0] != checkpoint.model_id(meta) and "threshold" in names:  # an earlier id: the weights alone
-        if found.head(1, columns=["threshold"]).column("threshold")[0].as_py() != float(meta.get("threshold", 0.5)):
-            first = [f"{first[0]} (at another threshold)"]
+    row = found.head(1, columns=[c for c in ("model", "threshold") if c in names]).to_pylist()
+    first = [row[0]["model"]] if row and "model" in row[0] else []
+    if first and first[0] != checkpoint.model_id(meta) and \
+            row[0].get("threshold", float(meta.get("threshold", 0.5))) != float(meta.get("threshold", 0.5)):
+        first = [f"{first[0]} (at another threshold)"]  # an earlier id covers the weights alone
     if first and first[0] not in checkpoint.model_ids(meta):
         raise UsageError(f"--out {out} holds the scores of model {first[0]}, and --model is now "
                          f"{checkpoint.model_id(meta)}: pass --force to score again with it, or another --out")
