@@ -59,6 +59,6 @@ def ratio_line(ratio: float, ratios: list[float]) -> str:
     """The ratio, the range of its epochs, and a warning where identical work came out
     much faster on one side: a measurement fault (too few images timed), not a speed-up."""
     line = f"ratio Ray / plain:           {ratio:8.3f}  (goal >= 0.9; epochs {min(ratios):.2f}-{max(ratios):.2f})"
-    if ratio > 1.1:
-        line += "\n  suspect: the same work ran >10% faster under Ray; time more batches (--batches) or epochs"
+    if round(ratio, 2) >= 1.1:  # what prints as 1.10 is flagged too
+        line += "\n  suspect: the same work ran 10% or more faster under Ray; time more batches (--batches) or epochs"
     return line
