@@ -48,7 +48,8 @@ def find_usage_error(e: BaseException) -> UsageError | str | None:
     task, it arrives wrapped."""
     from deepfake_ray import storage
 
-    return find_error(e, lambda f: f if isinstance(f, UsageError) else storage.explain(f) or disk_full(f))
+    return find_error(e, lambda f: f if isinstance(f, UsageError)
+                      else storage.explain(f) or disk_full(f) or not_permitted(f))
 
 
 def disk_full(e: BaseException) -> str | None:
@@ -65,6 +66,18 @@ def disk_full(e: BaseException) -> str | None:
     return (f"{what}{where}: free space on the disk it writes to (and on the temp dir's, where "
             "Ray and each training checkpoint write first), then run the same command again: "
             "finished stages are skipped and a training resumes from its last checkpoint")
+
+
+def not_permitted(e: BaseException) -> str | None:
+    """One line for a file or folder this user may not write (or read): a stage folder left
+    by a run as another user, a read-only mount. The workdir's top is checked before Ray
+    starts (cli.unwritable); this names what is below it."""
+    if not (isinstance(e, OSError) and e.filename and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+        return None
+    from deepfake_ray import storage
+
+    return (f"{e.strerror or 'permission denied'}: {storage.shown(str(e.filename))}: give this user "
+            "read and write permission there (ls -ld shows the owner), or use another --workdir")
 
 
 def out_of_memory(e: BaseException) -> str | None:

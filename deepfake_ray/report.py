@@ -11,6 +11,7 @@ network, no sibling files); report.md links them by relative path instead.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import re
@@ -451,7 +452,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     try:
         storage.write_text(html_uri, render_html(workdir, sections, generated))
         storage.write_text(md_uri, render_md(workdir, sections, generated))
-    except PermissionError as e:  # a shared or read-only copy of a run (S3's refusals are explained)
+    except OSError as e:  # a shared or read-only copy of a run (S3's refusals are explained)
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         why = e.strerror or "permission denied"
         raise UsageError(f"cannot write the report into --workdir {workdir} ({why}): give yourself write "
                          "permission there, or copy the run to a folder you can write") from None

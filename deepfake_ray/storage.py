@@ -510,8 +510,15 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # on disk before it has the name: a power cut leaves old or new
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if e.filename is None:  # a full disk's write or fsync names no file: name the one written
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # a stop landing just after the rename
+            os.unlink(tmp)
         raise
 
 
@@ -744,6 +751,12 @@ def exclusive(uri: str, command: str):
             holder = lock.read().strip() or command
             raise UsageError(f"another {holder} is writing {uri}: wait for it to end, "
                              "or use another --workdir") from None
+        except OSError as e:
+            if e.errno != errno.ENOLCK:
+                raise
+            raise UsageError(f"cannot lock {uri}: its filesystem offers no file locks (NFS without "
+                             "lockd?): use a --workdir on a local disk, or on s3://, which has "
+                             "its own lease") from None
         lock.truncate(0)  # who holds it, for the message of a run refused meanwhile
         lock.write(f"{command} (pid {os.getpid()} on {socket.gethostname()})")
         lock.flush()

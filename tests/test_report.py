@@ -471,8 +471,11 @@ def test_a_report_of_a_folder_that_holds_no_run_exits_2_and_creates_nothing(tmp_
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_report_into_a_run_the_user_cannot_write_exits_2_naming_the_folder(tmp_path, monkeypatch, capsys):
-    """A shared or read-only copy of a run: a PermissionError traceback naming a temp file."""
+@pytest.mark.parametrize("refusal", [PermissionError(13, "Permission denied"),
+                                     OSError(30, "Read-only file system")], ids=["EACCES", "EROFS"])
+def test_a_report_into_a_run_the_user_cannot_write_exits_2_naming_the_folder(tmp_path, monkeypatch, capsys, refusal):
+    """A shared or read-only copy of a run: a traceback naming a temp file (a read-only
+    mount's error is an OSError, not a PermissionError)."""
     import tempfile
 
     from deepfake_ray import cli, lineage
@@ -486,13 +489,13 @@ def test_a_report_into_a_run_the_user_cannot_write_exits_2_naming_the_folder(tmp
 
     def read_only(*args, dir=None, **kwargs):  # tests run as root, whom no mode stops
         if dir == w:
-            raise PermissionError(13, "Permission denied", dir)
+            raise type(refusal)(refusal.errno, refusal.strerror, dir)
         return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 2
     assert error_lines(capsys) == [f"deepfake-ray report: error: cannot write the report into --workdir {w} "
-                                   "(Permission denied): give yourself write permission there, or copy the "
+                                   f"({refusal.strerror}): give yourself write permission there, or copy the "
                                    "run to a folder you can write"]
 
 
@@ -529,6 +532,27 @@ def test_a_stopped_report_says_to_run_it_again_without_stages_or_trainings(tmp_p
     assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 130
     assert error_lines(capsys) == [
         "deepfake-ray report: interrupted; run the same command again"]
+
+
+@pytest.mark.parametrize("refusal", [PermissionError(13, "Permission denied"),
+                                     OSError(30, "Read-only file system")], ids=["EACCES", "EROFS"])
+def test_a_file_below_the_workdir_this_user_may_not_touch_is_named_in_one_line(tmp_path, capsys, monkeypatch, refusal):
+    """A stage folder left by a run as another user (or a read-only mount below the work
+    directory) was a traceback: only the work directory's top is checked before a stage."""
+    from deepfake_ray import cli
+
+    w = str(tmp_path / "w")
+    write_workdir(w, epochs=1)
+    locked = os.path.join(w, "detector", "metrics.json")
+
+    def refused(*_, **__):
+        raise type(refusal)(refusal.errno, refusal.strerror, locked)
+
+    monkeypatch.setattr(report, "collect", refused)
+    assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 2
+    assert error_lines(capsys) == [
+        f"deepfake-ray report: error: {refusal.strerror}: {locked}: give this user read and write "
+        "permission there (ls -ld shows the owner), or use another --workdir"]
 
 
 def test_a_damaged_marker_is_said_once_not_taken_silently_for_an_unfinished_stage(tmp_path, capsys):

@@ -37,6 +37,53 @@ def test_a_local_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp
     assert os.listdir(tmp_path / "data") == ["manifest.parquet"]
 
 
+def test_a_full_disk_mid_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A write() or fsync() that finds the disk full names no file: the line said only "no
+    space left on device", not whether the work directory's disk or the temp dir's."""
+    from deepfake_ray.errors import disk_full
+
+    uri = str(tmp_path / "gan" / "metrics.json")
+
+    def disk_full_now(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full_now)
+    with pytest.raises(OSError) as raised:
+        storage.write_bytes(uri, b"{}")
+    assert disk_full(raised.value).startswith(f"no space left on device writing {uri}: free space")
+
+
+def test_a_stop_landing_as_a_write_is_renamed_into_place_stays_a_stop(tmp_path, monkeypatch):
+    """Ctrl-C just after the rename: removing the temporary (already renamed) raised
+    FileNotFoundError in place of the stop, so the command said it failed with a traceback."""
+    uri = str(tmp_path / "detector" / "_COMPLETE.json")
+    replace = os.replace
+
+    def stopped_after(src, dst):
+        replace(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped_after)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(uri, b"{}")
+    assert os.listdir(tmp_path / "detector") == ["_COMPLETE.json"]
+
+
+def test_a_filesystem_without_locks_is_said_as_such_not_as_unwritable(tmp_path, monkeypatch):
+    """NFS without lockd refuses flock with ENOLCK: the line said "cannot write to --workdir
+    ... pass a folder you can write to", which the user can."""
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(UsageError, match=r"cannot lock .*: its filesystem offers no file locks .*use a --workdir on a local disk"):
+        with storage.exclusive(str(tmp_path / "w"), "prepare"):
+            pass
+
+
 def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.jpg").write_bytes(b"x")
