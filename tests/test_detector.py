@@ -696,6 +696,22 @@ def test_a_folder_or_a_damaged_safetensors_file_as_pretrained_exits_2_with_one_l
     assert not storage.exists(os.path.join(workdir, "detector", "run"))  # no Train run was started
 
 
+def test_an_unreadable_pretrained_file_is_refused_before_the_pipeline_trains_anything(tmp_path, capsys):
+    """Checked only for being there: a pipe (or a teammate's file of mode 600) was first
+    read when train-detector started, after the GAN had trained, and was a traceback."""
+    from deepfake_ray.models import detector
+
+    pipe = str(tmp_path / "weights.safetensors")
+    os.mkfifo(pipe)
+    workdir = str(tmp_path / "work")
+    code = cli.main(["pipeline", "--preset", "tiny", "--workdir", workdir, "--set", f"detector.pretrained={pipe}"])
+    assert code == 2 and error_lines(capsys) == [
+        f"deepfake-ray pipeline: error: detector.pretrained={pipe} is not a regular file: pass a weights file"]
+    assert not os.path.exists(os.path.join(workdir, "data"))
+    with pytest.raises(UsageError, match=rf"detector.pretrained={pipe}: cannot read it \(.*not a regular file"):
+        detector.read_weights(pipe)  # what a worker reads, should the file change after the check
+
+
 def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_path):
     workdir = str(tmp_path / "work")
     build(workdir, 20, 32)

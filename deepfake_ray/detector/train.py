@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import time
 
 from safetensors.torch import save as st_save
@@ -144,6 +145,20 @@ def check_pretrained_file(cfg: Config) -> None:
     if storage.is_dir(spec):
         raise UsageError(f"detector.pretrained={spec} is a folder: pass a weights file (safetensors "
                          f"or state dict); of a model folder, {storage.join(spec, checkpoint.WEIGHTS)}")
+    if not storage.is_s3(spec):  # read only once the detector stage starts, hours into a pipeline
+        check_readable_file(spec)
+
+
+def check_readable_file(spec: str) -> None:
+    path = storage.normalize(spec)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would hang the read
+            raise UsageError(f"detector.pretrained={spec} is not a regular file: pass a weights file")
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"detector.pretrained={spec}: cannot read it ({e.strerror}): give this user "
+                         "read permission (ls -l shows the owner), or copy it somewhere readable") from None
 
 
 def resolve_pretrained(cfg: Config) -> str:

@@ -143,7 +143,12 @@ def read_weights(uri: str) -> dict:
         blob = storage.read_bytes(uri)
     except FileNotFoundError:
         raise UsageError(f"detector.pretrained={uri}: no such file; pass hub, none, or an "
-                         "existing local or s3:// weights file")
+                         "existing local or s3:// weights file") from None
+    except OSError as e:
+        if storage.is_s3(uri):  # explained, with the fix, where store errors are
+            raise
+        raise UsageError(f"detector.pretrained={uri}: cannot read it ({e.strerror or e}): pass a "
+                         "weights file this user can read") from None
     if uri.endswith(".safetensors") or blob[8:9] == b"{":  # safetensors: u64 size, JSON header
         from safetensors.torch import load as st_load
 
