@@ -889,6 +889,21 @@ def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ra
     assert tune.run(cfg)["lr"] == pytest.approx(tune.rates(cfg)[0])
 
 
+def test_a_sweep_asked_to_run_more_trials_at_once_than_fit_runs_what_fits_and_says_so(ray_session, tiny_cfg, capsys):
+    """tune.max_concurrent_trials=2 where one trial's workers fill the CPUs: both trials'
+    workers started, their per-epoch data tasks found no CPU, and the sweep waited forever
+    with no line."""
+    cpus = ray.cluster_resources()["CPU"]
+    cfg = tiny_cfg("tune.samples=3", "tune.max_concurrent_trials=2",
+                   f"resources.cpus_per_worker={cpus - 1:g}", "resources.data_cpus=1")
+    assert tune.concurrency(cfg) == 1
+    assert ("tune.max_concurrent_trials=2, but only 1 trial(s) fit this machine at once"
+            in capsys.readouterr().out)
+    roomy = tiny_cfg("tune.samples=3", "tune.max_concurrent_trials=2", "resources.cpus_per_worker=1",
+                     "resources.data_cpus=1", "resources.workers=1")
+    assert tune.concurrency(roomy) == min(2, cpus // 2)
+
+
 def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
     """Tune's own Ctrl-C handler ended the sweep and returned as if it had finished: its
     half-trained trials were published and the sweep marked complete (exit 0). It is an

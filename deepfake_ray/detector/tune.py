@@ -129,20 +129,25 @@ def trial_dir(workdir: str, trial_id: str) -> str:
 
 
 def concurrency(cfg: Config) -> int:
-    """Trials at once: tune.max_concurrent_trials, else all on a cluster (pending ones make its
-    autoscaler add nodes), or as many Train runs as fit on the in-process Ray."""
+    """Trials at once: tune.max_concurrent_trials (else all) on a cluster, where pending ones
+    make its autoscaler add nodes; on the in-process Ray no more than fit."""
     t, r = cfg.tune, cfg.resources
-    if t.max_concurrent_trials > 0:
-        return min(t.max_concurrent_trials, t.samples)
-    available = ray.cluster_resources()
-    if not runtime.in_process():  # trials wait for resources and the autoscaler adds them
-        return t.samples
+    wanted = min(t.max_concurrent_trials or t.samples, t.samples)
+    if not runtime.in_process():
+        return wanted
     # each trial: its workers and a Ray Data task beside them (the trial takes no CPU
-    # here); trials holding GPUs but too many CPUs would leave their data tasks none
+    # here); trials holding GPUs but too many CPUs would leave their data tasks none, and
+    # the sweep would wait forever with no error
+    available = ray.cluster_resources()
     fits = available.get("CPU", 1) // (r.workers * r.cpus_per_worker + r.data_cpus)
     if runtime.use_gpus(r.use_gpu):
         fits = min(fits, available.get("GPU", 0) // max(r.workers, 1))
-    return int(max(1, min(t.samples, fits)))  # check_fits: one fits
+    fits = int(max(1, fits))  # check_fits: one fits
+    if t.max_concurrent_trials > fits:
+        print(f"tune: tune.max_concurrent_trials={t.max_concurrent_trials}, but only {fits} trial(s) "
+              f"fit this machine at once (each: {r.workers} worker(s) x {r.cpus_per_worker:g} CPUs "
+              f"+ {r.data_cpus:g} for its data): running {fits} at a time", flush=True)
+    return min(wanted, fits)
 
 
 def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: str,
