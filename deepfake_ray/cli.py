@@ -2,7 +2,8 @@
 
 Exit codes: 0 done, 2 bad usage or bad input, or a problem around it the user can fix (a
 full disk, an unreachable store): one line saying what and how to fix it; 1 anything
-else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
+else, 130 interrupted (Ctrl-C), 128 + N stopped by signal N (143 SIGTERM, 129 SIGHUP,
+138 SIGUSR1).
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import difflib
 import importlib
 import os
 import re
+import signal
 import sys
 import time
 
 import deepfake_ray
-from deepfake_ray.errors import (Terminated, UsageError, by_sigterm, disk_full, find_error, find_usage_error,
-                                 note_sigterm, out_of_memory)
+from deepfake_ray.errors import (Terminated, UsageError, disk_full, find_error, find_usage_error, note_sigterm,
+                                 out_of_memory, stop_signal)
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -74,7 +76,8 @@ FORCE_HELP = {
 DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
                "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
                "2 bad usage or input, or a full disk or unreachable store (one line says what and how to "
-               "fix it), 1 anything else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).")
+               "fix it), 1 anything else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM; 129 "
+               "SIGHUP, 138 SIGUSR1).")
 
 
 class PrintVersion(argparse.Action):
@@ -298,19 +301,27 @@ def put_back(uri: str, ours: str, previous: str | None) -> None:
 
 
 def stop_on_sigterm(held: contextlib.ExitStack | None = None) -> None:
-    """SIGTERM stops the command as Ctrl-C does: one line on how to resume, exit 143 (Ray's
-    own handler exits 15 with a traceback, or dumps a stack). With `held`, the handler
-    before goes back when the command ends (tests call main() in their own process)."""
+    """SIGTERM, SIGHUP and SIGUSR1 stop the command as Ctrl-C does: one line on how to
+    resume, exit 128 + the signal's number (Ray's own SIGTERM handler exits 15 with a
+    traceback, or dumps a stack; SIGHUP and SIGUSR1 ended the process at once, its
+    config.yaml and S3 lease left behind). A signal ignored (`nohup`) stays ignored. With
+    `held`, the handlers before go back when the command ends (tests call main() in their
+    own process)."""
     import signal
     import threading
 
-    from deepfake_ray.errors import SIGTERMS, raise_terminated
+    from deepfake_ray.errors import SIGTERMS, STOP_SIGNALS, STOPPED_BY, raise_terminated
 
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-        if held is not None:  # the command's start
-            SIGTERMS.clear()
-            held.callback(signal.signal, signal.SIGTERM, previous)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if held is not None:  # the command's start
+        SIGTERMS.clear()
+        STOPPED_BY.clear()
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            previous = signal.signal(sig, raise_terminated)
+            if held is not None and previous is not None:
+                held.callback(signal.signal, sig, previous)
 
 
 def start_ray(address: str | None) -> None:
@@ -403,8 +414,9 @@ def quit_at_once_if_signalled(code: int) -> None:
     the process exits next (the console script), not in a caller of main()."""
     import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: exit_now(code))
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda *_: exit_now(code))
 
 
 def take_lock(held: contextlib.ExitStack, cfg, command: str) -> None:
@@ -606,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(usage_line(e) or str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        stopped = "stopped (SIGTERM)" if by_sigterm(e) else "interrupted"
+        sig = stop_signal(e)
+        stopped = f"stopped ({signal.Signals(sig).name})" if sig else "interrupted"
         if args.command == "score":  # its parts are kept, --force or not
             said = f"{stopped}; run the same command again: it resumes from the parts it finished"
         elif args.force and stage_changes() == changes:  # the complete stages are still the old ones
@@ -616,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             said = f"{stopped}; run {again}"
             if args.command in WRITERS:  # serve and report have no stages to skip
                 said += ": finished stages are skipped and a training resumes from its last checkpoint"
-        code = 143 if by_sigterm(e) else 130
+        code = 128 + sig if sig else 130
         if argv is None:
             quiet_ray_output()
             # before the line: a second signal sent once it shows (as a test does at once)

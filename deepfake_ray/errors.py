@@ -1,7 +1,11 @@
 """The one exception type that means "the user asked for something we cannot do", and
 how to find one (or an S3 failure, a full disk or workers out of memory: what the user
-can fix) behind the errors Ray wraps it in; and how a SIGTERM stops a command."""
+can fix) behind the errors Ray wraps it in; and how a stop signal stops a command."""
+import contextlib
 import errno
+import os
+import signal
+import stat
 import time
 
 
@@ -13,34 +17,55 @@ class UsageError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`ray job stop`, `timeout`, a container's stop), stopping a command as Ctrl-C does."""
+    """A stop signal, stopping a command as Ctrl-C does: SIGTERM (`ray job stop`, `timeout`,
+    a container's stop), SIGHUP (the terminal or ssh session closed), SIGUSR1 (Slurm's
+    `--signal` before a time limit)."""
 
 
-SIGTERMS: list[float] = []  # when each SIGTERM of the running command arrived
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+SIGTERMS: list[float] = []  # when each stop signal of the running command arrived
+STOPPED_BY: list[int] = []  # the first one's number
 
 
-def raise_terminated(*_) -> None:
-    """SIGTERM's handler. One within a second of the one before is the same stop: `timeout`
-    signals the command, then its whole process group, and that second signal cut the
-    first one's cleanup short (during Ray's start: exit 15 and no line)."""
-    if not note_sigterm():
+def raise_terminated(signum: int = signal.SIGTERM, _frame=None) -> None:
+    """The stop signals' handler. One within a second of the one before is the same stop:
+    `timeout` signals the command, then its whole process group, and that second signal
+    cut the first one's cleanup short (during Ray's start: exit 15 and no line)."""
+    if signum == signal.SIGHUP:
+        detach_from_terminal()
+    if not note_sigterm(signum):
         raise Terminated
 
 
-def note_sigterm() -> bool:
-    """Records a SIGTERM; whether it came within a second of the one before (so a steady
-    stream of them, each within a second of the last, is one stop)."""
+def note_sigterm(signum: int = signal.SIGTERM) -> bool:
+    """Records a stop signal; whether it came within a second of the one before (so a
+    steady stream of them, each within a second of the last, is one stop)."""
     now = time.monotonic()
     repeated = bool(SIGTERMS) and now - SIGTERMS[-1] < 1.0
     SIGTERMS.append(now)
+    if not STOPPED_BY:
+        STOPPED_BY.append(signum)
     return repeated
 
 
-def by_sigterm(stop: KeyboardInterrupt) -> bool:
-    """Whether a stop came from SIGTERM. Ray's wait on a task or a training run answers
-    the Terminated raised inside it with a KeyboardInterrupt of its own (such a stop
-    was told "interrupted", exit 130)."""
-    return isinstance(stop, Terminated) or bool(SIGTERMS)
+def detach_from_terminal() -> None:
+    """After SIGHUP the terminal is gone, and a line written to it fails (EIO), replacing
+    the stop with that error: what would go there goes nowhere (a log file stays)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal, not a file or a pipe
+                os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def stop_signal(stop: KeyboardInterrupt) -> int | None:
+    """The signal that stopped the command; None for Ctrl-C. Ray's wait on a task or a
+    training run answers the Terminated raised inside it with a KeyboardInterrupt of its
+    own (such a stop was told "interrupted", exit 130)."""
+    if isinstance(stop, Terminated) or SIGTERMS:
+        return STOPPED_BY[0] if STOPPED_BY else signal.SIGTERM
+    return None
 
 
 def find_usage_error(e: BaseException) -> UsageError | str | None:

@@ -904,11 +904,13 @@ def test_a_sweep_asked_to_run_more_trials_at_once_than_fit_runs_what_fits_and_sa
     assert tune.concurrency(roomy) == min(2, cpus // 2)
 
 
-def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch):
-    """Tune's own Ctrl-C handler ended the sweep and returned as if it had finished: its
-    half-trained trials were published and the sweep marked complete (exit 0). It is an
-    interrupt: exit 130, nothing published, the sweep left to resume, and the detector
-    in use before this `tune --force` still in place."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "sigusr1"])
+def test_a_stop_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session, tiny_cfg, capsys, monkeypatch, sig):
+    """Tune's own Ctrl-C handler, and its SIGUSR1 one (Slurm's warning before a time limit),
+    ended the sweep and returned as if it had finished: its half-trained trials were
+    published and the sweep marked complete (exit 0). It is an interrupt: exit 130, nothing
+    published, the sweep left to resume, and the detector in use before this `tune
+    --force` still in place."""
     from ray.tune import Tuner
 
     overrides = [*FAST, "tune.samples=1", "tune.epochs=1", "detector.arch=resnet10t"]
@@ -917,15 +919,19 @@ def test_ctrl_c_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
     in_use = train.model_dir(cfg.workdir)
     checkpoint.save_model(in_use, {}, {"lr": 1e-4, "epoch": 0, "threshold": 0.5, "metrics": {}})
     storage.mark_complete(train.stage_dir(cfg.workdir), {"model": in_use})
-    monkeypatch.setattr(tune, "trial", signal_driver_once(signal.SIGINT, os.path.join(cfg.workdir, "pressed")))
+    monkeypatch.setattr(tune, "trial", signal_driver_once(sig, os.path.join(cfg.workdir, "pressed")))
     args = ["tune", "--preset", "tiny", "--workdir", cfg.workdir, "--force"]
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever ran before
+    usr1 = signal.getsignal(signal.SIGUSR1)
     try:
-        assert cli.main(args + [a for kv in overrides for a in ("--set", kv)]) == 130
+        assert cli.main(args + [a for kv in overrides for a in ("--set", kv)]) == (
+            130 if sig == signal.SIGINT else 128 + sig)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next stage's Ctrl-C
+        assert signal.getsignal(signal.SIGUSR1) == usr1  # the command's handlers went with it
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert "interrupted; run it again without --force" in capsys.readouterr().err
+    stopped = "interrupted" if sig == signal.SIGINT else "stopped (SIGUSR1)"
+    assert f"{stopped}; run it again without --force" in capsys.readouterr().err
     out = tune.tune_dir(cfg.workdir)
     assert not os.path.exists(os.path.join(out, "results.csv"))
     assert storage.completed(out) is None

@@ -130,9 +130,12 @@ def test_a_path_that_is_not_utf8_exits_2_with_the_fix_before_anything_runs(monke
     assert not (tmp_path / "w").exists()  # no config.yaml, no lock
 
 
-def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_stops_a_command_as_ctrl_c_does_with_one_line_and_its_exit_code(tmp_path, sig):
     """`ray job stop`, `timeout` and a container's stop send SIGTERM: Ray's own handler
-    printed a stack dump, or a SystemExit traceback, and no line of ours."""
+    printed a stack dump, or a SystemExit traceback, and no line of ours. An ssh session
+    that drops sends SIGHUP, which ended the command at once, its config.yaml and S3
+    lease left behind."""
     import subprocess
     import sys
 
@@ -144,13 +147,14 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_one_line_and_exit_143(tmp_p
                                  "--source", "sample:200000", "--workdir", str(tmp_path / "w")],
                                 stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
         wait_for_line(log, "prepare: reading 200,000 images", proc, 120)  # minutes of work: stopped early
-        assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
+        assert stop(proc, sig) == 128 + sig, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
     cpus = max(4, runtime.machine_cores())  # Train's workers and Ray Data's tasks side by side
     assert f"ray: in-process, {cpus} CPUs; dashboard at http://127.0.0.1:" in log.read_text()
     said = [line for line in log.read_text().splitlines() if line.startswith("deepfake-ray prepare: ")]
-    assert said == ["deepfake-ray prepare: stopped (SIGTERM); run the same command again: finished stages "
+    assert said == [f"deepfake-ray prepare: stopped ({sig.name}); run the same command again: finished stages "
                     "are skipped and a training resumes from its last checkpoint"]
+    assert not (tmp_path / "w" / "config.yaml").exists()  # a first run's settings, put back: none
 
 
 @pytest.mark.slow

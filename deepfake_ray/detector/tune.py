@@ -18,6 +18,8 @@ import contextlib
 import io
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -87,7 +89,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
     # interrupt (exit 130); a rerun resumes from the sweep's state, saved as it goes.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    grid = tuner.fit()
+    grid = fit_to_the_end(tuner)
     rows = collect(cfg, grid)
     best = rows.iloc[0]
     # the detector is recorded as what its model was made with: the best rate, the trials' epochs
@@ -122,6 +124,29 @@ def check_settings(cfg: Config) -> None:
     if t.grace_period > t.epochs:
         raise UsageError(f"tune.grace_period ({t.grace_period}) must not exceed tune.epochs "
                          f"({t.epochs}): a trial is stopped early only after grace_period epochs")
+
+
+def fit_to_the_end(tuner: tune.Tuner) -> tune.ResultGrid:
+    """tuner.fit(), SIGUSR1 left to the command. Tune 2.60 always installs a SIGUSR1 handler
+    (Slurm's `--signal=USR1` before a time limit, `kill -USR1`) that ends the sweep early
+    and returns as if it had finished, its half-trained trials marked done: a stop here, as
+    SIGTERM is (a rerun resumes). It is put back as soon as Tune has installed its own."""
+    import ray.tune.tune as tune_run
+
+    setup = tune_run._setup_signal_catching
+
+    def without_sigusr1():
+        previous = signal.getsignal(signal.SIGUSR1)
+        event = setup()
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, previous)
+        return event
+
+    tune_run._setup_signal_catching = without_sigusr1
+    try:
+        return tuner.fit()
+    finally:
+        tune_run._setup_signal_catching = setup
 
 
 def trial_dir(workdir: str, trial_id: str) -> str:
