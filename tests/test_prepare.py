@@ -1586,6 +1586,14 @@ def test_a_folder_named_like_a_source_kind_is_a_folder(ray_session, tmp_path, ca
         assert "prepared 3 images" in capsys.readouterr().out
         manifest = read_outputs(workdir)[0]
         assert all(p.startswith(str(tmp_path / folder) + "/") for p in manifest["path"])
+    # the bare word names the built-in source: with a folder of that name here, the user's
+    # photos were silently swapped for drawn faces
+    os.mkdir("sample")
+    assert cli.main(["prepare", "--preset", "tiny", "--source", "sample", "--workdir", str(tmp_path / "w")]) == 2
+    assert error_lines(capsys) == [
+        "deepfake-ray prepare: error: source 'sample' names the built-in sample faces the tool draws, but "
+        "./sample is also a folder here: pass ./sample for the folder's images, or run from another folder"]
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is_its_row(monkeypatch):

@@ -96,6 +96,10 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
         example = "kaggle:OWNER/DATASET" if kind(text) == "kaggle" else "sample:N"
         raise UsageError(f"source '{text}' names nothing after its colon (an unset variable?): "
                          f"write {example}, or {kind(text)} alone for the default")
+    if text in ("sample", "kaggle") and os.path.isdir(text):  # the word wins: a silent swap
+        what = "sample faces the tool draws" if text == "sample" else "Kaggle download"
+        raise UsageError(f"source '{text}' names the built-in {what}, but ./{text} is also a folder "
+                         f"here: pass ./{text} for the folder's images, or run from another folder")
     if kind(text) == "sample":
         sample.parse(text, data.sample_size)
         return
