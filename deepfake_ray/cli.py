@@ -498,6 +498,8 @@ def execute(args: argparse.Namespace) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         from deepfake_ray import lineage, runtime, storage
 
+        if args.command not in NO_RAY:  # first: the checks below read those paths too
+            check_utf8(args)
         if args.command not in NO_WORKDIR:  # score and serve have none: runs/demo is not theirs
             storage.check_workdir(cfg.workdir)
         if args.command in WRITERS:
@@ -528,7 +530,6 @@ def execute(args: argparse.Namespace) -> int:
             print(taken, flush=True)
         if args.command not in NO_RAY:
             runtime.check_address(args.address or os.environ.get("RAY_ADDRESS"))
-            check_utf8(args)
         writes_config = args.command not in KEEP_CONFIG
         # refused before this run changes anything there (config.yaml included). A local
         # lock is taken now (the OS knows whether its holder lives): another run starting

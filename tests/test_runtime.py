@@ -128,6 +128,15 @@ def test_a_path_that_is_not_utf8_exits_2_with_the_fix_before_anything_runs(monke
     err = error_lines(capsys)
     assert len(err) == 1 and "the current folder" in err[0] and "run from a folder whose path is valid UTF-8" in err[0]
     assert not (tmp_path / "w").exists()  # no config.yaml, no lock
+    # as the work directory, or score's --out: a traceback from the checks that list or
+    # write there before Ray starts
+    for argv in (["prepare", "--preset", "tiny", "--workdir", os.path.join(latin1, "w")],
+                 ["score", "--model", str(tmp_path / "m"), "--input", str(tmp_path), "--out",
+                  os.path.join(latin1, "scores.csv")]):
+        assert cli.main(argv) == 2
+        err = error_lines(capsys)
+        assert len(err) == 1 and "caf\\xe9" in err[0] and "is not valid UTF-8" in err[0], err
+    assert os.listdir(latin1) == ["face.jpg"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
