@@ -96,6 +96,11 @@ def test_a_workdir_whose_stage_folders_hold_a_users_own_files_is_refused_before_
     shutil.rmtree(proj)
     (proj / "data" / ".images-new").mkdir(parents=True)
     sources.check_no_foreign_stage_folders(str(proj), "prepare")  # no UsageError
+    # a file whose name is not UTF-8 (an old Latin-1 one): pyarrow's listing was a traceback
+    (proj / "gan").mkdir()
+    open(os.path.join(os.fsencode(proj / "gan"), b"caf\xe9.pt"), "wb").close()
+    with pytest.raises(UsageError, match=r"gan already holds files no deepfake-ray run made \(caf\\xe9.pt\)"):
+        sources.check_no_foreign_stage_folders(str(proj), "train-gan")
 
 
 def test_a_work_directory_inside_the_source_folder_is_left_out(ray_session, tiny_cfg, tmp_path, capsys):

@@ -263,16 +263,13 @@ def check_no_foreign_stage_folders(workdir: str, command: str) -> None:
     (prepare's data/images, generate's fakes/, a redo's whole folder), so `--workdir .` in
     a project with a data/images of its own would lose them. What a first run cut short
     left there (hidden staging folders, markers) is its own."""
-    import pyarrow.fs as pafs
-
     workdir = storage.normalize(workdir)
     if runs_config(storage.join(workdir, "config.yaml")):
         return
     for stage in STAGE_FOLDERS:
         folder = storage.join(workdir, stage)
-        fs, path = storage.resolve(folder)
         try:
-            names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+            names = names_in(folder)
         except NotADirectoryError:  # a file of that name: check_folder says so
             continue
         if any(n in (storage.COMPLETE, STARTED) for n in names):
@@ -281,6 +278,20 @@ def check_no_foreign_stage_folders(workdir: str, command: str) -> None:
             raise UsageError(f"{folder} already holds files no deepfake-ray run made ({storage.shown(own[0])}"
                              f"{', ...' if len(own) > 1 else ''}), and {command} writes its outputs there, "
                              "replacing what it finds: move them away, or pass another --workdir")
+
+
+def names_in(folder: str) -> list[str]:
+    """The names in a folder, none if it is missing. Locally through the OS: pyarrow fails
+    on a name that is not UTF-8 (an old Latin-1 file), which os.listdir keeps as it is."""
+    if not storage.is_s3(folder):
+        try:
+            return os.listdir(storage.normalize(folder))
+        except FileNotFoundError:
+            return []
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(folder)
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
 
 
 def runs_config(uri: str) -> bool:
