@@ -803,10 +803,12 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
     """Over millions of files a stop (Ctrl-C, a lost driver) cost every file scored: now
     each part of serve.score_part_files files is kept as it is done, and the same command,
     --force or not, scores only the rest, into the table a run without a stop writes. A
-    file that could not be read then (not yet copied) is read again."""
+    file that could not be read then (not yet copied) is read again. Its --out name is as
+    long as a file's may be: the parts folder's and the write probe's names, longer, were
+    refused as "File name too long"."""
     import pyarrow as pa
 
-    folder, out = tmp_path / "in", tmp_path / "scores.csv"
+    folder, out = tmp_path / "in", tmp_path / ("scores-" + "s" * 239 + ".csv")  # 250 bytes
     folder.mkdir()
     for name, data in GOOD.items():
         (folder / name).write_bytes(data)
@@ -845,7 +847,7 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
     (folder / "late.jpg").write_bytes(JPEG)
     assert cli.main([*argv, "--force"]) == 0
     assert f"score: resuming: 3 of {len(listed)} files scored already" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == ["in", "manifest.parquet", "scores.csv"]  # parts gone with the table
+    assert sorted(os.listdir(tmp_path)) == ["in", "manifest.parquet", out.name]  # parts gone with the table
     assert cli.main([*argv[:argv.index(str(out))], str(tmp_path / "whole.csv")]) == 0  # in one part
     resumed, whole = (list(csv.DictReader(open(f))) for f in (out, tmp_path / "whole.csv"))
     assert [r["path"] for r in resumed] == [r["path"] for r in whole] == listed

@@ -248,11 +248,17 @@ def score_table(cfg: Config, model: str, meta: dict, paths: list[str], source: s
     return table.select(["path", "p_fake", "label", "error", "threshold", "model"])
 
 
+NAME_MAX = 255  # bytes in a file name on common local filesystems
+
+
 def parts_root(out: str) -> str:
     """Where runs into `out` keep their finished parts: hidden beside it, so that a folder
     scored into itself never lists them as inputs."""
     folder, name = out.rsplit("/", 1)
-    return f"{folder}/.{name}.parts"
+    hidden = f".{name}.parts"
+    if len(os.fsencode(hidden)) > NAME_MAX:  # `out` itself fits: its parts folder must too
+        hidden = f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:16]}.parts"
+    return f"{folder}/{hidden}"
 
 
 def parts_folder(out: str, src: str) -> str:
@@ -468,8 +474,8 @@ def check_writable(out: str) -> None:
     """A table that cannot be written is found now, not after every file is scored: a
     probe object written beside it and removed (S3: the bucket, the keys' rights), hidden
     so that a folder scored again never lists one a killed run left."""
-    folder, name = out.rsplit("/", 1)
-    probe = f"{folder}/.{name}.write-check-{uuid.uuid4().hex[:8]}"
+    folder = out.rsplit("/", 1)[0]
+    probe = f"{folder}/.write-check-{uuid.uuid4().hex[:8]}"  # short: `out`'s name may be 255 bytes
     try:
         storage.write_bytes(probe, b"")
         storage.delete_file(probe)
