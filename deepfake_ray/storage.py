@@ -847,8 +847,20 @@ def delete_dir(uri: str) -> None:
             stage_changed()
         if is_s3(uri):
             s3_delete(uri, s3_keys_under(uri))
+        elif os.path.islink(path):  # a folder put on another disk: removing the link left its
+            empty_folder(path)  # files there, and the stage wrote anew on the workdir's disk
         else:
             fs.delete_dir(path)
+
+
+def empty_folder(path: str) -> None:
+    import shutil
+
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 # S3 through boto3, not pyarrow: pyarrow's delete and move leave an empty "folder" object
@@ -924,7 +936,15 @@ def replace_dir(uri: str, new: str) -> None:
     _, target = resolve(uri)
     if not is_s3(uri):
         delete_file(uri)  # a file of that name: a stage's own folder holds nothing of the user's
-        if fs.get_file_info(source).type == pafs.FileType.Directory:
+        if fs.get_file_info(source).type != pafs.FileType.Directory:
+            return
+        if os.path.islink(target) and os.path.isdir(target):  # the link stays, as delete_dir's
+            import shutil
+
+            for name in os.listdir(source):  # another disk: each moved, copied if need be
+                shutil.move(os.path.join(source, name), os.path.join(os.path.realpath(target), name))
+            os.rmdir(source)
+        else:
             os.replace(source, target)
         return
     for file in list_files(new):

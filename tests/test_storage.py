@@ -84,6 +84,27 @@ def test_a_filesystem_without_locks_is_said_as_such_not_as_unwritable(tmp_path, 
             pass
 
 
+def test_a_stage_folder_linked_to_another_disk_stays_linked_when_redone(tmp_path):
+    """`ln -s /big/fakes runs/demo/fakes`: a redo removed the link alone, leaving the old
+    fakes on the big disk, and wrote the new ones on the work directory's (small) disk."""
+    big, work = tmp_path / "big", tmp_path / "run"
+    (big / "fakes" / "part").mkdir(parents=True)
+    (big / "fakes" / "part" / "0.parquet").write_bytes(b"old")
+    (big / "fakes" / storage.COMPLETE).write_text("{}")
+    (big / "images").mkdir()
+    (big / "images" / "old.parquet").write_bytes(b"old")
+    work.mkdir()
+    for name in ("fakes", "images"):
+        os.symlink(big / name, work / name)
+    storage.delete_dir(str(work / "fakes"))  # generate's redo
+    assert os.path.islink(work / "fakes") and os.listdir(big / "fakes") == []
+    (work / ".images-new").mkdir()
+    (work / ".images-new" / "new.parquet").write_bytes(b"new")
+    storage.replace_dir(str(work / "images"), str(work / ".images-new"))  # prepare's
+    assert os.path.islink(work / "images") and os.listdir(big / "images") == ["new.parquet"]
+    assert sorted(os.listdir(work)) == ["fakes", "images"]
+
+
 def test_listing_follows_linked_folders_but_not_loops(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.jpg").write_bytes(b"x")
