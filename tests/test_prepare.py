@@ -1601,6 +1601,21 @@ def test_a_folder_named_like_a_source_kind_is_a_folder(ray_session, tmp_path, ca
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("platform,same", [("darwin", True), ("linux", False)])
+def test_one_folder_typed_and_pasted_from_finder_is_one_source_on_macos(monkeypatch, platform, same):
+    """macOS takes `Café` typed (NFC) and pasted from Finder (NFD) for one folder: the rerun
+    was refused as made from another source, though both looked alike. On Linux they are
+    two folders."""
+    import dataclasses
+
+    typed, pasted = "/Users/me/Caf\u00e9", "/Users/me/Cafe\u0301"
+    monkeypatch.setattr(sys, "platform", platform)
+    cfg = config.build("tiny", workdir="/w")
+    made = prepare.settings(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=pasted)))
+    asked = prepare.settings(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=typed)))
+    assert (prepare.settings_now(made) == prepare.settings_now(asked)) is same
+
+
 def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is_its_row(monkeypatch):
     """An object deleted since it was listed, or one S3 will not read (archived), is that
     file's rejected row. A failure of the store itself (the network, its credentials) is

@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import sys
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -64,10 +65,12 @@ def kind(text: str) -> str:
 def canonical(text: str) -> str:
     """The source as it names the same data on every run: local folders absolute, and
     `sample:050` as `sample:50` (`sample:` or `kaggle:` with no name, which check_source
-    refuses, as the bare word)."""
+    refuses, as the bare word). On macOS, whose disks take `é` typed (NFC) and pasted from
+    Finder (NFD) for one name, a folder in NFC: the same folder is the same source."""
     text = text.strip()
     if text and kind(text) == "path":
-        return storage.normalize(text)
+        path = storage.normalize(text)
+        return unicodedata.normalize("NFC", path) if sys.platform == "darwin" and not storage.is_s3(path) else path
     count = text.partition(":")[2]
     if kind(text) == "sample" and count.isascii() and count.isdigit():
         return f"sample:{int(count)}"
