@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -1305,11 +1306,11 @@ def test_a_disk_error_while_extracting_keeps_the_download_for_the_next_run(
     file is left out for it, and the rerun extracts all of them."""
     data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
 
-    def stale(self, path=None, *args, **kwargs):
+    def stale(self, member, path=None, pwd=None):
         raise OSError(errno.ESTALE, "Stale file handle")
 
     with monkeypatch.context() as m:
-        m.setattr(zipfile.ZipFile, "extractall", stale)
+        m.setattr(zipfile.ZipFile, "extract", stale)
         with pytest.raises(UsageError, match=r"Stale file handle\): check that data.cache_dir is a folder "
                                              r"you can write to.*the download is kept"):
             sources.resolve_source("kaggle:owner/faces", data)
@@ -1334,6 +1335,28 @@ def test_files_a_kaggle_zip_names_as_this_disk_cannot_are_left_out_with_a_note(
     out = capsys.readouterr().out
     assert "left out 2 of the files in odd.zip of the Kaggle dataset owner/odd, which cannot be written " \
            "on this disk (first 'celeb/nnn" in out and "File name too long" in out
+
+
+def test_a_kaggle_zip_holding_one_name_twice_keeps_both_files(fake_kaggle, monkeypatch, tmp_path, tiny_cfg, capsys):
+    """A zip may hold a name twice (appended to), or names differing only in case, which
+    macOS's disk takes for one: the later file overwrote the earlier, and the images were
+    lost without a word."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    faces = [encode(rgb(i, 48), "JPEG") for i in range(3)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        for name, face in [("celeb/a.jpg", faces[0]), ("celeb/a.jpg", faces[1]), ("celeb/b.jpg", faces[2])]:
+            z.writestr(name, face)
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", lambda self, dataset, path=None, **_:
+                        open(os.path.join(path, "twice.zip"), "wb").write(buf.getvalue()))
+    data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
+    files = sources.resolve_source("kaggle:owner/twice", data).files
+    assert sorted(storage.read_bytes(f) for f in files) == sorted(faces)
+    assert ("1 of the files in twice.zip of the Kaggle dataset owner/twice share a name with another of its "
+            "files on this disk (repeated, or differing only in case): each is kept under a new name (first "
+            "'celeb/a.jpg' as 'celeb/a-2.jpg')") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cache", ["a file", "", "a file/cache"])
@@ -1447,39 +1470,39 @@ def test_kaggle_zips_that_fail_to_extract_and_an_empty_dataset_are_one_line(fake
             sources.resolve_source("kaggle:owner/faces", data)
     assert os.listdir(folder) == []  # deleted: the next run downloads it anew
 
-    def disk_full(self, path):  # the real one, once the disk has room again
+    def disk_full(self, member, path=None, pwd=None):  # the real one, once the disk has room again
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(zipfile.ZipFile, "extractall", disk_full)
+        m.setattr(zipfile.ZipFile, "extract", disk_full)
         with pytest.raises(UsageError, match="No space left on device.*free disk space.*the download is kept"):
             sources.resolve_source("kaggle:owner/faces", data)
     assert fake_kaggle == ["owner/faces"] and os.listdir(folder) == ["faces.zip"]
     assert len(sources.resolve_source("kaggle:owner/faces", data).files) == 5
     assert fake_kaggle == ["owner/faces"]  # extracted from the kept download: not downloaded again
 
-    real_extractall = zipfile.ZipFile.extractall
+    real_extract = zipfile.ZipFile.extract
 
-    def inner_disk_full(self, path=None, *args, **kwargs):  # once the outer zip is out and gone
+    def inner_disk_full(self, member, path=None, pwd=None):  # once the outer zip is out and gone
         if self.filename.endswith("part2.zip"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_extractall(self, path, *args, **kwargs)
+        return real_extract(self, member, path, pwd)
 
     with monkeypatch.context() as m:
-        m.setattr(zipfile.ZipFile, "extractall", inner_disk_full)
+        m.setattr(zipfile.ZipFile, "extract", inner_disk_full)
         with pytest.raises(UsageError, match="part2.zip .No space left on device.*the download is kept"):
             sources.resolve_source("kaggle:owner/nested", data)
     assert len(sources.resolve_source("kaggle:owner/nested", data).files) == 5
     assert fake_kaggle.count("owner/nested") == 1  # the kept inner zip extracted, not downloaded again
 
-    def interrupted(self, path=None, *args, **kwargs):  # Ctrl-C midway: a member cut short
+    def interrupted(self, member, path=None, pwd=None):  # Ctrl-C midway: a member cut short
         os.makedirs(os.path.join(path, "celeb", "more"), exist_ok=True)
         with open(os.path.join(path, "celeb", "more", "part2.zip"), "wb") as f:
             f.write(b"PK\x03\x04")
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(zipfile.ZipFile, "extractall", interrupted)
+        m.setattr(zipfile.ZipFile, "extract", interrupted)
         with pytest.raises(KeyboardInterrupt):
             sources.resolve_source("kaggle:owner/stopped", data)
     stopped = tmp_path / "cache" / "kaggle" / "owner" / "stopped"

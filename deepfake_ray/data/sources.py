@@ -9,10 +9,12 @@ import contextlib
 import errno
 import filecmp
 import hashlib
+import copy
 import io
 import itertools
 import json
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -639,7 +641,7 @@ def unzip_all(folder: str, dataset: str) -> None:
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
         for path in zips_under(folder):
             try:
-                left_out = extract(path)
+                left_out, renamed = extract(path)
             except UNEXTRACTABLE as e:
                 if path == download:
                     refuse_download(folder, dataset, path, e)
@@ -652,6 +654,12 @@ def unzip_all(folder: str, dataset: str) -> None:
                     print(f"prepare: left out {len(left_out):,} of the files in {os.path.relpath(path, folder)} "
                           f"of the Kaggle dataset {dataset}, which cannot be written on this disk (first "
                           f"{storage.printable(name)[:120]!r}: {why}); the others are read")
+                if renamed:
+                    name, new = renamed[0]
+                    print(f"prepare: {len(renamed):,} of the files in {os.path.relpath(path, folder)} of the Kaggle "
+                          f"dataset {dataset} share a name with another of its files on this disk (repeated, or "
+                          f"differing only in case): each is kept under a new name (first "
+                          f"{storage.printable(name)[:120]!r} as {storage.printable(new)[:120]!r})")
             os.remove(path)
 
 
@@ -691,7 +699,7 @@ def check_room(path: str, z: zipfile.ZipFile, folder: str) -> None:
 MEMBER_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EINVAL, errno.EILSEQ}
 
 
-def extract(path: str) -> list[tuple[str, str]]:
+def extract(path: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """`path`'s members beside it, put in place only once all are out: extracted into a
     hidden folder first, so an interrupted extraction leaves no cut-off member (a zip in
     the zip) for the next run to take for a damaged download. Nothing already there is
@@ -699,14 +707,14 @@ def extract(path: str) -> list[tuple[str, str]]:
     zip with one layout, a zip holding one named like itself), all of them go into a
     folder named after the zip. Returns the members left out, and why: those this disk
     cannot hold as named (a name too long, a file where the zip also holds a folder of
-    that name). Raises UNEXTRACTABLE's."""
+    that name); and those renamed (extract_members). Raises UNEXTRACTABLE's."""
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.extracting")
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
     try:
         os.makedirs(staging)  # an empty zip makes none
         with zipfile.ZipFile(path) as z:
             check_room(path, z, staging)
-            left_out = extract_members(z, staging)
+            left_out, renamed = extract_members(z, staging)
     except OSError as e:  # this machine's: a full disk, no permission
         shutil.rmtree(staging, ignore_errors=True)
         fix = ("free disk space or set data.cache_dir to a larger disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -725,27 +733,35 @@ def extract(path: str) -> list[tuple[str, str]]:
         for name in names:
             os.replace(os.path.join(root, name), os.path.join(folder, name))
     shutil.rmtree(staging)
-    return left_out
+    return left_out, renamed
 
 
-def extract_members(z: zipfile.ZipFile, into: str) -> list[tuple[str, str]]:
-    """All of `z` into `into`; where the disk refuses one member by its name, each member
-    in turn, leaving out (and returning, with the reason) those it refuses."""
-    try:
-        z.extractall(into)  # member names cannot climb out
-        return []
-    except OSError as e:
-        if e.errno not in MEMBER_ERRORS:
-            raise
-    left_out = []
+def extract_members(z: zipfile.ZipFile, into: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """All of `z` into `into` (member names cannot climb out). Returns the members the disk
+    refused by their names, with the reason, left out; and those renamed, with their new
+    names: a zip may hold one name twice, or names differing only in case, which a
+    case-insensitive disk (macOS's) takes for one, and extracting overwrote the first."""
+    left_out, renamed = [], []
     for member in z.infolist():
+        if not member.is_dir() and os.path.lexists(os.path.join(into, member_path(member.filename))):
+            member = copy.copy(member)  # zipfile reads it by its header's name, kept in orig_filename
+            stem, ext = posixpath.splitext(member.filename)
+            member.filename = next(f"{s}{ext}" for s in names_like(stem)
+                                   if not os.path.lexists(os.path.join(into, member_path(f"{s}{ext}"))))
+            renamed.append((member.orig_filename, member.filename))
         try:
             z.extract(member, into)
         except OSError as e:
             if e.errno not in MEMBER_ERRORS:
                 raise
             left_out.append((member.filename, e.strerror or type(e).__name__))
-    return left_out
+    return left_out, renamed
+
+
+def member_path(name: str) -> str:
+    """Where zipfile extracts a member of that name, below the folder: its parts without
+    the empty, `.` and `..` ones."""
+    return os.path.join(*[part for part in name.split("/") if part not in ("", ".", "..")] or ["."])
 
 
 def would_overwrite(staging: str, place: str) -> bool:
