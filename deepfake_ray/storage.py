@@ -685,7 +685,12 @@ def walk_local(root: str) -> list[str]:
         print(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
               f"are left out: {shown(', '.join(sorted(unreadable)[:3]))}{', ...' if len(unreadable) > 3 else ''}",
               file=sys.stderr, flush=True)
+    UNREADABLE_UNDER[root] = sum(not any(part.startswith(".") for part in f[len(root):].split("/"))
+                                 for f in unreadable)  # hidden ones are not listed anyway
     return files
+
+
+UNREADABLE_UNDER: dict[str, int] = {}  # local folder -> visible folders its last listing could not read
 
 
 def folders_above(root: str) -> frozenset[tuple[int, int]]:

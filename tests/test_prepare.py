@@ -412,6 +412,30 @@ def test_sample_faces_are_the_same_for_a_seed_and_differ_between_seeds_and_faces
     assert sample.face_jpeg(1, 1) != first and sample.face_jpeg(0, 2) != first
 
 
+def test_a_source_subfolder_gone_unreadable_keeps_the_complete_data(ray_session, tiny_cfg, tmp_path, capsys,
+                                                                    monkeypatch):
+    """`chmod 000 faces/b` after a prepare: its images counted as deleted, and data/, the
+    GAN, the fakes and the detector were all made again without them."""
+    faces = tmp_path / "faces"
+    for i in range(6):
+        (faces / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        (faces / "ab"[i % 2] / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
+    cfg = tiny_cfg(f"data.source={faces}")
+    assert prepare.run(cfg)["images"] == 6
+    scandir = os.scandir
+
+    def denied_for_b(path):  # tests run as root, whom no mode stops
+        if path == str(faces / "b"):
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied_for_b)
+    capsys.readouterr()
+    assert prepare.preflight(cfg) is not None  # complete, kept
+    assert (f"prepare: cannot tell whether the files in {faces} changed (1 folder(s) could not be read): "
+            "keeping the complete data/ (--force makes it again)") in capsys.readouterr().out
+
+
 def test_a_source_folder_whose_files_changed_is_prepared_again(ray_session, tiny_cfg, tmp_path, capsys):
     """Not "complete, skipped" over the images the folder held before: the pipeline would
     train on the old set. The same files again: skipped."""
