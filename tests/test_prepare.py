@@ -1695,6 +1695,30 @@ def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is
         prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/outage.jpg"], 1 << 20)
 
 
+def test_a_network_mount_gone_stale_mid_read_fails_the_ingest_while_a_bad_sector_is_its_files_row(
+        tmp_path, monkeypatch):
+    """A local source on NFS whose mount goes stale mid-ingest: every later file became an
+    "unreadable" row, and a complete data/ lacked them all. One file's read error (EIO, a
+    bad sector) stays that file's."""
+    import errno
+
+    faces = [str(tmp_path / f"{name}.jpg") for name in ("a", "bad", "stale")]
+
+    def read(uri, max_bytes=None):
+        if uri.endswith("bad.jpg"):
+            raise OSError(errno.EIO, "Input/output error", uri)
+        if uri.endswith("stale.jpg"):
+            raise OSError(errno.ESTALE, "Stale file handle", uri)
+        return sample.face_jpeg(0, 0)
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+    got = prepare.fetch_all(faces[:2], 1 << 20)
+    assert got[0] == sample.face_jpeg(0, 0) and isinstance(got[1], OSError)
+    with pytest.raises(UsageError, match=rf"reading {faces[2]} failed \(Stale file handle\): the source's "
+                                         "filesystem, not the file .*check the mount, then run again"):
+        prepare.fetch_all(faces, 1 << 20)
+
+
 def test_a_source_folder_the_os_will_not_list_exits_2_with_one_line_before_ray(tmp_path, capsys, monkeypatch):
     """No permission read as 'no image files under it: check the path' after Ray's start (with
     a warning besides), a loop of links or a name too long as 'does not exist'."""
