@@ -413,11 +413,11 @@ def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
     return done if rerun_reason(cfg, stage, done, asked) is None else None
 
 
-def upstream_made(cfg: Config, stage: Stage, read: dict | None = None) -> dict[str, tuple]:
+def upstream_made(cfg: Config, stage: Stage) -> dict[str, tuple]:
     """Setting -> (value recorded, "key=recorded (asked: value)", folder, its command) where
     a complete stage that `stage` reads, itself or through another, was made with another
     value than `cfg` asks. `stage`'s own settings are left to its own checks."""
-    read = {} if read is None else read
+    read: dict = {}
     own, found, seen = stage.settings(cfg), {}, set()
     todo = list(stage.inputs)
     while todo:

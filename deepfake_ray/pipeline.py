@@ -171,10 +171,11 @@ def recorded_seconds(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def write_report(cfg: Config, force: bool = False) -> None:
+def write_report(cfg: Config, **_) -> None:
+    """Always rebuilt (it is cheap), --force or not."""
     from deepfake_ray import report
 
-    report.run(cfg, force=True)  # cheap; always current
+    report.run(cfg)
     storage.mark_complete(storage.join(cfg.workdir, "report"), {"report": "report.html"})
 
 

@@ -441,8 +441,8 @@ def check_is_a_run(cfg: Config, saved: str | None) -> None:
                          "stage): pass the work directory of a run, e.g. runs/demo")
 
 
-def run(cfg: Config, force: bool = False, **_) -> dict:
-    """Write WORKDIR/report.html and WORKDIR/report.md (always rebuilt: it is cheap)."""
+def run(cfg: Config, **_) -> dict:
+    """Write WORKDIR/report.html and WORKDIR/report.md (always rebuilt, --force or not: it is cheap)."""
     workdir = cfg.workdir
     saved = saved_config(workdir)
     check_is_a_run(cfg, saved)

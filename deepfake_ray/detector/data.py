@@ -3,7 +3,8 @@
 The driver picks, per split, a balanced set of content hashes from the two manifests
 (`select`), after the leakage guards: no image in two splits, no image both real and
 fake, reals and fakes encoded the same way (size, JPEG tables, chroma subsampling).
-Ray Data then reads, labels, augments (train only) and decodes them (`dataset`).
+Ray Data then reads, labels and decodes them (`dataset`); `training_views` augments
+the training split's decoded pixels.
 
 The image transforms used for training augmentation and for the robustness
 evaluation live here too, so both apply exactly the same operations.

@@ -328,8 +328,6 @@ def gpus_per_replica(cfg: Config) -> float:
     cluster has GPUs."""
     import ray
 
-    from deepfake_ray import runtime
-
     if cfg.serve.gpus_per_replica > 0:
         wanted = f"serve.gpus_per_replica={cfg.serve.gpus_per_replica:g}"
         granted = not ray.is_initialized() or runtime.use_gpus(True, wanted)

@@ -1,4 +1,5 @@
-"""The one prediction path shared by the HTTP service and batch scoring.
+"""The one prediction path shared by the HTTP service and batch scoring (evaluate's
+scorer, detector/data.py, calls the same model functions without the service's decode).
 
 bytes --decode_image--> uint8 pixels --predict_pixels--> p_fake --describe--> result
 
@@ -26,7 +27,6 @@ STATUS_BY_REASON = {
     "decompression bomb": 413,
     "not an image": 415,
     "html page": 415,
-    "html, not an image": 415,
     "unsupported format": 415,
     "truncated": 422,
     "corrupt": 422,
@@ -156,7 +156,8 @@ class Predictor:
                 "threshold": self.threshold, "model": self.model_id}
 
     def predict_bytes(self, blobs: list[bytes]) -> list[dict | DecodeError]:
-        """One result per input, in order: a dict, or the DecodeError for an unusable file."""
+        """One result per input, in order: a dict, or the DecodeError for an unusable file.
+        The reference the tests and benchmarks compare the service and `score` against."""
         results: list = [None] * len(blobs)
         good, pixels = [], []
         for i, blob in enumerate(blobs):
