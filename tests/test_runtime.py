@@ -487,7 +487,9 @@ def test_a_full_disk_or_quota_is_one_line_naming_the_file_where_it_is_known():
     in_worker = WorkerGroupError("Training failed", {0: RuntimeError("OSError: [Errno 28] No space left on device")})
     assert cli.usage_line(in_worker).startswith("no space left on device" + fix)
     assert cli.usage_line(OSError(errno.EDQUOT, "Disk quota exceeded")).startswith("disk quota exceeded" + fix)
-    assert cli.usage_line(OSError(errno.EACCES, "Permission denied", "/runs/w")) is None
+    assert cli.usage_line(OSError(errno.EIO, "Input/output error", "/runs/w/gan/history.json")) is None
+    assert cli.usage_line(OSError(errno.EACCES, "Permission denied", "/runs/w/gan")).startswith(
+        "Permission denied: /runs/w/gan: give this user read and write permission there")
 
 
 def test_workers_out_of_memory_are_one_line_naming_the_batch_setting_to_lower():
