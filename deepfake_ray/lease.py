@@ -33,9 +33,37 @@ from deepfake_ray.errors import UsageError
 LOCK = ".lock"
 RENEW_S = 60.0
 LAPSE_S = 300.0  # five missed renewals: the holder is gone
+# Unrenewed this long (the machine slept, or could not reach the store), a run stops before
+# another may take its lock over: it would go on writing beside the new holder until its
+# next renewal found the lock taken.
+STALE_S = LAPSE_S - 2 * RENEW_S
+CHECK_S = 5.0  # how soon after waking the renewer looks at its clock
+RENEWED: dict[str, list[float]] = {}  # lock's folder -> when its last renewal was sent (awake_s)
 # sent by this process to its own main thread only (unused by Ray's driver)
 TAKEN_OVER = signal.SIGUSR2
-LOCKS_TAKEN_OVER: list[str] = []  # set by a renewer before it signals, read by the handler
+LOCKS_TAKEN_OVER: list[tuple] = []  # (folder, why) set by a renewer before it signals, read by the handler
+
+
+def awake_s() -> float:
+    """A clock that counts the time a machine was suspended (time.monotonic does not, on
+    Linux), as the store's clock, which decides the lapse, does."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+def check_fresh(uri: str) -> None:
+    """UsageError when a lock this process holds over `uri` has gone unrenewed for STALE_S:
+    a stage's commit (its marker) waits for no renewer to notice. A woken laptop's main
+    thread runs on at once."""
+    uri = storage.normalize(uri)
+    for folder, renewed in list(RENEWED.items()):
+        if (uri == folder or uri.startswith(folder + "/")) and awake_s() - renewed[0] > STALE_S:
+            raise UsageError(stale_message(folder, awake_s() - renewed[0]))
+
+
+def stale_message(folder: str, unrenewed: float) -> str:
+    return (f"the lock of {folder} went unrenewed for {unrenewed:.0f} s (this machine slept, or could "
+            f"not reach the store), and another run may take a lock after {LAPSE_S:.0f} s: this run "
+            "stops before two write there; run it again (a training resumes from its last checkpoint)")
 
 
 def holder(command: str, token: str) -> bytes:
@@ -148,25 +176,28 @@ def error_code(e: Exception) -> str:
 @contextlib.contextmanager
 def held(uri: str, command: str):
     """Holds `<uri>/.lock` on S3, or fails at once with UsageError while a live run does."""
-    client, bucket, prefix = storage.s3_client(uri)
+    client, bucket, prefix = storage.s3_client(uri, quick=True)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
     token = secrets.token_hex(8)
+    renewed = [awake_s()]  # as the write is sent: the store's lapse counts from about then
     with storage.store_errors(storage.join(uri, LOCK)):  # an unreachable store: one line, no password
         etag = take(client, bucket, key, uri, command, token)
     if etag is None:  # a store without conditional writes
         yield
         return
     held_etag, stop, lost = [etag], threading.Event(), threading.Event()
+    RENEWED[storage.normalize(uri)] = renewed
     with stops_when_taken_over(uri) as stop_run:
         renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, token,
-                                                       stop, lost, stop_run), daemon=True)
+                                                       stop, lost, stop_run, renewed), daemon=True)
         renewer.start()
         try:
             yield
         finally:
             stop.set()
             renewer.join()
-            if not lost.is_set():
+            RENEWED.pop(storage.normalize(uri), None)
+            if not lost.is_set():  # a stale lock may still be this run's: freed if so (If-Match)
                 release(client, bucket, key, held_etag[0], command)
 
 
@@ -182,14 +213,14 @@ def stops_when_taken_over(uri: str):
     def taken_over(signum, frame):
         # the lock named by the renewer that signalled: a run holding two (prepare: the work
         # directory's, then data/'s) has the inner one's handler in place for both
-        which = LOCKS_TAKEN_OVER.pop() if LOCKS_TAKEN_OVER else uri
-        raise UsageError(f"another run took over the lock of {which} (a run may take a lock not "
+        which, why = LOCKS_TAKEN_OVER.pop() if LOCKS_TAKEN_OVER else (uri, None)
+        raise UsageError(why or f"another run took over the lock of {which} (a run may take a lock not "
                          f"renewed for {LAPSE_S:.0f} s, as when this one was stalled or cut off from "
                          "the store): this run stops, so that only one writes there; run it again "
                          "once that one has ended")
 
-    def stop_run():
-        LOCKS_TAKEN_OVER.append(uri)
+    def stop_run(why: str | None = None):
+        LOCKS_TAKEN_OVER.append((uri, why))
         signal.pthread_kill(main, TAKEN_OVER)
 
     previous = signal.signal(TAKEN_OVER, taken_over)
@@ -372,15 +403,30 @@ def check_free(uri: str, command: str) -> bool:
 
 
 def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,
-          stop: threading.Event, lost: threading.Event, stop_run=None) -> None:
-    """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds.
-    Taken over by another run, it calls `stop_run` (if any)."""
+          stop: threading.Event, lost: threading.Event, stop_run=None, renewed: list[float] | None = None) -> None:
+    """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds, and
+    `renewed[0]` when its last renewal was sent. Taken over by another run, or unrenewed for
+    STALE_S, it calls `stop_run` (if any)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    while not stop.wait(RENEW_S):
+    renewed = renewed if renewed is not None else [awake_s()]
+    tried = renewed[0]
+    while not stop.wait(min(CHECK_S, RENEW_S)):
+        if (unrenewed := awake_s() - renewed[0]) > STALE_S:
+            folder = f"s3://{bucket}/{key.removesuffix(LOCK).rstrip('/')}"
+            print(f"{command}: warning: {stale_message(folder, unrenewed)}" if stop_run else
+                  f"{command}: warning: the lock {folder} went unrenewed for {unrenewed:.0f} s: "
+                  "another run may take it over", flush=True)
+            if stop_run:
+                stop_run(stale_message(folder, unrenewed))
+            return
+        if awake_s() - tried < RENEW_S:
+            continue
+        tried = awake_s()
         try:
             etag[0] = client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                         IfMatch=etag[0])["ETag"]
+            renewed[0] = tried
         except (BotoCoreError, ClientError) as e:  # the run goes on; say what may follow
             if error_code(e) in ("PreconditionFailed", "NoSuchKey"):
                 try:
@@ -391,6 +437,7 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                     continue
                 if own is not None:
                     etag[0] = own  # this renewal's write went through; its reply was lost
+                    renewed[0] = tried
                     continue
                 lost.set()
                 print(f"{command}: warning: another run took over the lock s3://{bucket}/{key}: "

@@ -361,18 +361,20 @@ def key_prefix(key: str) -> str:
     return f"{key.rstrip('/')}/" if key.strip("/") else ""
 
 
-def s3_client(uri: str):
+def s3_client(uri: str, quick: bool = False):
     """(boto3 S3 client at the configured endpoint, bucket, key) for an s3:// URI: for
-    what pyarrow's filesystem cannot ask (conditional writes, a one-key listing)."""
+    what pyarrow's filesystem cannot ask (conditional writes, a one-key listing). `quick`:
+    short timeouts and few retries, for a lease's renewals (botocore's defaults let one
+    stalled request outlast the lease)."""
     bucket, _, key = normalize(uri).removeprefix("s3://").partition("/")
-    return boto3_client(s3_endpoint()), bucket, key
+    return boto3_client(s3_endpoint(), quick), bucket, key
 
 
 _client_lock = threading.Lock()
 
 
-@lru_cache(maxsize=4)
-def boto3_client(endpoint: str | None):
+@lru_cache(maxsize=8)
+def boto3_client(endpoint: str | None, quick: bool = False):
     """One client per endpoint and process: making one costs ~12 ms of CPU, and boto3's
     default session is not safe to make clients from in many threads at once. As many
     connections as write_many's threads: 10 by default, so 22 of them waited."""
@@ -383,9 +385,10 @@ def boto3_client(endpoint: str | None):
     # every PUT as aws-chunked with a trailing checksum, which some such stores refuse.
     checksums = dict(request_checksum_calculation="when_required",
                      response_checksum_validation="when_required") if endpoint else {}
+    timeouts = dict(connect_timeout=10, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"}) if quick else {}
     with _client_lock:  # the region as s3_filesystem takes it (botocore reads no AWS_REGION)
         return boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, config=Config(max_pool_connections=WRITERS, **checksums),
+            "s3", endpoint_url=endpoint, config=Config(max_pool_connections=WRITERS, **checksums, **timeouts),
             region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
 
 
@@ -960,6 +963,10 @@ def replace_dir(uri: str, new: str) -> None:
 def mark_complete(stage_uri: str, summary: dict, stage: bool = True) -> None:
     """Written last: a stage whose folder holds this marker is complete and is skipped.
     `stage=False`: a folder no stage reads as its output (a source's copy)."""
+    if is_s3(stage_uri):
+        from deepfake_ray import lease
+
+        lease.check_fresh(stage_uri)  # no marker vouching for files another run may be rewriting
     if stage:
         stage_changed()
     write_json(join(stage_uri, COMPLETE), summary)

@@ -598,6 +598,31 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
             time.sleep(30)
 
 
+def test_a_run_whose_lease_went_unrenewed_for_most_of_a_lapse_stops_and_commits_nothing(
+        s3_server, monkeypatch, capsys):
+    """A laptop suspended for ten minutes: by the store's clock its lock lapsed, and another
+    run may have taken it. Woken, it wrote on (checkpoints, a stage's marker) until its next
+    renewal found the lock taken, up to a minute later: two writers."""
+    import boto3
+
+    from deepfake_ray import lease
+
+    work = f"{s3_server('runs-asleep')}/r1"
+    clock = [1000.0]
+    monkeypatch.setattr(lease, "awake_s", lambda: clock[0])
+    stale = r"the lock of s3://runs-asleep/r1 went unrenewed for 600 s \(this machine slept, or could not " \
+            r"reach the store\), and another run may take a lock after 300 s: this run stops"
+    with storage.exclusive(work, "train-gan"):
+        clock[0] += 600  # asleep; the renewer's own wait does not count it
+        with pytest.raises(UsageError, match=stale):  # a commit on waking, before the renewer looks
+            storage.mark_complete(storage.join(work, "gan"), {"epochs": 1})
+        with pytest.raises(UsageError, match=stale):
+            time.sleep(30)  # the renewer stops the run within CHECK_S
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="runs-asleep", Prefix="r1/")
+    # still its own: freed for the rerun, no marker left behind
+    assert f"warning: {stale.replace(chr(92), '')[:40]}" in capsys.readouterr().out
+
+
 def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
     """A training beside a running pipeline would share its run's checkpoints: refused,
     exit 2 naming it, before it changes anything (config.yaml included)."""
