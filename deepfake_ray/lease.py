@@ -284,14 +284,19 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
     """The ETag of the lock this run now holds (None: the store cannot lock)."""
     from botocore.exceptions import ClientError
 
+    no_lock = (f"{command}: warning: this S3 store has no conditional writes, so {uri} has no "
+               "lock: keep runs that share it apart yourself")
     for _ in range(3):  # the holder may end between our two requests
         try:
-            return client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
+            etag = client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                      IfNoneMatch="*")["ETag"]
+            if ignores_conditions(client, bucket, key, command, token):
+                print(no_lock, flush=True)
+                return None
+            return etag
         except ClientError as e:
             if error_code(e) == "NotImplemented":
-                print(f"{command}: warning: this S3 store has no conditional writes, so {uri} has "
-                      "no lock: keep runs that share it apart yourself", flush=True)
+                print(no_lock, flush=True)
                 return None
             if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise
@@ -307,6 +312,22 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
                 continue
         return take_over(client, bucket, key, uri, command, token, current)
     raise UsageError(f"other runs keep taking {uri}'s lock: wait for them to end, or use another --workdir")
+
+
+def ignores_conditions(client, bucket: str, key: str, command: str, token: str) -> bool:
+    """Whether the store took a conditional create of an object that exists: one that
+    ignores If-None-Match (AWS S3 before August 2024, older MinIO and Ceph) lets a second
+    run write over the lock, and neither would know. Such a lock is deleted: it locks nothing."""
+    from botocore.exceptions import ClientError
+
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=holder(command, token), IfNoneMatch="*")
+    except ClientError as e:
+        if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+    client.delete_object(Bucket=bucket, Key=key)
+    return True
 
 
 def holder_elsewhere(info: dict) -> bool:

@@ -514,6 +514,27 @@ def test_an_s3_work_directory_is_leased_to_one_writer_and_a_dead_ones_lease_laps
         assert json.loads(client.get_object(**lock)["Body"].read())["pid"] == os.getpid()
 
 
+def test_a_store_that_ignores_conditional_writes_is_said_to_have_no_lock(s3_server, monkeypatch, capsys):
+    """AWS S3 before August 2024, older MinIO and Ceph take If-None-Match and do nothing
+    with it: a second run wrote over the first's lock, and neither knew. It is found at the
+    start, said, and no lock object is left to mislead."""
+    import boto3
+
+    uri = f"{s3_server('runs-unconditional')}/r1"
+    plain = boto3.client("s3")
+
+    def drop_conditions(params, **_):  # what such a store does with them
+        params.pop("IfNoneMatch", None)
+        params.pop("IfMatch", None)
+
+    plain.meta.events.register("before-parameter-build.s3.PutObject", drop_conditions)
+    monkeypatch.setattr(storage, "s3_client", lambda u, quick=False: (plain, "runs-unconditional", "r1"))
+    with storage.exclusive(uri, "prepare"):
+        assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="runs-unconditional", Prefix="r1/")
+    assert (f"prepare: warning: this S3 store has no conditional writes, so {uri} has no lock: keep runs "
+            "that share it apart yourself") in capsys.readouterr().out
+
+
 def test_a_lock_write_whose_reply_was_lost_is_still_the_runs_own(s3_server):
     """The write went through, its reply was lost, the SDK's retry was refused (the object
     now exists): the run recognizes its own lock by its token rather than call itself a
