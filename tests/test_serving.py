@@ -856,6 +856,32 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
         assert float(r.pop("p_fake")) == pytest.approx(float(w.pop("p_fake")), abs=1e-6) and r == w
 
 
+def test_a_model_exported_anew_while_score_runs_stops_it_rather_than_mix_two_models(
+        ray_session, model_dir, tmp_path, monkeypatch, capsys):
+    """Each part's scoring pool loads what is at --model then: a tune or train-detector that
+    published there mid-run scored the rest of the table with its model, while the summary
+    named the first one's (and counted the fake share over both)."""
+    model, folder, out = tmp_path / "model", tmp_path / "in", tmp_path / "scores.csv"
+    shutil.copytree(model_dir, model)
+    folder.mkdir()
+    for name, data in GOOD.items():
+        (folder / name).write_bytes(data)
+    real = storage.write_parquet
+
+    def exported_anew_after_the_first_part(uri, table, **options):
+        real(uri, table, **options)
+        if ".parts/" in uri:  # another threshold: another model, as a retrained one is
+            meta = json.loads((model / "model.json").read_text())
+            (model / "model.json").write_text(json.dumps({**meta, "threshold": 0.123}))
+
+    monkeypatch.setattr(storage, "write_parquet", exported_anew_after_the_first_part)
+    assert cli.main(["score", "--preset", "tiny", "--model", str(model), "--input", str(folder),
+                     "--out", str(out), "--set", "serve.score_part_files=4"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and f"--model {model} changed while score ran" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("cluster_cpus,cpus_per_worker,actors,actor_cpus", [
     (4, 2, 1, 2),  # the in-process Ray of a 2-core laptop (4 CPUs), the demo: both cores' threads
     (16, 4, 4, 3),  # celeb100k's 4 a worker, capped: a quarter of the CPUs left to decode

@@ -162,14 +162,23 @@ def decode_into(pixels: np.ndarray, i: int, raw: bytes, read: bytes | Exception 
 class ScoreActor:
     """Ray Data actor: holds one Predictor; decoded pixels -> p_fake and label."""
 
-    def __init__(self, model_uri: str, max_pixels: int, threads: int | None = None):
+    def __init__(self, model_uri: str, max_pixels: int, threads: int | None = None, model_id: str | None = None):
         # eager: only this thread runs Python here, so the frozen graph a replica needs
         # scores no faster (measured), and its tracing cost every run ~2.3 s before the first batch
         self.predictor = Predictor(model_uri, max_pixels=max_pixels, device=runtime.assigned_device(),
                                    threads=threads, frozen=False)
+        # each part's pool, and a restarted actor, loads what is there now: a model exported
+        # there mid-run (train-detector, tune) would score the rest of the table. Raised on
+        # the first batch: an actor's constructor error reaches the driver as text only
+        self.changed = None if model_id in (None, self.predictor.model_id) else UsageError(
+            f"--model {model_uri} changed while score ran (model {self.predictor.model_id}, where it "
+            f"began with {model_id}): run score again once nothing writes there, and it scores with "
+            "the model then in place")
         runtime.freeze_startup_objects()  # a full collection of ~500k objects took 470 ms
 
     def __call__(self, batch: dict) -> dict:
+        if self.changed:
+            raise self.changed
         errors = np.array(batch["error"], dtype=object)
         ok = errors == ""
         p_fake = np.full(len(ok), np.nan)
@@ -333,7 +342,8 @@ def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: 
     resources = {"num_gpus": actors.gpus} if actors.gpus else {"num_cpus": actors.cpus}
     ds = runtime.map_on_actor_pool(ds, ScoreActor, actors.actors, batch_size=batch, batch_format="numpy",
                                    **resources, fn_constructor_kwargs={
-                                       "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": actors.threads})
+                                       "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": actors.threads,
+                                       "model_id": checkpoint.model_id(meta)})
     with crashes.named_if_fatal(run, source):
         return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
