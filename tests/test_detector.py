@@ -847,8 +847,13 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
         f"2)" in err[0] and f"`deepfake-ray train-detector --force --set detector.lr={lr}`" in err[0], err
     # being remade by train-detector, the detector is no longer the sweep's: tune is not
     # complete (a pipeline with tune.enabled sweeps, or restores the sweep, again). Its
-    # training is cut short as it starts: a whole run would add ~55 s to this test
+    # training is cut short as it starts: a whole run would add ~55 s to this test. The
+    # model in use stays until its successor is published: a service scaling up, or a
+    # score, found none for the whole training
+    in_use = checkpoint.load_meta(train.model_dir(cfg.workdir))
+
     def interrupted(*_, **__):
+        assert checkpoint.load_meta(train.model_dir(cfg.workdir)) == in_use
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "fine_tune", interrupted)

@@ -72,8 +72,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     from deepfake_ray.detector import tune  # (it imports this module)
 
     lineage.unmark(cfg, tune.STAGE)  # its product, the model in detector/, is being replaced
-    if plan.redo:
-        lineage.clear(stage, keep=("pretrained",))
+    if plan.redo:  # the model in use stays until publish replaces it (a service may load it)
+        lineage.clear(stage, keep=("pretrained", "model"))
     lineage.start(cfg, STAGE, plan)
     started = time.time()
     workers, batch = cfg.resources.workers, cfg.detector.batch_size
