@@ -54,6 +54,10 @@ def load_meta(uri: str) -> dict:
     except FileNotFoundError:
         if storage.is_s3(uri) and storage.bucket_missing(uri):
             raise UsageError(f"--model {uri}: the bucket does not exist: check the s3:// path") from None
+        if storage.exists(storage.join(uri, WEIGHTS)):  # written just before model.json
+            raise UsageError(f"{uri} holds weights but no {META}: a train-detector or tune may be "
+                             "exporting a model there now (try again once it ends), or the folder "
+                             "was copied in part (copy it again)") from None
         raise UsageError(f"no model at {uri} ({META} missing): pass the folder that "
                          "train-detector or tune exported, e.g. WORKDIR/detector/model") from None
     except NotADirectoryError:  # --model .../model/weights.safetensors

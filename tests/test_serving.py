@@ -1170,8 +1170,14 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     cfg = serve_cfg(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
+    being_exported = tmp_path / "being-exported"  # its weights written, its model.json not yet
+    being_exported.mkdir()
+    shutil.copy(os.path.join(model_dir, "weights.safetensors"), being_exported)
     bad = {"no model at .*no-model .model.json missing.": dict(model=str(tmp_path / "no-model"), input=images_dir,
                                                               out=str(tmp_path / "a.parquet")),
+           "being-exported holds weights but no model.json: a train-detector or tune may be exporting a model "
+           r"there now \(try again once it ends\), or the folder was copied in part": dict(
+               model=str(being_exported), input=images_dir, out=str(tmp_path / "a.parquet")),
            "empty holds no files to score": dict(model=model_dir, input=str(empty), out=str(tmp_path / "a.parquet")),
            "missing is not a folder, s3:// prefix or manifest": dict(model=model_dir, input=str(tmp_path / "missing"),
                                                                     out=str(tmp_path / "a.parquet")),
