@@ -378,11 +378,11 @@ def quiet_ray_output() -> None:
             held.flush()  # repeated lines held back, which Ray's shutdown would print
 
 
-def quiet_ray_output_after_an_error(argv: list[str] | None) -> None:
+def quiet_ray_output_after_an_error(exits: bool) -> None:
     """The error's line is the command's last: Ray's processes, failing with it (a training
     run's retried workers), went on printing their tracebacks after it."""
     ray = sys.modules.get("ray")
-    if argv is None and ray is not None and ray.is_initialized():
+    if exits and ray is not None and ray.is_initialized():
         quiet_ray_output()
 
 
@@ -603,7 +603,17 @@ def shown(text: str) -> str:
     return storage.shown(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def console_main() -> None:
+    """The `deepfake-ray` console script (and `python -m deepfake_ray.cli`): the process
+    ends with the command."""
+    sys.exit(main(exits=True))
+
+
+def main(argv: list[str] | None = None, exits: bool = False) -> int:
+    """The command `argv` (sys.argv's by default); its exit code. `exits`: the process ends
+    once this returns (the console script, a job's driver), so a stop also ends it within
+    15 s and quiets Ray's output. Without it (a notebook, `%run -m`, a test) nothing is
+    done to the process beyond the command: a Ctrl-C there once killed the kernel."""
     if sys.platform == "win32":  # file locks (fcntl), fchmod and signals a command needs
         print("deepfake-ray: error: native Windows is not supported: run it in WSL2, or on "
               "Linux or macOS", file=sys.stderr)
@@ -614,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return execute(args)
     except UsageError as e:
-        quiet_ray_output_after_an_error(argv)
+        quiet_ray_output_after_an_error(exits)
         # a task's, through Ray, is a RayTaskError(UsageError): its text is Ray's traceback
         print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(usage_line(e) or str(e))}", file=sys.stderr)
         return 2
@@ -631,13 +641,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in WRITERS:  # serve and report have no stages to skip
                 said += ": finished stages are skipped and a training resumes from its last checkpoint"
         code = 128 + sig if sig else 130
-        if argv is None:
+        if exits:
             quiet_ray_output()
             # before the line: a second signal sent once it shows (as a test does at once)
             # arrived while exit_within started its thread, and was a traceback and exit 1
             quit_at_once_if_signalled(code)
         print(f"deepfake-ray {args.command}: {said}", file=sys.stderr)
-        if argv is None:
+        if exits:
             exit_within(code)
             quiet_cleanup_errors()
         return code
@@ -645,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         if line := usage_line(e) or out_of_memory_line(args.command, e):  # settings the user can change
-            quiet_ray_output_after_an_error(argv)
+            quiet_ray_output_after_an_error(exits)
             print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(line)}", file=sys.stderr)
             return 2
         from deepfake_ray.storage import redacted
@@ -672,4 +682,4 @@ def failure_line(command: str, e: BaseException, seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

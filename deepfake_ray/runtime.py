@@ -124,12 +124,14 @@ def init(address: str | None = None) -> None:
     job with a runtime_env and leaves the two it prestarted idle (the first two tasks
     took 2.3 s instead of 1.1 s here).
     """
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        join_running(address)
+        return
     kwargs = dict(logging_level=logging.WARNING, configure_logging=True)
-    global _embedded_cores
+    global _embedded_cores, _started_with
     _embedded_cores = None
+    _started_with = address if address and address != "local" else "local"
     _worker_env.clear()
     if address and address != "local":  # "local": in-process, as with no address
         check_address_form(address)
@@ -161,8 +163,32 @@ def init(address: str | None = None) -> None:
                      dashboard_port=port, **kwargs)
         print(f"ray: in-process, {int(ray.cluster_resources().get('CPU', 0))} CPUs; "
               f"dashboard at http://127.0.0.1:{port}")
+    _started_gcs[0] = ray.get_runtime_context().gcs_address
     configure_data()
     freeze_startup_objects()
+
+
+def join_running(address: str | None) -> None:
+    """A second command in one process (a notebook's) runs on the Ray the first started,
+    which must be the one it asks for; a Ray started outside deepfake-ray is used as it is."""
+    asked = address if address and address != "local" else "local"
+    if _started_with is None or ray.get_runtime_context().gcs_address != _started_gcs[0]:
+        if not _said_foreign:
+            _said_foreign.append(True)
+            print("ray: using the Ray this process already runs, started outside deepfake-ray: it is "
+                  "taken for a cluster (no check that a run fits this machine); call ray.shutdown() "
+                  "first to have deepfake-ray start one sized for it", flush=True)
+        configure_data()
+    elif asked != _started_with:
+        raise UsageError(f"this Python process already runs Ray "
+                         f"({'in-process' if _started_with == 'local' else 'joined to ' + _started_with}), "
+                         f"so it cannot also use {'an in-process one' if asked == 'local' else asked}: "
+                         "run the command in a new process, or call ray.shutdown() first")
+
+
+_started_with: str | None = None  # "local", or the cluster's address, as init started Ray here
+_started_gcs: list[str | None] = [None]  # that Ray's GCS: another since (ray.shutdown(), ray.init()) is not ours
+_said_foreign: list[bool] = []
 
 
 def memory_kill_retries() -> dict[str, str]:

@@ -109,4 +109,4 @@ def main(command: str, script: str, argv: list[str] | None = None) -> int:
             raise
         print(f"{p.prog}: error: {cli.shown(line)}", file=sys.stderr)
         return 2
-    return cli.main(cli_argv(p, command, args, workdir))
+    return cli.main(cli_argv(p, command, args, workdir), exits=argv is None)  # a job's driver ends with it

@@ -555,6 +555,30 @@ def test_a_file_below_the_workdir_this_user_may_not_touch_is_named_in_one_line(t
         "permission there (ls -ld shows the owner), or use another --workdir"]
 
 
+def test_a_command_interrupted_in_a_notebook_leaves_the_kernel_alone(tmp_path, capsys, monkeypatch):
+    """`%run -m deepfake_ray.cli ...` (main() with sys.argv's command), then Interrupt: the
+    command set the process to end 15 s later and left handlers that end it at once, as
+    it does where the process exits next: the notebook's kernel died."""
+    import signal
+    import threading
+
+    from deepfake_ray import cli
+
+    w = str(tmp_path / "w")
+    write_workdir(w, epochs=1)
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "collect", stopped)
+    monkeypatch.setattr("sys.argv", ["deepfake-ray", "report", "--preset", "tiny", "--workdir", w])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    assert cli.main() == 130
+    assert "deepfake-ray report: interrupted" in capsys.readouterr().err
+    assert not any(t.name == "deepfake-ray-exit" for t in threading.enumerate())
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
 def test_a_damaged_marker_is_said_once_not_taken_silently_for_an_unfinished_stage(tmp_path, capsys):
     """A cut-short _COMPLETE.json counted as "not complete" without a word: the stage, and
     every stage after it, was made again, and nothing said why."""

@@ -109,6 +109,20 @@ def test_a_ray_address_that_cannot_work_exits_2_before_anything_runs(monkeypatch
     assert not (tmp_path / "w").exists()
 
 
+def test_a_second_command_in_one_process_asking_for_another_ray_is_refused(ray_session, tmp_path, capsys):
+    """In a notebook, a command with --address after one on the in-process Ray (or the
+    reverse) ran on the Ray the first had started, silently: the laptop's, not the cluster."""
+    from deepfake_ray import cli
+    from tests.cli_output import error_lines
+
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
+                     "--address", "10.255.255.1:6379"]) == 2
+    assert error_lines(capsys) == [
+        "deepfake-ray prepare: error: this Python process already runs Ray (in-process), so it cannot "
+        "also use 10.255.255.1:6379: run the command in a new process, or call ray.shutdown() first"]
+    assert not (tmp_path / "w" / "config.yaml").exists()
+
+
 def test_a_path_that_is_not_utf8_exits_2_with_the_fix_before_anything_runs(monkeypatch, tmp_path, capsys):
     """Ray hands the command line and the current folder to its core as UTF-8: an old
     Latin-1 folder name failed there with a traceback, after config.yaml was written."""
@@ -250,7 +264,7 @@ def execute(args):
 
 cli.execute = execute
 sys.argv = ["deepfake-ray", "prepare", "--preset", "tiny", "--workdir", sys.argv[1]]
-sys.exit(cli.main())
+cli.console_main()
 """
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")], capture_output=True,
                           text=True, env=subprocess_env(), timeout=120)

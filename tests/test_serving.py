@@ -282,6 +282,12 @@ def test_served_graph_scores_as_the_trained_model_at_any_batch_size(tmp_path):
         with torch.inference_mode():
             expected = detector.p_fake(detector.predict(eager, detector.meta_input(pixels[:n], meta)))
         np.testing.assert_allclose(predictor.predict_pixels(pixels[:n]), expected, atol=1e-5)
+    # from Python: floats in 0-1 were scaled again (scored as a black image), another size
+    # went through the traced graph unresized; both scored, wrongly, without an error
+    r = predictor.resolution
+    for wrong in (pixels[:2] / 255.0, np.zeros((1, r + 8, r + 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match=f"predict_pixels takes uint8 images of N x {r} x {r} x 3"):
+            predictor.predict_pixels(wrong)
 
 
 def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):

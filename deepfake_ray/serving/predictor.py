@@ -143,6 +143,10 @@ class Predictor:
 
         if len(pixels) == 0:
             return np.zeros(0)
+        r = self.resolution
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != (r, r, 3):  # a float image scored as black
+            raise ValueError(f"predict_pixels takes uint8 images of N x {r} x {r} x 3 (decode_image "
+                             f"makes them), not {pixels.dtype} {pixels.shape}")
         # uint8 to the device first: a quarter of the bytes of float input
         x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.device)
         with torch.inference_mode():
