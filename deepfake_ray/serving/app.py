@@ -476,11 +476,13 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
               f"{DRAIN_TIMEOUT_S:.0f} s)...", flush=True)
         drain()
     finally:
-        if runtime.in_process():
-            serve.shutdown()
-        else:  # this application alone: a cluster's Serve, and what else it serves, stay
-            drain()
-        remove_haproxy_folder()
+        try:
+            if runtime.in_process():
+                serve.shutdown()
+            else:  # this application alone: a cluster's Serve, and what else it serves, stay
+                drain()
+        finally:  # a Ctrl-C during the shutdown too
+            remove_haproxy_folder()
     return {"url": url, "model": model_id}
 
 
