@@ -102,7 +102,7 @@ def not_permitted(e: BaseException) -> str | None:
     from deepfake_ray import storage
 
     return (f"{e.strerror or 'permission denied'}: {storage.shown(str(e.filename))}: give this user "
-            "read and write permission there (ls -ld shows the owner), or use another --workdir")
+            "read and write permission there (ls -ld shows its owner), or name another place for it")
 
 
 def out_of_memory(e: BaseException) -> str | None:

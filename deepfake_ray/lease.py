@@ -179,9 +179,9 @@ def held(uri: str, command: str):
     client, bucket, prefix = storage.s3_client(uri, quick=True)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
     token = secrets.token_hex(8)
-    renewed = [awake_s()]  # as the write is sent: the store's lapse counts from about then
     with storage.store_errors(storage.join(uri, LOCK)):  # an unreachable store: one line, no password
         etag = take(client, bucket, key, uri, command, token)
+    renewed = [awake_s()]  # once taken: take may wait out another cluster's lock for minutes
     if etag is None:  # a store without conditional writes
         yield
         return
@@ -290,7 +290,13 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
         try:
             etag = client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                      IfNoneMatch="*")["ETag"]
-            if ignores_conditions(client, bucket, key, command, token):
+            try:
+                ignored = ignores_conditions(client, bucket, key, command, token)
+            except BaseException:  # no renewer will free it: the next run would wait it out
+                with contextlib.suppress(Exception):
+                    delete_if_unchanged(client, bucket, key, etag)
+                raise
+            if ignored:
                 print(no_lock, flush=True)
                 return None
             return etag
@@ -431,23 +437,24 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
     from botocore.exceptions import BotoCoreError, ClientError
 
     renewed = renewed if renewed is not None else [awake_s()]
-    tried = renewed[0]
+    tried, said_stale = renewed[0], False
     while not stop.wait(min(CHECK_S, RENEW_S)):
-        if (unrenewed := awake_s() - renewed[0]) > STALE_S:
+        if (unrenewed := awake_s() - renewed[0]) > STALE_S and not said_stale:
             folder = f"s3://{bucket}/{key.removesuffix(LOCK).rstrip('/')}"
-            print(f"{command}: warning: {stale_message(folder, unrenewed)}" if stop_run else
-                  f"{command}: warning: the lock {folder} went unrenewed for {unrenewed:.0f} s: "
-                  "another run may take it over", flush=True)
             if stop_run:
+                print(f"{command}: warning: {stale_message(folder, unrenewed)}", flush=True)
                 stop_run(stale_message(folder, unrenewed))
-            return
+                return
+            said_stale = True  # off the main thread nothing can stop the run: renewing goes on
+            print(f"{command}: warning: the lock {folder} went unrenewed for {unrenewed:.0f} s: another "
+                  "run may take it over", flush=True)
         if awake_s() - tried < RENEW_S:
             continue
         tried = awake_s()
         try:
             etag[0] = client.put_object(Bucket=bucket, Key=key, Body=holder(command, token),
                                         IfMatch=etag[0])["ETag"]
-            renewed[0] = tried
+            renewed[0], said_stale = tried, False
         except (BotoCoreError, ClientError) as e:  # the run goes on; say what may follow
             if error_code(e) in ("PreconditionFailed", "NoSuchKey"):
                 try:

@@ -171,15 +171,17 @@ def init(address: str | None = None) -> None:
 def join_running(address: str | None) -> None:
     """A second command in one process (a notebook's) runs on the Ray the first started,
     which must be the one it asks for; a Ray started outside deepfake-ray is used as it is."""
+    global _embedded_cores, _started_with
     asked = address if address and address != "local" else "local"
     if _started_with is None or ray.get_runtime_context().gcs_address != _started_gcs[0]:
+        _embedded_cores = _started_with = None  # not the one init started: none of its sizing holds
         if not _said_foreign:
             _said_foreign.append(True)
             print("ray: using the Ray this process already runs, started outside deepfake-ray: it is "
                   "taken for a cluster (no check that a run fits this machine); call ray.shutdown() "
                   "first to have deepfake-ray start one sized for it", flush=True)
         configure_data()
-    elif asked != _started_with:
+    elif asked not in (_started_with, ray.get_runtime_context().gcs_address):  # its own address: the same
         raise UsageError(f"this Python process already runs Ray "
                          f"({'in-process' if _started_with == 'local' else 'joined to ' + _started_with}), "
                          f"so it cannot also use {'an in-process one' if asked == 'local' else asked}: "

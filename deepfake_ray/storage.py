@@ -505,7 +505,10 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     path = normalize(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    except OSError as e:  # named by the file it was for, not a temporary that never was
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it: mkstemp's 0600 hides it from the team
         with os.fdopen(fd, "wb") as f:

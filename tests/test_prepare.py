@@ -420,19 +420,25 @@ def test_a_source_subfolder_gone_unreadable_keeps_the_complete_data(ray_session,
     for i in range(6):
         (faces / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
         (faces / "ab"[i % 2] / f"face_{i}.jpg").write_bytes(sample.face_jpeg(0, i))
-    cfg = tiny_cfg(f"data.source={faces}")
-    assert prepare.run(cfg)["images"] == 6
-    scandir = os.scandir
+    (faces / "lost+found").mkdir()  # never readable: no reason to keep data/ when photos are added
+    scandir, denied = os.scandir, {str(faces / "lost+found")}
 
-    def denied_for_b(path):  # tests run as root, whom no mode stops
-        if path == str(faces / "b"):
+    def denied_to_us(path):  # tests run as root, whom no mode stops
+        if path in denied:
             raise PermissionError(13, "Permission denied", path)
         return scandir(path)
 
-    monkeypatch.setattr(os, "scandir", denied_for_b)
+    monkeypatch.setattr(os, "scandir", denied_to_us)
+    cfg = tiny_cfg(f"data.source={faces}")
+    assert prepare.run(cfg)["images"] == 6
+    (faces / "a" / "face_6.jpg").write_bytes(sample.face_jpeg(0, 6))
+    assert prepare.preflight(cfg) is None  # an added photo: made again
+    assert prepare.run(cfg)["images"] == 7
+    (faces / "a" / "face_6.jpg").unlink()
+    denied.add(str(faces / "b"))
     capsys.readouterr()
     assert prepare.preflight(cfg) is not None  # complete, kept
-    assert (f"prepare: cannot tell whether the files in {faces} changed (1 folder(s) could not be read): "
+    assert (f"prepare: cannot tell whether the files in {faces} changed (2 folder(s) could not be read): "
             "keeping the complete data/ (--force makes it again)") in capsys.readouterr().out
 
 

@@ -552,7 +552,7 @@ def test_a_file_below_the_workdir_this_user_may_not_touch_is_named_in_one_line(t
     assert cli.main(["report", "--preset", "tiny", "--workdir", w]) == 2
     assert error_lines(capsys) == [
         f"deepfake-ray report: error: {refusal.strerror}: {locked}: give this user read and write "
-        "permission there (ls -ld shows the owner), or use another --workdir"]
+        "permission there (ls -ld shows its owner), or name another place for it"]
 
 
 def test_a_command_interrupted_in_a_notebook_leaves_the_kernel_alone(tmp_path, capsys, monkeypatch):

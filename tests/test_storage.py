@@ -644,6 +644,26 @@ def test_a_run_whose_lease_went_unrenewed_for_most_of_a_lapse_stops_and_commits_
     assert f"warning: {stale.replace(chr(92), '')[:40]}" in capsys.readouterr().out
 
 
+def test_a_run_that_waited_out_another_clusters_lock_is_not_taken_for_one_that_slept(s3_server, monkeypatch):
+    """A RayJob's retry waits up to LAPSE_S for its dead attempt's lock: counted from before
+    that wait, the lock read as unrenewed for minutes once taken, and the retry was stopped."""
+    from deepfake_ray import lease
+
+    clock, take = [1000.0], lease.take
+    monkeypatch.setattr(lease, "awake_s", lambda: clock[0])
+    monkeypatch.setattr(lease, "CHECK_S", 0.05)
+
+    def waited_out(*args, **kwargs):
+        clock[0] += lease.LAPSE_S  # as wait_for_lapse does
+        return take(*args, **kwargs)
+
+    monkeypatch.setattr(lease, "take", waited_out)
+    work = f"{s3_server('runs-waited')}/r1"
+    with storage.exclusive(work, "pipeline"):
+        time.sleep(0.5)  # the renewer looks ten times
+        storage.mark_complete(storage.join(work, "data"), {"images": 1})
+
+
 def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
     """A training beside a running pipeline would share its run's checkpoints: refused,
     exit 2 naming it, before it changes anything (config.yaml included)."""

@@ -422,7 +422,8 @@ def source_changed(cfg: Config, done: dict) -> str | None:
         now = source_files(outside_workdirs(resolve_source(cfg.data.source, cfg.data), cfg.workdir, quiet=True))
     except (UsageError, OSError):  # gone, empty, or the store cannot list it now:
         return None  # the complete data/ is still good, and needs none of it
-    if unread := storage.UNREADABLE_UNDER.get(storage.normalize(cfg.data.source)):
+    unread = storage.UNREADABLE_UNDER.get(storage.normalize(cfg.data.source))
+    if unread and now["count"] < then["count"]:  # fewer: maybe only those now out of reach
         print(f"prepare: cannot tell whether the files in {cfg.data.source} changed ({unread} folder(s) "
               "could not be read): keeping the complete data/ (--force makes it again)", flush=True)
         return None

@@ -168,7 +168,7 @@ def concurrency(cfg: Config) -> int:
     if runtime.use_gpus(r.use_gpu):
         fits = min(fits, available.get("GPU", 0) // max(r.workers, 1))
     fits = int(max(1, fits))  # check_fits: one fits
-    if t.max_concurrent_trials > fits:
+    if wanted > fits and t.max_concurrent_trials:
         print(f"tune: tune.max_concurrent_trials={t.max_concurrent_trials}, but only {fits} trial(s) "
               f"fit this machine at once (each: {r.workers} worker(s) x {r.cpus_per_worker:g} CPUs "
               f"+ {r.data_cpus:g} for its data): running {fits} at a time", flush=True)
@@ -263,14 +263,14 @@ def make_tuner(cfg: Config, selection: data.Selection, pretrained: str, views: d
                   "at once as when it began (tune.max_concurrent_trials counts for a new sweep: --force)")
         return tune.Tuner.restore(path, trainable, resume_unfinished=not finished,
                                   resume_errored=not finished, storage_filesystem=fs)
-    t = cfg.tune
+    t, at_once = cfg.tune, concurrency(cfg)
     print(f"tune: {t.samples} trials x {t.epochs} epochs, lr {rates_text(cfg)}, "
-          f"{concurrency(cfg)} at a time; {train.describe(selection)}")
+          f"{at_once} at a time; {train.describe(selection)}")
     return tune.Tuner(
         trainable,
         param_space={"lr": tune.grid_search(rates(cfg))},
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=concurrency(cfg),
+            metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=at_once,
             # rungs by epochs trained: Tune's own count of results starts over when it
             # retries a trial, which resumes at a later epoch
             scheduler=ASHAScheduler(time_attr="epochs_done", max_t=t.epochs, grace_period=t.grace_period),
