@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None, exits: bool = False) -> int:
         return 2
     print_any_file_name()
     args = parse(argv)
-    started, changes = time.time(), stage_changes()
+    started, changes = time.monotonic(), stage_changes()
     try:
         return execute(args)
     except UsageError as e:
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None, exits: bool = False) -> int:
         from deepfake_ray.storage import redacted
 
         print(redacted(traceback.format_exc()), end="", file=sys.stderr)  # botocore quotes the endpoint
-        print(failure_line(args.command, e, time.time() - started), file=sys.stderr)
+        print(failure_line(args.command, e, time.monotonic() - started), file=sys.stderr)
         return 1
 
 

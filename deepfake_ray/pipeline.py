@@ -93,7 +93,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         print(f"\n=== {command} ===" + (" (complete, skipped)" if skipped else ""))
         if skipped:
             lineage.say_missing(cfg, step.stage, done)
-        started = time.time()
+        started = time.monotonic()  # durations: a clock NTP does not step
         entry = {"name": command, "status": "skipped" if skipped else "done"}
         if skipped and (seconds := made_in.get((command, done.get("completed")))) is not None:
             entry["made_in"] = seconds  # what an earlier run spent making what this one reuses
@@ -101,7 +101,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             made = done if skipped else step.run(cfg, force=force)  # a stage's run returns its marker's summary
         except BaseException as e:
             stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or SIGTERM: no cause to fix
-            entry.update(status="interrupted" if stopped else "failed", seconds=round(time.time() - started, 1))
+            entry.update(status="interrupted" if stopped else "failed", seconds=round(time.monotonic() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)
             if stopped:  # the command's own line says how to resume
@@ -117,7 +117,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             with contextlib.suppress(AttributeError):  # the command's last line names it too
                 e.pipeline_stage = command
             raise
-        entry["seconds"] = round(time.time() - started, 1)
+        entry["seconds"] = round(time.monotonic() - started, 1)
         if isinstance(made, dict) and isinstance(made.get("completed"), str):  # which output the times are of
             entry["completed"] = made["completed"]
         record["stages"].append(entry)

@@ -48,26 +48,26 @@ def train_loop(loop: dict) -> None:
     label = loop.get("label", "train-detector")  # a sweep's trial names itself and its rate
     loop = {**loop, "parameters": detector.count_parameters(model)}  # for model.json
     best = restore_best(loop, cfg, model, history, pre) if training.rank() == 0 else None
-    wrapped, frozen_now, session_started = None, None, time.time()
+    wrapped, frozen_now, session_started = None, None, time.monotonic()
     for epoch in range(start, d.epochs):
         frozen = epoch < d.freeze_backbone_epochs
         if frozen != frozen_now:  # DDP must be rebuilt when the set of trained parameters changes
             detector.set_backbone_frozen(model, frozen)
             wrapped, frozen_now = ray.train.torch.prepare_model(model), frozen
-        started = time.time()
+        started = time.monotonic()
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
                  "restored": restored and epoch == start}
         entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen,
                                  f"{label}: epoch {epoch + 1}/{d.epochs}"))
         entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))
-        entry["seconds"] = round(time.time() - started, 2)
+        entry["seconds"] = round(time.monotonic() - started, 2)
         history.append(entry)
         if training.rank() == 0:
             if better(entry, best):
                 export(loop["out_dir"], model.state_dict(), entry, cfg, loop, pre)
                 best = entry
             storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
-            left = training.time_left(time.time() - session_started, epoch - start + 1, d.epochs - epoch - 1)
+            left = training.time_left(time.monotonic() - session_started, epoch - start + 1, d.epochs - epoch - 1)
             training.say(progress_line(entry, d.epochs, left, label))
         if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
             barrier()                 # may hold this epoch, and no checkpoint does
@@ -126,7 +126,7 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label
     """One epoch's training; rank 0 says how far it has come every PROGRESS_EVERY_S."""
     detector.train_mode(model, frozen)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    n, started = 0, time.time()
+    n, started = 0, time.monotonic()
     said, each = (started, " on each worker" if ray.train.get_context().get_world_size() > 1 else "") \
         if training.rank() == 0 else (None, "")
     recent, recent_n = collections.deque(), 0  # the epoch's last inputs, for batch norm
@@ -139,8 +139,8 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label
             x = detector.random_hflip(x)
         batch_loss, batch_correct = detector.train_step(model, optimizer, x, y, amp)
         loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
-        if said is not None and time.time() - said >= PROGRESS_EVERY_S:
-            said = time.time()
+        if said is not None and time.monotonic() - said >= PROGRESS_EVERY_S:
+            said = time.monotonic()
             training.say(f"{label}: {n:,} images so far{each}, {n / (said - started):.1f} images/s")
         if d.bn_recalibration_images > 0:
             recent.append(x.detach())
@@ -148,7 +148,7 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label
             while recent_n - len(recent[0]) >= d.bn_recalibration_images:
                 recent_n -= len(recent.popleft())
     loss_sum, correct = float(loss_sum), float(correct)  # one device sync per epoch
-    seconds = time.time() - started
+    seconds = time.monotonic() - started
     if recent:  # on each worker's own inputs: no collective calls
         detector.recalibrate_batchnorm(getattr(model, "module", model), list(recent), amp)
     loss_sum, correct, n = all_sum([loss_sum, correct, n])

@@ -199,7 +199,7 @@ def train_loop(config: dict) -> None:
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     shard = ray.train.get_dataset_shard("train")
     first = resumed_from + 1 if resumed_from is not None else 0
-    warned, session_started = False, time.time()
+    warned, session_started = False, time.monotonic()
     for epoch in range(first, cfg.gan.epochs):
         sums, per_batch, images, seconds = train_epoch(run, shard, epoch)
         means, per_batch, images, seconds = reduce(run, sums, per_batch, images, seconds)
@@ -216,7 +216,7 @@ def train_loop(config: dict) -> None:
         save = last or (epoch + 1) % max(1, cfg.gan.checkpoint_every) == 0
         if training.rank() == 0:
             write_figures(run, epoch)
-            left = training.time_left(time.time() - session_started, epoch - first + 1, cfg.gan.epochs - epoch - 1)
+            left = training.time_left(time.monotonic() - session_started, epoch - first + 1, cfg.gan.epochs - epoch - 1)
             lines, warned = epoch_lines(metrics, cfg.gan.epochs, left, warned)
             for line in lines:
                 training.say(line)
