@@ -89,7 +89,8 @@ def disk_full(e: BaseException) -> str | None:
         return None
     where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
     return (f"{what}{where}: free space on the disk it writes to (and on the temp dir's, where "
-            "Ray and each training checkpoint write first), then run the same command again: "
+            "Ray and each training checkpoint write first; Ray's old sessions in /tmp/ray may go), "
+            "then run the same command again: "
             "finished stages are skipped and a training resumes from its last checkpoint")
 
 

@@ -513,8 +513,9 @@ def test_a_full_disk_at_a_stages_start_is_said_as_one(tmp_path, monkeypatch, cap
     monkeypatch.setattr(tempfile, "mkstemp", full)
     assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and err[0].startswith("deepfake-ray prepare: error: no space left on device: free space "
-                                               "on the disk it writes to"), err
+    config_yaml = tmp_path / "w" / "config.yaml"  # the file it was writing, named
+    assert len(err) == 1 and err[0].startswith(f"deepfake-ray prepare: error: no space left on device writing "
+                                               f"{config_yaml}: free space on the disk it writes to"), err
 
 
 def test_a_stopped_report_says_to_run_it_again_without_stages_or_trainings(tmp_path, capsys, monkeypatch):

@@ -206,7 +206,8 @@ def test_a_full_disk_stops_a_training_with_one_line_keeping_the_checkpoint_that_
         said = [line for line in full.stderr.splitlines() if line.startswith("deepfake-ray train-gan: ")]
         assert full.returncode == 2 and said == [
             "deepfake-ray train-gan: error: no space left on device: free space on the disk it writes "
-            "to (and on the temp dir's, where Ray and each training checkpoint write first), then run the "
+            "to (and on the temp dir's, where Ray and each training checkpoint write first; Ray's old "
+            "sessions in /tmp/ray may go), then run the "
             "same command again: finished stages are skipped and a training resumes from its last "
             "checkpoint"], full.stderr[-3000:]
         assert full.stderr.rstrip().splitlines()[-1] == said[0]  # not followed by Ray's tracebacks
@@ -495,7 +496,7 @@ def test_a_full_disk_or_quota_is_one_line_naming_the_file_where_it_is_known():
     from deepfake_ray import cli
 
     fix = (": free space on the disk it writes to (and on the temp dir's, where Ray and each training "
-           "checkpoint write first), then run the same command again")
+           "checkpoint write first; Ray's old sessions in /tmp/ray may go), then run the same command again")
     assert cli.usage_line(OSError(errno.ENOSPC, "No space left on device", "/runs/w/gan/history.json")) \
         .startswith("no space left on device writing /runs/w/gan/history.json" + fix)
     in_worker = WorkerGroupError("Training failed", {0: RuntimeError("OSError: [Errno 28] No space left on device")})

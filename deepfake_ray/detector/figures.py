@@ -79,7 +79,8 @@ def curves(history: list[dict]) -> bytes:
     """Training and validation accuracy and loss per epoch (the study's Fig. 9)."""
     epochs = [h["epoch"] + 1 for h in history]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in ((acc, "acc", "accuracy"), (loss, "loss", "loss")):
+    # accuracy at p_fake 0.5 (the training loop's), not at the threshold the model serves with
+    for ax, key, title in ((acc, "acc", "accuracy (at p = 0.5)"), (loss, "loss", "loss")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"training {title}")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label=f"validation {title}")
         ax.set_xlabel("epoch")
