@@ -351,7 +351,7 @@ def quiet_cleanup_errors() -> None:
     """Once a command is stopped, what the stop cut off half-built (a Ray Data dataset
     stopped in its __init__) fails in its __del__ when freed, and Python prints that as
     "Exception ignored in ..." with a traceback after our one line: nothing anyone can act
-    on, as the process exits next. Only where it does (the console script)."""
+    on, as the process exits next. Only where it does (the console script, a job's driver)."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -365,7 +365,7 @@ def quiet_ray_output() -> None:
     """Once a command is stopped, Ray's processes stop too, and say so: a sweep's trial
     controllers printed ~100 lines of tracebacks of each other's death after our one line
     (a Ctrl-C reaches them all). Ray's log files keep them. Only where the process exits
-    next (the console script): in a caller of main(), its Ray goes on."""
+    next (the console script, a job's driver): in a caller of main(), its Ray goes on."""
     import logging
 
     logging.getLogger("ray").setLevel(logging.CRITICAL)
@@ -411,7 +411,7 @@ def exit_now(code: int) -> None:
 def quit_at_once_if_signalled(code: int) -> None:
     """After the first Ctrl-C or SIGTERM, another ends the process at once: Ray's shutdown
     at exit (a second or two) otherwise ends in a KeyboardInterrupt traceback. Only where
-    the process exits next (the console script), not in a caller of main()."""
+    the process exits next (the console script, a job's driver), not in a caller of main()."""
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
@@ -604,16 +604,19 @@ def shown(text: str) -> str:
 
 
 def console_main() -> None:
-    """The `deepfake-ray` console script (and `python -m deepfake_ray.cli`): the process
-    ends with the command."""
+    """The `deepfake-ray` console script: the process ends with the command."""
     sys.exit(main(exits=True))
 
 
-def main(argv: list[str] | None = None, exits: bool = False) -> int:
+def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
     """The command `argv` (sys.argv's by default); its exit code. `exits`: the process ends
     once this returns (the console script, a job's driver), so a stop also ends it within
-    15 s and quiets Ray's output. Without it (a notebook, `%run -m`, a test) nothing is
-    done to the process beyond the command: a Ctrl-C there once killed the kernel."""
+    15 s and quiets Ray's output. By default, where sys.argv's command runs outside
+    IPython (`python -m deepfake_ray.cli`, a console script installed before
+    console_main). In a notebook (`cli.main([...])`, `%run -m`) nothing is done to the
+    process beyond the command: an Interrupt there once killed the kernel."""
+    if exits is None:
+        exits = argv is None and "IPython" not in sys.modules
     if sys.platform == "win32":  # file locks (fcntl), fchmod and signals a command needs
         print("deepfake-ray: error: native Windows is not supported: run it in WSL2, or on "
               "Linux or macOS", file=sys.stderr)
@@ -681,5 +684,5 @@ def failure_line(command: str, e: BaseException, seconds: float) -> str:
             f"{type(e).__name__}: {shown(str(e).split(chr(10), 1)[0])}")
 
 
-if __name__ == "__main__":
-    console_main()
+if __name__ == "__main__":  # `python -m deepfake_ray.cli`, or IPython's `%run -m`
+    sys.exit(main())

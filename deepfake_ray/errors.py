@@ -16,6 +16,15 @@ class UsageError(Exception):
     """
 
 
+class LockHeld(UsageError):
+    """Another live run holds the lock of what this one would write; `holder` says which
+    ("prepare (pid 12 on host)"), for a caller that names the folder its own way."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
 class Terminated(KeyboardInterrupt):
     """A stop signal, stopping a command as Ctrl-C does: SIGTERM (`ray job stop`, `timeout`,
     a container's stop), SIGHUP (the terminal or ssh session closed), SIGUSR1 (Slurm's

@@ -28,7 +28,7 @@ import threading
 import time
 
 from deepfake_ray import storage
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import LockHeld, UsageError
 
 LOCK = ".lock"
 RENEW_S = 60.0
@@ -317,7 +317,8 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
             if current is None:  # its holder ended and deleted it: take it anew
                 continue
         return take_over(client, bucket, key, uri, command, token, current)
-    raise UsageError(f"other runs keep taking {uri}'s lock: wait for them to end, or use another --workdir")
+    raise LockHeld(f"other runs keep taking {uri}'s lock: wait for them to end, or use another --workdir",
+                   f"{command} run")
 
 
 def ignores_conditions(client, bucket: str, key: str, command: str, token: str) -> bool:
@@ -393,8 +394,8 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
             raise storage.store_error(uri, unread) from unread
         if own is not None:
             return own  # this write went through; its reply was lost, and the retry refused
-        raise UsageError(f"another {command} took over {uri}'s lock just now: wait for it to end, "
-                         "or use another --workdir") from None
+        raise LockHeld(f"another {command} took over {uri}'s lock just now: wait for it to end, "
+                       "or use another --workdir", command) from None
 
 
 def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: bool) -> bool:
@@ -409,9 +410,9 @@ def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: 
         return True
     if ended is None and not deciding and info.get("ray_job"):
         return False
-    raise UsageError(f"another {info.get('command', command)} (pid {info.get('pid')} on "
-                     f"{info.get('host')}) is writing {uri}: wait for it to end, or use another "
-                     f"--workdir (a run that died elsewhere frees it {LAPSE_S:.0f} s after its last sign of life)")
+    holder = f"{info.get('command', command)} (pid {info.get('pid')} on {info.get('host')})"
+    raise LockHeld(f"another {holder} is writing {uri}: wait for it to end, or use another --workdir (a run "
+                   f"that died elsewhere frees it {LAPSE_S:.0f} s after its last sign of life)", holder)
 
 
 def check_free(uri: str, command: str) -> bool:

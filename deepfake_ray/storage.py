@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import LockHeld, UsageError
 
 if TYPE_CHECKING:  # annotations only: pyarrow.compute adds ~30 ms to every import
     import pyarrow.compute as pc
@@ -760,8 +760,8 @@ def exclusive(uri: str, command: str):
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or command
-            raise UsageError(f"another {holder} is writing {uri}: wait for it to end, "
-                             "or use another --workdir") from None
+            raise LockHeld(f"another {holder} is writing {uri}: wait for it to end, "
+                           "or use another --workdir", holder) from None
         except OSError as e:
             if e.errno != errno.ENOLCK:
                 raise

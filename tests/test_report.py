@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -557,11 +558,12 @@ def test_a_file_below_the_workdir_this_user_may_not_touch_is_named_in_one_line(t
 
 
 def test_a_command_interrupted_in_a_notebook_leaves_the_kernel_alone(tmp_path, capsys, monkeypatch):
-    """`%run -m deepfake_ray.cli ...` (main() with sys.argv's command), then Interrupt: the
-    command set the process to end 15 s later and left handlers that end it at once, as
-    it does where the process exits next: the notebook's kernel died."""
+    """`%run -m deepfake_ray.cli ...` (main() with sys.argv's command, IPython loaded), then
+    Interrupt: the command set the process to end 15 s later and left handlers that end
+    it at once, as it does where the process exits next: the notebook's kernel died."""
     import signal
     import threading
+    import types
 
     from deepfake_ray import cli
 
@@ -573,6 +575,7 @@ def test_a_command_interrupted_in_a_notebook_leaves_the_kernel_alone(tmp_path, c
 
     monkeypatch.setattr(report, "collect", stopped)
     monkeypatch.setattr("sys.argv", ["deepfake-ray", "report", "--preset", "tiny", "--workdir", w])
+    monkeypatch.setitem(sys.modules, "IPython", sys.modules.get("IPython") or types.ModuleType("IPython"))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     assert cli.main() == 130
     assert "deepfake-ray report: interrupted" in capsys.readouterr().err

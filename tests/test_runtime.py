@@ -265,7 +265,7 @@ def execute(args):
 
 cli.execute = execute
 sys.argv = ["deepfake-ray", "prepare", "--preset", "tiny", "--workdir", sys.argv[1]]
-cli.console_main()
+sys.exit(cli.main())
 """
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")], capture_output=True,
                           text=True, env=subprocess_env(), timeout=120)

@@ -862,6 +862,30 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
         assert float(r.pop("p_fake")) == pytest.approx(float(w.pop("p_fake")), abs=1e-6) and r == w
 
 
+def test_a_second_score_into_one_out_is_refused_while_the_first_runs(ray_session, model_dir, images_dir,
+                                                                    tmp_path, capsys):
+    """A cron job's score and a hand-run one into one --out: each wrote the table (the last
+    one's kept, the other's summary naming a table gone), and the first to end deleted
+    the other's resumable parts."""
+    out = tmp_path / "scores.csv"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from deepfake_ray import storage\n"
+        f"with storage.exclusive({str(tmp_path / '.scores.csv.lock')!r}, 'score'):\n"
+        "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", images_dir, "--out", str(out)]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(argv) == 2
+        assert error_lines(capsys) == [f"deepfake-ray score: error: another score (pid {holder.pid} on "
+                                       f"{socket.gethostname()}) is writing --out {out}: wait for it to end, "
+                                       "or pass another --out"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(argv) == 0 and out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["scores.csv"]  # its lock gone with it
+
+
 def test_a_model_exported_anew_while_score_runs_stops_it_rather_than_mix_two_models(
         ray_session, model_dir, tmp_path, monkeypatch, capsys):
     """Each part's scoring pool loads what is at --model then: a tune or train-detector that

@@ -11,6 +11,7 @@ models' runs can be put together.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -29,7 +30,7 @@ from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes, decode, sources
 from deepfake_ray.data.decode import DecodeError
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import LockHeld, UsageError
 from deepfake_ray.serving.predictor import NotScored, Predictor, decode_image, error_text, stored_quality
 
 FORMATS = (".parquet", ".csv")
@@ -502,9 +503,34 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     if done := preflight(cfg, force, model, input, out):
         return done
     model, src, out = check_args(model, input, out)
+    with writing(out):
+        return score_into(cfg, model, src, out)
+
+
+@contextlib.contextmanager
+def writing(out: str):
+    """One score at a time into `out`: two (a cron job's and a hand-run one) each wrote the
+    table, the last one's kept, and the first to end deleted the other's parts. A hidden
+    lock folder beside it, gone once the table is written."""
+    folder, name = out.rsplit("/", 1)
+    lock = f"{folder}/.{name}.lock" if len(os.fsencode(name)) < NAME_MAX - 6 else \
+        f"{folder}/.{hashlib.sha1(os.fsencode(name)).hexdigest()[:16]}.lock"
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(storage.exclusive(lock, "score"))
+    except LockHeld as e:
+        raise UsageError(f"another {e.holder} is writing --out {out}: wait for it to end, or pass "
+                         "another --out") from None
+    with held:
+        yield
+    with contextlib.suppress(OSError):
+        storage.delete_dir(lock)
+
+
+def score_into(cfg: Config, model: str, src: str, out: str) -> dict:
     meta = checkpoint.load_detector_meta(model)
     paths = list_inputs(src, out)
-    started = time.time()
+    started = time.monotonic()
     manifest = is_manifest(src)
     # kept by --force too: only this model's rows of these inputs are taken from them
     parts = parts_folder(out, src)
@@ -520,7 +546,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, input: str |
     except OSError as e:
         print(f"score: note: could not remove {storage.shown(parts_root(out))} ({type(e).__name__}): "
               "remove it, or the next run into --out resumes from it", flush=True)
-    s = summarize(table, meta, out, time.time() - started)
+    s = summarize(table, meta, out, time.monotonic() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
           f"{s['unreadable']} unreadable{broken}; fake share {share(s['fake_share'])} "
