@@ -52,7 +52,9 @@ def check_address(address: str | None) -> None:
     """check_address_form, then whether anything answers there: what the CLI asks before
     it writes anything (init asks only the form, so a command connects there once)."""
     check_address_form(address)
-    if address and address not in ("auto", "local"):
+    if ray.is_initialized():  # this process's own Ray (a notebook's second command): it or nothing
+        check_same_ray(address)
+    elif address and address not in ("auto", "local"):
         check_reachable(address)
 
 
@@ -168,24 +170,37 @@ def init(address: str | None = None) -> None:
     freeze_startup_objects()
 
 
-def join_running(address: str | None) -> None:
-    """A second command in one process (a notebook's) runs on the Ray the first started,
-    which must be the one it asks for; a Ray started outside deepfake-ray is used as it is."""
-    global _embedded_cores, _started_with
+def started_here() -> bool:
+    """Whether the running Ray is the one init started (not one a user's ray.init() did,
+    after a ray.shutdown() perhaps)."""
+    return _started_with is not None and ray.get_runtime_context().gcs_address == _started_gcs[0]
+
+
+def check_same_ray(address: str | None) -> None:
+    """UsageError when this process's Ray, which init started, is not the one `address`
+    asks for: a second command in one process (a notebook's) runs on the first's Ray."""
     asked = address if address and address != "local" else "local"
-    if _started_with is None or ray.get_runtime_context().gcs_address != _started_gcs[0]:
-        _embedded_cores = _started_with = None  # not the one init started: none of its sizing holds
-        if not _said_foreign:
-            _said_foreign.append(True)
-            print("ray: using the Ray this process already runs, started outside deepfake-ray: it is "
-                  "taken for a cluster (no check that a run fits this machine); call ray.shutdown() "
-                  "first to have deepfake-ray start one sized for it", flush=True)
-        configure_data()
-    elif asked not in (_started_with, ray.get_runtime_context().gcs_address):  # its own address: the same
+    if started_here() and asked not in (_started_with, ray.get_runtime_context().gcs_address):
         raise UsageError(f"this Python process already runs Ray "
                          f"({'in-process' if _started_with == 'local' else 'joined to ' + _started_with}), "
                          f"so it cannot also use {'an in-process one' if asked == 'local' else asked}: "
                          "run the command in a new process, or call ray.shutdown() first")
+
+
+def join_running(address: str | None) -> None:
+    """The Ray this process runs already: the one init started, if it is the one asked for
+    (check_same_ray); one started outside deepfake-ray is used as it is."""
+    global _embedded_cores, _started_with
+    if started_here():
+        check_same_ray(address)
+        return
+    _embedded_cores = _started_with = None  # not the one init started: none of its sizing holds
+    if not _said_foreign:
+        _said_foreign.append(True)
+        print("ray: using the Ray this process already runs, started outside deepfake-ray: it is "
+              "taken for a cluster (no check that a run fits this machine); call ray.shutdown() "
+              "first to have deepfake-ray start one sized for it", flush=True)
+    configure_data()
 
 
 _started_with: str | None = None  # "local", or the cluster's address, as init started Ray here

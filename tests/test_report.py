@@ -576,11 +576,17 @@ def test_a_command_interrupted_in_a_notebook_leaves_the_kernel_alone(tmp_path, c
     monkeypatch.setattr(report, "collect", stopped)
     monkeypatch.setattr("sys.argv", ["deepfake-ray", "report", "--preset", "tiny", "--workdir", w])
     monkeypatch.setitem(sys.modules, "IPython", sys.modules.get("IPython") or types.ModuleType("IPython"))
+    ended = []
+    monkeypatch.setattr(cli, "exit_within", lambda code, seconds=15.0: ended.append(code))  # this test's process
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    assert cli.main() == 130
-    assert "deepfake-ray report: interrupted" in capsys.readouterr().err
-    assert not any(t.name == "deepfake-ray-exit" for t in threading.enumerate())
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    try:
+        assert cli.main() == 130
+        assert "deepfake-ray report: interrupted" in capsys.readouterr().err
+        assert ended == [] and not any(t.name == "deepfake-ray-exit" for t in threading.enumerate())
+        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_a_damaged_marker_is_said_once_not_taken_silently_for_an_unfinished_stage(tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_a_second_command_in_one_process_asking_for_another_ray_is_refused(ray_s
     from tests.cli_output import error_lines
 
     assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
-                     "--address", "10.255.255.1:6379"]) == 2
+                     "--address", "10.255.255.1:6379"]) == 2  # refused before any connection is tried
     assert error_lines(capsys) == [
         "deepfake-ray prepare: error: this Python process already runs Ray (in-process), so it cannot "
         "also use 10.255.255.1:6379: run the command in a new process, or call ray.shutdown() first"]

@@ -633,11 +633,15 @@ def test_a_run_whose_lease_went_unrenewed_for_most_of_a_lapse_stops_and_commits_
     monkeypatch.setattr(lease, "awake_s", lambda: clock[0])
     stale = r"the lock of s3://runs-asleep/r1 went unrenewed for 600 s \(this machine slept, or could not " \
             r"reach the store\), and another run may take a lock after 300 s: this run stops"
-    with storage.exclusive(work, "train-gan"):
+    with storage.exclusive(work, "train-gan"):  # its renewer looks in a minute: not in this block
         clock[0] += 600  # asleep; the renewer's own wait does not count it
         with pytest.raises(UsageError, match=stale):  # a commit on waking, before the renewer looks
             storage.mark_complete(storage.join(work, "gan"), {"epochs": 1})
-        with pytest.raises(UsageError, match=stale):
+    clock[0] = 1000.0
+    monkeypatch.setattr(lease, "CHECK_S", 0.05)
+    with pytest.raises(UsageError, match=stale):
+        with storage.exclusive(work, "train-gan"):
+            clock[0] += 600
             time.sleep(30)  # the renewer stops the run within CHECK_S
     assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="runs-asleep", Prefix="r1/")
     # still its own: freed for the rerun, no marker left behind
