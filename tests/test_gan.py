@@ -23,6 +23,7 @@ from PIL import Image
 from deepfake_ray import checkpoint, cli, config, lineage, storage, training
 from deepfake_ray.data import datasets, decode, near_copies, prepare
 from deepfake_ray.gan import generate, train
+from deepfake_ray.errors import UsageError
 from deepfake_ray.gan.train import model_uri
 from deepfake_ray.models import dcgan
 from tests.checkpoints import registered
@@ -595,6 +596,30 @@ def select_among(pictures: list, reals: list = ()) -> generate.Selection:
                   for i, p in enumerate(pictures)]
     return generate.select([ray.data.from_items(candidates)], dict.fromkeys(datasets.SPLITS, 100),
                            (0.8, 0.1, 0.1), [near_copies.thumbnail(real) for real in reals])
+
+
+@pytest.mark.parametrize("faces,fills", [(1_150, True), (1_200, True), (1_005, False)])
+def test_a_generator_that_repeats_itself_often_fills_the_splits_if_it_can(tmp_path, faces, fills):
+    """A generator drawing from 1,150 faces at random, 1,000 fakes wanted: each round was
+    sized for the gap alone, so the rounds shrank as repeats grew, the eighth ended one
+    fake short, and the line blamed data.splits. Rounds now grow with the share left out;
+    a generator of barely more faces than wanted is still refused, as repeating itself."""
+    cfg = config.build("tiny", workdir=str(tmp_path / "w"))
+    draws = np.random.default_rng(0).integers(0, faces, 10**6)  # candidate index -> its face
+
+    def select_from(rounds):  # the first of each face chosen, all in train
+        made = sum(count for _, count in rounds)
+        _, first = np.unique(draws[:made], return_index=True)
+        chosen = {int(i): "train" for i in np.sort(first)[:1_000]}
+        return generate.Selection(chosen, made - len(first), 0, 0)
+
+    want = {"train": 1_000, "val": 0, "test": 0}
+    if fills:
+        _, picked, _ = generate.draw_rounds(cfg, want, lambda start, count: (start, count), select_from)
+        assert len(picked.chosen) == 1_000
+    else:
+        with pytest.raises(UsageError, match="the generator has collapsed to a few faces"):
+            generate.draw_rounds(cfg, want, lambda start, count: (start, count), select_from)
 
 
 def test_each_fake_face_is_chosen_once_its_near_copies_left_out(ray_session):

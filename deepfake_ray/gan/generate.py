@@ -221,6 +221,37 @@ def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = 
     return Selection(chosen, repeats, copies, blanks)
 
 
+def draw_rounds(cfg: Config, want: dict[str, int], make_round, select_from) -> tuple[list, Selection, int]:
+    """Rounds of candidates (`make_round(start, count)`) until `select_from(rounds)` fills
+    every split: (the rounds, the last Selection, candidates made). UsageError when the
+    generator repeats itself too much to fill them."""
+    total, rounds, start, chosen, kept = sum(want.values()), [], 0, {}, 1.0
+    for _ in range(MAX_ROUNDS):
+        have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
+        # as many more as are left out as repeats: sized for the gap alone, each round
+        # closed part of it, and a generator that would fill the splits ran out of rounds
+        count = int(candidates_needed({s: want[s] - have[s] for s in want}, cfg.data.splits) / kept)
+        print(f"generate: making {count:,} candidates from index {start:,}", flush=True)
+        rounds.append(make_round(start, count))
+        start += count
+        before = len(chosen)
+        picked = select_from(rounds)
+        chosen, left_out = picked.chosen, picked.repeats + picked.copies_of_reals
+        if len(chosen) == total:
+            return rounds, picked, start
+        kept = max(0.1, 1 - left_out / start)  # below a tenth, the checks below refuse
+        # nine in ten left out, or a round of nothing new: more rounds (on a cluster, GPU
+        # hours) would draw the same faces again
+        mostly_left_out = left_out > 0 and left_out >= 9 * len(chosen)
+        stuck = left_out > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)
+        if mostly_left_out or stuck:
+            raise too_few_new_faces(start, len(chosen), total, picked.repeats, picked.copies_of_reals)
+    if left_out:  # repeats kept the splits from filling, not the splits
+        raise too_few_new_faces(start, len(chosen), total, picked.repeats, picked.copies_of_reals)
+    raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
+                     f"fill the splits {want}: check data.splits against the reals' splits")
+
+
 def generate(cfg: Config, want: dict[str, int], histories: tuple[tuple[str, float], ...] = ()
              ) -> tuple[ray.data.Dataset, Selection]:
     """The chosen fakes, and the `Selection` that chose them."""
@@ -229,27 +260,9 @@ def generate(cfg: Config, want: dict[str, int], histories: tuple[tuple[str, floa
     if use_gpu:  # one actor per GPU up, or as many as the training used: the autoscaler adds them
         pool = max(pool, runtime.cluster_gpus())
     reals = list(datasets.thumbnails(datasets.data_dir(cfg.workdir)).values())
-    total, rounds, start, chosen = sum(want.values()), [], 0, {}
-    for _ in range(MAX_ROUNDS):
-        have = {s: sum(1 for v in chosen.values() if v == s) for s in want}
-        count = candidates_needed({s: want[s] - have[s] for s in want}, cfg.data.splits)
-        print(f"generate: making {count:,} candidates from index {start:,}", flush=True)
-        rounds.append(make(cfg, start, count, pool, use_gpu, histories))
-        start += count
-        before = len(chosen)
-        picked = select(rounds, want, cfg.data.splits, reals)
-        chosen, left_out = picked.chosen, picked.repeats + picked.copies_of_reals
-        if len(chosen) == total:
-            break
-        # nine in ten left out, or a round of nothing new: more rounds (on a cluster, GPU
-        # hours) would draw the same faces again
-        mostly_left_out = left_out > 0 and left_out >= 9 * len(chosen)
-        stuck = left_out > len(chosen) and (len(chosen) == before or len(rounds) == MAX_ROUNDS)
-        if mostly_left_out or stuck:
-            raise too_few_new_faces(start, len(chosen), total, picked.repeats, picked.copies_of_reals)
-    else:
-        raise UsageError(f"after {start:,} candidates only {len(chosen):,} of {total:,} fakes "
-                         f"fill the splits {want}: check data.splits against the reals' splits")
+    rounds, picked, start = draw_rounds(cfg, want, lambda start, count: make(cfg, start, count, pool, use_gpu, histories),
+                                        lambda rounds: select(rounds, want, cfg.data.splits, reals))
+    total, chosen = sum(want.values()), picked.chosen
     if picked.repeats:
         print(f"generate: left out {picked.repeats:,} copies or near copies of chosen fakes (of {start:,} "
               "candidates): the generator repeats itself that often", flush=True)
