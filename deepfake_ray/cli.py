@@ -451,12 +451,20 @@ BATCH_SETTING = {"train-gan": "gan.batch_size", "generate": "gan.generate_batch_
                  "evaluate": "serve.score_batch_size", "score": "serve.score_batch_size"}
 
 
+STARTS_OVER_FOR_BATCH = {"train-gan", "train-detector", "tune"}  # their batch size is a setting they record
+
+
 def out_of_memory_line(command: str, error: BaseException) -> str | None:
     """The one line for workers that ran out of memory (a Ray Train run gives up after
     retrying them), with the setting to lower; None for any other error."""
     if not (what := find_error(error, out_of_memory)):
         return None
-    if setting := BATCH_SETTING.get(command):
+    if (setting := BATCH_SETTING.get(command)) and command in STARTS_OVER_FOR_BATCH:
+        # an unfinished training resumes only with the batch size it began with
+        return (f"{what}: lower {setting} and start the stage over (--force --set {setting}=N), or run "
+                "the same command again on machines with more memory: a training resumes from its "
+                "last checkpoint")
+    if setting:
         fix = f"lower {setting} (--set {setting}=N), or run it on machines with more memory"
     elif command == "pipeline":  # the stage that ran out printed its progress last
         fix = (f"lower the batch size of the stage that ran out ({', '.join(dict.fromkeys(BATCH_SETTING.values()))}), "

@@ -208,15 +208,16 @@ def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     if differ and elsewhere:
         made_by, remake = elsewhere
         raise WorkdirState(f"{uri(cfg, stage)} is {made_by}, which cannot be trained further or remade "
-                         f"with {', '.join(differ)}: use another --workdir, or `deepfake-ray {stage.command} "
-                         f"{remake}` to train one anew there")
+                         f"with {', '.join(differ)}: use another --workdir, or "
+                         f"`{command_line(cfg.workdir, stage.command, settings_saved=False)} {remake}` to "
+                         "train one anew there")
     if differ:
         own = " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in own_settings(
             cfg, stage, done, asked, more).items())
         # the stage's own command: --force on the pipeline would redo every stage
         raise WorkdirState(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
-                         f"--workdir to keep both, `deepfake-ray {stage.command} --force` to redo it "
-                         f"alone there, or its own settings ({own})")
+                         f"--workdir to keep both, `{command_line(cfg.workdir, stage.command, settings_saved=False)} "
+                         f"--force` with yours to redo it alone there, or its own settings ({own})")
 
 
 def own_settings(cfg: Config, stage: Stage, done: dict, asked: dict, more: list[str]) -> dict:
@@ -396,8 +397,8 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
     more = grown(stage, begun, asked)
     if differ := [text for k, text in differences(stage, begun, asked).items() if k not in more]:
         raise WorkdirState(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
-                         f"run with its settings to resume it, `deepfake-ray {stage.command} --force` "
-                         "to start it over there, or another --workdir to keep it")
+                         f"run with its settings to resume it, `{command_line(cfg.workdir, stage.command, settings_saved=False)} "
+                         "--force` with yours to start it over there, or another --workdir to keep it")
 
 
 def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
@@ -452,7 +453,8 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
         keys = ", ".join(conflicts)
         raise UsageError(f"{storage.join(cfg.workdir, folder)} was made with {text}, and {stage.command} "
                          f"reads it as it is: leave out {keys} to take the settings it was made with, or "
-                         f"run `deepfake-ray {command}` with yours first (then the stages after it)")
+                         f"run `{command_line(cfg.workdir, command, settings_saved=False)} --force` with "
+                         "yours first (then the stages after it)")
     if not found:
         return cfg, ""
     made_with = cfg

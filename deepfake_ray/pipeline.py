@@ -109,7 +109,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             # a --force run that has replaced nothing yet is still needed
             replaced = storage.marker_changes != changes
             again = "it again without --force" if force and replaced else "the same command again"
-            alone = ("" if command in ("score", "report") else  # these take other arguments
+            # its config.yaml is put back when no stage changed: the hint would name another's
+            alone = ("" if command in ("score", "report") or not replaced else  # these take other arguments
                      f", or this stage alone with the settings of this run: "
                      f"`{lineage.command_line(cfg.workdir, command)}`")
             print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then run {again} "

@@ -55,7 +55,7 @@ def check_fits(cfg: Config) -> None:
         raise UsageError(f"resources.workers={r.workers} asks for {r.workers} GPUs and this machine has "
                          f"{gpus}: pass --set resources.workers={gpus}")
     if (wanted := r.workers * r.cpus_per_worker + r.data_cpus) > cpus:
-        fit_cpus = (cpus - r.data_cpus) / r.workers
+        fit_cpus = math.floor((cpus - r.data_cpus) / r.workers * 1e4) / 1e4  # down: rounded up, it fits not
         raise UsageError(f"resources.workers={r.workers} x resources.cpus_per_worker={r.cpus_per_worker:g} "
                          f"+ resources.data_cpus={r.data_cpus:g} (a Ray Data task beside them) is {wanted:g} "
                          f"CPUs and the in-process Ray has {cpus:g}: lower them"

@@ -849,7 +849,8 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     lr = f"{result['lr']:.2e}"
     assert len(err) == 1 and f"is the best trial of `deepfake-ray tune` (lr {lr}; the pipeline keeps it with " \
         f"--set tune.enabled=true), which cannot be trained further or remade with detector.epochs=1 (asked: " \
-        f"2)" in err[0] and f"`deepfake-ray train-detector --force --set detector.lr={lr}`" in err[0], err
+        f"2)" in err[0] and f"`deepfake-ray train-detector --workdir {cfg.workdir} --force --set detector.lr={lr}`" \
+        in err[0], err
     # being remade by train-detector, the detector is no longer the sweep's: tune is not
     # complete (a pipeline with tune.enabled sweeps, or restores the sweep, again). Its
     # training is cut short as it starts: a whole run would add ~55 s to this test. The

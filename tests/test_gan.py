@@ -468,6 +468,13 @@ def test_bad_input_exits_2_with_one_line(ray_session, prepared, tmp_path, capsys
     assert code == 2 and len(err) == 1, err
     assert "x resources.cpus_per_worker=8 + resources.data_cpus=1 (a Ray Data task beside them) is 17 CPUs " \
         "and the in-process Ray has" in err[0] and "lower them" in err[0]
+    # the suggested value fits: rounded to 6 digits, 2/3 came out 0.666667, over by a millionth
+    cpus = ray.cluster_resources()["CPU"]
+    data_cpus = cpus - 2
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", prepared, "--set", "resources.workers=3",
+                        "--set", "resources.cpus_per_worker=2", "--set", f"resources.data_cpus={data_cpus:g}")
+    suggested = float(re.search(r"--set resources.cpus_per_worker=([\d.]+)", err[0])[1])
+    assert code == 2 and 3 * suggested + data_cpus <= cpus, err
 
     nothing_to_train = str(tmp_path / "empty")
     data = datasets.data_dir(nothing_to_train)
@@ -528,7 +535,7 @@ def test_fakes_encoded_unlike_the_reals_are_refused_and_the_complete_ones_kept(g
                         "--set", "data.jpeg_quality=80")
     refused = (f"{workdir}/data was made with data.jpeg_quality=95 (asked: 80), and generate reads it as it "
                "is: leave out data.jpeg_quality to take the settings it was made with, or run `deepfake-ray "
-               "prepare` with yours first")
+               f"prepare --workdir {workdir} --force` with yours first")
     assert code == 2 and len(err) == 1 and refused in err[0], err
     assert storage.completed(datasets.fakes_dir(workdir))
     # without --force too: complete fakes are not what that run should get either
@@ -811,7 +818,7 @@ def test_an_unfinished_run_resumes_only_with_the_settings_it_began_with(prepared
             assert cli.main(command + ["--set", changed]) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and f"{workdir}/gan holds an unfinished run begun with {text}" in err[0]
-            assert "`deepfake-ray train-gan --force` to start it over" in err[0]  # even from pipeline
+            assert f"`deepfake-ray train-gan --workdir {workdir} --force` with yours to start it over" in err[0]  # even from pipeline
     more = tiny(workdir, f"gan.epochs={cfg.gan.epochs + 5}")  # a longer run: it goes on
     assert not lineage.plan(more, train.STAGE, force=False).redo
     assert lineage.plan(tiny(workdir, "gan.lr=0.002"), train.STAGE, force=True).redo

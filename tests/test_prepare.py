@@ -412,6 +412,21 @@ def test_sample_faces_are_the_same_for_a_seed_and_differ_between_seeds_and_faces
     assert sample.face_jpeg(1, 1) != first and sample.face_jpeg(0, 2) != first
 
 
+def test_a_first_pipeline_stopped_before_any_stage_changed_names_no_config_it_put_back(
+        ray_session, tmp_path, capsys):
+    """Its closing hint named `--config W/config.yaml` "with the settings of this run", but
+    a run that changed no stage puts its config.yaml back (here: none): the hint failed
+    with "config file not found", or ran an earlier run's settings."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "x.jpg").write_bytes(b"not an image at all\n" * 40)
+    workdir = tmp_path / "w"
+    assert cli.main(["pipeline", "--preset", "tiny", "--source", str(faces), "--workdir", str(workdir)]) == 2
+    out = capsys.readouterr().out
+    assert "pipeline stopped at stage 'prepare'" in out and "this stage alone" not in out
+    assert not (workdir / "config.yaml").exists()
+
+
 def test_a_source_subfolder_gone_unreadable_keeps_the_complete_data(ray_session, tiny_cfg, tmp_path, capsys,
                                                                     monkeypatch):
     """`chmod 000 faces/b` after a prepare: its images counted as deleted, and data/, the
@@ -1175,7 +1190,8 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     assert cli.main(bare) == 2  # a bare `kaggle` names data.kaggle_dataset
     err = error_lines(capsys)
     assert err[0].endswith("was made with data.source=kaggle:owner/faces (asked: kaggle:owner/others): use "
-                           "another --workdir to keep both, `deepfake-ray prepare --force` to redo it alone there, or its "
+                           f"another --workdir to keep both, `deepfake-ray prepare --workdir {workdir} --force` with "
+                           "yours to redo it alone there, or its "
                            "own settings (--set data.source=kaggle:owner/faces --set data.kaggle_dataset=owner/faces)")
     own = err[0].rsplit("its own settings (", 1)[1].rstrip(")")
     assert cli.main(bare + shlex.split(own)) == 0  # as the line says, after the run's own --set

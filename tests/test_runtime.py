@@ -523,12 +523,14 @@ def test_workers_out_of_memory_are_one_line_naming_the_batch_setting_to_lower():
         "1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
         "192.0.2.2, ID: 82422b43) was 1.12GB used / 23.59GB limit (0.047392)\nOOM kill reason: Memory "
         "usage 1200209920B exceeded threshold of 506499072B (2.0% of 25324953600B limit)")
+    # a training's batch size is a setting its unfinished run resumes with only: lowered, it starts over
     assert cli.out_of_memory_line("train-detector", WorkerGroupError("Training failed", {1: gpu})) == (
-        "a worker ran out of GPU memory: lower detector.batch_size (--set detector.batch_size=N), or run "
-        "it on machines with more memory; then run the same command again: finished stages are skipped "
-        "and a training resumes from its last checkpoint")
+        "a worker ran out of GPU memory: lower detector.batch_size and start the stage over (--force --set "
+        "detector.batch_size=N), or run the same command again on machines with more memory: a training "
+        "resumes from its last checkpoint")
     assert cli.out_of_memory_line("train-gan", WorkerGroupError("Training failed", {0: node})).startswith(
-        "Ray stopped a worker for want of memory on its node: lower gan.batch_size (--set gan.batch_size=N)")
+        "Ray stopped a worker for want of memory on its node: lower gan.batch_size and start the stage over "
+        "(--force --set gan.batch_size=N)")
     assert cli.out_of_memory_line("score", ControllerError(gpu)) == (
         "a worker ran out of GPU memory: lower serve.score_batch_size (--set serve.score_batch_size=N), or "
         "run it on machines with more memory; then run the same command again")

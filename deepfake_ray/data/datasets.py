@@ -55,7 +55,7 @@ def require_share(splits: tuple[float, ...], split: str) -> None:
     if len(splits) == 3 and not splits[SPLITS.index(split)] > 0:  # else prepare's check says what
         name = "validation" if split == "val" else split
         raise UsageError(f"data.splits={list(splits)} leaves the {name} split empty: {SPLIT_USES[split]}; "
-                         "give it a share, e.g. data.splits=[0.8,0.1,0.1]")
+                         "give it a share, e.g. --set 'data.splits=[0.8,0.1,0.1]'")
 
 
 def empty_splits(prepared: dict) -> list[str]:

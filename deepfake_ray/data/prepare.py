@@ -83,10 +83,10 @@ def check_settings(cfg: Config) -> None:
     d = cfg.data
     if len(d.splits) != 3 or min(d.splits) < 0 or not 0 < sum(d.splits) < math.inf or d.splits[0] <= 0:
         raise UsageError(f"data.splits={list(d.splits)} must be three non-negative fractions "
-                         "(train > 0), e.g. data.splits=[0.8,0.1,0.1]")
+                         "(train > 0), e.g. --set 'data.splits=[0.8,0.1,0.1]'")
     if abs(sum(d.splits) - 1) > 1e-3:  # [0.8,0.1,0.2] is a typo: as weights it shrinks train
         raise UsageError(f"data.splits={list(d.splits)} sums to {sum(d.splits):.6g}, not 1: give each "
-                         "split's fraction of the images, e.g. data.splits=[0.8,0.1,0.1]")
+                         "split's fraction of the images, e.g. --set 'data.splits=[0.8,0.1,0.1]'")
     source = d.source.strip()
     if not source:  # said before a complete data/ compares it with the source it was made from
         raise UsageError(f"no source given: pass --source (or data.source) as {sources.FORMS}")
