@@ -90,6 +90,7 @@ def test_a_ray_address_that_cannot_work_exits_2_before_anything_runs(monkeypatch
     err = error_lines(capsys)
     assert len(err) == 1 and "http://head:8265 is a dashboard URL" in err[0]
     assert "ray job submit --address http://head:8265 -- deepfake-ray" in err[0]
+    assert err[0].endswith("(the address is RAY_ADDRESS's: unset it to run in-process, or set it to HEAD:6379)")
     assert not (tmp_path / "w").exists()  # no config.yaml written
     # a head's name without its port: Ray's own check raised a ValueError (exit 1, a traceback)
     assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
