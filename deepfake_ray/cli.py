@@ -504,7 +504,7 @@ def execute(args: argparse.Namespace) -> int:
         stop_on_sigterm(held)  # first, so that it goes back last: after the lock and config.yaml
         cfg = build_config(args)
         module = importlib.import_module(COMMANDS[args.command][0])
-        from deepfake_ray import lineage, storage
+        from deepfake_ray import lineage, runtime, storage
 
         if args.command not in NO_RAY:  # first: the checks below read those paths too
             check_utf8(args)
@@ -537,7 +537,7 @@ def execute(args: argparse.Namespace) -> int:
         if taken:  # said once the stage runs: a complete one takes nothing, records nothing
             print(taken, flush=True)
         if args.command not in NO_RAY:
-            check_address(args.address)
+            runtime.check_address(args.address)
         writes_config = args.command not in KEEP_CONFIG
         # refused before this run changes anything there (config.yaml included). A local
         # lock is taken now (the OS knows whether its holder lives): another run starting
@@ -557,20 +557,6 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         module.run(cfg, **options(args))
     return 0
-
-
-def check_address(address: str | None) -> None:
-    """runtime.check_address, saying where an address this command was not given came
-    from: RAY_ADDRESS, which also wins over a `--address auto` the line may suggest."""
-    from deepfake_ray import runtime
-
-    try:
-        runtime.check_address(address or os.environ.get("RAY_ADDRESS"))
-    except UsageError as e:
-        if address or not os.environ.get("RAY_ADDRESS"):
-            raise
-        raise UsageError(f"{e} (the address is RAY_ADDRESS's: unset it to run in-process, or set it "
-                         "to HEAD:6379)") from None
 
 
 def check_utf8(args: argparse.Namespace) -> None:

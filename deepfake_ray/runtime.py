@@ -48,14 +48,23 @@ def environment(extra: dict[str, str]):
                 os.environ[name] = value
 
 
-def check_address(address: str | None) -> None:
-    """check_address_form, then whether anything answers there: what the CLI asks before
-    it writes anything (init asks only the form, so a command connects there once)."""
-    check_address_form(address)
-    if ray.is_initialized():  # this process's own Ray (a notebook's second command): it or nothing
-        check_same_ray(address)
-    elif address and address not in ("auto", "local"):
-        check_reachable(address)
+def check_address(given: str | None) -> None:
+    """check_address_form of `--address` (else RAY_ADDRESS), then whether anything answers
+    there: what the CLI asks before it writes anything (init asks only the form, so a
+    command connects there once). An address from RAY_ADDRESS is said to be its: it also
+    wins over a `--address auto` the line may suggest."""
+    address = given or os.environ.get("RAY_ADDRESS")
+    try:
+        check_address_form(address)
+        if ray.is_initialized():  # this process's own Ray (a notebook's second command): it or nothing
+            check_same_ray(address)
+        elif address and address not in ("auto", "local"):
+            check_reachable(address)
+    except UsageError as e:
+        if given or not address:
+            raise
+        raise UsageError(f"{e} (the address is RAY_ADDRESS's: unset it to run in-process, or set it "
+                         "to HEAD:6379)") from None
 
 
 def check_address_form(address: str | None) -> None:

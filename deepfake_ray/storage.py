@@ -20,6 +20,7 @@ import math
 import os
 import posixpath
 import re
+import shutil
 import socket
 import stat
 import sys
@@ -516,15 +517,11 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # on disk before it has the name: a power cut leaves old or new
         os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if e.filename is None:  # a full disk's write or fsync names no file: name the one written
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):  # a stop landing just after the rename
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk's write or fsync names no file
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -865,8 +862,6 @@ def delete_dir(uri: str) -> None:
 
 
 def empty_folder(path: str) -> None:
-    import shutil
-
     for entry in os.scandir(path):
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)
@@ -950,8 +945,6 @@ def replace_dir(uri: str, new: str) -> None:
         if fs.get_file_info(source).type != pafs.FileType.Directory:
             return
         if os.path.islink(target) and os.path.isdir(target):  # the link stays, as delete_dir's
-            import shutil
-
             for name in os.listdir(source):  # another disk: each moved, copied if need be
                 shutil.move(os.path.join(source, name), os.path.join(os.path.realpath(target), name))
             os.rmdir(source)

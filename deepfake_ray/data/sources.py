@@ -6,10 +6,10 @@ buckets, Kaggle downloads) or a sample count; ingest then treats all of them ali
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import filecmp
 import hashlib
-import copy
 import io
 import itertools
 import json
@@ -741,13 +741,15 @@ def extract_members(z: zipfile.ZipFile, into: str) -> tuple[list[tuple[str, str]
     refused by their names, with the reason, left out; and those renamed, with their new
     names: a zip may hold one name twice, or names differing only in case, which a
     case-insensitive disk (macOS's) takes for one, and extracting overwrote the first."""
+    def taken(name: str) -> bool:
+        return os.path.lexists(os.path.join(into, member_path(name)))
+
     left_out, renamed = [], []
     for member in z.infolist():
-        if not member.is_dir() and os.path.lexists(os.path.join(into, member_path(member.filename))):
+        if not member.is_dir() and taken(member.filename):
             member = copy.copy(member)  # zipfile reads it by its header's name, kept in orig_filename
             stem, ext = posixpath.splitext(member.filename)
-            member.filename = next(f"{s}{ext}" for s in names_like(stem)
-                                   if not os.path.lexists(os.path.join(into, member_path(f"{s}{ext}"))))
+            member.filename = next(f"{s}{ext}" for s in names_like(stem) if not taken(f"{s}{ext}"))
             renamed.append((member.orig_filename, member.filename))
         try:
             z.extract(member, into)

@@ -261,14 +261,19 @@ def score_table(cfg: Config, model: str, meta: dict, paths: list[str], source: s
 NAME_MAX = 255  # bytes in a file name on common local filesystems
 
 
-def parts_root(out: str) -> str:
-    """Where runs into `out` keep their finished parts: hidden beside it, so that a folder
-    scored into itself never lists them as inputs."""
+def hidden_beside(out: str, suffix: str) -> str:
+    """`.NAME.SUFFIX` beside `out`, hidden so that a folder scored into itself never lists
+    it as an input; named by a hash of NAME where that would be too long (`out` fits)."""
     folder, name = out.rsplit("/", 1)
-    hidden = f".{name}.parts"
-    if len(os.fsencode(hidden)) > NAME_MAX:  # `out` itself fits: its parts folder must too
-        hidden = f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:16]}.parts"
+    hidden = f".{name}.{suffix}"
+    if len(os.fsencode(hidden)) > NAME_MAX:
+        hidden = f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:16]}.{suffix}"
     return f"{folder}/{hidden}"
+
+
+def parts_root(out: str) -> str:
+    """Where runs into `out` keep their finished parts."""
+    return hidden_beside(out, "parts")
 
 
 def parts_folder(out: str, src: str) -> str:
@@ -512,9 +517,7 @@ def writing(out: str):
     """One score at a time into `out`: two (a cron job's and a hand-run one) each wrote the
     table, the last one's kept, and the first to end deleted the other's parts. A hidden
     lock folder beside it, gone once the table is written."""
-    folder, name = out.rsplit("/", 1)
-    lock = f"{folder}/.{name}.lock" if len(os.fsencode(name)) < NAME_MAX - 6 else \
-        f"{folder}/.{hashlib.sha1(os.fsencode(name)).hexdigest()[:16]}.lock"
+    lock = hidden_beside(out, "lock")
     held = contextlib.ExitStack()
     try:
         held.enter_context(storage.exclusive(lock, "score"))
