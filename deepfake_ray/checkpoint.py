@@ -104,7 +104,18 @@ def load_detector_meta(uri: str) -> dict:
     if missing:  # else a service that answers every upload with a 500
         raise UsageError(f"{storage.join(uri, META)} lacks {', '.join(missing)} (written by hand, or "
                          "by another tool?): pass the folder train-detector or tune exported")
+    check_threshold(uri, meta["threshold"])
     return meta
+
+
+def check_threshold(uri: str, threshold) -> None:
+    """model.json's threshold may be edited by hand (README): NaN labelled every image
+    "real" (p >= NaN is False) and broke the JSON answer; 50 (meant as a percent) did the
+    same silently; "0.8" served but crashed evaluate."""
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not (number and 0 <= threshold <= 1):
+        raise UsageError(f"{storage.join(uri, META)} has threshold {json.dumps(threshold)}: it must be a "
+                         "number from 0 to 1 (p_fake at or above it is labelled fake), e.g. 0.5")
 
 
 def check_detector(uri: str) -> dict:

@@ -1369,7 +1369,12 @@ def test_a_damaged_model_is_refused_in_one_line_before_ray_starts(model_dir, ima
            "unknown-arch": ({**meta, "arch": "resnet_from_the_future",  # made with another timm
                              "software": {**meta["software"], "timm": "9.9.9"}},
                             "is a resnet_from_the_future model, which timm"),
-           "no-weights": (meta, f"{checkpoint.WEIGHTS} is missing: copy it with model.json")}
+           "no-weights": (meta, f"{checkpoint.WEIGHTS} is missing: copy it with model.json"),
+           # a threshold edited by hand: NaN or 50 (a percent) labelled every image "real"
+           **{f"threshold-{name}": ({**meta, "threshold": value}, f"has threshold {shown}: it must be a "
+                                    "number from 0 to 1")
+              for name, value, shown in (("nan", float("nan"), "NaN"), ("percent", 50, "50"),
+                                         ("text", "0.8", '"0.8"'), ("none", None, "null"))}}
     for name, (contents, message) in odd.items():
         folder = tmp_path / name
         shutil.copytree(model_dir, folder)

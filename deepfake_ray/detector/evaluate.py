@@ -48,7 +48,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     if plan.done:
         return plan.done
     model_uri = model_dir(cfg.workdir)
-    meta = checkpoint.load_meta(model_uri)
+    meta = checkpoint.load_detector_meta(model_uri)  # its threshold checked: maybe edited by hand
     selection = data.select(cfg, splits=("test",))
     check_same_data(meta, selection)
     lineage.unmark(cfg, STAGE)
