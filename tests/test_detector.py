@@ -29,7 +29,7 @@ from PIL import Image
 
 from deepfake_ray import checkpoint, cli, storage
 from deepfake_ray.data import datasets, decode, sample
-from deepfake_ray.detector import data, metrics, train, tune
+from deepfake_ray.detector import data, loop, metrics, train, tune
 from deepfake_ray.errors import UsageError
 from deepfake_ray.models import detector
 from tests.cli_output import error_lines
@@ -175,8 +175,6 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 # --- leakage guards (manifests only, no Ray) --------------------------------------------
 
 def test_a_diverged_epoch_ranks_last_instead_of_failing_the_run():
-    from deepfake_ray.detector import loop, metrics
-
     labels = np.array([0, 0, 1, 1])
     good = metrics.epoch_validation(labels, np.array([0.1, 0.2, 0.8, 0.9]), 1.0)
     assert good["val_auc"] == 1.0 and 0.2 < good["val_threshold"] < 0.8
@@ -189,8 +187,6 @@ def test_of_epochs_alike_by_roc_auc_the_lower_validation_loss_is_the_best_and_a_
     """A small validation split often gives several epochs a ROC-AUC of 1.0: the best epoch
     (exported, its threshold served) is then the one of the lower validation loss, and of
     equal ones the later, whose checkpoint Ray Train keeps."""
-    from deepfake_ray.detector import loop
-
     worse = {"epoch": 0, "val_auc": 1.0, "val_loss": 0.5}
     lower = {"epoch": 1, "val_auc": 1.0, "val_loss": 0.2}
     again = {"epoch": 2, "val_auc": 1.0, "val_loss": 0.2}
@@ -561,7 +557,6 @@ def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path
     before their model.json, it must not show the old epoch's metrics over the new
     weights: the resumed run would trust them and publish a model that fails its hash."""
     from deepfake_ray import checkpoint
-    from deepfake_ray.detector import loop
 
     best = str(tmp_path / "best")
     checkpoint.save_model(best, {"w": torch.zeros(3)}, {"metrics": {"val_auc": 0.9}})
@@ -763,17 +758,20 @@ def test_a_sweep_publishes_its_trial_of_the_highest_roc_auc_one_that_failed_only
     error stopped short, whatever its score so far."""
     from types import SimpleNamespace
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("tune.epochs=3")
     results = []
     for trial_id, lr, auc, error in (("t0", 1e-4, 0.7, None), ("t1", 3e-4, 0.9, None),
                                      ("t2", 5e-4, 0.95, "RayTaskError: a worker died")):
         out = tune.trial_dir(cfg.workdir, trial_id)
         checkpoint.save_model(storage.join(out, "best"), {}, {
             "lr": lr, "epoch": 0, "threshold": 0.5, "metrics": {"val_auc": auc, "val_loss": 0.3, "val_acc": 0.8}})
-        storage.write_json(storage.join(out, "history.json"), [{"epoch": 0}])
+        # t0 diverged in its second epoch and stopped there: not ASHA's stop
+        storage.write_json(storage.join(out, "history.json"), [{"epoch": 0, "train_loss": 0.6}] + (
+            [{"epoch": 1, "train_loss": float("nan")}] if trial_id == "t0" else []))
         results.append(SimpleNamespace(metrics={"trial_id": trial_id}, error=error, path=out, config={"lr": lr}))
     rows = tune.collect(cfg, results)
     assert list(rows["trial_id"]) == ["t1", "t0", "t2"] and list(rows["status"]) == ["ok", "ok", "error"]
+    assert list(rows["stopped_early"]) == [True, False, False]  # of 3 epochs
     with open(os.path.join(tune.tune_dir(cfg.workdir), "results.csv")) as f:
         assert [r["trial_id"] for r in csv.DictReader(f)] == ["t1", "t0", "t2"]
 
@@ -789,6 +787,25 @@ def test_a_training_that_diverged_publishes_no_detector(tiny_cfg):
     with pytest.raises(UsageError, match=r"training diverged at detector.lr=0.5: .* --force --set detector.lr=0.05"):
         train.publish(cfg, run, 1.0, {})
     assert not storage.exists(storage.join(run, "model")) and storage.completed(run) is None
+
+
+def test_a_training_that_diverged_after_a_good_epoch_publishes_that_epoch_and_says_so(tiny_cfg, capsys):
+    """The loop stops at the first epoch whose training loss is NaN (AdamW keeps NaN
+    weights NaN: each epoch left was wasted compute); the best epoch before it is published,
+    with a warning that names both epochs, as the run asked for more."""
+    cfg = tiny_cfg()
+    run = storage.join(cfg.workdir, "detector")
+    good = {"epoch": 0, "train_loss": 0.6, "val_auc": 0.8, "val_loss": 0.5, "val_acc": 0.7}
+    checkpoint.save_model(storage.join(run, "best"), {}, {
+        "lr": 0.01, "epoch": 0, "threshold": 0.5, "metrics": good})
+    storage.write_json(storage.join(run, "history.json"), [good, {**good, "epoch": 1, "train_loss": float("nan")}])
+    assert loop.diverged({"train_loss": float("nan")}) and not loop.diverged(good)
+    train.publish(cfg, run, 1.0, {})
+    out = capsys.readouterr().out
+    assert ("train-detector: warning: training diverged at epoch 2 and stopped there; the model is epoch 1's, "
+            "the best before it; to do better, train anew with a lower rate: deepfake-ray train-detector "
+            "--force --set detector.lr=0.001") in out
+    assert storage.exists(storage.join(run, "model", checkpoint.META))
 
 
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg, capsys, monkeypatch):

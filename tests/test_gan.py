@@ -269,6 +269,24 @@ def test_a_discriminator_that_has_won_is_warned_about(last, won):
         assert "stop it (Ctrl-C, or `ray job stop`)" in during
 
 
+def test_a_gan_that_diverged_is_refused_with_a_lower_rate_not_exported(tmp_path):
+    """A NaN loss (the figures reduced over workers) stops the loop and exports nothing:
+    train-gan had ended "done" on a NaN generator, whose black squares generate then
+    blamed on a collapse."""
+    from deepfake_ray.gan import loop
+
+    cfg = tiny(str(tmp_path / "w"), "gan.lr=0.002")
+    last = {"epoch": 4, "g_loss": float("nan"), "d_loss": float("nan"), "d_real": 0.5, "d_fake": 0.5}
+    assert loop.diverged(last) and loop.diverged({**last, "g_loss": 1.0, "d_loss": float("inf")})
+    with pytest.raises(UsageError) as refused:
+        train.check_converged(cfg, last)
+    assert str(refused.value) == (
+        "train-gan diverged at epoch 5 (G loss nan, D loss nan) at gan.lr=0.002: no generator was exported; "
+        f"train anew with a lower rate: deepfake-ray train-gan --workdir {cfg.workdir} --force --set gan.lr=0.0002")
+    healthy = {**last, "g_loss": 2.0, "d_loss": 1.0}
+    assert not loop.diverged(healthy) and train.check_converged(cfg, healthy) is None
+
+
 def test_a_collapse_is_warned_once_as_it_shows_not_at_every_epoch_nor_the_last():
     """A collapse shows by epoch 8 of 60; the warning came only after the 60th."""
     from deepfake_ray.gan import loop

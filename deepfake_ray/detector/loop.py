@@ -75,6 +75,15 @@ def train_loop(loop: dict) -> None:
         training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)}, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": training.rng_state(), "history": history})
+        if diverged(entry):  # AdamW keeps NaN weights NaN: each epoch left would be wasted
+            if training.rank() == 0:  # the loss is summed over workers: each stops here
+                training.say(f"{label}: diverged at epoch {epoch + 1} (train loss {entry['train_loss']}): "
+                             "stopping; best/ keeps the best epoch before it")
+            break
+
+
+def diverged(entry: dict) -> bool:
+    return not math.isfinite(entry["train_loss"])
 
 
 def setup(loop: dict, cfg, device: torch.device):

@@ -255,7 +255,20 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
           f"(model {summary['model_id']})")
     if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
         print(warning, flush=True)
+    if warning := diverged_late(storage.read_json(history_uri), meta):
+        print(warning, flush=True)
     return summary
+
+
+def diverged_late(history: list[dict], meta: dict) -> str | None:
+    """A warning when training stopped at a diverged epoch (the loop's own stop) after
+    finite ones: the model published is the best before it, not the last asked for."""
+    last = history[-1] if history else {}
+    if math.isfinite(last.get("train_loss", 0.0)):
+        return None
+    return (f"train-detector: warning: training diverged at epoch {last['epoch'] + 1} and stopped "
+            f"there; the model is epoch {meta['epoch'] + 1}'s, the best before it; to do better, "
+            f"{lower_rate(meta)}")
 
 
 def check_converged(meta: dict, history_uri: str) -> None:

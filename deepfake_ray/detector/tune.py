@@ -211,8 +211,10 @@ class SweepProgress(tune.Callback):
               f"{result.get('epochs_done', '?')}/{self.epochs}  val ROC-AUC {auc:.4f}{best}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = (trial.last_result or {}).get("epochs_done", self.epochs)
-        how = "finished" if done >= self.epochs else f"stopped early by ASHA after epoch {done}"
+        last = trial.last_result or {}
+        done = last.get("epochs_done", self.epochs)
+        how = ("finished" if done >= self.epochs else f"diverged at epoch {done} and stopped"
+               if not math.isfinite(last.get("train_loss", 0.0)) else f"stopped early by ASHA after epoch {done}")
         # Tune marks it TERMINATED only after its callbacks
         ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
         print(f"tune: trial {trial.trial_id} (lr {trial.config['lr']:.2e}) {how}; {ended} of "
@@ -348,7 +350,8 @@ def trial_row(cfg: Config, result) -> dict:
     diverged = m["val_auc"] != m["val_auc"]  # NaN: even its best epoch's scores were not finite
     status = "error" if error else "diverged" if diverged else "ok"
     return {"trial_id": trial_id, "lr": meta["lr"], "status": status,
-            "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs,
+            "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs
+                                                         and math.isfinite(history[-1].get("train_loss", 0.0)),  # by ASHA
             "best_epoch": meta["epoch"] + 1,  # 1-based, as train-detector prints it
             "val_auc": m["val_auc"], "val_loss": m["val_loss"],
             "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}

@@ -7,6 +7,7 @@ workers, reports them and (on rank 0) checkpoints and writes the figures.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -221,8 +222,17 @@ def train_loop(config: dict) -> None:
             for line in lines:
                 training.say(line)
         training.report_epoch(epoch, metrics, state_of(run, epoch) if save else None)
+        if diverged(metrics):  # NaN weights stay NaN: the epochs left would draw black squares
+            if training.rank() == 0:  # the means are reduced over workers: each stops here
+                training.say(f"train-gan: diverged at epoch {epoch + 1} (G loss {metrics['g_loss']}, "
+                             f"D loss {metrics['d_loss']}): stopping; no generator is exported")
+            return
     if training.rank() == 0:
         export(run)
+
+
+def diverged(m: dict) -> bool:
+    return not all(math.isfinite(m[k]) for k in METRICS)
 
 
 def export(run: Run) -> None:

@@ -23,8 +23,6 @@ from deepfake_ray.gan.loop import discriminator_won
 from deepfake_ray.models import dcgan
 
 RUN_NAME = "gan"
-# Settings that fix the shapes in a checkpoint: a resumed run must keep them.
-SHAPE_KEYS = (("data", "resolution"), ("gan", "latent_dim"), ("gan", "g_width"), ("gan", "d_width"))
 
 
 def settings(cfg: Config) -> dict:
@@ -77,21 +75,6 @@ def check_data(cfg: Config) -> int:
     return train
 
 
-def check_resume(cfg: Config, stage: str) -> None:
-    """A run in WORKDIR/gan made with other model shapes cannot be resumed."""
-    saved_uri = storage.join(stage, "run_config.json")
-    current = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in SHAPE_KEYS}
-    try:
-        saved = storage.read_json(saved_uri)
-    except FileNotFoundError:
-        storage.write_json(saved_uri, current)
-        return
-    changed = [f"{k}={saved[k]} (now {current[k]})" for k in current if saved.get(k) != current[k]]
-    if changed:
-        raise UsageError(f"{stage} holds an unfinished run with {', '.join(changed)}: use the same "
-                         "settings to resume it, or pass --force to start over")
-
-
 def train_dataset(cfg: Config, train_images: int):
     """The real training split, decoded by Ray Data tasks beside the train workers.
 
@@ -128,6 +111,16 @@ def train_dataset(cfg: Config, train_images: int):
     return decoded(shuffled.randomize_block_order())  # its JPEGs: the decoded split would wait whole
 
 
+def check_converged(cfg: Config, last: dict) -> None:
+    """UsageError when the loop stopped at a diverged epoch (it exports no generator): its
+    NaN weights drew black squares, which generate then blamed on a collapse."""
+    if loop.diverged(last):
+        raise UsageError(f"train-gan diverged at epoch {last['epoch'] + 1} (G loss {last['g_loss']}, D loss "
+                         f"{last['d_loss']}) at gan.lr={cfg.gan.lr:g}: no generator was exported; train anew with a "
+                         f"lower rate: {lineage.command_line(cfg.workdir, 'train-gan', settings_saved=False)} "
+                         f"--force --set gan.lr={cfg.gan.lr / 10:g}")
+
+
 def run(cfg: Config, force: bool = False, **_) -> dict:
     stage = gan_dir(cfg.workdir)
     check_settings(cfg)  # before plan: with --force, a typo must not unmark a complete stage
@@ -138,7 +131,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     training.check_fits(cfg)
     if plan.redo:
         lineage.clear(stage)
-    check_resume(cfg, stage)
     lineage.start(cfg, STAGE, plan)
     g, r = cfg.gan, cfg.resources
     print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
@@ -150,6 +142,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                  cfg.workdir, RUN_NAME, datasets=lambda: {"train": train_dataset(cfg, train_images)},
                  keep=g.keep_checkpoints, max_failures=g.max_failures)
     history = storage.read_json(storage.join(stage, "history.json"))
+    check_converged(cfg, history[-1])
     meta = storage.read_json(storage.join(model_uri(cfg.workdir), "model.json"))
     won = discriminator_won(history[-1])
     summary = {"epochs": len(history), "final": history[-1], "model": model_uri(cfg.workdir),
