@@ -14,6 +14,7 @@ import csv
 import errno
 import io
 import json
+import math
 import re
 import time
 
@@ -72,7 +73,7 @@ def short(value: float) -> str:
     recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1"). Within 1e-12
     of a whole number it is that number: a sum's rounding (scikit-learn's average precision
     of a perfect ranking is 0.9999999999999999), not a score."""
-    if value == value and abs(value - round(value)) < 1e-12:
+    if math.isfinite(value) and abs(value - round(value)) < 1e-12:  # round(inf) raises
         value = float(round(value))
     for digits in range(4, 17):
         text = f"{value:.{digits}g}"

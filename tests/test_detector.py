@@ -246,6 +246,10 @@ def test_held_out_metrics_take_fakes_as_positive_and_the_threshold_balances_both
     val = metrics.epoch_validation(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.5, 0.3, 0.8, 0.9]), 1.0)
     assert val["val_threshold"] == pytest.approx(0.65)
     assert (val["val_acc"], val["val_acc_at_threshold"]) == (pytest.approx(0.6), pytest.approx(0.8))
+    # scores no cut separates better than chance (inverted, the top one saturated at 1.0):
+    # the cut "above every score" sat on that 1.0; such a model gets 0.5, as a one-class set
+    inverted = metrics.epoch_validation(np.array([0, 0, 1, 1]), np.array([1.0, 0.9, 0.2, 0.1]), 1.0)
+    assert inverted["val_threshold"] == 0.5
 
 
 def test_calibration_tells_probabilities_from_overconfident_scores():

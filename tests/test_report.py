@@ -370,6 +370,18 @@ def test_histories_count_from_1_throughout_and_show_the_printed_metrics_first(tm
     assert "| 1 | 0.45 | 0.8 | 0.5125 | 0.75 | 0.875 | True | 0.0003 | False | 9.5 | 12.5 | 77 |" in md
 
 
+def test_a_history_whose_losses_overflowed_is_shown_not_a_traceback(tmp_path):
+    """A diverged GAN's history holds Infinity and NaN (JSON's extensions, as Python writes
+    them): rounding inf raised OverflowError and the report failed."""
+    w = str(tmp_path / "work")
+    write_workdir(w, epochs=1)
+    storage.write_json(storage.join(w, "gan/history.json"), [
+        {"epoch": 0, "g_loss": float("inf"), "d_loss": float("nan"), "d_real": 1.0, "d_fake": 0.0}])
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| 1 | inf | nan | 1 | 0 |" in md, md
+
+
 def test_damaged_files_are_reported_not_fatal(tmp_path):
     w = str(tmp_path / "work")
     write_workdir(w)

@@ -39,12 +39,15 @@ def choose_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
     """The p_fake cut maximizing Youden's J (balanced accuracy) on validation images.
 
     Placed halfway between the two neighbouring scores it separates, so it does not
-    sit exactly on a validation score; 0.5 when only one class is present.
+    sit exactly on a validation score; 0.5 when only one class is present or no cut beats
+    chance (the cut above every score: 1.0 when the top scores saturate, on them).
     """
     if len(np.unique(labels)) < 2:
         return 0.5
     fpr, tpr, thresholds = skm.roc_curve(labels, p_fake, drop_intermediate=False)
     best = int(np.argmax(tpr - fpr))
+    if tpr[best] - fpr[best] <= 0:
+        return 0.5
     upper = min(float(thresholds[best]), 1.0)
     lower = float(thresholds[best + 1]) if best + 1 < len(thresholds) else 0.0
     return float(np.clip((upper + lower) / 2, 0.0, 1.0))
