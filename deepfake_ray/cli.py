@@ -485,15 +485,21 @@ def escape_odd_bytes(e: UnicodeError) -> tuple[str, int]:
                    else c.encode("ascii", "backslashreplace").decode() for c in text), e.end
 
 
-def print_any_file_name() -> None:
-    """A message naming a folder whose name is not UTF-8 (an old Latin-1 archive's) is
-    printed, escaped, instead of failing the command: stdout's default is to raise."""
+def configure_output() -> None:
+    """Output a log file reads as a terminal shows it:
+    - a message naming a folder whose name is not UTF-8 (an old Latin-1 archive's) is
+      printed, escaped, instead of failing the command (stdout's default is to raise);
+    - stdout is line-buffered: into a file or pipe (nohup, tee, CI) it was block-buffered,
+      and a failed run's log ended with its stage headers, after the error line on stderr;
+    - Ray's worker prefixes carry no colour codes there, or with NO_COLOR set."""
     import codecs
 
     codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="deepfake_ray.escape")
+            stream.reconfigure(errors="deepfake_ray.escape", line_buffering=True)
+    if "NO_COLOR" in os.environ or not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -612,8 +618,37 @@ def shown(text: str) -> str:
 
 
 def console_main() -> None:
-    """The `deepfake-ray` console script: the process ends with the command."""
-    sys.exit(main(exits=True))
+    """The `deepfake-ray` console script: the process ends with the command. Output piped
+    into a reader that has gone (`| head`) ends it quietly, as SIGPIPE ends a Unix tool,
+    not with Python's "Exception ignored ... BrokenPipeError" and exit 120."""
+    try:
+        code = main(exits=True)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        code = reader_gone()
+    sys.exit(code)
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it: a BrokenPipeError may also be
+    a socket's (S3, Ray), which must not pass for the quiet end of `| head`."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (a notebook's stdout has no fd)
+        return False
+
+
+def reader_gone() -> int:
+    """Exit code 141 (128 + SIGPIPE), stdout pointed at /dev/null: the interpreter's last
+    flush would raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
@@ -629,7 +664,7 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         print("deepfake-ray: error: native Windows is not supported: run it in WSL2, or on "
               "Linux or macOS", file=sys.stderr)
         return 2
-    print_any_file_name()
+    configure_output()
     args = parse(argv)
     started, changes = time.monotonic(), stage_changes()
     try:
@@ -664,6 +699,9 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         return code
     except Exception as e:  # noqa: BLE001 - the last line must say what failed
         import traceback
+
+        if isinstance(e, BrokenPipeError) and exits and stdout_reader_gone():  # `| head`: none reads on
+            return reader_gone()
 
         if line := usage_line(e) or out_of_memory_line(args.command, e):  # settings the user can change
             quiet_ray_output_after_an_error(exits)

@@ -2,11 +2,20 @@
 second in a terminal, a line every 10 s in logs (a run shorter than that prints none)."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
 
 EVERY_S = {True: 1.0, False: 10.0}  # by whether stdout is a terminal
+
+
+def bars_wanted() -> bool:
+    """Whether libraries may draw progress bars (Ray Data's, the Kaggle client's):
+    DEEPFAKE_RAY_PROGRESS=1 or 0 says; else only on a terminal, as a log file gets each
+    redraw of a bar (a Kaggle download's: ten a second, for minutes)."""
+    setting = os.environ.get("DEEPFAKE_RAY_PROGRESS")
+    return setting == "1" or (setting != "0" and sys.stdout.isatty())
 
 
 class Progress:

@@ -17,6 +17,7 @@ import warnings
 
 import ray
 
+from deepfake_ray import progress
 from deepfake_ray.errors import UsageError, explained
 
 # This machine's cores, set when this process starts the in-process Ray (which declares
@@ -378,8 +379,7 @@ def configure_data() -> None:
     # log them every epoch of every worker (the context travels with the dataset)
     context.print_on_execution_start = not quiet
     # RAY_TQDM=0, a user's own choice of Ray's, still wins
-    context.use_ray_tqdm = ray.data.context.DEFAULT_USE_RAY_TQDM and (
-        setting == "1" or (setting != "0" and sys.stdout.isatty()))
+    context.use_ray_tqdm = ray.data.context.DEFAULT_USE_RAY_TQDM and progress.bars_wanted()
     # An error raised in a map task reaches the driver as itself, not as a UserCodeException
     # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
     context.raise_original_map_exception = True

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -559,3 +560,35 @@ def test_version_names_the_package_and_what_it_runs_on(capsys):
     for part in (f"ray {ray.__version__}", f"torch {version('torch')}", f"timm {version('timm')}",
                  f"python {platform.python_version()}"):
         assert part in line
+
+
+def command_process(code: str, *argv: str, **run) -> subprocess.CompletedProcess:
+    """`deepfake-ray ARGV` as the console script runs it, after `code` (a stand-in stage),
+    with stdout as Python buffers it into a pipe or file (PYTHONUNBUFFERED unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-c", f"from deepfake_ray import cli\n{code}\ncli.console_main()",
+                           *argv], env=env, timeout=120, **run)
+
+
+def test_a_reader_that_has_gone_ends_the_command_quietly():
+    """`deepfake-ray --version | true`: Python's "Exception ignored ... BrokenPipeError"
+    and exit 120; now 141 (128 + SIGPIPE) and nothing said, as a Unix tool ends. A stage
+    printing into a reader gone ends so too, not as a failure with a traceback."""
+    stage = "def execute(args):\n    while True:\n        print('a line')\ncli.execute = execute"
+    for code, argv in (("", ("--version",)), (stage, ("report",))):
+        read, write = os.pipe()
+        os.close(read)
+        ended = command_process(code, *argv, stdout=write, stderr=subprocess.PIPE)
+        os.close(write)
+        assert (ended.returncode, ended.stderr) == (141, b""), argv
+
+
+def test_a_failed_commands_log_ends_with_its_failure_line():
+    """Into a file or pipe (nohup, tee, CI) stdout was block-buffered: a failed pipeline's
+    log showed the error line first, its stage header and "stopped at stage" lines after."""
+    stage = ("def execute(args):\n    print('=== evaluate ===')\n    raise RuntimeError('boom')\n"
+             "cli.execute = execute")
+    ended = command_process(stage, "report", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = ended.stdout.decode().splitlines()
+    assert ended.returncode == 1 and lines[0] == "=== evaluate ===", lines
+    assert lines[-1].startswith("deepfake-ray report: failed after ") and lines[-1].endswith("RuntimeError: boom")

@@ -1011,6 +1011,24 @@ def fake_kaggle(monkeypatch, tmp_path):
     return calls
 
 
+def test_a_kaggle_download_into_a_log_draws_no_progress_bar(fake_kaggle, monkeypatch, tmp_path):
+    """The client's bar, redrawn ten times a second, filled a log (ray job logs, CI) with
+    one line of tens of KB; DEEPFAKE_RAY_PROGRESS=0 did not stop it. It is drawn only on a
+    terminal, or with DEEPFAKE_RAY_PROGRESS=1, as Ray Data's are."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    asked = []
+    monkeypatch.setattr(KaggleApi, "dataset_download_files",
+                        lambda self, dataset, path=None, quiet=False, **_: asked.append(quiet))
+    for setting in (None, "1", "0"):
+        if setting is None:
+            monkeypatch.delenv("DEEPFAKE_RAY_PROGRESS", raising=False)
+        else:
+            monkeypatch.setenv("DEEPFAKE_RAY_PROGRESS", setting)
+        sources.download("owner/faces", str(tmp_path))
+    assert asked == [True, False, True]  # stdout here is pytest's capture, not a terminal
+
+
 def test_kaggle_downloads_once_into_cache(ray_session, fake_kaggle, tiny_cfg, tmp_path, capsys):
     cache = tmp_path / "cache"
     for run in ("a", "b"):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from PIL import features
 
-from deepfake_ray import storage
+from deepfake_ray import progress, storage
 from deepfake_ray.config import DataConfig
 from deepfake_ray.data import sample
 from deepfake_ray.errors import UsageError, disk_full
@@ -601,9 +601,9 @@ def zips_under(folder: str) -> list[str]:
 
 def download(dataset: str, folder: str) -> None:
     api = kaggle_api()
-    print(f"downloading Kaggle dataset {dataset} into {folder} ...")
+    print(f"downloading Kaggle dataset {dataset} into {folder} ...", flush=True)
     try:
-        api.dataset_download_files(dataset, path=folder, quiet=False, unzip=False)
+        api.dataset_download_files(dataset, path=folder, quiet=not progress.bars_wanted(), unzip=False)
     except Exception as e:  # noqa: BLE001 - the client raises many kinds; name the fix
         if disk_full(e):
             raise  # said as a full disk, with its fix: the client resumes the zip after
