@@ -6,7 +6,14 @@ import errno
 import os
 import signal
 import stat
+import sys
 import time
+
+
+def warn(line: str) -> None:
+    """A warning, on stderr with the errors: `2>warnings.log` gets them all, and a log
+    gets each at once, in order with the errors."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class UsageError(Exception):

@@ -28,7 +28,7 @@ import threading
 import time
 
 from deepfake_ray import storage
-from deepfake_ray.errors import LockHeld, UsageError
+from deepfake_ray.errors import LockHeld, UsageError, warn
 
 LOCK = ".lock"
 RENEW_S = 60.0
@@ -239,12 +239,12 @@ def release(client, bucket: str, key: str, etag: str, command: str) -> None:
     try:
         deleted = delete_if_unchanged(client, bucket, key, etag)
     except (BotoCoreError, ClientError) as e:
-        print(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({storage.redacted(str(e))}): the next "
-              f"run may wait up to {LAPSE_S:.0f} s for it", flush=True)
+        warn(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({storage.redacted(str(e))}): the next "
+             f"run may wait up to {LAPSE_S:.0f} s for it")
         return
     if not deleted and held_by_another(client, bucket, key, etag):  # gone: our delete's reply was lost
-        print(f"{command}: warning: another run took over the lock s3://{bucket}/{key} "
-              "before this one ended: two runs may have written there", flush=True)
+        warn(f"{command}: warning: another run took over the lock s3://{bucket}/{key} "
+             "before this one ended: two runs may have written there")
 
 
 def held_by_another(client, bucket: str, key: str, etag: str) -> bool:
@@ -297,12 +297,12 @@ def take(client, bucket: str, key: str, uri: str, command: str, token: str) -> s
                     delete_if_unchanged(client, bucket, key, etag)
                 raise
             if ignored:
-                print(no_lock, flush=True)
+                warn(no_lock)
                 return None
             return etag
         except ClientError as e:
             if error_code(e) == "NotImplemented":
-                print(no_lock, flush=True)
+                warn(no_lock)
                 return None
             if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise
@@ -443,12 +443,12 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
         if (unrenewed := awake_s() - renewed[0]) > STALE_S and not said_stale:
             folder = f"s3://{bucket}/{key.removesuffix(LOCK).rstrip('/')}"
             if stop_run:
-                print(f"{command}: warning: {stale_message(folder, unrenewed)}", flush=True)
+                warn(f"{command}: warning: {stale_message(folder, unrenewed)}")
                 stop_run(stale_message(folder, unrenewed))
                 return
             said_stale = True  # off the main thread nothing can stop the run: renewing goes on
-            print(f"{command}: warning: the lock {folder} went unrenewed for {unrenewed:.0f} s: another "
-                  "run may take it over", flush=True)
+            warn(f"{command}: warning: the lock {folder} went unrenewed for {unrenewed:.0f} s: another "
+                 "run may take it over")
         if awake_s() - tried < RENEW_S:
             continue
         tried = awake_s()
@@ -461,21 +461,21 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                 try:
                     own = own_etag(client, bucket, key, token)
                 except (BotoCoreError, ClientError) as unread:  # not knowing is not losing
-                    print(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({storage.redacted(str(unread))}); "
-                          "trying again", flush=True)
+                    warn(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({storage.redacted(str(unread))}); "
+                         "trying again")
                     continue
                 if own is not None:
                     etag[0] = own  # this renewal's write went through; its reply was lost
                     renewed[0] = tried
                     continue
                 lost.set()
-                print(f"{command}: warning: another run took over the lock s3://{bucket}/{key}: "
-                      + ("this run stops" if stop_run else "two runs may now be writing there"), flush=True)
+                warn(f"{command}: warning: another run took over the lock s3://{bucket}/{key}: "
+                     + ("this run stops" if stop_run else "two runs may now be writing there"))
                 if stop_run:
                     stop_run()
                 return
-            print(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({storage.redacted(str(e))}); another "
-                  f"run may take it over {LAPSE_S:.0f} s after the last renewal", flush=True)
+            warn(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({storage.redacted(str(e))}); another "
+                 f"run may take it over {LAPSE_S:.0f} s after the last renewal")
 
 
 def own_etag(client, bucket: str, key: str, token: str) -> str | None:

@@ -23,7 +23,6 @@ import re
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 import threading
 from functools import lru_cache
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from deepfake_ray.errors import LockHeld, UsageError
+from deepfake_ray.errors import LockHeld, UsageError, warn
 
 if TYPE_CHECKING:  # annotations only: pyarrow.compute adds ~30 ms to every import
     import pyarrow.compute as pc
@@ -685,9 +684,8 @@ def walk_local(root: str) -> list[str]:
         except OSError as e:  # no permission, or a link to nowhere
             unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
     if unreadable:
-        print(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
-              f"are left out: {shown(', '.join(sorted(unreadable)[:3]))}{', ...' if len(unreadable) > 3 else ''}",
-              file=sys.stderr, flush=True)
+        warn(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
+             f"are left out: {shown(', '.join(sorted(unreadable)[:3]))}{', ...' if len(unreadable) > 3 else ''}")
     UNREADABLE_UNDER[root] = sum(not any(part.startswith(".") for part in f[len(root):].split("/"))
                                  for f in unreadable)  # hidden ones are not listed anyway
     return files
@@ -998,5 +996,5 @@ def say_damaged_once(marker: str) -> None:
     the stage is made again, and so every stage after it, which would otherwise puzzle."""
     if marker not in DAMAGED_SAID:
         DAMAGED_SAID.add(marker)
-        print(f"warning: {marker} is damaged (not a JSON object): its stage counts as not "
-              "complete: a run makes it again", file=sys.stderr, flush=True)
+        warn(f"warning: {marker} is damaged (not a JSON object): its stage counts as not "
+             "complete: a run makes it again")

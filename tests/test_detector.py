@@ -805,7 +805,7 @@ def test_a_training_that_diverged_after_a_good_epoch_publishes_that_epoch_and_sa
     storage.write_json(storage.join(run, "history.json"), [good, {**good, "epoch": 1, "train_loss": float("nan")}])
     assert loop.diverged({"train_loss": float("nan")}) and not loop.diverged(good)
     train.publish(cfg, run, 1.0, {})
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # with the errors, as every warning
     assert ("train-detector: warning: training diverged at epoch 2 and stopped there; the model is epoch 1's, "
             "the best before it; to do better, train anew with a lower rate: deepfake-ray train-detector "
             "--force --set detector.lr=0.001") in out

@@ -338,7 +338,7 @@ def test_odd_folder_entries_neither_hang_nor_loop_nor_crash(ray_session, tiny_cf
         workdir = f"{s3_server('odd-entries')}/r1"
     assert cli.main(["prepare", "--preset", "tiny", "--workdir", workdir, "--source", str(root),
                      "--set", "data.splits=[0.001, 0.499, 0.5]"]) == 0  # and no train split
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "warning: the train split is empty (3 images in all)" in out
     cfg = tiny_cfg(workdir=workdir)
     manifest, rejected, summary = read_outputs(cfg.workdir)

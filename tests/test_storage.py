@@ -532,7 +532,7 @@ def test_a_store_that_ignores_conditional_writes_is_said_to_have_no_lock(s3_serv
     with storage.exclusive(uri, "prepare"):
         assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="runs-unconditional", Prefix="r1/")
     assert (f"prepare: warning: this S3 store has no conditional writes, so {uri} has no lock: keep runs "
-            "that share it apart yourself") in capsys.readouterr().out
+            "that share it apart yourself") in capsys.readouterr().err
 
 
 def test_a_lock_write_whose_reply_was_lost_is_still_the_runs_own(s3_server):
@@ -578,7 +578,7 @@ def test_a_takeover_or_release_whose_reply_was_lost_is_not_taken_for_another_run
 
     offline = boto3.client("s3", endpoint_url="http://127.0.0.1:9", config=Config(retries={"max_attempts": 1}))
     lease.release(offline, bucket, key, etag, "prepare")  # no exception: the run is over
-    assert f"could not delete the lock s3://{bucket}/{key}" in capsys.readouterr().out
+    assert f"could not delete the lock s3://{bucket}/{key}" in capsys.readouterr().err
 
 
 def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_server, monkeypatch, capsys):
@@ -598,7 +598,7 @@ def test_a_run_that_lost_its_s3_lease_leaves_its_successors_lock_in_place(s3_ser
     with storage.exclusive(data, "prepare"):
         client.put_object(**lock, Body=successor)  # the successor's takeover
     assert client.get_object(**lock)["Body"].read().decode() == successor
-    assert "another run took over the lock s3://runs-taken-over/r1/data/.lock" in capsys.readouterr().out
+    assert "another run took over the lock s3://runs-taken-over/r1/data/.lock" in capsys.readouterr().err
 
     # renewing again, it finds the lock taken over: it stops, not goes on as a second writer
     client.delete_object(**lock)
@@ -645,7 +645,7 @@ def test_a_run_whose_lease_went_unrenewed_for_most_of_a_lapse_stops_and_commits_
             time.sleep(30)  # the renewer stops the run within CHECK_S
     assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="runs-asleep", Prefix="r1/")
     # still its own: freed for the rerun, no marker left behind
-    assert f"warning: {stale.replace(chr(92), '')[:40]}" in capsys.readouterr().out
+    assert f"warning: {stale.replace(chr(92), '')[:40]}" in capsys.readouterr().err
 
 
 def test_a_run_that_waited_out_another_clusters_lock_is_not_taken_for_one_that_slept(s3_server, monkeypatch):

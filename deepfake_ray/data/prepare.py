@@ -42,7 +42,7 @@ from deepfake_ray import lineage, runtime, storage
 from deepfake_ray.config import Config, DataConfig
 from deepfake_ray.data import crashes, datasets, decode, near_copies, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, warn
 from deepfake_ray.progress import Progress
 
 MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 64, 2048
@@ -764,6 +764,6 @@ def ingest_into_workdir(cfg: Config) -> dict:
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
     for split in datasets.empty_splits(summary):  # not an error here: more data may be on its way
-        print(f"prepare: warning: the {split} split is empty ({count_images(len(manifest))} in all): "
-              f"{datasets.SPLIT_USES[split]}; add images, or give it a larger data.splits fraction")
+        warn(f"prepare: warning: the {split} split is empty ({count_images(len(manifest))} in all): "
+             f"{datasets.SPLIT_USES[split]}; add images, or give it a larger data.splits fraction")
     return summary

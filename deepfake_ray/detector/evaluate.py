@@ -23,7 +23,7 @@ from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, figures, metrics
 from deepfake_ray.detector.train import lower_rate, model_dir, stage_dir
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, warn
 
 CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
 
@@ -75,7 +75,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
           f"on {result['n']:,} images, {result['fake_share']:.0%} of them fakes (threshold "
           f"{meta['threshold']:.3f} from validation; 95% intervals) -> {out}")
     if warning := metrics.near_chance("evaluate", "the held-out", result["roc_auc"]):
-        print(warning, flush=True)
+        warn(warning)
     return summary
 
 

@@ -23,7 +23,7 @@ from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, metrics
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, warn
 
 MIN_INPUT = 75  # Inception-ResNet-v2's stem and reductions need at least 75 px
 
@@ -254,9 +254,9 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
           f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target} "
           f"(model {summary['model_id']})")
     if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
-        print(warning, flush=True)
+        warn(warning)
     if warning := diverged_late(storage.read_json(history_uri), meta):
-        print(warning, flush=True)
+        warn(warning)
     return summary
 
 

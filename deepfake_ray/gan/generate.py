@@ -38,7 +38,7 @@ from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets, decode, near_copies
 from deepfake_ray.data.prepare import MANIFEST_COLUMNS, assign_split
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, warn
 from deepfake_ray.gan import figures
 from deepfake_ray.gan.train import model_uri
 from deepfake_ray.models import dcgan
@@ -270,10 +270,10 @@ def generate(cfg: Config, want: dict[str, int], histories: tuple[tuple[str, floa
         print(f"generate: left out {picked.copies_of_reals:,} near copies of real photos (of {start:,} "
               "candidates): the generator reproduces real photos that often", flush=True)
     if picked.blank:
-        print(f"generate: warning: {picked.blank:,} of {total:,} fakes are nearly one grey, no face: the "
-              "generator has not learned to draw yet, and a detector would tell them by that alone; "
-              "train it longer (`deepfake-ray train-gan --set gan.epochs=N`, N above its epochs, goes on "
-              "from its last checkpoint)", flush=True)
+        warn(f"generate: warning: {picked.blank:,} of {total:,} fakes are nearly one grey, no face: the "
+             "generator has not learned to draw yet, and a detector would tell them by that alone; "
+             "train it longer (`deepfake-ray train-gan --set gan.epochs=N`, N above its epochs, goes on "
+             "from its last checkpoint)")
     ds = rounds[0] if len(rounds) == 1 else rounds[0].union(*rounds[1:])
     return runtime.map_on_tasks(ds, datasets.keep_chosen, fn_kwargs={"chosen": chosen}, batch_format="numpy"), picked
 

@@ -17,7 +17,7 @@ from deepfake_ray import config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, warn
 from deepfake_ray.gan import loop
 from deepfake_ray.gan.loop import discriminator_won
 from deepfake_ray.models import dcgan
@@ -152,6 +152,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"train-gan: done in {summary['seconds']:.0f}s; generator -> {summary['model']}")
     if won:
-        print(won, flush=True)
+        warn(won)
     return summary
 
