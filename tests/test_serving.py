@@ -345,6 +345,8 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
             headers=FIELD_TYPE, timeout=30), 413),
         ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405),
         ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404),
+        # a 307 with no body, to an http:// Location behind a TLS front end
+        ("a trailing slash", lambda: httpx.post(f"{service}/v1/detect/", content=JPEG, timeout=30), 404),
     ]
     says = {"a Content-Type of 6,000 semicolons": "a Content-Type header longer than 1024 bytes",
             "a part header of 40,000 semicolons": "a multipart part's headers are too long",
@@ -359,6 +361,8 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
         assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what
     assert detect(service, JPEG).json()["p_fake"] >= 0.0
     assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
+    for probed in ("/healthz", "/v1/model"):  # a monitor's HEAD was a 405
+        assert httpx.head(f"{service}{probed}", timeout=30).status_code == 200, probed
 
 
 def test_serve_joining_a_cluster_that_serves_the_app_already_leaves_it_serving(service, ray_session, model_dir,

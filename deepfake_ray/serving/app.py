@@ -95,7 +95,9 @@ def check_same_model(predictor: Predictor, deployed: str | None) -> None:
             f"`serve deploy`, set args.model_id: {predictor.model_id})")
 
 
-api = FastAPI(title="deepfake-ray detector",
+# redirect_slashes off: `/v1/detect/` got a 307 with no body, its Location rebuilt as
+# http:// behind a TLS front end; now it is the JSON 404 that names /docs
+api = FastAPI(title="deepfake-ray detector", redirect_slashes=False,
               description="Is this face image GAN-generated? p_fake is the model's probability.")
 http.install_error_handlers(api)
 
@@ -302,7 +304,7 @@ class Detector:
         reported broken, and Serve replaces it."""
         check_forward(self.forward_started, time.monotonic())
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])  # monitors probe with HEAD too
     async def healthz(self) -> dict:
         try:
             check_forward(self.forward_started, time.monotonic())
@@ -310,7 +312,7 @@ class Detector:
             raise http.ApiError(503, str(e)) from None
         return {"status": "ok", "model": self.predictor.model_id}
 
-    @api.get("/v1/model")
+    @api.api_route("/v1/model", methods=["GET", "HEAD"])
     async def model_info(self) -> dict:
         return {**self.predictor.info(), "batching": self.batching, "stats": dict(self.stats),
                 "max_body_bytes": self.max_body_bytes, "max_files_per_request": self.max_files}
