@@ -304,21 +304,22 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
 # starts or any stage's output is touched. key -> (lowest, highest or None, why: optional).
 LIMITS = {
     "seed": (0, 2**31 - 1, "numpy's and Ray Data's generators take 32-bit seeds"),
-    "data.resolution": (16, 1024, "64 or 128 for the DCGAN"), "data.sample_size": (1, None),
+    "data.resolution": (16, 1024, "32, 64 or 128 for the DCGAN"), "data.sample_size": (1, None),
     "data.jpeg_quality": (1, 100), "data.max_pixels": (1, None), "data.decode_batch_size": (1, None),
     "gan.epochs": (1, None), "gan.batch_size": (2, None, "batch norm needs a batch"),
     "gan.beta1": (0.0, 0.999), "gan.latent_dim": (1, None), "gan.g_width": (1, None),
     "gan.d_width": (1, None), "gan.checkpoint_every": (1, None), "gan.keep_checkpoints": (1, None),
-    "gan.max_failures": (-1, None, "-1 retries without end"), "gan.sample_grid": (1, None),
+    "gan.max_failures": (-1, None, "-1 retries without end"), "gan.sample_grid": (1, 256, "drawn at once each epoch"),
     "gan.num_fakes": (0, None, "0 makes as many as the reals"), "gan.generate_batch_size": (1, None),
     "detector.epochs": (1, None), "detector.batch_size": (2, None, "batch norm needs a batch"),
-    "detector.weight_decay": (0.0, None), "detector.freeze_backbone_epochs": (0, None),
+    "detector.weight_decay": (0.0, 1.0, "AdamW shrinks weights by lr x this a step; 0.01-0.05 is usual"),
+    "detector.input_size": (1, 1024, "128 as the study; memory grows with its square"), "detector.freeze_backbone_epochs": (0, None),
     "detector.bn_recalibration_images": (0, None), "detector.jpeg_aug_prob": (0.0, 1.0),
     "detector.blur_aug_prob": (0.0, 1.0), "detector.max_train_per_class": (0, None, "0 takes all"),
     "detector.keep_checkpoints": (1, None), "detector.max_failures": (-1, None, "-1 retries without end"),
     "tune.samples": (1, None), "tune.epochs": (1, None), "tune.grace_period": (1, None),
     "tune.max_concurrent_trials": (0, None, "0 runs as many as fit"), "resources.workers": (1, None),
-    "serve.port": (1, 65535), "serve.max_batch_size": (1, None), "serve.batch_wait_timeout_s": (0.0, None),
+    "serve.port": (1, 65535), "serve.max_batch_size": (1, None), "serve.batch_wait_timeout_s": (0.0, 10.0, "a lone request waits this long for others"),
     "serve.max_body_bytes": (1, None), "serve.max_files_per_request": (1, None),
     "serve.max_buffered_bytes": (0, None, "0: 16 x max_body_bytes"),
     "serve.min_replicas": (0, None), "serve.max_replicas": (1, None),
@@ -333,6 +334,9 @@ LIMITS = {
 # rates and CPU shares: any value above 0 (fractions such as 0.5 CPUs are fine)
 ABOVE_ZERO = ("gan.lr", "detector.lr", "tune.lr_min", "tune.lr_max", "resources.cpus_per_worker",
               "resources.data_cpus", "serve.body_idle_timeout_s")
+# Ray counts resources in steps of 0.0001: a smaller share was refused once Ray had started
+RESOURCE_SHARES = ("resources.cpus_per_worker", "resources.data_cpus", "serve.cpus_per_replica",
+                   "serve.gpus_per_replica")
 
 
 def value_of(cfg: Config, key: str) -> Any:
@@ -352,6 +356,15 @@ def check_limits(cfg: Config) -> None:
     for key in ABOVE_ZERO:
         if (value := value_of(cfg, key)) <= 0:
             raise UsageError(f"{key}={value} is out of range: use a value above 0")
+    for key in RESOURCE_SHARES:
+        if 0 < (value := value_of(cfg, key)) < 0.0001:
+            raise UsageError(f"{key}={value} is out of range: use 0.0001 or more (Ray's smallest share)")
+    if cfg.detector.pretrained == "":  # an unset shell variable: it trained from random weights
+        raise UsageError("detector.pretrained is empty: use hub, none, or the path of a weights file")
+    if cfg.data.max_pixels < cfg.data.resolution ** 2:
+        raise UsageError(f"data.max_pixels={cfg.data.max_pixels} is below data.resolution squared "
+                         f"({cfg.data.resolution ** 2}): every image would be refused; use "
+                         f"{cfg.data.resolution ** 2} or more")
 
 
 def merge(obj: Any, updates: dict, prefix: str = "") -> Any:

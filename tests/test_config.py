@@ -102,7 +102,21 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("data.splits=[0, 0.5, 0.5]", "must be three non-negative fractions (train > 0)"),  # nothing to train on
     ("data.splits=[1.2, -0.1, -0.1]", "must be three non-negative fractions"),  # sums to 1: all train
     ("data.jpeg_quality=101", "data.jpeg_quality=101 is out of range: use 1..100"),
-    ("data.resolution=8", "data.resolution=8 is out of range: use 16..1024 (64 or 128 for the DCGAN)"),
+    ("data.resolution=8", "data.resolution=8 is out of range: use 16..1024 (32, 64 or 128 for the DCGAN)"),
+    # an unset shell variable ($W): it trained Inception-ResNet-v2 from random weights for hours
+    ("detector.pretrained=", "detector.pretrained is empty: use hub, none, or the path of a weights file"),
+    # every image refused as a bomb, after reading the whole source
+    ("data.max_pixels=100", "data.max_pixels=100 is below data.resolution squared (1024): every image "
+                            "would be refused; use 1024 or more"),
+    # refused by Ray once it had started
+    ("serve.cpus_per_replica=0.00001", "serve.cpus_per_replica=1e-05 is out of range: use 0.0001 or more"),
+    # a lone request waited ~28 h for a batch to fill
+    ("serve.batch_wait_timeout_s=100000", "serve.batch_wait_timeout_s=100000.0 is out of range: use 0.0..10.0"),
+    # AdamW's weights diverged, said as a learning rate too high
+    ("detector.weight_decay=100", "detector.weight_decay=100.0 is out of range: use 0.0..1.0"),
+    # every worker out of memory, a traceback (a CPU allocator's error is not one we recognise)
+    ("detector.input_size=100000", "detector.input_size=100000 is out of range: use 1..1024"),
+    ("gan.sample_grid=100000000", "gan.sample_grid=100000000 is out of range: use 1..256"),
 ])
 def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
     code = cli.main(["prepare", "--preset", "tiny", "--workdir", str(tmp_path), "--set", override])
@@ -113,6 +127,9 @@ def test_bad_override_exits_2_with_one_line(override, needle, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,needle", [
+    # a random backbone frozen for every epoch: only the head learns
+    (["detector.freeze_backbone_epochs=1"], "detector.freeze_backbone_epochs=1 freezes the backbone for all 1 "
+                                            "epochs (detector.epochs), and with detector.pretrained=none"),
     (["detector.arch=inceptoin_resnet_v2"], "detector.arch='inceptoin_resnet_v2' is not a timm model"),
     # a ViT's position table is of one size: it failed in each Train worker, after the GAN
     (["detector.arch=vit_tiny_patch16_224", "detector.pretrained=none"],

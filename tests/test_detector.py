@@ -313,7 +313,7 @@ def test_evaluating_a_model_whose_output_is_nan_says_it_is_broken():
         evaluate.check_finite(scores, {"lr": 3e-4})
 
 
-def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
+def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg, capsys):
     cfg = tiny_cfg("detector.max_train_per_class=12")
     build(cfg.workdir, 60, 32)
     sel = data.select(cfg)
@@ -336,6 +336,9 @@ def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg):
         data.select(tiny_cfg("resources.workers=16", "detector.max_train_per_class=12", workdir=cfg.workdir))
     twelve = tiny_cfg("resources.workers=12", "detector.max_train_per_class=12", workdir=cfg.workdir)
     assert data.select(twelve).counts["train"] == {"real": 12, "fake": 12}
+    # 2 images a worker and batches of 16: an epoch is one step, said (it was silent)
+    assert ("warning: detector.batch_size=16 is more than the 2 training images each of resources.workers=12 "
+            "gets: an epoch is one step") in capsys.readouterr().err
 
 
 def test_an_image_in_two_splits_is_an_error(tiny_cfg):

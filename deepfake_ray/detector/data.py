@@ -25,7 +25,7 @@ from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg, encode_jpeg
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, warn
 
 REAL, FAKE = 0, 1
 
@@ -65,6 +65,9 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
                              f"both are needed: {more}")
         capped = split == "train" and 0 < cfg.detector.max_train_per_class < min(len(real), len(fake))
         check_per_worker(split, 2 * n, cfg.resources.workers, capped)
+        if split == "train" and (share := 2 * n // cfg.resources.workers) < cfg.detector.batch_size:
+            warn(f"warning: detector.batch_size={cfg.detector.batch_size} is more than the {share:,} training "
+                 f"images each of resources.workers={cfg.resources.workers} gets: an epoch is one step")
         rng = np.random.default_rng(cfg.seed)  # a seeded, class-independent subsample
         hashes[split] = {REAL: sorted(rng.permutation(real)[:n].tolist()),
                          FAKE: sorted(rng.permutation(fake)[:n].tolist())}

@@ -85,11 +85,17 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     return summary
 
 
-def check_settings(cfg: Config) -> None:
-    """What config.check_limits cannot check alone (run before Ray starts)."""
+def check_settings(cfg: Config, epochs_key: str = "detector.epochs") -> None:
+    """What config.check_limits cannot check alone (run before Ray starts). `epochs_key`:
+    the setting that counts the run's epochs (a sweep's trials run tune.epochs)."""
     import timm
 
     d = cfg.detector
+    epochs = config.value_of(cfg, epochs_key)
+    if d.pretrained == "none" and d.freeze_backbone_epochs >= epochs:
+        raise UsageError(f"detector.freeze_backbone_epochs={d.freeze_backbone_epochs} freezes the backbone for "
+                         f"all {epochs} epochs ({epochs_key}), and with detector.pretrained=none its weights are "
+                         "random: only the head would learn; use fewer, or detector.pretrained=hub")
     datasets.require_share(cfg.data.splits, "val")
     if not timm.is_model(d.arch):
         raise UsageError(f"detector.arch={d.arch!r} is not a timm model: use inception_resnet_v2 "

@@ -116,7 +116,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
 
 def check_settings(cfg: Config) -> None:
     """What config.check_limits cannot check alone (run before Ray starts)."""
-    train.check_settings(cfg)
+    train.check_settings(cfg, "tune.epochs")
     t = cfg.tune
     if not 0 < t.lr_min < t.lr_max:
         raise UsageError(f"tune.lr_min ({t.lr_min:g}) and tune.lr_max ({t.lr_max:g}) must satisfy "
