@@ -516,6 +516,7 @@ def execute(args: argparse.Namespace) -> int:
             check_utf8(args)
         if args.command not in NO_WORKDIR:  # score and serve have none: runs/demo is not theirs
             storage.check_workdir(cfg.workdir)
+        check_paths_outside_job_code(args, cfg)
         if args.command in WRITERS:
             sources.check_no_foreign_stage_folders(cfg.workdir, args.command)
 
@@ -563,6 +564,36 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         module.run(cfg, **options(args))
     return 0
+
+
+def check_paths_outside_job_code(args: argparse.Namespace, cfg) -> None:
+    """check_outside_job_code for each path the command is given: `ray job submit
+    --working-dir . -- deepfake-ray pipeline` put the preset's runs/NAME in the job's copy."""
+    from deepfake_ray.data import sources
+
+    if args.command not in NO_WORKDIR:
+        check_outside_job_code(cfg.workdir, "--workdir")
+    if args.command in ("prepare", "pipeline") and sources.kind(cfg.data.source.strip()) == "path":
+        check_outside_job_code(cfg.data.source, "data.source")
+    for flag in ("--model", "--input", "--out"):  # score's and serve's
+        check_outside_job_code(getattr(args, flag[2:], None), flag)
+
+
+def check_outside_job_code(path: str | None, flag: str) -> None:
+    """A job submitted with --working-dir runs in its own unpacked copy of the code, on one
+    node (Ray names it _ray_pkg_HASH): a relative path would land there, out of the other
+    nodes' reach, and the next submission, with a new copy, could not resume from it (a
+    source is recorded by its path, so the next would be refused as another source)."""
+    from deepfake_ray import storage
+
+    path = (path or "").strip()
+    if not path or ":" in path.split("/")[0]:  # a URI (a misspelt one is the CLI's to name)
+        return
+    if any(part.startswith("_ray_pkg_") for part in storage.normalize(path).split(os.sep)):
+        fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
+        raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "
+                         f"cannot read and the next submission replaces: {fix} (or a folder "
+                         "every node shares)")
 
 
 def check_utf8(args: argparse.Namespace) -> None:

@@ -65,7 +65,7 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     (None for score, which has no work directory)."""
     if command not in cli.WRITERS:  # score: writes to --out, not to a work directory
         for flag in ("--model", "--input", "--out"):
-            check_outside_job_code(getattr(args, flag[2:]), flag)
+            cli.check_outside_job_code(getattr(args, flag[2:]), flag)
         return None
     if args.run_name is not None and not RUN_NAME.match(args.run_name):
         raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
@@ -76,27 +76,10 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     args.command = command
     cfg = cli.build_config(args)  # the preset/config default when --workdir is absent
     workdir = storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
-    check_outside_job_code(workdir, "--workdir")
+    cli.check_outside_job_code(workdir, "--workdir")
     if sources.kind(cfg.data.source.strip()) == "path":  # not sample[:N] or kaggle[:NAME]
-        check_outside_job_code(cfg.data.source, "data.source")
+        cli.check_outside_job_code(cfg.data.source, "data.source")
     return workdir
-
-
-def check_outside_job_code(path: str | None, flag: str) -> None:
-    """A job submitted with --working-dir runs in its own unpacked copy of the code, on one
-    node (Ray names it _ray_pkg_HASH): a relative path would land there, out of the other
-    nodes' reach, and the next submission, with a new copy, could not resume from it (a
-    source is recorded by its path, so the next would be refused as another source)."""
-    from deepfake_ray import storage
-
-    path = (path or "").strip()
-    if not path or ":" in path.split("/")[0]:  # a URI (a misspelt one is the CLI's to name)
-        return
-    if any(part.startswith("_ray_pkg_") for part in storage.normalize(path).split(os.sep)):
-        fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
-        raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "
-                         f"cannot read and the next submission replaces: {fix} (or a folder "
-                         "every node shares)")
 
 
 def main(command: str, script: str, argv: list[str] | None = None) -> int:

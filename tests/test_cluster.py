@@ -16,7 +16,7 @@ import pytest
 import ray
 import yaml
 
-from deepfake_ray import runtime
+from deepfake_ray import cli, runtime
 from tests.cli_output import error_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,6 +223,12 @@ def test_a_job_refuses_a_work_directory_inside_its_unpacked_code(tmp_path, monke
         assert _entry.main("train-gan", "train_gan.py", ["--preset", "tiny", *args]) == 2
         err = error_lines(capsys)
         assert len(err) == 1 and "is inside this job's unpacked code" in err[0] and "--workdir s3://" in err[0]
+    # `ray job submit --working-dir . -- deepfake-ray pipeline`: the console script, not a jobs/ script
+    assert cli.main(["pipeline", "--preset", "tiny"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "--workdir " + str(unpacked / "runs" / "tiny") + " is inside this job's unpacked code" in err[0]
+    assert cli.main(["score", "--model", "s3://b/m", "--input", "s3://b/in", "--out", "scores.csv"]) == 2
+    assert "--out scores.csv is inside this job's unpacked code" in capsys.readouterr().err
     assert not (unpacked / "runs").exists()
     # a source shipped with the code: its path changes with each submission's copy
     assert _entry.main("pipeline", "pipeline.py", ["--preset", "tiny", "--workdir", "s3://bucket/runs",
