@@ -558,6 +558,8 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:
             start_ray(args.address)
+        if args.command in WRITERS and args.command not in NO_RAY:
+            runtime.check_shared(cfg.workdir, local_source(args.command, cfg))
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
@@ -566,15 +568,20 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_source(command: str, cfg) -> str | None:
+    """The local folder `command` reads images from, if it reads one."""
+    from deepfake_ray.data import sources
+
+    source = cfg.data.source.strip()
+    return source if command in ("prepare", "pipeline") and sources.kind(source) == "path" else None
+
+
 def check_paths_outside_job_code(args: argparse.Namespace, cfg) -> None:
     """check_outside_job_code for each path the command is given: `ray job submit
     --working-dir . -- deepfake-ray pipeline` put the preset's runs/NAME in the job's copy."""
-    from deepfake_ray.data import sources
-
     if args.command not in NO_WORKDIR:
         check_outside_job_code(cfg.workdir, "--workdir")
-    if args.command in ("prepare", "pipeline") and sources.kind(cfg.data.source.strip()) == "path":
-        check_outside_job_code(cfg.data.source, "data.source")
+    check_outside_job_code(local_source(args.command, cfg), "data.source")
     for flag in ("--model", "--input", "--out"):  # score's and serve's
         check_outside_job_code(getattr(args, flag[2:], None), flag)
 

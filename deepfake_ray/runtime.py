@@ -443,6 +443,42 @@ def driver_files_need_copying(workdir: str) -> bool:
     return not in_process() and storage.is_s3(workdir)
 
 
+@ray.remote(num_cpus=0)
+def paths_seen(paths: list[str]) -> list[bool]:
+    return [os.path.exists(p) for p in paths]
+
+
+def check_shared(workdir: str, source: str | None = None) -> None:
+    """On a cluster, UsageError when a node up now cannot see the local work directory (a
+    file this driver writes there) or `source` (a local data folder): tasks on it wrote
+    their parts to its own disk, and `prepare` said "prepared N images" of files the next
+    stage could not find; reading, it set the files aside as unreadable. Nodes the
+    autoscaler adds later are not checked."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from deepfake_ray import storage
+
+    nodes = [n for n in ray.nodes() if n["Alive"]] if not in_process() and not storage.is_s3(workdir) else []
+    if len(nodes) < 2:  # one machine shares its disk with itself
+        return
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".shared-check-{os.getpid()}-{random.getrandbits(32):08x}")
+    open(probe, "w").close()
+    paths = {"--workdir": (workdir, probe), **({"data.source": (source, source)} if source else {})}
+    try:
+        refs = [paths_seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote([p for _, p in paths.values()]) for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)  # a node that does not answer: not said
+        seen = {n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": ray.get(r) for n, r in zip(nodes, refs) if r in ready}
+    finally:
+        os.remove(probe)
+    for i, (flag, (path, _)) in enumerate(paths.items()):
+        if blind := [node for node, answers in seen.items() if not answers[i]]:
+            raise UsageError(f"{flag} {path} is not on a disk every node of this cluster shares: "
+                             f"{', '.join(blind)} cannot see it; use s3://BUCKET/... or a folder "
+                             "every node mounts at the same path (NFS)")
+
+
 def cpu_bound_slots(cpus_per_task: float) -> int | None:
     """How many CPU-bound tasks (decoding images) to run at once on the in-process Ray:
     one per core of this machine, as its declared CPUs outnumber its cores (four decode

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -283,3 +284,87 @@ def test_runtime_env_is_valid_and_ships_the_working_dir():
     # as the embedded Ray has it: a task Ray's memory monitor keeps stopping ends the stage
     assert env["env_vars"]["RAY_task_oom_retries"] == str(runtime.WORKER_RETRIES)
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+def ray_node(command: list[str], env: dict, log) -> subprocess.Popen:
+    """A `ray start ... --block` node in a process group of its own: killed with it."""
+    ports = runtime.free_ports(4)
+    return subprocess.Popen(
+        command + ["--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=200000000",
+                   "--disable-usage-stats",  # the session's in-process Ray holds the default agent ports
+                   f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
+                   f"--runtime-env-agent-port={ports[2]}", f"--metrics-export-port={ports[3]}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture
+def two_machines(tmp_path):
+    """(address, env, hidden): a cluster of two nodes on this machine, the second in a mount
+    namespace of its own where a tmpfs covers `hidden`, as a folder on the first machine's
+    own disk is out of another machine's reach."""
+    import signal
+    import tempfile
+    import time
+
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare --mount` (root, or a user namespace) to hide a folder from one node")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=ROOT, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(32).hex())
+    gcs, client = runtime.free_ports(2)
+    temp_dir = tempfile.mkdtemp(prefix="ray-2n-")  # short: Ray's socket paths live under it
+    nodes = [ray_node(["ray", "start", "--head", f"--port={gcs}", f"--temp-dir={temp_dir}",
+                       "--include-dashboard=false", f"--ray-client-server-port={client}"],
+                      env, open(tmp_path / "head.log", "w"))]
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert nodes[0].poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(0.5)
+        nodes.append(ray_node(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               f'mount -t tmpfs none "{hidden}" && exec "$0" "$@"', "ray", "start",
+                               f"--address=127.0.0.1:{gcs}"], env, open(tmp_path / "node2.log", "w")))
+        while "Ray runtime started" not in (tmp_path / "node2.log").read_text():
+            assert nodes[1].poll() is None and time.time() < deadline, (tmp_path / "node2.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield f"127.0.0.1:{gcs}", env, hidden
+    finally:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)  # throwaway nodes: no need for a clean stop
+            node.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_local_folder_a_node_cannot_see_is_refused_on_a_cluster(two_machines, tmp_path):
+    """A local --workdir on one machine's disk: prepare's tasks on another wrote their parts
+    to theirs, and it said "prepared N images" of files the next stage could not find; a
+    local source there, its files set aside as unreadable. Refused, naming the node; a
+    folder every node sees works."""
+    from PIL import Image
+
+    address, env, hidden = two_machines
+    faces = hidden / "faces"
+    faces.mkdir()
+    Image.new("RGB", (64, 64), (200, 120, 90)).save(faces / "a.jpg")
+
+    def prepare(source: str, workdir) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                               "--source", source, "--workdir", str(workdir), "--address", address],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    for source, workdir, flag, path in (("sample:20", hidden / "w", "--workdir", hidden / "w"),
+                                        (str(faces), tmp_path / "w1", "data.source", faces)):
+        done = prepare(source, workdir)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert re.fullmatch(rf"deepfake-ray prepare: error: {flag} {path} is not on a disk every node of this "
+                            r"cluster shares: [\d.]+ \(\w{8}\) cannot see it; use s3://BUCKET/\.\.\. or a folder "
+                            r"every node mounts at the same path \(NFS\)", done.stderr.strip().splitlines()[-1]), \
+            done.stderr[-3000:]
+        assert not (workdir / "data").exists()
+    shared = tmp_path / "shared"
+    done = prepare("sample:20", shared)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (shared / "data" / "manifest.parquet").exists()
+    assert not [n for n in os.listdir(shared) if n.startswith(".shared-check")]  # the probe is gone
