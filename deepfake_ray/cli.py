@@ -559,7 +559,7 @@ def execute(args: argparse.Namespace) -> int:
         if args.command not in NO_RAY:
             start_ray(args.address)
         if args.command in WRITERS and args.command not in NO_RAY:
-            runtime.check_shared(cfg.workdir, local_source(args.command, cfg))
+            runtime.check_shared(cfg.workdir, source_read(args.command, cfg))
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
@@ -568,8 +568,8 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def local_source(command: str, cfg) -> str | None:
-    """The local folder `command` reads images from, if it reads one."""
+def source_read(command: str, cfg) -> str | None:
+    """The folder (local or s3://) `command` reads images from, if it reads one."""
     from deepfake_ray.data import sources
 
     source = cfg.data.source.strip()
@@ -581,7 +581,7 @@ def check_paths_outside_job_code(args: argparse.Namespace, cfg) -> None:
     --working-dir . -- deepfake-ray pipeline` put the preset's runs/NAME in the job's copy."""
     if args.command not in NO_WORKDIR:
         check_outside_job_code(cfg.workdir, "--workdir")
-    check_outside_job_code(local_source(args.command, cfg), "data.source")
+    check_outside_job_code(source_read(args.command, cfg), "data.source")
     for flag in ("--model", "--input", "--out"):  # score's and serve's
         check_outside_job_code(getattr(args, flag[2:], None), flag)
 

@@ -444,39 +444,66 @@ def driver_files_need_copying(workdir: str) -> bool:
 
 
 @ray.remote(num_cpus=0)
-def paths_seen(paths: list[str]) -> list[bool]:
-    return [os.path.exists(p) for p in paths]
+def node_view(paths: list[str]) -> tuple[list[bool], str | None]:
+    """What a task on this node sees: whether each path exists, and its S3 endpoint."""
+    from deepfake_ray import storage
+
+    try:
+        endpoint = storage.s3_endpoint()
+    except UsageError as e:  # its own settings are broken: said as they are
+        endpoint = str(e)
+    return [os.path.exists(p) for p in paths], endpoint
 
 
 def check_shared(workdir: str, source: str | None = None) -> None:
-    """On a cluster, UsageError when a node up now cannot see the local work directory (a
-    file this driver writes there) or `source` (a local data folder): tasks on it wrote
-    their parts to its own disk, and `prepare` said "prepared N images" of files the next
-    stage could not find; reading, it set the files aside as unreadable. Nodes the
-    autoscaler adds later are not checked."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    """On a cluster, UsageError when a node up now sees other files or another S3 store
+    than this driver, naming the node. A local work directory (a file this driver writes
+    there) or local `source` it cannot see: tasks on it wrote their parts to its own disk,
+    and `prepare` said "prepared N images" of files the next stage could not find. An
+    S3 endpoint of its own (AWS_ENDPOINT_URL where `ray start` ran, or none): its tasks
+    read and wrote another store than the driver's checks did. Nodes the autoscaler adds
+    later are not checked."""
     from deepfake_ray import storage
 
-    nodes = [n for n in ray.nodes() if n["Alive"]] if not in_process() and not storage.is_s3(workdir) else []
-    if len(nodes) < 2:  # one machine shares its disk with itself
+    uses_s3 = storage.is_s3(workdir) or storage.is_s3(source or "")
+    local = {} if storage.is_s3(workdir) else {  # else a local source is copied to S3 first
+        flag: storage.normalize(path) for flag, path in (("--workdir", workdir), ("data.source", source))
+        if path and not storage.is_s3(path)}
+    nodes = [] if in_process() else [n for n in ray.nodes() if n["Alive"]]
+    if not nodes or not (uses_s3 or (local and len(nodes) > 1)):  # one machine shares its disk with itself
         return
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".shared-check-{os.getpid()}-{random.getrandbits(32):08x}")
-    open(probe, "w").close()
-    paths = {"--workdir": (workdir, probe), **({"data.source": (source, source)} if source else {})}
+    probe = None
+    if "--workdir" in local:
+        os.makedirs(local["--workdir"], exist_ok=True)
+        probe = os.path.join(local["--workdir"], f".shared-check-{os.getpid()}-{random.getrandbits(32):08x}")
+        open(probe, "w").close()
     try:
-        refs = [paths_seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote([p for _, p in paths.values()]) for n in nodes]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)  # a node that does not answer: not said
-        seen = {n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": ray.get(r) for n, r in zip(nodes, refs) if r in ready}
+        views = node_views(nodes, [probe if flag == "--workdir" else path for flag, path in local.items()])
     finally:
-        os.remove(probe)
-    for i, (flag, (path, _)) in enumerate(paths.items()):
-        if blind := [node for node, answers in seen.items() if not answers[i]]:
+        if probe:
+            os.remove(probe)
+    for i, (flag, path) in enumerate(local.items()):
+        if blind := [node for node, (seen, _) in views.items() if not seen[i]]:
             raise UsageError(f"{flag} {path} is not on a disk every node of this cluster shares: "
                              f"{', '.join(blind)} cannot see it; use s3://BUCKET/... or a folder "
                              "every node mounts at the same path (NFS)")
+    ours = storage.s3_endpoint()
+    if uses_s3 and (other := [f"{node} uses {storage.without_password(e) if e else 'AWS S3'}"
+                              for node, (_, e) in views.items() if e != ours]):
+        raise UsageError(f"this command uses the S3 endpoint {storage.without_password(ours) if ours else 'of AWS S3'}, "
+                         f"but {'; '.join(other)}: set the same AWS_ENDPOINT_URL (or ~/.aws/config) where "
+                         "each node's `ray start` runs, or submit the command as a job with it in its runtime_env")
+
+
+def node_views(nodes: list[dict], paths: list[str]) -> dict[str, tuple[list[bool], str | None]]:
+    """node_view on each of `nodes`, by "IP (node id)"; a node that does not answer within
+    a minute (busy starting) is left out, not waited for."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [node_view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(paths) for n in nodes]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+    return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": ray.get(r) for n, r in zip(nodes, refs) if r in ready}
 
 
 def cpu_bound_slots(cpus_per_task: float) -> int | None:

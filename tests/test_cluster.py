@@ -301,7 +301,7 @@ def ray_node(command: list[str], env: dict, log) -> subprocess.Popen:
 def two_machines(tmp_path):
     """(address, env, hidden): a cluster of two nodes on this machine, the second in a mount
     namespace of its own where a tmpfs covers `hidden`, as a folder on the first machine's
-    own disk is out of another machine's reach."""
+    own disk is out of another machine's reach, and started with an S3 endpoint of its own."""
     import signal
     import tempfile
     import time
@@ -324,7 +324,8 @@ def two_machines(tmp_path):
             time.sleep(0.5)
         nodes.append(ray_node(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                                f'mount -t tmpfs none "{hidden}" && exec "$0" "$@"', "ray", "start",
-                               f"--address=127.0.0.1:{gcs}"], env, open(tmp_path / "node2.log", "w")))
+                               f"--address=127.0.0.1:{gcs}"], {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+                              open(tmp_path / "node2.log", "w")))
         while "Ray runtime started" not in (tmp_path / "node2.log").read_text():
             assert nodes[1].poll() is None and time.time() < deadline, (tmp_path / "node2.log").read_text()[-2000:]
             time.sleep(0.5)
@@ -337,11 +338,12 @@ def two_machines(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_local_folder_a_node_cannot_see_is_refused_on_a_cluster(two_machines, tmp_path):
+def test_a_node_that_sees_other_files_or_another_s3_store_is_refused(two_machines, tmp_path, s3_server):
     """A local --workdir on one machine's disk: prepare's tasks on another wrote their parts
     to theirs, and it said "prepared N images" of files the next stage could not find; a
-    local source there, its files set aside as unreadable. Refused, naming the node; a
-    folder every node sees works."""
+    local source there, its files set aside as unreadable; a node whose `ray start` had
+    another AWS_ENDPOINT_URL, its tasks writing to another store. Refused, naming the
+    node; a folder every node sees works."""
     from PIL import Image
 
     address, env, hidden = two_machines
@@ -363,6 +365,11 @@ def test_a_local_folder_a_node_cannot_see_is_refused_on_a_cluster(two_machines, 
                             r"every node mounts at the same path \(NFS\)", done.stderr.strip().splitlines()[-1]), \
             done.stderr[-3000:]
         assert not (workdir / "data").exists()
+    done = prepare("sample:20", f"{s3_server('two-machines')}/r1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.fullmatch(rf"deepfake-ray prepare: error: this command uses the S3 endpoint {os.environ['AWS_ENDPOINT_URL']}, "
+                        r"but [\d.]+ \(\w{8}\) uses http://127.0.0.1:9: set the same AWS_ENDPOINT_URL .*",
+                        done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
     shared = tmp_path / "shared"
     done = prepare("sample:20", shared)
     assert done.returncode == 0, done.stderr[-3000:]
