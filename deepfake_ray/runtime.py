@@ -497,12 +497,12 @@ def check_shared(workdir: str, source: str | None = None) -> None:
 
 def node_views(nodes: list[dict], paths: list[str]) -> dict[str, tuple[list[bool], str | None]]:
     """node_view on each of `nodes`, by "IP (node id)"; a node that does not answer within
-    a minute (busy starting) is left out, not waited for."""
+    30 s (a job's first task there unpacks its working_dir) is left out, not waited for."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     refs = [node_view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(paths) for n in nodes]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30)
     return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": ray.get(r) for n, r in zip(nodes, refs) if r in ready}
 
 
