@@ -433,6 +433,12 @@ def in_process() -> bool:
     return _embedded_cores is not None
 
 
+def on_cluster() -> bool:
+    """Whether this process drives a Ray cluster (`--address`, a job), whose tasks may run
+    on other machines."""
+    return ray.is_initialized() and not in_process()
+
+
 def driver_files_need_copying(workdir: str) -> bool:
     """Whether files on this driver's disk (a local data source, pretrained weights) must
     be copied into the work directory for tasks and workers to read them: on a cluster,

@@ -625,8 +625,7 @@ def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_p
     old copy."""
     from deepfake_ray import config, runtime
 
-    monkeypatch.setattr(runtime, "in_process", lambda: False)  # a cluster's driver
-    workdir = f"{s3_server('pretrained-copies')}/runs/r1"
+    monkeypatch.setattr(runtime, "on_cluster", lambda: True)  # a cluster's driver
     import timm
     from safetensors.torch import save
 
@@ -635,15 +634,23 @@ def test_local_weights_reach_a_clusters_workers_as_they_are_now(s3_server, tmp_p
     for seed in (0, 1):  # two trainings of one small architecture: same size, other bytes
         torch.manual_seed(seed)
         versions.append(save(timm.create_model("test_resnet", num_classes=10).state_dict()))
-    loaded = []
-    for content in (versions[0], versions[1], versions[0]):
-        weights.write_bytes(content)
-        cfg = config.build("tiny", None, [f"detector.pretrained={weights}", "detector.arch=test_resnet"],
-                           workdir=workdir)
-        uri = train.resolve_pretrained(cfg)
-        assert uri.startswith(f"{workdir}/detector/pretrained/weights-") and uri.endswith(".safetensors")
-        loaded.append(storage.read_bytes(uri))
-    assert loaded == [versions[0], versions[1], versions[0]]
+    # a local work directory on a cluster is one every node shares: the weights beside it
+    # on the driver's disk were "no such file" in the workers on the GPU nodes
+    for workdir in (f"{s3_server('pretrained-copies')}/runs/r1", str(tmp_path / "shared" / "r1")):
+        loaded = []
+        for content in (versions[0], versions[1], versions[0]):
+            weights.write_bytes(content)
+            cfg = config.build("tiny", None, [f"detector.pretrained={weights}", "detector.arch=test_resnet"],
+                               workdir=workdir)
+            uri = train.resolve_pretrained(cfg)
+            assert uri.startswith(f"{workdir}/detector/pretrained/weights-") and uri.endswith(".safetensors")
+            loaded.append(storage.read_bytes(uri))
+        assert loaded == [versions[0], versions[1], versions[0]]
+    inside = tmp_path / "shared" / "r1" / "mine.safetensors"  # already where every node reads
+    inside.write_bytes(versions[0])
+    cfg = config.build("tiny", None, [f"detector.pretrained={inside}", "detector.arch=test_resnet"],
+                       workdir=str(tmp_path / "shared" / "r1"))
+    assert train.resolve_pretrained(cfg) == str(inside)
 
 
 def test_a_pretrained_file_named_from_the_users_folder_reaches_the_workers_by_its_whole_path(tmp_path, monkeypatch):

@@ -172,8 +172,9 @@ def resolve_pretrained(cfg: Config) -> str:
 
     `hub` is fetched here, in the driver, once (failing fast with the fix when the hub
     is unreachable), and kept as WORKDIR/detector/pretrained/HUB_NAME.safetensors. On a
-    cluster with an s3:// work directory, a file on the driver's disk, which the workers
-    on other machines cannot read, is copied there first.
+    cluster, a file on the driver's disk, which the workers on other machines cannot read,
+    is copied there first (into S3, or a local work directory every node shares), as a
+    Kaggle download is.
     """
     from deepfake_ray.models import detector
 
@@ -183,7 +184,7 @@ def resolve_pretrained(cfg: Config) -> str:
     if spec != "hub":
         check_pretrained_file(cfg)
         detector.check_weights(spec, cfg.detector.arch)
-        if storage.is_s3(spec) or not runtime.driver_files_need_copying(cfg.workdir):
+        if storage.is_s3(spec) or not runtime.on_cluster() or within(spec, cfg.workdir):
             return storage.normalize(spec)  # `~` expanded: workers open it as it is
         # named by content: weights of one architecture are all one size, so a copy found
         # by name and size could be another file's or an older version's
@@ -200,6 +201,12 @@ def resolve_pretrained(cfg: Config) -> str:
         state = detector.hub_state_dict(cfg.detector.hub_name)
         storage.write_bytes(uri, st_save({k: v.contiguous() for k, v in state.items()}))
     return uri
+
+
+def within(path: str, workdir: str) -> bool:
+    """Whether local `path` lies in local `workdir`, which every node of a cluster shares."""
+    folder = storage.normalize(workdir)
+    return not storage.is_s3(workdir) and storage.normalize(path).startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def weights_sha256(pretrained: str) -> str | None:
