@@ -761,8 +761,8 @@ def exclusive(uri: str, command: str):
             if e.errno != errno.ENOLCK:
                 raise
             raise UsageError(f"cannot lock {uri}: its filesystem offers no file locks (NFS without "
-                             "lockd?): use a --workdir on a local disk, or on s3://, which has "
-                             "its own lease") from None
+                             "lockd?): use a --workdir on s3://, which has its own lease, or mount "
+                             "it with locks (on one machine, a local disk does)") from None
         lock.truncate(0)  # who holds it, for the message of a run refused meanwhile
         lock.write(f"{command} (pid {os.getpid()} on {socket.gethostname()})")
         lock.flush()

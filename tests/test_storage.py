@@ -79,7 +79,7 @@ def test_a_filesystem_without_locks_is_said_as_such_not_as_unwritable(tmp_path, 
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(UsageError, match=r"cannot lock .*: its filesystem offers no file locks .*use a --workdir on a local disk"):
+    with pytest.raises(UsageError, match=r"cannot lock .*: its filesystem offers no file locks .*use a --workdir on s3://, which has its own lease, or mount it with locks"):
         with storage.exclusive(str(tmp_path / "w"), "prepare"):
             pass
 
