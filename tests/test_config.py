@@ -609,3 +609,36 @@ def test_a_failed_commands_log_ends_with_its_failure_line():
     lines = ended.stdout.decode().splitlines()
     assert ended.returncode == 1 and lines[0] == "=== evaluate ===", lines
     assert lines[-1].startswith("deepfake-ray report: failed after ") and lines[-1].endswith("RuntimeError: boom")
+
+
+def test_every_config_key_is_documented_with_its_default_and_the_presets_values():
+    """docs/configuration.md: a key left out (21 were documented nowhere but config.py's
+    comments), or a default or preset value changed without it, fails here."""
+    import dataclasses
+    import re
+
+    def shown(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(shown(v) for v in value) + "]"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md"), encoding="utf-8") as f:
+        rows = {m[1]: (m[2], m[3].strip(), m[4].strip()) for m in
+                re.finditer(r"^\| `([\w.]+)` \| `([^`]*)` \| ([^|]*) \| ([^|]+) \|$", f.read(), re.M)}
+    presets = [config.to_dict(config.build(name, None, [])) for name in ("demo", "celeb100k")]
+    defaults = config.to_dict(config.Config())
+    keys = [(k,) for k, v in defaults.items() if not isinstance(v, dict)] + [
+        (section, f.name) for section in defaults if isinstance(defaults[section], dict)
+        for f in dataclasses.fields(type(getattr(config.Config(), section)))]
+    for key in keys:
+        name = ".".join(key)
+        assert name in rows, f"{name} is missing from docs/configuration.md"
+
+        def value(d):
+            for part in key:
+                d = d[part]
+            return d
+        default, by_preset, what = rows[name]
+        assert (default, by_preset) == (shown(value(defaults)), " / ".join(shown(value(p)) for p in presets)), name
+        assert what, name
+    assert len(rows) == len(keys)  # no key documented that is gone
