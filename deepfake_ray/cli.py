@@ -23,7 +23,8 @@ from deepfake_ray.errors import (Terminated, UsageError, disk_full, find_error, 
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
-    "pipeline": ("deepfake_ray.pipeline", "run every stage; completed stages are skipped",
+    "pipeline": ("deepfake_ray.pipeline", "prepare, train-gan, generate, train-detector (or tune, with "
+                 "tune.enabled), evaluate, score the test split, report; complete stages are skipped",
                  {"--source": "data.source"}),
     "prepare": ("deepfake_ray.data.prepare", "ingest a face dataset into WORKDIR/data",
                 {"--source": "data.source"}),
@@ -33,7 +34,8 @@ COMMANDS = {
     "train-detector": ("deepfake_ray.detector.train", "fine-tune the detector with Ray Train", {}),
     "tune": ("deepfake_ray.detector.tune", "sweep the detector learning rate with Ray Tune",
              {"--samples": "tune.samples"}),
-    "evaluate": ("deepfake_ray.detector.evaluate", "held-out metrics and robustness", {}),
+    "evaluate": ("deepfake_ray.detector.evaluate", "measure the detector on the held-out test split, "
+                 "clean and degraded, into WORKDIR/eval", {}),
     "score": ("deepfake_ray.serving.score", "score a folder, bucket or manifest into a table",
               {"--model": None, "--input": None, "--out": None}),
     "serve": ("deepfake_ray.serving.app", "serve the detector over HTTP with Ray Serve",
@@ -58,8 +60,9 @@ FLAG_HELP = {
     "--num": "how many fakes, 0 for as many as the reals; sets gan.num_fakes (default: the preset's)",
     "--samples": "how many learning rates to try; sets tune.samples (default: the preset's)",
     "--model": "an exported model folder, e.g. runs/demo/detector/model (local or s3://)",
-    "--input": "folder, s3://bucket/prefix or manifest .parquet of images to score",
-    "--out": "the table to write: .parquet or .csv (local or s3://)",
+    "--input": "folder, s3://bucket/prefix, or a .parquet manifest with a 'path' column, of images to score",
+    "--out": "the table to write, .parquet or .csv (local or s3://): a row per file with path, p_fake, "
+             "label, error, threshold, model",
     "--host": "address to listen on, 0.0.0.0 for every interface; sets serve.host (default: the "
               "preset's, 127.0.0.1)",
     "--port": "port to listen on; sets serve.port (default: the preset's, 8000)",
@@ -67,17 +70,32 @@ FLAG_HELP = {
 ADDRESS_HELP = ("a running Ray cluster's GCS address, HEAD:6379 (not the dashboard's URL), or auto on "
                 "one of its nodes (default: RAY_ADDRESS, else an in-process Ray)")
 FORCE_HELP = {
-    None: "redo the stage even if it is complete (later stages then redo what depends on it)",
+    None: "start the stage over: its outputs, and an unfinished run's checkpoints, are deleted (without "
+          "it a complete stage is skipped and an unfinished one resumes); the stages made from it are "
+          "redone when next run",
     "pipeline": "redo EVERY stage, from prepare on (to redo one, run its own command with --force)",
-    "score": "score again even if --out exists (without it, an existing --out is kept)",
+    "score": "score every file again into an existing --out (without it, an --out this model scored is "
+             "kept; one another model scored is refused); a stopped run's finished parts are reused",
     "serve": argparse.SUPPRESS,  # accepted, and nothing to redo
     "report": argparse.SUPPRESS,  # accepted; the report is always rebuilt
 }
-DESCRIPTION = ("Detect GAN-generated face images: each stage of the pipeline is a command, run "
-               "on an in-process Ray (the default) or a Ray cluster (--address). Exit codes: 0 done, "
-               "2 bad usage or input, or a full disk or unreachable store (one line says what and how to "
-               "fix it), 1 anything else, 130 interrupted (Ctrl-C), 143 stopped (SIGTERM; 129 "
-               "SIGHUP, 138 SIGUSR1).")
+DESCRIPTION = """Detect GAN-generated face images: each stage of the pipeline is a command, run
+on an in-process Ray (the default) or a Ray cluster (--address)."""
+EPILOG = """examples:
+  deepfake-ray pipeline                    # the demo, offline, in runs/demo
+  deepfake-ray train-detector --workdir runs/demo --set detector.epochs=4
+  deepfake-ray serve --model runs/demo/detector/model
+  deepfake-ray score --model runs/demo/detector/model --input faces/ --out scores.csv
+
+exit codes: 0 done; 2 bad usage or input, a full disk or an unreachable store (one line
+says what and how to fix it); 1 anything else; 130 Ctrl-C; 143 SIGTERM, 129 SIGHUP,
+138 SIGUSR1 (a rerun resumes); 141 the reader of the output has gone.
+
+'deepfake-ray COMMAND --help' for a command's options; README.md is the guide;
+docs/configuration.md lists every config key."""
+# what --set's help shows: a key the command reads (tune refuses detector.lr: it sweeps it)
+SET_EXAMPLE = {"tune": "tune.epochs=3", "score": "serve.score_batch_size=64", "serve": "serve.max_replicas=2",
+               "report": None}
 
 
 class PrintVersion(argparse.Action):
@@ -110,26 +128,32 @@ class OneLineParser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     from deepfake_ray.config import preset_names
 
-    p = OneLineParser(prog="deepfake-ray", description=DESCRIPTION)
+    p = OneLineParser(prog="deepfake-ray", description=DESCRIPTION, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action=PrintVersion,
                    help="print the version, and those of the libraries it runs on and Python; exit")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     p.commands = {}
     for name, (_, help_text, flags) in COMMANDS.items():
         # no abbreviations: `--se` for --set would become ambiguous with a flag added later
         c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        c.add_argument("--preset", default="demo",
-                       help=f"config preset: {', '.join(preset_names())} (default: demo)")
-        c.add_argument("--config", help="YAML file layered over the preset")
+        c.add_argument("--preset", default="demo", metavar="NAME",
+                       help=f"config preset: {', '.join(preset_names())} (default: demo); README's "
+                            "Presets says what each is for")
+        c.add_argument("--config", metavar="FILE", help="YAML file layered over the preset (flags and --set "
+                       "win over it), e.g. WORKDIR/config.yaml for that run's settings")
+        example = SET_EXAMPLE.get(name, "detector.lr=3e-4")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config value, e.g. --set detector.lr=3e-4 (repeatable)")
+                       help="override one config key (repeatable; wins over --config and flags)"
+                            + (f", e.g. --set {example}" if example else "") + "; every key: docs/configuration.md")
         # accepted everywhere, as scripts pass them; offered only where they are read
         c.add_argument("--workdir", help=argparse.SUPPRESS if name in NO_WORKDIR else
                        "local folder or s3://bucket/prefix; sets workdir (default: runs/<preset>)")
         c.add_argument("--address", help=argparse.SUPPRESS if name in NO_RAY else ADDRESS_HELP)
         c.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_HELP[None]))
         for flag in flags:
-            c.add_argument(flag, required=flag in REQUIRED.get(name, ()), help=FLAG_HELP[flag])
+            required = flag in REQUIRED.get(name, ())
+            c.add_argument(flag, required=required, help=FLAG_HELP[flag] + (" (required)" if required else ""))
     return p
 
 

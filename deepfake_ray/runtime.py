@@ -475,7 +475,7 @@ def check_shared(workdir: str, source: str | None = None) -> None:
     local = {} if storage.is_s3(workdir) else {  # else a local source is copied to S3 first
         flag: storage.normalize(path) for flag, path in (("--workdir", workdir), ("data.source", source))
         if path and not storage.is_s3(path)}
-    nodes = [] if in_process() else [n for n in ray.nodes() if n["Alive"]]
+    nodes = [n for n in ray.nodes() if n["Alive"]] if on_cluster() else []
     if not nodes or not (uses_s3 or (local and len(nodes) > 1)):  # one machine shares its disk with itself
         return
     probe = None

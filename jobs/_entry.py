@@ -33,10 +33,24 @@ def parser(command: str, script: str) -> argparse.ArgumentParser:
     """The CLI's own parser for `command`, renamed to the script and given --run-name."""
     p = cli.parser().commands[command]
     p.prog = f"python jobs/{script}"
+    # the script's docstring: what it is for, and how `ray job submit` runs it
+    p.description = sys.modules["__main__"].__doc__ if script_is_main(script) else p.description
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in p._actions:
+        if action.dest == "workdir" and action.help != argparse.SUPPRESS:  # runs/<preset>: in the code's copy
+            action.help = ("s3://bucket/prefix, or a folder every node shares; a job submitted with "
+                           "--working-dir needs one (runs/<preset> would lie in its copy of the code)")
     if command in cli.WRITERS:  # score writes --out, not a work directory
         p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
                        "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it")
     return p
+
+
+def script_is_main(script: str) -> bool:
+    """Whether this process runs jobs/`script` (not a test importing the parser)."""
+    main = sys.modules.get("__main__")
+    return bool(getattr(main, "__file__", None)) and os.path.basename(main.__file__) == script \
+        and bool(main.__doc__)
 
 
 def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
