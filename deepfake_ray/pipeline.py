@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -79,6 +80,17 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
         detector_train.check_pretrained_file(cfg)
 
 
+def resume_hint(cfg: Config, command: str, force: bool, replaced: bool) -> str:
+    """What to run after a stage failed. `replaced`: a stage's output changed in this run
+    (a --force run that has replaced nothing yet is still needed, and config.yaml, put
+    back when nothing changed, would name another run's settings)."""
+    again = "it again without --force" if force and replaced else "the same command again"
+    alone = ("" if command in ("score", "report") or not replaced else  # these take other arguments
+             f", or this stage alone with the settings of this run: `{lineage.command_line(cfg.workdir, command)}`")
+    return (f"\npipeline stopped at stage '{command}'. Fix the cause above, then run {again} "
+            f"(finished stages are skipped){alone}")
+
+
 def run(cfg: Config, force: bool = False, **_) -> dict:
     preflight(cfg, force)
     timings_uri = storage.join(cfg.workdir, "pipeline.json")
@@ -98,7 +110,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         if skipped and (seconds := made_in.get((command, done.get("completed")))) is not None:
             entry["made_in"] = seconds  # what an earlier run spent making what this one reuses
         try:
-            made = done if skipped else step.run(cfg, force=force)  # a stage's run returns its marker's summary
+            made = done if skipped else step.run(cfg, force=force)  # its marker's summary (report: None)
         except BaseException as e:
             stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or SIGTERM: no cause to fix
             entry.update(status="interrupted" if stopped else "failed", seconds=round(time.monotonic() - started, 1))
@@ -106,15 +118,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             storage.write_json(timings_uri, record)
             if stopped:  # the command's own line says how to resume
                 raise
-            # a --force run that has replaced nothing yet is still needed
-            replaced = storage.marker_changes != changes
-            again = "it again without --force" if force and replaced else "the same command again"
-            # its config.yaml is put back when no stage changed: the hint would name another's
-            alone = ("" if command in ("score", "report") or not replaced else  # these take other arguments
-                     f", or this stage alone with the settings of this run: "
-                     f"`{lineage.command_line(cfg.workdir, command)}`")
-            print(f"\npipeline stopped at stage '{command}'. Fix the cause above, then run {again} "
-                  f"(finished stages are skipped){alone}")
+            print(resume_hint(cfg, command, force, replaced=storage.marker_changes != changes),
+                  file=sys.stderr, flush=True)
             with contextlib.suppress(AttributeError):  # the command's last line names it too
                 e.pipeline_stage = command
             raise

@@ -413,4 +413,4 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
         assert cli.failure_line("pipeline", failed.value, 61.4).startswith(
             f"deepfake-ray pipeline: failed at stage '{failing}' after 61s: RuntimeError: ")
         assert f"pipeline stopped at stage '{failing}'. Fix the cause above, then run {again} " \
-               "(finished stages are skipped)" in capsys.readouterr().out
+               "(finished stages are skipped)" in capsys.readouterr().err

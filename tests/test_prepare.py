@@ -422,8 +422,8 @@ def test_a_first_pipeline_stopped_before_any_stage_changed_names_no_config_it_pu
     (faces / "x.jpg").write_bytes(b"not an image at all\n" * 40)
     workdir = tmp_path / "w"
     assert cli.main(["pipeline", "--preset", "tiny", "--source", str(faces), "--workdir", str(workdir)]) == 2
-    out = capsys.readouterr().out
-    assert "pipeline stopped at stage 'prepare'" in out and "this stage alone" not in out
+    err = capsys.readouterr().err
+    assert "pipeline stopped at stage 'prepare'" in err and "this stage alone" not in err
     assert not (workdir / "config.yaml").exists()
 
 

@@ -705,7 +705,47 @@ def own_workdir_in(src: Source, workdir: str) -> str | None:
     return os.path.join(src.root, where)
 
 
+def read_all_files(cfg: Config, src, staged: str) -> list[dict]:
+    """A row per file of `src` (usable or why not), its image written to a part in `staged`,
+    by Ray tasks sized to the CPUs there are."""
+    d = cfg.data
+    paths = [p for p in candidates(src, cfg.seed) if p not in src.unread]
+    if not paths:
+        return []
+    cpus_per_task = cfg.resources.data_cpus
+    slots = runtime.cpu_bound_slots(cpus_per_task)  # None on a cluster: its CPUs decide
+    tasks_at_once = slots or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+    # two rounds on a cluster, so one slow node's last task is not the whole tail
+    blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
+    # tasks on one machine share their work (`shared_chunks`) and which images their parts
+    # hold (`leave_out_held`) through one folder
+    claims = claims_dir() if slots and len(blocks) > 1 else None
+    run_id = uuid.uuid4().hex  # names its tasks' notes of crashes (`crashes`)
+    try:
+        with crashes.named_if_fatal(run_id, src.name):
+            return ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
+                images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
+                splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims, run=run_id))
+    finally:
+        if claims:
+            shutil.rmtree(claims, ignore_errors=True)
+
+
+def nothing_usable(src, rows: list[dict], rejected: list[dict]) -> UsageError:
+    """Which file and why (S3's refusal, a format), and where to look: no rejected.parquet
+    is written, so that a --force run loses nothing of the complete data/ before it."""
+    reasons = Counter(row["reason"] for row in rejected)
+    on_this_disk = not runtime.in_process() and set(reasons) == {"unreadable"} and not storage.is_s3(src.root)
+    first = f"; the first: {rejected[0]['path'][:300]} ({rejected[0]['detail'][:300]})" if rejected else ""
+    return UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image ({dict(reasons)}{first}): "
+                      + ("they are on this machine's disk, which the cluster's other nodes cannot read: use an "
+                         "s3:// source, or an s3:// --workdir to copy them there" if on_this_disk else "check the source"))
+
+
 def ingest_into_workdir(cfg: Config) -> dict:
+    """Read, decode and write every file of the source into WORKDIR/data (images/ parts,
+    manifest.parquet, rejected.parquet), replacing what was there only once the new data
+    is good; the summary, as the stage's marker records it."""
     out = datasets.data_dir(cfg.workdir)
     started = time.monotonic()
     src = readable_source(cfg)
@@ -715,42 +755,15 @@ def ingest_into_workdir(cfg: Config) -> dict:
     # a --force whose source turns out to hold nothing usable loses nothing
     images, staged = datasets.images_uri(out), storage.join(out, ".images-new")
     storage.delete_dir(staged)  # parts of an interrupted earlier run
-    paths = [p for p in candidates(src, cfg.seed) if p not in src.unread]
-    cpus_per_task = cfg.resources.data_cpus
-    slots = runtime.cpu_bound_slots(cpus_per_task)  # None on a cluster: its CPUs decide
-    tasks_at_once = slots or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
-    # two rounds on a cluster, so one slow node's last task is not the whole tail
-    blocks = split_blocks(paths, block_count(len(paths), tasks_at_once, waves=1 if slots else 2))
-    # tasks on one machine share their work (`shared_chunks`) and which images their parts
-    # hold (`leave_out_held`) through one folder
-    claims = claims_dir() if slots and len(blocks) > 1 else None
-    run = uuid.uuid4().hex  # names its tasks' notes of crashes (`crashes`)
-    try:
-        with crashes.named_if_fatal(run, src.name):
-            rows = ingest(blocks, cpus_per_task, slots, fn_kwargs=dict(
-                images=staged, size=d.resolution, quality=d.jpeg_quality, max_pixels=d.max_pixels,
-                splits=tuple(d.splits), blocks=blocks if claims else None, claims=claims,
-                run=run)) if paths else []
-    finally:
-        if claims:
-            shutil.rmtree(claims, ignore_errors=True)
+    rows = read_all_files(cfg, src, staged)
     phases = {"ingest": time.monotonic() - started}
-    rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)  # not copied: not read
+    # files the driver could not read (to copy them where the tasks read) are rejected rows
+    rows += [file_row(uri, error, d.resolution, d.jpeg_quality, d.max_pixels)
              for uri, error in src.unread.items()]
     manifest, rejected, drops = sort_rows(rows)
     if not manifest:
         storage.delete_dir(staged)
-        reasons = Counter(row["reason"] for row in rejected)
-        unread = set(reasons) == {"unreadable"}
-        where = not runtime.in_process() and unread and not storage.is_s3(src.root)
-        # which file and why (S3's refusal, a format): no rejected.parquet is written, so that
-        # a --force run loses nothing of the complete data/ before it
-        first = f"; the first: {rejected[0]['path'][:300]} ({rejected[0]['detail'][:300]})" if rejected else ""
-        raise UsageError(f"none of the {len(rows):,} files from {src.name} is a usable image "
-                         f"({dict(reasons)}{first}): "
-                         + ("they are on this machine's disk, which the cluster's other nodes cannot "
-                            "read: use an s3:// source, or an s3:// --workdir to copy them there"
-                            if where else "check the source"))
+        raise nothing_usable(src, rows, rejected)
     grouping = time.monotonic()
     share_splits(manifest)
     phases["near_copies"] = time.monotonic() - grouping
@@ -759,7 +772,8 @@ def ingest_into_workdir(cfg: Config) -> dict:
     write_outputs(out, images, manifest, rejected, drops)
     seconds = time.monotonic() - started
     phases["rest"] = seconds - phases["ingest"] - phases["near_copies"]
-    read = {row["path"]: row["bytes"] for row in rows if row["reason"] != "unreadable"}  # not read: its size now
+    # the sizes read, for the source's fingerprint; an unreadable file's is looked up now
+    read = {row["path"]: row["bytes"] for row in rows if row["reason"] != "unreadable"}
     summary = summarize(src, source_files(src, read), manifest, rejected, out, seconds, phases)
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))

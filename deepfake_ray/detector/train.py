@@ -80,7 +80,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
           f"{workers} worker(s) x batch {batch} ({workers * batch} a step), "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
-    fine_tune(cfg, selection, pretrained, stage, "run", stage, pretrained_sha256=weights_sha256(pretrained))
+    fine_tune(cfg, selection, pretrained, stage, pretrained_sha256=weights_sha256(pretrained))
     summary = publish(cfg, stage, time.time() - started, plan.made)
     return summary
 
@@ -215,23 +215,24 @@ def weights_sha256(pretrained: str) -> str | None:
     return None if pretrained in ("none", "") else storage.file_digest(pretrained, "sha256")
 
 
-def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, storage_uri: str,
-              name: str, out_dir: str, lr: float | None = None, callbacks: list | None = None,
-              views: dict | None = None, label: str = "train-detector", pretrained_sha256: str | None = None):
-    """One Ray Train fine-tune (resumed when `storage_uri`/`name` holds an unfinished run).
-    `label` begins its progress lines (a sweep's trials print side by side);
-    `pretrained_sha256`: weights_sha256 of `pretrained`, for model.json."""
+def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, out_dir: str,
+              lr: float | None = None, callbacks: list | None = None, views: dict | None = None,
+              label: str = "train-detector", pretrained_sha256: str | None = None):
+    """One Ray Train fine-tune into `out_dir` (best/, history.json, and Ray Train's run
+    folder run/; resumed when that holds an unfinished run). `label` begins its progress
+    lines (a sweep's trials print side by side); `pretrained_sha256`: weights_sha256 of
+    `pretrained`, for model.json."""
     d = cfg.detector
     if lr is not None:
         cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
-                   "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(storage_uri),
+                   "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(out_dir),
                    "label": label,
                    "pretrained_sha256": pretrained_sha256,
                    "resolution": selection.resolution, "jpeg_quality": selection.jpeg_quality,
                    "fingerprints": selection.fingerprints,
                    "counts": {s: c for s, c in selection.counts.items() if s != "test"}}
-    return training.fit(worker_loop, loop_config, cfg, storage_uri, name,
+    return training.fit(worker_loop, loop_config, cfg, out_dir, "run",
                         datasets=lambda: views or data.training_views(cfg, selection),
                         keep=d.keep_checkpoints, max_failures=d.max_failures, callbacks=callbacks,
                         keep_best_by="val_score")  # best/ is re-exported from the best one on resume

@@ -183,7 +183,7 @@ def trial(params: dict, cfg_dict: dict, selection: data.Selection, pretrained: s
     cfg = config.from_dict(cfg_dict)
     trial_id = tune.get_context().get_trial_id()
     out = trial_dir(cfg.workdir, trial_id)
-    train.fine_tune(cfg, selection, pretrained, out, "run", out, lr=params["lr"],
+    train.fine_tune(cfg, selection, pretrained, out, lr=params["lr"],
                     callbacks=[TuneReportCallback()], views=views,
                     label=f"tune trial {trial_id} (lr {params['lr']:.2e})", pretrained_sha256=pretrained_sha256)
 
