@@ -198,7 +198,7 @@ def grown(stage: Stage, done: dict, asked: dict) -> list[str]:
     return [k for k in stage.grows if k in recorded and asked["settings"][k] > recorded[k]]
 
 
-def check_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
+def check_recorded_settings(cfg: Config, stage: Stage, done: dict, asked: dict) -> None:
     """UsageError when the complete stage was made with other settings than this run's
     (more epochs are not other settings: they continue it, unless another command made
     it from a run of its own)."""
@@ -353,7 +353,7 @@ def rerun_reason(cfg: Config, stage: Stage, done: dict, asked: dict) -> tuple[st
     if changed := changed_inputs(done, asked):
         folders = ", ".join(f + "/" for f in changed)
         return f"{folders} changed since {uri(cfg, stage)} was made: making it again", True
-    check_settings(cfg, stage, done, asked)
+    check_recorded_settings(cfg, stage, done, asked)
     if changed := stage.source_changed(cfg, done):
         return f"{changed} since {uri(cfg, stage)} was made: making it again", True
     if more := grown(stage, done, asked):

@@ -1,4 +1,8 @@
-"""Connecting to Ray: a running cluster when an address is given, else in-process."""
+"""Connecting to Ray: a running cluster when an address is given, else in-process.
+
+Also what depends on which Ray it is: the embedded Ray's size and ports, Ray Data's
+settings (progress, the Parquet reader), whether GPUs are used, how many CPU-bound tasks
+run at once, and on a cluster whether every node sees the driver's files and S3 store."""
 from __future__ import annotations
 
 import contextlib

@@ -9,6 +9,11 @@ Writes are atomic: a reader sees the whole file or none of it. Locally we write 
 temporary sibling and rename it; on S3 an object only changes when its upload
 completes, so we upload from memory with boto3 (one PutObject, or a multipart upload
 that is aborted if any part fails), never through a stream that a failure would close.
+
+Also here: the stage markers (`mark_complete`, `completed`, `unmark`: a stage is complete
+when its folder holds the marker it writes last), the work directory's lock
+(`exclusive`; on S3, lease.py's lease), listings of local folders and buckets, and the
+one-line explanations of S3's and the filesystem's refusals.
 """
 from __future__ import annotations
 
@@ -954,14 +959,15 @@ def replace_dir(uri: str, new: str) -> None:
     s3_delete(new, s3_keys_under(new))  # folder objects, which runs before 2026-12-05 left
 
 
-def mark_complete(stage_uri: str, summary: dict, stage: bool = True) -> None:
+def mark_complete(stage_uri: str, summary: dict, is_stage: bool = True) -> None:
     """Written last: a stage whose folder holds this marker is complete and is skipped.
-    `stage=False`: a folder no stage reads as its output (a source's copy)."""
+    `is_stage=False`: a folder no stage reads as its output (a source's copy), whose
+    marker is no change to a stage's output (`stage_changed`)."""
     if is_s3(stage_uri):
         from deepfake_ray import lease
 
         lease.check_fresh(stage_uri)  # no marker vouching for files another run may be rewriting
-    if stage:
+    if is_stage:
         stage_changed()
     write_json(join(stage_uri, COMPLETE), summary)
 

@@ -245,7 +245,7 @@ def test_a_rerun_asking_another_value_of_any_setting_a_stage_records_is_refused(
             asked = lineage.made(made, stage)
             asked["settings"][key] = other_value(value)
             with pytest.raises(UsageError, match=rf"was made with {re.escape(key)}="):
-                lineage.check_settings(made, stage, done, asked)
+                lineage.check_recorded_settings(made, stage, done, asked)
             compared += 1
     assert compared > 40  # every stage's, not none
 

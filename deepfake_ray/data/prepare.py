@@ -659,7 +659,7 @@ def readable_source(cfg: Config) -> Source:
     src = sources.copy_to(src, copy_dir(cfg), "prepare", decode.max_file_bytes(d.max_pixels))
     if copy:
         storage.mark_complete(copy, {"source": d.source, "files": len(src.files),
-                                     "unread": sources.recorded_unread(src.unread, copy)}, stage=False)
+                                     "unread": sources.recorded_unread(src.unread, copy)}, is_stage=False)
     return src
 
 

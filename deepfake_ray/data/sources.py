@@ -2,6 +2,8 @@
 
 `resolve_source` turns a source string into either a list of file URIs (folders,
 buckets, Kaggle downloads) or a sample count; ingest then treats all of them alike.
+Also: Kaggle credentials, download and unzipping, and the guards against a work
+directory inside a source or another run's stage folders where a workdir is made.
 """
 from __future__ import annotations
 
