@@ -548,6 +548,15 @@ def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
         assert statuses <= set(op["responses"]), op["responses"]
         schema = op["responses"]["413"]["content"]["application/json"]["schema"]
         assert schema["properties"] == {"error": {"type": "string"}}
+    # what a 200 holds: FastAPI described it as any object, so a generated client had no p_fake
+    one_result = detect_op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert one_result["properties"]["p_fake"]["type"] == "number" and "label" in one_result["required"]
+    per_file = batch_op["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["results"]
+    assert [set(item["required"]) for item in per_file["items"]["oneOf"]] == [
+        {"file", "p_fake", "label", "threshold", "model"}, {"file", "error", "status"}]
+    health = paths["/healthz"]["get"]["responses"]
+    assert set(health["200"]["content"]["application/json"]["schema"]["required"]) == {"status", "model"}
+    assert "503" in health
     # what the schema says is what the route takes: its multipart field, or the raw body
     response = httpx.post(f"{service}/v1/detect", files={"file": ("face.jpg", JPEG)}, timeout=60)
     assert response.status_code == 200, response.text

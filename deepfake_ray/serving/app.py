@@ -256,7 +256,8 @@ class Detector:
         return files[0][2]
 
     @api.post("/v1/detect", openapi_extra=http.DETECT_BODY,
-              responses=http.error_responses(400, 408, 413, 415, 422, 500, 503))
+              responses={**http.ok_response(http.RESULT, "the image's score"),
+                         **http.error_responses(400, 408, 413, 415, 422, 500, 503)})
     async def detect(self, request: Request) -> dict:
         """One image (raw body, or multipart field `file`) -> p_fake, label, threshold, model."""
         async with self.body(request) as body:
@@ -266,7 +267,8 @@ class Detector:
         return result
 
     @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY,
-              responses=http.error_responses(400, 408, 413, 415, 503))
+              responses={**http.ok_response(http.BATCH_RESULT, "a score, or an error, per file"),
+                         **http.error_responses(400, 408, 413, 415, 503)})
     async def detect_batch(self, request: Request) -> dict:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):
@@ -304,7 +306,10 @@ class Detector:
         reported broken, and Serve replaces it."""
         check_forward(self.forward_started, time.monotonic())
 
-    @api.api_route("/healthz", methods=["GET", "HEAD"])  # monitors probe with HEAD too
+    @api.api_route("/healthz", methods=["GET", "HEAD"],  # monitors probe with HEAD too
+                   responses={**http.ok_response(http.HEALTH, "the replica is serving"),
+                              503: {"description": "a forward pass is hung: Serve replaces the replica",
+                                    "content": http.ERROR_BODY}})
     async def healthz(self) -> dict:
         try:
             check_forward(self.forward_started, time.monotonic())

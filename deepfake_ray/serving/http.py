@@ -267,6 +267,30 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {
         "files": {"type": "array", "items": BINARY}}, "required": ["files"]}}}}}
 
 
+# what a 200 holds, for /docs and generated clients (the routes return dicts: FastAPI
+# described them as any object)
+RESULT = {"type": "object", "required": ["p_fake", "label", "threshold", "model"], "properties": {
+    "p_fake": {"type": "number", "minimum": 0, "maximum": 1, "description": "the model's probability of fake"},
+    "label": {"type": "string", "enum": ["fake", "real"], "description": "fake when p_fake >= threshold"},
+    "threshold": {"type": "number", "description": "chosen on validation when the model was trained"},
+    "model": {"type": "string", "description": "the id of the model that answered"}}}
+FILE_ERROR = {"type": "object", "required": ["file", "error", "status"], "properties": {
+    "file": {"type": "string"}, "error": {"type": "string"},
+    "status": {"type": "integer", "description": "the HTTP status this file alone would have had"}}}
+BATCH_RESULT = {"type": "object", "required": ["model", "count", "errors", "results"], "properties": {
+    "model": {"type": "string"}, "count": {"type": "integer"}, "errors": {"type": "integer"},
+    "results": {"type": "array", "description": "one per file, in order", "items": {"oneOf": [
+        {**RESULT, "required": ["file", *RESULT["required"]],
+         "properties": {"file": {"type": "string"}, **RESULT["properties"]}}, FILE_ERROR]}}}}
+HEALTH = {"type": "object", "required": ["status", "model"], "properties": {
+    "status": {"type": "string", "enum": ["ok"]}, "model": {"type": "string"}}}
+
+
+def ok_response(schema: dict, description: str) -> dict:
+    """FastAPI `responses` entry for a 200 holding `schema`."""
+    return {200: {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+
 def error_responses(*statuses: int) -> dict:
     """FastAPI `responses` for these statuses, each a JSON {"error": reason}."""
     what = {400: "bad request (empty, malformed or several files)",
