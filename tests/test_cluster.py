@@ -174,9 +174,16 @@ def test_rayservice_serves_the_detector_app():
     from deepfake_ray import config
     from deepfake_ray.serving.app import Detector, check_settings
 
+    from deepfake_ray.serving.app import REQUEST_TIMEOUT_S
+
     for served in (app, local[app.name]):  # their settings are valid, and name our deployment
         check_settings(config.build(served.args["preset"], None, served.args["set"]))
         assert [d.name for d in served.deployments] == [Detector.name]
+        # options the code derives from the settings: one set here replaced them whole, so
+        # `set: serve.max_replicas=...` did nothing, and a num_cpus alone dropped the GPU
+        assert served.deployments[0].model_dump(exclude_unset=True).keys() == {"name"}
+    for http_options in (yaml.safe_load(service["serveConfigV2"]), load("jobs/serve.yaml")):
+        assert http_options["http_options"]["request_timeout_s"] == REQUEST_TIMEOUT_S  # as deepfake-ray serve
 
 
 # --- jobs/ ------------------------------------------------------------------------------

@@ -700,8 +700,22 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
     try:
         answered = httpx.get(f"{routed(f'{service}/rolled')}/v1/model", timeout=30).json()
         assert answered["model"] == retrained != deployed, answered
+        # deployed anew under its name (`serve deploy`, a RayService taking it over): a
+        # `deepfake-ray serve` stopping now deleted it, the platform's app
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        ours = app.deployed_time("rolled")
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [{
+            "name": "rolled", "route_prefix": "/rolled", "import_path": "deepfake_ray.serving.app:build_app",
+            "args": {"model": model, "preset": "tiny", "model_id": retrained}}]}))  # as `serve deploy`
+        app.drain(ours, "rolled")
+        assert "rolled" in serve.status().applications
+        app.drain(app.deployed_time("rolled"), "rolled")  # its own: deleted
+        assert "rolled" not in serve.status().applications
     finally:
-        serve.delete("rolled")
+        with contextlib.suppress(Exception):
+            serve.delete("rolled")
     assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200
 
 
@@ -1308,6 +1322,43 @@ def test_serve_run_args_misspelt_or_mistyped_are_refused(model_dir):
         app.build_app({"model": model_dir, "set": {"serve.max_batch_size": 32}})
     with pytest.raises(UsageError, match=r"\(`=`, not `: `\)"):  # `- serve.max_batch_size: 32`: a list of mappings
         app.build_app({"model": model_dir, "set": [{"serve.max_batch_size": 32}]})
+
+
+def test_serve_deploy_args_that_cannot_serve_fail_once_in_one_line_naming_the_arg(model_dir, tmp_path):
+    """Serve builds an application in a task it retries 3 times (each importing torch and
+    hashing the weights again) and shows any error but its own as a 40-line traceback in
+    `serve status`; a RayServeException's text it shows as it is, once. The flags named
+    were the CLI's (--set), which a serve.yaml has none of; a relative model path was
+    taken from the build task's folder."""
+    from ray.serve.exceptions import RayServeException
+
+    from deepfake_ray.serving import app
+
+    percent = tmp_path / "percent"
+    shutil.copytree(model_dir, percent)
+    meta = json.loads((percent / checkpoint.META).read_text())
+    (percent / checkpoint.META).write_text(json.dumps({**meta, "threshold": 50}))
+    for args, said in (({"model": model_dir, "preset": "nope"}, "unknown preset 'nope'"),
+                       ({"model": model_dir, "set": ["serve.max_batch_size: 32"]}, "args.set 'serve.max_batch_size: 32'"),
+                       ({"model": str(percent)}, "has threshold 50: it must be a number from 0 to 1"),
+                       ({"model": "runs/demo/detector/model"}, "args.model runs/demo/detector/model must be an "
+                                                              "absolute path or an s3:// URI"),
+                       ({"model": model_dir, "set": ["serve.body_idle_timeout_s=300"]},
+                        "serve.body_idle_timeout_s=300 must be under Serve's 300 s deadline")):
+        with pytest.raises(RayServeException) as refused:
+            app.build_app(args)
+        assert isinstance(refused.value, UsageError) and said in str(refused.value), (args, str(refused.value))
+        assert "\n" not in str(refused.value) and "--set" not in str(refused.value)
+
+
+def test_a_deployment_takes_the_access_log_setting_only_to_turn_it_off():
+    """A deployment's logging_config replaces an application's (a serve.yaml's JSON
+    encoding, its level) whole: it is set only where the access log is off."""
+    from deepfake_ray.serving import app
+
+    assert "logging_config" not in app.deployment_options(config.build("tiny"))
+    assert app.deployment_options(config.build("tiny", None, ["serve.access_log=false"]))["logging_config"] == {
+        "enable_access_log": False}
 
 
 def test_a_replica_whose_forward_pass_hangs_fails_its_health_check():

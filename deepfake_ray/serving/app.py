@@ -15,6 +15,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import socket
 import threading
 import time
@@ -23,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from deepfake_ray import checkpoint, runtime, storage
+from deepfake_ray import checkpoint, cli, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes
 from deepfake_ray.data.decode import DecodeError
@@ -38,6 +40,10 @@ APP_NAME = "deepfake-ray"
 # to 2 s to every stop, the last request long answered).
 DRAIN_TIMEOUT_S = 20.0
 DRAIN_CHECK_S = 0.2
+# Serve's deadline on a whole request, upload included (jobs/serve.yaml and the RayService
+# set it too): past it Serve answers its own 408, in text/plain. A stalled upload gets the
+# app's JSON 408 first, after serve.body_idle_timeout_s, which must be shorter.
+REQUEST_TIMEOUT_S = 300.0
 PROXY_START_TIMEOUT_S = 300.0  # for a proxy Serve restarts, on a machine busy enough to need it
 # A face crop decodes in well under a millisecond, less than a thread hop costs, so it
 # is decoded on the event loop. Larger images go to a thread: by pixels (a flat 36 MP
@@ -357,7 +363,9 @@ def deployment_options(cfg: Config) -> dict:
                                "initial_replicas": s.min_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests},
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": gpus_per_replica(cfg)},
-        "logging_config": {"enable_access_log": s.access_log},
+        # only to turn the access log off: a deployment's logging_config replaces the one a
+        # serve.yaml sets for the application (its JSON encoding, its level) whole
+        **({} if s.access_log else {"logging_config": {"enable_access_log": False}}),
         "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
         "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
     }
@@ -390,17 +398,34 @@ def build_app(args: dict):
     model expected there, as /v1/model and train-detector name it: optional, and the way
     to roll out a model retrained in place, since Serve rebuilds only on a changed config).
     """
+    try:
+        return build_from_args(dict(args or {}))
+    except UsageError as e:  # what `serve status` and a RayService show: one line, no retries
+        raise BuildError(re.sub(r"--(set|config|model)\b", r"args.\1", str(e))) from None
+
+
+class BuildError(UsageError, RayServeException):
+    """A bad args of build_app. Serve shows a RayServeException's text as it is, and
+    builds the application once: any other error it retried 3 times (each a new process
+    importing torch and hashing the weights) and showed as a 40-line traceback."""
+
+
+def build_from_args(args: dict):
     from deepfake_ray import config
 
-    args = dict(args or {})
     check_args(args)
-    if not args.get("model"):
+    model = str(args.get("model") or "")
+    if not model:
         raise UsageError("build_app needs args.model: the exported model folder "
                          "(absolute path or s3:// URI), e.g. WORKDIR/detector/model")
+    if not storage.is_s3(model) and not os.path.isabs(os.path.expanduser(model)):  # whose folder?
+        raise UsageError(f"args.model {model} must be an absolute path or an s3:// URI: Serve builds "
+                         "the application in a process of its own, in another folder")
+    cli.check_outside_job_code(model, "args.model")
     overrides = args.get("set") or []
     cfg = config.build(args.get("preset", "demo"), args.get("config"),
                        [overrides] if isinstance(overrides, str) else list(overrides))
-    return build(cfg, str(args["model"]), args.get("model_id"))
+    return build(cfg, model, args.get("model_id"))
 
 
 BUILD_ARGS = ("model", "preset", "config", "set", "model_id")
@@ -426,6 +451,9 @@ def check_settings(cfg: Config) -> None:
     if s.min_replicas > s.max_replicas:
         raise UsageError(f"serve.min_replicas={s.min_replicas} is more than serve.max_replicas="
                          f"{s.max_replicas}: raise serve.max_replicas or lower serve.min_replicas")
+    if s.body_idle_timeout_s >= REQUEST_TIMEOUT_S:  # Serve's plain-text 408 would come first
+        raise UsageError(f"serve.body_idle_timeout_s={s.body_idle_timeout_s:g} must be under Serve's "
+                         f"{REQUEST_TIMEOUT_S:.0f} s deadline on a whole request, e.g. 30")
     if 0 < s.max_buffered_bytes < s.max_body_bytes:  # a body that fits no budget: 503s forever
         raise UsageError(f"serve.max_buffered_bytes={s.max_buffered_bytes} is less than serve.max_body_bytes="
                          f"{s.max_body_bytes}, so the largest uploads would always be told to retry: "
@@ -467,12 +495,13 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
     host, port = cfg.serve.host, cfg.serve.port
     url = f"http://{host}:{port}"
-    started = time.time()
+    started, deployed_at = time.time(), None
     if not runtime.in_process():  # before anything is replaced, or deleted on the way out
         check_not_served_already()
     try:
         start_serve(host, port)
         deploy(app)
+        deployed_at = deployed_time(APP_NAME)
         print(f"serving {model_id} at {url}  (POST {url}/v1/detect, docs {url}/docs; "
               f"{runtime.serve_ingress()} ingress; ready in {time.time() - started:.0f}s; "
               "Ctrl-C stops)", flush=True)
@@ -481,13 +510,13 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
         print(f"stopping the service: answering the requests in flight (at most "
               f"{DRAIN_TIMEOUT_S:.0f} s)...", flush=True)
-        drain()
+        drain(deployed_at)
     finally:
         try:
             if runtime.in_process():
                 serve.shutdown()
             else:  # this application alone: a cluster's Serve, and what else it serves, stay
-                drain()
+                drain(deployed_at)
         finally:  # a Ctrl-C during the shutdown too
             remove_haproxy_folder()
     return {"url": url, "model": model_id}
@@ -553,12 +582,12 @@ def start_serve(host: str, port: int) -> None:
     from ray.exceptions import RayActorError
 
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options=http_options(host, port))
         return
     except (RayActorError, TimeoutError):  # the proxy killed, or not ready in Serve's 60 s
         print("note: Serve's HTTP proxy was slow to start (a busy machine?) and Serve restarts "
               f"it: waiting for it, at most {PROXY_START_TIMEOUT_S:.0f} s", flush=True)
-    serve.start(http_options={"host": host, "port": port})  # the running controller's client
+    serve.start(http_options=http_options(host, port))  # the running controller's client
     deadline = time.monotonic() + PROXY_START_TIMEOUT_S
     while not proxies_healthy():
         if time.monotonic() > deadline:
@@ -569,21 +598,35 @@ def start_serve(host: str, port: int) -> None:
         time.sleep(1)
 
 
+def http_options(host: str, port: int) -> dict:
+    return {"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S}
+
+
 def proxies_healthy() -> bool:
     proxies = serve.status().proxies
     return bool(proxies) and all(status == "HEALTHY" for status in proxies.values())
 
 
-def drain() -> None:
+def drain(deployed_at: float | None = None, name: str = APP_NAME) -> None:
     """Stop taking requests and answer those in flight, before serve.shutdown: that kills
     HAProxy (SIGKILL) at once, beside the replicas' own graceful stop, so every connection
     still open was reset (28 of 60 uploads in flight). Deleting the application first
     takes its route away and lets each replica finish its requests (within
-    graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them."""
-    from ray.serve.exceptions import RayServeException
-
+    graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them.
+    `deployed_at`: when this command deployed it; one deployed anew since (`serve deploy`,
+    a RayService taking the name over) is another's, and is left serving."""
     with contextlib.suppress(RayServeException):  # stopped before Serve had started: nothing to drain
-        serve.delete(APP_NAME)
+        if deployed_at is not None and deployed_time(name) not in (None, deployed_at):
+            print(f"note: the application {name} was deployed anew since this command deployed it "
+                  "(serve deploy, a RayService): it is left serving", flush=True)
+            return
+        serve.delete(name)
+
+
+def deployed_time(name: str) -> float | None:
+    """When the application `name` was last deployed, as Serve records it (None: none)."""
+    application = serve.status().applications.get(name)
+    return application.last_deployed_time_s if application else None
 
 
 def remove_haproxy_folder() -> None:
