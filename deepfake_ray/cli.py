@@ -94,8 +94,10 @@ says what and how to fix it); 1 anything else; 130 Ctrl-C; 143 SIGTERM, 129 SIGH
 'deepfake-ray COMMAND --help' for a command's options; README.md is the guide;
 docs/configuration.md lists every config key."""
 # what --set's help shows: a key the command reads (tune refuses detector.lr: it sweeps it)
-SET_EXAMPLE = {"tune": "tune.epochs=3", "score": "serve.score_batch_size=64", "serve": "serve.max_replicas=2",
-               "report": None}
+SET_EXAMPLE = {"pipeline": "gan.epochs=20", "prepare": "data.resolution=128", "train-gan": "gan.epochs=20",
+               "generate": "gan.generate_batch_size=128", "train-detector": "detector.lr=3e-4",
+               "tune": "tune.epochs=3", "evaluate": "serve.score_batch_size=64",
+               "score": "serve.score_batch_size=64", "serve": "serve.max_replicas=2", "report": None}
 
 
 class PrintVersion(argparse.Action):
@@ -142,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
                             "Presets says what each is for")
         c.add_argument("--config", metavar="FILE", help="YAML file layered over the preset (flags and --set "
                        "win over it), e.g. WORKDIR/config.yaml for that run's settings")
-        example = SET_EXAMPLE.get(name, "detector.lr=3e-4")
+        example = SET_EXAMPLE[name]
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key (repeatable; wins over --config and flags)"
                             + (f", e.g. --set {example}" if example else "") + "; every key: docs/configuration.md")
@@ -522,7 +524,7 @@ def configure_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="deepfake_ray.escape", line_buffering=True)
-    if "NO_COLOR" in os.environ or not sys.stdout.isatty():
+    if "NO_COLOR" in os.environ or not (sys.stdout and sys.stdout.isatty()):  # None: run with >&-
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
 
 
@@ -538,9 +540,9 @@ def execute(args: argparse.Namespace) -> int:
 
         if args.command not in NO_RAY:  # first: the checks below read those paths too
             check_utf8(args)
+        check_paths_outside_job_code(args, cfg)
         if args.command not in NO_WORKDIR:  # score and serve have none: runs/demo is not theirs
             storage.check_workdir(cfg.workdir)
-        check_paths_outside_job_code(args, cfg)
         if args.command in WRITERS:
             sources.check_no_foreign_stage_folders(cfg.workdir, args.command)
 
@@ -583,7 +585,7 @@ def execute(args: argparse.Namespace) -> int:
         if args.command not in NO_RAY:
             start_ray(args.address)
         if args.command in WRITERS and args.command not in NO_RAY:
-            runtime.check_shared(cfg.workdir, source_read(args.command, cfg))
+            runtime.check_shared(cfg.workdir, source_to_read(args, cfg))
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
@@ -598,6 +600,18 @@ def source_read(command: str, cfg) -> str | None:
 
     source = cfg.data.source.strip()
     return source if command in ("prepare", "pipeline") and sources.kind(source) == "path" else None
+
+
+def source_to_read(args: argparse.Namespace, cfg) -> str | None:
+    """source_read, unless the pipeline skips prepare: a source gone since (unmounted, on
+    the old head) must not stop the stages after it."""
+    from deepfake_ray import lineage
+    from deepfake_ray.data import prepare
+
+    source = source_read(args.command, cfg)
+    if source and args.command == "pipeline" and not args.force and lineage.current(cfg, prepare.STAGE):
+        return None
+    return source
 
 
 def check_paths_outside_job_code(args: argparse.Namespace, cfg) -> None:
@@ -679,12 +693,13 @@ def shown(text: str) -> str:
     return storage.shown(text)
 
 
-def console_main() -> None:
+def console_main(exits: bool | None = True) -> None:
     """The `deepfake-ray` console script: the process ends with the command. Output piped
     into a reader that has gone (`| head`) ends it quietly, as SIGPIPE ends a Unix tool,
-    not with Python's "Exception ignored ... BrokenPipeError" and exit 120."""
+    not with Python's "Exception ignored ... BrokenPipeError" and exit 120. `exits`: as
+    main takes it (None: `python -m deepfake_ray.cli`, which may run in IPython)."""
     try:
-        code = main(exits=True)
+        code = main(exits=exits)
         sys.stdout.flush()
     except BrokenPipeError:
         if not stdout_reader_gone():
@@ -701,7 +716,7 @@ def stdout_reader_gone() -> bool:
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (a notebook's stdout has no fd)
         return False
 
@@ -793,4 +808,4 @@ def failure_line(command: str, e: BaseException, seconds: float) -> str:
 
 
 if __name__ == "__main__":  # `python -m deepfake_ray.cli`, or IPython's `%run -m`
-    sys.exit(main())
+    console_main(exits=None)

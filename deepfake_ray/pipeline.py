@@ -112,7 +112,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         try:
             made = done if skipped else step.run(cfg, force=force)  # its marker's summary (report: None)
         except BaseException as e:
-            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or SIGTERM: no cause to fix
+            # Ctrl-C or SIGTERM, or the reader of the output gone (`| head`): no cause to fix
+            stopped = isinstance(e, (KeyboardInterrupt, BrokenPipeError))
             entry.update(status="interrupted" if stopped else "failed", seconds=round(time.monotonic() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)

@@ -444,10 +444,10 @@ def on_cluster() -> bool:
 
 
 def driver_files_need_copying(workdir: str) -> bool:
-    """Whether files on this driver's disk (a local data source, pretrained weights) must
-    be copied into the work directory for tasks and workers to read them: on a cluster,
-    which runs them on other machines, with an s3:// work directory, which every node
-    reads. (A local work directory on a cluster must be shared, and so must such files.)"""
+    """Whether a local data source on this driver's disk must be copied into the work
+    directory for tasks to read it: on a cluster, which runs them on other machines, with
+    an s3:// work directory, which every node reads. (A local work directory on a cluster
+    must be shared, and so must a local source: check_shared says so when it is not.)"""
     from deepfake_ray import storage
 
     return not in_process() and storage.is_s3(workdir)
@@ -479,7 +479,8 @@ def check_shared(workdir: str, source: str | None = None) -> None:
     local = {} if storage.is_s3(workdir) else {  # else a local source is copied to S3 first
         flag: storage.normalize(path) for flag, path in (("--workdir", workdir), ("data.source", source))
         if path and not storage.is_s3(path)}
-    nodes = [n for n in ray.nodes() if n["Alive"]] if on_cluster() else []
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))
+             ] if on_cluster() else []  # a head of 0 CPUs runs no task of ours
     if not nodes or not (uses_s3 or (local and len(nodes) > 1)):  # one machine shares its disk with itself
         return
     probe = None
@@ -499,21 +500,48 @@ def check_shared(workdir: str, source: str | None = None) -> None:
                              "every node mounts at the same path (NFS)")
     ours = storage.s3_endpoint()
     if uses_s3 and (other := [f"{node} uses {storage.without_password(e) if e else 'AWS S3'}"
-                              for node, (_, e) in views.items() if e != ours]):
+                              for node, (_, e) in views.items() if store(e) != store(ours)]):
         raise UsageError(f"this command uses the S3 endpoint {storage.without_password(ours) if ours else 'of AWS S3'}, "
                          f"but {'; '.join(other)}: set the same AWS_ENDPOINT_URL (or ~/.aws/config) where "
                          "each node's `ray start` runs, or submit the command as a job with it in its runtime_env")
 
 
+def store(endpoint: str | None) -> tuple | None:
+    """An S3 endpoint as the store it names: `http://MinIO:9000/` and `http://minio:9000`
+    are one, whoever's credentials are in it."""
+    if not endpoint:
+        return None
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    scheme = url.scheme.lower()
+    return scheme, (url.hostname or "").lower(), url.port or {"http": 80, "https": 443}.get(scheme), url.path.rstrip("/")
+
+
 def node_views(nodes: list[dict], paths: list[str]) -> dict[str, tuple[list[bool], str | None]]:
-    """node_view on each of `nodes`, by "IP (node id)"; a node that does not answer within
-    30 s (a job's first task there unpacks its working_dir) is left out, not waited for."""
+    """node_view on each of `nodes`, by "IP (node id)". A node that fails the task (it
+    died, is draining, cannot set up a job's runtime_env) or does not answer within 30 s
+    (a job's first task there unpacks its working_dir) is left out, and said to be."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     refs = [node_view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(paths) for n in nodes]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30)
-    return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": ray.get(r) for n, r in zip(nodes, refs) if r in ready}
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=30)
+    for ref in pending:
+        ray.cancel(ref)
+    views, unchecked = {}, []
+    for node, ref in zip(nodes, refs):
+        name = f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+        try:
+            if ref not in ready:
+                raise TimeoutError
+            views[name] = ray.get(ref)
+        except (ray.exceptions.RayError, TimeoutError):
+            unchecked.append(name)
+    if unchecked:
+        print(f"note: {', '.join(unchecked)} did not answer whether it sees this command's files and S3 "
+              "store, and is not checked", flush=True)
+    return views
 
 
 def cpu_bound_slots(cpus_per_task: float) -> int | None:

@@ -78,22 +78,16 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     """WORKDIR/RUN_NAME, where WORKDIR is what `deepfake-ray` would use without a run name
     (None for score, which has no work directory)."""
     if command not in cli.WRITERS:  # score: writes to --out, not to a work directory
-        for flag in ("--model", "--input", "--out"):
-            cli.check_outside_job_code(getattr(args, flag[2:]), flag)
         return None
     if args.run_name is not None and not RUN_NAME.match(args.run_name):
         raise UsageError(f"--run-name '{args.run_name}' must be letters, digits, '.', '_' or '-' "
                          "(no '/'), e.g. --run-name r1")
     from deepfake_ray import storage
-    from deepfake_ray.data import sources
 
     args.command = command
     cfg = cli.build_config(args)  # the preset/config default when --workdir is absent
-    workdir = storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
-    cli.check_outside_job_code(workdir, "--workdir")
-    if sources.kind(cfg.data.source.strip()) == "path":  # not sample[:N] or kaggle[:NAME]
-        cli.check_outside_job_code(cfg.data.source, "data.source")
-    return workdir
+    # deepfake-ray checks it, and the source, against the job's copy of the code
+    return storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
 
 
 def main(command: str, script: str, argv: list[str] | None = None) -> int:

@@ -382,3 +382,13 @@ def test_a_node_that_sees_other_files_or_another_s3_store_is_refused(two_machine
     assert done.returncode == 0, done.stderr[-3000:]
     assert (shared / "data" / "manifest.parquet").exists()
     assert not [n for n in os.listdir(shared) if n.startswith(".shared-check")]  # the probe is gone
+
+
+def test_one_s3_store_is_one_whatever_the_form_of_its_endpoint():
+    """A node's AWS_ENDPOINT_URL written with a trailing slash, another letter case or the
+    scheme's own port is the driver's store; another host or port is another store."""
+    same = ["http://minio:9000", "http://MinIO:9000/", "HTTP://minio:9000", "http://key:secret@minio:9000"]
+    assert len({runtime.store(e) for e in same}) == 1
+    assert runtime.store("https://s3.example.com") == runtime.store("https://s3.example.com:443/")
+    assert runtime.store("http://minio:9001") != runtime.store("http://minio:9000")
+    assert runtime.store(None) is None and runtime.store("") is None  # AWS S3 itself

@@ -705,14 +705,12 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
-        ours = app.deployed_time("rolled")
+        assert app.deployed_from("rolled") == "imperative"  # as deepfake-ray serve deploys: drain deletes it
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [{
             "name": "rolled", "route_prefix": "/rolled", "import_path": "deepfake_ray.serving.app:build_app",
             "args": {"model": model, "preset": "tiny", "model_id": retrained}}]}))  # as `serve deploy`
-        app.drain(ours, "rolled")
-        assert "rolled" in serve.status().applications
-        app.drain(app.deployed_time("rolled"), "rolled")  # its own: deleted
-        assert "rolled" not in serve.status().applications
+        app.drain("rolled")
+        assert app.deployed_from("rolled") == "declarative" and "rolled" in serve.status().applications
     finally:
         with contextlib.suppress(Exception):
             serve.delete("rolled")

@@ -269,20 +269,23 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
           f"(model {summary['model_id']})")
     if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
         warn(warning)
-    if warning := diverged_late(storage.read_json(history_uri), meta):
+    if warning := diverged_late(storage.read_json(history_uri), meta, tuned=bool((extra or {}).get("tuned"))):
         warn(warning)
     return summary
 
 
-def diverged_late(history: list[dict], meta: dict) -> str | None:
+def diverged_late(history: list[dict], meta: dict, tuned: bool = False) -> str | None:
     """A warning when training stopped at a diverged epoch (the loop's own stop) after
-    finite ones: the model published is the best before it, not the last asked for."""
+    finite ones: the model published is the best before it, not the last asked for.
+    `tuned`: it is a sweep's best trial, whose rate the sweep drew."""
     last = history[-1] if history else {}
     if math.isfinite(last.get("train_loss", 0.0)):
         return None
-    return (f"train-detector: warning: training diverged at epoch {last['epoch'] + 1} and stopped "
-            f"there; the model is epoch {meta['epoch'] + 1}'s, the best before it; to do better, "
-            f"{lower_rate(meta)}")
+    lr = float(meta.get("lr") or 0)
+    fix = (f"sweep lower rates: deepfake-ray tune --force --set tune.lr_max={lr / 10:g}" if tuned else
+           lower_rate(meta))
+    return (f"{'tune' if tuned else 'train-detector'}: warning: training diverged at epoch {last['epoch'] + 1} "
+            f"and stopped there; the model is epoch {meta['epoch'] + 1}'s, the best before it; to do better, {fix}")
 
 
 def check_converged(meta: dict, history_uri: str) -> None:

@@ -221,7 +221,8 @@ def train_loop(config: dict) -> None:
             lines, warned = epoch_lines(metrics, cfg.gan.epochs, left, warned)
             for line in lines:
                 training.say(line)
-        training.report_epoch(epoch, metrics, state_of(run, epoch) if save else None)
+        # a diverged epoch is not kept: a rerun resumed from it would export its NaN generator
+        training.report_epoch(epoch, metrics, state_of(run, epoch) if save and not diverged(metrics) else None)
         if diverged(metrics):  # NaN weights stay NaN: the epochs left would draw black squares
             if training.rank() == 0:  # the means are reduced over workers: each stops here
                 training.say(f"train-gan: diverged at epoch {epoch + 1} (G loss {metrics['g_loss']}, "

@@ -495,13 +495,12 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     model_id = checkpoint.model_id(checkpoint.load_meta(storage.normalize(model)))
     host, port = cfg.serve.host, cfg.serve.port
     url = f"http://{host}:{port}"
-    started, deployed_at = time.time(), None
+    started = time.time()
     if not runtime.in_process():  # before anything is replaced, or deleted on the way out
         check_not_served_already()
     try:
         start_serve(host, port)
         deploy(app)
-        deployed_at = deployed_time(APP_NAME)
         print(f"serving {model_id} at {url}  (POST {url}/v1/detect, docs {url}/docs; "
               f"{runtime.serve_ingress()} ingress; ready in {time.time() - started:.0f}s; "
               "Ctrl-C stops)", flush=True)
@@ -510,13 +509,13 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
         print(f"stopping the service: answering the requests in flight (at most "
               f"{DRAIN_TIMEOUT_S:.0f} s)...", flush=True)
-        drain(deployed_at)
+        drain()
     finally:
         try:
             if runtime.in_process():
                 serve.shutdown()
             else:  # this application alone: a cluster's Serve, and what else it serves, stay
-                drain(deployed_at)
+                drain()
         finally:  # a Ctrl-C during the shutdown too
             remove_haproxy_folder()
     return {"url": url, "model": model_id}
@@ -607,26 +606,30 @@ def proxies_healthy() -> bool:
     return bool(proxies) and all(status == "HEALTHY" for status in proxies.values())
 
 
-def drain(deployed_at: float | None = None, name: str = APP_NAME) -> None:
+def drain(name: str = APP_NAME) -> None:
     """Stop taking requests and answer those in flight, before serve.shutdown: that kills
     HAProxy (SIGKILL) at once, beside the replicas' own graceful stop, so every connection
     still open was reset (28 of 60 uploads in flight). Deleting the application first
     takes its route away and lets each replica finish its requests (within
     graceful_shutdown_timeout_s) while HAProxy, or Serve's proxy, still relays them.
-    `deployed_at`: when this command deployed it; one deployed anew since (`serve deploy`,
-    a RayService taking the name over) is another's, and is left serving."""
+    One deployed from a config since (`serve deploy`, a RayService taking the name over)
+    is the platform's, not this command's (which deploys from Python): it is left serving."""
     with contextlib.suppress(RayServeException):  # stopped before Serve had started: nothing to drain
-        if deployed_at is not None and deployed_time(name) not in (None, deployed_at):
-            print(f"note: the application {name} was deployed anew since this command deployed it "
-                  "(serve deploy, a RayService): it is left serving", flush=True)
+        if deployed_from(name) == "declarative":
+            print(f"note: the application {name} was deployed from a config since this command "
+                  "deployed it (serve deploy, a RayService): it is left serving", flush=True)
             return
         serve.delete(name)
 
 
-def deployed_time(name: str) -> float | None:
-    """When the application `name` was last deployed, as Serve records it (None: none)."""
-    application = serve.status().applications.get(name)
-    return application.last_deployed_time_s if application else None
+def deployed_from(name: str) -> str | None:
+    """How the application `name` was deployed, as Serve records it: "imperative" (from
+    Python, as this command does), "declarative" (a config), or None (no such app)."""
+    from ray.serve.context import _get_global_client
+
+    application = _get_global_client().get_serve_details().get("applications", {}).get(name)
+    source = application.get("source") if application else None
+    return getattr(source, "value", source)  # an APIType, or its value once serialized
 
 
 def remove_haproxy_folder() -> None:
