@@ -521,10 +521,14 @@ def configure_output() -> None:
     import codecs
 
     codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
+    for name, fd in (("stdout", 1), ("stderr", 2)):  # closed (`>&-`): Python's is None, and the
+        if getattr(sys, name) is None:  # next file opened would take the fd Ray's processes inherit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+            setattr(sys, name, open(fd, "w", closefd=False))
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="deepfake_ray.escape", line_buffering=True)
-    if "NO_COLOR" in os.environ or not (sys.stdout and sys.stdout.isatty()):  # None: run with >&-
+    if "NO_COLOR" in os.environ or not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
 
 

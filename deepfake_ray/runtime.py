@@ -480,8 +480,10 @@ def check_shared(workdir: str, source: str | None = None) -> None:
         flag: storage.normalize(path) for flag, path in (("--workdir", workdir), ("data.source", source))
         if path and not storage.is_s3(path)}
     nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))
-             ] if on_cluster() else []  # a head of 0 CPUs runs no task of ours
-    if not nodes or not (uses_s3 or (local and len(nodes) > 1)):  # one machine shares its disk with itself
+             ] if on_cluster() else []  # a head of 0 CPUs runs no task of ours, but may run the driver
+    here = ray.get_runtime_context().get_node_id() if nodes else None
+    elsewhere = [n for n in nodes if n["NodeID"] != here]  # this machine shares its disk with itself
+    if not nodes or not (uses_s3 or (local and elsewhere)):
         return
     probe = None
     if "--workdir" in local:
@@ -513,9 +515,12 @@ def store(endpoint: str | None) -> tuple | None:
         return None
     from urllib.parse import urlsplit
 
-    url = urlsplit(endpoint)
-    scheme = url.scheme.lower()
-    return scheme, (url.hostname or "").lower(), url.port or {"http": 80, "https": 443}.get(scheme), url.path.rstrip("/")
+    try:
+        url = urlsplit(endpoint)
+        scheme = url.scheme.lower()
+        return scheme, (url.hostname or "").lower(), url.port or {"http": 80, "https": 443}.get(scheme), url.path.rstrip("/")
+    except ValueError:  # a port that is no number: compared as written
+        return (endpoint.lower().rstrip("/"),)
 
 
 def node_views(nodes: list[dict], paths: list[str]) -> dict[str, tuple[list[bool], str | None]]:

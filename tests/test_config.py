@@ -642,3 +642,13 @@ def test_every_config_key_is_documented_with_its_default_and_the_presets_values(
         assert (default, by_preset) == (shown(value(defaults)), " / ".join(shown(value(p)) for p in presets)), name
         assert what, name
     assert len(rows) == len(keys)  # no key documented that is gone
+
+
+def test_a_command_run_with_its_output_closed_runs_all_the_same(tmp_path):
+    """`deepfake-ray prepare ... >&-` (a cron line, a daemon): Python's stdout was None, and
+    the first look at it (is it a terminal?) was a traceback."""
+    workdir = tmp_path / "w"
+    ended = command_process("", "prepare", "--preset", "tiny", "--source", "sample:20", "--workdir", str(workdir),
+                            stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    assert ended.returncode == 0 and b"Traceback" not in ended.stderr, ended.stderr[-2000:]
+    assert (workdir / "data" / "manifest.parquet").exists()

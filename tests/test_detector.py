@@ -822,7 +822,7 @@ def test_a_training_that_diverged_after_a_good_epoch_publishes_that_epoch_and_sa
     assert storage.exists(storage.join(run, "model", checkpoint.META))
     history = storage.read_json(storage.join(run, "history.json"))  # a sweep's best trial: tune refuses detector.lr
     assert train.diverged_late(history, {"lr": 0.01, "epoch": 0}, tuned=True).endswith(
-        "to do better, sweep lower rates: deepfake-ray tune --force --set tune.lr_max=0.001")
+        "to do better, sweep lower rates: deepfake-ray tune --force --set tune.lr_min=1e-05 --set tune.lr_max=0.001")
 
 
 def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_cfg, capsys, monkeypatch):

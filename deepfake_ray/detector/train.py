@@ -282,8 +282,8 @@ def diverged_late(history: list[dict], meta: dict, tuned: bool = False) -> str |
     if math.isfinite(last.get("train_loss", 0.0)):
         return None
     lr = float(meta.get("lr") or 0)
-    fix = (f"sweep lower rates: deepfake-ray tune --force --set tune.lr_max={lr / 10:g}" if tuned else
-           lower_rate(meta))
+    fix = (f"sweep lower rates: deepfake-ray tune --force --set tune.lr_min={lr / 1000:g} "
+           f"--set tune.lr_max={lr / 10:g}" if tuned else lower_rate(meta))
     return (f"{'tune' if tuned else 'train-detector'}: warning: training diverged at epoch {last['epoch'] + 1} "
             f"and stopped there; the model is epoch {meta['epoch'] + 1}'s, the best before it; to do better, {fix}")
 

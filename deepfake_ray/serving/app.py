@@ -615,7 +615,7 @@ def drain(name: str = APP_NAME) -> None:
     One deployed from a config since (`serve deploy`, a RayService taking the name over)
     is the platform's, not this command's (which deploys from Python): it is left serving."""
     with contextlib.suppress(RayServeException):  # stopped before Serve had started: nothing to drain
-        if deployed_from(name) == "declarative":
+        if not runtime.in_process() and deployed_from(name) == "declarative":  # in-process: all goes
             print(f"note: the application {name} was deployed from a config since this command "
                   "deployed it (serve deploy, a RayService): it is left serving", flush=True)
             return
