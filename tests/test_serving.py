@@ -21,7 +21,7 @@ import ray
 import yaml
 from PIL import Image
 
-from deepfake_ray import checkpoint, cli, config, storage
+from deepfake_ray import checkpoint, cli, config, runtime, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
@@ -658,7 +658,7 @@ def test_a_batch_of_small_images_decodes_on_the_event_loop_no_more_than_one_imag
 
 
 def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_start(
-        service, model_dir, tmp_path):
+        service, model_dir, tmp_path, monkeypatch):
     """Serve rebuilds an application only when its config changes: a model retrained in
     place would reach the replicas started later (a scale-up, a restart) while the first
     kept the old one. Such a replica refuses to start, and says how to roll the new one out."""
@@ -709,6 +709,7 @@ def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_s
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [{
             "name": "rolled", "route_prefix": "/rolled", "import_path": "deepfake_ray.serving.app:build_app",
             "args": {"model": model, "preset": "tiny", "model_id": retrained}}]}))  # as `serve deploy`
+        monkeypatch.setattr(runtime, "in_process", lambda: False)  # the session's Ray as a cluster's
         app.drain("rolled")
         assert app.deployed_from("rolled") == "declarative" and "rolled" in serve.status().applications
     finally:
