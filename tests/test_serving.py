@@ -1104,7 +1104,6 @@ def test_a_retried_scoring_task_skips_the_crashing_file_in_its_later_batches_too
     """Over 6,400 files a scoring task decodes many batches, a call of read_and_decode
     each. A retry's first batch must not forget the file an earlier try died on in its
     second: every try died there again, and the whole score with them."""
-    from deepfake_ray import runtime
     from deepfake_ray.data import crashes
     from deepfake_ray.serving import score
     from tests.images import crashing_jpeg
