@@ -757,16 +757,7 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         sig = stop_signal(e)
-        stopped = f"stopped ({signal.Signals(sig).name})" if sig else "interrupted"
-        if args.command == "score":  # its parts are kept, --force or not
-            said = f"{stopped}; run the same command again: it resumes from the parts it finished"
-        elif args.force and stage_changes() == changes:  # the complete stages are still the old ones
-            said = f"{stopped} before anything was replaced; run the same command again"
-        else:
-            again = "the same command again" if not args.force else "it again without --force (which starts over)"
-            said = f"{stopped}; run {again}"
-            if args.command in WRITERS:  # serve and report have no stages to skip
-                said += ": finished stages are skipped and a training resumes from its last checkpoint"
+        said = stopped_line(args, sig, replaced=stage_changes() != changes)
         code = 128 + sig if sig else 130
         if exits:
             quiet_ray_output()
@@ -793,6 +784,21 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         print(redacted(traceback.format_exc()), end="", file=sys.stderr)  # botocore quotes the endpoint
         print(failure_line(args.command, e, time.monotonic() - started), file=sys.stderr)
         return 1
+
+
+def stopped_line(args: argparse.Namespace, sig: int | None, replaced: bool) -> str:
+    """What a stopped command says after its name: how it stopped, and what to run to
+    resume. `replaced`: a stage's output changed (before that, a --force run is still
+    needed)."""
+    stopped = f"stopped ({signal.Signals(sig).name})" if sig else "interrupted"
+    if args.command == "score":  # its parts are kept, --force or not
+        return f"{stopped}; run the same command again: it resumes from the parts it finished"
+    if args.force and not replaced:  # the complete stages are still the old ones
+        return f"{stopped} before anything was replaced; run the same command again"
+    again = "the same command again" if not args.force else "it again without --force (which starts over)"
+    if args.command not in WRITERS:  # serve and report have no stages to skip
+        return f"{stopped}; run {again}"
+    return f"{stopped}; run {again}: finished stages are skipped and a training resumes from its last checkpoint"
 
 
 def in_stage(e: BaseException) -> str:
