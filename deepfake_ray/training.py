@@ -359,11 +359,13 @@ def wait_until_registered(epoch: int, timeout_s: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def say(line: str) -> None:
+def say(line: str, warning: bool = False) -> None:
     """One line to the driver's console. Ray Train patches print() in workers to log
-    AND echo, which shows every line twice; writing to stdout shows it once."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    AND echo, which shows every line twice; writing to stdout shows it once. A warning
+    goes to stderr, as the driver's own warnings do."""
+    stream = sys.stderr if warning else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def time_left(elapsed: float, epochs_done: int, epochs_left: int) -> str:

@@ -220,7 +220,7 @@ def train_loop(config: dict) -> None:
             left = training.time_left(time.monotonic() - session_started, epoch - first + 1, cfg.gan.epochs - epoch - 1)
             lines, warned = epoch_lines(metrics, cfg.gan.epochs, left, warned)
             for line in lines:
-                training.say(line)
+                training.say(line, warning=": warning:" in line)
         # a diverged epoch is not kept: a rerun resumed from it would export its NaN generator
         training.report_epoch(epoch, metrics, state_of(run, epoch) if save and not diverged(metrics) else None)
         if diverged(metrics):  # NaN weights stay NaN: the epochs left would draw black squares
