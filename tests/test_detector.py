@@ -786,6 +786,7 @@ def test_a_sweep_publishes_its_trial_of_the_highest_roc_auc_one_that_failed_only
     rows = tune.collect(cfg, results)
     assert list(rows["trial_id"]) == ["t1", "t0", "t2"] and list(rows["status"]) == ["ok", "ok", "error"]
     assert list(rows["stopped_early"]) == [True, False, False]  # of 3 epochs
+    assert rows["diverged_at"].tolist()[1] == 2 and rows["diverged_at"].isna().tolist() == [True, False, True]
     with open(os.path.join(tune.tune_dir(cfg.workdir), "results.csv")) as f:
         assert [r["trial_id"] for r in csv.DictReader(f)] == ["t1", "t0", "t2"]
 

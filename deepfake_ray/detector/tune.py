@@ -298,7 +298,7 @@ def drop_trial_checkpoints(workdir: str) -> int:
     return dropped
 
 
-COLUMNS = ["trial_id", "lr", "status", "epochs_run", "stopped_early", "best_epoch", "val_auc",
+COLUMNS = ["trial_id", "lr", "status", "epochs_run", "stopped_early", "diverged_at", "best_epoch", "val_auc",
            "val_loss", "val_acc", "threshold", "error"]
 
 
@@ -349,9 +349,13 @@ def trial_row(cfg: Config, result) -> dict:
     m = meta["metrics"]
     diverged = m["val_auc"] != m["val_auc"]  # NaN: even its best epoch's scores were not finite
     status = "error" if error else "diverged" if diverged else "ok"
-    return {"trial_id": trial_id, "lr": meta["lr"], "status": status,
-            "epochs_run": len(history), "stopped_early": not error and len(history) < cfg.tune.epochs
-                                                         and math.isfinite(history[-1].get("train_loss", 0.0)),  # by ASHA
+    # the epoch (from 1) whose loss was not a number, where the trial stopped: its best
+    # epoch came before it
+    last = history[-1] if history else {}
+    diverged_at = last["epoch"] + 1 if not math.isfinite(last.get("train_loss", 0.0)) else None
+    return {"trial_id": trial_id, "lr": meta["lr"], "status": status, "epochs_run": len(history),
+            "stopped_early": not error and len(history) < cfg.tune.epochs and diverged_at is None,  # by ASHA
+            "diverged_at": diverged_at,
             "best_epoch": meta["epoch"] + 1,  # 1-based, as train-detector prints it
             "val_auc": m["val_auc"], "val_loss": m["val_loss"],
             "val_acc": m["val_acc"], "threshold": meta["threshold"], "error": error}
