@@ -352,14 +352,17 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
             "a part header of 40,000 semicolons": "a multipart part's headers are too long",
             "a part's Content-Type of 8,000 semicolons (parsed as the body is split)":
                 "a multipart part's headers are too long"}
+    model = httpx.get(f"{service}/v1/model", timeout=30).json()["model"]
     for what, send, status in cases:
         response = send()
         assert response.status_code == status, (what, response.status_code, response.text)
+        assert response.headers["x-model-id"] == model, what  # an error's JSON names no model
         assert says.get(what, "") in response.text, (what, response.text)
         assert response.headers["content-type"].startswith("application/json"), what
         assert response.json()["error"], what
         assert httpx.get(f"{service}/healthz", timeout=30).status_code == 200, what
-    assert detect(service, JPEG).json()["p_fake"] >= 0.0
+    scored = detect(service, JPEG)
+    assert scored.json()["p_fake"] >= 0.0 and scored.headers["x-model-id"] == scored.json()["model"] == model
     assert "not a JPEG, PNG, WebP, GIF, BMP or TIFF file" in detect(service, BAD["notes.jpg"]).json()["error"]
     for probed in ("/healthz", "/v1/model"):  # a monitor's HEAD was a 405
         assert httpx.head(f"{service}{probed}", timeout=30).status_code == 200, probed

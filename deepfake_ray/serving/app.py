@@ -106,6 +106,7 @@ def check_same_model(predictor: Predictor, deployed: str | None) -> None:
 api = FastAPI(title="deepfake-ray detector", redirect_slashes=False,
               description="Is this face image GAN-generated? p_fake is the model's probability.")
 http.install_error_handlers(api)
+api.add_middleware(http.ModelHeader)
 
 
 @serve.deployment(name="Detector")
@@ -118,6 +119,7 @@ class Detector:
         self.predictor = Predictor(model, max_pixels=max_pixels, threads=threads,
                                    device=runtime.assigned_device())
         check_same_model(self.predictor, model_id)
+        http.ModelHeader.answering = self.predictor.model_id
         p = self.predictor
         self.helpers = isolation.DecodeHelpers(max(1, threads), p.resolution, p.max_pixels, p.quality) \
             if isolate_decoding else None

@@ -26,6 +26,30 @@ log = logging.getLogger("ray.serve")
 EMAIL = BytesParser(policy=policy.HTTP)  # holds no state between parses
 
 
+class ModelHeader:
+    """ASGI middleware: every answer of this replica carries `X-Model-Id`, the model it
+    serves (`answering`, set as the replica starts), so that an error, whose JSON names
+    none, can be told apart during a rollout. Pure ASGI: Starlette's BaseHTTPMiddleware
+    would sit between the routes and the request bodies they stream."""
+
+    answering: str | None = None  # one replica per process: its model's id
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not ModelHeader.answering:
+            return await self.app(scope, receive, send)
+
+        async def with_model(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-model-id", ModelHeader.answering.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, with_model)
+
+
 class ApiError(Exception):
     """A client error: answered as `status` with JSON {"error": message} (and `headers`)."""
 
