@@ -19,7 +19,7 @@ import time
 
 import deepfake_ray
 from deepfake_ray.errors import (Terminated, UsageError, disk_full, find_error, find_usage_error, note_sigterm,
-                                 out_of_memory, stop_signal)
+                                 out_of_memory, stdout_reader_gone, stop_signal, to_devnull)
 
 # command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
 COMMANDS = {
@@ -523,7 +523,7 @@ def configure_output() -> None:
     codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
     for name, fd in (("stdout", 1), ("stderr", 2)):  # closed (`>&-`): Python's is None, and the
         if getattr(sys, name) is None:  # next file opened would take the fd Ray's processes inherit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+            to_devnull(fd)
             setattr(sys, name, open(fd, "w", closefd=False))
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -588,7 +588,7 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         if args.command not in NO_RAY:
             start_ray(args.address)
-        if args.command in WRITERS and args.command not in NO_RAY:
+        if args.command in WRITERS:
             runtime.check_shared(cfg.workdir, source_to_read(args, cfg))
         if args.command in WRITERS and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
@@ -712,23 +712,10 @@ def console_main(exits: bool | None = True) -> None:
     sys.exit(code)
 
 
-def stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reader has closed it: a BrokenPipeError may also be
-    a socket's (S3, Ray), which must not pass for the quiet end of `| head`."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll (a notebook's stdout has no fd)
-        return False
-
-
 def reader_gone() -> int:
     """Exit code 141 (128 + SIGPIPE), stdout pointed at /dev/null: the interpreter's last
     flush would raise again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    to_devnull(sys.stdout.fileno())
     return 128 + signal.SIGPIPE
 
 

@@ -67,12 +67,31 @@ def note_sigterm(signum: int = signal.SIGTERM) -> bool:
 def detach_from_terminal() -> None:
     """After SIGHUP the terminal is gone, and a line written to it fails (EIO), replacing
     the stop with that error: what would go there goes nowhere (a log file stays)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         with contextlib.suppress(OSError):
             if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal, not a file or a pipe
-                os.dup2(devnull, fd)
-    os.close(devnull)
+                to_devnull(fd)
+
+
+def to_devnull(fd: int) -> None:
+    """Point `fd` at /dev/null: what is written there goes nowhere, without an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`| head`): a BrokenPipeError
+    may also be a socket's (S3, Ray), which must not pass for that quiet end."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (a notebook's stdout has no fd)
+        return False
 
 
 def stop_signal(stop: KeyboardInterrupt) -> int | None:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, stdout_reader_gone
 
 
 SCORE = lineage.Stage("score", "score", ("data", "fakes", "detector"), describe=lambda d: d["scores"])
@@ -80,12 +80,6 @@ def preflight(cfg: Config, force: bool = False, **_) -> None:
         detector_train.check_pretrained_file(cfg)
 
 
-def reader_gone() -> bool:
-    from deepfake_ray import cli
-
-    return cli.stdout_reader_gone()
-
-
 def resume_hint(cfg: Config, command: str, force: bool, replaced: bool) -> str:
     """What to run after a stage failed. `replaced`: a stage's output changed in this run
     (a --force run that has replaced nothing yet is still needed, and config.yaml, put
@@ -119,7 +113,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             made = done if skipped else step.run(cfg, force=force)  # its marker's summary (report: None)
         except BaseException as e:
             # Ctrl-C or SIGTERM, or the reader of the output gone (`| head`): no cause to fix
-            stopped = isinstance(e, KeyboardInterrupt) or (isinstance(e, BrokenPipeError) and reader_gone())
+            stopped = isinstance(e, KeyboardInterrupt) or (isinstance(e, BrokenPipeError) and stdout_reader_gone())
             entry.update(status="interrupted" if stopped else "failed", seconds=round(time.monotonic() - started, 1))
             record["stages"].append(entry)
             storage.write_json(timings_uri, record)

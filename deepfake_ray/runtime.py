@@ -537,11 +537,10 @@ def node_views(nodes: list[dict], paths: list[str]) -> dict[str, tuple[list[bool
     views, unchecked = {}, []
     for node, ref in zip(nodes, refs):
         name = f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
-        try:
-            if ref not in ready:
-                raise TimeoutError
-            views[name] = ray.get(ref)
-        except (ray.exceptions.RayError, TimeoutError):
+        if ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                views[name] = ray.get(ref)
+        if name not in views:
             unchecked.append(name)
     if unchecked:
         print(f"note: {', '.join(unchecked)} did not answer whether it sees this command's files and S3 "

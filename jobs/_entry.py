@@ -29,13 +29,13 @@ from deepfake_ray.errors import UsageError  # noqa: E402
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def parser(command: str, script: str) -> argparse.ArgumentParser:
-    """The CLI's own parser for `command`, renamed to the script and given --run-name."""
+def parser(command: str, script: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's own parser for `command`, renamed to the script and given --run-name;
+    `description`: the script's docstring (what it is for, how `ray job submit` runs it)."""
     p = cli.parser().commands[command]
     p.prog = f"python jobs/{script}"
-    # the script's docstring: what it is for, and how `ray job submit` runs it
-    p.description = sys.modules["__main__"].__doc__ if script_is_main(script) else p.description
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    if description:
+        p.description, p.formatter_class = description, argparse.RawDescriptionHelpFormatter
     for action in p._actions:
         if action.dest == "workdir" and action.help != argparse.SUPPRESS:  # runs/<preset>: in the code's copy
             action.help = ("s3://bucket/prefix, or a folder every node shares; a job submitted with "
@@ -44,13 +44,6 @@ def parser(command: str, script: str) -> argparse.ArgumentParser:
         p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
                        "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it")
     return p
-
-
-def script_is_main(script: str) -> bool:
-    """Whether this process runs jobs/`script` (not a test importing the parser)."""
-    main = sys.modules.get("__main__")
-    return bool(getattr(main, "__file__", None)) and os.path.basename(main.__file__) == script \
-        and bool(main.__doc__)
 
 
 def cli_argv(p: argparse.ArgumentParser, command: str, args: argparse.Namespace,
@@ -90,8 +83,8 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
     return storage.join(cfg.workdir, args.run_name) if args.run_name else cfg.workdir
 
 
-def main(command: str, script: str, argv: list[str] | None = None) -> int:
-    p = parser(command, script)
+def main(command: str, script: str, argv: list[str] | None = None, description: str | None = None) -> int:
+    p = parser(command, script, description)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)  # bad flags exit 2 here
     try:
         workdir = run_workdir(command, args)

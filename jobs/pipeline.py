@@ -11,4 +11,4 @@ import sys
 import _entry
 
 if __name__ == "__main__":
-    sys.exit(_entry.main("pipeline", "pipeline.py"))
+    sys.exit(_entry.main("pipeline", "pipeline.py", description=__doc__))

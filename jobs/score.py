@@ -14,4 +14,4 @@ import sys
 import _entry
 
 if __name__ == "__main__":
-    sys.exit(_entry.main("score", "score.py"))
+    sys.exit(_entry.main("score", "score.py", description=__doc__))

@@ -11,4 +11,4 @@ import sys
 import _entry
 
 if __name__ == "__main__":
-    sys.exit(_entry.main("train-gan", "train_gan.py"))
+    sys.exit(_entry.main("train-gan", "train_gan.py", description=__doc__))

@@ -10,4 +10,4 @@ import sys
 import _entry
 
 if __name__ == "__main__":
-    sys.exit(_entry.main("tune", "tune_lr.py"))
+    sys.exit(_entry.main("tune", "tune_lr.py", description=__doc__))

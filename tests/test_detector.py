@@ -814,7 +814,7 @@ def test_a_training_that_diverged_after_a_good_epoch_publishes_that_epoch_and_sa
     checkpoint.save_model(storage.join(run, "best"), {}, {
         "lr": 0.01, "epoch": 0, "threshold": 0.5, "metrics": good})
     storage.write_json(storage.join(run, "history.json"), [good, {**good, "epoch": 1, "train_loss": float("nan")}])
-    assert loop.diverged({"train_loss": float("nan")}) and not loop.diverged(good)
+    assert metrics.diverged({"train_loss": float("nan")}) and not metrics.diverged(good)
     train.publish(cfg, run, 1.0, {})
     out = capsys.readouterr().err  # with the errors, as every warning
     assert ("train-detector: warning: training diverged at epoch 2 and stopped there; the model is epoch 1's, "

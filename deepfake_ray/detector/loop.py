@@ -72,19 +72,16 @@ def train_loop(loop: dict) -> None:
         if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
             barrier()                 # may hold this epoch, and no checkpoint does
             training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
-        state = None if diverged(entry) else {  # a diverged epoch is not one to resume from
+        stop = metrics.diverged(entry)  # each epoch left would be wasted
+        state = None if stop else {  # a diverged epoch is not one to resume from
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": training.rng_state(), "history": history}
         training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)}, state)
-        if diverged(entry):  # AdamW keeps NaN weights NaN: each epoch left would be wasted
+        if stop:
             if training.rank() == 0:  # the loss is summed over workers: each stops here
                 training.say(f"{label}: diverged at epoch {epoch + 1} (train loss {entry['train_loss']}): "
                              "stopping; best/ keeps the best epoch before it")
             break
-
-
-def diverged(entry: dict) -> bool:
-    return not math.isfinite(entry["train_loss"])
 
 
 def setup(loop: dict, cfg, device: torch.device):

@@ -23,6 +23,12 @@ def roc_auc(labels: np.ndarray, p_fake: np.ndarray) -> float:
 NEAR_CHANCE_AUC = 0.55  # a ROC-AUC this low: the scores barely tell fakes from reals
 
 
+def diverged(epoch: dict) -> bool:
+    """Whether a history entry's training loss is not a number: the loop stops there (AdamW
+    keeps NaN weights NaN). An entry without one (an older history) did not."""
+    return not math.isfinite(epoch.get("train_loss", 0.0))
+
+
 def near_chance(command: str, what: str, auc: float) -> str | None:
     """A warning line for a detector whose ROC-AUC is at or near chance (0.5), below it
     (its scores inverted), or not a number, else None: a sweep published one of 0.50, a

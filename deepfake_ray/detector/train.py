@@ -279,7 +279,7 @@ def diverged_late(history: list[dict], meta: dict, tuned: bool = False) -> str |
     finite ones: the model published is the best before it, not the last asked for.
     `tuned`: it is a sweep's best trial, whose rate the sweep drew."""
     last = history[-1] if history else {}
-    if math.isfinite(last.get("train_loss", 0.0)):
+    if not metrics.diverged(last):
         return None
     lr = float(meta.get("lr") or 0)
     fix = (f"sweep lower rates: deepfake-ray tune --force --set tune.lr_min={lr / 1000:g} "

@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
-from deepfake_ray.detector import data, train
+from deepfake_ray.detector import data, metrics, train
 from deepfake_ray.errors import UsageError
 
 # A trial only drives its Train run: the workers hold the real resources. On the in-process
@@ -214,7 +214,7 @@ class SweepProgress(tune.Callback):
         last = trial.last_result or {}
         done = last.get("epochs_done", self.epochs)
         how = ("finished" if done >= self.epochs else f"diverged at epoch {done} and stopped"
-               if not math.isfinite(last.get("train_loss", 0.0)) else f"stopped early by ASHA after epoch {done}")
+               if metrics.diverged(last) else f"stopped early by ASHA after epoch {done}")
         # Tune marks it TERMINATED only after its callbacks
         ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
         print(f"tune: trial {trial.trial_id} (lr {trial.config['lr']:.2e}) {how}; {ended} of "
@@ -352,7 +352,7 @@ def trial_row(cfg: Config, result) -> dict:
     # the epoch (from 1) whose loss was not a number, where the trial stopped: its best
     # epoch came before it
     last = history[-1] if history else {}
-    diverged_at = last["epoch"] + 1 if not math.isfinite(last.get("train_loss", 0.0)) else None
+    diverged_at = last["epoch"] + 1 if metrics.diverged(last) else None
     return {"trial_id": trial_id, "lr": meta["lr"], "status": status, "epochs_run": len(history),
             "stopped_early": not error and len(history) < cfg.tune.epochs and diverged_at is None,  # by ASHA
             "diverged_at": diverged_at,

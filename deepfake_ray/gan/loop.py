@@ -221,9 +221,10 @@ def train_loop(config: dict) -> None:
             lines, warned = epoch_lines(metrics, cfg.gan.epochs, left, warned)
             for line in lines:
                 training.say(line, warning=": warning:" in line)
+        stop = diverged(metrics)  # NaN weights stay NaN: the epochs left would draw black squares
         # a diverged epoch is not kept: a rerun resumed from it would export its NaN generator
-        training.report_epoch(epoch, metrics, state_of(run, epoch) if save and not diverged(metrics) else None)
-        if diverged(metrics):  # NaN weights stay NaN: the epochs left would draw black squares
+        training.report_epoch(epoch, metrics, state_of(run, epoch) if save and not stop else None)
+        if stop:
             if training.rank() == 0:  # the means are reduced over workers: each stops here
                 training.say(f"train-gan: diverged at epoch {epoch + 1} (G loss {metrics['g_loss']}, "
                              f"D loss {metrics['d_loss']}): stopping; no generator is exported")

@@ -539,8 +539,6 @@ def deploy(app, name: str = APP_NAME, route_prefix: str = "/") -> None:
 def replica_start_failure(app_name: str) -> str | None:
     """What Serve says kept the application's replicas from starting (it ends with the
     replica's error), without terminal colours; None when it says nothing."""
-    import re
-
     application = serve.status().applications.get(app_name)
     said = [d.message for d in (application.deployments.values() if application else ())
             if d.message and d.status in ("UNHEALTHY", "DEPLOY_FAILED")]  # not a slow start's note
