@@ -687,6 +687,10 @@ def walk_local(root: str) -> list[str]:
                     else:
                         files.append(entry.path)
         except OSError as e:  # no permission, or a link to nowhere
+            if e.errno in MOUNT_GONE | {errno.EIO}:  # not this folder's: a listing without it would pass as whole
+                raise UsageError(f"listing {shown(folder)} failed ({e.strerror}): its filesystem, not the "
+                                 "folder (a network mount gone stale, a failing disk?): check it, then run "
+                                 "again") from None
             unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
     if unreadable:
         warn(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
@@ -697,6 +701,22 @@ def walk_local(root: str) -> list[str]:
 
 
 UNREADABLE_UNDER: dict[str, int] = {}  # local folder -> visible folders its last listing could not read
+
+# a network filesystem's failures, not one file's: taken as that file's, a complete data/
+# (or a score table) would lack the files read after the mount went
+MOUNT_GONE = {errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH}
+
+
+def raise_store_failure(uri: str, e: OSError) -> None:
+    """Raises when reading `uri` failed for its store's sake (S3's network or credentials,
+    a network mount gone stale), not the file's own (gone, no permission): every file
+    after it would fail alike, so the run stops rather than set each aside."""
+    if is_s3(uri):
+        if not isinstance(e, (FileNotFoundError, ObjectRefused)):
+            raise e
+    elif e.errno in MOUNT_GONE:
+        raise UsageError(f"reading {shown(uri)} failed ({e.strerror}): the source's filesystem, not the "
+                         "file (a network mount gone stale?): check the mount, then run again") from None
 
 
 def folders_above(root: str) -> frozenset[tuple[int, int]]:

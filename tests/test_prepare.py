@@ -1759,6 +1759,30 @@ def test_a_network_mount_gone_stale_mid_read_fails_the_ingest_while_a_bad_sector
         prepare.fetch_all(faces, 1 << 20)
 
 
+def test_a_subfolder_on_a_mount_gone_stale_fails_the_listing_while_a_locked_one_is_left_out(tmp_path, monkeypatch):
+    """A folder of a network source the mount lost (ESTALE) was left out with a warning like a
+    locked one, and prepare marked a data/ without its files complete."""
+    import errno
+
+    for name in ("locked", "gone", "kept"):
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        (tmp_path / "faces" / name / "a.jpg").write_bytes(sample.face_jpeg(0, 0))
+    scandir, failing = os.scandir, {"locked": PermissionError(13, "Permission denied")}
+
+    def listing(path):
+        if (e := failing.get(os.path.basename(path))):
+            raise e
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    root = str(tmp_path / "faces")
+    assert sorted(storage.walk_local(root)) == [f"{root}/gone/a.jpg", f"{root}/kept/a.jpg"]
+    failing["gone"] = OSError(errno.ESTALE, "Stale file handle")
+    with pytest.raises(UsageError, match=rf"listing {root}/gone failed \(Stale file handle\): its filesystem, "
+                                         "not the folder .*check it, then run again"):
+        storage.walk_local(root)
+
+
 def test_a_source_folder_the_os_will_not_list_exits_2_with_one_line_before_ray(tmp_path, capsys, monkeypatch):
     """No permission read as 'no image files under it: check the path' after Ray's start (with
     a warning besides), a loop of links or a name too long as 'does not exist'."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import glob
 import json
 import os
@@ -1155,6 +1156,34 @@ def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypat
         storage.s3_filesystem.cache_clear()
     gone = {**batch, "raw_path": np.array([f"{s3_server('serving-test')}/in/gone.jpg".encode()], dtype=object)}
     assert score.read_and_decode(gone, resolution=32, max_pixels=10**6)["error"][0].startswith("unreadable")
+
+
+def test_a_store_failure_without_a_known_fix_or_a_stale_mount_stops_score_too(tmp_path, monkeypatch):
+    """Expired credentials or throttling (S3 errors with no fix of ours to name) became one
+    "unreadable" row per file, and score exited 0 with a table of them; a network mount gone
+    stale the same. A file's own failure (gone, a bad sector) stays its row."""
+    from deepfake_ray.serving import score
+
+    failures = {"s3://b/expired.jpg": storage.StoreError("s3://b/expired.jpg", "ExpiredToken: the token expired"),
+                "s3://b/gone.jpg": FileNotFoundError(2, "No such key", "s3://b/gone.jpg"),
+                f"{tmp_path}/stale.jpg": OSError(errno.ESTALE, "Stale file handle"),
+                f"{tmp_path}/sector.jpg": OSError(errno.EIO, "Input/output error")}
+
+    def read(uri, max_bytes=None):
+        raise failures[uri]
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+
+    def scored(uri):
+        batch = {"index": np.arange(1), "path": np.array([uri]), "raw_path": np.array([uri.encode()], dtype=object)}
+        return score.read_and_decode(batch, resolution=32, max_pixels=10**6)["error"][0]
+
+    with pytest.raises(storage.StoreError, match="ExpiredToken"):
+        scored("s3://b/expired.jpg")
+    with pytest.raises(UsageError, match=r"stale.jpg failed \(Stale file handle\): the source's filesystem"):
+        scored(f"{tmp_path}/stale.jpg")
+    assert scored("s3://b/gone.jpg").startswith("unreadable: FileNotFoundError")
+    assert scored(f"{tmp_path}/sector.jpg").startswith("unreadable: OSError")
 
 
 def test_an_upload_budget_counts_the_bytes_held_and_takes_back_a_failed_ones():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import errno
 import math
 import os
 import shutil
@@ -115,9 +114,6 @@ def fetch(uri: str, max_bytes: int) -> bytes:
 
 
 Fetched = bytes | OSError | storage.FileTooLarge
-# a network filesystem's failures, not one file's: taken as rows, a complete data/ would
-# lack the files read after the mount went
-MOUNT_GONE = {errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH}
 
 
 def fetch_all(paths: list[str], max_bytes: int) -> list[Fetched]:
@@ -129,12 +125,7 @@ def fetch_all(paths: list[str], max_bytes: int) -> list[Fetched]:
         except storage.FileTooLarge as e:
             return e
         except OSError as e:  # that file's own: gone, no permission, not a regular file
-            if storage.is_s3(uri) and not isinstance(e, (FileNotFoundError, storage.ObjectRefused)):
-                raise  # the store's (network, credentials): not one file's, so fail the task
-            if e.errno in MOUNT_GONE:  # every file after it would be rejected the same way
-                raise UsageError(f"reading {storage.shown(uri)} failed ({e.strerror}): the source's "
-                                 "filesystem, not the file (a network mount gone stale?): check the "
-                                 "mount, then run again") from None
+            storage.raise_store_failure(uri, e)
             return e
     if paths and storage.is_s3(paths[0]):
         with ThreadPoolExecutor(16) as pool:  # S3 GETs are latency-bound: overlap them

@@ -146,8 +146,8 @@ def decode_into(pixels: np.ndarray, i: int, raw: bytes, read: bytes | Exception 
     if isinstance(read, storage.FileTooLarge):
         return error_text(decode.too_large(read))
     if isinstance(read, Exception):  # missing, unreadable, permission denied; a NUL in the name
-        if storage.is_s3(path) and storage.explain(read) and not isinstance(read, storage.ObjectRefused):
-            raise read  # the store's (network, credentials), not this file's: stop with the fix
+        if isinstance(read, OSError):  # a table of "unreadable" rows would pass as scored
+            storage.raise_store_failure(path, read)
         return f"unreadable: {type(read).__name__}: {read}"[:300]
     data = read
     if path in watch.crashed:
