@@ -19,7 +19,7 @@ from typing import Callable
 
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
-from deepfake_ray.errors import UsageError, stdout_reader_gone
+from deepfake_ray.errors import UsageError, stdout_reader_gone, warn
 
 
 SCORE = lineage.Stage("score", "score", ("data", "fakes", "detector"), describe=lambda d: d["scores"])
@@ -116,7 +116,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             stopped = isinstance(e, KeyboardInterrupt) or (isinstance(e, BrokenPipeError) and stdout_reader_gone())
             entry.update(status="interrupted" if stopped else "failed", seconds=round(time.monotonic() - started, 1))
             record["stages"].append(entry)
-            storage.write_json(timings_uri, record)
+            record_beside(timings_uri, record)
             if stopped:  # the command's own line says how to resume
                 raise
             print(resume_hint(cfg, command, force, replaced=storage.marker_changes != changes),
@@ -133,6 +133,15 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             check_every_split_holds_images(cfg, made)
     closing_lines(cfg)
     return record
+
+
+def record_beside(uri: str, record: dict) -> None:
+    """A failed or stopped run's record, where it can be written: the failure to show is
+    the stage's (a full disk, a lost store would fail this write too)."""
+    try:
+        storage.write_json(uri, record)
+    except Exception as e:
+        warn(f"warning: could not record the run in {storage.shown(uri)} ({type(e).__name__})")
 
 
 def check_every_split_holds_images(cfg: Config, prepared: dict) -> None:

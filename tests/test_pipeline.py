@@ -327,6 +327,33 @@ def test_a_pipeline_stopped_in_a_stage_says_so_once_and_records_it_as_interrupte
         {"name": "prepare", "status": "interrupted", "seconds": 0.0}]
 
 
+def test_a_stage_that_fails_where_its_record_cannot_be_written_shows_its_own_error(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A full disk or a lost store fails the stage and then pipeline.json's write in its
+    handler: that second error replaced the first, and with it the resume hint and the
+    stage's name."""
+    import errno
+
+    from deepfake_ray import pipeline, storage
+    from deepfake_ray.data import prepare
+
+    def failed(*_, **__):
+        raise RuntimeError("the stage's own failure")
+
+    def disk_full(uri, record):
+        raise OSError(errno.ENOSPC, "No space left on device", uri)
+
+    monkeypatch.setattr(prepare, "run", failed)
+    monkeypatch.setattr(pipeline, "preflight", lambda cfg, force: None)
+    monkeypatch.setattr(storage, "write_json", disk_full)
+    with pytest.raises(RuntimeError, match="the stage's own failure") as raised:
+        pipeline.run(config.build("tiny", workdir=str(tmp_path / "w")))
+    assert raised.value.pipeline_stage == "prepare"
+    err = capsys.readouterr().err
+    assert f"warning: could not record the run in {tmp_path}/w/pipeline.json (OSError)" in err
+    assert "pipeline stopped at stage 'prepare'" in err
+
+
 def test_a_pipeline_whose_data_holds_no_test_image_stops_before_the_gan_trains(tmp_path, monkeypatch, capsys):
     """A small folder's hashes can leave a split empty whatever its share: the pipeline
     trained the GAN and the detector, then evaluate found no test image. It stops after

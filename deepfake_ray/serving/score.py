@@ -541,7 +541,8 @@ def score_into(cfg: Config, model: str, src: str, out: str) -> dict:
     try:
         check_some_read(table, src, manifest)  # before the table: a rerun once fixed must not find it "done"
     except UsageError:  # nor resume from rows of a setup that was wrong
-        storage.delete_dir(parts)
+        with contextlib.suppress(OSError):  # the error to show is the one above
+            storage.delete_dir(parts)
         raise
     write_table(table, out)
     try:  # every input's: the table is written
