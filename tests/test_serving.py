@@ -1186,6 +1186,19 @@ def test_a_store_failure_without_a_known_fix_or_a_stale_mount_stops_score_too(tm
     assert scored(f"{tmp_path}/sector.jpg").startswith("unreadable: OSError")
 
 
+def test_an_out_the_store_refuses_for_a_reason_we_have_no_fix_for_names_the_stores_reason(monkeypatch):
+    """Expired credentials said only "(StoreError): pass a location you can write to"."""
+    from deepfake_ray.serving import score
+
+    def expired(uri, data):
+        raise storage.StoreError(uri, f"{uri}: ExpiredToken: The provided token has expired")
+
+    monkeypatch.setattr(storage, "write_bytes", expired)
+    with pytest.raises(UsageError, match=r"cannot write --out s3://b/scores.parquet \(s3://b/.write-check-\w+: "
+                                         r"ExpiredToken: The provided token has expired\): pass a location"):
+        score.check_writable("s3://b/scores.parquet")
+
+
 def test_an_upload_budget_counts_the_bytes_held_and_takes_back_a_failed_ones():
     """What the replica counts: each body's bytes as they arrive, given back when its
     request ends, and at once for one refused (too large, stalled, disconnected)."""
