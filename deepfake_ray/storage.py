@@ -782,11 +782,11 @@ def exclusive(uri: str, command: str):
             holder = lock.read().strip() or command
             raise LockHeld(f"another {holder} is writing {uri}: wait for it to end, "
                            "or use another --workdir", holder) from None
-        except OSError as e:
-            if e.errno != errno.ENOLCK:
+        except OSError as e:  # Lustre without -o flock says ENOSYS, some FUSE mounts EOPNOTSUPP
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            raise UsageError(f"cannot lock {uri}: its filesystem offers no file locks (NFS without "
-                             "lockd?): use a --workdir on s3://, which has its own lease, or mount "
+            raise UsageError(f"cannot lock {uri}: its filesystem offers no file locks ({e.strerror}; NFS "
+                             "without lockd?): use a --workdir on s3://, which has its own lease, or mount "
                              "it with locks (on one machine, a local disk does)") from None
         lock.truncate(0)  # who holds it, for the message of a run refused meanwhile
         lock.write(f"{command} (pid {os.getpid()} on {socket.gethostname()})")

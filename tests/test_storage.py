@@ -70,18 +70,21 @@ def test_a_stop_landing_as_a_write_is_renamed_into_place_stays_a_stop(tmp_path, 
 
 
 def test_a_filesystem_without_locks_is_said_as_such_not_as_unwritable(tmp_path, monkeypatch):
-    """NFS without lockd refuses flock with ENOLCK: the line said "cannot write to --workdir
-    ... pass a folder you can write to", which the user can."""
+    """NFS without lockd refuses flock with ENOLCK (Lustre ENOSYS, some FUSE mounts
+    EOPNOTSUPP): the line said "cannot write to --workdir ... pass a folder you can write
+    to", which the user can."""
     import errno
     import fcntl
 
-    def no_locks(*_):
-        raise OSError(errno.ENOLCK, "No locks available")
+    for refusal in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):  # NFS; Lustre without -o flock; FUSE
+        def no_locks(*_):
+            raise OSError(refusal, os.strerror(refusal))
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(UsageError, match=r"cannot lock .*: its filesystem offers no file locks .*use a --workdir on s3://, which has its own lease, or mount it with locks"):
-        with storage.exclusive(str(tmp_path / "w"), "prepare"):
-            pass
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        with pytest.raises(UsageError, match=rf"cannot lock .*: its filesystem offers no file locks \({os.strerror(refusal)};"
+                                             r" .*use a --workdir on s3://, which has its own lease, or mount it with locks"):
+            with storage.exclusive(str(tmp_path / "w"), "prepare"):
+                pass
 
 
 def test_a_stage_folder_linked_to_another_disk_stays_linked_when_redone(tmp_path):
