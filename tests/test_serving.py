@@ -1315,6 +1315,19 @@ def test_score_usage_errors_exit_2(model_dir, images_dir, tmp_path):
     assert cli.main(argv) == 2
 
 
+def test_a_port_below_1024_refused_to_a_user_is_said_as_such_not_as_in_use(monkeypatch):
+    """A non-root user's --port 80 was told to "stop what uses it": nothing does."""
+    from deepfake_ray.serving import app
+
+    def not_root(self, address):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", not_root)
+    with pytest.raises(UsageError, match=r"^cannot listen on 127.0.0.1:80 \(Permission denied\): ports below 1024 "
+                                         r"need root; pass a --port of 1024 or more \(e.g. 8000\)$"):
+        app.check_port_free("127.0.0.1", 80)
+
+
 def test_score_and_serve_refuse_bad_arguments_before_ray_starts(model_dir, images_dir, tmp_path):
     """A mistake costs a second, not Ray's start-up: one line each, exit 2, Ray never started."""
     busy = socket.socket()

@@ -476,8 +476,11 @@ def check_port_free(host: str, port: int) -> None:
             if e.errno == errno.EADDRNOTAVAIL:  # the address is not this machine's: no port helps
                 raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): pass a host "
                                  "name or address of this machine with --host") from None
+            if e.errno == errno.EACCES:  # nothing uses it: ports below 1024 are root's
+                raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): ports below 1024 need "
+                                 "root; pass a --port of 1024 or more (e.g. 8000)") from None
             raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it "
-                             "or pass another --port")
+                             "or pass another --port") from None
 
 
 def preflight(cfg: Config, model: str | None = None, **_) -> None:
