@@ -515,8 +515,9 @@ def write_bytes(uri: str, data: bytes) -> None:
     except OSError as e:  # named by the file it was for, not a temporary that never was
         raise OSError(e.errno, e.strerror, path) from None
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it: mkstemp's 0600 hides it from the team
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed on every path
+            with contextlib.suppress(OSError):  # vfat/exFAT refuse modes: the file is still ours to write
+                os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it: mkstemp's 0600 hides it from the team
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # on disk before it has the name: a power cut leaves old or new

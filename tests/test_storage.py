@@ -976,3 +976,20 @@ def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkey
         storage.s3_filesystem.cache_clear()
     assert storage.redacted('URL: "https://user:pa\'ss@host/b" and s3://bucket/a@b') == \
         'URL: "https://***@host/b" and s3://bucket/a@b'  # an @ in a key is no password
+
+
+def test_a_filesystem_that_refuses_file_modes_still_takes_a_write_and_leaks_no_descriptor(tmp_path, monkeypatch):
+    """vfat and exFAT refuse chmod (EPERM): every write failed with "give this user read and
+    write permission there", which it has, and left its temporary file's descriptor open."""
+    import errno
+
+    def refused(fd, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    open_before = len(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        storage.write_bytes(str(tmp_path / f"{i}.json"), b"{}")
+    assert [(tmp_path / f"{i}.json").read_bytes() for i in range(3)] == [b"{}"] * 3
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert not list(tmp_path.glob(".tmp-*"))
