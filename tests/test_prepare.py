@@ -1165,6 +1165,22 @@ def test_a_refused_kaggle_download_says_why_by_its_http_status(status, fix, fake
         sources.kaggle_download("owner/faces", str(tmp_path / "cache"))
 
 
+def test_our_own_error_raised_into_a_kaggle_download_stays_as_it_is(fake_kaggle, monkeypatch, tmp_path):
+    """A lease taken over reaches the driver as a UsageError raised into whatever runs then,
+    the download too: it was said as "Kaggle download failed (UsageError: ...): check the
+    dataset name ... and your network"."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    said = "another pipeline took over the lock on s3://b/w: this run stops"
+
+    def taken_over(self, dataset, path=None, **_):
+        raise UsageError(said)
+
+    monkeypatch.setattr(KaggleApi, "dataset_download_files", taken_over)
+    with pytest.raises(UsageError, match=f"^{said}$"):
+        sources.kaggle_download("owner/faces", str(tmp_path / "cache"))
+
+
 def test_kaggle_credentials_are_looked_for_where_the_client_reads_them(monkeypatch, tmp_path):
     """`kaggle auth login` keeps ~/.kaggle/credentials.json, and a token may be saved as
     access_token.txt: both were refused as no credentials. A kaggle.json in ~/.config/kaggle

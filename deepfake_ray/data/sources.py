@@ -607,8 +607,8 @@ def download(dataset: str, folder: str) -> None:
     try:
         api.dataset_download_files(dataset, path=folder, quiet=not progress.bars_wanted(), unzip=False)
     except Exception as e:  # noqa: BLE001 - the client raises many kinds; name the fix
-        if disk_full(e):
-            raise  # said as a full disk, with its fix: the client resumes the zip after
+        if disk_full(e) or isinstance(e, UsageError):  # a full disk, with its fix (the client resumes
+            raise  # the zip after); or ours, delivered into the call (an S3 lease taken over)
         raise UsageError(f"Kaggle download of {dataset} failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}): {download_fix(e)}")
 
