@@ -843,6 +843,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert "Trial status" not in printed
     assert "tune: decoding the images once for every trial (train: " in printed
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ  # a notebook's own Tuner.fit() keeps Tune's
     if not torch.cuda.is_available():  # not left waiting, with Ray Train, for a GPU none can add
         assert "resources.use_gpu is true but this machine has no GPU: running on CPU" in printed
     out = tune.tune_dir(cfg.workdir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import signal
 import threading
 import time
@@ -84,11 +83,6 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         print(f"tune: decoding the images once for every trial ({train.describe(selection)})", flush=True)
     views = {} if finished else data.training_views(cfg, selection)
     tuner = make_tuner(cfg, selection, pretrained, views, finished, train.weights_sha256(pretrained))
-    # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
-    # half-trained trials were published, the sweep marked complete), and it stays installed
-    # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
-    # interrupt (exit 130); a rerun resumes from the sweep's state, saved as it goes.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     grid = fit_to_the_end(tuner)
     rows = collect(cfg, grid)
     best = rows.iloc[0]
@@ -143,8 +137,14 @@ def fit_to_the_end(tuner: tune.Tuner) -> tune.ResultGrid:
         return event
 
     tune_run._setup_signal_catching = without_sigusr1
+    # Tune's own Ctrl-C handler ends the sweep early and returns as if it had finished (its
+    # half-trained trials were published, the sweep marked complete), and it stays installed
+    # after a sweep, swallowing a Ctrl-C in the pipeline's next stage. Without it Ctrl-C is an
+    # interrupt (exit 130); a rerun resumes from the sweep's state, saved as it goes. Only for
+    # this fit: a notebook's own Tuner.fit() later keeps Tune's handler
     try:
-        return tuner.fit()
+        with runtime.environment({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):
+            return tuner.fit()
     finally:
         tune_run._setup_signal_catching = setup
 
