@@ -1031,3 +1031,28 @@ def test_a_detector_is_scored_on_a_gpu_in_the_precision_it_was_validated_in(monk
     assert detector_autocast(mixed, gpu) is torch.bfloat16
     assert detector_autocast({"config": {"detector": {}}}, gpu) is torch.bfloat16  # exported before it
     assert detector_autocast(mixed, cpu) is None
+
+
+def test_every_figure_is_a_png_made_without_switching_a_notebooks_plotting_backend():
+    """Importing the figures set matplotlib's backend to Agg for the whole process, so a
+    notebook's inline plots stopped showing after `evaluate`; a figure whose drawing failed
+    stayed in pyplot's registry."""
+    script = """
+import sys
+import numpy as np
+from deepfake_ray.detector import figures
+from deepfake_ray.gan.figures import losses_png
+labels = np.array([0, 1, 0, 1])
+pngs = [figures.confusion([[3, 1], [0, 4]]),
+        figures.roc(labels, {"clean": np.array([.1, .9, .2, .8])}, {"clean": 1.0}),
+        figures.reliability([{"mean_p_fake": 0.2, "fraction_fake": 0.0, "n": 2}], 0.1),
+        figures.curves([{"epoch": 0, "train_acc": .5, "val_acc": .6, "train_loss": .7, "val_loss": .6}]),
+        figures.lr_sweep([1e-4, 1e-3], [0.8, 0.9], best_lr=1e-3),
+        losses_png([1.0, 0.9], [0.7, 0.6], [0])]
+assert all(p.startswith(b"\\x89PNG\\r\\n\\x1a\\n") for p in pngs)
+print("pyplot" in " ".join(sys.modules), __import__("os").environ["MPLBACKEND"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MPLBACKEND": "svg"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "svg"]

@@ -1,27 +1,30 @@
-"""The detector's figures (matplotlib, Agg), returned as PNG bytes for storage.write_bytes."""
+"""The detector's figures, returned as PNG bytes for storage.write_bytes. Figures are made
+without pyplot: it would switch a notebook's backend for good, and keep a figure whose
+drawing failed in its registry."""
 from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
 
-def png(fig) -> bytes:
+def subplots(*grid: int, figsize: tuple[float, float]):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
+
+
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def confusion(matrix, class_names=("real", "fake"), title: str = "test split") -> bytes:
     """Rows: actual class; columns: predicted class; counts and row percentages."""
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig, ax = subplots(figsize=(4.2, 3.8))
     ax.imshow(m, cmap="Blues")
     totals = m.sum(axis=1, keepdims=True).clip(min=1)
     for i in range(m.shape[0]):
@@ -41,7 +44,7 @@ def roc(labels, scores: dict[str, np.ndarray], aucs: dict[str, float],
         at_threshold: dict[str, tuple[float, float]] | None = None) -> bytes:
     """ROC curves, one per condition (clean first), each with a dot where the validation
     threshold puts it (`at_threshold`: its false-positive rate and recall)."""
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fig, ax = subplots(figsize=(4.6, 4.2))
     for name, p in scores.items():
         fpr, tpr, _ = roc_curve(labels, p)
         line, = ax.plot(fpr, tpr, lw=2.2 if name == "clean" else 1.0,
@@ -59,7 +62,7 @@ def roc(labels, scores: dict[str, np.ndarray], aucs: dict[str, float],
 def reliability(bins: list[dict], ece: float) -> bytes:
     """Mean p_fake against the fraction of fakes per bin (metrics.reliability): on the
     diagonal, p_fake reads as a probability; below it, p_fake overstates how likely a fake is."""
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fig, ax = subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="calibrated")
     ax.plot([b["mean_p_fake"] for b in bins], [b["fraction_fake"] for b in bins], "o-",
             label=f"detector (ECE {ece:.3f})")
@@ -78,7 +81,7 @@ def reliability(bins: list[dict], ece: float) -> bytes:
 def curves(history: list[dict]) -> bytes:
     """Training and validation accuracy and loss per epoch (the study's Fig. 9)."""
     epochs = [h["epoch"] + 1 for h in history]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (acc, loss) = subplots(1, 2, figsize=(9, 3.6))
     # accuracy at p_fake 0.5 (the training loop's), not at the threshold the model serves with
     for ax, key, title in ((acc, "acc", "accuracy (at p = 0.5)"), (loss, "loss", "loss")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"training {title}")
@@ -94,7 +97,7 @@ def lr_sweep(lrs, aucs, best_lr: float | None = None, lr_range: tuple | None = N
     """Learning rate vs best validation ROC-AUC of each Tune trial (x: the swept range)."""
     from matplotlib.ticker import NullFormatter
 
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    fig, ax = subplots(figsize=(4.8, 3.6))
     ax.scatter(lrs, aucs, s=36)
     if best_lr is not None:
         ax.axvline(best_lr, color="tab:red", ls="--", lw=1, label=f"best lr {best_lr:.2e}")

@@ -26,10 +26,7 @@ def grid_png(images: np.ndarray, pad: int = 2) -> bytes:
 
 def losses_png(g_losses: list[float], d_losses: list[float], epoch_starts: list[int]) -> bytes:
     """Per-batch G and D loss over training (the study's Figs. 6-7), epochs marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # not pyplot: see detector/figures.py
 
     fig = Figure(figsize=(8, 4), dpi=100)
     ax = fig.add_subplot()
