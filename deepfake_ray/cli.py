@@ -511,13 +511,14 @@ def escape_odd_bytes(e: UnicodeError) -> tuple[str, int]:
                    else c.encode("ascii", "backslashreplace").decode() for c in text), e.end
 
 
-def configure_output() -> None:
+def configure_output(exits: bool) -> None:
     """Output a log file reads as a terminal shows it:
     - a message naming a folder whose name is not UTF-8 (an old Latin-1 archive's) is
       printed, escaped, instead of failing the command (stdout's default is to raise);
     - stdout is line-buffered: into a file or pipe (nohup, tee, CI) it was block-buffered,
       and a failed run's log ended with its stage headers, after the error line on stderr;
-    - Ray's worker prefixes carry no colour codes there, or with NO_COLOR set."""
+    - Ray's worker prefixes carry no colour codes there, or with NO_COLOR set (where the
+      process ends with the command: a notebook shows colours, and keeps its environment)."""
     import codecs
 
     codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
@@ -528,7 +529,7 @@ def configure_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="deepfake_ray.escape", line_buffering=True)
-    if "NO_COLOR" in os.environ or not sys.stdout.isatty():
+    if exits and ("NO_COLOR" in os.environ or not sys.stdout.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
 
 
@@ -732,7 +733,7 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         print("deepfake-ray: error: native Windows is not supported: run it in WSL2, or on "
               "Linux or macOS", file=sys.stderr)
         return 2
-    configure_output()
+    configure_output(exits)
     args = parse(argv)
     started, changes = time.monotonic(), stage_changes()
     try:

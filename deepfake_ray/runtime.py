@@ -266,8 +266,15 @@ def freeze_startup_objects() -> None:
     training worker, 0.4-0.55 s in a Serve replica while requests waited, 470 ms in a
     batch-scoring actor. Called once a process has started up (driver, ingest task,
     training loop, replica, scoring actor); later objects are collected as usual
-    (CPython's gc.freeze)."""
-    gc.freeze()
+    (CPython's gc.freeze). Not in a notebook or REPL: what its user holds then would
+    never be collected once it became garbage in a cycle."""
+    if not interactive():
+        gc.freeze()
+
+
+def interactive() -> bool:
+    """Whether this process is a notebook's kernel or a Python prompt (`python -i` too)."""
+    return "IPython" in sys.modules or hasattr(sys, "ps1") or bool(sys.flags.interactive)
 
 
 def haproxy_env() -> dict[str, str]:

@@ -579,6 +579,19 @@ def test_version_names_the_package_and_what_it_runs_on(capsys):
         assert part in line
 
 
+def test_a_notebooks_command_keeps_its_environment_and_a_scripts_log_has_no_colour_codes(monkeypatch, capsys):
+    """Every cli.main set RAY_COLOR_PREFIX=0 for the rest of the process: a notebook (whose
+    output is no terminal, and shows colours) lost Ray's coloured prefixes for good."""
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    monkeypatch.delenv("RAY_COLOR_PREFIX")  # absent, and absent again after the test
+    with pytest.raises(SystemExit):
+        cli.main(["--version"], exits=False)
+    assert "RAY_COLOR_PREFIX" not in os.environ
+    with pytest.raises(SystemExit):
+        cli.main(["--version"], exits=True)  # the console script's: into a file (here, pytest's capture)
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+
+
 def command_process(code: str, *argv: str, **run) -> subprocess.CompletedProcess:
     """`deepfake-ray ARGV` as the console script runs it, after `code` (a stand-in stage),
     with stdout as Python buffers it into a pipe or file (PYTHONUNBUFFERED unset)."""

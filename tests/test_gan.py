@@ -121,7 +121,8 @@ def test_fake_pixels_span_the_whole_range_of_the_reals():
 # --- train-gan --------------------------------------------------------------------------
 
 def cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # only what --address says
+    # only what --address says; no colour setting an in-process command of an earlier test left
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_COLOR_PREFIX")}
     env["PYTHONPATH"] = REPO
     env["PYTHONUNBUFFERED"] = "1"  # its lines in the log before a SIGKILL, as on a terminal
     return env

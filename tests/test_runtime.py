@@ -1,6 +1,7 @@
 import os
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -566,3 +567,20 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
         f.write(b"cut short")  # damaged: refused, with the way to start over
     with pytest.raises(UsageError, match="none of the 1 checkpoints .* is intact"):
         training.check_resumable(run)
+
+
+def test_a_notebooks_objects_are_not_exempted_from_garbage_collection(monkeypatch):
+    """The first command in a notebook froze everything alive then (the user's frames,
+    models, DataFrames) out of the collector's reach: garbage in a cycle among them was
+    never freed. Processes of ours (a driver run as a command, workers, replicas) still are."""
+    import gc
+
+    before = gc.get_freeze_count()
+    held = [[i] for i in range(1000)]  # new objects, tracked
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    runtime.freeze_startup_objects.__wrapped__()
+    assert gc.get_freeze_count() == before
+    monkeypatch.delattr(sys, "ps1")
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    runtime.freeze_startup_objects.__wrapped__()
+    assert gc.get_freeze_count() >= before + len(held)
