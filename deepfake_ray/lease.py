@@ -175,7 +175,8 @@ def error_code(e: Exception) -> str:
 
 @contextlib.contextmanager
 def held(uri: str, command: str):
-    """Holds `<uri>/.lock` on S3, or fails at once with UsageError while a live run does."""
+    """Holds `<uri>/.lock` on S3, or fails with UsageError while a live run does; a lock a
+    run on another Ray cluster holds is waited on until it lapses (`take`, up to LAPSE_S)."""
     client, bucket, prefix = storage.s3_client(uri, quick=True)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
     token = secrets.token_hex(8)
@@ -193,12 +194,14 @@ def held(uri: str, command: str):
         renewer.start()
         try:
             yield
-        finally:
-            stop.set()
-            renewer.join()
+        finally:  # the takeover's stop may land in join (SIGUSR2): forget the lease first
             RENEWED.pop(storage.normalize(uri), None)
-            if not lost.is_set():  # a stale lock may still be this run's: freed if so (If-Match)
-                release(client, bucket, key, held_etag[0], command)
+            stop.set()
+            try:
+                renewer.join()
+            finally:
+                if not lost.is_set():  # a stale lock may still be this run's: freed if so (If-Match)
+                    release(client, bucket, key, held_etag[0], command)
 
 
 @contextlib.contextmanager
