@@ -1,9 +1,9 @@
 """`deepfake-ray` console script: parse, build the config, call one stage's run().
 
 Exit codes: 0 done, 2 bad usage or bad input, or a problem around it the user can fix (a
-full disk, an unreachable store): one line saying what and how to fix it; 1 anything
-else, 130 interrupted (Ctrl-C), 128 + N stopped by signal N (143 SIGTERM, 129 SIGHUP,
-138 SIGUSR1).
+full disk, an unreachable store, workers out of memory): one line saying what and how to
+fix it; 1 anything else, 130 interrupted (Ctrl-C), 128 + N stopped by signal N (143
+SIGTERM, 129 SIGHUP, 138 SIGUSR1), 141 the reader of the output has gone (`| head`).
 """
 from __future__ import annotations
 
@@ -87,9 +87,9 @@ EPILOG = """examples:
   deepfake-ray serve --model runs/demo/detector/model
   deepfake-ray score --model runs/demo/detector/model --input faces/ --out scores.csv
 
-exit codes: 0 done; 2 bad usage or input, a full disk or an unreachable store (one line
-says what and how to fix it); 1 anything else; 130 Ctrl-C; 143 SIGTERM, 129 SIGHUP,
-138 SIGUSR1 (a rerun resumes); 141 the reader of the output has gone.
+exit codes: 0 done; 2 bad usage or input, a full disk, an unreachable store or workers
+out of memory (one line says what and how to fix it); 1 anything else; 130 Ctrl-C; 143
+SIGTERM, 129 SIGHUP, 138 SIGUSR1 (a rerun resumes); 141 the reader of the output has gone.
 
 'deepfake-ray COMMAND --help' for a command's options; README.md is the guide;
 docs/configuration.md lists every config key."""
@@ -314,8 +314,9 @@ def as_recorded(cfg):
 
 
 def put_back(uri: str, ours: str, previous: str | None) -> None:
-    """config.yaml as it was, unless another run has written it since (on S3 a run is
-    refused for another's lock only once Ray is up, after writing its own)."""
+    """config.yaml as it was, unless another run has written it since (on S3 another run
+    may take the lock between this run's check_free and its own lock, and write its
+    config.yaml meanwhile)."""
     from deepfake_ray import storage
 
     if not storage.exists(uri) or storage.read_text(uri) != ours:
@@ -435,9 +436,10 @@ def exit_now(code: int) -> None:
 
 
 def quit_at_once_if_signalled(code: int) -> None:
-    """After the first Ctrl-C or SIGTERM, another ends the process at once: Ray's shutdown
-    at exit (a second or two) otherwise ends in a KeyboardInterrupt traceback. Only where
-    the process exits next (the console script, a job's driver), not in a caller of main()."""
+    """After the first stop signal (Ctrl-C, SIGTERM, SIGHUP, SIGUSR1), another ends the
+    process at once: Ray's shutdown at exit (a second or two) otherwise ends in a
+    KeyboardInterrupt traceback. Only where the process exits next (the console script, a
+    job's driver), not in a caller of main()."""
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):

@@ -132,7 +132,7 @@ class ServeConfig:
     min_replicas: int = 1  # Serve autoscaling: replicas kept at the least
     max_replicas: int = 1
     target_ongoing_requests: int = 16  # per replica, above which Serve adds replicas
-    gpus_per_replica: float = 0.0  # 0: one GPU per replica when the cluster has GPUs
+    gpus_per_replica: float = 0.0  # 0: one GPU per replica when the cluster has GPUs (or resources.use_gpu)
     score_batch_size: int = 32  # images per forward pass in `score` and `evaluate`
     # `score` keeps each part of this many files as it is done, and a stopped run resumes
     # from them: each part starts its own actors (seconds), so not too few files

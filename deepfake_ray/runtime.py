@@ -25,7 +25,7 @@ from deepfake_ray import progress
 from deepfake_ray.errors import UsageError, explained
 
 # This machine's cores, set when this process starts the in-process Ray (which declares
-# more CPUs than that); None on a cluster.
+# at least 4 CPUs, more than a smaller machine's cores); None on a cluster.
 _embedded_cores: int | None = None
 # The environment the in-process Ray's processes start with, on top of this process's.
 _worker_env: dict[str, str] = {}

@@ -367,8 +367,8 @@ def key_prefix(key: str) -> str:
 
 
 def s3_client(uri: str, quick: bool = False):
-    """(boto3 S3 client at the configured endpoint, bucket, key) for an s3:// URI: for
-    what pyarrow's filesystem cannot ask (conditional writes, a one-key listing). `quick`:
+    """(boto3 S3 client at the configured endpoint, bucket, key) for an s3:// URI: every
+    write, delete, move and ETag listing of ours, and the lease's conditional writes. `quick`:
     short timeouts and few retries, for a lease's renewals (botocore's defaults let one
     stalled request outlast the lease)."""
     bucket, _, key = normalize(uri).removeprefix("s3://").partition("/")
@@ -763,8 +763,8 @@ def shown(text: str) -> str:
 @contextlib.contextmanager
 def exclusive(uri: str, command: str):
     """Holds a lock on folder `uri` (locally the OS frees it when the process ends, even
-    killed; on S3 it lapses, see lease.py), or fails at once with UsageError while
-    another process holds it."""
+    killed; on S3 it lapses, see lease.py), or fails with UsageError while another
+    process holds it (one on another Ray cluster's S3 lock is waited on until it lapses)."""
     if is_s3(uri):
         from deepfake_ray import lease
 

@@ -3,7 +3,7 @@
 
 Each entrypoint is `deepfake-ray COMMAND` with one more flag, so behaviour, config
 handling and exit codes (0 done, 2 bad usage or input, 1 anything else, 130
-interrupted, 143 stopped by SIGTERM) are identical.
+interrupted, 143 stopped by SIGTERM: `deepfake-ray --help` lists them all) are identical.
 
 --run-name NAME: the run's work directory is WORKDIR/NAME. Every stage keeps its
 checkpoints (Ray Train `RunConfig(storage_path, name)`) and completion markers under the

@@ -596,7 +596,7 @@ def preflight(cfg: Config, force: bool = False, **_) -> dict | None:
 
 def run(cfg: Config, force: bool = False, **_) -> dict:
     check_settings(cfg)
-    # one prepare at a time per local work directory: two would mix their parts
+    # one prepare at a time per work directory (an S3 one through its lease): two would mix their parts
     with storage.exclusive(datasets.data_dir(cfg.workdir), "prepare"):
         # planned under the lock: a run just ended may have completed it, and --force
         # unmarks the complete data/ only once this run holds the work directory

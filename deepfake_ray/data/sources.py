@@ -365,8 +365,9 @@ def local_copies(dest: str) -> dict[str, dict]:
 
 def is_copy_of(copy: dict | None, path: str) -> bool:
     """`copy` (S3's listing entry, or None) holds `path`'s bytes as they are now: by MD5
-    where its ETag is one (a single PUT: files under 5 MB), else by size and a last change
-    of the file before the copy's upload (a multipart upload's ETag is no file's hash)."""
+    where its ETag is one (a single PutObject: files under storage.MULTIPART_BYTES), else
+    by size and a last change of the file before the copy's upload (a multipart upload's
+    ETag is no file's hash)."""
     try:
         local = os.stat(path)
     except OSError:

@@ -340,7 +340,7 @@ class Detector:
 def gpus_per_replica(cfg: Config) -> float:
     """serve.gpus_per_replica (but none on the in-process Ray of a machine without a GPU,
     where a replica asking for one would never start), or one GPU per replica when the
-    cluster has GPUs."""
+    cluster has GPUs, or resources.use_gpu asks for them (an autoscaler adds them)."""
     import ray
 
     if cfg.serve.gpus_per_replica > 0:
