@@ -91,6 +91,13 @@ def parse_meta(path: str, data: bytes) -> dict:
     return meta
 
 
+def stored_quality(meta: dict) -> int | None:
+    """The JPEG quality the model's training images were stored at (models exported
+    before it was recorded: from their config)."""
+    quality = meta.get("jpeg_quality", meta.get("config", {}).get("data", {}).get("jpeg_quality"))
+    return None if quality is None else int(quality)
+
+
 def load_detector_meta(uri: str) -> dict:
     """load_meta of a model that must be a detector: another model (the DCGAN's generator,
     also in a folder named model/) would fail deep inside a replica or scoring actor."""

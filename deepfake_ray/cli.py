@@ -624,28 +624,13 @@ def source_to_read(args: argparse.Namespace, cfg) -> str | None:
 def check_paths_outside_job_code(args: argparse.Namespace, cfg) -> None:
     """check_outside_job_code for each path the command is given: `ray job submit
     --working-dir . -- deepfake-ray pipeline` put the preset's runs/NAME in the job's copy."""
+    from deepfake_ray.runtime import check_outside_job_code
+
     if args.command not in NO_WORKDIR:
         check_outside_job_code(cfg.workdir, "--workdir")
     check_outside_job_code(source_read(args.command, cfg), "data.source")
     for flag in ("--model", "--input", "--out"):  # score's and serve's
         check_outside_job_code(getattr(args, flag[2:], None), flag)
-
-
-def check_outside_job_code(path: str | None, flag: str) -> None:
-    """A job submitted with --working-dir runs in its own unpacked copy of the code, on one
-    node (Ray names it _ray_pkg_HASH): a relative path would land there, out of the other
-    nodes' reach, and the next submission, with a new copy, could not resume from it (a
-    source is recorded by its path, so the next would be refused as another source)."""
-    from deepfake_ray import storage
-
-    path = (path or "").strip()
-    if not path or ":" in path.split("/")[0]:  # a URI (a misspelt one is the CLI's to name)
-        return
-    if any(part.startswith("_ray_pkg_") for part in storage.normalize(path).split(os.sep)):
-        fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
-        raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "
-                         f"cannot read and the next submission replaces: {fix} (or a folder "
-                         "every node shares)")
 
 
 def check_utf8(args: argparse.Namespace) -> None:

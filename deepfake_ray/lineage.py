@@ -550,3 +550,16 @@ def complete(cfg: Config, stage: Stage, summary: dict, made_from: dict) -> dict:
     summary = {**summary, **made_from, "completed": finished_at}
     storage.mark_complete(uri(cfg, stage), summary)
     return summary
+
+
+def seconds_to_make(entry: dict) -> float | None:
+    """What making a pipeline.json entry's output took: a done stage's own seconds, a
+    skipped one's as the run that made it recorded them; None for a failed stage (it made
+    nothing) or where unknown."""
+    seconds = {"done": entry.get("seconds"), "skipped": entry.get("made_in")}.get(entry.get("status"))
+    return recorded_seconds(seconds)
+
+
+def recorded_seconds(value) -> float | None:
+    """A recorded number of seconds, or None for anything else (a hand-edited file)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -169,22 +169,9 @@ def times_to_make(timings_uri: str) -> dict[tuple[str, str], float]:
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
                 and isinstance(entry.get("completed"), str)):
             continue  # hand-edited, or from before the times were kept
-        if (seconds := seconds_to_make(entry)) is not None:
+        if (seconds := lineage.seconds_to_make(entry)) is not None:
             made[(entry["name"], entry["completed"])] = seconds
     return made
-
-
-def seconds_to_make(entry: dict) -> float | None:
-    """What making a pipeline.json entry's output took: a done stage's own seconds, a
-    skipped one's as the run that made it recorded them; None for a failed stage (it made
-    nothing) or where unknown."""
-    seconds = {"done": entry.get("seconds"), "skipped": entry.get("made_in")}.get(entry.get("status"))
-    return recorded_seconds(seconds)
-
-
-def recorded_seconds(value) -> float | None:
-    """A recorded number of seconds, or None for anything else (a hand-edited file)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def write_report(cfg: Config, **_) -> None:

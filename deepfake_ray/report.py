@@ -22,7 +22,6 @@ import deepfake_ray
 from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError
-from deepfake_ray.pipeline import recorded_seconds, seconds_to_make
 from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
 
 MAX_SAMPLE_GRIDS = 8  # GAN sample grids shown, spread over the epochs (each can be ~1 MB)
@@ -168,11 +167,11 @@ def timings(w: str) -> list:
     # the seconds of the run that completed it where it knows them (a resumed training's
     # are that run's only); a failed stage's output is not made
     stages = [s for s in stages if isinstance(s, dict)]
-    on_record = [seconds_to_make(s) for s in stages]
+    on_record = [lineage.seconds_to_make(s) for s in stages]
     made = [m if m is not None else marker_seconds(w, s) for s, m in zip(stages, on_record)]
     rows = [[fmt(s.get("name")), fmt(s.get("status")), fmt(s.get("seconds")), fmt(m) if m is not None else "?"]
             for s, m in zip(stages, made)]
-    total = sum(recorded_seconds(s.get("seconds")) or 0 for s in stages)
+    total = sum(lineage.recorded_seconds(s.get("seconds")) or 0 for s in stages)
     to_make = fmt(sum(made)) if None not in made else "?"
     note = ("a stage no pipeline run made: the seconds its own command recorded in its _COMPLETE.json"
             if made != on_record else "")
@@ -190,7 +189,7 @@ def marker_seconds(w: str, stage: dict) -> float | None:
         return None
     done = read_json(w, f"{folder}/_COMPLETE.json")
     if isinstance(done, dict) and done.get("completed") == completed:
-        return recorded_seconds(done.get("seconds"))
+        return lineage.recorded_seconds(done.get("seconds"))
     return None
 
 

@@ -617,3 +617,20 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # another user's
         pass
     return True
+
+
+def check_outside_job_code(path: str | None, flag: str) -> None:
+    """A job submitted with --working-dir runs in its own unpacked copy of the code, on one
+    node (Ray names it _ray_pkg_HASH): a relative path would land there, out of the other
+    nodes' reach, and the next submission, with a new copy, could not resume from it (a
+    source is recorded by its path, so the next would be refused as another source)."""
+    from deepfake_ray import storage
+
+    path = (path or "").strip()
+    if not path or ":" in path.split("/")[0]:  # a URI (a misspelt one is the CLI's to name)
+        return
+    if any(part.startswith("_ray_pkg_") for part in storage.normalize(path).split(os.sep)):
+        fix = f"pass {flag} s3://BUCKET/..." if flag.startswith("--") else f"set {flag}=s3://BUCKET/..."
+        raise UsageError(f"{flag} {path} is inside this job's unpacked code, which other nodes "
+                         f"cannot read and the next submission replaces: {fix} (or a folder "
+                         "every node shares)")

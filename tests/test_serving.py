@@ -250,10 +250,10 @@ def test_a_degraded_image_scores_in_evaluate_as_the_service_answers_for_it(model
     encoding, and evaluate's scoring of that condition does the same."""
     from deepfake_ray.data import decode
     from deepfake_ray.detector import data, evaluate
-    from deepfake_ray.serving.predictor import Predictor, stored_quality
+    from deepfake_ray.serving.predictor import Predictor
 
     scorer, predictor = data.Scorer(model_dir, evaluate.CONDITIONS), Predictor(model_dir)
-    jpeg = decode.encode_jpeg(np.asarray(rgb(3, 32)), stored_quality(scorer.meta))  # a test image, stored
+    jpeg = decode.encode_jpeg(np.asarray(rgb(3, 32)), checkpoint.stored_quality(scorer.meta))  # a test image, stored
     stored = decode.decode_jpeg(jpeg)
     evaluated = scorer({"sha1": np.array(["a"]), "label": np.array([1]), "pixels": stored[None]})
     for condition in evaluate.CONDITIONS:

@@ -263,12 +263,11 @@ class Scorer:
         import torch
 
         from deepfake_ray.models import detector, detector_autocast
-        from deepfake_ray.serving.predictor import stored_quality
 
         state, self.meta = checkpoint.load_model(model_uri)
         self.device = torch.device(runtime.assigned_device())
         self.model = detector.from_meta(self.meta, state).to(self.device)
-        self.conditions, self.quality = conditions, stored_quality(self.meta)
+        self.conditions, self.quality = conditions, checkpoint.stored_quality(self.meta)
         self.amp = detector_autocast(self.meta, self.device)
         runtime.freeze_startup_objects()  # as the scoring actor's (serving/score.py)
 

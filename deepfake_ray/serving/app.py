@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from deepfake_ray import checkpoint, cli, runtime, storage
+from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes
 from deepfake_ray.data.decode import DecodeError
@@ -423,7 +423,7 @@ def build_from_args(args: dict):
     if not storage.is_s3(model) and not os.path.isabs(os.path.expanduser(model)):  # whose folder?
         raise UsageError(f"args.model {model} must be an absolute path or an s3:// URI: Serve builds "
                          "the application in a process of its own, in another folder")
-    cli.check_outside_job_code(model, "args.model")
+    runtime.check_outside_job_code(model, "args.model")
     overrides = args.get("set") or []
     cfg = config.build(args.get("preset", "demo"), args.get("config"),
                        [overrides] if isinstance(overrides, str) else list(overrides))

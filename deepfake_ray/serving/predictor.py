@@ -78,13 +78,6 @@ def load_here(model_uri: str) -> tuple[dict, dict]:
                          "e.g. a shared mount; or upload it and pass s3://...)") from None
 
 
-def stored_quality(meta: dict) -> int | None:
-    """The JPEG quality the model's training images were stored at (models exported
-    before it was recorded: from their config)."""
-    quality = meta.get("jpeg_quality", meta.get("config", {}).get("data", {}).get("jpeg_quality"))
-    return None if quality is None else int(quality)
-
-
 class Predictor:
     """A loaded detector: `model_uri` is an exported model folder, local or s3://."""
 
@@ -111,7 +104,7 @@ class Predictor:
         # in: served scores are the evaluated ones
         self.amp = detector_autocast(meta, self.device)
         self.resolution = int(meta["resolution"])
-        self.quality = stored_quality(meta)
+        self.quality = checkpoint.stored_quality(meta)
         self.threshold = float(meta.get("threshold", 0.5))
         self.class_names = list(meta.get("class_names", ["real", "fake"]))
         self.model_id = checkpoint.model_id(meta)

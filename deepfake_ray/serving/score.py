@@ -31,7 +31,7 @@ from deepfake_ray.config import Config
 from deepfake_ray.data import crashes, decode, sources
 from deepfake_ray.data.decode import DecodeError
 from deepfake_ray.errors import LockHeld, UsageError
-from deepfake_ray.serving.predictor import NotScored, Predictor, decode_image, error_text, stored_quality
+from deepfake_ray.serving.predictor import NotScored, Predictor, decode_image, error_text
 
 FORMATS = (".parquet", ".csv")
 
@@ -341,7 +341,7 @@ def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: 
     # a block per batch, up to 200 blocks: 1,000 files in 31 blocks made batches of 32 and 1
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // batch))))
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
-                              fn_kwargs={"resolution": int(meta["resolution"]), "quality": stored_quality(meta),
+                              fn_kwargs={"resolution": int(meta["resolution"]), "quality": checkpoint.stored_quality(meta),
                                          "max_pixels": cfg.data.max_pixels, "run": run})
     # a GPU actor takes Ray Data's one CPU by default: named beside num_gpus, Ray Data warns
     # that the pair is experimental
