@@ -59,6 +59,10 @@ def test_inception_resnet_v2_at_128px_trains_and_has_the_study_head():
     assert model.conv2d_1a.conv.weight.grad is not None  # the backbone learns too
     model.eval()
     assert detector.predict(model, x).shape == (2, 2)
+    loss, p = detector.eval_step(model, x, torch.tensor([0, 1]))  # the validation's, in plain torch
+    logits = detector.predict(model, x)
+    assert loss == pytest.approx(-float(torch.log_softmax(logits, 1)[[0, 1], [0, 1]].sum()), rel=1e-5)
+    assert np.allclose(p, torch.softmax(logits.double(), 1)[:, 1].numpy())
 
 
 def test_normalization_is_that_of_the_weights_named_not_of_the_architectures_default():

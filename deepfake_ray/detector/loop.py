@@ -25,7 +25,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from deepfake_ray import checkpoint, config, runtime, storage, training
 from deepfake_ray.detector import metrics
@@ -171,10 +170,10 @@ def validate(model, d, pre: dict, device, amp) -> tuple[np.ndarray, np.ndarray, 
     labels, probs, loss_sum = [], [], 0.0
     for batch in batches("val", d.batch_size):
         y = batch["label"].to(device)
-        logits = detector.predict(model, inputs(batch["pixels"], d.input_size, pre, device), amp)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        batch_loss, p = detector.eval_step(model, inputs(batch["pixels"], d.input_size, pre, device), y, amp)
+        loss_sum += batch_loss
         labels.append(y.cpu().numpy())
-        probs.append(detector.p_fake(logits))
+        probs.append(p)
     labels, probs, losses = gather([np.concatenate(labels or [np.zeros(0, int)]),
                                     np.concatenate(probs or [np.zeros(0)]), np.array([loss_sum])])
     return labels.astype(int), probs, float(losses.sum())

@@ -242,6 +242,13 @@ def predict(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | Non
         return model(x).float()
 
 
+def eval_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None
+              ) -> tuple[float, np.ndarray]:
+    """One validation batch, the model in eval mode: (summed loss, P(fake) per image)."""
+    logits = predict(model, x, autocast_dtype)
+    return float(F.cross_entropy(logits, y, reduction="sum")), p_fake(logits)
+
+
 class FromPixels(nn.Module):
     """uint8 NHWC pixels at the model's resolution -> float32 logits: THE preprocessing
     (`meta_input`) and the network as one module, so serving traces them together."""
