@@ -17,11 +17,13 @@ import time
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
 from PIL import Image
 
+import deepfake_ray
 from deepfake_ray import checkpoint, cli, config, runtime, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
@@ -797,6 +799,9 @@ def test_scoring_a_folder_gives_every_file_a_row(scored, model_dir, capsys):
         assert rows[name]["p_fake"] is None and rows[name]["label"] == ""
     assert (summary["files"], summary["scored"], summary["errors"]) == (len(GOOD) + 4, len(GOOD) + 1, 3)
     assert summary["fakes"] == sum(r["label"] == "fake" for r in rows.values())
+    made_with = pq.read_schema(summary["out"]).metadata  # the settings the rows were made with
+    assert yaml.safe_load(made_with[b"deepfake_ray.config"])["data"]["max_pixels"] == serve_cfg("x").data.max_pixels
+    assert made_with[b"deepfake_ray.version"].decode() == deepfake_ray.__version__
 
 
 def test_a_table_another_model_scored_is_not_taken_for_a_done_rerun(scored, model_dir, images_dir, tmp_path,

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from deepfake_ray import checkpoint, runtime, storage
+import deepfake_ray
+from deepfake_ray import checkpoint, config, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes, decode, sources
 from deepfake_ray.data.decode import DecodeError
@@ -354,13 +355,19 @@ def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: 
         return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
-def write_table(table: pa.Table, out: str) -> None:
+def write_table(table: pa.Table, out: str, cfg: Config) -> None:
+    """A Parquet table also carries the settings that made its rows, as config.yaml holds
+    them (data.max_pixels decides which files are unreadable) and the version, in its
+    schema's metadata (`pq.read_schema(out).metadata[b"deepfake_ray.config"]`); a CSV file
+    has nowhere to keep them."""
     if out.lower().endswith(".csv"):
         buf = io.BytesIO()
         pa_csv.write_csv(table, buf)
         storage.write_bytes(out, buf.getvalue())
     else:
-        storage.write_parquet(out, table)
+        made_with = {b"deepfake_ray.config": config.to_yaml(cfg).encode(),
+                     b"deepfake_ray.version": deepfake_ray.__version__.encode()}
+        storage.write_parquet(out, table.replace_schema_metadata({**(table.schema.metadata or {}), **made_with}))
 
 
 def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
@@ -544,7 +551,7 @@ def score_into(cfg: Config, model: str, src: str, out: str) -> dict:
         with contextlib.suppress(OSError):  # the error to show is the one above
             storage.delete_dir(parts)
         raise
-    write_table(table, out)
+    write_table(table, out, cfg)
     try:  # every input's: the table is written
         storage.delete_dir(parts_root(out))
     except OSError as e:
