@@ -13,6 +13,7 @@ import difflib
 import importlib
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -197,7 +198,8 @@ def build_config(args: argparse.Namespace):
     set_last = any(set_key(o) == "workdir" for o in args.overrides)  # wins, as for any key
     workdir = cfg.workdir if args.workdir is None or set_last else args.workdir
     if not workdir.strip():
-        raise UsageError("the work directory is empty: pass --workdir DIR or s3://bucket/prefix")
+        raise UsageError("no work directory given (--workdir or workdir is blank): pass --workdir DIR "
+                         "or s3://bucket/prefix")
     # named as given, before a missing bucket reads as a local folder `s3:`, and before
     # the first file written there
     for path in (*paths, cfg.workdir):
@@ -659,8 +661,12 @@ def stage_changes() -> int:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command line, or exit 2 with one line naming the command whose flags are wrong."""
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line, or exit 2 with one line naming the command whose flags are wrong.
+    A notebook's paths may be pathlib.Path: taken as the text they stand for."""
+    if isinstance(argv, (str, bytes)):  # would be parsed a character at a time
+        raise TypeError(f"argv is a list of arguments, e.g. {shlex.split(os.fsdecode(argv))!r}, not one string")
+    argv = sys.argv[1:] if argv is None else [os.fsdecode(os.fspath(a)) if isinstance(a, os.PathLike) else a
+                                              for a in argv]
     p = parser()
     p.options_first = bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
     args, unknown = p.parse_known_args(argv)
@@ -721,7 +727,12 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
               "Linux or macOS", file=sys.stderr)
         return 2
     configure_output(exits)
-    args = parse(argv)
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # a mistake on the line (said), --help or --version: a code, as below
+        if exits:
+            raise
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     started, changes = time.monotonic(), stage_changes()
     try:
         return execute(args)

@@ -1580,6 +1580,27 @@ def test_weights_replaced_after_the_check_are_refused_where_they_are_loaded(mode
         Predictor(str(folder))
 
 
+def test_a_predictor_made_in_python_checks_the_threshold_and_scores_one_image_quietly(model_dir, tmp_path):
+    """In a notebook, a model.json threshold of 50 (a percent) loaded, and every image was
+    labelled real; one decoded image scored with torch's "array is not writable" warning."""
+    import warnings
+
+    from deepfake_ray.serving.predictor import Predictor
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    meta = json.loads((folder / checkpoint.META).read_text())
+    (folder / checkpoint.META).write_text(json.dumps({**meta, "threshold": 50}))
+    with pytest.raises(UsageError, match="has threshold 50: it must be a number from 0 to 1"):
+        Predictor(str(folder))
+    predictor = Predictor(model_dir)
+    one = predictor.decode_opened(predictor.open(next(iter(GOOD.values()))))[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = predictor.predict_pixels(one)
+    assert p.shape == (1,) and 0 <= p[0] <= 1
+
+
 def test_the_fake_share_is_of_the_images_labelled_fake_among_those_scored():
     """score's summary line, "fake share 66.7% (2/3)": unreadable files count in neither."""
     import pyarrow as pa

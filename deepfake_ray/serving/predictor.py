@@ -90,6 +90,7 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         state, meta = load_here(model_uri)
+        checkpoint.check_threshold(model_uri, meta.get("threshold", 0.5))  # as score and serve check it first
         self.meta = meta
         self.model_uri = model_uri
         self.max_pixels = max_pixels
@@ -140,8 +141,9 @@ class Predictor:
         if pixels.dtype != np.uint8 or pixels.shape[1:] != (r, r, 3):  # a float image scored as black
             raise ValueError(f"predict_pixels takes uint8 images of N x {r} x {r} x 3 (decode_image "
                              f"makes them), not {pixels.dtype} {pixels.shape}")
-        # uint8 to the device first: a quarter of the bytes of float input
-        x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.device)
+        # uint8 to the device first: a quarter of the bytes of float input; a read-only array
+        # (decode_opened's, one image's) is copied, as torch warns it cannot share one
+        x = torch.as_tensor(np.require(pixels, requirements=["C", "W"])).to(self.device)
         with torch.inference_mode():
             return detector.p_fake(detector.predict(self.model, x, self.amp))
 
