@@ -489,14 +489,18 @@ def out_of_memory_line(command: str, error: BaseException) -> str | None:
     retrying them), with the setting to lower; None for any other error."""
     if not (what := find_error(error, out_of_memory)):
         return None
-    if (setting := BATCH_SETTING.get(command)) and command in STARTS_OVER_FOR_BATCH:
-        # an unfinished training resumes only with the batch size it began with
-        return (f"{what}: lower {setting} and start the stage over (--force --set {setting}=N), or run "
-                "the same command again on machines with more memory: a training resumes from its "
-                "last checkpoint")
+    stage = getattr(error, "pipeline_stage", None) if command == "pipeline" else command
+    if (setting := BATCH_SETTING.get(stage)) and stage in STARTS_OVER_FOR_BATCH:
+        # an unfinished training resumes only with the batch size it began with; --force on
+        # the pipeline would redo every stage
+        over = (f"start the stage over (--force --set {setting}=N)" if stage == command else
+                f"start that stage over alone (deepfake-ray {stage} --config WORKDIR/config.yaml --workdir "
+                f"WORKDIR --force --set {setting}=N), then the pipeline with --set {setting}=N")
+        return (f"{what}: lower {setting} and {over}, or run the same command again on machines with "
+                "more memory: a training resumes from its last checkpoint")
     if setting:
         fix = f"lower {setting} (--set {setting}=N), or run it on machines with more memory"
-    elif command == "pipeline":  # the stage that ran out printed its progress last
+    elif command == "pipeline":  # a stage that did not say (the stage that ran out printed its progress last)
         fix = (f"lower the batch size of the stage that ran out ({', '.join(dict.fromkeys(BATCH_SETTING.values()))}), "
                "or run it on machines with more memory")
     else:

@@ -212,12 +212,24 @@ def check_recorded_settings(cfg: Config, stage: Stage, done: dict, asked: dict) 
                          f"`{command_line(cfg.workdir, stage.command, settings_saved=False)} {remake}` to "
                          "train one anew there")
     if differ:
-        own = " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in own_settings(
-            cfg, stage, done, asked, more).items())
+        own = set_flags(own_settings(cfg, stage, done, asked, more))
         # the stage's own command: --force on the pipeline would redo every stage
         raise WorkdirState(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
-                         f"--workdir to keep both, `{command_line(cfg.workdir, stage.command, settings_saved=False)} "
-                         f"--force` with yours to redo it alone there, or its own settings ({own})")
+                         f"--workdir to keep both, `{redo_with_yours(cfg, stage, done, asked, more)}` to "
+                         f"redo it alone there with yours, or its own settings ({own})")
+
+
+def redo_with_yours(cfg: Config, stage: Stage, done: dict, asked: dict, more: list[str] = ()) -> str:
+    """The command that makes `stage` anew alone with the settings this run asks for where
+    they differ from `done`'s, the rest as the work directory's config.yaml has them: a
+    hint without them ran the demo preset's."""
+    now = stage.settings_now(asked["settings"])
+    yours = stage.hint({k: now[k] for k in differences(stage, done, asked) if k not in more})
+    return f"{command_line(cfg.workdir, stage.command)} --force {set_flags(yours)}"
+
+
+def set_flags(settings: dict) -> str:
+    return " ".join(f"--set {shlex.quote(f'{k}={as_override(v)}')}" for k, v in settings.items())
 
 
 def own_settings(cfg: Config, stage: Stage, done: dict, asked: dict, more: list[str]) -> dict:
@@ -397,8 +409,8 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
     more = grown(stage, begun, asked)
     if differ := [text for k, text in differences(stage, begun, asked).items() if k not in more]:
         raise WorkdirState(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
-                         f"run with its settings to resume it, `{command_line(cfg.workdir, stage.command, settings_saved=False)} "
-                         "--force` with yours to start it over there, or another --workdir to keep it")
+                         f"run with its settings to resume it, `{redo_with_yours(cfg, stage, begun, asked, more)}` "
+                         "to start it over there with yours, or another --workdir to keep it")
 
 
 def current(cfg: Config, stage: Stage, read: dict | None = None) -> dict | None:
@@ -451,10 +463,11 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
     if conflicts := {k: v for k, v in found.items() if k in asked}:
         _, text, folder, command = next(iter(conflicts.values()))
         keys = ", ".join(conflicts)
+        yours = set_flags({k: value_of(cfg, k) for k, (_, _, f, _) in conflicts.items() if f == folder})
         raise UsageError(f"{storage.join(cfg.workdir, folder)} was made with {text}, and {stage.command} "
                          f"reads it as it is: leave out {keys} to take the settings it was made with, or "
-                         f"run `{command_line(cfg.workdir, command, settings_saved=False)} --force` with "
-                         "yours first (then the stages after it)")
+                         f"run `{command_line(cfg.workdir, command)} --force {yours}` first, with "
+                         "yours (then the stages after it)")
     if not found:
         return cfg, ""
     made_with = cfg

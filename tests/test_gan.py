@@ -555,7 +555,8 @@ def test_fakes_encoded_unlike_the_reals_are_refused_and_the_complete_ones_kept(g
                         "--set", "data.jpeg_quality=80")
     refused = (f"{workdir}/data was made with data.jpeg_quality=95 (asked: 80), and generate reads it as it "
                "is: leave out data.jpeg_quality to take the settings it was made with, or run `deepfake-ray "
-               f"prepare --workdir {workdir} --force` with yours first")
+               f"prepare --config {workdir}/config.yaml --workdir {workdir} --force --set data.jpeg_quality=80` "
+               "first, with yours")
     assert code == 2 and len(err) == 1 and refused in err[0], err
     assert storage.completed(datasets.fakes_dir(workdir))
     # without --force too: complete fakes are not what that run should get either
@@ -838,7 +839,8 @@ def test_an_unfinished_run_resumes_only_with_the_settings_it_began_with(prepared
             assert cli.main(command + ["--set", changed]) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and f"{workdir}/gan holds an unfinished run begun with {text}" in err[0]
-            assert f"`deepfake-ray train-gan --workdir {workdir} --force` with yours to start it over" in err[0]  # even from pipeline
+            assert (f"`deepfake-ray train-gan --config {workdir}/config.yaml --workdir {workdir} --force --set "
+                    f"{changed}` to start it over there with yours" in err[0])  # even from pipeline
     more = tiny(workdir, f"gan.epochs={cfg.gan.epochs + 5}")  # a longer run: it goes on
     assert not lineage.plan(more, train.STAGE, force=False).redo
     assert lineage.plan(tiny(workdir, "gan.lr=0.002"), train.STAGE, force=True).redo

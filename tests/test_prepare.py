@@ -1224,13 +1224,16 @@ def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fak
     bare = prepare_kaggle[:-3] + ["kaggle", "--set", "data.kaggle_dataset=owner/others"]
     assert cli.main(bare) == 2  # a bare `kaggle` names data.kaggle_dataset
     err = error_lines(capsys)
+    yours = (f"deepfake-ray prepare --config {workdir}/config.yaml --workdir {workdir} --force --set "
+             "data.source=kaggle:owner/others --set data.kaggle_dataset=owner/others")
     assert err[0].endswith("was made with data.source=kaggle:owner/faces (asked: kaggle:owner/others): use "
-                           f"another --workdir to keep both, `deepfake-ray prepare --workdir {workdir} --force` with "
-                           "yours to redo it alone there, or its "
+                           f"another --workdir to keep both, `{yours}` to redo it alone there with yours, or its "
                            "own settings (--set data.source=kaggle:owner/faces --set data.kaggle_dataset=owner/faces)")
     own = err[0].rsplit("its own settings (", 1)[1].rstrip(")")
     assert cli.main(bare + shlex.split(own)) == 0  # as the line says, after the run's own --set
     assert "already complete" in capsys.readouterr().out
+    assert cli.main(shlex.split(yours)[1:]) == 0  # the redo, as it is written
+    assert fake_kaggle == ["owner/faces", "owner/others"]
 
 
 def test_a_damaged_kaggle_zip_is_one_line_and_is_not_kept(ray_session, fake_kaggle, monkeypatch,

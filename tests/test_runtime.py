@@ -540,6 +540,19 @@ def test_workers_out_of_memory_are_one_line_naming_the_batch_setting_to_lower():
         "run it on machines with more memory; then run the same command again")
     assert "(gan.batch_size, gan.generate_batch_size, detector.batch_size, serve.score_batch_size)" in \
         cli.out_of_memory_line("pipeline", node)
+    # the pipeline names its failed stage: its setting, and that stage started over alone (--force on
+    # the pipeline would redo every stage; a plain rerun with a lower batch refuses the unfinished run)
+    failed = WorkerGroupError("Training failed", {1: gpu})
+    failed.pipeline_stage = "train-detector"
+    assert cli.out_of_memory_line("pipeline", failed) == (
+        "a worker ran out of GPU memory: lower detector.batch_size and start that stage over alone "
+        "(deepfake-ray train-detector --config WORKDIR/config.yaml --workdir WORKDIR --force --set "
+        "detector.batch_size=N), then the pipeline with --set detector.batch_size=N, or run the same command "
+        "again on machines with more memory: a training resumes from its last checkpoint")
+    failed = ControllerError(gpu)
+    failed.pipeline_stage = "evaluate"
+    assert cli.out_of_memory_line("pipeline", failed).startswith(
+        "a worker ran out of GPU memory: lower serve.score_batch_size (--set serve.score_batch_size=N)")
     # a worker that died for another reason, naming the kernel's OOM killer among possible causes
     died = RuntimeError("The actor died unexpectedly. Some common causes include: (1) the process was "
                         "killed by the OOM killer due to high memory usage, (2) ray stop --force was called")
