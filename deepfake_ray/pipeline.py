@@ -115,6 +115,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             # Ctrl-C or SIGTERM, or the reader of the output gone (`| head`): no cause to fix
             stopped = isinstance(e, KeyboardInterrupt) or (isinstance(e, BrokenPipeError) and stdout_reader_gone())
             entry.update(status="interrupted" if stopped else "failed", seconds=round(time.monotonic() - started, 1))
+            if not stopped:  # kept where a job's logs are not (a cluster deleted after the job)
+                entry["error"] = error_summary(e)
             record["stages"].append(entry)
             record_beside(timings_uri, record)
             if stopped:  # the command's own line says how to resume
@@ -133,6 +135,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
             check_every_split_holds_images(cfg, made)
     closing_lines(cfg)
     return record
+
+
+def error_summary(e: BaseException) -> str:
+    """A failed stage's error in pipeline.json: its type and first line, no password."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return storage.redacted(f"{type(e).__name__}: {first}")[:500]
 
 
 def record_beside(uri: str, record: dict) -> None:

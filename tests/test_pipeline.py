@@ -345,6 +345,10 @@ def test_a_stage_that_fails_where_its_record_cannot_be_written_shows_its_own_err
 
     monkeypatch.setattr(prepare, "run", failed)
     monkeypatch.setattr(pipeline, "preflight", lambda cfg, force: None)
+    with pytest.raises(RuntimeError):  # recorded where it can be: the error too, as a job's logs go with its cluster
+        pipeline.run(config.build("tiny", workdir=str(tmp_path / "w")))
+    assert storage.read_json(f"{tmp_path}/w/pipeline.json")["stages"] == [
+        {"name": "prepare", "status": "failed", "seconds": 0.0, "error": "RuntimeError: the stage's own failure"}]
     monkeypatch.setattr(storage, "write_json", disk_full)
     with pytest.raises(RuntimeError, match="the stage's own failure") as raised:
         pipeline.run(config.build("tiny", workdir=str(tmp_path / "w")))
