@@ -171,6 +171,12 @@ S3_PROBLEMS = {
                   "http://, not https:// (AWS_ENDPOINT_URL)",
     "INVALID_OBJECT_STATE": "the object is archived (a Glacier storage class): restore it, or copy it "
                             "to a standard class, to read it",
+    # a session's credentials (SSO, an assumed role) last hours: a long training outlives them
+    "EXPIRED_TOKEN": "the AWS credentials have expired (a session token's): renew them (aws sso login, "
+                     "or a new session), then run the same command again: it resumes",
+    # MinIO's and Ceph's bucket quotas (AWS has none)
+    "QUOTA_EXCEEDED": "the bucket's quota is full: free space there or raise its quota, then run the "
+                      "same command again: it resumes",
 }
 
 
@@ -178,7 +184,9 @@ S3_PROBLEMS = {
 BOTO_PROBLEMS = {"NoSuchBucket": "NO_SUCH_BUCKET", "AccessDenied": "ACCESS_DENIED", "403": "ACCESS_DENIED",
                  "InvalidAccessKeyId": "INVALID_ACCESS_KEY_ID",
                  "SignatureDoesNotMatch": "SIGNATURE_DOES_NOT_MATCH",
-                 "InvalidObjectState": "INVALID_OBJECT_STATE"}
+                 "InvalidObjectState": "INVALID_OBJECT_STATE", "ExpiredToken": "EXPIRED_TOKEN",
+                 "RequestExpired": "EXPIRED_TOKEN", "TokenRefreshRequired": "EXPIRED_TOKEN",
+                 "QuotaExceeded": "QUOTA_EXCEEDED", "XMinioAdminBucketQuotaExceeded": "QUOTA_EXCEEDED"}
 # What S3 answers a read of one object it keeps from us while it lists the others: archived,
 # uploaded by another account, encrypted with a key we may not use (all 403s)
 OBJECT_REFUSALS = ("AccessDenied", "403", "InvalidObjectState")

@@ -993,3 +993,17 @@ def test_a_filesystem_that_refuses_file_modes_still_takes_a_write_and_leaks_no_d
     assert [(tmp_path / f"{i}.json").read_bytes() for i in range(3)] == [b"{}"] * 3
     assert len(os.listdir("/proc/self/fd")) == open_before
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("code,said", [
+    ("ExpiredToken", "the AWS credentials have expired (a session token's): renew them"),
+    ("QuotaExceeded", "the bucket's quota is full: free space there or raise its quota"),  # Ceph
+    ("XMinioAdminBucketQuotaExceeded", "the bucket's quota is full")])
+def test_expired_credentials_and_a_full_quota_are_one_line_with_their_fix(code, said):
+    """A long training outlives an SSO session's credentials; MinIO and Ceph refuse writes
+    past a bucket's quota: both ended in botocore's traceback and exit 1."""
+    from botocore.exceptions import ClientError
+
+    uri = "s3://b/runs/demo/detector/history.json"
+    refused = ClientError({"Error": {"Code": code, "Message": "refused"}}, "PutObject")
+    assert storage.explain(storage.store_error(uri, refused)).startswith(f"{uri}: {said}")
