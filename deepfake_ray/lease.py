@@ -413,9 +413,12 @@ def refuse_if_live(current: dict, info: dict, uri: str, command: str, deciding: 
         return True
     if ended is None and not deciding and info.get("ray_job"):
         return False
-    holder = f"{info.get('command', command)} (pid {info.get('pid')} on {info.get('host')})"
-    raise LockHeld(f"another {holder} is writing {uri}: wait for it to end, or use another --workdir (a run "
-                   f"that died elsewhere frees it {LAPSE_S:.0f} s after its last sign of life)", holder)
+    job = f", Ray job {info['ray_job']}" if info.get("ray_job") else ""
+    holder = f"{info.get('command', command)} (pid {info.get('pid')} on {info.get('host')}{job})"
+    # a job submitted twice is the common case: the first still runs (Ctrl-C only detaches)
+    stop = " (`ray job list` on its cluster names it, `ray job stop` ends it)" if job else ""
+    raise LockHeld(f"another {holder} is writing {uri}: wait for it to end{stop}, or use another --workdir "
+                   f"(a run that died elsewhere frees it {LAPSE_S:.0f} s after its last sign of life)", holder)
 
 
 def check_free(uri: str, command: str) -> bool:

@@ -795,7 +795,8 @@ def test_a_retried_job_on_a_new_cluster_waits_out_its_dead_attempts_s3_lock(ray_
         stop.set()
         if renewer.ident:  # started once the retry was
             renewer.join()
-    assert "refused: another pipeline (pid 7 on old-head) is writing" in out, out
+    assert "refused: another pipeline (pid 7 on old-head, Ray job 01000000) is writing" in out, out
+    assert "wait for it to end (`ray job list` on its cluster names it, `ray job stop` ends it)" in out, out
 
     # a cluster started anew at the same head address numbers its jobs from 1 again: a
     # lock naming that address but not this start of it is an earlier cluster's, waited out,
