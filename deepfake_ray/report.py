@@ -237,7 +237,7 @@ def gan(w: str) -> list:
     for uri in grids:
         rel = "gan/samples/" + uri.rsplit("/", 1)[-1]
         blocks += [Figure(f.caption, rel, f.data, small=True)
-                   for f in figure(w, rel, f"samples after epoch {epoch_of(uri) + 1}")]
+                   for f in figure(w, rel, f"generated faces (fixed noise) after epoch {epoch_of(uri) + 1}")]
     return blocks + history_blocks(w, "gan/history.json")
 
 
@@ -299,11 +299,14 @@ def robustness(w: str) -> list:
     obj = read_json(w, "eval/robustness.json")
     if not (isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values())):
         return json_blocks(obj, "eval/robustness.json")
-    from deepfake_ray.detector.metrics import REPORTED
+    from deepfake_ray.detector.metrics import CONDITIONS, REPORTED
 
     def first(metrics: dict, leave_out=()) -> dict:  # evaluate's order, then the rest
         order = [*(m for m in REPORTED if m in metrics), *(m for m in metrics if m not in REPORTED)]
         return as_metric_cells({m: metrics[m] for m in order if m not in leave_out})
+
+    # the file's keys are sorted (write_json): clean first, as evaluate prints them
+    obj = dict(sorted(obj.items(), key=lambda kv: CONDITIONS.index(kv[0]) if kv[0] in CONDITIONS else len(CONDITIONS)))
 
     # the share of fakes is the split's (said above the metrics), the matrix a figure
     rows = [{"condition": k, **first(v, ("ci95", "confusion_matrix", "fake_share"))} for k, v in obj.items()]

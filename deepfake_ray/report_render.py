@@ -51,7 +51,10 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
 img{max-width:100%;border:1px solid #ddd}figure.small{width:240px}figcaption{font-size:.9em;color:#555}
-pre{background:#f6f6f6;padding:1em;overflow-x:auto}.missing{color:#a60}.note{color:#666;font-size:.9em}"""
+pre{background:#f6f6f6;padding:1em;overflow-x:auto}.missing{color:#a60}.note{color:#666;font-size:.9em}
+td,code{overflow-wrap:anywhere}table{display:block;overflow-x:auto;max-width:100%}
+@media print{body{max-width:none}pre{white-space:pre-wrap}table{display:table;font-size:.8em}
+figure,tr{break-inside:avoid}}"""
 
 
 def mime(data: bytes) -> str:
@@ -63,13 +66,17 @@ def html_block(b) -> str:
     if isinstance(b, Table):
         head = "".join(f"<th>{e(h)}</th>" for h in b.headers)
         head = f"<thead><tr>{head}</tr></thead>" if any(b.headers) else ""  # key/value tables
-        rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+        # key/value tables: each row's key is its header, for a screen reader's sake
+        first = "<td>{}</td>" if any(b.headers) else '<th scope="row">{}</th>'
+        rows = "".join("<tr>" + "".join((first if i == 0 else "<td>{}</td>").format(e(c)) for i, c in enumerate(r))
+                       + "</tr>" for r in b.rows)
         note = f'<p class="note">{e(b.note)}</p>' if b.note else ""
         return f"<table>{head}<tbody>{rows}</tbody></table>{note}"
     if isinstance(b, Figure):
         src = f"data:{mime(b.data)};base64,{base64.b64encode(b.data).decode()}"
         cls = ' class="small"' if b.small else ""
-        return (f'<figure{cls}><img src="{src}" alt="{e(b.caption)}" data-path="{e(b.path)}">'
+        # alt left empty: the caption says what it shows, and a screen reader read it twice
+        return (f'<figure{cls}><img src="{src}" alt="" data-path="{e(b.path)}">'
                 f"<figcaption>{e(b.caption)} ({e(b.path)})</figcaption></figure>")
     if isinstance(b, Missing):
         return f'<p class="missing">Not produced yet: run <code>{e(b.command)}</code></p>'
@@ -92,8 +99,11 @@ def render_html(workdir: str, sections: list, generated: str) -> str:
 
 def md_cell(text: str) -> str:
     """A Markdown table cell of any text (a file name, a typed setting): markup shown as
-    text, not rendered; no line break or pipe that would end the cell or the row."""
+    text, not rendered (a folder named `[x](y)` made a live link in a pasted issue); no
+    line break or pipe that would end the cell or the row. An underscore inside a word
+    stays as it is: it starts no emphasis there."""
     text = html.escape(text).replace("\\", "&#92;").replace("|", "&#124;")
+    text = re.sub(r"[`*\[\]~!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: "\\" + m.group(0), text)
     return re.sub(r"[\r\n]+", " ", text)
 
 
@@ -115,14 +125,14 @@ def md_block(b) -> str:
         lines = ["| " + " | ".join(md_cell(h) for h in b.headers) + " |",
                  "|" + "---|" * len(b.headers)]
         lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b.rows]
-        return "\n".join(lines) + (f"\n\n_{b.note}_" if b.note else "")
+        return "\n".join(lines) + (f"\n\n*{md_cell(b.note)}*" if b.note else "")
     if isinstance(b, Figure):
         return f"![{b.caption}]({b.path})"
     if isinstance(b, Missing):
-        return f"_Not produced yet: run {md_code(b.command)}_"
+        return f"*Not produced yet: run {md_code(b.command)}*"
     if isinstance(b, Stale):
-        return (f"_Out of date: {b.reason}. What follows may not describe the current model; "
-                f"run {md_code(b.command)}{b.hint()}._")
+        return (f"*Out of date: {md_cell(b.reason)}. What follows may not describe the current model; "
+                f"run {md_code(b.command)}{b.hint()}.*")
     if b.pre:
         return f"{fence(b.text, 3)}yaml\n{b.text.rstrip()}\n{fence(b.text, 3)}"
     return b.text

@@ -54,11 +54,11 @@ def grid(epoch: int) -> bytes:
 def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     """A finished run's work directory; returns the figures it holds (path -> bytes)."""
     figures = dict(plots())
-    figures.update({f"gan/samples/epoch_{e:03d}.png": grid(e) for e in range(1, epochs + 1)})
+    figures.update({f"gan/samples/epoch_{e:03d}.png": grid(e) for e in range(epochs)})  # as the loop names them, from 0
     for rel, data in figures.items():
         storage.write_bytes(storage.join(w, rel), data)
     storage.write_json(storage.join(w, "data/_COMPLETE.json"), {
-        "images": 96, "rejected": 4, "source": "/photos/a|b <script>alert(1)</script>",  # a folder may be named so
+        "images": 96, "rejected": 4, "source": "/photos/a|b <script>alert(1)</script> [x](y) *best*",  # a folder may be named so
         "reasons": {"truncated": 3, "decompression-bomb": 1},
         "splits": {"train": 77, "val": 9, "test": 10}})
     storage.write_json(storage.join(w, "fakes/_COMPLETE.json"), {"images": 96, "seconds": 1.5})
@@ -160,7 +160,7 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     assert set(page.sections) == {anchor for anchor, *_ in report.SECTIONS}
     want = expected_figures(figures)
     assert set(page.images) == want
-    assert {"gan/samples/epoch_001.png", f"gan/samples/epoch_{EPOCHS:03d}.png"} <= want
+    assert {"gan/samples/epoch_000.png", f"gan/samples/epoch_{EPOCHS - 1:03d}.png"} <= want
     for rel, src in page.images.items():
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix) and base64.b64decode(src[len(prefix):]) == figures[rel]
@@ -174,15 +174,15 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
                    "<td>train-gan</td><td>skipped</td><td>0.1</td><td>61.5</td>",  # made by a run before
                    "<td>total</td><td></td><td>12,349</td><td>12,410</td>",
-                   "<td>validation.epoch</td><td>3</td>",  # counted from 1, as best epoch is
-                   "<td>best epoch</td><td>3</td>", "0.0123",  # model.json's epoch 2, counted from 1
+                   '<th scope="row">validation.epoch</th><td>3</td>',  # a key/value row's key heads it  # counted from 1, as best epoch is
+                   '<th scope="row">best epoch</th><td>3</td>', "0.0123",  # model.json's epoch 2, counted from 1
                    "<td>3</td><td>0.21</td><td>0.97</td>",  # its row in the history, counted alike
                    "detector/history.json, per epoch (counted from 1)",
                    "<td>0.99996</td>",  # not rounded to a perfect 1
-                   "<td>average_precision</td><td>1</td>",  # but a sum's rounding error is
-                   "<td>made with</td><td>deepfake-ray 0.1.0, torch 2.14.1</td>",
-                   "<td>ci95.accuracy</td><td>0.72-0.9889</td>",
-                   "<td>ci95.precision</td><td>n/a</td>",  # JSON's null, not an empty cell
+                   '<th scope="row">average_precision</th><td>1</td>',  # but a sum's rounding error is
+                   '<th scope="row">made with</th><td>deepfake-ray 0.1.0, torch 2.14.1</td>',
+                   '<th scope="row">ci95.accuracy</th><td>0.72-0.9889</td>',
+                   '<th scope="row">ci95.precision</th><td>n/a</td>',  # JSON's null, not an empty cell
                    "the held-out test split, 50% of it fakes, and those fakes made by the same GAN"]:
         assert needle in text, needle
     assert "0.0417" not in text  # the reliability bins are a figure, not a table cell
@@ -190,7 +190,8 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
     assert "](gan/losses.png)" in md and "](eval/roc.png)" in md
     # one cell, not two, its markup shown as text (a Markdown renderer passes raw HTML through)
-    assert "| source | /photos/a&#124;b &lt;script&gt;alert(1)&lt;/script&gt; |" in md
+    # a link or emphasis in a folder's name is shown as text, not made live in a pasted issue
+    assert "| source | /photos/a&#124;b &lt;script&gt;alert(1)&lt;/script&gt; \\[x\\](y) \\*best\\* |" in md
 
 
 def test_robustness_shows_every_metric_evaluate_prints_and_their_intervals_apart(tmp_path):
@@ -218,6 +219,8 @@ def test_robustness_shows_every_metric_evaluate_prints_and_their_intervals_apart
     assert "| condition | accuracy | precision | recall | false_positive_rate | roc_auc |" in md
     assert f"{report.short(low)}-{report.short(high)} |" in md
     assert "| blur_1.0 | 0.5 | n/a | 0 | 0 |" in md  # nothing flagged: no precision, not a blank
+    # in evaluate's order, clean first, not the file's sorted keys
+    assert md.index("| clean | ") < md.index("| blur_1.0 | ")
 
 
 def test_a_work_directory_named_with_a_backtick_cannot_end_its_code_span(tmp_path):
@@ -228,7 +231,7 @@ def test_a_work_directory_named_with_a_backtick_cannot_end_its_code_span(tmp_pat
     report.run(config.build("tiny", workdir=w))
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert f"Work directory ``{w}``, generated" in md, md.splitlines()[2]
-    assert "_Not produced yet: run ``deepfake-ray prepare --config " in md  # its commands name it too
+    assert "*Not produced yet: run ``deepfake-ray prepare --config " in md  # its commands name it too
 
 
 def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path):
@@ -248,7 +251,7 @@ def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path
     assert f"<code>deepfake-ray evaluate --config {w}/config.yaml --workdir {w}</code>" in text
     assert "0.981" in text  # still shown, labelled
     md = open(os.path.join(w, "report.md")).read()
-    assert f"_Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --config {w}/config.yaml --workdir {w}`._" in md
+    assert f"*Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --config {w}/config.yaml --workdir {w}`.*" in md
 
 
 def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsys):
@@ -300,15 +303,15 @@ def test_generated_fakes_say_when_they_are_out_of_date_or_missing(tmp_path, caps
     result = report.run(config.build("tiny", workdir=w))
     assert "Generated fakes" in result["stale"]
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
-    assert ("## Generated fakes\n\n_Out of date: gan/ changed since fakes/ was made. What follows may not "
-            f"describe the current model; run `deepfake-ray generate --config {w}/config.yaml --workdir {w}`._") in md
+    assert ("## Generated fakes\n\n*Out of date: gan/ changed since fakes/ was made. What follows may not "
+            f"describe the current model; run `deepfake-ray generate --config {w}/config.yaml --workdir {w}`.*") in md
     storage.delete_dir(storage.join(w, "fakes"))
     capsys.readouterr()
     result = report.run(config.build("tiny", workdir=w))
     assert "Generated fakes" in result["missing"]
     assert "not produced yet: Generated fakes" in capsys.readouterr().out
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
-    assert f"## Generated fakes\n\n_Not produced yet: run `deepfake-ray generate --config {w}/config.yaml" in md
+    assert f"## Generated fakes\n\n*Not produced yet: run `deepfake-ray generate --config {w}/config.yaml" in md
 
 
 def test_stale_metrics_name_the_first_stage_to_rerun_not_one_that_would_refuse(tmp_path):
@@ -321,9 +324,9 @@ def test_stale_metrics_name_the_first_stage_to_rerun_not_one_that_would_refuse(t
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     held_out = md.split("## Held-out test metrics\n\n")[1]
     assert held_out.startswith(
-        "_Out of date: detector/, which eval/ was made from, is out of date: fakes/ changed since detector/ "
+        "*Out of date: detector/, which eval/ was made from, is out of date: fakes/ changed since detector/ "
         "was made. What follows may not describe the current model; run `deepfake-ray train-detector "
-        f"--config {w}/config.yaml --workdir {w}`, then the stages after it._"), held_out
+        f"--config {w}/config.yaml --workdir {w}`, then the stages after it.*"), held_out
     html = open(os.path.join(w, "report.html"), encoding="utf-8").read()
     assert f"--config {w}/config.yaml --workdir {w}</code>, then the stages after it.</p>" in html
 
@@ -425,7 +428,7 @@ def test_a_stage_made_by_its_own_command_shows_the_seconds_its_marker_recorded(t
     report.run(config.build("tiny", workdir=w))
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "| prepare | skipped | 0 | 4 |" in md and "| train-gan | skipped | 0 | ? |" in md, md
-    assert "the seconds its own command recorded in its _COMPLETE.json" in md
+    assert "the seconds its own command recorded in its \\_COMPLETE.json" in md  # no italics from its _
     html = open(os.path.join(w, "report.html"), encoding="utf-8").read()
     assert "the seconds its own command recorded in its _COMPLETE.json" in html
     storage.write_json(storage.join(w, "pipeline.json"), {"stages": [

@@ -25,7 +25,7 @@ from deepfake_ray.detector import data, figures, metrics
 from deepfake_ray.detector.train import lower_rate, model_dir, stage_dir
 from deepfake_ray.errors import UsageError, warn
 
-CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
+CONDITIONS = metrics.CONDITIONS
 
 
 # nothing in the config changes the evaluation; the model and the test split do
