@@ -1034,7 +1034,7 @@ def test_a_manifest_none_of_whose_files_is_found_exits_2_and_runs_once_fixed(ray
     (manifest.parent / "faces").mkdir()
     (manifest.parent / "faces" / "face0.jpg").write_bytes(JPEG)
     assert cli.main(argv) == 0
-    assert "1 scored, 1 unreadable" in capsys.readouterr().out and out.exists()
+    assert "1 scored, 1 set aside (1 unreadable)" in capsys.readouterr().out and out.exists()
 
 
 def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, model_dir, tmp_path, capsys):
@@ -1060,7 +1060,7 @@ def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, 
     assert len(err) == 1 and "none of the 3 files" in err[0] and "is an image: the first: not an image: not a JPEG" in err[0], err
     (parts / "face.jpg").write_bytes(JPEG)  # one image among them: an ordinary run
     assert cli.main(argv) == 0
-    assert "1 scored, 3 unreadable" in capsys.readouterr().out and out.exists()
+    assert "1 scored, 3 set aside (" in capsys.readouterr().out and out.exists()
 
 
 def test_a_folder_of_web_pages_text_and_empty_files_exits_2_but_damaged_images_get_a_table(
@@ -1086,7 +1086,7 @@ def test_a_folder_of_web_pages_text_and_empty_files_exits_2_but_damaged_images_g
     (damaged / "cut.jpg").write_bytes(JPEG[: len(JPEG) // 2])
     argv[argv.index(str(folder))] = str(damaged)
     assert cli.main(argv) == 0
-    assert "0 scored, 1 unreadable" in capsys.readouterr().out
+    assert "0 scored, 1 set aside (1 truncated)" in capsys.readouterr().out  # said as what it is
     assert "truncated" in out.read_text()
 
 
@@ -1107,7 +1107,7 @@ def test_files_that_crash_the_image_library_get_a_row_and_the_rest_are_scored(mo
     rows = {os.path.basename(r["path"]): r for r in storage.read_parquet(str(out)).to_pylist()}
     assert {name for name, r in rows.items() if r["error"].startswith("killed its decoder: ")} == {"crash.jpg"}
     assert all(rows[name]["p_fake"] is not None and not rows[name]["error"] for name in GOOD)
-    assert f"{len(GOOD)} scored, 1 unreadable" in scored.stdout
+    assert f"{len(GOOD)} scored, 1 set aside (1 killed its decoder)" in scored.stdout
 
 
 def test_a_retried_scoring_task_skips_the_crashing_file_in_its_later_batches_too(ray_session, tmp_path):

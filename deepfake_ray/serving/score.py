@@ -18,6 +18,7 @@ import os
 import posixpath
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -376,8 +377,11 @@ def summarize(table: pa.Table, meta: dict, out: str, seconds: float) -> dict:
     fakes = sum(1 for label in table.column("label").to_pylist()
                 if label == meta.get("class_names", ["real", "fake"])[1])
     unscored = sum(1 for e in errors if e.startswith(NotScored.REASON))
+    # each row's reason is its error up to the first colon (error_text's "reason: detail")
+    reasons = Counter(e.split(":", 1)[0] for e in errors if not e.startswith(NotScored.REASON))
     return {"files": table.num_rows, "scored": scored, "errors": len(errors), "unscored": unscored,
-            "unreadable": len(errors) - unscored, "fakes": fakes,
+            "unreadable": len(errors) - unscored,  # every other error (the key older runs recorded)
+            "reasons": dict(reasons.most_common()), "fakes": fakes,
             "fake_share": fakes / scored if scored else None, "seconds": round(seconds, 2),
             "out": out, "model": checkpoint.model_id(meta), "threshold": float(meta.get("threshold", 0.5))}
 
@@ -559,8 +563,9 @@ def score_into(cfg: Config, model: str, src: str, out: str) -> dict:
               "remove it, or the next run into --out resumes from it", flush=True)
     s = summarize(table, meta, out, time.monotonic() - started)
     broken = f", {s['unscored']} the model gave no finite score for (it is broken)" if s["unscored"] else ""
+    why = f" ({', '.join(f'{n} {reason}' for reason, n in s['reasons'].items())})" if s["reasons"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
-          f"{s['unreadable']} unreadable{broken}; fake share {share(s['fake_share'])} "
+          f"{s['unreadable']} set aside{why}{broken}; fake share {share(s['fake_share'])} "
           f"({s['fakes']}/{s['scored']}) by {s['model']} at threshold {s['threshold']:.4g} -> {out}",
           flush=True)
     return s
