@@ -71,12 +71,14 @@ FLAG_HELP = {
 ADDRESS_HELP = ("a running Ray cluster's GCS address, HEAD:6379 (not the dashboard's URL), or auto on "
                 "one of its nodes (default: RAY_ADDRESS, else an in-process Ray)")
 FORCE_HELP = {
-    None: "start the stage over: its outputs, and an unfinished run's checkpoints, are deleted (without "
-          "it a complete stage is skipped and an unfinished one resumes); the stages made from it are "
-          "redone when next run",
+    None: "start the stage over: an unfinished run's checkpoints are deleted, and its outputs replaced "
+          "(prepare, train-detector and tune keep the complete ones until the new are ready); without it "
+          "a complete stage is skipped and an unfinished one resumes; the stages made from it are redone "
+          "when next run",
     "pipeline": "redo EVERY stage, from prepare on (to redo one, run its own command with --force)",
-    "score": "score every file again into an existing --out (without it, an --out this model scored is "
-             "kept; one another model scored is refused); a stopped run's finished parts are reused",
+    "score": "score into an existing --out again (without it, an --out this model scored is kept; one "
+             "another model scored is refused); a stopped run's finished parts are still reused: remove "
+             ".OUT.parts/ beside --out to score every file anew",
     "serve": argparse.SUPPRESS,  # accepted, and nothing to redo
     "report": argparse.SUPPRESS,  # accepted; the report is always rebuilt
 }

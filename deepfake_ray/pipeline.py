@@ -159,7 +159,7 @@ def check_every_split_holds_images(cfg: Config, prepared: dict) -> None:
 
     if empty := datasets.empty_splits(prepared):
         split = empty[0]
-        raise UsageError(f"{datasets.data_dir(cfg.workdir)} holds no {split} image: "
+        raise UsageError(f"{datasets.data_dir(cfg.workdir)} holds no {datasets.split_name(split)} image: "
                          f"{datasets.SPLIT_USES[split]}; add images to the source, or give it a larger "
                          "data.splits fraction, then run the pipeline again with --force")
 

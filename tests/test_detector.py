@@ -332,7 +332,7 @@ def test_selection_is_balanced_capped_and_keeps_test_apart(tiny_cfg, capsys):
     capped = data.select(tiny_cfg("detector.max_train_per_class=4", workdir=cfg.workdir)).counts
     assert capped == {"train": {"real": 4, "fake": 4}, "val": {"real": 6, "fake": 6}, "test": {"real": 6, "fake": 6}}
     # Ray Train splits equally. 12 val images shared by 16 workers: four would validate nothing
-    with pytest.raises(UsageError, match="val split selects 12 images, fewer than 1 for each of resources.workers=16"):
+    with pytest.raises(UsageError, match="validation split selects 12 images, fewer than 1 for each of resources.workers=16"):
         data.select(tiny_cfg("resources.workers=16", "detector.max_train_per_class=0", workdir=cfg.workdir))
     # 24 train images for 16 workers: one each, a batch of one, which is skipped: none would train
     with pytest.raises(UsageError, match=r"train split selects 24 images, fewer than 2 for each of "
@@ -387,7 +387,7 @@ def test_a_split_with_no_fakes_names_the_command_that_makes_more(tiny_cfg):
     cfg = tiny_cfg()
     build(cfg.workdir, 20, 32, fakes=False)
     write_stage(datasets.fakes_dir(cfg.workdir), [(checkerboard_face(1, i, 32), "train") for i in range(3)])
-    with pytest.raises(UsageError, match=r"the val split holds 2 real and 0 fake images; both are needed: "
+    with pytest.raises(UsageError, match=r"the validation split holds 2 real and 0 fake images; both are needed: "
                                          r"more fakes: `deepfake-ray generate --force --num N` with N above the 3"):
         data.select(cfg)
 

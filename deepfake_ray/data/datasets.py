@@ -49,12 +49,16 @@ SPLIT_USES = {"train": "the GAN and the detector train there",
               "test": "evaluate measures the detector there, on images it never saw"}
 
 
+def split_name(split: str) -> str:
+    """A split as messages and the README name it: `val` is the validation split."""
+    return "validation" if split == "val" else split
+
+
 def require_share(splits: tuple[float, ...], split: str) -> None:
     """UsageError when data.splits gives `split` ("val", "test") nothing; prepare takes
     that, so the stages that need the split check it before anything runs."""
     if len(splits) == 3 and not splits[SPLITS.index(split)] > 0:  # else prepare's check says what
-        name = "validation" if split == "val" else split
-        raise UsageError(f"data.splits={list(splits)} leaves the {name} split empty: {SPLIT_USES[split]}; "
+        raise UsageError(f"data.splits={list(splits)} leaves the {split_name(split)} split empty: {SPLIT_USES[split]}; "
                          "give it a share, e.g. --set 'data.splits=[0.8,0.1,0.1]'")
 
 

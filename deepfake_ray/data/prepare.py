@@ -769,6 +769,6 @@ def ingest_into_workdir(cfg: Config) -> dict:
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
     for split in datasets.empty_splits(summary):  # not an error here: more data may be on its way
-        warn(f"prepare: warning: the {split} split is empty ({count_images(len(manifest))} in all): "
+        warn(f"prepare: warning: the {datasets.split_name(split)} split is empty ({count_images(len(manifest))} in all): "
              f"{datasets.SPLIT_USES[split]}; add images, or give it a larger data.splits fraction")
     return summary

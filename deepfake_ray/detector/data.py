@@ -61,7 +61,7 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
             more = ("more reals: prepare a larger source" if not real else
                     f"more fakes: `deepfake-ray generate --force --num N` with N above the {len(fakes):,} "
                     "made (they are split as the reals are)")
-            raise UsageError(f"the {split} split holds {len(real)} real and {len(fake)} fake images; "
+            raise UsageError(f"the {datasets.split_name(split)} split holds {len(real)} real and {len(fake)} fake images; "
                              f"both are needed: {more}")
         capped = split == "train" and 0 < cfg.detector.max_train_per_class < min(len(real), len(fake))
         check_per_worker(split, 2 * n, cfg.resources.workers, capped)
@@ -85,7 +85,7 @@ def check_per_worker(split: str, images: int, workers: int, capped: bool = False
     least = {"train": 2, "val": 1}.get(split, 0)
     if images < least * workers:
         more = " (or raise detector.max_train_per_class)" if capped else ""
-        raise UsageError(f"the {split} split selects {images} images, fewer than {least} for each of "
+        raise UsageError(f"the {datasets.split_name(split)} split selects {images} images, fewer than {least} for each of "
                          f"resources.workers={workers}, so some workers would get too few to "
                          f"{'train' if split == 'train' else 'validate'}: use fewer workers or "
                          f"prepare more images{more}")
