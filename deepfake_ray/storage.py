@@ -139,14 +139,20 @@ def aws_config_file() -> str:
     return os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"
 
 
-@lru_cache(maxsize=None)
 def s3_filesystem() -> pafs.S3FileSystem:
-    endpoint = s3_endpoint()
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    """pyarrow's S3 filesystem for the endpoint, region and CA the environment names now:
+    a notebook that fixes AWS_ENDPOINT_URL after a failed command reads through the new
+    one (the first one made stayed for the process)."""
+    return filesystem_for(s3_endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+                          os.environ.get("AWS_CA_BUNDLE"))
+
+
+@lru_cache(maxsize=8)
+def filesystem_for(endpoint: str | None, region: str | None, ca: str | None) -> pafs.S3FileSystem:
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region:
         kwargs["region"] = region
-    if ca := os.environ.get("AWS_CA_BUNDLE"):  # a store with a private CA: boto3 reads it, pyarrow not
+    if ca:  # a store with a private CA: boto3 reads AWS_CA_BUNDLE, pyarrow not
         kwargs["tls_ca_file_path"] = ca
     # delayed open, for what Ray Train and Tune write through it (our own writes go
     # through boto3, see s3_put): a file under 5 MB is sent as one PutObject when closed,

@@ -651,11 +651,11 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
                                    f"{s3_server('faces-doubled')}/run"]
     # nothing listens there; the user and password a proxy may take are never printed
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://bob:Pr0xy-Secret@127.0.0.1:9")
-    storage.s3_filesystem.cache_clear()
+    storage.filesystem_for.cache_clear()
     try:
         assert cli.main(prepare_on + [s3_server("faces-unreached") + "/run"]) == 2
     finally:
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
     err = error_lines(capsys)
     assert len(err) == 1 and "cannot reach the S3 endpoint http://***@127.0.0.1:9" in err[0], err
     assert "Pr0xy-Secret" not in err[0] and "bob" not in err[0]

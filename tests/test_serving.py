@@ -1152,14 +1152,14 @@ def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypat
     uri = f"{s3_server('serving-test')}/in/face0.jpg"
     batch = {"index": np.arange(1), "path": np.array([uri]), "raw_path": np.array([uri.encode()], dtype=object)}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    storage.s3_filesystem.cache_clear()
+    storage.filesystem_for.cache_clear()
     try:
         with pytest.raises(OSError) as failed:
             score.read_and_decode(batch, resolution=32, max_pixels=10**6)
         assert "cannot reach the S3 endpoint http://127.0.0.1:9:" in find_usage_error(failed.value)
     finally:
         monkeypatch.undo()
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
     gone = {**batch, "raw_path": np.array([f"{s3_server('serving-test')}/in/gone.jpg".encode()], dtype=object)}
     assert score.read_and_decode(gone, resolution=32, max_pixels=10**6)["error"][0].startswith("unreadable")
 

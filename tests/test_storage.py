@@ -232,12 +232,12 @@ def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_pa
     (tmp_path / "config").write_text(f"[default]\nendpoint_url = {os.environ['AWS_ENDPOINT_URL']}\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    storage.s3_filesystem.cache_clear()
+    storage.filesystem_for.cache_clear()
     try:
         storage.write_text(f"{bucket}/hello.txt", "hi")
         assert storage.read_text(f"{bucket}/hello.txt") == "hi"
     finally:
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
 
 
 def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tmp_path):
@@ -913,18 +913,18 @@ def test_a_store_behind_a_private_ca_is_explained_then_read_with_aws_ca_bundle(t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"https://127.0.0.1:{server.server_address[1]}")
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    storage.s3_filesystem.cache_clear()
+    storage.filesystem_for.cache_clear()
     try:
         with pytest.raises(OSError) as refused:
             storage.exists("s3://private-ca/runs/config.yaml")
         assert "TLS certificate was refused: for a store whose certificate a private CA signed, set " \
                "AWS_CA_BUNDLE" in storage.explain(refused.value), refused.value
         monkeypatch.setenv("AWS_CA_BUNDLE", ca)
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
         assert storage.exists("s3://private-ca/runs/config.yaml") is False  # trusted: an answer
     finally:
         server.shutdown()
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
 
 
 def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_says_how_to_write_it(
@@ -938,7 +938,7 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
         for endpoint in (f"https://{address}", address, f"bob:Pr0xy-Secret@{address}", f"http:/{address}",
                          f"http:/bob:Pr0xy-Secret@{address}"):
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-            storage.s3_filesystem.cache_clear()
+            storage.filesystem_for.cache_clear()
             assert cli.main(prepare) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and "CA_BUNDLE" not in err[0] and "Pr0xy-Secret" not in err[0], err
@@ -955,7 +955,7 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
                                   f"https://{host} for a store that speaks TLS")
         assert not os.path.exists(tmp_path / "w" / "config.yaml")  # refused before anything was written
     finally:
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
 
 
 def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkeypatch, capsys):
@@ -965,7 +965,7 @@ def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkey
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://bob:Pr0xy-Secret@127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    storage.s3_filesystem.cache_clear()
+    storage.filesystem_for.cache_clear()
     try:
         for reach in (lambda: storage.write_bytes("s3://bucket/key", b"x"),
                       lambda: storage.exclusive("s3://bucket/w", "prepare").__enter__()):
@@ -974,7 +974,7 @@ def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkey
             told = "".join(traceback.format_exception(failed.value))  # as Ray logs a task's error
             assert "***@127.0.0.1:9" in str(failed.value) and "Pr0xy-Secret" not in told
     finally:
-        storage.s3_filesystem.cache_clear()
+        storage.filesystem_for.cache_clear()
     assert storage.redacted('URL: "https://user:pa\'ss@host/b" and s3://bucket/a@b') == \
         'URL: "https://***@host/b" and s3://bucket/a@b'  # an @ in a key is no password
 
@@ -1008,3 +1008,17 @@ def test_expired_credentials_and_a_full_quota_are_one_line_with_their_fix(code, 
     uri = "s3://b/runs/demo/detector/history.json"
     refused = ClientError({"Error": {"Code": code, "Message": "refused"}}, "PutObject")
     assert storage.explain(storage.store_error(uri, refused)).startswith(f"{uri}: {said}")
+
+
+def test_a_notebook_that_fixes_its_endpoint_reads_through_the_new_one(s3_server, monkeypatch):
+    """pyarrow's filesystem was made once per process: after a command failed on a wrong
+    AWS_ENDPOINT_URL, setting the right one in the kernel changed nothing for reads."""
+    uri = f"{s3_server('endpoint-fixed')}/runs/a.txt"
+    storage.write_text(uri, "written")
+    right = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(OSError) as failed:
+        storage.read_text(uri)
+    assert "cannot reach the S3 endpoint http://127.0.0.1:9" in storage.explain(failed.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", right)
+    assert storage.read_text(uri) == "written"
