@@ -1453,6 +1453,36 @@ def test_a_hung_replicas_healthz_answers_503_as_json():
         detector.check_health(replica)
 
 
+def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model():
+    """A forward pass out of GPU memory (another process on the GPU, a burst of batches)
+    answered each request with a 500 "internal error: OutOfMemoryError", as a broken model
+    would be; the replica stayed healthy and said nothing of serve.max_batch_size."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import torch
+
+    from deepfake_ray.serving import app, http
+
+    def short_of_memory(pixels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    detector = app.Detector.func_or_class  # its methods, on a stand-in replica: no model loaded
+    replica = SimpleNamespace(predictor=SimpleNamespace(predict_pixels=short_of_memory, device=torch.device("cuda")),
+                              stats={"batches": 0, "images": 0, "largest_batch": 0, "out_of_memory": 0},
+                              forward_thread=ThreadPoolExecutor(1), forward_started=None)
+    replica.out_of_memory = lambda: detector.out_of_memory(replica)
+    with pytest.raises(http.ApiError) as refused:
+        # the method as written, without Serve's batching (which needs a replica's context)
+        asyncio.run(detector.predict_batch.__wrapped__(replica, [np.zeros((32, 32, 3), np.uint8)]))
+    replica.forward_thread.shutdown()
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert refused.value.message == ("the replica's CUDA ran out of memory for a batch of images: retry; if it "
+                                     "repeats, lower serve.max_batch_size")
+    assert replica.stats["out_of_memory"] == 1 and replica.forward_started is None
+
+
 def test_a_replica_of_an_application_an_earlier_release_deployed_starts(model_dir):
     """That application names its model by the weights alone (ids did not yet cover the
     threshold): a replica the upgraded code starts for it (a scale-up) serves on."""

@@ -30,7 +30,7 @@ from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes
 from deepfake_ray.data.decode import DecodeError
-from deepfake_ray.errors import UsageError
+from deepfake_ray.errors import UsageError, out_of_memory
 from deepfake_ray.serving import http, isolation
 from deepfake_ray.serving.predictor import Predictor, error_status, error_text
 
@@ -136,7 +136,7 @@ class Detector:
                          "batch_wait_timeout_s": batch_wait_timeout_s}
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "predict_seconds": 0.0,
                       "decoding_now": 0, "most_decoding_at_once": 0, "done_in_threads": 0,
-                      "killed_decoders": 0}
+                      "killed_decoders": 0, "out_of_memory": 0}
         self.stats_lock = threading.Lock()  # decode threads count themselves
         # forward passes get their own thread, never queued behind decodes in the default pool
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
@@ -161,10 +161,27 @@ class Detector:
         try:  # off the event loop, so the next batch fills while this one computes
             p_fake = await asyncio.get_running_loop().run_in_executor(
                 self.forward_thread, self.predictor.predict_pixels, np.stack(images))
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            raise self.out_of_memory() from e
         finally:
             self.forward_started = None
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
+
+    def out_of_memory(self) -> http.ApiError:
+        """A batch the GPU had no memory for (other processes on it, a burst of large
+        batches): each of its requests gets a 503 to retry, not a 500 that reads as a broken
+        model, and the cache the failed pass left is given back."""
+        import torch
+
+        self.stats["out_of_memory"] += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return http.ApiError(503, f"the replica's {self.predictor.device.type.upper()} ran out of memory for a "
+                                  f"batch of images: retry; if it repeats, lower serve.max_batch_size",
+                             headers={"Retry-After": "1"})
 
     async def predict(self, blob: bytes, inline: InlineBudget | None) -> dict | DecodeError:
         """Predictor.predict_bytes for one image, its forward pass shared with others.
@@ -297,6 +314,8 @@ class Detector:
             if isinstance(outcome, DecodeError):
                 results.append({"file": name, "error": error_text(outcome),
                                 "status": error_status(outcome)})
+            elif isinstance(outcome, http.ApiError):  # its batch ran out of memory: retry it
+                results.append({"file": name, "error": outcome.message, "status": outcome.status})
             elif isinstance(outcome, Exception):  # that file's 500, as /v1/detect answers it
                 http.log.error("internal error on file %r of %s", name, request.url.path, exc_info=outcome)
                 results.append({"file": name, "error": f"internal error: {type(outcome).__name__}", "status": 500})
