@@ -215,17 +215,23 @@ def check_recorded_settings(cfg: Config, stage: Stage, done: dict, asked: dict) 
         own = set_flags(own_settings(cfg, stage, done, asked, more))
         # the stage's own command: --force on the pipeline would redo every stage
         raise WorkdirState(f"{uri(cfg, stage)} was made with {', '.join(differ)}: use another "
-                         f"--workdir to keep both, `{redo_with_yours(cfg, stage, done, asked, more)}` to "
+                         f"--workdir to keep both, `{redo_with_yours(cfg, stage)}` to "
                          f"redo it alone there with yours, or its own settings ({own})")
 
 
-def redo_with_yours(cfg: Config, stage: Stage, done: dict, asked: dict, more: list[str] = ()) -> str:
-    """The command that makes `stage` anew alone with the settings this run asks for where
-    they differ from `done`'s, the rest as the work directory's config.yaml has them: a
-    hint without them ran the demo preset's."""
-    now = stage.settings_now(asked["settings"])
-    yours = stage.hint({k: now[k] for k in differences(stage, done, asked) if k not in more})
-    return f"{command_line(cfg.workdir, stage.command)} --force {set_flags(yours)}"
+def redo_with_yours(cfg: Config, stage: Stage) -> str:
+    """The command that makes `stage` anew alone with this run's settings of it: the work
+    directory's config.yaml (another run's, maybe) with --set for each setting it holds
+    otherwise; every one, bare, where there is none to read. A hint without them ran the
+    demo preset's."""
+    yours = stage.hint(stage.settings_now(stage.settings(cfg)))
+    try:
+        saved = config.build(config_file=storage.join(cfg.workdir, "config.yaml"))
+    except UsageError:  # none there, or unreadable now
+        return f"{command_line(cfg.workdir, stage.command, settings_saved=False)} --force {set_flags(yours)}"
+    theirs = stage.hint(stage.settings_now(stage.settings(saved)))
+    differ = {k: v for k, v in yours.items() if theirs.get(k) != v}
+    return f"{command_line(cfg.workdir, stage.command)} --force {set_flags(differ)}".rstrip()
 
 
 def set_flags(settings: dict) -> str:
@@ -409,7 +415,7 @@ def check_resumable(cfg: Config, stage: Stage, begun: dict, asked: dict) -> None
     more = grown(stage, begun, asked)
     if differ := [text for k, text in differences(stage, begun, asked).items() if k not in more]:
         raise WorkdirState(f"{uri(cfg, stage)} holds an unfinished run begun with {', '.join(differ)}: "
-                         f"run with its settings to resume it, `{redo_with_yours(cfg, stage, begun, asked, more)}` "
+                         f"run with its settings to resume it, `{redo_with_yours(cfg, stage)}` "
                          "to start it over there with yours, or another --workdir to keep it")
 
 
@@ -461,13 +467,12 @@ def as_made_upstream(cfg: Config, stage: Stage, asked: set[str] = frozenset(),
     from (data/ prepared at a resolution the DCGAN has no layers for)."""
     found = upstream_made(cfg, stage)
     if conflicts := {k: v for k, v in found.items() if k in asked}:
-        _, text, folder, command = next(iter(conflicts.values()))
+        _, text, folder, _ = next(iter(conflicts.values()))
         keys = ", ".join(conflicts)
-        yours = set_flags({k: value_of(cfg, k) for k, (_, _, f, _) in conflicts.items() if f == folder})
         raise UsageError(f"{storage.join(cfg.workdir, folder)} was made with {text}, and {stage.command} "
                          f"reads it as it is: leave out {keys} to take the settings it was made with, or "
-                         f"run `{command_line(cfg.workdir, command)} --force {yours}` first, with "
-                         "yours (then the stages after it)")
+                         f"run `{redo_with_yours(cfg, maker_stage(folder))}` first, with yours (then the "
+                         "stages after it)")
     if not found:
         return cfg, ""
     made_with = cfg

@@ -116,8 +116,8 @@ def test_a_stage_run_alone_takes_the_settings_the_stages_it_reads_were_made_with
     # asked for on the command line, not left to the preset: refused, as it was not made so
     with pytest.raises(UsageError, match=rf"{tmp_path}/gan was made with gan.epochs=8 \(asked: 2\), and "
                                          r"train-detector reads it as it is: leave out gan.epochs to take the "
-                                         r"settings it was made with, or run `deepfake-ray train-gan --config .*/config.yaml --workdir .* --force "
-                                         r"--set gan.epochs=2` first, with yours"):
+                                         r"settings it was made with, or run `deepfake-ray train-gan --workdir .* --force --set seed=0 "
+                                         r"--set gan.epochs=2 --set gan.batch_size=16 .*` first, with yours"):
         lineage.as_made_upstream(asked, detector_train.STAGE, {"gan.epochs", "detector.lr"})
 
 
@@ -273,9 +273,18 @@ def test_a_stage_run_alone_refuses_an_upstream_setting_its_command_line_or_confi
         err = error_lines(capsys)
         assert err == [f"deepfake-ray train-detector: error: {made.workdir}/gan was made with gan.epochs=8 "
                        "(asked: 3), and train-detector reads it as it is: leave out gan.epochs to take the "
-                       f"settings it was made with, or run `deepfake-ray train-gan --config {made.workdir}/config.yaml "
-                       f"--workdir {made.workdir} --force --set gan.epochs=3` first, with yours (then the stages "
-                       "after it)"], asked
+                       f"settings it was made with, or run `deepfake-ray train-gan --workdir {made.workdir} --force "
+                       "--set seed=0 --set gan.epochs=3 --set gan.batch_size=16 --set gan.lr=0.0002 --set gan.beta1=0.5 "
+                       "--set gan.latent_dim=16 --set gan.g_width=8 --set gan.d_width=8` first, with yours (then "
+                       "the stages after it)"], asked  # no config.yaml there: every setting of the stage, bare
+    # the run's config.yaml there, another run's batch size in it: --set for what differs from it
+    from deepfake_ray import storage
+
+    storage.write_text(f"{made.workdir}/config.yaml", config.to_yaml(config.merge(made, {"gan": {"batch_size": 8}})))
+    assert cli.main(command + ["--set", "gan.epochs=3"]) == 2
+    assert error_lines(capsys)[0].endswith(
+        f"run `deepfake-ray train-gan --config {made.workdir}/config.yaml --workdir {made.workdir} --force --set "
+        "gan.epochs=3 --set gan.batch_size=16` first, with yours (then the stages after it)")
 
 
 def test_a_detector_marked_with_an_earlier_id_of_its_model_leaves_evaluate_current(tmp_path):
