@@ -1478,8 +1478,9 @@ def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model(
         asyncio.run(detector.predict_batch.__wrapped__(replica, [np.zeros((32, 32, 3), np.uint8)]))
     replica.forward_thread.shutdown()
     assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
-    assert refused.value.message == ("the replica's CUDA ran out of memory for a batch of images: retry; if it "
+    assert refused.value.message == ("the replica's GPU ran out of memory for a batch of images: retry; if it "
                                      "repeats, lower serve.max_batch_size")
+    assert refused.value.__context__ is None  # nothing holds the failed pass's frames (and its tensors)
     assert replica.stats["out_of_memory"] == 1 and replica.forward_started is None
 
 

@@ -158,15 +158,18 @@ class Detector:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         started = time.perf_counter()
         self.forward_started = time.monotonic()
+        short_of_memory = False
         try:  # off the event loop, so the next batch fills while this one computes
             p_fake = await asyncio.get_running_loop().run_in_executor(
                 self.forward_thread, self.predictor.predict_pixels, np.stack(images))
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            raise self.out_of_memory() from e
+            short_of_memory = True
         finally:
             self.forward_started = None
+        if short_of_memory:  # out of the except clause: its traceback held the pass's tensors
+            raise self.out_of_memory()
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
 
@@ -179,9 +182,9 @@ class Detector:
         self.stats["out_of_memory"] += 1
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return http.ApiError(503, f"the replica's {self.predictor.device.type.upper()} ran out of memory for a "
-                                  f"batch of images: retry; if it repeats, lower serve.max_batch_size",
-                             headers={"Retry-After": "1"})
+        device = "GPU" if self.predictor.device.type == "cuda" else self.predictor.device.type.upper()
+        return http.ApiError(503, f"the replica's {device} ran out of memory for a batch of images: retry; "
+                                  "if it repeats, lower serve.max_batch_size", headers={"Retry-After": "1"})
 
     async def predict(self, blob: bytes, inline: InlineBudget | None) -> dict | DecodeError:
         """Predictor.predict_bytes for one image, its forward pass shared with others.

@@ -322,7 +322,8 @@ def error_responses(*statuses: int) -> dict:
             413: "too large: the body (serve.max_body_bytes), the image or the file count",
             415: "not an image, or not multipart", 422: "a damaged image",
             500: "the model gave no finite score",
-            503: "the replica holds its limit of uploads (serve.max_buffered_bytes): retry"}
+            503: "the replica holds its limit of uploads (serve.max_buffered_bytes), or its GPU ran out of "
+                 "memory for a batch: retry (Retry-After)"}
     return {status: {"description": what[status], "content": ERROR_BODY} for status in statuses}
 
 
