@@ -701,11 +701,8 @@ def walk_local(root: str) -> list[str]:
                         folders.append((entry.path, here))
                     else:
                         files.append(entry.path)
-        except OSError as e:  # no permission, or a link to nowhere
-            if e.errno in MOUNT_GONE | {errno.EIO}:  # not this folder's: a listing without it would pass as whole
-                raise UsageError(f"listing {shown(folder)} failed ({e.strerror}): its filesystem, not the "
-                                 "folder (a network mount gone stale, a failing disk?): check it, then run "
-                                 "again") from None
+        except OSError as e:  # no permission, or a link to nowhere: left out, and said
+            raise_store_failure(folder, e, listing=True)  # a listing without it would pass as whole
             unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
     if unreadable:
         warn(f"warning: {len(unreadable)} folder(s) under {root} could not be read, and their files "
@@ -722,16 +719,20 @@ UNREADABLE_UNDER: dict[str, int] = {}  # local folder -> visible folders its las
 MOUNT_GONE = {errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH}
 
 
-def raise_store_failure(uri: str, e: OSError) -> None:
+def raise_store_failure(uri: str, e: OSError, listing: bool = False) -> None:
     """Raises when reading `uri` failed for its store's sake (S3's network or credentials,
     a network mount gone stale), not the file's own (gone, no permission): every file
-    after it would fail alike, so the run stops rather than set each aside."""
+    after it would fail alike, so the run stops rather than set each aside. A folder
+    (`listing`) whose disk fails (EIO) stops it too: its files would be missed unseen,
+    where one file's bad sector is that file's row."""
     if is_s3(uri):
         if not isinstance(e, (FileNotFoundError, ObjectRefused)):
             raise e
-    elif e.errno in MOUNT_GONE:
-        raise UsageError(f"reading {shown(uri)} failed ({e.strerror}): the source's filesystem, not the "
-                         "file (a network mount gone stale?): check the mount, then run again") from None
+    elif e.errno in MOUNT_GONE or (listing and e.errno == errno.EIO):
+        what = ("listing", "folder") if listing else ("reading", "file")
+        raise UsageError(f"{what[0]} {shown(uri)} failed ({e.strerror}): the source's filesystem, not the "
+                         f"{what[1]} (a network mount gone stale, a failing disk?): check it, then run "
+                         "again") from None
 
 
 def folders_above(root: str) -> frozenset[tuple[int, int]]:
