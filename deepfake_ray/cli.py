@@ -13,7 +13,6 @@ import difflib
 import importlib
 import os
 import re
-import shlex
 import signal
 import sys
 import time
@@ -497,7 +496,7 @@ def out_of_memory_line(command: str, error: BaseException) -> str | None:
         # the pipeline would redo every stage
         over = (f"start the stage over (--force --set {setting}=N)" if stage == command else
                 f"start that stage over alone (deepfake-ray {stage} --config WORKDIR/config.yaml --workdir "
-                f"WORKDIR --force --set {setting}=N), then the pipeline with --set {setting}=N")
+                f"WORKDIR --force --set {setting}=N), then the pipeline with --set {setting}=N and without --force")
         return (f"{what}: lower {setting} and {over}, or run the same command again on machines with "
                 "more memory: a training resumes from its last checkpoint")
     if setting:
@@ -521,14 +520,14 @@ def escape_odd_bytes(e: UnicodeError) -> tuple[str, int]:
                    else c.encode("ascii", "backslashreplace").decode() for c in text), e.end
 
 
-def configure_output(exits: bool) -> None:
+def configure_output() -> None:
     """Output a log file reads as a terminal shows it:
     - a message naming a folder whose name is not UTF-8 (an old Latin-1 archive's) is
       printed, escaped, instead of failing the command (stdout's default is to raise);
     - stdout is line-buffered: into a file or pipe (nohup, tee, CI) it was block-buffered,
       and a failed run's log ended with its stage headers, after the error line on stderr;
-    - Ray's worker prefixes carry no colour codes there, or with NO_COLOR set (where the
-      process ends with the command: a notebook shows colours, and keeps its environment)."""
+    - Ray's worker prefixes carry no colour codes there, or with NO_COLOR set (but in a
+      notebook or at a prompt, which shows colours and keeps its environment)."""
     import codecs
 
     codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
@@ -539,7 +538,8 @@ def configure_output(exits: bool) -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="deepfake_ray.escape", line_buffering=True)
-    if exits and ("NO_COLOR" in os.environ or not sys.stdout.isatty()):
+    at_a_prompt = "IPython" in sys.modules or hasattr(sys, "ps1")
+    if not at_a_prompt and ("NO_COLOR" in os.environ or not sys.stdout.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
 
 
@@ -670,7 +670,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line, or exit 2 with one line naming the command whose flags are wrong.
     A notebook's paths may be pathlib.Path: taken as the text they stand for."""
     if isinstance(argv, (str, bytes)):  # would be parsed a character at a time
-        raise TypeError(f"argv is a list of arguments, e.g. {shlex.split(os.fsdecode(argv))!r}, not one string")
+        raise TypeError(f"argv is a list of arguments, e.g. {os.fsdecode(argv).split()!r}, not one string")
     argv = sys.argv[1:] if argv is None else [os.fsdecode(os.fspath(a)) if isinstance(a, os.PathLike) else a
                                               for a in argv]
     p = parser()
@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         print("deepfake-ray: error: native Windows is not supported: run it in WSL2, or on "
               "Linux or macOS", file=sys.stderr)
         return 2
-    configure_output(exits)
+    configure_output()
     try:
         args = parse(argv)
     except SystemExit as e:  # a mistake on the line (said), --help or --version: a code, as below

@@ -547,7 +547,8 @@ def test_workers_out_of_memory_are_one_line_naming_the_batch_setting_to_lower():
     assert cli.out_of_memory_line("pipeline", failed) == (
         "a worker ran out of GPU memory: lower detector.batch_size and start that stage over alone "
         "(deepfake-ray train-detector --config WORKDIR/config.yaml --workdir WORKDIR --force --set "
-        "detector.batch_size=N), then the pipeline with --set detector.batch_size=N, or run the same command "
+        "detector.batch_size=N), then the pipeline with --set detector.batch_size=N and without --force, or run "
+        "the same command "
         "again on machines with more memory: a training resumes from its last checkpoint")
     failed = ControllerError(gpu)
     failed.pipeline_stage = "evaluate"

@@ -8,9 +8,10 @@ from sklearn import metrics as skm
 
 CALIBRATION_BINS = 10  # equal-width p_fake bins of the expected calibration error (ECE)
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95% intervals
-# per condition, in this order: evaluate's table, robustness.json, the report's columns
-# evaluate's conditions, clean first: robustness.json and the report keep this order
+# evaluate's conditions, clean first: its table and the report's rows come in this order
+# (robustness.json's keys are sorted, as every JSON file of ours)
 CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
+# per condition, in this order: evaluate's table, robustness.json, the report's columns
 REPORTED = ["accuracy", "precision", "recall", "false_positive_rate", "f1", "roc_auc", "average_precision",
             "brier", "ece"]
 

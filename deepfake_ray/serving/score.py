@@ -511,7 +511,7 @@ def check_writable(out: str) -> None:
             raise UsageError(f"cannot write --out {out}: {file} is a file, not a folder: "
                              "pass a path in a folder") from None
         raise UsageError(storage.explain(e) or f"cannot write --out {out} "  # S3's own words, when no fix of ours
-                         f"({e.strerror or e or type(e).__name__}): pass a location you can write to") from None
+                         f"({e.strerror or str(e) or type(e).__name__}): pass a location you can write to") from None
 
 
 def run(cfg: Config, force: bool = False, model: str | None = None, input: str | None = None,
