@@ -16,41 +16,75 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import deepfake_ray
 from deepfake_ray.errors import (Terminated, UsageError, disk_full, find_error, find_usage_error, note_sigterm,
                                  out_of_memory, stdout_reader_gone, stop_signal, to_devnull)
 
-# command -> (module with run(cfg, **options), help, {flag: config key or None for an option})
+
+@dataclass(frozen=True)
+class Command:
+    """What the CLI knows of one command; its module has run(cfg, **options)."""
+    module: str
+    help: str
+    flags: dict[str, str | None] = field(default_factory=dict)  # flag -> the config key it sets (None: an option)
+    required: tuple[str, ...] = ()
+    set_example: str | None = None  # what --set's help shows: a key the command reads
+    force_help: str | None = None  # None: FORCE_HELP, a stage's
+    # one at a time per work directory: two trainings would share one run's checkpoints,
+    # and one's --force would delete what the other writes
+    writes: bool = True
+    workdir: bool = True  # score and serve read --model and --input, write --out: no work directory
+    ray: bool = True  # report reads files only
+    keeps_config: bool = False  # must not overwrite the run's resolved config
+    batch: str | None = None  # the batch its workers hold in memory: what to lower when they run out
+    batch_recorded: bool = False  # a setting it records: an unfinished training resumes only with it
+
+
+FORCE_HELP = ("start the stage over: an unfinished run's checkpoints are deleted, and its outputs replaced "
+              "(prepare, train-detector and tune keep the complete ones until the new are ready); without "
+              "it a complete stage is skipped and an unfinished one resumes; the stages made from it are "
+              "redone when next run")
 COMMANDS = {
-    "pipeline": ("deepfake_ray.pipeline", "prepare, train-gan, generate, train-detector (or tune, with "
-                 "tune.enabled), evaluate, score the test split, report; complete stages are skipped",
-                 {"--source": "data.source"}),
-    "prepare": ("deepfake_ray.data.prepare", "ingest a face dataset into WORKDIR/data",
-                {"--source": "data.source"}),
-    "train-gan": ("deepfake_ray.gan.train", "train the DCGAN with Ray Train", {}),
-    "generate": ("deepfake_ray.gan.generate", "generate fakes with the trained DCGAN",
-                 {"--num": "gan.num_fakes"}),
-    "train-detector": ("deepfake_ray.detector.train", "fine-tune the detector with Ray Train", {}),
-    "tune": ("deepfake_ray.detector.tune", "sweep the detector learning rate with Ray Tune",
-             {"--samples": "tune.samples"}),
-    "evaluate": ("deepfake_ray.detector.evaluate", "measure the detector on the held-out test split, "
-                 "clean and degraded, into WORKDIR/eval", {}),
-    "score": ("deepfake_ray.serving.score", "score a folder, bucket or manifest into a table",
-              {"--model": None, "--input": None, "--out": None}),
-    "serve": ("deepfake_ray.serving.app", "serve the detector over HTTP with Ray Serve",
-              {"--model": None, "--host": "serve.host", "--port": "serve.port"}),
-    "report": ("deepfake_ray.report", "write WORKDIR/report.html and report.md", {}),
+    "pipeline": Command(
+        "deepfake_ray.pipeline", "prepare, train-gan, generate, train-detector (or tune, with tune.enabled), "
+        "evaluate, score the test split, report; complete stages are skipped", {"--source": "data.source"},
+        set_example="gan.epochs=20",
+        force_help="redo EVERY stage, from prepare on (to redo one, run its own command with --force)"),
+    "prepare": Command("deepfake_ray.data.prepare", "ingest a face dataset into WORKDIR/data",
+                       {"--source": "data.source"}, set_example="data.resolution=128"),
+    "train-gan": Command("deepfake_ray.gan.train", "train the DCGAN with Ray Train", set_example="gan.epochs=20",
+                         batch="gan.batch_size", batch_recorded=True),
+    "generate": Command("deepfake_ray.gan.generate", "generate fakes with the trained DCGAN",
+                        {"--num": "gan.num_fakes"}, set_example="gan.generate_batch_size=128",
+                        batch="gan.generate_batch_size"),
+    "train-detector": Command("deepfake_ray.detector.train", "fine-tune the detector with Ray Train",
+                              set_example="detector.lr=3e-4", batch="detector.batch_size", batch_recorded=True),
+    # tune refuses detector.lr: it sweeps it
+    "tune": Command("deepfake_ray.detector.tune", "sweep the detector learning rate with Ray Tune",
+                    {"--samples": "tune.samples"}, set_example="tune.epochs=3", batch="detector.batch_size",
+                    batch_recorded=True),
+    "evaluate": Command("deepfake_ray.detector.evaluate", "measure the detector on the held-out test split, "
+                        "clean and degraded, into WORKDIR/eval", set_example="serve.score_batch_size=64",
+                        batch="serve.score_batch_size"),
+    "score": Command(
+        "deepfake_ray.serving.score", "score a folder, bucket or manifest into a table",
+        {"--model": None, "--input": None, "--out": None}, required=("--model", "--input", "--out"),
+        set_example="serve.score_batch_size=64",
+        force_help="score into an existing --out again (without it, an --out this model scored is kept; one "
+                   "another model scored is refused); a stopped run's finished parts are still reused: remove "
+                   ".OUT.parts/ beside --out to score every file anew",
+        writes=False, workdir=False, keeps_config=True, batch="serve.score_batch_size"),
+    "serve": Command("deepfake_ray.serving.app", "serve the detector over HTTP with Ray Serve",
+                     {"--model": None, "--host": "serve.host", "--port": "serve.port"}, required=("--model",),
+                     set_example="serve.max_replicas=2", force_help=argparse.SUPPRESS,  # accepted: nothing to redo
+                     writes=False, workdir=False, keeps_config=True),
+    "report": Command("deepfake_ray.report", "write WORKDIR/report.html and report.md",
+                      force_help=argparse.SUPPRESS,  # accepted; the report is always rebuilt
+                      writes=False, ray=False, keeps_config=True),
 }
-NO_RAY = ("report",)  # reads files only
-KEEP_CONFIG = ("score", "serve", "report")  # must not overwrite the run's resolved config
-# one at a time per work directory: two trainings would share one run's checkpoints, and
-# one's --force would delete what the other writes
-WRITERS = ("pipeline", "prepare", "train-gan", "generate", "train-detector", "tune", "evaluate")
-REQUIRED = {"score": ("--model", "--input", "--out"), "serve": ("--model",)}
-
-
-NO_WORKDIR = ("score", "serve")  # read --model and --input, write --out: no work directory
+WRITERS = tuple(name for name, c in COMMANDS.items() if c.writes)  # jobs/_entry.py adds --run-name to these
 
 
 # a flag that sets a config key says which (an error about its value names the key)
@@ -69,18 +103,6 @@ FLAG_HELP = {
 }
 ADDRESS_HELP = ("a running Ray cluster's GCS address, HEAD:6379 (not the dashboard's URL), or auto on "
                 "one of its nodes (default: RAY_ADDRESS, else an in-process Ray)")
-FORCE_HELP = {
-    None: "start the stage over: an unfinished run's checkpoints are deleted, and its outputs replaced "
-          "(prepare, train-detector and tune keep the complete ones until the new are ready); without it "
-          "a complete stage is skipped and an unfinished one resumes; the stages made from it are redone "
-          "when next run",
-    "pipeline": "redo EVERY stage, from prepare on (to redo one, run its own command with --force)",
-    "score": "score into an existing --out again (without it, an --out this model scored is kept; one "
-             "another model scored is refused); a stopped run's finished parts are still reused: remove "
-             ".OUT.parts/ beside --out to score every file anew",
-    "serve": argparse.SUPPRESS,  # accepted, and nothing to redo
-    "report": argparse.SUPPRESS,  # accepted; the report is always rebuilt
-}
 DESCRIPTION = """Detect GAN-generated face images: each stage of the pipeline is a command, run
 on an in-process Ray (the default) or a Ray cluster (--address)."""
 EPILOG = """examples:
@@ -95,13 +117,6 @@ SIGTERM, 129 SIGHUP, 138 SIGUSR1 (a rerun resumes); 141 the reader of the output
 
 'deepfake-ray COMMAND --help' for a command's options; README.md is the guide;
 docs/configuration.md lists every config key."""
-# what --set's help shows: a key the command reads (tune refuses detector.lr: it sweeps it)
-SET_EXAMPLE = {"pipeline": "gan.epochs=20", "prepare": "data.resolution=128", "train-gan": "gan.epochs=20",
-               "generate": "gan.generate_batch_size=128", "train-detector": "detector.lr=3e-4",
-               "tune": "tune.epochs=3", "evaluate": "serve.score_batch_size=64",
-               "score": "serve.score_batch_size=64", "serve": "serve.max_replicas=2", "report": None}
-
-
 class PrintVersion(argparse.Action):
     """argparse's own version action wraps the line at the terminal's width and reads
     the packages' metadata for every command; this does so only when asked."""
@@ -138,25 +153,25 @@ def parser() -> argparse.ArgumentParser:
                    help="print the version, and those of the libraries it runs on and Python; exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     p.commands = {}
-    for name, (_, help_text, flags) in COMMANDS.items():
+    for name, command in COMMANDS.items():
         # no abbreviations: `--se` for --set would become ambiguous with a flag added later
-        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        c = p.commands[name] = sub.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
         c.add_argument("--preset", default="demo", metavar="NAME",
                        help=f"config preset: {', '.join(preset_names())} (default: demo); README's "
                             "Presets says what each is for")
         c.add_argument("--config", metavar="FILE", help="YAML file layered over the preset (flags and --set "
                        "win over it), e.g. WORKDIR/config.yaml for that run's settings")
-        example = SET_EXAMPLE[name]
+        example = command.set_example
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key (repeatable; wins over --config and flags)"
                             + (f", e.g. --set {example}" if example else "") + "; every key: docs/configuration.md")
         # accepted everywhere, as scripts pass them; offered only where they are read
-        c.add_argument("--workdir", help=argparse.SUPPRESS if name in NO_WORKDIR else
+        c.add_argument("--workdir", help=argparse.SUPPRESS if not command.workdir else
                        "local folder or s3://bucket/prefix; sets workdir (default: runs/<preset>)")
-        c.add_argument("--address", help=argparse.SUPPRESS if name in NO_RAY else ADDRESS_HELP)
-        c.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_HELP[None]))
-        for flag in flags:
-            required = flag in REQUIRED.get(name, ())
+        c.add_argument("--address", help=ADDRESS_HELP if command.ray else argparse.SUPPRESS)
+        c.add_argument("--force", action="store_true", help=command.force_help or FORCE_HELP)
+        for flag in command.flags:
+            required = flag in command.required
             c.add_argument(flag, required=required, help=FLAG_HELP[flag] + (" (required)" if required else ""))
     return p
 
@@ -175,7 +190,7 @@ def asked_keys(args: argparse.Namespace) -> set[str]:
         return [k for key, value in section.items() for k in (
             dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
 
-    keys = {key for flag, key in COMMANDS[args.command][2].items()
+    keys = {key for flag, key in COMMANDS[args.command].flags.items()
             if key and getattr(args, flag.lstrip("-").replace("-", "_")) is not None}
     keys |= {set_key(o) for o in args.overrides}
     return keys | set(dotted(config.load_file(args.config))) if args.config else keys
@@ -186,7 +201,7 @@ def build_config(args: argparse.Namespace):
     from deepfake_ray.data import sources
 
     flagged, paths = [], [args.workdir]
-    for flag, key in COMMANDS[args.command][2].items():
+    for flag, key in COMMANDS[args.command].flags.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if key and value is not None:
             flagged.append(f"{key}={value}")
@@ -270,7 +285,7 @@ def check_swept_settings(command: str, cfg, overrides: list[str]) -> None:
 
 def options(args: argparse.Namespace) -> dict:
     opts = {"force": args.force}
-    for flag, key in COMMANDS[args.command][2].items():
+    for flag, key in COMMANDS[args.command].flags.items():
         if key is None:
             opts[flag.lstrip("-")] = getattr(args, flag.lstrip("-"))
     return opts
@@ -476,33 +491,26 @@ def usage_line(error: BaseException) -> str | None:
     return str(getattr(usage, "cause", None) or usage).split("\n", 1)[0] if usage else None
 
 
-# the batch a command's workers hold in memory at once: what to lower when they run out
-BATCH_SETTING = {"train-gan": "gan.batch_size", "generate": "gan.generate_batch_size",
-                 "train-detector": "detector.batch_size", "tune": "detector.batch_size",
-                 "evaluate": "serve.score_batch_size", "score": "serve.score_batch_size"}
-
-
-STARTS_OVER_FOR_BATCH = {"train-gan", "train-detector", "tune"}  # their batch size is a setting they record
-
-
 def out_of_memory_line(command: str, error: BaseException) -> str | None:
     """The one line for workers that ran out of memory (a Ray Train run gives up after
     retrying them), with the setting to lower; None for any other error."""
     if not (what := find_error(error, out_of_memory)):
         return None
-    stage = getattr(error, "pipeline_stage", None) if command == "pipeline" else command
-    if (setting := BATCH_SETTING.get(stage)) and stage in STARTS_OVER_FOR_BATCH:
+    failed = getattr(error, "pipeline_stage", None) if command == "pipeline" else command
+    stage = COMMANDS.get(failed)
+    if (setting := stage and stage.batch) and stage.batch_recorded:
         # an unfinished training resumes only with the batch size it began with; --force on
         # the pipeline would redo every stage
-        over = (f"start the stage over (--force --set {setting}=N)" if stage == command else
-                f"start that stage over alone (deepfake-ray {stage} --config WORKDIR/config.yaml --workdir "
+        over = (f"start the stage over (--force --set {setting}=N)" if failed == command else
+                f"start that stage over alone (deepfake-ray {failed} --config WORKDIR/config.yaml --workdir "
                 f"WORKDIR --force --set {setting}=N), then the pipeline with --set {setting}=N and without --force")
         return (f"{what}: lower {setting} and {over}, or run the same command again on machines with "
                 "more memory: a training resumes from its last checkpoint")
     if setting:
         fix = f"lower {setting} (--set {setting}=N), or run it on machines with more memory"
     elif command == "pipeline":  # a stage that did not say (the stage that ran out printed its progress last)
-        fix = (f"lower the batch size of the stage that ran out ({', '.join(dict.fromkeys(BATCH_SETTING.values()))}), "
+        batches = dict.fromkeys(c.batch for c in COMMANDS.values() if c.batch)
+        fix = (f"lower the batch size of the stage that ran out ({', '.join(batches)}), "
                "or run it on machines with more memory")
     else:
         fix = "run it on machines with more memory"
@@ -550,15 +558,16 @@ def execute(args: argparse.Namespace) -> int:
     with sources.listed_once(), contextlib.ExitStack() as held:
         stop_on_sigterm(held)  # first, so that it goes back last: after the lock and config.yaml
         cfg = build_config(args)
-        module = importlib.import_module(COMMANDS[args.command][0])
+        command = COMMANDS[args.command]
+        module = importlib.import_module(command.module)
         from deepfake_ray import lineage, runtime, storage
 
-        if args.command not in NO_RAY:  # first: the checks below read those paths too
+        if command.ray:  # first: the checks below read those paths too
             check_utf8(args)
         check_paths_outside_job_code(args, cfg)
-        if args.command not in NO_WORKDIR:  # score and serve have none: runs/demo is not theirs
+        if command.workdir:  # score and serve have none: runs/demo is not theirs
             storage.check_workdir(cfg.workdir)
-        if args.command in WRITERS:
+        if command.writes:
             sources.check_no_foreign_stage_folders(cfg.workdir, args.command)
 
         # a stage's own checks that need no Ray: a mistake, or nothing to do, in a second
@@ -579,29 +588,29 @@ def execute(args: argparse.Namespace) -> int:
             # a run writing there says more: it may be making the inputs, or be the
             # unfinished run whose settings differ (a mistake of this command's own, a
             # missing --source, is said as it is)
-            if args.command in WRITERS:
+            if command.writes:
                 storage.check_not_held(cfg.workdir, args.command)
             raise
         if taken:  # said once the stage runs: a complete one takes nothing, records nothing
             print(taken, flush=True)
-        if args.command not in NO_RAY:
+        if command.ray:
             runtime.check_address(args.address)
-        writes_config = args.command not in KEEP_CONFIG
+        writes_config = not command.keeps_config
         # refused before this run changes anything there (config.yaml included). A local
         # lock is taken now (the OS knows whether its holder lives): another run starting
         # meanwhile is refused, not let write its config.yaml. On S3, when only the
         # cluster can tell whether the holder lives, the lock and config.yaml wait for Ray.
-        lock_now = args.command in WRITERS and not storage.is_s3(cfg.workdir)
+        lock_now = command.writes and not storage.is_s3(cfg.workdir)
         if lock_now:
             take_lock(held, cfg, args.command)
-        free = storage.check_free(cfg.workdir, args.command) if args.command in WRITERS and not lock_now else True
+        free = storage.check_free(cfg.workdir, args.command) if command.writes and not lock_now else True
         if writes_config and free:  # first: an unwritable workdir fails before Ray starts
             held.enter_context(settings_recorded(cfg))
-        if args.command not in NO_RAY:
+        if command.ray:
             start_ray(args.address)
-        if args.command in WRITERS:
+        if command.writes:
             runtime.check_shared(cfg.workdir, source_to_read(args, cfg))
-        if args.command in WRITERS and not lock_now:
+        if command.writes and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
         if writes_config and not free:
             held.enter_context(settings_recorded(cfg))
@@ -634,7 +643,7 @@ def check_paths_outside_job_code(args: argparse.Namespace, cfg) -> None:
     --working-dir . -- deepfake-ray pipeline` put the preset's runs/NAME in the job's copy."""
     from deepfake_ray.runtime import check_outside_job_code
 
-    if args.command not in NO_WORKDIR:
+    if COMMANDS[args.command].workdir:
         check_outside_job_code(cfg.workdir, "--workdir")
     check_outside_job_code(source_read(args.command, cfg), "data.source")
     for flag in ("--model", "--input", "--out"):  # score's and serve's
