@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
             quiet_ray_output_after_an_error(exits)
             print(f"deepfake-ray {args.command}: error: {in_stage(e)}{shown(line)}", file=sys.stderr)
             return 2
-        from deepfake_ray.storage import redacted
+        from deepfake_ray.s3 import redacted
 
         print(redacted(traceback.format_exc()), end="", file=sys.stderr)  # botocore quotes the endpoint
         print(failure_line(args.command, e, time.monotonic() - started), file=sys.stderr)

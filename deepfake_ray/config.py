@@ -175,7 +175,7 @@ def load_preset(name: str) -> dict:
 
 
 def load_file(path: str) -> dict:
-    from deepfake_ray import storage
+    from deepfake_ray import s3, storage
 
     try:
         data = yaml.load(storage.read_bytes(path), NumbersAsTyped)
@@ -186,7 +186,7 @@ def load_file(path: str) -> dict:
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML: {yaml_problem(e)}")
     except OSError as e:  # an S3 problem the user can fix (network, bucket, keys), no permission
-        raise UsageError(storage.explain(e) or f"config file {path} cannot be read ({e.strerror or e}): "
+        raise UsageError(s3.explain(e) or f"config file {path} cannot be read ({e.strerror or e}): "
                          "check it, or pass another YAML file to --config")
     if data is None:  # empty, or comments only: a file that changes nothing yet
         return {}

@@ -106,10 +106,10 @@ def stop_signal(stop: KeyboardInterrupt) -> int | None:
 def find_usage_error(e: BaseException) -> UsageError | str | None:
     """A UsageError, or an S3 failure the user can fix, behind `e`: raised inside a Ray
     task, it arrives wrapped."""
-    from deepfake_ray import storage
+    from deepfake_ray import s3
 
     return find_error(e, lambda f: f if isinstance(f, UsageError)
-                      else storage.explain(f) or disk_full(f) or not_permitted(f))
+                      else s3.explain(f) or disk_full(f) or not_permitted(f))
 
 
 def disk_full(e: BaseException) -> str | None:

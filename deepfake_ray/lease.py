@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 
-from deepfake_ray import storage
+from deepfake_ray import s3, storage
 from deepfake_ray.errors import LockHeld, UsageError, warn
 
 LOCK = ".lock"
@@ -177,10 +177,10 @@ def error_code(e: Exception) -> str:
 def held(uri: str, command: str):
     """Holds `<uri>/.lock` on S3, or fails with UsageError while a live run does; a lock a
     run on another Ray cluster holds is waited on until it lapses (`take`, up to LAPSE_S)."""
-    client, bucket, prefix = storage.s3_client(uri, quick=True)
+    client, bucket, prefix = s3.s3_client(uri, quick=True)
     key = f"{prefix}/{LOCK}" if prefix else LOCK
     token = secrets.token_hex(8)
-    with storage.store_errors(storage.join(uri, LOCK)):  # an unreachable store: one line, no password
+    with s3.store_errors(storage.join(uri, LOCK)):  # an unreachable store: one line, no password
         etag = take(client, bucket, key, uri, command, token)
     renewed = [awake_s()]  # once taken: take may wait out another cluster's lock for minutes
     if etag is None:  # a store without conditional writes
@@ -242,7 +242,7 @@ def release(client, bucket: str, key: str, etag: str, command: str) -> None:
     try:
         deleted = delete_if_unchanged(client, bucket, key, etag)
     except (BotoCoreError, ClientError) as e:
-        warn(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({storage.redacted(str(e))}): the next "
+        warn(f"{command}: warning: could not delete the lock s3://{bucket}/{key} ({s3.redacted(str(e))}): the next "
              f"run may wait up to {LAPSE_S:.0f} s for it")
         return
     if not deleted and held_by_another(client, bucket, key, etag):  # gone: our delete's reply was lost
@@ -394,7 +394,7 @@ def take_over(client, bucket: str, key: str, uri: str, command: str, token: str,
         try:
             own = own_etag(client, bucket, key, token)
         except (BotoCoreError, ClientError) as unread:  # not knowing is not losing: the store's
-            raise storage.store_error(uri, unread) from unread
+            raise s3.store_error(uri, unread) from unread
         if own is not None:
             return own  # this write went through; its reply was lost, and the retry refused
         raise LockHeld(f"another {command} took over {uri}'s lock just now: wait for it to end, "
@@ -428,7 +428,7 @@ def check_free(uri: str, command: str) -> bool:
     wrong in the words every S3 failure gets, and `held` takes the lock itself."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client, bucket, prefix = storage.s3_client(uri)
+    client, bucket, prefix = s3.s3_client(uri)
     try:
         current = client.get_object(Bucket=bucket, Key=f"{prefix}/{LOCK}" if prefix else LOCK)
     except (BotoCoreError, ClientError):
@@ -467,7 +467,7 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                 try:
                     own = own_etag(client, bucket, key, token)
                 except (BotoCoreError, ClientError) as unread:  # not knowing is not losing
-                    warn(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({storage.redacted(str(unread))}); "
+                    warn(f"{command}: warning: could not read the lock s3://{bucket}/{key} ({s3.redacted(str(unread))}); "
                          "trying again")
                     continue
                 if own is not None:
@@ -480,7 +480,7 @@ def renew(client, bucket: str, key: str, etag: list[str], command: str, token: s
                 if stop_run:
                     stop_run()
                 return
-            warn(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({storage.redacted(str(e))}); another "
+            warn(f"{command}: warning: could not renew the lock s3://{bucket}/{key} ({s3.redacted(str(e))}); another "
                  f"run may take it over {LAPSE_S:.0f} s after the last renewal")
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from deepfake_ray import lineage, storage
+from deepfake_ray import lineage, s3, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError, stdout_reader_gone, warn
 
@@ -140,7 +140,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
 def error_summary(e: BaseException) -> str:
     """A failed stage's error in pipeline.json: its type and first line, no password."""
     first = (str(e).strip().splitlines() or [""])[0]
-    return storage.redacted(f"{type(e).__name__}: {first}")[:500]
+    return s3.redacted(f"{type(e).__name__}: {first}")[:500]
 
 
 def record_beside(uri: str, record: dict) -> None:

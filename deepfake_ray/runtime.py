@@ -463,10 +463,10 @@ def driver_files_need_copying(workdir: str) -> bool:
 @ray.remote(num_cpus=0)
 def node_view(paths: list[str]) -> tuple[list[bool], str | None]:
     """What a task on this node sees: whether each path exists, and its S3 endpoint."""
-    from deepfake_ray import storage
+    from deepfake_ray import s3
 
     try:
-        endpoint = storage.s3_endpoint()
+        endpoint = s3.s3_endpoint()
     except UsageError as e:  # its own settings are broken: said as they are
         endpoint = str(e)
     return [os.path.exists(p) for p in paths], endpoint
@@ -480,7 +480,7 @@ def check_shared(workdir: str, source: str | None = None) -> None:
     S3 endpoint of its own (AWS_ENDPOINT_URL where `ray start` ran, or none): its tasks
     read and wrote another store than the driver's checks did. Nodes the autoscaler adds
     later are not checked."""
-    from deepfake_ray import storage
+    from deepfake_ray import s3, storage
 
     uses_s3 = storage.is_s3(workdir) or storage.is_s3(source or "")
     local = {} if storage.is_s3(workdir) else {  # else a local source is copied to S3 first
@@ -507,10 +507,10 @@ def check_shared(workdir: str, source: str | None = None) -> None:
             raise UsageError(f"{flag} {path} is not on a disk every node of this cluster shares: "
                              f"{', '.join(blind)} cannot see it; use s3://BUCKET/... or a folder "
                              "every node mounts at the same path (NFS)")
-    ours = storage.s3_endpoint()
-    if uses_s3 and (other := [f"{node} uses {storage.without_password(e) if e else 'AWS S3'}"
+    ours = s3.s3_endpoint()
+    if uses_s3 and (other := [f"{node} uses {s3.without_password(e) if e else 'AWS S3'}"
                               for node, (_, e) in views.items() if store(e) != store(ours)]):
-        raise UsageError(f"this command uses the S3 endpoint {storage.without_password(ours) if ours else 'of AWS S3'}, "
+        raise UsageError(f"this command uses the S3 endpoint {s3.without_password(ours) if ours else 'of AWS S3'}, "
                          f"but {'; '.join(other)}: set the same AWS_ENDPOINT_URL (or ~/.aws/config) where "
                          "each node's `ray start` runs, or submit the command as a job with it in its runtime_env")
 

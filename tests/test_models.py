@@ -46,7 +46,7 @@ def test_ray_data_worker_modules_do_not_import_torch():
 # one above (serving's replicas imported the CLI; evaluate's actors, serving; the report,
 # the pipeline that runs it). lineage names the stages that make each folder by module
 # name (its MAKERS registry), which no import statement shows.
-LAYERS = [{"__init__", "errors", "progress", "config", "storage", "lease", "runtime", "checkpoint",
+LAYERS = [{"__init__", "errors", "progress", "config", "s3", "storage", "lease", "runtime", "checkpoint",
            "lineage", "training", "models"},
           {"data"}, {"gan", "detector"}, {"serving"}, {"report", "report_render"}, {"pipeline"},
           {"cli", "__main__"}]

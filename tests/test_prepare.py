@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from deepfake_ray import cli, config, progress, runtime, storage
+from deepfake_ray import cli, config, progress, runtime, s3, storage
 from deepfake_ray.data import crashes, datasets, decode, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines, output_lines
@@ -584,7 +584,7 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path, ca
     write_folder(tmp_path / "faces")
     storage.upload_dir(str(tmp_path / "faces"), f"{bucket}/celebs")
     storage.write_bytes(f"{bucket}/celebs", b"")  # a folder placeholder some S3 tools write
-    client, name, _ = storage.s3_client(bucket)  # a key with an empty part, which S3 allows
+    client, name, _ = s3.s3_client(bucket)  # a key with an empty part, which S3 allows
     client.put_object(Bucket=name, Key="celebs//doubled/slash.jpg", Body=sample.face_jpeg(3, 1))
     for i, key in enumerate(("celebs/./dot.jpg", "celebs/x/../dots.jpg")):  # keys too, not hidden names
         client.put_object(Bucket=name, Key=key, Body=sample.face_jpeg(3, 3 + i))
@@ -614,14 +614,14 @@ def test_s3_source_and_s3_workdir(ray_session, s3_server, tiny_cfg, tmp_path, ca
     summary = prepare.run(cfg)
     assert summary["images"] == len(good_files()) + 3 and "other sizes" in capsys.readouterr().out
     # what a redo leaves: no empty "folder" object or temporary prefix, as pyarrow's moves left
-    out, prefix = storage.s3_client(cfg.workdir)[1:]
+    out, prefix = s3.s3_client(cfg.workdir)[1:]
     keys = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=out, Prefix=prefix)["Contents"]}
     assert all(size > 0 and ".images-new" not in key for key, size in keys.items()), keys
 
 
 def test_an_s3_source_of_which_no_object_can_be_read_is_one_line(ray_session, s3_server, tiny_cfg):
     bucket = s3_server("faces-archived")
-    client, name, _ = storage.s3_client(bucket)
+    client, name, _ = s3.s3_client(bucket)
     for i in range(3):
         client.put_object(Bucket=name, Key=f"cold/face{i}.jpg", Body=sample.face_jpeg(3, i),
                           StorageClass="DEEP_ARCHIVE")
@@ -651,11 +651,11 @@ def test_s3_problems_are_one_line_naming_the_fix(s3_server, tmp_path, capsys, mo
                                    f"{s3_server('faces-doubled')}/run"]
     # nothing listens there; the user and password a proxy may take are never printed
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://bob:Pr0xy-Secret@127.0.0.1:9")
-    storage.filesystem_for.cache_clear()
+    s3.filesystem_for.cache_clear()
     try:
         assert cli.main(prepare_on + [s3_server("faces-unreached") + "/run"]) == 2
     finally:
-        storage.filesystem_for.cache_clear()
+        s3.filesystem_for.cache_clear()
     err = error_lines(capsys)
     assert len(err) == 1 and "cannot reach the S3 endpoint http://***@127.0.0.1:9" in err[0], err
     assert "Pr0xy-Secret" not in err[0] and "bob" not in err[0]
@@ -1734,9 +1734,9 @@ def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is
         if name == "gone.jpg":
             raise FileNotFoundError(uri)
         if name == "archived.jpg":
-            raise storage.ObjectRefused(uri, f"{uri}: InvalidObjectState", "INVALID_OBJECT_STATE")
+            raise s3.ObjectRefused(uri, f"{uri}: InvalidObjectState", "INVALID_OBJECT_STATE")
         if name == "blip.jpg":
-            raise storage.StoreError(uri, f"{uri}: Connection reset by peer", "NETWORK_CONNECTION")
+            raise s3.StoreError(uri, f"{uri}: Connection reset by peer", "NETWORK_CONNECTION")
         if name == "outage.jpg":  # as pyarrow says it, unnamed by storage
             raise OSError(f"When reading information for key '{name}' in bucket 'faces': AWS Error "
                           "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect")
@@ -1745,10 +1745,10 @@ def test_a_stores_failure_mid_read_fails_the_ingest_while_one_objects_refusal_is
     monkeypatch.setattr(storage, "read_bytes", read)
     got = prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/gone.jpg", f"{bucket}/archived.jpg"], 1 << 20)
     assert got[0] == sample.face_jpeg(0, 0)
-    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], storage.ObjectRefused)
+    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], s3.ObjectRefused)
     rows = [prepare.file_row(p, d, 32, 95, 10**6) for p, d in zip(["a", "gone", "archived"], got)]
     assert [r["reason"] for r in rows] == ["", "unreadable", "unreadable"]
-    with pytest.raises(storage.StoreError, match="Connection reset"):
+    with pytest.raises(s3.StoreError, match="Connection reset"):
         prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/blip.jpg"], 1 << 20)
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         prepare.fetch_all([f"{bucket}/a.jpg", f"{bucket}/outage.jpg"], 1 << 20)

@@ -564,7 +564,7 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
     """A throttled or cut-off S3 read while checking a run's checkpoints must surface as
     what it is: called "none intact: --force starts over", it would have a user delete
     the run's training. Only a missing or mismatched state is damage."""
-    from deepfake_ray import checkpoint, storage, training
+    from deepfake_ray import checkpoint, s3, storage, training
     from deepfake_ray.errors import UsageError
 
     run = str(tmp_path / "run")
@@ -573,11 +573,11 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
     training.check_resumable(run)  # intact: no complaint
 
     def throttled(uri, algorithm):
-        raise storage.StoreError(uri, f"{uri}: SlowDown: please reduce your request rate")
+        raise s3.StoreError(uri, f"{uri}: SlowDown: please reduce your request rate")
 
     with monkeypatch.context() as store:
         store.setattr(storage, "file_digest", throttled)
-        with pytest.raises(storage.StoreError, match="SlowDown"):
+        with pytest.raises(s3.StoreError, match="SlowDown"):
             training.check_resumable(run)
     with open(os.path.join(run, "epoch_0001", "state.pt"), "r+b") as f:
         f.write(b"cut short")  # damaged: refused, with the way to start over

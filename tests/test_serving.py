@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 import deepfake_ray
-from deepfake_ray import checkpoint, cli, config, runtime, storage
+from deepfake_ray import checkpoint, cli, config, runtime, s3, storage
 from deepfake_ray.data.decode import decode, max_file_bytes
 from deepfake_ray.runtime import free_port, free_ports, haproxy_env
 from deepfake_ray.errors import UsageError, find_usage_error
@@ -978,7 +978,7 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     for name in sorted(os.listdir(images_dir)):
         with open(os.path.join(images_dir, name), "rb") as f:
             storage.write_bytes(f"{bucket}/in/{name}", f.read())
-    client, bucket_name, _ = storage.s3_client(bucket)  # archived: S3 lists it but will not read it
+    client, bucket_name, _ = s3.s3_client(bucket)  # archived: S3 lists it but will not read it
     client.put_object(Bucket=bucket_name, Key="in/zz_archived.jpg", Body=JPEG, StorageClass="GLACIER")
     uploaded = [f"{bucket}/in/{name}" for name in [*sorted(os.listdir(images_dir)), "zz_archived.jpg"]]
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
@@ -1152,14 +1152,14 @@ def test_a_store_that_fails_mid_score_stops_it_with_the_fix(s3_server, monkeypat
     uri = f"{s3_server('serving-test')}/in/face0.jpg"
     batch = {"index": np.arange(1), "path": np.array([uri]), "raw_path": np.array([uri.encode()], dtype=object)}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    storage.filesystem_for.cache_clear()
+    s3.filesystem_for.cache_clear()
     try:
         with pytest.raises(OSError) as failed:
             score.read_and_decode(batch, resolution=32, max_pixels=10**6)
         assert "cannot reach the S3 endpoint http://127.0.0.1:9:" in find_usage_error(failed.value)
     finally:
         monkeypatch.undo()
-        storage.filesystem_for.cache_clear()
+        s3.filesystem_for.cache_clear()
     gone = {**batch, "raw_path": np.array([f"{s3_server('serving-test')}/in/gone.jpg".encode()], dtype=object)}
     assert score.read_and_decode(gone, resolution=32, max_pixels=10**6)["error"][0].startswith("unreadable")
 
@@ -1170,7 +1170,7 @@ def test_a_store_failure_without_a_known_fix_or_a_stale_mount_stops_score_too(tm
     stale the same. A file's own failure (gone, a bad sector) stays its row."""
     from deepfake_ray.serving import score
 
-    failures = {"s3://b/expired.jpg": storage.StoreError("s3://b/expired.jpg", "ExpiredToken: the token expired"),
+    failures = {"s3://b/expired.jpg": s3.StoreError("s3://b/expired.jpg", "ExpiredToken: the token expired"),
                 "s3://b/gone.jpg": FileNotFoundError(2, "No such key", "s3://b/gone.jpg"),
                 f"{tmp_path}/stale.jpg": OSError(errno.ESTALE, "Stale file handle"),
                 f"{tmp_path}/sector.jpg": OSError(errno.EIO, "Input/output error")}
@@ -1184,7 +1184,7 @@ def test_a_store_failure_without_a_known_fix_or_a_stale_mount_stops_score_too(tm
         batch = {"index": np.arange(1), "path": np.array([uri]), "raw_path": np.array([uri.encode()], dtype=object)}
         return score.read_and_decode(batch, resolution=32, max_pixels=10**6)["error"][0]
 
-    with pytest.raises(storage.StoreError, match="ExpiredToken"):
+    with pytest.raises(s3.StoreError, match="ExpiredToken"):
         scored("s3://b/expired.jpg")
     with pytest.raises(UsageError, match=r"stale.jpg failed \(Stale file handle\): the source's filesystem"):
         scored(f"{tmp_path}/stale.jpg")
@@ -1197,7 +1197,7 @@ def test_an_out_the_store_refuses_for_a_reason_we_have_no_fix_for_names_the_stor
     from deepfake_ray.serving import score
 
     def expired(uri, data):
-        raise storage.StoreError(uri, f"{uri}: ExpiredToken: The provided token has expired")
+        raise s3.StoreError(uri, f"{uri}: ExpiredToken: The provided token has expired")
 
     monkeypatch.setattr(storage, "write_bytes", expired)
     with pytest.raises(UsageError, match=r"cannot write --out s3://b/scores.parquet \(s3://b/.write-check-\w+: "

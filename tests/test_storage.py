@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from deepfake_ray import cli, storage
+from deepfake_ray import cli, s3, storage
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
 
@@ -187,11 +187,11 @@ def test_printable_keeps_valid_names_and_escapes_odd_bytes():
 def test_s3_failures_are_explained_and_others_are_not():
     down = OSError("When getting information for key 'runs/x' in bucket 'bkt': AWS Error "
                    "NETWORK_CONNECTION during HeadObject operation: curlCode: 7")
-    assert storage.explain(down).startswith("s3://bkt/runs/x: cannot reach the S3 endpoint")
+    assert s3.explain(down).startswith("s3://bkt/runs/x: cannot reach the S3 endpoint")
     denied = OSError("When reading 'k' in bucket 'b': AWS Error ACCESS_DENIED during GetObject")
-    assert "check the AWS credentials" in storage.explain(denied)
-    assert storage.explain(OSError("disk full")) is None
-    assert storage.explain(ValueError("AWS Error NO_SUCH_BUCKET")) is None
+    assert "check the AWS credentials" in s3.explain(denied)
+    assert s3.explain(OSError("disk full")) is None
+    assert s3.explain(ValueError("AWS Error NO_SUCH_BUCKET")) is None
 
 
 def test_s3_endpoint_from_the_profile_in_the_aws_config_file(tmp_path, monkeypatch):
@@ -200,11 +200,11 @@ def test_s3_endpoint_from_the_profile_in_the_aws_config_file(tmp_path, monkeypat
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
-    assert storage.s3_endpoint() == "http://127.0.0.1:5055"
+    assert s3.s3_endpoint() == "http://127.0.0.1:5055"
     monkeypatch.setenv("AWS_PROFILE", "minio")
-    assert storage.s3_endpoint() == "http://10.0.0.9:9000"
+    assert s3.s3_endpoint() == "http://10.0.0.9:9000"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # the environment wins
-    assert storage.s3_endpoint() == "http://127.0.0.1:1"
+    assert s3.s3_endpoint() == "http://127.0.0.1:1"
 
 
 def test_s3_endpoint_from_a_services_section_and_a_missing_profile_named(tmp_path, monkeypatch):
@@ -218,13 +218,13 @@ def test_s3_endpoint_from_a_services_section_and_a_missing_profile_named(tmp_pat
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_PROFILE", "svc")
-    assert storage.s3_endpoint() == "http://127.0.0.1:5066"
+    assert s3.s3_endpoint() == "http://127.0.0.1:5066"
     monkeypatch.setenv("AWS_PROFILE", "keys-only")  # a profile in the credentials file alone
-    assert storage.s3_endpoint() is None
+    assert s3.s3_endpoint() is None
     monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
     with pytest.raises(UsageError, match=r"\(nosuchprofile\) could not be found: check AWS_PROFILE and "
                                          + re.escape(str(tmp_path / "config"))):
-        storage.s3_endpoint()
+        s3.s3_endpoint()
 
 
 def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_path, monkeypatch):
@@ -232,12 +232,12 @@ def test_an_s3_store_named_only_in_the_aws_config_file_is_used(s3_server, tmp_pa
     (tmp_path / "config").write_text(f"[default]\nendpoint_url = {os.environ['AWS_ENDPOINT_URL']}\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    storage.filesystem_for.cache_clear()
+    s3.filesystem_for.cache_clear()
     try:
         storage.write_text(f"{bucket}/hello.txt", "hi")
         assert storage.read_text(f"{bucket}/hello.txt") == "hi"
     finally:
-        storage.filesystem_for.cache_clear()
+        s3.filesystem_for.cache_clear()
 
 
 def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tmp_path):
@@ -250,14 +250,14 @@ def test_many_files_are_written_at_once_and_a_failure_is_explained(s3_server, tm
     # S3 writes are sent when the file is closed: a missing bucket is still one clear line
     with pytest.raises(OSError) as failed:
         storage.write_many({"s3://no-such-bucket/runs/x.jpg": b"x"})
-    assert storage.explain(failed.value) == "s3://no-such-bucket/runs/x.jpg: the bucket does not exist: check the s3:// path"
+    assert s3.explain(failed.value) == "s3://no-such-bucket/runs/x.jpg: the bucket does not exist: check the s3:// path"
 
 
 def test_an_s3_object_over_the_size_asked_is_refused_unread(s3_server):
     """As a local file is: a video or an archive named .jpg in a bucket is "too large",
     not read whole into a task's memory first (by either way of reading a key)."""
     bucket = s3_server("too-large")
-    client, name, _ = storage.s3_client(bucket)
+    client, name, _ = s3.s3_client(bucket)
     for key in ("faces/big.jpg", "faces//big.jpg"):  # pyarrow reads one, boto3 the other
         client.put_object(Bucket=name, Key=key, Body=b"\0" * 5_000)
         with pytest.raises(storage.FileTooLarge, match="5,000 bytes, over 1,000"):
@@ -289,7 +289,7 @@ def test_an_s3_write_that_fails_leaves_the_object_as_it_was(s3_server, monkeypat
         if failing == "PutObject" or "partNumber=2" in request.url:
             raise EndpointConnectionError(endpoint_url=request.url)
 
-    client = storage.s3_client(uri)[0]
+    client = s3.s3_client(uri)[0]
     client.meta.events.register(f"before-send.s3.{failing}", network_drops)
     try:
         with pytest.raises(OSError) as failed:
@@ -298,8 +298,8 @@ def test_an_s3_write_that_fails_leaves_the_object_as_it_was(s3_server, monkeypat
         client.meta.events.unregister(f"before-send.s3.{failing}", network_drops)
     assert storage.read_bytes(uri) == b"the old weights"
     assert not boto3.client("s3").list_multipart_uploads(Bucket="failed-writes").get("Uploads")
-    assert storage.explain(failed.value) == (f"{uri}: cannot reach the S3 endpoint "
-                                             f"{storage.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
+    assert s3.explain(failed.value) == (f"{uri}: cannot reach the S3 endpoint "
+                                             f"{s3.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
 
 
 def test_a_lost_connection_while_listing_an_earlier_copy_is_said_in_one_line(s3_server, tmp_path):
@@ -317,15 +317,15 @@ def test_a_lost_connection_while_listing_an_earlier_copy_is_said_in_one_line(s3_
     def network_drops(request, **_):
         raise EndpointConnectionError(endpoint_url=request.url)
 
-    client = storage.s3_client(dest)[0]
+    client = s3.s3_client(dest)[0]
     client.meta.events.register("before-send.s3.ListObjectsV2", network_drops)
     try:
         with pytest.raises(OSError) as failed:
             sources.copy_to(src, dest, "prepare")
     finally:
         client.meta.events.unregister("before-send.s3.ListObjectsV2", network_drops)
-    assert storage.explain(failed.value) == (f"{dest}: cannot reach the S3 endpoint "
-                                             f"{storage.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
+    assert s3.explain(failed.value) == (f"{dest}: cannot reach the S3 endpoint "
+                                             f"{s3.s3_endpoint()}: check AWS_ENDPOINT_URL and the network")
     assert sources.copy_to(src, dest, "prepare").files == (f"{dest}/face.jpg",)  # and once it is back
 
 
@@ -336,13 +336,13 @@ def test_an_s3_write_without_credentials_says_where_to_put_them(s3_server, monke
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance to ask here
-    storage.boto3_client.cache_clear()
+    s3.boto3_client.cache_clear()
     try:
         with pytest.raises(OSError) as failed:
             storage.write_text(uri, "seed: 0\n")
     finally:
-        storage.boto3_client.cache_clear()
-    assert storage.explain(failed.value) == (f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID "
+        s3.boto3_client.cache_clear()
+    assert s3.explain(failed.value) == (f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID "
                                              "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or ~/.aws/credentials")
 
 
@@ -531,7 +531,7 @@ def test_a_store_that_ignores_conditional_writes_is_said_to_have_no_lock(s3_serv
         params.pop("IfMatch", None)
 
     plain.meta.events.register("before-parameter-build.s3.PutObject", drop_conditions)
-    monkeypatch.setattr(storage, "s3_client", lambda u, quick=False: (plain, "runs-unconditional", "r1"))
+    monkeypatch.setattr(s3, "s3_client", lambda u, quick=False: (plain, "runs-unconditional", "r1"))
     with storage.exclusive(uri, "prepare"):
         assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket="runs-unconditional", Prefix="r1/")
     assert (f"prepare: warning: this S3 store has no conditional writes, so {uri} has no lock: keep runs "
@@ -913,18 +913,18 @@ def test_a_store_behind_a_private_ca_is_explained_then_read_with_aws_ca_bundle(t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"https://127.0.0.1:{server.server_address[1]}")
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    storage.filesystem_for.cache_clear()
+    s3.filesystem_for.cache_clear()
     try:
         with pytest.raises(OSError) as refused:
             storage.exists("s3://private-ca/runs/config.yaml")
         assert "TLS certificate was refused: for a store whose certificate a private CA signed, set " \
-               "AWS_CA_BUNDLE" in storage.explain(refused.value), refused.value
+               "AWS_CA_BUNDLE" in s3.explain(refused.value), refused.value
         monkeypatch.setenv("AWS_CA_BUNDLE", ca)
-        storage.filesystem_for.cache_clear()
+        s3.filesystem_for.cache_clear()
         assert storage.exists("s3://private-ca/runs/config.yaml") is False  # trusted: an answer
     finally:
         server.shutdown()
-        storage.filesystem_for.cache_clear()
+        s3.filesystem_for.cache_clear()
 
 
 def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_says_how_to_write_it(
@@ -938,7 +938,7 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
         for endpoint in (f"https://{address}", address, f"bob:Pr0xy-Secret@{address}", f"http:/{address}",
                          f"http:/bob:Pr0xy-Secret@{address}"):
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-            storage.filesystem_for.cache_clear()
+            s3.filesystem_for.cache_clear()
             assert cli.main(prepare) == 2
             err = error_lines(capsys)
             assert len(err) == 1 and "CA_BUNDLE" not in err[0] and "Pr0xy-Secret" not in err[0], err
@@ -955,7 +955,7 @@ def test_an_endpoint_written_without_its_scheme_or_as_https_for_a_plain_store_sa
                                   f"https://{host} for a store that speaks TLS")
         assert not os.path.exists(tmp_path / "w" / "config.yaml")  # refused before anything was written
     finally:
-        storage.filesystem_for.cache_clear()
+        s3.filesystem_for.cache_clear()
 
 
 def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkeypatch, capsys):
@@ -965,17 +965,17 @@ def test_an_endpoint_password_never_shows_in_a_store_error_or_a_traceback(monkey
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://bob:Pr0xy-Secret@127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    storage.filesystem_for.cache_clear()
+    s3.filesystem_for.cache_clear()
     try:
         for reach in (lambda: storage.write_bytes("s3://bucket/key", b"x"),
                       lambda: storage.exclusive("s3://bucket/w", "prepare").__enter__()):
-            with pytest.raises(storage.StoreError) as failed:
+            with pytest.raises(s3.StoreError) as failed:
                 reach()
             told = "".join(traceback.format_exception(failed.value))  # as Ray logs a task's error
             assert "***@127.0.0.1:9" in str(failed.value) and "Pr0xy-Secret" not in told
     finally:
-        storage.filesystem_for.cache_clear()
-    assert storage.redacted('URL: "https://user:pa\'ss@host/b" and s3://bucket/a@b') == \
+        s3.filesystem_for.cache_clear()
+    assert s3.redacted('URL: "https://user:pa\'ss@host/b" and s3://bucket/a@b') == \
         'URL: "https://***@host/b" and s3://bucket/a@b'  # an @ in a key is no password
 
 
@@ -1007,7 +1007,7 @@ def test_expired_credentials_and_a_full_quota_are_one_line_with_their_fix(code, 
 
     uri = "s3://b/runs/demo/detector/history.json"
     refused = ClientError({"Error": {"Code": code, "Message": "refused"}}, "PutObject")
-    assert storage.explain(storage.store_error(uri, refused)).startswith(f"{uri}: {said}")
+    assert s3.explain(s3.store_error(uri, refused)).startswith(f"{uri}: {said}")
 
 
 def test_a_notebook_that_fixes_its_endpoint_reads_through_the_new_one(s3_server, monkeypatch):
@@ -1019,6 +1019,6 @@ def test_a_notebook_that_fixes_its_endpoint_reads_through_the_new_one(s3_server,
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(OSError) as failed:
         storage.read_text(uri)
-    assert "cannot reach the S3 endpoint http://127.0.0.1:9" in storage.explain(failed.value)
+    assert "cannot reach the S3 endpoint http://127.0.0.1:9" in s3.explain(failed.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", right)
     assert storage.read_text(uri) == "written"

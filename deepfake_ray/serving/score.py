@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 import deepfake_ray
-from deepfake_ray import checkpoint, config, runtime, storage
+from deepfake_ray import checkpoint, config, runtime, s3, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes, decode, sources
 from deepfake_ray.data.decode import DecodeError
@@ -510,7 +510,7 @@ def check_writable(out: str) -> None:
         if not storage.is_s3(out) and (file := file_above(out)):  # the OS says only "File exists"
             raise UsageError(f"cannot write --out {out}: {file} is a file, not a folder: "
                              "pass a path in a folder") from None
-        raise UsageError(storage.explain(e) or f"cannot write --out {out} "  # S3's own words, when no fix of ours
+        raise UsageError(s3.explain(e) or f"cannot write --out {out} "  # S3's own words, when no fix of ours
                          f"({e.strerror or str(e) or type(e).__name__}): pass a location you can write to") from None
 
 
