@@ -226,9 +226,11 @@ def closing_lines(cfg: Config) -> None:
         metrics = {}
     print("\n=== done ===")
     if metrics:
+        from deepfake_ray.detector.metrics import SCOPE
+
         print("held-out test: " + ", ".join(
             f"{k} {metrics[k]:.4f}" for k in ("roc_auc", "average_precision", "accuracy", "f1")
-            if isinstance(metrics.get(k), (int, float))))
+            if isinstance(metrics.get(k), (int, float))) + f" ({SCOPE})")
     print(f"report: {storage.join(cfg.workdir, 'report.html')}")
     model = storage.join(cfg.workdir, "detector", "model")
     made = storage.completed(storage.join(cfg.workdir, "detector")) or {}

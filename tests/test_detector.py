@@ -529,8 +529,11 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     capsys.readouterr()
     summary = evaluate.run(cfg)
     # said before the scoring, which is silent for minutes at Celeb 100k's size in a job's log
+    out = capsys.readouterr().out
     assert re.match(r"evaluate: scoring 8 held-out test images, clean and under 5 degradations, with model "
-                    r"resnet10t@[0-9a-f]{12}\n", capsys.readouterr().out)
+                    r"resnet10t@[0-9a-f]{12}\n", out)
+    # what the figures measure, said beside them: a ROC-AUC near 1.0 read alone claims more
+    assert "evaluate: these measure fakes of this run's own DCGAN only, not other generators'" in out
     metrics = assert_held_out_evaluation(cfg)
     assert metrics["n"] == summary["n"] == 8 and (metrics["n_real"], metrics["n_fake"]) == (4, 4)
     assert metrics["threshold"] == 0.37 and metrics["validation"] == {"epoch": 0, "val_auc": None}

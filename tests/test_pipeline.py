@@ -255,7 +255,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert storage.read_bytes(copies[0]) == open(weights, "rb").read()
     exported = storage.read_json(f"{workdir}/detector/model/model.json")  # what it began from, for an audit
     assert exported["pretrained"] == {"weights": weights, "sha256": hashlib.sha256(open(weights, "rb").read()).hexdigest()}
-    assert "held-out test: roc_auc" in log
+    assert "held-out test: roc_auc" in log and "fakes of this run's own DCGAN only, not other generators'" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps
     history = storage.read_json(f"{workdir}/detector/history.json")

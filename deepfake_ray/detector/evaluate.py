@@ -74,6 +74,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
           f"{with_interval(result, 'accuracy')}, false-positive rate {with_interval(result, 'false_positive_rate')} "
           f"on {result['n']:,} images, {result['fake_share']:.0%} of them fakes (threshold "
           f"{meta['threshold']:.3f} from validation; 95% intervals) -> {out}")
+    print(f"evaluate: {metrics.SCOPE}", flush=True)
     if warning := metrics.near_chance("evaluate", "the held-out", result["roc_auc"]):
         warn(warning)
     return summary

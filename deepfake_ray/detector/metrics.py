@@ -11,6 +11,10 @@ Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95
 # evaluate's conditions, clean first: its table and the report's rows come in this order
 # (robustness.json's keys are sorted, as every JSON file of ours)
 CONDITIONS = ["clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_1.0"]
+# said beside every held-out figure: a ROC-AUC near 1.0 is usual, and read alone it claims
+# more than was measured
+SCOPE = ("these measure fakes of this run's own DCGAN only, not other generators' (README: "
+         "Before you rely on it)")
 # per condition, in this order: evaluate's table, robustness.json, the report's columns
 REPORTED = ["accuracy", "precision", "recall", "false_positive_rate", "f1", "roc_auc", "average_precision",
             "brier", "ece"]
