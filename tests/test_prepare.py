@@ -228,6 +228,30 @@ def test_local_folder_every_file_accounted_for(ray_session, tiny_cfg, tmp_path, 
     assert f"prepared {len(good_files())} images ({len(bad_files()) + 1} rejected" in capsys.readouterr().out
 
 
+def test_images_unlike_face_crops_are_said_once_prepared(ray_session, tiny_cfg, tmp_path, capsys):
+    """prepare checks that files are images, not faces: a folder of wide scenes, thumbnails
+    and logos was prepared without a word, and the detector learnt from them as faces."""
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(14):  # face crops at the size the run keeps
+        (folder / f"face{i}.png").write_bytes(encode(rgb(i, 64), "PNG"))
+    for i in range(2):
+        (folder / f"scene{i}.png").write_bytes(encode(rgb(20 + i, 64).resize((200, 60)), "PNG"))
+        (folder / f"thumb{i}.png").write_bytes(encode(rgb(30 + i, 16), "PNG"))  # tiny's resolution is 32
+        (folder / f"logo{i}.png").write_bytes(encode(Image.new("RGB", (64, 64), (200, 30 + i, 40)), "PNG"))
+    prepare.run(tiny_cfg(f"data.source={folder}"))
+    warned = [line for line in error_lines(capsys) if line.startswith("prepare: warning:")]
+    assert warned == [
+        "prepare: warning: 2 images of 20 are far from square (over 1.3:1): each keeps only its middle square, "
+        "which can cut a face off; crop the faces first",
+        "prepare: warning: 2 images of 20 are smaller than data.resolution=32 px and are enlarged, softer than "
+        "the fakes will be (a cue that is not fakeness): use larger crops, or a lower data.resolution",
+        "prepare: warning: 2 images of 20 are flat, one colour or nearly (a blank frame, a logo): no face to "
+        "learn from; remove them from the source"], warned
+
+
 def test_the_jpeg_encoding_a_stored_photo_still_carries_is_recorded(ray_session, tiny_cfg, tmp_path):
     """What generate gives the fakes alike: a JPEG at the stored size keeps its own encoding
     under the stored one; a PNG, or a JPEG resized to the stored size, keeps none."""

@@ -442,6 +442,31 @@ def summarize(src: Source, listed: dict | None, manifest: list[dict], rejected: 
             "output": out, "software": deepfake_ray.versions()}  # the stored bytes, hence the splits, are theirs
 
 
+UNLIKE_SHARE = 0.05  # of the images, from which their shapes are said: a few are any dataset's
+
+
+def unlike_face_crops(manifest: list[dict], resolution: int) -> list[str]:
+    """Warnings for images unlike the face crops a detector should learn from: prepare
+    checks that files are images, not faces. Far from square ones lose their sides to the
+    centre crop (an off-centre face with them), small ones are enlarged (softer than the
+    fakes: a cue that is not fakeness), flat ones (a logo, a blank frame) show nothing."""
+    n, lines = len(manifest), []
+    wide = sum(max(r["width"], r["height"]) > 1.3 * min(r["width"], r["height"]) for r in manifest)
+    small = sum(min(r["width"], r["height"]) < resolution for r in manifest)
+    flat = sum(near_copies.blank(r["thumb"]) for r in manifest)
+    if wide >= UNLIKE_SHARE * n:
+        lines.append(f"prepare: warning: {count_images(wide)} of {n:,} are far from square (over 1.3:1): each "
+                     "keeps only its middle square, which can cut a face off; crop the faces first")
+    if small >= UNLIKE_SHARE * n:
+        lines.append(f"prepare: warning: {count_images(small)} of {n:,} are smaller than data.resolution="
+                     f"{resolution} px and are enlarged, softer than the fakes will be (a cue that is not "
+                     "fakeness): use larger crops, or a lower data.resolution")
+    if flat:
+        lines.append(f"prepare: warning: {count_images(flat)} of {n:,} are flat, one colour or nearly (a blank "
+                     "frame, a logo): no face to learn from; remove them from the source")
+    return lines
+
+
 def count_images(n: int) -> str:
     return f"{n:,} image" + ("" if n == 1 else "s")
 
@@ -768,6 +793,8 @@ def ingest_into_workdir(cfg: Config) -> dict:
     summary = summarize(src, source_files(src, read), manifest, rejected, out, seconds, phases)
     summary = lineage.complete(cfg, STAGE, summary, lineage.made(cfg, STAGE))
     print(summary_line(summary))
+    for line in unlike_face_crops(manifest, d.resolution):
+        warn(line)
     for split in datasets.empty_splits(summary):  # not an error here: more data may be on its way
         warn(f"prepare: warning: the {datasets.split_name(split)} split is empty ({count_images(len(manifest))} in all): "
              f"{datasets.SPLIT_USES[split]}; add images, or give it a larger data.splits fraction")
