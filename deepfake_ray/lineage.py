@@ -225,10 +225,12 @@ def redo_with_yours(cfg: Config, stage: Stage) -> str:
     otherwise; every one, bare, where there is none to read. A hint without them ran the
     demo preset's."""
     yours = stage.hint(stage.settings_now(stage.settings(cfg)))
+    saved_uri = storage.join(cfg.workdir, "config.yaml")
     try:
-        saved = config.build(config_file=storage.join(cfg.workdir, "config.yaml"))
-    except UsageError:  # none there, or unreadable now
-        return f"{command_line(cfg.workdir, stage.command, settings_saved=False)} --force {set_flags(yours)}"
+        saved = config.build(config_file=saved_uri)
+    except UsageError:  # none there; or unreadable now, which the command, run, will say
+        saved_settings = storage.exists(saved_uri)
+        return f"{command_line(cfg.workdir, stage.command, saved_settings)} --force {set_flags(yours)}"
     theirs = stage.hint(stage.settings_now(stage.settings(saved)))
     differ = {k: v for k, v in yours.items() if theirs.get(k) != v}
     return f"{command_line(cfg.workdir, stage.command)} --force {set_flags(differ)}".rstrip()

@@ -2,7 +2,7 @@
 name (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` or the profile's `endpoint_url` for
 S3-compatible stores such as MinIO), handed alike to pyarrow's filesystem and boto3's
 client, and the one line that explains each failure a user can fix (network, bucket,
-credentials, TLS). storage.py reads and writes through them, and re-exports these names.
+credentials, TLS). storage.py reads and writes through them; callers name them s3.X.
 """
 from __future__ import annotations
 

@@ -484,10 +484,10 @@ def raise_store_failure(uri: str, e: OSError, listing: bool = False) -> None:
         if not isinstance(e, (FileNotFoundError, s3.ObjectRefused)):
             raise e
     elif e.errno in MOUNT_GONE or (listing and e.errno == errno.EIO):
-        what = ("listing", "folder") if listing else ("reading", "file")
-        raise UsageError(f"{what[0]} {shown(uri)} failed ({e.strerror}): the source's filesystem, not the "
-                         f"{what[1]} (a network mount gone stale, a failing disk?): check it, then run "
-                         "again") from None
+        what = ("listing", "folder", "a network mount gone stale, a failing disk") if listing else \
+            ("reading", "file", "a network mount gone stale")
+        raise UsageError(f"{what[0]} {shown(uri)} failed ({e.strerror}): its filesystem, not the {what[1]} "
+                         f"({what[2]}?): check it, then run again") from None
 
 
 def folders_above(root: str) -> frozenset[tuple[int, int]]:

@@ -285,6 +285,11 @@ def test_a_stage_run_alone_refuses_an_upstream_setting_its_command_line_or_confi
     assert error_lines(capsys)[0].endswith(
         f"run `deepfake-ray train-gan --config {made.workdir}/config.yaml --workdir {made.workdir} --force --set "
         "gan.epochs=3 --set gan.batch_size=16` first, with yours (then the stages after it)")
+    # one there that cannot be read: still named (run, it says why), not the demo preset's bare command
+    storage.write_text(f"{made.workdir}/config.yaml", "gan: [")
+    assert cli.main(command + ["--set", "gan.epochs=3"]) == 2
+    assert f"run `deepfake-ray train-gan --config {made.workdir}/config.yaml --workdir {made.workdir} --force " \
+           "--set seed=0 --set gan.epochs=3" in error_lines(capsys)[0]
 
 
 def test_a_detector_marked_with_an_earlier_id_of_its_model_leaves_evaluate_current(tmp_path):

@@ -1797,7 +1797,7 @@ def test_a_network_mount_gone_stale_mid_read_fails_the_ingest_while_a_bad_sector
     monkeypatch.setattr(storage, "read_bytes", read)
     got = prepare.fetch_all(faces[:2], 1 << 20)
     assert got[0] == sample.face_jpeg(0, 0) and isinstance(got[1], OSError)
-    with pytest.raises(UsageError, match=rf"reading {faces[2]} failed \(Stale file handle\): the source's "
+    with pytest.raises(UsageError, match=rf"reading {faces[2]} failed \(Stale file handle\): its "
                                          "filesystem, not the file .*check it, then run again"):
         prepare.fetch_all(faces, 1 << 20)
 
@@ -1821,7 +1821,7 @@ def test_a_subfolder_on_a_mount_gone_stale_fails_the_listing_while_a_locked_one_
     root = str(tmp_path / "faces")
     assert sorted(storage.walk_local(root)) == [f"{root}/gone/a.jpg", f"{root}/kept/a.jpg"]
     failing["gone"] = OSError(errno.ESTALE, "Stale file handle")
-    with pytest.raises(UsageError, match=rf"listing {root}/gone failed \(Stale file handle\): the source's "
+    with pytest.raises(UsageError, match=rf"listing {root}/gone failed \(Stale file handle\): its "
                                          "filesystem, not the folder .*check it, then run again"):
         storage.walk_local(root)
     failing["gone"] = OSError(errno.EIO, "Input/output error")  # a failing disk: its files unseen

@@ -1186,7 +1186,7 @@ def test_a_store_failure_without_a_known_fix_or_a_stale_mount_stops_score_too(tm
 
     with pytest.raises(s3.StoreError, match="ExpiredToken"):
         scored("s3://b/expired.jpg")
-    with pytest.raises(UsageError, match=r"stale.jpg failed \(Stale file handle\): the source's filesystem"):
+    with pytest.raises(UsageError, match=r"stale.jpg failed \(Stale file handle\): its filesystem, not the file"):
         scored(f"{tmp_path}/stale.jpg")
     assert scored("s3://b/gone.jpg").startswith("unreadable: FileNotFoundError")
     assert scored(f"{tmp_path}/sector.jpg").startswith("unreadable: OSError")
