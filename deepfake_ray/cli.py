@@ -117,6 +117,8 @@ SIGTERM, 129 SIGHUP, 138 SIGUSR1 (a rerun resumes); 141 the reader of the output
 
 'deepfake-ray COMMAND --help' for a command's options; README.md is the guide;
 docs/configuration.md lists every config key."""
+
+
 class PrintVersion(argparse.Action):
     """argparse's own version action wraps the line at the terminal's width and reads
     the packages' metadata for every command; this does so only when asked."""
