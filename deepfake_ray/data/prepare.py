@@ -453,7 +453,7 @@ def unlike_face_crops(manifest: list[dict], resolution: int) -> list[str]:
     n, lines = len(manifest), []
     wide = sum(max(r["width"], r["height"]) > 1.3 * min(r["width"], r["height"]) for r in manifest)
     small = sum(min(r["width"], r["height"]) < resolution for r in manifest)
-    flat = sum(near_copies.blank(r["thumb"]) for r in manifest)
+    flat = near_copies.blanks([r["thumb"] for r in manifest])
     if wide >= UNLIKE_SHARE * n:
         lines.append(f"prepare: warning: {count_images(wide)} of {n:,} are far from square (over 1.3:1): each "
                      "keeps only its middle square, which can cut a face off; crop the faces first")
