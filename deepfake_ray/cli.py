@@ -548,8 +548,9 @@ def configure_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="deepfake_ray.escape", line_buffering=True)
-    at_a_prompt = "IPython" in sys.modules or hasattr(sys, "ps1")
-    if not at_a_prompt and ("NO_COLOR" in os.environ or not sys.stdout.isatty()):
+    from deepfake_ray import progress
+
+    if not progress.interactive() and ("NO_COLOR" in os.environ or not sys.stdout.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
 
 
@@ -610,7 +611,7 @@ def execute(args: argparse.Namespace) -> int:
             held.enter_context(settings_recorded(cfg))
         if command.ray:
             start_ray(args.address)
-        if command.writes:
+        if command.writes and runtime.on_cluster():  # one machine sees its own files
             runtime.check_shared(cfg.workdir, source_to_read(args, cfg))
         if command.writes and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once

@@ -10,6 +10,12 @@ from collections.abc import Callable
 EVERY_S = {True: 1.0, False: 10.0}  # by whether stdout is a terminal
 
 
+def interactive() -> bool:
+    """Whether this process is a notebook's kernel or a Python prompt (`python -i` too):
+    one that goes on after a command, and shows colours."""
+    return "IPython" in sys.modules or hasattr(sys, "ps1") or bool(sys.flags.interactive)
+
+
 def bars_wanted() -> bool:
     """Whether libraries may draw progress bars (Ray Data's, the Kaggle client's):
     DEEPFAKE_RAY_PROGRESS=1 or 0 says; else only on a terminal, as a log file gets each

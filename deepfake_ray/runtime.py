@@ -268,13 +268,8 @@ def freeze_startup_objects() -> None:
     training loop, replica, scoring actor); later objects are collected as usual
     (CPython's gc.freeze). Not in a notebook or REPL: what its user holds then would
     never be collected once it became garbage in a cycle."""
-    if not interactive():
+    if not progress.interactive():
         gc.freeze()
-
-
-def interactive() -> bool:
-    """Whether this process is a notebook's kernel or a Python prompt (`python -i` too)."""
-    return "IPython" in sys.modules or hasattr(sys, "ps1") or bool(sys.flags.interactive)
 
 
 def haproxy_env() -> dict[str, str]:

@@ -70,7 +70,7 @@ def train_loop(loop: dict) -> None:
             training.say(progress_line(entry, d.epochs, left, label))
         if epoch == d.fail_at_epoch:  # TEST ONLY fault, once rank 0's export is done: best/
             barrier()                 # may hold this epoch, and no checkpoint does
-            training.inject_failure(loop["stage_uri"], epoch, d.fail_at_epoch)
+            training.inject_failure(loop["out_dir"], epoch, d.fail_at_epoch)
         stop = metrics.diverged(entry)  # each epoch left would be wasted
         state = None if stop else {  # a diverged epoch is not one to resume from
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

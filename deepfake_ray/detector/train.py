@@ -226,7 +226,7 @@ def fine_tune(cfg: Config, selection: data.Selection, pretrained: str, out_dir: 
     if lr is not None:
         cfg = dataclasses.replace(cfg, detector=dataclasses.replace(d, lr=float(lr)))
     loop_config = {"cfg": config.to_dict(cfg), "lr": cfg.detector.lr, "pretrained": pretrained,
-                   "out_dir": storage.normalize(out_dir), "stage_uri": storage.normalize(out_dir),
+                   "out_dir": storage.normalize(out_dir),
                    "label": label,
                    "pretrained_sha256": pretrained_sha256,
                    "resolution": selection.resolution, "jpeg_quality": selection.jpeg_quality,

@@ -357,10 +357,11 @@ def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: 
 
 
 def write_table(table: pa.Table, out: str, cfg: Config) -> None:
-    """A Parquet table also carries the settings that made its rows, as config.yaml holds
-    them (data.max_pixels decides which files are unreadable) and the version, in its
-    schema's metadata (`pq.read_schema(out).metadata[b"deepfake_ray.config"]`); a CSV file
-    has nowhere to keep them."""
+    """A Parquet table also carries the settings of the run that wrote it, as config.yaml
+    holds them (data.max_pixels decides which files are set aside; a resumed run keeps an
+    earlier one's rows) and the version, in its schema's metadata
+    (`pq.read_schema(out).metadata[b"deepfake_ray.config"]`); a CSV file has nowhere to
+    keep them."""
     if out.lower().endswith(".csv"):
         buf = io.BytesIO()
         pa_csv.write_csv(table, buf)
