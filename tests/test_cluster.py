@@ -59,6 +59,8 @@ def test_aws_config_autoscales_gpu_workers_from_zero():
         assert t["min_workers"] == 0, name
         assert 1 <= t["max_workers"] <= cfg["max_workers"], name
         assert "IamInstanceProfile" in t["node_config"], f"{name}: no S3 access"
+    # README: "8 one-GPU and 2 four-GPU nodes at most", CPU nodes up or not
+    assert cfg["max_workers"] == sum(t["max_workers"] for t in workers.values())
     for name, t in types.items():  # Ray's default AMI has a CUDA 11.2 driver: too old
         # the placeholder, or the id README's setup writes in its place
         assert re.fullmatch(r"AMI_ID|ami-[0-9a-f]{8,17}", t["node_config"].get("ImageId", "")), f"{name}: no AMI named"
@@ -120,6 +122,55 @@ def test_kuberay_manifests_have_autoscaled_gpu_groups():
         assert max(gpus) >= 1, kind
         if kind != "RayService":  # ingest's CPU work must not start GPU pods
             assert 0 in gpus, kind
+
+
+# The EC2 types README's KubeRay section sizes each pod for: (vCPUs, GiB, EKS's max pods).
+NODES = {"m5.large": (2, 8, 29), "m5.xlarge": (4, 16, 58), "c5.4xlarge": (16, 32, 234),
+         "g5.2xlarge": (8, 32, 58), "g5.12xlarge": (48, 192, 234)}
+HEAD_NODE = {"RayCluster": "m5.xlarge", "RayJob": "m5.xlarge", "RayService": "m5.large"}
+GROUP_NODE = {"cpu": "c5.4xlarge", "gpu-1x": "g5.2xlarge", "gpu-4x": "g5.12xlarge"}
+DAEMONSETS_MILLICPU = 100 + 25  # kube-proxy, aws-node (VPC CNI): on every EKS node
+AUTOSCALER_DEFAULT = {"cpu": "500m", "memory": "512Mi"}  # KubeRay's, without autoscalerOptions.resources
+
+
+def millicpu(q) -> int:
+    q = str(q)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
+
+
+def mebibytes(q) -> int:
+    q = str(q)
+    return int(q[:-2]) * 1024 if q.endswith("Gi") else int(q[:-2])
+
+
+def eks_allocatable(node: str) -> tuple[int, int]:
+    """(millicpu, MiB) an EKS node of this type leaves the pods: the kubelet's CPU reserve
+    (6% of the first core, 1% of the second, 0.5% of the next two, 0.25% of the rest), its
+    memory reserve (255 MiB + 11 MiB a pod) and the 100 MiB eviction threshold, from the
+    memory the kernel sees (taken as 94% of the type's)."""
+    cpus, gib, pods = NODES[node]
+    shares = [60, 10, 5, 5] + [2.5] * (cpus - 4)
+    return cpus * 1000 - int(sum(shares[:cpus])), int(gib * 1024 * 0.94) - 255 - 11 * pods - 100
+
+
+def test_kuberay_pods_fit_the_nodes_they_are_sized_for():
+    """A pod that asks for more than a node leaves stays Pending. The head pod holds the
+    autoscaler's container too: with KubeRay's default 500m the RayService head asked for
+    2000m, more than the m5.large README names leaves (1930m)."""
+    for kind, spec in cluster_specs(manifests()).items():
+        autoscaler = spec.get("autoscalerOptions", {}).get("resources", {"requests": AUTOSCALER_DEFAULT,
+                                                                         "limits": AUTOSCALER_DEFAULT})
+        assert autoscaler["requests"] == autoscaler["limits"], kind  # as the Ray container's: Guaranteed QoS
+        groups = [(HEAD_NODE[kind], spec["headGroupSpec"], [autoscaler])]
+        groups += [(GROUP_NODE[g["groupName"]], g, []) for g in spec["workerGroupSpecs"]]
+        for node, group, sidecars in groups:
+            containers = [c["resources"] for c in group["template"]["spec"]["containers"]] + sidecars
+            cpu, mem = eks_allocatable(node)
+            asked_cpu = sum(millicpu(c["requests"]["cpu"]) for c in containers)
+            asked_mem = sum(mebibytes(c["requests"]["memory"]) for c in containers)
+            where = (kind, group.get("groupName", "head"), node)
+            assert asked_cpu + DAEMONSETS_MILLICPU <= cpu, (*where, asked_cpu, cpu)
+            assert asked_mem <= mem, (*where, asked_mem, mem)
 
 
 def test_clusters_set_at_every_node_what_rays_processes_read_as_they_start():
