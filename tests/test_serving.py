@@ -781,6 +781,19 @@ def test_the_file_limit_counts_files_whatever_ends_the_lines(newline):
             http.check_part_count(content_type, nested(1000, folded), limit=64)
         assert refused.value.status == 400
 
+    def email_in_a_part(kind: bytes) -> bytes:  # 40 KB of parameters took the parser 3 s
+        email = b"Content-Type: text/plain" + b"; a=b" * 8000 + newline * 2 + b"x" + newline
+        return (b"--b" + newline + b'Content-Disposition: form-data; name="files"; filename="a.jpg"'
+                + newline + b"Content-Type: " + kind + newline * 2 + email + b"--b--" + newline)
+
+    for kind in (b"message/rfc822", b"(a (nested) comment) Message /delivery-status"):
+        with pytest.raises(http.ApiError) as refused:  # an email of its own: before parsing it
+            http.check_part_count(content_type, email_in_a_part(kind), limit=64)
+        assert refused.value.status == 400 and "parts of its own" in refused.value.message, kind
+    # a name that says "message" is still an image
+    named = email_in_a_part(b'image/jpeg; name="message.jpg"').replace(b"; a=b" * 8000, b"")
+    assert [name for _, name, _ in http.multipart_files(content_type, named, limit=64)] == ["a.jpg"]
+
 
 def test_scoring_a_folder_gives_every_file_a_row(scored, model_dir, capsys):
     summary, rows = scored

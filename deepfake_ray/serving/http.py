@@ -145,6 +145,7 @@ MAX_PART_TYPE = 512  # a part's Content-Type ("image/jpeg", a name= at most), pa
 #                       the body is split
 MAX_PART_HEADERS = 4096  # all of a part's headers
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # as the parser ends a line
+COMMENT = re.compile(rb"\((?:[^()\\]|\\.)*\)")  # innermost first: (a (b) c) takes two passes
 
 
 def too_many_files(limit: int) -> ApiError:
@@ -214,8 +215,20 @@ def check_part_headers(body: bytes, delimiter: bytes) -> None:
         for header in headers:
             if len(header) > MAX_PART_HEADER:
                 raise part_headers_too_long(f"a header of {len(header):,} bytes")
-            if header[:13].lower() == b"content-type:" and len(header) > MAX_PART_TYPE:
-                raise part_headers_too_long(f"a Content-Type of {len(header):,} bytes")
+            if header[:13].lower() == b"content-type:":
+                if len(header) > MAX_PART_TYPE:
+                    raise part_headers_too_long(f"a Content-Type of {len(header):,} bytes")
+                if main_type(header[13:]) in (b"message", b"multipart"):
+                    raise nested_parts()  # the parser reads a message/* part as a whole email
+
+
+def main_type(value: bytes) -> bytes:
+    """A Content-Type's main type as the parser reads it: comments, nested ones too, and
+    white space left out (`(x) Message /rfc822` is a message)."""
+    while True:
+        value, found = COMMENT.subn(b"", value)
+        if not found:
+            return re.sub(rb"\s", b"", value.split(b"/", 1)[0]).lower()
 
 
 def delimiter_ends(body: bytes, delimiter: bytes) -> Iterator[int]:
