@@ -663,6 +663,22 @@ def test_a_batch_of_small_images_decodes_on_the_event_loop_no_more_than_one_imag
     assert httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"] - before == 5
 
 
+def test_a_png_whose_text_is_compressed_is_opened_in_a_thread_not_on_the_event_loop(service):
+    """Pillow inflates a PNG's compressed text as it opens the file: a 64 KB upload held
+    60 MB of text and the replica's event loop for 0.8 s. Such a file is small and its
+    pixels few, but it is opened in a thread."""
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("comment", "a" * 1_000_000, zip=True)
+    packed = encode(Image.new("RGB", (64, 64), (120, 90, 60)), "PNG", pnginfo=text)
+    assert len(packed) < 5_000  # a megabyte of text in a few KB
+    before = httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"]
+    response = httpx.post(f"{service}/v1/detect", content=packed, timeout=60)
+    assert response.status_code == 200, response.text
+    assert httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"] - before == 1
+
+
 def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_start(
         service, model_dir, tmp_path, monkeypatch):
     """Serve rebuilds an application only when its config changes: a model retrained in

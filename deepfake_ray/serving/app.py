@@ -29,7 +29,7 @@ from ray.serve.exceptions import RayServeException
 from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes
-from deepfake_ray.data.decode import DecodeError
+from deepfake_ray.data.decode import DecodeError, inflated_at_open
 from deepfake_ray.errors import UsageError, out_of_memory
 from deepfake_ray.serving import http, isolation
 from deepfake_ray.serving.predictor import Predictor, error_status, error_text
@@ -200,14 +200,13 @@ class Detector:
         """Only small images in a small body are decoded on the event loop, within the
         request's `inline` budget (None: the body is large, so its other files may be slow
         even to open); the rest go to a thread, a few at a time."""
-        if inline is not None and len(blob) <= INLINE_BYTES:
+        if inline is not None and len(blob) <= INLINE_BYTES and not inflated_at_open(blob):
             img = self.predictor.open(blob)  # the header: cheap here, and refuses bombs
             if inline.take(img.width * img.height):
                 return self.predictor.decode_opened(img)
-            decode = functools.partial(self.predictor.decode_opened, img)
-        else:  # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s)
-            decode = functools.partial(self.predictor.decode, blob)
-        return await self.in_decode_slot(decode)
+        # a large body can be slow even to open (400,000 tiny PNG chunks: 2.4 s); opened
+        # again in the thread, so that a request waiting for a slot holds only its bytes
+        return await self.in_decode_slot(functools.partial(self.predictor.decode, blob))
 
     async def decoded_apart(self, blob: bytes) -> np.ndarray:
         """In a helper process (serve.isolate_decoding), one per serve.cpus_per_replica."""
