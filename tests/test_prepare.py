@@ -1447,23 +1447,26 @@ def test_files_a_kaggle_zip_names_as_this_disk_cannot_are_left_out_with_a_note(
 def test_a_kaggle_zip_holding_one_name_twice_keeps_both_files(fake_kaggle, monkeypatch, tmp_path, tiny_cfg, capsys):
     """A zip may hold a name twice (appended to), or names differing only in case, which
     macOS's disk takes for one: the later file overwrote the earlier, and the images were
-    lost without a word."""
+    lost without a word. The zip holding them is named as the dataset named it, its
+    control characters shown, not sent to the terminal."""
     from kaggle.api.kaggle_api_extended import KaggleApi
 
     faces = [encode(rgb(i, 48), "JPEG") for i in range(3)]
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z, warnings.catch_warnings():
+    inner, outer = io.BytesIO(), io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
         for name, face in [("celeb/a.jpg", faces[0]), ("celeb/a.jpg", faces[1]), ("celeb/b.jpg", faces[2])]:
             z.writestr(name, face)
+    with zipfile.ZipFile(outer, "w") as z:
+        z.writestr("part\x1b[2J1.zip", inner.getvalue())  # an escape that clears the screen
     monkeypatch.setattr(KaggleApi, "dataset_download_files", lambda self, dataset, path=None, **_:
-                        open(os.path.join(path, "twice.zip"), "wb").write(buf.getvalue()))
+                        open(os.path.join(path, "twice.zip"), "wb").write(outer.getvalue()))
     data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
     files = sources.resolve_source("kaggle:owner/twice", data).files
     assert sorted(storage.read_bytes(f) for f in files) == sorted(faces)
-    assert ("1 of the files in twice.zip of the Kaggle dataset owner/twice share a name with another of its "
-            "files on this disk (repeated, or differing only in case): each is kept under a new name (first "
-            "'celeb/a.jpg' as 'celeb/a-2.jpg')") in capsys.readouterr().out
+    assert ("1 of the files in part\\x1b[2J1.zip of the Kaggle dataset owner/twice share a name with another "
+            "of its files on this disk (repeated, or differing only in case): each is kept under a new name "
+            "(first 'celeb/a.jpg' as 'celeb/a-2.jpg')") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cache", ["a file", "", "a file/cache"])

@@ -643,26 +643,26 @@ def unzip_all(folder: str, dataset: str) -> None:
     download = os.path.join(folder, dataset.split("/")[1] + ".zip")  # as the Kaggle client names it
     for _ in range(4):  # levels of zips in zips; a zip that holds itself stops here
         for path in zips_under(folder):
+            name = storage.shown(os.path.relpath(path, folder))  # a nested zip's own name: escapes shown
             try:
                 left_out, renamed = extract(path)
             except UNEXTRACTABLE as e:
                 if path == download:
                     refuse_download(folder, dataset, path, e)
-                name = storage.shown(os.path.relpath(path, folder))
                 print(f"prepare: left out {name} of the Kaggle dataset {dataset}: "
                       f"a zip that cannot be extracted ({zip_error(e)}); its files are not read")
             else:
                 if left_out:
-                    name, why = left_out[0]
-                    print(f"prepare: left out {len(left_out):,} of the files in {os.path.relpath(path, folder)} "
+                    first, why = left_out[0]
+                    print(f"prepare: left out {len(left_out):,} of the files in {name} "
                           f"of the Kaggle dataset {dataset}, which cannot be written on this disk (first "
-                          f"{storage.printable(name)[:120]!r}: {why}); the others are read")
+                          f"{storage.printable(first)[:120]!r}: {why}); the others are read")
                 if renamed:
-                    name, new = renamed[0]
-                    print(f"prepare: {len(renamed):,} of the files in {os.path.relpath(path, folder)} of the Kaggle "
+                    first, new = renamed[0]
+                    print(f"prepare: {len(renamed):,} of the files in {name} of the Kaggle "
                           f"dataset {dataset} share a name with another of its files on this disk (repeated, or "
                           f"differing only in case): each is kept under a new name (first "
-                          f"{storage.printable(name)[:120]!r} as {storage.printable(new)[:120]!r})")
+                          f"{storage.printable(first)[:120]!r} as {storage.printable(new)[:120]!r})")
             os.remove(path)
 
 
