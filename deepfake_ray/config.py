@@ -120,8 +120,9 @@ class ServeConfig:
     # on CPU cores (Inception-ResNet-v2 ~0.1 s per image) the demo preset uses 0.1 s
     batch_wait_timeout_s: float = 0.01
     max_body_bytes: int = 10 * 1024 * 1024
-    # a request whose body sends nothing for this long gets a 408: a stalled upload would
-    # otherwise hold one of the replica's max_ongoing_requests slots until it hangs up
+    # a request whose body sends nothing for this long, or averages under 500 bytes/s past
+    # it, gets a 408: a stalled or trickling upload would otherwise hold one of the
+    # replica's max_ongoing_requests slots until it hangs up (or for Serve's 300 s)
     body_idle_timeout_s: float = 30.0
     # request bodies a replica holds at once, in bytes (0: 16 x max_body_bytes): past it a
     # request gets a 503 to retry, instead of the replica running out of memory (its

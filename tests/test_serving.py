@@ -468,6 +468,28 @@ def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
             conn.close()
 
 
+def test_an_upload_that_trickles_gets_a_408_once_it_falls_below_the_least_rate(service):
+    """A client sending a byte every few seconds, never idle for serve.body_idle_timeout_s,
+    held its slot until Serve's 300 s deadline: ~130 such clients took every slot for
+    5 minutes at a few bytes a second. Past the idle timeout the body must average 500
+    bytes/s."""
+    host, port = service.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n\r\n".encode())
+        conn.settimeout(BODY_IDLE_S / 4)  # a byte each time nothing came back within this
+        started, answer = time.monotonic(), b""
+        while time.monotonic() - started < BODY_IDLE_S + 20 and not answer.rstrip().endswith(b"}"):
+            try:
+                conn.sendall(b"\xff")
+                answer += conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # closed once answered
+                break
+    assert answer.startswith(b"HTTP/1.1 408") and b"bytes/s on average" in answer, answer[:300]
+    assert time.monotonic() - started < BODY_IDLE_S + 10
+
+
 def test_uploads_past_the_replicas_budget_get_a_503_to_retry_and_their_bytes_come_back(service):
     """Each request's body is held whole: 128 uploads of serve.max_body_bytes (1.3 GB by
     default) could kill a replica for its memory. Past serve.max_buffered_bytes (here 16 x

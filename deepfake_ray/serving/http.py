@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from email import errors, policy
 from email.parser import BytesParser
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ray.serve")
 EMAIL = BytesParser(policy=policy.HTTP)  # holds no state between parses
+MIN_BODY_RATE = 500  # bytes/s a body must average past serve.body_idle_timeout_s (Apache's mod_reqtimeout's)
 
 
 class ModelHeader:
@@ -86,11 +88,13 @@ def too_large(size_text: str, limit: int) -> ApiError:
 
 async def read_body(request: Request, limit: int, idle_timeout: float, budget: UploadBudget | None = None) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed `limit` bytes, or 408 when
-    no byte of it arrives for `idle_timeout` seconds. The deadline is on progress, not on
-    the whole upload, so a large image on a slow link still arrives; without it a client
-    that stops mid-body held a replica's slot (of max_ongoing_requests) until it hung up:
-    HAProxy and Serve's proxy both stream the body to the replica as it comes. Its bytes
-    are taken from `budget` as they arrive (503 past it); the caller gives them back."""
+    no byte of it arrives for `idle_timeout` seconds or it arrives slower than
+    MIN_BODY_RATE on average after those. The deadlines are on progress, not on the whole
+    upload, so a large image on a slow link still arrives; without them a client that
+    stops mid-body held a replica's slot (of max_ongoing_requests) until it hung up, and
+    one sending a byte every 25 s held it for Serve's 300 s: HAProxy and Serve's proxy both
+    stream the body to the replica as it comes. Its bytes are taken from `budget` as they
+    arrive (503 past it); the caller gives them back."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -101,8 +105,9 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
             raise too_large(f"{declared_size:,}", limit)
     chunks, size = [], 0
     stream = request.stream()  # chunked uploads carry no Content-Length
+    started = time.monotonic()
     try:
-        while (chunk := await next_chunk(stream, idle_timeout)) is not None:
+        while (chunk := await next_chunk(stream, idle_timeout, started + idle_timeout + size / MIN_BODY_RATE)) is not None:
             if size + len(chunk) > limit:
                 raise too_large(f"more than {limit:,}", limit)
             if budget is not None:
@@ -118,13 +123,18 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
     return b"".join(chunks)
 
 
-async def next_chunk(stream, idle_timeout: float) -> bytes | None:
-    """The body's next chunk (None at its end), or 408 after `idle_timeout` s without one."""
+async def next_chunk(stream, idle_timeout: float, due: float) -> bytes | None:
+    """The body's next chunk (None at its end), or 408 after `idle_timeout` s without one
+    or at `due`, the time by which the bytes so far should have come at MIN_BODY_RATE."""
+    wait = min(idle_timeout, due - time.monotonic())
     try:
-        return await asyncio.wait_for(anext(stream), idle_timeout)
+        return await asyncio.wait_for(anext(stream), max(wait, 0.0))
     except StopAsyncIteration:
         return None
     except asyncio.TimeoutError:
+        if wait < idle_timeout:
+            raise ApiError(408, f"the request body arrived slower than {MIN_BODY_RATE} bytes/s on average "
+                                "after serve.body_idle_timeout_s: send it on a faster link") from None
         raise ApiError(408, f"no part of the request body arrived for {idle_timeout:g} s "
                             "(serve.body_idle_timeout_s): send the whole body") from None
 
