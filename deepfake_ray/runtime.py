@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import random
+import secrets
 import shutil
 import socket
 import sys
@@ -149,6 +150,7 @@ def init(address: str | None = None) -> None:
     _embedded_cores = None
     _started_with = address if address and address != "local" else "local"
     _worker_env.clear()
+    _haproxy_folder[0] = None  # the embedded Ray's alone (haproxy_env)
     if address and address != "local":  # "local": in-process, as with no address
         check_address_form(address)
         try:
@@ -288,7 +290,44 @@ def haproxy_env() -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
                 os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"),
             # fixed ports by default (8500, 9101, 8404): two services on one machine clash
-            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS)))}}
+            **{name: str(port) for name, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS)))},
+            **haproxy_paths()}
+
+
+# where HAProxy keeps its config, sockets and state (file names as Ray's defaults)
+HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
+_haproxy_folder: list[str | None] = [None]  # this process's embedded Ray's, made by make_haproxy_folder
+
+
+def haproxy_paths() -> dict[str, str]:
+    """HAProxy's files under a folder of a random name, which make_haproxy_folder creates
+    for this user alone as Serve starts: Ray's default, /tmp/haproxy-serve/, it creates
+    open to all (0755), its admin socket in it (mode 666), so any local user could reroute
+    or stop the service. Unless the user named their own paths."""
+    if any(name in os.environ for name in HAPROXY_PATHS):
+        _haproxy_folder[0] = None
+        return {}
+    # short, in /tmp as Ray's: HAProxy takes a socket path of at most 97 bytes, and Ray
+    # puts the node's id (56) in it
+    _haproxy_folder[0] = folder = f"/tmp/haproxy-{secrets.token_hex(5)}"
+    return {name: os.path.join(folder, file) for name, file in HAPROXY_PATHS.items()}
+
+
+def make_haproxy_folder() -> None:
+    """The embedded Ray's HAProxy folder (haproxy_paths), this user's alone (0700), before
+    Serve starts HAProxy in it."""
+    folder = _haproxy_folder[0]
+    if folder and not os.path.isdir(folder):  # made already: a second service in this process
+        os.mkdir(folder, 0o700)  # a random name: FileExistsError if another user took it first
+
+
+def remove_haproxy_folder() -> None:
+    """HAProxy leaves its config, sockets and logs behind; the embedded Ray's folder is this
+    run's alone. A cluster's are not ours to remove."""
+    if _haproxy_folder[0]:
+        shutil.rmtree(_haproxy_folder[0], ignore_errors=True)
 
 
 def haproxy_found() -> bool:

@@ -108,7 +108,7 @@ def service(ray_session, model_dir, tmp_path_factory):
     serve.run(app.build(cfg, model_dir), name=app.APP_NAME, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    app.remove_haproxy_folder()  # as `deepfake-ray serve` does: each run's would stay in /tmp
+    runtime.remove_haproxy_folder()  # as `deepfake-ray serve` does: each run's would stay in /tmp
 
 
 @pytest.fixture(scope="module")
@@ -466,6 +466,19 @@ def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
     finally:
         for conn in stalled:
             conn.close()
+
+
+def test_haproxys_admin_socket_is_in_a_folder_only_its_user_can_enter(service):
+    """Ray puts HAProxy's admin socket (mode 666: it can reroute or stop the service) in
+    /tmp/haproxy-serve/<node id>/, which it makes open to every local user. The embedded
+    Ray's is in a folder of its user's alone."""
+    if not runtime.haproxy_found():
+        pytest.skip("no HAProxy here: Serve's own proxy serves")
+    node = ray.get_runtime_context().get_node_id()
+    sockets = glob.glob(f"/tmp/haproxy-*/{node}/admin.sock")
+    assert len(sockets) == 1, sockets
+    folder = os.path.dirname(os.path.dirname(sockets[0]))
+    assert folder != "/tmp/haproxy-serve" and os.stat(folder).st_mode & 0o777 == 0o700, folder
 
 
 def test_an_upload_that_trickles_gets_a_408_once_it_falls_below_the_least_rate(service):

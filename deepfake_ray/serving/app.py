@@ -543,7 +543,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
             else:  # this application alone: a cluster's Serve, and what else it serves, stay
                 drain()
         finally:  # a Ctrl-C during the shutdown too
-            remove_haproxy_folder()
+            runtime.remove_haproxy_folder()
     return {"url": url, "model": model_id}
 
 
@@ -604,6 +604,7 @@ def start_serve(host: str, port: int) -> None:
     for Serve's restarts instead of failing."""
     from ray.exceptions import RayActorError
 
+    runtime.make_haproxy_folder()
     try:
         serve.start(http_options=http_options(host, port))
         return
@@ -654,22 +655,3 @@ def deployed_from(name: str) -> str | None:
     application = _get_global_client().get_serve_details().get("applications", {}).get(name)
     source = application.get("source") if application else None
     return getattr(source, "value", source)  # an APIType, or its value once serialized
-
-
-def remove_haproxy_folder() -> None:
-    """Serve's HAProxy ingress keeps its config, sockets and logs in
-    /tmp/haproxy-serve/<node id>/ and leaves them behind. The node is this run's own
-    embedded Ray (a fresh id each start), so the folder is ours alone; on a cluster it is not."""
-    import shutil
-
-    import ray
-    from ray.serve._private import constants  # where HAProxyManager puts them (Ray 2.60)
-
-    if not runtime.in_process() or not ray.is_initialized():
-        return
-    node = ray.get_runtime_context().get_node_id()
-    bases = {os.path.dirname(path) for path in (
-        constants.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC, constants.RAY_SERVE_HAPROXY_SOCKET_PATH,
-        constants.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH)}
-    for base in bases | {constants.RAY_SERVE_HAPROXY_SERVER_STATE_BASE}:
-        shutil.rmtree(os.path.join(base, node), ignore_errors=True)
