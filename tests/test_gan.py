@@ -271,22 +271,36 @@ def test_a_discriminator_that_has_won_is_warned_about(last, won):
         assert "stop it (Ctrl-C, or `ray job stop`)" in during
 
 
-def test_a_gan_that_diverged_is_refused_with_a_lower_rate_not_exported(tmp_path):
+def test_a_gan_that_diverged_is_refused_with_a_lower_rate_not_exported(trained, tmp_path, capsys):
     """A NaN loss (the figures reduced over workers) stops the loop and exports nothing:
     train-gan had ended "done" on a NaN generator, whose black squares generate then
-    blamed on a collapse."""
+    blamed on a collapse. No gan.lr the config takes (up to 1) makes this tiny GAN's
+    float32 losses NaN in a test's few steps (at 1, G loss 17779 after 300 steps, finite),
+    so the run goes on for one epoch from a checkpoint whose generator went NaN."""
     from deepfake_ray.gan import loop
 
-    cfg = tiny(str(tmp_path / "w"), "gan.lr=0.002")
-    last = {"epoch": 4, "g_loss": float("nan"), "d_loss": float("nan"), "d_real": 0.5, "d_fake": 0.5}
-    assert loop.diverged(last) and loop.diverged({**last, "g_loss": 1.0, "d_loss": float("inf")})
-    with pytest.raises(UsageError) as refused:
-        train.check_converged(cfg, last)
-    assert str(refused.value) == (
-        "train-gan diverged at epoch 5 (G loss nan, D loss nan) at gan.lr=0.002: no generator was exported; "
-        f"train anew with a lower rate: deepfake-ray train-gan --workdir {cfg.workdir} --force --set gan.lr=0.0002")
-    healthy = {**last, "g_loss": 2.0, "d_loss": 1.0}
-    assert not loop.diverged(healthy) and train.check_converged(cfg, healthy) is None
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained[0], workdir)
+    gan = os.path.join(workdir, "gan")
+    newest = os.path.join(gan, f"epoch_{EPOCHS - 1:04d}")
+    state = checkpoint.read_state(newest)
+    state["G"] = {k: w.fill_(float("nan")) if w.is_floating_point() else w for k, w in state["G"].items()}
+    checkpoint.write_state(newest, state, state["history"][-1])
+    model = os.path.join(gan, "model", "weights.safetensors")
+    before = open(model, "rb").read()  # the 6 epochs' generator, exported when they completed
+
+    more = [a for kv in (*TRAINED, f"gan.epochs={EPOCHS + 1}", "resources.workers=1") for a in ("--set", kv)]
+    code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", workdir, *more)
+    assert code == 2 and err == [
+        f"deepfake-ray train-gan: error: train-gan diverged at epoch {EPOCHS + 1} (G loss nan, D loss nan) at "
+        "gan.lr=0.00025: no generator was exported; train anew with a lower rate: deepfake-ray train-gan "
+        f"--workdir {workdir} --force --set gan.lr=2.5e-05"], err
+    history = storage.read_json(os.path.join(gan, "history.json"))
+    assert history[-1]["epoch"] == EPOCHS and loop.diverged(history[-1])
+    assert open(model, "rb").read() == before  # not overwritten by the NaN generator
+    assert storage.completed(gan) is None  # the stage is not complete: generate refuses it
+    assert not os.path.exists(os.path.join(gan, f"epoch_{EPOCHS:04d}"))  # nor a NaN epoch kept to resume
+    assert loop.diverged({**history[-1], "g_loss": 1.0, "d_loss": float("inf")})  # an infinite loss too
 
 
 def test_a_collapse_is_warned_once_as_it_shows_not_at_every_epoch_nor_the_last():
