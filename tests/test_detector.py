@@ -754,7 +754,6 @@ def test_pretrained_hub_without_network_exits_2_with_the_fix(ray_session, tmp_pa
 
 # --- Ray Train, export, reload, evaluate; Ray Tune ---------------------------------------
 
-@pytest.mark.slow
 def test_a_sweep_whose_every_trial_diverged_says_to_lower_the_rates(tiny_cfg):
     """Scores that are not finite at every rate: no trial is published as the detector."""
     from types import SimpleNamespace
