@@ -14,12 +14,11 @@ import csv
 import errno
 import io
 import json
-import math
 import re
 import time
 
 import deepfake_ray
-from deepfake_ray import lineage, storage
+from deepfake_ray import lineage, progress, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError
 from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
@@ -57,7 +56,7 @@ def figure(workdir: str, rel: str, caption: str) -> list[Figure]:
 
 def fmt(value) -> str:
     if isinstance(value, float):  # 86,400 s, not 8.64e+04
-        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else short(value)
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else progress.short(value)
     if isinstance(value, list) and len(value) > 8:  # e.g. per-batch losses: summarize
         numbers = [v for v in value if isinstance(v, (int, float))]
         if len(numbers) == len(value):
@@ -65,20 +64,6 @@ def fmt(value) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
     return "" if value is None else str(value)
-
-
-def short(value: float) -> str:
-    """4 significant digits, more where those would round a score to a perfect one (a
-    recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1"). Within 1e-12
-    of a whole number it is that number: a sum's rounding (scikit-learn's average precision
-    of a perfect ranking is 0.9999999999999999), not a score."""
-    if math.isfinite(value) and abs(value - round(value)) < 1e-12:  # round(inf) raises
-        value = float(round(value))
-    for digits in range(4, 17):
-        text = f"{value:.{digits}g}"
-        if float(text) == value or float(text) not in (0.0, 1.0):
-            return text
-    return text
 
 
 # what train-gan and train-detector print per epoch: first, before the columns left out
@@ -287,10 +272,28 @@ def metrics(w: str) -> list:
             "and calibration hold at that share of fakes only (where 1 image in 100 is fake, most "
             "flagged ones can be real: the false-positive rate says how many), and no other generator "
             "is measured. ci95: 95% intervals (Wilson; DeLong for ROC-AUC)."))
-    return (blocks + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
+    return (blocks + budget_blocks(w) + figure(w, "eval/confusion.png", "confusion matrix (held-out test split)")
             + figure(w, "eval/roc.png", "ROC curve (held-out test split)")
             + figure(w, "eval/reliability.png", "reliability of p_fake (held-out test split)")
             + figure(w, "eval/curves.png", "the detector's training and validation curves"))
+
+
+def budget_blocks(w: str) -> list:
+    """eval/thresholds.json: a threshold per false-positive budget, and what it does."""
+    budgets = read_json(w, "eval/thresholds.json")
+    if not (isinstance(budgets, list) and all(isinstance(b, dict) for b in budgets)):
+        return json_blocks(budgets, "eval/thresholds.json")
+    rows = [as_metric_cells({"reals flagged at most": b.get("false_positive_budget"), "threshold": b.get("threshold"),
+                             "validation FPR": b.get("validation_false_positive_rate"),
+                             "test FPR": b.get("test_false_positive_rate"),
+                             "test FPR 95%": b.get("test_false_positive_rate_ci95"),
+                             "test recall": b.get("test_recall"), "test recall 95%": b.get("test_recall_ci95"),
+                             **({"note": b["note"]} if "note" in b else {})}) for b in budgets]
+    reals = budgets[0].get("validation_reals") if budgets else None
+    return [Text(f"Thresholds for a false-positive budget, chosen on the validation split's {fmt(reals)} "
+                 "reals, and what each does on the held-out test split: to use one, set it as "
+                 "\"threshold\" in detector/model/model.json and run evaluate again."),
+            records_table(rows, "eval/thresholds.json")]
 
 
 def robustness(w: str) -> list:
@@ -325,7 +328,7 @@ def as_metric_cells(metrics: dict) -> dict:
         if value is None:
             return "n/a"
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
-            return f"{short(value[0])}-{short(value[1])}"
+            return f"{progress.short(value[0])}-{progress.short(value[1])}"
         if isinstance(value, dict):
             return {k: cell(v) for k, v in value.items()}
         return value

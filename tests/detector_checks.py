@@ -64,4 +64,8 @@ def assert_held_out_evaluation(cfg, min_roc_auc: float = 0.0) -> dict:
     assert metrics["roc_auc"] >= min_roc_auc, metrics
     for name in ("confusion.png", "roc.png", "reliability.png", "curves.png"):
         assert storage.read_bytes(storage.join(out, name))[:4] == b"\x89PNG"
+    # a threshold per false-positive budget, chosen on validation's reals
+    budgets = storage.read_json(storage.join(out, "thresholds.json"))
+    assert [b["false_positive_budget"] for b in budgets] == list(evaluate.metrics.FALSE_POSITIVE_BUDGETS)
+    assert {b["validation_reals"] for b in budgets} == {data.select(cfg, ("val",)).counts["val"]["real"]}
     return metrics

@@ -22,12 +22,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 from PIL import Image
 
-from deepfake_ray import checkpoint, cli, storage
+from deepfake_ray import checkpoint, cli, progress, storage
 from deepfake_ray.data import datasets, decode, sample
 from deepfake_ray.detector import data, loop, metrics, train, tune
 from deepfake_ray.errors import UsageError
@@ -503,19 +504,20 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     """A randomly initialised detector stands in for a trained one (the trained one is
     evaluated in tests/test_pipeline.py, a slow test). The test split is smaller than
     validation, so the counts tell which split was scored; each degraded condition is
-    scored on its own degraded images; a model whose manifests changed is refused."""
+    scored on its own degraded images; a model whose manifests changed is refused.
+    Validation images are scored clean, for a threshold per false-positive budget."""
     from deepfake_ray.detector import evaluate
     from tests.detector_checks import assert_held_out_evaluation
 
     cfg = tiny_cfg()
-    splits = ["train"] * 8 + ["val"] * 6 + ["test"] * 4
+    splits = ["train"] * 8 + ["val"] * 20 + ["test"] * 4
     write_stage(datasets.data_dir(cfg.workdir), [(sample.face(0, i, 32), s) for i, s in enumerate(splits)])
     write_stage(datasets.fakes_dir(cfg.workdir), [(checkerboard_face(1, i, 32), s) for i, s in enumerate(splits)])
     torch.manual_seed(0)
     net = detector.create("resnet10t", num_classes=2, pretrained="none")
     meta = {"arch": "resnet10t", "num_classes": 2, "class_names": ["real", "fake"], "resolution": 32,
             "input_size": 75, "preprocessing": detector.preprocessing(net), "threshold": 0.37,
-            "jpeg_quality": 95, "metrics": {"epoch": 0, "val_auc": float("nan")},  # a val split of one class
+            "jpeg_quality": 95, "metrics": {"epoch": 0, "val_auc": float("nan"), "val_threshold": 0.37},
             "fingerprints": {"real_manifest_sha1": "before", "fake_manifest_sha1": "before"}}
     model = train.model_dir(cfg.workdir)
     checkpoint.save_model(model, net.state_dict(), meta)
@@ -530,14 +532,34 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     summary = evaluate.run(cfg)
     # said before the scoring, which is silent for minutes at Celeb 100k's size in a job's log
     out = capsys.readouterr().out
-    assert re.match(r"evaluate: scoring 8 held-out test images, clean and under 5 degradations, with model "
+    assert re.match(r"evaluate: scoring 8 held-out test images, clean and under 5 degradations, and 40 "
+                    r"validation images \(clean: thresholds are chosen on them\), with model "
                     r"resnet10t@[0-9a-f]{12}\n", out)
     # what the figures measure, said beside them: a ROC-AUC near 1.0 read alone claims more
     assert "evaluate: these measure fakes of this run's own DCGAN only, not other generators'" in out
     metrics = assert_held_out_evaluation(cfg)
     assert metrics["n"] == summary["n"] == 8 and (metrics["n_real"], metrics["n_fake"]) == (4, 4)
-    assert metrics["threshold"] == 0.37 and metrics["validation"] == {"epoch": 0, "val_auc": None}
-    for name in ("metrics.json", "robustness.json"):  # valid JSON, which has no NaN, for jq and browsers
+    assert metrics["threshold"] == 0.37 and metrics["validation"] == {"epoch": 0, "val_auc": None,
+                                                                      "val_threshold": 0.37}
+    assert "(threshold 0.37 from validation; 95% intervals)" in out
+    # every image's score, the test split's under each condition: metrics.json's accuracy from it
+    scores = pq.read_table(storage.join(evaluate.eval_dir(cfg.workdir), "scores.parquet")).to_pandas()
+    test, val = scores[scores["split"] == "test"], scores[scores["split"] == "val"]
+    assert (len(test), len(val), (val["truth"] == "real").sum()) == (8, 40, 20)
+    assert val["p_fake"].notna().all() and val["p_fake_blur_1.0"].isna().all()
+    assert ((test["p_fake"] >= 0.37) == (test["truth"] == "fake")).mean() == pytest.approx(metrics["accuracy"])
+    # a threshold per false-positive budget, from validation's 20 reals: 5% flags at most one
+    budgets = storage.read_json(storage.join(evaluate.eval_dir(cfg.workdir), "thresholds.json"))
+    five, one, tenth = budgets
+    val_reals = val[val["truth"] == "real"]["p_fake"]
+    assert (val_reals >= five["threshold"]).sum() <= 1 and five["validation_false_positive_rate"] <= 0.05
+    assert (val_reals >= five["threshold"]).mean() == five["validation_false_positive_rate"]
+    test_reals = test[test["truth"] == "real"]["p_fake"]
+    assert (test_reals >= five["threshold"]).mean() == five["test_false_positive_rate"]
+    assert (one["threshold"], one["note"]) == (None, "needs 100 validation reals or more") and tenth["threshold"] is None
+    assert (f"5.0% of reals flagged: threshold {progress.short(five['threshold'])} -> held-out false-positive "
+            f"rate {five['test_false_positive_rate']:.4f}") in out
+    for name in ("metrics.json", "robustness.json", "thresholds.json"):  # valid JSON (no NaN), for jq and browsers
         json.loads(storage.read_text(storage.join(evaluate.eval_dir(cfg.workdir), name)),
                    parse_constant=lambda constant: pytest.fail(f"{name} holds {constant}"))
     robustness = storage.read_json(storage.join(evaluate.eval_dir(cfg.workdir), "robustness.json"))
@@ -547,9 +569,11 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     # a threshold set by hand in model.json makes another model, whose metrics these are not
     edited = {**storage.read_json(storage.join(model, "model.json")), "threshold": 0.6}
     storage.write_json(storage.join(model, "model.json"), edited)
+    capsys.readouterr()
     again = evaluate.run(cfg)
     assert again["model"] == checkpoint.model_id(edited) != summary["model"]
     assert assert_held_out_evaluation(cfg)["threshold"] == 0.6
+    assert "(threshold 0.6 set in model.json; validation chose 0.37; 95% intervals)" in capsys.readouterr().out
 
 
 def test_each_robustness_condition_degrades_the_image_as_named():

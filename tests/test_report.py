@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from deepfake_ray import config, report, storage
+from deepfake_ray import config, progress, report, storage
 from tests.cli_output import error_lines
 
 EPOCHS = 12  # more than report.MAX_SAMPLE_GRIDS, so the report has to pick
@@ -51,6 +51,37 @@ def grid(epoch: int) -> bytes:
     return buf.getvalue()
 
 
+THRESHOLD = 0.4321  # the detector's, chosen on validation: evaluate flags test images at it
+# a train-detector epoch's entry as detector/loop.py writes it (its metrics vary per epoch)
+DETECTOR_EPOCH = {"lr": 0.0003, "frozen_backbone": False, "restored": False, "train_acc": 0.9, "train_n": 64,
+                  "train_images_per_s": 12.5, "val_loss": 0.35, "val_acc": 0.89, "val_threshold": 0.5,
+                  "val_acc_at_threshold": 0.89, "val_n": 18, "seconds": 9.5}
+
+
+@functools.cache
+def held_out() -> tuple[dict, dict, list]:
+    """eval/metrics.json (less "validation", model.json's), eval/robustness.json and
+    eval/thresholds.json as `evaluate` makes them (evaluate.run, write_outputs): 20 test
+    images, half fakes, the real scored 0.45 flagged; each condition in turn scores the
+    fakes 0.1 lower; 40 validation images, their reals from 0 to 0.5."""
+    import numpy as np
+
+    from deepfake_ray.detector import metrics
+
+    labels = np.repeat([0, 1], 10)
+    clean = np.concatenate([np.linspace(0.05, 0.4, 9), [0.45], np.linspace(0.55, 0.95, 10)])
+    robustness = {c: metrics.classification(labels, np.where(labels == 1, clean - 0.1 * i, clean), THRESHOLD)
+                  for i, c in enumerate(metrics.CONDITIONS)}
+    result = {**robustness["clean"], "split": "test", "model": "inception_resnet_v2@0123456789ab",
+              "model_uri": "detector/model", "class_names": ["real", "fake"],
+              "confusion_matrix_layout": "rows: actual [real, fake]; columns: predicted [real, fake]",
+              "reliability": metrics.reliability(labels, clean), "seconds": 12.3}
+    val_labels, val = np.repeat([0, 1], 20), np.concatenate([np.linspace(0, 0.5, 20), np.linspace(0.4, 1, 20)])
+    return result, {c: {k: m[k] for k in (*metrics.REPORTED, "n", "fake_share", "threshold", "confusion_matrix",
+                                          "ci95")} for c, m in robustness.items()}, \
+        metrics.budget_thresholds(val_labels, val, labels, clean)
+
+
 def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     """A finished run's work directory; returns the figures it holds (path -> bytes)."""
     figures = dict(plots())
@@ -62,29 +93,27 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
         "reasons": {"truncated": 3, "decompression-bomb": 1},
         "splits": {"train": 77, "val": 9, "test": 10}})
     storage.write_json(storage.join(w, "fakes/_COMPLETE.json"), {"images": 96, "seconds": 1.5})
-    # the stages count epochs from 0 in their files
-    storage.write_json(storage.join(w, "gan/history.json"),
-                       [{"epoch": e - 1, "g_loss": 2.0 / e, "d_loss": 0.5 + e / 100} for e in range(1, epochs + 1)])
-    storage.write_json(storage.join(w, "detector/history.json"),
-                       [{"epoch": 0, "train_loss": 0.61, "val_accuracy": 0.74},
-                        {"epoch": 1, "train_loss": 0.32, "val_accuracy": 0.99996},
-                        {"epoch": 2, "train_loss": 0.21, "val_accuracy": 0.97}])
+    # the stages count epochs from 0 in their files; the keys are those the loops write
+    storage.write_json(storage.join(w, "gan/history.json"), [
+        {"epoch": e - 1, "g_loss": 2.0 / e, "d_loss": 0.5 + e / 100, "d_real": 0.7, "d_fake": 0.3, "images": 77,
+         "seconds": 1.5, "images_per_s": 51.33, "workers": 1, "restored": False, "resumed_from": None}
+        for e in range(1, epochs + 1)])
+    detector_history = [DETECTOR_EPOCH | {"epoch": 0, "train_loss": 0.61, "val_auc": 0.74},
+                        DETECTOR_EPOCH | {"epoch": 1, "train_loss": 0.32, "val_auc": 0.99996},
+                        DETECTOR_EPOCH | {"epoch": 2, "train_loss": 0.21, "val_auc": 0.97, "val_threshold": THRESHOLD}]
+    storage.write_json(storage.join(w, "detector/history.json"), detector_history)
+    best = detector_history[2]
     storage.write_json(storage.join(w, "detector/model/model.json"),
-                       {"arch": "inception_resnet_v2", "input_size": 75, "threshold": 0.4321, "epoch": 2,
+                       {"arch": "inception_resnet_v2", "input_size": 75, "threshold": THRESHOLD, "epoch": best["epoch"],
+                        "metrics": {k: v for k, v in best.items() if k.startswith("val_") or k == "epoch"},
                         "software": {"deepfake-ray": "0.1.0", "torch": "2.14.1"}})
     storage.write_text(storage.join(w, "tune/results.csv"),
                        "trial_id,lr,val_auc\nt0,1.2e-05,0.81\nt1,0.00031,0.97\n")
-    storage.write_json(storage.join(w, "eval/metrics.json"),
-                       {"accuracy": 0.9375, "roc_auc": 0.981, "f1": 0.94, "threshold": 0.47,
-                        "average_precision": 0.9999999999999999,  # scikit-learn's, of a perfect ranking
-                        "confusion": {"tn": 9, "fp": 1, "fn": 0, "tp": 10}, "ece": 0.0123, "fake_share": 0.5,
-                        "ci95": {"accuracy": [0.72, 0.9889], "precision": None},  # none flagged: null
-                        "validation": {"epoch": 2, "roc_auc": 0.97},  # model.json's best epoch
-                        "reliability": [{"bin": 0, "mean_p_fake": 0.0417, "fraction_fake": 0.0, "n": 9}]})
-    storage.write_json(storage.join(w, "eval/robustness.json"),
-                       {"clean": {"accuracy": 0.9375, "roc_auc": 0.981},
-                        "jpeg_q50": {"accuracy": 0.81, "roc_auc": 0.9},
-                        "resize_0.5": {"accuracy": 0.7, "roc_auc": 0.77}})
+    result, robustness, budgets = held_out()
+    storage.write_json(storage.join(w, "eval/metrics.json"), storage.json_safe(
+        {**result, "validation": storage.read_json(storage.join(w, "detector/model/model.json"))["metrics"]}))
+    storage.write_json(storage.join(w, "eval/robustness.json"), storage.json_safe(robustness))
+    storage.write_json(storage.join(w, "eval/thresholds.json"), storage.json_safe(budgets))
     storage.write_json(storage.join(w, "pipeline.json"), {"stages": [
         {"name": "prepare", "status": "done", "seconds": 3.2},
         {"name": "train-gan", "status": "skipped", "seconds": 0.1, "made_in": 61.5},  # an earlier run's
@@ -169,25 +198,38 @@ def test_report_embeds_every_figure_and_section(tmp_path):
     assert "Not produced yet" not in text
     for anchor, title, *_ in report.SECTIONS:  # the table of contents links every section
         assert f'<li><a href="#{anchor}">{title}</a></li>' in text, anchor
-    for needle in ["decompression-bomb", "jpeg_q50", "resize_0.5", "0.00031", "val_accuracy",
-                   "train-gan", "0.9375", "confusion.tp", "lr: 0.0003", "8 of 12 epochs", "0.4321",
+    for needle in ["decompression-bomb", "jpeg_q50", "downscale_0.5", "0.00031",
+                   "train-gan", '<th scope="row">accuracy</th><td>0.95</td>', "lr: 0.0003", "8 of 12 epochs", "0.4321",
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
                    "<td>train-gan</td><td>skipped</td><td>0.1</td><td>61.5</td>",  # made by a run before
                    "<td>total</td><td></td><td>12,349</td><td>12,410</td>",
                    '<th scope="row">validation.epoch</th><td>3</td>',  # a key/value row's key heads it  # counted from 1, as best epoch is
-                   '<th scope="row">best epoch</th><td>3</td>', "0.0123",  # model.json's epoch 2, counted from 1
-                   "<td>3</td><td>0.21</td><td>0.97</td>",  # its row in the history, counted alike
+                   '<th scope="row">validation.val_auc</th><td>0.97</td>',  # model.json's figures of it
+                   '<th scope="row">best epoch</th><td>3</td>',  # model.json's epoch 2, counted from 1
+                   '<th scope="row">ece</th><td>0.2488</td>',
+                   "<td>3</td><td>0.21</td><td>0.9</td><td>0.35</td><td>0.89</td><td>0.97</td>",  # its row in the history, counted alike
                    "detector/history.json, per epoch (counted from 1)",
                    "<td>0.99996</td>",  # not rounded to a perfect 1
                    '<th scope="row">average_precision</th><td>1</td>',  # but a sum's rounding error is
                    '<th scope="row">made with</th><td>deepfake-ray 0.1.0, torch 2.14.1</td>',
-                   '<th scope="row">ci95.accuracy</th><td>0.72-0.9889</td>',
-                   '<th scope="row">ci95.precision</th><td>n/a</td>',  # JSON's null, not an empty cell
-                   "the held-out test split, 50% of it fakes, and those fakes made by the same GAN"]:
+                   '<th scope="row">ci95.accuracy</th><td>0.7639-0.9911</td>',  # Wilson's, of 19 in 20
+                   # rows: actual real, fake; columns: predicted real, fake (one real flagged)
+                   '<th scope="row">confusion_matrix</th><td>[[9,1],[0,10]]</td>',
+                   '<th scope="row">confusion_matrix_layout</th><td>rows: actual [real, fake]; columns: predicted '
+                   '[real, fake]</td>',
+                   "the held-out test split, 50% of it fakes, and those fakes made by the same GAN",
+                   # 5% of validation's 20 reals: one at most, the one at 0.5; halfway from the
+                   # next real down (0.4737) to the next score up (a fake's 0.4947)
+                   "chosen on the validation split&#x27;s 20 reals",
+                   "<td>0.05</td><td>0.4842</td><td>0.05</td><td>0</td><td>0-0.2775</td><td>1</td><td>0.7225-1</td>",
+                   "<td>0.01</td><td>n/a</td>", "needs 100 validation reals or more"]:
         assert needle in text, needle
-    assert "0.0417" not in text  # the reliability bins are a figure, not a table cell
+    assert "mean_p_fake" not in text  # the reliability bins are a figure, not a table cell
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
-    assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.81 | 0.9 |" in md
+    assert "## Held-out test metrics" in md and "| jpeg_q50 | 0.7 | 0.8333 | 0.5 | 0.1 |" in md
+    assert "| downscale_0.5 | 0.6 |" in md  # evaluate's conditions (metrics.CONDITIONS)
+    assert "| confusion_matrix | \\[\\[9,1\\],\\[0,10\\]\\] |" in md
+    assert "confusion_matrix" not in md.split("## Robustness")[1]  # per condition, left out: a figure shows it
     assert "](gan/losses.png)" in md and "](eval/roc.png)" in md
     # one cell, not two, its markup shown as text (a Markdown renderer passes raw HTML through)
     # a link or emphasis in a folder's name is shown as text, not made live in a pasted issue
@@ -217,7 +259,7 @@ def test_robustness_shows_every_metric_evaluate_prints_and_their_intervals_apart
     assert head in md and "more columns" not in md, md
     low, high = written["clean"]["ci95"]["roc_auc"]  # the intervals' own table, in the same order
     assert "| condition | accuracy | precision | recall | false_positive_rate | roc_auc |" in md
-    assert f"{report.short(low)}-{report.short(high)} |" in md
+    assert f"{progress.short(low)}-{progress.short(high)} |" in md
     assert "| blur_1.0 | 0.5 | n/a | 0 | 0 |" in md  # nothing flagged: no precision, not a blank
     # in evaluate's order, clean first, not the file's sorted keys
     assert md.index("| clean | ") < md.index("| blur_1.0 | ")
@@ -249,7 +291,7 @@ def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path
     assert "Out of date: gan/ is not complete" in text
     # with the run's settings: a bare command would run the demo preset's
     assert f"<code>deepfake-ray evaluate --config {w}/config.yaml --workdir {w}</code>" in text
-    assert "0.981" in text  # still shown, labelled
+    assert '<th scope="row">accuracy</th><td>0.95</td>' in text  # still shown, labelled
     md = open(os.path.join(w, "report.md")).read()
     assert f"*Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --config {w}/config.yaml --workdir {w}`.*" in md
 

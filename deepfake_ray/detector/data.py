@@ -256,7 +256,7 @@ def transform(img: np.ndarray, name: str) -> np.ndarray:
 
 class Scorer:
     """`evaluate`'s Ray Data actor: loads the exported model once, scores each condition
-    (`transform`) of a batch. Here rather than in evaluate.py, whose figures and Ray Train
+    (`transform`) of a batch's test images, and its validation images clean. Here rather than in evaluate.py, whose figures and Ray Train
     imports would cost every actor process seconds of start-up for nothing."""
 
     def __init__(self, model_uri: str, conditions: list[str]):
@@ -276,11 +276,16 @@ class Scorer:
 
         from deepfake_ray.models import detector
 
-        out = {"sha1": batch["sha1"], "label": batch["label"]}
+        split = batch.get("split", np.full(len(batch["sha1"]), "test"))
+        out = {"sha1": batch["sha1"], "split": split, "label": batch["label"]}
+        held_out = split == "test"  # validation images are scored clean only: thresholds are chosen on them
         for name in self.conditions:
-            pixels = np.stack([self.as_served(transform(img, name), name) for img in batch["pixels"]])
-            x = detector.meta_input(torch.as_tensor(pixels).to(self.device), self.meta)
-            out[f"p_{name}"] = detector.p_fake(detector.predict(self.model, x, self.amp))
+            rows = np.arange(len(held_out)) if name == "clean" else np.flatnonzero(held_out)
+            out[f"p_{name}"] = np.full(len(held_out), np.nan)
+            if len(rows):
+                pixels = np.stack([self.as_served(transform(batch["pixels"][i], name), name) for i in rows])
+                x = detector.meta_input(torch.as_tensor(pixels).to(self.device), self.meta)
+                out[f"p_{name}"][rows] = detector.p_fake(detector.predict(self.model, x, self.amp))
         return out
 
     def as_served(self, pixels: np.ndarray, condition: str) -> np.ndarray:

@@ -4,12 +4,16 @@
                                    calibration (Brier score, ECE and the reliability bins)
     WORKDIR/eval/robustness.json   the same after JPEG q95/75/50, downscale by half, Gaussian blur,
                                    each then scored as the service would: in the stored encoding
+    WORKDIR/eval/thresholds.json   a threshold per false-positive budget (5%, 1%, 0.1% of reals
+                                   flagged), chosen on the validation split, and what each does
+                                   on the test split
+    WORKDIR/eval/scores.parquet    every image's p_fake: test (each condition) and validation (clean)
     WORKDIR/eval/confusion.png, roc.png, reliability.png, curves.png (train/val accuracy and
                                    loss per epoch)
     WORKDIR/eval/_COMPLETE.json    written last
 
-The decision threshold is the one chosen on validation (model.json); nothing here
-feeds back into the model. Inference runs on Ray Data with an actor pool, each actor
+The decision threshold is model.json's (chosen on validation unless edited there);
+nothing here feeds back into the model. Inference runs on Ray Data with an actor pool, each actor
 loading the model once and scoring every condition of a batch.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 
 import numpy as np
 
-from deepfake_ray import checkpoint, lineage, runtime, storage
+from deepfake_ray import checkpoint, lineage, progress, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, figures, metrics
@@ -49,40 +53,83 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return plan.done
     model_uri = model_dir(cfg.workdir)
     meta = checkpoint.load_detector_meta(model_uri)  # its threshold checked: maybe edited by hand
-    selection = data.select(cfg, splits=("test",))
+    selection = data.select(cfg, splits=("val", "test"))
     check_same_data(meta, selection)
     lineage.unmark(cfg, STAGE)
     started = time.time()
-    images = sum(selection.counts["test"].values())
+    images, val_images = (sum(selection.counts[split].values()) for split in ("test", "val"))
     print(f"evaluate: scoring {images:,} held-out test images, clean and under {len(CONDITIONS) - 1} "
-          f"degradations, with model {checkpoint.model_id(meta)}", flush=True)
+          f"degradations, and {val_images:,} validation images (clean: thresholds are chosen on "
+          f"them), with model {checkpoint.model_id(meta)}", flush=True)
     frame = score(cfg, selection, model_uri)
-    labels = frame["label"].to_numpy().astype(int)
-    scores = {c: frame[f"p_{c}"].to_numpy() for c in CONDITIONS}
-    check_finite(scores, meta)
+    test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
+    labels = test["label"].to_numpy().astype(int)
+    scores = {c: test[f"p_{c}"].to_numpy() for c in CONDITIONS}
+    check_finite({**scores, "validation": val["p_clean"].to_numpy()}, meta)
     robustness = {c: metrics.classification(labels, scores[c], meta["threshold"]) for c in CONDITIONS}
     result = {**robustness["clean"], "split": "test", "model": checkpoint.model_id(meta),
               "model_uri": model_uri, "class_names": meta["class_names"],
               "confusion_matrix_layout": "rows: actual [real, fake]; columns: predicted [real, fake]",
               "reliability": metrics.reliability(labels, scores["clean"]),
               "validation": meta.get("metrics", {}), "seconds": round(time.time() - started, 1)}
+    budgets = metrics.budget_thresholds(val["label"].to_numpy(), val["p_clean"].to_numpy(), labels, scores["clean"])
     write_outputs(cfg, out, result, robustness, labels, scores)
-    print(table(robustness))
+    storage.write_json(storage.join(out, "thresholds.json"), storage.json_safe(budgets))
+    write_scores(out, frame, meta)
+    print(table(robustness, meta))
+    print(budget_table(budgets, model_dir(cfg.workdir)))
     summary = {k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"evaluate: held-out test ROC-AUC {with_interval(result, 'roc_auc')}, accuracy "
           f"{with_interval(result, 'accuracy')}, false-positive rate {with_interval(result, 'false_positive_rate')} "
           f"on {result['n']:,} images, {result['fake_share']:.0%} of them fakes (threshold "
-          f"{meta['threshold']:.3f} from validation; 95% intervals) -> {out}")
+          f"{threshold_source(meta)}; 95% intervals) -> {out}")
     print(f"evaluate: {metrics.SCOPE}", flush=True)
     if warning := metrics.near_chance("evaluate", "the held-out", result["roc_auc"]):
         warn(warning)
     return summary
 
 
+def threshold_source(meta: dict) -> str:
+    """model.json's threshold and where it came from: validation's choice, or an edit."""
+    chosen = meta.get("metrics", {}).get("val_threshold")
+    if chosen is None or chosen == meta["threshold"]:
+        return f"{progress.short(meta['threshold'])} from validation"
+    return f"{progress.short(meta['threshold'])} set in model.json; validation chose {progress.short(chosen)}"
+
+
+def budget_table(budgets: list[dict], model_uri: str) -> str:
+    """thresholds.json as evaluate prints it."""
+    lines = [f"thresholds for a false-positive budget, chosen on the validation split's "
+             f"{budgets[0]['validation_reals']:,} reals (to use one, set \"threshold\" in "
+             f"{storage.shown(storage.join(model_uri, 'model.json'))}):"]
+    for b in budgets:
+        if b["threshold"] is None:
+            lines.append(f"  {b['false_positive_budget']:>5.1%} of reals flagged: {b['note']}")
+            continue
+        lines.append(f"  {b['false_positive_budget']:>5.1%} of reals flagged: threshold {progress.short(b['threshold'])}"
+                     f" -> held-out false-positive rate {with_interval(b, 'test_false_positive_rate')}, "
+                     f"recall {with_interval(b, 'test_recall')}")
+    return "\n".join(lines)
+
+
+def write_scores(out: str, frame, meta: dict) -> None:
+    """eval/scores.parquet: every image's p_fake, for thresholds and analyses of one's own
+    (join on sha1 with data/ and fakes/ manifests for the files)."""
+    import pyarrow as pa
+
+    table = pa.table({"sha1": frame["sha1"].to_numpy(), "split": frame["split"].to_numpy(),
+                      "truth": np.where(frame["label"].to_numpy() == 1, "fake", "real"),
+                      "p_fake": frame["p_clean"].to_numpy(),
+                      **{f"p_fake_{c}": frame[f"p_{c}"].to_numpy() for c in CONDITIONS if c != "clean"}})
+    table = table.replace_schema_metadata({"deepfake_ray.model": checkpoint.model_id(meta)})
+    storage.write_parquet(storage.join(out, "scores.parquet"), table)
+
+
 def with_interval(m: dict, key: str) -> str:
-    """0.9812 (0.9733-0.9871): a metric and its 95% interval, where it has one."""
-    interval = m["ci95"].get(key)
+    """0.9812 (0.9733-0.9871): a metric and its 95% interval, where it has one (in
+    m["ci95"][key], or m[key + "_ci95"])."""
+    interval = m["ci95"].get(key) if "ci95" in m else m.get(f"{key}_ci95")
     return f"{m[key]:.4f}" + (f" ({interval[0]:.4f}-{interval[1]:.4f})" if interval else "")
 
 
@@ -104,9 +151,10 @@ def check_finite(scores: dict, meta: dict) -> None:
 
 
 def score(cfg: Config, selection: data.Selection, model_uri: str):
-    """A pandas frame: sha1, label, p_<condition> for every test image."""
+    """A pandas frame: sha1, split, label, p_<condition> for every test image, and p_clean
+    (the others NaN) for every validation image."""
     r = cfg.resources
-    ds = data.dataset(cfg, selection, "test")
+    ds = data.dataset(cfg, selection, ("val", "test"))
     scored = runtime.map_on_actor_pool(
         ds, data.Scorer, max(1, r.workers), fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
         batch_size=cfg.serve.score_batch_size, num_cpus=r.cpus_per_worker,
@@ -134,12 +182,12 @@ def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels,
         storage.write_bytes(storage.join(out, "curves.png"), figures.curves(storage.read_json(history_uri)))
 
 
-def table(robustness: dict) -> str:
+def table(robustness: dict, meta: dict) -> str:
     """The robustness table printed at the end of `evaluate`."""
     short = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "false_positive_rate": "FPR",
              "f1": "F1", "roc_auc": "ROC-AUC", "average_precision": "AP", "brier": "Brier", "ece": "ECE"}
     head = f"{'condition':<15}" + "".join(f"{short[k]:>10}" for k in metrics.REPORTED)
-    lines = ["held-out test split (threshold from validation):", head, "-" * len(head)]
+    lines = [f"held-out test split (threshold {threshold_source(meta)}):", head, "-" * len(head)]
     for name, m in robustness.items():
         lines.append(f"{name:<15}" + "".join(f"{m[k]:>10.4f}" for k in metrics.REPORTED))
     return "\n".join(lines)

@@ -66,6 +66,51 @@ def choose_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
     return float(np.clip((upper + lower) / 2, 0.0, 1.0))
 
 
+FALSE_POSITIVE_BUDGETS = (0.05, 0.01, 0.001)  # shares of reals flagged: evaluate's thresholds.json
+
+
+def budget_threshold(labels: np.ndarray, p_fake: np.ndarray, budget: float) -> float | None:
+    """The lowest p_fake cut that flags at most `budget` of these (validation) reals,
+    halfway between the highest real it leaves below and the next score up, as
+    choose_threshold places its cut; None where there are too few reals to tell that
+    share (under 1 / budget)."""
+    labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
+    reals = np.sort(p_fake[labels == 0])[::-1]
+    if len(reals) * budget < 1:
+        return None
+    below = reals[int(math.floor(len(reals) * budget + 1e-9))]  # the reals above it are the budget's
+    higher = p_fake[p_fake > below]
+    return float((below + higher.min()) / 2) if len(higher) else float(min(np.nextafter(below, 2.0), 1.0))
+
+
+def budget_thresholds(val_labels: np.ndarray, val_p: np.ndarray, test_labels: np.ndarray,
+                      test_p: np.ndarray) -> list[dict]:
+    """For each false-positive budget: the threshold validation gives it, and what that
+    threshold does on validation and on the held-out test split (95% Wilson intervals)."""
+    rows = []
+    n_real = int((np.asarray(val_labels) == 0).sum())
+    for budget in FALSE_POSITIVE_BUDGETS:
+        threshold = budget_threshold(val_labels, val_p, budget)
+        row = {"false_positive_budget": budget, "threshold": threshold, "validation_reals": n_real}
+        if threshold is None:
+            rows.append({**row, "note": f"needs {math.ceil(1 / budget):,} validation reals or more"})
+            continue
+        val, test = flagged(val_labels, val_p, threshold), flagged(test_labels, test_p, threshold)
+        rows.append({**row, "validation_false_positive_rate": val["false_positive_rate"],
+                     "validation_recall": val["recall"], **{f"test_{k}": v for k, v in test.items()}})
+    return rows
+
+
+def flagged(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
+    """The shares of reals (false-positive rate) and of fakes (recall) at or above `threshold`."""
+    labels, hit = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64) >= threshold
+    fp, n_real = int(hit[labels == 0].sum()), int((labels == 0).sum())
+    tp, n_fake = int(hit[labels == 1].sum()), int((labels == 1).sum())
+    return {"false_positive_rate": fp / n_real if n_real else float("nan"),
+            "false_positive_rate_ci95": wilson(fp, n_real),
+            "recall": tp / n_fake if n_fake else float("nan"), "recall_ci95": wilson(tp, n_fake)}
+
+
 def classification(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
     """Every held-out metric the evaluation reports; 1 = fake is the positive class.
     `ci95`: 95% intervals, so that 1.0000 on a few hundred images is not read as perfect."""

@@ -19,7 +19,7 @@ import time
 
 from safetensors.torch import save as st_save
 
-from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
+from deepfake_ray import checkpoint, config, lineage, progress, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, metrics
@@ -265,7 +265,7 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
                "seconds": round(seconds, 1), **(extra or {})}
     summary = lineage.complete(cfg, STAGE, summary, made)
     print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
-          f"loss {m['val_loss']:.4f}, threshold {meta['threshold']:.3f}) -> {target} "
+          f"loss {m['val_loss']:.4f}, threshold {progress.short(meta['threshold'])}) -> {target} "
           f"(model {summary['model_id']})")
     if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
         warn(warning)
