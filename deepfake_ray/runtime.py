@@ -248,14 +248,17 @@ def map_on_tasks(ds, fn, **kwargs):
         return ds.map_batches(fn, max_retries=WORKER_RETRIES, **kwargs)
 
 
-def map_on_actor_pool(ds, fn, size: int, **kwargs):
+def map_on_actor_pool(ds, fn, size: int, cpus: float = 1, gpus: float = 0, **kwargs):
     """`ds.map_batches(fn, **kwargs)` on a pool of `size` actors, each started again at
-    most WORKER_RETRIES times after its worker died."""
+    most WORKER_RETRIES times after its worker died, and holding `cpus` CPUs or, where
+    `gpus`, those GPUs (and Ray Data's one CPU: named beside num_gpus, num_cpus logs its
+    warning that the pair is experimental)."""
     import ray.data
 
+    resources = {"num_gpus": gpus} if gpus else {"num_cpus": cpus}
     with pinned_ray_remote_args():
         return ds.map_batches(fn, compute=ray.data.ActorPoolStrategy(size=size),
-                              max_restarts=WORKER_RETRIES, **kwargs)
+                              max_restarts=WORKER_RETRIES, **resources, **kwargs)
 
 
 @functools.cache  # once per process, after start-up

@@ -157,8 +157,8 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
     ds = data.dataset(cfg, selection, ("val", "test"))
     scored = runtime.map_on_actor_pool(
         ds, data.Scorer, max(1, r.workers), fn_constructor_kwargs={"model_uri": model_uri, "conditions": CONDITIONS},
-        batch_size=cfg.serve.score_batch_size, num_cpus=r.cpus_per_worker,
-        num_gpus=1 if runtime.use_gpus(r.use_gpu) else 0, batch_format="numpy")
+        batch_size=cfg.serve.score_batch_size, cpus=r.cpus_per_worker,
+        gpus=1 if runtime.use_gpus(r.use_gpu) else 0, batch_format="numpy")
     frame = scored.to_pandas()
     if frame.empty:
         raise UsageError("the test split selected no images: check data.splits and the fakes manifest")

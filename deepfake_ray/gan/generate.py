@@ -172,7 +172,7 @@ def make(cfg: Config, start: int, count: int, pool: int, use_gpu: bool,
         fn_constructor_kwargs={"model": model_uri(cfg.workdir), "seed": cfg.seed,
                                "quality": cfg.data.jpeg_quality, "use_gpu": use_gpu,
                                "histories": histories},
-        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cfg.resources.cpus_per_worker).materialize()
+        cpus=cfg.resources.cpus_per_worker, gpus=1 if use_gpu else 0).materialize()
 
 
 class Selection(NamedTuple):

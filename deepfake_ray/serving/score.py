@@ -345,11 +345,8 @@ def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: 
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
                               fn_kwargs={"resolution": int(meta["resolution"]), "quality": checkpoint.stored_quality(meta),
                                          "max_pixels": cfg.data.max_pixels, "run": run})
-    # a GPU actor takes Ray Data's one CPU by default: named beside num_gpus, Ray Data warns
-    # that the pair is experimental
-    resources = {"num_gpus": actors.gpus} if actors.gpus else {"num_cpus": actors.cpus}
     ds = runtime.map_on_actor_pool(ds, ScoreActor, actors.actors, batch_size=batch, batch_format="numpy",
-                                   **resources, fn_constructor_kwargs={
+                                   cpus=actors.cpus, gpus=actors.gpus, fn_constructor_kwargs={
                                        "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": actors.threads,
                                        "model_id": checkpoint.model_id(meta)})
     with crashes.named_if_fatal(run, source):
