@@ -583,7 +583,7 @@ def execute(args: argparse.Namespace) -> int:
                                                   getattr(module, "check_settings", None))
         try:
             if hasattr(module, "preflight"):
-                if module.preflight(cfg, **options(args)):
+                if module.preflight(cfg, **options(args), address=args.address):
                     return 0
             elif hasattr(module, "STAGE") and lineage.preflight(cfg, module.STAGE, args.force):
                 return 0

@@ -375,16 +375,26 @@ def test_serve_joining_a_cluster_that_serves_the_app_already_leaves_it_serving(s
                                                                              tmp_path):
     """`deepfake-ray serve --address` on a cluster whose RayService (here: this session's
     app) serves the detector replaced that application, and on Ctrl-C shut down every
-    application and proxy of the cluster. Refused before it changes anything."""
-    refused = subprocess.run(
-        [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
-         "--port", str(free_port()), "--workdir", str(tmp_path / "work"),
-         "--address", ray_session.get_runtime_context().gcs_address],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})  # its token
+    application and proxy of the cluster. Refused before it changes anything. So is one
+    asking another port than the cluster's Serve listens on: Serve ignored it, and the
+    command printed an address nothing answered at."""
+    host, port = service.removeprefix("http://").split(":")
+
+    def serve_there(*where: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
+             *where, "--workdir", str(tmp_path / "work"), "--address", ray_session.get_runtime_context().gcs_address],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})  # its token
+
+    refused = serve_there("--host", host, "--port", port)  # its port in use: Serve's own proxy's
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr.splitlines()[-1].startswith(
         "deepfake-ray serve: error: this Ray cluster already serves an application named deepfake-ray: "
         "`deepfake-ray serve` would replace it, and delete it when stopped"), refused.stderr[-2000:]
+    elsewhere = serve_there("--host", host, "--port", str(free_port()))
+    assert elsewhere.returncode == 2 and elsewhere.stderr.splitlines()[-1] == (
+        f"deepfake-ray serve: error: Serve already runs on this Ray cluster, its HTTP proxies at {host}:{port}, "
+        f"the one address its applications share: pass --host {host} --port {port}"), elsewhere.stderr[-2000:]
     assert detect(service, JPEG).status_code == 200  # still served, by the same replica's app
 
 

@@ -504,12 +504,15 @@ def check_port_free(host: str, port: int) -> None:
                              "or pass another --port") from None
 
 
-def preflight(cfg: Config, model: str | None = None, **_) -> None:
-    """Before Ray starts: a model to serve, and a port to serve it on."""
+def preflight(cfg: Config, model: str | None = None, address: str | None = None, **_) -> None:
+    """Before Ray starts: a model to serve, and a port to serve it on. On a cluster Serve's
+    proxies listen on its nodes, not necessarily this machine, and one already running
+    holds its port: check_http_address asks Serve instead."""
     if not model:
         raise UsageError("serve needs --model: the exported model folder, e.g. WORKDIR/detector/model")
     checkpoint.check_detector(storage.normalize(model))  # its weights too: not a replica's traceback
-    check_port_free(cfg.serve.host, cfg.serve.port)
+    if not (runtime.on_cluster() or (address or os.environ.get("RAY_ADDRESS") or "local") != "local"):
+        check_port_free(cfg.serve.host, cfg.serve.port)
 
 
 def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict:
@@ -523,6 +526,7 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     url = f"http://{host}:{port}"
     started = time.time()
     if not runtime.in_process():  # before anything is replaced, or deleted on the way out
+        check_http_address(host, port)
         check_not_served_already()
     try:
         start_serve(host, port)
@@ -583,6 +587,20 @@ def check_fits(cfg: Config) -> None:
         if (wanted := s.min_replicas * each) > have.get(kind, 0):
             raise UsageError(f"serve.min_replicas={s.min_replicas} x {setting}={each:g} is {wanted:g} "
                              f"{kind}s and the in-process Ray has {have.get(kind, 0):g}: lower them")
+
+
+def check_http_address(host: str, port: int) -> None:
+    """UsageError on a cluster whose Serve already listens at another address: a cluster's
+    applications share one, and serve.start with another only logs that it ignores it
+    (the service answered there while this command printed the address asked for)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    running = client.http_config if client else None
+    if running and (running.host, running.port) != (host, port):
+        raise UsageError(f"Serve already runs on this Ray cluster, its HTTP proxies at {running.host}:"
+                         f"{running.port}, the one address its applications share: pass --host "
+                         f"{running.host} --port {running.port}")
 
 
 def check_not_served_already() -> None:
