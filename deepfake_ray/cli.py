@@ -169,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
                             + (f", e.g. --set {example}" if example else "") + "; every key: docs/configuration.md")
         # accepted everywhere, as scripts pass them; offered only where they are read
         c.add_argument("--workdir", help=argparse.SUPPRESS if not command.workdir else
-                       "local folder or s3://bucket/prefix; sets workdir (default: runs/<preset>)")
+                       "local folder or s3://bucket/prefix; sets workdir (default: the --config "
+                       "file's workdir, else runs/<preset>)")
         c.add_argument("--address", help=ADDRESS_HELP if command.ray else argparse.SUPPRESS)
         c.add_argument("--force", action="store_true", help=command.force_help or FORCE_HELP)
         for flag in command.flags:

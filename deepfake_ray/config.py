@@ -146,8 +146,8 @@ class ServeConfig:
     score_actors: int = 0  # batch-scoring actor pool size; 0: one per GPU, else CPUs // 4
     access_log: bool = True  # one log line per request from each replica
     # uploads decoded in helper processes: a file that crashes the image library ends a
-    # helper, not the replica (its request gets a 422); ~0.7 ms more for a lone request,
-    # +0.3 ms at p50 under load (docs/performance.md)
+    # helper, not the replica (its request gets a 422); +0.3 ms at p50 for a lone request,
+    # within the noise under load (docs/performance.md)
     isolate_decoding: bool = False
 
 

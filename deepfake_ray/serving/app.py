@@ -104,7 +104,8 @@ def check_same_model(predictor: Predictor, deployed: str | None) -> None:
 # redirect_slashes off: `/v1/detect/` got a 307 with no body, its Location rebuilt as
 # http:// behind a TLS front end; now it is the JSON 404 that names /docs
 api = FastAPI(title="deepfake-ray detector", redirect_slashes=False,
-              description="Is this face image GAN-generated? p_fake is the model's probability.")
+              description="Is this face image GAN-generated? p_fake is the model's score for fake, "
+                          "labelled fake at or above its threshold.")
 http.install_error_handlers(api)
 api.add_middleware(http.ModelHeader)
 
@@ -537,8 +538,11 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
         while True:
             time.sleep(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (docker stop, kill: the CLI makes it one)
-        print(f"stopping the service: answering the requests in flight (at most "
-              f"{DRAIN_TIMEOUT_S:.0f} s)...", flush=True)
+        # Serve's HAProxy keeps a stopping replica at least its draining period (2 s on the
+        # embedded Ray; Ray's 30 s on a cluster, for the load balancers in front of it)
+        print(f"stopping the service: answering the requests in flight (at most {DRAIN_TIMEOUT_S:.0f} s"
+              f"{'' if runtime.in_process() else '; 30-35 s where the cluster serves through HAProxy'})...",
+              flush=True)
         drain()
     finally:
         try:

@@ -317,9 +317,12 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {
 # what a 200 holds, for /docs and generated clients (the routes return dicts: FastAPI
 # described them as any object)
 RESULT = {"type": "object", "required": ["p_fake", "label", "threshold", "model"], "properties": {
-    "p_fake": {"type": "number", "minimum": 0, "maximum": 1, "description": "the model's probability of fake"},
+    "p_fake": {"type": "number", "minimum": 0, "maximum": 1,
+               "description": "the model's score for fake: a probability only for clean face crops at "
+                              "its training's share of fakes (half), not after blur or downscaling"},
     "label": {"type": "string", "enum": ["fake", "real"], "description": "fake when p_fake >= threshold"},
-    "threshold": {"type": "number", "description": "chosen on validation when the model was trained"},
+    "threshold": {"type": "number", "description": "the model's (model.json): chosen on validation "
+                                                  "when it was trained, unless set there since"},
     "model": {"type": "string", "description": "the id of the model that answered"}}}
 FILE_ERROR = {"type": "object", "required": ["file", "error", "status"], "properties": {
     "file": {"type": "string"}, "error": {"type": "string"},
