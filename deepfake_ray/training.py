@@ -231,6 +231,15 @@ def device() -> torch.device:
     return ray.train.torch.get_device()
 
 
+def how_trained(device: torch.device, amp: torch.dtype | None) -> dict:
+    """What an epoch's history records of how it was computed: the workers, rank 0's device
+    and the precision (a resume on other GPUs, or none that compute in bfloat16, changes
+    them, and an audit must see where)."""
+    return {"workers": ray.train.get_context().get_world_size(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "precision": str(amp).removeprefix("torch.") if amp else "float32"}
+
+
 def all_checkpoints() -> list[Checkpoint]:
     """The run's checkpoints, newest first: the one Ray Train restores, and every other
     epoch_NNNN folder of the run, whether Ray lists it or not (of one epoch, Ray's first).

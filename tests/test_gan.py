@@ -229,6 +229,7 @@ def test_train_writes_every_promised_file(trained):
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     for h in history:
         assert {"g_loss", "d_loss", "d_real", "d_fake", "images_per_s", "restored"} <= set(h)
+        assert (h["workers"], h["device"], h["precision"]) == (2, "cpu", "float32")  # how, for an audit
         assert h["images_per_s"] > 0 and 0 <= h["d_real"] <= 1 and 0 <= h["d_fake"] <= 1
     last = EPOCHS - 1
     for name in ("samples/epoch_000.png", f"samples/epoch_{last:03d}.png", "losses.png"):

@@ -260,6 +260,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps
     history = storage.read_json(f"{workdir}/detector/history.json")
     assert [h["epoch"] for h in history] == list(range(EPOCHS))  # each epoch once
+    assert {(h["device"], h["precision"]) for h in history} == {("cpu", "float32")}  # how each was trained
     # epoch 1 restored from epoch 0 after the lost worker; then the resubmitted job went on
     # after the last checkpoint the killed one left (never from 0 again)
     assert storage.exists(f"{workdir}/detector/_fault_injected_epoch_1")

@@ -55,7 +55,8 @@ THRESHOLD = 0.4321  # the detector's, chosen on validation: evaluate flags test 
 # a train-detector epoch's entry as detector/loop.py writes it (its metrics vary per epoch)
 DETECTOR_EPOCH = {"lr": 0.0003, "frozen_backbone": False, "restored": False, "train_acc": 0.9, "train_n": 64,
                   "train_images_per_s": 12.5, "val_loss": 0.35, "val_acc": 0.89, "val_threshold": 0.5,
-                  "val_acc_at_threshold": 0.89, "val_n": 18, "seconds": 9.5}
+                  "val_acc_at_threshold": 0.89, "val_n": 18, "seconds": 9.5, "workers": 1, "device": "cpu",
+                  "precision": "float32"}
 
 
 @functools.cache
@@ -96,7 +97,8 @@ def write_workdir(w: str, epochs: int = EPOCHS) -> dict[str, bytes]:
     # the stages count epochs from 0 in their files; the keys are those the loops write
     storage.write_json(storage.join(w, "gan/history.json"), [
         {"epoch": e - 1, "g_loss": 2.0 / e, "d_loss": 0.5 + e / 100, "d_real": 0.7, "d_fake": 0.3, "images": 77,
-         "seconds": 1.5, "images_per_s": 51.33, "workers": 1, "restored": False, "resumed_from": None}
+         "seconds": 1.5, "images_per_s": 51.33, "workers": 1, "device": "cpu", "precision": "float32",
+         "restored": False, "resumed_from": None}
         for e in range(1, epochs + 1)])
     detector_history = [DETECTOR_EPOCH | {"epoch": 0, "train_loss": 0.61, "val_auc": 0.74},
                         DETECTOR_EPOCH | {"epoch": 1, "train_loss": 0.32, "val_auc": 0.99996},

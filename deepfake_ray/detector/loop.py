@@ -55,7 +55,7 @@ def train_loop(loop: dict) -> None:
             wrapped, frozen_now = ray.train.torch.prepare_model(model), frozen
         started = time.monotonic()
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
-                 "restored": restored and epoch == start}
+                 "restored": restored and epoch == start, **training.how_trained(device, amp)}
         entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen,
                                  f"{label}: epoch {epoch + 1}/{d.epochs}"))
         entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))

@@ -210,7 +210,7 @@ def train_loop(config: dict) -> None:
         restored = epoch == first and resumed_from is not None
         metrics = {"epoch": epoch, **means, "images": images, "seconds": round(seconds, 2),
                    "images_per_s": round(images / max(seconds, 1e-9), 2),
-                   "workers": ray.train.get_context().get_world_size(),
+                   **training.how_trained(run.device, run.amp_dtype),
                    "restored": restored, "resumed_from": resumed_from if restored else None}
         run.history.append(metrics)
         last = epoch == cfg.gan.epochs - 1
