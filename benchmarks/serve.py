@@ -161,7 +161,7 @@ def run(args, model: str) -> None:
     from deepfake_ray.serving import app
     from deepfake_ray.serving.predictor import Predictor
 
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    app.start_serve("127.0.0.1", args.port)  # as `deepfake-ray serve` does
     base = [f"serve.batch_wait_timeout_s={args.wait}", "serve.cpus_per_replica=1", *args.overrides]
     cfg_batched = config.build("tiny", None, base + [f"serve.max_batch_size={args.batch}"])
     cfg_single = config.build("tiny", None, base + ["serve.max_batch_size=1",
@@ -181,7 +181,7 @@ def run(args, model: str) -> None:
                                               "serve.isolate_decoding=true"]), model, images, args.port)
     isolated = bench_levels(args.port, images, args.requests)
     serve.shutdown()
-    app.remove_haproxy_folder()  # as `deepfake-ray serve` does: each run's would stay in /tmp
+    runtime.remove_haproxy_folder()  # as `deepfake-ray serve` does: each run's would stay in /tmp
     print(f"\nmodel {model}; batch wait {args.wait}s; {args.requests} requests per level; "
           f"ingress: {runtime.serve_ingress()}; "
           f"replica and direct: {threads} torch thread(s); {os.cpu_count()} CPUs, "

@@ -15,6 +15,7 @@ import random
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -176,6 +177,8 @@ def init(address: str | None = None) -> None:
                                 os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20"),
                             **memory_kill_retries(),
                             **haproxy_env()})
+        # the folder of the HAProxy paths set here (haproxy_paths), if any
+        _haproxy_folder[0] = next((os.path.dirname(_worker_env[n]) for n in HAPROXY_PATHS if n in _worker_env), None)
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,
                      dashboard_port=port, **kwargs)
@@ -308,22 +311,28 @@ def haproxy_paths() -> dict[str, str]:
     """HAProxy's files under a folder of a random name, which make_haproxy_folder creates
     for this user alone as Serve starts: Ray's default, /tmp/haproxy-serve/, it creates
     open to all (0755), its admin socket in it (mode 666), so any local user could reroute
-    or stop the service. Unless the user named their own paths."""
-    if any(name in os.environ for name in HAPROXY_PATHS):
-        _haproxy_folder[0] = None
-        return {}
+    or stop the service. Those the user named paths for stay theirs."""
     # short, in /tmp as Ray's: HAProxy takes a socket path of at most 97 bytes, and Ray
     # puts the node's id (56) in it
-    _haproxy_folder[0] = folder = f"/tmp/haproxy-{secrets.token_hex(5)}"
-    return {name: os.path.join(folder, file) for name, file in HAPROXY_PATHS.items()}
+    folder = f"/tmp/haproxy-{secrets.token_hex(5)}"
+    return {name: os.path.join(folder, file) for name, file in HAPROXY_PATHS.items() if name not in os.environ}
 
 
 def make_haproxy_folder() -> None:
     """The embedded Ray's HAProxy folder (haproxy_paths), this user's alone (0700), before
-    Serve starts HAProxy in it."""
+    Serve starts HAProxy in it. A second service in this process finds it made, or makes it
+    again; once HAProxy ran, its name was in `ps` for anyone to make first: refused then."""
     folder = _haproxy_folder[0]
-    if folder and not os.path.isdir(folder):  # made already: a second service in this process
-        os.mkdir(folder, 0o700)  # a random name: FileExistsError if another user took it first
+    if not folder:
+        return
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        found = os.lstat(folder)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+            raise UsageError(f"{folder}, where Serve's HAProxy would keep its admin socket, is not a "
+                             "folder of this user's alone (another user made it?): start the service "
+                             "in a new process") from None
 
 
 def remove_haproxy_folder() -> None:

@@ -1838,6 +1838,8 @@ def test_service_starts_from_serve_run_and_from_deepfake_ray_serve(model_dir, tm
             code = stop(ours, signal.SIGTERM)
             for folder in left_by_serve_run:
                 shutil.rmtree(folder, ignore_errors=True)
+            if "RAY_SERVE_HAPROXY_SOCKET_PATH" in cluster_env:  # haproxy_env's folder, made by serve run's Ray
+                shutil.rmtree(os.path.dirname(cluster_env["RAY_SERVE_HAPROXY_SOCKET_PATH"]), ignore_errors=True)
     log = our_log.read_text()
     assert code == 0, log[-3000:]
     # uploads in flight at the SIGTERM are answered (were: connections reset at once)
