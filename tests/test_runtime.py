@@ -7,6 +7,7 @@ import time
 import pytest
 
 from deepfake_ray import runtime
+from deepfake_ray.errors import UsageError
 
 SETTINGS = ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_task_oom_retries")
@@ -600,3 +601,18 @@ def test_a_notebooks_objects_are_not_exempted_from_garbage_collection(monkeypatc
     monkeypatch.delitem(sys.modules, "IPython", raising=False)
     runtime.freeze_startup_objects.__wrapped__()
     assert gc.get_freeze_count() >= before + len(held)
+
+
+def test_haproxys_folder_is_made_for_its_user_alone_or_refused(tmp_path, monkeypatch):
+    """Once HAProxy ran, its folder's name was in `ps`: a second service in the process
+    must not take one another user made meanwhile."""
+    folder = tmp_path / "haproxy-0123456789"
+    monkeypatch.setattr(runtime, "_haproxy_folder", [str(folder)])
+    runtime.make_haproxy_folder()
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    runtime.make_haproxy_folder()  # made already, by this user, for this user: taken
+    os.chmod(folder, 0o755)  # as another user's would be: open to all
+    with pytest.raises(UsageError, match="is not a folder of this user's alone"):
+        runtime.make_haproxy_folder()
+    runtime.remove_haproxy_folder()
+    assert not folder.exists()
