@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -107,7 +108,7 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
     stream = request.stream()  # chunked uploads carry no Content-Length
     started = time.monotonic()
     try:
-        while (chunk := await next_chunk(stream, idle_timeout, started + idle_timeout + size / MIN_BODY_RATE)) is not None:
+        while (chunk := await next_chunk(stream, idle_timeout, due(started, idle_timeout, size))) is not None:
             if size + len(chunk) > limit:
                 raise too_large(f"more than {limit:,}", limit)
             if budget is not None:
@@ -121,6 +122,12 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
             raise ApiError(400, "the client disconnected before the whole body arrived") from None
         raise
     return b"".join(chunks)
+
+
+def due(started: float, idle_timeout: float, size: int) -> float:
+    """When `size` bytes should have come at MIN_BODY_RATE after the idle timeout's grace
+    (none yet: no rate to miss, the idle timeout alone applies)."""
+    return started + idle_timeout + size / MIN_BODY_RATE if size else math.inf
 
 
 async def next_chunk(stream, idle_timeout: float, due: float) -> bytes | None:
