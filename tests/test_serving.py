@@ -376,27 +376,32 @@ def test_serve_joining_a_cluster_that_serves_the_app_already_leaves_it_serving(s
                                                                              tmp_path):
     """`deepfake-ray serve --address` on a cluster whose RayService (here: this session's
     app) serves the detector replaced that application, and on Ctrl-C shut down every
-    application and proxy of the cluster. Refused before it changes anything. So is one
-    asking another port than the cluster's Serve listens on: Serve ignored it, and the
-    command printed an address nothing answered at."""
+    application and proxy of the cluster. Refused before it changes anything, at the
+    address the cluster's Serve listens on too (whose proxy holds the port: no local check)."""
     host, port = service.removeprefix("http://").split(":")
-
-    def serve_there(*where: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
-             *where, "--workdir", str(tmp_path / "work"), "--address", ray_session.get_runtime_context().gcs_address],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})  # its token
-
-    refused = serve_there("--host", host, "--port", port)  # its port in use: Serve's own proxy's
+    refused = subprocess.run(
+        [sys.executable, "-m", "deepfake_ray.cli", "serve", "--preset", "tiny", "--model", model_dir,
+         "--host", host, "--port", port, "--workdir", str(tmp_path / "work"),
+         "--address", ray_session.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})  # its token
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr.splitlines()[-1].startswith(
         "deepfake-ray serve: error: this Ray cluster already serves an application named deepfake-ray: "
         "`deepfake-ray serve` would replace it, and delete it when stopped"), refused.stderr[-2000:]
-    elsewhere = serve_there("--host", host, "--port", str(free_port()))
-    assert elsewhere.returncode == 2 and elsewhere.stderr.splitlines()[-1] == (
-        f"deepfake-ray serve: error: Serve already runs on this Ray cluster, its HTTP proxies at {host}:{port}, "
-        f"the one address its applications share: pass --host {host} --port {port}"), elsewhere.stderr[-2000:]
     assert detect(service, JPEG).status_code == 200  # still served, by the same replica's app
+
+
+def test_serve_joining_a_cluster_whose_serve_listens_elsewhere_names_that_address(service):
+    """Serve has one HTTP address a cluster: serve.start with another only logged that it
+    ignored it, and `serve --address` printed an address nothing answered at."""
+    from deepfake_ray.serving import app
+
+    host, port = service.removeprefix("http://").split(":")
+    app.check_http_address(host, int(port))  # the one it listens at
+    with pytest.raises(UsageError) as refused:
+        app.check_http_address(host, free_port())
+    assert str(refused.value) == (f"Serve already runs on this Ray cluster, its HTTP proxies at {host}:{port}, "
+                                  f"the one address its applications share: pass --host {host} --port {port}")
 
 
 def test_replicas_the_in_process_ray_cannot_place_exit_2_instead_of_waiting_forever(ray_session, model_dir,

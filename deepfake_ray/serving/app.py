@@ -527,8 +527,8 @@ def run(cfg: Config, force: bool = False, model: str | None = None, **_) -> dict
     url = f"http://{host}:{port}"
     started = time.time()
     if not runtime.in_process():  # before anything is replaced, or deleted on the way out
+        check_not_served_already()  # first: another address would not help there
         check_http_address(host, port)
-        check_not_served_already()
     try:
         start_serve(host, port)
         deploy(app)
