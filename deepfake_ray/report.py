@@ -283,7 +283,9 @@ def budget_blocks(w: str) -> list:
     budgets = read_json(w, "eval/thresholds.json")
     if not (isinstance(budgets, list) and all(isinstance(b, dict) for b in budgets)):
         return json_blocks(budgets, "eval/thresholds.json")
-    rows = [as_metric_cells({"reals flagged at most": b.get("false_positive_budget"), "threshold": b.get("threshold"),
+    rows = [as_metric_cells({"reals flagged at most": b.get("false_positive_budget"),
+                             # whole, to copy: a short decimal (metrics.budget_threshold)
+                             "threshold": repr(b["threshold"]) if isinstance(b.get("threshold"), float) else None,
                              "validation FPR": b.get("validation_false_positive_rate"),
                              "test FPR": b.get("test_false_positive_rate"),
                              "test FPR 95%": b.get("test_false_positive_rate_ci95"),

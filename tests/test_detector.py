@@ -28,7 +28,7 @@ import ray
 import torch
 from PIL import Image
 
-from deepfake_ray import checkpoint, cli, progress, storage
+from deepfake_ray import checkpoint, cli, storage
 from deepfake_ray.data import datasets, decode, sample
 from deepfake_ray.detector import data, loop, metrics, train, tune
 from deepfake_ray.errors import UsageError
@@ -274,6 +274,23 @@ def test_calibration_tells_probabilities_from_overconfident_scores():
     assert good["brier"] == pytest.approx(brier_score_loss(labels, calibrated)) and good["brier"] < bad["brier"]
     bins = metrics.reliability(labels, calibrated)
     assert [(b["bin"], b["n"], b["fraction_fake"]) for b in bins] == [(2, 10, 0.2), (7, 10, 0.7)]
+
+
+def test_a_false_positive_budgets_threshold_flags_no_more_reals_than_it_allows():
+    """A short decimal, copied as printed: it flags what was measured (a midpoint printed
+    to 4 digits flagged one more); none where too many reals score 1, or too few reals
+    tell the share (its 1.0 had flagged 10% for a budget of 5%)."""
+    labels = np.array([0] * 100 + [1] * 100)
+    reals, fakes = np.linspace(0.0, 0.99, 100), np.linspace(0.5, 1.0, 100)
+    five, one, tenth = metrics.budget_thresholds(labels, np.r_[reals, fakes], labels, np.r_[reals, fakes])
+    # 5 reals of 100 may be flagged (0.95-0.99): the cut is above 0.94, up to a fake's 0.9444
+    assert five["threshold"] == 0.941 and five["validation_false_positive_rate"] == 0.05
+    assert one["threshold"] == 0.981 and one["validation_false_positive_rate"] == 0.01  # above 0.98, to 0.9848
+    assert (tenth["threshold"], tenth["note"]) == (None, "needs 1,000 validation reals or more")
+    close = np.r_[np.full(19, 0.99991), [0.99993], np.full(20, 0.99994)]  # a budget of 1 real in 20
+    assert metrics.budget_threshold(labels[80:120], close, 0.05) == 0.99992  # not 0.9999, below them all
+    saturated = np.r_[np.linspace(0, 0.5, 90), np.ones(10), fakes]
+    assert metrics.budget_threshold(labels, saturated, 0.05).startswith("no threshold up to 1 keeps it")
 
 
 def test_a_confident_detectors_scores_keep_their_order_and_its_threshold_its_figures():
@@ -557,7 +574,7 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     test_reals = test[test["truth"] == "real"]["p_fake"]
     assert (test_reals >= five["threshold"]).mean() == five["test_false_positive_rate"]
     assert (one["threshold"], one["note"]) == (None, "needs 100 validation reals or more") and tenth["threshold"] is None
-    assert (f"5.0% of reals flagged: threshold {progress.short(five['threshold'])} -> held-out false-positive "
+    assert (f"5.0% of reals flagged: threshold {five['threshold']!r} -> held-out false-positive "
             f"rate {five['test_false_positive_rate']:.4f}") in out
     for name in ("metrics.json", "robustness.json", "thresholds.json"):  # valid JSON (no NaN), for jq and browsers
         json.loads(storage.read_text(storage.join(evaluate.eval_dir(cfg.workdir), name)),
@@ -566,6 +583,13 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     for condition in ("jpeg_q50", "downscale_0.5", "blur_1.0"):  # other images, other scores
         assert robustness[condition]["brier"] != robustness["clean"]["brier"], condition
     assert evaluate.run(cfg) == summary  # complete: not scored again
+    assert summary["budget_thresholds"] == {"0.05": five["threshold"], "0.01": None, "0.001": None}
+    # one made before the budgets is kept, and said to be
+    marker = storage.join(evaluate.eval_dir(cfg.workdir), "_COMPLETE.json")
+    storage.write_json(marker, {k: v for k, v in storage.read_json(marker).items() if k != "budget_thresholds"})
+    capsys.readouterr()
+    evaluate.run(cfg)
+    assert "was made before thresholds per false-positive budget: --force evaluates again" in capsys.readouterr().out
     # a threshold set by hand in model.json makes another model, whose metrics these are not
     edited = {**storage.read_json(storage.join(model, "model.json")), "threshold": 0.6}
     storage.write_json(storage.join(model, "model.json"), edited)

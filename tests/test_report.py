@@ -220,10 +220,10 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    '<th scope="row">confusion_matrix_layout</th><td>rows: actual [real, fake]; columns: predicted '
                    '[real, fake]</td>',
                    "the held-out test split, 50% of it fakes, and those fakes made by the same GAN",
-                   # 5% of validation's 20 reals: one at most, the one at 0.5; halfway from the
-                   # next real down (0.4737) to the next score up (a fake's 0.4947)
+                   # 5% of validation's 20 reals: one at most, the one at 0.5; the shortest decimal
+                   # above the next real down (0.4737), up to the next score up (a fake's 0.4947)
                    "chosen on the validation split&#x27;s 20 reals",
-                   "<td>0.05</td><td>0.4842</td><td>0.05</td><td>0</td><td>0-0.2775</td><td>1</td><td>0.7225-1</td>",
+                   "<td>0.05</td><td>0.48</td><td>0.05</td><td>0</td><td>0-0.2775</td><td>1</td><td>0.7225-1</td>",
                    "<td>0.01</td><td>n/a</td>", "needs 100 validation reals or more"]:
         assert needle in text, needle
     assert "mean_p_fake" not in text  # the reliability bins are a figure, not a table cell

@@ -43,8 +43,9 @@ class Selection:
         self.counts = {s: {"real": len(c[REAL]), "fake": len(c[FAKE])} for s, c in self.hashes.items()}
 
 
-def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
-    """Balanced hashes for `splits`, or UsageError (missing stages, leakage, too few images)."""
+def select(cfg: Config, splits=datasets.SPLITS, trained: bool = True) -> Selection:
+    """Balanced hashes for `splits`, or UsageError (missing stages, leakage, too few images).
+    `trained`: Ray Train splits them over resources.workers (evaluate only scores them)."""
     real_dir, fake_dir = datasets.data_dir(cfg.workdir), datasets.fakes_dir(cfg.workdir)
     reals = datasets.require_manifest(real_dir, "prepare").to_pandas()
     fakes = datasets.require_manifest(fake_dir, "generate").to_pandas()
@@ -64,7 +65,8 @@ def select(cfg: Config, splits=datasets.SPLITS) -> Selection:
             raise UsageError(f"the {datasets.split_name(split)} split holds {len(real)} real and {len(fake)} fake images; "
                              f"both are needed: {more}")
         capped = split == "train" and 0 < cfg.detector.max_train_per_class < min(len(real), len(fake))
-        check_per_worker(split, 2 * n, cfg.resources.workers, capped)
+        if trained:
+            check_per_worker(split, 2 * n, cfg.resources.workers, capped)
         if split == "train" and (share := 2 * n // cfg.resources.workers) < cfg.detector.batch_size:
             warn(f"warning: detector.batch_size={cfg.detector.batch_size} is more than the {share:,} training "
                  f"images each of resources.workers={cfg.resources.workers} gets: an epoch is one step")

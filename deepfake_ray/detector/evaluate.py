@@ -34,7 +34,9 @@ CONDITIONS = metrics.CONDITIONS
 
 # nothing in the config changes the evaluation; the model and the test split do
 STAGE = lineage.Stage("evaluate", "eval", ("data", "fakes", "detector"),
-                      describe=lambda d: f"test ROC-AUC {d.get('roc_auc', float('nan')):.4f}")
+                      describe=lambda d: f"test ROC-AUC {d.get('roc_auc', float('nan')):.4f}",
+                      added=(("budget_thresholds", "before thresholds per false-positive budget: --force "
+                              "evaluates again, writing eval/thresholds.json and eval/scores.parquet"),))
 
 
 def eval_dir(workdir: str) -> str:
@@ -53,7 +55,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         return plan.done
     model_uri = model_dir(cfg.workdir)
     meta = checkpoint.load_detector_meta(model_uri)  # its threshold checked: maybe edited by hand
-    selection = data.select(cfg, splits=("val", "test"))
+    selection = data.select(cfg, splits=("val", "test"), trained=False)
     check_same_data(meta, selection)
     lineage.unmark(cfg, STAGE)
     started = time.time()
@@ -65,7 +67,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
     labels = test["label"].to_numpy().astype(int)
     scores = {c: test[f"p_{c}"].to_numpy() for c in CONDITIONS}
-    check_finite({**scores, "validation": val["p_clean"].to_numpy()}, meta)
+    check_finite(scores, meta)
+    check_finite({"clean": val["p_clean"].to_numpy()}, meta, "validation")
     robustness = {c: metrics.classification(labels, scores[c], meta["threshold"]) for c in CONDITIONS}
     result = {**robustness["clean"], "split": "test", "model": checkpoint.model_id(meta),
               "model_uri": model_uri, "class_names": meta["class_names"],
@@ -78,7 +81,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     write_scores(out, frame, meta)
     print(table(robustness, meta))
     print(budget_table(budgets, model_dir(cfg.workdir)))
-    summary = {k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")}
+    summary = {**{k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")},
+               "budget_thresholds": {f"{b['false_positive_budget']:g}": b["threshold"] for b in budgets}}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"evaluate: held-out test ROC-AUC {with_interval(result, 'roc_auc')}, accuracy "
           f"{with_interval(result, 'accuracy')}, false-positive rate {with_interval(result, 'false_positive_rate')} "
@@ -99,7 +103,8 @@ def threshold_source(meta: dict) -> str:
 
 
 def budget_table(budgets: list[dict], model_uri: str) -> str:
-    """thresholds.json as evaluate prints it."""
+    """thresholds.json as evaluate prints it, each threshold whole (a short decimal, as
+    metrics.budget_threshold picks it: copied as printed, it flags what was measured)."""
     lines = [f"thresholds for a false-positive budget, chosen on the validation split's "
              f"{budgets[0]['validation_reals']:,} reals (to use one, set \"threshold\" in "
              f"{storage.shown(storage.join(model_uri, 'model.json'))}):"]
@@ -107,7 +112,7 @@ def budget_table(budgets: list[dict], model_uri: str) -> str:
         if b["threshold"] is None:
             lines.append(f"  {b['false_positive_budget']:>5.1%} of reals flagged: {b['note']}")
             continue
-        lines.append(f"  {b['false_positive_budget']:>5.1%} of reals flagged: threshold {progress.short(b['threshold'])}"
+        lines.append(f"  {b['false_positive_budget']:>5.1%} of reals flagged: threshold {b['threshold']!r}"
                      f" -> held-out false-positive rate {with_interval(b, 'test_false_positive_rate')}, "
                      f"recall {with_interval(b, 'test_recall')}")
     return "\n".join(lines)
@@ -142,11 +147,11 @@ def check_same_data(meta: dict, selection: data.Selection) -> None:
                          "train-detector --force` (or `tune --force`) before evaluating")
 
 
-def check_finite(scores: dict, meta: dict) -> None:
+def check_finite(scores: dict, meta: dict, split: str = "test") -> None:
     """A model giving NaN on test images is broken: say so, rather than fail in the metrics."""
     for condition, p in scores.items():
         if (bad := int((~np.isfinite(p)).sum())):
-            raise UsageError(f"the detector's output is not a number for {bad} of {len(p)} test images "
+            raise UsageError(f"the detector's output is not a number for {bad} of {len(p)} {split} images "
                              f"({condition}): it is broken (did its training diverge?); {lower_rate(meta)}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from decimal import ROUND_FLOOR, Decimal
 
 import numpy as np
 from sklearn import metrics as skm
@@ -69,18 +70,24 @@ def choose_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
 FALSE_POSITIVE_BUDGETS = (0.05, 0.01, 0.001)  # shares of reals flagged: evaluate's thresholds.json
 
 
-def budget_threshold(labels: np.ndarray, p_fake: np.ndarray, budget: float) -> float | None:
-    """The lowest p_fake cut that flags at most `budget` of these (validation) reals,
-    halfway between the highest real it leaves below and the next score up, as
-    choose_threshold places its cut; None where there are too few reals to tell that
-    share (under 1 / budget)."""
+def budget_threshold(labels: np.ndarray, p_fake: np.ndarray, budget: float) -> float | str:
+    """The lowest p_fake cut that flags at most `budget` of these (validation) reals: the
+    shortest decimal above the highest real it leaves below, up to the next score (so that
+    it is copied as printed); else why there is none."""
     labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
     reals = np.sort(p_fake[labels == 0])[::-1]
     if len(reals) * budget < 1:
-        return None
+        return f"needs {math.ceil(1 / budget):,} validation reals or more"
     below = reals[int(math.floor(len(reals) * budget + 1e-9))]  # the reals above it are the budget's
+    if below >= 1.0:
+        return "no threshold up to 1 keeps it: more of the validation reals than that score 1"
     higher = p_fake[p_fake > below]
-    return float((below + higher.min()) / 2) if len(higher) else float(min(np.nextafter(below, 2.0), 1.0))
+    top = min(float(higher.min()), 1.0) if len(higher) else 1.0
+    for digits in range(1, 18):  # in decimal: 0.99991 * 1e5 is 99990.99999999999 in floats
+        step = Decimal(1).scaleb(-digits)
+        if below < (cut := float(Decimal(repr(float(below))).quantize(step, rounding=ROUND_FLOOR) + step)) <= top:
+            return cut
+    return top
 
 
 def budget_thresholds(val_labels: np.ndarray, val_p: np.ndarray, test_labels: np.ndarray,
@@ -92,8 +99,8 @@ def budget_thresholds(val_labels: np.ndarray, val_p: np.ndarray, test_labels: np
     for budget in FALSE_POSITIVE_BUDGETS:
         threshold = budget_threshold(val_labels, val_p, budget)
         row = {"false_positive_budget": budget, "threshold": threshold, "validation_reals": n_real}
-        if threshold is None:
-            rows.append({**row, "note": f"needs {math.ceil(1 / budget):,} validation reals or more"})
+        if isinstance(threshold, str):
+            rows.append({**row, "threshold": None, "note": threshold})
             continue
         val, test = flagged(val_labels, val_p, threshold), flagged(test_labels, test_p, threshold)
         rows.append({**row, "validation_false_positive_rate": val["false_positive_rate"],
