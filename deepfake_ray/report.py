@@ -262,6 +262,9 @@ def metrics(w: str) -> list:
     found = read_json(w, "eval/metrics.json")
     if isinstance(found, dict):  # its reliability bins are drawn below, not listed
         found = as_metric_cells({k: v for k, v in found.items() if k != "reliability"})
+        if (said := confusion_said(found.get("confusion_matrix"))) is not None:  # its layout said in it
+            found = {k: (said if k == "confusion_matrix" else v) for k, v in found.items()
+                     if k != "confusion_matrix_layout"}
         if isinstance(val := found.get("validation"), dict) and isinstance(val.get("epoch"), int):
             found["validation"] = {**val, "epoch": val["epoch"] + 1}  # counted from 1, as "best epoch" is
     blocks = json_blocks(found, "eval/metrics.json")
@@ -276,6 +279,15 @@ def metrics(w: str) -> list:
             + figure(w, "eval/roc.png", "ROC curve (held-out test split)")
             + figure(w, "eval/reliability.png", "reliability of p_fake (held-out test split)")
             + figure(w, "eval/curves.png", "the detector's training and validation curves"))
+
+
+def confusion_said(matrix) -> str | None:
+    """evaluate's [[tn, fp], [fn, tp]] (rows actual real, fake) in words; None if not that."""
+    try:
+        (tn, fp), (fn, tp) = matrix
+    except (TypeError, ValueError):
+        return None
+    return f"reals: {tn} right, {fp} flagged fake; fakes: {tp} flagged, {fn} missed"
 
 
 def budget_blocks(w: str) -> list:
