@@ -240,6 +240,10 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     if any(abs(two[k] - one[k]) >= 1e-4 for k in one):  # printed to 4 decimals: a tie, unknown
         assert rolled_back == (loop.score(two) >= loop.score(one)), (one, two)
 
+    # the starting weights replaced under the same name before the resubmission: the run
+    # goes on from its checkpoints, and records the file it began from
+    began_from = hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    save_file(timm.create_model("resnet10t", num_classes=1000).state_dict(), weights)
     second = submit(head_node, "second", args)
     assert second.returncode == 0, second.stderr[-2000:]
     status, log = wait_until_ended(head_node, "second")
@@ -250,11 +254,13 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     copy = f"{workdir}/sources/faces-"
     manifest = storage.read_parquet(f"{workdir}/data/manifest.parquet").column("path").to_pylist()
     assert len(manifest) == 96 and all(p.startswith(copy) for p in manifest)  # read from the copy
-    copies = storage.list_files(f"{workdir}/detector/pretrained")  # named by their content
-    assert len(copies) == 1 and copies[0].rsplit("/", 1)[1].startswith("resnet10t-")
-    assert storage.read_bytes(copies[0]) == open(weights, "rb").read()
+    copies = storage.list_files(f"{workdir}/detector/pretrained")  # named by their content: each file's
+    assert all(c.rsplit("/", 1)[1].startswith("resnet10t-") for c in copies)
+    assert {hashlib.sha256(storage.read_bytes(c)).hexdigest() for c in copies} == {
+        began_from, hashlib.sha256(open(weights, "rb").read()).hexdigest()}
+    assert f"detector.pretrained={weights} changed since this run began" in log
     exported = storage.read_json(f"{workdir}/detector/model/model.json")  # what it began from, for an audit
-    assert exported["pretrained"] == {"weights": weights, "sha256": hashlib.sha256(open(weights, "rb").read()).hexdigest()}
+    assert exported["pretrained"] == {"weights": weights, "sha256": began_from}  # not the file there now
     assert "held-out test: roc_auc" in log and "fakes of this run's own DCGAN only, not other generators'" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps

@@ -39,6 +39,7 @@ def train_loop(loop: dict) -> None:
     device = training.device()
     amp = autocast_dtype(device, d.mixed_precision)
     model, optimizer, state = setup(loop, cfg, device)
+    loop = began_from(loop, state)
     runtime.freeze_startup_objects()  # imports and models: long-lived from here on
     history = list(state["history"]) if state else []
     start, restored = (state["epoch"] + 1, True) if state else (0, False)
@@ -74,13 +75,26 @@ def train_loop(loop: dict) -> None:
         stop = metrics.diverged(entry)  # each epoch left would be wasted
         state = None if stop else {  # a diverged epoch is not one to resume from
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": training.rng_state(), "history": history}
+            "rng": training.rng_state(), "history": history, "pretrained_sha256": loop.get("pretrained_sha256")}
         training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)}, state)
         if stop:
             if training.rank() == 0:  # the loss is summed over workers: each stops here
                 training.say(f"{label}: diverged at epoch {epoch + 1} (train loss {entry['train_loss']}): "
                              "stopping; best/ keeps the best epoch before it")
             break
+
+
+def began_from(loop: dict, state: dict | None) -> dict:
+    """`loop` with the SHA-256 of the pretrained weights the run began from, as its
+    checkpoint recorded it: a resume loads none, and the file named may have changed since."""
+    if not state or state.get("pretrained_sha256") is None:
+        return loop
+    if state["pretrained_sha256"] != loop.get("pretrained_sha256") and training.rank() == 0:
+        named = loop["cfg"]["detector"]["pretrained"]
+        training.say(f"[deepfake-ray] detector: note: detector.pretrained={named} changed since this run "
+                     "began; it goes on from its checkpoints, begun from the earlier file (sha256 "
+                     f"{state['pretrained_sha256'][:12]}), which model.json records")
+    return {**loop, "pretrained_sha256": state["pretrained_sha256"]}
 
 
 def setup(loop: dict, cfg, device: torch.device):
