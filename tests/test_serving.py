@@ -1518,8 +1518,10 @@ def test_a_replica_whose_forward_pass_hangs_fails_its_health_check():
 
     app.check_forward(None, 10_000.0)  # no pass running
     app.check_forward(1_000.0, 1_000.0 + app.HUNG_FORWARD_S)  # a long one, not yet hung
-    with pytest.raises(RuntimeError, match=r"forward pass has run 301 s, over 300 s: it is hung"):
-        app.check_forward(1_000.0, 1_301.0)
+    with pytest.raises(RuntimeError, match=r"forward pass has run 61 s, over 60 s: it is hung"):
+        app.check_forward(1_000.0, 1_061.0)
+    # replaced well before Serve's deadline on the requests queued behind it (3 checks of 10 s)
+    assert app.HUNG_FORWARD_S + 3 * 10 < app.REQUEST_TIMEOUT_S / 2
 
 
 def test_a_hung_replicas_healthz_answers_503_as_json():
@@ -1530,7 +1532,9 @@ def test_a_hung_replicas_healthz_answers_503_as_json():
     from deepfake_ray.serving import app, http
 
     detector = app.Detector.func_or_class  # its methods, on a stand-in replica: no model loaded
-    replica = SimpleNamespace(predictor=SimpleNamespace(model_id="m@0"), forward_started=None)
+    replica = SimpleNamespace(predictor=SimpleNamespace(model_id="m@0"), forward_started=None, failed_passes=0,
+                              last_error="")
+    replica.check_health = lambda: detector.check_health(replica)
     assert asyncio.run(detector.healthz(replica)) == {"status": "ok", "model": "m@0"}
     replica.forward_started = time.monotonic() - app.HUNG_FORWARD_S - 1
     with pytest.raises(http.ApiError) as hung:
@@ -1538,6 +1542,55 @@ def test_a_hung_replicas_healthz_answers_503_as_json():
     assert hung.value.status == 503 and "it is hung" in hung.value.message
     with pytest.raises(RuntimeError, match="it is hung"):
         detector.check_health(replica)
+
+
+def test_a_replica_whose_every_forward_pass_fails_fails_its_health_check():
+    """A GPU in a sticky CUDA error answered every request with a 500 while the replica's
+    health check passed, so Serve never replaced it. Three failed passes in a row make it
+    broken; one that succeeds makes it healthy again."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import torch
+
+    from deepfake_ray.serving import app, http
+
+    outcome = []
+
+    def forward(pixels):
+        if outcome.pop(0) == "fails":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return np.full(len(pixels), 0.9)
+
+    detector = app.Detector.func_or_class  # its methods, on a stand-in replica: no model loaded
+    predictor = SimpleNamespace(predict_pixels=forward, device=torch.device("cuda"), model_id="m@0",
+                                describe=lambda p: {"p_fake": float(p)})
+    replica = SimpleNamespace(predictor=predictor, stats={"batches": 0, "images": 0, "largest_batch": 0,
+                                                          "predict_seconds": 0.0},
+                              forward_thread=ThreadPoolExecutor(1), forward_started=None, failed_passes=0,
+                              last_error="")
+    replica.check_health = lambda: detector.check_health(replica)
+
+    def one_pass(result: str):  # the method as written, without Serve's batching
+        outcome.append(result)
+        return asyncio.run(detector.predict_batch.__wrapped__(replica, [np.zeros((32, 32, 3), np.uint8)]))
+
+    for result in ("fails", "fails", "works", "fails", "fails"):  # never three in a row
+        with contextlib.suppress(RuntimeError):
+            one_pass(result)
+        detector.check_health(replica)
+    with pytest.raises(RuntimeError):
+        one_pass("fails")
+    with pytest.raises(RuntimeError, match=r"last 3 forward passes failed \(RuntimeError\): its model or device "
+                                           "is broken, and Serve replaces the replica"):
+        detector.check_health(replica)
+    with pytest.raises(http.ApiError) as broken:
+        asyncio.run(detector.healthz(replica))
+    assert broken.value.status == 503
+    assert one_pass("works") == [{"p_fake": 0.9}]
+    detector.check_health(replica)  # healthy again
+    replica.forward_thread.shutdown()
 
 
 def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model():

@@ -76,16 +76,26 @@ class InlineBudget:
         return True
 
 
-# a forward pass running this long is hung: a CPU batch takes seconds, a GPU one less
-HUNG_FORWARD_S = 300.0
+# a forward pass running this long is hung: a CPU batch takes seconds (16 images at 128 px
+# on 2 busy cores: ~3 s), a GPU one less. Well under Serve's 300 s deadline on a request: at
+# 300 s every request queued behind the pass had timed out (as slow uploads, to a reader of
+# 408s) before Serve's health checks (3 failed, 10 s apart) replaced the replica
+HUNG_FORWARD_S = 60.0
+# forward passes failing in a row (not for memory) that make a replica broken: a GPU in a
+# sticky CUDA error answered every request with a 500 while its health check passed
+FAILED_PASSES = 3
 
 
-def check_forward(started: float | None, now: float, limit: float = HUNG_FORWARD_S) -> None:
+def check_forward(started: float | None, now: float, limit: float = HUNG_FORWARD_S,
+                  failed: int = 0, last_error: str = "") -> None:
     """RuntimeError when the forward pass that began at `started` (time.monotonic(); None:
-    none runs) has run over `limit` seconds."""
+    none runs) has run over `limit` seconds, or the last FAILED_PASSES passes failed."""
     if started is not None and now - started > limit:
         raise RuntimeError(f"the replica's forward pass has run {now - started:.0f} s, over "
                            f"{limit:.0f} s: it is hung, and Serve replaces the replica")
+    if failed >= FAILED_PASSES:
+        raise RuntimeError(f"the replica's last {failed} forward passes failed ({last_error}): its model "
+                           "or device is broken, and Serve replaces the replica")
 
 
 # above the class: Serve serializes it as it is decorated, with the globals it names then
@@ -142,6 +152,8 @@ class Detector:
         # forward passes get their own thread, never queued behind decodes in the default pool
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.forward_started: float | None = None  # time.monotonic() of the pass running now
+        self.failed_passes, self.last_error = 0, ""  # passes failed in a row, and the last one's error
+        self.replica = serve.get_replica_context().replica_id.unique_id  # /v1/stats names it
         # torch, timm and Serve loaded: ~500k objects that a full collection would walk
         # for 0.4-0.55 s mid-request
         runtime.freeze_startup_objects()
@@ -165,12 +177,14 @@ class Detector:
                 self.forward_thread, self.predictor.predict_pixels, np.stack(images))
         except Exception as e:
             if not out_of_memory(e):
+                self.failed_passes, self.last_error = self.failed_passes + 1, type(e).__name__
                 raise
             short_of_memory = True
         finally:
             self.forward_started = None
         if short_of_memory:  # out of the except clause: its traceback held the pass's tensors
             raise self.out_of_memory()
+        self.failed_passes = 0
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
 
@@ -181,6 +195,8 @@ class Detector:
         import torch
 
         self.stats["out_of_memory"] += 1
+        http.log.warning("a batch the %s had no memory for: answered 503 (out_of_memory: %d so far)",
+                         self.predictor.device, self.stats["out_of_memory"])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         device = "GPU" if self.predictor.device.type == "cuda" else self.predictor.device.type.upper()
@@ -332,17 +348,17 @@ class Detector:
 
     def check_health(self) -> None:
         """Serve's periodic probe: a replica whose forward pass hangs (a GPU stuck) answers
-        nothing, while its event loop runs on and Serve took it for healthy: now it is
-        reported broken, and Serve replaces it."""
-        check_forward(self.forward_started, time.monotonic())
+        nothing, and one whose passes all fail answers 500s, while its event loop runs on and
+        Serve took it for healthy: now it is reported broken, and Serve replaces it."""
+        check_forward(self.forward_started, time.monotonic(), failed=self.failed_passes, last_error=self.last_error)
 
     @api.api_route("/healthz", methods=["GET", "HEAD"],  # monitors probe with HEAD too
                    responses={**http.ok_response(http.HEALTH, "the replica is serving"),
-                              503: {"description": "a forward pass is hung: Serve replaces the replica",
-                                    "content": http.ERROR_BODY}})
+                              503: {"description": "a forward pass is hung, or every pass fails: Serve "
+                                                   "replaces the replica", "content": http.ERROR_BODY}})
     async def healthz(self) -> dict:
         try:
-            check_forward(self.forward_started, time.monotonic())
+            self.check_health()
         except RuntimeError as e:
             raise http.ApiError(503, str(e)) from None
         return {"status": "ok", "model": self.predictor.model_id}
@@ -355,8 +371,10 @@ class Detector:
     @api.get("/v1/stats")
     async def batch_stats(self) -> dict:
         """Batching observed by the replica that answers (batches, images, largest batch),
-        and its large-image decodes in threads (now, and the most at once)."""
-        return {**self.stats, "mean_batch": self.stats["images"] / max(1, self.stats["batches"])}
+        and its large-image decodes in threads (now, and the most at once): one replica's,
+        since it started, named (another request may reach another)."""
+        return {**self.stats, "mean_batch": self.stats["images"] / max(1, self.stats["batches"]),
+                "replica": self.replica}
 
 
 def gpus_per_replica(cfg: Config) -> float:

@@ -73,7 +73,7 @@ class UploadBudget:
 
     def take(self, n: int) -> None:
         if self.held + n > self.limit:
-            raise ApiError(503, f"the service holds {self.held:,} bytes of uploads, its limit "
+            raise ApiError(503, f"this replica holds {self.held:,} bytes of uploads, its limit "
                                 f"(serve.max_buffered_bytes {self.limit:,}): retry in a moment",
                            headers={"Retry-After": "1"})
         self.held += n
