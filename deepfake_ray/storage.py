@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -273,6 +274,18 @@ MULTIPART_BYTES, PART_BYTES = 64 << 20, 16 << 20
 WRITERS = s3.CONNECTIONS  # write_many's files at once: as many as a client's connections
 
 
+def durable(fd: int) -> None:
+    """The file's bytes on the disk itself: macOS's fsync leaves them in the drive's cache,
+    which a power cut may lose or reorder (Apple's fsync(2)); F_FULLFSYNC flushes it."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        with contextlib.suppress(OSError):  # a filesystem without it (SMB): fsync's promise
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+    os.fsync(fd)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         s3_put(uri, data)
@@ -289,7 +302,7 @@ def write_bytes(uri: str, data: bytes) -> None:
                 os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it: mkstemp's 0600 hides it from the team
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())  # on disk before it has the name: a power cut leaves old or new
+            durable(f.fileno())  # on disk before it has the name: a power cut leaves old or new
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):  # a stop landing just after the rename
@@ -554,7 +567,8 @@ def exclusive(uri: str, command: str):
             raise LockHeld(f"another {holder} is writing {uri}: wait for it to end, "
                            "or use another --workdir", holder) from None
         except OSError as e:  # Lustre without -o flock says ENOSYS, some FUSE mounts EOPNOTSUPP
-            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            # (macOS's ENOTSUP is another number than its EOPNOTSUPP)
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
             raise UsageError(f"cannot lock {uri}: its filesystem offers no file locks ({e.strerror}; NFS "
                              "without lockd?): use a --workdir on s3://, which has its own lease, or mount "

@@ -748,7 +748,9 @@ def test_a_png_whose_text_is_compressed_is_opened_in_a_thread_not_on_the_event_l
     before = httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"]
     response = httpx.post(f"{service}/v1/detect", content=packed, timeout=60)
     assert response.status_code == 200, response.text
-    assert httpx.get(f"{service}/v1/stats", timeout=30).json()["done_in_threads"] - before == 1
+    stats = httpx.get(f"{service}/v1/stats", timeout=30).json()
+    assert stats["done_in_threads"] - before == 1
+    assert stats["replica"]  # whose counts these are: one replica's of the service
 
 
 def test_a_replica_serves_the_model_its_application_was_built_with_or_does_not_start(

@@ -1022,3 +1022,17 @@ def test_a_notebook_that_fixes_its_endpoint_reads_through_the_new_one(s3_server,
     assert "cannot reach the S3 endpoint http://127.0.0.1:9" in s3.explain(failed.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", right)
     assert storage.read_text(uri) == "written"
+
+
+def test_a_write_on_macos_reaches_the_disk_itself_not_the_drives_cache(tmp_path, monkeypatch):
+    """macOS's fsync leaves the bytes in the drive's cache, which a power cut may lose:
+    there a write asks for F_FULLFSYNC (this machine is Linux: the call is recorded)."""
+    import fcntl
+    import sys
+
+    flushed = []
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)  # its number on macOS
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, op, *a: flushed.append(op))
+    storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+    assert flushed == [51] and (tmp_path / "a.json").read_bytes() == b"{}"
