@@ -858,6 +858,24 @@ def test_a_training_that_diverged_publishes_no_detector(tiny_cfg):
     assert not storage.exists(storage.join(run, "model")) and storage.completed(run) is None
 
 
+def test_a_retrained_detector_says_it_replaced_a_threshold_set_by_hand(tiny_cfg, capsys):
+    """A threshold set in model.json for a false-positive budget was overwritten by the next
+    train-detector (more epochs, a sweep, new data) without a word: the service then flagged
+    reals at another rate."""
+    cfg = tiny_cfg()
+    run = storage.join(cfg.workdir, "detector")
+    good = {"epoch": 0, "train_loss": 0.6, "val_auc": 0.8, "val_loss": 0.5, "val_acc": 0.7, "val_threshold": 0.42}
+    checkpoint.save_model(storage.join(run, "best"), {}, {"lr": 0.01, "epoch": 0, "threshold": 0.42, "metrics": good})
+    storage.write_json(storage.join(run, "history.json"), [good])
+    train.publish(cfg, run, 1.0, {})  # validation's own threshold: nothing to say
+    assert "set by hand" not in capsys.readouterr().out
+    model = storage.join(train.model_dir(cfg.workdir), "model.json")
+    storage.write_json(model, {**storage.read_json(model), "threshold": 0.871})  # a 1% budget's
+    train.publish(cfg, run, 1.0, {})
+    assert ("note: the new model's threshold is 0.42, chosen on validation; the one set by hand in the model it "
+            "replaced, 0.871, is gone: pick again from eval/thresholds.json") in capsys.readouterr().out
+
+
 def test_a_training_that_diverged_after_a_good_epoch_publishes_that_epoch_and_says_so(tiny_cfg, capsys):
     """The loop stops at the first epoch whose training loss is NaN (AdamW keeps NaN
     weights NaN: each epoch left was wasted compute); the best epoch before it is published,

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from deepfake_ray import checkpoint, lineage, progress, runtime, storage
+from deepfake_ray import checkpoint, lineage, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, figures, metrics
@@ -95,11 +95,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
 
 
 def threshold_source(meta: dict) -> str:
-    """model.json's threshold and where it came from: validation's choice, or an edit."""
+    """model.json's threshold and where it came from: validation's choice, or an edit;
+    whole, as thresholds are printed everywhere (a rounded one copied flags other images)."""
     chosen = meta.get("metrics", {}).get("val_threshold")
     if chosen is None or chosen == meta["threshold"]:
-        return f"{progress.short(meta['threshold'])} from validation"
-    return f"{progress.short(meta['threshold'])} set in model.json; validation chose {progress.short(chosen)}"
+        return f"{meta['threshold']!r} from validation"
+    return f"{meta['threshold']!r} set in model.json; validation chose {chosen!r}"
 
 
 def budget_table(budgets: list[dict], model_uri: str) -> str:

@@ -19,7 +19,7 @@ import time
 
 from safetensors.torch import save as st_save
 
-from deepfake_ray import checkpoint, config, lineage, progress, runtime, storage, training
+from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, metrics
@@ -246,6 +246,17 @@ def worker_loop(loop_config: dict) -> None:
     loop.train_loop(loop_config)
 
 
+def threshold_set_by_hand(model_uri: str) -> float | None:
+    """The threshold of the model at `model_uri` where it is not the one its validation
+    chose (edited in model.json for a false-positive budget); None otherwise, or no model."""
+    try:
+        meta = checkpoint.load_meta(model_uri)
+    except (UsageError, ValueError, OSError):
+        return None
+    chosen = meta.get("metrics", {}).get("val_threshold")
+    return meta.get("threshold") if chosen is not None and meta.get("threshold") != chosen else None
+
+
 def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dict | None = None) -> dict:
     """Copy SOURCE/best -> WORKDIR/detector/model (+ history.json), then mark the stage done
     as `made` from what lineage.plan said (train-detector's or tune's)."""
@@ -254,7 +265,12 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
     weights, meta = checkpoint.read_model(best)  # verified against their hash, read once
     check_converged(meta, storage.join(source_dir, "history.json"))
     target = model_dir(cfg.workdir)
+    set_by_hand = threshold_set_by_hand(target)
     checkpoint.write_model(target, weights, meta)
+    if set_by_hand is not None:
+        print(f"train-detector: note: the new model's threshold is {meta['threshold']!r}, chosen on validation; "
+              f"the one set by hand in the model it replaced, {set_by_hand!r}, is gone: pick again from "
+              "eval/thresholds.json once `deepfake-ray evaluate` has run", flush=True)
     history_uri = storage.join(source_dir, "history.json")
     if storage.normalize(source_dir) != storage.normalize(stage):
         storage.write_bytes(storage.join(stage, "history.json"), storage.read_bytes(history_uri))
@@ -265,7 +281,7 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
                "seconds": round(seconds, 1), **(extra or {})}
     summary = lineage.complete(cfg, STAGE, summary, made)
     print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
-          f"loss {m['val_loss']:.4f}, threshold {progress.short(meta['threshold'])}) -> {target} "
+          f"loss {m['val_loss']:.4f}, threshold {meta['threshold']!r}) -> {target} "
           f"(model {summary['model_id']})")
     if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
         warn(warning)

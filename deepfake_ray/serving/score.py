@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 import deepfake_ray
-from deepfake_ray import checkpoint, config, progress, runtime, s3, storage
+from deepfake_ray import checkpoint, config, runtime, s3, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes, decode, sources
 from deepfake_ray.data.decode import DecodeError
@@ -564,6 +564,6 @@ def score_into(cfg: Config, model: str, src: str, out: str) -> dict:
     why = f" ({', '.join(f'{n} {reason}' for reason, n in s['reasons'].items())})" if s["reasons"] else ""
     print(f"score: {s['files']} files in {s['seconds']:.1f}s: {s['scored']} scored, "
           f"{s['unreadable']} set aside{why}{broken}; fake share {share(s['fake_share'])} "
-          f"({s['fakes']}/{s['scored']}) by {s['model']} at threshold {progress.short(s['threshold'])} -> {out}",
+          f"({s['fakes']}/{s['scored']}) by {s['model']} at threshold {s['threshold']!r} -> {out}",
           flush=True)
     return s
