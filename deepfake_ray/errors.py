@@ -146,7 +146,8 @@ def out_of_memory(e: BaseException) -> str | None:
     Ray's memory monitor stopping a worker on a node short of RAM. Ray passes a worker's
     error on as text inside its own, so the text is read too."""
     text = f"{type(e).__name__}: {e}"
-    if "CUDA out of memory" in text or "MPS backend out of memory" in text:
+    if any(said in text for said in ("CUDA out of memory", "MPS backend out of memory", "CUDA error: out of memory",
+                                     "CUBLAS_STATUS_ALLOC_FAILED")):  # the latter two: CUDA's own allocations
         return "a worker ran out of GPU memory"
     if "running low on memory" in text:  # Ray's memory monitor, as it kills a worker
         return "Ray stopped a worker for want of memory on its node"

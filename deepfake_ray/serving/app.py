@@ -79,11 +79,25 @@ class InlineBudget:
 # a forward pass running this long is hung: a CPU batch takes seconds (16 images at 128 px
 # on 2 busy cores: ~3 s), a GPU one less. Well under Serve's 300 s deadline on a request: at
 # 300 s every request queued behind the pass had timed out (as slow uploads, to a reader of
-# 408s) before Serve's health checks (3 failed, 10 s apart) replaced the replica
+# 408s) before Serve's health checks (3 failed, 10 s apart) replaced the replica. Larger
+# batches and inputs get longer (hung_after): a slow pass taken for hung restarts for ever
 HUNG_FORWARD_S = 60.0
+SECONDS_PER_IMAGE = 2.0  # at 128 px on one busy core, ~10x what was measured (0.19 s)
 # forward passes failing in a row (not for memory) that make a replica broken: a GPU in a
 # sticky CUDA error answered every request with a 500 while its health check passed
 FAILED_PASSES = 3
+
+
+def hung_after(max_batch_size: int, input_size: int) -> float:
+    """How long a forward pass may run before it is taken for hung: HUNG_FORWARD_S, or more
+    for a batch that takes longer on a CPU."""
+    return max(HUNG_FORWARD_S, max_batch_size * (input_size / 128) ** 2 * SECONDS_PER_IMAGE)
+
+
+def short_of_memory(e: BaseException) -> bool:
+    """A pass that failed for memory, the GPU's (torch's or CUDA's own allocations) or the
+    host's: retried, not counted against the model."""
+    return bool(out_of_memory(e)) or isinstance(e, MemoryError) or "can't allocate memory" in str(e)
 
 
 def check_forward(started: float | None, now: float, limit: float = HUNG_FORWARD_S,
@@ -153,6 +167,7 @@ class Detector:
         self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.forward_started: float | None = None  # time.monotonic() of the pass running now
         self.failed_passes, self.last_error = 0, ""  # passes failed in a row, and the last one's error
+        self.hung_after = hung_after(max_batch_size, int(self.predictor.meta.get("input_size", p.resolution)))
         self.replica = serve.get_replica_context().replica_id.unique_id  # /v1/stats names it
         # torch, timm and Serve loaded: ~500k objects that a full collection would walk
         # for 0.4-0.55 s mid-request
@@ -171,18 +186,18 @@ class Detector:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         started = time.perf_counter()
         self.forward_started = time.monotonic()
-        short_of_memory = False
+        no_memory = False
         try:  # off the event loop, so the next batch fills while this one computes
             p_fake = await asyncio.get_running_loop().run_in_executor(
                 self.forward_thread, self.predictor.predict_pixels, np.stack(images))
         except Exception as e:
-            if not out_of_memory(e):
-                self.failed_passes, self.last_error = self.failed_passes + 1, type(e).__name__
+            if not short_of_memory(e):
+                self.failed_passes, self.last_error = self.failed_passes + 1, f"{type(e).__name__}: {str(e)[:200]}"
                 raise
-            short_of_memory = True
+            no_memory = True
         finally:
             self.forward_started = None
-        if short_of_memory:  # out of the except clause: its traceback held the pass's tensors
+        if no_memory:  # out of the except clause: its traceback held the pass's tensors
             raise self.out_of_memory()
         self.failed_passes = 0
         self.stats["predict_seconds"] += time.perf_counter() - started
@@ -195,11 +210,11 @@ class Detector:
         import torch
 
         self.stats["out_of_memory"] += 1
+        device = "GPU" if self.predictor.device.type == "cuda" else self.predictor.device.type.upper()
         http.log.warning("a batch the %s had no memory for: answered 503 (out_of_memory: %d so far)",
-                         self.predictor.device, self.stats["out_of_memory"])
+                         device, self.stats["out_of_memory"])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        device = "GPU" if self.predictor.device.type == "cuda" else self.predictor.device.type.upper()
         return http.ApiError(503, f"the replica's {device} ran out of memory for a batch of images: retry; "
                                   "if it repeats, lower serve.max_batch_size", headers={"Retry-After": "1"})
 
@@ -350,7 +365,7 @@ class Detector:
         """Serve's periodic probe: a replica whose forward pass hangs (a GPU stuck) answers
         nothing, and one whose passes all fail answers 500s, while its event loop runs on and
         Serve took it for healthy: now it is reported broken, and Serve replaces it."""
-        check_forward(self.forward_started, time.monotonic(), failed=self.failed_passes, last_error=self.last_error)
+        check_forward(self.forward_started, time.monotonic(), self.hung_after, self.failed_passes, self.last_error)
 
     @api.api_route("/healthz", methods=["GET", "HEAD"],  # monitors probe with HEAD too
                    responses={**http.ok_response(http.HEALTH, "the replica is serving"),
