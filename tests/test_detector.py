@@ -995,17 +995,20 @@ def test_sigterm_during_training_is_a_stop_with_exit_143(ray_session, tiny_cfg, 
     assert storage.completed(train.stage_dir(cfg.workdir)) is None
 
 
-def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ray_session, tiny_cfg):
+def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ray_session, tiny_cfg, capsys):
     """On the in-process Ray a trial takes no CPU. Holding a tenth of one beside its
     workers, where workers and a Ray Data task just fit (as train-detector's own advice
     makes them), its per-epoch data tasks found none free and the sweep waited forever; it
-    then was refused. It now sweeps, at the seed's rate."""
+    then was refused. It now sweeps, at the seed's rate. The detector it replaces had a
+    threshold set by hand: said (the sweep removed that model before publishing its own)."""
     cpus = ray.cluster_resources()["CPU"]
     cfg = tiny_cfg(*FAST, "tune.samples=1", "tune.epochs=1", "detector.arch=resnet10t",
                    f"resources.cpus_per_worker={cpus - 1:g}", "resources.data_cpus=1")
     build(cfg.workdir, 60, 32)
+    checkpoint.save_model(train.model_dir(cfg.workdir), {}, {"threshold": 0.871, "metrics": {"val_threshold": 0.5}})
     assert tune.concurrency(cfg) == 1
     assert tune.run(cfg)["lr"] == pytest.approx(tune.rates(cfg)[0])
+    assert "the one set by hand in the model it replaced, 0.871, is gone" in capsys.readouterr().out
 
 
 def test_a_sweep_asked_to_run_more_trials_at_once_than_fit_runs_what_fits_and_says_so(ray_session, tiny_cfg, capsys):

@@ -257,15 +257,17 @@ def threshold_set_by_hand(model_uri: str) -> float | None:
     return meta.get("threshold") if chosen is not None and meta.get("threshold") != chosen else None
 
 
-def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dict | None = None) -> dict:
+def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dict | None = None,
+            set_by_hand: float | None = None) -> dict:
     """Copy SOURCE/best -> WORKDIR/detector/model (+ history.json), then mark the stage done
-    as `made` from what lineage.plan said (train-detector's or tune's)."""
+    as `made` from what lineage.plan said (train-detector's or tune's). `set_by_hand`: the
+    threshold set in the model replaced, where the caller removed it first (tune)."""
     stage = stage_dir(cfg.workdir)
     best = storage.join(source_dir, "best")
     weights, meta = checkpoint.read_model(best)  # verified against their hash, read once
     check_converged(meta, storage.join(source_dir, "history.json"))
     target = model_dir(cfg.workdir)
-    set_by_hand = threshold_set_by_hand(target)
+    set_by_hand = threshold_set_by_hand(target) if set_by_hand is None else set_by_hand
     checkpoint.write_model(target, weights, meta)
     if set_by_hand is not None:
         print(f"train-detector: note: the new model's threshold is {meta['threshold']!r}, chosen on validation; "

@@ -92,9 +92,11 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # the detector in use stays until its successor is chosen: a sweep cut short (hours in)
     # leaves it in place, and what another run left in detector/ goes only now
     lineage.unmark(cfg, train.STAGE)
+    set_by_hand = train.threshold_set_by_hand(train.model_dir(cfg.workdir))  # said once it is replaced
     lineage.clear(train.stage_dir(cfg.workdir), keep=("pretrained",))
     summary = train.publish(cfg, trial_dir(cfg.workdir, best["trial_id"]), time.time() - started,
-                            made, extra={"tuned": True, "trials": int(len(rows)), "epochs": cfg.tune.epochs})
+                            made, extra={"tuned": True, "trials": int(len(rows)), "epochs": cfg.tune.epochs},
+                            set_by_hand=set_by_hand)
     result = {"lr": float(best["lr"]), "trial_id": best["trial_id"], "val_auc": float(best["val_auc"]),
               "trials": int(len(rows)), "model": summary["model"]}
     result = lineage.complete(cfg, STAGE, result, plan.made)
