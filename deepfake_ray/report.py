@@ -233,7 +233,7 @@ def detector(w: str) -> list:
     blocks = history_blocks(w, "detector/history.json")
     meta = read_json(w, "detector/model/model.json")
     if isinstance(meta, dict):
-        rows = [[k, fmt(meta[k])] for k in MODEL_KEYS if k in meta]
+        rows = [[k, threshold_cell(meta[k]) if k == "threshold" else fmt(meta[k])] for k in MODEL_KEYS if k in meta]
         if isinstance(meta.get("epoch"), int):  # counted from 1, as train-detector prints it
             rows.append(["best epoch", str(meta["epoch"] + 1)])
         if isinstance(meta.get("software"), dict):  # what made it
@@ -261,7 +261,8 @@ def metrics(w: str) -> list:
     with the rest of eval/ (after a retrained detector) and are labelled with it."""
     found = read_json(w, "eval/metrics.json")
     if isinstance(found, dict):  # its reliability bins are drawn below, not listed
-        found = as_metric_cells({k: v for k, v in found.items() if k != "reliability"})
+        found = as_metric_cells({k: threshold_cell(v) if k == "threshold" else v
+                                 for k, v in found.items() if k != "reliability"})
         if (said := confusion_said(found.get("confusion_matrix"))) is not None:  # its layout said in it
             found = {k: (said if k == "confusion_matrix" else v) for k, v in found.items()
                      if k != "confusion_matrix_layout"}
@@ -281,6 +282,11 @@ def metrics(w: str) -> list:
             + figure(w, "eval/curves.png", "the detector's training and validation curves"))
 
 
+def threshold_cell(value):
+    """A threshold whole (copied from a report, a rounded one flags other images)."""
+    return repr(value) if isinstance(value, float) else value
+
+
 def confusion_said(matrix) -> str | None:
     """evaluate's [[tn, fp], [fn, tp]] (rows actual real, fake) in words; None if not that."""
     try:
@@ -297,7 +303,7 @@ def budget_blocks(w: str) -> list:
         return json_blocks(budgets, "eval/thresholds.json")
     rows = [as_metric_cells({"reals flagged at most": b.get("false_positive_budget"),
                              # whole, to copy: a short decimal (metrics.budget_threshold)
-                             "threshold": repr(b["threshold"]) if isinstance(b.get("threshold"), float) else None,
+                             "threshold": threshold_cell(b.get("threshold")),
                              "validation FPR": b.get("validation_false_positive_rate"),
                              "test FPR": b.get("test_false_positive_rate"),
                              "test FPR 95%": b.get("test_false_positive_rate_ci95"),
