@@ -202,6 +202,13 @@ def read_model(uri: str) -> tuple[bytes, dict]:
 DECIDING = ("threshold", "resolution", "input_size", "preprocessing", "jpeg_quality")
 
 
+def threshold_set_by_hand(meta: dict) -> float | None:
+    """A model's threshold where it is not the one its validation chose (edited in
+    model.json, for a false-positive budget), else None."""
+    chosen = meta.get("metrics", {}).get("val_threshold")
+    return meta.get("threshold") if chosen is not None and meta.get("threshold") != chosen else None
+
+
 def model_id(meta: dict) -> str:
     digest = meta.get("weights_sha256", "")
     if "threshold" in meta:

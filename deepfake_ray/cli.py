@@ -66,7 +66,8 @@ COMMANDS = {
                     {"--samples": "tune.samples"}, set_example="tune.epochs=3", batch="detector.batch_size",
                     batch_recorded=True),
     "evaluate": Command("deepfake_ray.detector.evaluate", "measure the detector on the held-out test split, "
-                        "clean and degraded, into WORKDIR/eval", set_example="serve.score_batch_size=64",
+                        "clean and degraded, with a threshold per false-positive budget, into WORKDIR/eval",
+                        set_example="serve.score_batch_size=64",
                         batch="serve.score_batch_size"),
     "score": Command(
         "deepfake_ray.serving.score", "score a folder, bucket or manifest into a table",

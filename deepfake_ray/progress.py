@@ -1,9 +1,7 @@
 """A stage's progress as `COMMAND: N / TOTAL UNIT (P%)`: redrawn in place about once a
-second in a terminal, a line every 10 s in logs (a run shorter than that prints none);
-and how a score is printed."""
+second in a terminal, a line every 10 s in logs (a run shorter than that prints none)."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -61,17 +59,3 @@ class Progress:
             print("\r" + line, end="", flush=True)
         else:
             print(line, flush=True)
-
-
-def short(value: float) -> str:
-    """4 significant digits, more where those would round a score to a perfect one (a
-    recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1"). Within 1e-12
-    of a whole number it is that number: a sum's rounding (scikit-learn's average precision
-    of a perfect ranking is 0.9999999999999999), not a score."""
-    if math.isfinite(value) and abs(value - round(value)) < 1e-12:  # round(inf) raises
-        value = float(round(value))
-    for digits in range(4, 17):
-        text = f"{value:.{digits}g}"
-        if float(text) == value or float(text) not in (0.0, 1.0):
-            return text
-    return text

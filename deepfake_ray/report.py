@@ -14,11 +14,12 @@ import csv
 import errno
 import io
 import json
+import math
 import re
 import time
 
 import deepfake_ray
-from deepfake_ray import lineage, progress, storage
+from deepfake_ray import lineage, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError
 from deepfake_ray.report_render import Figure, Missing, Stale, Table, Text, render_html, render_md
@@ -56,7 +57,7 @@ def figure(workdir: str, rel: str, caption: str) -> list[Figure]:
 
 def fmt(value) -> str:
     if isinstance(value, float):  # 86,400 s, not 8.64e+04
-        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else progress.short(value)
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else short(value)
     if isinstance(value, list) and len(value) > 8:  # e.g. per-batch losses: summarize
         numbers = [v for v in value if isinstance(v, (int, float))]
         if len(numbers) == len(value):
@@ -64,6 +65,20 @@ def fmt(value) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
     return "" if value is None else str(value)
+
+
+def short(value: float) -> str:
+    """4 significant digits, more where those would round a score to a perfect one (a
+    recall of 0.99996 is not 1, a threshold of 0.99999997 not "only p = 1"). Within 1e-12
+    of a whole number it is that number: a sum's rounding (scikit-learn's average precision
+    of a perfect ranking is 0.9999999999999999), not a score."""
+    if math.isfinite(value) and abs(value - round(value)) < 1e-12:  # round(inf) raises
+        value = float(round(value))
+    for digits in range(4, 17):
+        text = f"{value:.{digits}g}"
+        if float(text) == value or float(text) not in (0.0, 1.0):
+            return text
+    return text
 
 
 # what train-gan and train-detector print per epoch: first, before the columns left out
@@ -261,8 +276,7 @@ def metrics(w: str) -> list:
     with the rest of eval/ (after a retrained detector) and are labelled with it."""
     found = read_json(w, "eval/metrics.json")
     if isinstance(found, dict):  # its reliability bins are drawn below, not listed
-        found = as_metric_cells({k: threshold_cell(v) if k == "threshold" else v
-                                 for k, v in found.items() if k != "reliability"})
+        found = as_metric_cells(thresholds_whole({k: v for k, v in found.items() if k != "reliability"}))
         if (said := confusion_said(found.get("confusion_matrix"))) is not None:  # its layout said in it
             found = {k: (said if k == "confusion_matrix" else v) for k, v in found.items()
                      if k != "confusion_matrix_layout"}
@@ -285,6 +299,12 @@ def metrics(w: str) -> list:
 def threshold_cell(value):
     """A threshold whole (copied from a report, a rounded one flags other images)."""
     return repr(value) if isinstance(value, float) else value
+
+
+def thresholds_whole(metrics: dict) -> dict:
+    """`metrics` with each threshold (a key ending in it, validation's too) whole."""
+    return {k: thresholds_whole(v) if isinstance(v, dict) else threshold_cell(v) if k.endswith("threshold") else v
+            for k, v in metrics.items()}
 
 
 def confusion_said(matrix) -> str | None:
@@ -348,7 +368,7 @@ def as_metric_cells(metrics: dict) -> dict:
         if value is None:
             return "n/a"
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
-            return f"{progress.short(value[0])}-{progress.short(value[1])}"
+            return f"{short(value[0])}-{short(value[1])}"
         if isinstance(value, dict):
             return {k: cell(v) for k, v in value.items()}
         return value

@@ -517,7 +517,8 @@ def test_an_augmented_training_image_is_the_one_the_service_scores_for_that_uplo
 
 # --- evaluate, without training --------------------------------------------------------
 
-def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_session, tiny_cfg, capsys):
+def test_evaluate_measures_the_test_split_alone_at_the_models_threshold_and_chooses_budgets_on_validation(
+        ray_session, tiny_cfg, capsys):
     """A randomly initialised detector stands in for a trained one (the trained one is
     evaluated in tests/test_pipeline.py, a slow test). The test split is smaller than
     validation, so the counts tell which split was scored; each degraded condition is
@@ -573,7 +574,8 @@ def test_evaluate_scores_the_test_split_alone_at_the_validation_threshold(ray_se
     assert (val_reals >= five["threshold"]).mean() == five["validation_false_positive_rate"]
     test_reals = test[test["truth"] == "real"]["p_fake"]
     assert (test_reals >= five["threshold"]).mean() == five["test_false_positive_rate"]
-    assert (one["threshold"], one["note"]) == (None, "needs 100 validation reals or more") and tenth["threshold"] is None
+    assert (one["threshold"], one["note"]) == (None, "needs 100 validation reals or more")
+    assert tenth["threshold"] is None
     assert (f"5.0% of reals flagged: threshold {five['threshold']!r} -> held-out false-positive "
             f"rate {five['test_false_positive_rate']:.4f}") in out
     for name in ("metrics.json", "robustness.json", "thresholds.json"):  # valid JSON (no NaN), for jq and browsers

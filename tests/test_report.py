@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from deepfake_ray import config, progress, report, storage
+from deepfake_ray import config, report, storage
 from tests.cli_output import error_lines
 
 EPOCHS = 12  # more than report.MAX_SAMPLE_GRIDS, so the report has to pick
@@ -202,7 +202,8 @@ def test_report_embeds_every_figure_and_section(tmp_path):
         assert f'<li><a href="#{anchor}">{title}</a></li>' in text, anchor
     for needle in ["decompression-bomb", "jpeg_q50", "downscale_0.5", "0.00031",
                    "train-gan", '<th scope="row">accuracy</th><td>0.95</td>', "lr: 0.0003", "8 of 12 epochs",
-                   '<th scope="row">threshold</th><td>0.43215</td>',  # whole, to copy: not 0.4322
+                   '<th scope="row">threshold</th><td>0.43215</td>',  # whole, to copy: not 0.4321
+                   '<th scope="row">validation.val_threshold</th><td>0.43215</td>',
                    "12,346", "12,349",  # seconds, and their total, not 1.235e+04
                    "<td>train-gan</td><td>skipped</td><td>0.1</td><td>61.5</td>",  # made by a run before
                    "<td>total</td><td></td><td>12,349</td><td>12,410</td>",
@@ -210,7 +211,8 @@ def test_report_embeds_every_figure_and_section(tmp_path):
                    '<th scope="row">validation.val_auc</th><td>0.97</td>',  # model.json's figures of it
                    '<th scope="row">best epoch</th><td>3</td>',  # model.json's epoch 2, counted from 1
                    '<th scope="row">ece</th><td>0.2488</td>',
-                   "<td>3</td><td>0.21</td><td>0.9</td><td>0.35</td><td>0.89</td><td>0.97</td>",  # its row in the history, counted alike
+                   # its row in the history, counted alike
+                   "<td>3</td><td>0.21</td><td>0.9</td><td>0.35</td><td>0.89</td><td>0.97</td>",
                    "detector/history.json, per epoch (counted from 1)",
                    "<td>0.99996</td>",  # not rounded to a perfect 1
                    '<th scope="row">average_precision</th><td>1</td>',  # but a sum's rounding error is
@@ -262,7 +264,7 @@ def test_robustness_shows_every_metric_evaluate_prints_and_their_intervals_apart
     assert head in md and "more columns" not in md, md
     low, high = written["clean"]["ci95"]["roc_auc"]  # the intervals' own table, in the same order
     assert "| condition | accuracy | precision | recall | false_positive_rate | roc_auc |" in md
-    assert f"{progress.short(low)}-{progress.short(high)} |" in md
+    assert f"{report.short(low)}-{report.short(high)} |" in md
     assert "| blur_1.0 | 0.5 | n/a | 0 | 0 |" in md  # nothing flagged: no precision, not a blank
     # in evaluate's order, clean first, not the file's sorted keys
     assert md.index("| clean | ") < md.index("| blur_1.0 | ")

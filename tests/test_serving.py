@@ -258,7 +258,8 @@ def test_a_degraded_image_scores_in_evaluate_as_the_service_answers_for_it(model
     scorer, predictor = data.Scorer(model_dir, evaluate.CONDITIONS), Predictor(model_dir)
     jpeg = decode.encode_jpeg(np.asarray(rgb(3, 32)), checkpoint.stored_quality(scorer.meta))  # a test image, stored
     stored = decode.decode_jpeg(jpeg)
-    evaluated = scorer({"sha1": np.array(["a"]), "label": np.array([1]), "pixels": stored[None]})
+    evaluated = scorer({"sha1": np.array(["a"]), "split": np.array(["test"]), "label": np.array([1]),
+                        "pixels": stored[None]})
     for condition in evaluate.CONDITIONS:
         sent = jpeg if condition == "clean" else encode(Image.fromarray(data.transform(stored, condition)), "PNG")
         served = predictor.predict_bytes([sent])[0]["p_fake"]
@@ -1527,11 +1528,6 @@ def test_a_replica_whose_forward_pass_hangs_fails_its_health_check():
     # but a pass of a larger batch, or larger images, may take longer on a CPU: not hung
     assert app.hung_after(16, 128) == app.HUNG_FORWARD_S
     assert app.hung_after(256, 128) == app.hung_after(16, 512) == 256 * app.SECONDS_PER_IMAGE
-    # a pass short of memory (CUDA's own allocations, the host's) is retried, not counted
-    for short in (RuntimeError("CUDA error: out of memory"), RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"),
-                  MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 2 GB")):
-        assert app.short_of_memory(short), short
-    assert not app.short_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 def test_a_hung_replicas_healthz_answers_503_as_json():
@@ -1625,7 +1621,7 @@ def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model(
     replica = SimpleNamespace(predictor=SimpleNamespace(predict_pixels=short_of_memory, device=torch.device("cuda")),
                               stats={"batches": 0, "images": 0, "largest_batch": 0, "out_of_memory": 0},
                               forward_thread=ThreadPoolExecutor(1), forward_started=None)
-    replica.out_of_memory = lambda: detector.out_of_memory(replica)
+    replica.out_of_memory = lambda device: detector.out_of_memory(replica, device)
     with pytest.raises(http.ApiError) as refused:
         # the method as written, without Serve's batching (which needs a replica's context)
         asyncio.run(detector.predict_batch.__wrapped__(replica, [np.zeros((32, 32, 3), np.uint8)]))
@@ -1635,6 +1631,11 @@ def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model(
                                      "repeats, lower serve.max_batch_size")
     assert refused.value.__context__ is None  # nothing holds the failed pass's frames (and its tensors)
     assert replica.stats["out_of_memory"] == 1 and replica.forward_started is None
+    # a pass short of memory (CUDA's own allocations, the host's) is retried, not counted
+    for short in (RuntimeError("CUDA error: out of memory"), RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"),
+                  MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 2 GB")):
+        assert app.short_of_memory(short), short
+    assert not app.short_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     # what /healthz and check_health measure a hung pass by: set while it ran, only then
     assert len(during) == 1 and isinstance(during[0], float) and time.monotonic() - during[0] < 60
 

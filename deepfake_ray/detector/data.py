@@ -258,8 +258,9 @@ def transform(img: np.ndarray, name: str) -> np.ndarray:
 
 class Scorer:
     """`evaluate`'s Ray Data actor: loads the exported model once, scores each condition
-    (`transform`) of a batch's test images, and its validation images clean. Here rather than in evaluate.py, whose figures and Ray Train
-    imports would cost every actor process seconds of start-up for nothing."""
+    (`transform`) of a batch's test images, and its validation images clean. Here rather
+    than in evaluate.py, whose figures and Ray Train imports would cost every actor process
+    seconds of start-up for nothing."""
 
     def __init__(self, model_uri: str, conditions: list[str]):
         import torch
@@ -278,7 +279,7 @@ class Scorer:
 
         from deepfake_ray.models import detector
 
-        split = batch.get("split", np.full(len(batch["sha1"]), "test"))
+        split = batch["split"]
         out = {"sha1": batch["sha1"], "split": split, "label": batch["label"]}
         held_out = split == "test"  # validation images are scored clean only: thresholds are chosen on them
         for name in self.conditions:

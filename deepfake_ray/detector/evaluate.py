@@ -13,8 +13,9 @@
     WORKDIR/eval/_COMPLETE.json    written last
 
 The decision threshold is model.json's (chosen on validation unless edited there);
-nothing here feeds back into the model. Inference runs on Ray Data with an actor pool, each actor
-loading the model once and scoring every condition of a batch.
+nothing here feeds back into the model. Inference runs on Ray Data with an actor pool, each
+actor loading the model once and scoring a batch's test images under every condition, its
+validation images clean.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     storage.write_json(storage.join(out, "thresholds.json"), storage.json_safe(budgets))
     write_scores(out, frame, meta)
     print(table(robustness, meta))
-    print(budget_table(budgets, model_dir(cfg.workdir)))
+    print(budget_table(budgets, model_uri))
     summary = {**{k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")},
                "budget_thresholds": {f"{b['false_positive_budget']:g}": b["threshold"] for b in budgets}}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
@@ -97,10 +98,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
 def threshold_source(meta: dict) -> str:
     """model.json's threshold and where it came from: validation's choice, or an edit;
     whole, as thresholds are printed everywhere (a rounded one copied flags other images)."""
-    chosen = meta.get("metrics", {}).get("val_threshold")
-    if chosen is None or chosen == meta["threshold"]:
+    if checkpoint.threshold_set_by_hand(meta) is None:
         return f"{meta['threshold']!r} from validation"
-    return f"{meta['threshold']!r} set in model.json; validation chose {chosen!r}"
+    return f"{meta['threshold']!r} set in model.json; validation chose {meta['metrics']['val_threshold']!r}"
 
 
 def budget_table(budgets: list[dict], model_uri: str) -> str:
@@ -167,7 +167,8 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
         gpus=1 if runtime.use_gpus(r.use_gpu) else 0, batch_format="numpy")
     frame = scored.to_pandas()
     if frame.empty:
-        raise UsageError("the test split selected no images: check data.splits and the fakes manifest")
+        raise UsageError("the validation and test splits selected no images: check data.splits and the "
+                         "fakes manifest")
     return frame
 
 

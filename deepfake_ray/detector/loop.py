@@ -5,7 +5,8 @@ gathered from every worker, so ROC-AUC is over the split; Ray Train's equal spli
 leaves out its remainder, at most workers - 1 images an epoch), rank 0 exports the
 epoch's model to OUT/best/ when it beats the best so far (by val ROC-AUC, then val
 loss) and rewrites OUT/history.json; then every worker reports (checkpoint: model,
-optimizer, RNG and history), so a restarted or resubmitted run resumes there.
+optimizer, RNG, history and the pretrained weights' SHA-256), so a restarted or
+resubmitted run resumes there.
 
 best/ is always the best epoch of history.json: an export whose epoch's checkpoint never
 got written whole (the driver or a worker lost in between) is replaced on resume from the

@@ -247,14 +247,11 @@ def worker_loop(loop_config: dict) -> None:
 
 
 def threshold_set_by_hand(model_uri: str) -> float | None:
-    """The threshold of the model at `model_uri` where it is not the one its validation
-    chose (edited in model.json for a false-positive budget); None otherwise, or no model."""
+    """checkpoint.threshold_set_by_hand of the model at `model_uri`; None where there is none."""
     try:
-        meta = checkpoint.load_meta(model_uri)
+        return checkpoint.threshold_set_by_hand(checkpoint.load_meta(model_uri))
     except (UsageError, ValueError, OSError):
         return None
-    chosen = meta.get("metrics", {}).get("val_threshold")
-    return meta.get("threshold") if chosen is not None and meta.get("threshold") != chosen else None
 
 
 def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dict | None = None,

@@ -186,7 +186,7 @@ class Detector:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         started = time.perf_counter()
         self.forward_started = time.monotonic()
-        no_memory = False
+        ran_out = ""  # what had no memory for the pass: the GPU, or the host
         try:  # off the event loop, so the next batch fills while this one computes
             p_fake = await asyncio.get_running_loop().run_in_executor(
                 self.forward_thread, self.predictor.predict_pixels, np.stack(images))
@@ -194,23 +194,23 @@ class Detector:
             if not short_of_memory(e):
                 self.failed_passes, self.last_error = self.failed_passes + 1, f"{type(e).__name__}: {str(e)[:200]}"
                 raise
-            no_memory = True
+            device = self.predictor.device
+            ran_out = ("GPU" if device.type == "cuda" else device.type.upper()) if out_of_memory(e) else "host"
         finally:
             self.forward_started = None
-        if no_memory:  # out of the except clause: its traceback held the pass's tensors
-            raise self.out_of_memory()
+        if ran_out:  # out of the except clause: its traceback held the pass's tensors
+            raise self.out_of_memory(ran_out)
         self.failed_passes = 0
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
 
-    def out_of_memory(self) -> http.ApiError:
-        """A batch the GPU had no memory for (other processes on it, a burst of large
-        batches): each of its requests gets a 503 to retry, not a 500 that reads as a broken
-        model, and the cache the failed pass left is given back."""
+    def out_of_memory(self, device: str) -> http.ApiError:
+        """A batch the `device` (GPU, or host) had no memory for (other processes on it, a
+        burst of large batches): each of its requests gets a 503 to retry, not a 500 that
+        reads as a broken model, and the cache the failed pass left is given back."""
         import torch
 
         self.stats["out_of_memory"] += 1
-        device = "GPU" if self.predictor.device.type == "cuda" else self.predictor.device.type.upper()
         http.log.warning("a batch the %s had no memory for: answered 503 (out_of_memory: %d so far)",
                          device, self.stats["out_of_memory"])
         if torch.cuda.is_available():
@@ -381,6 +381,7 @@ class Detector:
     @api.api_route("/v1/model", methods=["GET", "HEAD"])
     async def model_info(self) -> dict:
         return {**self.predictor.info(), "batching": self.batching, "stats": dict(self.stats),
+                "replica": self.replica,  # whose stats: one replica's
                 "max_body_bytes": self.max_body_bytes, "max_files_per_request": self.max_files}
 
     @api.get("/v1/stats")

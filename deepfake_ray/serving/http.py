@@ -130,10 +130,10 @@ def due(started: float, idle_timeout: float, size: int) -> float:
     return started + idle_timeout + size / MIN_BODY_RATE if size else math.inf
 
 
-async def next_chunk(stream, idle_timeout: float, due: float) -> bytes | None:
+async def next_chunk(stream, idle_timeout: float, deadline: float) -> bytes | None:
     """The body's next chunk (None at its end), or 408 after `idle_timeout` s without one
-    or at `due`, the time by which the bytes so far should have come at MIN_BODY_RATE."""
-    wait = min(idle_timeout, due - time.monotonic())
+    or at `deadline`, the time by which the bytes so far should have come at MIN_BODY_RATE."""
+    wait = min(idle_timeout, deadline - time.monotonic())
     try:
         return await asyncio.wait_for(anext(stream), max(wait, 0.0))
     except StopAsyncIteration:
@@ -351,12 +351,12 @@ def ok_response(schema: dict, description: str) -> dict:
 def error_responses(*statuses: int) -> dict:
     """FastAPI `responses` for these statuses, each a JSON {"error": reason}."""
     what = {400: "bad request (empty, malformed or several files)",
-            408: "the body stopped arriving (serve.body_idle_timeout_s)",
+            408: "the body stopped arriving, or averaged under 500 bytes/s past serve.body_idle_timeout_s",
             413: "too large: the body (serve.max_body_bytes), the image or the file count",
             415: "not an image, or not multipart", 422: "a damaged image",
             500: "the model gave no finite score",
-            503: "the replica holds its limit of uploads (serve.max_buffered_bytes), or its GPU ran out of "
-                 "memory for a batch: retry (Retry-After)"}
+            503: "the replica holds its limit of uploads (serve.max_buffered_bytes), or its GPU (or host) ran "
+                 "out of memory for a batch: retry (Retry-After)"}
     return {status: {"description": what[status], "content": ERROR_BODY} for status in statuses}
 
 
