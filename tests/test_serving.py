@@ -636,6 +636,13 @@ def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
     health = paths["/healthz"]["get"]["responses"]
     assert set(health["200"]["content"]["application/json"]["schema"]["required"]) == {"status", "model"}
     assert "503" in health
+    # one id an operation: GET and HEAD of one route shared one (which, from run to run), and
+    # generated clients' validators refuse a schema with an id twice
+    ids = [op["operationId"] for methods in paths.values() for op in methods.values()]
+    assert len(ids) == len(set(ids)) and {"detect", "detect_batch", "healthz"} <= set(ids), ids
+    # the headers a client reads: which model answered, and when to retry
+    assert "X-Model-Id" in detect_op["responses"]["200"]["headers"]
+    assert "Retry-After" in detect_op["responses"]["503"]["headers"]
     # what the schema says is what the route takes: its multipart field, or the raw body
     response = httpx.post(f"{service}/v1/detect", files={"file": ("face.jpg", JPEG)}, timeout=60)
     assert response.status_code == 200, response.text

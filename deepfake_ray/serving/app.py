@@ -314,7 +314,7 @@ class Detector:
                                      "scores one; send one file, or use /v1/detect/batch")
         return files[0][2]
 
-    @api.post("/v1/detect", openapi_extra=http.DETECT_BODY,
+    @api.post("/v1/detect", openapi_extra=http.DETECT_BODY, operation_id="detect",
               responses={**http.ok_response(http.RESULT, "the image's score"),
                          **http.error_responses(400, 408, 413, 415, 422, 500, 503)})
     async def detect(self, request: Request) -> dict:
@@ -325,9 +325,9 @@ class Detector:
             raise http.ApiError(error_status(result), error_text(result))
         return result
 
-    @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY,
+    @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY, operation_id="detect_batch",
               responses={**http.ok_response(http.BATCH_RESULT, "a score, or an error, per file"),
-                         **http.error_responses(400, 408, 413, 415, 503)})
+                         **http.error_responses(400, 408, 413, 415, 500, 503)})
     async def detect_batch(self, request: Request) -> dict:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):
@@ -367,10 +367,13 @@ class Detector:
         Serve took it for healthy: now it is reported broken, and Serve replaces it."""
         check_forward(self.forward_started, time.monotonic(), self.hung_after, self.failed_passes, self.last_error)
 
-    @api.api_route("/healthz", methods=["GET", "HEAD"],  # monitors probe with HEAD too
-                   responses={**http.ok_response(http.HEALTH, "the replica is serving"),
-                              503: {"description": "a forward pass is hung, or every pass fails: Serve "
-                                                   "replaces the replica", "content": http.ERROR_BODY}})
+    # monitors probe with HEAD too; one operation each in /openapi.json (a route of both
+    # methods gave them one id, a generated client's validator refused the schema)
+    @api.get("/healthz", operation_id="healthz",
+             responses={**http.ok_response(http.HEALTH, "the replica is serving"),
+                        503: {"description": "a forward pass is hung, or every pass fails: Serve "
+                                             "replaces the replica", "content": http.ERROR_BODY}})
+    @api.head("/healthz", include_in_schema=False)
     async def healthz(self) -> dict:
         try:
             self.check_health()
@@ -378,13 +381,14 @@ class Detector:
             raise http.ApiError(503, str(e)) from None
         return {"status": "ok", "model": self.predictor.model_id}
 
-    @api.api_route("/v1/model", methods=["GET", "HEAD"])
+    @api.get("/v1/model", operation_id="model_info")
+    @api.head("/v1/model", include_in_schema=False)
     async def model_info(self) -> dict:
         return {**self.predictor.info(), "batching": self.batching, "stats": dict(self.stats),
                 "replica": self.replica,  # whose stats: one replica's
                 "max_body_bytes": self.max_body_bytes, "max_files_per_request": self.max_files}
 
-    @api.get("/v1/stats")
+    @api.get("/v1/stats", operation_id="stats")
     async def batch_stats(self) -> dict:
         """Batching observed by the replica that answers (batches, images, largest batch),
         and its large-image decodes in threads (now, and the most at once): one replica's,

@@ -328,12 +328,14 @@ RESULT = {"type": "object", "required": ["p_fake", "label", "threshold", "model"
                "description": "the model's score for fake: a probability only for clean face crops at "
                               "its training's share of fakes (half), not after blur or downscaling"},
     "label": {"type": "string", "enum": ["fake", "real"], "description": "fake when p_fake >= threshold"},
-    "threshold": {"type": "number", "description": "the model's (model.json): chosen on validation "
+    "threshold": {"type": "number", "minimum": 0, "maximum": 1,
+                  "description": "the model's (model.json): chosen on validation "
                                                   "when it was trained, unless set there since"},
     "model": {"type": "string", "description": "the id of the model that answered"}}}
 FILE_ERROR = {"type": "object", "required": ["file", "error", "status"], "properties": {
     "file": {"type": "string"}, "error": {"type": "string"},
-    "status": {"type": "integer", "description": "the HTTP status this file alone would have had"}}}
+    "status": {"type": "integer", "description": "the HTTP status this file alone would have had "
+                                                "(503: send that file again in a moment)"}}}
 BATCH_RESULT = {"type": "object", "required": ["model", "count", "errors", "results"], "properties": {
     "model": {"type": "string"}, "count": {"type": "integer"}, "errors": {"type": "integer"},
     "results": {"type": "array", "description": "one per file, in order", "items": {"oneOf": [
@@ -343,9 +345,14 @@ HEALTH = {"type": "object", "required": ["status", "model"], "properties": {
     "status": {"type": "string", "enum": ["ok"]}, "model": {"type": "string"}}}
 
 
+MODEL_HEADER = {"X-Model-Id": {"description": "the id of the model that answered", "schema": {"type": "string"}}}
+RETRY_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
 def ok_response(schema: dict, description: str) -> dict:
     """FastAPI `responses` entry for a 200 holding `schema`."""
-    return {200: {"description": description, "content": {"application/json": {"schema": schema}}}}
+    return {200: {"description": description, "headers": MODEL_HEADER,
+                  "content": {"application/json": {"schema": schema}}}}
 
 
 def error_responses(*statuses: int) -> dict:
@@ -354,10 +361,12 @@ def error_responses(*statuses: int) -> dict:
             408: "the body stopped arriving, or averaged under 500 bytes/s past serve.body_idle_timeout_s",
             413: "too large: the body (serve.max_body_bytes), the image or the file count",
             415: "not an image, or not multipart", 422: "a damaged image",
-            500: "the model gave no finite score",
+            500: "the model gave no finite score, or its forward pass failed",
             503: "the replica holds its limit of uploads (serve.max_buffered_bytes), or its GPU (or host) ran "
                  "out of memory for a batch: retry (Retry-After)"}
-    return {status: {"description": what[status], "content": ERROR_BODY} for status in statuses}
+    return {status: {"description": what[status], "content": ERROR_BODY,
+                     **({"headers": {**MODEL_HEADER, **RETRY_HEADER}} if status == 503 else {"headers": MODEL_HEADER})}
+            for status in statuses}
 
 
 async def error_json(request: Request, exc: Exception) -> JSONResponse:
