@@ -344,14 +344,16 @@ class Detector:
             outcomes = await asyncio.gather(*(self.predict(data, inline) for _, _, data in files),
                                             return_exceptions=True)
         results = []
-        for (_, name, _), outcome in zip(files, outcomes):
+        for number, ((_, name, _), outcome) in enumerate(zip(files, outcomes), 1):
             if isinstance(outcome, DecodeError):
                 results.append({"file": name, "error": error_text(outcome),
                                 "status": error_status(outcome)})
             elif isinstance(outcome, http.ApiError):  # its batch ran out of memory: retry it
                 results.append({"file": name, "error": outcome.message, "status": outcome.status})
             elif isinstance(outcome, Exception):  # that file's 500, as /v1/detect answers it
-                http.log.error("internal error on file %r of %s", name, request.url.path, exc_info=outcome)
+                # by its place, not its name: an uploader's file name may name a person
+                http.log.error("internal error on file %d of %d of %s", number, len(files), request.url.path,
+                               exc_info=outcome)
                 results.append({"file": name, "error": f"internal error: {type(outcome).__name__}", "status": 500})
             elif isinstance(outcome, BaseException):  # cancelled, or the process stopping
                 raise outcome
