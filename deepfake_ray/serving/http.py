@@ -329,8 +329,8 @@ RESULT = {"type": "object", "required": ["p_fake", "label", "threshold", "model"
                               "its training's share of fakes (half), not after blur or downscaling"},
     "label": {"type": "string", "enum": ["fake", "real"], "description": "fake when p_fake >= threshold"},
     "threshold": {"type": "number", "minimum": 0, "maximum": 1,
-                  "description": "the model's (model.json): chosen on validation "
-                                                  "when it was trained, unless set there since"},
+                  "description": "the model's (model.json): chosen on validation when it was trained, "
+                                 "unless set there since"},
     "model": {"type": "string", "description": "the id of the model that answered"}}}
 FILE_ERROR = {"type": "object", "required": ["file", "error", "status"], "properties": {
     "file": {"type": "string"}, "error": {"type": "string"},
@@ -365,7 +365,7 @@ def error_responses(*statuses: int) -> dict:
             503: "the replica holds its limit of uploads (serve.max_buffered_bytes), or its GPU (or host) ran "
                  "out of memory for a batch: retry (Retry-After)"}
     return {status: {"description": what[status], "content": ERROR_BODY,
-                     **({"headers": {**MODEL_HEADER, **RETRY_HEADER}} if status == 503 else {"headers": MODEL_HEADER})}
+                     "headers": {**MODEL_HEADER, **(RETRY_HEADER if status == 503 else {})}}
             for status in statuses}
 
 
