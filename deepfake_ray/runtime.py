@@ -55,6 +55,12 @@ def environment(extra: dict[str, str]):
                 os.environ[name] = value
 
 
+def cluster_address(given: str | None) -> str | None:
+    """The cluster `--address` (else RAY_ADDRESS) names; None for an in-process Ray ("local", or none)."""
+    address = given or os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None
+
+
 def check_address(given: str | None) -> None:
     """check_address_form of `--address` (else RAY_ADDRESS), then whether anything answers
     there: what the CLI asks before it writes anything (init asks only the form, so a
@@ -149,10 +155,9 @@ def init(address: str | None = None) -> None:
     kwargs = dict(logging_level=logging.WARNING, configure_logging=True)
     global _embedded_cores, _started_with
     _embedded_cores = None
-    _started_with = address if address and address != "local" else "local"
+    _started_with = cluster_address(address) or "local"
     _worker_env.clear()
-    _haproxy_folder[0] = None  # the embedded Ray's alone (haproxy_env)
-    if address and address != "local":  # "local": in-process, as with no address
+    if cluster_address(address):  # "local": in-process, as with no address
         check_address_form(address)
         try:
             with environment(memory_kill_retries()):
@@ -177,8 +182,6 @@ def init(address: str | None = None) -> None:
                                 os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20"),
                             **memory_kill_retries(),
                             **haproxy_env()})
-        # the folder of the HAProxy paths set here (haproxy_paths), if any
-        _haproxy_folder[0] = next((os.path.dirname(_worker_env[n]) for n in HAPROXY_PATHS if n in _worker_env), None)
         with environment(_worker_env):
             ray.init(address="local", num_cpus=max(4, _embedded_cores), include_dashboard=True,
                      dashboard_port=port, **kwargs)
@@ -304,7 +307,6 @@ def haproxy_env() -> dict[str, str]:
 HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
                  "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
                  "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
-_haproxy_folder: list[str | None] = [None]  # this process's embedded Ray's, made by make_haproxy_folder
 
 
 def haproxy_paths() -> dict[str, str]:
@@ -318,12 +320,16 @@ def haproxy_paths() -> dict[str, str]:
     return {name: os.path.join(folder, file) for name, file in HAPROXY_PATHS.items() if name not in os.environ}
 
 
+def haproxy_folder() -> str | None:
+    """The folder of the HAProxy paths the embedded Ray was started with (haproxy_paths), if any."""
+    return next((os.path.dirname(_worker_env[n]) for n in HAPROXY_PATHS if n in _worker_env), None)
+
+
 def make_haproxy_folder() -> None:
     """The embedded Ray's HAProxy folder (haproxy_paths), this user's alone (0700), before
     Serve starts HAProxy in it. A second service in this process finds it made, or makes it
     again; once HAProxy ran, its name was in `ps` for anyone to make first: refused then."""
-    folder = _haproxy_folder[0]
-    if not folder:
+    if not (folder := haproxy_folder()):
         return
     try:
         os.mkdir(folder, 0o700)
@@ -338,8 +344,8 @@ def make_haproxy_folder() -> None:
 def remove_haproxy_folder() -> None:
     """HAProxy leaves its config, sockets and logs behind; the embedded Ray's folder is this
     run's alone. A cluster's are not ours to remove."""
-    if _haproxy_folder[0]:
-        shutil.rmtree(_haproxy_folder[0], ignore_errors=True)
+    if folder := haproxy_folder():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def haproxy_found() -> bool:

@@ -408,7 +408,8 @@ def file_digest(uri: str, algorithm: str) -> str:
     """Hex digest of a file, local or s3://, read a MB at a time."""
     digest = hashlib.new(algorithm, usedforsecurity=False)  # a FIPS host's Python refuses MD5 else
     if is_s3(uri):
-        stream = s3.s3_filesystem().open_input_stream(resolve(uri)[1])
+        fs, path = resolve(uri)
+        stream = fs.open_input_stream(path)
     else:  # by the OS, which takes any name: pyarrow refuses one that is not valid UTF-8
         stream = open(normalize(uri), "rb")
     with stream as f:

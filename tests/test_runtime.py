@@ -607,7 +607,7 @@ def test_haproxys_folder_is_made_for_its_user_alone_or_refused(tmp_path, monkeyp
     """Once HAProxy ran, its folder's name was in `ps`: a second service in the process
     must not take one another user made meanwhile."""
     folder = tmp_path / "haproxy-0123456789"
-    monkeypatch.setattr(runtime, "_haproxy_folder", [str(folder)])
+    monkeypatch.setattr(runtime, "_worker_env", {"RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock")})
     runtime.make_haproxy_folder()
     assert os.stat(folder).st_mode & 0o777 == 0o700
     runtime.make_haproxy_folder()  # made already, by this user, for this user: taken

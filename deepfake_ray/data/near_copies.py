@@ -80,7 +80,7 @@ def thumbnail(img: Image.Image) -> bytes:
 
 
 def blank(thumb: bytes) -> bool:
-    return float(np.frombuffer(thumb, np.uint8).std()) < BLANK
+    return blanks([thumb]) == 1
 
 
 def blanks(thumbs: list[bytes]) -> int:

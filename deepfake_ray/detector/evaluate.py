@@ -108,7 +108,7 @@ def budget_table(budgets: list[dict], model_uri: str) -> str:
     metrics.budget_threshold picks it: copied as printed, it flags what was measured)."""
     lines = [f"thresholds for a false-positive budget, chosen on the validation split's "
              f"{budgets[0]['validation_reals']:,} reals (to use one, set \"threshold\" in "
-             f"{storage.shown(storage.join(model_uri, 'model.json'))}):"]
+             f"{storage.shown(storage.join(model_uri, checkpoint.META))}):"]
     for b in budgets:
         if b["threshold"] is None:
             lines.append(f"  {b['false_positive_budget']:>5.1%} of reals flagged: {b['note']}")

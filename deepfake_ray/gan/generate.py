@@ -201,7 +201,8 @@ def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = 
             else:
                 group[i - len(reals)] = g
     chosen, seen, pictures, have = {}, set(), set(), dict.fromkeys(want, 0)
-    repeats = copies = blanks = 0
+    repeats = copies = 0
+    kept = []  # the chosen ones' thumbnails, counted blank at once
     for i, (index, sha1, thumb) in enumerate(candidates):
         split = assign_split(sha1, splits)
         if group.get(i) in real_groups:
@@ -217,8 +218,8 @@ def select(rounds: list, want: dict[str, int], splits, reals: Sequence[bytes] = 
             pictures.add(group[i])
         chosen[index] = split
         have[split] += 1
-        blanks += near_copies.blank(thumb)
-    return Selection(chosen, repeats, copies, blanks)
+        kept.append(thumb)
+    return Selection(chosen, repeats, copies, near_copies.blanks(kept))
 
 
 def draw_rounds(cfg: Config, want: dict[str, int], make_round, select_from) -> tuple[list, Selection, int]:

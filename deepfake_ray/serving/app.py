@@ -552,7 +552,7 @@ def preflight(cfg: Config, model: str | None = None, address: str | None = None,
     if not model:
         raise UsageError("serve needs --model: the exported model folder, e.g. WORKDIR/detector/model")
     checkpoint.check_detector(storage.normalize(model))  # its weights too: not a replica's traceback
-    if not (runtime.on_cluster() or (address or os.environ.get("RAY_ADDRESS") or "local") != "local"):
+    if not (runtime.on_cluster() or runtime.cluster_address(address)):
         check_port_free(cfg.serve.host, cfg.serve.port)
 
 

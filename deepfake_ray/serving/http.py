@@ -358,7 +358,8 @@ def ok_response(schema: dict, description: str) -> dict:
 def error_responses(*statuses: int) -> dict:
     """FastAPI `responses` for these statuses, each a JSON {"error": reason}."""
     what = {400: "bad request (empty, malformed or several files)",
-            408: "the body stopped arriving, or averaged under 500 bytes/s past serve.body_idle_timeout_s",
+            408: f"the body stopped arriving, or averaged under {MIN_BODY_RATE} bytes/s past "
+                 "serve.body_idle_timeout_s",
             413: "too large: the body (serve.max_body_bytes), the image or the file count",
             415: "not an image, or not multipart", 422: "a damaged image",
             500: "the model gave no finite score, or its forward pass failed",
