@@ -1033,6 +1033,44 @@ def test_a_second_score_into_one_out_is_refused_while_the_first_runs(ray_session
     assert sorted(os.listdir(tmp_path)) == ["scores.csv"]  # its lock gone with it
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_score_ending_as_another_begins_leaves_one_of_them_the_lock(where, s3_server, tmp_path,
+                                                                     monkeypatch):
+    """The lock folder beside --out was deleted after its lock was freed: on S3 that deleted
+    the lease a run had just taken (its next renewal ended it, 'taken over'); locally a run
+    holding the unlinked file and a third with a new one scored into one table together."""
+    from deepfake_ray import lease
+    from deepfake_ray.errors import LockHeld
+    from deepfake_ray.serving import score
+
+    out = f"{s3_server('score-lock-handover')}/scores.csv" if where == "s3" else str(tmp_path / "scores.csv")
+    lock, second = score.hidden_beside(out, "lock"), contextlib.ExitStack()
+    # a second score starts as the first ends: as its lease is released (S3), as its lock
+    # folder is deleted (locally)
+    hook, name = (lease, "release") if where == "s3" else (storage, "delete_dir")
+    ending = getattr(hook, name)
+
+    def second_starts(*args, **kwargs):
+        if where == "s3":
+            ending(*args, **kwargs)
+        with contextlib.suppress(LockHeld):
+            second.enter_context(storage.exclusive(lock, "score"))
+        if where == "local":
+            ending(*args, **kwargs)
+
+    monkeypatch.setattr(hook, name, second_starts)
+    with second:
+        with score.writing(out):
+            pass
+        monkeypatch.undo()
+        second_holds = bool(second._exit_callbacks)
+        assert second_holds or where == "local"  # on S3 it starts once the lease is free
+        third = contextlib.ExitStack()
+        with contextlib.suppress(LockHeld), third:
+            third.enter_context(storage.exclusive(lock, "score"))
+            assert not second_holds, "two scores hold the lock on one --out"
+
+
 def test_a_model_exported_anew_while_score_runs_stops_it_rather_than_mix_two_models(
         ray_session, model_dir, tmp_path, monkeypatch, capsys):
     """Each part's scoring pool loads what is at --model then: a tune or train-detector that

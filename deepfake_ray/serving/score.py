@@ -535,8 +535,12 @@ def writing(out: str):
                          "another --out") from None
     with held:
         yield
-    with contextlib.suppress(OSError):
-        storage.delete_dir(lock)
+        # Gone while still held: deleted after, it freed a run that had just taken it (S3's
+        # lease release already deleted the one key; a local lock file unlinked under
+        # a run holding it lets a third make a new one, and both run).
+        if not storage.is_s3(lock):
+            with contextlib.suppress(OSError):
+                storage.delete_dir(lock)
 
 
 def score_into(cfg: Config, model: str, src: str, out: str) -> dict:
