@@ -1133,8 +1133,9 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     assert score.list_inputs(f"{bucket}/in") == uploaded  # an s3:// prefix lists every file
     # "in/face0.jpg": relative to the folder holding the manifest, and kept as written
     # a name no file system allows (a NUL in it) is a row with its reason, as a missing file is
-    paths = uploaded[::-1] + ["in/face0.jpg", "./in/../in/face1.jpg", "/no/such\x00file.jpg",
-                              f"{bucket}/in/vanished.jpg", ""]
+    # Spark's input_file_name() writes s3a:// (read as s3://); a store score cannot read is a row
+    paths = uploaded[::-1] + ["in/face0.jpg", "./in/../in/face1.jpg", "s3a://serving-test/in/face0.jpg",
+                              "gs://elsewhere/a.jpg", "/no/such\x00file.jpg", f"{bucket}/in/vanished.jpg", ""]
     # a folder of parts, as Spark and Ray Data write a table; an empty row is a row too
     for i, part in enumerate((paths[:4], paths[4:])):
         storage.write_parquet(f"{bucket}/manifest.parquet/part-{i}.parquet", pa.table({"path": part}))
@@ -1149,7 +1150,10 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
     assert '"unreadable: ValueError: embedded null byte' in lines[-3]
     assert '"no path' in lines[-1]
     assert "InvalidObjectState" in lines[1]  # one file's row; the others are scored
-    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 4)
+    assert lines[-5].startswith('"s3a://serving-test/in/face0.jpg",0.') and lines[-5].split(",")[3] == '""'
+    assert lines[-4].startswith('"gs://elsewhere/a.jpg",,"","unreadable: ValueError: gs:// is not a '
+                                'store score reads: give local paths, file:// or s3:// URIs"')
+    assert (summary["files"], summary["errors"]) == (len(paths), len(BAD) + 5)
     assert score.run(cfg, model=model_dir, input=f"{bucket}/manifest.parquet", out=out)["skipped"]
     # scored again into the folder it scores: its own table is not one of the inputs
     inside = f"{bucket}/in/scores.parquet"
@@ -1184,6 +1188,12 @@ def test_a_manifest_none_of_whose_files_is_found_exits_2_and_runs_once_fixed(ray
     (manifest.parent / "faces" / "face0.jpg").write_bytes(JPEG)
     assert cli.main(argv) == 0
     assert "1 scored, 1 set aside (1 unreadable)" in capsys.readouterr().out and out.exists()
+    # a file:// URI, as Spark writes a local path: read as the path (%20 a space)
+    (manifest.parent / "faces" / "face 1.jpg").write_bytes(JPEG)
+    uri = (manifest.parent / "faces" / "face 1.jpg").as_uri()
+    storage.write_parquet(str(manifest), pa.table({"path": ["faces/face0.jpg", uri]}))
+    assert cli.main([*argv, "--force"]) == 0
+    assert "%20" in uri and "2 scored, 0 set aside" in capsys.readouterr().out
 
 
 def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, model_dir, tmp_path, capsys):

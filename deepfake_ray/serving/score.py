@@ -16,7 +16,10 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -92,12 +95,22 @@ def list_inputs(src: str, out: str | None = None) -> list[str]:
     return paths
 
 
+URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def located(path: str, manifest: str | None) -> str:
     """Where a path from --input is read: a manifest's relative paths are relative to the
     folder holding the manifest, wherever score runs (Ray's workers run in folders of their own)."""
     if not path:
         return path
-    if manifest is None or storage.is_s3(path) or os.path.isabs(os.path.expanduser(path)):
+    if scheme := URI_SCHEME.match(path):  # as Spark's input_file_name() writes them, too
+        name = scheme.group(1).lower()
+        if name in ("s3", "s3a", "s3n"):
+            return storage.normalize("s3://" + path[scheme.end():])
+        if name == "file":
+            return storage.normalize(urllib.request.url2pathname(urllib.parse.urlsplit(path).path))
+        return path  # read_all says what it reads
+    if manifest is None or os.path.isabs(os.path.expanduser(path)):
         return storage.normalize(path)
     if storage.is_s3(manifest):  # ../ and ./ resolved here: S3 would take them as part of the key
         bucket, _, key = storage.normalize(manifest).removeprefix("s3://").partition("/")
@@ -128,6 +141,9 @@ def read_all(raws: list[bytes], max_bytes: int) -> list[bytes | Exception | None
     def read(raw: bytes):
         if not raw:
             return None
+        if (scheme := URI_SCHEME.match(os.fsdecode(raw))) and scheme.group(1) != "s3":
+            return ValueError(f"{scheme.group(0)} is not a store score reads: give local paths, "
+                              "file:// or s3:// URIs")
         try:
             return storage.read_bytes(os.fsdecode(raw), max_bytes)
         except (OSError, ValueError) as e:  # FileTooLarge too; a NUL in the name
