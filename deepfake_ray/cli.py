@@ -42,10 +42,10 @@ class Command:
     batch_recorded: bool = False  # a setting it records: an unfinished training resumes only with it
 
 
-FORCE_HELP = ("start the stage over: an unfinished run's checkpoints are deleted, and its outputs replaced "
-              "(prepare, train-detector and tune keep the complete ones until the new are ready); without "
-              "it a complete stage is skipped and an unfinished one resumes; the stages made from it are "
-              "redone when next run")
+FORCE_HELP = ("start the training over: an unfinished run's checkpoints are deleted, and its outputs replaced "
+              "(train-detector and tune keep the complete model until the new one is ready); without it a "
+              "complete stage is skipped and an unfinished one resumes from its last checkpoint; the stages "
+              "made from it are redone when next run")
 COMMANDS = {
     "pipeline": Command(
         "deepfake_ray.pipeline", "prepare, train-gan, generate, train-detector (or tune, with tune.enabled), "
@@ -53,22 +53,30 @@ COMMANDS = {
         set_example="gan.epochs=20",
         force_help="redo EVERY stage, from prepare on (to redo one, run its own command with --force)"),
     "prepare": Command("deepfake_ray.data.prepare", "ingest a face dataset into WORKDIR/data",
-                       {"--source": "data.source"}, set_example="data.resolution=128"),
-    "train-gan": Command("deepfake_ray.gan.train", "train the DCGAN with Ray Train", set_example="gan.epochs=20",
-                         batch="gan.batch_size", batch_recorded=True),
-    "generate": Command("deepfake_ray.gan.generate", "generate fakes with the trained DCGAN",
+                       {"--source": "data.source"}, set_example="data.resolution=128",
+                       force_help="prepare it again: the complete WORKDIR/data is kept until the new is ready "
+                                  "(without it, it is skipped while the source's files are unchanged); the "
+                                  "stages made from it are redone when next run"),
+    "train-gan": Command("deepfake_ray.gan.train", "train the DCGAN with Ray Train into WORKDIR/gan",
+                         set_example="gan.epochs=20", batch="gan.batch_size", batch_recorded=True),
+    "generate": Command("deepfake_ray.gan.generate", "generate fakes with the trained DCGAN into WORKDIR/fakes",
                         {"--num": "gan.num_fakes"}, set_example="gan.generate_batch_size=128",
+                        force_help="make the fakes again, replacing WORKDIR/fakes (without it complete fakes "
+                                   "are skipped); the stages made from them are redone when next run",
                         batch="gan.generate_batch_size"),
-    "train-detector": Command("deepfake_ray.detector.train", "fine-tune the detector with Ray Train",
-                              set_example="detector.lr=3e-4", batch="detector.batch_size", batch_recorded=True),
+    "train-detector": Command("deepfake_ray.detector.train", "fine-tune the detector with Ray Train, exported "
+                              "to WORKDIR/detector/model", set_example="detector.lr=3e-4",
+                              batch="detector.batch_size", batch_recorded=True),
     # tune refuses detector.lr: it sweeps it
-    "tune": Command("deepfake_ray.detector.tune", "sweep the detector learning rate with Ray Tune",
-                    {"--samples": "tune.samples"}, set_example="tune.epochs=3", batch="detector.batch_size",
-                    batch_recorded=True),
+    "tune": Command("deepfake_ray.detector.tune", "sweep the detector learning rate with Ray Tune into "
+                    "WORKDIR/tune, and export the best trial's model to WORKDIR/detector/model (replacing "
+                    "train-detector's)", {"--samples": "tune.samples"}, set_example="tune.epochs=3",
+                    batch="detector.batch_size", batch_recorded=True),
     "evaluate": Command("deepfake_ray.detector.evaluate", "measure the detector on the held-out test split, "
                         "clean and degraded, with a threshold per false-positive budget, into WORKDIR/eval",
                         set_example="serve.score_batch_size=64",
-                        batch="serve.score_batch_size"),
+                        force_help="measure again, replacing WORKDIR/eval (without it a complete one is "
+                                   "skipped)", batch="serve.score_batch_size"),
     "score": Command(
         "deepfake_ray.serving.score", "score a folder, bucket or manifest into a table",
         {"--model": None, "--input": None, "--out": None}, required=("--model", "--input", "--out"),
@@ -94,7 +102,7 @@ FLAG_HELP = {
                 "(default: the preset's)",
     "--num": "how many fakes, 0 for as many as the reals; sets gan.num_fakes (default: the preset's)",
     "--samples": "how many learning rates to try; sets tune.samples (default: the preset's)",
-    "--model": "an exported model folder, e.g. runs/demo/detector/model (local or s3://)",
+    "--model": "an exported model folder, local or s3://, e.g. runs/demo/detector/model",
     "--input": "folder, s3://bucket/prefix, or a .parquet manifest with a 'path' column, of images to score",
     "--out": "the table to write, .parquet or .csv (local or s3://): a row per file with path, p_fake, "
              "label, error, threshold, model",
@@ -115,6 +123,15 @@ EPILOG = """examples:
 exit codes: 0 done; 2 bad usage or input, a full disk, an unreachable store or workers
 out of memory (one line says what and how to fix it); 1 anything else; 130 Ctrl-C; 143
 SIGTERM, 129 SIGHUP, 138 SIGUSR1 (a rerun resumes); 141 the reader of the output has gone.
+
+environment:
+  RAY_ADDRESS            the cluster to use, as --address
+  DEEPFAKE_RAY_PROGRESS  1 or 0: progress bars on or off (default: on a terminal only)
+  NO_COLOR               no colour codes in Ray's worker prefixes
+  AWS_*                  the S3 store: AWS_ENDPOINT_URL, AWS_REGION, AWS_CA_BUNDLE,
+                         AWS_PROFILE or the keys, as boto3 reads them
+  KAGGLE_*               a kaggle: source's credentials: KAGGLE_API_TOKEN, or
+                         KAGGLE_USERNAME and KAGGLE_KEY; KAGGLE_CONFIG_DIR
 
 'deepfake-ray COMMAND --help' for a command's options; README.md is the guide;
 docs/configuration.md lists every config key."""
@@ -142,15 +159,40 @@ class OneLineParser(argparse.ArgumentParser):
         elif (typed := re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)) and (
                 close := difflib.get_close_matches(typed[1], COMMANDS, n=1, cutoff=0.6)):
             message = message.replace(" (choose from", f" (did you mean {close[0]}?) (choose from", 1)
+        elif message == "the following arguments are required: COMMAND":
+            # `deepfake-ray --vers`: no abbreviations here either, and the fix is the flag
+            if near := near_flag(self.options_first, self):
+                message = f"unrecognized arguments: {self.options_first} (did you mean {near}?)"
+            else:
+                message += f" (choose from {', '.join(map(repr, COMMANDS))})"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    options_first = False  # set by main: the command line put an option before the command
+    options_first = ""  # set by main: the option the command line put before the command, if any
+
+
+def near_flag(typed: str, *parsers: argparse.ArgumentParser) -> str | None:
+    """The flag of `parsers` nearest a mistyped or abbreviated one (`--forc`, `--wor=w`), if any."""
+    typed = typed.partition("=")[0]
+    flags = sorted({flag for p in parsers for action in p._actions for flag in action.option_strings})
+    return next(iter(difflib.get_close_matches(typed, flags, n=1)), None) if typed.startswith("--") else None
+
+
+def unrecognized(argv: list[str], unknown: list[str], *parsers: argparse.ArgumentParser) -> str:
+    """argparse's "unrecognized arguments" error, with its likely fix: `--set KEY VALUE`
+    typed with a space (argparse took VALUE for an argument of its own), or the flag of
+    `parsers` nearest a mistyped one. jobs/_entry.py's scripts say theirs so too."""
+    for flag, key, value in zip(argv, argv[1:], argv[2:]):
+        if flag == "--set" and "=" not in key and value == unknown[0]:
+            return f"--set {key} {value}: join them with '=': --set {key}={value}"
+    near = near_flag(unknown[0], *parsers)
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {near}?)" if near else "")
 
 
 def parser() -> argparse.ArgumentParser:
     from deepfake_ray.config import preset_names
 
-    p = OneLineParser(prog="deepfake-ray", description=DESCRIPTION, epilog=EPILOG,
+    # no abbreviations (`--vers`), as on each command's: see below
+    p = OneLineParser(prog="deepfake-ray", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action=PrintVersion,
                    help="print the version, and those of the libraries it runs on and Python; exit")
@@ -688,19 +730,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else [os.fsdecode(os.fspath(a)) if isinstance(a, os.PathLike) else a
                                               for a in argv]
     p = parser()
-    p.options_first = bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
+    first = argv[0] if argv else ""
+    p.options_first = first if first.startswith("-") and first not in ("-h", "--help", "--version") else ""
     args, unknown = p.parse_known_args(argv)
     if unknown:
         command = p.commands[args.command]
+        said = f"unrecognized arguments: {' '.join(unknown)}"
         # `deepfake-ray --force prepare`: its --help lists --force, so say where it goes
         flags = {flag for action in command._actions for flag in action.option_strings}
-        misplaced = p.options_first and all(u.partition("=")[0] in flags for u in unknown if u.startswith("-"))
-        where = "; options go after the command" if misplaced else ""
-        typed = unknown[0].partition("=")[0]
-        if not where and typed.startswith("--") and (near := difflib.get_close_matches(typed, sorted(flags), n=1)):
-            where = f" (did you mean {near[0]}?)"
-        command.error(f"unrecognized arguments: {' '.join(unknown)}{where}")
+        if p.options_first and all(u.partition("=")[0] in flags for u in unknown if u.startswith("-")):
+            command.error(f"{said}; options go after the command")
+        if "--version" in unknown:  # `deepfake-ray prepare --version`
+            command.error(f"{said}; --version goes before the command: deepfake-ray --version")
+        # one put before the command may be a near miss of the top level's (`--vers prepare`)
+        command.error(unrecognized(argv, unknown, command, *([p] if p.options_first else [])))
     return args
+
+
+def note_unused(args: argparse.Namespace) -> None:
+    """Says a flag that the command accepts, as scripts pass it to every command, but does
+    not read: given, it changes nothing, which the user may not expect."""
+    command = COMMANDS[args.command]
+    for flag, unused, why in (("--workdir", not command.workdir, "it has no work directory"),
+                              ("--address", not command.ray, "it reads files only and starts no Ray")):
+        if unused and getattr(args, flag[2:]) is not None:
+            print(f"deepfake-ray {args.command}: note: {flag} is not used by {args.command}: {why}",
+                  file=sys.stderr, flush=True)
 
 
 def shown(text: str) -> str:
@@ -753,6 +808,7 @@ def main(argv: list[str] | None = None, exits: bool | None = None) -> int:
         if exits:
             raise
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    note_unused(args)
     started, changes = time.monotonic(), stage_changes()
     try:
         return execute(args)

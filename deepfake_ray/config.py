@@ -272,6 +272,8 @@ NumbersAsTyped.add_constructor("tag:yaml.org,2002:map", keys_once)
 def parse_override(text: str) -> dict:
     """`a.b=value` -> {"a": {"b": Typed(value)}}."""
     key, sep, raw = text.partition("=")
+    if not sep and key.strip():  # `--set workdir`: a top-level key needs no section
+        raise UsageError(f"--set '{text}' must look like KEY=VALUE, e.g. --set {key.strip()}=VALUE")
     if not sep or not all(part.strip() for part in key.split(".")):  # `.lr=1`, `detector..lr=1` too
         raise UsageError(f"--set '{text}' must look like section.key=value, e.g. detector.lr=3e-4")
     return nested(key.strip(), Typed(raw))
@@ -289,14 +291,20 @@ def build(preset: str = "demo", config_file: str | None = None, overrides: list[
     """Layers: dataclass defaults < preset < config file < --set < explicit keyword values."""
     cfg = Config()
     layers = [load_preset(preset)]
+    from_file = None
     if config_file is not None:  # `--config ""` (an unset variable) is no file, not none given
         if not config_file.strip():
             raise UsageError("--config names no file: pass a YAML file, or leave --config out")
-        layers.append(load_file(config_file))
+        layers.append(from_file := load_file(config_file))
     layers += [parse_override(o) for o in overrides]
     layers.append({k: v for k, v in top.items() if v is not None})
     for layer in layers:
-        cfg = merge(cfg, layer)
+        try:
+            cfg = merge(cfg, layer)
+        except UsageError as e:  # an unknown key or a wrong type reads as a --set's would: say where
+            if layer is not from_file:
+                raise
+            raise UsageError(f"in --config {config_file}: {e}") from None
     check_limits(cfg)
     return cfg
 

@@ -38,11 +38,13 @@ def parser(command: str, script: str, description: str | None = None) -> argpars
         p.description, p.formatter_class = description, argparse.RawDescriptionHelpFormatter
     for action in p._actions:
         if action.dest == "workdir" and action.help != argparse.SUPPRESS:  # runs/<preset>: in the code's copy
-            action.help = ("s3://bucket/prefix, or a folder every node shares; a job submitted with "
-                           "--working-dir needs one (runs/<preset> would lie in its copy of the code)")
+            action.help = ("s3://bucket/prefix, or a folder every node shares (default: the --config file's "
+                           "workdir, else runs/<preset>, which a job submitted with --working-dir refuses: it "
+                           "would lie in its copy of the code)")
     if command in cli.WRITERS:  # score writes --out, not a work directory
         p.add_argument("--run-name", help="name of this run: outputs and checkpoints go to "
-                       "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it")
+                       "WORKDIR/RUN_NAME, and resubmitting with the same name resumes it (default: none, "
+                       "WORKDIR itself)")
     return p
 
 
@@ -85,7 +87,10 @@ def run_workdir(command: str, args: argparse.Namespace) -> str | None:
 
 def main(command: str, script: str, argv: list[str] | None = None, description: str | None = None) -> int:
     p = parser(command, script, description)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)  # bad flags exit 2 here
+    given = sys.argv[1:] if argv is None else argv
+    args, unknown = p.parse_known_args(given)  # bad flags exit 2 here
+    if unknown:  # with the fix, as deepfake-ray says it (`--forc`: did you mean --force?)
+        p.error(cli.unrecognized(given, unknown, p))
     try:
         workdir = run_workdir(command, args)
     except Exception as e:  # noqa: BLE001 - bad input is one line, as deepfake-ray says it

@@ -72,7 +72,8 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path):
     ("detector.jpeg_aug_quality=5", "expects a list of 2 values, e.g. detector.jpeg_aug_quality=[30,100]"),
     ("gan=5", "'gan' is a section"),
     ("tune.lr_max=1000", "tune.lr_max=1000.0 is out of range: use 0.0..1.0 (Adam's learning rate"),
-    ("novalue", "must look like section.key=value"),
+    ("novalue", "--set 'novalue' must look like KEY=VALUE, e.g. --set novalue=VALUE"),
+    ("workdir", "--set 'workdir' must look like KEY=VALUE, e.g. --set workdir=VALUE"),  # no section to name
     (".resolution=1", "must look like section.key=value"),  # was: unknown config key ''
     ("data..resolution=1", "must look like section.key=value"),
     ("resources.data_cpus=0", "resources.data_cpus=0.0 is out of range: use a value above 0"),
@@ -210,6 +211,24 @@ def test_a_bad_config_file_exits_2_with_one_line(text, needle, capsys, tmp_path)
     err = error_lines(capsys)
     assert len(err) == 1 and needle in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_config_files_mistake_names_the_file_where_a_sets_does_not(capsys, tmp_path):
+    """An unknown key or a wrong type read the same from --config as from --set: the user
+    looked for it on the command line."""
+    path = tmp_path / "run.yaml"
+    path.write_text("gan: {epochz: 3, epochs: three}\n")
+    argv = ["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w")]
+    assert cli.main(argv + ["--config", str(path)]) == 2
+    assert error_lines(capsys)[0].startswith(f"deepfake-ray prepare: error: in --config {path}: unknown config "
+                                             "key 'gan.epochz' (did you mean gan.epochs?)")
+    path.write_text("gan: {epochs: three}\n")
+    assert cli.main(argv + ["--config", str(path)]) == 2
+    assert error_lines(capsys)[0].startswith(f"deepfake-ray prepare: error: in --config {path}: config key "
+                                             "'gan.epochs' expects a whole number (int)")
+    assert cli.main(argv + ["--config", str(path), "--set", "gan.lr=fast"]) == 2  # the file's first
+    assert cli.main(argv + ["--set", "gan.epochz=3"]) == 2
+    assert error_lines(capsys)[-1].startswith("deepfake-ray prepare: error: unknown config key 'gan.epochz'")
 
 
 def test_a_config_files_unexpanded_workdir_is_refused_unless_workdir_is_given(tmp_path):
@@ -443,7 +462,20 @@ def test_help_names_the_sources_and_presets(capsys):
     (["prepare", "--wor", "w"], "deepfake-ray prepare: error: unrecognized arguments: --wor w (did you mean "
                                 "--workdir?) (see deepfake-ray prepare --help)"),
     (["prepare", "--sourse=x"], "unrecognized arguments: --sourse=x (did you mean --source?) (see deepfake-ray "
-                                "prepare --help)")])
+                                "prepare --help)"),
+    # no abbreviation before the command either (argparse printed the version, or the help)
+    (["--vers"], "deepfake-ray: error: unrecognized arguments: --vers (did you mean --version?) (see "
+                 "deepfake-ray --help)"),
+    (["--he"], "deepfake-ray: error: unrecognized arguments: --he (did you mean --help?) (see deepfake-ray --help)"),
+    (["--vers", "prepare"], "deepfake-ray prepare: error: unrecognized arguments: --vers (did you mean --version?) "
+                            "(see deepfake-ray prepare --help)"),
+    # was "unrecognized arguments: 20"
+    (["prepare", "--set", "gan.epochs", "20"], "deepfake-ray prepare: error: --set gan.epochs 20: join them with "
+                                               "'=': --set gan.epochs=20 (see deepfake-ray prepare --help)"),
+    (["prepare", "--version"], "deepfake-ray prepare: error: unrecognized arguments: --version; --version goes "
+                               "before the command: deepfake-ray --version (see deepfake-ray prepare --help)"),
+    ([], "deepfake-ray: error: the following arguments are required: COMMAND (choose from "
+         f"{', '.join(map(repr, cli.COMMANDS))}) (see deepfake-ray --help)")])
 def test_a_mistyped_command_line_is_one_line_naming_the_command(argv, line, capsys):
     """The console script exits 2; cli.main in a notebook returns 2 (its SystemExit was
     raised into the caller: a script calling it ended there)."""
@@ -461,6 +493,71 @@ def test_a_mistyped_command_names_the_nearest(typed, guess, capsys):
     err = error_lines(capsys)
     assert err == [f"deepfake-ray: error: argument COMMAND: invalid choice: '{typed}'{guess} "
                                              f"(choose from {', '.join(map(repr, cli.COMMANDS))}) (see deepfake-ray --help)"]
+
+
+def test_a_jobs_mistyped_flag_names_the_nearest_as_deepfake_ray_does(monkeypatch, capsys):
+    """`python jobs/pipeline.py --forc`: argparse's bare "unrecognized arguments"; and its
+    --run-name and --workdir say what they default to."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "jobs"))
+    import _entry
+
+    for argv, line in ((["--forc"], "unrecognized arguments: --forc (did you mean --force?)"),
+                       (["--set", "gan.epochs", "3"], "--set gan.epochs 3: join them with '=': --set gan.epochs=3")):
+        with pytest.raises(SystemExit) as ended:
+            _entry.main("pipeline", "pipeline.py", argv)
+        assert ended.value.code == 2 and error_lines(capsys) == [
+            f"python jobs/pipeline.py: error: {line} (see python jobs/pipeline.py --help)"]
+    helps = {a.dest: a.help for a in _entry.parser("pipeline", "pipeline.py")._actions}
+    assert "(default: none, WORKDIR itself)" in helps["run_name"]
+    assert "(default: the --config file's workdir, else runs/<preset>" in helps["workdir"]
+
+
+def test_a_flag_the_command_does_not_read_is_said_to_be_unused(monkeypatch, capsys):
+    """Scripts pass --workdir and --address to every command: accepted, but one that
+    changes nothing is said (a user may think score writes into the work directory)."""
+    monkeypatch.setattr(cli, "execute", lambda args: 0)  # no stage: the line comes before it
+    score = ["score", "--model", "m", "--input", "i", "--out", "o.csv"]
+    assert cli.main([*score, "--workdir", "w"]) == 0
+    assert error_lines(capsys) == ["deepfake-ray score: note: --workdir is not used by score: it has no work "
+                                   "directory"]
+    assert cli.main(["report", "--address", "auto"]) == 0
+    assert error_lines(capsys) == ["deepfake-ray report: note: --address is not used by report: it reads files "
+                                   "only and starts no Ray"]
+    assert cli.main(["train-gan", "--workdir", "w", "--address", "auto"]) == 0
+    assert cli.main([*score, "--address", "auto"]) == 0
+    assert error_lines(capsys) == []  # read: nothing to say
+
+
+def test_help_says_what_each_command_writes_and_what_its_force_redoes():
+    """Descriptions named no output; --force's generic help spoke of checkpoints to
+    prepare, generate and evaluate, which keep none."""
+    import re
+
+    p = cli.parser()
+
+    def said(command: str, dest: str = "help") -> str:
+        c = p.commands[command]
+        text = c.description if dest == "help" else next(a.help for a in c._actions if a.dest == dest)
+        return " ".join(text.split())
+
+    for command, writes in (("train-gan", "WORKDIR/gan"), ("generate", "WORKDIR/fakes"),
+                            ("train-detector", "WORKDIR/detector/model"),
+                            ("tune", "WORKDIR/detector/model (replacing train-detector's)")):
+        assert writes in said(command), command
+    for command in ("prepare", "generate", "evaluate"):
+        assert "checkpoint" not in said(command, "force"), command
+    for command in ("train-gan", "train-detector", "tune"):
+        assert "checkpoint" in said(command, "force"), command
+    helps = [a.help or "" for c in p.commands.values() for a in c._actions]
+    assert not [h for h in helps if h.endswith(") (required)")]  # was "(local or s3://) (required)"
+    # the environment the epilog lists: each name one the code reads
+    environment = cli.EPILOG.split("environment:\n", 1)[1]
+    names = set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", environment))
+    assert {"RAY_ADDRESS", "DEEPFAKE_RAY_PROGRESS", "NO_COLOR", "AWS_ENDPOINT_URL", "KAGGLE_API_TOKEN"} <= names
+    package = os.path.dirname(cli.__file__)
+    code = "".join(open(os.path.join(folder, f), encoding="utf-8").read()
+                   for folder, _, files in os.walk(package) for f in files if f.endswith(".py"))
+    assert [n for n in names if f'"{n}"' not in code] == []
 
 
 def test_a_notebook_may_pass_paths_as_pathlib_paths_and_is_told_that_argv_is_a_list(tmp_path, capsys):
