@@ -684,6 +684,15 @@ def test_version_names_the_package_and_what_it_runs_on(capsys):
         assert part in line
 
 
+def test_python_dash_m_deepfake_ray_is_the_command_line():
+    """Where the console script is not on PATH (a --user install, a notebook's kernel)."""
+    run = subprocess.run([sys.executable, "-m", "deepfake_ray", "prepare", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "deepfake-ray prepare: error: unrecognized arguments: --version; --version goes before the command: "
+        "deepfake-ray --version (see deepfake-ray prepare --help)"]
+
+
 def test_a_notebooks_command_keeps_its_environment_and_a_scripts_log_has_no_colour_codes(monkeypatch, capsys):
     """Every cli.main set RAY_COLOR_PREFIX=0 for the rest of the process: a notebook (whose
     output is no terminal, and shows colours) lost Ray's coloured prefixes for good. A
