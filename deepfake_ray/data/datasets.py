@@ -101,13 +101,14 @@ def images_uri(stage_uri: str) -> str:
     return storage.join(stage_uri, "images")
 
 
-def require_manifest(stage_uri: str, made_by: str) -> pyarrow.Table:
-    """The manifest of a complete stage, or UsageError saying which command makes it."""
+def require_manifest(stage_uri: str, made_by: str, columns: list[str] | None = None) -> pyarrow.Table:
+    """The manifest of a complete stage (`columns` of it), or UsageError saying which
+    command makes it."""
     uri = manifest_uri(stage_uri)
     if not storage.completed(stage_uri) or not storage.exists(uri):
         raise UsageError(f"{uri} is missing or incomplete: run `deepfake-ray {made_by}` "
                          "with this --workdir first")
-    table = storage.read_parquet(uri)
+    table = storage.read_parquet(uri, columns)
     if table.num_rows == 0:
         raise UsageError(f"{uri} lists no images: `deepfake-ray {made_by}` found nothing usable; "
                          "check its source and rejected.parquet")

@@ -15,6 +15,7 @@ import hashlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import ray.data
@@ -47,8 +48,9 @@ def select(cfg: Config, splits=datasets.SPLITS, trained: bool = True) -> Selecti
     """Balanced hashes for `splits`, or UsageError (missing stages, leakage, too few images).
     `trained`: Ray Train splits them over resources.workers (evaluate only scores them)."""
     real_dir, fake_dir = datasets.data_dir(cfg.workdir), datasets.fakes_dir(cfg.workdir)
-    reals = datasets.require_manifest(real_dir, "prepare").to_pandas()
-    fakes = datasets.require_manifest(fake_dir, "generate").to_pandas()
+    # the two columns used: at 10M rows the whole manifests were ~10 GB on the driver
+    reals = datasets.require_manifest(real_dir, "prepare", ["sha1", "split"]).to_pandas()
+    fakes = datasets.require_manifest(fake_dir, "generate", ["sha1", "split"]).to_pandas()
     check_leakage(reals, fakes)
     resolution = check_encoding(real_dir, fake_dir, cfg.data.resolution)
     hashes = {}
@@ -71,8 +73,9 @@ def select(cfg: Config, splits=datasets.SPLITS, trained: bool = True) -> Selecti
             warn(f"warning: detector.batch_size={cfg.detector.batch_size} is more than the {share:,} training "
                  f"images each of resources.workers={cfg.resources.workers} gets: an epoch is one step")
         rng = np.random.default_rng(cfg.seed)  # a seeded, class-independent subsample
-        hashes[split] = {REAL: sorted(rng.permutation(real)[:n].tolist()),
-                         FAKE: sorted(rng.permutation(fake)[:n].tolist())}
+        # (indices permuted: the same draw as permuting the hashes, without a copy of them)
+        hashes[split] = {label: sorted(chosen[i] for i in rng.permutation(len(chosen))[:n])
+                         for label, chosen in ((REAL, real), (FAKE, fake))}
     fingerprints = {"real_manifest_sha1": file_sha1(datasets.manifest_uri(real_dir)),
                     "fake_manifest_sha1": file_sha1(datasets.manifest_uri(fake_dir))}
     stored = (storage.completed(real_dir) or {}).get("settings", {}).get("data.jpeg_quality")
@@ -149,13 +152,38 @@ def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) ->
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     fs, real = storage.resolve(datasets.images_uri(datasets.data_dir(cfg.workdir)))
     _, fake = storage.resolve(datasets.images_uri(datasets.fakes_dir(cfg.workdir)))
-    # the manifests' splits (the selection's), which the parts do not hold
-    wanted = {h: (split, label) for split in splits for label, hashes in selection.hashes[split].items()
-              for h in hashes}
     ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "image"])
-    return runtime.map_on_tasks(ds, decode_labelled, fn_kwargs={"wanted": wanted},
+    return runtime.map_on_tasks(ds, decode_labelled, fn_kwargs={"wanted": Wanted.of(selection, splits)},
                                 batch_format="numpy", batch_size=cfg.data.decode_batch_size,
                                 num_cpus=cfg.resources.data_cpus)
+
+
+class Wanted(NamedTuple):
+    """The selected hashes, sorted, with each one's split and label (the manifests' splits,
+    which the parts do not hold). Arrays, not a dict: every read task unpickles its
+    arguments, and a dict of 1.8M hashes (1M reals) was ~350 MB and ~1.5 s in each; arrays
+    arrive as they are, from the object store."""
+    sha1: np.ndarray  # bytes, sorted
+    split: np.ndarray  # index into splits
+    label: np.ndarray
+    splits: tuple[str, ...]
+
+    @classmethod
+    def of(cls, selection: Selection, splits: tuple[str, ...]) -> Wanted:
+        groups = [(np.array(hashes, dtype="S"), i, label) for i, split in enumerate(splits)
+                  for label, hashes in selection.hashes[split].items()]
+        sha1 = np.concatenate([hashes for hashes, _, _ in groups])
+        split, label = (np.concatenate([np.full(len(hashes), group[k], np.int8) for hashes, *group in groups])
+                        for k in (0, 1))
+        order = np.argsort(sha1)
+        return cls(sha1[order], split[order], label[order], splits)
+
+    def find(self, sha1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The positions in `sha1` (text) of selected hashes, and theirs in this table."""
+        keys = np.asarray(sha1).astype(self.sha1.dtype)
+        at = np.searchsorted(self.sha1, keys).clip(max=len(self.sha1) - 1)
+        rows = np.flatnonzero(self.sha1[at] == keys)
+        return rows, at[rows]
 
 
 def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Dataset]:
@@ -188,16 +216,15 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     return {"train": train, "val": views["val"]}
 
 
-def decode_labelled(batch: dict, wanted: dict[str, tuple[str, int]]) -> Iterator[dict]:
-    """The batch's selected rows (`wanted`: sha1 -> split, label), decoded; nothing for a
-    batch with none, because Ray Data cannot type an empty image column and falls back to
-    pickling it, with a warning."""
-    keep = [i for i, h in enumerate(batch["sha1"]) if h in wanted]
-    if not keep:
+def decode_labelled(batch: dict, wanted: Wanted) -> Iterator[dict]:
+    """The batch's selected rows, decoded; nothing for a batch with none, because Ray Data
+    cannot type an empty image column and falls back to pickling it, with a warning."""
+    keep, at = wanted.find(batch["sha1"])
+    if not len(keep):
         return
-    sha1 = np.asarray([batch["sha1"][i] for i in keep], dtype=object)
-    yield {"sha1": sha1, "split": np.asarray([wanted[h][0] for h in sha1], dtype=object),
-           "label": np.asarray([wanted[h][1] for h in sha1], dtype=np.int64),
+    yield {"sha1": np.asarray(batch["sha1"], dtype=object)[keep],
+           "split": np.asarray(wanted.splits, dtype=object)[wanted.split[at]],
+           "label": wanted.label[at].astype(np.int64),
            "pixels": np.stack([decode_jpeg(batch["image"][i]) for i in keep])}
 
 
