@@ -343,9 +343,9 @@ def settings_recorded(cfg):
     any stage began to change (unmarked or completed), refused (exit 2), stopped (Ctrl-C,
     `ray job stop`) or failed, puts back the config.yaml it replaced: reports and rerun
     hints go on naming the settings the outputs came from."""
-    from deepfake_ray import config, storage
+    from deepfake_ray import storage
 
-    uri, ours = storage.join(cfg.workdir, "config.yaml"), config.to_yaml(as_recorded(cfg))
+    uri, ours = recorded(cfg)
     try:
         previous = storage.read_text(uri) if storage.exists(uri) else None
         storage.write_text(uri, ours)
@@ -360,6 +360,24 @@ def settings_recorded(cfg):
             with contextlib.suppress(OSError):
                 put_back(uri, ours, previous)
         raise
+
+
+def recorded(cfg) -> tuple[str, str]:
+    """Where this run's settings are recorded, and the text recorded."""
+    from deepfake_ray import config, storage
+
+    return storage.join(cfg.workdir, "config.yaml"), config.to_yaml(as_recorded(cfg))
+
+
+def record_again(cfg) -> None:
+    """config.yaml once more, now that this run holds the lock: written before (on S3, when
+    no lock was seen), it may since have been replaced by a run that started at the same
+    moment, wrote its own, was refused at the lock, and put back the one before."""
+    from deepfake_ray import storage
+
+    uri, ours = recorded(cfg)
+    if not storage.exists(uri) or storage.read_text(uri) != ours:
+        storage.write_text(uri, ours)
 
 
 def as_recorded(cfg):
@@ -659,6 +677,8 @@ def execute(args: argparse.Namespace) -> int:
             runtime.check_shared(cfg.workdir, source_to_read(args, cfg))
         if command.writes and not lock_now:
             take_lock(held, cfg, args.command)  # once Ray is up: a dead driver's is freed at once
+            if writes_config and free:
+                record_again(cfg)
         if writes_config and not free:
             held.enter_context(settings_recorded(cfg))
         module.run(cfg, **options(args))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from deepfake_ray import cli, s3, storage
+from deepfake_ray import cli, config, s3, storage
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
 
@@ -702,6 +702,25 @@ def test_one_command_at_a_time_writes_a_work_directory(tmp_path, capsys):
         err = error_lines(capsys)
         assert len(err) == 1 and f"{workdir}/none" in err[0] and "another pipeline" not in err[0], err
     assert storage.read_text(storage.join(workdir, "config.yaml")) == "the running pipeline's\n"
+
+
+def test_a_run_refused_at_the_s3_lock_leaves_the_winners_config_yaml(ray_session, s3_server, monkeypatch):
+    """Two runs starting together on an S3 work directory both see no lock, and each writes
+    its config.yaml before Ray starts; the one refused at the lock put back the config.yaml
+    it had found, over the winner's: its report and rerun hints named another run's settings."""
+    workdir = f"{s3_server('config-race')}/r1"
+    uri = f"{workdir}/config.yaml"
+    storage.write_text(uri, "the previous run's\n")
+    take_lock = cli.take_lock
+
+    def another_run_starts_too(held, cfg, command):
+        storage.write_text(uri, "the other run's\n")  # after ours, having read the previous run's
+        take_lock(held, cfg, command)  # this run wins the lock
+        cli.put_back(uri, "the other run's\n", "the previous run's\n")  # the other, refused
+
+    monkeypatch.setattr(cli, "take_lock", another_run_starts_too)
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", workdir]) == 0
+    assert storage.read_text(uri) == cli.recorded(config.build("tiny", workdir=workdir))[1]
 
 
 def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(ray_session, s3_server):
