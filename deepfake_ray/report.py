@@ -454,12 +454,28 @@ def sweeps(cfg: Config, saved: str | None) -> bool:
         return cfg.tune.enabled
 
 
+def read_section(cfg: Config, build, folder: str | None, read: dict) -> tuple[list, bool]:
+    """A section's blocks, read between two equal reads of its stage's marker, and whether
+    they were: a stage writes its marker after its files, so one finishing meanwhile left
+    the last run's files (metrics of the model before) shown under its new marker. Read
+    again, up to 3 times."""
+    if folder is None:
+        return build(cfg.workdir), True
+    uri = storage.join(cfg.workdir, folder)
+    for _ in range(3):
+        read[folder] = before = storage.completed(uri)  # the marker the rest of the report uses
+        blocks = build(cfg.workdir)
+        if storage.completed(uri) == before:
+            return blocks, True
+    return blocks, False
+
+
 def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
     out, read = [], {}
     for anchor, title, build, command, folder in SECTIONS:
         redo = lineage.command_line(cfg.workdir, maker(cfg, folder, read, saved) if folder else command,
                                     saved is not None)
-        blocks = build(cfg.workdir)
+        blocks, settled = read_section(cfg, build, folder, read)
         if not blocks and folder == "tune" and not sweeps(cfg, saved):
             # not missing: a sweep run by hand would replace the detector this run serves
             blocks = [Text("Not part of this run: with tune.enabled false the detector trains at "
@@ -467,6 +483,9 @@ def collect(cfg: Config, saved: str | None) -> list[tuple[str, str, list]]:
                            "--set tune.enabled=true.")]
         elif not blocks:
             blocks = [Missing(redo)]
+        elif not settled:
+            blocks = [Stale(lineage.command_line(cfg.workdir, "report", saved is not None),
+                            f"{folder}/ changed while this report read it (its stage is running)"), *blocks]
         elif folder and (stale := out_of_date(cfg, folder, read)):
             why, first = stale  # first: a stage it was made from, when that is out of date too
             redo = lineage.command_line(cfg.workdir, maker(cfg, first, read, saved), saved is not None)

@@ -301,6 +301,27 @@ def test_sections_whose_stage_was_redone_since_say_they_are_out_of_date(tmp_path
     assert f"*Out of date: detector/ changed since eval/ was made. What follows may not describe the current model; run `deepfake-ray evaluate --config {w}/config.yaml --workdir {w}`.*" in md
 
 
+def test_a_stage_finishing_while_the_report_reads_it_is_read_again(tmp_path, monkeypatch):
+    """evaluate writing its metrics and then its marker between the report's read of the
+    one and of the other: the last model's metrics were shown under the new marker, as current."""
+    w = str(tmp_path / "work")
+    write_workdir(w)
+    metrics_uri, read_bytes = storage.join(w, "eval", "metrics.json"), storage.read_bytes
+    new = {**storage.read_json(metrics_uri), "accuracy": 0.75}
+
+    def evaluate_finishes_meanwhile(uri, *args, **kwargs):
+        data = read_bytes(uri, *args, **kwargs)
+        if uri == metrics_uri and b'"accuracy": 0.75' not in data:
+            storage.write_json(metrics_uri, new)
+            mark_complete(w, "eval", STAGE_INPUTS["eval"], when="2026-12-02T12:00:00")
+        return data
+
+    monkeypatch.setattr(storage, "read_bytes", evaluate_finishes_meanwhile)
+    result = report.run(config.build("tiny", workdir=w))
+    text = open(os.path.join(w, "report.html"), encoding="utf-8").read()
+    assert '<th scope="row">accuracy</th><td>0.75</td>' in text and result["stale"] == []
+
+
 def test_a_stage_made_from_an_out_of_date_one_is_out_of_date_too(tmp_path, capsys):
     """The GAN trained further after the fakes were made: they, and the detector and the
     metrics made from them, no longer follow from it, though each is complete from its
