@@ -270,23 +270,33 @@ def build_config(args: argparse.Namespace):
     storage.check_s3_path(cfg.data.source, forms=sources.FORMS, source=True)
     check_swept_settings(args.command, cfg, args.overrides)
     cfg = config.build(args.preset, args.config, overrides, workdir=storage.normalize(workdir))
-    check_unexpanded(cfg)  # the work directory chosen: a --workdir wins over a file's
+    check_unexpanded(cfg, args)  # the work directory chosen: a --workdir wins over a file's
     return with_absolute_pretrained(cfg)
 
 
 PATH_KEYS = ("workdir", "data.source", "data.cache_dir", "detector.pretrained")
 
 
-def check_unexpanded(cfg) -> None:
+def check_unexpanded(cfg, args: argparse.Namespace) -> None:
     """`workdir: $HOME/runs` in a --config file: no shell expands it, and a folder named
-    `$HOME` was made in the current one."""
+    `$HOME` was made in the current one. A value typed on the command line (a flag, a
+    --set) has been through the shell: a `$` left in it was quoted, a folder's own name."""
     from deepfake_ray.config import value_of
 
+    typed = typed_keys(args)
     for key in PATH_KEYS:
-        if variable := re.search(r"\$\{?[A-Za-z_]\w*\}?", value_of(cfg, key)):
+        if key not in typed and (variable := re.search(r"\$\{?[A-Za-z_]\w*\}?", value_of(cfg, key))):
             raise UsageError(f"{key}={value_of(cfg, key)} holds {variable[0]}, which nothing expands in a "
                              "config file: write the path out, or pass it on the command line, where "
                              "the shell expands it")
+
+
+def typed_keys(args: argparse.Namespace) -> set[str]:
+    """The config keys the command line gives values to itself (--workdir, a flag, --set),
+    which win over a --config file's and the preset's."""
+    keys = {key for flag, key in COMMANDS[args.command].flags.items()
+            if key and getattr(args, flag.lstrip("-").replace("-", "_")) is not None}
+    return keys | {set_key(o) for o in args.overrides} | ({"workdir"} if args.workdir is not None else set())
 
 
 def with_absolute_pretrained(cfg):
@@ -689,7 +699,7 @@ def source_read(command: str, cfg) -> str | None:
     """The folder (local or s3://) `command` reads images from, if it reads one."""
     from deepfake_ray.data import sources
 
-    source = cfg.data.source.strip()
+    source = sources.as_given(cfg.data.source)
     return source if command in ("prepare", "pipeline") and sources.kind(source) == "path" else None
 
 

@@ -244,6 +244,21 @@ def test_a_config_files_unexpanded_workdir_is_refused_unless_workdir_is_given(tm
     assert cli.build_config(given).workdir == str(tmp_path / "w")
 
 
+def test_a_dollar_typed_on_the_command_line_is_a_name_where_a_config_files_is_refused(tmp_path):
+    """`--source '/data/$faces'` (a folder's own name, quoted past the shell) was refused
+    as a config file's unexpanded variable, with no way to name that folder."""
+    folder = str(tmp_path / "$faces")
+    for given in (["--source", folder], ["--set", f"data.source={folder}"]):
+        args = cli.parser().parse_args(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"), *given])
+        assert cli.build_config(args).data.source == folder
+    path = tmp_path / "team.yaml"
+    path.write_text("data: {source: $HOME/x}\n")
+    args = cli.parser().parse_args(["prepare", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
+                                    "--config", str(path)])
+    with pytest.raises(UsageError, match=r"data.source=\$HOME/x holds \$HOME, which nothing expands"):
+        cli.build_config(args)
+
+
 def test_a_rate_the_sweep_would_not_use_exits_2_naming_what_to_set(tmp_path, capsys):
     """Where the sweep trains the detector, detector.lr and detector.epochs are not used:
     accepted, they would be silently ignored."""

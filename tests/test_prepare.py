@@ -543,6 +543,38 @@ def test_one_command_lists_its_source_folder_once(ray_session, tiny_cfg, tmp_pat
     assert listed == [str(faces)], listed
 
 
+def test_jfif_and_jpe_files_are_read_and_the_files_left_out_for_their_names_are_said(
+        ray_session, tiny_cfg, tmp_path, capsys):
+    """A folder of .jfif files (Chrome on Windows saves JPEGs so) was prepared as 0 images,
+    and a .bmp among .jpgs made the count smaller, with no word of either."""
+    faces = tmp_path / "faces"
+    (faces / "more").mkdir(parents=True)
+    for i, name in enumerate(["a.jpg", "b.JFIF", "more/c.jpe"]):
+        (faces / name).write_bytes(encode(rgb(i, 32), "JPEG"))
+    (faces / "more" / "d.bmp").write_bytes(encode(rgb(3, 32), "BMP"))
+    (faces / "notes.txt").write_text("not an image")
+    cfg = tiny_cfg(f"data.source={faces}")
+    prepare.run(cfg)
+    manifest = read_outputs(cfg.workdir)[0]
+    assert sorted(manifest["path"].map(lambda p: os.path.relpath(p, faces))) == ["a.jpg", "b.JFIF", "more/c.jpe"]
+    noted = [line for line in output_lines(capsys) if line.startswith("prepare: note: left out")]
+    assert noted == [f"prepare: note: left out 2 files not named {'/'.join(sources.image_suffixes())} "
+                     "(first: more/d.bmp): convert any images among them to one of these to ingest them"], noted
+
+
+def test_a_source_folder_whose_name_ends_in_a_space_is_read_as_typed(ray_session, tmp_path, capsys):
+    """`--source "faces "` (an unzipped archive's folder) was stripped: it read `faces`."""
+    for name, count in (("faces ", 3), ("faces", 5)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            (tmp_path / name / f"{i}.jpg").write_bytes(sample.face_jpeg(len(name), i))
+    workdir = str(tmp_path / "w")
+    assert cli.main(["prepare", "--preset", "tiny", "--workdir", workdir, "--source", str(tmp_path / "faces ")]) == 0
+    manifest = read_outputs(workdir)[0]
+    assert len(manifest) == 3 and all(p.startswith(str(tmp_path / "faces ") + "/") for p in manifest["path"])
+    assert storage.completed(datasets.data_dir(workdir))["settings"]["data.source"] == str(tmp_path / "faces ")
+
+
 def test_complete_data_of_other_settings_is_refused_and_a_failed_redo_keeps_it(
         ray_session, tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("data.source=sample:40")

@@ -86,7 +86,7 @@ def check_settings(cfg: Config) -> None:
     if abs(sum(d.splits) - 1) > 1e-3:  # [0.8,0.1,0.2] is a typo: as weights it shrinks train
         raise UsageError(f"data.splits={list(d.splits)} sums to {sum(d.splits):.6g}, not 1: give each "
                          "split's fraction of the images, e.g. --set 'data.splits=[0.8,0.1,0.1]'")
-    source = d.source.strip()
+    source = sources.as_given(d.source)
     if not source:  # said before a complete data/ compares it with the source it was made from
         raise UsageError(f"no source given: pass --source (or data.source) as {sources.FORMS}")
     kind = sources.kind(source)
@@ -647,7 +647,7 @@ def check_data_source(cfg: Config) -> None:
     its download, so a resubmitted job on a new head needs no Kaggle credentials."""
     copy = kaggle_copy(cfg)
     check_source(cfg.data.source, cfg.data, copied=bool(copy and storage.completed(copy)))
-    if sources.kind(source := cfg.data.source.strip()) == "path" and not storage.is_s3(source):
+    if sources.kind(source := sources.as_given(cfg.data.source)) == "path" and not storage.is_s3(source):
         sources.check_outside_workdirs(source, source, cfg.workdir)  # on S3: once listed, after Ray's start
         sources.check_has_images(source)
 
@@ -670,6 +670,7 @@ def readable_source(cfg: Config) -> Source:
         return Source(d.source, files=sources.find_images(copy), root=copy,
                       unread=sources.unread_from(done.get("unread", {}), copy))
     src = outside_workdirs(resolve_source(d.source, d), cfg.workdir)
+    note_others(src)
     if not copying:
         return src
     src = sources.copy_to(src, copy_dir(cfg), "prepare", decode.max_file_bytes(d.max_pixels))
@@ -692,7 +693,12 @@ def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
     if own := own_workdir_in(src, workdir):
         inside.add(own)
     inside = sorted(inside)
-    kept = tuple(f for f in src.files if not any(f.startswith(w + "/") for w in inside))
+
+    def outside(files: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f for f in files if not any(f.startswith(w + "/") for w in inside))
+
+    kept = outside(src.files)
+    src = dataclasses.replace(src, others=outside(src.others))  # a run's own files are no one's photos
     if len(kept) == len(src.files):
         return src
     named = ", ".join(inside)
@@ -704,6 +710,16 @@ def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
         print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work "
               f"director{'ies' if len(inside) > 1 else 'y'} {named}")
     return dataclasses.replace(src, files=kept)
+
+
+def note_others(src: Source) -> None:
+    """The source's files left out for their names, said in one line: a folder with .bmp
+    files (or .jfif, before they were read) was prepared smaller than it is, with no word."""
+    if not src.others:
+        return
+    n, first = len(src.others), storage.shown(src.others[0][len(src.root):].lstrip("/"))
+    print(f"prepare: note: left out {n:,} file{'s' * (n != 1)} not named {'/'.join(sources.image_suffixes())} "
+          f"(first: {first}): convert any images among them to one of these to ingest them", flush=True)
 
 
 def own_workdir_in(src: Source, workdir: str) -> str | None:

@@ -37,7 +37,8 @@ from deepfake_ray.lineage import STARTED
 
 
 def image_suffixes() -> tuple[str, ...]:
-    suffixes = (".jpg", ".jpeg", ".png")
+    # .jfif and .jpe are JPEGs by other names (Chrome on Windows saves JPEGs as .jfif)
+    suffixes = (".jpg", ".jpeg", ".jfif", ".jpe", ".png")
     return suffixes + ((".webp",) if features.check("webp") else ())
 
 
@@ -53,17 +54,26 @@ class Source:
     workdirs: tuple[str, ...] = ()
     # an S3 prefix's files -> their sizes, as listed (a local folder's are not listed)
     sizes: dict = field(default_factory=dict, compare=False)
+    # the other files listed, left out for their names (a .bmp, a .txt): said, not read
+    others: tuple[str, ...] = field(default=(), compare=False)
 
 
 FORMS = "a folder of images, s3://bucket/prefix, kaggle:OWNER/DATASET or sample[:N]"
 
 
 def kind(text: str) -> str:
-    """"sample", "kaggle" or "path" (a folder or s3:// prefix)."""
+    """"sample", "kaggle" or "path" (a folder or s3:// prefix); ` sample:040` is the sample."""
+    text = text.strip()
     for name in ("sample", "kaggle"):
         if text == name or text.startswith(name + ":"):
             return name
     return "path"
+
+
+def as_given(text: str) -> str:
+    """The source stripped where it names the sample or Kaggle (a script's variable pads
+    it), a path as typed: a folder's name may end in a space (an unzipped archive's)."""
+    return text if kind(text) == "path" and text.strip() else text.strip()
 
 
 def canonical(text: str) -> str:
@@ -71,7 +81,7 @@ def canonical(text: str) -> str:
     `sample:050` as `sample:50` (`sample:` or `kaggle:` with no name, which check_source
     refuses, as the bare word). On macOS, whose disks take `é` typed (NFC) and pasted from
     Finder (NFD) for one name, a folder in NFC: the same folder is the same source."""
-    text = text.strip()
+    text = as_given(text)
     if text and kind(text) == "path":
         path = storage.normalize(text)
         return unicodedata.normalize("NFC", path) if sys.platform == "darwin" and not storage.is_s3(path) else path
@@ -96,7 +106,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
     """What can be checked before any Ray process starts or any file is listed: a bad
     source fails in a second, not after Ray's start-up. `copied`: a Kaggle dataset's
     complete copy is in the work directory, so no download (nor credentials) is needed."""
-    text = text.strip()
+    text = as_given(text)
     if not text:
         raise UsageError(f"no source given: pass --source (or data.source) as {FORMS}")
     if kind(text) != "path" and text.endswith(":"):  # `kaggle:$DATASET` of an unset variable
@@ -137,7 +147,7 @@ def check_source(text: str, data: DataConfig, copied: bool = False) -> None:
 def resolve_source(text: str, data: DataConfig) -> Source:
     """The source's files (listed, Kaggle's downloaded once) or sample count."""
     check_source(text, data)
-    text = text.strip()
+    text = as_given(text)
     if kind(text) == "sample":
         return Source(text, sample_count=sample.parse(text, data.sample_size))
     if kind(text) == "kaggle":
@@ -152,7 +162,8 @@ def resolve_source(text: str, data: DataConfig) -> Source:
         raise no_images(text)
     root = storage.normalize(text)
     sizes = {f: listing[f] for f in files} if storage.is_s3(root) else {}
-    return Source(text, files=files, root=root, workdirs=workdirs_in(listing), sizes=sizes)
+    return Source(text, files=files, root=root, workdirs=workdirs_in(listing), sizes=sizes,
+                  others=others_in(listing, files))
 
 
 def check_has_images(text: str) -> None:
@@ -203,6 +214,14 @@ def find_images(folder: str) -> tuple[str, ...]:
 def images_in(listing: Iterable[str]) -> tuple[str, ...]:
     suffixes = image_suffixes()
     return tuple(f for f in listing if f.lower().endswith(suffixes))
+
+
+def others_in(listing: dict, images: tuple[str, ...]) -> tuple[str, ...]:
+    """The listed files that are not `images` (images_in's): left out for their names."""
+    if len(images) == len(listing):  # mostly: no pass over the listing
+        return ()
+    kept = set(images)
+    return tuple(f for f in listing if f not in kept)
 
 
 STAGE_FOLDERS = ("data", "gan", "fakes", "detector", "tune", "eval", "score")
