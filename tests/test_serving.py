@@ -1165,6 +1165,21 @@ def test_scoring_an_s3_manifest_into_s3_csv(ray_session, model_dir, images_dir, 
         score.run(cfg, model=model_dir, input=f"{bucket}/in", out="s3://no-such-bucket-out/s.csv")
 
 
+def test_a_folder_scored_into_itself_through_a_link_leaves_out_its_own_table(tmp_path):
+    """--input link --out real/scores.csv --force: the last run's table was scored as a
+    "not an image" row, one file more than the folder's images."""
+    from deepfake_ray.serving import score
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "real" / "scores.csv").write_text("the last run's table\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "old").mkdir()
+    (tmp_path / "real" / "old" / "scores.csv").write_text("another table, an input\n")
+    assert score.list_inputs(str(tmp_path / "link"), str(tmp_path / "real" / "scores.csv")) == [
+        str(tmp_path / "link" / "a.jpg"), str(tmp_path / "link" / "old" / "scores.csv")]
+
+
 def test_a_manifest_none_of_whose_files_is_found_exits_2_and_runs_once_fixed(ray_session, model_dir,
                                                                                tmp_path, capsys):
     """A manifest whose relative paths point nowhere from its folder: the cause and exit

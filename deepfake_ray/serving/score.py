@@ -89,13 +89,20 @@ def list_inputs(src: str, out: str | None = None) -> list[str]:
     else:
         check_input(src)
         # listed once a command: its checks before Ray starts list a local folder too
-        paths = [p for p in sources.source_listing(src) if p != out]
+        paths = [p for p in sources.source_listing(src) if not same_file(p, out)]
     if not paths:
         raise UsageError(f"--input {src} holds no files to score: check the path")
     return paths
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def same_file(path: str, out: str) -> bool:
+    """Whether a listed file is the table `out`, also through a linked folder (`--input
+    link --out real/scores.csv`); the name first: one path resolved, not every file's."""
+    name = out.rsplit("/", 1)[-1]
+    return path.rsplit("/", 1)[-1] == name and sources.location(path) == sources.location(out)
 
 
 def located(path: str, manifest: str | None) -> str:
