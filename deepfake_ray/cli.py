@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import deepfake_ray
 from deepfake_ray.errors import (Terminated, UsageError, disk_full, find_error, find_usage_error, note_sigterm,
-                                 out_of_memory, stdout_reader_gone, stop_signal, to_devnull)
+                                 out_of_memory_cause, stdout_reader_gone, stop_signal, to_devnull)
 
 
 @dataclass(frozen=True)
@@ -568,7 +568,7 @@ def usage_line(error: BaseException) -> str | None:
 def out_of_memory_line(command: str, error: BaseException) -> str | None:
     """The one line for workers that ran out of memory (a Ray Train run gives up after
     retrying them), with the setting to lower; None for any other error."""
-    if not (what := find_error(error, out_of_memory)):
+    if not (what := find_error(error, out_of_memory_cause)):
         return None
     failed = getattr(error, "pipeline_stage", None) if command == "pipeline" else command
     stage = COMMANDS.get(failed)

@@ -141,7 +141,7 @@ def not_permitted(e: BaseException) -> str | None:
             "read and write permission there (ls -ld shows its owner), or name another place for it")
 
 
-def out_of_memory(e: BaseException) -> str | None:
+def out_of_memory_cause(e: BaseException) -> str | None:
     """What ran out, when `e` is a worker that ran out of memory: torch's error on a GPU, or
     Ray's memory monitor stopping a worker on a node short of RAM. Ray passes a worker's
     error on as text inside its own, so the text is read too."""
@@ -158,7 +158,7 @@ def explained(e: BaseException) -> bool:
     """Whether the CLI prints `e` as one line that says what to fix (exit 2), so its
     traceback is noise: bad input or settings, an S3 failure or full disk the user can fix,
     workers out of memory."""
-    return find_usage_error(e) is not None or find_error(e, out_of_memory) is not None
+    return find_usage_error(e) is not None or find_error(e, out_of_memory_cause) is not None
 
 
 def find_error(e: BaseException, match):

@@ -189,8 +189,8 @@ def held(uri: str, command: str):
     held_etag, stop, lost = [etag], threading.Event(), threading.Event()
     RENEWED[storage.normalize(uri)] = renewed
     with stops_when_taken_over(uri) as stop_run:
-        renewer = threading.Thread(target=renew, args=(client, bucket, key, held_etag, command, token,
-                                                       stop, lost, stop_run, renewed), daemon=True)
+        renewer = threading.Thread(target=renew_until_stopped, daemon=True, args=(
+            client, bucket, key, held_etag, command, token, stop, lost, stop_run, renewed))
         renewer.start()
         try:
             yield
@@ -436,9 +436,10 @@ def check_free(uri: str, command: str) -> bool:
     return refuse_if_live(current, lock_info(current), uri, command, deciding=False)
 
 
-def renew(client, bucket: str, key: str, etag: list[str], command: str, token: str,
-          stop: threading.Event, lost: threading.Event, stop_run=None, renewed: list[float] | None = None) -> None:
-    """Renews the lock every RENEW_S seconds; `etag[0]` follows the lock this run holds, and
+def renew_until_stopped(client, bucket: str, key: str, etag: list[str], command: str, token: str,
+                        stop: threading.Event, lost: threading.Event, stop_run=None,
+                        renewed: list[float] | None = None) -> None:
+    """The renewer thread's life: renews the lock every RENEW_S seconds until `stop`; `etag[0]` follows the lock this run holds, and
     `renewed[0]` when its last renewal was sent. Taken over by another run, or unrenewed for
     STALE_S, it calls `stop_run` (if any)."""
     from botocore.exceptions import BotoCoreError, ClientError

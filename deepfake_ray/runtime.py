@@ -561,13 +561,13 @@ def check_shared(workdir: str, source: str | None = None) -> None:
                              "every node mounts at the same path (NFS)")
     ours = s3.s3_endpoint()
     if uses_s3 and (other := [f"{node} uses {s3.without_password(e) if e else 'AWS S3'}"
-                              for node, (_, e) in views.items() if store(e) != store(ours)]):
+                              for node, (_, e) in views.items() if endpoint_key(e) != endpoint_key(ours)]):
         raise UsageError(f"this command uses the S3 endpoint {s3.without_password(ours) if ours else 'of AWS S3'}, "
                          f"but {'; '.join(other)}: set the same AWS_ENDPOINT_URL (or ~/.aws/config) where "
                          "each node's `ray start` runs, or submit the command as a job with it in its runtime_env")
 
 
-def store(endpoint: str | None) -> tuple | None:
+def endpoint_key(endpoint: str | None) -> tuple | None:
     """An S3 endpoint as the store it names: `http://MinIO:9000/` and `http://minio:9000`
     are one, whoever's credentials are in it."""
     if not endpoint:

@@ -439,7 +439,7 @@ def test_one_s3_store_is_one_whatever_the_form_of_its_endpoint():
     """A node's AWS_ENDPOINT_URL written with a trailing slash, another letter case or the
     scheme's own port is the driver's store; another host or port is another store."""
     same = ["http://minio:9000", "http://MinIO:9000/", "HTTP://minio:9000", "http://key:secret@minio:9000"]
-    assert len({runtime.store(e) for e in same}) == 1
-    assert runtime.store("https://s3.example.com") == runtime.store("https://s3.example.com:443/")
-    assert runtime.store("http://minio:9001") != runtime.store("http://minio:9000")
-    assert runtime.store(None) is None and runtime.store("") is None  # AWS S3 itself
+    assert len({runtime.endpoint_key(e) for e in same}) == 1
+    assert runtime.endpoint_key("https://s3.example.com") == runtime.endpoint_key("https://s3.example.com:443/")
+    assert runtime.endpoint_key("http://minio:9001") != runtime.endpoint_key("http://minio:9000")
+    assert runtime.endpoint_key(None) is None and runtime.endpoint_key("") is None  # AWS S3 itself

@@ -1691,7 +1691,7 @@ def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model(
     replica = SimpleNamespace(predictor=SimpleNamespace(predict_pixels=short_of_memory, device=torch.device("cuda")),
                               stats={"batches": 0, "images": 0, "largest_batch": 0, "out_of_memory": 0},
                               forward_thread=ThreadPoolExecutor(1), forward_started=None)
-    replica.out_of_memory = lambda device: detector.out_of_memory(replica, device)
+    replica.out_of_memory_answer = lambda device: detector.out_of_memory_answer(replica, device)
     with pytest.raises(http.ApiError) as refused:
         # the method as written, without Serve's batching (which needs a replica's context)
         asyncio.run(detector.predict_batch.__wrapped__(replica, [np.zeros((32, 32, 3), np.uint8)]))

@@ -874,8 +874,8 @@ def test_a_lease_renewal_whose_reply_was_lost_survives_a_blip_reading_the_lock(s
 
     monkeypatch.setattr(lease, "RENEW_S", 0.02)
     etag, stop, lost, stopped = [sent], threading.Event(), threading.Event(), []
-    renewer = threading.Thread(target=lease.renew, args=(Blip(), bucket, key, etag, "prepare", token,
-                                                         stop, lost, lambda: stopped.append(1)))
+    renewer = threading.Thread(target=lease.renew_until_stopped, args=(
+        Blip(), bucket, key, etag, "prepare", token, stop, lost, lambda: stopped.append(1)))
     renewer.start()
     deadline = time.time() + 30
     while etag[0] in (sent, went_through) and time.time() < deadline:  # until renewed past both

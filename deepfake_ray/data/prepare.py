@@ -523,13 +523,13 @@ def collect_rows(ds: ray.data.Dataset, expected: int, rows: list | None = None) 
             rows += ray.get(ref).to_pylist()
         if len(rows) >= expected:
             break
-    threading.Thread(target=drain, args=(bundles,), daemon=True).start()
+    threading.Thread(target=run_to_end, args=(bundles,), daemon=True).start()
     if len(rows) != expected:  # each file yields one row: the count is what ends the wait
         raise RuntimeError(f"ingest returned {len(rows):,} rows for {expected:,} files")
     return rows
 
 
-def drain(bundles: Iterator) -> None:
+def run_to_end(bundles: Iterator) -> None:
     """Run a finished execution to its end, which shuts its executor down."""
     with contextlib.suppress(Exception):  # nothing is left to lose: every row is in
         collections.deque(bundles, maxlen=0)

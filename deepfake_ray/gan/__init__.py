@@ -1,0 +1,1 @@
+"""The DCGAN: its training (`train-gan`) and making the fakes (`generate`)."""

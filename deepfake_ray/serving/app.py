@@ -30,7 +30,7 @@ from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import crashes
 from deepfake_ray.data.decode import DecodeError, inflated_at_open
-from deepfake_ray.errors import UsageError, out_of_memory
+from deepfake_ray.errors import UsageError, out_of_memory_cause
 from deepfake_ray.serving import http, isolation
 from deepfake_ray.serving.predictor import Predictor, error_status, error_text
 
@@ -97,7 +97,7 @@ def hung_after(max_batch_size: int, input_size: int) -> float:
 def short_of_memory(e: BaseException) -> bool:
     """A pass that failed for memory, the GPU's (torch's or CUDA's own allocations) or the
     host's: retried, not counted against the model."""
-    return bool(out_of_memory(e)) or isinstance(e, MemoryError) or "can't allocate memory" in str(e)
+    return bool(out_of_memory_cause(e)) or isinstance(e, MemoryError) or "can't allocate memory" in str(e)
 
 
 def check_forward(started: float | None, now: float, limit: float = HUNG_FORWARD_S,
@@ -195,16 +195,16 @@ class Detector:
                 self.failed_passes, self.last_error = self.failed_passes + 1, f"{type(e).__name__}: {str(e)[:200]}"
                 raise
             device = self.predictor.device
-            ran_out = ("GPU" if device.type == "cuda" else device.type.upper()) if out_of_memory(e) else "host"
+            ran_out = ("GPU" if device.type == "cuda" else device.type.upper()) if out_of_memory_cause(e) else "host"
         finally:
             self.forward_started = None
         if ran_out:  # out of the except clause: its traceback held the pass's tensors
-            raise self.out_of_memory(ran_out)
+            raise self.out_of_memory_answer(ran_out)
         self.failed_passes = 0
         self.stats["predict_seconds"] += time.perf_counter() - started
         return [self.predictor.describe(p) for p in p_fake]
 
-    def out_of_memory(self, device: str) -> http.ApiError:
+    def out_of_memory_answer(self, device: str) -> http.ApiError:
         """A batch the `device` (GPU, or host) had no memory for (other processes on it, a
         burst of large batches): each of its requests gets a 503 to retry, not a 500 that
         reads as a broken model, and the cache the failed pass left is given back."""
