@@ -20,7 +20,7 @@ import pytest
 import ray.data
 
 from deepfake_ray import cli, config, progress, runtime, s3, storage
-from deepfake_ray.data import crashes, datasets, decode, prepare, sample, sources
+from deepfake_ray.data import crashes, datasets, decode, kaggle_source, prepare, sample, sources
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines, output_lines
 from tests.images import SHARED_UTKFACE, bad_files, crashing_jpeg, encode, good_files, near_copies, rgb
@@ -1081,7 +1081,7 @@ def test_a_kaggle_download_into_a_log_draws_no_progress_bar(fake_kaggle, monkeyp
             monkeypatch.delenv("DEEPFAKE_RAY_PROGRESS", raising=False)
         else:
             monkeypatch.setenv("DEEPFAKE_RAY_PROGRESS", setting)
-        sources.download("owner/faces", str(tmp_path))
+        kaggle_source.download("owner/faces", str(tmp_path))
     assert asked == [True, False, True]  # stdout here is pytest's capture, not a terminal
 
 
@@ -1107,16 +1107,16 @@ def test_a_cache_that_cannot_be_locked_is_read_when_complete_and_said_when_not(f
     import fcntl
 
     cache = str(tmp_path / "cache")
-    sources.kaggle_download("owner/faces", cache)
+    kaggle_source.kaggle_download("owner/faces", cache)
 
     def no_locks(*_):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    assert sources.kaggle_download("owner/faces", cache).endswith("kaggle/owner/faces")
+    assert kaggle_source.kaggle_download("owner/faces", cache).endswith("kaggle/owner/faces")
     with pytest.raises(UsageError, match=r"cannot lock .*/kaggle/owner/others.lock for the download \(No locks "
                                          r"available\): set data.cache_dir to a folder of yours on a local disk"):
-        sources.kaggle_download("owner/others", cache)
+        kaggle_source.kaggle_download("owner/others", cache)
     assert fake_kaggle == ["owner/faces"]
 
 
@@ -1128,7 +1128,7 @@ def test_a_kaggle_copy_in_an_s3_workdir_stands_for_the_download(ray_session, s3_
     rejects the file the first could not read (so not copy) as the first did."""
     workdir = f"{s3_server('kaggle-copies')}/w"
     args = ["prepare", "--preset", "tiny", "--workdir", workdir, "--source", "kaggle:owner/faces"]
-    downloaded = sources.kaggle_download("owner/faces", str(tmp_path / "first-head"))
+    downloaded = kaggle_source.kaggle_download("owner/faces", str(tmp_path / "first-head"))
     os.remove(os.path.join(downloaded, "celeb", "plain.jpg"))
     os.mkfifo(os.path.join(downloaded, "celeb", "plain.jpg"))  # not a file the first head can read
     with monkeypatch.context() as cluster:
@@ -1193,7 +1193,7 @@ def test_unusable_kaggle_credentials_are_one_line_before_ray_and_never_shown(fak
         assert said in out and "secret-user-never-printed" not in out and not fake_kaggle, out
     monkeypatch.setenv("KAGGLE_KEY", "s3cret-key-never-printed")
     token.write_text('{"username": "someone"}')
-    assert sources.kaggle_credentials_problem() is None  # the environment gives what the file lacks
+    assert kaggle_source.kaggle_credentials_problem() is None  # the environment gives what the file lacks
     token.unlink()
     assert cli.main(prepare_kaggle) == 2
     err = error_lines(capsys)
@@ -1218,7 +1218,7 @@ def test_a_refused_kaggle_download_says_why_by_its_http_status(status, fix, fake
     monkeypatch.setattr(KaggleApi, "dataset_download_files", refused)
     with pytest.raises(UsageError, match=rf"Kaggle download of owner/faces failed \(HTTPError: {status} Client "
                                          rf"Error\): {re.escape(fix)}"):
-        sources.kaggle_download("owner/faces", str(tmp_path / "cache"))
+        kaggle_source.kaggle_download("owner/faces", str(tmp_path / "cache"))
 
 
 def test_our_own_error_raised_into_a_kaggle_download_stays_as_it_is(fake_kaggle, monkeypatch, tmp_path):
@@ -1234,7 +1234,7 @@ def test_our_own_error_raised_into_a_kaggle_download_stays_as_it_is(fake_kaggle,
 
     monkeypatch.setattr(KaggleApi, "dataset_download_files", taken_over)
     with pytest.raises(UsageError, match=f"^{said}$"):
-        sources.kaggle_download("owner/faces", str(tmp_path / "cache"))
+        kaggle_source.kaggle_download("owner/faces", str(tmp_path / "cache"))
 
 
 def test_kaggle_credentials_are_looked_for_where_the_client_reads_them(monkeypatch, tmp_path):
@@ -1249,13 +1249,13 @@ def test_kaggle_credentials_are_looked_for_where_the_client_reads_them(monkeypat
     home.mkdir()
     for name in ("credentials.json", "access_token.txt"):
         (home / name).write_text("{}")
-        assert sources.kaggle_credentials_problem() is None, name
+        assert kaggle_source.kaggle_credentials_problem() is None, name
         (home / name).unlink()
     (tmp_path / ".config" / "kaggle").mkdir(parents=True)
     (tmp_path / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
-    assert sources.kaggle_credentials_problem().startswith("no Kaggle credentials: save your API token")
+    assert kaggle_source.kaggle_credentials_problem().startswith("no Kaggle credentials: save your API token")
     home.rmdir()  # no ~/.kaggle: the client reads $XDG_CONFIG_HOME/kaggle, by default ~/.config/kaggle
-    assert sources.kaggle_credentials_problem() is None
+    assert kaggle_source.kaggle_credentials_problem() is None
 
 
 def test_a_kaggle_datasets_name_decides_whether_data_is_current(ray_session, fake_kaggle, tmp_path, capsys):
@@ -1543,7 +1543,7 @@ def test_a_kaggle_dataset_another_prepare_is_downloading_is_waited_for(fake_kagg
     import threading
 
     data = tiny_cfg(f"data.cache_dir={tmp_path / 'cache'}").data
-    folder = sources.kaggle_folder("owner/faces", data.cache_dir)
+    folder = kaggle_source.kaggle_folder("owner/faces", data.cache_dir)
     os.makedirs(folder)
     found = []
     with open(folder + ".lock", "a") as held:  # the other prepare, downloading

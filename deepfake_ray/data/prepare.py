@@ -39,7 +39,7 @@ import ray.data
 import deepfake_ray
 from deepfake_ray import lineage, runtime, storage
 from deepfake_ray.config import Config, DataConfig
-from deepfake_ray.data import crashes, datasets, decode, near_copies, sample, sources
+from deepfake_ray.data import crashes, datasets, decode, kaggle_source, near_copies, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
 from deepfake_ray.errors import UsageError, warn
 from deepfake_ray.progress import Progress
@@ -665,7 +665,7 @@ def readable_source(cfg: Config) -> Source:
         runtime.driver_files_need_copying(cfg.workdir) or (copy is not None and not runtime.in_process()))
     # a dataset's files do not change: its copy stands for the download (in-process, a
     # complete download in this machine's cache is read instead, from its disk)
-    if copy and (copying or not sources.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
+    if copy and (copying or not kaggle_source.kaggle_cached(d.source, d)) and (done := storage.completed(copy)):
         print(f"prepare: using the copy of {d.source} in {copy} ({done['files']:,} files)", flush=True)
         return Source(d.source, files=sources.find_images(copy), root=copy,
                       unread=sources.unread_from(done.get("unread", {}), copy))
