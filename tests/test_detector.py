@@ -473,6 +473,30 @@ def test_training_images_are_recompressed_and_blurred_and_validation_left_clean(
     assert pixels(at_40["train"]) == expected
 
 
+
+def test_training_images_too_many_for_the_object_store_are_kept_as_jpegs_and_read_alike(
+        ray_session, tiny_cfg, monkeypatch, capsys):
+    """1M reals and their fakes, decoded, take ~88 GB of the object store for the whole
+    training: kept as the stored JPEGs then, decoded as each epoch reads them, into the
+    very pixels (and labels) the decoded views hold, augmented alike."""
+    build(tiny_cfg().workdir, 60, 32)
+    sel = data.select(tiny_cfg())
+
+    def rows(view) -> list:
+        assert set(view.schema().names) == {"pixels", "label"}
+        return sorted((row["label"], row["pixels"].tobytes()) for row in view.take_all())
+
+    at_40 = ("detector.jpeg_aug_prob=1.0", "detector.jpeg_aug_quality=[40,40]", "detector.blur_aug_prob=0")
+    decoded = [data.training_views(tiny_cfg(*aug), sel) for aug in ((), at_40)]
+    assert "decoded would take" not in capsys.readouterr().out
+    monkeypatch.setattr(data, "DECODED_SHARE", 0.0)  # an object store too small for them
+    kept = [data.training_views(tiny_cfg(*aug), sel) for aug in ((), at_40)]
+    images = sum(sel.counts[s]["real"] + sel.counts[s]["fake"] for s in ("train", "val"))
+    assert (f"train-detector: {images:,} images decoded would take 0.0 GB of the cluster's "
+            in capsys.readouterr().out)
+    for views, expected in zip(kept, decoded):
+        assert rows(views["train"]) == rows(expected["train"]) and rows(views["val"]) == rows(expected["val"])
+
 def test_training_batches_mix_the_classes_though_each_part_holds_one(ray_session, tiny_cfg):
     """Each stage's images part holds one class. Drawn as the trainer draws them (a local
     shuffle buffer of 16 batches over the blocks in random order), batches must not come
@@ -915,7 +939,7 @@ def test_tune_sweeps_two_learning_rates_and_exports_the_best(ray_session, tiny_c
     assert sorted(re.findall(r"tune: trial \S+ \(lr [^)]+\) finished; (\d of 2) trials ended", printed)) == [
         "1 of 2", "2 of 2"]
     assert "Trial status" not in printed
-    assert "tune: decoding the images once for every trial (train: " in printed
+    assert "tune: reading the images once for every trial (train: " in printed
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # no handler of Tune's left to swallow the next Ctrl-C
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ  # a notebook's own Tuner.fit() keeps Tune's
     if not torch.cuda.is_available():  # not left waiting, with Ray Train, for a GPU none can add

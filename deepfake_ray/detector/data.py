@@ -3,8 +3,9 @@
 The driver picks, per split, a balanced set of content hashes from the two manifests
 (`select`), after the leakage guards: no image in two splits, no image both real and
 fake, reals and fakes encoded the same way (size, JPEG tables, chroma subsampling).
-Ray Data then reads, labels and decodes them (`dataset`); `training_views` augments
-the training split's decoded pixels.
+Ray Data then reads, labels and decodes them (`dataset`); `training_views` holds train
+and val for the training (decoded once, or as JPEGs where that would not fit) and
+augments the training split's pixels.
 
 The image transforms used for training augmentation and for the robustness
 evaluation live here too, so both apply exactly the same operations.
@@ -143,8 +144,10 @@ def check_encoding(real_dir: str, fake_dir: str, resolution: int) -> int:
 
 # --- Ray Data ------------------------------------------------------------------------
 
-def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) -> ray.data.Dataset:
-    """Columns sha1, split, label (0 real, 1 fake), pixels (uint8 NHWC) of the selected images.
+def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...],
+            decoded: bool = True) -> ray.data.Dataset:
+    """Columns sha1, split, label (0 real, 1 fake), pixels (uint8 NHWC) of the selected
+    images; `decoded` False: image (the stored JPEG's bytes) instead of pixels.
 
     Both stages are read by one read_parquet, and selecting, labelling and decoding are
     one map fused into the read tasks: few tasks, even for tiny sets.
@@ -153,7 +156,8 @@ def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...]) ->
     fs, real = storage.resolve(datasets.images_uri(datasets.data_dir(cfg.workdir)))
     _, fake = storage.resolve(datasets.images_uri(datasets.fakes_dir(cfg.workdir)))
     ds = ray.data.read_parquet([real, fake], filesystem=fs).select_columns(["sha1", "image"])
-    return runtime.map_on_tasks(ds, decode_labelled, fn_kwargs={"wanted": Wanted.of(selection, splits)},
+    return runtime.map_on_tasks(ds, decode_labelled, fn_kwargs={"wanted": Wanted.of(selection, splits),
+                                                              "decoded": decoded},
                                 batch_format="numpy", batch_size=cfg.data.decode_batch_size,
                                 num_cpus=cfg.resources.data_cpus)
 
@@ -186,18 +190,29 @@ class Wanted(NamedTuple):
         return rows, at[rows]
 
 
-def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Dataset]:
-    """train and val for Ray Train, decoded once (materialized), columns pixels and label.
+# Train and val are held in the object store for the whole training, decoded when that
+# takes at most this share of it: decoded, 128 px faces are ~49 KB each (1M reals and their
+# fakes: ~88 GB), their JPEGs ~5x less, and decoding them again each epoch costs ~0.3 ms
+# of CPU an image, beside a GPU's forward and backward pass.
+DECODED_SHARE = 0.25
+
+
+def training_views(cfg: Config, selection: Selection, command: str = "train-detector") -> dict[str, ray.data.Dataset]:
+    """train and val for Ray Train, read once (materialized), columns pixels and label:
+    decoded once where they fit the object store (`keeps_decoded`), else kept as the
+    stored JPEGs and decoded as each epoch reads them.
 
     One read for both splits (a Parquet read has a fixed start-up cost), then each split
-    is cut from the decoded blocks in memory; train's rows are shuffled once. Each epoch
+    is cut from the read blocks in memory; train's rows are shuffled once. Each epoch
     only reorders train's blocks (the trainer's local shuffle buffer mixes rows; horizontal
     flips happen on the worker's tensors) and, when configured, re-draws JPEG/blur
     augmentations in Ray Data.
     """
     d = cfg.detector
-    both = dataset(cfg, selection, ("train", "val")).materialize()
-    views = {split: both.filter(expr=col("split") == split).select_columns(["pixels", "label"])
+    decoded = keeps_decoded(cfg, selection, command)
+    column = "pixels" if decoded else "image"
+    both = dataset(cfg, selection, ("train", "val"), decoded=decoded).materialize()
+    views = {split: both.filter(expr=col("split") == split).select_columns([column, "label"])
              for split in ("train", "val")}
     # An images part holds one class, and decoded it is one block of up to thousands of
     # rows, more than the trainer's shuffle buffer (16 batches): blocks of 600 and that
@@ -206,33 +221,61 @@ def training_views(cfg: Config, selection: Selection) -> dict[str, ray.data.Data
     # left 3-9% of batches so, against ~2% by chance).
     views["train"] = views["train"].random_shuffle(seed=cfg.seed)
     views = {split: view.materialize() for split, view in views.items()}
-    train = views["train"].randomize_block_order()
-    if d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0:
+    train, val = views["train"].randomize_block_order(), views["val"]
+    augments = d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0
+    if augments or not decoded:  # one map: decoded (if kept as JPEGs), then augmented
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
                                                  blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma,
                                                  stored_quality=selection.jpeg_quality),
             batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
-    return {"train": train, "val": views["val"]}
+    if not decoded:
+        val = runtime.map_on_tasks(val, decoded_batch, batch_format="numpy", batch_size=cfg.data.decode_batch_size,
+                                   num_cpus=cfg.resources.data_cpus)
+    return {"train": train, "val": val}
 
 
-def decode_labelled(batch: dict, wanted: Wanted) -> Iterator[dict]:
-    """The batch's selected rows, decoded; nothing for a batch with none, because Ray Data
-    cannot type an empty image column and falls back to pickling it, with a warning."""
+def keeps_decoded(cfg: Config, selection: Selection, command: str) -> bool:
+    """Whether train and val, decoded, take at most DECODED_SHARE of the cluster's object
+    store (twice over: as read, then as the views cut from it); else said, and kept as JPEGs."""
+    images = sum(selection.counts[s]["real"] + selection.counts[s]["fake"] for s in ("train", "val"))
+    decoded = images * cfg.data.resolution ** 2 * 3
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if 2 * decoded <= DECODED_SHARE * store:
+        return True
+    print(f"{command}: {images:,} images decoded would take {decoded / 1e9:.1f} GB of the cluster's "
+          f"{store / 1e9:.1f} GB object store: kept as the stored JPEGs, decoded as each epoch reads them",
+          flush=True)
+    return False
+
+
+def decoded_batch(batch: dict) -> dict:
+    """A batch of stored JPEGs (`image`) as pixels."""
+    return {"label": batch["label"], "pixels": np.stack([decode_jpeg(b) for b in batch["image"]])}
+
+
+def decode_labelled(batch: dict, wanted: Wanted, decoded: bool = True) -> Iterator[dict]:
+    """The batch's selected rows, decoded (or their JPEGs); nothing for a batch with none,
+    because Ray Data cannot type an empty image column and falls back to pickling it,
+    with a warning."""
     keep, at = wanted.find(batch["sha1"])
     if not len(keep):
         return
+    images = ({"pixels": np.stack([decode_jpeg(batch["image"][i]) for i in keep])} if decoded
+              else {"image": np.asarray(batch["image"], dtype=object)[keep]})
     yield {"sha1": np.asarray(batch["sha1"], dtype=object)[keep],
            "split": np.asarray(wanted.splits, dtype=object)[wanted.split[at]],
-           "label": wanted.label[at].astype(np.int64),
-           "pixels": np.stack([decode_jpeg(batch["image"][i]) for i in keep])}
+           "label": wanted.label[at].astype(np.int64), **images}
 
 
 def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma,
                   stored_quality: int | None = None) -> dict:
     """Wang et al. 2020: random Gaussian blur, then random JPEG re-compression, per image.
     An image so degraded is then encoded as the stored images are (`stored_quality`), as
-    the service and `score` encode any upload not stored so: trained on what it is shown."""
+    the service and `score` encode any upload not stored so: trained on what it is shown.
+    A batch of stored JPEGs (`image`, see training_views) is decoded first."""
+    if "image" in batch:
+        batch = decoded_batch(batch)
     rng = np.random.default_rng()
     out = []
     for img in batch["pixels"]:

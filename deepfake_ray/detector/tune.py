@@ -80,8 +80,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     finished = storage.exists(storage.join(out, "results.csv"))  # only its best to publish
     # decoded once, shared by every trial (minutes at Celeb 100k's size: not to publish)
     if not finished:
-        print(f"tune: decoding the images once for every trial ({train.describe(selection)})", flush=True)
-    views = {} if finished else data.training_views(cfg, selection)
+        print(f"tune: reading the images once for every trial ({train.describe(selection)})", flush=True)
+    views = {} if finished else data.training_views(cfg, selection, "tune")
     tuner = make_tuner(cfg, selection, pretrained, views, finished, train.weights_sha256(pretrained))
     grid = fit_to_the_end(tuner)
     rows = collect(cfg, grid)
