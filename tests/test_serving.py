@@ -2224,7 +2224,10 @@ def answered_across_a_stop(url: str, proc: subprocess.Popen, log, uploads: int =
     threads = [threading.Thread(target=finish, args=(i,)) for i in range(uploads)]
     for thread in threads:
         thread.start()
-    time.sleep(2)  # the requests reach the replica (their headers routed them)
+    deadline = time.time() + 120  # the requests reach the replica (their headers routed them)
+    while httpx.get(f"{url}/v1/stats", timeout=30).json()["upload_bytes_held"] < uploads * half:
+        assert time.time() < deadline, "the half-sent uploads did not reach the replica"
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     try:  # the stop under way (a fixed second could pass before it began: no stop tested)
         wait_for_line(log, "answering the requests in flight", proc, 60)

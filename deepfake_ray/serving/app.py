@@ -393,10 +393,11 @@ class Detector:
     @api.get("/v1/stats", operation_id="stats")
     async def batch_stats(self) -> dict:
         """Batching observed by the replica that answers (batches, images, largest batch),
-        and its large-image decodes in threads (now, and the most at once): one replica's,
+        its large-image decodes in threads (now, and the most at once), and the bytes of
+        uploads it holds now (serve.max_buffered_bytes is their limit): one replica's,
         since it started, named (another request may reach another)."""
         return {**self.stats, "mean_batch": self.stats["images"] / max(1, self.stats["batches"]),
-                "replica": self.replica}
+                "upload_bytes_held": self.uploads.held, "replica": self.replica}
 
 
 def gpus_per_replica(cfg: Config) -> float:
