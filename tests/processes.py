@@ -46,6 +46,35 @@ def crashing_image_library(folder) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def killed_at_end():
+    """A function that returns the process it is given, and kills its session when the
+    block ends, also by a failed assertion: a `prepare` of 200,000 images left running
+    took both cores from the tests after it, which then timed out too."""
+    started = []
+    try:
+        yield lambda proc: started.append(proc) or proc
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def first_line(proc: subprocess.Popen, seconds: float = 120) -> str:
+    """The first line `proc` prints; a process that says nothing for `seconds` (a Ray that
+    never comes) is killed, so the test fails ("") instead of hanging CI's run."""
+    import threading
+
+    hung = threading.Timer(seconds, proc.kill)
+    hung.start()
+    try:
+        return proc.stdout.readline()
+    finally:
+        hung.cancel()
+
+
 def run_cli(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     """`deepfake-ray ARGS` in a session of its own; past `timeout`, the whole session is
     killed (its Ray too) and TimeoutExpired raised."""

@@ -140,9 +140,10 @@ def kill_group(pgid: int) -> None:
     pytest.fail(f"process group {pgid} survived SIGKILL for 60s")
 
 
-def wait_until_settled(*paths: str, quiet_s: float = 5.0, limit_s: float = 60.0) -> None:
+def wait_until_settled(*paths: str, quiet_s: float = 5.0, limit_s: float = 120.0) -> None:
     """Until none of `paths` has changed for `quiet_s`: the killed run's last processes may
-    still write (a worker exits only once it notices its raylet is gone)."""
+    still write (a worker exits only once it notices its raylet is gone). Still changing
+    after `limit_s`, the test fails here, not later in a race with that write."""
     deadline, last, since = time.time() + limit_s, None, time.time()
     while time.time() < deadline:
         stamp = [os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths]
@@ -151,6 +152,7 @@ def wait_until_settled(*paths: str, quiet_s: float = 5.0, limit_s: float = 60.0)
         elif time.time() - since >= quiet_s:
             return
         time.sleep(0.5)
+    pytest.fail(f"{paths} still changed {limit_s:.0f} s after the run was killed")
 
 
 # One tiny run serves every train-gan test below (each Ray Train run costs tens of seconds

@@ -1556,7 +1556,8 @@ def test_a_kaggle_dataset_another_prepare_is_downloading_is_waited_for(fake_kagg
             time.sleep(0.1)
             out += capsys.readouterr().out
         assert fake_kaggle == [] and second.is_alive()
-    second.join(30)
+    second.join(120)
+    assert not second.is_alive(), "the second download did not end once the lock was free"
     assert fake_kaggle == ["owner/faces"] and len(found[0].files) == 5
 
 

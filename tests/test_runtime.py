@@ -167,13 +167,14 @@ def test_a_stop_signal_stops_a_command_as_ctrl_c_does_with_one_line_and_its_exit
     import subprocess
     import sys
 
-    from tests.processes import stop, subprocess_env, wait_for_line
+    from tests.processes import killed_at_end, stop, subprocess_env, wait_for_line
 
     log = tmp_path / "prepare.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
-                                 "--source", "sample:200000", "--workdir", str(tmp_path / "w")],
-                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+    with open(log, "w") as out, killed_at_end() as tracked:
+        proc = tracked(subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                                         "--source", "sample:200000", "--workdir", str(tmp_path / "w")],
+                                        stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                        start_new_session=True))
         wait_for_line(log, "prepare: reading 200,000 images", proc, 120)  # minutes of work: stopped early
         assert stop(proc, sig) == 128 + sig, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
@@ -286,13 +287,14 @@ def test_sigterm_while_ray_starts_is_a_stop_too(tmp_path):
     import subprocess
     import sys
 
-    from tests.processes import has_child, stop, subprocess_env
+    from tests.processes import has_child, killed_at_end, stop, subprocess_env
 
     log = tmp_path / "prepare.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
-                                 "--source", "sample:2000", "--workdir", str(tmp_path / "w")],
-                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+    with open(log, "w") as out, killed_at_end() as tracked:
+        proc = tracked(subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                                         "--source", "sample:2000", "--workdir", str(tmp_path / "w")],
+                                        stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                        start_new_session=True))
         deadline = time.time() + 120
         while not has_child(proc.pid, "gcs_server"):  # Ray's first process: its start is under way
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
@@ -315,15 +317,16 @@ def test_a_force_run_stopped_before_it_replaced_anything_says_to_keep_force(ray_
 
     from deepfake_ray import config, storage
     from deepfake_ray.data import datasets, prepare
-    from tests.processes import ctrl_c_for_children, stop, subprocess_env, wait_for_line
+    from tests.processes import ctrl_c_for_children, killed_at_end, stop, subprocess_env, wait_for_line
 
     workdir = tmp_path / "w"
     prepare.run(config.build("tiny", None, ["data.source=sample:20"], workdir=str(workdir)))
     log = tmp_path / "prepare.log"
-    with open(log, "w") as out, ctrl_c_for_children():
-        proc = subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny", "--force",
-                                 "--source", "sample:200000", "--workdir", str(workdir)],
-                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+    with open(log, "w") as out, ctrl_c_for_children(), killed_at_end() as tracked:
+        proc = tracked(subprocess.Popen([sys.executable, "-m", "deepfake_ray.cli", "prepare", "--preset", "tiny",
+                                         "--force", "--source", "sample:200000", "--workdir", str(workdir)],
+                                        stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                        start_new_session=True))
         wait_for_line(log, "prepare: reading 200,000 images", proc, 120)
         proc.send_signal(signal.SIGINT)
         deadline = time.time() + 60

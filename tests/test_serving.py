@@ -152,8 +152,9 @@ def detect(base: str, data: bytes, **kw) -> httpx.Response:
 def routed(prefix_url: str) -> str:
     """`prefix_url` once the proxy routes it: serve.run waits for the app and the proxies,
     but HAProxy may take the new route a moment later (until then: the root app's 404)."""
-    deadline = time.time() + 30
-    while httpx.get(f"{prefix_url}/v1/model", timeout=30).status_code == 404 and time.time() < deadline:
+    deadline = time.time() + 120  # a busy machine's HAProxy reload
+    while httpx.get(f"{prefix_url}/v1/model", timeout=30).status_code == 404:
+        assert time.time() < deadline, f"{prefix_url} was not routed in 120 s"
         time.sleep(0.2)
     return prefix_url
 
@@ -464,10 +465,16 @@ def test_an_upload_that_stops_mid_body_gets_a_408_and_frees_its_slot(service):
     assert BODY_IDLE_S - 0.5 < waited < BODY_IDLE_S + 10, waited
     head, body = answer.split(b"\r\n\r\n", 1)
     assert b"application/json" in head.lower() and b"serve.body_idle_timeout_s" in body, answer
-    # slow but moving: four pieces, each well within the deadline, together past it
-    quarter = len(JPEG) // 4
-    pieces = [JPEG[:quarter], JPEG[quarter:2 * quarter], JPEG[2 * quarter:3 * quarter], JPEG[3 * quarter:]]
-    answer, _ = raw_post(service, "/v1/detect", f"Content-Length: {len(JPEG)}\r\n", pieces,
+    # slow but moving: four pieces, each well within the deadline, together past it. A face
+    # of ~15 KB: each piece keeps the average over MIN_BODY_RATE for 4x the pause after it,
+    # so a busy machine delaying a piece by seconds does not end the upload
+    from deepfake_ray.serving import http
+
+    face = encode(rgb(3, 256), "JPEG", quality=95)
+    quarter = len(face) // 4
+    assert quarter / http.MIN_BODY_RATE > 4 * BODY_IDLE_S * 0.4, len(face)
+    pieces = [face[:quarter], face[quarter:2 * quarter], face[2 * quarter:3 * quarter], face[3 * quarter:]]
+    answer, _ = raw_post(service, "/v1/detect", f"Content-Length: {len(face)}\r\n", pieces,
                          BODY_IDLE_S * 0.4, wait=60)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     # more stalled uploads than the replica has slots (tiny preset: 64), left open: their
@@ -1021,7 +1028,7 @@ def test_a_second_score_into_one_out_is_refused_while_the_first_runs(ray_session
         "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", images_dir, "--out", str(out)]
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert processes.first_line(holder).strip() == "held"
         assert cli.main(argv) == 2
         assert error_lines(capsys) == [f"deepfake-ray score: error: another score (pid {holder.pid} on "
                                        f"{socket.gethostname()}) is writing --out {out}: wait for it to end, "
@@ -2132,7 +2139,7 @@ def test_decode_helpers_end_once_the_process_that_started_them_is_killed(tmp_pat
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "face.jpg")], env=subprocess_env(),
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert parent.stdout.readline() == "decoded\n"
+        assert processes.first_line(parent) == "decoded\n"
         helpers = children_of(parent.pid, b"multiprocessing.spawn")
         assert helpers, "no helper found"
         parent.kill()

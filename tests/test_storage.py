@@ -9,6 +9,7 @@ import pytest
 from deepfake_ray import cli, config, s3, storage
 from deepfake_ray.errors import UsageError
 from tests.cli_output import error_lines
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -382,7 +383,7 @@ def holding(folder: str, command: str, **popen):
         "import time; from deepfake_ray import storage\n"
         f"with storage.exclusive({folder!r}, {command!r}):\n"
         "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True, **popen)
-    assert holder.stdout.readline().strip() == "held"
+    assert processes.first_line(holder).strip() == "held"
     return holder
 
 
@@ -739,7 +740,7 @@ def test_a_killed_cluster_drivers_s3_lock_is_taken_over_at_once_on_that_cluster(
         "    print(ray.get_runtime_context().get_job_id(), flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     try:
-        job = holder.stdout.readline().strip()
+        job = processes.first_line(holder).strip()
         assert job, "the holder did not start"
         with pytest.raises(UsageError, match=rf"another pipeline \(pid {holder.pid} on .+\) is writing"):
             with storage.exclusive(workdir, "pipeline"):  # it lives: refused
