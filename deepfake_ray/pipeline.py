@@ -133,7 +133,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
         storage.write_json(timings_uri, record)
         if command == "prepare":
             check_every_split_holds_images(cfg, made)
-    closing_lines(cfg)
+    closing_lines(cfg, record["stages"])
     return record
 
 
@@ -219,18 +219,30 @@ def score_test_split(cfg: Config, force: bool = False) -> dict:
     return lineage.complete(cfg, SCORE, {"scores": out}, plan.made)
 
 
-def closing_lines(cfg: Config) -> None:
+SHOWN = {"roc_auc": "ROC-AUC", "average_precision": "average precision", "accuracy": "accuracy", "f1": "F1"}
+
+
+def closing_lines(cfg: Config, stages: list[dict] = ()) -> None:
     try:
         metrics = storage.read_json(storage.join(cfg.workdir, "eval", "metrics.json"))
     except FileNotFoundError:
         metrics = {}
     print("\n=== done ===")
+    if ran := [s for s in stages if "seconds" in s]:  # each stage's time, as pipeline.json keeps it
+        print("stages: " + ", ".join(f"{s['name']} {s['seconds']:.0f}s" + (" (skipped)" if s["status"] == "skipped"
+                                                                          else "") for s in ran)
+              + f"; {sum(s['seconds'] for s in ran):.0f}s in all")
     if metrics:
         from deepfake_ray.detector.metrics import SCOPE
 
         print("held-out test: " + ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("roc_auc", "average_precision", "accuracy", "f1")
-            if isinstance(metrics.get(k), (int, float))) + f" ({SCOPE})")
+            f"{name} {metrics[k]:.4f}" for k, name in SHOWN.items()
+            if isinstance(metrics.get(k), (int, float))) + f"; {SCOPE}")
+    fakes = storage.completed(storage.join(cfg.workdir, "fakes")) or {}
+    if blank := fakes.get("blank_fakes"):  # said by generate, maybe in an earlier run: said again here
+        print(f"warning: {blank:,} of {fakes.get('images', blank):,} fakes are nearly one grey, no face drawn: "
+              "the metrics above measure telling those from faces; train the GAN longer "
+              "(README: generate's checks on the fakes)")
     print(f"report: {storage.join(cfg.workdir, 'report.html')}")
     model = storage.join(cfg.workdir, "detector", "model")
     made = storage.completed(storage.join(cfg.workdir, "detector")) or {}

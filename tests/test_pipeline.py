@@ -261,7 +261,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert f"detector.pretrained={weights} changed since this run began" in log
     exported = storage.read_json(f"{workdir}/detector/model/model.json")  # what it began from, for an audit
     assert exported["pretrained"] == {"weights": weights, "sha256": began_from}  # not the file there now
-    assert "held-out test: roc_auc" in log and "fakes of this run's own DCGAN only, not other generators'" in log
+    assert "held-out test: ROC-AUC" in log and "fakes of this run's own DCGAN only, not other generators'" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps
     history = storage.read_json(f"{workdir}/detector/history.json")
@@ -406,7 +406,8 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
             if stage.command in fail:
                 raise RuntimeError(f"{stage.command} failed")
             exported = {"model_id": "inception_resnet_v2@0123456789ab", "val_auc": 0.97} \
-                if stage.command == "train-detector" else {}
+                if stage.command == "train-detector" else {"images": 10, "blank_fakes": 3} \
+                if stage.command == "generate" else {}
             return lineage.complete(cfg, stage, {"seconds": 1.0, **exported}, lineage.made(cfg, stage))
         return run
 
@@ -430,11 +431,15 @@ def test_a_rerun_skips_the_current_stages_and_remakes_those_after_a_redone_one(t
     assert "model: inception_resnet_v2@0123456789ab (validation ROC-AUC 0.9700)" in closing
     assert "args.model_id inception_resnet_v2@0123456789ab" in closing
     assert f"serve it: deepfake-ray serve --model '{tmp_path}/my runs/detector/model'  (" in closing  # to copy
+    # each stage's time and the total; fakes of no face, which generate warned of, said again
+    assert re.search(r"\nstages: prepare \d+s, train-gan \d+s, .*, report \d+s; \d+s in all\n", closing), closing
+    assert "warning: 3 of 10 fakes are nearly one grey, no face drawn" in closing
     ran.clear()
     pipeline.run(cfg)
     assert ran == ["report"] and statuses() == ["skipped"] * 6 + ["done"]
     assert all("made_in" in s for s in storage.read_json(f"{cfg.workdir}/pipeline.json")["stages"][:6])
-    assert "=== train-detector === (complete, skipped)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "=== train-detector === (complete, skipped)" in out and "train-gan 0s (skipped)" in out
     lineage.complete(cfg, generate.STAGE, {}, lineage.made(cfg, generate.STAGE))  # the fakes made again
     ran.clear()
     pipeline.run(cfg)
