@@ -1229,12 +1229,20 @@ def test_a_folder_with_no_image_in_it_exits_2_saying_what_it_holds(ray_session, 
     for i in range(2):
         storage.write_parquet(str(parts / f"part-{i}.parquet"), pa.table({"image": [JPEG]}))
     argv = ["score", "--preset", "tiny", "--model", model_dir, "--input", str(parts), "--out", str(out)]
+    fix = ("pass --input a folder of images, or a manifest .parquet whose 'path' column lists them (the "
+           "pipeline writes its test split's images as files, to WORKDIR/score/test_images/real and fake)")
     assert cli.main(argv) == 2
     err = error_lines(capsys)
-    assert err == [f"deepfake-ray score: error: none of the 2 files from --input {parts} is an image: they "
-                   "are Parquet files, a table: pass --input a folder of images, or a manifest .parquet "
-                   "whose 'path' column lists them"], err
+    assert err == [f"deepfake-ray score: error: --input {parts} holds Parquet files only (2), a table, not "
+                   f"images: {fix}"], err
     assert not out.exists()
+    # its manifest, whose paths name the images made inside the run (it sent users to a
+    # FileNotFoundError for 'fake:0:0000000'): said as it is read
+    manifest = tmp_path / "manifest.parquet"
+    storage.write_parquet(str(manifest), pa.table({"path": ["fake:0:0000000", "fake:0:0000001"]}))
+    assert cli.main([*argv[:argv.index("--input") + 1], str(manifest), "--out", str(out)]) == 2
+    assert error_lines(capsys) == [f"deepfake-ray score: error: manifest {manifest} is a work directory's: its "
+                                   f"paths (fake:0:0000000, ...) name images made inside the run, not files: {fix}"]
     (parts / "notes.txt").write_text("not a face")  # a folder of other files: the first reason
     assert cli.main(argv) == 2
     err = error_lines(capsys)

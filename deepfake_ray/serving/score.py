@@ -86,13 +86,26 @@ def list_inputs(src: str, out: str | None = None) -> list[str]:
             raise UsageError(f"manifest {src}'s 'path' column holds {table.schema.field('path').type}, "
                              "not text: give the paths as strings")
         paths = [p or "" for p in table.column("path").to_pylist()]  # an empty one: an error row
+        if made := next((p for p in paths if p.startswith(("fake:", "sample:"))), None):
+            raise UsageError(f"manifest {src} is a work directory's: its paths ({made}, ...) name images "
+                             f"made inside the run, not files: {INSIDE_PARQUET}")
     else:
         check_input(src)
         # listed once a command: its checks before Ray starts list a local folder too
         paths = [p for p in sources.source_listing(src) if not same_file(p, out)]
+        if paths and all(p.lower().endswith(".parquet") for p in paths):
+            raise UsageError(f"--input {src} holds Parquet files only ({len(paths):,}), a table, not images: "
+                             f"{INSIDE_PARQUET}")
     if not paths:
         raise UsageError(f"--input {src} holds no files to score: check the path")
     return paths
+
+
+PARQUET_FIX = "pass --input a folder of images, or a manifest .parquet whose 'path' column lists them"
+# a work directory's data/ and fakes/ hold their images inside Parquet parts, and the
+# manifests name the generated ones by seed and index
+INSIDE_PARQUET = (f"{PARQUET_FIX} (the pipeline writes its test split's images as files, to "
+                  "WORKDIR/score/test_images/real and fake)")
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -432,8 +445,7 @@ def check_some_read(table: pa.Table, src: str, manifest: bool) -> None:
                          "is empty): fill in the manifest's path column")
     if all(e.startswith(NOT_IMAGE) for e in errors):
         parquet = all(p.lower().endswith(".parquet") for p in table.column("path").to_pylist())
-        cause = ("they are Parquet files, a table: pass --input a folder of images, or a manifest "
-                 ".parquet whose 'path' column lists them" if parquet else f"the first: {errors[0][:300]}")
+        cause = f"they are Parquet files, a table: {PARQUET_FIX}" if parquet else f"the first: {errors[0][:300]}"
         raise UsageError(f"none of the {len(errors):,} files from --input {src} is an image: {cause}")
     if not all(e.startswith(UNREAD) for e in errors):
         return
