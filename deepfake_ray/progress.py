@@ -10,6 +10,11 @@ from collections.abc import Callable
 EVERY_S = {True: 1.0, False: 10.0}  # by whether stdout is a terminal
 
 
+def count(n: int, thing: str) -> str:
+    """`1 epoch`, `2 epochs`, `1,000 files`: a count as a sentence says it."""
+    return f"{n:,} {thing}{'s' * (n != 1)}"
+
+
 def interactive() -> bool:
     """Whether this process is a notebook's kernel or a Python prompt (`python -i` too):
     one that goes on after a command, and shows colours."""

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import ray.data
 
 import deepfake_ray
-from deepfake_ray import lineage, runtime, storage
+from deepfake_ray import lineage, progress, runtime, storage
 from deepfake_ray.config import Config, DataConfig
 from deepfake_ray.data import crashes, datasets, decode, kaggle_source, near_copies, sample, sources
 from deepfake_ray.data.sources import Source, check_source, resolve_source
@@ -707,7 +707,7 @@ def outside_workdirs(src: Source, workdir: str, quiet: bool = False) -> Source:
                          "pass the folder of face images as --source, or a --workdir outside it")
     left = len(src.files) - len(kept)
     if not quiet:
-        print(f"prepare: leaving out {left:,} file{'s' * (left != 1)} inside the work "
+        print(f"prepare: leaving out {progress.count(left, 'file')} inside the work "
               f"director{'ies' if len(inside) > 1 else 'y'} {named}")
     return dataclasses.replace(src, files=kept)
 
@@ -718,7 +718,7 @@ def note_others(src: Source) -> None:
     if not src.others:
         return
     n, first = len(src.others), storage.shown(src.others[0][len(src.root):].lstrip("/"))
-    print(f"prepare: note: left out {n:,} file{'s' * (n != 1)} not named {'/'.join(sources.image_suffixes())} "
+    print(f"prepare: note: left out {progress.count(n, 'file')} not named {'/'.join(sources.image_suffixes())} "
           f"(first: {first}): convert any images among them to one of these to ingest them", flush=True)
 
 

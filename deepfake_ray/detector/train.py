@@ -19,7 +19,7 @@ import time
 
 from safetensors.torch import save as st_save
 
-from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
+from deepfake_ray import checkpoint, config, lineage, progress, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, metrics
@@ -77,8 +77,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     lineage.start(cfg, STAGE, plan)
     started = time.time()
     workers, batch = cfg.resources.workers, cfg.detector.batch_size
-    print(f"train-detector: {describe(selection)}; {cfg.detector.epochs} epochs, "
-          f"{workers} worker(s) x batch {batch} ({workers * batch} a step), "
+    print(f"train-detector: {describe(selection)}; {progress.count(cfg.detector.epochs, 'epoch')}, "
+          f"{progress.count(workers, 'worker')} x batch {batch} ({workers * batch} a step), "
           f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
     fine_tune(cfg, selection, pretrained, stage, pretrained_sha256=weights_sha256(pretrained))
     summary = publish(cfg, stage, time.time() - started, plan.made)

@@ -28,7 +28,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from deepfake_ray import checkpoint, config, lineage, runtime, storage, training
+from deepfake_ray import checkpoint, config, lineage, progress, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.detector import data, metrics, train
 from deepfake_ray.errors import UsageError
@@ -172,7 +172,7 @@ def concurrency(cfg: Config) -> int:
     fits = int(max(1, fits))  # check_fits: one fits
     if wanted > fits and t.max_concurrent_trials:
         print(f"tune: tune.max_concurrent_trials={t.max_concurrent_trials}, but only {fits} trial(s) "
-              f"fit this machine at once (each: {r.workers} worker(s) x {r.cpus_per_worker:g} CPUs "
+              f"fit this machine at once (each: {progress.count(r.workers, 'worker')} x {r.cpus_per_worker:g} CPUs "
               f"+ {r.data_cpus:g} for its data): running {fits} at a time", flush=True)
     return min(wanted, fits)
 

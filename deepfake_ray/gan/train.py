@@ -13,7 +13,7 @@ import time
 
 import ray
 
-from deepfake_ray import config, lineage, runtime, storage, training
+from deepfake_ray import config, lineage, progress, runtime, storage, training
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.data.decode import decode_jpeg
@@ -134,7 +134,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     lineage.start(cfg, STAGE, plan)
     g, r = cfg.gan, cfg.resources
     print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
-          f"{g.epochs} epochs, {r.workers} worker(s) x batch {g.batch_size} ({r.workers * g.batch_size} a step)"
+          f"{progress.count(g.epochs, 'epoch')}, {progress.count(r.workers, 'worker')} x batch {g.batch_size} "
+          f"({r.workers * g.batch_size} a step)"
           f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''} -> {stage}", flush=True)
     started = time.time()
     # whole: Ray Train's workers run in folders of their own (the API takes a relative workdir)
