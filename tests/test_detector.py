@@ -640,6 +640,19 @@ def test_each_robustness_condition_degrades_the_image_as_named():
 
 # --- the CLI without the model hub ----------------------------------------------------
 
+def test_no_threshold_for_any_budget_is_one_line_saying_why():
+    """Too few validation reals for every budget was four lines, one offering to set a
+    threshold in model.json where there was none to set."""
+    from deepfake_ray.detector import evaluate
+
+    budgets = metrics.budget_thresholds(np.array([0] * 9 + [1] * 9), np.linspace(0, 1, 18),
+                                        np.array([0, 1]), np.array([0.2, 0.9]))
+    assert evaluate.budget_table(budgets, "runs/x/detector/model") == (
+        "thresholds for a false-positive budget: none chosen on the validation split's 9 reals (5.0%: needs "
+        "20 validation reals or more; 1.0%: needs 100 validation reals or more; 0.1%: needs 1,000 "
+        "validation reals or more)")
+
+
 def test_an_export_cut_short_leaves_no_metadata_that_would_vouch_for_it(tmp_path, monkeypatch):
     """best/ is rewritten whenever an epoch beats it. Killed after the new weights but
     before their model.json, it must not show the old epoch's metrics over the new

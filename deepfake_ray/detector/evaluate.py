@@ -106,8 +106,11 @@ def threshold_source(meta: dict) -> str:
 def budget_table(budgets: list[dict], model_uri: str) -> str:
     """thresholds.json as evaluate prints it, each threshold whole (a short decimal, as
     metrics.budget_threshold picks it: copied as printed, it flags what was measured)."""
-    lines = [f"thresholds for a false-positive budget, chosen on the validation split's "
-             f"{budgets[0]['validation_reals']:,} reals (to use one, set \"threshold\" in "
+    reals = f"the validation split's {budgets[0]['validation_reals']:,} reals"
+    if all(b["threshold"] is None for b in budgets):  # one line: nothing to set
+        return (f"thresholds for a false-positive budget: none chosen on {reals} ("
+                + "; ".join(f"{b['false_positive_budget']:.1%}: {b['note']}" for b in budgets) + ")")
+    lines = [f"thresholds for a false-positive budget, chosen on {reals} (to use one, set \"threshold\" in "
              f"{storage.shown(storage.join(model_uri, checkpoint.META))}):"]
     for b in budgets:
         if b["threshold"] is None:
