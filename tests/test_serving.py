@@ -407,7 +407,7 @@ def test_serve_joining_a_cluster_whose_serve_listens_elsewhere_names_that_addres
 
 
 def test_replicas_the_in_process_ray_cannot_place_exit_2_instead_of_waiting_forever(ray_session, model_dir,
-                                                                                  tmp_path, monkeypatch, capsys):
+                                                                                  monkeypatch, capsys):
     """Serve waits without end for replicas nothing can place (its warning every 30 s):
     `serve --set serve.cpus_per_replica=8` on the embedded Ray never started, nor stopped."""
     from ray import serve
@@ -417,7 +417,7 @@ def test_replicas_the_in_process_ray_cannot_place_exit_2_instead_of_waiting_fore
     for setting in ([f"serve.cpus_per_replica={cpus + 1:g}"],
                     ["serve.min_replicas=2", "serve.max_replicas=2", f"serve.cpus_per_replica={cpus / 2 + 0.5:g}"]):
         code = cli.main(["serve", "--preset", "tiny", "--model", model_dir, "--port", str(free_port()),
-                         "--workdir", str(tmp_path / "work"), *[a for kv in setting for a in ("--set", kv)]])
+                         *[a for kv in setting for a in ("--set", kv)]])
         err = error_lines(capsys)
         assert code == 2 and len(err) == 1 and f"CPUs and the in-process Ray has {cpus:g}: lower them" in err[0], err
 

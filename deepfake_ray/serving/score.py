@@ -111,9 +111,11 @@ INSIDE_PARQUET = (f"{PARQUET_FIX} (the pipeline writes its test split's images a
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def same_file(path: str, out: str) -> bool:
+def same_file(path: str, out: str | None) -> bool:
     """Whether a listed file is the table `out`, also through a linked folder (`--input
     link --out real/scores.csv`); the name first: one path resolved, not every file's."""
+    if out is None:
+        return False
     name = out.rsplit("/", 1)[-1]
     return path.rsplit("/", 1)[-1] == name and sources.location(path) == sources.location(out)
 
