@@ -446,6 +446,13 @@ def configure_data() -> None:
     # An error raised in a map task reaches the driver as itself, not as a UserCodeException
     # whose cause is lost on the way: the CLI turns a UsageError or an S3 failure into one line.
     context.raise_original_map_exception = True
+    # a task ended by an S3 failure that passes (s3.TRANSIENT_ERRORS: throttled past the
+    # clients' retries, a reset) runs again, up to 3 times, rather than failing the stage
+    # (an ingest of millions of files then started anew); tasks are safe to run again
+    from deepfake_ray import s3
+
+    context.retried_map_errors = list(s3.TRANSIENT_ERRORS)
+    context.max_map_retries = 3
     for handler in console_handlers("ray.data"):  # the log file keeps all
         handler.addFilter(drop_explained_tracebacks)
     if quiet:

@@ -99,7 +99,12 @@ def filesystem_for(endpoint: str | None, region: str | None, ca: str | None) -> 
     # through boto3, see s3_put): a file under 5 MB is sent as one PutObject when closed,
     # not as a multipart upload opened at once (three round trips: 31 against 15 ms a
     # file on moto)
-    return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
+    # 6 tries, backing off 25 ms doubling (1.6 s in all): pyarrow's default, 3 tries from a
+    # budget the filesystem shares, stopped retrying at all once many requests had failed
+    # (throttled: S3 splitting a busy prefix). Longer waits are the Ray Data task's to
+    # retry (runtime.configure_data); an endpoint nothing answers fails within seconds.
+    return pafs.S3FileSystem(allow_delayed_open=True, retry_strategy=pafs.AwsDefaultS3RetryStrategy(6),
+                             **kwargs)
 
 
 # The AWS SDK's error names, as pyarrow's messages carry them -> what the user should check.
@@ -134,6 +139,16 @@ BOTO_PROBLEMS = {"NoSuchBucket": "NO_SUCH_BUCKET", "AccessDenied": "ACCESS_DENIE
                  "InvalidObjectState": "INVALID_OBJECT_STATE", "ExpiredToken": "EXPIRED_TOKEN",
                  "RequestExpired": "EXPIRED_TOKEN", "TokenRefreshRequired": "EXPIRED_TOKEN",
                  "QuotaExceeded": "QUOTA_EXCEEDED", "XMinioAdminBucketQuotaExceeded": "QUOTA_EXCEEDED"}
+
+
+# S3 failures that pass: throttling, its 500s and 503s, a connection reset mid-body; as
+# boto3's errors and pyarrow's (the AWS SDK's names) word them. A Ray Data task that ends
+# on one is run again (runtime.configure_data), once the clients' own retries are spent.
+TRANSIENT_ERRORS = ("(SlowDown)", "(ServiceUnavailable)", "(InternalError)", "(RequestTimeout)",
+                    "(503)", "(500)", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
+                    "AWS Error INTERNAL_FAILURE", "AWS Error REQUEST_TIMEOUT", "AWS Error THROTTLING",
+                    "curlCode: 18", "Connection was closed before we received a valid response",
+                    "Read timeout on endpoint URL", "Connection broken")
 
 
 # What S3 answers a read of one object it keeps from us while it lists the others: archived,
@@ -217,6 +232,8 @@ def pyarrow_problem(e: BaseException) -> str | None:
     if not isinstance(e, OSError) or "AWS Error" not in text:
         return None
     code = next((c for c in S3_PROBLEMS if f"AWS Error {c}" in text), None)
+    if code is None and (named := re.search(r"ExceptionName: (\w+)", text)):  # "AWS Error UNKNOWN (...)"
+        code = BOTO_PROBLEMS.get(named.group(1))  # an expired session token's, an archived object's
     return "ACCESS_DENIED" if code is None and "response code: 403" in text else code
 
 

@@ -251,9 +251,12 @@ def s3_get(uri: str, max_bytes: int | None = None) -> bytes:
     client, bucket, key = s3.s3_client(uri)
     try:
         response = client.get_object(Bucket=bucket, Key=key)
-        with response["Body"] as body:
+        body = response["Body"]  # read as botocore's: a reset mid-body is its error, not urllib3's
+        try:
             check_size(response.get("ContentLength"), max_bytes)
             return body.read()
+        finally:
+            body.close()
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code")
         if code in ("NoSuchKey", "404"):
