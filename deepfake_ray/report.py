@@ -126,7 +126,10 @@ def records_table(records: list[dict], source: str) -> Table:
         headers = headers[:MAX_COLUMNS]
     if len(records) > MAX_ROWS:
         note.append(f"{len(records) - MAX_ROWS} more rows")
-    rows = [[fmt(r.get(h)) for h in headers] for r in records[:MAX_ROWS]]
+    # a value given as null (a diverged epoch's NaN loss, as JSON writes it) is n/a; a key
+    # the entry lacks (a newer column) is left empty
+    rows = [[fmt(r[h]) if r.get(h) is not None else "n/a" if h in r else "" for h in headers]
+            for r in records[:MAX_ROWS]]
     return Table(headers, rows, f"{' and '.join(note)} in {source}" if note else "")
 
 

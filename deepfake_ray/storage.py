@@ -348,7 +348,14 @@ def write_text(uri: str, text: str) -> None:
 
 
 def write_json(uri: str, obj) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """As strict JSON: NaN and infinities (a diverged epoch's losses, a ROC-AUC of one
+    class's images) as null, which every parser reads; readers take null as not finite."""
+    write_text(uri, json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+
+
+def finite(value) -> bool:
+    """A number, and finite: JSON's null (a NaN or infinity written) is not."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def json_safe(value):

@@ -881,7 +881,11 @@ def test_a_sweep_publishes_its_trial_of_the_highest_roc_auc_one_that_failed_only
     assert list(rows["stopped_early"]) == [True, False, False]  # of 3 epochs
     assert rows["diverged_at"].tolist()[1] == 2 and rows["diverged_at"].isna().tolist() == [True, False, True]
     with open(os.path.join(tune.tune_dir(cfg.workdir), "results.csv")) as f:
-        assert [r["trial_id"] for r in csv.DictReader(f)] == ["t1", "t0", "t2"]
+        written = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in written] == ["t1", "t0", "t2"]
+    # counts as whole numbers, also in a column with gaps ("2", not "2.0")
+    assert [(r["diverged_at"], r["best_epoch"], r["epochs_run"]) for r in written] == [
+        ("", "1", "1"), ("2", "1", "2"), ("", "1", "1")]
 
 
 def test_a_training_that_diverged_publishes_no_detector(tiny_cfg):

@@ -295,7 +295,7 @@ def test_a_gan_that_diverged_is_refused_with_a_lower_rate_not_exported(trained, 
     more = [a for kv in (*TRAINED, f"gan.epochs={EPOCHS + 1}", "resources.workers=1") for a in ("--set", kv)]
     code, err = run_cli(capsys, "train-gan", "--preset", "tiny", "--workdir", workdir, *more)
     assert code == 2 and err == [
-        f"deepfake-ray train-gan: error: train-gan diverged at epoch {EPOCHS + 1} (G loss nan, D loss nan) at "
+        f"deepfake-ray train-gan: error: train-gan diverged at epoch {EPOCHS + 1} (G loss not finite, D loss not finite) at "
         "gan.lr=0.00025: no generator was exported; train anew with a lower rate: deepfake-ray train-gan "
         f"--workdir {workdir} --force --set gan.lr=2.5e-05"], err
     history = storage.read_json(os.path.join(gan, "history.json"))

@@ -442,15 +442,24 @@ def test_histories_count_from_1_throughout_and_show_the_printed_metrics_first(tm
 
 
 def test_a_history_whose_losses_overflowed_is_shown_not_a_traceback(tmp_path):
-    """A diverged GAN's history holds Infinity and NaN (JSON's extensions, as Python writes
-    them): rounding inf raised OverflowError and the report failed."""
+    """A diverged GAN's history held Infinity and NaN (JSON's extensions, as Python writes
+    them, until 2026-12-07): rounding inf raised OverflowError and the report failed. Now
+    written as null, which every JSON parser reads, and shown as n/a."""
     w = str(tmp_path / "work")
     write_workdir(w, epochs=1)
-    storage.write_json(storage.join(w, "gan/history.json"), [
-        {"epoch": 0, "g_loss": float("inf"), "d_loss": float("nan"), "d_real": 1.0, "d_fake": 0.0}])
+    diverged = [{"epoch": 0, "g_loss": float("inf"), "d_loss": float("nan"), "d_real": 1.0, "d_fake": 0.0}]
+    with open(os.path.join(w, "gan", "history.json"), "w") as f:  # as an older run wrote it
+        json.dump(diverged, f)
     report.run(config.build("tiny", workdir=w))
     md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
     assert "| 1 | inf | nan | 1 | 0 |" in md, md
+    storage.write_json(storage.join(w, "gan/history.json"), diverged)
+    assert json.loads(storage.read_text(storage.join(w, "gan/history.json")),
+                      parse_constant=lambda c: pytest.fail(f"history.json holds {c}")) == [
+        {**diverged[0], "g_loss": None, "d_loss": None}]
+    report.run(config.build("tiny", workdir=w))
+    md = open(os.path.join(w, "report.md"), encoding="utf-8").read()
+    assert "| 1 | n/a | n/a | 1 | 0 |" in md, md
 
 
 def test_damaged_files_are_reported_not_fatal(tmp_path):

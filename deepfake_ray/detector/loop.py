@@ -264,8 +264,8 @@ def restore_best(loop: dict, cfg, model, history: list[dict], pre: dict) -> dict
     storage.write_json(storage.join(loop["out_dir"], "history.json"), history)
     want = best_of(history)
     found = best_so_far(loop["out_dir"])
-    if json.dumps(found, sort_keys=True) == json.dumps(vouched(want), sort_keys=True):  # NaN == NaN
-        return want
+    if json.dumps(found, sort_keys=True) == json.dumps(storage.json_safe(vouched(want)), sort_keys=True):
+        return want  # (as written: a NaN is null there)
     if want is history[-1]:
         weights = model.state_dict()  # the epoch just restored
     else:

@@ -7,6 +7,8 @@ from decimal import ROUND_FLOOR, Decimal
 import numpy as np
 from sklearn import metrics as skm
 
+from deepfake_ray import storage
+
 CALIBRATION_BINS = 10  # equal-width p_fake bins of the expected calibration error (ECE)
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95% intervals
 # evaluate's conditions, clean first: its table and the report's rows come in this order
@@ -34,17 +36,17 @@ NEAR_CHANCE_AUC = 0.55  # a ROC-AUC this low: the scores barely tell fakes from 
 def diverged(epoch: dict) -> bool:
     """Whether a history entry's training loss is not a number: the loop stops there (AdamW
     keeps NaN weights NaN). An entry without one (an older history) did not."""
-    return not math.isfinite(epoch.get("train_loss", 0.0))
+    return not storage.finite(epoch.get("train_loss", 0.0))  # null: history.json's NaN
 
 
 def near_chance(command: str, what: str, auc: float) -> str | None:
     """A warning line for a detector whose ROC-AUC is at or near chance (0.5), below it
     (its scores inverted), or not a number, else None: a sweep published one of 0.50, a
     constant output, with status ok and nothing said."""
-    if auc > NEAR_CHANCE_AUC:
+    if storage.finite(auc) and auc > NEAR_CHANCE_AUC:
         return None
-    how = "not a number" if auc != auc else f"{auc:.4f}, " + ("below chance (0.5): its scores are "
-                                                             "inverted" if auc < 0.45 else "near chance (0.5)")
+    how = "not a number" if not storage.finite(auc) else f"{auc:.4f}, " + (
+        "below chance (0.5): its scores are inverted" if auc < 0.45 else "near chance (0.5)")
     return (f"{command}: warning: {what} ROC-AUC {how}; the detector does not tell fakes from reals: "
             "train longer, with another detector.lr (or tune.lr_min..lr_max), or on more images")
 

@@ -12,7 +12,6 @@ chosen on validation; the test split is left for `deepfake-ray evaluate`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import stat
 import time
@@ -306,8 +305,7 @@ def diverged_late(history: list[dict], meta: dict, tuned: bool = False) -> str |
 def check_converged(meta: dict, history_uri: str) -> None:
     """UsageError when even the best epoch's validation loss was not finite: such a model
     gives NaN scores, which score and serve would otherwise report as "real"."""
-    loss = meta["metrics"].get("val_loss", float("nan"))
-    if not math.isfinite(loss):
+    if not storage.finite(meta["metrics"].get("val_loss")):  # null: model.json's NaN
         raise UsageError(f"training diverged at detector.lr={float(meta.get('lr') or 0):g}: no epoch had "
                          f"a finite validation loss ({history_uri}); {lower_rate(meta)}")
 

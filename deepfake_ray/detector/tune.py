@@ -309,7 +309,9 @@ def collect(cfg: Config, grid) -> pd.DataFrame:
     from deepfake_ray.detector import figures  # matplotlib: the driver's, not every trial's
 
     rows = [trial_row(cfg, result) for result in grid]
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    # counts as whole numbers, also in a column with gaps (a failed trial's): "5", not "5.0"
+    frame = pd.DataFrame(rows, columns=COLUMNS).astype(
+        {"epochs_run": "Int64", "best_epoch": "Int64", "diverged_at": "Int64", "stopped_early": "boolean"})
     ok = frame[frame["val_auc"].notna()]
     if ok.empty and (frame["status"] == "diverged").any():
         raise UsageError(f"no tune trial gave finite scores at learning rates {frame['lr'].min():.2e}.."
@@ -349,7 +351,7 @@ def trial_row(cfg: Config, result) -> dict:
                 "val_auc": math.nan, "error": error or "no epoch finished"}
     history = storage.read_json(storage.join(out, "history.json"))
     m = meta["metrics"]
-    diverged = m["val_auc"] != m["val_auc"]  # NaN: even its best epoch's scores were not finite
+    diverged = not storage.finite(m["val_auc"])  # NaN (null): even its best epoch's scores were not
     status = "error" if error else "diverged" if diverged else "ok"
     # the epoch (from 1) whose loss was not a number, where the trial stopped: its best
     # epoch came before it

@@ -7,7 +7,6 @@ workers, reports them and (on rank 0) checkpoints and writes the figures.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 
@@ -234,7 +233,8 @@ def train_loop(config: dict) -> None:
 
 
 def diverged(m: dict) -> bool:
-    return not all(math.isfinite(m[k]) for k in METRICS)
+    """Whether an epoch's losses are not finite (null, as history.json writes NaN)."""
+    return not all(storage.finite(m[k]) for k in METRICS)
 
 
 def export(run: Run) -> None:

@@ -115,8 +115,9 @@ def check_converged(cfg: Config, last: dict) -> None:
     """UsageError when the loop stopped at a diverged epoch (it exports no generator): its
     NaN weights drew black squares, which generate then blamed on a collapse."""
     if loop.diverged(last):
-        raise UsageError(f"train-gan diverged at epoch {last['epoch'] + 1} (G loss {last['g_loss']}, D loss "
-                         f"{last['d_loss']}) at gan.lr={cfg.gan.lr:g}: no generator was exported; train anew with a "
+        loss = {k: "not finite" if last[k] is None else last[k] for k in ("g_loss", "d_loss")}  # NaN: null
+        raise UsageError(f"train-gan diverged at epoch {last['epoch'] + 1} (G loss {loss['g_loss']}, D loss "
+                         f"{loss['d_loss']}) at gan.lr={cfg.gan.lr:g}: no generator was exported; train anew with a "
                          f"lower rate: {lineage.command_line(cfg.workdir, 'train-gan', settings_saved=False)} "
                          f"--force --set gan.lr={cfg.gan.lr / 10:g}")
 
