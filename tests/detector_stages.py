@@ -35,6 +35,8 @@ def write_stage(stage_uri: str, images: list[tuple[np.ndarray, str]], quality: i
                      "format": "JPEG", "sha1": decode.sha1(jpeg), "bytes": len(jpeg), "split": split,
                      "image": jpeg})
     manifest = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "image"} for r in rows])
+    manifest = manifest.cast(pa.schema([(f.name, pa.large_string() if f.type == pa.string() else f.type)
+                                        for f in manifest.schema]))  # text as prepare writes it
     images_table = pa.Table.from_pylist([{k: r[k] for k in ("sha1", "image")} for r in rows])
     storage.write_parquet(storage.join(datasets.images_uri(stage_uri), "part-0.parquet"), images_table)
     storage.write_parquet(datasets.manifest_uri(stage_uri), manifest)

@@ -585,7 +585,15 @@ def test_evaluate_measures_the_test_split_alone_at_the_models_threshold_and_choo
                                                                       "val_threshold": 0.37}
     assert "(threshold 0.37 from validation; 95% intervals)" in out
     # every image's score, the test split's under each condition: metrics.json's accuracy from it
-    scores = pq.read_table(storage.join(evaluate.eval_dir(cfg.workdir), "scores.parquet")).to_pandas()
+    table = pq.read_table(storage.join(evaluate.eval_dir(cfg.workdir), "scores.parquet"))
+    # joined with the manifests as the README says (pyarrow joins only keys of one type), and
+    # validation's missing degraded scores are null, as in score's tables (not NaN)
+    manifest = pq.read_table(storage.join(cfg.workdir, "data", "manifest.parquet"))
+    counted = table.to_pandas()
+    assert table.join(manifest.select(["sha1", "path"]), "sha1", join_type="inner").num_rows == (
+        counted["truth"] == "real").sum()
+    assert table["p_fake_blur_1.0"].null_count == (counted["split"] == "val").sum()
+    scores = table.to_pandas()
     test, val = scores[scores["split"] == "test"], scores[scores["split"] == "val"]
     assert (len(test), len(val), (val["truth"] == "real").sum()) == (8, 40, 20)
     assert val["p_fake"].notna().all() and val["p_fake_blur_1.0"].isna().all()

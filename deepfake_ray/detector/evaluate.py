@@ -127,10 +127,16 @@ def write_scores(out: str, frame, meta: dict) -> None:
     (join on sha1 with data/ and fakes/ manifests for the files)."""
     import pyarrow as pa
 
-    table = pa.table({"sha1": frame["sha1"].to_numpy(), "split": frame["split"].to_numpy(),
+    def scores(column: str) -> pa.Array:  # no score (validation's degraded ones): null, as score's table has
+        values = frame[column].to_numpy(dtype=np.float64)
+        return pa.array(values, mask=np.isnan(values))
+
+    # sha1 and split typed as the manifests' (large_string): pyarrow joins only like with like
+    table = pa.table({"sha1": pa.array(frame["sha1"].to_numpy(), pa.large_string()),
+                      "split": pa.array(frame["split"].to_numpy(), pa.large_string()),
                       "truth": np.where(frame["label"].to_numpy() == 1, "fake", "real"),
-                      "p_fake": frame["p_clean"].to_numpy(),
-                      **{f"p_fake_{c}": frame[f"p_{c}"].to_numpy() for c in CONDITIONS if c != "clean"}})
+                      "p_fake": scores("p_clean"),
+                      **{f"p_fake_{c}": scores(f"p_{c}") for c in CONDITIONS if c != "clean"}})
     table = table.replace_schema_metadata({"deepfake_ray.model": checkpoint.model_id(meta)})
     storage.write_parquet(storage.join(out, "scores.parquet"), table)
 
