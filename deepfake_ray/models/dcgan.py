@@ -126,14 +126,21 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
     d_loss.backward()
     opt_d.step()
 
-    # G's loss flows through D; under DDP, skip the all-reduce of D's gradients, which
-    # are discarded (D's grads are zeroed before its next step).
+    # G's loss flows through D, whose own weights' gradients are not wanted here (D's next
+    # step zeroes them): not computed, and under DDP not all-reduced either
     no_sync = getattr(D, "no_sync", contextlib.nullcontext)
-    with no_sync(), autocast:
-        g_logits = D(fake)
-        g_loss = loss_fn(g_logits.float(), torch.ones_like(g_logits, dtype=torch.float32))
-    opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
+    d_weights = [p for p in D.parameters() if p.requires_grad]
+    for p in d_weights:
+        p.requires_grad_(False)
+    try:
+        with no_sync(), autocast:
+            g_logits = D(fake)
+            g_loss = loss_fn(g_logits.float(), torch.ones_like(g_logits, dtype=torch.float32))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+    finally:
+        for p in d_weights:
+            p.requires_grad_(True)
     opt_g.step()
     return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
             "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
