@@ -67,7 +67,7 @@ def ray_loop(config: dict) -> None:
         args.to_ray.get()
         started, n = time.perf_counter(), 0
         for batch in shard.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True,
-                                        prefetch_batches=2, local_shuffle_buffer_size=4 * args.batch,
+                                        prefetch_batches=2, local_shuffle_buffer_size=16 * args.batch,
                                         local_shuffle_seed=epoch):  # as gan.loop.train_epoch
             z = torch.randn(len(batch["data"]), 100, generator=gen)
             dcgan.gan_step(G, D, opt_g, opt_d, to_unit_range(batch["data"]), z)

@@ -15,6 +15,13 @@ def count(n: int, thing: str) -> str:
     return f"{n:,} {thing}{'s' * (n != 1)}"
 
 
+def figure(value, digits: int = 4) -> str:
+    """A metric with `digits` decimals; n/a for none, or one not finite (JSON files write a
+    NaN as null, which a format would fail on)."""
+    finite = isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+    return f"{value:.{digits}f}" if finite else "n/a"
+
+
 def interactive() -> bool:
     """Whether this process is a notebook's kernel or a Python prompt (`python -i` too):
     one that goes on after a command, and shows colours."""

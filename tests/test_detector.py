@@ -648,6 +648,15 @@ def test_each_robustness_condition_degrades_the_image_as_named():
 
 # --- the CLI without the model hub ----------------------------------------------------
 
+def test_a_metric_json_keeps_as_null_is_said_as_n_a_not_a_traceback():
+    """A ROC-AUC of a split of one class is NaN, written as null since the JSON files are
+    strict: the lines that format it from a marker or model.json failed on None."""
+    from deepfake_ray.detector import evaluate
+
+    assert evaluate.STAGE.describe({"roc_auc": None}) == "test ROC-AUC n/a"
+    assert evaluate.STAGE.describe({"roc_auc": 0.98765}) == "test ROC-AUC 0.9877"
+
+
 def test_no_threshold_for_any_budget_is_one_line_saying_why():
     """Too few validation reals for every budget was four lines, one offering to set a
     threshold in model.json where there was none to set."""
@@ -1060,6 +1069,29 @@ def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ra
     assert tune.concurrency(cfg) == 1
     assert tune.run(cfg)["lr"] == pytest.approx(tune.rates(cfg)[0])
     assert "the one set by hand in the model it replaced, 0.871, is gone" in capsys.readouterr().out
+
+
+def test_a_detector_trained_on_two_workers_validates_on_the_whole_split(ray_session, tiny_cfg):
+    """Users train on 4-16 GPU workers, the other tests on one: the paths only several take
+    (each worker's validation scores gathered, the model wrapped anew as its backbone
+    unfreezes) ran nowhere. Its validation ROC-AUC is the whole split's, not one worker's
+    half's: the exported model scores the split to the same figure."""
+    from deepfake_ray.detector import train as detector_train
+
+    cfg = tiny_cfg(*FAST, "detector.arch=resnet10t", "resources.workers=2", "detector.epochs=2",
+                   "detector.freeze_backbone_epochs=1")
+    build(cfg.workdir, 60, 32)  # validation: 6 reals and 6 fakes, 6 for each worker
+    detector_train.run(cfg)
+    history = storage.read_json(os.path.join(cfg.workdir, "detector", "history.json"))
+    assert [(h["epoch"], h["workers"]) for h in history] == [(0, 2), (1, 2)]
+    meta = assert_exported_model(cfg, history)
+    state, _ = checkpoint.load_model(train.model_dir(cfg.workdir))
+    model = detector.from_meta(meta, state)
+    rows = data.dataset(cfg, data.select(cfg, ("val",), trained=False), "val").take_all()
+    assert len(rows) == 12
+    pixels, labels = np.stack([r["pixels"] for r in rows]), np.array([r["label"] for r in rows])
+    scored = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
+    assert meta["metrics"]["val_auc"] == pytest.approx(metrics.roc_auc(labels, scored), abs=1e-9)
 
 
 def test_a_sweep_asked_to_run_more_trials_at_once_than_fit_runs_what_fits_and_says_so(ray_session, tiny_cfg, capsys):

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from deepfake_ray import checkpoint, lineage, runtime, storage
+from deepfake_ray import checkpoint, lineage, progress, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.data import datasets
 from deepfake_ray.detector import data, figures, metrics
@@ -35,7 +35,7 @@ CONDITIONS = metrics.CONDITIONS
 
 # nothing in the config changes the evaluation; the model and the test split do
 STAGE = lineage.Stage("evaluate", "eval", ("data", "fakes", "detector"),
-                      describe=lambda d: f"test ROC-AUC {d.get('roc_auc', float('nan')):.4f}",
+                      describe=lambda d: f"test ROC-AUC {progress.figure(d.get('roc_auc'))}",
                       added=(("budget_thresholds", "before thresholds per false-positive budget: --force "
                               "evaluates again, writing eval/thresholds.json and eval/scores.parquet"),))
 

@@ -278,8 +278,8 @@ def publish(cfg: Config, source_dir: str, seconds: float, made: dict, extra: dic
                "threshold": meta["threshold"], "lr": meta.get("lr"), "epochs": cfg.detector.epochs,
                "seconds": round(seconds, 1), **(extra or {})}
     summary = lineage.complete(cfg, STAGE, summary, made)
-    print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {m['val_auc']:.4f}, "
-          f"loss {m['val_loss']:.4f}, threshold {meta['threshold']!r}) -> {target} "
+    print(f"train-detector: best epoch {meta['epoch'] + 1} (val ROC-AUC {progress.figure(m['val_auc'])}, "
+          f"loss {progress.figure(m['val_loss'])}, threshold {meta['threshold']!r}) -> {target} "
           f"(model {summary['model_id']})")
     if warning := metrics.near_chance("train-detector", "the best epoch's validation", m["val_auc"]):
         warn(warning)

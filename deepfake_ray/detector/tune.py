@@ -106,7 +106,7 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
                   "history.json stay): a tuned detector is never trained further")
     print(rows.to_string(index=False))
     print(f"tune: best lr {best['lr']:.2e} (trial {best['trial_id']}, val ROC-AUC "
-          f"{best['val_auc']:.4f}) -> {summary['model']}")
+          f"{progress.figure(best['val_auc'])}) -> {summary['model']}")
     return result
 
 
