@@ -331,7 +331,7 @@ def budget_blocks(w: str) -> list:
                              "test FPR": b.get("test_false_positive_rate"),
                              "test FPR 95%": b.get("test_false_positive_rate_ci95"),
                              "test recall": b.get("test_recall"), "test recall 95%": b.get("test_recall_ci95"),
-                             **({"note": b["note"]} if "note" in b else {})}) for b in budgets]
+                             **({"note": b["note"]} if b.get("note") else {})}) for b in budgets]
     reals = budgets[0].get("validation_reals") if budgets else None
     return [Text(f"Thresholds for a false-positive budget, chosen on the validation split's {fmt(reals)} "
                  "reals, and what each does on the held-out test split: to use one, set it as "

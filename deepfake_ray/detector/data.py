@@ -165,7 +165,7 @@ def dataset(cfg: Config, selection: Selection, splits: str | tuple[str, ...],
 class Wanted(NamedTuple):
     """The selected hashes, sorted, with each one's split and label (the manifests' splits,
     which the parts do not hold). Arrays, not a dict: every read task unpickles its
-    arguments, and a dict of 1.8M hashes (1M reals) was ~350 MB and ~1.5 s in each; arrays
+    arguments, and a dict of 1.8M hashes (1M reals) was ~350 MB and ~0.7 s in each; arrays
     arrive as they are, from the object store."""
     sha1: np.ndarray  # bytes, sorted
     split: np.ndarray  # index into splits

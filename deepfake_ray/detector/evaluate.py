@@ -78,7 +78,10 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
               "validation": meta.get("metrics", {}), "seconds": round(time.time() - started, 1)}
     budgets = metrics.budget_thresholds(val["label"].to_numpy(), val["p_clean"].to_numpy(), labels, scores["clean"])
     write_outputs(cfg, out, result, robustness, labels, scores)
-    storage.write_json(storage.join(out, "thresholds.json"), storage.json_safe(budgets))
+    # each row names its model, as metrics.json and the score tables do: a budget's threshold
+    # holds for the model it was chosen for only; a note in every row (null where none)
+    storage.write_json(storage.join(out, "thresholds.json"),
+                       [{"note": None, **b, "model": checkpoint.model_id(meta)} for b in budgets])
     write_scores(out, frame, meta)
     print(table(robustness, meta))
     print(budget_table(budgets, model_uri))
