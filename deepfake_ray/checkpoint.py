@@ -238,7 +238,8 @@ def write_state(directory: str, state: dict, metrics: dict | None = None) -> Non
     path = os.path.join(directory, STATE)
     torch.save(state, path)
     digest = storage.file_digest(path, "sha256")  # as a stream: not the ~0.65 GB at once
-    numbers = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+    # finite ones only: strict JSON, as every file of a run (a NaN ranks nothing anyway)
+    numbers = {k: v for k, v in (metrics or {}).items() if storage.finite(v)}
     with open(os.path.join(directory, STATE_OK), "w") as f:
         json.dump({"sha256": digest, "epoch": int(state.get("epoch", -1)), "metrics": numbers}, f)
 

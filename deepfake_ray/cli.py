@@ -280,12 +280,16 @@ PATH_KEYS = ("workdir", "data.source", "data.cache_dir", "detector.pretrained")
 def check_unexpanded(cfg, args: argparse.Namespace) -> None:
     """`workdir: $HOME/runs` in a --config file: no shell expands it, and a folder named
     `$HOME` was made in the current one. A value typed on the command line (a flag, a
-    --set) has been through the shell: a `$` left in it was quoted, a folder's own name."""
+    --set) has been through the shell: a `$` left in it was quoted, a folder's own name;
+    so is one that names a folder there now (a run's config.yaml records it so)."""
     from deepfake_ray.config import value_of
 
     typed = typed_keys(args)
     for key in PATH_KEYS:
-        if key not in typed and (variable := re.search(r"\$\{?[A-Za-z_]\w*\}?", value_of(cfg, key))):
+        value = value_of(cfg, key)
+        if key in typed or os.path.exists(os.path.expanduser(value)):
+            continue
+        if variable := re.search(r"\$\{?[A-Za-z_]\w*\}?", value):
             raise UsageError(f"{key}={value_of(cfg, key)} holds {variable[0]}, which nothing expands in a "
                              "config file: write the path out, or pass it on the command line, where "
                              "the shell expands it")

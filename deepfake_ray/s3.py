@@ -7,6 +7,7 @@ credentials, TLS). storage.py reads and writes through them; callers name them s
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import os
 import re
 import threading
@@ -99,12 +100,29 @@ def filesystem_for(endpoint: str | None, region: str | None, ca: str | None) -> 
     # through boto3, see s3_put): a file under 5 MB is sent as one PutObject when closed,
     # not as a multipart upload opened at once (three round trips: 31 against 15 ms a
     # file on moto)
-    # 6 tries, backing off 25 ms doubling (1.6 s in all): pyarrow's default, 3 tries from a
-    # budget the filesystem shares, stopped retrying at all once many requests had failed
-    # (throttled: S3 splitting a busy prefix). Longer waits are the Ray Data task's to
-    # retry (runtime.configure_data); an endpoint nothing answers fails within seconds.
-    return pafs.S3FileSystem(allow_delayed_open=True, retry_strategy=pafs.AwsDefaultS3RetryStrategy(6),
-                             **kwargs)
+    return pafs.S3FileSystem(allow_delayed_open=True, retry_strategy=retries(), **kwargs)
+
+
+def retries() -> pafs.S3RetryStrategy:
+    """6 tries, backing off 25 ms doubling (1.6 s in all). pyarrow's default, 3 tries from a
+    budget the filesystem shares, stopped retrying at all once many requests had failed
+    (throttled: S3 splitting a busy prefix). Longer waits are the Ray Data task's to retry
+    (runtime.configure_data); an endpoint nothing answers fails within seconds."""
+    return pafs.AwsDefaultS3RetryStrategy(6)
+
+
+def with_retries(kwargs: dict) -> pafs.S3FileSystem:
+    """An S3 filesystem unpickled (in a Ray Data task, a Train worker) with our retries:
+    pyarrow 26's own pickling leaves them out (apache/arrow GH-47348)."""
+    return pafs.S3FileSystem._reconstruct({**kwargs, "retry_strategy": retries()})
+
+
+def pickled_with_retries(fs: pafs.S3FileSystem):
+    _, (kwargs,) = fs.__reduce__()
+    return with_retries, (kwargs,)
+
+
+copyreg.pickle(pafs.S3FileSystem, pickled_with_retries)  # pickle's and cloudpickle's (Ray's)
 
 
 # The AWS SDK's error names, as pyarrow's messages carry them -> what the user should check.
@@ -144,11 +162,14 @@ BOTO_PROBLEMS = {"NoSuchBucket": "NO_SUCH_BUCKET", "AccessDenied": "ACCESS_DENIE
 # S3 failures that pass: throttling, its 500s and 503s, a connection reset mid-body; as
 # boto3's errors and pyarrow's (the AWS SDK's names) word them. A Ray Data task that ends
 # on one is run again (runtime.configure_data), once the clients' own retries are spent.
-TRANSIENT_ERRORS = ("(SlowDown)", "(ServiceUnavailable)", "(InternalError)", "(RequestTimeout)",
-                    "(503)", "(500)", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
-                    "AWS Error INTERNAL_FAILURE", "AWS Error REQUEST_TIMEOUT", "AWS Error THROTTLING",
-                    "curlCode: 18", "Connection was closed before we received a valid response",
-                    "Read timeout on endpoint URL", "Connection broken")
+# Ray tries each as a substring, then as a regex: anchored to the clients' own wording, so
+# that a file named IMG_1500.jpg in a message is no "(500)".
+TRANSIENT_ERRORS = (
+    r"An error occurred \((?:SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttling|50[03])\) "
+    r"when calling",
+    r"AWS Error (?:SLOW_DOWN|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_TIMEOUT|THROTTLING)\b",
+    r"curlCode: 18\b", "Connection was closed before we received a valid response",
+    "Read timeout on endpoint URL", "Connection broken: IncompleteRead")
 
 
 # What S3 answers a read of one object it keeps from us while it lists the others: archived,

@@ -68,8 +68,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     """Run (or resume) the Ray Train run `name` stored under `storage_uri`. It keeps the
     `keep` newest checkpoints, or with `keep_best_by` (a reported metric, higher is better)
     the `keep` best by it and the newest. `datasets` makes Ray Train's datasets once the run
-    is found resumable: they are decoded up front (materialized), minutes at Celeb 100k's
-    size, which a refused resume should not cost."""
+    is found resumable: they are read up front (materialized; decoded too where they fit
+    the object store), minutes at Celeb 100k's size, which a refused resume should not cost."""
     check_resumable(storage.join(storage_uri, name))
     fs, path = storage.resolve(storage_uri)
     trainer = TorchTrainer(

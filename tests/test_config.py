@@ -257,6 +257,11 @@ def test_a_dollar_typed_on_the_command_line_is_a_name_where_a_config_files_is_re
                                     "--config", str(path)])
     with pytest.raises(UsageError, match=r"data.source=\$HOME/x holds \$HOME, which nothing expands"):
         cli.build_config(args)
+    # the run's own config.yaml records such a folder as typed: its rerun hints
+    # (--config W/config.yaml) must take it, where the folder is there
+    os.makedirs(folder)
+    path.write_text(f"data: {{source: '{folder}'}}\n")
+    assert cli.build_config(args).data.source == folder
 
 
 def test_a_rate_the_sweep_would_not_use_exits_2_naming_what_to_set(tmp_path, capsys):

@@ -1898,7 +1898,7 @@ def test_a_folder_of_no_images_exits_2_before_ray_and_leaves_no_workdir(tmp_path
     monkeypatch.setattr(runtime, "init", lambda *a, **k: pytest.fail("Ray started for a folder of no images"))
     workdir = tmp_path / "w"
     assert cli.main(["prepare", "--preset", "tiny", "--workdir", str(workdir), "--source", str(source)]) == 2
-    assert error_lines(capsys) == [f"deepfake-ray prepare: error: no .jpg/.jpeg/.png/.webp files under "
+    assert error_lines(capsys) == [f"deepfake-ray prepare: error: no .jpg/.jpeg/.jfif/.jpe/.png/.webp files under "
                                    f"'{source}': check the path (folders are searched recursively; hidden "
                                    "ones are left out)"]
     assert not workdir.exists()

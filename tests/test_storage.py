@@ -1051,6 +1051,24 @@ def test_expired_credentials_and_a_full_quota_are_one_line_with_their_fix(code, 
     assert s3.explain(unknown).startswith(f"{uri}: {said}")
 
 
+def test_an_s3_filesystem_sent_to_ray_keeps_its_retries(s3_server):
+    """pyarrow 26 pickles an S3 filesystem without its retry strategy: the one Ray Train
+    writes checkpoints through, and Ray Data reads Parquet through, came back with the
+    default (3 tries from a shared budget). Sent as Ray sends it (cloudpickle), it is made
+    anew with ours, and still reads the store."""
+    import pickle
+
+    import cloudpickle
+
+    uri = f"{s3_server('pickled-filesystem')}/runs/a.txt"
+    storage.write_text(uri, "written")
+    fs, path = storage.resolve(uri)
+    sent = cloudpickle.dumps(fs)
+    assert b"with_retries" in sent and b"with_retries" in pickle.dumps(fs)
+    with pickle.loads(sent).open_input_file(path) as f:
+        assert f.read() == b"written"
+
+
 def test_s3_failures_that_pass_are_tried_again_and_the_stores_own_are_not(monkeypatch):
     """Throttling (SlowDown) while S3 splits a busy prefix, its 500s and 503s: a Ray Data
     task ended by one once the clients' own retries are spent runs again, where one such
@@ -1067,8 +1085,11 @@ def test_s3_failures_that_pass_are_tried_again_and_the_stores_own_are_not(monkey
     runtime.configure_data()
     assert context.max_map_retries == 3
 
+    from ray._common.retry import format_exception, matches_error  # how Ray Data matches them
+
     def retried(error: BaseException) -> bool:
-        return any(pattern in str(error) for pattern in context.retried_map_errors)
+        said = format_exception(error, include_cause=True)
+        return any(matches_error(pattern, said) for pattern in context.retried_map_errors)
 
     def boto(code: str) -> BaseException:
         return s3.store_error("s3://b/faces/a.jpg", ClientError({"Error": {"Code": code, "Message": "m"}},
@@ -1078,6 +1099,10 @@ def test_s3_failures_that_pass_are_tried_again_and_the_stores_own_are_not(monkey
     assert retried(OSError("When reading 'faces/a.jpg' in bucket 'b': AWS Error SLOW_DOWN during GetObject"))
     assert not any(retried(boto(code)) for code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"))
     assert not retried(UsageError("data.resolution=7 is below 16: use 16 or more"))
+    # a file whose name holds 500 or 503 is no server error
+    assert not retried(s3.store_error("s3://b/faces/IMG_1500.jpg", ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "m"}}, "GetObject")))
+    assert not retried(FileNotFoundError("s3://b/x/5031.jpg (500) (503)"))
 
 
 def test_a_notebook_that_fixes_its_endpoint_reads_through_the_new_one(s3_server, monkeypatch):

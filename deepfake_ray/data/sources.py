@@ -143,7 +143,7 @@ def resolve_source(text: str, data: DataConfig) -> Source:
         dataset = kaggle_source.kaggle_dataset(text, data)
         folder = kaggle_source.kaggle_download(dataset, data.cache_dir)
         if not (files := find_images(folder)):
-            raise UsageError(f"the Kaggle dataset {dataset} holds no .jpg/.jpeg/.png/.webp files "
+            raise UsageError(f"the Kaggle dataset {dataset} holds no {'/'.join(image_suffixes())} files "
                              f"(downloaded into {folder}): check the dataset name")
         return Source(text, files=files, root=folder)
     listing = source_listing(text)
@@ -163,7 +163,7 @@ def check_has_images(text: str) -> None:
 
 
 def no_images(text: str) -> UsageError:
-    return UsageError(f"no .jpg/.jpeg/.png/.webp files under '{text}': check the path "
+    return UsageError(f"no {'/'.join(image_suffixes())} files under '{text}': check the path "
                       "(folders are searched recursively; hidden ones are left out)")
 
 
