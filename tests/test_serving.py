@@ -643,6 +643,14 @@ def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
     health = paths["/healthz"]["get"]["responses"]
     assert set(health["200"]["content"]["application/json"]["schema"]["required"]) == {"status", "model"}
     assert "503" in health
+    # /v1/model and /v1/stats were "any object" too: each answer is what its schema says,
+    # every key declared (a key added to the answer but not the schema fails here)
+    import jsonschema
+
+    for route in ("/v1/model", "/v1/stats"):
+        schema = paths[route]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        answer = httpx.get(f"{service}{route}", timeout=30).json()
+        jsonschema.validate(answer, {**schema, "additionalProperties": False})
     # one id an operation: GET and HEAD of one route shared one (which, from run to run), and
     # generated clients' validators refuse a schema with an id twice
     ids = [op["operationId"] for methods in paths.values() for op in methods.values()]

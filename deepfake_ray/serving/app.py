@@ -383,14 +383,15 @@ class Detector:
             raise http.ApiError(503, str(e)) from None
         return {"status": "ok", "model": self.predictor.model_id}
 
-    @api.get("/v1/model", operation_id="model_info")
+    @api.get("/v1/model", operation_id="model_info",
+             responses=http.ok_response(http.MODEL_INFO, "the model served, and how this replica serves it"))
     @api.head("/v1/model", include_in_schema=False)
     async def model_info(self) -> dict:
         return {**self.predictor.info(), "batching": self.batching, "stats": dict(self.stats),
                 "replica": self.replica,  # whose stats: one replica's
                 "max_body_bytes": self.max_body_bytes, "max_files_per_request": self.max_files}
 
-    @api.get("/v1/stats", operation_id="stats")
+    @api.get("/v1/stats", operation_id="stats", responses=http.ok_response(http.STATS, "this replica's counts"))
     async def batch_stats(self) -> dict:
         """Batching observed by the replica that answers (batches, images, largest batch),
         its large-image decodes in threads (now, and the most at once), and the bytes of

@@ -343,6 +343,27 @@ BATCH_RESULT = {"type": "object", "required": ["model", "count", "errors", "resu
          "properties": {"file": {"type": "string"}, **RESULT["properties"]}}, FILE_ERROR]}}}}
 HEALTH = {"type": "object", "required": ["status", "model"], "properties": {
     "status": {"type": "string", "enum": ["ok"]}, "model": {"type": "string"}}}
+COUNT, SECONDS = {"type": "integer", "minimum": 0}, {"type": "number", "minimum": 0}
+STATS = {"type": "object", "description": "one replica's, since it started", "required": [
+    "batches", "images", "largest_batch", "mean_batch", "upload_bytes_held", "replica"], "properties": {
+    "batches": COUNT, "images": COUNT, "largest_batch": COUNT, "mean_batch": SECONDS,
+    "predict_seconds": {**SECONDS, "description": "in forward passes, all batches together"},
+    "decoding_now": COUNT, "most_decoding_at_once": COUNT, "done_in_threads": COUNT,
+    "killed_decoders": {**COUNT, "description": "uploads set aside because they ended a decoding helper"},
+    "out_of_memory": {**COUNT, "description": "batches the GPU (or host) had no memory for: 503s"},
+    "upload_bytes_held": {**COUNT, "description": "request bodies held now, against serve.max_buffered_bytes"},
+    "replica": {"type": "string", "description": "which replica answered"}}}
+MODEL_INFO = {"type": "object", "required": ["model", "device", "threshold", "class_names", "replica"],
+              "properties": {
+    "model": {"type": "string", "description": "its id (weights and what decides a label), not where it is"},
+    "device": {"type": "string"}, "arch": {"type": "string"}, "num_classes": COUNT,
+    "class_names": {"type": "array", "items": {"type": "string"}},
+    "resolution": COUNT, "input_size": COUNT, "jpeg_quality": {"type": ["integer", "null"]},
+    "threshold": {"type": "number", "minimum": 0, "maximum": 1}, "epoch": COUNT,
+    "metrics": {"type": "object", "description": "its validation figures; null where none is a number"},
+    "preprocessing": {"type": "object"}, "format_version": COUNT, "software": {"type": "object"},
+    "batching": {"type": "object"}, "stats": {"type": "object", "description": "as /v1/stats"},
+    "replica": {"type": "string"}, "max_body_bytes": COUNT, "max_files_per_request": COUNT}}
 
 
 MODEL_HEADER = {"X-Model-Id": {"description": "the id of the model that answered", "schema": {"type": "string"}}}
