@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from deepfake_ray import lineage, s3, storage
+from deepfake_ray import lineage, progress, s3, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError, stdout_reader_gone, warn
 
@@ -255,7 +255,7 @@ def closing_lines(cfg: Config, stages: list[dict] = ()) -> None:
     if model_id:
         auc, lr = made.get("val_auc"), made.get("lr")
         print(f"model: {model_id} (validation ROC-AUC "
-              f"{f'{auc:.4f}' if isinstance(auc, (int, float)) else 'n/a'}"
+              f"{progress.figure(auc)}"
               f"{f', swept lr {lr:.2e}' if made.get('tuned') and isinstance(lr, float) else ''})")
     print(f"serve it: deepfake-ray serve --model {shlex.quote(model)}  (on a cluster: jobs/serve.yaml with "
           f"args.model {model} and args.model_id {model_id or 'as printed above'})")

@@ -18,8 +18,9 @@ def count(n: int, thing: str) -> str:
 def figure(value, digits: int = 4) -> str:
     """A metric with `digits` decimals; n/a for none, or one not finite (JSON files write a
     NaN as null, which a format would fail on)."""
-    finite = isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
-    return f"{value:.{digits}f}" if finite else "n/a"
+    from deepfake_ray import storage  # (pyarrow: not for every importer of this module)
+
+    return f"{value:.{digits}f}" if storage.finite(value) else "n/a"
 
 
 def interactive() -> bool:

@@ -489,7 +489,7 @@ def test_training_images_too_many_for_the_object_store_are_kept_as_jpegs_and_rea
     at_40 = ("detector.jpeg_aug_prob=1.0", "detector.jpeg_aug_quality=[40,40]", "detector.blur_aug_prob=0")
     decoded = [data.training_views(tiny_cfg(*aug), sel) for aug in ((), at_40)]
     assert "decoded would take" not in capsys.readouterr().out
-    monkeypatch.setattr(data, "DECODED_SHARE", 0.0)  # an object store too small for them
+    monkeypatch.setattr(datasets, "DECODED_SHARE", 0.0)  # an object store too small for them
     kept = [data.training_views(tiny_cfg(*aug), sel) for aug in ((), at_40)]
     images = sum(sel.counts[s]["real"] + sel.counts[s]["fake"] for s in ("train", "val"))
     assert (f"train-detector: {images:,} images decoded would take 0.0 GB of the cluster's "

@@ -190,13 +190,6 @@ class Wanted(NamedTuple):
         return rows, at[rows]
 
 
-# Train and val are held in the object store for the whole training, decoded when that
-# takes at most this share of it: decoded, 128 px faces are ~49 KB each (1M reals and their
-# fakes: ~88 GB), their JPEGs ~5x less, and decoding them again each epoch costs ~0.3 ms
-# of CPU an image, beside a GPU's forward and backward pass.
-DECODED_SHARE = 0.25
-
-
 def training_views(cfg: Config, selection: Selection, command: str = "train-detector") -> dict[str, ray.data.Dataset]:
     """train and val for Ray Train, read once (materialized), columns pixels and label:
     decoded once where they fit the object store (`keeps_decoded`), else kept as the
@@ -236,16 +229,15 @@ def training_views(cfg: Config, selection: Selection, command: str = "train-dete
 
 
 def keeps_decoded(cfg: Config, selection: Selection, command: str) -> bool:
-    """Whether train and val, decoded, take at most DECODED_SHARE of the cluster's object
-    store (twice over: as read, then as the views cut from it); else said, and kept as JPEGs."""
+    """Whether train and val, decoded, fit the object store (datasets.decoded_fits; twice
+    over: as read, then as the views cut from it); else said, and kept as JPEGs."""
     images = sum(selection.counts[s]["real"] + selection.counts[s]["fake"] for s in ("train", "val"))
-    decoded = images * cfg.data.resolution ** 2 * 3
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    if 2 * decoded <= DECODED_SHARE * store:
+    if datasets.decoded_fits(images, cfg.data.resolution, copies=2):
         return True
-    print(f"{command}: {images:,} images decoded would take {decoded / 1e9:.1f} GB of the cluster's "
-          f"{store / 1e9:.1f} GB object store: kept as the stored JPEGs, decoded as each epoch reads them",
-          flush=True)
+    print(f"{command}: {images:,} images decoded would take "
+          f"{datasets.decoded_bytes(images, cfg.data.resolution) / 1e9:.1f} GB of the cluster's "
+          f"{datasets.object_store_bytes() / 1e9:.1f} GB object store: kept as the stored JPEGs, decoded as "
+          "each epoch reads them", flush=True)
     return False
 
 

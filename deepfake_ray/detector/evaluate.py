@@ -187,10 +187,10 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
 
 
 def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels, scores) -> None:
-    storage.write_json(storage.join(out, "metrics.json"), storage.json_safe(result))
-    storage.write_json(storage.join(out, "robustness.json"), storage.json_safe(
-        {c: {k: m[k] for k in (*metrics.REPORTED, "n", "fake_share", "threshold", "confusion_matrix", "ci95")}
-         for c, m in robustness.items()}))
+    storage.write_json(storage.join(out, "metrics.json"), result)
+    storage.write_json(storage.join(out, "robustness.json"), {
+        c: {k: m[k] for k in (*metrics.REPORTED, "n", "fake_share", "threshold", "confusion_matrix", "ci95")}
+        for c, m in robustness.items()})
     storage.write_bytes(storage.join(out, "confusion.png"),
                         figures.confusion(result["confusion_matrix"], result["class_names"]))
     storage.write_bytes(storage.join(out, "roc.png"),

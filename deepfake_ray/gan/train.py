@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 
-import ray
 
 from deepfake_ray import config, lineage, progress, runtime, storage, training
 from deepfake_ray.config import Config
@@ -106,7 +105,7 @@ def train_dataset(cfg: Config, train_images: int):
 
     # Each epoch draws the blocks in another order: the shuffle above is the same every
     # epoch, so the same images would meet in each epoch's k-th batch.
-    if train_images * cfg.data.resolution ** 2 * 3 <= 0.25 * ray.cluster_resources().get("object_store_memory", 0):
+    if datasets.decoded_fits(train_images, cfg.data.resolution):
         return decoded(shuffled).materialize().randomize_block_order()
     return decoded(shuffled.randomize_block_order())  # its JPEGs: the decoded split would wait whole
 
