@@ -171,11 +171,12 @@ def test_a_model_whose_output_is_nan_answers_errors_not_labels(service, images_d
     serve.run(app.build(serve_cfg(tmp_path), broken), name="broken", route_prefix="/broken", blocking=False)
     try:
         one = detect(routed(f"{service}/broken"), JPEG)
-        assert one.status_code == 500 and one.json()["error"].startswith(
+        assert (one.status_code, one.json()["reason"]) == (500, "no_finite_score") and one.json()["error"].startswith(
             "no finite score: the model's output for this image is not a number; the model is broken")
         files = [("file", ("face0.jpg", JPEG)), ("file", ("notes.jpg", BAD["notes.jpg"]))]
         batch = httpx.post(f"{service}/broken/v1/detect/batch", files=files, timeout=60).json()
-        assert [(r["status"], "p_fake" in r) for r in batch["results"]] == [(500, False), (415, False)]
+        assert [(r["status"], r["reason"], "p_fake" in r) for r in batch["results"]] == [
+            (500, "no_finite_score", False), (415, "not_an_image", False)]
         assert detect(f"{service}/broken", JPEG).status_code == 500  # still answering
         info = httpx.get(f"{service}/broken/v1/model", timeout=30)  # JSON has no NaN: null
         assert info.status_code == 200 and info.json()["metrics"] == {"val_auc": None}, info.text
@@ -302,66 +303,75 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_answering(service):
             yield b"\xff" * 10_000
 
     cases = [
-        ("empty body", lambda: detect(service, b""), 400),
-        ("not an image", lambda: detect(service, BAD["notes.jpg"]), 415),
-        ("a texture whose parser raises NotImplementedError", lambda: detect(service, dds_texture()), 415),
-        ("html page", lambda: detect(service, b"<!DOCTYPE html><html>403</html>"), 415),
-        ("corrupt image", lambda: detect(service, BAD["corrupt.jpg"]), 422),
+        ("empty body", lambda: detect(service, b""), 400, "empty_body"),
+        ("not an image", lambda: detect(service, BAD["notes.jpg"]), 415, "not_an_image"),
+        ("a texture whose parser raises NotImplementedError", lambda: detect(service, dds_texture()),
+         415, "not_an_image"),
+        ("html page", lambda: detect(service, b"<!DOCTYPE html><html>403</html>"), 415, "html_page"),
+        ("corrupt image", lambda: detect(service, BAD["corrupt.jpg"]), 422, "truncated"),
         # at the model's size and JPEG settings: a 500 while its sampling was asked
         ("a JPEG header that describes none of its components",
-         lambda: detect(service, componentless_jpeg(32)), 422),
-        ("decompression bomb", lambda: detect(service, bomb_png()), 413),
-        ("a JPEG of thousands of scans", lambda: detect(service, many_scans_jpeg()), 413),
-        ("too large", lambda: detect(service, b"\xff" * (MAX_BODY + 1)), 413),
-        ("too large, streamed", lambda: detect(service, chunks()), 413),
-        ("multipart without a file", lambda: detect(service, FIELD_ONLY, headers=FIELD_TYPE), 400),
-        ("malformed multipart", lambda: detect(service, JPEG, headers=FIELD_TYPE), 400),
+         lambda: detect(service, componentless_jpeg(32)), 422, "corrupt"),
+        ("decompression bomb", lambda: detect(service, bomb_png()), 413, "decompression_bomb"),
+        ("a JPEG of thousands of scans", lambda: detect(service, many_scans_jpeg()), 413, "decompression_bomb"),
+        ("too large", lambda: detect(service, b"\xff" * (MAX_BODY + 1)), 413, "body_too_large"),
+        ("too large, streamed", lambda: detect(service, chunks()), 413, "body_too_large"),
+        ("multipart without a file", lambda: detect(service, FIELD_ONLY, headers=FIELD_TYPE), 400, "no_file"),
+        ("malformed multipart", lambda: detect(service, JPEG, headers=FIELD_TYPE), 400, "malformed_multipart"),
         ("a file name that does not decode (RFC 2231)", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b"name=file; filename*=utf-16''%00"),
-            headers=FIELD_TYPE), 400),
+            headers=FIELD_TYPE), 400, "malformed_multipart"),
         # the parser's parameter parsing is quadratic: 40 KB took it seconds
         ("a part header of 40,000 semicolons", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"; filename="' + b";" * 40_000),
-            headers=FIELD_TYPE), 400),
+            headers=FIELD_TYPE), 400, "malformed_multipart"),
         ("a part's Content-Type of 8,000 semicolons (parsed as the body is split)", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"\r\nContent-Type: image/png ' + b";" * 8_000),
-            headers=FIELD_TYPE), 400),
+            headers=FIELD_TYPE), 400, "malformed_multipart"),
         ("a Content-Type of 6,000 semicolons", lambda: detect(service, FIELD_ONLY, headers={
-            "content-type": 'multipart/form-data; boundary=xyz; x="' + ";" * 6_000}), 400),
+            "content-type": 'multipart/form-data; boundary=xyz; x="' + ";" * 6_000}), 400, "malformed_multipart"),
         ("comments nested 500 deep (the parser's recursion)", lambda: detect(service, FIELD_ONLY, headers={
-            "content-type": "multipart/form-data; boundary=xyz " + "(" * 500}), 400),
+            "content-type": "multipart/form-data; boundary=xyz " + "(" * 500}), 400, "malformed_multipart"),
         ("a part header's comments nested 500 deep", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"; filename="a" ' + b"(" * 500),
-            headers=FIELD_TYPE), 400),
+            headers=FIELD_TYPE), 400, "malformed_multipart"),
         # read only as the payload is decoded, after the file name
         ("a part's transfer encoding of comments nested 300 deep", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"\r\nContent-Transfer-Encoding: '
-                                        + b"(" * 300 + b")" * 300), headers=FIELD_TYPE), 400),
+                                        + b"(" * 300 + b")" * 300), headers=FIELD_TYPE),
+         400, "malformed_multipart"),
         ("a parameter name* without a value (the parser's IndexError)", lambda: detect(
-            service, FIELD_ONLY, headers={"content-type": "multipart/form-data; boundary=xyz; name*"}), 400),
+            service, FIELD_ONLY, headers={"content-type": "multipart/form-data; boundary=xyz; name*"}),
+         400, "malformed_multipart"),
         ("a part's Content-Type parameter name* without a value", lambda: detect(
             service, FIELD_ONLY.replace(b'name="note"', b'name="file"\r\nContent-Type: image/jpeg; name*'),
-            headers=FIELD_TYPE), 400),
+            headers=FIELD_TYPE), 400, "malformed_multipart"),
         ("a boundary that is not ASCII", lambda: detect(service, FIELD_ONLY, headers={
-            "content-type": "multipart/form-data; boundary*=utf-8''%E2%82%AC"}), 400),
+            "content-type": "multipart/form-data; boundary*=utf-8''%E2%82%AC"}), 400, "malformed_multipart"),
         ("batch without multipart", lambda: httpx.post(f"{service}/v1/detect/batch",
-                                                       content=JPEG, timeout=30), 415),
+                                                       content=JPEG, timeout=30), 415, "not_multipart"),
         ("more files than serve.max_files_per_request", lambda: httpx.post(
             f"{service}/v1/detect/batch", content=multipart(*[("files", "a.gif", b"GIF89a")] * 65),
-            headers=FIELD_TYPE, timeout=30), 413),
-        ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405),
-        ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404),
+            headers=FIELD_TYPE, timeout=30), 413, "too_many_files"),
+        ("wrong method", lambda: httpx.get(f"{service}/v1/detect", timeout=30), 405, "method_not_allowed"),
+        ("wrong path", lambda: httpx.post(f"{service}/v1/nothing", content=JPEG, timeout=30), 404, "no_route"),
         # a 307 with no body, to an http:// Location behind a TLS front end
-        ("a trailing slash", lambda: httpx.post(f"{service}/v1/detect/", content=JPEG, timeout=30), 404),
+        ("a trailing slash", lambda: httpx.post(f"{service}/v1/detect/", content=JPEG, timeout=30), 404, "no_route"),
     ]
     says = {"a Content-Type of 6,000 semicolons": "a Content-Type header longer than 1024 bytes",
             "a part header of 40,000 semicolons": "a multipart part's headers are too long",
             "a part's Content-Type of 8,000 semicolons (parsed as the body is split)":
                 "a multipart part's headers are too long"}
     model = httpx.get(f"{service}/v1/model", timeout=30).json()["model"]
-    for what, send, status in cases:
+    import jsonschema
+
+    # every error answer is as /openapi.json documents it: its `reason` one of the codes listed
+    error_body = httpx.get(f"{service}/openapi.json", timeout=30).json()["paths"]["/v1/detect"]["post"][
+        "responses"]["400"]["content"]["application/json"]["schema"]
+    for what, send, status, reason in cases:
         response = send()
-        assert response.status_code == status, (what, response.status_code, response.text)
+        assert (response.status_code, response.json().get("reason")) == (status, reason), (what, response.text)
+        jsonschema.validate(response.json(), {**error_body, "additionalProperties": False})
         assert response.headers["x-model-id"] == model, what  # an error's JSON names no model
         assert says.get(what, "") in response.text, (what, response.text)
         assert response.headers["content-type"].startswith("application/json"), what
@@ -574,6 +584,7 @@ def test_uploads_past_the_replicas_budget_get_a_503_to_retry_and_their_bytes_com
         assert refused and len(refused) < len(held), [a[:40] for a in answers]
         head, body = refused[0].split(b"\r\n\r\n", 1)
         assert b"retry-after: 1" in head.lower() and b"serve.max_buffered_bytes" in body, refused[0]
+        assert b'"reason":"replica_busy"' in body, body
     finally:
         for conn in held:
             conn.close()
@@ -593,8 +604,8 @@ def test_batch_route_answers_every_file_in_order(service):
     assert (body["count"], body["errors"]) == (4, 2)
     good, corrupt, png, text = body["results"]
     assert "p_fake" in good and "p_fake" in png
-    assert corrupt["status"] == 422 and "truncated" in corrupt["error"]
-    assert text["status"] == 415 and "not an image" in text["error"]
+    assert (corrupt["status"], corrupt["reason"]) == (422, "truncated") and "truncated" in corrupt["error"]
+    assert (text["status"], text["reason"]) == (415, "not_an_image") and "not an image" in text["error"]
     single = detect(service, GOOD["face1.jpg"]).json()
     assert abs(single["p_fake"] - good["p_fake"]) < 1e-4
     # a file sent as a field's value, without a file name (curl -F 'file=<face1.jpg')
@@ -633,13 +644,20 @@ def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
                          (batch_op, {"400", "413", "415", "503"})):
         assert statuses <= set(op["responses"]), op["responses"]
         schema = op["responses"]["413"]["content"]["application/json"]["schema"]
-        assert schema["properties"] == {"error": {"type": "string"}}
+        assert schema["required"] == ["error", "reason"] and "too_many_files" in schema["properties"]["reason"]["enum"]
+    # every reason the decoder (or the model) gives a file is a documented code
+    from deepfake_ray.data import crashes, decode
+    from deepfake_ray.serving import http, predictor
+
+    said = {predictor.error_text(decode.too_large(ValueError("big"))).split(":")[0], crashes.REASON,
+            *predictor.STATUS_BY_REASON}
+    assert {http.reason_code(r) for r in said} <= set(schema["properties"]["reason"]["enum"])
     # what a 200 holds: FastAPI described it as any object, so a generated client had no p_fake
     one_result = detect_op["responses"]["200"]["content"]["application/json"]["schema"]
     assert one_result["properties"]["p_fake"]["type"] == "number" and "label" in one_result["required"]
     per_file = batch_op["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["results"]
     assert [set(item["required"]) for item in per_file["items"]["oneOf"]] == [
-        {"file", "p_fake", "label", "threshold", "model"}, {"file", "error", "status"}]
+        {"file", "p_fake", "label", "threshold", "model"}, {"file", "error", "reason", "status"}]
     health = paths["/healthz"]["get"]["responses"]
     assert set(health["200"]["content"]["application/json"]["schema"]["required"]) == {"status", "model"}
     assert "503" in health
@@ -1638,7 +1656,7 @@ def test_a_hung_replicas_healthz_answers_503_as_json():
     replica.forward_started = time.monotonic() - app.HUNG_FORWARD_S - 1
     with pytest.raises(http.ApiError) as hung:
         asyncio.run(detector.healthz(replica))
-    assert hung.value.status == 503 and "it is hung" in hung.value.message
+    assert (hung.value.status, hung.value.reason) == (503, "unhealthy") and "it is hung" in hung.value.message
     with pytest.raises(RuntimeError, match="it is hung"):
         detector.check_health(replica)
 
@@ -1720,6 +1738,7 @@ def test_a_batch_the_gpu_has_no_memory_for_is_a_503_to_retry_not_a_broken_model(
         asyncio.run(detector.predict_batch.__wrapped__(replica, [np.zeros((32, 32, 3), np.uint8)]))
     replica.forward_thread.shutdown()
     assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert refused.value.reason == "out_of_memory"
     assert refused.value.message == ("the replica's GPU ran out of memory for a batch of images: retry; if it "
                                      "repeats, lower serve.max_batch_size")
     assert refused.value.__context__ is None  # nothing holds the failed pass's frames (and its tensors)
@@ -2065,6 +2084,7 @@ def test_with_isolated_decoding_a_file_that_crashes_the_image_library_gets_a_422
         crashed, *good = answers
         assert crashed.status_code == 422 and crashed.json()["error"].startswith("killed its decoder: "), \
             crashed.text
+        assert crashed.json()["reason"] == "killed_its_decoder"
         assert [a.status_code for a in good] == [200] * len(GOOD), [a.text for a in good]
         assert detect(url, JPEG).status_code == 200
         stats = httpx.get(f"{url}/v1/stats", timeout=30).json()

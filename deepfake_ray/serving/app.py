@@ -88,6 +88,16 @@ SECONDS_PER_IMAGE = 2.0  # at 128 px on one busy core, ~10x what was measured (0
 FAILED_PASSES = 3
 
 
+def decode_answer(error: DecodeError) -> http.ApiError:
+    """A file the decoder (or the model) refused, as its error answer."""
+    return http.ApiError(error_status(error), http.reason_code(error.reason), error_text(error))
+
+
+def file_error(name: str, answer: http.ApiError) -> dict:
+    """One file's entry in a /v1/detect/batch answer, when it has no score."""
+    return {"file": name, "error": answer.message, "reason": answer.reason, "status": answer.status}
+
+
 def hung_after(max_batch_size: int, input_size: int) -> float:
     """How long a forward pass may run before it is taken for hung: HUNG_FORWARD_S, or more
     for a batch that takes longer on a CPU."""
@@ -215,8 +225,9 @@ class Detector:
                          device, self.stats["out_of_memory"])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return http.ApiError(503, f"the replica's {device} ran out of memory for a batch of images: retry; "
-                                  "if it repeats, lower serve.max_batch_size", headers={"Retry-After": "1"})
+        return http.ApiError(503, "out_of_memory",
+                             f"the replica's {device} ran out of memory for a batch of images: retry; "
+                             "if it repeats, lower serve.max_batch_size", headers={"Retry-After": "1"})
 
     async def predict(self, blob: bytes, inline: InlineBudget | None) -> dict | DecodeError:
         """Predictor.predict_bytes for one image, its forward pass shared with others.
@@ -302,16 +313,16 @@ class Detector:
         An empty file is left to the decoder, which says "empty file" as /batch and score do."""
         if not http.is_multipart(request):
             if not body:
-                raise http.ApiError(400, "empty body: send the image bytes as the body or as a "
-                                         "multipart file")
+                raise http.ApiError(400, "empty_body", "empty body: send the image bytes as the body "
+                                                       "or as a multipart file")
             return body
         files = await self.files_in(request, body)
         if not files:
-            raise http.ApiError(400, "no file in the multipart body: send the image as "
-                                     "field 'file'")
+            raise http.ApiError(400, "no_file", "no file in the multipart body: send the image as "
+                                                "field 'file'")
         if len(files) > 1:  # scoring the first alone would drop the others without a word
-            raise http.ApiError(400, f"{len(files)} files in the multipart body: /v1/detect "
-                                     "scores one; send one file, or use /v1/detect/batch")
+            raise http.ApiError(400, "several_files", f"{len(files)} files in the multipart body: "
+                                "/v1/detect scores one; send one file, or use /v1/detect/batch")
         return files[0][2]
 
     @api.post("/v1/detect", openapi_extra=http.DETECT_BODY, operation_id="detect",
@@ -322,7 +333,7 @@ class Detector:
         async with self.body(request) as body:
             result = await self.predict(await self.image_from(request, body), InlineBudget())
         if isinstance(result, DecodeError):
-            raise http.ApiError(error_status(result), error_text(result))
+            raise decode_answer(result)
         return result
 
     @api.post("/v1/detect/batch", openapi_extra=http.BATCH_BODY, operation_id="detect_batch",
@@ -331,11 +342,11 @@ class Detector:
     async def detect_batch(self, request: Request) -> dict:
         """Several multipart files -> one result (or per-file error) per file, in order."""
         if not http.is_multipart(request):
-            raise http.ApiError(415, "send the images as multipart/form-data files")
+            raise http.ApiError(415, "not_multipart", "send the images as multipart/form-data files")
         async with self.body(request) as body:
             files = await self.files_in(request, body)
             if not files:
-                raise http.ApiError(400, "no files in the multipart body")
+                raise http.ApiError(400, "no_file", "no files in the multipart body")
             # each file of a large body in a thread: opened one after another on the event
             # loop, 40 small files of 256 KB (a PNG of 20,000 empty chunks: 75 ms to open) held it 3 s
             inline = InlineBudget() if len(body) <= INLINE_BYTES else None
@@ -346,15 +357,15 @@ class Detector:
         results = []
         for number, ((_, name, _), outcome) in enumerate(zip(files, outcomes), 1):
             if isinstance(outcome, DecodeError):
-                results.append({"file": name, "error": error_text(outcome),
-                                "status": error_status(outcome)})
+                results.append(file_error(name, decode_answer(outcome)))
             elif isinstance(outcome, http.ApiError):  # its batch ran out of memory: retry it
-                results.append({"file": name, "error": outcome.message, "status": outcome.status})
+                results.append(file_error(name, outcome))
             elif isinstance(outcome, Exception):  # that file's 500, as /v1/detect answers it
                 # by its place, not its name: an uploader's file name may name a person
                 http.log.error("internal error on file %d of %d of %s", number, len(files), request.url.path,
                                exc_info=outcome)
-                results.append({"file": name, "error": f"internal error: {type(outcome).__name__}", "status": 500})
+                results.append(file_error(name, http.ApiError(500, "internal_error",
+                                                              f"internal error: {type(outcome).__name__}")))
             elif isinstance(outcome, BaseException):  # cancelled, or the process stopping
                 raise outcome
             else:
@@ -380,7 +391,7 @@ class Detector:
         try:
             self.check_health()
         except RuntimeError as e:
-            raise http.ApiError(503, str(e)) from None
+            raise http.ApiError(503, "unhealthy", str(e)) from None
         return {"status": "ok", "model": self.predictor.model_id}
 
     @api.get("/v1/model", operation_id="model_info",

@@ -4,7 +4,8 @@ Serve has no request-size limit of its own, so the body is read here as a stream
 refused as soon as it passes the limit (and before reading, when Content-Length
 already says so). Multipart bodies are parsed with the standard library's email
 parser, once the size is known to be acceptable. Every error answer is JSON
-`{"error": reason}`; nothing a client sends turns into a 500.
+`{"error": what and how to fix it, "reason": a code from REASONS}`; nothing a client
+sends turns into a 500.
 """
 from __future__ import annotations
 
@@ -53,14 +54,53 @@ class ModelHeader:
         await self.app(scope, receive, with_model)
 
 
-class ApiError(Exception):
-    """A client error: answered as `status` with JSON {"error": message} (and `headers`)."""
+# Every error answer's `reason`: a stable code for a client to branch on (the `error`
+# text is for people and may be reworded). A file's decoder reasons are its rejected.parquet
+# reasons, spaces as underscores.
+REASONS = {
+    "empty_body": "the request had no body",
+    "no_file": "the multipart body holds no file",
+    "several_files": "/v1/detect got several files: send one, or use /v1/detect/batch",
+    "not_multipart": "/v1/detect/batch takes multipart/form-data only",
+    "malformed_multipart": "a multipart body or header the server cannot read",
+    "invalid_content_length": "a Content-Length that is not a number",
+    "client_disconnected": "the client hung up before the whole body arrived",
+    "body_stalled": "no byte of the body arrived for serve.body_idle_timeout_s",
+    "body_too_slow": "the body arrived slower than the least rate past serve.body_idle_timeout_s",
+    "body_too_large": "the body passed serve.max_body_bytes",
+    "too_many_files": "more files than serve.max_files_per_request",
+    "replica_busy": "the replica holds its limit of uploads (serve.max_buffered_bytes): retry",
+    "out_of_memory": "the GPU (or host) had no memory for the batch: retry",
+    "unhealthy": "a forward pass hung, or every one fails: Serve replaces the replica",
+    "no_route": "no such route (see /docs)",
+    "method_not_allowed": "the route takes another method (see /docs)",
+    "invalid_request": "the request does not match the route's parameters",
+    "internal_error": "a fault of the server's own (logged)",
+    "empty_file": "the file is empty",
+    "html_page": "the file is a web page (a failed download?)",
+    "not_an_image": "not an image file",
+    "unsupported_format": "an image format the decoder does not read",
+    "truncated": "the image ends early",
+    "corrupt": "the image's data is damaged",
+    "decompression_bomb": "the image claims more pixels than data.max_pixels",
+    "too_large": "the file is larger than any image within data.max_pixels can be",
+    "killed_its_decoder": "decoding it ended a helper process twice (serve.isolate_decoding)",
+    "no_finite_score": "the model gave no finite score (a broken model)",
+}
 
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+
+def reason_code(reason: str) -> str:
+    """A DecodeError's reason ("not an image") as an answer's code ("not_an_image")."""
+    return reason.replace(" ", "_")
+
+
+class ApiError(Exception):
+    """An error answer: `status`, JSON {"error": message, "reason": reason} (a REASONS
+    code), and `headers`."""
+
+    def __init__(self, status: int, reason: str, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
+        self.status, self.reason, self.message, self.headers = status, reason, message, headers
 
 
 class UploadBudget:
@@ -73,8 +113,9 @@ class UploadBudget:
 
     def take(self, n: int) -> None:
         if self.held + n > self.limit:
-            raise ApiError(503, f"this replica holds {self.held:,} bytes of uploads, its limit "
-                                f"(serve.max_buffered_bytes {self.limit:,}): retry in a moment",
+            raise ApiError(503, "replica_busy",
+                           f"this replica holds {self.held:,} bytes of uploads, its limit "
+                           f"(serve.max_buffered_bytes {self.limit:,}): retry in a moment",
                            headers={"Retry-After": "1"})
         self.held += n
 
@@ -83,8 +124,9 @@ class UploadBudget:
 
 
 def too_large(size_text: str, limit: int) -> ApiError:
-    return ApiError(413, f"request body is {size_text} bytes; the limit is {limit:,} "
-                         "(serve.max_body_bytes): send a smaller image")
+    return ApiError(413, "body_too_large",
+                    f"request body is {size_text} bytes; the limit is {limit:,} "
+                    "(serve.max_body_bytes): send a smaller image")
 
 
 async def read_body(request: Request, limit: int, idle_timeout: float, budget: UploadBudget | None = None) -> bytes:
@@ -101,7 +143,8 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
         try:
             declared_size = int(declared)
         except ValueError:
-            raise ApiError(400, f"invalid Content-Length header {declared!r}")
+            raise ApiError(400, "invalid_content_length",
+                           f"invalid Content-Length header {declared!r}")
         if declared_size > limit:
             raise too_large(f"{declared_size:,}", limit)
     chunks, size = [], 0
@@ -119,7 +162,8 @@ async def read_body(request: Request, limit: int, idle_timeout: float, budget: U
         if budget is not None:
             budget.give(size)
         if isinstance(e, ClientDisconnect):  # the client's doing, not an internal error to log
-            raise ApiError(400, "the client disconnected before the whole body arrived") from None
+            raise ApiError(400, "client_disconnected",
+                           "the client disconnected before the whole body arrived") from None
         raise
     return b"".join(chunks)
 
@@ -140,10 +184,12 @@ async def next_chunk(stream, idle_timeout: float, deadline: float) -> bytes | No
         return None
     except asyncio.TimeoutError:
         if wait < idle_timeout:
-            raise ApiError(408, f"the request body arrived slower than {MIN_BODY_RATE} bytes/s on average "
-                                "after serve.body_idle_timeout_s: send it on a faster link") from None
-        raise ApiError(408, f"no part of the request body arrived for {idle_timeout:g} s "
-                            "(serve.body_idle_timeout_s): send the whole body") from None
+            raise ApiError(408, "body_too_slow",
+                           f"the request body arrived slower than {MIN_BODY_RATE} bytes/s on average "
+                           "after serve.body_idle_timeout_s: send it on a faster link") from None
+        raise ApiError(408, "body_stalled",
+                       f"no part of the request body arrived for {idle_timeout:g} s "
+                       "(serve.body_idle_timeout_s): send the whole body") from None
 
 
 def is_multipart(request: Request) -> bool:
@@ -166,8 +212,9 @@ COMMENT = re.compile(rb"\((?:[^()\\]|\\.)*\)")  # innermost first: (a (b) c) tak
 
 
 def too_many_files(limit: int) -> ApiError:
-    return ApiError(413, f"more than {limit} files in one request (serve.max_files_per_request): "
-                         "send them in several requests")
+    return ApiError(413, "too_many_files",
+                    f"more than {limit} files in one request (serve.max_files_per_request): "
+                    "send them in several requests")
 
 
 def header_block(content_type: str) -> bytes:
@@ -190,14 +237,16 @@ def check_part_count(content_type: str, body: bytes, limit: int) -> None:
     are bounded before parsing, and a nested part, as few as its parts may be, is refused
     (400) after."""
     if len(content_type) > MAX_HEADER:
-        raise ApiError(400, f"a Content-Type header longer than {MAX_HEADER} bytes: send "
-                            "multipart/form-data with a short boundary")
+        raise ApiError(400, "malformed_multipart",
+                       f"a Content-Type header longer than {MAX_HEADER} bytes: send "
+                       "multipart/form-data with a short boundary")
     with malformed_header("send multipart/form-data; boundary=... and nothing else"):
         boundary = EMAIL.parsebytes(header_block(content_type)).get_boundary()
     if not boundary:
         return  # the parser refuses the body as malformed
     if not boundary.isascii():  # RFC 2046: a few ASCII characters (`boundary*=utf-8''%E2%82%AC`)
-        raise ApiError(400, "malformed multipart body: the boundary must be ASCII")
+        raise ApiError(400, "malformed_multipart",
+                       "malformed multipart body: the boundary must be ASCII")
     delimiter = b"--" + boundary.encode("ascii")
     # CRLF holds one LF, and a bare CR is not followed by one: each delimiter counted once
     parts = body.count(b"\n" + delimiter) + body.count(b"\r" + delimiter) + body.startswith(delimiter) - 1
@@ -259,8 +308,9 @@ def delimiter_ends(body: bytes, delimiter: bytes) -> Iterator[int]:
 
 
 def part_headers_too_long(what: str) -> ApiError:
-    return ApiError(400, f"a multipart part's headers are too long ({what}): send a file "
-                         "name of at most 255 bytes and the file's own Content-Type")
+    return ApiError(400, "malformed_multipart",
+                    f"a multipart part's headers are too long ({what}): send a file "
+                    "name of at most 255 bytes and the file's own Content-Type")
 
 
 @contextlib.contextmanager
@@ -274,12 +324,14 @@ def malformed_header(fix: str):
     try:
         yield
     except (ValueError, LookupError, RecursionError, errors.MessageError) as e:
-        raise ApiError(400, f"malformed multipart header ({type(e).__name__}): {fix}") from None
+        raise ApiError(400, "malformed_multipart",
+                       f"malformed multipart header ({type(e).__name__}): {fix}") from None
 
 
 def nested_parts() -> ApiError:
-    return ApiError(400, "a multipart part holds parts of its own: send each file as a part "
-                         "of the form itself")
+    return ApiError(400, "malformed_multipart",
+                    "a multipart part holds parts of its own: send each file as a part "
+                    "of the form itself")
 
 
 def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[str, str, bytes]]:
@@ -290,7 +342,8 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
     with malformed_header("send plain name= and filename= parameters and the file's own Content-Type"):
         message = EMAIL.parsebytes(header_block(content_type) + body)
         if not message.is_multipart() or message.defects:
-            raise ApiError(400, "malformed multipart body: send files as multipart/form-data")
+            raise ApiError(400, "malformed_multipart",
+                           "malformed multipart body: send files as multipart/form-data")
         files = []
         for part in message.iter_parts():
             if part.is_multipart():
@@ -309,8 +362,11 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
 # /docs' "Try it out" and generated clients): the handlers read the raw Request, so
 # FastAPI cannot infer either.
 BINARY = {"type": "string", "format": "binary"}
-ERROR_BODY = {"application/json": {"schema": {
-    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}
+REASON = {"type": "string", "enum": list(REASONS), "description": "a stable code to branch on: "
+          + "; ".join(f"{code}: {meaning}" for code, meaning in REASONS.items())}
+ERROR_BODY = {"application/json": {"schema": {"type": "object", "required": ["error", "reason"], "properties": {
+    "error": {"type": "string", "description": "what is wrong and how to fix it, for people"},
+    "reason": REASON}}}}
 DETECT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": BINARY},
                                        "required": ["file"]}},
@@ -332,8 +388,8 @@ RESULT = {"type": "object", "required": ["p_fake", "label", "threshold", "model"
                   "description": "the model's (model.json): chosen on validation when it was trained, "
                                  "unless set there since"},
     "model": {"type": "string", "description": "the id of the model that answered"}}}
-FILE_ERROR = {"type": "object", "required": ["file", "error", "status"], "properties": {
-    "file": {"type": "string"}, "error": {"type": "string"},
+FILE_ERROR = {"type": "object", "required": ["file", "error", "reason", "status"], "properties": {
+    "file": {"type": "string"}, "error": {"type": "string"}, "reason": REASON,
     "status": {"type": "integer", "description": "the HTTP status this file alone would have had "
                                                 "(503: send that file again in a moment)"}}}
 BATCH_RESULT = {"type": "object", "required": ["model", "count", "errors", "results"], "properties": {
@@ -377,7 +433,7 @@ def ok_response(schema: dict, description: str) -> dict:
 
 
 def error_responses(*statuses: int) -> dict:
-    """FastAPI `responses` for these statuses, each a JSON {"error": reason}."""
+    """FastAPI `responses` for these statuses, each a JSON {"error": text, "reason": code}."""
     what = {400: "bad request (empty, malformed or several files)",
             408: f"the body stopped arriving, or averaged under {MIN_BODY_RATE} bytes/s past "
                  "serve.body_idle_timeout_s",
@@ -393,16 +449,20 @@ def error_responses(*statuses: int) -> dict:
 
 async def error_json(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        return error_answer(exc.status, exc.reason, exc.message, exc.headers)
     if isinstance(exc, StarletteHTTPException):
-        reason = {404: f"no route {request.url.path}: see /docs",
-                  405: f"{request.method} is not allowed on {request.url.path}: see /docs"}
-        return JSONResponse({"error": reason.get(exc.status_code, str(exc.detail))},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        said = {404: ("no_route", f"no route {request.url.path}: see /docs"),
+                405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path}: see /docs")}
+        reason, message = said.get(exc.status_code, ("invalid_request", str(exc.detail)))
+        return error_answer(exc.status_code, reason, message, getattr(exc, "headers", None))
     if isinstance(exc, RequestValidationError):
-        return JSONResponse({"error": f"invalid request: {exc.errors()}"}, status_code=422)
+        return error_answer(422, "invalid_request", f"invalid request: {exc.errors()}")
     log.exception("internal error on %s %s", request.method, request.url.path)
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+    return error_answer(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+def error_answer(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -25,6 +25,7 @@ from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, as_stored,
 STATUS_BY_REASON = {
     "empty file": 400,
     "decompression bomb": 413,
+    "too large": 413,
     "not an image": 415,
     "html page": 415,
     "unsupported format": 415,
