@@ -143,7 +143,7 @@ class ServeConfig:
     # which starves the batch queue (measured: batch 7 instead of 16 at 64 clients)
     max_ongoing_requests: int = 0
     cpus_per_replica: float = 1.0
-    score_actors: int = 0  # batch-scoring actor pool size; 0: one per GPU, else CPUs // 4
+    score_actors: int = 0  # batch-scoring actor pool; 0: one a GPU (resources.workers at least), else CPUs // 4
     access_log: bool = True  # one log line per request from each replica
     # uploads decoded in helper processes: a file that crashes the image library ends a
     # helper, not the replica (its request gets a 422); +0.3 ms at p50 for a lone request,

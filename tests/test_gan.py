@@ -297,7 +297,11 @@ def test_a_gan_that_diverged_is_refused_with_a_lower_rate_not_exported(trained, 
     assert code == 2 and err == [
         f"deepfake-ray train-gan: error: train-gan diverged at epoch {EPOCHS + 1} (G loss not finite, D loss not finite) at "
         "gan.lr=0.00025: no generator was exported; train anew with a lower rate: deepfake-ray train-gan "
-        f"--workdir {workdir} --force --set gan.lr=2.5e-05"], err
+        f"--config {workdir}/config.yaml --workdir {workdir} --force --set gan.lr=2.5e-05"], err
+    # that file holds this run's settings (the tiny preset's, not the demo's a bare hint ran)
+    saved = config.build(config_file=os.path.join(workdir, "config.yaml"))
+    ran = config.build("tiny", overrides=[*TRAINED, f"gan.epochs={EPOCHS + 1}"])
+    assert (saved.gan, saved.data.resolution) == (ran.gan, ran.data.resolution)
     history = storage.read_json(os.path.join(gan, "history.json"))
     assert history[-1]["epoch"] == EPOCHS and loop.diverged(history[-1])
     assert open(model, "rb").read() == before  # not overwritten by the NaN generator

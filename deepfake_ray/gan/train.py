@@ -117,7 +117,7 @@ def check_converged(cfg: Config, last: dict) -> None:
         loss = {k: "not finite" if last[k] is None else last[k] for k in ("g_loss", "d_loss")}  # NaN: null
         raise UsageError(f"train-gan diverged at epoch {last['epoch'] + 1} (G loss {loss['g_loss']}, D loss "
                          f"{loss['d_loss']}) at gan.lr={cfg.gan.lr:g}: no generator was exported; train anew with a "
-                         f"lower rate: {lineage.command_line(cfg.workdir, 'train-gan', settings_saved=False)} "
+                         f"lower rate: {lineage.command_line(cfg.workdir, 'train-gan')} "
                          f"--force --set gan.lr={cfg.gan.lr / 10:g}")
 
 
