@@ -8,6 +8,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -612,6 +613,37 @@ def test_batch_route_answers_every_file_in_order(service):
     unnamed = detect(service, multipart(("note", None, b"hi"), ("file", None, GOOD["face1.jpg"])),
                      headers=FIELD_TYPE)
     assert unnamed.status_code == 200 and abs(unnamed.json()["p_fake"] - good["p_fake"]) < 1e-4
+
+
+def error_counts() -> dict[str, float]:
+    """Prometheus' ray_deepfake_ray_errors_total by reason, from every node's metrics port."""
+    counts: dict[str, float] = {}
+    for node in ray.nodes():
+        if node["Alive"]:
+            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                             timeout=30).text
+            for reason, value in re.findall(r'^ray_deepfake_ray_errors_total\{.*?reason="(\w+)".*\} (\S+)$',
+                                            text, re.MULTILINE):
+                counts[reason] = counts.get(reason, 0.0) + float(value)
+    return counts
+
+
+def test_error_answers_are_counted_by_reason_for_prometheus(service):
+    """Serve's metrics count requests by status: a 415 for a file that is no image and a
+    503 for a GPU out of memory read the same there. Each error answer, and each file of
+    a batch answered with one, is counted by its reason."""
+    before = error_counts()
+    page = b"<!DOCTYPE html><html>403</html>"
+    batch = httpx.post(f"{service}/v1/detect/batch", files=[("files", (f"{i}.jpg", page)) for i in range(3)],
+                       timeout=60)
+    assert [r["reason"] for r in batch.json()["results"]] == ["html_page"] * 3, batch.text
+    assert detect(service, b"").json()["reason"] == "empty_body"
+    wanted = {"html_page": 3, "empty_body": 1}
+    deadline = time.time() + 60  # Ray exports a process's metrics every few seconds
+    while any((after := error_counts()).get(r, 0) < before.get(r, 0) + n for r, n in wanted.items()) \
+            and time.time() < deadline:
+        time.sleep(1)
+    assert {r: after.get(r, 0) - before.get(r, 0) for r in wanted} == wanted, (before, after)
 
 
 def test_detect_refuses_several_files_and_calls_an_empty_file_one(service):

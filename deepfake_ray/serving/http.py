@@ -462,7 +462,29 @@ async def error_json(request: Request, exc: Exception) -> JSONResponse:
 
 
 def error_answer(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
+    count_error(reason, status)
     return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
+
+
+_errors_counter = []  # made in the replica's process on its first error
+
+
+def count_error(reason: str, status: int) -> None:
+    """Counts an error answer (or a batch file's error) by its reason, for Prometheus:
+    `ray_deepfake_ray_errors_total{reason, status}`, scraped from Ray's metrics port as
+    Serve's own request counts are, which tell statuses apart but not why (a file that is
+    no image from a GPU out of memory). Outside Ray (a unit test) nothing is counted."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if not _errors_counter:
+        from ray.util.metrics import Counter
+
+        _errors_counter.append(Counter("deepfake_ray_errors", tag_keys=("reason", "status"),
+                                       description="error answers of the detector service, and files of "
+                                                   "/v1/detect/batch answered with one, by reason"))
+    _errors_counter[0].inc(1, tags={"reason": reason, "status": str(status)})
 
 
 def install_error_handlers(app: FastAPI) -> None:
