@@ -594,6 +594,8 @@ def test_evaluate_measures_the_test_split_alone_at_the_models_threshold_and_choo
         counted["truth"] == "real").sum()
     assert table["p_fake_blur_1.0"].null_count == (counted["split"] == "val").sum()
     scores = table.to_pandas()
+    keys = list(zip(scores["split"], scores["sha1"]))
+    assert keys == sorted(keys)  # one order, rerun after rerun (not the order scoring tasks ended)
     test, val = scores[scores["split"] == "test"], scores[scores["split"] == "val"]
     assert (len(test), len(val), (val["truth"] == "real").sum()) == (8, 40, 20)
     assert val["p_fake"].notna().all() and val["p_fake_blur_1.0"].isna().all()

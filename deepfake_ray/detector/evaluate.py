@@ -183,7 +183,8 @@ def score(cfg: Config, selection: data.Selection, model_uri: str):
     if frame.empty:
         raise UsageError("the validation and test splits selected no images: check data.splits and the "
                          "fakes manifest")
-    return frame
+    # in the order Ray Data's tasks finished, which varies: scores.parquet in a fixed one
+    return frame.sort_values(["split", "sha1"], kind="stable", ignore_index=True)
 
 
 def write_outputs(cfg: Config, out: str, result: dict, robustness: dict, labels, scores) -> None:
