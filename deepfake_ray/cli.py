@@ -613,7 +613,8 @@ def configure_output() -> None:
     - stdout is line-buffered: into a file or pipe (nohup, tee, CI) it was block-buffered,
       and a failed run's log ended with its stage headers, after the error line on stderr;
     - Ray's worker prefixes carry no colour codes there, or with NO_COLOR set (but in a
-      notebook or at a prompt, which shows colours and keeps its environment)."""
+      notebook or at a prompt, which shows colours and keeps its environment);
+    - lines of Ray's that mislead or repeat are left out (progress.hide_ray_noise)."""
     import codecs
 
     codecs.register_error("deepfake_ray.escape", escape_odd_bytes)
@@ -628,6 +629,7 @@ def configure_output() -> None:
 
     if not progress.interactive() and ("NO_COLOR" in os.environ or not sys.stdout.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray as it prints each line
+    progress.hide_ray_noise()
 
 
 def execute(args: argparse.Namespace) -> int:

@@ -9,6 +9,33 @@ from collections.abc import Callable
 
 EVERY_S = {True: 1.0, False: 10.0}  # by whether stdout is a terminal
 
+# Lines of Ray's processes the command line does not show (their log files keep them):
+# advice to set a DataContext flag our own setting cleared (DEEPFAKE_RAY_PROGRESS), and Ray
+# Train's deprecation warning about its own call; with DEEPFAKE_RAY_PROGRESS=0, also the
+# line Ray Data's split coordinators log as each epoch's dataset ends (120 lines in a
+# 60-epoch job's log, beside its 60 epoch lines).
+RAY_NOISE = (r"Progress bars disabled\. To enable", r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources`",
+             r"^\s*self\.exclude_resources = exclude_resources\s*$")
+RAY_INFO = (r"Dataset \S+ execution finished in [\d.]+ seconds",)
+
+
+def hide_ray_noise() -> None:
+    """Tells Ray, before it is imported, which of its processes' lines this driver leaves
+    out (RAY_DEDUP_LOGS_SKIP_REGEX, read once; a user's own pattern is kept beside ours)."""
+    if "ray" in sys.modules:
+        return  # too late: a notebook's Ray shows them
+    quiet = os.environ.get("DEEPFAKE_RAY_PROGRESS") == "0"
+    own = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = "|".join(
+        [*([f"(?:{own})"] if own else []), *RAY_NOISE, *(RAY_INFO if quiet else ())])
+
+
+def ray_noise(record) -> bool:
+    """A logging filter: False for a line of RAY_NOISE (the driver's own Ray Data logger)."""
+    import re
+
+    return not any(re.search(pattern, record.getMessage()) for pattern in RAY_NOISE)
+
 
 def count(n: int, thing: str) -> str:
     """`1 epoch`, `2 epochs`, `1,000 files`: a count as a sentence says it."""

@@ -455,6 +455,7 @@ def configure_data() -> None:
     context.max_map_retries = 3
     for handler in console_handlers("ray.data"):  # the log file keeps all
         handler.addFilter(drop_explained_tracebacks)
+        handler.addFilter(progress.ray_noise)
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 

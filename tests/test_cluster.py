@@ -431,6 +431,7 @@ def test_a_node_that_sees_other_files_or_another_s3_store_is_refused(two_machine
     shared = tmp_path / "shared"
     done = prepare("sample:20", shared)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Progress bars disabled" not in done.stderr  # Ray Data's advice: DEEPFAKE_RAY_PROGRESS=0 is ours
     assert (shared / "data" / "manifest.parquet").exists()
     assert not [n for n in os.listdir(shared) if n.startswith(".shared-check")]  # the probe is gone
 

@@ -264,6 +264,7 @@ def test_pipeline_job_killed_in_detector_stage_resumes_when_resubmitted(head_nod
     assert "held-out test: ROC-AUC" in log and "fakes of this run's own DCGAN only, not other generators'" in log
     assert "falling back to serialize as pickled" not in log  # Ray Data's warning on an empty batch
     assert "train-detector: epoch 4/4" in log and "Reporting training result" not in log  # Ray Train's dict dumps
+    assert "Progress bars disabled" not in log and "execution finished in" not in log  # Ray Data's, each epoch
     history = storage.read_json(f"{workdir}/detector/history.json")
     assert [h["epoch"] for h in history] == list(range(EPOCHS))  # each epoch once
     assert {(h["device"], h["precision"]) for h in history} == {("cpu", "float32")}  # how each was trained
