@@ -21,13 +21,25 @@ RAY_INFO = (r"Dataset \S+ execution finished in [\d.]+ seconds",)
 
 def hide_ray_noise() -> None:
     """Tells Ray, before it is imported, which of its processes' lines this driver leaves
-    out (RAY_DEDUP_LOGS_SKIP_REGEX, read once; a user's own pattern is kept beside ours)."""
-    if "ray" in sys.modules:
-        return  # too late: a notebook's Ray shows them
-    quiet = os.environ.get("DEEPFAKE_RAY_PROGRESS") == "0"
-    own = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
-    os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = "|".join(
-        [*([f"(?:{own})"] if own else []), *RAY_NOISE, *(RAY_INFO if quiet else ())])
+    out (RAY_DEDUP_LOGS_SKIP_REGEX, read once, and only while Ray deduplicates lines, its
+    default). Not in a notebook or at a prompt, whose environment outlives the command."""
+    if "ray" in sys.modules or interactive():
+        return
+    os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = noise_pattern(os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX"),
+                                                             os.environ.get("DEEPFAKE_RAY_PROGRESS") == "0")
+
+
+def noise_pattern(own: str | None, quiet: bool) -> str:
+    """RAY_NOISE (and, `quiet`, RAY_INFO) as one pattern, after a user's `own` one: first,
+    where its inline flags (`(?i)...`) must stand; `own` alone if the two will not compile."""
+    import re
+
+    joined = "|".join([*([own] if own else []), *RAY_NOISE, *(RAY_INFO if quiet else ())])
+    try:
+        re.compile(joined)
+    except re.error:
+        return own or ""
+    return joined
 
 
 def ray_noise(record) -> bool:

@@ -62,10 +62,27 @@ MAX_PYTHON_DECODED_PIXELS = 4_000_000
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", *TIFF_SIGNATURES)
 
 
+# Every reason a file is set aside for, as rejected.parquet and score's tables name it,
+# and the HTTP service's answers (their `reason`: with underscores); README's table says more.
+REASONS = {
+    "empty file": "the file is empty",
+    "html page": "the file is a web page (a failed download?)",
+    "not an image": "not an image file",
+    "unsupported format": "an image format or pixel layout the decoder does not read",
+    "truncated": "the image ends early",
+    "corrupt": "the image's data is damaged",
+    "decompression bomb": "the image claims more pixels (or scans, strips) than data.max_pixels allows",
+    "too large": "the file is larger than any image within data.max_pixels can be",
+    "killed its decoder": "decoding it ended the process decoding it (data.crashes)",
+    "no finite score": "the model gave no finite score for it (a broken model)",
+}
+
+
 class DecodeError(ValueError):
-    """`reason` is a short category (for counts); str(e) is the detail."""
+    """`reason` is a short category (for counts), one of REASONS; str(e) is the detail."""
 
     def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, f"a reason clients are not told of: add {reason!r} to decode.REASONS"
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 

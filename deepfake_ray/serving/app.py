@@ -94,7 +94,8 @@ def decode_answer(error: DecodeError) -> http.ApiError:
 
 
 def file_error(name: str, answer: http.ApiError) -> dict:
-    """One file's entry in a /v1/detect/batch answer, when it has no score."""
+    """One file's entry in a /v1/detect/batch answer, when it has no score (counted, as
+    an error answer is)."""
     http.count_error(answer.reason, answer.status)
     return {"file": name, "error": answer.message, "reason": answer.reason, "status": answer.status}
 

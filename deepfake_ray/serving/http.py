@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepfake_ray.data import decode
+
 log = logging.getLogger("ray.serve")
 EMAIL = BytesParser(policy=policy.HTTP)  # holds no state between parses
 MIN_BODY_RATE = 500  # bytes/s a body must average past serve.body_idle_timeout_s (Apache's mod_reqtimeout's)
@@ -54,9 +56,13 @@ class ModelHeader:
         await self.app(scope, receive, with_model)
 
 
+def reason_code(reason: str) -> str:
+    """A DecodeError's reason ("not an image") as an answer's code ("not_an_image")."""
+    return reason.replace(" ", "_")
+
+
 # Every error answer's `reason`: a stable code for a client to branch on (the `error`
-# text is for people and may be reworded). A file's decoder reasons are its rejected.parquet
-# reasons, spaces as underscores.
+# text is for people and may be reworded). A file's are decode.REASONS, as codes.
 REASONS = {
     "empty_body": "the request had no body",
     "no_file": "the multipart body holds no file",
@@ -75,23 +81,11 @@ REASONS = {
     "no_route": "no such route (see /docs)",
     "method_not_allowed": "the route takes another method (see /docs)",
     "invalid_request": "the request does not match the route's parameters",
+    "http_error": "another refusal of the web framework's (its status says which)",
     "internal_error": "a fault of the server's own (logged)",
-    "empty_file": "the file is empty",
-    "html_page": "the file is a web page (a failed download?)",
-    "not_an_image": "not an image file",
-    "unsupported_format": "an image format the decoder does not read",
-    "truncated": "the image ends early",
-    "corrupt": "the image's data is damaged",
-    "decompression_bomb": "the image claims more pixels than data.max_pixels",
-    "too_large": "the file is larger than any image within data.max_pixels can be",
-    "killed_its_decoder": "decoding it ended a helper process twice (serve.isolate_decoding)",
-    "no_finite_score": "the model gave no finite score (a broken model)",
+    # "too large" is for files read from storage: an upload meets the body limit first
+    **{reason_code(r): meaning for r, meaning in decode.REASONS.items() if r != "too large"},
 }
-
-
-def reason_code(reason: str) -> str:
-    """A DecodeError's reason ("not an image") as an answer's code ("not_an_image")."""
-    return reason.replace(" ", "_")
 
 
 class ApiError(Exception):
@@ -362,8 +356,8 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
 # /docs' "Try it out" and generated clients): the handlers read the raw Request, so
 # FastAPI cannot infer either.
 BINARY = {"type": "string", "format": "binary"}
-REASON = {"type": "string", "enum": list(REASONS), "description": "a stable code to branch on: "
-          + "; ".join(f"{code}: {meaning}" for code, meaning in REASONS.items())}
+REASON = {"type": "string", "enum": list(REASONS),
+          "description": "a stable code to branch on (README: Every error answer's reason)"}
 ERROR_BODY = {"application/json": {"schema": {"type": "object", "required": ["error", "reason"], "properties": {
     "error": {"type": "string", "description": "what is wrong and how to fix it, for people"},
     "reason": REASON}}}}
@@ -453,7 +447,7 @@ async def error_json(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, StarletteHTTPException):
         said = {404: ("no_route", f"no route {request.url.path}: see /docs"),
                 405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path}: see /docs")}
-        reason, message = said.get(exc.status_code, ("invalid_request", str(exc.detail)))
+        reason, message = said.get(exc.status_code, ("http_error", str(exc.detail)))
         return error_answer(exc.status_code, reason, message, getattr(exc, "headers", None))
     if isinstance(exc, RequestValidationError):
         return error_answer(422, "invalid_request", f"invalid request: {exc.errors()}")

@@ -19,18 +19,19 @@ import numpy as np
 from deepfake_ray import checkpoint, storage
 from deepfake_ray.errors import UsageError
 from deepfake_ray.storage import json_safe
+from deepfake_ray.data import crashes
 from deepfake_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, as_stored, open_image
 
 # DecodeError.reason -> HTTP status of a request whose image fails that way
 STATUS_BY_REASON = {
     "empty file": 400,
     "decompression bomb": 413,
-    "too large": 413,
     "not an image": 415,
     "html page": 415,
     "unsupported format": 415,
     "truncated": 422,
     "corrupt": 422,
+    crashes.REASON: 422,  # with serve.isolate_decoding
 }
 
 
