@@ -408,7 +408,10 @@ def sha1(data: bytes) -> str:
 # Stored again at data.jpeg_quality, a real is then encoded twice, a fake once: a detector
 # could tell them apart by that alone (one measure of colour detail split 40 of 40 such
 # pairs). So prepare records each real's ("jpeg q75 4:2:0"; "" where there is none: not a
-# JPEG, or resized, which leaves little of it), and generate gives each fake a real's.
+# JPEG, or resized, which leaves little of it), and generate gives each fake a real's. The
+# quality names the tables libjpeg makes at it; tables no quality makes (a Photoshop or
+# camera preset's: one was nearest q85 and 36% off it) are recorded as they are, "jpeg
+# t<256 hex digits> 4:4:4", as a near quality would leave fakes a first encoding reals lack.
 SUBSAMPLINGS = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
 
 
@@ -421,7 +424,13 @@ def jpeg_history(img: Image.Image, size: int) -> str:
             or camera_turn(img) is not None or luma is None or chroma is None):
         return ""
     sampling = SUBSAMPLINGS.get(JpegImagePlugin.get_sampling(img))
-    return f"jpeg q{nearest_quality(tuple(luma) + tuple(chroma))} {sampling}" if sampling else ""
+    if not sampling:
+        return ""
+    tables = (*luma, *chroma)
+    quality = nearest_quality(tables)
+    if tables == tuple(standard_tables()[quality - 1]) or max(tables) > 255:  # (16-bit ones: the nearest)
+        return f"jpeg q{quality} {sampling}"
+    return f"jpeg t{bytes(tables).hex()} {sampling}"
 
 
 @functools.lru_cache(maxsize=256)  # a dataset's photos share a few sets of tables
@@ -442,9 +451,14 @@ def with_history(picture: Image.Image, history: str) -> Image.Image:
     """`picture` as a JPEG encoding of `history` (jpeg_history's text) leaves it."""
     if not history:
         return picture
-    _, quality, sampling = history.split()
+    _, encoding, sampling = history.split()
+    if encoding.startswith("t"):  # the tables themselves
+        tables = bytes.fromhex(encoding[1:])
+        how = {"qtables": [list(tables[:64]), list(tables[64:])]}
+    else:
+        how = {"quality": int(encoding.removeprefix("q"))}
     buf = io.BytesIO()
-    picture.save(buf, format="JPEG", quality=int(quality.removeprefix("q")), subsampling=sampling)
+    picture.save(buf, format="JPEG", subsampling=sampling, **how)
     return Image.open(buf).convert("RGB")
 
 
