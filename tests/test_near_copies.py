@@ -20,6 +20,20 @@ def test_each_picture_groups_with_its_copies_and_nothing_else():
     assert sorted(groups) == [[i, *range(150 + 4 * i, 154 + 4 * i)] for i in range(50)]
 
 
+def test_grey_with_faint_noise_is_blank_and_the_faintest_face_is_not():
+    """A generator collapsed to grey draws faint noise on it: counted as no face, so
+    generate warns of it, where at a threshold of 1.0 noise of 1.5 passed as faces."""
+    rng = np.random.default_rng(0)
+
+    def grey_with(noise: float) -> list[bytes]:  # the noise at the thumbnail's own scale
+        cells = [np.clip(128 + rng.normal(0, noise, (near_copies.THUMB,) * 2), 0, 255).astype(np.uint8)
+                 for _ in range(20)]
+        return thumbnails([Image.fromarray(c).resize((64, 64), Image.Resampling.NEAREST) for c in cells])
+
+    assert near_copies.blanks(grey_with(1.5)) == 20
+    assert near_copies.blanks(grey_with(4.0)) == 0  # as faint as the demo's least-trained fakes (>= 3)
+
+
 def full_comparison(thumbs: list[bytes]) -> list[list[int]]:
     """The groups that comparing every pair, as it is and one of them flipped, gives."""
     units = near_copies.unit_vectors(thumbs)

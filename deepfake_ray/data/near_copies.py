@@ -67,8 +67,9 @@ MAX_GAP = 32  # see band_pairs
 PAIRS_AT_ONCE = 1 << 18  # a band's candidate pairs made at once (band_pairs): bounds the memory
 MAX_THREADS = 8  # bands checked at once (in_waves), sharing CHECK_PAIRS' memory bound
 # a thumbnail whose grey levels vary less than this (standard deviation) shows no face:
-# an untrained generator's grey. Faces measure >= 3 (the demo's fakes), >= 6 (its reals)
-BLANK = 1.0
+# an untrained generator's grey, faint noise on it too (at 1.0, a collapse to grey with
+# noise of 1.5 passed as faces). Faces measure >= 3 (the demo's fakes), >= 11 (its reals)
+BLANK = 2.0
 
 
 def thumbnail(img: Image.Image) -> bytes:
