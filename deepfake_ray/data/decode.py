@@ -424,16 +424,19 @@ def jpeg_history(img: Image.Image, size: int) -> str:
             or camera_turn(img) is not None or luma is None or chroma is None):
         return ""
     sampling = SUBSAMPLINGS.get(JpegImagePlugin.get_sampling(img))
-    if not sampling:
-        return ""
-    tables = (*luma, *chroma)
-    quality = nearest_quality(tables)
-    if tables == tuple(standard_tables()[quality - 1]) or max(tables) > 255:  # (16-bit ones: the nearest)
-        return f"jpeg q{quality} {sampling}"
-    return f"jpeg t{bytes(tables).hex()} {sampling}"
+    return f"jpeg {encoding_of((*luma, *chroma))} {sampling}" if sampling else ""
 
 
 @functools.lru_cache(maxsize=256)  # a dataset's photos share a few sets of tables
+def encoding_of(tables: tuple[int, ...]) -> str:
+    """"q75" for the luma and chroma tables libjpeg makes at quality 75; tables no quality
+    makes as they are, "t" and their hex (16-bit ones, over 255: the nearest quality)."""
+    quality = nearest_quality(tables)
+    if tables == tuple(standard_tables()[quality - 1]) or max(tables) > 255:
+        return f"q{quality}"
+    return f"t{bytes(tables).hex()}"
+
+
 def nearest_quality(tables: tuple[int, ...]) -> int:
     """The libjpeg quality (1-100) whose standard luma and chroma tables are nearest
     `tables`: the very one for what libjpeg, Pillow, OpenCV and most software write."""
