@@ -684,7 +684,7 @@ def test_the_openapi_schema_describes_the_uploads_and_their_errors(service):
 
     assert set(predictor.STATUS_BY_REASON) == set(decode.REASONS) - {"too large"}
     assert {http.reason_code(r) for r in predictor.STATUS_BY_REASON} <= set(schema["properties"]["reason"]["enum"])
-    with pytest.raises(AssertionError, match="add 'blurry' to decode.REASONS"):
+    with pytest.raises(AssertionError, match="add 'blurry' to REASONS"):
         decode.DecodeError("blurry")
     # what a 200 holds: FastAPI described it as any object, so a generated client had no p_fake
     one_result = detect_op["responses"]["200"]["content"]["application/json"]["schema"]

@@ -82,7 +82,8 @@ class DecodeError(ValueError):
     """`reason` is a short category (for counts), one of REASONS; str(e) is the detail."""
 
     def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, f"a reason clients are not told of: add {reason!r} to decode.REASONS"
+        # (unpickled, from a helper process, it is called with its whole message first)
+        assert reason.partition(":")[0] in REASONS, f"a reason clients are not told of: add {reason!r} to REASONS"
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
