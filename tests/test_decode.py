@@ -302,16 +302,19 @@ def test_a_photo_stored_at_its_own_size_records_the_jpeg_encoding_its_pixels_car
 @pytest.mark.parametrize("preset", ["web_high", "medium", "web_low"])
 def test_a_photo_saved_with_tables_no_quality_makes_records_the_tables_themselves(preset):
     """Photoshop's and cameras' presets quantise with tables of their own: recorded as the
-    nearest libjpeg quality (web_high's: q85, 36% off its tables), a fake was given a first
+    nearest libjpeg quality (web_high's: q85, 13% off its tables), a fake was given a first
     encoding no real had, a difference a detector can learn instead of the faces."""
     source = encode(rgb(3, 32), "JPEG", quality=preset)
     history = decode.inspect(source, 32, 95)["history"]
     assert re.fullmatch(r"jpeg t[0-9a-f]{256} 4:[24]:[024]", history), history
     given = decode.with_history(rgb(3, 32), history)
     assert np.array_equal(np.asarray(given), decode.decode(source, 32))
+    sixteen_bit = (300, *[2] * 127)  # tables of values over 255: named by the nearest quality
+    assert decode.encoding_of(sixteen_bit) == f"q{decode.nearest_quality(sixteen_bit)}"
 
 
-@pytest.mark.parametrize("kind", ["png", "resized", "grey", "turned", "cmyk", "tables 0 and 2"])
+@pytest.mark.parametrize("kind", ["png", "resized", "grey", "turned", "cmyk", "tables 0 and 2",
+                                  "a table of its own for Cr"])
 def test_a_photo_whose_jpeg_encoding_is_not_recorded_is_stored_all_the_same(kind):
     """Resized or converted, little or nothing of a JPEG's blocks stays where the stored
     image's are; a PNG never had any. A turned one keeps them, but is not recorded (its
@@ -324,6 +327,7 @@ def test_a_photo_whose_jpeg_encoding_is_not_recorded_is_stored_all_the_same(kind
             "grey": encode(picture.convert("L"), "JPEG", quality=75),
             "turned": encode(picture, "JPEG", quality=75, exif=turned),
             "cmyk": encode(picture.convert("CMYK"), "JPEG", quality=75),
-            "tables 0 and 2": jpeg_numbering_its_chroma_table_2(picture)}[kind]
+            "tables 0 and 2": jpeg_numbering_its_chroma_table_2(picture),
+            "a table of its own for Cr": encode(picture, "JPEG", qtables=[[2] * 64, [3] * 64, [9] * 64])}[kind]
     row = decode.inspect(data, 32, 95)
     assert row["reason"] == "" and row["history"] == ""

@@ -411,7 +411,7 @@ def sha1(data: bytes) -> str:
 # pairs). So prepare records each real's ("jpeg q75 4:2:0"; "" where there is none: not a
 # JPEG, or resized, which leaves little of it), and generate gives each fake a real's. The
 # quality names the tables libjpeg makes at it; tables no quality makes (a Photoshop or
-# camera preset's: one was nearest q85 and 36% off it) are recorded as they are, "jpeg
+# camera preset's: Pillow's web_high is nearest q85, 13% off it) are recorded as they are, "jpeg
 # t<256 hex digits> 4:4:4", as a near quality would leave fakes a first encoding reals lack.
 SUBSAMPLINGS = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
 
@@ -422,7 +422,8 @@ def jpeg_history(img: Image.Image, size: int) -> str:
     tables = getattr(img, "quantization", None) or {}
     luma, chroma = tables.get(0), tables.get(1)  # by table id: an encoder may number them otherwise
     if (img.format not in ("JPEG", "MPO") or img.mode != "RGB" or img.size != (size, size)
-            or camera_turn(img) is not None or luma is None or chroma is None):
+            or camera_turn(img) is not None or luma is None or chroma is None
+            or any(list(t) != list(chroma) for i, t in tables.items() if i > 1)):  # a Cr table of its own
         return ""
     sampling = SUBSAMPLINGS.get(JpegImagePlugin.get_sampling(img))
     return f"jpeg {encoding_of((*luma, *chroma))} {sampling}" if sampling else ""
