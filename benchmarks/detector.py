@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from deepfake_ray.data.sample import face  # noqa: E402
 from deepfake_ray.models import detector  # noqa: E402
+from deepfake_ray.training import SHUFFLE_BATCHES  # noqa: E402
 
 
 def batches(n: int, size: int, resolution: int) -> list[dict]:
@@ -82,7 +83,7 @@ def ray_loop(config: dict) -> None:
         args.to_ray.get()
         started, n = time.perf_counter(), 0
         # as detector.loop.batches("train", ...) draws them
-        for b in shard.iter_torch_batches(batch_size=args.batch, local_shuffle_buffer_size=16 * args.batch):
+        for b in shard.iter_torch_batches(batch_size=args.batch, local_shuffle_buffer_size=SHUFFLE_BATCHES * args.batch):
             step(model, opt, b["pixels"], b["label"], args.size)
             n += len(b["label"])
         ray.train.report({"epoch": epoch, "images": n})

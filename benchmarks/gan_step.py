@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from deepfake_ray.data.datasets import to_unit_range  # noqa: E402
 from deepfake_ray.data.sample import face  # noqa: E402
 from deepfake_ray.models import dcgan  # noqa: E402
+from deepfake_ray.training import SHUFFLE_BATCHES  # noqa: E402
 
 
 def batches(n: int, size: int, resolution: int) -> list[np.ndarray]:
@@ -67,7 +68,7 @@ def ray_loop(config: dict) -> None:
         args.to_ray.get()
         started, n = time.perf_counter(), 0
         for batch in shard.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True,
-                                        prefetch_batches=2, local_shuffle_buffer_size=16 * args.batch,
+                                        prefetch_batches=2, local_shuffle_buffer_size=SHUFFLE_BATCHES * args.batch,
                                         local_shuffle_seed=epoch):  # as gan.loop.train_epoch
             z = torch.randn(len(batch["data"]), 100, generator=gen)
             dcgan.gan_step(G, D, opt_g, opt_d, to_unit_range(batch["data"]), z)

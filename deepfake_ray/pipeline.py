@@ -236,8 +236,8 @@ def closing_lines(cfg: Config, stages: list[dict] = ()) -> None:
         from deepfake_ray.detector.metrics import SCOPE
 
         print("held-out test: " + ", ".join(
-            f"{name} {metrics[k]:.4f}" for k, name in SHOWN.items()
-            if isinstance(metrics.get(k), (int, float))) + f"; {SCOPE}")
+            f"{name} {metrics[k]:.4f}" for k, name in SHOWN.items() if storage.finite(metrics.get(k)))
+            + f"; {SCOPE}")
     fakes = storage.completed(storage.join(cfg.workdir, "fakes")) or {}
     if blank := fakes.get("blank_fakes"):  # said by generate, maybe in an earlier run: said again here
         print(f"warning: {blank:,} of {fakes.get('images', blank):,} fakes are nearly one grey, no face drawn: "

@@ -3,6 +3,7 @@ second in a terminal, a line every 10 s in logs (a run shorter than that prints 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ EVERY_S = {True: 1.0, False: 10.0}  # by whether stdout is a terminal
 RAY_NOISE = (r"Progress bars disabled\. To enable", r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources`",
              r"^\s*self\.exclude_resources = exclude_resources\s*$")
 RAY_INFO = (r"Dataset \S+ execution finished in [\d.]+ seconds",)
+NOISE = re.compile("|".join(RAY_NOISE))
 
 
 def hide_ray_noise() -> None:
@@ -32,8 +34,6 @@ def hide_ray_noise() -> None:
 def noise_pattern(own: str | None, quiet: bool) -> str:
     """RAY_NOISE (and, `quiet`, RAY_INFO) as one pattern, after a user's `own` one: first,
     where its inline flags (`(?i)...`) must stand; `own` alone if the two will not compile."""
-    import re
-
     joined = "|".join([*([own] if own else []), *RAY_NOISE, *(RAY_INFO if quiet else ())])
     try:
         re.compile(joined)
@@ -44,9 +44,7 @@ def noise_pattern(own: str | None, quiet: bool) -> str:
 
 def ray_noise(record) -> bool:
     """A logging filter: False for a line of RAY_NOISE (the driver's own Ray Data logger)."""
-    import re
-
-    return not any(re.search(pattern, record.getMessage()) for pattern in RAY_NOISE)
+    return not NOISE.search(record.getMessage())
 
 
 def count(n: int, thing: str) -> str:

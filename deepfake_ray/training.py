@@ -32,6 +32,8 @@ from deepfake_ray import checkpoint, runtime, storage
 from deepfake_ray.config import Config
 from deepfake_ray.errors import UsageError, find_error
 
+# batches a training's local shuffle buffer mixes (gan.loop, detector.loop, their benchmarks)
+SHUFFLE_BATCHES = 16
 # epoch_NNNN, or epoch_NNNN_<tag> when an epoch is trained again after a damaged
 # checkpoint of that epoch was skipped (Ray must never register one folder twice).
 EPOCH_DIR = re.compile(r"^epoch_(\d+)(?:_[0-9a-f]+)?$")

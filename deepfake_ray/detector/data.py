@@ -216,12 +216,15 @@ def training_views(cfg: Config, selection: Selection, command: str = "train-dete
     views = {split: view.materialize() for split, view in views.items()}
     train, val = views["train"].randomize_block_order(), views["val"]
     augments = d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0
-    if augments or not decoded:  # one map: decoded (if kept as JPEGs), then augmented
+    if augments:  # one map: decoded (if kept as JPEGs), then augmented
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
                                                  blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma,
                                                  stored_quality=selection.jpeg_quality),
             batch_format="numpy", batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
+    elif not decoded:  # decoded alone: no pass over the pixels that changes none
+        train = runtime.map_on_tasks(train, decoded_batch, batch_format="numpy",
+                                     batch_size=cfg.data.decode_batch_size, num_cpus=cfg.resources.data_cpus)
     if not decoded:
         val = runtime.map_on_tasks(val, decoded_batch, batch_format="numpy", batch_size=cfg.data.decode_batch_size,
                                    num_cpus=cfg.resources.data_cpus)

@@ -135,7 +135,7 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float) -> torch.op
 def batches(split: str, batch_size: int):
     shard = ray.train.get_dataset_shard(split)
     # train: blocks arrive in a random order (one class per block is common); the buffer mixes them
-    buffer = 16 * batch_size if split == "train" else None
+    buffer = training.SHUFFLE_BATCHES * batch_size if split == "train" else None
     return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer)
 
 

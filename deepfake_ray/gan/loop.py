@@ -98,7 +98,7 @@ def train_epoch(run: Run, shard, epoch: int) -> tuple[torch.Tensor, torch.Tensor
     # are fixed after its one shuffle, so a buffer of 4 (a block or two) drew each batch
     # from the same ~64 images every epoch, normalised together by D's batch norm
     batches = shard.iter_batches(batch_size=g.batch_size, batch_format="numpy", drop_last=True,
-                                 prefetch_batches=2, local_shuffle_buffer_size=16 * g.batch_size,
+                                 prefetch_batches=2, local_shuffle_buffer_size=training.SHUFFLE_BATCHES * g.batch_size,
                                  local_shuffle_seed=run.cfg.seed + epoch)
     for i, batch in enumerate(batches):
         # uint8 to the device first: a quarter of the bytes of float pixels

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -460,9 +461,6 @@ def error_answer(status: int, reason: str, message: str, headers: dict | None = 
     return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
 
 
-_errors_counter = []  # made in the replica's process on its first error
-
-
 def count_error(reason: str, status: int) -> None:
     """Counts an error answer (or a batch file's error) by its reason, for Prometheus:
     `ray_deepfake_ray_errors_total{reason, status}`, scraped from Ray's metrics port as
@@ -470,15 +468,17 @@ def count_error(reason: str, status: int) -> None:
     no image from a GPU out of memory). Outside Ray (a unit test) nothing is counted."""
     import ray
 
-    if not ray.is_initialized():
-        return
-    if not _errors_counter:
-        from ray.util.metrics import Counter
+    if ray.is_initialized():
+        errors_counter().inc(1, tags={"reason": reason, "status": str(status)})
 
-        _errors_counter.append(Counter("deepfake_ray_errors", tag_keys=("reason", "status"),
-                                       description="error answers of the detector service, and files of "
-                                                   "/v1/detect/batch answered with one, by reason"))
-    _errors_counter[0].inc(1, tags={"reason": reason, "status": str(status)})
+
+@functools.cache  # one per replica process, made on its first error
+def errors_counter():
+    from ray.util.metrics import Counter
+
+    return Counter("deepfake_ray_errors", tag_keys=("reason", "status"),
+                   description="error answers of the detector service, and files of /v1/detect/batch "
+                               "answered with one, by reason")
 
 
 def install_error_handlers(app: FastAPI) -> None:
