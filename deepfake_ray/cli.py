@@ -236,9 +236,7 @@ def asked_keys(args: argparse.Namespace) -> set[str]:
         return [k for key, value in section.items() for k in (
             dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
 
-    keys = {key for flag, key in COMMANDS[args.command].flags.items()
-            if key and getattr(args, flag.lstrip("-").replace("-", "_")) is not None}
-    keys |= {set_key(o) for o in args.overrides}
+    keys = flag_and_set_keys(args)
     return keys | set(dotted(config.load_file(args.config))) if args.config else keys
 
 
@@ -298,9 +296,14 @@ def check_unexpanded(cfg, args: argparse.Namespace) -> None:
 def typed_keys(args: argparse.Namespace) -> set[str]:
     """The config keys the command line gives values to itself (--workdir, a flag, --set),
     which win over a --config file's and the preset's."""
+    return flag_and_set_keys(args) | ({"workdir"} if args.workdir is not None else set())
+
+
+def flag_and_set_keys(args: argparse.Namespace) -> set[str]:
+    """The config keys of this command's flags that were given, and of its --set overrides."""
     keys = {key for flag, key in COMMANDS[args.command].flags.items()
             if key and getattr(args, flag.lstrip("-").replace("-", "_")) is not None}
-    return keys | {set_key(o) for o in args.overrides} | ({"workdir"} if args.workdir is not None else set())
+    return keys | {set_key(o) for o in args.overrides}
 
 
 def with_absolute_pretrained(cfg):

@@ -79,11 +79,9 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     budgets = metrics.budget_thresholds(val["label"].to_numpy(), val["p_clean"].to_numpy(), labels, scores["clean"])
     write_outputs(cfg, out, result, robustness, labels, scores)
     # each row names its model, as metrics.json and the score tables do: a budget's threshold
-    # holds for the model it was chosen for only; every row has every key (null where a
-    # budget has no threshold, or no note), for tools that read it as a table
-    keys = dict.fromkeys(["note", *(k for b in budgets for k in b)])
+    # holds for the model it was chosen for only (every row has every key: budget_thresholds)
     storage.write_json(storage.join(out, "thresholds.json"),
-                       [{**keys, **b, "model": checkpoint.model_id(meta)} for b in budgets])
+                       [{**b, "model": checkpoint.model_id(meta)} for b in budgets])
     write_scores(out, frame, meta)
     print(table(robustness, meta))
     print(budget_table(budgets, model_uri))

@@ -95,7 +95,9 @@ def budget_threshold(labels: np.ndarray, p_fake: np.ndarray, budget: float) -> f
 def budget_thresholds(val_labels: np.ndarray, val_p: np.ndarray, test_labels: np.ndarray,
                       test_p: np.ndarray) -> list[dict]:
     """For each false-positive budget: the threshold validation gives it, and what that
-    threshold does on validation and on the held-out test split (95% Wilson intervals)."""
+    threshold does on validation and on the held-out test split (95% Wilson intervals).
+    Every row has every key (null where a budget has no threshold, or no note), for tools
+    that read thresholds.json as a table."""
     rows = []
     n_real = int((np.asarray(val_labels) == 0).sum())
     for budget in FALSE_POSITIVE_BUDGETS:
@@ -107,7 +109,8 @@ def budget_thresholds(val_labels: np.ndarray, val_p: np.ndarray, test_labels: np
         val, test = flagged(val_labels, val_p, threshold), flagged(test_labels, test_p, threshold)
         rows.append({**row, "validation_false_positive_rate": val["false_positive_rate"],
                      "validation_recall": val["recall"], **{f"test_{k}": v for k, v in test.items()}})
-    return rows
+    keys = dict.fromkeys(["note", *(k for row in rows for k in row)])
+    return [{**keys, **row} for row in rows]
 
 
 def flagged(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
