@@ -83,7 +83,8 @@ def ray_loop(config: dict) -> None:
         args.to_ray.get()
         started, n = time.perf_counter(), 0
         # as detector.loop.batches("train", ...) draws them
-        for b in shard.iter_torch_batches(batch_size=args.batch, local_shuffle_buffer_size=SHUFFLE_BATCHES * args.batch):
+        for b in shard.iter_torch_batches(batch_size=args.batch, local_shuffle_buffer_size=SHUFFLE_BATCHES * args.batch,
+                                          local_shuffle_seed=epoch):
             step(model, opt, b["pixels"], b["label"], args.size)
             n += len(b["label"])
         ray.train.report({"epoch": epoch, "images": n})

@@ -155,6 +155,10 @@ class ServeConfig:
 class Config:
     workdir: str = "runs/demo"
     seed: int = 0
+    # train-gan and train-detector give the same weights on a rerun over the same data/ and
+    # fakes/: Ray Data keeps block order (slower) and the seed draws each epoch's block order
+    # and augmentation (README, Reproducibility)
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)

@@ -20,12 +20,13 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from deepfake_ray import checkpoint, runtime, storage
@@ -79,6 +80,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
         datasets=datasets() if datasets else {},
+        dataset_config=data_config(cfg),
         run_config=RunConfig(
             name=name,
             storage_path=path,
@@ -109,6 +111,19 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
             signal.signal(signal.SIGINT, before)
+
+
+def data_config(cfg: Config) -> DataConfig | None:
+    """Ray Train's ingest options (None: its default), in order with deterministic=true: a
+    worker's blocks, and with several which worker gets which, are then the same on a rerun.
+    Ray Train gives the datasets its own options, not those they were made with."""
+    if not cfg.deterministic:
+        return None
+    with warnings.catch_warnings():  # its default's own field, deprecated by Ray: not ours to fix
+        warnings.filterwarnings("ignore", message=r".*exclude_resources")
+        options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def prune_unlisted(run: str, kept: list, keep: int, keep_best_by: str | None = None) -> None:
@@ -208,9 +223,13 @@ def unreadable_run_record(e: BaseException) -> str | None:
 # --- inside a training worker ----------------------------------------------------
 
 def setup_worker(cfg: Config) -> None:
-    """torch threads = the CPUs this worker reserved (resources.cpus_per_worker), and Ray
-    Train's line per report left to its log file."""
+    """torch threads = the CPUs this worker reserved (resources.cpus_per_worker; a rerun
+    with other threads sums in another order), PyTorch's deterministic algorithms with
+    deterministic=true, and Ray Train's line per report left to its log file."""
     torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    if cfg.deterministic:  # a GPU's too (cuBLAS needs its workspace fixed before it starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     quiet_report_lines()
 
 

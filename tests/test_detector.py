@@ -474,6 +474,50 @@ def test_training_images_are_recompressed_and_blurred_and_validation_left_clean(
 
 
 
+def test_datasets_made_in_order_keep_their_blocks_in_order_however_tasks_finish(ray_session):
+    """Each block's task sleeps the longer the earlier its block: they finish last first.
+    Made in_order(True), a dataset keeps the blocks' order (then the read, the one-off
+    shuffle and the split are a rerun's); this process's own setting is left as it was."""
+    import time
+
+    from ray.data import DataContext
+
+    def late_first(batch: dict) -> dict:
+        time.sleep(0.3 * (3 - int(batch["id"][0]) // 10))
+        return batch
+
+    def ids(ordered: bool) -> list[int]:
+        with datasets.in_order(ordered):
+            ds = ray.data.range(40, override_num_blocks=4).map_batches(late_first, batch_size=None)
+        return [int(i) for i in ds.materialize().to_pandas()["id"]]
+
+    assert ids(True) == list(range(40))
+    assert ids(False) != list(range(40))  # the test can see an order lost
+    assert DataContext.get_current().execution_options.preserve_order is False
+
+
+@pytest.mark.parametrize("as_jpegs", [False, True])
+def test_with_deterministic_a_rerun_draws_the_same_augmented_batches_each_epoch(
+        ray_session, tiny_cfg, monkeypatch, as_jpegs):
+    """deterministic=true: the same images in the same order with the same blur and JPEG
+    draws, epoch by epoch, for views made anew over the same stages (a rerun); each epoch
+    draws afresh. Decoded once, or kept as JPEGs and decoded as each epoch reads them."""
+    build(tiny_cfg().workdir, 60, 32)
+    sel = data.select(tiny_cfg())
+    cfg = tiny_cfg("deterministic=true", "detector.jpeg_aug_prob=0.5", "detector.blur_aug_prob=0.5")
+    if as_jpegs:
+        monkeypatch.setattr(datasets, "DECODED_SHARE", 0.0)  # an object store too small for them
+
+    def epochs(view) -> list[tuple[bytes, ...]]:
+        return [tuple(row["pixels"].tobytes() for row in view.take_all()) for _ in range(2)]
+
+    first = epochs(data.training_views(cfg, sel)["train"])
+    assert first == epochs(data.training_views(cfg, sel)["train"])
+    assert set(first[0]) != set(first[1])  # other draws, not only another order
+    clean = {row["pixels"].tobytes() for row in data.training_views(tiny_cfg(), sel)["train"].take_all()}
+    assert 0 < len(set(first[0]) & clean) < len(clean)  # each kind drawn at half: some images untouched
+
+
 def test_training_images_too_many_for_the_object_store_are_kept_as_jpegs_and_read_alike(
         ray_session, tiny_cfg, monkeypatch, capsys):
     """1M reals and their fakes, decoded, take ~88 GB of the object store for the whole
@@ -1076,15 +1120,18 @@ def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ra
     assert "the one set by hand in the model it replaced, 0.871, is gone" in capsys.readouterr().out
 
 
-def test_a_detector_trained_on_two_workers_validates_on_the_whole_split(ray_session, tiny_cfg):
+def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retrains_alike(ray_session, tiny_cfg):
     """Users train on 4-16 GPU workers, the other tests on one: the paths only several take
     (each worker's validation scores gathered, the model wrapped anew as its backbone
     unfreezes) ran nowhere. Its validation ROC-AUC is the whole split's, not one worker's
-    half's: the exported model scores the split to the same figure."""
+    half's: the exported model scores the split to the same figure. With deterministic=true
+    a retrain gives the same weights: which worker gets which blocks, in what order, with
+    which augmentation draws, are the first run's (on CPU)."""
     from deepfake_ray.detector import train as detector_train
 
     cfg = tiny_cfg(*FAST, "detector.arch=resnet10t", "resources.workers=2", "detector.epochs=2",
-                   "detector.freeze_backbone_epochs=1")
+                   "detector.freeze_backbone_epochs=1", "deterministic=true", "detector.jpeg_aug_prob=0.5",
+                   "detector.blur_aug_prob=0.5")
     build(cfg.workdir, 60, 32)  # validation: 6 reals and 6 fakes, 6 for each worker
     detector_train.run(cfg)
     history = storage.read_json(os.path.join(cfg.workdir, "detector", "history.json"))
@@ -1097,6 +1144,10 @@ def test_a_detector_trained_on_two_workers_validates_on_the_whole_split(ray_sess
     pixels, labels = np.stack([r["pixels"] for r in rows]), np.array([r["label"] for r in rows])
     scored = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
     assert meta["metrics"]["val_auc"] == pytest.approx(metrics.roc_auc(labels, scored), abs=1e-9)
+    detector_train.run(cfg, force=True)
+    again = storage.read_json(os.path.join(cfg.workdir, "detector", "history.json"))
+    assert [(h["train_loss"], h["val_loss"]) for h in again] == [(h["train_loss"], h["val_loss"]) for h in history]
+    assert checkpoint.load_meta(train.model_dir(cfg.workdir))["weights_sha256"] == meta["weights_sha256"]
 
 
 def test_a_sweep_asked_to_run_more_trials_at_once_than_fit_runs_what_fits_and_says_so(ray_session, tiny_cfg, capsys):

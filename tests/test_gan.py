@@ -479,6 +479,22 @@ def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prep
     assert len(orders) > 1
 
 
+def test_with_deterministic_a_rerun_draws_the_same_batches_each_epoch_and_epochs_differ(prepared):
+    """deterministic=true: a rerun (a new dataset over the same data/) reads, shuffles and
+    orders the blocks as the first run did, epoch by epoch, however Ray's tasks finish;
+    each epoch still another order. Without it, a rerun's order is Ray's to choose."""
+    stored = datasets.read_split(datasets.data_dir(prepared), "train").take_all()
+    position = {decode.decode_jpeg(row["image"]).tobytes(): i for i, row in enumerate(stored)}
+    cfg = tiny(prepared, "deterministic=true")
+
+    def epochs(ds) -> list[tuple[int, ...]]:
+        return [tuple(position[row["pixels"].tobytes()] for row in ds.take_all()) for _ in range(3)]
+
+    first, rerun = epochs(train.train_dataset(cfg, len(stored))), epochs(train.train_dataset(cfg, len(stored)))
+    assert first == rerun and len(set(first)) > 1
+    assert sorted(first[0]) == list(range(len(stored)))
+
+
 def run_cli(capsys, *args) -> tuple[int, list[str]]:
     code = cli.main(list(args))
     return code, error_lines(capsys)

@@ -15,6 +15,7 @@ readers ignore it).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -165,6 +166,29 @@ def thumbnail_batch(batch: dict) -> dict:
 # their fakes: ~88 GB), their JPEGs ~5x less, and decoding them again each epoch costs
 # ~0.3 ms of CPU an image, beside a GPU's forward and backward pass.
 DECODED_SHARE = 0.25
+
+
+# --- training's order (deterministic=true) ----------------------------------------------
+
+@contextlib.contextmanager
+def in_order(deterministic: bool):
+    """With `deterministic`, the datasets made meanwhile hand their blocks on in order
+    (preserve_order: a read copies Ray Data's context as it starts, and what is made from it
+    keeps that copy), so reads, the shuffle and the blocks' order are the same on a rerun,
+    however Ray's tasks finish; this process's context is left as it was."""
+    options = ray.data.DataContext.get_current().execution_options
+    kept = options.preserve_order
+    options.preserve_order = kept or deterministic
+    try:
+        yield
+    finally:
+        options.preserve_order = kept
+
+
+def epoch_order(deterministic: bool, seed: int) -> ray.data.RandomSeedConfig | None:
+    """randomize_block_order's seed: each epoch (each run of the dataset) another order,
+    drawn from the seed with `deterministic`, else at random."""
+    return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True) if deterministic else None
 
 
 def decoded_bytes(images: int, resolution: int) -> int:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import ray.data
-from ray.data.expressions import col
+from ray.data.expressions import col, random as random_column
 from PIL import Image, ImageFilter
 
 from deepfake_ray import checkpoint, runtime, storage
@@ -199,23 +199,28 @@ def training_views(cfg: Config, selection: Selection, command: str = "train-dete
     is cut from the read blocks in memory; train's rows are shuffled once. Each epoch
     only reorders train's blocks (the trainer's local shuffle buffer mixes rows; horizontal
     flips happen on the worker's tensors) and, when configured, re-draws JPEG/blur
-    augmentations in Ray Data.
+    augmentations in Ray Data. With deterministic=true the blocks keep their order and the
+    seed draws each epoch's block order and augmentations: a rerun trains on the same batches.
     """
     d = cfg.detector
     decoded = keeps_decoded(cfg, selection, command)
     column = "pixels" if decoded else "image"
-    both = dataset(cfg, selection, ("train", "val"), decoded=decoded).materialize()
-    views = {split: both.filter(expr=col("split") == split).select_columns([column, "label"])
-             for split in ("train", "val")}
-    # An images part holds one class, and decoded it is one block of up to thousands of
-    # rows, more than the trainer's shuffle buffer (16 batches): blocks of 600 and that
-    # buffer made 38% of batches over 80% one class, which batch norm learns from. Rows
-    # shuffled once mix them as drawing at random would (blocks of a batch's rows still
-    # left 3-9% of batches so, against ~2% by chance).
-    views["train"] = views["train"].random_shuffle(seed=cfg.seed)
-    views = {split: view.materialize() for split, view in views.items()}
-    train, val = views["train"].randomize_block_order(), views["val"]
+    with datasets.in_order(cfg.deterministic):
+        both = dataset(cfg, selection, ("train", "val"), decoded=decoded).materialize()
+        views = {split: both.filter(expr=col("split") == split).select_columns([column, "label"])
+                 for split in ("train", "val")}
+        # An images part holds one class, and decoded it is one block of up to thousands of
+        # rows, more than the trainer's shuffle buffer (16 batches): blocks of 600 and that
+        # buffer made 38% of batches over 80% one class, which batch norm learns from. Rows
+        # shuffled once mix them as drawing at random would (blocks of a batch's rows still
+        # left 3-9% of batches so, against ~2% by chance).
+        views["train"] = views["train"].random_shuffle(seed=cfg.seed)
+        views = {split: view.materialize() for split, view in views.items()}
+    train = views["train"].randomize_block_order(seed=datasets.epoch_order(cfg.deterministic, cfg.seed))
+    val = views["val"]
     augments = d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0
+    if augments and cfg.deterministic:  # each row's draws from the seed, another each epoch
+        train = train.with_column(DRAW, random_column(seed=cfg.seed, reseed_after_execution=True))
     if augments:  # one map: decoded (if kept as JPEGs), then augmented
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
@@ -263,15 +268,21 @@ def decode_labelled(batch: dict, wanted: Wanted, decoded: bool = True) -> Iterat
            "label": wanted.label[at].astype(np.int64), **images}
 
 
+# a column of uniform draws (ray.data.expressions.random) that seeds a batch's augmentation
+DRAW = "augmentation_draw"
+
+
 def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma,
                   stored_quality: int | None = None) -> dict:
     """Wang et al. 2020: random Gaussian blur, then random JPEG re-compression, per image.
     An image so degraded is then encoded as the stored images are (`stored_quality`), as
     the service and `score` encode any upload not stored so: trained on what it is shown.
     A batch of stored JPEGs (`image`, see training_views) is decoded first."""
+    # deterministic=true: seeded by the rows' own draws (training_views), else at random
+    draws = batch.pop(DRAW, None)
     if "image" in batch:
         batch = decoded_batch(batch)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(None if draws is None else (np.asarray(draws) * 2**32).astype(np.uint64))
     out = []
     for img in batch["pixels"]:
         degraded = img

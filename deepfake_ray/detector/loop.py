@@ -59,7 +59,7 @@ def train_loop(loop: dict) -> None:
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
                  "restored": restored and epoch == start, **training.how_trained(device, amp)}
         entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen,
-                                 f"{label}: epoch {epoch + 1}/{d.epochs}"))
+                                 f"{label}: epoch {epoch + 1}/{d.epochs}", cfg.seed + epoch))
         entry.update(metrics.epoch_validation(*validate(wrapped, d, pre, device, amp)))
         entry["seconds"] = round(time.monotonic() - started, 2)
         history.append(entry)
@@ -132,18 +132,20 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def batches(split: str, batch_size: int):
+def batches(split: str, batch_size: int, seed: int | None = None):
+    """`seed`: train's shuffle buffer draws from it (the run's seed and the epoch, as the GAN's)."""
     shard = ray.train.get_dataset_shard(split)
     # train: blocks arrive in a random order (one class per block is common); the buffer mixes them
     buffer = training.SHUFFLE_BATCHES * batch_size if split == "train" else None
-    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer)
+    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer,
+                                    local_shuffle_seed=seed if buffer else None)
 
 
 # an epoch of the demo takes minutes on 2 cores: a silent one read as a hang
 PROGRESS_EVERY_S = 30.0
 
 
-def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label: str) -> dict:
+def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label: str, shuffle_seed: int) -> dict:
     """One epoch's training; rank 0 says how far it has come every PROGRESS_EVERY_S."""
     detector.train_mode(model, frozen)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -151,7 +153,7 @@ def train_epoch(model, optimizer, d, pre: dict, device, amp, frozen: bool, label
     said, each = (started, " on each worker" if ray.train.get_context().get_world_size() > 1 else "") \
         if training.rank() == 0 else (None, "")
     recent, recent_n = collections.deque(), 0  # the epoch's last inputs, for batch norm
-    for batch in batches("train", d.batch_size):
+    for batch in batches("train", d.batch_size, shuffle_seed):
         y = batch["label"].to(device)
         if len(y) < 2:  # batch norm over a 1x1 feature map cannot train on one image
             continue

@@ -83,7 +83,7 @@ def train_dataset(cfg: Config, train_images: int):
     buffers mix only a few batches, so a folder sorted by age or person (UTKFace's names
     begin with the age) gave batches of near-identical faces, the same each epoch. The
     JPEG bytes are shuffled, a fifth of the decoded pixels' size. Each epoch, its blocks come
-    in another order.
+    in another order (with deterministic=true, the shuffle and these orders are a rerun's too).
 
     When the decoded split fits in a quarter of the object store it is decoded once and
     kept there; each epoch then only re-splits it (a re-read costs seconds per epoch on
@@ -94,20 +94,22 @@ def train_dataset(cfg: Config, train_images: int):
     # of up to a decode batch; a smaller one, blocks of a training batch (roughly: a decode
     # task's output is one block, its batches merged).
     block_rows = min(cfg.data.decode_batch_size, max(cfg.gan.batch_size, math.ceil(train_images / 64)))
-    shuffled = (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
-                .select_columns(["image"])
-                .random_shuffle(seed=cfg.seed)
-                .repartition(target_num_rows_per_block=block_rows))
+    order = datasets.epoch_order(cfg.deterministic, cfg.seed)
 
     def decoded(ds):
         return runtime.map_on_tasks(ds, datasets.decode_batch, batch_size=block_rows,
                                     num_cpus=cfg.resources.data_cpus)
 
-    # Each epoch draws the blocks in another order: the shuffle above is the same every
-    # epoch, so the same images would meet in each epoch's k-th batch.
-    if datasets.decoded_fits(train_images, cfg.data.resolution):
-        return decoded(shuffled).materialize().randomize_block_order()
-    return decoded(shuffled.randomize_block_order())  # its JPEGs: the decoded split would wait whole
+    with datasets.in_order(cfg.deterministic):
+        shuffled = (datasets.read_split(datasets.data_dir(cfg.workdir), "train")
+                    .select_columns(["image"])
+                    .random_shuffle(seed=cfg.seed)
+                    .repartition(target_num_rows_per_block=block_rows))
+        # Each epoch draws the blocks in another order: the shuffle above is the same every
+        # epoch, so the same images would meet in each epoch's k-th batch.
+        if datasets.decoded_fits(train_images, cfg.data.resolution):
+            return decoded(shuffled).materialize().randomize_block_order(seed=order)
+        return decoded(shuffled.randomize_block_order(seed=order))  # its JPEGs: the decoded split would wait whole
 
 
 def check_converged(cfg: Config, last: dict) -> None:
