@@ -1120,7 +1120,8 @@ def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ra
     assert "the one set by hand in the model it replaced, 0.871, is gone" in capsys.readouterr().out
 
 
-def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retrains_alike(ray_session, tiny_cfg):
+def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retrains_alike(
+        ray_session, tiny_cfg, capsys):
     """Users train on 4-16 GPU workers, the other tests on one: the paths only several take
     (each worker's validation scores gathered, the model wrapped anew as its backbone
     unfreezes) ran nowhere. Its validation ROC-AUC is the whole split's, not one worker's
@@ -1134,6 +1135,7 @@ def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retr
                    "detector.blur_aug_prob=0.5")
     build(cfg.workdir, 60, 32)  # validation: 6 reals and 6 fakes, 6 for each worker
     detector_train.run(cfg)
+    assert "2 workers x batch 16 (32 a step), input 75 px, pretrained=none, deterministic\n" in capsys.readouterr().out
     history = storage.read_json(os.path.join(cfg.workdir, "detector", "history.json"))
     assert [(h["epoch"], h["workers"]) for h in history] == [(0, 2), (1, 2)]
     meta = assert_exported_model(cfg, history)

@@ -78,7 +78,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     workers, batch = cfg.resources.workers, cfg.detector.batch_size
     print(f"train-detector: {describe(selection)}; {progress.count(cfg.detector.epochs, 'epoch')}, "
           f"{progress.count(workers, 'worker')} x batch {batch} ({workers * batch} a step), "
-          f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}")
+          f"input {cfg.detector.input_size} px, pretrained={cfg.detector.pretrained}"
+          f"{', deterministic' if cfg.deterministic else ''}")
     fine_tune(cfg, selection, pretrained, stage, pretrained_sha256=weights_sha256(pretrained))
     summary = publish(cfg, stage, time.time() - started, plan.made)
     return summary

@@ -138,7 +138,8 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     print(f"train-gan: {train_images:,} training images at {cfg.data.resolution} px, "
           f"{progress.count(g.epochs, 'epoch')}, {progress.count(r.workers, 'worker')} x batch {g.batch_size} "
           f"({r.workers * g.batch_size} a step)"
-          f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''} -> {stage}", flush=True)
+          f"{' on GPU' if runtime.use_gpus(r.use_gpu) else ''}{', deterministic' if cfg.deterministic else ''}"
+          f" -> {stage}", flush=True)
     started = time.time()
     # whole: Ray Train's workers run in folders of their own (the API takes a relative workdir)
     training.fit(loop.train_loop, {"cfg": config.to_dict(cfg), "stage": storage.normalize(stage)}, cfg,
