@@ -155,9 +155,9 @@ class ServeConfig:
 class Config:
     workdir: str = "runs/demo"
     seed: int = 0
-    # train-gan and train-detector give the same weights on a rerun over the same data/ and
-    # fakes/: Ray Data keeps block order (slower) and the seed draws each epoch's block order
-    # and augmentation (README, Reproducibility)
+    # train-gan and train-detector on CPUs give the same weights on a rerun over the same
+    # data/ and fakes/: Ray Data keeps block order (slower) and the seed draws each epoch's
+    # block order and augmentation (README, Reproducibility: not on GPUs, nor across a resume)
     deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     gan: GanConfig = field(default_factory=GanConfig)

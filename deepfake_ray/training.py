@@ -10,6 +10,7 @@ so a half-written checkpoint is never resumed from.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -20,10 +21,10 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
+import ray.data
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -119,9 +120,9 @@ def data_config(cfg: Config) -> DataConfig | None:
     Ray Train gives the datasets its own options, not those they were made with."""
     if not cfg.deterministic:
         return None
-    with warnings.catch_warnings():  # its default's own field, deprecated by Ray: not ours to fix
-        warnings.filterwarnings("ignore", message=r".*exclude_resources")
-        options = DataConfig.default_ingest_options()
+    # this process's options, as Ray Train's default takes them (a copy: its own
+    # default_ingest_options() sets the deprecated exclude_resources, and Ray warns)
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     options.preserve_order = True
     return DataConfig(execution_options=options)
 
@@ -227,7 +228,10 @@ def setup_worker(cfg: Config) -> None:
     with other threads sums in another order), PyTorch's deterministic algorithms with
     deterministic=true, and Ray Train's line per report left to its log file."""
     torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
-    if cfg.deterministic:  # a GPU's too (cuBLAS needs its workspace fixed before it starts)
+    # CPU kernels repeat already; on a GPU this makes most repeat (cuBLAS's workspace is
+    # fixed before it starts), and warns of those with no deterministic form (the
+    # detector's average pooling backward) rather than stopping the run
+    if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     quiet_report_lines()

@@ -185,7 +185,7 @@ def in_order(deterministic: bool):
         options.preserve_order = kept
 
 
-def epoch_order(deterministic: bool, seed: int) -> ray.data.RandomSeedConfig | None:
+def block_order_seed(deterministic: bool, seed: int) -> ray.data.RandomSeedConfig | None:
     """randomize_block_order's seed: each epoch (each run of the dataset) another order,
     drawn from the seed with `deterministic`, else at random."""
     return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True) if deterministic else None

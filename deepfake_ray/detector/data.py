@@ -190,6 +190,11 @@ class Wanted(NamedTuple):
         return rows, at[rows]
 
 
+# deterministic=true: a column of uniform draws (ray.data.expressions.random) that seeds its
+# batch's augmentation: the same on a rerun, wherever Ray runs the batch, and new each epoch
+DRAW = "augmentation_draw"
+
+
 def training_views(cfg: Config, selection: Selection, command: str = "train-detector") -> dict[str, ray.data.Dataset]:
     """train and val for Ray Train, read once (materialized), columns pixels and label:
     decoded once where they fit the object store (`keeps_decoded`), else kept as the
@@ -216,7 +221,7 @@ def training_views(cfg: Config, selection: Selection, command: str = "train-dete
         # left 3-9% of batches so, against ~2% by chance).
         views["train"] = views["train"].random_shuffle(seed=cfg.seed)
         views = {split: view.materialize() for split, view in views.items()}
-    train = views["train"].randomize_block_order(seed=datasets.epoch_order(cfg.deterministic, cfg.seed))
+    train = views["train"].randomize_block_order(seed=datasets.block_order_seed(cfg.deterministic, cfg.seed))
     val = views["val"]
     augments = d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0
     if augments and cfg.deterministic:  # each row's draws from the seed, another each epoch
@@ -268,17 +273,14 @@ def decode_labelled(batch: dict, wanted: Wanted, decoded: bool = True) -> Iterat
            "label": wanted.label[at].astype(np.int64), **images}
 
 
-# a column of uniform draws (ray.data.expressions.random) that seeds a batch's augmentation
-DRAW = "augmentation_draw"
-
-
 def augment_batch(batch: dict, jpeg_prob: float, jpeg_quality, blur_prob: float, blur_sigma,
                   stored_quality: int | None = None) -> dict:
     """Wang et al. 2020: random Gaussian blur, then random JPEG re-compression, per image.
     An image so degraded is then encoded as the stored images are (`stored_quality`), as
     the service and `score` encode any upload not stored so: trained on what it is shown.
     A batch of stored JPEGs (`image`, see training_views) is decoded first."""
-    # deterministic=true: seeded by the rows' own draws (training_views), else at random
+    # deterministic=true: seeded by the rows' draws (training_views), all of them, as the
+    # integers a seed takes; else at random
     draws = batch.pop(DRAW, None)
     if "image" in batch:
         batch = decoded_batch(batch)

@@ -94,7 +94,7 @@ def train_dataset(cfg: Config, train_images: int):
     # of up to a decode batch; a smaller one, blocks of a training batch (roughly: a decode
     # task's output is one block, its batches merged).
     block_rows = min(cfg.data.decode_batch_size, max(cfg.gan.batch_size, math.ceil(train_images / 64)))
-    order = datasets.epoch_order(cfg.deterministic, cfg.seed)
+    order = datasets.block_order_seed(cfg.deterministic, cfg.seed)
 
     def decoded(ds):
         return runtime.map_on_tasks(ds, datasets.decode_batch, batch_size=block_rows,
