@@ -479,10 +479,14 @@ def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prep
     assert len(orders) > 1
 
 
-def test_with_deterministic_a_rerun_draws_the_same_batches_each_epoch_and_epochs_differ(prepared):
+@pytest.mark.parametrize("as_jpegs", [False, True])
+def test_with_deterministic_a_rerun_draws_the_same_batches_each_epoch_and_epochs_differ(
+        prepared, monkeypatch, as_jpegs):
     """deterministic=true: a rerun (a new dataset over the same data/) reads, shuffles and
-    orders the blocks as the first run did, epoch by epoch, however Ray's tasks finish;
-    each epoch still another order. Without it, a rerun's order is Ray's to choose."""
+    orders the blocks as the first run did, epoch by epoch; each epoch still another order.
+    Decoded once, or kept as JPEGs and decoded as each epoch reads them."""
+    if as_jpegs:
+        monkeypatch.setattr(datasets, "DECODED_SHARE", 0.0)  # an object store too small for them
     stored = datasets.read_split(datasets.data_dir(prepared), "train").take_all()
     position = {decode.decode_jpeg(row["image"]).tobytes(): i for i, row in enumerate(stored)}
     cfg = tiny(prepared, "deterministic=true")

@@ -173,9 +173,10 @@ DECODED_SHARE = 0.25
 @contextlib.contextmanager
 def in_order(deterministic: bool):
     """With `deterministic`, the datasets made meanwhile hand their blocks on in order
-    (preserve_order: a read copies Ray Data's context as it starts, and what is made from it
-    keeps that copy), so reads, the shuffle and the blocks' order are the same on a rerun,
-    however Ray's tasks finish; this process's context is left as it was."""
+    (preserve_order: a dataset copies Ray Data's context when it is made, and what is made
+    from it keeps that copy, run when it may), so reads, the shuffle and the blocks' order
+    are the same on a rerun, however Ray's tasks finish; this process's context is left as
+    it was."""
     options = ray.data.DataContext.get_current().execution_options
     kept = options.preserve_order
     options.preserve_order = kept or deterministic
