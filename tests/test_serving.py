@@ -1068,7 +1068,19 @@ def test_a_stopped_score_resumes_from_the_parts_it_finished(ray_session, model_d
     assert cli.main([*argv, "--force"]) == 0
     assert f"score: resuming: 3 of {len(listed)} files scored already" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["in", "manifest.parquet", out.name]  # parts gone with the table
-    assert cli.main([*argv[:argv.index(str(out))], str(tmp_path / "whole.csv")]) == 0  # in one part
+    # scored again without a stop, from blocks of 2 files that come in any order: parts of
+    # 3, the last fewer, each file in one
+    sizes = []
+
+    def recorded(uri, table, **options):
+        if ".parts/" in uri:
+            sizes.append(table.num_rows)
+        real(uri, table, **options)
+
+    monkeypatch.setattr(storage, "write_parquet", recorded)
+    assert cli.main([*argv[:argv.index(str(out))], str(tmp_path / "whole.csv"), "--set", "serve.score_part_files=3",
+                     "--set", "serve.score_batch_size=2"]) == 0
+    assert sizes == [3, 3, 2]
     resumed, whole = (list(csv.DictReader(open(f))) for f in (out, tmp_path / "whole.csv"))
     assert [r["path"] for r in resumed] == [r["path"] for r in whole] == listed
     assert all(r["p_fake"] and not r["error"] for r in resumed)
@@ -1140,27 +1152,53 @@ def test_a_score_ending_as_another_begins_leaves_one_of_them_the_lock(where, s3_
 
 def test_a_model_exported_anew_while_score_runs_stops_it_rather_than_mix_two_models(
         ray_session, model_dir, tmp_path, monkeypatch, capsys):
-    """Each part's scoring pool loads what is at --model then: a tune or train-detector that
-    published there mid-run scored the rest of the table with its model, while the summary
-    named the first one's (and counted the fake share over both)."""
+    """A tune or train-detector that published at --model mid-run had the rest of the table
+    scored with its model (each part's scoring pool loaded what was there then), while the
+    summary named the first one's and counted the fake share over both. Now the run's one
+    pool scores every part with the model it began with, and the table says so; scoring
+    actors that load another (exported as they start, as an actor started again after
+    its process was lost would load it) stop the run before they score with it."""
+    from deepfake_ray.serving import score
+
     model, folder, out = tmp_path / "model", tmp_path / "in", tmp_path / "scores.csv"
     shutil.copytree(model_dir, model)
     folder.mkdir()
     for name, data in GOOD.items():
         (folder / name).write_bytes(data)
-    real = storage.write_parquet
+    argv = ["score", "--preset", "tiny", "--model", str(model), "--input", str(folder), "--out", str(out),
+            "--set", "serve.score_part_files=4"]
+    began_with = checkpoint.model_id(checkpoint.load_meta(str(model)))
+    real_write, real_pool = storage.write_parquet, score.pool
+
+    def export_anew():  # another threshold: another model, as a retrained one is
+        meta = json.loads((model / "model.json").read_text())
+        (model / "model.json").write_text(json.dumps({**meta, "threshold": meta["threshold"] / 2}))
 
     def exported_anew_after_the_first_part(uri, table, **options):
-        real(uri, table, **options)
-        if ".parts/" in uri:  # another threshold: another model, as a retrained one is
-            meta = json.loads((model / "model.json").read_text())
-            (model / "model.json").write_text(json.dumps({**meta, "threshold": 0.123}))
+        real_write(uri, table, **options)
+        if ".parts/" in uri and not os.path.exists(tmp_path / "exported"):
+            (tmp_path / "exported").touch()
+            export_anew()
 
     monkeypatch.setattr(storage, "write_parquet", exported_anew_after_the_first_part)
-    assert cli.main(["score", "--preset", "tiny", "--model", str(model), "--input", str(folder),
-                     "--out", str(out), "--set", "serve.score_part_files=4"]) == 2
+    assert cli.main(argv) == 0
+    assert os.path.exists(tmp_path / "exported")  # after its first part of two
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == len(GOOD) and {r["model"] for r in rows} == {began_with}
+    assert f"by {began_with} at threshold" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    out.unlink()
+    began_with = checkpoint.model_id(checkpoint.load_meta(str(model)))
+
+    def exported_anew_as_the_actors_start(cfg):
+        export_anew()
+        return real_pool(cfg)
+
+    monkeypatch.setattr(score, "pool", exported_anew_as_the_actors_start)
+    assert cli.main(argv) == 2
     err = error_lines(capsys)
-    assert len(err) == 1 and f"--model {model} changed while score ran" in err[0], err
+    assert len(err) == 1 and f"--model {model} changed while score ran" in err[0] and began_with in err[0], err
     assert not out.exists()
 
 

@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -208,13 +208,12 @@ class ScoreActor:
         # scores no faster (measured), and its tracing cost every run ~2.3 s before the first batch
         self.predictor = Predictor(model_uri, max_pixels=max_pixels, device=runtime.assigned_device(),
                                    threads=threads, frozen=False)
-        # each part's pool, and a restarted actor, loads what is there now: a model exported
-        # there mid-run (train-detector, tune) would score the rest of the table. Raised on
-        # the first batch: an actor's constructor error reaches the driver as text only
-        self.changed = None if model_id in (None, self.predictor.model_id) else UsageError(
-            f"--model {model_uri} changed while score ran (model {self.predictor.model_id}, where it "
-            f"began with {model_id}): run score again once nothing writes there, and it scores with "
-            "the model then in place")
+        # the model the run began with, or the run stops: one exported there since (by
+        # train-detector, tune), which an actor started again after its process was lost
+        # loads, would score the rest of the table. Raised on the first batch: an actor's
+        # constructor error reaches the driver as text only
+        self.changed = None if model_id in (None, self.predictor.model_id) else model_changed(
+            model_uri, self.predictor.model_id, model_id)
         runtime.freeze_startup_objects()  # a full collection of ~500k objects took 470 ms
 
     def __call__(self, batch: dict) -> dict:
@@ -271,9 +270,10 @@ def score_table(cfg: Config, model: str, meta: dict, paths: list[str], source: s
                 manifest: str | None = None, parts: str | None = None) -> pa.Table:
     """path, p_fake (null when unreadable), label, error, threshold, model: one row per
     path, in input order; `path` as given, for joining back (a `manifest`'s relative ones
-    are read from beside it). Scored serve.score_part_files files at a time, each such part
-    kept in the folder `parts` until the table is written, so that a stopped run resumes.
-    `meta`: the model's, read once (an s3:// model's a request each time)."""
+    are read from beside it). Kept serve.score_part_files files at a time as they are
+    scored, each such part in the folder `parts` until the table is written, so that a
+    stopped run resumes. `meta`: the model's, read once (an s3:// model's a request each
+    time); the scoring actors load the same model or stop the run (ScoreActor)."""
     model_id = checkpoint.model_id(meta)
     shown = [storage.printable(p) for p in paths]
     done = parts_done(parts, shown, meta) if parts else None
@@ -282,20 +282,26 @@ def score_table(cfg: Config, model: str, meta: dict, paths: list[str], source: s
     if tables:
         print(f"score: resuming: {len(paths) - len(todo):,} of {len(paths):,} files scored already "
               f"(kept in {parts})", flush=True)
-    size = cfg.serve.score_part_files
-    for start in range(0, len(todo), size):
-        part = score_part(cfg, model, meta, todo[start:start + size], shown, paths, source, manifest)
+
+    def keep(part: pa.Table) -> None:
         if parts:
             storage.write_parquet(storage.join(parts, f"{part_prefix(model_id)}{uuid.uuid4().hex}.parquet"), part)
         tables.append(part)
-        if len(todo) > size:
-            print(f"score: {len(paths) - len(todo) + min(start + size, len(todo)):,} of {len(paths):,} "
-                  "files scored", flush=True)
+        if len(todo) > cfg.serve.score_part_files:
+            print(f"score: {sum(t.num_rows for t in tables):,} of {len(paths):,} files scored", flush=True)
+
+    score_parts(cfg, model, meta, todo, shown, paths, source, manifest, keep)
     table = pa.concat_tables(tables).sort_by("index").drop_columns(["index"])
     p_fake = table.column("p_fake")
     table = table.set_column(table.schema.get_field_index("p_fake"), "p_fake",
                              pc.if_else(pc.is_nan(p_fake), pa.scalar(None, pa.float64()), p_fake))
     return table.select(["path", "p_fake", "label", "error", "threshold", "model"])
+
+
+def model_changed(model_uri: str, now: str, began_with: str) -> UsageError:
+    return UsageError(f"--model {model_uri} changed while score ran (model {now}, where it began with "
+                      f"{began_with}): run score again once nothing writes there, and it scores with the "
+                      "model then in place")
 
 
 NAME_MAX = 255  # bytes in a file name on common local filesystems
@@ -366,20 +372,32 @@ def parts_done(parts: str, shown: list[str], meta: dict) -> pa.Table | None:
     return rows.set_column(model, "model", pa.array([checkpoint.model_id(meta)] * rows.num_rows, pa.string()))
 
 
-def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: list[str], paths: list[str],
-               source: str, manifest: str | None) -> pa.Table:
-    """The rows of the inputs at `indices`, with their index."""
+BLOCK_FILES = 500  # at most, unless a batch is larger: a task that dies is tried again on its whole block
+
+
+def score_parts(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: list[str], paths: list[str],
+                source: str, manifest: str | None, keep: Callable[[pa.Table], None]) -> None:
+    """Scores the inputs at `indices` in one Ray Data run, handing their rows, with their
+    index, to `keep` serve.score_part_files at a time as they come (the last part fewer).
+    One run, one actor pool: a run per part started a pool per part (each actor a process
+    importing torch and timm, then loading the model) and left it idle over each part's
+    last batches."""
+    if not len(indices):
+        return
     import ray
 
     run = uuid.uuid4().hex  # names the notes of its tasks (`crashes`)
     actors = pool(cfg)
-    batch = cfg.serve.score_batch_size
-    # a file name that is not UTF-8 travels as bytes (Arrow strings must be UTF-8) and is
-    # written with \xNN escapes, as prepare's manifest does
-    items = [{"index": int(i), "path": shown[i], "raw_path": os.fsencode(located(paths[i], manifest))}
-             for i in indices]
-    # a block per batch, up to 200 blocks: 1,000 files in 31 blocks made batches of 32 and 1
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // batch))))
+    batch, size = cfg.serve.score_batch_size, cfg.serve.score_part_files
+    # a block per batch, up to 200 blocks (1,000 files in 31 made batches of 32 and 1),
+    # then BLOCK_FILES a block. A file name that is not UTF-8 travels as bytes (Arrow
+    # strings must be UTF-8) and is written with \xNN escapes, as prepare's manifest does
+    per_block = max(batch, min(-(-len(indices) // 200), BLOCK_FILES))
+    chunks = (indices[start:start + per_block] for start in range(0, len(indices), per_block))
+    ds = ray.data.from_arrow([pa.table({
+        "index": pa.array(chunk, pa.int64()), "path": pa.array([shown[i] for i in chunk], pa.string()),
+        "raw_path": pa.array([os.fsencode(located(paths[i], manifest)) for i in chunk], pa.binary())})
+        for chunk in chunks])
     ds = runtime.map_on_tasks(ds, read_and_decode, batch_size=batch, batch_format="numpy",
                               fn_kwargs={"resolution": int(meta["resolution"]), "quality": checkpoint.stored_quality(meta),
                                          "max_pixels": cfg.data.max_pixels, "run": run})
@@ -388,7 +406,15 @@ def score_part(cfg: Config, model: str, meta: dict, indices: np.ndarray, shown: 
                                        "model_uri": model, "max_pixels": cfg.data.max_pixels, "threads": actors.threads,
                                        "model_id": checkpoint.model_id(meta)})
     with crashes.named_if_fatal(run, source):
-        return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        rest = None
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # as each block is scored
+            rows = block if rest is None else pa.concat_tables([rest, block])
+            whole = rows.num_rows // size * size
+            for start in range(0, whole, size):
+                keep(rows.slice(start, size))
+            rest = rows.slice(whole)
+        if rest is not None and rest.num_rows:
+            keep(rest)
 
 
 def write_table(table: pa.Table, out: str, cfg: Config) -> None:
