@@ -37,7 +37,10 @@ CONDITIONS = metrics.CONDITIONS
 STAGE = lineage.Stage("evaluate", "eval", ("data", "fakes", "detector"),
                       describe=lambda d: f"test ROC-AUC {progress.figure(d.get('roc_auc'))}",
                       added=(("budget_thresholds", "before thresholds per false-positive budget: --force "
-                              "evaluates again, writing eval/thresholds.json and eval/scores.parquet"),))
+                              "evaluates again, writing eval/thresholds.json and eval/scores.parquet"),
+                             ("scores_columns", "before eval/scores.parquet's column names lost their dots "
+                              "(p_fake_blur_1.0 is p_fake_blur_1_0 now): --force evaluates again, writing "
+                              "them anew")))
 
 
 def eval_dir(workdir: str) -> str:
@@ -82,11 +85,12 @@ def run(cfg: Config, force: bool = False, **_) -> dict:
     # holds for the model it was chosen for only (every row has every key: budget_thresholds)
     storage.write_json(storage.join(out, "thresholds.json"),
                        [{**b, "model": checkpoint.model_id(meta)} for b in budgets])
-    write_scores(out, frame, meta)
+    columns = write_scores(out, frame, meta)
     print(table(robustness, meta))
     print(budget_table(budgets, model_uri))
     summary = {**{k: result[k] for k in ("n", "accuracy", "f1", "roc_auc", "average_precision", "model")},
-               "budget_thresholds": {f"{b['false_positive_budget']:g}": b["threshold"] for b in budgets}}
+               "budget_thresholds": {f"{b['false_positive_budget']:g}": b["threshold"] for b in budgets},
+               "scores_columns": columns}
     summary = lineage.complete(cfg, STAGE, summary, plan.made)
     print(f"evaluate: held-out test ROC-AUC {with_interval(result, 'roc_auc')}, accuracy "
           f"{with_interval(result, 'accuracy')}, false-positive rate {with_interval(result, 'false_positive_rate')} "
@@ -125,9 +129,9 @@ def budget_table(budgets: list[dict], model_uri: str) -> str:
     return "\n".join(lines)
 
 
-def write_scores(out: str, frame, meta: dict) -> None:
+def write_scores(out: str, frame, meta: dict) -> list[str]:
     """eval/scores.parquet: every image's p_fake, for thresholds and analyses of one's own
-    (join on sha1 with data/ and fakes/ manifests for the files)."""
+    (join on sha1 with data/ and fakes/ manifests for the files); returns its column names."""
     import pyarrow as pa
 
     def scores(column: str) -> pa.Array:  # no score (validation's degraded ones): null, as score's table has
@@ -139,9 +143,16 @@ def write_scores(out: str, frame, meta: dict) -> None:
                       "split": pa.array(frame["split"].to_numpy(), pa.large_string()),
                       "truth": np.where(frame["label"].to_numpy() == 1, "fake", "real"),
                       "p_fake": scores("p_clean"),
-                      **{f"p_fake_{c}": scores(f"p_{c}") for c in CONDITIONS if c != "clean"}})
+                      **{score_column(c): scores(f"p_{c}") for c in CONDITIONS if c != "clean"}})
     table = table.replace_schema_metadata({"deepfake_ray.model": checkpoint.model_id(meta)})
     storage.write_parquet(storage.join(out, "scores.parquet"), table)
+    return table.column_names
+
+
+def score_column(condition: str) -> str:
+    """p_fake_blur_1_0: a name SQL engines, Spark and BigQuery take as it is (a dot in
+    p_fake_blur_1.0 reads as a nested field there, or is refused)."""
+    return "p_fake_" + condition.replace(".", "_")
 
 
 def with_interval(m: dict, key: str) -> str:
