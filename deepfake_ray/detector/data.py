@@ -224,9 +224,9 @@ def training_views(cfg: Config, selection: Selection, command: str = "train-dete
     train = views["train"].randomize_block_order(seed=datasets.block_order_seed(cfg.deterministic, cfg.seed))
     val = views["val"]
     augments = d.jpeg_aug_prob > 0 or d.blur_aug_prob > 0
-    if augments and cfg.deterministic:  # each row's draws from the seed, another each epoch
-        train = train.with_column(DRAW, random_column(seed=cfg.seed, reseed_after_execution=True))
     if augments:  # one map: decoded (if kept as JPEGs), then augmented
+        if cfg.deterministic:  # each row's draws from the seed, another each epoch
+            train = train.with_column(DRAW, random_column(seed=cfg.seed, reseed_after_execution=True))
         train = runtime.map_on_tasks(
             train, augment_batch, fn_kwargs=dict(jpeg_prob=d.jpeg_aug_prob, jpeg_quality=d.jpeg_aug_quality,
                                                  blur_prob=d.blur_aug_prob, blur_sigma=d.blur_aug_sigma,
