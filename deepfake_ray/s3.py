@@ -144,6 +144,11 @@ S3_PROBLEMS = {
     # a session's credentials (SSO, an assumed role) last hours: a long training outlives them
     "EXPIRED_TOKEN": "the AWS credentials have expired (a session token's): renew them (aws sso login, "
                      "or a new session), then run the same command again: it resumes",
+    # pyarrow (which Ray Data and Ray Train read and write through) talks to one region:
+    # AWS answers a bucket in another with a redirect, which pyarrow names with its region
+    "WRONG_REGION": "the bucket is in region {bucket_region}, not {configured}: set AWS_REGION={bucket_region} "
+                    "(every bucket a run reads or writes must be in that region: copy a source in "
+                    "another first)",
     # MinIO's and Ceph's bucket quotas (AWS has none)
     "QUOTA_EXCEEDED": "the bucket's quota is full: free space there or raise its quota, then run the "
                       "same command again: it resumes",
@@ -244,7 +249,14 @@ def explain(e: BaseException) -> str | None:
     where = re.search(r"bucket '([^']*)'", text)
     key = re.search(r"key '([^']*)'", text)
     uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
-    return f"{uri}: " + S3_PROBLEMS[tls_or(code, text)].format(endpoint=endpoint_text())
+    regions = REGION_REDIRECT.search(text)
+    return f"{uri}: " + S3_PROBLEMS[tls_or(code, text)].format(
+        endpoint=endpoint_text(), configured=f"the configured {regions[1]}" if regions and regions[1]
+        else "the default (none is configured)", bucket_region=regions and regions[2])
+
+
+# pyarrow's words, after the AWS SDK's, for a request S3 redirected to the bucket's region
+REGION_REDIRECT = re.compile(r"Looks like the configured region is '([^']*)' while the bucket is located in '([^']*)'")
 
 
 def pyarrow_problem(e: BaseException) -> str | None:
@@ -253,6 +265,8 @@ def pyarrow_problem(e: BaseException) -> str | None:
     if not isinstance(e, OSError) or "AWS Error" not in text:
         return None
     code = next((c for c in S3_PROBLEMS if f"AWS Error {c}" in text), None)
+    if code is None and REGION_REDIRECT.search(text):
+        code = "WRONG_REGION"
     if code is None and (named := re.search(r"ExceptionName: (\w+)", text)):  # "AWS Error UNKNOWN (...)"
         code = BOTO_PROBLEMS.get(named.group(1))  # an expired session token's, an archived object's
     return "ACCESS_DENIED" if code is None and "response code: 403" in text else code

@@ -194,6 +194,15 @@ def test_s3_failures_are_explained_and_others_are_not():
     assert "check the AWS credentials" in s3.explain(denied)
     assert s3.explain(OSError("disk full")) is None
     assert s3.explain(ValueError("AWS Error NO_SUCH_BUCKET")) is None
+    # a bucket in another region than pyarrow's (which Ray Data and Ray Train use), in
+    # pyarrow's own words: the one to set, not "AWS Error UNKNOWN (HTTP status 301)"
+    for configured, said in (("us-east-1", "the configured us-east-1"), ("", "the default (none is configured)")):
+        redirected = OSError("When getting information for key 'faces' in bucket 'photos': AWS Error UNKNOWN "
+                             "(HTTP status 301) during HeadObject operation: No response body. Looks like the "
+                             f"configured region is '{configured}' while the bucket is located in 'eu-north-1'.")
+        assert s3.explain(redirected) == (
+            f"s3://photos/faces: the bucket is in region eu-north-1, not {said}: set AWS_REGION=eu-north-1 "
+            "(every bucket a run reads or writes must be in that region: copy a source in another first)")
 
 
 def test_s3_endpoint_from_the_profile_in_the_aws_config_file(tmp_path, monkeypatch):
