@@ -249,14 +249,19 @@ def explain(e: BaseException) -> str | None:
     where = re.search(r"bucket '([^']*)'", text)
     key = re.search(r"key '([^']*)'", text)
     uri = f"s3://{where.group(1)}/{key.group(1) if key else ''}".rstrip("/") if where else "S3"
-    regions = REGION_REDIRECT.search(text)
-    return f"{uri}: " + S3_PROBLEMS[tls_or(code, text)].format(
-        endpoint=endpoint_text(), configured=f"the configured {regions[1]}" if regions and regions[1]
-        else "the default (none is configured)", bucket_region=regions and regions[2])
+    return f"{uri}: " + S3_PROBLEMS[tls_or(code, text)].format(endpoint=endpoint_text(), **regions_in(text))
 
 
 # pyarrow's words, after the AWS SDK's, for a request S3 redirected to the bucket's region
 REGION_REDIRECT = re.compile(r"Looks like the configured region is '([^']*)' while the bucket is located in '([^']*)'")
+
+
+def regions_in(text: str) -> dict:
+    """WRONG_REGION's {configured} and {bucket_region}, from pyarrow's message."""
+    if not (found := REGION_REDIRECT.search(text)):
+        return {}
+    return {"configured": f"the configured {found[1]}" if found[1] else "the default (none is configured)",
+            "bucket_region": found[2]}
 
 
 def pyarrow_problem(e: BaseException) -> str | None:
