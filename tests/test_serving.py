@@ -1150,7 +1150,7 @@ def test_a_score_ending_as_another_begins_leaves_one_of_them_the_lock(where, s3_
             assert not second_holds, "two scores hold the lock on one --out"
 
 
-def test_a_model_exported_anew_while_score_runs_stops_it_rather_than_mix_two_models(
+def test_a_model_exported_anew_while_score_runs_is_never_mixed_with_the_first_in_one_table(
         ray_session, model_dir, tmp_path, monkeypatch, capsys):
     """A tune or train-detector that published at --model mid-run had the rest of the table
     scored with its model (each part's scoring pool loaded what was there then), while the
@@ -1174,15 +1174,18 @@ def test_a_model_exported_anew_while_score_runs_stops_it_rather_than_mix_two_mod
         meta = json.loads((model / "model.json").read_text())
         (model / "model.json").write_text(json.dumps({**meta, "threshold": meta["threshold"] / 2}))
 
+    parts = []
+
     def exported_anew_after_the_first_part(uri, table, **options):
         real_write(uri, table, **options)
-        if ".parts/" in uri and not os.path.exists(tmp_path / "exported"):
-            (tmp_path / "exported").touch()
-            export_anew()
+        if ".parts/" in uri:
+            parts.append(uri)
+            if len(parts) == 1:
+                export_anew()
 
     monkeypatch.setattr(storage, "write_parquet", exported_anew_after_the_first_part)
     assert cli.main(argv) == 0
-    assert os.path.exists(tmp_path / "exported")  # after its first part of two
+    assert len(parts) == 2  # exported after the first
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == len(GOOD) and {r["model"] for r in rows} == {began_with}
     assert f"by {began_with} at threshold" in capsys.readouterr().out
