@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -80,7 +81,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
         train_fn,
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
-        datasets=datasets() if datasets else {},
+        datasets=resumable(datasets() if datasets else {}, storage.join(storage_uri, name), cfg.deterministic),
         dataset_config=data_config(cfg),
         run_config=RunConfig(
             name=name,
@@ -112,6 +113,35 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     finally:
         if on_main_thread:  # its handler outlives the run: a later Ctrl-C would abort a finished one
             signal.signal(signal.SIGINT, before)
+
+
+def resumable(built: dict, run: str, deterministic: bool) -> dict:
+    """Ray Train's datasets. With deterministic=true, each is handed over as a call Ray
+    Train makes as it starts the run's workers (again after a lost one), which numbers the
+    dataset's runs from the epoch they resume at: Ray Data draws each run's block order and
+    augmentations from the seed and that number, counted from the dataset's making, so a
+    resumed epoch would draw what the run's first epoch drew."""
+    if not deterministic:
+        return built
+    return {name: functools.partial(from_first_epoch, ds, ds.context._execution_idx, run) for name, ds in built.items()}
+
+
+def from_first_epoch(ds: ray.data.Dataset, made_at: int, run: str) -> ray.data.Dataset:
+    """`ds` set to draw its next run as its run `first_epoch(run)` after its making
+    (`made_at`, its count then: Ray Data 2.60's, private, which RandomSeedConfig and
+    expressions.random read)."""
+    ds.context._execution_idx = made_at + first_epoch(run)
+    return ds
+
+
+def first_epoch(run: str) -> int:
+    """The epoch the run's workers start at: the one after its newest intact checkpoint,
+    as restore_state chooses it, or 0."""
+    fs, path = storage.resolve(run)
+    for epoch, folder in epoch_folders(fs, path):
+        if checkpoint.state_intact(storage.join(run, os.path.basename(folder))):
+            return epoch + 1
+    return 0
 
 
 def data_config(cfg: Config) -> DataConfig | None:
@@ -412,25 +442,20 @@ def time_left(elapsed: float, epochs_done: int, epochs_left: int) -> str:
     return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device().type == "cuda":  # not merely visible: a CPU worker must not open a CUDA context
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def seed_worker(seed: int) -> None:
     """torch's generators (CPU and every GPU) seeded from the run's seed and this worker's
-    rank: a rerun draws the same numbers, and ranks draw different ones (the detector's
-    flips), which they would not from the one default seed every GPU starts from."""
+    rank, for what a worker draws before its first epoch (a model's initial weights)."""
     torch.manual_seed(seed * 1_000_003 + rank())
 
 
-def set_rng_state(state: dict) -> None:
-    """Rank 0 goes on with the streams it saved; the others, restored from the same
-    state, each reseed from it with their rank, so they differ again, as before the stop."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device().type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"])
-    if rank() > 0:
-        torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank())
+def epoch_seed(seed: int, epoch: int) -> int:
+    """This worker's seed for `epoch`: ranks draw different numbers (the detector's flips,
+    which from the one default seed every GPU starts from would mirror the same positions
+    on each), and an epoch draws the same ones whether the run resumed at it or not."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank()) % (2 ** 63)
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """torch's generators (CPU and every GPU) seeded for `epoch`: no random state to keep
+    in checkpoints, and every rank's draws go on after a resume as in a run never stopped."""
+    torch.manual_seed(epoch_seed(seed, epoch))

@@ -1128,20 +1128,23 @@ def test_a_sweep_runs_where_train_detector_just_fits_its_trials_taking_no_cpu(ra
     assert "the one set by hand in the model it replaced, 0.871, is gone" in capsys.readouterr().out
 
 
-def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retrains_alike(
+def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retrains_alike_though_one_is_lost(
         ray_session, tiny_cfg, capsys):
     """Users train on 4-16 GPU workers, the other tests on one: the paths only several take
     (each worker's validation scores gathered, the model wrapped anew as its backbone
     unfreezes) ran nowhere. Its validation ROC-AUC is the whole split's, not one worker's
     half's: the exported model scores the split to the same figure. With deterministic=true
     a retrain gives the same weights: which worker gets which blocks, in what order, with
-    which augmentation draws, are the first run's (on CPU). (The default split, by
-    locality and as blocks finish, feeds two workers in the GAN's tests.)"""
+    which augmentation draws and flips, are the first run's (on CPU), though a worker is
+    lost and the run resumes after its last checkpoint (a resumed epoch drew the first
+    epoch's block order and augmentations, and the second rank other flips). (The default
+    split, by locality and as blocks finish, feeds two workers in the GAN's tests.)"""
     from deepfake_ray.detector import train as detector_train
 
-    cfg = tiny_cfg(*FAST, "detector.arch=resnet10t", "resources.workers=2", "detector.epochs=2",
-                   "detector.freeze_backbone_epochs=1", "deterministic=true", "detector.jpeg_aug_prob=0.5",
-                   "detector.blur_aug_prob=0.5")
+    overrides = (*FAST, "detector.arch=resnet10t", "resources.workers=2", "detector.epochs=2",
+                 "detector.freeze_backbone_epochs=1", "deterministic=true", "detector.jpeg_aug_prob=0.5",
+                 "detector.blur_aug_prob=0.5")
+    cfg = tiny_cfg(*overrides)
     build(cfg.workdir, 60, 32)  # validation: 6 reals and 6 fakes, 6 for each worker
     detector_train.run(cfg)
     said = "2 workers x batch 16 (32 a step), input 75 px, pretrained=none, deterministic\n"
@@ -1156,8 +1159,11 @@ def test_a_detector_trained_on_two_workers_validates_on_the_whole_split_and_retr
     pixels, labels = np.stack([r["pixels"] for r in rows]), np.array([r["label"] for r in rows])
     scored = detector.p_fake(detector.predict(model, detector.meta_input(pixels, meta)))
     assert meta["metrics"]["val_auc"] == pytest.approx(metrics.roc_auc(labels, scored), abs=1e-9)
-    detector_train.run(cfg, force=True)
+    # the last rank exits at the end of the last epoch, before its checkpoint: Ray Train
+    # starts the workers again, resumed after the first epoch, which they train again
+    detector_train.run(tiny_cfg(*overrides, "detector.fail_at_epoch=1", "detector.max_failures=1"), force=True)
     again = storage.read_json(os.path.join(cfg.workdir, "detector", "history.json"))
+    assert [h["restored"] for h in again] == [False, True]
     assert [(h["train_loss"], h["val_loss"]) for h in again] == [(h["train_loss"], h["val_loss"]) for h in history]
     assert checkpoint.load_meta(train.model_dir(cfg.workdir))["weights_sha256"] == meta["weights_sha256"]
 
@@ -1216,28 +1222,26 @@ def test_a_stop_during_a_sweep_is_an_interrupt_not_a_finished_sweep(ray_session,
             and "as many trials at once as when it began" in said)
 
 
-def test_workers_flip_different_images_and_still_do_after_a_resume(monkeypatch):
+def test_workers_flip_different_images_and_an_epoch_the_same_after_a_resume(monkeypatch):
     """Each GPU's generator starts from one default seed: unseeded, every worker would
-    mirror the same positions of its batch. Seeded by rank they differ, reproducibly, and
-    a resume (every rank restores rank 0's saved state) keeps them apart."""
+    mirror the same positions of its batch. Seeded by rank and epoch they differ, each
+    epoch flips others, and an epoch flips the same images whatever was drawn before it
+    (the epochs before, or none in a run resumed at it)."""
     from deepfake_ray import training
 
     saved = torch.get_rng_state()
     batch = torch.arange(64 * 2, dtype=torch.float32).reshape(64, 1, 1, 2)
 
-    def flips(rank: int, state: dict | None = None) -> torch.Tensor:
+    def flips(rank: int, epoch: int) -> torch.Tensor:
         monkeypatch.setattr(training, "rank", lambda: rank)
-        training.set_rng_state(state) if state else training.seed_worker(5)
+        training.seed_epoch(5, epoch)
         return detector.random_hflip(batch)
 
     try:
-        assert torch.equal(flips(0), flips(0)) and not torch.equal(flips(0), flips(1))
-        monkeypatch.setattr(training, "rank", lambda: 0)
-        training.seed_worker(5)
-        checkpointed = {"torch": torch.get_rng_state()}  # rank 0's, as report_epoch saves it
-        assert torch.equal(flips(0, checkpointed), flips(0, checkpointed))
-        assert torch.equal(flips(1, checkpointed), flips(1, checkpointed))
-        assert not torch.equal(flips(0, checkpointed), flips(1, checkpointed))
+        straight = flips(0, 3)
+        torch.rand(1000)  # drawn before the epoch, as a run that did not resume at it did
+        assert torch.equal(straight, flips(0, 3))
+        assert not torch.equal(flips(0, 3), flips(1, 3)) and not torch.equal(flips(0, 3), flips(0, 4))
     finally:
         torch.set_rng_state(saved)
 

@@ -481,9 +481,10 @@ def test_the_gan_draws_its_batches_from_the_whole_split_not_in_folder_order(prep
 
 @pytest.mark.parametrize("as_jpegs", [False, True])
 def test_with_deterministic_a_rerun_draws_the_same_batches_each_epoch_and_epochs_differ(
-        prepared, monkeypatch, as_jpegs):
+        prepared, monkeypatch, tmp_path, as_jpegs):
     """deterministic=true: a rerun (a new dataset over the same data/) reads, shuffles and
     orders the blocks as the first run did, epoch by epoch; each epoch still another order.
+    So does a run resumed after its newest intact checkpoint, from the epoch after it.
     Decoded once, or kept as JPEGs and decoded as each epoch reads them."""
     if as_jpegs:
         monkeypatch.setattr(datasets, "DECODED_SHARE", 0.0)  # an object store too small for them
@@ -497,6 +498,13 @@ def test_with_deterministic_a_rerun_draws_the_same_batches_each_epoch_and_epochs
     first, rerun = epochs(train.train_dataset(cfg, len(stored))), epochs(train.train_dataset(cfg, len(stored)))
     assert first == rerun and len(set(first)) > 1
     assert sorted(first[0]) == list(range(len(stored)))
+    run = tmp_path / "run"  # checkpointed after epoch 1, and after epoch 2 cut short
+    for epoch in (0, 1):
+        os.makedirs(run / f"epoch_{epoch:04d}")
+        checkpoint.write_state(str(run / f"epoch_{epoch:04d}"), {"epoch": epoch})
+    (run / "epoch_0001" / checkpoint.STATE).write_bytes(b"half-written")
+    resumed = training.resumable({"train": train.train_dataset(cfg, len(stored))}, str(run), True)["train"]()
+    assert epochs(resumed)[:2] == first[1:]
 
 
 def run_cli(capsys, *args) -> tuple[int, list[str]]:

@@ -5,7 +5,7 @@ gathered from every worker, so ROC-AUC is over the split; Ray Train's equal spli
 leaves out its remainder, at most workers - 1 images an epoch), rank 0 exports the
 epoch's model to OUT/best/ when it beats the best so far (by val ROC-AUC, then val
 loss) and rewrites OUT/history.json; then every worker reports (checkpoint: model,
-optimizer, RNG, history and the pretrained weights' SHA-256), so a restarted or
+optimizer, history and the pretrained weights' SHA-256), so a restarted or
 resubmitted run resumes there.
 
 best/ is always the best epoch of history.json: an export whose epoch's checkpoint never
@@ -56,6 +56,7 @@ def train_loop(loop: dict) -> None:
             detector.set_backbone_frozen(model, frozen)
             wrapped, frozen_now = ray.train.torch.prepare_model(model), frozen
         started = time.monotonic()
+        training.seed_epoch(cfg.seed, epoch)  # the flips: a resumed epoch draws a straight run's
         entry = {"epoch": epoch, "lr": loop["lr"], "frozen_backbone": frozen,
                  "restored": restored and epoch == start, **training.how_trained(device, amp)}
         entry.update(train_epoch(wrapped, optimizer, d, pre, device, amp, frozen,
@@ -76,7 +77,7 @@ def train_loop(loop: dict) -> None:
         stop = metrics.diverged(entry)  # each epoch left would be wasted
         state = None if stop else {  # a diverged epoch is not one to resume from
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": training.rng_state(), "history": history, "pretrained_sha256": loop.get("pretrained_sha256")}
+            "history": history, "pretrained_sha256": loop.get("pretrained_sha256")}
         training.report_epoch(epoch, {**entry, "epochs_done": epoch + 1, "val_score": score(entry)}, state)
         if stop:
             if training.rank() == 0:  # the loss is summed over workers: each stops here
@@ -114,7 +115,6 @@ def setup(loop: dict, cfg, device: torch.device):
     optimizer = make_optimizer(model, d.optimizer, loop["lr"], d.weight_decay)
     if state:
         optimizer.load_state_dict(state["optimizer"])
-        training.set_rng_state(state["rng"])
         training.say(f"[deepfake-ray] detector: resuming after epoch {state['epoch'] + 1}")
     return model, optimizer, state
 

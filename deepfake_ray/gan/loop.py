@@ -50,8 +50,7 @@ def fixed_noise(cfg: Config) -> torch.Tensor:
 
 def noise_generator(cfg: Config, device: torch.device, epoch: int) -> torch.Generator:
     """A per-(seed, rank, epoch) stream: a resumed epoch draws the same noise."""
-    seed = (cfg.seed * 1_000_003 + epoch * 1_009 + training.rank()) % (2 ** 63)
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(training.epoch_seed(cfg.seed, epoch))
 
 
 def setup(cfg: Config, stage: str) -> tuple[Run, int | None]:
@@ -74,7 +73,6 @@ def setup(cfg: Config, stage: str) -> tuple[Run, int | None]:
         D.load_state_dict(state["D"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        training.set_rng_state(state["rng"])
         resumed_from = int(state["epoch"])
         # fixed_noise is not restored: drawn from the seed, it is the same vectors, and a
         # continued run asked for a bigger gan.sample_grid gets its bigger grid
@@ -151,7 +149,6 @@ def state_of(run: Run, epoch: int) -> dict:
     return {"epoch": epoch, "global_step": run.global_step,
             "G": unwrap(run.G).state_dict(), "D": unwrap(run.D).state_dict(),
             "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
-            "rng": training.rng_state(),
             "history": run.history, "batch_losses": run.batch_losses,
             "epoch_starts": run.epoch_starts, "config": json.dumps(to_dict(run.cfg))}
 
