@@ -2,8 +2,9 @@
 # The checks that need a bigger machine than a 2-core laptop, as one run: how the driver's
 # near-copy grouping scales with threads, or as Ray tasks (near_copies.py), and whether
 # glibc's handing memory back is what holds the threads, ingest scaling on all its cores
-# (ingest.py), the GPU throughput benchmarks (gpu_gan.py, gpu_detector.py) and the tiny
-# pipeline with resources.use_gpu=true, its GPU's users sampled each second.
+# (ingest.py), the GPU throughput benchmarks (gpu_gan.py, gpu_detector.py), the tiny
+# pipeline with resources.use_gpu=true, its GPU's users sampled each second, and whether
+# its detector retrains bitwise on the GPU with deterministic=true (README, Reproducibility).
 #
 #   bash benchmarks/gpu_machine.sh run      # each step's log to $OUT (default /tmp/gpu-machine)
 #   (all steps' limits add up to more than a device call's 600 s: pick a few STEPS per call)
@@ -46,7 +47,7 @@ wheels() {
 
 step() {  # NAME SECONDS COMMAND...: the command's output to $out/NAME.log, its end here
   local name=$1 limit=$2; shift 2
-  case " ${STEPS:-machine grouping grouping_malloc ingest gpu_gan gpu_detector pipeline serve} " in *" $name "*) ;; *) return ;; esac
+  case " ${STEPS:-machine grouping grouping_malloc ingest gpu_gan gpu_detector pipeline serve deterministic} " in *" $name "*) ;; *) return ;; esac
   echo "== $name (at most ${limit}s): $*"
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   echo "== $name: exit $? (${SECONDS}s since the start)"
@@ -86,6 +87,8 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda
     --workdir /tmp/gpu-machine-run --set resources.use_gpu=true
   export -f serve_one_face
   step serve "${SERVE_S:-90}" bash -c 'serve_one_face "$@"' _ /tmp/gpu-machine-run/detector/model
+  export -f retrain_twice
+  step deterministic "${DETERMINISTIC_S:-150}" bash -c 'retrain_twice "$@"' _ /tmp/gpu-machine-run
   kill "$watch" 2>/dev/null
   [ -s "$out/gpu_users.log" ] && { echo "== processes seen on the GPU during the pipeline and serve:"
     sort -u "$out/gpu_users.log" | head -20; }
@@ -99,6 +102,21 @@ serve_one_face() {  # MODEL: serve it, ask /v1/model (its device) and /v1/detect
   curl -s http://127.0.0.1:8000/v1/model; echo
   curl -s -F file=@/tmp/face.jpg http://127.0.0.1:8000/v1/detect; echo
   kill -TERM "$pid"; wait "$pid"
+}
+
+retrain_twice() {  # WORKDIR (the pipeline's): its detector trained twice on the GPU with
+  # deterministic=true; the same weights both times? PyTorch warns of any op run without
+  # a deterministic form
+  for run in 1 2; do
+    python3 -m deepfake_ray.cli train-detector --preset tiny --workdir "$1" --force \
+      --set resources.use_gpu=true --set deterministic=true --set detector.epochs=2 > "/tmp/retrain$run.log" 2>&1 ||
+      { tail -n 20 "/tmp/retrain$run.log"; return 1; }
+    python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['weights_sha256'])" \
+      "$1/detector/model/model.json" | tee "/tmp/retrain$run.sha256"
+  done
+  grep -h "does not have a deterministic implementation" /tmp/retrain?.log | sort -u
+  cmp -s /tmp/retrain1.sha256 /tmp/retrain2.sha256 && echo "deterministic on the GPU: the same weights" ||
+    echo "deterministic on the GPU: other weights"
 }
 
 case "${1:-}" in

@@ -258,9 +258,9 @@ def setup_worker(cfg: Config) -> None:
     with other threads sums in another order), PyTorch's deterministic algorithms with
     deterministic=true, and Ray Train's line per report left to its log file."""
     torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
-    # CPU kernels repeat already; on a GPU this makes most repeat (cuBLAS's workspace is
-    # fixed before it starts), and warns of those with no deterministic form (the
-    # detector's average pooling backward) rather than stopping the run
+    # CPU kernels repeat already; on a GPU this picks deterministic kernels (cuBLAS's
+    # workspace is fixed before it starts) and warns of any op with no deterministic form
+    # rather than stopping the run (neither network's training has one: the suite checks)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -66,6 +66,72 @@ def test_inception_resnet_v2_at_128px_trains_and_has_the_study_head():
     assert np.allclose(p, torch.softmax(logits.double(), 1)[:, 1].numpy())
 
 
+def nondeterministic_on_cuda() -> set[str]:
+    """The autograd nodes of ops that torch.use_deterministic_algorithms lists as having no
+    deterministic CUDA form, made here on the CPU (where they have one)."""
+    import torch.nn.functional as F
+
+    x = torch.rand(1, 2, 4, 4, requires_grad=True)
+    grid = torch.zeros(1, 2, 2, 2)
+    made = [F.adaptive_avg_pool2d(x, 3), F.adaptive_max_pool2d(x, 3), F.avg_pool3d(x[None], 1),
+            F.fractional_max_pool2d(x, 2, output_size=2), F.pad(x, (1, 1, 1, 1), mode="reflect"),
+            F.interpolate(x, scale_factor=2, mode="bilinear"), F.interpolate(x, scale_factor=2, mode="bicubic"),
+            F.grid_sample(x, grid, align_corners=False), F.nll_loss(x[:, :, 0, 0], torch.tensor([1])),
+            F.cross_entropy(x[:, :, 0, 0], torch.tensor([1]))]
+    return {type(t.grad_fn).__name__ for t in made}
+
+
+def autograd_ops(tensor: torch.Tensor) -> set[str]:
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(parent for parent, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_training_either_network_calls_no_op_pytorch_cannot_run_deterministically_on_a_gpu(monkeypatch):
+    """With deterministic=true PyTorch warns of ops that have no deterministic CUDA form
+    and runs them anyway: the detector's loss was one (NLLLoss, by cross-entropy), in
+    training and validation. It is now the logistic loss of the logit difference, the
+    same numbers. Every op of both networks' training steps, as they call backward, is
+    checked against PyTorch's list."""
+    from deepfake_ray.models import dcgan
+
+    flagged, graphs = nondeterministic_on_cuda(), []
+    assert {"NllLossBackward0", "AdaptiveAvgPool2DBackward0"} <= flagged  # the check can see them
+    backward = torch.autograd.backward
+
+    def recorded(tensors, *args, **kwargs):
+        graphs.append(autograd_ops(tensors))
+        return backward(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", recorded)
+    model = detector.create(num_classes=2, pretrained="none")
+    pre = detector.preprocessing(model)
+    x = detector.to_input(np.stack([sample.face(0, i, 64) for i in range(2)]), 75, pre["mean"], pre["std"])
+    detector.train_step(model, torch.optim.AdamW(model.parameters()), x, torch.tensor([0, 1]))
+    G, D = dcgan.build(32, 16, 8, 8)
+    opt_g, opt_d = dcgan.optimizers(G, D, 2e-4, 0.5)
+    dcgan.gan_step(G, D, opt_g, opt_d, torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 16))
+    assert len(graphs) >= 3 and all("ConvolutionBackward0" in g for g in graphs)
+    assert not set().union(*graphs) & flagged
+
+    logits = torch.randn(64, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (64,))
+    for reduction in ("mean", "sum"):
+        assert float(detector.two_class_loss(logits, y, reduction)) == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, y, reduction=reduction)), rel=1e-12)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("NLLLoss has no deterministic CUDA form, forward too")
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", refused)  # validation's loss
+    monkeypatch.setattr(torch.nn.functional, "nll_loss", refused)
+    detector.eval_step(model.eval(), x, torch.tensor([0, 1]))
+
+
 def test_normalization_is_that_of_the_weights_named_not_of_the_architectures_default():
     """vit_small_patch16_224's default weights take inputs at mean 0.5, its DINO weights
     at ImageNet's: fine-tuning the DINO ones at 0.5 starts from features off their range."""
