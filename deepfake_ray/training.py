@@ -75,13 +75,13 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
     the `keep` best by it and the newest. `datasets` makes Ray Train's datasets once the run
     is found resumable: they are read up front (materialized; decoded too where they fit
     the object store), minutes at Celeb 100k's size, which a refused resume should not cost."""
-    check_resumable(storage.join(storage_uri, name))
+    first = check_resumable(storage.join(storage_uri, name))
     fs, path = storage.resolve(storage_uri)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
-        datasets=resumable(datasets() if datasets else {}, storage.join(storage_uri, name), cfg.deterministic),
+        datasets=resumable(datasets() if datasets else {}, storage.join(storage_uri, name), cfg.deterministic, first),
         dataset_config=data_config(cfg),
         run_config=RunConfig(
             name=name,
@@ -115,22 +115,24 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, cfg: Config, storag
             signal.signal(signal.SIGINT, before)
 
 
-def resumable(built: dict, run: str, deterministic: bool) -> dict:
+def resumable(built: dict, run: str, deterministic: bool, first: int | None = None) -> dict:
     """Ray Train's datasets. With deterministic=true, each is handed over as a call Ray
     Train makes as it starts the run's workers (again after a lost one), which numbers the
     dataset's runs from the epoch they resume at: Ray Data draws each run's block order and
     augmentations from the seed and that number, counted from the dataset's making, so a
-    resumed epoch would draw what the run's first epoch drew."""
+    resumed epoch would draw what the run's first epoch drew. `first`: the first start's
+    epoch, where check_resumable has just found it (a checkpoint is not read twice)."""
     if not deterministic:
         return built
-    return {name: functools.partial(from_first_epoch, ds, ds.context._execution_idx, run) for name, ds in built.items()}
+    return {name: functools.partial(from_first_epoch, ds, ds.context._execution_idx, run,
+                                    [] if first is None else [first]) for name, ds in built.items()}
 
 
-def from_first_epoch(ds: ray.data.Dataset, made_at: int, run: str) -> ray.data.Dataset:
+def from_first_epoch(ds: ray.data.Dataset, made_at: int, run: str, found: list[int]) -> ray.data.Dataset:
     """`ds` set to draw its next run as its run `first_epoch(run)` after its making
     (`made_at`, its count then: Ray Data 2.60's, private, which RandomSeedConfig and
-    expressions.random read)."""
-    ds.context._execution_idx = made_at + first_epoch(run)
+    expressions.random read); `found`, that epoch for the next start only, when known."""
+    ds.context._execution_idx = made_at + (found.pop() if found else first_epoch(run))
     return ds
 
 
@@ -138,10 +140,11 @@ def first_epoch(run: str) -> int:
     """The epoch the run's workers start at: the one after its newest intact checkpoint,
     as restore_state chooses it, or 0."""
     fs, path = storage.resolve(run)
-    for epoch, folder in epoch_folders(fs, path):
-        if checkpoint.state_intact(storage.join(run, os.path.basename(folder))):
-            return epoch + 1
-    return 0
+    return after(newest_intact(run, epoch_folders(fs, path)))
+
+
+def after(epoch: int | None) -> int:
+    return 0 if epoch is None else epoch + 1
 
 
 def data_config(cfg: Config) -> DataConfig | None:
@@ -195,13 +198,15 @@ def outranked(run: str, unlisted: list[str], kept: list, keep: int, by: str) -> 
     return [p for p, m in found.items() if m is None or (by in m and m[by] < bar)]
 
 
-def check_resumable(run: str) -> None:
+def check_resumable(run: str) -> int:
     """Before the workers start: a run with checkpoint folders, none of them intact, is
     refused here. Raised in the workers (restore_state, which still checks what Ray
-    hands them), Ray Train would retry it max_failures times, or without end."""
+    hands them), Ray Train would retry it max_failures times, or without end. Returns
+    the epoch the workers start at (first_epoch)."""
     fs, path = storage.resolve(run)
     folders = epoch_folders(fs, path)
-    if folders and not any_intact(run, folders):
+    newest = newest_intact(run, folders)
+    if folders and newest is None:
         raise UsageError(no_intact_checkpoint(len(folders), run))
     record = fs.get_file_info(f"{path}/{RECORD}")
     if record.type == pafs.FileType.File and record.size == 0:
@@ -210,11 +215,13 @@ def check_resumable(run: str) -> None:
         storage.delete_file(storage.join(run, RECORD))
         print(f"note: Ray's record of the run in {run} was empty (its last write was cut short): "
               "resuming from the run's newest intact checkpoint", flush=True)
+    return after(newest)
 
 
-def any_intact(run: str, folders: list[tuple[int, str]]) -> bool:
-    """Whether one of the run's checkpoint folders holds a state that matches its hash."""
-    return any(checkpoint.state_intact(storage.join(run, os.path.basename(p))) for _, p in folders)
+def newest_intact(run: str, folders: list[tuple[int, str]]) -> int | None:
+    """The epoch of the newest of the run's checkpoint `folders` (newest first) whose state
+    matches its hash, as restore_state chooses it, or None."""
+    return next((e for e, p in folders if checkpoint.state_intact(storage.join(run, os.path.basename(p)))), None)
 
 
 RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
@@ -224,7 +231,7 @@ def record_fix(run: str) -> str:
     """What to do about a record Ray cannot read: without it, the workers resume from the
     run's newest intact checkpoint folder (restore_state), when it has one."""
     fs, path = storage.resolve(run)
-    if any_intact(run, epoch_folders(fs, path)):
+    if newest_intact(run, epoch_folders(fs, path)) is not None:
         return (f"delete {storage.join(run, RECORD)} to resume from the run's newest intact checkpoint, "
                 "or --force to start the stage over")
     return "--force starts the stage over"
