@@ -615,6 +615,19 @@ def test_batch_route_answers_every_file_in_order(service):
     assert unnamed.status_code == 200 and abs(unnamed.json()["p_fake"] - good["p_fake"]) < 1e-4
 
 
+
+def test_batch_answers_name_each_file_as_its_client_named_it(service):
+    """Browsers and curl send a file name's backslashes as they are, Python's clients
+    double them; old browsers sent a Windows file's whole path."""
+    browser = multipart(("files", "a\\b.jpg", GOOD["face1.jpg"]),
+                        ("files", "C:\\Users\\me\\face.jpg", GOOD["face1.jpg"]))
+    python = [("files", ("c\\d.png", GOOD["face_png.png"])), ("files", ("визаж.jpg", GOOD["face1.jpg"]))]
+    answers = [httpx.post(f"{service}/v1/detect/batch", content=browser, headers=FIELD_TYPE, timeout=60),
+               httpx.post(f"{service}/v1/detect/batch", files=python, timeout=60)]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert [r["file"] for a in answers for r in a.json()["results"]] == [
+        "a\\b.jpg", "face.jpg", "c\\d.png", "визаж.jpg"]
+
 def error_counts() -> dict[str, float]:
     """Prometheus' ray_deepfake_ray_errors_total by reason, from every node's metrics port."""
     counts: dict[str, float] = {}

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from email import errors, policy
+from email.message import Message
 from email.parser import BytesParser
 
 from fastapi import FastAPI, Request
@@ -343,7 +344,7 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
         for part in message.iter_parts():
             if part.is_multipart():
                 raise nested_parts()
-            filename = part.get_filename()
+            filename = file_name(part)
             field = part.get_param("name", header="content-disposition") or ""
             if filename is None and field not in FILE_FIELDS:
                 continue  # a plain form field, not a file
@@ -351,6 +352,26 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
     if len(files) > limit:
         raise too_many_files(limit)
     return files
+
+
+ENCODED_NAME = re.compile(r"filename\*")  # as the parser reads it: lower case
+WINDOWS_PATH = re.compile(r"[A-Za-z]:\\|\\")  # C:\ or \\server: old browsers sent the whole path
+
+
+def file_name(part: Message) -> str | None:
+    """The part's file name as its client meant it. The parser reads a quoted name as an
+    email's, where a backslash escapes any character; browsers and curl send file names as
+    HTML's form encoding says, backslashes as they are (`a\\b.jpg` would read `ab.jpg`),
+    Python's clients double them. So a backslash escapes only a quote or a backslash (as
+    Starlette's parser reads it), and a Windows path is cut to its last name."""
+    name = part.get_filename()
+    raw = next((value for key, value in part.raw_items() if key.lower() == "content-disposition"), "")
+    if name is None or "\\" not in raw or ENCODED_NAME.search(raw):
+        return name  # an encoded name (RFC 2231) has no quoting to read
+    legacy = Message()  # compat32's unquoting; the parser kept the bytes it read as surrogates
+    legacy["Content-Disposition"] = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    name = legacy.get_filename() or name
+    return name.rsplit("\\", 1)[-1] if WINDOWS_PATH.match(name) else name
 
 
 # The request bodies and error answers of the image routes, for /openapi.json (and so
