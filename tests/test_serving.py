@@ -615,7 +615,6 @@ def test_batch_route_answers_every_file_in_order(service):
     assert unnamed.status_code == 200 and abs(unnamed.json()["p_fake"] - good["p_fake"]) < 1e-4
 
 
-
 def test_batch_answers_name_each_file_as_its_client_named_it(service):
     """Browsers and curl send a file name's backslashes as they are, Python's clients
     double them; old browsers sent a Windows file's whole path."""
@@ -627,6 +626,7 @@ def test_batch_answers_name_each_file_as_its_client_named_it(service):
     assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
     assert [r["file"] for a in answers for r in a.json()["results"]] == [
         "a\\b.jpg", "face.jpg", "c\\d.png", "визаж.jpg"]
+
 
 def error_counts() -> dict[str, float]:
     """Prometheus' ray_deepfake_ray_errors_total by reason, from every node's metrics port."""

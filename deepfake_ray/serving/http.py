@@ -355,7 +355,7 @@ def multipart_files(content_type: str, body: bytes, limit: int) -> list[tuple[st
 
 
 ENCODED_NAME = re.compile(r"filename\*")  # as the parser reads it: lower case
-WINDOWS_PATH = re.compile(r"[A-Za-z]:\\|\\")  # C:\ or \\server: old browsers sent the whole path
+WINDOWS_PATH = re.compile(r"[A-Za-z]:\\|\\")  # C:\ or \\server (\server once unquoted): old browsers sent the whole path
 
 
 def file_name(part: Message) -> str | None:
